@@ -1,0 +1,238 @@
+"""The `fusion` command line: demo, keys, batch, contribute, aggregate, release, sql."""
+
+from __future__ import annotations
+
+import logging
+
+logging.getLogger().setLevel(logging.ERROR)  # before Beam is imported: its import-time warnings are noise here
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from rich.console import Console
+from rich.table import Table
+
+from fusion.config import Config, load_config
+from fusion.errors import FusionError
+from fusion.plan import ReleasePlan, parse_time, plan_release
+
+_WIDTH = None if sys.stdout.isatty() else max(120, shutil.get_terminal_size((120, 24)).columns)
+console = Console(width=_WIDTH)
+err_console = Console(stderr=True, width=_WIDTH)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusion",
+        description="Privacy-preserving sensor fusion. Unknown --options are passed to Apache Beam "
+        "(e.g. --runner=FlinkRunner).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", required=True, help="federation config (TOML)")
+        return p
+
+    def with_interval(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--start", required=True, help="interval start, ISO 8601 (UTC if no offset)")
+        p.add_argument("--end", required=True, help="interval end (exclusive)")
+        return p
+
+    demo = sub.add_parser("demo", help="build the demo federation and run a batch release on it")
+    demo.add_argument("--dir", default="demo", help="where to build it (replaced if it exists)")
+    demo.add_argument("--days", type=int, default=2, help="days of feed data to generate")
+
+    keys = with_config(sub.add_parser("keys", help="key holder: create the federation's HE keys"))
+    keys.add_argument("--overwrite", action="store_true", help="replace existing keys")
+
+    with_interval(with_config(sub.add_parser("batch", help="run every role for an interval on this machine")))
+    contribute = with_interval(with_config(sub.add_parser("contribute", help="institution: seal a contribution")))
+    contribute.add_argument("--institution", required=True, help="the institution id from the config")
+    with_interval(with_config(sub.add_parser("aggregate", help="aggregator: sum the contributions")))
+    with_interval(with_config(sub.add_parser("release", help="key holder: decrypt and publish to the store")))
+
+    sql = with_config(sub.add_parser("sql", help="query the store (read-only SQL)"))
+    sql.add_argument("query", help="one SELECT statement over releases, audit, rejects")
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    return parser
+
+
+def _plan(args: argparse.Namespace) -> ReleasePlan:
+    config = load_config(args.config)
+    return plan_release(config, parse_time(args.start), parse_time(args.end))
+
+
+def print_arrow(table: pa.Table, fmt: str = "table", *, title: str | None = None) -> None:
+    """Print an Arrow table as a readable table, CSV or JSON lines."""
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        sink = pa.BufferOutputStream()
+        pacsv.write_csv(table, sink)
+        sys.stdout.write(sink.getvalue().to_pybytes().decode())
+        return
+    if fmt == "json":
+        for row in table.to_pylist():
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+        return
+    out = Table(title=title, show_lines=False)
+    for name in table.column_names:
+        out.add_column(name, overflow="fold")
+    for row in table.to_pylist():
+        out.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(out)
+    console.print(f"[dim]{table.num_rows} row(s)[/dim]")
+
+
+def _print_counts(row_counts: dict[str, dict[str, Any]]) -> None:
+    table = Table(title="Rows per institution")
+    for col in ("institution", "read", "accepted", "rejected", "reasons"):
+        table.add_column(col, justify="right" if col in ("read", "accepted", "rejected") else "left")
+    for inst, counts in sorted(row_counts.items()):
+        rejected = counts.get("rejected", {})
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "-"
+        table.add_row(inst, str(counts["read"]), str(counts["accepted"]), str(sum(rejected.values())), reasons)
+    console.print(table)
+
+
+def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+    from pipelines.batch import run_batch
+
+    plan = _plan(args)
+    started = time.monotonic()
+    console.print(f"[bold]Batch[/bold] {plan.config.federation.id}: "
+                  f"{plan.layout.start.isoformat()} .. {plan.layout.end.isoformat()} "
+                  f"({plan.layout.cells} cells, release {plan.key.release_id})")
+    with console.status("starting") as status:
+        stages = {"contribute": "institutions: validate, aggregate, add noise shares, encrypt",
+                  "aggregate": "aggregator: verify envelopes, check quorum, homomorphic sum",
+                  "release": "key holder: decrypt, decode, commit to the store"}
+
+        def on_stage(stage: str) -> None:
+            console.log(f"[cyan]{stage}[/cyan]: {stages[stage]}")
+            status.update(f"{stage}...")
+
+        summary = run_batch(plan, beam_args=beam_args, on_stage=on_stage)
+    if summary.status == "already_released":
+        console.print(f"Interval already released as {summary.release_id}; nothing done, no budget spent.")
+        return 0
+    _print_counts(summary.row_counts)
+    console.print(
+        f"envelopes: {summary.envelopes} accepted, {summary.refused_envelopes} refused | "
+        f"cells released: {summary.cells} | epsilon spent: {summary.epsilon:.4f} "
+        f"(delta {plan.params.delta:g}) | {time.monotonic() - started:.1f}s"
+    )
+    return 0
+
+
+def cmd_contribute(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+    from pipelines.run import run_contributions
+
+    plan = _plan(args)
+    institution = plan.config.institution(args.institution)
+    with console.status(f"{institution.id}: contributing"):
+        headers = run_contributions(plan, [institution], beam_args)
+    _print_counts(headers[0].row_counts)
+    console.print(f"envelope written for release {plan.key.release_id}")
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+    from pipelines.run import run_aggregate
+
+    plan = _plan(args)
+    with console.status("aggregating"):
+        result = run_aggregate(plan, beam_args)
+    console.print(f"aggregated {len(result['contributors'])} contribution(s): {', '.join(result['contributors'])}")
+    for refused in result["refused"]:
+        console.print(f"[yellow]refused[/yellow] {refused['source']}: {refused['reason']}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from fusion.store import Store
+    from pipelines.release import release
+
+    plan = _plan(args)
+    store = Store(plan.config.store_path)
+    store.ensure_tables()
+    outcome = release(plan, store)
+    if outcome.status == "already_released":
+        console.print(f"Interval already released as {outcome.release_id}; nothing done.")
+    else:
+        console.print(f"released {outcome.cells} cells as {outcome.release_id}, epsilon {outcome.epsilon:.4f}")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from fusion.api import open_store
+
+    with open_store(args.config) as store:
+        print_arrow(store.sql(args.query), args.format)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from fusion.keys import create_keys
+
+    secret, public = create_keys(load_config(args.config), overwrite=args.overwrite)
+    console.print(f"secret context (key holder only, mode 0600): {secret}\npublic context: {public}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+    from fusion.api import open_store
+    from fusion.demo import DEMO_QUERY, build_demo
+
+    directory = Path(args.dir)
+    with console.status("building the demo federation from pvlib's TMY3 weather records"):
+        config_path = build_demo(directory, days=args.days)
+    console.print(f"demo federation: {config_path}")
+    batch_args = argparse.Namespace(config=str(config_path), start="2026-01-01T00:00", end="2026-01-02T00:00")
+    cmd_batch(batch_args, beam_args)
+    console.print("\n[bold]SQL[/bold] over the fused releases:\n" + DEMO_QUERY + "\n")
+    config: Config = load_config(config_path)
+    with open_store(config) as store:
+        print_arrow(store.sql(DEMO_QUERY), title="releases, 2026-01-01 (noisy, with error bars)")
+    console.print(
+        f'\nTry: .venv/bin/fusion sql --config {config_path} "SELECT * FROM releases LIMIT 5"\n'
+        f"     .venv/bin/fusion batch --config {config_path} --start 2026-01-02T00:00 --end 2026-01-03T00:00"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.getLogger().setLevel(logging.ERROR)
+    args, beam_args = _parser().parse_known_args(argv)
+    unknown = [a for a in beam_args if not a.startswith("--")]
+    if unknown:
+        err_console.print(f"[red]error:[/red] unexpected arguments {unknown}")
+        return 2
+    try:
+        if args.command == "demo":
+            return cmd_demo(args, beam_args)
+        if args.command == "keys":
+            return cmd_keys(args)
+        if args.command == "batch":
+            return cmd_batch(args, beam_args)
+        if args.command == "contribute":
+            return cmd_contribute(args, beam_args)
+        if args.command == "aggregate":
+            return cmd_aggregate(args, beam_args)
+        if args.command == "release":
+            return cmd_release(args)
+        return cmd_sql(args)
+    except FusionError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The federation config: a TOML file validated at load into frozen models, with field-level messages."""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fusion.errors import ConfigError
+from schemas.readings import ALL_FIELDS
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|min|h|d)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse '15m', '1h', '1d', '30s' into a timedelta."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"'{text}' is not a duration; write e.g. '15m', '1h' or '1d'")
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+Name = Annotated[str, Field(pattern=_NAME)]
+
+
+class FeedFormat(StrEnum):
+    PARQUET = "parquet"
+    CSV = "csv"
+    JSONL = "jsonl"
+
+
+class TimeFormat(StrEnum):
+    ISO = "iso"  # ISO 8601 text or a native timestamp column; naive times are UTC
+    EPOCH_S = "epoch_s"
+    EPOCH_MS = "epoch_ms"
+
+
+class PrivacyUnit(StrEnum):
+    READING = "reading"
+
+
+class PrivacyMode(StrEnum):
+    PRODUCTION = "production"
+    TEST = "test"
+
+
+class FeedConfig(_Frozen):
+    """One of an institution's feeds: files (a path or glob, any Beam FileSystems URL) and a column mapping."""
+
+    name: Name
+    path: str = Field(min_length=1)
+    format: FeedFormat
+    time_format: TimeFormat = TimeFormat.ISO
+    columns: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(columns) - set(ALL_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown reading field(s) {unknown}; map only {list(ALL_FIELDS)}")
+        return columns
+
+    def column_for(self, field: str) -> str:
+        """The feed's column name that holds a logical reading field (identity unless mapped)."""
+        return self.columns.get(field, field)
+
+
+class InstitutionConfig(_Frozen):
+    id: Name
+    name: str = ""
+    feeds: tuple[FeedConfig, ...] = Field(min_length=1)
+    dead_letter: str | None = None  # defaults to <base>/deadletter/<id>
+    max_readings_per_cell: int = Field(default=1_000_000, gt=0)
+
+
+class MetricConfig(_Frozen):
+    """A public metric: clamp bounds and resolution fix its encoding; the plausible range rejects nonsense."""
+
+    name: Name
+    unit: str = Field(min_length=1)
+    lower: float
+    upper: float
+    resolution: float = Field(gt=0)
+    plausible: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Self:
+        if not (math.isfinite(self.lower) and math.isfinite(self.upper) and self.lower < self.upper):
+            raise ValueError(f"need finite lower < upper, got lower={self.lower}, upper={self.upper}")
+        low, high = self.plausible
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"plausible must be a finite [low, high] with low < high, got {self.plausible}")
+        return self
+
+
+class PrivacyConfig(_Frozen):
+    epsilon: float = Field(gt=0, le=20)
+    delta: float = Field(gt=0, lt=0.01)
+    quorum: int = Field(ge=1)
+    unit: PrivacyUnit = PrivacyUnit.READING
+    mode: PrivacyMode = PrivacyMode.PRODUCTION
+    noise: bool = True  # test mode only: switch noise off to check exact answers
+    seed: int | None = None  # test mode only: reproducible noise
+
+    @model_validator(mode="after")
+    def _test_only_switches(self) -> Self:
+        if self.mode is PrivacyMode.PRODUCTION:
+            if not self.noise:
+                raise ValueError("noise = false is a test-only switch; production configs must add noise")
+            if self.seed is not None:
+                raise ValueError("seed is test-only; production noise comes from a secure generator")
+        return self
+
+
+class PipelineConfig(_Frozen):
+    """Execution knobs; Beam options (e.g. --runner) are passed through on the command line."""
+
+    entity_shards: int = Field(default=8, ge=1, le=4096)
+    batch_rows: int = Field(default=262_144, ge=1024)
+
+
+class FederationConfig(_Frozen):
+    id: Name
+    window: str = "1h"
+    store: str = "store"
+    exchange: str = "exchange"
+    keys: str = "keys"
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, window: str) -> str:
+        seconds = parse_duration(window).total_seconds()
+        if seconds <= 0 or (86400 % seconds != 0 and seconds % 86400 != 0):
+            raise ValueError(f"window '{window}' must divide a day (e.g. 15m, 1h) or be whole days")
+        return window
+
+
+class Config(_Frozen):
+    """A whole federation. Relative paths resolve against `base` (the config file's directory)."""
+
+    federation: FederationConfig
+    privacy: PrivacyConfig
+    metrics: tuple[MetricConfig, ...] = Field(min_length=1)
+    regions: tuple[Name, ...] = Field(min_length=1)
+    institutions: tuple[InstitutionConfig, ...] = Field(min_length=1)
+    pipeline: PipelineConfig = PipelineConfig()
+    base: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        for label, names in (
+            ("metrics", [m.name for m in self.metrics]),
+            ("regions", list(self.regions)),
+            ("institutions", [i.id for i in self.institutions]),
+        ):
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"{label}: duplicate names {duplicates}")
+        if self.privacy.quorum > len(self.institutions):
+            raise ValueError(
+                f"privacy.quorum = {self.privacy.quorum} exceeds the {len(self.institutions)} institutions; "
+                "no release could ever meet it"
+            )
+        return self
+
+    @property
+    def window(self) -> timedelta:
+        return parse_duration(self.federation.window)
+
+    def resolve(self, path: str) -> str:
+        """Resolve a config path: URLs (scheme://) and absolute paths as given, others against `base`."""
+        if "://" in path or Path(path).is_absolute():
+            return path
+        return str((self.base / path).resolve())
+
+    @property
+    def store_path(self) -> str:
+        return self.resolve(self.federation.store)
+
+    @property
+    def exchange_path(self) -> str:
+        return self.resolve(self.federation.exchange)
+
+    @property
+    def keys_path(self) -> str:
+        return self.resolve(self.federation.keys)
+
+    def institution(self, institution_id: str) -> InstitutionConfig:
+        for inst in self.institutions:
+            if inst.id == institution_id:
+                return inst
+        known = ", ".join(i.id for i in self.institutions)
+        raise ConfigError(f"unknown institution '{institution_id}'; the config declares: {known}")
+
+    def dead_letter_path(self, institution: InstitutionConfig) -> str:
+        return self.resolve(institution.dead_letter or f"deadletter/{institution.id}")
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> Config:
+    """Validate a config mapping. Raises ConfigError naming every bad field, then checks encoding safety."""
+    try:
+        config = Config.model_validate({**data, "base": base})
+    except ValidationError as exc:
+        lines = [f"  {_field_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("invalid federation config:\n" + "\n".join(lines)) from None
+    # Imported here: the encoding check needs the config types, and privacy/ must not import fusion/.
+    from fusion.parameters import release_parameters
+
+    release_parameters(config)  # refuses configs whose encrypted sums could wrap
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a federation config file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return parse_config(data, base=path.resolve().parent)
+
+
+__all__ = [
+    "Config",
+    "FeedConfig",
+    "FeedFormat",
+    "InstitutionConfig",
+    "MetricConfig",
+    "PrivacyConfig",
+    "PrivacyMode",
+    "TimeFormat",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]

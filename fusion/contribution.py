@@ -1,0 +1,137 @@
+"""An institution's local aggregation: readings -> de-duplicated -> one packed integer vector plus row counts.
+
+Pure and vectorised (pyarrow / NumPy); the Beam pipeline in pipelines/contribute.py only wires these together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from privacy.encoding import MetricEncoding
+from privacy.layout import Component, PartitionLayout
+from schemas.readings import ALL_FIELDS, ENTITY_ID, EVENT_TIME, METRIC, REGION, VALUE
+
+_UID = "__fusion_uid"
+
+
+@dataclass
+class PartialAggregate:
+    """Packed COUNT/SUM slots (int64, layout.slots) and reconciliation counts; merged by addition."""
+
+    vector: np.ndarray | None = None
+    rows_read: int = 0
+    rows_accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    def merge(self, other: PartialAggregate) -> PartialAggregate:
+        if other.vector is not None:
+            self.vector = other.vector.copy() if self.vector is None else self.vector + other.vector
+        self.rows_read += other.rows_read
+        self.rows_accepted += other.rows_accepted
+        self.rejected.update(other.rejected)
+        return self
+
+    @property
+    def rows_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    def reconciles(self) -> bool:
+        """read = accepted + rejected."""
+        return self.rows_read == self.rows_accepted + self.rows_rejected
+
+    def counts(self) -> dict[str, object]:
+        return {"read": self.rows_read, "accepted": self.rows_accepted, "rejected": dict(self.rejected)}
+
+
+def entity_shards(entities: pa.Array | pa.ChunkedArray, shards: int) -> np.ndarray:
+    """A stable shard number in [0, shards) per row, from a hash of the entity id (same on every worker)."""
+    encoded = pc.dictionary_encode(pa.chunked_array([entities]) if isinstance(entities, pa.Array) else entities)
+    combined = encoded.combine_chunks()
+    dictionary = combined.dictionary.to_pylist()
+    per_entity = np.array(
+        [int.from_bytes(hashlib.blake2b(str(e).encode(), digest_size=8).digest(), "big") % shards
+         for e in dictionary],
+        dtype=np.int64,
+    )
+    return per_entity[combined.indices.to_numpy(zero_copy_only=False)] if len(dictionary) else np.zeros(0, np.int64)
+
+
+def split_by_entity_shard(readings: pa.Table, shards: int) -> list[tuple[int, pa.Table]]:
+    """Sub-tables of `readings` keyed by entity shard, so one entity's rows always meet in one place."""
+    if readings.num_rows == 0:
+        return []
+    shard = entity_shards(readings.column(ENTITY_ID), shards)
+    order = np.argsort(shard, kind="stable")
+    sorted_shards = shard[order]
+    bounds = np.flatnonzero(np.diff(sorted_shards)) + 1
+    out = []
+    for indices in np.split(order, bounds):
+        out.append((int(shard[indices[0]]), readings.take(pa.array(indices))))
+    return out
+
+
+def deduplicate(readings: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(first occurrences, exact duplicates): rows equal in every reading field count once."""
+    if readings.num_rows == 0:
+        return readings, readings
+    numbered = readings.append_column(_UID, pa.array(np.arange(readings.num_rows, dtype=np.int64)))
+    firsts = numbered.group_by(list(ALL_FIELDS), use_threads=False).aggregate([(_UID, "min")])
+    keep = np.zeros(readings.num_rows, dtype=bool)
+    keep[firsts.column(f"{_UID}_min").to_numpy()] = True
+    mask = pa.array(keep)
+    return readings.filter(mask), readings.filter(pc.invert(mask))
+
+
+def aggregate_readings(
+    readings: pa.Table, *, layout: PartitionLayout, encodings: tuple[MetricEncoding, ...]
+) -> np.ndarray:
+    """Pack validated readings (all inside the layout's interval) into COUNT and SUM slots (int64)."""
+    vector = np.zeros(layout.slots, dtype=np.int64)
+    if readings.num_rows == 0:
+        return vector
+    metric_idx = pc.index_in(readings.column(METRIC), value_set=pa.array(layout.metrics)).to_numpy(
+        zero_copy_only=False
+    )
+    region_idx = pc.index_in(readings.column(REGION), value_set=pa.array(layout.regions)).to_numpy(
+        zero_copy_only=False
+    )
+    if np.isnan(metric_idx.astype(float)).any() or np.isnan(region_idx.astype(float)).any():
+        raise ValueError("readings contain metrics or regions outside the layout; validate them first")
+    metric_idx = metric_idx.astype(np.int64)
+    region_idx = region_idx.astype(np.int64)
+    micros = pc.cast(readings.column(EVENT_TIME), pa.int64()).to_numpy()
+    start_us = int(layout.start.timestamp() * 1_000_000)
+    window_us = int(layout.window.total_seconds() * 1_000_000)
+    window_idx = (micros - start_us) // window_us
+    if (window_idx < 0).any() or (window_idx >= layout.windows).any():
+        raise ValueError("readings fall outside the layout's interval; validate them first")
+    cell = layout.cell_index(metric_idx, region_idx, window_idx)
+
+    values = readings.column(VALUE).to_numpy()
+    lower = np.array([e.lower for e in encodings])[metric_idx]
+    upper = np.array([e.upper for e in encodings])[metric_idx]
+    resolution = np.array([e.resolution for e in encodings])[metric_idx]
+    scale = np.array([e.scale for e in encodings], dtype=np.int64)[metric_idx]
+    weight = np.array([e.count_weight for e in encodings], dtype=np.int64)[metric_idx]
+    encoded = np.rint(np.clip(values, lower, upper) / resolution).astype(np.int64) * scale
+
+    counts = vector[Component.COUNT * layout.cells : (Component.COUNT + 1) * layout.cells]
+    sums = vector[Component.SUM * layout.cells : (Component.SUM + 1) * layout.cells]
+    np.add.at(counts, cell, weight)
+    np.add.at(sums, cell, encoded)
+    return vector
+
+
+def cell_reading_counts(vector: np.ndarray, *, layout: PartitionLayout,
+                        encodings: tuple[MetricEncoding, ...]) -> np.ndarray:
+    """Readings per cell recovered from an un-noised COUNT component (int64, layout.cells)."""
+    metric_idx, _, _ = layout.cell_coordinates()
+    weight = np.array([e.count_weight for e in encodings], dtype=np.int64)[metric_idx]
+    counts = vector[Component.COUNT * layout.cells : (Component.COUNT + 1) * layout.cells]
+    return counts // weight

@@ -1,0 +1,93 @@
+"""Decoding a decrypted total into released cells: counts, sums, means, with noise SDs and 95% intervals.
+
+Everything here is post-processing of the noisy sums, so it costs no privacy budget.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+
+from fusion.parameters import ReleaseParameters
+from privacy.layout import Component, PartitionLayout
+from schemas.tables import RELEASES_SCHEMA
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def decode_release(
+    totals: np.ndarray,
+    *,
+    layout: PartitionLayout,
+    params: ReleaseParameters,
+    units: tuple[str, ...],
+    noise_variance: float,
+    contributors: int,
+    release_id: str,
+    released_at: datetime,
+) -> pa.Table:
+    """One row per cell (RELEASES_SCHEMA). `noise_variance` is the total Skellam variance in each slot.
+
+    The mean is released only where the noisy count is clearly positive (its 95% interval excludes 0); its
+    interval uses the delta method on (sum, count) and is clipped to the metric's clamp bounds.
+    """
+    cells = layout.cells
+    metric_idx, region_idx, window_idx = layout.cell_coordinates()
+    weight = np.array([e.count_weight for e in params.encodings], dtype=float)[metric_idx]
+    sum_unit = np.array([e.sum_unit() for e in params.encodings])[metric_idx]
+    lower = np.array([e.lower for e in params.encodings])[metric_idx]
+    upper = np.array([e.upper for e in params.encodings])[metric_idx]
+
+    count_slots = totals[Component.COUNT * cells : (Component.COUNT + 1) * cells].astype(float)
+    sum_slots = totals[Component.SUM * cells : (Component.SUM + 1) * cells].astype(float)
+    sd = math.sqrt(noise_variance)
+    count = count_slots / weight
+    count_sd = sd / weight
+    total = sum_slots * sum_unit
+    sum_sd = sd * sum_unit
+
+    confident = count - Z95 * count_sd > 0
+    safe_count = np.where(confident, count, 1.0)
+    mean = np.clip(total / safe_count, lower, upper)
+    mean_sd = np.sqrt(sum_sd**2 + (mean * count_sd) ** 2) / safe_count
+    mean_low = np.clip(mean - Z95 * mean_sd, lower, upper)
+    mean_high = np.clip(mean + Z95 * mean_sd, lower, upper)
+
+    window_start = np.datetime64(layout.start.replace(tzinfo=None), "us") + window_idx * np.timedelta64(
+        int(layout.window.total_seconds() * 1_000_000), "us"
+    )
+    window_end = window_start + np.timedelta64(int(layout.window.total_seconds() * 1_000_000), "us")
+    metrics = np.array(layout.metrics, dtype=object)[metric_idx]
+
+    def masked(values: np.ndarray) -> pa.Array:
+        return pa.array(values, pa.float64(), mask=~confident)
+
+    columns = {
+        "release_id": pa.array([release_id] * cells, pa.string()),
+        "metric": pa.array(metrics, pa.string()),
+        "unit": pa.array(np.array(units, dtype=object)[metric_idx], pa.string()),
+        "region": pa.array(np.array(layout.regions, dtype=object)[region_idx], pa.string()),
+        "window_start": pa.array(window_start, pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
+        "window_end": pa.array(window_end, pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
+        "contributors": pa.array(np.full(cells, contributors, dtype=np.int32)),
+        "count": pa.array(count),
+        "count_sd": pa.array(np.full(cells, count_sd) if np.ndim(count_sd) == 0 else count_sd),
+        "count_ci_low": pa.array(count - Z95 * count_sd),
+        "count_ci_high": pa.array(count + Z95 * count_sd),
+        "sum": pa.array(total),
+        "sum_sd": pa.array(sum_sd if np.ndim(sum_sd) else np.full(cells, sum_sd)),
+        "sum_ci_low": pa.array(total - Z95 * sum_sd),
+        "sum_ci_high": pa.array(total + Z95 * sum_sd),
+        "mean": masked(mean),
+        "mean_ci_low": masked(mean_low),
+        "mean_ci_high": masked(mean_high),
+        "stddev": pa.nulls(cells, pa.float64()),
+        "epsilon": pa.array(np.full(cells, params.epsilon)),
+        "delta": pa.array(np.full(cells, params.delta)),
+        "noise": pa.array(["skellam" if params.noise else "off (test mode)"] * cells, pa.string()),
+        "released_at": pa.array([released_at] * cells, pa.timestamp("us", tz="UTC")),
+    }
+    return pa.table(columns, schema=RELEASES_SCHEMA)

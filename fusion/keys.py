@@ -1,0 +1,59 @@
+"""The key holder's HE keys: generated once, secret half kept owner-readable only, public half published."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from fusion.config import Config
+from fusion.errors import FusionError
+from fusion.exchange import SECRET_CONTEXT, public_context_path, read_bytes, write_bytes
+from privacy import he
+
+
+def secret_key_file(config: Config) -> Path:
+    return Path(config.keys_path) / SECRET_CONTEXT
+
+
+def create_keys(config: Config, *, overwrite: bool = False) -> tuple[Path, str]:
+    """Generate BFV keys: the secret context under `keys` (mode 0600), the public one in the exchange."""
+    secret_file = secret_key_file(config)
+    if secret_file.exists() and not overwrite:
+        raise FusionError(
+            f"{secret_file} already exists; keys are created once per federation "
+            "(pass --overwrite to replace them, which makes pending envelopes undecryptable)"
+        )
+    secret, public = he.generate_keys()
+    secret_file.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(secret_file.parent, 0o700)
+    descriptor = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(secret)
+    os.chmod(secret_file, 0o600)
+    public_path = public_context_path(config.exchange_path)
+    write_bytes(public_path, public)
+    return secret_file, public_path
+
+
+def load_public_context_bytes(config: Config) -> bytes:
+    path = public_context_path(config.exchange_path)
+    try:
+        return read_bytes(path)
+    except FusionError:
+        raise FusionError(
+            f"the federation's public HE context is missing ({path}); the key holder runs `fusion keys` first"
+        ) from None
+
+
+def load_secret_context_bytes(config: Config) -> bytes:
+    """Only the key holder's release step calls this. Refuses a key file others can read."""
+    path = secret_key_file(config)
+    if not path.exists():
+        raise FusionError(f"the HE secret key is missing ({path}); run `fusion keys` as the key holder")
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise FusionError(
+            f"{path} is accessible to group or others (mode {stat.filemode(mode)}); run `chmod 600 {path}`"
+        )
+    return path.read_bytes()

@@ -1,0 +1,79 @@
+"""Release parameters derived from a config: encodings, sensitivity, calibrated noise, and the wrap check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from fusion.config import Config
+from fusion.errors import ConfigError
+from privacy.accountant import calibrate_variance, epsilon_for
+from privacy.encoding import MetricEncoding, Sensitivity, balanced_encodings, event_level_sensitivity
+from privacy.he import WrapRisk, check_no_wrap
+
+#: Encrypted totals must stay below t/2 even with this many noise standard deviations added.
+NOISE_MARGIN_SDS = 10.0
+
+
+@dataclass(frozen=True)
+class ReleaseParameters:
+    """Everything every party must agree on to pack, noise, add and decode one release."""
+
+    encodings: tuple[MetricEncoding, ...]  # in config metric order
+    sensitivity: Sensitivity
+    total_variance: float  # v: Skellam variance a release with `quorum` contributors carries (0 if noise off)
+    quorum: int
+    epsilon: float  # accounted epsilon of one release (<= the configured target); inf when noise is off
+    delta: float
+    noise: bool
+
+    @property
+    def share_variance(self) -> float:
+        """Variance each institution adds: v / quorum."""
+        return self.total_variance / self.quorum
+
+    def digest(self) -> str:
+        doc = {
+            "encodings": [(e.lower, e.upper, e.resolution, e.scale) for e in self.encodings],
+            "variance": self.total_variance,
+            "quorum": self.quorum,
+            "delta": self.delta,
+            "noise": self.noise,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def release_parameters(config: Config) -> ReleaseParameters:
+    """Derive and check the parameters; raises ConfigError if an encrypted total could wrap mod t."""
+    privacy = config.privacy
+    encodings = tuple(balanced_encodings([(m.lower, m.upper, m.resolution) for m in config.metrics]))
+    sensitivity = event_level_sensitivity(list(encodings))
+    if privacy.noise:
+        variance = calibrate_variance(
+            epsilon=privacy.epsilon, delta=privacy.delta, l1=sensitivity.l1, l2=sensitivity.l2
+        )
+        epsilon = epsilon_for(variance=variance, l1=sensitivity.l1, l2=sensitivity.l2, delta=privacy.delta)
+    else:
+        variance, epsilon = 0.0, math.inf
+    params = ReleaseParameters(
+        encodings=encodings,
+        sensitivity=sensitivity,
+        total_variance=variance,
+        quorum=privacy.quorum,
+        epsilon=epsilon,
+        delta=privacy.delta,
+        noise=privacy.noise,
+    )
+    # Worst case: every institution at its per-cell reading cap, every reading at the bound, and all
+    # institutions' noise shares (variance v/q each) at NOISE_MARGIN_SDS standard deviations.
+    institutions = len(config.institutions)
+    worst_weight = max(max(e.count_weight, e.sum_bound) for e in encodings)
+    largest = sum(i.max_readings_per_cell for i in config.institutions) * worst_weight
+    largest += NOISE_MARGIN_SDS * math.sqrt(params.share_variance * institutions)
+    try:
+        check_no_wrap(largest)
+    except WrapRisk as exc:
+        raise ConfigError(f"institutions[*].max_readings_per_cell / metrics: {exc}") from None
+    return params

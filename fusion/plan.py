@@ -1,0 +1,51 @@
+"""A release plan: the layout, parameters and identity of one interval's release, derived from the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from fusion.config import Config
+from fusion.errors import FusionError
+from fusion.exchange import ReleaseKey
+from fusion.parameters import ReleaseParameters, release_parameters
+from privacy.layout import PartitionLayout
+from schemas.validation import ReadingRules
+
+
+def parse_time(text: str) -> datetime:
+    """ISO 8601 (e.g. 2026-01-01T00:00); naive times are UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise FusionError(f"'{text}' is not an ISO 8601 time; write e.g. 2026-01-01T00:00") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    config: Config
+    layout: PartitionLayout
+    params: ReleaseParameters
+    key: ReleaseKey
+
+    @property
+    def rules(self) -> ReadingRules:
+        return ReadingRules(
+            plausible={m.name: m.plausible for m in self.config.metrics},
+            regions=self.config.regions,
+            start=self.layout.start,
+            end=self.layout.end,
+        )
+
+
+def plan_release(config: Config, start: datetime, end: datetime) -> ReleasePlan:
+    try:
+        layout = PartitionLayout.for_interval(
+            tuple(m.name for m in config.metrics), tuple(config.regions), start, end, config.window
+        )
+    except ValueError as exc:
+        raise FusionError(f"--start/--end: {exc}") from None
+    params = release_parameters(config)
+    key = ReleaseKey(config.federation.id, layout.start, layout.end, layout.digest(), params.digest())
+    return ReleasePlan(config=config, layout=layout, params=params, key=key)

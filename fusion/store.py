@@ -1,0 +1,89 @@
+"""The common-knowledge store: versioned, append-only Delta Lake tables under one directory.
+
+Writes are conditional merges on each table's key, so re-running a release never duplicates a row and two
+writers racing for the same release cannot both insert it (Delta's optimistic concurrency refuses one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+from schemas.tables import TABLE_SCHEMAS
+
+#: The columns that identify a row of each table (merge keys).
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "releases": ("release_id", "metric", "region", "window_start"),
+    "audit": ("event_id",),
+    "rejects": ("release_id", "institution", "reason"),
+}
+
+
+class Store:
+    """Opens (creating on first use) the store's tables at `path` (a local directory)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def table_path(self, name: str) -> str:
+        if name not in TABLE_SCHEMAS:
+            raise KeyError(f"unknown store table '{name}'; tables: {sorted(TABLE_SCHEMAS)}")
+        return str(self.path / name)
+
+    def _table(self, name: str, *, create: bool) -> DeltaTable | None:
+        try:
+            return DeltaTable(self.table_path(name))
+        except TableNotFoundError:
+            if not create:
+                return None
+            write_deltalake(self.table_path(name), TABLE_SCHEMAS[name].empty_table(), mode="append")
+            return DeltaTable(self.table_path(name))
+
+    def ensure_tables(self) -> None:
+        for name in TABLE_SCHEMAS:
+            self._table(name, create=True)
+
+    def insert_new(self, name: str, rows: pa.Table) -> int:
+        """Insert the rows whose key is not yet in the table; returns how many were inserted."""
+        if rows.num_rows == 0:
+            return 0
+        rows = rows.select(TABLE_SCHEMAS[name].names).cast(TABLE_SCHEMAS[name])
+        table = self._table(name, create=True)
+        assert table is not None
+        predicate = " AND ".join(f"t.{k} = s.{k}" for k in TABLE_KEYS[name])
+        metrics = (
+            table.merge(rows, predicate=predicate, source_alias="s", target_alias="t")
+            .when_not_matched_insert_all()
+            .execute()
+        )
+        return int(metrics["num_target_rows_inserted"])
+
+    def dataset(self, name: str, *, version: int | None = None, string_view: bool = False) -> ds.Dataset:
+        """A lazily scanned Arrow dataset of a table (empty if the table does not exist yet).
+
+        `string_view=True` exposes text columns as string_view, which DuckDB's filter pushdown expects.
+        """
+        schema = TABLE_SCHEMAS[name]
+        if string_view:
+            schema = pa.schema([f.with_type(pa.string_view()) if f.type == pa.string() else f for f in schema])
+        table = self._table(name, create=False)
+        if table is None:
+            return ds.dataset(schema.empty_table())
+        if version is not None:
+            table.load_as_version(version)
+        return table.to_pyarrow_dataset(schema=schema)
+
+    def read(self, name: str, *, version: int | None = None, filter: ds.Expression | None = None) -> pa.Table:
+        return self.dataset(name, version=version).to_table(filter=filter)
+
+    def version(self, name: str) -> int | None:
+        table = self._table(name, create=False)
+        return None if table is None else table.version()
+
+    def has_release(self, release_id: str) -> bool:
+        released = self.read("releases", filter=ds.field("release_id") == release_id)
+        return released.num_rows > 0

@@ -1,0 +1,201 @@
+"""The aggregator's Beam pipeline: contribution envelopes -> checks -> homomorphic sum -> aggregate envelope.
+
+The aggregator holds only the public context: it can add ciphertexts but never read them. Every envelope it
+refuses is listed, with its reason, in the aggregate's header (the key holder records them in `audit`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.pvalue import TaggedOutput
+
+from fusion.exchange import (
+    aggregate_path,
+    contributions_dir,
+    delete_if_exists,
+    list_files,
+    public_context_path,
+    read_bytes,
+    refusal_path,
+    write_bytes,
+    write_json,
+)
+from fusion.plan import ReleasePlan
+from privacy import he
+from privacy.envelope import EnvelopeError, EnvelopeHeader, pack_envelope, unpack_envelope
+
+REFUSED = "refused"
+
+
+class OpenEnvelope(beam.DoFn):  # type: ignore[misc]
+    """path -> (institution, (path, header, ciphertexts)); envelopes that fail a check are tagged refused."""
+
+    def __init__(self, plan: ReleasePlan) -> None:
+        self._plan = plan
+
+    def process(self, path: str) -> Iterator[Any]:
+        try:
+            header, ciphertexts = unpack_envelope(read_bytes(path))
+        except EnvelopeError as exc:
+            yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": f"unreadable: {exc}"})
+            return
+        reason = self._check(header)
+        institution = header.contributors[0] if header.contributors else ""
+        if reason:
+            yield TaggedOutput(REFUSED, {"source": path, "institution": institution, "reason": reason})
+        else:
+            yield institution, (path, header, ciphertexts)
+
+    def _check(self, header: EnvelopeHeader) -> str:
+        plan = self._plan
+        registered = {i.id for i in plan.config.institutions}
+        if header.kind != "contribution" or len(header.contributors) != 1:
+            return "not_a_contribution"
+        if header.federation != plan.key.federation:
+            return "wrong_federation"
+        if (header.interval_start, header.interval_end) != (plan.layout.start.isoformat(),
+                                                            plan.layout.end.isoformat()):
+            return "wrong_interval"
+        if header.layout_digest != plan.key.layout_digest or header.slots != plan.layout.slots:
+            return "wrong_layout"
+        if header.parameters_digest != plan.key.parameters_digest:
+            return "wrong_parameters"
+        if header.contributors[0] not in registered:
+            return "unregistered_institution"
+        return ""
+
+
+class OnePerInstitution(beam.DoFn):  # type: ignore[misc]
+    """(institution, envelopes) -> the envelope, or all of them refused when an institution sent several."""
+
+    def process(self, element: tuple[str, Iterable[tuple[str, EnvelopeHeader, list[bytes]]]]) -> Iterator[Any]:
+        institution, envelopes = element
+        envelopes = list(envelopes)
+        if len(envelopes) == 1:
+            yield envelopes[0]
+            return
+        for path, _, _ in envelopes:
+            yield TaggedOutput(REFUSED, {"source": path, "institution": institution, "reason": "duplicate"})
+
+
+class EncryptedSum(beam.CombineFn):  # type: ignore[misc]
+    """Sums contribution envelopes homomorphically. Accumulator: (headers, summed ciphertexts or None)."""
+
+    def __init__(self, public_context: bytes) -> None:
+        self._public_context = public_context
+        self._context: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_public_context": self._public_context, "_context": None}
+
+    def _ctx(self) -> Any:
+        if self._context is None:
+            self._context = he.load_public_context(self._public_context)
+        return self._context
+
+    def create_accumulator(self) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
+        return [], None
+
+    def add_input(
+        self, accumulator: tuple[list[EnvelopeHeader], list[bytes] | None],
+        element: tuple[str, EnvelopeHeader, list[bytes]],
+    ) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
+        _, header, ciphertexts = element
+        return self.merge_accumulators([accumulator, ([header], ciphertexts)])
+
+    def merge_accumulators(
+        self, accumulators: Iterable[tuple[list[EnvelopeHeader], list[bytes] | None]]
+    ) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
+        headers: list[EnvelopeHeader] = []
+        parts: list[list[bytes]] = []
+        for acc_headers, acc_ciphertexts in accumulators:
+            headers.extend(acc_headers)
+            if acc_ciphertexts is not None:
+                parts.append(acc_ciphertexts)
+        if not parts:
+            return headers, None
+        return headers, (parts[0] if len(parts) == 1 else he.add_encrypted(self._ctx(), parts))
+
+    def extract_output(
+        self, accumulator: tuple[list[EnvelopeHeader], list[bytes] | None]
+    ) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
+        return accumulator
+
+
+class SealAggregate(beam.DoFn):  # type: ignore[misc]
+    """The sum -> an aggregate envelope if the quorum is met, otherwise a refusal file. Yields a summary."""
+
+    def __init__(self, plan: ReleasePlan) -> None:
+        self._plan = plan
+
+    def process(
+        self, summed: tuple[list[EnvelopeHeader], list[bytes] | None], refused: list[dict[str, str]]
+    ) -> Iterator[dict[str, Any]]:
+        plan = self._plan
+        headers, ciphertexts = summed
+        contributors = tuple(sorted(h.contributors[0] for h in headers))
+        exchange = plan.config.exchange_path
+        summary: dict[str, Any] = {"contributors": list(contributors), "refused": refused}
+        if len(contributors) < plan.params.quorum or ciphertexts is None:
+            delete_if_exists(aggregate_path(exchange, plan.key))
+            reason = (f"quorum not met: {len(contributors)} valid contribution(s), "
+                      f"the federation requires {plan.params.quorum}")
+            write_json(refusal_path(exchange, plan.key), {**summary, "reason": reason})
+            yield {**summary, "status": "refused", "reason": reason}
+            return
+        delete_if_exists(refusal_path(exchange, plan.key))
+        row_counts: dict[str, dict[str, Any]] = {}
+        for h in headers:
+            row_counts.update(h.row_counts)
+        header = EnvelopeHeader(
+            kind="aggregate",
+            federation=plan.key.federation,
+            interval_start=plan.layout.start.isoformat(),
+            interval_end=plan.layout.end.isoformat(),
+            layout_digest=plan.key.layout_digest,
+            parameters_digest=plan.key.parameters_digest,
+            slots=plan.layout.slots,
+            contributors=contributors,
+            noise_variance=sum(h.noise_variance for h in headers),
+            nonce=secrets.token_hex(16),
+            created_at=datetime.now(UTC).isoformat(),
+            row_counts=row_counts,
+            refused=tuple(refused),
+        )
+        write_bytes(aggregate_path(exchange, plan.key), pack_envelope(header, ciphertexts))
+        yield {**summary, "status": "aggregated", "noise_variance": header.noise_variance}
+
+
+class Aggregate(beam.PTransform):  # type: ignore[misc]
+    """All contribution envelopes in the exchange for one release -> the aggregate envelope."""
+
+    def __init__(self, plan: ReleasePlan) -> None:
+        super().__init__(label="Aggregate")
+        self._plan = plan
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        plan = self._plan
+        exchange = plan.config.exchange_path
+        paths = list_files(contributions_dir(exchange, plan.key), ".fenv")
+        opened = (
+            pbegin
+            | "Envelopes" >> beam.Create(paths)
+            | "Open" >> beam.ParDo(OpenEnvelope(plan)).with_outputs(REFUSED, main="ok")
+        )
+        unique = (
+            opened.ok
+            | "ByInstitution" >> beam.GroupByKey()
+            | "OnePerInstitution" >> beam.ParDo(OnePerInstitution()).with_outputs(REFUSED, main="ok")
+        )
+        refused = (opened[REFUSED], unique[REFUSED]) | "AllRefused" >> beam.Flatten()
+        public_context = read_bytes(public_context_path(exchange))
+        return (
+            unique.ok
+            | "Sum" >> beam.CombineGlobally(EncryptedSum(public_context))
+            | "Seal" >> beam.ParDo(SealAggregate(plan), refused=beam.pvalue.AsList(refused))
+        )

@@ -1,0 +1,51 @@
+"""`fusion batch`: every role for one interval on one machine, in order: contribute, aggregate, release."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fusion.plan import ReleasePlan
+from fusion.store import Store
+from pipelines.release import ReleaseOutcome, release
+from pipelines.run import run_aggregate, run_contributions
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    release_id: str
+    status: str  # released | already_released
+    row_counts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    envelopes: int = 0
+    refused_envelopes: int = 0
+    cells: int = 0
+    epsilon: float = 0.0
+
+
+def run_batch(
+    plan: ReleasePlan,
+    *,
+    beam_args: Sequence[str] = (),
+    on_stage: Callable[[str], None] = lambda stage: None,
+) -> BatchSummary:
+    """Run the interval end to end. An interval already in the store is skipped without spending budget."""
+    store = Store(plan.config.store_path)
+    store.ensure_tables()
+    if store.has_release(plan.key.release_id):
+        return BatchSummary(release_id=plan.key.release_id, status="already_released")
+    on_stage("contribute")
+    headers = run_contributions(plan, plan.config.institutions, beam_args)
+    on_stage("aggregate")
+    aggregated = run_aggregate(plan, beam_args)
+    on_stage("release")
+    outcome: ReleaseOutcome = release(plan, store)
+    return BatchSummary(
+        release_id=outcome.release_id,
+        status=outcome.status,
+        row_counts={inst: counts for h in headers for inst, counts in h.row_counts.items()},
+        envelopes=len(headers),
+        refused_envelopes=len(aggregated["refused"]),
+        cells=outcome.cells,
+        epsilon=outcome.epsilon,
+    )

@@ -1,0 +1,233 @@
+"""The institution's Beam pipeline: feed files -> validated Arrow batches -> de-duplicated by entity shard ->
+one packed vector -> Skellam share -> BFV envelope in the exchange. Dead letters stay local.
+
+Elements are file shards and Arrow tables, never single readings; the logic lives in fusion/ and privacy/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.pvalue import TaggedOutput
+
+from fusion.config import InstitutionConfig
+from fusion.contribution import (
+    PartialAggregate,
+    aggregate_readings,
+    cell_reading_counts,
+    deduplicate,
+    split_by_entity_shard,
+)
+from fusion.errors import FusionError, InternalError
+from fusion.exchange import contribution_path, join, public_context_path, read_bytes, write_bytes
+from fusion.feeds import feed_files, mapped_columns, read_feed_file
+from fusion.plan import ReleasePlan
+from privacy import he
+from privacy.envelope import EnvelopeHeader, pack_envelope
+from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
+from schemas.readings import DEAD_LETTER_REASON, DEAD_LETTER_ROW, DEAD_LETTER_SOURCE
+from schemas.reasons import RejectReason
+from schemas.validation import ReadingValidator, readings_as_dead_letters
+
+DEAD = "dead"
+COUNTS = "counts"
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class ReadAndValidate(beam.DoFn):  # type: ignore[misc]
+    """(feed index, file path) -> (entity shard, accepted readings); dead letters and counts tagged."""
+
+    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig) -> None:
+        self._plan = plan
+        self._institution = institution
+
+    def setup(self) -> None:
+        self._validator = ReadingValidator(self._plan.rules)
+
+    def process(self, element: tuple[int, str]) -> Iterator[Any]:
+        feed_index, path = element
+        feed = self._institution.feeds[feed_index]
+        batch_rows = self._plan.config.pipeline.batch_rows
+        shards = self._plan.config.pipeline.entity_shards
+        for number, raw in enumerate(read_feed_file(path, feed, batch_rows=batch_rows)):
+            name = f"{feed.name}-{_short_hash(path)}-{number:05d}"
+            checked = self._validator.validate(
+                raw.table, columns=mapped_columns(feed), time_format=feed.time_format.value, source=path
+            )
+            rejected = Counter(checked.reasons)
+            if raw.malformed:
+                rejected[RejectReason.MALFORMED_RECORD.value] += len(raw.malformed)
+                yield TaggedOutput(DEAD, (f"{name}-malformed", _malformed_letters(raw.malformed, path)))
+            yield TaggedOutput(COUNTS, PartialAggregate(rows_read=raw.rows, rejected=rejected))
+            if checked.rejected.num_rows:
+                yield TaggedOutput(DEAD, (f"{name}-invalid", checked.rejected))
+            yield from split_by_entity_shard(checked.accepted, shards)
+
+
+def _malformed_letters(lines: tuple[tuple[int, str], ...], source: str) -> pa.Table:
+    return pa.table(
+        {
+            "_text": pa.array([text for _, text in lines], pa.string()),
+            DEAD_LETTER_REASON: pa.array([RejectReason.MALFORMED_RECORD.value] * len(lines), pa.string()),
+            DEAD_LETTER_SOURCE: pa.array([source] * len(lines), pa.string()),
+            DEAD_LETTER_ROW: pa.array([n for n, _ in lines], pa.int64()),
+        }
+    )
+
+
+class AggregateShard(beam.DoFn):  # type: ignore[misc]
+    """(entity shard, [readings tables]) -> PartialAggregate of that shard; duplicates to dead letters."""
+
+    def __init__(self, plan: ReleasePlan) -> None:
+        self._plan = plan
+
+    def process(self, element: tuple[int, Iterable[pa.Table]]) -> Iterator[Any]:
+        shard, tables = element
+        readings = pa.concat_tables(list(tables))
+        kept, duplicates = deduplicate(readings)
+        if duplicates.num_rows:
+            letters = readings_as_dead_letters(duplicates, RejectReason.DUPLICATE, source=f"entity-shard-{shard}")
+            yield TaggedOutput(DEAD, (f"duplicates-shard-{shard:04d}", letters))
+        vector = aggregate_readings(kept, layout=self._plan.layout, encodings=self._plan.params.encodings)
+        rejected = Counter({RejectReason.DUPLICATE.value: duplicates.num_rows}) if duplicates.num_rows else Counter()
+        yield PartialAggregate(vector=vector, rows_accepted=kept.num_rows, rejected=rejected)
+
+
+class MergePartials(beam.CombineFn):  # type: ignore[misc]
+    """Adds PartialAggregates: vectors slot-wise, counts by key."""
+
+    def create_accumulator(self) -> PartialAggregate:
+        return PartialAggregate()
+
+    def add_input(self, accumulator: PartialAggregate, element: PartialAggregate) -> PartialAggregate:
+        return accumulator.merge(element)
+
+    def merge_accumulators(self, accumulators: Iterable[PartialAggregate]) -> PartialAggregate:
+        total = PartialAggregate()
+        for accumulator in accumulators:
+            total.merge(accumulator)
+        return total
+
+    def extract_output(self, accumulator: PartialAggregate) -> PartialAggregate:
+        return accumulator
+
+
+class WriteDeadLetters(beam.DoFn):  # type: ignore[misc]
+    """(name, table) -> a Parquet file in the institution's local dead-letter directory."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+
+    def process(self, element: tuple[str, pa.Table]) -> Iterator[str]:
+        name, table = element
+        path = join(self._directory, f"{name}.parquet")
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_bytes(path, sink.getvalue().to_pybytes())
+        yield path
+
+
+class SealContribution(beam.DoFn):  # type: ignore[misc]
+    """The institution's total -> plus its Skellam share -> BFV-encrypted envelope in the exchange."""
+
+    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig) -> None:
+        self._plan = plan
+        self._institution = institution
+
+    def process(self, total: PartialAggregate) -> Iterator[EnvelopeHeader]:
+        plan, institution = self._plan, self._institution
+        if not total.reconciles():
+            raise InternalError(f"row counts do not reconcile for {institution.id}: {total.counts()}")
+        vector = total.vector if total.vector is not None else np.zeros(plan.layout.slots, dtype=np.int64)
+        busiest = int(cell_reading_counts(vector, layout=plan.layout, encodings=plan.params.encodings).max())
+        if busiest > institution.max_readings_per_cell:
+            raise FusionError(
+                f"institution {institution.id}: a cell holds {busiest} readings, above "
+                f"max_readings_per_cell = {institution.max_readings_per_cell}; raise it in the config"
+            )
+        if plan.params.noise:
+            noise = SkellamNoise(plan.params.share_variance, generator=self._generator())
+            vector = vector + noise.sample(plan.layout.slots)
+        context = he.load_public_context(read_bytes(public_context_path(plan.config.exchange_path)))
+        ciphertexts = he.encrypt_vector(context, vector)
+        header = EnvelopeHeader(
+            kind="contribution",
+            federation=plan.key.federation,
+            interval_start=plan.layout.start.isoformat(),
+            interval_end=plan.layout.end.isoformat(),
+            layout_digest=plan.key.layout_digest,
+            parameters_digest=plan.key.parameters_digest,
+            slots=plan.layout.slots,
+            contributors=(institution.id,),
+            noise_variance=plan.params.share_variance if plan.params.noise else 0.0,
+            nonce=secrets.token_hex(16),
+            created_at=datetime.now(UTC).isoformat(),
+            row_counts={institution.id: total.counts()},
+        )
+        path = contribution_path(plan.config.exchange_path, plan.key, institution.id)
+        write_bytes(path, pack_envelope(header, ciphertexts))
+        yield header
+
+    def _generator(self) -> np.random.Generator:
+        seed = self._plan.config.privacy.seed
+        if seed is None:
+            return secure_generator()
+        # Test mode only (the config refuses seeds in production): a distinct stream per institution.
+        return seeded_generator(seed ^ int(_short_hash(self._institution.id), 16))
+
+
+def feed_shards(plan: ReleasePlan, institution: InstitutionConfig) -> list[tuple[int, str]]:
+    """(feed index, file) for every file of every feed of the institution that the interval needs."""
+    return [
+        (index, path)
+        for index, feed in enumerate(institution.feeds)
+        for path in feed_files(plan.config.resolve(feed.path), plan.layout.start, plan.layout.end)
+    ]
+
+
+class Contribute(beam.PTransform):  # type: ignore[misc]
+    """An institution's whole contribution for one release, as one composite transform."""
+
+    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig, dead_letter_dir: str) -> None:
+        super().__init__(label=f"Contribute[{institution.id}]")
+        self._plan = plan
+        self._institution = institution
+        self._dead_letter_dir = dead_letter_dir
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        plan, institution = self._plan, self._institution
+        shards = feed_shards(plan, institution)
+        read = (
+            pbegin
+            | "Files" >> beam.Create(shards)
+            | "Reshuffle" >> beam.Reshuffle()
+            | "ReadAndValidate" >> beam.ParDo(ReadAndValidate(plan, institution)).with_outputs(DEAD, COUNTS, main="ok")
+        )
+        aggregated = (
+            read.ok
+            | "GroupByEntityShard" >> beam.GroupByKey()
+            | "AggregateShards" >> beam.ParDo(AggregateShard(plan)).with_outputs(DEAD, main="partial")
+        )
+        _ = (
+            (read[DEAD], aggregated[DEAD])
+            | "AllDeadLetters" >> beam.Flatten()
+            | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(self._dead_letter_dir))
+        )
+        return (
+            (read[COUNTS], aggregated.partial)
+            | "AllPartials" >> beam.Flatten()
+            | "Total" >> beam.CombineGlobally(MergePartials())
+            | "Seal" >> beam.ParDo(SealContribution(plan, institution))
+        )

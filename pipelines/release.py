@@ -1,0 +1,134 @@
+"""The key holder's step: decrypt the aggregate, decode noisy cells, and commit them to the store.
+
+This is the only code that loads the HE secret key. The commit is idempotent: audit and rejects rows are
+merged on deterministic keys first, the releases last, so a crash at any point can be re-run safely and an
+interval is never released twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import pyarrow as pa
+
+from fusion.errors import ReleaseRefused
+from fusion.estimates import decode_release
+from fusion.exchange import aggregate_path, exists, read_bytes, refusal_path
+from fusion.keys import load_secret_context_bytes
+from fusion.plan import ReleasePlan
+from fusion.store import Store
+from privacy import he
+from privacy.envelope import EnvelopeHeader, unpack_envelope
+from schemas.tables import AUDIT_SCHEMA, REJECTS_SCHEMA
+
+
+@dataclass(frozen=True)
+class ReleaseOutcome:
+    release_id: str
+    status: str  # "released" | "already_released"
+    cells: int = 0
+    contributors: tuple[str, ...] = ()
+    epsilon: float = 0.0
+    row_counts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def audit_row(
+    *, event_id: str, action: str, actor_role: str, actor: str, plan: ReleasePlan, reason: str | None = None,
+    content: bytes | None = None, detail: dict[str, Any] | None = None, at: datetime | None = None,
+) -> dict[str, Any]:
+    return {
+        "event_id": event_id,
+        "at": at or datetime.now(UTC),
+        "actor_role": actor_role,
+        "actor": actor,
+        "action": action,
+        "release_id": plan.key.release_id,
+        "interval_start": plan.layout.start,
+        "interval_end": plan.layout.end,
+        "reason": reason,
+        "content_sha256": hashlib.sha256(content).hexdigest() if content is not None else None,
+        "detail": json.dumps(detail, sort_keys=True, default=str) if detail is not None else None,
+    }
+
+
+def _rejects_rows(plan: ReleasePlan, header: EnvelopeHeader, at: datetime) -> pa.Table:
+    rows = []
+    for institution, counts in sorted(header.row_counts.items()):
+        reasons = dict(counts.get("rejected", {})) or {"none": 0}
+        for reason, n in sorted(reasons.items()):
+            rows.append({
+                "release_id": plan.key.release_id, "institution": institution,
+                "interval_start": plan.layout.start, "interval_end": plan.layout.end,
+                "rows_read": int(counts["read"]), "rows_accepted": int(counts["accepted"]),
+                "reason": reason, "rows": int(n), "recorded_at": at,
+            })
+    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
+
+
+def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
+    """Decrypt and commit the release of `plan`'s interval; refuses if the aggregator refused it."""
+    release_id = plan.key.release_id
+    exchange = plan.config.exchange_path
+    fid = plan.config.federation.id
+    if store.has_release(release_id):
+        return ReleaseOutcome(release_id=release_id, status="already_released")
+    if not exists(aggregate_path(exchange, plan.key)):
+        _refuse(plan, store)
+    data = read_bytes(aggregate_path(exchange, plan.key))
+    header, ciphertexts = unpack_envelope(data)
+    if (header.kind, header.layout_digest, header.parameters_digest) != (
+        "aggregate", plan.key.layout_digest, plan.key.parameters_digest
+    ):
+        raise ReleaseRefused("the aggregate envelope does not match this interval's layout or parameters")
+    if len(header.contributors) < plan.params.quorum:
+        raise ReleaseRefused(f"the aggregate has {len(header.contributors)} contributors; quorum is "
+                             f"{plan.params.quorum}")
+
+    context = he.load_secret_context(load_secret_context_bytes(plan.config))
+    totals = he.decrypt_vector(context, ciphertexts, plan.layout.slots)
+    now = datetime.now(UTC)
+    cells = decode_release(
+        totals, layout=plan.layout, params=plan.params, units=tuple(m.unit for m in plan.config.metrics),
+        noise_variance=header.noise_variance, contributors=len(header.contributors),
+        release_id=release_id, released_at=now,
+    )
+    audits = [
+        audit_row(event_id=f"{release_id}:refused-envelope:{i}", action="envelope_refused",
+                  actor_role="aggregator", actor=fid, plan=plan, reason=r["reason"], detail=r, at=now)
+        for i, r in enumerate(header.refused)
+    ]
+    audits.append(audit_row(
+        event_id=f"{release_id}:released", action="release", actor_role="key_holder", actor=fid, plan=plan,
+        content=data, at=now,
+        detail={"contributors": list(header.contributors), "cells": plan.layout.cells, "epsilon": plan.params.epsilon,
+                "delta": plan.params.delta, "noise_variance": header.noise_variance},
+    ))
+    store.insert_new("audit", pa.Table.from_pylist(audits, schema=AUDIT_SCHEMA))
+    store.insert_new("rejects", _rejects_rows(plan, header, now))
+    inserted = store.insert_new("releases", cells)
+    if inserted == 0:
+        return ReleaseOutcome(release_id=release_id, status="already_released")
+    return ReleaseOutcome(
+        release_id=release_id, status="released", cells=inserted, contributors=header.contributors,
+        epsilon=plan.params.epsilon, row_counts=header.row_counts,
+    )
+
+
+def _refuse(plan: ReleasePlan, store: Store) -> NoReturn:
+    """Record in `audit` why there is nothing to release (the aggregator's refusal, or no aggregate yet)."""
+    path = refusal_path(plan.config.exchange_path, plan.key)
+    if exists(path):
+        refusal = json.loads(read_bytes(path))
+    else:
+        refusal = {"reason": "no aggregate envelope in the exchange; run `fusion aggregate` first"}
+    digest = hashlib.sha256(json.dumps(refusal, sort_keys=True).encode()).hexdigest()[:12]
+    row = audit_row(
+        event_id=f"{plan.key.release_id}:refused:{digest}", action="release_refused", actor_role="key_holder",
+        actor=plan.config.federation.id, plan=plan, reason=refusal["reason"], detail=refusal,
+    )
+    store.insert_new("audit", pa.Table.from_pylist([row], schema=AUDIT_SCHEMA))
+    raise ReleaseRefused(f"release {plan.key.release_id} refused: {refusal['reason']}")

@@ -1,0 +1,107 @@
+"""Envelopes: the only thing that crosses between parties. A JSON header plus serialized ciphertexts.
+
+Binary layout (all integers big-endian):
+    b"FUSIONENV1\\n" | u32 header length | header JSON (UTF-8) | u32 count | (u64 length | ciphertext)*
+The header records the payload's SHA-256 so a damaged or swapped payload is detected when read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MAGIC = b"FUSIONENV1\n"
+
+
+class EnvelopeError(ValueError):
+    """An envelope is malformed or its payload does not match its header."""
+
+
+@dataclass(frozen=True)
+class EnvelopeHeader:
+    """What an envelope claims to hold. `kind` is 'contribution' (one institution) or 'aggregate'."""
+
+    kind: str
+    federation: str
+    interval_start: str  # ISO 8601, UTC
+    interval_end: str
+    layout_digest: str
+    parameters_digest: str
+    slots: int
+    contributors: tuple[str, ...]
+    noise_variance: float  # total Skellam variance inside the payload, integer units squared
+    nonce: str
+    created_at: str
+    payload_sha256: str = ""
+    # Per institution: {"read": n, "accepted": n, "rejected": {reason: n}}. Counts only, never rows.
+    row_counts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Envelopes the aggregator refused: [{"source": ..., "institution": ..., "reason": ...}]
+    refused: tuple[dict[str, str], ...] = ()
+
+    def to_json(self) -> bytes:
+        doc = asdict(self)
+        doc["contributors"] = list(self.contributors)
+        doc["refused"] = list(self.refused)
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> EnvelopeHeader:
+        try:
+            doc = json.loads(data)
+            doc["contributors"] = tuple(doc["contributors"])
+            doc["refused"] = tuple(doc.get("refused", ()))
+            return cls(**doc)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise EnvelopeError(f"unreadable envelope header: {exc}") from None
+
+
+def payload_digest(ciphertexts: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for ct in ciphertexts:
+        digest.update(struct.pack(">Q", len(ct)))
+        digest.update(ct)
+    return digest.hexdigest()
+
+
+def pack_envelope(header: EnvelopeHeader, ciphertexts: list[bytes]) -> bytes:
+    """Serialize; fills in the payload hash."""
+    from dataclasses import replace
+
+    header = replace(header, payload_sha256=payload_digest(ciphertexts))
+    head = header.to_json()
+    parts = [MAGIC, struct.pack(">I", len(head)), head, struct.pack(">I", len(ciphertexts))]
+    for ct in ciphertexts:
+        parts += [struct.pack(">Q", len(ct)), ct]
+    return b"".join(parts)
+
+
+def unpack_envelope(data: bytes) -> tuple[EnvelopeHeader, list[bytes]]:
+    """Parse and check the payload hash; raises EnvelopeError on any inconsistency."""
+    if not data.startswith(MAGIC):
+        raise EnvelopeError("not a Fusion envelope (bad magic)")
+    try:
+        offset = len(MAGIC)
+        (head_len,) = struct.unpack_from(">I", data, offset)
+        offset += 4
+        header = EnvelopeHeader.from_json(data[offset : offset + head_len])
+        offset += head_len
+        (count,) = struct.unpack_from(">I", data, offset)
+        offset += 4
+        ciphertexts = []
+        for _ in range(count):
+            (length,) = struct.unpack_from(">Q", data, offset)
+            offset += 8
+            if offset + length > len(data):
+                raise EnvelopeError("envelope is truncated")
+            ciphertexts.append(data[offset : offset + length])
+            offset += length
+    except struct.error:
+        raise EnvelopeError("envelope is truncated") from None
+    if offset != len(data):
+        raise EnvelopeError("envelope has trailing bytes")
+    if payload_digest(ciphertexts) != header.payload_sha256:
+        raise EnvelopeError("payload does not match the header's SHA-256")
+    return header, ciphertexts

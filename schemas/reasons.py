@@ -1,0 +1,24 @@
+"""Reason codes for rows that an institution's pipeline refuses (its dead-letter output)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RejectReason(StrEnum):
+    """Why a raw row was not accepted. Values are stable: they appear in dead letters and in `rejects`."""
+
+    MALFORMED_RECORD = "malformed_record"  # the line could not be parsed at all (bad CSV row, bad JSON)
+    MISSING_FIELD = "missing_field"  # a required field is absent or null
+    MISTYPED_FIELD = "mistyped_field"  # a field is present but not of its type (e.g. value "abc")
+    UNPARSEABLE_TIME = "unparseable_time"  # event time present but not a time
+    OUT_OF_INTERVAL = "out_of_interval"  # event time outside the run's release interval
+    UNKNOWN_METRIC = "unknown_metric"  # metric not declared in the federation config
+    UNKNOWN_REGION = "unknown_region"  # region not among the public regions
+    NON_FINITE_VALUE = "non_finite_value"  # NaN or +-infinity
+    OUT_OF_RANGE = "out_of_range"  # outside the metric's plausible physical range
+    DUPLICATE = "duplicate"  # exact duplicate of an accepted row in the same run
+
+
+#: The order in which reasons are checked: a row gets the first reason that applies.
+REASON_PRECEDENCE: tuple[RejectReason, ...] = tuple(RejectReason)

@@ -1,0 +1,76 @@
+"""Arrow schemas of the common-knowledge store's tables: a public contract, documented in the README."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+_TS = pa.timestamp("us", tz="UTC")
+
+#: One row per released cell (metric x region x window). All statistics are noisy; every one carries its
+#: noise standard deviation and a 95% interval.
+RELEASES_SCHEMA = pa.schema(
+    [
+        pa.field("release_id", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("unit", pa.string(), nullable=False),
+        pa.field("region", pa.string(), nullable=False),
+        pa.field("window_start", _TS, nullable=False),
+        pa.field("window_end", _TS, nullable=False),
+        pa.field("contributors", pa.int32(), nullable=False),
+        pa.field("count", pa.float64(), nullable=False),
+        pa.field("count_sd", pa.float64(), nullable=False),
+        pa.field("count_ci_low", pa.float64(), nullable=False),
+        pa.field("count_ci_high", pa.float64(), nullable=False),
+        pa.field("sum", pa.float64(), nullable=False),
+        pa.field("sum_sd", pa.float64(), nullable=False),
+        pa.field("sum_ci_low", pa.float64(), nullable=False),
+        pa.field("sum_ci_high", pa.float64(), nullable=False),
+        pa.field("mean", pa.float64(), nullable=True),
+        pa.field("mean_ci_low", pa.float64(), nullable=True),
+        pa.field("mean_ci_high", pa.float64(), nullable=True),
+        pa.field("stddev", pa.float64(), nullable=True),
+        pa.field("epsilon", pa.float64(), nullable=False),
+        pa.field("delta", pa.float64(), nullable=False),
+        pa.field("noise", pa.string(), nullable=False),
+        pa.field("released_at", _TS, nullable=False),
+    ]
+)
+
+#: Every run, release, refusal and rejected envelope.
+AUDIT_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.string(), nullable=False),
+        pa.field("at", _TS, nullable=False),
+        pa.field("actor_role", pa.string(), nullable=False),
+        pa.field("actor", pa.string(), nullable=False),
+        pa.field("action", pa.string(), nullable=False),
+        pa.field("release_id", pa.string(), nullable=True),
+        pa.field("interval_start", _TS, nullable=True),
+        pa.field("interval_end", _TS, nullable=True),
+        pa.field("reason", pa.string(), nullable=True),
+        pa.field("content_sha256", pa.string(), nullable=True),
+        pa.field("detail", pa.string(), nullable=True),
+    ]
+)
+
+#: Per release and institution, how many rows were read, accepted, and rejected for each reason.
+#: Counts only: dead-letter rows never leave the institution.
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("release_id", pa.string(), nullable=False),
+        pa.field("institution", pa.string(), nullable=False),
+        pa.field("interval_start", _TS, nullable=False),
+        pa.field("interval_end", _TS, nullable=False),
+        pa.field("rows_read", pa.int64(), nullable=False),
+        pa.field("rows_accepted", pa.int64(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("rows", pa.int64(), nullable=False),
+        pa.field("recorded_at", _TS, nullable=False),
+    ]
+)
+
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "releases": RELEASES_SCHEMA,
+    "audit": AUDIT_SCHEMA,
+    "rejects": REJECTS_SCHEMA,
+}
