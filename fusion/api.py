@@ -51,8 +51,9 @@ def open_store(config: Config | str | Path, *, versions: dict[str, int] | None =
     return FusedStore(config, versions=versions)
 
 
-def batch(config: Config | str | Path, start: str | datetime, end: str | datetime,
-          *, beam_args: Sequence[str] = ()) -> Any:
+def batch(
+    config: Config | str | Path, start: str | datetime, end: str | datetime, *, beam_args: Sequence[str] = ()
+) -> Any:
     """Run every role for [start, end) on this machine; returns a BatchSummary."""
     from pipelines.batch import run_batch
 

@@ -107,13 +107,17 @@ def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
     plan = _plan(args)
     started = time.monotonic()
-    console.print(f"[bold]Batch[/bold] {plan.config.federation.id}: "
-                  f"{plan.layout.start.isoformat()} .. {plan.layout.end.isoformat()} "
-                  f"({plan.layout.cells} cells, release {plan.key.release_id})")
+    console.print(
+        f"[bold]Batch[/bold] {plan.config.federation.id}: "
+        f"{plan.layout.start.isoformat()} .. {plan.layout.end.isoformat()} "
+        f"({plan.layout.cells} cells, release {plan.key.release_id})"
+    )
     with console.status("starting") as status:
-        stages = {"contribute": "institutions: validate, aggregate, add noise shares, encrypt",
-                  "aggregate": "aggregator: verify envelopes, check quorum, homomorphic sum",
-                  "release": "key holder: decrypt, decode, commit to the store"}
+        stages = {
+            "contribute": "institutions: validate, aggregate, add noise shares, encrypt",
+            "aggregate": "aggregator: verify envelopes, check quorum, homomorphic sum",
+            "release": "key holder: decrypt, decode, commit to the store",
+        }
 
         def on_stage(stage: str) -> None:
             console.log(f"[cyan]{stage}[/cyan]: {stages[stage]}")

@@ -55,8 +55,7 @@ def entity_shards(entities: pa.Array | pa.ChunkedArray, shards: int) -> np.ndarr
     combined = encoded.combine_chunks()
     dictionary = combined.dictionary.to_pylist()
     per_entity = np.array(
-        [int.from_bytes(hashlib.blake2b(str(e).encode(), digest_size=8).digest(), "big") % shards
-         for e in dictionary],
+        [int.from_bytes(hashlib.blake2b(str(e).encode(), digest_size=8).digest(), "big") % shards for e in dictionary],
         dtype=np.int64,
     )
     return per_entity[combined.indices.to_numpy(zero_copy_only=False)] if len(dictionary) else np.zeros(0, np.int64)
@@ -95,12 +94,8 @@ def aggregate_readings(
     vector = np.zeros(layout.slots, dtype=np.int64)
     if readings.num_rows == 0:
         return vector
-    metric_idx = pc.index_in(readings.column(METRIC), value_set=pa.array(layout.metrics)).to_numpy(
-        zero_copy_only=False
-    )
-    region_idx = pc.index_in(readings.column(REGION), value_set=pa.array(layout.regions)).to_numpy(
-        zero_copy_only=False
-    )
+    metric_idx = pc.index_in(readings.column(METRIC), value_set=pa.array(layout.metrics)).to_numpy(zero_copy_only=False)
+    region_idx = pc.index_in(readings.column(REGION), value_set=pa.array(layout.regions)).to_numpy(zero_copy_only=False)
     if np.isnan(metric_idx.astype(float)).any() or np.isnan(region_idx.astype(float)).any():
         raise ValueError("readings contain metrics or regions outside the layout; validate them first")
     metric_idx = metric_idx.astype(np.int64)
@@ -128,8 +123,9 @@ def aggregate_readings(
     return vector
 
 
-def cell_reading_counts(vector: np.ndarray, *, layout: PartitionLayout,
-                        encodings: tuple[MetricEncoding, ...]) -> np.ndarray:
+def cell_reading_counts(
+    vector: np.ndarray, *, layout: PartitionLayout, encodings: tuple[MetricEncoding, ...]
+) -> np.ndarray:
     """Readings per cell recovered from an un-noised COUNT component (int64, layout.cells)."""
     metric_idx, _, _ = layout.cell_coordinates()
     weight = np.array([e.count_weight for e in encodings], dtype=np.int64)[metric_idx]

@@ -12,12 +12,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusion.config import load_config
-from fusion.demo_data import INSTITUTIONS, LIMITS, REGIONS, RESOLUTION, InstitutionSpec, faulty_rows, load_station
+from fusion.demo_data import (
+    INSTITUTIONS,
+    LIMITS,
+    REGIONS,
+    RESOLUTION,
+    InstitutionSpec,
+    faulty_rows,
+    load_station,
+)
 from fusion.keys import create_keys
 
 DEMO_START = datetime(2026, 1, 1, tzinfo=UTC)
 UNITS = {"ghi": "W/m2", "air_temp": "degC", "humidity": "percent", "wind_speed": "m/s"}
-CLAMPS = {"ghi": (0.0, 1200.0), "air_temp": (-40.0, 50.0), "humidity": (0.0, 100.0), "wind_speed": (0.0, 40.0)}
+CLAMPS = {
+    "ghi": (0.0, 1200.0),
+    "air_temp": (-40.0, 50.0),
+    "humidity": (0.0, 100.0),
+    "wind_speed": (0.0, 40.0),
+}
 EXTENSIONS = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}
 
 DEMO_QUERY = """
@@ -116,8 +129,12 @@ def build_demo(directory: Path, *, days: int = 2) -> Path:
 
             table = sensor_readings(spec, day, stations)
             extra = faulty_rows(spec, day) if spec.id == "metservice" else []
-            _write_feed(spec, directory / "feeds" / spec.id / f"{day:%Y-%m-%d}.{EXTENSIONS[spec.format]}",
-                        table, extra)
+            _write_feed(
+                spec,
+                directory / "feeds" / spec.id / f"{day:%Y-%m-%d}.{EXTENSIONS[spec.format]}",
+                table,
+                extra,
+            )
     config_path = directory / "federation.toml"
     config_path.write_text(_config_text(days))
     (directory / "README.txt").write_text(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,12 @@ STATIONS = {  # file in pvlib/data, UTC offset of its local standard time (hours
     "greensboro": ("723170TYA.CSV", -5),
     "sandpoint": ("703165TY.csv", -9),
 }
-TMY_COLUMNS = {"ghi": "GHI (W/m^2)", "air_temp": "Dry-bulb (C)", "humidity": "RHum (%)", "wind_speed": "Wspd (m/s)"}
+TMY_COLUMNS = {
+    "ghi": "GHI (W/m^2)",
+    "air_temp": "Dry-bulb (C)",
+    "humidity": "RHum (%)",
+    "wind_speed": "Wspd (m/s)",
+}
 REGIONS = {  # public region -> (station, synthetic regional offset per metric)
     "nc-triad-east": ("greensboro", {"air_temp": 0.4, "humidity": -1.0, "wind_speed": 0.3, "ghi": 0.0}),
     "nc-triad-west": ("greensboro", {"air_temp": -0.6, "humidity": 2.0, "wind_speed": -0.2, "ghi": -10.0}),
@@ -35,7 +40,12 @@ REGIONS = {  # public region -> (station, synthetic regional offset per metric)
     "ak-sandpoint-ridge": ("sandpoint", {"air_temp": -1.2, "humidity": -2.0, "wind_speed": 2.0, "ghi": 5.0}),
 }
 RESOLUTION = {"ghi": 1.0, "air_temp": 0.1, "humidity": 0.1, "wind_speed": 0.1}
-LIMITS = {"ghi": (0.0, 1500.0), "air_temp": (-80.0, 60.0), "humidity": (0.0, 100.0), "wind_speed": (0.0, 75.0)}
+LIMITS = {
+    "ghi": (0.0, 1500.0),
+    "air_temp": (-80.0, 60.0),
+    "humidity": (0.0, 100.0),
+    "wind_speed": (0.0, 75.0),
+}
 SENSOR_SPREAD = {"ghi": (15.0, 8.0), "air_temp": (0.5, 0.3), "humidity": (2.0, 1.0), "wind_speed": (0.4, 0.5)}
 
 
@@ -52,19 +62,62 @@ class InstitutionSpec:
 
 
 INSTITUTIONS = (
-    InstitutionSpec("gridco", "electric utility (rooftop PV irradiance sensors)", ("ghi",), 30, 15, "parquet",
-                    {"entity_id": "site_id", "region": "zone", "metric": "quantity", "event_time": "measured_at",
-                     "value": "value"}),
-    InstitutionSpec("metservice", "national weather service (automatic stations)",
-                    ("air_temp", "humidity", "wind_speed"), 8, 10, "csv",
-                    {"entity_id": "station", "region": "region", "metric": "element", "event_time": "obs_time",
-                     "value": "obs_value", "sensor_id": "instrument"}),
-    InstitutionSpec("cityworks", "city agency (street-furniture sensors)", ("air_temp", "humidity"), 20, 15,
-                    "jsonl", {"entity_id": "device", "region": "district", "metric": "metric",
-                              "event_time": "ts_ms", "value": "reading"}, time_format="epoch_ms"),
-    InstitutionSpec("portlogix", "logistics firm (truck-mounted sensors)", ("air_temp", "wind_speed"), 15, 15,
-                    "parquet", {"entity_id": "vehicle", "region": "area", "metric": "kind", "event_time": "ts",
-                                "value": "reading"}),
+    InstitutionSpec(
+        "gridco",
+        "electric utility (rooftop PV irradiance sensors)",
+        ("ghi",),
+        30,
+        15,
+        "parquet",
+        {
+            "entity_id": "site_id",
+            "region": "zone",
+            "metric": "quantity",
+            "event_time": "measured_at",
+            "value": "value",
+        },
+    ),
+    InstitutionSpec(
+        "metservice",
+        "national weather service (automatic stations)",
+        ("air_temp", "humidity", "wind_speed"),
+        8,
+        10,
+        "csv",
+        {
+            "entity_id": "station",
+            "region": "region",
+            "metric": "element",
+            "event_time": "obs_time",
+            "value": "obs_value",
+            "sensor_id": "instrument",
+        },
+    ),
+    InstitutionSpec(
+        "cityworks",
+        "city agency (street-furniture sensors)",
+        ("air_temp", "humidity"),
+        20,
+        15,
+        "jsonl",
+        {
+            "entity_id": "device",
+            "region": "district",
+            "metric": "metric",
+            "event_time": "ts_ms",
+            "value": "reading",
+        },
+        time_format="epoch_ms",
+    ),
+    InstitutionSpec(
+        "portlogix",
+        "logistics firm (truck-mounted sensors)",
+        ("air_temp", "wind_speed"),
+        15,
+        15,
+        "parquet",
+        {"entity_id": "vehicle", "region": "area", "metric": "kind", "event_time": "ts", "value": "reading"},
+    ),
 )
 
 
@@ -135,8 +188,13 @@ def faulty_rows(spec: InstitutionSpec, day: datetime) -> list[dict[str, object]]
     """Deliberately broken rows (synthetic), one per reason the demo shows in `rejects`."""
     c = spec.columns
     when = (day + timedelta(hours=12)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    good = {c["entity_id"]: f"{spec.id}-broken-000", c["region"]: "nc-triad-east", c["metric"]: "air_temp",
-            c["event_time"]: when, c["value"]: "12.5"}
+    good = {
+        c["entity_id"]: f"{spec.id}-broken-000",
+        c["region"]: "nc-triad-east",
+        c["metric"]: "air_temp",
+        c["event_time"]: when,
+        c["value"]: "12.5",
+    }
     return [
         {**good, c["value"]: "n/a"},  # mistyped_field
         {**good, c["value"]: "NaN"},  # non_finite_value

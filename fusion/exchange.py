@@ -41,8 +41,13 @@ class ReleaseKey:
     @property
     def release_id(self) -> str:
         doc = "|".join(
-            [self.federation, self.start.isoformat(), self.end.isoformat(), self.layout_digest,
-             self.parameters_digest]
+            [
+                self.federation,
+                self.start.isoformat(),
+                self.end.isoformat(),
+                self.layout_digest,
+                self.parameters_digest,
+            ]
         )
         return "r-" + hashlib.sha256(doc.encode()).hexdigest()[:24]
 

@@ -70,7 +70,7 @@ def release_parameters(config: Config) -> ReleaseParameters:
     # institutions' noise shares (variance v/q each) at NOISE_MARGIN_SDS standard deviations.
     institutions = len(config.institutions)
     worst_weight = max(max(e.count_weight, e.sum_bound) for e in encodings)
-    largest = sum(i.max_readings_per_cell for i in config.institutions) * worst_weight
+    largest = float(sum(i.max_readings_per_cell for i in config.institutions) * worst_weight)
     largest += NOISE_MARGIN_SDS * math.sqrt(params.share_variance * institutions)
     try:
         check_no_wrap(largest)

@@ -26,8 +26,14 @@ _SANDBOX_HINT = (
 class SqlSandbox:
     """One DuckDB connection over a store snapshot; create one per session (not thread-safe)."""
 
-    def __init__(self, store: Store | str | Path, *, threads: int = 2, memory_limit: str = "2GB",
-                 versions: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store | str | Path,
+        *,
+        threads: int = 2,
+        memory_limit: str = "2GB",
+        versions: dict[str, int] | None = None,
+    ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self._con = duckdb.connect(":memory:")
         for name in TABLE_SCHEMAS:

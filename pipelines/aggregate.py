@@ -32,7 +32,7 @@ from privacy.envelope import EnvelopeError, EnvelopeHeader, pack_envelope, unpac
 REFUSED = "refused"
 
 
-class OpenEnvelope(beam.DoFn):  # type: ignore[misc]
+class OpenEnvelope(beam.DoFn):
     """path -> (institution, (path, header, ciphertexts)); envelopes that fail a check are tagged refused."""
 
     def __init__(self, plan: ReleasePlan) -> None:
@@ -58,8 +58,10 @@ class OpenEnvelope(beam.DoFn):  # type: ignore[misc]
             return "not_a_contribution"
         if header.federation != plan.key.federation:
             return "wrong_federation"
-        if (header.interval_start, header.interval_end) != (plan.layout.start.isoformat(),
-                                                            plan.layout.end.isoformat()):
+        if (header.interval_start, header.interval_end) != (
+            plan.layout.start.isoformat(),
+            plan.layout.end.isoformat(),
+        ):
             return "wrong_interval"
         if header.layout_digest != plan.key.layout_digest or header.slots != plan.layout.slots:
             return "wrong_layout"
@@ -70,7 +72,7 @@ class OpenEnvelope(beam.DoFn):  # type: ignore[misc]
         return ""
 
 
-class OnePerInstitution(beam.DoFn):  # type: ignore[misc]
+class OnePerInstitution(beam.DoFn):
     """(institution, envelopes) -> the envelope, or all of them refused when an institution sent several."""
 
     def process(self, element: tuple[str, Iterable[tuple[str, EnvelopeHeader, list[bytes]]]]) -> Iterator[Any]:
@@ -83,7 +85,7 @@ class OnePerInstitution(beam.DoFn):  # type: ignore[misc]
             yield TaggedOutput(REFUSED, {"source": path, "institution": institution, "reason": "duplicate"})
 
 
-class EncryptedSum(beam.CombineFn):  # type: ignore[misc]
+class EncryptedSum(beam.CombineFn):
     """Sums contribution envelopes homomorphically. Accumulator: (headers, summed ciphertexts or None)."""
 
     def __init__(self, public_context: bytes) -> None:
@@ -102,7 +104,8 @@ class EncryptedSum(beam.CombineFn):  # type: ignore[misc]
         return [], None
 
     def add_input(
-        self, accumulator: tuple[list[EnvelopeHeader], list[bytes] | None],
+        self,
+        accumulator: tuple[list[EnvelopeHeader], list[bytes] | None],
         element: tuple[str, EnvelopeHeader, list[bytes]],
     ) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
         _, header, ciphertexts = element
@@ -127,7 +130,7 @@ class EncryptedSum(beam.CombineFn):  # type: ignore[misc]
         return accumulator
 
 
-class SealAggregate(beam.DoFn):  # type: ignore[misc]
+class SealAggregate(beam.DoFn):
     """The sum -> an aggregate envelope if the quorum is met, otherwise a refusal file. Yields a summary."""
 
     def __init__(self, plan: ReleasePlan) -> None:
@@ -143,8 +146,10 @@ class SealAggregate(beam.DoFn):  # type: ignore[misc]
         summary: dict[str, Any] = {"contributors": list(contributors), "refused": refused}
         if len(contributors) < plan.params.quorum or ciphertexts is None:
             delete_if_exists(aggregate_path(exchange, plan.key))
-            reason = (f"quorum not met: {len(contributors)} valid contribution(s), "
-                      f"the federation requires {plan.params.quorum}")
+            reason = (
+                f"quorum not met: {len(contributors)} valid contribution(s), "
+                f"the federation requires {plan.params.quorum}"
+            )
             write_json(refusal_path(exchange, plan.key), {**summary, "reason": reason})
             yield {**summary, "status": "refused", "reason": reason}
             return
@@ -171,7 +176,7 @@ class SealAggregate(beam.DoFn):  # type: ignore[misc]
         yield {**summary, "status": "aggregated", "noise_variance": header.noise_variance}
 
 
-class Aggregate(beam.PTransform):  # type: ignore[misc]
+class Aggregate(beam.PTransform):
     """All contribution envelopes in the exchange for one release -> the aggregate envelope."""
 
     def __init__(self, plan: ReleasePlan) -> None:

@@ -46,7 +46,7 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-class ReadAndValidate(beam.DoFn):  # type: ignore[misc]
+class ReadAndValidate(beam.DoFn):
     """(feed index, file path) -> (entity shard, accepted readings); dead letters and counts tagged."""
 
     def __init__(self, plan: ReleasePlan, institution: InstitutionConfig) -> None:
@@ -87,7 +87,7 @@ def _malformed_letters(lines: tuple[tuple[int, str], ...], source: str) -> pa.Ta
     )
 
 
-class AggregateShard(beam.DoFn):  # type: ignore[misc]
+class AggregateShard(beam.DoFn):
     """(entity shard, [readings tables]) -> PartialAggregate of that shard; duplicates to dead letters."""
 
     def __init__(self, plan: ReleasePlan) -> None:
@@ -105,7 +105,7 @@ class AggregateShard(beam.DoFn):  # type: ignore[misc]
         yield PartialAggregate(vector=vector, rows_accepted=kept.num_rows, rejected=rejected)
 
 
-class MergePartials(beam.CombineFn):  # type: ignore[misc]
+class MergePartials(beam.CombineFn):
     """Adds PartialAggregates: vectors slot-wise, counts by key."""
 
     def create_accumulator(self) -> PartialAggregate:
@@ -124,7 +124,7 @@ class MergePartials(beam.CombineFn):  # type: ignore[misc]
         return accumulator
 
 
-class WriteDeadLetters(beam.DoFn):  # type: ignore[misc]
+class WriteDeadLetters(beam.DoFn):
     """(name, table) -> a Parquet file in the institution's local dead-letter directory."""
 
     def __init__(self, directory: str) -> None:
@@ -139,7 +139,7 @@ class WriteDeadLetters(beam.DoFn):  # type: ignore[misc]
         yield path
 
 
-class SealContribution(beam.DoFn):  # type: ignore[misc]
+class SealContribution(beam.DoFn):
     """The institution's total -> plus its Skellam share -> BFV-encrypted envelope in the exchange."""
 
     def __init__(self, plan: ReleasePlan, institution: InstitutionConfig) -> None:
@@ -197,7 +197,7 @@ def feed_shards(plan: ReleasePlan, institution: InstitutionConfig) -> list[tuple
     ]
 
 
-class Contribute(beam.PTransform):  # type: ignore[misc]
+class Contribute(beam.PTransform):
     """An institution's whole contribution for one release, as one composite transform."""
 
     def __init__(self, plan: ReleasePlan, institution: InstitutionConfig, dead_letter_dir: str) -> None:

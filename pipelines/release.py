@@ -37,8 +37,16 @@ class ReleaseOutcome:
 
 
 def audit_row(
-    *, event_id: str, action: str, actor_role: str, actor: str, plan: ReleasePlan, reason: str | None = None,
-    content: bytes | None = None, detail: dict[str, Any] | None = None, at: datetime | None = None,
+    *,
+    event_id: str,
+    action: str,
+    actor_role: str,
+    actor: str,
+    plan: ReleasePlan,
+    reason: str | None = None,
+    content: bytes | None = None,
+    detail: dict[str, Any] | None = None,
+    at: datetime | None = None,
 ) -> dict[str, Any]:
     return {
         "event_id": event_id,
@@ -60,12 +68,19 @@ def _rejects_rows(plan: ReleasePlan, header: EnvelopeHeader, at: datetime) -> pa
     for institution, counts in sorted(header.row_counts.items()):
         reasons = dict(counts.get("rejected", {})) or {"none": 0}
         for reason, n in sorted(reasons.items()):
-            rows.append({
-                "release_id": plan.key.release_id, "institution": institution,
-                "interval_start": plan.layout.start, "interval_end": plan.layout.end,
-                "rows_read": int(counts["read"]), "rows_accepted": int(counts["accepted"]),
-                "reason": reason, "rows": int(n), "recorded_at": at,
-            })
+            rows.append(
+                {
+                    "release_id": plan.key.release_id,
+                    "institution": institution,
+                    "interval_start": plan.layout.start,
+                    "interval_end": plan.layout.end,
+                    "rows_read": int(counts["read"]),
+                    "rows_accepted": int(counts["accepted"]),
+                    "reason": reason,
+                    "rows": int(n),
+                    "recorded_at": at,
+                }
+            )
     return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
 
 
@@ -81,40 +96,72 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     data = read_bytes(aggregate_path(exchange, plan.key))
     header, ciphertexts = unpack_envelope(data)
     if (header.kind, header.layout_digest, header.parameters_digest) != (
-        "aggregate", plan.key.layout_digest, plan.key.parameters_digest
+        "aggregate",
+        plan.key.layout_digest,
+        plan.key.parameters_digest,
     ):
         raise ReleaseRefused("the aggregate envelope does not match this interval's layout or parameters")
     if len(header.contributors) < plan.params.quorum:
-        raise ReleaseRefused(f"the aggregate has {len(header.contributors)} contributors; quorum is "
-                             f"{plan.params.quorum}")
+        raise ReleaseRefused(
+            f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}"
+        )
 
     context = he.load_secret_context(load_secret_context_bytes(plan.config))
     totals = he.decrypt_vector(context, ciphertexts, plan.layout.slots)
     now = datetime.now(UTC)
     cells = decode_release(
-        totals, layout=plan.layout, params=plan.params, units=tuple(m.unit for m in plan.config.metrics),
-        noise_variance=header.noise_variance, contributors=len(header.contributors),
-        release_id=release_id, released_at=now,
+        totals,
+        layout=plan.layout,
+        params=plan.params,
+        units=tuple(m.unit for m in plan.config.metrics),
+        noise_variance=header.noise_variance,
+        contributors=len(header.contributors),
+        release_id=release_id,
+        released_at=now,
     )
     audits = [
-        audit_row(event_id=f"{release_id}:refused-envelope:{i}", action="envelope_refused",
-                  actor_role="aggregator", actor=fid, plan=plan, reason=r["reason"], detail=r, at=now)
+        audit_row(
+            event_id=f"{release_id}:refused-envelope:{i}",
+            action="envelope_refused",
+            actor_role="aggregator",
+            actor=fid,
+            plan=plan,
+            reason=r["reason"],
+            detail=r,
+            at=now,
+        )
         for i, r in enumerate(header.refused)
     ]
-    audits.append(audit_row(
-        event_id=f"{release_id}:released", action="release", actor_role="key_holder", actor=fid, plan=plan,
-        content=data, at=now,
-        detail={"contributors": list(header.contributors), "cells": plan.layout.cells, "epsilon": plan.params.epsilon,
-                "delta": plan.params.delta, "noise_variance": header.noise_variance},
-    ))
+    audits.append(
+        audit_row(
+            event_id=f"{release_id}:released",
+            action="release",
+            actor_role="key_holder",
+            actor=fid,
+            plan=plan,
+            content=data,
+            at=now,
+            detail={
+                "contributors": list(header.contributors),
+                "cells": plan.layout.cells,
+                "epsilon": plan.params.epsilon,
+                "delta": plan.params.delta,
+                "noise_variance": header.noise_variance,
+            },
+        )
+    )
     store.insert_new("audit", pa.Table.from_pylist(audits, schema=AUDIT_SCHEMA))
     store.insert_new("rejects", _rejects_rows(plan, header, now))
     inserted = store.insert_new("releases", cells)
     if inserted == 0:
         return ReleaseOutcome(release_id=release_id, status="already_released")
     return ReleaseOutcome(
-        release_id=release_id, status="released", cells=inserted, contributors=header.contributors,
-        epsilon=plan.params.epsilon, row_counts=header.row_counts,
+        release_id=release_id,
+        status="released",
+        cells=inserted,
+        contributors=header.contributors,
+        epsilon=plan.params.epsilon,
+        row_counts=header.row_counts,
     )
 
 
@@ -127,8 +174,13 @@ def _refuse(plan: ReleasePlan, store: Store) -> NoReturn:
         refusal = {"reason": "no aggregate envelope in the exchange; run `fusion aggregate` first"}
     digest = hashlib.sha256(json.dumps(refusal, sort_keys=True).encode()).hexdigest()[:12]
     row = audit_row(
-        event_id=f"{plan.key.release_id}:refused:{digest}", action="release_refused", actor_role="key_holder",
-        actor=plan.config.federation.id, plan=plan, reason=refusal["reason"], detail=refusal,
+        event_id=f"{plan.key.release_id}:refused:{digest}",
+        action="release_refused",
+        actor_role="key_holder",
+        actor=plan.config.federation.id,
+        plan=plan,
+        reason=refusal["reason"],
+        detail=refusal,
     )
     store.insert_new("audit", pa.Table.from_pylist([row], schema=AUDIT_SCHEMA))
     raise ReleaseRefused(f"release {plan.key.release_id} refused: {refusal['reason']}")

@@ -70,5 +70,8 @@ def run_aggregate(plan: ReleasePlan, beam_args: Sequence[str] = ()) -> dict[str,
         refusal = json.loads(read_bytes(refusal_path(exchange, plan.key)))
         raise ReleaseRefused(f"aggregation refused: {refusal['reason']}")
     header, _ = unpack_envelope(read_bytes(aggregate_path(exchange, plan.key)))
-    return {"contributors": list(header.contributors), "refused": list(header.refused),
-            "noise_variance": header.noise_variance}
+    return {
+        "contributors": list(header.contributors),
+        "refused": list(header.refused),
+        "noise_variance": header.noise_variance,
+    }

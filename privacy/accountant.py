@@ -15,9 +15,7 @@ import numpy as np
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
 #: Integer Renyi orders at which the bound is evaluated.
-ORDERS: np.ndarray = np.concatenate([np.arange(2, 64), np.arange(64, 257, 4), np.arange(288, 1025, 32)]).astype(
-    float
-)
+ORDERS: np.ndarray = np.concatenate([np.arange(2, 64), np.arange(64, 257, 4), np.arange(288, 1025, 32)]).astype(float)
 
 
 def skellam_rdp(*, variance: float, l1: float, l2: float, orders: np.ndarray = ORDERS) -> np.ndarray:

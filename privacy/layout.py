@@ -40,7 +40,11 @@ class PartitionLayout:
 
     @classmethod
     def for_interval(
-        cls, metrics: tuple[str, ...], regions: tuple[str, ...], start: datetime, end: datetime,
+        cls,
+        metrics: tuple[str, ...],
+        regions: tuple[str, ...],
+        start: datetime,
+        end: datetime,
         window: timedelta,
     ) -> PartitionLayout:
         """The layout of [start, end); the interval must be a whole number of windows on the UTC grid."""

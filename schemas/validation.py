@@ -121,9 +121,7 @@ class ReadingValidator:
         """
         present = {f: c for f, c in columns.items() if c in raw.column_names}
         types = {f: raw.schema.field(c).type for f, c in present.items()}
-        raw_required = " OR ".join(
-            f"{_quote(present[f])} IS NULL" if f in present else "TRUE" for f in REQUIRED_FIELDS
-        )
+        raw_required = " OR ".join(f"{_quote(present[f])} IS NULL" if f in present else "TRUE" for f in REQUIRED_FIELDS)
         text = {f: _text_expr(present.get(f)) for f in (ENTITY_ID, REGION, METRIC, SENSOR_ID)}
         value = _value_expr(present.get(VALUE), types.get(VALUE))
         when = _time_expr(present.get(EVENT_TIME), types.get(EVENT_TIME), time_format)

@@ -1,0 +1,181 @@
+"""End to end on small data: real Beam, real TenSEAL, real Delta tables, real DuckDB."""
+
+from __future__ import annotations
+
+import shutil
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+from scipy import stats
+
+from fusion.errors import FusionError, ReleaseRefused
+from fusion.estimates import Z95
+from fusion.exchange import contribution_path, contributions_dir, join
+from fusion.keys import secret_key_file
+from fusion.plan import plan_release
+from fusion.store import Store
+from pipelines.batch import run_batch
+from pipelines.release import release
+from pipelines.run import run_aggregate, run_contributions
+from tests.conftest import END, METRICS, START, Federation
+
+pytestmark = pytest.mark.e2e
+
+
+def reference_cells(fed: Federation) -> pa.Table:
+    """Count and clamped sum per (metric, region, hour), computed by DuckDB directly on the raw feed files."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    sources = []
+    for inst in fed.config.institutions:
+        feed = inst.feeds[0]
+        path = fed.config.resolve(feed.path)
+        reader = {"parquet": f"read_parquet('{path}')", "csv": f"read_csv('{path}', all_varchar=true)",
+                  "jsonl": f"read_json('{path}', format='newline_delimited', columns={{entity_id: 'VARCHAR', "
+                           "region: 'VARCHAR', metric: 'VARCHAR', event_time: 'VARCHAR', value: 'DOUBLE'})"}
+        sources.append(f"SELECT metric, region, CAST(event_time AS TIMESTAMPTZ) AS t, CAST(value AS DOUBLE) AS v "
+                       f"FROM {reader[feed.format.value]}")
+    bounds = " UNION ALL ".join(f"SELECT '{m}' AS metric, {lo} AS lo, {hi} AS hi"
+                                for m, (_, lo, hi, _, _) in METRICS.items())
+    return con.sql(f"""
+        WITH readings AS ({' UNION ALL '.join(sources)}), bounds AS ({bounds})
+        SELECT r.metric, region, time_bucket(INTERVAL 1 HOUR, t) AS window_start,
+               count(*)::DOUBLE AS count, sum(least(greatest(v, lo), hi)) AS sum
+        FROM readings r JOIN bounds b ON r.metric = b.metric
+        GROUP BY ALL ORDER BY ALL
+    """).to_arrow_table()
+
+
+def released_cells(fed: Federation) -> pa.Table:
+    con = duckdb.connect()
+    con.register("releases", Store(fed.config.store_path).read("releases"))
+    return con.sql("SELECT * FROM releases ORDER BY metric, region, window_start").to_arrow_table()
+
+
+def joined(fed: Federation) -> dict[str, np.ndarray]:
+    con = duckdb.connect()
+    con.register("ref", reference_cells(fed))
+    con.register("rel", released_cells(fed))
+    out = con.sql("""
+        SELECT rel.*, coalesce(ref.count, 0) AS true_count, coalesce(ref.sum, 0) AS true_sum
+        FROM rel LEFT JOIN ref USING (metric, region, window_start)
+    """).to_arrow_table()
+    return {name: out.column(name).to_numpy(zero_copy_only=False) for name in out.column_names}
+
+
+def test_noise_off_equals_duckdb_reference(make_federation):
+    fed = make_federation(noise=False)
+    plan = plan_release(fed.config, START, END)
+    summary = run_batch(plan)
+    assert summary.status == "released"
+    assert summary.cells == plan.layout.cells == len(METRICS) * 3 * 6
+    cells = joined(fed)
+    assert len(cells["count"]) == plan.layout.cells
+    assert (cells["true_count"] > 0).all()
+    np.testing.assert_array_equal(cells["count"], cells["true_count"])
+    np.testing.assert_allclose(cells["sum"], cells["true_sum"], rtol=1e-12, atol=1e-6)
+    np.testing.assert_allclose(cells["mean"], cells["true_sum"] / cells["true_count"], rtol=1e-12)
+    assert (cells["count_sd"] == 0).all() and (cells["noise"] == "off (test mode)").all()
+    for inst, raw in fed.raw.items():
+        counts = summary.row_counts[inst]
+        assert counts == {"read": raw.num_rows, "accepted": raw.num_rows, "rejected": {}}
+
+
+def test_noise_on_is_consistent_with_reported_sd(make_federation):
+    fed = make_federation(noise=True, seed=11, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_batch(plan)
+    cells = joined(fed)
+    contributors = len(fed.config.institutions)
+    variance = contributors * plan.params.total_variance / plan.params.quorum
+    weights = {m: e.count_weight for m, e in zip(METRICS, plan.params.encodings, strict=True)}
+    units = {m: e.sum_unit() for m, e in zip(METRICS, plan.params.encodings, strict=True)}
+    # The reported noise scale is exactly the calibrated one, in value units.
+    np.testing.assert_allclose(cells["count_sd"], [np.sqrt(variance) / weights[m] for m in cells["metric"]])
+    np.testing.assert_allclose(cells["sum_sd"], [np.sqrt(variance) * units[m] for m in cells["metric"]])
+    np.testing.assert_allclose(cells["count_ci_high"] - cells["count"], Z95 * cells["count_sd"])
+    # The noise itself: standardised errors of counts and sums look like N(0, 1).
+    z = np.concatenate([(cells["count"] - cells["true_count"]) / cells["count_sd"],
+                        (cells["sum"] - cells["true_sum"]) / cells["sum_sd"]])
+    assert not np.allclose(z, 0)
+    chi2 = float(np.sum(z**2))
+    low, high = stats.chi2.ppf([1e-4, 1 - 1e-4], df=len(z))
+    assert low < chi2 < high, f"sum of squared standardised errors {chi2:.1f} outside [{low:.1f}, {high:.1f}]"
+    assert (cells["epsilon"] <= fed.config.privacy.epsilon).all()
+
+
+def test_rerun_of_an_interval_does_not_duplicate(make_federation):
+    fed = make_federation(noise=True)
+    plan = plan_release(fed.config, START, END)
+    assert run_batch(plan).status == "released"
+    before = Store(fed.config.store_path).read("releases").num_rows
+    assert run_batch(plan).status == "already_released"
+    assert release(plan, Store(fed.config.store_path)).status == "already_released"
+    assert Store(fed.config.store_path).read("releases").num_rows == before
+
+
+def test_quorum_not_met_is_refused_and_audited(make_federation):
+    fed = make_federation(noise=True, quorum=3)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions[:2])
+    with pytest.raises(ReleaseRefused, match="quorum"):
+        run_aggregate(plan)
+    store = Store(fed.config.store_path)
+    with pytest.raises(ReleaseRefused, match="quorum"):
+        release(plan, store)
+    audit = store.read("audit").to_pylist()
+    assert [a["action"] for a in audit] == ["release_refused"]
+    assert store.read("releases").num_rows == 0
+
+
+def test_bad_envelopes_are_refused_with_reasons_and_the_rest_released(make_federation):
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    directory = contributions_dir(fed.config.exchange_path, plan.key)
+    with open(join(directory, "garbage.fenv"), "wb") as handle:
+        handle.write(b"not an envelope")
+    # An envelope from another interval, copied in, is refused as such.
+    other = plan_release(fed.config, END, END + (END - START))
+    run_contributions(other, fed.config.institutions[:1])
+    shutil.copy(contribution_path(fed.config.exchange_path, other.key, "alpha"), join(directory, "alpha-old.fenv"))
+    result = run_aggregate(plan)
+    reasons = sorted(r["reason"].split(":")[0] for r in result["refused"])
+    assert reasons == ["unreadable", "wrong_interval"]
+    assert result["contributors"] == ["alpha", "beta", "gamma"]
+    outcome = release(plan, Store(fed.config.store_path))
+    assert outcome.status == "released"
+    audit = Store(fed.config.store_path).read("audit").to_pylist()
+    assert sum(a["action"] == "envelope_refused" for a in audit) == len(result["refused"])
+
+
+def test_only_the_key_holder_needs_the_secret_key(make_federation, tmp_path):
+    fed = make_federation(noise=True)
+    plan = plan_release(fed.config, START, END)
+    secret = secret_key_file(fed.config)
+    hidden = tmp_path / "vault.ctx"
+    shutil.move(secret, hidden)  # institutions and the aggregator run without the secret key anywhere
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)
+    with pytest.raises(FusionError, match="secret key is missing"):
+        release(plan, Store(fed.config.store_path))
+    shutil.move(hidden, secret)
+    secret.chmod(0o644)
+    with pytest.raises(FusionError, match="chmod 600"):
+        release(plan, Store(fed.config.store_path))
+    secret.chmod(0o600)
+    assert release(plan, Store(fed.config.store_path)).status == "released"
+
+
+def test_an_institution_sending_two_envelopes_has_both_refused(make_federation):
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    directory = contributions_dir(fed.config.exchange_path, plan.key)
+    shutil.copy(contribution_path(fed.config.exchange_path, plan.key, "beta"), join(directory, "beta-again.fenv"))
+    result = run_aggregate(plan)
+    assert sorted(r["reason"] for r in result["refused"]) == ["duplicate", "duplicate"]
+    assert result["contributors"] == ["alpha", "gamma"]
+    assert release(plan, Store(fed.config.store_path)).contributors == ("alpha", "gamma")

@@ -1,0 +1,90 @@
+"""The role commands, run one after another as separate processes, give the same releases as `fusion batch`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from fusion.store import Store
+from tests.conftest import END, START
+
+pytestmark = pytest.mark.e2e
+
+FUSION = [sys.executable, "-m", "fusion.cli"]
+INTERVAL = ["--start", START.isoformat(), "--end", END.isoformat()]
+
+
+def fusion(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*FUSION, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert result.returncode == 0, f"fusion {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def comparable(table: pa.Table) -> list[dict[str, object]]:
+    rows = table.drop_columns(["released_at"]).sort_by([("metric", "ascending"), ("region", "ascending"),
+                                                        ("window_start", "ascending")])
+    return rows.to_pylist()
+
+
+def test_role_commands_match_batch(make_federation):
+    # Two federations with the same feeds and the same test seed: their noise is identical, their keys are not.
+    by_batch = make_federation(noise=True, seed=5, subdir="batch")
+    by_roles = make_federation(noise=True, seed=5, subdir="roles")
+
+    out = fusion("batch", "--config", str(by_batch.config_path), *INTERVAL).stdout
+    assert "cells released: 36" in out and "epsilon spent" in out
+
+    for institution in ("alpha", "beta", "gamma"):
+        fusion("contribute", "--config", str(by_roles.config_path), "--institution", institution, *INTERVAL)
+    fusion("aggregate", "--config", str(by_roles.config_path), *INTERVAL)
+    fusion("release", "--config", str(by_roles.config_path), *INTERVAL)
+
+    batch_rows = comparable(Store(by_batch.config.store_path).read("releases"))
+    role_rows = comparable(Store(by_roles.config.store_path).read("releases"))
+    assert len(batch_rows) == 36
+    assert batch_rows == role_rows
+
+    # Re-running the release is a no-op.
+    assert "already released" in fusion("release", "--config", str(by_roles.config_path), *INTERVAL).stdout
+
+
+def test_sql_command_formats_and_refusals(make_federation):
+    fed = make_federation(noise=False)
+    fusion("batch", "--config", str(fed.config_path), *INTERVAL)
+    query = "SELECT metric, region, count FROM releases ORDER BY metric, region, window_start LIMIT 3"
+    as_json = [json.loads(line) for line in fusion("sql", "--config", str(fed.config_path), query, "--format",
+                                                   "json").stdout.splitlines()]
+    assert len(as_json) == 3 and set(as_json[0]) == {"metric", "region", "count"}
+    as_csv = fusion("sql", "--config", str(fed.config_path), query, "--format", "csv").stdout.splitlines()
+    assert as_csv[0].replace('"', "") == "metric,region,count" and len(as_csv) == 4
+    table = fusion("sql", "--config", str(fed.config_path), query).stdout
+    assert "3 row(s)" in table
+
+    refused = subprocess.run([*FUSION, "sql", "--config", str(fed.config_path),
+                              "SELECT * FROM read_csv('/etc/passwd')"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert "sandboxed" in refused.stderr
+
+
+def test_bad_config_fails_at_load_naming_the_field(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('regions = ["a"]\n[federation]\nid = "x"\n[privacy]\nepsilon = -1\ndelta = 1e-6\nquorum = 1\n'
+                      '[[metrics]]\nname = "m"\nunit = "u"\nlower = 0\nupper = 1\nresolution = 0.1\n'
+                      'plausible = [0, 1]\n[[institutions]]\nid = "i"\n[[institutions.feeds]]\nname = "f"\n'
+                      'path = "x.csv"\nformat = "xml"\n')
+    result = subprocess.run([*FUSION, "batch", "--config", str(config), *INTERVAL], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert "privacy.epsilon" in result.stderr and "institutions[0].feeds[0].format" in result.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = fusion("demo", "--dir", str(tmp_path / "demo"), "--days", "1").stdout
+    assert "cells released: 384" in out
+    assert "releases, 2026-01-01" in out and "16 row(s)" in out
+    assert (tmp_path / "demo" / "README.txt").read_text().startswith("Fusion demo federation")
