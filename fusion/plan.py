@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from fusion.config import Config
 from fusion.errors import FusionError
 from fusion.exchange import ReleaseKey
 from fusion.parameters import ReleaseParameters, release_parameters
+from privacy.envelope import EnvelopeHeader
 from privacy.layout import PartitionLayout
 from schemas.validation import ReadingRules
 
@@ -28,6 +31,32 @@ class ReleasePlan:
     layout: PartitionLayout
     params: ReleaseParameters
     key: ReleaseKey
+
+    def envelope_header(
+        self,
+        *,
+        kind: str,
+        contributors: tuple[str, ...],
+        noise_variance: float,
+        row_counts: dict[str, dict[str, Any]],
+        refused: tuple[dict[str, str], ...] = (),
+    ) -> EnvelopeHeader:
+        """A header for this release's interval, layout and parameters, with a fresh nonce and time."""
+        return EnvelopeHeader(
+            kind=kind,
+            federation=self.key.federation,
+            interval_start=self.layout.start.isoformat(),
+            interval_end=self.layout.end.isoformat(),
+            layout_digest=self.key.layout_digest,
+            parameters_digest=self.key.parameters_digest,
+            slots=self.layout.slots,
+            contributors=contributors,
+            noise_variance=noise_variance,
+            nonce=secrets.token_hex(16),
+            created_at=datetime.now(UTC).isoformat(),
+            row_counts=row_counts,
+            refused=refused,
+        )
 
     @property
     def rules(self) -> ReadingRules:

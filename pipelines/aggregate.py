@@ -6,9 +6,7 @@ refuses is listed, with its reason, in the aggregate's header (the key holder re
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import apache_beam as beam
@@ -157,18 +155,10 @@ class SealAggregate(beam.DoFn):
         row_counts: dict[str, dict[str, Any]] = {}
         for h in headers:
             row_counts.update(h.row_counts)
-        header = EnvelopeHeader(
+        header = plan.envelope_header(
             kind="aggregate",
-            federation=plan.key.federation,
-            interval_start=plan.layout.start.isoformat(),
-            interval_end=plan.layout.end.isoformat(),
-            layout_digest=plan.key.layout_digest,
-            parameters_digest=plan.key.parameters_digest,
-            slots=plan.layout.slots,
             contributors=contributors,
             noise_variance=sum(h.noise_variance for h in headers),
-            nonce=secrets.token_hex(16),
-            created_at=datetime.now(UTC).isoformat(),
             row_counts=row_counts,
             refused=tuple(refused),
         )

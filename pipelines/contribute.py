@@ -7,10 +7,8 @@ Elements are file shards and Arrow tables, never single readings; the logic live
 from __future__ import annotations
 
 import hashlib
-import secrets
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import apache_beam as beam
@@ -162,18 +160,10 @@ class SealContribution(beam.DoFn):
             vector = vector + noise.sample(plan.layout.slots)
         context = he.load_public_context(read_bytes(public_context_path(plan.config.exchange_path)))
         ciphertexts = he.encrypt_vector(context, vector)
-        header = EnvelopeHeader(
+        header = plan.envelope_header(
             kind="contribution",
-            federation=plan.key.federation,
-            interval_start=plan.layout.start.isoformat(),
-            interval_end=plan.layout.end.isoformat(),
-            layout_digest=plan.key.layout_digest,
-            parameters_digest=plan.key.parameters_digest,
-            slots=plan.layout.slots,
             contributors=(institution.id,),
             noise_variance=plan.params.share_variance if plan.params.noise else 0.0,
-            nonce=secrets.token_hex(16),
-            created_at=datetime.now(UTC).isoformat(),
             row_counts={institution.id: total.counts()},
         )
         path = contribution_path(plan.config.exchange_path, plan.key, institution.id)
