@@ -221,7 +221,18 @@ def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> Config:
     try:
         config = Config.model_validate({**data, "base": base})
     except ValidationError as exc:
-        lines = [f"  {_field_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        errors = exc.errors()
+        # A bad item inside a tuple also makes pydantic report the tuple as too short: keep the real error only.
+        locations = [tuple(err["loc"]) for err in errors]
+        errors = [
+            err
+            for err in errors
+            if not (
+                err["type"] == "too_short"
+                and any(loc != tuple(err["loc"]) and loc[: len(err["loc"])] == tuple(err["loc"]) for loc in locations)
+            )
+        ]
+        lines = [f"  {_field_path(err['loc'])}: {err['msg']}" for err in errors]
         raise ConfigError("invalid federation config:\n" + "\n".join(lines)) from None
     # Imported here: the encoding check needs the config types, and privacy/ must not import fusion/.
     from fusion.parameters import release_parameters

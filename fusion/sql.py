@@ -1,7 +1,8 @@
 """Read-only, sandboxed SQL over the store with DuckDB.
 
-The store's tables are registered as Arrow datasets (scanned lazily, with filter pushdown); then DuckDB's file
-system, extensions and configuration are locked. A query can read only those tables: no other file, no COPY,
+The store's tables are registered as Arrow datasets read through the Delta log (scanned lazily; filters are
+not yet pushed into the scan because the tables mix string and string_view files); then DuckDB's file system,
+extensions and configuration are locked. A query can read only those tables: no other file, no COPY,
 ATTACH, INSTALL or LOAD, no SET, no writes. Only a single SELECT statement is accepted.
 """
 
@@ -54,8 +55,11 @@ class SqlSandbox:
         except duckdb.Error as exc:
             raise SqlError(f"SQL error: {exc}") from None
         if len(statements) != 1:
-            raise SqlRefused(f"expected exactly one SQL statement, got {len(statements)}")
-        kind = statements[0].type
+            raise SqlRefused(f"expected exactly one SQL statement, got {len(statements)}. {_SANDBOX_HINT}")
+        try:
+            kind = statements[0].type
+        except ValueError:  # a statement type this DuckDB client cannot name: never a plain SELECT
+            raise SqlRefused(f"this statement is refused. {_SANDBOX_HINT}") from None
         if kind not in _ALLOWED:
             raise SqlRefused(f"{kind.name} statements are refused. {_SANDBOX_HINT}")
         try:
@@ -63,6 +67,8 @@ class SqlSandbox:
         except duckdb.PermissionException as exc:
             raise SqlRefused(f"{exc}. {_SANDBOX_HINT}") from None
         except duckdb.Error as exc:
+            if "configuration has been locked" in str(exc):
+                raise SqlRefused(f"{exc}. {_SANDBOX_HINT}") from None
             raise SqlError(f"SQL error: {exc}") from None
 
     def close(self) -> None:

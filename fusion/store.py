@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
+from fusion.errors import FusionError, InternalError
 from schemas.tables import TABLE_SCHEMAS
 
 #: The columns that identify a row of each table (merge keys).
@@ -31,7 +33,7 @@ class Store:
 
     def table_path(self, name: str) -> str:
         if name not in TABLE_SCHEMAS:
-            raise KeyError(f"unknown store table '{name}'; tables: {sorted(TABLE_SCHEMAS)}")
+            raise FusionError(f"unknown store table '{name}'; the store's tables are {sorted(TABLE_SCHEMAS)}")
         return str(self.path / name)
 
     def _table(self, name: str, *, create: bool) -> DeltaTable | None:
@@ -49,9 +51,14 @@ class Store:
 
     def insert_new(self, name: str, rows: pa.Table) -> int:
         """Insert the rows whose key is not yet in the table; returns how many were inserted."""
+        self.table_path(name)  # refuses unknown tables
+        schema = TABLE_SCHEMAS[name]
         if rows.num_rows == 0:
             return 0
-        rows = rows.select(TABLE_SCHEMAS[name].names).cast(TABLE_SCHEMAS[name])
+        rows = rows.select(schema.names).cast(schema)
+        keys = list(TABLE_KEYS[name])
+        if rows.group_by(keys).aggregate([]).num_rows != rows.num_rows:
+            raise InternalError(f"rows for '{name}' repeat a key {keys}; this is probably a bug")
         table = self._table(name, create=True)
         assert table is not None
         predicate = " AND ".join(f"t.{k} = s.{k}" for k in TABLE_KEYS[name])
@@ -65,8 +72,10 @@ class Store:
     def dataset(self, name: str, *, version: int | None = None, string_view: bool = False) -> ds.Dataset:
         """A lazily scanned Arrow dataset of a table (empty if the table does not exist yet).
 
-        `string_view=True` exposes text columns as string_view, which DuckDB's filter pushdown expects.
+        `string_view=True` exposes text columns as string_view: Delta merges write some files with string_view
+        columns, and DuckDB's scan of a mixed table needs one text type.
         """
+        self.table_path(name)
         schema = TABLE_SCHEMAS[name]
         if string_view:
             schema = pa.schema([f.with_type(pa.string_view()) if f.type == pa.string() else f for f in schema])
@@ -78,12 +87,15 @@ class Store:
         return table.to_pyarrow_dataset(schema=schema)
 
     def read(self, name: str, *, version: int | None = None, filter: ds.Expression | None = None) -> pa.Table:
-        return self.dataset(name, version=version).to_table(filter=filter)
+        """A table's rows (text as string). The filter is applied after reading: pyarrow cannot evaluate
+        filters on the string_view columns some Delta commits write."""
+        table = self.dataset(name, version=version).to_table().cast(TABLE_SCHEMAS[name])
+        return table if filter is None else table.filter(filter)
 
     def version(self, name: str) -> int | None:
         table = self._table(name, create=False)
         return None if table is None else table.version()
 
     def has_release(self, release_id: str) -> bool:
-        released = self.read("releases", filter=ds.field("release_id") == release_id)
-        return released.num_rows > 0
+        ids = self.dataset("releases").to_table(columns=["release_id"]).column("release_id")
+        return bool(pc.any(pc.equal(pc.cast(ids, pa.string()), release_id)).as_py())

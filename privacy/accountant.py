@@ -20,10 +20,18 @@ ORDERS: np.ndarray = np.concatenate([np.arange(2, 64), np.arange(64, 257, 4), np
 
 def skellam_rdp(*, variance: float, l1: float, l2: float, orders: np.ndarray = ORDERS) -> np.ndarray:
     """RDP epsilon of one Skellam release at each order (same shape as `orders`)."""
+    _check_mechanism(variance=variance, l1=l1, l2=l2)
     a = np.asarray(orders, dtype=float)
     gaussian_part = a * l2**2 / (2.0 * variance)
     correction = np.minimum(((2.0 * a - 1.0) * l2**2 + 6.0 * l1) / (4.0 * variance**2), 3.0 * l1 / (2.0 * variance))
     return gaussian_part + correction
+
+
+def _check_mechanism(*, variance: float, l1: float, l2: float) -> None:
+    if not (math.isfinite(variance) and variance > 0):
+        raise ValueError(f"variance must be positive and finite, got {variance}")
+    if not (math.isfinite(l1) and math.isfinite(l2) and l1 >= 0 and l2 >= 0):
+        raise ValueError(f"sensitivities must be finite and non-negative, got l1={l1}, l2={l2}")
 
 
 def epsilon_for(*, variance: float, l1: float, l2: float, delta: float, releases: int = 1) -> float:
@@ -42,6 +50,8 @@ def calibrate_variance(*, epsilon: float, delta: float, l1: float, l2: float, re
     """
     if not (epsilon > 0 and 0 < delta < 1):
         raise ValueError(f"need epsilon > 0 and 0 < delta < 1, got epsilon={epsilon}, delta={delta}")
+    if not (math.isfinite(l1) and math.isfinite(l2) and l1 > 0 and l2 > 0):
+        raise ValueError(f"sensitivities must be positive and finite, got l1={l1}, l2={l2}")
     low, high = 1e-6, max(1.0, l2**2)
     while epsilon_for(variance=high, l1=l1, l2=l2, delta=delta, releases=releases) > epsilon:
         low, high = high, high * 4.0

@@ -60,12 +60,17 @@ def load_secret_context(data: bytes) -> ts.Context:
 
 
 def encrypt_vector(context: ts.Context, vector: np.ndarray) -> list[bytes]:
-    """Encrypt an int64 vector as ceil(len / 8192) serialized BFV ciphertexts (last one zero-padded)."""
-    vector = np.asarray(vector, dtype=np.int64)
-    if vector.size and int(np.abs(vector).max()) >= MAX_ABS_TOTAL:
+    """Encrypt an integer vector as ceil(len / 8192) serialized BFV ciphertexts (the last one may be shorter)."""
+    vector = np.asarray(vector)
+    if vector.dtype.kind not in "iu":
+        raise TypeError(f"only integer vectors can be encrypted, got dtype {vector.dtype}")
+    if vector.size == 0:
+        raise ValueError("nothing to encrypt: the vector is empty")
+    if int(vector.max()) >= MAX_ABS_TOTAL or int(vector.min()) <= -MAX_ABS_TOTAL:
         raise WrapRisk("a vector entry is not below t/2 in absolute value")
+    vector = vector.astype(np.int64)
     chunks = []
-    for offset in range(0, max(vector.size, 1), SLOTS_PER_CIPHERTEXT):
+    for offset in range(0, vector.size, SLOTS_PER_CIPHERTEXT):
         chunk = vector[offset : offset + SLOTS_PER_CIPHERTEXT]
         chunks.append(ts.bfv_vector(context, chunk).serialize())
     return chunks

@@ -35,6 +35,9 @@ class PartitionLayout:
     def __post_init__(self) -> None:
         if self.start.tzinfo is None:
             raise ValueError("layout start must be timezone-aware (UTC)")
+        object.__setattr__(self, "start", self.start.astimezone(UTC))  # one layout, one digest
+        if self.window <= timedelta(0):
+            raise ValueError(f"the window must be positive, got {self.window}")
         if self.windows < 1:
             raise ValueError("a layout needs at least one window")
 
@@ -48,6 +51,10 @@ class PartitionLayout:
         window: timedelta,
     ) -> PartitionLayout:
         """The layout of [start, end); the interval must be a whole number of windows on the UTC grid."""
+        if start.tzinfo is None or end.tzinfo is None:
+            raise ValueError("interval start and end must be timezone-aware (UTC)")
+        if window <= timedelta(0):
+            raise ValueError(f"the window must be positive, got {window}")
         start, end = start.astimezone(UTC), end.astimezone(UTC)
         if end <= start:
             raise ValueError(f"interval end {end.isoformat()} is not after start {start.isoformat()}")

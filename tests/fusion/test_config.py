@@ -1,0 +1,254 @@
+"""Config load: valid files load with paths resolved against the file; bad ones fail at load naming the field."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from fusion.config import Config, FeedFormat, PrivacyMode, TimeFormat, load_config, parse_config, parse_duration
+from fusion.errors import ConfigError, FusionError
+from tests.conftest import METRICS, REGIONS, config_text
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "federation.toml"
+INSTITUTIONS = [("alpha", "parquet"), ("beta", "csv")]
+FIRST_METRIC, SECOND_METRIC = list(METRICS)[:2]
+
+
+def valid_text(**overrides: object) -> str:
+    return config_text(**{"institutions": INSTITUTIONS, "quorum": 2, **overrides})  # type: ignore[arg-type]
+
+
+def edit(text: str, pattern: str, replacement: str) -> str:
+    """Replace the first line matching `pattern` (a whole-line regex); fail loudly if nothing matched."""
+    edited, n = re.subn(pattern, replacement, text, count=1, flags=re.MULTILINE)
+    assert n == 1, f"{pattern!r} matched nothing in the config text"
+    return edited
+
+
+def write(tmp_path: Path, text: str, name: str = "federation.toml") -> Path:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# --- valid configs --------------------------------------------------------------------------------------------
+
+def test_the_example_config_loads() -> None:
+    if not EXAMPLE.exists():
+        pytest.skip(f"no example config at {EXAMPLE}")
+    config = load_config(EXAMPLE)
+    assert config.base == EXAMPLE.parent
+    assert config.institutions and config.metrics
+
+
+def test_a_valid_config_loads_into_frozen_typed_models(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, valid_text()))
+    assert isinstance(config, Config)
+    assert config.federation.id == "test-federation"
+    assert config.window == timedelta(hours=1)
+    assert config.regions == REGIONS
+    assert [m.name for m in config.metrics] == list(METRICS)
+    assert config.metrics[0].plausible == METRICS[FIRST_METRIC][4]
+    assert [i.id for i in config.institutions] == ["alpha", "beta"]
+    assert [i.feeds[0].format for i in config.institutions] == [FeedFormat.PARQUET, FeedFormat.CSV]
+    assert config.institutions[0].feeds[0].time_format is TimeFormat.ISO
+    assert config.privacy.mode is PrivacyMode.TEST
+    assert (config.privacy.epsilon, config.privacy.delta, config.privacy.quorum) == (1.0, 1e-6, 2)
+    assert config.institution("beta").id == "beta"
+    with pytest.raises(pydantic.ValidationError):
+        config.privacy.epsilon = 100.0  # type: ignore[misc]
+
+
+def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "conf", valid_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(Path("..") / "conf" / "federation.toml")  # a relative path to the file, too
+    conf = path.parent.resolve()
+    assert config.base == conf
+    assert config.store_path == str(conf / "store")
+    assert config.exchange_path == str(conf / "exchange")
+    assert config.keys_path == str(conf / "keys")
+    alpha = config.institution("alpha")
+    assert config.dead_letter_path(alpha) == str(conf / "deadletter" / "alpha")
+    assert config.resolve(alpha.feeds[0].path) == str(conf / "feeds" / "alpha" / "*.parquet")
+
+
+def test_absolute_paths_and_urls_are_kept(tmp_path: Path) -> None:
+    text = edit(valid_text(), r'^window = .*$', f'window = "1h"\nstore = "{tmp_path / "abs-store"}"\n'
+                'exchange = "gs://bucket/exchange"')
+    config = load_config(write(tmp_path / "conf", text))
+    assert config.store_path == str(tmp_path / "abs-store")
+    assert config.exchange_path == "gs://bucket/exchange"
+
+
+def test_a_production_config_with_noise_and_no_seed_loads(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, valid_text(mode="production")))
+    assert config.privacy.mode is PrivacyMode.PRODUCTION
+    assert config.privacy.noise and config.privacy.seed is None
+
+
+def test_test_mode_allows_noise_off_and_a_seed(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, valid_text(noise=False, seed=7)))
+    assert (config.privacy.noise, config.privacy.seed) == (False, 7)
+
+
+def test_unknown_institution_lookup_names_the_known_ones(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, valid_text()))
+    with pytest.raises(ConfigError, match=r"unknown institution 'gamma'.*alpha, beta"):
+        config.institution("gamma")
+
+
+# --- bad configs ----------------------------------------------------------------------------------------------
+
+def _without_privacy(text: str) -> str:
+    return edit(text, r"^\[privacy\]\n(?:[^\[\n].*\n|\n)*", "")
+
+
+def _add_to_beta_feed(line: str) -> Callable[[str], str]:
+    return lambda text: edit(text, r'^format = "csv"$', f'format = "csv"\n{line}')
+
+
+BAD: list[tuple[str, Callable[[], str], list[str]]] = [
+    ("feed-format", lambda: edit(valid_text(), r'^format = "csv"$', 'format = "xlsx"'),
+     ["institutions[1].feeds[0].format", "'parquet', 'csv' or 'jsonl'"]),
+    ("time-format", lambda: _add_to_beta_feed('time_format = "unix"')(valid_text()),
+     ["institutions[1].feeds[0].time_format", "'iso', 'epoch_s' or 'epoch_ms'"]),
+    ("epsilon-zero", lambda: valid_text(epsilon=0.0), ["privacy.epsilon", "greater than 0"]),
+    ("epsilon-negative", lambda: valid_text(epsilon=-1.0), ["privacy.epsilon", "greater than 0"]),
+    ("delta-0.01", lambda: edit(valid_text(), r"^delta = .*$", "delta = 0.01"), ["privacy.delta", "less than 0.01"]),
+    ("delta-0.5", lambda: edit(valid_text(), r"^delta = .*$", "delta = 0.5"), ["privacy.delta", "less than 0.01"]),
+    ("delta-zero", lambda: edit(valid_text(), r"^delta = .*$", "delta = 0.0"), ["privacy.delta", "greater than 0"]),
+    ("quorum-above-institutions", lambda: valid_text(quorum=3), ["privacy.quorum = 3", "2 institutions"]),
+    ("quorum-zero", lambda: valid_text(quorum=0), ["privacy.quorum"]),
+    ("duplicate-metric", lambda: edit(valid_text(), rf'^name = "{SECOND_METRIC}"$', f'name = "{FIRST_METRIC}"'),
+     ["metrics: duplicate names", FIRST_METRIC]),
+    ("duplicate-institution", lambda: edit(valid_text(), r'^id = "beta"$', 'id = "alpha"'),
+     ["institutions: duplicate names", "alpha"]),
+    ("duplicate-region", lambda: edit(valid_text(), r"^regions = .*$", 'regions = ["north", "north"]'),
+     ["regions: duplicate names", "north"]),
+    ("unknown-reading-field", lambda: _add_to_beta_feed('columns = { reading = "r" }')(valid_text()),
+     ["institutions[1].feeds[0].columns", "unknown reading field", "reading"]),
+    ("lower-equals-upper", lambda: edit(valid_text(), r"^upper = .*$", f"upper = {METRICS[FIRST_METRIC][1]}"),
+     ["metrics[0]", "lower < upper"]),
+    ("lower-above-upper", lambda: edit(valid_text(), r"^lower = .*$", "lower = 1e9"), ["metrics[0]", "lower < upper"]),
+    ("upper-infinite", lambda: edit(valid_text(), r"^upper = .*$", "upper = inf"), ["metrics[0]", "finite", "inf"]),
+    ("lower-nan", lambda: edit(valid_text(), r"^lower = .*$", "lower = nan"), ["metrics[0]", "finite", "nan"]),
+    ("plausible-low-equals-high", lambda: edit(valid_text(), r"^plausible = .*$", "plausible = [5.0, 5.0]"),
+     ["metrics[0]", "plausible", "low < high"]),
+    ("plausible-reversed", lambda: edit(valid_text(), r"^plausible = .*$", "plausible = [60.0, -60.0]"),
+     ["metrics[0]", "plausible"]),
+    ("plausible-infinite", lambda: edit(valid_text(), r"^plausible = .*$", "plausible = [-inf, 60.0]"),
+     ["metrics[0]", "plausible", "finite"]),
+    ("resolution-zero", lambda: edit(valid_text(), r"^resolution = .*$", "resolution = 0.0"),
+     ["metrics[0].resolution"]),
+    ("window-7h", lambda: edit(valid_text(), r"^window = .*$", 'window = "7h"'),
+     ["federation.window", "'7h'", "divide a day"]),
+    ("window-7m", lambda: edit(valid_text(), r"^window = .*$", 'window = "7m"'),  # 86400 s = 205 x 420 s + 300 s
+     ["federation.window", "'7m'", "divide a day"]),
+    ("window-25h", lambda: edit(valid_text(), r"^window = .*$", 'window = "25h"'), ["federation.window", "'25h'"]),
+    ("window-soon", lambda: edit(valid_text(), r"^window = .*$", 'window = "soon"'),
+     ["federation.window", "'soon' is not a duration"]),
+    ("window-zero", lambda: edit(valid_text(), r"^window = .*$", 'window = "0m"'), ["federation.window"]),
+    ("extra-key", lambda: edit(valid_text(), r"^window = .*$", 'window = "1h"\ncolour = "blue"'),
+     ["federation.colour", "Extra inputs are not permitted"]),
+    ("extra-top-level-key", lambda: "colour = \"blue\"\n" + valid_text(), ["colour", "Extra inputs are not permitted"]),
+    ("missing-privacy", lambda: _without_privacy(valid_text()), ["privacy", "Field required"]),
+    ("production-without-noise", lambda: valid_text(mode="production", noise=False),
+     ["privacy", "noise = false is a test-only switch"]),
+    ("production-with-seed", lambda: valid_text(mode="production", seed=3), ["privacy", "seed is test-only"]),
+    ("unknown-mode", lambda: valid_text(mode="staging"), ["privacy.mode", "'production' or 'test'"]),
+    ("bad-federation-id", lambda: edit(valid_text(), r'^id = "test-federation"$', 'id = "no spaces!"'),
+     ["federation.id"]),
+    ("readings-cap-could-wrap", lambda: edit(valid_text(), r'^id = "alpha"$',
+                                             'id = "alpha"\nmax_readings_per_cell = 1000000000000000'),
+     ["max_readings_per_cell"]),
+]
+
+
+@pytest.mark.parametrize(("make_text", "fragments"), [pytest.param(m, f, id=i) for i, m, f in BAD])
+def test_a_bad_config_fails_at_load_naming_the_field(tmp_path: Path, make_text: Callable[[], str],
+                                                     fragments: list[str]) -> None:
+    path = write(tmp_path, make_text())
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    assert isinstance(error.value, FusionError) and isinstance(error.value, ValueError)
+
+
+def test_a_bad_feed_is_reported_without_a_spurious_empty_tuple_error(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(valid_text(), r'^format = "csv"$', 'format = "xlsx"'))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "at least 1 item" not in str(error.value), str(error.value)
+
+
+def test_every_bad_field_is_reported_at_once(tmp_path: Path) -> None:
+    text = edit(valid_text(epsilon=0.0), r"^delta = .*$", "delta = 0.5")
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    assert "privacy.epsilon" in str(error.value) and "privacy.delta" in str(error.value)
+
+
+def test_invalid_toml_fails_at_load(tmp_path: Path) -> None:
+    path = write(tmp_path, edit(valid_text(), r"^window = .*$", 'window = "1h'))
+    with pytest.raises(ConfigError, match="is not valid TOML") as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_missing_file_fails_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found") as error:
+        load_config(tmp_path / "nope.toml")
+    assert "nope.toml" in str(error.value)
+
+
+def test_parse_config_validates_a_mapping(tmp_path: Path) -> None:
+    import tomllib
+
+    data = tomllib.loads(valid_text())
+    assert parse_config(data, base=tmp_path).store_path == str((tmp_path / "store").resolve())
+    data["privacy"]["quorum"] = 5
+    with pytest.raises(ConfigError, match=r"privacy\.quorum = 5"):
+        parse_config(data, base=tmp_path)
+
+
+# --- durations ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30s", timedelta(seconds=30)),
+        ("15m", timedelta(minutes=15)),
+        ("15min", timedelta(minutes=15)),
+        ("1h", timedelta(hours=1)),
+        ("24h", timedelta(days=1)),
+        ("1d", timedelta(days=1)),
+        ("2d", timedelta(days=2)),
+        (" 2 h ", timedelta(hours=2)),
+        ("0s", timedelta(0)),
+    ],
+)
+def test_parse_duration(text: str, expected: timedelta) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["soon", "", "h", "10", "1.5h", "-1h", "1w", "1 hour", "1h30m"])
+def test_parse_duration_rejects_what_it_cannot_read(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("window", ["1m", "5m", "15m", "90m", "1h", "8h", "1d", "2d"])
+def test_windows_that_divide_a_day_or_are_whole_days_load(tmp_path: Path, window: str) -> None:
+    config = load_config(write(tmp_path, edit(valid_text(), r"^window = .*$", f'window = "{window}"')))
+    assert config.window == parse_duration(window)

@@ -1,0 +1,219 @@
+"""decode_release on hand-made totals: exact answers with noise off, exact noise SDs and intervals with noise on."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from scipy import stats
+
+from fusion.config import parse_config
+from fusion.estimates import Z95, decode_release
+from fusion.parameters import ReleaseParameters, release_parameters
+from privacy.layout import Component, PartitionLayout
+from schemas.tables import RELEASES_SCHEMA
+from tests.conftest import METRICS, REGIONS, START, config_text
+
+Z = 1.959963984540054
+HOUR = timedelta(hours=1)
+UNITS = tuple(unit for unit, *_ in METRICS.values())
+RELEASED_AT = datetime(2026, 1, 2, 12, 30, tzinfo=UTC)
+INSTITUTIONS = [("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")]
+
+
+def parameters(*, noise: bool) -> ReleaseParameters:
+    return release_parameters(parse_config(tomllib.loads(config_text(institutions=INSTITUTIONS, quorum=2,
+                                                                     noise=noise))))
+
+
+@pytest.fixture(scope="module")
+def noisy() -> ReleaseParameters:
+    return parameters(noise=True)
+
+
+@pytest.fixture(scope="module")
+def exact() -> ReleaseParameters:
+    return parameters(noise=False)
+
+
+@pytest.fixture(scope="module")
+def layout() -> PartitionLayout:
+    return PartitionLayout.for_interval(tuple(METRICS), REGIONS, START, START + 4 * HOUR, HOUR)
+
+
+def decode(totals: np.ndarray, layout: PartitionLayout, params: ReleaseParameters, variance: float) -> pa.Table:
+    return decode_release(totals, layout=layout, params=params, units=UNITS, noise_variance=variance,
+                          contributors=3, release_id="r-test", released_at=RELEASED_AT)
+
+
+def pack(layout: PartitionLayout, count_slots: np.ndarray, sum_slots: np.ndarray) -> np.ndarray:
+    totals = np.zeros(layout.slots, dtype=np.int64)
+    totals[Component.COUNT * layout.cells : (Component.COUNT + 1) * layout.cells] = count_slots
+    totals[Component.SUM * layout.cells : (Component.SUM + 1) * layout.cells] = sum_slots
+    return totals
+
+
+def per_cell(layout: PartitionLayout, params: ReleaseParameters) -> dict[str, np.ndarray]:
+    """Each cell's metric encoding, spelled out (count weight, SUM unit, clamp bounds)."""
+    metric_idx, _, _ = layout.cell_coordinates()
+    encodings = [params.encodings[m] for m in metric_idx]
+    return {
+        "weight": np.array([e.count_weight for e in encodings]),
+        "sum_unit": np.array([e.resolution / e.scale for e in encodings]),
+        "lower": np.array([e.lower for e in encodings]),
+        "upper": np.array([e.upper for e in encodings]),
+        "lower_units": np.array([round(e.lower / e.resolution) * e.scale for e in encodings]),
+        "upper_units": np.array([round(e.upper / e.resolution) * e.scale for e in encodings]),
+    }
+
+
+def column(table: pa.Table, name: str) -> list[float | None]:
+    return table.column(name).to_pylist()
+
+
+def test_z95_is_the_two_sided_95_percent_quantile() -> None:
+    assert Z95 == Z
+    assert math.isclose(stats.norm.ppf(0.975), Z, rel_tol=1e-15)
+
+
+def test_table_shape_and_labels(layout: PartitionLayout, noisy: ReleaseParameters) -> None:
+    table = decode(np.zeros(layout.slots, dtype=np.int64), layout, noisy, 3 * noisy.share_variance)
+    assert table.schema == RELEASES_SCHEMA
+    assert table.num_rows == layout.cells
+    m, r, w = layout.cell_coordinates()
+    rows = table.to_pylist()
+    for row, mi, ri, wi in zip(rows, m, r, w, strict=True):
+        assert row["metric"] == layout.metrics[mi]
+        assert row["unit"] == UNITS[mi]
+        assert row["region"] == REGIONS[ri]
+        assert row["window_start"] == START + int(wi) * HOUR
+        assert row["window_end"] == START + (int(wi) + 1) * HOUR
+        assert (row["release_id"], row["contributors"], row["released_at"]) == ("r-test", 3, RELEASED_AT)
+        assert (row["epsilon"], row["delta"], row["noise"]) == (noisy.epsilon, noisy.delta, "skellam")
+        assert row["stddev"] is None
+
+
+def test_noise_off_gives_exact_counts_sums_and_means(layout: PartitionLayout, exact: ReleaseParameters) -> None:
+    cell = per_cell(layout, exact)
+    rng = np.random.default_rng(7)
+    counts = rng.integers(0, 60, layout.cells)
+    counts[:3] = 0
+    counts[3] = 1
+    sums = np.array([rng.integers(n * lo, n * hi, endpoint=True) for n, lo, hi in
+                     zip(counts, cell["lower_units"], cell["upper_units"], strict=True)])
+    sums[4] = counts[4] * cell["upper_units"][4]  # every reading at the upper bound
+    sums[5] = counts[5] * cell["lower_units"][5]
+    table = decode(pack(layout, counts * cell["weight"], sums), layout, exact, 0.0)
+
+    assert column(table, "count") == counts.astype(float).tolist()
+    assert column(table, "sum") == (sums.astype(float) * cell["sum_unit"]).tolist()
+    for name in ("count_sd", "sum_sd"):
+        assert column(table, name) == [0.0] * layout.cells
+    assert column(table, "count_ci_low") == column(table, "count_ci_high") == column(table, "count")
+    assert column(table, "sum_ci_low") == column(table, "sum_ci_high") == column(table, "sum")
+    assert set(column(table, "epsilon")) == {math.inf}
+    assert set(column(table, "noise")) == {"off (test mode)"}
+
+    means = column(table, "mean")
+    for i, (n, total, mean) in enumerate(zip(counts, column(table, "sum"), means, strict=True)):
+        if n == 0:
+            assert mean is None
+            assert table.column("mean_ci_low")[i].as_py() is None
+            assert table.column("mean_ci_high")[i].as_py() is None
+        else:
+            assert mean == pytest.approx(total / n, rel=1e-12)
+            assert cell["lower"][i] <= mean <= cell["upper"][i]
+            assert table.column("mean_ci_low")[i].as_py() == mean == table.column("mean_ci_high")[i].as_py()
+
+
+def test_noise_off_decodes_packed_readings_like_a_per_reading_reference(
+    layout: PartitionLayout, exact: ReleaseParameters
+) -> None:
+    """Pack readings one by one (clamp, round, scale) and compare decoded cells with plain-Python aggregates."""
+    rng = np.random.default_rng(11)
+    m, _, _ = layout.cell_coordinates()
+    counts, sums, reference = [], [], []
+    for cell_metric in m:
+        encoding = exact.encodings[cell_metric]
+        values = rng.uniform(encoding.lower - 10, encoding.upper + 10, size=int(rng.integers(0, 25)))
+        encoded = [round(min(max(v, encoding.lower), encoding.upper) / encoding.resolution) * encoding.scale
+                   for v in values]
+        counts.append(len(values) * encoding.count_weight)
+        sums.append(sum(encoded))
+        clamped = [round(min(max(v, encoding.lower), encoding.upper) / encoding.resolution) * encoding.resolution
+                   for v in values]
+        reference.append((len(values), sum(clamped), sum(clamped) / len(values) if values.size else None))
+    table = decode(pack(layout, np.array(counts), np.array(sums)), layout, exact, 0.0)
+    for row, (n, total, mean) in zip(table.to_pylist(), reference, strict=True):
+        assert row["count"] == n
+        assert row["sum"] == pytest.approx(total, rel=1e-12, abs=1e-9)
+        assert (row["mean"] is None) if mean is None else row["mean"] == pytest.approx(mean, rel=1e-12, abs=1e-9)
+
+
+def test_noise_sds_and_intervals_are_exact(layout: PartitionLayout, noisy: ReleaseParameters) -> None:
+    variance = 3 * noisy.share_variance  # three contributors, each adding v / quorum
+    cell = per_cell(layout, noisy)
+    rng = np.random.default_rng(3)
+    counts = rng.integers(-20_000, 200_000, layout.cells)
+    sums = rng.integers(-10**7, 10**8, layout.cells)
+    table = decode(pack(layout, counts, sums), layout, noisy, variance)
+
+    count_sd = [math.sqrt(variance) / float(w) for w in cell["weight"]]
+    sum_sd = [math.sqrt(variance) * (e.resolution / e.scale) for e in
+              (noisy.encodings[i] for i in layout.cell_coordinates()[0])]
+    assert column(table, "count_sd") == count_sd
+    assert column(table, "sum_sd") == sum_sd
+    assert sum_sd == [math.sqrt(variance) * float(u) for u in cell["sum_unit"]]
+    count, total = column(table, "count"), column(table, "sum")
+    assert count == (counts / cell["weight"]).tolist()
+    assert total == (sums * cell["sum_unit"]).tolist()
+    assert column(table, "count_ci_low") == [c - Z * s for c, s in zip(count, count_sd, strict=True)]
+    assert column(table, "count_ci_high") == [c + Z * s for c, s in zip(count, count_sd, strict=True)]
+    assert column(table, "sum_ci_low") == [c - Z * s for c, s in zip(total, sum_sd, strict=True)]
+    assert column(table, "sum_ci_high") == [c + Z * s for c, s in zip(total, sum_sd, strict=True)]
+
+
+def test_means_are_null_unless_the_count_is_clearly_positive(layout: PartitionLayout, noisy: ReleaseParameters) -> None:
+    variance = 3 * noisy.share_variance
+    cell = per_cell(layout, noisy)
+    count_sd = math.sqrt(variance) / cell["weight"]
+    # Noisy counts at multiples of the 95% half-width: negative, zero, just inside and just outside, and large.
+    multiples = np.resize([-3.0, -1.0, 0.0, 0.5, 0.999, 1.001, 1.5, 3.0, 20.0, 500.0], layout.cells)
+    counts = np.rint(multiples * Z * count_sd * cell["weight"]).astype(np.int64)
+    noisy_count = counts / cell["weight"]
+    # Sums whose ratio to the count is inside the clamp range, far above it, or far below it.
+    target_mean = np.where(np.arange(layout.cells) % 3 == 0, cell["upper"] * 10,
+                           np.where(np.arange(layout.cells) % 3 == 1, cell["lower"] - 1000.0,
+                                    (cell["lower"] + cell["upper"]) / 2))
+    sums = np.rint(target_mean * noisy_count / cell["sum_unit"]).astype(np.int64)
+    table = decode(pack(layout, counts, sums), layout, noisy, variance)
+
+    sum_sd = math.sqrt(variance) * cell["sum_unit"]
+    released = [0, 0, 0]  # per kind of cell: mean above, below, inside the clamp range
+    for i, row in enumerate(table.to_pylist()):
+        includes_zero = row["count_ci_low"] <= 0
+        assert includes_zero == (multiples[i] < 1.0)
+        if includes_zero:
+            assert row["mean"] is None and row["mean_ci_low"] is None and row["mean_ci_high"] is None
+            continue
+        released[i % 3] += 1
+        lower, upper = cell["lower"][i], cell["upper"][i]
+        ratio = row["sum"] / row["count"]
+        assert row["mean"] == min(max(ratio, lower), upper)
+        if i % 3 == 0:
+            assert row["mean"] == upper
+        elif i % 3 == 1:
+            assert row["mean"] == lower
+        else:
+            assert row["mean"] == pytest.approx(ratio, rel=1e-12)
+            # Delta method on (sum, count), then clipped to the clamp bounds.
+            mean_sd = math.sqrt(sum_sd[i] ** 2 + (ratio * count_sd[i]) ** 2) / row["count"]
+            assert row["mean_ci_low"] == pytest.approx(max(ratio - Z * mean_sd, lower), rel=1e-12)
+            assert row["mean_ci_high"] == pytest.approx(min(ratio + Z * mean_sd, upper), rel=1e-12)
+        assert lower <= row["mean_ci_low"] <= row["mean"] <= row["mean_ci_high"] <= upper
+    assert min(released) > 0
+    assert sum(released) < layout.cells

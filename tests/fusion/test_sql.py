@@ -1,0 +1,345 @@
+"""The read-only SQL sandbox over a real Delta store: answers, refusals, errors, and the Python API."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pandas.testing as pdt
+import pyarrow as pa
+import pytest
+
+from fusion.api import open_store
+from fusion.config import load_config
+from fusion.errors import FusionError, SqlError, SqlRefused
+from fusion.sql import SqlSandbox
+from fusion.store import Store
+from schemas.tables import TABLE_SCHEMAS
+from tests.conftest import config_text
+from tests.fusion.test_store import START, release_rows
+
+ROWS = ["release_id", "metric", "region", "window_start"]
+
+
+def sample_releases() -> pa.Table:
+    """One batch holding several values of every text column (the case that breaks naive string pushdown)."""
+    return pa.concat_tables(
+        [
+            release_rows("r1", range(0, 4), metric="temp", region="north"),
+            release_rows("r1", range(0, 4), metric="load", region="south"),
+            release_rows("r2", range(4, 6), metric="temp", region="east"),
+        ]
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "store")
+    store.ensure_tables()
+    assert store.insert_new("releases", sample_releases()) == 10
+    return store
+
+
+@pytest.fixture
+def sandbox(store: Store) -> Iterator[SqlSandbox]:
+    sandbox = SqlSandbox(store)
+    yield sandbox
+    sandbox.close()
+
+
+def rows(table: pa.Table) -> list[tuple[Any, ...]]:
+    return sorted(zip(*(table.column(c).to_pylist() for c in ROWS), strict=True))
+
+
+def reference(store: Store, keep: Callable[[dict[str, Any]], bool]) -> list[tuple[Any, ...]]:
+    """The obvious answer: every stored row, filtered in Python."""
+    return sorted(tuple(r[c] for c in ROWS) for r in store.read("releases").to_pylist() if keep(r))
+
+
+def snapshot(store: Store, root: Path) -> tuple[dict[str, int | None], dict[str, int], list[Path]]:
+    """Delta versions, row counts, and every file under `root`: a refused query must change none of them."""
+    versions = {name: store.version(name) for name in TABLE_SCHEMAS}
+    counts = {name: store.read(name).num_rows for name in TABLE_SCHEMAS}
+    return versions, counts, sorted(root.rglob("*"))
+
+
+# --- answers --------------------------------------------------------------------------------------------------
+
+def test_select_returns_an_arrow_table_of_the_rows(store: Store, sandbox: SqlSandbox) -> None:
+    result = sandbox.query("SELECT release_id, metric, region, window_start, count FROM releases")
+    assert isinstance(result, pa.Table)
+    assert result.num_rows == 10
+    assert rows(result) == reference(store, lambda r: True)
+    assert result.schema.field("window_start").type == pa.timestamp("us", tz="UTC")
+    stored = {(r["metric"], r["window_start"]): r["count"] for r in store.read("releases").to_pylist()}
+    assert {(r["metric"], r["window_start"]): r["count"] for r in result.to_pylist()} == stored
+
+
+def test_aggregates_match_a_python_reference(store: Store, sandbox: SqlSandbox) -> None:
+    result = sandbox.query("SELECT metric, count(*) AS cells, sum(count) AS total FROM releases GROUP BY metric")
+    expected: dict[str, tuple[int, float]] = {}
+    for r in store.read("releases").to_pylist():
+        cells, total = expected.get(r["metric"], (0, 0.0))
+        expected[r["metric"]] = (cells + 1, total + r["count"])
+    assert {r["metric"]: (r["cells"], r["total"]) for r in result.to_pylist()} == expected
+
+
+HOUR = timedelta(hours=1)
+
+
+@pytest.mark.parametrize(
+    ("where", "keep"),
+    [
+        ("release_id = 'r2'", lambda r: r["release_id"] == "r2"),
+        ("metric = 'load'", lambda r: r["metric"] == "load"),
+        ("region IN ('north', 'east')", lambda r: r["region"] in ("north", "east")),
+        ("region <> 'north'", lambda r: r["region"] != "north"),
+        ("release_id LIKE 'r%' AND metric = 'temp'", lambda r: r["metric"] == "temp"),
+        ("release_id = 'missing'", lambda r: False),
+        ("window_start >= TIMESTAMPTZ '2026-01-01 02:00:00+00'", lambda r: r["window_start"] >= START + 2 * HOUR),
+        ("window_start < '2026-01-01 02:00:00'", lambda r: r["window_start"] < START + 2 * HOUR),  # text is UTC
+        ("window_start BETWEEN '2026-01-01 01:00:00+00' AND '2026-01-01 04:00:00+00'",
+         lambda r: START + HOUR <= r["window_start"] <= START + 4 * HOUR),
+        ("window_start >= '2026-01-01 03:00:00+01'", lambda r: r["window_start"] >= START + 2 * HOUR),  # an offset
+        ("metric = 'temp' AND window_start > '2026-01-01 02:00:00' AND region = 'north'",
+         lambda r: r["metric"] == "temp" and r["window_start"] > START + 2 * HOUR and r["region"] == "north"),
+        ("contributors = 3 AND count > 102", lambda r: r["count"] > 102),
+    ],
+)
+def test_filters_on_text_and_timestamp_columns(store: Store, sandbox: SqlSandbox, where: str,
+                                               keep: Callable[[dict[str, Any]], bool]) -> None:
+    result = sandbox.query(f"SELECT {', '.join(ROWS)} FROM releases WHERE {where}")
+    assert rows(result) == reference(store, keep)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="Known limitation, documented in fusion/sql.py: the tables are registered with string_view text "
+    "(merge-written files hold string_view) and DuckDB pushes no filter into such an Arrow scan, so queries scan "
+    "whole tables. Results are correct; the store's performance work (bench/) is where this gets fixed.",
+)
+def test_filters_are_pushed_into_the_arrow_scan(sandbox: SqlSandbox) -> None:
+    # EXPLAIN is refused through query(), so look at the plan on the sandbox's own connection.
+    plan = "".join(row[1] for row in sandbox._con.sql(
+        "EXPLAIN SELECT release_id FROM releases WHERE contributors = 3 AND window_start >= '2026-01-01 02:00:00'"
+    ).fetchall())
+    assert "Filters:" in plan, plan
+
+
+def test_the_sandbox_reads_the_snapshot_it_opened(store: Store, sandbox: SqlSandbox) -> None:
+    store.insert_new("releases", release_rows("r3", range(2)))
+    assert sandbox.query("SELECT count(*) AS n FROM releases").to_pylist() == [{"n": 10}]
+    fresh = SqlSandbox(store)
+    try:
+        assert fresh.query("SELECT count(*) AS n FROM releases").to_pylist() == [{"n": 12}]
+    finally:
+        fresh.close()
+
+
+def test_versions_time_travel(store: Store) -> None:
+    store.insert_new("releases", release_rows("r3", range(2)))  # version 2
+    for version, expected in ((0, 0), (1, 10), (2, 12)):
+        sandbox = SqlSandbox(store, versions={"releases": version})
+        try:
+            assert sandbox.query("SELECT count(*) AS n FROM releases").to_pylist() == [{"n": expected}]
+        finally:
+            sandbox.close()
+
+
+def test_a_store_without_tables_answers_empty_and_stays_untouched(tmp_path: Path) -> None:
+    sandbox = SqlSandbox(tmp_path / "store")
+    try:
+        for name in TABLE_SCHEMAS:
+            assert sandbox.query(f"SELECT count(*) AS n FROM {name}").to_pylist() == [{"n": 0}]
+    finally:
+        sandbox.close()
+    assert not (tmp_path / "store").exists()
+
+
+def test_every_store_table_is_queryable(store: Store, sandbox: SqlSandbox) -> None:
+    for name, schema in TABLE_SCHEMAS.items():
+        assert sandbox.query(f"SELECT * FROM {name}").column_names == schema.names
+
+
+# --- refusals -------------------------------------------------------------------------------------------------
+
+def _data_file(store: Store) -> str:
+    files = sorted(Path(store.table_path("releases")).glob("*.parquet"))
+    assert files, "the fixture should have written a data file"
+    return str(files[-1])
+
+
+FORBIDDEN = [
+    pytest.param("SELECT * FROM read_csv('/etc/passwd')", id="read_csv-etc-passwd"),
+    pytest.param("SELECT * FROM read_parquet('{data_file}')", id="read_parquet-store-file"),
+    pytest.param("SELECT count(*) FROM read_parquet('{store}/releases/*.parquet')", id="read_parquet-store-glob"),
+    pytest.param("SELECT * FROM glob('{store}/**')", id="glob-store"),
+    pytest.param("SELECT * FROM read_json('{store}/releases/_delta_log/*.json')", id="read_json-delta-log"),
+    pytest.param("SELECT * FROM read_text('{store}/releases/_delta_log/00000000000000000000.json')", id="read_text"),
+    pytest.param("COPY (SELECT * FROM releases) TO '{out}/leak.csv'", id="copy-query-to-file"),
+    pytest.param("COPY releases TO '{out}/leak.parquet' (FORMAT parquet)", id="copy-table-to-file"),
+    pytest.param("EXPORT DATABASE '{out}/export'", id="export-database"),
+    pytest.param("ATTACH '{out}/other.duckdb' AS other", id="attach"),
+    pytest.param("INSTALL httpfs", id="install"),
+    pytest.param("LOAD httpfs", id="load"),
+    pytest.param("SET enable_external_access = true", id="set-external-access"),
+    pytest.param("SET lock_configuration=false", id="set-lock-configuration"),
+    pytest.param("RESET lock_configuration", id="reset-lock-configuration"),
+    pytest.param("SET VARIABLE x = 1", id="set-variable"),
+    pytest.param("PRAGMA database_list", id="pragma"),
+    pytest.param("PRAGMA threads=64", id="pragma-assignment"),
+    pytest.param("CREATE TABLE t AS SELECT * FROM releases", id="create-table"),
+    pytest.param("CREATE VIEW v AS SELECT * FROM releases", id="create-view"),
+    pytest.param("CREATE OR REPLACE VIEW releases AS SELECT 1 AS x", id="replace-store-view"),
+    pytest.param("CREATE MACRO m(a) AS a", id="create-macro"),
+    pytest.param("INSERT INTO releases SELECT * FROM releases", id="insert"),
+    pytest.param("UPDATE releases SET count = 0", id="update"),
+    pytest.param("DELETE FROM releases", id="delete"),
+    pytest.param("TRUNCATE releases", id="truncate"),
+    pytest.param("DROP VIEW releases", id="drop"),
+    pytest.param("BEGIN TRANSACTION", id="transaction"),
+    pytest.param("CALL checkpoint()", id="call-checkpoint"),
+    pytest.param("CALL enable_profiling(format := 'json', save_location := '{out}/profile.json')",
+                 id="call-writing-table-function"),
+    pytest.param("CALL enable_logging(storage := 'file', storage_path := '{out}/logs')", id="call-enable-logging"),
+    pytest.param("SELECT 1; DROP VIEW releases", id="multiple-statements"),
+    pytest.param("UPDATE EXTENSIONS", id="update-extensions"),
+    pytest.param(
+        "SELECT * FROM enable_profiling(format := 'json', save_location := '{out}/profile.json')",
+        id="select-writing-table-function",
+    ),
+]
+
+
+@pytest.mark.parametrize("template", FORBIDDEN)
+def test_forbidden_operations_are_refused(store: Store, sandbox: SqlSandbox, tmp_path: Path, template: str) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    query = template.format(store=store.path, out=out, data_file=_data_file(store))
+    before = snapshot(store, tmp_path)
+    with pytest.raises(SqlRefused) as refused:
+        sandbox.query(query)
+    assert "sandboxed" in str(refused.value)
+    assert snapshot(store, tmp_path) == before  # same Delta versions, same rows, no new file anywhere
+    assert sandbox.query("SELECT count(*) AS n FROM releases").to_pylist() == [{"n": 10}]  # still usable
+
+
+def test_multiple_statements_are_refused_before_any_runs(store: Store, sandbox: SqlSandbox) -> None:
+    with pytest.raises(SqlRefused, match="exactly one SQL statement, got 2"):
+        sandbox.query("SELECT 1; DROP VIEW releases")
+    assert sandbox.query("SELECT count(*) AS n FROM releases").to_pylist() == [{"n": 10}]
+    with pytest.raises(SqlRefused, match="got 0"):
+        sandbox.query("-- nothing")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT * FROM enable_profiling(format := 'json', save_location := '{out}/profile.json')",
+        "SELECT * FROM enable_logging(storage := 'file', storage_path := '{out}/logs')",
+        "SELECT * FROM disable_profiling()",
+    ],
+)
+def test_configuration_table_functions_in_a_select_do_not_run(store: Store, sandbox: SqlSandbox, tmp_path: Path,
+                                                              query: str) -> None:
+    before = snapshot(store, tmp_path)
+    with pytest.raises(FusionError, match="configuration has been locked"):  # DuckDB's lock, not the sandbox's
+        sandbox.query(query.format(out=tmp_path))
+    assert snapshot(store, tmp_path) == before
+    assert sandbox.query("SELECT current_setting('profiling_output') AS p").to_pylist() == [{"p": ""}]
+
+
+def test_getenv_reveals_nothing(sandbox: SqlSandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DuckDB's getenv() exists only in its CLI; the Python build has no such function (checked with duckdb 2.0).
+    monkeypatch.setenv("FUSION_SQL_CANARY", "canary-3f9b1c")
+    monkeypatch.setenv("HOME", os.environ.get("HOME") or "/home/fusion-canary")
+    for name in ("HOME", "FUSION_SQL_CANARY"):
+        with pytest.raises(FusionError) as refused:
+            sandbox.query(f"SELECT getenv('{name}') AS value")
+        assert os.environ[name] not in str(refused.value)
+
+
+# --- errors ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("query", "match"),
+    [
+        ("SELEC * FROM releases", "syntax error"),
+        ("SELECT * FROM releases WHERE", "syntax error"),
+        ("SELECT no_such_column FROM releases", "no_such_column"),
+        ("SELECT * FROM no_such_table", "no_such_table"),
+        ("SELECT CAST('x' AS INTEGER)", "Conversion"),
+    ],
+)
+def test_query_errors_raise_sql_error(sandbox: SqlSandbox, query: str, match: str) -> None:
+    with pytest.raises(SqlError, match=match) as error:
+        sandbox.query(query)
+    assert isinstance(error.value, FusionError)
+    assert not isinstance(error.value, SqlRefused)
+    assert sandbox.query("SELECT count(*) AS n FROM releases").to_pylist() == [{"n": 10}]
+
+
+# --- the Python API -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    path = tmp_path / "federation.toml"
+    path.write_text(config_text(institutions=[("alpha", "parquet"), ("beta", "csv")], quorum=2))
+    return path
+
+
+def test_open_store_sql_returns_arrow_and_pandas(config_path: Path) -> None:
+    store = Store(load_config(config_path).store_path)
+    assert store.path == config_path.parent / "store"
+    store.insert_new("releases", sample_releases())
+    query = "SELECT release_id, metric, region, window_start, count FROM releases ORDER BY metric, window_start"
+    with open_store(config_path) as fused:
+        table = fused.sql(query)
+        frame = fused.sql_pandas(query)
+    assert isinstance(table, pa.Table)
+    assert table.num_rows == 10
+    assert isinstance(frame, pd.DataFrame)
+    pdt.assert_frame_equal(frame, table.to_pandas())
+    assert frame["metric"].tolist() == table.column("metric").to_pylist()
+    assert frame["window_start"].tolist() == table.column("window_start").to_pylist()
+
+
+def test_open_store_creates_the_tables_of_a_new_federation(config_path: Path) -> None:
+    with open_store(config_path) as fused:
+        assert fused.sql("SELECT count(*) AS n FROM releases").to_pylist() == [{"n": 0}]
+    store = Store(config_path.parent / "store")
+    assert {name: store.version(name) for name in TABLE_SCHEMAS} == dict.fromkeys(TABLE_SCHEMAS, 0)
+
+
+def test_open_store_time_travel(config_path: Path) -> None:
+    store = Store(load_config(config_path).store_path)
+    store.ensure_tables()  # version 0: empty
+    store.insert_new("releases", release_rows("r1", range(3)))  # version 1
+    store.insert_new("releases", release_rows("r2", range(2)))  # version 2
+    query = "SELECT release_id, count(*) AS n FROM releases GROUP BY release_id ORDER BY release_id"
+    with open_store(config_path) as fused:
+        assert fused.sql(query).to_pylist() == [{"release_id": "r1", "n": 3}, {"release_id": "r2", "n": 2}]
+    with open_store(config_path, versions={"releases": 1}) as fused:
+        assert fused.sql(query).to_pylist() == [{"release_id": "r1", "n": 3}]
+    with open_store(config_path, versions={"releases": 0}) as fused:
+        assert fused.sql(query).num_rows == 0
+        assert fused.sql_pandas(query).empty
+
+
+def test_open_store_refuses_writes(config_path: Path) -> None:
+    store = Store(load_config(config_path).store_path)
+    store.insert_new("releases", release_rows("r1", range(3)))
+    version = store.version("releases")
+    with open_store(config_path) as fused:
+        for query in ("DELETE FROM releases", "DROP VIEW releases", "COPY releases TO 'leak.csv'"):
+            with pytest.raises(SqlRefused, match="sandboxed"):
+                fused.sql(query)
+        with pytest.raises(SqlRefused):
+            fused.sql_pandas("DELETE FROM releases")
+    assert store.version("releases") == version
+    assert store.read("releases").num_rows == 3
