@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from privacy.encoding import MetricEncoding
+from privacy.encoding import MetricEncoding, encode_readings
 from privacy.layout import Component, PartitionLayout
 from schemas.readings import ALL_FIELDS, ENTITY_ID, EVENT_TIME, METRIC, REGION, VALUE
 
@@ -108,13 +108,7 @@ def aggregate_readings(
         raise ValueError("readings fall outside the layout's interval; validate them first")
     cell = layout.cell_index(metric_idx, region_idx, window_idx)
 
-    values = readings.column(VALUE).to_numpy()
-    lower = np.array([e.lower for e in encodings])[metric_idx]
-    upper = np.array([e.upper for e in encodings])[metric_idx]
-    resolution = np.array([e.resolution for e in encodings])[metric_idx]
-    scale = np.array([e.scale for e in encodings], dtype=np.int64)[metric_idx]
-    weight = np.array([e.count_weight for e in encodings], dtype=np.int64)[metric_idx]
-    encoded = np.rint(np.clip(values, lower, upper) / resolution).astype(np.int64) * scale
+    weight, encoded = encode_readings(readings.column(VALUE).to_numpy(), metric_idx, encodings)
 
     counts = vector[Component.COUNT * layout.cells : (Component.COUNT + 1) * layout.cells]
     sums = vector[Component.SUM * layout.cells : (Component.SUM + 1) * layout.cells]

@@ -31,8 +31,9 @@ def decode_release(
 ) -> pa.Table:
     """One row per cell (RELEASES_SCHEMA). `noise_variance` is the total Skellam variance in each slot.
 
-    The mean is released only where the noisy count is clearly positive (its 95% interval excludes 0); its
-    interval uses the delta method on (sum, count) and is clipped to the metric's clamp bounds.
+    The SUM slots carry sums of (value - centre); the sum adds centre * count back, so its SD combines both
+    slots' noise. The mean (centre + centred sum / count) is released only where the noisy count is clearly
+    positive (its 95% interval excludes 0); its interval uses the delta method and is clipped to the clamp bounds.
     """
     cells = layout.cells
     metric_idx, region_idx, window_idx = layout.cell_coordinates()
@@ -41,18 +42,21 @@ def decode_release(
     lower = np.array([e.lower for e in params.encodings])[metric_idx]
     upper = np.array([e.upper for e in params.encodings])[metric_idx]
 
+    centre = np.array([e.centre for e in params.encodings])[metric_idx]
     count_slots = totals[Component.COUNT * cells : (Component.COUNT + 1) * cells].astype(float)
     sum_slots = totals[Component.SUM * cells : (Component.SUM + 1) * cells].astype(float)
     sd = math.sqrt(noise_variance)
     count = count_slots / weight
     count_sd = sd / weight
-    total = sum_slots * sum_unit
-    sum_sd = sd * sum_unit
+    centred = sum_slots * sum_unit  # sum of (value - centre), the quantity the SUM slot carries
+    centred_sd = sd * sum_unit
+    total = centred + centre * count
+    sum_sd = np.sqrt(centred_sd**2 + (centre * count_sd) ** 2)  # COUNT and SUM noises are independent
 
     confident = count - Z95 * count_sd > 0
     safe_count = np.where(confident, count, 1.0)
-    mean = np.clip(total / safe_count, lower, upper)
-    mean_sd = np.sqrt(sum_sd**2 + (mean * count_sd) ** 2) / safe_count
+    mean = np.clip(centre + centred / safe_count, lower, upper)
+    mean_sd = np.sqrt(centred_sd**2 + ((mean - centre) * count_sd) ** 2) / safe_count
     mean_low = np.clip(mean - Z95 * mean_sd, lower, upper)
     mean_high = np.clip(mean + Z95 * mean_sd, lower, upper)
 
@@ -74,11 +78,11 @@ def decode_release(
         "window_end": pa.array(window_end, pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
         "contributors": pa.array(np.full(cells, contributors, dtype=np.int32)),
         "count": pa.array(count),
-        "count_sd": pa.array(np.full(cells, count_sd) if np.ndim(count_sd) == 0 else count_sd),
+        "count_sd": pa.array(count_sd),
         "count_ci_low": pa.array(count - Z95 * count_sd),
         "count_ci_high": pa.array(count + Z95 * count_sd),
         "sum": pa.array(total),
-        "sum_sd": pa.array(sum_sd if np.ndim(sum_sd) else np.full(cells, sum_sd)),
+        "sum_sd": pa.array(sum_sd),
         "sum_ci_low": pa.array(total - Z95 * sum_sd),
         "sum_ci_high": pa.array(total + Z95 * sum_sd),
         "mean": masked(mean),

@@ -11,7 +11,8 @@ import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -50,9 +51,10 @@ def feed_files(pattern: str, start: datetime, end: datetime) -> list[str]:
     interval touches, so daily-partitioned feeds read only the days they need."""
     if "{date}" not in pattern:
         return list_feed_files(pattern)
+    start, end = start.astimezone(UTC), end.astimezone(UTC)
     paths: list[str] = []
     day = start.date()
-    while datetime.combine(day, datetime.min.time(), tzinfo=start.tzinfo) < end:
+    while datetime.combine(day, datetime.min.time(), tzinfo=UTC) < end:
         expanded = pattern.replace("{date}", day.isoformat())
         paths += sorted(m.path for m in FileSystems.match([expanded])[0].metadata_list)
         day += timedelta(days=1)
@@ -78,6 +80,27 @@ def read_feed_file(path: str, feed: FeedConfig, *, batch_rows: int) -> Iterator[
         yield from _read_jsonl(path, wanted, batch_rows)
 
 
+class _ReadableStream(io.RawIOBase):
+    """Adapts Beam's file objects (a CompressedFile for .gz/.bz2/... feeds) to a standard binary stream."""
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__()
+        self._handle = handle
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._handle.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _open_stream(path: str) -> io.BufferedReader:
+    """A buffered binary stream of the file's (decompressed) bytes; compression is inferred from the name."""
+    return io.BufferedReader(_ReadableStream(FileSystems.open(path, compression_type=CompressionTypes.AUTO)))
+
+
 def _read_parquet(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         parquet = pq.ParquetFile(handle)
@@ -93,7 +116,7 @@ def _read_csv(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatc
         malformed.append((row.number if row.number is not None else -1, row.text))
         return "skip"
 
-    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as handle:
+    with _open_stream(path) as handle:
         reader = pacsv.open_csv(
             handle,
             read_options=pacsv.ReadOptions(block_size=1 << 22),
@@ -132,7 +155,7 @@ def _read_jsonl(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBa
         malformed.clear()
         return batch
 
-    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as handle:
+    with _open_stream(path) as handle:
         for number, line in enumerate(io.TextIOWrapper(handle, encoding="utf-8", errors="replace"), start=1):
             if not line.strip():
                 continue

@@ -59,11 +59,17 @@ class ReadAndValidate(beam.DoFn):
         feed = self._institution.feeds[feed_index]
         batch_rows = self._plan.config.pipeline.batch_rows
         shards = self._plan.config.pipeline.entity_shards
+        offset = 0  # rows of this file already read, so dead letters' _row points into the file
         for number, raw in enumerate(read_feed_file(path, feed, batch_rows=batch_rows)):
             name = f"{feed.name}-{_short_hash(path)}-{number:05d}"
             checked = self._validator.validate(
-                raw.table, columns=mapped_columns(feed), time_format=feed.time_format.value, source=path
+                raw.table,
+                columns=mapped_columns(feed),
+                time_format=feed.time_format.value,
+                source=path,
+                row_offset=offset,
             )
+            offset += raw.table.num_rows
             rejected = Counter(checked.reasons)
             if raw.malformed:
                 rejected[RejectReason.MALFORMED_RECORD.value] += len(raw.malformed)

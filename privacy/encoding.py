@@ -8,14 +8,28 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def centre_units(lower: float, upper: float, resolution: float) -> int:
+    """The clamp range's midpoint on the resolution grid (an integer number of resolution steps)."""
+    return math.floor((lower + upper) / (2.0 * resolution) + 0.5)
+
+
+def units_bound(lower: float, upper: float, resolution: float) -> int:
+    """B: the largest |round(clamp(x) / resolution) - centre| of any reading."""
+    centre = centre_units(lower, upper, resolution)
+    return max(1, math.ceil(max(abs(lower / resolution - centre), abs(upper / resolution - centre)) - 1e-9))
+
+
 @dataclass(frozen=True)
 class MetricEncoding:
     """How one metric's readings become integers.
 
-    A reading x contributes `count_weight` to its cell's COUNT slot and round(clamp(x) / resolution) * scale
-    to its SUM slot. `scale` (an integer >= 1) refines the resolution of metrics with a small range so that
-    every metric's per-reading contribution is close to the common bound; `count_weight` equals that metric's
-    largest |SUM| contribution so counts and sums are equally well served by one noise level.
+    A reading x contributes `count_weight` to its cell's COUNT slot and
+    (round(clamp(x) / resolution) - centre_units) * scale to its SUM slot. Centring on the clamp range's midpoint
+    halves the sensitivity of a one-sided range ([0, 1200] W/m2) and shrinks that of an offset one
+    ([200, 260] V) by an order of magnitude; the decoder adds centre * count back. `scale` (an integer >= 1)
+    refines the resolution of metrics with a small range so every metric's per-reading contribution is close to
+    the common bound; `count_weight` equals the metric's largest |SUM| contribution, so counts and sums are
+    equally well served by one noise level.
     """
 
     lower: float
@@ -24,9 +38,17 @@ class MetricEncoding:
     scale: int
 
     @property
+    def centre_units(self) -> int:
+        return centre_units(self.lower, self.upper, self.resolution)
+
+    @property
+    def centre(self) -> float:
+        """The centre in value units: decoded sum = centred sum + centre * count."""
+        return self.centre_units * self.resolution
+
+    @property
     def units_bound(self) -> int:
-        """B: the largest |round(clamp(x) / resolution)| of any reading."""
-        return math.ceil(max(abs(self.lower), abs(self.upper)) / self.resolution - 1e-9)
+        return units_bound(self.lower, self.upper, self.resolution)
 
     @property
     def count_weight(self) -> int:
@@ -38,18 +60,36 @@ class MetricEncoding:
         return self.units_bound * self.scale
 
     def encode(self, values: np.ndarray) -> np.ndarray:
-        """Clamp and encode float values (any shape) to int64 SUM contributions."""
+        """Clamp, centre and encode float values (any shape) to int64 SUM contributions."""
         clamped = np.clip(values, self.lower, self.upper)
-        return np.rint(clamped / self.resolution).astype(np.int64) * self.scale
+        return (np.rint(clamped / self.resolution).astype(np.int64) - self.centre_units) * self.scale
 
     def sum_unit(self) -> float:
         """Value units per integer unit of the SUM slot (to decode totals)."""
         return self.resolution / self.scale
 
 
+def encode_readings(
+    values: np.ndarray, metric_idx: np.ndarray, encodings: tuple[MetricEncoding, ...] | list[MetricEncoding]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised over readings of mixed metrics: (COUNT contributions, SUM contributions), both int64."""
+
+    def per_reading(values_of: list[float] | list[int], dtype: type = float) -> np.ndarray:
+        return np.asarray(values_of, dtype=dtype)[metric_idx]
+
+    lower = per_reading([e.lower for e in encodings])
+    upper = per_reading([e.upper for e in encodings])
+    resolution = per_reading([e.resolution for e in encodings])
+    centre = per_reading([e.centre_units for e in encodings], np.int64)
+    scale = per_reading([e.scale for e in encodings], np.int64)
+    weight = per_reading([e.count_weight for e in encodings], np.int64)
+    steps = np.rint(np.clip(values, lower, upper) / resolution).astype(np.int64)
+    return weight, (steps - centre) * scale
+
+
 def balanced_encodings(bounds: list[tuple[float, float, float]]) -> list[MetricEncoding]:
     """Encodings for metrics given as (lower, upper, resolution), with scales that balance their bounds."""
-    units = [math.ceil(max(abs(lo), abs(hi)) / res - 1e-9) for lo, hi, res in bounds]
+    units = [units_bound(lo, hi, res) for lo, hi, res in bounds]
     common = max(units)
     return [
         MetricEncoding(lower=lo, upper=hi, resolution=res, scale=max(1, common // u))

@@ -59,6 +59,19 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _is_text(arrow_type: pa.DataType | None) -> bool:
+    return arrow_type is not None and (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type))
+
+
+def _missing_expr(column: str | None, arrow_type: pa.DataType | None) -> str:
+    """Absent, null, or (for text) blank: a missing field."""
+    if column is None:
+        return "TRUE"
+    if _is_text(arrow_type):
+        return f"({_quote(column)} IS NULL OR trim({_quote(column)}) = '')"
+    return f"{_quote(column)} IS NULL"
+
+
 def _text_expr(column: str | None) -> str:
     if column is None:
         return "NULL::VARCHAR"
@@ -70,7 +83,7 @@ def _value_expr(column: str | None, arrow_type: pa.DataType | None) -> str:
         return "NULL::DOUBLE"
     if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type):
         return f"CAST({_quote(column)} AS DOUBLE)"
-    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+    if _is_text(arrow_type):
         return f"TRY_CAST(trim({_quote(column)}) AS DOUBLE)"
     return "NULL::DOUBLE"  # booleans, nested values...: present but not a number -> mistyped
 
@@ -82,12 +95,12 @@ def _time_expr(column: str | None, arrow_type: pa.DataType | None, time_format: 
     if pa.types.is_timestamp(arrow_type) or pa.types.is_date(arrow_type):
         return f"CAST({col} AS TIMESTAMPTZ)"
     if time_format == "iso":
-        if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        if _is_text(arrow_type):
             return f"TRY_CAST(trim({col}) AS TIMESTAMPTZ)"
         return "NULL::TIMESTAMPTZ"
     divisor = 1.0 if time_format == "epoch_s" else 1000.0
     seconds = f"TRY_CAST({col} AS DOUBLE) / {divisor}"
-    return f"CASE WHEN isfinite({seconds}) THEN to_timestamp({seconds}) END"
+    return f"CASE WHEN isfinite({seconds}) THEN TRY(to_timestamp({seconds})) END"  # TRY: beyond timestamp range
 
 
 class ReadingValidator:
@@ -112,16 +125,23 @@ class ReadingValidator:
         self._con.register("fusion_regions", pa.table({"name": list(rules.regions)}))
 
     def validate(
-        self, raw: pa.Table, *, columns: Mapping[str, str], time_format: str = "iso", source: str = ""
+        self,
+        raw: pa.Table,
+        *,
+        columns: Mapping[str, str],
+        time_format: str = "iso",
+        source: str = "",
+        row_offset: int = 0,
     ) -> ValidatedBatch:
         """Split `raw` (the feed's own column names) into accepted readings and rejected rows.
 
         `columns` maps reading fields to the feed's column names; a mapped column absent from the batch
-        makes every row miss that field.
+        makes every row miss that field. `row_offset` is the batch's first row within its source file, so dead
+        letters' `_row` points into the file.
         """
         present = {f: c for f, c in columns.items() if c in raw.column_names}
         types = {f: raw.schema.field(c).type for f, c in present.items()}
-        raw_required = " OR ".join(f"{_quote(present[f])} IS NULL" if f in present else "TRUE" for f in REQUIRED_FIELDS)
+        raw_required = " OR ".join(_missing_expr(present.get(f), types.get(f)) for f in REQUIRED_FIELDS)
         text = {f: _text_expr(present.get(f)) for f in (ENTITY_ID, REGION, METRIC, SENSOR_ID)}
         value = _value_expr(present.get(VALUE), types.get(VALUE))
         when = _time_expr(present.get(EVENT_TIME), types.get(EVENT_TIME), time_format)
@@ -163,7 +183,10 @@ class ReadingValidator:
         accepted = checked.filter(ok).select(list(READING_SCHEMA.names)).cast(READING_SCHEMA)
         bad = checked.filter(pc.invert(ok))
         rejected = dead_letters(
-            raw.take(bad.column("row_id")), bad.column("reason"), bad.column("row_id"), source=source
+            raw.take(bad.column("row_id")),
+            bad.column("reason"),
+            pc.add(bad.column("row_id"), row_offset),
+            source=source,
         )
         counts = Counter(bad.column("reason").to_pylist())
         return ValidatedBatch(accepted=accepted, rejected=rejected, reasons=dict(counts))

@@ -58,16 +58,19 @@ def pack(layout: PartitionLayout, count_slots: np.ndarray, sum_slots: np.ndarray
 
 
 def per_cell(layout: PartitionLayout, params: ReleaseParameters) -> dict[str, np.ndarray]:
-    """Each cell's metric encoding, spelled out (count weight, SUM unit, clamp bounds)."""
+    """Each cell's metric encoding, spelled out (count weight, SUM unit, centre, clamp bounds).
+
+    SUM slots carry sums of (steps - centre_steps) * scale; `*_units` are one reading's bounds in those units."""
     metric_idx, _, _ = layout.cell_coordinates()
     encodings = [params.encodings[m] for m in metric_idx]
     return {
         "weight": np.array([e.count_weight for e in encodings]),
         "sum_unit": np.array([e.resolution / e.scale for e in encodings]),
+        "centre": np.array([e.centre_units * e.resolution for e in encodings]),
         "lower": np.array([e.lower for e in encodings]),
         "upper": np.array([e.upper for e in encodings]),
-        "lower_units": np.array([round(e.lower / e.resolution) * e.scale for e in encodings]),
-        "upper_units": np.array([round(e.upper / e.resolution) * e.scale for e in encodings]),
+        "lower_units": np.array([(round(e.lower / e.resolution) - e.centre_units) * e.scale for e in encodings]),
+        "upper_units": np.array([(round(e.upper / e.resolution) - e.centre_units) * e.scale for e in encodings]),
     }
 
 
@@ -110,7 +113,8 @@ def test_noise_off_gives_exact_counts_sums_and_means(layout: PartitionLayout, ex
     table = decode(pack(layout, counts * cell["weight"], sums), layout, exact, 0.0)
 
     assert column(table, "count") == counts.astype(float).tolist()
-    assert column(table, "sum") == (sums.astype(float) * cell["sum_unit"]).tolist()
+    np.testing.assert_allclose(column(table, "sum"), sums * cell["sum_unit"] + cell["centre"] * counts,
+                               rtol=1e-12, atol=1e-9)
     for name in ("count_sd", "sum_sd"):
         assert column(table, name) == [0.0] * layout.cells
     assert column(table, "count_ci_low") == column(table, "count_ci_high") == column(table, "count")
@@ -133,15 +137,15 @@ def test_noise_off_gives_exact_counts_sums_and_means(layout: PartitionLayout, ex
 def test_noise_off_decodes_packed_readings_like_a_per_reading_reference(
     layout: PartitionLayout, exact: ReleaseParameters
 ) -> None:
-    """Pack readings one by one (clamp, round, scale) and compare decoded cells with plain-Python aggregates."""
+    """Pack readings one by one (clamp, round, centre, scale) and compare decoded cells with plain-Python aggregates."""
     rng = np.random.default_rng(11)
     m, _, _ = layout.cell_coordinates()
     counts, sums, reference = [], [], []
     for cell_metric in m:
         encoding = exact.encodings[cell_metric]
         values = rng.uniform(encoding.lower - 10, encoding.upper + 10, size=int(rng.integers(0, 25)))
-        encoded = [round(min(max(v, encoding.lower), encoding.upper) / encoding.resolution) * encoding.scale
-                   for v in values]
+        encoded = [(round(min(max(v, encoding.lower), encoding.upper) / encoding.resolution) - encoding.centre_units)
+                   * encoding.scale for v in values]
         counts.append(len(values) * encoding.count_weight)
         sums.append(sum(encoded))
         clamped = [round(min(max(v, encoding.lower), encoding.upper) / encoding.resolution) * encoding.resolution
@@ -163,14 +167,15 @@ def test_noise_sds_and_intervals_are_exact(layout: PartitionLayout, noisy: Relea
     table = decode(pack(layout, counts, sums), layout, noisy, variance)
 
     count_sd = [math.sqrt(variance) / float(w) for w in cell["weight"]]
-    sum_sd = [math.sqrt(variance) * (e.resolution / e.scale) for e in
-              (noisy.encodings[i] for i in layout.cell_coordinates()[0])]
+    # sum = centred sum + centre * count: the SUM and COUNT slots' independent noises both reach it.
+    sum_sd = [math.sqrt((math.sqrt(variance) * u) ** 2 + (c * s) ** 2)
+              for u, c, s in zip(cell["sum_unit"], cell["centre"], count_sd, strict=True)]
     assert column(table, "count_sd") == count_sd
-    assert column(table, "sum_sd") == sum_sd
-    assert sum_sd == [math.sqrt(variance) * float(u) for u in cell["sum_unit"]]
+    np.testing.assert_allclose(column(table, "sum_sd"), sum_sd, rtol=1e-14)
+    sum_sd = column(table, "sum_sd")
     count, total = column(table, "count"), column(table, "sum")
     assert count == (counts / cell["weight"]).tolist()
-    assert total == (sums * cell["sum_unit"]).tolist()
+    np.testing.assert_allclose(total, sums * cell["sum_unit"] + cell["centre"] * np.array(count), rtol=1e-14)
     assert column(table, "count_ci_low") == [c - Z * s for c, s in zip(count, count_sd, strict=True)]
     assert column(table, "count_ci_high") == [c + Z * s for c, s in zip(count, count_sd, strict=True)]
     assert column(table, "sum_ci_low") == [c - Z * s for c, s in zip(total, sum_sd, strict=True)]
@@ -189,10 +194,10 @@ def test_means_are_null_unless_the_count_is_clearly_positive(layout: PartitionLa
     target_mean = np.where(np.arange(layout.cells) % 3 == 0, cell["upper"] * 10,
                            np.where(np.arange(layout.cells) % 3 == 1, cell["lower"] - 1000.0,
                                     (cell["lower"] + cell["upper"]) / 2))
-    sums = np.rint(target_mean * noisy_count / cell["sum_unit"]).astype(np.int64)
+    sums = np.rint((target_mean - cell["centre"]) * noisy_count / cell["sum_unit"]).astype(np.int64)
     table = decode(pack(layout, counts, sums), layout, noisy, variance)
 
-    sum_sd = math.sqrt(variance) * cell["sum_unit"]
+    centred_sd = math.sqrt(variance) * cell["sum_unit"]
     released = [0, 0, 0]  # per kind of cell: mean above, below, inside the clamp range
     for i, row in enumerate(table.to_pylist()):
         includes_zero = row["count_ci_low"] <= 0
@@ -210,8 +215,9 @@ def test_means_are_null_unless_the_count_is_clearly_positive(layout: PartitionLa
             assert row["mean"] == lower
         else:
             assert row["mean"] == pytest.approx(ratio, rel=1e-12)
-            # Delta method on (sum, count), then clipped to the clamp bounds.
-            mean_sd = math.sqrt(sum_sd[i] ** 2 + (ratio * count_sd[i]) ** 2) / row["count"]
+            # Delta method on (centred sum, count) around the centre, then clipped to the clamp bounds.
+            offset = ratio - cell["centre"][i]
+            mean_sd = math.sqrt(centred_sd[i] ** 2 + (offset * count_sd[i]) ** 2) / row["count"]
             assert row["mean_ci_low"] == pytest.approx(max(ratio - Z * mean_sd, lower), rel=1e-12)
             assert row["mean_ci_high"] == pytest.approx(min(ratio + Z * mean_sd, upper), rel=1e-12)
         assert lower <= row["mean_ci_low"] <= row["mean"] <= row["mean_ci_high"] <= upper

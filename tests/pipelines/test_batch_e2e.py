@@ -92,9 +92,13 @@ def test_noise_on_is_consistent_with_reported_sd(make_federation):
     variance = contributors * plan.params.total_variance / plan.params.quorum
     weights = {m: e.count_weight for m, e in zip(METRICS, plan.params.encodings, strict=True)}
     units = {m: e.sum_unit() for m, e in zip(METRICS, plan.params.encodings, strict=True)}
+    centres = {m: e.centre for m, e in zip(METRICS, plan.params.encodings, strict=True)}
     # The reported noise scale is exactly the calibrated one, in value units.
     np.testing.assert_allclose(cells["count_sd"], [np.sqrt(variance) / weights[m] for m in cells["metric"]])
-    np.testing.assert_allclose(cells["sum_sd"], [np.sqrt(variance) * units[m] for m in cells["metric"]])
+    # The sum is (centred sum) + centre * count: both slots' independent noise shows in its SD.
+    expected_sum_sd = [np.hypot(np.sqrt(variance) * units[m], centres[m] * np.sqrt(variance) / weights[m])
+                       for m in cells["metric"]]
+    np.testing.assert_allclose(cells["sum_sd"], expected_sum_sd)
     np.testing.assert_allclose(cells["count_ci_high"] - cells["count"], Z95 * cells["count_sd"])
     # The noise itself: standardised errors of counts and sums look like N(0, 1).
     z = np.concatenate([(cells["count"] - cells["true_count"]) / cells["count_sd"],

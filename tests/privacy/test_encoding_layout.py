@@ -17,10 +17,15 @@ from privacy.layout import Component, PartitionLayout
 # --- encoding -----------------------------------------------------------------------------------------------------
 
 
+def centre_reference(encoding: MetricEncoding) -> int:
+    """The clamp range's midpoint in resolution steps, rounded half up."""
+    return math.floor((encoding.lower + encoding.upper) / 2 / encoding.resolution + 0.5)
+
+
 def encode_reference(value: float, encoding: MetricEncoding) -> int:
-    """Clamp, then round half to even at the resolution, then scale: one reading at a time."""
+    """Clamp, round half to even at the resolution, subtract the centre, then scale: one reading at a time."""
     clamped = min(max(value, encoding.lower), encoding.upper)
-    return round(clamped / encoding.resolution) * encoding.scale
+    return (round(clamped / encoding.resolution) - centre_reference(encoding)) * encoding.scale
 
 
 ENCODINGS = st.sampled_from(
@@ -50,42 +55,46 @@ def test_encode_clamps_then_rounds_like_the_reference(encoding: MetricEncoding, 
 
 
 def test_encode_keeps_shape_and_rounds_half_to_even() -> None:
-    encoding = MetricEncoding(lower=-10.0, upper=10.0, resolution=0.5, scale=1)
+    encoding = MetricEncoding(lower=-10.0, upper=10.0, resolution=0.5, scale=1)  # centre 0
     values = np.array([[0.25, 0.75], [-0.25, 11.0]])  # 0.5, 1.5, -0.5 units; 11 clamps to 10 = 20 units
     np.testing.assert_array_equal(encoding.encode(values), [[0, 2], [0, 20]])
 
 
 def test_encoding_properties() -> None:
     encoding = MetricEncoding(lower=-20.0, upper=40.0, resolution=0.1, scale=3)
-    assert encoding.units_bound == 400
-    assert encoding.count_weight == encoding.sum_bound == 1200
+    assert encoding.centre_units == 100 and encoding.centre == pytest.approx(10.0)
+    assert encoding.units_bound == 300  # |-200 - 100| = |400 - 100| = 300 steps from the centre
+    assert encoding.count_weight == encoding.sum_bound == 900
     assert encoding.sum_unit() == 0.1 / 3
-    assert MetricEncoding(lower=-0.35, upper=0.25, resolution=0.1, scale=1).units_bound == 4  # ceil(3.5)
+    off_grid = MetricEncoding(lower=-0.35, upper=0.25, resolution=0.1, scale=1)  # centre -0.05 -> 0 steps
+    assert off_grid.centre_units == 0 and off_grid.units_bound == 4  # ceil(3.5)
+    # An offset range shrinks by centring: [200, 260] V at 0.1 V is 300 steps either side of 230 V, not 2600.
+    assert MetricEncoding(lower=200.0, upper=260.0, resolution=0.1, scale=1).units_bound == 300
 
 
 def test_balanced_encodings_scale_small_ranges_up() -> None:
-    # 1200, 500 and 400 units: scales 1, 1200 // 500 = 2, 1200 // 400 = 3.
-    encodings = balanced_encodings([(-1200.0, 600.0, 1.0), (0.0, 50.0, 0.1), (-4.0, 2.0, 0.01)])
+    # 1200, 500 and 400 units from each range's centre: scales 1, 1200 // 500 = 2, 1200 // 400 = 3.
+    encodings = balanced_encodings([(-1200.0, 1200.0, 1.0), (0.0, 100.0, 0.1), (-5.0, 3.0, 0.01)])
     assert [e.units_bound for e in encodings] == [1200, 500, 400]
     assert [e.scale for e in encodings] == [1, 2, 3]
     assert [e.count_weight for e in encodings] == [1200, 1000, 1200]
     assert [(e.lower, e.upper, e.resolution) for e in encodings] == [
-        (-1200.0, 600.0, 1.0), (0.0, 50.0, 0.1), (-4.0, 2.0, 0.01),
+        (-1200.0, 1200.0, 1.0), (0.0, 100.0, 0.1), (-5.0, 3.0, 0.01),
     ]
     # A metric with the larger range is never scaled down.
-    assert [e.scale for e in balanced_encodings([(0.0, 7.0, 1.0), (0.0, 5.0, 1.0)])] == [1, 1]
+    assert [e.scale for e in balanced_encodings([(0.0, 14.0, 1.0), (0.0, 10.0, 1.0)])] == [1, 1]
 
 
 def test_event_level_sensitivity_is_set_by_the_worst_metric() -> None:
-    encodings = balanced_encodings([(-1200.0, 600.0, 1.0), (0.0, 50.0, 0.1), (-4.0, 2.0, 0.01)])
+    encodings = balanced_encodings([(-1200.0, 1200.0, 1.0), (0.0, 100.0, 0.1), (-5.0, 3.0, 0.01)])
     sensitivity = event_level_sensitivity(encodings)
     assert sensitivity.l1 == 2.0 * 1200
     assert sensitivity.l2 == math.sqrt(2.0) * 1200
 
-    lone = [MetricEncoding(lower=0.0, upper=500.0, resolution=1.0, scale=1),
-            MetricEncoding(lower=-20.0, upper=40.0, resolution=0.1, scale=1)]
-    assert event_level_sensitivity(lone).l1 == 1000.0
-    assert event_level_sensitivity(lone).l2 == math.sqrt(2.0) * 500
+    lone = [MetricEncoding(lower=0.0, upper=500.0, resolution=1.0, scale=1),  # 250 steps from 250
+            MetricEncoding(lower=-20.0, upper=40.0, resolution=0.1, scale=1)]  # 300 steps from 10
+    assert event_level_sensitivity(lone).l1 == 600.0
+    assert event_level_sensitivity(lone).l2 == math.sqrt(2.0) * 300
 
 
 def test_one_reading_moves_the_vector_within_the_sensitivity() -> None:
