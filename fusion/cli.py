@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     with_interval(with_config(sub.add_parser("aggregate", help="aggregator: sum the contributions")))
     with_interval(with_config(sub.add_parser("release", help="key holder: decrypt and publish to the store")))
 
+    budget = with_config(sub.add_parser("budget", help="privacy budget spent and left per period"))
+    budget.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
     sql = with_config(sub.add_parser("sql", help="query the store (read-only SQL)"))
     sql.add_argument("query", help="one SELECT statement over releases, audit, rejects")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -131,7 +134,8 @@ def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     console.print(
         f"envelopes: {summary.envelopes} accepted, {summary.refused_envelopes} refused | "
         f"cells released: {summary.cells} | epsilon spent: {summary.epsilon:.4f} "
-        f"(delta {plan.params.delta:g}) | {time.monotonic() - started:.1f}s"
+        f"(delta {plan.params.delta:g}; period {summary.period}: {summary.period_epsilon_spent:.4f} of "
+        f"{plan.config.privacy.cap:.4f}) | {time.monotonic() - started:.1f}s"
     )
     return 0
 
@@ -171,7 +175,10 @@ def cmd_release(args: argparse.Namespace) -> int:
     if outcome.status == "already_released":
         console.print(f"Interval already released as {outcome.release_id}; nothing done.")
     else:
-        console.print(f"released {outcome.cells} cells as {outcome.release_id}, epsilon {outcome.epsilon:.4f}")
+        console.print(
+            f"released {outcome.cells} cells as {outcome.release_id}, epsilon {outcome.epsilon:.4f}; "
+            f"period {outcome.period} has spent {outcome.period_epsilon_spent:.4f} of {plan.config.privacy.cap:.4f}"
+        )
     return 0
 
 
@@ -180,6 +187,22 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     with open_store(args.config) as store:
         print_arrow(store.sql(args.query), args.format)
+    return 0
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    from fusion.api import open_store
+
+    with open_store(args.config) as store:
+        table = store.sql(
+            "SELECT period, period_start, period_end, epsilon_cap, epsilon_spent, "
+            "greatest(epsilon_cap - epsilon_spent, 0) AS epsilon_left, delta, releases "
+            "FROM budget ORDER BY period"
+        )
+    if table.num_rows == 0:
+        console.print("no budget spent yet")
+        return 0
+    print_arrow(table, args.format, title="privacy budget per period")
     return 0
 
 
@@ -232,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_aggregate(args, beam_args)
         if args.command == "release":
             return cmd_release(args)
+        if args.command == "budget":
+            return cmd_budget(args)
         return cmd_sql(args)
     except FusionError as exc:
         err_console.print(f"[red]error:[/red] {exc}")

@@ -48,7 +48,8 @@ class TimeFormat(StrEnum):
 
 
 class PrivacyUnit(StrEnum):
-    READING = "reading"
+    READING = "reading"  # event level: one reading
+    ENTITY = "entity"  # one meter, household, vehicle...: contributions bounded per release
 
 
 class PrivacyMode(StrEnum):
@@ -111,9 +112,39 @@ class PrivacyConfig(_Frozen):
     delta: float = Field(gt=0, lt=0.01)
     quorum: int = Field(ge=1)
     unit: PrivacyUnit = PrivacyUnit.READING
+    # Entity level: each entity contributes to at most `max_partitions` cells (L0) per release and at most
+    # `max_readings_per_partition` readings (Linf) per cell; which ones are kept is chosen uniformly at random.
+    max_partitions: int | None = Field(default=None, ge=1)
+    max_readings_per_partition: int | None = Field(default=None, ge=1)
+    # The budget ledger: releases whose intervals fall in one period compose; their total may not pass the cap.
+    period: str = "1d"
+    epsilon_cap: float | None = Field(default=None, gt=0)  # default: epsilon (one release per period)
     mode: PrivacyMode = PrivacyMode.PRODUCTION
     noise: bool = True  # test mode only: switch noise off to check exact answers
     seed: int | None = None  # test mode only: reproducible noise
+
+    @field_validator("period")
+    @classmethod
+    def _period(cls, period: str) -> str:
+        if parse_duration(period).total_seconds() % 3600:
+            raise ValueError(f"period '{period}' must be whole hours (e.g. 1d, 7d, 12h)")
+        return period
+
+    @property
+    def cap(self) -> float:
+        """The epsilon cap per period."""
+        return self.epsilon_cap if self.epsilon_cap is not None else self.epsilon
+
+    @model_validator(mode="after")
+    def _entity_caps(self) -> Self:
+        caps = (self.max_partitions, self.max_readings_per_partition)
+        if self.unit is PrivacyUnit.ENTITY and None in caps:
+            raise ValueError("unit = 'entity' needs max_partitions (L0) and max_readings_per_partition (Linf)")
+        if self.unit is PrivacyUnit.READING and caps != (None, None):
+            raise ValueError("max_partitions and max_readings_per_partition apply only to unit = 'entity'")
+        if self.epsilon > self.cap:
+            raise ValueError(f"epsilon {self.epsilon} per release exceeds the period's epsilon_cap {self.cap}")
+        return self
 
     @model_validator(mode="after")
     def _test_only_switches(self) -> Self:
@@ -169,6 +200,10 @@ class Config(_Frozen):
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"{label}: duplicate names {duplicates}")
+        if self.period % self.window:
+            raise ValueError(
+                f"privacy.period {self.privacy.period} is not a whole number of {self.federation.window} windows"
+            )
         if self.privacy.quorum > len(self.institutions):
             raise ValueError(
                 f"privacy.quorum = {self.privacy.quorum} exceeds the {len(self.institutions)} institutions; "
@@ -179,6 +214,10 @@ class Config(_Frozen):
     @property
     def window(self) -> timedelta:
         return parse_duration(self.federation.window)
+
+    @property
+    def period(self) -> timedelta:
+        return parse_duration(self.privacy.period)
 
     def resolve(self, path: str) -> str:
         """Resolve a config path: URLs (scheme://) and absolute paths as given, others against `base`."""

@@ -7,9 +7,11 @@ import json
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from fusion.config import Config
 from fusion.errors import ConfigError
-from privacy.accountant import calibrate_variance, epsilon_for
+from privacy.accountant import ORDERS, calibrate_variance, epsilon_for, skellam_rdp
 from privacy.encoding import MetricEncoding, Sensitivity, balanced_encodings, event_level_sensitivity
 from privacy.he import WrapRisk, check_no_wrap
 
@@ -28,6 +30,13 @@ class ReleaseParameters:
     epsilon: float  # accounted epsilon of one release (<= the configured target); inf when noise is off
     delta: float
     noise: bool
+
+    @property
+    def rdp(self) -> np.ndarray:
+        """The Renyi-DP curve of one release at the accountant's orders (zero when noise is off, test only)."""
+        if not self.noise:
+            return np.zeros(ORDERS.size)
+        return skellam_rdp(variance=self.total_variance, l1=self.sensitivity.l1, l2=self.sensitivity.l2)
 
     @property
     def share_variance(self) -> float:

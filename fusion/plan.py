@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fusion.config import Config
@@ -25,12 +25,39 @@ def parse_time(text: str) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Period:
+    """A privacy period: releases whose intervals fall in it share its epsilon cap."""
+
+    name: str
+    start: datetime
+    end: datetime
+
+
+def period_of(config: Config, start: datetime, end: datetime) -> Period:
+    """The privacy period holding [start, end); an interval may not straddle two periods."""
+    length = config.period
+    begin = _EPOCH + ((start.astimezone(UTC) - _EPOCH) // length) * length
+    finish = begin + length
+    if end > finish:
+        raise FusionError(
+            f"the interval {start.isoformat()} .. {end.isoformat()} crosses the privacy period boundary at "
+            f"{finish.isoformat()}; release each period's part separately"
+        )
+    whole_days = length % timedelta(days=1) == timedelta(0)
+    return Period(name=begin.strftime("%Y-%m-%d" if whole_days else "%Y-%m-%dT%H:%MZ"), start=begin, end=finish)
+
+
 @dataclass(frozen=True)
 class ReleasePlan:
     config: Config
     layout: PartitionLayout
     params: ReleaseParameters
     key: ReleaseKey
+    period: Period
 
     def envelope_header(
         self,
@@ -77,4 +104,5 @@ def plan_release(config: Config, start: datetime, end: datetime) -> ReleasePlan:
         raise FusionError(f"--start/--end: {exc}") from None
     params = release_parameters(config)
     key = ReleaseKey(config.federation.id, layout.start, layout.end, layout.digest(), params.digest())
-    return ReleasePlan(config=config, layout=layout, params=params, key=key)
+    period = period_of(config, layout.start, layout.end)
+    return ReleasePlan(config=config, layout=layout, params=params, key=key, period=period)

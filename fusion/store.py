@@ -22,6 +22,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "releases": ("release_id", "metric", "region", "window_start"),
     "audit": ("event_id",),
     "rejects": ("release_id", "institution", "reason"),
+    "budget": ("period",),
 }
 
 
@@ -44,6 +45,12 @@ class Store:
                 return None
             write_deltalake(self.table_path(name), TABLE_SCHEMAS[name].empty_table(), mode="append")
             return DeltaTable(self.table_path(name))
+
+    def delta_table(self, name: str) -> DeltaTable:
+        """The Delta table itself (created if missing), for writers that need more than insert_new."""
+        table = self._table(name, create=True)
+        assert table is not None
+        return table
 
     def ensure_tables(self) -> None:
         for name in TABLE_SCHEMAS:

@@ -23,6 +23,7 @@ from fusion.exchange import (
     write_bytes,
     write_json,
 )
+from fusion.faults import crash_point
 from fusion.plan import ReleasePlan
 from privacy import he
 from privacy.envelope import EnvelopeError, EnvelopeHeader, pack_envelope, unpack_envelope
@@ -163,6 +164,7 @@ class SealAggregate(beam.DoFn):
             refused=tuple(refused),
         )
         write_bytes(aggregate_path(exchange, plan.key), pack_envelope(header, ciphertexts))
+        crash_point("after_sum")
         yield {**summary, "status": "aggregated", "noise_variance": header.noise_variance}
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusion.ledger import BudgetLedger
 from fusion.plan import ReleasePlan
 from fusion.store import Store
 from pipelines.release import ReleaseOutcome, release
@@ -21,6 +22,8 @@ class BatchSummary:
     refused_envelopes: int = 0
     cells: int = 0
     epsilon: float = 0.0
+    period: str = ""
+    period_epsilon_spent: float = 0.0
 
 
 def run_batch(
@@ -34,6 +37,14 @@ def run_batch(
     store.ensure_tables()
     if store.has_release(plan.key.release_id):
         return BatchSummary(release_id=plan.key.release_id, status="already_released")
+    # Refuse before any work if the period's budget cannot take this release (the release step decides).
+    BudgetLedger(store).check(
+        period=plan.period,
+        release_id=plan.key.release_id,
+        rdp=plan.params.rdp,
+        cap=plan.config.privacy.cap,
+        delta=plan.params.delta,
+    )
     on_stage("contribute")
     headers = run_contributions(plan, plan.config.institutions, beam_args)
     on_stage("aggregate")
@@ -48,4 +59,6 @@ def run_batch(
         refused_envelopes=len(aggregated["refused"]),
         cells=outcome.cells,
         epsilon=outcome.epsilon,
+        period=outcome.period,
+        period_epsilon_spent=outcome.period_epsilon_spent,
     )

@@ -27,6 +27,7 @@ from fusion.contribution import (
 )
 from fusion.errors import FusionError, InternalError
 from fusion.exchange import contribution_path, join, public_context_path, read_bytes, write_bytes
+from fusion.faults import crash_point
 from fusion.feeds import feed_files, mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan
 from privacy import he
@@ -164,6 +165,7 @@ class SealContribution(beam.DoFn):
         if plan.params.noise:
             noise = SkellamNoise(plan.params.share_variance, generator=self._generator())
             vector = vector + noise.sample(plan.layout.slots)
+        crash_point("before_encrypt")
         context = he.load_public_context(read_bytes(public_context_path(plan.config.exchange_path)))
         ciphertexts = he.encrypt_vector(context, vector)
         header = plan.envelope_header(
@@ -174,6 +176,7 @@ class SealContribution(beam.DoFn):
         )
         path = contribution_path(plan.config.exchange_path, plan.key, institution.id)
         write_bytes(path, pack_envelope(header, ciphertexts))
+        crash_point("after_encrypt")
         yield header
 
     def _generator(self) -> np.random.Generator:

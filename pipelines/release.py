@@ -18,7 +18,9 @@ import pyarrow as pa
 from fusion.errors import ReleaseRefused
 from fusion.estimates import decode_release
 from fusion.exchange import aggregate_path, exists, read_bytes, refusal_path
+from fusion.faults import crash_point
 from fusion.keys import load_secret_context_bytes
+from fusion.ledger import BudgetExceeded, BudgetLedger, Spend
 from fusion.plan import ReleasePlan
 from fusion.store import Store
 from privacy import he
@@ -34,6 +36,8 @@ class ReleaseOutcome:
     contributors: tuple[str, ...] = ()
     epsilon: float = 0.0
     row_counts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    period: str = ""
+    period_epsilon_spent: float = 0.0
 
 
 def audit_row(
@@ -108,6 +112,7 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
 
     context = he.load_secret_context(load_secret_context_bytes(plan.config))
     totals = he.decrypt_vector(context, ciphertexts, plan.layout.slots)
+    crash_point("after_decrypt")
     now = datetime.now(UTC)
     cells = decode_release(
         totals,
@@ -119,6 +124,8 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         release_id=release_id,
         released_at=now,
     )
+    spend = _spend(plan, store)
+    crash_point("after_ledger")
     audits = [
         audit_row(
             event_id=f"{release_id}:refused-envelope:{i}",
@@ -147,12 +154,17 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
                 "epsilon": plan.params.epsilon,
                 "delta": plan.params.delta,
                 "noise_variance": header.noise_variance,
+                "period": spend.period,
+                "period_epsilon_spent": spend.epsilon_after,
             },
         )
     )
+    # Audit and rejects first, releases last: each insert is keyed, so a re-run after a crash anywhere here
+    # completes the release without duplicating a row, and `has_release` turns true only at the very end.
     store.insert_new("audit", pa.Table.from_pylist(audits, schema=AUDIT_SCHEMA))
     store.insert_new("rejects", _rejects_rows(plan, header, now))
     inserted = store.insert_new("releases", cells)
+    crash_point("after_commit")
     if inserted == 0:
         return ReleaseOutcome(release_id=release_id, status="already_released")
     return ReleaseOutcome(
@@ -162,7 +174,64 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         contributors=header.contributors,
         epsilon=plan.params.epsilon,
         row_counts=header.row_counts,
+        period=spend.period,
+        period_epsilon_spent=spend.epsilon_after,
     )
+
+
+def _spend(plan: ReleasePlan, store: Store) -> Spend:
+    """Charge the release to its privacy period before anything is published; audit the spend or refusal."""
+    release_id = plan.key.release_id
+    ledger = BudgetLedger(store)
+    try:
+        spend = ledger.spend(
+            period=plan.period,
+            release_id=release_id,
+            rdp=plan.params.rdp,
+            cap=plan.config.privacy.cap,
+            delta=plan.params.delta,
+        )
+    except BudgetExceeded as exc:
+        _audit(plan, store, action="budget_refused", reason=str(exc), detail={"period": plan.period.name})
+        raise
+    if spend.charged:
+        _audit(
+            plan,
+            store,
+            action="budget_spend",
+            reason=None,
+            event=f"{release_id}:budget-spend",
+            detail={
+                "period": spend.period,
+                "epsilon_before": spend.epsilon_before,
+                "epsilon_after": spend.epsilon_after,
+                "cap": spend.cap,
+            },
+        )
+    return spend
+
+
+def _audit(
+    plan: ReleasePlan,
+    store: Store,
+    *,
+    action: str,
+    reason: str | None,
+    detail: dict[str, Any],
+    event: str | None = None,
+) -> None:
+    """One key-holder audit row; without an explicit event id, the id is derived from the content."""
+    digest = hashlib.sha256(json.dumps([action, reason, detail], sort_keys=True).encode()).hexdigest()[:12]
+    row = audit_row(
+        event_id=event or f"{plan.key.release_id}:{action}:{digest}",
+        action=action,
+        actor_role="key_holder",
+        actor=plan.config.federation.id,
+        plan=plan,
+        reason=reason,
+        detail=detail,
+    )
+    store.insert_new("audit", pa.Table.from_pylist([row], schema=AUDIT_SCHEMA))
 
 
 def _refuse(plan: ReleasePlan, store: Store) -> NoReturn:
@@ -172,15 +241,5 @@ def _refuse(plan: ReleasePlan, store: Store) -> NoReturn:
         refusal = json.loads(read_bytes(path))
     else:
         refusal = {"reason": "no aggregate envelope in the exchange; run `fusion aggregate` first"}
-    digest = hashlib.sha256(json.dumps(refusal, sort_keys=True).encode()).hexdigest()[:12]
-    row = audit_row(
-        event_id=f"{plan.key.release_id}:refused:{digest}",
-        action="release_refused",
-        actor_role="key_holder",
-        actor=plan.config.federation.id,
-        plan=plan,
-        reason=refusal["reason"],
-        detail=refusal,
-    )
-    store.insert_new("audit", pa.Table.from_pylist([row], schema=AUDIT_SCHEMA))
+    _audit(plan, store, action="release_refused", reason=refusal["reason"], detail=refusal)
     raise ReleaseRefused(f"release {plan.key.release_id} refused: {refusal['reason']}")

@@ -38,7 +38,16 @@ def epsilon_for(*, variance: float, l1: float, l2: float, delta: float, releases
     """(epsilon, delta)-DP epsilon of `releases` compositions of the Skellam mechanism."""
     if releases < 1:
         raise ValueError("releases must be at least 1")
-    rdp = releases * skellam_rdp(variance=variance, l1=l1, l2=l2)
+    return epsilon_from_rdp(releases * skellam_rdp(variance=variance, l1=l1, l2=l2), delta=delta)
+
+
+def epsilon_from_rdp(rdp: np.ndarray, *, delta: float) -> float:
+    """(epsilon, delta)-DP epsilon of a composed RDP curve given at ORDERS."""
+    rdp = np.asarray(rdp, dtype=float)
+    if rdp.shape != ORDERS.shape:
+        raise ValueError(f"an RDP curve needs one value per order ({ORDERS.size}), got shape {rdp.shape}")
+    if not rdp.any():
+        return 0.0
     epsilon, _ = get_privacy_spent(orders=ORDERS.tolist(), rdp=rdp, delta=delta)
     return float(epsilon)
 

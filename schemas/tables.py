@@ -69,7 +69,25 @@ REJECTS_SCHEMA = pa.schema(
     ]
 )
 
+#: The budget ledger: one row per privacy period, updated in place (a compare-and-swap on `releases`).
+#: `rdp` is the composed Renyi-DP curve at the accountant's orders, from which `epsilon_spent` is converted.
+BUDGET_SCHEMA = pa.schema(
+    [
+        pa.field("period", pa.string(), nullable=False),
+        pa.field("period_start", _TS, nullable=False),
+        pa.field("period_end", _TS, nullable=False),
+        pa.field("epsilon_cap", pa.float64(), nullable=False),
+        pa.field("epsilon_spent", pa.float64(), nullable=False),
+        pa.field("delta", pa.float64(), nullable=False),
+        pa.field("releases", pa.int64(), nullable=False),
+        pa.field("release_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("rdp", pa.list_(pa.float64()), nullable=False),
+        pa.field("updated_at", _TS, nullable=False),
+    ]
+)
+
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "budget": BUDGET_SCHEMA,
     "releases": RELEASES_SCHEMA,
     "audit": AUDIT_SCHEMA,
     "rejects": REJECTS_SCHEMA,

@@ -1,0 +1,31 @@
+"""Crash points for the crash-safety tests: a named step ends the process when FUSION_CRASH_AT names it.
+
+The release path calls `crash_point(step)` between its durable effects, so tests can kill a real `fusion`
+process at each step and check that a re-run releases every interval exactly once and spends exactly once.
+Unset (always, outside those tests), a crash point does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+CRASH_ENV = "FUSION_CRASH_AT"
+CRASH_EXIT_CODE = 86
+
+#: Steps in the order a batch release passes them.
+STEPS = (
+    "before_encrypt",
+    "after_encrypt",
+    "after_sum",
+    "after_decrypt",
+    "after_ledger",
+    "after_commit",
+)
+
+
+def crash_point(step: str) -> None:
+    """End the process at once (no cleanup, like a kill) if the environment asks for a crash at `step`."""
+    if step not in STEPS:
+        raise ValueError(f"unknown crash point '{step}'")
+    if os.environ.get(CRASH_ENV) == step:
+        os._exit(CRASH_EXIT_CODE)
