@@ -250,5 +250,14 @@ def test_parse_duration_rejects_what_it_cannot_read(text: str) -> None:
 
 @pytest.mark.parametrize("window", ["1m", "5m", "15m", "90m", "1h", "8h", "1d", "2d"])
 def test_windows_that_divide_a_day_or_are_whole_days_load(tmp_path: Path, window: str) -> None:
-    config = load_config(write(tmp_path, edit(valid_text(), r"^window = .*$", f'window = "{window}"')))
+    text = edit(valid_text(), r"^window = .*$", f'window = "{window}"')
+    text = edit(text, r"^quorum = (.*)$", r'quorum = \1\nperiod = "2d"')  # a period of whole windows
+    config = load_config(write(tmp_path, text))
     assert config.window == parse_duration(window)
+    assert config.period % config.window == parse_duration("0s")
+
+
+def test_a_period_that_is_not_whole_windows_is_refused(tmp_path: Path) -> None:
+    text = edit(valid_text(), r"^window = .*$", 'window = "2d"')
+    with pytest.raises(ConfigError, match=r"privacy.period 1d is not a whole number of 2d windows"):
+        load_config(write(tmp_path, text))
