@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from privacy.bounding import bound_contributions
 from privacy.encoding import MetricEncoding, encode_readings
 from privacy.layout import Component, PartitionLayout
 from schemas.readings import ALL_FIELDS, ENTITY_ID, EVENT_TIME, METRIC, REGION, VALUE
@@ -27,6 +28,7 @@ class PartialAggregate:
     vector: np.ndarray | None = None
     rows_read: int = 0
     rows_accepted: int = 0
+    rows_bounded: int = 0  # accepted, but left out by entity-level contribution bounding
     rejected: Counter[str] = field(default_factory=Counter)
 
     def merge(self, other: PartialAggregate) -> PartialAggregate:
@@ -34,6 +36,7 @@ class PartialAggregate:
             self.vector = other.vector.copy() if self.vector is None else self.vector + other.vector
         self.rows_read += other.rows_read
         self.rows_accepted += other.rows_accepted
+        self.rows_bounded += other.rows_bounded
         self.rejected.update(other.rejected)
         return self
 
@@ -46,7 +49,14 @@ class PartialAggregate:
         return self.rows_read == self.rows_accepted + self.rows_rejected
 
     def counts(self) -> dict[str, object]:
-        return {"read": self.rows_read, "accepted": self.rows_accepted, "rejected": dict(self.rejected)}
+        counts: dict[str, object] = {
+            "read": self.rows_read,
+            "accepted": self.rows_accepted,
+            "rejected": dict(self.rejected),
+        }
+        if self.rows_bounded:
+            counts["bounded"] = self.rows_bounded
+        return counts
 
 
 def entity_shards(entities: pa.Array | pa.ChunkedArray, shards: int) -> np.ndarray:
@@ -87,6 +97,41 @@ def deduplicate(readings: pa.Table) -> tuple[pa.Table, pa.Table]:
     return readings.filter(mask), readings.filter(pc.invert(mask))
 
 
+def reading_cells(readings: pa.Table, layout: PartitionLayout) -> tuple[np.ndarray, np.ndarray]:
+    """(metric index, cell index) of each validated reading (int64 arrays)."""
+    metric_idx = pc.index_in(readings.column(METRIC), value_set=pa.array(layout.metrics)).to_numpy(zero_copy_only=False)
+    region_idx = pc.index_in(readings.column(REGION), value_set=pa.array(layout.regions)).to_numpy(zero_copy_only=False)
+    if np.isnan(metric_idx.astype(float)).any() or np.isnan(region_idx.astype(float)).any():
+        raise ValueError("readings contain metrics or regions outside the layout; validate them first")
+    micros = pc.cast(readings.column(EVENT_TIME), pa.int64()).to_numpy()
+    start_us = int(layout.start.timestamp() * 1_000_000)
+    window_us = int(layout.window.total_seconds() * 1_000_000)
+    window_idx = (micros - start_us) // window_us
+    if (window_idx < 0).any() or (window_idx >= layout.windows).any():
+        raise ValueError("readings fall outside the layout's interval; validate them first")
+    metric_idx = metric_idx.astype(np.int64)
+    return metric_idx, layout.cell_index(metric_idx, region_idx.astype(np.int64), window_idx)
+
+
+def bound_by_entity(
+    readings: pa.Table,
+    *,
+    layout: PartitionLayout,
+    max_partitions: int,
+    max_per_partition: int,
+    generator: np.random.Generator,
+) -> pa.Table:
+    """The readings kept by entity-level bounding (all of an entity's readings must be in `readings`)."""
+    if readings.num_rows == 0:
+        return readings
+    _, cell = reading_cells(readings, layout)
+    entity = pc.dictionary_encode(readings.column(ENTITY_ID)).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    keep = bound_contributions(
+        entity, cell, max_partitions=max_partitions, max_per_partition=max_per_partition, generator=generator
+    )
+    return readings.filter(pa.array(keep))
+
+
 def aggregate_readings(
     readings: pa.Table, *, layout: PartitionLayout, encodings: tuple[MetricEncoding, ...]
 ) -> np.ndarray:
@@ -94,22 +139,8 @@ def aggregate_readings(
     vector = np.zeros(layout.slots, dtype=np.int64)
     if readings.num_rows == 0:
         return vector
-    metric_idx = pc.index_in(readings.column(METRIC), value_set=pa.array(layout.metrics)).to_numpy(zero_copy_only=False)
-    region_idx = pc.index_in(readings.column(REGION), value_set=pa.array(layout.regions)).to_numpy(zero_copy_only=False)
-    if np.isnan(metric_idx.astype(float)).any() or np.isnan(region_idx.astype(float)).any():
-        raise ValueError("readings contain metrics or regions outside the layout; validate them first")
-    metric_idx = metric_idx.astype(np.int64)
-    region_idx = region_idx.astype(np.int64)
-    micros = pc.cast(readings.column(EVENT_TIME), pa.int64()).to_numpy()
-    start_us = int(layout.start.timestamp() * 1_000_000)
-    window_us = int(layout.window.total_seconds() * 1_000_000)
-    window_idx = (micros - start_us) // window_us
-    if (window_idx < 0).any() or (window_idx >= layout.windows).any():
-        raise ValueError("readings fall outside the layout's interval; validate them first")
-    cell = layout.cell_index(metric_idx, region_idx, window_idx)
-
+    metric_idx, cell = reading_cells(readings, layout)
     weight, encoded = encode_readings(readings.column(VALUE).to_numpy(), metric_idx, encodings)
-
     counts = vector[Component.COUNT * layout.cells : (Component.COUNT + 1) * layout.cells]
     sums = vector[Component.SUM * layout.cells : (Component.SUM + 1) * layout.cells]
     np.add.at(counts, cell, weight)

@@ -9,10 +9,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusion.config import Config
+from fusion.config import Config, PrivacyUnit
 from fusion.errors import ConfigError
 from privacy.accountant import ORDERS, calibrate_variance, epsilon_for, skellam_rdp
-from privacy.encoding import MetricEncoding, Sensitivity, balanced_encodings, event_level_sensitivity
+from privacy.encoding import (
+    MetricEncoding,
+    Sensitivity,
+    balanced_encodings,
+    entity_level_sensitivity,
+    event_level_sensitivity,
+)
 from privacy.he import WrapRisk, check_no_wrap
 
 #: Encrypted totals must stay below t/2 even with this many noise standard deviations added.
@@ -50,6 +56,7 @@ class ReleaseParameters:
             "quorum": self.quorum,
             "delta": self.delta,
             "noise": self.noise,
+            "sensitivity": (self.sensitivity.l1, self.sensitivity.l2),
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -58,7 +65,15 @@ def release_parameters(config: Config) -> ReleaseParameters:
     """Derive and check the parameters; raises ConfigError if an encrypted total could wrap mod t."""
     privacy = config.privacy
     encodings = tuple(balanced_encodings([(m.lower, m.upper, m.resolution) for m in config.metrics]))
-    sensitivity = event_level_sensitivity(list(encodings))
+    if privacy.unit is PrivacyUnit.ENTITY:
+        assert privacy.max_partitions is not None and privacy.max_readings_per_partition is not None
+        sensitivity = entity_level_sensitivity(
+            list(encodings),
+            max_partitions=privacy.max_partitions,
+            max_per_partition=privacy.max_readings_per_partition,
+        )
+    else:
+        sensitivity = event_level_sensitivity(list(encodings))
     if privacy.noise:
         variance = calibrate_variance(
             epsilon=privacy.epsilon, delta=privacy.delta, l1=sensitivity.l1, l2=sensitivity.l2

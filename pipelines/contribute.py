@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.pvalue import TaggedOutput
 
-from fusion.config import InstitutionConfig
+from fusion.config import InstitutionConfig, PrivacyUnit
 from fusion.contribution import (
     PartialAggregate,
     aggregate_readings,
+    bound_by_entity,
     cell_reading_counts,
     deduplicate,
     split_by_entity_shard,
@@ -95,19 +96,36 @@ def _malformed_letters(lines: tuple[tuple[int, str], ...], source: str) -> pa.Ta
 class AggregateShard(beam.DoFn):
     """(entity shard, [readings tables]) -> PartialAggregate of that shard; duplicates to dead letters."""
 
-    def __init__(self, plan: ReleasePlan) -> None:
+    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig) -> None:
         self._plan = plan
+        self._institution = institution
 
     def process(self, element: tuple[int, Iterable[pa.Table]]) -> Iterator[Any]:
         shard, tables = element
+        plan, privacy = self._plan, self._plan.config.privacy
         readings = pa.concat_tables(list(tables))
         kept, duplicates = deduplicate(readings)
         if duplicates.num_rows:
             letters = readings_as_dead_letters(duplicates, RejectReason.DUPLICATE, source=f"entity-shard-{shard}")
             yield TaggedOutput(DEAD, (f"duplicates-shard-{shard:04d}", letters))
-        vector = aggregate_readings(kept, layout=self._plan.layout, encodings=self._plan.params.encodings)
+        contributed = kept
+        if privacy.unit is PrivacyUnit.ENTITY:
+            assert privacy.max_partitions is not None and privacy.max_readings_per_partition is not None
+            contributed = bound_by_entity(
+                kept,
+                layout=plan.layout,
+                max_partitions=privacy.max_partitions,
+                max_per_partition=privacy.max_readings_per_partition,
+                generator=noise_generator(plan, self._institution.id, f"bounding-{shard}"),
+            )
+        vector = aggregate_readings(contributed, layout=plan.layout, encodings=plan.params.encodings)
         rejected = Counter({RejectReason.DUPLICATE.value: duplicates.num_rows}) if duplicates.num_rows else Counter()
-        yield PartialAggregate(vector=vector, rows_accepted=kept.num_rows, rejected=rejected)
+        yield PartialAggregate(
+            vector=vector,
+            rows_accepted=kept.num_rows,
+            rows_bounded=kept.num_rows - contributed.num_rows,
+            rejected=rejected,
+        )
 
 
 class MergePartials(beam.CombineFn):
@@ -163,7 +181,7 @@ class SealContribution(beam.DoFn):
                 f"max_readings_per_cell = {institution.max_readings_per_cell}; raise it in the config"
             )
         if plan.params.noise:
-            noise = SkellamNoise(plan.params.share_variance, generator=self._generator())
+            noise = SkellamNoise(plan.params.share_variance, generator=noise_generator(plan, institution.id, "noise"))
             vector = vector + noise.sample(plan.layout.slots)
         crash_point("before_encrypt")
         context = he.load_public_context(read_bytes(public_context_path(plan.config.exchange_path)))
@@ -179,12 +197,14 @@ class SealContribution(beam.DoFn):
         crash_point("after_encrypt")
         yield header
 
-    def _generator(self) -> np.random.Generator:
-        seed = self._plan.config.privacy.seed
-        if seed is None:
-            return secure_generator()
-        # Test mode only (the config refuses seeds in production): a distinct stream per institution.
-        return seeded_generator(seed ^ int(_short_hash(self._institution.id), 16))
+
+def noise_generator(plan: ReleasePlan, institution: str, purpose: str) -> np.random.Generator:
+    """A secure generator; in test mode (the config refuses seeds in production) a distinct seeded stream per
+    institution and purpose."""
+    seed = plan.config.privacy.seed
+    if seed is None:
+        return secure_generator()
+    return seeded_generator(seed ^ int(_short_hash(f"{institution}/{purpose}"), 16))
 
 
 def feed_shards(plan: ReleasePlan, institution: InstitutionConfig) -> list[tuple[int, str]]:
@@ -217,7 +237,7 @@ class Contribute(beam.PTransform):
         aggregated = (
             read.ok
             | "GroupByEntityShard" >> beam.GroupByKey()
-            | "AggregateShards" >> beam.ParDo(AggregateShard(plan)).with_outputs(DEAD, main="partial")
+            | "AggregateShards" >> beam.ParDo(AggregateShard(plan, institution)).with_outputs(DEAD, main="partial")
         )
         _ = (
             (read[DEAD], aggregated[DEAD])

@@ -112,3 +112,18 @@ def event_level_sensitivity(encodings: list[MetricEncoding]) -> Sensitivity:
     """
     worst = max(max(e.count_weight, e.sum_bound) for e in encodings)
     return Sensitivity(l1=2.0 * worst, l2=math.sqrt(2.0) * worst)
+
+
+def entity_level_sensitivity(
+    encodings: list[MetricEncoding], *, max_partitions: int, max_per_partition: int
+) -> Sensitivity:
+    """Adding or removing one entity changes at most L0 cells, each by at most Linf readings.
+
+    In one cell its readings move COUNT by at most Linf * w_m and SUM by at most Linf * w_m, so per cell
+    L1 <= 2 Linf w and L2 <= sqrt(2) Linf w; over L0 cells L1 adds up (x L0) and L2 in quadrature (x sqrt(L0)).
+    """
+    event = event_level_sensitivity(encodings)
+    return Sensitivity(
+        l1=event.l1 * max_partitions * max_per_partition,
+        l2=event.l2 * math.sqrt(max_partitions) * max_per_partition,
+    )
