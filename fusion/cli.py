@@ -99,6 +99,9 @@ def _print_counts(row_counts: dict[str, dict[str, Any]]) -> None:
     for col in ("institution", "read", "accepted", "rejected", "reasons"):
         table.add_column(col, justify="right" if col in ("read", "accepted", "rejected") else "left")
     for inst, counts in sorted(row_counts.items()):
+        if not counts:
+            table.add_row(inst, "-", "-", "-", "contributed elsewhere (no local report)")
+            continue
         rejected = counts.get("rejected", {})
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "-"
         table.add_row(inst, str(counts["read"]), str(counts["accepted"]), str(sum(rejected.values())), reasons)
@@ -146,8 +149,8 @@ def cmd_contribute(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     plan = _plan(args)
     institution = plan.config.institution(args.institution)
     with console.status(f"{institution.id}: contributing"):
-        headers = run_contributions(plan, [institution], beam_args)
-    _print_counts(headers[0].row_counts)
+        reports = run_contributions(plan, [institution], beam_args)
+    _print_counts(reports)
     console.print(f"envelope written for release {plan.key.release_id}")
     return 0
 

@@ -17,8 +17,8 @@ STEPS = (
     "before_encrypt",
     "after_encrypt",
     "after_sum",
-    "after_decrypt",
     "after_ledger",
+    "after_decrypt",
     "after_commit",
 )
 

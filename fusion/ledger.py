@@ -2,8 +2,10 @@
 
 A spend is a compare-and-swap on that row (a Delta merge whose predicate includes the number of releases the
 writer read), retried on conflict. So two releases racing for the last of a period's budget cannot both
-succeed, and a release that was already charged (a re-run after a crash) is never charged twice. Releases in
-a period compose in Renyi DP (their curves add); `epsilon_spent` is the conversion of the composed curve.
+succeed, and a release that was already charged (a re-run after a crash) is never charged twice. Each charge
+is bound to the SHA-256 of the aggregate envelope it pays for: the key holder decrypts only what was paid
+for, and a second, different aggregate for the same release (a second noisy view) is refused.
+Releases in a period compose in Renyi DP (their curves add); `epsilon_spent` is the conversion of the sum.
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ class Spend:
     cap: float
 
 
+@dataclass(frozen=True)
+class _PeriodRow:
+    releases: int
+    release_ids: tuple[str, ...]
+    aggregates: tuple[str, ...]  # SHA-256 of the aggregate envelope each release was charged for
+    rdp: np.ndarray
+
+    @classmethod
+    def empty(cls) -> _PeriodRow:
+        return cls(0, (), (), np.zeros(ORDERS.size))
+
+
 class BudgetLedger:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -48,49 +62,39 @@ class BudgetLedger:
     def rows(self) -> pa.Table:
         return self.store.read("budget")
 
-    def _row(self, period: str) -> dict[str, object] | None:
+    def _row(self, period: str) -> _PeriodRow | None:
         rows = [r for r in self.rows().to_pylist() if r["period"] == period]
         if len(rows) > 1:
             raise InternalError(f"the budget table holds {len(rows)} rows for period {period}")
-        return rows[0] if rows else None
-
-    def spent(self, period: str) -> float:
-        row = self._row(period)
-        return float(row["epsilon_spent"]) if row else 0.0  # type: ignore[arg-type]
+        if not rows:
+            return None
+        r = rows[0]
+        return _PeriodRow(r["releases"], tuple(r["release_ids"]), tuple(r["aggregates"]), np.asarray(r["rdp"]))
 
     def check(self, *, period: Period, release_id: str, rdp: np.ndarray, cap: float, delta: float) -> None:
         """Raise BudgetExceeded now if the release could not be charged (a preview; `spend` decides)."""
-        row = self._row(period.name)
-        if row and release_id in row["release_ids"]:  # type: ignore[operator]
-            return
-        before_rdp = np.asarray(row["rdp"], dtype=float) if row else np.zeros(ORDERS.size)
-        self._refuse_if_over(period, release_id, before_rdp, np.asarray(rdp, dtype=float), cap, delta)
+        row = self._row(period.name) or _PeriodRow.empty()
+        if release_id not in row.release_ids:
+            _refuse_if_over(period, release_id, row.rdp, np.asarray(rdp, dtype=float), cap, delta)
 
-    @staticmethod
-    def _refuse_if_over(
-        period: Period, release_id: str, before_rdp: np.ndarray, rdp: np.ndarray, cap: float, delta: float
-    ) -> tuple[float, float]:
-        before = epsilon_from_rdp(before_rdp, delta=delta)
-        after = epsilon_from_rdp(before_rdp + rdp, delta=delta)
-        if after > cap:
-            raise BudgetExceeded(
-                f"release {release_id} needs epsilon {after - before:.4f} in period {period.name}, which "
-                f"would reach {after:.4f}; the cap is {cap:.4f} and {max(cap - before, 0.0):.4f} is left"
-            )
-        return before, after
-
-    def spend(self, *, period: Period, release_id: str, rdp: np.ndarray, cap: float, delta: float) -> Spend:
+    def spend(
+        self, *, period: Period, release_id: str, aggregate_sha256: str, rdp: np.ndarray, cap: float, delta: float
+    ) -> Spend:
         """Charge one release's RDP curve to its period, or raise BudgetExceeded. Idempotent per release."""
         rdp = np.asarray(rdp, dtype=float)
         for _ in range(_ATTEMPTS):
-            row = self._row(period.name)
-            before_rdp = np.asarray(row["rdp"], dtype=float) if row else np.zeros(ORDERS.size)
-            if row and release_id in row["release_ids"]:  # type: ignore[operator]
-                spent = epsilon_from_rdp(before_rdp, delta=delta)
+            current = self._row(period.name)
+            row = current or _PeriodRow.empty()
+            if release_id in row.release_ids:
+                charged_for = row.aggregates[row.release_ids.index(release_id)]
+                if charged_for != aggregate_sha256:
+                    raise ReleaseRefused(
+                        f"release {release_id} was already charged for another aggregate ({charged_for[:12]}...); "
+                        "decrypting a different one would publish a second noisy view of the same data"
+                    )
+                spent = epsilon_from_rdp(row.rdp, delta=delta)
                 return Spend(period.name, False, spent, spent, cap)
-            before, after = self._refuse_if_over(period, release_id, before_rdp, rdp, cap, delta)
-            releases = int(row["releases"]) if row else 0  # type: ignore[call-overload]
-            ids = [*row["release_ids"], release_id] if row else [release_id]  # type: ignore[misc]
+            before, after = _refuse_if_over(period, release_id, row.rdp, rdp, cap, delta)
             new = pa.Table.from_pylist(
                 [
                     {
@@ -100,41 +104,43 @@ class BudgetLedger:
                         "epsilon_cap": cap,
                         "epsilon_spent": after,
                         "delta": delta,
-                        "releases": releases + 1,
-                        "release_ids": ids,
-                        "rdp": (before_rdp + rdp).tolist(),
+                        "releases": row.releases + 1,
+                        "release_ids": [*row.release_ids, release_id],
+                        "aggregates": [*row.aggregates, aggregate_sha256],
+                        "rdp": (row.rdp + rdp).tolist(),
                         "updated_at": datetime.now(UTC),
                     }
                 ],
                 schema=BUDGET_SCHEMA,
             )
             try:
-                if self._swap(new, period.name, releases, exists=row is not None):
+                if self._swap(new, row.releases, exists=current is not None):
                     return Spend(period.name, True, before, after, cap)
             except CommitFailedError:
                 pass  # another writer committed first: read again
             time.sleep(random.uniform(0.01, 0.1))
         raise FusionError(f"could not update the budget of period {period.name}: too much contention; retry")
 
-    def _swap(self, new: pa.Table, period: str, releases: int, *, exists: bool) -> bool:
+    def _swap(self, new: pa.Table, releases: int, *, exists: bool) -> bool:
         """Write `new` only if the period's row still holds `releases` releases (or is still absent)."""
         table = self.store.delta_table("budget")
         if exists:
-            metrics = (
-                table.merge(
-                    new,
-                    predicate=f"t.period = s.period AND t.releases = {releases}",
-                    source_alias="s",
-                    target_alias="t",
-                )
-                .when_matched_update_all()
-                .execute()
-            )
-            return int(metrics["num_target_rows_updated"]) == 1
-        metrics = (
-            table.merge(new, predicate="t.period = s.period", source_alias="s", target_alias="t")
-            .when_not_matched_insert_all()
-            .execute()
+            predicate = f"t.period = s.period AND t.releases = {int(releases)}"
+            merge = table.merge(new, predicate=predicate, source_alias="s", target_alias="t")
+            return int(merge.when_matched_update_all().execute()["num_target_rows_updated"]) == 1
+        merge = table.merge(new, predicate="t.period = s.period", source_alias="s", target_alias="t")
+        return int(merge.when_not_matched_insert_all().execute()["num_target_rows_inserted"]) == 1
+
+
+def _refuse_if_over(
+    period: Period, release_id: str, before_rdp: np.ndarray, rdp: np.ndarray, cap: float, delta: float
+) -> tuple[float, float]:
+    """(epsilon before, epsilon after) of charging `rdp`; raises BudgetExceeded if after > cap."""
+    before = epsilon_from_rdp(before_rdp, delta=delta)
+    after = epsilon_from_rdp(before_rdp + rdp, delta=delta)
+    if after > cap:
+        raise BudgetExceeded(
+            f"release {release_id} needs epsilon {after - before:.4f} in period {period.name}, which "
+            f"would reach {after:.4f}; the cap is {cap:.4f} and {max(cap - before, 0.0):.4f} is left"
         )
-        del period
-        return int(metrics["num_target_rows_inserted"]) == 1
+    return before, after

@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from fusion.config import Config
 from fusion.errors import FusionError
@@ -65,7 +64,7 @@ class ReleasePlan:
         kind: str,
         contributors: tuple[str, ...],
         noise_variance: float,
-        row_counts: dict[str, dict[str, Any]],
+        reject_counts: dict[str, dict[str, int]],
         refused: tuple[dict[str, str], ...] = (),
     ) -> EnvelopeHeader:
         """A header for this release's interval, layout and parameters, with a fresh nonce and time."""
@@ -81,7 +80,7 @@ class ReleasePlan:
             noise_variance=noise_variance,
             nonce=secrets.token_hex(16),
             created_at=datetime.now(UTC).isoformat(),
-            row_counts=row_counts,
+            reject_counts=reject_counts,
             refused=refused,
         )
 

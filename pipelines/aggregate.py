@@ -153,14 +153,14 @@ class SealAggregate(beam.DoFn):
             yield {**summary, "status": "refused", "reason": reason}
             return
         delete_if_exists(refusal_path(exchange, plan.key))
-        row_counts: dict[str, dict[str, Any]] = {}
+        reject_counts: dict[str, dict[str, int]] = {}
         for h in headers:
-            row_counts.update(h.row_counts)
+            reject_counts.update(h.reject_counts)
         header = plan.envelope_header(
             kind="aggregate",
             contributors=contributors,
             noise_variance=sum(h.noise_variance for h in headers),
-            row_counts=row_counts,
+            reject_counts=reject_counts,
             refused=tuple(refused),
         )
         write_bytes(aggregate_path(exchange, plan.key), pack_envelope(header, ciphertexts))

@@ -46,7 +46,7 @@ def run_batch(
         delta=plan.params.delta,
     )
     on_stage("contribute")
-    headers = run_contributions(plan, plan.config.institutions, beam_args)
+    reports = run_contributions(plan, plan.config.institutions, beam_args)
     on_stage("aggregate")
     aggregated = run_aggregate(plan, beam_args)
     on_stage("release")
@@ -54,8 +54,8 @@ def run_batch(
     return BatchSummary(
         release_id=outcome.release_id,
         status=outcome.status,
-        row_counts={inst: counts for h in headers for inst, counts in h.row_counts.items()},
-        envelopes=len(headers),
+        row_counts=reports,
+        envelopes=len(aggregated["contributors"]),
         refused_envelopes=len(aggregated["refused"]),
         cells=outcome.cells,
         epsilon=outcome.epsilon,

@@ -27,7 +27,7 @@ from fusion.contribution import (
     split_by_entity_shard,
 )
 from fusion.errors import FusionError, InternalError
-from fusion.exchange import contribution_path, join, public_context_path, read_bytes, write_bytes
+from fusion.exchange import contribution_path, join, public_context_path, read_bytes, write_bytes, write_json
 from fusion.faults import crash_point
 from fusion.feeds import feed_files, mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan
@@ -165,9 +165,10 @@ class WriteDeadLetters(beam.DoFn):
 class SealContribution(beam.DoFn):
     """The institution's total -> plus its Skellam share -> BFV-encrypted envelope in the exchange."""
 
-    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig) -> None:
+    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig, dead_letter_dir: str) -> None:
         self._plan = plan
         self._institution = institution
+        self._dead_letter_dir = dead_letter_dir
 
     def process(self, total: PartialAggregate) -> Iterator[EnvelopeHeader]:
         plan, institution = self._plan, self._institution
@@ -190,10 +191,11 @@ class SealContribution(beam.DoFn):
             kind="contribution",
             contributors=(institution.id,),
             noise_variance=plan.params.share_variance if plan.params.noise else 0.0,
-            row_counts={institution.id: total.counts()},
+            reject_counts={institution.id: dict(total.rejected)},
         )
         path = contribution_path(plan.config.exchange_path, plan.key, institution.id)
         write_bytes(path, pack_envelope(header, ciphertexts))
+        write_json(join(self._dead_letter_dir, "report.json"), total.counts())  # local only, never shared
         crash_point("after_encrypt")
         yield header
 
@@ -248,5 +250,5 @@ class Contribute(beam.PTransform):
             (read[COUNTS], aggregated.partial)
             | "AllPartials" >> beam.Flatten()
             | "Total" >> beam.CombineGlobally(MergePartials())
-            | "Seal" >> beam.ParDo(SealContribution(plan, institution))
+            | "Seal" >> beam.ParDo(SealContribution(plan, institution, self._dead_letter_dir))
         )

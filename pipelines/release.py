@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -20,7 +20,7 @@ from fusion.estimates import decode_release
 from fusion.exchange import aggregate_path, exists, read_bytes, refusal_path
 from fusion.faults import crash_point
 from fusion.keys import load_secret_context_bytes
-from fusion.ledger import BudgetExceeded, BudgetLedger, Spend
+from fusion.ledger import BudgetLedger, Spend
 from fusion.plan import ReleasePlan
 from fusion.store import Store
 from privacy import he
@@ -35,7 +35,6 @@ class ReleaseOutcome:
     cells: int = 0
     contributors: tuple[str, ...] = ()
     epsilon: float = 0.0
-    row_counts: dict[str, dict[str, Any]] = field(default_factory=dict)
     period: str = ""
     period_epsilon_spent: float = 0.0
 
@@ -69,8 +68,8 @@ def audit_row(
 
 def _rejects_rows(plan: ReleasePlan, header: EnvelopeHeader, at: datetime) -> pa.Table:
     rows = []
-    for institution, counts in sorted(header.row_counts.items()):
-        reasons = dict(counts.get("rejected", {})) or {"none": 0}
+    for institution in header.contributors:
+        reasons = dict(header.reject_counts.get(institution, {})) or {"none": 0}
         for reason, n in sorted(reasons.items()):
             rows.append(
                 {
@@ -78,8 +77,6 @@ def _rejects_rows(plan: ReleasePlan, header: EnvelopeHeader, at: datetime) -> pa
                     "institution": institution,
                     "interval_start": plan.layout.start,
                     "interval_end": plan.layout.end,
-                    "rows_read": int(counts["read"]),
-                    "rows_accepted": int(counts["accepted"]),
                     "reason": reason,
                     "rows": int(n),
                     "recorded_at": at,
@@ -110,6 +107,10 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
             f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}"
         )
 
+    # Pay first: the key holder decrypts only an aggregate whose release has been charged to its period. The
+    # charge is bound to the ciphertexts (re-summing the same contributions gives the same bytes).
+    spend = _spend(plan, store, aggregate_sha256=header.payload_sha256)
+    crash_point("after_ledger")
     context = he.load_secret_context(load_secret_context_bytes(plan.config))
     totals = he.decrypt_vector(context, ciphertexts, plan.layout.slots)
     crash_point("after_decrypt")
@@ -124,8 +125,6 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         release_id=release_id,
         released_at=now,
     )
-    spend = _spend(plan, store)
-    crash_point("after_ledger")
     audits = [
         audit_row(
             event_id=f"{release_id}:refused-envelope:{i}",
@@ -173,25 +172,25 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         cells=inserted,
         contributors=header.contributors,
         epsilon=plan.params.epsilon,
-        row_counts=header.row_counts,
         period=spend.period,
         period_epsilon_spent=spend.epsilon_after,
     )
 
 
-def _spend(plan: ReleasePlan, store: Store) -> Spend:
-    """Charge the release to its privacy period before anything is published; audit the spend or refusal."""
+def _spend(plan: ReleasePlan, store: Store, *, aggregate_sha256: str) -> Spend:
+    """Charge the release to its privacy period before anything is decrypted; audit the spend or refusal."""
     release_id = plan.key.release_id
     ledger = BudgetLedger(store)
     try:
         spend = ledger.spend(
             period=plan.period,
             release_id=release_id,
+            aggregate_sha256=aggregate_sha256,
             rdp=plan.params.rdp,
             cap=plan.config.privacy.cap,
             delta=plan.params.delta,
         )
-    except BudgetExceeded as exc:
+    except ReleaseRefused as exc:  # over the cap, or a second aggregate for a charged release
         _audit(plan, store, action="budget_refused", reason=str(exc), detail={"period": plan.period.name})
         raise
     if spend.charged:
@@ -205,6 +204,7 @@ def _spend(plan: ReleasePlan, store: Store) -> Spend:
                 "period": spend.period,
                 "epsilon_before": spend.epsilon_before,
                 "epsilon_after": spend.epsilon_after,
+                "aggregate_sha256": aggregate_sha256,
                 "cap": spend.cap,
             },
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from fusion.exchange import (
 from fusion.plan import ReleasePlan
 from pipelines.aggregate import Aggregate
 from pipelines.contribute import Contribute
-from privacy.envelope import EnvelopeHeader, unpack_envelope
+from privacy.envelope import unpack_envelope
 
 
 def beam_options(beam_args: Sequence[str] = ()) -> PipelineOptions:
@@ -43,20 +44,33 @@ def _clear(directory: str) -> None:
         FileSystems.delete([directory])
 
 
+def report_path(plan: ReleasePlan, institution: InstitutionConfig) -> str:
+    """The institution's local run report: rows read, accepted, bounded and rejected (never shared)."""
+    return join(dead_letter_dir(plan, institution), "report.json")
+
+
 def run_contributions(
     plan: ReleasePlan, institutions: Sequence[InstitutionConfig], beam_args: Sequence[str] = ()
-) -> list[EnvelopeHeader]:
-    """Run the contribution pipelines of `institutions` (one Beam pipeline); returns their envelope headers."""
-    for institution in institutions:
+) -> dict[str, dict[str, Any]]:
+    """Seal the contributions of `institutions` (one Beam pipeline); returns each one's local row counts.
+
+    An institution that already sealed this release's envelope is not run again: its noise share is drawn
+    once per release, so no party ever sees two noisy versions of one contribution. Delete the envelope to
+    contribute anew (before the release is charged).
+    """
+    exchange = plan.config.exchange_path
+    pending = [i for i in institutions if not exists(contribution_path(exchange, plan.key, i.id))]
+    for institution in pending:
         _clear(dead_letter_dir(plan, institution))
-    with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-        for institution in institutions:
-            _ = pipeline | Contribute(plan, institution, dead_letter_dir(plan, institution))
-    headers = []
+    if pending:
+        with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
+            for institution in pending:
+                _ = pipeline | Contribute(plan, institution, dead_letter_dir(plan, institution))
+    reports = {}
     for institution in institutions:
-        data = read_bytes(contribution_path(plan.config.exchange_path, plan.key, institution.id))
-        headers.append(unpack_envelope(data)[0])
-    return headers
+        path = report_path(plan, institution)
+        reports[institution.id] = json.loads(read_bytes(path)) if exists(path) else {}
+    return reports
 
 
 def run_aggregate(plan: ReleasePlan, beam_args: Sequence[str] = ()) -> dict[str, Any]:
@@ -65,8 +79,6 @@ def run_aggregate(plan: ReleasePlan, beam_args: Sequence[str] = ()) -> dict[str,
         _ = pipeline | Aggregate(plan)
     exchange = plan.config.exchange_path
     if exists(refusal_path(exchange, plan.key)):
-        import json
-
         refusal = json.loads(read_bytes(refusal_path(exchange, plan.key)))
         raise ReleaseRefused(f"aggregation refused: {refusal['reason']}")
     header, _ = unpack_envelope(read_bytes(aggregate_path(exchange, plan.key)))

@@ -11,7 +11,6 @@ import hashlib
 import json
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 MAGIC = b"FUSIONENV1\n"
 
@@ -36,8 +35,9 @@ class EnvelopeHeader:
     nonce: str
     created_at: str
     payload_sha256: str = ""
-    # Per institution: {"read": n, "accepted": n, "rejected": {reason: n}}. Counts only, never rows.
-    row_counts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per institution: {reason: rows rejected}. Data-quality counts only (never rows, never read/accepted
+    # totals, which would reveal exact counts of the protected readings); they reach the `rejects` table.
+    reject_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     # Envelopes the aggregator refused: [{"source": ..., "institution": ..., "reason": ...}]
     refused: tuple[dict[str, str], ...] = ()
 

@@ -53,16 +53,15 @@ AUDIT_SCHEMA = pa.schema(
     ]
 )
 
-#: Per release and institution, how many rows were read, accepted, and rejected for each reason.
-#: Counts only: dead-letter rows never leave the institution.
+#: Per release and institution, how many rows were rejected for each reason ('none' with 0 when none were).
+#: Counts only: dead-letter rows never leave the institution. These data-quality counts are exact and not
+#: covered by the releases' epsilon; read and accepted totals stay with each institution.
 REJECTS_SCHEMA = pa.schema(
     [
         pa.field("release_id", pa.string(), nullable=False),
         pa.field("institution", pa.string(), nullable=False),
         pa.field("interval_start", _TS, nullable=False),
         pa.field("interval_end", _TS, nullable=False),
-        pa.field("rows_read", pa.int64(), nullable=False),
-        pa.field("rows_accepted", pa.int64(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("rows", pa.int64(), nullable=False),
         pa.field("recorded_at", _TS, nullable=False),
@@ -81,6 +80,7 @@ BUDGET_SCHEMA = pa.schema(
         pa.field("delta", pa.float64(), nullable=False),
         pa.field("releases", pa.int64(), nullable=False),
         pa.field("release_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("aggregates", pa.list_(pa.string()), nullable=False),
         pa.field("rdp", pa.list_(pa.float64()), nullable=False),
         pa.field("updated_at", _TS, nullable=False),
     ]

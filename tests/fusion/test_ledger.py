@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import threading
 from datetime import UTC, datetime, timedelta
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from fusion.config import parse_config
-from fusion.errors import FusionError
+from fusion.errors import FusionError, ReleaseRefused
 from fusion.ledger import BudgetExceeded, BudgetLedger
 from fusion.plan import Period, period_of
 from fusion.store import Store
@@ -24,9 +25,14 @@ DELTA = 1e-6
 ONE = epsilon_from_rdp(RDP, delta=DELTA)
 
 
+def sha(release_id: str) -> str:
+    """A stand-in aggregate digest per release."""
+    return hashlib.sha256(release_id.encode()).hexdigest()
+
+
 def test_one_release_epsilon_is_the_single_release_conversion(tmp_path: Path) -> None:
     ledger = BudgetLedger(Store(tmp_path))
-    spend = ledger.spend(period=DAY, release_id="r1", rdp=RDP, cap=10.0, delta=DELTA)
+    spend = ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=10.0, delta=DELTA)
     assert spend.charged and spend.epsilon_before == 0.0 and spend.epsilon_after == pytest.approx(ONE, rel=1e-12)
     row = ledger.rows().to_pylist()[0]
     assert (row["period"], row["releases"], row["release_ids"]) == ("2026-01-01", 1, ["r1"])
@@ -37,7 +43,9 @@ def test_one_release_epsilon_is_the_single_release_conversion(tmp_path: Path) ->
 def test_releases_compose_in_rdp_and_never_below_the_sum_of_one(tmp_path: Path) -> None:
     ledger = BudgetLedger(Store(tmp_path))
     for k in range(1, 6):
-        spend = ledger.spend(period=DAY, release_id=f"r{k}", rdp=RDP, cap=100.0, delta=DELTA)
+        spend = ledger.spend(
+            period=DAY, release_id=f"r{k}", aggregate_sha256=sha(f"r{k}"), rdp=RDP, cap=100.0, delta=DELTA
+        )
         # Independent check: k compositions is the conversion of k times the curve.
         assert spend.epsilon_after == pytest.approx(epsilon_from_rdp(k * RDP, delta=DELTA), rel=1e-12)
         assert ONE <= spend.epsilon_after <= k * ONE + 1e-12  # RDP composition is tighter than adding epsilons
@@ -46,20 +54,29 @@ def test_releases_compose_in_rdp_and_never_below_the_sum_of_one(tmp_path: Path) 
 
 def test_charging_the_same_release_twice_spends_once(tmp_path: Path) -> None:
     ledger = BudgetLedger(Store(tmp_path))
-    first = ledger.spend(period=DAY, release_id="r1", rdp=RDP, cap=10.0, delta=DELTA)
-    again = ledger.spend(period=DAY, release_id="r1", rdp=RDP, cap=10.0, delta=DELTA)
+    first = ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=10.0, delta=DELTA)
+    again = ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=10.0, delta=DELTA)
     assert first.charged and not again.charged
     assert again.epsilon_after == first.epsilon_after
     assert ledger.rows().column("releases").to_pylist() == [1]
 
 
+def test_a_second_aggregate_for_a_charged_release_is_refused(tmp_path: Path) -> None:
+    ledger = BudgetLedger(Store(tmp_path))
+    ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=10.0, delta=DELTA)
+    with pytest.raises(ReleaseRefused, match="second noisy view"):
+        ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("other"), rdp=RDP, cap=10.0, delta=DELTA)
+    row = ledger.rows().to_pylist()[0]
+    assert row["releases"] == 1 and row["aggregates"] == [sha("r1")]
+
+
 def test_a_release_over_the_cap_is_refused_saying_what_it_needs_and_what_is_left(tmp_path: Path) -> None:
     ledger = BudgetLedger(Store(tmp_path))
     cap = epsilon_from_rdp(2 * RDP, delta=DELTA) + 1e-9  # exactly two releases fit
-    ledger.spend(period=DAY, release_id="r1", rdp=RDP, cap=cap, delta=DELTA)
-    ledger.spend(period=DAY, release_id="r2", rdp=RDP, cap=cap, delta=DELTA)
+    ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=cap, delta=DELTA)
+    ledger.spend(period=DAY, release_id="r2", aggregate_sha256=sha("r2"), rdp=RDP, cap=cap, delta=DELTA)
     with pytest.raises(BudgetExceeded) as refused:
-        ledger.spend(period=DAY, release_id="r3", rdp=RDP, cap=cap, delta=DELTA)
+        ledger.spend(period=DAY, release_id="r3", aggregate_sha256=sha("r3"), rdp=RDP, cap=cap, delta=DELTA)
     needed = epsilon_from_rdp(3 * RDP, delta=DELTA) - epsilon_from_rdp(2 * RDP, delta=DELTA)
     message = str(refused.value)
     assert f"needs epsilon {needed:.4f}" in message and "is left" in message and f"cap is {cap:.4f}" in message
@@ -69,17 +86,24 @@ def test_a_release_over_the_cap_is_refused_saying_what_it_needs_and_what_is_left
     assert ledger.rows().column("releases").to_pylist() == [2]
     # Another period has its own budget.
     other = Period("2026-01-02", DAY.end, DAY.end + timedelta(days=1))
-    assert ledger.spend(period=other, release_id="r3", rdp=RDP, cap=cap, delta=DELTA).charged
+    assert ledger.spend(
+        period=other, release_id="r3", aggregate_sha256=sha("r3"), rdp=RDP, cap=cap, delta=DELTA
+    ).charged
 
 
 def test_periods_follow_the_configured_grid_and_intervals_may_not_straddle_them() -> None:
-    config = parse_config(__import__("tomllib").loads(
-        config_text(institutions=[("a", "csv")], quorum=1).replace('mode = "test"', 'period = "12h"\nmode = "test"')
-    ))
+    config = parse_config(
+        __import__("tomllib").loads(
+            config_text(institutions=[("a", "csv")], quorum=1).replace('mode = "test"', 'period = "12h"\nmode = "test"')
+        )
+    )
     start = datetime(2026, 1, 1, 13, tzinfo=UTC)
     period = period_of(config, start, start + timedelta(hours=2))
     assert (period.name, period.start, period.end) == (
-        "2026-01-01T12:00Z", datetime(2026, 1, 1, 12, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC))
+        "2026-01-01T12:00Z",
+        datetime(2026, 1, 1, 12, tzinfo=UTC),
+        datetime(2026, 1, 2, tzinfo=UTC),
+    )
     with pytest.raises(FusionError, match="crosses the privacy period boundary"):
         period_of(config, start, start + timedelta(hours=12))
 
@@ -88,7 +112,7 @@ def _spend_in_process(path: str, release_id: str, cap: float, barrier: object, r
     ledger = BudgetLedger(Store(path))
     barrier.wait()  # type: ignore[attr-defined]
     try:
-        ledger.spend(period=DAY, release_id=release_id, rdp=RDP, cap=cap, delta=DELTA)
+        ledger.spend(period=DAY, release_id=release_id, aggregate_sha256=sha(release_id), rdp=RDP, cap=cap, delta=DELTA)
         results.put((release_id, "spent"))  # type: ignore[attr-defined]
     except BudgetExceeded:
         results.put((release_id, "refused"))  # type: ignore[attr-defined]
@@ -101,10 +125,14 @@ def test_two_processes_racing_for_the_last_budget_cannot_both_succeed(tmp_path: 
         path = str(tmp_path / f"store-{attempt}")
         ledger = BudgetLedger(Store(path))
         cap = epsilon_from_rdp(2 * RDP, delta=DELTA) + 1e-9
-        ledger.spend(period=DAY, release_id="first", rdp=RDP, cap=cap, delta=DELTA)  # one release left
+        ledger.spend(
+            period=DAY, release_id="first", aggregate_sha256=sha("first"), rdp=RDP, cap=cap, delta=DELTA
+        )  # one release left
         barrier, results = context.Barrier(2), context.Queue()
-        workers = [context.Process(target=_spend_in_process, args=(path, rid, cap, barrier, results))
-                   for rid in ("left", "right")]
+        workers = [
+            context.Process(target=_spend_in_process, args=(path, rid, cap, barrier, results))
+            for rid in ("left", "right")
+        ]
         for w in workers:
             w.start()
         for w in workers:
@@ -124,7 +152,9 @@ def test_threads_racing_for_many_releases_never_overspend(tmp_path: Path) -> Non
     def spend(release_id: str) -> None:
         barrier.wait()
         try:
-            BudgetLedger(Store(ledger_path)).spend(period=DAY, release_id=release_id, rdp=RDP, cap=cap, delta=DELTA)
+            BudgetLedger(Store(ledger_path)).spend(
+                period=DAY, release_id=release_id, aggregate_sha256=sha(release_id), rdp=RDP, cap=cap, delta=DELTA
+            )
             outcomes.append("spent")
         except BudgetExceeded:
             outcomes.append("refused")

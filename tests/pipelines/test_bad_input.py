@@ -2,7 +2,8 @@
 
 Each institution of a small federation gets, beside its good feed files, extra files in its own format holding a
 row for every reason code (malformed lines for CSV and JSONL; a within-file duplicate and a copy of a good row
-from another file). Counts in the envelope header and the dead-letter Parquet files must match the corpus exactly.
+from another file). Counts in the local report, the envelope header and the dead-letter Parquet files must match
+the corpus exactly.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from fusion.config import Config, InstitutionConfig
+from fusion.exchange import contribution_path, read_bytes
 from fusion.plan import ReleasePlan, plan_release
 from pipelines.run import dead_letter_dir, run_contributions
+from privacy.envelope import unpack_envelope
 from schemas.readings import (
     DEAD_LETTER_REASON,
     DEAD_LETTER_ROW,
@@ -249,7 +252,8 @@ class Outcome:
     fixture_rejects: dict[str, Counter[tuple[str, str, str]]]  # (entity, metric, reason) of fixture rows
     copies: dict[str, tuple[str, str]]  # (entity, metric) of the good fixture row copied into the corpus
     fixture_rows: dict[str, int]
-    headers: dict[str, Any]
+    headers: dict[str, Any]  # institution -> its envelope header (reject counts only)
+    reports: dict[str, dict[str, Any]]  # institution -> its local report (read, accepted, rejected)
 
     def institution(self, name: str) -> InstitutionConfig:
         return self.config.institution(name)
@@ -274,7 +278,11 @@ def outcome(make_federation: Callable[..., Federation]) -> Outcome:
             (r[ENTITY_ID], r[METRIC], str(v)) for r, v in zip(raw.to_pylist(), verdicts, strict=True) if v is not None
         )
         copies[name] = (copy[ENTITY_ID], copy[METRIC])
-    headers = run_contributions(plan, config.institutions)
+    reports = run_contributions(plan, config.institutions)
+    headers = {
+        i.id: unpack_envelope(read_bytes(contribution_path(config.exchange_path, plan.key, i.id)))[0]
+        for i in config.institutions
+    }
     return Outcome(
         federation,
         plan,
@@ -283,7 +291,8 @@ def outcome(make_federation: Callable[..., Federation]) -> Outcome:
         fixture_rejects,
         copies,
         fixture_rows,
-        {h.contributors[0]: h for h in headers},
+        headers,
+        reports,
     )
 
 
@@ -300,12 +309,16 @@ def test_row_counts_reconcile_and_match_the_corpus(outcome: Outcome) -> None:
         fixture = outcome.fixture_rejects[name]
         rejected = corpus.rejected() + Counter(reason for (_, _, reason), n in fixture.items() for _ in range(n))
         read = outcome.fixture_rows[name] + corpus.rows
-        counts = outcome.headers[name].row_counts[name]
+        counts = outcome.reports[name]
         assert counts["read"] == read, name
         assert counts["read"] == counts["accepted"] + sum(counts["rejected"].values()), name
         assert counts["rejected"] == dict(rejected), name
         assert counts["accepted"] == read - sum(rejected.values()), name
-        assert outcome.headers[name].contributors == (name,)
+        header = outcome.headers[name]
+        assert header.contributors == (name,)
+        # Only the per-reason reject counts travel; read and accepted totals stay with the institution.
+        assert header.reject_counts == {name: dict(rejected)}
+        assert all(set(c) <= {str(r) for r in R} for c in json.loads(header.to_json())["reject_counts"].values())
 
 
 def test_dead_letters_hold_exactly_the_rejected_rows(outcome: Outcome) -> None:
@@ -313,7 +326,7 @@ def test_dead_letters_hold_exactly_the_rejected_rows(outcome: Outcome) -> None:
         corpus = outcome.corpora[name]
         feed_dir = outcome.federation.directory / "feeds" / name
         letters = read_dead_letters(dead_letter_dir(outcome.plan, outcome.institution(name)))
-        counts = outcome.headers[name].row_counts[name]["rejected"]
+        counts = outcome.reports[name]["rejected"]
         assert Counter(r[DEAD_LETTER_REASON] for r in letters) == Counter(counts), name
 
         malformed = [r for r in letters if r[DEAD_LETTER_REASON] == R.MALFORMED_RECORD]
