@@ -84,7 +84,8 @@ class InstitutionConfig(_Frozen):
     name: str = ""
     feeds: tuple[FeedConfig, ...] = Field(min_length=1)
     dead_letter: str | None = None  # defaults to <base>/deadletter/<id>
-    max_readings_per_cell: int = Field(default=1_000_000, gt=0)
+    # Readings per cell and release; bounds the encrypted totals. Default: the largest that cannot wrap.
+    max_readings_per_cell: int | None = Field(default=None, gt=0)
 
 
 class MetricConfig(_Frozen):
@@ -200,6 +201,18 @@ class Config(_Frozen):
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"{label}: duplicate names {duplicates}")
+        keys = self.federation.keys
+        if "://" in keys:
+            raise ValueError(f"federation.keys = '{keys}': the HE secret key lives in a local directory, not a URL")
+        keys_dir = (self.base / keys).resolve()
+        for label, shared in (("exchange", self.federation.exchange), ("store", self.federation.store)):
+            if "://" not in shared:
+                shared_dir = (self.base / shared).resolve()
+                if keys_dir == shared_dir or shared_dir in keys_dir.parents or keys_dir in shared_dir.parents:
+                    raise ValueError(
+                        f"federation.keys ({keys}) overlaps federation.{label} ({shared}); the secret key must "
+                        "live apart from what other parties read"
+                    )
         if self.period % self.window:
             raise ValueError(
                 f"privacy.period {self.privacy.period} is not a whole number of {self.federation.window} windows"

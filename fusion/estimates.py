@@ -89,9 +89,9 @@ def decode_release(
         "mean_ci_low": masked(mean_low),
         "mean_ci_high": masked(mean_high),
         "stddev": pa.nulls(cells, pa.float64()),
-        "epsilon": pa.array(np.full(cells, params.epsilon)),
+        "epsilon": pa.array(np.full(cells, params.epsilon if not params.seeded else math.inf)),
         "delta": pa.array(np.full(cells, params.delta)),
-        "noise": pa.array(["skellam" if params.noise else "off (test mode)"] * cells, pa.string()),
+        "noise": pa.array([params.noise_label] * cells, pa.string()),
         "released_at": pa.array([released_at] * cells, pa.timestamp("us", tz="UTC")),
     }
     return pa.table(columns, schema=RELEASES_SCHEMA)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -10,6 +11,8 @@ from fusion.config import Config
 from fusion.errors import FusionError
 from fusion.exchange import SECRET_CONTEXT, public_context_path, read_bytes, write_bytes
 from privacy import he
+
+PUBLIC_DIGEST = "he_public.sha256"
 
 
 def secret_key_file(config: Config) -> Path:
@@ -31,9 +34,18 @@ def create_keys(config: Config, *, overwrite: bool = False) -> tuple[Path, str]:
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(secret)
     os.chmod(secret_file, 0o600)
+    (secret_file.parent / PUBLIC_DIGEST).write_text(hashlib.sha256(public).hexdigest())
     public_path = public_context_path(config.exchange_path)
     write_bytes(public_path, public)
     return secret_file, public_path
+
+
+def published_context_digest(config: Config) -> str:
+    """The SHA-256 of the public context this key holder published (recorded at `fusion keys`)."""
+    path = secret_key_file(config).parent / PUBLIC_DIGEST
+    if not path.exists():
+        raise FusionError(f"{path} is missing; re-create the federation's keys with `fusion keys`")
+    return path.read_text().strip()
 
 
 def load_public_context_bytes(config: Config) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -19,10 +19,13 @@ from privacy.encoding import (
     entity_level_sensitivity,
     event_level_sensitivity,
 )
-from privacy.he import WrapRisk, check_no_wrap
+from privacy.he import MAX_ABS_TOTAL, WrapRisk, check_no_wrap
+from privacy.skellam import MAX_POISSON_RATE
 
 #: Encrypted totals must stay below t/2 even with this many noise standard deviations added.
 NOISE_MARGIN_SDS = 10.0
+#: A derived per-cell cap below this means the resolution is too fine for the plaintext modulus.
+MIN_DERIVED_CAP = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,15 @@ class ReleaseParameters:
     epsilon: float  # accounted epsilon of one release (<= the configured target); inf when noise is off
     delta: float
     noise: bool
+    seeded: bool = False  # test mode with a seed: the noise can be regenerated, so it protects nothing
+    # Readings per cell each institution may contribute without any total wrapping mod t.
+    cell_caps: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def noise_label(self) -> str:
+        if not self.noise:
+            return "off (test mode)"
+        return "skellam (seeded, test mode)" if self.seeded else "skellam"
 
     @property
     def rdp(self) -> np.ndarray:
@@ -56,6 +68,7 @@ class ReleaseParameters:
             "quorum": self.quorum,
             "delta": self.delta,
             "noise": self.noise,
+            "seeded": self.seeded,
             "sensitivity": (self.sensitivity.l1, self.sensitivity.l2),
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -89,15 +102,39 @@ def release_parameters(config: Config) -> ReleaseParameters:
         epsilon=epsilon,
         delta=privacy.delta,
         noise=privacy.noise,
+        seeded=privacy.seed is not None,
     )
-    # Worst case: every institution at its per-cell reading cap, every reading at the bound, and all
-    # institutions' noise shares (variance v/q each) at NOISE_MARGIN_SDS standard deviations.
-    institutions = len(config.institutions)
-    worst_weight = max(max(e.count_weight, e.sum_bound) for e in encodings)
-    largest = float(sum(i.max_readings_per_cell for i in config.institutions) * worst_weight)
-    largest += NOISE_MARGIN_SDS * math.sqrt(params.share_variance * institutions)
+    if params.noise and params.share_variance / 2.0 > MAX_POISSON_RATE:
+        raise ConfigError(
+            f"metrics: the calibrated noise (variance {params.share_variance:.3e} per institution) is too large to "
+            "sample exactly; coarsen a metric's resolution or narrow its clamp bounds"
+        )
+    return replace(params, cell_caps=_cell_caps(config, params))
+
+
+def _cell_caps(config: Config, params: ReleaseParameters) -> dict[str, int]:
+    """Each institution's readings-per-cell cap: as configured, or the largest that cannot wrap.
+
+    Worst case: every institution at its cap, every reading at the bound, and all institutions' noise shares
+    (variance v/q each) at NOISE_MARGIN_SDS standard deviations; the total must stay below t/2. Derived caps
+    share what configured ones leave, and must be at least MIN_DERIVED_CAP.
+    """
+    institutions = config.institutions
+    worst_weight = max(max(e.count_weight, e.sum_bound) for e in params.encodings)
+    margin = NOISE_MARGIN_SDS * math.sqrt(params.share_variance * len(institutions))
+    configured = {i.id: i.max_readings_per_cell for i in institutions if i.max_readings_per_cell is not None}
+    largest = float(sum(configured.values()) * worst_weight) + margin
     try:
         check_no_wrap(largest)
     except WrapRisk as exc:
         raise ConfigError(f"institutions[*].max_readings_per_cell / metrics: {exc}") from None
-    return params
+    open_ones = [i.id for i in institutions if i.max_readings_per_cell is None]
+    if not open_ones:
+        return configured
+    derived = int((MAX_ABS_TOTAL - 1 - largest) // (worst_weight * len(open_ones)))
+    if derived < MIN_DERIVED_CAP:
+        raise ConfigError(
+            f"metrics: at this resolution an encrypted cell could hold only {derived} readings per institution "
+            f"before wrapping mod t (at least {MIN_DERIVED_CAP} needed); coarsen a resolution or narrow the clamps"
+        )
+    return {**configured, **dict.fromkeys(open_ones, derived)}

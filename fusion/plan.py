@@ -64,6 +64,7 @@ class ReleasePlan:
         kind: str,
         contributors: tuple[str, ...],
         noise_variance: float,
+        context_sha256: str,
         reject_counts: dict[str, dict[str, int]],
         refused: tuple[dict[str, str], ...] = (),
     ) -> EnvelopeHeader:
@@ -78,6 +79,7 @@ class ReleasePlan:
             slots=self.layout.slots,
             contributors=contributors,
             noise_variance=noise_variance,
+            context_sha256=context_sha256,
             nonce=secrets.token_hex(16),
             created_at=datetime.now(UTC).isoformat(),
             reject_counts=reject_counts,

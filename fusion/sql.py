@@ -43,6 +43,8 @@ class SqlSandbox:
         self._con.execute(f"SET threads = {int(threads)}")
         self._con.execute(f"SET memory_limit = '{memory_limit}'")
         self._con.execute("SET TimeZone = 'UTC'")
+        self._con.execute("SET temp_directory = ''")  # a query may not spill to (and fill) the disk
+        self._con.execute("SET max_temp_directory_size = '0B'")
         self._con.execute("SET autoinstall_known_extensions = false")
         self._con.execute("SET autoload_known_extensions = false")
         self._con.execute("SET enable_external_access = false")

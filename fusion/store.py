@@ -27,15 +27,17 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
 
 
 class Store:
-    """Opens (creating on first use) the store's tables at `path` (a local directory)."""
+    """Opens (creating on first use) the store's tables at `path`: a local directory or an object-store URL
+    that deltalake understands (s3://, gs://, az://; credentials from the environment)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.uri = str(path).rstrip("/") if "://" in str(path) else None
+        self.path = Path(path) if self.uri is None else Path(str(path).split("://", 1)[1])
 
     def table_path(self, name: str) -> str:
         if name not in TABLE_SCHEMAS:
             raise FusionError(f"unknown store table '{name}'; the store's tables are {sorted(TABLE_SCHEMAS)}")
-        return str(self.path / name)
+        return f"{self.uri}/{name}" if self.uri else str(self.path / name)
 
     def _table(self, name: str, *, create: bool) -> DeltaTable | None:
         try:

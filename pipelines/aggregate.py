@@ -6,6 +6,7 @@ refuses is listed, with its reason, in the aggregate's header (the key holder re
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -34,8 +35,12 @@ REFUSED = "refused"
 class OpenEnvelope(beam.DoFn):
     """path -> (institution, (path, header, ciphertexts)); envelopes that fail a check are tagged refused."""
 
-    def __init__(self, plan: ReleasePlan) -> None:
+    def __init__(self, plan: ReleasePlan, public_context: bytes) -> None:
         self._plan = plan
+        self._public_context = public_context
+
+    def setup(self) -> None:
+        self._context = he.load_public_context(self._public_context)
 
     def process(self, path: str) -> Iterator[Any]:
         try:
@@ -43,7 +48,7 @@ class OpenEnvelope(beam.DoFn):
         except EnvelopeError as exc:
             yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": f"unreadable: {exc}"})
             return
-        reason = self._check(header)
+        reason = self._check(header) or self._check_ciphertexts(ciphertexts)
         institution = header.contributors[0] if header.contributors else ""
         if reason:
             yield TaggedOutput(REFUSED, {"source": path, "institution": institution, "reason": reason})
@@ -68,6 +73,18 @@ class OpenEnvelope(beam.DoFn):
             return "wrong_parameters"
         if header.contributors[0] not in registered:
             return "unregistered_institution"
+        if header.context_sha256 != hashlib.sha256(self._public_context).hexdigest():
+            return "wrong_he_context"
+        return ""
+
+    def _check_ciphertexts(self, ciphertexts: list[bytes]) -> str:
+        if len(ciphertexts) != he.ciphertexts_for(self._plan.layout.slots):
+            return "wrong_layout"
+        try:
+            for data in ciphertexts:
+                he.check_ciphertext(self._context, data)
+        except ValueError:
+            return "unreadable_ciphertext"
         return ""
 
 
@@ -160,6 +177,7 @@ class SealAggregate(beam.DoFn):
             kind="aggregate",
             contributors=contributors,
             noise_variance=sum(h.noise_variance for h in headers),
+            context_sha256=headers[0].context_sha256,  # every contribution's was checked against the exchange's
             reject_counts=reject_counts,
             refused=tuple(refused),
         )
@@ -179,10 +197,11 @@ class Aggregate(beam.PTransform):
         plan = self._plan
         exchange = plan.config.exchange_path
         paths = list_files(contributions_dir(exchange, plan.key), ".fenv")
+        public_context = read_bytes(public_context_path(exchange))
         opened = (
             pbegin
             | "Envelopes" >> beam.Create(paths)
-            | "Open" >> beam.ParDo(OpenEnvelope(plan)).with_outputs(REFUSED, main="ok")
+            | "Open" >> beam.ParDo(OpenEnvelope(plan, public_context)).with_outputs(REFUSED, main="ok")
         )
         unique = (
             opened.ok
@@ -190,7 +209,6 @@ class Aggregate(beam.PTransform):
             | "OnePerInstitution" >> beam.ParDo(OnePerInstitution()).with_outputs(REFUSED, main="ok")
         )
         refused = (opened[REFUSED], unique[REFUSED]) | "AllRefused" >> beam.Flatten()
-        public_context = read_bytes(public_context_path(exchange))
         return (
             unique.ok
             | "Sum" >> beam.CombineGlobally(EncryptedSum(public_context))

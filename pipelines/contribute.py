@@ -176,21 +176,23 @@ class SealContribution(beam.DoFn):
             raise InternalError(f"row counts do not reconcile for {institution.id}: {total.counts()}")
         vector = total.vector if total.vector is not None else np.zeros(plan.layout.slots, dtype=np.int64)
         busiest = int(cell_reading_counts(vector, layout=plan.layout, encodings=plan.params.encodings).max())
-        if busiest > institution.max_readings_per_cell:
+        cap = plan.params.cell_caps[institution.id]
+        if busiest > cap:  # only a configured cap can bind in practice: derived caps are ~10^12 readings
             raise FusionError(
-                f"institution {institution.id}: a cell holds {busiest} readings, above "
-                f"max_readings_per_cell = {institution.max_readings_per_cell}; raise it in the config"
+                f"institution {institution.id}: a cell holds {busiest} readings, above its cap of {cap} "
+                "(max_readings_per_cell); raise or remove it in the config"
             )
         if plan.params.noise:
             noise = SkellamNoise(plan.params.share_variance, generator=noise_generator(plan, institution.id, "noise"))
             vector = vector + noise.sample(plan.layout.slots)
         crash_point("before_encrypt")
-        context = he.load_public_context(read_bytes(public_context_path(plan.config.exchange_path)))
-        ciphertexts = he.encrypt_vector(context, vector)
+        public_context = read_bytes(public_context_path(plan.config.exchange_path))
+        ciphertexts = he.encrypt_vector(he.load_public_context(public_context), vector)
         header = plan.envelope_header(
             kind="contribution",
             contributors=(institution.id,),
             noise_variance=plan.params.share_variance if plan.params.noise else 0.0,
+            context_sha256=hashlib.sha256(public_context).hexdigest(),
             reject_counts={institution.id: dict(total.rejected)},
         )
         path = contribution_path(plan.config.exchange_path, plan.key, institution.id)

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+import numpy as np
 import pyarrow as pa
 
 from fusion.errors import ReleaseRefused
 from fusion.estimates import decode_release
 from fusion.exchange import aggregate_path, exists, read_bytes, refusal_path
 from fusion.faults import crash_point
-from fusion.keys import load_secret_context_bytes
+from fusion.keys import load_secret_context_bytes, published_context_digest
 from fusion.ledger import BudgetLedger, Spend
+from fusion.parameters import NOISE_MARGIN_SDS
 from fusion.plan import ReleasePlan
 from fusion.store import Store
 from privacy import he
@@ -102,6 +104,11 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         plan.key.parameters_digest,
     ):
         raise ReleaseRefused("the aggregate envelope does not match this interval's layout or parameters")
+    if header.context_sha256 != published_context_digest(plan.config):
+        raise ReleaseRefused(
+            "the aggregate was encrypted under another public HE context than the one this key holder published "
+            "(keys re-created, or a stale context): its contributions must be sealed again"
+        )
     if len(header.contributors) < plan.params.quorum:
         raise ReleaseRefused(
             f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}"
@@ -125,6 +132,7 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         release_id=release_id,
         released_at=now,
     )
+    _check_plausible(plan, cells, header)
     audits = [
         audit_row(
             event_id=f"{release_id}:refused-envelope:{i}",
@@ -175,6 +183,18 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         period=spend.period,
         period_epsilon_spent=spend.epsilon_after,
     )
+
+
+def _check_plausible(plan: ReleasePlan, cells: pa.Table, header: EnvelopeHeader) -> None:
+    """Refuse totals no honest contributions could produce (e.g. a payload under other keys decrypts to noise)."""
+    count = np.asarray(cells.column("count").to_numpy())
+    sd = np.asarray(cells.column("count_sd").to_numpy())
+    ceiling = sum(plan.params.cell_caps[c] for c in header.contributors)
+    if (count < -NOISE_MARGIN_SDS * sd - 1).any() or (count > ceiling + NOISE_MARGIN_SDS * sd + 1).any():
+        raise ReleaseRefused(
+            "the decrypted counts are impossible for honest contributions (wrong keys or a forged envelope?); "
+            "nothing was published"
+        )
 
 
 def _spend(plan: ReleasePlan, store: Store, *, aggregate_sha256: str) -> Spend:

@@ -32,6 +32,7 @@ class EnvelopeHeader:
     slots: int
     contributors: tuple[str, ...]
     noise_variance: float  # total Skellam variance inside the payload, integer units squared
+    context_sha256: str  # SHA-256 of the public HE context the payload was encrypted under
     nonce: str
     created_at: str
     payload_sha256: str = ""

@@ -92,6 +92,19 @@ def add_encrypted(context: ts.Context, vectors: Sequence[Sequence[bytes]]) -> li
     return totals
 
 
+def ciphertexts_for(slots: int) -> int:
+    """How many ciphertexts a vector of `slots` slots takes."""
+    return -(-slots // SLOTS_PER_CIPHERTEXT)
+
+
+def check_ciphertext(context: ts.Context, data: bytes) -> None:
+    """Raise ValueError unless `data` is a BFV vector ciphertext under `context`'s parameters."""
+    try:
+        ts.bfv_vector_from(context, data)
+    except Exception as exc:  # TenSEAL raises bare ValueErrors/RuntimeErrors from its C++ core
+        raise ValueError(f"not a ciphertext of this federation: {exc}") from None
+
+
 def decrypt_vector(context: ts.Context, ciphertexts: Sequence[bytes], length: int) -> np.ndarray:
     """Decrypt serialized ciphertexts with the secret context into an int64 vector of `length` slots."""
     values: list[int] = []

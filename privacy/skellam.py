@@ -12,6 +12,11 @@ import numpy as np
 from randomgen import ChaCha
 
 _CHACHA_ROUNDS = 20
+#: NumPy's Poisson sampler keeps its variance (checked to 0.1% up to 1e12) for rates up to here; larger rates
+#: are drawn as sums of independent Poissons of at most this rate (Poisson is closed under summation).
+POISSON_RATE_LIMIT = 1e10
+#: Beyond this rate a draw would take too many sub-draws: configs that need it are refused at load.
+MAX_POISSON_RATE = 1e13
 
 
 def secure_generator() -> np.random.Generator:
@@ -30,6 +35,10 @@ class SkellamNoise:
     def __init__(self, variance: float, *, generator: np.random.Generator) -> None:
         if not variance > 0:
             raise ValueError(f"Skellam variance must be positive, got {variance}")
+        if variance / 2.0 > MAX_POISSON_RATE:
+            raise ValueError(
+                f"Skellam variance {variance:.3e} is beyond what Fusion samples exactly; coarsen the resolution"
+            )
         self.variance = float(variance)
         self._generator = generator
 
@@ -40,6 +49,11 @@ class SkellamNoise:
 
     def sample(self, size: int) -> np.ndarray:
         """`size` independent draws as int64."""
-        first = self._generator.poisson(self.mu, size=size)
-        second = self._generator.poisson(self.mu, size=size)
-        return (first - second).astype(np.int64)
+        return (self._poisson(size) - self._poisson(size)).astype(np.int64)
+
+    def _poisson(self, size: int) -> np.ndarray:
+        parts = max(1, int(np.ceil(self.mu / POISSON_RATE_LIMIT)))
+        total = np.zeros(size, dtype=np.int64)
+        for _ in range(parts):
+            total += self._generator.poisson(self.mu / parts, size=size)
+        return total

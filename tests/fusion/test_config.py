@@ -261,3 +261,31 @@ def test_a_period_that_is_not_whole_windows_is_refused(tmp_path: Path) -> None:
     text = edit(valid_text(), r"^window = .*$", 'window = "2d"')
     with pytest.raises(ConfigError, match=r"privacy.period 1d is not a whole number of 2d windows"):
         load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("keys", ["exchange", "exchange/keys", "store/secret", "."])
+def test_the_secret_key_directory_may_not_overlap_what_others_read(tmp_path: Path, keys: str) -> None:
+    text = edit(valid_text(), r"^window = .*$", f'window = "1h"\nkeys = "{keys}"')
+    with pytest.raises(ConfigError, match="federation.keys"):
+        load_config(write(tmp_path, text))
+
+
+def test_the_secret_key_directory_is_local(tmp_path: Path) -> None:
+    text = edit(valid_text(), r"^window = .*$", 'window = "1h"\nkeys = "s3://bucket/keys"')
+    with pytest.raises(ConfigError, match="not a URL"):
+        load_config(write(tmp_path, text))
+
+
+def test_default_cell_caps_are_the_largest_that_cannot_wrap(tmp_path: Path) -> None:
+    from fusion.parameters import release_parameters
+    from privacy.he import MAX_ABS_TOTAL
+
+    config = load_config(write(tmp_path, valid_text()))
+    params = release_parameters(config)
+    caps = params.cell_caps
+    assert set(caps) == {i.id for i in config.institutions} and len(set(caps.values())) == 1
+    worst = max(e.count_weight for e in params.encodings)
+    margin = 10 * (params.share_variance * len(caps)) ** 0.5  # ten SDs of every institution's noise share
+    # The caps fill t/2 exactly: one more reading per institution could wrap.
+    assert sum(caps.values()) * worst + margin < MAX_ABS_TOTAL
+    assert (sum(caps.values()) + len(caps)) * worst + margin >= MAX_ABS_TOTAL - 1

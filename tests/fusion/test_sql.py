@@ -343,3 +343,13 @@ def test_open_store_refuses_writes(config_path: Path) -> None:
             fused.sql_pandas("DELETE FROM releases")
     assert store.version("releases") == version
     assert store.read("releases").num_rows == 3
+
+
+def test_a_query_cannot_spill_to_disk(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    sandbox = SqlSandbox(store, memory_limit="64MB")
+    before = snapshot(store, tmp_path)
+    with pytest.raises(SqlError, match="Out of Memory"):
+        sandbox.query("SELECT count(*) FROM (SELECT i, md5(i::VARCHAR) h FROM range(5000000) t(i) ORDER BY h)")
+    assert snapshot(store, tmp_path) == before  # no temp files anywhere
+    sandbox.close()

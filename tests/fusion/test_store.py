@@ -260,3 +260,9 @@ def test_two_writers_racing_for_one_release_leave_one_copy(tmp_path: Path, table
         assert keys(store, "releases") == Counter(
             {("r1", "temp", "north", START + timedelta(hours=h)): 1 for h in range(4)}
         )
+
+
+def test_object_store_urls_are_kept_as_urls() -> None:
+    store = Store("s3://bucket/fusion/store/")
+    assert store.table_path("releases") == "s3://bucket/fusion/store/releases"
+    assert Store("gs://b/s").table_path("budget") == "gs://b/s/budget"

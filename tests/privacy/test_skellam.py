@@ -186,3 +186,28 @@ def test_test_mode_accepts_the_switches_and_production_loads_without_them() -> N
     production = parse_config(tomllib.loads(config_text(institutions=INSTITUTIONS, quorum=2, mode="production")))
     assert production.privacy.mode is PrivacyMode.PRODUCTION
     assert (production.privacy.noise, production.privacy.seed) == (True, None)
+
+
+# --- large rates --------------------------------------------------------------------------------------------------
+
+
+def test_large_rates_are_drawn_as_sums_that_keep_the_variance() -> None:
+    # mu = 2.5e12 is drawn as 250 Poisson(1e10) sub-draws; the variance must stay within 5 standard errors.
+    variance, n = 5e12, 40_000
+    samples = SkellamNoise(variance, generator=seeded_generator(77)).sample(n).astype(float)
+    standard_error = variance * math.sqrt(2.0 / n)  # of the sample variance of near-normal draws
+    assert abs(samples.var() - variance) < 5 * standard_error
+    assert abs(samples.mean()) < 5 * math.sqrt(variance / n)
+
+
+def test_rates_beyond_what_is_sampled_exactly_are_refused() -> None:
+    with pytest.raises(ValueError, match="coarsen the resolution"):
+        SkellamNoise(2 * 1e13 * 1.01, generator=seeded_generator(1))
+
+
+def test_a_config_whose_noise_cannot_be_sampled_exactly_is_refused_at_load() -> None:
+    text = config_text(institutions=[("a", "csv"), ("b", "csv")], quorum=2).replace(
+        "resolution = 1.0", "resolution = 0.000001"
+    )
+    with pytest.raises(ConfigError, match="too large to sample exactly"):
+        parse_config(tomllib.loads(text))
