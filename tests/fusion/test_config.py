@@ -266,7 +266,7 @@ def test_a_period_that_is_not_whole_windows_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("keys", ["exchange", "exchange/keys", "store/secret", "."])
 def test_the_secret_key_directory_may_not_overlap_what_others_read(tmp_path: Path, keys: str) -> None:
     text = edit(valid_text(), r"^window = .*$", f'window = "1h"\nkeys = "{keys}"')
-    with pytest.raises(ConfigError, match="federation.keys"):
+    with pytest.raises(ConfigError, match=r"federation\.keys"):
         load_config(write(tmp_path, text))
 
 
