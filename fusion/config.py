@@ -157,6 +157,15 @@ class PrivacyConfig(_Frozen):
         return self
 
 
+class StatisticsConfig(_Frozen):
+    """Optional statistics beyond count, sum and mean. Each is one more vector sum per reading (one more slot
+    per cell and a little more noise); all are post-processed from the same noisy release, at no extra budget."""
+
+    variance: bool = False  # sum of squares -> stddev per cell
+    quantiles: bool = False  # histogram over `histogram_bins` equal-width bins of the clamp range -> p10, median, p90
+    histogram_bins: int = Field(default=16, ge=2, le=256)
+
+
 class PipelineConfig(_Frozen):
     """Execution knobs; Beam options (e.g. --runner) are passed through on the command line."""
 
@@ -188,6 +197,7 @@ class Config(_Frozen):
     metrics: tuple[MetricConfig, ...] = Field(min_length=1)
     regions: tuple[Name, ...] = Field(min_length=1)
     institutions: tuple[InstitutionConfig, ...] = Field(min_length=1)
+    statistics: StatisticsConfig = StatisticsConfig()
     pipeline: PipelineConfig = PipelineConfig()
     base: Path = Path(".")
 

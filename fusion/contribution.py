@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from privacy.bounding import bound_contributions
-from privacy.encoding import MetricEncoding, encode_readings
-from privacy.layout import Component, PartitionLayout
+from privacy.encoding import MetricEncoding, bin_index, encode_readings, encode_squares
+from privacy.layout import SUMSQ, PartitionLayout, bin_components
 from schemas.readings import ALL_FIELDS, ENTITY_ID, EVENT_TIME, METRIC, REGION, VALUE
 
 _UID = "__fusion_uid"
@@ -135,16 +135,24 @@ def bound_by_entity(
 def aggregate_readings(
     readings: pa.Table, *, layout: PartitionLayout, encodings: tuple[MetricEncoding, ...]
 ) -> np.ndarray:
-    """Pack validated readings (all inside the layout's interval) into COUNT and SUM slots (int64)."""
+    """Pack validated readings (all inside the layout's interval) into the layout's slots (int64): COUNT and
+    SUM, and when the layout has them SUMSQ and one histogram bin per reading, each weighted like COUNT."""
     vector = np.zeros(layout.slots, dtype=np.int64)
     if readings.num_rows == 0:
         return vector
     metric_idx, cell = reading_cells(readings, layout)
-    weight, encoded = encode_readings(readings.column(VALUE).to_numpy(), metric_idx, encodings)
-    counts = vector[Component.COUNT * layout.cells : (Component.COUNT + 1) * layout.cells]
-    sums = vector[Component.SUM * layout.cells : (Component.SUM + 1) * layout.cells]
-    np.add.at(counts, cell, weight)
-    np.add.at(sums, cell, encoded)
+    values = readings.column(VALUE).to_numpy()
+    weight, encoded = encode_readings(values, metric_idx, encodings)
+    np.add.at(layout.block(vector, "count"), cell, weight)
+    np.add.at(layout.block(vector, "sum"), cell, encoded)
+    if layout.has(SUMSQ):
+        np.add.at(layout.block(vector, SUMSQ), cell, encode_squares(encoded, weight))
+    if layout.bins:
+        lower = np.array([e.lower for e in encodings])[metric_idx]
+        upper = np.array([e.upper for e in encodings])[metric_idx]
+        bins = bin_index(values, lower, upper, layout.bins)
+        first_bin = layout.components.index(bin_components(layout.bins)[0])
+        np.add.at(vector, (first_bin + bins) * layout.cells + cell, weight)
     return vector
 
 
@@ -154,5 +162,4 @@ def cell_reading_counts(
     """Readings per cell recovered from an un-noised COUNT component (int64, layout.cells)."""
     metric_idx, _, _ = layout.cell_coordinates()
     weight = np.array([e.count_weight for e in encodings], dtype=np.int64)[metric_idx]
-    counts = vector[Component.COUNT * layout.cells : (Component.COUNT + 1) * layout.cells]
-    return counts // weight
+    return layout.block(vector, "count") // weight

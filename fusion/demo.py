@@ -35,11 +35,13 @@ EXTENSIONS = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}
 
 DEMO_QUERY = """
 SELECT metric, region,
-       count(*)                               AS hours,
-       round(avg(mean), 2)                    AS daily_mean,
-       round(avg(mean_ci_high - mean_ci_low) / 2, 2) AS avg_ci_halfwidth,
-       round(sum(count))                      AS readings_noisy,
-       round(max(count_sd), 2)                AS count_sd
+       count(*)                                      AS hours,
+       round(avg(mean), 2)                           AS daily_mean,
+       round(avg(mean_ci_high - mean_ci_low) / 2, 2) AS mean_ci_halfwidth,
+       round(avg(stddev), 2)                         AS avg_stddev,
+       round(avg(median), 1)                         AS avg_median,
+       round(sum(count))                             AS readings_noisy,
+       round(max(count_sd), 2)                       AS count_sd
 FROM releases
 WHERE window_start >= TIMESTAMP '2026-01-01 00:00:00' AND window_start < TIMESTAMP '2026-01-02 00:00:00'
 GROUP BY metric, region
@@ -65,6 +67,12 @@ def _config_text(days: int) -> str:
         "epsilon = 1.0      # per release (one batch interval)",
         "delta = 1e-6",
         "quorum = 3         # every institution adds variance v/3; any release needs 3 contributors",
+        'period = "1d"      # the budget ledger composes releases per UTC day ...',
+        "epsilon_cap = 2.0  # ... and refuses any that would take a day past this",
+        "",
+        "[statistics]",
+        "variance = true    # stddev per cell",
+        "quantiles = true   # p10, median, p90 per cell from a noisy 16-bin histogram",
         "",
     ]
     for metric, (lower, upper) in CLAMPS.items():

@@ -12,10 +12,9 @@ import numpy as np
 import pyarrow as pa
 
 from fusion.parameters import ReleaseParameters
-from privacy.layout import Component, PartitionLayout
+from fusion.quantiles import QUANTILES, Z95, histogram_quantiles
+from privacy.layout import SUMSQ, PartitionLayout
 from schemas.tables import RELEASES_SCHEMA
-
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 def decode_release(
@@ -34,6 +33,8 @@ def decode_release(
     The SUM slots carry sums of (value - centre); the sum adds centre * count back, so its SD combines both
     slots' noise. The mean (centre + centred sum / count) is released only where the noisy count is clearly
     positive (its 95% interval excludes 0); its interval uses the delta method and is clipped to the clamp bounds.
+    With the optional statistics, stddev comes from the SUMSQ slots and p10/median/p90 (with intervals) from
+    the histogram slots; like the mean they are NULL where the count is not clearly positive.
     """
     cells = layout.cells
     metric_idx, region_idx, window_idx = layout.cell_coordinates()
@@ -43,8 +44,8 @@ def decode_release(
     upper = np.array([e.upper for e in params.encodings])[metric_idx]
 
     centre = np.array([e.centre for e in params.encodings])[metric_idx]
-    count_slots = totals[Component.COUNT * cells : (Component.COUNT + 1) * cells].astype(float)
-    sum_slots = totals[Component.SUM * cells : (Component.SUM + 1) * cells].astype(float)
+    count_slots = layout.block(totals, "count").astype(float)
+    sum_slots = layout.block(totals, "sum").astype(float)
     sd = math.sqrt(noise_variance)
     count = count_slots / weight
     count_sd = sd / weight
@@ -67,7 +68,22 @@ def decode_release(
     metrics = np.array(layout.metrics, dtype=object)[metric_idx]
 
     def masked(values: np.ndarray) -> pa.Array:
-        return pa.array(values, pa.float64(), mask=~confident)
+        return pa.array(values, pa.float64(), mask=~confident | np.isnan(values))
+
+    stddev = np.full(cells, np.nan)
+    if layout.has(SUMSQ):
+        # SUMSQ slots carry round(q^2 / w) for centred q: sum of (value - centre)^2 = slots * w * sum_unit^2.
+        squares = layout.block(totals, SUMSQ).astype(float) * weight * sum_unit**2
+        variance = squares / safe_count - (centred / safe_count) ** 2
+        stddev = np.sqrt(np.clip(variance, 0.0, ((upper - lower) / 2) ** 2))
+    quantiles = {
+        f"{name}{suffix}": np.full(cells, np.nan) for name, _ in QUANTILES for suffix in ("", "_ci_low", "_ci_high")
+    }
+    if layout.bins:
+        histogram = np.stack(
+            [layout.block(totals, b).astype(float) / weight for b in layout.components if b.startswith("bin")]
+        )
+        quantiles = histogram_quantiles(histogram, bin_sd=count_sd, lower=lower, upper=upper)
 
     columns = {
         "release_id": pa.array([release_id] * cells, pa.string()),
@@ -88,7 +104,8 @@ def decode_release(
         "mean": masked(mean),
         "mean_ci_low": masked(mean_low),
         "mean_ci_high": masked(mean_high),
-        "stddev": pa.nulls(cells, pa.float64()),
+        "stddev": masked(stddev),
+        **{name: masked(values) for name, values in quantiles.items()},
         "epsilon": pa.array(np.full(cells, params.epsilon if not params.seeded else math.inf)),
         "delta": pa.array(np.full(cells, params.delta)),
         "noise": pa.array([params.noise_label] * cells, pa.string()),

@@ -20,6 +20,7 @@ from privacy.encoding import (
     event_level_sensitivity,
 )
 from privacy.he import MAX_ABS_TOTAL, WrapRisk, check_no_wrap
+from privacy.layout import BASE_COMPONENTS, SUMSQ, bin_components
 from privacy.skellam import MAX_POISSON_RATE
 
 #: Encrypted totals must stay below t/2 even with this many noise standard deviations added.
@@ -74,19 +75,36 @@ class ReleaseParameters:
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
+def layout_components(config: Config) -> tuple[str, ...]:
+    """The per-cell components the config's statistics need, in slot order."""
+    components: tuple[str, ...] = BASE_COMPONENTS
+    if config.statistics.variance:
+        components += (SUMSQ,)
+    if config.statistics.quantiles:
+        components += bin_components(config.statistics.histogram_bins)
+    return components
+
+
+def components_per_reading(config: Config) -> int:
+    """Slots one reading touches: COUNT and SUM, SUMSQ, and exactly one histogram bin."""
+    return 2 + int(config.statistics.variance) + int(config.statistics.quantiles)
+
+
 def release_parameters(config: Config) -> ReleaseParameters:
     """Derive and check the parameters; raises ConfigError if an encrypted total could wrap mod t."""
     privacy = config.privacy
     encodings = tuple(balanced_encodings([(m.lower, m.upper, m.resolution) for m in config.metrics]))
+    per_reading = components_per_reading(config)
     if privacy.unit is PrivacyUnit.ENTITY:
         assert privacy.max_partitions is not None and privacy.max_readings_per_partition is not None
         sensitivity = entity_level_sensitivity(
             list(encodings),
             max_partitions=privacy.max_partitions,
             max_per_partition=privacy.max_readings_per_partition,
+            components=per_reading,
         )
     else:
-        sensitivity = event_level_sensitivity(list(encodings))
+        sensitivity = event_level_sensitivity(list(encodings), components=per_reading)
     if privacy.noise:
         variance = calibrate_variance(
             epsilon=privacy.epsilon, delta=privacy.delta, l1=sensitivity.l1, l2=sensitivity.l2

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from fusion.config import Config
 from fusion.errors import FusionError
 from fusion.exchange import ReleaseKey
-from fusion.parameters import ReleaseParameters, release_parameters
+from fusion.parameters import ReleaseParameters, layout_components, release_parameters
 from privacy.envelope import EnvelopeHeader
 from privacy.layout import PartitionLayout
 from schemas.validation import ReadingRules
@@ -99,7 +99,12 @@ class ReleasePlan:
 def plan_release(config: Config, start: datetime, end: datetime) -> ReleasePlan:
     try:
         layout = PartitionLayout.for_interval(
-            tuple(m.name for m in config.metrics), tuple(config.regions), start, end, config.window
+            tuple(m.name for m in config.metrics),
+            tuple(config.regions),
+            start,
+            end,
+            config.window,
+            layout_components(config),
         )
     except ValueError as exc:
         raise FusionError(f"--start/--end: {exc}") from None

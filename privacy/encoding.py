@@ -69,6 +69,22 @@ class MetricEncoding:
         return self.resolution / self.scale
 
 
+def encode_squares(centred: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """SUMSQ contributions: round(q^2 / w) for centred SUM contributions q with |q| <= w, so in [0, w].
+
+    Dividing by w keeps a reading's SUMSQ move no larger than its COUNT move (one noise level for all); the
+    rounding error (at most 1/2 unit a reading, mean about 0) is tiny beside the noise.
+    """
+    q = centred.astype(np.float64)
+    return np.rint(q * q / weight).astype(np.int64)
+
+
+def bin_index(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width histogram bin (0..bins-1) of each clamped value over its metric's [lower, upper]."""
+    position = (np.clip(values, lower, upper) - lower) / (upper - lower)
+    return np.minimum((position * bins).astype(np.int64), bins - 1)
+
+
 def encode_readings(
     values: np.ndarray, metric_idx: np.ndarray, encodings: tuple[MetricEncoding, ...] | list[MetricEncoding]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -105,24 +121,26 @@ class Sensitivity:
     l2: float
 
 
-def event_level_sensitivity(encodings: list[MetricEncoding]) -> Sensitivity:
-    """Adding or removing one reading changes one cell's COUNT by w_m and its SUM by at most w_m.
+def event_level_sensitivity(encodings: list[MetricEncoding], *, components: int = 2) -> Sensitivity:
+    """Adding or removing one reading changes one cell's COUNT by w_m and its SUM by at most w_m; with the
+    optional statistics, its SUMSQ by at most w_m and one histogram bin by w_m.
 
-    So the vector moves by (w_m, s) with |s| <= w_m: L1 <= 2 w_m and L2 <= sqrt(2) w_m, maximised over metrics.
+    So the vector moves in `components` slots by at most w_m each: L1 <= k w_m and L2 <= sqrt(k) w_m,
+    maximised over metrics (k = 2 for count and sum).
     """
     worst = max(max(e.count_weight, e.sum_bound) for e in encodings)
-    return Sensitivity(l1=2.0 * worst, l2=math.sqrt(2.0) * worst)
+    return Sensitivity(l1=float(components) * worst, l2=math.sqrt(components) * worst)
 
 
 def entity_level_sensitivity(
-    encodings: list[MetricEncoding], *, max_partitions: int, max_per_partition: int
+    encodings: list[MetricEncoding], *, max_partitions: int, max_per_partition: int, components: int = 2
 ) -> Sensitivity:
     """Adding or removing one entity changes at most L0 cells, each by at most Linf readings.
 
     In one cell its readings move COUNT by at most Linf * w_m and SUM by at most Linf * w_m, so per cell
     L1 <= 2 Linf w and L2 <= sqrt(2) Linf w; over L0 cells L1 adds up (x L0) and L2 in quadrature (x sqrt(L0)).
     """
-    event = event_level_sensitivity(encodings)
+    event = event_level_sensitivity(encodings, components=components)
     return Sensitivity(
         l1=event.l1 * max_partitions * max_per_partition,
         l2=event.l2 * math.sqrt(max_partitions) * max_per_partition,

@@ -12,15 +12,24 @@ import numpy as np
 
 
 class Component(IntEnum):
-    """Per-cell sums that every contribution carries; means are post-processing of these."""
+    """The per-cell sums every contribution carries, in this order; means are post-processing of these."""
 
     COUNT = 0
     SUM = 1
 
 
+#: Optional per-cell sums, after COUNT and SUM: the centred sum of squares (variance), then histogram bins.
+SUMSQ = "sumsq"
+BASE_COMPONENTS = ("count", "sum")
+
+
+def bin_components(bins: int) -> tuple[str, ...]:
+    return tuple(f"bin{j:03d}" for j in range(bins))
+
+
 @dataclass(frozen=True)
 class PartitionLayout:
-    """metrics x regions x windows cells for one release interval, each with len(Component) slots.
+    """metrics x regions x windows cells for one release interval, each with one slot per component.
 
     Slot order is component-major: slot = component * cells + (metric * R + region) * W + window.
     The layout is public (from the config), so every institution packs the same vector.
@@ -31,6 +40,7 @@ class PartitionLayout:
     start: datetime
     window: timedelta
     windows: int
+    components: tuple[str, ...] = BASE_COMPONENTS
 
     def __post_init__(self) -> None:
         if self.start.tzinfo is None:
@@ -40,6 +50,8 @@ class PartitionLayout:
             raise ValueError(f"the window must be positive, got {self.window}")
         if self.windows < 1:
             raise ValueError("a layout needs at least one window")
+        if self.components[:2] != BASE_COMPONENTS or len(set(self.components)) != len(self.components):
+            raise ValueError(f"components must start with {BASE_COMPONENTS} and not repeat, got {self.components}")
 
     @classmethod
     def for_interval(
@@ -49,6 +61,7 @@ class PartitionLayout:
         start: datetime,
         end: datetime,
         window: timedelta,
+        components: tuple[str, ...] = BASE_COMPONENTS,
     ) -> PartitionLayout:
         """The layout of [start, end); the interval must be a whole number of windows on the UTC grid."""
         if start.tzinfo is None or end.tzinfo is None:
@@ -63,7 +76,7 @@ class PartitionLayout:
             raise ValueError(
                 f"interval [{start.isoformat()}, {end.isoformat()}) is not aligned to the {window} window grid"
             )
-        return cls(metrics, regions, start, window, (end - start) // window)
+        return cls(metrics, regions, start, window, (end - start) // window, components)
 
     @property
     def end(self) -> datetime:
@@ -75,7 +88,20 @@ class PartitionLayout:
 
     @property
     def slots(self) -> int:
-        return self.cells * len(Component)
+        return self.cells * len(self.components)
+
+    def has(self, component: str) -> bool:
+        return component in self.components
+
+    @property
+    def bins(self) -> int:
+        """Histogram bins per cell (0 without quantiles)."""
+        return sum(name.startswith("bin") for name in self.components)
+
+    def block(self, vector: np.ndarray, component: str) -> np.ndarray:
+        """The `cells` slots of one component (a view into `vector`)."""
+        k = self.components.index(component)
+        return vector[k * self.cells : (k + 1) * self.cells]
 
     def cell_index(self, metric_idx: np.ndarray, region_idx: np.ndarray, window_idx: np.ndarray) -> np.ndarray:
         """Vectorised cell index of each reading (int64 arrays of equal shape)."""
@@ -97,6 +123,6 @@ class PartitionLayout:
             "start": self.start.isoformat(),
             "window_s": self.window.total_seconds(),
             "windows": self.windows,
-            "components": [c.name for c in Component],
+            "components": list(self.components),
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

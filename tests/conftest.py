@@ -77,7 +77,7 @@ def write_feed(table: pa.Table, path: Path, fmt: str) -> None:
 
 
 def config_text(*, institutions: list[tuple[str, str]], quorum: int, noise: bool = True, seed: int | None = None,
-                mode: str = "test", epsilon: float = 1.0, extra_privacy: str = "") -> str:
+                mode: str = "test", epsilon: float = 1.0, extra_privacy: str = "", statistics: str = "") -> str:
     lines = [
         f"regions = {json.dumps(list(REGIONS))}",
         "[federation]", 'id = "test-federation"', 'window = "1h"',
@@ -94,6 +94,8 @@ def config_text(*, institutions: list[tuple[str, str]], quorum: int, noise: bool
         ext = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}[fmt]
         lines += ["[[institutions]]", f'id = "{inst}"', "[[institutions.feeds]]", 'name = "main"',
                   f'path = "feeds/{inst}/*.{ext}"', f'format = "{fmt}"']
+    if statistics:
+        lines += ["[statistics]", statistics]
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +105,7 @@ def make_federation(tmp_path: Path) -> Callable[..., Federation]:
 
     def build(*, institutions: list[tuple[str, str]] | None = None, quorum: int = 2, noise: bool = False,
               seed: int | None = 7, entities: int = 12, mode: str = "test", epsilon: float = 1.0,
-              subdir: str = "") -> Federation:
+              subdir: str = "", statistics: str = "") -> Federation:
         from fusion.keys import create_keys
 
         root = tmp_path / subdir if subdir else tmp_path
@@ -119,7 +121,8 @@ def make_federation(tmp_path: Path) -> Callable[..., Federation]:
             write_feed(table.slice(half), root / "feeds" / inst / f"part-1.{ext}", fmt)
         config_path = root / "federation.toml"
         config_path.write_text(config_text(institutions=institutions, quorum=quorum, noise=noise,
-                                           seed=seed if mode == "test" else None, mode=mode, epsilon=epsilon))
+                                           seed=seed if mode == "test" else None, mode=mode, epsilon=epsilon,
+                                           statistics=statistics))
         create_keys(load_config(config_path))
         return Federation(directory=root, config_path=config_path, raw=raw)
 

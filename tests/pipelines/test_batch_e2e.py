@@ -34,15 +34,21 @@ def reference_cells(fed: Federation) -> pa.Table:
     for inst in fed.config.institutions:
         feed = inst.feeds[0]
         path = fed.config.resolve(feed.path)
-        reader = {"parquet": f"read_parquet('{path}')", "csv": f"read_csv('{path}', all_varchar=true)",
-                  "jsonl": f"read_json('{path}', format='newline_delimited', columns={{entity_id: 'VARCHAR', "
-                           "region: 'VARCHAR', metric: 'VARCHAR', event_time: 'VARCHAR', value: 'DOUBLE'})"}
-        sources.append(f"SELECT metric, region, CAST(event_time AS TIMESTAMPTZ) AS t, CAST(value AS DOUBLE) AS v "
-                       f"FROM {reader[feed.format.value]}")
-    bounds = " UNION ALL ".join(f"SELECT '{m}' AS metric, {lo} AS lo, {hi} AS hi"
-                                for m, (_, lo, hi, _, _) in METRICS.items())
+        reader = {
+            "parquet": f"read_parquet('{path}')",
+            "csv": f"read_csv('{path}', all_varchar=true)",
+            "jsonl": f"read_json('{path}', format='newline_delimited', columns={{entity_id: 'VARCHAR', "
+            "region: 'VARCHAR', metric: 'VARCHAR', event_time: 'VARCHAR', value: 'DOUBLE'})",
+        }
+        sources.append(
+            f"SELECT metric, region, CAST(event_time AS TIMESTAMPTZ) AS t, CAST(value AS DOUBLE) AS v "
+            f"FROM {reader[feed.format.value]}"
+        )
+    bounds = " UNION ALL ".join(
+        f"SELECT '{m}' AS metric, {lo} AS lo, {hi} AS hi" for m, (_, lo, hi, _, _) in METRICS.items()
+    )
     return con.sql(f"""
-        WITH readings AS ({' UNION ALL '.join(sources)}), bounds AS ({bounds})
+        WITH readings AS ({" UNION ALL ".join(sources)}), bounds AS ({bounds})
         SELECT r.metric, region, time_bucket(INTERVAL 1 HOUR, t) AS window_start,
                count(*)::DOUBLE AS count, sum(least(greatest(v, lo), hi)) AS sum
         FROM readings r JOIN bounds b ON r.metric = b.metric
@@ -98,13 +104,18 @@ def test_noise_on_is_consistent_with_reported_sd(make_federation):
     # The reported noise scale is exactly the calibrated one, in value units.
     np.testing.assert_allclose(cells["count_sd"], [np.sqrt(variance) / weights[m] for m in cells["metric"]])
     # The sum is (centred sum) + centre * count: both slots' independent noise shows in its SD.
-    expected_sum_sd = [np.hypot(np.sqrt(variance) * units[m], centres[m] * np.sqrt(variance) / weights[m])
-                       for m in cells["metric"]]
+    expected_sum_sd = [
+        np.hypot(np.sqrt(variance) * units[m], centres[m] * np.sqrt(variance) / weights[m]) for m in cells["metric"]
+    ]
     np.testing.assert_allclose(cells["sum_sd"], expected_sum_sd)
     np.testing.assert_allclose(cells["count_ci_high"] - cells["count"], Z95 * cells["count_sd"])
     # The noise itself: standardised errors of counts and sums look like N(0, 1).
-    z = np.concatenate([(cells["count"] - cells["true_count"]) / cells["count_sd"],
-                        (cells["sum"] - cells["true_sum"]) / cells["sum_sd"]])
+    z = np.concatenate(
+        [
+            (cells["count"] - cells["true_count"]) / cells["count_sd"],
+            (cells["sum"] - cells["true_sum"]) / cells["sum_sd"],
+        ]
+    )
     assert not np.allclose(z, 0)
     chi2 = float(np.sum(z**2))
     low, high = stats.chi2.ppf([1e-4, 1 - 1e-4], df=len(z))
@@ -210,3 +221,48 @@ def test_an_envelope_with_unreadable_ciphertexts_is_refused_not_fatal(make_feder
     result = run_aggregate(plan)
     assert result["contributors"] == ["alpha", "beta"]
     assert [r["reason"] for r in result["refused"]] == ["unreadable_ciphertext"]
+
+
+def inverse_cdf(values: list[float], q: float) -> float:
+    """The smallest value v with (readings <= v) / n >= q: the quantile a histogram's CDF crossing brackets."""
+    ordered = sorted(values)
+    return ordered[max(0, int(np.ceil(q * len(ordered) - 1e-9)) - 1)]
+
+
+def test_stddev_and_quantiles_with_noise_off_match_duckdb(make_federation):
+    fed = make_federation(noise=False, statistics="variance = true\nquantiles = true\nhistogram_bins = 20")
+    plan = plan_release(fed.config, START, END)
+    assert run_batch(plan).status == "released"
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    raw = pa.concat_tables([t.select(["metric", "region", "event_time", "value"]) for t in fed.raw.values()])
+    con.register("raw", raw)
+    bounds = " UNION ALL ".join(
+        f"SELECT '{m}' AS metric, {lo} AS lo, {hi} AS hi" for m, (_, lo, hi, _, _) in METRICS.items()
+    )
+    reference = con.sql(f"""
+        WITH b AS ({bounds})
+        SELECT raw.metric, region, time_bucket(INTERVAL 1 HOUR, event_time) AS window_start,
+               stddev_pop(least(greatest(value, lo), hi)) AS sd, list(least(greatest(value, lo), hi)) AS vs
+        FROM raw JOIN b ON raw.metric = b.metric GROUP BY ALL
+    """).to_arrow_table()
+    con.register("ref", reference)
+    con.register("rel", released_cells(fed))
+    rows = (
+        con.sql("SELECT rel.*, ref.sd, ref.vs FROM rel JOIN ref USING (metric, region, window_start)")
+        .to_arrow_table()
+        .to_pylist()
+    )
+    assert len(rows) == plan.layout.cells
+    for row in rows:
+        encoding = plan.params.encodings[list(METRICS).index(row["metric"])]
+        # Squares are kept at 1/w of the SUM's resolution: each reading's rounding moves the variance by at most
+        # w * unit^2 / 2 (worst case; on average the errors cancel).
+        tolerance = encoding.count_weight * encoding.sum_unit() ** 2 / 2
+        assert abs(row["stddev"] ** 2 - row["sd"] ** 2) <= tolerance, row
+        width = (encoding.upper - encoding.lower) / 20
+        for name, q in (("p10", 0.1), ("median", 0.5), ("p90", 0.9)):
+            truth = inverse_cdf(row["vs"], q)
+            assert row[f"{name}_ci_low"] <= truth <= row[f"{name}_ci_high"], (name, truth, row)
+            assert abs(row[name] - truth) <= width, (name, truth, row)
+        assert row["p10"] <= row["median"] <= row["p90"]
