@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     with_interval(with_config(sub.add_parser("aggregate", help="aggregator: sum the contributions")))
     with_interval(with_config(sub.add_parser("release", help="key holder: decrypt and publish to the store")))
 
+    plan = with_config(sub.add_parser("plan", help="predicted noise and budget of a release; spends nothing"))
+    plan.add_argument("--contributors", type=int, default=None, help="institutions assumed to contribute")
+    plan.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
     budget = with_config(sub.add_parser("budget", help="privacy budget spent and left per period"))
     budget.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
@@ -193,6 +197,28 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fusion.planning import privacy_plan
+
+    config = load_config(args.config)
+    try:
+        plan, metrics = privacy_plan(config, contributors=args.contributors)
+    except ValueError as exc:
+        raise FusionError(f"--contributors: {exc}") from None
+    console.print(
+        f"[bold]Privacy plan[/bold] for {config.federation.id} (nothing is spent)\n"
+        f"  unit: {plan.unit}; {plan.components_per_reading} vector sums per reading\n"
+        f"  sensitivity (integer units): L1 = {plan.l1:.6g}, L2 = {plan.l2:.6g}\n"
+        f"  Skellam noise: total variance {plan.total_variance:.6g} at the quorum, "
+        f"{plan.share_variance:.6g} per institution\n"
+        f"  each release: epsilon {plan.epsilon:.4f} at delta {plan.delta:g}\n"
+        f"  budget: cap {plan.epsilon_cap:g} per {plan.period} period -> {plan.releases_per_period} release(s) fit\n"
+        f"  error bars below assume {plan.contributors} contributing institutions"
+    )
+    print_arrow(metrics, args.format, title="predicted noise per cell")
+    return 0
+
+
 def cmd_budget(args: argparse.Namespace) -> int:
     from fusion.api import open_store
 
@@ -260,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_release(args)
         if args.command == "budget":
             return cmd_budget(args)
+        if args.command == "plan":
+            return cmd_plan(args)
         return cmd_sql(args)
     except FusionError as exc:
         err_console.print(f"[red]error:[/red] {exc}")

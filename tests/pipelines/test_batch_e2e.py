@@ -16,10 +16,12 @@ from fusion.estimates import Z95
 from fusion.exchange import contribution_path, contributions_dir, join, read_bytes, refusal_path, write_bytes
 from fusion.keys import create_keys, secret_key_file
 from fusion.plan import plan_release
+from fusion.planning import privacy_plan, releases_that_fit
 from fusion.store import Store
 from pipelines.batch import run_batch
 from pipelines.release import release
 from pipelines.run import run_aggregate, run_contributions
+from privacy.accountant import epsilon_for
 from privacy.envelope import pack_envelope, unpack_envelope
 from tests.conftest import END, METRICS, START, Federation
 
@@ -109,6 +111,11 @@ def test_noise_on_is_consistent_with_reported_sd(make_federation):
     ]
     np.testing.assert_allclose(cells["sum_sd"], expected_sum_sd)
     np.testing.assert_allclose(cells["count_ci_high"] - cells["count"], Z95 * cells["count_sd"])
+    # `fusion plan` predicted exactly these error bars before anything was spent.
+    _, predicted = privacy_plan(fed.config, contributors=contributors)
+    by_metric = {row["metric"]: row for row in predicted.to_pylist()}
+    np.testing.assert_allclose(cells["count_sd"], [by_metric[m]["count_sd"] for m in cells["metric"]], rtol=1e-12)
+    np.testing.assert_allclose(cells["sum_sd"], [by_metric[m]["sum_sd"] for m in cells["metric"]], rtol=1e-12)
     # The noise itself: standardised errors of counts and sums look like N(0, 1).
     z = np.concatenate(
         [
@@ -266,3 +273,30 @@ def test_stddev_and_quantiles_with_noise_off_match_duckdb(make_federation):
             assert row[f"{name}_ci_low"] <= truth <= row[f"{name}_ci_high"], (name, truth, row)
             assert abs(row[name] - truth) <= width, (name, truth, row)
         assert row["p10"] <= row["median"] <= row["p90"]
+
+
+def test_the_plan_counts_the_releases_a_period_admits(make_federation):
+    fed = make_federation(noise=True)
+    params = plan_release(fed.config, START, END).params
+    assert releases_that_fit(params, params.epsilon) == 1
+    k = releases_that_fit(params, 3.0)
+    assert (
+        epsilon_for(
+            variance=params.total_variance,
+            l1=params.sensitivity.l1,
+            l2=params.sensitivity.l2,
+            delta=params.delta,
+            releases=k,
+        )
+        <= 3.0
+    )
+    assert (
+        epsilon_for(
+            variance=params.total_variance,
+            l1=params.sensitivity.l1,
+            l2=params.sensitivity.l2,
+            delta=params.delta,
+            releases=k + 1,
+        )
+        > 3.0
+    )
