@@ -6,10 +6,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fusion.ledger import BudgetLedger
+from fusion.ledger import BudgetExceeded, BudgetLedger
 from fusion.plan import ReleasePlan
 from fusion.store import Store
-from pipelines.release import ReleaseOutcome, release
+from pipelines.release import ReleaseOutcome, audit_event, release
 from pipelines.run import run_aggregate, run_contributions
 
 
@@ -38,13 +38,17 @@ def run_batch(
     if store.has_release(plan.key.release_id):
         return BatchSummary(release_id=plan.key.release_id, status="already_released")
     # Refuse before any work if the period's budget cannot take this release (the release step decides).
-    BudgetLedger(store).check(
-        period=plan.period,
-        release_id=plan.key.release_id,
-        rdp=plan.params.rdp,
-        cap=plan.config.privacy.cap,
-        delta=plan.params.delta,
-    )
+    try:
+        BudgetLedger(store).check(
+            period=plan.period,
+            release_id=plan.key.release_id,
+            rdp=plan.params.rdp,
+            cap=plan.config.privacy.cap,
+            delta=plan.params.delta,
+        )
+    except BudgetExceeded as exc:
+        audit_event(plan, store, action="budget_refused", reason=str(exc), detail={"period": plan.period.name})
+        raise
     on_stage("contribute")
     reports = run_contributions(plan, plan.config.institutions, beam_args)
     on_stage("aggregate")

@@ -211,10 +211,10 @@ def _spend(plan: ReleasePlan, store: Store, *, aggregate_sha256: str) -> Spend:
             delta=plan.params.delta,
         )
     except ReleaseRefused as exc:  # over the cap, or a second aggregate for a charged release
-        _audit(plan, store, action="budget_refused", reason=str(exc), detail={"period": plan.period.name})
+        audit_event(plan, store, action="budget_refused", reason=str(exc), detail={"period": plan.period.name})
         raise
     if spend.charged:
-        _audit(
+        audit_event(
             plan,
             store,
             action="budget_spend",
@@ -231,7 +231,7 @@ def _spend(plan: ReleasePlan, store: Store, *, aggregate_sha256: str) -> Spend:
     return spend
 
 
-def _audit(
+def audit_event(
     plan: ReleasePlan,
     store: Store,
     *,
@@ -261,5 +261,5 @@ def _refuse(plan: ReleasePlan, store: Store) -> NoReturn:
         refusal = json.loads(read_bytes(path))
     else:
         refusal = {"reason": "no aggregate envelope in the exchange; run `fusion aggregate` first"}
-    _audit(plan, store, action="release_refused", reason=refusal["reason"], detail=refusal)
+    audit_event(plan, store, action="release_refused", reason=refusal["reason"], detail=refusal)
     raise ReleaseRefused(f"release {plan.key.release_id} refused: {refusal['reason']}")

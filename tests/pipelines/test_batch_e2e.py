@@ -15,6 +15,7 @@ from fusion.errors import FusionError, ReleaseRefused
 from fusion.estimates import Z95
 from fusion.exchange import contribution_path, contributions_dir, join, read_bytes, refusal_path, write_bytes
 from fusion.keys import create_keys, secret_key_file
+from fusion.ledger import BudgetExceeded
 from fusion.plan import plan_release
 from fusion.planning import privacy_plan, releases_that_fit
 from fusion.store import Store
@@ -300,3 +301,18 @@ def test_the_plan_counts_the_releases_a_period_admits(make_federation):
         )
         > 3.0
     )
+
+
+def test_a_release_past_the_period_cap_is_refused_before_any_work(make_federation):
+    fed = make_federation(noise=True)  # cap defaults to epsilon: one release per day
+    first = plan_release(fed.config, START, END)
+    assert run_batch(first).status == "released"
+    second = plan_release(fed.config, END, END + (END - START))  # the same UTC day
+    with pytest.raises(BudgetExceeded, match=r"needs epsilon .* is left"):
+        run_batch(second)
+    store = Store(fed.config.store_path)
+    refusals = [a for a in store.read("audit").to_pylist() if a["action"] == "budget_refused"]
+    assert len(refusals) == 1 and refusals[0]["release_id"] == second.key.release_id
+    assert not (fed.directory / "exchange" / second.key.interval_name).exists()  # nothing was contributed
+    budget = store.read("budget").to_pylist()
+    assert budget[0]["releases"] == 1 and budget[0]["epsilon_spent"] <= fed.config.privacy.cap
