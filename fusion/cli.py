@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default="demo", help="where to build it (replaced if it exists)")
     demo.add_argument("--days", type=int, default=2, help="days of feed data to generate")
 
-    keys = with_config(sub.add_parser("keys", help="key holder: create the federation's HE keys"))
+    keys = with_config(sub.add_parser("keys", help="key holder: create the HE keys; an institution: --institution ID"))
+    keys.add_argument("--institution", help="create this institution's signing key and register it")
     keys.add_argument("--overwrite", action="store_true", help="replace existing keys")
 
     with_interval(with_config(sub.add_parser("batch", help="run every role for an interval on this machine")))
@@ -237,8 +238,16 @@ def cmd_budget(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from fusion.keys import create_keys
+    from fusion.registry import create_institution_keys
 
-    secret, public = create_keys(load_config(args.config), overwrite=args.overwrite)
+    config = load_config(args.config)
+    if args.institution:
+        key_file = create_institution_keys(config, args.institution, overwrite=args.overwrite)
+        console.print(
+            f"signing key of {args.institution} (mode 0600): {key_file}\nregistered in {config.registry_path}"
+        )
+        return 0
+    secret, public = create_keys(config, overwrite=args.overwrite)
     console.print(f"secret context (key holder only, mode 0600): {secret}\npublic context: {public}")
     return 0
 

@@ -84,6 +84,7 @@ class InstitutionConfig(_Frozen):
     name: str = ""
     feeds: tuple[FeedConfig, ...] = Field(min_length=1)
     dead_letter: str | None = None  # defaults to <base>/deadletter/<id>
+    keys: str | None = None  # the institution's private signing key directory; defaults to <base>/institution-keys/<id>
     # Readings per cell and release; bounds the encrypted totals. Default: the largest that cannot wrap.
     max_readings_per_cell: int | None = Field(default=None, gt=0)
 
@@ -179,6 +180,7 @@ class FederationConfig(_Frozen):
     store: str = "store"
     exchange: str = "exchange"
     keys: str = "keys"
+    registry: str = "registry.toml"  # who may contribute: institutions' public signing keys
 
     @field_validator("window")
     @classmethod
@@ -266,6 +268,13 @@ class Config(_Frozen):
                 return inst
         known = ", ".join(i.id for i in self.institutions)
         raise ConfigError(f"unknown institution '{institution_id}'; the config declares: {known}")
+
+    def institution_keys_path(self, institution: InstitutionConfig) -> str:
+        return self.resolve(institution.keys or f"institution-keys/{institution.id}")
+
+    @property
+    def registry_path(self) -> str:
+        return self.resolve(self.federation.registry)
 
     def dead_letter_path(self, institution: InstitutionConfig) -> str:
         return self.resolve(institution.dead_letter or f"deadletter/{institution.id}")

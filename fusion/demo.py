@@ -22,6 +22,7 @@ from fusion.demo_data import (
     load_station,
 )
 from fusion.keys import create_keys
+from fusion.registry import create_institution_keys
 
 DEMO_START = datetime(2026, 1, 1, tzinfo=UTC)
 UNITS = {"ghi": "W/m2", "air_temp": "degC", "humidity": "percent", "wind_speed": "m/s"}
@@ -152,5 +153,8 @@ def build_demo(directory: Path, *, days: int = 2) -> Path:
         "station's value interpolated to the sampling time plus a per-sensor bias and measurement noise;\n"
         "regional offsets are synthetic; metservice's feed carries a few deliberately broken rows.\n"
     )
-    create_keys(load_config(config_path))
+    config = load_config(config_path)
+    create_keys(config)
+    for spec in INSTITUTIONS:
+        create_institution_keys(config, spec.id)
     return config_path

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from pathlib import Path
 
 from fusion.config import Config
 from fusion.errors import FusionError
 from fusion.exchange import SECRET_CONTEXT, public_context_path, read_bytes, write_bytes
+from fusion.registry import read_private
 from privacy import he
 
 PUBLIC_DIGEST = "he_public.sha256"
@@ -63,9 +63,4 @@ def load_secret_context_bytes(config: Config) -> bytes:
     path = secret_key_file(config)
     if not path.exists():
         raise FusionError(f"the HE secret key is missing ({path}); run `fusion keys` as the key holder")
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise FusionError(
-            f"{path} is accessible to group or others (mode {stat.filemode(mode)}); run `chmod 600 {path}`"
-        )
-    return path.read_bytes()
+    return read_private(path, "the HE secret key")

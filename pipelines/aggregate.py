@@ -26,8 +26,16 @@ from fusion.exchange import (
 )
 from fusion.faults import crash_point
 from fusion.plan import ReleasePlan
+from fusion.registry import load_registry
 from privacy import he
-from privacy.envelope import EnvelopeError, EnvelopeHeader, pack_envelope, unpack_envelope
+from privacy.envelope import (
+    EnvelopeError,
+    EnvelopeHeader,
+    PayloadMismatch,
+    pack_envelope,
+    signature_valid,
+    unpack_envelope,
+)
 
 REFUSED = "refused"
 
@@ -35,9 +43,10 @@ REFUSED = "refused"
 class OpenEnvelope(beam.DoFn):
     """path -> (institution, (path, header, ciphertexts)); envelopes that fail a check are tagged refused."""
 
-    def __init__(self, plan: ReleasePlan, public_context: bytes) -> None:
+    def __init__(self, plan: ReleasePlan, public_context: bytes, registry: dict[str, bytes]) -> None:
         self._plan = plan
         self._public_context = public_context
+        self._registry = registry
 
     def setup(self) -> None:
         self._context = he.load_public_context(self._public_context)
@@ -45,6 +54,9 @@ class OpenEnvelope(beam.DoFn):
     def process(self, path: str) -> Iterator[Any]:
         try:
             header, ciphertexts = unpack_envelope(read_bytes(path))
+        except PayloadMismatch:
+            yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": "tampered"})
+            return
         except EnvelopeError as exc:
             yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": f"unreadable: {exc}"})
             return
@@ -71,8 +83,12 @@ class OpenEnvelope(beam.DoFn):
             return "wrong_layout"
         if header.parameters_digest != plan.key.parameters_digest:
             return "wrong_parameters"
-        if header.contributors[0] not in registered:
+        if header.contributors[0] not in registered or header.contributors[0] not in self._registry:
             return "unregistered_institution"
+        if not header.signature:
+            return "unsigned"
+        if not signature_valid(header, self._registry[header.contributors[0]]):
+            return "bad_signature"
         if header.context_sha256 != hashlib.sha256(self._public_context).hexdigest():
             return "wrong_he_context"
         return ""
@@ -89,13 +105,21 @@ class OpenEnvelope(beam.DoFn):
 
 
 class OnePerInstitution(beam.DoFn):
-    """(institution, envelopes) -> the envelope, or all of them refused when an institution sent several."""
+    """(institution, signed envelopes) -> one envelope per institution.
+
+    Copies of one signed envelope (same nonce and payload) are replays: the first by path is kept and the copies
+    are refused, so dropping a copy into the exchange cannot knock an institution out. Two different envelopes
+    signed by one institution are ambiguous: both are refused as duplicates.
+    """
 
     def process(self, element: tuple[str, Iterable[tuple[str, EnvelopeHeader, list[bytes]]]]) -> Iterator[Any]:
         institution, envelopes = element
-        envelopes = list(envelopes)
-        if len(envelopes) == 1:
+        envelopes = sorted(envelopes, key=lambda e: e[0])
+        distinct = {(h.nonce, h.payload_sha256) for _, h, _ in envelopes}
+        if len(distinct) == 1:
             yield envelopes[0]
+            for path, _, _ in envelopes[1:]:
+                yield TaggedOutput(REFUSED, {"source": path, "institution": institution, "reason": "replayed"})
             return
         for path, _, _ in envelopes:
             yield TaggedOutput(REFUSED, {"source": path, "institution": institution, "reason": "duplicate"})
@@ -201,7 +225,10 @@ class Aggregate(beam.PTransform):
         opened = (
             pbegin
             | "Envelopes" >> beam.Create(paths)
-            | "Open" >> beam.ParDo(OpenEnvelope(plan, public_context)).with_outputs(REFUSED, main="ok")
+            | "Open"
+            >> beam.ParDo(OpenEnvelope(plan, public_context, load_registry(plan.config))).with_outputs(
+                REFUSED, main="ok"
+            )
         )
         unique = (
             opened.ok

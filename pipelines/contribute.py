@@ -31,6 +31,7 @@ from fusion.exchange import contribution_path, join, public_context_path, read_b
 from fusion.faults import crash_point
 from fusion.feeds import feed_files, mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan
+from fusion.registry import load_signing_key
 from privacy import he
 from privacy.envelope import EnvelopeHeader, pack_envelope
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
@@ -196,7 +197,8 @@ class SealContribution(beam.DoFn):
             reject_counts={institution.id: dict(total.rejected)},
         )
         path = contribution_path(plan.config.exchange_path, plan.key, institution.id)
-        write_bytes(path, pack_envelope(header, ciphertexts))
+        signing_key = load_signing_key(plan.config, institution.id)
+        write_bytes(path, pack_envelope(header, ciphertexts, signing_key=signing_key))
         write_json(join(self._dead_letter_dir, "report.json"), total.counts())  # local only, never shared
         crash_point("after_encrypt")
         yield header

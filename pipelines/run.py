@@ -20,6 +20,7 @@ from fusion.exchange import (
     refusal_path,
 )
 from fusion.plan import ReleasePlan
+from fusion.registry import load_signing_key
 from pipelines.aggregate import Aggregate
 from pipelines.contribute import Contribute
 from privacy.envelope import unpack_envelope
@@ -61,6 +62,7 @@ def run_contributions(
     exchange = plan.config.exchange_path
     pending = [i for i in institutions if not exists(contribution_path(exchange, plan.key, i.id))]
     for institution in pending:
+        load_signing_key(plan.config, institution.id)  # fail now, not after the pipeline, if it is missing
         _clear(dead_letter_dir(plan, institution))
     if pending:
         with beam.Pipeline(options=beam_options(beam_args)) as pipeline:

@@ -2,7 +2,8 @@
 
 Binary layout (all integers big-endian):
     b"FUSIONENV1\\n" | u32 header length | header JSON (UTF-8) | u32 count | (u64 length | ciphertext)*
-The header records the payload's SHA-256 so a damaged or swapped payload is detected when read.
+The header records the payload's SHA-256 so a damaged or swapped payload is detected when read, and an
+institution signs the header (Ed25519, `signature` left empty in the signed bytes), which binds the payload too.
 """
 
 from __future__ import annotations
@@ -10,13 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+
+from privacy.signing import sign, verify
 
 MAGIC = b"FUSIONENV1\n"
 
 
 class EnvelopeError(ValueError):
     """An envelope is malformed or its payload does not match its header."""
+
+
+class PayloadMismatch(EnvelopeError):
+    """The ciphertexts are not the ones the header (and so its signature) vouches for."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class EnvelopeHeader:
     nonce: str
     created_at: str
     payload_sha256: str = ""
+    signature: str = ""  # hex Ed25519 signature of the header with this field empty
     # Per institution: {reason: rows rejected}. Data-quality counts only (never rows, never read/accepted
     # totals, which would reveal exact counts of the protected readings); they reach the `rejects` table.
     reject_counts: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -67,11 +75,13 @@ def payload_digest(ciphertexts: list[bytes]) -> str:
     return digest.hexdigest()
 
 
-def pack_envelope(header: EnvelopeHeader, ciphertexts: list[bytes]) -> bytes:
-    """Serialize; fills in the payload hash."""
-    from dataclasses import replace
-
-    header = replace(header, payload_sha256=payload_digest(ciphertexts))
+def pack_envelope(
+    header: EnvelopeHeader, ciphertexts: list[bytes], *, signing_key: bytes | None = None
+) -> bytes:
+    """Serialize; fills in the payload hash, then signs the header when given the sender's private key."""
+    header = replace(header, payload_sha256=payload_digest(ciphertexts), signature="")
+    if signing_key is not None:
+        header = sign_header(header, signing_key)
     head = header.to_json()
     parts = [MAGIC, struct.pack(">I", len(head)), head, struct.pack(">I", len(ciphertexts))]
     for ct in ciphertexts:
@@ -104,5 +114,22 @@ def unpack_envelope(data: bytes) -> tuple[EnvelopeHeader, list[bytes]]:
     if offset != len(data):
         raise EnvelopeError("envelope has trailing bytes")
     if payload_digest(ciphertexts) != header.payload_sha256:
-        raise EnvelopeError("payload does not match the header's SHA-256")
+        raise PayloadMismatch("payload does not match the header's SHA-256")
     return header, ciphertexts
+
+
+def signed_bytes(header: EnvelopeHeader) -> bytes:
+    """What an institution signs: the header (which holds the payload's SHA-256) without its signature."""
+    return replace(header, signature="").to_json()
+
+
+def sign_header(header: EnvelopeHeader, private_key: bytes) -> EnvelopeHeader:
+    return replace(header, signature=sign(private_key, signed_bytes(header)).hex())
+
+
+def signature_valid(header: EnvelopeHeader, public_key: bytes) -> bool:
+    try:
+        signature = bytes.fromhex(header.signature)
+    except ValueError:
+        return False
+    return bool(signature) and verify(public_key, signed_bytes(header), signature)

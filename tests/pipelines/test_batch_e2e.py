@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import duckdb
 import numpy as np
@@ -18,12 +19,14 @@ from fusion.keys import create_keys, secret_key_file
 from fusion.ledger import BudgetExceeded
 from fusion.plan import plan_release
 from fusion.planning import privacy_plan, releases_that_fit
+from fusion.registry import load_signing_key
 from fusion.store import Store
 from pipelines.batch import run_batch
 from pipelines.release import release
 from pipelines.run import run_aggregate, run_contributions
 from privacy.accountant import epsilon_for
-from privacy.envelope import pack_envelope, unpack_envelope
+from privacy.envelope import EnvelopeHeader, pack_envelope, unpack_envelope
+from privacy.signing import generate_signing_key
 from tests.conftest import END, METRICS, START, Federation
 
 pytestmark = pytest.mark.e2e
@@ -196,16 +199,61 @@ def test_only_the_key_holder_needs_the_secret_key(make_federation, tmp_path):
     assert release(plan, Store(fed.config.store_path)).status == "released"
 
 
-def test_an_institution_sending_two_envelopes_has_both_refused(make_federation):
-    fed = make_federation(noise=False, quorum=2)
+def test_forged_replayed_and_duplicate_envelopes_are_refused_with_reasons(make_federation):
+    fed = make_federation(
+        noise=False,
+        quorum=1,
+        institutions=[("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl"), ("delta", "csv")],
+    )
     plan = plan_release(fed.config, START, END)
     run_contributions(plan, fed.config.institutions)
-    directory = contributions_dir(fed.config.exchange_path, plan.key)
-    shutil.copy(contribution_path(fed.config.exchange_path, plan.key, "beta"), join(directory, "beta-again.fenv"))
+    exchange = fed.config.exchange_path
+    directory = contributions_dir(exchange, plan.key)
+
+    def envelope(institution: str) -> tuple[EnvelopeHeader, list[bytes]]:
+        return unpack_envelope(read_bytes(contribution_path(exchange, plan.key, institution)))
+
+    alpha_header, alpha_cts = envelope("alpha")
+    beta_header, beta_cts = envelope("beta")
+    gamma_header, gamma_cts = envelope("gamma")
+    # A replay: an exact copy of alpha's signed envelope under another name. Alpha still counts, once.
+    shutil.copy(contribution_path(exchange, plan.key, "alpha"), join(directory, "alpha-copy.fenv"))
+    # Beta signs a second, different envelope: ambiguous, so both of beta's are refused.
+    beta_key = load_signing_key(fed.config, "beta")
+    second = replace(beta_header, nonce="f" * 32)
+    write_bytes(join(directory, "beta-second.fenv"), pack_envelope(second, beta_cts, signing_key=beta_key))
+    # Gamma's envelope, unsigned; and delta's re-signed by gamma (a forgery under delta's name).
+    write_bytes(contribution_path(exchange, plan.key, "gamma"), pack_envelope(gamma_header, gamma_cts))
+    delta_header, delta_cts = envelope("delta")
+    write_bytes(
+        contribution_path(exchange, plan.key, "delta"),
+        pack_envelope(delta_header, delta_cts, signing_key=load_signing_key(fed.config, "gamma")),
+    )
+    # A tampered payload under alpha's valid signature, and an envelope from an institution nobody registered.
+    tampered = bytearray(pack_envelope(alpha_header, alpha_cts, signing_key=load_signing_key(fed.config, "alpha")))
+    tampered[-10] ^= 0xFF
+    write_bytes(join(directory, "alpha-tampered.fenv"), bytes(tampered))
+    intruder = replace(alpha_header, contributors=("intruder",))
+    write_bytes(
+        join(directory, "intruder.fenv"), pack_envelope(intruder, alpha_cts, signing_key=generate_signing_key()[0])
+    )
+
     result = run_aggregate(plan)
-    assert sorted(r["reason"] for r in result["refused"]) == ["duplicate", "duplicate"]
-    assert result["contributors"] == ["alpha", "gamma"]
-    assert release(plan, Store(fed.config.store_path)).contributors == ("alpha", "gamma")
+    reasons = sorted((r["institution"], r["reason"]) for r in result["refused"])
+    assert reasons == [
+        ("", "tampered"),
+        ("alpha", "replayed"),
+        ("beta", "duplicate"),
+        ("beta", "duplicate"),
+        ("delta", "bad_signature"),
+        ("gamma", "unsigned"),
+        ("intruder", "unregistered_institution"),
+    ]
+    assert result["contributors"] == ["alpha"]
+    outcome = release(plan, Store(fed.config.store_path))
+    assert outcome.contributors == ("alpha",)
+    audit = Store(fed.config.store_path).read("audit").to_pylist()
+    assert sorted(a["reason"] for a in audit if a["action"] == "envelope_refused") == sorted(r for _, r in reasons)
 
 
 def test_envelopes_under_another_public_context_are_refused(make_federation):
@@ -225,7 +273,8 @@ def test_an_envelope_with_unreadable_ciphertexts_is_refused_not_fatal(make_feder
     run_contributions(plan, fed.config.institutions)
     path = contribution_path(fed.config.exchange_path, plan.key, "gamma")
     header, ciphertexts = unpack_envelope(read_bytes(path))
-    write_bytes(path, pack_envelope(header, [b"\x00" * 64 for _ in ciphertexts]))  # a consistent, bogus payload
+    bogus = [b"\x00" * 64 for _ in ciphertexts]  # consistent with its (signed) header, but not ciphertexts
+    write_bytes(path, pack_envelope(header, bogus, signing_key=load_signing_key(fed.config, "gamma")))
     result = run_aggregate(plan)
     assert result["contributors"] == ["alpha", "beta"]
     assert [r["reason"] for r in result["refused"]] == ["unreadable_ciphertext"]

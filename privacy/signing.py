@@ -1,0 +1,31 @@
+"""Ed25519 signatures for envelopes (the `cryptography` package): raw 32-byte keys, domain-separated messages."""
+
+from __future__ import annotations
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+_DOMAIN = b"fusion/envelope/v1\n"  # a signature over an envelope can never be replayed as another message
+_RAW = serialization.Encoding.Raw
+
+
+def generate_signing_key() -> tuple[bytes, bytes]:
+    """(private key, public key), 32 raw bytes each."""
+    private = Ed25519PrivateKey.generate()
+    private_raw = private.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    public_raw = private.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
+    return private_raw, public_raw
+
+
+def sign(private_key: bytes, message: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(private_key).sign(_DOMAIN + message)
+
+
+def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """True only for a valid signature of `message` under `public_key`."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, _DOMAIN + message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True

@@ -1,0 +1,59 @@
+"""Institution signing keys and the registry of their public halves."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fusion.config import parse_config
+from fusion.errors import FusionError
+from fusion.registry import create_institution_keys, load_registry, load_signing_key, signing_key_file
+from tests.conftest import config_text
+
+
+@pytest.fixture
+def config(tmp_path: Path):
+    text = config_text(institutions=[("alpha", "csv"), ("beta", "csv")], quorum=1)
+    return parse_config(tomllib.loads(text), base=tmp_path)
+
+
+def test_keys_are_private_and_their_public_halves_registered(config) -> None:
+    assert load_registry(config) == {}
+    for institution in ("alpha", "beta"):
+        key_file = create_institution_keys(config, institution)
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert key_file.parent.stat().st_mode & 0o777 == 0o700
+    registry = load_registry(config)
+    assert set(registry) == {"alpha", "beta"} and all(len(k) == 32 for k in registry.values())
+    assert len(load_signing_key(config, "alpha")) == 32
+
+
+def test_keys_are_not_replaced_by_accident_and_re_registered_when_they_are(config) -> None:
+    create_institution_keys(config, "alpha")
+    first = load_registry(config)["alpha"]
+    with pytest.raises(FusionError, match="already exists"):
+        create_institution_keys(config, "alpha")
+    create_institution_keys(config, "alpha", overwrite=True)
+    assert load_registry(config)["alpha"] != first
+
+
+def test_a_signing_key_readable_by_others_is_refused(config) -> None:
+    create_institution_keys(config, "alpha")
+    signing_key_file(config, "alpha").chmod(0o640)
+    with pytest.raises(FusionError, match="chmod 600"):
+        load_signing_key(config, "alpha")
+
+
+def test_missing_keys_and_unknown_institutions_are_clear_errors(config) -> None:
+    with pytest.raises(FusionError, match="signing key is missing"):
+        load_signing_key(config, "alpha")
+    with pytest.raises(FusionError, match="unknown institution"):
+        create_institution_keys(config, "nobody")
+
+
+def test_a_malformed_registry_is_refused(config) -> None:
+    Path(config.registry_path).write_text('[[institutions]]\nid = "alpha"\nsigning_key = "not hex"\n')
+    with pytest.raises(FusionError, match="malformed"):
+        load_registry(config)
