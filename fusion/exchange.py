@@ -69,6 +69,24 @@ def contribution_path(exchange: str, key: ReleaseKey, institution: str) -> str:
     return join(contributions_dir(exchange, key), f"{institution}.fenv")
 
 
+def corrections_dir(exchange: str, key: ReleaseKey) -> str:
+    return join(exchange, key.interval_name, "corrections")
+
+
+def correction_path(exchange: str, key: ReleaseKey, institution: str) -> str:
+    return join(corrections_dir(exchange, key), f"{institution}.fenv")
+
+
+def aggregation_status_path(exchange: str, key: ReleaseKey) -> str:
+    """The aggregator's last word on a release: aggregated, refused, waiting or awaiting_recovery."""
+    return join(exchange, key.interval_name, "aggregate.status.json")
+
+
+def absent_path(exchange: str, key: ReleaseKey) -> str:
+    """The aggregator's declaration of which institutions are absent from this release (recovery round)."""
+    return join(exchange, key.interval_name, "absent.json")
+
+
 def aggregate_path(exchange: str, key: ReleaseKey) -> str:
     return join(exchange, key.interval_name, "aggregate.fenv")
 

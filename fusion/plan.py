@@ -67,6 +67,7 @@ class ReleasePlan:
         context_sha256: str,
         reject_counts: dict[str, dict[str, int]],
         refused: tuple[dict[str, str], ...] = (),
+        absent: tuple[str, ...] = (),
     ) -> EnvelopeHeader:
         """A header for this release's interval, layout and parameters, with a fresh nonce and time."""
         return EnvelopeHeader(
@@ -84,6 +85,7 @@ class ReleasePlan:
             created_at=datetime.now(UTC).isoformat(),
             reject_counts=reject_counts,
             refused=refused,
+            absent=absent,
         )
 
     @property

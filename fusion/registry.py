@@ -14,9 +14,11 @@ from pathlib import Path
 
 from fusion.config import Config
 from fusion.errors import FusionError
+from privacy.masking import generate_agreement_key
 from privacy.signing import generate_signing_key
 
 SIGNING_KEY = "signing.key"
+AGREEMENT_KEY = "agreement.key"
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -44,22 +46,51 @@ def signing_key_file(config: Config, institution_id: str) -> Path:
     return Path(config.institution_keys_path(config.institution(institution_id))) / SIGNING_KEY
 
 
-def load_registry(config: Config) -> dict[str, bytes]:
-    """institution id -> raw Ed25519 public key, from the registry file (empty if there is none yet)."""
+def _entries(config: Config) -> dict[str, dict[str, bytes]]:
     path = Path(config.registry_path)
     if not path.exists():
         return {}
     try:
         doc = tomllib.loads(path.read_text())
-        return {entry["id"]: bytes.fromhex(entry["signing_key"]) for entry in doc.get("institutions", [])}
+        return {
+            entry["id"]: {
+                "signing": bytes.fromhex(entry["signing_key"]),
+                "agreement": bytes.fromhex(entry["agreement_key"]),
+            }
+            for entry in doc.get("institutions", [])
+        }
     except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as exc:
         raise FusionError(f"the registry {path} is malformed: {exc}") from None
 
 
-def _write_registry(config: Config, keys: dict[str, bytes]) -> None:
-    lines = ["# Fusion federation registry: institutions that may contribute, and their Ed25519 public keys."]
-    for institution, key in sorted(keys.items()):
-        lines += ["", "[[institutions]]", f'id = "{institution}"', f'signing_key = "{key.hex()}"']
+def load_registry(config: Config) -> dict[str, bytes]:
+    """institution id -> raw Ed25519 public key, from the registry file (empty if there is none yet)."""
+    return {institution: keys["signing"] for institution, keys in _entries(config).items()}
+
+
+def load_agreement_keys(config: Config) -> dict[str, bytes]:
+    """institution id -> raw X25519 public key (for pairwise masks) of every configured institution."""
+    entries = _entries(config)
+    missing = sorted(i.id for i in config.institutions if i.id not in entries)
+    if missing:
+        raise FusionError(
+            f"institutions {missing} are not in the registry {config.registry_path}; each runs "
+            "`fusion keys --institution ID` first"
+        )
+    return {i.id: entries[i.id]["agreement"] for i in config.institutions}
+
+
+def _write_registry(config: Config, keys: dict[str, dict[str, bytes]]) -> None:
+    lines = ["# Fusion federation registry: institutions that may contribute, and their public keys"]
+    lines += ["# (Ed25519 to verify their envelopes, X25519 for pairwise masks)."]
+    for institution, entry in sorted(keys.items()):
+        lines += [
+            "",
+            "[[institutions]]",
+            f'id = "{institution}"',
+            f'signing_key = "{entry["signing"].hex()}"',
+            f'agreement_key = "{entry["agreement"].hex()}"',
+        ]
     path = Path(config.registry_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
@@ -68,15 +99,23 @@ def _write_registry(config: Config, keys: dict[str, bytes]) -> None:
 
 
 def create_institution_keys(config: Config, institution_id: str, *, overwrite: bool = False) -> Path:
-    """Create an institution's signing key (mode 0600) and register its public half."""
+    """Create an institution's signing and key-agreement keys (mode 0600) and register their public halves."""
     key_file = signing_key_file(config, institution_id)
     if key_file.exists() and not overwrite:
         raise FusionError(f"{key_file} already exists; pass --overwrite to replace it (and re-register)")
     private, public = generate_signing_key()
+    agreement_private, agreement_public = generate_agreement_key()
     _write_private(key_file, private)
-    _write_registry(config, {**load_registry(config), institution_id: public})
+    _write_private(key_file.parent / AGREEMENT_KEY, agreement_private)
+    entry = {"signing": public, "agreement": agreement_public}
+    _write_registry(config, {**_entries(config), institution_id: entry})
     return key_file
 
 
 def load_signing_key(config: Config, institution_id: str) -> bytes:
     return read_private(signing_key_file(config, institution_id), f"institution {institution_id}'s signing key")
+
+
+def load_agreement_key(config: Config, institution_id: str) -> bytes:
+    path = signing_key_file(config, institution_id).parent / AGREEMENT_KEY
+    return read_private(path, f"institution {institution_id}'s key-agreement key")

@@ -14,8 +14,11 @@ import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
 from fusion.exchange import (
+    absent_path,
     aggregate_path,
+    aggregation_status_path,
     contributions_dir,
+    corrections_dir,
     delete_if_exists,
     list_files,
     public_context_path,
@@ -27,6 +30,7 @@ from fusion.exchange import (
 from fusion.faults import crash_point
 from fusion.plan import ReleasePlan
 from fusion.registry import load_registry
+from pipelines.recovery import declared_absent
 from privacy import he
 from privacy.envelope import (
     EnvelopeError,
@@ -43,10 +47,13 @@ REFUSED = "refused"
 class OpenEnvelope(beam.DoFn):
     """path -> (institution, (path, header, ciphertexts)); envelopes that fail a check are tagged refused."""
 
-    def __init__(self, plan: ReleasePlan, public_context: bytes, registry: dict[str, bytes]) -> None:
+    def __init__(
+        self, plan: ReleasePlan, public_context: bytes, registry: dict[str, bytes], absent: tuple[str, ...]
+    ) -> None:
         self._plan = plan
         self._public_context = public_context
         self._registry = registry
+        self._absent = absent
 
     def setup(self) -> None:
         self._context = he.load_public_context(self._public_context)
@@ -65,12 +72,12 @@ class OpenEnvelope(beam.DoFn):
         if reason:
             yield TaggedOutput(REFUSED, {"source": path, "institution": institution, "reason": reason})
         else:
-            yield institution, (path, header, ciphertexts)
+            yield (header.kind, institution), (path, header, ciphertexts)
 
     def _check(self, header: EnvelopeHeader) -> str:
         plan = self._plan
         registered = {i.id for i in plan.config.institutions}
-        if header.kind != "contribution" or len(header.contributors) != 1:
+        if header.kind not in ("contribution", "correction") or len(header.contributors) != 1:
             return "not_a_contribution"
         if header.federation != plan.key.federation:
             return "wrong_federation"
@@ -91,6 +98,10 @@ class OpenEnvelope(beam.DoFn):
             return "bad_signature"
         if header.context_sha256 != hashlib.sha256(self._public_context).hexdigest():
             return "wrong_he_context"
+        if header.kind == "contribution" and header.contributors[0] in self._absent:
+            return "declared_absent"  # too late: its masks must keep it unreadable now
+        if header.kind == "correction" and set(header.absent) != set(self._absent):
+            return "wrong_absent_set"
         return ""
 
     def _check_ciphertexts(self, ciphertexts: list[bytes]) -> str:
@@ -112,8 +123,10 @@ class OnePerInstitution(beam.DoFn):
     signed by one institution are ambiguous: both are refused as duplicates.
     """
 
-    def process(self, element: tuple[str, Iterable[tuple[str, EnvelopeHeader, list[bytes]]]]) -> Iterator[Any]:
-        institution, envelopes = element
+    def process(
+        self, element: tuple[tuple[str, str], Iterable[tuple[str, EnvelopeHeader, list[bytes]]]]
+    ) -> Iterator[Any]:
+        (_, institution), envelopes = element
         envelopes = sorted(envelopes, key=lambda e: e[0])
         distinct = {(h.nonce, h.payload_sha256) for _, h, _ in envelopes}
         if len(distinct) == 1:
@@ -171,19 +184,26 @@ class EncryptedSum(beam.CombineFn):
 
 
 class SealAggregate(beam.DoFn):
-    """The sum -> an aggregate envelope if the quorum is met, otherwise a refusal file. Yields a summary."""
+    """The sum -> an aggregate envelope if the quorum is met and every mask cancels; otherwise a refusal file,
+    or (institutions missing) a declaration of who is absent, which starts the recovery round."""
 
-    def __init__(self, plan: ReleasePlan) -> None:
+    def __init__(self, plan: ReleasePlan, absent: tuple[str, ...], may_declare: bool) -> None:
         self._plan = plan
+        self._absent = absent
+        self._may_declare = may_declare
 
     def process(
         self, summed: tuple[list[EnvelopeHeader], list[bytes] | None], refused: list[dict[str, str]]
     ) -> Iterator[dict[str, Any]]:
         plan = self._plan
-        headers, ciphertexts = summed
+        all_headers, ciphertexts = summed
+        headers = [h for h in all_headers if h.kind == "contribution"]
+        corrected = {h.contributors[0] for h in all_headers if h.kind == "correction"}
         contributors = tuple(sorted(h.contributors[0] for h in headers))
         exchange = plan.config.exchange_path
-        summary: dict[str, Any] = {"contributors": list(contributors), "refused": refused}
+        expected = {i.id for i in plan.config.institutions}
+        missing = sorted(expected - set(contributors))
+        summary: dict[str, Any] = {"contributors": list(contributors), "refused": refused, "absent": missing}
         if len(contributors) < plan.params.quorum or ciphertexts is None:
             delete_if_exists(aggregate_path(exchange, plan.key))
             reason = (
@@ -191,9 +211,19 @@ class SealAggregate(beam.DoFn):
                 f"the federation requires {plan.params.quorum}"
             )
             write_json(refusal_path(exchange, plan.key), {**summary, "reason": reason})
-            yield {**summary, "status": "refused", "reason": reason}
+            yield self._status({**summary, "status": "refused", "reason": reason})
             return
         delete_if_exists(refusal_path(exchange, plan.key))
+        if missing and not self._absent:
+            # Masks of the missing institutions would not cancel: declare them absent, start the recovery round.
+            if self._may_declare:
+                write_json(absent_path(exchange, plan.key), {"absent": missing})
+            yield self._status({**summary, "status": "awaiting_recovery" if self._may_declare else "waiting"})
+            return
+        if missing and (set(missing) != set(self._absent) or corrected != set(contributors)):
+            pending = sorted(set(contributors) - corrected)
+            yield self._status({**summary, "status": "awaiting_recovery", "corrections_pending": pending})
+            return
         reject_counts: dict[str, dict[str, int]] = {}
         for h in headers:
             reject_counts.update(h.reject_counts)
@@ -207,26 +237,34 @@ class SealAggregate(beam.DoFn):
         )
         write_bytes(aggregate_path(exchange, plan.key), pack_envelope(header, ciphertexts))
         crash_point("after_sum")
-        yield {**summary, "status": "aggregated", "noise_variance": header.noise_variance}
+        yield self._status({**summary, "status": "aggregated", "noise_variance": header.noise_variance})
+
+    def _status(self, status: dict[str, Any]) -> dict[str, Any]:
+        write_json(aggregation_status_path(self._plan.config.exchange_path, self._plan.key), status)
+        return status
 
 
 class Aggregate(beam.PTransform):
     """All contribution envelopes in the exchange for one release -> the aggregate envelope."""
 
-    def __init__(self, plan: ReleasePlan) -> None:
+    def __init__(self, plan: ReleasePlan, *, may_declare_absent: bool = True) -> None:
         super().__init__(label="Aggregate")
         self._plan = plan
+        self._may_declare = may_declare_absent
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         plan = self._plan
         exchange = plan.config.exchange_path
+        absent = declared_absent(plan)
         paths = list_files(contributions_dir(exchange, plan.key), ".fenv")
+        if absent:
+            paths += list_files(corrections_dir(exchange, plan.key), ".fenv")
         public_context = read_bytes(public_context_path(exchange))
         opened = (
             pbegin
             | "Envelopes" >> beam.Create(paths)
             | "Open"
-            >> beam.ParDo(OpenEnvelope(plan, public_context, load_registry(plan.config))).with_outputs(
+            >> beam.ParDo(OpenEnvelope(plan, public_context, load_registry(plan.config), absent)).with_outputs(
                 REFUSED, main="ok"
             )
         )
@@ -239,5 +277,5 @@ class Aggregate(beam.PTransform):
         return (
             unique.ok
             | "Sum" >> beam.CombineGlobally(EncryptedSum(public_context))
-            | "Seal" >> beam.ParDo(SealAggregate(plan), refused=beam.pvalue.AsList(refused))
+            | "Seal" >> beam.ParDo(SealAggregate(plan, absent, self._may_declare), refused=beam.pvalue.AsList(refused))
         )

@@ -6,11 +6,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusion.errors import ReleaseRefused
 from fusion.ledger import BudgetExceeded, BudgetLedger
 from fusion.plan import ReleasePlan
 from fusion.store import Store
 from pipelines.release import ReleaseOutcome, audit_event, release
-from pipelines.run import run_aggregate, run_contributions
+from pipelines.run import run_aggregate, run_contributions, run_recovery
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,14 @@ def run_batch(
     reports = run_contributions(plan, plan.config.institutions, beam_args)
     on_stage("aggregate")
     aggregated = run_aggregate(plan, beam_args)
+    if aggregated["status"] == "awaiting_recovery":
+        # Some institution's contribution is missing or was refused: the survivors remove their masks with it.
+        on_stage("recover")
+        survivors = [i for i in plan.config.institutions if i.id in aggregated["contributors"]]
+        run_recovery(plan, survivors)
+        aggregated = run_aggregate(plan, beam_args)
+    if aggregated["status"] != "aggregated":
+        raise ReleaseRefused(f"aggregation did not complete: {aggregated}")
     on_stage("release")
     outcome: ReleaseOutcome = release(plan, store)
     return BatchSummary(

@@ -31,9 +31,10 @@ from fusion.exchange import contribution_path, join, public_context_path, read_b
 from fusion.faults import crash_point
 from fusion.feeds import feed_files, mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan
-from fusion.registry import load_signing_key
+from fusion.registry import load_agreement_key, load_agreement_keys, load_signing_key
 from privacy import he
 from privacy.envelope import EnvelopeHeader, pack_envelope
+from privacy.masking import add_mod, pairwise_mask
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
 from schemas.readings import DEAD_LETTER_REASON, DEAD_LETTER_ROW, DEAD_LETTER_SOURCE
 from schemas.reasons import RejectReason
@@ -187,8 +188,18 @@ class SealContribution(beam.DoFn):
             noise = SkellamNoise(plan.params.share_variance, generator=noise_generator(plan, institution.id, "noise"))
             vector = vector + noise.sample(plan.layout.slots)
         crash_point("before_encrypt")
+        # Pairwise masks: the envelope alone is uniform mod t; the masks cancel in the sum of all institutions.
+        mask = pairwise_mask(
+            institution.id,
+            load_agreement_key(plan.config, institution.id),
+            load_agreement_keys(plan.config),
+            slots=plan.layout.slots,
+            modulus=he.PLAIN_MODULUS,
+            context=plan.key.release_id.encode(),
+        )
+        masked = add_mod(vector, mask, he.PLAIN_MODULUS)
         public_context = read_bytes(public_context_path(plan.config.exchange_path))
-        ciphertexts = he.encrypt_vector(he.load_public_context(public_context), vector)
+        ciphertexts = he.encrypt_vector(he.load_public_context(public_context), masked, residues=True)
         header = plan.envelope_header(
             kind="contribution",
             contributors=(institution.id,),

@@ -12,18 +12,17 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from fusion.config import InstitutionConfig
 from fusion.errors import ReleaseRefused
 from fusion.exchange import (
-    aggregate_path,
+    aggregation_status_path,
     contribution_path,
     exists,
     join,
     read_bytes,
-    refusal_path,
 )
 from fusion.plan import ReleasePlan
 from fusion.registry import load_signing_key
 from pipelines.aggregate import Aggregate
 from pipelines.contribute import Contribute
-from privacy.envelope import unpack_envelope
+from pipelines.recovery import seal_correction
 
 
 def beam_options(beam_args: Sequence[str] = ()) -> PipelineOptions:
@@ -75,17 +74,20 @@ def run_contributions(
     return reports
 
 
-def run_aggregate(plan: ReleasePlan, beam_args: Sequence[str] = ()) -> dict[str, Any]:
-    """Run the aggregator pipeline; returns the aggregate's header fields or raises ReleaseRefused."""
+def run_aggregate(
+    plan: ReleasePlan, beam_args: Sequence[str] = (), *, may_declare_absent: bool = True
+) -> dict[str, Any]:
+    """Run the aggregator pipeline; returns its status (with `status` 'aggregated', 'awaiting_recovery' or
+    'waiting', the contributors and the refused envelopes) or raises ReleaseRefused."""
     with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-        _ = pipeline | Aggregate(plan)
+        _ = pipeline | Aggregate(plan, may_declare_absent=may_declare_absent)
     exchange = plan.config.exchange_path
-    if exists(refusal_path(exchange, plan.key)):
-        refusal = json.loads(read_bytes(refusal_path(exchange, plan.key)))
-        raise ReleaseRefused(f"aggregation refused: {refusal['reason']}")
-    header, _ = unpack_envelope(read_bytes(aggregate_path(exchange, plan.key)))
-    return {
-        "contributors": list(header.contributors),
-        "refused": list(header.refused),
-        "noise_variance": header.noise_variance,
-    }
+    status: dict[str, Any] = json.loads(read_bytes(aggregation_status_path(exchange, plan.key)))
+    if status["status"] == "refused":
+        raise ReleaseRefused(f"aggregation refused: {status['reason']}")
+    return status
+
+
+def run_recovery(plan: ReleasePlan, institutions: Sequence[InstitutionConfig]) -> list[str]:
+    """Seal the correction envelopes of `institutions` (survivors) for the declared absent set."""
+    return [seal_correction(plan, institution.id) for institution in institutions]

@@ -49,11 +49,14 @@ class EnvelopeHeader:
     reject_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     # Envelopes the aggregator refused: [{"source": ..., "institution": ..., "reason": ...}]
     refused: tuple[dict[str, str], ...] = ()
+    # Corrections (the recovery round): the institutions declared absent whose masks this one removes.
+    absent: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         doc = asdict(self)
         doc["contributors"] = list(self.contributors)
         doc["refused"] = list(self.refused)
+        doc["absent"] = list(self.absent)
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -62,6 +65,7 @@ class EnvelopeHeader:
             doc = json.loads(data)
             doc["contributors"] = tuple(doc["contributors"])
             doc["refused"] = tuple(doc.get("refused", ()))
+            doc["absent"] = tuple(doc.get("absent", ()))
             return cls(**doc)
         except (ValueError, TypeError, KeyError) as exc:
             raise EnvelopeError(f"unreadable envelope header: {exc}") from None
@@ -75,9 +79,7 @@ def payload_digest(ciphertexts: list[bytes]) -> str:
     return digest.hexdigest()
 
 
-def pack_envelope(
-    header: EnvelopeHeader, ciphertexts: list[bytes], *, signing_key: bytes | None = None
-) -> bytes:
+def pack_envelope(header: EnvelopeHeader, ciphertexts: list[bytes], *, signing_key: bytes | None = None) -> bytes:
     """Serialize; fills in the payload hash, then signs the header when given the sender's private key."""
     header = replace(header, payload_sha256=payload_digest(ciphertexts), signature="")
     if signing_key is not None:

@@ -59,14 +59,16 @@ def load_secret_context(data: bytes) -> ts.Context:
     return context
 
 
-def encrypt_vector(context: ts.Context, vector: np.ndarray) -> list[bytes]:
+def encrypt_vector(context: ts.Context, vector: np.ndarray, *, residues: bool = False) -> list[bytes]:
     """Encrypt an integer vector as ceil(len / 8192) serialized BFV ciphertexts (the last one may be shorter)."""
     vector = np.asarray(vector)
     if vector.dtype.kind not in "iu":
         raise TypeError(f"only integer vectors can be encrypted, got dtype {vector.dtype}")
     if vector.size == 0:
         raise ValueError("nothing to encrypt: the vector is empty")
-    if int(vector.max()) >= MAX_ABS_TOTAL or int(vector.min()) <= -MAX_ABS_TOTAL:
+    # Masked vectors are residues mod t in the centred range, whose largest magnitude is (t - 1) / 2 itself.
+    limit = MAX_ABS_TOTAL + 1 if residues else MAX_ABS_TOTAL
+    if int(vector.max()) >= limit or int(vector.min()) <= -limit:
         raise WrapRisk("a vector entry is not below t/2 in absolute value")
     vector = vector.astype(np.int64)
     chunks = []

@@ -15,7 +15,7 @@ from scipy import stats
 from fusion.errors import FusionError, ReleaseRefused
 from fusion.estimates import Z95
 from fusion.exchange import contribution_path, contributions_dir, join, read_bytes, refusal_path, write_bytes
-from fusion.keys import create_keys, secret_key_file
+from fusion.keys import create_keys, load_secret_context_bytes, secret_key_file
 from fusion.ledger import BudgetExceeded
 from fusion.plan import plan_release
 from fusion.planning import privacy_plan, releases_that_fit
@@ -23,7 +23,8 @@ from fusion.registry import load_signing_key
 from fusion.store import Store
 from pipelines.batch import run_batch
 from pipelines.release import release
-from pipelines.run import run_aggregate, run_contributions
+from pipelines.run import run_aggregate, run_contributions, run_recovery
+from privacy import he
 from privacy.accountant import epsilon_for
 from privacy.envelope import EnvelopeHeader, pack_envelope, unpack_envelope
 from privacy.signing import generate_signing_key
@@ -238,9 +239,8 @@ def test_forged_replayed_and_duplicate_envelopes_are_refused_with_reasons(make_f
         join(directory, "intruder.fenv"), pack_envelope(intruder, alpha_cts, signing_key=generate_signing_key()[0])
     )
 
-    result = run_aggregate(plan)
-    reasons = sorted((r["institution"], r["reason"]) for r in result["refused"])
-    assert reasons == [
+    first = run_aggregate(plan)
+    assert sorted((r["institution"], r["reason"]) for r in first["refused"]) == [
         ("", "tampered"),
         ("alpha", "replayed"),
         ("beta", "duplicate"),
@@ -249,11 +249,21 @@ def test_forged_replayed_and_duplicate_envelopes_are_refused_with_reasons(make_f
         ("gamma", "unsigned"),
         ("intruder", "unregistered_institution"),
     ]
-    assert result["contributors"] == ["alpha"]
+    # Only alpha's envelope is valid: the others are declared absent and alpha removes its masks with them.
+    assert first["status"] == "awaiting_recovery" and first["absent"] == ["beta", "delta", "gamma"]
+    run_recovery(plan, [fed.config.institution("alpha")])
+    result = run_aggregate(plan)
+    assert result["status"] == "aggregated" and result["contributors"] == ["alpha"]
+    reasons = sorted((r["institution"], r["reason"]) for r in result["refused"])
+    # Beta's envelopes now come from an institution declared absent: refused as such, whatever they hold.
+    assert ("beta", "declared_absent") in reasons and ("alpha", "replayed") in reasons
     outcome = release(plan, Store(fed.config.store_path))
     assert outcome.contributors == ("alpha",)
     audit = Store(fed.config.store_path).read("audit").to_pylist()
     assert sorted(a["reason"] for a in audit if a["action"] == "envelope_refused") == sorted(r for _, r in reasons)
+    # Every mask cancelled: the released counts are exactly alpha's (noise is off).
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == fed.raw["alpha"].num_rows
 
 
 def test_envelopes_under_another_public_context_are_refused(make_federation):
@@ -365,3 +375,41 @@ def test_a_release_past_the_period_cap_is_refused_before_any_work(make_federatio
     assert not (fed.directory / "exchange" / second.key.interval_name).exists()  # nothing was contributed
     budget = store.read("budget").to_pylist()
     assert budget[0]["releases"] == 1 and budget[0]["epsilon_spent"] <= fed.config.privacy.cap
+
+
+FOUR = [("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl"), ("delta", "csv")]
+
+
+@pytest.mark.parametrize("missing", [1, 2])
+def test_the_recovery_round_releases_the_exact_sum_of_those_present(make_federation, missing):
+    fed = make_federation(noise=False, quorum=2, institutions=FOUR)
+    plan = plan_release(fed.config, START, END)
+    present = list(fed.config.institutions[: len(FOUR) - missing])
+    absent = sorted(i.id for i in fed.config.institutions[len(FOUR) - missing :])
+    run_contributions(plan, present)
+    status = run_aggregate(plan)
+    assert status["status"] == "awaiting_recovery" and status["absent"] == absent
+    run_recovery(plan, present)
+    assert run_aggregate(plan)["status"] == "aggregated"
+    # An absent institution's envelope arriving late is refused: its masks keep it unreadable.
+    run_contributions(plan, [fed.config.institution(a) for a in absent])
+    late = run_aggregate(plan)
+    assert late["status"] == "aggregated"
+    assert sorted(r["reason"] for r in late["refused"]) == ["declared_absent"] * missing
+    release(plan, Store(fed.config.store_path))
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == sum(fed.raw[i.id].num_rows for i in present)
+
+
+def test_a_single_decrypted_envelope_is_indistinguishable_from_uniform(make_federation):
+    """Even the key holder colluding with the aggregator learns nothing from one institution's envelope."""
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    _, ciphertexts = unpack_envelope(read_bytes(contribution_path(fed.config.exchange_path, plan.key, "beta")))
+    secret = he.load_secret_context(load_secret_context_bytes(fed.config))
+    values = he.decrypt_vector(secret, ciphertexts, plan.layout.slots).astype(np.float64)
+    residues = (values % he.PLAIN_MODULUS) / he.PLAIN_MODULUS
+    assert stats.kstest(residues, "uniform").pvalue > 1e-4
+    # Unmasked, the same slots would be small counts and sums: nowhere near uniform mod t.
+    assert np.median(np.abs(values)) > he.PLAIN_MODULUS / 8

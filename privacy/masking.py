@@ -1,0 +1,85 @@
+"""Pairwise masking on top of BFV (in the spirit of Bonawitz et al., CCS 2017).
+
+Every pair of institutions (i, j) derives a shared secret by X25519 key agreement, expands it with HKDF-SHA256
+(bound to the federation and the release, so masks are fresh for every release) into a ChaCha20 key, and draws
+a mask vector uniform mod t from the keystream. Institution i adds m_ij for every j > i and subtracts it for
+every j < i, so the masks cancel in the sum of all contributions, while a single envelope, even decrypted,
+is uniformly distributed mod t. If institutions drop out, each survivor sends a correction that removes its
+masks with the absent ones (the recovery round); no mask key is ever revealed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+_RAW = serialization.Encoding.Raw
+_INFO = b"fusion/pairwise-mask/v1"
+
+
+def generate_agreement_key() -> tuple[bytes, bytes]:
+    """(private key, public key) for X25519, 32 raw bytes each."""
+    private = X25519PrivateKey.generate()
+    private_raw = private.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    return private_raw, private.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
+
+
+def pair_key(own_private: bytes, peer_public: bytes, *, context: bytes) -> bytes:
+    """The 32-byte ChaCha20 key two institutions share for one release (`context` names the release)."""
+    shared = X25519PrivateKey.from_private_bytes(own_private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=context, info=_INFO).derive(shared)
+
+
+def mask_vector(key: bytes, slots: int, modulus: int) -> np.ndarray:
+    """`slots` values uniform in [0, modulus) from the ChaCha20 keystream (rejection sampling on 64-bit words
+    reduced to the modulus's bit length, so there is no modulo bias)."""
+    bits = modulus.bit_length()
+    keep = np.uint64((1 << bits) - 1)
+    out = np.empty(0, dtype=np.uint64)
+    counter = 0
+    while out.size < slots:
+        need = max(slots - out.size, 16) * 2
+        nonce = counter.to_bytes(16, "little")
+        stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(8 * need))
+        words = np.frombuffer(stream, dtype="<u8") & keep
+        out = np.concatenate([out, words[words < np.uint64(modulus)]])
+        counter += 1
+    return out[:slots].astype(np.int64)
+
+
+def _signed_sum(
+    own_id: str, own_private: bytes, peers: Mapping[str, bytes], slots: int, modulus: int, context: bytes
+) -> np.ndarray:
+    """sum over peers of (+m if own < peer else -m), mod `modulus`, in [0, modulus)."""
+    total = np.zeros(slots, dtype=np.int64)
+    for peer, public in sorted(peers.items()):
+        if peer == own_id:
+            continue
+        mask = mask_vector(pair_key(own_private, public, context=context), slots, modulus)
+        total = (total + (mask if own_id < peer else modulus - mask)) % modulus
+    return total
+
+
+def pairwise_mask(
+    own_id: str, own_private: bytes, peers: Mapping[str, bytes], *, slots: int, modulus: int, context: bytes
+) -> np.ndarray:
+    """The mask institution `own_id` adds (mod t) so that all masks of `peers` cancel in the sum."""
+    return _signed_sum(own_id, own_private, peers, slots, modulus, context)
+
+
+def recovery_correction(
+    own_id: str, own_private: bytes, absent: Mapping[str, bytes], *, slots: int, modulus: int, context: bytes
+) -> np.ndarray:
+    """What a survivor adds (mod t) to remove its masks with the `absent` institutions from the sum."""
+    return (modulus - _signed_sum(own_id, own_private, absent, slots, modulus, context)) % modulus
+
+
+def add_mod(vector: np.ndarray, mask: np.ndarray, modulus: int) -> np.ndarray:
+    """(vector + mask) mod t, returned in the centred range (-t/2, t/2) that BFV decodes to."""
+    residues = (np.asarray(vector, dtype=np.int64) % modulus + mask) % modulus
+    return np.where(residues > modulus // 2, residues - modulus, residues)
