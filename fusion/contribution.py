@@ -150,7 +150,8 @@ def aggregate_readings(
     if layout.bins:
         lower = np.array([e.lower for e in encodings])[metric_idx]
         upper = np.array([e.upper for e in encodings])[metric_idx]
-        bins = bin_index(values, lower, upper, layout.bins)
+        resolution = np.array([e.resolution for e in encodings])[metric_idx]
+        bins = bin_index(values, lower, upper, resolution, layout.bins)
         first_bin = layout.components.index(bin_components(layout.bins)[0])
         np.add.at(vector, (first_bin + bins) * layout.cells + cell, weight)
     return vector

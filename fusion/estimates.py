@@ -70,12 +70,23 @@ def decode_release(
     def masked(values: np.ndarray) -> pa.Array:
         return pa.array(values, pa.float64(), mask=~confident | np.isnan(values))
 
-    stddev = np.full(cells, np.nan)
+    stddev = stddev_low = stddev_high = np.full(cells, np.nan)
     if layout.has(SUMSQ):
         # SUMSQ slots carry round(q^2 / w) for centred q: sum of (value - centre)^2 = slots * w * sum_unit^2.
         squares = layout.block(totals, SUMSQ).astype(float) * weight * sum_unit**2
-        variance = squares / safe_count - (centred / safe_count) ** 2
-        stddev = np.sqrt(np.clip(variance, 0.0, ((upper - lower) / 2) ** 2))
+        squares_sd = sd * weight * sum_unit**2
+        n, s1, s2 = safe_count, centred, squares
+        variance = s2 / n - (s1 / n) ** 2
+        # Delta method on (S2, S1, N), whose noises are independent.
+        variance_sd = np.sqrt(
+            (squares_sd / n) ** 2
+            + (2 * s1 * centred_sd / n**2) ** 2
+            + ((-s2 / n**2 + 2 * s1**2 / n**3) * count_sd) ** 2
+        )
+        widest = ((upper - lower) / 2) ** 2
+        stddev = np.sqrt(np.clip(variance, 0.0, widest))
+        stddev_low = np.sqrt(np.clip(variance - Z95 * variance_sd, 0.0, widest))
+        stddev_high = np.sqrt(np.clip(variance + Z95 * variance_sd, 0.0, widest))
     quantiles = {
         f"{name}{suffix}": np.full(cells, np.nan) for name, _ in QUANTILES for suffix in ("", "_ci_low", "_ci_high")
     }
@@ -105,6 +116,8 @@ def decode_release(
         "mean_ci_low": masked(mean_low),
         "mean_ci_high": masked(mean_high),
         "stddev": masked(stddev),
+        "stddev_ci_low": masked(np.minimum(stddev_low, stddev)),
+        "stddev_ci_high": masked(np.maximum(stddev_high, stddev)),
         **{name: masked(values) for name, values in quantiles.items()},
         "epsilon": pa.array(np.full(cells, params.epsilon if not params.seeded else math.inf)),
         "delta": pa.array(np.full(cells, params.delta)),

@@ -62,10 +62,26 @@ class BudgetLedger:
     def rows(self) -> pa.Table:
         return self.store.read("budget")
 
-    def _row(self, period: str) -> _PeriodRow | None:
-        rows = [r for r in self.rows().to_pylist() if r["period"] == period]
+    def _row(self, period: Period, cap: float) -> _PeriodRow | None:
+        """The period's row, after checking the ledger's periods are the config's (no overlaps, same cap)."""
+        all_rows = self.rows().to_pylist()
+        for r in all_rows:
+            same = (r["period"], r["period_start"], r["period_end"]) == (period.name, period.start, period.end)
+            overlaps = r["period_start"] < period.end and period.start < r["period_end"]
+            if overlaps and not same:
+                raise FusionError(
+                    f"the budget ledger holds period {r['period']} ({r['period_start']} .. {r['period_end']}), "
+                    f"which overlaps {period.name} but differs from it: the privacy period changed since budget "
+                    "was spent; restore the previous `period` (a ledger keeps one period grid)"
+                )
+            if same and r["epsilon_cap"] != cap:
+                raise FusionError(
+                    f"period {period.name} was opened with epsilon_cap {r['epsilon_cap']}, the config now says "
+                    f"{cap}; a period's cap cannot change once budget is spent in it"
+                )
+        rows = [r for r in all_rows if r["period"] == period.name]
         if len(rows) > 1:
-            raise InternalError(f"the budget table holds {len(rows)} rows for period {period}")
+            raise InternalError(f"the budget table holds {len(rows)} rows for period {period.name}")
         if not rows:
             return None
         r = rows[0]
@@ -73,7 +89,7 @@ class BudgetLedger:
 
     def check(self, *, period: Period, release_id: str, rdp: np.ndarray, cap: float, delta: float) -> None:
         """Raise BudgetExceeded now if the release could not be charged (a preview; `spend` decides)."""
-        row = self._row(period.name) or _PeriodRow.empty()
+        row = self._row(period, cap) or _PeriodRow.empty()
         if release_id not in row.release_ids:
             _refuse_if_over(period, release_id, row.rdp, np.asarray(rdp, dtype=float), cap, delta)
 
@@ -83,7 +99,7 @@ class BudgetLedger:
         """Charge one release's RDP curve to its period, or raise BudgetExceeded. Idempotent per release."""
         rdp = np.asarray(rdp, dtype=float)
         for _ in range(_ATTEMPTS):
-            current = self._row(period.name)
+            current = self._row(period, cap)
             row = current or _PeriodRow.empty()
             if release_id in row.release_ids:
                 charged_for = row.aggregates[row.release_ids.index(release_id)]

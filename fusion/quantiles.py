@@ -1,10 +1,13 @@
 """Quantiles from noisy histograms over public bins, with monotone post-processing and intervals.
 
-Every cell's histogram (noisy counts per equal-width bin of the clamp range) is clipped at zero and
-accumulated, which makes its CDF monotone. A quantile is read off the CDF by linear interpolation inside the
-bin where the CDF crosses it. Its 95% interval comes from the cumulative counts shifted by +-1.96 of their
-noise SD (cumulating j bins adds j independent noises) and is widened to whole bins, since the values inside
-a bin are not known: the interval covers both the noise and the binning.
+Every cell's histogram holds noisy counts per equal-width bin of the clamp range. The estimate reads the
+quantile off the CDF of the raw noisy bins (unbiased cumulative sums; clipping bins at zero first would add a
+positive bias to every empty bin and drag tail quantiles outwards), made monotone by a running maximum, with
+linear interpolation inside the crossing bin. The 95% interval is a test at every bin edge e_k: with
+D_k = C_k - q N (C_k the cumulative count of the first k bins, N the total), the true quantile is at most e_k
+exactly when the true D_k >= 0, and D_k's noise SD is sd * sqrt(k (1-q)^2 + (B-k) q^2) for B bins of
+independent noise. The interval runs from the last edge where D_k is clearly negative to the first edge where
+it is clearly positive, so it covers both the noise and the binning (values inside a bin are not known).
 """
 
 from __future__ import annotations
@@ -18,14 +21,10 @@ Z95 = 1.959963984540054
 QUANTILES: tuple[tuple[str, float], ...] = (("p10", 0.10), ("median", 0.50), ("p90", 0.90))
 
 
-def _crossing(cdf: np.ndarray, q: float) -> np.ndarray:
-    """Index of the first bin whose CDF reaches q, per cell (cdf: bins x cells, last row is 1)."""
-    return np.argmax(cdf >= q - 1e-12, axis=0)
-
-
 def _interpolate(cdf: np.ndarray, q: float, lower: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """Quantile per cell from a monotone CDF given at the right edge of each bin (bins x cells)."""
     cells = cdf.shape[1]
-    j = _crossing(cdf, q)
+    j = np.argmax(cdf >= q - 1e-12, axis=0)  # the first bin whose CDF reaches q (the last one is 1)
     columns = np.arange(cells)
     before = np.where(j > 0, cdf[np.maximum(j - 1, 0), columns], 0.0)
     mass = cdf[j, columns] - before
@@ -36,29 +35,32 @@ def _interpolate(cdf: np.ndarray, q: float, lower: np.ndarray, width: np.ndarray
 def histogram_quantiles(
     histogram: np.ndarray, *, bin_sd: np.ndarray, lower: np.ndarray, upper: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Quantile estimates and intervals per cell.
+    """Quantile estimates and 95% intervals per cell.
 
     histogram: noisy counts, shape (bins, cells); bin_sd: the noise SD of one bin's count, per cell;
     lower/upper: the clamp range per cell. Returns {name, name_ci_low, name_ci_high} arrays; NaN where the
-    histogram holds no mass.
+    histogram's total is not positive.
     """
     bins, cells = histogram.shape
-    clipped = np.clip(histogram, 0.0, None)
-    cumulative = np.cumsum(clipped, axis=0)
+    cumulative = np.vstack([np.zeros(cells), np.cumsum(histogram, axis=0)])  # C_0 .. C_B at the edges
     total = cumulative[-1]
     has_mass = total > 0
     safe_total = np.where(has_mass, total, 1.0)
     width = (upper - lower) / bins
-    spread = Z95 * np.sqrt(np.arange(1, bins + 1))[:, None] * bin_sd[None, :]
-    cdf = cumulative / safe_total
-    cdf_high = np.clip((cumulative + spread) / safe_total, 0.0, 1.0)  # more mass early -> an earlier quantile
-    cdf_low = np.maximum.accumulate(np.clip((cumulative - spread) / safe_total, 0.0, 1.0), axis=0)
-    cdf_low[-1] = 1.0
+    cdf = np.clip(np.maximum.accumulate(cumulative[1:] / safe_total, axis=0), 0.0, 1.0)
+    cdf[-1] = 1.0
+    k = np.arange(bins + 1)[:, None]
     out: dict[str, np.ndarray] = {}
     for name, q in QUANTILES:
         estimate = _interpolate(cdf, q, lower, width)
-        low = lower + _crossing(cdf_high, q) * width  # the left edge of the earliest plausible bin
-        high = lower + (_crossing(cdf_low, q) + 1) * width  # the right edge of the latest plausible bin
+        d = cumulative - q * total
+        spread = Z95 * bin_sd[None, :] * np.sqrt(k * (1 - q) ** 2 + (bins - k) * q**2)
+        below = d + spread < 0  # the quantile is clearly above edge k
+        above = d - spread >= 0  # the quantile is clearly at or below edge k
+        last_below = np.where(below.any(axis=0), bins - np.argmax(below[::-1], axis=0), 0)  # an edge index
+        first_above = np.where(above.any(axis=0), np.argmax(above, axis=0), bins)
+        low = lower + last_below * width
+        high = lower + first_above * width
         nan = np.full(cells, np.nan)
         out[name] = np.where(has_mass, estimate, nan)
         out[f"{name}_ci_low"] = np.where(has_mass, np.minimum(low, estimate), nan)

@@ -6,16 +6,20 @@ writers racing for the same release cannot both insert it (Delta's optimistic co
 
 from __future__ import annotations
 
+import random
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from fusion.errors import FusionError, InternalError
 from schemas.tables import TABLE_SCHEMAS
+
+_COMMIT_ATTEMPTS = 20
 
 #: The columns that identify a row of each table (merge keys).
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -71,12 +75,20 @@ class Store:
         table = self._table(name, create=True)
         assert table is not None
         predicate = " AND ".join(f"t.{k} = s.{k}" for k in TABLE_KEYS[name])
-        metrics = (
-            table.merge(rows, predicate=predicate, source_alias="s", target_alias="t")
-            .when_not_matched_insert_all()
-            .execute()
-        )
-        return int(metrics["num_target_rows_inserted"])
+        for attempt in range(_COMMIT_ATTEMPTS):
+            try:
+                metrics = (
+                    table.merge(rows, predicate=predicate, source_alias="s", target_alias="t")
+                    .when_not_matched_insert_all()
+                    .execute()
+                )
+                return int(metrics["num_target_rows_inserted"])
+            except CommitFailedError:  # another writer committed first; the merge is idempotent, so retry
+                if attempt == _COMMIT_ATTEMPTS - 1:
+                    raise
+                time.sleep(random.uniform(0.01, 0.1))
+                table = DeltaTable(self.table_path(name))
+        raise InternalError("unreachable")
 
     def dataset(self, name: str, *, version: int | None = None, string_view: bool = False) -> ds.Dataset:
         """A lazily scanned Arrow dataset of a table (empty if the table does not exist yet).

@@ -213,21 +213,22 @@ def _spend(plan: ReleasePlan, store: Store, *, aggregate_sha256: str) -> Spend:
     except ReleaseRefused as exc:  # over the cap, or a second aggregate for a charged release
         audit_event(plan, store, action="budget_refused", reason=str(exc), detail={"period": plan.period.name})
         raise
-    if spend.charged:
-        audit_event(
-            plan,
-            store,
-            action="budget_spend",
-            reason=None,
-            event=f"{release_id}:budget-spend",
-            detail={
-                "period": spend.period,
-                "epsilon_before": spend.epsilon_before,
-                "epsilon_after": spend.epsilon_after,
-                "aggregate_sha256": aggregate_sha256,
-                "cap": spend.cap,
-            },
-        )
+    # Recorded on every pass (a keyed insert, so once): a crash right after the charge cannot lose it.
+    audit_event(
+        plan,
+        store,
+        action="budget_spend",
+        reason=None,
+        event=f"{release_id}:budget-spend",
+        detail={
+            "period": spend.period,
+            "epsilon_before": spend.epsilon_before,
+            "epsilon_after": spend.epsilon_after,
+            "aggregate_sha256": aggregate_sha256,
+            "cap": spend.cap,
+            "charged_on_this_pass": spend.charged,
+        },
+    )
     return spend
 
 

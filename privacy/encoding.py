@@ -79,10 +79,16 @@ def encode_squares(centred: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return np.rint(q * q / weight).astype(np.int64)
 
 
-def bin_index(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, bins: int) -> np.ndarray:
-    """Equal-width histogram bin (0..bins-1) of each clamped value over its metric's [lower, upper]."""
-    position = (np.clip(values, lower, upper) - lower) / (upper - lower)
-    return np.minimum((position * bins).astype(np.int64), bins - 1)
+def bin_index(
+    values: np.ndarray, lower: np.ndarray, upper: np.ndarray, resolution: np.ndarray, bins: int
+) -> np.ndarray:
+    """Equal-width histogram bin (0..bins-1) of each clamped value over its metric's [lower, upper].
+
+    Computed in integer resolution steps, so a value exactly on a bin edge always opens the upper bin."""
+    steps = np.rint(np.clip(values, lower, upper) / resolution).astype(np.int64)
+    low = np.rint(lower / resolution).astype(np.int64)
+    span = np.maximum(np.rint(upper / resolution).astype(np.int64) - low, 1)
+    return np.clip((steps - low) * bins // span, 0, bins - 1)
 
 
 def encode_readings(

@@ -169,3 +169,17 @@ def test_threads_racing_for_many_releases_never_overspend(tmp_path: Path) -> Non
     assert row["releases"] == 3 and len(set(row["release_ids"])) == 3
     assert row["epsilon_spent"] == pytest.approx(epsilon_from_rdp(3 * RDP, delta=DELTA), rel=1e-12)
     assert len(ORDERS) == len(row["rdp"])
+
+
+def test_a_changed_period_grid_or_cap_cannot_charge_the_same_data_again(tmp_path: Path) -> None:
+    ledger = BudgetLedger(Store(tmp_path))
+    ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=ONE + 1e-9, delta=DELTA)
+    half_day = Period("2026-01-01T00:00Z", DAY.start, DAY.start + timedelta(hours=12))
+    with pytest.raises(FusionError, match="privacy period changed"):
+        ledger.spend(period=half_day, release_id="r2", aggregate_sha256=sha("r2"), rdp=RDP, cap=10.0, delta=DELTA)
+    two_days = Period("2026-01-01", DAY.start, DAY.start + timedelta(days=2))  # same name, other bounds
+    with pytest.raises(FusionError, match="privacy period changed"):
+        ledger.spend(period=two_days, release_id="r2", aggregate_sha256=sha("r2"), rdp=RDP, cap=10.0, delta=DELTA)
+    with pytest.raises(FusionError, match="cap cannot change"):
+        ledger.spend(period=DAY, release_id="r2", aggregate_sha256=sha("r2"), rdp=RDP, cap=10.0, delta=DELTA)
+    assert ledger.rows().column("releases").to_pylist() == [1]

@@ -38,6 +38,7 @@ def release_rows(release_id: str, hours: range, *, metric: str = "temp", region:
             "mean": [10.0] * n, "mean_ci_low": [9.5] * n, "mean_ci_high": [10.5] * n, "stddev": [None] * n,
             "epsilon": [1.0] * n, "delta": [1e-6] * n, "noise": ["skellam"] * n, "released_at": [START] * n,
             **{f"{q}{suffix}": [None] * n for q in ("p10", "median", "p90") for suffix in ("", "_ci_low", "_ci_high")},
+            "stddev_ci_low": [None] * n, "stddev_ci_high": [None] * n,
         },
         schema=RELEASES_SCHEMA,
     )

@@ -210,3 +210,14 @@ def test_digest_changes_when_any_field_changes() -> None:
     ]
     digests = {layout.digest(), *(c.digest() for c in changed)}
     assert len(digests) == len(changed) + 1
+
+
+def test_values_on_a_bin_edge_open_the_upper_bin() -> None:
+    from privacy.encoding import bin_index
+
+    values = np.array([0.3, 0.6, 1.2, 2.4, 0.0, 3.0, 2.99, -5.0, 7.0])
+    n = values.size
+    bins = bin_index(values, np.full(n, 0.0), np.full(n, 3.0), np.full(n, 0.01), 10)
+    assert bins.tolist() == [1, 2, 4, 8, 0, 9, 9, 0, 9]
+    edges = np.array([-0.9, -0.8, 0.0, 0.95])
+    assert bin_index(edges, np.full(4, -1.0), np.full(4, 1.0), np.full(4, 0.01), 20).tolist() == [1, 2, 10, 19]
