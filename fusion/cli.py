@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     with_interval(with_config(sub.add_parser("batch", help="run every role for an interval on this machine")))
     contribute = with_interval(with_config(sub.add_parser("contribute", help="institution: seal a contribution")))
     contribute.add_argument("--institution", required=True, help="the institution id from the config")
-    with_interval(with_config(sub.add_parser("aggregate", help="aggregator: sum the contributions")))
+    contribute.add_argument(
+        "--recover", action="store_true", help="recovery round: remove this institution's masks with the absent"
+    )
+    aggregate = with_interval(with_config(sub.add_parser("aggregate", help="aggregator: sum the contributions")))
+    aggregate.add_argument(
+        "--now", action="store_true", help="declare missing institutions absent without waiting for the deadline"
+    )
     with_interval(with_config(sub.add_parser("release", help="key holder: decrypt and publish to the store")))
 
     plan = with_config(sub.add_parser("plan", help="predicted noise and budget of a release; spends nothing"))
@@ -153,6 +160,12 @@ def cmd_contribute(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
     plan = _plan(args)
     institution = plan.config.institution(args.institution)
+    if args.recover:
+        from pipelines.run import run_recovery
+
+        path = run_recovery(plan, [institution])[0]
+        console.print(f"correction envelope written: {path}")
+        return 0
     with console.status(f"{institution.id}: contributing"):
         reports = run_contributions(plan, [institution], beam_args)
     _print_counts(reports)
@@ -164,11 +177,26 @@ def cmd_aggregate(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     from pipelines.run import run_aggregate
 
     plan = _plan(args)
+    deadline = plan.layout.end + plan.config.deadline
+    may_declare = args.now or datetime.now(UTC) >= deadline
     with console.status("aggregating"):
-        result = run_aggregate(plan, beam_args)
-    console.print(f"aggregated {len(result['contributors'])} contribution(s): {', '.join(result['contributors'])}")
+        result = run_aggregate(plan, beam_args, may_declare_absent=may_declare)
     for refused in result["refused"]:
         console.print(f"[yellow]refused[/yellow] {refused['source']}: {refused['reason']}")
+    if result["status"] == "waiting":
+        console.print(
+            f"waiting for {', '.join(result['absent'])} until the deadline {deadline.isoformat()}; "
+            "run `fusion aggregate` again then (or now with --now)"
+        )
+        return 3
+    if result["status"] == "awaiting_recovery":
+        pending = result.get("corrections_pending", result["contributors"])
+        console.print(
+            f"declared absent: {', '.join(result['absent'])}; recovery round: "
+            f"{', '.join(pending)} run `fusion contribute --recover`, then `fusion aggregate` again"
+        )
+        return 3
+    console.print(f"aggregated {len(result['contributors'])} contribution(s): {', '.join(result['contributors'])}")
     return 0
 
 

@@ -181,6 +181,16 @@ class FederationConfig(_Frozen):
     exchange: str = "exchange"
     keys: str = "keys"
     registry: str = "registry.toml"  # who may contribute: institutions' public signing keys
+    # How long after an interval ends the aggregator waits for missing institutions before declaring them
+    # absent (which starts the recovery round, so the others are not blocked).
+    deadline: str = "15m"
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, deadline: str) -> str:
+        if deadline.strip() not in ("0", "0s"):
+            parse_duration(deadline)
+        return deadline
 
     @field_validator("window")
     @classmethod
@@ -239,6 +249,11 @@ class Config(_Frozen):
     @property
     def window(self) -> timedelta:
         return parse_duration(self.federation.window)
+
+    @property
+    def deadline(self) -> timedelta:
+        text = self.federation.deadline.strip()
+        return timedelta(0) if text in ("0", "0s") else parse_duration(text)
 
     @property
     def period(self) -> timedelta:

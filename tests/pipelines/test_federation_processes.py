@@ -1,0 +1,127 @@
+"""A federation as operators run it: the key holder, the aggregator and three institutions as separate processes,
+each with its own directory and only its own key material, exchanging files through a shared exchange."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusion.config import load_config
+from fusion.store import Store
+from tests.conftest import END, METRICS, REGIONS, START, readings, write_feed
+
+pytestmark = pytest.mark.e2e
+
+INSTITUTIONS = ("alpha", "beta", "gamma")
+INTERVAL = ["--start", START.isoformat(), "--end", END.isoformat()]
+
+
+def fusion(config: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "fusion.cli", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
+    )
+    assert result.returncode == expect, f"fusion {args}: {result.stdout}\n{result.stderr}"
+    return result
+
+
+def build(root: Path) -> tuple[Path, dict[str, int]]:
+    """Separate directories per party; one federation config (absolute paths) that every party reads."""
+    rng = np.random.default_rng(9)
+    rows = {}
+    lines = [
+        f"regions = {list(REGIONS)!r}".replace("'", '"'),
+        "[federation]",
+        'id = "process-federation"',
+        'window = "1h"',
+        f'exchange = "{root / "shared" / "exchange"}"',
+        f'registry = "{root / "shared" / "registry.toml"}"',
+        f'keys = "{root / "keyholder" / "keys"}"',
+        f'store = "{root / "keyholder" / "store"}"',
+        'deadline = "3650d"',
+        "[privacy]",
+        "epsilon = 1.0",
+        "delta = 1e-6",
+        "quorum = 2",
+        'mode = "test"',
+        "noise = false",
+    ]
+    for name, (unit, lower, upper, res, (low, high)) in METRICS.items():
+        lines += [
+            "[[metrics]]",
+            f'name = "{name}"',
+            f'unit = "{unit}"',
+            f"lower = {lower}",
+            f"upper = {upper}",
+            f"resolution = {res}",
+            f"plausible = [{low}, {high}]",
+        ]
+    for inst in INSTITUTIONS:
+        home = root / inst
+        table = readings(inst, entities=6, rng=rng)
+        rows[inst] = table.num_rows
+        write_feed(table, home / "feeds" / "readings.parquet", "parquet")
+        lines += [
+            "[[institutions]]",
+            f'id = "{inst}"',
+            f'keys = "{home / "keys"}"',
+            f'dead_letter = "{home / "deadletter"}"',
+            "[[institutions.feeds]]",
+            'name = "main"',
+            f'path = "{home / "feeds" / "*.parquet"}"',
+            'format = "parquet"',
+        ]
+    config = root / "shared" / "federation.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("\n".join(lines) + "\n")
+    return config, rows
+
+
+def test_separate_parties_release_with_and_without_a_missing_institution(tmp_path: Path) -> None:
+    config, rows = build(tmp_path)
+    fusion(config, "keys")  # the key holder
+    for inst in INSTITUTIONS:  # each institution, in its own directory
+        fusion(config, "keys", "--institution", inst)
+    secret = tmp_path / "keyholder" / "keys" / "he_secret.ctx"
+    vault = tmp_path / "vault.ctx"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    for inst in INSTITUTIONS:
+        assert (tmp_path / inst / "keys" / "signing.key").stat().st_mode & 0o777 == 0o600
+
+    # Institutions and the aggregator run while the HE secret key is not on disk at all.
+    shutil.move(secret, vault)
+    for inst in ("alpha", "beta"):  # gamma is down today
+        fusion(config, "contribute", "--institution", inst, *INTERVAL)
+    waiting = fusion(config, "aggregate", *INTERVAL, expect=3)  # before the deadline: wait for gamma
+    assert "waiting for gamma" in waiting.stdout
+    declared = fusion(config, "aggregate", "--now", *INTERVAL, expect=3)
+    assert "declared absent: gamma" in declared.stdout
+    for inst in ("alpha", "beta"):
+        fusion(config, "contribute", "--institution", inst, "--recover", *INTERVAL)
+    fusion(config, "aggregate", *INTERVAL)
+    # gamma comes back too late: its envelope is refused, the aggregate keeps alpha and beta.
+    fusion(config, "contribute", "--institution", "gamma", *INTERVAL)
+    late = fusion(config, "aggregate", *INTERVAL)
+    assert "declared_absent" in late.stdout
+
+    # Only the key holder's release needs the secret key.
+    shutil.move(vault, secret)
+    fusion(config, "release", *INTERVAL)
+    cfg = load_config(config)
+    released = Store(cfg.store_path).read("releases")
+    assert set(released.column("contributors").to_pylist()) == {2}
+    assert sum(released.column("count").to_pylist()) == rows["alpha"] + rows["beta"]  # masks all cancelled
+    audit = Store(cfg.store_path).read("audit").to_pylist()
+    assert [a["reason"] for a in audit if a["action"] == "envelope_refused"] == ["declared_absent"]
+    # Each institution's local report stayed in its own directory.
+    assert list((tmp_path / "alpha" / "deadletter").rglob("report.json"))
+    assert not list((tmp_path / "keyholder").rglob("report.json"))
