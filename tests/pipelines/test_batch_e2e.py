@@ -413,3 +413,20 @@ def test_a_single_decrypted_envelope_is_indistinguishable_from_uniform(make_fede
     assert stats.kstest(residues, "uniform").pvalue > 1e-4
     # Unmasked, the same slots would be small counts and sums: nowhere near uniform mod t.
     assert np.median(np.abs(values)) > he.PLAIN_MODULUS / 8
+
+
+def test_validly_signed_envelopes_for_another_layout_or_parameters_are_refused(make_federation):
+    fed = make_federation(noise=False, quorum=1)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    exchange = fed.config.exchange_path
+    for institution, field, value in (("beta", "layout_digest", "0" * 64), ("gamma", "parameters_digest", "1" * 64)):
+        path = contribution_path(exchange, plan.key, institution)
+        header, ciphertexts = unpack_envelope(read_bytes(path))
+        forged = replace(header, **{field: value})
+        write_bytes(path, pack_envelope(forged, ciphertexts, signing_key=load_signing_key(fed.config, institution)))
+    first = run_aggregate(plan)
+    assert sorted((r["institution"], r["reason"]) for r in first["refused"]) == [
+        ("beta", "wrong_layout"),
+        ("gamma", "wrong_parameters"),
+    ]
