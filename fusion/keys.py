@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from fusion.config import Config
 from fusion.errors import FusionError
 from fusion.exchange import SECRET_CONTEXT, public_context_path, read_bytes, write_bytes
-from fusion.registry import read_private
+from fusion.registry import read_private, write_private
 from privacy import he
 
 PUBLIC_DIGEST = "he_public.sha256"
@@ -25,15 +24,10 @@ def create_keys(config: Config, *, overwrite: bool = False) -> tuple[Path, str]:
     if secret_file.exists() and not overwrite:
         raise FusionError(
             f"{secret_file} already exists; keys are created once per federation "
-            "(pass --overwrite to replace them, which makes pending envelopes undecryptable)"
+            "(pass --overwrite to replace them; envelopes sealed under the old keys are then refused)"
         )
     secret, public = he.generate_keys()
-    secret_file.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(secret_file.parent, 0o700)
-    descriptor = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(secret)
-    os.chmod(secret_file, 0o600)
+    write_private(secret_file, secret)
     (secret_file.parent / PUBLIC_DIGEST).write_text(hashlib.sha256(public).hexdigest())
     public_path = public_context_path(config.exchange_path)
     write_bytes(public_path, public)

@@ -21,7 +21,8 @@ SIGNING_KEY = "signing.key"
 AGREEMENT_KEY = "agreement.key"
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Create a secret file owner-readable only (0600), in a directory only its owner can enter (0700)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -105,8 +106,8 @@ def create_institution_keys(config: Config, institution_id: str, *, overwrite: b
         raise FusionError(f"{key_file} already exists; pass --overwrite to replace it (and re-register)")
     private, public = generate_signing_key()
     agreement_private, agreement_public = generate_agreement_key()
-    _write_private(key_file, private)
-    _write_private(key_file.parent / AGREEMENT_KEY, agreement_private)
+    write_private(key_file, private)
+    write_private(key_file.parent / AGREEMENT_KEY, agreement_private)
     entry = {"signing": public, "agreement": agreement_public}
     _write_registry(config, {**_entries(config), institution_id: entry})
     return key_file
