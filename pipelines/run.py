@@ -19,7 +19,7 @@ from fusion.exchange import (
     read_bytes,
 )
 from fusion.plan import ReleasePlan
-from fusion.registry import load_signing_key
+from fusion.registry import load_agreement_keys, load_signing_key
 from pipelines.aggregate import Aggregate
 from pipelines.contribute import Contribute
 from pipelines.recovery import seal_correction
@@ -60,6 +60,8 @@ def run_contributions(
     """
     exchange = plan.config.exchange_path
     pending = [i for i in institutions if not exists(contribution_path(exchange, plan.key, i.id))]
+    if pending:
+        load_agreement_keys(plan.config)  # every institution must be registered before anyone can mask
     for institution in pending:
         load_signing_key(plan.config, institution.id)  # fail now, not after the pipeline, if it is missing
         _clear(dead_letter_dir(plan, institution))

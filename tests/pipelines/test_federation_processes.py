@@ -125,3 +125,51 @@ def test_separate_parties_release_with_and_without_a_missing_institution(tmp_pat
     # Each institution's local report stayed in its own directory.
     assert list((tmp_path / "alpha" / "deadletter").rglob("report.json"))
     assert not list((tmp_path / "keyholder").rglob("report.json"))
+
+
+def test_adversarial_envelopes_against_separate_parties(tmp_path: Path) -> None:
+    """Forged, tampered, replayed and unregistered envelopes dropped into the shared exchange, with every party
+    a separate process: each is refused with its reason in `audit`, and the release holds exactly the honest."""
+    from dataclasses import replace
+
+    from fusion.exchange import contribution_path, contributions_dir, join, read_bytes, write_bytes
+    from fusion.plan import plan_release
+    from privacy.envelope import pack_envelope, unpack_envelope
+    from privacy.signing import generate_signing_key
+
+    config, rows = build(tmp_path)
+    fusion(config, "keys")
+    for inst in INSTITUTIONS:
+        fusion(config, "keys", "--institution", inst)
+    for inst in INSTITUTIONS:
+        fusion(config, "contribute", "--institution", inst, *INTERVAL)
+    cfg = load_config(config)
+    plan = plan_release(cfg, START, END)
+    exchange = cfg.exchange_path
+    directory = contributions_dir(exchange, plan.key)
+    alpha = read_bytes(contribution_path(exchange, plan.key, "alpha"))
+    write_bytes(join(directory, "alpha-replay.fenv"), alpha)  # replayed
+    tampered = bytearray(alpha)
+    tampered[-5] ^= 0x01
+    write_bytes(join(directory, "alpha-tampered.fenv"), bytes(tampered))  # tampered payload
+    header, ciphertexts = unpack_envelope(read_bytes(contribution_path(exchange, plan.key, "beta")))
+    write_bytes(contribution_path(exchange, plan.key, "beta"), pack_envelope(header, ciphertexts))  # unsigned now
+    mallory = replace(header, contributors=("mallory",))
+    write_bytes(
+        join(directory, "mallory.fenv"), pack_envelope(mallory, ciphertexts, signing_key=generate_signing_key()[0])
+    )  # unregistered
+
+    declared = fusion(config, "aggregate", "--now", *INTERVAL, expect=3)
+    assert "declared absent: beta" in declared.stdout
+    for reason in ("replayed", "tampered", "unsigned", "unregistered_institution"):
+        assert reason in declared.stdout
+    for inst in ("alpha", "gamma"):
+        fusion(config, "contribute", "--institution", inst, "--recover", *INTERVAL)
+    fusion(config, "aggregate", *INTERVAL)
+    fusion(config, "release", *INTERVAL)
+    store = Store(cfg.store_path)
+    released = store.read("releases")
+    assert sum(released.column("count").to_pylist()) == rows["alpha"] + rows["gamma"]
+    refused = {a["reason"] for a in store.read("audit").to_pylist() if a["action"] == "envelope_refused"}
+    assert {"replayed", "tampered", "unregistered_institution"} <= refused
+    assert refused & {"unsigned", "declared_absent"}
