@@ -17,7 +17,7 @@ from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_key, load_agreement_keys, load_signing_key
 from privacy import he
 from privacy.envelope import pack_envelope
-from privacy.masking import add_mod, recovery_correction
+from privacy.masking import centred, recovery_correction
 
 
 def declared_absent(plan: ReleasePlan) -> tuple[str, ...]:
@@ -44,7 +44,7 @@ def seal_correction(plan: ReleasePlan, institution_id: str) -> str:
     )
     public_context = read_bytes(public_context_path(plan.config.exchange_path))
     ciphertexts = he.encrypt_vector(
-        he.load_public_context(public_context), add_mod(0 * correction, correction, he.PLAIN_MODULUS), residues=True
+        he.load_public_context(public_context), centred(correction, he.PLAIN_MODULUS), residues=True
     )
     header = plan.envelope_header(
         kind="correction",

@@ -79,7 +79,12 @@ def recovery_correction(
     return (modulus - _signed_sum(own_id, own_private, absent, slots, modulus, context)) % modulus
 
 
-def add_mod(vector: np.ndarray, mask: np.ndarray, modulus: int) -> np.ndarray:
-    """(vector + mask) mod t, returned in the centred range (-t/2, t/2) that BFV decodes to."""
-    residues = (np.asarray(vector, dtype=np.int64) % modulus + mask) % modulus
+def centred(residues: np.ndarray, modulus: int) -> np.ndarray:
+    """Residues in [0, t) mapped to the centred range (-t/2, t/2] that BFV encodes and decodes."""
+    residues = np.asarray(residues, dtype=np.int64) % modulus
     return np.where(residues > modulus // 2, residues - modulus, residues)
+
+
+def add_mod(vector: np.ndarray, mask: np.ndarray, modulus: int) -> np.ndarray:
+    """(vector + mask) mod t, in the centred range."""
+    return centred((np.asarray(vector, dtype=np.int64) % modulus + mask) % modulus, modulus)
