@@ -52,13 +52,16 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = with_config(sub.add_parser("keys", help="key holder: create the HE keys; an institution: --institution ID"))
     keys.add_argument("--institution", help="create this institution's signing key and register it")
+    keys.add_argument("--aggregator", action="store_true", help="create the aggregator's signing key, register it")
     keys.add_argument("--overwrite", action="store_true", help="replace existing keys")
 
     with_interval(with_config(sub.add_parser("batch", help="run every role for an interval on this machine")))
     contribute = with_interval(with_config(sub.add_parser("contribute", help="institution: seal a contribution")))
     contribute.add_argument("--institution", required=True, help="the institution id from the config")
     contribute.add_argument(
-        "--recover", action="store_true", help="recovery round: remove this institution's masks with the absent"
+        "--unmask",
+        action="store_true",
+        help="unmask round: answer the aggregator's roster (seed shares; corrections for the absent)",
     )
     aggregate = with_interval(with_config(sub.add_parser("aggregate", help="aggregator: sum the contributions")))
     aggregate.add_argument(
@@ -133,7 +136,9 @@ def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     with console.status("starting") as status:
         stages = {
             "contribute": "institutions: validate, aggregate, add noise shares, encrypt",
-            "aggregate": "aggregator: verify envelopes, check quorum, homomorphic sum",
+            "aggregate": "aggregator: verify envelopes, check quorum, homomorphic sum, close the roster",
+            "unmask": "institutions: answer the roster (seed shares; corrections for the absent); aggregator: "
+            "remove the self masks, sign the aggregate",
             "release": "key holder: decrypt, decode, commit to the store",
         }
 
@@ -160,11 +165,11 @@ def cmd_contribute(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
     plan = _plan(args)
     institution = plan.config.institution(args.institution)
-    if args.recover:
-        from pipelines.run import run_recovery
+    if args.unmask:
+        from pipelines.run import run_unmask
 
-        path = run_recovery(plan, [institution])[0]
-        console.print(f"correction envelope written: {path}")
+        path = run_unmask(plan, [institution])[0]
+        console.print(f"answer to the roster written: {path}")
         return 0
     with console.status(f"{institution.id}: contributing"):
         reports = run_contributions(plan, [institution], beam_args)
@@ -189,11 +194,11 @@ def cmd_aggregate(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             "run `fusion aggregate` again then (or now with --now)"
         )
         return 3
-    if result["status"] == "awaiting_recovery":
-        pending = result.get("corrections_pending", result["contributors"])
+    if result["status"] == "awaiting_unmask":
+        absent = f"declared absent: {', '.join(result['absent'])}; " if result["absent"] else ""
         console.print(
-            f"declared absent: {', '.join(result['absent'])}; recovery round: "
-            f"{', '.join(pending)} run `fusion contribute --recover`, then `fusion aggregate` again"
+            f"roster closed; {absent}unmask round: {', '.join(result['unmask_pending'])} run "
+            "`fusion contribute --unmask`, then `fusion aggregate` again"
         )
         return 3
     console.print(f"aggregated {len(result['contributors'])} contribution(s): {', '.join(result['contributors'])}")
@@ -269,6 +274,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from fusion.registry import create_institution_keys
 
     config = load_config(args.config)
+    if args.aggregator:
+        from fusion.registry import create_aggregator_key
+
+        key_file = create_aggregator_key(config, overwrite=args.overwrite)
+        console.print(f"aggregator's signing key (mode 0600): {key_file}\nregistered in {config.registry_path}")
+        return 0
     if args.institution:
         key_file = create_institution_keys(config, args.institution, overwrite=args.overwrite)
         console.print(

@@ -180,6 +180,7 @@ class FederationConfig(_Frozen):
     store: str = "store"
     exchange: str = "exchange"
     keys: str = "keys"
+    aggregator_keys: str = "aggregator-keys"  # the aggregator's private signing key directory
     registry: str = "registry.toml"  # who may contribute: institutions' public signing keys
     # How long after an interval ends the aggregator waits for missing institutions before declaring them
     # absent (which starts the recovery round, so the others are not blocked).
@@ -283,6 +284,10 @@ class Config(_Frozen):
                 return inst
         known = ", ".join(i.id for i in self.institutions)
         raise ConfigError(f"unknown institution '{institution_id}'; the config declares: {known}")
+
+    @property
+    def aggregator_keys_path(self) -> str:
+        return self.resolve(self.federation.aggregator_keys)
 
     def institution_keys_path(self, institution: InstitutionConfig) -> str:
         return self.resolve(institution.keys or f"institution-keys/{institution.id}")

@@ -22,7 +22,7 @@ from fusion.demo_data import (
     load_station,
 )
 from fusion.keys import create_keys
-from fusion.registry import create_institution_keys
+from fusion.registry import create_aggregator_key, create_institution_keys
 
 DEMO_START = datetime(2026, 1, 1, tzinfo=UTC)
 UNITS = {"ghi": "W/m2", "air_temp": "degC", "humidity": "percent", "wind_speed": "m/s"}
@@ -155,6 +155,7 @@ def build_demo(directory: Path, *, days: int = 2) -> Path:
     )
     config = load_config(config_path)
     create_keys(config)
+    create_aggregator_key(config)
     for spec in INSTITUTIONS:
         create_institution_keys(config, spec.id)
     return config_path

@@ -69,22 +69,24 @@ def contribution_path(exchange: str, key: ReleaseKey, institution: str) -> str:
     return join(contributions_dir(exchange, key), f"{institution}.fenv")
 
 
-def corrections_dir(exchange: str, key: ReleaseKey) -> str:
-    return join(exchange, key.interval_name, "corrections")
+def unmask_dir(exchange: str, key: ReleaseKey) -> str:
+    """The institutions' answers to the roster: seed shares and pairwise-mask corrections."""
+    return join(exchange, key.interval_name, "unmask")
 
 
-def correction_path(exchange: str, key: ReleaseKey, institution: str) -> str:
-    return join(corrections_dir(exchange, key), f"{institution}.fenv")
+def unmask_path(exchange: str, key: ReleaseKey, institution: str) -> str:
+    return join(unmask_dir(exchange, key), f"{institution}.fenv")
 
 
 def aggregation_status_path(exchange: str, key: ReleaseKey) -> str:
-    """The aggregator's last word on a release: aggregated, refused, waiting or awaiting_recovery."""
+    """The aggregator's last word on a release: aggregated, refused, waiting or awaiting_unmask."""
     return join(exchange, key.interval_name, "aggregate.status.json")
 
 
-def absent_path(exchange: str, key: ReleaseKey) -> str:
-    """The aggregator's declaration of which institutions are absent from this release (recovery round)."""
-    return join(exchange, key.interval_name, "absent.json")
+def roster_path(exchange: str, key: ReleaseKey) -> str:
+    """The aggregator's roster for this release: which institutions are included and which absent. Written
+    once the contributions are closed; it starts the unmask round."""
+    return join(exchange, key.interval_name, "roster.json")
 
 
 def aggregate_path(exchange: str, key: ReleaseKey) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from fusion.config import Config
 from fusion.errors import FusionError
@@ -68,8 +69,10 @@ class ReleasePlan:
         reject_counts: dict[str, dict[str, int]],
         refused: tuple[dict[str, str], ...] = (),
         absent: tuple[str, ...] = (),
+        **fields: Any,
     ) -> EnvelopeHeader:
-        """A header for this release's interval, layout and parameters, with a fresh nonce and time."""
+        """A header for this release's interval, layout and parameters, with a fresh nonce and time; `fields`
+        are the kind-specific ones (seed commitment and shares, the roster answered, revealed shares)."""
         return EnvelopeHeader(
             kind=kind,
             federation=self.key.federation,
@@ -86,6 +89,7 @@ class ReleasePlan:
             reject_counts=reject_counts,
             refused=refused,
             absent=absent,
+            **fields,
         )
 
     @property

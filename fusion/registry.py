@@ -1,4 +1,4 @@
-"""Who may contribute: institutions' signing keys, and the registry of their public halves.
+"""Who may contribute: institutions' signing keys, the aggregator's, and the registry of their public halves.
 
 Each institution creates its own Ed25519 key pair (`fusion keys --institution ID`); the private key stays in
 its key directory, owner-readable only, and the public half is entered in the federation's registry (a TOML
@@ -47,21 +47,28 @@ def signing_key_file(config: Config, institution_id: str) -> Path:
     return Path(config.institution_keys_path(config.institution(institution_id))) / SIGNING_KEY
 
 
-def _entries(config: Config) -> dict[str, dict[str, bytes]]:
+def _read(config: Config) -> tuple[dict[str, dict[str, bytes]], bytes | None]:
+    """(institution id -> {signing, agreement} public keys, the aggregator's signing public key or None)."""
     path = Path(config.registry_path)
     if not path.exists():
-        return {}
+        return {}, None
     try:
         doc = tomllib.loads(path.read_text())
-        return {
+        institutions = {
             entry["id"]: {
                 "signing": bytes.fromhex(entry["signing_key"]),
                 "agreement": bytes.fromhex(entry["agreement_key"]),
             }
             for entry in doc.get("institutions", [])
         }
-    except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as exc:
+        aggregator = doc.get("aggregator", {}).get("signing_key")
+        return institutions, bytes.fromhex(aggregator) if aggregator else None
+    except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise FusionError(f"the registry {path} is malformed: {exc}") from None
+
+
+def _entries(config: Config) -> dict[str, dict[str, bytes]]:
+    return _read(config)[0]
 
 
 def load_registry(config: Config) -> dict[str, bytes]:
@@ -81,9 +88,13 @@ def load_agreement_keys(config: Config) -> dict[str, bytes]:
     return {i.id: entries[i.id]["agreement"] for i in config.institutions}
 
 
-def _write_registry(config: Config, keys: dict[str, dict[str, bytes]]) -> None:
+def _write_registry(
+    config: Config, keys: dict[str, dict[str, bytes]], aggregator: bytes | None
+) -> None:
     lines = ["# Fusion federation registry: institutions that may contribute, and their public keys"]
-    lines += ["# (Ed25519 to verify their envelopes, X25519 for pairwise masks)."]
+    lines += ["# (Ed25519 to verify their envelopes, X25519 for pairwise masks), and the aggregator's."]
+    if aggregator is not None:
+        lines += ["", "[aggregator]", f'signing_key = "{aggregator.hex()}"']
     for institution, entry in sorted(keys.items()):
         lines += [
             "",
@@ -109,8 +120,39 @@ def create_institution_keys(config: Config, institution_id: str, *, overwrite: b
     write_private(key_file, private)
     write_private(key_file.parent / AGREEMENT_KEY, agreement_private)
     entry = {"signing": public, "agreement": agreement_public}
-    _write_registry(config, {**_entries(config), institution_id: entry})
+    institutions, aggregator = _read(config)
+    _write_registry(config, {**institutions, institution_id: entry}, aggregator)
     return key_file
+
+
+def aggregator_key_file(config: Config) -> Path:
+    return Path(config.aggregator_keys_path) / SIGNING_KEY
+
+
+def create_aggregator_key(config: Config, *, overwrite: bool = False) -> Path:
+    """Create the aggregator's signing key (mode 0600) and register its public half."""
+    key_file = aggregator_key_file(config)
+    if key_file.exists() and not overwrite:
+        raise FusionError(f"{key_file} already exists; pass --overwrite to replace it (and re-register)")
+    private, public = generate_signing_key()
+    write_private(key_file, private)
+    institutions, _ = _read(config)
+    _write_registry(config, institutions, public)
+    return key_file
+
+
+def load_aggregator_signing_key(config: Config) -> bytes:
+    return read_private(aggregator_key_file(config), "the aggregator's signing key (`fusion keys --aggregator`)")
+
+
+def load_aggregator_public_key(config: Config) -> bytes:
+    """The registered aggregator's Ed25519 public key; the key holder decrypts only aggregates it signed."""
+    aggregator = _read(config)[1]
+    if aggregator is None:
+        raise FusionError(
+            f"no aggregator is registered in {config.registry_path}; the aggregator runs `fusion keys --aggregator`"
+        )
+    return aggregator
 
 
 def load_signing_key(config: Config, institution_id: str) -> bytes:

@@ -1,7 +1,10 @@
-"""The aggregator's Beam pipeline: contribution envelopes -> checks -> homomorphic sum -> aggregate envelope.
+"""The aggregator's Beam pipeline: envelopes -> checks -> homomorphic sum -> roster, then aggregate envelope.
 
-The aggregator holds only the public context: it can add ciphertexts but never read them. Every envelope it
-refuses is listed, with its reason, in the aggregate's header (the key holder records them in `audit`).
+The aggregator holds only the public context: it can add ciphertexts but never read them. It runs twice per
+release: first over the contributions, closing the roster (included / absent) that starts the unmask round;
+then over the contributions and the institutions' answers, removing the self masks and sealing the aggregate,
+which it signs. Every envelope it refuses is listed, with its reason, in the aggregate's header (the key
+holder records them in `audit`).
 """
 
 from __future__ import annotations
@@ -14,23 +17,22 @@ import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
 from fusion.exchange import (
-    absent_path,
     aggregate_path,
     aggregation_status_path,
     contributions_dir,
-    corrections_dir,
     delete_if_exists,
     list_files,
     public_context_path,
     read_bytes,
     refusal_path,
+    unmask_dir,
     write_bytes,
     write_json,
 )
 from fusion.faults import crash_point
 from fusion.plan import ReleasePlan
-from fusion.registry import load_registry
-from pipelines.recovery import declared_absent
+from fusion.registry import load_aggregator_signing_key, load_registry
+from pipelines.unmask import Roster, read_roster, self_mask_total, write_roster
 from privacy import he
 from privacy.envelope import (
     EnvelopeError,
@@ -40,6 +42,8 @@ from privacy.envelope import (
     signature_valid,
     unpack_envelope,
 )
+from privacy.masking import centred
+from privacy.sharing import ShareError
 
 REFUSED = "refused"
 
@@ -48,12 +52,12 @@ class OpenEnvelope(beam.DoFn):
     """path -> (institution, (path, header, ciphertexts)); envelopes that fail a check are tagged refused."""
 
     def __init__(
-        self, plan: ReleasePlan, public_context: bytes, registry: dict[str, bytes], absent: tuple[str, ...]
+        self, plan: ReleasePlan, public_context: bytes, registry: dict[str, bytes], roster: Roster | None
     ) -> None:
         self._plan = plan
         self._public_context = public_context
         self._registry = registry
-        self._absent = absent
+        self._roster = roster
 
     def setup(self) -> None:
         self._context = he.load_public_context(self._public_context)
@@ -67,7 +71,7 @@ class OpenEnvelope(beam.DoFn):
         except EnvelopeError as exc:
             yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": f"unreadable: {exc}"})
             return
-        reason = self._check(header) or self._check_ciphertexts(ciphertexts)
+        reason = self._check(header) or self._check_ciphertexts(header, ciphertexts)
         institution = header.contributors[0] if header.contributors else ""
         if reason:
             yield TaggedOutput(REFUSED, {"source": path, "institution": institution, "reason": reason})
@@ -77,7 +81,7 @@ class OpenEnvelope(beam.DoFn):
     def _check(self, header: EnvelopeHeader) -> str:
         plan = self._plan
         registered = {i.id for i in plan.config.institutions}
-        if header.kind not in ("contribution", "correction") or len(header.contributors) != 1:
+        if header.kind not in ("contribution", "unmask") or len(header.contributors) != 1:
             return "not_a_contribution"
         if header.federation != plan.key.federation:
             return "wrong_federation"
@@ -98,14 +102,24 @@ class OpenEnvelope(beam.DoFn):
             return "bad_signature"
         if header.context_sha256 != hashlib.sha256(self._public_context).hexdigest():
             return "wrong_he_context"
-        if header.kind == "contribution" and header.contributors[0] in self._absent:
+        roster = self._roster
+        if header.kind == "contribution" and roster is not None and header.contributors[0] in roster.absent:
             return "declared_absent"  # too late: its masks must keep it unreadable now
-        if header.kind == "correction" and set(header.absent) != set(self._absent):
-            return "wrong_absent_set"
+        if header.kind == "unmask":
+            if roster is None or (tuple(sorted(header.included)), tuple(sorted(header.absent))) != (
+                roster.included,
+                roster.absent,
+            ):
+                return "wrong_roster"
+            if header.contributors[0] not in roster.included:
+                return "declared_absent"
         return ""
 
-    def _check_ciphertexts(self, ciphertexts: list[bytes]) -> str:
-        if len(ciphertexts) != he.ciphertexts_for(self._plan.layout.slots):
+    def _check_ciphertexts(self, header: EnvelopeHeader, ciphertexts: list[bytes]) -> str:
+        expected = he.ciphertexts_for(self._plan.layout.slots)
+        if header.kind == "unmask" and not header.absent:
+            expected = 0  # nothing to correct: the answer is its seed shares alone
+        if len(ciphertexts) != expected:
             return "wrong_layout"
         try:
             for data in ciphertexts:
@@ -162,7 +176,7 @@ class EncryptedSum(beam.CombineFn):
         element: tuple[str, EnvelopeHeader, list[bytes]],
     ) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
         _, header, ciphertexts = element
-        return self.merge_accumulators([accumulator, ([header], ciphertexts)])
+        return self.merge_accumulators([accumulator, ([header], ciphertexts or None)])
 
     def merge_accumulators(
         self, accumulators: Iterable[tuple[list[EnvelopeHeader], list[bytes] | None]]
@@ -184,60 +198,85 @@ class EncryptedSum(beam.CombineFn):
 
 
 class SealAggregate(beam.DoFn):
-    """The sum -> an aggregate envelope if the quorum is met and every mask cancels; otherwise a refusal file,
-    or (institutions missing) a declaration of who is absent, which starts the recovery round."""
+    """The sum -> a refusal (quorum not met), or the roster that starts the unmask round, or (every answer in)
+    the sum with the self masks removed, sealed as the aggregate envelope and signed by the aggregator."""
 
-    def __init__(self, plan: ReleasePlan, absent: tuple[str, ...], may_declare: bool) -> None:
+    def __init__(self, plan: ReleasePlan, public_context: bytes, roster: Roster | None, may_declare: bool) -> None:
         self._plan = plan
-        self._absent = absent
+        self._public_context = public_context
+        self._roster = roster
         self._may_declare = may_declare
 
     def process(
         self, summed: tuple[list[EnvelopeHeader], list[bytes] | None], refused: list[dict[str, str]]
     ) -> Iterator[dict[str, Any]]:
-        plan = self._plan
+        plan, roster = self._plan, self._roster
         all_headers, ciphertexts = summed
-        headers = [h for h in all_headers if h.kind == "contribution"]
-        corrected = {h.contributors[0] for h in all_headers if h.kind == "correction"}
-        contributors = tuple(sorted(h.contributors[0] for h in headers))
-        exchange = plan.config.exchange_path
+        headers = {h.contributors[0]: h for h in all_headers if h.kind == "contribution"}
+        answers = [h for h in all_headers if h.kind == "unmask"]
+        contributors = tuple(sorted(headers))
         expected = {i.id for i in plan.config.institutions}
         missing = sorted(expected - set(contributors))
         summary: dict[str, Any] = {"contributors": list(contributors), "refused": refused, "absent": missing}
         if len(contributors) < plan.params.quorum or ciphertexts is None:
-            delete_if_exists(aggregate_path(exchange, plan.key))
-            reason = (
-                f"quorum not met: {len(contributors)} valid contribution(s), "
-                f"the federation requires {plan.params.quorum}"
+            yield self._refuse(
+                summary,
+                f"quorum not met: {len(contributors)} valid contribution(s), the federation requires "
+                f"{plan.params.quorum}",
             )
-            write_json(refusal_path(exchange, plan.key), {**summary, "reason": reason})
-            yield self._status({**summary, "status": "refused", "reason": reason})
             return
-        delete_if_exists(refusal_path(exchange, plan.key))
-        if missing and not self._absent:
-            # Masks of the missing institutions would not cancel: declare them absent, start the recovery round.
-            if self._may_declare:
-                write_json(absent_path(exchange, plan.key), {"absent": missing})
-            yield self._status({**summary, "status": "awaiting_recovery" if self._may_declare else "waiting"})
+        delete_if_exists(refusal_path(plan.config.exchange_path, plan.key))
+        if roster is None:
+            if missing and not self._may_declare:
+                yield self._status({**summary, "status": "waiting"})
+                return
+            # Close the roster: those present are included, the missing declared absent. The unmask round starts.
+            write_roster(plan, Roster(contributors, tuple(missing)))
+            yield self._status({**summary, "status": "awaiting_unmask", "unmask_pending": list(contributors)})
             return
-        if missing and (set(missing) != set(self._absent) or corrected != set(contributors)):
-            pending = sorted(set(contributors) - corrected)
-            yield self._status({**summary, "status": "awaiting_recovery", "corrections_pending": pending})
+        if contributors != roster.included:
+            lost = sorted(set(roster.included) - set(contributors))
+            yield self._refuse(summary, f"contributions listed in the roster are missing or were refused: {lost}")
             return
+        answered = {a.contributors[0] for a in answers}
+        pending = sorted(set(roster.included) - answered)
+        # Corrections for the absent must come from every survivor; seeds need only `quorum` shares each.
+        if pending and (roster.absent or len(answered) < plan.params.quorum):
+            yield self._status({**summary, "status": "awaiting_unmask", "unmask_pending": pending})
+            return
+        try:
+            masks = self_mask_total(plan, headers, answers)
+        except ShareError as exc:
+            yield self._refuse(summary, f"the self masks cannot be removed: {exc}")
+            return
+        context = he.load_public_context(self._public_context)
+        ciphertexts = he.add_plain(context, ciphertexts, centred(he.PLAIN_MODULUS - masks, he.PLAIN_MODULUS))
         reject_counts: dict[str, dict[str, int]] = {}
-        for h in headers:
+        for h in headers.values():
             reject_counts.update(h.reject_counts)
         header = plan.envelope_header(
             kind="aggregate",
             contributors=contributors,
-            noise_variance=sum(h.noise_variance for h in headers),
-            context_sha256=headers[0].context_sha256,  # every contribution's was checked against the exchange's
+            noise_variance=sum(h.noise_variance for h in headers.values()),
+            context_sha256=hashlib.sha256(self._public_context).hexdigest(),
             reject_counts=reject_counts,
             refused=tuple(refused),
+            absent=roster.absent,
+            included=roster.included,
         )
-        write_bytes(aggregate_path(exchange, plan.key), pack_envelope(header, ciphertexts))
+        signing_key = load_aggregator_signing_key(plan.config)
+        write_bytes(
+            aggregate_path(plan.config.exchange_path, plan.key),
+            pack_envelope(header, ciphertexts, signing_key=signing_key),
+        )
         crash_point("after_sum")
         yield self._status({**summary, "status": "aggregated", "noise_variance": header.noise_variance})
+
+    def _refuse(self, summary: dict[str, Any], reason: str) -> dict[str, Any]:
+        exchange = self._plan.config.exchange_path
+        delete_if_exists(aggregate_path(exchange, self._plan.key))
+        write_json(refusal_path(exchange, self._plan.key), {**summary, "reason": reason})
+        return self._status({**summary, "status": "refused", "reason": reason})
 
     def _status(self, status: dict[str, Any]) -> dict[str, Any]:
         write_json(aggregation_status_path(self._plan.config.exchange_path, self._plan.key), status)
@@ -255,16 +294,16 @@ class Aggregate(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         plan = self._plan
         exchange = plan.config.exchange_path
-        absent = declared_absent(plan)
+        roster = read_roster(plan)
         paths = list_files(contributions_dir(exchange, plan.key), ".fenv")
-        if absent:
-            paths += list_files(corrections_dir(exchange, plan.key), ".fenv")
+        if roster is not None:
+            paths += list_files(unmask_dir(exchange, plan.key), ".fenv")
         public_context = read_bytes(public_context_path(exchange))
         opened = (
             pbegin
             | "Envelopes" >> beam.Create(paths)
             | "Open"
-            >> beam.ParDo(OpenEnvelope(plan, public_context, load_registry(plan.config), absent)).with_outputs(
+            >> beam.ParDo(OpenEnvelope(plan, public_context, load_registry(plan.config), roster)).with_outputs(
                 REFUSED, main="ok"
             )
         )
@@ -277,5 +316,8 @@ class Aggregate(beam.PTransform):
         return (
             unique.ok
             | "Sum" >> beam.CombineGlobally(EncryptedSum(public_context))
-            | "Seal" >> beam.ParDo(SealAggregate(plan, absent, self._may_declare), refused=beam.pvalue.AsList(refused))
+            | "Seal"
+            >> beam.ParDo(
+                SealAggregate(plan, public_context, roster, self._may_declare), refused=beam.pvalue.AsList(refused)
+            )
         )

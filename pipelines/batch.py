@@ -1,4 +1,5 @@
-"""`fusion batch`: every role for one interval on one machine, in order: contribute, aggregate, release."""
+"""`fusion batch`: every role for one interval on one machine, in order: contribute, aggregate, unmask,
+aggregate, release."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fusion.ledger import BudgetExceeded, BudgetLedger
 from fusion.plan import ReleasePlan
 from fusion.store import Store
 from pipelines.release import ReleaseOutcome, audit_event, release
-from pipelines.run import run_aggregate, run_contributions, run_recovery
+from pipelines.run import run_aggregate, run_contributions, run_unmask
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,11 @@ def run_batch(
     reports = run_contributions(plan, plan.config.institutions, beam_args)
     on_stage("aggregate")
     aggregated = run_aggregate(plan, beam_args)
-    if aggregated["status"] == "awaiting_recovery":
-        # Some institution's contribution is missing or was refused: the survivors remove their masks with it.
-        on_stage("recover")
-        survivors = [i for i in plan.config.institutions if i.id in aggregated["contributors"]]
-        run_recovery(plan, survivors)
+    if aggregated["status"] == "awaiting_unmask":
+        # The roster is closed: every included institution answers it (seed shares; corrections for the absent).
+        on_stage("unmask")
+        pending = [i for i in plan.config.institutions if i.id in aggregated["unmask_pending"]]
+        run_unmask(plan, pending)
         aggregated = run_aggregate(plan, beam_args)
     if aggregated["status"] != "aggregated":
         raise ReleaseRefused(f"aggregation did not complete: {aggregated}")

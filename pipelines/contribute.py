@@ -35,6 +35,7 @@ from fusion.registry import load_agreement_key, load_agreement_keys, load_signin
 from privacy import he
 from privacy.envelope import EnvelopeHeader, pack_envelope
 from privacy.masking import add_mod, pairwise_mask
+from privacy.sharing import commitment, new_seed, self_mask, share_seed
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
 from schemas.readings import DEAD_LETTER_REASON, DEAD_LETTER_ROW, DEAD_LETTER_SOURCE
 from schemas.reasons import RejectReason
@@ -188,14 +189,21 @@ class SealContribution(beam.DoFn):
             noise = SkellamNoise(plan.params.share_variance, generator=noise_generator(plan, institution.id, "noise"))
             vector = vector + noise.sample(plan.layout.slots)
         crash_point("before_encrypt")
-        # Pairwise masks: the envelope alone is uniform mod t; the masks cancel in the sum of all institutions.
+        # Double masking: pairwise masks (they cancel in the sum of all institutions) plus a self mask whose
+        # seed is Shamir-shared among the institutions, so the envelope alone, and any sum the aggregator could
+        # form without the unmask round, is uniform mod t.
+        context = plan.key.release_id.encode()
+        own_key = load_agreement_key(plan.config, institution.id)
+        peers = load_agreement_keys(plan.config)
         mask = pairwise_mask(
-            institution.id,
-            load_agreement_key(plan.config, institution.id),
-            load_agreement_keys(plan.config),
-            slots=plan.layout.slots,
-            modulus=he.PLAIN_MODULUS,
-            context=plan.key.release_id.encode(),
+            institution.id, own_key, peers, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS, context=context
+        )
+        seed = new_seed()
+        mask = (mask + self_mask(seed, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS, context=context)) % (
+            he.PLAIN_MODULUS
+        )
+        shares = share_seed(
+            seed, own_id=institution.id, own_private=own_key, peers=peers, threshold=plan.params.quorum, context=context
         )
         masked = add_mod(vector, mask, he.PLAIN_MODULUS)
         public_context = read_bytes(public_context_path(plan.config.exchange_path))
@@ -206,6 +214,8 @@ class SealContribution(beam.DoFn):
             noise_variance=plan.params.share_variance if plan.params.noise else 0.0,
             context_sha256=hashlib.sha256(public_context).hexdigest(),
             reject_counts={institution.id: dict(total.rejected)},
+            seed_commitment=commitment(seed, context=context),
+            seed_shares=shares,
         )
         path = contribution_path(plan.config.exchange_path, plan.key, institution.id)
         signing_key = load_signing_key(plan.config, institution.id)

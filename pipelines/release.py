@@ -24,9 +24,10 @@ from fusion.keys import load_secret_context_bytes, published_context_digest
 from fusion.ledger import BudgetLedger, Spend
 from fusion.parameters import NOISE_MARGIN_SDS
 from fusion.plan import ReleasePlan
+from fusion.registry import load_aggregator_public_key
 from fusion.store import Store
 from privacy import he
-from privacy.envelope import EnvelopeHeader, unpack_envelope
+from privacy.envelope import EnvelopeHeader, signature_valid, unpack_envelope
 from schemas.tables import AUDIT_SCHEMA, REJECTS_SCHEMA
 
 
@@ -104,6 +105,10 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         plan.key.parameters_digest,
     ):
         raise ReleaseRefused("the aggregate envelope does not match this interval's layout or parameters")
+    if not signature_valid(header, load_aggregator_public_key(plan.config)):
+        raise ReleaseRefused(
+            "the aggregate envelope is not signed by the federation's registered aggregator: it is not decrypted"
+        )
     if header.context_sha256 != published_context_digest(plan.config):
         raise ReleaseRefused(
             "the aggregate was encrypted under another public HE context than the one this key holder published "

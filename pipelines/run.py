@@ -22,7 +22,7 @@ from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_keys, load_signing_key
 from pipelines.aggregate import Aggregate
 from pipelines.contribute import Contribute
-from pipelines.recovery import seal_correction
+from pipelines.unmask import seal_unmask
 
 
 def beam_options(beam_args: Sequence[str] = ()) -> PipelineOptions:
@@ -79,7 +79,7 @@ def run_contributions(
 def run_aggregate(
     plan: ReleasePlan, beam_args: Sequence[str] = (), *, may_declare_absent: bool = True
 ) -> dict[str, Any]:
-    """Run the aggregator pipeline; returns its status (with `status` 'aggregated', 'awaiting_recovery' or
+    """Run the aggregator pipeline; returns its status (with `status` 'aggregated', 'awaiting_unmask' or
     'waiting', the contributors and the refused envelopes) or raises ReleaseRefused."""
     with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
         _ = pipeline | Aggregate(plan, may_declare_absent=may_declare_absent)
@@ -90,6 +90,6 @@ def run_aggregate(
     return status
 
 
-def run_recovery(plan: ReleasePlan, institutions: Sequence[InstitutionConfig]) -> list[str]:
-    """Seal the correction envelopes of `institutions` (survivors) for the declared absent set."""
-    return [seal_correction(plan, institution.id) for institution in institutions]
+def run_unmask(plan: ReleasePlan, institutions: Sequence[InstitutionConfig]) -> list[str]:
+    """Seal the answers of `institutions` (included in the roster) to the release's roster."""
+    return [seal_unmask(plan, institution.id) for institution in institutions]

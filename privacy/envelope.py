@@ -28,7 +28,8 @@ class PayloadMismatch(EnvelopeError):
 
 @dataclass(frozen=True)
 class EnvelopeHeader:
-    """What an envelope claims to hold. `kind` is 'contribution' (one institution) or 'aggregate'."""
+    """What an envelope claims to hold. `kind` is 'contribution' or 'unmask' (one institution's) or 'aggregate'
+    (the aggregator's, signed with its own key)."""
 
     kind: str
     federation: str
@@ -49,14 +50,22 @@ class EnvelopeHeader:
     reject_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     # Envelopes the aggregator refused: [{"source": ..., "institution": ..., "reason": ...}]
     refused: tuple[dict[str, str], ...] = ()
-    # Corrections (the recovery round): the institutions declared absent whose masks this one removes.
+    # Unmask envelopes: the roster answered (included, absent); the ciphertexts (if any institution is absent)
+    # remove the sender's pairwise masks with the absent ones.
     absent: tuple[str, ...] = ()
+    included: tuple[str, ...] = ()
+    # Contributions: SHA-256 commitment to the self-mask seed, and its Shamir shares sealed to each recipient.
+    seed_commitment: str = ""
+    seed_shares: dict[str, str] = field(default_factory=dict)
+    # Unmask envelopes: the sender's (opened) share of each included institution's seed, 'x:y' in hex.
+    revealed_shares: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         doc = asdict(self)
         doc["contributors"] = list(self.contributors)
         doc["refused"] = list(self.refused)
         doc["absent"] = list(self.absent)
+        doc["included"] = list(self.included)
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -66,6 +75,7 @@ class EnvelopeHeader:
             doc["contributors"] = tuple(doc["contributors"])
             doc["refused"] = tuple(doc.get("refused", ()))
             doc["absent"] = tuple(doc.get("absent", ()))
+            doc["included"] = tuple(doc.get("included", ()))
             return cls(**doc)
         except (ValueError, TypeError, KeyError) as exc:
             raise EnvelopeError(f"unreadable envelope header: {exc}") from None

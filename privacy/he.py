@@ -94,6 +94,21 @@ def add_encrypted(context: ts.Context, vectors: Sequence[Sequence[bytes]]) -> li
     return totals
 
 
+def add_plain(context: ts.Context, ciphertexts: Sequence[bytes], vector: np.ndarray) -> list[bytes]:
+    """Slot-wise ciphertext + plaintext (entries in the centred range mod t); deterministic, unlike encrypting
+    the vector and adding, so re-running a sum gives the same bytes."""
+    vector = np.asarray(vector, dtype=np.int64)
+    if int(np.abs(vector).max(initial=0)) > MAX_ABS_TOTAL:
+        raise WrapRisk("a plaintext entry is not in the centred range mod t")
+    if ciphertexts_for(vector.size) != len(ciphertexts):
+        raise ValueError(f"a {vector.size}-slot vector does not match {len(ciphertexts)} ciphertexts")
+    out = []
+    for index, data in enumerate(ciphertexts):
+        chunk = vector[index * SLOTS_PER_CIPHERTEXT : (index + 1) * SLOTS_PER_CIPHERTEXT]
+        out.append((ts.bfv_vector_from(context, data) + chunk.tolist()).serialize())
+    return out
+
+
 def ciphertexts_for(slots: int) -> int:
     """How many ciphertexts a vector of `slots` slots takes."""
     return -(-slots // SLOTS_PER_CIPHERTEXT)

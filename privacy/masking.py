@@ -5,7 +5,8 @@ Every pair of institutions (i, j) derives a shared secret by X25519 key agreemen
 a mask vector uniform mod t from the keystream. Institution i adds m_ij for every j > i and subtracts it for
 every j < i, so the masks cancel in the sum of all contributions, while a single envelope, even decrypted,
 is uniformly distributed mod t. If institutions drop out, each survivor sends a correction that removes its
-masks with the absent ones (the recovery round); no mask key is ever revealed.
+masks with the absent ones (in the unmask round); no mask key is ever revealed. Pairwise masks alone do not stop
+an aggregator and key holder who collude; the self masks of privacy/sharing.py do.
 """
 
 from __future__ import annotations

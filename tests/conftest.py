@@ -107,7 +107,7 @@ def make_federation(tmp_path: Path) -> Callable[..., Federation]:
               seed: int | None = 7, entities: int = 12, mode: str = "test", epsilon: float = 1.0,
               subdir: str = "", statistics: str = "") -> Federation:
         from fusion.keys import create_keys
-        from fusion.registry import create_institution_keys
+        from fusion.registry import create_aggregator_key, create_institution_keys
 
         root = tmp_path / subdir if subdir else tmp_path
         institutions = institutions or [("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")]
@@ -126,6 +126,7 @@ def make_federation(tmp_path: Path) -> Callable[..., Federation]:
                                            statistics=statistics))
         config = load_config(config_path)
         create_keys(config)
+        create_aggregator_key(config)
         for inst, _ in institutions:
             create_institution_keys(config, inst)
         return Federation(directory=root, config_path=config_path, raw=raw)

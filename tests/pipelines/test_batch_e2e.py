@@ -14,16 +14,24 @@ from scipy import stats
 
 from fusion.errors import FusionError, ReleaseRefused
 from fusion.estimates import Z95
-from fusion.exchange import contribution_path, contributions_dir, join, read_bytes, refusal_path, write_bytes
+from fusion.exchange import (
+    aggregation_status_path,
+    contribution_path,
+    contributions_dir,
+    join,
+    read_bytes,
+    refusal_path,
+    write_bytes,
+)
 from fusion.keys import create_keys, load_secret_context_bytes, secret_key_file
 from fusion.ledger import BudgetExceeded
-from fusion.plan import plan_release
+from fusion.plan import ReleasePlan, plan_release
 from fusion.planning import privacy_plan, releases_that_fit
 from fusion.registry import load_signing_key
 from fusion.store import Store
 from pipelines.batch import run_batch
 from pipelines.release import release
-from pipelines.run import run_aggregate, run_contributions, run_recovery
+from pipelines.run import run_aggregate, run_contributions, run_unmask
 from privacy import he
 from privacy.accountant import epsilon_for
 from privacy.envelope import EnvelopeHeader, pack_envelope, unpack_envelope
@@ -147,6 +155,14 @@ def test_rerun_of_an_interval_does_not_duplicate(make_federation):
     assert Store(fed.config.store_path).read("releases").num_rows == before
 
 
+def unmask_and_aggregate(plan: ReleasePlan) -> dict:
+    """The unmask round (every pending institution answers the roster), then the aggregator's second run."""
+    status = json.loads(read_bytes(aggregation_status_path(plan.config.exchange_path, plan.key)))
+    assert status["status"] == "awaiting_unmask", status
+    run_unmask(plan, [plan.config.institution(i) for i in status["unmask_pending"]])
+    return run_aggregate(plan)
+
+
 def test_quorum_not_met_is_refused_and_audited(make_federation):
     fed = make_federation(noise=True, quorum=3)
     plan = plan_release(fed.config, START, END)
@@ -176,6 +192,7 @@ def test_bad_envelopes_are_refused_with_reasons_and_the_rest_released(make_feder
     reasons = sorted(r["reason"].split(":")[0] for r in result["refused"])
     assert reasons == ["unreadable", "wrong_interval"]
     assert result["contributors"] == ["alpha", "beta", "gamma"]
+    result = unmask_and_aggregate(plan)
     outcome = release(plan, Store(fed.config.store_path))
     assert outcome.status == "released"
     audit = Store(fed.config.store_path).read("audit").to_pylist()
@@ -190,6 +207,7 @@ def test_only_the_key_holder_needs_the_secret_key(make_federation, tmp_path):
     shutil.move(secret, hidden)  # institutions and the aggregator run without the secret key anywhere
     run_contributions(plan, fed.config.institutions)
     run_aggregate(plan)
+    unmask_and_aggregate(plan)
     with pytest.raises(FusionError, match="secret key is missing"):
         release(plan, Store(fed.config.store_path))
     shutil.move(hidden, secret)
@@ -250,8 +268,8 @@ def test_forged_replayed_and_duplicate_envelopes_are_refused_with_reasons(make_f
         ("intruder", "unregistered_institution"),
     ]
     # Only alpha's envelope is valid: the others are declared absent and alpha removes its masks with them.
-    assert first["status"] == "awaiting_recovery" and first["absent"] == ["beta", "delta", "gamma"]
-    run_recovery(plan, [fed.config.institution("alpha")])
+    assert first["status"] == "awaiting_unmask" and first["absent"] == ["beta", "delta", "gamma"]
+    run_unmask(plan, [fed.config.institution("alpha")])
     result = run_aggregate(plan)
     assert result["status"] == "aggregated" and result["contributors"] == ["alpha"]
     reasons = sorted((r["institution"], r["reason"]) for r in result["refused"])
@@ -388,8 +406,8 @@ def test_the_recovery_round_releases_the_exact_sum_of_those_present(make_federat
     absent = sorted(i.id for i in fed.config.institutions[len(FOUR) - missing :])
     run_contributions(plan, present)
     status = run_aggregate(plan)
-    assert status["status"] == "awaiting_recovery" and status["absent"] == absent
-    run_recovery(plan, present)
+    assert status["status"] == "awaiting_unmask" and status["absent"] == absent
+    run_unmask(plan, present)
     assert run_aggregate(plan)["status"] == "aggregated"
     # An absent institution's envelope arriving late is refused: its masks keep it unreadable.
     run_contributions(plan, [fed.config.institution(a) for a in absent])

@@ -46,6 +46,7 @@ def build(root: Path) -> tuple[Path, dict[str, int]]:
         f'exchange = "{root / "shared" / "exchange"}"',
         f'registry = "{root / "shared" / "registry.toml"}"',
         f'keys = "{root / "keyholder" / "keys"}"',
+        f'aggregator_keys = "{root / "aggregator" / "keys"}"',
         f'store = "{root / "keyholder" / "store"}"',
         'deadline = "3650d"',
         "[privacy]",
@@ -89,6 +90,7 @@ def build(root: Path) -> tuple[Path, dict[str, int]]:
 def test_separate_parties_release_with_and_without_a_missing_institution(tmp_path: Path) -> None:
     config, rows = build(tmp_path)
     fusion(config, "keys")  # the key holder
+    fusion(config, "keys", "--aggregator")
     for inst in INSTITUTIONS:  # each institution, in its own directory
         fusion(config, "keys", "--institution", inst)
     secret = tmp_path / "keyholder" / "keys" / "he_secret.ctx"
@@ -106,7 +108,7 @@ def test_separate_parties_release_with_and_without_a_missing_institution(tmp_pat
     declared = fusion(config, "aggregate", "--now", *INTERVAL, expect=3)
     assert "declared absent: gamma" in declared.stdout
     for inst in ("alpha", "beta"):
-        fusion(config, "contribute", "--institution", inst, "--recover", *INTERVAL)
+        fusion(config, "contribute", "--institution", inst, "--unmask", *INTERVAL)
     fusion(config, "aggregate", *INTERVAL)
     # gamma comes back too late: its envelope is refused, the aggregate keeps alpha and beta.
     fusion(config, "contribute", "--institution", "gamma", *INTERVAL)
@@ -139,6 +141,7 @@ def test_adversarial_envelopes_against_separate_parties(tmp_path: Path) -> None:
 
     config, rows = build(tmp_path)
     fusion(config, "keys")
+    fusion(config, "keys", "--aggregator")
     for inst in INSTITUTIONS:
         fusion(config, "keys", "--institution", inst)
     for inst in INSTITUTIONS:
@@ -164,7 +167,7 @@ def test_adversarial_envelopes_against_separate_parties(tmp_path: Path) -> None:
     for reason in ("replayed", "tampered", "unsigned", "unregistered_institution"):
         assert reason in declared.stdout
     for inst in ("alpha", "gamma"):
-        fusion(config, "contribute", "--institution", inst, "--recover", *INTERVAL)
+        fusion(config, "contribute", "--institution", inst, "--unmask", *INTERVAL)
     fusion(config, "aggregate", *INTERVAL)
     fusion(config, "release", *INTERVAL)
     store = Store(cfg.store_path)

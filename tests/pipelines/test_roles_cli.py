@@ -19,9 +19,9 @@ FUSION = [sys.executable, "-m", "fusion.cli"]
 INTERVAL = ["--start", START.isoformat(), "--end", END.isoformat()]
 
 
-def fusion(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def fusion(*args: str, cwd: Path | None = None, expect: int = 0) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([*FUSION, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
-    assert result.returncode == 0, f"fusion {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == expect, f"fusion {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
 
@@ -41,6 +41,10 @@ def test_role_commands_match_batch(make_federation):
 
     for institution in ("alpha", "beta", "gamma"):
         fusion("contribute", "--config", str(by_roles.config_path), "--institution", institution, *INTERVAL)
+    roster = fusion("aggregate", "--config", str(by_roles.config_path), *INTERVAL, expect=3).stdout
+    assert "roster closed; unmask round: alpha, beta, gamma" in roster
+    for institution in ("alpha", "beta", "gamma"):
+        fusion("contribute", "--config", str(by_roles.config_path), "--institution", institution, "--unmask", *INTERVAL)
     fusion("aggregate", "--config", str(by_roles.config_path), *INTERVAL)
     fusion("release", "--config", str(by_roles.config_path), *INTERVAL)
 

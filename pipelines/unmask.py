@@ -1,0 +1,207 @@
+"""The unmask round: once the aggregator closes a release's roster, each included institution answers it.
+
+The roster names the institutions whose contributions are in the sum (included) and those that are not
+(absent). An included institution answers with one signed envelope holding
+- its share of every included institution's self-mask seed (opened from their signed contributions), so the
+  aggregator can remove the self masks; and
+- if any institution is absent, the negation of its own pairwise masks with them, encrypted, so the masks that
+  no longer cancel are removed from the sum (no mask key is revealed).
+An institution answers one roster per release and remembers it: asked again with another roster (the victim now
+"absent" after its seed was revealed, say) it refuses, so no single institution's contribution can be isolated
+(privacy/sharing.py explains why). Its contribution is refused if it turns up after being declared absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fusion.errors import FusionError
+from fusion.exchange import (
+    contribution_path,
+    exists,
+    public_context_path,
+    read_bytes,
+    roster_path,
+    unmask_path,
+    write_bytes,
+    write_json,
+)
+from fusion.plan import ReleasePlan
+from fusion.registry import load_agreement_key, load_agreement_keys, load_registry, load_signing_key, write_private
+from privacy import he
+from privacy.envelope import EnvelopeError, EnvelopeHeader, pack_envelope, signature_valid, unpack_envelope
+from privacy.masking import centred, recovery_correction
+from privacy.sharing import (
+    decode_share,
+    encode_share,
+    open_share,
+    reconstruct,
+    self_mask,
+    share_coordinates,
+)
+
+
+class RosterConflict(FusionError):
+    """An institution was asked to answer a second, different roster for a release it already answered."""
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Who is in a release's sum (included) and who is not (absent); sorted ids."""
+
+    included: tuple[str, ...]
+    absent: tuple[str, ...]
+
+    def to_doc(self) -> dict[str, list[str]]:
+        return {"included": list(self.included), "absent": list(self.absent)}
+
+
+def read_roster(plan: ReleasePlan) -> Roster | None:
+    """The roster the aggregator closed for this release, or None if it has not closed one yet."""
+    path = roster_path(plan.config.exchange_path, plan.key)
+    if not exists(path):
+        return None
+    try:
+        doc = json.loads(read_bytes(path))
+        return Roster(tuple(sorted(doc["included"])), tuple(sorted(doc["absent"])))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FusionError(f"the roster {path} is malformed: {exc}") from None
+
+
+def write_roster(plan: ReleasePlan, roster: Roster) -> None:
+    write_json(roster_path(plan.config.exchange_path, plan.key), roster.to_doc())
+
+
+def _answer_file(plan: ReleasePlan, institution_id: str) -> Path:
+    keys = Path(plan.config.institution_keys_path(plan.config.institution(institution_id)))
+    return keys / "answered" / f"{plan.key.release_id}.json"
+
+
+def check_roster(plan: ReleasePlan, institution_id: str, roster: Roster) -> None:
+    """What an honest institution checks before answering: a partition of the federation, with itself included
+    and at least the quorum."""
+    configured = {i.id for i in plan.config.institutions}
+    if set(roster.included) & set(roster.absent) or set(roster.included) | set(roster.absent) != configured:
+        raise FusionError(f"the roster {roster.to_doc()} does not partition the federation's institutions")
+    if institution_id not in roster.included:
+        raise FusionError(f"{institution_id} was declared absent from this release; it has nothing to answer")
+    if len(roster.included) < plan.params.quorum:
+        raise FusionError(f"the roster includes {len(roster.included)} institutions, below the quorum")
+
+
+def remember_answer(plan: ReleasePlan, institution_id: str, roster: Roster) -> None:
+    """Record (owner-only, before anything is revealed) which roster this institution answers for the release;
+    refuse a different one."""
+    path = _answer_file(plan, institution_id)
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != roster.to_doc():
+            raise RosterConflict(
+                f"{institution_id} already answered the roster {previous} for release {plan.key.release_id} and "
+                f"refuses a different one ({roster.to_doc()}): an aggregator that changes a roster after the "
+                "unmask round could isolate one institution's contribution"
+            )
+        return
+    write_private(path, json.dumps(roster.to_doc(), sort_keys=True).encode())
+
+
+def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dict[str, bytes]) -> EnvelopeHeader:
+    path = contribution_path(plan.config.exchange_path, plan.key, institution_id)
+    try:
+        header, _ = unpack_envelope(read_bytes(path))
+    except EnvelopeError as exc:
+        raise FusionError(f"the contribution of {institution_id} listed as included is unreadable: {exc}") from None
+    if (
+        header.kind != "contribution"
+        or header.contributors != (institution_id,)
+        or (header.layout_digest, header.parameters_digest) != (plan.key.layout_digest, plan.key.parameters_digest)
+        or institution_id not in registry
+        or not signature_valid(header, registry[institution_id])
+    ):
+        raise FusionError(f"the contribution of {institution_id} listed as included is not valid for this release")
+    return header
+
+
+def seal_unmask(plan: ReleasePlan, institution_id: str) -> str:
+    """Write `institution_id`'s answer to the release's roster; returns its path."""
+    roster = read_roster(plan)
+    if roster is None:
+        raise FusionError("the aggregator has not closed this release's roster yet; run `fusion aggregate` first")
+    check_roster(plan, institution_id, roster)
+    context = plan.key.release_id.encode()
+    registry = load_registry(plan.config)
+    agreement = load_agreement_keys(plan.config)
+    own_key = load_agreement_key(plan.config, institution_id)
+    own_x = share_coordinates(agreement)[institution_id]
+    revealed = {}
+    for peer in roster.included:
+        header = _verified_contribution(plan, peer, registry)
+        if institution_id not in header.seed_shares:
+            raise FusionError(f"the contribution of {peer} holds no seed share for {institution_id}")
+        share = open_share(
+            header.seed_shares[institution_id],
+            own_key,
+            agreement[peer],
+            context=context,
+            sender=peer,
+            recipient=institution_id,
+        )
+        if share[0] != own_x:
+            raise FusionError(f"the seed share {peer} sealed for {institution_id} has the wrong coordinate")
+        revealed[peer] = encode_share(share)
+    remember_answer(plan, institution_id, roster)
+    public_context = read_bytes(public_context_path(plan.config.exchange_path))
+    ciphertexts: list[bytes] = []
+    if roster.absent:
+        correction = recovery_correction(
+            institution_id,
+            own_key,
+            {a: agreement[a] for a in roster.absent},
+            slots=plan.layout.slots,
+            modulus=he.PLAIN_MODULUS,
+            context=context,
+        )
+        ciphertexts = he.encrypt_vector(
+            he.load_public_context(public_context), centred(correction, he.PLAIN_MODULUS), residues=True
+        )
+    header = plan.envelope_header(
+        kind="unmask",
+        contributors=(institution_id,),
+        noise_variance=0.0,
+        context_sha256=hashlib.sha256(public_context).hexdigest(),
+        reject_counts={},
+        absent=roster.absent,
+        included=roster.included,
+        revealed_shares=revealed,
+    )
+    path = unmask_path(plan.config.exchange_path, plan.key, institution_id)
+    write_bytes(path, pack_envelope(header, ciphertexts, signing_key=load_signing_key(plan.config, institution_id)))
+    return path
+
+
+def self_mask_total(
+    plan: ReleasePlan, contributions: dict[str, EnvelopeHeader], answers: list[EnvelopeHeader]
+) -> np.ndarray:
+    """The aggregator's step: the sum (mod t) of every included institution's self mask, from its seed
+    reconstructed out of the revealed shares and checked against its commitment. Raises ShareError."""
+    context = plan.key.release_id.encode()
+    xs = share_coordinates(i.id for i in plan.config.institutions)
+    total = np.zeros(plan.layout.slots, dtype=np.int64)
+    for institution, header in sorted(contributions.items()):
+        shares: dict[int, int] = {}
+        for answer in answers:
+            text = answer.revealed_shares.get(institution)
+            if text is None:
+                continue
+            x, y = decode_share(text)
+            if x == xs[answer.contributors[0]]:  # a sender can only speak for its own coordinate
+                shares[x] = y
+        seed = reconstruct(shares, threshold=plan.params.quorum, expected=header.seed_commitment, context=context)
+        mask = self_mask(seed, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS, context=context)
+        total = (total + mask) % he.PLAIN_MODULUS
+    return total

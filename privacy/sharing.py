@@ -1,0 +1,177 @@
+"""Double masking (Bonawitz et al., CCS 2017): a self mask per contribution, its seed Shamir-shared.
+
+Pairwise masks alone let a coalition of the aggregator and the key holder read one institution: decrypt the
+full sum, then declare the victim absent and ask the survivors to remove their masks with it; the difference
+of the two sums is the victim's contribution. With double masking every envelope also carries a self mask
+PRG(b_i), and b_i is split into Shamir shares, one sealed to each institution. To decrypt anything the
+aggregator must remove every self mask, so it needs `threshold` shares of b_i for each included institution;
+for an absent one it needs the survivors' corrections instead. An honest institution answers one roster per
+release (it remembers its answer), so it never gives both for the same institution: the two sums cannot both
+be unmasked unless `threshold` institutions collude.
+
+Shamir sharing is over the prime field GF(2^521 - 1), which holds a 256-bit seed; shares are sealed to their
+recipient with ChaCha20-Poly1305 under a key from X25519 agreement (HKDF, bound to release, sender and
+recipient).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import combinations
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from privacy.masking import mask_vector
+
+PRIME = 2**521 - 1  # a Mersenne prime: the field of the shares
+SEED_BYTES = 32
+_SHARE_INFO = b"fusion/seed-share/v1"
+_SELF_MASK_INFO = b"fusion/self-mask/v1"
+
+Share = tuple[int, int]  # (x, y) with 1 <= x and y in GF(PRIME)
+
+
+class ShareError(ValueError):
+    """A share cannot be opened, or the shares do not reconstruct the committed seed."""
+
+
+def new_seed() -> bytes:
+    """A fresh self-mask seed (32 bytes from the OS CSPRNG); never seeded, even in test mode."""
+    return secrets.token_bytes(SEED_BYTES)
+
+
+def commitment(seed: bytes, *, context: bytes) -> str:
+    """SHA-256 commitment to a seed for one release: lets the aggregator check a reconstruction."""
+    return hashlib.sha256(b"fusion/seed-commitment/v1|" + context + b"|" + seed).hexdigest()
+
+
+def self_mask(seed: bytes, *, slots: int, modulus: int, context: bytes) -> np.ndarray:
+    """The self mask PRG(seed): `slots` values uniform in [0, modulus)."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=context, info=_SELF_MASK_INFO).derive(seed)
+    return mask_vector(key, slots, modulus)
+
+
+def split(secret: bytes, *, shares: int, threshold: int) -> list[Share]:
+    """Shamir shares (x = 1..shares) of `secret`; any `threshold` of them reconstruct it, fewer reveal nothing."""
+    if not 1 <= threshold <= shares:
+        raise ValueError(f"threshold {threshold} must be between 1 and the number of shares ({shares})")
+    value = int.from_bytes(secret, "big")
+    if value >= PRIME:
+        raise ValueError("the secret is too large for the share field")
+    coefficients = [value] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    return [(x, _evaluate(coefficients, x)) for x in range(1, shares + 1)]
+
+
+def _evaluate(coefficients: Sequence[int], x: int) -> int:
+    result = 0
+    for coefficient in reversed(coefficients):
+        result = (result * x + coefficient) % PRIME
+    return result
+
+
+def combine(shares: Iterable[Share], *, length: int = SEED_BYTES) -> bytes:
+    """Lagrange interpolation at 0 of exactly the given shares (distinct x)."""
+    points = list(shares)
+    xs = [x for x, _ in points]
+    if len(set(xs)) != len(xs) or not points:
+        raise ShareError("shares must be non-empty with distinct x")
+    secret = 0
+    for i, (xi, yi) in enumerate(points):
+        numerator, denominator = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                numerator = numerator * (-xj) % PRIME
+                denominator = denominator * (xi - xj) % PRIME
+        secret = (secret + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
+    if secret >= 1 << (8 * length):
+        raise ShareError("the shares do not interpolate to a seed")
+    return secret.to_bytes(length, "big")
+
+
+def reconstruct(shares: Mapping[int, int], *, threshold: int, expected: str, context: bytes) -> bytes:
+    """The seed whose commitment is `expected`, from any `threshold` consistent shares among `shares`.
+
+    Tries subsets until one matches the commitment, so wrong shares from up to len(shares) - threshold senders
+    are tolerated; raises ShareError if there are too few shares or none of the subsets matches.
+    """
+    if len(shares) < threshold:
+        raise ShareError(f"{len(shares)} share(s), {threshold} needed")
+    for subset in combinations(sorted(shares.items()), threshold):
+        try:
+            seed = combine(subset)
+        except ShareError:
+            continue
+        if secrets.compare_digest(commitment(seed, context=context), expected):
+            return seed
+    raise ShareError("no subset of the shares reconstructs the committed seed")
+
+
+def _share_key(own_private: bytes, peer_public: bytes, *, context: bytes, sender: str, recipient: str) -> bytes:
+    shared = X25519PrivateKey.from_private_bytes(own_private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    info = _SHARE_INFO + f"|{sender}|{recipient}".encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=context, info=info).derive(shared)
+
+
+def seal_share(
+    share: Share, own_private: bytes, peer_public: bytes, *, context: bytes, sender: str, recipient: str
+) -> str:
+    """Encrypt a share so only `recipient` (holder of the peer key) can open it; hex of nonce | ciphertext."""
+    key = _share_key(own_private, peer_public, context=context, sender=sender, recipient=recipient)
+    nonce = secrets.token_bytes(12)
+    plain = share[0].to_bytes(4, "big") + share[1].to_bytes(66, "big")
+    aad = context + f"|{sender}|{recipient}".encode()
+    return (nonce + ChaCha20Poly1305(key).encrypt(nonce, plain, aad)).hex()
+
+
+def open_share(
+    sealed: str, own_private: bytes, sender_public: bytes, *, context: bytes, sender: str, recipient: str
+) -> Share:
+    """Decrypt a share sealed to `recipient` (this party) by `sender`; raises ShareError if it was tampered."""
+    try:
+        data = bytes.fromhex(sealed)
+        key = _share_key(own_private, sender_public, context=context, sender=sender, recipient=recipient)
+        aad = context + f"|{sender}|{recipient}".encode()
+        plain = ChaCha20Poly1305(key).decrypt(data[:12], data[12:], aad)
+    except (ValueError, InvalidTag):
+        raise ShareError(f"the share {sender} sealed for {recipient} cannot be opened") from None
+    return int.from_bytes(plain[:4], "big"), int.from_bytes(plain[4:], "big")
+
+
+def share_coordinates(institutions: Iterable[str]) -> dict[str, int]:
+    """Each institution's Shamir x coordinate: its 1-based rank among the federation's sorted ids."""
+    return {institution: x for x, institution in enumerate(sorted(institutions), start=1)}
+
+
+def share_seed(
+    seed: bytes, *, own_id: str, own_private: bytes, peers: Mapping[str, bytes], threshold: int, context: bytes
+) -> dict[str, str]:
+    """Split `seed` among `peers` (id -> X25519 public key, the sender included) and seal each share to its
+    recipient: recipient id -> sealed share."""
+    xs = share_coordinates(peers)
+    shares = dict(split(seed, shares=len(xs), threshold=threshold))
+    return {
+        peer: seal_share(
+            (xs[peer], shares[xs[peer]]), own_private, public, context=context, sender=own_id, recipient=peer
+        )
+        for peer, public in sorted(peers.items())
+    }
+
+
+def encode_share(share: Share) -> str:
+    """A revealed share as text for an envelope header: 'x:y' with y in hex."""
+    return f"{share[0]}:{share[1]:x}"
+
+
+def decode_share(text: str) -> Share:
+    try:
+        x, y = text.split(":")
+        return int(x), int(y, 16)
+    except ValueError:
+        raise ShareError(f"malformed share '{text[:40]}'") from None

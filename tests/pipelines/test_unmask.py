@@ -1,0 +1,192 @@
+"""The unmask round and double masking: what the aggregator and the key holder can and cannot get together."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fusion.errors import FusionError, ReleaseRefused
+from fusion.exchange import (
+    aggregate_path,
+    contribution_path,
+    read_bytes,
+    roster_path,
+    unmask_path,
+    write_bytes,
+)
+from fusion.keys import load_secret_context_bytes
+from fusion.plan import ReleasePlan, plan_release
+from fusion.registry import load_signing_key
+from fusion.store import Store
+from pipelines.release import release
+from pipelines.run import run_aggregate, run_contributions, run_unmask
+from pipelines.unmask import Roster, RosterConflict, write_roster
+from privacy import he
+from privacy.envelope import pack_envelope, unpack_envelope
+from privacy.signing import generate_signing_key
+from tests.conftest import END, START
+
+pytestmark = pytest.mark.e2e
+
+
+def decrypt(plan: ReleasePlan, ciphertexts: list[list[bytes]]) -> np.ndarray:
+    """What a key holder colluding with the aggregator can compute: the decryption of any sum of envelopes."""
+    secret = he.load_secret_context(load_secret_context_bytes(plan.config))
+    public = he.load_public_context(read_bytes(plan.config.exchange_path + "/he_public.ctx"))
+    total = ciphertexts[0] if len(ciphertexts) == 1 else he.add_encrypted(public, ciphertexts)
+    return he.decrypt_vector(secret, total, plan.layout.slots)
+
+
+def envelope(plan: ReleasePlan, institution: str) -> list[bytes]:
+    return unpack_envelope(read_bytes(contribution_path(plan.config.exchange_path, plan.key, institution)))[1]
+
+
+def uniform(values: np.ndarray) -> bool:
+    residues = (values.astype(np.float64) % he.PLAIN_MODULUS) / he.PLAIN_MODULUS
+    return bool(stats.kstest(residues, "uniform").pvalue > 1e-4)
+
+
+def test_without_the_unmask_round_even_the_sum_of_all_envelopes_is_uniform(make_federation):
+    """Pairwise masks cancel in the full sum, but the self masks do not: nothing is readable before the
+    institutions answer a roster."""
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    everyone = [envelope(plan, i.id) for i in fed.config.institutions]
+    assert uniform(decrypt(plan, everyone))
+    assert uniform(decrypt(plan, everyone[:2]))
+
+
+def test_the_coalition_cannot_declare_a_victim_absent_after_the_unmask_round(make_federation):
+    """The attack pairwise masking alone allows: unmask and decrypt the full sum, then declare beta absent and
+    collect the survivors' corrections to decrypt alpha + gamma; the difference would be beta's contribution.
+    Every honest institution remembers the roster it answered and refuses the second one."""
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    first = run_aggregate(plan)
+    assert first["status"] == "awaiting_unmask" and first["unmask_pending"] == ["alpha", "beta", "gamma"]
+    run_unmask(plan, fed.config.institutions)
+    assert run_aggregate(plan)["status"] == "aggregated"
+    full = decrypt(plan, [unpack_envelope(read_bytes(aggregate_path(fed.config.exchange_path, plan.key)))[1]])
+    assert not uniform(full)  # the honest aggregate is readable, as it should be
+
+    write_roster(plan, Roster(included=("alpha", "gamma"), absent=("beta",)))  # the coalition's second roster
+    for survivor in ("alpha", "gamma"):
+        with pytest.raises(RosterConflict, match="refuses a different one"):
+            run_unmask(plan, [fed.config.institution(survivor)])
+    # Their earlier answers are still the only ones in the exchange: the new roster can never be completed.
+    status = run_aggregate(plan)
+    assert status["status"] == "awaiting_unmask" and status["unmask_pending"] == ["alpha", "gamma"]
+    reasons = sorted(r["reason"] for r in status["refused"])
+    assert reasons == ["declared_absent"] + ["wrong_roster"] * 3
+
+
+def test_an_institution_refuses_a_roster_that_excludes_it_or_is_not_a_partition(make_federation):
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    with pytest.raises(FusionError, match="not closed"):
+        run_unmask(plan, fed.config.institutions[:1])
+    write_roster(plan, Roster(included=("alpha", "gamma"), absent=("beta",)))
+    with pytest.raises(FusionError, match="declared absent"):
+        run_unmask(plan, [fed.config.institution("beta")])
+    write_roster(plan, Roster(included=("alpha", "gamma"), absent=()))  # beta neither included nor absent
+    with pytest.raises(FusionError, match="partition"):
+        run_unmask(plan, [fed.config.institution("alpha")])
+    write_roster(plan, Roster(included=("alpha",), absent=("beta", "gamma")))
+    with pytest.raises(FusionError, match="below the quorum"):
+        run_unmask(plan, [fed.config.institution("alpha")])
+    assert not list((fed.directory / "institution-keys").rglob("answered/*.json"))  # nothing was answered
+
+
+def test_answering_the_same_roster_again_is_allowed(make_federation):
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)
+    run_unmask(plan, fed.config.institutions)
+    run_unmask(plan, fed.config.institutions)  # e.g. a retry after a crash: the same roster, the same shares
+    assert run_aggregate(plan)["status"] == "aggregated"
+
+
+def test_one_institution_may_miss_the_unmask_round_when_none_is_absent(make_federation):
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)
+    run_unmask(plan, fed.config.institutions[:1])
+    waiting = run_aggregate(plan)
+    assert waiting["status"] == "awaiting_unmask" and waiting["unmask_pending"] == ["beta", "gamma"]
+    run_unmask(plan, [fed.config.institution("gamma")])  # beta never answers: quorum-many shares suffice
+    assert run_aggregate(plan)["status"] == "aggregated"
+    release(plan, Store(fed.config.store_path))
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
+
+
+def test_a_lying_institutions_share_is_outvoted_by_the_commitment(make_federation):
+    """A (malicious) institution reveals a wrong share of alpha's seed, validly signed: the aggregator finds a
+    subset of shares that matches alpha's commitment, and the release is still exact."""
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)
+    run_unmask(plan, fed.config.institutions)
+    path = unmask_path(fed.config.exchange_path, plan.key, "gamma")
+    header, ciphertexts = unpack_envelope(read_bytes(path))
+    x, y = header.revealed_shares["alpha"].split(":")
+    lie = {**header.revealed_shares, "alpha": f"{x}:{int(y, 16) ^ 1:x}"}
+    write_bytes(
+        path,
+        pack_envelope(
+            replace(header, revealed_shares=lie), ciphertexts, signing_key=load_signing_key(fed.config, "gamma")
+        ),
+    )
+    assert run_aggregate(plan)["status"] == "aggregated"
+    release(plan, Store(fed.config.store_path))
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
+
+
+def test_an_answer_to_another_roster_is_refused(make_federation):
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)
+    run_unmask(plan, fed.config.institutions)
+    path = unmask_path(fed.config.exchange_path, plan.key, "beta")
+    header, ciphertexts = unpack_envelope(read_bytes(path))
+    forged = replace(header, included=("alpha", "beta"), absent=("gamma",))
+    write_bytes(path, pack_envelope(forged, ciphertexts, signing_key=load_signing_key(fed.config, "beta")))
+    status = run_aggregate(plan)
+    assert [r["reason"] for r in status["refused"]] == ["wrong_roster"]
+    assert status["status"] == "aggregated"  # alpha's and gamma's shares are enough (quorum 2, nobody absent)
+    assert json.loads(read_bytes(roster_path(fed.config.exchange_path, plan.key)))["absent"] == []
+
+
+def test_the_key_holder_decrypts_only_an_aggregate_signed_by_the_registered_aggregator(make_federation):
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)
+    run_unmask(plan, fed.config.institutions)
+    run_aggregate(plan)
+    path = aggregate_path(fed.config.exchange_path, plan.key)
+    genuine = read_bytes(path)
+    header, ciphertexts = unpack_envelope(genuine)
+    store = Store(fed.config.store_path)
+    for forged in (
+        pack_envelope(header, ciphertexts),  # unsigned
+        pack_envelope(header, ciphertexts, signing_key=generate_signing_key()[0]),  # signed by someone else
+    ):
+        write_bytes(path, forged)
+        with pytest.raises(ReleaseRefused, match="registered aggregator"):
+            release(plan, store)
+    assert store.read("budget").num_rows == 0  # nothing was charged for the forgeries
+    write_bytes(path, genuine)
+    assert release(plan, store).status == "released"

@@ -1,0 +1,107 @@
+"""Double masking's parts: Shamir shares of the self-mask seed, sealed shares, the self mask itself."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from privacy.masking import generate_agreement_key
+from privacy.sharing import (
+    PRIME,
+    ShareError,
+    combine,
+    commitment,
+    decode_share,
+    encode_share,
+    new_seed,
+    open_share,
+    reconstruct,
+    seal_share,
+    self_mask,
+    share_coordinates,
+    share_seed,
+    split,
+)
+
+T = 576460752303210497
+CONTEXT = b"r-test"
+
+
+@settings(max_examples=40, deadline=None)
+@given(secret=st.binary(min_size=32, max_size=32), n=st.integers(1, 7), data=st.data())
+def test_any_threshold_of_the_shares_reconstructs_the_secret(secret: bytes, n: int, data: st.DataObject) -> None:
+    threshold = data.draw(st.integers(1, n))
+    shares = split(secret, shares=n, threshold=threshold)
+    subset = data.draw(st.permutations(shares)).__getitem__(slice(0, threshold))
+    assert combine(subset) == secret
+
+
+def test_fewer_than_threshold_shares_are_uniform_whatever_the_secret() -> None:
+    """With threshold 3, any two shares of a fixed secret are uniform and independent over the field: so they
+    are distributed the same for every secret and reveal nothing about it."""
+    for secret in (b"\x00" * 32, b"\xff" * 32):
+        pairs = np.array([[y / PRIME for _, y in split(secret, shares=5, threshold=3)[1:3]] for _ in range(2000)])
+        for column in pairs.T:
+            assert stats.kstest(column, "uniform").pvalue > 1e-4
+        assert abs(stats.pearsonr(pairs[:, 0], pairs[:, 1]).statistic) < 0.1
+
+
+def test_reconstruct_skips_a_wrong_share_when_enough_are_right() -> None:
+    seed = new_seed()
+    expected = commitment(seed, context=CONTEXT)
+    shares = dict(split(seed, shares=4, threshold=2))
+    shares[1] = (shares[1] + 1) % PRIME  # one institution lies
+    assert reconstruct(shares, threshold=2, expected=expected, context=CONTEXT) == seed
+    with pytest.raises(ShareError, match="needed"):
+        reconstruct({2: shares[2]}, threshold=2, expected=expected, context=CONTEXT)
+    with pytest.raises(ShareError, match="no subset"):
+        reconstruct({1: shares[1], 2: shares[2]}, threshold=2, expected=expected, context=CONTEXT)
+    # A commitment for another release does not match the same seed.
+    with pytest.raises(ShareError):
+        reconstruct(shares, threshold=2, expected=commitment(seed, context=b"other"), context=CONTEXT)
+
+
+def test_a_sealed_share_opens_only_for_its_recipient_and_only_untampered() -> None:
+    alice, bob, carol = (generate_agreement_key() for _ in range(3))
+    share = (2, 12345678901234567890)
+    sealed = seal_share(share, alice[0], bob[1], context=CONTEXT, sender="alice", recipient="bob")
+    assert open_share(sealed, bob[0], alice[1], context=CONTEXT, sender="alice", recipient="bob") == share
+    with pytest.raises(ShareError):
+        open_share(sealed, carol[0], alice[1], context=CONTEXT, sender="alice", recipient="bob")
+    with pytest.raises(ShareError):  # relabelled for another recipient, or another release
+        open_share(sealed, bob[0], alice[1], context=CONTEXT, sender="alice", recipient="carol")
+    with pytest.raises(ShareError):
+        open_share(sealed, bob[0], alice[1], context=b"r-other", sender="alice", recipient="bob")
+    flipped = sealed[:-2] + ("00" if sealed[-2:] != "00" else "01")
+    with pytest.raises(ShareError):
+        open_share(flipped, bob[0], alice[1], context=CONTEXT, sender="alice", recipient="bob")
+
+
+def test_share_seed_gives_each_institution_its_coordinate_and_any_quorum_reconstructs() -> None:
+    keys = {name: generate_agreement_key() for name in ("alpha", "beta", "gamma", "delta")}
+    publics = {name: pair[1] for name, pair in keys.items()}
+    seed = new_seed()
+    sealed = share_seed(seed, own_id="beta", own_private=keys["beta"][0], peers=publics, threshold=3, context=CONTEXT)
+    xs = share_coordinates(publics)
+    opened = {
+        name: open_share(sealed[name], keys[name][0], publics["beta"], context=CONTEXT, sender="beta", recipient=name)
+        for name in publics
+    }
+    assert {name: share[0] for name, share in opened.items()} == xs
+    for trio in itertools.combinations(opened.values(), 3):
+        assert combine(trio) == seed
+    assert decode_share(encode_share(opened["alpha"])) == opened["alpha"]
+
+
+def test_the_self_mask_is_uniform_and_a_function_of_seed_and_release() -> None:
+    seed = new_seed()
+    mask = self_mask(seed, slots=20_000, modulus=T, context=CONTEXT)
+    assert np.array_equal(mask, self_mask(seed, slots=20_000, modulus=T, context=CONTEXT))
+    assert not np.array_equal(mask[:100], self_mask(seed, slots=100, modulus=T, context=b"r-other"))
+    assert mask.min() >= 0 and mask.max() < T
+    assert stats.kstest(mask / T, "uniform").pvalue > 1e-4
