@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--overwrite", action="store_true", help="replace existing keys")
 
     with_interval(with_config(sub.add_parser("batch", help="run every role for an interval on this machine")))
+    stream = with_config(sub.add_parser("stream", help="stream the feeds: release each window as it closes"))
+    stream.add_argument("--stdin", metavar="INSTITUTION", help="also read this institution's JSON lines on stdin")
+    stream.add_argument("--drain", action="store_true", help="stop once the inputs are exhausted, releasing all")
     contribute = with_interval(with_config(sub.add_parser("contribute", help="institution: seal a contribution")))
     contribute.add_argument("--institution", required=True, help="the institution id from the config")
     contribute.add_argument(
@@ -157,6 +160,44 @@ def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         f"(delta {plan.params.delta:g}; period {summary.period}: {summary.period_epsilon_spent:.4f} of "
         f"{plan.config.privacy.cap:.4f}) | {time.monotonic() - started:.1f}s"
     )
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+    import signal
+
+    from pipelines.stream_driver import StreamDriver, StreamStatus
+
+    config = load_config(args.config)
+    if args.stdin:
+        config.institution(args.stdin)  # refuses an unknown institution now
+
+    def line(status: StreamStatus) -> str:
+        last = "none yet"
+        if status.last_release:
+            last = f"{status.last_release} ({status.last_latency_s:.1f}s after close)"
+        lag = f"{status.lag_s:.0f}s" if status.lag_s is not None else "-"
+        return (
+            f"windows open: {status.windows_open} | last release: {last} | lag: {lag} | "
+            f"{status.rows_per_s:,.0f} rows/s | readings: {status.readings:,} | rejects: {status.rejected:,}"
+        )
+
+    with console.status("stream: starting") as shown:
+        driver = StreamDriver(
+            config,
+            beam_args=beam_args,
+            stdin=(args.stdin, sys.stdin) if args.stdin else None,
+            on_status=lambda status: shown.update(line(status)),
+        )
+
+        def stop(signum: int, _frame: object) -> None:
+            driver.stop_requested = True
+            shown.update(f"stream: stopping after this step ({signal.Signals(signum).name})")
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        final = driver.run(drain=args.drain)
+    console.print(line(final))
     return 0
 
 
@@ -326,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_keys(args)
         if args.command == "batch":
             return cmd_batch(args, beam_args)
+        if args.command == "stream":
+            return cmd_stream(args, beam_args)
         if args.command == "contribute":
             return cmd_contribute(args, beam_args)
         if args.command == "aggregate":

@@ -174,6 +174,32 @@ class PipelineConfig(_Frozen):
     batch_rows: int = Field(default=262_144, ge=1024)
 
 
+def _duration_or_zero(text: str) -> timedelta:
+    return timedelta(0) if text.strip() in ("0", "0s") else parse_duration(text)
+
+
+class StreamConfig(_Frozen):
+    """`fusion stream`: event-time windows, each released once the institutions' watermarks pass its end."""
+
+    window: str | None = None  # the release window; default: federation.window (a whole multiple of it)
+    allowed_lateness: str = "0s"  # a watermark is the latest event time seen minus this
+    poll: str = "1s"  # how often to look for new feed files
+    state: str = "stream"  # the driver's progress and spool of windowed readings (as private as the feeds)
+
+    @field_validator("allowed_lateness", "poll")
+    @classmethod
+    def _durations(cls, text: str) -> str:
+        _duration_or_zero(text)
+        return text
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, window: str | None) -> str | None:
+        if window is not None:
+            parse_duration(window)
+        return window
+
+
 class FederationConfig(_Frozen):
     id: Name
     window: str = "1h"
@@ -212,6 +238,7 @@ class Config(_Frozen):
     institutions: tuple[InstitutionConfig, ...] = Field(min_length=1)
     statistics: StatisticsConfig = StatisticsConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    stream: StreamConfig = StreamConfig()
     base: Path = Path(".")
 
     @model_validator(mode="after")
@@ -236,6 +263,11 @@ class Config(_Frozen):
                         f"federation.keys ({keys}) overlaps federation.{label} ({shared}); the secret key must "
                         "live apart from what other parties read"
                     )
+        if self.stream_window % self.window or self.period % self.stream_window:
+            raise ValueError(
+                f"stream.window {self.stream.window} must be a whole number of {self.federation.window} windows "
+                f"that divides privacy.period {self.privacy.period}"
+            )
         if self.period % self.window:
             raise ValueError(
                 f"privacy.period {self.privacy.period} is not a whole number of {self.federation.window} windows"
@@ -255,6 +287,22 @@ class Config(_Frozen):
     def deadline(self) -> timedelta:
         text = self.federation.deadline.strip()
         return timedelta(0) if text in ("0", "0s") else parse_duration(text)
+
+    @property
+    def stream_window(self) -> timedelta:
+        return parse_duration(self.stream.window) if self.stream.window else self.window
+
+    @property
+    def allowed_lateness(self) -> timedelta:
+        return _duration_or_zero(self.stream.allowed_lateness)
+
+    @property
+    def stream_poll(self) -> timedelta:
+        return _duration_or_zero(self.stream.poll)
+
+    @property
+    def stream_state_path(self) -> str:
+        return self.resolve(self.stream.state)
 
     @property
     def period(self) -> timedelta:

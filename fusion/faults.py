@@ -22,10 +22,14 @@ STEPS = (
     "after_commit",
 )
 
+#: Steps of `fusion stream` between its durable effects: readings spooled but progress not yet committed; a
+#: window closed (progress committed) but its release not yet started.
+STREAM_STEPS = ("stream_after_spool", "stream_after_close")
+
 
 def crash_point(step: str) -> None:
     """End the process at once (no cleanup, like a kill) if the environment asks for a crash at `step`."""
-    if step not in STEPS:
+    if step not in STEPS + STREAM_STEPS:
         raise ValueError(f"unknown crash point '{step}'")
     if os.environ.get(CRASH_ENV) == step:
         os._exit(CRASH_EXIT_CODE)

@@ -90,6 +90,31 @@ class Store:
                 table = DeltaTable(self.table_path(name))
         raise InternalError("unreachable")
 
+    def upsert_counts(self, name: str, rows: pa.Table, *, column: str) -> None:
+        """Insert rows, or raise an existing row's `column` to the new value if it is larger. Writers send
+        cumulative counts, so re-sending (after a crash, or from a racing writer) never counts twice."""
+        self.table_path(name)
+        schema = TABLE_SCHEMAS[name]
+        if rows.num_rows == 0:
+            return
+        rows = rows.select(schema.names).cast(schema)
+        table = self.delta_table(name)
+        predicate = " AND ".join(f"t.{k} = s.{k}" for k in TABLE_KEYS[name])
+        for attempt in range(_COMMIT_ATTEMPTS):
+            try:
+                (
+                    table.merge(rows, predicate=predicate, source_alias="s", target_alias="t")
+                    .when_matched_update(updates={column: f"s.{column}"}, predicate=f"s.{column} > t.{column}")
+                    .when_not_matched_insert_all()
+                    .execute()
+                )
+                return
+            except CommitFailedError:
+                if attempt == _COMMIT_ATTEMPTS - 1:
+                    raise
+                time.sleep(random.uniform(0.01, 0.1))
+                table = DeltaTable(self.table_path(name))
+
     def dataset(self, name: str, *, version: int | None = None, string_view: bool = False) -> ds.Dataset:
         """A lazily scanned Arrow dataset of a table (empty if the table does not exist yet).
 

@@ -16,6 +16,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
+from fusion.errors import FusionError
 from fusion.exchange import (
     aggregate_path,
     aggregation_status_path,
@@ -47,12 +48,36 @@ from privacy.sharing import ShareError
 
 REFUSED = "refused"
 
+_LOADED: dict[tuple[str, str], tuple[bytes, Any]] = {}  # (path, digest) -> (bytes, context), per process
+
+
+class PublicContext:
+    """The exchange's public HE context by path and SHA-256: Beam pickles a few bytes instead of megabytes, and
+    each worker process loads (and checks) it once."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sha256 = hashlib.sha256(read_bytes(path)).hexdigest()
+
+    def _load(self) -> tuple[bytes, Any]:
+        key = (self.path, self.sha256)
+        if key not in _LOADED:
+            data = read_bytes(self.path)
+            if hashlib.sha256(data).hexdigest() != self.sha256:
+                raise FusionError(f"the public HE context {self.path} changed while the aggregator ran")
+            _LOADED[key] = (data, he.load_public_context(data))
+        return _LOADED[key]
+
+    @property
+    def context(self) -> Any:
+        return self._load()[1]
+
 
 class OpenEnvelope(beam.DoFn):
     """path -> (institution, (path, header, ciphertexts)); envelopes that fail a check are tagged refused."""
 
     def __init__(
-        self, plan: ReleasePlan, public_context: bytes, registry: dict[str, bytes], roster: Roster | None
+        self, plan: ReleasePlan, public_context: PublicContext, registry: dict[str, bytes], roster: Roster | None
     ) -> None:
         self._plan = plan
         self._public_context = public_context
@@ -60,7 +85,7 @@ class OpenEnvelope(beam.DoFn):
         self._roster = roster
 
     def setup(self) -> None:
-        self._context = he.load_public_context(self._public_context)
+        self._context = self._public_context.context
 
     def process(self, path: str) -> Iterator[Any]:
         try:
@@ -100,7 +125,7 @@ class OpenEnvelope(beam.DoFn):
             return "unsigned"
         if not signature_valid(header, self._registry[header.contributors[0]]):
             return "bad_signature"
-        if header.context_sha256 != hashlib.sha256(self._public_context).hexdigest():
+        if header.context_sha256 != self._public_context.sha256:
             return "wrong_he_context"
         roster = self._roster
         if header.kind == "contribution" and roster is not None and header.contributors[0] in roster.absent:
@@ -155,17 +180,11 @@ class OnePerInstitution(beam.DoFn):
 class EncryptedSum(beam.CombineFn):
     """Sums contribution envelopes homomorphically. Accumulator: (headers, summed ciphertexts or None)."""
 
-    def __init__(self, public_context: bytes) -> None:
+    def __init__(self, public_context: PublicContext) -> None:
         self._public_context = public_context
-        self._context: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_public_context": self._public_context, "_context": None}
 
     def _ctx(self) -> Any:
-        if self._context is None:
-            self._context = he.load_public_context(self._public_context)
-        return self._context
+        return self._public_context.context
 
     def create_accumulator(self) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
         return [], None
@@ -201,7 +220,9 @@ class SealAggregate(beam.DoFn):
     """The sum -> a refusal (quorum not met), or the roster that starts the unmask round, or (every answer in)
     the sum with the self masks removed, sealed as the aggregate envelope and signed by the aggregator."""
 
-    def __init__(self, plan: ReleasePlan, public_context: bytes, roster: Roster | None, may_declare: bool) -> None:
+    def __init__(
+        self, plan: ReleasePlan, public_context: PublicContext, roster: Roster | None, may_declare: bool
+    ) -> None:
         self._plan = plan
         self._public_context = public_context
         self._roster = roster
@@ -249,8 +270,8 @@ class SealAggregate(beam.DoFn):
         except ShareError as exc:
             yield self._refuse(summary, f"the self masks cannot be removed: {exc}")
             return
-        context = he.load_public_context(self._public_context)
-        ciphertexts = he.add_plain(context, ciphertexts, centred(he.PLAIN_MODULUS - masks, he.PLAIN_MODULUS))
+        unmasking = centred(he.PLAIN_MODULUS - masks, he.PLAIN_MODULUS)
+        ciphertexts = he.add_plain(self._public_context.context, ciphertexts, unmasking)
         reject_counts: dict[str, dict[str, int]] = {}
         for h in headers.values():
             reject_counts.update(h.reject_counts)
@@ -258,7 +279,7 @@ class SealAggregate(beam.DoFn):
             kind="aggregate",
             contributors=contributors,
             noise_variance=sum(h.noise_variance for h in headers.values()),
-            context_sha256=hashlib.sha256(self._public_context).hexdigest(),
+            context_sha256=self._public_context.sha256,
             reject_counts=reject_counts,
             refused=tuple(refused),
             absent=roster.absent,
@@ -298,7 +319,7 @@ class Aggregate(beam.PTransform):
         paths = list_files(contributions_dir(exchange, plan.key), ".fenv")
         if roster is not None:
             paths += list_files(unmask_dir(exchange, plan.key), ".fenv")
-        public_context = read_bytes(public_context_path(exchange))
+        public_context = PublicContext(public_context_path(exchange))
         opened = (
             pbegin
             | "Envelopes" >> beam.Create(paths)

@@ -18,7 +18,9 @@ class RejectReason(StrEnum):
     NON_FINITE_VALUE = "non_finite_value"  # NaN or +-infinity
     OUT_OF_RANGE = "out_of_range"  # outside the metric's plausible physical range
     DUPLICATE = "duplicate"  # exact duplicate of an accepted row in the same run
+    LATE = "late"  # streaming: its event-time window had already closed (beyond the allowed lateness)
 
 
-#: The order in which reasons are checked: a row gets the first reason that applies.
-REASON_PRECEDENCE: tuple[RejectReason, ...] = tuple(RejectReason)
+#: The order in which reasons are checked: a row gets the first reason that applies (late is decided after
+#: validation, by the stream, for rows that are otherwise valid).
+REASON_PRECEDENCE: tuple[RejectReason, ...] = tuple(r for r in RejectReason if r is not RejectReason.LATE)

@@ -105,7 +105,7 @@ def make_federation(tmp_path: Path) -> Callable[..., Federation]:
 
     def build(*, institutions: list[tuple[str, str]] | None = None, quorum: int = 2, noise: bool = False,
               seed: int | None = 7, entities: int = 12, mode: str = "test", epsilon: float = 1.0,
-              subdir: str = "", statistics: str = "") -> Federation:
+              subdir: str = "", statistics: str = "", extra_privacy: str = "", extra: str = "") -> Federation:
         from fusion.keys import create_keys
         from fusion.registry import create_aggregator_key, create_institution_keys
 
@@ -123,7 +123,7 @@ def make_federation(tmp_path: Path) -> Callable[..., Federation]:
         config_path = root / "federation.toml"
         config_path.write_text(config_text(institutions=institutions, quorum=quorum, noise=noise,
                                            seed=seed if mode == "test" else None, mode=mode, epsilon=epsilon,
-                                           statistics=statistics))
+                                           statistics=statistics, extra_privacy=extra_privacy) + extra)
         config = load_config(config_path)
         create_keys(config)
         create_aggregator_key(config)

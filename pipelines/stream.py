@@ -1,0 +1,251 @@
+"""Streaming transforms: validated readings -> event-time fixed windows -> a durable spool per window.
+
+The windowing is Beam's: each Arrow slice of readings is stamped with its event-time window and goes through
+`WindowReadings` (FixedWindows, an AfterWatermark trigger with a late firing per late element, the configured
+allowed lateness), so the same transforms run unbounded on Flink or Dataflow. Locally, `fusion stream` drives
+them on micro-batches of newly arrived files (bounded pipelines on the DirectRunner); the watermark across
+micro-batches is kept by the driver (fusion/stream_state.py), and readings for a window that has already
+closed are routed to the dead letters as `late` and counted, never dropped.
+
+Elements are Arrow tables, never single readings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms import trigger, window
+
+from fusion.config import Config, FeedConfig, FeedFormat
+from fusion.exchange import join, read_bytes, write_bytes, write_json
+from fusion.feeds import mapped_columns, read_feed_file
+from schemas.readings import EVENT_TIME, READING_SCHEMA
+from schemas.reasons import RejectReason
+from schemas.validation import ReadingRules, ReadingValidator, readings_as_dead_letters
+
+DEAD = "dead"
+REJECTS = "rejects"
+LATE = "late"
+#: The open interval a stream validates against: any time Beam can represent.
+STREAM_START = datetime(1971, 1, 1, tzinfo=UTC)
+STREAM_END = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def stream_rules(config: Config) -> ReadingRules:
+    return ReadingRules(
+        plausible={m.name: m.plausible for m in config.metrics},
+        regions=config.regions,
+        start=STREAM_START,
+        end=STREAM_END,
+    )
+
+
+def stdin_feed(config: Config, institution_id: str, journal: str) -> FeedConfig:
+    """Standard input, journalled to files: JSON lines with the institution's first feed's column mapping."""
+    first = config.institution(institution_id).feeds[0]
+    return FeedConfig(
+        name="stdin",
+        path=join(journal, "*.jsonl"),
+        format=FeedFormat.JSONL,
+        time_format=first.time_format,
+        columns=first.columns,
+    )
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StreamValidate(beam.DoFn):
+    """(institution, feed, path) -> (institution, slice key, accepted readings); rejects counted, dead letters
+    tagged."""
+
+    def __init__(self, config: Config, dead_letter_dirs: dict[str, str]) -> None:
+        self._config = config
+        self._dead = dead_letter_dirs
+
+    def setup(self) -> None:
+        self._validator = ReadingValidator(stream_rules(self._config))
+
+    def process(self, element: tuple[str, FeedConfig, str]) -> Iterator[Any]:
+        institution, feed, path = element
+        offset = 0
+        for number, raw in enumerate(read_feed_file(path, feed, batch_rows=self._config.pipeline.batch_rows)):
+            key = f"{_key(path)}-{number:05d}"
+            checked = self._validator.validate(
+                raw.table, columns=mapped_columns(feed), time_format=feed.time_format.value, source=path,
+                row_offset=offset,
+            )
+            offset += raw.table.num_rows
+            rejected = Counter(checked.reasons)
+            if raw.malformed:
+                rejected[RejectReason.MALFORMED_RECORD.value] += len(raw.malformed)
+                letters = pa.table(
+                    {
+                        "_text": pa.array([t for _, t in raw.malformed], pa.string()),
+                        "_reason": [RejectReason.MALFORMED_RECORD.value] * len(raw.malformed),
+                        "_source": [path] * len(raw.malformed),
+                        "_row": pa.array([n for n, _ in raw.malformed], pa.int64()),
+                    }
+                )
+                yield TaggedOutput(DEAD, (join(self._dead[institution], f"{key}-malformed.parquet"), letters))
+            if checked.rejected.num_rows:
+                path_out = join(self._dead[institution], f"{key}-invalid.parquet")
+                yield TaggedOutput(DEAD, (path_out, checked.rejected))
+            if rejected:
+                yield TaggedOutput(REJECTS, (institution, dict(rejected)))
+            if checked.accepted.num_rows:
+                yield institution, key, checked.accepted
+
+
+class StampWindows(beam.DoFn):
+    """(institution, key, readings) -> one timestamped slice per event-time window the readings fall in."""
+
+    def __init__(self, size: timedelta) -> None:
+        self._size_us = int(size.total_seconds() * 1_000_000)
+
+    def process(self, element: tuple[str, str, pa.Table]) -> Iterator[window.TimestampedValue]:
+        institution, key, table = element
+        micros = pc.cast(table.column(EVENT_TIME), pa.int64()).to_numpy()
+        starts = micros - micros % self._size_us  # epoch-aligned window starts, vectorised
+        order = np.argsort(starts, kind="stable")
+        bounds = np.flatnonzero(np.diff(starts[order])) + 1
+        for chunk in np.split(order, bounds):
+            start_us = int(starts[chunk[0]])
+            piece = table.take(pa.array(chunk))
+            yield window.TimestampedValue((institution, key, piece), start_us / 1_000_000)
+
+
+class WindowReadings(beam.PTransform):
+    """Beam's event-time windowing for Fusion: fixed windows, fired when the watermark passes the end, and once
+    more for each late element within the allowed lateness; later elements are Beam's to drop (the local
+    driver routes them to `late` before they get here)."""
+
+    def __init__(self, size: timedelta, allowed_lateness: timedelta) -> None:
+        super().__init__(label="WindowReadings")
+        self._size = size.total_seconds()
+        self._lateness = allowed_lateness.total_seconds()
+
+    def expand(self, readings: beam.PCollection) -> beam.PCollection:
+        return readings | beam.WindowInto(
+            window.FixedWindows(self._size),
+            trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+            allowed_lateness=self._lateness,
+            accumulation_mode=trigger.AccumulationMode.DISCARDING,
+        )
+
+
+def spool_dir(config: Config, institution: str, start: datetime) -> str:
+    return join(config.stream_state_path, "spool", institution, start.strftime("%Y%m%dT%H%M%SZ"))
+
+
+class SpoolWindow(beam.DoFn):
+    """A windowed slice -> a Parquet file in its window's spool (same name on replay), or `late` if the window
+    has closed."""
+
+    def __init__(self, config: Config, closed: set[str], dead_letter_dirs: dict[str, str]) -> None:
+        self._config = config
+        self._closed = closed
+        self._dead = dead_letter_dirs
+
+    def process(self, element: tuple[str, str, pa.Table], win: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        institution, key, piece = element
+        start = win.start.to_utc_datetime().replace(tzinfo=UTC)
+        if start.isoformat() in self._closed:
+            letters = readings_as_dead_letters(piece, RejectReason.LATE, source=f"window {start.isoformat()}")
+            name = f"{key}-late-{start.strftime('%Y%m%dT%H%M%SZ')}.parquet"
+            yield TaggedOutput(DEAD, (join(self._dead[institution], name), letters))
+            yield TaggedOutput(LATE, (institution, start.isoformat(), piece.num_rows))
+            return
+        sink = pa.BufferOutputStream()
+        pq.write_table(piece.cast(READING_SCHEMA), sink)
+        write_bytes(join(spool_dir(self._config, institution, start), f"{key}.parquet"), sink.getvalue().to_pybytes())
+        latest = pc.max(piece.column(EVENT_TIME)).as_py()
+        yield institution, start.isoformat(), piece.num_rows, latest.isoformat()
+
+
+class WriteDeadLetter(beam.DoFn):
+    def process(self, element: tuple[str, pa.Table]) -> Iterator[str]:
+        path, table = element
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_bytes(path, sink.getvalue().to_pybytes())
+        yield path
+
+
+@dataclass
+class MicroBatch:
+    """What one micro-batch did: readings spooled per (institution, window), late ones, rejects per institution."""
+
+    spooled: list[tuple[str, str, int, str]] = field(default_factory=list)  # institution, window, rows, latest
+    late: list[tuple[str, str, int]] = field(default_factory=list)  # institution, window, rows
+    rejects: list[tuple[str, dict[str, int]]] = field(default_factory=list)  # institution, {reason: rows}
+
+
+class _Summarise(beam.DoFn):
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def process(self, _: Any, spooled: list[Any], late: list[Any], rejects: list[Any]) -> Iterator[str]:
+        write_json(self._path, {"spooled": spooled, "late": late, "rejects": rejects})
+        yield self._path
+
+
+def run_micro_batch(
+    config: Config,
+    inputs: Sequence[tuple[str, FeedConfig, str]],
+    *,
+    closed: set[str],
+    dead_letter_dirs: dict[str, str],
+    summary_path: str,
+    options: Any,
+) -> MicroBatch:
+    """Validate, window and spool `inputs` ((institution, feed, file) triples) in one bounded Beam pipeline."""
+    with beam.Pipeline(options=options) as pipeline:
+        validated = (
+            pipeline
+            | "Inputs" >> beam.Create(list(inputs))
+            | "Reshuffle" >> beam.Reshuffle()
+            | "Validate" >> beam.ParDo(StreamValidate(config, dead_letter_dirs)).with_outputs(DEAD, REJECTS, main="ok")
+        )
+        spooled = (
+            validated.ok
+            | "Stamp" >> beam.ParDo(StampWindows(config.stream_window))
+            | WindowReadings(config.stream_window, config.allowed_lateness)
+            | "Spool" >> beam.ParDo(SpoolWindow(config, closed, dead_letter_dirs)).with_outputs(DEAD, LATE, main="ok")
+        )
+        _ = validated[DEAD] | "WriteInvalid" >> beam.ParDo(WriteDeadLetter())
+        _ = spooled[DEAD] | "WriteLate" >> beam.ParDo(WriteDeadLetter())  # windowed: not flattened with the above
+
+        def global_list(pcoll: beam.PCollection, label: str) -> beam.pvalue.AsList:
+            return beam.pvalue.AsList(pcoll | f"Global{label}" >> beam.WindowInto(window.GlobalWindows()))
+
+        _ = (
+            pipeline
+            | "Once" >> beam.Create([None])
+            | "Summarise"
+            >> beam.ParDo(
+                _Summarise(summary_path),
+                spooled=global_list(spooled.ok, "Spooled"),
+                late=global_list(spooled[LATE], "Late"),
+                rejects=beam.pvalue.AsList(validated[REJECTS]),
+            )
+        )
+    doc = json.loads(read_bytes(summary_path))
+    return MicroBatch(
+        spooled=[tuple(x) for x in doc["spooled"]],
+        late=[tuple(x) for x in doc["late"]],
+        rejects=[(i, dict(c)) for i, c in doc["rejects"]],
+    )

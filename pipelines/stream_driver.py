@@ -1,0 +1,294 @@
+"""`fusion stream`: micro-batches of newly arrived feed data, windowed, spooled, and released per window.
+
+Each step: (1) find input files not yet spooled (every feed's glob, `{date}` matching any day, plus standard
+input journalled to files); (2) validate, window and spool them in one bounded Beam pipeline; (3) commit the
+progress (inputs, watermarks, reject counts); (4) close every window the watermarks have passed and release it
+through the batch pipeline (contribute, aggregate, unmask, release) over its spool. Releases spend from the
+ledger like batch ones; a refused window is recorded and the stream goes on.
+
+Feed files must appear atomically (written elsewhere, then renamed in); names starting with '.' or ending in
+'.tmp' are ignored until renamed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from fusion.config import Config, FeedConfig, FeedFormat
+from fusion.errors import ReleaseRefused
+from fusion.exchange import join, list_files, write_bytes
+from fusion.faults import crash_point
+from fusion.ledger import BudgetExceeded
+from fusion.plan import ReleasePlan, plan_release
+from fusion.store import Store
+from fusion.stream_state import StreamState, WindowStatus, closable, load_state, save_state, window_start
+from pipelines.batch import run_batch
+from pipelines.run import beam_options
+from pipelines.stream import run_micro_batch, spool_dir, stdin_feed
+from schemas.readings import READING_SCHEMA
+from schemas.tables import REJECTS_SCHEMA
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    """What the status line shows after each step."""
+
+    windows_open: int
+    last_release: str | None  # window start of the latest release
+    last_latency_s: float | None  # from the window becoming closable to its release being queryable
+    lag_s: float | None  # processing time minus the latest event time seen
+    rows_per_s: float
+    readings: int
+    rejected: int
+
+
+class StdinJournal:
+    """Reads JSON lines from a stream on a thread; each step writes what arrived to a journal file, which is
+    then an ordinary input (durable from that moment on). Lines not yet journalled are lost on a kill."""
+
+    def __init__(self, stream: IO[str], directory: str) -> None:
+        self.directory = directory
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.closed = False
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def flush(self, sequence: int) -> bool:
+        """Journal the lines read so far as file number `sequence`; True if a file was written."""
+        lines: list[str] = []
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self.closed = True
+                break
+            lines.append(line if line.endswith("\n") else line + "\n")
+        if not lines:
+            return False
+        write_bytes(join(self.directory, f"{sequence:010d}.jsonl"), "".join(lines).encode())
+        return True
+
+
+class StreamDriver:
+    """Runs the stream for a federation on this machine (every role, like `fusion batch`)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        beam_args: Sequence[str] = (),
+        stdin: tuple[str, IO[str]] | None = None,  # (institution, stream)
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_status: Callable[[StreamStatus], None] = lambda status: None,
+    ) -> None:
+        self.config = config
+        self._beam_args = list(beam_args)
+        self._clock = clock
+        self._on_status = on_status
+        self._root = Path(config.stream_state_path)
+        self._state_file = self._root / "state.json"
+        self.state: StreamState = load_state(self._state_file)
+        self._store = Store(config.store_path)
+        self._store.ensure_tables()
+        self._dead = {i.id: join(config.dead_letter_path(i), "stream") for i in config.institutions}
+        self._feeds: list[tuple[str, FeedConfig]] = [(i.id, f) for i in config.institutions for f in i.feeds]
+        self._stdin: StdinJournal | None = None
+        if stdin is not None:
+            institution, stream = stdin
+            journal = join(config.stream_state_path, "stdin", institution)
+            self._stdin = StdinJournal(stream, journal)
+            self._feeds.append((institution, stdin_feed(config, institution, journal)))
+        self._last_release: tuple[str, float] | None = None
+        self._rows_per_s = 0.0
+        self.stop_requested = False
+
+    # -- inputs -------------------------------------------------------------------------------------------
+    def _discover(self) -> list[tuple[str, FeedConfig, str]]:
+        found = []
+        for institution, feed in self._feeds:
+            pattern = self.config.resolve(feed.path).replace("{date}", "*")
+            for meta in FileSystems.match([pattern])[0].metadata_list:
+                name = meta.path.rsplit("/", 1)[-1]
+                if name.startswith(".") or ".tmp" in name or meta.path in self.state.processed:
+                    continue
+                found.append((institution, feed, meta.path))
+        return sorted(found, key=lambda x: x[2])
+
+    def ingest(self) -> int:
+        """One micro-batch over every new input; returns the rows it read (accepted and rejected)."""
+        if self._stdin is not None and self._stdin.flush(self.state.stdin_sequence):
+            self.state.stdin_sequence += 1
+            save_state(self._state_file, self.state)  # the journal file is written: never reuse its number
+        inputs = self._discover()
+        if not inputs:
+            return 0
+        started = time.monotonic()
+        batch = run_micro_batch(
+            self.config,
+            inputs,
+            closed=self.state.closed(),
+            dead_letter_dirs=self._dead,
+            summary_path=join(str(self._root), "micro-batch.json"),
+            options=beam_options(self._beam_args),
+        )
+        size = self.config.stream_window
+        rows = 0
+        for institution, start, n, latest in batch.spooled:
+            self.state.window(datetime.fromisoformat(start))
+            self.state.advance(institution, datetime.fromisoformat(latest))
+            self.state.readings += n
+            rows += n
+        for institution, start, n in batch.late:
+            self.state.window(datetime.fromisoformat(start)).add_rejects(institution, {"late": n})
+            self.state.rejected += n
+            rows += n
+        for institution, counts in batch.rejects:
+            # Rows without a usable event time count against the window the institution's stream is in.
+            seen = self.state.max_event.get(institution)
+            at = datetime.fromisoformat(seen) if seen else self._clock()
+            self.state.window(window_start(at, size)).add_rejects(institution, counts)
+            self.state.rejected += sum(counts.values())
+            rows += sum(counts.values())
+        crash_point("stream_after_spool")
+        for _, _, path in inputs:
+            self.state.processed[path] = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+        save_state(self._state_file, self.state)
+        self._rows_per_s = rows / max(time.monotonic() - started, 1e-9)
+        return rows
+
+    # -- releases -----------------------------------------------------------------------------------------
+    def window_plan(self, start: datetime) -> ReleasePlan:
+        """The batch release of one window, reading that window's spool instead of the feeds."""
+        institutions = tuple(
+            i.model_copy(
+                update={
+                    "feeds": (
+                        FeedConfig(name="spool", path=join(spool_dir(self.config, i.id, start), "*.parquet"),
+                                   format=FeedFormat.PARQUET),
+                    )
+                }
+            )
+            for i in self.config.institutions
+        )
+        config = self.config.model_copy(update={"institutions": institutions})
+        return plan_release(config, start, start + self.config.stream_window)
+
+    def _release(self, start: datetime) -> None:
+        window = self.state.windows[start.isoformat()]
+        for institution in self.config.institutions:  # an institution without readings contributes zeros
+            directory = spool_dir(self.config, institution.id, start)
+            if not list_files(directory, ".parquet"):
+                sink = pa.BufferOutputStream()
+                pq.write_table(READING_SCHEMA.empty_table(), sink)
+                write_bytes(join(directory, "empty.parquet"), sink.getvalue().to_pybytes())
+        plan = self.window_plan(start)
+        release_id: str = plan.key.release_id
+        window.release_id = release_id
+        try:
+            run_batch(plan, beam_args=self._beam_args)
+            window.status = WindowStatus.RELEASED
+        except (BudgetExceeded, ReleaseRefused) as exc:
+            window.status, window.reason = WindowStatus.REFUSED, str(exc)
+        now = self._clock()
+        window.released_at = now.isoformat()
+        if window.status is WindowStatus.RELEASED and window.closable_at:
+            latency = (now - datetime.fromisoformat(window.closable_at)).total_seconds()
+            self._last_release = (start.isoformat(), latency)
+        save_state(self._state_file, self.state)
+        self._record_rejects(start)
+
+    def _record_rejects(self, start: datetime) -> None:
+        """Cumulative reject counts of a released or refused window into `rejects` (idempotent upsert)."""
+        window = self.state.windows[start.isoformat()]
+        if window.release_id is None or not window.rejects:
+            return
+        end = start + self.config.stream_window
+        rows = [
+            {
+                "release_id": window.release_id,
+                "institution": institution,
+                "interval_start": start,
+                "interval_end": end,
+                "reason": reason,
+                "rows": n,
+                "recorded_at": self._clock(),
+            }
+            for institution, counts in sorted(window.rejects.items())
+            for reason, n in sorted(counts.items())
+        ]
+        self._store.upsert_counts("rejects", pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA), column="rows")
+
+    def close_windows(self, *, drain: bool = False) -> list[datetime]:
+        """Release every window that may close now (and any whose release a crash interrupted)."""
+        ready = closable(
+            self.state,
+            institutions=[i.id for i in self.config.institutions],
+            size=self.config.stream_window,
+            lateness=self.config.allowed_lateness,
+            quorum=self.config.privacy.quorum,
+            deadline=self.config.deadline,
+            now=self._clock(),
+            drain=drain,
+        )
+        interrupted = [
+            datetime.fromisoformat(w) for w, s in self.state.windows.items() if s.status is WindowStatus.CLOSING
+        ]
+        for start in ready:
+            self.state.windows[start.isoformat()].status = WindowStatus.CLOSING
+        save_state(self._state_file, self.state)  # from here on, readings for these windows are late
+        if ready:
+            crash_point("stream_after_close")
+        for start in sorted(set(interrupted) | set(ready)):
+            self._release(start)
+        for start_text, window in self.state.windows.items():  # late readings after the release
+            if window.status is not WindowStatus.OPEN and window.release_id:
+                self._record_rejects(datetime.fromisoformat(start_text))
+        return sorted(set(interrupted) | set(ready))
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def status(self) -> StreamStatus:
+        latest = max((datetime.fromisoformat(t) for t in self.state.max_event.values()), default=None)
+        return StreamStatus(
+            windows_open=sum(1 for w in self.state.windows.values() if w.status is WindowStatus.OPEN),
+            last_release=self._last_release[0] if self._last_release else None,
+            last_latency_s=self._last_release[1] if self._last_release else None,
+            lag_s=(self._clock() - latest).total_seconds() if latest else None,
+            rows_per_s=self._rows_per_s,
+            readings=self.state.readings,
+            rejected=self.state.rejected,
+        )
+
+    def step(self, *, drain: bool = False) -> int:
+        rows = self.ingest()
+        self.close_windows(drain=drain)
+        self._on_status(self.status())
+        return rows
+
+    def run(self, *, drain: bool = False, sleep: Callable[[float], None] = time.sleep) -> StreamStatus:
+        """Step until stopped; with `drain`, until the inputs are exhausted (stdin closed, no new files), then
+        close and release every remaining window."""
+        while not self.stop_requested:
+            rows = self.step()
+            if drain and rows == 0 and (self._stdin is None or self._stdin.closed):
+                self.step(drain=True)
+                break
+            if rows == 0:
+                sleep(self.config.stream_poll.total_seconds())
+        return self.status()

@@ -1,0 +1,236 @@
+"""Streaming: Beam's windowing under TestStream, the driver's watermarks, and `fusion stream` end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
+
+from fusion.faults import CRASH_ENV, CRASH_EXIT_CODE
+from fusion.store import Store
+from fusion.stream_state import StreamState, WindowStatus, closable, load_state, window_start
+from pipelines.batch import run_batch
+from pipelines.stream import StampWindows, WindowReadings
+from pipelines.stream_driver import StreamDriver
+from tests.conftest import END, START, Federation, write_feed
+
+HOUR = timedelta(hours=1)
+EXT = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}
+
+
+def table_at(*seconds: int) -> pa.Table:
+    times = [datetime.fromtimestamp(s, UTC) for s in seconds]
+    return pa.table({"event_time": pa.array(times, pa.timestamp("us", tz="UTC")), "value": [1.0] * len(times)})
+
+
+class PaneCounts(beam.DoFn):
+    def process(self, element: tuple[str, int], win: Any = beam.DoFn.WindowParam,
+                pane: Any = beam.DoFn.PaneInfoParam) -> Any:
+        yield int(win.start), pane.timing, element[1]
+
+
+def test_beam_windowing_fires_on_time_and_late_and_drops_too_late() -> None:
+    """Fixed 60 s windows, 30 s allowed lateness. Window [0, 60): readings on time (some early, long before its
+    end), one late within the lateness (fires a late pane), one too late (Beam drops it: the local driver counts
+    such readings as `late` before they reach Beam). Window [60, 120) gets a reading on time."""
+    stream = (
+        TestStream()
+        .advance_watermark_to(0)
+        .add_elements([TimestampedValue(("alpha", "a", table_at(5, 10, 50)), 5)])  # early and on time
+        .add_elements([TimestampedValue(("beta", "b", table_at(70)), 70)])
+        .advance_watermark_to(60)  # [0, 60) closes: on-time pane
+        .add_elements([TimestampedValue(("alpha", "c", table_at(20, 21)), 20)])  # late, within the lateness
+        .advance_watermark_to(125)  # past 60 + 30: [0, 60) is done; [60, 120) fires on time
+        .add_elements([TimestampedValue(("gamma", "d", table_at(30)), 30)])  # too late: dropped by Beam
+        .advance_watermark_to_infinity()
+    )
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    with beam.Pipeline(options=options) as pipeline:
+        panes = (
+            pipeline
+            | stream
+            | beam.ParDo(StampWindows(timedelta(seconds=60)))
+            | WindowReadings(timedelta(seconds=60), timedelta(seconds=30))
+            | beam.Map(lambda element: ("rows", element[2].num_rows))
+            | beam.CombinePerKey(sum)
+            | beam.ParDo(PaneCounts())
+        )
+        on_time, late = beam.utils.windowed_value.PaneInfoTiming.ON_TIME, beam.utils.windowed_value.PaneInfoTiming.LATE
+        assert_that(panes, equal_to([(0, on_time, 3), (0, late, 2), (60, on_time, 1)]))
+
+
+def test_stamp_windows_splits_a_batch_by_event_time_window() -> None:
+    stamped = list(StampWindows(timedelta(seconds=60)).process(("alpha", "k", table_at(59, 0, 61, 119, 120))))
+    assert [(v.timestamp, v.value[2].num_rows) for v in stamped] == [
+        (Timestamp(0), 2),
+        (Timestamp(60), 2),
+        (Timestamp(120), 1),
+    ]
+
+
+def test_a_window_closes_when_every_watermark_passes_or_a_quorum_has_waited_the_deadline() -> None:
+    state = StreamState()
+    state.window(START)
+    now = START + 2 * HOUR
+    kwargs: dict[str, Any] = {"institutions": ["a", "b", "c"], "size": HOUR, "lateness": timedelta(minutes=10)}
+    state.advance("a", START + HOUR + timedelta(minutes=5))  # watermark 55 min: not past the end
+    assert closable(state, **kwargs, quorum=2, deadline=timedelta(minutes=15), now=now) == []
+    state.advance("a", START + HOUR + timedelta(minutes=10))
+    state.advance("b", START + 2 * HOUR)
+    assert closable(state, **kwargs, quorum=2, deadline=timedelta(minutes=15), now=now) == []  # quorum, waiting
+    assert state.windows[START.isoformat()].quorum_at == now.isoformat()
+    later = now + timedelta(minutes=15)
+    assert closable(state, **kwargs, quorum=2, deadline=timedelta(minutes=15), now=later) == [START]
+    state.advance("c", START + 3 * HOUR)  # everyone past: no need to wait
+    assert closable(state, **kwargs, quorum=2, deadline=timedelta(hours=9), now=now) == [START]
+    fresh = StreamState()
+    fresh.window(START)
+    assert closable(fresh, **kwargs, quorum=2, deadline=HOUR, now=now, drain=True) == [START]
+    assert window_start(START + timedelta(minutes=59), HOUR) == START
+
+
+# -- end to end --------------------------------------------------------------------------------------------
+
+STREAM_CONFIG = '\n[stream]\nallowed_lateness = "0s"\npoll = "1s"\n'
+
+
+def stream_federation(make_federation: Any, subdir: str = "stream", cap: float = 50.0,
+                      noise: bool = False) -> Federation:
+    fed = make_federation(noise=noise, quorum=2, subdir=subdir, extra_privacy=f"epsilon_cap = {cap}",
+                          extra=STREAM_CONFIG)
+    for inst in fed.config.institutions:  # the feeds arrive while the stream runs
+        shutil.rmtree(fed.directory / "feeds" / inst.id)
+    return fed
+
+
+def land(fed: Federation, hour: int) -> None:
+    """Every institution's readings of one hour, as a new file in its feed directory (written, then renamed)."""
+    lo, hi = START + hour * HOUR, START + (hour + 1) * HOUR
+    for inst in fed.config.institutions:
+        table = fed.raw[inst.id]
+        times = table.column("event_time")
+        part = table.filter(pc.and_(pc.greater_equal(times, lo), pc.less(times, hi)))
+        fmt = inst.feeds[0].format.value
+        final = fed.directory / "feeds" / inst.id / f"hour-{hour:02d}.{EXT[fmt]}"
+        temporary = final.with_name(f".{final.name}")
+        write_feed(part, temporary, fmt)
+        temporary.rename(final)
+
+
+def cells(store_path: str) -> list[dict[str, Any]]:
+    table = Store(store_path).read("releases").select(["metric", "region", "window_start", "count", "sum"])
+    return table.sort_by([("metric", "ascending"), ("region", "ascending"), ("window_start", "ascending")]).to_pylist()
+
+
+def fusion_stream(config: Path, *extra: str, crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    if crash_at:
+        env[CRASH_ENV] = crash_at
+    return subprocess.run([sys.executable, "-m", "fusion.cli", "stream", "--config", str(config), *extra],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.e2e
+def test_fusion_stream_releases_each_window_like_the_batch_pipeline(make_federation):
+    """Files land in the feed directories while `fusion stream` runs; each hour is released once the next
+    hour's files pass its end; SIGTERM stops it cleanly; the releases equal the batch pipeline's (noise off)."""
+    batch = make_federation(noise=False, quorum=2, subdir="batch")
+    from fusion.plan import plan_release
+
+    run_batch(plan_release(batch.config, START, END))
+    fed = stream_federation(make_federation)
+    process = subprocess.Popen([sys.executable, "-m", "fusion.cli", "stream", "--config", str(fed.config_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for hour in range(6):
+            land(fed, hour)
+            time.sleep(0.5)
+        state_file = Path(fed.config.stream_state_path) / "state.json"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # hours 0-4 close when hour 5's readings pass their ends
+            state = load_state(state_file)
+            if sum(w.status is WindowStatus.RELEASED for w in state.windows.values()) == 5:
+                break
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, out + err
+    assert "windows open: 1" in out
+    drained = fusion_stream(fed.config_path, "--drain")  # the last hour closes when the stream drains
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    assert cells(fed.config.store_path) == cells(batch.config.store_path)
+    assert len(cells(fed.config.store_path)) == 36
+    budget = Store(fed.config.store_path).read("budget").to_pylist()
+    assert budget[0]["releases"] == 6
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("crash_at", ["stream_after_spool", "stream_after_close", "after_ledger"])
+def test_a_killed_stream_restarts_without_losing_or_repeating_anything(make_federation, crash_at):
+    fed = stream_federation(make_federation)
+    for hour in range(3):
+        land(fed, hour)
+    crashed = fusion_stream(fed.config_path, "--drain", crash_at=crash_at)
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stdout + crashed.stderr
+    for hour in range(3, 6):
+        land(fed, hour)
+    rerun = fusion_stream(fed.config_path, "--drain")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
+    assert sorted(set(released.column("window_start").to_pylist())) == [
+        START + h * HOUR for h in range(6)
+    ]
+    budget = Store(fed.config.store_path).read("budget").to_pylist()
+    assert budget[0]["releases"] == 6  # each window charged once
+    state = load_state(Path(fed.config.stream_state_path) / "state.json")
+    assert state.readings == sum(t.num_rows for t in fed.raw.values())
+
+
+@pytest.mark.e2e
+def test_late_readings_are_counted_and_a_spent_budget_refuses_windows_but_the_stream_goes_on(make_federation):
+    # A cap of one release per day: hours 1.. are refused (recorded), and the stream keeps ingesting.
+    fed = stream_federation(make_federation, cap=1.0, noise=True)
+    for hour in range(4):
+        land(fed, hour)
+    driver = StreamDriver(fed.config)
+    driver.run(drain=False, sleep=lambda s: setattr(driver, "stop_requested", True))
+    windows = {datetime.fromisoformat(w): s for w, s in driver.state.windows.items()}
+    assert [windows[START + h * HOUR].status for h in range(3)] == [WindowStatus.RELEASED] + [
+        WindowStatus.REFUSED
+    ] * 2
+    assert "needs epsilon" in (windows[START + HOUR].reason or "")
+    # Readings for hour 0 arrive after it was released: late, counted in `rejects`, kept as dead letters.
+    inst = fed.config.institutions[0]
+    late = fed.raw[inst.id].slice(0, 5).set_column(
+        fed.raw[inst.id].schema.get_field_index("event_time"), "event_time",
+        pa.array([START + timedelta(minutes=m) for m in range(5)], pa.timestamp("us", tz="UTC")),
+    )
+    write_feed(late, fed.directory / "feeds" / inst.id / f"late.{EXT[inst.feeds[0].format.value]}",
+               inst.feeds[0].format.value)
+    driver.step()
+    rejects = Store(fed.config.store_path).read("rejects").to_pylist()
+    assert [(r["institution"], r["rows"]) for r in rejects if r["reason"] == "late"] == [(inst.id, 5)]
+    dead = list((fed.directory / "deadletter" / inst.id / "stream").glob("*late*.parquet"))
+    assert dead and sum(pa.parquet.read_table(p).num_rows for p in dead) == 5
+    refusals = [a for a in Store(fed.config.store_path).read("audit").to_pylist() if a["action"] == "budget_refused"]
+    assert refusals
