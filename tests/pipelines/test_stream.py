@@ -234,3 +234,29 @@ def test_late_readings_are_counted_and_a_spent_budget_refuses_windows_but_the_st
     assert dead and sum(pa.parquet.read_table(p).num_rows for p in dead) == 5
     refusals = [a for a in Store(fed.config.store_path).read("audit").to_pylist() if a["action"] == "budget_refused"]
     assert refusals
+
+
+@pytest.mark.e2e
+def test_json_lines_on_stdin_are_journalled_windowed_and_released(make_federation):
+    """alpha's readings arrive as JSON lines on standard input (a closed pipe here); beta's and gamma's as
+    files. Draining releases every hour with exactly the readings sent."""
+    import io
+    import json
+
+    fed = stream_federation(make_federation)
+    for hour in range(6):
+        land(fed, hour)
+    alpha = fed.config.institutions[0]
+    for path in (fed.directory / "feeds" / alpha.id).iterdir():
+        path.unlink()
+    lines = [json.dumps({**row, "event_time": row["event_time"].isoformat()}) for row in fed.raw[alpha.id].to_pylist()]
+    lines.append("{not json")  # a malformed line: dead-lettered and counted, never lost
+    driver = StreamDriver(fed.config, stdin=(alpha.id, io.StringIO("\n".join(lines) + "\n")))
+    time.sleep(0.2)  # let the reader thread take the whole pipe
+    driver.run(drain=True)
+    journal = list((Path(fed.config.stream_state_path) / "stdin" / alpha.id).glob("*.jsonl"))
+    assert journal
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
+    rejects = Store(fed.config.store_path).read("rejects").to_pylist()
+    assert [(r["institution"], r["rows"]) for r in rejects if r["reason"] == "malformed_record"] == [(alpha.id, 1)]
