@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -192,3 +193,23 @@ def test_backfill_runs_missing_intervals_in_order_and_the_ledger_decides(
     ]
     assert main([*args[:4], "2026-01-01T00:30", *args[5:]]) == 1
     assert "--from 2026-01-01T00:30 is not on schedule hourly's 1h grid" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_waiting_scheduler_cleanly(make_federation: Callable[..., Federation]) -> None:
+    fed = make_federation()
+    text = fed.config_path.read_text() + SCHEDULE.replace("2026-01-01T00:00:00", "2099-01-01T00:00:00")
+    fed.config_path.write_text(text)  # nothing is due before 2099: the scheduler only waits
+    command = [sys.executable, "-m", "fusion.cli", "schedule", "--config", str(fed.config_path)]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("Scheduler"):
+            break
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, "".join(seen) + output
+    assert "SIGTERM: stopping after the current attempt" in output and "scheduler stopped" in output
+    assert Store(fed.config.store_path).read("runs").num_rows == 0
