@@ -1,4 +1,5 @@
-"""The `fusion` command line: demo, keys, batch, contribute, aggregate, release, sql."""
+"""The `fusion` command line: demo, keys, batch, contribute, aggregate, release, plan, budget, sql, schedule,
+backfill."""
 
 from __future__ import annotations
 
@@ -80,8 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     sql = with_config(sub.add_parser("sql", help="query the store (read-only SQL)"))
-    sql.add_argument("query", help="one SELECT statement over releases, audit, rejects")
+    sql.add_argument("query", help="one SELECT statement over releases, audit, rejects, budget, runs")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    from fusion.cli_schedule import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -379,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_budget(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command in ("schedule", "backfill"):
+            from fusion.cli_schedule import cmd_backfill, cmd_schedule
+
+            return (cmd_schedule if args.command == "schedule" else cmd_backfill)(args, beam_args)
         return cmd_sql(args)
     except FusionError as exc:
         err_console.print(f"[red]error:[/red] {exc}")

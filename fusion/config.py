@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from datetime import timedelta
 from enum import StrEnum
@@ -12,20 +11,12 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fusion.durations import parse_duration
 from fusion.errors import ConfigError
+from fusion.schedule import ScheduleConfig, check_schedules
 from schemas.readings import ALL_FIELDS
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
-_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|min|h|d)\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> timedelta:
-    """Parse '15m', '1h', '1d', '30s' into a timedelta."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"'{text}' is not a duration; write e.g. '15m', '1h' or '1d'")
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
 class _Frozen(BaseModel):
@@ -239,6 +230,7 @@ class Config(_Frozen):
     statistics: StatisticsConfig = StatisticsConfig()
     pipeline: PipelineConfig = PipelineConfig()
     stream: StreamConfig = StreamConfig()
+    schedules: tuple[ScheduleConfig, ...] = ()  # when `fusion schedule` runs batch releases
     base: Path = Path(".")
 
     @model_validator(mode="after")
@@ -277,6 +269,7 @@ class Config(_Frozen):
                 f"privacy.quorum = {self.privacy.quorum} exceeds the {len(self.institutions)} institutions; "
                 "no release could ever meet it"
             )
+        check_schedules(self.schedules, window=self.window, period=self.period)
         return self
 
     @property
@@ -325,6 +318,18 @@ class Config(_Frozen):
     @property
     def keys_path(self) -> str:
         return self.resolve(self.federation.keys)
+
+    def schedule(self, name: str | None) -> ScheduleConfig:
+        """A schedule by name; without a name, the only one."""
+        if name is None and len(self.schedules) == 1:
+            return self.schedules[0]
+        for schedule in self.schedules:
+            if schedule.name == name:
+                return schedule
+        known = ", ".join(s.name for s in self.schedules) or "none; add a [[schedules]] section"
+        if name is None:
+            raise ConfigError(f"name a schedule (--schedule); the config declares: {known}")
+        raise ConfigError(f"unknown schedule '{name}'; the config declares: {known}")
 
     def institution(self, institution_id: str) -> InstitutionConfig:
         for inst in self.institutions:
@@ -400,6 +405,7 @@ __all__ = [
     "MetricConfig",
     "PrivacyConfig",
     "PrivacyMode",
+    "ScheduleConfig",
     "TimeFormat",
     "load_config",
     "parse_config",

@@ -27,6 +27,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "audit": ("event_id",),
     "rejects": ("release_id", "institution", "reason"),
     "budget": ("period",),
+    "runs": ("run_id",),
 }
 
 

@@ -97,9 +97,35 @@ BUDGET_SCHEMA = pa.schema(
     ]
 )
 
+#: Every attempt of a scheduled or backfilled batch run. An attempt's claim row (`run_id` =
+#: pipeline/interval_start/attempt, status `running` until `lease_until`) is inserted conditionally, so only one
+#: runner holds it, and is updated with the outcome when the attempt ends. A runner that loses the claim records
+#: its own `skipped` row (`run_id` + "/" + runner). `rows` is the release's noisy total count (covered by
+#: epsilon): exact row counts never leave the institutions.
+RUNS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("pipeline", pa.string(), nullable=False),
+        pa.field("interval_start", _TS, nullable=False),
+        pa.field("interval_end", _TS, nullable=False),
+        pa.field("attempt", pa.int32(), nullable=False),
+        pa.field("runner", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("started", _TS, nullable=False),
+        pa.field("finished", _TS, nullable=True),
+        pa.field("lease_until", _TS, nullable=False),
+        pa.field("release_id", pa.string(), nullable=True),
+        pa.field("rows", pa.int64(), nullable=True),
+        pa.field("cells", pa.int64(), nullable=True),
+        pa.field("epsilon", pa.float64(), nullable=True),
+        pa.field("error", pa.string(), nullable=True),
+    ]
+)
+
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "budget": BUDGET_SCHEMA,
     "releases": RELEASES_SCHEMA,
     "audit": AUDIT_SCHEMA,
     "rejects": REJECTS_SCHEMA,
+    "runs": RUNS_SCHEMA,
 }

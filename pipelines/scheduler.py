@@ -1,0 +1,219 @@
+"""Scheduled and backfilled batch releases: claim an interval in the `runs` table, run it, record the outcome.
+
+The clock (`now`) and `sleep` are injected, so tests can run a scheduler on an accelerated clock. Exactly once:
+each attempt is a conditional claim in `runs` (one runner wins it; the others record why they skipped), and
+underneath, a release is idempotent in the store (keyed commits, a compare-and-swap budget ledger), so even a
+runner that outlives its lease cannot release an interval twice.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fusion.config import Config
+from fusion.errors import ReleaseRefused
+from fusion.plan import plan_release
+from fusion.runs import Claim, Outcome, RunLog
+from fusion.schedule import Action, Interval, RunStatus, ScheduleConfig, decide, due_intervals, grid, next_fire
+from fusion.store import Store
+from pipelines.batch import run_batch
+
+Clock = Callable[[], datetime]
+
+
+def default_runner_id() -> str:
+    """host:pid:random, so two schedulers on one host (or a restarted one) never share an id."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What happened to one interval on this pass. `recorded` is False when nothing was written to `runs`."""
+
+    pipeline: str
+    interval: Interval
+    action: Action
+    status: RunStatus | None = None
+    attempt: int = 0
+    detail: str = ""
+    cells: int = 0
+    epsilon: float = 0.0
+    recorded: bool = True
+    at: datetime | None = None  # WAIT / BUSY: when to look again
+
+
+def _noisy_rows(store: Store, release_id: str) -> int:
+    """The release's noisy total reading count: the sum of its cells' noisy counts (post-processing)."""
+    table = store.dataset("releases").to_table(columns=["release_id", "count"])
+    ids = pc.cast(table.column("release_id"), pa.string())
+    return round(pc.sum(table.filter(pc.equal(ids, release_id)).column("count")).as_py() or 0.0)
+
+
+def run_interval(
+    config: Config,
+    schedule: ScheduleConfig,
+    interval: Interval,
+    *,
+    runner: str,
+    now: Clock = utc_now,
+    manual: bool = False,
+    beam_args: Sequence[str] = (),
+) -> RunResult:
+    """Decide what to do with one interval and do it: claim and run it, or record why not."""
+    store = Store(config.store_path)
+    log = RunLog(store)
+    name = schedule.name
+    decision = decide(schedule, log.attempts(name).get(interval, []), now(), manual=manual)
+    if decision.expired is not None:
+        e = decision.expired
+        log.expire(Claim(name, interval, e.attempt, e.runner, e.started, e.lease_until), now())
+    if decision.action is Action.BUSY:
+        started = now()
+        claim = Claim(name, interval, decision.attempt, runner, started, started)
+        reason = f"claimed by {decision.holder} until {decision.at.isoformat() if decision.at else '?'}"
+        log.record_skip(claim, reason=reason, now=started)
+        return RunResult(name, interval, Action.BUSY, RunStatus.SKIPPED, decision.attempt, reason, at=decision.at)
+    if decision.action is not Action.RUN:
+        return RunResult(name, interval, decision.action, None, decision.attempt, recorded=False, at=decision.at)
+
+    started = now()
+    claim = Claim(name, interval, decision.attempt, runner, started, started + schedule.lease_length)
+    holder = log.claim(claim)
+    if holder is not None:
+        reason = f"claimed by {holder}"
+        log.record_skip(claim, reason=reason, now=started)
+        return RunResult(name, interval, Action.BUSY, RunStatus.SKIPPED, claim.attempt, reason)
+    outcome = _attempt(config, store, interval, now=now, beam_args=beam_args)
+    log.finish(claim, outcome)
+    return RunResult(
+        name,
+        interval,
+        Action.RUN,
+        outcome.status,
+        claim.attempt,
+        outcome.error or "",
+        cells=outcome.cells or 0,
+        epsilon=outcome.epsilon or 0.0,
+    )
+
+
+def _attempt(config: Config, store: Store, interval: Interval, *, now: Clock, beam_args: Sequence[str]) -> Outcome:
+    """Run the batch release of one claimed interval; every error becomes the attempt's outcome."""
+    try:
+        summary = run_batch(plan_release(config, interval.start, interval.end), beam_args=beam_args)
+    except ReleaseRefused as exc:  # budget exhausted, quorum not met: retrying would not change the answer
+        return Outcome(RunStatus.SKIPPED, now(), error=str(exc))
+    except Exception as exc:  # recorded and retried with backoff; the store's commits are idempotent
+        return Outcome(RunStatus.FAILED, now(), error=f"{type(exc).__name__}: {exc}")
+    if summary.status != "released":
+        return Outcome(RunStatus.ALREADY_RELEASED, now(), release_id=summary.release_id)
+    return Outcome(
+        RunStatus.RELEASED,
+        now(),
+        release_id=summary.release_id,
+        rows=_noisy_rows(store, summary.release_id),
+        cells=summary.cells,
+        epsilon=summary.epsilon,
+    )
+
+
+class Scheduler:
+    """Runs every schedule's due intervals, oldest first, then sleeps until the next fire or retry."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        runner: str | None = None,
+        now: Clock = utc_now,
+        sleep: Callable[[float], object] | None = None,
+        beam_args: Sequence[str] = (),
+        on_result: Callable[[RunResult], None] = lambda result: None,
+    ) -> None:
+        self.config = config
+        self.runner = runner or default_runner_id()
+        self.now = now
+        self.stop_event = threading.Event()
+        self.sleep = sleep or self.stop_event.wait
+        self.beam_args = tuple(beam_args)
+        self.on_result = on_result
+        self.log = RunLog(Store(config.store_path))
+        self.log.store.ensure_tables()
+
+    def stop(self) -> None:
+        """Finish the current attempt, then return from `run`."""
+        self.stop_event.set()
+
+    def run_due(self) -> tuple[list[RunResult], datetime]:
+        """One pass: every due interval of every schedule. Returns the results and when to look again."""
+        results: list[RunResult] = []
+        now = self.now()
+        wake = min(next_fire(s, now) for s in self.config.schedules)
+        for schedule in self.config.schedules:
+            starts = [i.start for i in self.log.attempts(schedule.name)]
+            for interval in due_intervals(schedule, now, first_run=min(starts, default=None)):
+                if self.stop_event.is_set():
+                    return results, wake
+                result = run_interval(
+                    self.config, schedule, interval, runner=self.runner, now=self.now, beam_args=self.beam_args
+                )
+                if result.action is not Action.DONE:
+                    results.append(result)
+                    self.on_result(result)
+                if result.at is not None:
+                    wake = min(wake, result.at)
+                if result.action is Action.RUN and result.status is RunStatus.FAILED:
+                    wake = self.now()  # look again at once: the retry's backoff decides when it runs
+        return results, wake
+
+    def run(self, *, until: datetime | None = None) -> None:
+        """Run until stopped (or until `until`, for tests and replays)."""
+        if not self.config.schedules:
+            raise ReleaseRefused("the config has no [[schedules]]; add one to run `fusion schedule`")
+        while not self.stop_event.is_set():
+            _, wake = self.run_due()
+            if until is not None:
+                if self.now() >= until:
+                    return
+                wake = min(wake, until)
+            delay = (wake - self.now()).total_seconds()
+            if delay > 0 and not self.stop_event.is_set():
+                self.sleep(delay)
+
+
+def backfill(
+    config: Config,
+    schedule: ScheduleConfig,
+    start: datetime,
+    end: datetime,
+    *,
+    runner: str | None = None,
+    now: Clock = utc_now,
+    beam_args: Sequence[str] = (),
+    on_result: Callable[[RunResult], None] = lambda result: None,
+) -> list[RunResult]:
+    """Run every interval of `schedule`'s grid in [start, end) that is not released yet, oldest first."""
+    runner = runner or default_runner_id()
+    Store(config.store_path).ensure_tables()
+    results = []
+    for interval in grid(schedule, start, end):
+        result = run_interval(config, schedule, interval, runner=runner, now=now, manual=True, beam_args=beam_args)
+        results.append(result)
+        on_result(result)
+    return results
+
+
+__all__ = ["RunResult", "Scheduler", "backfill", "default_runner_id", "run_interval"]

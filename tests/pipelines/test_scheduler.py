@@ -1,0 +1,215 @@
+"""Scheduled batch releases on an accelerated clock: due intervals, catch-up, retries, crashes, concurrent
+schedulers and backfill. Real Beam, real TenSEAL, real Delta tables; only the clock is injected."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from fusion.cli import main
+from fusion.faults import CRASH_ENV, CRASH_EXIT_CODE
+from fusion.plan import plan_release
+from fusion.store import Store
+from pipelines.scheduler import RunResult, Scheduler
+from tests.conftest import START, Federation
+
+pytestmark = pytest.mark.e2e
+
+H = timedelta(hours=1)
+MINUTE = timedelta(minutes=1)
+SCHEDULE = (
+    '[[schedules]]\nname = "hourly"\ncron = "5 * * * *"\ninterval = "1h"\nstart = 2026-01-01T00:00:00\n'
+    'backoff = "1m"\nlease = "10m"\n'
+)
+
+
+class Clock:
+    """An accelerated clock: `sleep` moves time forward at once."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+        self.slept: list[float] = []
+
+    def now(self) -> datetime:
+        return self.at
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.at += timedelta(seconds=seconds)
+
+
+def scheduled(
+    make_federation: Callable[..., Federation], *, epsilon_cap: float | None = 20.0, noise: bool = False
+) -> Federation:
+    """The test federation with an hourly schedule; a cap that fits many releases unless None (then the cap is one
+    release a day, which binds only with noise on: test-mode releases without noise cost nothing)."""
+    fed = make_federation(noise=noise, seed=3)
+    text = fed.config_path.read_text()
+    if epsilon_cap is not None:
+        text = text.replace("[privacy]\n", f"[privacy]\nepsilon_cap = {epsilon_cap}\n")
+    fed.config_path.write_text(text + SCHEDULE)
+    return fed
+
+
+def runs(fed: Federation) -> list[dict[str, object]]:
+    rows = Store(fed.config.store_path).read("runs").to_pylist()
+    return sorted(rows, key=lambda r: (r["interval_start"], r["attempt"], r["run_id"]))
+
+
+def assert_released_once(fed: Federation, hours: int) -> None:
+    """Every one of the first `hours` intervals is in the store exactly once, charged exactly once, and exactly
+    one attempt in `runs` says it released it."""
+    store = Store(fed.config.store_path)
+    ids = {plan_release(fed.config, START + h * H, START + (h + 1) * H).key.release_id: h for h in range(hours)}
+    cells = plan_release(fed.config, START, START + H).layout.cells
+    releases = Counter(store.read("releases").column("release_id").to_pylist())
+    assert releases == dict.fromkeys(ids, cells)
+    (budget,) = store.read("budget").to_pylist()
+    assert sorted(budget["release_ids"]) == sorted(ids) and budget["releases"] == hours
+    released = [r for r in runs(fed) if r["status"] == "released"]
+    assert sorted(r["release_id"] for r in released) == sorted(ids)
+    assert all(r["cells"] == cells and r["rows"] > 0 and r["epsilon"] > 0 for r in released)
+
+
+def test_a_scheduler_on_an_accelerated_clock_runs_each_interval_at_its_fire_and_catches_up(
+    make_federation: Callable[..., Federation],
+) -> None:
+    fed = scheduled(make_federation)
+    clock = Clock(START)
+    first = Scheduler(fed.config, runner="first", now=clock.now, sleep=clock.sleep)
+    first.run(until=START + H + 30 * MINUTE)  # fires at 01:05: [00:00, 01:00)
+    clock.at = START + 3 * H + 10 * MINUTE  # down through the fires of 02:05 and 03:05
+    second = Scheduler(fed.config, runner="second", now=clock.now, sleep=clock.sleep)
+    second.run(until=START + 3 * H + 30 * MINUTE)
+
+    assert_released_once(fed, 3)
+    assert [(r["interval_start"], r["attempt"], r["runner"], r["started"]) for r in runs(fed)] == [
+        (START, 1, "first", START + H + 5 * MINUTE),
+        (START + H, 1, "second", START + 3 * H + 10 * MINUTE),
+        (START + 2 * H, 1, "second", START + 3 * H + 10 * MINUTE),
+    ]
+    assert clock.at == START + 3 * H + 30 * MINUTE
+
+
+def test_a_failed_attempt_is_recorded_and_retried_after_its_backoff(
+    make_federation: Callable[..., Federation],
+) -> None:
+    fed = scheduled(make_federation)
+    keys = Path(fed.config.institution_keys_path(fed.config.institution("alpha")))
+    shutil.move(keys, keys.with_name("away"))  # alpha cannot sign: the first attempt fails before any work
+
+    def on_result(result: RunResult) -> None:
+        if result.status is not None and result.status.value == "failed":
+            shutil.move(keys.with_name("away"), keys)
+
+    clock = Clock(START + H + 5 * MINUTE)
+    Scheduler(fed.config, runner="r", now=clock.now, sleep=clock.sleep, on_result=on_result).run(
+        until=START + H + 20 * MINUTE
+    )
+    assert [(r["attempt"], r["status"]) for r in runs(fed)] == [(1, "failed"), (2, "released")]
+    failed, retried = runs(fed)
+    assert "signing key" in str(failed["error"])
+    assert retried["started"] == failed["finished"] + MINUTE  # the backoff, on the injected clock
+    assert_released_once(fed, 1)
+
+
+def schedule_once(config: Path, now: datetime, runner: str, crash_at: str | None = None) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    if crash_at:
+        env[CRASH_ENV] = crash_at
+    command = ["schedule", "--config", str(config), "--once", "--now", now.isoformat(), "--runner-id", runner]
+    return subprocess.Popen([sys.executable, "-m", "fusion.cli", *command], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_a_crash_mid_run_is_retried_once_its_lease_expires_and_releases_once(
+    make_federation: Callable[..., Federation],
+) -> None:
+    fed = scheduled(make_federation)
+    crashed = schedule_once(fed.config_path, START + H + 5 * MINUTE, "crashed", crash_at="after_ledger")
+    output, _ = crashed.communicate(timeout=300)
+    assert crashed.returncode == CRASH_EXIT_CODE, output
+    (claim,) = runs(fed)
+    assert (claim["status"], claim["runner"], claim["lease_until"]) == ("running", "crashed", START + H + 15 * MINUTE)
+
+    clock = Clock(START + H + 10 * MINUTE)  # the lease still holds: the survivor leaves the interval alone
+    survivor = Scheduler(fed.config, runner="survivor", now=clock.now, sleep=clock.sleep)
+    (busy,), _ = survivor.run_due()
+    assert busy.status is not None and busy.status.value == "skipped" and "claimed by crashed" in busy.detail
+    clock.at = START + H + 20 * MINUTE  # past the lease and the backoff
+    survivor.run_due()
+
+    assert_released_once(fed, 1)
+    assert [(r["attempt"], r["runner"], r["status"]) for r in runs(fed)] == [
+        (1, "crashed", "failed"),
+        (1, "survivor", "skipped"),
+        (2, "survivor", "released"),
+    ]
+    assert "lease expired" in str(runs(fed)[0]["error"])
+
+
+def test_concurrent_schedulers_never_release_an_interval_twice(make_federation: Callable[..., Federation]) -> None:
+    fed = scheduled(make_federation)
+    now = START + 2 * H + 5 * MINUTE  # [00:00, 01:00) and [01:00, 02:00) are due
+    racers = [schedule_once(fed.config_path, now, runner) for runner in ("a", "b")]
+    for racer in racers:
+        output, _ = racer.communicate(timeout=300)
+        assert racer.returncode == 0, output
+
+    assert_released_once(fed, 2)
+    for row in runs(fed):
+        assert row["status"] == "released" or (row["status"] == "skipped" and "claimed by" in str(row["error"]))
+
+
+def test_backfill_runs_missing_intervals_in_order_and_the_ledger_decides(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = scheduled(make_federation, epsilon_cap=None, noise=True)  # the cap is one release a day
+    args = ["backfill", "--config", str(fed.config_path), "--from", START.isoformat(), "--to",
+            (START + 3 * H).isoformat(), "--runner-id", "manual"]
+    assert main(args) == 0
+    assert "1 released, 2 skipped" in capsys.readouterr().out
+    assert_released_once(fed, 1)
+    assert [(r["interval_start"], r["status"]) for r in runs(fed)] == [
+        (START, "released"),
+        (START + H, "skipped"),
+        (START + 2 * H, "skipped"),
+    ]
+    assert all("the cap is 1.0000" in str(r["error"]) for r in runs(fed)[1:])
+
+    assert main(args) == 0  # the released interval is skipped; the ledger refuses the others again
+    assert "1 already released, 2 skipped" in capsys.readouterr().out
+    assert [(r["interval_start"], r["attempt"]) for r in runs(fed)] == [
+        (START, 1), (START + H, 1), (START + H, 2), (START + 2 * H, 1), (START + 2 * H, 2),
+    ]
+    assert main([*args[:4], "2026-01-01T00:30", *args[5:]]) == 1
+    assert "--from 2026-01-01T00:30 is not on schedule hourly's 1h grid" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_waiting_scheduler_cleanly(make_federation: Callable[..., Federation]) -> None:
+    fed = make_federation()
+    text = fed.config_path.read_text() + SCHEDULE.replace("2026-01-01T00:00:00", "2099-01-01T00:00:00")
+    fed.config_path.write_text(text)  # nothing is due before 2099: the scheduler only waits
+    command = [sys.executable, "-m", "fusion.cli", "schedule", "--config", str(fed.config_path)]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("Scheduler"):
+            break
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, "".join(seen) + output
+    assert "SIGTERM: stopping after the current attempt" in output and "scheduler stopped" in output
+    assert Store(fed.config.store_path).read("runs").num_rows == 0
