@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     stream = with_config(sub.add_parser("stream", help="stream the feeds: release each window as it closes"))
     stream.add_argument("--stdin", metavar="INSTITUTION", help="also read this institution's JSON lines on stdin")
     stream.add_argument("--drain", action="store_true", help="stop once the inputs are exhausted, releasing all")
+    stream.add_argument(
+        "--source-job", action="store_true", help="run the streaming Beam job over Kafka/Pub/Sub (stream.source)"
+    )
+    stream.add_argument(
+        "--releases-only", action="store_true", help="release windows a streaming job has spooled (pane markers)"
+    )
     contribute = with_interval(with_config(sub.add_parser("contribute", help="institution: seal a contribution")))
     contribute.add_argument("--institution", required=True, help="the institution id from the config")
     contribute.add_argument(
@@ -176,6 +182,14 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     config = load_config(args.config)
     if args.stdin:
         config.institution(args.stdin)  # refuses an unknown institution now
+    if args.source_job:
+        from pipelines.run import beam_options
+        from pipelines.stream_sources import run_unbounded
+
+        options = beam_options([*beam_args, "--streaming"])
+        console.print(f"streaming job: {config.stream.source.value} -> {config.stream_spool_path}")
+        run_unbounded(config, options)
+        return 0
 
     def line(status: StreamStatus) -> str:
         last = "none yet"
@@ -192,6 +206,7 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             config,
             beam_args=beam_args,
             stdin=(args.stdin, sys.stdin) if args.stdin else None,
+            releases_only=args.releases_only,
             on_status=lambda status: shown.update(line(status)),
         )
 

@@ -169,13 +169,24 @@ def _duration_or_zero(text: str) -> timedelta:
     return timedelta(0) if text.strip() in ("0", "0s") else parse_duration(text)
 
 
+class StreamSource(StrEnum):
+    FILES = "files"  # the feeds' files (and stdin), micro-batched by `fusion stream` on this machine
+    PUBSUB = "pubsub"  # messages of JSON lines, attribute `institution`; windowed by Beam on a streaming runner
+    KAFKA = "kafka"  # records of JSON lines keyed by institution id; windowed by Beam on a streaming runner
+
+
 class StreamConfig(_Frozen):
     """`fusion stream`: event-time windows, each released once the institutions' watermarks pass its end."""
 
+    source: StreamSource = StreamSource.FILES
+    pubsub_subscription: str | None = None  # projects/P/subscriptions/S
+    kafka_bootstrap_servers: str | None = None  # host:port,host:port
+    kafka_topic: str | None = None
     window: str | None = None  # the release window; default: federation.window (a whole multiple of it)
     allowed_lateness: str = "0s"  # a watermark is the latest event time seen minus this
     poll: str = "1s"  # how often to look for new feed files
-    state: str = "stream"  # the driver's progress and spool of windowed readings (as private as the feeds)
+    state: str = "stream"  # the driver's progress (a local directory, as private as the feeds)
+    spool: str | None = None  # windowed readings; default <state>/spool; a URL when a streaming job writes it
 
     @field_validator("allowed_lateness", "poll")
     @classmethod
@@ -189,6 +200,14 @@ class StreamConfig(_Frozen):
         if window is not None:
             parse_duration(window)
         return window
+
+    @model_validator(mode="after")
+    def _source_settings(self) -> Self:
+        if self.source is StreamSource.PUBSUB and not self.pubsub_subscription:
+            raise ValueError("stream.source = 'pubsub' needs stream.pubsub_subscription")
+        if self.source is StreamSource.KAFKA and not (self.kafka_bootstrap_servers and self.kafka_topic):
+            raise ValueError("stream.source = 'kafka' needs stream.kafka_bootstrap_servers and stream.kafka_topic")
+        return self
 
 
 class FederationConfig(_Frozen):
@@ -255,14 +274,14 @@ class Config(_Frozen):
                         f"federation.keys ({keys}) overlaps federation.{label} ({shared}); the secret key must "
                         "live apart from what other parties read"
                     )
-        if self.stream_window % self.window or self.period % self.stream_window:
-            raise ValueError(
-                f"stream.window {self.stream.window} must be a whole number of {self.federation.window} windows "
-                f"that divides privacy.period {self.privacy.period}"
-            )
         if self.period % self.window:
             raise ValueError(
                 f"privacy.period {self.privacy.period} is not a whole number of {self.federation.window} windows"
+            )
+        if self.stream.window and (self.stream_window % self.window or self.period % self.stream_window):
+            raise ValueError(
+                f"stream.window {self.stream.window} must be a whole number of {self.federation.window} windows "
+                f"that divides privacy.period {self.privacy.period}"
             )
         if self.privacy.quorum > len(self.institutions):
             raise ValueError(
@@ -296,6 +315,10 @@ class Config(_Frozen):
     @property
     def stream_state_path(self) -> str:
         return self.resolve(self.stream.state)
+
+    @property
+    def stream_spool_path(self) -> str:
+        return self.resolve(self.stream.spool) if self.stream.spool else str(Path(self.stream_state_path) / "spool")
 
     @property
     def period(self) -> timedelta:

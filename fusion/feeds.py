@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -144,6 +144,16 @@ def _read_csv(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatc
 
 
 def _read_jsonl(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:
+    with _open_stream(path) as handle:
+        yield from _jsonl_batches(io.TextIOWrapper(handle, encoding="utf-8", errors="replace"), wanted, batch_rows)
+
+
+def read_jsonl_lines(lines: Iterable[str], feed: FeedConfig, *, batch_rows: int) -> Iterator[RawBatch]:
+    """JSON lines from anywhere (a message payload, standard input) as RawBatches, like a JSONL feed file."""
+    yield from _jsonl_batches(lines, list(dict.fromkeys(mapped_columns(feed).values())), batch_rows)
+
+
+def _jsonl_batches(lines: Iterable[str], wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:
     columns: dict[str, list[str | None]] = {c: [] for c in wanted}
     malformed: list[tuple[int, str]] = []
 
@@ -155,21 +165,20 @@ def _read_jsonl(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBa
         malformed.clear()
         return batch
 
-    with _open_stream(path) as handle:
-        for number, line in enumerate(io.TextIOWrapper(handle, encoding="utf-8", errors="replace"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                malformed.append((number, line.rstrip("\n")[:10_000]))
-                continue
-            for c in wanted:
-                v = record.get(c)
-                columns[c].append(None if v is None else (v if isinstance(v, str) else json.dumps(v)))
-            if len(columns[wanted[0]]) >= batch_rows:
-                yield flush()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            malformed.append((number, line.rstrip("\n")[:10_000]))
+            continue
+        for c in wanted:
+            v = record.get(c)
+            columns[c].append(None if v is None else (v if isinstance(v, str) else json.dumps(v)))
+        if len(columns[wanted[0]]) >= batch_rows:
+            yield flush()
     if columns[wanted[0]] or malformed:
         yield flush()

@@ -37,6 +37,8 @@ class WindowState:
     reason: str | None = None
     # institution -> {reason: rows}: validation rejects counted against this window, and late readings.
     rejects: dict[str, dict[str, int]] = field(default_factory=dict)
+    # institution -> the spool files its release read (files spooled later hold late readings)
+    files: dict[str, list[str]] = field(default_factory=dict)
 
     def add_rejects(self, institution: str, counts: dict[str, int]) -> None:
         mine = self.rejects.setdefault(institution, {})

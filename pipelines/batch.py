@@ -33,8 +33,10 @@ def run_batch(
     *,
     beam_args: Sequence[str] = (),
     on_stage: Callable[[str], None] = lambda stage: None,
+    in_process: bool = False,
 ) -> BatchSummary:
-    """Run the interval end to end. An interval already in the store is skipped without spending budget."""
+    """Run the interval end to end. An interval already in the store is skipped without spending budget.
+    `in_process` runs the role steps without Beam (pipelines/local.py), for small intervals."""
     store = Store(plan.config.store_path)
     store.ensure_tables()
     if store.has_release(plan.key.release_id):
@@ -52,15 +54,15 @@ def run_batch(
         audit_event(plan, store, action="budget_refused", reason=str(exc), detail={"period": plan.period.name})
         raise
     on_stage("contribute")
-    reports = run_contributions(plan, plan.config.institutions, beam_args)
+    reports = run_contributions(plan, plan.config.institutions, beam_args, in_process=in_process)
     on_stage("aggregate")
-    aggregated = run_aggregate(plan, beam_args)
+    aggregated = run_aggregate(plan, beam_args, in_process=in_process)
     if aggregated["status"] == "awaiting_unmask":
         # The roster is closed: every included institution answers it (seed shares; corrections for the absent).
         on_stage("unmask")
         pending = [i for i in plan.config.institutions if i.id in aggregated["unmask_pending"]]
         run_unmask(plan, pending)
-        aggregated = run_aggregate(plan, beam_args)
+        aggregated = run_aggregate(plan, beam_args, in_process=in_process)
     if aggregated["status"] != "aggregated":
         raise ReleaseRefused(f"aggregation did not complete: {aggregated}")
     on_stage("release")

@@ -50,7 +50,11 @@ def report_path(plan: ReleasePlan, institution: InstitutionConfig) -> str:
 
 
 def run_contributions(
-    plan: ReleasePlan, institutions: Sequence[InstitutionConfig], beam_args: Sequence[str] = ()
+    plan: ReleasePlan,
+    institutions: Sequence[InstitutionConfig],
+    beam_args: Sequence[str] = (),
+    *,
+    in_process: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Seal the contributions of `institutions` (one Beam pipeline); returns each one's local row counts.
 
@@ -65,7 +69,12 @@ def run_contributions(
     for institution in pending:
         load_signing_key(plan.config, institution.id)  # fail now, not after the pipeline, if it is missing
         _clear(dead_letter_dir(plan, institution))
-    if pending:
+    if pending and in_process:
+        from pipelines.local import contribute_locally
+
+        for institution in pending:
+            contribute_locally(plan, institution, dead_letter_dir(plan, institution))
+    elif pending:
         with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
             for institution in pending:
                 _ = pipeline | Contribute(plan, institution, dead_letter_dir(plan, institution))
@@ -77,12 +86,18 @@ def run_contributions(
 
 
 def run_aggregate(
-    plan: ReleasePlan, beam_args: Sequence[str] = (), *, may_declare_absent: bool = True
+    plan: ReleasePlan, beam_args: Sequence[str] = (), *, may_declare_absent: bool = True, in_process: bool = False
 ) -> dict[str, Any]:
     """Run the aggregator pipeline; returns its status (with `status` 'aggregated', 'awaiting_unmask' or
-    'waiting', the contributors and the refused envelopes) or raises ReleaseRefused."""
-    with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-        _ = pipeline | Aggregate(plan, may_declare_absent=may_declare_absent)
+    'waiting', the contributors and the refused envelopes) or raises ReleaseRefused. `in_process` runs the
+    same steps without Beam (pipelines/local.py), for small releases where a pipeline costs more than the work."""
+    if in_process:
+        from pipelines.local import aggregate_locally
+
+        aggregate_locally(plan, may_declare_absent=may_declare_absent)
+    else:
+        with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
+            _ = pipeline | Aggregate(plan, may_declare_absent=may_declare_absent)
     exchange = plan.config.exchange_path
     status: dict[str, Any] = json.loads(read_bytes(aggregation_status_path(exchange, plan.key)))
     if status["status"] == "refused":

@@ -30,12 +30,13 @@ from apache_beam.transforms import trigger, window
 
 from fusion.config import Config, FeedConfig, FeedFormat
 from fusion.exchange import join, read_bytes, write_bytes, write_json
-from fusion.feeds import mapped_columns, read_feed_file
+from fusion.feeds import RawBatch, mapped_columns, read_feed_file
 from schemas.readings import EVENT_TIME, READING_SCHEMA
 from schemas.reasons import RejectReason
 from schemas.validation import ReadingRules, ReadingValidator, readings_as_dead_letters
 
 DEAD = "dead"
+SPOOL_WINDOW_FORMAT = "%Y%m%dT%H%M%SZ"
 REJECTS = "rejects"
 LATE = "late"
 #: The open interval a stream validates against: any time Beam can represent.
@@ -68,6 +69,35 @@ def _key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def validated_outputs(
+    validator: ReadingValidator, institution: str, feed: FeedConfig, raw: RawBatch, *, key: str, source: str,
+    row_offset: int, dead_letter_dir: str,
+) -> Iterator[Any]:
+    """One raw batch -> (institution, key, accepted readings), its reject counts and dead letters (tagged)."""
+    checked = validator.validate(
+        raw.table, columns=mapped_columns(feed), time_format=feed.time_format.value, source=source,
+        row_offset=row_offset,
+    )
+    rejected = Counter(checked.reasons)
+    if raw.malformed:
+        rejected[RejectReason.MALFORMED_RECORD.value] += len(raw.malformed)
+        letters = pa.table(
+            {
+                "_text": pa.array([t for _, t in raw.malformed], pa.string()),
+                "_reason": [RejectReason.MALFORMED_RECORD.value] * len(raw.malformed),
+                "_source": [source] * len(raw.malformed),
+                "_row": pa.array([n for n, _ in raw.malformed], pa.int64()),
+            }
+        )
+        yield TaggedOutput(DEAD, (join(dead_letter_dir, f"{key}-malformed.parquet"), letters))
+    if checked.rejected.num_rows:
+        yield TaggedOutput(DEAD, (join(dead_letter_dir, f"{key}-invalid.parquet"), checked.rejected))
+    if rejected:
+        yield TaggedOutput(REJECTS, (institution, dict(rejected)))
+    if checked.accepted.num_rows:
+        yield institution, key, checked.accepted
+
+
 class StreamValidate(beam.DoFn):
     """(institution, feed, path) -> (institution, slice key, accepted readings); rejects counted, dead letters
     tagged."""
@@ -83,31 +113,11 @@ class StreamValidate(beam.DoFn):
         institution, feed, path = element
         offset = 0
         for number, raw in enumerate(read_feed_file(path, feed, batch_rows=self._config.pipeline.batch_rows)):
-            key = f"{_key(path)}-{number:05d}"
-            checked = self._validator.validate(
-                raw.table, columns=mapped_columns(feed), time_format=feed.time_format.value, source=path,
-                row_offset=offset,
+            yield from validated_outputs(
+                self._validator, institution, feed, raw, key=f"{_key(path)}-{number:05d}", source=path,
+                row_offset=offset, dead_letter_dir=self._dead[institution],
             )
             offset += raw.table.num_rows
-            rejected = Counter(checked.reasons)
-            if raw.malformed:
-                rejected[RejectReason.MALFORMED_RECORD.value] += len(raw.malformed)
-                letters = pa.table(
-                    {
-                        "_text": pa.array([t for _, t in raw.malformed], pa.string()),
-                        "_reason": [RejectReason.MALFORMED_RECORD.value] * len(raw.malformed),
-                        "_source": [path] * len(raw.malformed),
-                        "_row": pa.array([n for n, _ in raw.malformed], pa.int64()),
-                    }
-                )
-                yield TaggedOutput(DEAD, (join(self._dead[institution], f"{key}-malformed.parquet"), letters))
-            if checked.rejected.num_rows:
-                path_out = join(self._dead[institution], f"{key}-invalid.parquet")
-                yield TaggedOutput(DEAD, (path_out, checked.rejected))
-            if rejected:
-                yield TaggedOutput(REJECTS, (institution, dict(rejected)))
-            if checked.accepted.num_rows:
-                yield institution, key, checked.accepted
 
 
 class StampWindows(beam.DoFn):
@@ -148,7 +158,7 @@ class WindowReadings(beam.PTransform):
 
 
 def spool_dir(config: Config, institution: str, start: datetime) -> str:
-    return join(config.stream_state_path, "spool", institution, start.strftime("%Y%m%dT%H%M%SZ"))
+    return join(config.stream_spool_path, institution, start.strftime(SPOOL_WINDOW_FORMAT))
 
 
 class SpoolWindow(beam.DoFn):

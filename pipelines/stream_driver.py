@@ -35,7 +35,8 @@ from fusion.store import Store
 from fusion.stream_state import StreamState, WindowStatus, closable, load_state, save_state, window_start
 from pipelines.batch import run_batch
 from pipelines.run import beam_options
-from pipelines.stream import run_micro_batch, spool_dir, stdin_feed
+from pipelines.stream import SPOOL_WINDOW_FORMAT, run_micro_batch, spool_dir, stdin_feed
+from pipelines.stream_sources import MARKERS
 from schemas.readings import READING_SCHEMA
 from schemas.tables import REJECTS_SCHEMA
 
@@ -51,6 +52,11 @@ class StreamStatus:
     rows_per_s: float
     readings: int
     rejected: int
+
+
+def _parquet_rows(path: str) -> int:
+    with FileSystems.open(path) as handle:
+        return int(pq.ParquetFile(handle).metadata.num_rows)
 
 
 class StdinJournal:
@@ -95,10 +101,12 @@ class StreamDriver:
         *,
         beam_args: Sequence[str] = (),
         stdin: tuple[str, IO[str]] | None = None,  # (institution, stream)
+        releases_only: bool = False,  # a streaming job (Kafka, Pub/Sub) fills the spool; only release here
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_status: Callable[[StreamStatus], None] = lambda status: None,
     ) -> None:
         self.config = config
+        self.releases_only = releases_only
         self._beam_args = list(beam_args)
         self._clock = clock
         self._on_status = on_status
@@ -112,7 +120,7 @@ class StreamDriver:
         self._stdin: StdinJournal | None = None
         if stdin is not None:
             institution, stream = stdin
-            journal = join(config.stream_state_path, "stdin", institution)
+            journal = join(config.stream_state_path, "stdin", institution)  # local: the state's privacy
             self._stdin = StdinJournal(stream, journal)
             self._feeds.append((institution, stdin_feed(config, institution, journal)))
         self._last_release: tuple[str, float] | None = None
@@ -133,6 +141,8 @@ class StreamDriver:
 
     def ingest(self) -> int:
         """One micro-batch over every new input; returns the rows it read (accepted and rejected)."""
+        if self.releases_only:
+            return self._scan_markers()
         if self._stdin is not None and self._stdin.flush(self.state.stdin_sequence):
             self.state.stdin_sequence += 1
             save_state(self._state_file, self.state)  # the journal file is written: never reuse its number
@@ -173,6 +183,34 @@ class StreamDriver:
         self._rows_per_s = rows / max(time.monotonic() - started, 1e-9)
         return rows
 
+    def _scan_markers(self) -> int:
+        """Releases-only mode: a window's ON_TIME pane marker from an institution means Beam's watermark passed
+        its end with all its on-time readings spooled; readings spooled after its release are late."""
+        size, lateness = self.config.stream_window, self.config.allowed_lateness
+        pattern = join(self.config.stream_spool_path, "*", "*", MARKERS, "*-ON_TIME.json")
+        changed = 0
+        for meta in FileSystems.match([pattern])[0].metadata_list:
+            parts = meta.path.rstrip("/").split("/")
+            institution, window_name = parts[-4], parts[-3]
+            start = datetime.strptime(window_name, SPOOL_WINDOW_FORMAT).replace(tzinfo=UTC)
+            before = self.state.max_event.get(institution)
+            self.state.window(start)
+            self.state.advance(institution, start + size + lateness)  # its watermark has passed the end
+            changed += int(before != self.state.max_event.get(institution))
+        for start_text, window in self.state.windows.items():
+            if window.status is not WindowStatus.RELEASED:
+                continue
+            for institution in self.config.institutions:
+                directory = spool_dir(self.config, institution.id, datetime.fromisoformat(start_text))
+                extra = sorted(set(list_files(directory, ".parquet")) - set(window.files.get(institution.id, [])))
+                late = sum(_parquet_rows(path) for path in extra)
+                if late != window.rejects.get(institution.id, {}).get("late", 0):
+                    window.rejects.setdefault(institution.id, {})["late"] = late  # cumulative: set, not add
+                    changed += 1
+        if changed:
+            save_state(self._state_file, self.state)
+        return 0
+
     # -- releases -----------------------------------------------------------------------------------------
     def window_plan(self, start: datetime) -> ReleasePlan:
         """The batch release of one window, reading that window's spool instead of the feeds."""
@@ -198,11 +236,15 @@ class StreamDriver:
                 sink = pa.BufferOutputStream()
                 pq.write_table(READING_SCHEMA.empty_table(), sink)
                 write_bytes(join(directory, "empty.parquet"), sink.getvalue().to_pybytes())
+        window.files = {
+            i.id: list_files(spool_dir(self.config, i.id, start), ".parquet") for i in self.config.institutions
+        }
         plan = self.window_plan(start)
         release_id: str = plan.key.release_id
         window.release_id = release_id
         try:
-            run_batch(plan, beam_args=self._beam_args)
+            # A window's spool is small: its release runs the role steps in process (pipelines/local.py).
+            run_batch(plan, beam_args=self._beam_args, in_process=True)
             window.status = WindowStatus.RELEASED
         except (BudgetExceeded, ReleaseRefused) as exc:
             window.status, window.reason = WindowStatus.REFUSED, str(exc)

@@ -289,3 +289,25 @@ def test_default_cell_caps_are_the_largest_that_cannot_wrap(tmp_path: Path) -> N
     # The caps fill t/2 exactly: one more reading per institution could wrap.
     assert sum(caps.values()) * worst + margin < MAX_ABS_TOTAL
     assert (sum(caps.values()) + len(caps)) * worst + margin >= MAX_ABS_TOTAL - 1
+
+
+def test_stream_settings_are_validated_at_load(tmp_path: Path) -> None:
+    text = valid_text() + '\n[stream]\nwindow = "90m"\n'
+    with pytest.raises(ConfigError, match=r"stream.window 90m must be a whole number of 1h windows"):
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"stream.allowed_lateness"):
+        load_config(write(tmp_path, valid_text() + '\n[stream]\nallowed_lateness = "soon"\n'))
+    config = load_config(write(tmp_path, valid_text() + '\n[stream]\nwindow = "2h"\nallowed_lateness = "5m"\n'))
+    assert config.stream_window.total_seconds() == 7200 and config.allowed_lateness.total_seconds() == 300
+
+
+def test_a_streaming_source_needs_its_settings(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"stream.pubsub_subscription"):
+        load_config(write(tmp_path, valid_text() + '\n[stream]\nsource = "pubsub"\n'))
+    with pytest.raises(ConfigError, match=r"stream.kafka_bootstrap_servers and stream.kafka_topic"):
+        load_config(write(tmp_path, valid_text() + '\n[stream]\nsource = "kafka"\nkafka_topic = "readings"\n'))
+    with pytest.raises(ConfigError, match=r"stream.source"):
+        load_config(write(tmp_path, valid_text() + '\n[stream]\nsource = "carrier-pigeon"\n'))
+    config = load_config(write(tmp_path, valid_text() + '\n[stream]\nsource = "kafka"\nkafka_topic = "t"\n'
+                               'kafka_bootstrap_servers = "k:9092"\nspool = "gs://bucket/spool"\n'))
+    assert config.stream_spool_path == "gs://bucket/spool"

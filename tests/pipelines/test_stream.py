@@ -15,6 +15,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream
@@ -231,7 +232,7 @@ def test_late_readings_are_counted_and_a_spent_budget_refuses_windows_but_the_st
     rejects = Store(fed.config.store_path).read("rejects").to_pylist()
     assert [(r["institution"], r["rows"]) for r in rejects if r["reason"] == "late"] == [(inst.id, 5)]
     dead = list((fed.directory / "deadletter" / inst.id / "stream").glob("*late*.parquet"))
-    assert dead and sum(pa.parquet.read_table(p).num_rows for p in dead) == 5
+    assert dead and sum(pq.read_table(p).num_rows for p in dead) == 5
     refusals = [a for a in Store(fed.config.store_path).read("audit").to_pylist() if a["action"] == "budget_refused"]
     assert refusals
 
@@ -260,3 +261,50 @@ def test_json_lines_on_stdin_are_journalled_windowed_and_released(make_federatio
     assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
     rejects = Store(fed.config.store_path).read("rejects").to_pylist()
     assert [(r["institution"], r["rows"]) for r in rejects if r["reason"] == "malformed_record"] == [(alpha.id, 1)]
+
+
+@pytest.mark.e2e
+def test_a_streaming_job_spools_windows_and_the_release_side_releases_them(make_federation):
+    """The distributed path with TestStream in place of Kafka/Pub/Sub: messages of JSON lines are windowed by
+    Beam and spooled with pane markers; `--releases-only` releases each window once every institution's
+    ON_TIME marker is there, and counts readings spooled after a release as late."""
+    import json
+
+    from apache_beam.testing.test_stream import TestStream
+
+    from pipelines.stream_sources import SpoolUnbounded
+
+    fed = stream_federation(make_federation)
+    stream = TestStream().advance_watermark_to(START.timestamp())
+    total = 0
+    for hour in range(6):
+        lo, hi = START + hour * HOUR, START + (hour + 1) * HOUR
+        for inst in fed.config.institutions:
+            table = fed.raw[inst.id]
+            part = table.filter(pc.and_(pc.greater_equal(table.column("event_time"), lo),
+                                        pc.less(table.column("event_time"), hi)))
+            lines = [json.dumps({**r, "event_time": r["event_time"].isoformat()}) for r in part.to_pylist()]
+            total += len(lines)
+            stream = stream.add_elements([TimestampedValue((inst.id, "\n".join(lines).encode()), lo.timestamp())])
+        stream = stream.advance_watermark_to(hi.timestamp())
+    stream = stream.add_elements([TimestampedValue(("mallory", b'{"x": 1}'), END.timestamp())])  # not a member
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    with beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | stream.advance_watermark_to_infinity() | SpoolUnbounded(fed.config)
+    markers = list(Path(fed.config.stream_spool_path).rglob("*-ON_TIME.json"))
+    assert len(markers) == 6 * len(fed.config.institutions)
+
+    driver = StreamDriver(fed.config, releases_only=True)
+    driver.run(sleep=lambda s: setattr(driver, "stop_requested", True))
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == total
+    assert all(w.status is WindowStatus.RELEASED for w in driver.state.windows.values())
+    # A late pane spools more readings of hour 0 after its release: counted as late, not released.
+    inst = fed.config.institutions[0].id
+    late_dir = Path(fed.config.stream_spool_path) / inst / START.strftime("%Y%m%dT%H%M%SZ")
+    pq.write_table(pq.read_table(next(late_dir.glob("*.parquet"))).slice(0, 3),
+                           late_dir / "late-pane.parquet")
+    driver.step()
+    rejects = Store(fed.config.store_path).read("rejects").to_pylist()
+    assert [(r["institution"], r["rows"]) for r in rejects if r["reason"] == "late"] == [(inst, 3)]

@@ -1,0 +1,87 @@
+"""The role pipelines without Beam: the same DoFns and CombineFns, called in order in this process.
+
+For small inputs (one stream window's spool, a handful of envelopes) a Beam pipeline costs more to build,
+pickle and schedule than the work itself; the stream driver runs its per-window releases this way. The logic is
+the pipelines' own (tests check that both ways release the same cells), so nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.pvalue import TaggedOutput
+
+from fusion.config import InstitutionConfig
+from fusion.exchange import contributions_dir, list_files, public_context_path, unmask_dir
+from fusion.plan import ReleasePlan
+from fusion.registry import load_registry
+from pipelines.aggregate import REFUSED, EncryptedSum, OnePerInstitution, OpenEnvelope, PublicContext, SealAggregate
+from pipelines.contribute import (
+    COUNTS,
+    DEAD,
+    AggregateShard,
+    MergePartials,
+    ReadAndValidate,
+    SealContribution,
+    WriteDeadLetters,
+    feed_shards,
+)
+from pipelines.unmask import read_roster
+
+
+def run_dofn(dofn: beam.DoFn, elements: Iterable[Any], *side: Any) -> tuple[list[Any], dict[str, list[Any]]]:
+    """(main outputs, tagged outputs by tag) of `dofn` over `elements`, with setup and teardown."""
+    dofn.setup()
+    main: list[Any] = []
+    tagged: dict[str, list[Any]] = defaultdict(list)
+    try:
+        for element in elements:
+            for out in dofn.process(element, *side) or ():
+                if isinstance(out, TaggedOutput):
+                    tagged[out.tag].append(out.value)
+                else:
+                    main.append(out)
+    finally:
+        dofn.teardown()
+    return main, tagged
+
+
+def combine(combine_fn: beam.CombineFn, elements: Iterable[Any]) -> Any:
+    accumulator = combine_fn.create_accumulator()
+    for element in elements:
+        accumulator = combine_fn.add_input(accumulator, element)
+    return combine_fn.extract_output(accumulator)
+
+
+def group_by_key(pairs: Iterable[tuple[Any, Any]]) -> list[tuple[Any, list[Any]]]:
+    groups: dict[Any, list[Any]] = defaultdict(list)
+    for key, value in pairs:
+        groups[key].append(value)
+    return sorted(groups.items(), key=lambda item: repr(item[0]))
+
+
+def contribute_locally(plan: ReleasePlan, institution: InstitutionConfig, dead_letter_dir: str) -> None:
+    """`Contribute` (pipelines/contribute.py), step by step in this process."""
+    shards, read = run_dofn(ReadAndValidate(plan, institution), feed_shards(plan, institution))
+    partials, aggregated = run_dofn(AggregateShard(plan, institution), group_by_key(shards))
+    run_dofn(WriteDeadLetters(dead_letter_dir), read[DEAD] + aggregated[DEAD])
+    total = combine(MergePartials(), read[COUNTS] + partials)
+    run_dofn(SealContribution(plan, institution, dead_letter_dir), [total])
+
+
+def aggregate_locally(plan: ReleasePlan, *, may_declare_absent: bool = True) -> None:
+    """`Aggregate` (pipelines/aggregate.py), step by step in this process."""
+    exchange = plan.config.exchange_path
+    roster = read_roster(plan)
+    paths = list_files(contributions_dir(exchange, plan.key), ".fenv")
+    if roster is not None:
+        paths += list_files(unmask_dir(exchange, plan.key), ".fenv")
+    public_context = PublicContext(public_context_path(exchange))
+    opened, refused = run_dofn(OpenEnvelope(plan, public_context, load_registry(plan.config), roster), paths)
+    unique, duplicates = run_dofn(OnePerInstitution(), group_by_key(opened))
+    summed = combine(EncryptedSum(public_context), unique)
+    refusals = refused[REFUSED] + duplicates[REFUSED]
+    run_dofn(SealAggregate(plan, public_context, roster, may_declare_absent), [summed], refusals)

@@ -1,0 +1,141 @@
+"""Streaming on a distributed runner: Kafka or Pub/Sub -> Beam's windows -> the spool, with a marker per pane.
+
+On Flink or Dataflow the watermark is Beam's: messages (JSON lines; Pub/Sub attribute `institution`, or the
+Kafka record key) are validated, stamped and windowed by the same transforms as the local stream, and each
+window's readings are spooled to a shared location (gs://, s3://). Behind the spool, a per-institution count
+per window is combined with the AfterWatermark trigger; when it fires, a pane marker is written, so a window's
+ON_TIME marker means every on-time reading of it has been spooled. `fusion stream --releases-only` (the key
+holder's side, any machine that reaches the spool, the exchange and the store) releases windows once their
+markers say so, and counts readings spooled after a release as late. Readings beyond the allowed lateness are
+dropped by Beam (the runner's `droppedDueToLateness` counter reports them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from datetime import UTC
+from typing import Any
+
+import apache_beam as beam
+
+from fusion.config import Config, FeedConfig, FeedFormat, StreamSource
+from fusion.exchange import join, write_json
+from fusion.feeds import read_jsonl_lines
+from pipelines.stream import (
+    DEAD,
+    REJECTS,
+    SpoolWindow,
+    StampWindows,
+    WindowReadings,
+    WriteDeadLetter,
+    spool_dir,
+    stream_rules,
+    validated_outputs,
+)
+from schemas.validation import ReadingValidator
+
+MARKERS = "_panes"
+
+
+class MessagesToReadings(beam.DoFn):
+    """(institution, payload of JSON lines) -> (institution, key, accepted readings); rejects and dead letters
+    tagged. The key hashes the payload, so a redelivered message rewrites the same spool file."""
+
+    def __init__(self, config: Config, dead_letter_dirs: dict[str, str]) -> None:
+        self._config = config
+        self._dead = dead_letter_dirs
+
+    def setup(self) -> None:
+        self._validator = ReadingValidator(stream_rules(self._config))
+        self._feeds = {
+            i.id: FeedConfig(name="messages", path="-", format=FeedFormat.JSONL, time_format=i.feeds[0].time_format,
+                             columns=i.feeds[0].columns)
+            for i in self._config.institutions
+        }
+
+    def process(self, element: tuple[str, bytes]) -> Iterator[Any]:
+        institution, payload = element
+        if institution not in self._feeds:
+            return  # not a member of this federation: nothing of it may reach the spool (counted by the runner)
+        digest = hashlib.sha256(institution.encode() + b"\0" + payload).hexdigest()[:16]
+        lines = payload.decode("utf-8", errors="replace").splitlines()
+        batches = read_jsonl_lines(lines, self._feeds[institution], batch_rows=self._config.pipeline.batch_rows)
+        for number, raw in enumerate(batches):
+            yield from validated_outputs(
+                self._validator, institution, self._feeds[institution], raw, key=f"m{digest}-{number:05d}",
+                source=f"message {digest}", row_offset=0, dead_letter_dir=self._dead[institution],
+            )
+
+
+class WritePaneMarker(beam.DoFn):
+    """(institution, rows spooled in this pane) -> a marker file in the window's spool: the pane's index and
+    timing (ON_TIME once the watermark passed the end; LATE for each late firing)."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+
+    def process(
+        self, element: tuple[str, int], win: Any = beam.DoFn.WindowParam, pane: Any = beam.DoFn.PaneInfoParam
+    ) -> Iterator[str]:
+        institution, rows = element
+        start = win.start.to_utc_datetime().replace(tzinfo=UTC)
+        timing = {0: "EARLY", 1: "ON_TIME", 2: "LATE", 3: "UNKNOWN"}[int(pane.timing)]
+        path = join(spool_dir(self._config, institution, start), MARKERS, f"{pane.index:06d}-{timing}.json")
+        write_json(path, {"rows": rows, "timing": timing, "index": pane.index})
+        yield path
+
+
+class SpoolUnbounded(beam.PTransform):
+    """(institution, payload) messages -> validated, windowed readings in the spool, with pane markers."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(label="SpoolUnbounded")
+        self._config = config
+        self._dead = {i.id: join(config.dead_letter_path(i), "stream") for i in config.institutions}
+
+    def expand(self, messages: beam.PCollection) -> beam.PCollection:
+        config = self._config
+        validated = messages | "Validate" >> beam.ParDo(MessagesToReadings(config, self._dead)).with_outputs(
+            DEAD, REJECTS, main="ok"
+        )
+        _ = validated[DEAD] | "WriteInvalid" >> beam.ParDo(WriteDeadLetter())
+        spooled = (
+            validated.ok
+            | "Stamp" >> beam.ParDo(StampWindows(config.stream_window))
+            | WindowReadings(config.stream_window, config.allowed_lateness)
+            | "Spool" >> beam.ParDo(SpoolWindow(config, set(), self._dead)).with_outputs(DEAD, main="ok")
+        )
+        # Downstream of the spool writes: the trigger fires only once every on-time slice has been written.
+        return (
+            spooled.ok
+            | "RowsPerInstitution" >> beam.Map(lambda spool: (spool[0], spool[2]))
+            | "PerPane" >> beam.CombinePerKey(sum)
+            | "Mark" >> beam.ParDo(WritePaneMarker(config))
+        )
+
+
+def read_messages(config: Config) -> beam.PTransform:
+    """The configured unbounded source, as (institution, payload bytes) pairs."""
+    stream = config.stream
+    if stream.source is StreamSource.PUBSUB:
+        from apache_beam.io.gcp.pubsub import ReadFromPubSub
+
+        return ReadFromPubSub(subscription=stream.pubsub_subscription, with_attributes=True) | "ByInstitution" >> (
+            beam.Map(lambda message: (message.attributes.get("institution", ""), message.data))
+        )
+    if stream.source is StreamSource.KAFKA:
+        from apache_beam.io.kafka import ReadFromKafka
+
+        assert stream.kafka_bootstrap_servers and stream.kafka_topic  # checked at config load
+        return ReadFromKafka(
+            consumer_config={"bootstrap.servers": stream.kafka_bootstrap_servers, "group.id": config.federation.id},
+            topics=[stream.kafka_topic],
+        ) | "ByInstitution" >> beam.Map(lambda record: ((record[0] or b"").decode(), record[1]))
+    raise ValueError("stream.source is 'files': `fusion stream` micro-batches the feeds locally")
+
+
+def run_unbounded(config: Config, options: Any) -> None:
+    """The streaming Beam job of `fusion stream --source-job` (e.g. with --runner=DataflowRunner --streaming)."""
+    with beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | "Read" >> read_messages(config) | SpoolUnbounded(config)
