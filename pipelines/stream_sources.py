@@ -20,6 +20,7 @@ from typing import Any
 import apache_beam as beam
 
 from fusion.config import Config, FeedConfig, FeedFormat, StreamSource
+from fusion.errors import FusionError
 from fusion.exchange import join, write_json
 from fusion.feeds import read_jsonl_lines
 from pipelines.stream import (
@@ -132,7 +133,9 @@ def read_messages(config: Config) -> beam.PTransform:
             consumer_config={"bootstrap.servers": stream.kafka_bootstrap_servers, "group.id": config.federation.id},
             topics=[stream.kafka_topic],
         ) | "ByInstitution" >> beam.Map(lambda record: ((record[0] or b"").decode(), record[1]))
-    raise ValueError("stream.source is 'files': `fusion stream` micro-batches the feeds locally")
+    raise FusionError(
+        "stream.source is 'files': run `fusion stream` without --source-job (it micro-batches the feeds itself)"
+    )
 
 
 def run_unbounded(config: Config, options: Any) -> None:
