@@ -104,6 +104,10 @@ class PrivacyConfig(_Frozen):
     epsilon: float = Field(gt=0, le=20)
     delta: float = Field(gt=0, lt=0.01)
     quorum: int = Field(ge=1)
+    # Institutions that might collude with the aggregator and the key holder. Each share of noise is v/(quorum -
+    # max_colluding), so the honest contributors of any accepted release still carry the full variance v; and
+    # production needs quorum >= max_colluding + 2, so no roster can single one honest institution out.
+    max_colluding: int = Field(default=0, ge=0)
     unit: PrivacyUnit = PrivacyUnit.READING
     # Entity level: each entity contributes to at most `max_partitions` cells (L0) per release and at most
     # `max_readings_per_partition` readings (Linf) per cell; which ones are kept is chosen uniformly at random.
@@ -282,6 +286,12 @@ class Config(_Frozen):
             raise ValueError(
                 f"stream.window {self.stream.window} must be a whole number of {self.federation.window} windows "
                 f"that divides privacy.period {self.privacy.period}"
+            )
+        if self.privacy.mode is PrivacyMode.PRODUCTION and self.privacy.quorum < self.privacy.max_colluding + 2:
+            raise ValueError(
+                f"privacy.quorum = {self.privacy.quorum} must be at least privacy.max_colluding + 2 = "
+                f"{self.privacy.max_colluding + 2}: otherwise the colluders and one honest institution could form a "
+                "quorate release that reveals that institution's contribution"
             )
         if self.privacy.quorum > len(self.institutions):
             raise ValueError(

@@ -41,6 +41,7 @@ class ReleaseParameters:
     delta: float
     noise: bool
     seeded: bool = False  # test mode with a seed: the noise can be regenerated, so it protects nothing
+    max_colluding: int = 0  # institutions that may collude: their noise shares are not counted on
     # Readings per cell each institution may contribute without any total wrapping mod t.
     cell_caps: dict[str, int] = field(default_factory=dict)
 
@@ -59,14 +60,16 @@ class ReleaseParameters:
 
     @property
     def share_variance(self) -> float:
-        """Variance each institution adds: v / quorum."""
-        return self.total_variance / self.quorum
+        """Variance each institution adds: v / (quorum - max_colluding), so that the honest contributors of any
+        release with at least `quorum` contributors carry v between them."""
+        return self.total_variance / max(self.quorum - self.max_colluding, 1)
 
     def digest(self) -> str:
         doc = {
             "encodings": [(e.lower, e.upper, e.resolution, e.scale) for e in self.encodings],
             "variance": self.total_variance,
             "quorum": self.quorum,
+            "max_colluding": self.max_colluding,
             "delta": self.delta,
             "noise": self.noise,
             "seeded": self.seeded,
@@ -117,6 +120,7 @@ def release_parameters(config: Config) -> ReleaseParameters:
         sensitivity=sensitivity,
         total_variance=variance,
         quorum=privacy.quorum,
+        max_colluding=privacy.max_colluding,
         epsilon=epsilon,
         delta=privacy.delta,
         noise=privacy.noise,

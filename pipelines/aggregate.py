@@ -252,7 +252,7 @@ class SealAggregate(beam.DoFn):
                 yield self._status({**summary, "status": "waiting"})
                 return
             # Close the roster: those present are included, the missing declared absent. The unmask round starts.
-            write_roster(plan, Roster(contributors, tuple(missing)))
+            write_roster(plan, Roster(contributors, tuple(missing), plan.key.release_id))
             yield self._status({**summary, "status": "awaiting_unmask", "unmask_pending": list(contributors)})
             return
         if contributors != roster.included:

@@ -7,8 +7,11 @@ Elements are file shards and Arrow tables, never single readings; the logic live
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -31,7 +34,7 @@ from fusion.exchange import contribution_path, join, public_context_path, read_b
 from fusion.faults import crash_point
 from fusion.feeds import feed_files, mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan
-from fusion.registry import load_agreement_key, load_agreement_keys, load_signing_key
+from fusion.registry import load_agreement_key, load_agreement_keys, load_signing_key, read_private, write_private
 from privacy import he
 from privacy.envelope import EnvelopeHeader, pack_envelope
 from privacy.masking import add_mod, pairwise_mask
@@ -202,7 +205,7 @@ class SealContribution(beam.DoFn):
         mask = (mask + self_mask(seed, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS, context=context)) % (
             he.PLAIN_MODULUS
         )
-        shares = share_seed(
+        shares, share_digests = share_seed(
             seed, own_id=institution.id, own_private=own_key, peers=peers, threshold=plan.params.quorum, context=context
         )
         masked = add_mod(vector, mask, he.PLAIN_MODULUS)
@@ -216,13 +219,58 @@ class SealContribution(beam.DoFn):
             reject_counts={institution.id: dict(total.rejected)},
             seed_commitment=commitment(seed, context=context),
             seed_shares=shares,
+            share_digests=share_digests,
         )
         path = contribution_path(plan.config.exchange_path, plan.key, institution.id)
         signing_key = load_signing_key(plan.config, institution.id)
-        write_bytes(path, pack_envelope(header, ciphertexts, signing_key=signing_key))
+        envelope = record_sealed(plan, institution, pack_envelope(header, ciphertexts, signing_key=signing_key))
+        write_bytes(path, envelope)
         write_json(join(self._dead_letter_dir, "report.json"), total.counts())  # local only, never shared
         crash_point("after_encrypt")
         yield header
+
+
+def _sealed_files(plan: ReleasePlan, institution: InstitutionConfig) -> tuple[Path, Path]:
+    directory = Path(plan.config.institution_keys_path(institution)) / "sealed"
+    return directory / f"{plan.key.interval_name}.json", directory / f"{plan.key.interval_name}.fenv"
+
+
+def sealed_envelope(plan: ReleasePlan, institution: InstitutionConfig) -> bytes | None:
+    """The envelope this institution already sealed for the plan's interval (None if it has not sealed one).
+
+    An institution seals one envelope per interval, ever, and keeps it (owner-only, beside its keys): whoever
+    deletes it from the exchange gets the same bytes re-published, never a second draw of noise (averaging
+    several would wear the noise away), and a second release of the same interval under other parameters is
+    refused.
+    """
+    record, envelope = _sealed_files(plan, institution)
+    if not record.exists():
+        return None
+    sealed_for = json.loads(record.read_text())["release_id"]
+    if sealed_for != plan.key.release_id:
+        raise FusionError(
+            f"institution {institution.id} already contributed to {plan.key.interval_name} as release {sealed_for}; "
+            f"it does not contribute to the same interval again as {plan.key.release_id} (other parameters): "
+            "repeated contributions of the same readings would let their noise be averaged away"
+        )
+    return read_private(envelope, f"institution {institution.id}'s sealed envelope")
+
+
+def record_sealed(plan: ReleasePlan, institution: InstitutionConfig, envelope: bytes) -> bytes:
+    """Keep the envelope before it is published; returns what to publish (an earlier record wins a race)."""
+    record, path = _sealed_files(plan, institution)
+    write_private(path.with_suffix(".fenv.tmp"), envelope)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return sealed_envelope(plan, institution) or envelope
+    os.replace(path.with_suffix(".fenv.tmp"), path)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump({"release_id": plan.key.release_id}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return envelope
 
 
 def noise_generator(plan: ReleasePlan, institution: str, purpose: str) -> np.random.Generator:

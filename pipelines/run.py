@@ -17,11 +17,12 @@ from fusion.exchange import (
     exists,
     join,
     read_bytes,
+    write_bytes,
 )
 from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_keys, load_signing_key
 from pipelines.aggregate import Aggregate
-from pipelines.contribute import Contribute
+from pipelines.contribute import Contribute, sealed_envelope
 from pipelines.unmask import seal_unmask
 
 
@@ -59,11 +60,18 @@ def run_contributions(
     """Seal the contributions of `institutions` (one Beam pipeline); returns each one's local row counts.
 
     An institution that already sealed this release's envelope is not run again: its noise share is drawn
-    once per release, so no party ever sees two noisy versions of one contribution. Delete the envelope to
-    contribute anew (before the release is charged).
+    once per interval and kept by the institution (`sealed_envelope`), so no party ever sees two noisy versions
+    of one contribution: an envelope deleted from the exchange is re-published as it was.
     """
     exchange = plan.config.exchange_path
-    pending = [i for i in institutions if not exists(contribution_path(exchange, plan.key, i.id))]
+    pending = []
+    for institution in institutions:
+        kept = sealed_envelope(plan, institution)
+        if kept is None:
+            if not exists(contribution_path(exchange, plan.key, institution.id)):
+                pending.append(institution)
+        elif not exists(contribution_path(exchange, plan.key, institution.id)):
+            write_bytes(contribution_path(exchange, plan.key, institution.id), kept)  # the same bytes again
     if pending:
         load_agreement_keys(plan.config)  # every institution must be registered before anyone can mask
     for institution in pending:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +35,7 @@ from fusion.exchange import (
     write_json,
 )
 from fusion.plan import ReleasePlan
-from fusion.registry import load_agreement_key, load_agreement_keys, load_registry, load_signing_key, write_private
+from fusion.registry import load_agreement_key, load_agreement_keys, load_registry, load_signing_key
 from privacy import he
 from privacy.envelope import EnvelopeError, EnvelopeHeader, pack_envelope, signature_valid, unpack_envelope
 from privacy.masking import centred, recovery_correction
@@ -43,6 +46,7 @@ from privacy.sharing import (
     reconstruct,
     self_mask,
     share_coordinates,
+    share_digest,
 )
 
 
@@ -57,8 +61,10 @@ class Roster:
     included: tuple[str, ...]
     absent: tuple[str, ...]
 
-    def to_doc(self) -> dict[str, list[str]]:
-        return {"included": list(self.included), "absent": list(self.absent)}
+    release_id: str = ""  # the release this roster closes (an answer for one release is no answer for another)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"release_id": self.release_id, "included": list(self.included), "absent": list(self.absent)}
 
 
 def read_roster(plan: ReleasePlan) -> Roster | None:
@@ -68,7 +74,7 @@ def read_roster(plan: ReleasePlan) -> Roster | None:
         return None
     try:
         doc = json.loads(read_bytes(path))
-        return Roster(tuple(sorted(doc["included"])), tuple(sorted(doc["absent"])))
+        return Roster(tuple(sorted(doc["included"])), tuple(sorted(doc["absent"])), str(doc.get("release_id", "")))
     except (ValueError, KeyError, TypeError) as exc:
         raise FusionError(f"the roster {path} is malformed: {exc}") from None
 
@@ -85,6 +91,11 @@ def _answer_file(plan: ReleasePlan, institution_id: str) -> Path:
 def check_roster(plan: ReleasePlan, institution_id: str, roster: Roster) -> None:
     """What an honest institution checks before answering: a partition of the federation, with itself included
     and at least the quorum."""
+    if roster.release_id != plan.key.release_id:
+        raise FusionError(
+            f"the roster closes release {roster.release_id or '(none named)'}, not {plan.key.release_id}: "
+            "the aggregator and this institution disagree on the release's parameters"
+        )
     configured = {i.id for i in plan.config.institutions}
     if set(roster.included) & set(roster.absent) or set(roster.included) | set(roster.absent) != configured:
         raise FusionError(f"the roster {roster.to_doc()} does not partition the federation's institutions")
@@ -98,16 +109,24 @@ def remember_answer(plan: ReleasePlan, institution_id: str, roster: Roster) -> N
     """Record (owner-only, before anything is revealed) which roster this institution answers for the release;
     refuse a different one."""
     path = _answer_file(plan, institution_id)
-    if path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    doc = json.dumps(roster.to_doc(), sort_keys=True).encode()
+    try:  # create-once: of two runs racing to answer different rosters, exactly one creates the record
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
         previous = json.loads(path.read_text())
         if previous != roster.to_doc():
             raise RosterConflict(
                 f"{institution_id} already answered the roster {previous} for release {plan.key.release_id} and "
                 f"refuses a different one ({roster.to_doc()}): an aggregator that changes a roster after the "
                 "unmask round could isolate one institution's contribution"
-            )
+            ) from None
         return
-    write_private(path, json.dumps(roster.to_doc(), sort_keys=True).encode())
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(doc)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dict[str, bytes]) -> EnvelopeHeader:
@@ -198,9 +217,11 @@ def self_mask_total(
             text = answer.revealed_shares.get(institution)
             if text is None:
                 continue
+            sender = answer.contributors[0]
             x, y = decode_share(text)
-            if x == xs[answer.contributors[0]]:  # a sender can only speak for its own coordinate
-                shares[x] = y
+            digest = share_digest((x, y), context=context, dealer=institution, recipient=sender)
+            if x == xs[sender] and secrets.compare_digest(digest, header.share_digests.get(sender, "")):
+                shares[x] = y  # the share its dealer published a digest of; a wrong one is discarded
         seed = reconstruct(shares, threshold=plan.params.quorum, expected=header.seed_commitment, context=context)
         mask = self_mask(seed, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS, context=context)
         total = (total + mask) % he.PLAIN_MODULUS

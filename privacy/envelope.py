@@ -57,6 +57,7 @@ class EnvelopeHeader:
     # Contributions: SHA-256 commitment to the self-mask seed, and its Shamir shares sealed to each recipient.
     seed_commitment: str = ""
     seed_shares: dict[str, str] = field(default_factory=dict)
+    share_digests: dict[str, str] = field(default_factory=dict)  # recipient -> SHA-256 of its share
     # Unmask envelopes: the sender's (opened) share of each included institution's seed, 'x:y' in hex.
     revealed_shares: dict[str, str] = field(default_factory=dict)
 

@@ -42,14 +42,12 @@ def mask_vector(key: bytes, slots: int, modulus: int) -> np.ndarray:
     bits = modulus.bit_length()
     keep = np.uint64((1 << bits) - 1)
     out = np.empty(0, dtype=np.uint64)
-    counter = 0
+    # One keystream, read on: every word is fresh (restarting at another block counter would repeat words).
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
     while out.size < slots:
         need = max(slots - out.size, 16) * 2
-        nonce = counter.to_bytes(16, "little")
-        stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(8 * need))
-        words = np.frombuffer(stream, dtype="<u8") & keep
+        words = np.frombuffer(stream.update(bytes(8 * need)), dtype="<u8") & keep
         out = np.concatenate([out, words[words < np.uint64(modulus)]])
-        counter += 1
     return out[:slots].astype(np.int64)
 
 

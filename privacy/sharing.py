@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import combinations
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -95,22 +94,22 @@ def combine(shares: Iterable[Share], *, length: int = SEED_BYTES) -> bytes:
     return secret.to_bytes(length, "big")
 
 
-def reconstruct(shares: Mapping[int, int], *, threshold: int, expected: str, context: bytes) -> bytes:
-    """The seed whose commitment is `expected`, from any `threshold` consistent shares among `shares`.
+def share_digest(share: Share, *, context: bytes, dealer: str, recipient: str) -> str:
+    """SHA-256 of one recipient's share, published (signed) by its dealer: a revealed share is checked on its
+    own, so a wrong one is discarded without searching subsets of shares."""
+    doc = f"fusion/share-digest/v1|{dealer}|{recipient}|{share[0]}|{share[1]:x}".encode()
+    return hashlib.sha256(context + b"|" + doc).hexdigest()
 
-    Tries subsets until one matches the commitment, so wrong shares from up to len(shares) - threshold senders
-    are tolerated; raises ShareError if there are too few shares or none of the subsets matches.
-    """
+
+def reconstruct(shares: Mapping[int, int], *, threshold: int, expected: str, context: bytes) -> bytes:
+    """The seed from `threshold` of `shares` (already checked against their digests), verified against its
+    commitment `expected`; raises ShareError if there are too few or they do not match."""
     if len(shares) < threshold:
-        raise ShareError(f"{len(shares)} share(s), {threshold} needed")
-    for subset in combinations(sorted(shares.items()), threshold):
-        try:
-            seed = combine(subset)
-        except ShareError:
-            continue
-        if secrets.compare_digest(commitment(seed, context=context), expected):
-            return seed
-    raise ShareError("no subset of the shares reconstructs the committed seed")
+        raise ShareError(f"{len(shares)} valid share(s), {threshold} needed")
+    seed = combine(sorted(shares.items())[:threshold])
+    if not secrets.compare_digest(commitment(seed, context=context), expected):
+        raise ShareError("the shares do not reconstruct the committed seed")
+    return seed
 
 
 def _share_key(own_private: bytes, peer_public: bytes, *, context: bytes, sender: str, recipient: str) -> bytes:
@@ -151,17 +150,17 @@ def share_coordinates(institutions: Iterable[str]) -> dict[str, int]:
 
 def share_seed(
     seed: bytes, *, own_id: str, own_private: bytes, peers: Mapping[str, bytes], threshold: int, context: bytes
-) -> dict[str, str]:
-    """Split `seed` among `peers` (id -> X25519 public key, the sender included) and seal each share to its
-    recipient: recipient id -> sealed share."""
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Split `seed` among `peers` (id -> X25519 public key, the sender included): (recipient -> share sealed to
+    it, recipient -> digest of its share)."""
     xs = share_coordinates(peers)
     shares = dict(split(seed, shares=len(xs), threshold=threshold))
-    return {
-        peer: seal_share(
-            (xs[peer], shares[xs[peer]]), own_private, public, context=context, sender=own_id, recipient=peer
-        )
-        for peer, public in sorted(peers.items())
-    }
+    sealed, digests = {}, {}
+    for peer, public in sorted(peers.items()):
+        share = (xs[peer], shares[xs[peer]])
+        sealed[peer] = seal_share(share, own_private, public, context=context, sender=own_id, recipient=peer)
+        digests[peer] = share_digest(share, context=context, dealer=own_id, recipient=peer)
+    return sealed, digests
 
 
 def encode_share(share: Share) -> str:

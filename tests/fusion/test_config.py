@@ -311,3 +311,24 @@ def test_a_streaming_source_needs_its_settings(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, valid_text() + '\n[stream]\nsource = "kafka"\nkafka_topic = "t"\n'
                                'kafka_bootstrap_servers = "k:9092"\nspool = "gs://bucket/spool"\n'))
     assert config.stream_spool_path == "gs://bucket/spool"
+
+
+def test_production_needs_a_quorum_of_at_least_the_colluders_plus_two(tmp_path: Path) -> None:
+    production = valid_text(mode="production", seed=None)
+    with pytest.raises(ConfigError, match=r"privacy.quorum = 2 must be at least privacy.max_colluding \+ 2 = 3"):
+        load_config(write(tmp_path, production.replace("quorum = 2", "quorum = 2\nmax_colluding = 1")))
+    single = config_text(institutions=[("alpha", "csv")], quorum=1, mode="production", seed=None)
+    with pytest.raises(ConfigError, match=r"privacy.quorum = 1 must be at least"):
+        load_config(write(tmp_path, single))
+
+
+def test_noise_shares_do_not_count_on_colluders(tmp_path: Path) -> None:
+    """Each share is v / (quorum - max_colluding): the honest contributors of any quorate release carry v."""
+    from fusion.parameters import release_parameters
+
+    base = valid_text(quorum=3, noise=True, institutions=[("a", "csv"), ("b", "csv"), ("c", "csv")])
+    plain = release_parameters(load_config(write(tmp_path, base)))
+    wary = release_parameters(load_config(write(tmp_path, base.replace("quorum = 3", "quorum = 3\nmax_colluding = 1"))))
+    assert plain.share_variance == pytest.approx(plain.total_variance / 3)
+    assert wary.share_variance == pytest.approx(wary.total_variance / 2)
+    assert wary.total_variance == plain.total_variance and wary.digest() != plain.digest()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,7 +76,8 @@ def test_the_coalition_cannot_declare_a_victim_absent_after_the_unmask_round(mak
     full = decrypt(plan, [unpack_envelope(read_bytes(aggregate_path(fed.config.exchange_path, plan.key)))[1]])
     assert not uniform(full)  # the honest aggregate is readable, as it should be
 
-    write_roster(plan, Roster(included=("alpha", "gamma"), absent=("beta",)))  # the coalition's second roster
+    # The coalition's second roster:
+    write_roster(plan, Roster(release_id=plan.key.release_id, included=("alpha", "gamma"), absent=("beta",)))
     for survivor in ("alpha", "gamma"):
         with pytest.raises(RosterConflict, match="refuses a different one"):
             run_unmask(plan, [fed.config.institution(survivor)])
@@ -92,14 +94,18 @@ def test_an_institution_refuses_a_roster_that_excludes_it_or_is_not_a_partition(
     run_contributions(plan, fed.config.institutions)
     with pytest.raises(FusionError, match="not closed"):
         run_unmask(plan, fed.config.institutions[:1])
-    write_roster(plan, Roster(included=("alpha", "gamma"), absent=("beta",)))
+    write_roster(plan, Roster(release_id=plan.key.release_id, included=("alpha", "gamma"), absent=("beta",)))
     with pytest.raises(FusionError, match="declared absent"):
         run_unmask(plan, [fed.config.institution("beta")])
-    write_roster(plan, Roster(included=("alpha", "gamma"), absent=()))  # beta neither included nor absent
+    # beta neither included nor absent:
+    write_roster(plan, Roster(release_id=plan.key.release_id, included=("alpha", "gamma"), absent=()))
     with pytest.raises(FusionError, match="partition"):
         run_unmask(plan, [fed.config.institution("alpha")])
-    write_roster(plan, Roster(included=("alpha",), absent=("beta", "gamma")))
+    write_roster(plan, Roster(release_id=plan.key.release_id, included=("alpha",), absent=("beta", "gamma")))
     with pytest.raises(FusionError, match="below the quorum"):
+        run_unmask(plan, [fed.config.institution("alpha")])
+    write_roster(plan, Roster(release_id="r-another", included=("alpha", "beta", "gamma"), absent=()))
+    with pytest.raises(FusionError, match="not " + plan.key.release_id):
         run_unmask(plan, [fed.config.institution("alpha")])
     assert not list((fed.directory / "institution-keys").rglob("answered/*.json"))  # nothing was answered
 
@@ -190,3 +196,22 @@ def test_the_key_holder_decrypts_only_an_aggregate_signed_by_the_registered_aggr
     assert store.read("budget").num_rows == 0  # nothing was charged for the forgeries
     write_bytes(path, genuine)
     assert release(plan, store).status == "released"
+
+
+def test_an_institution_seals_one_envelope_per_interval_ever(make_federation):
+    """The coalition deletes the envelopes to make the institutions draw fresh noise (averaging many noisy sums
+    would wear the noise away), or asks for the same interval under other parameters: it gets the same bytes
+    back, or a refusal."""
+    fed = make_federation(noise=True, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    path = contribution_path(fed.config.exchange_path, plan.key, "alpha")
+    first = read_bytes(path)
+    Path(path).unlink()
+    run_contributions(plan, fed.config.institutions)
+    assert read_bytes(path) == first  # re-published, not re-drawn
+    privacy = fed.config.privacy.model_copy(update={"epsilon": 2.0})
+    other = plan_release(fed.config.model_copy(update={"privacy": privacy}), START, END)
+    assert other.key.release_id != plan.key.release_id
+    with pytest.raises(FusionError, match="already contributed"):
+        run_contributions(other, fed.config.institutions[:1])

@@ -24,6 +24,7 @@ from privacy.sharing import (
     seal_share,
     self_mask,
     share_coordinates,
+    share_digest,
     share_seed,
     split,
 )
@@ -51,18 +52,20 @@ def test_fewer_than_threshold_shares_are_uniform_whatever_the_secret() -> None:
         assert abs(stats.pearsonr(pairs[:, 0], pairs[:, 1]).statistic) < 0.1
 
 
-def test_reconstruct_skips_a_wrong_share_when_enough_are_right() -> None:
+def test_a_wrong_share_fails_its_digest_and_reconstruction_checks_the_commitment() -> None:
     seed = new_seed()
     expected = commitment(seed, context=CONTEXT)
     shares = dict(split(seed, shares=4, threshold=2))
-    shares[1] = (shares[1] + 1) % PRIME  # one institution lies
-    assert reconstruct(shares, threshold=2, expected=expected, context=CONTEXT) == seed
+    digests = {x: share_digest((x, y), context=CONTEXT, dealer="d", recipient=f"r{x}") for x, y in shares.items()}
+    lie = (shares[1] + 1) % PRIME  # one institution lies about its share
+    assert share_digest((1, lie), context=CONTEXT, dealer="d", recipient="r1") != digests[1]
+    assert share_digest((1, shares[1]), context=b"r-other", dealer="d", recipient="r1") != digests[1]
+    assert reconstruct({2: shares[2], 3: shares[3]}, threshold=2, expected=expected, context=CONTEXT) == seed
     with pytest.raises(ShareError, match="needed"):
         reconstruct({2: shares[2]}, threshold=2, expected=expected, context=CONTEXT)
-    with pytest.raises(ShareError, match="no subset"):
-        reconstruct({1: shares[1], 2: shares[2]}, threshold=2, expected=expected, context=CONTEXT)
-    # A commitment for another release does not match the same seed.
-    with pytest.raises(ShareError):
+    with pytest.raises(ShareError, match="committed seed"):
+        reconstruct({1: lie, 2: shares[2]}, threshold=2, expected=expected, context=CONTEXT)
+    with pytest.raises(ShareError):  # a commitment for another release does not match the same seed
         reconstruct(shares, threshold=2, expected=commitment(seed, context=b"other"), context=CONTEXT)
 
 
@@ -86,13 +89,17 @@ def test_share_seed_gives_each_institution_its_coordinate_and_any_quorum_reconst
     keys = {name: generate_agreement_key() for name in ("alpha", "beta", "gamma", "delta")}
     publics = {name: pair[1] for name, pair in keys.items()}
     seed = new_seed()
-    sealed = share_seed(seed, own_id="beta", own_private=keys["beta"][0], peers=publics, threshold=3, context=CONTEXT)
+    sealed, digests = share_seed(
+        seed, own_id="beta", own_private=keys["beta"][0], peers=publics, threshold=3, context=CONTEXT
+    )
     xs = share_coordinates(publics)
     opened = {
         name: open_share(sealed[name], keys[name][0], publics["beta"], context=CONTEXT, sender="beta", recipient=name)
         for name in publics
     }
     assert {name: share[0] for name, share in opened.items()} == xs
+    for name, share in opened.items():
+        assert share_digest(share, context=CONTEXT, dealer="beta", recipient=name) == digests[name]
     for trio in itertools.combinations(opened.values(), 3):
         assert combine(trio) == seed
     assert decode_share(encode_share(opened["alpha"])) == opened["alpha"]
