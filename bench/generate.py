@@ -84,7 +84,7 @@ def _chunk(institution: str, entities: int, rows: int, rng: np.random.Generator)
 def generate(directory: Path, rows: int, *, institutions: int = 5, seed: int = 2026) -> BenchData:
     """Write `rows` readings split evenly over `institutions` (feeds/<id>/part-NNNN.parquet). Reuses data already
     generated with the same parameters (a marker file records them)."""
-    directory = Path(directory)
+    directory = Path(directory).resolve()
     ids = institution_ids(institutions)
     data = BenchData(directory=directory, rows=rows, institutions=ids)
     marker = directory / "generated.json"

@@ -57,6 +57,27 @@ def public_context_path(exchange: str) -> str:
     return join(exchange, PUBLIC_CONTEXT)
 
 
+@dataclass(frozen=True)
+class PublicContextRef:
+    """The exchange's public HE context by path and SHA-256. DoFns carry this instead of the context itself
+    (about 1 MB, which Beam would pickle and compress with every DoFn it ships) and read it once per instance."""
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def published(cls, exchange: str) -> PublicContextRef:
+        path = public_context_path(exchange)
+        return cls(path=path, sha256=hashlib.sha256(read_bytes(path)).hexdigest())
+
+    def read(self) -> bytes:
+        """The context's bytes; refuses a context that changed since the pipeline was built."""
+        data = read_bytes(self.path)
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise FusionError(f"the public HE context {self.path} changed while a pipeline ran; run it again")
+        return data
+
+
 def join(base: str, *parts: str) -> str:
     return FileSystems.join(base, *parts)
 

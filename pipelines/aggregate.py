@@ -9,7 +9,6 @@ holder records them in `audit`).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -17,12 +16,12 @@ import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
 from fusion.exchange import (
+    PublicContextRef,
     aggregate_path,
     aggregation_status_path,
     contributions_dir,
     delete_if_exists,
     list_files,
-    public_context_path,
     read_bytes,
     refusal_path,
     unmask_dir,
@@ -52,7 +51,7 @@ class OpenEnvelope(beam.DoFn):
     """path -> (institution, (path, header, ciphertexts)); envelopes that fail a check are tagged refused."""
 
     def __init__(
-        self, plan: ReleasePlan, public_context: bytes, registry: dict[str, bytes], roster: Roster | None
+        self, plan: ReleasePlan, public_context: PublicContextRef, registry: dict[str, bytes], roster: Roster | None
     ) -> None:
         self._plan = plan
         self._public_context = public_context
@@ -60,7 +59,7 @@ class OpenEnvelope(beam.DoFn):
         self._roster = roster
 
     def setup(self) -> None:
-        self._context = he.load_public_context(self._public_context)
+        self._context = he.load_public_context(self._public_context.read())
 
     def process(self, path: str) -> Iterator[Any]:
         try:
@@ -100,7 +99,7 @@ class OpenEnvelope(beam.DoFn):
             return "unsigned"
         if not signature_valid(header, self._registry[header.contributors[0]]):
             return "bad_signature"
-        if header.context_sha256 != hashlib.sha256(self._public_context).hexdigest():
+        if header.context_sha256 != self._public_context.sha256:
             return "wrong_he_context"
         roster = self._roster
         if header.kind == "contribution" and roster is not None and header.contributors[0] in roster.absent:
@@ -155,7 +154,7 @@ class OnePerInstitution(beam.DoFn):
 class EncryptedSum(beam.CombineFn):
     """Sums contribution envelopes homomorphically. Accumulator: (headers, summed ciphertexts or None)."""
 
-    def __init__(self, public_context: bytes) -> None:
+    def __init__(self, public_context: PublicContextRef) -> None:
         self._public_context = public_context
         self._context: Any = None
 
@@ -164,7 +163,7 @@ class EncryptedSum(beam.CombineFn):
 
     def _ctx(self) -> Any:
         if self._context is None:
-            self._context = he.load_public_context(self._public_context)
+            self._context = he.load_public_context(self._public_context.read())
         return self._context
 
     def create_accumulator(self) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
@@ -201,7 +200,9 @@ class SealAggregate(beam.DoFn):
     """The sum -> a refusal (quorum not met), or the roster that starts the unmask round, or (every answer in)
     the sum with the self masks removed, sealed as the aggregate envelope and signed by the aggregator."""
 
-    def __init__(self, plan: ReleasePlan, public_context: bytes, roster: Roster | None, may_declare: bool) -> None:
+    def __init__(
+        self, plan: ReleasePlan, public_context: PublicContextRef, roster: Roster | None, may_declare: bool
+    ) -> None:
         self._plan = plan
         self._public_context = public_context
         self._roster = roster
@@ -249,7 +250,7 @@ class SealAggregate(beam.DoFn):
         except ShareError as exc:
             yield self._refuse(summary, f"the self masks cannot be removed: {exc}")
             return
-        context = he.load_public_context(self._public_context)
+        context = he.load_public_context(self._public_context.read())
         ciphertexts = he.add_plain(context, ciphertexts, centred(he.PLAIN_MODULUS - masks, he.PLAIN_MODULUS))
         reject_counts: dict[str, dict[str, int]] = {}
         for h in headers.values():
@@ -258,7 +259,7 @@ class SealAggregate(beam.DoFn):
             kind="aggregate",
             contributors=contributors,
             noise_variance=sum(h.noise_variance for h in headers.values()),
-            context_sha256=hashlib.sha256(self._public_context).hexdigest(),
+            context_sha256=self._public_context.sha256,
             reject_counts=reject_counts,
             refused=tuple(refused),
             absent=roster.absent,
@@ -298,7 +299,7 @@ class Aggregate(beam.PTransform):
         paths = list_files(contributions_dir(exchange, plan.key), ".fenv")
         if roster is not None:
             paths += list_files(unmask_dir(exchange, plan.key), ".fenv")
-        public_context = read_bytes(public_context_path(exchange))
+        public_context = PublicContextRef.published(exchange)
         opened = (
             pbegin
             | "Envelopes" >> beam.Create(paths)
