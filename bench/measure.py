@@ -139,7 +139,7 @@ def he_operations(data: BenchData, workdir: Path, *, repeats: int = 3) -> dict[s
     return {"seconds": sum(best.values()), "parts": best, "slots": slots, "ciphertexts": he.ciphertexts_for(slots)}
 
 
-def sql_query(workdir: Path, *, days: int, repeats: int = 5) -> dict[str, Any]:
+def sql_query(workdir: Path, *, days: int, repeats: int = 7) -> dict[str, Any]:
     """A year (or `days`) of 15-minute releases for 50 regions x 5 metrics written through the store's insert
     path; a filtered time-series query through the sandbox vs DuckDB over the same rows as plain Parquet."""
     from bench.releases import QUERY, build_store, export_plain
@@ -154,17 +154,27 @@ def sql_query(workdir: Path, *, days: int, repeats: int = 5) -> dict[str, Any]:
 
 
 def _time_queries(store_dir: Path, plain: Path, query: str, repeats: int) -> dict[str, Any]:
+    """Median times of `query` through the sandbox, through DuckDB over the plain Parquet export (one file, DuckDB's
+    default row groups), and through DuckDB over the very files of the store's snapshot."""
     import duckdb
+    from deltalake import DeltaTable
 
     from fusion.sql import SqlSandbox
 
+    files = [uri.removeprefix("file://") for uri in DeltaTable(str(store_dir / "releases")).file_uris()]
     sandbox = SqlSandbox(store_dir)
-    con = duckdb.connect(":memory:")
-    con.execute("SET threads = 2")
-    con.execute("SET TimeZone = 'UTC'")
-    con.execute(f"CREATE VIEW releases AS SELECT * FROM read_parquet('{plain}/*.parquet')")
 
-    def best(run: Callable[[], Any]) -> tuple[float, int]:
+    def plain_duckdb(source: str) -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect(":memory:")
+        con.execute("SET threads = 2")
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute(f"CREATE VIEW releases AS SELECT * FROM read_parquet({source})")
+        return con
+
+    exported = plain_duckdb(repr(f"{plain}/*.parquet"))
+    same_files = plain_duckdb(repr(files))
+
+    def median(run: Callable[[], Any]) -> tuple[float, int]:
         times, n = [], 0
         for _ in range(repeats):
             began = time.perf_counter()
@@ -172,13 +182,17 @@ def _time_queries(store_dir: Path, plain: Path, query: str, repeats: int) -> dic
             times.append(time.perf_counter() - began)
         return sorted(times)[len(times) // 2], n
 
-    fusion_s, fusion_rows = best(lambda: sandbox.query(query))
-    duck_s, duck_rows = best(lambda: con.sql(query).to_arrow_table())
+    fusion_s, fusion_rows = median(lambda: sandbox.query(query))
+    duck_s, duck_rows = median(lambda: exported.sql(query).to_arrow_table())
+    same_s, _ = median(lambda: same_files.sql(query).to_arrow_table())
     sandbox.close()
-    con.close()
+    exported.close()
+    same_files.close()
     return {
         "fusion_seconds": fusion_s,
         "duckdb_seconds": duck_s,
+        "duckdb_store_files_seconds": same_s,
+        "store_files": len(files),
         "result_rows": fusion_rows,
         "duckdb_result_rows": duck_rows,
         "query": query,

@@ -131,6 +131,7 @@ def summarise(data: BenchData, raw: dict[str, Any]) -> dict[str, Any]:
         summary["sql_rows"] = sql["rows"]
         summary["sql_fusion_ms"] = 1000 * sql["fusion_seconds"]
         summary["sql_duckdb_ms"] = 1000 * sql["duckdb_seconds"]
+        summary["sql_duckdb_store_files_ms"] = 1000 * sql["duckdb_store_files_seconds"]
         summary["sql_ratio"] = sql["fusion_seconds"] / sql["duckdb_seconds"]
     return summary
 
@@ -164,9 +165,10 @@ def table(summary: dict[str, Any]) -> Table:
         row(f"Peak memory, {name}", f"{mb:,.0f} MiB", "< 1536 MiB" if limit else "", (mb < limit) if limit else None)
     if "sql_ratio" in summary:
         row(f"SQL time series ({summary['sql_rows']:,} release rows): sandbox", f"{summary['sql_fusion_ms']:.1f} ms")
-        row("  plain DuckDB over Parquet", f"{summary['sql_duckdb_ms']:.1f} ms")
+        row("  plain DuckDB over a Parquet export", f"{summary['sql_duckdb_ms']:.1f} ms")
+        row("  plain DuckDB over the store's own files", f"{summary['sql_duckdb_store_files_ms']:.1f} ms")
         ratio = summary["sql_ratio"]
-        row("  sandbox / plain", f"{ratio:.2f}x", "<= 1.5x", ratio <= TARGETS["sql_ratio_max"])
+        row("  sandbox / plain export", f"{ratio:.2f}x", "<= 1.5x", ratio <= TARGETS["sql_ratio_max"])
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["fusion_event_stages_s"].items())
     row("Fusion event-level stages", stages)
     return out

@@ -43,6 +43,8 @@ from schemas.validation import ReadingValidator, readings_as_dead_letters
 
 DEAD = "dead"
 COUNTS = "counts"
+#: DuckDB threads of each worker's validation query (validation is the busiest step of a contribution).
+VALIDATION_THREADS = 2
 
 
 def _short_hash(text: str) -> str:
@@ -57,7 +59,7 @@ class ReadAndValidate(beam.DoFn):
         self._institution = institution
 
     def setup(self) -> None:
-        self._validator = ReadingValidator(self._plan.rules)
+        self._validator = ReadingValidator(self._plan.rules, threads=VALIDATION_THREADS)
 
     def process(self, element: tuple[int, str]) -> Iterator[Any]:
         feed_index, path = element

@@ -65,10 +65,11 @@ def run_contributions(
     for institution in pending:
         load_signing_key(plan.config, institution.id)  # fail now, not after the pipeline, if it is missing
         _clear(dead_letter_dir(plan, institution))
-    if pending:
+    # One pipeline per institution, as each would run its own: a batch runner materialises a stage's output
+    # before the entity-shard shuffle, so one pipeline for all would hold every institution's readings at once.
+    for institution in pending:
         with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-            for institution in pending:
-                _ = pipeline | Contribute(plan, institution, dead_letter_dir(plan, institution))
+            _ = pipeline | Contribute(plan, institution, dead_letter_dir(plan, institution))
     reports = {}
     for institution in institutions:
         path = report_path(plan, institution)
