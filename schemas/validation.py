@@ -68,8 +68,20 @@ def _has_padding(column: pa.ChunkedArray) -> bool:
     than the rest of validation, so a batch without padded values skips it; the result is the same."""
     if not _is_text(column.type):
         return True
-    padded = pc.or_(pc.starts_with(column, " "), pc.ends_with(column, " "))
-    return bool(pc.any(padded).as_py())
+    space = ord(" ")
+    for chunk in column.chunks:
+        offset_type = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        _, offset_buffer, data_buffer = chunk.buffers()
+        if data_buffer is None:
+            continue
+        offsets: np.ndarray = np.frombuffer(offset_buffer, dtype=offset_type).astype(np.int64)
+        offsets = offsets[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data_buffer, dtype=np.uint8)
+        starts, ends = offsets[:-1], offsets[1:]
+        filled = ends > starts  # nulls and empty strings have nothing to trim
+        if (data[starts[filled]] == space).any() or (data[ends[filled] - 1] == space).any():
+            return True
+    return False
 
 
 def _missing_expr(column: str | None, arrow_type: pa.DataType | None, padded: bool = True) -> str:
