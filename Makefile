@@ -33,7 +33,7 @@ N ?= 10000000
 BENCH_DEPS := bench/.deps/.installed
 
 $(BENCH_DEPS): bench/requirements.lock $(STAMP)
-	$(BIN)/python -m pip install --quiet --no-deps --target bench/.deps -r bench/requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target bench/.deps -r bench/requirements.lock
 	@touch $(BENCH_DEPS)
 
 bench: setup $(BENCH_DEPS)

@@ -1,7 +1,9 @@
 """The common-knowledge store: versioned, append-only Delta Lake tables under one directory.
 
-Writes are conditional merges on each table's key, so re-running a release never duplicates a row and two
-writers racing for the same release cannot both insert it (Delta's optimistic concurrency refuses one).
+Inserts are keyed: only rows whose key is not yet in the table are appended, as the very next table version
+(a compare-and-swap), so re-running a release never duplicates a row and two writers racing for the same
+release cannot both insert it (the second commit fails and re-reads). The budget ledger's conditional update
+uses a Delta merge (fusion/ledger.py).
 """
 
 from __future__ import annotations

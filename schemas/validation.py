@@ -210,8 +210,11 @@ class ReadingValidator:
             self._con.unregister("fusion_raw")
         reason = checked.column("reason")
         ok = pc.is_null(reason)
-        accepted = checked.filter(ok).select(list(READING_SCHEMA.names)).cast(READING_SCHEMA)
-        bad = checked.filter(pc.invert(ok))
+        if reason.null_count == checked.num_rows:  # the usual case: nothing to split off, no copy
+            accepted, bad = checked, checked.slice(0, 0)
+        else:
+            accepted, bad = checked.filter(ok), checked.filter(pc.invert(ok))
+        accepted = accepted.select(list(READING_SCHEMA.names)).cast(READING_SCHEMA)
         rejected = dead_letters(
             raw.take(bad.column("row_id")),
             bad.column("reason"),
