@@ -179,35 +179,18 @@ def aggregate_readings(
     metric_idx, cell = reading_cells(readings, layout)
     values = readings.column(VALUE).to_numpy()
     weight, encoded = encode_readings(values, metric_idx, encodings)
-    scatter_add(layout.block(vector, "count"), cell, weight)
-    scatter_add(layout.block(vector, "sum"), cell, encoded)
+    np.add.at(layout.block(vector, "count"), cell, weight)
+    np.add.at(layout.block(vector, "sum"), cell, encoded)
     if layout.has(SUMSQ):
-        scatter_add(layout.block(vector, SUMSQ), cell, encode_squares(encoded, weight))
+        np.add.at(layout.block(vector, SUMSQ), cell, encode_squares(encoded, weight))
     if layout.bins:
         lower = np.array([e.lower for e in encodings])[metric_idx]
         upper = np.array([e.upper for e in encodings])[metric_idx]
         resolution = np.array([e.resolution for e in encodings])[metric_idx]
         bins = bin_index(values, lower, upper, resolution, layout.bins)
         first_bin = layout.components.index(bin_components(layout.bins)[0])
-        scatter_add(vector, (first_bin + bins) * layout.cells + cell, weight)
+        np.add.at(vector, (first_bin + bins) * layout.cells + cell, weight)
     return vector
-
-
-_EXACT_FLOAT = 1 << 53
-
-
-def scatter_add(target: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
-    """target[index] += values for int64 arrays, exactly, repeated indices included.
-
-    np.bincount is an order of magnitude faster than np.add.at but sums in float64, which is exact while every
-    partial sum is an integer below 2^53: guaranteed when len(values) * max|value| is; otherwise np.add.at."""
-    if values.size == 0:
-        return
-    if values.size * int(np.abs(values).max()) < _EXACT_FLOAT:
-        sums = np.bincount(index, weights=values, minlength=target.size)
-        target += sums.astype(np.int64)
-    else:
-        np.add.at(target, index, values)
 
 
 def cell_reading_counts(

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import numpy as np
 import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion.contribution import deduplicate, deduplicate_reference, scatter_add, split_by_entity_shard
+from fusion.contribution import deduplicate, deduplicate_reference, split_by_entity_shard
 from schemas.readings import READING_SCHEMA
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -66,22 +65,6 @@ def test_the_first_copy_is_kept_and_later_copies_are_duplicates() -> None:
     kept, duplicates = deduplicate(readings)
     assert kept.to_pylist() == table(rows).to_pylist()
     assert duplicates.to_pylist() == table([rows[0], rows[0]]).to_pylist()
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    st.lists(st.tuples(st.integers(0, 9), st.integers(-(2**62), 2**62)), max_size=30),
-    st.integers(0, 2),
-)
-def test_scatter_add_matches_add_at(pairs: list[tuple[int, int]], magnitude: int) -> None:
-    # magnitude 0-1: small values (the fast float path); 2: values too large for float64 (the exact fallback)
-    index = np.array([i for i, _ in pairs], dtype=np.int64)
-    values = np.array([v >> (60 - 20 * magnitude) if magnitude < 2 else v for _, v in pairs], dtype=np.int64)
-    fast = np.arange(10, dtype=np.int64)
-    slow = fast.copy()
-    scatter_add(fast, index, values)
-    np.add.at(slow, index, values)
-    assert fast.tolist() == slow.tolist()
 
 
 def test_entity_shards_keep_every_row_and_each_entity_in_one_shard() -> None:
