@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/fusion demo --dir demo
 
 lint: setup
-	$(BIN)/ruff check fusion privacy schemas pipelines tests
+	$(BIN)/ruff check fusion privacy schemas pipelines tests bench
 	$(BIN)/mypy
 
 unit: setup
@@ -28,5 +28,16 @@ unit: setup
 test: setup lint
 	$(BIN)/pytest -q
 
+# Benchmarks: N readings (default 10M); bench-only deps (PipelineDP) go to bench/.deps, not the main venv.
+N ?= 10000000
+BENCH_DEPS := bench/.deps/.installed
+
+$(BENCH_DEPS): bench/requirements.lock $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target bench/.deps -r bench/requirements.lock
+	@touch $(BENCH_DEPS)
+
+bench: setup $(BENCH_DEPS)
+	$(BIN)/python -m bench.run --rows $(N) $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo bench/.deps bench/out .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,8 @@
 """Read-only, sandboxed SQL over the store with DuckDB.
 
-The store's tables are registered as Arrow datasets read through the Delta log (scanned lazily; filters are
-not yet pushed into the scan because the tables mix string and string_view files); then DuckDB's file system,
+The store's tables are registered as Arrow datasets read through the Delta log (scanned lazily, with DuckDB's
+filters and projections pushed into the scan; a table holding string_view files, which Delta merges write, is
+registered with string_view text and scanned whole, see Store.dataset); then DuckDB's file system,
 extensions and configuration are locked. A query can read only those tables: no other file, no COPY,
 ATTACH, INSTALL or LOAD, no SET, no writes. Only a single SELECT statement is accepted.
 """
@@ -39,7 +40,7 @@ class SqlSandbox:
         self._con = duckdb.connect(":memory:")
         for name in TABLE_SCHEMAS:
             version = (versions or {}).get(name)
-            self._con.register(name, self.store.dataset(name, version=version, string_view=True))
+            self._con.register(name, self.store.dataset(name, version=version, string_view=None))
         self._con.execute(f"SET threads = {int(threads)}")
         self._con.execute(f"SET memory_limit = '{memory_limit}'")
         self._con.execute("SET TimeZone = 'UTC'")

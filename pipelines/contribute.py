@@ -35,6 +35,7 @@ from fusion.faults import crash_point
 from fusion.feeds import feed_files, mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_key, load_agreement_keys, load_signing_key, read_private, write_private
+from fusion.transport import table_from_bytes, table_to_bytes
 from privacy import he
 from privacy.envelope import EnvelopeHeader, pack_envelope
 from privacy.masking import add_mod, pairwise_mask
@@ -46,6 +47,8 @@ from schemas.validation import ReadingValidator, readings_as_dead_letters
 
 DEAD = "dead"
 COUNTS = "counts"
+#: DuckDB threads of each worker's validation query (validation is the busiest step of a contribution).
+VALIDATION_THREADS = 2
 
 
 def _short_hash(text: str) -> str:
@@ -53,14 +56,15 @@ def _short_hash(text: str) -> str:
 
 
 class ReadAndValidate(beam.DoFn):
-    """(feed index, file path) -> (entity shard, accepted readings); dead letters and counts tagged."""
+    """(feed index, file path) -> (entity shard, accepted readings as Arrow IPC bytes); dead letters and counts
+    tagged."""
 
     def __init__(self, plan: ReleasePlan, institution: InstitutionConfig) -> None:
         self._plan = plan
         self._institution = institution
 
     def setup(self) -> None:
-        self._validator = ReadingValidator(self._plan.rules)
+        self._validator = ReadingValidator(self._plan.rules, threads=VALIDATION_THREADS)
 
     def process(self, element: tuple[int, str]) -> Iterator[Any]:
         feed_index, path = element
@@ -85,7 +89,8 @@ class ReadAndValidate(beam.DoFn):
             yield TaggedOutput(COUNTS, PartialAggregate(rows_read=raw.rows, rejected=rejected))
             if checked.rejected.num_rows:
                 yield TaggedOutput(DEAD, (f"{name}-invalid", checked.rejected))
-            yield from split_by_entity_shard(checked.accepted, shards)
+            for shard, table in split_by_entity_shard(checked.accepted, shards):
+                yield shard, table_to_bytes(table)
 
 
 def _malformed_letters(lines: tuple[tuple[int, str], ...], source: str) -> pa.Table:
@@ -100,16 +105,17 @@ def _malformed_letters(lines: tuple[tuple[int, str], ...], source: str) -> pa.Ta
 
 
 class AggregateShard(beam.DoFn):
-    """(entity shard, [readings tables]) -> PartialAggregate of that shard; duplicates to dead letters."""
+    """(entity shard, [readings as Arrow IPC bytes]) -> PartialAggregate of that shard; duplicates to dead
+    letters."""
 
     def __init__(self, plan: ReleasePlan, institution: InstitutionConfig) -> None:
         self._plan = plan
         self._institution = institution
 
-    def process(self, element: tuple[int, Iterable[pa.Table]]) -> Iterator[Any]:
-        shard, tables = element
+    def process(self, element: tuple[int, Iterable[bytes]]) -> Iterator[Any]:
+        shard, parts = element
         plan, privacy = self._plan, self._plan.config.privacy
-        readings = pa.concat_tables(list(tables))
+        readings = pa.concat_tables([table_from_bytes(part) for part in parts])
         kept, duplicates = deduplicate(readings)
         if duplicates.num_rows:
             letters = readings_as_dead_letters(duplicates, RejectReason.DUPLICATE, source=f"entity-shard-{shard}")

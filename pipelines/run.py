@@ -57,7 +57,7 @@ def run_contributions(
     *,
     in_process: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Seal the contributions of `institutions` (one Beam pipeline); returns each one's local row counts.
+    """Seal the contributions of `institutions` (a Beam pipeline each); returns each one's local row counts.
 
     An institution that already sealed this release's envelope is not run again: its noise share is drawn
     once per interval and kept by the institution (`sealed_envelope`), so no party ever sees two noisy versions
@@ -82,10 +82,11 @@ def run_contributions(
 
         for institution in pending:
             contribute_locally(plan, institution, dead_letter_dir(plan, institution))
-    elif pending:
+    # One pipeline per institution, as each would run its own: a batch runner materialises a stage's output
+    # before the entity-shard shuffle, so one pipeline for all would hold every institution's readings at once.
+    for institution in ([] if in_process else pending):
         with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-            for institution in pending:
-                _ = pipeline | Contribute(plan, institution, dead_letter_dir(plan, institution))
+            _ = pipeline | Contribute(plan, institution, dead_letter_dir(plan, institution))
     reports = {}
     for institution in institutions:
         path = report_path(plan, institution)

@@ -42,8 +42,14 @@ def bound_contributions(
         raise ValueError("entity and cell must have the same shape")
     if entity.size == 0:
         return np.zeros(0, dtype=bool)
-    pairs, pair_of_row = np.unique(np.stack([entity, cell], axis=1), axis=0, return_inverse=True)
+    # One int64 key per (entity, cell) pair, ordered like the pairs themselves (entity-major), so np.unique works
+    # on a flat array (much faster than unique rows) and draws the same priorities in the same order.
+    # Dense ranks keep the order of any int64 codes and make the key fit: at most rows^2 < 2^63.
+    _, entity_rank = np.unique(entity, return_inverse=True)
+    cells, cell_rank = np.unique(cell, return_inverse=True)
+    width = cells.size
+    keys, pair_of_row = np.unique(entity_rank.reshape(-1) * width + cell_rank.reshape(-1), return_inverse=True)
     pair_of_row = pair_of_row.reshape(-1)
-    pair_rank = _rank_within_groups(pairs[:, 0], generator.random(len(pairs)))
+    pair_rank = _rank_within_groups(keys // width, generator.random(len(keys)))
     row_rank = _rank_within_groups(pair_of_row, generator.random(entity.size))
     return (pair_rank[pair_of_row] < max_partitions) & (row_rank < max_per_partition)

@@ -1,0 +1,230 @@
+"""One measurement per process: `python -m bench.measure KIND JSON-ARGS` prints one JSON line.
+
+Each measurement runs in its own process so its peak memory (ru_maxrss of the process and of any children it
+waited for, e.g. Beam workers) is its own. Timings are wall-clock seconds of the measured work only (set-up
+such as key generation is excluded and reported separately where it matters).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.generate import END, START, BenchData, config_text
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process or any child it waited for, in MiB (Linux reports KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024.0
+
+
+def duckdb_reference(data: BenchData, *, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
+    """The non-private floor: plain DuckDB GROUP BY metric, region, 15-minute bucket over the same Parquet."""
+    import duckdb
+
+    sql = f"""
+        SELECT metric, region, time_bucket(INTERVAL '15 minutes', event_time) AS window_start,
+               count(*) AS count, sum(value) AS sum
+        FROM read_parquet('{data.glob()}')
+        GROUP BY ALL
+    """
+    times = []
+    result = None
+    for _ in range(repeats):
+        began = time.perf_counter()
+        con = duckdb.connect(":memory:")
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute(f"SET threads = {threads}")
+        result = con.sql(sql).to_arrow_table()
+        con.close()
+        times.append(time.perf_counter() - began)
+    assert result is not None
+    return {"seconds": sorted(times)[len(times) // 2], "all_seconds": times, "cells": result.num_rows}
+
+
+def fusion_batch(
+    data: BenchData, workdir: Path, *, entity_level: bool, noise: bool = True, beam_args: list[str] | None = None
+) -> dict[str, Any]:
+    """Fusion end to end (`run_batch`: contribute, aggregate, unmask, aggregate, release) in a fresh federation
+    over the generated feeds. Keys are created first and not timed."""
+    from fusion.config import load_config
+    from fusion.keys import create_keys
+    from fusion.plan import plan_release
+    from fusion.registry import create_aggregator_key, create_institution_keys
+    from pipelines.batch import run_batch
+
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    config_path = workdir / "federation.toml"
+    config_path.write_text(config_text(data, entity_level=entity_level, noise=noise))
+    config = load_config(config_path)
+    create_keys(config)
+    create_aggregator_key(config)
+    for institution in config.institutions:
+        create_institution_keys(config, institution.id)
+    plan = plan_release(config, START, END)
+    stages: dict[str, float] = {}
+    marks: list[tuple[str, float]] = []
+
+    def on_stage(stage: str) -> None:
+        marks.append((stage, time.perf_counter()))
+
+    began = time.perf_counter()
+    summary = run_batch(plan, beam_args=beam_args or [], on_stage=on_stage)
+    seconds = time.perf_counter() - began
+    ends = [t for _, t in marks[1:]] + [began + seconds]
+    for (stage, start), end in zip(marks, ends, strict=True):
+        stages[stage] = stages.get(stage, 0.0) + (end - start)
+    contributions = sorted((workdir / "exchange").rglob("contributions/*.fenv"))
+    envelope_bytes = [p.stat().st_size for p in contributions]
+    return {
+        "seconds": seconds,
+        "stages": stages,
+        "status": summary.status,
+        "cells": summary.cells,
+        "slots": plan.layout.slots,
+        "components": len(plan.layout.components),
+        "envelopes": len(envelope_bytes),
+        "envelope_bytes": envelope_bytes,
+        "row_counts": summary.row_counts,
+        "store": str(workdir / "store"),
+    }
+
+
+def he_operations(data: BenchData, workdir: Path, *, repeats: int = 3) -> dict[str, Any]:
+    """The HE work of one release on the same layout, timed alone: every institution encrypts its masked vector,
+    the aggregator checks and sums the ciphertexts and adds the plaintext mask correction, the key holder
+    decrypts. (Fusion's pipeline does exactly these calls; timing them here keeps timers out of its code.)"""
+    import numpy as np
+
+    from fusion.config import load_config
+    from fusion.plan import plan_release
+    from privacy import he
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "federation.toml"
+    config_path.write_text(config_text(data))
+    plan = plan_release(load_config(config_path), START, END)
+    slots = plan.layout.slots
+    secret, public = he.generate_keys()
+    rng = np.random.default_rng(1)
+    vectors = [rng.integers(-(he.MAX_ABS_TOTAL), he.MAX_ABS_TOTAL, size=slots) for _ in data.institutions]
+    timings: dict[str, list[float]] = {"encrypt": [], "sum": [], "decrypt": []}
+    for _ in range(repeats):
+        began = time.perf_counter()
+        public_context = he.load_public_context(public)
+        encrypted = [he.encrypt_vector(public_context, v, residues=True) for v in vectors]
+        timings["encrypt"].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        aggregator = he.load_public_context(public)
+        for ciphertexts in encrypted:
+            for ct in ciphertexts:
+                he.check_ciphertext(aggregator, ct)
+        total = he.add_encrypted(aggregator, encrypted)
+        total = he.add_plain(aggregator, total, np.zeros(slots, dtype=np.int64))
+        timings["sum"].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        he.decrypt_vector(he.load_secret_context(secret), total, slots)
+        timings["decrypt"].append(time.perf_counter() - began)
+    best = {k: min(v) for k, v in timings.items()}
+    return {"seconds": sum(best.values()), "parts": best, "slots": slots, "ciphertexts": he.ciphertexts_for(slots)}
+
+
+def sql_query(workdir: Path, *, days: int, repeats: int = 7) -> dict[str, Any]:
+    """A year (or `days`) of 15-minute releases for 50 regions x 5 metrics written through the store's insert
+    path; a filtered time-series query through the sandbox vs DuckDB over the same rows as plain Parquet."""
+    from bench.releases import QUERY, build_store, export_plain
+
+    store_dir = workdir / "sql-store"
+    plain = workdir / "sql-plain"
+    began = time.perf_counter()
+    rows = build_store(store_dir, days=days)
+    build_seconds = time.perf_counter() - began
+    export_plain(store_dir, plain)
+    return {"rows": rows, "build_seconds": build_seconds, **_time_queries(store_dir, plain, QUERY, repeats)}
+
+
+def _time_queries(store_dir: Path, plain: Path, query: str, repeats: int) -> dict[str, Any]:
+    """Median times of `query` through the sandbox, through DuckDB over the plain Parquet export (one file, DuckDB's
+    default row groups), and through DuckDB over the very files of the store's snapshot."""
+    import duckdb
+    from deltalake import DeltaTable
+
+    from fusion.sql import SqlSandbox
+
+    files = [uri.removeprefix("file://") for uri in DeltaTable(str(store_dir / "releases")).file_uris()]
+    sandbox = SqlSandbox(store_dir)
+
+    def plain_duckdb(source: str) -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect(":memory:")
+        con.execute("SET threads = 2")
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute(f"CREATE VIEW releases AS SELECT * FROM read_parquet({source})")
+        return con
+
+    exported = plain_duckdb(repr(f"{plain}/*.parquet"))
+    same_files = plain_duckdb(repr(files))
+
+    def median(run: Callable[[], Any]) -> tuple[float, int]:
+        times, n = [], 0
+        for _ in range(repeats):
+            began = time.perf_counter()
+            n = run().num_rows
+            times.append(time.perf_counter() - began)
+        return sorted(times)[len(times) // 2], n
+
+    fusion_s, fusion_rows = median(lambda: sandbox.query(query))
+    duck_s, duck_rows = median(lambda: exported.sql(query).to_arrow_table())
+    same_s, _ = median(lambda: same_files.sql(query).to_arrow_table())
+    sandbox.close()
+    exported.close()
+    same_files.close()
+    return {
+        "fusion_seconds": fusion_s,
+        "duckdb_seconds": duck_s,
+        "duckdb_store_files_seconds": same_s,
+        "store_files": len(files),
+        "result_rows": fusion_rows,
+        "duckdb_result_rows": duck_rows,
+        "query": query,
+    }
+
+
+def main(argv: list[str]) -> None:
+    kind, args = argv[0], json.loads(argv[1])
+    data = BenchData(directory=Path(args["data"]), rows=args["rows"], institutions=tuple(args["institutions"]))
+    workdir = Path(args["workdir"])
+    if kind == "duckdb":
+        result = duckdb_reference(data)
+    elif kind == "fusion":
+        result = fusion_batch(
+            data,
+            workdir,
+            entity_level=args.get("entity_level", False),
+            noise=args.get("noise", True),
+            beam_args=args.get("beam_args"),
+        )
+    elif kind == "he":
+        result = he_operations(data, workdir)
+    elif kind == "sql":
+        result = sql_query(workdir, days=args["days"])
+    else:
+        raise SystemExit(f"unknown measurement {kind}")
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("BENCH-RESULT " + json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
+    main(sys.argv[1:])

@@ -1,0 +1,218 @@
+"""`make bench`: Fusion against plain DuckDB and PipelineDP, side by side on the same generated data.
+
+    python -m bench.run --rows 10000000            # what `make bench` runs (N=... overrides the rows)
+
+Every measurement runs in its own process (so peak memory is its own), one after another, in the same run; the
+figures that matter are ratios against the references of the same run, which stay meaningful on a shared,
+noisy machine. Prints a table and writes bench/results/<timestamp>.json and bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.generate import BenchData, generate
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPS = ROOT / "bench" / ".deps"
+
+TARGETS = {
+    "fusion_vs_duckdb_event": 0.5,
+    "fusion_vs_duckdb_entity": 0.25,
+    "fusion_vs_pipelinedp": 100.0,
+    "he_share_max": 0.10,
+    "envelope_bytes_per_component_max": 32.0,
+    "peak_memory_mb_max": 1536.0,
+    "sql_ratio_max": 1.5,
+}
+
+
+def _child(module: str, kind: str | None, args: dict[str, Any], *, extra_path: Path | None = None) -> dict[str, Any]:
+    env = dict(os.environ)
+    paths = [str(ROOT)] + ([str(extra_path)] if extra_path else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    command = [sys.executable, "-m", module] + ([kind] if kind else []) + [json.dumps(args)]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH-RESULT "):
+            result: dict[str, Any] = json.loads(line.removeprefix("BENCH-RESULT "))
+            return result
+    raise RuntimeError(f"{module} {kind or ''} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+
+
+def measure_all(
+    data: BenchData,
+    workdir: Path,
+    *,
+    pipelinedp_rows: int,
+    sql_days: int,
+    entity_level: bool = True,
+    noise: bool = True,
+    beam_args: list[str] | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Run every measurement in turn; returns the raw figures and the derived ratios."""
+    base = {"data": str(data.directory), "rows": data.rows, "institutions": list(data.institutions)}
+    results: dict[str, Any] = {}
+    log("duckdb: plain GROUP BY over the same Parquet ...")
+    results["duckdb"] = _child("bench.measure", "duckdb", {**base, "workdir": str(workdir / "duckdb")})
+    log("fusion: event level, end to end ...")
+    results["fusion_event"] = _child(
+        "bench.measure",
+        "fusion",
+        {**base, "workdir": str(workdir / "fusion-event"), "noise": noise, "beam_args": beam_args or []},
+    )
+    if entity_level:
+        log("fusion: entity level, end to end ...")
+        results["fusion_entity"] = _child(
+            "bench.measure",
+            "fusion",
+            {
+                **base,
+                "workdir": str(workdir / "fusion-entity"),
+                "entity_level": True,
+                "noise": noise,
+                "beam_args": beam_args or [],
+            },
+        )
+    log("he: encrypt, sum, decrypt on the same layout ...")
+    results["he"] = _child("bench.measure", "he", {**base, "workdir": str(workdir / "he")})
+    if pipelinedp_rows > 0:
+        log(f"pipelinedp: Beam backend at {pipelinedp_rows:,} rows ...")
+        results["pipelinedp"] = _child(
+            "bench.pipelinedp_ref", None, {"rows": pipelinedp_rows, "feeds": str(data.feeds)}, extra_path=DEPS
+        )
+    if sql_days > 0:
+        log(f"sql: {sql_days} days of 15-minute releases, sandbox vs plain Parquet ...")
+        results["sql"] = _child("bench.measure", "sql", {**base, "workdir": str(workdir), "days": sql_days})
+    return {"raw": results, "summary": summarise(data, results)}
+
+
+def summarise(data: BenchData, raw: dict[str, Any]) -> dict[str, Any]:
+    n = data.rows
+    duck = raw["duckdb"]
+    event = raw["fusion_event"]
+    summary: dict[str, Any] = {
+        "rows": n,
+        "institutions": len(data.institutions),
+        "duckdb_rows_per_s": n / duck["seconds"],
+        "fusion_event_rows_per_s": n / event["seconds"],
+        "fusion_vs_duckdb_event": duck["seconds"] / event["seconds"],
+        "he_seconds": raw["he"]["seconds"],
+        "he_share": raw["he"]["seconds"] / event["seconds"],
+        "envelope_bytes_per_component": sum(event["envelope_bytes"]) / max(1, event["envelopes"]) / event["slots"],
+        "peak_memory_mb": {"duckdb": duck["peak_rss_mb"], "fusion_event": event["peak_rss_mb"]},
+        "fusion_event_stages_s": event["stages"],
+    }
+    if "fusion_entity" in raw:
+        entity = raw["fusion_entity"]
+        summary["fusion_entity_rows_per_s"] = n / entity["seconds"]
+        summary["fusion_vs_duckdb_entity"] = duck["seconds"] / entity["seconds"]
+        summary["peak_memory_mb"]["fusion_entity"] = entity["peak_rss_mb"]
+    if "pipelinedp" in raw:
+        pdp = raw["pipelinedp"]
+        summary["pipelinedp_rows"] = pdp["rows"]
+        summary["pipelinedp_rows_per_s"] = pdp["rows"] / pdp["seconds"]
+        summary["fusion_vs_pipelinedp"] = summary["fusion_event_rows_per_s"] / summary["pipelinedp_rows_per_s"]
+        summary["peak_memory_mb"]["pipelinedp"] = pdp["peak_rss_mb"]
+    if "sql" in raw:
+        sql = raw["sql"]
+        summary["sql_rows"] = sql["rows"]
+        summary["sql_fusion_ms"] = 1000 * sql["fusion_seconds"]
+        summary["sql_duckdb_ms"] = 1000 * sql["duckdb_seconds"]
+        summary["sql_duckdb_store_files_ms"] = 1000 * sql["duckdb_store_files_seconds"]
+        summary["sql_ratio"] = sql["fusion_seconds"] / sql["duckdb_seconds"]
+    return summary
+
+
+def table(summary: dict[str, Any]) -> Table:
+    out = Table(title=f"Fusion bench: {summary['rows']:,} readings, {summary['institutions']} institutions")
+    for column in ("measure", "value", "target", "met"):
+        out.add_column(column, justify="right" if column != "measure" else "left")
+
+    def row(label: str, value: str, target: str = "", met: bool | None = None) -> None:
+        out.add_row(label, value, target, "" if met is None else ("yes" if met else "NO"))
+
+    row("DuckDB GROUP BY (non-private floor)", f"{summary['duckdb_rows_per_s']:,.0f} rows/s")
+    row("Fusion event level, end to end", f"{summary['fusion_event_rows_per_s']:,.0f} rows/s")
+    ratio = summary["fusion_vs_duckdb_event"]
+    row("  Fusion / DuckDB", f"{ratio:.3f}x", ">= 0.5x", ratio >= TARGETS["fusion_vs_duckdb_event"])
+    if "fusion_entity_rows_per_s" in summary:
+        row("Fusion entity level, end to end", f"{summary['fusion_entity_rows_per_s']:,.0f} rows/s")
+        ratio = summary["fusion_vs_duckdb_entity"]
+        row("  Fusion / DuckDB", f"{ratio:.3f}x", ">= 0.25x", ratio >= TARGETS["fusion_vs_duckdb_entity"])
+    if "pipelinedp_rows_per_s" in summary:
+        row(f"PipelineDP Beam ({summary['pipelinedp_rows']:,} rows)", f"{summary['pipelinedp_rows_per_s']:,.0f} rows/s")
+        ratio = summary["fusion_vs_pipelinedp"]
+        row("  Fusion / PipelineDP", f"{ratio:.1f}x", ">= 100x", ratio >= TARGETS["fusion_vs_pipelinedp"])
+    share = summary["he_share"]
+    row("HE share (encrypt + sum + decrypt)", f"{100 * share:.1f}%", "<= 10%", share <= TARGETS["he_share_max"])
+    per = summary["envelope_bytes_per_component"]
+    row("Envelope bytes per cell component", f"{per:.2f}", "<= 32", per <= TARGETS["envelope_bytes_per_component_max"])
+    for name, mb in summary["peak_memory_mb"].items():
+        limit = TARGETS["peak_memory_mb_max"] if name.startswith("fusion") else None
+        row(f"Peak memory, {name}", f"{mb:,.0f} MiB", "< 1536 MiB" if limit else "", (mb < limit) if limit else None)
+    if "sql_ratio" in summary:
+        row(f"SQL time series ({summary['sql_rows']:,} release rows): sandbox", f"{summary['sql_fusion_ms']:.1f} ms")
+        row("  plain DuckDB over a Parquet export", f"{summary['sql_duckdb_ms']:.1f} ms")
+        row("  plain DuckDB over the store's own files", f"{summary['sql_duckdb_store_files_ms']:.1f} ms")
+        ratio = summary["sql_ratio"]
+        row("  sandbox / plain export", f"{ratio:.2f}x", "<= 1.5x", ratio <= TARGETS["sql_ratio_max"])
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["fusion_event_stages_s"].items())
+    row("Fusion event-level stages", stages)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=10_000_000, help="readings in all (default 10M)")
+    parser.add_argument("--institutions", type=int, default=5)
+    parser.add_argument("--pipelinedp-rows", type=int, default=1_000_000, help="rows for PipelineDP (0: skip)")
+    parser.add_argument("--sql-days", type=int, default=365, help="days of releases for the SQL test (0: skip)")
+    parser.add_argument("--no-entity", action="store_true", help="skip the entity-level run")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out", help="data and scratch directory")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--beam-arg", action="append", default=[], help="extra Beam option for Fusion's runs")
+    args = parser.parse_args(argv)
+
+    console = Console()
+    console.print(f"generating {args.rows:,} readings for {args.institutions} institutions ...")
+    data = generate(args.work / f"data-{args.rows}", args.rows, institutions=args.institutions)
+    measured = measure_all(
+        data,
+        args.work / "runs",
+        pipelinedp_rows=min(args.pipelinedp_rows, args.rows),
+        sql_days=args.sql_days,
+        entity_level=not args.no_entity,
+        beam_args=args.beam_arg,
+        log=console.print,
+    )
+    report = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "targets": TARGETS,
+        **measured,
+    }
+    console.print(table(report["summary"]))
+    args.results.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, default=str)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (args.results / f"{stamp}.json").write_text(text)
+    (args.results / "latest.json").write_text(text)
+    console.print(f"written {args.results / 'latest.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

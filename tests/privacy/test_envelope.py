@@ -1,0 +1,72 @@
+"""Envelope wire format: packed ciphertexts round-trip exactly, are smaller than 32 bytes a slot, and any
+damage to them is a payload mismatch; version 1 envelopes are still read."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from privacy import he
+from privacy.envelope import (
+    MAGIC_V1,
+    MAX_CIPHERTEXT_BYTES,
+    EnvelopeError,
+    PayloadMismatch,
+    pack_ciphertext,
+    pack_envelope,
+    payload_digest,
+    unpack_ciphertext,
+    unpack_envelope,
+)
+from tests.privacy.test_signing import HEADER
+
+
+@pytest.fixture(scope="module")
+def ciphertexts() -> list[bytes]:
+    _, public = he.generate_keys()
+    vector = np.random.default_rng(3).integers(-he.MAX_ABS_TOTAL, he.MAX_ABS_TOTAL, size=2 * he.SLOTS_PER_CIPHERTEXT)
+    return he.encrypt_vector(he.load_public_context(public), vector, residues=True)
+
+
+@pytest.mark.parametrize("data", [b"", b"x", b"0123456789abcdefg", bytes(range(256)) * 3])
+def test_pack_ciphertext_round_trips_any_bytes(data: bytes) -> None:
+    assert unpack_ciphertext(pack_ciphertext(data)) == data
+
+
+def test_envelopes_round_trip_real_ciphertexts_below_32_bytes_a_slot(ciphertexts: list[bytes]) -> None:
+    data = pack_envelope(HEADER, ciphertexts)
+    header, back = unpack_envelope(data)
+    assert back == ciphertexts
+    assert header.payload_sha256 == payload_digest(ciphertexts)
+    payload = len(data) - len(header.to_json())
+    assert payload / (len(ciphertexts) * he.SLOTS_PER_CIPHERTEXT) < 32.0
+
+
+def test_a_damaged_packed_payload_is_a_payload_mismatch(ciphertexts: list[bytes]) -> None:
+    data = bytearray(pack_envelope(HEADER, ciphertexts[:1]))
+    for position in (-5, -10, -20_000):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x01
+        with pytest.raises(PayloadMismatch):
+            unpack_envelope(bytes(damaged))
+
+
+def test_a_payload_inflating_beyond_any_ciphertext_is_refused() -> None:
+    with pytest.raises(PayloadMismatch):
+        unpack_ciphertext(zlib.compress(bytes(MAX_CIPHERTEXT_BYTES + 8)))
+
+
+def test_version_1_envelopes_are_still_read() -> None:
+    cts = [b"ct-1", b"ct-22"]
+    header = replace(HEADER, payload_sha256=payload_digest(cts))
+    head = header.to_json()
+    parts = [MAGIC_V1, struct.pack(">I", len(head)), head, struct.pack(">I", len(cts))]
+    for ct in cts:
+        parts += [struct.pack(">Q", len(ct)), ct]
+    assert unpack_envelope(b"".join(parts))[1] == cts
+    with pytest.raises(EnvelopeError):
+        unpack_envelope(b"FUSIONENV9\n" + b"".join(parts)[len(MAGIC_V1):])
