@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -236,47 +238,66 @@ class SealContribution(beam.DoFn):
         yield header
 
 
-def _sealed_files(plan: ReleasePlan, institution: InstitutionConfig) -> tuple[Path, Path]:
-    directory = Path(plan.config.institution_keys_path(institution)) / "sealed"
-    return directory / f"{plan.key.interval_name}.json", directory / f"{plan.key.interval_name}.fenv"
+#: Kept envelopes older than this are pruned (their records, a few bytes each, are kept forever).
+KEEP_SEALED = timedelta(days=7)
+
+
+def _sealed_dir(plan: ReleasePlan, institution: InstitutionConfig) -> Path:
+    return Path(plan.config.institution_keys_path(institution)) / "sealed"
 
 
 def sealed_envelope(plan: ReleasePlan, institution: InstitutionConfig) -> bytes | None:
     """The envelope this institution already sealed for the plan's interval (None if it has not sealed one).
 
-    An institution seals one envelope per interval, ever, and keeps it (owner-only, beside its keys): whoever
-    deletes it from the exchange gets the same bytes re-published, never a second draw of noise (averaging
-    several would wear the noise away), and a second release of the same interval under other parameters is
-    refused.
+    An institution seals one envelope per interval, ever: a record of it stays in its key directory (owner-only),
+    and the envelope itself is kept for `KEEP_SEALED`. Whoever deletes it from the exchange gets the same bytes
+    re-published, never a second draw of noise (averaging several would wear the noise away); a second release
+    of the same interval under other parameters is refused, and so is sealing again once the copy is pruned.
     """
-    record, envelope = _sealed_files(plan, institution)
+    record = _sealed_dir(plan, institution) / f"{plan.key.interval_name}.json"
     if not record.exists():
         return None
-    sealed_for = json.loads(record.read_text())["release_id"]
-    if sealed_for != plan.key.release_id:
+    doc = json.loads(record.read_text())
+    if doc["release_id"] != plan.key.release_id:
         raise FusionError(
-            f"institution {institution.id} already contributed to {plan.key.interval_name} as release {sealed_for}; "
-            f"it does not contribute to the same interval again as {plan.key.release_id} (other parameters): "
-            "repeated contributions of the same readings would let their noise be averaged away"
+            f"institution {institution.id} already contributed to {plan.key.interval_name} as release "
+            f"{doc['release_id']}; it does not contribute to the same interval again as {plan.key.release_id} "
+            "(other parameters): repeated contributions of the same readings would let their noise be averaged away"
         )
-    return read_private(envelope, f"institution {institution.id}'s sealed envelope")
+    kept = record.parent / doc["envelope"]
+    if not kept.exists():
+        raise FusionError(
+            f"institution {institution.id} sealed {plan.key.interval_name} before and its kept copy has been pruned "
+            f"(after {KEEP_SEALED.days} days); it does not seal the interval again"
+        )
+    return read_private(kept, f"institution {institution.id}'s sealed envelope")
 
 
 def record_sealed(plan: ReleasePlan, institution: InstitutionConfig, envelope: bytes) -> bytes:
-    """Keep the envelope before it is published; returns what to publish (an earlier record wins a race)."""
-    record, path = _sealed_files(plan, institution)
-    write_private(path.with_suffix(".fenv.tmp"), envelope)
-    record.parent.mkdir(parents=True, exist_ok=True)
+    """Keep the envelope and record it, before it is published; returns what to publish (if another run of this
+    institution recorded one first, that one). A crash before the record exists leaves only an unpublished
+    copy, so no second noisy version ever leaves the institution."""
+    directory = _sealed_dir(plan, institution)
+    name = f"{plan.key.interval_name}-{hashlib.sha256(envelope).hexdigest()[:16]}.fenv"
+    write_private(directory / name, envelope)
+    pending = directory / f".{name}.json"
+    write_private(pending, json.dumps({"release_id": plan.key.release_id, "envelope": name}).encode())
     try:
-        descriptor = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.link(pending, directory / f"{plan.key.interval_name}.json")  # create-once, complete or not at all
     except FileExistsError:
+        (directory / name).unlink()
         return sealed_envelope(plan, institution) or envelope
-    os.replace(path.with_suffix(".fenv.tmp"), path)
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump({"release_id": plan.key.release_id}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    finally:
+        pending.unlink()
+    _prune(directory)
     return envelope
+
+
+def _prune(directory: Path) -> None:
+    cutoff = time.time() - KEEP_SEALED.total_seconds()
+    for kept in directory.glob("*.fenv"):
+        if kept.stat().st_mtime < cutoff:
+            kept.unlink(missing_ok=True)
 
 
 def noise_generator(plan: ReleasePlan, institution: str, purpose: str) -> np.random.Generator:

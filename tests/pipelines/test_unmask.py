@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -215,3 +216,11 @@ def test_an_institution_seals_one_envelope_per_interval_ever(make_federation):
     assert other.key.release_id != plan.key.release_id
     with pytest.raises(FusionError, match="already contributed"):
         run_contributions(other, fed.config.institutions[:1])
+    # After a week the kept copy is pruned (the record stays): the interval is never sealed again.
+    alpha = fed.config.institutions[:1]
+    for kept in (fed.directory / "institution-keys" / "alpha" / "sealed").glob("*.fenv"):
+        os.utime(kept, (0, 0))
+    run_contributions(plan_release(fed.config, END, END + (END - START)), alpha)  # sealing prunes old copies
+    Path(path).unlink()
+    with pytest.raises(FusionError, match="pruned"):
+        run_contributions(plan, alpha)
