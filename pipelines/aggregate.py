@@ -304,6 +304,15 @@ class SealAggregate(beam.DoFn):
         return status
 
 
+def envelope_paths(plan: ReleasePlan, roster: Roster | None) -> list[str]:
+    """The envelopes the aggregator reads: the contributions, and once a roster is closed, the answers to it."""
+    exchange = plan.config.exchange_path
+    paths = list_files(contributions_dir(exchange, plan.key), ".fenv")
+    if roster is not None:
+        paths += list_files(unmask_dir(exchange, plan.key), ".fenv")
+    return paths
+
+
 class Aggregate(beam.PTransform):
     """All contribution envelopes in the exchange for one release -> the aggregate envelope."""
 
@@ -316,9 +325,7 @@ class Aggregate(beam.PTransform):
         plan = self._plan
         exchange = plan.config.exchange_path
         roster = read_roster(plan)
-        paths = list_files(contributions_dir(exchange, plan.key), ".fenv")
-        if roster is not None:
-            paths += list_files(unmask_dir(exchange, plan.key), ".fenv")
+        paths = envelope_paths(plan, roster)
         public_context = PublicContext(public_context_path(exchange))
         opened = (
             pbegin

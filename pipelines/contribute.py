@@ -87,7 +87,7 @@ class ReadAndValidate(beam.DoFn):
             rejected = Counter(checked.reasons)
             if raw.malformed:
                 rejected[RejectReason.MALFORMED_RECORD.value] += len(raw.malformed)
-                yield TaggedOutput(DEAD, (f"{name}-malformed", _malformed_letters(raw.malformed, path)))
+                yield TaggedOutput(DEAD, (f"{name}-malformed", malformed_letters(raw.malformed, path)))
             yield TaggedOutput(COUNTS, PartialAggregate(rows_read=raw.rows, rejected=rejected))
             if checked.rejected.num_rows:
                 yield TaggedOutput(DEAD, (f"{name}-invalid", checked.rejected))
@@ -95,7 +95,7 @@ class ReadAndValidate(beam.DoFn):
                 yield shard, table_to_bytes(table)
 
 
-def _malformed_letters(lines: tuple[tuple[int, str], ...], source: str) -> pa.Table:
+def malformed_letters(lines: tuple[tuple[int, str], ...], source: str) -> pa.Table:
     return pa.table(
         {
             "_text": pa.array([text for _, text in lines], pa.string()),

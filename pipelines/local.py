@@ -15,10 +15,18 @@ import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
 from fusion.config import InstitutionConfig
-from fusion.exchange import contributions_dir, list_files, public_context_path, unmask_dir
+from fusion.exchange import public_context_path
 from fusion.plan import ReleasePlan
 from fusion.registry import load_registry
-from pipelines.aggregate import REFUSED, EncryptedSum, OnePerInstitution, OpenEnvelope, PublicContext, SealAggregate
+from pipelines.aggregate import (
+    REFUSED,
+    EncryptedSum,
+    OnePerInstitution,
+    OpenEnvelope,
+    PublicContext,
+    SealAggregate,
+    envelope_paths,
+)
 from pipelines.contribute import (
     COUNTS,
     DEAD,
@@ -76,9 +84,7 @@ def aggregate_locally(plan: ReleasePlan, *, may_declare_absent: bool = True) -> 
     """`Aggregate` (pipelines/aggregate.py), step by step in this process."""
     exchange = plan.config.exchange_path
     roster = read_roster(plan)
-    paths = list_files(contributions_dir(exchange, plan.key), ".fenv")
-    if roster is not None:
-        paths += list_files(unmask_dir(exchange, plan.key), ".fenv")
+    paths = envelope_paths(plan, roster)
     public_context = PublicContext(public_context_path(exchange))
     opened, refused = run_dofn(OpenEnvelope(plan, public_context, load_registry(plan.config), roster), paths)
     unique, duplicates = run_dofn(OnePerInstitution(), group_by_key(opened))

@@ -31,6 +31,7 @@ from apache_beam.transforms import trigger, window
 from fusion.config import Config, FeedConfig, FeedFormat
 from fusion.exchange import join, read_bytes, write_bytes, write_json
 from fusion.feeds import RawBatch, mapped_columns, read_feed_file
+from pipelines.contribute import malformed_letters
 from schemas.readings import EVENT_TIME, READING_SCHEMA
 from schemas.reasons import RejectReason
 from schemas.validation import ReadingRules, ReadingValidator, readings_as_dead_letters
@@ -81,14 +82,7 @@ def validated_outputs(
     rejected = Counter(checked.reasons)
     if raw.malformed:
         rejected[RejectReason.MALFORMED_RECORD.value] += len(raw.malformed)
-        letters = pa.table(
-            {
-                "_text": pa.array([t for _, t in raw.malformed], pa.string()),
-                "_reason": [RejectReason.MALFORMED_RECORD.value] * len(raw.malformed),
-                "_source": [source] * len(raw.malformed),
-                "_row": pa.array([n for n, _ in raw.malformed], pa.int64()),
-            }
-        )
+        letters = malformed_letters(raw.malformed, source)
         yield TaggedOutput(DEAD, (join(dead_letter_dir, f"{key}-malformed.parquet"), letters))
     if checked.rejected.num_rows:
         yield TaggedOutput(DEAD, (join(dead_letter_dir, f"{key}-invalid.parquet"), checked.rejected))
