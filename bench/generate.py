@@ -121,7 +121,7 @@ def config_text(
     noise: bool = True,
     quorum: int = 3,
     batch_rows: int = 262_144,
-    entity_shards: int = 8,
+    shard_rows: int = 8_000_000,
 ) -> str:
     """A federation config over the generated feeds. Production mode (secure noise) unless `noise` is off,
     which only test mode allows."""
@@ -141,7 +141,7 @@ def config_text(
         lines.append("noise = false")
     if entity_level:
         lines += ['unit = "entity"', "max_partitions = 24", "max_readings_per_partition = 4"]
-    lines += ["[pipeline]", f"entity_shards = {entity_shards}", f"batch_rows = {batch_rows}"]
+    lines += ["[pipeline]", f"shard_rows = {shard_rows}", f"batch_rows = {batch_rows}"]
     for name, (unit, lower, upper, resolution, plausible) in METRICS.items():
         lines += [
             "[[metrics]]",

@@ -5,8 +5,8 @@ Pure and vectorised (pyarrow / NumPy); the Beam pipeline in pipelines/contribute
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from privacy.bounding import bound_contributions
 from privacy.encoding import MetricEncoding, bin_index, encode_readings, encode_squares
 from privacy.layout import SUMSQ, PartitionLayout, bin_components
-from schemas.readings import ALL_FIELDS, ENTITY_ID, EVENT_TIME, METRIC, REGION, VALUE
+from schemas.readings import ALL_FIELDS, ENTITY_ID, EVENT_TIME, METRIC, READING_SCHEMA, REGION, VALUE
 
 _UID = "__fusion_uid"
 
@@ -59,64 +59,19 @@ class PartialAggregate:
         return counts
 
 
-def entity_shards(entities: pa.Array | pa.ChunkedArray, shards: int) -> np.ndarray:
-    """A stable shard number in [0, shards) per row, from a hash of the entity id (same on every worker)."""
-    encoded = pc.dictionary_encode(pa.chunked_array([entities]) if isinstance(entities, pa.Array) else entities)
-    combined = encoded.combine_chunks()
-    dictionary = combined.dictionary.to_pylist()
-    per_entity = np.array(
-        [int.from_bytes(hashlib.blake2b(str(e).encode(), digest_size=8).digest(), "big") % shards for e in dictionary],
-        dtype=np.int64,
-    )
-    return per_entity[combined.indices.to_numpy(zero_copy_only=False)] if len(dictionary) else np.zeros(0, np.int64)
+def shared_key_rows(keys: np.ndarray) -> np.ndarray:
+    """Indices (ascending) of the rows whose 64-bit key occurs more than once: a superset of the rows with an
+    equal twin, as equal readings hash alike (a hash collision only adds a candidate)."""
+    if keys.size < 2:
+        return np.zeros(0, dtype=np.int64)
+    ordered = np.sort(keys)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if repeated.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.isin(keys, np.unique(repeated)))
 
 
-def split_by_entity_shard(readings: pa.Table, shards: int) -> list[tuple[int, pa.Table]]:
-    """Sub-tables of `readings` keyed by entity shard, so one entity's rows always meet in one place."""
-    if readings.num_rows == 0:
-        return []
-    shard = entity_shards(readings.column(ENTITY_ID), shards)
-    # A stable sort of small integers is a radix sort in NumPy. One take per shard, not slices of one take:
-    # a slice pickles (through the shuffle) with its parent's whole buffers.
-    order = np.argsort(shard.astype(np.uint16) if shards <= 1 << 16 else shard, kind="stable")
-    sorted_shards = shard[order]
-    bounds = np.flatnonzero(np.diff(sorted_shards)) + 1
-    return [(int(shard[indices[0]]), readings.take(pa.array(indices))) for indices in np.split(order, bounds)]
-
-
-def deduplicate(readings: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(first occurrences, exact duplicates): rows equal in every reading field count once.
-
-    Fast path: rows can only be equal if their event time and value are, so a sort on those two numbers finds
-    the few candidates (usually none) and only they are compared on every field."""
-    if readings.num_rows == 0:
-        return readings, readings
-    if readings.column(EVENT_TIME).null_count or readings.column(VALUE).null_count:
-        return deduplicate_reference(readings)
-    candidates = _same_time_and_value(readings)
-    if candidates.size == 0:
-        return readings, readings.slice(0, 0)
-    keep = np.ones(readings.num_rows, dtype=bool)
-    keep[candidates] = _first_occurrences(readings.take(pa.array(candidates)))
-    mask = pa.array(keep)
-    return readings.filter(mask), readings.filter(pc.invert(mask))
-
-
-def _same_time_and_value(readings: pa.Table) -> np.ndarray:
-    """Sorted indices of the rows whose (event time, value) key is shared with another row (int64): a superset
-    of the rows with an equal twin, as equal pairs give equal keys (hash collisions only add candidates)."""
-    micros = pc.cast(readings.column(EVENT_TIME), pa.int64()).to_numpy(zero_copy_only=False)
-    values = readings.column(VALUE).to_numpy(zero_copy_only=False).astype(np.float64) + 0.0  # -0.0 -> 0.0
-    with np.errstate(over="ignore"):
-        key = micros.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ values.view(np.uint64)
-    counts = pc.value_counts(pa.array(key))
-    shared = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    involved = pc.is_in(pa.array(key), value_set=shared).to_numpy(zero_copy_only=False)
-    involved |= np.isnan(values)  # NaN keys differ bit by bit; validation rejects NaN, but compare them in full
-    return np.flatnonzero(involved)
-
-
-def _first_occurrences(readings: pa.Table) -> np.ndarray:
+def first_occurrences(readings: pa.Table) -> np.ndarray:
     """Boolean mask of the first row of each group of rows equal in every reading field."""
     numbered = readings.append_column(_UID, pa.array(np.arange(readings.num_rows, dtype=np.int64)))
     firsts = numbered.group_by(list(ALL_FIELDS), use_threads=False).aggregate([(_UID, "min")])
@@ -126,11 +81,89 @@ def _first_occurrences(readings: pa.Table) -> np.ndarray:
 
 
 def deduplicate_reference(readings: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """The slow, obvious version of `deduplicate` (every row compared on every field), for tests."""
+    """(first occurrences, exact duplicates), every row compared on every field: the slow, obvious version of
+    the scan's hashed de-duplication, for tests."""
     if readings.num_rows == 0:
         return readings, readings
-    mask = pa.array(_first_occurrences(readings))
+    mask = pa.array(first_occurrences(readings))
     return readings.filter(mask), readings.filter(pc.invert(mask))
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Encoded rows that repeat an earlier reading exactly (earlier: in file order, then row order)."""
+
+    indices: np.ndarray  # into the encoded rows
+    readings: pa.Table  # their typed readings (READING_SCHEMA)
+    sources: np.ndarray  # their file (`src`) ...
+    rows: np.ndarray  # ... and row in it
+
+
+def find_duplicates(
+    keys: np.ndarray,
+    sources: np.ndarray,
+    rows: np.ndarray,
+    readings_at: Callable[[int, np.ndarray], pa.Table],
+) -> Duplicates:
+    """Exact duplicates among encoded rows: rows whose hashes collide are fetched in full (`readings_at(src,
+    rows)` gives their typed readings) and compared on every field; all but the first of each group repeat it."""
+    candidates = shared_key_rows(keys)
+    if candidates.size == 0:
+        empty = np.zeros(0, np.int64)
+        return Duplicates(empty, READING_SCHEMA.empty_table(), empty.astype(np.int32), empty)
+    candidates = candidates[np.lexsort((rows[candidates], sources[candidates]))]  # file order
+    src_of = sources[candidates]
+    pieces = [readings_at(int(src), rows[candidates[src_of == src]]) for src in np.unique(src_of)]
+    readings = pa.concat_tables(pieces)
+    later = ~first_occurrences(readings)
+    indices = candidates[later]
+    return Duplicates(indices, readings.filter(pa.array(later)), sources[indices], rows[indices])
+
+
+#: Each of the two parts `exact_bincount` splits values into adds up exactly in float64 over this many rows.
+EXACT_ROWS = 1 << 29
+
+
+def exact_bincount(index: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
+    """int64 sums of `values` (int64) per `index`, exact: NumPy's weighted bincount adds in float64, so each value
+    is split into a high part and a low 24-bit part whose sums stay below 2^53."""
+    if index.size > EXACT_ROWS:
+        raise ValueError(f"at most {EXACT_ROWS} rows per call, got {index.size}")
+    low = values & 0xFFFFFF
+    high = values >> 24
+    low_sum = np.rint(np.bincount(index, weights=low, minlength=length)).astype(np.int64)
+    high_sum = np.rint(np.bincount(index, weights=high, minlength=length)).astype(np.int64)
+    return (high_sum << 24) + low_sum
+
+
+def pack_encoded(
+    cell: np.ndarray,
+    sums: Mapping[str, np.ndarray],
+    *,
+    layout: PartitionLayout,
+    encodings: tuple[MetricEncoding, ...],
+    bins: np.ndarray | None = None,
+) -> np.ndarray:
+    """The layout's slots (int64) from encoded readings: COUNT adds each reading's metric weight, SUM (and SUMSQ)
+    its encoded values, and each histogram bin the weight of the readings in it. The same vector as
+    `aggregate_readings` over the typed readings."""
+    vector = np.zeros(layout.slots, dtype=np.int64)
+    if cell.size == 0:
+        return vector
+    metric_idx, _, _ = layout.cell_coordinates()
+    weight = np.array([e.count_weight for e in encodings], dtype=np.int64)[metric_idx]  # per cell
+    vector[: layout.cells] = np.bincount(cell, minlength=layout.cells).astype(np.int64) * weight
+    for component, values in sums.items():
+        layout.block(vector, component)[:] = exact_bincount(cell, values, layout.cells)
+    if layout.bins:
+        if bins is None:
+            raise ValueError("the layout has histogram bins: pass each reading's bin")
+        first_bin = layout.components.index(bin_components(layout.bins)[0])
+        counts = np.bincount(bins * layout.cells + cell, minlength=layout.bins * layout.cells).astype(np.int64)
+        vector[first_bin * layout.cells : (first_bin + layout.bins) * layout.cells] = counts * np.tile(
+            weight, layout.bins
+        )
+    return vector
 
 
 def reading_cells(readings: pa.Table, layout: PartitionLayout) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ from fusion.ledger import BudgetExceeded, BudgetLedger
 from fusion.plan import ReleasePlan
 from fusion.store import Store
 from pipelines.release import ReleaseOutcome, audit_event, release
-from pipelines.run import run_aggregate, run_contributions, run_unmask
+from pipelines.run import names_runner, run_aggregate, run_contributions, run_unmask
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,11 @@ def run_batch(
     in_process: bool = False,
 ) -> BatchSummary:
     """Run the interval end to end. An interval already in the store is skipped without spending budget.
-    `in_process` runs the role steps without Beam (pipelines/local.py), for small intervals."""
+
+    The contributions run as one Beam pipeline. The aggregator's steps (a handful of envelopes, whatever the
+    number of readings) run in this process unless `beam_args` name a runner: on the local DirectRunner a
+    pipeline costs more to build than the work. `in_process` runs every role step without Beam
+    (pipelines/local.py), for small intervals such as a stream's windows."""
     store = Store(plan.config.store_path)
     store.ensure_tables()
     if store.has_release(plan.key.release_id):
@@ -56,13 +60,14 @@ def run_batch(
     on_stage("contribute")
     reports = run_contributions(plan, plan.config.institutions, beam_args, in_process=in_process)
     on_stage("aggregate")
-    aggregated = run_aggregate(plan, beam_args, in_process=in_process)
+    aggregate_in_process = in_process or not names_runner(beam_args)
+    aggregated = run_aggregate(plan, beam_args, in_process=aggregate_in_process)
     if aggregated["status"] == "awaiting_unmask":
         # The roster is closed: every included institution answers it (seed shares; corrections for the absent).
         on_stage("unmask")
         pending = [i for i in plan.config.institutions if i.id in aggregated["unmask_pending"]]
         run_unmask(plan, pending)
-        aggregated = run_aggregate(plan, beam_args, in_process=in_process)
+        aggregated = run_aggregate(plan, beam_args, in_process=aggregate_in_process)
     if aggregated["status"] != "aggregated":
         raise ReleaseRefused(f"aggregation did not complete: {aggregated}")
     on_stage("release")

@@ -1,7 +1,9 @@
-"""The institution's Beam pipeline: feed files -> validated Arrow batches -> de-duplicated by entity shard ->
-one packed vector -> Skellam share -> BFV envelope in the exchange. Dead letters stay local.
+"""The institution's Beam pipeline: feed files -> scan shards validated and encoded in DuckDB -> exact
+duplicates removed, entity-level bounding -> one packed vector -> Skellam share -> BFV envelope in the exchange.
+Dead letters stay local.
 
-Elements are file shards and Arrow tables, never single readings; the logic lives in fusion/ and privacy/.
+Elements are scan shards and packed vectors, never single readings, and no readings are shuffled: a scan shard
+is a hash partition of one institution's readings (fusion/scan.py). The logic lives in fusion/ and privacy/.
 """
 
 from __future__ import annotations
@@ -23,122 +25,102 @@ import pyarrow.parquet as pq
 from apache_beam.pvalue import TaggedOutput
 
 from fusion.config import InstitutionConfig, PrivacyUnit
-from fusion.contribution import (
-    PartialAggregate,
-    aggregate_readings,
-    bound_by_entity,
-    cell_reading_counts,
-    deduplicate,
-    split_by_entity_shard,
-)
+from fusion.contribution import PartialAggregate, cell_reading_counts, find_duplicates, pack_encoded
 from fusion.errors import FusionError, InternalError
 from fusion.exchange import contribution_path, join, public_context_path, read_bytes, write_bytes, write_json
 from fusion.faults import crash_point
-from fusion.feeds import feed_files, mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_key, load_agreement_keys, load_signing_key, read_private, write_private
-from fusion.transport import table_from_bytes, table_to_bytes
+from fusion.scan import BIN, CELL, ENTITY, KEY, ROW, SOURCE, SUM, FeedScanner, scan_shards
 from privacy import he
+from privacy.bounding import bound_contributions
 from privacy.envelope import EnvelopeHeader, pack_envelope
+from privacy.layout import SUMSQ
 from privacy.masking import add_mod, pairwise_mask
 from privacy.sharing import commitment, new_seed, self_mask, share_seed
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
-from schemas.readings import DEAD_LETTER_REASON, DEAD_LETTER_ROW, DEAD_LETTER_SOURCE
 from schemas.reasons import RejectReason
-from schemas.validation import ReadingValidator, readings_as_dead_letters
+from schemas.validation import readings_as_dead_letters
 
 DEAD = "dead"
-COUNTS = "counts"
-#: DuckDB threads of each worker's validation query (validation is the busiest step of a contribution).
-VALIDATION_THREADS = 2
+#: DuckDB threads of each scan (the scan is the busiest step of a contribution).
+SCAN_THREADS = 2
 
 
 def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-class ReadAndValidate(beam.DoFn):
-    """(feed index, file path) -> (entity shard, accepted readings as Arrow IPC bytes); dead letters and counts
-    tagged."""
+def dead_letter_dir(plan: ReleasePlan, institution: InstitutionConfig) -> str:
+    """The institution's local dead letters for the interval (never shared)."""
+    return join(plan.config.dead_letter_path(institution), plan.key.interval_name)
 
-    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig) -> None:
+
+class ContributeShard(beam.DoFn):
+    """(institution id, scan shard, shards) -> (institution id, PartialAggregate of that shard): its feeds
+    scanned and validated in DuckDB, exact duplicates removed, entity-level bounding, packed into the layout's
+    slots. Dead letters (invalid rows, unparseable lines, duplicates) are tagged (institution id, name, table)."""
+
+    def __init__(self, plan: ReleasePlan) -> None:
         self._plan = plan
-        self._institution = institution
 
-    def setup(self) -> None:
-        self._validator = ReadingValidator(self._plan.rules, threads=VALIDATION_THREADS)
-
-    def process(self, element: tuple[int, str]) -> Iterator[Any]:
-        feed_index, path = element
-        feed = self._institution.feeds[feed_index]
-        batch_rows = self._plan.config.pipeline.batch_rows
-        shards = self._plan.config.pipeline.entity_shards
-        offset = 0  # rows of this file already read, so dead letters' _row points into the file
-        for number, raw in enumerate(read_feed_file(path, feed, batch_rows=batch_rows)):
-            name = f"{feed.name}-{_short_hash(path)}-{number:05d}"
-            checked = self._validator.validate(
-                raw.table,
-                columns=mapped_columns(feed),
-                time_format=feed.time_format.value,
-                source=path,
-                row_offset=offset,
-            )
-            offset += raw.table.num_rows
-            rejected = Counter(checked.reasons)
-            if raw.malformed:
-                rejected[RejectReason.MALFORMED_RECORD.value] += len(raw.malformed)
-                yield TaggedOutput(DEAD, (f"{name}-malformed", malformed_letters(raw.malformed, path)))
-            yield TaggedOutput(COUNTS, PartialAggregate(rows_read=raw.rows, rejected=rejected))
-            if checked.rejected.num_rows:
-                yield TaggedOutput(DEAD, (f"{name}-invalid", checked.rejected))
-            for shard, table in split_by_entity_shard(checked.accepted, shards):
-                yield shard, table_to_bytes(table)
-
-
-def malformed_letters(lines: tuple[tuple[int, str], ...], source: str) -> pa.Table:
-    return pa.table(
-        {
-            "_text": pa.array([text for _, text in lines], pa.string()),
-            DEAD_LETTER_REASON: pa.array([RejectReason.MALFORMED_RECORD.value] * len(lines), pa.string()),
-            DEAD_LETTER_SOURCE: pa.array([source] * len(lines), pa.string()),
-            DEAD_LETTER_ROW: pa.array([n for n, _ in lines], pa.int64()),
-        }
-    )
-
-
-class AggregateShard(beam.DoFn):
-    """(entity shard, [readings as Arrow IPC bytes]) -> PartialAggregate of that shard; duplicates to dead
-    letters."""
-
-    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig) -> None:
-        self._plan = plan
-        self._institution = institution
-
-    def process(self, element: tuple[int, Iterable[bytes]]) -> Iterator[Any]:
-        shard, parts = element
+    def process(self, element: tuple[str, int, int]) -> Iterator[Any]:
+        institution_id, shard, shards = element
         plan, privacy = self._plan, self._plan.config.privacy
-        readings = pa.concat_tables([table_from_bytes(part) for part in parts])
-        kept, duplicates = deduplicate(readings)
-        if duplicates.num_rows:
-            letters = readings_as_dead_letters(duplicates, RejectReason.DUPLICATE, source=f"entity-shard-{shard}")
-            yield TaggedOutput(DEAD, (f"duplicates-shard-{shard:04d}", letters))
-        contributed = kept
+        scanner = FeedScanner(plan, plan.config.institution(institution_id), threads=SCAN_THREADS)
+        try:
+            scan = scanner.scan(shard, shards)
+            encoded = scan.table(scanner.schema)
+            sources = encoded.column(SOURCE).to_numpy()
+            rows = encoded.column(ROW).to_numpy()
+            duplicates = find_duplicates(encoded.column(KEY).to_numpy(), sources, rows, scanner.readings_at)
+        finally:
+            scanner.close()
+        for name, letters in scan.dead_letters:
+            yield TaggedOutput(DEAD, (institution_id, name, letters))
+        rejected = Counter(scan.rejected)
+        kept = np.ones(encoded.num_rows, dtype=bool)
+        if duplicates.indices.size:
+            kept[duplicates.indices] = False
+            rejected[RejectReason.DUPLICATE.value] += int(duplicates.indices.size)
+            paths = pa.array([scanner.sources[int(s)][1] for s in duplicates.sources], pa.string())
+            letters = readings_as_dead_letters(
+                duplicates.readings, RejectReason.DUPLICATE, source=paths, rows=duplicates.rows
+            )
+            yield TaggedOutput(DEAD, (institution_id, f"duplicates-s{shard:04d}", letters))
+        accepted = int(kept.sum())
+        cell = encoded.column(CELL).to_numpy()
         if privacy.unit is PrivacyUnit.ENTITY:
             assert privacy.max_partitions is not None and privacy.max_readings_per_partition is not None
-            contributed = bound_by_entity(
-                kept,
-                layout=plan.layout,
+            index = np.flatnonzero(kept)
+            bounded = bound_contributions(
+                encoded.column(ENTITY).to_numpy()[index].view(np.int64),
+                cell[index],
                 max_partitions=privacy.max_partitions,
                 max_per_partition=privacy.max_readings_per_partition,
-                generator=noise_generator(plan, self._institution.id, f"bounding-{shard}"),
+                generator=noise_generator(plan, institution_id, f"bounding-{shard}"),
             )
-        vector = aggregate_readings(contributed, layout=plan.layout, encodings=plan.params.encodings)
-        rejected = Counter({RejectReason.DUPLICATE.value: duplicates.num_rows}) if duplicates.num_rows else Counter()
-        yield PartialAggregate(
-            vector=vector,
-            rows_accepted=kept.num_rows,
-            rows_bounded=kept.num_rows - contributed.num_rows,
-            rejected=rejected,
+            kept[index[~bounded]] = False
+        contributed = int(kept.sum())
+        sums = {SUM: encoded.column(SUM).to_numpy()[kept]}
+        if plan.layout.has(SUMSQ):
+            sums[SUMSQ] = encoded.column(SUMSQ).to_numpy()[kept]
+        vector = pack_encoded(
+            cell[kept],
+            sums,
+            layout=plan.layout,
+            encodings=plan.params.encodings,
+            bins=encoded.column(BIN).to_numpy()[kept] if plan.layout.bins else None,
+        )
+        yield (
+            institution_id,
+            PartialAggregate(
+                vector=vector,
+                rows_read=scan.rows_read,
+                rows_accepted=accepted,
+                rows_bounded=accepted - contributed,
+                rejected=rejected,
+            ),
         )
 
 
@@ -162,14 +144,15 @@ class MergePartials(beam.CombineFn):
 
 
 class WriteDeadLetters(beam.DoFn):
-    """(name, table) -> a Parquet file in the institution's local dead-letter directory."""
+    """(institution id, name, table) -> a Parquet file in the institution's local dead-letter directory."""
 
-    def __init__(self, directory: str) -> None:
-        self._directory = directory
+    def __init__(self, plan: ReleasePlan) -> None:
+        self._plan = plan
 
-    def process(self, element: tuple[str, pa.Table]) -> Iterator[str]:
-        name, table = element
-        path = join(self._directory, f"{name}.parquet")
+    def process(self, element: tuple[str, str, pa.Table]) -> Iterator[str]:
+        institution_id, name, table = element
+        directory = dead_letter_dir(self._plan, self._plan.config.institution(institution_id))
+        path = join(directory, f"{name}.parquet")
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         write_bytes(path, sink.getvalue().to_pybytes())
@@ -177,15 +160,15 @@ class WriteDeadLetters(beam.DoFn):
 
 
 class SealContribution(beam.DoFn):
-    """The institution's total -> plus its Skellam share -> BFV-encrypted envelope in the exchange."""
+    """(institution id, its total) -> plus its Skellam share -> BFV-encrypted envelope in the exchange."""
 
-    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig, dead_letter_dir: str) -> None:
+    def __init__(self, plan: ReleasePlan) -> None:
         self._plan = plan
-        self._institution = institution
-        self._dead_letter_dir = dead_letter_dir
 
-    def process(self, total: PartialAggregate) -> Iterator[EnvelopeHeader]:
-        plan, institution = self._plan, self._institution
+    def process(self, element: tuple[str, PartialAggregate]) -> Iterator[EnvelopeHeader]:
+        institution_id, total = element
+        plan = self._plan
+        institution = plan.config.institution(institution_id)
         if not total.reconciles():
             raise InternalError(f"row counts do not reconcile for {institution.id}: {total.counts()}")
         vector = total.vector if total.vector is not None else np.zeros(plan.layout.slots, dtype=np.int64)
@@ -233,7 +216,7 @@ class SealContribution(beam.DoFn):
         signing_key = load_signing_key(plan.config, institution.id)
         envelope = record_sealed(plan, institution, pack_envelope(header, ciphertexts, signing_key=signing_key))
         write_bytes(path, envelope)
-        write_json(join(self._dead_letter_dir, "report.json"), total.counts())  # local only, never shared
+        write_json(join(dead_letter_dir(plan, institution), "report.json"), total.counts())  # local only, never shared
         crash_point("after_encrypt")
         yield header
 
@@ -309,46 +292,36 @@ def noise_generator(plan: ReleasePlan, institution: str, purpose: str) -> np.ran
     return seeded_generator(seed ^ int(_short_hash(f"{institution}/{purpose}"), 16))
 
 
-def feed_shards(plan: ReleasePlan, institution: InstitutionConfig) -> list[tuple[int, str]]:
-    """(feed index, file) for every file of every feed of the institution that the interval needs."""
-    return [
-        (index, path)
-        for index, feed in enumerate(institution.feeds)
-        for path in feed_files(plan.config.resolve(feed.path), plan.layout.start, plan.layout.end)
-    ]
+def scan_elements(plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> list[tuple[str, int, int]]:
+    """(institution id, scan shard, shards) for every scan shard of every institution."""
+    elements = []
+    for institution in institutions:
+        shards = scan_shards(plan, institution)
+        elements += [(institution.id, shard, shards) for shard in range(shards)]
+    return elements
 
 
 class Contribute(beam.PTransform):
-    """An institution's whole contribution for one release, as one composite transform."""
+    """The contributions of some institutions for one release, as one composite transform. Each institution's
+    readings stay in its own scan shards: only packed vectors (one per shard) reach the combine."""
 
-    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig, dead_letter_dir: str) -> None:
-        super().__init__(label=f"Contribute[{institution.id}]")
+    def __init__(self, plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> None:
+        institutions = tuple(institutions)
+        super().__init__(label=f"Contribute[{','.join(i.id for i in institutions)}]")
         self._plan = plan
-        self._institution = institution
-        self._dead_letter_dir = dead_letter_dir
+        self._institutions = institutions
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        plan, institution = self._plan, self._institution
-        shards = feed_shards(plan, institution)
-        read = (
+        plan = self._plan
+        scanned = (
             pbegin
-            | "Files" >> beam.Create(shards)
+            | "ScanShards" >> beam.Create(scan_elements(plan, self._institutions))
             | "Reshuffle" >> beam.Reshuffle()
-            | "ReadAndValidate" >> beam.ParDo(ReadAndValidate(plan, institution)).with_outputs(DEAD, COUNTS, main="ok")
+            | "ContributeShards" >> beam.ParDo(ContributeShard(plan)).with_outputs(DEAD, main="partial")
         )
-        aggregated = (
-            read.ok
-            | "GroupByEntityShard" >> beam.GroupByKey()
-            | "AggregateShards" >> beam.ParDo(AggregateShard(plan, institution)).with_outputs(DEAD, main="partial")
-        )
-        _ = (
-            (read[DEAD], aggregated[DEAD])
-            | "AllDeadLetters" >> beam.Flatten()
-            | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(self._dead_letter_dir))
-        )
+        _ = scanned[DEAD] | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(plan))
         return (
-            (read[COUNTS], aggregated.partial)
-            | "AllPartials" >> beam.Flatten()
-            | "Total" >> beam.CombineGlobally(MergePartials())
-            | "Seal" >> beam.ParDo(SealContribution(plan, institution, self._dead_letter_dir))
+            scanned.partial
+            | "Total" >> beam.CombinePerKey(MergePartials())
+            | "Seal" >> beam.ParDo(SealContribution(plan))
         )

@@ -8,7 +8,7 @@ the pipelines' own (tests check that both ways release the same cells), so nothi
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -28,14 +28,12 @@ from pipelines.aggregate import (
     envelope_paths,
 )
 from pipelines.contribute import (
-    COUNTS,
     DEAD,
-    AggregateShard,
+    ContributeShard,
     MergePartials,
-    ReadAndValidate,
     SealContribution,
     WriteDeadLetters,
-    feed_shards,
+    scan_elements,
 )
 from pipelines.unmask import read_roster
 
@@ -71,13 +69,12 @@ def group_by_key(pairs: Iterable[tuple[Any, Any]]) -> list[tuple[Any, list[Any]]
     return sorted(groups.items(), key=lambda item: repr(item[0]))
 
 
-def contribute_locally(plan: ReleasePlan, institution: InstitutionConfig, dead_letter_dir: str) -> None:
+def contribute_locally(plan: ReleasePlan, institutions: Sequence[InstitutionConfig]) -> None:
     """`Contribute` (pipelines/contribute.py), step by step in this process."""
-    shards, read = run_dofn(ReadAndValidate(plan, institution), feed_shards(plan, institution))
-    partials, aggregated = run_dofn(AggregateShard(plan, institution), group_by_key(shards))
-    run_dofn(WriteDeadLetters(dead_letter_dir), read[DEAD] + aggregated[DEAD])
-    total = combine(MergePartials(), read[COUNTS] + partials)
-    run_dofn(SealContribution(plan, institution, dead_letter_dir), [total])
+    partials, scanned = run_dofn(ContributeShard(plan), scan_elements(plan, institutions))
+    run_dofn(WriteDeadLetters(plan), scanned[DEAD])
+    totals = [(key, combine(MergePartials(), values)) for key, values in group_by_key(partials)]
+    run_dofn(SealContribution(plan), totals)
 
 
 def aggregate_locally(plan: ReleasePlan, *, may_declare_absent: bool = True) -> None:

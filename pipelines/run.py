@@ -22,20 +22,21 @@ from fusion.exchange import (
 from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_keys, load_signing_key
 from pipelines.aggregate import Aggregate
-from pipelines.contribute import Contribute, sealed_envelope
+from pipelines.contribute import Contribute, dead_letter_dir, sealed_envelope
 from pipelines.unmask import seal_unmask
+
+
+def names_runner(beam_args: Sequence[str]) -> bool:
+    """Whether the pass-through Beam arguments choose a runner (otherwise the local DirectRunner runs)."""
+    return any(a.startswith("--runner") for a in beam_args)
 
 
 def beam_options(beam_args: Sequence[str] = ()) -> PipelineOptions:
     """Pipeline options from pass-through arguments (e.g. --runner=FlinkRunner); DirectRunner by default."""
     args = list(beam_args)
-    if not any(a.startswith("--runner") for a in args):
+    if not names_runner(args):
         args.append("--runner=DirectRunner")
     return PipelineOptions(args, save_main_session=False)
-
-
-def dead_letter_dir(plan: ReleasePlan, institution: InstitutionConfig) -> str:
-    return join(plan.config.dead_letter_path(institution), plan.key.interval_name)
 
 
 def _clear(directory: str) -> None:
@@ -57,7 +58,7 @@ def run_contributions(
     *,
     in_process: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Seal the contributions of `institutions` (a Beam pipeline each); returns each one's local row counts.
+    """Seal the contributions of `institutions` (one Beam pipeline); returns each one's local row counts.
 
     An institution that already sealed this release's envelope is not run again: its noise share is drawn
     once per interval and kept by the institution (`sealed_envelope`), so no party ever sees two noisy versions
@@ -80,13 +81,11 @@ def run_contributions(
     if pending and in_process:
         from pipelines.local import contribute_locally
 
-        for institution in pending:
-            contribute_locally(plan, institution, dead_letter_dir(plan, institution))
-    # One pipeline per institution, as each would run its own: a batch runner materialises a stage's output
-    # before the entity-shard shuffle, so one pipeline for all would hold every institution's readings at once.
-    for institution in ([] if in_process else pending):
+        contribute_locally(plan, pending)
+    elif pending:
+        # One pipeline for all of them: only packed vectors (one per scan shard) cross between its stages.
         with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-            _ = pipeline | Contribute(plan, institution, dead_letter_dir(plan, institution))
+            _ = pipeline | Contribute(plan, pending)
     reports = {}
     for institution in institutions:
         path = report_path(plan, institution)

@@ -31,7 +31,7 @@ from apache_beam.transforms import trigger, window
 from fusion.config import Config, FeedConfig, FeedFormat
 from fusion.exchange import join, read_bytes, write_bytes, write_json
 from fusion.feeds import RawBatch, mapped_columns, read_feed_file
-from pipelines.contribute import malformed_letters
+from fusion.scan import malformed_letters
 from schemas.readings import EVENT_TIME, READING_SCHEMA
 from schemas.reasons import RejectReason
 from schemas.validation import ReadingRules, ReadingValidator, readings_as_dead_letters

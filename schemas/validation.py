@@ -127,65 +127,60 @@ def _time_expr(column: str | None, arrow_type: pa.DataType | None, time_format: 
     return f"CASE WHEN isfinite({seconds}) THEN TRY(to_timestamp({seconds})) END"  # TRY: beyond timestamp range
 
 
-class ReadingValidator:
-    """Validates raw batches against `ReadingRules`. Holds a DuckDB connection: create one per worker."""
+def register_rules(con: duckdb.DuckDBPyConnection, rules: ReadingRules, metrics: tuple[str, ...]) -> None:
+    """The lookup tables `checked_sql` joins: fusion_metrics (name, idx, low, high) in the order of `metrics`,
+    and fusion_regions (name, idx) in the order of `rules.regions`."""
+    con.register(
+        "fusion_metrics",
+        pa.table(
+            {
+                "name": list(metrics),
+                "idx": pa.array(range(len(metrics)), pa.int64()),
+                "low": [float(rules.plausible[m][0]) for m in metrics],
+                "high": [float(rules.plausible[m][1]) for m in metrics],
+            }
+        ),
+    )
+    con.register(
+        "fusion_regions",
+        pa.table({"name": list(rules.regions), "idx": pa.array(range(len(rules.regions)), pa.int64())}),
+    )
 
-    def __init__(self, rules: ReadingRules, *, threads: int = 1) -> None:
-        self.rules = rules
-        self._con = duckdb.connect(":memory:")
-        self._con.execute("SET TimeZone = 'UTC'")
-        self._con.execute(f"SET threads = {int(threads)}")
-        metrics = sorted(rules.plausible)
-        self._con.register(
-            "fusion_metrics",
-            pa.table(
-                {
-                    "name": metrics,
-                    "low": [float(rules.plausible[m][0]) for m in metrics],
-                    "high": [float(rules.plausible[m][1]) for m in metrics],
-                }
-            ),
-        )
-        self._con.register("fusion_regions", pa.table({"name": list(rules.regions)}))
 
-    def validate(
-        self,
-        raw: pa.Table,
-        *,
-        columns: Mapping[str, str],
-        time_format: str = "iso",
-        source: str = "",
-        row_offset: int = 0,
-    ) -> ValidatedBatch:
-        """Split `raw` (the feed's own column names) into accepted readings and rejected rows.
+def checked_sql(
+    source: str,
+    *,
+    rules: ReadingRules,
+    columns: Mapping[str, str],
+    types: Mapping[str, pa.DataType],
+    time_format: str = "iso",
+    padded: Mapping[str, bool] | None = None,
+) -> str:
+    """A query over `source` (a relation with the feed's own column names and a `__fusion_row` column) giving
+    each row its typed reading fields, `metric_idx` and `region_idx` (indices into the lookup tables of
+    `register_rules`) and the first reason that rejects it (NULL when it is accepted), in `RejectReason` order.
 
-        `columns` maps reading fields to the feed's column names; a mapped column absent from the batch
-        makes every row miss that field. `row_offset` is the batch's first row within its source file, so dead
-        letters' `_row` points into the file.
-        """
-        present = {f: c for f, c in columns.items() if c in raw.column_names}
-        types = {f: raw.schema.field(c).type for f, c in present.items()}
-        padded = {f: _has_padding(raw.column(c)) for f, c in present.items()}
-        raw_required = " OR ".join(
-            _missing_expr(present.get(f), types.get(f), padded.get(f, True)) for f in REQUIRED_FIELDS
-        )
-        text = {
-            f: _text_expr(present.get(f), types.get(f), padded.get(f, True))
-            for f in (ENTITY_ID, REGION, METRIC, SENSOR_ID)
-        }
-        value = _value_expr(present.get(VALUE), types.get(VALUE))
-        when = _time_expr(present.get(EVENT_TIME), types.get(EVENT_TIME), time_format)
-        start, end = self.rules.start.isoformat(), self.rules.end.isoformat()
-        R = RejectReason
-        sql = f"""
+    `types` holds the Arrow type of each present mapped column (absent columns make every row miss that field);
+    `padded` says which text columns may hold values with leading or trailing spaces (all, when not given)."""
+    present = {f: c for f, c in columns.items() if f in types}
+    pad = {f: True if padded is None else padded.get(f, True) for f in present}
+    raw_required = " OR ".join(_missing_expr(present.get(f), types.get(f), pad.get(f, True)) for f in REQUIRED_FIELDS)
+    text = {
+        f: _text_expr(present.get(f), types.get(f), pad.get(f, True)) for f in (ENTITY_ID, REGION, METRIC, SENSOR_ID)
+    }
+    value = _value_expr(present.get(VALUE), types.get(VALUE))
+    when = _time_expr(present.get(EVENT_TIME), types.get(EVENT_TIME), time_format)
+    start, end = rules.start.isoformat(), rules.end.isoformat()
+    R = RejectReason
+    return f"""
         WITH typed AS (
             SELECT {_quote(_ROW)} AS row_id,
                    ({raw_required}) AS raw_missing,
                    {text[ENTITY_ID]} AS entity_id, {text[REGION]} AS region, {text[METRIC]} AS metric,
                    {text[SENSOR_ID]} AS sensor_id, {value} AS value, {when} AS event_time
-            FROM fusion_raw
+            FROM {source}
         )
-        SELECT typed.*,
+        SELECT typed.*, m.idx AS metric_idx, r.idx AS region_idx,
             CASE
                 WHEN raw_missing OR entity_id IS NULL OR region IS NULL OR metric IS NULL
                     THEN '{R.MISSING_FIELD}'
@@ -202,6 +197,48 @@ class ReadingValidator:
         LEFT JOIN fusion_metrics m ON typed.metric = m.name
         LEFT JOIN fusion_regions r ON typed.region = r.name
         """
+
+
+#: The row-number column `checked_sql` expects in its source.
+ROW_COLUMN = _ROW
+
+
+def connect(threads: int = 1) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection in UTC with `threads` threads."""
+    con = duckdb.connect(":memory:")
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(f"SET threads = {int(threads)}")
+    return con
+
+
+class ReadingValidator:
+    """Validates raw batches against `ReadingRules`. Holds a DuckDB connection: create one per worker."""
+
+    def __init__(self, rules: ReadingRules, *, threads: int = 1) -> None:
+        self.rules = rules
+        self._con = connect(threads)
+        register_rules(self._con, rules, tuple(sorted(rules.plausible)))
+
+    def validate(
+        self,
+        raw: pa.Table,
+        *,
+        columns: Mapping[str, str],
+        time_format: str = "iso",
+        source: str = "",
+        row_offset: int = 0,
+    ) -> ValidatedBatch:
+        """Split `raw` (the feed's own column names) into accepted readings and rejected rows.
+
+        `columns` maps reading fields to the feed's column names; a mapped column absent from the batch
+        makes every row miss that field. `row_offset` is the batch's first row within its source file, so dead
+        letters' `_row` points into the file.
+        """
+        types = {f: raw.schema.field(c).type for f, c in columns.items() if c in raw.column_names}
+        padded = {f: _has_padding(raw.column(columns[f])) for f in types}
+        sql = checked_sql(
+            "fusion_raw", rules=self.rules, columns=columns, types=types, time_format=time_format, padded=padded
+        )
         numbered = raw.append_column(_ROW, pa.array(np.arange(raw.num_rows, dtype=np.int64)))
         self._con.register("fusion_raw", numbered)
         try:
@@ -235,22 +272,33 @@ def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
 
 
 def dead_letters(
-    rows: pa.Table, reasons: pa.Array | pa.ChunkedArray, row_ids: pa.Array | pa.ChunkedArray, *, source: str
+    rows: pa.Table,
+    reasons: pa.Array | pa.ChunkedArray,
+    row_ids: pa.Array | pa.ChunkedArray,
+    *,
+    source: str | pa.Array,
 ) -> pa.Table:
     """Rejected rows in a uniform shape: every raw column as text, plus reason, source and row number."""
     columns = {name: _as_text(rows.column(name)) for name in rows.column_names}
     columns[DEAD_LETTER_REASON] = reasons
-    columns[DEAD_LETTER_SOURCE] = pa.array([source] * rows.num_rows, pa.string())
+    columns[DEAD_LETTER_SOURCE] = pa.array([source] * rows.num_rows, pa.string()) if isinstance(source, str) else source
     columns[DEAD_LETTER_ROW] = pc.cast(row_ids, pa.int64())
     return pa.table(columns)
 
 
-def readings_as_dead_letters(readings: pa.Table, reason: RejectReason, *, source: str) -> pa.Table:
-    """Typed readings rejected after validation (e.g. duplicates), in the dead-letter shape."""
+def readings_as_dead_letters(
+    readings: pa.Table,
+    reason: RejectReason,
+    *,
+    source: str | pa.Array,
+    rows: pa.Array | np.ndarray | None = None,
+) -> pa.Table:
+    """Typed readings rejected after validation (e.g. duplicates), in the dead-letter shape; `rows` are their
+    row numbers in `source` (-1 when unknown)."""
     n = readings.num_rows
     return dead_letters(
         readings.select(list(READING_SCHEMA.names)),
         pa.array([str(reason)] * n, pa.string()),
-        pa.array(np.full(n, -1, dtype=np.int64)),
+        pa.array(np.full(n, -1, dtype=np.int64) if rows is None else rows, pa.int64()),
         source=source,
     )

@@ -1,20 +1,27 @@
-"""Local aggregation helpers: the fast de-duplication against its slow, obvious reference."""
+"""The scan's hashed de-duplication (equal 64-bit row hashes, then a full comparison of the few candidates)
+against its slow, obvious reference, on real Parquet feeds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
-from hypothesis import given, settings
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusion.contribution import deduplicate, deduplicate_reference, split_by_entity_shard
+from fusion.contribution import Duplicates, deduplicate_reference, find_duplicates
+from fusion.plan import ReleasePlan, plan_release
+from fusion.scan import KEY, ROW, SOURCE, FeedScanner
 from schemas.readings import READING_SCHEMA
+from tests.conftest import Federation
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
-# Few distinct values per field, so equal times and values with different entities (the fast path's candidates
-# that are not duplicates) and exact duplicates are both common.
+# Few distinct values per field, so readings equal in some fields but not all, and exact duplicates, are both
+# common; -0.0 and 0.0 hash alike, and the full comparison decides.
 _row = st.tuples(
     st.sampled_from(["m1", "m2", "m3"]),
     st.sampled_from(["north", "south"]),
@@ -42,40 +49,54 @@ def table(rows: list[tuple[str, str, str, int, float, str | None]]) -> pa.Table:
     )
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(_row, max_size=40))
-def test_deduplicate_matches_the_reference(rows: list[tuple[str, str, str, int, float, str | None]]) -> None:
+@pytest.fixture
+def alpha(make_federation: Callable[..., Federation]) -> tuple[Federation, ReleasePlan]:
+    federation = make_federation(institutions=[("alpha", "parquet"), ("beta", "parquet")])
+    return federation, plan_release(federation.config, START, START + timedelta(hours=6))
+
+
+def scanned_duplicates(federation: Federation, plan: ReleasePlan, readings: pa.Table, files: int = 2) -> Duplicates:
+    """The scan's hashed de-duplication of `readings`, written as `files` Parquet files of alpha's feed."""
+    folder = federation.directory / "feeds" / "alpha"
+    for old in folder.glob("*.parquet"):
+        old.unlink()
+    cut = readings.num_rows // files
+    for i in range(files):
+        part = readings.slice(i * cut, None if i == files - 1 else cut)
+        pq.write_table(part, folder / f"part-{i}.parquet")
+    scanner = FeedScanner(plan, plan.config.institution("alpha"))
+    encoded = scanner.scan(0, 1).table(scanner.schema)
+    assert encoded.num_rows == readings.num_rows  # every row is valid here
+    return find_duplicates(
+        encoded.column(KEY).to_numpy(),
+        encoded.column(SOURCE).to_numpy(),
+        encoded.column(ROW).to_numpy(),
+        scanner.readings_at,
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(_row, min_size=1, max_size=40))
+def test_hashed_deduplication_matches_the_reference(
+    alpha: tuple[Federation, ReleasePlan], rows: list[tuple[str, str, str, int, float, str | None]]
+) -> None:
+    federation, plan = alpha
     readings = table(rows)
-    kept, duplicates = deduplicate(readings)
-    ref_kept, ref_duplicates = deduplicate_reference(readings)
-    assert kept.to_pylist() == ref_kept.to_pylist()
-    assert duplicates.to_pylist() == ref_duplicates.to_pylist()
-    assert kept.num_rows + duplicates.num_rows == readings.num_rows
+    found = scanned_duplicates(federation, plan, readings)
+    _, expected = deduplicate_reference(readings)
+    assert found.readings.to_pylist() == expected.to_pylist()
+    assert sorted(found.indices.tolist()) == sorted(set(found.indices.tolist()))
 
 
-def test_same_time_and_value_from_different_entities_are_not_duplicates() -> None:
+def test_same_time_and_value_from_different_entities_are_not_duplicates(alpha: tuple[Federation, ReleasePlan]) -> None:
     readings = table([("m1", "north", "temp", 0, 1.5, None), ("m2", "north", "temp", 0, 1.5, None)])
-    kept, duplicates = deduplicate(readings)
-    assert kept.num_rows == 2 and duplicates.num_rows == 0
+    assert scanned_duplicates(*alpha, readings).indices.size == 0
 
 
-def test_the_first_copy_is_kept_and_later_copies_are_duplicates() -> None:
+def test_the_first_copy_is_kept_and_later_copies_are_duplicates(alpha: tuple[Federation, ReleasePlan]) -> None:
     rows = [("m1", "north", "temp", 1, 2.0, "s1"), ("m2", "south", "load", 2, 1.5, None)]
     readings = table([rows[0], rows[1], rows[0], rows[0]])
-    kept, duplicates = deduplicate(readings)
-    assert kept.to_pylist() == table(rows).to_pylist()
-    assert duplicates.to_pylist() == table([rows[0], rows[0]]).to_pylist()
-
-
-def test_entity_shards_keep_every_row_and_each_entity_in_one_shard() -> None:
-    rows = [(f"m{i % 7}", "north", "temp", i, float(i), None) for i in range(50)]
-    readings = table(rows)
-    parts = split_by_entity_shard(readings, 4)
-    assert sum(t.num_rows for _, t in parts) == readings.num_rows
-    owner: dict[str, int] = {}
-    for shard, part in parts:
-        for entity in part.column("entity_id").to_pylist():
-            assert owner.setdefault(entity, shard) == shard
-    assert sorted(r for _, t in parts for r in t.column("event_time").to_pylist()) == sorted(
-        readings.column("event_time").to_pylist()
-    )
+    found = scanned_duplicates(*alpha, readings)
+    # two files: rows 0-1 in part-0, rows 2-3 in part-1; the first copy (part-0, row 0) is kept
+    assert sorted(zip(found.sources.tolist(), found.rows.tolist(), strict=True)) == [(1, 0), (1, 1)]
+    assert found.readings.to_pylist() == table([rows[0], rows[0]]).to_pylist()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from fusion.contribution import aggregate_readings, bound_by_entity
-from privacy.bounding import bound_contributions
+from privacy.bounding import DUCKDB_FROM_ROWS, bound_contributions
 from privacy.encoding import MetricEncoding, balanced_encodings, entity_level_sensitivity, event_level_sensitivity
 from privacy.layout import BASE_COMPONENTS, SUMSQ, PartitionLayout, bin_components
 from privacy.skellam import seeded_generator
@@ -25,6 +25,8 @@ from schemas.readings import READING_SCHEMA
 #: Goodness-of-fit tests reject only below this p-value: a correct implementation fails one in 10,000 seeds.
 P_MIN = 1e-4
 DRAWS = 20_000
+#: Both ways of bounding: NumPy (small batches) and one DuckDB window query (large ones).
+ENGINES = ("numpy", "duckdb")
 START = datetime(2026, 1, 1, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 
@@ -61,7 +63,8 @@ def bounding_inputs(draw: st.DrawFn) -> tuple[list[int], list[int]]:
     return [e for e, _ in rows], [c for _, c in rows]
 
 
-@settings(max_examples=200, deadline=None)
+@pytest.mark.parametrize("engine", ENGINES)
+@settings(max_examples=150, deadline=None)
 @given(
     rows=bounding_inputs(),
     max_partitions=st.integers(1, 5),
@@ -69,7 +72,7 @@ def bounding_inputs(draw: st.DrawFn) -> tuple[list[int], list[int]]:
     seed=st.integers(0, 2**63 - 1),
 )
 def test_kept_rows_obey_the_caps_and_use_them_fully(
-    rows: tuple[list[int], list[int]], max_partitions: int, max_per_partition: int, seed: int
+    engine: str, rows: tuple[list[int], list[int]], max_partitions: int, max_per_partition: int, seed: int
 ) -> None:
     entity, cell = rows
     keep = bound_contributions(
@@ -78,6 +81,7 @@ def test_kept_rows_obey_the_caps_and_use_them_fully(
         max_partitions=max_partitions,
         max_per_partition=max_per_partition,
         generator=seeded_generator(seed),
+        engine=engine,
     )
     assert keep.dtype == np.bool_ and keep.shape == (len(entity),)
     check_against_reference(
@@ -180,6 +184,48 @@ def test_kept_rows_are_a_uniform_pair_and_first_rows_are_not_favoured() -> None:
     standard_error = math.sqrt((1 / 3) * (2 / 3) / DRAWS)
     assert np.all(np.abs(frequency - 1 / 3) < 5 * standard_error), frequency
     assert abs(frequency[0] - frequency[5]) < 5 * math.sqrt(2) * standard_error
+
+
+def test_duckdb_kept_cells_are_uniform_and_independent_across_entities() -> None:
+    """The DuckDB engine, DRAWS entities in one call (5 cells each, L0 = 2): each entity's pair is uniform over
+    the 10 pairs, and neighbouring entities' pairs are independent (uniform over the 100 joint outcomes): the
+    salted pair priorities order every entity's cells afresh."""
+    cells = np.array([40, 10, 30, 0, 20], dtype=np.int64)
+    entity = np.repeat(np.arange(DRAWS, dtype=np.int64) * 7919 - 10**9, 5)
+    cell = np.tile(cells, DRAWS)
+    keep = bound_contributions(
+        entity, cell, max_partitions=2, max_per_partition=1, generator=seeded_generator(11), engine="duckdb"
+    ).reshape(DRAWS, 5)
+    assert (keep.sum(axis=1) == 2).all()
+    outcomes = [kept_indices(row) for row in keep]
+    pairs = list(itertools.combinations(range(5), 2))
+    assert_uniform(Counter(outcomes), pairs, "cell pairs (duckdb)")
+    joint = Counter(a + b for a, b in zip(outcomes[0::2], outcomes[1::2], strict=True))
+    assert_uniform(joint, [a + b for a in pairs for b in pairs], "joint cell pairs of two entities (duckdb)")
+
+
+def test_duckdb_kept_rows_are_a_uniform_pair() -> None:
+    """The DuckDB engine, DRAWS entities with 6 rows in one cell each (Linf = 2): uniform over the 15 pairs."""
+    entity = np.repeat(np.arange(DRAWS, dtype=np.int64), 6)
+    cell = np.full(DRAWS * 6, 11, dtype=np.int64)
+    keep = bound_contributions(
+        entity, cell, max_partitions=1, max_per_partition=2, generator=seeded_generator(12), engine="duckdb"
+    ).reshape(DRAWS, 6)
+    counts = Counter(kept_indices(row) for row in keep)
+    assert_uniform(counts, list(itertools.combinations(range(6), 2)), "row pairs (duckdb)")
+
+
+def test_the_engine_is_chosen_by_size_and_unknown_engines_are_refused() -> None:
+    small = np.zeros(3, dtype=np.int64)
+    with pytest.raises(ValueError, match="unknown bounding engine"):
+        bound_contributions(
+            small, small, max_partitions=1, max_per_partition=1, generator=seeded_generator(0), engine="x"
+        )
+    rows = DUCKDB_FROM_ROWS
+    entity = np.arange(rows, dtype=np.int64) % 1000
+    cell = np.arange(rows, dtype=np.int64) % 37
+    keep = bound_contributions(entity, cell, max_partitions=3, max_per_partition=1, generator=seeded_generator(1))
+    check_against_reference(entity.tolist(), cell.tolist(), keep.tolist(), max_partitions=3, max_per_partition=1)
 
 
 def test_the_choice_does_not_depend_on_input_order() -> None:

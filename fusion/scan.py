@@ -1,0 +1,342 @@
+"""Scanning an institution's feeds in one DuckDB pass per file: every row validated, and each accepted reading
+reduced to what its contribution needs (its cell, its encoded slot values, a hash of the reading for
+de-duplication and of its entity for bounding) for one scan shard.
+
+A scan shard is a hash partition of the institution's readings: equal readings (and, at entity level, all of an
+entity's readings) always fall in the same shard, so each shard is de-duplicated, bounded and packed on its own
+and the shards' vectors simply add up. No readings are shuffled between workers; a big institution is split
+into more shards, each scanning the files again for its own partition (a Parquet scan costs little beside the
+rest). Parquet files on the local file system are read by DuckDB directly; CSV and JSON lines (whose
+unparseable lines become dead letters) and files on other file systems are read as Arrow batches first.
+
+The encodings computed here in SQL are the ones `privacy.encoding` computes in NumPy (round half to even,
+clamping, integer bins); tests check both agree value for value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from math import ceil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from fusion.config import FeedConfig, FeedFormat, InstitutionConfig, PrivacyUnit
+from fusion.feeds import feed_files, mapped_columns, read_feed_file
+from fusion.plan import ReleasePlan
+from privacy.encoding import MetricEncoding
+from privacy.layout import SUMSQ, PartitionLayout
+from schemas.readings import ENTITY_ID, EVENT_TIME, METRIC, READING_SCHEMA, REGION, SENSOR_ID, VALUE
+from schemas.reasons import RejectReason
+from schemas.validation import (
+    ROW_COLUMN,
+    ReadingRules,
+    checked_sql,
+    connect,
+    dead_letters,
+    register_rules,
+)
+
+#: Estimated bytes per row of a text feed, to size its shards from its files' sizes.
+TEXT_BYTES_PER_ROW = 64
+
+#: Columns of the encoded rows (ENCODED_BASE always; the others when the layout or the privacy unit needs them).
+SOURCE, ROW, CELL, SUM, KEY, ENTITY, BIN = "src", "row", "cell", "sum", "key", "entity", "bin"
+
+
+@dataclass
+class ShardScan:
+    """One scan shard of an institution: its accepted readings encoded, and what was rejected."""
+
+    encoded: list[pa.Table] = field(default_factory=list)
+    rows_read: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    dead_letters: list[tuple[str, pa.Table]] = field(default_factory=list)  # (name, rows in the dead-letter shape)
+
+    def table(self, schema: pa.Schema) -> pa.Table:
+        return pa.concat_tables(self.encoded) if self.encoded else schema.empty_table()
+
+
+def feed_sources(plan: ReleasePlan, institution: InstitutionConfig) -> list[tuple[int, str]]:
+    """(feed index, file) for every file of every feed of the institution that the interval needs; a file's
+    position in this list is its `src` in the encoded rows."""
+    return [
+        (index, path)
+        for index, feed in enumerate(institution.feeds)
+        for path in feed_files(plan.config.resolve(feed.path), plan.layout.start, plan.layout.end)
+    ]
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    return path.removeprefix("file://")
+
+
+def estimated_rows(sources: list[tuple[int, str]], feeds: tuple[FeedConfig, ...]) -> int:
+    """Rows in the files: exact for local Parquet (its footer), estimated from the size for the rest."""
+    from apache_beam.io.filesystems import FileSystems
+
+    total = 0
+    for feed_index, path in sources:
+        if feeds[feed_index].format is FeedFormat.PARQUET and _is_local(path):
+            total += pq.read_metadata(_local(path)).num_rows
+        else:
+            size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+            total += ceil(size / TEXT_BYTES_PER_ROW)
+    return total
+
+
+def scan_shards(plan: ReleasePlan, institution: InstitutionConfig) -> int:
+    """How many scan shards the institution's readings for the interval are split into."""
+    rows = estimated_rows(feed_sources(plan, institution), institution.feeds)
+    return max(1, ceil(rows / plan.config.pipeline.shard_rows))
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def encoding_table(layout: PartitionLayout, encodings: tuple[MetricEncoding, ...]) -> pa.Table:
+    """Per metric (layout order), the constants of its encoding, for the scan's SQL."""
+    return pa.table(
+        {
+            "idx": pa.array(range(len(layout.metrics)), pa.int64()),
+            "lower": [float(e.lower) for e in encodings],
+            "upper": [float(e.upper) for e in encodings],
+            "resolution": [float(e.resolution) for e in encodings],
+            "centre": pa.array([e.centre_units for e in encodings], pa.int64()),
+            "scale": pa.array([e.scale for e in encodings], pa.int64()),
+            "weight": pa.array([e.count_weight for e in encodings], pa.int64()),
+            "low_steps": pa.array([round(float(np.rint(e.lower / e.resolution))) for e in encodings], pa.int64()),
+            "span_steps": pa.array(
+                [
+                    max(
+                        round(float(np.rint(e.upper / e.resolution))) - round(float(np.rint(e.lower / e.resolution))), 1
+                    )
+                    for e in encodings
+                ],
+                pa.int64(),
+            ),
+        }
+    )
+
+
+def encoded_sql(checked: str, *, layout: PartitionLayout, entity_level: bool, shard: int, shards: int) -> str:
+    """Over `checked` (see schemas.validation.checked_sql), the rows of scan shard `shard`: reason (NULL when
+    accepted), row, and for accepted rows their cell, encoded SUM (and SUMSQ and histogram bin when the layout has
+    them), a 64-bit hash of the whole reading and, at entity level, of its entity."""
+    start_us = int(layout.start.timestamp() * 1_000_000)
+    window_us = int(layout.window.total_seconds() * 1_000_000)
+    regions, windows = len(layout.regions), layout.windows
+    # -0.0 and 0.0 are the same reading; hash them alike.
+    value = f"CASE WHEN {VALUE} = 0 THEN 0.0 ELSE {VALUE} END"
+    key = f"hash({ENTITY_ID}, {SENSOR_ID}, {REGION}, {METRIC}, {EVENT_TIME}, {value})"
+    partition = f"hash({ENTITY_ID})" if entity_level else key
+    steps = f"CAST(round_even(least(greatest({VALUE}, e.lower), e.upper) / e.resolution, 0) AS BIGINT)"
+    centred = f"(({steps}) - e.centre) * e.scale"
+    columns = [
+        f"c.row_id AS {ROW}",
+        "c.reason",
+        f"CASE WHEN c.reason IS NULL THEN (c.metric_idx * {regions} + c.region_idx) * {windows} "
+        f"+ (epoch_us({EVENT_TIME}) - {start_us}) // {window_us} END AS {CELL}",
+        f"CASE WHEN c.reason IS NULL THEN {centred} END AS {SUM}",
+        f"{key} AS {KEY}",
+    ]
+    if layout.has(SUMSQ):
+        columns.append(
+            f"CASE WHEN c.reason IS NULL THEN CAST(round_even(CAST(({centred}) * ({centred}) AS DOUBLE) "
+            f"/ CAST(e.weight AS DOUBLE), 0) AS BIGINT) END AS {SUMSQ}"
+        )
+    if layout.bins:
+        columns.append(
+            f"CASE WHEN c.reason IS NULL THEN least(greatest((({steps}) - e.low_steps) * {layout.bins} "
+            f"// e.span_steps, 0), {layout.bins - 1}) END AS {BIN}"
+        )
+    if entity_level:
+        columns.append(f"{partition} AS {ENTITY}")
+    where = f"WHERE {partition} % {shards} = {shard}" if shards > 1 else ""
+    return f"""
+        WITH c AS ({checked})
+        SELECT {", ".join(columns)}
+        FROM c LEFT JOIN fusion_encodings e ON c.metric_idx = e.idx
+        {where}
+    """
+
+
+def encoded_schema(layout: PartitionLayout, entity_level: bool) -> pa.Schema:
+    fields = [
+        pa.field(SOURCE, pa.int32()),
+        pa.field(ROW, pa.int64()),
+        pa.field(CELL, pa.int64()),
+        pa.field(SUM, pa.int64()),
+        pa.field(KEY, pa.uint64()),
+    ]
+    if layout.has(SUMSQ):
+        fields.append(pa.field(SUMSQ, pa.int64()))
+    if layout.bins:
+        fields.append(pa.field(BIN, pa.int64()))
+    if entity_level:
+        fields.append(pa.field(ENTITY, pa.uint64()))
+    return pa.schema(fields)
+
+
+class FeedScanner:
+    """Scans one institution's feed files for a release plan. Holds a DuckDB connection: one per worker."""
+
+    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig, *, threads: int = 2) -> None:
+        self.plan = plan
+        self.institution = institution
+        self.entity_level = plan.config.privacy.unit is PrivacyUnit.ENTITY
+        self.sources = feed_sources(plan, institution)
+        self.schema = encoded_schema(plan.layout, self.entity_level)
+        self._rules: ReadingRules = plan.rules
+        self._con = connect(threads)
+        register_rules(self._con, self._rules, plan.layout.metrics)
+        self._con.register("fusion_encodings", encoding_table(plan.layout, plan.params.encodings))
+
+    def close(self) -> None:
+        self._con.close()
+
+    # --- the relations a file is read through ---------------------------------------------------------------
+
+    def _relations(self, src: int) -> Iterator[tuple[str, dict[str, pa.DataType], pa.Table | None, int, tuple]]:
+        """(relation SQL, types of the mapped columns present, the raw batch when it is one, the batch's first
+        row in the file, the batch's unparseable lines) for each piece of file `src`."""
+        feed_index, path = self.sources[src]
+        feed = self.institution.feeds[feed_index]
+        columns = mapped_columns(feed)
+        if feed.format is FeedFormat.PARQUET and _is_local(path):
+            local = _local(path)
+            schema = pq.read_schema(local)
+            types = {f: schema.field(c).type for f, c in columns.items() if c in schema.names}
+            scan = f"read_parquet({_quote(local)}, file_row_number = true)"
+            relation = f"(SELECT * EXCLUDE (file_row_number), file_row_number AS {ROW_COLUMN} FROM {scan})"
+            yield relation, types, None, 0, ()
+            return
+        offset = 0
+        for raw in read_feed_file(path, feed, batch_rows=self.plan.config.pipeline.batch_rows):
+            table = raw.table.append_column(
+                ROW_COLUMN, pa.array(np.arange(raw.table.num_rows, dtype=np.int64) + offset)
+            )
+            types = {f: raw.table.schema.field(c).type for f, c in columns.items() if c in raw.table.column_names}
+            yield "fusion_raw", types, table, offset, raw.malformed
+            offset += raw.table.num_rows
+
+    def _checked(self, src: int, relation: str, types: dict[str, pa.DataType]) -> str:
+        feed = self.institution.feeds[self.sources[src][0]]
+        return checked_sql(
+            relation, rules=self._rules, columns=mapped_columns(feed), types=types, time_format=feed.time_format.value
+        )
+
+    # --- scanning --------------------------------------------------------------------------------------------
+
+    def scan(self, shard: int, shards: int) -> ShardScan:
+        """Every file of the institution, for scan shard `shard` of `shards`. Unparseable lines belong to
+        shard 0."""
+        result = ShardScan()
+        for src in range(len(self.sources)):
+            feed_index, path = self.sources[src]
+            name = f"{self.institution.feeds[feed_index].name}-{_short_hash(path)}-s{shard:04d}"
+            for number, (relation, types, batch, _, malformed) in enumerate(self._relations(src)):
+                if malformed and shard == 0:
+                    result.rows_read += len(malformed)
+                    result.rejected[RejectReason.MALFORMED_RECORD.value] += len(malformed)
+                    result.dead_letters.append((f"{name}-{number:05d}-malformed", malformed_letters(malformed, path)))
+                if batch is not None and batch.num_rows == 0:
+                    continue
+                if batch is not None:
+                    self._con.register("fusion_raw", batch)
+                try:
+                    sql = encoded_sql(
+                        self._checked(src, relation, types),
+                        layout=self.plan.layout,
+                        entity_level=self.entity_level,
+                        shard=shard,
+                        shards=shards,
+                    )
+                    rows = self._con.sql(sql).to_arrow_table()
+                    result.rows_read += rows.num_rows
+                    reason = rows.column("reason")
+                    if reason.null_count != rows.num_rows:
+                        bad = rows.filter(pc.is_valid(reason))
+                        result.rejected.update(Counter(bad.column("reason").to_pylist()))
+                        raw = self._raw_rows(relation, batch, bad.column(ROW))
+                        letters = dead_letters(raw, bad.column("reason"), bad.column(ROW), source=path)
+                        result.dead_letters.append((f"{name}-{number:05d}-invalid", letters))
+                        rows = rows.filter(pc.is_null(reason))
+                finally:
+                    if batch is not None:
+                        self._con.unregister("fusion_raw")
+                result.encoded.append(self._encoded(rows, src))
+        return result
+
+    def _encoded(self, rows: pa.Table, src: int) -> pa.Table:
+        columns = {SOURCE: pa.array(np.full(rows.num_rows, src, dtype=np.int32))}
+        for name in self.schema.names[1:]:
+            columns[name] = rows.column(name)
+        return pa.table(columns).cast(self.schema)
+
+    def _raw_rows(self, relation: str, batch: pa.Table | None, rows: pa.ChunkedArray) -> pa.Table:
+        """The raw columns (the feed's own names) of the given rows, in that order."""
+        if batch is not None:
+            position = pc.subtract(rows, batch.column(ROW_COLUMN)[0])
+            return batch.drop_columns([ROW_COLUMN]).take(position)
+        self._con.register("fusion_wanted", pa.table({"want": rows, "ord": np.arange(len(rows), dtype=np.int64)}))
+        try:
+            table = self._con.sql(
+                f"SELECT r.* FROM {relation} r JOIN fusion_wanted w ON r.{ROW_COLUMN} = w.want ORDER BY w.ord"
+            ).to_arrow_table()
+        finally:
+            self._con.unregister("fusion_wanted")
+        return table.drop_columns([ROW_COLUMN])
+
+    def readings_at(self, src: int, rows: np.ndarray) -> pa.Table:
+        """The typed readings (READING_SCHEMA) at the given rows of file `src`, in the order of `rows`; used for
+        the few rows whose hashes collide, to compare them in full."""
+        wanted = pa.table({"want": pa.array(rows, pa.int64()), "ord": np.arange(len(rows), dtype=np.int64)})
+        pieces = []
+        self._con.register("fusion_wanted", wanted)
+        try:
+            for relation, types, batch, _, _ in self._relations(src):
+                if batch is not None:
+                    self._con.register("fusion_raw", batch)
+                try:
+                    sql = self._checked(src, relation, types)
+                    pieces.append(
+                        self._con.sql(
+                            f"SELECT c.*, w.ord FROM ({sql}) c JOIN fusion_wanted w ON c.row_id = w.want"
+                        ).to_arrow_table()
+                    )
+                finally:
+                    if batch is not None:
+                        self._con.unregister("fusion_raw")
+        finally:
+            self._con.unregister("fusion_wanted")
+        found = pa.concat_tables(pieces).sort_by("ord")
+        return found.select(list(READING_SCHEMA.names)).cast(READING_SCHEMA)
+
+
+def malformed_letters(lines: tuple[tuple[int, str], ...], source: str) -> pa.Table:
+    """Unparseable lines in the dead-letter shape (their text, reason, file and line number)."""
+    from schemas.readings import DEAD_LETTER_REASON, DEAD_LETTER_ROW, DEAD_LETTER_SOURCE
+
+    return pa.table(
+        {
+            "_text": pa.array([text for _, text in lines], pa.string()),
+            DEAD_LETTER_REASON: pa.array([RejectReason.MALFORMED_RECORD.value] * len(lines), pa.string()),
+            DEAD_LETTER_SOURCE: pa.array([source] * len(lines), pa.string()),
+            DEAD_LETTER_ROW: pa.array([n for n, _ in lines], pa.int64()),
+        }
+    )

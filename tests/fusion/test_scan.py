@@ -1,0 +1,221 @@
+"""The DuckDB scan (fusion/scan.py) against the NumPy reference: validation by ReadingValidator, encoding by
+privacy.encoding, packing by aggregate_readings. Same vectors, value for value, on values chosen to sit on
+rounding edges; scan shards partition the readings; hashed de-duplication finds exactly the exact duplicates."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusion.config import InstitutionConfig
+from fusion.contribution import (
+    aggregate_readings,
+    deduplicate_reference,
+    exact_bincount,
+    find_duplicates,
+    pack_encoded,
+    shared_key_rows,
+)
+from fusion.feeds import mapped_columns, read_feed_file
+from fusion.plan import ReleasePlan, plan_release
+from fusion.scan import BIN, CELL, ENTITY, KEY, ROW, SOURCE, SUM, FeedScanner, scan_shards
+from privacy.layout import SUMSQ
+from schemas.readings import READING_SCHEMA
+from schemas.validation import ReadingValidator
+from tests.conftest import END, METRICS, REGIONS, START, Federation, write_feed
+
+STATISTICS = "variance = true\nquantiles = true\nhistogram_bins = 8"
+
+
+def edge_readings(rng: np.random.Generator, rows: int) -> pa.Table:
+    """Readings whose values sit on rounding edges: half resolution steps (both signs), the clamp bounds and just
+    beyond, -0.0, far outside the clamp (but plausible), plus a few invalid rows and exact duplicates."""
+    names = list(METRICS)
+    metric = rng.integers(0, len(names), size=rows)
+    lower = np.array([METRICS[m][1] for m in names])[metric]
+    upper = np.array([METRICS[m][2] for m in names])[metric]
+    res = np.array([METRICS[m][3] for m in names])[metric]
+    kind = rng.integers(0, 6, size=rows)
+    steps = rng.integers(-300, 800, size=rows)
+    value = np.where(kind == 0, (steps + 0.5) * res, rng.uniform(lower - 5 * res, upper + 5 * res))
+    value = np.where(kind == 1, np.where(rng.random(rows) < 0.5, lower, upper), value)
+    value = np.where(kind == 2, np.where(rng.random(rows) < 0.5, lower - res / 2, upper + res / 2), value)
+    value = np.where(kind == 3, -0.0, value)
+    low_plausible = np.array([METRICS[m][4][0] for m in names])[metric]
+    high_plausible = np.array([METRICS[m][4][1] for m in names])[metric]
+    value = np.clip(value, low_plausible, high_plausible)
+    seconds = rng.integers(-600, int((END - START).total_seconds()) + 600, size=rows)  # a few out of the interval
+    table = pa.table(
+        {
+            "entity_id": [f"e{i:03d}" for i in rng.integers(0, 40, size=rows)],
+            "region": [REGIONS[i] for i in rng.integers(0, len(REGIONS), size=rows)],
+            "metric": [names[i] for i in metric],
+            "event_time": pa.array([START + timedelta(seconds=int(s)) for s in seconds], pa.timestamp("us", tz="UTC")),
+            "value": value,
+            "sensor_id": [None if i % 3 else f"s{i}" for i in range(rows)],
+        },
+        schema=READING_SCHEMA,
+    )
+    return pa.concat_tables([table, table.slice(5, 7), table.slice(100, 1)])  # 8 exact duplicates
+
+
+def reference_vector(plan: ReleasePlan, institution: InstitutionConfig) -> tuple[np.ndarray, Counter[str], int]:
+    """(packed vector, reject counts, rows read) the slow way: ReadingValidator, exact de-duplication over every
+    field, aggregate_readings."""
+    validator = ReadingValidator(plan.rules)
+    accepted, rejected, read = [], Counter[str](), 0
+    scanner = FeedScanner(plan, institution)
+    for feed_index, path in scanner.sources:
+        feed = institution.feeds[feed_index]
+        for raw in read_feed_file(path, feed, batch_rows=4096):
+            checked = validator.validate(raw.table, columns=mapped_columns(feed), time_format=feed.time_format.value)
+            accepted.append(checked.accepted)
+            rejected.update(checked.reasons)
+            read += raw.rows
+            rejected["malformed_record"] += len(raw.malformed)
+    kept, duplicates = deduplicate_reference(pa.concat_tables(accepted))
+    if duplicates.num_rows:
+        rejected["duplicate"] += duplicates.num_rows
+    vector = aggregate_readings(kept, layout=plan.layout, encodings=plan.params.encodings)
+    return vector, +rejected, read
+
+
+def scanned_vector(
+    plan: ReleasePlan, institution: InstitutionConfig, shards: int
+) -> tuple[np.ndarray, Counter[str], int]:
+    vector = np.zeros(plan.layout.slots, dtype=np.int64)
+    rejected: Counter[str] = Counter()
+    read = 0
+    for shard in range(shards):
+        scanner = FeedScanner(plan, institution)
+        scan = scanner.scan(shard, shards)
+        encoded = scan.table(scanner.schema)
+        duplicates = find_duplicates(
+            encoded.column(KEY).to_numpy(),
+            encoded.column(SOURCE).to_numpy(),
+            encoded.column(ROW).to_numpy(),
+            scanner.readings_at,
+        )
+        kept = np.ones(encoded.num_rows, dtype=bool)
+        kept[duplicates.indices] = False
+        sums = {SUM: encoded.column(SUM).to_numpy()[kept]}
+        if plan.layout.has(SUMSQ):
+            sums[SUMSQ] = encoded.column(SUMSQ).to_numpy()[kept]
+        bins = encoded.column(BIN).to_numpy()[kept] if plan.layout.bins else None
+        vector += pack_encoded(
+            encoded.column(CELL).to_numpy()[kept], sums, layout=plan.layout, encodings=plan.params.encodings, bins=bins
+        )
+        rejected.update(scan.rejected)
+        if duplicates.indices.size:
+            rejected["duplicate"] += int(duplicates.indices.size)
+        read += scan.rows_read
+    return vector, +rejected, read
+
+
+@pytest.fixture
+def edge_federation(make_federation: Callable[..., Federation]) -> Federation:
+    federation = make_federation(
+        institutions=[("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")], statistics=STATISTICS
+    )
+    rng = np.random.default_rng(11)
+    for name, fmt in (("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")):
+        table = edge_readings(rng, 3000)
+        ext = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}[fmt]
+        write_feed(table.slice(0, 1500), federation.directory / "feeds" / name / f"part-0.{ext}", fmt)
+        write_feed(table.slice(1500), federation.directory / "feeds" / name / f"part-1.{ext}", fmt)
+    return federation
+
+
+@pytest.mark.parametrize("institution", ["alpha", "beta", "gamma"])
+@pytest.mark.parametrize("shards", [1, 3])
+def test_the_scan_packs_the_same_vector_as_the_numpy_reference(
+    edge_federation: Federation, institution: str, shards: int
+) -> None:
+    config = edge_federation.config
+    plan = plan_release(config, START, END)
+    assert plan.layout.has(SUMSQ) and plan.layout.bins == 8
+    expected, expected_rejects, expected_read = reference_vector(plan, config.institution(institution))
+    got, rejects, read = scanned_vector(plan, config.institution(institution), shards)
+    assert rejects == expected_rejects and read == expected_read
+    assert rejects["duplicate"] > 0 and rejects["out_of_interval"] > 0
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_scan_shards_partition_the_readings_and_keep_each_entity_in_one(
+    make_federation: Callable[..., Federation],
+) -> None:
+    federation = make_federation(
+        institutions=[("alpha", "parquet"), ("beta", "parquet")],
+        extra_privacy='unit = "entity"\nmax_partitions = 3\nmax_readings_per_partition = 2',
+        entities=30,
+    )
+    config = federation.config
+    plan = plan_release(config, START, END)
+    institution = config.institution("alpha")
+    whole = FeedScanner(plan, institution).scan(0, 1).table(FeedScanner(plan, institution).schema)
+    pieces = []
+    for shard in range(4):
+        scanner = FeedScanner(plan, institution)
+        pieces.append(scanner.scan(shard, 4).table(scanner.schema))
+    assert sum(p.num_rows for p in pieces) == whole.num_rows == federation.raw["alpha"].num_rows
+    entities = [set(p.column(ENTITY).to_pylist()) for p in pieces]
+    assert all(a.isdisjoint(b) for i, a in enumerate(entities) for b in entities[i + 1 :])
+    assert sum(1 for p in pieces if p.num_rows) > 1
+    together = pa.concat_tables(pieces).sort_by([(SOURCE, "ascending"), (ROW, "ascending")])
+    assert together.equals(whole.sort_by([(SOURCE, "ascending"), (ROW, "ascending")]))
+
+
+def test_shard_count_follows_the_rows(make_federation: Callable[..., Federation]) -> None:
+    federation = make_federation(institutions=[("alpha", "parquet"), ("beta", "csv")], extra="")
+    config = federation.config
+    plan = plan_release(config, START, END)
+    rows = sum(pq.read_metadata(p).num_rows for p in (federation.directory / "feeds" / "alpha").glob("*.parquet"))
+    assert scan_shards(plan, config.institution("alpha")) == 1
+    small = plan_release(
+        config.model_copy(update={"pipeline": config.pipeline.model_copy(update={"shard_rows": 1024})}), START, END
+    )
+    assert scan_shards(small, config.institution("alpha")) == -(-rows // 1024)
+    assert scan_shards(small, config.institution("beta")) >= 1
+
+
+def test_hash_collisions_are_compared_in_full() -> None:
+    """Rows 0, 2 and 3 share a key but only 0 and 3 are equal readings: 3 is the duplicate, 2 is not."""
+    readings = edge_readings(np.random.default_rng(3), 4).slice(0, 4)
+    same = readings.slice(0, 1)
+    table = pa.concat_tables([same, readings.slice(1, 1), readings.slice(2, 1), same])
+    keys = np.array([7, 8, 7, 7], dtype=np.uint64)
+    sources = np.zeros(4, dtype=np.int32)
+    rows = np.arange(4, dtype=np.int64)
+
+    def readings_at(src: int, at: np.ndarray) -> pa.Table:
+        assert src == 0
+        return table.take(pa.array(at))
+
+    found = find_duplicates(keys, sources, rows, readings_at)
+    assert found.indices.tolist() == [3] and found.rows.tolist() == [3]
+    assert found.readings.to_pylist() == same.to_pylist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 20), max_size=60))
+def test_shared_key_rows_are_the_rows_whose_key_repeats(keys: list[int]) -> None:
+    counts = Counter(keys)
+    expected = [i for i, k in enumerate(keys) if counts[k] > 1]
+    assert shared_key_rows(np.array(keys, dtype=np.uint64)).tolist() == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(-(2**40), 2**40)), max_size=80))
+def test_exact_bincount_is_exact(pairs: list[tuple[int, int]]) -> None:
+    index = np.array([i for i, _ in pairs], dtype=np.int64)
+    values = np.array([v for _, v in pairs], dtype=np.int64)
+    expected = [sum(v for i, v in pairs if i == j) for j in range(10)]
+    assert exact_bincount(index, values, 10).tolist() == expected
