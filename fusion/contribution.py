@@ -120,13 +120,21 @@ def find_duplicates(
     return Duplicates(indices, readings.filter(pa.array(later)), sources[indices], rows[indices])
 
 
+#: Integers up to this size are exact in float64.
+EXACT_FLOAT = 1 << 53
 #: Each of the two parts `exact_bincount` splits values into adds up exactly in float64 over this many rows.
 EXACT_ROWS = 1 << 29
 
 
 def exact_bincount(index: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
-    """int64 sums of `values` (int64) per `index`, exact: NumPy's weighted bincount adds in float64, so each value
-    is split into a high part and a low 24-bit part whose sums stay below 2^53."""
+    """int64 sums of `values` (int64) per `index`, exact. NumPy's weighted bincount adds in float64, which is
+    exact while every partial sum stays below 2^53: one pass when the largest |value| times the rows allows it,
+    otherwise each value is split into a high part and a low 24-bit part whose sums stay below 2^53."""
+    if index.size == 0:
+        return np.zeros(length, dtype=np.int64)
+    largest = max(int(values.max()), -int(values.min()))
+    if largest * index.size < EXACT_FLOAT:
+        return np.rint(np.bincount(index, weights=values, minlength=length)).astype(np.int64)
     if index.size > EXACT_ROWS:
         raise ValueError(f"at most {EXACT_ROWS} rows per call, got {index.size}")
     low = values & 0xFFFFFF

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from math import ceil
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -192,22 +193,39 @@ def encoded_schema(layout: PartitionLayout, entity_level: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-class FeedScanner:
-    """Scans one institution's feed files for a release plan. Holds a DuckDB connection: one per worker."""
+def scan_connection(plan: ReleasePlan, *, threads: int = 2) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the plan's lookup tables (metrics, regions, encodings) registered; a worker keeps
+    one for all the shards it scans."""
+    con = connect(threads)
+    register_rules(con, plan.rules, plan.layout.metrics)
+    con.register("fusion_encodings", encoding_table(plan.layout, plan.params.encodings))
+    return con
 
-    def __init__(self, plan: ReleasePlan, institution: InstitutionConfig, *, threads: int = 2) -> None:
+
+class FeedScanner:
+    """Scans one institution's feed files for a release plan, on a connection from `scan_connection` (its own
+    when none is given)."""
+
+    def __init__(
+        self,
+        plan: ReleasePlan,
+        institution: InstitutionConfig,
+        *,
+        connection: duckdb.DuckDBPyConnection | None = None,
+        threads: int = 2,
+    ) -> None:
         self.plan = plan
         self.institution = institution
         self.entity_level = plan.config.privacy.unit is PrivacyUnit.ENTITY
         self.sources = feed_sources(plan, institution)
         self.schema = encoded_schema(plan.layout, self.entity_level)
         self._rules: ReadingRules = plan.rules
-        self._con = connect(threads)
-        register_rules(self._con, self._rules, plan.layout.metrics)
-        self._con.register("fusion_encodings", encoding_table(plan.layout, plan.params.encodings))
+        self._owned = connection is None
+        self._con = scan_connection(plan, threads=threads) if connection is None else connection
 
     def close(self) -> None:
-        self._con.close()
+        if self._owned:
+            self._con.close()
 
     # --- the relations a file is read through ---------------------------------------------------------------
 

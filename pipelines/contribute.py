@@ -31,7 +31,7 @@ from fusion.exchange import contribution_path, join, public_context_path, read_b
 from fusion.faults import crash_point
 from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_key, load_agreement_keys, load_signing_key, read_private, write_private
-from fusion.scan import BIN, CELL, ENTITY, KEY, ROW, SOURCE, SUM, FeedScanner, scan_shards
+from fusion.scan import BIN, CELL, ENTITY, KEY, ROW, SOURCE, SUM, FeedScanner, scan_connection, scan_shards
 from privacy import he
 from privacy.bounding import bound_contributions
 from privacy.envelope import EnvelopeHeader, pack_envelope
@@ -64,18 +64,21 @@ class ContributeShard(beam.DoFn):
     def __init__(self, plan: ReleasePlan) -> None:
         self._plan = plan
 
+    def setup(self) -> None:
+        self._connection = scan_connection(self._plan, threads=SCAN_THREADS)
+
+    def teardown(self) -> None:
+        self._connection.close()
+
     def process(self, element: tuple[str, int, int]) -> Iterator[Any]:
         institution_id, shard, shards = element
         plan, privacy = self._plan, self._plan.config.privacy
-        scanner = FeedScanner(plan, plan.config.institution(institution_id), threads=SCAN_THREADS)
-        try:
-            scan = scanner.scan(shard, shards)
-            encoded = scan.table(scanner.schema)
-            sources = encoded.column(SOURCE).to_numpy()
-            rows = encoded.column(ROW).to_numpy()
-            duplicates = find_duplicates(encoded.column(KEY).to_numpy(), sources, rows, scanner.readings_at)
-        finally:
-            scanner.close()
+        scanner = FeedScanner(plan, plan.config.institution(institution_id), connection=self._connection)
+        scan = scanner.scan(shard, shards)
+        encoded = scan.table(scanner.schema)
+        sources = encoded.column(SOURCE).to_numpy()
+        rows = encoded.column(ROW).to_numpy()
+        duplicates = find_duplicates(encoded.column(KEY).to_numpy(), sources, rows, scanner.readings_at)
         for name, letters in scan.dead_letters:
             yield TaggedOutput(DEAD, (institution_id, name, letters))
         rejected = Counter(scan.rejected)
@@ -92,7 +95,7 @@ class ContributeShard(beam.DoFn):
         cell = encoded.column(CELL).to_numpy()
         if privacy.unit is PrivacyUnit.ENTITY:
             assert privacy.max_partitions is not None and privacy.max_readings_per_partition is not None
-            index = np.flatnonzero(kept)
+            index = np.flatnonzero(kept) if duplicates.indices.size else slice(None)
             bounded = bound_contributions(
                 encoded.column(ENTITY).to_numpy()[index].view(np.int64),
                 cell[index],
@@ -100,17 +103,23 @@ class ContributeShard(beam.DoFn):
                 max_per_partition=privacy.max_readings_per_partition,
                 generator=noise_generator(plan, institution_id, f"bounding-{shard}"),
             )
-            kept[index[~bounded]] = False
+            kept[kept] = bounded  # of the rows still kept, those bounding keeps
         contributed = int(kept.sum())
-        sums = {SUM: encoded.column(SUM).to_numpy()[kept]}
+        everything = contributed == encoded.num_rows  # the usual case at event level: no copies to make
+
+        def column(name: str) -> np.ndarray:
+            values: np.ndarray = encoded.column(name).to_numpy()
+            return values if everything else values[kept]
+
+        sums = {SUM: column(SUM)}
         if plan.layout.has(SUMSQ):
-            sums[SUMSQ] = encoded.column(SUMSQ).to_numpy()[kept]
+            sums[SUMSQ] = column(SUMSQ)
         vector = pack_encoded(
-            cell[kept],
+            column(CELL),
             sums,
             layout=plan.layout,
             encodings=plan.params.encodings,
-            bins=encoded.column(BIN).to_numpy()[kept] if plan.layout.bins else None,
+            bins=column(BIN) if plan.layout.bins else None,
         )
         yield (
             institution_id,
@@ -315,8 +324,7 @@ class Contribute(beam.PTransform):
         plan = self._plan
         scanned = (
             pbegin
-            | "ScanShards" >> beam.Create(scan_elements(plan, self._institutions))
-            | "Reshuffle" >> beam.Reshuffle()
+            | "ScanShards" >> beam.Create(scan_elements(plan, self._institutions))  # reshuffled: one worker each
             | "ContributeShards" >> beam.ParDo(ContributeShard(plan)).with_outputs(DEAD, main="partial")
         )
         _ = scanned[DEAD] | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(plan))

@@ -69,51 +69,29 @@ def bound_contributions(
     return (pair_rank[pair_of_row] < max_partitions) & (row_rank < max_per_partition)
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a bijection of uint64 whose outputs look independent and uniform."""
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> np.uint64(30))
-        x = x * np.uint64(0xBF58476D1CE4E5B9)
-        x = x ^ (x >> np.uint64(27))
-        x = x * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def pair_priorities(entity: np.ndarray, cell: np.ndarray, salt: int) -> np.ndarray:
-    """A pseudo-random uint64 priority per (entity, cell) pair, the same for every row of a pair, keyed by a
-    secret `salt` (drawn from the generator), so each entity's cells are ordered at random afresh per call."""
-    with np.errstate(over="ignore"):
-        inner = _mix64(cell.astype(np.uint64) * _GOLDEN + np.uint64(salt))
-        return _mix64(entity.astype(np.int64).view(np.uint64) ^ inner)
-
-
 def _bound_in_duckdb(
     entity: np.ndarray, cell: np.ndarray, max_partitions: int, max_per_partition: int, generator: np.random.Generator
 ) -> np.ndarray:
     """The same choice as the NumPy path, as one window query: cells ranked per entity by their pair priority
-    (ties broken by the cell, so distinct cells always get distinct ranks), rows ranked per pair by a random
-    number each."""
-    salt = int(generator.integers(0, 2**63))
+    (ties broken by the cell, so distinct cells always get distinct ranks), rows ranked within their cell by a
+    random number each."""
+    salt = int(generator.integers(0, 2**63))  # keys the pair priorities: each call orders the cells afresh
     table = pa.table(
-        {
-            "e": entity,
-            "c": cell,
-            "p": pair_priorities(entity, cell, salt),
-            "r": generator.random(entity.size),
-            "i": np.arange(entity.size, dtype=np.int64),
-        }
+        {"e": entity, "c": cell, "r": generator.random(entity.size), "i": np.arange(entity.size, dtype=np.int64)}
     )
     con = duckdb.connect(":memory:")
     try:
         con.execute("SET threads = 2")
         con.register("fusion_bounding", table)
+        # p: a pseudo-random priority per (entity, cell) pair, the same for all of a pair's rows. One sort per
+        # entity by (p, cell, row priority) serves all three windows: the dense rank of (p, c) is the cell's rank,
+        # and row_number - rank (rank: the pair's first row) the row's rank within its cell.
         kept = con.sql(
-            f"""SELECT i FROM fusion_bounding
+            f"""WITH b AS (SELECT i, e, c, r, hash(e, c, {salt}) AS p FROM fusion_bounding)
+            SELECT i FROM b
             QUALIFY dense_rank() OVER (PARTITION BY e ORDER BY p, c) <= {int(max_partitions)}
-                AND row_number() OVER (PARTITION BY e, c ORDER BY r) <= {int(max_per_partition)}"""
+                AND row_number() OVER (PARTITION BY e ORDER BY p, c, r) - rank() OVER (PARTITION BY e ORDER BY p, c)
+                    < {int(max_per_partition)}"""
         ).fetchnumpy()["i"]
     finally:
         con.close()
