@@ -109,26 +109,27 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def encoding_table(layout: PartitionLayout, encodings: tuple[MetricEncoding, ...]) -> pa.Table:
+#: The per-metric constants of the encodings, carried with each reading by the scan (`checked_sql`'s `carry`).
+ENCODING_COLUMNS = ("lower", "upper", "resolution", "centre", "scale", "weight", "low_steps", "span_steps")
+
+
+def encoding_table(encodings: tuple[MetricEncoding, ...]) -> pa.Table:
     """Per metric (layout order), the constants of its encoding, for the scan's SQL."""
+
+    def steps(value: float, resolution: float) -> int:
+        return round(float(np.rint(value / resolution)))
+
     return pa.table(
         {
-            "idx": pa.array(range(len(layout.metrics)), pa.int64()),
             "lower": [float(e.lower) for e in encodings],
             "upper": [float(e.upper) for e in encodings],
             "resolution": [float(e.resolution) for e in encodings],
             "centre": pa.array([e.centre_units for e in encodings], pa.int64()),
             "scale": pa.array([e.scale for e in encodings], pa.int64()),
             "weight": pa.array([e.count_weight for e in encodings], pa.int64()),
-            "low_steps": pa.array([round(float(np.rint(e.lower / e.resolution))) for e in encodings], pa.int64()),
+            "low_steps": pa.array([steps(e.lower, e.resolution) for e in encodings], pa.int64()),
             "span_steps": pa.array(
-                [
-                    max(
-                        round(float(np.rint(e.upper / e.resolution))) - round(float(np.rint(e.lower / e.resolution))), 1
-                    )
-                    for e in encodings
-                ],
-                pa.int64(),
+                [max(steps(e.upper, e.resolution) - steps(e.lower, e.resolution), 1) for e in encodings], pa.int64()
             ),
         }
     )
@@ -145,8 +146,8 @@ def encoded_sql(checked: str, *, layout: PartitionLayout, entity_level: bool, sh
     value = f"CASE WHEN {VALUE} = 0 THEN 0.0 ELSE {VALUE} END"
     key = f"hash({ENTITY_ID}, {SENSOR_ID}, {REGION}, {METRIC}, {EVENT_TIME}, {value})"
     partition = f"hash({ENTITY_ID})" if entity_level else key
-    steps = f"CAST(round_even(least(greatest({VALUE}, e.lower), e.upper) / e.resolution, 0) AS BIGINT)"
-    centred = f"(({steps}) - e.centre) * e.scale"
+    steps = f"CAST(round_even(least(greatest({VALUE}, m_lower), m_upper) / m_resolution, 0) AS BIGINT)"
+    centred = f"(({steps}) - m_centre) * m_scale"
     columns = [
         f"c.row_id AS {ROW}",
         "c.reason",
@@ -158,12 +159,12 @@ def encoded_sql(checked: str, *, layout: PartitionLayout, entity_level: bool, sh
     if layout.has(SUMSQ):
         columns.append(
             f"CASE WHEN c.reason IS NULL THEN CAST(round_even(CAST(({centred}) * ({centred}) AS DOUBLE) "
-            f"/ CAST(e.weight AS DOUBLE), 0) AS BIGINT) END AS {SUMSQ}"
+            f"/ CAST(m_weight AS DOUBLE), 0) AS BIGINT) END AS {SUMSQ}"
         )
     if layout.bins:
         columns.append(
-            f"CASE WHEN c.reason IS NULL THEN least(greatest((({steps}) - e.low_steps) * {layout.bins} "
-            f"// e.span_steps, 0), {layout.bins - 1}) END AS {BIN}"
+            f"CASE WHEN c.reason IS NULL THEN least(greatest((({steps}) - m_low_steps) * {layout.bins} "
+            f"// m_span_steps, 0), {layout.bins - 1}) END AS {BIN}"
         )
     if entity_level:
         columns.append(f"{partition} AS {ENTITY}")
@@ -171,7 +172,7 @@ def encoded_sql(checked: str, *, layout: PartitionLayout, entity_level: bool, sh
     return f"""
         WITH c AS ({checked})
         SELECT {", ".join(columns)}
-        FROM c LEFT JOIN fusion_encodings e ON c.metric_idx = e.idx
+        FROM c
         {where}
     """
 
@@ -197,8 +198,7 @@ def scan_connection(plan: ReleasePlan, *, threads: int = 2) -> duckdb.DuckDBPyCo
     """A DuckDB connection with the plan's lookup tables (metrics, regions, encodings) registered; a worker keeps
     one for all the shards it scans."""
     con = connect(threads)
-    register_rules(con, plan.rules, plan.layout.metrics)
-    con.register("fusion_encodings", encoding_table(plan.layout, plan.params.encodings))
+    register_rules(con, plan.rules, plan.layout.metrics, per_metric=encoding_table(plan.params.encodings))
     return con
 
 
@@ -255,7 +255,12 @@ class FeedScanner:
     def _checked(self, src: int, relation: str, types: dict[str, pa.DataType]) -> str:
         feed = self.institution.feeds[self.sources[src][0]]
         return checked_sql(
-            relation, rules=self._rules, columns=mapped_columns(feed), types=types, time_format=feed.time_format.value
+            relation,
+            rules=self._rules,
+            columns=mapped_columns(feed),
+            types=types,
+            time_format=feed.time_format.value,
+            carry=ENCODING_COLUMNS,
         )
 
     # --- scanning --------------------------------------------------------------------------------------------

@@ -174,6 +174,11 @@ class SealContribution(beam.DoFn):
     def __init__(self, plan: ReleasePlan) -> None:
         self._plan = plan
 
+    def setup(self) -> None:
+        # The public HE context (about 1 MB) is read and loaded once per worker, not once per institution.
+        self._public_context = read_bytes(public_context_path(self._plan.config.exchange_path))
+        self._he_context = he.load_public_context(self._public_context)
+
     def process(self, element: tuple[str, PartialAggregate]) -> Iterator[EnvelopeHeader]:
         institution_id, total = element
         plan = self._plan
@@ -209,8 +214,8 @@ class SealContribution(beam.DoFn):
             seed, own_id=institution.id, own_private=own_key, peers=peers, threshold=plan.params.quorum, context=context
         )
         masked = add_mod(vector, mask, he.PLAIN_MODULUS)
-        public_context = read_bytes(public_context_path(plan.config.exchange_path))
-        ciphertexts = he.encrypt_vector(he.load_public_context(public_context), masked, residues=True)
+        public_context = self._public_context
+        ciphertexts = he.encrypt_vector(self._he_context, masked, residues=True)
         header = plan.envelope_header(
             kind="contribution",
             contributors=(institution.id,),
@@ -314,17 +319,20 @@ class Contribute(beam.PTransform):
     """The contributions of some institutions for one release, as one composite transform. Each institution's
     readings stay in its own scan shards: only packed vectors (one per shard) reach the combine."""
 
-    def __init__(self, plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> None:
+    def __init__(self, plan: ReleasePlan, institutions: Iterable[InstitutionConfig], *, spread: bool = True) -> None:
+        """`spread` redistributes the scan shards so a distributed runner gives each its own worker; on the local
+        DirectRunner, which runs them in one process anyway, the extra shuffle only costs time."""
         institutions = tuple(institutions)
         super().__init__(label=f"Contribute[{','.join(i.id for i in institutions)}]")
         self._plan = plan
         self._institutions = institutions
+        self._spread = spread
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         plan = self._plan
         scanned = (
             pbegin
-            | "ScanShards" >> beam.Create(scan_elements(plan, self._institutions))  # reshuffled: one worker each
+            | "ScanShards" >> beam.Create(scan_elements(plan, self._institutions), reshuffle=self._spread)
             | "ContributeShards" >> beam.ParDo(ContributeShard(plan)).with_outputs(DEAD, main="partial")
         )
         _ = scanned[DEAD] | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(plan))

@@ -85,7 +85,7 @@ def run_contributions(
     elif pending:
         # One pipeline for all of them: only packed vectors (one per scan shard) cross between its stages.
         with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-            _ = pipeline | Contribute(plan, pending)
+            _ = pipeline | Contribute(plan, pending, spread=names_runner(beam_args))
     reports = {}
     for institution in institutions:
         path = report_path(plan, institution)
