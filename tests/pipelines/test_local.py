@@ -22,7 +22,8 @@ def test_in_process_and_beam_releases_are_identical(make_federation):
     statistics = "variance = true\nquantiles = true\nhistogram_bins = 8"
     by_beam = make_federation(noise=True, seed=11, subdir="beam", statistics=statistics)
     local = make_federation(noise=True, seed=11, subdir="local", statistics=statistics)
-    run_batch(plan_release(by_beam.config, START, END))
+    # Naming the runner makes `run_batch` build the aggregator's pipelines too (and spread the scan shards).
+    run_batch(plan_release(by_beam.config, START, END), beam_args=["--runner=DirectRunner"])
     summary = run_batch(plan_release(local.config, START, END), in_process=True)
     assert summary.status == "released" and summary.cells == 36
     assert released(by_beam.config.store_path) == released(local.config.store_path)
