@@ -40,11 +40,23 @@ def test_every_measurement_runs_and_noise_free_counts_match_duckdb(tmp_path: Pat
         data, tmp_path / "runs", pipelinedp_rows=pipelinedp_rows, sql_days=2, noise=False, log=lambda _: None
     )
     summary = measured["summary"]
-    for field in ("duckdb_rows_per_s", "fusion_event_rows_per_s", "fusion_vs_duckdb_event", "fusion_entity_rows_per_s",
-                  "fusion_vs_duckdb_entity", "he_share", "envelope_bytes_per_component", "peak_memory_mb",
-                  "sql_ratio", "sql_rows"):
+    for field in (
+        "duckdb_rows_per_s",
+        "duckdb_checked_rows_per_s",
+        "fusion_vs_duckdb_checked_event",
+        "fusion_event_rows_per_s",
+        "fusion_vs_duckdb_event",
+        "fusion_entity_rows_per_s",
+        "fusion_vs_duckdb_entity",
+        "he_share",
+        "envelope_bytes_per_component",
+        "peak_memory_mb",
+        "sql_ratio",
+        "sql_rows",
+    ):
         assert field in summary, field
     assert summary["sql_rows"] == 2 * 96 * len(REGIONS) * len(METRICS)
+    assert measured["raw"]["duckdb_checked"]["cells"] == measured["raw"]["duckdb"]["cells"]  # clean data
     assert summary["envelope_bytes_per_component"] > 0
     if pipelinedp_rows:
         assert summary["pipelinedp_rows"] == pipelinedp_rows
