@@ -37,7 +37,7 @@ from fusion.exchange import (
 from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_key, load_agreement_keys, load_registry, load_signing_key
 from privacy import he
-from privacy.envelope import EnvelopeError, EnvelopeHeader, pack_envelope, signature_valid, unpack_envelope
+from privacy.envelope import EnvelopeError, EnvelopeHeader, envelope_header, pack_envelope, signature_valid
 from privacy.masking import centred, recovery_correction
 from privacy.sharing import (
     decode_share,
@@ -132,7 +132,7 @@ def remember_answer(plan: ReleasePlan, institution_id: str, roster: Roster) -> N
 def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dict[str, bytes]) -> EnvelopeHeader:
     path = contribution_path(plan.config.exchange_path, plan.key, institution_id)
     try:
-        header, _ = unpack_envelope(read_bytes(path))
+        header = envelope_header(read_bytes(path))  # its signature binds the payload, which this party never uses
     except EnvelopeError as exc:
         raise FusionError(f"the contribution of {institution_id} listed as included is unreadable: {exc}") from None
     if (

@@ -135,6 +135,21 @@ def unpack_ciphertext(packed: bytes) -> bytes:
     return words.tobytes() + data[whole:]
 
 
+def envelope_header(data: bytes) -> EnvelopeHeader:
+    """Only the header, without unpacking or hashing the ciphertexts: enough for a party that checks the header's
+    signature (which binds the payload's SHA-256) but never uses the payload."""
+    if not data.startswith(MAGIC) and not data.startswith(MAGIC_V1):
+        raise EnvelopeError("not a Fusion envelope (bad magic)")
+    try:
+        (head_len,) = struct.unpack_from(">I", data, len(MAGIC))
+    except struct.error:
+        raise EnvelopeError("envelope is truncated") from None
+    start = len(MAGIC) + 4
+    if start + head_len > len(data):
+        raise EnvelopeError("envelope is truncated")
+    return EnvelopeHeader.from_json(data[start : start + head_len])
+
+
 def unpack_envelope(data: bytes) -> tuple[EnvelopeHeader, list[bytes]]:
     """Parse and check the payload hash; raises EnvelopeError on any inconsistency."""
     if not data.startswith(MAGIC) and not data.startswith(MAGIC_V1):

@@ -16,6 +16,7 @@ from privacy.envelope import (
     MAX_CIPHERTEXT_BYTES,
     EnvelopeError,
     PayloadMismatch,
+    envelope_header,
     pack_ciphertext,
     pack_envelope,
     payload_digest,
@@ -44,6 +45,17 @@ def test_envelopes_round_trip_real_ciphertexts_below_32_bytes_a_slot(ciphertexts
     assert header.payload_sha256 == payload_digest(ciphertexts)
     payload = len(data) - len(header.to_json())
     assert payload / (len(ciphertexts) * he.SLOTS_PER_CIPHERTEXT) < 32.0
+
+
+def test_the_header_alone_is_the_unpacked_header_and_a_truncated_one_is_refused(ciphertexts: list[bytes]) -> None:
+    data = pack_envelope(HEADER, ciphertexts)
+    assert envelope_header(data) == unpack_envelope(data)[0]
+    head_end = data.index(HEADER.to_json()[-8:]) + 8
+    for cut in (3, 13, head_end - 1):
+        with pytest.raises(EnvelopeError):
+            envelope_header(data[:cut])
+    with pytest.raises(EnvelopeError, match="bad magic"):
+        envelope_header(b"PNG" + data[3:])
 
 
 def test_a_damaged_packed_payload_is_a_payload_mismatch(ciphertexts: list[bytes]) -> None:
