@@ -117,6 +117,8 @@ def _read_csv(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatc
         return "skip"
 
     with _open_stream(path) as handle:
+        if not handle.peek(1):  # an empty file (no header either) holds no rows; pyarrow would refuse it
+            return
         reader = pacsv.open_csv(
             handle,
             read_options=pacsv.ReadOptions(block_size=1 << 22),

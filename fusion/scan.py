@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
 from fusion.config import FeedConfig, FeedFormat, InstitutionConfig, PrivacyUnit
 from fusion.feeds import feed_files, mapped_columns, read_feed_file
@@ -43,8 +45,11 @@ from schemas.validation import (
     register_rules,
 )
 
-#: Estimated bytes per row of a text feed, to size its shards from its files' sizes.
-TEXT_BYTES_PER_ROW = 64
+#: Estimated bytes per row of a text feed, plain and compressed, to size its shards from its files' sizes (on
+#: the low side: too many shards only re-read a file, too few could exhaust a worker's memory).
+TEXT_BYTES_PER_ROW = 48
+COMPRESSED_BYTES_PER_ROW = 4
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".zstd", ".deflate", ".lz4", ".xz")
 
 #: Columns of the encoded rows (ENCODED_BASE always; the others when the layout or the privacy unit needs them).
 SOURCE, ROW, CELL, SUM, KEY, ENTITY, BIN = "src", "row", "cell", "sum", "key", "entity", "bin"
@@ -73,8 +78,17 @@ def feed_sources(plan: ReleasePlan, institution: InstitutionConfig) -> list[tupl
     ]
 
 
+#: Characters DuckDB's read_parquet takes as a glob: a file named with them is read as Arrow batches instead.
+GLOB_CHARACTERS = frozenset("*?[]{}")
+
+
 def _is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
+
+
+def _read_by_duckdb(path: str, feed: FeedConfig) -> bool:
+    """Whether DuckDB reads the file itself: local Parquet whose name it cannot mistake for a pattern."""
+    return feed.format is FeedFormat.PARQUET and _is_local(path) and not GLOB_CHARACTERS & set(path)
 
 
 def _local(path: str) -> str:
@@ -82,16 +96,16 @@ def _local(path: str) -> str:
 
 
 def estimated_rows(sources: list[tuple[int, str]], feeds: tuple[FeedConfig, ...]) -> int:
-    """Rows in the files: exact for local Parquet (its footer), estimated from the size for the rest."""
-    from apache_beam.io.filesystems import FileSystems
-
+    """Rows in the files: exact for Parquet (its footer), estimated from the size for text."""
     total = 0
     for feed_index, path in sources:
-        if feeds[feed_index].format is FeedFormat.PARQUET and _is_local(path):
-            total += pq.read_metadata(_local(path)).num_rows
+        if feeds[feed_index].format is FeedFormat.PARQUET:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
         else:
             size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
-            total += ceil(size / TEXT_BYTES_PER_ROW)
+            per_row = COMPRESSED_BYTES_PER_ROW if path.lower().endswith(COMPRESSED_SUFFIXES) else TEXT_BYTES_PER_ROW
+            total += ceil(size / per_row)
     return total
 
 
@@ -142,9 +156,8 @@ def encoded_sql(checked: str, *, layout: PartitionLayout, entity_level: bool, sh
     start_us = int(layout.start.timestamp() * 1_000_000)
     window_us = int(layout.window.total_seconds() * 1_000_000)
     regions, windows = len(layout.regions), layout.windows
-    # -0.0 and 0.0 are the same reading; hash them alike.
-    value = f"CASE WHEN {VALUE} = 0 THEN 0.0 ELSE {VALUE} END"
-    key = f"hash({ENTITY_ID}, {SENSOR_ID}, {REGION}, {METRIC}, {EVENT_TIME}, {value})"
+    # Validation typed the value with -0.0 made 0.0, so equal readings hash alike.
+    key = f"hash({ENTITY_ID}, {SENSOR_ID}, {REGION}, {METRIC}, {EVENT_TIME}, {VALUE})"
     partition = f"hash({ENTITY_ID})" if entity_level else key
     steps = f"CAST(round_even(least(greatest({VALUE}, m_lower), m_upper) / m_resolution, 0) AS BIGINT)"
     centred = f"(({steps}) - m_centre) * m_scale"
@@ -158,8 +171,9 @@ def encoded_sql(checked: str, *, layout: PartitionLayout, entity_level: bool, sh
     ]
     if layout.has(SUMSQ):
         columns.append(
-            f"CASE WHEN c.reason IS NULL THEN CAST(round_even(CAST(({centred}) * ({centred}) AS DOUBLE) "
-            f"/ CAST(m_weight AS DOUBLE), 0) AS BIGINT) END AS {SUMSQ}"
+            # Squared in DOUBLE: exact below 2^53, correctly rounded above (as NumPy's float division of q * q).
+            f"CASE WHEN c.reason IS NULL THEN CAST(round_even(CAST(({centred}) AS DOUBLE) "
+            f"* CAST(({centred}) AS DOUBLE) / CAST(m_weight AS DOUBLE), 0) AS BIGINT) END AS {SUMSQ}"
         )
     if layout.bins:
         columns.append(
@@ -235,12 +249,16 @@ class FeedScanner:
         feed_index, path = self.sources[src]
         feed = self.institution.feeds[feed_index]
         columns = mapped_columns(feed)
-        if feed.format is FeedFormat.PARQUET and _is_local(path):
+        if _read_by_duckdb(path, feed):
             local = _local(path)
             schema = pq.read_schema(local)
             types = {f: schema.field(c).type for f, c in columns.items() if c in schema.names}
-            scan = f"read_parquet({_quote(local)}, file_row_number = true)"
-            relation = f"(SELECT * EXCLUDE (file_row_number), file_row_number AS {ROW_COLUMN} FROM {scan})"
+            # No Hive partitioning: a folder named like region=north must not stand in for the file's own column.
+            scan = f"read_parquet({_quote(local)}, file_row_number = true, hive_partitioning = false)"
+            wanted = ", ".join(
+                '"' + c.replace('"', '""') + '"' for c in dict.fromkeys(columns.values()) if c in schema.names
+            )
+            relation = f"(SELECT {wanted + ', ' if wanted else ''}file_row_number AS {ROW_COLUMN} FROM {scan})"
             yield relation, types, None, 0, ()
             return
         offset = 0

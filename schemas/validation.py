@@ -58,14 +58,28 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _is_text(arrow_type: pa.DataType | None) -> bool:
+def _is_plain_text(arrow_type: pa.DataType | None) -> bool:
     return arrow_type is not None and (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type))
+
+
+def _is_text(arrow_type: pa.DataType | None) -> bool:
+    """Text in any Arrow layout: plain, large, view, or dictionary-encoded."""
+    if arrow_type is None:
+        return False
+    if pa.types.is_dictionary(arrow_type):
+        return _is_text(arrow_type.value_type)
+    return _is_plain_text(arrow_type) or pa.types.is_string_view(arrow_type)
+
+
+def _text_ref(column: str, arrow_type: pa.DataType | None) -> str:
+    """The column as DuckDB text (views and dictionaries cast to VARCHAR)."""
+    return _quote(column) if _is_plain_text(arrow_type) else f"CAST({_quote(column)} AS VARCHAR)"
 
 
 def _has_padding(column: pa.ChunkedArray) -> bool:
     """Whether any text value starts or ends with a space (what DuckDB's trim() removes). Trimming costs more
     than the rest of validation, so a batch without padded values skips it; the result is the same."""
-    if not _is_text(column.type):
+    if not _is_plain_text(column.type):
         return True
     space = ord(" ")
     for chunk in column.chunks:
@@ -88,7 +102,8 @@ def _missing_expr(column: str | None, arrow_type: pa.DataType | None, padded: bo
     if column is None:
         return "TRUE"
     if _is_text(arrow_type):
-        text = f"trim({_quote(column)})" if padded else _quote(column)
+        ref = _text_ref(column, arrow_type)
+        text = f"trim({ref})" if padded else ref
         return f"({_quote(column)} IS NULL OR {text} = '')"
     return f"{_quote(column)} IS NULL"
 
@@ -97,17 +112,18 @@ def _text_expr(column: str | None, arrow_type: pa.DataType | None = None, padded
     if column is None:
         return "NULL::VARCHAR"
     if _is_text(arrow_type) and not padded:
-        return f"NULLIF({_quote(column)}, '')"
+        return f"NULLIF({_text_ref(column, arrow_type)}, '')"
     return f"NULLIF(trim(TRY_CAST({_quote(column)} AS VARCHAR)), '')"
 
 
 def _value_expr(column: str | None, arrow_type: pa.DataType | None) -> str:
     if column is None or arrow_type is None:
         return "NULL::DOUBLE"
+    # "+ 0.0" turns -0.0 into 0.0: the same reading, which must hash, compare and de-duplicate alike.
     if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type):
-        return f"CAST({_quote(column)} AS DOUBLE)"
+        return f"(CAST({_quote(column)} AS DOUBLE) + 0.0)"
     if _is_text(arrow_type):
-        return f"TRY_CAST(trim({_quote(column)}) AS DOUBLE)"
+        return f"(TRY_CAST(trim({_text_ref(column, arrow_type)}) AS DOUBLE) + 0.0)"
     return "NULL::DOUBLE"  # booleans, nested values...: present but not a number -> mistyped
 
 
@@ -119,7 +135,7 @@ def _time_expr(column: str | None, arrow_type: pa.DataType | None, time_format: 
         return f"CAST({col} AS TIMESTAMPTZ)"
     if time_format == "iso":
         if _is_text(arrow_type):
-            return f"TRY_CAST(trim({col}) AS TIMESTAMPTZ)"
+            return f"TRY_CAST(trim({_text_ref(column, arrow_type)}) AS TIMESTAMPTZ)"
         return "NULL::TIMESTAMPTZ"
     divisor = 1.0 if time_format == "epoch_s" else 1000.0
     seconds = f"TRY_CAST({col} AS DOUBLE) / {divisor}"

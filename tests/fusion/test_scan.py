@@ -224,3 +224,106 @@ def test_exact_bincount_is_exact(pairs: list[tuple[int, int]]) -> None:
     values = np.array([v for _, v in pairs], dtype=np.int64)
     expected = [sum(v for i, v in pairs if i == j) for j in range(10)]
     assert exact_bincount(index, values, 10).tolist() == expected
+
+
+def _scan_everything(plan: ReleasePlan, institution: InstitutionConfig) -> tuple[pa.Table, Counter[str], int]:
+    scanner = FeedScanner(plan, institution)
+    scan = scanner.scan(0, 1)
+    return scan.table(scanner.schema), +Counter(scan.rejected), scan.rows_read
+
+
+def _with_feed_path(federation: Federation, institution: str, path: str) -> ReleasePlan:
+    """A plan whose `institution` reads its feed from `path` instead."""
+    config = federation.config
+    feeds = tuple(f.model_copy(update={"path": path}) for f in config.institution(institution).feeds)
+    institutions = tuple(
+        i.model_copy(update={"feeds": feeds}) if i.id == institution else i for i in config.institutions
+    )
+    return plan_release(config.model_copy(update={"institutions": institutions}), START, END)
+
+
+def test_folders_named_like_hive_partitions_do_not_replace_columns(make_federation: Callable[..., Federation]) -> None:
+    federation = make_federation(institutions=[("alpha", "parquet"), ("beta", "parquet")])
+    folder = federation.directory / "feeds" / "alpha" / "region=north"
+    folder.mkdir()
+    readings = federation.raw["alpha"]
+    pq.write_table(readings, folder / "all.parquet")
+    plan = _with_feed_path(federation, "alpha", str(folder / "*.parquet"))
+    encoded, rejected, read = _scan_everything(plan, plan.config.institution("alpha"))
+    assert read == readings.num_rows and not rejected
+    regions = np.array([REGIONS.index(r) for r in readings.column("region").to_pylist()])
+    windows = plan.layout.windows
+    got = np.sort((encoded.column(CELL).to_numpy() // windows) % len(REGIONS))
+    assert got.tolist() == np.sort(regions).tolist()  # each reading in its own region, not all in "north"
+
+
+def test_file_names_with_glob_characters_are_read_as_themselves(make_federation: Callable[..., Federation]) -> None:
+    federation = make_federation(institutions=[("alpha", "parquet"), ("beta", "parquet")])
+    folder = federation.directory / "feeds" / "alpha"
+    readings = federation.raw["alpha"]
+    for old in folder.glob("*.parquet"):
+        old.unlink()
+    pq.write_table(readings.slice(0, 10), folder / "p-1.parquet")
+    pq.write_table(readings.slice(10), folder / "p-[1].parquet")
+    plan = plan_release(federation.config, START, END)
+    encoded, rejected, read = _scan_everything(plan, plan.config.institution("alpha"))
+    assert read == readings.num_rows and not rejected and encoded.num_rows == readings.num_rows
+
+
+def test_minus_zero_and_zero_are_the_same_reading(make_federation: Callable[..., Federation]) -> None:
+    federation = make_federation(institutions=[("alpha", "csv"), ("beta", "parquet")])
+    folder = federation.directory / "feeds" / "alpha"
+    for old in folder.glob("*.csv"):
+        old.unlink()
+    header = "entity_id,region,metric,event_time,value,sensor_id\n"
+    rows = [f"e1,north,load,2026-01-01T01:00:00Z,{v},\n" for v in ("-0.0", "0", "0.00")]
+    (folder / "part-0.csv").write_text(header + "".join(rows))
+    plan = plan_release(federation.config, START, END)
+    institution = plan.config.institution("alpha")
+    scanner = FeedScanner(plan, institution)
+    encoded = scanner.scan(0, 1).table(scanner.schema)
+    found = find_duplicates(
+        encoded.column(KEY).to_numpy(),
+        encoded.column(SOURCE).to_numpy(),
+        encoded.column(ROW).to_numpy(),
+        scanner.readings_at,
+    )
+    assert encoded.num_rows == 3 and found.rows.tolist() == [1, 2]
+    assert not np.signbit(found.readings.column("value").to_numpy()).any()
+
+
+def test_view_and_dictionary_text_columns_are_text(make_federation: Callable[..., Federation]) -> None:
+    federation = make_federation(institutions=[("alpha", "parquet"), ("beta", "parquet")])
+    folder = federation.directory / "feeds" / "alpha"
+    readings = federation.raw["alpha"]
+    for old in folder.glob("*.parquet"):
+        old.unlink()
+    as_text = readings.set_column(
+        readings.schema.get_field_index("value"),
+        "value",
+        pa.array([repr(v) for v in readings.column("value").to_pylist()]),
+    )
+    views = as_text.cast(
+        pa.schema([pa.field(f.name, pa.string_view()) if pa.types.is_string(f.type) else f for f in as_text.schema])
+    )
+    pq.write_table(views.slice(0, 20), folder / "views.parquet")
+    dictionaries = as_text.cast(
+        pa.schema(
+            [
+                pa.field(f.name, pa.dictionary(pa.int32(), pa.string())) if pa.types.is_string(f.type) else f
+                for f in as_text.schema
+            ]
+        )
+    )
+    pq.write_table(dictionaries.slice(20), folder / "dictionaries.parquet")
+    plan = plan_release(federation.config, START, END)
+    encoded, rejected, read = _scan_everything(plan, plan.config.institution("alpha"))
+    assert read == readings.num_rows and not rejected and encoded.num_rows == readings.num_rows
+
+
+def test_an_empty_csv_file_holds_no_rows(make_federation: Callable[..., Federation]) -> None:
+    federation = make_federation(institutions=[("alpha", "csv"), ("beta", "parquet")])
+    (federation.directory / "feeds" / "alpha" / "part-2.csv").write_bytes(b"")
+    plan = plan_release(federation.config, START, END)
+    _, rejected, read = _scan_everything(plan, plan.config.institution("alpha"))
+    assert read == federation.raw["alpha"].num_rows and not rejected
