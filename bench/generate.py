@@ -121,7 +121,7 @@ def config_text(
     noise: bool = True,
     quorum: int = 3,
     batch_rows: int = 262_144,
-    shard_rows: int = 8_000_000,
+    shard_rows: int = 4_000_000,
 ) -> str:
     """A federation config over the generated feeds. Production mode (secure noise) unless `noise` is off,
     which only test mode allows."""

@@ -166,8 +166,8 @@ class PipelineConfig(_Frozen):
     """Execution knobs; Beam options (e.g. --runner) are passed through on the command line."""
 
     # Readings per scan shard: an institution's readings are hash-partitioned into ceil(rows / shard_rows) shards,
-    # each scanned, de-duplicated, bounded and packed by one worker (memory: about 40 bytes a reading).
-    shard_rows: int = Field(default=8_000_000, ge=1024, le=500_000_000)
+    # each scanned, de-duplicated, bounded and packed by one worker (peak memory: up to about 250 bytes a reading).
+    shard_rows: int = Field(default=4_000_000, ge=1024, le=500_000_000)
     batch_rows: int = Field(default=262_144, ge=1024)  # rows per Arrow batch read from a CSV or JSON lines file
 
 

@@ -59,16 +59,21 @@ class PartialAggregate:
         return counts
 
 
-def shared_key_rows(keys: np.ndarray) -> np.ndarray:
+def _as_numpy(values: np.ndarray | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return values if isinstance(values, np.ndarray) else values.to_numpy()
+
+
+def shared_key_rows(keys: np.ndarray | pa.ChunkedArray) -> np.ndarray:
     """Indices (ascending) of the rows whose 64-bit key occurs more than once: a superset of the rows with an
     equal twin, as equal readings hash alike (a hash collision only adds a candidate)."""
-    if keys.size < 2:
+    if len(keys) < 2:
         return np.zeros(0, dtype=np.int64)
-    ordered = np.sort(keys)
+    ordered = np.array(_as_numpy(keys))  # one copy, sorted in place
+    ordered.sort()
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]
     if repeated.size == 0:
         return np.zeros(0, dtype=np.int64)
-    return np.flatnonzero(np.isin(keys, np.unique(repeated)))
+    return np.flatnonzero(np.isin(_as_numpy(keys), np.unique(repeated)))
 
 
 def first_occurrences(readings: pa.Table) -> np.ndarray:
@@ -100,17 +105,19 @@ class Duplicates:
 
 
 def find_duplicates(
-    keys: np.ndarray,
-    sources: np.ndarray,
-    rows: np.ndarray,
+    keys: np.ndarray | pa.ChunkedArray,
+    sources: np.ndarray | pa.ChunkedArray,
+    rows: np.ndarray | pa.ChunkedArray,
     readings_at: Callable[[int, np.ndarray], pa.Table],
 ) -> Duplicates:
     """Exact duplicates among encoded rows: rows whose hashes collide are fetched in full (`readings_at(src,
-    rows)` gives their typed readings) and compared on every field; all but the first of each group repeat it."""
+    rows)` gives their typed readings) and compared on every field; all but the first of each group repeat it.
+    Sources and rows are only read when some hashes collide."""
     candidates = shared_key_rows(keys)
     if candidates.size == 0:
         empty = np.zeros(0, np.int64)
         return Duplicates(empty, READING_SCHEMA.empty_table(), empty.astype(np.int32), empty)
+    sources, rows = _as_numpy(sources), _as_numpy(rows)
     candidates = candidates[np.lexsort((rows[candidates], sources[candidates]))]  # file order
     src_of = sources[candidates]
     pieces = [readings_at(int(src), rows[candidates[src_of == src]]) for src in np.unique(src_of)]

@@ -76,9 +76,9 @@ class ContributeShard(beam.DoFn):
         scanner = FeedScanner(plan, plan.config.institution(institution_id), connection=self._connection)
         scan = scanner.scan(shard, shards)
         encoded = scan.table(scanner.schema)
-        sources = encoded.column(SOURCE).to_numpy()
-        rows = encoded.column(ROW).to_numpy()
-        duplicates = find_duplicates(encoded.column(KEY).to_numpy(), sources, rows, scanner.readings_at)
+        duplicates = find_duplicates(
+            encoded.column(KEY), encoded.column(SOURCE), encoded.column(ROW), scanner.readings_at
+        )
         for name, letters in scan.dead_letters:
             yield TaggedOutput(DEAD, (institution_id, name, letters))
         rejected = Counter(scan.rejected)
@@ -92,35 +92,19 @@ class ContributeShard(beam.DoFn):
             )
             yield TaggedOutput(DEAD, (institution_id, f"duplicates-s{shard:04d}", letters))
         accepted = int(kept.sum())
-        cell = encoded.column(CELL).to_numpy()
         if privacy.unit is PrivacyUnit.ENTITY:
             assert privacy.max_partitions is not None and privacy.max_readings_per_partition is not None
             index = np.flatnonzero(kept) if duplicates.indices.size else slice(None)
             bounded = bound_contributions(
                 encoded.column(ENTITY).to_numpy()[index].view(np.int64),
-                cell[index],
+                encoded.column(CELL).to_numpy()[index],
                 max_partitions=privacy.max_partitions,
                 max_per_partition=privacy.max_readings_per_partition,
                 generator=noise_generator(plan, institution_id, f"bounding-{shard}"),
             )
             kept[kept] = bounded  # of the rows still kept, those bounding keeps
         contributed = int(kept.sum())
-        everything = contributed == encoded.num_rows  # the usual case at event level: no copies to make
-
-        def column(name: str) -> np.ndarray:
-            values: np.ndarray = encoded.column(name).to_numpy()
-            return values if everything else values[kept]
-
-        sums = {SUM: column(SUM)}
-        if plan.layout.has(SUMSQ):
-            sums[SUMSQ] = column(SUMSQ)
-        vector = pack_encoded(
-            column(CELL),
-            sums,
-            layout=plan.layout,
-            encodings=plan.params.encodings,
-            bins=column(BIN) if plan.layout.bins else None,
-        )
+        vector = pack_batches(encoded, None if contributed == encoded.num_rows else kept, plan)
         yield (
             institution_id,
             PartialAggregate(
@@ -131,6 +115,32 @@ class ContributeShard(beam.DoFn):
                 rejected=rejected,
             ),
         )
+
+
+def pack_batches(encoded: pa.Table, kept: np.ndarray | None, plan: ReleasePlan) -> np.ndarray:
+    """The slots of the encoded rows that `kept` marks (all when None), packed batch by batch: the columns of
+    one Arrow batch are NumPy views, so nothing is copied when every row is kept (the usual case at event level)."""
+    vector = np.zeros(plan.layout.slots, dtype=np.int64)
+    start = 0
+    for batch in encoded.to_batches():
+        mask = None if kept is None else kept[start : start + batch.num_rows]
+        start += batch.num_rows
+
+        def column(name: str, batch: pa.RecordBatch = batch, mask: np.ndarray | None = mask) -> np.ndarray:
+            values: np.ndarray = batch.column(name).to_numpy(zero_copy_only=False)
+            return values if mask is None else values[mask]
+
+        sums = {SUM: column(SUM)}
+        if plan.layout.has(SUMSQ):
+            sums[SUMSQ] = column(SUMSQ)
+        vector += pack_encoded(
+            column(CELL),
+            sums,
+            layout=plan.layout,
+            encodings=plan.params.encodings,
+            bins=column(BIN) if plan.layout.bins else None,
+        )
+    return vector
 
 
 class MergePartials(beam.CombineFn):
