@@ -1,4 +1,6 @@
-"""An institution's local aggregation: readings -> de-duplicated -> one packed integer vector plus row counts.
+"""An institution's local aggregation: encoded readings (from fusion/scan.py) -> exact duplicates found -> one
+packed integer vector plus row counts; and the NumPy reference versions (over typed readings) that tests hold
+the scan's SQL encoding and hashed de-duplication to.
 
 Pure and vectorised (pyarrow / NumPy); the Beam pipeline in pipelines/contribute.py only wires these together.
 """
