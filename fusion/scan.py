@@ -216,6 +216,16 @@ def scan_connection(plan: ReleasePlan, *, threads: int = 2) -> duckdb.DuckDBPyCo
     return con
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """A relation one file is read through: SQL over the file itself, or `fusion_raw`, a registered batch."""
+
+    relation: str
+    types: dict[str, pa.DataType]  # Arrow types of the mapped columns present
+    batch: pa.Table | None = None  # the raw batch behind `fusion_raw`, with a row-number column
+    malformed: tuple[tuple[int, str], ...] = ()  # the batch's unparseable lines (line number, text)
+
+
 class FeedScanner:
     """Scans one institution's feed files for a release plan, on a connection from `scan_connection` (its own
     when none is given)."""
@@ -241,11 +251,9 @@ class FeedScanner:
         if self._owned:
             self._con.close()
 
-    # --- the relations a file is read through ---------------------------------------------------------------
-
-    def _relations(self, src: int) -> Iterator[tuple[str, dict[str, pa.DataType], pa.Table | None, int, tuple]]:
-        """(relation SQL, types of the mapped columns present, the raw batch when it is one, the batch's first
-        row in the file, the batch's unparseable lines) for each piece of file `src`."""
+    def _pieces(self, src: int) -> Iterator[_Piece]:
+        """File `src` as the relations it is read through: the whole file for Parquet that DuckDB reads, one
+        registered Arrow batch at a time otherwise."""
         feed_index, path = self.sources[src]
         feed = self.institution.feeds[feed_index]
         columns = mapped_columns(feed)
@@ -258,16 +266,17 @@ class FeedScanner:
             wanted = ", ".join(
                 '"' + c.replace('"', '""') + '"' for c in dict.fromkeys(columns.values()) if c in schema.names
             )
-            relation = f"(SELECT {wanted + ', ' if wanted else ''}file_row_number AS {ROW_COLUMN} FROM {scan})"
-            yield relation, types, None, 0, ()
+            yield _Piece(
+                f"(SELECT {wanted + ', ' if wanted else ''}file_row_number AS {ROW_COLUMN} FROM {scan})", types
+            )
             return
-        offset = 0
+        offset = 0  # rows of the file already read, so row numbers point into the file
         for raw in read_feed_file(path, feed, batch_rows=self.plan.config.pipeline.batch_rows):
             table = raw.table.append_column(
                 ROW_COLUMN, pa.array(np.arange(raw.table.num_rows, dtype=np.int64) + offset)
             )
             types = {f: raw.table.schema.field(c).type for f, c in columns.items() if c in raw.table.column_names}
-            yield "fusion_raw", types, table, offset, raw.malformed
+            yield _Piece("fusion_raw", types, table, raw.malformed)
             offset += raw.table.num_rows
 
     def _checked(self, src: int, relation: str, types: dict[str, pa.DataType]) -> str:
@@ -290,7 +299,8 @@ class FeedScanner:
         for src in range(len(self.sources)):
             feed_index, path = self.sources[src]
             name = f"{self.institution.feeds[feed_index].name}-{_short_hash(path)}-s{shard:04d}"
-            for number, (relation, types, batch, _, malformed) in enumerate(self._relations(src)):
+            for number, piece in enumerate(self._pieces(src)):
+                relation, types, batch, malformed = piece.relation, piece.types, piece.batch, piece.malformed
                 if malformed and shard == 0:
                     result.rows_read += len(malformed)
                     result.rejected[RejectReason.MALFORMED_RECORD.value] += len(malformed)
@@ -350,7 +360,8 @@ class FeedScanner:
         pieces = []
         self._con.register("fusion_wanted", wanted)
         try:
-            for relation, types, batch, _, _ in self._relations(src):
+            for piece in self._pieces(src):
+                relation, types, batch = piece.relation, piece.types, piece.batch
                 if batch is not None:
                     self._con.register("fusion_raw", batch)
                 try:
