@@ -26,16 +26,10 @@ def peak_rss_mb() -> float:
     return max(own, children) / 1024.0
 
 
-def duckdb_reference(data: BenchData, *, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
-    """The non-private floor: plain DuckDB GROUP BY metric, region, 15-minute bucket over the same Parquet."""
+def _time_duckdb(sql: str, *, threads: int, repeats: int) -> dict[str, Any]:
+    """Median wall time of `sql` in a fresh DuckDB connection (connecting included), and its result's rows."""
     import duckdb
 
-    sql = f"""
-        SELECT metric, region, time_bucket(INTERVAL '15 minutes', event_time) AS window_start,
-               count(*) AS count, sum(value) AS sum
-        FROM read_parquet('{data.glob()}')
-        GROUP BY ALL
-    """
     times = []
     result = None
     for _ in range(repeats):
@@ -50,12 +44,21 @@ def duckdb_reference(data: BenchData, *, threads: int = 2, repeats: int = 3) -> 
     return {"seconds": sorted(times)[len(times) // 2], "all_seconds": times, "cells": result.num_rows}
 
 
+def duckdb_reference(data: BenchData, *, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
+    """The non-private floor: plain DuckDB GROUP BY metric, region, 15-minute bucket over the same Parquet."""
+    sql = f"""
+        SELECT metric, region, time_bucket(INTERVAL '15 minutes', event_time) AS window_start,
+               count(*) AS count, sum(value) AS sum
+        FROM read_parquet('{data.glob()}')
+        GROUP BY ALL
+    """
+    return _time_duckdb(sql, threads=threads, repeats=repeats)
+
+
 def duckdb_checked_reference(data: BenchData, *, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
     """Plain DuckDB doing the non-private part of Fusion's work: every check validation makes (present fields,
     known metric and region, time in the interval, finite and plausible value) and exact de-duplication, then the
     same GROUP BY. Not a target; it shows what the privacy machinery costs beside exact, validated ingestion."""
-    import duckdb
-
     plausible = ", ".join(f"('{name}', {spec[4][0]}, {spec[4][1]})" for name, spec in METRICS.items())
     regions = ", ".join(f"'{r}'" for r in REGIONS)
     sql = f"""
@@ -72,18 +75,7 @@ def duckdb_checked_reference(data: BenchData, *, threads: int = 2, repeats: int 
         )
         GROUP BY ALL
     """
-    times = []
-    result = None
-    for _ in range(repeats):
-        began = time.perf_counter()
-        con = duckdb.connect(":memory:")
-        con.execute("SET TimeZone = 'UTC'")
-        con.execute(f"SET threads = {threads}")
-        result = con.sql(sql).to_arrow_table()
-        con.close()
-        times.append(time.perf_counter() - began)
-    assert result is not None
-    return {"seconds": sorted(times)[len(times) // 2], "all_seconds": times, "cells": result.num_rows}
+    return _time_duckdb(sql, threads=threads, repeats=repeats)
 
 
 def fusion_batch(
