@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -232,6 +233,14 @@ def _scan_everything(plan: ReleasePlan, institution: InstitutionConfig) -> tuple
     return scan.table(scanner.schema), +Counter(scan.rejected), scan.rows_read
 
 
+def _emptied_feed(federation: Federation, institution: str, ext: str) -> Path:
+    """The institution's feed folder, its generated files removed (a test writes its own)."""
+    folder = federation.directory / "feeds" / institution
+    for old in folder.glob(f"*.{ext}"):
+        old.unlink()
+    return folder
+
+
 def _with_feed_path(federation: Federation, institution: str, path: str) -> ReleasePlan:
     """A plan whose `institution` reads its feed from `path` instead."""
     config = federation.config
@@ -259,10 +268,8 @@ def test_folders_named_like_hive_partitions_do_not_replace_columns(make_federati
 
 def test_file_names_with_glob_characters_are_read_as_themselves(make_federation: Callable[..., Federation]) -> None:
     federation = make_federation(institutions=[("alpha", "parquet"), ("beta", "parquet")])
-    folder = federation.directory / "feeds" / "alpha"
+    folder = _emptied_feed(federation, "alpha", "parquet")
     readings = federation.raw["alpha"]
-    for old in folder.glob("*.parquet"):
-        old.unlink()
     pq.write_table(readings.slice(0, 10), folder / "p-1.parquet")
     pq.write_table(readings.slice(10), folder / "p-[1].parquet")
     plan = plan_release(federation.config, START, END)
@@ -272,9 +279,7 @@ def test_file_names_with_glob_characters_are_read_as_themselves(make_federation:
 
 def test_minus_zero_and_zero_are_the_same_reading(make_federation: Callable[..., Federation]) -> None:
     federation = make_federation(institutions=[("alpha", "csv"), ("beta", "parquet")])
-    folder = federation.directory / "feeds" / "alpha"
-    for old in folder.glob("*.csv"):
-        old.unlink()
+    folder = _emptied_feed(federation, "alpha", "csv")
     header = "entity_id,region,metric,event_time,value,sensor_id\n"
     rows = [f"e1,north,load,2026-01-01T01:00:00Z,{v},\n" for v in ("-0.0", "0", "0.00")]
     (folder / "part-0.csv").write_text(header + "".join(rows))
@@ -294,10 +299,8 @@ def test_minus_zero_and_zero_are_the_same_reading(make_federation: Callable[...,
 
 def test_view_and_dictionary_text_columns_are_text(make_federation: Callable[..., Federation]) -> None:
     federation = make_federation(institutions=[("alpha", "parquet"), ("beta", "parquet")])
-    folder = federation.directory / "feeds" / "alpha"
+    folder = _emptied_feed(federation, "alpha", "parquet")
     readings = federation.raw["alpha"]
-    for old in folder.glob("*.parquet"):
-        old.unlink()
     as_text = readings.set_column(
         readings.schema.get_field_index("value"),
         "value",
