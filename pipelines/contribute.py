@@ -3,7 +3,11 @@ duplicates removed, entity-level bounding -> one packed vector -> Skellam share 
 Dead letters stay local.
 
 Elements are scan shards and packed vectors, never single readings, and no readings are shuffled: a scan shard
-is a hash partition of one institution's readings (fusion/scan.py). The logic lives in fusion/ and privacy/.
+is a hash partition of one institution's readings (fusion/scan.py), and each shard scans the feed files for its
+own partition. The exception is an institution with several scan shards and text files (or with three shards or
+more): each such file is scanned once for all of them (staged: parsed, validated and encoded, one Arrow file of
+encoded rows per shard, in the institution's private dead-letter area), and each shard reads its own rows; a side
+input orders the two steps. The logic lives in fusion/ and privacy/.
 """
 
 from __future__ import annotations
@@ -27,11 +31,31 @@ from apache_beam.pvalue import TaggedOutput
 from fusion.config import InstitutionConfig, PrivacyUnit
 from fusion.contribution import PartialAggregate, cell_reading_counts, find_duplicates, pack_encoded
 from fusion.errors import FusionError, InternalError
-from fusion.exchange import contribution_path, join, public_context_path, read_bytes, write_bytes, write_json
+from fusion.exchange import (
+    contribution_path,
+    delete_if_exists,
+    join,
+    public_context_path,
+    read_bytes,
+    write_bytes,
+    write_json,
+)
 from fusion.faults import crash_point
 from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_key, load_agreement_keys, load_signing_key, read_private, write_private
-from fusion.scan import BIN, CELL, ENTITY, KEY, ROW, SOURCE, SUM, FeedScanner, scan_connection, scan_shards
+from fusion.scan import (
+    BIN,
+    CELL,
+    ENTITY,
+    KEY,
+    ROW,
+    SOURCE,
+    SUM,
+    FeedScanner,
+    scan_connection,
+    scan_shards,
+    staged_sources,
+)
 from privacy import he
 from privacy.bounding import bound_contributions
 from privacy.envelope import EnvelopeHeader, pack_envelope
@@ -43,6 +67,7 @@ from schemas.reasons import RejectReason
 from schemas.validation import readings_as_dead_letters
 
 DEAD = "dead"
+PARTIAL = "partial"
 #: DuckDB threads of each scan (the scan is the busiest step of a contribution).
 SCAN_THREADS = 2
 
@@ -56,10 +81,22 @@ def dead_letter_dir(plan: ReleasePlan, institution: InstitutionConfig) -> str:
     return join(plan.config.dead_letter_path(institution), plan.key.interval_name)
 
 
-class ContributeShard(beam.DoFn):
-    """(institution id, scan shard, shards) -> (institution id, PartialAggregate of that shard): its feeds
-    scanned and validated in DuckDB, exact duplicates removed, entity-level bounding, packed into the layout's
-    slots. Dead letters (invalid rows, unparseable lines, duplicates) are tagged (institution id, name, table)."""
+def staging_dir(plan: ReleasePlan, institution: InstitutionConfig) -> str:
+    """Where the institution's text files are staged for a multi-shard scan: inside its private dead-letter area
+    (what is derived from its readings never leaves the institution), cleared with it and deleted after the run."""
+    return join(dead_letter_dir(plan, institution), "_staging")
+
+
+def remove_staging(plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> None:
+    for institution in institutions:
+        delete_if_exists(staging_dir(plan, institution))
+
+
+class StageFeed(beam.DoFn):
+    """(institution id, src, shards) -> ((institution id, src), staging prefix): one text file scanned once for
+    all of the institution's scan shards (fusion.scan.FeedScanner.stage), which then read their own encoded rows.
+    Its rows read and rejects are counted here (a PartialAggregate without a vector, tagged PARTIAL) and its
+    dead letters written from here (tagged DEAD); the shards count only the rows they accept."""
 
     def __init__(self, plan: ReleasePlan) -> None:
         self._plan = plan
@@ -71,9 +108,37 @@ class ContributeShard(beam.DoFn):
         self._connection.close()
 
     def process(self, element: tuple[str, int, int]) -> Iterator[Any]:
+        institution_id, src, shards = element
+        institution = self._plan.config.institution(institution_id)
+        scanner = FeedScanner(self._plan, institution, connection=self._connection)
+        staged = scanner.stage(src, join(staging_dir(self._plan, institution), f"{src:05d}"), shards)
+        for name, letters in staged.dead_letters:
+            yield TaggedOutput(DEAD, (institution_id, name, letters))
+        counts = PartialAggregate(rows_read=staged.rows_read, rejected=staged.rejected)
+        yield TaggedOutput(PARTIAL, (institution_id, counts))
+        yield (institution_id, src), staged.prefix
+
+
+class ContributeShard(beam.DoFn):
+    """(institution id, scan shard, shards) -> (institution id, PartialAggregate of that shard): its feeds
+    scanned and validated in DuckDB, exact duplicates removed, entity-level bounding, packed into the layout's
+    slots. Dead letters (invalid rows, unparseable lines, duplicates) are tagged (institution id, name, table).
+    `staged` maps (institution id, src) to the staging prefix of a text file already scanned for every shard."""
+
+    def __init__(self, plan: ReleasePlan) -> None:
+        self._plan = plan
+
+    def setup(self) -> None:
+        self._connection = scan_connection(self._plan, threads=SCAN_THREADS)
+
+    def teardown(self) -> None:
+        self._connection.close()
+
+    def process(self, element: tuple[str, int, int], staged: dict[tuple[str, int], str] | None = None) -> Iterator[Any]:
         institution_id, shard, shards = element
         plan, privacy = self._plan, self._plan.config.privacy
-        scanner = FeedScanner(plan, plan.config.institution(institution_id), connection=self._connection)
+        own = {src: prefix for (owner, src), prefix in (staged or {}).items() if owner == institution_id}
+        scanner = FeedScanner(plan, plan.config.institution(institution_id), connection=self._connection, staged=own)
         scan = scanner.scan(shard, shards)
         encoded = scan.table(scanner.schema)
         duplicates = find_duplicates(
@@ -316,13 +381,22 @@ def noise_generator(plan: ReleasePlan, institution: str, purpose: str) -> np.ran
     return seeded_generator(seed ^ int(_short_hash(f"{institution}/{purpose}"), 16))
 
 
-def scan_elements(plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> list[tuple[str, int, int]]:
-    """(institution id, scan shard, shards) for every scan shard of every institution."""
-    elements = []
+def scan_elements(
+    plan: ReleasePlan, institutions: Iterable[InstitutionConfig]
+) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+    """(institution id, scan shard, shards) for every scan shard of every institution, and (institution id,
+    src, shards) for every file to stage first (fusion.scan.staged_sources)."""
+    elements: list[tuple[str, int, int]] = []
+    staging: list[tuple[str, int, int]] = []
     for institution in institutions:
         shards = scan_shards(plan, institution)
         elements += [(institution.id, shard, shards) for shard in range(shards)]
-    return elements
+        staging += [(institution.id, src, shards) for src in staged_sources(plan, institution, shards)]
+    return elements, staging
+
+
+def _flat(pcollections: list[beam.PCollection], label: str) -> beam.PCollection:
+    return pcollections[0] if len(pcollections) == 1 else pcollections | label >> beam.Flatten()
 
 
 class Contribute(beam.PTransform):
@@ -340,14 +414,27 @@ class Contribute(beam.PTransform):
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         plan = self._plan
-        scanned = (
-            pbegin
-            | "ScanShards" >> beam.Create(scan_elements(plan, self._institutions), reshuffle=self._spread)
-            | "ContributeShards" >> beam.ParDo(ContributeShard(plan)).with_outputs(DEAD, main="partial")
-        )
-        _ = scanned[DEAD] | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(plan))
+        elements, staging = scan_elements(plan, self._institutions)
+        shards = pbegin | "ScanShards" >> beam.Create(elements, reshuffle=self._spread)
+        dead, partials = [], []
+        if staging:
+            staged = (
+                pbegin
+                | "TextFiles" >> beam.Create(staging, reshuffle=self._spread)
+                | "StageText" >> beam.ParDo(StageFeed(plan)).with_outputs(DEAD, PARTIAL, main="staged")
+            )
+            dead.append(staged[DEAD])
+            partials.append(staged[PARTIAL])
+            # As a side input, every text file is staged before any shard is scanned.
+            contribute = beam.ParDo(ContributeShard(plan), staged=beam.pvalue.AsDict(staged.staged))
+        else:
+            contribute = beam.ParDo(ContributeShard(plan))
+        scanned = shards | "ContributeShards" >> contribute.with_outputs(DEAD, main=PARTIAL)
+        dead.append(scanned[DEAD])
+        partials.append(scanned[PARTIAL])
+        _ = _flat(dead, "AllDeadLetters") | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(plan))
         return (
-            scanned.partial
+            _flat(partials, "AllPartials")
             | "Total" >> beam.CombinePerKey(MergePartials())
             | "Seal" >> beam.ParDo(SealContribution(plan))
         )

@@ -29,9 +29,11 @@ from pipelines.aggregate import (
 )
 from pipelines.contribute import (
     DEAD,
+    PARTIAL,
     ContributeShard,
     MergePartials,
     SealContribution,
+    StageFeed,
     WriteDeadLetters,
     scan_elements,
 )
@@ -71,8 +73,11 @@ def group_by_key(pairs: Iterable[tuple[Any, Any]]) -> list[tuple[Any, list[Any]]
 
 def contribute_locally(plan: ReleasePlan, institutions: Sequence[InstitutionConfig]) -> None:
     """`Contribute` (pipelines/contribute.py), step by step in this process."""
-    partials, scanned = run_dofn(ContributeShard(plan), scan_elements(plan, institutions))
-    run_dofn(WriteDeadLetters(plan), scanned[DEAD])
+    elements, staging = scan_elements(plan, institutions)
+    staged, staging_out = run_dofn(StageFeed(plan), staging)
+    partials, scanned = run_dofn(ContributeShard(plan), elements, dict(staged))
+    run_dofn(WriteDeadLetters(plan), staging_out[DEAD] + scanned[DEAD])
+    partials += staging_out[PARTIAL]
     totals = [(key, combine(MergePartials(), values)) for key, values in group_by_key(partials)]
     run_dofn(SealContribution(plan), totals)
 

@@ -22,7 +22,7 @@ from fusion.exchange import (
 from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_keys, load_signing_key
 from pipelines.aggregate import Aggregate
-from pipelines.contribute import Contribute, dead_letter_dir, sealed_envelope
+from pipelines.contribute import Contribute, dead_letter_dir, remove_staging, sealed_envelope
 from pipelines.unmask import seal_unmask
 
 
@@ -78,14 +78,17 @@ def run_contributions(
     for institution in pending:
         load_signing_key(plan.config, institution.id)  # fail now, not after the pipeline, if it is missing
         _clear(dead_letter_dir(plan, institution))
-    if pending and in_process:
-        from pipelines.local import contribute_locally
+    try:
+        if pending and in_process:
+            from pipelines.local import contribute_locally
 
-        contribute_locally(plan, pending)
-    elif pending:
-        # One pipeline for all of them: only packed vectors (one per scan shard) cross between its stages.
-        with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-            _ = pipeline | Contribute(plan, pending, spread=names_runner(beam_args))
+            contribute_locally(plan, pending)
+        elif pending:
+            # One pipeline for all of them: only packed vectors (one per scan shard) cross between its stages.
+            with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
+                _ = pipeline | Contribute(plan, pending, spread=names_runner(beam_args))
+    finally:
+        remove_staging(plan, pending)  # staged copies of raw readings do not outlive the run
     reports = {}
     for institution in institutions:
         path = report_path(plan, institution)

@@ -27,7 +27,7 @@ from fusion.contribution import (
 )
 from fusion.feeds import mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan, plan_release
-from fusion.scan import BIN, CELL, ENTITY, KEY, ROW, SOURCE, SUM, FeedScanner, scan_shards
+from fusion.scan import BIN, CELL, ENTITY, KEY, ROW, SOURCE, SUM, FeedScanner, scan_shards, staged_sources
 from privacy.layout import SUMSQ
 from schemas.readings import READING_SCHEMA
 from schemas.validation import ReadingValidator
@@ -126,13 +126,17 @@ def edge_federation(make_federation: Callable[..., Federation]) -> Federation:
     federation = make_federation(
         institutions=[("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")], statistics=STATISTICS
     )
+    write_edge_feeds(federation)
+    return federation
+
+
+def write_edge_feeds(federation: Federation) -> None:
+    """Replace the feeds of alpha (Parquet), beta (CSV) and gamma (JSON lines) with edge readings."""
     rng = np.random.default_rng(11)
     for name, fmt in (("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")):
         table = edge_readings(rng, 3000)
-        ext = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}[fmt]
-        write_feed(table.slice(0, 1500), federation.directory / "feeds" / name / f"part-0.{ext}", fmt)
-        write_feed(table.slice(1500), federation.directory / "feeds" / name / f"part-1.{ext}", fmt)
-    return federation
+        write_feed(table.slice(0, 1500), federation.directory / "feeds" / name / f"part-0.{fmt}", fmt)
+        write_feed(table.slice(1500), federation.directory / "feeds" / name / f"part-1.{fmt}", fmt)
 
 
 @pytest.mark.parametrize("institution", ["alpha", "beta", "gamma"])
@@ -330,3 +334,70 @@ def test_an_empty_csv_file_holds_no_rows(make_federation: Callable[..., Federati
     plan = plan_release(federation.config, START, END)
     _, rejected, read = _scan_everything(plan, plan.config.institution("alpha"))
     assert read == federation.raw["alpha"].num_rows and not rejected
+
+
+def append_malformed(federation: Federation, institution: str, fmt: str) -> str:
+    """Append one unparseable line to the institution's second file; returns its text."""
+    line = "e1,north,temp,2026-01-01T00:00:00+00:00,1.0,s1,ONE-TOO-MANY" if fmt == "csv" else "{not json"
+    with (federation.directory / "feeds" / institution / f"part-1.{fmt}").open("a") as handle:
+        handle.write(line + "\n")
+    return line
+
+
+def letters_of(dead_letters: list[tuple[str, pa.Table]], kind: str) -> list[dict[str, object]]:
+    rows = [row for name, table in dead_letters if name.endswith(kind) for row in table.to_pylist()]
+    return sorted(rows, key=repr)
+
+
+@pytest.mark.parametrize(("institution", "fmt"), [("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")])
+@pytest.mark.parametrize("entity_level", [False, True])
+def test_staged_files_give_each_shard_what_scanning_them_would(
+    make_federation: Callable[..., Federation], institution: str, fmt: str, entity_level: bool, tmp_path: Path
+) -> None:
+    # Staging scans a file once for all its shards (text from 2 shards, Parquet from 3); each shard then reads
+    # exactly the encoded rows its own scan of the file would have produced, and the counts and dead letters are
+    # those of the files, once.
+    extra = 'unit = "entity"\nmax_partitions = 4\nmax_readings_per_partition = 2' if entity_level else ""
+    federation = make_federation(statistics=STATISTICS, extra_privacy=extra)
+    write_edge_feeds(federation)
+    lines = [] if fmt == "parquet" else [append_malformed(federation, institution, fmt)]
+    plan = plan_release(federation.config, START, END)
+    inst = federation.config.institution(institution)
+    shards = 3
+    stager = FeedScanner(plan, inst)
+    assert staged_sources(plan, inst, shards) == list(range(len(stager.sources)))
+    assert staged_sources(plan, inst, 2) == ([] if fmt == "parquet" else [0, 1]) and not staged_sources(plan, inst, 1)
+    staged = [stager.stage(src, str(tmp_path / f"{src:05d}"), shards) for src in staged_sources(plan, inst, shards)]
+    prefixes = {src: s.prefix for src, s in enumerate(staged)}
+
+    direct_read, direct_rejects, direct_letters = 0, Counter[str](), []
+    for shard in range(shards):
+        direct = FeedScanner(plan, inst).scan(shard, shards)
+        from_staged = FeedScanner(plan, inst, staged=prefixes).scan(shard, shards)
+        assert from_staged.table(stager.schema).equals(direct.table(stager.schema))
+        assert from_staged.rows_read == 0 and not from_staged.rejected and not from_staged.dead_letters
+        direct_read += direct.rows_read
+        direct_rejects.update(direct.rejected)
+        direct_letters += direct.dead_letters
+    assert sum(s.rows_read for s in staged) == direct_read
+    assert sum((s.rejected for s in staged), Counter[str]()) == direct_rejects
+    assert direct_rejects["malformed_record"] == len(lines) and direct_rejects["out_of_interval"] > 0
+    staged_letters = [letter for s in staged for letter in s.dead_letters]
+    assert letters_of(staged_letters, "-invalid") == letters_of(direct_letters, "-invalid") != []
+    assert letters_of(staged_letters, "-malformed") == letters_of(direct_letters, "-malformed")
+    assert [r["_text"] for r in letters_of(staged_letters, "-malformed")] == lines
+
+
+def test_an_empty_text_file_stages_as_empty_shards(make_federation: Callable[..., Federation], tmp_path: Path) -> None:
+    federation = make_federation(institutions=[("beta", "csv")], quorum=1)
+    for path in (federation.directory / "feeds" / "beta").glob("*.csv"):
+        path.write_text("")
+    plan = plan_release(federation.config, START, END)
+    inst = federation.config.institution("beta")
+    scanner = FeedScanner(plan, inst)
+    staged = [scanner.stage(src, str(tmp_path / f"{src:05d}"), 2) for src in staged_sources(plan, inst, 2)]
+    assert staged and all(s.rows_read == 0 and not s.rejected and not s.dead_letters for s in staged)
+    prefixes = {src: s.prefix for src, s in enumerate(staged)}
+    for shard in range(2):
+        scan = FeedScanner(plan, inst, staged=prefixes).scan(shard, 2)
+        assert scan.rows_read == 0 and scan.table(scanner.schema).num_rows == 0

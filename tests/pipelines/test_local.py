@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
+import pyarrow.parquet as pq
 import pytest
 
 from fusion.plan import plan_release
 from fusion.store import Store
 from pipelines.batch import run_batch
+from schemas.readings import DEAD_LETTER_REASON
 from tests.conftest import END, START
 
 pytestmark = pytest.mark.e2e
@@ -30,3 +34,80 @@ def test_in_process_and_beam_releases_are_identical(make_federation):
     beam_rejects = Store(by_beam.config.store_path).read("rejects").drop_columns(["recorded_at"]).to_pylist()
     local_rejects = Store(local.config.store_path).read("rejects").drop_columns(["recorded_at"]).to_pylist()
     assert sorted(map(str, beam_rejects)) == sorted(map(str, local_rejects))
+
+
+@pytest.mark.parametrize("in_process", [False, True])
+def test_text_feeds_are_parsed_once_however_many_scan_shards(make_federation, monkeypatch, in_process):
+    # 3,600 readings an institution and 1,024 a scan shard: several shards each. The CSV and JSON-lines files are
+    # parsed once into staged Parquet copies, which every shard scans; the release is the one-shard release.
+    import fusion.scan
+    from tests.fusion.test_scan import append_malformed
+
+    def federation(subdir: str, extra: str = ""):
+        made = make_federation(noise=True, seed=11, subdir=subdir, entities=100, extra=extra)
+        append_malformed(made, "beta", "csv")
+        append_malformed(made, "gamma", "jsonl")
+        return made
+
+    one, many = federation("one"), federation("many", "[pipeline]\nshard_rows = 1024\n")
+    plan = plan_release(many.config, START, END)
+    assert all(fusion.scan.scan_shards(plan, i) > 1 for i in many.config.institutions)
+    parsed: list[str] = []
+    read_feed_file = fusion.scan.read_feed_file
+
+    def counting(path, *args, **kwargs):
+        parsed.append(path)
+        return read_feed_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(fusion.scan, "read_feed_file", counting)
+    assert run_batch(plan, in_process=in_process).status == "released"
+    text_files = sorted(str(p) for p in (many.directory / "feeds").rglob("*") if p.suffix in (".csv", ".jsonl"))
+    assert sorted(parsed) == text_files  # each exactly once
+    monkeypatch.setattr(fusion.scan, "read_feed_file", read_feed_file)
+    run_batch(plan_release(one.config, START, END), in_process=in_process)
+    assert released(many.config.store_path) == released(one.config.store_path)
+
+    for name in ("alpha", "beta", "gamma"):
+        dead = many.directory / "deadletter" / name
+        assert not list(dead.rglob("_staging")), "staged copies are deleted after the run"
+        report = json.loads(next(dead.rglob("report.json")).read_text())
+        assert report["read"] == report["accepted"] + sum(report["rejected"].values())
+        assert report == json.loads(next((one.directory / "deadletter" / name).rglob("report.json")).read_text())
+        malformed = [
+            row
+            for path in dead.rglob("*.parquet")
+            for row in pq.read_table(path).to_pylist()
+            if row.get(DEAD_LETTER_REASON) == "malformed_record"
+        ]
+        assert len(malformed) == (0 if name == "alpha" else 1)
+
+
+@pytest.mark.parametrize("entity_level", [False, True])
+def test_staged_text_feeds_release_what_one_shard_releases(make_federation, entity_level):
+    # Edge readings (rounding edges, invalid rows, exact duplicates) and an unparseable line in each text feed:
+    # several scan shards, with the text files staged, release and count exactly what one shard does.
+    from tests.fusion.test_scan import STATISTICS, append_malformed, write_edge_feeds
+
+    extra = 'unit = "entity"\nmax_partitions = 4\nmax_readings_per_partition = 2' if entity_level else ""
+
+    def federation(subdir: str, pipeline: str = ""):
+        made = make_federation(noise=True, seed=11, subdir=subdir, statistics=STATISTICS, extra_privacy=extra,
+                               extra=pipeline)
+        write_edge_feeds(made)
+        append_malformed(made, "beta", "csv")
+        append_malformed(made, "gamma", "jsonl")
+        return made
+
+    one, several = federation("one"), federation("several", "[pipeline]\nshard_rows = 1024\n")
+    plans = [plan_release(f.config, START, END) for f in (one, several)]
+    import fusion.scan
+
+    # Parquet's rows are counted; text's are estimated from the files' sizes.
+    assert [fusion.scan.scan_shards(plans[1], i) for i in several.config.institutions] == [3, 4, 9]
+    summaries = [run_batch(plan, in_process=True) for plan in plans]
+    # Bounding draws which readings to keep per shard, so at entity level only how many it leaves out may differ.
+    counts = [{i: {k: v for k, v in c.items() if k != "bounded"} for i, c in s.row_counts.items()} for s in summaries]
+    assert counts[0] == counts[1]
+    assert all(summaries[1].row_counts[i]["rejected"]["duplicate"] > 0 for i in ("alpha", "beta", "gamma"))
+    if not entity_level:  # bounding draws its choices per shard, so entity-level releases differ by design
+        assert released(several.config.store_path) == released(one.config.store_path)
