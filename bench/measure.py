@@ -128,6 +128,46 @@ def fusion_batch(
     }
 
 
+def fusion_readings(data: BenchData, workdir: Path, *, entity_level: bool, repeats: int = 3) -> dict[str, Any]:
+    """Fusion's per-reading work alone, as its contribution step does it (`ContributeShard` over every scan
+    shard: scan with validation, encoding and hashing, exact de-duplication, entity-level bounding, packing), in
+    process, without Beam, sealing, aggregation or release; and the scan alone. Its ratio to the DuckDB floor is
+    the most Fusion's end-to-end ratio could reach if every per-release cost were zero."""
+    from fusion.config import load_config
+    from fusion.plan import plan_release
+    from fusion.scan import FeedScanner, scan_connection
+    from pipelines.contribute import ContributeShard, scan_elements
+    from pipelines.local import run_dofn
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "federation.toml"
+    config_path.write_text(config_text(data, entity_level=entity_level))
+    plan = plan_release(load_config(config_path), START, END)
+    elements, staging = scan_elements(plan, plan.config.institutions)
+    if staging:
+        raise SystemExit("fusion_readings measures unstaged scans: raise shard_rows")
+    contribute, scan = [], []
+    accepted = 0
+    for _ in range(repeats):
+        began = time.perf_counter()
+        partials, _dead = run_dofn(ContributeShard(plan), elements)
+        contribute.append(time.perf_counter() - began)
+        accepted = sum(p.rows_accepted for _, p in partials)
+        con = scan_connection(plan)
+        began = time.perf_counter()
+        for institution, shard, shards in elements:
+            FeedScanner(plan, plan.config.institution(institution), connection=con).scan(shard, shards)
+        scan.append(time.perf_counter() - began)
+        con.close()
+    return {
+        "seconds": sorted(contribute)[repeats // 2],
+        "scan_seconds": sorted(scan)[repeats // 2],
+        "all_seconds": contribute,
+        "accepted": accepted,
+        "shards": len(elements),
+    }
+
+
 def he_operations(data: BenchData, workdir: Path, *, repeats: int = 3) -> dict[str, Any]:
     """The HE work of one release on the same layout, timed alone: every institution encrypts its masked vector,
     the aggregator checks and sums the ciphertexts and adds the plaintext mask correction, the key holder
@@ -243,6 +283,8 @@ def main(argv: list[str]) -> None:
             noise=args.get("noise", True),
             beam_args=args.get("beam_args"),
         )
+    elif kind == "readings":
+        result = fusion_readings(data, workdir, entity_level=args.get("entity_level", False))
     elif kind == "he":
         result = he_operations(data, workdir)
     elif kind == "sql":

@@ -57,6 +57,7 @@ def measure_all(
     *,
     pipelinedp_rows: int,
     sql_days: int,
+    fixed_rows: int = 10_000,
     entity_level: bool = True,
     noise: bool = True,
     beam_args: list[str] | None = None,
@@ -86,6 +87,27 @@ def measure_all(
                 **base,
                 "workdir": str(workdir / "fusion-entity"),
                 "entity_level": True,
+                "noise": noise,
+                "beam_args": beam_args or [],
+            },
+        )
+    log("fusion: its per-reading work alone (scan, de-duplicate, bound, pack; no Beam, no sealing) ...")
+    results["readings_event"] = _child("bench.measure", "readings", {**base, "workdir": str(workdir / "readings")})
+    if entity_level:
+        results["readings_entity"] = _child(
+            "bench.measure", "readings", {**base, "workdir": str(workdir / "readings"), "entity_level": True}
+        )
+    if fixed_rows:
+        small = generate(data.directory.parent / f"data-{fixed_rows}", fixed_rows, institutions=len(data.institutions))
+        log(f"fusion: event level end to end on {fixed_rows:,} readings (the costs that do not grow with the data) ...")
+        results["fusion_fixed"] = _child(
+            "bench.measure",
+            "fusion",
+            {
+                "data": str(small.directory),
+                "rows": small.rows,
+                "institutions": list(small.institutions),
+                "workdir": str(workdir / "fusion-fixed"),
                 "noise": noise,
                 "beam_args": beam_args or [],
             },
@@ -120,13 +142,24 @@ def summarise(data: BenchData, raw: dict[str, Any]) -> dict[str, Any]:
         "envelope_bytes_per_component": sum(event["envelope_bytes"]) / max(1, event["envelopes"]) / event["slots"],
         "peak_memory_mb": {"duckdb": duck["peak_rss_mb"], "fusion_event": event["peak_rss_mb"]},
         "fusion_event_stages_s": event["stages"],
+        "readings_event_rows_per_s": n / raw["readings_event"]["seconds"],
+        "readings_event_vs_duckdb": duck["seconds"] / raw["readings_event"]["seconds"],
+        "scan_rows_per_s": n / raw["readings_event"]["scan_seconds"],
+        "scan_vs_duckdb": duck["seconds"] / raw["readings_event"]["scan_seconds"],
     }
+    if "fusion_fixed" in raw:
+        summary["fixed_rows"] = sum(c["read"] for c in raw["fusion_fixed"]["row_counts"].values())
+        summary["fixed_seconds"] = raw["fusion_fixed"]["seconds"]
+        summary["fixed_stages_s"] = raw["fusion_fixed"]["stages"]
     if "fusion_entity" in raw:
         entity = raw["fusion_entity"]
         summary["fusion_entity_rows_per_s"] = n / entity["seconds"]
         summary["fusion_vs_duckdb_entity"] = duck["seconds"] / entity["seconds"]
         summary["fusion_vs_duckdb_checked_entity"] = raw["duckdb_checked"]["seconds"] / entity["seconds"]
         summary["peak_memory_mb"]["fusion_entity"] = entity["peak_rss_mb"]
+    if "readings_entity" in raw:
+        summary["readings_entity_rows_per_s"] = n / raw["readings_entity"]["seconds"]
+        summary["readings_entity_vs_duckdb"] = duck["seconds"] / raw["readings_entity"]["seconds"]
     if "pipelinedp" in raw:
         pdp = raw["pipelinedp"]
         summary["pipelinedp_rows"] = pdp["rows"]
@@ -162,6 +195,17 @@ def table(summary: dict[str, Any]) -> Table:
         ratio = summary["fusion_vs_duckdb_entity"]
         row("  Fusion / DuckDB", f"{ratio:.3f}x", ">= 0.25x", ratio >= TARGETS["fusion_vs_duckdb_entity"])
         row("  Fusion / DuckDB with the same checks", f"{summary['fusion_vs_duckdb_checked_entity']:.3f}x")
+    row("Fusion's scan alone (validate, encode, hash)", f"{summary['scan_rows_per_s']:,.0f} rows/s")
+    row("  scan / DuckDB", f"{summary['scan_vs_duckdb']:.3f}x")
+    per_reading = summary["readings_event_rows_per_s"]
+    row("Fusion's per-reading work, event level (+ de-duplicate, pack)", f"{per_reading:,.0f} rows/s")
+    row("  per-reading work / DuckDB: end to end's ceiling", f"{summary['readings_event_vs_duckdb']:.3f}x")
+    if "readings_entity_rows_per_s" in summary:
+        row("Fusion's per-reading work, entity level (+ bound)", f"{summary['readings_entity_rows_per_s']:,.0f} rows/s")
+        row("  per-reading work / DuckDB: end to end's ceiling", f"{summary['readings_entity_vs_duckdb']:.3f}x")
+    if "fixed_seconds" in summary:
+        label = f"Fusion end to end on {summary['fixed_rows']:,} readings (per-release costs)"
+        row(label, f"{summary['fixed_seconds']:.2f} s")
     if "pipelinedp_rows_per_s" in summary:
         row(f"PipelineDP Beam ({summary['pipelinedp_rows']:,} rows)", f"{summary['pipelinedp_rows_per_s']:,.0f} rows/s")
         ratio = summary["fusion_vs_pipelinedp"]
@@ -191,6 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pipelinedp-rows", type=int, default=1_000_000, help="rows for PipelineDP (0: skip)")
     parser.add_argument("--sql-days", type=int, default=365, help="days of releases for the SQL test (0: skip)")
     parser.add_argument("--no-entity", action="store_true", help="skip the entity-level run")
+    parser.add_argument(
+        "--fixed-rows", type=int, default=10_000, help="readings for the per-release cost run (0: skip)"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out", help="data and scratch directory")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--beam-arg", action="append", default=[], help="extra Beam option for Fusion's runs")
@@ -204,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.work / "runs",
         pipelinedp_rows=min(args.pipelinedp_rows, args.rows),
         sql_days=args.sql_days,
+        fixed_rows=args.fixed_rows,
         entity_level=not args.no_entity,
         beam_args=args.beam_arg,
         log=console.print,

@@ -53,11 +53,17 @@ def test_every_measurement_runs_and_noise_free_counts_match_duckdb(tmp_path: Pat
         "peak_memory_mb",
         "sql_ratio",
         "sql_rows",
+        "scan_vs_duckdb",
+        "readings_event_vs_duckdb",
+        "readings_entity_vs_duckdb",
+        "fixed_seconds",
     ):
         assert field in summary, field
     assert summary["sql_rows"] == 2 * 96 * len(REGIONS) * len(METRICS)
     assert measured["raw"]["duckdb_checked"]["cells"] == measured["raw"]["duckdb"]["cells"]  # clean data
     assert summary["envelope_bytes_per_component"] > 0
+    assert measured["raw"]["readings_event"]["accepted"] == data.rows  # clean data: every reading counted
+    assert summary["fixed_rows"] == 10_000 and measured["raw"]["fusion_fixed"]["status"] == "released"
     if pipelinedp_rows:
         assert summary["pipelinedp_rows"] == pipelinedp_rows
     event = measured["raw"]["fusion_event"]
