@@ -136,27 +136,28 @@ def fusion_readings(data: BenchData, workdir: Path, *, entity_level: bool, repea
     from fusion.config import load_config
     from fusion.plan import plan_release
     from fusion.scan import FeedScanner, scan_connection
-    from pipelines.contribute import ContributeShard, scan_elements
+    from pipelines.contribute import ContributeShard, scan_work
     from pipelines.local import run_dofn
 
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "federation.toml"
     config_path.write_text(config_text(data, entity_level=entity_level))
     plan = plan_release(load_config(config_path), START, END)
-    elements, staging = scan_elements(plan, plan.config.institutions)
-    if staging:
+    work = scan_work(plan, plan.config.institutions)
+    if work.staging:
         raise SystemExit("fusion_readings measures unstaged scans: raise shard_rows")
     contribute, scan = [], []
     accepted = 0
     for _ in range(repeats):
         began = time.perf_counter()
-        partials, _dead = run_dofn(ContributeShard(plan), elements)
+        partials, _dead = run_dofn(ContributeShard(plan, work.sources), work.shards)
         contribute.append(time.perf_counter() - began)
         accepted = sum(p.rows_accepted for _, p in partials)
         con = scan_connection(plan)
         began = time.perf_counter()
-        for institution, shard, shards in elements:
-            FeedScanner(plan, plan.config.institution(institution), connection=con).scan(shard, shards)
+        for institution, shard, shards in work.shards:
+            scanner = FeedScanner(plan, plan.config.institution(institution), connection=con)
+            scanner.scan(shard, shards)
         scan.append(time.perf_counter() - began)
         con.close()
     return {
@@ -164,7 +165,7 @@ def fusion_readings(data: BenchData, workdir: Path, *, entity_level: bool, repea
         "scan_seconds": sorted(scan)[repeats // 2],
         "all_seconds": contribute,
         "accepted": accepted,
-        "shards": len(elements),
+        "shards": len(work.shards),
     }
 
 

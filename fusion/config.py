@@ -268,6 +268,15 @@ class Config(_Frozen):
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"{label}: duplicate names {duplicates}")
+        dead = [self.dead_letter_path(i) for i in self.institutions]
+        for index, institution in enumerate(self.institutions):
+            if dead[index] in dead[:index]:
+                first = dead.index(dead[index])
+                raise ValueError(
+                    f"institutions[{index}].dead_letter: {institution.id}'s dead-letter directory {dead[index]} is "
+                    f"also institutions[{first}] ({self.institutions[first].id})'s; each institution keeps its "
+                    "rejected rows, run reports and staged files apart"
+                )
         keys = self.federation.keys
         if "://" in keys:
             raise ValueError(f"federation.keys = '{keys}': the HE secret key lives in a local directory, not a URL")

@@ -6,10 +6,12 @@ Writes are atomic: a file is written under a temporary name and renamed into pla
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -124,6 +126,25 @@ def write_json(path: str, doc: object) -> None:
 
 def exists(path: str) -> bool:
     return bool(FileSystems.exists(path))
+
+
+def remove_tree(directory: str) -> None:
+    """Delete `directory` and everything under it, on any Beam file system: a local tree with shutil (no glob
+    patterns involved), elsewhere every object listed under it, each by its exact name (object stores have no
+    directories, and `exists` on a directory's name is false there)."""
+    if "://" not in directory or directory.startswith("file://"):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(directory.removeprefix("file://"))
+        return
+    remove_listed(directory)
+
+
+def remove_listed(directory: str) -> None:
+    """Delete every file listed under `directory` (recursively), each by its exact name."""
+    pattern = join(directory.rstrip("/"), "**")
+    paths = [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
+    if paths:
+        FileSystems.delete(paths)
 
 
 def delete_if_exists(path: str) -> None:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from math import ceil
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -119,9 +120,12 @@ def estimated_rows(sources: list[tuple[int, str]], feeds: tuple[FeedConfig, ...]
     return total
 
 
-def scan_shards(plan: ReleasePlan, institution: InstitutionConfig) -> int:
-    """How many scan shards the institution's readings for the interval are split into."""
-    rows = estimated_rows(feed_sources(plan, institution), institution.feeds)
+def scan_shards(
+    plan: ReleasePlan, institution: InstitutionConfig, sources: list[tuple[int, str]] | None = None
+) -> int:
+    """How many scan shards the institution's readings for the interval (its `sources`, listed when None) are
+    split into."""
+    rows = estimated_rows(feed_sources(plan, institution) if sources is None else sources, institution.feeds)
     return max(1, ceil(rows / plan.config.pipeline.shard_rows))
 
 
@@ -131,14 +135,17 @@ def scan_shards(plan: ReleasePlan, institution: InstitutionConfig) -> int:
 STAGE_PARQUET_FROM_SHARDS = 3
 
 
-def staged_sources(plan: ReleasePlan, institution: InstitutionConfig, shards: int) -> list[int]:
-    """The `src` of every file of the institution to stage (scan once for all its `shards` scan shards): its
-    text (CSV, JSON lines) files from 2 shards up, and its Parquet files from `STAGE_PARQUET_FROM_SHARDS` up."""
+def staged_sources(
+    plan: ReleasePlan, institution: InstitutionConfig, shards: int, sources: list[tuple[int, str]] | None = None
+) -> list[int]:
+    """The `src` of every file of the institution (its `sources`, listed when None) to stage, i.e. scan once for
+    all its `shards` scan shards: text (CSV, JSON lines) files from 2 shards up, Parquet files from
+    `STAGE_PARQUET_FROM_SHARDS` up."""
     if shards < 2:
         return []
     return [
         src
-        for src, (feed_index, _) in enumerate(feed_sources(plan, institution))
+        for src, (feed_index, _) in enumerate(feed_sources(plan, institution) if sources is None else sources)
         if shards >= STAGE_PARQUET_FROM_SHARDS or institution.feeds[feed_index].format is not FeedFormat.PARQUET
     ]
 
@@ -249,19 +256,8 @@ def scan_connection(plan: ReleasePlan, *, threads: int = 2) -> duckdb.DuckDBPyCo
     return con
 
 
-@dataclass
-class StagedFile:
-    """One text file scanned once for all scan shards: its encoded rows in one Arrow file per shard
-    (`staged_path`), and its rows read, rejects and dead letters, counted here and nowhere else."""
-
-    prefix: str
-    shards: int
-    rows_read: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    dead_letters: list[tuple[str, pa.Table]] = field(default_factory=list)
-
-
 def staged_path(prefix: str, shard: int) -> str:
+    """The Arrow file holding scan shard `shard`'s encoded rows of the file staged under `prefix`."""
     return f"{prefix}-s{shard:04d}.arrow"
 
 
@@ -286,14 +282,17 @@ class FeedScanner:
         *,
         connection: duckdb.DuckDBPyConnection | None = None,
         threads: int = 2,
+        sources: list[tuple[int, str]] | None = None,
         staged: Mapping[int, str] | None = None,
     ) -> None:
-        """`staged`: for files already staged (`stage`), their prefix by `src`: a shard reads its Arrow file
-        instead of scanning the file; their rows, rejects and dead letters were counted when they were staged."""
+        """`sources`: the institution's files (`feed_sources`), listed once by whoever plans the scan so that
+        every shard of a run reads the same files; listed here when None. `staged`: for files already staged
+        (`stage`), their prefix by `src`: a shard reads its Arrow file instead of scanning the file (their rows,
+        rejects and dead letters were counted when they were staged)."""
         self.plan = plan
         self.institution = institution
         self.entity_level = plan.config.privacy.unit is PrivacyUnit.ENTITY
-        self.sources = feed_sources(plan, institution)
+        self.sources = feed_sources(plan, institution) if sources is None else list(sources)
         self.schema = encoded_schema(plan.layout, self.entity_level)
         self._rules: ReadingRules = plan.rules
         self._owned = connection is None
@@ -332,17 +331,18 @@ class FeedScanner:
             yield _Piece("fusion_raw", types, table, raw.malformed)
             offset += raw.table.num_rows
 
-    def stage(self, src: int, prefix: str, shards: int) -> StagedFile:
+    def stage(self, src: int, prefix: str, shards: int, counts: ShardScan) -> Iterator[tuple[str, pa.Table]]:
         """Scan file `src` once for all `shards` scan shards: its encoded rows go to one Arrow file per shard
-        (`staged_path(prefix, shard)`, written batch by batch); rows read, rejects and dead letters are returned."""
-        staged = StagedFile(prefix=prefix, shards=shards)
-        sink = ShardScan(rows_read=0)
+        (`staged_path(prefix, shard)`), written as DuckDB streams them, and are complete once this generator is
+        exhausted; rows read and rejects are added to `counts`, and dead letters yielded as they are found."""
         paths = [staged_path(prefix, shard) for shard in range(shards)]
         temporaries = [f"{path}.tmp-{secrets.token_hex(6)}" for path in paths]
-        handles = [FileSystems.create(t, compression_type=CompressionTypes.UNCOMPRESSED) for t in temporaries]
-        writers = [pa.ipc.new_file(handle, self.schema) for handle in handles]
+        handles: list[Any] = []
         try:
-            for rows in self._scanned(src, None, shards, sink, every_line=True):
+            for temporary in temporaries:
+                handles.append(FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED))
+            writers = [pa.ipc.new_file(handle, self.schema) for handle in handles]
+            for rows in self._scanned(src, None, shards, counts, every_line=True):
                 order = pc.sort_indices(rows.column(SHARD))  # stable: each shard's rows keep the file's order
                 rows = rows.take(order)
                 ends = np.cumsum(np.bincount(rows.column(SHARD).to_numpy(), minlength=shards))
@@ -350,6 +350,10 @@ class FeedScanner:
                     start = int(ends[shard - 1]) if shard else 0
                     if ends[shard] > start:
                         writer.write_table(self._encoded(rows.slice(start, int(ends[shard]) - start), src))
+                yield from counts.dead_letters
+                counts.dead_letters.clear()
+            yield from counts.dead_letters
+            counts.dead_letters.clear()
             for writer, handle in zip(writers, handles, strict=True):
                 writer.close()
                 handle.close()
@@ -362,8 +366,6 @@ class FeedScanner:
                     handle.close()
             for temporary in temporaries:
                 delete_if_exists(temporary)
-        staged.rows_read, staged.rejected, staged.dead_letters = sink.rows_read, sink.rejected, sink.dead_letters
-        return staged
 
     def _read_staged(self, src: int, shard: int) -> pa.Table:
         path = staged_path(self._staged[src], shard)
@@ -401,8 +403,8 @@ class FeedScanner:
         self, src: int, shard: int | None, shards: int, result: ShardScan, *, every_line: bool
     ) -> Iterator[pa.Table]:
         """The accepted rows of file `src` in scan shard `shard` (all shards, with their SHARD, when None), one
-        table per piece; rows read, rejects and dead letters are added to `result`, unparseable lines too when
-        `every_line`."""
+        table per piece (per streamed batch of a piece when None); rows read, rejects and dead letters are added
+        to `result` (a piece's rejects once the piece is done), unparseable lines too when `every_line`."""
         feed_index, path = self.sources[src]
         label = "all" if shard is None else f"{shard:04d}"
         name = f"{self.institution.feeds[feed_index].name}-{_short_hash(path)}-s{label}"
@@ -424,20 +426,33 @@ class FeedScanner:
                     shard=shard,
                     shards=shards,
                 )
-                rows = self._con.sql(sql).to_arrow_table()
-                result.rows_read += rows.num_rows
-                reason = rows.column("reason")
-                if reason.null_count != rows.num_rows:
-                    bad = rows.filter(pc.is_valid(reason))
-                    result.rejected.update(Counter(bad.column("reason").to_pylist()))
-                    raw = self._raw_rows(relation, batch, bad.column(ROW))
-                    letters = dead_letters(raw, bad.column("reason"), bad.column(ROW), source=path)
+                query = self._con.sql(sql)
+                # A shard's rows are one table; staging (every shard at once) streams a whole file's rows.
+                chunks: Iterable[pa.Table] = (
+                    [query.to_arrow_table()]
+                    if shard is not None
+                    else (
+                        pa.Table.from_batches([b])
+                        for b in query.to_arrow_reader(self.plan.config.pipeline.batch_rows)
+                    )
+                )
+                bad: list[pa.Table] = []
+                for rows in chunks:
+                    result.rows_read += rows.num_rows
+                    reason = rows.column("reason")
+                    if reason.null_count != rows.num_rows:
+                        bad.append(rows.filter(pc.is_valid(reason)).select([ROW, "reason"]))
+                        rows = rows.filter(pc.is_null(reason))
+                    yield rows
+                if bad:
+                    rejects = pa.concat_tables(bad)
+                    result.rejected.update(Counter(rejects.column("reason").to_pylist()))
+                    raw = self._raw_rows(relation, batch, rejects.column(ROW))
+                    letters = dead_letters(raw, rejects.column("reason"), rejects.column(ROW), source=path)
                     result.dead_letters.append((f"{name}-{number:05d}-invalid", letters))
-                    rows = rows.filter(pc.is_null(reason))
             finally:
                 if batch is not None:
                     self._con.unregister("fusion_raw")
-            yield rows
 
     def _encoded(self, rows: pa.Table, src: int) -> pa.Table:
         columns = {SOURCE: pa.array(np.full(rows.num_rows, src, dtype=np.int32))}

@@ -18,6 +18,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,10 @@ from fusion.contribution import PartialAggregate, cell_reading_counts, find_dupl
 from fusion.errors import FusionError, InternalError
 from fusion.exchange import (
     contribution_path,
-    delete_if_exists,
     join,
     public_context_path,
     read_bytes,
+    remove_tree,
     write_bytes,
     write_json,
 )
@@ -52,6 +53,8 @@ from fusion.scan import (
     SOURCE,
     SUM,
     FeedScanner,
+    ShardScan,
+    feed_sources,
     scan_connection,
     scan_shards,
     staged_sources,
@@ -88,18 +91,22 @@ def staging_dir(plan: ReleasePlan, institution: InstitutionConfig) -> str:
 
 
 def remove_staging(plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> None:
+    """Delete the institutions' staged files for the interval, on any file system (a run removes them when it
+    ends, and every run first removes what a crashed one left)."""
     for institution in institutions:
-        delete_if_exists(staging_dir(plan, institution))
+        remove_tree(staging_dir(plan, institution))
 
 
 class StageFeed(beam.DoFn):
-    """(institution id, src, shards) -> ((institution id, src), staging prefix): one text file scanned once for
-    all of the institution's scan shards (fusion.scan.FeedScanner.stage), which then read their own encoded rows.
-    Its rows read and rejects are counted here (a PartialAggregate without a vector, tagged PARTIAL) and its
-    dead letters written from here (tagged DEAD); the shards count only the rows they accept."""
+    """(institution id, src, shards) -> ((institution id, src), staging prefix): one file scanned once for all of
+    the institution's scan shards (fusion.scan.FeedScanner.stage), which then read their own encoded rows. Its
+    rows read and rejects are counted here (a PartialAggregate without a vector, tagged PARTIAL) and its dead
+    letters written from here as they are found (tagged DEAD); the shards count only the rows they accept.
+    `sources`: each institution's files, listed once when the pipeline was built."""
 
-    def __init__(self, plan: ReleasePlan) -> None:
+    def __init__(self, plan: ReleasePlan, sources: dict[str, list[tuple[int, str]]]) -> None:
         self._plan = plan
+        self._sources = sources
 
     def setup(self) -> None:
         self._connection = scan_connection(self._plan, threads=SCAN_THREADS)
@@ -110,23 +117,28 @@ class StageFeed(beam.DoFn):
     def process(self, element: tuple[str, int, int]) -> Iterator[Any]:
         institution_id, src, shards = element
         institution = self._plan.config.institution(institution_id)
-        scanner = FeedScanner(self._plan, institution, connection=self._connection)
-        staged = scanner.stage(src, join(staging_dir(self._plan, institution), f"{src:05d}"), shards)
-        for name, letters in staged.dead_letters:
+        scanner = FeedScanner(
+            self._plan, institution, connection=self._connection, sources=self._sources[institution_id]
+        )
+        prefix = join(staging_dir(self._plan, institution), f"{src:05d}")
+        counts = ShardScan()
+        for name, letters in scanner.stage(src, prefix, shards, counts):
             yield TaggedOutput(DEAD, (institution_id, name, letters))
-        counts = PartialAggregate(rows_read=staged.rows_read, rejected=staged.rejected)
-        yield TaggedOutput(PARTIAL, (institution_id, counts))
-        yield (institution_id, src), staged.prefix
+        totals = PartialAggregate(rows_read=counts.rows_read, rejected=counts.rejected)
+        yield TaggedOutput(PARTIAL, (institution_id, totals))
+        yield (institution_id, src), prefix
 
 
 class ContributeShard(beam.DoFn):
     """(institution id, scan shard, shards) -> (institution id, PartialAggregate of that shard): its feeds
     scanned and validated in DuckDB, exact duplicates removed, entity-level bounding, packed into the layout's
     slots. Dead letters (invalid rows, unparseable lines, duplicates) are tagged (institution id, name, table).
-    `staged` maps (institution id, src) to the staging prefix of a text file already scanned for every shard."""
+    `sources`: each institution's files, listed once when the pipeline was built, so every shard reads the same
+    ones. `staged` maps (institution id, src) to the staging prefix of a file already scanned for every shard."""
 
-    def __init__(self, plan: ReleasePlan) -> None:
+    def __init__(self, plan: ReleasePlan, sources: dict[str, list[tuple[int, str]]]) -> None:
         self._plan = plan
+        self._sources = sources
 
     def setup(self) -> None:
         self._connection = scan_connection(self._plan, threads=SCAN_THREADS)
@@ -138,7 +150,13 @@ class ContributeShard(beam.DoFn):
         institution_id, shard, shards = element
         plan, privacy = self._plan, self._plan.config.privacy
         own = {src: prefix for (owner, src), prefix in (staged or {}).items() if owner == institution_id}
-        scanner = FeedScanner(plan, plan.config.institution(institution_id), connection=self._connection, staged=own)
+        scanner = FeedScanner(
+            plan,
+            plan.config.institution(institution_id),
+            connection=self._connection,
+            sources=self._sources[institution_id],
+            staged=own,
+        )
         scan = scanner.scan(shard, shards)
         encoded = scan.table(scanner.schema)
         duplicates = find_duplicates(
@@ -381,18 +399,27 @@ def noise_generator(plan: ReleasePlan, institution: str, purpose: str) -> np.ran
     return seeded_generator(seed ^ int(_short_hash(f"{institution}/{purpose}"), 16))
 
 
-def scan_elements(
-    plan: ReleasePlan, institutions: Iterable[InstitutionConfig]
-) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
-    """(institution id, scan shard, shards) for every scan shard of every institution, and (institution id,
-    src, shards) for every file to stage first (fusion.scan.staged_sources)."""
+@dataclass(frozen=True)
+class ScanWork:
+    """What one contribution run scans: every institution's files (listed once, here), its scan shards
+    (institution id, shard, shards), and the files to stage first (institution id, src, shards)."""
+
+    sources: dict[str, list[tuple[int, str]]]
+    shards: list[tuple[str, int, int]]
+    staging: list[tuple[str, int, int]]
+
+
+def scan_work(plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> ScanWork:
+    """The scan shards of every institution, and the files to stage (fusion.scan.staged_sources)."""
+    sources: dict[str, list[tuple[int, str]]] = {}
     elements: list[tuple[str, int, int]] = []
     staging: list[tuple[str, int, int]] = []
     for institution in institutions:
-        shards = scan_shards(plan, institution)
+        files = sources[institution.id] = feed_sources(plan, institution)
+        shards = scan_shards(plan, institution, files)
         elements += [(institution.id, shard, shards) for shard in range(shards)]
-        staging += [(institution.id, src, shards) for src in staged_sources(plan, institution, shards)]
-    return elements, staging
+        staging += [(institution.id, src, shards) for src in staged_sources(plan, institution, shards, files)]
+    return ScanWork(sources, elements, staging)
 
 
 def _flat(pcollections: list[beam.PCollection], label: str) -> beam.PCollection:
@@ -414,21 +441,21 @@ class Contribute(beam.PTransform):
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         plan = self._plan
-        elements, staging = scan_elements(plan, self._institutions)
-        shards = pbegin | "ScanShards" >> beam.Create(elements, reshuffle=self._spread)
+        work = scan_work(plan, self._institutions)
+        shards = pbegin | "ScanShards" >> beam.Create(work.shards, reshuffle=self._spread)
         dead, partials = [], []
-        if staging:
+        if work.staging:
             staged = (
                 pbegin
-                | "TextFiles" >> beam.Create(staging, reshuffle=self._spread)
-                | "StageText" >> beam.ParDo(StageFeed(plan)).with_outputs(DEAD, PARTIAL, main="staged")
+                | "FilesToStage" >> beam.Create(work.staging, reshuffle=self._spread)
+                | "Stage" >> beam.ParDo(StageFeed(plan, work.sources)).with_outputs(DEAD, PARTIAL, main="staged")
             )
             dead.append(staged[DEAD])
             partials.append(staged[PARTIAL])
-            # As a side input, every text file is staged before any shard is scanned.
-            contribute = beam.ParDo(ContributeShard(plan), staged=beam.pvalue.AsDict(staged.staged))
+            # As a side input, every file to stage is staged before any shard is scanned.
+            contribute = beam.ParDo(ContributeShard(plan, work.sources), staged=beam.pvalue.AsDict(staged.staged))
         else:
-            contribute = beam.ParDo(ContributeShard(plan))
+            contribute = beam.ParDo(ContributeShard(plan, work.sources))
         scanned = shards | "ContributeShards" >> contribute.with_outputs(DEAD, main=PARTIAL)
         dead.append(scanned[DEAD])
         partials.append(scanned[PARTIAL])

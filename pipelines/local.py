@@ -35,7 +35,7 @@ from pipelines.contribute import (
     SealContribution,
     StageFeed,
     WriteDeadLetters,
-    scan_elements,
+    scan_work,
 )
 from pipelines.unmask import read_roster
 
@@ -73,9 +73,9 @@ def group_by_key(pairs: Iterable[tuple[Any, Any]]) -> list[tuple[Any, list[Any]]
 
 def contribute_locally(plan: ReleasePlan, institutions: Sequence[InstitutionConfig]) -> None:
     """`Contribute` (pipelines/contribute.py), step by step in this process."""
-    elements, staging = scan_elements(plan, institutions)
-    staged, staging_out = run_dofn(StageFeed(plan), staging)
-    partials, scanned = run_dofn(ContributeShard(plan), elements, dict(staged))
+    work = scan_work(plan, institutions)
+    staged, staging_out = run_dofn(StageFeed(plan, work.sources), work.staging)
+    partials, scanned = run_dofn(ContributeShard(plan, work.sources), work.shards, dict(staged))
     run_dofn(WriteDeadLetters(plan), staging_out[DEAD] + scanned[DEAD])
     partials += staging_out[PARTIAL]
     totals = [(key, combine(MergePartials(), values)) for key, values in group_by_key(partials)]

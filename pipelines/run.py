@@ -17,6 +17,7 @@ from fusion.exchange import (
     exists,
     join,
     read_bytes,
+    remove_tree,
     write_bytes,
 )
 from fusion.plan import ReleasePlan
@@ -37,13 +38,6 @@ def beam_options(beam_args: Sequence[str] = ()) -> PipelineOptions:
     if not names_runner(args):
         args.append("--runner=DirectRunner")
     return PipelineOptions(args, save_main_session=False)
-
-
-def _clear(directory: str) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
-    if FileSystems.exists(directory):
-        FileSystems.delete([directory])
 
 
 def report_path(plan: ReleasePlan, institution: InstitutionConfig) -> str:
@@ -77,7 +71,8 @@ def run_contributions(
         load_agreement_keys(plan.config)  # every institution must be registered before anyone can mask
     for institution in pending:
         load_signing_key(plan.config, institution.id)  # fail now, not after the pipeline, if it is missing
-        _clear(dead_letter_dir(plan, institution))
+        remove_tree(dead_letter_dir(plan, institution))
+    remove_staging(plan, institutions)  # what a crashed run left, including one that crashed after sealing
     try:
         if pending and in_process:
             from pipelines.local import contribute_locally
@@ -88,7 +83,7 @@ def run_contributions(
             with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
                 _ = pipeline | Contribute(plan, pending, spread=names_runner(beam_args))
     finally:
-        remove_staging(plan, pending)  # staged copies of raw readings do not outlive the run
+        remove_staging(plan, pending)  # what is derived from the readings does not outlive the run
     reports = {}
     for institution in institutions:
         path = report_path(plan, institution)

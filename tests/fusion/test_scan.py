@@ -27,7 +27,19 @@ from fusion.contribution import (
 )
 from fusion.feeds import mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan, plan_release
-from fusion.scan import BIN, CELL, ENTITY, KEY, ROW, SOURCE, SUM, FeedScanner, scan_shards, staged_sources
+from fusion.scan import (
+    BIN,
+    CELL,
+    ENTITY,
+    KEY,
+    ROW,
+    SOURCE,
+    SUM,
+    FeedScanner,
+    ShardScan,
+    scan_shards,
+    staged_sources,
+)
 from privacy.layout import SUMSQ
 from schemas.readings import READING_SCHEMA
 from schemas.validation import ReadingValidator
@@ -349,6 +361,17 @@ def letters_of(dead_letters: list[tuple[str, pa.Table]], kind: str) -> list[dict
     return sorted(rows, key=repr)
 
 
+def stage_all(
+    scanner: FeedScanner, srcs: list[int], directory: Path, shards: int
+) -> tuple[dict[int, str], ShardScan, list[tuple[str, pa.Table]]]:
+    """Stage every file in `srcs` into `directory`: (prefix by src, the counts, the dead letters)."""
+    directory.mkdir(exist_ok=True)
+    prefixes = {src: str(directory / f"{src:05d}") for src in srcs}
+    counts = ShardScan()
+    letters = [letter for src in srcs for letter in scanner.stage(src, prefixes[src], shards, counts)]
+    return prefixes, counts, letters
+
+
 @pytest.mark.parametrize(("institution", "fmt"), [("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")])
 @pytest.mark.parametrize("entity_level", [False, True])
 def test_staged_files_give_each_shard_what_scanning_them_would(
@@ -361,14 +384,19 @@ def test_staged_files_give_each_shard_what_scanning_them_would(
     federation = make_federation(statistics=STATISTICS, extra_privacy=extra)
     write_edge_feeds(federation)
     lines = [] if fmt == "parquet" else [append_malformed(federation, institution, fmt)]
-    plan = plan_release(federation.config, START, END)
-    inst = federation.config.institution(institution)
+    config = federation.config
+    # Small pipeline batches: a staged Parquet file streams from DuckDB in several batches, text in several pieces.
+    plan = plan_release(
+        config.model_copy(update={"pipeline": config.pipeline.model_copy(update={"batch_rows": 1024})}), START, END
+    )
+    inst = config.institution(institution)
     shards = 3
     stager = FeedScanner(plan, inst)
     assert staged_sources(plan, inst, shards) == list(range(len(stager.sources)))
     assert staged_sources(plan, inst, 2) == ([] if fmt == "parquet" else [0, 1]) and not staged_sources(plan, inst, 1)
-    staged = [stager.stage(src, str(tmp_path / f"{src:05d}"), shards) for src in staged_sources(plan, inst, shards)]
-    prefixes = {src: s.prefix for src, s in enumerate(staged)}
+    prefixes, counts, staged_letters = stage_all(
+        stager, staged_sources(plan, inst, shards), tmp_path / "staged", shards
+    )
 
     direct_read, direct_rejects, direct_letters = 0, Counter[str](), []
     for shard in range(shards):
@@ -379,13 +407,14 @@ def test_staged_files_give_each_shard_what_scanning_them_would(
         direct_read += direct.rows_read
         direct_rejects.update(direct.rejected)
         direct_letters += direct.dead_letters
-    assert sum(s.rows_read for s in staged) == direct_read
-    assert sum((s.rejected for s in staged), Counter[str]()) == direct_rejects
+    assert counts.rows_read == direct_read and counts.rejected == direct_rejects and not counts.dead_letters
     assert direct_rejects["malformed_record"] == len(lines) and direct_rejects["out_of_interval"] > 0
-    staged_letters = [letter for s in staged for letter in s.dead_letters]
     assert letters_of(staged_letters, "-invalid") == letters_of(direct_letters, "-invalid") != []
     assert letters_of(staged_letters, "-malformed") == letters_of(direct_letters, "-malformed")
     assert [r["_text"] for r in letters_of(staged_letters, "-malformed")] == lines
+    assert sorted(p.name for p in (tmp_path / "staged").iterdir()) == sorted(
+        f"{src:05d}-s{shard:04d}.arrow" for src in prefixes for shard in range(shards)
+    )  # no temporary file is left
 
 
 def test_an_empty_text_file_stages_as_empty_shards(make_federation: Callable[..., Federation], tmp_path: Path) -> None:
@@ -395,9 +424,24 @@ def test_an_empty_text_file_stages_as_empty_shards(make_federation: Callable[...
     plan = plan_release(federation.config, START, END)
     inst = federation.config.institution("beta")
     scanner = FeedScanner(plan, inst)
-    staged = [scanner.stage(src, str(tmp_path / f"{src:05d}"), 2) for src in staged_sources(plan, inst, 2)]
-    assert staged and all(s.rows_read == 0 and not s.rejected and not s.dead_letters for s in staged)
-    prefixes = {src: s.prefix for src, s in enumerate(staged)}
+    prefixes, counts, letters = stage_all(scanner, staged_sources(plan, inst, 2), tmp_path / "staged", 2)
+    assert prefixes and counts.rows_read == 0 and not counts.rejected and not letters
     for shard in range(2):
         scan = FeedScanner(plan, inst, staged=prefixes).scan(shard, 2)
         assert scan.rows_read == 0 and scan.table(scanner.schema).num_rows == 0
+
+
+def test_a_failed_staging_leaves_no_file(
+    make_federation: Callable[..., Federation], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    federation = make_federation(institutions=[("beta", "csv")], quorum=1)
+    plan = plan_release(federation.config, START, END)
+    scanner = FeedScanner(plan, federation.config.institution("beta"))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(scanner, "_encoded", broken)
+    with pytest.raises(OSError, match="disk full"):
+        stage_all(scanner, [0], tmp_path / "staged", 4)
+    assert list((tmp_path / "staged").iterdir()) == []

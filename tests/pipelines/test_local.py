@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -111,3 +112,45 @@ def test_staged_text_feeds_release_what_one_shard_releases(make_federation, enti
     assert all(summaries[1].row_counts[i]["rejected"]["duplicate"] > 0 for i in ("alpha", "beta", "gamma"))
     if not entity_level:  # bounding draws its choices per shard, so entity-level releases differ by design
         assert released(several.config.store_path) == released(one.config.store_path)
+
+
+def test_staged_files_a_crashed_run_left_are_removed_by_the_next(make_federation):
+    # A run that dies after sealing (os._exit skips its clean-up) leaves staged files; the next run for the
+    # interval removes them even for institutions it does not run again.
+    from pipelines.contribute import staging_dir
+    from pipelines.run import run_contributions
+
+    federation = make_federation(extra="[pipeline]\nshard_rows = 1024\n")
+    plan = plan_release(federation.config, START, END)
+    run_contributions(plan, federation.config.institutions, in_process=True)
+    left = []
+    for institution in federation.config.institutions:
+        path = Path(staging_dir(plan, institution)) / "00000-s0000.arrow"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"staged by a crashed run")
+        left.append(path.parent)
+    run_contributions(plan, federation.config.institutions, in_process=True)  # every envelope is already sealed
+    assert not any(path.exists() for path in left)
+
+
+def test_every_shard_reads_the_files_listed_when_the_run_was_planned(make_federation):
+    # A file landing while a run is under way is in none of its shards (the next run reads it): it can never be
+    # counted by some shards and not others, nor shift the positions by which staged files are found. The late
+    # file here sorts first and copies another file, so reading it anywhere would show as duplicates.
+    from fusion.scan import scan_shards
+    from pipelines.contribute import PARTIAL, ContributeShard, MergePartials, StageFeed, scan_work
+    from pipelines.local import combine, run_dofn
+
+    federation = make_federation(entities=100, extra="[pipeline]\nshard_rows = 1024\n")
+    plan = plan_release(federation.config, START, END)
+    beta = federation.config.institution("beta")
+    assert scan_shards(plan, beta) > 1
+    work = scan_work(plan, [beta])
+    staged, staging = run_dofn(StageFeed(plan, work.sources), work.staging)
+    assert len(staged) == 2
+    feeds = federation.directory / "feeds" / "beta"
+    (feeds / "part-0-late.csv").write_text((feeds / "part-1.csv").read_text())
+    partials, _ = run_dofn(ContributeShard(plan, work.sources), work.shards, dict(staged))
+    total = combine(MergePartials(), [p for _, p in partials + staging[PARTIAL]])
+    assert total.reconciles() and not total.rejected
+    assert total.rows_read == total.rows_accepted == federation.raw["beta"].num_rows

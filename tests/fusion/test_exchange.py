@@ -1,0 +1,39 @@
+"""Deleting whole directories through Beam FileSystems (fusion/exchange.py): a local tree whose path holds glob
+characters, and the listing path that object stores (which have no directories) go through, run here against
+Beam's real local file system."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fusion.exchange import remove_listed, remove_tree
+
+
+def tree(root: Path) -> list[Path]:
+    files = [root / "a.arrow", root / "sub" / "b.arrow", root / "sub" / "deeper" / "c.arrow.tmp-1f"]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    return files
+
+
+def test_remove_tree_deletes_a_local_tree_whose_path_holds_glob_characters(tmp_path: Path) -> None:
+    root = tmp_path / "dead[1]" / "_staging"
+    tree(root)
+    (tmp_path / "dead1").mkdir()  # what the pattern dead[1] would match: left alone
+    remove_tree(str(root))
+    assert not root.exists() and (tmp_path / "dead[1]").exists() and (tmp_path / "dead1").exists()
+    remove_tree(str(root))  # already gone: nothing to do
+    remove_tree(f"file://{tmp_path / 'dead[1]'}")
+    assert not (tmp_path / "dead[1]").exists()
+
+
+def test_remove_listed_deletes_every_file_under_a_directory_by_its_exact_name(tmp_path: Path) -> None:
+    root = tmp_path / "staging"
+    files = tree(root)
+    beside = tmp_path / "staging-other" / "keep.arrow"
+    beside.parent.mkdir()
+    beside.write_bytes(b"y")
+    remove_listed(str(root))
+    assert not any(path.exists() for path in files) and beside.exists()
+    remove_listed(str(root))  # nothing listed: nothing to do
