@@ -4,16 +4,15 @@ de-duplication and of its entity for bounding) for one scan shard.
 
 A scan shard is a hash partition of the institution's readings: equal readings (and, at entity level, all of an
 entity's readings) always fall in the same shard, so each shard is de-duplicated, bounded and packed on its own
-and the shards' vectors simply add up. No readings are shuffled between workers; a big institution is split
-into more shards, each scanning the files again for its own partition (a Parquet scan costs little beside the
-rest). Parquet files on the local file system are read by DuckDB directly; CSV and JSON lines (whose
-unparseable lines become dead letters) and files on other file systems are read as Arrow batches first.
+and the shards' vectors simply add up. No readings are shuffled between workers. Parquet files on the local file
+system are read by DuckDB directly; CSV and JSON lines (whose unparseable lines become dead letters) and files on
+other file systems are read as Arrow batches first.
 
-Text is costly to parse and type, so when an institution's readings are split into several scan shards each text
-file is scanned once (`FeedScanner.stage`: parsed, validated, encoded, its rejects counted and dead-lettered) and
-its encoded rows are written as one Arrow file per scan shard, in the institution's private dead-letter area
-(deleted after the contribution); each shard then reads its own file instead of the text. Parquet files are
-staged the same way from `STAGE_PARQUET_FROM_SHARDS` shards up.
+An institution small enough for one shard (`pipeline.shard_rows`) is scanned in one pass. A bigger one is split
+into several shards, and each of its files is first staged (`FeedScanner.stage`): scanned once (parsed,
+validated, encoded, its rejects counted and dead-lettered) with its encoded rows written as one Arrow file per
+shard, in the institution's private dead-letter area (deleted after the contribution); each shard then reads its
+own files. That costs less than each shard scanning every file for its own partition, for Parquet as for text.
 
 The encodings computed here in SQL are the ones `privacy.encoding` computes in NumPy (round half to even,
 clamping, integer bins); tests check both agree value for value.
@@ -129,25 +128,16 @@ def scan_shards(
     return max(1, ceil(rows / plan.config.pipeline.shard_rows))
 
 
-#: From this many scan shards up, Parquet files are staged too: re-reading a Parquet file costs less than writing
-#: and reading its encoded rows once, but not two re-reads more (measured on the bench data: 2.5 s vs 2.8 s with
-#: 2 shards an institution, 3.1 s vs 2.9 s with 3, 3.5 s vs 2.7 s with 4). Text is staged from 2 shards.
-STAGE_PARQUET_FROM_SHARDS = 3
-
-
 def staged_sources(
     plan: ReleasePlan, institution: InstitutionConfig, shards: int, sources: list[tuple[int, str]] | None = None
 ) -> list[int]:
     """The `src` of every file of the institution (its `sources`, listed when None) to stage, i.e. scan once for
-    all its `shards` scan shards: text (CSV, JSON lines) files from 2 shards up, Parquet files from
-    `STAGE_PARQUET_FROM_SHARDS` up."""
+    all its `shards` scan shards: every file, once there are two shards or more. (Re-reading each file once per
+    shard costs more even for Parquet: on the bench data, 8.3 s against 6.6 s for 30M readings in 2 shards an
+    institution, 2.7 s against 2.4-2.7 s for 10M in 2, 3.5 s against 2.4-2.6 s for 10M in 4; text far more.)"""
     if shards < 2:
         return []
-    return [
-        src
-        for src, (feed_index, _) in enumerate(feed_sources(plan, institution) if sources is None else sources)
-        if shards >= STAGE_PARQUET_FROM_SHARDS or institution.feeds[feed_index].format is not FeedFormat.PARQUET
-    ]
+    return list(range(len(feed_sources(plan, institution) if sources is None else sources)))
 
 
 def _quote(text: str) -> str:

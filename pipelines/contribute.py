@@ -3,11 +3,10 @@ duplicates removed, entity-level bounding -> one packed vector -> Skellam share 
 Dead letters stay local.
 
 Elements are scan shards and packed vectors, never single readings, and no readings are shuffled: a scan shard
-is a hash partition of one institution's readings (fusion/scan.py), and each shard scans the feed files for its
-own partition. The exception is an institution with several scan shards and text files (or with three shards or
-more): each such file is scanned once for all of them (staged: parsed, validated and encoded, one Arrow file of
-encoded rows per shard, in the institution's private dead-letter area), and each shard reads its own rows; a side
-input orders the two steps. The logic lives in fusion/ and privacy/.
+is a hash partition of one institution's readings (fusion/scan.py). An institution with one shard is scanned in
+one pass; one with several first stages each of its files, scanned once for all of them (parsed, validated and
+encoded, one Arrow file of encoded rows per shard, in the institution's private dead-letter area), and each shard
+reads its own rows; a side input orders the two steps. The logic lives in fusion/ and privacy/.
 """
 
 from __future__ import annotations
@@ -97,12 +96,9 @@ def remove_staging(plan: ReleasePlan, institutions: Iterable[InstitutionConfig])
         remove_tree(staging_dir(plan, institution))
 
 
-class StageFeed(beam.DoFn):
-    """(institution id, src, shards) -> ((institution id, src), staging prefix): one file scanned once for all of
-    the institution's scan shards (fusion.scan.FeedScanner.stage), which then read their own encoded rows. Its
-    rows read and rejects are counted here (a PartialAggregate without a vector, tagged PARTIAL) and its dead
-    letters written from here as they are found (tagged DEAD); the shards count only the rows they accept.
-    `sources`: each institution's files, listed once when the pipeline was built."""
+class _ScanningDoFn(beam.DoFn):
+    """A DoFn that scans institutions' files: `sources` holds each one's files, listed once when the pipeline was
+    built, so every element of a run reads the same ones; a worker keeps one DuckDB connection for all of them."""
 
     def __init__(self, plan: ReleasePlan, sources: dict[str, list[tuple[int, str]]]) -> None:
         self._plan = plan
@@ -114,13 +110,22 @@ class StageFeed(beam.DoFn):
     def teardown(self) -> None:
         self._connection.close()
 
+    def _scanner(self, institution_id: str, staged: dict[int, str] | None = None) -> FeedScanner:
+        institution = self._plan.config.institution(institution_id)
+        sources = self._sources[institution_id]
+        return FeedScanner(self._plan, institution, connection=self._connection, sources=sources, staged=staged)
+
+
+class StageFeed(_ScanningDoFn):
+    """(institution id, src, shards) -> ((institution id, src), staging prefix): one file scanned once for all of
+    the institution's scan shards (fusion.scan.FeedScanner.stage), which then read their own encoded rows. Its
+    rows read and rejects are counted here (a PartialAggregate without a vector, tagged PARTIAL) and its dead
+    letters written from here as they are found (tagged DEAD); the shards count only the rows they accept."""
+
     def process(self, element: tuple[str, int, int]) -> Iterator[Any]:
         institution_id, src, shards = element
-        institution = self._plan.config.institution(institution_id)
-        scanner = FeedScanner(
-            self._plan, institution, connection=self._connection, sources=self._sources[institution_id]
-        )
-        prefix = join(staging_dir(self._plan, institution), f"{src:05d}")
+        scanner = self._scanner(institution_id)
+        prefix = join(staging_dir(self._plan, scanner.institution), f"{src:05d}")
         counts = ShardScan()
         for name, letters in scanner.stage(src, prefix, shards, counts):
             yield TaggedOutput(DEAD, (institution_id, name, letters))
@@ -129,34 +134,17 @@ class StageFeed(beam.DoFn):
         yield (institution_id, src), prefix
 
 
-class ContributeShard(beam.DoFn):
+class ContributeShard(_ScanningDoFn):
     """(institution id, scan shard, shards) -> (institution id, PartialAggregate of that shard): its feeds
     scanned and validated in DuckDB, exact duplicates removed, entity-level bounding, packed into the layout's
     slots. Dead letters (invalid rows, unparseable lines, duplicates) are tagged (institution id, name, table).
-    `sources`: each institution's files, listed once when the pipeline was built, so every shard reads the same
-    ones. `staged` maps (institution id, src) to the staging prefix of a file already scanned for every shard."""
-
-    def __init__(self, plan: ReleasePlan, sources: dict[str, list[tuple[int, str]]]) -> None:
-        self._plan = plan
-        self._sources = sources
-
-    def setup(self) -> None:
-        self._connection = scan_connection(self._plan, threads=SCAN_THREADS)
-
-    def teardown(self) -> None:
-        self._connection.close()
+    `staged` maps (institution id, src) to the staging prefix of a file already scanned for every shard."""
 
     def process(self, element: tuple[str, int, int], staged: dict[tuple[str, int], str] | None = None) -> Iterator[Any]:
         institution_id, shard, shards = element
         plan, privacy = self._plan, self._plan.config.privacy
         own = {src: prefix for (owner, src), prefix in (staged or {}).items() if owner == institution_id}
-        scanner = FeedScanner(
-            plan,
-            plan.config.institution(institution_id),
-            connection=self._connection,
-            sources=self._sources[institution_id],
-            staged=own,
-        )
+        scanner = self._scanner(institution_id, own)
         scan = scanner.scan(shard, shards)
         encoded = scan.table(scanner.schema)
         duplicates = find_duplicates(
