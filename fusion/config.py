@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import posixpath
 import tomllib
 from datetime import timedelta
 from enum import StrEnum
@@ -268,15 +269,18 @@ class Config(_Frozen):
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"{label}: duplicate names {duplicates}")
-        dead = [self.dead_letter_path(i) for i in self.institutions]
+        dead = [_directory_key(self.dead_letter_path(i)) for i in self.institutions]
         for index, institution in enumerate(self.institutions):
-            if dead[index] in dead[:index]:
-                first = dead.index(dead[index])
-                raise ValueError(
-                    f"institutions[{index}].dead_letter: {institution.id}'s dead-letter directory {dead[index]} is "
-                    f"also institutions[{first}] ({self.institutions[first].id})'s; each institution keeps its "
-                    "rejected rows, run reports and staged files apart"
-                )
+            for first in range(index):
+                if dead[index] == dead[first] or dead[index].startswith(dead[first] + "/") or (
+                    dead[first].startswith(dead[index] + "/")
+                ):
+                    raise ValueError(
+                        f"institutions[{index}].dead_letter: {institution.id}'s dead-letter directory "
+                        f"{self.dead_letter_path(institution)} is, or holds, or lies in institutions[{first}] "
+                        f"({self.institutions[first].id})'s; each institution keeps its rejected rows, run reports "
+                        "and staged files apart"
+                    )
         keys = self.federation.keys
         if "://" in keys:
             raise ValueError(f"federation.keys = '{keys}': the HE secret key lives in a local directory, not a URL")
@@ -395,6 +399,16 @@ class Config(_Frozen):
 
     def dead_letter_path(self, institution: InstitutionConfig) -> str:
         return self.resolve(institution.dead_letter or f"deadletter/{institution.id}")
+
+
+def _directory_key(path: str) -> str:
+    """A directory's path in one spelling, to compare directories: without file://, a trailing slash, `.` or
+    `..` parts (a URL's scheme and host kept as they are)."""
+    path = path.removeprefix("file://")
+    scheme, separator, rest = path.partition("://")
+    if not separator:
+        return posixpath.normpath(path)
+    return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from fusion.errors import FusionError
@@ -140,11 +140,23 @@ def remove_tree(directory: str) -> None:
 
 
 def remove_listed(directory: str) -> None:
-    """Delete every file listed under `directory` (recursively), each by its exact name."""
-    pattern = join(directory.rstrip("/"), "**")
-    paths = [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
+    """Delete every file listed under `directory` (recursively), each by its exact name. Nothing to do when the
+    directory does not exist (file systems with directories refuse to list one that is absent)."""
+    base = directory.rstrip("/")
+    try:
+        results = FileSystems.match([join(glob_escape(base), "**")])
+    except BeamIOError:
+        if not FileSystems.exists(base):
+            return
+        raise
+    paths = [m.path for result in results for m in result.metadata_list if m.path.startswith(base + "/")]
     if paths:
-        FileSystems.delete(paths)
+        FileSystems.delete([glob_escape(path) for path in paths])  # delete() matches its paths as patterns too
+
+
+def glob_escape(path: str) -> str:
+    """`path` as a Beam FileSystems pattern that matches only itself: each of * ? [ ] in a class of its own."""
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in path)
 
 
 def delete_if_exists(path: str) -> None:

@@ -86,7 +86,7 @@ def dead_letter_dir(plan: ReleasePlan, institution: InstitutionConfig) -> str:
 def staging_dir(plan: ReleasePlan, institution: InstitutionConfig) -> str:
     """Where the institution's text files are staged for a multi-shard scan: inside its private dead-letter area
     (what is derived from its readings never leaves the institution), cleared with it and deleted after the run."""
-    return join(dead_letter_dir(plan, institution), "_staging")
+    return join(dead_letter_dir(plan, institution), f"_staging-{institution.id}")
 
 
 def remove_staging(plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> None:

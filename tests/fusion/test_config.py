@@ -169,7 +169,13 @@ BAD: list[tuple[str, Callable[[], str], list[str]]] = [
      ["federation.id"]),
     ("shared-dead-letter-directory", lambda: edit(valid_text(), r'^id = "beta"$',
                                                   'id = "beta"\ndead_letter = "deadletter/alpha"'),
-     ["institutions[1].dead_letter", "is also institutions[0] (alpha)'s"]),
+     ["institutions[1].dead_letter", "institutions[0] (alpha)"]),
+    ("dead-letter-directory-spelled-otherwise", lambda: edit(valid_text(), r'^id = "beta"$',
+                                                             'id = "beta"\ndead_letter = "deadletter/./alpha/"'),
+     ["institutions[1].dead_letter", "institutions[0] (alpha)"]),
+    ("dead-letter-directory-inside-another", lambda: edit(valid_text(), r'^id = "beta"$',
+                                                          'id = "beta"\ndead_letter = "deadletter/alpha/beta"'),
+     ["institutions[1].dead_letter", "institutions[0] (alpha)"]),
     ("readings-cap-could-wrap", lambda: edit(valid_text(), r'^id = "alpha"$',
                                              'id = "alpha"\nmax_readings_per_cell = 1000000000000000'),
      ["max_readings_per_cell"]),
@@ -335,3 +341,13 @@ def test_noise_shares_do_not_count_on_colluders(tmp_path: Path) -> None:
     assert plain.share_variance == pytest.approx(plain.total_variance / 3)
     assert wary.share_variance == pytest.approx(wary.total_variance / 2)
     assert wary.total_variance == plain.total_variance and wary.digest() != plain.digest()
+
+
+def test_dead_letter_directories_are_compared_in_one_spelling(tmp_path: Path) -> None:
+    from fusion.config import _directory_key
+
+    assert _directory_key("/x/./dl/") == _directory_key("file:///x/dl") == "/x/dl"
+    assert _directory_key("gs://b/dl/") == _directory_key("gs://b//dl") == _directory_key("gs://b/x/../dl")
+    assert _directory_key("gs://b/dl") != _directory_key("s3://b/dl")
+    distinct = edit(valid_text(), r'^id = "beta"$', 'id = "beta"\ndead_letter = "deadletter/alpha-2"')
+    assert load_config(write(tmp_path, distinct)).institutions[1].dead_letter == "deadletter/alpha-2"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusion.exchange import remove_listed, remove_tree
+import pytest
+
+from fusion.exchange import glob_escape, remove_listed, remove_tree
 
 
 def tree(root: Path) -> list[Path]:
@@ -37,3 +39,28 @@ def test_remove_listed_deletes_every_file_under_a_directory_by_its_exact_name(tm
     remove_listed(str(root))
     assert not any(path.exists() for path in files) and beside.exists()
     remove_listed(str(root))  # nothing listed: nothing to do
+
+
+def test_remove_listed_matches_only_the_directory_named_even_with_glob_characters(tmp_path: Path) -> None:
+    root = tmp_path / "dl[a]" / "_staging"
+    files = tree(root)
+    lookalike = tree(tmp_path / "dla" / "_staging")  # what dl[a] would match as a pattern
+    remove_listed(str(root))
+    assert not any(path.exists() for path in files) and all(path.exists() for path in lookalike)
+
+
+def test_remove_listed_of_a_directory_that_does_not_exist_does_nothing(tmp_path: Path) -> None:
+    remove_listed(str(tmp_path / "never" / "made"))
+    remove_tree(str(tmp_path / "never" / "made"))
+
+
+@pytest.mark.parametrize("path", ["plain/dir", "a[1]/b", "x*y?z", "c]d"])
+def test_glob_escape_makes_a_pattern_that_matches_only_its_path(path: str) -> None:
+    import re
+
+    from apache_beam.io.filesystem import FileSystem
+
+    pattern = re.compile(FileSystem.translate_pattern(glob_escape(path)))
+    assert pattern.match(path)
+    for other in {path.replace("[1]", "1"), path.replace("*", "Q"), path.replace("?", "Q")} - {path}:
+        assert not pattern.match(other), other
