@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from math import ceil
 from typing import Any
@@ -37,7 +37,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from fusion.config import FeedConfig, FeedFormat, InstitutionConfig, PrivacyUnit
-from fusion.exchange import delete_if_exists
+from fusion.errors import InternalError
+from fusion.exchange import delete_if_exists, exists
 from fusion.feeds import feed_files, mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan
 from privacy.encoding import MetricEncoding
@@ -251,6 +252,13 @@ def staged_path(prefix: str, shard: int) -> str:
     return f"{prefix}-s{shard:04d}.arrow"
 
 
+def staged_raw_path(prefix: str) -> str:
+    """The Arrow file holding the raw rows (the feed's columns, as parsed, and ROW_COLUMN) of a file read as
+    batches (text, or Parquet not read by DuckDB) and staged under `prefix`: what `readings_at` types again for
+    the few rows whose hashes collide, instead of parsing the file once more."""
+    return f"{prefix}-raw.arrow"
+
+
 @dataclass(frozen=True)
 class _Piece:
     """A relation one file is read through: SQL over the file itself, or `fusion_raw`, a registered batch."""
@@ -323,16 +331,29 @@ class FeedScanner:
 
     def stage(self, src: int, prefix: str, shards: int, counts: ShardScan) -> Iterator[tuple[str, pa.Table]]:
         """Scan file `src` once for all `shards` scan shards: its encoded rows go to one Arrow file per shard
-        (`staged_path(prefix, shard)`), written as DuckDB streams them, and are complete once this generator is
-        exhausted; rows read and rejects are added to `counts`, and dead letters yielded as they are found."""
+        (`staged_path(prefix, shard)`), written as DuckDB streams them, and, for a file read as batches, its raw
+        rows to `staged_raw_path(prefix)`; all are complete once this generator is exhausted. Rows read and
+        rejects are added to `counts`, and dead letters yielded as they are found."""
         paths = [staged_path(prefix, shard) for shard in range(shards)]
-        temporaries = [f"{path}.tmp-{secrets.token_hex(6)}" for path in paths]
-        handles: list[Any] = []
+        temporaries = {path: f"{path}.tmp-{secrets.token_hex(6)}" for path in [*paths, staged_raw_path(prefix)]}
+        handles: dict[str, Any] = {}
+        raw: list[tuple[pa.RecordBatchFileWriter, pa.Schema]] = []
+
+        def keep_raw(piece: _Piece) -> None:
+            if piece.batch is None:
+                return
+            if not raw:
+                path = staged_raw_path(prefix)
+                handles[path] = FileSystems.create(temporaries[path], compression_type=CompressionTypes.UNCOMPRESSED)
+                raw.append((pa.ipc.new_file(handles[path], piece.batch.schema), piece.batch.schema))
+            writer, schema = raw[0]
+            writer.write_table(piece.batch.cast(schema))
+
         try:
-            for temporary in temporaries:
-                handles.append(FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED))
-            writers = [pa.ipc.new_file(handle, self.schema) for handle in handles]
-            for rows in self._scanned(src, None, shards, counts, every_line=True):
+            for path in paths:
+                handles[path] = FileSystems.create(temporaries[path], compression_type=CompressionTypes.UNCOMPRESSED)
+            writers = [pa.ipc.new_file(handles[path], self.schema) for path in paths]
+            for rows in self._scanned(src, None, shards, counts, every_line=True, on_piece=keep_raw):
                 order = pc.sort_indices(rows.column(SHARD))  # stable: each shard's rows keep the file's order
                 rows = rows.take(order)
                 ends = np.cumsum(np.bincount(rows.column(SHARD).to_numpy(), minlength=shards))
@@ -344,25 +365,35 @@ class FeedScanner:
                 counts.dead_letters.clear()
             yield from counts.dead_letters
             counts.dead_letters.clear()
-            for writer, handle in zip(writers, handles, strict=True):
+            for writer in writers + [w for w, _ in raw]:
                 writer.close()
+            for path, handle in handles.items():
                 handle.close()
-            for temporary, path in zip(temporaries, paths, strict=True):
                 delete_if_exists(path)
-                FileSystems.rename([temporary], [path])
+                FileSystems.rename([temporaries[path]], [path])
         finally:
-            for handle in handles:
+            for handle in handles.values():
                 if not handle.closed:
                     handle.close()
-            for temporary in temporaries:
+            for temporary in temporaries.values():
                 delete_if_exists(temporary)
 
     def _read_staged(self, src: int, shard: int) -> pa.Table:
-        path = staged_path(self._staged[src], shard)
-        if _is_local(path):
-            return pa.ipc.open_file(pa.memory_map(_local(path))).read_all()
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            return pa.ipc.open_file(pa.BufferReader(handle.read())).read_all()
+        return _read_arrow(staged_path(self._staged[src], shard))
+
+    def _staged_raw(self, src: int, rows: np.ndarray) -> _Piece | None:
+        """The raw rows at `rows` of a staged file read as batches, from its staged copy (None when there is no
+        copy: the file is not staged, or DuckDB reads it directly, which costs little)."""
+        if src not in self._staged or not exists(raw_path := staged_raw_path(self._staged[src])):
+            return None
+        table = _read_arrow(raw_path)
+        numbers = table.column(ROW_COLUMN).to_numpy()
+        at = np.searchsorted(numbers, rows)
+        if np.any(at >= len(numbers)) or np.any(numbers[np.minimum(at, len(numbers) - 1)] != rows):
+            raise InternalError(f"staged copy {raw_path} lacks rows it was scanned with")
+        feed = self.institution.feeds[self.sources[src][0]]
+        types = {f: table.schema.field(c).type for f, c in mapped_columns(feed).items() if c in table.column_names}
+        return _Piece("fusion_raw", types, table.take(at))
 
     def _checked(self, src: int, relation: str, types: dict[str, pa.DataType]) -> str:
         feed = self.institution.feeds[self.sources[src][0]]
@@ -390,15 +421,25 @@ class FeedScanner:
         return result
 
     def _scanned(
-        self, src: int, shard: int | None, shards: int, result: ShardScan, *, every_line: bool
+        self,
+        src: int,
+        shard: int | None,
+        shards: int,
+        result: ShardScan,
+        *,
+        every_line: bool,
+        on_piece: Callable[[_Piece], None] | None = None,
     ) -> Iterator[pa.Table]:
         """The accepted rows of file `src` in scan shard `shard` (all shards, with their SHARD, when None), one
         table per piece (per streamed batch of a piece when None); rows read, rejects and dead letters are added
-        to `result` (a piece's rejects once the piece is done), unparseable lines too when `every_line`."""
+        to `result` (a piece's rejects once the piece is done), unparseable lines too when `every_line`;
+        `on_piece` sees each piece before it is scanned."""
         feed_index, path = self.sources[src]
         label = "all" if shard is None else f"{shard:04d}"
         name = f"{self.institution.feeds[feed_index].name}-{_short_hash(path)}-s{label}"
         for number, piece in enumerate(self._pieces(src)):
+            if on_piece is not None:
+                on_piece(piece)
             relation, types, batch, malformed = piece.relation, piece.types, piece.batch, piece.malformed
             if malformed and every_line:
                 result.rows_read += len(malformed)
@@ -466,12 +507,14 @@ class FeedScanner:
 
     def readings_at(self, src: int, rows: np.ndarray) -> pa.Table:
         """The typed readings (READING_SCHEMA) at the given rows of file `src`, in the order of `rows`; used for
-        the few rows whose hashes collide, to compare them in full."""
+        the few rows whose hashes collide, to compare them in full. A staged file read as batches is typed again
+        from its staged raw rows, not parsed again."""
         wanted = pa.table({"want": pa.array(rows, pa.int64()), "ord": np.arange(len(rows), dtype=np.int64)})
         pieces = []
+        staged = self._staged_raw(src, np.asarray(rows, dtype=np.int64))
         self._con.register("fusion_wanted", wanted)
         try:
-            for piece in self._pieces(src):
+            for piece in [staged] if staged is not None else self._pieces(src):
                 relation, types, batch = piece.relation, piece.types, piece.batch
                 if batch is not None:
                     self._con.register("fusion_raw", batch)
@@ -489,6 +532,14 @@ class FeedScanner:
             self._con.unregister("fusion_wanted")
         found = pa.concat_tables(pieces).sort_by("ord")
         return found.select(list(READING_SCHEMA.names)).cast(READING_SCHEMA)
+
+
+def _read_arrow(path: str) -> pa.Table:
+    """An Arrow IPC file: memory-mapped when local (columns nobody reads are never paged in)."""
+    if _is_local(path):
+        return pa.ipc.open_file(pa.memory_map(_local(path))).read_all()
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return pa.ipc.open_file(pa.BufferReader(handle.read())).read_all()
 
 
 def malformed_letters(lines: tuple[tuple[int, str], ...], source: str) -> pa.Table:

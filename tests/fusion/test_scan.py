@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
@@ -375,7 +376,12 @@ def stage_all(
 @pytest.mark.parametrize(("institution", "fmt"), [("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")])
 @pytest.mark.parametrize("entity_level", [False, True])
 def test_staged_files_give_each_shard_what_scanning_them_would(
-    make_federation: Callable[..., Federation], institution: str, fmt: str, entity_level: bool, tmp_path: Path
+    make_federation: Callable[..., Federation],
+    institution: str,
+    fmt: str,
+    entity_level: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Staging scans a file once for all its shards (from 2 shards up); each shard then reads
     # exactly the encoded rows its own scan of the file would have produced, and the counts and dead letters are
@@ -412,9 +418,24 @@ def test_staged_files_give_each_shard_what_scanning_them_would(
     assert letters_of(staged_letters, "-invalid") == letters_of(direct_letters, "-invalid") != []
     assert letters_of(staged_letters, "-malformed") == letters_of(direct_letters, "-malformed")
     assert [r["_text"] for r in letters_of(staged_letters, "-malformed")] == lines
+    raw = [] if fmt == "parquet" else [f"{src:05d}-raw.arrow" for src in prefixes]  # DuckDB reads Parquet itself
     assert sorted(p.name for p in (tmp_path / "staged").iterdir()) == sorted(
-        f"{src:05d}-s{shard:04d}.arrow" for src in prefixes for shard in range(shards)
+        [f"{src:05d}-s{shard:04d}.arrow" for src in prefixes for shard in range(shards)] + raw
     )  # no temporary file is left
+
+    # The full readings behind rows (for hash collisions): from a staged text file's raw copy, never parsed again.
+    shard_one = FeedScanner(plan, inst, staged=prefixes).scan(1, shards).table(stager.schema)
+    wanted = {
+        src: shard_one.filter(pc.equal(shard_one.column(SOURCE), src)).column(ROW).to_numpy()[::-1][:50]
+        for src in prefixes
+    }
+    want = {src: FeedScanner(plan, inst).readings_at(src, rows) for src, rows in wanted.items()}
+    parsed: list[str] = []
+    monkeypatch.setattr("fusion.scan.read_feed_file", lambda *a, **k: parsed.append(a[0]) or iter(()))
+    from_staged = FeedScanner(plan, inst, staged=prefixes)
+    for src, rows in wanted.items():
+        assert from_staged.readings_at(src, rows).equals(want[src]) and want[src].num_rows == 50
+    assert parsed == []
 
 
 def test_an_empty_text_file_stages_as_empty_shards(make_federation: Callable[..., Federation], tmp_path: Path) -> None:
