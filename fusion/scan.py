@@ -11,8 +11,9 @@ other file systems are read as Arrow batches first.
 An institution small enough for one shard (`pipeline.shard_rows`) is scanned in one pass. A bigger one is split
 into several shards, and each of its files is first staged (`FeedScanner.stage`): scanned once (parsed,
 validated, encoded, its rejects counted and dead-lettered) with its encoded rows written as one Arrow file per
-shard, in the institution's private dead-letter area (deleted after the contribution); each shard then reads its
-own files. That costs less than each shard scanning every file for its own partition, for Parquet as for text.
+shard (and a text file's parsed rows kept beside them, for `readings_at`), in the institution's private
+dead-letter area (deleted after the contribution); each shard then reads its own files. That costs less than
+each shard scanning every file for its own partition, for Parquet as for text.
 
 The encodings computed here in SQL are the ones `privacy.encoding` computes in NumPy (round half to even,
 clamping, integer bins); tests check both agree value for value.
