@@ -90,3 +90,17 @@ def test_the_report_is_written_as_json(tmp_path: Path, monkeypatch: pytest.Monke
     latest = json.loads((tmp_path / "r" / "latest.json").read_text())
     assert latest["summary"] == fake["summary"] == report["summary"]
     assert len(list((tmp_path / "r").glob("*.json"))) == 2
+
+
+@pytest.mark.e2e
+def test_the_staging_bench_releases_the_same_counts_in_one_shard_and_in_several(tmp_path: Path) -> None:
+    from bench.staging import run
+
+    result = run(6000, 1024, 0.05, 1, tmp_path)
+    cases = result["cases"]
+    assert all(case["status"] == "released" for case in cases.values())
+    assert cases["clean_one_shard"]["shards"] == 1 and cases["clean_several_shards"]["shards"] > 1
+    for label in ("clean", "resent"):
+        assert cases[f"{label}_one_shard"]["row_counts"] == cases[f"{label}_several_shards"]["row_counts"]
+    counts = cases["resent_several_shards"]["row_counts"]["inst-0"]
+    assert counts["rejected"] == {"duplicate": counts["read"] - counts["accepted"]} and counts["accepted"] == 1200
