@@ -137,7 +137,7 @@ def fusion_readings(data: BenchData, workdir: Path, *, entity_level: bool, repea
     from fusion.config import load_config
     from fusion.plan import plan_release
     from fusion.scan import FeedScanner, ShardScan, scan_connection
-    from pipelines.contribute import PARTIAL, ContributeShard, StageFeed, remove_staging, scan_work, staging_dir
+    from pipelines.contribute import PARTIAL, ContributeShard, StageFeed, remove_staging, scan_work, staging_prefix
     from pipelines.local import run_dofn
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def fusion_readings(data: BenchData, workdir: Path, *, entity_level: bool, repea
         prefixes: dict[str, dict[int, str]] = {}
         for institution, src, shards in work.staging:
             scanner = FeedScanner(plan, plan.config.institution(institution), connection=con)
-            prefix = f"{staging_dir(plan, scanner.institution)}/{src:05d}"
+            prefix = staging_prefix(plan, scanner.institution, src)
             prefixes.setdefault(institution, {})[src] = prefix
             for _letters in scanner.stage(src, prefix, shards, ShardScan()):
                 pass

@@ -89,6 +89,11 @@ def staging_dir(plan: ReleasePlan, institution: InstitutionConfig) -> str:
     return join(dead_letter_dir(plan, institution), f"_staging-{institution.id}")
 
 
+def staging_prefix(plan: ReleasePlan, institution: InstitutionConfig, src: int) -> str:
+    """Where file `src` of the institution is staged (fusion.scan.staged_path and staged_raw_path name its files)."""
+    return join(staging_dir(plan, institution), f"{src:05d}")
+
+
 def remove_staging(plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> None:
     """Delete the institutions' staged files for the interval, on any file system (a run removes them when it
     ends, and every run first removes what a crashed one left)."""
@@ -125,7 +130,7 @@ class StageFeed(_ScanningDoFn):
     def process(self, element: tuple[str, int, int]) -> Iterator[Any]:
         institution_id, src, shards = element
         scanner = self._scanner(institution_id)
-        prefix = join(staging_dir(self._plan, scanner.institution), f"{src:05d}")
+        prefix = staging_prefix(self._plan, scanner.institution, src)
         counts = ShardScan()
         for name, letters in scanner.stage(src, prefix, shards, counts):
             yield TaggedOutput(DEAD, (institution_id, name, letters))
