@@ -47,6 +47,15 @@ def test_envelopes_round_trip_real_ciphertexts_below_32_bytes_a_slot(ciphertexts
     assert payload / (len(ciphertexts) * he.SLOTS_PER_CIPHERTEXT) < 32.0
 
 
+def test_ciphertexts_packed_by_earlier_versions_with_lz77_are_still_read(ciphertexts: list[bytes]) -> None:
+    # Envelopes sealed before Huffman-only packing (zlib level 1 over the same lanes) are kept and re-published.
+    ct = ciphertexts[0]
+    whole = len(ct) - len(ct) % 8
+    lanes = np.frombuffer(ct, dtype=np.uint8, count=whole).reshape(-1, 8).T.tobytes() + ct[whole:]
+    assert unpack_ciphertext(zlib.compress(lanes, 1)) == ct
+    assert len(pack_ciphertext(ct)) < len(ct)
+
+
 def test_the_header_alone_is_the_unpacked_header_and_a_truncated_one_is_refused(ciphertexts: list[bytes]) -> None:
     data = pack_envelope(HEADER, ciphertexts)
     assert envelope_header(data) == unpack_envelope(data)[0]
