@@ -62,8 +62,10 @@ class BudgetLedger:
     def rows(self) -> pa.Table:
         return self.store.read("budget")
 
-    def _row(self, period: Period, cap: float) -> _PeriodRow | None:
-        """The period's row, after checking the ledger's periods are the config's (no overlaps, same cap)."""
+    def _row(self, period: Period, cap: float, delta: float) -> _PeriodRow | None:
+        """The period's row, after checking the ledger's periods are the config's (no overlaps, same cap and
+        delta: a cap only bounds a period at the delta its spending was converted with, so a looser delta
+        mid-period would let the period take more releases than its cap allowed when it was opened)."""
         all_rows = self.rows().to_pylist()
         for r in all_rows:
             same = (r["period"], r["period_start"], r["period_end"]) == (period.name, period.start, period.end)
@@ -79,6 +81,12 @@ class BudgetLedger:
                     f"period {period.name} was opened with epsilon_cap {r['epsilon_cap']}, the config now says "
                     f"{cap}; a period's cap cannot change once budget is spent in it"
                 )
+            if same and r["delta"] != delta:
+                raise FusionError(
+                    f"period {period.name} was opened with delta {r['delta']}, the config now says {delta}; "
+                    "a period's delta cannot change once budget is spent in it (restore privacy.delta until "
+                    f"{r['period_end']})"
+                )
         rows = [r for r in all_rows if r["period"] == period.name]
         if len(rows) > 1:
             raise InternalError(f"the budget table holds {len(rows)} rows for period {period.name}")
@@ -89,7 +97,7 @@ class BudgetLedger:
 
     def check(self, *, period: Period, release_id: str, rdp: np.ndarray, cap: float, delta: float) -> None:
         """Raise BudgetExceeded now if the release could not be charged (a preview; `spend` decides)."""
-        row = self._row(period, cap) or _PeriodRow.empty()
+        row = self._row(period, cap, delta) or _PeriodRow.empty()
         if release_id not in row.release_ids:
             _refuse_if_over(period, release_id, row.rdp, np.asarray(rdp, dtype=float), cap, delta)
 
@@ -99,7 +107,7 @@ class BudgetLedger:
         """Charge one release's RDP curve to its period, or raise BudgetExceeded. Idempotent per release."""
         rdp = np.asarray(rdp, dtype=float)
         for _ in range(_ATTEMPTS):
-            current = self._row(period, cap)
+            current = self._row(period, cap, delta)
             row = current or _PeriodRow.empty()
             if release_id in row.release_ids:
                 charged_for = row.aggregates[row.release_ids.index(release_id)]

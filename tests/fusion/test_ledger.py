@@ -183,3 +183,20 @@ def test_a_changed_period_grid_or_cap_cannot_charge_the_same_data_again(tmp_path
     with pytest.raises(FusionError, match="cap cannot change"):
         ledger.spend(period=DAY, release_id="r2", aggregate_sha256=sha("r2"), rdp=RDP, cap=10.0, delta=DELTA)
     assert ledger.rows().column("releases").to_pylist() == [1]
+
+
+def test_a_loosened_delta_cannot_stretch_a_period_s_cap(tmp_path: Path) -> None:
+    # At the delta it was opened with, the cap fits two releases; a looser delta would convert the same RDP
+    # curve to a smaller epsilon and let the period take more releases than the cap allowed.
+    ledger = BudgetLedger(Store(tmp_path))
+    cap = epsilon_from_rdp(2 * RDP, delta=DELTA) + 1e-9
+    for release in ("r1", "r2"):
+        ledger.spend(period=DAY, release_id=release, aggregate_sha256=sha(release), rdp=RDP, cap=cap, delta=DELTA)
+    assert epsilon_from_rdp(3 * RDP, delta=1e-3) < cap  # what a looser delta would have let through
+    for check in (ledger.check, ledger.spend):
+        kwargs = {"aggregate_sha256": sha("r3")} if check == ledger.spend else {}
+        with pytest.raises(FusionError, match="delta cannot change"):
+            check(period=DAY, release_id="r3", rdp=RDP, cap=cap, delta=1e-3, **kwargs)
+    with pytest.raises(BudgetExceeded):
+        ledger.spend(period=DAY, release_id="r3", aggregate_sha256=sha("r3"), rdp=RDP, cap=cap, delta=DELTA)
+    assert ledger.rows().column("releases").to_pylist() == [2]
