@@ -77,8 +77,10 @@ def _text_ref(column: str, arrow_type: pa.DataType | None) -> str:
 
 
 def _has_padding(column: pa.ChunkedArray) -> bool:
-    """Whether any text value starts or ends with a space (what DuckDB's trim() removes). Trimming costs more
-    than the rest of validation, so a batch without padded values skips it; the result is the same."""
+    """Whether any text value may start or end with what DuckDB's trim() removes: an ASCII space, or a character
+    outside ASCII (trim() also strips Unicode spaces such as U+00A0 and U+3000; an edge byte at or above 0x80 is
+    part of such a character, so the batch is trimmed). Trimming costs more than the rest of validation, so a
+    batch without them skips it; the verdict on every row is the same either way."""
     if not _is_plain_text(column.type):
         return True
     space = ord(" ")
@@ -92,7 +94,8 @@ def _has_padding(column: pa.ChunkedArray) -> bool:
         data = np.frombuffer(data_buffer, dtype=np.uint8)
         starts, ends = offsets[:-1], offsets[1:]
         filled = ends > starts  # nulls and empty strings have nothing to trim
-        if (data[starts[filled]] == space).any() or (data[ends[filled] - 1] == space).any():
+        first, last = data[starts[filled]], data[ends[filled] - 1]
+        if (first == space).any() or (last == space).any() or (first >= 0x80).any() or (last >= 0x80).any():
             return True
     return False
 

@@ -288,6 +288,18 @@ def test_accepted_rows_are_typed_readings(validator: ReadingValidator) -> None:
     assert all(t.utcoffset() == timedelta(0) for t in result.accepted.column(EVENT_TIME).to_pylist())
 
 
+@pytest.mark.parametrize("pad", [" ", "\u00a0", "\u2003", "\u3000", "\t", "\u200b", "\ufeff"])
+def test_a_row_s_verdict_does_not_depend_on_the_rest_of_its_batch(validator: ReadingValidator, pad: str) -> None:
+    # Batches without padding skip trim(); a row padded with any character trim() strips (Unicode spaces too)
+    # must get the verdict it gets in a batch that is trimmed anyway (the batch scan always trims).
+    row = good(entity_id=f"e1{pad}", region=f"{pad}north", metric=f"temp{pad}")
+    alone = validator.validate(text_table([row, good(entity_id="e2")]), columns=IDENTITY)
+    padded = good(entity_id=" e2 ", region=" north ", metric=" temp ")
+    trimmed = validator.validate(text_table([row, padded]), columns=IDENTITY)
+    assert alone.reasons == trimmed.reasons
+    assert alone.accepted.to_pylist() == trimmed.accepted.to_pylist()
+
+
 def test_empty_batch(validator: ReadingValidator) -> None:
     result = validator.validate(text_table([]), columns=IDENTITY)
     assert result.rows == 0
