@@ -21,7 +21,8 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: TOML has inf and nan, and an infinite cap or resolution would pass `gt=0`.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 Name = Annotated[str, Field(pattern=_NAME)]
@@ -95,6 +96,10 @@ class MetricConfig(_Frozen):
     def _ranges(self) -> Self:
         if not (math.isfinite(self.lower) and math.isfinite(self.upper) and self.lower < self.upper):
             raise ValueError(f"need finite lower < upper, got lower={self.lower}, upper={self.upper}")
+        if self.resolution > self.upper - self.lower:
+            raise ValueError(
+                f"resolution {self.resolution} is coarser than the clamp range [{self.lower}, {self.upper}]"
+            )
         low, high = self.plausible
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(f"plausible must be a finite [low, high] with low < high, got {self.plausible}")
@@ -124,8 +129,9 @@ class PrivacyConfig(_Frozen):
     @field_validator("period")
     @classmethod
     def _period(cls, period: str) -> str:
-        if parse_duration(period).total_seconds() % 3600:
-            raise ValueError(f"period '{period}' must be whole hours (e.g. 1d, 7d, 12h)")
+        seconds = parse_duration(period).total_seconds()
+        if seconds <= 0 or seconds % 3600:
+            raise ValueError(f"period '{period}' must be a positive number of whole hours (e.g. 1d, 7d, 12h)")
         return period
 
     @property
@@ -204,8 +210,8 @@ class StreamConfig(_Frozen):
     @field_validator("window")
     @classmethod
     def _window(cls, window: str | None) -> str | None:
-        if window is not None:
-            parse_duration(window)
+        if window is not None and parse_duration(window).total_seconds() <= 0:
+            raise ValueError(f"window '{window}' must be positive")
         return window
 
     @model_validator(mode="after")
@@ -439,7 +445,16 @@ def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> Config:
     # Imported here: the encoding check needs the config types, and privacy/ must not import fusion/.
     from fusion.parameters import release_parameters
 
-    release_parameters(config)  # refuses configs whose encrypted sums could wrap
+    try:
+        release_parameters(config)  # refuses configs whose encrypted sums could wrap
+    except ConfigError:
+        raise
+    except ArithmeticError as exc:  # a resolution so fine that the encoding's integers overflow
+        raise ConfigError(
+            f"invalid federation config:\n  metrics[*].resolution: too fine to encode in 64-bit integers ({exc})"
+        ) from None
+    except ValueError as exc:  # e.g. no noise level reaches epsilon at this sensitivity
+        raise ConfigError(f"invalid federation config:\n  privacy.epsilon / privacy.delta: {exc}") from None
     return config
 
 
