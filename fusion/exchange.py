@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from fusion.errors import FusionError
+
+#: An interval_name: start and end, each to the minute or (when either is not on a whole minute) to the second.
+_INTERVAL_NAME = re.compile(r"^(\d{8}T\d{4}(?:\d{2})?Z)-(\d{8}T\d{4}(?:\d{2})?Z)$")
 
 PUBLIC_CONTEXT = "he_public.ctx"
 SECRET_CONTEXT = "he_secret.ctx"
@@ -36,9 +40,24 @@ class ReleaseKey:
 
     @property
     def interval_name(self) -> str:
-        """A filesystem-safe name for the interval, e.g. 20260101T0000Z-20260102T0000Z."""
-        fmt = "%Y%m%dT%H%MZ"
-        return f"{self.start.astimezone(UTC).strftime(fmt)}-{self.end.astimezone(UTC).strftime(fmt)}"
+        """A filesystem-safe name for the interval, e.g. 20260101T0000Z-20260102T0000Z (with seconds, e.g.
+        20260101T000015Z, when either end is not on a whole minute, so sub-minute windows get names of their
+        own)."""
+        start, end = self.start.astimezone(UTC), self.end.astimezone(UTC)
+        fmt = "%Y%m%dT%H%M%SZ" if start.second or end.second else "%Y%m%dT%H%MZ"
+        return f"{start.strftime(fmt)}-{end.strftime(fmt)}"
+
+    @staticmethod
+    def parse_interval_name(name: str) -> tuple[datetime, datetime] | None:
+        """(start, end) of an `interval_name`, or None if `name` is not one."""
+        match = _INTERVAL_NAME.match(name)
+        if match is None:
+            return None
+        start, end = (
+            datetime.strptime(text, "%Y%m%dT%H%M%SZ" if len(text) == 16 else "%Y%m%dT%H%MZ").replace(tzinfo=UTC)
+            for text in match.groups()
+        )
+        return start, end
 
     @property
     def release_id(self) -> str:

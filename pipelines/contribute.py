@@ -32,6 +32,7 @@ from fusion.config import InstitutionConfig, PrivacyUnit
 from fusion.contribution import PartialAggregate, cell_reading_counts, find_duplicates, pack_encoded
 from fusion.errors import FusionError, InternalError
 from fusion.exchange import (
+    ReleaseKey,
     contribution_path,
     join,
     public_context_path,
@@ -339,6 +340,7 @@ def sealed_envelope(plan: ReleasePlan, institution: InstitutionConfig) -> bytes 
     """
     record = _sealed_dir(plan, institution) / f"{plan.key.interval_name}.json"
     if not record.exists():
+        refuse_overlap(plan, institution)
         return None
     doc = json.loads(record.read_text())
     if doc["release_id"] != plan.key.release_id:
@@ -356,11 +358,34 @@ def sealed_envelope(plan: ReleasePlan, institution: InstitutionConfig) -> bytes 
     return read_private(kept, f"institution {institution.id}'s sealed envelope")
 
 
+def refuse_overlap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
+    """Refuse to seal the plan's interval if the institution sealed another interval that overlaps it: each of
+    its readings is noised once, ever. (Releases of [00:00, 01:00) and [00:00, 02:00) would each draw fresh
+    noise on the first hour's readings; whoever decrypts both, the ledger's charges notwithstanding, could
+    average the draws.) A federation releases one grid of intervals: a schedule's, or the stream's windows."""
+    directory = _sealed_dir(plan, institution)
+    if not directory.is_dir():
+        return
+    own = plan.key.interval_name
+    for record in directory.glob("*.json"):
+        span = ReleaseKey.parse_interval_name(record.stem)
+        if record.stem == own or span is None:
+            continue
+        start, end = span
+        if start < plan.key.end and plan.key.start < end:
+            raise FusionError(
+                f"institution {institution.id} already sealed {record.stem}, which overlaps {own}: it does not "
+                "noise the same readings twice (the draws could be averaged); release intervals on one grid "
+                "(one schedule interval or the stream's window), or cover the overlap with the release made"
+            )
+
+
 def record_sealed(plan: ReleasePlan, institution: InstitutionConfig, envelope: bytes) -> bytes:
     """Keep the envelope and record it, before it is published; returns what to publish (if another run of this
     institution recorded one first, that one). A crash before the record exists leaves only an unpublished
     copy, so no second noisy version ever leaves the institution."""
     directory = _sealed_dir(plan, institution)
+    refuse_overlap(plan, institution)  # again: an overlapping run may have sealed since this one was planned
     name = f"{plan.key.interval_name}-{hashlib.sha256(envelope).hexdigest()[:16]}.fenv"
     write_private(directory / name, envelope)
     pending = directory / f".{name}.json"

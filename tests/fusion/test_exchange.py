@@ -4,11 +4,12 @@ Beam's real local file system."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from fusion.exchange import glob_escape, remove_listed, remove_tree
+from fusion.exchange import ReleaseKey, glob_escape, remove_listed, remove_tree
 
 
 def tree(root: Path) -> list[Path]:
@@ -64,3 +65,21 @@ def test_glob_escape_makes_a_pattern_that_matches_only_its_path(path: str) -> No
     assert pattern.match(path)
     for other in {path.replace("[1]", "1"), path.replace("*", "Q"), path.replace("?", "Q")} - {path}:
         assert not pattern.match(other), other
+
+
+@pytest.mark.parametrize(
+    ("start", "length", "name"),
+    [
+        (datetime(2026, 1, 1, tzinfo=UTC), timedelta(days=1), "20260101T0000Z-20260102T0000Z"),
+        (datetime(2026, 1, 1, 0, 15, tzinfo=UTC), timedelta(minutes=15), "20260101T0015Z-20260101T0030Z"),
+        (datetime(2026, 1, 1, tzinfo=UTC), timedelta(seconds=15), "20260101T000000Z-20260101T000015Z"),
+        (datetime(2026, 1, 1, 0, 0, 15, tzinfo=UTC), timedelta(seconds=15), "20260101T000015Z-20260101T000030Z"),
+    ],
+)
+def test_interval_names_are_unique_down_to_the_second_and_parse_back(
+    start: datetime, length: timedelta, name: str
+) -> None:
+    key = ReleaseKey("f", start, start + length, "layout", "parameters")
+    assert key.interval_name == name
+    assert ReleaseKey.parse_interval_name(name) == (start, start + length)
+    assert ReleaseKey.parse_interval_name(f"{name}-0123.fenv") is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,20 @@ def test_an_institution_seals_one_envelope_per_interval_ever(make_federation):
     Path(path).unlink()
     with pytest.raises(FusionError, match="pruned"):
         run_contributions(plan, alpha)
+
+
+def test_an_institution_never_noises_a_reading_twice_through_overlapping_intervals(make_federation):
+    """[00:00, 06:00) then [00:00, 01:00) or [05:00, 07:00): each would draw fresh noise on readings already
+    sealed; whoever decrypts both could average the draws. Adjacent intervals are sealed as usual."""
+    fed = make_federation(noise=True, quorum=2)
+    alpha = fed.config.institutions[:1]
+    run_contributions(plan_release(fed.config, START, END), alpha)
+    hour = timedelta(hours=1)
+    for start, end in ((START, START + hour), (END - hour, END + hour), (START, END + hour)):
+        with pytest.raises(FusionError, match="overlaps"):
+            run_contributions(plan_release(fed.config, start, end), alpha)
+    sealed = fed.directory / "institution-keys" / "alpha" / "sealed"
+    assert len(list(sealed.glob("*.fenv"))) == 1  # nothing was sealed, not even unpublished
+    run_contributions(plan_release(fed.config, END, END + hour), alpha)
+    run_contributions(plan_release(fed.config, START - hour, START), alpha)
+    assert len(list(sealed.glob("*.fenv"))) == 3
