@@ -119,13 +119,17 @@ def refusal_path(exchange: str, key: ReleaseKey) -> str:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write atomically: to a temporary sibling, then rename over `path`."""
+    """Write atomically: to a temporary sibling, then rename over `path` (locally one atomic replace, so a
+    reader or a crash never finds `path` missing; elsewhere delete, then rename, as object stores need)."""
     directory, _ = FileSystems.split(path)
     if "://" not in path:
         os.makedirs(directory, exist_ok=True)
     temporary = f"{path}.tmp-{secrets.token_hex(6)}"
     with FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         handle.write(data)
+    if "://" not in path:
+        os.replace(temporary, path)
+        return
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([temporary], [path])

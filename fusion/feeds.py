@@ -147,12 +147,22 @@ def _read_csv(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatc
 
 def _read_jsonl(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:
     with _open_stream(path) as handle:
-        yield from _jsonl_batches(io.TextIOWrapper(handle, encoding="utf-8", errors="replace"), wanted, batch_rows)
+        # utf-8-sig: a byte-order mark before the first record is not part of it.
+        text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="replace")
+        yield from _jsonl_batches(text, wanted, batch_rows)
 
 
 def read_jsonl_lines(lines: Iterable[str], feed: FeedConfig, *, batch_rows: int) -> Iterator[RawBatch]:
     """JSON lines from anywhere (a message payload, standard input) as RawBatches, like a JSONL feed file."""
     yield from _jsonl_batches(lines, list(dict.fromkeys(mapped_columns(feed).values())), batch_rows)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: {"value": 1, "value": 9} is ambiguous (a malformed record), not 9."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        raise ValueError("duplicate key")
+    return record
 
 
 def _jsonl_batches(lines: Iterable[str], wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:
@@ -171,11 +181,11 @@ def _jsonl_batches(lines: Iterable[str], wanted: list[str], batch_rows: int) -> 
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
-        except ValueError:
-            malformed.append((number, line.rstrip("\n")[:10_000]))
+        except ValueError:  # the whole line is kept: the dead letter must let the institution recover the row
+            malformed.append((number, line.rstrip("\n")))
             continue
         for c in wanted:
             v = record.get(c)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion.exchange import ReleaseKey, glob_escape, remove_listed, remove_tree
+from fusion.exchange import ReleaseKey, glob_escape, read_bytes, remove_listed, remove_tree, write_bytes
 
 
 def tree(root: Path) -> list[Path]:
@@ -83,3 +83,15 @@ def test_interval_names_are_unique_down_to_the_second_and_parse_back(
     assert key.interval_name == name
     assert ReleaseKey.parse_interval_name(name) == (start, start + length)
     assert ReleaseKey.parse_interval_name(f"{name}-0123.fenv") is None
+
+
+def test_write_bytes_replaces_a_local_file_in_one_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reader (or a crash) between deleting the old file and renaming the new one would find neither.
+    from apache_beam.io.filesystems import FileSystems
+
+    path = str(tmp_path / "sub" / "aggregate.fenv")
+    write_bytes(path, b"old")
+    monkeypatch.setattr(FileSystems, "delete", lambda paths: pytest.fail(f"deleted {paths} before replacing"))
+    write_bytes(path, b"new")
+    assert read_bytes(path) == b"new"
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["aggregate.fenv"]  # no temporaries left

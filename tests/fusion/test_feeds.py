@@ -200,6 +200,25 @@ def test_jsonl_only_malformed(tmp_path: Path) -> None:
     assert sum(b.rows for b in batches) == 2
 
 
+def test_jsonl_with_a_byte_order_mark_keeps_its_first_record(tmp_path: Path) -> None:
+    path = tmp_path / "feed.jsonl"
+    record = {ENTITY_ID: "e1", REGION: "north", METRIC: "load", EVENT_TIME: "t", VALUE: 1.5}
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(record) + "\n").encode() * 2)
+    batches = read_all(path, feed("jsonl"))
+    assert concat(batches).column(ENTITY_ID).to_pylist() == ["e1", "e1"]
+    assert all(b.malformed == () for b in batches)
+
+
+def test_jsonl_duplicate_keys_and_long_lines_are_malformed_in_full(tmp_path: Path) -> None:
+    path = tmp_path / "feed.jsonl"
+    ambiguous = '{"entity_id": "e1", "region": "north", "metric": "load", "event_time": "t", "value": 1.5, "value": 9}'
+    long_line = "{" + "x" * 20_000
+    path.write_text(ambiguous + "\n" + long_line + "\n")
+    batches = read_all(path, feed("jsonl"))
+    assert concat(batches).num_rows == 0  # neither 1.5 nor 9: the record is ambiguous
+    assert [m for b in batches for m in b.malformed] == [(1, ambiguous), (2, long_line)]
+
+
 # --- Parquet ----------------------------------------------------------------------------------------------
 
 
