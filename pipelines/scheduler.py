@@ -163,10 +163,16 @@ class Scheduler:
         now = self.now()
         wake = min(next_fire(s, now) for s in self.config.schedules)
         for schedule in self.config.schedules:
-            starts = [i.start for i in self.log.attempts(schedule.name)]
-            for interval in due_intervals(schedule, now, first_run=min(starts, default=None)):
+            # The runs table is read once a schedule and pass: intervals already final (released, or refused)
+            # stay final, so only the others go to run_interval, which reads their attempts again to claim one.
+            # (Reading the table once per due interval made a pass cost grow with the square of the history.)
+            attempts = self.log.attempts(schedule.name)
+            first_run = min((i.start for i in attempts), default=None)
+            for interval in due_intervals(schedule, now, first_run=first_run):
                 if self.stop_event.is_set():
                     return results, wake
+                if decide(schedule, attempts.get(interval, []), now).action is Action.DONE:
+                    continue
                 result = run_interval(
                     self.config, schedule, interval, runner=self.runner, now=self.now, beam_args=self.beam_args
                 )

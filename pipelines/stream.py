@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -106,12 +107,28 @@ class StreamValidate(beam.DoFn):
     def process(self, element: tuple[str, FeedConfig, str]) -> Iterator[Any]:
         institution, feed, path = element
         offset = 0
-        for number, raw in enumerate(read_feed_file(path, feed, batch_rows=self._config.pipeline.batch_rows)):
-            yield from validated_outputs(
-                self._validator, institution, feed, raw, key=f"{_key(path)}-{number:05d}", source=path,
-                row_offset=offset, dead_letter_dir=self._dead[institution],
-            )
-            offset += raw.table.num_rows
+        try:
+            for number, raw in enumerate(read_feed_file(path, feed, batch_rows=self._config.pipeline.batch_rows)):
+                yield from validated_outputs(
+                    self._validator, institution, feed, raw, key=f"{_key(path)}-{number:05d}", source=path,
+                    row_offset=offset, dead_letter_dir=self._dead[institution],
+                )
+                offset += raw.table.num_rows
+        except (pa.ArrowException, OSError, UnicodeError, EOFError, zlib.error) as exc:
+            # An unreadable file (truncated, corrupt, not the feed's format) must not stop every institution's
+            # stream at each restart: what could not be read is one malformed record, dead-lettered with the
+            # error, and the file counts as processed. Rows read before the damage stay accepted.
+            yield from unreadable_outputs(institution, path, offset, exc, dead_letter_dir=self._dead[institution])
+
+
+def unreadable_outputs(
+    institution: str, path: str, row: int, exc: BaseException, *, dead_letter_dir: str
+) -> Iterator[Any]:
+    """The rest of a file that could not be read, from row `row` on: one malformed record, dead-lettered with the
+    error that stopped the read."""
+    letters = malformed_letters(((row, f"unreadable from row {row}: {type(exc).__name__}: {exc}"),), path)
+    yield TaggedOutput(DEAD, (join(dead_letter_dir, f"{_key(path)}-unreadable.parquet"), letters))
+    yield TaggedOutput(REJECTS, (institution, {RejectReason.MALFORMED_RECORD.value: 1}))
 
 
 class StampWindows(beam.DoFn):

@@ -27,7 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from fusion.config import Config, FeedConfig, FeedFormat
 from fusion.errors import ReleaseRefused
-from fusion.exchange import join, list_files, write_bytes
+from fusion.exchange import exists, join, list_files, write_bytes
 from fusion.faults import crash_point
 from fusion.ledger import BudgetExceeded
 from fusion.plan import ReleasePlan, plan_release
@@ -74,8 +74,10 @@ class StdinJournal:
             self._lines.put(line)
         self._lines.put(None)
 
-    def flush(self, sequence: int) -> bool:
-        """Journal the lines read so far as file number `sequence`; True if a file was written."""
+    def flush(self, sequence: int) -> int | None:
+        """Journal the lines read so far as file number `sequence`, or the next number no journal file holds (a
+        kill after a file was written but before its number was saved must not overwrite it); returns the number
+        used, or None if nothing arrived."""
         lines: list[str] = []
         while True:
             try:
@@ -87,9 +89,11 @@ class StdinJournal:
                 break
             lines.append(line if line.endswith("\n") else line + "\n")
         if not lines:
-            return False
+            return None
+        while exists(join(self.directory, f"{sequence:010d}.jsonl")):
+            sequence += 1
         write_bytes(join(self.directory, f"{sequence:010d}.jsonl"), "".join(lines).encode())
-        return True
+        return sequence
 
 
 class StreamDriver:
@@ -143,8 +147,8 @@ class StreamDriver:
         """One micro-batch over every new input; returns the rows it read (accepted and rejected)."""
         if self.releases_only:
             return self._scan_markers()
-        if self._stdin is not None and self._stdin.flush(self.state.stdin_sequence):
-            self.state.stdin_sequence += 1
+        if self._stdin is not None and (used := self._stdin.flush(self.state.stdin_sequence)) is not None:
+            self.state.stdin_sequence = used + 1
             save_state(self._state_file, self.state)  # the journal file is written: never reuse its number
         inputs = self._discover()
         if not inputs:
@@ -236,12 +240,14 @@ class StreamDriver:
                 sink = pa.BufferOutputStream()
                 pq.write_table(READING_SCHEMA.empty_table(), sink)
                 write_bytes(join(directory, "empty.parquet"), sink.getvalue().to_pybytes())
-        window.files = {
-            i.id: list_files(spool_dir(self.config, i.id, start), ".parquet") for i in self.config.institutions
-        }
+        if not window.files:  # a release a crash interrupted keeps the files it was sealed from
+            window.files = {
+                i.id: list_files(spool_dir(self.config, i.id, start), ".parquet") for i in self.config.institutions
+            }
         plan = self.window_plan(start)
         release_id: str = plan.key.release_id
         window.release_id = release_id
+        save_state(self._state_file, self.state)  # what the release reads is on record before anything is sealed
         try:
             # A window's spool is small: its release runs the role steps in process (pipelines/local.py).
             run_batch(plan, beam_args=self._beam_args, in_process=True)

@@ -174,6 +174,11 @@ def seal_unmask(plan: ReleasePlan, institution_id: str) -> str:
             raise FusionError(f"the seed share {peer} sealed for {institution_id} has the wrong coordinate")
         revealed[peer] = encode_share(share)
     remember_answer(plan, institution_id, roster)
+    path = unmask_path(plan.config.exchange_path, plan.key, institution_id)
+    kept = _answer_file(plan, institution_id).with_suffix(".fenv")
+    if kept.exists():  # answered before: the same bytes again (a fresh encryption would change the aggregate
+        write_bytes(path, kept.read_bytes())  # the key holder may already have been charged for, and refuse it)
+        return path
     public_context = read_bytes(public_context_path(plan.config.exchange_path))
     ciphertexts: list[bytes] = []
     if roster.absent:
@@ -198,9 +203,27 @@ def seal_unmask(plan: ReleasePlan, institution_id: str) -> str:
         included=roster.included,
         revealed_shares=revealed,
     )
-    path = unmask_path(plan.config.exchange_path, plan.key, institution_id)
-    write_bytes(path, pack_envelope(header, ciphertexts, signing_key=load_signing_key(plan.config, institution_id)))
+    envelope = pack_envelope(header, ciphertexts, signing_key=load_signing_key(plan.config, institution_id))
+    write_bytes(path, _keep_answer(kept, envelope))
     return path
+
+
+def _keep_answer(kept: Path, envelope: bytes) -> bytes:
+    """Keep the answer (owner-only, create-once) before publishing it; returns what to publish: the answer
+    another run of this institution kept first, if one did."""
+    pending = kept.with_name(f".{kept.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(envelope)
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(pending, kept)
+    except FileExistsError:
+        return kept.read_bytes()
+    finally:
+        pending.unlink()
+    return envelope
 
 
 def self_mask_total(

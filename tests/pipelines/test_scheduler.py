@@ -18,6 +18,7 @@ import pytest
 from fusion.cli import main
 from fusion.faults import CRASH_ENV, CRASH_EXIT_CODE
 from fusion.plan import plan_release
+from fusion.runs import RunLog
 from fusion.store import Store
 from pipelines.scheduler import RunResult, Scheduler
 from tests.conftest import START, Federation
@@ -81,7 +82,7 @@ def assert_released_once(fed: Federation, hours: int) -> None:
 
 
 def test_a_scheduler_on_an_accelerated_clock_runs_each_interval_at_its_fire_and_catches_up(
-    make_federation: Callable[..., Federation],
+    make_federation: Callable[..., Federation], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fed = scheduled(make_federation)
     clock = Clock(START)
@@ -98,6 +99,12 @@ def test_a_scheduler_on_an_accelerated_clock_runs_each_interval_at_its_fire_and_
         (START + 2 * H, 1, "second", START + 3 * H + 10 * MINUTE),
     ]
     assert clock.at == START + 3 * H + 30 * MINUTE
+    # A pass with nothing due reads the runs table once, not once per interval of the history.
+    reads: list[str] = []
+    original = RunLog.attempts
+    monkeypatch.setattr(RunLog, "attempts", lambda self, name: reads.append(name) or original(self, name))
+    assert second.run_due()[0] == []
+    assert reads == ["hourly"]
 
 
 def test_a_failed_attempt_is_recorded_and_retried_after_its_backoff(

@@ -308,3 +308,40 @@ def test_a_streaming_job_spools_windows_and_the_release_side_releases_them(make_
     driver.step()
     rejects = Store(fed.config.store_path).read("rejects").to_pylist()
     assert [(r["institution"], r["rows"]) for r in rejects if r["reason"] == "late"] == [(inst, 3)]
+
+
+def test_an_unreadable_feed_file_is_one_dead_letter_and_the_stream_goes_on(make_federation):
+    """A truncated file used to fail every micro-batch, at every restart, for every institution."""
+    fed = stream_federation(make_federation, subdir="unreadable")
+    for hour in range(3):
+        land(fed, hour)
+    inst = fed.config.institutions[0]
+    ext = EXT[inst.feeds[0].format.value]
+    good = fed.directory / "feeds" / inst.id / f"hour-00.{ext}"
+    (fed.directory / "feeds" / inst.id / f"hour-99.{ext}").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    driver = StreamDriver(fed.config)
+    driver.run(drain=True)
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == sum(
+        t.filter(pc.less(t.column("event_time"), START + 3 * HOUR)).num_rows for t in fed.raw.values()
+    )
+    rejects = Store(fed.config.store_path).read("rejects").to_pylist()
+    assert [(r["institution"], r["reason"], r["rows"]) for r in rejects if r["rows"]] == [
+        (inst.id, "malformed_record", 1)
+    ]
+    dead = list((fed.directory / "deadletter" / inst.id / "stream").glob("*unreadable*.parquet"))
+    assert len(dead) == 1 and "hour-99" in pq.read_table(dead[0]).to_pylist()[0]["_source"]
+
+
+def test_a_stdin_journal_never_overwrites_a_file_whose_number_was_not_saved(tmp_path: Path) -> None:
+    import io
+
+    from pipelines.stream_driver import StdinJournal
+
+    journal = StdinJournal(io.StringIO('{"a": 1}\n'), str(tmp_path))
+    time.sleep(0.1)
+    assert journal.flush(0) == 0
+    journal = StdinJournal(io.StringIO('{"a": 2}\n'), str(tmp_path))  # a restart from state saying 0 again
+    time.sleep(0.1)
+    assert journal.flush(0) == 1
+    assert sorted(p.read_text() for p in tmp_path.iterdir()) == ['{"a": 1}\n', '{"a": 2}\n']

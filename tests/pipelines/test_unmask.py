@@ -122,6 +122,23 @@ def test_answering_the_same_roster_again_is_allowed(make_federation):
     assert run_aggregate(plan)["status"] == "aggregated"
 
 
+def test_answering_again_with_an_institution_absent_republishes_the_same_bytes(make_federation):
+    """A survivor's correction is encrypted with fresh randomness; answering again (a retry) after the key holder
+    was charged for the aggregate must not change it, or the release could never complete."""
+    fed = make_federation(noise=True, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    survivors = [fed.config.institution("alpha"), fed.config.institution("beta")]
+    run_contributions(plan, survivors)  # gamma never contributes
+    run_aggregate(plan)
+    assert json.loads(read_bytes(roster_path(fed.config.exchange_path, plan.key)))["absent"] == ["gamma"]
+    run_unmask(plan, survivors)
+    first = read_bytes(unmask_path(fed.config.exchange_path, plan.key, "alpha"))
+    run_unmask(plan, survivors[:1])
+    assert read_bytes(unmask_path(fed.config.exchange_path, plan.key, "alpha")) == first
+    assert run_aggregate(plan)["status"] == "aggregated"
+    assert release(plan, Store(fed.config.store_path)).status == "released"
+
+
 def test_one_institution_may_miss_the_unmask_round_when_none_is_absent(make_federation):
     fed = make_federation(noise=False, quorum=2)
     plan = plan_release(fed.config, START, END)
