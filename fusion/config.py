@@ -197,11 +197,14 @@ class StreamConfig(_Frozen):
     kafka_topic: str | None = None
     window: str | None = None  # the release window; default: federation.window (a whole multiple of it)
     allowed_lateness: str = "0s"  # a watermark is the latest event time seen minus this
+    # Readings stamped later than the processing clock plus this are rejected (out_of_interval): a sensor clock
+    # running ahead must not carry its institution's watermark past windows whose readings are still coming.
+    max_clock_skew: str = "1h"
     poll: str = "1s"  # how often to look for new feed files
     state: str = "stream"  # the driver's progress (a local directory, as private as the feeds)
     spool: str | None = None  # windowed readings; default <state>/spool; a URL when a streaming job writes it
 
-    @field_validator("allowed_lateness", "poll")
+    @field_validator("allowed_lateness", "poll", "max_clock_skew")
     @classmethod
     def _durations(cls, text: str) -> str:
         _duration_or_zero(text)
@@ -338,6 +341,10 @@ class Config(_Frozen):
     @property
     def allowed_lateness(self) -> timedelta:
         return _duration_or_zero(self.stream.allowed_lateness)
+
+    @property
+    def max_clock_skew(self) -> timedelta:
+        return _duration_or_zero(self.stream.max_clock_skew)
 
     @property
     def stream_poll(self) -> timedelta:

@@ -57,6 +57,9 @@ class StreamState:
     stdin_sequence: int = 0  # journal files written from standard input
     readings: int = 0  # accepted readings spooled, all time
     rejected: int = 0  # rejected rows (validation and late), all time
+    # institution -> {reason: rows}: rejects without an event time from an institution with no accepted reading
+    # yet; they join its first window with readings (a window of rejects alone is never released).
+    pending_rejects: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def window(self, start: datetime) -> WindowState:
         return self.windows.setdefault(start.isoformat(), WindowState())
@@ -64,6 +67,18 @@ class StreamState:
     def closed(self) -> set[str]:
         """Window starts that no longer take readings."""
         return {w for w, s in self.windows.items() if s.status is not WindowStatus.OPEN}
+
+    def late_windows(self, institutions: Iterable[str], *, size: timedelta, lateness: timedelta) -> ClosedWindows:
+        """The windows whose readings are late now: closed ones, and any not open yet whose end every
+        institution's watermark has passed (it would close at once, so no reading of it may still be used)."""
+        marks = [self.watermark(i, lateness) for i in institutions]
+        cutoff = None if not marks or any(m is None for m in marks) else min(m for m in marks if m is not None)
+        return ClosedWindows(
+            closed=frozenset(self.closed()),
+            open=frozenset(w for w, s in self.windows.items() if s.status is WindowStatus.OPEN),
+            size_s=size.total_seconds(),
+            cutoff=None if cutoff is None else cutoff.isoformat(),
+        )
 
     def watermark(self, institution: str, lateness: timedelta) -> datetime | None:
         latest = self.max_event.get(institution)
@@ -82,6 +97,7 @@ class StreamState:
             "stdin_sequence": self.stdin_sequence,
             "readings": self.readings,
             "rejected": self.rejected,
+            "pending_rejects": self.pending_rejects,
         }
 
     @classmethod
@@ -94,7 +110,28 @@ class StreamState:
             stdin_sequence=int(doc["stdin_sequence"]),
             readings=int(doc["readings"]),
             rejected=int(doc["rejected"]),
+            pending_rejects={i: dict(c) for i, c in doc.get("pending_rejects", {}).items()},
         )
+
+
+@dataclass(frozen=True)
+class ClosedWindows:
+    """`StreamState.late_windows`: a container of window starts (ISO text) that no longer take readings."""
+
+    closed: frozenset[str]
+    open: frozenset[str]
+    size_s: float
+    cutoff: str | None  # a window not open that ends at or before this is past every watermark
+
+    def __contains__(self, start: object) -> bool:
+        if not isinstance(start, str):
+            return False
+        if start in self.closed:
+            return True
+        if self.cutoff is None or start in self.open:
+            return False
+        end = datetime.fromisoformat(start) + timedelta(seconds=self.size_s)
+        return end <= datetime.fromisoformat(self.cutoff)
 
 
 def load_state(path: Path) -> StreamState:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -46,12 +46,14 @@ STREAM_START = datetime(1971, 1, 1, tzinfo=UTC)
 STREAM_END = datetime(9999, 1, 1, tzinfo=UTC)
 
 
-def stream_rules(config: Config) -> ReadingRules:
+def stream_rules(config: Config, *, now: datetime | None = None) -> ReadingRules:
+    """What a stream accepts: any time Beam can represent up to `now` plus the config's `max_clock_skew` (no
+    bound when `now` is None)."""
     return ReadingRules(
         plausible={m.name: m.plausible for m in config.metrics},
         regions=config.regions,
         start=STREAM_START,
-        end=STREAM_END,
+        end=STREAM_END if now is None else min(STREAM_END, now + config.max_clock_skew),
     )
 
 
@@ -97,12 +99,15 @@ class StreamValidate(beam.DoFn):
     """(institution, feed, path) -> (institution, slice key, accepted readings); rejects counted, dead letters
     tagged."""
 
-    def __init__(self, config: Config, dead_letter_dirs: dict[str, str]) -> None:
+    def __init__(self, config: Config, dead_letter_dirs: dict[str, str], *, now: datetime | None = None) -> None:
+        """`now`: the processing time of this micro-batch (readings stamped later than it plus the config's
+        `max_clock_skew` are rejected)."""
         self._config = config
         self._dead = dead_letter_dirs
+        self._now = now
 
     def setup(self) -> None:
-        self._validator = ReadingValidator(stream_rules(self._config))
+        self._validator = ReadingValidator(stream_rules(self._config, now=self._now))
 
     def process(self, element: tuple[str, FeedConfig, str]) -> Iterator[Any]:
         institution, feed, path = element
@@ -176,7 +181,7 @@ class SpoolWindow(beam.DoFn):
     """A windowed slice -> a Parquet file in its window's spool (same name on replay), or `late` if the window
     has closed."""
 
-    def __init__(self, config: Config, closed: set[str], dead_letter_dirs: dict[str, str]) -> None:
+    def __init__(self, config: Config, closed: Container[str], dead_letter_dirs: dict[str, str]) -> None:
         self._config = config
         self._closed = closed
         self._dead = dead_letter_dirs
@@ -228,18 +233,23 @@ def run_micro_batch(
     config: Config,
     inputs: Sequence[tuple[str, FeedConfig, str]],
     *,
-    closed: set[str],
+    closed: Container[str],
     dead_letter_dirs: dict[str, str],
     summary_path: str,
     options: Any,
+    now: datetime | None = None,
 ) -> MicroBatch:
-    """Validate, window and spool `inputs` ((institution, feed, file) triples) in one bounded Beam pipeline."""
+    """Validate, window and spool `inputs` ((institution, feed, file) triples) in one bounded Beam pipeline;
+    readings for a window in `closed` are late, and readings stamped after `now` plus the config's
+    `max_clock_skew` are rejected."""
     with beam.Pipeline(options=options) as pipeline:
         validated = (
             pipeline
             | "Inputs" >> beam.Create(list(inputs))
             | "Reshuffle" >> beam.Reshuffle()
-            | "Validate" >> beam.ParDo(StreamValidate(config, dead_letter_dirs)).with_outputs(DEAD, REJECTS, main="ok")
+            | "Validate" >> beam.ParDo(StreamValidate(config, dead_letter_dirs, now=now)).with_outputs(
+                DEAD, REJECTS, main="ok"
+            )
         )
         spooled = (
             validated.ok

@@ -32,7 +32,15 @@ from fusion.faults import crash_point
 from fusion.ledger import BudgetExceeded
 from fusion.plan import ReleasePlan, plan_release
 from fusion.store import Store
-from fusion.stream_state import StreamState, WindowStatus, closable, load_state, save_state, window_start
+from fusion.stream_state import (
+    StreamState,
+    WindowState,
+    WindowStatus,
+    closable,
+    load_state,
+    save_state,
+    window_start,
+)
 from pipelines.batch import run_batch
 from pipelines.run import beam_options
 from pipelines.stream import SPOOL_WINDOW_FORMAT, run_micro_batch, spool_dir, stdin_feed
@@ -154,15 +162,18 @@ class StreamDriver:
         if not inputs:
             return 0
         started = time.monotonic()
+        size = self.config.stream_window
         batch = run_micro_batch(
             self.config,
             inputs,
-            closed=self.state.closed(),
+            closed=self.state.late_windows(
+                [i.id for i in self.config.institutions], size=size, lateness=self.config.allowed_lateness
+            ),
             dead_letter_dirs=self._dead,
             summary_path=join(str(self._root), "micro-batch.json"),
             options=beam_options(self._beam_args),
+            now=self._clock(),
         )
-        size = self.config.stream_window
         rows = 0
         for institution, start, n, latest in batch.spooled:
             self.state.window(datetime.fromisoformat(start))
@@ -170,16 +181,30 @@ class StreamDriver:
             self.state.readings += n
             rows += n
         for institution, start, n in batch.late:
-            self.state.window(datetime.fromisoformat(start)).add_rejects(institution, {"late": n})
+            if start not in self.state.windows:
+                # Past every watermark before any of its readings came: it is never released, but its late
+                # readings are counted (under the release id the window would have had).
+                self.state.windows[start] = WindowState(
+                    status=WindowStatus.REFUSED,
+                    release_id=self.window_plan(datetime.fromisoformat(start)).key.release_id,
+                    reason="every watermark had passed the window before any of its readings arrived",
+                )
+            self.state.windows[start].add_rejects(institution, {"late": n})
             self.state.rejected += n
             rows += n
         for institution, counts in batch.rejects:
-            # Rows without a usable event time count against the window the institution's stream is in.
-            seen = self.state.max_event.get(institution)
-            at = datetime.fromisoformat(seen) if seen else self._clock()
-            self.state.window(window_start(at, size)).add_rejects(institution, counts)
+            # Rows without a usable event time count against the window the institution's stream is in; before
+            # its first accepted reading, against the first window it sends readings for.
             self.state.rejected += sum(counts.values())
             rows += sum(counts.values())
+            pending = self.state.pending_rejects.setdefault(institution, {})
+            for reason, n in counts.items():
+                pending[reason] = pending.get(reason, 0) + n
+        for institution in list(self.state.pending_rejects):
+            seen = self.state.max_event.get(institution)
+            if seen is not None:
+                at = window_start(datetime.fromisoformat(seen), size)
+                self.state.window(at).add_rejects(institution, self.state.pending_rejects.pop(institution))
         crash_point("stream_after_spool")
         for _, _, path in inputs:
             self.state.processed[path] = FileSystems.match([path])[0].metadata_list[0].size_in_bytes

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import apache_beam as beam
@@ -59,6 +59,8 @@ class MessagesToReadings(beam.DoFn):
         institution, payload = element
         if institution not in self._feeds:
             return  # not a member of this federation: nothing of it may reach the spool (counted by the runner)
+        # A reading stamped beyond the processing clock plus max_clock_skew is rejected (out_of_interval).
+        self._validator.rules = stream_rules(self._config, now=datetime.now(UTC))
         digest = hashlib.sha256(institution.encode() + b"\0" + payload).hexdigest()[:16]
         lines = payload.decode("utf-8", errors="replace").splitlines()
         batches = read_jsonl_lines(lines, self._feeds[institution], batch_rows=self._config.pipeline.batch_rows)

@@ -345,3 +345,64 @@ def test_a_stdin_journal_never_overwrites_a_file_whose_number_was_not_saved(tmp_
     time.sleep(0.1)
     assert journal.flush(0) == 1
     assert sorted(p.read_text() for p in tmp_path.iterdir()) == ['{"a": 1}\n', '{"a": 2}\n']
+
+
+def hour_of(fed: Federation, institution: str, hour: int) -> pa.Table:
+    table = fed.raw[institution]
+    times = table.column("event_time")
+    lo, hi = START + hour * HOUR, START + (hour + 1) * HOUR
+    return table.filter(pc.and_(pc.greater_equal(times, lo), pc.less(times, hi)))
+
+
+def test_a_reading_stamped_far_ahead_of_the_clock_is_rejected_and_moves_no_watermark(make_federation):
+    fed = stream_federation(make_federation, subdir="future")
+    land(fed, 0)
+    ahead = hour_of(fed, "alpha", 0).slice(0, 1)
+    ahead = ahead.set_column(ahead.schema.get_field_index("event_time"), "event_time",
+                             pa.array([datetime(2030, 1, 1, tzinfo=UTC)], pa.timestamp("us", tz="UTC")))
+    write_feed(ahead, fed.directory / "feeds" / "alpha" / "clock-jump.parquet", "parquet")
+    now = START + 2 * HOUR  # the processing clock; the default max_clock_skew is 1h
+    driver = StreamDriver(fed.config, clock=lambda: now)
+    driver.step()
+    assert datetime.fromisoformat(driver.state.max_event["alpha"]) < START + HOUR
+    rejects = {w: s.rejects for w, s in driver.state.windows.items() if s.rejects}
+    assert rejects == {START.isoformat(): {"alpha": {"out_of_interval": 1}}}
+    assert all(datetime.fromisoformat(w) < START + HOUR for w in driver.state.windows)
+
+
+def test_rejects_before_any_reading_join_the_first_window_and_release_nothing_alone(make_federation):
+    """A window of rejects alone used to be created at processing time and released (charged) with no
+    readings."""
+    fed = stream_federation(make_federation, subdir="rejects-first")
+    (fed.directory / "feeds" / "gamma").mkdir(parents=True, exist_ok=True)
+    (fed.directory / "feeds" / "gamma" / "bad.jsonl").write_text("{not json\n")
+    driver = StreamDriver(fed.config)
+    driver.step()
+    assert driver.state.windows == {} and driver.state.pending_rejects == {"gamma": {"malformed_record": 1}}
+    for hour in range(2):
+        land(fed, hour)
+    driver.run(drain=True)
+    store = Store(fed.config.store_path)
+    assert store.read("budget").column("releases").to_pylist() == [2]
+    assert sorted({w.isoformat() for w in store.read("releases").column("window_start").to_pylist()}) == [
+        START.isoformat(), (START + HOUR).isoformat()
+    ]
+    rejects = [(r["institution"], r["reason"], r["rows"]) for r in store.read("rejects").to_pylist() if r["rows"]]
+    assert rejects == [("gamma", "malformed_record", 1)] and driver.state.pending_rejects == {}
+
+
+def test_readings_of_a_window_every_watermark_passed_before_it_opened_are_late(make_federation):
+    fed = stream_federation(make_federation, subdir="gap")
+    for hour in (0, 1, 3, 4):
+        land(fed, hour)
+    driver = StreamDriver(fed.config)
+    driver.step()
+    land(fed, 2)  # two hours behind every watermark (allowed_lateness 0s)
+    driver.step()
+    gap = driver.state.windows[(START + 2 * HOUR).isoformat()]
+    assert gap.status is WindowStatus.REFUSED
+    assert gap.rejects == {i: {"late": hour_of(fed, i, 2).num_rows} for i in fed.raw}
+    released = Store(fed.config.store_path).read("releases").column("window_start").to_pylist()
+    assert START + 2 * HOUR not in released
+    late = [r for r in Store(fed.config.store_path).read("rejects").to_pylist() if r["reason"] == "late"]
+    assert sum(r["rows"] for r in late) == sum(hour_of(fed, i, 2).num_rows for i in fed.raw)
