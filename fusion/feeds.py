@@ -7,6 +7,7 @@ rows so they reach the dead-letter output too.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -101,9 +102,27 @@ def _open_stream(path: str) -> io.BufferedReader:
     return io.BufferedReader(_ReadableStream(FileSystems.open(path, compression_type=CompressionTypes.AUTO)))
 
 
+def refuse_duplicate_columns(path: str, names: list[str], wanted: Iterable[str]) -> None:
+    """Refuse a file in which a mapped column appears more than once: which of them holds the reading's field
+    is ambiguous (CSV readers take the first, JSON the last), so no reading of it is taken."""
+    for column in wanted:
+        if names.count(column) > 1:
+            raise FusionError(
+                f"feed file {path}: column '{column}' appears {names.count(column)} times; each reading field must "
+                "come from one column (rename or drop the others)"
+            )
+
+
+def _csv_header(path: str) -> list[str]:
+    with _open_stream(path) as handle:
+        text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="replace", newline="")
+        return next(csv.reader(text), [])
+
+
 def _read_parquet(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         parquet = pq.ParquetFile(handle)
+        refuse_duplicate_columns(path, parquet.schema_arrow.names, wanted)
         present = [c for c in wanted if c in parquet.schema_arrow.names]
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=present):
             yield RawBatch(pa.Table.from_batches([batch]))
@@ -116,6 +135,7 @@ def _read_csv(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatc
         malformed.append((row.number if row.number is not None else -1, row.text))
         return "skip"
 
+    refuse_duplicate_columns(path, _csv_header(path), wanted)
     with _open_stream(path) as handle:
         if not handle.peek(1):  # an empty file (no header either) holds no rows; pyarrow would refuse it
             return

@@ -40,7 +40,7 @@ from apache_beam.io.filesystems import FileSystems
 from fusion.config import FeedConfig, FeedFormat, InstitutionConfig, PrivacyUnit
 from fusion.errors import InternalError
 from fusion.exchange import delete_if_exists, exists
-from fusion.feeds import feed_files, mapped_columns, read_feed_file
+from fusion.feeds import feed_files, mapped_columns, read_feed_file, refuse_duplicate_columns
 from fusion.plan import ReleasePlan
 from privacy.encoding import MetricEncoding
 from privacy.layout import SUMSQ, PartitionLayout
@@ -311,6 +311,7 @@ class FeedScanner:
         if _read_by_duckdb(path, feed):
             local = _local(path)
             schema = pq.read_schema(local)
+            refuse_duplicate_columns(path, schema.names, columns.values())
             types = {f: schema.field(c).type for f, c in columns.items() if c in schema.names}
             # No Hive partitioning: a folder named like region=north must not stand in for the file's own column.
             scan = f"read_parquet({_quote(local)}, file_row_number = true, hive_partitioning = false)"

@@ -30,6 +30,7 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import trigger, window
 
 from fusion.config import Config, FeedConfig, FeedFormat
+from fusion.errors import FusionError
 from fusion.exchange import join, read_bytes, write_bytes, write_json
 from fusion.feeds import RawBatch, mapped_columns, read_feed_file
 from fusion.scan import malformed_letters
@@ -119,7 +120,7 @@ class StreamValidate(beam.DoFn):
                     row_offset=offset, dead_letter_dir=self._dead[institution],
                 )
                 offset += raw.table.num_rows
-        except (pa.ArrowException, OSError, UnicodeError, EOFError, zlib.error) as exc:
+        except (pa.ArrowException, OSError, UnicodeError, EOFError, zlib.error, FusionError) as exc:
             # An unreadable file (truncated, corrupt, not the feed's format) must not stop every institution's
             # stream at each restart: what could not be read is one malformed record, dead-lettered with the
             # error, and the file counts as processed. Rows read before the damage stay accepted.

@@ -219,6 +219,26 @@ def test_jsonl_duplicate_keys_and_long_lines_are_malformed_in_full(tmp_path: Pat
     assert [m for b in batches for m in b.malformed] == [(1, ambiguous), (2, long_line)]
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_file_with_a_mapped_column_twice_is_refused_naming_it(tmp_path: Path, fmt: str) -> None:
+    names = [ENTITY_ID, REGION, METRIC, EVENT_TIME, VALUE, VALUE]
+    row = ["e1", "north", "load", "2026-01-01T01:00:00Z", "1.5", "999"]
+    path = tmp_path / f"feed.{fmt}"
+    if fmt == "csv":
+        path.write_text(",".join(names) + "\n" + ",".join(row) + "\n")
+    else:
+        pq.write_table(pa.Table.from_arrays([pa.array([v]) for v in row], names=names), path)
+    with pytest.raises(FusionError, match=f"column '{VALUE}' appears 2 times"):
+        read_all(path, feed(fmt))
+    extra = tmp_path / f"unmapped.{fmt}"  # a duplicated column nobody maps is no ambiguity
+    names[-1] = row[-1] = "note"
+    if fmt == "csv":
+        extra.write_text(",".join([*names, "note"]) + "\n" + ",".join([*row, "x"]) + "\n")
+    else:
+        pq.write_table(pa.Table.from_arrays([pa.array([v]) for v in [*row, "x"]], names=[*names, "note"]), extra)
+    assert concat(read_all(extra, feed(fmt))).column(VALUE).to_pylist() == ["1.5"]
+
+
 # --- Parquet ----------------------------------------------------------------------------------------------
 
 

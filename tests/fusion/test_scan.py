@@ -26,6 +26,7 @@ from fusion.contribution import (
     pack_encoded,
     shared_key_rows,
 )
+from fusion.errors import FusionError
 from fusion.feeds import mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan, plan_release
 from fusion.scan import (
@@ -292,6 +293,21 @@ def test_file_names_with_glob_characters_are_read_as_themselves(make_federation:
     plan = plan_release(federation.config, START, END)
     encoded, rejected, read = _scan_everything(plan, plan.config.institution("alpha"))
     assert read == readings.num_rows and not rejected and encoded.num_rows == readings.num_rows
+
+
+@pytest.mark.parametrize("glob_name", [False, True])  # read by DuckDB itself, or as batches
+def test_a_parquet_file_with_a_mapped_column_twice_is_refused_naming_it(
+    make_federation: Callable[..., Federation], glob_name: bool
+) -> None:
+    federation = make_federation(institutions=[("alpha", "parquet"), ("beta", "parquet")])
+    folder = _emptied_feed(federation, "alpha", "parquet")
+    readings = federation.raw["alpha"]
+    names = [*readings.column_names, "value"]
+    doubled = pa.Table.from_arrays([*readings.columns, readings.column("value")], names=names)
+    pq.write_table(doubled, folder / ("p-[1].parquet" if glob_name else "p.parquet"))
+    plan = plan_release(federation.config, START, END)
+    with pytest.raises(FusionError, match="column 'value' appears 2 times"):
+        _scan_everything(plan, plan.config.institution("alpha"))
 
 
 def test_minus_zero_and_zero_are_the_same_reading(make_federation: Callable[..., Federation]) -> None:
