@@ -24,8 +24,7 @@ class FusedStore:
 
     def __init__(self, config: Config | str | Path, *, versions: dict[str, int] | None = None) -> None:
         self.config = _config(config)
-        self.store = Store(self.config.store_path)
-        self.store.ensure_tables()
+        self.store = Store(self.config.store_path)  # read only: a table not created yet reads as empty
         self._sandbox = SqlSandbox(self.store, versions=versions)
 
     def sql(self, query: str) -> pa.Table:

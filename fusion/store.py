@@ -8,6 +8,7 @@ uses a Delta merge (fusion/ledger.py).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from fusion.errors import FusionError, InternalError
 from schemas.tables import TABLE_SCHEMAS
@@ -58,7 +59,10 @@ class Store:
         except TableNotFoundError:
             if not create:
                 return None
-            write_deltalake(self.table_path(name), TABLE_SCHEMAS[name].empty_table(), mode="append")
+            # Another process may create the table at the same moment, failing this commit: the table exists
+            # then (if it does not, the failure was something else, and DeltaTable says what).
+            with contextlib.suppress(CommitFailedError, DeltaError):
+                write_deltalake(self.table_path(name), TABLE_SCHEMAS[name].empty_table(), mode="append")
             return DeltaTable(self.table_path(name))
 
     def delta_table(self, name: str) -> DeltaTable:

@@ -268,3 +268,19 @@ def test_object_store_urls_are_kept_as_urls() -> None:
     store = Store("s3://bucket/fusion/store/")
     assert store.table_path("releases") == "s3://bucket/fusion/store/releases"
     assert Store("gs://b/s").table_path("budget") == "gs://b/s/budget"
+
+
+def test_a_table_another_process_creates_at_the_same_moment_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fusion.store
+
+    real = fusion.store.write_deltalake
+
+    def lose_the_race(*args: object, **kwargs: object) -> None:
+        real(*args, **kwargs)  # the other process's commit lands first ...
+        raise CommitFailedError("Protocol changed since last commit")  # ... so this one fails
+
+    monkeypatch.setattr(fusion.store, "write_deltalake", lose_the_race)
+    assert Store(tmp_path).delta_table("audit").version() == 0
+
