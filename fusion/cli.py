@@ -196,9 +196,10 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         if status.last_release:
             last = f"{status.last_release} ({status.last_latency_s:.1f}s after close)"
         lag = f"{status.lag_s:.0f}s" if status.lag_s is not None else "-"
+        changed = f" | changed inputs not read again: {len(status.changed_inputs)}" if status.changed_inputs else ""
         return (
             f"windows open: {status.windows_open} | last release: {last} | lag: {lag} | "
-            f"{status.rows_per_s:,.0f} rows/s | readings: {status.readings:,} | rejects: {status.rejected:,}"
+            f"{status.rows_per_s:,.0f} rows/s | readings: {status.readings:,} | rejects: {status.rejected:,}{changed}"
         )
 
     with console.status("stream: starting") as shown:

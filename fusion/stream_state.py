@@ -60,6 +60,9 @@ class StreamState:
     # institution -> {reason: rows}: rejects without an event time from an institution with no accepted reading
     # yet; they join its first window with readings (a window of rejects alone is never released).
     pending_rejects: dict[str, dict[str, int]] = field(default_factory=dict)
+    # input file -> its size when it was seen changed after it was spooled (ignored: inputs are immutable once
+    # landed; a replaced or appended file is reported, not read again, which could count its rows twice)
+    changed: dict[str, int] = field(default_factory=dict)
 
     def window(self, start: datetime) -> WindowState:
         return self.windows.setdefault(start.isoformat(), WindowState())
@@ -98,6 +101,7 @@ class StreamState:
             "readings": self.readings,
             "rejected": self.rejected,
             "pending_rejects": self.pending_rejects,
+            "changed": self.changed,
         }
 
     @classmethod
@@ -111,6 +115,7 @@ class StreamState:
             readings=int(doc["readings"]),
             rejected=int(doc["rejected"]),
             pending_rejects={i: dict(c) for i, c in doc.get("pending_rejects", {}).items()},
+            changed=dict(doc.get("changed", {})),
         )
 
 

@@ -12,6 +12,7 @@ Feed files must appear atomically (written elsewhere, then renamed in); names st
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -60,6 +61,7 @@ class StreamStatus:
     rows_per_s: float
     readings: int
     rejected: int
+    changed_inputs: tuple[str, ...] = ()  # input files that changed after they were spooled (not read again)
 
 
 def _parquet_rows(path: str) -> int:
@@ -146,10 +148,26 @@ class StreamDriver:
             pattern = self.config.resolve(feed.path).replace("{date}", "*")
             for meta in FileSystems.match([pattern])[0].metadata_list:
                 name = meta.path.rsplit("/", 1)[-1]
-                if name.startswith(".") or ".tmp" in name or meta.path in self.state.processed:
+                if name.startswith(".") or ".tmp" in name:
+                    continue
+                if meta.path in self.state.processed:
+                    if meta.size_in_bytes != self.state.processed[meta.path]:
+                        self._report_changed(meta.path, meta.size_in_bytes)
                     continue
                 found.append((institution, feed, meta.path))
         return sorted(found, key=lambda x: x[2])
+
+    def _report_changed(self, path: str, size: int) -> None:
+        """An input changed after it was spooled: say so, once per size. Its rows are not read again (those
+        already spooled would count twice); a feed adds new files instead of rewriting old ones."""
+        if self.state.changed.get(path) == size:
+            return
+        self.state.changed[path] = size
+        save_state(self._state_file, self.state)
+        logging.getLogger(__name__).warning(
+            "stream input %s changed after it was read (%d -> %d bytes); it is not read again: land new readings "
+            "as new files", path, self.state.processed[path], size,
+        )
 
     def ingest(self) -> int:
         """One micro-batch over every new input; returns the rows it read (accepted and rejected)."""
@@ -346,6 +364,7 @@ class StreamDriver:
             rows_per_s=self._rows_per_s,
             readings=self.state.readings,
             rejected=self.state.rejected,
+            changed_inputs=tuple(sorted(self.state.changed)),
         )
 
     def step(self, *, drain: bool = False) -> int:

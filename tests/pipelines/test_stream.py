@@ -406,3 +406,22 @@ def test_readings_of_a_window_every_watermark_passed_before_it_opened_are_late(m
     assert START + 2 * HOUR not in released
     late = [r for r in Store(fed.config.store_path).read("rejects").to_pylist() if r["reason"] == "late"]
     assert sum(r["rows"] for r in late) == sum(hour_of(fed, i, 2).num_rows for i in fed.raw)
+
+
+def test_an_input_rewritten_after_it_was_read_is_reported_not_read_twice(make_federation, caplog):
+    fed = stream_federation(make_federation, subdir="rewritten")
+    land(fed, 0)
+    driver = StreamDriver(fed.config)
+    driver.step()
+    readings = driver.state.readings
+    alpha = next((fed.directory / "feeds" / "alpha").iterdir())
+    write_feed(pa.concat_tables([hour_of(fed, "alpha", 0)] * 2), alpha, "parquet")  # rewritten, grown
+    with caplog.at_level("WARNING"):
+        driver.step()
+        driver.step()  # reported once per size, not at every poll
+    assert driver.state.readings == readings
+    assert driver.status().changed_inputs == (str(alpha),)
+    assert [r.getMessage() for r in caplog.records if "changed after it was read" in r.getMessage()] == [
+        f"stream input {alpha} changed after it was read ({driver.state.processed[str(alpha)]} -> "
+        f"{alpha.stat().st_size} bytes); it is not read again: land new readings as new files"
+    ]
