@@ -75,7 +75,8 @@ def cmd_schedule(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     if args.once:
         results, _ = scheduler.run_due()
         console.print(f"{len(results)} interval(s) acted on by {scheduler.runner}")
-        return 1 if any(r.status is RunStatus.FAILED for r in results) else 0
+        # Non-zero while an interval is failing or was given up on, so cron monitoring keeps seeing it.
+        return 1 if any(r.status is RunStatus.FAILED or r.action is Action.GIVE_UP for r in results) else 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         err_console.print(f"{signal.Signals(signum).name}: stopping after the current attempt (again to abort)")

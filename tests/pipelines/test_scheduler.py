@@ -129,6 +129,20 @@ def test_a_failed_attempt_is_recorded_and_retried_after_its_backoff(
     assert_released_once(fed, 1)
 
 
+def test_schedule_once_exits_non_zero_while_an_interval_is_failing_or_given_up(
+    make_federation: Callable[..., Federation],
+) -> None:
+    fed = scheduled(make_federation)
+    text = fed.config_path.read_text()
+    fed.config_path.write_text(text.replace('backoff = "1m"', 'backoff = "1m"\nmax_attempts = 1'))
+    keys = Path(fed.config.institution_keys_path(fed.config.institution("alpha")))
+    shutil.move(keys, keys.with_name("away"))  # every attempt fails
+    once = ["schedule", "--config", str(fed.config_path), "--once", "--runner-id", "r", "--now"]
+    assert main([*once, (START + H + 5 * MINUTE).isoformat()]) == 1  # the attempt failed
+    assert main([*once, (START + H + 30 * MINUTE).isoformat()]) == 1  # given up: still reported
+    assert [r["status"] for r in runs(fed)] == ["failed"]
+
+
 def schedule_once(config: Path, now: datetime, runner: str, crash_at: str | None = None) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     if crash_at:
