@@ -152,6 +152,11 @@ def save_state(path: Path, state: StreamState) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     temporary.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)  # the rename itself must reach the disk too
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def window_start(time: datetime, size: timedelta) -> datetime:

@@ -12,6 +12,7 @@ Feed files must appear atomically (written elsewhere, then renamed in); names st
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -28,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from fusion.config import Config, FeedConfig, FeedFormat
 from fusion.errors import ReleaseRefused
-from fusion.exchange import exists, join, list_files, write_bytes
+from fusion.exchange import exists, join, list_files, read_bytes, write_bytes
 from fusion.faults import crash_point
 from fusion.ledger import BudgetExceeded
 from fusion.plan import ReleasePlan, plan_release
@@ -40,12 +41,11 @@ from fusion.stream_state import (
     closable,
     load_state,
     save_state,
-    window_start,
 )
 from pipelines.batch import run_batch
 from pipelines.run import beam_options
 from pipelines.stream import SPOOL_WINDOW_FORMAT, run_micro_batch, spool_dir, stdin_feed
-from pipelines.stream_sources import MARKERS
+from pipelines.stream_sources import MARKERS, REJECT_COUNTS
 from schemas.readings import READING_SCHEMA
 from schemas.tables import REJECTS_SCHEMA
 
@@ -218,17 +218,26 @@ class StreamDriver:
             pending = self.state.pending_rejects.setdefault(institution, {})
             for reason, n in counts.items():
                 pending[reason] = pending.get(reason, 0) + n
-        for institution in list(self.state.pending_rejects):
-            seen = self.state.max_event.get(institution)
-            if seen is not None:
-                at = window_start(datetime.fromisoformat(seen), size)
-                self.state.window(at).add_rejects(institution, self.state.pending_rejects.pop(institution))
+        self._attach_pending_rejects()
         crash_point("stream_after_spool")
         for _, _, path in inputs:
             self.state.processed[path] = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
         save_state(self._state_file, self.state)
         self._rows_per_s = rows / max(time.monotonic() - started, 1e-9)
         return rows
+
+    def _attach_pending_rejects(self) -> None:
+        """Rejects without an event time count against the latest window at or before the institution's latest
+        event time (the window its stream is in); an institution with none keeps them pending."""
+        for institution in list(self.state.pending_rejects):
+            seen = self.state.max_event.get(institution)
+            if seen is None:
+                continue
+            latest = datetime.fromisoformat(seen)
+            starts = [w for w in self.state.windows if datetime.fromisoformat(w) <= latest]
+            if starts:
+                at = max(starts, key=datetime.fromisoformat)
+                self.state.windows[at].add_rejects(institution, self.state.pending_rejects.pop(institution))
 
     def _scan_markers(self) -> int:
         """Releases-only mode: a window's ON_TIME pane marker from an institution means Beam's watermark passed
@@ -244,6 +253,21 @@ class StreamDriver:
             self.state.window(start)
             self.state.advance(institution, start + size + lateness)  # its watermark has passed the end
             changed += int(before != self.state.max_event.get(institution))
+        # The job's reject counts, one file per message: each is added once (it is then a processed input).
+        for meta in FileSystems.match([join(self.config.stream_spool_path, "*", REJECT_COUNTS, "*.json")])[
+            0
+        ].metadata_list:
+            if meta.path in self.state.processed:
+                continue
+            institution = meta.path.rstrip("/").split("/")[-3]
+            counts = {reason: int(n) for reason, n in json.loads(read_bytes(meta.path)).items()}
+            pending = self.state.pending_rejects.setdefault(institution, {})
+            for reason, n in counts.items():
+                pending[reason] = pending.get(reason, 0) + n
+            self.state.rejected += sum(counts.values())
+            self.state.processed[meta.path] = meta.size_in_bytes
+            changed += 1
+        self._attach_pending_rejects()
         for start_text, window in self.state.windows.items():
             if window.status is not WindowStatus.RELEASED:
                 continue

@@ -13,11 +13,13 @@ dropped by Beam (the runner's `droppedDueToLateness` counter reports them).
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.pvalue import TaggedOutput
 
 from fusion.config import Config, FeedConfig, FeedFormat, StreamSource
 from fusion.errors import FusionError
@@ -37,6 +39,9 @@ from pipelines.stream import (
 from schemas.validation import ReadingValidator
 
 MARKERS = "_panes"
+#: Per institution in the spool: the reject counts of each message (named by its digest, so a redelivered
+#: message rewrites its own file), which the release side adds to the institution's windows.
+REJECT_COUNTS = "_rejects"
 
 
 class MessagesToReadings(beam.DoFn):
@@ -64,11 +69,31 @@ class MessagesToReadings(beam.DoFn):
         digest = hashlib.sha256(institution.encode() + b"\0" + payload).hexdigest()[:16]
         lines = payload.decode("utf-8", errors="replace").splitlines()
         batches = read_jsonl_lines(lines, self._feeds[institution], batch_rows=self._config.pipeline.batch_rows)
+        rejected: Counter[str] = Counter()
         for number, raw in enumerate(batches):
-            yield from validated_outputs(
+            for output in validated_outputs(
                 self._validator, institution, self._feeds[institution], raw, key=f"m{digest}-{number:05d}",
                 source=f"message {digest}", row_offset=0, dead_letter_dir=self._dead[institution],
-            )
+            ):
+                if isinstance(output, TaggedOutput) and output.tag == REJECTS:
+                    rejected.update(output.value[1])
+                else:
+                    yield output
+        if rejected:
+            yield TaggedOutput(REJECTS, (institution, digest, dict(rejected)))
+
+
+class WriteRejectCounts(beam.DoFn):
+    """(institution, message digest, {reason: rows}) -> a JSON file in the institution's spool."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+
+    def process(self, element: tuple[str, str, dict[str, int]]) -> Iterator[str]:
+        institution, digest, counts = element
+        path = join(self._config.stream_spool_path, institution, REJECT_COUNTS, f"{digest}.json")
+        write_json(path, counts)
+        yield path
 
 
 class WritePaneMarker(beam.DoFn):
@@ -103,6 +128,7 @@ class SpoolUnbounded(beam.PTransform):
             DEAD, REJECTS, main="ok"
         )
         _ = validated[DEAD] | "WriteInvalid" >> beam.ParDo(WriteDeadLetter())
+        _ = validated[REJECTS] | "WriteRejectCounts" >> beam.ParDo(WriteRejectCounts(config))
         spooled = (
             validated.ok
             | "Stamp" >> beam.ParDo(StampWindows(config.stream_window))

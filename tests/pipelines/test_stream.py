@@ -285,6 +285,8 @@ def test_a_streaming_job_spools_windows_and_the_release_side_releases_them(make_
                                         pc.less(table.column("event_time"), hi)))
             lines = [json.dumps({**r, "event_time": r["event_time"].isoformat()}) for r in part.to_pylist()]
             total += len(lines)
+            if hour == 0 and inst.id == fed.config.institutions[0].id:  # a malformed line and an invalid row
+                lines += ["{not json", json.dumps({**part.to_pylist()[0], "event_time": lo.isoformat(), "metric": "?"})]
             stream = stream.add_elements([TimestampedValue((inst.id, "\n".join(lines).encode()), lo.timestamp())])
         stream = stream.advance_watermark_to(hi.timestamp())
     stream = stream.add_elements([TimestampedValue(("mallory", b'{"x": 1}'), END.timestamp())])  # not a member
@@ -300,6 +302,13 @@ def test_a_streaming_job_spools_windows_and_the_release_side_releases_them(make_
     released = Store(fed.config.store_path).read("releases")
     assert sum(released.column("count").to_pylist()) == total
     assert all(w.status is WindowStatus.RELEASED for w in driver.state.windows.values())
+    # The job's rejects are counted too (read = accepted + rejected on this path as on the local one).
+    counted = [(r["institution"], r["reason"], r["rows"]) for r in Store(fed.config.store_path).read("rejects")
+               .to_pylist() if r["rows"]]
+    first = fed.config.institutions[0].id
+    assert sorted(counted) == [(first, "malformed_record", 1), (first, "unknown_metric", 1)]
+    driver.step()  # counted once
+    assert driver.state.rejected == 2
     # A late pane spools more readings of hour 0 after its release: counted as late, not released.
     inst = fed.config.institutions[0].id
     late_dir = Path(fed.config.stream_spool_path) / inst / START.strftime("%Y%m%dT%H%M%SZ")
@@ -308,6 +317,9 @@ def test_a_streaming_job_spools_windows_and_the_release_side_releases_them(make_
     driver.step()
     rejects = Store(fed.config.store_path).read("rejects").to_pylist()
     assert [(r["institution"], r["rows"]) for r in rejects if r["reason"] == "late"] == [(inst, 3)]
+    assert sorted((r["reason"], r["rows"]) for r in rejects if r["rows"]) == [
+        ("late", 3), ("malformed_record", 1), ("unknown_metric", 1)
+    ]
 
 
 def test_an_unreadable_feed_file_is_one_dead_letter_and_the_stream_goes_on(make_federation):
