@@ -290,6 +290,23 @@ class Config(_Frozen):
                         f"({self.institutions[first].id})'s; each institution keeps its rejected rows, run reports "
                         "and staged files apart"
                     )
+        shared = {
+            label: _directory_key(self.resolve(path))
+            for label, path in (("exchange", self.federation.exchange), ("store", self.federation.store))
+        }
+        for index, institution in enumerate(self.institutions):
+            for field_name, private in (
+                ("dead_letter", self.dead_letter_path(institution)),
+                ("keys", self.institution_keys_path(institution)),
+            ):
+                mine = _directory_key(private)
+                for label, other in shared.items():
+                    if mine == other or mine.startswith(other + "/") or other.startswith(mine + "/"):
+                        raise ValueError(
+                            f"institutions[{index}].{field_name}: {institution.id}'s {private} overlaps "
+                            f"federation.{label} ({self.resolve(getattr(self.federation, label))}), which other "
+                            "parties read; an institution's keys and rejected rows stay private"
+                        )
         keys = self.federation.keys
         if "://" in keys:
             raise ValueError(f"federation.keys = '{keys}': the HE secret key lives in a local directory, not a URL")
