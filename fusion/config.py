@@ -290,7 +290,7 @@ class Config(_Frozen):
                         f"({self.institutions[first].id})'s; each institution keeps its rejected rows, run reports "
                         "and staged files apart"
                     )
-        shared = {
+        shared_dirs = {
             label: _directory_key(self.resolve(path))
             for label, path in (("exchange", self.federation.exchange), ("store", self.federation.store))
         }
@@ -300,7 +300,7 @@ class Config(_Frozen):
                 ("keys", self.institution_keys_path(institution)),
             ):
                 mine = _directory_key(private)
-                for label, other in shared.items():
+                for label, other in shared_dirs.items():
                     if mine == other or mine.startswith(other + "/") or other.startswith(mine + "/"):
                         raise ValueError(
                             f"institutions[{index}].{field_name}: {institution.id}'s {private} overlaps "
