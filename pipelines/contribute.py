@@ -11,6 +11,8 @@ reads its own rows; a side input orders the two steps. The logic lives in fusion
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -385,20 +387,34 @@ def record_sealed(plan: ReleasePlan, institution: InstitutionConfig, envelope: b
     institution recorded one first, that one). A crash before the record exists leaves only an unpublished
     copy, so no second noisy version ever leaves the institution."""
     directory = _sealed_dir(plan, institution)
-    refuse_overlap(plan, institution)  # again: an overlapping run may have sealed since this one was planned
-    name = f"{plan.key.interval_name}-{hashlib.sha256(envelope).hexdigest()[:16]}.fenv"
-    write_private(directory / name, envelope)
-    pending = directory / f".{name}.json"
-    write_private(pending, json.dumps({"release_id": plan.key.release_id, "envelope": name}).encode())
-    try:
-        os.link(pending, directory / f"{plan.key.interval_name}.json")  # create-once, complete or not at all
-    except FileExistsError:
-        (directory / name).unlink()
-        return sealed_envelope(plan, institution) or envelope
-    finally:
-        pending.unlink()
+    with _sealing_lock(directory):  # two overlapping intervals racing to seal: one of them is refused
+        refuse_overlap(plan, institution)  # again: an overlapping run may have sealed since this one was planned
+        name = f"{plan.key.interval_name}-{hashlib.sha256(envelope).hexdigest()[:16]}.fenv"
+        write_private(directory / name, envelope)
+        pending = directory / f".{name}.json"
+        write_private(pending, json.dumps({"release_id": plan.key.release_id, "envelope": name}).encode())
+        try:
+            os.link(pending, directory / f"{plan.key.interval_name}.json")  # create-once, complete or not at all
+        except FileExistsError:
+            (directory / name).unlink()
+            return sealed_envelope(plan, institution) or envelope
+        finally:
+            pending.unlink()
     _prune(directory)
     return envelope
+
+
+@contextlib.contextmanager
+def _sealing_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the institution's sealed records (its key directory is local to it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    descriptor = os.open(directory / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _prune(directory: Path) -> None:
