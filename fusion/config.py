@@ -450,6 +450,10 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 
 def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> Config:
     """Validate a config mapping. Raises ConfigError naming every bad field, then checks encoding safety."""
+    if "base" in data:  # set from the file's location, never from its contents
+        raise ConfigError(
+            "invalid federation config:\n  base: Extra inputs are not permitted (paths are relative to the config file)"
+        )
     try:
         config = Config.model_validate({**data, "base": base})
     except ValidationError as exc:

@@ -160,6 +160,7 @@ BAD: list[tuple[str, Callable[[], str], list[str]]] = [
     ("extra-key", lambda: edit(valid_text(), r"^window = .*$", 'window = "1h"\ncolour = "blue"'),
      ["federation.colour", "Extra inputs are not permitted"]),
     ("extra-top-level-key", lambda: "colour = \"blue\"\n" + valid_text(), ["colour", "Extra inputs are not permitted"]),
+    ("base-key", lambda: 'base = "/etc"\n' + valid_text(), ["base", "Extra inputs are not permitted"]),
     ("missing-privacy", lambda: _without_privacy(valid_text()), ["privacy", "Field required"]),
     ("production-without-noise", lambda: valid_text(mode="production", noise=False),
      ["privacy", "noise = false is a test-only switch"]),
