@@ -116,7 +116,10 @@ def refuse_duplicate_columns(path: str, names: list[str], wanted: Iterable[str])
 def _csv_header(path: str) -> list[str]:
     with _open_stream(path) as handle:
         text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="replace", newline="")
-        return next(csv.reader(text), [])
+        try:
+            return next(csv.reader(text), [])
+        except csv.Error as exc:  # e.g. a quote the header never closes
+            raise FusionError(f"feed file {path}: unreadable CSV header ({exc})") from None
 
 
 def _read_parquet(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:

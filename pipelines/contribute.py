@@ -32,7 +32,7 @@ from apache_beam.pvalue import TaggedOutput
 
 from fusion.config import InstitutionConfig, PrivacyUnit
 from fusion.contribution import PartialAggregate, cell_reading_counts, find_duplicates, pack_encoded
-from fusion.errors import FusionError, InternalError
+from fusion.errors import FusionError, InternalError, ReleaseRefused
 from fusion.exchange import (
     ReleaseKey,
     contribution_path,
@@ -364,7 +364,8 @@ def refuse_overlap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
     """Refuse to seal the plan's interval if the institution sealed another interval that overlaps it: each of
     its readings is noised once, ever. (Releases of [00:00, 01:00) and [00:00, 02:00) would each draw fresh
     noise on the first hour's readings; whoever decrypts both, the ledger's charges notwithstanding, could
-    average the draws.) A federation releases one grid of intervals: a schedule's, or the stream's windows."""
+    average the draws.) A federation releases one grid of intervals: a schedule's, or the stream's windows.
+    The refusal is final (ReleaseRefused): the scheduler records it as skipped, the stream as a refused window."""
     directory = _sealed_dir(plan, institution)
     if not directory.is_dir():
         return
@@ -375,7 +376,7 @@ def refuse_overlap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
             continue
         start, end = span
         if start < plan.key.end and plan.key.start < end:
-            raise FusionError(
+            raise ReleaseRefused(
                 f"institution {institution.id} already sealed {record.stem}, which overlaps {own}: it does not "
                 "noise the same readings twice (the draws could be averaged); release intervals on one grid "
                 "(one schedule interval or the stream's window), or cover the overlap with the release made"

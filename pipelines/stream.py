@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import trigger, window
 
@@ -120,6 +121,8 @@ class StreamValidate(beam.DoFn):
                     row_offset=offset, dead_letter_dir=self._dead[institution],
                 )
                 offset += raw.table.num_rows
+        except (PermissionError, FileNotFoundError, ConnectionError, TimeoutError, BeamIOError):
+            raise  # transient or fixable: the step fails and the next poll reads the file again
         except (pa.ArrowException, OSError, UnicodeError, EOFError, zlib.error, FusionError) as exc:
             # An unreadable file (truncated, corrupt, not the feed's format) must not stop every institution's
             # stream at each restart: what could not be read is one malformed record, dead-lettered with the

@@ -12,6 +12,7 @@ Feed files must appear atomically (written elsewhere, then renamed in); names st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from fusion.config import Config, FeedConfig, FeedFormat
-from fusion.errors import ReleaseRefused
+from fusion.errors import FusionError, ReleaseRefused
 from fusion.exchange import exists, join, list_files, read_bytes, write_bytes
 from fusion.faults import crash_point
 from fusion.ledger import BudgetExceeded
@@ -43,6 +44,7 @@ from fusion.stream_state import (
     save_state,
 )
 from pipelines.batch import run_batch
+from pipelines.contribute import sealed_envelope
 from pipelines.run import beam_options
 from pipelines.stream import SPOOL_WINDOW_FORMAT, run_micro_batch, spool_dir, stdin_feed
 from pipelines.stream_sources import MARKERS, REJECT_COUNTS
@@ -307,11 +309,15 @@ class StreamDriver:
                 sink = pa.BufferOutputStream()
                 pq.write_table(READING_SCHEMA.empty_table(), sink)
                 write_bytes(join(directory, "empty.parquet"), sink.getvalue().to_pybytes())
-        if not window.files:  # a release a crash interrupted keeps the files it was sealed from
-            window.files = {
-                i.id: list_files(spool_dir(self.config, i.id, start), ".parquet") for i in self.config.institutions
-            }
         plan = self.window_plan(start)
+        listed = {i.id: list_files(spool_dir(self.config, i.id, start), ".parquet") for i in self.config.institutions}
+        if not window.files:
+            window.files = listed
+        else:  # a release a crash interrupted: an institution that sealed keeps the files it sealed from; one that
+            for institution in plan.config.institutions:  # did not reads the spool as it is now (late panes too)
+                with contextlib.suppress(FusionError):  # refused: the release below says why
+                    if sealed_envelope(plan, institution) is None:
+                        window.files[institution.id] = listed[institution.id]
         release_id: str = plan.key.release_id
         window.release_id = release_id
         save_state(self._state_file, self.state)  # what the release reads is on record before anything is sealed

@@ -239,6 +239,14 @@ def test_a_file_with_a_mapped_column_twice_is_refused_naming_it(tmp_path: Path, 
     assert concat(read_all(extra, feed(fmt))).column(VALUE).to_pylist() == ["1.5"]
 
 
+def test_a_csv_header_with_an_unclosed_quote_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "feed.csv"
+    # Python's csv module reads on for the closing quote until its field limit (128 KiB) gives out.
+    path.write_text('entity_id,"region,metric,event_time,value\n' + "e1,north,load,2026-01-01T01:00:00Z,1.5\n" * 4000)
+    with pytest.raises(FusionError, match="unreadable CSV header"):
+        read_all(path, feed("csv"))
+
+
 # --- Parquet ----------------------------------------------------------------------------------------------
 
 

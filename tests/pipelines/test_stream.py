@@ -437,3 +437,19 @@ def test_an_input_rewritten_after_it_was_read_is_reported_not_read_twice(make_fe
         f"stream input {alpha} changed after it was read ({driver.state.processed[str(alpha)]} -> "
         f"{alpha.stat().st_size} bytes); it is not read again: land new readings as new files"
     ]
+
+
+def test_windows_overlapping_a_batch_release_are_refused_and_the_stream_goes_on(make_federation):
+    from fusion.plan import plan_release
+
+    fed = stream_federation(make_federation, subdir="overlap")
+    for hour in range(4):
+        land(fed, hour)
+    run_batch(plan_release(fed.config, START, START + 2 * HOUR))  # hours 0-1 are sealed by a batch release
+    driver = StreamDriver(fed.config)
+    driver.run(drain=True)
+    windows = {datetime.fromisoformat(w): s for w, s in driver.state.windows.items()}
+    assert [windows[START + h * HOUR].status for h in range(4)] == [WindowStatus.REFUSED] * 2 + [
+        WindowStatus.RELEASED
+    ] * 2
+    assert "overlaps" in (windows[START].reason or "")
