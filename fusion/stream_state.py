@@ -41,10 +41,14 @@ class WindowState:
     files: dict[str, list[str]] = field(default_factory=dict)
 
     def add_rejects(self, institution: str, counts: dict[str, int]) -> None:
-        mine = self.rejects.setdefault(institution, {})
-        for reason, n in counts.items():
-            if n:
-                mine[reason] = mine.get(reason, 0) + int(n)
+        add_counts(self.rejects.setdefault(institution, {}), counts)
+
+
+def add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
+    """Add per-reason row counts into `into` (zeros are not recorded)."""
+    for reason, n in counts.items():
+        if n:
+            into[reason] = into.get(reason, 0) + int(n)
 
 
 @dataclass

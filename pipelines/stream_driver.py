@@ -39,6 +39,7 @@ from fusion.stream_state import (
     StreamState,
     WindowState,
     WindowStatus,
+    add_counts,
     closable,
     load_state,
     save_state,
@@ -217,9 +218,7 @@ class StreamDriver:
             # its first accepted reading, against the first window it sends readings for.
             self.state.rejected += sum(counts.values())
             rows += sum(counts.values())
-            pending = self.state.pending_rejects.setdefault(institution, {})
-            for reason, n in counts.items():
-                pending[reason] = pending.get(reason, 0) + n
+            add_counts(self.state.pending_rejects.setdefault(institution, {}), counts)
         self._attach_pending_rejects()
         crash_point("stream_after_spool")
         for _, _, path in inputs:
@@ -263,9 +262,7 @@ class StreamDriver:
                 continue
             institution = meta.path.rstrip("/").split("/")[-3]
             counts = {reason: int(n) for reason, n in json.loads(read_bytes(meta.path)).items()}
-            pending = self.state.pending_rejects.setdefault(institution, {})
-            for reason, n in counts.items():
-                pending[reason] = pending.get(reason, 0) + n
+            add_counts(self.state.pending_rejects.setdefault(institution, {}), counts)
             self.state.rejected += sum(counts.values())
             self.state.processed[meta.path] = meta.size_in_bytes
             changed += 1
