@@ -4,6 +4,7 @@ interval run by one runner at a time.
 A claim is a conditional insert of the attempt's row (`run_id` = pipeline/interval_start/attempt): Delta's
 optimistic concurrency lets exactly one of several racing writers insert it. The holder updates the row with
 the outcome; a claim whose `lease_until` has passed (its runner crashed) is marked failed by whoever retries.
+While its attempt runs, the holder renews the lease (a heartbeat), so only a runner that stopped loses its claim.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import pyarrow as pa
@@ -122,12 +123,30 @@ class RunLog:
         row = _row(claim, run_id=claim.run_id, runner=claim.runner, status=outcome.status, outcome=outcome)
         self._update(row, "t.run_id = s.run_id AND t.runner = s.runner")
 
-    def expire(self, claim: Claim, now: datetime) -> None:
-        """Mark a claim whose lease ran out as failed (if it is still running under that lease)."""
+    def renew(self, claim: Claim, until: datetime) -> Claim | None:
+        """Extend this runner's claim to `until` while it still holds it (running, under the lease it last
+        set). Returns the renewed claim, or None if the claim was expired by another runner meanwhile."""
+        renewed = replace(claim, lease_until=until)
+        row = pa.table(
+            {"run_id": [claim.run_id], "runner": [claim.runner], "lease_until": [until], "held": [claim.lease_until]},
+            schema=pa.schema([RUNS_SCHEMA.field("run_id"), RUNS_SCHEMA.field("runner"),
+                              RUNS_SCHEMA.field("lease_until"), RUNS_SCHEMA.field("lease_until").with_name("held")]),
+        )
+        updated = self._update(
+            row,
+            "t.run_id = s.run_id",
+            when="t.runner = s.runner AND t.status = 'running' AND t.lease_until = s.held",
+            updates={"lease_until": "s.lease_until"},
+        )
+        return renewed if updated else None
+
+    def expire(self, claim: Claim, now: datetime) -> bool:
+        """Mark a claim whose lease ran out as failed, if it is still running under that lease. False if it is
+        not (its holder renewed the lease or finished meanwhile): the claim then stands."""
         error = f"lease expired at {claim.lease_until.isoformat()}: runner {claim.runner} stopped without finishing"
         outcome = Outcome(status=RunStatus.FAILED, finished=now, error=error)
         row = _row(claim, run_id=claim.run_id, runner=claim.runner, status=RunStatus.FAILED, outcome=outcome)
-        self._update(row, "t.run_id = s.run_id AND t.status = 'running' AND t.lease_until = s.lease_until")
+        return self._update(row, "t.run_id = s.run_id AND t.status = 'running' AND t.lease_until = s.lease_until") > 0
 
     def record_skip(self, claim: Claim, *, reason: str, now: datetime) -> None:
         """This runner's own `skipped` row for an attempt another runner holds (once per runner and attempt)."""
@@ -136,14 +155,20 @@ class RunLog:
         row = _row(claim, run_id=run_id, runner=claim.runner, status=RunStatus.SKIPPED, outcome=outcome)
         self.store.insert_new("runs", row)
 
-    def _update(self, row: pa.Table, predicate: str) -> None:
+    def _update(
+        self, row: pa.Table, predicate: str, *, when: str | None = None, updates: dict[str, str] | None = None
+    ) -> int:
+        """Update the matching row (every column, or `updates`, where `when` holds). Returns rows updated."""
         for _ in range(_ATTEMPTS):
             table = self.store.delta_table("runs")
             try:
                 merge = table.merge(row, predicate=predicate, source_alias="s", target_alias="t")
-                merge.when_matched_update_all().execute()
-                return
-            except CommitFailedError:  # another writer committed first: the update is idempotent, so retry
+                if updates is None:
+                    merge = merge.when_matched_update_all(predicate=when)
+                else:
+                    merge = merge.when_matched_update(updates=updates, predicate=when)
+                return int(merge.execute()["num_target_rows_updated"])
+            except CommitFailedError:  # another writer committed first: the update is conditional, so retry
                 time.sleep(random.uniform(0.01, 0.1))
         raise FusionError("could not update the runs table: too much contention; retry")
 

@@ -35,7 +35,7 @@ class ScheduleConfig(BaseModel):
     max_attempts: int = Field(default=3, ge=1, le=100)
     backoff: str = "1m"  # wait before the first retry; doubles after every further failure
     max_backoff: str = "1h"
-    lease: str = "1h"  # how long a claim on an interval holds; must outlast the longest run
+    lease: str = "1h"  # how long a stopped runner's claim holds; a running runner renews it every lease/3
 
     @field_validator("cron")
     @classmethod

@@ -3,18 +3,21 @@
 The clock (`now`) and `sleep` are injected, so tests can run a scheduler on an accelerated clock. Exactly once:
 each attempt is a conditional claim in `runs` (one runner wins it; the others record why they skipped), and
 underneath, a release is idempotent in the store (keyed commits, a compare-and-swap budget ledger), so even a
-runner that outlives its lease cannot release an interval twice.
+runner that outlives its lease cannot release an interval twice. While an attempt runs, a heartbeat renews its
+lease every third of the lease's length: a long run keeps its claim, and a stopped runner's claim expires within
+one lease.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +31,7 @@ from fusion.store import Store
 from pipelines.batch import run_batch
 
 Clock = Callable[[], datetime]
+_log = logging.getLogger(__name__)
 
 
 def default_runner_id() -> str:
@@ -77,9 +81,17 @@ def run_interval(
     log = RunLog(store)
     name = schedule.name
     decision = decide(schedule, log.attempts(name).get(interval, []), now(), manual=manual)
-    if decision.expired is not None:
+    tries = 0
+    while decision.expired is not None:
         e = decision.expired
-        log.expire(Claim(name, interval, e.attempt, e.runner, e.started, e.lease_until), now())
+        if log.expire(Claim(name, interval, e.attempt, e.runner, e.started, e.lease_until), now()):
+            break
+        # Its holder renewed the lease (or finished) since the runs table was read: look again.
+        tries += 1
+        if tries == 3:
+            return RunResult(name, interval, Action.WAIT, None, e.attempt, "contended claim", recorded=False,
+                             at=now() + timedelta(seconds=1))
+        decision = decide(schedule, log.attempts(name).get(interval, []), now(), manual=manual)
     if decision.action is Action.BUSY:
         started = now()
         claim = Claim(name, interval, decision.attempt, runner, started, started)
@@ -96,8 +108,9 @@ def run_interval(
         reason = f"claimed by {holder}"
         log.record_skip(claim, reason=reason, now=started)
         return RunResult(name, interval, Action.BUSY, RunStatus.SKIPPED, claim.attempt, reason)
-    outcome = _attempt(config, store, interval, now=now, beam_args=beam_args)
-    log.finish(claim, outcome)
+    with Heartbeat(log, claim, schedule.lease_length, now=now) as heartbeat:
+        outcome = _attempt(config, store, interval, now=now, beam_args=beam_args)
+    log.finish(heartbeat.claim, outcome)
     return RunResult(
         name,
         interval,
@@ -108,6 +121,47 @@ def run_interval(
         cells=outcome.cells or 0,
         epsilon=outcome.epsilon or 0.0,
     )
+
+
+class Heartbeat:
+    """Renews a claim's lease every third of its length while the attempt runs (on a thread), so a run longer
+    than `lease` keeps its claim and only a stopped runner's claim expires. If another runner expired the claim
+    meanwhile (this runner was stalled past its lease), the heartbeat stops and says so; the attempt goes on
+    and records its outcome, and the store's keyed commits keep the interval released once."""
+
+    def __init__(self, log: RunLog, claim: Claim, length: timedelta, *, now: Clock) -> None:
+        self.log = log
+        self.claim = claim
+        self.length = length
+        self.now = now
+        self.lost = False
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat {claim.run_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        period = self.length.total_seconds() / 3
+        while not self._stop.wait(period):
+            try:
+                renewed = self.log.renew(self.claim, self.now() + self.length)
+            except Exception as exc:  # a store hiccup: the next beat tries again, well within the lease
+                _log.warning("could not renew the lease of %s: %s", self.claim.run_id, exc)
+                continue
+            if renewed is None:
+                self.lost = True
+                _log.warning("the claim %s was expired by another runner; this attempt goes on without it",
+                             self.claim.run_id)
+                return
+            self.claim = renewed
+            self.renewals += 1
 
 
 def _attempt(config: Config, store: Store, interval: Interval, *, now: Clock, beam_args: Sequence[str]) -> Outcome:

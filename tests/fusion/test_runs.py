@@ -79,3 +79,23 @@ def test_an_expired_claim_is_marked_failed_but_its_runner_may_still_report(tmp_p
     assert log.store.read("runs").column("finished").to_pylist() == [T0 + 3 * H]
     log.finish(crashed, Outcome(RunStatus.ALREADY_RELEASED, T0 + 5 * H))  # a slow runner's late word stands
     assert log.store.read("runs").column("status").to_pylist() == ["already_released"]
+
+
+def test_a_renewed_lease_cannot_be_expired_under_the_lease_it_replaced(tmp_path: Path) -> None:
+    log = RunLog(Store(tmp_path / "store"))
+    first = claim("a", lease=timedelta(minutes=10))
+    assert log.claim(first) is None
+    renewed = log.renew(first, T0 + 3 * H)
+    assert renewed is not None and renewed.lease_until == T0 + 3 * H
+    assert log.store.read("runs").column("lease_until").to_pylist() == [T0 + 3 * H]
+
+    # Another runner read the row before the renewal and saw the first lease run out: its expiry does nothing.
+    assert log.expire(first, T0 + 2 * H + timedelta(minutes=11)) is False
+    assert log.store.read("runs").column("status").to_pylist() == ["running"]
+    assert log.renew(first, T0 + 4 * H) is None  # only the holder's latest lease renews
+    assert log.renew(claim("b", lease=timedelta(minutes=10)), T0 + 4 * H) is None  # and only the holder
+
+    assert log.expire(renewed, T0 + 3 * H + timedelta(minutes=1)) is True
+    assert log.store.read("runs").column("status").to_pylist() == ["failed"]
+    assert log.renew(renewed, T0 + 5 * H) is None  # an expired claim is not revived
+    assert log.store.read("runs").column("lease_until").to_pylist() == [T0 + 3 * H]

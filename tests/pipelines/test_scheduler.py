@@ -8,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -16,11 +18,13 @@ from pathlib import Path
 import pytest
 
 from fusion.cli import main
+from fusion.config import load_config
 from fusion.faults import CRASH_ENV, CRASH_EXIT_CODE
 from fusion.plan import plan_release
-from fusion.runs import RunLog
+from fusion.runs import Claim, RunLog
+from fusion.schedule import Action, Interval, RunStatus
 from fusion.store import Store
-from pipelines.scheduler import RunResult, Scheduler
+from pipelines.scheduler import Heartbeat, RunResult, Scheduler, run_interval, utc_now
 from tests.conftest import START, Federation
 
 pytestmark = pytest.mark.e2e
@@ -234,3 +238,56 @@ def test_sigterm_stops_a_waiting_scheduler_cleanly(make_federation: Callable[...
     assert process.returncode == 0, "".join(seen) + output
     assert "SIGTERM: stopping after the current attempt" in output and "scheduler stopped" in output
     assert Store(fed.config.store_path).read("runs").num_rows == 0
+
+
+def test_a_run_longer_than_its_lease_keeps_its_claim_while_its_heartbeat_renews_it(
+    make_federation: Callable[..., Federation], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real clock, lease 1 s, a real batch release held back (its contribution step waits) until a second runner
+    has looked, after the first lease ran out: the holder's heartbeat renewed the lease, so the second runner
+    finds the interval busy instead of expiring the claim and running the interval again."""
+    import pipelines.batch
+
+    fed = make_federation(noise=False, seed=3)
+    fed.config_path.write_text(fed.config_path.read_text() + SCHEDULE.replace('lease = "10m"', 'lease = "1s"'))
+    config = load_config(fed.config_path)
+    schedule, interval = config.schedules[0], Interval(START, START + H)
+    looked = threading.Event()
+    contribute = pipelines.batch.run_contributions
+    monkeypatch.setattr(pipelines.batch, "run_contributions",
+                        lambda *args, **kwargs: looked.wait(60) and contribute(*args, **kwargs))
+    holder: list[RunResult] = []
+    running = threading.Thread(target=lambda: holder.append(run_interval(config, schedule, interval, runner="a")))
+    running.start()
+    try:
+        while not (rows := Store(config.store_path).read("runs").to_pylist()):
+            time.sleep(0.05)
+        time.sleep(max(0.0, (rows[0]["started"] + timedelta(seconds=1.5) - utc_now()).total_seconds()))
+        second = run_interval(config, schedule, interval, runner="b")
+    finally:
+        looked.set()
+        running.join()
+
+    assert second.action is Action.BUSY and "claimed by a" in second.detail
+    assert holder[0].status is RunStatus.RELEASED
+    assert [(r["attempt"], r["runner"], r["status"]) for r in runs(fed)] == [(1, "a", "released"), (1, "b", "skipped")]
+    claim = runs(fed)[0]
+    assert claim["lease_until"] > claim["started"] + timedelta(seconds=1.5)  # renewed at least once after 1 s
+
+
+def test_a_heartbeat_renews_every_third_of_the_lease_and_stops_once_another_runner_expired_it(
+    tmp_path: Path,
+) -> None:
+    log = RunLog(Store(tmp_path / "store"))
+    started = utc_now()
+    claim = Claim("hourly", Interval(START, START + H), 1, "a", started, started + timedelta(seconds=1))
+    assert log.claim(claim) is None
+    with Heartbeat(log, claim, timedelta(seconds=1), now=utc_now) as heartbeat:
+        time.sleep(1.6)
+        assert heartbeat.renewals >= 3 and not heartbeat.lost
+        assert log.expire(heartbeat.claim, utc_now())  # e.g. this runner stalled and another took over
+        time.sleep(0.8)
+        assert heartbeat.lost
+    (row,) = log.store.read("runs").to_pylist()
+    assert row["status"] == "failed"
+    assert row["lease_until"] == heartbeat.claim.lease_until > started + timedelta(seconds=1)
