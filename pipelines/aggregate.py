@@ -83,13 +83,14 @@ class OpenEnvelope(beam.DoFn):
         self._public_context = public_context
         self._registry = registry
         self._roster = roster
+        self._ciphertexts = he.ciphertexts_for(plan.layout.slots)
 
     def setup(self) -> None:
         self._context = self._public_context.context
 
     def process(self, path: str) -> Iterator[Any]:
         try:
-            header, ciphertexts = unpack_envelope(read_bytes(path))
+            header, ciphertexts = unpack_envelope(read_bytes(path), max_ciphertexts=self._ciphertexts)
         except PayloadMismatch:
             yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": "tampered"})
             return

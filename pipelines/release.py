@@ -98,7 +98,7 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     if not exists(aggregate_path(exchange, plan.key)):
         _refuse(plan, store)
     data = read_bytes(aggregate_path(exchange, plan.key))
-    header, ciphertexts = unpack_envelope(data)
+    header, ciphertexts = unpack_envelope(data, max_ciphertexts=he.ciphertexts_for(plan.layout.slots))
     if (header.kind, header.layout_digest, header.parameters_digest) != (
         "aggregate",
         plan.key.layout_digest,

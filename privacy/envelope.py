@@ -25,8 +25,15 @@ from privacy.signing import sign, verify
 MAGIC = b"FUSIONENV2\n"
 MAGIC_V1 = b"FUSIONENV1\n"
 _WORD = 8
-#: No serialized ciphertext is larger (one is about 256 KiB); a payload inflating beyond it is refused.
-MAX_CIPHERTEXT_BYTES = 16 << 20
+#: No serialized ciphertext is larger (one is 262,283 bytes; two 8192-coefficient polynomials over three 60-bit
+#: primes are 393,216 bytes at most); a payload inflating beyond it is refused before more is inflated.
+MAX_CIPHERTEXT_BYTES = 1 << 20
+#: Header fields by JSON type: a header copied from a real envelope with a field of another type is unreadable
+#: (refused with a reason), never a TypeError deep in a check.
+_TEXT_FIELDS = ("kind", "federation", "interval_start", "interval_end", "layout_digest", "parameters_digest",
+                "context_sha256", "nonce", "created_at", "payload_sha256", "signature", "seed_commitment")
+_TEXT_LISTS = ("contributors", "absent", "included")
+_TEXT_MAPS = ("seed_shares", "share_digests", "revealed_shares")
 
 
 class EnvelopeError(ValueError):
@@ -84,13 +91,50 @@ class EnvelopeHeader:
     def from_json(cls, data: bytes) -> EnvelopeHeader:
         try:
             doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise TypeError("the header is not a JSON object")
+            for name in (*_TEXT_LISTS, "refused"):  # tuple("beta") would be ('b', 'e', 't', 'a')
+                if not isinstance(doc.get(name, []), list):
+                    raise TypeError(f"field '{name}' has the wrong type")
             doc["contributors"] = tuple(doc["contributors"])
             doc["refused"] = tuple(doc.get("refused", ()))
             doc["absent"] = tuple(doc.get("absent", ()))
             doc["included"] = tuple(doc.get("included", ()))
-            return cls(**doc)
-        except (ValueError, TypeError, KeyError) as exc:
+            header = cls(**doc)
+            _check_types(header)
+            return header
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             raise EnvelopeError(f"unreadable envelope header: {exc}") from None
+
+
+def _texts(items: object) -> bool:
+    return isinstance(items, (tuple, list, dict)) and all(isinstance(x, str) for x in items)
+
+
+def _text_map(items: object) -> bool:
+    return isinstance(items, dict) and _texts(items) and _texts(list(items.values()))
+
+
+def _check_types(h: EnvelopeHeader) -> None:
+    """Raise TypeError naming the first header field whose JSON type is not the one the checks rely on."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    checks: list[tuple[str, bool]] = [(name, isinstance(getattr(h, name), str)) for name in _TEXT_FIELDS]
+    checks += [(name, _texts(getattr(h, name))) for name in _TEXT_LISTS]
+    checks += [(name, _text_map(getattr(h, name))) for name in _TEXT_MAPS]
+    checks += [
+        ("slots", number(h.slots) and isinstance(h.slots, int)),
+        ("noise_variance", number(h.noise_variance)),
+        ("refused", all(_text_map(r) for r in h.refused)),
+        ("reject_counts", isinstance(h.reject_counts, dict) and all(
+            isinstance(k, str) and isinstance(v, dict) and _texts(v)
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in v.values())
+            for k, v in h.reject_counts.items())),
+    ]
+    for name, ok in checks:
+        if not ok:
+            raise TypeError(f"field '{name}' has the wrong type")
 
 
 def payload_digest(ciphertexts: list[bytes]) -> str:
@@ -155,8 +199,10 @@ def envelope_header(data: bytes) -> EnvelopeHeader:
     return EnvelopeHeader.from_json(data[start : start + head_len])
 
 
-def unpack_envelope(data: bytes) -> tuple[EnvelopeHeader, list[bytes]]:
-    """Parse and check the payload hash; raises EnvelopeError on any inconsistency."""
+def unpack_envelope(data: bytes, *, max_ciphertexts: int | None = None) -> tuple[EnvelopeHeader, list[bytes]]:
+    """Parse and check the payload hash; raises EnvelopeError on any inconsistency. A reader that knows the
+    layout passes `max_ciphertexts`: an envelope claiming more is refused before anything is inflated (a small
+    unsigned file could otherwise make its reader inflate up to MAX_CIPHERTEXT_BYTES per claimed ciphertext)."""
     if not data.startswith(MAGIC) and not data.startswith(MAGIC_V1):
         raise EnvelopeError("not a Fusion envelope (bad magic)")
     packed = data.startswith(MAGIC)
@@ -168,6 +214,8 @@ def unpack_envelope(data: bytes) -> tuple[EnvelopeHeader, list[bytes]]:
         offset += head_len
         (count,) = struct.unpack_from(">I", data, offset)
         offset += 4
+        if max_ciphertexts is not None and count > max_ciphertexts:
+            raise EnvelopeError(f"{count} ciphertexts, more than this layout's {max_ciphertexts}")
         ciphertexts = []
         for _ in range(count):
             (length,) = struct.unpack_from(">Q", data, offset)

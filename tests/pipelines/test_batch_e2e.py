@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from dataclasses import replace
 
 import duckdb
@@ -34,7 +35,14 @@ from pipelines.release import release
 from pipelines.run import run_aggregate, run_contributions, run_unmask
 from privacy import he
 from privacy.accountant import epsilon_for
-from privacy.envelope import EnvelopeHeader, pack_envelope, unpack_envelope
+from privacy.envelope import (
+    MAGIC,
+    EnvelopeHeader,
+    envelope_header,
+    pack_envelope,
+    payload_digest,
+    unpack_envelope,
+)
 from privacy.signing import generate_signing_key
 from tests.conftest import END, METRICS, START, Federation
 
@@ -184,13 +192,21 @@ def test_bad_envelopes_are_refused_with_reasons_and_the_rest_released(make_feder
     directory = contributions_dir(fed.config.exchange_path, plan.key)
     with open(join(directory, "garbage.fenv"), "wb") as handle:
         handle.write(b"not an envelope")
+    # A real header with one field of another JSON type, and a small file claiming a million ciphertexts: both are
+    # unreadable (they used to fail the whole aggregation with a TypeError, or inflate gigabytes).
+    doc = json.loads(envelope_header(read_bytes(contribution_path(fed.config.exchange_path, plan.key, "alpha")))
+                     .to_json())
+    typed = {"contributors": [["alpha"]], "payload_sha256": payload_digest([])}  # the payload matches
+    for name, changed, count in (("typed.fenv", typed, 0), ("bomb.fenv", {}, 1_000_000)):
+        head = json.dumps({**doc, **changed}).encode()
+        write_bytes(join(directory, name), MAGIC + struct.pack(">I", len(head)) + head + struct.pack(">I", count))
     # An envelope from another interval, copied in, is refused as such.
     other = plan_release(fed.config, END, END + (END - START))
     run_contributions(other, fed.config.institutions[:1])
     shutil.copy(contribution_path(fed.config.exchange_path, other.key, "alpha"), join(directory, "alpha-old.fenv"))
     result = run_aggregate(plan)
     reasons = sorted(r["reason"].split(":")[0] for r in result["refused"])
-    assert reasons == ["unreadable", "wrong_interval"]
+    assert reasons == ["unreadable"] * 3 + ["wrong_interval"]
     assert result["contributors"] == ["alpha", "beta", "gamma"]
     result = unmask_and_aggregate(plan)
     outcome = release(plan, Store(fed.config.store_path))

@@ -12,6 +12,7 @@ import pytest
 
 from privacy import he
 from privacy.envelope import (
+    MAGIC,
     MAGIC_V1,
     MAX_CIPHERTEXT_BYTES,
     EnvelopeError,
@@ -91,3 +92,58 @@ def test_version_1_envelopes_are_still_read() -> None:
     assert unpack_envelope(b"".join(parts))[1] == cts
     with pytest.raises(EnvelopeError):
         unpack_envelope(b"FUSIONENV9\n" + b"".join(parts)[len(MAGIC_V1):])
+
+
+def _with_header(doc: dict[str, object], cts: list[bytes] | None = None, *, count: int | None = None) -> bytes:
+    import json
+
+    head = json.dumps(doc).encode()
+    cts = cts or []
+    parts = [MAGIC, struct.pack(">I", len(head)), head, struct.pack(">I", len(cts) if count is None else count)]
+    for ct in cts:
+        packed = pack_ciphertext(ct)
+        parts += [struct.pack(">Q", len(packed)), packed]
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("signature", 123), ("contributors", [["alpha"]]), ("slots", "3"), ("slots", True), ("noise_variance", None),
+     ("seed_shares", {"beta": 7}), ("refused", [{"source": 1}]), ("reject_counts", {"alpha": {"late": "2"}}),
+     ("absent", "beta"), ("kind", ["contribution"])],
+)
+def test_a_header_field_of_the_wrong_type_is_unreadable_not_a_crash(field: str, value: object) -> None:
+    """A header copied from a real envelope with one field's type changed used to raise TypeError inside the
+    aggregator's checks (failing the whole aggregation); it is an unreadable envelope, refused with a reason."""
+    import json
+
+    doc = json.loads(replace(HEADER, payload_sha256=payload_digest([])).to_json())
+    doc[field] = value
+    with pytest.raises(EnvelopeError, match=f"'{field}'"):
+        unpack_envelope(_with_header(doc))
+    with pytest.raises(EnvelopeError, match=f"'{field}'"):
+        envelope_header(_with_header(doc))
+
+
+def test_a_header_nested_too_deep_for_json_is_unreadable() -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000
+    data = MAGIC + struct.pack(">I", len(nested)) + nested + struct.pack(">I", 0)
+    with pytest.raises(EnvelopeError, match="unreadable"):
+        unpack_envelope(data)
+    with pytest.raises(EnvelopeError, match="unreadable"):
+        envelope_header(data)
+
+
+def test_an_envelope_claiming_more_ciphertexts_than_the_layout_holds_is_refused_before_inflating() -> None:
+    """Each claimed ciphertext may inflate to MAX_CIPHERTEXT_BYTES: a small file claiming many was a memory bomb
+    for the aggregator and the key holder. A reader that knows the layout bounds the count first."""
+    import json
+
+    cts = [bytes(64)] * 3
+    data = _with_header(json.loads(replace(HEADER, payload_sha256=payload_digest(cts)).to_json()), cts)
+    assert unpack_envelope(data, max_ciphertexts=3)[1] == cts
+    with pytest.raises(EnvelopeError, match="more than this layout's 2"):
+        unpack_envelope(data, max_ciphertexts=2)
+    bomb = _with_header(json.loads(HEADER.to_json()), count=1_000_000)
+    with pytest.raises(EnvelopeError, match="more than"):
+        unpack_envelope(bomb, max_ciphertexts=2)
