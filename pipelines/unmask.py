@@ -35,7 +35,14 @@ from fusion.exchange import (
     write_json,
 )
 from fusion.plan import ReleasePlan
-from fusion.registry import load_agreement_key, load_agreement_keys, load_registry, load_signing_key
+from fusion.registry import (
+    load_aggregator_public_key,
+    load_aggregator_signing_key,
+    load_agreement_key,
+    load_agreement_keys,
+    load_registry,
+    load_signing_key,
+)
 from privacy import he
 from privacy.envelope import EnvelopeError, EnvelopeHeader, envelope_header, pack_envelope, signature_valid
 from privacy.masking import centred, recovery_correction
@@ -48,6 +55,7 @@ from privacy.sharing import (
     share_coordinates,
     share_digest,
 )
+from privacy.signing import sign, verify
 
 
 class RosterConflict(FusionError):
@@ -67,20 +75,37 @@ class Roster:
         return {"release_id": self.release_id, "included": list(self.included), "absent": list(self.absent)}
 
 
+def _roster_message(roster: Roster) -> bytes:
+    return b"fusion/roster/v1\n" + json.dumps(roster.to_doc(), sort_keys=True, separators=(",", ":")).encode()
+
+
 def read_roster(plan: ReleasePlan) -> Roster | None:
-    """The roster the aggregator closed for this release, or None if it has not closed one yet."""
+    """The roster the aggregator closed for this release, or None if it has not closed one yet. A roster not
+    signed by the federation's registered aggregator is refused: anyone else with write access to the exchange
+    (the key holder publishes its public HE context there) could otherwise show institutions rosters of its
+    own making, and inconsistent rosters can isolate one institution's contribution (README, trust model)."""
     path = roster_path(plan.config.exchange_path, plan.key)
     if not exists(path):
         return None
     try:
         doc = json.loads(read_bytes(path))
-        return Roster(tuple(sorted(doc["included"])), tuple(sorted(doc["absent"])), str(doc.get("release_id", "")))
-    except (ValueError, KeyError, TypeError) as exc:
+        roster = Roster(tuple(sorted(doc["included"])), tuple(sorted(doc["absent"])), str(doc.get("release_id", "")))
+        signature = bytes.fromhex(doc.get("signature", ""))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FusionError(f"the roster {path} is malformed: {exc}") from None
+    if not signature or not verify(load_aggregator_public_key(plan.config), _roster_message(roster), signature):
+        raise FusionError(
+            f"the roster {path} is not signed by the federation's registered aggregator: it is not answered "
+            "(a roster closed by a Fusion version before signed rosters: the aggregator deletes it before any "
+            "institution answered, and aggregates again)"
+        )
+    return roster
 
 
 def write_roster(plan: ReleasePlan, roster: Roster) -> None:
-    write_json(roster_path(plan.config.exchange_path, plan.key), roster.to_doc())
+    """Close the release's roster, signed with the aggregator's key."""
+    signature = sign(load_aggregator_signing_key(plan.config), _roster_message(roster))
+    write_json(roster_path(plan.config.exchange_path, plan.key), {**roster.to_doc(), "signature": signature.hex()})
 
 
 def _answer_file(plan: ReleasePlan, institution_id: str) -> Path:

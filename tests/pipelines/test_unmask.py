@@ -27,10 +27,10 @@ from fusion.registry import load_signing_key
 from fusion.store import Store
 from pipelines.release import release
 from pipelines.run import run_aggregate, run_contributions, run_unmask
-from pipelines.unmask import Roster, RosterConflict, write_roster
+from pipelines.unmask import Roster, RosterConflict, _roster_message, write_roster
 from privacy import he
 from privacy.envelope import pack_envelope, unpack_envelope
-from privacy.signing import generate_signing_key
+from privacy.signing import generate_signing_key, sign
 from tests.conftest import END, START
 
 pytestmark = pytest.mark.e2e
@@ -110,6 +110,33 @@ def test_an_institution_refuses_a_roster_that_excludes_it_or_is_not_a_partition(
     with pytest.raises(FusionError, match="not " + plan.key.release_id):
         run_unmask(plan, [fed.config.institution("alpha")])
     assert not list((fed.directory / "institution-keys").rglob("answered/*.json"))  # nothing was answered
+
+
+def test_a_roster_not_signed_by_the_registered_aggregator_is_not_answered(make_federation):
+    """The key holder can write to the exchange (it publishes its public HE context there). Unsigned, a roster
+    of its making, different for each institution, let it isolate one institution's contribution on its own;
+    institutions now answer only a roster the registered aggregator signed, unaltered."""
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)  # the aggregator closes and signs the roster: everyone included
+    path = roster_path(fed.config.exchange_path, plan.key)
+    signed = json.loads(read_bytes(path))
+    forged_key, _ = generate_signing_key()
+    forged = Roster(release_id=plan.key.release_id, included=("alpha", "beta"), absent=("gamma",))
+    for doc, expected in (
+        ({**signed, "included": ["alpha", "beta"], "absent": ["gamma"]}, "not signed"),  # altered after signing
+        (forged.to_doc(), "not signed"),
+        ({**forged.to_doc(), "signature": sign(forged_key, _roster_message(forged)).hex()}, "not signed"),
+        ({**signed, "signature": "zz"}, "malformed"),
+    ):
+        write_bytes(path, json.dumps(doc).encode())
+        with pytest.raises(FusionError, match=expected):
+            run_unmask(plan, [fed.config.institution("alpha")])
+    assert not list((fed.directory / "institution-keys").rglob("answered/*.json")), "nothing was answered"
+    write_bytes(path, json.dumps(signed).encode())
+    run_unmask(plan, fed.config.institutions)
+    assert run_aggregate(plan)["status"] == "aggregated"
 
 
 def test_answering_the_same_roster_again_is_allowed(make_federation):
