@@ -83,10 +83,14 @@ def decode_release(
             + (2 * s1 * centred_sd / n**2) ** 2
             + ((-s2 / n**2 + 2 * s1**2 / n**3) * count_sd) ** 2
         )
+        # Each reading's q^2 / w is rounded to a whole slot unit: up to half a unit each, a bias of up to
+        # w * sum_unit^2 / 2 in the variance that more readings do not shrink (readings near the centre all round
+        # the same way). The interval adds it on both sides; the noise term alone excluded the true value.
+        rounding = 0.5 * weight * sum_unit**2
         widest = ((upper - lower) / 2) ** 2
         stddev = np.sqrt(np.clip(variance, 0.0, widest))
-        stddev_low = np.sqrt(np.clip(variance - Z95 * variance_sd, 0.0, widest))
-        stddev_high = np.sqrt(np.clip(variance + Z95 * variance_sd, 0.0, widest))
+        stddev_low = np.sqrt(np.clip(variance - Z95 * variance_sd - rounding, 0.0, widest))
+        stddev_high = np.sqrt(np.clip(variance + Z95 * variance_sd + rounding, 0.0, widest))
     quantiles = {
         f"{name}{suffix}": np.full(cells, np.nan) for name, _ in QUANTILES for suffix in ("", "_ci_low", "_ci_high")
     }

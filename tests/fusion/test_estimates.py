@@ -223,3 +223,29 @@ def test_means_are_null_unless_the_count_is_clearly_positive(layout: PartitionLa
         assert lower <= row["mean_ci_low"] <= row["mean"] <= row["mean_ci_high"] <= upper
     assert min(released) > 0
     assert sum(released) < layout.cells
+
+
+@pytest.mark.parametrize("mean,sd", [(230.0, 1.0), (230.0, 0.3), (215.0, 8.0)])
+def test_the_stddev_interval_covers_the_true_value_despite_the_rounding_of_the_squares(mean: float, sd: float) -> None:
+    """SUMSQ slots carry each reading's q^2 / w rounded to a whole unit. For readings bunched near the centre
+    they all round the same way: a bias in the variance that more readings do not shrink. With no noise drawn
+    (the noise only accounted), 200,000 mains-voltage readings with SD 1 gave stddev 0.868, interval
+    [0, 0.907]: the true value outside. The interval now carries the rounding's bound."""
+    from privacy.accountant import calibrate_variance
+    from privacy.encoding import balanced_encodings, encode_readings, encode_squares, event_level_sensitivity
+
+    encodings = tuple(balanced_encodings([(200.0, 260.0, 0.1)]))  # the README's voltage metric
+    sensitivity = event_level_sensitivity(list(encodings), components=3)
+    variance = calibrate_variance(epsilon=1.0, delta=1e-6, l1=sensitivity.l1, l2=sensitivity.l2)
+    params = ReleaseParameters(encodings=encodings, sensitivity=sensitivity, total_variance=variance, quorum=1,
+                               epsilon=1.0, delta=1e-6, noise=True)
+    layout = PartitionLayout.for_interval(("volts",), ("r",), START, START + timedelta(hours=1), timedelta(hours=1),
+                                          ("count", "sum", "sumsq"))
+    values = np.round(np.random.default_rng(0).normal(mean, sd, 200_000), 1)
+    weight, centred = encode_readings(values, np.zeros(values.size, dtype=np.int64), encodings)
+    totals = np.array([weight.sum(), centred.sum(), encode_squares(centred, weight).sum()], dtype=np.int64)
+    (row,) = decode_release(totals, layout=layout, params=params, units=("V",), noise_variance=variance,
+                            contributors=1, release_id="r", released_at=START).to_pylist()
+    true_sd = np.clip(values, 200.0, 260.0).std()  # of the clamped values, which is what is released
+    assert row["stddev_ci_low"] <= true_sd <= row["stddev_ci_high"]
+    assert row["stddev_ci_high"] - row["stddev_ci_low"] < 2.5 * sd + 1.0  # honest, not vacuous
