@@ -30,6 +30,8 @@ _ROW = "__fusion_row"
 #: groups have narrow min/max statistics and a filtered scan (a time series of one metric and region) decodes
 #: little beyond what it returns; measured in bench/ (the SQL query), 16k rows beat 122,880 by 2.5x.
 ROW_GROUP_ROWS = 16_384
+#: A table with this many data files is compacted (`Store.compact`) by the release and the scheduler.
+COMPACT_FILES = 64
 
 #: The columns that identify a row of each table (merge keys).
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -149,6 +151,21 @@ class Store:
         numbered = rows.append_column(_ROW, pa.array(np.arange(rows.num_rows, dtype=np.int64)))
         fresh = numbered.join(present, keys=keys, join_type="left anti", use_threads=False)
         return fresh.sort_by(_ROW).select(schema.names)
+
+    def compact(self, name: str, *, min_files: int = COMPACT_FILES) -> int:
+        """Rewrite a table's small files into few once it has `min_files` or more; returns the files removed (0
+        if it had fewer, or a concurrent writer won the commit: the next call tries again). Each release adds
+        a file to `releases`, `audit` and `rejects`, and each scheduler attempt to `runs`: 1,000 attempts made
+        reading `runs` take 2.4 s and each claim 0.6 s (0.05 s compacted). Readers are unaffected: the rows and
+        their order stay, and earlier versions stay readable (time travel) until a vacuum."""
+        table = self._table(name, create=False)
+        if table is None or len(table.file_uris()) < min_files:
+            return 0
+        try:
+            metrics = table.optimize.compact(writer_properties=WriterProperties(max_row_group_size=ROW_GROUP_ROWS))
+        except (CommitFailedError, DeltaError):  # a writer committed meanwhile: its commit stands, retry later
+            return 0
+        return int(metrics.get("numFilesRemoved", 0))
 
     def dataset(self, name: str, *, version: int | None = None, string_view: bool | None = False) -> ds.Dataset:
         """A lazily scanned Arrow dataset of a table (empty if the table does not exist yet).

@@ -214,6 +214,7 @@ class Scheduler:
     def run_due(self) -> tuple[list[RunResult], datetime]:
         """One pass: every due interval of every schedule. Returns the results and when to look again."""
         results: list[RunResult] = []
+        self.log.store.compact("runs")  # a few files an attempt: reading it is every pass's first step
         now = self.now()
         wake = min(next_fire(s, now) for s in self.config.schedules)
         for schedule in self.config.schedules:
@@ -267,9 +268,11 @@ def backfill(
 ) -> list[RunResult]:
     """Run every interval of `schedule`'s grid in [start, end) that is not released yet, oldest first."""
     runner = runner or default_runner_id()
-    Store(config.store_path).ensure_tables()
+    store = Store(config.store_path)
+    store.ensure_tables()
     results = []
     for interval in grid(schedule, start, end):
+        store.compact("runs")
         result = run_interval(config, schedule, interval, runner=runner, now=now, manual=True, beam_args=beam_args)
         results.append(result)
         on_result(result)
