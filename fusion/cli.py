@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 from rich.console import Console
@@ -24,6 +24,7 @@ from rich.table import Table
 from fusion.config import Config, load_config
 from fusion.errors import FusionError
 from fusion.plan import ReleasePlan, parse_time, plan_release
+from fusion.shutdown import exit_now
 
 _WIDTH = None if sys.stdout.isatty() else max(120, shutil.get_terminal_size((120, 24)).columns)
 console = Console(width=_WIDTH)
@@ -410,5 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run() -> NoReturn:
+    """The console entry point: run `main`, then leave without interpreter finalization (see `exit_now`)."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from opacus.accountants.analysis.rdp import get_privacy_spent
 
 #: Integer Renyi orders at which the bound is evaluated.
 ORDERS: np.ndarray = np.concatenate([np.arange(2, 64), np.arange(64, 257, 4), np.arange(288, 1025, 32)]).astype(float)
@@ -48,6 +47,9 @@ def epsilon_from_rdp(rdp: np.ndarray, *, delta: float) -> float:
         raise ValueError(f"an RDP curve needs one value per order ({ORDERS.size}), got shape {rdp.shape}")
     if not rdp.any():
         return 0.0
+    # Imported here: opacus brings torch (about 4 s), which commands that never convert a curve do not need.
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     epsilon, _ = get_privacy_spent(orders=ORDERS.tolist(), rdp=rdp, delta=delta)
     return float(epsilon)
 
