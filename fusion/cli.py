@@ -26,6 +26,8 @@ from fusion.errors import FusionError
 from fusion.plan import ReleasePlan, parse_time, plan_release
 from fusion.shutdown import exit_now
 
+UNMASK_POLL_SECONDS = 2.0  # how often `fusion contribute --unmask --wait` looks for acknowledgements
+
 _WIDTH = None if sys.stdout.isatty() else max(120, shutil.get_terminal_size((120, 24)).columns)
 console = Console(width=_WIDTH)
 err_console = Console(stderr=True, width=_WIDTH)
@@ -72,7 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     contribute.add_argument(
         "--unmask",
         action="store_true",
-        help="unmask round: answer the aggregator's roster (seed shares; corrections for the absent)",
+        help="unmask round: acknowledge the aggregator's roster, and answer it (seed shares; corrections for the "
+        "absent) once more than half of the federation has acknowledged the same roster",
+    )
+    contribute.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --unmask: wait up to this long for the other institutions' acknowledgements (default 0)",
     )
     aggregate = with_interval(with_config(sub.add_parser("aggregate", help="aggregator: sum the contributions")))
     aggregate.add_argument(
@@ -231,8 +241,19 @@ def cmd_contribute(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     if args.unmask:
         from pipelines.run import run_unmask
 
-        path = run_unmask(plan, [institution])[0]
-        console.print(f"answer to the roster written: {path}")
+        waited_until = time.monotonic() + max(args.wait, 0.0)
+        answer = run_unmask(plan, [institution])[0]
+        while answer.path is None and time.monotonic() < waited_until:
+            time.sleep(min(UNMASK_POLL_SECONDS, max(waited_until - time.monotonic(), 0.0)))
+            answer = run_unmask(plan, [institution])[0]
+        if answer.path is None:
+            console.print(
+                f"roster acknowledged; {len(answer.acknowledged)} of the {answer.needed} acknowledgements needed "
+                f"({', '.join(answer.acknowledged)}): run `fusion contribute --unmask` again once more "
+                "institutions have acknowledged it (or wait with --wait SECONDS)"
+            )
+            return 3
+        console.print(f"answer to the roster written: {answer.path}")
         return 0
     with console.status(f"{institution.id}: contributing"):
         reports = run_contributions(plan, [institution], beam_args)
@@ -259,9 +280,10 @@ def cmd_aggregate(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         return 3
     if result["status"] == "awaiting_unmask":
         absent = f"declared absent: {', '.join(result['absent'])}; " if result["absent"] else ""
+        signed = f"signed by {', '.join(result['acknowledged'])}; " if result.get("acknowledged") else ""
         console.print(
-            f"roster closed; {absent}unmask round: {', '.join(result['unmask_pending'])} run "
-            "`fusion contribute --unmask`, then `fusion aggregate` again"
+            f"roster closed; {absent}{signed}unmask round: {', '.join(result['unmask_pending'])} run "
+            "`fusion contribute --unmask` (each until it answers), then `fusion aggregate` again"
         )
         return 3
     console.print(f"aggregated {len(result['contributors'])} contribution(s): {', '.join(result['contributors'])}")

@@ -112,8 +112,9 @@ class PrivacyConfig(_Frozen):
     quorum: int = Field(ge=1)
     # Institutions that might collude with the aggregator and the key holder. Each share of noise is v/(quorum -
     # max_colluding), so the honest contributors of any accepted release still carry the full variance v; and
-    # production needs quorum >= max_colluding + 2, so no single consistent roster can single one honest
-    # institution out (inconsistent rosters can: README, trust model, split views).
+    # production needs quorum >= max_colluding + 2, so no single roster can single one honest institution out;
+    # and each institution answers only a roster more than (institutions + max_colluding) / 2 have signed, so
+    # there is one roster (README, trust model, split views).
     max_colluding: int = Field(default=0, ge=0)
     unit: PrivacyUnit = PrivacyUnit.READING
     # Entity level: each entity contributes to at most `max_partitions` cells (L0) per release and at most

@@ -110,6 +110,11 @@ def roster_path(exchange: str, key: ReleaseKey) -> str:
     return join(exchange, key.interval_name, "roster.json")
 
 
+def acknowledgement_path(exchange: str, key: ReleaseKey, institution: str) -> str:
+    """An institution's signature on the roster it was shown (the consistency round, before any answer)."""
+    return join(exchange, key.interval_name, "acknowledgements", f"{institution}.json")
+
+
 def aggregate_path(exchange: str, key: ReleaseKey) -> str:
     return join(exchange, key.interval_name, "aggregate.fenv")
 

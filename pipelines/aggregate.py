@@ -33,7 +33,14 @@ from fusion.exchange import (
 from fusion.faults import crash_point
 from fusion.plan import ReleasePlan
 from fusion.registry import load_aggregator_signing_key, load_registry
-from pipelines.unmask import Roster, read_roster, self_mask_total, write_roster
+from pipelines.unmask import (
+    Roster,
+    acknowledged,
+    acknowledgements_needed,
+    read_roster,
+    self_mask_total,
+    write_roster,
+)
 from privacy import he
 from privacy.envelope import (
     EnvelopeError,
@@ -252,6 +259,14 @@ class SealAggregate(beam.DoFn):
             if missing and not self._may_declare:
                 yield self._status({**summary, "status": "waiting"})
                 return
+            if len(contributors) < acknowledgements_needed(plan):
+                yield self._refuse(
+                    summary,
+                    f"{len(contributors)} valid contribution(s): the unmask round needs "
+                    f"{acknowledgements_needed(plan)} included institutions to acknowledge one roster (more than "
+                    "(institutions + max_colluding) / 2)",
+                )
+                return
             # Close the roster: those present are included, the missing declared absent. The unmask round starts.
             write_roster(plan, Roster(contributors, tuple(missing), plan.key.release_id))
             yield self._status({**summary, "status": "awaiting_unmask", "unmask_pending": list(contributors)})
@@ -264,7 +279,10 @@ class SealAggregate(beam.DoFn):
         pending = sorted(set(roster.included) - answered)
         # Corrections for the absent must come from every survivor; seeds need only `quorum` shares each.
         if pending and (roster.absent or len(answered) < plan.params.quorum):
-            yield self._status({**summary, "status": "awaiting_unmask", "unmask_pending": pending})
+            signers = list(acknowledged(plan, roster))
+            yield self._status(
+                {**summary, "status": "awaiting_unmask", "unmask_pending": pending, "acknowledged": signers}
+            )
             return
         try:
             masks = self_mask_total(plan, headers, answers)

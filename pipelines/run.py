@@ -24,7 +24,7 @@ from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_keys, load_signing_key
 from pipelines.aggregate import Aggregate
 from pipelines.contribute import Contribute, dead_letter_dir, remove_staging, sealed_envelope
-from pipelines.unmask import seal_unmask
+from pipelines.unmask import Answer, acknowledge, seal_unmask
 
 
 def names_runner(beam_args: Sequence[str]) -> bool:
@@ -111,6 +111,9 @@ def run_aggregate(
     return status
 
 
-def run_unmask(plan: ReleasePlan, institutions: Sequence[InstitutionConfig]) -> list[str]:
-    """Seal the answers of `institutions` (included in the roster) to the release's roster."""
+def run_unmask(plan: ReleasePlan, institutions: Sequence[InstitutionConfig]) -> list[Answer]:
+    """The unmask round for `institutions` (included in the roster): each acknowledges the roster, then each
+    answers it if enough institutions have acknowledged it (pipelines/unmask.py)."""
+    for institution in institutions:
+        acknowledge(plan, institution.id)
     return [seal_unmask(plan, institution.id) for institution in institutions]

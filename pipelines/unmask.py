@@ -1,16 +1,21 @@
 """The unmask round: once the aggregator closes a release's roster, each included institution answers it.
 
 The roster names the institutions whose contributions are in the sum (included) and those that are not
-(absent). An included institution answers with one signed envelope holding
-- its share of every included institution's self-mask seed (opened from their signed contributions), so the
-  aggregator can remove the self masks; and
-- if any institution is absent, the negation of its own pairwise masks with them, encrypted, so the masks that
-  no longer cancel are removed from the sum (no mask key is revealed).
-An institution answers one roster per release and remembers it: asked again with another roster (the victim now
-"absent" after its seed was revealed, say) it refuses, so no single institution's contribution can be isolated
-(privacy/sharing.py explains why). Its contribution is refused if it turns up after being declared absent.
+(absent). The round has two steps for each included institution:
+1. *acknowledge*: it checks the roster, records it (create-once, in its own key directory: it will never
+   acknowledge or answer another roster for this release) and publishes its signature on it;
+2. *answer*, only once more than (n + c) / 2 of the federation's n institutions (c = `max_colluding`) have
+   signed that same roster: one signed envelope holding
+   - its share of every included institution's self-mask seed (opened from their signed contributions), so the
+     aggregator can remove the self masks; and
+   - if any institution is absent, the negation of its own pairwise masks with them, encrypted, so the masks
+     that no longer cancel are removed from the sum (no mask key is revealed).
+Step 1 is Bonawitz et al.'s consistency check. An honest institution signs one roster per release, so two
+different rosters cannot both gather more than (n + c) / 2 signatures (their signers would number more than
+n + c, and only the c colluders sign both): every honest answer is to one roster, and rosters that differ per
+institution (a split view) cannot isolate anyone's contribution. Its contribution is refused if it turns up
+after being declared absent (privacy/sharing.py explains the masks).
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -25,6 +30,7 @@ import numpy as np
 
 from fusion.errors import FusionError
 from fusion.exchange import (
+    acknowledgement_path,
     contribution_path,
     exists,
     public_context_path,
@@ -75,15 +81,28 @@ class Roster:
         return {"release_id": self.release_id, "included": list(self.included), "absent": list(self.absent)}
 
 
+def _canonical(roster: Roster) -> bytes:
+    return json.dumps(roster.to_doc(), sort_keys=True, separators=(",", ":")).encode()
+
+
 def _roster_message(roster: Roster) -> bytes:
-    return b"fusion/roster/v1\n" + json.dumps(roster.to_doc(), sort_keys=True, separators=(",", ":")).encode()
+    return b"fusion/roster/v1\n" + _canonical(roster)
+
+
+def _acknowledgement_message(roster: Roster, institution_id: str) -> bytes:
+    return f"fusion/roster-acknowledgement/v1\n{institution_id}\n".encode() + _canonical(roster)
+
+
+def acknowledgements_needed(plan: ReleasePlan) -> int:
+    """Signatures on one roster an institution must see before it answers: more than (n + c) / 2."""
+    return (len(plan.config.institutions) + plan.params.max_colluding) // 2 + 1
 
 
 def read_roster(plan: ReleasePlan) -> Roster | None:
     """The roster the aggregator closed for this release, or None if it has not closed one yet. A roster not
     signed by the federation's registered aggregator is refused: anyone else with write access to the exchange
     (the key holder publishes its public HE context there) could otherwise show institutions rosters of its
-    own making, and inconsistent rosters can isolate one institution's contribution (README, trust model)."""
+    own making, and hold the consistency round up (README, trust model)."""
     path = roster_path(plan.config.exchange_path, plan.key)
     if not exists(path):
         return None
@@ -114,8 +133,8 @@ def _answer_file(plan: ReleasePlan, institution_id: str) -> Path:
 
 
 def check_roster(plan: ReleasePlan, institution_id: str, roster: Roster) -> None:
-    """What an honest institution checks before answering: a partition of the federation, with itself included
-    and at least the quorum."""
+    """What an honest institution checks before acknowledging: a partition of the federation, with itself
+    included, at least the quorum, and enough included institutions to complete the consistency round."""
     if roster.release_id != plan.key.release_id:
         raise FusionError(
             f"the roster closes release {roster.release_id or '(none named)'}, not {plan.key.release_id}: "
@@ -128,6 +147,11 @@ def check_roster(plan: ReleasePlan, institution_id: str, roster: Roster) -> None
         raise FusionError(f"{institution_id} was declared absent from this release; it has nothing to answer")
     if len(roster.included) < plan.params.quorum:
         raise FusionError(f"the roster includes {len(roster.included)} institutions, below the quorum")
+    if len(roster.included) < acknowledgements_needed(plan):
+        raise FusionError(
+            f"the roster includes {len(roster.included)} institutions; answering needs signatures of "
+            f"{acknowledgements_needed(plan)} on one roster (more than half of the federation and its colluders)"
+        )
 
 
 def remember_answer(plan: ReleasePlan, institution_id: str, roster: Roster) -> None:
@@ -154,6 +178,48 @@ def remember_answer(plan: ReleasePlan, institution_id: str, roster: Roster) -> N
         os.fsync(handle.fileno())
 
 
+def acknowledge(plan: ReleasePlan, institution_id: str) -> Roster:
+    """Step 1: check the release's roster, record it as the one this institution answers (refusing any other,
+    before anything is signed), and publish this institution's signature on it. Idempotent."""
+    roster = read_roster(plan)
+    if roster is None:
+        raise FusionError("the aggregator has not closed this release's roster yet; run `fusion aggregate` first")
+    check_roster(plan, institution_id, roster)
+    remember_answer(plan, institution_id, roster)
+    signature = sign(load_signing_key(plan.config, institution_id), _acknowledgement_message(roster, institution_id))
+    doc = {"institution": institution_id, "roster": roster.to_doc(), "signature": signature.hex()}
+    write_json(acknowledgement_path(plan.config.exchange_path, plan.key, institution_id), doc)
+    return roster
+
+
+def acknowledged(plan: ReleasePlan, roster: Roster, registry: dict[str, bytes] | None = None) -> tuple[str, ...]:
+    """The included institutions whose valid signature on exactly `roster` is in the exchange. A signature on
+    another roster, by an unregistered key, or unreadable counts for nothing."""
+    registry = load_registry(plan.config) if registry is None else registry
+    signers = []
+    for institution in roster.included:
+        path = acknowledgement_path(plan.config.exchange_path, plan.key, institution)
+        if institution not in registry or not exists(path):
+            continue
+        try:
+            signature = bytes.fromhex(json.loads(read_bytes(path))["signature"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if verify(registry[institution], _acknowledgement_message(roster, institution), signature):
+            signers.append(institution)
+    return tuple(signers)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One institution's step in the unmask round."""
+
+    institution: str
+    path: str | None  # its answer envelope, or None: too few institutions have acknowledged its roster yet
+    acknowledged: tuple[str, ...]  # who had signed the roster it was shown
+    needed: int
+
+
 def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dict[str, bytes]) -> EnvelopeHeader:
     path = contribution_path(plan.config.exchange_path, plan.key, institution_id)
     try:
@@ -171,14 +237,20 @@ def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dic
     return header
 
 
-def seal_unmask(plan: ReleasePlan, institution_id: str) -> str:
-    """Write `institution_id`'s answer to the release's roster; returns its path."""
-    roster = read_roster(plan)
-    if roster is None:
-        raise FusionError("the aggregator has not closed this release's roster yet; run `fusion aggregate` first")
-    check_roster(plan, institution_id, roster)
-    context = plan.key.release_id.encode()
+def seal_unmask(plan: ReleasePlan, institution_id: str) -> Answer:
+    """Step 2: once more than (n + c) / 2 institutions have signed the roster this institution acknowledged,
+    write its answer to it. Acknowledges first if it has not yet (step 1)."""
+    roster = acknowledge(plan, institution_id)
     registry = load_registry(plan.config)
+    signers = acknowledged(plan, roster, registry)
+    needed = acknowledgements_needed(plan)
+    if len(signers) < needed:
+        return Answer(institution_id, None, signers, needed)
+    return Answer(institution_id, _seal_answer(plan, institution_id, roster, registry), signers, needed)
+
+
+def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registry: dict[str, bytes]) -> str:
+    context = plan.key.release_id.encode()
     agreement = load_agreement_keys(plan.config)
     own_key = load_agreement_key(plan.config, institution_id)
     own_x = share_coordinates(agreement)[institution_id]
@@ -198,7 +270,6 @@ def seal_unmask(plan: ReleasePlan, institution_id: str) -> str:
         if share[0] != own_x:
             raise FusionError(f"the seed share {peer} sealed for {institution_id} has the wrong coordinate")
         revealed[peer] = encode_share(share)
-    remember_answer(plan, institution_id, roster)
     path = unmask_path(plan.config.exchange_path, plan.key, institution_id)
     kept = _answer_file(plan, institution_id).with_suffix(".fenv")
     if kept.exists():  # answered before: the same bytes again (a fresh encryption would change the aggregate

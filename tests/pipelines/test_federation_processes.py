@@ -34,6 +34,11 @@ def fusion(config: Path, *args: str, expect: int = 0) -> subprocess.CompletedPro
     return result
 
 
+def fusion_background(config: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "fusion.cli", *args, "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+
+
 def build(root: Path) -> tuple[Path, dict[str, int]]:
     """Separate directories per party; one federation config (absolute paths) that every party reads."""
     rng = np.random.default_rng(9)
@@ -107,8 +112,14 @@ def test_separate_parties_release_with_and_without_a_missing_institution(tmp_pat
     assert "waiting for gamma" in waiting.stdout
     declared = fusion(config, "aggregate", "--now", *INTERVAL, expect=3)
     assert "declared absent: gamma" in declared.stdout
-    for inst in ("alpha", "beta"):
-        fusion(config, "contribute", "--institution", inst, "--unmask", *INTERVAL)
+    # alpha and beta, at once: each signs the roster and waits for the other's signature, then answers.
+    unmasking = [
+        fusion_background(config, "contribute", "--institution", inst, "--unmask", "--wait", "120", *INTERVAL)
+        for inst in ("alpha", "beta")
+    ]
+    for process in unmasking:
+        out, err = process.communicate(timeout=180)
+        assert process.returncode == 0 and "answer to the roster written" in out, f"{out}\n{err}"
     fusion(config, "aggregate", *INTERVAL)
     # gamma comes back too late: its envelope is refused, the aggregate keeps alpha and beta.
     fusion(config, "contribute", "--institution", "gamma", *INTERVAL)
@@ -166,7 +177,8 @@ def test_adversarial_envelopes_against_separate_parties(tmp_path: Path) -> None:
     assert "declared absent: beta" in declared.stdout
     for reason in ("replayed", "tampered", "unsigned", "unregistered_institution"):
         assert reason in declared.stdout
-    for inst in ("alpha", "gamma"):
+    fusion(config, "contribute", "--institution", "alpha", "--unmask", *INTERVAL, expect=3)  # signed, waiting
+    for inst in ("gamma", "alpha"):
         fusion(config, "contribute", "--institution", inst, "--unmask", *INTERVAL)
     fusion(config, "aggregate", *INTERVAL)
     fusion(config, "release", *INTERVAL)

@@ -43,8 +43,11 @@ def test_role_commands_match_batch(make_federation):
         fusion("contribute", "--config", str(by_roles.config_path), "--institution", institution, *INTERVAL)
     roster = fusion("aggregate", "--config", str(by_roles.config_path), *INTERVAL, expect=3).stdout
     assert "roster closed; unmask round: alpha, beta, gamma" in roster
-    for institution in ("alpha", "beta", "gamma"):
-        fusion("contribute", "--config", str(by_roles.config_path), "--institution", institution, "--unmask", *INTERVAL)
+    unmask = ("contribute", "--config", str(by_roles.config_path), "--unmask", *INTERVAL)
+    first = fusion(*unmask, "--institution", "alpha", expect=3).stdout  # the first signature on the roster
+    assert "roster acknowledged; 1 of the 2 acknowledgements needed (alpha)" in first
+    for institution in ("beta", "gamma", "alpha"):  # beta's signature makes 2 of 3: from then on each answers
+        assert "answer to the roster written" in fusion(*unmask, "--institution", institution).stdout
     fusion("aggregate", "--config", str(by_roles.config_path), *INTERVAL)
     fusion("release", "--config", str(by_roles.config_path), *INTERVAL)
 

@@ -23,13 +23,22 @@ from fusion.exchange import (
 )
 from fusion.keys import load_secret_context_bytes
 from fusion.plan import ReleasePlan, plan_release
-from fusion.registry import load_signing_key
+from fusion.registry import load_registry, load_signing_key
 from fusion.store import Store
 from pipelines.release import release
 from pipelines.run import run_aggregate, run_contributions, run_unmask
-from pipelines.unmask import Roster, RosterConflict, _roster_message, write_roster
+from pipelines.unmask import (
+    Roster,
+    RosterConflict,
+    _roster_message,
+    _seal_answer,
+    acknowledge,
+    self_mask_total,
+    write_roster,
+)
 from privacy import he
-from privacy.envelope import pack_envelope, unpack_envelope
+from privacy.envelope import envelope_header, pack_envelope, unpack_envelope
+from privacy.masking import centred
 from privacy.signing import generate_signing_key, sign
 from tests.conftest import END, START
 
@@ -88,6 +97,95 @@ def test_the_coalition_cannot_declare_a_victim_absent_after_the_unmask_round(mak
     assert status["status"] == "awaiting_unmask" and status["unmask_pending"] == ["alpha", "gamma"]
     reasons = sorted(r["reason"] for r in status["refused"])
     assert reasons == ["declared_absent"] + ["wrong_roster"] * 3
+
+
+def test_split_view_rosters_isolate_no_one_because_nobody_answers_without_a_majority_of_signatures(make_federation):
+    """A coalition of aggregator and key holder shows each institution its own signed roster: alpha {alpha, beta},
+    beta {beta, gamma}, gamma all three. Answered, alpha's seed comes back from alpha's and gamma's shares, and
+    alpha's and beta's corrections remove alpha's pairwise masks: alpha's contribution, decrypted exactly. Each
+    institution first signs the roster it was shown and answers only once 2 of the 3 signed that same roster,
+    so no one answers any of them."""
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    key = plan.key.release_id
+    shown = {
+        "alpha": Roster(release_id=key, included=("alpha", "beta"), absent=("gamma",)),
+        "beta": Roster(release_id=key, included=("beta", "gamma"), absent=("alpha",)),
+        "gamma": Roster(release_id=key, included=("alpha", "beta", "gamma"), absent=()),
+    }
+    for institution, roster in shown.items():
+        write_roster(plan, roster)
+        answer = run_unmask(plan, [fed.config.institution(institution)])[0]
+        assert answer.path is None and answer.acknowledged == (institution,) and answer.needed == 2
+    for institution, roster in shown.items():  # asked again, each still sees its roster signed once
+        write_roster(plan, roster)
+        assert run_unmask(plan, [fed.config.institution(institution)])[0].path is None
+    assert not list((fed.directory / "exchange").rglob("unmask/*.fenv")), "no institution answered"
+
+    # What the answers would have given the coalition (each sealed as before the consistency round):
+    for institution, roster in shown.items():
+        write_roster(plan, roster)
+        acknowledge(plan, institution)
+        _seal_answer(plan, institution, roster, load_registry(fed.config))
+    answers = {
+        i: read_bytes(unmask_path(fed.config.exchange_path, plan.key, i)) for i in ("alpha", "beta", "gamma")
+    }
+    contribution = envelope_header(read_bytes(contribution_path(fed.config.exchange_path, plan.key, "alpha")))
+    revealing = [envelope_header(answers[i]) for i in ("alpha", "gamma")]  # alpha's seed: quorum-many shares
+    seed_mask = self_mask_total(plan, {"alpha": contribution}, revealing)
+    alpha_side, beta_side = (decrypt(plan, [unpack_envelope(answers[i])[1]]) for i in ("alpha", "beta"))
+    # alpha's correction cancels its mask with gamma; beta's is the negation of alpha's mask with beta.
+    isolated = centred(decrypt(plan, [envelope(plan, "alpha")]) + alpha_side - beta_side - seed_mask, he.PLAIN_MODULUS)
+    assert isolated.any() and np.abs(isolated).max() < 2**40, "alpha's own contribution, in the clear"
+
+
+def test_only_valid_signatures_on_the_same_roster_count_as_acknowledgements(make_federation):
+    from fusion.exchange import acknowledgement_path
+    from pipelines.unmask import acknowledged, acknowledgements_needed
+
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)
+    roster = acknowledge(plan, "alpha")
+    assert acknowledged(plan, roster) == ("alpha",)
+    path = acknowledgement_path(fed.config.exchange_path, plan.key, "beta")
+    other = Roster(release_id=plan.key.release_id, included=("alpha", "beta"), absent=("gamma",))
+    forged_key, _ = generate_signing_key()
+    alphas = json.loads(read_bytes(acknowledgement_path(fed.config.exchange_path, plan.key, "alpha")))
+    for doc in (
+        alphas,  # alpha's signature, filed as beta's
+        {"signature": sign(forged_key, _roster_message(roster)).hex()},  # not beta's key
+        {"signature": "zz"},
+        {"no": "signature"},
+    ):
+        write_bytes(path, json.dumps(doc).encode())
+        assert acknowledged(plan, roster) == ("alpha",)
+    write_roster(plan, other)
+    acknowledge(plan, "beta")  # beta signs another roster: it counts for that one, not for alpha's
+    assert acknowledged(plan, roster) == ("alpha",) and acknowledged(plan, other) == ("beta",)
+    needed = {(3, 0): 2, (3, 1): 3, (4, 0): 3, (5, 1): 4, (5, 2): 4}  # more than (n + c) / 2
+    for (n, c), expected in needed.items():
+        config = fed.config.model_copy(update={"institutions": [fed.config.institutions[0]] * n})
+        wary = replace(plan, config=config, params=replace(plan.params, max_colluding=c))
+        assert acknowledgements_needed(wary) == expected, (n, c)
+
+
+def test_a_roster_is_not_closed_with_fewer_institutions_than_one_round_of_signatures_needs(make_federation):
+    """4 institutions: answers need 3 signatures on one roster. With 2 contributions (quorum 2) no roster could
+    ever gather them, so the aggregator refuses instead of closing one."""
+    four = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta")]
+    fed = make_federation(noise=False, quorum=2, institutions=four)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions[:2])
+    with pytest.raises(ReleaseRefused, match="needs 3 included institutions to acknowledge one roster"):
+        run_aggregate(plan)
+    assert not os.path.exists(roster_path(fed.config.exchange_path, plan.key))
+    run_contributions(plan, fed.config.institutions[2:3])
+    assert run_aggregate(plan)["status"] == "awaiting_unmask"  # 3 of 4: the round can complete
+    run_unmask(plan, fed.config.institutions[:3])
+    assert run_aggregate(plan)["status"] == "aggregated"
 
 
 def test_an_institution_refuses_a_roster_that_excludes_it_or_is_not_a_partition(make_federation):
@@ -171,11 +269,16 @@ def test_one_institution_may_miss_the_unmask_round_when_none_is_absent(make_fede
     plan = plan_release(fed.config, START, END)
     run_contributions(plan, fed.config.institutions)
     run_aggregate(plan)
-    run_unmask(plan, fed.config.institutions[:1])
+    alone = run_unmask(plan, fed.config.institutions[:1])[0]
+    assert (alone.path, alone.acknowledged, alone.needed) == (None, ("alpha",), 2)  # acknowledged, not answered
     waiting = run_aggregate(plan)
-    assert waiting["status"] == "awaiting_unmask" and waiting["unmask_pending"] == ["beta", "gamma"]
-    run_unmask(plan, [fed.config.institution("gamma")])  # beta never answers: quorum-many shares suffice
-    assert run_aggregate(plan)["status"] == "aggregated"
+    assert waiting["status"] == "awaiting_unmask" and waiting["unmask_pending"] == ["alpha", "beta", "gamma"]
+    assert waiting["acknowledged"] == ["alpha"]
+    assert run_unmask(plan, [fed.config.institution("gamma")])[0].path  # two of three signed: gamma answers
+    waiting = run_aggregate(plan)
+    assert waiting["status"] == "awaiting_unmask" and waiting["unmask_pending"] == ["alpha", "beta"]
+    assert run_unmask(plan, fed.config.institutions[:1])[0].path  # alpha, asked again, now answers too
+    assert run_aggregate(plan)["status"] == "aggregated"  # beta never answers: quorum-many shares suffice
     release(plan, Store(fed.config.store_path))
     released = Store(fed.config.store_path).read("releases")
     assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
