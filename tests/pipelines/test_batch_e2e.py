@@ -412,14 +412,15 @@ def test_a_release_past_the_period_cap_is_refused_before_any_work(make_federatio
 
 
 FOUR = [("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl"), ("delta", "csv")]
+FIVE = [*FOUR, ("epsilon", "parquet")]  # two may be missing: 3 of 5 still sign one roster (more than 5 / 2)
 
 
 @pytest.mark.parametrize("missing", [1, 2])
 def test_the_recovery_round_releases_the_exact_sum_of_those_present(make_federation, missing):
-    fed = make_federation(noise=False, quorum=2, institutions=FOUR)
+    fed = make_federation(noise=False, quorum=2, institutions=FIVE)
     plan = plan_release(fed.config, START, END)
-    present = list(fed.config.institutions[: len(FOUR) - missing])
-    absent = sorted(i.id for i in fed.config.institutions[len(FOUR) - missing :])
+    present = list(fed.config.institutions[: len(FIVE) - missing])
+    absent = sorted(i.id for i in fed.config.institutions[len(FIVE) - missing :])
     run_contributions(plan, present)
     status = run_aggregate(plan)
     assert status["status"] == "awaiting_unmask" and status["absent"] == absent

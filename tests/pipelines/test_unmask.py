@@ -165,11 +165,12 @@ def test_only_valid_signatures_on_the_same_roster_count_as_acknowledgements(make
     write_roster(plan, other)
     acknowledge(plan, "beta")  # beta signs another roster: it counts for that one, not for alpha's
     assert acknowledged(plan, roster) == ("alpha",) and acknowledged(plan, other) == ("beta",)
-    needed = {(3, 0): 2, (3, 1): 3, (4, 0): 3, (5, 1): 4, (5, 2): 4}  # more than (n + c) / 2
-    for (n, c), expected in needed.items():
+    # more than (n + c) / 2; a quorum below c + 2 (test mode) protects no one, and needs only its own
+    needed = {(3, 2, 0): 2, (3, 3, 1): 3, (4, 2, 0): 3, (5, 3, 1): 4, (5, 4, 2): 4, (4, 1, 0): 1, (5, 2, 1): 1}
+    for (n, quorum, c), expected in needed.items():
         config = fed.config.model_copy(update={"institutions": [fed.config.institutions[0]] * n})
-        wary = replace(plan, config=config, params=replace(plan.params, max_colluding=c))
-        assert acknowledgements_needed(wary) == expected, (n, c)
+        wary = replace(plan, config=config, params=replace(plan.params, quorum=quorum, max_colluding=c))
+        assert acknowledgements_needed(wary) == expected, (n, quorum, c)
 
 
 def test_a_roster_is_not_closed_with_fewer_institutions_than_one_round_of_signatures_needs(make_federation):
