@@ -37,6 +37,9 @@ class SqlSandbox:
         versions: dict[str, int] | None = None,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
+        unknown = sorted(set(versions or {}) - set(TABLE_SCHEMAS))
+        if unknown:
+            raise SqlError(f"versions name tables the store does not have: {unknown} (it has {sorted(TABLE_SCHEMAS)})")
         self._con = duckdb.connect(":memory:")
         for name in TABLE_SCHEMAS:
             version = (versions or {}).get(name)

@@ -178,9 +178,11 @@ class Store:
         schema = TABLE_SCHEMAS[name]
         table = self._table(name, create=False)
         if table is None:
+            if version is not None:
+                raise FusionError(f"table {name} has no versions yet; version {version} does not exist")
             return ds.dataset(schema.empty_table())
         if version is not None:
-            table.load_as_version(version)
+            self._load_version(name, table, version)
         dataset = self._arrow_dataset(name, table, schema)
         if string_view is None:
             string_view = any(
@@ -192,6 +194,16 @@ class Store:
             view = pa.schema([f.with_type(pa.string_view()) if f.type == pa.string() else f for f in schema])
             dataset = self._arrow_dataset(name, table, view)
         return dataset
+
+    @staticmethod
+    def _load_version(name: str, table: DeltaTable, version: int) -> None:
+        latest = table.version()
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= latest:
+            raise FusionError(f"table {name} has versions 0 to {latest}; version {version!r} does not exist")
+        try:
+            table.load_as_version(version)
+        except DeltaError as exc:  # e.g. its log entry was cleaned up
+            raise FusionError(f"table {name}: version {version} cannot be read: {exc}") from None
 
     def _arrow_dataset(self, name: str, table: DeltaTable, schema: pa.Schema) -> ds.Dataset:
         """The table's snapshot as an Arrow dataset. A local store is read through Arrow's own file system:

@@ -185,6 +185,17 @@ def test_versions_time_travel(store: Store) -> None:
             sandbox.close()
 
 
+def test_versions_that_do_not_exist_are_refused_by_name(store: Store) -> None:
+    """A misspelled table must not silently give the current data, nor a missing version a raw Delta error."""
+    with pytest.raises(SqlError, match=r"tables the store does not have: \['release'\]"):
+        SqlSandbox(store, versions={"release": 0})
+    for version in (2, -1, True, "1"):
+        with pytest.raises(FusionError, match="table releases has versions 0 to 1; version .* does not exist"):
+            SqlSandbox(store, versions={"releases": version})  # type: ignore[dict-item]
+    with pytest.raises(FusionError, match="table audit has no versions yet"):
+        SqlSandbox(Store(store.path.parent / "empty"), versions={"audit": 0})
+
+
 def test_a_store_without_tables_answers_empty_and_stays_untouched(tmp_path: Path) -> None:
     sandbox = SqlSandbox(tmp_path / "store")
     try:
