@@ -190,7 +190,7 @@ def test_versions_that_do_not_exist_are_refused_by_name(store: Store) -> None:
     with pytest.raises(SqlError, match=r"tables the store does not have: \['release'\]"):
         SqlSandbox(store, versions={"release": 0})
     for version in (2, -1, True, "1"):
-        with pytest.raises(FusionError, match="table releases has versions 0 to 1; version .* does not exist"):
+        with pytest.raises(FusionError, match=r"table releases has versions 0 to 1; version .* does not exist"):
             SqlSandbox(store, versions={"releases": version})  # type: ignore[dict-item]
     with pytest.raises(FusionError, match="table audit has no versions yet"):
         SqlSandbox(Store(store.path.parent / "empty"), versions={"audit": 0})
