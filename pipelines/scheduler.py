@@ -23,10 +23,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fusion.config import Config
-from fusion.errors import ReleaseRefused
+from fusion.durations import floor_to_grid
+from fusion.errors import FusionError, ReleaseRefused
 from fusion.plan import plan_release
 from fusion.runs import Claim, Outcome, RunLog
-from fusion.schedule import Action, Interval, RunStatus, ScheduleConfig, decide, due_intervals, grid, next_fire
+from fusion.schedule import (
+    Action,
+    Interval,
+    RunStatus,
+    ScheduleConfig,
+    decide,
+    due_intervals,
+    grid,
+    latest_fire,
+    next_fire,
+)
 from fusion.store import Store
 from pipelines.batch import run_batch
 
@@ -266,7 +277,15 @@ def backfill(
     beam_args: Sequence[str] = (),
     on_result: Callable[[RunResult], None] = lambda result: None,
 ) -> list[RunResult]:
-    """Run every interval of `schedule`'s grid in [start, end) that is not released yet, oldest first."""
+    """Run every interval of `schedule`'s grid in [start, end) that is not released yet, oldest first. Only
+    intervals the schedule has already closed (its latest cron fire, truncated to the grid): an interval still
+    open would be released without its late readings, and an institution seals each interval once, ever."""
+    closed = floor_to_grid(latest_fire(schedule, now()), schedule.length)
+    if end > closed:
+        raise FusionError(
+            f"backfill to {end.isoformat()} reaches intervals schedule {schedule.name!r} has not closed yet: the "
+            f"latest it has closed ends at {closed.isoformat()} (its cron {schedule.cron!r}); backfill up to then"
+        )
     runner = runner or default_runner_id()
     store = Store(config.store_path)
     store.ensure_tables()

@@ -218,6 +218,10 @@ def test_backfill_runs_missing_intervals_in_order_and_the_ledger_decides(
     ]
     assert main([*args[:4], "2026-01-01T00:30", *args[5:]]) == 1
     assert "--from 2026-01-01T00:30 is not on schedule hourly's 1h grid" in capsys.readouterr().err
+    # Intervals not closed yet would be released without their late readings, and sealed once, ever:
+    assert main([*args[:6], "2099-01-01T00:00", *args[7:]]) == 1
+    assert "reaches intervals schedule 'hourly' has not closed yet" in capsys.readouterr().err
+    assert len(runs(fed)) == 5  # nothing was attempted
 
 
 def test_sigterm_stops_a_waiting_scheduler_cleanly(make_federation: Callable[..., Federation]) -> None:
