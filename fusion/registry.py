@@ -8,6 +8,7 @@ file the operator distributes). The aggregator accepts only envelopes signed by 
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import tomllib
 from pathlib import Path
@@ -22,13 +23,23 @@ AGREEMENT_KEY = "agreement.key"
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Create a secret file owner-readable only (0600), in a directory only its owner can enter (0700)."""
+    """Create a secret file owner-readable only (0600), in a directory only its owner can enter (0700).
+
+    Written to a new owner-only sibling, then renamed over `path`: replacing a file that was readable by
+    others never exposes the new secret through the old file's mode, and a crash leaves the old key or the
+    new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
+    pending = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(pending, path)
+    finally:
+        pending.unlink(missing_ok=True)
 
 
 def read_private(path: Path, what: str) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -57,3 +58,18 @@ def test_a_malformed_registry_is_refused(config) -> None:
     Path(config.registry_path).write_text('[[institutions]]\nid = "alpha"\nsigning_key = "not hex"\n')
     with pytest.raises(FusionError, match="malformed"):
         load_registry(config)
+
+
+def test_write_private_replaces_a_file_others_could_read_without_exposing_the_new_secret(tmp_path: Path) -> None:
+    from fusion.registry import write_private
+
+    path = tmp_path / "keys" / "signing.key"
+    path.parent.mkdir()
+    path.write_bytes(b"old")
+    os.chmod(path, 0o644)
+    before = path.stat().st_ino
+    write_private(path, b"new secret")
+    assert path.read_bytes() == b"new secret"
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_ino != before  # a new file: the old one (and its mode) never held the secret
+    assert sorted(p.name for p in path.parent.iterdir()) == ["signing.key"]  # no temporary file left
