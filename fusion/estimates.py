@@ -32,7 +32,7 @@ def decode_release(
 
     The SUM slots carry sums of (value - centre); the sum adds centre * count back, so its SD combines both
     slots' noise. The mean (centre + centred sum / count) is released only where the noisy count is clearly
-    positive (its 95% interval excludes 0); its interval uses the delta method and is clipped to the clamp bounds.
+    positive (its 95% interval excludes 0); its interval is Fieller's and is clipped to the clamp bounds.
     With the optional statistics, stddev comes from the SUMSQ slots and p10/median/p90 (with intervals) from
     the histogram slots; like the mean they are NULL where the count is not clearly positive.
     """
@@ -57,9 +57,19 @@ def decode_release(
     confident = count - Z95 * count_sd > 0
     safe_count = np.where(confident, count, 1.0)
     mean = np.clip(centre + centred / safe_count, lower, upper)
-    mean_sd = np.sqrt(centred_sd**2 + ((mean - centre) * count_sd) ** 2) / safe_count
-    mean_low = np.clip(mean - Z95 * mean_sd, lower, upper)
-    mean_high = np.clip(mean + Z95 * mean_sd, lower, upper)
+    # Fieller's interval for the ratio centred / count, whose noises are independent and normal: the offsets x
+    # from the centre with (centred - x * count)^2 <= z^2 (centred_sd^2 + x^2 count_sd^2). It is bounded exactly
+    # where the count is clearly positive (count^2 > z^2 count_sd^2), i.e. where a mean is released, and keeps
+    # 95% coverage there; the delta method's fell to 0.79 for counts near that threshold.
+    spread = np.where(confident, safe_count**2 - (Z95 * count_sd) ** 2, 1.0)
+    root = np.sqrt(
+        np.maximum((centred * count_sd) ** 2 + (safe_count * centred_sd) ** 2 - (Z95 * centred_sd * count_sd) ** 2, 0.0)
+    )
+    # Its bounds, written around the ratio (a / b + skew -/+ half), so that without noise they are the mean.
+    skew = centred * (Z95 * count_sd) ** 2 / (safe_count * spread)
+    half = Z95 * root / spread
+    mean_low = np.clip(centre + centred / safe_count + skew - half, lower, upper)
+    mean_high = np.clip(centre + centred / safe_count + skew + half, lower, upper)
 
     window_start = np.datetime64(layout.start.replace(tzinfo=None), "us") + window_idx * np.timedelta64(
         int(layout.window.total_seconds() * 1_000_000), "us"
