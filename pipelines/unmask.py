@@ -116,6 +116,9 @@ def read_roster(plan: ReleasePlan) -> Roster | None:
         signature = bytes.fromhex(doc.get("signature", ""))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FusionError(f"the roster {path} is malformed: {exc}") from None
+    for side in (roster.included, roster.absent):
+        if len(set(side)) != len(side):  # one signature counted twice would let split views through
+            raise FusionError(f"the roster {path} names an institution twice: {list(side)}")
     if not signature or not verify(load_aggregator_public_key(plan.config), _roster_message(roster), signature):
         raise FusionError(
             f"the roster {path} is not signed by the federation's registered aggregator: it is not answered "
@@ -145,6 +148,8 @@ def check_roster(plan: ReleasePlan, institution_id: str, roster: Roster) -> None
             "the aggregator and this institution disagree on the release's parameters"
         )
     configured = {i.id for i in plan.config.institutions}
+    if len(set(roster.included)) != len(roster.included) or len(set(roster.absent)) != len(roster.absent):
+        raise FusionError(f"the roster {roster.to_doc()} names an institution twice")
     if set(roster.included) & set(roster.absent) or set(roster.included) | set(roster.absent) != configured:
         raise FusionError(f"the roster {roster.to_doc()} does not partition the federation's institutions")
     if institution_id not in roster.included:
@@ -165,8 +170,16 @@ def remember_answer(plan: ReleasePlan, institution_id: str, roster: Roster) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     doc = json.dumps(roster.to_doc(), sort_keys=True).encode()
-    try:  # create-once: of two runs racing to answer different rosters, exactly one creates the record
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Written whole to a private sibling, then linked into place (create-once): a crash never leaves a partial
+    # record, and of two runs racing to record different rosters, exactly one links its record.
+    pending = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(doc)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(pending, path)
     except FileExistsError:
         previous = json.loads(path.read_text())
         if previous != roster.to_doc():
@@ -175,11 +188,8 @@ def remember_answer(plan: ReleasePlan, institution_id: str, roster: Roster) -> N
                 f"refuses a different one ({roster.to_doc()}): an aggregator that changes a roster after the "
                 "unmask round could isolate one institution's contribution"
             ) from None
-        return
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(doc)
-        handle.flush()
-        os.fsync(handle.fileno())
+    finally:
+        pending.unlink(missing_ok=True)
 
 
 def acknowledge(plan: ReleasePlan, institution_id: str) -> Roster:
@@ -201,7 +211,7 @@ def acknowledged(plan: ReleasePlan, roster: Roster, registry: dict[str, bytes] |
     another roster, by an unregistered key, or unreadable counts for nothing."""
     registry = load_registry(plan.config) if registry is None else registry
     signers = []
-    for institution in roster.included:
+    for institution in sorted(set(roster.included)):  # each institution's signature counts once
         path = acknowledgement_path(plan.config.exchange_path, plan.key, institution)
         if institution not in registry or not exists(path):
             continue

@@ -33,6 +33,7 @@ from pipelines.unmask import (
     _roster_message,
     _seal_answer,
     acknowledge,
+    check_roster,
     self_mask_total,
     write_roster,
 )
@@ -138,6 +139,46 @@ def test_split_view_rosters_isolate_no_one_because_nobody_answers_without_a_majo
     # alpha's correction cancels its mask with gamma; beta's is the negation of alpha's mask with beta.
     isolated = centred(decrypt(plan, [envelope(plan, "alpha")]) + alpha_side - beta_side - seed_mask, he.PLAIN_MODULUS)
     assert isolated.any() and np.abs(isolated).max() < 2**40, "alpha's own contribution, in the clear"
+
+
+def test_a_roster_naming_an_institution_twice_is_refused_so_no_signature_counts_twice(make_federation):
+    """The split view again, each institution's id repeated in the roster it is shown ({alpha, alpha, beta}
+    for alpha): counted per entry, its own signature alone reached the 2 needed and everyone answered."""
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    key = plan.key.release_id
+    shown = {
+        "alpha": Roster(release_id=key, included=("alpha", "alpha", "beta"), absent=("gamma",)),
+        "beta": Roster(release_id=key, included=("beta", "beta", "gamma"), absent=("alpha",)),
+        "gamma": Roster(release_id=key, included=("alpha", "beta", "gamma", "gamma"), absent=()),
+    }
+    for institution, roster in shown.items():
+        write_roster(plan, roster)
+        with pytest.raises(FusionError, match="names an institution twice"):
+            run_unmask(plan, [fed.config.institution(institution)])
+        with pytest.raises(FusionError, match="names an institution twice"):
+            check_roster(plan, institution, roster)  # also when handed a roster directly
+    assert not list((fed.directory / "exchange").rglob("unmask/*.fenv")), "no institution answered"
+    assert not list((fed.directory / "exchange").rglob("acknowledgements/*.json")), "nor signed anything"
+
+
+def test_a_crash_while_recording_the_roster_leaves_no_partial_record(make_federation, monkeypatch):
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        acknowledge(plan, "alpha")
+    monkeypatch.undo()
+    assert not list((fed.directory / "institution-keys").rglob("answered/*")), "no partial record"
+    run_unmask(plan, fed.config.institutions)  # alpha takes part as if nothing happened
+    assert run_aggregate(plan)["status"] == "aggregated"
 
 
 def test_only_valid_signatures_on_the_same_roster_count_as_acknowledgements(make_federation):
