@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -434,8 +435,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> NoReturn:
-    """The console entry point: run `main`, then leave without interpreter finalization (see `exit_now`)."""
-    exit_now(main())
+    """The console entry point: run `main`, then leave without interpreter finalization (see `exit_now`),
+    whichever way it ends: a return, `--help` or a usage error (SystemExit), Ctrl-C, or an unexpected error
+    (its traceback printed, as Python would, and exit status 1)."""
+    try:
+        code = main()
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # reported like Python's own handler, then the same clean exit
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
 
 
 if __name__ == "__main__":

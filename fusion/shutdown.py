@@ -16,14 +16,12 @@ def exit_now(code: int) -> NoReturn:
     Arrow's I/O threads can still hold Python objects after a command's work is done (a streaming CSV reader's
     file and row handler, a scan through deltalake's Python file system on an object store). One that releases
     them while the interpreter finalizes needs the GIL that is gone, and the process aborts (exit status -6)
-    after finishing its work. So: wait for non-daemon threads (as Python does), run the atexit functions
-    (logging, temporary files, weakref finalizers), flush the standard streams, and end the process with
-    `os._exit`. Every file Fusion writes is closed (and its store commits complete) before `main` returns.
+    after finishing its work. So: run threading's exit hooks and wait for non-daemon threads (as Python does),
+    run the atexit functions (logging, temporary files, weakref finalizers), flush the standard streams, and end
+    the process with `os._exit`. Every file Fusion writes is closed (and its store commits complete) before
+    `main` returns.
     """
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # type: ignore[attr-defined]  # what Python runs first: exit hooks, then joins
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe takes nothing more

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.fusion.test_store import release_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -13,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+                          timeout=60)
 
 
 def test_exit_now_keeps_the_exit_code_runs_atexit_joins_threads_and_flushes_output(tmp_path: Path) -> None:
@@ -51,11 +53,38 @@ def test_exit_now_survives_buffers_an_arrow_thread_releases_late(tmp_path: Path)
         assert done.returncode == 0, done.stderr
 
 
-def test_the_fusion_command_exits_through_exit_now() -> None:
+@pytest.mark.parametrize(
+    "argv,patch,code,printed",
+    [
+        (["sql", "--help"], "", 0, "usage: fusion sql"),
+        (["no-such-command"], "", 2, "invalid choice"),
+        (["sql"], "fusion.cli.main = lambda: (_ for _ in ()).throw(RuntimeError('boom'))\n", 1, "RuntimeError: boom"),
+        (["sql"], "fusion.cli.main = lambda: (_ for _ in ()).throw(KeyboardInterrupt())\n", 130, ""),
+    ],
+)
+def test_every_way_out_of_the_fusion_command_goes_through_exit_now(
+    argv: list[str], patch: str, code: int, printed: str
+) -> None:
     import tomllib
 
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["fusion"] == "fusion.cli:run"
-    done = subprocess.run([sys.executable, "-m", "fusion.cli", "sql", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-    assert done.returncode == 0 and "sql" in done.stdout
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["fusion"] == "fusion.cli:run"
+    script = (
+        "import sys\nimport fusion.cli\nimport fusion.shutdown\n"
+        "real = fusion.shutdown.exit_now\n"
+        "def seen(code):\n    print('exit_now', code, file=sys.stderr)\n    real(code)\n"
+        "fusion.cli.exit_now = seen\n" + patch +
+        f"sys.argv = ['fusion', *{argv!r}]\nfusion.cli.run()\n"
+    )
+    done = _python(script)
+    assert done.returncode == code, done.stderr
+    assert f"exit_now {code}" in done.stderr
+    assert printed in done.stdout + done.stderr
+
+
+def test_exit_now_does_not_hang_on_an_idle_thread_pool() -> None:
+    script = (
+        "from concurrent.futures import ThreadPoolExecutor\nfrom fusion.shutdown import exit_now\n"
+        "pool = ThreadPoolExecutor(2)\npool.submit(print, 'ran').result()\nexit_now(0)\n"
+    )
+    done = _python(script)  # _python's timeout fails the test if the idle workers are never woken
+    assert done.returncode == 0 and done.stdout == "ran\n"
