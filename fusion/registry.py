@@ -28,11 +28,13 @@ def write_private(path: Path, data: bytes) -> None:
     Written to a new owner-only sibling, then renamed over `path`: replacing a file that was readable by
     others never exposes the new secret through the old file's mode, and a crash leaves the old key or the
     new one, never half of one."""
+    path = path.resolve()  # a key symlinked onto a secrets volume is rotated there, not beside the link
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     pending = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
     descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        os.fchmod(descriptor, 0o600)  # whatever the umask
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -9,6 +9,7 @@ uses a Delta merge (fusion/ledger.py).
 from __future__ import annotations
 
 import contextlib
+import operator
 import random
 import time
 from pathlib import Path
@@ -183,13 +184,18 @@ class Store:
             return ds.dataset(schema.empty_table())
         if version is not None:
             self._load_version(name, table, version)
-        dataset = self._arrow_dataset(name, table, schema)
+        try:
+            dataset = self._arrow_dataset(name, table, schema)
+            # Each file's footer: whether it holds string_view text, and (travelling in time) whether it is there.
+            footers = [] if string_view is not None and version is None else [
+                fragment.physical_schema for fragment in dataset.get_fragments()
+            ]
+        except FileNotFoundError as exc:  # an old version whose data files a vacuum removed
+            if version is None:
+                raise
+            raise FusionError(f"table {name}: the data files of version {version} were removed: {exc}") from None
         if string_view is None:
-            string_view = any(
-                pa.types.is_string_view(field.type)
-                for fragment in dataset.get_fragments()
-                for field in fragment.physical_schema
-            )
+            string_view = any(pa.types.is_string_view(field.type) for footer in footers for field in footer)
         if string_view:
             view = pa.schema([f.with_type(pa.string_view()) if f.type == pa.string() else f for f in schema])
             dataset = self._arrow_dataset(name, table, view)
@@ -198,8 +204,13 @@ class Store:
     @staticmethod
     def _load_version(name: str, table: DeltaTable, version: int) -> None:
         latest = table.version()
-        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= latest:
+        try:  # any integer (a NumPy one read back from a table included), but not a bool
+            number = None if isinstance(version, bool) else operator.index(version)
+        except TypeError:
+            number = None
+        if number is None or not 0 <= number <= latest:
             raise FusionError(f"table {name} has versions 0 to {latest}; version {version!r} does not exist")
+        version = number
         try:
             table.load_as_version(version)
         except DeltaError as exc:  # e.g. its log entry was cleaned up

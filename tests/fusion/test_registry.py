@@ -73,3 +73,21 @@ def test_write_private_replaces_a_file_others_could_read_without_exposing_the_ne
     assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
     assert path.stat().st_ino != before  # a new file: the old one (and its mode) never held the secret
     assert sorted(p.name for p in path.parent.iterdir()) == ["signing.key"]  # no temporary file left
+
+
+def test_write_private_rotates_a_symlinked_key_where_it_lives_whatever_the_umask(tmp_path: Path) -> None:
+    from fusion.registry import write_private
+
+    volume = tmp_path / "secrets"
+    volume.mkdir()
+    (volume / "signing.key").write_bytes(b"old")
+    link = tmp_path / "keys" / "signing.key"
+    link.parent.mkdir()
+    link.symlink_to(volume / "signing.key")
+    previous = os.umask(0o477)
+    try:
+        write_private(link, b"new secret")
+    finally:
+        os.umask(previous)
+    assert link.is_symlink() and (volume / "signing.key").read_bytes() == b"new secret"
+    assert (volume / "signing.key").stat().st_mode & 0o777 == 0o600

@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pandas.testing as pdt
 import pyarrow as pa
@@ -194,6 +195,17 @@ def test_versions_that_do_not_exist_are_refused_by_name(store: Store) -> None:
             SqlSandbox(store, versions={"releases": version})  # type: ignore[dict-item]
     with pytest.raises(FusionError, match="table audit has no versions yet"):
         SqlSandbox(Store(store.path.parent / "empty"), versions={"audit": 0})
+    sandbox = SqlSandbox(store, versions={"releases": np.int64(1)})  # e.g. a version read back from a table
+    sandbox.close()
+
+
+def test_a_version_whose_files_a_vacuum_removed_is_refused_by_name(store: Store) -> None:
+    for version in range(3, 12):
+        store.insert_new("releases", release_rows(f"r{version}", range(version * 4, version * 4 + 4)))
+    assert store.compact("releases", min_files=2) > 0
+    store.delta_table("releases").vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    with pytest.raises(FusionError, match="the data files of version 2 were removed"):
+        SqlSandbox(store, versions={"releases": 2})
 
 
 def test_a_store_without_tables_answers_empty_and_stays_untouched(tmp_path: Path) -> None:
