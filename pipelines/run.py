@@ -114,6 +114,5 @@ def run_aggregate(
 def run_unmask(plan: ReleasePlan, institutions: Sequence[InstitutionConfig]) -> list[Answer]:
     """The unmask round for `institutions` (included in the roster): each acknowledges the roster, then each
     answers it if enough institutions have acknowledged it (pipelines/unmask.py)."""
-    for institution in institutions:
-        acknowledge(plan, institution.id)
-    return [seal_unmask(plan, institution.id) for institution in institutions]
+    rosters = {institution.id: acknowledge(plan, institution.id) for institution in institutions}
+    return [seal_unmask(plan, institution.id, rosters[institution.id]) for institution in institutions]

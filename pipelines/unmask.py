@@ -170,26 +170,15 @@ def remember_answer(plan: ReleasePlan, institution_id: str, roster: Roster) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     doc = json.dumps(roster.to_doc(), sort_keys=True).encode()
-    # Written whole to a private sibling, then linked into place (create-once): a crash never leaves a partial
-    # record, and of two runs racing to record different rosters, exactly one links its record.
-    pending = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
-    descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(doc)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.link(pending, path)
-    except FileExistsError:
-        previous = json.loads(path.read_text())
-        if previous != roster.to_doc():
-            raise RosterConflict(
-                f"{institution_id} already answered the roster {previous} for release {plan.key.release_id} and "
-                f"refuses a different one ({roster.to_doc()}): an aggregator that changes a roster after the "
-                "unmask round could isolate one institution's contribution"
-            ) from None
-    finally:
-        pending.unlink(missing_ok=True)
+    if _create_once(path, doc):
+        return
+    previous = json.loads(path.read_text())
+    if previous != roster.to_doc():
+        raise RosterConflict(
+            f"{institution_id} already answered the roster {previous} for release {plan.key.release_id} and "
+            f"refuses a different one ({roster.to_doc()}): an aggregator that changes a roster after the "
+            "unmask round could isolate one institution's contribution"
+        )
 
 
 def acknowledge(plan: ReleasePlan, institution_id: str) -> Roster:
@@ -251,10 +240,10 @@ def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dic
     return header
 
 
-def seal_unmask(plan: ReleasePlan, institution_id: str) -> Answer:
-    """Step 2: once more than (n + c) / 2 institutions have signed the roster this institution acknowledged,
-    write its answer to it. Acknowledges first if it has not yet (step 1)."""
-    roster = acknowledge(plan, institution_id)
+def seal_unmask(plan: ReleasePlan, institution_id: str, roster: Roster | None = None) -> Answer:
+    """Step 2: once more than (n + c) / 2 institutions have signed the roster this institution acknowledged
+    (`roster`, what `acknowledge` returned), write its answer to it. Without `roster`, acknowledges first."""
+    roster = roster or acknowledge(plan, institution_id)
     registry = load_registry(plan.config)
     signers = acknowledged(plan, roster, registry)
     needed = acknowledgements_needed(plan)
@@ -321,19 +310,25 @@ def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registr
 def _keep_answer(kept: Path, envelope: bytes) -> bytes:
     """Keep the answer (owner-only, create-once) before publishing it; returns what to publish: the answer
     another run of this institution kept first, if one did."""
-    pending = kept.with_name(f".{kept.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    return envelope if _create_once(kept, envelope) else kept.read_bytes()
+
+
+def _create_once(path: Path, data: bytes) -> bool:
+    """Write `data` whole to an owner-only sibling, then link it into place: False (and nothing written) if
+    `path` exists. A crash never leaves a partial file, and of two racing runs exactly one creates it."""
+    pending = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
     descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(envelope)
-        handle.flush()
-        os.fsync(handle.fileno())
     try:
-        os.link(pending, kept)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(pending, path)
     except FileExistsError:
-        return kept.read_bytes()
+        return False
     finally:
-        pending.unlink()
-    return envelope
+        pending.unlink(missing_ok=True)
+    return True
 
 
 def self_mask_total(
