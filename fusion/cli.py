@@ -75,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     contribute.add_argument(
         "--unmask",
         action="store_true",
-        help="unmask round: acknowledge the aggregator's roster, and answer it (seed shares; corrections for the "
-        "absent) once more than half of the federation has acknowledged the same roster",
+        help="unmask round: acknowledge the aggregator's roster, and answer it (shares of the seeds, and of the mask "
+        "keys held with the absent) once more than half of the federation has acknowledged the same roster",
     )
     contribute.add_argument(
         "--wait",
@@ -163,8 +163,8 @@ def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         stages = {
             "contribute": "institutions: validate, aggregate, add noise shares, encrypt",
             "aggregate": "aggregator: verify envelopes, check quorum, homomorphic sum, close the roster",
-            "unmask": "institutions: answer the roster (seed shares; corrections for the absent); aggregator: "
-            "remove the self masks, sign the aggregate",
+            "unmask": "institutions: answer the roster (shares of seeds and of mask keys with the absent); "
+            "aggregator: remove the masks, sign the aggregate",
             "release": "key holder: decrypt, decode, commit to the store",
         }
 

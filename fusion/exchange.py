@@ -91,7 +91,8 @@ def contribution_path(exchange: str, key: ReleaseKey, institution: str) -> str:
 
 
 def unmask_dir(exchange: str, key: ReleaseKey) -> str:
-    """The institutions' answers to the roster: seed shares and pairwise-mask corrections."""
+    """The institutions' answers to the roster: shares of the self-mask seeds and of the mask keys held with the
+    absent."""
     return join(exchange, key.interval_name, "unmask")
 
 

@@ -35,6 +35,7 @@ from fusion.plan import ReleasePlan
 from fusion.registry import load_aggregator_signing_key, load_registry
 from pipelines.unmask import (
     Roster,
+    absent_mask_total,
     acknowledged,
     acknowledgements_needed,
     read_roster,
@@ -149,9 +150,8 @@ class OpenEnvelope(beam.DoFn):
         return ""
 
     def _check_ciphertexts(self, header: EnvelopeHeader, ciphertexts: list[bytes]) -> str:
-        expected = he.ciphertexts_for(self._plan.layout.slots)
-        if header.kind == "unmask" and not header.absent:
-            expected = 0  # nothing to correct: the answer is its seed shares alone
+        # An answer is revealed shares alone: the aggregator removes every mask itself.
+        expected = 0 if header.kind == "unmask" else he.ciphertexts_for(self._plan.layout.slots)
         if len(ciphertexts) != expected:
             return "wrong_layout"
         try:
@@ -277,8 +277,8 @@ class SealAggregate(beam.DoFn):
             return
         answered = {a.contributors[0] for a in answers}
         pending = sorted(set(roster.included) - answered)
-        # Corrections for the absent must come from every survivor; seeds need only `quorum` shares each.
-        if pending and (roster.absent or len(answered) < plan.params.quorum):
+        # Every seed and every mask key with an absent institution needs `quorum` shares: any `quorum` answers.
+        if len(answered) < plan.params.quorum:
             signers = list(acknowledged(plan, roster))
             yield self._status(
                 {**summary, "status": "awaiting_unmask", "unmask_pending": pending, "acknowledged": signers}
@@ -286,8 +286,10 @@ class SealAggregate(beam.DoFn):
             return
         try:
             masks = self_mask_total(plan, headers, answers)
+            if roster.absent:
+                masks = (masks + absent_mask_total(plan, headers, answers, roster.absent)) % he.PLAIN_MODULUS
         except ShareError as exc:
-            yield self._refuse(summary, f"the self masks cannot be removed: {exc}")
+            yield self._refuse(summary, f"the masks cannot be removed: {exc}")
             return
         unmasking = centred(he.PLAIN_MODULUS - masks, he.PLAIN_MODULUS)
         ciphertexts = he.add_plain(self._public_context.context, ciphertexts, unmasking)

@@ -63,7 +63,7 @@ def run_batch(
     aggregate_in_process = in_process or not names_runner(beam_args)
     aggregated = run_aggregate(plan, beam_args, in_process=aggregate_in_process)
     if aggregated["status"] == "awaiting_unmask":
-        # The roster is closed: every included institution answers it (seed shares; corrections for the absent).
+        # The roster is closed: every included institution answers it (shares of seeds and of mask keys).
         on_stage("unmask")
         pending = [i for i in plan.config.institutions if i.id in aggregated["unmask_pending"]]
         run_unmask(plan, pending)

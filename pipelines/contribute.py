@@ -66,7 +66,7 @@ from privacy.bounding import bound_contributions
 from privacy.envelope import EnvelopeHeader, pack_envelope
 from privacy.layout import SUMSQ
 from privacy.masking import add_mod, pairwise_mask
-from privacy.sharing import commitment, new_seed, self_mask, share_seed
+from privacy.sharing import commitment, new_seed, self_mask, share_pair_keys, share_seed
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
 from schemas.reasons import RejectReason
 from schemas.validation import readings_as_dead_letters
@@ -302,6 +302,11 @@ class SealContribution(beam.DoFn):
         shares, share_digests = share_seed(
             seed, own_id=institution.id, own_private=own_key, peers=peers, threshold=plan.params.quorum, context=context
         )
+        # Its mask keys too, so that the masks with institutions declared absent can be removed from any quorum of
+        # answers (only ever for absent peers: an answer reveals no key between two included institutions).
+        pair_shares, pair_digests, pair_commitments = share_pair_keys(
+            own_id=institution.id, own_private=own_key, peers=peers, threshold=plan.params.quorum, context=context
+        )
         masked = add_mod(vector, mask, he.PLAIN_MODULUS)
         public_context = self._public_context
         ciphertexts = he.encrypt_vector(self._he_context, masked, residues=True)
@@ -314,6 +319,9 @@ class SealContribution(beam.DoFn):
             seed_commitment=commitment(seed, context=context),
             seed_shares=shares,
             share_digests=share_digests,
+            pair_commitments=pair_commitments,
+            pair_shares=pair_shares,
+            pair_share_digests=pair_digests,
         )
         path = contribution_path(plan.config.exchange_path, plan.key, institution.id)
         signing_key = load_signing_key(plan.config, institution.id)

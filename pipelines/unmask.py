@@ -5,11 +5,13 @@ The roster names the institutions whose contributions are in the sum (included) 
 1. *acknowledge*: it checks the roster, records it (create-once, in its own key directory: it will never
    acknowledge or answer another roster for this release) and publishes its signature on it;
 2. *answer*, only once more than (n + c) / 2 of the federation's n institutions (c = `max_colluding`) have
-   signed that same roster: one signed envelope holding
-   - its share of every included institution's self-mask seed (opened from their signed contributions), so the
-     aggregator can remove the self masks; and
-   - if any institution is absent, the negation of its own pairwise masks with them, encrypted, so the masks
-     that no longer cancel are removed from the sum (no mask key is revealed).
+   signed that same roster: one signed envelope (no ciphertexts) holding, opened from the included
+   institutions' signed contributions,
+   - its share of every included institution's self-mask seed, so the aggregator can remove the self masks; and
+   - if any institution is absent, its share of the mask key every included institution holds with each absent
+     one, so the aggregator can remove the pairwise masks that no longer cancel (never a key between two
+     included institutions). Any `quorum` answers therefore complete the release, whoever else drops out
+     during the round.
 Step 1 is Bonawitz et al.'s consistency check. An honest institution signs one roster per release, so two
 different rosters cannot both gather more than (n + c) / 2 signatures (their signers would number more than
 n + c, and only the c colluders sign both): every honest answer is to one roster, and rosters that differ per
@@ -51,11 +53,14 @@ from fusion.registry import (
 )
 from privacy import he
 from privacy.envelope import EnvelopeError, EnvelopeHeader, envelope_header, pack_envelope, signature_valid
-from privacy.masking import centred, recovery_correction
+from privacy.masking import pair_term
 from privacy.sharing import (
+    ShareError,
     decode_share,
     encode_share,
     open_share,
+    pair_entry,
+    pair_key_context,
     reconstruct,
     self_mask,
     share_coordinates,
@@ -257,41 +262,33 @@ def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registr
     agreement = load_agreement_keys(plan.config)
     own_key = load_agreement_key(plan.config, institution_id)
     own_x = share_coordinates(agreement)[institution_id]
-    revealed = {}
+
+    def opened(dealer: str, sealed: str | None, bound: bytes, what: str) -> str:
+        if sealed is None:
+            raise FusionError(
+                f"the contribution of {dealer} holds no {what} share for {institution_id} (a contribution sealed "
+                "by a Fusion version before shared mask keys cannot be recovered with institutions absent)"
+            )
+        share = open_share(sealed, own_key, agreement[dealer], context=bound, sender=dealer, recipient=institution_id)
+        if share[0] != own_x:
+            raise FusionError(f"the {what} share {dealer} sealed for {institution_id} has the wrong coordinate")
+        return encode_share(share)
+
+    revealed, revealed_pairs = {}, {}
     for peer in roster.included:
         header = _verified_contribution(plan, peer, registry)
-        if institution_id not in header.seed_shares:
-            raise FusionError(f"the contribution of {peer} holds no seed share for {institution_id}")
-        share = open_share(
-            header.seed_shares[institution_id],
-            own_key,
-            agreement[peer],
-            context=context,
-            sender=peer,
-            recipient=institution_id,
-        )
-        if share[0] != own_x:
-            raise FusionError(f"the seed share {peer} sealed for {institution_id} has the wrong coordinate")
-        revealed[peer] = encode_share(share)
+        revealed[peer] = opened(peer, header.seed_shares.get(institution_id), context, "seed")
+        for absent in roster.absent:  # only keys with absent institutions: included ones' masks still cancel
+            entry = pair_entry(peer, absent)
+            bound = pair_key_context(context, dealer=peer, peer=absent)
+            sealed = header.pair_shares.get(pair_entry(absent, institution_id))
+            revealed_pairs[entry] = opened(peer, sealed, bound, f"mask-key ({peer}, {absent})")
     path = unmask_path(plan.config.exchange_path, plan.key, institution_id)
     kept = _answer_file(plan, institution_id).with_suffix(".fenv")
-    if kept.exists():  # answered before: the same bytes again (a fresh encryption would change the aggregate
-        write_bytes(path, kept.read_bytes())  # the key holder may already have been charged for, and refuse it)
+    if kept.exists():  # answered before: the same bytes again
+        write_bytes(path, kept.read_bytes())
         return path
     public_context = read_bytes(public_context_path(plan.config.exchange_path))
-    ciphertexts: list[bytes] = []
-    if roster.absent:
-        correction = recovery_correction(
-            institution_id,
-            own_key,
-            {a: agreement[a] for a in roster.absent},
-            slots=plan.layout.slots,
-            modulus=he.PLAIN_MODULUS,
-            context=context,
-        )
-        ciphertexts = he.encrypt_vector(
-            he.load_public_context(public_context), centred(correction, he.PLAIN_MODULUS), residues=True
-        )
     header = plan.envelope_header(
         kind="unmask",
         contributors=(institution_id,),
@@ -301,8 +298,9 @@ def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registr
         absent=roster.absent,
         included=roster.included,
         revealed_shares=revealed,
+        revealed_pair_shares=revealed_pairs,
     )
-    envelope = pack_envelope(header, ciphertexts, signing_key=load_signing_key(plan.config, institution_id))
+    envelope = pack_envelope(header, [], signing_key=load_signing_key(plan.config, institution_id))
     write_bytes(path, _keep_answer(kept, envelope))
     return path
 
@@ -331,26 +329,78 @@ def _create_once(path: Path, data: bytes) -> bool:
     return True
 
 
+def _valid_shares(
+    plan: ReleasePlan, answers: list[EnvelopeHeader], revealed: Any, digests: Any, *, dealer: str, bound: bytes
+) -> dict[int, int]:
+    """x -> y of the shares of one secret of `dealer` that the answers reveal (`revealed(answer)`, None when an
+    answer has none) and whose digest matches the one the dealer signed for the sender (`digests(sender)`); a
+    wrong or malformed share is discarded on its own."""
+    xs = share_coordinates(i.id for i in plan.config.institutions)
+    shares: dict[int, int] = {}
+    for answer in answers:
+        text = revealed(answer)
+        if text is None:
+            continue
+        sender = answer.contributors[0]
+        try:
+            x, y = decode_share(text)
+        except ShareError:
+            continue
+        digest = share_digest((x, y), context=bound, dealer=dealer, recipient=sender)
+        if x == xs.get(sender) and secrets.compare_digest(digest, digests(sender)):
+            shares[x] = y
+    return shares
+
+
 def self_mask_total(
     plan: ReleasePlan, contributions: dict[str, EnvelopeHeader], answers: list[EnvelopeHeader]
 ) -> np.ndarray:
     """The aggregator's step: the sum (mod t) of every included institution's self mask, from its seed
     reconstructed out of the revealed shares and checked against its commitment. Raises ShareError."""
     context = plan.key.release_id.encode()
-    xs = share_coordinates(i.id for i in plan.config.institutions)
     total = np.zeros(plan.layout.slots, dtype=np.int64)
     for institution, header in sorted(contributions.items()):
-        shares: dict[int, int] = {}
-        for answer in answers:
-            text = answer.revealed_shares.get(institution)
-            if text is None:
-                continue
-            sender = answer.contributors[0]
-            x, y = decode_share(text)
-            digest = share_digest((x, y), context=context, dealer=institution, recipient=sender)
-            if x == xs[sender] and secrets.compare_digest(digest, header.share_digests.get(sender, "")):
-                shares[x] = y  # the share its dealer published a digest of; a wrong one is discarded
+        shares = _valid_shares(
+            plan,
+            answers,
+            lambda a, i=institution: a.revealed_shares.get(i),
+            lambda sender, h=header: h.share_digests.get(sender, ""),
+            dealer=institution,
+            bound=context,
+        )
         seed = reconstruct(shares, threshold=plan.params.quorum, expected=header.seed_commitment, context=context)
         mask = self_mask(seed, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS, context=context)
         total = (total + mask) % he.PLAIN_MODULUS
+    return total
+
+
+def absent_mask_total(
+    plan: ReleasePlan, contributions: dict[str, EnvelopeHeader], answers: list[EnvelopeHeader], absent: tuple[str, ...]
+) -> np.ndarray:
+    """The aggregator's step when institutions are absent: the sum (mod t) of the pairwise masks each included
+    institution added for the absent ones (they no longer cancel), from the mask keys reconstructed out of the
+    revealed shares and checked against the commitments their dealers signed. Raises ShareError."""
+    context = plan.key.release_id.encode()
+    total = np.zeros(plan.layout.slots, dtype=np.int64)
+    for dealer, header in sorted(contributions.items()):
+        for peer in absent:
+            entry = pair_entry(dealer, peer)
+            bound = pair_key_context(context, dealer=dealer, peer=peer)
+            expected = header.pair_commitments.get(peer)
+            if expected is None:
+                raise ShareError(
+                    f"the contribution of {dealer} commits to no mask key with {peer} (sealed by a Fusion version "
+                    "before shared mask keys)"
+                )
+            shares = _valid_shares(
+                plan,
+                answers,
+                lambda a, e=entry: a.revealed_pair_shares.get(e),
+                lambda sender, h=header, p=peer: h.pair_share_digests.get(pair_entry(p, sender), ""),
+                dealer=dealer,
+                bound=bound,
+            )
+            key = reconstruct(shares, threshold=plan.params.quorum, expected=expected, context=bound)
+            term = pair_term(dealer, peer, key, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS)
+            total = (total + term) % he.PLAIN_MODULUS
     return total

@@ -33,7 +33,8 @@ MAX_CIPHERTEXT_BYTES = 1 << 20
 _TEXT_FIELDS = ("kind", "federation", "interval_start", "interval_end", "layout_digest", "parameters_digest",
                 "context_sha256", "nonce", "created_at", "payload_sha256", "signature", "seed_commitment")
 _TEXT_LISTS = ("contributors", "absent", "included")
-_TEXT_MAPS = ("seed_shares", "share_digests", "revealed_shares")
+_TEXT_MAPS = ("seed_shares", "share_digests", "revealed_shares", "pair_commitments", "pair_shares",
+              "pair_share_digests", "revealed_pair_shares")
 
 
 class EnvelopeError(ValueError):
@@ -68,8 +69,7 @@ class EnvelopeHeader:
     reject_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     # Envelopes the aggregator refused: [{"source": ..., "institution": ..., "reason": ...}]
     refused: tuple[dict[str, str], ...] = ()
-    # Unmask envelopes: the roster answered (included, absent); the ciphertexts (if any institution is absent)
-    # remove the sender's pairwise masks with the absent ones.
+    # Unmask envelopes: the roster answered (included, absent); they hold no ciphertexts.
     absent: tuple[str, ...] = ()
     included: tuple[str, ...] = ()
     # Contributions: SHA-256 commitment to the self-mask seed, and its Shamir shares sealed to each recipient.
@@ -78,6 +78,14 @@ class EnvelopeHeader:
     share_digests: dict[str, str] = field(default_factory=dict)  # recipient -> SHA-256 of its share
     # Unmask envelopes: the sender's (opened) share of each included institution's seed, 'x:y' in hex.
     revealed_shares: dict[str, str] = field(default_factory=dict)
+    # Contributions: for each other institution (peer), a commitment to the pairwise mask key held with it, and
+    # that key's Shamir shares sealed to each recipient and their digests, keyed 'peer/recipient'.
+    pair_commitments: dict[str, str] = field(default_factory=dict)
+    pair_shares: dict[str, str] = field(default_factory=dict)
+    pair_share_digests: dict[str, str] = field(default_factory=dict)
+    # Unmask envelopes with institutions absent: the sender's share of the key each included institution (dealer)
+    # holds with each absent one, keyed 'dealer/absent'.
+    revealed_pair_shares: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         doc = asdict(self)

@@ -4,9 +4,11 @@ Every pair of institutions (i, j) derives a shared secret by X25519 key agreemen
 (bound to the federation and the release, so masks are fresh for every release) into a ChaCha20 key, and draws
 a mask vector uniform mod t from the keystream. Institution i adds m_ij for every j > i and subtracts it for
 every j < i, so the masks cancel in the sum of all contributions, while a single envelope, even decrypted,
-is uniformly distributed mod t. If institutions drop out, each survivor sends a correction that removes its
-masks with the absent ones (in the unmask round); no mask key is ever revealed. Pairwise masks alone do not stop
-an aggregator and key holder who collude; the self masks of privacy/sharing.py do.
+is uniformly distributed mod t. Each institution also Shamir-shares its mask keys for the release
+(privacy/sharing.py): if institutions drop out, the unmask round reveals the keys the included institutions
+hold with the absent ones (and only those), and the aggregator removes the masks that no longer cancel
+(`pair_term`). Pairwise masks alone do not stop an aggregator and key holder who collude; the self masks of
+privacy/sharing.py do.
 """
 
 from __future__ import annotations
@@ -51,31 +53,22 @@ def mask_vector(key: bytes, slots: int, modulus: int) -> np.ndarray:
     return out[:slots].astype(np.int64)
 
 
-def _signed_sum(
-    own_id: str, own_private: bytes, peers: Mapping[str, bytes], slots: int, modulus: int, context: bytes
-) -> np.ndarray:
-    """sum over peers of (+m if own < peer else -m), mod `modulus`, in [0, modulus)."""
-    total = np.zeros(slots, dtype=np.int64)
-    for peer, public in sorted(peers.items()):
-        if peer == own_id:
-            continue
-        mask = mask_vector(pair_key(own_private, public, context=context), slots, modulus)
-        total = (total + (mask if own_id < peer else modulus - mask)) % modulus
-    return total
+def pair_term(own_id: str, peer: str, key: bytes, *, slots: int, modulus: int) -> np.ndarray:
+    """What `own_id` adds (mod t) for its pair with `peer`, whose mask key is `key`: +m below the peer, -m above."""
+    mask = mask_vector(key, slots, modulus)
+    return mask if own_id < peer else (modulus - mask) % modulus
 
 
 def pairwise_mask(
     own_id: str, own_private: bytes, peers: Mapping[str, bytes], *, slots: int, modulus: int, context: bytes
 ) -> np.ndarray:
     """The mask institution `own_id` adds (mod t) so that all masks of `peers` cancel in the sum."""
-    return _signed_sum(own_id, own_private, peers, slots, modulus, context)
-
-
-def recovery_correction(
-    own_id: str, own_private: bytes, absent: Mapping[str, bytes], *, slots: int, modulus: int, context: bytes
-) -> np.ndarray:
-    """What a survivor adds (mod t) to remove its masks with the `absent` institutions from the sum."""
-    return (modulus - _signed_sum(own_id, own_private, absent, slots, modulus, context)) % modulus
+    total = np.zeros(slots, dtype=np.int64)
+    for peer, public in sorted(peers.items()):
+        if peer != own_id:
+            key = pair_key(own_private, public, context=context)
+            total = (total + pair_term(own_id, peer, key, slots=slots, modulus=modulus)) % modulus
+    return total
 
 
 def centred(residues: np.ndarray, modulus: int) -> np.ndarray:

@@ -4,10 +4,15 @@ Pairwise masks alone let a coalition of the aggregator and the key holder read o
 full sum, then declare the victim absent and ask the survivors to remove their masks with it; the difference
 of the two sums is the victim's contribution. With double masking every envelope also carries a self mask
 PRG(b_i), and b_i is split into Shamir shares, one sealed to each institution. To decrypt anything the
-aggregator must remove every self mask, so it needs `threshold` shares of b_i for each included institution;
-for an absent one it needs the survivors' corrections instead. An honest institution answers one roster per
-release (it remembers its answer), so it never gives both for the same institution: the two sums cannot both
-be unmasked unless `threshold` institutions collude.
+aggregator must remove every self mask, so it needs `threshold` shares of b_i for each included institution.
+
+Each institution also Shamir-shares every pairwise mask key it holds for the release (`share_pair_keys`). When
+institutions are absent, the answers reveal shares of the keys each included institution holds with the absent
+ones, never with another included one, so the aggregator removes the masks that no longer cancel itself, and
+any `threshold` answers complete a release, even if a survivor drops out during the round. For an absent
+institution nothing of its self mask is revealed. An honest institution answers one roster per release (it
+remembers its answer), so it never reveals both kinds for the same institution: a sum with the victim and one
+without it cannot both be unmasked unless `threshold` institutions collude.
 
 Shamir sharing is over the prime field GF(2^521 - 1), which holds a 256-bit seed; shares are sealed to their
 recipient with ChaCha20-Poly1305 under a key from X25519 agreement (HKDF, bound to release, sender and
@@ -16,6 +21,7 @@ recipient).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privacy.masking import mask_vector
+from privacy.masking import mask_vector, pair_key
 
 PRIME = 2**521 - 1  # a Mersenne prime: the field of the shares
 SEED_BYTES = 32
@@ -112,8 +118,15 @@ def reconstruct(shares: Mapping[int, int], *, threshold: int, expected: str, con
     return seed
 
 
+@functools.lru_cache(maxsize=1024)
+def _agreement(own_private: bytes, peer_public: bytes) -> bytes:
+    """The X25519 shared secret of two keys; kept, since one party seals or opens many shares per peer (a share
+    of its seed and of each of its mask keys), and every key derived from it is bound to its use by HKDF."""
+    return X25519PrivateKey.from_private_bytes(own_private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+
+
 def _share_key(own_private: bytes, peer_public: bytes, *, context: bytes, sender: str, recipient: str) -> bytes:
-    shared = X25519PrivateKey.from_private_bytes(own_private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    shared = _agreement(own_private, peer_public)
     info = _SHARE_INFO + f"|{sender}|{recipient}".encode()
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=context, info=info).derive(shared)
 
@@ -174,3 +187,39 @@ def decode_share(text: str) -> Share:
         return int(x), int(y, 16)
     except ValueError:
         raise ShareError(f"malformed share '{text[:40]}'") from None
+
+
+def pair_key_context(context: bytes, *, dealer: str, peer: str) -> bytes:
+    """The release context for the shares of the mask key `dealer` holds with `peer`: their sealing keys,
+    digests and commitment are bound to the pair, so a share of one key never passes for a share of another, or
+    for a share of a self-mask seed."""
+    return context + f"|pair-key|{dealer}|{peer}".encode()
+
+
+def pair_entry(peer: str, recipient: str) -> str:
+    """The header key of one share of a pair key: 'peer/recipient' ('/' is not allowed in institution ids)."""
+    return f"{peer}/{recipient}"
+
+
+def share_pair_keys(
+    *, own_id: str, own_private: bytes, peers: Mapping[str, bytes], threshold: int, context: bytes
+) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Shamir-share the mask key `own_id` holds with each other institution of `peers` (id -> X25519 public
+    key, the sender included) among all of `peers`: (pair_entry(peer, recipient) -> share sealed to the
+    recipient, pair_entry(peer, recipient) -> digest of that share, peer -> commitment to the key)."""
+    sealed: dict[str, str] = {}
+    digests: dict[str, str] = {}
+    commitments: dict[str, str] = {}
+    for peer, public in sorted(peers.items()):
+        if peer == own_id:
+            continue
+        bound = pair_key_context(context, dealer=own_id, peer=peer)
+        key = pair_key(own_private, public, context=context)
+        commitments[peer] = commitment(key, context=bound)
+        shares, share_digests = share_seed(
+            key, own_id=own_id, own_private=own_private, peers=peers, threshold=threshold, context=bound
+        )
+        for recipient in shares:
+            sealed[pair_entry(peer, recipient)] = shares[recipient]
+            digests[pair_entry(peer, recipient)] = share_digests[recipient]
+    return sealed, digests, commitments

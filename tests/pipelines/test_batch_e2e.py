@@ -33,6 +33,7 @@ from fusion.store import Store
 from pipelines.batch import run_batch
 from pipelines.release import release
 from pipelines.run import run_aggregate, run_contributions, run_unmask
+from pipelines.unmask import acknowledge
 from privacy import he
 from privacy.accountant import epsilon_for
 from privacy.envelope import (
@@ -431,6 +432,25 @@ def test_the_recovery_round_releases_the_exact_sum_of_those_present(make_federat
     late = run_aggregate(plan)
     assert late["status"] == "aggregated"
     assert sorted(r["reason"] for r in late["refused"]) == ["declared_absent"] * missing
+    release(plan, Store(fed.config.store_path))
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == sum(fed.raw[i.id].num_rows for i in present)
+
+
+def test_survivors_dropping_out_during_the_round_do_not_stall_a_release_with_institutions_absent(make_federation):
+    """epsilon never contributes; of the four included, gamma acknowledges the roster and then drops out, delta
+    never shows up. The answers of alpha and beta (quorum 2) reveal every seed and every mask key held with
+    epsilon, so the aggregator removes all the masks itself and releases the exact sum of all four."""
+    fed = make_federation(noise=False, quorum=2, institutions=FIVE)
+    plan = plan_release(fed.config, START, END)
+    present = list(fed.config.institutions[:4])
+    run_contributions(plan, present)
+    assert run_aggregate(plan)["absent"] == ["epsilon"]
+    acknowledge(plan, "gamma")  # gamma signs, then is gone
+    answers = run_unmask(plan, present[:2])
+    assert all(a.path for a in answers) and answers[0].acknowledged == ("alpha", "beta", "gamma")
+    status = run_aggregate(plan)
+    assert status["status"] == "aggregated", status
     release(plan, Store(fed.config.store_path))
     released = Store(fed.config.store_path).read("releases")
     assert sum(released.column("count").to_pylist()) == sum(fed.raw[i.id].num_rows for i in present)

@@ -32,7 +32,9 @@ from pipelines.unmask import (
     RosterConflict,
     _roster_message,
     _seal_answer,
+    absent_mask_total,
     acknowledge,
+    acknowledged,
     check_roster,
     self_mask_total,
     write_roster,
@@ -76,7 +78,7 @@ def test_without_the_unmask_round_even_the_sum_of_all_envelopes_is_uniform(make_
 
 def test_the_coalition_cannot_declare_a_victim_absent_after_the_unmask_round(make_federation):
     """The attack pairwise masking alone allows: unmask and decrypt the full sum, then declare beta absent and
-    collect the survivors' corrections to decrypt alpha + gamma; the difference would be beta's contribution.
+    collect the survivors' mask keys with beta to decrypt alpha + gamma; the difference would be beta's contribution.
     Every honest institution remembers the roster it answered and refuses the second one."""
     fed = make_federation(noise=False, quorum=2)
     plan = plan_release(fed.config, START, END)
@@ -101,43 +103,51 @@ def test_the_coalition_cannot_declare_a_victim_absent_after_the_unmask_round(mak
 
 
 def test_split_view_rosters_isolate_no_one_because_nobody_answers_without_a_majority_of_signatures(make_federation):
-    """A coalition of aggregator and key holder shows each institution its own signed roster: alpha {alpha, beta},
-    beta {beta, gamma}, gamma all three. Answered, alpha's seed comes back from alpha's and gamma's shares, and
-    alpha's and beta's corrections remove alpha's pairwise masks: alpha's contribution, decrypted exactly. Each
-    institution first signs the roster it was shown and answers only once 2 of the 3 signed that same roster,
-    so no one answers any of them."""
-    fed = make_federation(noise=False, quorum=2)
+    """A coalition of aggregator and key holder shows alpha and beta one signed roster (delta absent) and gamma and
+    delta another (alpha absent). Answered, alpha's seed and its mask key with delta come back from alpha's and
+    beta's answers, and beta's and gamma's mask keys with alpha from gamma's and delta's: alpha's contribution,
+    decrypted exactly. Each institution first signs the roster it was shown and answers only once 3 of the 4
+    signed that same roster, so no one answers either."""
+    four = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta")]
+    fed = make_federation(noise=False, quorum=2, institutions=four)
     plan = plan_release(fed.config, START, END)
     run_contributions(plan, fed.config.institutions)
     key = plan.key.release_id
-    shown = {
-        "alpha": Roster(release_id=key, included=("alpha", "beta"), absent=("gamma",)),
-        "beta": Roster(release_id=key, included=("beta", "gamma"), absent=("alpha",)),
-        "gamma": Roster(release_id=key, included=("alpha", "beta", "gamma"), absent=()),
-    }
+    first = Roster(release_id=key, included=("alpha", "beta", "gamma"), absent=("delta",))
+    second = Roster(release_id=key, included=("beta", "delta", "gamma"), absent=("alpha",))
+    shown = {"alpha": first, "beta": first, "gamma": second, "delta": second}
     for institution, roster in shown.items():
         write_roster(plan, roster)
         answer = run_unmask(plan, [fed.config.institution(institution)])[0]
-        assert answer.path is None and answer.acknowledged == (institution,) and answer.needed == 2
-    for institution, roster in shown.items():  # asked again, each still sees its roster signed once
+        assert answer.path is None and answer.needed == 3
+    assert acknowledged(plan, first) == ("alpha", "beta") and acknowledged(plan, second) == ("delta", "gamma")
+    for institution, roster in shown.items():  # asked again, each still sees its roster signed twice
         write_roster(plan, roster)
         assert run_unmask(plan, [fed.config.institution(institution)])[0].path is None
     assert not list((fed.directory / "exchange").rglob("unmask/*.fenv")), "no institution answered"
 
     # What the answers would have given the coalition (each sealed as before the consistency round):
+    registry = load_registry(fed.config)
+    answers = {}
     for institution, roster in shown.items():
-        write_roster(plan, roster)
-        acknowledge(plan, institution)
-        _seal_answer(plan, institution, roster, load_registry(fed.config))
-    answers = {
-        i: read_bytes(unmask_path(fed.config.exchange_path, plan.key, i)) for i in ("alpha", "beta", "gamma")
+        _seal_answer(plan, institution, roster, registry)
+        answers[institution] = envelope_header(read_bytes(unmask_path(fed.config.exchange_path, plan.key, institution)))
+    contributions = {
+        i: envelope_header(read_bytes(contribution_path(fed.config.exchange_path, plan.key, i)))
+        for i in ("alpha", "beta", "gamma")
     }
-    contribution = envelope_header(read_bytes(contribution_path(fed.config.exchange_path, plan.key, "alpha")))
-    revealing = [envelope_header(answers[i]) for i in ("alpha", "gamma")]  # alpha's seed: quorum-many shares
-    seed_mask = self_mask_total(plan, {"alpha": contribution}, revealing)
-    alpha_side, beta_side = (decrypt(plan, [unpack_envelope(answers[i])[1]]) for i in ("alpha", "beta"))
-    # alpha's correction cancels its mask with gamma; beta's is the negation of alpha's mask with beta.
-    isolated = centred(decrypt(plan, [envelope(plan, "alpha")]) + alpha_side - beta_side - seed_mask, he.PLAIN_MODULUS)
+    t = he.PLAIN_MODULUS
+    on_first = [answers["alpha"], answers["beta"]]
+    seed_mask = self_mask_total(plan, {"alpha": contributions["alpha"]}, on_first)
+    with_delta = absent_mask_total(plan, {"alpha": contributions["alpha"]}, on_first, ("delta",))
+    # beta's and gamma's masks with alpha are the negations of alpha's with them.
+    on_second = [answers["gamma"], answers["delta"]]
+    others = {i: contributions[i] for i in ("beta", "gamma")}
+    with_beta_gamma = absent_mask_total(plan, others, on_second, ("alpha",))
+    isolated = decrypt(plan, [envelope(plan, "alpha")]) % t
+    for mask in (seed_mask, with_delta):
+        isolated = (isolated - mask) % t
+    isolated = centred((isolated + with_beta_gamma) % t, t)
     assert isolated.any() and np.abs(isolated).max() < 2**40, "alpha's own contribution, in the clear"
 
 
@@ -290,8 +300,8 @@ def test_answering_the_same_roster_again_is_allowed(make_federation):
 
 
 def test_answering_again_with_an_institution_absent_republishes_the_same_bytes(make_federation):
-    """A survivor's correction is encrypted with fresh randomness; answering again (a retry) after the key holder
-    was charged for the aggregate must not change it, or the release could never complete."""
+    """An answer is kept: answering again (a retry) republishes the same bytes, with the same revealed shares of
+    the mask keys held with the absent institution, and the release completes."""
     fed = make_federation(noise=True, quorum=2)
     plan = plan_release(fed.config, START, END)
     survivors = [fed.config.institution("alpha"), fed.config.institution("beta")]

@@ -1,4 +1,5 @@
-"""Pairwise masks: they cancel exactly in the sum, a single masked vector is uniform, recovery removes them."""
+"""Pairwise masks: they cancel exactly in the sum, a single masked vector is uniform, and the keys with absent
+institutions remove the masks that no longer cancel."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from privacy.masking import (
     generate_agreement_key,
     mask_vector,
     pair_key,
+    pair_term,
     pairwise_mask,
-    recovery_correction,
 )
 
 T = he.PLAIN_MODULUS
@@ -81,14 +82,13 @@ def test_the_recovery_round_gives_the_exact_sum_with_institutions_missing(absent
         for n in NAMES
     }
     survivors = [n for n in NAMES if n not in absent]
-    corrections = [
-        add_mod(
-            np.zeros(slots, dtype=np.int64),
-            recovery_correction(n, KEYS[n][0], {a: PUBLIC[a] for a in absent}, slots=slots, modulus=T, context=b"r"),
-            T,
-        )
-        for n in survivors
-    ]
-    assert centred_sum([masked[n] for n in survivors] + corrections) == centred_sum([plain[n] for n in survivors])
-    # Without the corrections the survivors' sum is garbage: the absent ones' masks do not cancel.
+    # What the aggregator removes, from the keys each survivor holds with each absent institution.
+    leftover = np.zeros(slots, dtype=np.int64)
+    for n in survivors:
+        for a in absent:
+            key = pair_key(KEYS[n][0], PUBLIC[a], context=b"r")
+            leftover = (leftover + pair_term(n, a, key, slots=slots, modulus=T)) % T
+    removal = add_mod(np.zeros(slots, dtype=np.int64), (T - leftover) % T, T)
+    assert centred_sum([masked[n] for n in survivors] + [removal]) == centred_sum([plain[n] for n in survivors])
+    # Without the removal the survivors' sum is garbage: the absent ones' masks do not cancel.
     assert centred_sum([masked[n] for n in survivors]) != centred_sum([plain[n] for n in survivors])

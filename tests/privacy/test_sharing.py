@@ -1,4 +1,5 @@
-"""Double masking's parts: Shamir shares of the self-mask seed, sealed shares, the self mask itself."""
+"""Double masking's parts: Shamir shares of the self-mask seed and of the pairwise mask keys, sealed shares, the
+self mask itself."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from privacy.masking import generate_agreement_key
+from privacy.masking import generate_agreement_key, pair_key
 from privacy.sharing import (
     PRIME,
     ShareError,
@@ -20,11 +21,14 @@ from privacy.sharing import (
     encode_share,
     new_seed,
     open_share,
+    pair_entry,
+    pair_key_context,
     reconstruct,
     seal_share,
     self_mask,
     share_coordinates,
     share_digest,
+    share_pair_keys,
     share_seed,
     split,
 )
@@ -103,6 +107,39 @@ def test_share_seed_gives_each_institution_its_coordinate_and_any_quorum_reconst
     for trio in itertools.combinations(opened.values(), 3):
         assert combine(trio) == seed
     assert decode_share(encode_share(opened["alpha"])) == opened["alpha"]
+
+
+def test_each_mask_key_is_shared_so_any_quorum_rebuilds_it_and_no_share_passes_for_another() -> None:
+    names = ("alpha", "beta", "gamma", "delta")
+    keys = {name: generate_agreement_key() for name in names}
+    publics = {name: pair[1] for name, pair in keys.items()}
+    sealed, digests, commitments = share_pair_keys(
+        own_id="beta", own_private=keys["beta"][0], peers=publics, threshold=3, context=CONTEXT
+    )
+    assert sorted(commitments) == ["alpha", "delta", "gamma"]  # one key per other institution
+    assert sorted(sealed) == sorted(digests) == sorted(pair_entry(p, r) for p in commitments for r in names)
+    xs = share_coordinates(publics)
+    for peer in commitments:
+        bound = pair_key_context(CONTEXT, dealer="beta", peer=peer)
+        opened = {
+            r: open_share(sealed[pair_entry(peer, r)], keys[r][0], publics["beta"], context=bound, sender="beta",
+                          recipient=r)
+            for r in names
+        }
+        assert {r: share[0] for r, share in opened.items()} == xs
+        for r, share in opened.items():
+            assert share_digest(share, context=bound, dealer="beta", recipient=r) == digests[pair_entry(peer, r)]
+        # Both sides of the pair hold the same key: the one the dealer's masks were drawn from.
+        key = pair_key(keys[peer][0], publics["beta"], context=CONTEXT)
+        for trio in itertools.combinations(names, 3):
+            shares = {opened[r][0]: opened[r][1] for r in trio}
+            assert reconstruct(shares, threshold=3, expected=commitments[peer], context=bound) == key
+    # A share of one key opens under no other key's context, nor as a seed share.
+    other = pair_key_context(CONTEXT, dealer="beta", peer="gamma")
+    for context in (other, CONTEXT):
+        with pytest.raises(ShareError):
+            open_share(sealed[pair_entry("alpha", "delta")], keys["delta"][0], publics["beta"], context=context,
+                       sender="beta", recipient="delta")
 
 
 def test_the_self_mask_is_uniform_and_a_function_of_seed_and_release() -> None:
