@@ -360,6 +360,33 @@ def test_a_lying_institutions_share_is_outvoted_by_the_commitment(make_federatio
     assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
 
 
+def test_a_lying_mask_key_share_is_discarded_and_the_release_waits_for_a_good_one(make_federation):
+    """delta is absent. gamma reveals a wrong share of alpha's mask key with delta and an unreadable one of beta's,
+    validly signed. With alpha's and gamma's answers only, alpha's key cannot be rebuilt: the release is refused,
+    never corrupted. Once beta answers, the good shares rebuild every key and the release is exact."""
+    four = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta")]
+    fed = make_federation(noise=False, quorum=2, institutions=four)
+    plan = plan_release(fed.config, START, END)
+    present = [fed.config.institution(i) for i in ("alpha", "beta", "gamma")]
+    run_contributions(plan, present)
+    assert run_aggregate(plan)["absent"] == ["delta"]
+    acknowledge(plan, "beta")
+    assert all(a.path for a in run_unmask(plan, [present[0], present[2]]))
+    path = unmask_path(fed.config.exchange_path, plan.key, "gamma")
+    header, ciphertexts = unpack_envelope(read_bytes(path))
+    x, y = header.revealed_pair_shares["alpha/delta"].split(":")
+    lie = {**header.revealed_pair_shares, "alpha/delta": f"{x}:{int(y, 16) ^ 1:x}", "beta/delta": "junk"}
+    signing_key = load_signing_key(fed.config, "gamma")
+    write_bytes(path, pack_envelope(replace(header, revealed_pair_shares=lie), ciphertexts, signing_key=signing_key))
+    with pytest.raises(ReleaseRefused, match="masks cannot be removed"):
+        run_aggregate(plan)
+    assert run_unmask(plan, [present[1]])[0].path
+    assert run_aggregate(plan)["status"] == "aggregated"
+    release(plan, Store(fed.config.store_path))
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == sum(fed.raw[i.id].num_rows for i in present)
+
+
 def test_an_answer_to_another_roster_is_refused(make_federation):
     fed = make_federation(noise=False, quorum=2)
     plan = plan_release(fed.config, START, END)
