@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     keys = with_config(sub.add_parser("keys", help="key holder: create the HE keys; an institution: --institution ID"))
     keys.add_argument("--institution", help="create this institution's signing key and register it")
     keys.add_argument("--aggregator", action="store_true", help="create the aggregator's signing key, register it")
+    keys.add_argument(
+        "--release-signing",
+        action="store_true",
+        help="key holder: create (or with --overwrite rotate) only the release-signing key, and register it",
+    )
     keys.add_argument("--overwrite", action="store_true", help="replace existing keys")
 
     with_interval(with_config(sub.add_parser("batch", help="run every role for an interval on this machine")))
@@ -97,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
 
     budget = with_config(sub.add_parser("budget", help="privacy budget spent and left per period"))
     budget.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    check = with_config(
+        sub.add_parser("verify", help="check every release in the store against the key holder's signature")
+    )
+    check.add_argument("--release", help="check this release only")
+    check.add_argument(
+        "--allow-unsigned", action="store_true", help="exit 0 even if releases published before signing are found"
+    )
+    check.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     sql = with_config(sub.add_parser("sql", help="query the store (read-only SQL)"))
     sql.add_argument("query", help="one SELECT statement over releases, audit, rejects, budget, runs")
@@ -355,6 +369,29 @@ def cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every release checked is verified (or unsigned, with --allow-unsigned), 1 otherwise."""
+    import pyarrow as pa
+
+    from fusion.provenance import verify_releases
+    from fusion.registry import load_key_holder_public_keys
+    from fusion.store import Store
+
+    config = load_config(args.config)
+    keys = load_key_holder_public_keys(config)
+    if not keys:
+        console.print(f"no key holder signing key is registered in {config.registry_path}: nothing can be verified")
+        return 1
+    checks = verify_releases(Store(config.store_path), keys, release_id=args.release)
+    if not checks:
+        console.print("no releases in the store yet")
+        return 0
+    table = pa.Table.from_pylist([vars(c) for c in checks])
+    print_arrow(table, args.format, title="releases checked against the key holder's signature")
+    bad = [c for c in checks if c.status == "tampered" or (c.status == "unsigned" and not args.allow_unsigned)]
+    return 1 if bad else 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from fusion.keys import create_keys
     from fusion.registry import create_institution_keys
@@ -366,6 +403,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
         key_file = create_aggregator_key(config, overwrite=args.overwrite)
         console.print(f"aggregator's signing key (mode 0600): {key_file}\nregistered in {config.registry_path}")
         return 0
+    if args.release_signing:
+        from fusion.registry import create_key_holder_key
+
+        key_file = create_key_holder_key(config, overwrite=args.overwrite)
+        console.print(
+            f"key holder's release-signing key (mode 0600): {key_file}\nregistered in {config.registry_path} "
+            "(a replaced key stays registered as retired, so the releases it signed still verify)"
+        )
+        return 0
     if args.institution:
         key_file = create_institution_keys(config, args.institution, overwrite=args.overwrite)
         console.print(
@@ -373,7 +419,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
         )
         return 0
     secret, public = create_keys(config, overwrite=args.overwrite)
-    console.print(f"secret context (key holder only, mode 0600): {secret}\npublic context: {public}")
+    from fusion.registry import key_holder_signing_key_file
+
+    console.print(
+        f"secret context (key holder only, mode 0600): {secret}\npublic context: {public}\n"
+        f"release-signing key (mode 0600, registered in {config.registry_path}): {key_holder_signing_key_file(config)}"
+    )
     return 0
 
 
@@ -420,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_aggregate(args, beam_args)
         if args.command == "release":
             return cmd_release(args)
+        if args.command == "verify":
+            return cmd_verify(args)
         if args.command == "budget":
             return cmd_budget(args)
         if args.command == "plan":

@@ -19,6 +19,7 @@ STEPS = (
     "after_sum",
     "after_ledger",
     "after_decrypt",
+    "after_audit",
     "after_commit",
 )
 

@@ -1,4 +1,5 @@
-"""The key holder's HE keys: generated once, secret half kept owner-readable only, public half published."""
+"""The key holder's keys: the HE keys (generated once, secret half kept owner-readable only, public half
+published) and its release-signing key (registered)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from fusion.config import Config
 from fusion.errors import FusionError
 from fusion.exchange import SECRET_CONTEXT, public_context_path, read_bytes, write_bytes
-from fusion.registry import read_private, write_private
+from fusion.registry import create_key_holder_key, key_holder_signing_key_file, read_private, write_private
 from privacy import he
 
 PUBLIC_DIGEST = "he_public.sha256"
@@ -19,7 +20,8 @@ def secret_key_file(config: Config) -> Path:
 
 
 def create_keys(config: Config, *, overwrite: bool = False) -> tuple[Path, str]:
-    """Generate BFV keys: the secret context under `keys` (mode 0600), the public one in the exchange."""
+    """Generate BFV keys: the secret context under `keys` (mode 0600), the public one in the exchange; and the
+    release-signing key, if the key holder has none (re-created HE keys keep it: readers go on verifying)."""
     secret_file = secret_key_file(config)
     if secret_file.exists() and not overwrite:
         raise FusionError(
@@ -31,6 +33,8 @@ def create_keys(config: Config, *, overwrite: bool = False) -> tuple[Path, str]:
     (secret_file.parent / PUBLIC_DIGEST).write_text(hashlib.sha256(public).hexdigest())
     public_path = public_context_path(config.exchange_path)
     write_bytes(public_path, public)
+    if not key_holder_signing_key_file(config).exists():
+        create_key_holder_key(config)
     return secret_file, public_path
 
 

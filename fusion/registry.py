@@ -1,8 +1,11 @@
-"""Who may contribute: institutions' signing keys, the aggregator's, and the registry of their public halves.
+"""Who may contribute and who speaks for the federation: institutions' signing keys, the aggregator's, the key
+holder's, and the registry of their public halves.
 
 Each institution creates its own Ed25519 key pair (`fusion keys --institution ID`); the private key stays in
 its key directory, owner-readable only, and the public half is entered in the federation's registry (a TOML
-file the operator distributes). The aggregator accepts only envelopes signed by a registered key.
+file the operator distributes). The aggregator accepts only envelopes signed by a registered key; the key
+holder decrypts only aggregates the registered aggregator signed, and signs every release it publishes, so
+readers can check the store against the registry (`fusion verify`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import secrets
 import stat
 import tomllib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fusion.config import Config
@@ -60,11 +64,18 @@ def signing_key_file(config: Config, institution_id: str) -> Path:
     return Path(config.institution_keys_path(config.institution(institution_id))) / SIGNING_KEY
 
 
-def _read(config: Config) -> tuple[dict[str, dict[str, bytes]], bytes | None]:
-    """(institution id -> {signing, agreement} public keys, the aggregator's signing public key or None)."""
+@dataclass(frozen=True)
+class _Registry:
+    institutions: dict[str, dict[str, bytes]]  # id -> {signing, agreement} public keys
+    aggregator: bytes | None  # the aggregator's signing public key
+    key_holder: bytes | None  # the key holder's signing public key (it signs releases)
+    retired: tuple[bytes, ...] = ()  # the key holder's earlier signing keys: releases they signed still verify
+
+
+def _read(config: Config) -> _Registry:
     path = Path(config.registry_path)
     if not path.exists():
-        return {}, None
+        return _Registry({}, None, None)
     try:
         doc = tomllib.loads(path.read_text())
         institutions = {
@@ -75,13 +86,20 @@ def _read(config: Config) -> tuple[dict[str, dict[str, bytes]], bytes | None]:
             for entry in doc.get("institutions", [])
         }
         aggregator = doc.get("aggregator", {}).get("signing_key")
-        return institutions, bytes.fromhex(aggregator) if aggregator else None
+        key_holder = doc.get("key_holder", {}).get("signing_key")
+        retired = doc.get("key_holder", {}).get("retired_signing_keys", [])
+        return _Registry(
+            institutions,
+            bytes.fromhex(aggregator) if aggregator else None,
+            bytes.fromhex(key_holder) if key_holder else None,
+            tuple(bytes.fromhex(k) for k in retired),
+        )
     except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise FusionError(f"the registry {path} is malformed: {exc}") from None
 
 
 def _entries(config: Config) -> dict[str, dict[str, bytes]]:
-    return _read(config)[0]
+    return _read(config).institutions
 
 
 def load_registry(config: Config) -> dict[str, bytes]:
@@ -101,14 +119,17 @@ def load_agreement_keys(config: Config) -> dict[str, bytes]:
     return {i.id: entries[i.id]["agreement"] for i in config.institutions}
 
 
-def _write_registry(
-    config: Config, keys: dict[str, dict[str, bytes]], aggregator: bytes | None
-) -> None:
+def _write_registry(config: Config, registry: _Registry) -> None:
     lines = ["# Fusion federation registry: institutions that may contribute, and their public keys"]
-    lines += ["# (Ed25519 to verify their envelopes, X25519 for pairwise masks), and the aggregator's."]
-    if aggregator is not None:
-        lines += ["", "[aggregator]", f'signing_key = "{aggregator.hex()}"']
-    for institution, entry in sorted(keys.items()):
+    lines += ["# (Ed25519 to verify their envelopes, X25519 for pairwise masks), the aggregator's (it signs"]
+    lines += ["# aggregates) and the key holder's (it signs releases)."]
+    if registry.aggregator is not None:
+        lines += ["", "[aggregator]", f'signing_key = "{registry.aggregator.hex()}"']
+    if registry.key_holder is not None:
+        lines += ["", "[key_holder]", f'signing_key = "{registry.key_holder.hex()}"']
+        if registry.retired:
+            lines += [f"retired_signing_keys = [{', '.join(repr(k.hex()) for k in registry.retired)}]"]
+    for institution, entry in sorted(registry.institutions.items()):
         lines += [
             "",
             "[[institutions]]",
@@ -133,8 +154,8 @@ def create_institution_keys(config: Config, institution_id: str, *, overwrite: b
     write_private(key_file, private)
     write_private(key_file.parent / AGREEMENT_KEY, agreement_private)
     entry = {"signing": public, "agreement": agreement_public}
-    institutions, aggregator = _read(config)
-    _write_registry(config, {**institutions, institution_id: entry}, aggregator)
+    registry = _read(config)
+    _write_registry(config, replace(registry, institutions={**registry.institutions, institution_id: entry}))
     return key_file
 
 
@@ -149,8 +170,7 @@ def create_aggregator_key(config: Config, *, overwrite: bool = False) -> Path:
         raise FusionError(f"{key_file} already exists; pass --overwrite to replace it (and re-register)")
     private, public = generate_signing_key()
     write_private(key_file, private)
-    institutions, _ = _read(config)
-    _write_registry(config, institutions, public)
+    _write_registry(config, replace(_read(config), aggregator=public))
     return key_file
 
 
@@ -160,7 +180,7 @@ def load_aggregator_signing_key(config: Config) -> bytes:
 
 def load_aggregator_public_key(config: Config) -> bytes:
     """The registered aggregator's Ed25519 public key; the key holder decrypts only aggregates it signed."""
-    aggregator = _read(config)[1]
+    aggregator = _read(config).aggregator
     if aggregator is None:
         raise FusionError(
             f"no aggregator is registered in {config.registry_path}; the aggregator runs `fusion keys --aggregator`"
@@ -175,3 +195,35 @@ def load_signing_key(config: Config, institution_id: str) -> bytes:
 def load_agreement_key(config: Config, institution_id: str) -> bytes:
     path = signing_key_file(config, institution_id).parent / AGREEMENT_KEY
     return read_private(path, f"institution {institution_id}'s key-agreement key")
+
+
+def key_holder_signing_key_file(config: Config) -> Path:
+    """The key holder's release-signing key, beside its HE secret key."""
+    return Path(config.keys_path) / SIGNING_KEY
+
+
+def create_key_holder_key(config: Config, *, overwrite: bool = False) -> Path:
+    """Create the key holder's release-signing key (mode 0600) and register its public half."""
+    key_file = key_holder_signing_key_file(config)
+    if key_file.exists() and not overwrite:
+        raise FusionError(f"{key_file} already exists; pass --overwrite to replace it (and re-register)")
+    private, public = generate_signing_key()
+    write_private(key_file, private)
+    registry = _read(config)
+    retired = registry.retired + ((registry.key_holder,) if registry.key_holder is not None else ())
+    _write_registry(config, replace(registry, key_holder=public, retired=tuple(dict.fromkeys(retired))))
+    return key_file
+
+
+def load_key_holder_signing_key(config: Config) -> bytes:
+    return read_private(
+        key_holder_signing_key_file(config),
+        "the key holder's release-signing key (`fusion keys --release-signing`, once, by the key holder)",
+    )
+
+
+def load_key_holder_public_keys(config: Config) -> tuple[bytes, ...]:
+    """The key holder's registered Ed25519 public keys, current first, then the retired ones (a rotated key's
+    releases still verify); empty when its key holder has not created one yet."""
+    registry = _read(config)
+    return ((registry.key_holder,) if registry.key_holder is not None else ()) + registry.retired

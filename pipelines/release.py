@@ -1,8 +1,9 @@
-"""The key holder's step: decrypt the aggregate, decode noisy cells, and commit them to the store.
+"""The key holder's step: decrypt the aggregate, decode noisy cells, sign them, and commit them to the store.
 
 This is the only code that loads the HE secret key. The commit is idempotent: audit and rejects rows are
 merged on deterministic keys first, the releases last, so a crash at any point can be re-run safely and an
-interval is never released twice.
+interval is never released twice. The release's signature (fusion/provenance.py) rides in its audit row; a
+re-run after a crash reuses that row's time, so it publishes exactly the rows that were signed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fusion.errors import ReleaseRefused
 from fusion.estimates import decode_release
@@ -24,7 +26,8 @@ from fusion.keys import load_secret_context_bytes, published_context_digest
 from fusion.ledger import BudgetLedger, Spend
 from fusion.parameters import NOISE_MARGIN_SDS
 from fusion.plan import ReleasePlan
-from fusion.registry import load_aggregator_public_key
+from fusion.provenance import SIGNATURE_FIELD, sign_release
+from fusion.registry import load_aggregator_public_key, load_key_holder_signing_key
 from fusion.store import Store
 from privacy import he
 from privacy.envelope import EnvelopeHeader, signature_valid, unpack_envelope
@@ -118,6 +121,7 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         raise ReleaseRefused(
             f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}"
         )
+    signing_key = load_key_holder_signing_key(plan.config)  # before anything is charged: nothing unsigned is published
 
     # Pay first: the key holder decrypts only an aggregate whose release has been charged to its period. The
     # charge is bound to the ciphertexts (re-summing the same contributions gives the same bytes).
@@ -126,7 +130,7 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     context = he.load_secret_context(load_secret_context_bytes(plan.config))
     totals = he.decrypt_vector(context, ciphertexts, plan.layout.slots)
     crash_point("after_decrypt")
-    now = datetime.now(UTC)
+    now = _released_at(plan, store) or datetime.now(UTC)
     cells = decode_release(
         totals,
         layout=plan.layout,
@@ -138,6 +142,9 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         released_at=now,
     )
     _check_plausible(plan, cells, header)
+    signature = sign_release(
+        cells, release_id=release_id, aggregate_sha256=hashlib.sha256(data).hexdigest(), signing_key=signing_key
+    )
     audits = [
         audit_row(
             event_id=f"{release_id}:refused-envelope:{i}",
@@ -168,6 +175,7 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
                 "noise_variance": header.noise_variance,
                 "period": spend.period,
                 "period_epsilon_spent": spend.epsilon_after,
+                SIGNATURE_FIELD: signature.to_doc(),
             },
         )
     )
@@ -175,6 +183,7 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     # completes the release without duplicating a row, and `has_release` turns true only at the very end.
     store.insert_new("audit", pa.Table.from_pylist(audits, schema=AUDIT_SCHEMA))
     store.insert_new("rejects", _rejects_rows(plan, header, now))
+    crash_point("after_audit")  # the signature is recorded; a re-run must publish exactly the rows it signed
     inserted = store.insert_new("releases", cells)
     crash_point("after_commit")
     if inserted == 0:
@@ -190,6 +199,14 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         period=spend.period,
         period_epsilon_spent=spend.epsilon_after,
     )
+
+
+def _released_at(plan: ReleasePlan, store: Store) -> datetime | None:
+    """The time of this release's audit row, if a pass that crashed before committing the rows recorded it."""
+    audit = store.dataset("audit").to_table(columns=["event_id", "at"])
+    mask = pc.equal(pc.cast(audit.column("event_id"), pa.string()), f"{plan.key.release_id}:released")
+    times = audit.filter(mask).column("at").to_pylist()
+    return times[0] if times else None
 
 
 def _check_plausible(plan: ReleasePlan, cells: pa.Table, header: EnvelopeHeader) -> None:

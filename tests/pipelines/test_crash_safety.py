@@ -10,6 +10,8 @@ import pytest
 
 from fusion.faults import CRASH_ENV, CRASH_EXIT_CODE, STEPS
 from fusion.plan import plan_release
+from fusion.provenance import verify_releases
+from fusion.registry import load_key_holder_public_keys
 from fusion.store import Store
 from tests.conftest import END, START
 
@@ -48,5 +50,8 @@ def test_a_crash_at_any_step_then_a_rerun_releases_and_spends_exactly_once(make_
     assert budget[0]["epsilon_spent"] == pytest.approx(plan.params.epsilon, rel=1e-12)
     actions = store.read("audit").column("action").to_pylist()
     assert actions.count("release") == 1 and actions.count("budget_spend") == 1
+    # What was published is exactly what the key holder signed, however the first pass ended.
+    checks = verify_releases(store, load_key_holder_public_keys(fed.config))
+    assert [(c.release_id, c.status) for c in checks] == [(plan.key.release_id, "verified")]
     rejects = store.read("rejects")
     assert rejects.num_rows == len(fed.config.institutions)  # one 'none' row each, never duplicated

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
+from deltalake import write_deltalake
 
 from fusion.store import Store
 from tests.conftest import END, START
@@ -58,6 +60,22 @@ def test_role_commands_match_batch(make_federation):
 
     # Re-running the release is a no-op.
     assert "already released" in fusion("release", "--config", str(by_roles.config_path), *INTERVAL).stdout
+
+
+def test_verify_command_exit_codes(make_federation):
+    """`fusion verify`: 0 when every release verifies; 1 for an unsigned one unless --allow-unsigned."""
+    fed = make_federation(noise=False)
+    config = str(fed.config_path)
+    fusion("batch", "--config", config, *INTERVAL)
+    out = fusion("verify", "--config", config, "--format", "json").stdout
+    checks = [json.loads(line) for line in out.splitlines()]
+    assert [(c["status"], c["rows"]) for c in checks] == [("verified", 36)]
+    store = Store(fed.config.store_path)
+    audit = store.read("audit")
+    write_deltalake(store.table_path("audit"), audit.filter(pc.not_equal(audit.column("action"), "release")),
+                    mode="overwrite")
+    assert "unsigned" in fusion("verify", "--config", config, expect=1).stdout
+    fusion("verify", "--config", config, "--allow-unsigned")
 
 
 def test_sql_command_formats_and_refusals(make_federation):

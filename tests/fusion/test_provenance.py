@@ -1,0 +1,151 @@
+"""Signed releases: the digest is canonical, and `verify_releases` catches every change to what was published."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from deltalake import write_deltalake
+
+from fusion.errors import FusionError
+from fusion.plan import plan_release
+from fusion.provenance import SIGNATURE_FIELD, rows_digest, sign_release, verify_releases
+from fusion.registry import create_key_holder_key, key_holder_signing_key_file, load_key_holder_public_keys
+from fusion.store import Store
+from pipelines.batch import run_batch
+from privacy.signing import generate_signing_key
+from schemas.tables import AUDIT_SCHEMA, RELEASES_SCHEMA
+from tests.conftest import END, START
+
+
+def _cells() -> pa.Table:
+    return pa.table(
+        {
+            "metric": ["load", "load", "flow"],
+            "region": ["north", "south", "north"],
+            "window_start": pa.array([0, 0, 900_000_000], pa.timestamp("us", tz="UTC")),
+            "count": [3.0, float("nan"), -0.0],
+            "mean": pa.array([1.5, None, 2.0], pa.float64()),
+            "contributors": pa.array([2, 2, 3], pa.int32()),
+        }
+    )
+
+
+def test_the_rows_digest_ignores_row_order_chunking_and_text_type_but_not_a_bit_of_a_value() -> None:
+    cells = _cells()
+    columns = cells.column_names
+    digest = rows_digest(cells, columns)
+    shuffled = cells.take([2, 0, 1])
+    chunked = pa.concat_tables([cells.slice(0, 1), cells.slice(1)])
+    wide = [f.with_type(pa.large_string()) if f.type == pa.string() else f for f in cells.schema]
+    large = cells.cast(pa.schema(wide))
+    assert rows_digest(shuffled, columns) == rows_digest(chunked, columns) == rows_digest(large, columns) == digest
+    other_nan = cells.set_column(3, "count", pa.array(np.array([3.0, np.float64(np.nan) * -1, -0.0])))
+    assert rows_digest(other_nan, columns) == digest  # every NaN alike
+    nudged = cells.set_column(3, "count", pa.array([np.nextafter(3.0, 4.0), float("nan"), -0.0]))
+    zero = cells.set_column(3, "count", pa.array([3.0, float("nan"), 0.0]))
+    null = cells.set_column(4, "mean", pa.array([1.5, 0.0, 2.0]))
+    renamed = cells.set_column(1, "region", pa.array(["north", "southh", "north"]))
+    moved = cells.set_column(1, "region", pa.array(["nort", "hsouth", "north"]))
+    for changed in (nudged, zero, null, renamed, moved):
+        assert rows_digest(changed, columns) != digest
+    assert rows_digest(cells, columns[:-1]) != digest  # the columns covered are part of it
+
+
+def _overwrite(store: Store, name: str, table: pa.Table, schema: pa.Schema) -> None:
+    write_deltalake(store.table_path(name), table.select(schema.names).cast(schema), mode="overwrite")
+
+
+@pytest.mark.e2e
+def test_verify_finds_each_change_to_a_signed_release(make_federation, tmp_path: Path) -> None:
+    fed = make_federation(noise=True, seed=5)
+    plan = plan_release(fed.config, START, END)
+    assert run_batch(plan).status == "released"
+    keys = load_key_holder_public_keys(fed.config)
+    original = Path(fed.config.store_path)
+    assert [(c.status, c.rows) for c in verify_releases(Store(original), keys)] == [("verified", plan.layout.cells)]
+
+    def tampered(change) -> list[tuple[str, str, str]]:  # type: ignore[no-untyped-def]
+        copy = tmp_path / f"store-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(original, copy)
+        store = Store(copy)
+        change(store, store.read("releases"), store.read("audit"))
+        return [(c.release_id, c.status, c.reason) for c in verify_releases(store, keys)]
+
+    rid = plan.key.release_id
+
+    def bump_one_count(store: Store, rows: pa.Table, audit: pa.Table) -> None:
+        counts = rows.column("count").to_numpy().copy()
+        counts[7] += 1.0
+        _overwrite(store, "releases", rows.set_column(rows.schema.get_field_index("count"), "count",
+                                                      pa.array(counts)), RELEASES_SCHEMA)
+
+    def drop_a_row(store: Store, rows: pa.Table, audit: pa.Table) -> None:
+        _overwrite(store, "releases", rows.slice(1), RELEASES_SCHEMA)
+
+    def add_a_release(store: Store, rows: pa.Table, audit: pa.Table) -> None:
+        forged = rows.slice(0, 2).set_column(0, "release_id", pa.array(["r-forged"] * 2)).cast(rows.schema)
+        _overwrite(store, "releases", pa.concat_tables([rows, forged]), RELEASES_SCHEMA)
+
+    def edit_detail(edit):  # type: ignore[no-untyped-def]
+        def change(store: Store, rows: pa.Table, audit: pa.Table) -> None:
+            details = []
+            for action, detail in zip(audit.column("action").to_pylist(), audit.column("detail").to_pylist(),
+                                      strict=True):
+                if action == "release":
+                    doc = json.loads(detail)
+                    edit(doc, rows)
+                    detail = json.dumps(doc)
+                details.append(detail)
+            _overwrite(store, "audit", audit.set_column(audit.schema.get_field_index("detail"), "detail",
+                                                        pa.array(details, pa.string())), AUDIT_SCHEMA)
+            bump_one_count(store, rows, audit)
+        return change
+
+    def claim_new_digest(doc: dict, rows: pa.Table) -> None:  # type: ignore[type-arg]
+        doc[SIGNATURE_FIELD]["rows_sha256"] = "0" * 64  # the forger updates the digest but cannot re-sign
+
+    def sign_with_own_key(doc: dict, rows: pa.Table) -> None:  # type: ignore[type-arg]
+        private, _ = generate_signing_key()
+        doc[SIGNATURE_FIELD] = sign_release(
+            rows, release_id=rid, aggregate_sha256=doc[SIGNATURE_FIELD]["aggregate_sha256"], signing_key=private
+        ).to_doc()
+
+    def remove_audit_record(store: Store, rows: pa.Table, audit: pa.Table) -> None:
+        _overwrite(store, "audit", audit.filter(pc.not_equal(audit.column("action"), "release")), AUDIT_SCHEMA)
+
+    assert tampered(bump_one_count) == [(rid, "tampered", "the rows in `releases` differ from the rows signed")]
+    n = plan.layout.cells
+    assert tampered(drop_a_row) == [(rid, "tampered", f"{n - 1} rows in `releases`, {n} signed")]
+    forged = tampered(add_a_release)
+    assert forged[0][:2] == (rid, "verified") and forged[1][:2] == ("r-forged", "unsigned")
+    not_ours = "the signature was not made by the registered key holder"
+    assert tampered(edit_detail(claim_new_digest)) == [(rid, "tampered", not_ours)]
+    assert tampered(edit_detail(sign_with_own_key)) == [(rid, "tampered", not_ours)]
+    assert tampered(remove_audit_record)[0][:2] == (rid, "unsigned")
+
+    # A rotated key: releases signed with the old one still verify; the registry keeps it as retired.
+    create_key_holder_key(fed.config, overwrite=True)
+    rotated = load_key_holder_public_keys(fed.config)
+    assert len(rotated) == 2 and rotated[1] == keys[0]
+    assert [c.status for c in verify_releases(Store(original), rotated)] == ["verified"]
+    assert [c.status for c in verify_releases(Store(original), rotated[:1])] == ["tampered"]
+
+
+@pytest.mark.e2e
+def test_a_key_holder_without_a_signing_key_publishes_nothing_and_spends_nothing(make_federation) -> None:
+    fed = make_federation(noise=True, seed=5)
+    key_holder_signing_key_file(fed.config).unlink()
+    plan = plan_release(fed.config, START, END)
+    with pytest.raises(FusionError, match="fusion keys --release-signing"):
+        run_batch(plan)
+    store = Store(fed.config.store_path)
+    assert store.read("releases").num_rows == 0 and store.read("budget").num_rows == 0
+    create_key_holder_key(fed.config)
+    assert run_batch(plan).status == "released"
+    assert [c.status for c in verify_releases(store, load_key_holder_public_keys(fed.config))] == ["verified"]
