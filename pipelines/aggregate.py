@@ -225,8 +225,8 @@ class EncryptedSum(beam.CombineFn):
 
 
 class SealAggregate(beam.DoFn):
-    """The sum -> a refusal (quorum not met), or the roster that starts the unmask round, or (every answer in)
-    the sum with the self masks removed, sealed as the aggregate envelope and signed by the aggregator."""
+    """The sum -> a refusal (quorum not met), or the roster that starts the unmask round, or (`quorum` answers
+    in) the sum with every mask removed, sealed as the aggregate envelope and signed by the aggregator."""
 
     def __init__(
         self, plan: ReleasePlan, public_context: PublicContext, roster: Roster | None, may_declare: bool
@@ -267,6 +267,15 @@ class SealAggregate(beam.DoFn):
                     "(institutions + max_colluding) / 2)",
                 )
                 return
+            unshared = sorted(i for i, h in headers.items() if not h.pair_commitments)
+            if missing and unshared:
+                yield self._refuse(
+                    summary,
+                    f"the contributions of {unshared} were sealed by a Fusion version before shared mask keys: their "
+                    f"masks with the missing {missing} cannot be removed, so no roster is closed until every "
+                    "institution has contributed (or all run this version)",
+                )
+                return
             # Close the roster: those present are included, the missing declared absent. The unmask round starts.
             write_roster(plan, Roster(contributors, tuple(missing), plan.key.release_id))
             yield self._status({**summary, "status": "awaiting_unmask", "unmask_pending": list(contributors)})
@@ -289,6 +298,17 @@ class SealAggregate(beam.DoFn):
             if roster.absent:
                 masks = (masks + absent_mask_total(plan, headers, answers, roster.absent)) % he.PLAIN_MODULUS
         except ShareError as exc:
+            if pending:  # a wrong or unreadable share was discarded: the answers still to come may supply good ones
+                yield self._status(
+                    {
+                        **summary,
+                        "status": "awaiting_unmask",
+                        "unmask_pending": pending,
+                        "acknowledged": list(acknowledged(plan, roster)),
+                        "reason": f"the masks cannot be removed yet: {exc}",
+                    }
+                )
+                return
             yield self._refuse(summary, f"the masks cannot be removed: {exc}")
             return
         unmasking = centred(he.PLAIN_MODULUS - masks, he.PLAIN_MODULUS)

@@ -258,6 +258,11 @@ def seal_unmask(plan: ReleasePlan, institution_id: str, roster: Roster | None = 
 
 
 def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registry: dict[str, bytes]) -> str:
+    path = unmask_path(plan.config.exchange_path, plan.key, institution_id)
+    kept = _answer_file(plan, institution_id).with_suffix(".fenv")
+    if kept.exists():  # answered before (this roster: it is the only one it answers): the same bytes again
+        write_bytes(path, kept.read_bytes())
+        return path
     context = plan.key.release_id.encode()
     agreement = load_agreement_keys(plan.config)
     own_key = load_agreement_key(plan.config, institution_id)
@@ -269,7 +274,12 @@ def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registr
                 f"the contribution of {dealer} holds no {what} share for {institution_id} (a contribution sealed "
                 "by a Fusion version before shared mask keys cannot be recovered with institutions absent)"
             )
-        share = open_share(sealed, own_key, agreement[dealer], context=bound, sender=dealer, recipient=institution_id)
+        try:
+            share = open_share(
+                sealed, own_key, agreement[dealer], context=bound, sender=dealer, recipient=institution_id
+            )
+        except ShareError as exc:
+            raise FusionError(f"{exc}: {dealer}'s signed contribution is faulty, so no answer is given") from None
         if share[0] != own_x:
             raise FusionError(f"the {what} share {dealer} sealed for {institution_id} has the wrong coordinate")
         return encode_share(share)
@@ -283,11 +293,6 @@ def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registr
             bound = pair_key_context(context, dealer=peer, peer=absent)
             sealed = header.pair_shares.get(pair_entry(absent, institution_id))
             revealed_pairs[entry] = opened(peer, sealed, bound, f"mask-key ({peer}, {absent})")
-    path = unmask_path(plan.config.exchange_path, plan.key, institution_id)
-    kept = _answer_file(plan, institution_id).with_suffix(".fenv")
-    if kept.exists():  # answered before: the same bytes again
-        write_bytes(path, kept.read_bytes())
-        return path
     public_context = read_bytes(public_context_path(plan.config.exchange_path))
     header = plan.envelope_header(
         kind="unmask",

@@ -21,7 +21,6 @@ recipient).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -118,15 +117,16 @@ def reconstruct(shares: Mapping[int, int], *, threshold: int, expected: str, con
     return seed
 
 
-@functools.lru_cache(maxsize=1024)
 def _agreement(own_private: bytes, peer_public: bytes) -> bytes:
-    """The X25519 shared secret of two keys; kept, since one party seals or opens many shares per peer (a share
-    of its seed and of each of its mask keys), and every key derived from it is bound to its use by HKDF."""
+    """The X25519 shared secret of two keys (every key derived from it is bound to its use by HKDF)."""
     return X25519PrivateKey.from_private_bytes(own_private).exchange(X25519PublicKey.from_public_bytes(peer_public))
 
 
 def _share_key(own_private: bytes, peer_public: bytes, *, context: bytes, sender: str, recipient: str) -> bytes:
-    shared = _agreement(own_private, peer_public)
+    return _derived_share_key(_agreement(own_private, peer_public), context=context, sender=sender, recipient=recipient)
+
+
+def _derived_share_key(shared: bytes, *, context: bytes, sender: str, recipient: str) -> bytes:
     info = _SHARE_INFO + f"|{sender}|{recipient}".encode()
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=context, info=info).derive(shared)
 
@@ -135,7 +135,11 @@ def seal_share(
     share: Share, own_private: bytes, peer_public: bytes, *, context: bytes, sender: str, recipient: str
 ) -> str:
     """Encrypt a share so only `recipient` (holder of the peer key) can open it; hex of nonce | ciphertext."""
-    key = _share_key(own_private, peer_public, context=context, sender=sender, recipient=recipient)
+    return _seal(share, _agreement(own_private, peer_public), context=context, sender=sender, recipient=recipient)
+
+
+def _seal(share: Share, shared: bytes, *, context: bytes, sender: str, recipient: str) -> str:
+    key = _derived_share_key(shared, context=context, sender=sender, recipient=recipient)
     nonce = secrets.token_bytes(12)
     plain = share[0].to_bytes(4, "big") + share[1].to_bytes(66, "big")
     aad = context + f"|{sender}|{recipient}".encode()
@@ -166,12 +170,21 @@ def share_seed(
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Split `seed` among `peers` (id -> X25519 public key, the sender included): (recipient -> share sealed to
     it, recipient -> digest of its share)."""
-    xs = share_coordinates(peers)
-    shares = dict(split(seed, shares=len(xs), threshold=threshold))
+    shared = {peer: _agreement(own_private, public) for peer, public in peers.items()}
+    return _share(seed, own_id=own_id, shared=shared, threshold=threshold, context=context)
+
+
+def _share(
+    secret: bytes, *, own_id: str, shared: Mapping[str, bytes], threshold: int, context: bytes
+) -> tuple[dict[str, str], dict[str, str]]:
+    """`share_seed` with the X25519 secrets shared with each recipient already agreed (once per peer, however
+    many secrets are shared)."""
+    xs = share_coordinates(shared)
+    shares = dict(split(secret, shares=len(xs), threshold=threshold))
     sealed, digests = {}, {}
-    for peer, public in sorted(peers.items()):
+    for peer in sorted(shared):
         share = (xs[peer], shares[xs[peer]])
-        sealed[peer] = seal_share(share, own_private, public, context=context, sender=own_id, recipient=peer)
+        sealed[peer] = _seal(share, shared[peer], context=context, sender=own_id, recipient=peer)
         digests[peer] = share_digest(share, context=context, dealer=own_id, recipient=peer)
     return sealed, digests
 
@@ -210,15 +223,14 @@ def share_pair_keys(
     sealed: dict[str, str] = {}
     digests: dict[str, str] = {}
     commitments: dict[str, str] = {}
+    shared = {peer: _agreement(own_private, public) for peer, public in peers.items()}
     for peer, public in sorted(peers.items()):
         if peer == own_id:
             continue
         bound = pair_key_context(context, dealer=own_id, peer=peer)
         key = pair_key(own_private, public, context=context)
         commitments[peer] = commitment(key, context=bound)
-        shares, share_digests = share_seed(
-            key, own_id=own_id, own_private=own_private, peers=peers, threshold=threshold, context=bound
-        )
+        shares, share_digests = _share(key, own_id=own_id, shared=shared, threshold=threshold, context=bound)
         for recipient in shares:
             sealed[pair_entry(peer, recipient)] = shares[recipient]
             digests[pair_entry(peer, recipient)] = share_digests[recipient]

@@ -362,8 +362,9 @@ def test_a_lying_institutions_share_is_outvoted_by_the_commitment(make_federatio
 
 def test_a_lying_mask_key_share_is_discarded_and_the_release_waits_for_a_good_one(make_federation):
     """delta is absent. gamma reveals a wrong share of alpha's mask key with delta and an unreadable one of beta's,
-    validly signed. With alpha's and gamma's answers only, alpha's key cannot be rebuilt: the release is refused,
-    never corrupted. Once beta answers, the good shares rebuild every key and the release is exact."""
+    validly signed. With alpha's and gamma's answers only, alpha's key cannot be rebuilt: nothing is aggregated
+    (never corrupted), and the aggregator waits for beta. Once beta answers, the good shares rebuild every key
+    and the release is exact. Had every included institution answered, the release would be refused."""
     four = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta")]
     fed = make_federation(noise=False, quorum=2, institutions=four)
     plan = plan_release(fed.config, START, END)
@@ -378,13 +379,64 @@ def test_a_lying_mask_key_share_is_discarded_and_the_release_waits_for_a_good_on
     lie = {**header.revealed_pair_shares, "alpha/delta": f"{x}:{int(y, 16) ^ 1:x}", "beta/delta": "junk"}
     signing_key = load_signing_key(fed.config, "gamma")
     write_bytes(path, pack_envelope(replace(header, revealed_pair_shares=lie), ciphertexts, signing_key=signing_key))
-    with pytest.raises(ReleaseRefused, match="masks cannot be removed"):
-        run_aggregate(plan)
+    status = run_aggregate(plan)
+    assert status["status"] == "awaiting_unmask" and status["unmask_pending"] == ["beta"], status
+    assert "masks cannot be removed yet" in status["reason"]
+    assert not os.path.exists(aggregate_path(fed.config.exchange_path, plan.key))
     assert run_unmask(plan, [present[1]])[0].path
     assert run_aggregate(plan)["status"] == "aggregated"
     release(plan, Store(fed.config.store_path))
     released = Store(fed.config.store_path).read("releases")
     assert sum(released.column("count").to_pylist()) == sum(fed.raw[i.id].num_rows for i in present)
+
+
+def test_an_answer_reveals_mask_keys_held_with_the_absent_only(make_federation):
+    four = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta")]
+    fed = make_federation(noise=False, quorum=2, institutions=four)
+    plan = plan_release(fed.config, START, END)
+    present = [fed.config.institution(i) for i in ("alpha", "beta", "gamma")]
+    run_contributions(plan, present)
+    run_aggregate(plan)
+    run_unmask(plan, present)
+    for institution in present:
+        answer = envelope_header(read_bytes(unmask_path(fed.config.exchange_path, plan.key, institution.id)))
+        assert set(answer.revealed_shares) == {"alpha", "beta", "gamma"}
+        assert set(answer.revealed_pair_shares) == {"alpha/delta", "beta/delta", "gamma/delta"}
+        assert unpack_envelope(read_bytes(unmask_path(fed.config.exchange_path, plan.key, institution.id)))[1] == []
+
+
+def test_no_roster_with_absences_over_a_contribution_without_shared_mask_keys(make_federation):
+    """A contribution sealed before mask keys were shared (an upgrade mid-release) cannot have its masks with an
+    absent institution removed: the aggregator closes no roster (so nobody commits to one) until all contribute."""
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions[:2])
+    path = contribution_path(fed.config.exchange_path, plan.key, "alpha")
+    header, ciphertexts = unpack_envelope(read_bytes(path))
+    older = replace(header, pair_commitments={}, pair_shares={}, pair_share_digests={})
+    write_bytes(path, pack_envelope(older, ciphertexts, signing_key=load_signing_key(fed.config, "alpha")))
+    with pytest.raises(ReleaseRefused, match=r"contributions of \['alpha'\] were sealed by a Fusion version before"):
+        run_aggregate(plan)
+    assert not os.path.exists(roster_path(fed.config.exchange_path, plan.key))
+    run_contributions(plan, fed.config.institutions[2:])
+    assert run_aggregate(plan)["status"] == "awaiting_unmask"  # nobody absent: no mask key is needed
+    run_unmask(plan, fed.config.institutions)
+    assert run_aggregate(plan)["status"] == "aggregated"
+
+
+def test_an_unopenable_mask_key_share_names_its_dealer(make_federation):
+    fed = make_federation(noise=False, quorum=2, institutions=[(i, "csv") for i in ("alpha", "beta", "gamma", "delta")])
+    plan = plan_release(fed.config, START, END)
+    present = [fed.config.institution(i) for i in ("alpha", "beta", "gamma")]
+    run_contributions(plan, present)
+    path = contribution_path(fed.config.exchange_path, plan.key, "beta")
+    header, ciphertexts = unpack_envelope(read_bytes(path))
+    broken = {**header.pair_shares, "delta/alpha": "00" * 98}
+    write_bytes(path, pack_envelope(replace(header, pair_shares=broken), ciphertexts,
+                                    signing_key=load_signing_key(fed.config, "beta")))
+    run_aggregate(plan)
+    with pytest.raises(FusionError, match="beta's signed contribution is faulty"):
+        run_unmask(plan, present)
 
 
 def test_an_answer_to_another_roster_is_refused(make_federation):
