@@ -163,13 +163,20 @@ def aggregator_key_file(config: Config) -> Path:
     return Path(config.aggregator_keys_path) / SIGNING_KEY
 
 
-def create_aggregator_key(config: Config, *, overwrite: bool = False) -> Path:
-    """Create the aggregator's signing key (mode 0600) and register its public half."""
-    key_file = aggregator_key_file(config)
+def _new_signing_key(key_file: Path, *, overwrite: bool) -> bytes:
+    """Create an Ed25519 key at `key_file` (mode 0600), refusing to replace one unless `overwrite`; returns its
+    public half, for the caller to register."""
     if key_file.exists() and not overwrite:
         raise FusionError(f"{key_file} already exists; pass --overwrite to replace it (and re-register)")
     private, public = generate_signing_key()
     write_private(key_file, private)
+    return public
+
+
+def create_aggregator_key(config: Config, *, overwrite: bool = False) -> Path:
+    """Create the aggregator's signing key (mode 0600) and register its public half."""
+    key_file = aggregator_key_file(config)
+    public = _new_signing_key(key_file, overwrite=overwrite)
     _write_registry(config, replace(_read(config), aggregator=public))
     return key_file
 
@@ -205,10 +212,7 @@ def key_holder_signing_key_file(config: Config) -> Path:
 def create_key_holder_key(config: Config, *, overwrite: bool = False) -> Path:
     """Create the key holder's release-signing key (mode 0600) and register its public half."""
     key_file = key_holder_signing_key_file(config)
-    if key_file.exists() and not overwrite:
-        raise FusionError(f"{key_file} already exists; pass --overwrite to replace it (and re-register)")
-    private, public = generate_signing_key()
-    write_private(key_file, private)
+    public = _new_signing_key(key_file, overwrite=overwrite)
     registry = _read(config)
     retired = registry.retired + ((registry.key_holder,) if registry.key_holder is not None else ())
     _write_registry(config, replace(registry, key_holder=public, retired=tuple(dict.fromkeys(retired))))

@@ -10,7 +10,15 @@ import pytest
 
 from fusion.config import parse_config
 from fusion.errors import FusionError
-from fusion.registry import create_institution_keys, load_registry, load_signing_key, signing_key_file
+from fusion.registry import (
+    create_institution_keys,
+    create_key_holder_key,
+    load_key_holder_public_keys,
+    load_key_holder_signing_key,
+    load_registry,
+    load_signing_key,
+    signing_key_file,
+)
 from tests.conftest import config_text
 
 
@@ -91,3 +99,19 @@ def test_write_private_rotates_a_symlinked_key_where_it_lives_whatever_the_umask
         os.umask(previous)
     assert link.is_symlink() and (volume / "signing.key").read_bytes() == b"new secret"
     assert (volume / "signing.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_key_holders_signing_key_is_registered_and_rotation_keeps_the_old_one_as_retired(config) -> None:
+    assert load_key_holder_public_keys(config) == ()
+    create_institution_keys(config, "alpha")
+    key_file = create_key_holder_key(config)
+    assert key_file.stat().st_mode & 0o777 == 0o600 and len(load_key_holder_signing_key(config)) == 32
+    (first,) = load_key_holder_public_keys(config)
+    with pytest.raises(FusionError, match="already exists"):
+        create_key_holder_key(config)
+    create_key_holder_key(config, overwrite=True)
+    second, retired = load_key_holder_public_keys(config)
+    assert retired == first and second != first
+    create_key_holder_key(config, overwrite=True)
+    assert load_key_holder_public_keys(config)[1:] == (first, second)  # each retired key once, oldest first
+    assert set(load_registry(config)) == {"alpha"}  # the institutions' entries are kept
