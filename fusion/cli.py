@@ -442,9 +442,17 @@ def cmd_demo(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     config: Config = load_config(config_path)
     with open_store(config) as store:
         print_arrow(store.sql(DEMO_QUERY), title="releases, 2026-01-01 (noisy, with error bars)")
+    from fusion.provenance import verify_releases
+    from fusion.registry import load_key_holder_public_keys
+    from fusion.store import Store
+
+    checks = verify_releases(Store(config.store_path), load_key_holder_public_keys(config))
+    verified = sum(c.status == "verified" for c in checks)
+    console.print(f"\nreleases verified against the key holder's registered signature: {verified} of {len(checks)}")
     console.print(
         f'\nTry: .venv/bin/fusion sql --config {config_path} "SELECT * FROM releases LIMIT 5"\n'
-        f"     .venv/bin/fusion batch --config {config_path} --start 2026-01-02T00:00 --end 2026-01-03T00:00"
+        f"     .venv/bin/fusion batch --config {config_path} --start 2026-01-02T00:00 --end 2026-01-03T00:00\n"
+        f"     .venv/bin/fusion verify --config {config_path}"
     )
     return 0
 

@@ -112,4 +112,5 @@ def test_demo_runs_end_to_end(tmp_path):
     out = fusion("demo", "--dir", str(tmp_path / "demo"), "--days", "1").stdout
     assert "cells released: 384" in out
     assert "releases, 2026-01-01" in out and "16 row(s)" in out
+    assert "releases verified against the key holder's registered signature: 1 of 1" in out
     assert (tmp_path / "demo" / "README.txt").read_text().startswith("Fusion demo federation")
