@@ -107,9 +107,6 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("verify", help="check every release in the store against the key holder's signature")
     )
     check.add_argument("--release", help="check this release only")
-    check.add_argument(
-        "--allow-unsigned", action="store_true", help="exit 0 even if releases published before signing are found"
-    )
     check.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     sql = with_config(sub.add_parser("sql", help="query the store (read-only SQL)"))
@@ -370,11 +367,11 @@ def cmd_budget(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Exit 0 when every release checked is verified (or unsigned, with --allow-unsigned), 1 otherwise."""
+    """Exit 0 when every release checked is verified (or legacy: registered as published before signing)."""
     import pyarrow as pa
 
-    from fusion.provenance import verify_releases
-    from fusion.registry import load_key_holder_public_keys
+    from fusion.provenance import GOOD, verify_releases
+    from fusion.registry import load_key_holder_public_keys, load_unsigned_releases
     from fusion.store import Store
 
     config = load_config(args.config)
@@ -382,14 +379,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not keys:
         console.print(f"no key holder signing key is registered in {config.registry_path}: nothing can be verified")
         return 1
-    checks = verify_releases(Store(config.store_path), keys, release_id=args.release)
+    unsigned = load_unsigned_releases(config)
+    checks = verify_releases(Store(config.store_path), keys, unsigned=unsigned, release_id=args.release)
     if not checks:
         console.print("no releases in the store yet")
         return 0
     table = pa.Table.from_pylist([vars(c) for c in checks])
     print_arrow(table, args.format, title="releases checked against the key holder's signature")
-    bad = [c for c in checks if c.status == "tampered" or (c.status == "unsigned" and not args.allow_unsigned)]
-    return 1 if bad else 0
+    return 0 if all(c.status in GOOD for c in checks) else 1
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -405,8 +402,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 0
     if args.release_signing:
         from fusion.registry import create_key_holder_key
+        from fusion.store import Store
 
-        key_file = create_key_holder_key(config, overwrite=args.overwrite)
+        published = Store(config.store_path).release_ids()
+        key_file = create_key_holder_key(config, published=published, overwrite=args.overwrite)
         console.print(
             f"key holder's release-signing key (mode 0600): {key_file}\nregistered in {config.registry_path} "
             "(a replaced key stays registered as retired, so the releases it signed still verify)"

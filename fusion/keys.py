@@ -10,6 +10,7 @@ from fusion.config import Config
 from fusion.errors import FusionError
 from fusion.exchange import SECRET_CONTEXT, public_context_path, read_bytes, write_bytes
 from fusion.registry import create_key_holder_key, key_holder_signing_key_file, read_private, write_private
+from fusion.store import Store
 from privacy import he
 
 PUBLIC_DIGEST = "he_public.sha256"
@@ -34,7 +35,7 @@ def create_keys(config: Config, *, overwrite: bool = False) -> tuple[Path, str]:
     public_path = public_context_path(config.exchange_path)
     write_bytes(public_path, public)
     if not key_holder_signing_key_file(config).exists():
-        create_key_holder_key(config)
+        create_key_holder_key(config, published=Store(config.store_path).release_ids())
     return secret_file, public_path
 
 

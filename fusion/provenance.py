@@ -3,14 +3,19 @@
 A release's signature (Ed25519, the key holder's registered key) covers its id, the SHA-256 of the aggregate
 envelope it decrypted (itself signed by the registered aggregator), and a digest of its rows in `releases`
 over the columns published at the time. It is kept in the release's `audit` row (event `<release_id>:released`),
-so the tables' schemas stay as they are. `verify_releases` reads both tables and reports each release as
-verified, unsigned (published before releases were signed, or its audit row is gone) or tampered (a row
-changed, added or removed, or a signature that no registered key made).
+so the tables' schemas stay as they are. `verify_releases` reads both tables (and the budget ledger's charged
+release ids) and reports each release as verified, legacy (published before the key holder had a key, as
+registered with its first key), tampered (a row changed, added or removed, its signature or audit record
+removed, or a signature no registered key made) or missing (charged but not published).
 
-The rows digest is computed column by column on Arrow data (no Python loop over rows), in the order of the
-release's cells (metric, region, window start), so it does not depend on how the store split or compacted its
-files: floats by their IEEE-754 bits (every NaN alike), timestamps as microseconds since the epoch, integers as
-64-bit, text as UTF-8 with lengths, and each column's nulls.
+Not detected: a whole release removed from `releases`, `audit` and the ledger together; and a retired key
+still verifies what it signs (rotation is not revocation: a compromised key must be struck from the registry by
+hand, and the releases it signed then read as tampered).
+
+The rows digest is computed column by column on Arrow data (no Python loop over rows but text's join), in the
+order of the release's cells (metric, region, window start), so it does not depend on how the store split or
+compacted its files: floats by their IEEE-754 bits (every NaN alike), timestamps as microseconds since the
+epoch, integers as 64-bit, text as UTF-8 with lengths, and each column's nulls.
 """
 
 from __future__ import annotations
@@ -132,43 +137,79 @@ SIGNATURE_FIELD = "signature"
 class ReleaseCheck:
     release_id: str
     rows: int  # rows in `releases` now
-    status: str  # "verified" | "unsigned" | "tampered"
+    status: str  # "verified" | "legacy" | "tampered" | "missing"
     reason: str
 
 
+#: Statuses that mean the release is what was published.
+GOOD = ("verified", "legacy")
+
+
 def verify_releases(
-    store: Store, public_keys: Sequence[bytes], *, release_id: str | None = None
+    store: Store,
+    public_keys: Sequence[bytes],
+    *,
+    unsigned: frozenset[str] = frozenset(),
+    release_id: str | None = None,
 ) -> list[ReleaseCheck]:
-    """Check every release in the store (or one) against the key holder's registered public keys."""
+    """Check every release in the store (or one) against the key holder's registered public keys. `unsigned`:
+    the releases registered as published before the key holder had a key (`legacy` when they have no
+    signature); any other release without a valid signature is `tampered`. A release the budget ledger charged
+    but that has neither rows nor an audit record is `missing` (a pass that crashed before committing: re-run
+    it; or the release was removed)."""
     releases = store.read("releases")
+    releases = releases.take(pc.sort_indices(releases, [("release_id", "ascending")]))
+    ids = releases.column("release_id").to_numpy(zero_copy_only=False)
+    bounds: dict[str, tuple[int, int]] = {}
+    if len(ids):
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        ends = np.r_[starts[1:], len(ids)]
+        bounds = {str(ids[a]): (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
     audit = store.read("audit")
     audit = audit.filter(pc.equal(audit.column("action"), "release"))
-    signed: dict[str, tuple[str | None, str | None]] = {}  # release id -> (audit detail, content SHA-256)
-    for row in audit.select(["release_id", "detail", "content_sha256"]).to_pylist():
-        signed[row["release_id"]] = (row["detail"], row["content_sha256"])
-    ids = sorted(set(releases.column("release_id").to_pylist()) | set(signed))
-    if release_id is not None:
-        ids = [release_id]
+    records: dict[str, list[dict[str, Any]]] = {}
+    for row in audit.select(["event_id", "release_id", "detail", "content_sha256"]).to_pylist():
+        records.setdefault(row["release_id"], []).append(row)
+    charged = {r for ids_ in store.read("budget").column("release_ids").to_pylist() for r in ids_}
+    wanted = sorted(set(bounds) | set(records) | charged) if release_id is None else [release_id]
     checks = []
-    for rid in ids:
-        rows = releases.filter(pc.equal(releases.column("release_id"), rid))
-        detail, content = signed.get(rid, (None, None))
-        status, reason = _check(rid, rows, detail, content, public_keys)
+    for rid in wanted:
+        start, end = bounds.get(rid, (0, 0))
+        rows = releases.slice(start, end - start)
+        status, reason = _check(rid, rows, records.get(rid, []), public_keys, unsigned, rid in charged)
         checks.append(ReleaseCheck(rid, rows.num_rows, status, reason))
     return checks
 
 
 def _check(
-    release_id: str, rows: pa.Table, detail: str | None, content: str | None, public_keys: Sequence[bytes]
+    release_id: str,
+    rows: pa.Table,
+    records: list[dict[str, Any]],
+    public_keys: Sequence[bytes],
+    unsigned: frozenset[str],
+    charged: bool,
 ) -> tuple[str, str]:
-    if detail is None:
+    own = [r for r in records if r["event_id"] == f"{release_id}:released"]
+    if len(records) > len(own):
+        return "tampered", "an audit record of its release that Fusion did not write"
+    if not own:
         if rows.num_rows == 0:
-            return "tampered", "no such release: no rows and no audit record"
-        return "unsigned", "no audit record of its release (removed, or rows added without a release)"
+            if charged:
+                return "missing", (
+                    "charged to the budget but not published: a pass that crashed before committing (re-run it), "
+                    "or its rows and audit record were removed"
+                )
+            return "missing", "no such release"
+        if release_id in unsigned:
+            return "legacy", "published before the key holder had a signing key"
+        return "tampered", "no audit record of its release (removed, or rows added without a release)"
+    record = own[0]
     try:
-        doc = json.loads(detail)
-        if SIGNATURE_FIELD not in doc:
-            return "unsigned", "released before releases were signed"
+        doc = json.loads(record["detail"] or "{}")
+        if not isinstance(doc, dict) or SIGNATURE_FIELD not in doc:
+            if release_id in unsigned:
+                return "legacy", "published before the key holder had a signing key"
+            return "tampered", "its audit record holds no signature (removed)"
         claim = ReleaseSignature.from_doc(doc[SIGNATURE_FIELD])
         signature = bytes.fromhex(claim.signature)
     except (ValueError, KeyError, TypeError) as exc:
@@ -177,8 +218,12 @@ def _check(
         return "tampered", f"the signature is for release {claim.release_id}"
     if not any(verify(key, claim.message(), signature) for key in public_keys):
         return "tampered", "the signature was not made by the registered key holder"
-    if content != claim.aggregate_sha256:
+    if record["content_sha256"] != claim.aggregate_sha256:
         return "tampered", "the audit record names another aggregate envelope than the one signed"
+    if rows.num_rows == 0:
+        return "missing", (
+            "signed but its rows are not committed: a pass that crashed (re-run it), or its rows were removed"
+        )
     if rows.num_rows != claim.rows:
         return "tampered", f"{rows.num_rows} rows in `releases`, {claim.rows} signed"
     missing = [c for c in claim.columns if c not in rows.column_names]

@@ -14,6 +14,7 @@ import os
 import secrets
 import stat
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from privacy.masking import generate_agreement_key
 from privacy.signing import generate_signing_key
 
 SIGNING_KEY = "signing.key"
+#: The key holder's, a name of its own: a key directory shared by mistake with another role never hands it theirs.
+RELEASE_SIGNING_KEY = "release-signing.key"
 AGREEMENT_KEY = "agreement.key"
 
 
@@ -70,6 +73,7 @@ class _Registry:
     aggregator: bytes | None  # the aggregator's signing public key
     key_holder: bytes | None  # the key holder's signing public key (it signs releases)
     retired: tuple[bytes, ...] = ()  # the key holder's earlier signing keys: releases they signed still verify
+    unsigned: tuple[str, ...] = ()  # releases published before the key holder had a key (nothing to verify)
 
 
 def _read(config: Config) -> _Registry:
@@ -88,11 +92,15 @@ def _read(config: Config) -> _Registry:
         aggregator = doc.get("aggregator", {}).get("signing_key")
         key_holder = doc.get("key_holder", {}).get("signing_key")
         retired = doc.get("key_holder", {}).get("retired_signing_keys", [])
+        unsigned = doc.get("key_holder", {}).get("unsigned_releases", [])
+        if not all(isinstance(r, str) for r in unsigned):
+            raise TypeError("key_holder.unsigned_releases must list release ids")
         return _Registry(
             institutions,
             bytes.fromhex(aggregator) if aggregator else None,
             bytes.fromhex(key_holder) if key_holder else None,
             tuple(bytes.fromhex(k) for k in retired),
+            tuple(unsigned),
         )
     except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise FusionError(f"the registry {path} is malformed: {exc}") from None
@@ -129,6 +137,8 @@ def _write_registry(config: Config, registry: _Registry) -> None:
         lines += ["", "[key_holder]", f'signing_key = "{registry.key_holder.hex()}"']
         if registry.retired:
             lines += [f"retired_signing_keys = [{', '.join(repr(k.hex()) for k in registry.retired)}]"]
+        if registry.unsigned:
+            lines += [f"unsigned_releases = [{', '.join(repr(r) for r in registry.unsigned)}]"]
     for institution, entry in sorted(registry.institutions.items()):
         lines += [
             "",
@@ -206,16 +216,21 @@ def load_agreement_key(config: Config, institution_id: str) -> bytes:
 
 def key_holder_signing_key_file(config: Config) -> Path:
     """The key holder's release-signing key, beside its HE secret key."""
-    return Path(config.keys_path) / SIGNING_KEY
+    return Path(config.keys_path) / RELEASE_SIGNING_KEY
 
 
-def create_key_holder_key(config: Config, *, overwrite: bool = False) -> Path:
-    """Create the key holder's release-signing key (mode 0600) and register its public half."""
+def create_key_holder_key(config: Config, *, published: Iterable[str] = (), overwrite: bool = False) -> Path:
+    """Create the key holder's release-signing key (mode 0600) and register its public half. The first key of a
+    federation that already published releases (`published`, their ids) registers them as unsigned, the only
+    releases `fusion verify` accepts without a signature; a replaced key stays registered as retired."""
     key_file = key_holder_signing_key_file(config)
     public = _new_signing_key(key_file, overwrite=overwrite)
     registry = _read(config)
     retired = registry.retired + ((registry.key_holder,) if registry.key_holder is not None else ())
-    _write_registry(config, replace(registry, key_holder=public, retired=tuple(dict.fromkeys(retired))))
+    unsigned = registry.unsigned if registry.key_holder is not None else tuple(sorted(set(published)))
+    _write_registry(
+        config, replace(registry, key_holder=public, retired=tuple(dict.fromkeys(retired)), unsigned=unsigned)
+    )
     return key_file
 
 
@@ -224,6 +239,11 @@ def load_key_holder_signing_key(config: Config) -> bytes:
         key_holder_signing_key_file(config),
         "the key holder's release-signing key (`fusion keys --release-signing`, once, by the key holder)",
     )
+
+
+def load_unsigned_releases(config: Config) -> frozenset[str]:
+    """Releases published before the key holder had a signing key, as registered with its first key."""
+    return frozenset(_read(config).unsigned)
 
 
 def load_key_holder_public_keys(config: Config) -> tuple[bytes, ...]:

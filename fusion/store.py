@@ -238,6 +238,11 @@ class Store:
         table = self._table(name, create=False)
         return None if table is None else table.version()
 
+    def release_ids(self) -> set[str]:
+        """The ids of the releases in `releases`."""
+        ids = self.dataset("releases").to_table(columns=["release_id"]).column("release_id")
+        return {str(i) for i in pc.unique(pc.cast(ids, pa.string())).to_pylist()}
+
     def has_release(self, release_id: str) -> bool:
         ids = self.dataset("releases").to_table(columns=["release_id"]).column("release_id")
         return bool(pc.any(pc.equal(pc.cast(ids, pa.string()), release_id)).as_py())

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fusion.errors import ReleaseRefused
+from fusion.errors import FusionError, ReleaseRefused
 from fusion.estimates import decode_release
 from fusion.exchange import aggregate_path, exists, read_bytes, refusal_path
 from fusion.faults import crash_point
@@ -26,11 +26,12 @@ from fusion.keys import load_secret_context_bytes, published_context_digest
 from fusion.ledger import BudgetLedger, Spend
 from fusion.parameters import NOISE_MARGIN_SDS
 from fusion.plan import ReleasePlan
-from fusion.provenance import SIGNATURE_FIELD, sign_release
-from fusion.registry import load_aggregator_public_key, load_key_holder_signing_key
+from fusion.provenance import SIGNATURE_FIELD, rows_digest, sign_release
+from fusion.registry import load_aggregator_public_key, load_key_holder_public_keys, load_key_holder_signing_key
 from fusion.store import Store
 from privacy import he
 from privacy.envelope import EnvelopeHeader, signature_valid, unpack_envelope
+from privacy.signing import public_key
 from schemas.tables import AUDIT_SCHEMA, REJECTS_SCHEMA
 
 
@@ -121,7 +122,7 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         raise ReleaseRefused(
             f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}"
         )
-    signing_key = load_key_holder_signing_key(plan.config)  # before anything is charged: nothing unsigned is published
+    signing_key = _registered_signing_key(plan)  # before anything is charged: nothing unsigned is published
 
     # Pay first: the key holder decrypts only an aggregate whose release has been charged to its period. The
     # charge is bound to the ciphertexts (re-summing the same contributions gives the same bytes).
@@ -130,17 +131,22 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     context = he.load_secret_context(load_secret_context_bytes(plan.config))
     totals = he.decrypt_vector(context, ciphertexts, plan.layout.slots)
     crash_point("after_decrypt")
-    now = _released_at(plan, store) or datetime.now(UTC)
-    cells = decode_release(
-        totals,
-        layout=plan.layout,
-        params=plan.params,
-        units=tuple(m.unit for m in plan.config.metrics),
-        noise_variance=header.noise_variance,
-        contributors=len(header.contributors),
-        release_id=release_id,
-        released_at=now,
-    )
+
+    def decoded(at: datetime) -> pa.Table:
+        return decode_release(
+            totals,
+            layout=plan.layout,
+            params=plan.params,
+            units=tuple(m.unit for m in plan.config.metrics),
+            noise_variance=header.noise_variance,
+            contributors=len(header.contributors),
+            release_id=release_id,
+            released_at=at,
+        )
+
+    recorded = _recorded_release(plan, store)  # a pass that crashed before committing the rows recorded one
+    now = recorded[0] if recorded else datetime.now(UTC)
+    cells = decoded(now)
     _check_plausible(plan, cells, header)
     signature = sign_release(
         cells, release_id=release_id, aggregate_sha256=hashlib.sha256(data).hexdigest(), signing_key=signing_key
@@ -184,6 +190,15 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     store.insert_new("audit", pa.Table.from_pylist(audits, schema=AUDIT_SCHEMA))
     store.insert_new("rejects", _rejects_rows(plan, header, now))
     crash_point("after_audit")  # the signature is recorded; a re-run must publish exactly the rows it signed
+    recorded = _recorded_release(plan, store)
+    if recorded is not None and recorded[1].get("rows_sha256") != signature.rows_sha256:
+        # A racing pass recorded this release first, with its own time: publish the rows it signed.
+        cells = decoded(recorded[0])
+        if rows_digest(cells, cells.column_names) != recorded[1].get("rows_sha256"):
+            raise ReleaseRefused(
+                f"release {release_id}'s audit row records a signature on other rows than this pass decodes "
+                "(a pass under other parameters or keys recorded it first); nothing was published"
+            )
     inserted = store.insert_new("releases", cells)
     crash_point("after_commit")
     if inserted == 0:
@@ -201,12 +216,34 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     )
 
 
-def _released_at(plan: ReleasePlan, store: Store) -> datetime | None:
-    """The time of this release's audit row, if a pass that crashed before committing the rows recorded it."""
-    audit = store.dataset("audit").to_table(columns=["event_id", "at"])
-    mask = pc.equal(pc.cast(audit.column("event_id"), pa.string()), f"{plan.key.release_id}:released")
-    times = audit.filter(mask).column("at").to_pylist()
-    return times[0] if times else None
+def _registered_signing_key(plan: ReleasePlan) -> bytes:
+    """The key holder's release-signing key, refused unless it is the one the registry names (a key recreated
+    by hand would publish releases nobody can verify)."""
+    key = load_key_holder_signing_key(plan.config)
+    registered = load_key_holder_public_keys(plan.config)
+    if not registered or public_key(key) != registered[0]:
+        raise FusionError(
+            f"the key holder's release-signing key is not the one registered in {plan.config.registry_path}; "
+            "register it (`fusion keys --release-signing --overwrite` creates and registers a new one)"
+        )
+    return key
+
+
+def _recorded_release(plan: ReleasePlan, store: Store) -> tuple[datetime, dict[str, Any]] | None:
+    """(time, signature) of this release's audit row, if a pass recorded it."""
+    event = f"{plan.key.release_id}:released"
+    dataset = store.dataset("audit")
+    columns = ["event_id", "at", "detail"]
+    try:  # pushed down: only this release's row group is read
+        audit = dataset.to_table(columns=columns, filter=pc.field("event_id") == event)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):  # string_view files of old stores
+        audit = dataset.to_table(columns=columns)
+        audit = audit.filter(pc.equal(pc.cast(audit.column("event_id"), pa.string()), event))
+    if audit.num_rows == 0:
+        return None
+    row = audit.slice(0, 1).to_pylist()[0]
+    signature = json.loads(row["detail"] or "{}").get(SIGNATURE_FIELD) or {}
+    return row["at"], signature
 
 
 def _check_plausible(plan: ReleasePlan, cells: pa.Table, header: EnvelopeHeader) -> None:

@@ -29,3 +29,10 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def public_key(private_key: bytes) -> bytes:
+    """The raw public half of a raw Ed25519 private key."""
+    return Ed25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes(
+        _RAW, serialization.PublicFormat.Raw
+    )

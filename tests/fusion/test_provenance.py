@@ -15,8 +15,14 @@ from deltalake import write_deltalake
 from fusion.errors import FusionError
 from fusion.plan import plan_release
 from fusion.provenance import SIGNATURE_FIELD, rows_digest, sign_release, verify_releases
-from fusion.registry import create_key_holder_key, key_holder_signing_key_file, load_key_holder_public_keys
+from fusion.registry import (
+    create_key_holder_key,
+    key_holder_signing_key_file,
+    load_key_holder_public_keys,
+    write_private,
+)
 from fusion.store import Store
+from pipelines import release as release_module
 from pipelines.batch import run_batch
 from privacy.signing import generate_signing_key
 from schemas.tables import AUDIT_SCHEMA, RELEASES_SCHEMA
@@ -70,12 +76,12 @@ def test_verify_finds_each_change_to_a_signed_release(make_federation, tmp_path:
     original = Path(fed.config.store_path)
     assert [(c.status, c.rows) for c in verify_releases(Store(original), keys)] == [("verified", plan.layout.cells)]
 
-    def tampered(change) -> list[tuple[str, str, str]]:  # type: ignore[no-untyped-def]
+    def tampered(change, unsigned: frozenset[str] = frozenset()) -> list[tuple[str, str, str]]:  # type: ignore[no-untyped-def]
         copy = tmp_path / f"store-{len(list(tmp_path.iterdir()))}"
         shutil.copytree(original, copy)
         store = Store(copy)
         change(store, store.read("releases"), store.read("audit"))
-        return [(c.release_id, c.status, c.reason) for c in verify_releases(store, keys)]
+        return [(c.release_id, c.status, c.reason) for c in verify_releases(store, keys, unsigned=unsigned)]
 
     rid = plan.key.release_id
 
@@ -119,15 +125,34 @@ def test_verify_finds_each_change_to_a_signed_release(make_federation, tmp_path:
     def remove_audit_record(store: Store, rows: pa.Table, audit: pa.Table) -> None:
         _overwrite(store, "audit", audit.filter(pc.not_equal(audit.column("action"), "release")), AUDIT_SCHEMA)
 
+    def strip_signature(doc: dict, rows: pa.Table) -> None:  # type: ignore[type-arg]
+        del doc[SIGNATURE_FIELD]
+
+    def add_an_audit_record(store: Store, rows: pa.Table, audit: pa.Table) -> None:
+        mine = audit.filter(pc.equal(audit.column("action"), "release"))
+        other = mine.set_column(0, "event_id", pa.array([f"{rid}:released-again"])).set_column(
+            mine.schema.get_field_index("detail"), "detail", pa.array(["{}"])
+        )
+        _overwrite(store, "audit", pa.concat_tables([audit, other.cast(audit.schema)]), AUDIT_SCHEMA)
+
+    def remove_the_rows(store: Store, rows: pa.Table, audit: pa.Table) -> None:
+        _overwrite(store, "releases", rows.slice(0, 0), RELEASES_SCHEMA)
+
     assert tampered(bump_one_count) == [(rid, "tampered", "the rows in `releases` differ from the rows signed")]
     n = plan.layout.cells
     assert tampered(drop_a_row) == [(rid, "tampered", f"{n - 1} rows in `releases`, {n} signed")]
     forged = tampered(add_a_release)
-    assert forged[0][:2] == (rid, "verified") and forged[1][:2] == ("r-forged", "unsigned")
+    assert forged[0][:2] == (rid, "verified") and forged[1][:2] == ("r-forged", "tampered")
     not_ours = "the signature was not made by the registered key holder"
     assert tampered(edit_detail(claim_new_digest)) == [(rid, "tampered", not_ours)]
     assert tampered(edit_detail(sign_with_own_key)) == [(rid, "tampered", not_ours)]
-    assert tampered(remove_audit_record)[0][:2] == (rid, "unsigned")
+    # A signature removed is no downgrade to "published before signing", unless the registry lists it so.
+    assert tampered(remove_audit_record)[0][:2] == (rid, "tampered")
+    stripped = (rid, "tampered", "its audit record holds no signature (removed)")
+    assert tampered(edit_detail(strip_signature)) == [stripped]
+    assert tampered(remove_audit_record, frozenset({rid}))[0][:2] == (rid, "legacy")
+    assert tampered(add_an_audit_record)[0][:2] == (rid, "tampered")
+    assert tampered(remove_the_rows)[0][:2] == (rid, "missing")
 
     # A rotated key: releases signed with the old one still verify; the registry keeps it as retired.
     create_key_holder_key(fed.config, overwrite=True)
@@ -135,6 +160,49 @@ def test_verify_finds_each_change_to_a_signed_release(make_federation, tmp_path:
     assert len(rotated) == 2 and rotated[1] == keys[0]
     assert [c.status for c in verify_releases(Store(original), rotated)] == ["verified"]
     assert [c.status for c in verify_releases(Store(original), rotated[:1])] == ["tampered"]
+
+
+@pytest.mark.e2e
+def test_a_release_racing_another_pass_publishes_the_rows_the_first_recorded(make_federation, monkeypatch) -> None:
+    """Pass A records the release's audit row (its time and signature) and stops before the rows; pass B read the
+    audit table before A wrote it, so it decodes with its own time. B's own audit insert does nothing (A's row
+    is there), so B publishes A's signed rows, rebuilt with A's time."""
+    fed = make_federation(noise=True, seed=5)
+    plan = plan_release(fed.config, START, END)
+    store = Store(fed.config.store_path)
+    inserted = store.insert_new
+
+    def stop_before_rows(name: str, rows: pa.Table) -> int:
+        if name == "releases":
+            raise RuntimeError("pass A stops here")
+        return inserted(name, rows)
+
+    monkeypatch.setattr(Store, "insert_new", lambda self, name, rows: stop_before_rows(name, rows))
+    with pytest.raises(RuntimeError, match="pass A stops here"):
+        run_batch(plan)
+    monkeypatch.undo()
+    real = release_module._recorded_release
+    calls = []
+
+    def raced(plan_: object, store_: Store) -> object:
+        calls.append(1)
+        return None if len(calls) == 1 else real(plan_, store_)  # B's first read came before A's write
+
+    monkeypatch.setattr(release_module, "_recorded_release", raced)
+    assert release_module.release(plan, store).status == "released"
+    assert len(calls) == 2
+    checks = verify_releases(store, load_key_holder_public_keys(fed.config))
+    assert [(c.status, c.rows) for c in checks] == [("verified", plan.layout.cells)]
+
+
+@pytest.mark.e2e
+def test_a_key_other_than_the_registered_one_publishes_nothing(make_federation) -> None:
+    fed = make_federation(noise=True, seed=5)
+    write_private(key_holder_signing_key_file(fed.config), generate_signing_key()[0])
+    with pytest.raises(FusionError, match="not the one registered"):
+        run_batch(plan_release(fed.config, START, END))
+    store = Store(fed.config.store_path)
+    assert store.read("releases").num_rows == 0 and store.read("budget").num_rows == 0
 
 
 @pytest.mark.e2e

@@ -17,6 +17,7 @@ from fusion.registry import (
     load_key_holder_signing_key,
     load_registry,
     load_signing_key,
+    load_unsigned_releases,
     signing_key_file,
 )
 from tests.conftest import config_text
@@ -115,3 +116,11 @@ def test_the_key_holders_signing_key_is_registered_and_rotation_keeps_the_old_on
     create_key_holder_key(config, overwrite=True)
     assert load_key_holder_public_keys(config)[1:] == (first, second)  # each retired key once, oldest first
     assert set(load_registry(config)) == {"alpha"}  # the institutions' entries are kept
+
+
+def test_releases_published_before_the_first_key_are_registered_as_unsigned_once(config) -> None:
+    create_key_holder_key(config, published={"r-2", "r-1"})
+    assert load_unsigned_releases(config) == {"r-1", "r-2"}
+    create_key_holder_key(config, published={"r-3"}, overwrite=True)  # a rotation adds nothing unsigned
+    assert load_unsigned_releases(config) == {"r-1", "r-2"}
+    assert "unsigned_releases = ['r-1', 'r-2']" in Path(config.registry_path).read_text()

@@ -63,19 +63,20 @@ def test_role_commands_match_batch(make_federation):
 
 
 def test_verify_command_exit_codes(make_federation):
-    """`fusion verify`: 0 when every release verifies; 1 for an unsigned one unless --allow-unsigned."""
+    """`fusion verify`: 0 when every release verifies; 1 for a release whose audit record was removed, and for
+    an unknown one."""
     fed = make_federation(noise=False)
     config = str(fed.config_path)
     fusion("batch", "--config", config, *INTERVAL)
     out = fusion("verify", "--config", config, "--format", "json").stdout
     checks = [json.loads(line) for line in out.splitlines()]
     assert [(c["status"], c["rows"]) for c in checks] == [("verified", 36)]
+    assert "missing" in fusion("verify", "--config", config, "--release", "r-unknown", expect=1).stdout
     store = Store(fed.config.store_path)
     audit = store.read("audit")
     write_deltalake(store.table_path("audit"), audit.filter(pc.not_equal(audit.column("action"), "release")),
                     mode="overwrite")
-    assert "unsigned" in fusion("verify", "--config", config, expect=1).stdout
-    fusion("verify", "--config", config, "--allow-unsigned")
+    assert "tampered" in fusion("verify", "--config", config, expect=1).stdout
 
 
 def test_sql_command_formats_and_refusals(make_federation):
