@@ -297,6 +297,8 @@ def cmd_aggregate(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             f"roster closed; {absent}{signed}unmask round: {', '.join(result['unmask_pending'])} run "
             "`fusion contribute --unmask` (each until it answers), then `fusion aggregate` again"
         )
+        if result.get("reason"):  # answers so far hold a wrong share: more are needed
+            console.print(f"[yellow]{result['reason']}[/yellow]")
         return 3
     console.print(f"aggregated {len(result['contributors'])} contribution(s): {', '.join(result['contributors'])}")
     return 0
