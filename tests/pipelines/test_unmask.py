@@ -7,6 +7,7 @@ import os
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,6 +66,19 @@ def uniform(values: np.ndarray) -> bool:
     return bool(stats.kstest(residues, "uniform").pvalue > 1e-4)
 
 
+FOUR = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta")]
+
+
+def delta_missing(make_federation: Any) -> tuple[Any, ReleasePlan, list[Any]]:
+    """Four institutions, quorum 2; alpha, beta and gamma contribute, delta does not: (federation, plan, the
+    three present)."""
+    fed = make_federation(noise=False, quorum=2, institutions=FOUR)
+    plan = plan_release(fed.config, START, END)
+    present = [fed.config.institution(i) for i in ("alpha", "beta", "gamma")]
+    run_contributions(plan, present)
+    return fed, plan, present
+
+
 def test_without_the_unmask_round_even_the_sum_of_all_envelopes_is_uniform(make_federation):
     """Pairwise masks cancel in the full sum, but the self masks do not: nothing is readable before the
     institutions answer a roster."""
@@ -108,8 +122,7 @@ def test_split_view_rosters_isolate_no_one_because_nobody_answers_without_a_majo
     beta's answers, and beta's and gamma's mask keys with alpha from gamma's and delta's: alpha's contribution,
     decrypted exactly. Each institution first signs the roster it was shown and answers only once 3 of the 4
     signed that same roster, so no one answers either."""
-    four = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta")]
-    fed = make_federation(noise=False, quorum=2, institutions=four)
+    fed = make_federation(noise=False, quorum=2, institutions=FOUR)
     plan = plan_release(fed.config, START, END)
     run_contributions(plan, fed.config.institutions)
     key = plan.key.release_id
@@ -227,8 +240,7 @@ def test_only_valid_signatures_on_the_same_roster_count_as_acknowledgements(make
 def test_a_roster_is_not_closed_with_fewer_institutions_than_one_round_of_signatures_needs(make_federation):
     """4 institutions: answers need 3 signatures on one roster. With 2 contributions (quorum 2) no roster could
     ever gather them, so the aggregator refuses instead of closing one."""
-    four = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta")]
-    fed = make_federation(noise=False, quorum=2, institutions=four)
+    fed = make_federation(noise=False, quorum=2, institutions=FOUR)
     plan = plan_release(fed.config, START, END)
     run_contributions(plan, fed.config.institutions[:2])
     with pytest.raises(ReleaseRefused, match="needs 3 included institutions to acknowledge one roster"):
@@ -365,11 +377,7 @@ def test_a_lying_mask_key_share_is_discarded_and_the_release_waits_for_a_good_on
     validly signed. With alpha's and gamma's answers only, alpha's key cannot be rebuilt: nothing is aggregated
     (never corrupted), and the aggregator waits for beta. Once beta answers, the good shares rebuild every key
     and the release is exact. Had every included institution answered, the release would be refused."""
-    four = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta")]
-    fed = make_federation(noise=False, quorum=2, institutions=four)
-    plan = plan_release(fed.config, START, END)
-    present = [fed.config.institution(i) for i in ("alpha", "beta", "gamma")]
-    run_contributions(plan, present)
+    fed, plan, present = delta_missing(make_federation)
     assert run_aggregate(plan)["absent"] == ["delta"]
     acknowledge(plan, "beta")
     assert all(a.path for a in run_unmask(plan, [present[0], present[2]]))
@@ -391,11 +399,7 @@ def test_a_lying_mask_key_share_is_discarded_and_the_release_waits_for_a_good_on
 
 
 def test_an_answer_reveals_mask_keys_held_with_the_absent_only(make_federation):
-    four = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta")]
-    fed = make_federation(noise=False, quorum=2, institutions=four)
-    plan = plan_release(fed.config, START, END)
-    present = [fed.config.institution(i) for i in ("alpha", "beta", "gamma")]
-    run_contributions(plan, present)
+    fed, plan, present = delta_missing(make_federation)
     run_aggregate(plan)
     run_unmask(plan, present)
     for institution in present:
@@ -425,10 +429,7 @@ def test_no_roster_with_absences_over_a_contribution_without_shared_mask_keys(ma
 
 
 def test_an_unopenable_mask_key_share_names_its_dealer(make_federation):
-    fed = make_federation(noise=False, quorum=2, institutions=[(i, "csv") for i in ("alpha", "beta", "gamma", "delta")])
-    plan = plan_release(fed.config, START, END)
-    present = [fed.config.institution(i) for i in ("alpha", "beta", "gamma")]
-    run_contributions(plan, present)
+    fed, plan, present = delta_missing(make_federation)
     path = contribution_path(fed.config.exchange_path, plan.key, "beta")
     header, ciphertexts = unpack_envelope(read_bytes(path))
     broken = {**header.pair_shares, "delta/alpha": "00" * 98}
