@@ -63,6 +63,27 @@ def test_the_rows_digest_ignores_row_order_chunking_and_text_type_but_not_a_bit_
     assert rows_digest(cells, columns[:-1]) != digest  # the columns covered are part of it
 
 
+def test_digests_over_a_whole_table_equal_each_releases_own(tmp_path: Path) -> None:
+    """`verify_releases` digests every release from one canonical copy of the table; each digest must be the one
+    `rows_digest` gives that release alone, whatever the text (nulls, non-ASCII) and the arrays' offsets."""
+    cells = pa.concat_tables([_cells()] * 3)
+    names = pa.array(["r-b"] * 3 + ["r-a"] * 3 + ["r-c"] * 3)
+    notes = pa.array(["é", None, "", "ab", "c", None, "ÿÿ", "d", "e"])
+    table = cells.append_column("release_id", names).append_column("note", notes)
+    padded = pa.concat_tables([table.slice(0, 2), table]).slice(2)  # columns that start past an offset
+    from fusion.provenance import CELL_ORDER, _Canonical
+
+    ordered = padded.sort_by([("release_id", "ascending"), *((c, "ascending") for c in CELL_ORDER)])
+    wide = pa.schema([f.with_type(pa.large_string()) if f.type == pa.string() else f for f in ordered.schema])
+    shifted = pa.concat_tables([ordered.slice(0, 1), ordered]).cast(wide).combine_chunks().slice(1)
+    assert shifted.column("region").chunk(0).offset == 1  # text whose bytes start past the buffer's start
+    for canonical in (_Canonical(ordered), _Canonical(shifted)):
+        for number, release in enumerate(("r-a", "r-b", "r-c")):
+            alone = table.filter(pc.equal(table.column("release_id"), release))
+            start = 3 * number
+            assert canonical.digest(start, start + 3, table.column_names) == rows_digest(alone, table.column_names)
+
+
 def _overwrite(store: Store, name: str, table: pa.Table, schema: pa.Schema) -> None:
     write_deltalake(store.table_path(name), table.select(schema.names).cast(schema), mode="overwrite")
 
