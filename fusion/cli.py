@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     demo = sub.add_parser("demo", help="build the demo federation and run a batch release on it")
-    demo.add_argument("--dir", default="demo", help="where to build it (replaced if it exists)")
+    demo.add_argument(
+        "--dir", default="demo", help="where to build it: a new or empty directory, or an earlier demo (replaced)"
+    )
     demo.add_argument("--days", type=int, default=2, help="days of feed data to generate")
 
     keys = with_config(sub.add_parser("keys", help="key holder: create the HE keys; an institution: --institution ID"))
@@ -429,13 +431,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+#: A first query to try on the demo: few enough columns to read in a terminal.
+DEMO_TRY_QUERY = (
+    "SELECT window_start, metric, region, mean, mean_ci_low, mean_ci_high, count FROM releases ORDER BY ALL LIMIT 5"
+)
+
+
+def _fusion_command() -> str:
+    """How to run `fusion` from any directory: the script beside this interpreter when there is one."""
+    script = Path(sys.executable).parent / "fusion"
+    return str(script.resolve()) if script.is_file() else "fusion"
+
+
 def cmd_demo(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     from fusion.api import open_store
     from fusion.demo import DEMO_QUERY, build_demo
 
     directory = Path(args.dir)
     with console.status("building the demo federation from pvlib's TMY3 weather records"):
-        config_path = build_demo(directory, days=args.days)
+        config_path = build_demo(directory, days=args.days).resolve()
     console.print(f"demo federation: {config_path}")
     batch_args = argparse.Namespace(config=str(config_path), start="2026-01-01T00:00", end="2026-01-02T00:00")
     cmd_batch(batch_args, beam_args)
@@ -450,10 +464,12 @@ def cmd_demo(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     checks = verify_releases(Store(config.store_path), load_key_holder_public_keys(config))
     verified = sum(c.status == "verified" for c in checks)
     console.print(f"\nreleases verified against the key holder's registered signature: {verified} of {len(checks)}")
+    fusion = _fusion_command()
     console.print(
-        f'\nTry: .venv/bin/fusion sql --config {config_path} "SELECT * FROM releases LIMIT 5"\n'
-        f"     .venv/bin/fusion batch --config {config_path} --start 2026-01-02T00:00 --end 2026-01-03T00:00\n"
-        f"     .venv/bin/fusion verify --config {config_path}"
+        f'\nTry: {fusion} sql --config {config_path} "{DEMO_TRY_QUERY}"\n'
+        f"     {fusion} batch --config {config_path} --start 2026-01-02T00:00 --end 2026-01-03T00:00\n"
+        f"     {fusion} verify --config {config_path}",
+        soft_wrap=True,  # each command stays on one line, to copy as printed
     )
     return 0
 

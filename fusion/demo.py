@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusion.config import load_config
+from fusion.errors import FusionError
 from fusion.demo_data import (
     INSTITUTIONS,
     LIMITS,
@@ -125,9 +126,35 @@ def _write_feed(spec: InstitutionSpec, path: Path, table: pa.Table, extra: list[
                 handle.write(json.dumps(row) + "\n")
 
 
+DEMO_MARK = "Fusion demo federation."
+
+
+def _refuse_foreign(directory: Path) -> None:
+    if not directory.is_dir():
+        raise FusionError(f"--dir {directory}: exists and is not a directory; choose another path")
+    if not any(directory.iterdir()):
+        return
+    readme = directory / "README.txt"
+    is_demo = (
+        readme.is_file()
+        and readme.read_text(errors="replace").startswith(DEMO_MARK)
+        and (directory / "federation.toml").is_file()
+    )
+    if not is_demo:
+        raise FusionError(
+            f"--dir {directory}: not empty and not an earlier Fusion demo (no demo README.txt and federation.toml);"
+            " the demo replaces its directory, so choose an empty or new one"
+        )
+
+
 def build_demo(directory: Path, *, days: int = 2) -> Path:
-    """(Re)create the demo federation under `directory`; returns the config path."""
+    """(Re)create the demo federation under `directory`; returns the config path.
+
+    An existing directory is replaced only when it is empty or an earlier demo (it holds the demo's README.txt
+    and federation.toml); anything else is refused, so a mistyped --dir cannot delete unrelated files.
+    """
     if directory.exists():
+        _refuse_foreign(directory)
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     stations = {name: load_station(name) for name in ("greensboro", "sandpoint")}
@@ -147,7 +174,7 @@ def build_demo(directory: Path, *, days: int = 2) -> Path:
     config_path = directory / "federation.toml"
     config_path.write_text(_config_text(days))
     (directory / "README.txt").write_text(
-        "Fusion demo federation.\n\n"
+        f"{DEMO_MARK}\n\n"
         "Real data: NREL TMY3 hourly weather records for Greensboro NC (723170) and Sand Point AK (703165),\n"
         "as shipped in the pvlib package (pvlib/data). Modelled (synthetic): every sensor reading is the\n"
         "station's value interpolated to the sampling time plus a per-sensor bias and measurement noise;\n"

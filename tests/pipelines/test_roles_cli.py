@@ -115,3 +115,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "releases, 2026-01-01" in out and "16 row(s)" in out
     assert "releases verified against the key holder's registered signature: 1 of 1" in out
     assert (tmp_path / "demo" / "README.txt").read_text().startswith("Fusion demo federation")
+    # The first "Try:" line runs as printed, from any directory, and its table is narrow enough to read.
+    from fusion.cli import DEMO_TRY_QUERY
+
+    config = str((tmp_path / "demo" / "federation.toml").resolve())
+    assert f'sql --config {config} "{DEMO_TRY_QUERY}"' in " ".join(out.split())
+    rows = [json.loads(line) for line in fusion("sql", "--config", config, DEMO_TRY_QUERY, "--format", "json",
+                                                cwd=tmp_path).stdout.splitlines()]
+    assert len(rows) == 5 and len(rows[0]) == 7
