@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusion.config import load_config
-from fusion.errors import FusionError
 from fusion.demo_data import (
     INSTITUTIONS,
     LIMITS,
@@ -22,6 +21,7 @@ from fusion.demo_data import (
     faulty_rows,
     load_station,
 )
+from fusion.errors import FusionError
 from fusion.keys import create_keys
 from fusion.registry import create_aggregator_key, create_institution_keys
 
