@@ -269,6 +269,14 @@ def cmd_contribute(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             return 3
         console.print(f"answer to the roster written: {answer.path}")
         return 0
+    from pipelines.unmask import read_roster
+
+    roster = read_roster(plan)
+    if roster is not None and institution.id in roster.absent:
+        raise FusionError(
+            f"the aggregator closed release {plan.key.release_id} without {institution.id} (declared absent after "
+            "the deadline): a contribution now would be refused, so none is sealed and no noise share is drawn"
+        )
     with console.status(f"{institution.id}: contributing"):
         reports = run_contributions(plan, [institution], beam_args)
     _print_counts(reports)
@@ -405,20 +413,29 @@ def cmd_keys(args: argparse.Namespace) -> int:
         console.print(f"aggregator's signing key (mode 0600): {key_file}\nregistered in {config.registry_path}")
         return 0
     if args.release_signing:
-        from fusion.registry import create_key_holder_key
+        from fusion.registry import create_key_holder_key, load_key_holder_public_keys, load_unsigned_releases
         from fusion.store import Store
 
         published = Store(config.store_path).release_ids()
+        replaced = bool(load_key_holder_public_keys(config))
         key_file = create_key_holder_key(config, published=published, overwrite=args.overwrite)
+        note = (
+            "the replaced key stays registered as retired, so the releases it signed still verify"
+            if replaced
+            else f"{len(load_unsigned_releases(config))} release(s) published before it registered as unsigned"
+        )
         console.print(
-            f"key holder's release-signing key (mode 0600): {key_file}\nregistered in {config.registry_path} "
-            "(a replaced key stays registered as retired, so the releases it signed still verify)"
+            f"key holder's release-signing key (mode 0600): {key_file}\nregistered in {config.registry_path} ({note})"
         )
         return 0
     if args.institution:
+        from fusion.registry import AGREEMENT_KEY
+
         key_file = create_institution_keys(config, args.institution, overwrite=args.overwrite)
         console.print(
-            f"signing key of {args.institution} (mode 0600): {key_file}\nregistered in {config.registry_path}"
+            f"signing key of {args.institution} (mode 0600): {key_file}\n"
+            f"key-agreement key for pairwise masks (mode 0600): {key_file.parent / AGREEMENT_KEY}\n"
+            f"public halves registered in {config.registry_path}"
         )
         return 0
     secret, public = create_keys(config, overwrite=args.overwrite)

@@ -247,6 +247,11 @@ class SealAggregate(beam.DoFn):
         expected = {i.id for i in plan.config.institutions}
         missing = sorted(expected - set(contributors))
         summary: dict[str, Any] = {"contributors": list(contributors), "refused": refused, "absent": missing}
+        if roster is None and missing and not self._may_declare:
+            # Before the deadline the missing may still contribute, below the quorum too: nothing is decided yet.
+            delete_if_exists(refusal_path(plan.config.exchange_path, plan.key))
+            yield self._status({**summary, "status": "waiting"})
+            return
         if len(contributors) < plan.params.quorum or ciphertexts is None:
             yield self._refuse(
                 summary,
@@ -256,9 +261,6 @@ class SealAggregate(beam.DoFn):
             return
         delete_if_exists(refusal_path(plan.config.exchange_path, plan.key))
         if roster is None:
-            if missing and not self._may_declare:
-                yield self._status({**summary, "status": "waiting"})
-                return
             if len(contributors) < acknowledgements_needed(plan):
                 yield self._refuse(
                     summary,

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from fusion.config import load_config
+from fusion.exchange import contribution_path
+from fusion.plan import plan_release
 from fusion.store import Store
+from pipelines.run import run_contributions
 from tests.conftest import END, METRICS, REGIONS, START, readings, write_feed
 
 pytestmark = pytest.mark.e2e
@@ -97,7 +100,8 @@ def test_separate_parties_release_with_and_without_a_missing_institution(tmp_pat
     fusion(config, "keys")  # the key holder
     fusion(config, "keys", "--aggregator")
     for inst in INSTITUTIONS:  # each institution, in its own directory
-        fusion(config, "keys", "--institution", inst)
+        made = " ".join(fusion(config, "keys", "--institution", inst).stdout.split())
+        assert str(tmp_path / inst / "keys" / "agreement.key") in made
     secret = tmp_path / "keyholder" / "keys" / "he_secret.ctx"
     vault = tmp_path / "vault.ctx"
     assert secret.stat().st_mode & 0o777 == 0o600
@@ -106,8 +110,10 @@ def test_separate_parties_release_with_and_without_a_missing_institution(tmp_pat
 
     # Institutions and the aggregator run while the HE secret key is not on disk at all.
     shutil.move(secret, vault)
-    for inst in ("alpha", "beta"):  # gamma is down today
-        fusion(config, "contribute", "--institution", inst, *INTERVAL)
+    fusion(config, "contribute", "--institution", "alpha", *INTERVAL)
+    below_quorum = fusion(config, "aggregate", *INTERVAL, expect=3)  # one of two: not refused, the others may come
+    assert "waiting for beta, gamma" in below_quorum.stdout and "refused" not in below_quorum.stdout
+    fusion(config, "contribute", "--institution", "beta", *INTERVAL)  # gamma is down today
     waiting = fusion(config, "aggregate", *INTERVAL, expect=3)  # before the deadline: wait for gamma
     assert "waiting for gamma" in waiting.stdout
     declared = fusion(config, "aggregate", "--now", *INTERVAL, expect=3)
@@ -121,15 +127,20 @@ def test_separate_parties_release_with_and_without_a_missing_institution(tmp_pat
         out, err = process.communicate(timeout=180)
         assert process.returncode == 0 and "answer to the roster written" in out, f"{out}\n{err}"
     fusion(config, "aggregate", *INTERVAL)
-    # gamma comes back too late: its envelope is refused, the aggregate keeps alpha and beta.
-    fusion(config, "contribute", "--institution", "gamma", *INTERVAL)
+    # gamma comes back too late: `fusion contribute` says so and seals nothing; an envelope placed in the
+    # exchange anyway (a version before that check) is refused, and the aggregate keeps alpha and beta.
+    too_late = fusion(config, "contribute", "--institution", "gamma", *INTERVAL, expect=1)
+    assert "without gamma (declared absent" in too_late.stderr
+    cfg = load_config(config)
+    plan = plan_release(cfg, START, END)
+    assert not Path(contribution_path(cfg.exchange_path, plan.key, "gamma")).exists()
+    run_contributions(plan, [cfg.institution("gamma")], in_process=True)
     late = fusion(config, "aggregate", *INTERVAL)
     assert "declared_absent" in late.stdout
 
     # Only the key holder's release needs the secret key.
     shutil.move(vault, secret)
     fusion(config, "release", *INTERVAL)
-    cfg = load_config(config)
     released = Store(cfg.store_path).read("releases")
     assert set(released.column("contributors").to_pylist()) == {2}
     assert sum(released.column("count").to_pylist()) == rows["alpha"] + rows["beta"]  # masks all cancelled

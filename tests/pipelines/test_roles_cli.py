@@ -72,6 +72,9 @@ def test_verify_command_exit_codes(make_federation):
     checks = [json.loads(line) for line in out.splitlines()]
     assert [(c["status"], c["rows"]) for c in checks] == [("verified", 36)]
     assert "missing" in fusion("verify", "--config", config, "--release", "r-unknown", expect=1).stdout
+    rotated = fusion("keys", "--config", config, "--release-signing", "--overwrite").stdout
+    assert "stays registered as retired" in " ".join(rotated.split())
+    assert "verified" in fusion("verify", "--config", config).stdout  # signed with the retired key: still good
     store = Store(fed.config.store_path)
     audit = store.read("audit")
     write_deltalake(store.table_path("audit"), audit.filter(pc.not_equal(audit.column("action"), "release")),
