@@ -109,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("verify", help="check every release in the store against the key holder's signature")
     )
     check.add_argument("--release", help="check this release only")
+    check.add_argument(
+        "--seen",
+        type=int,
+        default=0,
+        metavar="SEQUENCE",
+        help="the highest sequence number you saw in an earlier check: releases up to it must still be there",
+    )
     check.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     sql = with_config(sub.add_parser("sql", help="query the store (read-only SQL)"))
@@ -392,7 +399,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         console.print(f"no key holder signing key is registered in {config.registry_path}: nothing can be verified")
         return 1
     unsigned = load_unsigned_releases(config)
-    checks = verify_releases(Store(config.store_path), keys, unsigned=unsigned, release_id=args.release)
+    checks = verify_releases(
+        Store(config.store_path), keys, unsigned=unsigned, release_id=args.release, seen=args.seen
+    )
     if not checks:
         console.print("no releases in the store yet")
         return 0

@@ -8,7 +8,10 @@ release ids) and reports each release as verified, legacy (published before the 
 registered with its first key), tampered (a row changed, added or removed, its signature or audit record
 removed, or a signature no registered key made) or missing (charged but not published).
 
-Not detected: a whole release removed from `releases`, `audit` and the ledger together; and a retired key
+Each signature also holds the release's place in a chain: its sequence number among the key holder's signed
+releases in this store, and the release(s) it follows. A whole release removed from `releases`, `audit` and the
+ledger together is then reported `missing`, named by a later signature or by the sequence number nobody holds.
+Not detected: the newest release(s), which no signature names yet, removed whole; and a retired key
 still verifies what it signs (rotation is not revocation: a compromised key must be struck from the registry by
 hand, and the releases it signed then read as tampered).
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -104,32 +107,41 @@ class ReleaseSignature:
     rows_sha256: str
     columns: tuple[str, ...]
     signature: str = ""  # hex Ed25519 over the message below
+    # The chain (None in signatures made before it): this release's place among the key holder's signed
+    # releases in this store, and the releases it follows (the head(s) of the chain when it was signed).
+    sequence: int | None = None
+    previous: tuple[str, ...] | None = None
+
+    def _signed(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "release_id": self.release_id,
+            "aggregate_sha256": self.aggregate_sha256,
+            "rows": self.rows,
+            "rows_sha256": self.rows_sha256,
+            "columns": list(self.columns),
+        }
+        if self.sequence is not None:
+            doc["sequence"] = self.sequence
+            doc["previous"] = list(self.previous or ())
+        return doc
 
     def message(self) -> bytes:
-        doc = {
-            "release_id": self.release_id,
-            "aggregate_sha256": self.aggregate_sha256,
-            "rows": self.rows,
-            "rows_sha256": self.rows_sha256,
-            "columns": list(self.columns),
-        }
-        return _MESSAGE + json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return _MESSAGE + json.dumps(self._signed(), sort_keys=True, separators=(",", ":")).encode()
 
     def to_doc(self) -> dict[str, Any]:
-        return {
-            "release_id": self.release_id,
-            "aggregate_sha256": self.aggregate_sha256,
-            "rows": self.rows,
-            "rows_sha256": self.rows_sha256,
-            "columns": list(self.columns),
-            "signature": self.signature,
-        }
+        return {**self._signed(), "signature": self.signature}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> ReleaseSignature:
         columns = doc["columns"]
         if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
             raise TypeError("columns must be a list of names")
+        sequence, previous = doc.get("sequence"), doc.get("previous")
+        if sequence is not None:
+            if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 1:
+                raise TypeError("sequence must be a positive integer")
+            if not isinstance(previous, list) or not all(isinstance(p, str) for p in previous):
+                raise TypeError("previous must be a list of release ids")
         return cls(
             release_id=str(doc["release_id"]),
             aggregate_sha256=str(doc["aggregate_sha256"]),
@@ -137,22 +149,77 @@ class ReleaseSignature:
             rows_sha256=str(doc["rows_sha256"]),
             columns=tuple(columns),
             signature=str(doc["signature"]),
+            sequence=sequence,
+            previous=None if sequence is None else tuple(previous),  # type: ignore[arg-type]
         )
 
 
+@dataclass(frozen=True)
+class ChainLink:
+    """Where a new release goes in the chain of signed releases: its sequence number and the releases it
+    follows."""
+
+    sequence: int
+    previous: tuple[str, ...]
+
+
 def sign_release(
-    rows: pa.Table, *, release_id: str, aggregate_sha256: str, signing_key: bytes
+    rows: pa.Table, *, release_id: str, aggregate_sha256: str, signing_key: bytes, link: ChainLink | None = None
 ) -> ReleaseSignature:
-    """The key holder's signature on a release's rows (all of `rows`' columns), before they are committed."""
+    """The key holder's signature on a release's rows (all of `rows`' columns), before they are committed, and
+    on its place in the chain (`link`, from `next_link`)."""
     unsigned = ReleaseSignature(
         release_id=release_id,
         aggregate_sha256=aggregate_sha256,
         rows=rows.num_rows,
         rows_sha256=rows_digest(rows, rows.column_names),
         columns=tuple(rows.column_names),
+        sequence=None if link is None else link.sequence,
+        previous=None if link is None else link.previous,
     )
-    signature = sign(signing_key, unsigned.message()).hex()
-    return ReleaseSignature(**{**unsigned.to_doc(), "columns": unsigned.columns, "signature": signature})
+    return replace(unsigned, signature=sign(signing_key, unsigned.message()).hex())
+
+
+#: Release records read, newest first, to find the head(s) of the chain. Two passes that sign at the same moment
+#: both follow the same head and take the same sequence number; the next release follows every record at the top
+#: sequence among these, so such twins stay covered.
+CHAIN_WINDOW = 16
+
+
+def next_link(store: Store, release_id: str) -> ChainLink:
+    """The chain link for `release_id` (a release not yet recorded): one past the highest sequence among the
+    newest release records, following every record at that sequence. The first chained release of a store
+    that has releases signed before the chain follows the newest of them (sequence 1)."""
+    dataset = store.dataset("audit", string_view=None)
+    index = dataset.to_table(columns=["event_id", "action", "at"])
+    events = pc.cast(index.column("event_id"), pa.string())
+    mine = pc.and_(pc.equal(pc.cast(index.column("action"), pa.string()), "release"),
+                   pc.not_equal(events, f"{release_id}:released"))
+    index = pa.table({"event_id": events, "at": index.column("at")}).filter(mine)
+    if index.num_rows == 0:
+        return ChainLink(1, ())
+    recent = index.sort_by([("at", "descending"), ("event_id", "descending")]).slice(0, CHAIN_WINDOW)
+    wanted = recent.column("event_id")
+    try:  # pushed down: only the rows of these events
+        details = dataset.to_table(columns=["event_id", "detail"], filter=pc.field("event_id").isin(wanted))
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):  # string_view files of old stores
+        details = dataset.to_table(columns=["event_id", "detail"])
+    by_event = {
+        str(e): d for e, d in zip(details.column("event_id").to_pylist(), details.column("detail").to_pylist(),
+                                  strict=True)
+    }
+    links = []  # (sequence, release id), newest first
+    for event in wanted.to_pylist():
+        try:
+            claim = ReleaseSignature.from_doc(json.loads(by_event.get(event) or "{}")[SIGNATURE_FIELD])
+        except (ValueError, KeyError, TypeError):  # a release recorded before signatures: not part of the chain
+            claim = None
+        links.append((0 if claim is None or claim.sequence is None else claim.sequence,
+                      event.removesuffix(":released")))
+    top = max(sequence for sequence, _ in links)
+    if top == 0:
+        return ChainLink(1, (links[0][1],))
+    return ChainLink(top + 1, tuple(sorted(rid for sequence, rid in links if sequence == top)))
 
 
 #: The audit detail field holding a release's signature.
@@ -165,6 +232,7 @@ class ReleaseCheck:
     rows: int  # rows in `releases` now
     status: str  # "verified" | "legacy" | "tampered" | "missing"
     reason: str
+    sequence: int | None = None  # its place in the chain of signed releases (None: signed before the chain)
 
 
 #: Statuses that mean the release is what was published.
@@ -177,12 +245,14 @@ def verify_releases(
     *,
     unsigned: frozenset[str] = frozenset(),
     release_id: str | None = None,
+    seen: int = 0,
 ) -> list[ReleaseCheck]:
     """Check every release in the store (or one) against the key holder's registered public keys. `unsigned`:
     the releases registered as published before the key holder had a key (`legacy` when they have no
     signature); any other release without a valid signature is `tampered`. A release the budget ledger charged
     but that has neither rows nor an audit record is `missing` (a pass that crashed before committing: re-run
-    it; or the release was removed)."""
+    it; or the release was removed). A release removed whole is `missing` too, found through the chain of
+    signatures; `seen`: the highest sequence number the caller saw before, so the newest releases are covered."""
     releases = store.read("releases")
     releases = releases.sort_by([("release_id", "ascending"), *((c, "ascending") for c in CELL_ORDER)])
     canonical = _Canonical(releases)
@@ -198,19 +268,56 @@ def verify_releases(
     for row in audit.select(["event_id", "release_id", "detail", "content_sha256"]).to_pylist():
         records.setdefault(row["release_id"], []).append(row)
     charged = {r for ids_ in store.read("budget").column("release_ids").to_pylist() for r in ids_}
-    wanted = sorted(set(bounds) | set(records) | charged) if release_id is None else [release_id]
-    checks = []
-    for rid in wanted:
+    known = set(bounds) | set(records) | charged
+    checks, claims = [], {}
+    for rid in sorted(known):
         start, end = bounds.get(rid, (0, 0))
 
         def digest(columns: Sequence[str], start: int = start, end: int = end) -> str:
             return canonical.digest(start, end, columns)
 
-        status, reason = _check(
+        status, reason, claim = _check(
             rid, end - start, releases.column_names, digest, records.get(rid, []), public_keys, unsigned, rid in charged
         )
-        checks.append(ReleaseCheck(rid, end - start, status, reason))
-    return checks
+        checks.append(ReleaseCheck(rid, end - start, status, reason, None if claim is None else claim.sequence))
+        if claim is not None and claim.sequence is not None:
+            claims[rid] = claim
+    checks += _chain_gaps(claims, known | unsigned, seen)
+    if release_id is None:
+        return checks
+    return [c for c in checks if c.release_id == release_id] or [
+        ReleaseCheck(release_id, 0, "missing", "no such release")
+    ]
+
+
+def _chain_gaps(claims: dict[str, ReleaseSignature], known: set[str], seen: int) -> list[ReleaseCheck]:
+    """Releases removed whole (rows, audit record and budget charge): named as a predecessor by an authentic
+    signature but found nowhere, or a sequence number no authentic signature holds up to the highest one (or
+    up to `seen`, the highest a reader saw before)."""
+    gaps: dict[str, ReleaseCheck] = {}
+    accounted = {claim.sequence for claim in claims.values() if claim.sequence is not None}
+    for rid, claim in sorted(claims.items()):
+        for predecessor in claim.previous or ():
+            if predecessor not in known and predecessor not in gaps:
+                gaps[predecessor] = ReleaseCheck(
+                    predecessor, 0, "missing",
+                    f"removed: the signature of release {rid} names it as a release it follows, and its rows, audit "
+                    "record and budget charge are gone",
+                    None if claim.sequence is None else claim.sequence - 1,
+                )
+                if claim.sequence is not None and claim.sequence > 1:
+                    accounted.add(claim.sequence - 1)
+    top = max(accounted, default=0)
+    for sequence in range(1, max(top, seen) + 1):
+        if sequence not in accounted:
+            reason = (
+                f"removed: no signed release holds sequence number {sequence} of the {top} signed so far (its rows, "
+                "audit record and budget charge are gone)"
+                if sequence < top
+                else f"removed: a reader saw sequence number {seen} before; the highest in the store is {top}"
+            )
+            gaps[f"(sequence {sequence})"] = ReleaseCheck(f"(sequence {sequence})", 0, "missing", reason, sequence)
+    return list(gaps.values())
 
 
 def _check(
@@ -222,47 +329,48 @@ def _check(
     public_keys: Sequence[bytes],
     unsigned: frozenset[str],
     charged: bool,
-) -> tuple[str, str]:
+) -> tuple[str, str, ReleaseSignature | None]:
+    """(status, reason, the signature once it is authentic: its chain links can then be trusted)."""
     own = [r for r in records if r["event_id"] == f"{release_id}:released"]
     if len(records) > len(own):
-        return "tampered", "an audit record of its release that Fusion did not write"
+        return "tampered", "an audit record of its release that Fusion did not write", None
     if not own:
         if rows == 0:
             if charged:
                 return "missing", (
                     "charged to the budget but not published: a pass that crashed before committing (re-run it), "
                     "or its rows and audit record were removed"
-                )
-            return "missing", "no such release"
+                ), None
+            return "missing", "no such release", None
         if release_id in unsigned:
-            return "legacy", "published before the key holder had a signing key"
-        return "tampered", "no audit record of its release (removed, or rows added without a release)"
+            return "legacy", "published before the key holder had a signing key", None
+        return "tampered", "no audit record of its release (removed, or rows added without a release)", None
     record = own[0]
     try:
         doc = json.loads(record["detail"] or "{}")
         if not isinstance(doc, dict) or SIGNATURE_FIELD not in doc:
             if release_id in unsigned:
-                return "legacy", "published before the key holder had a signing key"
-            return "tampered", "its audit record holds no signature (removed)"
+                return "legacy", "published before the key holder had a signing key", None
+            return "tampered", "its audit record holds no signature (removed)", None
         claim = ReleaseSignature.from_doc(doc[SIGNATURE_FIELD])
         signature = bytes.fromhex(claim.signature)
     except (ValueError, KeyError, TypeError) as exc:
-        return "tampered", f"the signature record is unreadable: {exc}"
+        return "tampered", f"the signature record is unreadable: {exc}", None
     if claim.release_id != release_id:
-        return "tampered", f"the signature is for release {claim.release_id}"
+        return "tampered", f"the signature is for release {claim.release_id}", None
     if not any(verify(key, claim.message(), signature) for key in public_keys):
-        return "tampered", "the signature was not made by the registered key holder"
+        return "tampered", "the signature was not made by the registered key holder", None
     if record["content_sha256"] != claim.aggregate_sha256:
-        return "tampered", "the audit record names another aggregate envelope than the one signed"
+        return "tampered", "the audit record names another aggregate envelope than the one signed", claim
     if rows == 0:
         return "missing", (
             "signed but its rows are not committed: a pass that crashed (re-run it), or its rows were removed"
-        )
+        ), claim
     if rows != claim.rows:
-        return "tampered", f"{rows} rows in `releases`, {claim.rows} signed"
+        return "tampered", f"{rows} rows in `releases`, {claim.rows} signed", claim
     missing = [c for c in claim.columns if c not in published]
     if missing:
-        return "tampered", f"signed columns missing from `releases`: {missing}"
+        return "tampered", f"signed columns missing from `releases`: {missing}", claim
     if digest(claim.columns) != claim.rows_sha256:
-        return "tampered", "the rows in `releases` differ from the rows signed"
-    return "verified", ""
+        return "tampered", "the rows in `releases` differ from the rows signed", claim
+    return "verified", "", claim

@@ -26,7 +26,7 @@ from fusion.keys import load_secret_context_bytes, published_context_digest
 from fusion.ledger import BudgetLedger, Spend
 from fusion.parameters import NOISE_MARGIN_SDS
 from fusion.plan import ReleasePlan
-from fusion.provenance import SIGNATURE_FIELD, rows_digest, sign_release
+from fusion.provenance import SIGNATURE_FIELD, ChainLink, next_link, rows_digest, sign_release
 from fusion.registry import load_aggregator_public_key, load_key_holder_public_keys, load_key_holder_signing_key
 from fusion.store import Store
 from privacy import he
@@ -149,7 +149,11 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     cells = decoded(now)
     _check_plausible(plan, cells, header)
     signature = sign_release(
-        cells, release_id=release_id, aggregate_sha256=hashlib.sha256(data).hexdigest(), signing_key=signing_key
+        cells,
+        release_id=release_id,
+        aggregate_sha256=hashlib.sha256(data).hexdigest(),
+        signing_key=signing_key,
+        link=_recorded_link(recorded[1]) if recorded else next_link(store, release_id),
     )
     audits = [
         audit_row(
@@ -244,6 +248,14 @@ def _recorded_release(plan: ReleasePlan, store: Store) -> tuple[datetime, dict[s
     row = audit.slice(0, 1).to_pylist()[0]
     signature = json.loads(row["detail"] or "{}").get(SIGNATURE_FIELD) or {}
     return row["at"], signature
+
+
+def _recorded_link(signature: dict[str, Any]) -> ChainLink | None:
+    """The chain link a recorded signature holds (None for one made before the chain): a re-run signs the
+    same place again, not one after its own record."""
+    if signature.get("sequence") is None:
+        return None
+    return ChainLink(int(signature["sequence"]), tuple(signature.get("previous") or ()))
 
 
 def _check_plausible(plan: ReleasePlan, cells: pa.Table, header: EnvelopeHeader) -> None:

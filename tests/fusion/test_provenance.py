@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from deltalake import write_deltalake
 
 from fusion.errors import FusionError
 from fusion.plan import plan_release
-from fusion.provenance import SIGNATURE_FIELD, rows_digest, sign_release, verify_releases
+from fusion.provenance import SIGNATURE_FIELD, ChainLink, rows_digest, sign_release, verify_releases
 from fusion.registry import (
     create_key_holder_key,
     key_holder_signing_key_file,
@@ -25,7 +26,7 @@ from fusion.store import Store
 from pipelines import release as release_module
 from pipelines.batch import run_batch
 from privacy.signing import generate_signing_key
-from schemas.tables import AUDIT_SCHEMA, RELEASES_SCHEMA
+from schemas.tables import AUDIT_SCHEMA, BUDGET_SCHEMA, RELEASES_SCHEMA
 from tests.conftest import END, START
 
 
@@ -238,3 +239,116 @@ def test_a_key_holder_without_a_signing_key_publishes_nothing_and_spends_nothing
     create_key_holder_key(fed.config)
     assert run_batch(plan).status == "released"
     assert [c.status for c in verify_releases(store, load_key_holder_public_keys(fed.config))] == ["verified"]
+
+
+def _remove_whole_releases(store: Store, removed: set[str]) -> None:
+    """What a store operator would do to make releases vanish: their rows, every audit row and the ledger's
+    record of them, all gone."""
+    rows, audit, budget = store.read("releases"), store.read("audit"), store.read("budget")
+    keep = pc.invert(pc.is_in(rows.column("release_id"), pa.array(sorted(removed))))
+    _overwrite(store, "releases", rows.filter(keep), RELEASES_SCHEMA)
+    keep = pc.invert(pc.is_in(audit.column("release_id"), pa.array(sorted(removed))))
+    _overwrite(store, "audit", audit.filter(keep), AUDIT_SCHEMA)
+    ledger = []
+    for period in budget.to_pylist():
+        pairs = [(r, a) for r, a in zip(period["release_ids"], period["aggregates"], strict=True) if r not in removed]
+        ledger.append({**period, "release_ids": [r for r, _ in pairs], "aggregates": [a for _, a in pairs],
+                       "releases": len(pairs)})
+    write_deltalake(store.table_path("budget"), pa.Table.from_pylist(ledger, schema=BUDGET_SCHEMA), mode="overwrite")
+
+
+@pytest.mark.e2e
+def test_the_chain_of_signed_releases_shows_a_release_removed_whole(make_federation, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """Each signature names its sequence number and the release(s) it follows, so a release removed from the
+    releases, audit and budget tables together is still seen, unless it is the newest. Two releases signed at
+    the same moment (twins: the same predecessor and number) are both named by the next."""
+    fed = make_federation(noise=True, seed=5, extra_privacy="epsilon_cap = 10.0")
+    hours = [plan_release(fed.config, START + timedelta(hours=h), START + timedelta(hours=h + 1)) for h in range(4)]
+    ids = [plan.key.release_id for plan in hours]
+    store = Store(fed.config.store_path)
+    for plan in hours[:2]:
+        assert run_batch(plan, in_process=True).status == "released"
+    # The third release is signed as if the second were not recorded yet: it is the second's twin.
+    monkeypatch.setattr(release_module, "next_link", lambda store_, rid: ChainLink(2, (ids[0],)))
+    assert run_batch(hours[2], in_process=True).status == "released"
+    monkeypatch.undo()
+    assert run_batch(hours[3], in_process=True).status == "released"
+
+    links = {}
+    for row in store.read("audit").filter(pc.equal(store.read("audit").column("action"), "release")).to_pylist():
+        claim = json.loads(row["detail"])[SIGNATURE_FIELD]
+        links[row["release_id"]] = (claim["sequence"], claim["previous"])
+    assert links == {ids[0]: (1, []), ids[1]: (2, [ids[0]]), ids[2]: (2, [ids[0]]), ids[3]: (3, sorted(ids[1:3]))}
+    keys = load_key_holder_public_keys(fed.config)
+    assert {c.status for c in verify_releases(store, keys)} == {"verified"}
+
+    def without(*removed: str) -> list[tuple[str, str, str]]:
+        copy = tmp_path / f"store-{'-'.join(sorted(removed))[-40:]}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(fed.config.store_path, copy)
+        _remove_whole_releases(Store(copy), set(removed))
+        return [(c.release_id, c.status, c.reason) for c in verify_releases(Store(copy), keys)
+                if c.status != "verified"]
+
+    first = without(ids[0])  # named by the second and by its twin
+    assert [(rid, status) for rid, status, _ in first] == [(ids[0], "missing")]
+    assert "removed: the signature of release" in first[0][2]
+    assert [r[:2] for r in without(ids[2])] == [(ids[2], "missing")]  # a twin: the next names both
+    # Two in a row: the later one by name, the earlier one by the number no signature holds any more.
+    both = without(ids[0], ids[1], ids[2])
+    assert [r[:2] for r in both] == [(ids[1], "missing"), (ids[2], "missing"), ("(sequence 1)", "missing")]
+    assert without(ids[3]) == []  # the newest release is named by no one: not seen (README, trust model) ...
+    copy = tmp_path / "store-newest"
+    shutil.copytree(fed.config.store_path, copy)
+    _remove_whole_releases(Store(copy), {ids[3]})
+    newest = [(c.release_id, c.status, c.sequence) for c in verify_releases(Store(copy), keys, seen=3)]
+    assert newest[-1] == ("(sequence 3)", "missing", 3)  # ... unless the reader kept the number it saw before
+    assert [c.sequence for c in verify_releases(Store(fed.config.store_path), keys)] == [
+        links[rid][0] for rid in sorted(ids)
+    ]
+    # The links are signed: a forger who removes a release cannot rewrite its successor's links to hide it.
+    copy = tmp_path / "store-relinked"
+    shutil.copytree(fed.config.store_path, copy)
+    _remove_whole_releases(Store(copy), {ids[2]})
+    audit = Store(copy).read("audit")
+    details = []
+    for rid, action, detail in zip(audit.column("release_id").to_pylist(), audit.column("action").to_pylist(),
+                                   audit.column("detail").to_pylist(), strict=True):
+        if rid == ids[3] and action == "release":
+            doc = json.loads(detail)
+            doc[SIGNATURE_FIELD]["previous"] = [ids[1]]
+            detail = json.dumps(doc)
+        details.append(detail)
+    _overwrite(Store(copy), "audit", audit.set_column(audit.schema.get_field_index("detail"), "detail",
+                                                      pa.array(details, pa.string())), AUDIT_SCHEMA)
+    relinked = [(c.release_id, c.status) for c in verify_releases(Store(copy), keys) if c.status != "verified"]
+    assert relinked == [(ids[3], "tampered")]
+    one = verify_releases(Store(fed.config.store_path), keys, release_id=ids[1])
+    assert [(c.release_id, c.status) for c in one] == [(ids[1], "verified")]
+
+
+def test_the_first_chained_release_follows_the_newest_one_signed_before_the_chain(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from fusion.provenance import next_link
+
+    store = Store(tmp_path)
+    store.ensure_tables()
+
+    def record(release_id: str, minute: int, signature: dict | None) -> None:  # type: ignore[type-arg]
+        detail = {} if signature is None else {SIGNATURE_FIELD: signature}
+        row = {"event_id": f"{release_id}:released", "at": datetime(2026, 1, 1, 0, minute, tzinfo=UTC),
+               "actor_role": "key_holder", "actor": "f", "action": "release", "release_id": release_id,
+               "interval_start": None, "interval_end": None, "reason": None, "content_sha256": None,
+               "detail": json.dumps(detail)}
+        store.insert_new("audit", pa.Table.from_pylist([row], schema=AUDIT_SCHEMA))
+
+    assert next_link(store, "r-first") == ChainLink(1, ())
+    unchained = {"release_id": "r-old-1", "aggregate_sha256": "a", "rows": 1, "rows_sha256": "b", "columns": [],
+                 "signature": "00"}
+    record("r-old-1", 1, unchained)
+    record("r-old-2", 2, None)  # published before the key holder had a signing key
+    assert next_link(store, "r-new") == ChainLink(1, ("r-old-2",))
+    record("r-new", 3, {**unchained, "release_id": "r-new", "sequence": 1, "previous": ["r-old-2"]})
+    assert next_link(store, "r-next") == ChainLink(2, ("r-new",))
+    assert next_link(store, "r-new") == ChainLink(1, ("r-old-2",))  # its own record is not its predecessor

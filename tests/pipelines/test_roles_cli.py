@@ -70,7 +70,8 @@ def test_verify_command_exit_codes(make_federation):
     fusion("batch", "--config", config, *INTERVAL)
     out = fusion("verify", "--config", config, "--format", "json").stdout
     checks = [json.loads(line) for line in out.splitlines()]
-    assert [(c["status"], c["rows"]) for c in checks] == [("verified", 36)]
+    assert [(c["status"], c["rows"], c["sequence"]) for c in checks] == [("verified", 36, 1)]
+    assert "(sequence 2)" in fusion("verify", "--config", config, "--seen", "2", expect=1).stdout
     assert "missing" in fusion("verify", "--config", config, "--release", "r-unknown", expect=1).stdout
     rotated = fusion("keys", "--config", config, "--release-signing", "--overwrite").stdout
     assert "stays registered as retired" in " ".join(rotated.split())
