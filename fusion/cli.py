@@ -278,7 +278,11 @@ def cmd_contribute(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         return 0
     from pipelines.unmask import read_roster
 
-    roster = read_roster(plan)
+    try:
+        roster = read_roster(plan)
+    except FusionError as exc:  # an unreadable or unsigned roster decides nothing: contribute, and say so
+        err_console.print(f"[yellow]note[/yellow]: {exc}")
+        roster = None
     if roster is not None and institution.id in roster.absent:
         raise FusionError(
             f"the aggregator closed release {plan.key.release_id} without {institution.id} (declared absent after "

@@ -130,8 +130,8 @@ DEMO_MARK = "Fusion demo federation."
 
 
 def _refuse_foreign(directory: Path) -> None:
-    if not directory.is_dir():
-        raise FusionError(f"--dir {directory}: exists and is not a directory; choose another path")
+    if directory.is_symlink() or not directory.is_dir():
+        raise FusionError(f"--dir {directory}: exists and is not a directory (or is a link); choose another path")
     if not any(directory.iterdir()):
         return
     readme = directory / "README.txt"

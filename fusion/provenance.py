@@ -8,12 +8,13 @@ release ids) and reports each release as verified, legacy (published before the 
 registered with its first key), tampered (a row changed, added or removed, its signature or audit record
 removed, or a signature no registered key made) or missing (charged but not published).
 
-Each signature also holds the release's place in a chain: its sequence number among the key holder's signed
-releases in this store, and the release(s) it follows. A whole release removed from `releases`, `audit` and the
-ledger together is then reported `missing`, named by a later signature or by the sequence number nobody holds.
-Not detected: the newest release(s), which no signature names yet, removed whole; and a retired key
-still verifies what it signs (rotation is not revocation: a compromised key must be struck from the registry by
-hand, and the releases it signed then read as tampered).
+Each signature also holds the release's place in a chain: its sequence number and the release it follows, both
+from the key holder's own record (`next_link`), not from the store. A whole release removed from `releases`,
+`audit` and the ledger together is then reported `missing`, named by a later signature or as a sequence number
+nobody holds. Not detected: the newest release removed whole, until the next one is signed or unless the reader
+passes the highest number it saw before (`seen`); and a retired key still verifies what it signs (rotation is
+not revocation: a compromised key must be struck from the registry by hand, and the releases it signed then read
+as tampered).
 
 The rows digest is computed column by column on Arrow data (no Python loop over rows), in the
 order of the release's cells (metric, region, window start), so it does not depend on how the store split or
@@ -23,16 +24,21 @@ epoch, integers as 64-bit, text as UTF-8 with lengths, and each column's nulls.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fusion.errors import FusionError
 from fusion.store import Store
 from privacy.signing import sign, verify
 
@@ -180,46 +186,115 @@ def sign_release(
     return replace(unsigned, signature=sign(signing_key, unsigned.message()).hex())
 
 
-#: Release records read, newest first, to find the head(s) of the chain. Two passes that sign at the same moment
-#: both follow the same head and take the same sequence number; the next release follows every record at the top
-#: sequence among these, so such twins stay covered.
-CHAIN_WINDOW = 16
+#: The key holder's memory of the chain, in its keys directory: the last sequence number it gave out, the release
+#: that got it, and the recent links (a pass re-run after a crash signs the same place again).
+CHAIN_STATE = "release-chain.json"
+_CHAIN_LOCK = "release-chain.lock"
+_KEPT_LINKS = 256
 
 
-def next_link(store: Store, release_id: str) -> ChainLink:
-    """The chain link for `release_id` (a release not yet recorded): one past the highest sequence among the
-    newest release records, following every record at that sequence. The first chained release of a store
-    that has releases signed before the chain follows the newest of them (sequence 1)."""
-    dataset = store.dataset("audit", string_view=None)
-    index = dataset.to_table(columns=["event_id", "action", "at"])
-    events = pc.cast(index.column("event_id"), pa.string())
-    mine = pc.and_(pc.equal(pc.cast(index.column("action"), pa.string()), "release"),
-                   pc.not_equal(events, f"{release_id}:released"))
-    index = pa.table({"event_id": events, "at": index.column("at")}).filter(mine)
-    if index.num_rows == 0:
-        return ChainLink(1, ())
-    recent = index.sort_by([("at", "descending"), ("event_id", "descending")]).slice(0, CHAIN_WINDOW)
-    wanted = recent.column("event_id")
-    try:  # pushed down: only the rows of these events
-        details = dataset.to_table(columns=["event_id", "detail"], filter=pc.field("event_id").isin(wanted))
-    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):  # string_view files of old stores
-        details = dataset.to_table(columns=["event_id", "detail"])
-    by_event = {
-        str(e): d for e, d in zip(details.column("event_id").to_pylist(), details.column("detail").to_pylist(),
-                                  strict=True)
-    }
-    links = []  # (sequence, release id), newest first
-    for event in wanted.to_pylist():
+@contextmanager
+def _chain_lock(directory: Path) -> Iterator[None]:
+    """One key-holder pass at a time gives out sequence numbers (an advisory lock on a file beside the state)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / _CHAIN_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            claim = ReleaseSignature.from_doc(json.loads(by_event.get(event) or "{}")[SIGNATURE_FIELD])
-        except (ValueError, KeyError, TypeError):  # a release recorded before signatures: not part of the chain
-            claim = None
-        links.append((0 if claim is None or claim.sequence is None else claim.sequence,
-                      event.removesuffix(":released")))
-    top = max(sequence for sequence, _ in links)
-    if top == 0:
-        return ChainLink(1, (links[0][1],))
-    return ChainLink(top + 1, tuple(sorted(rid for sequence, rid in links if sequence == top)))
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def next_link(store: Store, release_id: str, *, state_dir: Path, public_keys: Sequence[bytes]) -> ChainLink:
+    """The chain link for `release_id`: one past the last sequence number the key holder gave out, following the
+    release that got it. The numbers come from the key holder's own state (`state_dir`/release-chain.json, kept
+    with its keys), not from the store, so a release removed from the store is still named by the next one, and
+    no number is given out twice. Without a state (the first chained release, or a state lost), it starts from
+    the highest sequence an authentic signature in the store holds, or after the newest release signed before
+    the chain."""
+    path = state_dir / CHAIN_STATE
+    with _chain_lock(state_dir):
+        state = _read_chain_state(path) if path.exists() else _chain_state_from_store(store, public_keys)
+        links: dict[str, list[Any]] = state["links"]
+        if release_id in links:
+            sequence, previous = links[release_id]
+            return ChainLink(int(sequence), tuple(previous))
+        link = ChainLink(int(state["sequence"]) + 1, (state["head"],) if state["head"] else ())
+        links[release_id] = [link.sequence, list(link.previous)]
+        kept = dict(sorted(links.items(), key=lambda item: item[1][0])[-_KEPT_LINKS:])
+        doc = {"sequence": link.sequence, "head": release_id, "links": kept}
+        pending = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(doc, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(pending, path)
+        return link
+
+
+def _read_chain_state(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+        sequence, head, links = doc["sequence"], doc["head"], doc["links"]
+        valid = (
+            isinstance(sequence, int)
+            and sequence >= 0
+            and (head is None or isinstance(head, str))
+            and isinstance(links, dict)
+            and all(
+                isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], list)
+                for v in links.values()
+            )
+        )
+    except (ValueError, KeyError, TypeError, RecursionError):
+        valid = False
+    if not valid:
+        raise FusionError(
+            f"the key holder's chain state {path} is unreadable; move it away to rebuild it from the store (the "
+            "chain then resumes from the store's highest authentic sequence number)"
+        )
+    return {"sequence": sequence, "head": head, "links": links}
+
+
+def _chain_state_from_store(store: Store, public_keys: Sequence[bytes]) -> dict[str, Any]:
+    """The chain as the store shows it: its highest sequence number under an authentic signature, or none (the
+    newest release record, signed before the chain or not at all, is then the first link's predecessor)."""
+    audit = store.dataset("audit", string_view=None).to_table(columns=["event_id", "action", "at", "detail"])
+    audit = audit.filter(pc.equal(pc.cast(audit.column("action"), pa.string()), "release"))
+    newest: tuple[Any, str] | None = None
+    chained = []
+    for event, at, detail in zip(
+        audit.column("event_id").to_pylist(), audit.column("at").to_pylist(), audit.column("detail").to_pylist(),
+        strict=True,
+    ):
+        release_id = str(event).removesuffix(":released")
+        if newest is None or (at, release_id) > newest:
+            newest = (at, release_id)
+        claim = _parse_claim(detail)
+        if claim is not None and claim.sequence is not None and claim.release_id == release_id:
+            chained.append(claim)
+    for claim in sorted(chained, key=lambda c: (c.sequence or 0, c.release_id), reverse=True):
+        if _authentic(claim, public_keys):
+            return {"sequence": claim.sequence, "head": claim.release_id, "links": {}}
+    return {"sequence": 0, "head": None if newest is None else newest[1], "links": {}}
+
+
+def _parse_claim(detail: str | None) -> ReleaseSignature | None:
+    """The signature an audit detail holds, or None if it holds none or an unreadable one."""
+    try:
+        doc = json.loads(detail or "{}")
+        return ReleaseSignature.from_doc(doc[SIGNATURE_FIELD]) if isinstance(doc, dict) else None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+
+
+def _authentic(claim: ReleaseSignature, public_keys: Sequence[bytes]) -> bool:
+    try:
+        signature = bytes.fromhex(claim.signature)
+    except ValueError:
+        return False
+    return any(verify(key, claim.message(), signature) for key in public_keys)
 
 
 #: The audit detail field holding a release's signature.
@@ -282,42 +357,52 @@ def verify_releases(
         checks.append(ReleaseCheck(rid, end - start, status, reason, None if claim is None else claim.sequence))
         if claim is not None and claim.sequence is not None:
             claims[rid] = claim
-    checks += _chain_gaps(claims, known | unsigned, seen)
+    gaps = _chain_gaps(claims, known | unsigned, seen)
     if release_id is None:
-        return checks
-    return [c for c in checks if c.release_id == release_id] or [
+        return checks + gaps
+    own = [c for c in checks + gaps if c.release_id == release_id] or [
         ReleaseCheck(release_id, 0, "missing", "no such release")
     ]
+    return own + ([g for g in gaps if g.release_id.startswith("(")] if seen else [])
 
 
 def _chain_gaps(claims: dict[str, ReleaseSignature], known: set[str], seen: int) -> list[ReleaseCheck]:
-    """Releases removed whole (rows, audit record and budget charge): named as a predecessor by an authentic
-    signature but found nowhere, or a sequence number no authentic signature holds up to the highest one (or
-    up to `seen`, the highest a reader saw before)."""
-    gaps: dict[str, ReleaseCheck] = {}
-    accounted = {claim.sequence for claim in claims.values() if claim.sequence is not None}
+    """Releases removed whole (rows, audit record and budget charge): named as the predecessor of an authentic
+    signature but found nowhere, or sequence numbers no authentic signature holds or names up to the highest
+    one (or up to `seen`, the highest a reader saw before); runs of such numbers are reported as one range."""
+    gaps = []
+    accounted = set()
     for rid, claim in sorted(claims.items()):
+        if claim.sequence is None:
+            continue
+        accounted.add(claim.sequence)
+        if claim.previous:
+            accounted.add(claim.sequence - 1)  # the predecessor's number, whatever happened to it
         for predecessor in claim.previous or ():
-            if predecessor not in known and predecessor not in gaps:
-                gaps[predecessor] = ReleaseCheck(
+            if predecessor not in known:
+                known = known | {predecessor}
+                gaps.append(ReleaseCheck(
                     predecessor, 0, "missing",
-                    f"removed: the signature of release {rid} names it as a release it follows, and its rows, audit "
-                    "record and budget charge are gone",
-                    None if claim.sequence is None else claim.sequence - 1,
-                )
-                if claim.sequence is not None and claim.sequence > 1:
-                    accounted.add(claim.sequence - 1)
+                    f"removed: the signature of release {rid} names it as the release it follows, and its rows, "
+                    "audit record and budget charge are gone",
+                    claim.sequence - 1 or None,
+                ))
     top = max(accounted, default=0)
-    for sequence in range(1, max(top, seen) + 1):
-        if sequence not in accounted:
+    limit = max(top, seen)
+    expected = 1
+    for number in [*sorted(n for n in accounted if 0 < n <= limit), limit + 1]:
+        if number > expected:  # expected .. number - 1: no authentic signature holds or names them
+            last = number - 1
+            label = f"(sequence {expected})" if last == expected else f"(sequences {expected}-{last})"
             reason = (
-                f"removed: no signed release holds sequence number {sequence} of the {top} signed so far (its rows, "
-                "audit record and budget charge are gone)"
-                if sequence < top
+                f"removed: no signed release holds these sequence numbers (of {top} given out so far); their "
+                "rows, audit records and budget charges are gone"
+                if last < top
                 else f"removed: a reader saw sequence number {seen} before; the highest in the store is {top}"
             )
-            gaps[f"(sequence {sequence})"] = ReleaseCheck(f"(sequence {sequence})", 0, "missing", reason, sequence)
-    return list(gaps.values())
+            gaps.append(ReleaseCheck(label, 0, "missing", reason, expected))
+        expected = number + 1
+    return gaps
 
 
 def _check(
@@ -354,6 +439,8 @@ def _check(
             return "tampered", "its audit record holds no signature (removed)", None
         claim = ReleaseSignature.from_doc(doc[SIGNATURE_FIELD])
         signature = bytes.fromhex(claim.signature)
+    except RecursionError:
+        return "tampered", "the signature record is unreadable: nested too deeply", None
     except (ValueError, KeyError, TypeError) as exc:
         return "tampered", f"the signature record is unreadable: {exc}", None
     if claim.release_id != release_id:

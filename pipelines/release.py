@@ -26,12 +26,17 @@ from fusion.keys import load_secret_context_bytes, published_context_digest
 from fusion.ledger import BudgetLedger, Spend
 from fusion.parameters import NOISE_MARGIN_SDS
 from fusion.plan import ReleasePlan
-from fusion.provenance import SIGNATURE_FIELD, ChainLink, next_link, rows_digest, sign_release
-from fusion.registry import load_aggregator_public_key, load_key_holder_public_keys, load_key_holder_signing_key
+from fusion.provenance import SIGNATURE_FIELD, ChainLink, ReleaseSignature, next_link, rows_digest, sign_release
+from fusion.registry import (
+    key_holder_signing_key_file,
+    load_aggregator_public_key,
+    load_key_holder_public_keys,
+    load_key_holder_signing_key,
+)
 from fusion.store import Store
 from privacy import he
 from privacy.envelope import EnvelopeHeader, signature_valid, unpack_envelope
-from privacy.signing import public_key
+from privacy.signing import public_key, verify
 from schemas.tables import AUDIT_SCHEMA, REJECTS_SCHEMA
 
 
@@ -153,7 +158,7 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
         release_id=release_id,
         aggregate_sha256=hashlib.sha256(data).hexdigest(),
         signing_key=signing_key,
-        link=_recorded_link(recorded[1]) if recorded else next_link(store, release_id),
+        link=_recorded_link(plan, recorded[1]) if recorded else _next_link(plan, store),
     )
     audits = [
         audit_row(
@@ -246,16 +251,47 @@ def _recorded_release(plan: ReleasePlan, store: Store) -> tuple[datetime, dict[s
     if audit.num_rows == 0:
         return None
     row = audit.slice(0, 1).to_pylist()[0]
-    signature = json.loads(row["detail"] or "{}").get(SIGNATURE_FIELD) or {}
+    try:
+        detail = json.loads(row["detail"] or "{}")
+        signature = detail.get(SIGNATURE_FIELD) if isinstance(detail, dict) else None
+    except (ValueError, RecursionError):
+        signature = None
+    if not isinstance(signature, dict):
+        raise ReleaseRefused(
+            f"release {plan.key.release_id}'s audit row holds no readable signature (the store was written by "
+            "someone else, or by a Fusion version before signed releases); nothing was published"
+        )
     return row["at"], signature
 
 
-def _recorded_link(signature: dict[str, Any]) -> ChainLink | None:
-    """The chain link a recorded signature holds (None for one made before the chain): a re-run signs the
-    same place again, not one after its own record."""
-    if signature.get("sequence") is None:
-        return None
-    return ChainLink(int(signature["sequence"]), tuple(signature.get("previous") or ()))
+def _next_link(plan: ReleasePlan, store: Store) -> ChainLink:
+    """This release's place in the chain of signed releases, from the key holder's own chain state."""
+    return next_link(
+        store,
+        plan.key.release_id,
+        state_dir=key_holder_signing_key_file(plan.config).parent,
+        public_keys=load_key_holder_public_keys(plan.config),
+    )
+
+
+def _recorded_link(plan: ReleasePlan, signature: dict[str, Any]) -> ChainLink | None:
+    """The chain link of the signature a pass recorded for this release (None for one made before the chain): a
+    re-run signs the same place again, not one after its own record. A record that is not the key holder's own
+    signature is refused: nothing is published over it."""
+    try:
+        claim = ReleaseSignature.from_doc(signature)
+        authentic = claim.release_id == plan.key.release_id and any(
+            verify(key, claim.message(), bytes.fromhex(claim.signature))
+            for key in load_key_holder_public_keys(plan.config)
+        )
+    except (ValueError, KeyError, TypeError):
+        authentic = False
+    if not authentic:
+        raise ReleaseRefused(
+            f"release {plan.key.release_id}'s audit row holds a signature the registered key holder did not make "
+            "(the store was written by someone else); nothing was published"
+        )
+    return None if claim.sequence is None else ChainLink(claim.sequence, claim.previous or ())
 
 
 def _check_plausible(plan: ReleasePlan, cells: pa.Table, header: EnvelopeHeader) -> None:

@@ -40,3 +40,12 @@ def test_an_earlier_demo_is_replaced(tmp_path: Path) -> None:
     config = build_demo(directory, days=1)
     assert config == directory / "federation.toml" and config.is_file()
     assert not (directory / "stale.txt").exists()
+
+
+def test_a_link_to_a_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "data.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(FusionError, match="is a link"):
+        build_demo(tmp_path / "link", days=1)
+    assert (tmp_path / "real" / "data.txt").exists()

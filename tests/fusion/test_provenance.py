@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from fusion.registry import (
 from fusion.store import Store
 from pipelines import release as release_module
 from pipelines.batch import run_batch
-from privacy.signing import generate_signing_key
+from privacy.signing import generate_signing_key, sign
 from schemas.tables import AUDIT_SCHEMA, BUDGET_SCHEMA, RELEASES_SCHEMA
 from tests.conftest import END, START
 
@@ -245,9 +246,9 @@ def _remove_whole_releases(store: Store, removed: set[str]) -> None:
     """What a store operator would do to make releases vanish: their rows, every audit row and the ledger's
     record of them, all gone."""
     rows, audit, budget = store.read("releases"), store.read("audit"), store.read("budget")
-    keep = pc.invert(pc.is_in(rows.column("release_id"), pa.array(sorted(removed))))
+    keep = pc.invert(pc.is_in(rows.column("release_id"), pa.array(sorted(removed), pa.string())))
     _overwrite(store, "releases", rows.filter(keep), RELEASES_SCHEMA)
-    keep = pc.invert(pc.is_in(audit.column("release_id"), pa.array(sorted(removed))))
+    keep = pc.invert(pc.is_in(audit.column("release_id"), pa.array(sorted(removed), pa.string())))
     _overwrite(store, "audit", audit.filter(keep), AUDIT_SCHEMA)
     ledger = []
     for period in budget.to_pylist():
@@ -257,98 +258,134 @@ def _remove_whole_releases(store: Store, removed: set[str]) -> None:
     write_deltalake(store.table_path("budget"), pa.Table.from_pylist(ledger, schema=BUDGET_SCHEMA), mode="overwrite")
 
 
-@pytest.mark.e2e
-def test_the_chain_of_signed_releases_shows_a_release_removed_whole(make_federation, tmp_path: Path,
-                                                                    monkeypatch) -> None:
-    """Each signature names its sequence number and the release(s) it follows, so a release removed from the
-    releases, audit and budget tables together is still seen, unless it is the newest. Two releases signed at
-    the same moment (twins: the same predecessor and number) are both named by the next."""
-    fed = make_federation(noise=True, seed=5, extra_privacy="epsilon_cap = 10.0")
-    hours = [plan_release(fed.config, START + timedelta(hours=h), START + timedelta(hours=h + 1)) for h in range(4)]
-    ids = [plan.key.release_id for plan in hours]
-    store = Store(fed.config.store_path)
-    for plan in hours[:2]:
-        assert run_batch(plan, in_process=True).status == "released"
-    # The third release is signed as if the second were not recorded yet: it is the second's twin.
-    monkeypatch.setattr(release_module, "next_link", lambda store_, rid: ChainLink(2, (ids[0],)))
-    assert run_batch(hours[2], in_process=True).status == "released"
-    monkeypatch.undo()
-    assert run_batch(hours[3], in_process=True).status == "released"
-
-    links = {}
-    for row in store.read("audit").filter(pc.equal(store.read("audit").column("action"), "release")).to_pylist():
-        claim = json.loads(row["detail"])[SIGNATURE_FIELD]
-        links[row["release_id"]] = (claim["sequence"], claim["previous"])
-    assert links == {ids[0]: (1, []), ids[1]: (2, [ids[0]]), ids[2]: (2, [ids[0]]), ids[3]: (3, sorted(ids[1:3]))}
-    keys = load_key_holder_public_keys(fed.config)
-    assert {c.status for c in verify_releases(store, keys)} == {"verified"}
-
-    def without(*removed: str) -> list[tuple[str, str, str]]:
-        copy = tmp_path / f"store-{'-'.join(sorted(removed))[-40:]}-{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(fed.config.store_path, copy)
-        _remove_whole_releases(Store(copy), set(removed))
-        return [(c.release_id, c.status, c.reason) for c in verify_releases(Store(copy), keys)
-                if c.status != "verified"]
-
-    first = without(ids[0])  # named by the second and by its twin
-    assert [(rid, status) for rid, status, _ in first] == [(ids[0], "missing")]
-    assert "removed: the signature of release" in first[0][2]
-    assert [r[:2] for r in without(ids[2])] == [(ids[2], "missing")]  # a twin: the next names both
-    # Two in a row: the later one by name, the earlier one by the number no signature holds any more.
-    both = without(ids[0], ids[1], ids[2])
-    assert [r[:2] for r in both] == [(ids[1], "missing"), (ids[2], "missing"), ("(sequence 1)", "missing")]
-    assert without(ids[3]) == []  # the newest release is named by no one: not seen (README, trust model) ...
-    copy = tmp_path / "store-newest"
-    shutil.copytree(fed.config.store_path, copy)
-    _remove_whole_releases(Store(copy), {ids[3]})
-    newest = [(c.release_id, c.status, c.sequence) for c in verify_releases(Store(copy), keys, seen=3)]
-    assert newest[-1] == ("(sequence 3)", "missing", 3)  # ... unless the reader kept the number it saw before
-    assert [c.sequence for c in verify_releases(Store(fed.config.store_path), keys)] == [
-        links[rid][0] for rid in sorted(ids)
-    ]
-    # The links are signed: a forger who removes a release cannot rewrite its successor's links to hide it.
-    copy = tmp_path / "store-relinked"
-    shutil.copytree(fed.config.store_path, copy)
-    _remove_whole_releases(Store(copy), {ids[2]})
-    audit = Store(copy).read("audit")
+def _relink(store: Store, release_id: str, edit) -> None:  # type: ignore[no-untyped-def]
+    """Edit the signature record of one release in place (what a forger without the key can do)."""
+    audit = store.read("audit")
     details = []
     for rid, action, detail in zip(audit.column("release_id").to_pylist(), audit.column("action").to_pylist(),
                                    audit.column("detail").to_pylist(), strict=True):
-        if rid == ids[3] and action == "release":
+        if rid == release_id and action == "release":
             doc = json.loads(detail)
-            doc[SIGNATURE_FIELD]["previous"] = [ids[1]]
+            edit(doc[SIGNATURE_FIELD])
             detail = json.dumps(doc)
         details.append(detail)
-    _overwrite(Store(copy), "audit", audit.set_column(audit.schema.get_field_index("detail"), "detail",
-                                                      pa.array(details, pa.string())), AUDIT_SCHEMA)
-    relinked = [(c.release_id, c.status) for c in verify_releases(Store(copy), keys) if c.status != "verified"]
-    assert relinked == [(ids[3], "tampered")]
-    one = verify_releases(Store(fed.config.store_path), keys, release_id=ids[1])
-    assert [(c.release_id, c.status) for c in one] == [(ids[1], "verified")]
+    _overwrite(store, "audit", audit.set_column(audit.schema.get_field_index("detail"), "detail",
+                                                pa.array(details, pa.string())), AUDIT_SCHEMA)
 
 
-def test_the_first_chained_release_follows_the_newest_one_signed_before_the_chain(tmp_path: Path) -> None:
+@pytest.mark.e2e
+def test_the_chain_of_signed_releases_shows_a_release_removed_whole(make_federation, tmp_path: Path) -> None:
+    """Each signature names its sequence number and the release it follows, both from the key holder's own
+    chain state, so a release removed from the releases, audit and budget tables together is seen: by the next
+    signature's link, by a number no signature holds, or (the newest) by a reader who kept the number it saw
+    and by the next release, which still names it."""
+    fed = make_federation(noise=True, seed=5, extra_privacy="epsilon_cap = 10.0")
+    hours = [plan_release(fed.config, START + timedelta(hours=h), START + timedelta(hours=h + 1)) for h in range(5)]
+    ids = [plan.key.release_id for plan in hours]
+    store = Store(fed.config.store_path)
+    for plan in hours[:4]:
+        assert run_batch(plan, in_process=True).status == "released"
+    audit = store.read("audit")
+    links = {}
+    for row in audit.filter(pc.equal(audit.column("action"), "release")).to_pylist():
+        claim = json.loads(row["detail"])[SIGNATURE_FIELD]
+        links[row["release_id"]] = (claim["sequence"], claim["previous"])
+    assert links == {ids[0]: (1, []), ids[1]: (2, [ids[0]]), ids[2]: (3, [ids[1]]), ids[3]: (4, [ids[2]])}
+    keys = load_key_holder_public_keys(fed.config)
+    clean = verify_releases(store, keys)
+    assert {c.status for c in clean} == {"verified"} and [c.sequence for c in clean] == [
+        links[rid][0] for rid in sorted(ids[:4])
+    ]
+
+    def copy_without(*removed: str) -> Store:
+        copy = tmp_path / f"store-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(fed.config.store_path, copy)
+        _remove_whole_releases(Store(copy), set(removed))
+        return Store(copy)
+
+    def problems(target: Store, **kwargs: object) -> list[tuple[str, str, str]]:
+        return [(c.release_id, c.status, c.reason) for c in verify_releases(target, keys, **kwargs)  # type: ignore[arg-type]
+                if c.status != "verified"]
+
+    first = problems(copy_without(ids[1]))
+    assert [(rid, status) for rid, status, _ in first] == [(ids[1], "missing")]
+    assert "removed: the signature of release" in first[0][2]
+    # Two in a row: the later one by name, the earlier one by the number no signature holds or names.
+    assert [p[:2] for p in problems(copy_without(ids[0], ids[1], ids[2]))] == [
+        (ids[2], "missing"), ("(sequences 1-2)", "missing")
+    ]
+    # The newest is named by no one yet: a reader who kept its number sees it gone ...
+    newest = copy_without(ids[3])
+    assert problems(newest) == []
+    assert [p[:2] for p in problems(newest, seen=4)] == [("(sequence 4)", "missing")]
+    assert [p[:2] for p in problems(newest, seen=10**12)] == [("(sequences 4-1000000000000)", "missing")]
+    # The links are signed: a forger who removes a release cannot rewrite its successor's link to hide it.
+    relinked = copy_without(ids[1])
+    _relink(relinked, ids[2], lambda claim: claim.update(previous=[ids[0]], sequence=2))
+    assert [p[:2] for p in problems(relinked)] == [(ids[2], "tampered"), ("(sequence 2)", "missing")]
+    # A record planted with a huge number and no valid signature moves nothing, and a detail nested too deeply
+    # for the JSON parser is tampered, not a crash.
+    planted = copy_without()
+    _relink(planted, ids[2], lambda claim: claim.update(sequence=3_000_000))
+    assert [p[:2] for p in problems(planted)] == [(ids[2], "tampered")]
+    nested = copy_without()
+    rows = nested.read("audit")
+    deep = pc.if_else(pc.equal(rows.column("event_id"), f"{ids[0]}:released"), "[" * 100_000 + "]" * 100_000,
+                      rows.column("detail"))
+    _overwrite(nested, "audit", rows.set_column(rows.schema.get_field_index("detail"), "detail", deep), AUDIT_SCHEMA)
+    assert problems(nested) == [(ids[0], "tampered", "the signature record is unreadable: nested too deeply")]
+
+    # ... and so does everyone once the key holder signs the next release: its link comes from the key holder's
+    # memory, not from the store, so it names the release removed and no number is given out twice.
+    _remove_whole_releases(store, {ids[3]})
+    assert run_batch(hours[4], in_process=True).status == "released"
+    after = problems(store)
+    assert [p[:2] for p in after] == [(ids[3], "missing")] and f"release {ids[4]}" in after[0][2]
+    one = verify_releases(store, keys, release_id=ids[2])
+    assert [(c.release_id, c.status) for c in one] == [(ids[2], "verified")]
+    assert [(c.release_id, c.status) for c in verify_releases(store, keys, release_id=ids[3])] == [
+        (ids[3], "missing")
+    ]
+
+def test_the_chain_state_starts_from_the_store_and_then_from_the_key_holders_memory(tmp_path: Path) -> None:
+    """Without a state, the first link follows the store's highest authentic sequence (a forged record with a
+    higher number is passed over), or the newest release signed before the chain; from then on the numbers come
+    from the state, and a release re-run gets the link it had."""
     from datetime import UTC, datetime
 
-    from fusion.provenance import next_link
+    from fusion.provenance import CHAIN_STATE, ReleaseSignature, next_link
 
-    store = Store(tmp_path)
+    store = Store(tmp_path / "store")
     store.ensure_tables()
+    private, public = generate_signing_key()
+    state = tmp_path / "keys"
 
-    def record(release_id: str, minute: int, signature: dict | None) -> None:  # type: ignore[type-arg]
-        detail = {} if signature is None else {SIGNATURE_FIELD: signature}
+    def record(release_id: str, minute: int, link: ChainLink | None, *, key: bytes = private,
+               signed: bool = True) -> None:
+        claim = ReleaseSignature(release_id, "a", 1, "b", (), sequence=None if link is None else link.sequence,
+                                 previous=None if link is None else link.previous)
+        signature = replace(claim, signature=sign(key, claim.message()).hex()).to_doc()
+        detail = {SIGNATURE_FIELD: signature} if signed else {}
         row = {"event_id": f"{release_id}:released", "at": datetime(2026, 1, 1, 0, minute, tzinfo=UTC),
                "actor_role": "key_holder", "actor": "f", "action": "release", "release_id": release_id,
                "interval_start": None, "interval_end": None, "reason": None, "content_sha256": None,
                "detail": json.dumps(detail)}
         store.insert_new("audit", pa.Table.from_pylist([row], schema=AUDIT_SCHEMA))
 
-    assert next_link(store, "r-first") == ChainLink(1, ())
-    unchained = {"release_id": "r-old-1", "aggregate_sha256": "a", "rows": 1, "rows_sha256": "b", "columns": [],
-                 "signature": "00"}
-    record("r-old-1", 1, unchained)
-    record("r-old-2", 2, None)  # published before the key holder had a signing key
-    assert next_link(store, "r-new") == ChainLink(1, ("r-old-2",))
-    record("r-new", 3, {**unchained, "release_id": "r-new", "sequence": 1, "previous": ["r-old-2"]})
-    assert next_link(store, "r-next") == ChainLink(2, ("r-new",))
-    assert next_link(store, "r-new") == ChainLink(1, ("r-old-2",))  # its own record is not its predecessor
+    def link(release_id: str) -> ChainLink:
+        return next_link(store, release_id, state_dir=state, public_keys=[public])
+
+    record("r-old-1", 1, None)  # signed before the chain
+    record("r-old-2", 2, None, signed=False)  # published before the key holder had a signing key
+    assert link("r-a") == ChainLink(1, ("r-old-2",))
+    assert link("r-a") == ChainLink(1, ("r-old-2",))  # a re-run: the same place
+    assert link("r-b") == ChainLink(2, ("r-a",))  # from the state: r-a's record is not in the store yet
+
+    (state / CHAIN_STATE).unlink()  # a lost state: rebuilt from what the store holds under authentic signatures
+    record("r-a", 3, ChainLink(1, ("r-old-2",)))
+    record("r-b", 4, ChainLink(2, ("r-a",)))
+    record("r-forged", 5, ChainLink(90, ("r-b",)), key=generate_signing_key()[0])
+    assert link("r-c") == ChainLink(3, ("r-b",))
+    (state / CHAIN_STATE).write_text("{not json")
+    with pytest.raises(FusionError, match="chain state"):
+        link("r-d")
