@@ -139,9 +139,17 @@ class ReleaseSignature:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> ReleaseSignature:
+        """The signature a record holds; TypeError (or KeyError) for anything but the exact types it signs."""
+        if not isinstance(doc, dict):
+            raise TypeError("a signature record is an object")
         columns = doc["columns"]
         if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
             raise TypeError("columns must be a list of names")
+        for name in ("release_id", "aggregate_sha256", "rows_sha256", "signature"):
+            if not isinstance(doc[name], str):
+                raise TypeError(f"{name} must be text")
+        if isinstance(doc["rows"], bool) or not isinstance(doc["rows"], int) or doc["rows"] < 0:
+            raise TypeError("rows must be a count")
         sequence, previous = doc.get("sequence"), doc.get("previous")
         if sequence is not None:
             if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 1:
@@ -149,12 +157,12 @@ class ReleaseSignature:
             if not isinstance(previous, list) or not all(isinstance(p, str) for p in previous):
                 raise TypeError("previous must be a list of release ids")
         return cls(
-            release_id=str(doc["release_id"]),
-            aggregate_sha256=str(doc["aggregate_sha256"]),
-            rows=int(doc["rows"]),
-            rows_sha256=str(doc["rows_sha256"]),
+            release_id=doc["release_id"],
+            aggregate_sha256=doc["aggregate_sha256"],
+            rows=doc["rows"],
+            rows_sha256=doc["rows_sha256"],
             columns=tuple(columns),
-            signature=str(doc["signature"]),
+            signature=doc["signature"],
             sequence=sequence,
             previous=None if sequence is None else tuple(previous),  # type: ignore[arg-type]
         )
@@ -213,8 +221,9 @@ def next_link(store: Store, release_id: str, *, state_dir: Path, public_keys: Se
     the highest sequence an authentic signature in the store holds, or after the newest release signed before
     the chain."""
     path = state_dir / CHAIN_STATE
+    store_id = _store_id(store)
     with _chain_lock(state_dir):
-        state = _read_chain_state(path) if path.exists() else _chain_state_from_store(store, public_keys)
+        state = _read_chain_state(path, store_id) if path.exists() else _chain_state_from_store(store, public_keys)
         links: dict[str, list[Any]] = state["links"]
         if release_id in links:
             sequence, previous = links[release_id]
@@ -222,7 +231,7 @@ def next_link(store: Store, release_id: str, *, state_dir: Path, public_keys: Se
         link = ChainLink(int(state["sequence"]) + 1, (state["head"],) if state["head"] else ())
         links[release_id] = [link.sequence, list(link.previous)]
         kept = dict(sorted(links.items(), key=lambda item: item[1][0])[-_KEPT_LINKS:])
-        doc = {"sequence": link.sequence, "head": release_id, "links": kept}
+        doc = {"store": store_id, "sequence": link.sequence, "head": release_id, "links": kept}
         pending = path.with_name(f".{path.name}.{os.getpid()}")
         descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as handle:
@@ -230,13 +239,24 @@ def next_link(store: Store, release_id: str, *, state_dir: Path, public_keys: Se
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(pending, path)
+        directory = os.open(state_dir, os.O_RDONLY)
+        try:  # the rename itself survives a power loss: a number is never given out twice
+            os.fsync(directory)
+        finally:
+            os.close(directory)
         return link
 
 
-def _read_chain_state(path: Path) -> dict[str, Any]:
+def _store_id(store: Store) -> str:
+    """The store the chain belongs to: the id Delta gave its audit table when it was created (a store recreated
+    at the same place has another)."""
+    return str(store.delta_table("audit").metadata().id)
+
+
+def _read_chain_state(path: Path, store_id: str) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
-        sequence, head, links = doc["sequence"], doc["head"], doc["links"]
+        sequence, head, links, owner = doc["sequence"], doc["head"], doc["links"], doc["store"]
         valid = (
             isinstance(sequence, int)
             and sequence >= 0
@@ -247,12 +267,18 @@ def _read_chain_state(path: Path) -> dict[str, Any]:
                 for v in links.values()
             )
         )
-    except (ValueError, KeyError, TypeError, RecursionError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         valid = False
     if not valid:
         raise FusionError(
             f"the key holder's chain state {path} is unreadable; move it away to rebuild it from the store (the "
             "chain then resumes from the store's highest authentic sequence number)"
+        )
+    if owner != store_id:
+        raise FusionError(
+            f"the key holder's chain state {path} belongs to another store (its audit table was created anew): if "
+            "the store was recreated on purpose, move the state away and the chain starts again from this store; "
+            "otherwise find out who replaced the audit table"
         )
     return {"sequence": sequence, "head": head, "links": links}
 
@@ -285,7 +311,7 @@ def _parse_claim(detail: str | None) -> ReleaseSignature | None:
     try:
         doc = json.loads(detail or "{}")
         return ReleaseSignature.from_doc(doc[SIGNATURE_FIELD]) if isinstance(doc, dict) else None
-    except (ValueError, KeyError, TypeError, RecursionError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return None
 
 
@@ -309,6 +335,9 @@ class ReleaseCheck:
     reason: str
     sequence: int | None = None  # its place in the chain of signed releases (None: signed before the chain)
 
+
+#: How `verify_releases` names a release audit row without a release id (Fusion writes none such).
+NO_RELEASE_ID = "(no release id)"
 
 #: Statuses that mean the release is what was published.
 GOOD = ("verified", "legacy")
@@ -341,8 +370,8 @@ def verify_releases(
     audit = audit.filter(pc.equal(audit.column("action"), "release"))
     records: dict[str, list[dict[str, Any]]] = {}
     for row in audit.select(["event_id", "release_id", "detail", "content_sha256"]).to_pylist():
-        records.setdefault(row["release_id"], []).append(row)
-    charged = {r for ids_ in store.read("budget").column("release_ids").to_pylist() for r in ids_}
+        records.setdefault(row["release_id"] or NO_RELEASE_ID, []).append(row)  # a NULL id: no record Fusion wrote
+    charged = {r for ids_ in store.read("budget").column("release_ids").to_pylist() for r in ids_ or () if r}
     known = set(bounds) | set(records) | charged
     checks, claims = [], {}
     for rid in sorted(known):
@@ -357,7 +386,12 @@ def verify_releases(
         checks.append(ReleaseCheck(rid, end - start, status, reason, None if claim is None else claim.sequence))
         if claim is not None and claim.sequence is not None:
             claims[rid] = claim
-    gaps = _chain_gaps(claims, known | unsigned, seen)
+    tampered = any(c.status == "tampered" for c in checks)
+    gaps = _chain_gaps(claims, known | unsigned, seen, tampered=tampered) + [
+        ReleaseCheck(rid, 0, "missing", "registered as published before the key holder had a signing key, but "
+                     "its rows and audit record are gone")
+        for rid in sorted(unsigned - known)
+    ]
     if release_id is None:
         return checks + gaps
     own = [c for c in checks + gaps if c.release_id == release_id] or [
@@ -366,7 +400,9 @@ def verify_releases(
     return own + ([g for g in gaps if g.release_id.startswith("(")] if seen else [])
 
 
-def _chain_gaps(claims: dict[str, ReleaseSignature], known: set[str], seen: int) -> list[ReleaseCheck]:
+def _chain_gaps(
+    claims: dict[str, ReleaseSignature], known: set[str], seen: int, *, tampered: bool = False
+) -> list[ReleaseCheck]:
     """Releases removed whole (rows, audit record and budget charge): named as the predecessor of an authentic
     signature but found nowhere, or sequence numbers no authentic signature holds or names up to the highest
     one (or up to `seen`, the highest a reader saw before); runs of such numbers are reported as one range."""
@@ -395,8 +431,9 @@ def _chain_gaps(claims: dict[str, ReleaseSignature], known: set[str], seen: int)
             last = number - 1
             label = f"(sequence {expected})" if last == expected else f"(sequences {expected}-{last})"
             reason = (
-                f"removed: no signed release holds these sequence numbers (of {top} given out so far); their "
-                "rows, audit records and budget charges are gone"
+                f"no authentic signature holds or names these sequence numbers (of {top} given out so far): the "
+                "releases that had them were removed whole (rows, audit records and budget charges)"
+                + (", or are among those whose signatures are reported tampered" if tampered else "")
                 if last < top
                 else f"removed: a reader saw sequence number {seen} before; the highest in the store is {top}"
             )

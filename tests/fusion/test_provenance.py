@@ -327,7 +327,22 @@ def test_the_chain_of_signed_releases_shows_a_release_removed_whole(make_federat
     # for the JSON parser is tampered, not a crash.
     planted = copy_without()
     _relink(planted, ids[2], lambda claim: claim.update(sequence=3_000_000))
-    assert [p[:2] for p in problems(planted)] == [(ids[2], "tampered")]
+    _relink(planted, ids[1], lambda claim: claim.update(rows=float("inf")))  # JSON's Infinity: not a count
+    planted_problems = problems(planted)
+    assert [p[:2] for p in planted_problems] == [
+        (ids[1], "tampered"), (ids[2], "tampered"), ("(sequence 2)", "missing")
+    ]
+    assert planted_problems[-1][2].endswith("or are among those whose signatures are reported tampered")
+    # An audit row of a release without a release id, and a release registered as unsigned that is gone.
+    orphan = copy_without()
+    rows = orphan.read("audit")
+    ours = rows.filter(pc.equal(rows.column("event_id"), f"{ids[0]}:released"))
+    nameless = ours.set_column(0, "event_id", pa.array(["x:released"])).set_column(
+        ours.schema.get_field_index("release_id"), "release_id", pa.array([None], pa.string()))
+    orphan.insert_new("audit", nameless.cast(AUDIT_SCHEMA))
+    assert [p[:2] for p in problems(orphan, unsigned=frozenset({"r-legacy-gone"}))] == [
+        ("(no release id)", "tampered"), ("r-legacy-gone", "missing")
+    ]
     nested = copy_without()
     rows = nested.read("audit")
     deep = pc.if_else(pc.equal(rows.column("event_id"), f"{ids[0]}:released"), "[" * 100_000 + "]" * 100_000,
@@ -386,6 +401,10 @@ def test_the_chain_state_starts_from_the_store_and_then_from_the_key_holders_mem
     record("r-b", 4, ChainLink(2, ("r-a",)))
     record("r-forged", 5, ChainLink(90, ("r-b",)), key=generate_signing_key()[0])
     assert link("r-c") == ChainLink(3, ("r-b",))
+    other = Store(tmp_path / "other-store")  # a store created anew: the state is not its chain
+    other.ensure_tables()
+    with pytest.raises(FusionError, match="belongs to another store"):
+        next_link(other, "r-d", state_dir=state, public_keys=[public])
     (state / CHAIN_STATE).write_text("{not json")
-    with pytest.raises(FusionError, match="chain state"):
+    with pytest.raises(FusionError, match=r"chain state .* is unreadable"):
         link("r-d")
