@@ -9,10 +9,12 @@ logging.getLogger().setLevel(logging.ERROR)  # before Beam is imported: its impo
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,24 +22,25 @@ from typing import Any, NoReturn
 
 import pyarrow as pa
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fusion.config import Config, load_config
-from fusion.errors import FusionError
+from fusion.errors import FusionError, ReleaseNotReady
 from fusion.plan import ReleasePlan, parse_time, plan_release
 from fusion.shutdown import exit_now
 
 UNMASK_POLL_SECONDS = 2.0  # how often `fusion contribute --unmask --wait` looks for acknowledgements
 
 _WIDTH = None if sys.stdout.isatty() else max(120, shutil.get_terminal_size((120, 24)).columns)
-console = Console(width=_WIDTH)
-err_console = Console(stderr=True, width=_WIDTH)
+console = Console(width=_WIDTH, log_path=False)  # log lines stay whole in a cron or systemd log
+err_console = Console(stderr=True, width=_WIDTH, log_path=False)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusion",
-        description="Privacy-preserving sensor fusion. Unknown --options are passed to Apache Beam "
+        description="Privacy-preserving sensor fusion. Commands that run pipelines also take Apache Beam options "
         "(e.g. --runner=FlinkRunner).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,11 +230,13 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         last = "none yet"
         if status.last_release:
             last = f"{status.last_release} ({status.last_latency_s:.1f}s after close)"
-        lag = f"{status.lag_s:.0f}s" if status.lag_s is not None else "-"
+        lag = _duration(status.lag_s) if status.lag_s is not None else "-"
         changed = f" | changed inputs not read again: {len(status.changed_inputs)}" if status.changed_inputs else ""
+        refused = f" | [yellow]refused: {len(status.refused)}[/yellow]" if status.refused else ""
         return (
-            f"windows open: {status.windows_open} | last release: {last} | lag: {lag} | "
-            f"{status.rows_per_s:,.0f} rows/s | readings: {status.readings:,} | rejects: {status.rejected:,}{changed}"
+            f"windows open: {status.windows_open} | released: {status.released}{refused} | last release: {last} | "
+            f"lag: {lag} | {status.rows_per_s:,.0f} rows/s | readings: {status.readings:,} | "
+            f"rejects: {status.rejected:,}{changed}"
         )
 
     with console.status("stream: starting") as shown:
@@ -251,7 +256,32 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         signal.signal(signal.SIGINT, stop)
         final = driver.run(drain=args.drain)
     console.print(line(final))
+    if final.refused:  # each distinct reason once, with how many windows it refused
+        console.print(f"[yellow]{len(final.refused)} window(s) refused[/yellow] (recorded in the audit table):")
+        for reason, count in Counter(_reason_kind(r) for r in final.refused).most_common():
+            console.print(f"  {count} x {reason}", markup=False, highlight=False)
     return 0
+
+
+def _reason_kind(reason: str) -> str:
+    """A refusal's reason with its release id and intervals left out, so windows refused alike count together."""
+    reason = re.sub(r"\br-[0-9a-f]{8,}\b", "<release>", reason)
+    return re.sub(r"\b\d{8}T\d{4}Z-\d{8}T\d{4}Z\b", "<interval>", reason)
+
+
+def _duration(seconds: float) -> str:
+    """A lag as people read it: 45s, 12m 5s, 3h 20m, 336d 19h."""
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{seconds:.0f}s"
 
 
 def cmd_contribute(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
@@ -332,7 +362,11 @@ def cmd_release(args: argparse.Namespace) -> int:
     plan = _plan(args)
     store = Store(plan.config.store_path)
     store.ensure_tables()
-    outcome = release(plan, store)
+    try:
+        outcome = release(plan, store)
+    except ReleaseNotReady as exc:
+        console.print(str(exc), markup=False, highlight=False)
+        return 3
     if outcome.status == "already_released":
         console.print(f"Interval already released as {outcome.release_id}; nothing done.")
     else:
@@ -475,9 +509,11 @@ def _fusion_command() -> str:
 
 def cmd_demo(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     from fusion.api import open_store
-    from fusion.demo import DEMO_QUERY, build_demo
+    from fusion.demo import DEMO_QUERY, build_demo, is_demo
 
     directory = Path(args.dir)
+    if is_demo(directory):
+        console.print(f"replacing the earlier demo in {directory} (its store, keys and releases are deleted)")
     with console.status("building the demo federation from pvlib's TMY3 weather records"):
         config_path = build_demo(directory, days=args.days).resolve()
     console.print(f"demo federation: {config_path}")
@@ -504,12 +540,40 @@ def cmd_demo(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     return 0
 
 
+#: The commands that build Beam pipelines: only they take Beam's options (--runner=..., ...).
+PIPELINE_COMMANDS = frozenset({"demo", "batch", "stream", "contribute", "aggregate", "schedule", "backfill"})
+
+
+def _extra_args_error(command: str, extra: Sequence[str]) -> str | None:
+    """Why the arguments the command's own parser did not take are refused, or None if Beam takes them all."""
+    if not extra:
+        return None
+    if command not in PIPELINE_COMMANDS:
+        return f"unknown arguments {' '.join(extra)}: `fusion {command} --help` lists what it takes"
+    stray = [a for a in extra if not a.startswith("--")]
+    if stray:
+        return (
+            f"unexpected arguments {' '.join(extra)} (Beam options are written --name=value; `fusion {command} "
+            "--help` lists the command's own)"
+        )
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(list(extra))
+    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()))
+    if unknown:
+        return (
+            f"unknown options {', '.join('--' + u for u in unknown)}: neither `fusion {command}` options (see "
+            "--help) nor Apache Beam pipeline options"
+        )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.ERROR)
     args, beam_args = _parser().parse_known_args(argv)
-    unknown = [a for a in beam_args if not a.startswith("--")]
-    if unknown:
-        err_console.print(f"[red]error:[/red] unexpected arguments {unknown}")
+    refused = _extra_args_error(args.command, beam_args)
+    if refused:
+        err_console.print(f"[red]error:[/red] {escape(refused)}", highlight=False)
         return 2
     try:
         if args.command == "demo":
@@ -537,8 +601,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return (cmd_schedule if args.command == "schedule" else cmd_backfill)(args, beam_args)
         return cmd_sql(args)
-    except FusionError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+    except FusionError as exc:  # its text is shown as written: `[[schedules]]` is no markup
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return 1
 
 

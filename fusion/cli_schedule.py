@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fusion.cli import console, err_console
@@ -49,7 +50,7 @@ def _describe(result: RunResult) -> str:
     text = f"{where}: attempt {result.attempt} [{colour}]{status}[/{colour}]"
     if result.status is RunStatus.RELEASED:
         text += f" ({result.cells} cells, epsilon {result.epsilon:.4f})"
-    return text + (f": {result.detail}" if result.detail else "")
+    return text + (f": {escape(result.detail)}" if result.detail else "")
 
 
 def cmd_schedule(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
@@ -74,7 +75,9 @@ def cmd_schedule(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     )
     if args.once:
         results, _ = scheduler.run_due()
-        console.print(f"{len(results)} interval(s) acted on by {scheduler.runner}")
+        counts = Counter(r.status.value if r.status else r.action.value for r in results)
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"
+        console.print(f"{len(results)} interval(s) acted on by {scheduler.runner}: {summary}")
         # Non-zero while an interval is failing or was given up on, so cron monitoring keeps seeing it.
         return 1 if any(r.status is RunStatus.FAILED or r.action is Action.GIVE_UP for r in results) else 0
 

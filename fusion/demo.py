@@ -129,18 +129,24 @@ def _write_feed(spec: InstitutionSpec, path: Path, table: pa.Table, extra: list[
 DEMO_MARK = "Fusion demo federation."
 
 
+def is_demo(directory: Path) -> bool:
+    """Whether `directory` holds an earlier demo (its README.txt and federation.toml)."""
+    readme = directory / "README.txt"
+    return (
+        directory.is_dir()
+        and not directory.is_symlink()
+        and readme.is_file()
+        and readme.read_text(errors="replace").startswith(DEMO_MARK)
+        and (directory / "federation.toml").is_file()
+    )
+
+
 def _refuse_foreign(directory: Path) -> None:
     if directory.is_symlink() or not directory.is_dir():
         raise FusionError(f"--dir {directory}: exists and is not a directory (or is a link); choose another path")
     if not any(directory.iterdir()):
         return
-    readme = directory / "README.txt"
-    is_demo = (
-        readme.is_file()
-        and readme.read_text(errors="replace").startswith(DEMO_MARK)
-        and (directory / "federation.toml").is_file()
-    )
-    if not is_demo:
+    if not is_demo(directory):
         raise FusionError(
             f"--dir {directory}: not empty and not an earlier Fusion demo (no demo README.txt and federation.toml);"
             " the demo replaces its directory, so choose an empty or new one"

@@ -23,5 +23,10 @@ class ReleaseRefused(FusionError):
     """A release cannot go ahead (quorum not met, nothing to release, already released)."""
 
 
+class ReleaseNotReady(ReleaseRefused):
+    """Nothing to release yet: the aggregator has neither aggregated nor refused the interval (`fusion release`
+    exits 3, "run me again")."""
+
+
 class InternalError(RuntimeError):
     """An invariant Fusion relies on was broken: this is probably a bug; please report it."""

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fusion.errors import FusionError, ReleaseRefused
+from fusion.errors import FusionError, ReleaseNotReady, ReleaseRefused
 from fusion.estimates import decode_release
 from fusion.exchange import aggregate_path, exists, read_bytes, refusal_path
 from fusion.faults import crash_point
@@ -372,4 +372,9 @@ def _refuse(plan: ReleasePlan, store: Store) -> NoReturn:
     else:
         refusal = {"reason": "no aggregate envelope in the exchange; run `fusion aggregate` first"}
     audit_event(plan, store, action="release_refused", reason=refusal["reason"], detail=refusal)
+    if not exists(path):  # not refused: not aggregated yet
+        raise ReleaseNotReady(
+            f"release {plan.key.release_id}: no aggregate yet (the aggregator has not finished the interval, or "
+            "its unmask round is still open); run `fusion release` again once `fusion aggregate` has aggregated"
+        )
     raise ReleaseRefused(f"release {plan.key.release_id} refused: {refusal['reason']}")

@@ -239,6 +239,9 @@ class Scheduler:
                     return results, wake
                 if decide(schedule, attempts.get(interval, []), now).action is Action.DONE:
                     continue
+                # Each attempt adds files to `runs`, which every attempt reads: a long catch-up compacts as it
+                # goes (a no-op below COMPACT_FILES files), or a pass costs the square of its backlog.
+                self.log.store.compact("runs")
                 result = run_interval(
                     self.config, schedule, interval, runner=self.runner, now=self.now, beam_args=self.beam_args
                 )

@@ -65,6 +65,8 @@ class StreamStatus:
     readings: int
     rejected: int
     changed_inputs: tuple[str, ...] = ()  # input files that changed after they were spooled (not read again)
+    released: int = 0  # windows released, all time
+    refused: tuple[str, ...] = ()  # why each refused window was refused (budget, overlap, quorum), oldest first
 
 
 def _parquet_rows(path: str) -> int:
@@ -392,6 +394,12 @@ class StreamDriver:
             readings=self.state.readings,
             rejected=self.state.rejected,
             changed_inputs=tuple(sorted(self.state.changed)),
+            released=sum(1 for w in self.state.windows.values() if w.status is WindowStatus.RELEASED),
+            refused=tuple(
+                w.reason or "refused"
+                for _, w in sorted(self.state.windows.items())
+                if w.status is WindowStatus.REFUSED
+            ),
         )
 
     def step(self, *, drain: bool = False) -> int:

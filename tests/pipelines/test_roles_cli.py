@@ -45,6 +45,8 @@ def test_role_commands_match_batch(make_federation):
         fusion("contribute", "--config", str(by_roles.config_path), "--institution", institution, *INTERVAL)
     roster = fusion("aggregate", "--config", str(by_roles.config_path), *INTERVAL, expect=3).stdout
     assert "roster closed; unmask round: alpha, beta, gamma" in roster
+    early = fusion("release", "--config", str(by_roles.config_path), *INTERVAL, expect=3).stdout  # not yet
+    assert "no aggregate yet" in early
     unmask = ("contribute", "--config", str(by_roles.config_path), "--unmask", *INTERVAL)
     first = fusion(*unmask, "--institution", "alpha", expect=3).stdout  # the first signature on the roster
     assert "roster acknowledged; 1 of the 2 acknowledgements needed (alpha)" in first

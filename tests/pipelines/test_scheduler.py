@@ -134,7 +134,7 @@ def test_a_failed_attempt_is_recorded_and_retried_after_its_backoff(
 
 
 def test_schedule_once_exits_non_zero_while_an_interval_is_failing_or_given_up(
-    make_federation: Callable[..., Federation],
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
 ) -> None:
     fed = scheduled(make_federation)
     text = fed.config_path.read_text()
@@ -143,6 +143,7 @@ def test_schedule_once_exits_non_zero_while_an_interval_is_failing_or_given_up(
     shutil.move(keys, keys.with_name("away"))  # every attempt fails
     once = ["schedule", "--config", str(fed.config_path), "--once", "--runner-id", "r", "--now"]
     assert main([*once, (START + H + 5 * MINUTE).isoformat()]) == 1  # the attempt failed
+    assert "1 interval(s) acted on by r: 1 failed" in capsys.readouterr().out
     assert main([*once, (START + H + 30 * MINUTE).isoformat()]) == 1  # given up: still reported
     assert [r["status"] for r in runs(fed)] == ["failed"]
 

@@ -220,6 +220,8 @@ def test_late_readings_are_counted_and_a_spent_budget_refuses_windows_but_the_st
         WindowStatus.REFUSED
     ] * 2
     assert "needs epsilon" in (windows[START + HOUR].reason or "")
+    status = driver.status()  # what the status line and the final summary of `fusion stream` show
+    assert status.released == 1 and len(status.refused) >= 2 and "needs epsilon" in status.refused[0]
     # Readings for hour 0 arrive after it was released: late, counted in `rejects`, kept as dead letters.
     inst = fed.config.institutions[0]
     late = fed.raw[inst.id].slice(0, 5).set_column(
