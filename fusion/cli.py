@@ -485,12 +485,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
             f"public halves registered in {config.registry_path}"
         )
         return 0
-    secret, public = create_keys(config, overwrite=args.overwrite)
     from fusion.registry import key_holder_signing_key_file
 
+    had_signing_key = key_holder_signing_key_file(config).exists()
+    secret, public = create_keys(config, overwrite=args.overwrite)
+    kept = "kept: releases stay verifiable" if had_signing_key else f"new, registered in {config.registry_path}"
     console.print(
         f"secret context (key holder only, mode 0600): {secret}\npublic context: {public}\n"
-        f"release-signing key (mode 0600, registered in {config.registry_path}): {key_holder_signing_key_file(config)}"
+        f"release-signing key (mode 0600, {kept}): {key_holder_signing_key_file(config)}"
     )
     return 0
 

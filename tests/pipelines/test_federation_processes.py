@@ -97,7 +97,8 @@ def build(root: Path) -> tuple[Path, dict[str, int]]:
 
 def test_separate_parties_release_with_and_without_a_missing_institution(tmp_path: Path) -> None:
     config, rows = build(tmp_path)
-    fusion(config, "keys")  # the key holder
+    made = " ".join(fusion(config, "keys").stdout.split())  # the key holder
+    assert "release-signing key (mode 0600, new, registered in" in made
     fusion(config, "keys", "--aggregator")
     for inst in INSTITUTIONS:  # each institution, in its own directory
         made = " ".join(fusion(config, "keys", "--institution", inst).stdout.split())
