@@ -1,1 +1,15 @@
 """Fusion: privacy-preserving fusion of institutions' sensor feeds into a shared, queryable store."""
+
+import logging
+
+
+class _BeamOptionalClientNotice(logging.Filter):
+    """Drops the one warning Apache Beam logs at import when Google's BigQuery client library is not installed
+    ("apitools not found ..."): Fusion uses no BigQuery, so it is noise on every command's and API user's
+    stderr. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and str(record.msg).startswith("apitools not found, and bigquery client"))
+
+
+logging.getLogger().addFilter(_BeamOptionalClientNotice())

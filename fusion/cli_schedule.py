@@ -107,13 +107,14 @@ def _on_grid(schedule: ScheduleConfig, text: str, option: str) -> datetime:
 
 
 def cmd_backfill(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
-    from pipelines.scheduler import backfill
+    from pipelines.scheduler import backfill, check_backfill_end
 
     config = load_config(args.config)
     schedule = config.schedule(args.schedule)
     start, end = _on_grid(schedule, args.start, "--from"), _on_grid(schedule, args.end, "--to")
     if end <= start:
         raise FusionError(f"--to {args.end} must be after --from {args.start}")
+    check_backfill_end(schedule, end, datetime.now(UTC))  # before the progress bar is drawn
     total = (end - start) // schedule.length
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:

@@ -269,6 +269,16 @@ class Scheduler:
                 self.sleep(delay)
 
 
+def check_backfill_end(schedule: ScheduleConfig, end: datetime, now: datetime) -> None:
+    """Refuse a backfill that reaches intervals `schedule` has not closed yet (its latest cron fire)."""
+    closed = floor_to_grid(latest_fire(schedule, now), schedule.length)
+    if end > closed:
+        raise FusionError(
+            f"backfill to {end.isoformat()} reaches intervals schedule {schedule.name!r} has not closed yet: the "
+            f"latest it has closed ends at {closed.isoformat()} (its cron {schedule.cron!r}); backfill up to then"
+        )
+
+
 def backfill(
     config: Config,
     schedule: ScheduleConfig,
@@ -283,12 +293,7 @@ def backfill(
     """Run every interval of `schedule`'s grid in [start, end) that is not released yet, oldest first. Only
     intervals the schedule has already closed (its latest cron fire, truncated to the grid): an interval still
     open would be released without its late readings, and an institution seals each interval once, ever."""
-    closed = floor_to_grid(latest_fire(schedule, now()), schedule.length)
-    if end > closed:
-        raise FusionError(
-            f"backfill to {end.isoformat()} reaches intervals schedule {schedule.name!r} has not closed yet: the "
-            f"latest it has closed ends at {closed.isoformat()} (its cron {schedule.cron!r}); backfill up to then"
-        )
+    check_backfill_end(schedule, end, now())
     runner = runner or default_runner_id()
     store = Store(config.store_path)
     store.ensure_tables()
@@ -301,4 +306,4 @@ def backfill(
     return results
 
 
-__all__ = ["RunResult", "Scheduler", "backfill", "default_runner_id", "run_interval"]
+__all__ = ["RunResult", "Scheduler", "backfill", "check_backfill_end", "default_runner_id", "run_interval"]

@@ -88,3 +88,15 @@ def test_exit_now_does_not_hang_on_an_idle_thread_pool() -> None:
     )
     done = _python(script)  # _python's timeout fails the test if the idle workers are never woken
     assert done.returncode == 0 and done.stdout == "ran\n"
+
+
+def test_beams_notice_about_a_missing_bigquery_client_is_dropped_and_nothing_else() -> None:
+    script = (
+        "import logging\nimport fusion\nimport apache_beam.io.filesystems\n"
+        "logging.warning('apitools not found, but from somewhere else')\n"  # only Beam's own record is dropped
+        "logging.getLogger('other').warning('apitools not found: another logger')\n"
+    )
+    done = _python(script)
+    assert done.returncode == 0
+    assert "bigquery client" not in done.stderr
+    assert "from somewhere else" in done.stderr and "another logger" in done.stderr

@@ -221,7 +221,9 @@ def test_backfill_runs_missing_intervals_in_order_and_the_ledger_decides(
     assert "--from 2026-01-01T00:30 is not on schedule hourly's 1h grid" in capsys.readouterr().err
     # Intervals not closed yet would be released without their late readings, and sealed once, ever:
     assert main([*args[:6], "2099-01-01T00:00", *args[7:]]) == 1
-    assert "reaches intervals schedule 'hourly' has not closed yet" in capsys.readouterr().err
+    refused = capsys.readouterr()
+    assert "reaches intervals schedule 'hourly' has not closed yet" in refused.err
+    assert "backfill hourly" not in refused.out  # refused before any progress bar is drawn
     assert len(runs(fed)) == 5  # nothing was attempted
 
 
