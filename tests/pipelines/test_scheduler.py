@@ -298,3 +298,20 @@ def test_a_heartbeat_renews_every_third_of_the_lease_and_stops_once_another_runn
     (row,) = log.store.read("runs").to_pylist()
     assert row["status"] == "failed"
     assert row["lease_until"] == heartbeat.claim.lease_until > started + timedelta(seconds=1)
+
+
+def test_a_catch_up_compacts_runs_as_it_goes(make_federation: Callable[..., Federation],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every attempt adds files to `runs`, which the next attempt reads: a pass compacts before each interval it
+    runs, so a long catch-up does not slow down as it goes (README, Scheduling: 337 intervals in 111 s, not 269)."""
+    fed = scheduled(make_federation)
+    text = fed.config_path.read_text()
+    fed.config_path.write_text(text.replace('backoff = "1m"', 'backoff = "1m"\nmax_attempts = 1'))
+    keys = Path(fed.config.institution_keys_path(fed.config.institution("alpha")))
+    shutil.move(keys, keys.with_name("away"))  # every attempt fails, quickly
+    monkeypatch.setattr(Store.compact, "__kwdefaults__", {"min_files": 4})
+    clock = Clock(START + 10 * H + 5 * MINUTE)
+    results, _ = Scheduler(load_config(fed.config_path), runner="r", now=clock.now, sleep=clock.sleep).run_due()
+    assert [r.status for r in results] == [RunStatus.FAILED] * 10
+    files = len(Store(fed.config.store_path).delta_table("runs").file_uris())
+    assert files <= 6, f"{files} files in runs after a catch-up of 10 attempts"  # at most 4, plus the last attempt's
