@@ -8,6 +8,7 @@ import logging
 logging.getLogger().setLevel(logging.ERROR)  # before Beam is imported: its import-time warnings are noise here
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -257,7 +258,7 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         final = driver.run(drain=args.drain)
     console.print(line(final))
     if final.refused:  # each distinct reason once, with how many windows it refused
-        console.print(f"[yellow]{len(final.refused)} window(s) refused[/yellow] (recorded in the audit table):")
+        console.print(f"[yellow]{len(final.refused)} window(s) refused[/yellow], by reason:")
         for reason, count in Counter(_reason_kind(r) for r in final.refused).most_common():
             console.print(f"  {count} x {reason}", markup=False, highlight=False)
     return 0
@@ -270,7 +271,9 @@ def _reason_kind(reason: str) -> str:
 
 
 def _duration(seconds: float) -> str:
-    """A lag as people read it: 45s, 12m 5s, 3h 20m, 336d 19h."""
+    """A lag as people read it: 45s, 12m 5s, 3h 20m, 336d 19h (negative for readings ahead of the clock)."""
+    if seconds < 0:
+        return "-" + _duration(-seconds)
     whole = int(seconds)
     days, rest = divmod(whole, 86400)
     hours, rest = divmod(rest, 3600)
@@ -311,7 +314,7 @@ def cmd_contribute(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     try:
         roster = read_roster(plan)
     except FusionError as exc:  # an unreadable or unsigned roster decides nothing: contribute, and say so
-        err_console.print(f"[yellow]note[/yellow]: {exc}")
+        err_console.print(f"[yellow]note[/yellow]: {escape(str(exc))}", highlight=False)
         roster = None
     if roster is not None and institution.id in roster.absent:
         raise FusionError(
@@ -334,7 +337,7 @@ def cmd_aggregate(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     with console.status("aggregating"):
         result = run_aggregate(plan, beam_args, may_declare_absent=may_declare)
     for refused in result["refused"]:
-        console.print(f"[yellow]refused[/yellow] {refused['source']}: {refused['reason']}")
+        console.print(f"[yellow]refused[/yellow] {escape(str(refused['source']))}: {escape(str(refused['reason']))}")
     if result["status"] == "waiting":
         console.print(
             f"waiting for {', '.join(result['absent'])} until the deadline {deadline.isoformat()}; "
@@ -349,7 +352,7 @@ def cmd_aggregate(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             "`fusion contribute --unmask` (each until it answers), then `fusion aggregate` again"
         )
         if result.get("reason"):  # answers so far hold a wrong share: more are needed
-            console.print(f"[yellow]{result['reason']}[/yellow]")
+            console.print(f"[yellow]{escape(str(result['reason']))}[/yellow]")
         return 3
     console.print(f"aggregated {len(result['contributors'])} contribution(s): {', '.join(result['contributors'])}")
     return 0
@@ -560,8 +563,17 @@ def _extra_args_error(command: str, extra: Sequence[str]) -> str | None:
         )
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    for arg in extra:  # a runner's own options (RenderRunner's, ...) are registered when its module loads
+        if arg.startswith("--runner="):
+            from apache_beam.runners.runner import create_runner
+
+            with contextlib.suppress(Exception):  # an unknown or uninstallable runner: Beam says so when it runs
+                create_runner(arg.split("=", 1)[1])
     options = PipelineOptions(list(extra))
-    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()))
+    try:
+        unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()))
+    except SystemExit:  # Beam's own parser refused a value (--direct_num_workers=two): it printed why
+        return f"invalid Beam option values in {' '.join(extra)} (Beam's message is above)"
     if unknown:
         return (
             f"unknown options {', '.join('--' + u for u in unknown)}: neither `fusion {command}` options (see "

@@ -365,16 +365,14 @@ def audit_event(
 
 
 def _refuse(plan: ReleasePlan, store: Store) -> NoReturn:
-    """Record in `audit` why there is nothing to release (the aggregator's refusal, or no aggregate yet)."""
+    """Record in `audit` why the aggregator refused the release, and refuse it; or, when it has neither aggregated
+    nor refused yet, say so (ReleaseNotReady: a poll, not a decision, so nothing is audited)."""
     path = refusal_path(plan.config.exchange_path, plan.key)
-    if exists(path):
-        refusal = json.loads(read_bytes(path))
-    else:
-        refusal = {"reason": "no aggregate envelope in the exchange; run `fusion aggregate` first"}
-    audit_event(plan, store, action="release_refused", reason=refusal["reason"], detail=refusal)
-    if not exists(path):  # not refused: not aggregated yet
+    if not exists(path):
         raise ReleaseNotReady(
             f"release {plan.key.release_id}: no aggregate yet (the aggregator has not finished the interval, or "
             "its unmask round is still open); run `fusion release` again once `fusion aggregate` has aggregated"
         )
+    refusal = json.loads(read_bytes(path))
+    audit_event(plan, store, action="release_refused", reason=refusal["reason"], detail=refusal)
     raise ReleaseRefused(f"release {plan.key.release_id} refused: {refusal['reason']}")

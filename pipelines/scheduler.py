@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from fusion.config import Config
 from fusion.durations import floor_to_grid
-from fusion.errors import FusionError, ReleaseRefused
+from fusion.errors import FusionError, ReleaseNotReady, ReleaseRefused
 from fusion.plan import plan_release
 from fusion.runs import Claim, Outcome, RunLog
 from fusion.schedule import (
@@ -179,6 +179,8 @@ def _attempt(config: Config, store: Store, interval: Interval, *, now: Clock, be
     """Run the batch release of one claimed interval; every error becomes the attempt's outcome."""
     try:
         summary = run_batch(plan_release(config, interval.start, interval.end), beam_args=beam_args)
+    except ReleaseNotReady as exc:  # no aggregate yet, nor a refusal (a slow exchange): retried with backoff
+        return Outcome(RunStatus.FAILED, now(), error=str(exc))
     except ReleaseRefused as exc:  # budget exhausted, quorum not met: retrying would not change the answer
         return Outcome(RunStatus.SKIPPED, now(), error=str(exc))
     except Exception as exc:  # recorded and retried with backoff; the store's commits are idempotent

@@ -18,6 +18,8 @@ from fusion.cli import _extra_args_error, main
         ("contribute", ["--wiat", "5"], "unexpected arguments --wiat 5"),
         ("sql", ["--formt", "csv"], "unknown arguments --formt csv: `fusion sql --help`"),
         ("verify", ["--runner=DirectRunner"], "unknown arguments --runner=DirectRunner"),  # no pipeline: no Beam
+        ("batch", ["--runner=apache_beam.runners.render.RenderRunner", "--render_output=/tmp/x.svg"], None),
+        ("batch", ["--direct_num_workers=two"], "invalid Beam option values in --direct_num_workers=two"),
     ],
 )
 def test_only_pipeline_commands_take_beam_options_and_only_beams(command: str, extra: list[str],
@@ -49,3 +51,4 @@ def test_stream_refusals_group_by_kind_and_lags_read_as_durations() -> None:
     overlap = "institution a already sealed 20260101T0000Z-20260102T0000Z, which overlaps 20260101T0100Z-20260101T0200Z"
     assert _reason_kind(overlap) == "institution a already sealed <interval>, which overlaps <interval>"
     assert [_duration(s) for s in (7.4, 65, 3 * 3600 + 120, 29_100_287)] == ["7s", "1m 5s", "3h 2m", "336d 19h"]
+    assert _duration(-1805) == "-30m 5s"  # readings ahead of the clock (within max_clock_skew)

@@ -47,6 +47,7 @@ def test_role_commands_match_batch(make_federation):
     assert "roster closed; unmask round: alpha, beta, gamma" in roster
     early = fusion("release", "--config", str(by_roles.config_path), *INTERVAL, expect=3).stdout  # not yet
     assert "no aggregate yet" in early
+    assert Store(by_roles.config.store_path).read("audit").num_rows == 0  # a poll, not a decision: nothing audited
     unmask = ("contribute", "--config", str(by_roles.config_path), "--unmask", *INTERVAL)
     first = fusion(*unmask, "--institution", "alpha", expect=3).stdout  # the first signature on the roster
     assert "roster acknowledged; 1 of the 2 acknowledgements needed (alpha)" in first

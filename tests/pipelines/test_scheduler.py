@@ -315,3 +315,21 @@ def test_a_catch_up_compacts_runs_as_it_goes(make_federation: Callable[..., Fede
     assert [r.status for r in results] == [RunStatus.FAILED] * 10
     files = len(Store(fed.config.store_path).delta_table("runs").file_uris())
     assert files <= 6, f"{files} files in runs after a catch-up of 10 attempts"  # at most 4, plus the last attempt's
+
+
+def test_an_interval_not_aggregated_yet_is_retried_not_skipped(make_federation: Callable[..., Federation],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """No aggregate and no refusal in the exchange (a slow exchange): the attempt fails and is retried with
+    backoff; only a refusal (budget, quorum) is final."""
+    import pipelines.scheduler as scheduler_module
+    from fusion.errors import ReleaseNotReady
+
+    fed = scheduled(make_federation)
+
+    def not_ready(*args: object, **kwargs: object) -> None:
+        raise ReleaseNotReady("no aggregate yet")
+
+    monkeypatch.setattr(scheduler_module, "run_batch", not_ready)
+    clock = Clock(START + H + 5 * MINUTE)
+    (result,), _ = Scheduler(fed.config, runner="r", now=clock.now, sleep=clock.sleep).run_due()
+    assert result.status is RunStatus.FAILED and "no aggregate yet" in result.detail
