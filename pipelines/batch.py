@@ -58,7 +58,11 @@ def run_batch(
         audit_event(plan, store, action="budget_refused", reason=str(exc), detail={"period": plan.period.name})
         raise
     on_stage("contribute")
-    reports = run_contributions(plan, plan.config.institutions, beam_args, in_process=in_process)
+    try:
+        reports = run_contributions(plan, plan.config.institutions, beam_args, in_process=in_process)
+    except ReleaseRefused as exc:  # an institution will not seal this interval (it overlaps one it sealed)
+        audit_event(plan, store, action="contribution_refused", reason=str(exc), detail={})
+        raise
     on_stage("aggregate")
     aggregate_in_process = in_process or not names_runner(beam_args)
     aggregated = run_aggregate(plan, beam_args, in_process=aggregate_in_process)

@@ -455,3 +455,6 @@ def test_windows_overlapping_a_batch_release_are_refused_and_the_stream_goes_on(
         WindowStatus.RELEASED
     ] * 2
     assert "overlaps" in (windows[START].reason or "")
+    audit = Store(fed.config.store_path).read("audit").to_pylist()
+    refused = [a for a in audit if a["action"] == "contribution_refused"]
+    assert len(refused) == 2 and all("overlaps" in a["reason"] for a in refused)  # one per refused window
