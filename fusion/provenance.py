@@ -114,7 +114,8 @@ class ReleaseSignature:
     columns: tuple[str, ...]
     signature: str = ""  # hex Ed25519 over the message below
     # The chain (None in signatures made before it): this release's place among the key holder's signed
-    # releases in this store, and the releases it follows (the head(s) of the chain when it was signed).
+    # releases in this store, and the release it follows (empty for the first; a tuple, so a format that names
+    # several can be read by the same code).
     sequence: int | None = None
     previous: tuple[str, ...] | None = None
 
@@ -170,8 +171,8 @@ class ReleaseSignature:
 
 @dataclass(frozen=True)
 class ChainLink:
-    """Where a new release goes in the chain of signed releases: its sequence number and the releases it
-    follows."""
+    """Where a new release goes in the chain of signed releases: its sequence number and the release it follows
+    (none for the first)."""
 
     sequence: int
     previous: tuple[str, ...]
