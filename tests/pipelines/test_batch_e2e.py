@@ -37,7 +37,7 @@ from pipelines.unmask import acknowledge
 from privacy import he
 from privacy.accountant import epsilon_for
 from privacy.envelope import (
-    MAGIC,
+    MAGIC_V2,
     EnvelopeHeader,
     envelope_header,
     pack_envelope,
@@ -200,7 +200,7 @@ def test_bad_envelopes_are_refused_with_reasons_and_the_rest_released(make_feder
     typed = {"contributors": [["alpha"]], "payload_sha256": payload_digest([])}  # the payload matches
     for name, changed, count in (("typed.fenv", typed, 0), ("bomb.fenv", {}, 1_000_000)):
         head = json.dumps({**doc, **changed}).encode()
-        write_bytes(join(directory, name), MAGIC + struct.pack(">I", len(head)) + head + struct.pack(">I", count))
+        write_bytes(join(directory, name), MAGIC_V2 + struct.pack(">I", len(head)) + head + struct.pack(">I", count))
     # An envelope from another interval, copied in, is refused as such.
     other = plan_release(fed.config, END, END + (END - START))
     run_contributions(other, fed.config.institutions[:1])

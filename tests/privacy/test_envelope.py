@@ -14,7 +14,9 @@ from privacy import he
 from privacy.envelope import (
     MAGIC,
     MAGIC_V1,
+    MAGIC_V2,
     MAX_CIPHERTEXT_BYTES,
+    MAX_HEADER_BYTES,
     EnvelopeError,
     PayloadMismatch,
     envelope_header,
@@ -44,7 +46,8 @@ def test_envelopes_round_trip_real_ciphertexts_below_32_bytes_a_slot(ciphertexts
     header, back = unpack_envelope(data)
     assert back == ciphertexts
     assert header.payload_sha256 == payload_digest(ciphertexts)
-    payload = len(data) - len(header.to_json())
+    (head_len,) = struct.unpack_from(">I", data, len(MAGIC))
+    payload = len(data) - head_len
     assert payload / (len(ciphertexts) * he.SLOTS_PER_CIPHERTEXT) < 32.0
 
 
@@ -60,7 +63,7 @@ def test_ciphertexts_packed_by_earlier_versions_with_lz77_are_still_read(ciphert
 def test_the_header_alone_is_the_unpacked_header_and_a_truncated_one_is_refused(ciphertexts: list[bytes]) -> None:
     data = pack_envelope(HEADER, ciphertexts)
     assert envelope_header(data) == unpack_envelope(data)[0]
-    head_end = data.index(HEADER.to_json()[-8:]) + 8
+    head_end = len(MAGIC) + 4 + struct.unpack_from(">I", data, len(MAGIC))[0]
     for cut in (3, 13, head_end - 1):
         with pytest.raises(EnvelopeError):
             envelope_header(data[:cut])
@@ -99,7 +102,7 @@ def _with_header(doc: dict[str, object], cts: list[bytes] | None = None, *, coun
 
     head = json.dumps(doc).encode()
     cts = cts or []
-    parts = [MAGIC, struct.pack(">I", len(head)), head, struct.pack(">I", len(cts) if count is None else count)]
+    parts = [MAGIC_V2, struct.pack(">I", len(head)), head, struct.pack(">I", len(cts) if count is None else count)]
     for ct in cts:
         packed = pack_ciphertext(ct)
         parts += [struct.pack(">Q", len(packed)), packed]
@@ -127,11 +130,49 @@ def test_a_header_field_of_the_wrong_type_is_unreadable_not_a_crash(field: str, 
 
 def test_a_header_nested_too_deep_for_json_is_unreadable() -> None:
     nested = b"[" * 100_000 + b"]" * 100_000
-    data = MAGIC + struct.pack(">I", len(nested)) + nested + struct.pack(">I", 0)
-    with pytest.raises(EnvelopeError, match="unreadable"):
-        unpack_envelope(data)
-    with pytest.raises(EnvelopeError, match="unreadable"):
-        envelope_header(data)
+    for data in (MAGIC_V2 + struct.pack(">I", len(nested)) + nested + struct.pack(">I", 0),
+                 _deflated(nested)):
+        with pytest.raises(EnvelopeError, match="unreadable"):
+            unpack_envelope(data)
+        with pytest.raises(EnvelopeError, match="unreadable"):
+            envelope_header(data)
+
+
+def _deflated(head_json: bytes, *, level: int = 6) -> bytes:
+    head = zlib.compress(head_json, level)
+    return MAGIC + struct.pack(">I", len(head)) + head + struct.pack(">I", 0)
+
+
+def test_the_header_travels_deflated_and_version_2_headers_are_still_read() -> None:
+    """Shares and digests are hex, and a contribution's mask-key shares grow with the square of the federation:
+    the header is deflated (version 3). The signature is over the JSON, so a version 2 envelope of the same
+    header reads back the same."""
+    import json
+
+    doc = json.loads(replace(HEADER, payload_sha256=payload_digest([])).to_json())
+    doc["pair_shares"] = {f"p{i}/r{j}": hashlib_hex(i, j) for i in range(20) for j in range(20)}
+    head = json.dumps(doc).encode()
+    v3 = _deflated(head)
+    v2 = MAGIC_V2 + struct.pack(">I", len(head)) + head + struct.pack(">I", 0)
+    assert unpack_envelope(v3)[0] == unpack_envelope(v2)[0] == envelope_header(v3)
+    assert len(v3) < 0.6 * len(v2)
+
+
+def hashlib_hex(i: int, j: int) -> str:
+    import hashlib
+
+    return "".join(hashlib.sha256(f"{i}/{j}/{k}".encode()).hexdigest() for k in range(3))
+
+
+def test_a_header_that_does_not_inflate_or_inflates_too_far_is_refused() -> None:
+    junk = MAGIC + struct.pack(">I", 5) + b"\x00junk" + struct.pack(">I", 0)
+    bomb = _deflated(b" " * (MAX_HEADER_BYTES + 1), level=9)  # about 64 KB on disk
+    truncated = MAGIC + struct.pack(">I", 10) + zlib.compress(b"{}" * 100)[:10] + struct.pack(">I", 0)
+    for data, reason in ((junk, "does not inflate"), (bomb, "inflates beyond"), (truncated, "does not inflate")):
+        with pytest.raises(EnvelopeError, match=reason):
+            unpack_envelope(data)
+        with pytest.raises(EnvelopeError, match=reason):
+            envelope_header(data)
 
 
 def test_an_envelope_claiming_more_ciphertexts_than_the_layout_holds_is_refused_before_inflating() -> None:
