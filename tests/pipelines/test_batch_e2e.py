@@ -465,7 +465,11 @@ def test_a_single_decrypted_envelope_is_indistinguishable_from_uniform(make_fede
     secret = he.load_secret_context(load_secret_context_bytes(fed.config))
     values = he.decrypt_vector(secret, ciphertexts, plan.layout.slots).astype(np.float64)
     residues = (values % he.PLAIN_MODULUS) / he.PLAIN_MODULUS
-    assert stats.kstest(residues, "uniform").pvalue > 1e-4
+    # 72 slots. Under uniformity the p-value is uniform, so a threshold of 1e-4 failed one run in 10,000 (it did,
+    # once, at p = 1.7e-5; 400 reruns gave uniform p-values, the lowest 0.0024). Unmasked slots put their
+    # residues next to 0 or 1: a third of them takes the p-value below 1e-6 (300 trials: at most 1.2e-7), and
+    # the median check catches a vector left unmasked. (Mask uniformity itself: large samples in tests/privacy.)
+    assert stats.kstest(residues, "uniform").pvalue > 1e-6
     # Unmasked, the same slots would be small counts and sums: nowhere near uniform mod t.
     assert np.median(np.abs(values)) > he.PLAIN_MODULUS / 8
 
