@@ -74,7 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     with_interval(with_config(sub.add_parser("batch", help="run every role for an interval on this machine")))
     stream = with_config(sub.add_parser("stream", help="stream the feeds: release each window as it closes"))
     stream.add_argument("--stdin", metavar="INSTITUTION", help="also read this institution's JSON lines on stdin")
-    stream.add_argument("--drain", action="store_true", help="stop once the inputs are exhausted, releasing all")
+    stream.add_argument(
+        "--drain", action="store_true",
+        help="stop once the inputs are exhausted, releasing every window of the grid up to --until (or up to now)",
+    )
+    stream.add_argument(
+        "--until", metavar="TIME",
+        help="release no window ending after this time (ISO 8601, UTC if no offset); stop once all up to it are",
+    )
     stream.add_argument(
         "--source-job", action="store_true", help="run the streaming Beam job over Kafka/Pub/Sub (stream.source)"
     )
@@ -218,6 +225,7 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     config = load_config(args.config)
     if args.stdin:
         config.institution(args.stdin)  # refuses an unknown institution now
+    until = parse_time(args.until) if args.until else None
     if args.source_job:
         from pipelines.run import beam_options
         from pipelines.stream_sources import run_unbounded
@@ -246,7 +254,9 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             beam_args=beam_args,
             stdin=(args.stdin, sys.stdin) if args.stdin else None,
             releases_only=args.releases_only,
+            until=until,
             on_status=lambda status: shown.update(line(status)),
+            on_notice=lambda text: console.print(text, markup=False, highlight=False),
         )
 
         def stop(signum: int, _frame: object) -> None:
@@ -400,11 +410,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"[bold]Privacy plan[/bold] for {config.federation.id} (nothing is spent)\n"
         f"  unit: {plan.unit}; {plan.components_per_reading} vector sums per reading\n"
         f"  sensitivity (integer units): L1 = {plan.l1:.6g}, L2 = {plan.l2:.6g}\n"
-        f"  Skellam noise: total variance {plan.total_variance:.6g} at the quorum, "
-        f"{plan.share_variance:.6g} per institution\n"
-        f"  each release: epsilon {plan.epsilon:.4f} at delta {plan.delta:g}\n"
-        f"  budget: cap {plan.epsilon_cap:g} per {plan.period} period -> {plan.releases_per_period} release(s) fit\n"
-        f"  error bars below assume {plan.contributors} contributing institutions"
+        f"  Skellam noise: variance {plan.total_variance:.6g} that no admissible coalition knows; each institution "
+        f"seals {plan.share_variance:.6g} and removes its excess once the roster is known\n"
+        f"  each release: epsilon {plan.epsilon:.4f} at delta {plan.delta:g}, against {plan.guarantee}\n"
+        + "".join(
+            f"  noise sd with {c.contributors} contributors: {c.to_central:.3f}x the central analytic Gaussian, "
+            f"{c.to_floor:.3f}x the floor sqrt(n/(n-1-c)) for shares each contributor knows\n"
+            + (
+                "    (above the 1.10x target: at this noise level Skellam needs more variance than a Gaussian for the "
+                "same epsilon; a smaller epsilon or a finer resolution narrows the gap)\n"
+                if c.to_floor > 1.10
+                else ""
+            )
+            for c in plan.noise
+        )
+        + f"  budget: cap {plan.epsilon_cap:g} per {plan.period} period -> "
+        + (
+            "releases of disjoint intervals compose in parallel (event level): composition does not limit them\n"
+            if plan.releases_per_period is None
+            else f"{plan.releases_per_period} release(s) fit (sequential composition, entity level)\n"
+        )
+        + f"  error bars below assume {plan.contributors} contributing institutions"
     )
     print_arrow(metrics, args.format, title="predicted noise per cell")
     return 0
@@ -416,13 +442,20 @@ def cmd_budget(args: argparse.Namespace) -> int:
     with open_store(args.config) as store:
         table = store.sql(
             "SELECT period, period_start, period_end, epsilon_cap, epsilon_spent, "
-            "greatest(epsilon_cap - epsilon_spent, 0) AS epsilon_left, delta, releases "
+            "greatest(epsilon_cap - epsilon_spent, 0) AS epsilon_left, delta, releases, "
+            "coalesce(composition, 'sequential (RDP, older row)') AS composition "
             "FROM budget ORDER BY period"
         )
     if table.num_rows == 0:
         console.print("no budget spent yet")
         return 0
     print_arrow(table, args.format, title="privacy budget per period")
+    if args.format == "table":
+        console.print(
+            "composition: parallel = event level, each reading is in one interval: releases of disjoint intervals "
+            "do not add up, and the period spends what its worst instant's releases compose to (PLD); sequential = "
+            "entity level: all of the period's releases compose (PLD)"
+        )
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import posixpath
 import tomllib
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -191,14 +191,22 @@ class StreamSource(StrEnum):
 
 
 class StreamConfig(_Frozen):
-    """`fusion stream`: event-time windows, each released once the institutions' watermarks pass its end."""
+    """`fusion stream`: event-time windows on a public grid, each released once the processing clock passes its
+    end plus the allowed lateness, whether or not any reading fell in it."""
 
     source: StreamSource = StreamSource.FILES
     pubsub_subscription: str | None = None  # projects/P/subscriptions/S
     kafka_bootstrap_servers: str | None = None  # host:port,host:port
     kafka_topic: str | None = None
     window: str | None = None  # the release window; default: federation.window (a whole multiple of it)
-    allowed_lateness: str = "0s"  # a watermark is the latest event time seen minus this
+    # A window [s, e) is released once the processing clock reaches e + allowed_lateness; its readings arriving
+    # later are counted as late.
+    allowed_lateness: str = "0s"
+    # The grid's first window is the one holding this time (UTC if no offset); default: the window holding the
+    # moment the stream's state was created. Readings before it are out_of_interval.
+    start: datetime | None = None
+    # The most windows one step may release: a grid start far in the past is refused, not worked through.
+    max_backlog: int = Field(default=168, ge=1)
     # Readings stamped later than the processing clock plus this are rejected (out_of_interval): a sensor clock
     # running ahead must not carry its institution's watermark past windows whose readings are still coming.
     max_clock_skew: str = "1h"
@@ -218,6 +226,13 @@ class StreamConfig(_Frozen):
         if window is not None and parse_duration(window).total_seconds() <= 0:
             raise ValueError(f"window '{window}' must be positive")
         return window
+
+    @field_validator("start")
+    @classmethod
+    def _utc(cls, start: datetime | None) -> datetime | None:
+        if start is None:
+            return None
+        return start.replace(tzinfo=UTC) if start.tzinfo is None else start.astimezone(UTC)
 
     @model_validator(mode="after")
     def _source_settings(self) -> Self:

@@ -5,15 +5,22 @@ writer read), retried on conflict. So two releases racing for the last of a peri
 succeed, and a release that was already charged (a re-run after a crash) is never charged twice. Each charge
 is bound to the SHA-256 of the aggregate envelope it pays for: the key holder decrypts only what was paid
 for, and a second, different aggregate for the same release (a second noisy view) is refused.
-Releases in a period compose in Renyi DP (their curves add); `epsilon_spent` is the conversion of the sum.
+
+The row keeps every release's mechanism and interval, and `epsilon_spent` is the PLD epsilon of the period's
+releases composed as the privacy unit implies (privacy.accountant.period_loss): in parallel at event level (the
+worst instant's releases), sequentially at entity level. The RDP curve and epsilon of the same composition are
+kept beside it as a cross-check that the PLD epsilon never exceeds. Rows written before the ledger kept
+mechanisms (NULL `composition`) go on as they were accounted: their RDP curves add, sequentially; an older table
+gains the new columns with its first spend (the merge evolves its schema).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +29,16 @@ from deltalake.exceptions import CommitFailedError
 from fusion.errors import FusionError, InternalError, ReleaseRefused
 from fusion.plan import Period
 from fusion.store import Store
-from privacy.accountant import ORDERS, epsilon_from_rdp
+from privacy.accountant import (
+    ORDERS,
+    Composition,
+    PeriodLoss,
+    ReleaseCharge,
+    epsilon_from_rdp,
+    mechanism_rdp,
+    period_loss,
+)
+from privacy.pld import SkellamMechanism
 from schemas.tables import BUDGET_SCHEMA
 
 _ATTEMPTS = 50
@@ -48,11 +64,41 @@ class _PeriodRow:
     releases: int
     release_ids: tuple[str, ...]
     aggregates: tuple[str, ...]  # SHA-256 of the aggregate envelope each release was charged for
-    rdp: np.ndarray
+    composition: Composition | None  # None: an older row, accounted by its RDP curve alone, sequentially
+    charges: tuple[ReleaseCharge, ...]  # one per release (rows with a composition only)
+    rdp: np.ndarray  # the composed RDP curve
+    epsilon_spent: float  # PLD (RDP for an older row)
+    epsilon_rdp: float  # the RDP conversion of `rdp`: the cross-check
 
     @classmethod
-    def empty(cls) -> _PeriodRow:
-        return cls(0, (), (), np.zeros(ORDERS.size))
+    def empty(cls, composition: Composition) -> _PeriodRow:
+        return cls(0, (), (), composition, (), np.zeros(ORDERS.size), 0.0, 0.0)
+
+    def with_release(self, release_id: str, aggregate_sha256: str, charge: ReleaseCharge, delta: float) -> _PeriodRow:
+        """This row with one more release charged, its loss recomposed."""
+        if self.composition is None:  # an older row: add the RDP curve, as it was accounted
+            rdp = self.rdp + (0.0 if charge.mechanism is None else mechanism_rdp(charge.mechanism))
+            spent = epsilon_from_rdp(rdp, delta=delta)
+            loss = PeriodLoss(spent, spent, rdp)
+            charges = self.charges
+        else:
+            charges = (*self.charges, charge)
+            loss = period_loss(charges, composition=self.composition, delta=delta)
+            if loss.epsilon > loss.epsilon_rdp:
+                raise InternalError(
+                    f"the PLD epsilon {loss.epsilon} of period releases exceeds their RDP epsilon "
+                    f"{loss.epsilon_rdp}; this is probably a bug"
+                )
+        return replace(
+            self,
+            releases=self.releases + 1,
+            release_ids=(*self.release_ids, release_id),
+            aggregates=(*self.aggregates, aggregate_sha256),
+            charges=charges,
+            rdp=loss.rdp,
+            epsilon_spent=loss.epsilon,
+            epsilon_rdp=loss.epsilon_rdp,
+        )
 
 
 class BudgetLedger:
@@ -62,10 +108,11 @@ class BudgetLedger:
     def rows(self) -> pa.Table:
         return self.store.read("budget")
 
-    def _row(self, period: Period, cap: float, delta: float) -> _PeriodRow | None:
-        """The period's row, after checking the ledger's periods are the config's (no overlaps, same cap and
-        delta: a cap only bounds a period at the delta its spending was converted with, so a looser delta
-        mid-period would let the period take more releases than its cap allowed when it was opened)."""
+    def _row(self, period: Period, cap: float, delta: float, composition: Composition) -> _PeriodRow | None:
+        """The period's row, after checking the ledger's periods are the config's (no overlaps, same cap, delta
+        and composition: a cap only bounds a period at the delta its spending was converted with, so a looser
+        delta mid-period would let the period take more releases than its cap allowed when it was opened; and
+        releases charged in parallel cannot become sequential ones, or back, halfway through a period)."""
         all_rows = self.rows().to_pylist()
         for r in all_rows:
             same = (r["period"], r["period_start"], r["period_end"]) == (period.name, period.start, period.end)
@@ -87,28 +134,39 @@ class BudgetLedger:
                     "a period's delta cannot change once budget is spent in it (restore privacy.delta until "
                     f"{r['period_end']})"
                 )
+            if same and r.get("composition") not in (None, composition.value):
+                raise FusionError(
+                    f"period {period.name} composes its releases in {r['composition']} (its privacy unit), the "
+                    f"config now implies {composition.value}; a period's privacy unit cannot change once budget is "
+                    f"spent in it (restore privacy.unit until {r['period_end']})"
+                )
         rows = [r for r in all_rows if r["period"] == period.name]
         if len(rows) > 1:
             raise InternalError(f"the budget table holds {len(rows)} rows for period {period.name}")
         if not rows:
             return None
-        r = rows[0]
-        return _PeriodRow(r["releases"], tuple(r["release_ids"]), tuple(r["aggregates"]), np.asarray(r["rdp"]))
+        return _parse_row(rows[0])
 
-    def check(self, *, period: Period, release_id: str, rdp: np.ndarray, cap: float, delta: float) -> None:
+    def check(self, *, period: Period, release_id: str, charge: ReleaseCharge, cap: float, delta: float) -> None:
         """Raise BudgetExceeded now if the release could not be charged (a preview; `spend` decides)."""
-        row = self._row(period, cap, delta) or _PeriodRow.empty()
+        row = self._row(period, cap, delta, charge.composition) or _PeriodRow.empty(charge.composition)
         if release_id not in row.release_ids:
-            _refuse_if_over(period, release_id, row.rdp, np.asarray(rdp, dtype=float), cap, delta)
+            _refuse_if_over(period, release_id, row, row.with_release(release_id, "", charge, delta), cap)
 
     def spend(
-        self, *, period: Period, release_id: str, aggregate_sha256: str, rdp: np.ndarray, cap: float, delta: float
+        self,
+        *,
+        period: Period,
+        release_id: str,
+        aggregate_sha256: str,
+        charge: ReleaseCharge,
+        cap: float,
+        delta: float,
     ) -> Spend:
-        """Charge one release's RDP curve to its period, or raise BudgetExceeded. Idempotent per release."""
-        rdp = np.asarray(rdp, dtype=float)
+        """Charge one release to its period, or raise BudgetExceeded. Idempotent per release."""
         for _ in range(_ATTEMPTS):
-            current = self._row(period, cap, delta)
-            row = current or _PeriodRow.empty()
+            current = self._row(period, cap, delta, charge.composition)
+            row = current or _PeriodRow.empty(charge.composition)
             if release_id in row.release_ids:
                 charged_for = row.aggregates[row.release_ids.index(release_id)]
                 if charged_for != aggregate_sha256:
@@ -116,30 +174,13 @@ class BudgetLedger:
                         f"release {release_id} was already charged for another aggregate ({charged_for[:12]}...); "
                         "decrypting a different one would publish a second noisy view of the same data"
                     )
-                spent = epsilon_from_rdp(row.rdp, delta=delta)
-                return Spend(period.name, False, spent, spent, cap)
-            before, after = _refuse_if_over(period, release_id, row.rdp, rdp, cap, delta)
-            new = pa.Table.from_pylist(
-                [
-                    {
-                        "period": period.name,
-                        "period_start": period.start,
-                        "period_end": period.end,
-                        "epsilon_cap": cap,
-                        "epsilon_spent": after,
-                        "delta": delta,
-                        "releases": row.releases + 1,
-                        "release_ids": [*row.release_ids, release_id],
-                        "aggregates": [*row.aggregates, aggregate_sha256],
-                        "rdp": (row.rdp + rdp).tolist(),
-                        "updated_at": datetime.now(UTC),
-                    }
-                ],
-                schema=BUDGET_SCHEMA,
-            )
+                return Spend(period.name, False, row.epsilon_spent, row.epsilon_spent, cap)
+            after = row.with_release(release_id, aggregate_sha256, charge, delta)
+            _refuse_if_over(period, release_id, row, after, cap)
+            new = pa.Table.from_pylist([_row_doc(period, after, cap=cap, delta=delta)], schema=BUDGET_SCHEMA)
             try:
                 if self._swap(new, row.releases, exists=current is not None):
-                    return Spend(period.name, True, before, after, cap)
+                    return Spend(period.name, True, row.epsilon_spent, after.epsilon_spent, cap)
             except CommitFailedError:
                 pass  # another writer committed first: read again
             time.sleep(random.uniform(0.01, 0.1))
@@ -148,23 +189,83 @@ class BudgetLedger:
     def _swap(self, new: pa.Table, releases: int, *, exists: bool) -> bool:
         """Write `new` only if the period's row still holds `releases` releases (or is still absent)."""
         table = self.store.delta_table("budget")
+        # merge_schema: a table from before the ledger kept mechanisms gains those (nullable) columns with the
+        # first new row, rather than dropping them silently.
         if exists:
             predicate = f"t.period = s.period AND t.releases = {int(releases)}"
-            merge = table.merge(new, predicate=predicate, source_alias="s", target_alias="t")
+            merge = table.merge(new, predicate=predicate, source_alias="s", target_alias="t", merge_schema=True)
             return int(merge.when_matched_update_all().execute()["num_target_rows_updated"]) == 1
-        merge = table.merge(new, predicate="t.period = s.period", source_alias="s", target_alias="t")
+        merge = table.merge(new, predicate="t.period = s.period", source_alias="s", target_alias="t", merge_schema=True)
         return int(merge.when_not_matched_insert_all().execute()["num_target_rows_inserted"]) == 1
 
 
-def _refuse_if_over(
-    period: Period, release_id: str, before_rdp: np.ndarray, rdp: np.ndarray, cap: float, delta: float
-) -> tuple[float, float]:
-    """(epsilon before, epsilon after) of charging `rdp`; raises BudgetExceeded if after > cap."""
-    before = epsilon_from_rdp(before_rdp, delta=delta)
-    after = epsilon_from_rdp(before_rdp + rdp, delta=delta)
-    if after > cap:
-        raise BudgetExceeded(
-            f"release {release_id} needs epsilon {after - before:.4f} in period {period.name}, which "
-            f"would reach {after:.4f}; the cap is {cap:.4f} and {max(cap - before, 0.0):.4f} is left"
+def _parse_row(r: dict[str, Any]) -> _PeriodRow:
+    composition = None if r.get("composition") is None else Composition(r["composition"])
+    charges: tuple[ReleaseCharge, ...] = ()
+    if composition is not None:
+        charges = tuple(
+            ReleaseCharge(
+                mechanism=None
+                if m["variance"] is None
+                else SkellamMechanism(m["variance"], m["coordinates"], m["shift"]),
+                start=m["interval_start"],
+                end=m["interval_end"],
+                composition=composition,
+            )
+            for m in r["mechanisms"] or ()
         )
-    return before, after
+        if len(charges) != r["releases"]:
+            raise InternalError(
+                f"budget period {r['period']} lists {len(charges)} mechanisms for {r['releases']} releases"
+            )
+    return _PeriodRow(
+        releases=r["releases"],
+        release_ids=tuple(r["release_ids"]),
+        aggregates=tuple(r["aggregates"]),
+        composition=composition,
+        charges=charges,
+        rdp=np.asarray(r["rdp"], dtype=float),
+        epsilon_spent=r["epsilon_spent"],
+        epsilon_rdp=r["epsilon_spent"] if r.get("epsilon_rdp") is None else r["epsilon_rdp"],
+    )
+
+
+def _row_doc(period: Period, row: _PeriodRow, *, cap: float, delta: float) -> dict[str, Any]:
+    mechanisms = None
+    if row.composition is not None:
+        mechanisms = [
+            {
+                "interval_start": c.start,
+                "interval_end": c.end,
+                "variance": None if c.mechanism is None else c.mechanism.variance,
+                "coordinates": None if c.mechanism is None else c.mechanism.coordinates,
+                "shift": None if c.mechanism is None else c.mechanism.shift,
+            }
+            for c in row.charges
+        ]
+    return {
+        "period": period.name,
+        "period_start": period.start,
+        "period_end": period.end,
+        "epsilon_cap": cap,
+        "epsilon_spent": row.epsilon_spent,
+        "delta": delta,
+        "releases": row.releases,
+        "release_ids": list(row.release_ids),
+        "aggregates": list(row.aggregates),
+        "rdp": row.rdp.tolist(),
+        "updated_at": datetime.now(UTC),
+        "composition": None if row.composition is None else row.composition.value,
+        "mechanisms": mechanisms,
+        "epsilon_rdp": row.epsilon_rdp,
+    }
+
+
+def _refuse_if_over(period: Period, release_id: str, before: _PeriodRow, after: _PeriodRow, cap: float) -> None:
+    """Raise BudgetExceeded if charging the release takes the period past the cap."""
+    if after.epsilon_spent > cap:
+        spent = before.epsilon_spent
+        raise BudgetExceeded(
+            f"release {release_id} needs epsilon {after.epsilon_spent - spent:.4f} in period {period.name}, which "
+            f"would reach {after.epsilon_spent:.4f}; the cap is {cap:.4f} and {max(cap - spent, 0.0):.4f} is left"
+        )

@@ -6,12 +6,20 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 import numpy as np
 
 from fusion.config import Config, PrivacyUnit
 from fusion.errors import ConfigError
-from privacy.accountant import ORDERS, calibrate_variance, epsilon_for, skellam_rdp
+from privacy.accountant import (
+    ORDERS,
+    Composition,
+    ReleaseCharge,
+    calibrate_skellam_variance,
+    mechanism_rdp,
+    skellam_epsilon,
+)
 from privacy.encoding import (
     MetricEncoding,
     Sensitivity,
@@ -21,6 +29,8 @@ from privacy.encoding import (
 )
 from privacy.he import MAX_ABS_TOTAL, WrapRisk, check_no_wrap
 from privacy.layout import BASE_COMPONENTS, SUMSQ, bin_components
+from privacy.noise_shares import NoiseLayers
+from privacy.pld import SkellamMechanism
 from privacy.skellam import MAX_POISSON_RATE
 
 #: Encrypted totals must stay below t/2 even with this many noise standard deviations added.
@@ -42,8 +52,11 @@ class ReleaseParameters:
     noise: bool
     seeded: bool = False  # test mode with a seed: the noise can be regenerated, so it protects nothing
     max_colluding: int = 0  # institutions that may collude: their noise shares are not counted on
+    institutions: int = 0  # the federation's institutions (N): the noise layers run from the quorum to N
     # Readings per cell each institution may contribute without any total wrapping mod t.
     cell_caps: dict[str, int] = field(default_factory=dict)
+    # How releases of one privacy period compose: parallel at event level, sequential at entity level.
+    composition: Composition = Composition.SEQUENTIAL
 
     @property
     def noise_label(self) -> str:
@@ -52,17 +65,44 @@ class ReleaseParameters:
         return "skellam (seeded, test mode)" if self.seeded else "skellam"
 
     @property
+    def mechanism(self) -> SkellamMechanism | None:
+        """What one release is for the accountant: variance v on every slot, a privacy unit moving at most
+        `coordinates` slots by `shift` each (None when noise is off, test only: such a release protects nothing)."""
+        if not self.noise:
+            return None
+        return SkellamMechanism(self.total_variance, self.sensitivity.coordinates, self.sensitivity.shift)
+
+    @property
     def rdp(self) -> np.ndarray:
         """The Renyi-DP curve of one release at the accountant's orders (zero when noise is off, test only)."""
-        if not self.noise:
-            return np.zeros(ORDERS.size)
-        return skellam_rdp(variance=self.total_variance, l1=self.sensitivity.l1, l2=self.sensitivity.l2)
+        return np.zeros(ORDERS.size) if self.mechanism is None else mechanism_rdp(self.mechanism)
+
+    def charge(self, start: datetime, end: datetime) -> ReleaseCharge:
+        """What the release of the interval [start, end) costs its privacy period (fusion/ledger.py)."""
+        return ReleaseCharge(mechanism=self.mechanism, start=start, end=end, composition=self.composition)
+
+    @property
+    def tally_weight(self) -> int:
+        """What one rejected row adds to its tally slot: the largest move of any one slot by one reading (w), so a
+        row that is rejected instead of accepted never moves the vector further than an accepted one."""
+        return max(max(e.count_weight, e.sum_bound) for e in self.encodings)
+
+    @property
+    def layers(self) -> NoiseLayers:
+        """The noise shares (privacy/noise_shares.py): what each contribution seals and what it later removes."""
+        return NoiseLayers(
+            total_variance=self.total_variance,
+            quorum=self.quorum,
+            institutions=max(self.institutions, self.quorum),
+            max_colluding=self.max_colluding,
+        )
 
     @property
     def share_variance(self) -> float:
-        """Variance each institution adds: v / (quorum - max_colluding), so that the honest contributors of any
-        release with at least `quorum` contributors carry v between them."""
-        return self.total_variance / max(self.quorum - self.max_colluding, 1)
+        """Variance each institution seals: v / max(quorum - 1 - max_colluding, 1), so that with as few as `quorum`
+        contributors the noise no admissible coalition knows (the aggregator, the key holder, one contributor that
+        keeps its own draws and `max_colluding` others) is still v. Layers of it are removed once more contribute."""
+        return self.layers.sealed
 
     def digest(self) -> str:
         doc = {
@@ -70,6 +110,8 @@ class ReleaseParameters:
             "variance": self.total_variance,
             "quorum": self.quorum,
             "max_colluding": self.max_colluding,
+            "institutions": self.institutions,
+            "noise_shares": "layered/v1",  # share v/(q-1-c), layers removed once the roster is known
             "delta": self.delta,
             "noise": self.noise,
             "seeded": self.seeded,
@@ -109,10 +151,11 @@ def release_parameters(config: Config) -> ReleaseParameters:
     else:
         sensitivity = event_level_sensitivity(list(encodings), components=per_reading)
     if privacy.noise:
-        variance = calibrate_variance(
-            epsilon=privacy.epsilon, delta=privacy.delta, l1=sensitivity.l1, l2=sensitivity.l2
+        variance = calibrate_skellam_variance(
+            epsilon=privacy.epsilon, delta=privacy.delta, coordinates=sensitivity.coordinates, shift=sensitivity.shift
         )
-        epsilon = epsilon_for(variance=variance, l1=sensitivity.l1, l2=sensitivity.l2, delta=privacy.delta)
+        mechanism = SkellamMechanism(variance, sensitivity.coordinates, sensitivity.shift)
+        epsilon = skellam_epsilon([mechanism], delta=privacy.delta)  # PLD (the RDP one is a looser cross-check)
     else:
         variance, epsilon = 0.0, math.inf
     params = ReleaseParameters(
@@ -121,10 +164,12 @@ def release_parameters(config: Config) -> ReleaseParameters:
         total_variance=variance,
         quorum=privacy.quorum,
         max_colluding=privacy.max_colluding,
+        institutions=len(config.institutions),
         epsilon=epsilon,
         delta=privacy.delta,
         noise=privacy.noise,
         seeded=privacy.seed is not None,
+        composition=Composition.SEQUENTIAL if privacy.unit is PrivacyUnit.ENTITY else Composition.PARALLEL,
     )
     if params.noise and params.share_variance / 2.0 > MAX_POISSON_RATE:
         raise ConfigError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +11,7 @@ from fusion.config import Config
 from fusion.errors import FusionError
 from fusion.exchange import ReleaseKey
 from fusion.parameters import ReleaseParameters, layout_components, release_parameters
+from fusion.rejects import reject_tallies
 from privacy.envelope import EnvelopeHeader
 from privacy.layout import PartitionLayout
 from schemas.validation import ReadingRules
@@ -58,6 +59,9 @@ class ReleasePlan:
     params: ReleaseParameters
     key: ReleaseKey
     period: Period
+    # Institution id -> reason -> rows rejected before the readings reached the feeds this plan reads (a stream's
+    # ingest), to publish with the release as noisy tallies (fusion/rejects.py); local to each institution.
+    carried_rejects: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def envelope_header(
         self,
@@ -111,6 +115,7 @@ def plan_release(config: Config, start: datetime, end: datetime) -> ReleasePlan:
             end,
             config.window,
             layout_components(config),
+            reject_tallies(config),
         )
     except ValueError as exc:
         raise FusionError(f"--start/--end: {exc}") from None

@@ -10,7 +10,9 @@ import pyarrow as pa
 from fusion.config import Config
 from fusion.parameters import ReleaseParameters, components_per_reading, release_parameters
 from fusion.quantiles import Z95
-from privacy.accountant import epsilon_for
+from privacy.accountant import Composition, skellam_epsilon
+from privacy.gaussian import analytic_gaussian_sigma
+from privacy.noise_shares import unknown_shares
 
 
 @dataclass(frozen=True)
@@ -25,14 +27,61 @@ class PrivacyPlan:
     delta: float
     period: str
     epsilon_cap: float
-    releases_per_period: int
+    releases_per_period: int | None  # None: event level, not limited by composition (parallel)
     contributors: int
+    max_colluding: int = 0
+    noise: tuple[NoiseComparison, ...] = ()  # at the quorum and with every institution contributing
+
+    @property
+    def guarantee(self) -> str:
+        """Who the per-release epsilon holds against, in words."""
+        others = f"up to {self.max_colluding} other institution(s)" if self.max_colluding else "no other institution"
+        return (
+            "the aggregator, the key holder, any one contributing institution that keeps its own noise draws and "
+            f"{others}, together"
+        )
 
 
-def releases_that_fit(params: ReleaseParameters, cap: float) -> int:
-    """How many releases of these parameters one period's cap admits (RDP composition), up to 10,000."""
+@dataclass(frozen=True)
+class NoiseComparison:
+    """The noise of a release with `contributors` contributors against the central analytic Gaussian at the same
+    (epsilon, delta) and sensitivity, and against the floor sqrt(n / (n - 1 - c)) times it that any scheme in which
+    each contributor knows its own share must pay."""
+
+    contributors: int
+    sd: float  # integer units, every excess layer removed
+    central_sd: float
+    floor_sd: float
+
+    @property
+    def to_central(self) -> float:
+        return self.sd / self.central_sd
+
+    @property
+    def to_floor(self) -> float:
+        return self.sd / self.floor_sd
+
+
+def noise_comparisons(params: ReleaseParameters, *, epsilon: float, institutions: int) -> tuple[NoiseComparison, ...]:
+    """NoiseComparison at the quorum and with all `institutions` contributing (one entry when they coincide)."""
+    if not params.noise:
+        return ()
+    central = analytic_gaussian_sigma(epsilon=epsilon, delta=params.delta, l2=params.sensitivity.l2)
+    out = []
+    for n in sorted({params.quorum, institutions}):
+        floor = central * math.sqrt(n / unknown_shares(n, params.max_colluding))
+        out.append(NoiseComparison(n, math.sqrt(params.layers.total(n)), central, floor))
+    return tuple(out)
+
+
+def releases_that_fit(params: ReleaseParameters, cap: float) -> int | None:
+    """How many releases of these parameters one period's cap admits, composed as the privacy unit implies (PLD),
+    up to 10,000. None at event level: releases of disjoint intervals compose in parallel (a reading lies in one
+    interval), so composition does not limit how many a period takes; each must fit the cap on its own."""
     if not params.noise:
         return 0
+    if params.composition is Composition.PARALLEL:
+        return None if _fits(params, 1, cap) else 0
     low, high = 0, 1
     while high <= 10_000 and _fits(params, high, cap):
         low, high = high, high * 2
@@ -44,16 +93,9 @@ def releases_that_fit(params: ReleaseParameters, cap: float) -> int:
 
 
 def _fits(params: ReleaseParameters, releases: int, cap: float) -> bool:
-    return (
-        epsilon_for(
-            variance=params.total_variance,
-            l1=params.sensitivity.l1,
-            l2=params.sensitivity.l2,
-            delta=params.delta,
-            releases=releases,
-        )
-        <= cap
-    )
+    """Whether `releases` releases composed sequentially stay within the cap."""
+    assert params.mechanism is not None
+    return skellam_epsilon([params.mechanism] * releases, delta=params.delta) <= cap
 
 
 def privacy_plan(config: Config, *, contributors: int | None = None) -> tuple[PrivacyPlan, pa.Table]:
@@ -63,7 +105,7 @@ def privacy_plan(config: Config, *, contributors: int | None = None) -> tuple[Pr
     n = contributors if contributors is not None else len(config.institutions)
     if not params.quorum <= n <= len(config.institutions):
         raise ValueError(f"contributors must be between the quorum ({params.quorum}) and {len(config.institutions)}")
-    sd = math.sqrt(n * params.share_variance)
+    sd = math.sqrt(params.layers.total(n))  # each of n contributors keeps s_n once its excess layers are removed
     rows = []
     for metric, encoding in zip(config.metrics, params.encodings, strict=True):
         count_sd = sd / encoding.count_weight
@@ -93,5 +135,7 @@ def privacy_plan(config: Config, *, contributors: int | None = None) -> tuple[Pr
         epsilon_cap=config.privacy.cap,
         releases_per_period=releases_that_fit(params, config.privacy.cap),
         contributors=n,
+        max_colluding=params.max_colluding,
+        noise=noise_comparisons(params, epsilon=config.privacy.epsilon, institutions=len(config.institutions)),
     )
     return plan, pa.Table.from_pylist(rows)

@@ -1,4 +1,12 @@
-"""The stream driver's durable progress: which inputs are in the spool, the watermarks, each window's fate.
+"""The stream driver's durable progress, and the public grid of windows it releases.
+
+Which windows the stream releases, and when, is a function of public things only: the config (window size,
+allowed lateness, `stream.start`), the moment the state was created, the processing clock and the command line's
+`--until`. A window [s, e) of the grid is released once the clock reaches e + allowed lateness, whether or not any
+reading fell in it (every institution then contributes zeros), exactly as a batch release covers every window of
+its interval. Neither the readings that arrived nor their event times decide a release: two feeds one reading
+apart release the same windows at the same moments and are charged the same budget. Event times still decide
+what is not released: which window a reading is spooled to, and that a reading whose window has closed is late.
 
 The state is one JSON file replaced atomically (write, fsync, rename). The driver commits it after a
 micro-batch's readings are spooled, and before a window's release starts, so a kill at any point either
@@ -10,14 +18,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+from fusion.durations import EPOCH, floor_to_grid
+from schemas.reasons import PUBLISHED_REASONS
+
+#: Reasons decided after the event time was parsed and found inside the stream's interval: such a row belongs to
+#: the window of its event time, so its count is carried by that window's release (as noisy tallies of it: the
+#: reasons a release publishes). Rows refused before their time was known (malformed, missing or mistyped fields,
+#: unparseable or out-of-interval times) belong to no window, and late rows to a window already released: their
+#: counts stay local.
+WINDOWED_REASONS: frozenset[str] = frozenset(r.value for r in PUBLISHED_REASONS)
 
 
 class WindowStatus(StrEnum):
@@ -30,18 +45,31 @@ class WindowStatus(StrEnum):
 @dataclass
 class WindowState:
     status: WindowStatus = WindowStatus.OPEN
-    quorum_at: str | None = None  # when (processing time) a quorum of watermarks first passed its end
-    closable_at: str | None = None  # when it became closable (latency is measured from here)
+    closable_at: str | None = None  # when (processing time) it was closed (latency is measured from here)
     release_id: str | None = None
     released_at: str | None = None
     reason: str | None = None
-    # institution -> {reason: rows}: validation rejects counted against this window, and late readings.
+    # institution -> {reason: rows}: validation rejects attributed to this window by their event time, and late
+    # readings. Exact counts: they stay in the institution's local state, never in a shared place.
     rejects: dict[str, dict[str, int]] = field(default_factory=dict)
+    # institution -> {reason: rows}: the rejects (of WINDOWED_REASONS) this window's release carries, fixed when
+    # it closed so that a release re-run after a crash carries what the first run sealed
+    carried: dict[str, dict[str, int]] = field(default_factory=dict)
     # institution -> the spool files its release read (files spooled later hold late readings)
     files: dict[str, list[str]] = field(default_factory=dict)
 
     def add_rejects(self, institution: str, counts: dict[str, int]) -> None:
         add_counts(self.rejects.setdefault(institution, {}), counts)
+
+    def close(self, now: datetime) -> None:
+        """Closed to readings at processing time `now`: what its release carries is fixed from here on."""
+        self.status = WindowStatus.CLOSING
+        self.closable_at = self.closable_at or now.isoformat()
+        self.carried = {
+            institution: carried
+            for institution, counts in sorted(self.rejects.items())
+            if (carried := {r: n for r, n in sorted(counts.items()) if r in WINDOWED_REASONS and n})
+        }
 
 
 def add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
@@ -55,15 +83,16 @@ def add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
 class StreamState:
     """Everything the driver must remember across restarts. Times are ISO 8601 UTC strings."""
 
+    created_at: str | None = None  # processing time the state was created: the grid starts there by default
     processed: dict[str, int] = field(default_factory=dict)  # input file -> size when it was spooled
     max_event: dict[str, str] = field(default_factory=dict)  # institution -> latest accepted event time
     windows: dict[str, WindowState] = field(default_factory=dict)  # window start -> its state
     stdin_sequence: int = 0  # journal files written from standard input
     readings: int = 0  # accepted readings spooled, all time
     rejected: int = 0  # rejected rows (validation and late), all time
-    # institution -> {reason: rows}: rejects without an event time from an institution with no accepted reading
-    # yet; they join its first window with readings (a window of rejects alone is never released).
-    pending_rejects: dict[str, dict[str, int]] = field(default_factory=dict)
+    # institution -> {reason: rows}: rejects that belong to no window (refused before their event time was known,
+    # or outside the grid); counted here, locally, and nowhere else
+    unwindowed: dict[str, dict[str, int]] = field(default_factory=dict)
     # input file -> its size when it was seen changed after it was spooled (ignored: inputs are immutable once
     # landed; a replaced or appended file is reported, not read again, which could count its rows twice)
     changed: dict[str, int] = field(default_factory=dict)
@@ -71,25 +100,9 @@ class StreamState:
     def window(self, start: datetime) -> WindowState:
         return self.windows.setdefault(start.isoformat(), WindowState())
 
-    def closed(self) -> set[str]:
-        """Window starts that no longer take readings."""
-        return {w for w, s in self.windows.items() if s.status is not WindowStatus.OPEN}
-
-    def late_windows(self, institutions: Iterable[str], *, size: timedelta, lateness: timedelta) -> ClosedWindows:
-        """The windows whose readings are late now: closed ones, and any not open yet whose end every
-        institution's watermark has passed (it would close at once, so no reading of it may still be used)."""
-        marks = [self.watermark(i, lateness) for i in institutions]
-        cutoff = None if not marks or any(m is None for m in marks) else min(m for m in marks if m is not None)
-        return ClosedWindows(
-            closed=frozenset(self.closed()),
-            open=frozenset(w for w, s in self.windows.items() if s.status is WindowStatus.OPEN),
-            size_s=size.total_seconds(),
-            cutoff=None if cutoff is None else cutoff.isoformat(),
-        )
-
-    def watermark(self, institution: str, lateness: timedelta) -> datetime | None:
-        latest = self.max_event.get(institution)
-        return None if latest is None else datetime.fromisoformat(latest) - lateness
+    def closed(self) -> frozenset[str]:
+        """Window starts (ISO text) that no longer take readings: a reading of one of them is late."""
+        return frozenset(w for w, s in self.windows.items() if s.status is not WindowStatus.OPEN)
 
     def advance(self, institution: str, latest: datetime) -> None:
         current = self.max_event.get(institution)
@@ -98,49 +111,36 @@ class StreamState:
 
     def to_doc(self) -> dict[str, Any]:
         return {
+            "created_at": self.created_at,
             "processed": self.processed,
             "max_event": self.max_event,
             "windows": {w: {**vars(s), "status": s.status.value} for w, s in sorted(self.windows.items())},
             "stdin_sequence": self.stdin_sequence,
             "readings": self.readings,
             "rejected": self.rejected,
-            "pending_rejects": self.pending_rejects,
+            "unwindowed": self.unwindowed,
             "changed": self.changed,
         }
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> StreamState:
-        windows = {w: WindowState(**{**s, "status": WindowStatus(s["status"])}) for w, s in doc["windows"].items()}
+        known = {f.name for f in fields(WindowState)}  # a state written before a field was dropped still loads
+        windows = {
+            w: WindowState(**{**{k: v for k, v in s.items() if k in known}, "status": WindowStatus(s["status"])})
+            for w, s in doc["windows"].items()
+        }
+        unwindowed = doc.get("unwindowed", doc.get("pending_rejects", {}))
         return cls(
+            created_at=doc.get("created_at"),
             processed=dict(doc["processed"]),
             max_event=dict(doc["max_event"]),
             windows=windows,
             stdin_sequence=int(doc["stdin_sequence"]),
             readings=int(doc["readings"]),
             rejected=int(doc["rejected"]),
-            pending_rejects={i: dict(c) for i, c in doc.get("pending_rejects", {}).items()},
+            unwindowed={i: dict(c) for i, c in unwindowed.items()},
             changed=dict(doc.get("changed", {})),
         )
-
-
-@dataclass(frozen=True)
-class ClosedWindows:
-    """`StreamState.late_windows`: a container of window starts (ISO text) that no longer take readings."""
-
-    closed: frozenset[str]
-    open: frozenset[str]
-    size_s: float
-    cutoff: str | None  # a window not open that ends at or before this is past every watermark
-
-    def __contains__(self, start: object) -> bool:
-        if not isinstance(start, str):
-            return False
-        if start in self.closed:
-            return True
-        if self.cutoff is None or start in self.open:
-            return False
-        end = datetime.fromisoformat(start) + timedelta(seconds=self.size_s)
-        return end <= datetime.fromisoformat(self.cutoff)
 
 
 def load_state(path: Path) -> StreamState:
@@ -165,36 +165,41 @@ def save_state(path: Path, state: StreamState) -> None:
 
 def window_start(time: datetime, size: timedelta) -> datetime:
     """The start of the fixed event-time window (aligned to the Unix epoch, like Beam's FixedWindows)."""
-    return EPOCH + ((time - EPOCH) // size) * size
+    return floor_to_grid(time, size)
 
 
-def closable(
-    state: StreamState,
-    *,
-    institutions: Iterable[str],
-    size: timedelta,
-    lateness: timedelta,
-    quorum: int,
-    deadline: timedelta,
-    now: datetime,
-    drain: bool = False,
-) -> list[datetime]:
-    """Open windows that may close now, oldest first: every institution's watermark has passed the window's
-    end, or a quorum's has for at least `deadline` (processing time), or the stream is draining. Records when
-    each window first reached a quorum."""
-    members = list(institutions)
-    ready = []
-    for start_text, window in sorted(state.windows.items()):
-        if window.status is not WindowStatus.OPEN:
-            continue
-        end = datetime.fromisoformat(start_text) + size
-        passed = sum(
-            1 for i in members if (mark := state.watermark(i, lateness)) is not None and mark >= end
-        )
-        if passed >= quorum and window.quorum_at is None:
-            window.quorum_at = now.isoformat()
-        waited = window.quorum_at is not None and now - datetime.fromisoformat(window.quorum_at) >= deadline
-        if drain or passed == len(members) or (passed >= quorum and waited):
-            window.closable_at = window.closable_at or now.isoformat()
-            ready.append(datetime.fromisoformat(start_text))
-    return ready
+def release_bound(*, now: datetime, lateness: timedelta, until: datetime | None, drain: bool) -> datetime:
+    """The latest end a window released now may have. Running: the clock less the allowed lateness (a window's
+    readings are on time until its end plus the lateness), never past `until`. Draining (no reading is still to
+    come): `until` when given, else the clock. Public inputs only."""
+    if drain:
+        return until if until is not None else now
+    return now - lateness if until is None else min(now - lateness, until)
+
+
+def backlog(state: StreamState, *, grid_start: datetime, size: timedelta, bound: datetime) -> int:
+    """How many windows of the grid from `grid_start` that end at or before `bound` are not closed yet (counted
+    without listing them: a grid start far in the past must be refused cheaply)."""
+    total = max(0, (bound - grid_start) // size)
+    closed = sum(
+        1
+        for start, window in state.windows.items()
+        if window.status is not WindowStatus.OPEN
+        and grid_start <= (moment := datetime.fromisoformat(start))
+        and moment + size <= bound
+        and (moment - EPOCH) % size == timedelta(0)
+    )
+    return total - closed
+
+
+def due_windows(state: StreamState, *, grid_start: datetime, size: timedelta, bound: datetime) -> list[datetime]:
+    """The windows of the grid from `grid_start` that end at or before `bound` and are not closed yet, oldest
+    first: every one of them, readings or not."""
+    due = []
+    start = grid_start
+    while start + size <= bound:
+        window = state.windows.get(start.isoformat())
+        if window is None or window.status is WindowStatus.OPEN:
+            due.append(start)
+        start += size
+    return due

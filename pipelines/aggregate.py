@@ -39,6 +39,7 @@ from pipelines.unmask import (
     acknowledged,
     acknowledgements_needed,
     read_roster,
+    removable_noise,
     self_mask_total,
     write_roster,
 )
@@ -313,6 +314,20 @@ class SealAggregate(beam.DoFn):
                 return
             yield self._refuse(summary, f"the masks cannot be removed: {exc}")
             return
+        if pending and not self._may_declare and plan.params.layers.removable(len(contributors)):
+            # Each answer also removes its sender's excess noise layers: before the deadline, wait for them all.
+            yield self._status(
+                {
+                    **summary,
+                    "status": "awaiting_unmask",
+                    "unmask_pending": pending,
+                    "acknowledged": list(acknowledged(plan, roster)),
+                    "reason": "waiting for every included institution's answer, which removes its excess noise",
+                }
+            )
+            return
+        layers = removable_noise(plan, headers, answers)
+        masks = (masks + layers.noise % he.PLAIN_MODULUS) % he.PLAIN_MODULUS
         unmasking = centred(he.PLAIN_MODULUS - masks, he.PLAIN_MODULUS)
         ciphertexts = he.add_plain(self._public_context.context, ciphertexts, unmasking)
         reject_counts: dict[str, dict[str, int]] = {}
@@ -321,7 +336,7 @@ class SealAggregate(beam.DoFn):
         header = plan.envelope_header(
             kind="aggregate",
             contributors=contributors,
-            noise_variance=sum(h.noise_variance for h in headers.values()),
+            noise_variance=sum(h.noise_variance for h in headers.values()) - layers.variance,
             context_sha256=self._public_context.sha256,
             reject_counts=reject_counts,
             refused=tuple(refused),
@@ -334,6 +349,8 @@ class SealAggregate(beam.DoFn):
             pack_envelope(header, ciphertexts, signing_key=signing_key),
         )
         crash_point("after_sum")
+        if layers.kept:
+            summary["noise_layers_kept"] = layers.kept
         yield self._status({**summary, "status": "aggregated", "noise_variance": header.noise_variance})
 
     def _refuse(self, summary: dict[str, Any], reason: str) -> dict[str, Any]:

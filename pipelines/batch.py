@@ -50,7 +50,7 @@ def run_batch(
         BudgetLedger(store).check(
             period=plan.period,
             release_id=plan.key.release_id,
-            rdp=plan.params.rdp,
+            charge=plan.params.charge(plan.key.start, plan.key.end),
             cap=plan.config.privacy.cap,
             delta=plan.params.delta,
         )

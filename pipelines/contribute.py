@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -46,6 +47,7 @@ from fusion.exchange import (
 from fusion.faults import crash_point
 from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_key, load_agreement_keys, load_signing_key, read_private, write_private
+from fusion.rejects import pack_reject_tallies
 from fusion.scan import (
     BIN,
     CELL,
@@ -66,6 +68,7 @@ from privacy.bounding import bound_contributions
 from privacy.envelope import EnvelopeHeader, pack_envelope
 from privacy.layout import SUMSQ
 from privacy.masking import add_mod, pairwise_mask
+from privacy.noise_shares import SEED_BYTES, chain_seeds, layer_commitment, layer_noise, noise_digest
 from privacy.sharing import commitment, new_seed, self_mask, share_pair_keys, share_seed
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
 from schemas.reasons import RejectReason
@@ -282,9 +285,22 @@ class SealContribution(beam.DoFn):
                 f"institution {institution.id}: a cell holds {busiest} readings, above its cap of {cap} "
                 "(max_readings_per_cell); raise or remove it in the config"
             )
-        if plan.params.noise:
-            noise = SkellamNoise(plan.params.share_variance, generator=noise_generator(plan, institution.id, "noise"))
-            vector = vector + noise.sample(plan.layout.slots)
+        published = Counter(total.rejected) + Counter(plan.carried_rejects.get(institution.id, {}))
+        if max(published.values(), default=0) > cap:
+            raise FusionError(
+                f"institution {institution.id}: {max(published.values())} rows rejected for one reason, above its "
+                f"cap of {cap} readings per slot (max_readings_per_cell); raise or remove it in the config"
+            )
+        vector = pack_reject_tallies(
+            vector.copy(),
+            layout=plan.layout,
+            institution=institution.id,
+            rejected=published,
+            weight=plan.params.tally_weight,
+        )
+        layered = seal_noise_layers(plan, institution.id) if plan.params.noise else None
+        if layered is not None:
+            vector = vector + layered.noise
         crash_point("before_encrypt")
         # Double masking: pairwise masks (they cancel in the sum of all institutions) plus a self mask whose
         # seed is Shamir-shared among the institutions, so the envelope alone, and any sum the aggregator could
@@ -315,17 +331,24 @@ class SealContribution(beam.DoFn):
             contributors=(institution.id,),
             noise_variance=plan.params.share_variance if plan.params.noise else 0.0,
             context_sha256=hashlib.sha256(public_context).hexdigest(),
-            reject_counts={institution.id: dict(total.rejected)},
+            reject_counts={},  # exact counts never leave the institution: they are noisy tallies of the vector
             seed_commitment=commitment(seed, context=context),
             seed_shares=shares,
             share_digests=share_digests,
             pair_commitments=pair_commitments,
             pair_shares=pair_shares,
             pair_share_digests=pair_digests,
+            layer_commitments=layered.commitments if layered else {},
+            layer_digests=layered.digests if layered else {},
         )
         path = contribution_path(plan.config.exchange_path, plan.key, institution.id)
         signing_key = load_signing_key(plan.config, institution.id)
-        envelope = record_sealed(plan, institution, pack_envelope(header, ciphertexts, signing_key=signing_key))
+        envelope = record_sealed(
+            plan,
+            institution,
+            pack_envelope(header, ciphertexts, signing_key=signing_key),
+            layer_seed=layered.seed if layered else None,
+        )
         write_bytes(path, envelope)
         write_json(join(dead_letter_dir(plan, institution), "report.json"), total.counts())  # local only, never shared
         crash_point("after_encrypt")
@@ -391,17 +414,23 @@ def refuse_overlap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
             )
 
 
-def record_sealed(plan: ReleasePlan, institution: InstitutionConfig, envelope: bytes) -> bytes:
+def record_sealed(
+    plan: ReleasePlan, institution: InstitutionConfig, envelope: bytes, *, layer_seed: bytes | None = None
+) -> bytes:
     """Keep the envelope and record it, before it is published; returns what to publish (if another run of this
     institution recorded one first, that one). A crash before the record exists leaves only an unpublished
-    copy, so no second noisy version ever leaves the institution."""
+    copy, so no second noisy version ever leaves the institution. The record (owner-only) also keeps the seed
+    of the envelope's top removable noise layer, which the institution reveals in the unmask round."""
     directory = _sealed_dir(plan, institution)
     with _sealing_lock(directory):  # two overlapping intervals racing to seal: one of them is refused
         refuse_overlap(plan, institution)  # again: an overlapping run may have sealed since this one was planned
         name = f"{plan.key.interval_name}-{hashlib.sha256(envelope).hexdigest()[:16]}.fenv"
         write_private(directory / name, envelope)
         pending = directory / f".{name}.json"
-        write_private(pending, json.dumps({"release_id": plan.key.release_id, "envelope": name}).encode())
+        doc = {"release_id": plan.key.release_id, "envelope": name}
+        if layer_seed is not None:
+            doc["layer_seed"] = layer_seed.hex()
+        write_private(pending, json.dumps(doc).encode())
         try:
             os.link(pending, directory / f"{plan.key.interval_name}.json")  # create-once, complete or not at all
         except FileExistsError:
@@ -431,6 +460,54 @@ def _prune(directory: Path) -> None:
     for kept in directory.glob("*.fenv"):
         if kept.stat().st_mtime < cutoff:
             kept.unlink(missing_ok=True)
+
+
+def sealed_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> bytes | None:
+    """The seed of the top removable noise layer of the envelope this institution sealed for the plan's interval
+    (None: it sealed none for this release, or its envelope has no removable layers)."""
+    record = _sealed_dir(plan, institution) / f"{plan.key.interval_name}.json"
+    if not record.exists():
+        return None
+    doc = json.loads(record.read_text())
+    if doc.get("release_id") != plan.key.release_id or "layer_seed" not in doc:
+        return None
+    return bytes.fromhex(doc["layer_seed"])
+
+
+@dataclass(frozen=True)
+class LayeredNoise:
+    """One contribution's noise (int64 slots) with the seed of its top removable layer and, per layer, the
+    commitment to its seed and the digest of its noise (privacy/noise_shares.py)."""
+
+    noise: np.ndarray
+    seed: bytes | None
+    commitments: dict[str, str]
+    digests: dict[str, str]
+
+
+def seal_noise_layers(plan: ReleasePlan, institution_id: str) -> LayeredNoise:
+    """Draw the institution's share of noise as layers: the base layer from a fresh secure generator, the
+    removable ones from seeds on a hash chain (a fresh 256-bit top seed; in test mode with a seed, drawn from
+    the seeded stream so runs repeat)."""
+    layers = plan.params.layers
+    slots = plan.layout.slots
+    base = SkellamNoise(layers.base, generator=noise_generator(plan, institution_id, "noise"))
+    noise = base.sample(slots)
+    if not layers.levels:
+        return LayeredNoise(noise, None, {}, {})
+    if plan.config.privacy.seed is None:
+        top_seed = secrets.token_bytes(SEED_BYTES)
+    else:
+        top_seed = noise_generator(plan, institution_id, "noise-layers").bytes(SEED_BYTES)
+    context = plan.key.release_id.encode()
+    seeds = chain_seeds(top_seed, top=layers.levels[-1], bottom=layers.levels[0])
+    commitments, digests = {}, {}
+    for level in layers.levels:
+        layer = layer_noise(seeds[level], variance=layers.layer(level), slots=slots, context=context)
+        noise += layer
+        commitments[str(level)] = layer_commitment(seeds[level], level=level, context=context)
+        digests[str(level)] = noise_digest(layer, level=level, context=context)
+    return LayeredNoise(noise, top_seed, commitments, digests)
 
 
 def noise_generator(plan: ReleasePlan, institution: str, purpose: str) -> np.random.Generator:

@@ -33,11 +33,12 @@ from fusion.registry import (
     load_key_holder_public_keys,
     load_key_holder_signing_key,
 )
+from fusion.rejects import decode_reject_tallies
 from fusion.store import Store
 from privacy import he
 from privacy.envelope import EnvelopeHeader, signature_valid, unpack_envelope
 from privacy.signing import public_key, verify
-from schemas.tables import AUDIT_SCHEMA, REJECTS_SCHEMA
+from schemas.tables import AUDIT_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -78,23 +79,15 @@ def audit_row(
     }
 
 
-def _rejects_rows(plan: ReleasePlan, header: EnvelopeHeader, at: datetime) -> pa.Table:
-    rows = []
-    for institution in header.contributors:
-        reasons = dict(header.reject_counts.get(institution, {})) or {"none": 0}
-        for reason, n in sorted(reasons.items()):
-            rows.append(
-                {
-                    "release_id": plan.key.release_id,
-                    "institution": institution,
-                    "interval_start": plan.layout.start,
-                    "interval_end": plan.layout.end,
-                    "reason": reason,
-                    "rows": int(n),
-                    "recorded_at": at,
-                }
-            )
-    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
+def _rejects_rows(plan: ReleasePlan, totals: np.ndarray, header: EnvelopeHeader, at: datetime) -> pa.Table:
+    return decode_reject_tallies(
+        totals,
+        layout=plan.layout,
+        weight=plan.params.tally_weight,
+        noise_variance=header.noise_variance,
+        release_id=plan.key.release_id,
+        recorded_at=at,
+    )
 
 
 def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
@@ -197,7 +190,7 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     # Audit and rejects first, releases last: each insert is keyed, so a re-run after a crash anywhere here
     # completes the release without duplicating a row, and `has_release` turns true only at the very end.
     store.insert_new("audit", pa.Table.from_pylist(audits, schema=AUDIT_SCHEMA))
-    store.insert_new("rejects", _rejects_rows(plan, header, now))
+    store.insert_new("rejects", _rejects_rows(plan, totals, header, now))
     crash_point("after_audit")  # the signature is recorded; a re-run must publish exactly the rows it signed
     recorded = _recorded_release(plan, store)
     if recorded is not None and recorded[1].get("rows_sha256") != signature.rows_sha256:
@@ -315,7 +308,7 @@ def _spend(plan: ReleasePlan, store: Store, *, aggregate_sha256: str) -> Spend:
             period=plan.period,
             release_id=release_id,
             aggregate_sha256=aggregate_sha256,
-            rdp=plan.params.rdp,
+            charge=plan.params.charge(plan.key.start, plan.key.end),
             cap=plan.config.privacy.cap,
             delta=plan.params.delta,
         )

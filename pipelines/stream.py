@@ -3,9 +3,9 @@
 The windowing is Beam's: each Arrow slice of readings is stamped with its event-time window and goes through
 `WindowReadings` (FixedWindows, an AfterWatermark trigger with a late firing per late element, the configured
 allowed lateness), so the same transforms run unbounded on Flink or Dataflow. Locally, `fusion stream` drives
-them on micro-batches of newly arrived files (bounded pipelines on the DirectRunner); the watermark across
-micro-batches is kept by the driver (fusion/stream_state.py), and readings for a window that has already
-closed are routed to the dead letters as `late` and counted, never dropped.
+them on micro-batches of newly arrived files (bounded pipelines on the DirectRunner); which windows are closed
+is kept by the driver (fusion/stream_state.py: a public grid closed by the processing clock), and readings for
+a window that has already closed are routed to the dead letters as `late` and counted, never dropped.
 
 Elements are Arrow tables, never single readings.
 """
@@ -16,7 +16,7 @@ import hashlib
 import json
 import zlib
 from collections import Counter
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,9 +35,18 @@ from fusion.errors import FusionError
 from fusion.exchange import join, read_bytes, write_bytes, write_json
 from fusion.feeds import RawBatch, mapped_columns, read_feed_file
 from fusion.scan import malformed_letters
+from fusion.stream_state import WINDOWED_REASONS
 from schemas.readings import EVENT_TIME, READING_SCHEMA
 from schemas.reasons import RejectReason
-from schemas.validation import ReadingRules, ReadingValidator, readings_as_dead_letters
+from schemas.validation import (
+    ROW_COLUMN,
+    ReadingRules,
+    ReadingValidator,
+    checked_sql,
+    connect,
+    readings_as_dead_letters,
+    register_rules,
+)
 
 DEAD = "dead"
 SPOOL_WINDOW_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -48,15 +57,47 @@ STREAM_START = datetime(1971, 1, 1, tzinfo=UTC)
 STREAM_END = datetime(9999, 1, 1, tzinfo=UTC)
 
 
-def stream_rules(config: Config, *, now: datetime | None = None) -> ReadingRules:
-    """What a stream accepts: any time Beam can represent up to `now` plus the config's `max_clock_skew` (no
-    bound when `now` is None)."""
+def stream_rules(config: Config, *, now: datetime | None = None, start: datetime | None = None) -> ReadingRules:
+    """What a stream accepts: times from `start` (the grid's first window; any time Beam can represent when None)
+    up to `now` plus the config's `max_clock_skew` (no bound when `now` is None)."""
     return ReadingRules(
         plausible={m.name: m.plausible for m in config.metrics},
         regions=config.regions,
-        start=STREAM_START,
+        start=STREAM_START if start is None else max(STREAM_START, start),
         end=STREAM_END if now is None else min(STREAM_END, now + config.max_clock_skew),
     )
+
+
+class RejectWindows:
+    """Counts a raw batch's rows rejected for a reason of `WINDOWED_REASONS` per event-time window: those rows
+    had a valid time, so their counts belong to that window (and travel with its release). Holds a DuckDB
+    connection: create one per worker."""
+
+    def __init__(self, rules: ReadingRules, size: timedelta) -> None:
+        self._con = connect()
+        register_rules(self._con, rules, tuple(sorted(rules.plausible)))
+        self._size_us = int(size.total_seconds() * 1_000_000)
+
+    def count(
+        self, raw: pa.Table, *, rules: ReadingRules, columns: Mapping[str, str], time_format: str
+    ) -> dict[str, dict[str, int]]:
+        """{window start (ISO): {reason: rows}} for `raw` validated under `rules` (the query the validator ran)."""
+        types = {f: raw.schema.field(c).type for f, c in columns.items() if c in raw.column_names}
+        checked = checked_sql("fusion_raw", rules=rules, columns=columns, types=types, time_format=time_format)
+        reasons = ", ".join(f"'{r}'" for r in sorted(WINDOWED_REASONS))
+        self._con.register("fusion_raw", raw.append_column(ROW_COLUMN, pa.array(np.arange(raw.num_rows))))
+        try:
+            rows = self._con.sql(
+                f"SELECT epoch_us(event_time) // {self._size_us} AS w, reason, count(*) FROM ({checked}) "
+                f"WHERE reason IN ({reasons}) GROUP BY ALL ORDER BY ALL"
+            ).fetchall()
+        finally:
+            self._con.unregister("fusion_raw")
+        counts: dict[str, dict[str, int]] = {}
+        for number, reason, n in rows:  # times are after 1971 (the stream's interval): // is the floor
+            start = datetime.fromtimestamp(number * self._size_us / 1_000_000, UTC).isoformat()
+            counts.setdefault(start, {})[reason] = int(n)
+        return counts
 
 
 def stdin_feed(config: Config, institution_id: str, journal: str) -> FeedConfig:
@@ -76,15 +117,22 @@ def _key(text: str) -> str:
 
 
 def validated_outputs(
-    validator: ReadingValidator, institution: str, feed: FeedConfig, raw: RawBatch, *, key: str, source: str,
-    row_offset: int, dead_letter_dir: str,
+    validator: ReadingValidator, reject_windows: RejectWindows, institution: str, feed: FeedConfig, raw: RawBatch,
+    *, key: str, source: str, row_offset: int, dead_letter_dir: str,
 ) -> Iterator[Any]:
-    """One raw batch -> (institution, key, accepted readings), its reject counts and dead letters (tagged)."""
+    """One raw batch -> (institution, key, accepted readings); its reject counts (tagged REJECTS: institution,
+    {reason: rows} of every reject, {window start: {reason: rows}} of those that belong to a window) and dead
+    letters (tagged DEAD)."""
+    columns = mapped_columns(feed)
     checked = validator.validate(
-        raw.table, columns=mapped_columns(feed), time_format=feed.time_format.value, source=source,
-        row_offset=row_offset,
+        raw.table, columns=columns, time_format=feed.time_format.value, source=source, row_offset=row_offset
     )
     rejected = Counter(checked.reasons)
+    windowed = {}
+    if WINDOWED_REASONS & set(checked.reasons):
+        windowed = reject_windows.count(
+            raw.table, rules=validator.rules, columns=columns, time_format=feed.time_format.value
+        )
     if raw.malformed:
         rejected[RejectReason.MALFORMED_RECORD.value] += len(raw.malformed)
         letters = malformed_letters(raw.malformed, source)
@@ -92,7 +140,7 @@ def validated_outputs(
     if checked.rejected.num_rows:
         yield TaggedOutput(DEAD, (join(dead_letter_dir, f"{key}-invalid.parquet"), checked.rejected))
     if rejected:
-        yield TaggedOutput(REJECTS, (institution, dict(rejected)))
+        yield TaggedOutput(REJECTS, (institution, dict(rejected), windowed))
     if checked.accepted.num_rows:
         yield institution, key, checked.accepted
 
@@ -101,15 +149,21 @@ class StreamValidate(beam.DoFn):
     """(institution, feed, path) -> (institution, slice key, accepted readings); rejects counted, dead letters
     tagged."""
 
-    def __init__(self, config: Config, dead_letter_dirs: dict[str, str], *, now: datetime | None = None) -> None:
+    def __init__(
+        self, config: Config, dead_letter_dirs: dict[str, str], *, now: datetime | None = None,
+        start: datetime | None = None,
+    ) -> None:
         """`now`: the processing time of this micro-batch (readings stamped later than it plus the config's
-        `max_clock_skew` are rejected)."""
+        `max_clock_skew` are rejected); `start`: the grid's first window (earlier readings are rejected)."""
         self._config = config
         self._dead = dead_letter_dirs
         self._now = now
+        self._start = start
 
     def setup(self) -> None:
-        self._validator = ReadingValidator(stream_rules(self._config, now=self._now))
+        rules = stream_rules(self._config, now=self._now, start=self._start)
+        self._validator = ReadingValidator(rules)
+        self._reject_windows = RejectWindows(rules, self._config.stream_window)
 
     def process(self, element: tuple[str, FeedConfig, str]) -> Iterator[Any]:
         institution, feed, path = element
@@ -117,7 +171,8 @@ class StreamValidate(beam.DoFn):
         try:
             for number, raw in enumerate(read_feed_file(path, feed, batch_rows=self._config.pipeline.batch_rows)):
                 yield from validated_outputs(
-                    self._validator, institution, feed, raw, key=f"{_key(path)}-{number:05d}", source=path,
+                    self._validator, self._reject_windows, institution, feed, raw, key=f"{_key(path)}-{number:05d}",
+                    source=path,
                     row_offset=offset, dead_letter_dir=self._dead[institution],
                 )
                 offset += raw.table.num_rows
@@ -137,7 +192,7 @@ def unreadable_outputs(
     error that stopped the read."""
     letters = malformed_letters(((row, f"unreadable from row {row}: {type(exc).__name__}: {exc}"),), path)
     yield TaggedOutput(DEAD, (join(dead_letter_dir, f"{_key(path)}-unreadable.parquet"), letters))
-    yield TaggedOutput(REJECTS, (institution, {RejectReason.MALFORMED_RECORD.value: 1}))
+    yield TaggedOutput(REJECTS, (institution, {RejectReason.MALFORMED_RECORD.value: 1}, {}))
 
 
 class StampWindows(beam.DoFn):
@@ -221,7 +276,8 @@ class MicroBatch:
 
     spooled: list[tuple[str, str, int, str]] = field(default_factory=list)  # institution, window, rows, latest
     late: list[tuple[str, str, int]] = field(default_factory=list)  # institution, window, rows
-    rejects: list[tuple[str, dict[str, int]]] = field(default_factory=list)  # institution, {reason: rows}
+    # institution, {reason: rows} (every reject), {window start: {reason: rows}} (those that belong to a window)
+    rejects: list[tuple[str, dict[str, int], dict[str, dict[str, int]]]] = field(default_factory=list)
 
 
 class _Summarise(beam.DoFn):
@@ -242,16 +298,17 @@ def run_micro_batch(
     summary_path: str,
     options: Any,
     now: datetime | None = None,
+    start: datetime | None = None,
 ) -> MicroBatch:
     """Validate, window and spool `inputs` ((institution, feed, file) triples) in one bounded Beam pipeline;
-    readings for a window in `closed` are late, and readings stamped after `now` plus the config's
-    `max_clock_skew` are rejected."""
+    readings for a window in `closed` (ISO starts) are late, and readings stamped before `start` or after `now`
+    plus the config's `max_clock_skew` are rejected (out_of_interval)."""
     with beam.Pipeline(options=options) as pipeline:
         validated = (
             pipeline
             | "Inputs" >> beam.Create(list(inputs))
             | "Reshuffle" >> beam.Reshuffle()
-            | "Validate" >> beam.ParDo(StreamValidate(config, dead_letter_dirs, now=now)).with_outputs(
+            | "Validate" >> beam.ParDo(StreamValidate(config, dead_letter_dirs, now=now, start=start)).with_outputs(
                 DEAD, REJECTS, main="ok"
             )
         )
@@ -282,5 +339,5 @@ def run_micro_batch(
     return MicroBatch(
         spooled=[tuple(x) for x in doc["spooled"]],
         late=[tuple(x) for x in doc["late"]],
-        rejects=[(i, dict(c)) for i, c in doc["rejects"]],
+        rejects=[(i, dict(c), {w: dict(r) for w, r in windowed.items()}) for i, c, windowed in doc["rejects"]],
     )

@@ -2,9 +2,13 @@
 
 Each step: (1) find input files not yet spooled (every feed's glob, `{date}` matching any day, plus standard
 input journalled to files); (2) validate, window and spool them in one bounded Beam pipeline; (3) commit the
-progress (inputs, watermarks, reject counts); (4) close every window the watermarks have passed and release it
-through the batch pipeline (contribute, aggregate, unmask, release) over its spool. Releases spend from the
-ledger like batch ones; a refused window is recorded and the stream goes on.
+progress (inputs, watermarks, reject counts); (4) close every window of the public grid whose end plus the
+allowed lateness the processing clock has passed, readings or not, and release it through the batch pipeline
+(contribute, aggregate, unmask, release) over its spool. Which windows are released, and when, depends on the
+config, the clock and `--until` only, never on the readings (fusion/stream_state.py). Releases spend from the
+ledger like batch ones; a refused window is recorded and the stream goes on. Exact reject counts (validation
+and late) stay in the stream's local state; a window's release carries those of its rows that belong to it as
+noisy slots.
 
 Feed files must appear atomically (written elsewhere, then renamed in); names starting with '.' or ending in
 '.tmp' are ignored until renamed.
@@ -13,6 +17,7 @@ Feed files must appear atomically (written elsewhere, then renamed in); names st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import queue
@@ -37,12 +42,14 @@ from fusion.plan import ReleasePlan, plan_release
 from fusion.store import Store
 from fusion.stream_state import (
     StreamState,
-    WindowState,
     WindowStatus,
     add_counts,
-    closable,
+    backlog,
+    due_windows,
     load_state,
+    release_bound,
     save_state,
+    window_start,
 )
 from pipelines.batch import run_batch
 from pipelines.contribute import sealed_envelope
@@ -50,7 +57,8 @@ from pipelines.run import beam_options
 from pipelines.stream import SPOOL_WINDOW_FORMAT, run_micro_batch, spool_dir, stdin_feed
 from pipelines.stream_sources import MARKERS, REJECT_COUNTS
 from schemas.readings import READING_SCHEMA
-from schemas.tables import REJECTS_SCHEMA
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,17 +129,24 @@ class StreamDriver:
         beam_args: Sequence[str] = (),
         stdin: tuple[str, IO[str]] | None = None,  # (institution, stream)
         releases_only: bool = False,  # a streaming job (Kafka, Pub/Sub) fills the spool; only release here
+        until: datetime | None = None,  # release no window ending after this; stop once all up to it are done
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_status: Callable[[StreamStatus], None] = lambda status: None,
+        on_notice: Callable[[str], None] = _log.info,  # says how many windows a step is about to release
     ) -> None:
         self.config = config
         self.releases_only = releases_only
+        self.until = until
         self._beam_args = list(beam_args)
         self._clock = clock
         self._on_status = on_status
+        self._on_notice = on_notice
         self._root = Path(config.stream_state_path)
         self._state_file = self._root / "state.json"
         self.state: StreamState = load_state(self._state_file)
+        if self.state.created_at is None:  # the grid's default start: fixed once, at the stream's first run
+            self.state.created_at = clock().isoformat()
+            save_state(self._state_file, self.state)
         self._store = Store(config.store_path)
         self._store.ensure_tables()
         self._dead = {i.id: join(config.dead_letter_path(i), "stream") for i in config.institutions}
@@ -145,6 +160,14 @@ class StreamDriver:
         self._last_release: tuple[str, float] | None = None
         self._rows_per_s = 0.0
         self.stop_requested = False
+
+    @property
+    def grid_start(self) -> datetime:
+        """The first window of the public grid: the one holding `stream.start`, or else the moment this stream's
+        state was created (processing time, recorded in the state)."""
+        assert self.state.created_at is not None  # set when the driver is made
+        start = self.config.stream.start or datetime.fromisoformat(self.state.created_at)
+        return window_start(start, self.config.stream_window)
 
     # -- inputs -------------------------------------------------------------------------------------------
     def _discover(self) -> list[tuple[str, FeedConfig, str]]:
@@ -169,7 +192,7 @@ class StreamDriver:
             return
         self.state.changed[path] = size
         save_state(self._state_file, self.state)
-        logging.getLogger(__name__).warning(
+        _log.warning(
             "stream input %s changed after it was read (%d -> %d bytes); it is not read again: land new readings "
             "as new files", path, self.state.processed[path], size,
         )
@@ -177,7 +200,7 @@ class StreamDriver:
     def ingest(self) -> int:
         """One micro-batch over every new input; returns the rows it read (accepted and rejected)."""
         if self.releases_only:
-            return self._scan_markers()
+            return self._scan_spool()
         if self._stdin is not None and (used := self._stdin.flush(self.state.stdin_sequence)) is not None:
             self.state.stdin_sequence = used + 1
             save_state(self._state_file, self.state)  # the journal file is written: never reuse its number
@@ -185,17 +208,15 @@ class StreamDriver:
         if not inputs:
             return 0
         started = time.monotonic()
-        size = self.config.stream_window
         batch = run_micro_batch(
             self.config,
             inputs,
-            closed=self.state.late_windows(
-                [i.id for i in self.config.institutions], size=size, lateness=self.config.allowed_lateness
-            ),
+            closed=self.state.closed(),
             dead_letter_dirs=self._dead,
             summary_path=join(str(self._root), "micro-batch.json"),
             options=beam_options(self._beam_args),
             now=self._clock(),
+            start=self.grid_start,  # earlier readings are out_of_interval: no release will ever hold them
         )
         rows = 0
         for institution, start, n, latest in batch.spooled:
@@ -203,25 +224,13 @@ class StreamDriver:
             self.state.advance(institution, datetime.fromisoformat(latest))
             self.state.readings += n
             rows += n
-        for institution, start, n in batch.late:
-            if start not in self.state.windows:
-                # Past every watermark before any of its readings came: it is never released, but its late
-                # readings are counted (under the release id the window would have had).
-                self.state.windows[start] = WindowState(
-                    status=WindowStatus.REFUSED,
-                    release_id=self.window_plan(datetime.fromisoformat(start)).key.release_id,
-                    reason="every watermark had passed the window before any of its readings arrived",
-                )
-            self.state.windows[start].add_rejects(institution, {"late": n})
+        for institution, start, n in batch.late:  # its window has closed: counted here, never released
+            self.state.window(datetime.fromisoformat(start)).add_rejects(institution, {"late": n})
             self.state.rejected += n
             rows += n
-        for institution, counts in batch.rejects:
-            # Rows without a usable event time count against the window the institution's stream is in; before
-            # its first accepted reading, against the first window it sends readings for.
-            self.state.rejected += sum(counts.values())
+        for institution, counts, windowed in batch.rejects:
             rows += sum(counts.values())
-            add_counts(self.state.pending_rejects.setdefault(institution, {}), counts)
-        self._attach_pending_rejects()
+            self._count_rejects(institution, counts, windowed)
         crash_point("stream_after_spool")
         for _, _, path in inputs:
             self.state.processed[path] = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
@@ -229,22 +238,23 @@ class StreamDriver:
         self._rows_per_s = rows / max(time.monotonic() - started, 1e-9)
         return rows
 
-    def _attach_pending_rejects(self) -> None:
-        """Rejects without an event time count against the latest window at or before the institution's latest
-        event time (the window its stream is in); an institution with none keeps them pending."""
-        for institution in list(self.state.pending_rejects):
-            seen = self.state.max_event.get(institution)
-            if seen is None:
-                continue
-            latest = datetime.fromisoformat(seen)
-            starts = [w for w in self.state.windows if datetime.fromisoformat(w) <= latest]
-            if starts:
-                at = max(starts, key=datetime.fromisoformat)
-                self.state.windows[at].add_rejects(institution, self.state.pending_rejects.pop(institution))
+    def _count_rejects(
+        self, institution: str, counts: dict[str, int], windowed: dict[str, dict[str, int]]
+    ) -> None:
+        """Add an institution's rejects to the local state: those that belong to a window (`windowed`, by window
+        start) to that window, the rest to the institution's unwindowed counts. Exact counts stay here."""
+        self.state.rejected += sum(counts.values())
+        rest = dict(counts)
+        for start, by_reason in windowed.items():
+            self.state.window(datetime.fromisoformat(start)).add_rejects(institution, by_reason)
+            for reason, n in by_reason.items():
+                rest[reason] = rest.get(reason, 0) - n
+        if any(rest.values()):
+            add_counts(self.state.unwindowed.setdefault(institution, {}), rest)
 
-    def _scan_markers(self) -> int:
-        """Releases-only mode: a window's ON_TIME pane marker from an institution means Beam's watermark passed
-        its end with all its on-time readings spooled; readings spooled after its release are late."""
+    def _scan_spool(self) -> int:
+        """Releases-only mode: count the job's rejects and the readings spooled after their window's release
+        (late); an ON_TIME pane marker moves its institution's watermark (shown as lag, deciding nothing)."""
         size, lateness = self.config.stream_window, self.config.allowed_lateness
         pattern = join(self.config.stream_spool_path, "*", "*", MARKERS, "*-ON_TIME.json")
         changed = 0
@@ -253,7 +263,6 @@ class StreamDriver:
             institution, window_name = parts[-4], parts[-3]
             start = datetime.strptime(window_name, SPOOL_WINDOW_FORMAT).replace(tzinfo=UTC)
             before = self.state.max_event.get(institution)
-            self.state.window(start)
             self.state.advance(institution, start + size + lateness)  # its watermark has passed the end
             changed += int(before != self.state.max_event.get(institution))
         # The job's reject counts, one file per message: each is added once (it is then a processed input).
@@ -263,12 +272,16 @@ class StreamDriver:
             if meta.path in self.state.processed:
                 continue
             institution = meta.path.rstrip("/").split("/")[-3]
-            counts = {reason: int(n) for reason, n in json.loads(read_bytes(meta.path)).items()}
-            add_counts(self.state.pending_rejects.setdefault(institution, {}), counts)
-            self.state.rejected += sum(counts.values())
+            doc = json.loads(read_bytes(meta.path))
+            if not isinstance(doc.get("rejects"), dict):  # written before windowed counts: {reason: rows}
+                doc = {"rejects": doc, "windows": {}}
+            self._count_rejects(
+                institution,
+                {reason: int(n) for reason, n in doc["rejects"].items()},
+                {w: {r: int(n) for r, n in c.items()} for w, c in doc.get("windows", {}).items()},
+            )
             self.state.processed[meta.path] = meta.size_in_bytes
             changed += 1
-        self._attach_pending_rejects()
         for start_text, window in self.state.windows.items():
             if window.status is not WindowStatus.RELEASED:
                 continue
@@ -276,8 +289,10 @@ class StreamDriver:
                 directory = spool_dir(self.config, institution.id, datetime.fromisoformat(start_text))
                 extra = sorted(set(list_files(directory, ".parquet")) - set(window.files.get(institution.id, [])))
                 late = sum(_parquet_rows(path) for path in extra)
-                if late != window.rejects.get(institution.id, {}).get("late", 0):
+                counted = window.rejects.get(institution.id, {}).get("late", 0)
+                if late != counted:
                     window.rejects.setdefault(institution.id, {})["late"] = late  # cumulative: set, not add
+                    self.state.rejected += late - counted
                     changed += 1
         if changed:
             save_state(self._state_file, self.state)
@@ -285,7 +300,8 @@ class StreamDriver:
 
     # -- releases -----------------------------------------------------------------------------------------
     def window_plan(self, start: datetime) -> ReleasePlan:
-        """The batch release of one window, reading that window's spool instead of the feeds."""
+        """The batch release of one window, reading that window's spool instead of the feeds, and carrying the
+        rejects that belong to the window (fixed when it closed) as noisy slots of the release."""
         institutions = tuple(
             i.model_copy(
                 update={
@@ -298,7 +314,11 @@ class StreamDriver:
             for i in self.config.institutions
         )
         config = self.config.model_copy(update={"institutions": institutions})
-        return plan_release(config, start, start + self.config.stream_window)
+        plan = plan_release(config, start, start + self.config.stream_window)
+        window = self.state.windows.get(start.isoformat())
+        if window is not None and window.carried:
+            plan = dataclasses.replace(plan, carried_rejects={i: dict(c) for i, c in window.carried.items()})
+        return plan
 
     def _release(self, start: datetime) -> None:
         window = self.state.windows[start.isoformat()]
@@ -332,55 +352,44 @@ class StreamDriver:
             latency = (now - datetime.fromisoformat(window.closable_at)).total_seconds()
             self._last_release = (start.isoformat(), latency)
         save_state(self._state_file, self.state)
-        self._record_rejects(start)
-
-    def _record_rejects(self, start: datetime) -> None:
-        """Cumulative reject counts of a released or refused window into `rejects` (idempotent upsert)."""
-        window = self.state.windows[start.isoformat()]
-        if window.release_id is None or not window.rejects:
-            return
-        end = start + self.config.stream_window
-        rows = [
-            {
-                "release_id": window.release_id,
-                "institution": institution,
-                "interval_start": start,
-                "interval_end": end,
-                "reason": reason,
-                "rows": n,
-                "recorded_at": self._clock(),
-            }
-            for institution, counts in sorted(window.rejects.items())
-            for reason, n in sorted(counts.items())
-        ]
-        self._store.upsert_counts("rejects", pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA), column="rows")
 
     def close_windows(self, *, drain: bool = False) -> list[datetime]:
-        """Release every window that may close now (and any whose release a crash interrupted)."""
-        ready = closable(
-            self.state,
-            institutions=[i.id for i in self.config.institutions],
-            size=self.config.stream_window,
-            lateness=self.config.allowed_lateness,
-            quorum=self.config.privacy.quorum,
-            deadline=self.config.deadline,
-            now=self._clock(),
-            drain=drain,
-        )
+        """Close and release every window of the grid that is due now (see `release_bound`), readings or not,
+        and any whose release a crash interrupted. Refuses a backlog larger than `stream.max_backlog`."""
+        size = self.config.stream_window
+        now = self._clock()
+        bound = release_bound(now=now, lateness=self.config.allowed_lateness, until=self.until, drain=drain)
+        grid_start = self.grid_start
+        pending = backlog(self.state, grid_start=grid_start, size=size, bound=bound)
+        if pending > self.config.stream.max_backlog:
+            raise FusionError(
+                f"{pending} windows of the stream's grid are due, from {grid_start.isoformat()} to "
+                f"{bound.isoformat()}, more than stream.max_backlog = {self.config.stream.max_backlog}: each is a "
+                "release (charged to the budget) whether or not it holds readings. Set stream.start later (the grid "
+                "starts at the window holding it), bound the run with --until, or raise stream.max_backlog"
+            )
+        ready = due_windows(self.state, grid_start=grid_start, size=size, bound=bound) if pending else []
         interrupted = [
             datetime.fromisoformat(w) for w, s in self.state.windows.items() if s.status is WindowStatus.CLOSING
         ]
+        if len(ready) > 1:
+            last = ready[-1] + size
+            self._on_notice(f"releasing {len(ready)} windows of the grid, {ready[0].isoformat()} to {last.isoformat()}")
         for start in ready:
-            self.state.windows[start.isoformat()].status = WindowStatus.CLOSING
+            self.state.window(start).close(now)
         save_state(self._state_file, self.state)  # from here on, readings for these windows are late
         if ready:
             crash_point("stream_after_close")
         for start in sorted(set(interrupted) | set(ready)):
             self._release(start)
-        for start_text, window in self.state.windows.items():  # late readings after the release
-            if window.status is not WindowStatus.OPEN and window.release_id:
-                self._record_rejects(datetime.fromisoformat(start_text))
         return sorted(set(interrupted) | set(ready))
+
+    def finished(self) -> bool:
+        """With `until`: every window of the grid that ends at or before it has been closed."""
+        if self.until is None:
+            return False
+        done = backlog(self.state, grid_start=self.grid_start, size=self.config.stream_window, bound=self.until)
+        return done == 0
 
     # -- the loop -----------------------------------------------------------------------------------------
     def status(self) -> StreamStatus:
@@ -409,12 +418,15 @@ class StreamDriver:
         return rows
 
     def run(self, *, drain: bool = False, sleep: Callable[[float], None] = time.sleep) -> StreamStatus:
-        """Step until stopped; with `drain`, until the inputs are exhausted (stdin closed, no new files), then
-        close and release every remaining window."""
+        """Step until stopped, or with `until` until every window up to it is released; with `drain`, until
+        the inputs are exhausted (stdin closed, no new files), then release every window of the grid up to
+        `until` (or up to the clock without it)."""
         while not self.stop_requested:
             rows = self.step()
             if drain and rows == 0 and (self._stdin is None or self._stdin.closed):
                 self.step(drain=True)
+                break
+            if self.finished():
                 break
             if rows == 0:
                 sleep(self.config.stream_poll.total_seconds())

@@ -4,10 +4,11 @@ On Flink or Dataflow the watermark is Beam's: messages (JSON lines; Pub/Sub attr
 Kafka record key) are validated, stamped and windowed by the same transforms as the local stream, and each
 window's readings are spooled to a shared location (gs://, s3://). Behind the spool, a per-institution count
 per window is combined with the AfterWatermark trigger; when it fires, a pane marker is written, so a window's
-ON_TIME marker means every on-time reading of it has been spooled. `fusion stream --releases-only` (the key
-holder's side, any machine that reaches the spool, the exchange and the store) releases windows once their
-markers say so, and counts readings spooled after a release as late. Readings beyond the allowed lateness are
-dropped by Beam (the runner's `droppedDueToLateness` counter reports them).
+ON_TIME marker means every on-time reading of it has been spooled (it shows the job's progress; releases do not
+wait for it). `fusion stream --releases-only` (the key holder's side, any machine that reaches the spool, the
+exchange and the store) releases the public grid of windows by the processing clock, like the local stream, and
+counts readings spooled after a release as late. Readings beyond the allowed lateness are dropped by Beam (the
+runner's `droppedDueToLateness` counter reports them).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from fusion.config import Config, FeedConfig, FeedFormat, StreamSource
 from fusion.errors import FusionError
 from fusion.exchange import join, write_json
 from fusion.feeds import read_jsonl_lines
+from fusion.stream_state import add_counts, window_start
 from pipelines.stream import (
     DEAD,
     REJECTS,
+    RejectWindows,
     SpoolWindow,
     StampWindows,
     WindowReadings,
@@ -36,11 +39,12 @@ from pipelines.stream import (
     stream_rules,
     validated_outputs,
 )
-from schemas.validation import ReadingValidator
+from schemas.validation import ReadingRules, ReadingValidator
 
 MARKERS = "_panes"
 #: Per institution in the spool: the reject counts of each message (named by its digest, so a redelivered
-#: message rewrites its own file), which the release side adds to the institution's windows.
+#: message rewrites its own file), which the release side adds to the institution's local state:
+#: {"rejects": {reason: rows}, "windows": {window start: {reason: rows}}} (those rows that belong to a window).
 REJECT_COUNTS = "_rejects"
 
 
@@ -52,8 +56,16 @@ class MessagesToReadings(beam.DoFn):
         self._config = config
         self._dead = dead_letter_dirs
 
+    def _rules(self) -> ReadingRules:
+        """A reading stamped before the grid's start (`stream.start`, when set) or beyond the processing clock
+        plus max_clock_skew is rejected (out_of_interval)."""
+        start = self._config.stream.start
+        grid = None if start is None else window_start(start, self._config.stream_window)
+        return stream_rules(self._config, now=datetime.now(UTC), start=grid)
+
     def setup(self) -> None:
-        self._validator = ReadingValidator(stream_rules(self._config))
+        self._validator = ReadingValidator(self._rules())
+        self._reject_windows = RejectWindows(self._validator.rules, self._config.stream_window)
         self._feeds = {
             i.id: FeedConfig(name="messages", path="-", format=FeedFormat.JSONL, time_format=i.feeds[0].time_format,
                              columns=i.feeds[0].columns)
@@ -64,32 +76,35 @@ class MessagesToReadings(beam.DoFn):
         institution, payload = element
         if institution not in self._feeds:
             return  # not a member of this federation: nothing of it may reach the spool (counted by the runner)
-        # A reading stamped beyond the processing clock plus max_clock_skew is rejected (out_of_interval).
-        self._validator.rules = stream_rules(self._config, now=datetime.now(UTC))
+        self._validator.rules = self._rules()
         digest = hashlib.sha256(institution.encode() + b"\0" + payload).hexdigest()[:16]
         lines = payload.decode("utf-8", errors="replace").splitlines()
         batches = read_jsonl_lines(lines, self._feeds[institution], batch_rows=self._config.pipeline.batch_rows)
         rejected: Counter[str] = Counter()
+        windowed: dict[str, dict[str, int]] = {}
         for number, raw in enumerate(batches):
             for output in validated_outputs(
-                self._validator, institution, self._feeds[institution], raw, key=f"m{digest}-{number:05d}",
-                source=f"message {digest}", row_offset=0, dead_letter_dir=self._dead[institution],
+                self._validator, self._reject_windows, institution, self._feeds[institution], raw,
+                key=f"m{digest}-{number:05d}", source=f"message {digest}", row_offset=0,
+                dead_letter_dir=self._dead[institution],
             ):
                 if isinstance(output, TaggedOutput) and output.tag == REJECTS:
                     rejected.update(output.value[1])
+                    for start, counts in output.value[2].items():
+                        add_counts(windowed.setdefault(start, {}), counts)
                 else:
                     yield output
         if rejected:
-            yield TaggedOutput(REJECTS, (institution, digest, dict(rejected)))
+            yield TaggedOutput(REJECTS, (institution, digest, {"rejects": dict(rejected), "windows": windowed}))
 
 
 class WriteRejectCounts(beam.DoFn):
-    """(institution, message digest, {reason: rows}) -> a JSON file in the institution's spool."""
+    """(institution, message digest, counts as in REJECT_COUNTS) -> a JSON file in the institution's spool."""
 
     def __init__(self, config: Config) -> None:
         self._config = config
 
-    def process(self, element: tuple[str, str, dict[str, int]]) -> Iterator[str]:
+    def process(self, element: tuple[str, str, dict[str, Any]]) -> Iterator[str]:
         institution, digest, counts = element
         path = join(self._config.stream_spool_path, institution, REJECT_COUNTS, f"{digest}.json")
         write_json(path, counts)

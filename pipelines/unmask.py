@@ -51,9 +51,11 @@ from fusion.registry import (
     load_registry,
     load_signing_key,
 )
+from pipelines.contribute import sealed_layer_seed
 from privacy import he
 from privacy.envelope import EnvelopeError, EnvelopeHeader, envelope_header, pack_envelope, signature_valid
 from privacy.masking import pair_term
+from privacy.noise_shares import chain_seeds, layer_commitment, layer_noise, noise_digest
 from privacy.sharing import (
     ShareError,
     decode_share,
@@ -296,6 +298,7 @@ def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registr
     public_context = read_bytes(public_context_path(plan.config.exchange_path))
     header = plan.envelope_header(
         kind="unmask",
+        revealed_layers=_own_layers(plan, institution_id, roster),
         contributors=(institution_id,),
         noise_variance=0.0,
         context_sha256=hashlib.sha256(public_context).hexdigest(),
@@ -308,6 +311,19 @@ def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registr
     envelope = pack_envelope(header, [], signing_key=load_signing_key(plan.config, institution_id))
     write_bytes(path, _keep_answer(kept, envelope))
     return path
+
+
+def _own_layers(plan: ReleasePlan, institution_id: str, roster: Roster) -> dict[str, str]:
+    """{institution: "layer:seed"}: the seed of the highest of its own noise layers that the roster's size makes
+    removable (layers quorum..n-1 for n included; privacy/noise_shares.py), or {} when none is (every institution
+    contributed at the quorum, or it kept no seed)."""
+    removable = plan.params.layers.removable(len(roster.included)) if plan.params.noise else ()
+    seed = sealed_layer_seed(plan, plan.config.institution(institution_id)) if removable else None
+    if seed is None:
+        return {}
+    top = plan.params.layers.levels[-1]
+    revealed = chain_seeds(seed, top=top, bottom=removable[-1])[removable[-1]]
+    return {institution_id: f"{removable[-1]}:{revealed.hex()}"}
 
 
 def _keep_answer(kept: Path, envelope: bytes) -> bytes:
@@ -409,3 +425,61 @@ def absent_mask_total(
             term = pair_term(dealer, peer, key, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS)
             total = (total + term) % he.PLAIN_MODULUS
     return total
+
+
+@dataclass(frozen=True)
+class RemovedLayers:
+    """The noise layers the aggregator removes: their sum (int64 slots), the variance they took out, and why a
+    contributor's layers stayed (its noise is then larger than needed, never smaller)."""
+
+    noise: np.ndarray
+    variance: float
+    kept: dict[str, str]
+
+
+def removable_noise(
+    plan: ReleasePlan, contributions: dict[str, EnvelopeHeader], answers: list[EnvelopeHeader]
+) -> RemovedLayers:
+    """The aggregator's step: for each included institution that revealed its top removable layer, derive the
+    seeds of layers quorum..n-1, check each against the commitment it signed, draw the layers and check them
+    against their digests. A reveal that fails a check is ignored (its layers stay in the sum)."""
+    layers = plan.params.layers
+    context = plan.key.release_id.encode()
+    removable = layers.removable(len(contributions)) if plan.params.noise else ()
+    total = np.zeros(plan.layout.slots, dtype=np.int64)
+    removed, kept = 0.0, {}
+    if not removable:
+        return RemovedLayers(total, 0.0, {})
+    revealed = {a.contributors[0]: a.revealed_layers.get(a.contributors[0]) for a in answers}
+    for institution, header in sorted(contributions.items()):
+        try:
+            level_text, seed_hex = (revealed.get(institution) or "").split(":")
+            seeds = chain_seeds(bytes.fromhex(seed_hex), top=int(level_text), bottom=removable[0])
+        except ValueError:
+            kept[institution] = "revealed no noise layer" if revealed.get(institution) is None else "malformed layer"
+            continue
+        if int(level_text) != removable[-1]:
+            kept[institution] = f"revealed layer {level_text}, the roster makes {removable[-1]} the top one"
+            continue
+        draws = []
+        for level in removable:
+            seed = seeds[level]
+            if not secrets.compare_digest(
+                layer_commitment(seed, level=level, context=context), header.layer_commitments.get(str(level), "")
+            ):
+                kept[institution] = f"layer {level}'s seed does not match its commitment"
+                break
+            noise = layer_noise(seed, variance=layers.layer(level), slots=plan.layout.slots, context=context)
+            if not secrets.compare_digest(
+                noise_digest(noise, level=level, context=context), header.layer_digests.get(str(level), "")
+            ):
+                kept[institution] = (
+                    f"layer {level} regenerates differently (the parties' NumPy versions differ: upgrade in lockstep)"
+                )
+                break
+            draws.append(noise)
+        else:
+            for noise in draws:
+                total += noise
+            removed += sum(layers.layer(level) for level in removable)
+    return RemovedLayers(total, removed, kept)

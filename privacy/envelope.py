@@ -43,7 +43,7 @@ _TEXT_FIELDS = ("kind", "federation", "interval_start", "interval_end", "layout_
                 "context_sha256", "nonce", "created_at", "payload_sha256", "signature", "seed_commitment")
 _TEXT_LISTS = ("contributors", "absent", "included")
 _TEXT_MAPS = ("seed_shares", "share_digests", "revealed_shares", "pair_commitments", "pair_shares",
-              "pair_share_digests", "revealed_pair_shares")
+              "pair_share_digests", "revealed_pair_shares", "layer_commitments", "layer_digests", "revealed_layers")
 
 
 class EnvelopeError(ValueError):
@@ -95,6 +95,12 @@ class EnvelopeHeader:
     # Unmask envelopes with institutions absent: the sender's share of the key each included institution (dealer)
     # holds with each absent one, keyed 'dealer/absent'.
     revealed_pair_shares: dict[str, str] = field(default_factory=dict)
+    # Contributions: per removable noise layer (its number as text), the commitment to its seed and the digest
+    # of its noise (privacy/noise_shares.py). Unmask envelopes: the sender's own top revealed layer, as
+    # {sender: "layer:seed hex"}, from which the aggregator derives the lower layers and removes them.
+    layer_commitments: dict[str, str] = field(default_factory=dict)
+    layer_digests: dict[str, str] = field(default_factory=dict)
+    revealed_layers: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         doc = asdict(self)

@@ -29,10 +29,12 @@ def bin_components(bins: int) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class PartitionLayout:
-    """metrics x regions x windows cells for one release interval, each with one slot per component.
+    """metrics x regions x windows cells for one release interval, each with one slot per component, then one slot
+    per tally (interval-wide counts outside the cells, such as an institution's rejected rows of one reason).
 
-    Slot order is component-major: slot = component * cells + (metric * R + region) * W + window.
-    The layout is public (from the config), so every institution packs the same vector.
+    Slot order is component-major: slot = component * cells + (metric * R + region) * W + window; the tallies
+    follow the last component, in order. The layout is public (from the config), so every institution packs the
+    same vector.
     """
 
     metrics: tuple[str, ...]
@@ -41,6 +43,7 @@ class PartitionLayout:
     window: timedelta
     windows: int
     components: tuple[str, ...] = BASE_COMPONENTS
+    tallies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.start.tzinfo is None:
@@ -52,6 +55,8 @@ class PartitionLayout:
             raise ValueError("a layout needs at least one window")
         if self.components[:2] != BASE_COMPONENTS or len(set(self.components)) != len(self.components):
             raise ValueError(f"components must start with {BASE_COMPONENTS} and not repeat, got {self.components}")
+        if len(set(self.tallies)) != len(self.tallies):
+            raise ValueError(f"tallies must not repeat, got {self.tallies}")
 
     @classmethod
     def for_interval(
@@ -62,6 +67,7 @@ class PartitionLayout:
         end: datetime,
         window: timedelta,
         components: tuple[str, ...] = BASE_COMPONENTS,
+        tallies: tuple[str, ...] = (),
     ) -> PartitionLayout:
         """The layout of [start, end); the interval must be a whole number of windows on the UTC grid."""
         if start.tzinfo is None or end.tzinfo is None:
@@ -76,7 +82,7 @@ class PartitionLayout:
             raise ValueError(
                 f"interval [{start.isoformat()}, {end.isoformat()}) is not aligned to the {window} window grid"
             )
-        return cls(metrics, regions, start, window, (end - start) // window, components)
+        return cls(metrics, regions, start, window, (end - start) // window, components, tallies)
 
     @property
     def end(self) -> datetime:
@@ -88,7 +94,12 @@ class PartitionLayout:
 
     @property
     def slots(self) -> int:
-        return self.cells * len(self.components)
+        return self.cells * len(self.components) + len(self.tallies)
+
+    def tally_slots(self, vector: np.ndarray) -> np.ndarray:
+        """The tallies' slots (a view into `vector`), in `tallies` order."""
+        first = self.cells * len(self.components)
+        return vector[first : first + len(self.tallies)]
 
     def has(self, component: str) -> bool:
         return component in self.components
@@ -125,4 +136,6 @@ class PartitionLayout:
             "windows": self.windows,
             "components": list(self.components),
         }
+        if self.tallies:  # layouts without tallies keep the digest they always had
+            doc["tallies"] = list(self.tallies)
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -24,3 +24,18 @@ class RejectReason(StrEnum):
 #: The order in which reasons are checked: a row gets the first reason that applies (late is decided after
 #: validation, by the stream, for rows that are otherwise valid).
 REASON_PRECEDENCE: tuple[RejectReason, ...] = tuple(r for r in RejectReason if r is not RejectReason.LATE)
+
+
+#: Reasons published (as noisy tallies of the release, never exactly) in the shared `rejects` table: those decided
+#: after the reading's event time put it inside the release's interval, so each such reading is counted by exactly
+#: one release (the one its time belongs to), which keeps the release's sensitivity and parallel composition
+#: intact. Rows rejected earlier (unparseable, no time, outside the interval) may be read by several releases
+#: (a daily file read by hourly releases), and `late` ones arrive after their window's release: their counts stay
+#: with the institution, in its dead-letter area.
+PUBLISHED_REASONS: tuple[RejectReason, ...] = (
+    RejectReason.UNKNOWN_METRIC,
+    RejectReason.UNKNOWN_REGION,
+    RejectReason.NON_FINITE_VALUE,
+    RejectReason.OUT_OF_RANGE,
+    RejectReason.DUPLICATE,
+)

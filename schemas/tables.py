@@ -7,7 +7,8 @@ import pyarrow as pa
 _TS = pa.timestamp("us", tz="UTC")
 
 #: One row per released cell (metric x region x window). All statistics are noisy; every one carries its
-#: noise standard deviation and a 95% interval.
+#: noise standard deviation and a 95% interval. Columns added after a store was created (mean_sd, ratio_mean)
+#: are nullable, and fusion/store.py adds them to an older table (NULL in its earlier rows).
 RELEASES_SCHEMA = pa.schema(
     [
         pa.field("release_id", pa.string(), nullable=False),
@@ -28,6 +29,10 @@ RELEASES_SCHEMA = pa.schema(
         pa.field("mean", pa.float64(), nullable=True),
         pa.field("mean_ci_low", pa.float64(), nullable=True),
         pa.field("mean_ci_high", pa.float64(), nullable=True),
+        # The unclipped ratio centre + centred sum / count and its delta-method SD (NULL with the mean), so models
+        # can weight cells by their noise: var = (centred_sd^2 + (ratio - centre)^2 count_sd^2) / count^2.
+        pa.field("mean_sd", pa.float64(), nullable=True),
+        pa.field("ratio_mean", pa.float64(), nullable=True),
         pa.field("stddev", pa.float64(), nullable=True),
         pa.field("stddev_ci_low", pa.float64(), nullable=True),
         pa.field("stddev_ci_high", pa.float64(), nullable=True),
@@ -64,9 +69,9 @@ AUDIT_SCHEMA = pa.schema(
     ]
 )
 
-#: Per release and institution, how many rows were rejected for each reason ('none' with 0 when none were).
-#: Counts only: dead-letter rows never leave the institution. These data-quality counts are exact and not
-#: covered by the releases' epsilon; read and accepted totals stay with each institution.
+#: Per release, institution and published reason (schemas.reasons.PUBLISHED_REASONS), the NOISY number of rows
+#: rejected: a tally slot of the release's own vector, charged with it, with its noise sd and 95% interval like
+#: every other count (fusion/rejects.py). Exact counts, and the rows themselves, stay with each institution.
 REJECTS_SCHEMA = pa.schema(
     [
         pa.field("release_id", pa.string(), nullable=False),
@@ -74,13 +79,31 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("interval_start", _TS, nullable=False),
         pa.field("interval_end", _TS, nullable=False),
         pa.field("reason", pa.string(), nullable=False),
-        pa.field("rows", pa.int64(), nullable=False),
+        pa.field("count", pa.float64(), nullable=True),
+        pa.field("count_sd", pa.float64(), nullable=True),
+        pa.field("count_ci_low", pa.float64(), nullable=True),
+        pa.field("count_ci_high", pa.float64(), nullable=True),
         pa.field("recorded_at", _TS, nullable=False),
     ]
 )
 
 #: The budget ledger: one row per privacy period, updated in place (a compare-and-swap on `releases`).
-#: `rdp` is the composed Renyi-DP curve at the accountant's orders, from which `epsilon_spent` is converted.
+#: `epsilon_spent` is the PLD epsilon of the period's releases composed as `composition` says: "parallel" (event
+#: level: the worst instant's releases) or "sequential" (entity level). `mechanisms` holds, per release (in the
+#: order of `release_ids`), its interval and Skellam mechanism (total variance on every slot; a privacy unit moves
+#: at most `coordinates` slots by `shift` integer units each; NULL variance: noise off, test mode, charged
+#: nothing). `rdp` is the Renyi-DP curve of the same composition at the accountant's orders and `epsilon_rdp` its
+#: conversion, a looser bound that `epsilon_spent` never exceeds. Rows written before these three columns existed
+#: hold NULL there: their RDP curves add (sequentially) and `epsilon_spent` is the curve's conversion.
+BUDGET_MECHANISM = pa.struct(
+    [
+        pa.field("interval_start", _TS),
+        pa.field("interval_end", _TS),
+        pa.field("variance", pa.float64()),
+        pa.field("coordinates", pa.int64()),
+        pa.field("shift", pa.int64()),
+    ]
+)
 BUDGET_SCHEMA = pa.schema(
     [
         pa.field("period", pa.string(), nullable=False),
@@ -94,6 +117,9 @@ BUDGET_SCHEMA = pa.schema(
         pa.field("aggregates", pa.list_(pa.string()), nullable=False),
         pa.field("rdp", pa.list_(pa.float64()), nullable=False),
         pa.field("updated_at", _TS, nullable=False),
+        pa.field("composition", pa.string(), nullable=True),
+        pa.field("mechanisms", pa.list_(BUDGET_MECHANISM), nullable=True),
+        pa.field("epsilon_rdp", pa.float64(), nullable=True),
     ]
 )
 

@@ -351,14 +351,15 @@ def test_production_needs_a_quorum_of_at_least_the_colluders_plus_two(tmp_path: 
 
 
 def test_noise_shares_do_not_count_on_colluders(tmp_path: Path) -> None:
-    """Each share is v / (quorum - max_colluding): the honest contributors of any quorate release carry v."""
+    """Each share is v / (quorum - 1 - max_colluding): with a quorum of contributors, the shares that one contributor
+    (keeping its own draws) and the colluders do not know still carry v."""
     from fusion.parameters import release_parameters
 
     base = valid_text(quorum=3, noise=True, institutions=[("a", "csv"), ("b", "csv"), ("c", "csv")])
     plain = release_parameters(load_config(write(tmp_path, base)))
     wary = release_parameters(load_config(write(tmp_path, base.replace("quorum = 3", "quorum = 3\nmax_colluding = 1"))))
-    assert plain.share_variance == pytest.approx(plain.total_variance / 3)
-    assert wary.share_variance == pytest.approx(wary.total_variance / 2)
+    assert plain.share_variance == pytest.approx(plain.total_variance / 2)
+    assert wary.share_variance == pytest.approx(wary.total_variance / 1)
     assert wary.total_variance == plain.total_variance and wary.digest() != plain.digest()
 
 

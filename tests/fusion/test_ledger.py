@@ -1,28 +1,44 @@
-"""The budget ledger: RDP composition per period, idempotent spends, refusals, and races for the last budget."""
+"""The budget ledger: PLD composition per period (parallel at event level, sequential at entity level), older
+RDP-only rows, idempotent spends, refusals, races for the last budget, and `fusion budget`."""
 
 from __future__ import annotations
 
 import hashlib
 import multiprocessing
 import threading
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
+from deltalake import write_deltalake
 
 from fusion.config import parse_config
 from fusion.errors import FusionError, ReleaseRefused
 from fusion.ledger import BudgetExceeded, BudgetLedger
 from fusion.plan import Period, period_of
 from fusion.store import Store
-from privacy.accountant import ORDERS, epsilon_from_rdp, skellam_rdp
+from privacy.accountant import (
+    ORDERS,
+    Composition,
+    ReleaseCharge,
+    epsilon_for,
+    epsilon_from_rdp,
+    mechanism_rdp,
+    skellam_epsilon,
+)
+from privacy.pld import SkellamMechanism
+from schemas.tables import BUDGET_SCHEMA
 from tests.conftest import config_text
 
 DAY = Period("2026-01-01", datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC))
-RDP = skellam_rdp(variance=4e4, l1=200.0, l2=150.0)  # one release's curve
-DELTA = 1e-6
-ONE = epsilon_from_rdp(RDP, delta=DELTA)
+#: One release: the demo's noise level (variance calibrated to epsilon 1 at delta 1e-7), four slots per reading.
+MECHANISM = SkellamMechanism(variance=3.16e7, coordinates=4, shift=600)
+DELTA = 1e-7
+ONE = skellam_epsilon([MECHANISM], delta=DELTA)
+SEQUENTIAL, PARALLEL = Composition.SEQUENTIAL, Composition.PARALLEL
 
 
 def sha(release_id: str) -> str:
@@ -30,32 +46,142 @@ def sha(release_id: str) -> str:
     return hashlib.sha256(release_id.encode()).hexdigest()
 
 
-def test_one_release_epsilon_is_the_single_release_conversion(tmp_path: Path) -> None:
+def charge(hours: tuple[int, int] = (0, 24), composition: Composition = SEQUENTIAL) -> ReleaseCharge:
+    """One release of MECHANISM covering [DAY + hours[0], DAY + hours[1])."""
+    start, end = (DAY.start + timedelta(hours=h) for h in hours)
+    return ReleaseCharge(mechanism=MECHANISM, start=start, end=end, composition=composition)
+
+
+def spend(ledger: BudgetLedger, release_id: str, cap: float, what: ReleaseCharge | None = None, **kwargs: object):
+    return ledger.spend(
+        period=DAY, release_id=release_id, aggregate_sha256=sha(release_id), charge=what or charge(), cap=cap,
+        delta=kwargs.pop("delta", DELTA), **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_one_release_is_charged_its_pld_epsilon(tmp_path: Path) -> None:
     ledger = BudgetLedger(Store(tmp_path))
-    spend = ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=10.0, delta=DELTA)
-    assert spend.charged and spend.epsilon_before == 0.0 and spend.epsilon_after == pytest.approx(ONE, rel=1e-12)
+    spent = spend(ledger, "r1", 10.0)
+    assert spent.charged and spent.epsilon_before == 0.0 and spent.epsilon_after == ONE
     row = ledger.rows().to_pylist()[0]
     assert (row["period"], row["releases"], row["release_ids"]) == ("2026-01-01", 1, ["r1"])
-    assert row["epsilon_cap"] == 10.0 and row["delta"] == DELTA
-    np.testing.assert_allclose(row["rdp"], RDP)
+    assert row["epsilon_cap"] == 10.0 and row["delta"] == DELTA and row["composition"] == "sequential"
+    assert row["mechanisms"] == [
+        {"interval_start": DAY.start, "interval_end": DAY.end, "variance": 3.16e7, "coordinates": 4, "shift": 600}
+    ]
+    np.testing.assert_allclose(row["rdp"], mechanism_rdp(MECHANISM))
+    # The RDP cross-check is stored beside it, and is looser.
+    rdp = epsilon_for(variance=3.16e7, l1=MECHANISM.l1, l2=MECHANISM.l2, delta=DELTA)
+    assert row["epsilon_rdp"] == pytest.approx(rdp, rel=1e-12) and rdp > ONE
 
 
-def test_releases_compose_in_rdp_and_never_below_the_sum_of_one(tmp_path: Path) -> None:
+def test_three_disjoint_event_level_intervals_are_charged_one_release(tmp_path: Path) -> None:
+    """Event level: a reading lies in one interval, so releases of disjoint intervals compose in parallel."""
     ledger = BudgetLedger(Store(tmp_path))
-    for k in range(1, 6):
-        spend = ledger.spend(
-            period=DAY, release_id=f"r{k}", aggregate_sha256=sha(f"r{k}"), rdp=RDP, cap=100.0, delta=DELTA
-        )
-        # Independent check: k compositions is the conversion of k times the curve.
-        assert spend.epsilon_after == pytest.approx(epsilon_from_rdp(k * RDP, delta=DELTA), rel=1e-12)
-        assert ONE <= spend.epsilon_after <= k * ONE + 1e-12  # RDP composition is tighter than adding epsilons
-    assert ledger.rows().column("releases").to_pylist() == [5]
+    for i, hours in enumerate([(0, 8), (8, 16), (16, 24)]):
+        spent = spend(ledger, f"r{i}", ONE, charge(hours, PARALLEL))  # the cap: one release
+        assert spent.charged and spent.epsilon_after == ONE
+    row = ledger.rows().to_pylist()[0]
+    assert row["releases"] == 3 and row["epsilon_spent"] == ONE and row["composition"] == "parallel"
+    assert row["epsilon_spent"] < skellam_epsilon([MECHANISM] * 3, delta=DELTA) < 1.9 * ONE  # what sequential says
+    np.testing.assert_allclose(row["rdp"], mechanism_rdp(MECHANISM))  # the RDP curve of the worst instant
+
+
+def test_overlapping_event_level_intervals_compose_at_the_instants_they_share(tmp_path: Path) -> None:
+    ledger = BudgetLedger(Store(tmp_path))
+    cap = skellam_epsilon([MECHANISM] * 2, delta=DELTA) + 1e-9
+    spend(ledger, "day", cap, charge((0, 24), PARALLEL))
+    assert spend(ledger, "morning", cap, charge((0, 12), PARALLEL)).epsilon_after == cap - 1e-9
+    assert spend(ledger, "evening", cap, charge((12, 24), PARALLEL)).epsilon_after == cap - 1e-9  # disjoint from it
+    with pytest.raises(BudgetExceeded, match="needs epsilon"):  # a third release over the morning hours
+        spend(ledger, "noon", cap, charge((11, 13), PARALLEL))
+    assert ledger.rows().column("releases").to_pylist() == [3]
+
+
+def test_entity_level_releases_compose_sequentially(tmp_path: Path) -> None:
+    ledger = BudgetLedger(Store(tmp_path))
+    for k in range(1, 4):
+        spent = spend(ledger, f"r{k}", 100.0, charge((k, k + 1), SEQUENTIAL))  # disjoint, yet they compose
+        assert spent.epsilon_after == skellam_epsilon([MECHANISM] * k, delta=DELTA)
+        rdp = epsilon_from_rdp(k * mechanism_rdp(MECHANISM), delta=DELTA)
+        assert ONE <= spent.epsilon_after <= k * ONE and spent.epsilon_after < rdp  # PLD tighter than RDP
+    row = ledger.rows().to_pylist()[0]
+    assert row["releases"] == 3 and row["composition"] == "sequential"
+    assert row["epsilon_spent"] < row["epsilon_rdp"]
+
+
+def test_a_release_without_noise_is_charged_nothing(tmp_path: Path) -> None:
+    ledger = BudgetLedger(Store(tmp_path))
+    off = ReleaseCharge(mechanism=None, start=DAY.start, end=DAY.end, composition=SEQUENTIAL)
+    assert spend(ledger, "test-mode", 10.0, off).epsilon_after == 0.0
+    assert spend(ledger, "r1", 10.0, charge()).epsilon_after == ONE
+    assert ledger.rows().to_pylist()[0]["mechanisms"][0]["variance"] is None
+
+
+def older_row(releases: int) -> dict[str, object]:
+    """A budget row as the ledger wrote it before it kept mechanisms: RDP curves only, composed sequentially."""
+    rdp = releases * mechanism_rdp(MECHANISM)
+    return {
+        "period": DAY.name, "period_start": DAY.start, "period_end": DAY.end, "epsilon_cap": 10.0,
+        "epsilon_spent": epsilon_from_rdp(rdp, delta=DELTA), "delta": DELTA, "releases": releases,
+        "release_ids": [f"old{i}" for i in range(releases)], "aggregates": [sha(f"old{i}") for i in range(releases)],
+        "rdp": rdp.tolist(), "updated_at": datetime(2026, 1, 1, 12, tzinfo=UTC),
+    }
+
+
+def test_an_older_row_without_mechanisms_goes_on_composing_its_rdp_curves(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    older = pa.schema([f for f in BUDGET_SCHEMA if f.name not in ("composition", "mechanisms", "epsilon_rdp")])
+    write_deltalake(store.table_path("budget"), pa.Table.from_pylist([older_row(2)], schema=older))
+    ledger = BudgetLedger(store)
+    again = spend(ledger, "old1", 10.0)
+    assert not again.charged and again.epsilon_after == epsilon_from_rdp(2 * mechanism_rdp(MECHANISM), delta=DELTA)
+    spent = spend(ledger, "new", 10.0, charge((0, 8), PARALLEL))  # whatever the unit: sequential, in RDP
+    assert spent.epsilon_after == pytest.approx(epsilon_from_rdp(3 * mechanism_rdp(MECHANISM), delta=DELTA))
+    row = ledger.rows().to_pylist()[0]
+    assert row["releases"] == 3 and row["composition"] is None and row["mechanisms"] is None
+    assert row["epsilon_rdp"] == row["epsilon_spent"]
+    # The table gained the new columns with that row: a new period composes as its unit implies.
+    tomorrow = Period("2026-01-02", DAY.end, DAY.end + timedelta(days=1))
+    for hour in (0, 1):
+        start = tomorrow.start + timedelta(hours=hour)
+        ledger.spend(period=tomorrow, release_id=f"t{hour}", aggregate_sha256=sha(f"t{hour}"), cap=10.0, delta=DELTA,
+                     charge=ReleaseCharge(MECHANISM, start, start + timedelta(hours=1), PARALLEL))
+    rows = {r["period"]: r for r in ledger.rows().to_pylist()}
+    assert rows["2026-01-02"]["composition"] == "parallel" and rows["2026-01-02"]["epsilon_spent"] == ONE
+    assert rows["2026-01-01"]["composition"] is None and rows["2026-01-01"]["releases"] == 3
+
+
+def test_a_period_s_composition_cannot_change_once_budget_is_spent(tmp_path: Path) -> None:
+    ledger = BudgetLedger(Store(tmp_path))
+    spend(ledger, "r1", 10.0, charge((0, 8), PARALLEL))
+    for preview in (True, False):
+        with pytest.raises(FusionError, match="privacy unit cannot change"):
+            if preview:
+                ledger.check(period=DAY, release_id="r2", charge=charge((8, 16)), cap=10.0, delta=DELTA)
+            else:
+                spend(ledger, "r2", 10.0, charge((8, 16), SEQUENTIAL))
+    assert ledger.rows().column("releases").to_pylist() == [1]
+
+
+def test_fusion_budget_names_the_composition_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fusion.cli import main  # here: the racing processes below import this module, and need no CLI
+
+    config_path = tmp_path / "federation.toml"
+    config_path.write_text(config_text(institutions=[("a", "csv")], quorum=1))
+    ledger = BudgetLedger(Store(parse_config(tomllib.loads(config_path.read_text()), base=tmp_path).store_path))
+    spend(ledger, "r1", 10.0, charge((0, 8), PARALLEL))
+    assert main(["budget", "--config", str(config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "composition" in out and "parallel" in out and "sequential = entity level" in out
+    assert main(["budget", "--config", str(config_path), "--format", "json"]) == 0
+    assert '"composition": "parallel"' in capsys.readouterr().out
 
 
 def test_charging_the_same_release_twice_spends_once(tmp_path: Path) -> None:
     ledger = BudgetLedger(Store(tmp_path))
-    first = ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=10.0, delta=DELTA)
-    again = ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=10.0, delta=DELTA)
+    first = spend(ledger, "r1", 10.0)
+    again = spend(ledger, "r1", 10.0)
     assert first.charged and not again.charged
     assert again.epsilon_after == first.epsilon_after
     assert ledger.rows().column("releases").to_pylist() == [1]
@@ -63,37 +189,39 @@ def test_charging_the_same_release_twice_spends_once(tmp_path: Path) -> None:
 
 def test_a_second_aggregate_for_a_charged_release_is_refused(tmp_path: Path) -> None:
     ledger = BudgetLedger(Store(tmp_path))
-    ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=10.0, delta=DELTA)
+    spend(ledger, "r1", 10.0)
     with pytest.raises(ReleaseRefused, match="second noisy view"):
-        ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("other"), rdp=RDP, cap=10.0, delta=DELTA)
+        ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("other"), charge=charge(), cap=10.0,
+                     delta=DELTA)
     row = ledger.rows().to_pylist()[0]
     assert row["releases"] == 1 and row["aggregates"] == [sha("r1")]
 
 
 def test_a_release_over_the_cap_is_refused_saying_what_it_needs_and_what_is_left(tmp_path: Path) -> None:
     ledger = BudgetLedger(Store(tmp_path))
-    cap = epsilon_from_rdp(2 * RDP, delta=DELTA) + 1e-9  # exactly two releases fit
-    ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=cap, delta=DELTA)
-    ledger.spend(period=DAY, release_id="r2", aggregate_sha256=sha("r2"), rdp=RDP, cap=cap, delta=DELTA)
+    two, three = (skellam_epsilon([MECHANISM] * k, delta=DELTA) for k in (2, 3))
+    cap = two + 1e-9  # exactly two releases fit
+    spend(ledger, "r1", cap)
+    spend(ledger, "r2", cap)
     with pytest.raises(BudgetExceeded) as refused:
-        ledger.spend(period=DAY, release_id="r3", aggregate_sha256=sha("r3"), rdp=RDP, cap=cap, delta=DELTA)
-    needed = epsilon_from_rdp(3 * RDP, delta=DELTA) - epsilon_from_rdp(2 * RDP, delta=DELTA)
+        spend(ledger, "r3", cap)
     message = str(refused.value)
-    assert f"needs epsilon {needed:.4f}" in message and "is left" in message and f"cap is {cap:.4f}" in message
+    assert f"needs epsilon {three - two:.4f}" in message and "is left" in message and f"cap is {cap:.4f}" in message
     with pytest.raises(BudgetExceeded):
-        ledger.check(period=DAY, release_id="r3", rdp=RDP, cap=cap, delta=DELTA)
-    ledger.check(period=DAY, release_id="r2", rdp=RDP, cap=cap, delta=DELTA)  # already charged: fine
+        ledger.check(period=DAY, release_id="r3", charge=charge(), cap=cap, delta=DELTA)
+    ledger.check(period=DAY, release_id="r2", charge=charge(), cap=cap, delta=DELTA)  # already charged: fine
     assert ledger.rows().column("releases").to_pylist() == [2]
     # Another period has its own budget.
     other = Period("2026-01-02", DAY.end, DAY.end + timedelta(days=1))
+    tomorrow = ReleaseCharge(mechanism=MECHANISM, start=other.start, end=other.end, composition=SEQUENTIAL)
     assert ledger.spend(
-        period=other, release_id="r3", aggregate_sha256=sha("r3"), rdp=RDP, cap=cap, delta=DELTA
+        period=other, release_id="r3", aggregate_sha256=sha("r3"), charge=tomorrow, cap=cap, delta=DELTA
     ).charged
 
 
 def test_periods_follow_the_configured_grid_and_intervals_may_not_straddle_them() -> None:
     config = parse_config(
-        __import__("tomllib").loads(
+        tomllib.loads(
             config_text(institutions=[("a", "csv")], quorum=1).replace('mode = "test"', 'period = "12h"\nmode = "test"')
         )
     )
@@ -112,7 +240,7 @@ def _spend_in_process(path: str, release_id: str, cap: float, barrier: object, r
     ledger = BudgetLedger(Store(path))
     barrier.wait()  # type: ignore[attr-defined]
     try:
-        ledger.spend(period=DAY, release_id=release_id, aggregate_sha256=sha(release_id), rdp=RDP, cap=cap, delta=DELTA)
+        spend(ledger, release_id, cap)
         results.put((release_id, "spent"))  # type: ignore[attr-defined]
     except BudgetExceeded:
         results.put((release_id, "refused"))  # type: ignore[attr-defined]
@@ -124,10 +252,8 @@ def test_two_processes_racing_for_the_last_budget_cannot_both_succeed(tmp_path: 
     for attempt in range(rounds):
         path = str(tmp_path / f"store-{attempt}")
         ledger = BudgetLedger(Store(path))
-        cap = epsilon_from_rdp(2 * RDP, delta=DELTA) + 1e-9
-        ledger.spend(
-            period=DAY, release_id="first", aggregate_sha256=sha("first"), rdp=RDP, cap=cap, delta=DELTA
-        )  # one release left
+        cap = skellam_epsilon([MECHANISM] * 2, delta=DELTA) + 1e-9
+        spend(ledger, "first", cap)  # one release left
         barrier, results = context.Barrier(2), context.Queue()
         workers = [
             context.Process(target=_spend_in_process, args=(path, rid, cap, barrier, results))
@@ -145,21 +271,19 @@ def test_two_processes_racing_for_the_last_budget_cannot_both_succeed(tmp_path: 
 
 def test_threads_racing_for_many_releases_never_overspend(tmp_path: Path) -> None:
     ledger_path = tmp_path / "store"
-    cap = epsilon_from_rdp(3 * RDP, delta=DELTA) + 1e-9  # three of the six fit
+    cap = skellam_epsilon([MECHANISM] * 3, delta=DELTA) + 1e-9  # three of the six fit
     outcomes: list[str] = []
     barrier = threading.Barrier(6)
 
-    def spend(release_id: str) -> None:
+    def race(release_id: str) -> None:
         barrier.wait()
         try:
-            BudgetLedger(Store(ledger_path)).spend(
-                period=DAY, release_id=release_id, aggregate_sha256=sha(release_id), rdp=RDP, cap=cap, delta=DELTA
-            )
+            spend(BudgetLedger(Store(ledger_path)), release_id, cap)
             outcomes.append("spent")
         except BudgetExceeded:
             outcomes.append("refused")
 
-    threads = [threading.Thread(target=spend, args=(f"r{i}",)) for i in range(6)]
+    threads = [threading.Thread(target=race, args=(f"r{i}",)) for i in range(6)]
     for t in threads:
         t.start()
     for t in threads:
@@ -167,36 +291,38 @@ def test_threads_racing_for_many_releases_never_overspend(tmp_path: Path) -> Non
     assert sorted(outcomes) == ["refused"] * 3 + ["spent"] * 3
     row = BudgetLedger(Store(ledger_path)).rows().to_pylist()[0]
     assert row["releases"] == 3 and len(set(row["release_ids"])) == 3
-    assert row["epsilon_spent"] == pytest.approx(epsilon_from_rdp(3 * RDP, delta=DELTA), rel=1e-12)
-    assert len(ORDERS) == len(row["rdp"])
+    assert row["epsilon_spent"] == skellam_epsilon([MECHANISM] * 3, delta=DELTA)
+    assert len(ORDERS) == len(row["rdp"]) and len(row["mechanisms"]) == 3
 
 
 def test_a_changed_period_grid_or_cap_cannot_charge_the_same_data_again(tmp_path: Path) -> None:
     ledger = BudgetLedger(Store(tmp_path))
-    ledger.spend(period=DAY, release_id="r1", aggregate_sha256=sha("r1"), rdp=RDP, cap=ONE + 1e-9, delta=DELTA)
+    spend(ledger, "r1", ONE + 1e-9)
     half_day = Period("2026-01-01T00:00Z", DAY.start, DAY.start + timedelta(hours=12))
     with pytest.raises(FusionError, match="privacy period changed"):
-        ledger.spend(period=half_day, release_id="r2", aggregate_sha256=sha("r2"), rdp=RDP, cap=10.0, delta=DELTA)
+        ledger.spend(period=half_day, release_id="r2", aggregate_sha256=sha("r2"), charge=charge((0, 12)), cap=10.0,
+                     delta=DELTA)
     two_days = Period("2026-01-01", DAY.start, DAY.start + timedelta(days=2))  # same name, other bounds
     with pytest.raises(FusionError, match="privacy period changed"):
-        ledger.spend(period=two_days, release_id="r2", aggregate_sha256=sha("r2"), rdp=RDP, cap=10.0, delta=DELTA)
+        ledger.spend(period=two_days, release_id="r2", aggregate_sha256=sha("r2"), charge=charge(), cap=10.0,
+                     delta=DELTA)
     with pytest.raises(FusionError, match="cap cannot change"):
-        ledger.spend(period=DAY, release_id="r2", aggregate_sha256=sha("r2"), rdp=RDP, cap=10.0, delta=DELTA)
+        spend(ledger, "r2", 10.0)
     assert ledger.rows().column("releases").to_pylist() == [1]
 
 
 def test_a_loosened_delta_cannot_stretch_a_period_s_cap(tmp_path: Path) -> None:
-    # At the delta it was opened with, the cap fits two releases; a looser delta would convert the same RDP
-    # curve to a smaller epsilon and let the period take more releases than the cap allowed.
+    # At the delta it was opened with, the cap fits two releases; a looser delta would give the same releases a
+    # smaller epsilon and let the period take more releases than the cap allowed.
     ledger = BudgetLedger(Store(tmp_path))
-    cap = epsilon_from_rdp(2 * RDP, delta=DELTA) + 1e-9
+    cap = skellam_epsilon([MECHANISM] * 2, delta=DELTA) + 1e-9
     for release in ("r1", "r2"):
-        ledger.spend(period=DAY, release_id=release, aggregate_sha256=sha(release), rdp=RDP, cap=cap, delta=DELTA)
-    assert epsilon_from_rdp(3 * RDP, delta=1e-3) < cap  # what a looser delta would have let through
+        spend(ledger, release, cap)
+    assert skellam_epsilon([MECHANISM] * 3, delta=1e-3) < cap  # what a looser delta would have let through
     for check in (ledger.check, ledger.spend):
         kwargs = {"aggregate_sha256": sha("r3")} if check == ledger.spend else {}
         with pytest.raises(FusionError, match="delta cannot change"):
-            check(period=DAY, release_id="r3", rdp=RDP, cap=cap, delta=1e-3, **kwargs)
+            check(period=DAY, release_id="r3", charge=charge(), cap=cap, delta=1e-3, **kwargs)
     with pytest.raises(BudgetExceeded):
-        ledger.spend(period=DAY, release_id="r3", aggregate_sha256=sha("r3"), rdp=RDP, cap=cap, delta=DELTA)
+        spend(ledger, "r3", cap)
     assert ledger.rows().column("releases").to_pylist() == [2]

@@ -35,7 +35,7 @@ from pipelines.release import release
 from pipelines.run import run_aggregate, run_contributions, run_unmask
 from pipelines.unmask import acknowledge
 from privacy import he
-from privacy.accountant import epsilon_for
+from privacy.accountant import skellam_epsilon
 from privacy.envelope import (
     MAGIC_V2,
     EnvelopeHeader,
@@ -48,6 +48,9 @@ from privacy.signing import generate_signing_key
 from tests.conftest import END, METRICS, START, Federation
 
 pytestmark = pytest.mark.e2e
+
+#: Entity level, where a period's releases compose sequentially (at event level disjoint ones compose in parallel).
+ENTITY_LEVEL = 'unit = "entity"\nmax_partitions = 3\nmax_readings_per_partition = 2'
 
 
 def reference_cells(fed: Federation) -> pa.Table:
@@ -121,7 +124,11 @@ def test_noise_on_is_consistent_with_reported_sd(make_federation):
     run_batch(plan)
     cells = joined(fed)
     contributors = len(fed.config.institutions)
-    variance = contributors * plan.params.total_variance / plan.params.quorum
+    # Each contributor sealed v / (quorum - 1) and removed its excess layers once all three were included: the
+    # noise left is the floor, v * n / (n - 1), not the sealed n * v / (quorum - 1).
+    variance = contributors * plan.params.total_variance / (contributors - 1)
+    assert variance == pytest.approx(plan.params.layers.total(contributors))
+    assert plan.params.share_variance == pytest.approx(plan.params.total_variance / (plan.params.quorum - 1))
     weights = {m: e.count_weight for m, e in zip(METRICS, plan.params.encodings, strict=True)}
     units = {m: e.sum_unit() for m, e in zip(METRICS, plan.params.encodings, strict=True)}
     centres = {m: e.centre for m, e in zip(METRICS, plan.params.encodings, strict=True)}
@@ -371,34 +378,20 @@ def test_stddev_and_quantiles_with_noise_off_match_duckdb(make_federation):
 
 
 def test_the_plan_counts_the_releases_a_period_admits(make_federation):
-    fed = make_federation(noise=True)
+    fed = make_federation(noise=True)  # event level: releases of disjoint intervals compose in parallel
+    assert releases_that_fit(plan_release(fed.config, START, END).params, 1.0) is None
+    fed = make_federation(noise=True, subdir="entity", extra_privacy=ENTITY_LEVEL)  # sequential
     params = plan_release(fed.config, START, END).params
     assert releases_that_fit(params, params.epsilon) == 1
     k = releases_that_fit(params, 3.0)
-    assert (
-        epsilon_for(
-            variance=params.total_variance,
-            l1=params.sensitivity.l1,
-            l2=params.sensitivity.l2,
-            delta=params.delta,
-            releases=k,
-        )
-        <= 3.0
-    )
-    assert (
-        epsilon_for(
-            variance=params.total_variance,
-            l1=params.sensitivity.l1,
-            l2=params.sensitivity.l2,
-            delta=params.delta,
-            releases=k + 1,
-        )
-        > 3.0
-    )
+    assert k is not None and params.mechanism is not None
+    assert skellam_epsilon([params.mechanism] * k, delta=params.delta) <= 3.0
+    assert skellam_epsilon([params.mechanism] * (k + 1), delta=params.delta) > 3.0
 
 
 def test_a_release_past_the_period_cap_is_refused_before_any_work(make_federation):
-    fed = make_federation(noise=True)  # cap defaults to epsilon: one release per day
+    # Entity level (releases compose sequentially), and the cap defaults to epsilon: one release per day.
+    fed = make_federation(noise=True, extra_privacy=ENTITY_LEVEL)
     first = plan_release(fed.config, START, END)
     assert run_batch(first).status == "released"
     second = plan_release(fed.config, END, END + (END - START))  # the same UTC day

@@ -199,7 +199,9 @@ def test_concurrent_schedulers_never_release_an_interval_twice(make_federation: 
 def test_backfill_runs_missing_intervals_in_order_and_the_ledger_decides(
     make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fed = scheduled(make_federation, epsilon_cap=None, noise=True)  # the cap is one release a day
+    fed = scheduled(make_federation, epsilon_cap=None, noise=True)  # the cap is one release a day ...
+    entity = '[privacy]\nunit = "entity"\nmax_partitions = 3\nmax_readings_per_partition = 2\n'
+    fed.config_path.write_text(fed.config_path.read_text().replace("[privacy]\n", entity))  # ... composed in sequence
     args = ["backfill", "--config", str(fed.config_path), "--from", START.isoformat(), "--to",
             (START + 3 * H).isoformat(), "--runner-id", "manual"]
     assert main(args) == 0

@@ -23,9 +23,10 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
+from fusion.errors import FusionError
 from fusion.faults import CRASH_ENV, CRASH_EXIT_CODE
 from fusion.store import Store
-from fusion.stream_state import StreamState, WindowStatus, closable, load_state, window_start
+from fusion.stream_state import WindowStatus, load_state
 from pipelines.batch import run_batch
 from pipelines.stream import StampWindows, WindowReadings
 from pipelines.stream_driver import StreamDriver
@@ -86,36 +87,17 @@ def test_stamp_windows_splits_a_batch_by_event_time_window() -> None:
     ]
 
 
-def test_a_window_closes_when_every_watermark_passes_or_a_quorum_has_waited_the_deadline() -> None:
-    state = StreamState()
-    state.window(START)
-    now = START + 2 * HOUR
-    kwargs: dict[str, Any] = {"institutions": ["a", "b", "c"], "size": HOUR, "lateness": timedelta(minutes=10)}
-    state.advance("a", START + HOUR + timedelta(minutes=5))  # watermark 55 min: not past the end
-    assert closable(state, **kwargs, quorum=2, deadline=timedelta(minutes=15), now=now) == []
-    state.advance("a", START + HOUR + timedelta(minutes=10))
-    state.advance("b", START + 2 * HOUR)
-    assert closable(state, **kwargs, quorum=2, deadline=timedelta(minutes=15), now=now) == []  # quorum, waiting
-    assert state.windows[START.isoformat()].quorum_at == now.isoformat()
-    later = now + timedelta(minutes=15)
-    assert closable(state, **kwargs, quorum=2, deadline=timedelta(minutes=15), now=later) == [START]
-    state.advance("c", START + 3 * HOUR)  # everyone past: no need to wait
-    assert closable(state, **kwargs, quorum=2, deadline=timedelta(hours=9), now=now) == [START]
-    fresh = StreamState()
-    fresh.window(START)
-    assert closable(fresh, **kwargs, quorum=2, deadline=HOUR, now=now, drain=True) == [START]
-    assert window_start(START + timedelta(minutes=59), HOUR) == START
-
-
 # -- end to end --------------------------------------------------------------------------------------------
 
-STREAM_CONFIG = '\n[stream]\nallowed_lateness = "0s"\npoll = "1s"\n'
+#: The grid starts at START, the first hour of the test feeds (stream.start); the tests bound it with a clock or
+#: --until, since the real clock is far past the feeds' hours.
+STREAM_CONFIG = f'\n[stream]\nallowed_lateness = "0s"\npoll = "1s"\nstart = "{START.isoformat()}"\n'
 
 
 def stream_federation(make_federation: Any, subdir: str = "stream", cap: float = 50.0,
-                      noise: bool = False) -> Federation:
+                      noise: bool = False, stream: str = STREAM_CONFIG) -> Federation:
     fed = make_federation(noise=noise, quorum=2, subdir=subdir, extra_privacy=f"epsilon_cap = {cap}",
-                          extra=STREAM_CONFIG)
+                          extra=stream)
     for inst in fed.config.institutions:  # the feeds arrive while the stream runs
         shutil.rmtree(fed.directory / "feeds" / inst.id)
     return fed
@@ -148,40 +130,130 @@ def fusion_stream(config: Path, *extra: str, crash_at: str | None = None) -> sub
                           capture_output=True, text=True, timeout=300, env=env)
 
 
+def at(hours: float) -> datetime:
+    return START + hours * HOUR
+
+
+def window_starts(store_path: str) -> list[datetime]:
+    return sorted(set(Store(store_path).read("releases").column("window_start").to_pylist()))
+
+
+def exact_rejects_in_store(store_path: str) -> list[dict[str, Any]]:
+    """Rows of `rejects` holding counts no release carries: late readings, and rows refused before their event
+    time was known. The stream keeps these in its local state only."""
+    never_carried = {"late", "malformed_record", "missing_field", "mistyped_field", "unparseable_time",
+                     "out_of_interval"}
+    return [r for r in Store(store_path).read("rejects").to_pylist() if r["reason"] in never_carried]
+
+
+def with_times(table: pa.Table, *times: datetime) -> pa.Table:
+    table = table.slice(0, len(times))
+    return table.set_column(table.schema.get_field_index("event_time"), "event_time",
+                            pa.array(list(times), pa.timestamp("us", tz="UTC")))
+
+
+@pytest.mark.e2e
+def test_neighbouring_feeds_release_the_same_windows_and_are_charged_alike(make_federation):
+    """Two feeds one reading apart, that reading alone in its window: the stream releases the same public grid
+    (every window up to --until, readings or not) and the ledger charges both runs alike. A stream used to make
+    windows only from accepted readings, so the one reading added a release and its charge."""
+    runs: dict[str, tuple[pa.Table, list[dict[str, Any]]]] = {}
+    notices: list[str] = []
+    for name in ("without", "with"):
+        fed = stream_federation(make_federation, subdir=name, noise=True)
+        land(fed, 0)
+        if name == "with":
+            write_feed(with_times(hour_of(fed, "alpha", 0), at(2) + timedelta(minutes=10)),
+                       fed.directory / "feeds" / "alpha" / "one.parquet", "parquet")
+        StreamDriver(fed.config, until=at(3), on_notice=notices.append).run(drain=True)
+        store = Store(fed.config.store_path)
+        runs[name] = (store.read("releases"), store.read("budget").to_pylist())
+    released = {
+        name: sorted(set(zip(t.column("release_id").to_pylist(), t.column("window_start").to_pylist(), strict=True)))
+        for name, (t, _) in runs.items()
+    }
+    assert released["with"] == released["without"]
+    assert sorted(start for _, start in released["with"]) == [at(0), at(1), at(2)]
+    charged = {
+        name: [(b["period"], b["releases"], len(b["release_ids"]), b["epsilon_spent"]) for b in budget]
+        for name, (_, budget) in runs.items()
+    }
+    assert charged["with"] == charged["without"] and charged["with"][0][1] == 3
+    assert notices == [f"releasing 3 windows of the grid, {at(0).isoformat()} to {at(3).isoformat()}"] * 2
+    # A window without a single reading is released like any other: counts near 0, with the usual noise sd.
+    rows = runs["without"][0].to_pylist()
+    empty = [r for r in rows if r["window_start"] == at(1)]
+    full = {(r["metric"], r["region"]): r for r in rows if r["window_start"] == at(0)}
+    assert len(empty) == len(full) == 6
+    for row in empty:
+        assert row["count_sd"] == full[row["metric"], row["region"]]["count_sd"] > 0
+        assert abs(row["count"]) <= 5 * row["count_sd"]  # seeded test noise; 5 sd: 6e-7 per cell by chance
+
+
 @pytest.mark.e2e
 def test_fusion_stream_releases_each_window_like_the_batch_pipeline(make_federation):
-    """Files land in the feed directories while `fusion stream` runs; each hour is released once the next
-    hour's files pass its end; SIGTERM stops it cleanly; the releases equal the batch pipeline's (noise off)."""
+    """Files land while the stream steps; each hour is released once the processing clock passes its end (never
+    earlier, whatever the readings' times); `fusion stream --until` releases the last and stops by itself; the
+    releases equal the batch pipeline's (noise off)."""
     batch = make_federation(noise=False, quorum=2, subdir="batch")
     from fusion.plan import plan_release
 
     run_batch(plan_release(batch.config, START, END))
     fed = stream_federation(make_federation)
+    clock = [START]
+    driver = StreamDriver(fed.config, clock=lambda: clock[0])
+    for hour in range(5):
+        land(fed, hour)
+        land(fed, hour + 1) if hour == 4 else None  # readings of hour 5 move no release forward
+        clock[0] = at(hour + 1) - timedelta(seconds=1)
+        driver.step()
+        assert driver.state.windows[at(hour).isoformat()].status is WindowStatus.OPEN
+        clock[0] = at(hour + 1)
+        driver.step()
+        released = sorted(w for w, s in driver.state.windows.items() if s.status is WindowStatus.RELEASED)
+        assert released == [at(h).isoformat() for h in range(hour + 1)]
+    done = fusion_stream(fed.config_path, "--until", END.isoformat())  # the real clock is past END
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "windows open: 0 | released: 6" in done.stdout
+    assert cells(fed.config.store_path) == cells(batch.config.store_path)
+    assert len(cells(fed.config.store_path)) == 36
+    budget = Store(fed.config.store_path).read("budget").to_pylist()
+    assert budget[0]["releases"] == 6
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_the_stream_and_readings_before_the_grid_are_out_of_interval(make_federation):
+    """Without stream.start the grid starts at the window holding the state's creation (now): the feeds' hours
+    are long past, so their readings are rejected as out_of_interval, and no window is due yet."""
+    fed = stream_federation(make_federation, subdir="sigterm", stream='\n[stream]\npoll = "1s"\n')
+    land(fed, 0)
     process = subprocess.Popen([sys.executable, "-m", "fusion.cli", "stream", "--config", str(fed.config_path)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for hour in range(6):
-            land(fed, hour)
-            time.sleep(0.5)
         state_file = Path(fed.config.stream_state_path) / "state.json"
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # hours 0-4 close when hour 5's readings pass their ends
-            state = load_state(state_file)
-            if sum(w.status is WindowStatus.RELEASED for w in state.windows.values()) == 5:
-                break
-            time.sleep(0.5)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (state_file.exists() and load_state(state_file).processed):
+            time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == 0, out + err
-    assert "windows open: 1" in out
-    drained = fusion_stream(fed.config_path, "--drain")  # the last hour closes when the stream drains
-    assert drained.returncode == 0, drained.stdout + drained.stderr
-    assert cells(fed.config.store_path) == cells(batch.config.store_path)
-    assert len(cells(fed.config.store_path)) == 36
-    budget = Store(fed.config.store_path).read("budget").to_pylist()
-    assert budget[0]["releases"] == 6
+    state = load_state(state_file)
+    rows = sum(hour_of(fed, i, 0).num_rows for i in fed.raw)
+    assert state.readings == 0 and state.unwindowed == {i: {"out_of_interval": hour_of(fed, i, 0).num_rows}
+                                                        for i in fed.raw}
+    assert "windows open: 0 | released: 0 | last release: none yet" in out and f"rejects: {rows:,}" in out
+    assert datetime.fromisoformat(state.created_at or "") > END
+
+
+def test_a_grid_start_far_in_the_past_is_refused_naming_the_setting(make_federation):
+    fed = stream_federation(make_federation, subdir="backlog")
+    driver = StreamDriver(fed.config)  # the real clock: every hour since START is due
+    with pytest.raises(FusionError, match=r"windows of the stream's grid are due.*stream.max_backlog = 168"):
+        driver.step()
+    assert driver.state.windows == {}  # nothing closed, nothing charged
+    assert Store(fed.config.store_path).read("budget").num_rows == 0
 
 
 @pytest.mark.e2e
@@ -190,17 +262,15 @@ def test_a_killed_stream_restarts_without_losing_or_repeating_anything(make_fede
     fed = stream_federation(make_federation)
     for hour in range(3):
         land(fed, hour)
-    crashed = fusion_stream(fed.config_path, "--drain", crash_at=crash_at)
+    crashed = fusion_stream(fed.config_path, "--drain", "--until", at(3).isoformat(), crash_at=crash_at)
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stdout + crashed.stderr
     for hour in range(3, 6):
         land(fed, hour)
-    rerun = fusion_stream(fed.config_path, "--drain")
+    rerun = fusion_stream(fed.config_path, "--drain", "--until", END.isoformat())
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     released = Store(fed.config.store_path).read("releases")
     assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
-    assert sorted(set(released.column("window_start").to_pylist())) == [
-        START + h * HOUR for h in range(6)
-    ]
+    assert window_starts(fed.config.store_path) == [at(h) for h in range(6)]
     budget = Store(fed.config.store_path).read("budget").to_pylist()
     assert budget[0]["releases"] == 6  # each window charged once
     state = load_state(Path(fed.config.stream_state_path) / "state.json")
@@ -209,30 +279,32 @@ def test_a_killed_stream_restarts_without_losing_or_repeating_anything(make_fede
 
 @pytest.mark.e2e
 def test_late_readings_are_counted_and_a_spent_budget_refuses_windows_but_the_stream_goes_on(make_federation):
-    # A cap of one release per day: hours 1.. are refused (recorded), and the stream keeps ingesting.
+    # A cap of one release per day: hours 1.. are refused (recorded), and the stream keeps ingesting. Entity level:
+    # there a day's windows compose in sequence (at event level disjoint windows compose in parallel).
     fed = stream_federation(make_federation, cap=1.0, noise=True)
+    entity = '[privacy]\nunit = "entity"\nmax_partitions = 3\nmax_readings_per_partition = 2\n'
+    fed.config_path.write_text(fed.config_path.read_text().replace("[privacy]\n", entity))
     for hour in range(4):
         land(fed, hour)
-    driver = StreamDriver(fed.config)
+    driver = StreamDriver(fed.config, clock=lambda: at(3))
     driver.run(drain=False, sleep=lambda s: setattr(driver, "stop_requested", True))
     windows = {datetime.fromisoformat(w): s for w, s in driver.state.windows.items()}
-    assert [windows[START + h * HOUR].status for h in range(3)] == [WindowStatus.RELEASED] + [
-        WindowStatus.REFUSED
-    ] * 2
+    assert [windows[at(h)].status for h in range(4)] == [WindowStatus.RELEASED] + [WindowStatus.REFUSED] * 2 + [
+        WindowStatus.OPEN
+    ]
     assert "needs epsilon" in (windows[START + HOUR].reason or "")
     status = driver.status()  # what the status line and the final summary of `fusion stream` show
-    assert status.released == 1 and len(status.refused) >= 2 and "needs epsilon" in status.refused[0]
-    # Readings for hour 0 arrive after it was released: late, counted in `rejects`, kept as dead letters.
+    assert status.released == 1 and len(status.refused) == 2 and "needs epsilon" in status.refused[0]
+    # Readings for hour 0 arrive after it was released: late, counted in the stream's state, kept as dead
+    # letters; their exact count reaches no shared table.
     inst = fed.config.institutions[0]
-    late = fed.raw[inst.id].slice(0, 5).set_column(
-        fed.raw[inst.id].schema.get_field_index("event_time"), "event_time",
-        pa.array([START + timedelta(minutes=m) for m in range(5)], pa.timestamp("us", tz="UTC")),
-    )
+    late = with_times(fed.raw[inst.id], *(START + timedelta(minutes=m) for m in range(5)))
     write_feed(late, fed.directory / "feeds" / inst.id / f"late.{EXT[inst.feeds[0].format.value]}",
                inst.feeds[0].format.value)
     driver.step()
-    rejects = Store(fed.config.store_path).read("rejects").to_pylist()
-    assert [(r["institution"], r["rows"]) for r in rejects if r["reason"] == "late"] == [(inst.id, 5)]
+    assert driver.state.windows[START.isoformat()].rejects == {inst.id: {"late": 5}}
+    assert driver.status().rejected == 5
+    assert exact_rejects_in_store(fed.config.store_path) == []
     dead = list((fed.directory / "deadletter" / inst.id / "stream").glob("*late*.parquet"))
     assert dead and sum(pq.read_table(p).num_rows for p in dead) == 5
     refusals = [a for a in Store(fed.config.store_path).read("audit").to_pylist() if a["action"] == "budget_refused"]
@@ -242,7 +314,7 @@ def test_late_readings_are_counted_and_a_spent_budget_refuses_windows_but_the_st
 @pytest.mark.e2e
 def test_json_lines_on_stdin_are_journalled_windowed_and_released(make_federation):
     """alpha's readings arrive as JSON lines on standard input (a closed pipe here); beta's and gamma's as
-    files. Draining releases every hour with exactly the readings sent."""
+    files. Draining releases every hour up to --until with exactly the readings sent."""
     import io
     import json
 
@@ -254,22 +326,22 @@ def test_json_lines_on_stdin_are_journalled_windowed_and_released(make_federatio
         path.unlink()
     lines = [json.dumps({**row, "event_time": row["event_time"].isoformat()}) for row in fed.raw[alpha.id].to_pylist()]
     lines.append("{not json")  # a malformed line: dead-lettered and counted, never lost
-    driver = StreamDriver(fed.config, stdin=(alpha.id, io.StringIO("\n".join(lines) + "\n")))
+    driver = StreamDriver(fed.config, stdin=(alpha.id, io.StringIO("\n".join(lines) + "\n")), until=END)
     time.sleep(0.2)  # let the reader thread take the whole pipe
     driver.run(drain=True)
     journal = list((Path(fed.config.stream_state_path) / "stdin" / alpha.id).glob("*.jsonl"))
     assert journal
     released = Store(fed.config.store_path).read("releases")
     assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
-    rejects = Store(fed.config.store_path).read("rejects").to_pylist()
-    assert [(r["institution"], r["rows"]) for r in rejects if r["reason"] == "malformed_record"] == [(alpha.id, 1)]
+    assert driver.state.unwindowed == {alpha.id: {"malformed_record": 1}}
+    assert exact_rejects_in_store(fed.config.store_path) == []
 
 
 @pytest.mark.e2e
 def test_a_streaming_job_spools_windows_and_the_release_side_releases_them(make_federation):
     """The distributed path with TestStream in place of Kafka/Pub/Sub: messages of JSON lines are windowed by
-    Beam and spooled with pane markers; `--releases-only` releases each window once every institution's
-    ON_TIME marker is there, and counts readings spooled after a release as late."""
+    Beam and spooled with pane markers; `--releases-only` releases the grid by the clock, carries the rejects
+    that belong to a window with its release, and counts readings spooled after a release as late."""
     import json
 
     from apache_beam.testing.test_stream import TestStream
@@ -299,29 +371,28 @@ def test_a_streaming_job_spools_windows_and_the_release_side_releases_them(make_
     markers = list(Path(fed.config.stream_spool_path).rglob("*-ON_TIME.json"))
     assert len(markers) == 6 * len(fed.config.institutions)
 
-    driver = StreamDriver(fed.config, releases_only=True)
+    driver = StreamDriver(fed.config, releases_only=True, clock=lambda: END)
     driver.run(sleep=lambda s: setattr(driver, "stop_requested", True))
     released = Store(fed.config.store_path).read("releases")
     assert sum(released.column("count").to_pylist()) == total
+    assert window_starts(fed.config.store_path) == [at(h) for h in range(6)]
     assert all(w.status is WindowStatus.RELEASED for w in driver.state.windows.values())
-    # The job's rejects are counted too (read = accepted + rejected on this path as on the local one).
-    counted = [(r["institution"], r["reason"], r["rows"]) for r in Store(fed.config.store_path).read("rejects")
-               .to_pylist() if r["rows"]]
+    # The job's rejects are counted locally (read = accepted + rejected on this path as on the local one); the
+    # row with a valid time belongs to hour 0, whose release carries it.
     first = fed.config.institutions[0].id
-    assert sorted(counted) == [(first, "malformed_record", 1), (first, "unknown_metric", 1)]
+    assert driver.state.unwindowed == {first: {"malformed_record": 1}}
+    assert driver.state.windows[START.isoformat()].carried == {first: {"unknown_metric": 1}}
+    assert exact_rejects_in_store(fed.config.store_path) == []
     driver.step()  # counted once
     assert driver.state.rejected == 2
     # A late pane spools more readings of hour 0 after its release: counted as late, not released.
-    inst = fed.config.institutions[0].id
-    late_dir = Path(fed.config.stream_spool_path) / inst / START.strftime("%Y%m%dT%H%M%SZ")
-    pq.write_table(pq.read_table(next(late_dir.glob("*.parquet"))).slice(0, 3),
-                           late_dir / "late-pane.parquet")
+    late_dir = Path(fed.config.stream_spool_path) / first / START.strftime("%Y%m%dT%H%M%SZ")
+    pq.write_table(pq.read_table(next(late_dir.glob("*.parquet"))).slice(0, 3), late_dir / "late-pane.parquet")
     driver.step()
-    rejects = Store(fed.config.store_path).read("rejects").to_pylist()
-    assert [(r["institution"], r["rows"]) for r in rejects if r["reason"] == "late"] == [(inst, 3)]
-    assert sorted((r["reason"], r["rows"]) for r in rejects if r["rows"]) == [
-        ("late", 3), ("malformed_record", 1), ("unknown_metric", 1)
-    ]
+    assert driver.state.windows[START.isoformat()].rejects[first] == {"late": 3, "unknown_metric": 1}
+    assert driver.state.rejected == 5
+    assert exact_rejects_in_store(fed.config.store_path) == []
+    assert sum(Store(fed.config.store_path).read("releases").column("count").to_pylist()) == total
 
 
 def test_an_unreadable_feed_file_is_one_dead_letter_and_the_stream_goes_on(make_federation):
@@ -333,16 +404,13 @@ def test_an_unreadable_feed_file_is_one_dead_letter_and_the_stream_goes_on(make_
     ext = EXT[inst.feeds[0].format.value]
     good = fed.directory / "feeds" / inst.id / f"hour-00.{ext}"
     (fed.directory / "feeds" / inst.id / f"hour-99.{ext}").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    driver = StreamDriver(fed.config)
+    driver = StreamDriver(fed.config, until=at(3))
     driver.run(drain=True)
     released = Store(fed.config.store_path).read("releases")
     assert sum(released.column("count").to_pylist()) == sum(
         t.filter(pc.less(t.column("event_time"), START + 3 * HOUR)).num_rows for t in fed.raw.values()
     )
-    rejects = Store(fed.config.store_path).read("rejects").to_pylist()
-    assert [(r["institution"], r["reason"], r["rows"]) for r in rejects if r["rows"]] == [
-        (inst.id, "malformed_record", 1)
-    ]
+    assert driver.state.unwindowed == {inst.id: {"malformed_record": 1}}
     dead = list((fed.directory / "deadletter" / inst.id / "stream").glob("*unreadable*.parquet"))
     assert len(dead) == 1 and "hour-99" in pq.read_table(dead[0]).to_pylist()[0]["_source"]
 
@@ -368,64 +436,92 @@ def hour_of(fed: Federation, institution: str, hour: int) -> pa.Table:
     return table.filter(pc.and_(pc.greater_equal(times, lo), pc.less(times, hi)))
 
 
-def test_a_reading_stamped_far_ahead_of_the_clock_is_rejected_and_moves_no_watermark(make_federation):
+def test_a_reading_stamped_far_ahead_of_the_clock_is_rejected_and_moves_no_window(make_federation):
     fed = stream_federation(make_federation, subdir="future")
     land(fed, 0)
-    ahead = hour_of(fed, "alpha", 0).slice(0, 1)
-    ahead = ahead.set_column(ahead.schema.get_field_index("event_time"), "event_time",
-                             pa.array([datetime(2030, 1, 1, tzinfo=UTC)], pa.timestamp("us", tz="UTC")))
-    write_feed(ahead, fed.directory / "feeds" / "alpha" / "clock-jump.parquet", "parquet")
-    now = START + 2 * HOUR  # the processing clock; the default max_clock_skew is 1h
+    write_feed(with_times(hour_of(fed, "alpha", 0), datetime(2030, 1, 1, tzinfo=UTC)),
+               fed.directory / "feeds" / "alpha" / "clock-jump.parquet", "parquet")
+    now = START + timedelta(minutes=90)  # the processing clock; the default max_clock_skew is 1h
     driver = StreamDriver(fed.config, clock=lambda: now)
     driver.step()
     assert datetime.fromisoformat(driver.state.max_event["alpha"]) < START + HOUR
-    rejects = {w: s.rejects for w, s in driver.state.windows.items() if s.rejects}
-    assert rejects == {START.isoformat(): {"alpha": {"out_of_interval": 1}}}
-    assert all(datetime.fromisoformat(w) < START + HOUR for w in driver.state.windows)
+    assert driver.state.unwindowed == {"alpha": {"out_of_interval": 1}}
+    assert {w: s.status for w, s in driver.state.windows.items()} == {START.isoformat(): WindowStatus.RELEASED}
 
 
-def test_rejects_before_any_reading_join_the_first_window_and_release_nothing_alone(make_federation):
-    """A window of rejects alone used to be created at processing time and released (charged) with no
-    readings."""
-    fed = stream_federation(make_federation, subdir="rejects-first")
+def test_reject_windows_counts_rows_with_a_valid_time_by_their_window() -> None:
+    """Against the obvious count: rows rejected after their time was parsed, grouped by hour."""
+    from pipelines.stream import RejectWindows
+    from schemas.validation import ReadingRules
+    from tests.conftest import METRICS, REGIONS
+
+    rules = ReadingRules(plausible={m: v[4] for m, v in METRICS.items()}, regions=REGIONS, start=START, end=END)
+    times = [START + timedelta(minutes=m) for m in (5, 50, 65, 130, 140, 150)]
+    raw = pa.table({
+        "entity_id": ["e"] * 6,
+        "region": ["north", "mars", "north", "north", "north", None],
+        "metric": ["load", "load", "rain", "temp", "load", "load"],
+        "event_time": pa.array([*times[:5], None], pa.timestamp("us", tz="UTC")),
+        "value": [1.0, 1.0, 1.0, 99.0, float("nan"), 1.0],
+    })
+    columns = {f: f for f in ("entity_id", "region", "metric", "event_time", "value")}
+    counts = RejectWindows(rules, HOUR).count(raw, rules=rules, columns=columns, time_format="iso")
+    assert counts == {
+        START.isoformat(): {"unknown_region": 1},  # row 0 is accepted
+        at(1).isoformat(): {"unknown_metric": 1},
+        at(2).isoformat(): {"out_of_range": 1, "non_finite_value": 1},  # row 5: no time, no window
+    }
+
+
+@pytest.mark.e2e
+def test_rejects_stay_local_and_those_with_a_valid_time_ride_with_their_window(make_federation):
+    """A malformed line belongs to no window: it is counted in the stream's state only. A row with a valid time
+    but a value outside the plausible range belongs to its hour, whose release carries its count (noisy); no
+    exact count reaches the store. Rejects used to be upserted, exact, into `rejects`."""
+    fed = stream_federation(make_federation, subdir="rejects")
     (fed.directory / "feeds" / "gamma").mkdir(parents=True, exist_ok=True)
     (fed.directory / "feeds" / "gamma" / "bad.jsonl").write_text("{not json\n")
-    driver = StreamDriver(fed.config)
+    land(fed, 0)
+    implausible = with_times(hour_of(fed, "gamma", 1), at(1) + timedelta(minutes=5))
+    write_feed(implausible.set_column(implausible.schema.get_field_index("value"), "value", pa.array([1e6])),
+               fed.directory / "feeds" / "gamma" / "implausible.jsonl", "jsonl")
+    driver = StreamDriver(fed.config, clock=lambda: at(2))
     driver.step()
-    assert driver.state.windows == {} and driver.state.pending_rejects == {"gamma": {"malformed_record": 1}}
-    for hour in range(2):
-        land(fed, hour)
-    driver.run(drain=True)
-    store = Store(fed.config.store_path)
-    assert store.read("budget").column("releases").to_pylist() == [2]
-    assert sorted({w.isoformat() for w in store.read("releases").column("window_start").to_pylist()}) == [
-        START.isoformat(), (START + HOUR).isoformat()
-    ]
-    rejects = [(r["institution"], r["reason"], r["rows"]) for r in store.read("rejects").to_pylist() if r["rows"]]
-    assert rejects == [("gamma", "malformed_record", 1)] and driver.state.pending_rejects == {}
+    assert driver.state.unwindowed == {"gamma": {"malformed_record": 1}}
+    windows = driver.state.windows
+    assert windows[at(1).isoformat()].rejects == windows[at(1).isoformat()].carried == {"gamma": {"out_of_range": 1}}
+    assert windows[START.isoformat()].carried == {}
+    assert [w.status for w in windows.values()] == [WindowStatus.RELEASED] * 2
+    assert driver.status().rejected == 2
+    assert exact_rejects_in_store(fed.config.store_path) == []
+    assert driver.window_plan(at(1)).carried_rejects == {"gamma": {"out_of_range": 1}}
+    assert driver.window_plan(START).carried_rejects == {}
+    tallies = {(r["interval_start"], r["institution"]): r["count"] for r in Store(fed.config.store_path)
+               .read("rejects").to_pylist() if r["reason"] == "out_of_range"}
+    assert tallies[at(1), "gamma"] == 1 and tallies[START, "gamma"] == 0  # noise off: the tally, exactly
 
 
-def test_readings_of_a_window_every_watermark_passed_before_it_opened_are_late(make_federation):
+def test_readings_of_a_window_released_before_they_arrived_are_late(make_federation):
+    """Hour 1 has no readings when the clock passes its end: it is released all the same (zeros), and its
+    readings landing afterwards are late: counted, dead-lettered, never released."""
     fed = stream_federation(make_federation, subdir="gap")
-    for hour in (0, 1, 3, 4):
-        land(fed, hour)
-    driver = StreamDriver(fed.config)
+    land(fed, 0)
+    driver = StreamDriver(fed.config, clock=lambda: at(2))
     driver.step()
-    land(fed, 2)  # two hours behind every watermark (allowed_lateness 0s)
+    land(fed, 1)
     driver.step()
-    gap = driver.state.windows[(START + 2 * HOUR).isoformat()]
-    assert gap.status is WindowStatus.REFUSED
-    assert gap.rejects == {i: {"late": hour_of(fed, i, 2).num_rows} for i in fed.raw}
-    released = Store(fed.config.store_path).read("releases").column("window_start").to_pylist()
-    assert START + 2 * HOUR not in released
-    late = [r for r in Store(fed.config.store_path).read("rejects").to_pylist() if r["reason"] == "late"]
-    assert sum(r["rows"] for r in late) == sum(hour_of(fed, i, 2).num_rows for i in fed.raw)
+    gap = driver.state.windows[at(1).isoformat()]
+    assert gap.status is WindowStatus.RELEASED
+    assert gap.rejects == {i: {"late": hour_of(fed, i, 1).num_rows} for i in fed.raw}
+    released = Store(fed.config.store_path).read("releases").to_pylist()
+    assert {r["count"] for r in released if r["window_start"] == at(1)} == {0}  # noise off: exactly nothing
+    assert exact_rejects_in_store(fed.config.store_path) == []
 
 
 def test_an_input_rewritten_after_it_was_read_is_reported_not_read_twice(make_federation, caplog):
     fed = stream_federation(make_federation, subdir="rewritten")
     land(fed, 0)
-    driver = StreamDriver(fed.config)
+    driver = StreamDriver(fed.config, clock=lambda: START)  # no window due yet
     driver.step()
     readings = driver.state.readings
     alpha = next((fed.directory / "feeds" / "alpha").iterdir())
@@ -448,7 +544,7 @@ def test_windows_overlapping_a_batch_release_are_refused_and_the_stream_goes_on(
     for hour in range(4):
         land(fed, hour)
     run_batch(plan_release(fed.config, START, START + 2 * HOUR))  # hours 0-1 are sealed by a batch release
-    driver = StreamDriver(fed.config)
+    driver = StreamDriver(fed.config, until=at(4))
     driver.run(drain=True)
     windows = {datetime.fromisoformat(w): s for w, s in driver.state.windows.items()}
     assert [windows[START + h * HOUR].status for h in range(4)] == [WindowStatus.REFUSED] * 2 + [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import replace
 from datetime import timedelta
@@ -556,3 +557,46 @@ def test_two_overlapping_intervals_racing_to_seal_cannot_both_succeed(make_feder
     for thread in threads:
         thread.join()
     assert sorted(outcomes) == ["refused", "sealed"]
+
+
+def test_excess_noise_layers_are_removed_and_a_bad_or_missing_reveal_only_keeps_more_noise(make_federation):
+    """Quorum 2 of 3: each institution seals v (v / (2 - 1)) and, with all three included, reveals its layer 2
+    (v / 2), keeping v / 2. Beta forges its reveal (validly signed) and gamma lost its record: their layers stay,
+    so the release carries more noise than the floor and says so, never less."""
+    fed = make_federation(noise=True, seed=5, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    v = plan.params.total_variance
+    assert plan.params.share_variance == pytest.approx(v) and plan.params.layers.layer(2) == pytest.approx(v / 2)
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)
+    gamma = fed.config.institution("gamma")
+    record = Path(fed.config.institution_keys_path(gamma)) / "sealed" / f"{plan.key.interval_name}.json"
+    doc = json.loads(record.read_text())
+    del doc["layer_seed"]
+    record.write_text(json.dumps(doc))
+    run_unmask(plan, fed.config.institutions)
+    path = unmask_path(fed.config.exchange_path, plan.key, "beta")
+    header, ciphertexts = unpack_envelope(read_bytes(path))
+    level, seed = header.revealed_layers["beta"].split(":")
+    assert level == "2"
+    forged = {"beta": f"2:{int(seed, 16) ^ 1:064x}"}
+    write_bytes(
+        path,
+        pack_envelope(replace(header, revealed_layers=forged), ciphertexts,
+                      signing_key=load_signing_key(fed.config, "beta")),
+    )
+    assert not unpack_envelope(read_bytes(unmask_path(fed.config.exchange_path, plan.key, "gamma")))[
+        0
+    ].revealed_layers
+    status = run_aggregate(plan)
+    assert status["status"] == "aggregated"
+    assert status["noise_variance"] == pytest.approx(3 * v - v / 2)  # only alpha's layer came out
+    assert set(status["noise_layers_kept"]) == {"beta", "gamma"}
+    assert "commitment" in status["noise_layers_kept"]["beta"]
+    release(plan, Store(fed.config.store_path))
+    released = Store(fed.config.store_path).read("releases")
+    weight = plan.params.encodings[0].count_weight
+    metric = fed.config.metrics[0].name
+    sds = [sd for m, sd in zip(released.column("metric").to_pylist(), released.column("count_sd").to_pylist(),
+                               strict=True) if m == metric]
+    assert sds and sds == pytest.approx([math.sqrt(2.5 * v) / weight] * len(sds))

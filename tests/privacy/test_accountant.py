@@ -1,21 +1,34 @@
-"""Skellam RDP accounting against independent computations: exact Renyi divergences, the conversion, calibration."""
+"""Skellam accounting against independent computations: the RDP bound against exact Renyi divergences and its
+conversion; the PLD epsilon against exact hockey-stick divergences (direct summation over outcomes, and a
+fine-grid sandwich at a demo-sized variance), PLD never above RDP, calibration, and the sensitivity's shape."""
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import tomllib
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
-from scipy.special import logsumexp
+from scipy.special import ive, logsumexp
 
 from fusion.config import parse_config
 from fusion.parameters import release_parameters
-from privacy.accountant import ORDERS, calibrate_variance, epsilon_for, skellam_rdp
+from privacy.accountant import (
+    ORDERS,
+    calibrate_skellam_variance,
+    calibrate_variance,
+    epsilon_for,
+    skellam_epsilon,
+    skellam_rdp,
+)
+from privacy.encoding import balanced_encodings, entity_level_sensitivity, event_level_sensitivity
+from privacy.pld import TAIL_MASS, SkellamMechanism, pld_epsilon, skellam_log_pmf, support_radius
 from tests.conftest import config_text
 
 EXACT_ORDERS = np.arange(2, 33)
@@ -38,7 +51,7 @@ def conversion_reference(rdp: np.ndarray, delta: float, orders: np.ndarray = ORD
 
 
 @functools.cache
-def skellam_log_pmf(mu: float) -> tuple[np.ndarray, np.ndarray]:
+def reference_log_pmf(mu: float) -> tuple[np.ndarray, np.ndarray]:
     """(k, log P(k)) of Skellam(mu, mu) for |k| <= K, as the Poisson convolution sum_j Pois(j + |k|) Pois(j).
 
     Computed in log space (log-sum-exp over j) so the far tails, which dominate high Renyi orders, neither
@@ -55,7 +68,7 @@ def skellam_log_pmf(mu: float) -> tuple[np.ndarray, np.ndarray]:
 
 def exact_renyi_shift(mu: float, shift: int, orders: np.ndarray) -> np.ndarray:
     """D_a(Sk(mu) + shift || Sk(mu)) = log(sum_k P(k - shift)^a P(k)^(1-a)) / (a - 1), numerically."""
-    _, log_p = skellam_log_pmf(mu)
+    _, log_p = reference_log_pmf(mu)
     out = []
     for a in orders:
         terms = a * log_p[:-shift] + (1 - a) * log_p[shift:]  # k runs over the support where both are stored
@@ -68,7 +81,7 @@ def exact_renyi_shift(mu: float, shift: int, orders: np.ndarray) -> np.ndarray:
 
 def test_log_pmf_reference_agrees_with_scipy() -> None:
     for mu in (10.0, 25.0, 100.0):
-        ks, log_p = skellam_log_pmf(mu)
+        ks, log_p = reference_log_pmf(mu)
         assert math.isclose(math.exp(logsumexp(log_p)), 1.0, rel_tol=1e-12)
         scipy_pmf = stats.skellam.pmf(ks, mu, mu)
         shown = scipy_pmf > 1e-250
@@ -190,27 +203,294 @@ def test_epsilon_for_refuses_zero_releases() -> None:
         epsilon_for(variance=100.0, l1=1.0, l2=1.0, delta=1e-6, releases=0)
 
 
-# --- release parameters from a config -----------------------------------------------------------------------------
+# --- PLD: the Skellam pmf it is built on -----------------------------------------------------------------------
+
+
+def test_skellam_log_pmf_matches_the_poisson_convolution_reference() -> None:
+    """Small variances, the whole stored support: orders below 500 go through scipy's ive, the far tails (orders
+    500 and up, log P down to about -1500) through the Debye expansion."""
+    for mu in (10.0, 25.0, 100.0):
+        ks, log_p = reference_log_pmf(mu)
+        got = skellam_log_pmf(ks, variance=2 * mu)
+        assert np.abs(ks).max() >= 600
+        np.testing.assert_allclose(got, log_p, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("variance", [1e4, 1e6, 1e8])
+def test_skellam_log_pmf_matches_scipy_out_to_twelve_sds(variance: float) -> None:
+    k = np.arange(0, int(12 * math.sqrt(variance)))
+    reference = np.log(ive(k, variance))
+    np.testing.assert_allclose(skellam_log_pmf(k, variance=variance), reference, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("variance", [3e9, 2e10])
+def test_skellam_log_pmf_beyond_scipy_s_range_has_the_right_mass_variance_and_shape(variance: float) -> None:
+    """scipy's ive returns nan above arguments of about 2^31 (entity-level variances): there Hankel's expansion
+    serves orders below 500 and Debye's the rest. Total mass 1, variance v, and a log pmf whose second difference
+    is -1/v (nearly Gaussian) across the seam between the two expansions."""
+    n = support_radius(variance)
+    k = np.arange(-n, n + 1)
+    p = np.exp(skellam_log_pmf(k, variance=variance))
+    assert math.isclose(p.sum(), 1.0, rel_tol=1e-12)
+    assert math.isclose(float(np.sum(k.astype(float) ** 2 * p)), variance, rel_tol=1e-9)
+    seam = skellam_log_pmf(np.arange(490, 511), variance=variance)
+    np.testing.assert_allclose(np.diff(seam, 2), -1.0 / variance, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("mu", [0.25, 10.0, 100.0])
+def test_the_support_radius_leaves_at_most_the_stated_tail(mu: float) -> None:
+    ks, log_p = reference_log_pmf(mu)
+    n = support_radius(2 * mu)
+    beyond = math.exp(logsumexp(log_p[ks > n]))
+    assert beyond <= TAIL_MASS
+    assert math.exp(logsumexp(log_p[ks > 0.8 * n])) > TAIL_MASS * 1e-6  # and not absurdly far out
+
+
+# --- PLD against exact hockey-stick divergences -----------------------------------------------------------------
+
+
+def slot_atoms(variance: float, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """(privacy loss, P) of one slot at every outcome x with P(x) > 1e-52: loss = log p(x) - log p(x - shift).
+
+    Variances up to 2000 use the Poisson-convolution reference pmf; larger ones scipy's ive over +-16 SDs (not
+    the Debye and Hankel expansions the accountant uses beyond order 500)."""
+    if variance <= 2000:
+        ks, log_p = reference_log_pmf(variance / 2)
+        keep = log_p > -120.0
+        assert ks[keep][0] - shift >= ks[0]
+        return log_p[keep] - log_p[np.searchsorted(ks, ks[keep] - shift)], np.exp(log_p[keep])
+    n = int(16 * math.sqrt(variance)) + 10
+    x = np.arange(-n, n + 1)
+    with np.errstate(divide="ignore"):
+        log_p, log_q = np.log(ive(np.abs(x), variance)), np.log(ive(np.abs(x - shift), variance))
+    keep = log_p > -120.0
+    return (log_p - log_q)[keep], np.exp(log_p[keep])
+
+
+class ExactHockeyStick:
+    """delta(eps) = sum over joint outcomes of max(0, P - e^eps Q) for independent slots, exactly.
+
+    The slots split into two halves, each enumerated outcome by outcome (its loss is the sum of its slots'); then
+    delta(eps) = sum_a P_a sum_{b: L_a + L_b > eps} P_b (1 - e^(eps - L_a - L_b)), the inner sums read off suffix
+    sums over the second half sorted by loss."""
+
+    def __init__(self, slots: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        def enumerate_(group: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+            loss, prob = np.zeros(1), np.ones(1)
+            for slot_loss, slot_prob in group:
+                loss = (loss[:, None] + slot_loss[None, :]).ravel()
+                prob = (prob[:, None] * slot_prob[None, :]).ravel()
+            return loss, prob
+
+        half = len(slots) // 2
+        self.loss_a, self.prob_a = enumerate_(slots[:half])
+        loss_b, prob_b = enumerate_(slots[half:])
+        order = np.argsort(loss_b)
+        self.loss_b = loss_b[order]
+        self.upper_b = np.concatenate([np.cumsum(prob_b[order][::-1])[::-1], [0.0]])
+        self.lower_b = np.concatenate([np.cumsum((prob_b[order] * np.exp(-self.loss_b))[::-1])[::-1], [0.0]])
+
+    def delta(self, eps: float) -> float:
+        threshold = eps - self.loss_a
+        i = np.searchsorted(self.loss_b, threshold, side="right")
+        inner = self.upper_b[i] - np.exp(threshold) * self.lower_b[i]
+        return float(np.sum(self.prob_a * np.maximum(inner, 0.0)))
+
+    def epsilon(self, delta: float) -> float:
+        """The smallest eps >= 0 with delta(eps) <= delta (bisection to float precision)."""
+        low, high = 0.0, 1.0
+        while self.delta(high) > delta:
+            low, high = high, 2.0 * high
+        for _ in range(64):
+            middle = (low + high) / 2.0
+            low, high = (middle, high) if self.delta(middle) > delta else (low, middle)
+        return high
+
+
+EXACT_CASES = [  # releases as (variance, shift, coordinates), and delta
+    ([(20.0, 1, 1)], 1e-5),
+    ([(20.0, 2, 2)], 1e-6),
+    ([(0.5, 1, 1)], 1e-6),  # far from Gaussian: most of the mass at 0
+    ([(200.0, 5, 3)], 1e-6),
+    ([(3.15e7, 600, 2)], 1e-7),  # the demo's variance and weight, for count and sum
+    ([(50.0, 3, 2)] * 2, 1e-6),  # two releases
+    ([(50.0, 3, 2)] * 2, 1e-12),  # where FFT round-off (about 1e-16 here) matters without its allowance
+    ([(8.0, 1, 1)] * 3, 1e-9),  # three releases
+    ([(50.0, 3, 2), (80.0, 2, 1)], 1e-7),  # two different releases
+    ([(3.15e7, 600, 1)] * 2, 1e-9),
+]
+
+
+@pytest.mark.parametrize(("releases", "delta"), EXACT_CASES)
+def test_pld_epsilon_is_within_2_percent_of_the_exact_one_and_never_below(
+    releases: list[tuple[float, int, int]], delta: float
+) -> None:
+    slots = [slot_atoms(variance, shift) for variance, shift, k in releases for _ in range(k)]
+    exact = ExactHockeyStick(slots).epsilon(delta)
+    got = pld_epsilon([SkellamMechanism(variance, k, shift) for variance, shift, k in releases], delta=delta)
+    assert got >= exact * (1 - 1e-12)  # never below (float rounding aside)
+    assert got <= 1.02 * exact
+    assert got <= 1.0001 * exact  # measured: at most 1.000025 over these cases (connect-the-dots is tight)
+
+
+def grid_sandwich(variance: float, shift: int, coordinates: int, delta: float, step: float) -> tuple[float, float]:
+    """Epsilons of `coordinates` slots with every loss rounded down and up to multiples of `step` (convolved with
+    FFTs): the exact epsilon lies between them."""
+    loss, prob = slot_atoms(variance, shift)
+    bounds = []
+    for rounding in (np.floor, np.ceil):
+        index = rounding(loss / step).astype(np.int64)
+        pmf = np.bincount(index - index.min(), weights=prob)
+        size = coordinates * (pmf.size - 1) + 1
+        fft_size = 1 << (size - 1).bit_length()
+        composed = np.maximum(np.fft.irfft(np.fft.rfft(pmf, fft_size) ** coordinates, fft_size)[:size], 0.0)
+        losses = (np.arange(size) + coordinates * index.min()) * step
+
+        def delta_at(eps: float, losses: np.ndarray = losses, composed: np.ndarray = composed) -> float:
+            above = losses > eps
+            return float(np.sum(composed[above] * -np.expm1(eps - losses[above])))
+
+        low, high = 0.0, 8.0
+        for _ in range(50):
+            middle = (low + high) / 2.0
+            low, high = (middle, high) if delta_at(middle) > delta else (low, middle)
+        bounds.append(high)
+    return bounds[0], bounds[1]
+
+
+@pytest.mark.parametrize(
+    ("variance", "shift", "coordinates", "delta", "step"),
+    [
+        (3.15e7, 600, 4, 1e-7, 2.0**-16),  # the demo: count, sum, sum of squares and a histogram bin
+        (9.87e5, 24, 96, 1e-6, 2.0**-14),  # entity level at a small weight: L0 = 24 cells of 4 slots, Linf = 4
+    ],
+)
+def test_pld_epsilon_lies_in_a_fine_grid_sandwich_of_the_exact_one(
+    variance: float, shift: int, coordinates: int, delta: float, step: float
+) -> None:
+    low, high = grid_sandwich(variance, shift, coordinates, delta, step=step)
+    assert high - low <= coordinates * step + 1e-9
+    got = pld_epsilon([SkellamMechanism(variance, coordinates, shift)], delta=delta)
+    assert low <= got <= 1.02 * low
+
+
+# --- PLD against the RDP bound, per-slot shapes, calibration -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("coordinates", "shift"), [(1, 1), (4, 1), (4, 600), (96, 1)])
+@pytest.mark.parametrize("delta", [1e-5, 1e-10])
+def test_pld_never_exceeds_rdp(coordinates: int, shift: int, delta: float) -> None:
+    """Over variances putting one release near epsilon 0.3, 3 and 12, and 1, 3 and 30 releases composed."""
+    for target in (0.3, 3.0, 12.0):
+        mechanism = SkellamMechanism(1.0, coordinates, shift)
+        variance = calibrate_variance(epsilon=target, delta=delta, l1=mechanism.l1, l2=mechanism.l2)
+        for releases in (1, 3, 30):
+            pld = pld_epsilon([SkellamMechanism(variance, coordinates, shift)] * releases, delta=delta)
+            rdp = epsilon_for(variance=variance, l1=mechanism.l1, l2=mechanism.l2, delta=delta, releases=releases)
+            assert 0 < pld <= rdp, (target, releases)
+
+
+@pytest.mark.parametrize("variance", [2.0, 30.0, 1e4])
+def test_a_larger_shift_of_one_slot_is_never_less_private(variance: float) -> None:
+    """Monotone likelihood ratio (Skellam is log-concave): every hockey-stick divergence grows with the shift."""
+    grid = np.linspace(0.0, 6.0, 25)
+    curves = [[ExactHockeyStick([slot_atoms(variance, s)]).delta(e) for e in grid] for s in (1, 2, 3, 5)]
+    for smaller, larger in itertools.pairwise(curves):
+        assert np.all(np.array(smaller) <= np.array(larger) + 1e-15)
+
+
+@pytest.mark.parametrize(
+    ("w", "max_partitions", "max_per_partition", "components", "epsilon", "delta"),
+    [
+        (1, 1, 2, 3, 10.0, 1e-6),  # tiny variances: far from Gaussian
+        (1, 1, 2, 3, 20.0, 1e-6),
+        (1, 1, 10, 3, 8.0, 1e-6),
+        (2, 1, 3, 3, 15.0, 1e-8),
+        (1, 24, 4, 4, 1.0, 1e-6),
+        (3, 4, 3, 4, 0.3, 1e-10),
+        (100, 2, 4, 4, 4.0, 1e-7),  # a large weight: near-Gaussian
+    ],
+)
+def test_a_cell_s_histogram_readings_in_one_bin_dominate_any_split(
+    w: int, max_partitions: int, max_per_partition: int, components: int, epsilon: float, delta: float
+) -> None:
+    """Entity level: Linf readings move a cell's bins by Linf * w in total, possibly split. At the variance the
+    config calibrates to, shifts (a w, b w) on two bins are dominated by (a + b) w on one, for every a + b <= Linf:
+    merging two parts at a time, the concentrated bin then dominates every split."""
+    variance = calibrate_skellam_variance(
+        epsilon=epsilon, delta=delta, coordinates=max_partitions * components, shift=max_per_partition * w
+    )
+    grid = np.linspace(0.0, 2.5 * epsilon, 26)
+    for a in range(1, max_per_partition):
+        for b in range(1, min(a, max_per_partition - a) + 1):
+            together = ExactHockeyStick([slot_atoms(variance, (a + b) * w)])
+            split = ExactHockeyStick([slot_atoms(variance, a * w), slot_atoms(variance, b * w)])
+            for eps in grid:
+                assert split.delta(eps) <= together.delta(eps) + 1e-15, (a, b, eps)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    epsilon=st.floats(min_value=0.2, max_value=8.0),
+    log10_delta=st.floats(min_value=-10.0, max_value=-4.0),
+    coordinates=st.integers(min_value=1, max_value=24),
+    shift=st.integers(min_value=1, max_value=300),
+)
+def test_calibrated_pld_epsilon_never_overshoots_and_is_tight(
+    epsilon: float, log10_delta: float, coordinates: int, shift: int
+) -> None:
+    delta = 10.0**log10_delta
+    variance = calibrate_skellam_variance(epsilon=epsilon, delta=delta, coordinates=coordinates, shift=shift)
+    mechanism = SkellamMechanism(variance, coordinates, shift)
+    assert skellam_epsilon([mechanism], delta=delta) <= epsilon
+    assert skellam_epsilon([SkellamMechanism(variance / 1.002, coordinates, shift)], delta=delta) > epsilon
+    assert variance <= calibrate_variance(epsilon=epsilon, delta=delta, l1=mechanism.l1, l2=mechanism.l2)
+
+
+def test_where_fft_round_off_could_matter_the_accountant_uses_rdp() -> None:
+    """The PLD reads epsilon off at delta minus an FFT round-off allowance (1e-15 + 1e-16 per slot composed), and
+    only where that is at most 1% of delta: a few slots down to delta 1e-13, 96 slots down to about 2e-12."""
+    few, many = SkellamMechanism(3e7, 4, 600), SkellamMechanism(3e7, 96, 600)
+    assert skellam_epsilon([few], delta=1e-12) == pld_epsilon([few], delta=1e-12)
+    for mechanisms, delta in (([few], 1e-13), ([many], 1e-12), ([few] * 30, 1e-12)):
+        rdp = epsilon_for(variance=3e7, l1=mechanisms[0].l1, l2=mechanisms[0].l2, delta=delta, releases=len(mechanisms))
+        assert skellam_epsilon(mechanisms, delta=delta) == rdp
+        with pytest.raises(ValueError, match="too small for the PLD"):
+            pld_epsilon(mechanisms, delta=delta)
+
+
+# --- the sensitivity's shape, and release parameters from a config --------------------------------------------------
+
+
+def test_sensitivity_gives_slots_and_shift_with_the_l1_and_l2_they_imply() -> None:
+    encodings = balanced_encodings([(0.0, 250.0, 0.1), (200.0, 260.0, 0.1)])
+    w = max(e.count_weight for e in encodings)
+    event = event_level_sensitivity(encodings, components=4)
+    assert (event.coordinates, event.shift) == (4, w)
+    assert (event.l1, event.l2) == (4.0 * w, 2.0 * w)
+    entity = entity_level_sensitivity(encodings, max_partitions=24, max_per_partition=4, components=3)
+    assert (entity.coordinates, entity.shift) == (72, 4 * w)
+    assert entity.l1 == pytest.approx(3 * w * 24 * 4, rel=1e-15)
+    assert entity.l2 == pytest.approx(math.sqrt(3) * w * math.sqrt(24) * 4, rel=1e-15)
 
 
 @pytest.mark.parametrize(("epsilon", "quorum", "institutions"), [(1.0, 2, 3), (0.3, 1, 1), (4.0, 3, 3)])
-def test_release_parameters_from_a_config(epsilon: float, quorum: int, institutions: int) -> None:
+def test_release_parameters_calibrate_with_pld(epsilon: float, quorum: int, institutions: int) -> None:
     ids = [(f"inst{i}", "parquet") for i in range(institutions)]
     config = parse_config(tomllib.loads(config_text(institutions=ids, quorum=quorum, epsilon=epsilon)))
     params = release_parameters(config)
-    assert params.noise
-    assert params.quorum == quorum
-    assert params.delta == 1e-6
+    assert params.noise and params.quorum == quorum and params.delta == 1e-6
     worst = max(e.count_weight for e in params.encodings)
+    assert (params.sensitivity.coordinates, params.sensitivity.shift) == (2, worst)
     assert (params.sensitivity.l1, params.sensitivity.l2) == (2.0 * worst, math.sqrt(2.0) * worst)
-    assert params.total_variance == calibrate_variance(
-        epsilon=epsilon, delta=1e-6, l1=params.sensitivity.l1, l2=params.sensitivity.l2
-    )
-    assert params.epsilon <= epsilon
-    assert params.epsilon == epsilon_for(
+    assert params.mechanism == SkellamMechanism(params.total_variance, 2, worst)
+    assert params.total_variance == calibrate_skellam_variance(epsilon=epsilon, delta=1e-6, coordinates=2, shift=worst)
+    assert params.epsilon == pld_epsilon([params.mechanism], delta=1e-6) <= epsilon
+    rdp_variance = calibrate_variance(epsilon=epsilon, delta=1e-6, l1=params.sensitivity.l1, l2=params.sensitivity.l2)
+    assert params.total_variance < 0.95 * rdp_variance  # PLD needs less noise for the same epsilon
+    assert params.epsilon < epsilon_for(
         variance=params.total_variance, l1=params.sensitivity.l1, l2=params.sensitivity.l2, delta=1e-6
     )
-    assert params.share_variance == params.total_variance / quorum
 
 
 def test_release_parameters_with_noise_off() -> None:
@@ -218,5 +498,4 @@ def test_release_parameters_with_noise_off() -> None:
     params = release_parameters(parse_config(tomllib.loads(text)))
     assert not params.noise
     assert params.total_variance == 0.0
-    assert params.share_variance == 0.0
-    assert params.epsilon == math.inf
+    assert params.mechanism is None and not params.rdp.any()

@@ -1,0 +1,115 @@
+"""The stream's public grid: which windows are due depends on the config, the clock and --until, never on data."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusion.config import load_config
+from fusion.errors import ConfigError
+from fusion.stream_state import (
+    StreamState,
+    WindowState,
+    WindowStatus,
+    backlog,
+    due_windows,
+    release_bound,
+    window_start,
+)
+from tests.conftest import START, config_text
+
+HOUR = timedelta(hours=1)
+
+
+def slow_due(state: StreamState, *, grid_start: datetime, size: timedelta, bound: datetime) -> list[datetime]:
+    """The obvious reference: every window start of the grid in [grid_start, bound - size], minus closed ones."""
+    starts = [grid_start + k * size for k in range(10_000) if grid_start + (k + 1) * size <= bound]
+    return [s for s in starts if state.windows.get(s.isoformat(), WindowState()).status is WindowStatus.OPEN]
+
+
+def test_every_window_the_clock_has_passed_is_due_with_or_without_readings() -> None:
+    """Two states one reading apart (an OPEN window made by a spooled reading, and none) have the same due
+    windows at every moment; the allowed lateness delays them; draining releases up to --until or the clock."""
+    lateness = timedelta(minutes=10)
+    with_reading, without = StreamState(), StreamState()
+    with_reading.window(START + HOUR).add_rejects("alpha", {"out_of_range": 1})
+    with_reading.advance("alpha", START + 5 * HOUR)  # an event time far ahead moves no release
+    for minutes in range(0, 5 * 60, 7):
+        now = START + timedelta(minutes=minutes)
+        bound = release_bound(now=now, lateness=lateness, until=None, drain=False)
+        due = due_windows(with_reading, grid_start=START, size=HOUR, bound=bound)
+        assert due == due_windows(without, grid_start=START, size=HOUR, bound=bound)
+        assert due == [START + k * HOUR for k in range(5) if START + (k + 1) * HOUR + lateness <= now]
+    later = START + 3 * HOUR
+    assert release_bound(now=later, lateness=lateness, until=START + 2 * HOUR, drain=False) == START + 2 * HOUR
+    assert release_bound(now=later, lateness=lateness, until=None, drain=True) == later
+    assert release_bound(now=START, lateness=lateness, until=START + 6 * HOUR, drain=True) == START + 6 * HOUR
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size_h=st.integers(1, 4),
+    start_k=st.integers(0, 20),
+    bound_h=st.integers(-10, 120),
+    closed=st.sets(st.integers(-5, 40), max_size=12),
+    opened=st.sets(st.integers(-5, 40), max_size=6),
+)
+def test_due_windows_and_backlog_match_the_obvious_grid(
+    size_h: int, start_k: int, bound_h: int, closed: set[int], opened: set[int]
+) -> None:
+    size = size_h * HOUR
+    grid_start = window_start(START, size) + start_k * size
+    bound = grid_start + bound_h * HOUR
+    state = StreamState()
+    for k in opened:
+        state.window(grid_start + k * size)
+    for k in closed:
+        state.window(grid_start + k * size).status = WindowStatus.RELEASED
+    due = due_windows(state, grid_start=grid_start, size=size, bound=bound)
+    assert due == slow_due(state, grid_start=grid_start, size=size, bound=bound)
+    assert backlog(state, grid_start=grid_start, size=size, bound=bound) == len(due)
+
+
+def test_a_closed_window_carries_only_the_rejects_that_belong_to_it_as_they_stood_when_it_closed() -> None:
+    window = WindowState()
+    window.add_rejects("alpha", {"out_of_range": 2, "unknown_metric": 1})
+    window.add_rejects("beta", {"late": 4})
+    window.close(START)
+    assert window.status is WindowStatus.CLOSING and window.closable_at == START.isoformat()
+    assert window.carried == {"alpha": {"out_of_range": 2, "unknown_metric": 1}}
+    window.add_rejects("alpha", {"out_of_range": 5})  # after the close: counted locally, not carried
+    assert window.carried == {"alpha": {"out_of_range": 2, "unknown_metric": 1}}
+    assert window.rejects["alpha"]["out_of_range"] == 7
+
+
+def test_a_state_written_before_the_public_grid_still_loads() -> None:
+    doc = {
+        "processed": {}, "max_event": {"alpha": START.isoformat()}, "stdin_sequence": 0, "readings": 3,
+        "rejected": 1, "pending_rejects": {"gamma": {"malformed_record": 1}},
+        "windows": {START.isoformat(): {"status": "released", "quorum_at": START.isoformat(), "rejects": {}}},
+    }
+    state = StreamState.from_doc(doc)
+    assert state.created_at is None and state.unwindowed == {"gamma": {"malformed_record": 1}}
+    assert state.windows[START.isoformat()].status is WindowStatus.RELEASED
+    assert StreamState.from_doc(state.to_doc()) == state
+
+
+def write(tmp_path: Path, stream: str) -> Path:
+    path = tmp_path / "federation.toml"
+    path.write_text(config_text(institutions=[("alpha", "parquet"), ("beta", "csv")], quorum=2) + stream)
+    return path
+
+
+def test_stream_start_and_max_backlog_are_validated_at_load(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '\n[stream]\nstart = "2026-01-01T00:30"\n'))
+    assert config.stream.start == datetime(2026, 1, 1, 0, 30, tzinfo=UTC)  # naive: UTC
+    config = load_config(write(tmp_path, "\n[stream]\nstart = 2026-01-01T02:00:00+02:00\n"))  # a TOML datetime
+    assert config.stream.start == START and config.stream.max_backlog == 168
+    with pytest.raises(ConfigError, match=r"stream.start"):
+        load_config(write(tmp_path, '\n[stream]\nstart = "yesterday"\n'))
+    with pytest.raises(ConfigError, match=r"stream.max_backlog"):
+        load_config(write(tmp_path, "\n[stream]\nmax_backlog = 0\n"))
