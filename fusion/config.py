@@ -110,11 +110,12 @@ class PrivacyConfig(_Frozen):
     epsilon: float = Field(gt=0, le=20)
     delta: float = Field(gt=0, lt=0.01)
     quorum: int = Field(ge=1)
-    # Institutions that might collude with the aggregator and the key holder. Each share of noise is v/(quorum -
-    # max_colluding), so the honest contributors of any accepted release still carry the full variance v; and
-    # production needs quorum >= max_colluding + 2, so no single roster can single one honest institution out;
-    # and each institution answers only a roster more than (institutions + max_colluding) / 2 have signed, so
-    # there is one roster (README, trust model, split views).
+    # Institutions that might collude with the aggregator, the key holder and one contributor that keeps its own
+    # noise draws. Each institution seals a share v/(quorum - 1 - max_colluding), so the noise such a coalition
+    # does not know is still v with as few as `quorum` contributors, and removes its excess layers once the roster
+    # is known (privacy/noise_shares.py); production needs quorum >= max_colluding + 2; each institution answers
+    # only a roster more than (institutions + max_colluding) / 2 have signed, and reveals noise layers only once
+    # more than (institutions + max_colluding + 1) / 2 have (README, trust model, split views).
     max_colluding: int = Field(default=0, ge=0)
     unit: PrivacyUnit = PrivacyUnit.READING
     # Entity level: each entity contributes to at most `max_partitions` cells (L0) per release and at most

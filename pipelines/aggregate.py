@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import apache_beam as beam
@@ -280,7 +281,9 @@ class SealAggregate(beam.DoFn):
                 )
                 return
             # Close the roster: those present are included, the missing declared absent. The unmask round starts.
-            write_roster(plan, Roster(contributors, tuple(missing), plan.key.release_id))
+            write_roster(
+                plan, Roster(contributors, tuple(missing), plan.key.release_id, datetime.now(UTC).isoformat())
+            )
             yield self._status({**summary, "status": "awaiting_unmask", "unmask_pending": list(contributors)})
             return
         if contributors != roster.included:

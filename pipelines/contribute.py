@@ -71,7 +71,7 @@ from privacy.masking import add_mod, pairwise_mask
 from privacy.noise_shares import SEED_BYTES, chain_seeds, layer_commitment, layer_noise, noise_digest
 from privacy.sharing import commitment, new_seed, self_mask, share_pair_keys, share_seed
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
-from schemas.reasons import RejectReason
+from schemas.reasons import PUBLISHED_REASONS, RejectReason
 from schemas.validation import readings_as_dead_letters
 
 DEAD = "dead"
@@ -285,12 +285,11 @@ class SealContribution(beam.DoFn):
                 f"institution {institution.id}: a cell holds {busiest} readings, above its cap of {cap} "
                 "(max_readings_per_cell); raise or remove it in the config"
             )
-        published = Counter(total.rejected) + Counter(plan.carried_rejects.get(institution.id, {}))
-        if max(published.values(), default=0) > cap:
-            raise FusionError(
-                f"institution {institution.id}: {max(published.values())} rows rejected for one reason, above its "
-                f"cap of {cap} readings per slot (max_readings_per_cell); raise or remove it in the config"
-            )
+        # The published reasons' counts, each clamped to the cap (a clamped count moves by at most one row per
+        # reading, so the sensitivity holds, and no tally can wrap): other reasons stay with the institution, and
+        # never decide whether it contributes.
+        rejected = Counter(total.rejected) + Counter(plan.carried_rejects.get(institution.id, {}))
+        published = {reason.value: min(rejected[reason.value], cap) for reason in PUBLISHED_REASONS}
         vector = pack_reject_tallies(
             vector.copy(),
             layout=plan.layout,
@@ -456,10 +455,15 @@ def _sealing_lock(directory: Path) -> Iterator[None]:
 
 
 def _prune(directory: Path) -> None:
+    """Delete kept envelopes older than KEEP_SEALED, and the layer seeds of their records (an institution that
+    never answered keeps its excess layers in that release: the seed is of no use any more)."""
     cutoff = time.time() - KEEP_SEALED.total_seconds()
     for kept in directory.glob("*.fenv"):
         if kept.stat().st_mtime < cutoff:
             kept.unlink(missing_ok=True)
+    for record in directory.glob("*.json"):
+        if record.stat().st_mtime < cutoff:
+            _drop_layer_seed(record)
 
 
 def sealed_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> bytes | None:
@@ -472,6 +476,25 @@ def sealed_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> byte
     if doc.get("release_id") != plan.key.release_id or "layer_seed" not in doc:
         return None
     return bytes.fromhex(doc["layer_seed"])
+
+
+def forget_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> None:
+    """Drop the layer seed from the institution's record of the plan's interval (once it has answered, or when
+    its record is pruned): whoever later reads its key directory cannot regenerate the layers it kept."""
+    directory = _sealed_dir(plan, institution)
+    with _sealing_lock(directory):
+        _drop_layer_seed(directory / f"{plan.key.interval_name}.json")
+
+
+def _drop_layer_seed(record: Path) -> None:
+    if not record.exists():
+        return
+    doc = json.loads(record.read_text())
+    if doc.pop("layer_seed", None) is None:
+        return
+    pending = record.with_name(f".{record.name}.forget")
+    write_private(pending, json.dumps(doc).encode())
+    os.replace(pending, record)
 
 
 @dataclass(frozen=True)
@@ -506,7 +529,7 @@ def seal_noise_layers(plan: ReleasePlan, institution_id: str) -> LayeredNoise:
         layer = layer_noise(seeds[level], variance=layers.layer(level), slots=slots, context=context)
         noise += layer
         commitments[str(level)] = layer_commitment(seeds[level], level=level, context=context)
-        digests[str(level)] = noise_digest(layer, level=level, context=context)
+        digests[str(level)] = noise_digest(layer, seed=seeds[level], level=level, context=context)
     return LayeredNoise(noise, top_seed, commitments, digests)
 
 

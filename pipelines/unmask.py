@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from fusion.registry import (
     load_registry,
     load_signing_key,
 )
-from pipelines.contribute import sealed_layer_seed
+from pipelines.contribute import forget_layer_seed, sealed_layer_seed
 from privacy import he
 from privacy.envelope import EnvelopeError, EnvelopeHeader, envelope_header, pack_envelope, signature_valid
 from privacy.masking import pair_term
@@ -83,9 +84,13 @@ class Roster:
     absent: tuple[str, ...]
 
     release_id: str = ""  # the release this roster closes (an answer for one release is no answer for another)
+    # When the aggregator closed it (ISO 8601 UTC): answers wait up to the federation's deadline from here for
+    # enough signatures to remove their excess noise. Empty in rosters of earlier versions (signed without it).
+    closed_at: str = ""
 
     def to_doc(self) -> dict[str, Any]:
-        return {"release_id": self.release_id, "included": list(self.included), "absent": list(self.absent)}
+        doc = {"release_id": self.release_id, "included": list(self.included), "absent": list(self.absent)}
+        return {**doc, "closed_at": self.closed_at} if self.closed_at else doc
 
 
 def _canonical(roster: Roster) -> bytes:
@@ -109,6 +114,15 @@ def acknowledgements_needed(plan: ReleasePlan) -> int:
     return (len(plan.config.institutions) + plan.params.max_colluding) // 2 + 1
 
 
+def layer_signatures_needed(plan: ReleasePlan) -> int:
+    """Signatures on one roster an institution must see before its answer also reveals its excess noise layers:
+    more than (n + c + 1) / 2, counting as a colluder the contributor that keeps its own draws. Two rosters can
+    then never both be answered with layers revealed under one of them (their signers would number more than
+    n + c + 1), so a split view, which could show an institution a roster larger than the sum it ends up in,
+    never removes noise. Below this, an answer still unmasks, and keeps its layers (more noise, never less)."""
+    return (len(plan.config.institutions) + plan.params.max_colluding + 1) // 2 + 1
+
+
 def read_roster(plan: ReleasePlan) -> Roster | None:
     """The roster the aggregator closed for this release, or None if it has not closed one yet. A roster not
     signed by the federation's registered aggregator is refused: anyone else with write access to the exchange
@@ -119,7 +133,12 @@ def read_roster(plan: ReleasePlan) -> Roster | None:
         return None
     try:
         doc = json.loads(read_bytes(path))
-        roster = Roster(tuple(sorted(doc["included"])), tuple(sorted(doc["absent"])), str(doc.get("release_id", "")))
+        roster = Roster(
+            tuple(sorted(doc["included"])),
+            tuple(sorted(doc["absent"])),
+            str(doc.get("release_id", "")),
+            str(doc.get("closed_at", "")),
+        )
         signature = bytes.fromhex(doc.get("signature", ""))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FusionError(f"the roster {path} is malformed: {exc}") from None
@@ -228,6 +247,9 @@ class Answer:
     path: str | None  # its answer envelope, or None: too few institutions have acknowledged its roster yet
     acknowledged: tuple[str, ...]  # who had signed the roster it was shown
     needed: int
+    # Not answered yet only so that the answer can also remove the institution's excess noise: it waits for
+    # `needed` signatures until this time (ISO 8601), then answers keeping its layers.
+    layers_until: str | None = None
 
 
 def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dict[str, bytes]) -> EnvelopeHeader:
@@ -256,10 +278,31 @@ def seal_unmask(plan: ReleasePlan, institution_id: str, roster: Roster | None = 
     needed = acknowledgements_needed(plan)
     if len(signers) < needed:
         return Answer(institution_id, None, signers, needed)
-    return Answer(institution_id, _seal_answer(plan, institution_id, roster, registry), signers, needed)
+    strong = layer_signatures_needed(plan)
+    reveal = len(signers) >= strong
+    answered = _answer_file(plan, institution_id).with_suffix(".fenv").exists()
+    if not (reveal or answered) and plan.params.layers.removable(len(roster.included)) and plan.params.noise:
+        # Answering now would keep this institution's excess noise in the release: before the deadline (from when
+        # the roster was closed), wait for the signatures that let the answer remove it, unless none can come.
+        until = _layer_wait_until(plan, roster)
+        if until is not None and datetime.now(UTC) < until and len(signers) < len(roster.included):
+            return Answer(institution_id, None, signers, strong, layers_until=until.isoformat())
+    return Answer(institution_id, _seal_answer(plan, institution_id, roster, registry, reveal), signers, needed)
 
 
-def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registry: dict[str, bytes]) -> str:
+def _layer_wait_until(plan: ReleasePlan, roster: Roster) -> datetime | None:
+    """Until when an answer waits for a strong majority of signatures: the roster's closing time plus the
+    federation's deadline (None for a roster of an earlier version, which has no closing time)."""
+    try:
+        closed = datetime.fromisoformat(roster.closed_at)
+    except ValueError:
+        return None
+    return closed.astimezone(UTC) + plan.config.deadline
+
+
+def _seal_answer(
+    plan: ReleasePlan, institution_id: str, roster: Roster, registry: dict[str, bytes], reveal_layers: bool = True
+) -> str:
     path = unmask_path(plan.config.exchange_path, plan.key, institution_id)
     kept = _answer_file(plan, institution_id).with_suffix(".fenv")
     if kept.exists():  # answered before (this roster: it is the only one it answers): the same bytes again
@@ -298,7 +341,7 @@ def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registr
     public_context = read_bytes(public_context_path(plan.config.exchange_path))
     header = plan.envelope_header(
         kind="unmask",
-        revealed_layers=_own_layers(plan, institution_id, roster),
+        revealed_layers=_own_layers(plan, institution_id, roster) if reveal_layers else {},
         contributors=(institution_id,),
         noise_variance=0.0,
         context_sha256=hashlib.sha256(public_context).hexdigest(),
@@ -310,6 +353,7 @@ def _seal_answer(plan: ReleasePlan, institution_id: str, roster: Roster, registr
     )
     envelope = pack_envelope(header, [], signing_key=load_signing_key(plan.config, institution_id))
     write_bytes(path, _keep_answer(kept, envelope))
+    forget_layer_seed(plan, plan.config.institution(institution_id))  # answered: the seed is never needed again
     return path
 
 
@@ -471,7 +515,7 @@ def removable_noise(
                 break
             noise = layer_noise(seed, variance=layers.layer(level), slots=plan.layout.slots, context=context)
             if not secrets.compare_digest(
-                noise_digest(noise, level=level, context=context), header.layer_digests.get(str(level), "")
+                noise_digest(noise, seed=seed, level=level, context=context), header.layer_digests.get(str(level), "")
             ):
                 kept[institution] = (
                     f"layer {level} regenerates differently (the parties' NumPy versions differ: upgrade in lockstep)"

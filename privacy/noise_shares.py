@@ -25,6 +25,7 @@ reveal keeps its whole share: more noise, never less.
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ SEED_BYTES = 32
 _CHAIN = b"fusion/noise-layer-chain/v1|"
 _COMMIT = b"fusion/noise-layer-commitment/v1|"
 _STREAM = b"fusion/noise-layer-stream/v1"
+_DIGEST = b"fusion/noise-layer-digest/v1"
 
 
 def unknown_shares(contributors: int, max_colluding: int) -> int:
@@ -124,7 +126,9 @@ def layer_noise(seed: bytes, *, variance: float, slots: int, context: bytes) -> 
     return SkellamNoise(variance, generator=generator).sample(slots)
 
 
-def noise_digest(noise: np.ndarray, *, level: int, context: bytes) -> str:
-    """SHA-256 of a layer's noise vector: the aggregator checks that it regenerated what the institution added."""
+def noise_digest(noise: np.ndarray, *, seed: bytes, level: int, context: bytes) -> str:
+    """HMAC-SHA-256 of a layer's noise vector under a key derived from the layer's seed: the aggregator checks that
+    it regenerated what the institution added, and nobody can test a guess of a layer that stays hidden."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=context, info=_DIGEST).derive(seed)
     data = np.ascontiguousarray(noise, dtype="<i8").tobytes()
-    return hashlib.sha256(_COMMIT + context + f"|{level}|noise|".encode() + data).hexdigest()
+    return hmac.new(key, f"{level}|".encode() + data, hashlib.sha256).hexdigest()

@@ -416,3 +416,21 @@ def test_dead_letter_row_points_into_files_larger_than_a_batch(make_federation: 
     big = [r for r in letters if r[DEAD_LETTER_SOURCE].endswith("big.parquet")]
     assert [(r[ENTITY_ID], r[DEAD_LETTER_REASON]) for r in big] == [(f"big-{bad}", str(R.NON_FINITE_VALUE))]
     assert big[0][DEAD_LETTER_ROW] == bad
+
+
+def test_rows_of_other_intervals_never_decide_whether_an_institution_contributes(
+    make_federation: Callable[..., Federation],
+) -> None:
+    """An hourly release of six-hour files rejects five sixths of each file as out_of_interval. With a configured
+    per-cell cap below that count the release still goes ahead: only the published reasons are tallied, each
+    clamped to the cap, so readings of other releases cannot stop this one (an un-noised, cross-release signal)."""
+    federation = make_federation(noise=False)
+    text = federation.config_path.read_text().replace('id = "alpha"', 'id = "alpha"\nmax_readings_per_cell = 12', 1)
+    federation.config_path.write_text(text)
+    hour = plan_release(federation.config, START, START + timedelta(hours=1))
+    assert hour.params.cell_caps["alpha"] == 12
+    summary = run_batch(hour)
+    assert summary.status == "released"
+    assert summary.row_counts["alpha"]["rejected"]["out_of_interval"] > 12
+    rows = Store(federation.config.store_path).read("rejects").to_pylist()
+    assert {r["reason"] for r in rows} == {str(r) for r in PUBLISHED_REASONS}

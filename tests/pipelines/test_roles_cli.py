@@ -51,7 +51,11 @@ def test_role_commands_match_batch(make_federation):
     unmask = ("contribute", "--config", str(by_roles.config_path), "--unmask", *INTERVAL)
     first = fusion(*unmask, "--institution", "alpha", expect=3).stdout  # the first signature on the roster
     assert "roster acknowledged; 1 of the 2 acknowledgements needed (alpha)" in first
-    for institution in ("beta", "gamma", "alpha"):  # beta's signature makes 2 of 3: from then on each answers
+    # Beta's signature makes 2 of 3, enough to answer, but an answer removes its excess noise only once more
+    # than (n + c + 1) / 2 have signed: before the deadline beta waits for gamma's, then each answers.
+    waiting = fusion(*unmask, "--institution", "beta", expect=3).stdout
+    assert "waiting for 3" in waiting and "excess noise" in waiting
+    for institution in ("gamma", "beta", "alpha"):
         assert "answer to the roster written" in fusion(*unmask, "--institution", institution).stdout
     fusion("aggregate", "--config", str(by_roles.config_path), *INTERVAL)
     fusion("release", "--config", str(by_roles.config_path), *INTERVAL)

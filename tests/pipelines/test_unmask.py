@@ -37,7 +37,9 @@ from pipelines.unmask import (
     absent_mask_total,
     acknowledge,
     acknowledged,
+    acknowledgements_needed,
     check_roster,
+    layer_signatures_needed,
     self_mask_total,
     write_roster,
 )
@@ -588,6 +590,8 @@ def test_excess_noise_layers_are_removed_and_a_bad_or_missing_reveal_only_keeps_
     assert not unpack_envelope(read_bytes(unmask_path(fed.config.exchange_path, plan.key, "gamma")))[
         0
     ].revealed_layers
+    alpha = Path(fed.config.institution_keys_path(fed.config.institution("alpha"))) / "sealed"
+    assert "layer_seed" not in json.loads((alpha / f"{plan.key.interval_name}.json").read_text())  # answered: gone
     status = run_aggregate(plan)
     assert status["status"] == "aggregated"
     assert status["noise_variance"] == pytest.approx(3 * v - v / 2)  # only alpha's layer came out
@@ -600,3 +604,42 @@ def test_excess_noise_layers_are_removed_and_a_bad_or_missing_reveal_only_keeps_
     sds = [sd for m, sd in zip(released.column("metric").to_pylist(), released.column("count_sd").to_pylist(),
                                strict=True) if m == metric]
     assert sds and sds == pytest.approx([math.sqrt(2.5 * v) / weight] * len(sds))
+
+
+def test_answers_before_a_strong_majority_signed_unmask_but_keep_their_noise_layers(make_federation):
+    """Five institutions, quorum 3: three signatures let an institution answer (more than (n + c) / 2), but its
+    excess noise layers come out only once more than (n + c + 1) / 2 have signed, counting the contributor that
+    keeps its own draws as a colluder. Otherwise a split view (one roster of all five signed by the victim, one
+    more and that contributor; another signed by the rest and that contributor) could show the victim a roster
+    larger than the sum it ends up in, and have it remove noise that sum needs."""
+    five = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta", "epsilon")]
+    fed = make_federation(noise=True, seed=3, quorum=3, institutions=five, entities=3)
+    plan = plan_release(fed.config, START, END)
+    assert (acknowledgements_needed(plan), layer_signatures_needed(plan)) == (3, 4)
+    run_contributions(plan, fed.config.institutions)
+    assert run_aggregate(plan)["status"] == "awaiting_unmask"
+    first = fed.config.institutions[:3]
+    waiting = run_unmask(plan, first)  # before the deadline they wait for a fourth signature
+    assert all(a.path is None and a.layers_until and a.needed == 4 for a in waiting)
+    text = fed.config_path.read_text()
+    fed.config_path.write_text(text.replace("[federation]", '[federation]\ndeadline = "0"', 1))
+    plan = plan_release(fed.config, START, END)
+    answers = run_unmask(plan, first)  # past it, they answer keeping their layers
+    assert all(a.path for a in answers)
+    for a in answers:
+        assert not unpack_envelope(read_bytes(a.path))[0].revealed_layers
+    status = run_aggregate(plan)
+    assert status["status"] == "aggregated"
+    assert status["noise_variance"] == pytest.approx(5 * plan.params.share_variance)  # every layer kept
+    assert set(status["noise_layers_kept"]) == {i.id for i in fed.config.institutions}
+
+
+def test_no_two_rosters_can_both_be_answered_with_layers_revealed_under_one():
+    """Honest institutions sign one roster each; the colluders and the contributor keeping its draws (c + 1) may
+    sign both: a roster answered at all needs k = (n + c) // 2 + 1 signatures, one that removes layers
+    k' = (n + c + 1) // 2 + 1, and k + k' > n + c + 1."""
+    for institutions in range(2, 60):
+        for colluding in range(institutions):
+            k = (institutions + colluding) // 2 + 1
+            k_layers = (institutions + colluding + 1) // 2 + 1
+            assert k + k_layers > institutions + colluding + 1

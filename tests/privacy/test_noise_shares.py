@@ -126,7 +126,13 @@ def test_a_layer_regenerates_exactly_from_its_seed_with_its_variance():
     first = layer_noise(seed, variance=2.5e5, slots=20_000, context=context)
     again = layer_noise(seed, variance=2.5e5, slots=20_000, context=context)
     np.testing.assert_array_equal(first, again)
-    assert noise_digest(first, level=3, context=context) == noise_digest(again, level=3, context=context)
+    assert noise_digest(first, seed=seed, level=3, context=context) == noise_digest(
+        again, seed=seed, level=3, context=context
+    )
+    # Keyed by the layer's seed: without it, a guess of a hidden layer cannot be tested against its digest.
+    assert noise_digest(first, seed=b"\x08" * 32, level=3, context=context) != noise_digest(
+        first, seed=seed, level=3, context=context
+    )
     other = layer_noise(seed, variance=2.5e5, slots=20_000, context=b"release-2")
     assert not np.array_equal(first, other)
     # Sample variance of 20,000 draws: sd of the estimate is sqrt(2/20000) = 1% relative; 5 sds.
