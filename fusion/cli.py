@@ -310,6 +310,13 @@ def cmd_contribute(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         while answer.path is None and time.monotonic() < waited_until:
             time.sleep(min(UNMASK_POLL_SECONDS, max(waited_until - time.monotonic(), 0.0)))
             answer = run_unmask(plan, [institution])[0]
+        if answer.path is None and answer.layers_until is not None:
+            console.print(
+                f"roster acknowledged; {len(answer.acknowledged)} signature(s) ({', '.join(answer.acknowledged)}): "
+                f"waiting for {answer.needed}, or until {answer.layers_until}, so that the answer also removes this "
+                "institution's excess noise: run `fusion contribute --unmask` again (or wait with --wait SECONDS)"
+            )
+            return 3
         if answer.path is None:
             console.print(
                 f"roster acknowledged; {len(answer.acknowledged)} of the {answer.needed} acknowledgements needed "
@@ -432,7 +439,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
         + f"  error bars below assume {plan.contributors} contributing institutions"
     )
-    print_arrow(metrics, args.format, title="predicted noise per cell")
+    if args.format == "table":  # one row per statistic, one column per metric: "sd (+-95% half-width)"
+        from fusion.predictions import noise_table
+
+        print_arrow(noise_table(metrics.to_pylist()), "table",
+                    title="predicted noise per cell: sd (+-95% half-width), each metric's unit (fusion/predictions.py)")
+    else:
+        print_arrow(metrics, args.format, title="predicted noise per cell")
     return 0
 
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from fusion.config import Config
 from fusion.parameters import ReleaseParameters, components_per_reading, release_parameters
-from fusion.quantiles import Z95
+from fusion.predictions import metric_noise
 from privacy.accountant import Composition, skellam_epsilon
 from privacy.gaussian import analytic_gaussian_sigma
 from privacy.noise_shares import unknown_shares
@@ -108,20 +108,10 @@ def privacy_plan(config: Config, *, contributors: int | None = None) -> tuple[Pr
     sd = math.sqrt(params.layers.total(n))  # each of n contributors keeps s_n once its excess layers are removed
     rows = []
     for metric, encoding in zip(config.metrics, params.encodings, strict=True):
-        count_sd = sd / encoding.count_weight
-        centred_sd = sd * encoding.sum_unit()
-        sum_sd = math.hypot(centred_sd, encoding.centre * count_sd)
-        row: dict[str, object] = {
-            "metric": metric.name,
-            "unit": metric.unit,
-            "count_sd": count_sd,
-            "count_ci_halfwidth": Z95 * count_sd,
-            "sum_sd": sum_sd,
-            "sum_ci_halfwidth": Z95 * sum_sd,
-        }
-        for readings in (100, 1000, 10000):  # a mean at the clamp range's centre, from this many readings
-            row[f"mean_ci_halfwidth_n{readings}"] = Z95 * centred_sd / readings
-        rows.append(row)
+        statistics = config.statistics  # fusion/predictions.py states what each prediction assumes
+        predicted = metric_noise(encoding, noise_variance=sd**2, variance=statistics.variance,
+                                 quantiles=statistics.quantiles, bins=statistics.histogram_bins)
+        rows.append({"metric": metric.name, "unit": metric.unit, **predicted})
     plan = PrivacyPlan(
         unit=config.privacy.unit.value,
         components_per_reading=components_per_reading(config),

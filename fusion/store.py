@@ -4,6 +4,12 @@ Inserts are keyed: only rows whose key is not yet in the table are appended, as 
 (a compare-and-swap), so re-running a release never duplicates a row and two writers racing for the same
 release cannot both insert it (the second commit fails and re-reads). The budget ledger's conditional update
 uses a Delta merge (fusion/ledger.py).
+
+Schemas evolve: a table created by an earlier version of Fusion is brought up to its schema in
+schemas/tables.py the first time a Store opens it for writing (`Store._evolve`). Columns the schema gained are
+added (they must be nullable: the table's earlier rows hold NULL there); columns it retired stay in the table
+(earlier rows keep their values), lose any NOT NULL, and are written as NULL from then on. Readers need nothing:
+a scan with the current schema reads a missing column as NULL.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pa_fs
-from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake import CommitProperties, DeltaTable, Schema, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError, TableNotFoundError
 
 from fusion.errors import FusionError, InternalError
 from schemas.tables import TABLE_SCHEMAS
@@ -51,6 +57,7 @@ class Store:
     def __init__(self, path: str | Path) -> None:
         self.uri = str(path).rstrip("/") if "://" in str(path) else None
         self.path = Path(path) if self.uri is None else Path(str(path).split("://", 1)[1])
+        self._evolved: set[str] = set()  # tables already checked against their schema by this Store
 
     def table_path(self, name: str) -> str:
         if name not in TABLE_SCHEMAS:
@@ -58,8 +65,10 @@ class Store:
         return f"{self.uri}/{name}" if self.uri else str(self.path / name)
 
     def _table(self, name: str, *, create: bool) -> DeltaTable | None:
+        """The table, or None if it does not exist and `create` is false. With `create` (every writer's way in) an
+        existing table is first brought up to its current schema."""
         try:
-            return DeltaTable(self.table_path(name))
+            table = DeltaTable(self.table_path(name))
         except TableNotFoundError:
             if not create:
                 return None
@@ -67,7 +76,55 @@ class Store:
             # then (if it does not, the failure was something else, and DeltaTable says what).
             with contextlib.suppress(CommitFailedError, DeltaError):
                 write_deltalake(self.table_path(name), TABLE_SCHEMAS[name].empty_table(), mode="append")
-            return DeltaTable(self.table_path(name))
+            table = DeltaTable(self.table_path(name))
+        return self._evolve(name, table) if create else table
+
+    def _evolve(self, name: str, table: DeltaTable) -> DeltaTable:
+        """Bring a table written by an earlier version up to TABLE_SCHEMAS[name]: add the nullable columns it
+        lacks (earlier rows read NULL there), and drop NOT NULL from columns the schema retired (writes leave them
+        NULL, see `_conform`). One commit per change; a racing writer that made the same change first makes the
+        commit fail, and the table is read again. Checked once per Store and table."""
+        if name in self._evolved:
+            return table
+        wanted = TABLE_SCHEMAS[name]
+        for attempt in range(_COMMIT_ATTEMPTS):
+            present = pa.schema(table.schema().to_arrow())
+            missing = [field for field in wanted if field.name not in present.names]
+            retired = [field.name for field in present if field.name not in wanted.names and not field.nullable]
+            if not missing and not retired:
+                self._evolved.add(name)
+                return table
+            required = [field.name for field in missing if not field.nullable]
+            if required:
+                raise InternalError(
+                    f"table {name} lacks the non-nullable column(s) {required}, which cannot be added to its "
+                    "existing rows; a schema change must add nullable columns; this is probably a bug"
+                )
+            try:
+                if missing:
+                    table.alter.add_columns(
+                        list(Schema.from_arrow(pa.schema(missing)).fields),
+                        commit_properties=CommitProperties(max_commit_retries=0),
+                    )
+                for column in retired:
+                    table.alter.drop_column_not_null(column, commit_properties=CommitProperties(max_commit_retries=0))
+            except (CommitFailedError, SchemaMismatchError, DeltaError):
+                # Most likely another writer evolved the table first: read it again and check.
+                if attempt == _COMMIT_ATTEMPTS - 1:
+                    raise
+                time.sleep(random.uniform(0.01, 0.1))
+            table = DeltaTable(self.table_path(name))
+        raise InternalError("unreachable")
+
+    @staticmethod
+    def _conform(table: DeltaTable, rows: pa.Table) -> pa.Table:
+        """`rows` plus a NULL column for each column the table has beyond them (retired from the schema): an
+        append must carry every column of the table."""
+        present = pa.schema(table.schema().to_arrow())
+        for field in present:
+            if field.name not in rows.column_names:
+                rows = rows.append_column(field.name, pa.nulls(rows.num_rows, field.type))
+        return rows
 
     def delta_table(self, name: str) -> DeltaTable:
         """The Delta table itself (created if missing), for writers that need more than insert_new."""
@@ -105,7 +162,7 @@ class Store:
             try:
                 write_deltalake(
                     table,
-                    fresh,
+                    self._conform(table, fresh),
                     mode="append",
                     commit_properties=CommitProperties(max_commit_retries=0),
                     writer_properties=WriterProperties(max_row_group_size=ROW_GROUP_ROWS),
@@ -131,7 +188,7 @@ class Store:
         for attempt in range(_COMMIT_ATTEMPTS):
             try:
                 (
-                    table.merge(rows, predicate=predicate, source_alias="s", target_alias="t")
+                    table.merge(self._conform(table, rows), predicate=predicate, source_alias="s", target_alias="t")
                     .when_matched_update(updates={column: f"s.{column}"}, predicate=f"s.{column} > t.{column}")
                     .when_not_matched_insert_all()
                     .execute()

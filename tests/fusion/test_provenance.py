@@ -252,9 +252,11 @@ def _remove_whole_releases(store: Store, removed: set[str]) -> None:
     _overwrite(store, "audit", audit.filter(keep), AUDIT_SCHEMA)
     ledger = []
     for period in budget.to_pylist():
-        pairs = [(r, a) for r, a in zip(period["release_ids"], period["aggregates"], strict=True) if r not in removed]
-        ledger.append({**period, "release_ids": [r for r, _ in pairs], "aggregates": [a for _, a in pairs],
-                       "releases": len(pairs)})
+        kept = [i for i, r in enumerate(period["release_ids"]) if r not in removed]
+        mechanisms = period.get("mechanisms")  # the ledger's record of each release's mechanism, in release order
+        ledger.append({**period, "release_ids": [period["release_ids"][i] for i in kept],
+                       "aggregates": [period["aggregates"][i] for i in kept], "releases": len(kept),
+                       "mechanisms": None if mechanisms is None else [mechanisms[i] for i in kept]})
     write_deltalake(store.table_path("budget"), pa.Table.from_pylist(ledger, schema=BUDGET_SCHEMA), mode="overwrite")
 
 

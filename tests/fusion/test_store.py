@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from fusion.errors import FusionError, InternalError
@@ -36,6 +36,7 @@ def release_rows(release_id: str, hours: range, *, metric: str = "temp", region:
             "sum": [10.0 * c for c in counts], "sum_sd": [20.0] * n,
             "sum_ci_low": [10.0 * c - 40.0 for c in counts], "sum_ci_high": [10.0 * c + 40.0 for c in counts],
             "mean": [10.0] * n, "mean_ci_low": [9.5] * n, "mean_ci_high": [10.5] * n, "stddev": [None] * n,
+            "mean_sd": [0.25] * n, "ratio_mean": [10.0] * n,
             "epsilon": [1.0] * n, "delta": [1e-6] * n, "noise": ["skellam"] * n, "released_at": [START] * n,
             **{f"{q}{suffix}": [None] * n for q in ("p10", "median", "p90") for suffix in ("", "_ci_low", "_ci_high")},
             "stddev_ci_low": [None] * n, "stddev_ci_high": [None] * n,
@@ -345,3 +346,79 @@ def test_compacting_while_another_writer_inserts_loses_nothing(store: Store) -> 
     assert not errors
     ids = store.read("audit").column("event_id").to_pylist()
     assert sorted(ids) == sorted([f"seed-{h}" for h in range(70)] + [f"racer-{i}" for i in range(20)])
+
+
+# --- schema evolution -----------------------------------------------------------------------------------------
+
+#: `releases` as an earlier version of Fusion created it: without the mean's SD and the unclipped ratio.
+OLD_RELEASES_SCHEMA = pa.schema([f for f in RELEASES_SCHEMA if f.name not in ("mean_sd", "ratio_mean")])
+
+
+def test_a_releases_table_from_before_mean_sd_gains_the_new_columns_on_the_next_insert(tmp_path: Path) -> None:
+    """A store created before `mean_sd` and `ratio_mean` existed: appending today's rows failed (a schema
+    mismatch); now the table gains the nullable columns, earlier rows read NULL there, later rows their values."""
+    store = Store(tmp_path / "store")
+    old_rows = release_rows("old", range(3)).select(OLD_RELEASES_SCHEMA.names)
+    write_deltalake(store.table_path("releases"), old_rows.cast(OLD_RELEASES_SCHEMA), mode="append")
+    assert store.version("releases") == 0
+    assert store.read("releases").column("mean_sd").null_count == 3  # readers need nothing
+
+    assert store.insert_new("releases", release_rows("new", range(2))) == 2
+    table = store.read("releases")
+    assert table.schema.equals(RELEASES_SCHEMA)
+    by_release = {rid: [] for rid in ("old", "new")}
+    for row in table.to_pylist():
+        by_release[row["release_id"]].append((row["mean_sd"], row["ratio_mean"], row["count"]))
+    assert sorted(by_release["old"]) == [(None, None, 100.0 + h) for h in range(3)]
+    assert sorted(by_release["new"]) == [(0.25, 10.0, 100.0 + h) for h in range(2)]
+    assert pa.schema(DeltaTable(store.table_path("releases")).schema().to_arrow()).field("mean_sd").nullable
+    # Keyed inserts still compare keys across old and new rows, and a second Store opens the evolved table as is.
+    assert Store(tmp_path / "store").insert_new("releases", release_rows("old", range(3))) == 0
+    assert store.version("releases") == 2  # one commit added the columns, one appended the rows
+
+
+def test_every_table_gains_new_nullable_columns_and_leaves_retired_ones_null(tmp_path: Path) -> None:
+    """The mechanism is the same for every table in TABLE_SCHEMAS: here an audit table from a Fusion with one
+    column fewer and one retired (NOT NULL) column more; upserts conform the same way as inserts."""
+    store = Store(tmp_path / "store")
+    old_schema = pa.schema([*(f for f in AUDIT_SCHEMA if f.name != "detail"),
+                            pa.field("legacy", pa.int64(), nullable=False)])
+    old = pa.Table.from_pylist([{"event_id": "e0", "at": START, "actor_role": "key_holder", "actor": "fed",
+                                 "action": "release", "legacy": 7}], schema=old_schema)
+    write_deltalake(store.table_path("audit"), old, mode="append")
+    assert store.insert_new("audit", audit_rows("e1", detail="kept")) == 1
+    raw = DeltaTable(store.table_path("audit")).to_pyarrow_table()
+    by_id = {row["event_id"]: row for row in raw.to_pylist()}
+    assert (by_id["e0"]["detail"], by_id["e0"]["legacy"]) == (None, 7)  # earlier rows keep their values
+    assert (by_id["e1"]["detail"], by_id["e1"]["legacy"]) == ("kept", None)  # the retired column is written NULL
+    assert store.read("audit").schema.equals(AUDIT_SCHEMA)
+
+
+def test_upserts_conform_to_an_evolved_table_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """upsert_counts (a Delta merge) on a table with a retired NOT NULL column and without a new one."""
+    tally = pa.schema([pa.field("release_id", pa.string(), nullable=False),
+                       pa.field("institution", pa.string(), nullable=False),
+                       pa.field("reason", pa.string(), nullable=False),
+                       pa.field("rows", pa.int64(), nullable=True), pa.field("note", pa.string(), nullable=True)])
+    monkeypatch.setitem(TABLE_SCHEMAS, "rejects", tally)  # a schema of this test's own, keyed like rejects
+    old_schema = pa.schema([*(f for f in tally if f.name != "note"), pa.field("legacy", pa.int64(), nullable=False)])
+    store = Store(tmp_path / "store")
+    write_deltalake(store.table_path("rejects"), pa.Table.from_pylist(
+        [{"release_id": "r", "institution": "i", "reason": "a", "rows": 1, "legacy": 3}], schema=old_schema),
+        mode="append")
+    update = pa.Table.from_pylist([{"release_id": "r", "institution": "i", "reason": "a", "rows": 5, "note": "up"},
+                                   {"release_id": "r", "institution": "i", "reason": "b", "rows": 2, "note": "in"}],
+                                  schema=tally)
+    store.upsert_counts("rejects", update, column="rows")
+    rows = {row["reason"]: (row["rows"], row["note"]) for row in store.read("rejects").to_pylist()}
+    assert rows == {"a": (5, None), "b": (2, "in")}  # raised in place (the merge updates `rows` only), inserted
+
+
+def test_a_new_column_that_is_not_nullable_cannot_be_added_to_existing_rows(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "store")
+    store.ensure_tables()
+    strict = AUDIT_SCHEMA.append(pa.field("required", pa.string(), nullable=False))
+    monkeypatch.setitem(TABLE_SCHEMAS, "audit", strict)
+    with pytest.raises(InternalError, match="non-nullable"):
+        Store(tmp_path / "store").delta_table("audit")

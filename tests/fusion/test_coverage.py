@@ -1,0 +1,163 @@
+"""Coverage of every released statistic's 95% interval on real hourly weather, end to end without Beam.
+
+Data (real): the two NREL TMY3 hourly files that ship inside pvlib (Greensboro NC, Sand Point AK; read as
+fusion/demo_data.py reads them): global horizontal irradiance, air temperature, relative humidity and wind speed.
+A cell is one station, metric and day: the day's 24 hourly readings (2 x 4 x 365 = 2,920 cells). They are encoded
+exactly as Fusion encodes them (fusion/contribution.py `aggregate_readings`, the demo's clamp bounds and
+resolutions, SUMSQ and 16 histogram bins), every slot gets Skellam noise calibrated to epsilon 4 (test-seeded),
+and `decode_release` decodes them; each statistic is compared with the truth of the cell's clamped readings.
+
+Binomial SD of a coverage over ~2,000 cells: about 0.5%.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fusion.contribution import aggregate_readings
+from fusion.demo_data import LIMITS, RESOLUTION, load_station
+from fusion.estimates import decode_release
+from fusion.parameters import ReleaseParameters
+from privacy.accountant import calibrate_variance
+from privacy.encoding import balanced_encodings, event_level_sensitivity
+from privacy.layout import BASE_COMPONENTS, SUMSQ, PartitionLayout, bin_components
+from privacy.skellam import SkellamNoise, seeded_generator
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+METRICS = ("ghi", "air_temp", "humidity", "wind_speed")
+STATIONS = ("greensboro", "sandpoint")
+DAYS = 365
+BINS = 16
+EPSILON = 4.0
+
+
+@dataclass(frozen=True)
+class Decoded:
+    rows: dict[str, np.ndarray]  # column -> values per cell (NaN for NULL)
+    truth: dict[str, np.ndarray]  # statistic -> true value per cell
+    metric: np.ndarray  # metric index per cell
+    lower: np.ndarray
+    upper: np.ndarray
+
+
+def _true_quantile(values: np.ndarray, q: float) -> float:
+    """The ceil(q n)-th smallest reading."""
+    ordered = np.sort(values)
+    return float(ordered[max(0, math.ceil(q * ordered.size - 1e-9) - 1)])
+
+
+@pytest.fixture(scope="module")
+def decoded() -> Decoded:
+    stations = {s: load_station(s) for s in STATIONS}
+    encodings = tuple(balanced_encodings([(*LIMITS[m], RESOLUTION[m]) for m in METRICS]))
+    components = (*BASE_COMPONENTS, SUMSQ, *bin_components(BINS))
+    layout = PartitionLayout.for_interval(METRICS, STATIONS, START, START + timedelta(days=DAYS), timedelta(days=1),
+                                          components)
+    sensitivity = event_level_sensitivity(list(encodings), components=4)  # count, sum, sumsq, one bin
+    variance = calibrate_variance(epsilon=EPSILON, delta=1e-6, l1=sensitivity.l1, l2=sensitivity.l2)
+    params = ReleaseParameters(encodings=encodings, sensitivity=sensitivity, total_variance=variance, quorum=1,
+                               epsilon=EPSILON, delta=1e-6, noise=True)
+    hours = np.datetime64("2026-01-01T00:00", "us") + np.arange(DAYS * 24) * np.timedelta64(3600_000_000, "us")
+    pieces, truth_values = [], {}
+    for station in STATIONS:
+        series = stations[station]
+        order = np.argsort(series["hour_of_year"])
+        for m, metric in enumerate(METRICS):
+            values = np.round(series[metric][order][: DAYS * 24] / RESOLUTION[metric]) * RESOLUTION[metric]
+            pieces.append(pa.table({
+                "entity_id": pa.array([station] * values.size),
+                "region": pa.array([station] * values.size),
+                "metric": pa.array([metric] * values.size),
+                "event_time": pa.array(hours, pa.timestamp("us", tz="UTC")),
+                "value": pa.array(values),
+            }))
+            truth_values[(m, station)] = np.clip(values, *LIMITS[metric]).reshape(DAYS, 24)
+    vector = aggregate_readings(pa.concat_tables(pieces), layout=layout, encodings=encodings)
+    noisy = vector + SkellamNoise(variance, generator=seeded_generator(2026)).sample(layout.slots)
+    table = decode_release(noisy, layout=layout, params=params, units=("W/m2", "degC", "%", "m/s"),
+                           noise_variance=variance, contributors=1, release_id="coverage", released_at=START)
+    rows = {name: np.array([np.nan if v is None else v for v in table.column(name).to_pylist()], dtype=float)
+            for name in table.column_names if pa.types.is_floating(table.schema.field(name).type)}
+    metric_idx, region_idx, window_idx = layout.cell_coordinates()
+    cells = [truth_values[(int(m), STATIONS[int(r)])][int(w)] for m, r, w in zip(metric_idx, region_idx, window_idx,
+                                                                               strict=True)]
+    truth = {
+        "count": np.array([c.size for c in cells], dtype=float),
+        "sum": np.array([c.sum() for c in cells]),
+        "mean": np.array([c.mean() for c in cells]),
+        "stddev": np.array([c.std() for c in cells]),
+        **{name: np.array([_true_quantile(c, q) for c in cells]) for name, q in (("p10", 0.1), ("median", 0.5),
+                                                                                  ("p90", 0.9))},
+    }
+    lower = np.array([LIMITS[METRICS[m]][0] for m in metric_idx])
+    upper = np.array([LIMITS[METRICS[m]][1] for m in metric_idx])
+    return Decoded(rows, truth, metric_idx, lower, upper)
+
+
+def _misses(d: Decoded, name: str) -> tuple[np.ndarray, int, int]:
+    """(covered per released cell, misses above the interval, misses below it) of one statistic."""
+    released = ~np.isnan(d.rows[name])
+    truth = d.truth[name][released]
+    low, high = d.rows[f"{name}_ci_low"][released], d.rows[f"{name}_ci_high"][released]
+    return (low <= truth) & (truth <= high), int((truth > high).sum()), int((truth < low).sum())
+
+
+@pytest.mark.parametrize("name", ["count", "sum", "mean", "stddev"])
+def test_counts_sums_means_and_stddevs_cover_95_percent_on_both_sides(decoded: Decoded, name: str) -> None:
+    """Measured (this seed): count 94.7%, sum 94.6%, mean 94.6%, stddev 95.3% (was 96-99% for the stddev)."""
+    covered, above, below = _misses(decoded, name)
+    assert covered.size >= 2000
+    assert 0.93 <= covered.mean() <= 0.97, (name, covered.mean())
+    if name != "stddev":  # the stddev is mostly noise at 24 readings: its misses lean to one side (see README)
+        assert max(above, below) <= 0.65 * (above + below), (name, above, below)
+
+
+def test_quantile_estimates_are_within_half_a_bin_where_the_count_is_clear(decoded: Decoded) -> None:
+    """Where the noisy count is at least 3 count SDs, the median absolute error of p10, median and p90 is at most
+    half a bin (was 0.5-0.9 bins, p10 of temperature and humidity five bins and more towards the empty end).
+    Measured: p10 0.39, median 0.23, p90 0.26 bins."""
+    width = (decoded.upper - decoded.lower) / BINS
+    clear = decoded.rows["count"] >= 3 * decoded.rows["count_sd"]
+    for name in ("p10", "median", "p90"):
+        released = clear & ~np.isnan(decoded.rows[name])
+        assert released.sum() >= 1500
+        error = np.abs(decoded.rows[name] - decoded.truth[name])[released] / width[released]
+        assert np.median(error) <= 0.5, (name, np.median(error))
+
+
+def test_quantile_intervals_cover_their_true_quantiles(decoded: Decoded) -> None:
+    """Every released quantile's interval, over every cell that releases one (humidity's histograms, a bin SD of
+    3.8 readings against 1.5 readings a bin, release none). Measured: p10 99.3% (12 misses, all above), median
+    97.0% (11 above, 42 below), p90 96.5% (40 above, 23 below): at least 95%, but above the 97% aimed at for p10
+    (the position of a quantile inside its bin is not known, and the interval allows for it; README). Was
+    97-98.5% with estimates off by up to six bins."""
+    for name in ("p10", "median", "p90"):
+        covered, above, below = _misses(decoded, name)
+        assert covered.size >= 1500
+        assert 0.95 <= covered.mean() <= 0.997, (name, covered.mean(), above, below)
+
+
+def test_quantiles_at_a_clamp_bound_are_covered(decoded: Decoded) -> None:
+    """Night-time irradiance is exactly 0, the lower bound: a pile of clamped readings at the bound, which an
+    interval reaching into the first bin covers by extending to it."""
+    for name in ("p10", "median", "p90"):
+        released = ~np.isnan(decoded.rows[name])
+        at_bound = released & ((decoded.truth[name] == decoded.lower) | (decoded.truth[name] == decoded.upper))
+        assert at_bound.sum() >= 300 if name == "p10" else True
+        covered = (decoded.rows[f"{name}_ci_low"] <= decoded.truth[name]) & (
+            decoded.truth[name] <= decoded.rows[f"{name}_ci_high"])
+        assert covered[at_bound].mean() >= 0.99 if at_bound.any() else True
+
+
+def test_mean_sd_matches_the_spread_of_the_ratio(decoded: Decoded) -> None:
+    """(ratio_mean - true mean) / mean_sd over the released means: SD 1 within 0.05."""
+    released = ~np.isnan(decoded.rows["mean_sd"])
+    z = (decoded.rows["ratio_mean"] - decoded.truth["mean"])[released] / decoded.rows["mean_sd"][released]
+    assert released.sum() >= 2000
+    assert abs(np.std(z) - 1.0) < 0.05 and abs(np.mean(z)) < 0.1

@@ -1,0 +1,101 @@
+"""`fusion plan`'s predictions against what decoding reports: exact for counts, sums and means, the stddev's against
+its spread over noise draws, and the quantiles' reproducible."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from fusion.estimates import decode_release
+from fusion.parameters import ReleaseParameters
+from fusion.predictions import READINGS, metric_noise, noise_table, predicted_noise
+from privacy.accountant import calibrate_variance
+from privacy.encoding import balanced_encodings, encode_readings, encode_squares, event_level_sensitivity
+from privacy.layout import PartitionLayout
+from privacy.skellam import SkellamNoise, seeded_generator
+
+START = datetime(2026, 1, 1, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+ENCODINGS = tuple(balanced_encodings([(-20.0, 40.0, 0.1), (0.0, 500.0, 1.0)]))
+
+
+def parameters(epsilon: float = 1.0) -> ReleaseParameters:
+    sensitivity = event_level_sensitivity(list(ENCODINGS), components=3)
+    variance = calibrate_variance(epsilon=epsilon, delta=1e-6, l1=sensitivity.l1, l2=sensitivity.l2)
+    return ReleaseParameters(encodings=ENCODINGS, sensitivity=sensitivity, total_variance=variance, quorum=1,
+                             epsilon=epsilon, delta=1e-6, noise=True)
+
+
+def test_count_sum_and_mean_predictions_are_the_decoded_sds() -> None:
+    """A mean at the clamp range's centre from n readings: decode_release reports exactly the predicted SDs."""
+    params = parameters()
+    layout = PartitionLayout.for_interval(("temp", "load"), ("r",), START, START + 3 * HOUR, HOUR,
+                                          ("count", "sum", "sumsq"))
+    totals = np.zeros(layout.slots, dtype=np.int64)
+    metric_idx, _, window_idx = layout.cell_coordinates()
+    weights = np.array([e.count_weight for e in ENCODINGS])[metric_idx]
+    layout.block(totals, "count")[:] = np.array(READINGS)[window_idx] * weights  # window w holds READINGS[w]
+    table = decode_release(totals, layout=layout, params=params, units=("degC", "kW"),
+                           noise_variance=params.total_variance, contributors=1, release_id="r", released_at=START)
+    predicted = predicted_noise(ENCODINGS, noise_variance=params.total_variance, variance=True, quantiles=False,
+                                bins=16)
+    for row, m, w in zip(table.to_pylist(), metric_idx, window_idx, strict=True):
+        p = predicted[m]
+        assert row["count_sd"] == pytest.approx(p["count_sd"], rel=1e-12)
+        assert row["sum_sd"] == pytest.approx(p["sum_sd"], rel=1e-12)
+        assert row["count_ci_high"] - row["count"] == pytest.approx(p["count_ci_halfwidth"], rel=1e-12)
+        assert row["mean_sd"] == pytest.approx(p[f"mean_sd_n{READINGS[w]}"], rel=1e-12)
+
+
+def test_the_stddev_prediction_matches_its_spread_over_noise_draws() -> None:
+    """10,000 readings normal around the centre with SD a quarter of the range (the prediction's assumptions):
+    over 400 noise draws the stddev's SD is the predicted one and its reported half-width the predicted one,
+    each within 10%."""
+    params = parameters(epsilon=4.0)
+    encoding = ENCODINGS[1]  # load, [0, 500] kW
+    n = 10_000
+    values = np.clip(np.round(np.random.default_rng(2).normal(250.0, 125.0, n)), 0, 500)
+    weight, centred = encode_readings(values, np.ones(n, dtype=np.int64), ENCODINGS)
+    exact = np.array([weight.sum(), centred.sum(), encode_squares(centred, weight).sum()])
+    draws = 400
+    layout = PartitionLayout.for_interval(("temp", "load"), ("r",), START, START + draws * HOUR, HOUR,
+                                          ("count", "sum", "sumsq"))
+    totals = np.zeros(layout.slots, dtype=np.int64)
+    for k, component in enumerate(("count", "sum", "sumsq")):
+        layout.block(totals, component)[draws:] = exact[k]  # the load cells; temp's stay empty
+    totals += SkellamNoise(params.total_variance, generator=seeded_generator(4)).sample(layout.slots)
+    table = decode_release(totals, layout=layout, params=params, units=("degC", "kW"),
+                           noise_variance=params.total_variance, contributors=1, release_id="r", released_at=START)
+    stddev = np.array(table.column("stddev").to_pylist()[draws:], dtype=float)
+    half = (np.array(table.column("stddev_ci_high").to_pylist()[draws:], dtype=float)
+            - np.array(table.column("stddev_ci_low").to_pylist()[draws:], dtype=float)) / 2
+    predicted = metric_noise(encoding, noise_variance=params.total_variance, variance=True, quantiles=False, bins=16)
+    assert np.std(stddev) == pytest.approx(predicted[f"stddev_sd_n{n}"], rel=0.1)
+    assert np.median(half) == pytest.approx(predicted[f"stddev_ci_halfwidth_n{n}"], rel=0.1)
+
+
+def test_quantile_predictions_are_reproducible_and_shrink_with_more_readings() -> None:
+    params = parameters(epsilon=1.0)
+    first = metric_noise(ENCODINGS[0], noise_variance=params.total_variance, variance=False, quantiles=True, bins=16)
+    again = metric_noise(ENCODINGS[0], noise_variance=params.total_variance, variance=False, quantiles=True, bins=16)
+    assert first == again  # seeded simulation: the same plan prints the same numbers
+    for name in ("p10", "median", "p90"):
+        widths = [first[f"{name}_ci_halfwidth_n{n}"] for n in READINGS]
+        assert all(math.isfinite(w) and 0 < w < 60 for w in widths)
+        assert widths == sorted(widths, reverse=True)
+
+
+def test_the_printed_table_has_a_row_per_statistic_and_a_column_per_metric() -> None:
+    params = parameters()
+    rows = [{"metric": m, "unit": u, **p} for (m, u), p in zip(
+        (("temp", "degC"), ("load", "kW")),
+        predicted_noise(ENCODINGS, noise_variance=params.total_variance, variance=True, quantiles=False, bins=16),
+        strict=True)]
+    table = noise_table(rows)
+    assert table.column_names == ["statistic", "temp (degC)", "load (kW)"]
+    assert table.column("statistic").to_pylist() == ["count", "sum"] + [f"mean n={n}" for n in READINGS] + [
+        f"stddev n={n}" for n in READINGS]
+    assert all("(+-" in cell for cell in table.column("load (kW)").to_pylist())
