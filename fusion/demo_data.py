@@ -185,7 +185,8 @@ def sensor_readings(spec: InstitutionSpec, day: datetime, stations: dict[str, di
 
 
 def faulty_rows(spec: InstitutionSpec, day: datetime) -> list[dict[str, object]]:
-    """Deliberately broken rows (synthetic), one per reason the demo shows in `rejects`."""
+    """Deliberately broken rows (synthetic), one per reason: they land in metservice's dead letters (and, for the
+    published reasons, in its noisy tallies in `rejects`)."""
     c = spec.columns
     when = (day + timedelta(hours=12)).strftime("%Y-%m-%dT%H:%M:%SZ")
     good = {

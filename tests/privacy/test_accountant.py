@@ -28,7 +28,7 @@ from privacy.accountant import (
     skellam_rdp,
 )
 from privacy.encoding import balanced_encodings, entity_level_sensitivity, event_level_sensitivity
-from privacy.pld import TAIL_MASS, SkellamMechanism, pld_epsilon, skellam_log_pmf, support_radius
+from privacy.pld import TAIL_MASS, SkellamMechanism, pld_epsilon, resolves, skellam_log_pmf, support_radius
 from tests.conftest import config_text
 
 EXACT_ORDERS = np.arange(2, 33)
@@ -455,8 +455,17 @@ def test_where_fft_round_off_could_matter_the_accountant_uses_rdp() -> None:
     for mechanisms, delta in (([few], 1e-13), ([many], 1e-12), ([few] * 30, 1e-12)):
         rdp = epsilon_for(variance=3e7, l1=mechanisms[0].l1, l2=mechanisms[0].l2, delta=delta, releases=len(mechanisms))
         assert skellam_epsilon(mechanisms, delta=delta) == rdp
-        with pytest.raises(ValueError, match="too small for the PLD"):
+        with pytest.raises(ValueError, match="does not resolve delta"):
             pld_epsilon(mechanisms, delta=delta)
+
+
+def test_noise_too_wide_to_enumerate_is_accounted_with_rdp() -> None:
+    """A slot's outcomes are enumerated out to a Chernoff radius; beyond MAX_SUPPORT_RADIUS (a noise sd of about
+    350,000 integer units: very fine resolutions) the arrays would not fit in memory, and RDP accounts instead."""
+    wide = SkellamMechanism(2.5e18, 4, 250_000_000)
+    assert not resolves([wide], delta=1e-6)
+    rdp = epsilon_for(variance=wide.variance, l1=wide.l1, l2=wide.l2, delta=1e-6)
+    assert skellam_epsilon([wide], delta=1e-6) == rdp
 
 
 # --- the sensitivity's shape, and release parameters from a config --------------------------------------------------
