@@ -240,6 +240,15 @@ def test_a_missing_file_fails_at_load(tmp_path: Path) -> None:
     assert "nope.toml" in str(error.value)
 
 
+def test_a_config_that_is_not_utf8_or_not_a_file_fails_in_one_line(tmp_path: Path) -> None:
+    latin = tmp_path / "latin1.toml"
+    latin.write_bytes(valid_text().encode() + "# région\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xe9 at offset \d+\)"):
+        load_config(latin)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
 def test_parse_config_validates_a_mapping(tmp_path: Path) -> None:
     import tomllib
 
