@@ -36,6 +36,8 @@ from dp_accounting.pld import pld_pmf
 from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
 from scipy.special import ive
 
+from privacy.encoding import Sensitivity
+
 #: Skellam mass beyond the truncated support, on each side of one slot (counted as infinite loss).
 TAIL_MASS = 1e-24
 #: Mass each composition may truncate from the loss distribution's tails (counted as infinite loss).
@@ -73,12 +75,16 @@ class SkellamMechanism:
             raise ValueError(f"coordinates and shift must be non-negative, got {self.coordinates}, {self.shift}")
 
     @property
+    def sensitivity(self) -> Sensitivity:
+        return Sensitivity(coordinates=self.coordinates, shift=self.shift)
+
+    @property
     def l1(self) -> float:
-        return float(self.coordinates * self.shift)
+        return self.sensitivity.l1
 
     @property
     def l2(self) -> float:
-        return math.sqrt(self.coordinates) * self.shift
+        return self.sensitivity.l2
 
     @property
     def loss_scale(self) -> float:
