@@ -58,7 +58,7 @@ def test_the_epsilon_of_the_noise_a_coalition_does_not_know_is_the_reported_one(
 
 def test_shares_sized_for_honest_contributors_alone_would_understate_epsilon():
     """The rule before: v / quorum each. At the demo's quorum 3 a contributor that keeps its draws faces only
-    2/3 of v, an epsilon of about 1.15 where 1.00 is reported."""
+    2/3 of v, an epsilon of about 1.2 (PLD) where 1.00 is reported."""
     params = params_for(quorum=3)
     s = params.sensitivity
     old_unknown = 2 * params.total_variance / 3
