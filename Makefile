@@ -2,18 +2,31 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
+SHELL  := /bin/bash
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test lint unit bench clean
 
 setup: $(STAMP)
 
+# First run on a fresh machine: about 3-4 minutes (some 150 wheels, ~1.2 GB installed, torch CPU the largest);
+# later runs find $(STAMP) newer than the lock and do nothing.
 $(STAMP): requirements.lock pyproject.toml
+	@echo "==> Setting up $(VENV) from requirements.lock (first run: about 3-4 minutes; later runs: nothing to do)"
+	@echo "==> [1/4] virtual environment"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@echo "==> [2/4] pip itself"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "==> [3/4] pinned dependencies: one line per package"
+	@$(BIN)/python -m pip install --progress-bar on -r requirements.lock 2>&1 \
+		| grep --line-buffered -E '^(Collecting|Requirement already|Installing collected|Successfully|ERROR|error)' \
+		| sed -u -e 's/^/    /' -e 's/^    Successfully installed.*/    installed./'; \
+		test $${PIPESTATUS[0]} -eq 0
+	@echo "==> [4/4] Fusion itself (editable)"
+	@$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . >$(VENV)/install.log 2>&1 \
+		|| { cat $(VENV)/install.log; exit 1; }
 	@touch $(STAMP)
+	@echo "==> Set-up done."
 
 demo: setup
 	$(BIN)/fusion demo --dir demo

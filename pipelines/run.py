@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import apache_beam as beam
@@ -38,6 +40,19 @@ def beam_options(beam_args: Sequence[str] = ()) -> PipelineOptions:
     if not names_runner(args):
         args.append("--runner=DirectRunner")
     return PipelineOptions(args, save_main_session=False)
+
+
+@contextmanager
+def beam_scratch() -> Iterator[None]:
+    """Run a pipeline with the system temp directory pointed at a private one, removed afterwards: Beam's
+    runners leave empty scratch directories (beam-temp*, tmp*) behind after every pipeline."""
+    previous = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="fusion-beam-") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
 
 
 def report_path(plan: ReleasePlan, institution: InstitutionConfig) -> str:
@@ -80,7 +95,7 @@ def run_contributions(
             contribute_locally(plan, pending)
         elif pending:
             # One pipeline for all of them: only packed vectors (one per scan shard) cross between its stages.
-            with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
+            with beam_scratch(), beam.Pipeline(options=beam_options(beam_args)) as pipeline:
                 _ = pipeline | Contribute(plan, pending, spread=names_runner(beam_args))
     finally:
         remove_staging(plan, pending)  # what is derived from the readings does not outlive the run
@@ -102,7 +117,7 @@ def run_aggregate(
 
         aggregate_locally(plan, may_declare_absent=may_declare_absent)
     else:
-        with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
+        with beam_scratch(), beam.Pipeline(options=beam_options(beam_args)) as pipeline:
             _ = pipeline | Aggregate(plan, may_declare_absent=may_declare_absent)
     exchange = plan.config.exchange_path
     status: dict[str, Any] = json.loads(read_bytes(aggregation_status_path(exchange, plan.key)))
