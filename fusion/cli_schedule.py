@@ -17,10 +17,9 @@ from fusion.cli import console, err_console
 from fusion.config import load_config
 from fusion.durations import floor_to_grid
 from fusion.errors import FusionError
-from fusion.plan import parse_time
 from fusion.schedule import Action, RunStatus, ScheduleConfig
 
-if TYPE_CHECKING:  # the scheduler imports Beam: only commands that run pipelines load it
+if TYPE_CHECKING:  # the scheduler and fusion.plan import Beam: only commands that run pipelines load them
     from pipelines.scheduler import RunResult
 
 
@@ -28,7 +27,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     schedule = sub.add_parser("schedule", help="run the config's [[schedules]]: due intervals, catch-up, retries")
     schedule.add_argument("--config", required=True, help="federation config (TOML)")
     schedule.add_argument("--once", action="store_true", help="run what is due now, then exit (for cron)")
-    schedule.add_argument("--now", help="with --once: act as if it were this time (not later than the clock)")
+    schedule.add_argument(
+        "--now",
+        help="with --once: run the intervals due at this time (not later than the clock); the runs table still "
+        "records the real time",
+    )
     schedule.add_argument("--runner-id", help="this scheduler's id in the runs table (default host:pid:random)")
 
     fill = sub.add_parser("backfill", help="run every interval in a range that is not released yet, in order")
@@ -54,24 +57,22 @@ def _describe(result: RunResult) -> str:
 
 
 def cmd_schedule(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
+    from fusion.plan import parse_time
     from pipelines.scheduler import Scheduler, utc_now
 
     config = load_config(args.config)
     if not config.schedules:
         raise FusionError(f"{args.config} has no [[schedules]] section; add one (see the README's Scheduling)")
-    now = utc_now
+    as_of = None
     if args.now is not None:
         if not args.once:
             raise FusionError("--now works only with --once (a long-running scheduler follows the clock)")
-        moment = parse_time(args.now)
-        if moment > datetime.now(UTC):
+        as_of = parse_time(args.now)
+        if as_of > utc_now():
             raise FusionError(f"--now {args.now} is in the future; intervals that have not closed cannot run")
-
-        def now() -> datetime:
-            return moment
-
+    # --now chooses the intervals only: claims and leases carry the real time, which every runner shares.
     scheduler = Scheduler(
-        config, runner=args.runner_id, now=now, beam_args=beam_args, on_result=lambda r: console.log(_describe(r))
+        config, runner=args.runner_id, as_of=as_of, beam_args=beam_args, on_result=lambda r: console.log(_describe(r))
     )
     if args.once:
         results, _ = scheduler.run_due()
@@ -97,6 +98,8 @@ def cmd_schedule(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
 
 def _on_grid(schedule: ScheduleConfig, text: str, option: str) -> datetime:
+    from fusion.plan import parse_time
+
     moment = parse_time(text)
     if floor_to_grid(moment, schedule.length) != moment:
         raise FusionError(

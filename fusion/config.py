@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+import re
 import tomllib
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fusion.durations import parse_duration
 from fusion.errors import ConfigError
 from fusion.schedule import ScheduleConfig, check_schedules
+from fusion.sql_limits import SqlLimits
 from schemas.readings import ALL_FIELDS
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
@@ -80,6 +82,19 @@ class InstitutionConfig(_Frozen):
     keys: str | None = None  # the institution's private signing key directory; defaults to <base>/institution-keys/<id>
     # Readings per cell and release; bounds the encrypted totals. Default: the largest that cannot wrap.
     max_readings_per_cell: int | None = Field(default=None, gt=0)
+    # Share of an interval's rows rejected (rows of other intervals and exact duplicates aside) above which a run
+    # warns, and above which the institution seals nothing unless its operator passes --accept-rejects.
+    warn_reject_rate: float = Field(default=0.1, ge=0, le=1)
+    max_reject_rate: float = Field(default=0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _reject_rates(self) -> Self:
+        if self.warn_reject_rate > self.max_reject_rate:
+            raise ValueError(
+                f"warn_reject_rate {self.warn_reject_rate} is above max_reject_rate {self.max_reject_rate}; "
+                "the warning comes first"
+            )
+        return self
 
 
 class MetricConfig(_Frozen):
@@ -283,6 +298,7 @@ class Config(_Frozen):
     statistics: StatisticsConfig = StatisticsConfig()
     pipeline: PipelineConfig = PipelineConfig()
     stream: StreamConfig = StreamConfig()
+    sql: SqlLimits = SqlLimits()  # `fusion sql` and the Python API: time and result-size limits of a query
     schedules: tuple[ScheduleConfig, ...] = ()  # when `fusion schedule` runs batch releases
     base: Path = Path(".")
 
@@ -325,6 +341,7 @@ class Config(_Frozen):
                             f"federation.{label} ({self.resolve(getattr(self.federation, label))}), which other "
                             "parties read; an institution's keys and rejected rows stay private"
                         )
+        self._private_apart()
         keys = self.federation.keys
         if "://" in keys:
             raise ValueError(f"federation.keys = '{keys}': the HE secret key lives in a local directory, not a URL")
@@ -359,6 +376,53 @@ class Config(_Frozen):
             )
         check_schedules(self.schedules, window=self.window, period=self.period)
         return self
+
+    def _private_apart(self) -> None:
+        """Refuse directories that overlap where they must not: the exchange and the store (each party reads
+        its own layout there), a private directory and one other parties read, and another party's private
+        directory inside the key holder's."""
+        shared = {"exchange": self.exchange_path, "store": self.store_path}
+        if _overlap(shared["exchange"], shared["store"]):
+            raise ValueError(
+                f"federation.exchange ({shared['exchange']}) is, holds or lies in federation.store "
+                f"({shared['store']}): envelopes in flight and published tables need directories of their own"
+            )
+        private = [
+            ("federation.aggregator_keys", self.aggregator_keys_path, "the aggregator's signing key"),
+            ("stream.state", self.stream_state_path, "the stream's progress and validated readings"),
+            ("stream.spool", self.stream_spool_path, "the stream's windowed readings"),
+        ]
+        for field_name, path, what in private:
+            for label, other in shared.items():
+                if _overlap(path, other):
+                    raise ValueError(
+                        f"{field_name} ({path}) overlaps federation.{label} ({other}), which other parties read; "
+                        f"{what} stay private"
+                    )
+        for index, institution in enumerate(self.institutions):
+            for number, feed in enumerate(institution.feeds):
+                files = _glob_base(self.resolve(feed.path))
+                for label, other in shared.items():
+                    if _within(files, other):
+                        raise ValueError(
+                            f"institutions[{index}].feeds[{number}].path ({feed.path}) lies in federation.{label} "
+                            f"({other}), which other parties read; an institution's raw readings stay private"
+                        )
+        holder = self.keys_path
+        others = [("federation.aggregator_keys", self.aggregator_keys_path)] + [
+            (f"institutions[{index}].{field_name}", path)
+            for index, institution in enumerate(self.institutions)
+            for field_name, path in (
+                ("keys", self.institution_keys_path(institution)),
+                ("dead_letter", self.dead_letter_path(institution)),
+            )
+        ]
+        for field_name, path in others:
+            if _overlap(path, holder):
+                raise ValueError(
+                    f"{field_name} ({path}) overlaps federation.keys ({holder}), the key holder's private directory "
+                    "(its HE secret key): each party keeps its keys and files apart from the key holder's"
+                )
 
     @property
     def window(self) -> timedelta:
@@ -459,6 +523,24 @@ def _directory_key(path: str) -> str:
     return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
 
 
+def _within(inner: str, outer: str) -> bool:
+    """Whether `inner` is the directory `outer` or lies in it (both compared in one spelling)."""
+    inner, outer = _directory_key(inner), _directory_key(outer)
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def _overlap(first: str, second: str) -> bool:
+    """Whether two directories are one, or one holds the other."""
+    return _within(first, second) or _within(second, first)
+
+
+def _glob_base(path: str) -> str:
+    """The directory a feed's files lie in whatever its wildcards or {date} placeholders match: the path up to
+    the last separator before the first of them (a path without any: the file itself)."""
+    wild = re.search(r"[*?\[{]", path)
+    return path if wild is None else path[: wild.start()].rpartition("/")[0] or "/"
+
+
 def _field_path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -466,8 +548,10 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> Config:
-    """Validate a config mapping. Raises ConfigError naming every bad field, then checks encoding safety."""
+def parse_config(data: dict[str, Any], *, base: Path = Path("."), check_release: bool = True) -> Config:
+    """Validate a config mapping. Raises ConfigError naming every bad field, then checks encoding safety (unless
+    `check_release` is false: commands that only read the store skip the noise calibration it needs, and with it
+    the accountants' imports, torch among them, about 2 s)."""
     if "base" in data:  # set from the file's location, never from its contents
         raise ConfigError(
             "invalid federation config:\n  base: Extra inputs are not permitted (paths are relative to the config file)"
@@ -488,6 +572,8 @@ def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> Config:
         ]
         lines = [f"  {_field_path(err['loc'])}: {err['msg']}" for err in errors]
         raise ConfigError("invalid federation config:\n" + "\n".join(lines)) from None
+    if not check_release:
+        return config
     # Imported here: the encoding check needs the config types, and privacy/ must not import fusion/.
     from fusion.parameters import release_parameters
 
@@ -504,8 +590,8 @@ def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> Config:
     return config
 
 
-def load_config(path: str | Path) -> Config:
-    """Load and validate a federation config file."""
+def load_config(path: str | Path, *, check_release: bool = True) -> Config:
+    """Load and validate a federation config file (see `parse_config` for `check_release`)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -522,7 +608,13 @@ def load_config(path: str | Path) -> Config:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    return parse_config(data, base=path.resolve().parent)
+    try:
+        return parse_config(data, base=path.resolve().parent, check_release=check_release)
+    except ConfigError as exc:  # name the file: a federation's roles often hold several configs
+        text = str(exc)
+        if text.startswith("invalid federation config"):
+            text = text.replace("invalid federation config", f"invalid federation config {path}", 1)
+        raise ConfigError(text) from None
 
 
 __all__ = [

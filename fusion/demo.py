@@ -104,7 +104,21 @@ def _config_text(days: int) -> str:
             *[f'{field} = "{column}"' for field, column in spec.columns.items()],
             "",
         ]
-    del days
+    first, last = DEMO_START, DEMO_START + timedelta(days=days)
+    lines += [
+        "# A daily schedule over the demo's days: uncomment it, then run",
+        "#   fusion schedule --config federation.toml --once",
+        "# It releases every day from `start` to `end` that is not released yet (the demo released the first),",
+        "# once, whenever it runs: `end` stops it catching up every day since then. Without `--once` it stays",
+        "# and runs at each cron fire (00:05 UTC). `fusion sql ... \"SELECT * FROM runs\"` shows its attempts.",
+        "# [[schedules]]",
+        '# name = "daily"',
+        '# cron = "5 0 * * *"',
+        '# interval = "1d"',
+        f"# start = {first:%Y-%m-%dT%H:%M:%SZ}",
+        f"# end = {last:%Y-%m-%dT%H:%M:%SZ}",
+        "",
+    ]
     return "\n".join(lines)
 
 

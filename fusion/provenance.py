@@ -6,7 +6,8 @@ over the columns published at the time. It is kept in the release's `audit` row 
 so the tables' schemas stay as they are. `verify_releases` reads both tables (and the budget ledger's charged
 release ids) and reports each release as verified, legacy (published before the key holder had a key, as
 registered with its first key), tampered (a row changed, added or removed, its signature or audit record
-removed, or a signature no registered key made) or missing (charged but not published).
+removed, or a signature no registered key made), missing (charged but not published) or, in a production
+store, a violation (test-mode cells: noise off or seeded, charged nothing to the budget; fusion/store_mode.py).
 
 Each signature also holds the release's place in a chain: its sequence number and the release it follows, both
 from the key holder's own record (`next_link`), not from the store. A whole release removed from `releases`,
@@ -38,8 +39,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fusion.config import PrivacyMode
 from fusion.errors import FusionError
 from fusion.store import Store
+from fusion.store_mode import releases_with_test_cells, store_mode
 from privacy.signing import sign, verify
 
 DIGEST_VERSION = "fusion/release-rows/v1"
@@ -332,7 +335,7 @@ SIGNATURE_FIELD = "signature"
 class ReleaseCheck:
     release_id: str
     rows: int  # rows in `releases` now
-    status: str  # "verified" | "legacy" | "tampered" | "missing"
+    status: str  # "verified" | "legacy" | "tampered" | "missing" | "violation"
     reason: str
     sequence: int | None = None  # its place in the chain of signed releases (None: signed before the chain)
 
@@ -357,7 +360,9 @@ def verify_releases(
     signature); any other release without a valid signature is `tampered`. A release the budget ledger charged
     but that has neither rows nor an audit record is `missing` (a pass that crashed before committing: re-run
     it; or the release was removed). A release removed whole is `missing` too, found through the chain of
-    signatures; `seen`: the highest sequence number the caller saw before, so the newest releases are covered."""
+    signatures; `seen`: the highest sequence number the caller saw before, so the newest releases are covered.
+    In a production store (fusion/store_mode.py) a release holding test-mode cells (noise off or seeded, epsilon
+    inf, charged nothing to the budget) is a `violation`, however well signed."""
     releases = store.read("releases")
     releases = releases.sort_by([("release_id", "ascending"), *((c, "ascending") for c in CELL_ORDER)])
     canonical = _Canonical(releases)
@@ -387,6 +392,14 @@ def verify_releases(
         checks.append(ReleaseCheck(rid, end - start, status, reason, None if claim is None else claim.sequence))
         if claim is not None and claim.sequence is not None:
             claims[rid] = claim
+    if store_mode(store, releases) is PrivacyMode.PRODUCTION:
+        test_cells = releases_with_test_cells(releases)
+        checks = [
+            replace(c, status="violation", reason=test_cells[c.release_id])
+            if c.release_id in test_cells and c.status in GOOD
+            else c
+            for c in checks
+        ]
     tampered = any(c.status == "tampered" for c in checks)
     gaps = _chain_gaps(claims, known | unsigned, seen, tampered=tampered) + [
         ReleaseCheck(rid, 0, "missing", "registered as published before the key holder had a signing key, but "

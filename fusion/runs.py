@@ -5,6 +5,8 @@ A claim is a conditional insert of the attempt's row (`run_id` = pipeline/interv
 optimistic concurrency lets exactly one of several racing writers insert it. The holder updates the row with
 the outcome; a claim whose `lease_until` has passed (its runner crashed) is marked failed by whoever retries.
 While its attempt runs, the holder renews the lease (a heartbeat), so only a runner that stopped loses its claim.
+A claim records its runner's process (fusion/runner_process.py): one whose process is provably gone (same host,
+process ended) is marked failed at once, without waiting for its lease.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow.compute as pc
 from deltalake.exceptions import CommitFailedError
 
 from fusion.errors import FusionError
+from fusion.runner_process import RunnerProcess
 from fusion.schedule import Attempt, Interval, RunStatus
 from fusion.store import Store
 from schemas.tables import RUNS_SCHEMA
@@ -41,6 +44,7 @@ class Claim:
     runner: str
     started: datetime
     lease_until: datetime
+    process: RunnerProcess | None = None  # the runner's process, recorded with the claim
 
     @property
     def run_id(self) -> str:
@@ -78,6 +82,9 @@ def _row(claim: Claim, *, run_id: str, runner: str, status: RunStatus, outcome: 
         "cells": o.cells,
         "epsilon": o.epsilon,
         "error": o.error,
+        "host": None if claim.process is None else claim.process.host,
+        "pid": None if claim.process is None else claim.process.pid,
+        "process_started": None if claim.process is None else claim.process.started,
     }
     return pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
 
@@ -105,6 +112,9 @@ class RunLog:
                     started=r["started"],
                     finished=r["finished"],
                     lease_until=r["lease_until"],
+                    process=None
+                    if r["host"] is None or r["pid"] is None
+                    else RunnerProcess(r["host"], r["pid"], r["process_started"]),
                 )
             )
         return dict(out)
@@ -140,10 +150,16 @@ class RunLog:
         )
         return renewed if updated else None
 
-    def expire(self, claim: Claim, now: datetime) -> bool:
-        """Mark a claim whose lease ran out as failed, if it is still running under that lease. False if it is
-        not (its holder renewed the lease or finished meanwhile): the claim then stands."""
+    def expire(self, claim: Claim, now: datetime, *, gone: bool = False) -> bool:
+        """Mark a claim whose lease ran out (or, `gone`, whose runner's process provably ended) as failed, if it
+        is still running under that lease. False if it is not (its holder renewed the lease or finished
+        meanwhile): the claim then stands."""
         error = f"lease expired at {claim.lease_until.isoformat()}: runner {claim.runner} stopped without finishing"
+        if gone and claim.process is not None:
+            error = (
+                f"runner {claim.runner} (pid {claim.process.pid} on {claim.process.host}) stopped without finishing: "
+                f"its process is gone; taken over before its lease ran out ({claim.lease_until.isoformat()})"
+            )
         outcome = Outcome(status=RunStatus.FAILED, finished=now, error=error)
         row = _row(claim, run_id=claim.run_id, runner=claim.runner, status=RunStatus.FAILED, outcome=outcome)
         return self._update(row, "t.run_id = s.run_id AND t.status = 'running' AND t.lease_until = s.lease_until") > 0

@@ -9,7 +9,7 @@ Intervals missed while no scheduler ran are due at the next fire (catch-up), old
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -19,6 +19,7 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fusion.durations import floor_to_grid, parse_duration
+from fusion.runner_process import RunnerProcess
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
@@ -32,6 +33,7 @@ class ScheduleConfig(BaseModel):
     cron: str  # five fields (minute hour day month weekday), or six with seconds; UTC
     interval: str = "1h"  # each run covers one grid interval of this length
     start: datetime | None = None  # earliest interval to catch up from (default: the first one ever run)
+    end: datetime | None = None  # no interval ending after this is run (a campaign, or a demo's data)
     max_attempts: int = Field(default=3, ge=1, le=100)
     backoff: str = "1m"  # wait before the first retry; doubles after every further failure
     max_backoff: str = "1h"
@@ -54,20 +56,23 @@ class ScheduleConfig(BaseModel):
             raise ValueError(f"'{text}' must be a positive duration")
         return text
 
-    @field_validator("start")
+    @field_validator("start", "end")
     @classmethod
-    def _utc(cls, start: datetime | None) -> datetime | None:
-        if start is None:
+    def _utc(cls, moment: datetime | None) -> datetime | None:
+        if moment is None:
             return None
-        return start.replace(tzinfo=UTC) if start.tzinfo is None else start.astimezone(UTC)
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
     @model_validator(mode="after")
     def _on_grid(self) -> Self:
-        if self.start is not None and floor_to_grid(self.start, self.length) != self.start:
-            raise ValueError(
-                f"start {self.start.isoformat()} is not on the {self.interval} interval grid (counted from "
-                f"1970-01-01T00:00Z); use {floor_to_grid(self.start, self.length).isoformat()}"
-            )
+        for name, moment in (("start", self.start), ("end", self.end)):
+            if moment is not None and floor_to_grid(moment, self.length) != moment:
+                raise ValueError(
+                    f"{name} {moment.isoformat()} is not on the {self.interval} interval grid (counted from "
+                    f"1970-01-01T00:00Z); use {floor_to_grid(moment, self.length).isoformat()}"
+                )
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError(f"end {self.end.isoformat()} is not after start {self.start.isoformat()}")
         return self
 
     @property
@@ -146,8 +151,10 @@ def grid(schedule: ScheduleConfig, start: datetime, end: datetime) -> list[Inter
 
 def due_intervals(schedule: ScheduleConfig, now: datetime, *, first_run: datetime | None) -> list[Interval]:
     """Every interval due at `now`, oldest first: from `start` (else the first interval ever run, else only the
-    interval the latest fire closed) up to the latest fire time truncated to the grid."""
+    interval the latest fire closed) up to the latest fire time truncated to the grid, and no further than `end`."""
     closed = floor_to_grid(latest_fire(schedule, now), schedule.length)
+    if schedule.end is not None:
+        closed = min(closed, schedule.end)
     origin = schedule.start or first_run or closed - schedule.length
     return grid(schedule, origin, closed)
 
@@ -170,6 +177,7 @@ class Attempt:
     started: datetime
     finished: datetime | None
     lease_until: datetime
+    process: RunnerProcess | None = None  # the runner's process (None in rows from before it was recorded)
 
 
 class Action(StrEnum):
@@ -196,9 +204,18 @@ def backoff_delay(schedule: ScheduleConfig, failures: int) -> timedelta:
     return min(schedule.first_backoff * 2 ** min(failures - 1, 40), schedule.backoff_cap)
 
 
-def decide(schedule: ScheduleConfig, attempts: Sequence[Attempt], now: datetime, *, manual: bool = False) -> Decision:
+def decide(
+    schedule: ScheduleConfig,
+    attempts: Sequence[Attempt],
+    now: datetime,
+    *,
+    manual: bool = False,
+    runner_gone: Callable[[Attempt], bool] = lambda attempt: False,
+) -> Decision:
     """What to do with one interval given its attempts. `manual` (a backfill) ignores backoff and max_attempts
-    and retries refused intervals: the budget ledger decides again what can be released."""
+    and retries refused intervals: the budget ledger decides again what can be released. A running claim ends
+    when its lease runs out, or at once when `runner_gone` says its runner provably stopped (a failure like
+    any other: the backoff counts from now)."""
     final = {RunStatus.RELEASED, RunStatus.ALREADY_RELEASED} | (set() if manual else {RunStatus.SKIPPED})
     if any(a.status in final for a in attempts):
         return Decision(Action.DONE)
@@ -206,15 +223,17 @@ def decide(schedule: ScheduleConfig, attempts: Sequence[Attempt], now: datetime,
         return Decision(Action.RUN, attempt=1)
     last = max(attempts, key=lambda a: a.attempt)
     expired = None
+    ended = last.finished
     if last.status is RunStatus.RUNNING:
-        if last.lease_until > now:
+        if last.lease_until > now and not runner_gone(last):
             return Decision(Action.BUSY, attempt=last.attempt, at=last.lease_until, holder=last.runner)
         expired = last
+        ended = min(last.lease_until, now)
     failures = sum(1 for a in attempts if a.status in (RunStatus.FAILED, RunStatus.RUNNING))
     if not manual:
         if failures >= schedule.max_attempts:
             return Decision(Action.GIVE_UP, attempt=last.attempt, expired=expired)
-        retry_at = (last.finished or last.lease_until) + backoff_delay(schedule, failures)
+        retry_at = (ended or last.lease_until) + backoff_delay(schedule, failures)
         if retry_at > now:
             return Decision(Action.WAIT, attempt=last.attempt + 1, at=retry_at, expired=expired)
     return Decision(Action.RUN, attempt=last.attempt + 1, expired=expired)

@@ -19,17 +19,20 @@ import operator
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.fs as pa_fs
 from deltalake import CommitProperties, DeltaTable, Schema, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError, TableNotFoundError
 
 from fusion.errors import FusionError, InternalError
 from schemas.tables import TABLE_SCHEMAS
+
+if TYPE_CHECKING:  # imported where used: pyarrow.dataset loads pandas (about 0.15 s), which `fusion sql` may skip
+    import pyarrow.dataset as ds
 
 _COMMIT_ATTEMPTS = 20
 _ROW = "__fusion_row"
@@ -238,6 +241,8 @@ class Store:
         if table is None:
             if version is not None:
                 raise FusionError(f"table {name} has no versions yet; version {version} does not exist")
+            import pyarrow.dataset as ds
+
             return ds.dataset(schema.empty_table())
         if version is not None:
             self._load_version(name, table, version)
@@ -290,6 +295,31 @@ class Store:
         filters on the string_view columns that Delta merges write (the ledger's, and older stores')."""
         table = self.dataset(name, version=version).to_table().cast(TABLE_SCHEMAS[name])
         return table if filter is None else table.filter(filter)
+
+    def table_property(self, name: str, key: str) -> str | None:
+        """A property recorded in a table's Delta metadata; None if the table or the property is absent."""
+        table = self._table(name, create=False)
+        return None if table is None else table.metadata().configuration.get(key)
+
+    def record_table_property(self, name: str, key: str, value: str) -> str:
+        """Record `key` = `value` in a table's Delta metadata unless the table holds the key already; returns the
+        value it holds now. A compare-and-swap on the table's version (no commit retries inside delta-rs): of
+        writers racing to record different values, one commits first and the others read its value."""
+        for attempt in range(_COMMIT_ATTEMPTS):
+            table = self.delta_table(name)
+            present = table.metadata().configuration.get(key)
+            if present is not None:
+                return str(present)
+            try:
+                table.alter.set_table_properties(
+                    {key: value}, raise_if_not_exists=False, commit_properties=CommitProperties(max_commit_retries=0)
+                )
+                return value
+            except CommitFailedError:  # another writer committed first: read its metadata again
+                if attempt == _COMMIT_ATTEMPTS - 1:
+                    raise
+                time.sleep(random.uniform(0.01, 0.1))
+        raise InternalError("unreachable")
 
     def version(self, name: str) -> int | None:
         table = self._table(name, create=False)

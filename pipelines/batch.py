@@ -3,16 +3,23 @@ aggregate, release."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import pyarrow as pa
 
 from fusion.errors import ReleaseRefused
 from fusion.ledger import BudgetExceeded, BudgetLedger
 from fusion.plan import ReleasePlan
 from fusion.store import Store
-from pipelines.release import ReleaseOutcome, audit_event, release
+from fusion.store_mode import bind_store_mode
+from pipelines.release import ReleaseOutcome, audit_event, audit_row, release
 from pipelines.run import names_runner, run_aggregate, run_contributions, run_unmask
+from schemas.reasons import FileReason
+from schemas.tables import AUDIT_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -28,21 +35,60 @@ class BatchSummary:
     period_epsilon_spent: float = 0.0
 
 
+def audit_feeds(plan: ReleasePlan, store: Store, reports: dict[str, dict[str, Any]]) -> None:
+    """Record in `audit`, as each institution's events, what its run found wrong with its feeds: a path that
+    matched no file (per feed and day), a file refused whole (unreadable, or without a required column), and a
+    contribution withheld. Paths and reason codes only: exact counts stay with the institution."""
+    rows = []
+    for institution, report in sorted(reports.items()):
+        events: list[tuple[str, str, dict[str, Any]]] = [
+            ("feed_file_missing", FileReason.MISSING_FILE.value, {"path": path}) for path in report.get("missing", [])
+        ]
+        events += [
+            ("feed_file_refused", file["reason"], {"path": path, "fault": file["fault"]})
+            for path, file in sorted(report.get("files", {}).items())
+        ]
+        if report.get("withheld"):
+            reason = "rejected rows above max_reject_rate" if "withheld_files" in report else "no feed file"
+            events.append(("contribution_withheld", reason, {"files": report.get("withheld_files", [])}))
+        for action, reason, detail in events:
+            detail = {"institution": institution, **detail}
+            digest = hashlib.sha256(json.dumps([action, reason, detail], sort_keys=True).encode()).hexdigest()[:12]
+            rows.append(
+                audit_row(
+                    event_id=f"{plan.key.release_id}:{action}:{digest}",
+                    action=action,
+                    actor_role="institution",
+                    actor=institution,
+                    plan=plan,
+                    reason=reason,
+                    detail=detail,
+                )
+            )
+    if rows:
+        store.insert_new("audit", pa.Table.from_pylist(rows, schema=AUDIT_SCHEMA))
+
+
 def run_batch(
     plan: ReleasePlan,
     *,
     beam_args: Sequence[str] = (),
     on_stage: Callable[[str], None] = lambda stage: None,
     in_process: bool = False,
+    accept_rejects: bool = False,
 ) -> BatchSummary:
     """Run the interval end to end. An interval already in the store is skipped without spending budget.
 
     The contributions run as one Beam pipeline. The aggregator's steps (a handful of envelopes, whatever the
     number of readings) run in this process unless `beam_args` name a runner: on the local DirectRunner a
     pipeline costs more to build than the work. `in_process` runs every role step without Beam
-    (pipelines/local.py), for small intervals such as a stream's windows."""
+    (pipelines/local.py), for small intervals such as a stream's windows.
+
+    An institution without feed files for the interval, or (unless `accept_rejects`) above its max_reject_rate,
+    seals nothing and is absent: the release goes ahead if the quorum holds, and fails saying why otherwise."""
     store = Store(plan.config.store_path)
     store.ensure_tables()
+    bind_store_mode(store, plan.config.privacy.mode)  # before any work: the release step checks it again
     if store.has_release(plan.key.release_id):
         return BatchSummary(release_id=plan.key.release_id, status="already_released")
     # Refuse before any work if the period's budget cannot take this release (the release step decides).
@@ -59,13 +105,22 @@ def run_batch(
         raise
     on_stage("contribute")
     try:
-        reports = run_contributions(plan, plan.config.institutions, beam_args, in_process=in_process)
+        reports = run_contributions(
+            plan, plan.config.institutions, beam_args, in_process=in_process, accept_rejects=accept_rejects
+        )
     except ReleaseRefused as exc:  # an institution will not seal this interval (it overlaps one it sealed)
         audit_event(plan, store, action="contribution_refused", reason=str(exc), detail={})
         raise
+    audit_feeds(plan, store, reports)
     on_stage("aggregate")
     aggregate_in_process = in_process or not names_runner(beam_args)
-    aggregated = run_aggregate(plan, beam_args, in_process=aggregate_in_process)
+    try:
+        aggregated = run_aggregate(plan, beam_args, in_process=aggregate_in_process)
+    except ReleaseRefused as exc:  # below the quorum: say why the institutions that did not contribute did not
+        withheld = [r["withheld"] for _, r in sorted(reports.items()) if r.get("withheld")]
+        if not withheld:
+            raise
+        raise ReleaseRefused(f"{exc}. Withheld: {' | '.join(withheld)}") from None
     if aggregated["status"] == "awaiting_unmask":
         # The roster is closed: every included institution answers it (shares of seeds and of mask keys).
         on_stage("unmask")

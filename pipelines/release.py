@@ -35,6 +35,7 @@ from fusion.registry import (
 )
 from fusion.rejects import decode_reject_tallies
 from fusion.store import Store
+from fusion.store_mode import bind_store_mode
 from privacy import he
 from privacy.envelope import EnvelopeHeader, signature_valid, unpack_envelope
 from privacy.signing import public_key, verify
@@ -95,6 +96,7 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     release_id = plan.key.release_id
     exchange = plan.config.exchange_path
     fid = plan.config.federation.id
+    bind_store_mode(store, plan.config.privacy.mode)  # test-mode cells never sit beside production releases
     if store.has_release(release_id):
         return ReleaseOutcome(release_id=release_id, status="already_released")
     if not exists(aggregate_path(exchange, plan.key)):

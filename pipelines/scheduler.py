@@ -1,11 +1,14 @@
 """Scheduled and backfilled batch releases: claim an interval in the `runs` table, run it, record the outcome.
 
-The clock (`now`) and `sleep` are injected, so tests can run a scheduler on an accelerated clock. Exactly once:
+The clock (`now`) and `sleep` are injected, so tests can run a scheduler on an accelerated clock; every runner
+stamps claims, leases and outcomes with that one clock. `as_of` (`fusion schedule --once --now`) only chooses
+which intervals are due, as if it were that time: a past moment written into `runs` would make a live claim look
+expired to every other runner. Exactly once:
 each attempt is a conditional claim in `runs` (one runner wins it; the others record why they skipped), and
 underneath, a release is idempotent in the store (keyed commits, a compare-and-swap budget ledger), so even a
 runner that outlives its lease cannot release an interval twice. While an attempt runs, a heartbeat renews its
 lease every third of the lease's length: a long run keeps its claim, and a stopped runner's claim expires within
-one lease.
+one lease, or at once when its process is provably gone (same host, process ended: fusion/runner_process.py).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from fusion.config import Config
 from fusion.durations import floor_to_grid
 from fusion.errors import FusionError, ReleaseNotReady, ReleaseRefused
 from fusion.plan import plan_release
+from fusion.runner_process import RunnerProcess
 from fusion.runs import Claim, Outcome, RunLog
 from fusion.schedule import (
     Action,
+    Attempt,
     Interval,
     RunStatus,
     ScheduleConfig,
@@ -39,6 +44,7 @@ from fusion.schedule import (
     next_fire,
 )
 from fusion.store import Store
+from fusion.store_mode import bind_store_mode
 from pipelines.batch import run_batch
 
 Clock = Callable[[], datetime]
@@ -52,6 +58,11 @@ def default_runner_id() -> str:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def runner_gone(attempt: Attempt) -> bool:
+    """Whether the runner of a claim provably stopped (its process ended on this host)."""
+    return attempt.process is not None and attempt.process.gone()
 
 
 @dataclass(frozen=True)
@@ -91,21 +102,27 @@ def run_interval(
     store = Store(config.store_path)
     log = RunLog(store)
     name = schedule.name
-    decision = decide(schedule, log.attempts(name).get(interval, []), now(), manual=manual)
+    decided_at = now()
+    decision = decide(schedule, log.attempts(name).get(interval, []), decided_at, manual=manual,
+                      runner_gone=runner_gone)
     tries = 0
     while decision.expired is not None:
         e = decision.expired
-        if log.expire(Claim(name, interval, e.attempt, e.runner, e.started, e.lease_until), now()):
+        held = Claim(name, interval, e.attempt, e.runner, e.started, e.lease_until, e.process)
+        if log.expire(held, now(), gone=e.lease_until > decided_at):
             break
         # Its holder renewed the lease (or finished) since the runs table was read: look again.
         tries += 1
         if tries == 3:
             return RunResult(name, interval, Action.WAIT, None, e.attempt, "contended claim", recorded=False,
                              at=now() + timedelta(seconds=1))
-        decision = decide(schedule, log.attempts(name).get(interval, []), now(), manual=manual)
+        decided_at = now()
+        decision = decide(schedule, log.attempts(name).get(interval, []), decided_at, manual=manual,
+                          runner_gone=runner_gone)
+    process = RunnerProcess.current()
     if decision.action is Action.BUSY:
         started = now()
-        claim = Claim(name, interval, decision.attempt, runner, started, started)
+        claim = Claim(name, interval, decision.attempt, runner, started, started, process)
         reason = f"claimed by {decision.holder} until {decision.at.isoformat() if decision.at else '?'}"
         log.record_skip(claim, reason=reason, now=started)
         return RunResult(name, interval, Action.BUSY, RunStatus.SKIPPED, decision.attempt, reason, at=decision.at)
@@ -113,7 +130,7 @@ def run_interval(
         return RunResult(name, interval, decision.action, None, decision.attempt, recorded=False, at=decision.at)
 
     started = now()
-    claim = Claim(name, interval, decision.attempt, runner, started, started + schedule.lease_length)
+    claim = Claim(name, interval, decision.attempt, runner, started, started + schedule.lease_length, process)
     holder = log.claim(claim)
     if holder is not None:
         reason = f"claimed by {holder}"
@@ -198,7 +215,8 @@ def _attempt(config: Config, store: Store, interval: Interval, *, now: Clock, be
 
 
 class Scheduler:
-    """Runs every schedule's due intervals, oldest first, then sleeps until the next fire or retry."""
+    """Runs every schedule's due intervals, oldest first, then sleeps until the next fire or retry. `as_of`:
+    one pass (`run_due`) chooses the intervals due at that time; `now` still stamps what it records."""
 
     def __init__(
         self,
@@ -206,6 +224,7 @@ class Scheduler:
         *,
         runner: str | None = None,
         now: Clock = utc_now,
+        as_of: datetime | None = None,
         sleep: Callable[[float], object] | None = None,
         beam_args: Sequence[str] = (),
         on_result: Callable[[RunResult], None] = lambda result: None,
@@ -213,12 +232,14 @@ class Scheduler:
         self.config = config
         self.runner = runner or default_runner_id()
         self.now = now
+        self.as_of = as_of
         self.stop_event = threading.Event()
         self.sleep = sleep or self.stop_event.wait
         self.beam_args = tuple(beam_args)
         self.on_result = on_result
         self.log = RunLog(Store(config.store_path))
         self.log.store.ensure_tables()
+        bind_store_mode(self.log.store, config.privacy.mode)  # refused at start, not attempt by attempt
 
     def stop(self) -> None:
         """Finish the current attempt, then return from `run`."""
@@ -229,14 +250,15 @@ class Scheduler:
         results: list[RunResult] = []
         self.log.store.compact("runs")  # a few files an attempt: reading it is every pass's first step
         now = self.now()
-        wake = min(next_fire(s, now) for s in self.config.schedules)
+        due_at = self.as_of or now
+        wake = min(next_fire(s, due_at) for s in self.config.schedules)
         for schedule in self.config.schedules:
             # The runs table is read once a schedule and pass: intervals already final (released, or refused)
             # stay final, so only the others go to run_interval, which reads their attempts again to claim one.
             # (Reading the table once per due interval made a pass cost grow with the square of the history.)
             attempts = self.log.attempts(schedule.name)
             first_run = min((i.start for i in attempts), default=None)
-            for interval in due_intervals(schedule, now, first_run=first_run):
+            for interval in due_intervals(schedule, due_at, first_run=first_run):
                 if self.stop_event.is_set():
                     return results, wake
                 if decide(schedule, attempts.get(interval, []), now).action is Action.DONE:
@@ -260,6 +282,8 @@ class Scheduler:
         """Run until stopped (or until `until`, for tests and replays)."""
         if not self.config.schedules:
             raise ReleaseRefused("the config has no [[schedules]]; add one to run `fusion schedule`")
+        if self.as_of is not None:
+            raise FusionError("a scheduler acting as of a fixed time runs one pass (run_due), not a loop")
         while not self.stop_event.is_set():
             _, wake = self.run_due()
             if until is not None:
@@ -299,6 +323,7 @@ def backfill(
     runner = runner or default_runner_id()
     store = Store(config.store_path)
     store.ensure_tables()
+    bind_store_mode(store, config.privacy.mode)
     results = []
     for interval in grid(schedule, start, end):
         store.compact("runs")
@@ -308,4 +333,12 @@ def backfill(
     return results
 
 
-__all__ = ["RunResult", "Scheduler", "backfill", "check_backfill_end", "default_runner_id", "run_interval"]
+__all__ = [
+    "RunResult",
+    "Scheduler",
+    "backfill",
+    "check_backfill_end",
+    "default_runner_id",
+    "run_interval",
+    "runner_gone",
+]

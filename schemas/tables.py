@@ -127,7 +127,9 @@ BUDGET_SCHEMA = pa.schema(
 #: pipeline/interval_start/attempt, status `running` until `lease_until`) is inserted conditionally, so only one
 #: runner holds it, and is updated with the outcome when the attempt ends. A runner that loses the claim records
 #: its own `skipped` row (`run_id` + "/" + runner). `rows` is the release's noisy total count (covered by
-#: epsilon): exact row counts never leave the institutions.
+#: epsilon): exact row counts never leave the institutions. `host`, `pid` and `process_started` (on Linux
+#: "<boot id>/<pid namespace>/<start ticks>") name the runner's process, so a claim whose process is provably
+#: gone is taken over at once (fusion/runner_process.py); NULL in rows written before they were recorded.
 RUNS_SCHEMA = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
@@ -145,6 +147,9 @@ RUNS_SCHEMA = pa.schema(
         pa.field("cells", pa.int64(), nullable=True),
         pa.field("epsilon", pa.float64(), nullable=True),
         pa.field("error", pa.string(), nullable=True),
+        pa.field("host", pa.string(), nullable=True),
+        pa.field("pid", pa.int64(), nullable=True),
+        pa.field("process_started", pa.string(), nullable=True),
     ]
 )
 

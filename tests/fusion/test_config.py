@@ -380,3 +380,81 @@ def test_dead_letter_directories_are_compared_in_one_spelling(tmp_path: Path) ->
     assert _directory_key("gs://b/dl") != _directory_key("s3://b/dl")
     distinct = edit(valid_text(), r'^id = "beta"$', 'id = "beta"\ndead_letter = "deadletter/alpha-2"')
     assert load_config(write(tmp_path, distinct)).institutions[1].dead_letter == "deadletter/alpha-2"
+
+
+# --- directories of different parties, or of different kinds, kept apart (issue 18, point 11) ------------------
+
+def _federation_line(line: str) -> Callable[[str], str]:
+    return lambda text: edit(text, r'^window = "1h"$', f'window = "1h"\n{line}')
+
+
+def _institution_line(institution: str, line: str) -> Callable[[str], str]:
+    return lambda text: edit(text, rf'^id = "{institution}"$', f'id = "{institution}"\n{line}')
+
+
+def _feed_path(path: str) -> Callable[[str], str]:
+    return lambda text: edit(text, r'^path = "feeds/beta/\*\.csv"$', f'path = "{path}"')
+
+
+OVERLAPS: list[tuple[str, Callable[[str], str], list[str]]] = [
+    ("exchange-is-the-store", _federation_line('exchange = "store"'), ["federation.exchange", "federation.store"]),
+    ("exchange-spelled-otherwise-is-the-store", _federation_line('exchange = "./store/"'),
+     ["federation.exchange", "federation.store"]),
+    ("exchange-inside-the-store", _federation_line('exchange = "store/exchange"'),
+     ["federation.exchange", "federation.store"]),
+    ("store-inside-the-exchange", _federation_line('store = "exchange/store"'),
+     ["federation.exchange", "federation.store"]),
+    ("aggregator-keys-inside-the-exchange", _federation_line('aggregator_keys = "exchange/aggregator"'),
+     ["federation.aggregator_keys", "federation.exchange", "stay private"]),
+    ("aggregator-keys-are-the-exchange", _federation_line('aggregator_keys = "exchange"'),
+     ["federation.aggregator_keys", "federation.exchange"]),
+    ("aggregator-keys-inside-the-store", _federation_line('aggregator_keys = "store/keys"'),
+     ["federation.aggregator_keys", "federation.store"]),
+    ("feed-inside-the-exchange", _feed_path("exchange/beta/*.csv"),
+     ["institutions[1].feeds[0].path", "federation.exchange", "stay private"]),
+    ("feed-file-inside-the-exchange", _feed_path("exchange/readings.csv"),
+     ["institutions[1].feeds[0].path", "federation.exchange"]),
+    ("feed-dated-inside-the-store", _feed_path("store/{date}/readings.csv"),
+     ["institutions[1].feeds[0].path", "federation.store"]),
+    ("stream-state-inside-the-store", lambda text: text + '\n[stream]\nstate = "store/stream"\n',
+     ["stream.state", "federation.store", "stay private"]),
+    ("stream-state-is-the-exchange", lambda text: text + '\n[stream]\nstate = "exchange"\n',
+     ["stream.state", "federation.exchange"]),
+    ("stream-state-holds-the-exchange", lambda text: _federation_line('exchange = "stream/exchange"')(text),
+     ["stream.state", "federation.exchange"]),
+    ("stream-spool-inside-the-exchange", lambda text: text + '\n[stream]\nspool = "exchange/spool"\n',
+     ["stream.spool", "federation.exchange"]),
+    ("institution-keys-inside-the-key-holders-keys", _institution_line("beta", 'keys = "keys/beta"'),
+     ["institutions[1].keys", "federation.keys", "key holder"]),
+    ("dead-letter-inside-the-key-holders-keys", _institution_line("alpha", 'dead_letter = "keys/rejected"'),
+     ["institutions[0].dead_letter", "federation.keys", "key holder"]),
+    ("key-holders-keys-inside-an-institutions-keys", _federation_line('keys = "institution-keys/alpha/holder"'),
+     ["institutions[0].keys", "federation.keys"]),
+    ("aggregator-keys-inside-the-key-holders-keys", _federation_line('aggregator_keys = "keys/aggregator"'),
+     ["federation.aggregator_keys", "federation.keys"]),
+]
+
+
+@pytest.mark.parametrize(("change", "fragments"), [pytest.param(c, f, id=i) for i, c, f in OVERLAPS])
+def test_overlapping_directories_are_refused_at_load_naming_both_fields(
+    tmp_path: Path, change: Callable[[str], str], fragments: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, change(valid_text())))
+    message = str(error.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    assert "\n" not in message.split("\n", 1)[1].strip(), message  # one line under the header
+
+
+def test_neighbouring_directories_that_do_not_overlap_load(tmp_path: Path) -> None:
+    text = valid_text()
+    for change in (
+        _federation_line('exchange = "store-exchange"'),  # a shared prefix of the name is not a parent directory
+        _federation_line('aggregator_keys = "exchange-aggregator"'),
+        _feed_path("exchange-feeds/beta/*.csv"),
+        _institution_line("beta", 'keys = "keys-beta"'),
+    ):
+        text = change(text)
+    config = load_config(write(tmp_path, text + '\n[stream]\nstate = "private/stream"\nspool = "private/spool"\n'))
+    assert config.exchange_path.endswith("store-exchange")

@@ -49,3 +49,28 @@ def test_a_link_to_a_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FusionError, match="is a link"):
         build_demo(tmp_path / "link", days=1)
     assert (tmp_path / "real" / "data.txt").exists()
+
+
+@pytest.mark.e2e
+def test_the_demo_configs_commented_schedule_runs_its_days_once_and_no_more(tmp_path: Path) -> None:
+    """Uncommented as the demo config says, `fusion schedule --once` (on today's clock, months after the demo's
+    data) releases the demo's days not yet released and stops at `end`: no catch-up of every day since."""
+    import re
+
+    from fusion.cli import main
+    from fusion.store import Store
+
+    config = build_demo(tmp_path / "demo", days=2)
+    text = config.read_text()
+    block = re.search(r"^# \[\[schedules\]\]\n(?:# .*\n)+", text, re.MULTILINE)
+    assert block is not None
+    config.write_text(text.replace(block.group(0), re.sub(r"^# ", "", block.group(0), flags=re.MULTILINE)))
+    assert main(["batch", "--config", str(config), "--start", "2026-01-01T00:00", "--end", "2026-01-02T00:00"]) == 0
+    assert main(["schedule", "--config", str(config), "--once"]) == 0
+    runs = Store(str(config.parent / "store")).read("runs").to_pylist()
+    assert sorted((r["interval_start"].date().isoformat(), r["status"]) for r in runs) == [
+        ("2026-01-01", "already_released"),
+        ("2026-01-02", "released"),
+    ]
+    assert main(["schedule", "--config", str(config), "--once"]) == 0  # a second pass finds nothing due
+    assert len(Store(str(config.parent / "store")).read("runs").to_pylist()) == 2

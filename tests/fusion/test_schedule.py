@@ -158,3 +158,18 @@ def test_a_live_claim_is_busy_and_an_expired_one_is_retried() -> None:
     assert (busy.action, busy.holder, busy.at) == (Action.BUSY, "r1", T0 + H)
     retry = decide(schedule, running, T0 + H + timedelta(minutes=1))
     assert (retry.action, retry.attempt, retry.expired) == (Action.RUN, 2, running[0])
+
+
+def test_end_bounds_the_catch_up_and_must_be_on_the_grid_after_start() -> None:
+    from fusion.schedule import ScheduleConfig, due_intervals
+
+    daily = ScheduleConfig(name="d", cron="5 0 * * *", interval="1d", start=datetime(2026, 1, 1, tzinfo=UTC),
+                           end=datetime(2026, 1, 3, tzinfo=UTC))
+    due = due_intervals(daily, datetime(2026, 12, 6, 10, tzinfo=UTC), first_run=None)
+    assert [(i.start.day, i.end.day) for i in due] == [(1, 2), (2, 3)]
+    assert due_intervals(daily, datetime(2026, 1, 2, 0, 5, tzinfo=UTC), first_run=None)[-1].end.day == 2
+    with pytest.raises(ValueError, match="end 2026-01-02T12:00:00\\+00:00 is not on the 1d interval grid"):
+        ScheduleConfig(name="d", cron="5 0 * * *", interval="1d", end=datetime(2026, 1, 2, 12, tzinfo=UTC))
+    with pytest.raises(ValueError, match="is not after start"):
+        ScheduleConfig(name="d", cron="5 0 * * *", interval="1d", start=datetime(2026, 1, 2, tzinfo=UTC),
+                       end=datetime(2026, 1, 1, tzinfo=UTC))

@@ -157,30 +157,35 @@ def schedule_once(config: Path, now: datetime, runner: str, crash_at: str | None
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def test_a_crash_mid_run_is_retried_once_its_lease_expires_and_releases_once(
+def test_a_crash_mid_run_is_taken_over_at_once_by_a_runner_on_its_host_and_releases_once(
     make_federation: Callable[..., Federation],
 ) -> None:
+    """`--now` chose the interval; the claim carries the real clock and the crashed runner's process, which is
+    provably gone: a runner on this host takes the interval over within its lease (after the retry backoff).
+    A claim whose runner cannot be proven gone holds until its lease ends (tests/pipelines/test_dead_claims.py)."""
     fed = scheduled(make_federation)
+    before = utc_now()
     crashed = schedule_once(fed.config_path, START + H + 5 * MINUTE, "crashed", crash_at="after_ledger")
     output, _ = crashed.communicate(timeout=300)
     assert crashed.returncode == CRASH_EXIT_CODE, output
     (claim,) = runs(fed)
-    assert (claim["status"], claim["runner"], claim["lease_until"]) == ("running", "crashed", START + H + 15 * MINUTE)
+    assert (claim["status"], claim["runner"], claim["pid"]) == ("running", "crashed", crashed.pid)
+    assert before <= claim["started"] <= utc_now() and claim["lease_until"] == claim["started"] + 10 * MINUTE
 
-    clock = Clock(START + H + 10 * MINUTE)  # the lease still holds: the survivor leaves the interval alone
-    survivor = Scheduler(fed.config, runner="survivor", now=clock.now, sleep=clock.sleep)
-    (busy,), _ = survivor.run_due()
-    assert busy.status is not None and busy.status.value == "skipped" and "claimed by crashed" in busy.detail
-    clock.at = START + H + 20 * MINUTE  # past the lease and the backoff
+    clock = Clock(claim["started"] + MINUTE)  # well within the lease
+    survivor = Scheduler(fed.config, runner="survivor", now=clock.now, sleep=clock.sleep,
+                         as_of=START + H + 10 * MINUTE)
+    (waiting,), _ = survivor.run_due()
+    assert waiting.action is Action.WAIT and waiting.at == clock.at + MINUTE  # the retry's backoff, from now
+    clock.at += 2 * MINUTE
     survivor.run_due()
 
     assert_released_once(fed, 1)
     assert [(r["attempt"], r["runner"], r["status"]) for r in runs(fed)] == [
         (1, "crashed", "failed"),
-        (1, "survivor", "skipped"),
         (2, "survivor", "released"),
     ]
-    assert "lease expired" in str(runs(fed)[0]["error"])
+    assert "its process is gone" in str(runs(fed)[0]["error"])
 
 
 def test_concurrent_schedulers_never_release_an_interval_twice(make_federation: Callable[..., Federation]) -> None:
