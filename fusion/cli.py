@@ -9,17 +9,16 @@ logging.getLogger().setLevel(logging.ERROR)  # before Beam is imported: its impo
 
 import argparse
 import contextlib
-import json
 import re
 import shutil
 import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pyarrow as pa
 from rich.console import Console
@@ -28,14 +27,31 @@ from rich.table import Table
 
 from fusion.config import Config, load_config
 from fusion.errors import FusionError, ReleaseNotReady
-from fusion.plan import ReleasePlan, parse_time, plan_release
 from fusion.shutdown import exit_now
+
+if TYPE_CHECKING:  # fusion.plan imports Beam and the accountants: commands that run no pipeline never load it
+    from fusion.plan import ReleasePlan
 
 UNMASK_POLL_SECONDS = 2.0  # how often `fusion contribute --unmask --wait` looks for acknowledgements
 
 _WIDTH = None if sys.stdout.isatty() else max(120, shutil.get_terminal_size((120, 24)).columns)
 console = Console(width=_WIDTH, log_path=False)  # log lines stay whole in a cron or systemd log
 err_console = Console(stderr=True, width=_WIDTH, log_path=False)
+
+
+def _non_negative(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` that is zero or more (a usage error otherwise)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"{text} is negative; give 0 or more")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("--overwrite", action="store_true", help="replace existing keys")
 
-    with_interval(with_config(sub.add_parser("batch", help="run every role for an interval on this machine")))
+    batch = with_interval(with_config(sub.add_parser("batch", help="run every role for an interval on this machine")))
+    batch.add_argument(
+        "--accept-rejects",
+        action="store_true",
+        help="contribute even if more of the interval's rows were rejected than the institution's max_reject_rate "
+        "(by default it then seals nothing)",
+    )
     stream = with_config(sub.add_parser("stream", help="stream the feeds: release each window as it closes"))
     stream.add_argument("--stdin", metavar="INSTITUTION", help="also read this institution's JSON lines on stdin")
     stream.add_argument(
@@ -83,13 +105,37 @@ def _parser() -> argparse.ArgumentParser:
         help="release no window ending after this time (ISO 8601, UTC if no offset); stop once all up to it are",
     )
     stream.add_argument(
+        "--status-every", type=_non_negative(float), default=60.0, metavar="SECONDS",
+        help="when the output is not a terminal (systemd, a container), log the status line this often",
+    )
+    stream.add_argument(
         "--source-job", action="store_true", help="run the streaming Beam job over Kafka/Pub/Sub (stream.source)"
     )
     stream.add_argument(
         "--releases-only", action="store_true", help="release windows a streaming job has spooled (pane markers)"
     )
-    contribute = with_interval(with_config(sub.add_parser("contribute", help="institution: seal a contribution")))
+    contribute = with_interval(with_config(sub.add_parser(
+        "contribute",
+        help="institution: seal a contribution",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status:\n"
+        "  0  the contribution is sealed and in the exchange; with --unmask, the answer to the roster is written\n"
+        "  3  with --unmask: the roster is acknowledged, but the answer must wait for more acknowledgements (or,\n"
+        "     until the time printed, for those that let it also remove this institution's excess noise): run\n"
+        "     it again later, or wait with --wait SECONDS. Nothing is wrong; nothing is answered yet\n"
+        "  1  refused or failed (the message says why and what to do): e.g. declared absent, the interval\n"
+        "     already sealed under other parameters, no roster yet, a roster whose contributions are not in\n"
+        "     their places\n"
+        "  2  bad arguments (usage)\n"
+        "  130  interrupted (Ctrl-C)",
+    )))
     contribute.add_argument("--institution", required=True, help="the institution id from the config")
+    contribute.add_argument(
+        "--accept-rejects",
+        action="store_true",
+        help="contribute even if more of the interval's rows were rejected than the institution's max_reject_rate "
+        "(by default it then seals nothing)",
+    )
     contribute.add_argument(
         "--unmask",
         action="store_true",
@@ -98,23 +144,49 @@ def _parser() -> argparse.ArgumentParser:
     )
     contribute.add_argument(
         "--wait",
-        type=float,
+        type=_non_negative(float),
         default=0.0,
         metavar="SECONDS",
         help="with --unmask: wait up to this long for the other institutions' acknowledgements (default 0)",
     )
-    aggregate = with_interval(with_config(sub.add_parser("aggregate", help="aggregator: sum the contributions")))
+    aggregate = with_interval(with_config(sub.add_parser(
+        "aggregate",
+        help="aggregator: sum the contributions",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status:\n"
+        "  0  aggregated: the aggregate envelope is in the exchange, ready for `fusion release`\n"
+        "  3  not finished, nothing wrong: waiting for missing institutions until the deadline (or --now), or the\n"
+        "     roster is closed and the unmask round is open: the institutions named run `fusion contribute\n"
+        "     --unmask`, then run `fusion aggregate` again. Refused envelopes (each with its reason) are printed\n"
+        "     either way\n"
+        "  1  refused (quorum not met, contributions of the roster lost, masks that cannot be removed: the\n"
+        "     reason is printed and left for the key holder, who audits it) or failed\n"
+        "  2  bad arguments (usage)\n"
+        "  130  interrupted (Ctrl-C)",
+    )))
     aggregate.add_argument(
         "--now", action="store_true", help="declare missing institutions absent without waiting for the deadline"
     )
-    with_interval(with_config(sub.add_parser("release", help="key holder: decrypt and publish to the store")))
+    with_interval(with_config(sub.add_parser(
+        "release",
+        help="key holder: decrypt and publish to the store",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status:\n"
+        "  0  released, or already released (nothing done)\n"
+        "  3  no aggregate yet (the aggregator has not finished, or its unmask round is open): run it again once\n"
+        "     `fusion aggregate` has aggregated. A poll: nothing is audited or charged\n"
+        "  1  refused: the aggregator refused the release, or the privacy budget is spent (both recorded in\n"
+        "     `audit`), or the aggregate fails a check (not signed by the registered aggregator...); or failed\n"
+        "  2  bad arguments (usage)\n"
+        "  130  interrupted (Ctrl-C)",
+    )))
 
     plan = with_config(sub.add_parser("plan", help="predicted noise and budget of a release; spends nothing"))
     plan.add_argument("--contributors", type=int, default=None, help="institutions assumed to contribute")
-    plan.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    plan.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
 
     budget = with_config(sub.add_parser("budget", help="privacy budget spent and left per period"))
-    budget.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    budget.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
 
     check = with_config(
         sub.add_parser("verify", help="check every release in the store against the key holder's signature")
@@ -122,51 +194,86 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--release", help="check this release only")
     check.add_argument(
         "--seen",
-        type=int,
+        type=_non_negative(int),
         default=0,
         metavar="SEQUENCE",
         help="the highest sequence number you saw in an earlier check: releases up to it must still be there",
     )
-    check.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    check.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
 
     sql = with_config(sub.add_parser("sql", help="query the store (read-only SQL)"))
-    sql.add_argument("query", help="one SELECT statement over releases, audit, rejects, budget, runs")
-    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.add_argument(
+        "query",
+        help="one query (SELECT, WITH, FROM, VALUES, PIVOT, SUMMARIZE, ...) over releases, audit, rejects, budget, "
+        "runs",
+    )
+    from fusion.sql_limits import SqlLimits
+
+    defaults = SqlLimits()
+    sql.add_argument(
+        "--timeout", type=_sql_limit("timeout"), metavar="DURATION",
+        help="stop the query once it has run this long, its output written included, e.g. 30s or 5m (default: "
+        f"timeout in the config's [sql] block, else {defaults.timeout})",
+    )
+    sql.add_argument(
+        "--max-rows", type=_sql_limit("max_rows"), metavar="N",
+        help=f"refuse a result of more rows (default: max_rows in [sql], else {defaults.max_rows})",
+    )
+    sql.add_argument(
+        "--max-size", type=_sql_limit("max_size"), metavar="SIZE",
+        help="refuse a result larger than this in Arrow form, e.g. 512MB or 2GiB (default: max_size in [sql], "
+        f"else {defaults.max_size})",
+    )
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
 
     from fusion.cli_schedule import add_parsers
 
     add_parsers(sub)
+    for command in sub.choices.values():
+        command.formatter_class = _HelpFormatter
     return parser
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs as written (the exit statuses), and every option's default where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _plan(args: argparse.Namespace) -> ReleasePlan:
+    from fusion.plan import parse_time, plan_release
+
     config = load_config(args.config)
     return plan_release(config, parse_time(args.start), parse_time(args.end))
 
 
 def print_arrow(table: pa.Table, fmt: str = "table", *, title: str | None = None) -> None:
-    """Print an Arrow table as a readable table, CSV or JSON lines."""
-    if fmt == "csv":
-        import pyarrow.csv as pacsv
+    """Print an Arrow table as a readable table, CSV or JSON lines (any column type: fusion/result_formats.py)."""
+    from rich.text import Text
 
-        sink = pa.BufferOutputStream()
-        pacsv.write_csv(table, sink)
-        sys.stdout.write(sink.getvalue().to_pybytes().decode())
+    from fusion.result_formats import cell_text, write_csv, write_json_lines
+
+    if fmt == "csv":
+        write_csv(table.schema, table.to_batches(), sys.stdout)
         return
     if fmt == "json":
-        for row in table.to_pylist():
-            sys.stdout.write(json.dumps(row, default=str) + "\n")
+        write_json_lines(table.to_batches(), sys.stdout)
         return
     out = Table(title=title, show_lines=False)
     for name in table.column_names:
-        out.add_column(name, overflow="fold")
-    for row in table.to_pylist():
-        out.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()))
+        out.add_column(Text(name), overflow="fold")  # Text: a name or value is never read as rich markup
+    for batch in table.to_batches():
+        for values in zip(*(column.to_pylist() for column in batch.columns), strict=True):
+            out.add_row(*(Text(cell_text(value)) for value in values))
     console.print(out)
     console.print(f"[dim]{table.num_rows} row(s)[/dim]")
 
 
-def _print_counts(row_counts: dict[str, dict[str, Any]]) -> None:
+def _print_counts(row_counts: dict[str, dict[str, Any]], *, withheld: bool = True) -> None:
     table = Table(title="Rows per institution")
     for col in ("institution", "read", "accepted", "rejected", "reasons"):
         table.add_column(col, justify="right" if col in ("read", "accepted", "rejected") else "left")
@@ -178,6 +285,17 @@ def _print_counts(row_counts: dict[str, dict[str, Any]]) -> None:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "-"
         table.add_row(inst, str(counts["read"]), str(counts["accepted"]), str(sum(rejected.values())), reasons)
     console.print(table)
+    for inst, counts in sorted(row_counts.items()):  # what was wrong with the feeds, per institution and file
+        notes = [f"no file matches {escape(path)} (missing_file)" for path in counts.get("missing", [])]
+        notes += [
+            f"{escape(path)}: {file['reason']}: {escape(file['fault'])}"
+            for path, file in counts.get("files", {}).items()
+        ]
+        notes += [f"[yellow]warning[/yellow]: {escape(counts['warning'])}"] if counts.get("warning") else []
+        if withheld and counts.get("withheld"):
+            notes.append(f"[red]withheld[/red]: {escape(counts['withheld'])}")
+        for note in notes:
+            console.print(f"  {inst}: {note}", highlight=False)
 
 
 def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
@@ -203,7 +321,7 @@ def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             console.log(f"[cyan]{stage}[/cyan]: {stages[stage]}")
             status.update(f"{stage}...")
 
-        summary = run_batch(plan, beam_args=beam_args, on_stage=on_stage)
+        summary = run_batch(plan, beam_args=beam_args, on_stage=on_stage, accept_rejects=args.accept_rejects)
     if summary.status == "already_released":
         console.print(f"Interval already released as {summary.release_id}; nothing done, no budget spent.")
         return 0
@@ -220,6 +338,7 @@ def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     import signal
 
+    from fusion.plan import parse_time
     from pipelines.stream_driver import StreamDriver, StreamStatus
 
     config = load_config(args.config)
@@ -238,7 +357,9 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     def line(status: StreamStatus) -> str:
         last = "none yet"
         if status.last_release:
-            last = f"{status.last_release} ({status.last_latency_s:.1f}s after close)"
+            last = status.last_release
+            if status.last_latency_s is not None:
+                last += f" ({status.last_latency_s:.1f}s after close)"
         lag = _duration(status.lag_s) if status.lag_s is not None else "-"
         changed = f" | changed inputs not read again: {len(status.changed_inputs)}" if status.changed_inputs else ""
         refused = f" | [yellow]refused: {len(status.refused)}[/yellow]" if status.refused else ""
@@ -248,6 +369,17 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             f"rejects: {status.rejected:,}{changed}"
         )
 
+    logged_at = [float("-inf")]
+
+    def show(status: StreamStatus) -> None:
+        """On a terminal, a live status line; elsewhere (systemd, a container, a pipe) a timestamped line every
+        --status-every seconds, so the log shows the stream is alive."""
+        if console.is_terminal:
+            shown.update(line(status))
+        elif time.monotonic() - logged_at[0] >= args.status_every:
+            logged_at[0] = time.monotonic()
+            console.print(f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {line(status)}", highlight=False)
+
     with console.status("stream: starting") as shown:
         driver = StreamDriver(
             config,
@@ -255,7 +387,7 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             stdin=(args.stdin, sys.stdin) if args.stdin else None,
             releases_only=args.releases_only,
             until=until,
-            on_status=lambda status: shown.update(line(status)),
+            on_status=show,
             on_notice=lambda text: console.print(text, markup=False, highlight=False),
         )
 
@@ -339,8 +471,10 @@ def cmd_contribute(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             "the deadline): a contribution now would be refused, so none is sealed and no noise share is drawn"
         )
     with console.status(f"{institution.id}: contributing"):
-        reports = run_contributions(plan, [institution], beam_args)
-    _print_counts(reports)
+        reports = run_contributions(plan, [institution], beam_args, accept_rejects=args.accept_rejects)
+    _print_counts(reports, withheld=False)
+    if reports[institution.id].get("withheld"):
+        raise FusionError(reports[institution.id]["withheld"])
     console.print(f"envelope written for release {plan.key.release_id}")
     return 0
 
@@ -397,11 +531,50 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sql(args: argparse.Namespace) -> int:
-    from fusion.api import open_store
+#: The most rows `fusion sql` shows as a table: no terminal shows more usefully, and a table is held whole.
+TABLE_ROWS_SHOWN = 10_000
 
-    with open_store(args.config) as store:
-        print_arrow(store.sql(args.query), args.format)
+
+def _sql_limit(field: str) -> Callable[[str], Any]:
+    """An argparse type: a value of SqlLimits' `field`, checked as the config's [sql] block checks it."""
+
+    def parse(text: str) -> Any:
+        from pydantic import ValidationError
+
+        from fusion.sql_limits import SqlLimits
+
+        try:
+            return getattr(SqlLimits.model_validate({field: text}), field)
+        except ValidationError as exc:
+            raise argparse.ArgumentTypeError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+    return parse
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """CSV and JSON stream out batch by batch; a table shows the first TABLE_ROWS_SHOWN rows."""
+    from fusion.api import open_store
+    from fusion.result_formats import write_csv, write_json_lines
+
+    config = load_config(args.config, check_release=False)  # reads the store only
+    limits = config.sql.replace(timeout=args.timeout, max_rows=args.max_rows, max_size=args.max_size)
+    with open_store(config, limits=limits) as store, store.sql_batches(args.query) as reader:
+        if args.format == "csv":
+            write_csv(reader.schema, reader, sys.stdout)
+            return 0
+        if args.format == "json":
+            write_json_lines(reader, sys.stdout)
+            return 0
+        batches: list[pa.RecordBatch] = []
+        for batch in reader:
+            batches.append(batch)
+            if sum(b.num_rows for b in batches) > TABLE_ROWS_SHOWN:
+                break  # the rest is never read
+        table = pa.Table.from_batches(batches, schema=reader.schema)
+    print_arrow(table.slice(0, TABLE_ROWS_SHOWN))
+    if table.num_rows > TABLE_ROWS_SHOWN:
+        console.print(f"[dim]the result has more rows than the {TABLE_ROWS_SHOWN:,} shown: --format csv or json "
+                      "writes them all[/dim]")
     return 0
 
 
@@ -480,7 +653,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from fusion.registry import load_key_holder_public_keys, load_unsigned_releases
     from fusion.store import Store
 
-    config = load_config(args.config)
+    config = load_config(args.config, check_release=False)  # reads the store and registry only
     keys = load_key_holder_public_keys(config)
     if not keys:
         console.print(f"no key holder signing key is registered in {config.registry_path}: nothing can be verified")
@@ -498,10 +671,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from fusion.keys import create_keys
     from fusion.registry import create_institution_keys
 
-    config = load_config(args.config)
+    config = load_config(args.config, check_release=False)  # creating keys needs no noise calibration
     if args.aggregator:
         from fusion.registry import create_aggregator_key
 
@@ -534,6 +706,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             f"public halves registered in {config.registry_path}"
         )
         return 0
+    from fusion.keys import create_keys  # TenSEAL: only the key holder's HE keys need it
     from fusion.registry import key_holder_signing_key_file
 
     had_signing_key = key_holder_signing_key_file(config).exists()
@@ -568,7 +741,9 @@ def cmd_demo(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     with console.status("building the demo federation from pvlib's TMY3 weather records"):
         config_path = build_demo(directory, days=args.days).resolve()
     console.print(f"demo federation: {config_path}")
-    batch_args = argparse.Namespace(config=str(config_path), start="2026-01-01T00:00", end="2026-01-02T00:00")
+    batch_args = argparse.Namespace(
+        config=str(config_path), start="2026-01-01T00:00", end="2026-01-02T00:00", accept_rejects=False
+    )
     cmd_batch(batch_args, beam_args)
     console.print("\n[bold]SQL[/bold] over the fused releases:\n" + DEMO_QUERY + "\n")
     config: Config = load_config(config_path)
@@ -630,6 +805,9 @@ def _extra_args_error(command: str, extra: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.ERROR)
+    # Libraries' warnings (Opacus's "optimal order" notice, Beam's deprecations) go to the log, which shows errors
+    # only: a user sees Fusion's own messages. Fusion itself never warns through `warnings`.
+    logging.captureWarnings(True)
     args, beam_args = _parser().parse_known_args(argv)
     refused = _extra_args_error(args.command, beam_args)
     if refused:

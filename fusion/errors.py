@@ -19,6 +19,10 @@ class SqlError(FusionError):
     """A SQL query failed (syntax, unknown column...)."""
 
 
+class SqlLimitExceeded(SqlError):
+    """A SQL query ran past its time limit, or its result past its row or size limit (fusion/sql_limits.py)."""
+
+
 class ReleaseRefused(FusionError):
     """A release cannot go ahead (quorum not met, nothing to release, already released)."""
 

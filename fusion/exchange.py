@@ -1,7 +1,9 @@
 """Where parties leave files for each other: keys, contribution and aggregate envelopes, refusals.
 
 All paths go through Beam FileSystems, so the exchange can be a local directory or a bucket (gs://, s3://).
-Writes are atomic: a file is written under a temporary name and renamed into place.
+Writes are atomic: a file is written under a temporary name and renamed into place. Beam is imported on first
+use, and a local path is joined, read, written and tested without it, as Beam's local file system would: `fusion
+keys` publishes the public context without loading Beam (about a second).
 """
 
 from __future__ import annotations
@@ -15,17 +17,42 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
-from apache_beam.io.filesystems import FileSystems
+from typing import Any
 
 from fusion.errors import FusionError
+
+
+class _BeamOnUse:
+    """Stands for a Beam class (FileSystems, CompressionTypes) until an attribute is first read: it then imports
+    Beam, which commands that only read the store or create keys never load."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._where = (module, name)
+
+    def __getattr__(self, attribute: str) -> Any:
+        import importlib
+
+        module, name = self._where
+        return getattr(getattr(importlib.import_module(module), name), attribute)
+
+
+FileSystems: Any = _BeamOnUse("apache_beam.io.filesystems", "FileSystems")
+CompressionTypes: Any = _BeamOnUse("apache_beam.io.filesystem", "CompressionTypes")
+#: A path Beam gives to a file system other than the local one: it starts with a scheme (gs://, s3://, ...).
+_URL = re.compile(r"^\s*[a-zA-Z][-a-zA-Z0-9+.]*://")
+
+
+def _local(path: str) -> bool:
+    return _URL.match(path) is None
 
 #: An interval_name: start and end, each to the minute or (when either is not on a whole minute) to the second.
 _INTERVAL_NAME = re.compile(r"^(\d{8}T\d{4}(?:\d{2})?Z)-(\d{8}T\d{4}(?:\d{2})?Z)$")
 
 PUBLIC_CONTEXT = "he_public.ctx"
 SECRET_CONTEXT = "he_secret.ctx"
+#: The folder of a release that holds each kind of institution envelope, named `<institution>.fenv`.
+ENVELOPE_FOLDERS = {"contribution": "contributions", "unmask": "unmask"}
+ENVELOPE_SUFFIX = ".fenv"
 
 
 @dataclass(frozen=True)
@@ -79,25 +106,49 @@ def public_context_path(exchange: str) -> str:
 
 
 def join(base: str, *parts: str) -> str:
-    return FileSystems.join(base, *parts)
+    return os.path.join(base, *parts) if _local(base) else FileSystems.join(base, *parts)
 
 
 def contributions_dir(exchange: str, key: ReleaseKey) -> str:
-    return join(exchange, key.interval_name, "contributions")
+    return join(exchange, key.interval_name, ENVELOPE_FOLDERS["contribution"])
 
 
 def contribution_path(exchange: str, key: ReleaseKey, institution: str) -> str:
-    return join(contributions_dir(exchange, key), f"{institution}.fenv")
+    return join(contributions_dir(exchange, key), f"{institution}{ENVELOPE_SUFFIX}")
 
 
 def unmask_dir(exchange: str, key: ReleaseKey) -> str:
     """The institutions' answers to the roster: shares of the self-mask seeds and of the mask keys held with the
     absent."""
-    return join(exchange, key.interval_name, "unmask")
+    return join(exchange, key.interval_name, ENVELOPE_FOLDERS["unmask"])
 
 
 def unmask_path(exchange: str, key: ReleaseKey, institution: str) -> str:
-    return join(unmask_dir(exchange, key), f"{institution}.fenv")
+    return join(unmask_dir(exchange, key), f"{institution}{ENVELOPE_SUFFIX}")
+
+
+@dataclass(frozen=True)
+class EnvelopePlace:
+    """What an envelope's place in the exchange claims: the folder it is in and the institution its file is named
+    after. Only a claim: an envelope is its signer's, and counts only in its signer's own place."""
+
+    folder: str  # e.g. "contributions"
+    named: str  # the file's name without `.fenv`, e.g. "alpha"
+
+    @classmethod
+    def of(cls, path: str) -> EnvelopePlace:
+        directory, name = FileSystems.split(path)
+        return cls(FileSystems.split(directory)[1], name.removesuffix(ENVELOPE_SUFFIX))
+
+    @property
+    def relative(self) -> str:
+        """The place as folder/file, e.g. contributions/alpha.fenv."""
+        return f"{self.folder}/{self.named}{ENVELOPE_SUFFIX}"
+
+    @staticmethod
+    def own(kind: str, institution: str) -> EnvelopePlace:
+        """The one place where an envelope of `kind` ('contribution' or 'unmask') signed by `institution` counts."""
+        return EnvelopePlace(ENVELOPE_FOLDERS.get(kind, ""), institution)
 
 
 def aggregation_status_path(exchange: str, key: ReleaseKey) -> str:
@@ -127,6 +178,13 @@ def refusal_path(exchange: str, key: ReleaseKey) -> str:
 def write_bytes(path: str, data: bytes) -> None:
     """Write atomically: to a temporary sibling, then rename over `path` (locally one atomic replace, so a
     reader or a crash never finds `path` missing; elsewhere delete, then rename, as object stores need)."""
+    if _local(path):
+        temporary = f"{path}.tmp-{secrets.token_hex(6)}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+        return
     directory, _ = FileSystems.split(path)
     if "://" not in path:
         os.makedirs(directory, exist_ok=True)
@@ -142,8 +200,11 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def read_bytes(path: str) -> bytes:
-    if not FileSystems.exists(path):
+    if not exists(path):
         raise FusionError(f"expected file not found: {path}")
+    if _local(path):
+        with open(path, "rb") as local:
+            return local.read()
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         data: bytes = handle.read()
     return data
@@ -154,7 +215,7 @@ def write_json(path: str, doc: object) -> None:
 
 
 def exists(path: str) -> bool:
-    return bool(FileSystems.exists(path))
+    return os.path.exists(path) if _local(path) else bool(FileSystems.exists(path))
 
 
 def remove_tree(directory: str) -> None:
@@ -174,13 +235,19 @@ def remove_listed(directory: str) -> None:
     base = directory.rstrip("/")
     try:
         results = FileSystems.match([join(glob_escape(base), "**")])
-    except BeamIOError:
+    except _beam_io_error():
         if not FileSystems.exists(base):
             return
         raise
     paths = [m.path for result in results for m in result.metadata_list if m.path.startswith(base + "/")]
     if paths:
         FileSystems.delete([glob_escape(path) for path in paths])  # delete() matches its paths as patterns too
+
+
+def _beam_io_error() -> type[Exception]:
+    from apache_beam.io.filesystem import BeamIOError
+
+    return BeamIOError
 
 
 def glob_escape(path: str) -> str:

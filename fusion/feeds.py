@@ -1,8 +1,9 @@
 """Reading an institution's feed files through Beam FileSystems, as Arrow batches of raw columns.
 
 Every mapped column is read as text for CSV and JSONL (so a bad value cannot fail a whole block), and in its
-own type for Parquet; typing is validation's job. Lines that cannot be parsed at all come back as malformed
-rows so they reach the dead-letter output too.
+own type for Parquet; typing is validation's job. Lines that cannot be parsed at all (a CSV row that is not
+UTF-8 among them) come back as malformed rows so they reach the dead-letter output too, and the rest of the file
+is read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -23,7 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from fusion.config import FeedConfig, FeedFormat
 from fusion.errors import FusionError
-from schemas.readings import ALL_FIELDS
+from schemas.readings import ALL_FIELDS, REQUIRED_FIELDS
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class RawBatch:
 
     table: pa.Table
     malformed: tuple[tuple[int, str], ...] = ()  # (line number, text)
+    # Mapped columns of required reading fields that the file's header or schema lacks: no row of it is a reading.
+    missing_columns: tuple[str, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -47,36 +51,64 @@ def list_feed_files(pattern: str) -> list[str]:
     return paths
 
 
-def feed_files(pattern: str, start: datetime, end: datetime) -> list[str]:
+@dataclass(frozen=True)
+class FeedListing:
+    """A feed's files for an interval, and what matched nothing: each day's expanded pattern for a `{date}`
+    feed, the pattern itself otherwise."""
+
+    paths: tuple[str, ...]
+    missing: tuple[str, ...] = ()
+
+
+def feed_listing(pattern: str, start: datetime, end: datetime) -> FeedListing:
     """Files of a feed for [start, end). A `{date}` placeholder (YYYY-MM-DD, UTC) is expanded to every day the
-    interval touches, so daily-partitioned feeds read only the days they need."""
+    interval touches, so daily-partitioned feeds read only the days they need; a day without files is missing."""
     if "{date}" not in pattern:
-        return list_feed_files(pattern)
+        paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        return FeedListing(tuple(paths), () if paths else (pattern,))
     start, end = start.astimezone(UTC), end.astimezone(UTC)
-    paths: list[str] = []
+    found: list[str] = []
+    missing: list[str] = []
     day = start.date()
     while datetime.combine(day, datetime.min.time(), tzinfo=UTC) < end:
         expanded = pattern.replace("{date}", day.isoformat())
-        paths += sorted(m.path for m in FileSystems.match([expanded])[0].metadata_list)
+        paths = sorted(m.path for m in FileSystems.match([expanded])[0].metadata_list)
+        found += paths
+        if not paths:
+            missing.append(expanded)
         day += timedelta(days=1)
-    if not paths:
+    return FeedListing(tuple(found), tuple(missing))
+
+
+def feed_files(pattern: str, start: datetime, end: datetime) -> list[str]:
+    """Files of a feed for [start, end) (see `feed_listing`); refuses an empty match, naming the paths tried."""
+    listing = feed_listing(pattern, start, end)
+    if not listing.paths:
         raise FusionError(
-            f"no feed files match '{pattern}' for {start.isoformat()} .. {end.isoformat()}; check the feed's path"
+            f"no feed files match {', '.join(listing.missing)} for {start.isoformat()} .. {end.isoformat()}; "
+            "check the feed's path"
         )
-    return paths
+    return list(listing.paths)
 
 
 def mapped_columns(feed: FeedConfig) -> dict[str, str]:
     return {field: feed.column_for(field) for field in ALL_FIELDS}
 
 
+def absent_columns(feed: FeedConfig, names: Iterable[str]) -> tuple[str, ...]:
+    """The feed's columns of required reading fields that are not among a file's column `names`."""
+    present = set(names)
+    return tuple(c for c in dict.fromkeys(feed.column_for(f) for f in REQUIRED_FIELDS) if c not in present)
+
+
 def read_feed_file(path: str, feed: FeedConfig, *, batch_rows: int) -> Iterator[RawBatch]:
-    """Stream one file as RawBatches of at most about `batch_rows` rows."""
+    """Stream one file as RawBatches of at most about `batch_rows` rows. A CSV or Parquet file that lacks a
+    required column yields its rows all the same, with `missing_columns` set (at least one batch, even empty)."""
     wanted = list(dict.fromkeys(mapped_columns(feed).values()))
     if feed.format is FeedFormat.PARQUET:
-        yield from _read_parquet(path, wanted, batch_rows)
+        yield from _read_parquet(path, wanted, feed, batch_rows)
     elif feed.format is FeedFormat.CSV:
-        yield from _read_csv(path, wanted, batch_rows)
+        yield from _read_csv(path, wanted, feed, batch_rows)
     else:
         yield from _read_jsonl(path, wanted, batch_rows)
 
@@ -122,23 +154,31 @@ def _csv_header(path: str) -> list[str]:
             raise FusionError(f"feed file {path}: unreadable CSV header ({exc})") from None
 
 
-def _read_parquet(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:
+def _read_parquet(path: str, wanted: list[str], feed: FeedConfig, batch_rows: int) -> Iterator[RawBatch]:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         parquet = pq.ParquetFile(handle)
-        refuse_duplicate_columns(path, parquet.schema_arrow.names, wanted)
-        present = [c for c in wanted if c in parquet.schema_arrow.names]
+        names = parquet.schema_arrow.names
+        refuse_duplicate_columns(path, names, wanted)
+        present = [c for c in wanted if c in names]
+        missing = absent_columns(feed, names)
+        yielded = False
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=present):
-            yield RawBatch(pa.Table.from_batches([batch]))
+            yielded = True
+            yield RawBatch(pa.Table.from_batches([batch]), missing_columns=missing)
+        if missing and not yielded:
+            yield RawBatch(parquet.schema_arrow.empty_table().select(present), missing_columns=missing)
 
 
-def _read_csv(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:
+def _read_csv(path: str, wanted: list[str], feed: FeedConfig, batch_rows: int) -> Iterator[RawBatch]:
     malformed: list[tuple[int, str]] = []
 
     def keep_malformed(row: pacsv.InvalidRow) -> str:
         malformed.append((row.number if row.number is not None else -1, row.text))
         return "skip"
 
-    refuse_duplicate_columns(path, _csv_header(path), wanted)
+    header = _csv_header(path)
+    refuse_duplicate_columns(path, header, wanted)
+    missing = absent_columns(feed, header)
     with _open_stream(path) as handle:
         if not handle.peek(1):  # an empty file (no header either) holds no rows; pyarrow would refuse it
             return
@@ -147,7 +187,8 @@ def _read_csv(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatc
             read_options=pacsv.ReadOptions(block_size=1 << 22),
             parse_options=pacsv.ParseOptions(invalid_row_handler=keep_malformed),
             convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in wanted},
+                # Bytes, checked for UTF-8 here: as strings, one undecodable field would fail the whole file.
+                column_types={c: pa.binary() for c in wanted},
                 include_columns=wanted,
                 include_missing_columns=True,
                 null_values=[""],  # only empty fields are missing: "NaN" or "n/a" must reach validation
@@ -155,17 +196,63 @@ def _read_csv(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatc
                 quoted_strings_can_be_null=False,
             ),
         )
+        schema = pa.schema([pa.field(name, pa.string()) for name in reader.schema.names])
         pending: list[pa.RecordBatch] = []
-        size = 0
+        size = rows = 0  # rows: the file's rows parsed so far, to number a row that is not UTF-8
+        yielded = False
         for batch in reader:
-            pending.append(batch)
-            size += batch.num_rows
+            text, undecodable = _utf8_rows(batch, schema, first_line=rows + 2)  # line 1 is the header
+            rows += batch.num_rows
+            malformed += undecodable
+            pending.append(text)
+            size += text.num_rows
             if size >= batch_rows:
-                yield RawBatch(pa.Table.from_batches(pending), tuple(malformed))
+                yield RawBatch(pa.Table.from_batches(pending, schema=schema), tuple(malformed), missing)
+                yielded = True
                 pending, size = [], 0
                 malformed.clear()
-        if pending or malformed:
-            yield RawBatch(pa.Table.from_batches(pending, schema=reader.schema), tuple(malformed))
+        if pending or malformed or (missing and not yielded):
+            yield RawBatch(pa.Table.from_batches(pending, schema=schema), tuple(malformed), missing)
+
+
+def _utf8_rows(
+    batch: pa.RecordBatch, schema: pa.Schema, *, first_line: int
+) -> tuple[pa.RecordBatch, list[tuple[int, str]]]:
+    """A batch of CSV fields read as bytes -> (its rows that are UTF-8, as text in `schema`; the others as
+    malformed lines: (line number, their fields with each undecodable byte written \\xNN)). A row's line
+    number is `first_line` plus its index: exact when no earlier line of the file was malformed or quoted a
+    line break."""
+    try:
+        return batch.cast(schema), []
+    except pa.ArrowInvalid:  # some field is not UTF-8: find its rows (Python, on this batch only)
+        pass
+    bad = np.zeros(batch.num_rows, dtype=bool)
+    for column in batch.columns:
+        try:
+            column.cast(pa.string())
+            continue
+        except pa.ArrowInvalid:
+            pass
+        for index, value in enumerate(column.to_pylist()):
+            if value is not None and not _is_utf8(value):
+                bad[index] = True
+    lines = []
+    for row in np.flatnonzero(bad).tolist():
+        fields = [batch.column(c)[row].as_py() for c in range(batch.num_columns)]
+        text = io.StringIO()
+        csv.writer(text, lineterminator="").writerow(
+            ["" if f is None else f.decode("utf-8", errors="backslashreplace") for f in fields]
+        )
+        lines.append((first_line + row, text.getvalue()))
+    return batch.filter(pa.array(~bad)).cast(schema), lines
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _read_jsonl(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:

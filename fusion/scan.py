@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,18 +35,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from fusion.config import FeedConfig, FeedFormat, InstitutionConfig, PrivacyUnit
 from fusion.errors import InternalError
 from fusion.exchange import delete_if_exists, exists
-from fusion.feeds import feed_files, mapped_columns, read_feed_file, refuse_duplicate_columns
+from fusion.feed_report import FileTally, merge_tallies
+from fusion.feeds import absent_columns, feed_listing, mapped_columns, read_feed_file, refuse_duplicate_columns
 from fusion.plan import ReleasePlan
 from privacy.encoding import MetricEncoding
 from privacy.layout import SUMSQ, PartitionLayout
 from schemas.readings import ENTITY_ID, EVENT_TIME, METRIC, READING_SCHEMA, REGION, SENSOR_ID, VALUE
-from schemas.reasons import RejectReason
+from schemas.reasons import FileReason, RejectReason
 from schemas.validation import (
     ROW_COLUMN,
     ReadingRules,
@@ -69,26 +71,65 @@ SHARD = "shard"
 
 @dataclass
 class ShardScan:
-    """One scan shard of an institution: its accepted readings encoded, and what was rejected."""
+    """One scan shard of an institution: its accepted readings encoded, what was rejected, and per file what was
+    read and rejected (`files`, by path; `unreadable`: the files that could not be read, none of whose readings
+    is used)."""
 
     encoded: list[pa.Table] = field(default_factory=list)
     rows_read: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     dead_letters: list[tuple[str, pa.Table]] = field(default_factory=list)  # (name, rows in the dead-letter shape)
+    files: dict[str, FileTally] = field(default_factory=dict)
+    unreadable: set[str] = field(default_factory=set)
 
     def table(self, schema: pa.Schema) -> pa.Table:
         return pa.concat_tables(self.encoded) if self.encoded else schema.empty_table()
 
+    def add(self, other: ShardScan) -> None:
+        self.encoded += other.encoded
+        self.rows_read += other.rows_read
+        self.rejected.update(other.rejected)
+        self.dead_letters += other.dead_letters
+        merge_tallies(self.files, other.files)
+        self.unreadable |= other.unreadable
+
+
+@dataclass(frozen=True)
+class SourceListing:
+    """An institution's files for an interval: (feed index, file) pairs, a file's position being its `src` in the
+    encoded rows; and the paths that matched no file (`feed_listing`'s `missing`, per feed and day)."""
+
+    sources: list[tuple[int, str]]
+    missing: list[str]
+
+
+def list_sources(plan: ReleasePlan, institution: InstitutionConfig) -> SourceListing:
+    """Every file of every feed of the institution that the interval needs, and what is missing."""
+    sources: list[tuple[int, str]] = []
+    missing: list[str] = []
+    for index, feed in enumerate(institution.feeds):
+        listing = feed_listing(plan.config.resolve(feed.path), plan.layout.start, plan.layout.end)
+        sources += [(index, path) for path in listing.paths]
+        missing += listing.missing
+    return SourceListing(sources, missing)
+
 
 def feed_sources(plan: ReleasePlan, institution: InstitutionConfig) -> list[tuple[int, str]]:
-    """(feed index, file) for every file of every feed of the institution that the interval needs; a file's
-    position in this list is its `src` in the encoded rows."""
-    return [
-        (index, path)
-        for index, feed in enumerate(institution.feeds)
-        for path in feed_files(plan.config.resolve(feed.path), plan.layout.start, plan.layout.end)
-    ]
+    """(feed index, file) for every file of every feed of the institution that the interval needs (missing ones
+    left out: see `list_sources`)."""
+    return list_sources(plan, institution).sources
 
+
+#: What reading a damaged file raises (truncated, random bytes, corrupt pages, a broken compressed stream): the
+#: file is dead-lettered whole, as one malformed record, and the run goes on, if reading the file again on its
+#: own fails too (`FeedScanner._damaged`: DuckDB's errors name no kind, and an OSError may be a full disk's).
+DAMAGE_ERRORS: tuple[type[BaseException], ...] = (
+    pa.ArrowException, OSError, UnicodeError, EOFError, zlib.error, duckdb.Error
+)
+#: Errors a later run may not meet (permissions, a file moved away, the network): raised, never dead-lettered.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    PermissionError, FileNotFoundError, ConnectionError, TimeoutError, BeamIOError
+)
 
 #: Characters DuckDB's read_parquet takes as a glob: a file named with them is read as Arrow batches instead.
 GLOB_CHARACTERS = frozenset("*?[]{}")
@@ -112,12 +153,16 @@ def estimated_rows(sources: list[tuple[int, str]], feeds: tuple[FeedConfig, ...]
     total = 0
     for feed_index, path in sources:
         if feeds[feed_index].format is FeedFormat.PARQUET:
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                total += pq.ParquetFile(handle).metadata.num_rows
-        else:
-            size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
-            per_row = COMPRESSED_BYTES_PER_ROW if path.lower().endswith(COMPRESSED_SUFFIXES) else TEXT_BYTES_PER_ROW
-            total += ceil(size / per_row)
+            try:
+                with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                    total += pq.ParquetFile(handle).metadata.num_rows
+                continue
+            except DAMAGE_ERRORS as exc:  # its footer is damaged: the scan dead-letters the file
+                if isinstance(exc, TRANSIENT_ERRORS):
+                    raise
+        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+        per_row = COMPRESSED_BYTES_PER_ROW if path.lower().endswith(COMPRESSED_SUFFIXES) else TEXT_BYTES_PER_ROW
+        total += ceil(size / per_row)
     return total
 
 
@@ -268,6 +313,7 @@ class _Piece:
     types: dict[str, pa.DataType]  # Arrow types of the mapped columns present
     batch: pa.Table | None = None  # the raw batch behind `fusion_raw`, with a row-number column
     malformed: tuple[tuple[int, str], ...] = ()  # the batch's unparseable lines (line number, text)
+    missing: tuple[str, ...] = ()  # required columns the file lacks: every row of it is refused (missing_column)
 
 
 class FeedScanner:
@@ -319,7 +365,9 @@ class FeedScanner:
                 '"' + c.replace('"', '""') + '"' for c in dict.fromkeys(columns.values()) if c in schema.names
             )
             yield _Piece(
-                f"(SELECT {wanted + ', ' if wanted else ''}file_row_number AS {ROW_COLUMN} FROM {scan})", types
+                f"(SELECT {wanted + ', ' if wanted else ''}file_row_number AS {ROW_COLUMN} FROM {scan})",
+                types,
+                missing=absent_columns(feed, schema.names),
             )
             return
         offset = 0  # rows of the file already read, so row numbers point into the file
@@ -328,14 +376,16 @@ class FeedScanner:
                 ROW_COLUMN, pa.array(np.arange(raw.table.num_rows, dtype=np.int64) + offset)
             )
             types = {f: raw.table.schema.field(c).type for f, c in columns.items() if c in raw.table.column_names}
-            yield _Piece("fusion_raw", types, table, raw.malformed)
+            yield _Piece("fusion_raw", types, table, raw.malformed, raw.missing_columns)
             offset += raw.table.num_rows
 
     def stage(self, src: int, prefix: str, shards: int, counts: ShardScan) -> Iterator[tuple[str, pa.Table]]:
         """Scan file `src` once for all `shards` scan shards: its encoded rows go to one Arrow file per shard
         (`staged_path(prefix, shard)`), written as DuckDB streams them, and, for a file read as batches, its raw
         rows to `staged_raw_path(prefix)`; all are complete once this generator is exhausted. Rows read and
-        rejects are added to `counts`, and dead letters yielded as they are found."""
+        rejects are added to `counts`, and dead letters yielded as they are found. A file that cannot be read
+        stages no rows (see `_file_rows`)."""
+        scanned = ShardScan()  # this file's counts
         paths = [staged_path(prefix, shard) for shard in range(shards)]
         temporaries = {path: f"{path}.tmp-{secrets.token_hex(6)}" for path in [*paths, staged_raw_path(prefix)]}
         handles: dict[str, Any] = {}
@@ -355,7 +405,7 @@ class FeedScanner:
             for path in paths:
                 handles[path] = FileSystems.create(temporaries[path], compression_type=CompressionTypes.UNCOMPRESSED)
             writers = [pa.ipc.new_file(handles[path], self.schema) for path in paths]
-            for rows in self._scanned(src, None, shards, counts, every_line=True, on_piece=keep_raw):
+            for rows in self._file_rows(src, None, shards, scanned, every_line=True, on_piece=keep_raw):
                 order = pc.sort_indices(rows.column(SHARD))  # stable: each shard's rows keep the file's order
                 rows = rows.take(order)
                 ends = np.cumsum(np.bincount(rows.column(SHARD).to_numpy(), minlength=shards))
@@ -363,16 +413,27 @@ class FeedScanner:
                     start = int(ends[shard - 1]) if shard else 0
                     if ends[shard] > start:
                         writer.write_table(self._encoded(rows.slice(start, int(ends[shard]) - start), src))
-                yield from counts.dead_letters
-                counts.dead_letters.clear()
-            yield from counts.dead_letters
-            counts.dead_letters.clear()
+                yield from scanned.dead_letters
+                scanned.dead_letters.clear()
+            yield from scanned.dead_letters
+            scanned.dead_letters.clear()
             for writer in writers + [w for w, _ in raw]:
                 writer.close()
-            for path, handle in handles.items():
+            for handle in handles.values():
                 handle.close()
+            done = list(handles)
+            if scanned.unreadable:  # none of its readings is used: each shard's file is written again, empty
+                done = paths
+                for path in paths:
+                    handle = handles[path] = FileSystems.create(
+                        temporaries[path], compression_type=CompressionTypes.UNCOMPRESSED
+                    )
+                    pa.ipc.new_file(handle, self.schema).close()
+                    handle.close()
+            for path in done:
                 delete_if_exists(path)
                 FileSystems.rename([temporaries[path]], [path])
+            counts.add(scanned)
         finally:
             for handle in handles.values():
                 if not handle.closed:
@@ -418,9 +479,98 @@ class FeedScanner:
             if src in self._staged:
                 result.encoded.append(self._read_staged(src, shard))
                 continue
-            for rows in self._scanned(src, shard, shards, result, every_line=shard == 0):
-                result.encoded.append(self._encoded(rows, src))
+            scanned = ShardScan()  # this file's counts
+            for rows in self._file_rows(src, shard, shards, scanned, every_line=shard == 0):
+                scanned.encoded.append(self._encoded(rows, src))
+            if scanned.unreadable:
+                scanned.encoded.clear()
+            result.add(scanned)
         return result
+
+    def _file_rows(
+        self,
+        src: int,
+        shard: int | None,
+        shards: int,
+        counts: ShardScan,
+        *,
+        every_line: bool,
+        on_piece: Callable[[_Piece], None] | None = None,
+    ) -> Iterator[pa.Table]:
+        """`_scanned` over file `src`, counting into `counts` (empty: this file's alone), with its tally in
+        `counts.files`. A file that cannot be read (DAMAGE_ERRORS) is dead-lettered whole: `counts.unreadable`
+        names it and none of the rows it yielded may be used; rejects recorded before the damage stay counted,
+        and, with `every_line`, the file adds one malformed record saying what failed."""
+        path = self.sources[src][1]
+        try:
+            yield from self._scanned(src, shard, shards, counts, every_line=every_line, on_piece=on_piece)
+        except DAMAGE_ERRORS as exc:
+            if not self._damaged(src, exc):
+                raise
+            error = " ".join(f"{type(exc).__name__}: {exc}".split())
+            counts.unreadable.add(path)
+            counts.rows_read = sum(counts.rejected.values())  # its accepted rows (and rejects not recorded) go
+            if every_line:
+                counts.rows_read += 1
+                counts.rejected[RejectReason.MALFORMED_RECORD.value] += 1
+                letters = malformed_letters(((0, f"unreadable file, none of its readings used: {error}"),), path)
+                counts.dead_letters.append((f"{self._letter_name(src, shard)}-unreadable", letters))
+            fault = f"unreadable ({error}); none of its readings is used"
+            counts.files.setdefault(path, FileTally()).refuse(RejectReason.MALFORMED_RECORD.value, fault)
+        tally = counts.files.setdefault(path, FileTally())
+        tally.read, tally.rejected = counts.rows_read, Counter(counts.rejected)
+
+    def _damaged(self, src: int, exc: BaseException) -> bool:
+        """Whether `exc`, raised while file `src` was scanned, says that the file itself is damaged: reading it
+        again, on its own, fails too. (A DuckDB error may be the query's, an OSError a full disk's.)"""
+        if isinstance(exc, TRANSIENT_ERRORS):
+            return False
+        feed_index, path = self.sources[src]
+        feed = self.institution.feeds[feed_index]
+        try:
+            if _read_by_duckdb(path, feed):
+                parquet = pq.ParquetFile(_local(path))
+                wanted = [c for c in dict.fromkeys(mapped_columns(feed).values()) if c in parquet.schema_arrow.names]
+                for _ in parquet.iter_batches(columns=wanted):
+                    pass
+            else:
+                for _ in read_feed_file(path, feed, batch_rows=self.plan.config.pipeline.batch_rows):
+                    pass
+        except TRANSIENT_ERRORS:
+            return False
+        except DAMAGE_ERRORS:
+            return True
+        return False
+
+    def _letter_name(self, src: int, shard: int | None) -> str:
+        feed_index, path = self.sources[src]
+        label = "all" if shard is None else f"{shard:04d}"
+        return f"{self.institution.feeds[feed_index].name}-{_short_hash(path)}-s{label}"
+
+    def _refuse_rows(self, piece: _Piece, path: str, name: str, result: ShardScan) -> None:
+        """Every row of a piece of a file that lacks a required column: refused as missing_column, and kept in
+        the dead letters as read."""
+        missing = ", ".join(f"'{c}'" for c in piece.missing)
+        fault = f"lacks column(s) {missing}, mapped to required reading fields; none of its rows is a reading"
+        result.files.setdefault(path, FileTally()).refuse(FileReason.MISSING_COLUMN.value, fault)
+        tables: Iterable[pa.Table] = (
+            [piece.batch]
+            if piece.batch is not None
+            else (
+                pa.Table.from_batches([b])
+                for b in self._con.sql(f"SELECT * FROM {piece.relation}").to_arrow_reader(
+                    self.plan.config.pipeline.batch_rows
+                )
+            )
+        )
+        for number, table in enumerate(tables):
+            if not table.num_rows:
+                continue
+            reasons = pa.array([FileReason.MISSING_COLUMN.value] * table.num_rows, pa.string())
+            letters = dead_letters(table.drop_columns([ROW_COLUMN]), reasons, table.column(ROW_COLUMN), source=path)
+            result.rows_read += table.num_rows
+            result.rejected[FileReason.MISSING_COLUMN.value] += table.num_rows
+            result.dead_letters.append((f"{name}-{number:05d}-missing-column", letters))
 
     def _scanned(
         self,
@@ -436,9 +586,8 @@ class FeedScanner:
         table per piece (per streamed batch of a piece when None); rows read, rejects and dead letters are added
         to `result` (a piece's rejects once the piece is done), unparseable lines too when `every_line`;
         `on_piece` sees each piece before it is scanned."""
-        feed_index, path = self.sources[src]
-        label = "all" if shard is None else f"{shard:04d}"
-        name = f"{self.institution.feeds[feed_index].name}-{_short_hash(path)}-s{label}"
+        path = self.sources[src][1]
+        name = self._letter_name(src, shard)
         for number, piece in enumerate(self._pieces(src)):
             if on_piece is not None:
                 on_piece(piece)
@@ -447,6 +596,10 @@ class FeedScanner:
                 result.rows_read += len(malformed)
                 result.rejected[RejectReason.MALFORMED_RECORD.value] += len(malformed)
                 result.dead_letters.append((f"{name}-{number:05d}-malformed", malformed_letters(malformed, path)))
+            if piece.missing:  # a schema error of the file: its rows are refused, unread (shard 0 counts them)
+                if every_line:
+                    self._refuse_rows(piece, path, f"{name}-{number:05d}", result)
+                continue
             if batch is not None and batch.num_rows == 0:
                 continue
             if batch is not None:

@@ -5,6 +5,12 @@ release: first over the contributions, closing the roster (included / absent) th
 then over the contributions and the institutions' answers, removing the self masks and sealing the aggregate,
 which it signs. Every envelope it refuses is listed, with its reason, in the aggregate's header (the key
 holder records them in `audit`).
+
+An envelope is its signer's (verified signature), never its file name's; and it counts only in its signer's own
+place, `contributions/<institution>.fenv` (`unmask/<institution>.fenv` for an answer), because that is where the
+institutions answering the roster read each included contribution. One filed under another institution's name
+(two envelopes swapped by hand, say) is refused as misnamed, naming the file and both institutions, and the round
+goes on without it: accepted under its signer's name instead, it would close a roster nobody can answer.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from apache_beam.pvalue import TaggedOutput
 
 from fusion.errors import FusionError
 from fusion.exchange import (
+    EnvelopePlace,
     aggregate_path,
     aggregation_status_path,
     contributions_dir,
@@ -107,14 +114,29 @@ class OpenEnvelope(beam.DoFn):
         except EnvelopeError as exc:
             yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": f"unreadable: {exc}"})
             return
-        reason = self._check(header) or self._check_ciphertexts(header, ciphertexts)
         institution = header.contributors[0] if header.contributors else ""
+        refusal = {"source": path, "institution": institution}
+        reason = self._check_signer(header)
+        place = EnvelopePlace.of(path)
+        if not reason and self._filed_as_another(place, header):
+            # Before the release checks: whatever else is wrong with it, the audit says whose it is and where it lay.
+            refusal["claimed"] = place.named
+            reason = misnamed(place, header.kind, institution)
+        reason = reason or self._check_release(header) or self._check_ciphertexts(header, ciphertexts)
         if reason:
-            yield TaggedOutput(REFUSED, {"source": path, "institution": institution, "reason": reason})
+            yield TaggedOutput(REFUSED, {**refusal, "reason": reason})
         else:
             yield (header.kind, institution), (path, header, ciphertexts)
 
-    def _check(self, header: EnvelopeHeader) -> str:
+    def _filed_as_another(self, place: EnvelopePlace, header: EnvelopeHeader) -> bool:
+        """Whether a verified envelope lies in another institution's place, or in the folder of the other kind.
+        (A file named after no institution, e.g. a copy, is judged with its signer's other envelopes.)"""
+        own = EnvelopePlace.own(header.kind, header.contributors[0])
+        registered = {i.id for i in self._plan.config.institutions}
+        return place.folder != own.folder or (place.named != own.named and place.named in registered)
+
+    def _check_signer(self, header: EnvelopeHeader) -> str:
+        """The checks that establish who signed the envelope, and for which release."""
         plan = self._plan
         registered = {i.id for i in plan.config.institutions}
         if header.kind not in ("contribution", "unmask") or len(header.contributors) != 1:
@@ -136,6 +158,10 @@ class OpenEnvelope(beam.DoFn):
             return "unsigned"
         if not signature_valid(header, self._registry[header.contributors[0]]):
             return "bad_signature"
+        return ""
+
+    def _check_release(self, header: EnvelopeHeader) -> str:
+        """The checks of a signed envelope against this release's public context and roster."""
         if header.context_sha256 != self._public_context.sha256:
             return "wrong_he_context"
         roster = self._roster
@@ -164,27 +190,46 @@ class OpenEnvelope(beam.DoFn):
         return ""
 
 
-class OnePerInstitution(beam.DoFn):
-    """(institution, signed envelopes) -> one envelope per institution.
+def misnamed(place: EnvelopePlace, kind: str, signer: str) -> str:
+    """The reason an envelope signed by `signer` and filed at `place`, not in its own place, is refused."""
+    return (
+        f"misnamed: signed by {signer}, filed as {place.relative}; it counts only as "
+        f"{EnvelopePlace.own(kind, signer).relative} (put it back there, then run `fusion aggregate` again)"
+    )
 
-    Copies of one signed envelope (same nonce and payload) are replays: the first by path is kept and the copies
-    are refused, so dropping a copy into the exchange cannot knock an institution out. Two different envelopes
-    signed by one institution are ambiguous: both are refused as duplicates.
+
+class OnePerInstitution(beam.DoFn):
+    """((kind, institution), its signed envelopes) -> the one that counts for it: the one in its own place.
+
+    Copies of it elsewhere (same nonce and payload) are replays, refused, so dropping a copy into the exchange
+    cannot knock an institution out; with none in its own place, none counts (misnamed: the institutions answering
+    the roster would not find it). Two different envelopes signed by one institution are ambiguous: all are
+    refused as duplicates.
     """
 
     def process(
         self, element: tuple[tuple[str, str], Iterable[tuple[str, EnvelopeHeader, list[bytes]]]]
     ) -> Iterator[Any]:
-        (_, institution), envelopes = element
-        envelopes = sorted(envelopes, key=lambda e: e[0])
-        distinct = {(h.nonce, h.payload_sha256) for _, h, _ in envelopes}
-        if len(distinct) == 1:
-            yield envelopes[0]
-            for path, _, _ in envelopes[1:]:
-                yield TaggedOutput(REFUSED, {"source": path, "institution": institution, "reason": "replayed"})
+        (kind, institution), envelopes = element
+        own = EnvelopePlace.own(kind, institution)
+        envelopes = sorted(envelopes, key=lambda e: (EnvelopePlace.of(e[0]) != own, e[0]))  # its own place first
+
+        def refused(path: str, reason: str) -> TaggedOutput:
+            place = EnvelopePlace.of(path)
+            claimed = {} if place == own else {"claimed": place.named}
+            return TaggedOutput(REFUSED, {"source": path, "institution": institution, **claimed, "reason": reason})
+
+        if len({(h.nonce, h.payload_sha256) for _, h, _ in envelopes}) > 1:
+            for path, _, _ in envelopes:
+                yield refused(path, "duplicate")
             return
-        for path, _, _ in envelopes:
-            yield TaggedOutput(REFUSED, {"source": path, "institution": institution, "reason": "duplicate"})
+        if EnvelopePlace.of(envelopes[0][0]) != own:
+            for path, _, _ in envelopes:
+                yield refused(path, misnamed(EnvelopePlace.of(path), kind, institution))
+            return
+        yield envelopes[0]
+        for path, _, _ in envelopes[1:]:
+            yield refused(path, "replayed")
 
 
 class EncryptedSum(beam.CombineFn):
@@ -288,7 +333,20 @@ class SealAggregate(beam.DoFn):
             return
         if contributors != roster.included:
             lost = sorted(set(roster.included) - set(contributors))
-            yield self._refuse(summary, f"contributions listed in the roster are missing or were refused: {lost}")
+            misfiled = sorted(
+                f"{r['institution']}'s lies at {EnvelopePlace.of(r['source']).relative}"
+                for r in refused
+                if r["reason"].startswith("misnamed") and r["institution"] in lost
+            )
+            hint = (
+                f" ({', '.join(misfiled)}: put each back as contributions/<its signer>.fenv, then run "
+                "`fusion aggregate` again)"
+                if misfiled
+                else ""
+            )
+            yield self._refuse(
+                summary, f"contributions listed in the roster are missing or were refused: {lost}{hint}"
+            )
             return
         answered = {a.contributors[0] for a in answers}
         pending = sorted(set(roster.included) - answered)

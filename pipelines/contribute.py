@@ -19,8 +19,8 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from fusion.exchange import (
     write_json,
 )
 from fusion.faults import crash_point
+from fusion.feed_report import FileTally, RejectLevel, judge_rejects, merge_tallies, worst_files
 from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_key, load_agreement_keys, load_signing_key, read_private, write_private
 from fusion.rejects import pack_reject_tallies
@@ -58,7 +59,7 @@ from fusion.scan import (
     SUM,
     FeedScanner,
     ShardScan,
-    feed_sources,
+    list_sources,
     scan_connection,
     scan_shards,
     staged_sources,
@@ -76,6 +77,8 @@ from schemas.validation import readings_as_dead_letters
 
 DEAD = "dead"
 PARTIAL = "partial"
+#: Tag of (institution id, {file path: FileTally}) outputs: what each file held, for the run report.
+FILES = "files"
 #: DuckDB threads of each scan (the scan is the busiest step of a contribution).
 SCAN_THREADS = 2
 
@@ -130,8 +133,9 @@ class _ScanningDoFn(beam.DoFn):
 class StageFeed(_ScanningDoFn):
     """(institution id, src, shards) -> ((institution id, src), staging prefix): one file scanned once for all of
     the institution's scan shards (fusion.scan.FeedScanner.stage), which then read their own encoded rows. Its
-    rows read and rejects are counted here (a PartialAggregate without a vector, tagged PARTIAL) and its dead
-    letters written from here as they are found (tagged DEAD); the shards count only the rows they accept."""
+    rows read and rejects are counted here (a PartialAggregate without a vector, tagged PARTIAL; its tally tagged
+    FILES) and its dead letters written from here as they are found (tagged DEAD); the shards count only the
+    rows they accept."""
 
     def process(self, element: tuple[str, int, int]) -> Iterator[Any]:
         institution_id, src, shards = element
@@ -142,14 +146,16 @@ class StageFeed(_ScanningDoFn):
             yield TaggedOutput(DEAD, (institution_id, name, letters))
         totals = PartialAggregate(rows_read=counts.rows_read, rejected=counts.rejected)
         yield TaggedOutput(PARTIAL, (institution_id, totals))
+        yield TaggedOutput(FILES, (institution_id, counts.files))
         yield (institution_id, src), prefix
 
 
 class ContributeShard(_ScanningDoFn):
     """(institution id, scan shard, shards) -> (institution id, PartialAggregate of that shard): its feeds
     scanned and validated in DuckDB, exact duplicates removed, entity-level bounding, packed into the layout's
-    slots. Dead letters (invalid rows, unparseable lines, duplicates) are tagged (institution id, name, table).
-    `staged` maps (institution id, src) to the staging prefix of a file already scanned for every shard."""
+    slots. Dead letters (invalid rows, unparseable lines, duplicates) are tagged (institution id, name, table),
+    and what each file held (institution id, {path: FileTally}) FILES. `staged` maps (institution id, src) to
+    the staging prefix of a file already scanned for every shard."""
 
     def process(self, element: tuple[str, int, int], staged: dict[tuple[str, int], str] | None = None) -> Iterator[Any]:
         institution_id, shard, shards = element
@@ -164,15 +170,19 @@ class ContributeShard(_ScanningDoFn):
         for name, letters in scan.dead_letters:
             yield TaggedOutput(DEAD, (institution_id, name, letters))
         rejected = Counter(scan.rejected)
+        files = scan.files
         kept = np.ones(encoded.num_rows, dtype=bool)
         if duplicates.indices.size:
             kept[duplicates.indices] = False
             rejected[RejectReason.DUPLICATE.value] += int(duplicates.indices.size)
-            paths = pa.array([scanner.sources[int(s)][1] for s in duplicates.sources], pa.string())
+            paths = [scanner.sources[int(s)][1] for s in duplicates.sources]
+            for path, n in Counter(paths).items():
+                merge_tallies(files, {path: FileTally(rejected=Counter({RejectReason.DUPLICATE.value: n}))})
             letters = readings_as_dead_letters(
-                duplicates.readings, RejectReason.DUPLICATE, source=paths, rows=duplicates.rows
+                duplicates.readings, RejectReason.DUPLICATE, source=pa.array(paths, pa.string()), rows=duplicates.rows
             )
             yield TaggedOutput(DEAD, (institution_id, f"duplicates-s{shard:04d}", letters))
+        yield TaggedOutput(FILES, (institution_id, files))
         accepted = int(kept.sum())
         if privacy.unit is PrivacyUnit.ENTITY:
             assert privacy.max_partitions is not None and privacy.max_readings_per_partition is not None
@@ -244,6 +254,25 @@ class MergePartials(beam.CombineFn):
         return accumulator
 
 
+class MergeFileTallies(beam.CombineFn):
+    """Adds {file path: FileTally} dicts."""
+
+    def create_accumulator(self) -> dict[str, FileTally]:
+        return {}
+
+    def add_input(self, accumulator: dict[str, FileTally], element: dict[str, FileTally]) -> dict[str, FileTally]:
+        return merge_tallies(accumulator, element)
+
+    def merge_accumulators(self, accumulators: Iterable[dict[str, FileTally]]) -> dict[str, FileTally]:
+        total: dict[str, FileTally] = {}
+        for accumulator in accumulators:
+            merge_tallies(total, accumulator)
+        return total
+
+    def extract_output(self, accumulator: dict[str, FileTally]) -> dict[str, FileTally]:
+        return accumulator
+
+
 class WriteDeadLetters(beam.DoFn):
     """(institution id, name, table) -> a Parquet file in the institution's local dead-letter directory."""
 
@@ -261,22 +290,50 @@ class WriteDeadLetters(beam.DoFn):
 
 
 class SealContribution(beam.DoFn):
-    """(institution id, its total) -> plus its Skellam share -> BFV-encrypted envelope in the exchange."""
+    """(institution id, its total) -> plus its Skellam share -> BFV-encrypted envelope in the exchange; and the
+    institution's local run report (counts, files missing or refused whole, a warning). An institution that
+    rejected more of the interval's rows than its `max_reject_rate` seals nothing (its report says why) unless
+    `accept_rejects`. `files` (a side input) holds each institution's {file path: FileTally}; `missing` the
+    paths of its feeds that matched no file."""
 
-    def __init__(self, plan: ReleasePlan) -> None:
+    def __init__(
+        self,
+        plan: ReleasePlan,
+        *,
+        missing: Mapping[str, Sequence[str]] | None = None,
+        accept_rejects: bool = False,
+    ) -> None:
         self._plan = plan
+        self._missing = {k: list(v) for k, v in (missing or {}).items()}
+        self._accept_rejects = accept_rejects
 
     def setup(self) -> None:
         # The public HE context (about 1 MB) is read and loaded once per worker, not once per institution.
         self._public_context = read_bytes(public_context_path(self._plan.config.exchange_path))
         self._he_context = he.load_public_context(self._public_context)
 
-    def process(self, element: tuple[str, PartialAggregate]) -> Iterator[EnvelopeHeader]:
+    def process(
+        self, element: tuple[str, PartialAggregate], files: Mapping[str, dict[str, FileTally]] | None = None
+    ) -> Iterator[EnvelopeHeader]:
         institution_id, total = element
         plan = self._plan
         institution = plan.config.institution(institution_id)
         if not total.reconciles():
             raise InternalError(f"row counts do not reconcile for {institution.id}: {total.counts()}")
+        tallies = (files or {}).get(institution_id, {})
+        report = run_report(total.counts(), tallies, self._missing.get(institution_id, []))
+        verdict = judge_rejects(institution, read=total.rows_read, rejected=total.rejected, files=tallies)
+        if verdict.level is RejectLevel.STOP and not self._accept_rejects:
+            report["withheld"] = (
+                f"{verdict.message}; it seals nothing for {plan.key.interval_name}. Fix the feed, or run again "
+                "with --accept-rejects to contribute the rows it accepted"
+            )
+            report["withheld_files"] = worst_files(tallies)
+            write_json(join(dead_letter_dir(plan, institution), "report.json"), report)  # local only
+            return
+        if verdict.level is not RejectLevel.OK:
+            accepted = " (contributed: --accept-rejects)" if verdict.level is RejectLevel.STOP else ""
+            report["warning"] = verdict.message + accepted
         vector = total.vector if total.vector is not None else np.zeros(plan.layout.slots, dtype=np.int64)
         busiest = int(cell_reading_counts(vector, layout=plan.layout, encodings=plan.params.encodings).max())
         cap = plan.params.cell_caps[institution.id]
@@ -349,9 +406,23 @@ class SealContribution(beam.DoFn):
             layer_seed=layered.seed if layered else None,
         )
         write_bytes(path, envelope)
-        write_json(join(dead_letter_dir(plan, institution), "report.json"), total.counts())  # local only, never shared
+        write_json(join(dead_letter_dir(plan, institution), "report.json"), report)  # local only, never shared
         crash_point("after_encrypt")
         yield header
+
+
+def run_report(
+    counts: dict[str, object], files: Mapping[str, FileTally], missing: Sequence[str]
+) -> dict[str, object]:
+    """An institution's local run report: its row counts, the files refused whole (`files`: path -> tally with
+    its fault) and the paths that matched no file (`missing`)."""
+    report = dict(counts)
+    refused = {path: tally.as_report() for path, tally in sorted(files.items()) if tally.reason}
+    if refused:
+        report["files"] = refused
+    if missing:
+        report["missing"] = list(missing)
+    return report
 
 
 #: Kept envelopes older than this are pruned (their records, a few bytes each, are kept forever).
@@ -545,24 +616,31 @@ def noise_generator(plan: ReleasePlan, institution: str, purpose: str) -> np.ran
 @dataclass(frozen=True)
 class ScanWork:
     """What one contribution run scans: every institution's files (listed once, here), its scan shards
-    (institution id, shard, shards), and the files to stage first (institution id, src, shards)."""
+    (institution id, shard, shards), the files to stage first (institution id, src, shards), and the paths of
+    its feeds that matched no file. An institution without any file has no scan shards: it seals nothing."""
 
     sources: dict[str, list[tuple[int, str]]]
     shards: list[tuple[str, int, int]]
     staging: list[tuple[str, int, int]]
+    missing: dict[str, list[str]] = field(default_factory=dict)
 
 
 def scan_work(plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> ScanWork:
     """The scan shards of every institution, and the files to stage (fusion.scan.staged_sources)."""
     sources: dict[str, list[tuple[int, str]]] = {}
+    missing: dict[str, list[str]] = {}
     elements: list[tuple[str, int, int]] = []
     staging: list[tuple[str, int, int]] = []
     for institution in institutions:
-        files = sources[institution.id] = feed_sources(plan, institution)
+        listing = list_sources(plan, institution)
+        files = sources[institution.id] = listing.sources
+        missing[institution.id] = listing.missing
+        if not files:
+            continue
         shards = scan_shards(plan, institution, files)
         elements += [(institution.id, shard, shards) for shard in range(shards)]
         staging += [(institution.id, src, shards) for src in staged_sources(plan, institution, shards, files)]
-    return ScanWork(sources, elements, staging)
+    return ScanWork(sources, elements, staging, missing)
 
 
 def _flat(pcollections: list[beam.PCollection], label: str) -> beam.PCollection:
@@ -573,38 +651,52 @@ class Contribute(beam.PTransform):
     """The contributions of some institutions for one release, as one composite transform. Each institution's
     readings stay in its own scan shards: only packed vectors (one per shard) reach the combine."""
 
-    def __init__(self, plan: ReleasePlan, institutions: Iterable[InstitutionConfig], *, spread: bool = True) -> None:
+    def __init__(
+        self,
+        plan: ReleasePlan,
+        institutions: Iterable[InstitutionConfig],
+        *,
+        spread: bool = True,
+        accept_rejects: bool = False,
+    ) -> None:
         """`spread` redistributes the scan shards so a distributed runner gives each its own worker; on the local
-        DirectRunner, which runs them in one process anyway, the extra shuffle only costs time."""
+        DirectRunner, which runs them in one process anyway, the extra shuffle only costs time. `accept_rejects`:
+        an institution above its max_reject_rate contributes all the same (SealContribution)."""
         institutions = tuple(institutions)
         super().__init__(label=f"Contribute[{','.join(i.id for i in institutions)}]")
         self._plan = plan
         self._institutions = institutions
         self._spread = spread
+        self._accept_rejects = accept_rejects
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         plan = self._plan
         work = scan_work(plan, self._institutions)
         shards = pbegin | "ScanShards" >> beam.Create(work.shards, reshuffle=self._spread)
-        dead, partials = [], []
+        dead, partials, files = [], [], []
         if work.staging:
             staged = (
                 pbegin
                 | "FilesToStage" >> beam.Create(work.staging, reshuffle=self._spread)
-                | "Stage" >> beam.ParDo(StageFeed(plan, work.sources)).with_outputs(DEAD, PARTIAL, main="staged")
+                | "Stage"
+                >> beam.ParDo(StageFeed(plan, work.sources)).with_outputs(DEAD, PARTIAL, FILES, main="staged")
             )
             dead.append(staged[DEAD])
             partials.append(staged[PARTIAL])
+            files.append(staged[FILES])
             # As a side input, every file to stage is staged before any shard is scanned.
             contribute = beam.ParDo(ContributeShard(plan, work.sources), staged=beam.pvalue.AsDict(staged.staged))
         else:
             contribute = beam.ParDo(ContributeShard(plan, work.sources))
-        scanned = shards | "ContributeShards" >> contribute.with_outputs(DEAD, main=PARTIAL)
+        scanned = shards | "ContributeShards" >> contribute.with_outputs(DEAD, FILES, main=PARTIAL)
         dead.append(scanned[DEAD])
         partials.append(scanned[PARTIAL])
+        files.append(scanned[FILES])
         _ = _flat(dead, "AllDeadLetters") | "WriteDeadLetters" >> beam.ParDo(WriteDeadLetters(plan))
+        tallies = _flat(files, "AllFiles") | "FileTotals" >> beam.CombinePerKey(MergeFileTallies())
+        seal = SealContribution(plan, missing=work.missing, accept_rejects=self._accept_rejects)
         return (
             _flat(partials, "AllPartials")
             | "Total" >> beam.CombinePerKey(MergePartials())
-            | "Seal" >> beam.ParDo(SealContribution(plan))
+            | "Seal" >> beam.ParDo(seal, files=beam.pvalue.AsDict(tallies))
         )

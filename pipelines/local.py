@@ -29,8 +29,10 @@ from pipelines.aggregate import (
 )
 from pipelines.contribute import (
     DEAD,
+    FILES,
     PARTIAL,
     ContributeShard,
+    MergeFileTallies,
     MergePartials,
     SealContribution,
     StageFeed,
@@ -71,7 +73,9 @@ def group_by_key(pairs: Iterable[tuple[Any, Any]]) -> list[tuple[Any, list[Any]]
     return sorted(groups.items(), key=lambda item: repr(item[0]))
 
 
-def contribute_locally(plan: ReleasePlan, institutions: Sequence[InstitutionConfig]) -> None:
+def contribute_locally(
+    plan: ReleasePlan, institutions: Sequence[InstitutionConfig], *, accept_rejects: bool = False
+) -> None:
     """`Contribute` (pipelines/contribute.py), step by step in this process."""
     work = scan_work(plan, institutions)
     staged, staging_out = run_dofn(StageFeed(plan, work.sources), work.staging)
@@ -79,7 +83,9 @@ def contribute_locally(plan: ReleasePlan, institutions: Sequence[InstitutionConf
     run_dofn(WriteDeadLetters(plan), staging_out[DEAD] + scanned[DEAD])
     partials += staging_out[PARTIAL]
     totals = [(key, combine(MergePartials(), values)) for key, values in group_by_key(partials)]
-    run_dofn(SealContribution(plan), totals)
+    tallies = group_by_key(staging_out[FILES] + scanned[FILES])
+    files = {key: combine(MergeFileTallies(), values) for key, values in tallies}
+    run_dofn(SealContribution(plan, missing=work.missing, accept_rejects=accept_rejects), totals, files)
 
 
 def aggregate_locally(plan: ReleasePlan, *, may_declare_absent: bool = True) -> None:

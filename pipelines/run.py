@@ -21,9 +21,11 @@ from fusion.exchange import (
     read_bytes,
     remove_tree,
     write_bytes,
+    write_json,
 )
 from fusion.plan import ReleasePlan
 from fusion.registry import load_agreement_keys, load_signing_key
+from fusion.scan import list_sources
 from pipelines.aggregate import Aggregate
 from pipelines.contribute import Contribute, dead_letter_dir, remove_staging, sealed_envelope
 from pipelines.unmask import Answer, acknowledge, seal_unmask
@@ -66,12 +68,15 @@ def run_contributions(
     beam_args: Sequence[str] = (),
     *,
     in_process: bool = False,
+    accept_rejects: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Seal the contributions of `institutions` (one Beam pipeline); returns each one's local row counts.
+    """Seal the contributions of `institutions` (one Beam pipeline); returns each one's local run report (row
+    counts; `missing` feed paths, `files` refused whole, a `warning`; `withheld`: why it sealed nothing).
 
     An institution that already sealed this release's envelope is not run again: its noise share is drawn
     once per interval and kept by the institution (`sealed_envelope`), so no party ever sees two noisy versions
-    of one contribution: an envelope deleted from the exchange is re-published as it was.
+    of one contribution: an envelope deleted from the exchange is re-published as it was. One without any feed
+    file for the interval seals nothing, nor does one above its max_reject_rate unless `accept_rejects`.
     """
     exchange = plan.config.exchange_path
     pending = []
@@ -80,23 +85,44 @@ def run_contributions(
         if kept is None:
             if not exists(contribution_path(exchange, plan.key, institution.id)):
                 pending.append(institution)
-        elif not exists(contribution_path(exchange, plan.key, institution.id)):
-            write_bytes(contribution_path(exchange, plan.key, institution.id), kept)  # the same bytes again
+        else:
+            # The same bytes again where they are missing, or where something else lies in this institution's
+            # place (an envelope swapped or misfiled there): only its own envelope counts there.
+            place = contribution_path(exchange, plan.key, institution.id)
+            if not exists(place) or read_bytes(place) != kept:
+                write_bytes(place, kept)
     if pending:
         load_agreement_keys(plan.config)  # every institution must be registered before anyone can mask
     for institution in pending:
         load_signing_key(plan.config, institution.id)  # fail now, not after the pipeline, if it is missing
         remove_tree(dead_letter_dir(plan, institution))
+    listings = {institution.id: list_sources(plan, institution) for institution in pending}
+    without_files = [i for i in pending if not listings[i.id].sources]
+    for institution in without_files:  # no data for the interval: absent from it (reported, nothing sealed)
+        missing = listings[institution.id].missing
+        write_json(
+            report_path(plan, institution),
+            {
+                "read": 0,
+                "accepted": 0,
+                "rejected": {},
+                "missing": missing,
+                "withheld": f"institution {institution.id} has no feed file for {plan.key.interval_name} (nothing "
+                f"matches {', '.join(missing)}); it seals nothing",
+            },
+        )
+    pending = [i for i in pending if i not in without_files]
     remove_staging(plan, institutions)  # what a crashed run left, including one that crashed after sealing
     try:
         if pending and in_process:
             from pipelines.local import contribute_locally
 
-            contribute_locally(plan, pending)
+            contribute_locally(plan, pending, accept_rejects=accept_rejects)
         elif pending:
             # One pipeline for all of them: only packed vectors (one per scan shard) cross between its stages.
             with beam_scratch(), beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-                _ = pipeline | Contribute(plan, pending, spread=names_runner(beam_args))
+                spread = names_runner(beam_args)
+                _ = pipeline | Contribute(plan, pending, spread=spread, accept_rejects=accept_rejects)
     finally:
         remove_staging(plan, pending)  # what is derived from the readings does not outlive the run
     reports = {}

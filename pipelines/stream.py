@@ -37,13 +37,14 @@ from fusion.feeds import RawBatch, mapped_columns, read_feed_file
 from fusion.scan import malformed_letters
 from fusion.stream_state import WINDOWED_REASONS
 from schemas.readings import EVENT_TIME, READING_SCHEMA
-from schemas.reasons import RejectReason
+from schemas.reasons import FileReason, RejectReason
 from schemas.validation import (
     ROW_COLUMN,
     ReadingRules,
     ReadingValidator,
     checked_sql,
     connect,
+    dead_letters,
     readings_as_dead_letters,
     register_rules,
 )
@@ -122,21 +123,36 @@ def validated_outputs(
 ) -> Iterator[Any]:
     """One raw batch -> (institution, key, accepted readings); its reject counts (tagged REJECTS: institution,
     {reason: rows} of every reject, {window start: {reason: rows}} of those that belong to a window) and dead
-    letters (tagged DEAD)."""
+    letters (tagged DEAD). The rows of a file that lacks a required column are all rejected (missing_column)."""
     columns = mapped_columns(feed)
+    rejected: Counter[str] = Counter()
+    if raw.malformed:
+        rejected[RejectReason.MALFORMED_RECORD.value] += len(raw.malformed)
+        letters = malformed_letters(raw.malformed, source)
+        yield TaggedOutput(DEAD, (join(dead_letter_dir, f"{key}-malformed.parquet"), letters))
+    if raw.missing_columns:  # a schema error of the file: none of its rows is a reading, none has a window
+        if raw.table.num_rows:
+            rows = raw.table.num_rows
+            letters = dead_letters(
+                raw.table,
+                pa.array([FileReason.MISSING_COLUMN.value] * rows, pa.string()),
+                pa.array(np.arange(rows, dtype=np.int64) + row_offset),
+                source=source,
+            )
+            rejected[FileReason.MISSING_COLUMN.value] += rows
+            yield TaggedOutput(DEAD, (join(dead_letter_dir, f"{key}-missing-column.parquet"), letters))
+        if rejected:
+            yield TaggedOutput(REJECTS, (institution, dict(rejected), {}))
+        return
     checked = validator.validate(
         raw.table, columns=columns, time_format=feed.time_format.value, source=source, row_offset=row_offset
     )
-    rejected = Counter(checked.reasons)
+    rejected.update(checked.reasons)
     windowed = {}
     if WINDOWED_REASONS & set(checked.reasons):
         windowed = reject_windows.count(
             raw.table, rules=validator.rules, columns=columns, time_format=feed.time_format.value
         )
-    if raw.malformed:
-        rejected[RejectReason.MALFORMED_RECORD.value] += len(raw.malformed)
-        letters = malformed_letters(raw.malformed, source)
-        yield TaggedOutput(DEAD, (join(dead_letter_dir, f"{key}-malformed.parquet"), letters))
     if checked.rejected.num_rows:
         yield TaggedOutput(DEAD, (join(dead_letter_dir, f"{key}-invalid.parquet"), checked.rejected))
     if rejected:

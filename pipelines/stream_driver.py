@@ -40,6 +40,7 @@ from fusion.faults import crash_point
 from fusion.ledger import BudgetExceeded
 from fusion.plan import ReleasePlan, plan_release
 from fusion.store import Store
+from fusion.store_mode import bind_store_mode
 from fusion.stream_state import (
     StreamState,
     WindowStatus,
@@ -67,7 +68,8 @@ class StreamStatus:
 
     windows_open: int
     last_release: str | None  # window start of the latest release
-    last_latency_s: float | None  # from the window becoming closable to its release being queryable
+    last_latency_s: float | None  # from the window becoming closable to its release being queryable (None:
+    # released before this process started)
     lag_s: float | None  # processing time minus the latest event time seen
     rows_per_s: float
     readings: int
@@ -75,6 +77,12 @@ class StreamStatus:
     changed_inputs: tuple[str, ...] = ()  # input files that changed after they were spooled (not read again)
     released: int = 0  # windows released, all time
     refused: tuple[str, ...] = ()  # why each refused window was refused (budget, overlap, quorum), oldest first
+
+
+def _latest_release(state: StreamState) -> tuple[str, float | None] | None:
+    """The latest released window on record (its start; latency unknown): what a restarted stream shows."""
+    released = [w for w, s in state.windows.items() if s.status is WindowStatus.RELEASED]
+    return (datetime.fromisoformat(max(released)).isoformat(), None) if released else None
 
 
 def _parquet_rows(path: str) -> int:
@@ -149,6 +157,7 @@ class StreamDriver:
             save_state(self._state_file, self.state)
         self._store = Store(config.store_path)
         self._store.ensure_tables()
+        bind_store_mode(self._store, config.privacy.mode)  # refused at start, not at the first window
         self._dead = {i.id: join(config.dead_letter_path(i), "stream") for i in config.institutions}
         self._feeds: list[tuple[str, FeedConfig]] = [(i.id, f) for i in config.institutions for f in i.feeds]
         self._stdin: StdinJournal | None = None
@@ -157,7 +166,8 @@ class StreamDriver:
             journal = join(config.stream_state_path, "stdin", institution)  # local: the state's privacy
             self._stdin = StdinJournal(stream, journal)
             self._feeds.append((institution, stdin_feed(config, institution, journal)))
-        self._last_release: tuple[str, float] | None = None
+        # The latest release (window start, seconds from closable to queryable); after a restart, the state's.
+        self._last_release: tuple[str, float | None] | None = _latest_release(self.state)
         self._rows_per_s = 0.0
         self.stop_requested = False
 
@@ -192,10 +202,12 @@ class StreamDriver:
             return
         self.state.changed[path] = size
         save_state(self._state_file, self.state)
-        _log.warning(
-            "stream input %s changed after it was read (%d -> %d bytes); it is not read again: land new readings "
-            "as new files", path, self.state.processed[path], size,
+        message = (
+            f"stream input {path} changed after it was read ({self.state.processed[path]} -> {size} bytes); it "
+            "is not read again: land new readings as new files"
         )
+        _log.warning(message)
+        self._on_notice(f"warning: {message}")  # the log's root level is ERROR: this is what reaches the user
 
     def ingest(self) -> int:
         """One micro-batch over every new input; returns the rows it read (accepted and rejected)."""

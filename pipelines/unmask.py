@@ -20,6 +20,7 @@ after being declared absent (privacy/sharing.py explains the masks).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,9 +34,12 @@ import numpy as np
 
 from fusion.errors import FusionError
 from fusion.exchange import (
+    ENVELOPE_SUFFIX,
     acknowledgement_path,
     contribution_path,
+    contributions_dir,
     exists,
+    list_files,
     public_context_path,
     read_bytes,
     roster_path,
@@ -254,10 +258,15 @@ class Answer:
 
 def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dict[str, bytes]) -> EnvelopeHeader:
     path = contribution_path(plan.config.exchange_path, plan.key, institution_id)
+    if not exists(path):
+        raise MisfiledContribution(_misfiled(plan, institution_id, registry, f"is not at {path}"))
     try:
         header = envelope_header(read_bytes(path))  # its signature binds the payload, which this party never uses
     except EnvelopeError as exc:
         raise FusionError(f"the contribution of {institution_id} listed as included is unreadable: {exc}") from None
+    signer = _signer(header, registry)
+    if signer is not None and signer != institution_id:
+        raise MisfiledContribution(_misfiled(plan, institution_id, registry, f"at {path} is {signer}'s, signed by it"))
     if (
         header.kind != "contribution"
         or header.contributors != (institution_id,)
@@ -267,6 +276,37 @@ def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dic
     ):
         raise FusionError(f"the contribution of {institution_id} listed as included is not valid for this release")
     return header
+
+
+class MisfiledContribution(FusionError):
+    """An included institution's contribution is not in its place in the exchange (renamed or swapped by hand
+    after the roster was closed, or before, under a Fusion version that did not check envelopes' names)."""
+
+
+def _signer(header: EnvelopeHeader, registry: dict[str, bytes]) -> str | None:
+    """The registered institution whose valid signature a one-institution envelope bears, or None."""
+    if len(header.contributors) != 1 or header.contributors[0] not in registry:
+        return None
+    return header.contributors[0] if signature_valid(header, registry[header.contributors[0]]) else None
+
+
+def _misfiled(plan: ReleasePlan, institution_id: str, registry: dict[str, bytes], what: str) -> str:
+    """Why no answer is given while `institution_id`'s contribution is not in its place, where it is instead (if
+    it lies in the contributions folder under another name) and how to go on."""
+    own = contribution_path(plan.config.exchange_path, plan.key, institution_id)
+    found = []
+    for path in list_files(contributions_dir(plan.config.exchange_path, plan.key), ENVELOPE_SUFFIX):
+        with contextlib.suppress(EnvelopeError, FusionError):
+            if path != own and _signer(envelope_header(read_bytes(path)), registry) == institution_id:
+                found.append(path)
+    where = f"; {institution_id}'s own lies at {', '.join(found)}" if found else ""
+    return (
+        f"the roster includes {institution_id}, but the contribution {what}{where}: envelope files were renamed or "
+        "swapped in the exchange (an envelope counts only under its signer's name). No answer is given; put each "
+        "envelope back as contributions/<its signer>.fenv, then run `fusion contribute --unmask` again (a lost "
+        "one: remove what lies in its place and have its institution run `fusion contribute` again, which "
+        "re-publishes its kept envelope)"
+    )
 
 
 def seal_unmask(plan: ReleasePlan, institution_id: str, roster: Roster | None = None) -> Answer:

@@ -3,7 +3,8 @@ composition of a privacy period's releases (parallel or sequential), and noise c
 
 RDP bound (Agarwal, Kairouz, Liu, NeurIPS 2021), total variance v, L1/L2 sensitivities D1, D2:
     eps(alpha) <= alpha*D2^2/(2v) + min(((2*alpha-1)*D2^2 + 6*D1)/(4*v^2), 3*D1/(2*v))
-RDP adds over releases; (epsilon, delta) comes from Opacus's conversion (Balle et al. 2020).
+RDP adds over releases; (epsilon, delta) comes from Opacus's conversion (Balle et al. 2020), written out here
+(`epsilon_from_rdp`, checked against Opacus's in the tests): importing Opacus imports torch, about 2 s.
 Only integer orders are used, so nothing relies on the bound between integers; the RDP epsilon is the
 minimum over those orders and therefore never below the true one. The PLD epsilon is tighter (5-9% at the
 configs Fusion calibrates) and also never below the true one; it is what Fusion reports, and it never exceeds
@@ -57,11 +58,13 @@ def epsilon_from_rdp(rdp: np.ndarray, *, delta: float) -> float:
         raise ValueError(f"an RDP curve needs one value per order ({ORDERS.size}), got shape {rdp.shape}")
     if not rdp.any():
         return 0.0
-    # Imported here: opacus brings torch (about 4 s), which commands that never convert a curve do not need.
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
-    epsilon, _ = get_privacy_spent(orders=ORDERS.tolist(), rdp=rdp, delta=delta)
-    return float(epsilon)
+    # Balle et al. 2020, Theorem 21, at each order a: rdp - (log(delta) + log(a)) / (a - 1) + log((a - 1) / a);
+    # epsilon is the least over the orders (opacus.accountants.analysis.rdp.get_privacy_spent, NaN orders skipped).
+    with np.errstate(invalid="ignore"):
+        at_order = rdp - (np.log(delta) + np.log(ORDERS)) / (ORDERS - 1.0) + np.log((ORDERS - 1.0) / ORDERS)
+    if np.isnan(at_order).all():
+        return math.inf
+    return float(np.nanmin(at_order))
 
 
 def calibrate_variance(*, epsilon: float, delta: float, l1: float, l2: float, releases: int = 1) -> float:

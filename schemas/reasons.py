@@ -39,3 +39,11 @@ PUBLISHED_REASONS: tuple[RejectReason, ...] = (
     RejectReason.OUT_OF_RANGE,
     RejectReason.DUPLICATE,
 )
+
+
+class FileReason(StrEnum):
+    """Why a whole feed file (not one row of it) is refused or reported. Values are stable: they appear in dead
+    letters, run reports and `audit`. A file that cannot be read at all is one `malformed_record`, as in a stream."""
+
+    MISSING_COLUMN = "missing_column"  # the file lacks a mapped, required column: every row of it is refused
+    MISSING_FILE = "missing_file"  # no file matched a feed's path for a day of the interval (reported, no rows)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 import os
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +122,9 @@ def test_filters_on_text_and_timestamp_columns(store: Store, sandbox: SqlSandbox
 
 
 def explain(sandbox: SqlSandbox, sql: str) -> str:
-    # EXPLAIN is refused through query(), so look at the plan on the sandbox's own connection.
+    # EXPLAIN is refused through query(), so look at the plan on the sandbox's own connection (after a query
+    # naming the tables has registered them: the sandbox registers a table when a query first names it).
+    sandbox.query(f"SELECT * FROM ({sql}) LIMIT 0")
     return "".join(row[1] for row in sandbox._con.sql(f"EXPLAIN {sql}").fetchall())
 
 
@@ -412,3 +418,136 @@ def test_a_query_cannot_spill_to_disk(store: Store, tmp_path: Path, monkeypatch:
         sandbox.query("SELECT count(*) FROM (SELECT i, md5(i::VARCHAR) h FROM range(5000000) t(i) ORDER BY h)")
     assert snapshot(store, tmp_path) == before  # no temp files anywhere
     sandbox.close()
+
+
+# --- output formats -------------------------------------------------------------------------------------------
+
+AWKWARD_TEXT = ["plain", "[/x] [bold]not markup", 'comma, "quote"\nnewline', "ünïcødé ✓"]
+
+
+def sample_value(field: pa.Field, i: int) -> Any:
+    """A value of the field's type; floats cycle through NaN and the infinities, text through what a CSV writer
+    quotes and what rich would read as markup."""
+    kind = field.type
+    if pa.types.is_string(kind):
+        return f"{AWKWARD_TEXT[i % len(AWKWARD_TEXT)]} {i}"
+    if pa.types.is_timestamp(kind):
+        return START + i * HOUR
+    if pa.types.is_integer(kind):
+        return i
+    if pa.types.is_floating(kind):
+        return [1.5, math.nan, math.inf, -math.inf][i % 4]
+    if pa.types.is_list(kind):
+        return [sample_value(kind.value_field, i + j) for j in range(2)]
+    if pa.types.is_struct(kind):
+        return {child.name: sample_value(child, i) for child in kind}
+    raise AssertionError(f"no sample value for {field}: add one for this new column type")
+
+
+def sample_rows(name: str) -> pa.Table:
+    """Four rows with every column set, and one with every nullable column NULL."""
+    schema = TABLE_SCHEMAS[name]
+    rows = [{field.name: sample_value(field, i) for field in schema} for i in range(4)]
+    rows.append({field.name: None if field.nullable else sample_value(field, 4) for field in schema})
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def as_json(value: Any) -> Any:
+    """What JSON lines should hold for a stored value: times as Python prints them, NaN and infinities null."""
+    if isinstance(value, datetime):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: as_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [as_json(item) for item in value]
+    return value
+
+
+def csv_matches(cell: str, value: Any) -> bool:
+    """Whether a CSV cell reads back as the stored value (nested values as JSON text)."""
+    if value is None or cell == "":
+        return value is None and cell == ""
+    try:
+        if isinstance(value, list | dict):
+            return bool(json.loads(cell) == as_json(value))
+        if isinstance(value, datetime):
+            return datetime.fromisoformat(cell) == value
+        if isinstance(value, float):
+            return math.isnan(float(cell)) if math.isnan(value) else float(cell) == value
+    except ValueError:  # not this value's type
+        return False
+    return cell == str(value)
+
+
+def strict_json(line: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def key(row: dict[str, Any]) -> str:
+    return json.dumps(as_json(row), sort_keys=True)
+
+
+@pytest.fixture
+def every_table(config_path: Path) -> dict[str, pa.Table]:
+    """A store like the demo's, with rows in every table: each table's rows as stored."""
+    store = Store(load_config(config_path).store_path)
+    for name in TABLE_SCHEMAS:
+        assert store.insert_new(name, sample_rows(name)) == 5
+    return {name: store.read(name) for name in TABLE_SCHEMAS}
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_every_format_writes_every_column_type_of_every_table(config_path: Path, every_table: dict[str, pa.Table],
+                                                              fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from fusion.cli import main
+
+    for name, stored in every_table.items():
+        assert main(["sql", "--config", str(config_path), f"SELECT * FROM {name}", "--format", fmt]) == 0, name
+        out = capsys.readouterr().out
+        expected = sorted(stored.to_pylist(), key=key)
+        if fmt == "json":
+            assert sorted((strict_json(line) for line in out.splitlines()), key=key) == [as_json(r) for r in expected]
+        elif fmt == "csv":
+            reader = csv.DictReader(io.StringIO(out))
+            assert reader.fieldnames == stored.column_names
+            rows = list(reader)
+            assert len(rows) == len(expected)
+            for column in stored.column_names:  # each column holds the stored values (in any row order)
+                stored_values = [r[column] for r in expected]
+                for cell in (row[column] for row in rows):
+                    assert any(csv_matches(cell, value) for value in stored_values), (name, column, cell)
+        else:
+            assert f"{stored.num_rows} row(s)" in out, name
+
+
+def test_every_format_writes_the_types_a_query_can_make(config_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from fusion.cli import main
+
+    query = (
+        "SELECT 1.5::DECIMAL(10, 2) AS d, 170141183460469231731687303715884105727::HUGEINT AS h, INTERVAL 1 DAY AS i, "
+        "'ab'::BLOB AS b, MAP {'k': 1} AS m, union_value(n := 1) AS u, 'a1b2c3d4-0000-0000-0000-000000000000'::UUID "
+        "AS id, DATE '2026-01-01' AS day, TIME '01:02:03' AS t, CAST('a' AS ENUM('a', 'b')) AS e, 1 AS a, 2 AS a, "
+        "[]::INTEGER[] AS empty, NULL AS nothing, 'nan'::FLOAT AS f, [{'x': [1.5, 'inf'::DOUBLE]}] AS nested, "
+        "'[/x]' AS \"[bold]\""
+    )
+    outputs = {}
+    for fmt in ("table", "csv", "json"):
+        assert main(["sql", "--config", str(config_path), query, "--format", fmt]) == 0, fmt
+        outputs[fmt] = capsys.readouterr().out
+    assert strict_json(outputs["json"]) == {
+        "d": 1.5, "h": 170141183460469231731687303715884105727, "i": [0, 1, 0], "b": "6162", "m": [["k", 1]],
+        "u": 1, "id": "a1b2c3d4-0000-0000-0000-000000000000", "day": "2026-01-01", "t": "01:02:03", "e": "a",
+        "a": 1, "a_1": 2, "empty": [], "nothing": None, "f": None, "nested": [{"x": [1.5, None]}], "[bold]": "[/x]",
+    }
+    header, row = list(csv.reader(io.StringIO(outputs["csv"])))
+    assert header[-1] == "[bold]" and dict(zip(header[:6], row[:6], strict=True)) == {
+        "d": "1.50", "h": "170141183460469231731687303715884105727", "i": "[0, 1, 0]", "b": "6162",
+        "m": '[["k", 1]]', "u": "1"}
+    assert json.loads(row[header.index("nested")]) == [{"x": [1.5, None]}]
+    assert "[/x]" in outputs["table"] and "[bold" in outputs["table"] and "1 row(s)" in outputs["table"]

@@ -16,7 +16,7 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from fusion.cli import main
-from fusion.config import PrivacyMode
+from fusion.config import PrivacyMode, load_config
 from fusion.errors import FusionError
 from fusion.plan import plan_release
 from fusion.provenance import verify_releases
@@ -194,3 +194,14 @@ def test_verify_reports_exact_cells_in_a_production_store_as_a_violation(
     assert recorded_mode(store) is None and store_mode(store) is PrivacyMode.PRODUCTION
     checks = statuses()
     assert checks[exact_plan.key.release_id][0] == "violation" and checks[first.key.release_id][0] == "verified"
+
+
+def test_a_stream_of_the_other_mode_is_refused_at_start(make_federation: Callable[..., Federation]) -> None:
+    """`fusion stream` checks the store's mode when it starts, before it spools or releases anything."""
+    from pipelines.stream_driver import StreamDriver
+
+    fed = production_federation(make_federation)
+    bind_store_mode(Store(fed.config.store_path), PrivacyMode.PRODUCTION)
+    to_test_mode(fed)
+    with pytest.raises(FusionError, match="production store"):
+        StreamDriver(load_config(fed.config_path))

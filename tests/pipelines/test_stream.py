@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -535,6 +536,27 @@ def test_an_input_rewritten_after_it_was_read_is_reported_not_read_twice(make_fe
         f"stream input {alpha} changed after it was read ({driver.state.processed[str(alpha)]} -> "
         f"{alpha.stat().st_size} bytes); it is not read again: land new readings as new files"
     ]
+
+
+@pytest.mark.e2e
+def test_off_a_terminal_the_status_line_is_logged_and_a_restart_shows_the_last_release(make_federation):
+    """Under systemd or in a container (no terminal) the status line is logged with a timestamp every
+    --status-every seconds; a restarted stream shows the last release on record, not 'none yet'; a rewritten
+    input's warning reaches the output, not only a logger nobody configured."""
+    fed = stream_federation(make_federation, subdir="logged")
+    land(fed, 0)
+    first = fusion_stream(fed.config_path, "--until", at(1).isoformat(), "--status-every", "0")
+    assert first.returncode == 0, first.stdout + first.stderr
+    stamped = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ windows open")
+    logged = [line for line in first.stdout.splitlines() if stamped.match(line)]
+    assert logged, first.stdout
+    alpha = next((fed.directory / "feeds" / "alpha").iterdir())
+    write_feed(pa.concat_tables([hour_of(fed, "alpha", 0)] * 2), alpha, "parquet")  # rewritten after it was read
+    again = fusion_stream(fed.config_path, "--until", at(1).isoformat())
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"last release: {at(0).isoformat()}" in again.stdout, again.stdout
+    assert "none yet" not in again.stdout
+    assert f"warning: stream input {alpha} changed after it was read" in " ".join(again.stdout.split()), again.stdout
 
 
 def test_windows_overlapping_a_batch_release_are_refused_and_the_stream_goes_on(make_federation):

@@ -1,0 +1,146 @@
+"""Every command, fed inputs a user can get wrong, answers with one clear line and a non-zero status: never a
+traceback. Run in-process through `main` (what the console entry point calls); an exception that escapes it is
+what the entry point would print as a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fusion.cli import main
+from fusion.demo import build_demo
+
+COMMANDS_WITH_CONFIG = [
+    ["keys"],
+    ["keys", "--institution", "gridco"],
+    ["batch", "--start", "2026-01-01T00:00", "--end", "2026-01-02T00:00"],
+    ["stream", "--drain", "--until", "2026-01-01T02:00"],
+    ["contribute", "--institution", "gridco", "--start", "2026-01-01T00:00", "--end", "2026-01-02T00:00"],
+    ["aggregate", "--start", "2026-01-01T00:00", "--end", "2026-01-02T00:00"],
+    ["release", "--start", "2026-01-01T00:00", "--end", "2026-01-02T00:00"],
+    ["verify"],
+    ["budget"],
+    ["plan"],
+    ["sql", "SELECT 1"],
+    ["schedule", "--once"],
+    ["backfill", "--from", "2026-01-01T00:00", "--to", "2026-01-02T00:00"],
+]
+
+BAD_CONFIGS = {
+    "missing": None,
+    "directory": "<dir>",
+    "not_utf8": b"regions = [\"a\"]\n\xff\xfe\x00garbage\n",
+    "not_toml": b"[federation\nid = ",
+    "empty": b"",
+    "wrong_types": b'regions = "north"\n[federation]\nid = 3\nwindow = "soon"\n',
+    "unknown_field": b'regions = ["north"]\nbogus = 1\n[federation]\nid = "f"\n',
+    "binary": bytes(range(256)) * 4,
+}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo federation with keys and feeds, nothing released."""
+    return build_demo(tmp_path_factory.mktemp("demo") / "demo", days=1)
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's usage errors: one line, status 2
+        code = exc.code if isinstance(exc.code, int) else 2
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _one_clear_line(code: int, output: str, argv: list[str]) -> None:
+    assert code != 0, (argv, output)
+    assert "Traceback" not in output, (argv, output)
+    assert output.strip(), (argv, output)
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CONFIGS))
+@pytest.mark.parametrize("command", COMMANDS_WITH_CONFIG, ids=lambda c: "-".join(c[:2]))
+def test_a_bad_config_file_fails_in_one_line_for_every_command(
+    kind: str, command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "federation.toml"
+    content = BAD_CONFIGS[kind]
+    if content == "<dir>":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    argv = [command[0], "--config", str(path), *command[1:]]
+    code, output = _run(argv, capsys)
+    _one_clear_line(code, output, argv)
+    assert str(path.name) in output, (argv, output)
+
+
+BAD_ARGUMENTS = [
+    ["batch", "--start", "yesterday", "--end", "2026-01-02T00:00"],
+    ["batch", "--start", "2026-01-02T00:00", "--end", "2026-01-01T00:00"],
+    ["batch", "--start", "2026-01-01T00:17", "--end", "2026-01-01T01:17"],
+    ["batch", "--start", "2026-01-01T00:00", "--end", "2026-01-01T00:00"],
+    ["contribute", "--institution", "nobody", "--start", "2026-01-01T00:00", "--end", "2026-01-02T00:00"],
+    ["contribute", "--institution", "gridco", "--start", "2026-01-01", "--end", "2026-01-02", "--wait", "-1"],
+    ["aggregate", "--start", "2026-13-01T00:00", "--end", "2026-01-02T00:00"],
+    ["release", "--start", "2026-01-01T00:00", "--end", "2026-01-01T00:30"],
+    ["keys", "--institution", "../../etc"],
+    ["verify", "--release", "r-does-not-exist"],
+    ["verify", "--seen", "-5"],
+    ["plan", "--contributors", "0"],
+    ["plan", "--contributors", "1000"],
+    ["sql", "SELEC 1"],
+    ["sql", "DROP TABLE releases"],
+    ["sql", "SELECT * FROM no_such_table"],
+    ["sql", "SELECT * FROM read_csv('/etc/passwd')"],
+    ["sql", ""],
+    ["sql", "SELECT 1; SELECT 2"],
+    ["stream", "--until", "not a time"],
+    ["stream", "--stdin", "nobody", "--drain"],
+    ["schedule", "--once", "--schedule", "nope"],
+    ["backfill", "--from", "2026-01-02T00:00", "--to", "2026-01-01T00:00"],
+    ["backfill", "--from", "whenever", "--to", "2026-01-01T00:00"],
+]
+
+
+@pytest.mark.parametrize("command", BAD_ARGUMENTS, ids=lambda c: " ".join(c)[:60])
+def test_bad_arguments_on_a_good_config_fail_in_one_line(
+    command: list[str], demo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [command[0], "--config", str(demo), *command[1:]]
+    code, output = _run(argv, capsys)
+    _one_clear_line(code, output, argv)
+
+
+def test_demo_into_a_file_or_a_foreign_directory_fails_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "thesis.tex").write_text("keep me")
+    for target in ("a-file", "foreign"):
+        argv = ["demo", "--dir", str(tmp_path / target)]
+        code, output = _run(argv, capsys)
+        _one_clear_line(code, output, argv)
+    assert (tmp_path / "foreign" / "thesis.tex").read_text() == "keep me"
+
+
+def test_third_party_warnings_never_reach_the_terminal(demo: Path) -> None:
+    """A library's warnings (such as Opacus's "optimal order" notice) go to the log, not to the user."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, warnings\nimport fusion.cli as cli\n"
+        "loaded = cli.load_config\n"
+        "def noisy(path):\n"
+        "    warnings.warn('Optimal order is the largest alpha. Please consider expanding the range', UserWarning)\n"
+        "    return loaded(path)\n"
+        "cli.load_config = noisy\n"
+        "sys.exit(cli.main(['budget', '--config', sys.argv[1]]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(demo)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Optimal order" not in done.stderr + done.stdout

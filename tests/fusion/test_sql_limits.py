@@ -1,0 +1,313 @@
+"""Limits of a SQL query (time, rows, size; config [sql] block and `fusion sql` options), results streamed out
+batch by batch, every read-only query form accepted, and refusals that name the statement refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from fusion.api import open_store
+from fusion.cli import main
+from fusion.config import load_config
+from fusion.errors import ConfigError, SqlError, SqlLimitExceeded, SqlRefused
+from fusion.sql import BATCH_ROWS, SqlSandbox
+from fusion.sql_limits import SqlLimits
+from fusion.store import Store
+from schemas.tables import TABLE_SCHEMAS
+from tests.conftest import config_text
+from tests.fusion.test_sql import sample_releases, snapshot
+
+ROOT = Path(__file__).resolve().parents[2]
+RECURSIVE = "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r) SELECT max(i) FROM r"
+CROSS_JOIN = "SELECT count(*) FROM range(100000000) a, range(100000000) b WHERE a.range + b.range < 0"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "store")
+    store.ensure_tables()
+    store.insert_new("releases", sample_releases())
+    return store
+
+
+@pytest.fixture
+def sandbox(store: Store) -> Iterator[SqlSandbox]:
+    sandbox = SqlSandbox(store, limits=SqlLimits(timeout="1s", max_rows=1000, max_size="1MB"))
+    yield sandbox
+    sandbox.close()
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    path = tmp_path / "federation.toml"
+    path.write_text(config_text(institutions=[("alpha", "parquet"), ("beta", "csv")], quorum=2))
+    Store(load_config(path).store_path).insert_new("releases", sample_releases())
+    return path
+
+
+# --- time -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("query", [RECURSIVE, CROSS_JOIN], ids=["recursive-cte", "cross-join"])
+def test_a_runaway_query_is_stopped_at_its_time_limit(sandbox: SqlSandbox, query: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(SqlLimitExceeded, match=r"ran past its time limit of 1s .* --timeout"):
+        sandbox.query(query)
+    assert time.monotonic() - started < 10
+    assert sandbox.query("SELECT count(*) AS n FROM releases").to_pylist() == [{"n": 10}]  # still usable
+
+
+def test_the_time_limit_covers_reading_a_streamed_result(sandbox: SqlSandbox) -> None:
+    with pytest.raises(SqlLimitExceeded, match="time limit"), sandbox.stream("SELECT 1 AS one") as reader:
+        time.sleep(1.5)  # a slow reader: the query holds the connection past its limit
+        reader.read_all()
+
+
+def test_a_query_within_its_time_limit_is_not_stopped(sandbox: SqlSandbox) -> None:
+    for _ in range(3):  # a timer that fires after a query ended must not stop the next one
+        assert sandbox.query("SELECT count(*) AS n FROM range(100000)").to_pylist() == [{"n": 100000}]
+
+
+# --- size -----------------------------------------------------------------------------------------------------
+
+def test_a_result_past_the_row_limit_is_refused_before_it_is_held(sandbox: SqlSandbox) -> None:
+    assert sandbox.query("SELECT * FROM range(1000)").num_rows == 1000  # at the limit
+    with pytest.raises(SqlLimitExceeded, match=r"more than 1,000 rows, its limit: .* --max-rows"):
+        sandbox.query("SELECT * FROM range(1001)")
+    with pytest.raises(SqlLimitExceeded, match="more than 1,000 rows"):  # never held whole: stopped at batch 1
+        sandbox.query("SELECT * FROM range(10000000000)")
+
+
+def test_a_result_past_the_size_limit_is_refused(sandbox: SqlSandbox) -> None:
+    assert sandbox.query("SELECT repeat('x', 1000) AS s FROM range(900)").num_rows == 900  # 0.9 MB
+    with pytest.raises(SqlLimitExceeded, match=r"larger than 1MB \(1,000,000 bytes in Arrow form\).*--max-size"):
+        sandbox.query("SELECT repeat('x', 2000) AS s FROM range(900)")
+
+
+def test_a_large_result_streams_in_batches(sandbox: SqlSandbox) -> None:
+    limits = SqlLimits(max_rows=10 * BATCH_ROWS)
+    streaming = SqlSandbox(sandbox.store, limits=limits)
+    try:
+        with streaming.stream(f"SELECT range AS i FROM range({3 * BATCH_ROWS + 5})") as reader:
+            sizes = [batch.num_rows for batch in reader]
+    finally:
+        streaming.close()
+    assert sum(sizes) == 3 * BATCH_ROWS + 5 and max(sizes) <= BATCH_ROWS
+
+
+def test_a_stream_left_unread_frees_the_connection(sandbox: SqlSandbox) -> None:
+    with sandbox.stream("SELECT * FROM range(1000)") as reader:
+        reader.read_next_batch()
+    assert sandbox.query("SELECT 42 AS x").to_pylist() == [{"x": 42}]
+
+
+# --- configuration --------------------------------------------------------------------------------------------
+
+def test_limits_come_from_the_config_sql_block(tmp_path: Path, config_path: Path) -> None:
+    config_path.write_text(config_path.read_text() + '[sql]\nmax_rows = 5\ntimeout = "2s"\nmax_size = "1MiB"\n')
+    config = load_config(config_path)
+    assert config.sql == SqlLimits(max_rows=5, timeout="2s", max_size="1MiB")
+    assert config.sql.max_bytes == 1024**2 and config.sql.timeout_s == 2.0
+    with open_store(config_path) as fused:
+        assert fused.sql("SELECT * FROM range(5)").num_rows == 5
+        with pytest.raises(SqlLimitExceeded, match="more than 5 rows"):
+            fused.sql("SELECT * FROM range(6)")
+        with pytest.raises(SqlLimitExceeded):
+            fused.sql_pandas("SELECT * FROM releases")
+    with open_store(config_path, limits=SqlLimits(max_rows=50)) as fused:  # the API's own limits
+        assert fused.sql("SELECT * FROM releases").num_rows == 10
+
+
+@pytest.mark.parametrize(
+    ("block", "field"),
+    [
+        ("max_rows = 0", "sql.max_rows"),
+        ('timeout = "0s"', "sql.timeout"),
+        ('timeout = "soon"', "sql.timeout"),
+        ('max_size = "lots"', "sql.max_size"),
+        ('memory_limit = "-1GB"', "sql.memory_limit"),
+        ("threads = 0", "sql.threads"),
+        ("max_row = 5", "sql.max_row"),
+    ],
+)
+def test_bad_sql_limits_are_refused_at_load_naming_the_field(config_path: Path, block: str, field: str) -> None:
+    config_path.write_text(config_path.read_text() + f"[sql]\n{block}\n")
+    with pytest.raises(ConfigError, match=rf"{field}: "):
+        load_config(config_path)
+
+
+def test_cli_options_override_the_config_and_show_their_defaults(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path.write_text(config_path.read_text() + "[sql]\nmax_rows = 5\n")
+    assert main(["sql", "--config", str(config_path), "SELECT * FROM releases", "--format", "csv"]) == 1
+    assert "more than 5 rows" in " ".join(capsys.readouterr().err.split())
+    assert main(["sql", "--config", str(config_path), "SELECT * FROM releases", "--max-rows", "10"]) == 0
+    assert "10 row(s)" in capsys.readouterr().out
+    assert main(["sql", "--config", str(config_path), RECURSIVE, "--timeout", "1s"]) == 1
+    assert "time limit of 1s" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(SystemExit):
+        main(["sql", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "else 60s" in shown and "else 1000000" in shown and "else 256MB" in shown
+    for option, value, message in [("--max-rows", "0", "Input should be greater than or equal to 1"),
+                                   ("--timeout", "soon", "'soon' is not a duration"),
+                                   ("--max-size", "big", "'big' is not a size")]:
+        with pytest.raises(SystemExit) as usage:
+            main(["sql", "--config", str(config_path), "SELECT 1", option, value])
+        assert usage.value.code == 2
+        assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+def test_a_table_shows_its_first_rows_only(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sql", "--config", str(config_path), "SELECT * FROM range(20000)"]) == 0
+    out = capsys.readouterr().out
+    assert "10000 row(s)" in out and "more rows than the 10,000 shown" in out
+
+
+def test_csv_output_streams_without_holding_the_result(config_path: Path) -> None:
+    """CSV through a pipe, 48 MB then 380 MB of it: the command's peak memory hardly grows with the result (held
+    whole, 330 MB more would be the Arrow result alone)."""
+    script = (
+        "import resource, subprocess, sys\n"
+        "child = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE)\n"
+        "written = lines = 0\n"
+        "while chunk := child.stdout.read(1 << 20):\n"
+        "    written += len(chunk)\n    lines += chunk.count(b'\\n')\n"
+        "code = child.wait()\n"
+        "print(code, written, lines, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    fusion = [sys.executable, "-c", "from fusion.cli import run; run()"]
+
+    def run_csv(rows: int) -> tuple[int, int]:
+        """(bytes written, peak memory in bytes) of `fusion sql --format csv` on `rows` rows of 190 bytes."""
+        query = f"SELECT range AS i, repeat('x', 180) AS text FROM range({rows})"
+        done = subprocess.run(
+            [sys.executable, "-c", script, *fusion, "sql", "--config", str(config_path), query, "--format", "csv",
+             "--max-rows", str(rows), "--max-size", "2GB"],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )
+        code, written, lines, peak_kib = (int(v) for v in done.stdout.split())
+        assert code == 0, done.stderr
+        assert lines == rows + 1
+        return written, peak_kib * 1024
+
+    small, small_peak = run_csv(250_000)
+    large, large_peak = run_csv(2_000_000)
+    assert large > 380e6
+    grown = large_peak - small_peak
+    assert grown < 0.25 * (large - small), f"peak memory grew {grown / 1e6:.0f} MB for {large - small:.0f} more bytes"
+
+
+# --- query forms ----------------------------------------------------------------------------------------------
+
+def test_pivot_without_an_in_list_is_accepted_and_matches_a_reference(store: Store, sandbox: SqlSandbox) -> None:
+    expected: dict[tuple[str, str], float] = {}
+    for row in store.read("releases").to_pylist():
+        key = (row["region"], row["metric"])
+        expected[key] = expected.get(key, 0.0) + row["count"]
+    for query in ("PIVOT releases ON metric USING sum(count) GROUP BY region",
+                  "PIVOT releases ON metric USING sum(count) GROUP BY region;",
+                  "WITH p AS (PIVOT releases ON metric USING sum(count) GROUP BY region) SELECT * FROM p",
+                  "SELECT * FROM (PIVOT releases ON metric USING sum(count) GROUP BY region) -- a comment"):
+        got = {(row["region"], metric): row[metric] for row in sandbox.query(query).to_pylist()
+               for metric in ("temp", "load") if row[metric] is not None}
+        assert got == expected, query
+
+
+@pytest.mark.parametrize(
+    ("query", "rows"),
+    [
+        ("PIVOT releases ON metric IN ('temp', 'load') USING count(*) GROUP BY region", 3),
+        ("UNPIVOT (SELECT region, count, sum FROM releases) ON count, sum INTO NAME stat VALUE v", 20),
+        ("WITH t AS (SELECT * FROM releases WHERE metric = 'temp') SELECT count(*) FROM t", 1),
+        ("FROM releases WHERE region = 'east'", 2),
+        ("FROM releases SELECT metric, count(*) GROUP BY metric", 2),
+        ("VALUES (1, 'a'), (2, 'b')", 2),
+        ("TABLE releases", 10),
+        ("SELECT region FROM releases UNION SELECT 'west'", 4),
+        ("(SELECT 1 AS x) EXCEPT (SELECT 2)", 1),
+        ("SUMMARIZE releases", len(TABLE_SCHEMAS["releases"])),
+        ("SUMMARIZE SELECT count, sum FROM releases", 2),
+        ("DESCRIBE releases", len(TABLE_SCHEMAS["releases"])),
+        ("SHOW TABLES", len(TABLE_SCHEMAS)),
+        ("SELECT count(*) FROM information_schema.tables", 1),
+        ("SELECT * FROM query_table('releases')", 10),
+        ("SELECT * FROM RELEASES WHERE \"region\" = 'east'", 2),
+    ],
+)
+def test_read_only_query_forms_are_accepted(sandbox: SqlSandbox, query: str, rows: int) -> None:
+    assert sandbox.query(query).num_rows == rows
+
+
+def test_every_table_is_in_the_catalog(sandbox: SqlSandbox) -> None:
+    names = sandbox.query("SELECT table_name FROM information_schema.tables").column("table_name").to_pylist()
+    assert sorted(names) == sorted(TABLE_SCHEMAS)
+
+
+def test_a_table_created_after_the_session_opened_stays_empty_in_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "late")
+    sandbox = SqlSandbox(store)
+    try:
+        store.insert_new("releases", sample_releases())  # creates the table after the session opened
+        assert sandbox.query("SELECT count(*) AS n FROM releases").to_pylist() == [{"n": 0}]
+    finally:
+        sandbox.close()
+
+
+# --- refusals -------------------------------------------------------------------------------------------------
+
+PIVOT = "PIVOT releases ON metric USING sum(count)"
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("INSTALL httpfs", "INSTALL statements are refused"),  # DuckDB files it under LOAD
+        ("FORCE INSTALL httpfs", "FORCE INSTALL statements are refused"),
+        ("RESET lock_configuration", "RESET statements are refused"),  # under SET
+        ("USE memory", "USE statements are refused"),  # under SET
+        ("CHECKPOINT", "CHECKPOINT statements are refused"),  # under CALL
+        ("ANALYZE", "ANALYZE statements are refused"),  # under VACUUM
+        ("DEALLOCATE p", "DEALLOCATE statements are refused"),  # under DROP
+        ("COMMENT ON VIEW releases IS 'x'", "COMMENT statements are refused"),  # under ALTER
+        ("UPDATE EXTENSIONS", "UPDATE EXTENSIONS statements are refused"),  # a type the client cannot name
+        ("EXPLAIN SELECT 1", "EXPLAIN statements are refused"),
+        ("EXPLAIN ANALYZE SELECT * FROM releases", "EXPLAIN ANALYZE statements are refused"),
+        ("/* why */ -- not\n DETACH memory", "DETACH statements are refused"),
+        (f"CREATE TABLE t AS {PIVOT}", "CREATE statements are refused"),  # a PIVOT makes DuckDB call it MULTI
+        (f"COPY ({PIVOT}) TO '{{out}}/leak.csv'", "COPY statements are refused"),
+        (f"INSERT INTO releases {PIVOT}", "INSERT statements are refused"),
+        (f"WITH p AS ({PIVOT}) DELETE FROM releases", "this statement is refused: only a query"),
+        ("WITH x AS (DELETE FROM releases RETURNING *) SELECT * FROM x", "DELETE statements are refused, in a WITH"),
+        ("WITH x AS (UPDATE releases SET count = 0 RETURNING *) SELECT count(*) FROM x",
+         "UPDATE statements are refused, in a WITH"),
+        ("SELECT * FROM (WITH x AS (INSERT INTO releases SELECT * FROM releases RETURNING *) SELECT * FROM x)",
+         "INSERT statements are refused, in a WITH"),
+    ],
+)
+def test_refusals_name_the_statement_refused(store: Store, sandbox: SqlSandbox, tmp_path: Path, query: str,
+                                             named: str) -> None:
+    before = snapshot(store, tmp_path)
+    with pytest.raises(SqlRefused) as refused:
+        sandbox.query(query.format(out=tmp_path))
+    assert str(refused.value).startswith(named) and "sandboxed" in str(refused.value)
+    assert snapshot(store, tmp_path) == before
+    assert sandbox.query("SELECT count(*) AS n FROM releases").to_pylist() == [{"n": 10}]
+
+
+def test_limits_are_frozen_and_validated() -> None:
+    limits = SqlLimits()
+    assert (limits.timeout_s, limits.max_rows, limits.max_bytes, limits.memory_bytes) == (60.0, 1_000_000,
+                                                                                          256_000_000, 2 * 10**9)
+    with pytest.raises(ValueError):
+        limits.replace(max_rows=-1)
+    with pytest.raises(ValueError, match="frozen"):
+        limits.max_rows = 3  # type: ignore[misc]
+    assert isinstance(SqlError("x"), ValueError) and issubclass(SqlLimitExceeded, SqlError)
+    assert pa.types.is_int64(pa.scalar(limits.max_bytes).type)
