@@ -275,15 +275,20 @@ def print_arrow(table: pa.Table, fmt: str = "table", *, title: str | None = None
 
 def _print_counts(row_counts: dict[str, dict[str, Any]], *, withheld: bool = True) -> None:
     table = Table(title="Rows per institution")
-    for col in ("institution", "read", "accepted", "rejected", "reasons"):
-        table.add_column(col, justify="right" if col in ("read", "accepted", "rejected") else "left")
+    # `bounded`: accepted readings entity-level contribution bounding left out (shown when there are any).
+    bounded = any(counts.get("bounded") for counts in row_counts.values())
+    numeric = ("read", "accepted", "rejected", *(("bounded",) if bounded else ()))
+    for col in ("institution", *numeric, "reasons"):
+        table.add_column(col, justify="right" if col in numeric else "left")
     for inst, counts in sorted(row_counts.items()):
         if not counts:
-            table.add_row(inst, "-", "-", "-", "contributed elsewhere (no local report)")
+            table.add_row(inst, *("-" for _ in numeric), "contributed elsewhere (no local report)")
             continue
         rejected = counts.get("rejected", {})
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "-"
-        table.add_row(inst, str(counts["read"]), str(counts["accepted"]), str(sum(rejected.values())), reasons)
+        cells = [str(counts["read"]), str(counts["accepted"]), str(sum(rejected.values()))]
+        cells += [str(counts.get("bounded", 0))] if bounded else []
+        table.add_row(inst, *cells, reasons)
     console.print(table)
     for inst, counts in sorted(row_counts.items()):  # what was wrong with the feeds, per institution and file
         notes = [f"no file matches {escape(path)} (missing_file)" for path in counts.get("missing", [])]
@@ -559,12 +564,18 @@ def cmd_sql(args: argparse.Namespace) -> int:
     config = load_config(args.config, check_release=False)  # reads the store only
     limits = config.sql.replace(timeout=args.timeout, max_rows=args.max_rows, max_size=args.max_size)
     with open_store(config, limits=limits) as store, store.sql_batches(args.query) as reader:
-        if args.format == "csv":
-            write_csv(reader.schema, reader, sys.stdout)
-            return 0
-        if args.format == "json":
-            write_json_lines(reader, sys.stdout)
-            return 0
+        try:
+            if args.format == "csv":
+                write_csv(reader.schema, reader, sys.stdout)
+                return 0
+            if args.format == "json":
+                write_json_lines(reader, sys.stdout)
+                return 0
+        except BrokenPipeError:  # the reader of a pipe stopped reading (`| head`): stop quietly, as SIGPIPE would
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+            return 141
         batches: list[pa.RecordBatch] = []
         for batch in reader:
             batches.append(batch)

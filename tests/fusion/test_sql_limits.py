@@ -204,6 +204,20 @@ def test_csv_output_streams_without_holding_the_result(config_path: Path) -> Non
     assert grown < 0.25 * (large - small), f"peak memory grew {grown / 1e6:.0f} MB for {large - small:.0f} more bytes"
 
 
+def test_a_reader_that_stops_reading_ends_the_command_quietly(config_path: Path) -> None:
+    """`fusion sql ... | head`: no traceback, the exit status SIGPIPE would give."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from fusion.cli import run; run()", "sql", "--config", str(config_path),
+         "SELECT * FROM range(3000000)", "--format", "csv", "--max-rows", "3000000", "--max-size", "1GB"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    assert child.stdout.readline() == b'"range"\n'
+    child.stdout.close()
+    assert child.wait(timeout=120) == 141
+    assert child.stderr.read() == b""
+
+
 # --- query forms ----------------------------------------------------------------------------------------------
 
 def test_pivot_without_an_in_list_is_accepted_and_matches_a_reference(store: Store, sandbox: SqlSandbox) -> None:
