@@ -579,7 +579,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
         batches: list[pa.RecordBatch] = []
         for batch in reader:
             batches.append(batch)
-            if sum(b.num_rows for b in batches) > TABLE_ROWS_SHOWN:
+            if sum(b.num_rows for b in batches) > TABLE_ROWS_SHOWN:  # a batch or two: BATCH_ROWS rows each
                 break  # the rest is never read
         table = pa.Table.from_batches(batches, schema=reader.schema)
     print_arrow(table.slice(0, TABLE_ROWS_SHOWN))
