@@ -319,7 +319,9 @@ def run_micro_batch(
     """Validate, window and spool `inputs` ((institution, feed, file) triples) in one bounded Beam pipeline;
     readings for a window in `closed` (ISO starts) are late, and readings stamped before `start` or after `now`
     plus the config's `max_clock_skew` are rejected (out_of_interval)."""
-    with beam.Pipeline(options=options) as pipeline:
+    from pipelines.run import beam_scratch  # here: pipelines.run imports the role pipelines
+
+    with beam_scratch(), beam.Pipeline(options=options) as pipeline:
         validated = (
             pipeline
             | "Inputs" >> beam.Create(list(inputs))
