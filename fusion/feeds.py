@@ -134,12 +134,17 @@ def _open_stream(path: str) -> io.BufferedReader:
     return io.BufferedReader(_ReadableStream(FileSystems.open(path, compression_type=CompressionTypes.AUTO)))
 
 
+class AmbiguousColumns(FusionError):
+    """A feed file names a mapped column more than once: the file is dead-lettered whole (the scan treats it
+    like a damaged file), and the run goes on."""
+
+
 def refuse_duplicate_columns(path: str, names: list[str], wanted: Iterable[str]) -> None:
     """Refuse a file in which a mapped column appears more than once: which of them holds the reading's field
     is ambiguous (CSV readers take the first, JSON the last), so no reading of it is taken."""
     for column in wanted:
         if names.count(column) > 1:
-            raise FusionError(
+            raise AmbiguousColumns(
                 f"feed file {path}: column '{column}' appears {names.count(column)} times; each reading field must "
                 "come from one column (rename or drop the others)"
             )

@@ -39,10 +39,17 @@ from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from fusion.config import FeedConfig, FeedFormat, InstitutionConfig, PrivacyUnit
-from fusion.errors import InternalError
+from fusion.errors import FusionError, InternalError
 from fusion.exchange import delete_if_exists, exists
 from fusion.feed_report import FileTally, merge_tallies
-from fusion.feeds import absent_columns, feed_listing, mapped_columns, read_feed_file, refuse_duplicate_columns
+from fusion.feeds import (
+    AmbiguousColumns,
+    absent_columns,
+    feed_listing,
+    mapped_columns,
+    read_feed_file,
+    refuse_duplicate_columns,
+)
 from fusion.plan import ReleasePlan
 from privacy.encoding import MetricEncoding
 from privacy.layout import SUMSQ, PartitionLayout
@@ -124,12 +131,17 @@ def feed_sources(plan: ReleasePlan, institution: InstitutionConfig) -> list[tupl
 #: file is dead-lettered whole, as one malformed record, and the run goes on, if reading the file again on its
 #: own fails too (`FeedScanner._damaged`: DuckDB's errors name no kind, and an OSError may be a full disk's).
 DAMAGE_ERRORS: tuple[type[BaseException], ...] = (
-    pa.ArrowException, OSError, UnicodeError, EOFError, zlib.error, duckdb.Error
+    pa.ArrowException, OSError, UnicodeError, EOFError, zlib.error, duckdb.Error, AmbiguousColumns
 )
 #: Errors a later run may not meet (permissions, a file moved away, the network): raised, never dead-lettered.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     PermissionError, FileNotFoundError, ConnectionError, TimeoutError, BeamIOError
 )
+
+class FeedUnavailable(FusionError):
+    """A feed file that was listed cannot be read now (permissions, moved away, the network): the run stops,
+    naming it; nothing is dead-lettered, since a later run may read it."""
+
 
 #: Characters DuckDB's read_parquet takes as a glob: a file named with them is read as Arrow batches instead.
 GLOB_CHARACTERS = frozenset("*?[]{}")
@@ -504,6 +516,11 @@ class FeedScanner:
         path = self.sources[src][1]
         try:
             yield from self._scanned(src, shard, shards, counts, every_line=every_line, on_piece=on_piece)
+        except TRANSIENT_ERRORS as exc:  # not the file's fault: say which file, and stop (a later run may read it)
+            raise FeedUnavailable(
+                f"feed file {path} cannot be read now ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                "check that it exists and this user may read it, then run the interval again"
+            ) from None
         except DAMAGE_ERRORS as exc:
             if not self._damaged(src, exc):
                 raise
@@ -525,6 +542,8 @@ class FeedScanner:
         again, on its own, fails too. (A DuckDB error may be the query's, an OSError a full disk's.)"""
         if isinstance(exc, TRANSIENT_ERRORS):
             return False
+        if isinstance(exc, AmbiguousColumns):  # found in the file's header: no second reading needed
+            return True
         feed_index, path = self.sources[src]
         feed = self.institution.feeds[feed_index]
         try:

@@ -116,7 +116,9 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     if header.context_sha256 != published_context_digest(plan.config):
         raise ReleaseRefused(
             "the aggregate was encrypted under another public HE context than the one this key holder published "
-            "(keys re-created, or a stale context): its contributions must be sealed again"
+            "(keys re-created, or a stale context): restore the key holder's HE keys that were published when the "
+            "contributions were sealed; otherwise this interval cannot be released (an institution never seals an "
+            "interval twice: a second noisy version of its data would weaken the guarantee)"
         )
     if len(header.contributors) < plan.params.quorum:
         raise ReleaseRefused(

@@ -296,7 +296,7 @@ def test_file_names_with_glob_characters_are_read_as_themselves(make_federation:
 
 
 @pytest.mark.parametrize("glob_name", [False, True])  # read by DuckDB itself, or as batches
-def test_a_parquet_file_with_a_mapped_column_twice_is_refused_naming_it(
+def test_a_parquet_file_with_a_mapped_column_twice_is_dead_lettered_whole_naming_it(
     make_federation: Callable[..., Federation], glob_name: bool
 ) -> None:
     federation = make_federation(institutions=[("alpha", "parquet"), ("beta", "parquet")])
@@ -306,8 +306,12 @@ def test_a_parquet_file_with_a_mapped_column_twice_is_refused_naming_it(
     doubled = pa.Table.from_arrays([*readings.columns, readings.column("value")], names=names)
     pq.write_table(doubled, folder / ("p-[1].parquet" if glob_name else "p.parquet"))
     plan = plan_release(federation.config, START, END)
-    with pytest.raises(FusionError, match="column 'value' appears 2 times"):
-        _scan_everything(plan, plan.config.institution("alpha"))
+    scanner = FeedScanner(plan, plan.config.institution("alpha"))
+    scan = scanner.scan(0, 1)  # the file is dead-lettered whole, naming the column; the run goes on
+    assert scan.table(scanner.schema).num_rows == 0
+    (path,) = scan.unreadable
+    assert path.endswith("p-[1].parquet" if glob_name else "p.parquet")
+    assert "column 'value' appears 2 times" in " ".join(str(f) for f in scan.files[path].__dict__.values())
 
 
 def test_minus_zero_and_zero_are_the_same_reading(make_federation: Callable[..., Federation]) -> None:
@@ -482,3 +486,20 @@ def test_a_failed_staging_leaves_no_file(
     with pytest.raises(OSError, match="disk full"):
         stage_all(scanner, [0], tmp_path / "staged", 4)
     assert list((tmp_path / "staged").iterdir()) == []
+
+
+def test_a_feed_file_gone_after_it_was_listed_stops_the_scan_naming_it(
+    make_federation: Callable[..., Federation],
+) -> None:
+    """Not the file's fault (moved away, permissions, the network): the run stops with a one-line error naming
+    the file, and nothing is dead-lettered, since a later run may read it."""
+    from fusion.scan import FeedUnavailable
+
+    federation = make_federation(institutions=[("alpha", "csv"), ("beta", "parquet")])
+    folder = _emptied_feed(federation, "alpha", "csv")
+    write_feed(federation.raw["alpha"], folder / "a.csv", "csv")
+    plan = plan_release(federation.config, START, END)
+    scanner = FeedScanner(plan, plan.config.institution("alpha"))
+    (folder / "a.csv").unlink()  # listed, then gone
+    with pytest.raises(FeedUnavailable, match=r"feed file .*a\.csv cannot be read now \(FileNotFoundError"):
+        scanner.scan(0, 1)
