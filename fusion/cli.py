@@ -819,6 +819,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Libraries' warnings (Opacus's "optimal order" notice, Beam's deprecations) go to the log, which shows errors
     # only: a user sees Fusion's own messages. Fusion itself never warns through `warnings`.
     logging.captureWarnings(True)
+    # Beam logs an error raised inside a pipeline step, traceback and all, before re-raising it: a Fusion error is
+    # then printed below in one line, and any other error's traceback by `run`.
+    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
     args, beam_args = _parser().parse_known_args(argv)
     refused = _extra_args_error(args.command, beam_args)
     if refused:
@@ -851,8 +854,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return (cmd_schedule if args.command == "schedule" else cmd_backfill)(args, beam_args)
         return cmd_sql(args)
     except FusionError as exc:  # its text is shown as written: `[[schedules]]` is no markup
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(_user_message(exc))}", highlight=False)
         return 1
+
+
+def _user_message(exc: FusionError) -> str:
+    """The error's text without what Beam appends when it re-raises an error from inside a pipeline step
+    (` [while running 'Contribute[...]/ContributeShards/...']`, once per nesting)."""
+    return re.sub(r"(?:\s*\[while running '[^']*'\])+\s*$", "", str(exc))
 
 
 def run() -> NoReturn:

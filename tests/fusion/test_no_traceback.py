@@ -144,3 +144,26 @@ def test_third_party_warnings_never_reach_the_terminal(demo: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script, str(demo)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Optimal order" not in done.stderr + done.stdout
+
+
+def test_an_error_inside_a_beam_step_is_one_line_without_beams_log_or_context(demo: Path) -> None:
+    """Beam logs an error raised in a pipeline step with its traceback, and appends "[while running ...]" when it
+    re-raises it: the user sees Fusion's one line only (here a feed file that cannot be read now)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nimport fusion.scan as scan\n"
+        "def denied(self, *args, **kwargs):\n"
+        "    raise PermissionError(13, 'Permission denied')\n"
+        "    yield\n"
+        "scan.FeedScanner._scanned = denied\n"
+        "from fusion.cli import main\n"
+        "interval = ['--start', '2026-01-01T00:00', '--end', '2026-01-02T00:00']\n"
+        "sys.exit(main(['batch', '--config', sys.argv[1], *interval]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(demo)], capture_output=True, text=True, timeout=300)
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1, output
+    assert "error: feed file" in output and "cannot be read now (PermissionError" in output
+    assert "Traceback" not in output and "while running" not in output
