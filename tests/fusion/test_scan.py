@@ -26,7 +26,6 @@ from fusion.contribution import (
     pack_encoded,
     shared_key_rows,
 )
-from fusion.errors import FusionError
 from fusion.feeds import mapped_columns, read_feed_file
 from fusion.plan import ReleasePlan, plan_release
 from fusion.scan import (
