@@ -84,9 +84,15 @@ class SqlSandbox:
                 self._register(name, (versions or {})[name])
             else:
                 self._unregistered[name] = self.store.version(name)
+        #: The version of each table this session reads (None: the table did not exist yet; it reads as empty).
+        self.snapshot: dict[str, int | None] = {
+            name: (versions or {}).get(name, self._unregistered.get(name)) for name in TABLE_SCHEMAS
+        }
         self._con.execute(f"SET threads = {int(self.limits.threads)}")
         self._con.execute(f"SET memory_limit = '{self.limits.memory_bytes}B'")
         self._con.execute("SET TimeZone = 'UTC'")
+        # DuckDB draws a progress bar on stdout for a query past 2 s: inside `--format csv` output, a corrupt line.
+        self._con.execute("SET enable_progress_bar = false")
         self._con.execute("SET temp_directory = ''")  # a query may not spill to (and fill) the disk
         self._con.execute("SET max_temp_directory_size = '0B'")
         self._con.execute("SET autoinstall_known_extensions = false")

@@ -80,6 +80,7 @@ def _bound_in_duckdb(
         {"e": entity, "c": cell, "r": generator.random(entity.size), "i": np.arange(entity.size, dtype=np.int64)}
     )
     con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")  # it would draw on the user's terminal past 2 s
     try:
         con.execute("SET threads = 2")
         con.register("fusion_bounding", table)

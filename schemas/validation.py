@@ -240,6 +240,7 @@ def connect(threads: int = 1) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone = 'UTC'")
     con.execute(f"SET threads = {int(threads)}")
+    con.execute("SET enable_progress_bar = false")  # it would draw on the user's terminal past 2 s
     return con
 
 

@@ -435,6 +435,8 @@ def sample_value(field: pa.Field, i: int) -> Any:
         return START + i * HOUR
     if pa.types.is_integer(kind):
         return i
+    if pa.types.is_boolean(kind):
+        return i % 2 == 0
     if pa.types.is_floating(kind):
         return [1.5, math.nan, math.inf, -math.inf][i % 4]
     if pa.types.is_list(kind):
@@ -476,6 +478,8 @@ def csv_matches(cell: str, value: Any) -> bool:
             return datetime.fromisoformat(cell) == value
         if isinstance(value, float):
             return math.isnan(float(cell)) if math.isnan(value) else float(cell) == value
+        if isinstance(value, bool):
+            return cell == str(value).lower()
     except ValueError:  # not this value's type
         return False
     return cell == str(value)
@@ -551,3 +555,13 @@ def test_every_format_writes_the_types_a_query_can_make(config_path: Path,
         "m": '[["k", 1]]', "u": "1"}
     assert json.loads(row[header.index("nested")]) == [{"x": [1.5, None]}]
     assert "[/x]" in outputs["table"] and "[bold" in outputs["table"] and "1 row(s)" in outputs["table"]
+
+
+def test_no_connection_draws_duckdbs_progress_bar_into_the_output(sandbox: SqlSandbox) -> None:
+    """DuckDB draws a progress bar on stdout for a query that runs past 2 s: in `fusion sql --format csv` output
+    it was a corrupt line (seen on a loaded machine). Every connection Fusion opens turns it off."""
+    from schemas.validation import connect
+
+    setting = "SELECT current_setting('enable_progress_bar') AS shown"
+    assert sandbox.query(setting).column("shown").to_pylist() == [False]
+    assert connect().sql(setting).fetchall() == [(False,)]
