@@ -32,7 +32,7 @@ demo: setup
 	$(BIN)/fusion demo --dir demo
 
 lint: setup
-	$(BIN)/ruff check fusion privacy schemas pipelines tests bench
+	$(BIN)/ruff check fusion privacy schemas pipelines forecasting mechanisms dashboard training tests bench
 	$(BIN)/mypy
 
 unit: setup

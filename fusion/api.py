@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from fusion.config import Config, load_config
+from fusion.errors import FusionError
 from fusion.sql import SqlSandbox
 from fusion.sql_limits import SqlLimits
 from fusion.store import Store
@@ -31,6 +32,12 @@ class FusedStore:
         self.store = Store(self.config.store_path)  # read only: a table not created yet reads as empty
         self._sandbox = SqlSandbox(self.store, versions=versions, limits=limits or self.config.sql)
 
+    @property
+    def versions(self) -> dict[str, int | None]:
+        """The Delta version of each table this store reads (None: a table not created yet, read as empty). Pass
+        the numbers back as `open_store(..., versions=...)` to read the same snapshot again."""
+        return dict(self._sandbox.snapshot)
+
     def sql(self, query: str) -> pa.Table:
         """Run one query over the store's tables; returns an Arrow table (SqlLimitExceeded past a limit)."""
         return self._sandbox.query(query)
@@ -45,6 +52,29 @@ class FusedStore:
     def sql_pandas(self, query: str) -> Any:
         """The same result as a pandas DataFrame."""
         return self.sql(query).to_pandas()
+
+    def forecasts(
+        self,
+        metric: str | None = None,
+        region: str | None = None,
+        *,
+        statistic: str | None = "mean",
+        purpose: str = "forecast",
+        latest: bool = True,
+    ) -> pa.Table:
+        """Rows of `forecasts` (schemas/tables.py), ordered by metric, statistic, region and window: those of one
+        metric, region or statistic (None: all); with `latest`, only each series' most recently issued forecast.
+        `purpose` "backtest" reads the backtests' forecasts instead."""
+        from fusion.forecast_queries import forecasts_query
+        from schemas.tables import FORECASTS_SCHEMA
+
+        rows = self.sql(forecasts_query(metric=metric, region=region, statistic=statistic, purpose=purpose,
+                                        latest=latest))
+        return rows.cast(FORECASTS_SCHEMA)  # the table's own types (DuckDB names list items differently)
+
+    def forecasts_pandas(self, metric: str | None = None, region: str | None = None, **options: Any) -> Any:
+        """The same as `forecasts`, as a pandas DataFrame."""
+        return self.forecasts(metric, region, **options).to_pandas()
 
     def close(self) -> None:
         self._sandbox.close()
@@ -62,6 +92,62 @@ def open_store(
     """Open the store of a federation config for SQL (optionally at given Delta versions per table, and under
     other limits than the config's [sql] block)."""
     return FusedStore(config, versions=versions, limits=limits)
+
+
+#: The tables that modules reading the store (forecasting/) may write their results to: post-processing of the
+#: releases, which spends no budget. Every other table is written only by Fusion's own roles.
+DERIVED_TABLES = frozenset({"forecasts", "forecast_scores"})
+
+
+def write_derived(config: Config | str | Path, table: str, rows: pa.Table) -> int:
+    """Append rows to a derived table (DERIVED_TABLES) whose key is not there yet; returns how many were added.
+    Refuses any other table."""
+    if table not in DERIVED_TABLES:
+        raise FusionError(f"'{table}' is not a derived table; modules that read the store write only to "
+                          f"{sorted(DERIVED_TABLES)}")
+    cfg = _config(config, check_release=False)
+    return Store(cfg.store_path).insert_new(table, rows)
+
+
+def forecast(
+    config: Config | str | Path,
+    *,
+    metrics: Sequence[str] | None = None,
+    regions: Sequence[str] | None = None,
+    statistics: Sequence[str] | None = None,
+    horizon: str | None = None,
+) -> Any:
+    """Forecast every released series (or those of `metrics`, `regions` and `statistics`: mean, sum, count) and
+    write the forecasts to the store; returns a forecasting.run.ForecastRun."""
+    from forecasting.run import run_forecasts
+    from fusion.forecasting_config import Statistic
+
+    return run_forecasts(_config(config, check_release=False), metrics=metrics, regions=regions, horizon=horizon,
+                         statistics=[Statistic(s) for s in statistics] if statistics else None)
+
+
+def plot_forecast(config: Config | str | Path, metric: str, region: str, path: str | Path, **options: Any) -> Path:
+    """Draw a series' releases with their 95% intervals, and its latest forecast with 80/95% bands of the true
+    value and the 95% band of the next release, to a PNG at `path`; returns the path."""
+    from forecasting.plot import plot_series
+
+    return plot_series(_config(config, check_release=False), metric, region, Path(path), **options)
+
+
+def verify(config: Config | str | Path, *, release_id: str | None = None, seen: int = 0) -> list[Any]:
+    """What `fusion verify` reports on the releases: each (or `release_id`) checked against the key holder's
+    registered signing keys, a list of fusion.provenance.ReleaseCheck. Reads the store and the registry only;
+    refused when no key holder signing key is registered (nothing can be verified)."""
+    from fusion.provenance import verify_releases
+    from fusion.registry import load_key_holder_public_keys, load_unsigned_releases
+
+    cfg = _config(config, check_release=False)
+    keys = load_key_holder_public_keys(cfg)
+    if not keys:
+        raise FusionError(f"no key holder signing key is registered in {cfg.registry_path}: nothing can be verified "
+                          "(the key holder's `fusion keys --release-signing` registers one)")
+    return verify_releases(Store(cfg.store_path), keys, unsigned=load_unsigned_releases(cfg), release_id=release_id,
+                           seen=seen)
 
 
 def batch(

@@ -75,7 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--dir", default="demo", help="where to build it: a new or empty directory, or an earlier demo (replaced)"
     )
-    demo.add_argument("--days", type=int, default=2, help="days of feed data to generate")
+    demo.add_argument(
+        "--days", type=int, default=15,
+        help="days of feed data to generate; all but the last are released (two weeks of history to forecast from)",
+    )
 
     keys = with_config(sub.add_parser("keys", help="key holder: create the HE keys; an institution: --institution ID"))
     keys.add_argument("--institution", help="create this institution's signing key and register it")
@@ -229,6 +232,18 @@ def _parser() -> argparse.ArgumentParser:
     from fusion.cli_schedule import add_parsers
 
     add_parsers(sub)
+    from fusion.cli_mechanisms import add_parsers as add_mechanism_parsers
+
+    add_mechanism_parsers(sub)
+    from fusion.cli_forecast import add_parsers as add_forecast_parsers
+
+    add_forecast_parsers(sub)
+    from fusion.cli_serve import add_parsers as add_serve_parsers
+
+    add_serve_parsers(sub)
+    from fusion.cli_train import add_parsers as add_train_parsers
+
+    add_train_parsers(sub)
     for command in sub.choices.values():
         command.formatter_class = _HelpFormatter
     return parser
@@ -368,6 +383,8 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         lag = _duration(status.lag_s) if status.lag_s is not None else "-"
         changed = f" | changed inputs not read again: {len(status.changed_inputs)}" if status.changed_inputs else ""
         refused = f" | [yellow]refused: {len(status.refused)}[/yellow]" if status.refused else ""
+        down = [s for s in status.sources if not s.endswith(": connected")]  # broker sources: say only trouble
+        changed += f" | [yellow]{'; '.join(down)}[/yellow]" if down else ""
         return (
             f"windows open: {status.windows_open} | released: {status.released}{refused} | last release: {last} | "
             f"lag: {lag} | {status.rows_per_s:,.0f} rows/s | readings: {status.readings:,} | "
@@ -665,6 +682,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from fusion.store import Store
 
     config = load_config(args.config, check_release=False)  # reads the store and registry only
+    from fusion.cli_mechanisms import verify_mechanisms_tables
+
+    mechanisms_ok = args.release is not None or verify_mechanisms_tables(config, args.format)
     keys = load_key_holder_public_keys(config)
     if not keys:
         console.print(f"no key holder signing key is registered in {config.registry_path}: nothing can be verified")
@@ -675,10 +695,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     if not checks:
         console.print("no releases in the store yet")
-        return 0
+        return 0 if mechanisms_ok else 1
     table = pa.Table.from_pylist([vars(c) for c in checks])
     print_arrow(table, args.format, title="releases checked against the key holder's signature")
-    return 0 if all(c.status in GOOD for c in checks) else 1
+    return 0 if all(c.status in GOOD for c in checks) and mechanisms_ok else 1
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -756,6 +776,10 @@ def cmd_demo(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         config=str(config_path), start="2026-01-01T00:00", end="2026-01-02T00:00", accept_rejects=False
     )
     cmd_batch(batch_args, beam_args)
+    from fusion.demo_steps import forecast_step, release_history
+
+    released = max(args.days - 1, 1)  # the last day is left for the user to release (see Try, below)
+    release_history(config_path, first=1, last=released, beam_args=beam_args)
     console.print("\n[bold]SQL[/bold] over the fused releases:\n" + DEMO_QUERY + "\n")
     config: Config = load_config(config_path)
     with open_store(config) as store:
@@ -764,16 +788,32 @@ def cmd_demo(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     from fusion.registry import load_key_holder_public_keys
     from fusion.store import Store
 
+    console.print("\n[bold]Forecast[/bold] of the next day from the released history (forecasting/):")
+    forecast_step(config_path, directory)
+    from fusion.cli_mechanisms import demo_step
+
+    demo_step(config_path, released)
     checks = verify_releases(Store(config.store_path), load_key_holder_public_keys(config))
     verified = sum(c.status == "verified" for c in checks)
     console.print(f"\nreleases verified against the key holder's registered signature: {verified} of {len(checks)}")
     fusion = _fusion_command()
+    from datetime import timedelta
+
+    from fusion.demo import DEMO_START
+
+    one_day = timedelta(days=1)
+    next_day = DEMO_START + released * one_day
     console.print(
         f'\nTry: {fusion} sql --config {config_path} "{DEMO_TRY_QUERY}"\n'
-        f"     {fusion} batch --config {config_path} --start 2026-01-02T00:00 --end 2026-01-03T00:00\n"
+        f"     {fusion} batch --config {config_path} --start {next_day:%Y-%m-%dT%H:%M} "
+        f"--end {next_day + one_day:%Y-%m-%dT%H:%M}\n"
+        f"     {fusion} forecast --config {config_path}        # scores the forecast of the day just released\n"
+        f"     {fusion} backtest --config {config_path} --metric humidity\n"
         f"     {fusion} verify --config {config_path}",
         soft_wrap=True,  # each command stays on one line, to copy as printed
     )
+    console.print(f"\nDashboard (read-only, this machine only): {fusion} serve --config {config_path}\n"
+                  "     then open http://127.0.0.1:8050", soft_wrap=True)
     return 0
 
 
@@ -848,10 +888,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_budget(args)
         if args.command == "plan":
             return cmd_plan(args)
+        if args.command in ("forecast", "backtest"):
+            from fusion.cli_forecast import cmd_backtest, cmd_forecast
+
+            return (cmd_forecast if args.command == "forecast" else cmd_backtest)(args)
+        if args.command == "serve":
+            from fusion.cli_serve import cmd_serve
+
+            return cmd_serve(args)
+        if args.command == "train":
+            from fusion.cli_train import cmd_train
+
+            return cmd_train(args)
         if args.command in ("schedule", "backfill"):
             from fusion.cli_schedule import cmd_backfill, cmd_schedule
 
             return (cmd_schedule if args.command == "schedule" else cmd_backfill)(args, beam_args)
+        from fusion.cli_mechanisms import COMMANDS as MECHANISM_COMMANDS
+        from fusion.cli_mechanisms import run_command
+
+        if args.command in MECHANISM_COMMANDS:
+            return run_command(args)
         return cmd_sql(args)
     except FusionError as exc:  # its text is shown as written: `[[schedules]]` is no markup
         err_console.print(f"[red]error:[/red] {escape(_user_message(exc))}", highlight=False)

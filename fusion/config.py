@@ -13,10 +13,14 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fusion.broker_config import BrokerSource, check_sources
 from fusion.durations import parse_duration
 from fusion.errors import ConfigError
+from fusion.forecasting_config import ForecastingConfig
+from fusion.mechanisms_config import MechanismsConfig
 from fusion.schedule import ScheduleConfig, check_schedules
 from fusion.sql_limits import SqlLimits
+from fusion.training_config import ModelConfig
 from schemas.readings import ALL_FIELDS
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
@@ -86,6 +90,7 @@ class InstitutionConfig(_Frozen):
     # warns, and above which the institution seals nothing unless its operator passes --accept-rejects.
     warn_reject_rate: float = Field(default=0.1, ge=0, le=1)
     max_reject_rate: float = Field(default=0.5, ge=0, le=1)
+    sources: tuple[BrokerSource, ...] = ()  # MQTT / NATS JetStream, read by `fusion stream` (fusion/broker_config.py)
 
     @model_validator(mode="after")
     def _reject_rates(self) -> Self:
@@ -300,6 +305,9 @@ class Config(_Frozen):
     stream: StreamConfig = StreamConfig()
     sql: SqlLimits = SqlLimits()  # `fusion sql` and the Python API: time and result-size limits of a query
     schedules: tuple[ScheduleConfig, ...] = ()  # when `fusion schedule` runs batch releases
+    forecasting: ForecastingConfig | None = None  # `fusion forecast`/`backtest`; None: defaults, no refresh
+    mechanisms: MechanismsConfig | None = None  # `fusion recommend`/`decide`: network, load metric, keys
+    models: tuple[ModelConfig, ...] = ()  # `fusion train`: models trained across the institutions (training/)
     base: Path = Path(".")
 
     @model_validator(mode="after")
@@ -312,6 +320,7 @@ class Config(_Frozen):
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"{label}: duplicate names {duplicates}")
+        check_sources([(i.id, source) for i in self.institutions for source in i.sources])
         dead = [_directory_key(self.dead_letter_path(i)) for i in self.institutions]
         for index, institution in enumerate(self.institutions):
             for first in range(index):
@@ -375,6 +384,10 @@ class Config(_Frozen):
                 "no release could ever meet it"
             )
         check_schedules(self.schedules, window=self.window, period=self.period)
+        if self.forecasting is not None:
+            self.forecasting.check_window(self.window)
+        if self.mechanisms is not None:
+            self.mechanisms.check(self)
         return self
 
     def _private_apart(self) -> None:

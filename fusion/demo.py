@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fusion.config import load_config
+from fusion.config import Config, load_config
 from fusion.demo_data import (
     INSTITUTIONS,
     LIMITS,
@@ -26,13 +26,20 @@ from fusion.keys import create_keys
 from fusion.registry import create_aggregator_key, create_institution_keys
 
 DEMO_START = datetime(2026, 1, 1, tzinfo=UTC)
-UNITS = {"ghi": "W/m2", "air_temp": "degC", "humidity": "percent", "wind_speed": "m/s"}
+UNITS = {"ghi": "W/m2", "air_temp": "degC", "humidity": "percent", "wind_speed": "m/s", "electric_load": "MW"}
 CLAMPS = {
     "ghi": (0.0, 1200.0),
     "air_temp": (-40.0, 50.0),
     "humidity": (0.0, 100.0),
     "wind_speed": (0.0, 40.0),
+    "electric_load": (0.0, 20.0),  # MW per feeder meter
 }
+#: The demo's dispatch (`fusion recommend dispatch`): MATPOWER's case5 with three of its load buses fed by the
+#: demo's regions. Bus -> (region, scale): a bus's load is scale x the region's mean feeder load (MW), so at the
+#: load data's mean the buses carry about 80% of case5's 300, 300 and 400 MW (240, 228 and 330 MW), and at the
+#: data's January peak (1.6 x its mean) the case stays feasible. ak-sandpoint-ridge feeds no bus.
+DEMO_BUSES = {"B": ("nc-triad-east", 48.0), "C": ("nc-triad-west", 48.0), "D": ("ak-sandpoint-harbor", 110.0)}
+DEMO_AUTHORITY = ("grid-operator", "duty-officer")  # the demo's deciding authority and its one signer
 EXTENSIONS = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}
 
 DEMO_QUERY = """
@@ -108,8 +115,9 @@ def _config_text(days: int) -> str:
     lines += [
         "# A daily schedule over the demo's days: uncomment it, then run",
         "#   fusion schedule --config federation.toml --once",
-        "# It releases every day from `start` to `end` that is not released yet (the demo released the first),",
-        "# once, whenever it runs: `end` stops it catching up every day since then. Without `--once` it stays",
+        "# It releases every day from `start` to `end` that is not released yet (the demo released all but the",
+        "# last), once, whenever it runs, and forecasts each series again after its release ([forecasting]",
+        "# refresh): `end` stops it catching up every day since then. Without `--once` it stays",
         "# and runs at each cron fire (00:05 UTC). `fusion sql ... \"SELECT * FROM runs\"` shows its attempts.",
         "# [[schedules]]",
         '# name = "daily"',
@@ -117,6 +125,23 @@ def _config_text(days: int) -> str:
         '# interval = "1d"',
         f"# start = {first:%Y-%m-%dT%H:%M:%SZ}",
         f"# end = {last:%Y-%m-%dT%H:%M:%SZ}",
+        "",
+        "# `fusion forecast` and `fusion backtest` (forecasting/): post-processing of the releases, no budget.",
+        "[forecasting]",
+        'horizon = "24h"    # the next day',
+        'history = "28d"    # fit on at most the last four weeks of releases',
+        "refresh = true     # scheduled and stream releases forecast their series again",
+        "",
+    ]
+    lines += [
+        "# `fusion recommend` and `fusion decide` (mechanisms/): advisory dispatch on network.toml (MATPOWER case5,",
+        "# buses B, C, D fed by nc-triad-east, nc-triad-west, ak-sandpoint-harbor), loads from the forecasts (or",
+        "# releases) of gridco's feeder load. Recommendations are signed with mechanism-keys/, decisions by the",
+        "# authorities in registry.toml.",
+        "[mechanisms]",
+        'network = "network.toml"',
+        'load_metric = "electric_load"',
+        "reserve_z = 1.645  # deliverable reserve for the upper 95% of the load forecast",
         "",
     ]
     return "\n".join(lines)
@@ -199,10 +224,30 @@ def build_demo(directory: Path, *, days: int = 2) -> Path:
         "as shipped in the pvlib package (pvlib/data). Modelled (synthetic): every sensor reading is the\n"
         "station's value interpolated to the sampling time plus a per-sensor bias and measurement noise;\n"
         "regional offsets are synthetic; metservice's feed carries a few deliberately broken rows.\n"
+        "Electric load: gridco's feeder meters follow the real hourly electricity demand of Victoria, Australia\n"
+        "(AEMO, 2012, the vic_elec data set as shipped in statsmodels' test data); the feeders, their scale per\n"
+        "region and their noise are modelled. The dispatch runs on MATPOWER case5 (network.toml) with bus B fed by\n"
+        "nc-triad-east (48 x its mean feeder MW), C by nc-triad-west (48 x) and D by ak-sandpoint-harbor (110 x).\n"
     )
     config = load_config(config_path)
     create_keys(config)
     create_aggregator_key(config)
     for spec in INSTITUTIONS:
         create_institution_keys(config, spec.id)
+    _mechanisms(config, directory)
     return config_path
+
+
+def _mechanisms(config: Config, directory: Path) -> None:
+    """The network file, the mechanisms operator's key and one deciding authority (scope: the mapped regions)."""
+    from mechanisms.authorities import create_operator_key, create_signer_key
+    from mechanisms.network import load_network, network_path
+
+    network = load_network(network_path("case5")).with_regions(DEMO_BUSES)
+    (directory / "network.toml").write_text(
+        "# MATPOWER case5 (see mechanisms/networks/case5.toml and its licence), buses B, C, D fed by the demo's\n"
+        "# regions (fusion/demo.py DEMO_BUSES).\n" + network.to_toml()
+    )
+    create_operator_key(config)
+    authority, signer = DEMO_AUTHORITY
+    create_signer_key(config, authority, signer, regions=sorted(network.regions()), kinds=["dispatch", "pareto"])

@@ -9,10 +9,17 @@ Modelled (synthetic, labelled as such in the README and in demo/README.txt): the
 Each sensor's reading is the station's hourly value linearly interpolated to the sensor's sampling time, plus
 a fixed per-sensor bias and independent measurement noise, rounded to the metric's resolution. A few
 deliberately broken rows are added to one feed so the dead-letter path has something to show.
+
+Electric load (real shape, modelled feeders): the utility's feeder meters follow the hourly electricity demand of
+Victoria, Australia (AEMO's operational demand, 2012, as aggregated hourly in the `vic_elec` data set of R's
+tsibbledata), which ships inside the `statsmodels` package (statsmodels/tsa/stl/tests/results/mstl_elec_vic.csv,
+150 days from 2012-01-01). Each region's feeders follow it by the region's local day of year and hour, scaled to
+a mean feeder load of LOAD_MEAN_MW x the region's LOAD_FACTORS (modelled), plus a per-feeder bias and noise.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -39,14 +46,21 @@ REGIONS = {  # public region -> (station, synthetic regional offset per metric)
     "ak-sandpoint-harbor": ("sandpoint", {"air_temp": 0.5, "humidity": 1.0, "wind_speed": 1.0, "ghi": 0.0}),
     "ak-sandpoint-ridge": ("sandpoint", {"air_temp": -1.2, "humidity": -2.0, "wind_speed": 2.0, "ghi": 5.0}),
 }
-RESOLUTION = {"ghi": 1.0, "air_temp": 0.1, "humidity": 0.1, "wind_speed": 0.1}
+RESOLUTION = {"ghi": 1.0, "air_temp": 0.1, "humidity": 0.1, "wind_speed": 0.1, "electric_load": 0.01}
 LIMITS = {
     "ghi": (0.0, 1500.0),
     "air_temp": (-80.0, 60.0),
     "humidity": (0.0, 100.0),
     "wind_speed": (0.0, 75.0),
+    "electric_load": (0.0, 50.0),
 }
-SENSOR_SPREAD = {"ghi": (15.0, 8.0), "air_temp": (0.5, 0.3), "humidity": (2.0, 1.0), "wind_speed": (0.4, 0.5)}
+SENSOR_SPREAD = {"ghi": (15.0, 8.0), "air_temp": (0.5, 0.3), "humidity": (2.0, 1.0), "wind_speed": (0.4, 0.5),
+                 "electric_load": (0.3, 0.1)}
+#: The utility's feeder load (MW per feeder meter): real demand shape, modelled scale (see the module docstring).
+LOAD_METRIC = "electric_load"
+LOAD_FILE = ("statsmodels", "tsa/stl/tests/results/mstl_elec_vic.csv")
+LOAD_MEAN_MW = 5.0
+LOAD_FACTORS = {"nc-triad-east": 1.0, "nc-triad-west": 0.95, "ak-sandpoint-harbor": 0.6, "ak-sandpoint-ridge": 0.4}
 
 
 @dataclass(frozen=True)
@@ -64,8 +78,8 @@ class InstitutionSpec:
 INSTITUTIONS = (
     InstitutionSpec(
         "gridco",
-        "electric utility (rooftop PV irradiance sensors)",
-        ("ghi",),
+        "electric utility (rooftop PV irradiance sensors, feeder load meters)",
+        ("ghi", LOAD_METRIC),
         30,
         15,
         "parquet",
@@ -141,6 +155,25 @@ def load_station(station: str) -> dict[str, np.ndarray]:
     return series
 
 
+@functools.lru_cache(maxsize=1)
+def load_series() -> np.ndarray:
+    """Victoria's hourly electricity demand (3,600 hours from 2012-01-01 00:00 local time) divided by its mean: the
+    shape the demo's feeder loads follow."""
+    spec = importlib.util.find_spec(LOAD_FILE[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the demo needs the statsmodels package (it ships the load data); run `make setup`")
+    path = Path(next(iter(spec.submodule_search_locations))) / LOAD_FILE[1]
+    demand = pacsv.read_csv(path).column("y").to_numpy().astype(float)
+    return demand / demand.mean()
+
+
+def regional_load(region: str, hour_of_year: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    """A region's mean feeder load (MW) at fractional local hours of the year: the demand shape by the same day
+    of year and hour (periodic over its 150 days), times the region's modelled scale."""
+    return LOAD_MEAN_MW * LOAD_FACTORS[region] * np.interp(hour_of_year, np.arange(shape.size), shape,
+                                                           period=shape.size)
+
+
 def _rng(*labels: str) -> np.random.Generator:
     digest = hashlib.sha256("|".join(labels).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "big"))  # demo data only, not noise
@@ -158,7 +191,10 @@ def sensor_readings(spec: InstitutionSpec, day: datetime, stations: dict[str, di
         local = [(t + timedelta(hours=utc_offset)) for t in times]
         hour = np.array([(lt.timetuple().tm_yday - 1) * 24 + lt.hour + lt.minute / 60 for lt in local])
         for metric in spec.metrics:
-            base = np.interp(hour, series["hour_of_year"], series[metric], period=8760) + offsets[metric]
+            if metric == LOAD_METRIC:
+                base = regional_load(region, hour, load_series())
+            else:
+                base = np.interp(hour, series["hour_of_year"], series[metric], period=8760) + offsets[metric]
             bias_sd, noise_sd = SENSOR_SPREAD[metric]
             rng = _rng(spec.id, region, metric, day.isoformat())
             bias = _rng(spec.id, region, metric).normal(0, bias_sd, size=spec.sensors_per_region)

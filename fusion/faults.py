@@ -25,7 +25,7 @@ STEPS = (
 
 #: Steps of `fusion stream` between its durable effects: readings spooled but progress not yet committed; a
 #: window closed (progress committed) but its release not yet started.
-STREAM_STEPS = ("stream_after_spool", "stream_after_close")
+STREAM_STEPS = ("stream_after_spool", "stream_after_close", "broker_after_journal")  # the last: before the ack
 
 
 def crash_point(step: str) -> None:

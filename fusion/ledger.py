@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +33,7 @@ from fusion.store import Store
 from privacy.accountant import (
     ORDERS,
     Composition,
+    NormBoundMechanism,
     PeriodLoss,
     ReleaseCharge,
     epsilon_from_rdp,
@@ -153,6 +155,20 @@ class BudgetLedger:
         if release_id not in row.release_ids:
             _refuse_if_over(period, release_id, row, row.with_release(release_id, "", charge, delta), cap)
 
+    def preview(
+        self, *, period: Period, charges: Sequence[ReleaseCharge], cap: float, delta: float
+    ) -> tuple[float, float]:
+        """(epsilon spent in the period now, epsilon after `charges` too, none yet made): what a run of several
+        charges, such as a training run's rounds, would spend. Refuses nothing: compare the second with `cap`."""
+        if not charges:
+            raise InternalError("nothing to preview; this is probably a bug")
+        composition = charges[0].composition
+        row = self._row(period, cap, delta, composition) or _PeriodRow.empty(composition)
+        after = row
+        for k, charge in enumerate(charges):
+            after = after.with_release(f"preview-{k}", "", charge, delta)
+        return row.epsilon_spent, after.epsilon_spent
+
     def spend(
         self,
         *,
@@ -203,16 +219,15 @@ def _parse_row(r: dict[str, Any]) -> _PeriodRow:
     composition = None if r.get("composition") is None else Composition(r["composition"])
     charges: tuple[ReleaseCharge, ...] = ()
     if composition is not None:
+        bounds = r.get("norm_bounds") or [None] * len(r["mechanisms"] or ())
         charges = tuple(
             ReleaseCharge(
-                mechanism=None
-                if m["variance"] is None
-                else SkellamMechanism(m["variance"], m["coordinates"], m["shift"]),
+                mechanism=_mechanism(m, bound),
                 start=m["interval_start"],
                 end=m["interval_end"],
                 composition=composition,
             )
-            for m in r["mechanisms"] or ()
+            for m, bound in zip(r["mechanisms"] or (), bounds, strict=True)
         )
         if len(charges) != r["releases"]:
             raise InternalError(
@@ -230,19 +245,33 @@ def _parse_row(r: dict[str, Any]) -> _PeriodRow:
     )
 
 
+def _mechanism(m: dict[str, Any], bound: dict[str, Any] | None) -> SkellamMechanism | NormBoundMechanism | None:
+    """One charge's mechanism from its `mechanisms` entry and its `norm_bounds` entry (None: per-slot shape)."""
+    if m["variance"] is None:
+        return None
+    if bound is not None:
+        return NormBoundMechanism(m["variance"], bound["l1"], bound["l2"])
+    return SkellamMechanism(m["variance"], m["coordinates"], m["shift"])
+
+
 def _row_doc(period: Period, row: _PeriodRow, *, cap: float, delta: float) -> dict[str, Any]:
-    mechanisms = None
+    mechanisms = norm_bounds = None
     if row.composition is not None:
         mechanisms = [
             {
                 "interval_start": c.start,
                 "interval_end": c.end,
                 "variance": None if c.mechanism is None else c.mechanism.variance,
-                "coordinates": None if c.mechanism is None else c.mechanism.coordinates,
-                "shift": None if c.mechanism is None else c.mechanism.shift,
+                "coordinates": c.mechanism.coordinates if isinstance(c.mechanism, SkellamMechanism) else None,
+                "shift": c.mechanism.shift if isinstance(c.mechanism, SkellamMechanism) else None,
             }
             for c in row.charges
         ]
+        if any(isinstance(c.mechanism, NormBoundMechanism) for c in row.charges):  # training rounds (training/)
+            norm_bounds = [
+                {"l1": c.mechanism.l1, "l2": c.mechanism.l2} if isinstance(c.mechanism, NormBoundMechanism) else None
+                for c in row.charges
+            ]
     return {
         "period": period.name,
         "period_start": period.start,
@@ -258,6 +287,7 @@ def _row_doc(period: Period, row: _PeriodRow, *, cap: float, delta: float) -> di
         "composition": None if row.composition is None else row.composition.value,
         "mechanisms": mechanisms,
         "epsilon_rdp": row.epsilon_rdp,
+        "norm_bounds": norm_bounds,
     }
 
 

@@ -10,13 +10,15 @@ readers can check the store against the registry (`fusion verify`).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import stat
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from fusion.config import Config
 from fusion.errors import FusionError
@@ -74,6 +76,9 @@ class _Registry:
     key_holder: bytes | None  # the key holder's signing public key (it signs releases)
     retired: tuple[bytes, ...] = ()  # the key holder's earlier signing keys: releases they signed still verify
     unsigned: tuple[str, ...] = ()  # releases published before the key holder had a key (nothing to verify)
+    # The mechanisms' parties (MECHANISM_SECTIONS, as parsed; mechanisms/authorities.py validates them): kept as
+    # they are when the registry is rewritten.
+    mechanisms: dict[str, Any] = field(default_factory=dict)
 
 
 def _read(config: Config) -> _Registry:
@@ -101,6 +106,7 @@ def _read(config: Config) -> _Registry:
             bytes.fromhex(key_holder) if key_holder else None,
             tuple(bytes.fromhex(k) for k in retired),
             tuple(unsigned),
+            {name: doc[name] for name in MECHANISM_SECTIONS if name in doc},
         )
     except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise FusionError(f"the registry {path} is malformed: {exc}") from None
@@ -147,11 +153,60 @@ def _write_registry(config: Config, registry: _Registry) -> None:
             f'signing_key = "{entry["signing"].hex()}"',
             f'agreement_key = "{entry["agreement"].hex()}"',
         ]
+    lines += _mechanism_lines(registry.mechanisms)
     path = Path(config.registry_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     temporary.write_text("\n".join(lines) + "\n")
     temporary.replace(path)
+
+
+#: The registry's sections for the mechanisms (mechanisms/authorities.py): the operator who signs recommendations,
+#: the authorities who decide on them (their signers' keys, scope and threshold) and the bidders of auctions.
+MECHANISM_SECTIONS = ("mechanism_operator", "authorities", "bidders")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(value, list) and not any(isinstance(v, dict) for v in value):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"a registry value of type {type(value).__name__} cannot be written")
+
+
+def _mechanism_lines(sections: dict[str, Any]) -> list[str]:
+    """The mechanism sections as TOML: a table of values, or an array of tables whose entries may hold one level
+    of arrays of tables (an authority's signers)."""
+    lines: list[str] = []
+    for name in MECHANISM_SECTIONS:
+        section = sections.get(name)
+        if isinstance(section, dict):
+            lines += ["", f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in section.items())]
+        for entry in section if isinstance(section, list) else ():
+            lines += ["", f"[[{name}]]"]
+            nested = {k: v for k, v in entry.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+            lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items() if k not in nested]
+            for key, items in nested.items():
+                for item in items:
+                    lines += [f"[[{name}.{key}]]", *(f"{k} = {_toml_value(v)}" for k, v in item.items())]
+    return lines
+
+
+def load_mechanism_sections(config: Config) -> dict[str, Any]:
+    """The registry's mechanism sections as parsed (empty where absent); mechanisms/authorities.py reads them."""
+    return dict(_read(config).mechanisms)
+
+
+def write_mechanism_sections(config: Config, sections: dict[str, Any]) -> None:
+    """Replace the registry's mechanism sections, keeping everything else in it."""
+    unknown = sorted(set(sections) - set(MECHANISM_SECTIONS))
+    if unknown:
+        raise ValueError(f"not mechanism sections of the registry: {unknown}")
+    _write_registry(config, replace(_read(config), mechanisms=dict(sections)))
 
 
 def create_institution_keys(config: Config, institution_id: str, *, overwrite: bool = False) -> Path:

@@ -50,6 +50,11 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "rejects": ("release_id", "institution", "reason"),
     "budget": ("period",),
     "runs": ("run_id",),
+    "forecasts": ("forecast_id", "window_start"),
+    "forecast_scores": ("forecast_id", "window_start"),
+    "recommendations": ("recommendation_id", "item_type", "item_key"),
+    "decisions": ("decision_id", "signer"),
+    "models": ("model_id", "round"),
 }
 
 
@@ -209,9 +214,10 @@ class Store:
         present = self._arrow_dataset(name, table, schema).to_table(columns=keys)
         if present.num_rows == 0:
             return rows
-        numbered = rows.append_column(_ROW, pa.array(np.arange(rows.num_rows, dtype=np.int64)))
+        # Joined on the keys alone: Arrow's join cannot carry list columns (forecasts' input_release_ids).
+        numbered = rows.select(keys).append_column(_ROW, pa.array(np.arange(rows.num_rows, dtype=np.int64)))
         fresh = numbered.join(present, keys=keys, join_type="left anti", use_threads=False)
-        return fresh.sort_by(_ROW).select(schema.names)
+        return rows.take(np.sort(fresh.column(_ROW).to_numpy())).select(schema.names)
 
     def compact(self, name: str, *, min_files: int = COMPACT_FILES) -> int:
         """Rewrite a table's small files into few once it has `min_files` or more; returns the files removed (0

@@ -139,13 +139,18 @@ def run_interval(
     with Heartbeat(log, claim, schedule.lease_length, now=now) as heartbeat:
         outcome = _attempt(config, store, interval, now=now, beam_args=beam_args)
     log.finish(heartbeat.claim, outcome)
+    detail = outcome.error or ""
+    if outcome.status is RunStatus.RELEASED and outcome.release_id:  # [forecasting] refresh (off without the block)
+        from forecasting.refresh import refresh_forecasts
+
+        detail = refresh_forecasts(config, [outcome.release_id]) or detail
     return RunResult(
         name,
         interval,
         Action.RUN,
         outcome.status,
         claim.attempt,
-        outcome.error or "",
+        detail,
         cells=outcome.cells or 0,
         epsilon=outcome.epsilon or 0.0,
     )

@@ -53,6 +53,7 @@ from fusion.stream_state import (
     window_start,
 )
 from pipelines.batch import run_batch
+from pipelines.broker_sources import SourceReader
 from pipelines.contribute import sealed_envelope
 from pipelines.run import beam_options
 from pipelines.stream import SPOOL_WINDOW_FORMAT, run_micro_batch, spool_dir, stdin_feed
@@ -77,6 +78,7 @@ class StreamStatus:
     changed_inputs: tuple[str, ...] = ()  # input files that changed after they were spooled (not read again)
     released: int = 0  # windows released, all time
     refused: tuple[str, ...] = ()  # why each refused window was refused (budget, overlap, quorum), oldest first
+    sources: tuple[str, ...] = ()  # each broker source's health: "<institution> <broker>: connected" or down
 
 
 def _latest_release(state: StreamState) -> tuple[str, float | None] | None:
@@ -166,6 +168,13 @@ class StreamDriver:
             journal = join(config.stream_state_path, "stdin", institution)  # local: the state's privacy
             self._stdin = StdinJournal(stream, journal)
             self._feeds.append((institution, stdin_feed(config, institution, journal)))
+        self._readers: list[SourceReader] = []
+        if not releases_only and any(i.sources for i in config.institutions):
+            from pipelines.broker_sources import start_readers  # lazily: the brokers' clients
+
+            for reader, feed in start_readers(config, on_notice):  # journals messages, acknowledges after
+                self._readers.append(reader)
+                self._feeds.append((reader.institution, feed))
         # The latest release (window start, seconds from closable to queryable); after a restart, the state's.
         self._last_release: tuple[str, float | None] | None = _latest_release(self.state)
         self._rows_per_s = 0.0
@@ -394,7 +403,19 @@ class StreamDriver:
             crash_point("stream_after_close")
         for start in sorted(set(interrupted) | set(ready)):
             self._release(start)
+        self._refresh_forecasts(sorted(set(interrupted) | set(ready)))
         return sorted(set(interrupted) | set(ready))
+
+    def _refresh_forecasts(self, starts: list[datetime]) -> None:
+        """Forecast the released series again, once per step ([forecasting] refresh; off without the block)."""
+        windows = [self.state.windows[start.isoformat()] for start in starts]
+        released = [w.release_id for w in windows if w.status is WindowStatus.RELEASED and w.release_id]
+        if released and self.config.forecasting is not None:
+            from forecasting.refresh import refresh_forecasts
+
+            note = refresh_forecasts(self.config, released)
+            if note:
+                self._on_notice(note)
 
     def finished(self) -> bool:
         """With `until`: every window of the grid that ends at or before it has been closed."""
@@ -421,6 +442,7 @@ class StreamDriver:
                 for _, w in sorted(self.state.windows.items())
                 if w.status is WindowStatus.REFUSED
             ),
+            sources=tuple(f"{r.institution} {r.label}: {r.health}" for r in self._readers),
         )
 
     def step(self, *, drain: bool = False) -> int:
@@ -434,12 +456,26 @@ class StreamDriver:
         the inputs are exhausted (stdin closed, no new files), then release every window of the grid up to
         `until` (or up to the clock without it)."""
         while not self.stop_requested:
+            caught_up = all(reader.idle for reader in self._readers)  # before the step: its journal is read
+            if drain and not caught_up:  # a backlog still on the brokers: take it before any window closes
+                self.ingest()
+                self._on_status(self.status())
+                sleep(0.1)
+                continue
             rows = self.step()
-            if drain and rows == 0 and (self._stdin is None or self._stdin.closed):
+            if drain and rows == 0 and caught_up and (self._stdin is None or self._stdin.closed):
                 self.step(drain=True)
                 break
             if self.finished():
                 break
             if rows == 0:
                 sleep(self.config.stream_poll.total_seconds())
+        self.close()
         return self.status()
+
+    def close(self) -> None:
+        """Stop the broker readers (what they journalled is acknowledged; the rest is redelivered)."""
+        for reader in self._readers:
+            reader.stop()
+        for reader in self._readers:
+            reader.join(timeout=5)

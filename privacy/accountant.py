@@ -24,6 +24,21 @@ import numpy as np
 
 from privacy.pld import SkellamMechanism, pld_epsilon, resolves
 
+
+@dataclass(frozen=True)
+class NormBoundMechanism:
+    """Skellam noise of total variance `variance` on every slot of a vector that a neighbouring input moves by at
+    most `l1` in L1 norm and `l2` in L2 norm, in any shape (a training round's clipped gradient sum, training/).
+    Only the RDP bound covers it: the PLD accountant assumes SkellamMechanism's per-slot shape."""
+
+    variance: float
+    l1: float
+    l2: float
+
+
+#: What one release or training round is for the accountant.
+Mechanism = SkellamMechanism | NormBoundMechanism
+
 #: Integer Renyi orders at which the bound is evaluated.
 ORDERS: np.ndarray = np.concatenate([np.arange(2, 64), np.arange(64, 257, 4), np.arange(288, 1025, 32)]).astype(float)
 
@@ -146,7 +161,7 @@ def calibrate_skellam_variance(*, epsilon: float, delta: float, coordinates: int
     raise RuntimeError(f"calibrating the Skellam variance for epsilon {epsilon} did not converge; probably a bug")
 
 
-def mechanism_rdp(mechanism: SkellamMechanism, orders: np.ndarray = ORDERS) -> np.ndarray:
+def mechanism_rdp(mechanism: Mechanism, orders: np.ndarray = ORDERS) -> np.ndarray:
     """The RDP curve of one release of `mechanism` (its L1 and L2 sensitivities in the bound)."""
     return skellam_rdp(variance=mechanism.variance, l1=mechanism.l1, l2=mechanism.l2, orders=orders)
 
@@ -174,7 +189,7 @@ class ReleaseCharge:
     nothing and is charged nothing), the interval [start, end) of the readings it covers, and how it composes
     with the other releases of its period."""
 
-    mechanism: SkellamMechanism | None
+    mechanism: Mechanism | None
     start: datetime
     end: datetime
     composition: Composition
@@ -212,9 +227,24 @@ def period_loss(charges: Sequence[ReleaseCharge], *, composition: Composition, d
     curves = np.array([mechanism_rdp(m) for m in mechanisms])  # (releases, orders)
     rdp = np.max([curves[list(group)].sum(axis=0) for group in groups], axis=0)
     epsilon_rdp = epsilon_from_rdp(rdp, delta=delta)
-    distinct = {tuple(sorted(mechanisms[i] for i in group)) for group in groups}
-    epsilon = max(skellam_epsilon(group, delta=delta) for group in distinct)
+    distinct = {tuple(sorted((mechanisms[i] for i in group), key=_order)) for group in groups}
+    epsilon = max(_group_epsilon(group, delta=delta) for group in distinct)
     return PeriodLoss(epsilon, epsilon_rdp, rdp)
+
+
+def _order(mechanism: Mechanism) -> tuple[str, float, float, float]:
+    if isinstance(mechanism, SkellamMechanism):
+        return ("", mechanism.variance, mechanism.coordinates, mechanism.shift)
+    return ("norm", mechanism.variance, mechanism.l1, mechanism.l2)
+
+
+def _group_epsilon(group: Sequence[Mechanism], *, delta: float) -> float:
+    """The reported epsilon of releases that compose: PLD where every one has the per-slot shape, else the RDP
+    conversion of their summed curves (a training round's norm bound is covered by RDP alone)."""
+    per_slot = [m for m in group if isinstance(m, SkellamMechanism)]
+    if len(per_slot) == len(group):
+        return skellam_epsilon(per_slot, delta=delta)
+    return epsilon_from_rdp(np.sum([mechanism_rdp(m) for m in group], axis=0), delta=delta)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -104,6 +104,7 @@ BUDGET_MECHANISM = pa.struct(
         pa.field("shift", pa.int64()),
     ]
 )
+NORM_BOUND = pa.struct([pa.field("l1", pa.float64()), pa.field("l2", pa.float64())])
 BUDGET_SCHEMA = pa.schema(
     [
         pa.field("period", pa.string(), nullable=False),
@@ -120,6 +121,9 @@ BUDGET_SCHEMA = pa.schema(
         pa.field("composition", pa.string(), nullable=True),
         pa.field("mechanisms", pa.list_(BUDGET_MECHANISM), nullable=True),
         pa.field("epsilon_rdp", pa.float64(), nullable=True),
+        # Per mechanism (NULL entries: the per-slot shape): the L1 and L2 norm bounds of a training round's
+        # mechanism (privacy.accountant.NormBoundMechanism), accounted by RDP alone. NULL in rows without one.
+        pa.field("norm_bounds", pa.list_(NORM_BOUND), nullable=True),
     ]
 )
 
@@ -153,10 +157,184 @@ RUNS_SCHEMA = pa.schema(
     ]
 )
 
+#: Forecasts of released series (forecasting/), post-processing of the releases: they spend no budget. One row per
+#: forecast window: `forecast_id` names one model's forecast of one series (metric, statistic, region) from one
+#: origin, issued by `fusion forecast` (purpose "forecast") or, for each rolling origin and model, by `fusion
+#: backtest` ("backtest"). `sd` and the ci bounds are of the true value; the release_ bounds of the next noisy
+#: release (the true value's spread plus the expected noise `noise_sd` of a future cell), both scaled by
+#: `calibration_factor` (learned on earlier backtest origins; 1 before any backtest).
+FORECASTS_SCHEMA = pa.schema(
+    [
+        pa.field("forecast_id", pa.string(), nullable=False),
+        pa.field("purpose", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("params", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("statistic", pa.string(), nullable=False),
+        pa.field("unit", pa.string(), nullable=False),
+        pa.field("region", pa.string(), nullable=False),
+        pa.field("issued_at", _TS, nullable=False),
+        pa.field("origin", _TS, nullable=False),
+        pa.field("window_start", _TS, nullable=False),
+        pa.field("window_end", _TS, nullable=False),
+        pa.field("horizon", pa.int32(), nullable=False),
+        pa.field("mean", pa.float64(), nullable=False),
+        pa.field("sd", pa.float64(), nullable=False),
+        pa.field("ci80_low", pa.float64(), nullable=False),
+        pa.field("ci80_high", pa.float64(), nullable=False),
+        pa.field("ci95_low", pa.float64(), nullable=False),
+        pa.field("ci95_high", pa.float64(), nullable=False),
+        pa.field("noise_sd", pa.float64(), nullable=False),
+        pa.field("release_sd", pa.float64(), nullable=False),
+        pa.field("release_ci80_low", pa.float64(), nullable=False),
+        pa.field("release_ci80_high", pa.float64(), nullable=False),
+        pa.field("release_ci95_low", pa.float64(), nullable=False),
+        pa.field("release_ci95_high", pa.float64(), nullable=False),
+        pa.field("calibration_factor", pa.float64(), nullable=False),
+        pa.field("mase_scale", pa.float64(), nullable=True),
+        pa.field("releases_version", pa.int64(), nullable=False),
+        pa.field("input_release_ids", pa.list_(pa.string()), nullable=False),
+    ]
+)
+
+#: Each forecast window scored once its release has landed: the released value (NULL where the cell was withheld),
+#: its noise SD, the error, z = error / release_sd and whether the release intervals held it. Backtest forecasts
+#: are scored as they are issued (their windows are released already).
+FORECAST_SCORES_SCHEMA = pa.schema(
+    [
+        pa.field("forecast_id", pa.string(), nullable=False),
+        pa.field("window_start", _TS, nullable=False),
+        pa.field("purpose", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("statistic", pa.string(), nullable=False),
+        pa.field("region", pa.string(), nullable=False),
+        pa.field("origin", _TS, nullable=False),
+        pa.field("horizon", pa.int32(), nullable=False),
+        pa.field("release_id", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=True),
+        pa.field("noise_sd", pa.float64(), nullable=True),
+        pa.field("error", pa.float64(), nullable=True),
+        pa.field("scaled_error", pa.float64(), nullable=True),
+        pa.field("z", pa.float64(), nullable=True),
+        pa.field("covered80", pa.bool_(), nullable=True),
+        pa.field("covered95", pa.bool_(), nullable=True),
+        pa.field("scored_at", _TS, nullable=False),
+        pa.field("releases_version", pa.int64(), nullable=False),
+    ]
+)
+
+#: Recommendations of the mechanisms (mechanisms/): advisory only, never executed by Fusion (`binding` is always
+#: false). Append-only, one row per item in long form (item_type, item_key, value, unit: dispatch MW, LMP and its
+#: energy and congestion parts, shadow prices, payments, frontier points, objectives), each row repeating its
+#: recommendation's header. `recommendation_id` is the first 32 hex digits of `digest`, the SHA-256 of the
+#: content (header and items; mechanisms/records.py), which `fusion recommend --replay` recomputes from the store
+#: versions in `inputs`. `signature`: the mechanisms operator's Ed25519 signature over the id, digest, supersedes,
+#: created_at and signer. A refused attempt (an infeasible network, a load missing for a bus) is recorded too,
+#: `outcome` = 'refused' with the `refusal`, and no items beyond one `refusal` row.
+RECOMMENDATIONS_SCHEMA = pa.schema(
+    [
+        pa.field("recommendation_id", pa.string(), nullable=False),
+        pa.field("digest", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("mechanism", pa.string(), nullable=False),
+        pa.field("mechanism_version", pa.string(), nullable=False),
+        pa.field("created_at", _TS, nullable=False),
+        pa.field("valid_from", _TS, nullable=False),
+        pa.field("valid_to", _TS, nullable=False),
+        pa.field("regions", pa.list_(pa.string()), nullable=False),
+        pa.field("inputs", pa.string(), nullable=False),
+        pa.field("parameters", pa.string(), nullable=False),
+        pa.field("summary", pa.string(), nullable=False),
+        pa.field("outcome", pa.string(), nullable=False),
+        pa.field("refusal", pa.string(), nullable=True),
+        pa.field("item_type", pa.string(), nullable=False),
+        pa.field("item_key", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=True),
+        pa.field("unit", pa.string(), nullable=True),
+        pa.field("supersedes", pa.string(), nullable=True),
+        pa.field("binding", pa.bool_(), nullable=False),
+        pa.field("signer", pa.string(), nullable=False),
+        pa.field("signature", pa.string(), nullable=False),
+    ]
+)
+
+#: Decisions on recommendations by authorities registered in the registry (`[[authorities]]`: public keys, scope
+#: of regions and kinds, and a k-of-n threshold): one row per signer, so a decision needing k signatures is
+#: effective once k of its authority's signers have signed the same `decision_id` (a hash of its content). An
+#: override carries the adopted items (the MW it fixes, or the frontier point chosen), the MW it moves and its cost
+#: impact found by re-solving the recommendation's problem with it fixed. A refused attempt (no reason code, an
+#: unregistered or out-of-scope key, a tampered or superseded recommendation) is recorded with `outcome` =
+#: 'refused' and never counts.
+DECISION_ITEM = pa.struct(
+    [
+        pa.field("item_key", pa.string()),
+        pa.field("value", pa.float64()),
+        pa.field("unit", pa.string()),
+    ]
+)
+DECISIONS_SCHEMA = pa.schema(
+    [
+        pa.field("decision_id", pa.string(), nullable=False),
+        pa.field("recommendation_id", pa.string(), nullable=False),
+        pa.field("recommendation_sha256", pa.string(), nullable=False),
+        pa.field("action", pa.string(), nullable=False),
+        pa.field("authority", pa.string(), nullable=False),
+        pa.field("signer", pa.string(), nullable=False),
+        pa.field("signer_key", pa.string(), nullable=False),
+        pa.field("decided_at", _TS, nullable=False),
+        pa.field("effective_from", _TS, nullable=True),
+        pa.field("effective_to", _TS, nullable=True),
+        pa.field("reason_code", pa.string(), nullable=True),
+        pa.field("reason", pa.string(), nullable=True),
+        pa.field("adopted", pa.list_(DECISION_ITEM), nullable=False),
+        pa.field("deviation_mw", pa.float64(), nullable=True),
+        pa.field("cost_impact", pa.float64(), nullable=True),
+        pa.field("previous_decision_id", pa.string(), nullable=True),
+        pa.field("outcome", pa.string(), nullable=False),
+        pa.field("refusal", pa.string(), nullable=True),
+        pa.field("signature", pa.string(), nullable=False),
+    ]
+)
+
+#: Models trained across institutions (training/), one row per committed round: the flat float32 parameters after
+#: it (public to the federation), what the round released (its id, the SHA-256 of each contribution envelope and
+#: of the aggregate the ledger charged) and cost: `noise_variance` is the total Skellam variance in the sum,
+#: `calibrated_variance` the part no admissible coalition knows (v), `epsilon` the whole run's so far.
+MODELS_SCHEMA = pa.schema(
+    [
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("round", pa.int64(), nullable=False),
+        pa.field("settings_sha256", pa.string(), nullable=False),
+        pa.field("parameters", pa.list_(pa.float32()), nullable=False),
+        pa.field("parameters_sha256", pa.string(), nullable=False),
+        pa.field("clip", pa.float64(), nullable=False),
+        pa.field("scale", pa.float64(), nullable=False),
+        pa.field("learning_rate", pa.float64(), nullable=False),
+        pa.field("noise_variance", pa.float64(), nullable=False),
+        pa.field("calibrated_variance", pa.float64(), nullable=False),
+        pa.field("epsilon", pa.float64(), nullable=False),
+        pa.field("delta", pa.float64(), nullable=False),
+        pa.field("contributors", pa.list_(pa.string()), nullable=False),
+        pa.field("count_estimate", pa.float64(), nullable=False),
+        pa.field("release_id", pa.string(), nullable=False),
+        pa.field("envelope_digests", pa.list_(pa.string()), nullable=False),  # "institution:sha256"
+        pa.field("aggregate_sha256", pa.string(), nullable=False),
+        pa.field("held_out_accuracy", pa.float64(), nullable=True),
+        pa.field("committed_at", _TS, nullable=False),
+    ]
+)
+
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "budget": BUDGET_SCHEMA,
     "releases": RELEASES_SCHEMA,
     "audit": AUDIT_SCHEMA,
     "rejects": REJECTS_SCHEMA,
     "runs": RUNS_SCHEMA,
+    "forecasts": FORECASTS_SCHEMA,
+    "forecast_scores": FORECAST_SCORES_SCHEMA,
+    "recommendations": RECOMMENDATIONS_SCHEMA,
+    "decisions": DECISIONS_SCHEMA,
+    "models": MODELS_SCHEMA,
 }

@@ -121,7 +121,8 @@ def test_counts_sums_means_and_stddevs_cover_95_percent_on_both_sides(decoded: D
 def test_quantile_estimates_are_within_half_a_bin_where_the_count_is_clear(decoded: Decoded) -> None:
     """Where the noisy count is at least 3 count SDs, the median absolute error of p10, median and p90 is at most
     half a bin (was 0.5-0.9 bins, p10 of temperature and humidity five bins and more towards the empty end).
-    Measured: p10 0.39, median 0.23, p90 0.26 bins."""
+    Measured: p10 0.04, median 0.30, p90 0.27 bins (p10 0.39 before a bound's pile counted as cells of its own:
+    night-time irradiance and calm wind are now estimated at the bound)."""
     width = (decoded.upper - decoded.lower) / BINS
     clear = decoded.rows["count"] >= 3 * decoded.rows["count_sd"]
     for name in ("p10", "median", "p90"):
@@ -133,26 +134,55 @@ def test_quantile_estimates_are_within_half_a_bin_where_the_count_is_clear(decod
 
 def test_quantile_intervals_cover_their_true_quantiles(decoded: Decoded) -> None:
     """Every released quantile's interval, over every cell that releases one (humidity's histograms, a bin SD of
-    3.8 readings against 1.5 readings a bin, release none). Measured: p10 99.3% (12 misses, all above), median
-    97.0% (11 above, 42 below), p90 96.5% (40 above, 23 below): at least 95%, but above the 97% aimed at for p10
-    (the position of a quantile inside its bin is not known, and the interval allows for it; README). Was
-    97-98.5% with estimates off by up to six bins."""
+    3.8 readings against 1.5 readings a bin, release none). Measured (this seed): p10 99.2% (12 misses above, 3
+    below), median 97.4% (12, 35), p90 97.6% (6, 36); over three noise seeds 98.6-99.2%, 97.4-98.4%, 97.2-97.7%,
+    and on real data the tests do not use (Miami's TMY2 file; the two stations' direct-normal irradiance and dew
+    point) 98.9%, 96.7-97.2%, 96.0-96.7%. Never below the 95% claimed, but not within 93-97% with misses balanced:
+    p10 cannot be (next test), and the uniform composition prior leaves the misses of medians and of the tail
+    quantiles of compact days on one side (fusion/quantiles.py says which and why)."""
     for name in ("p10", "median", "p90"):
         covered, above, below = _misses(decoded, name)
         assert covered.size >= 1500
-        assert 0.95 <= covered.mean() <= 0.997, (name, covered.mean(), above, below)
+        assert 0.95 <= covered.mean() <= 0.995, (name, covered.mean(), above, below)
 
 
-def test_quantiles_at_a_clamp_bound_are_covered(decoded: Decoded) -> None:
-    """Night-time irradiance is exactly 0, the lower bound: a pile of clamped readings at the bound, which an
-    interval reaching into the first bin covers by extending to it."""
+def _at_a_bound(d: Decoded, name: str) -> np.ndarray:
+    return ~np.isnan(d.rows[name]) & ((d.truth[name] == d.lower) | (d.truth[name] == d.upper))
+
+
+def test_quantiles_at_a_clamp_bound_are_covered_and_estimated_there(decoded: Decoded) -> None:
+    """Night-time irradiance and calm wind are exactly 0, the lower bound: 47% of released p10 truths, 18% of the
+    medians. Whether a bound's bin holds its readings at the bound or above it is not observed, so the interval
+    holds both and covers these cells by construction (100%): over all cells p10 cannot come below 97% unless the
+    other half missed 6% and more. Over the cells whose interval reaches neither bound it covers 97.6% (10 misses
+    above, 3 below). p10 is now estimated at the bound where it is there (99.8%; was never, the estimate inside
+    the first bin)."""
+    at_bound = _at_a_bound(decoded, "p10")
+    assert at_bound.sum() >= 0.4 * (~np.isnan(decoded.rows["p10"])).sum()
+    assert (decoded.rows["p10"][at_bound] == decoded.truth["p10"][at_bound]).mean() >= 0.99
     for name in ("p10", "median", "p90"):
-        released = ~np.isnan(decoded.rows[name])
-        at_bound = released & ((decoded.truth[name] == decoded.lower) | (decoded.truth[name] == decoded.upper))
-        assert at_bound.sum() >= 300 if name == "p10" else True
+        at_bound = _at_a_bound(decoded, name)
         covered = (decoded.rows[f"{name}_ci_low"] <= decoded.truth[name]) & (
             decoded.truth[name] <= decoded.rows[f"{name}_ci_high"])
         assert covered[at_bound].mean() >= 0.99 if at_bound.any() else True
+    low, high = decoded.rows["p10_ci_low"], decoded.rows["p10_ci_high"]
+    inside = ~np.isnan(decoded.rows["p10"]) & (low > decoded.lower) & (high < decoded.upper)
+    truth = decoded.truth["p10"][inside]
+    covered = (low[inside] <= truth) & (truth <= high[inside])
+    assert inside.sum() >= 400
+    assert 0.93 <= covered.mean() <= 0.99, covered.mean()
+
+
+def test_irradiance_p90_keeps_the_thin_daylight_tail(decoded: Decoded) -> None:
+    """Above the pile of night-time zeros, irradiance has a thin daylight tail of one or two readings a bin that
+    the posterior took for noise: p90 covered 92.9% (37 misses above, 8 below). The pile now counts as cells of
+    their own, and the tail is kept: 97.0% (4 above, 15 below; 96.2-97.6% over three seeds)."""
+    ghi = decoded.metric == METRICS.index("ghi")
+    released = ghi & ~np.isnan(decoded.rows["p90"])
+    truth = decoded.truth["p90"][released]
+    covered = (decoded.rows["p90_ci_low"][released] <= truth) & (truth <= decoded.rows["p90_ci_high"][released])
+    assert released.sum() >= 500
+    assert 0.95 <= covered.mean() <= 0.98, covered.mean()
 
 
 def test_mean_sd_matches_the_spread_of_the_ratio(decoded: Decoded) -> None:

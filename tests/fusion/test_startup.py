@@ -16,7 +16,7 @@ from tests.conftest import config_text
 from tests.fusion.test_store import release_rows
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("apache_beam", "torch", "tenseal")
+HEAVY = ("apache_beam", "torch", "tenseal", "statsmodels", "matplotlib", "fastapi", "uvicorn", "altair", "playwright")
 #: Runs `fusion` in this interpreter, then prints its exit status and the heavy modules it imported.
 SCRIPT = """
 import sys
@@ -56,6 +56,9 @@ def imported_by(*argv: str) -> tuple[set[str], str]:
     ("argv", "allowed"),
     [
         pytest.param(["--help"], set(), id="help"),
+        pytest.param(["forecast", "--help"], set(), id="forecast-help"),
+        pytest.param(["backtest", "--help"], set(), id="backtest-help"),
+        pytest.param(["serve", "--help"], set(), id="serve-help"),
         pytest.param(["sql", "--help"], set(), id="sql-help"),
         pytest.param(["sql", "--config", "{config}", "SELECT 1"], set(), id="sql-select-1"),
         pytest.param(["sql", "--config", "{config}", "SELECT count(*) AS n FROM releases", "--format", "json"], set(),

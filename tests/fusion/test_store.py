@@ -72,7 +72,8 @@ def test_ensure_tables_creates_every_table_with_exactly_its_schema(tmp_path: Pat
     store = Store(tmp_path / "store")
     assert all(store.version(name) is None for name in TABLE_SCHEMAS)
     store.ensure_tables()
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["audit", "budget", "rejects", "releases", "runs"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(TABLE_SCHEMAS)
+    assert {"audit", "budget", "rejects", "releases", "runs", "recommendations", "decisions"} <= set(TABLE_SCHEMAS)
     for name, schema in TABLE_SCHEMAS.items():
         delta_schema = pa.schema(DeltaTable(store.table_path(name)).schema().to_arrow())
         assert delta_schema.equals(schema), name  # names, types, timezones and nullability

@@ -122,8 +122,8 @@ def test_bad_config_fails_at_load_naming_the_field(tmp_path):
 
 def test_demo_runs_end_to_end(tmp_path):
     out = fusion("demo", "--dir", str(tmp_path / "demo"), "--days", "1").stdout
-    assert "cells released: 384" in out
-    assert "releases, 2026-01-01" in out and "16 row(s)" in out
+    assert "cells released: 480" in out  # 24 hourly windows x 4 regions x 5 metrics
+    assert "releases, 2026-01-01" in out and "20 row(s)" in out
     assert "releases verified against the key holder's registered signature: 1 of 1" in out
     assert (tmp_path / "demo" / "README.txt").read_text().startswith("Fusion demo federation")
     # The first "Try:" line runs as printed, from any directory, and its table is narrow enough to read.
@@ -131,6 +131,8 @@ def test_demo_runs_end_to_end(tmp_path):
 
     config = str((tmp_path / "demo" / "federation.toml").resolve())
     assert f'sql --config {config} "{DEMO_TRY_QUERY}"' in " ".join(out.split())
+    # It ends with the dashboard's command (fusion serve).
+    assert f"fusion serve --config {config}" in out and out.rstrip().endswith("then open http://127.0.0.1:8050")
     rows = [json.loads(line) for line in fusion("sql", "--config", config, DEMO_TRY_QUERY, "--format", "json",
                                                 cwd=tmp_path).stdout.splitlines()]
     assert len(rows) == 5 and len(rows[0]) == 7

@@ -1,0 +1,205 @@
+"""The Provenance view: the chain of signed releases and what `fusion verify` reports on each (fusion.api.verify:
+the key holder's signatures, the budget ledger's charges, the chain's sequence numbers), the recommendations' and
+decisions' signatures when the store has any, and the audit events, filterable."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from dashboard import params
+from dashboard.snapshot import Snapshot
+from fusion import api
+from fusion.config import Config
+from fusion.errors import FusionError
+
+#: Audit events per page.
+PAGE_EVENTS = 200
+#: Statuses that mean a release is what was published (fusion.provenance.GOOD).
+GOOD = ("verified", "legacy")
+
+
+class ReleaseCheck(BaseModel):
+    """`fusion verify`'s line for one release, with its audit record of publication."""
+
+    release_id: str
+    sequence: int | None  # its place in the chain of signed releases
+    rows: int
+    status: str  # verified | legacy | tampered | missing | violation
+    reason: str
+    released_at: datetime | None
+    aggregate_sha256: str | None  # the aggregate envelope the key holder decrypted
+
+
+class RecordCheck(BaseModel):
+    """`fusion verify`'s line for one recommendation or decision."""
+
+    table: str
+    record_id: str
+    status: str  # verified | refusal | tampered
+    effect: str
+    reason: str
+
+
+class AuditEvent(BaseModel):
+    event_id: str
+    at: datetime
+    actor_role: str
+    actor: str
+    action: str
+    release_id: str | None
+    interval_start: datetime | None
+    interval_end: datetime | None
+    reason: str | None
+    content_sha256: str | None
+    detail: str | None
+
+
+class AuditFilter(BaseModel):
+    action: str | None
+    role: str | None
+    release: str | None
+    text: str | None
+    start: datetime | None
+    end: datetime | None
+
+
+#: What verifying gives: (why nothing could be verified, or None; the checks in chain order).
+Verified = tuple[str | None, list[ReleaseCheck]]
+
+
+class ProvenanceView(BaseModel):
+    verify_error: str | None  # why nothing could be verified (no signing key registered)
+    verify_current: bool  # false: the report of earlier table versions, while the current one is computed
+    counts: dict[str, int]  # status -> releases
+    checks: list[ReleaseCheck]  # in chain order
+    record_error: str | None  # why the recommendations and decisions could not be checked
+    record_checks: list[RecordCheck]
+    actions: list[str]  # the audit's actions and roles, for the filter
+    roles: list[str]
+    filter: AuditFilter
+    events: list[AuditEvent]  # newest first
+    matching: int  # events matching the filter
+    page: int
+    pages: int
+
+
+def provenance_view(
+    snapshot: Snapshot,
+    *,
+    action: str | None = None,
+    role: str | None = None,
+    release: str | None = None,
+    text: str | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    page: str | None = None,
+) -> ProvenanceView:
+    kinds = snapshot.cached("audit kinds", ["audit"], lambda shot: shot.rows(
+        "SELECT list(DISTINCT action ORDER BY action) AS actions, list(DISTINCT actor_role ORDER BY actor_role) "
+        "AS roles FROM audit")[0])
+    actions, roles = kinds["actions"] or [], kinds["roles"] or []
+    chosen = AuditFilter(
+        action=params.choice("action", action, actions), role=params.choice("role", role, roles),
+        release=params.text("release", release), text=params.text("text", text),
+        start=params.time("start", start), end=params.time("end", end),
+    )
+    params.time_range(chosen.start, chosen.end)
+    number = params.page("page", page)
+    where = _where(chosen)
+    matching = int(snapshot.rows(f"SELECT count(*) AS n FROM audit{where}")[0]["n"])
+    pages = max(1, -(-matching // PAGE_EVENTS))
+    if number > pages:
+        raise params.BadParameter("page", f"{number} is past the last page, {pages}, of the events matching")
+    events = [AuditEvent(**row) for row in snapshot.rows(
+        f'SELECT * FROM audit{where} ORDER BY "at" DESC, event_id '
+        f"LIMIT {PAGE_EVENTS} OFFSET {(number - 1) * PAGE_EVENTS}"
+    )]
+    (verify_error, checks), verify_current = snapshot.recent(*verify_job(snapshot.config))
+    record_error, records = record_checks(snapshot)
+    return ProvenanceView(
+        verify_error=verify_error, verify_current=verify_current, counts=dict(Counter(c.status for c in checks)),
+        checks=checks, record_error=record_error, record_checks=records, actions=actions, roles=roles,
+        filter=chosen, events=events, matching=matching, page=number, pages=pages,
+    )
+
+
+def _where(chosen: AuditFilter) -> str:
+    """The SQL filter: store values and checked text as literals (dashboard.params)."""
+    terms = []
+    if chosen.action:
+        terms.append(f"action = {params.sql_text(chosen.action)}")
+    if chosen.role:
+        terms.append(f"actor_role = {params.sql_text(chosen.role)}")
+    if chosen.release:
+        terms.append(f"contains(coalesce(release_id, ''), {params.sql_text(chosen.release)})")
+    if chosen.text:
+        needle = params.sql_text(chosen.text.lower())
+        anywhere = " OR ".join(f"contains(lower(coalesce({c}, '')), {needle})"
+                               for c in ("actor", "reason", "detail", "event_id"))
+        terms.append(f"({anywhere})")
+    if chosen.start:
+        terms.append(f'"at" >= {params.sql_time(chosen.start)}')
+    if chosen.end:
+        terms.append(f'"at" < {params.sql_time(chosen.end)}')
+    return f" WHERE {' AND '.join(terms)}" if terms else ""
+
+
+def _registry_stamp(config: Config) -> int:
+    """When the registry last changed (a key registered or rotated changes what verifies)."""
+    try:
+        return os.stat(config.registry_path).st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def verify_job(config: Config) -> tuple[str, tuple[str, ...], Callable[[Snapshot], Verified]]:
+    """The verify report as Snapshot.recent computes it: once per version of the tables it reads and of the
+    registry (it reads every release's rows: seconds on a large store)."""
+    return f"verify {_registry_stamp(config)}", ("releases", "audit", "budget"), _verify
+
+
+def _verify(shot: Snapshot) -> Verified:
+    """(why nothing could be verified, or None; the checks in chain order)."""
+    try:
+        found = api.verify(shot.config)
+    except FusionError as exc:
+        return str(exc), []
+    published = {row["release_id"]: row for row in shot.rows(
+        'SELECT release_id, min("at") AS "at", any_value(content_sha256) AS sha FROM audit '
+        "WHERE action = 'release' GROUP BY release_id")}
+    checks = [
+        ReleaseCheck(release_id=c.release_id, sequence=c.sequence, rows=c.rows, status=c.status, reason=c.reason,
+                     released_at=published.get(c.release_id, {}).get("at"),
+                     aggregate_sha256=published.get(c.release_id, {}).get("sha"))
+        for c in found
+    ]
+    return None, sorted(checks, key=_chain_order)
+
+
+def _chain_order(check: ReleaseCheck) -> tuple[Any, ...]:
+    return (check.sequence is None, check.sequence or 0, check.released_at is None, check.released_at or 0,
+            check.release_id)
+
+
+def record_checks(snapshot: Snapshot) -> tuple[str | None, list[RecordCheck]]:
+    """(why they could not be checked, or None; the mechanisms' records checked as `fusion verify` checks them),
+    none when the store has no such tables."""
+    if not (snapshot.has("recommendations") or snapshot.has("decisions")):
+        return None, []
+
+    def compute(shot: Snapshot) -> tuple[str | None, list[RecordCheck]]:
+        from mechanisms.audit import verify_mechanisms  # reads only; imports no solver
+
+        try:
+            found = verify_mechanisms(shot.config, shot.store)
+        except FusionError as exc:  # a malformed registry entry: shown where the checks would be
+            return str(exc), []
+        return None, [RecordCheck(**vars(c)) for c in found]
+
+    return snapshot.cached(f"mechanisms {_registry_stamp(snapshot.config)}", ["recommendations", "decisions"], compute)

@@ -1,0 +1,184 @@
+"""The Recommendations and decisions view: the mechanisms' recommendations (mechanisms/, advisory only), one in
+detail (its LMPs per bus with their energy and congestion parts, its Pareto frontier with the proposed point, every
+item), and the authorities' decisions on them, each with its reason and cost impact. Decisions are made with
+`fusion decide` (signed); the dashboard only shows them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from dashboard import params
+from dashboard.formatting import finite
+from dashboard.provenance import record_checks
+from dashboard.snapshot import Snapshot
+
+#: The most recommendations and decisions listed (newest first).
+MAX_LISTED = 500
+
+
+class RecommendationSummary(BaseModel):
+    recommendation_id: str
+    kind: str
+    mechanism: str
+    created_at: datetime
+    valid_from: datetime
+    valid_to: datetime
+    regions: list[str]
+    outcome: str  # recorded | refused
+    refusal: str | None
+    summary: str
+    supersedes: str | None
+    signer: str
+    decisions: int  # decision rows (one per signer) on it
+
+
+class Item(BaseModel):
+    item_type: str
+    item_key: str
+    value: float | None
+    unit: str | None
+
+
+class Lmp(BaseModel):
+    bus: str
+    lmp: float | None  # $/MWh
+    energy: float | None
+    congestion: float | None
+
+
+class FrontierPoint(BaseModel):
+    key: str
+    cost: float | None  # $/h
+    co2: float | None  # t/h
+    carbon_price: float | None  # $/t
+    proposed: bool
+
+
+class Decision(BaseModel):
+    decision_id: str
+    recommendation_id: str
+    action: str
+    authority: str
+    signer: str
+    decided_at: datetime
+    effective_from: datetime | None
+    effective_to: datetime | None
+    reason_code: str | None
+    reason: str | None
+    adopted: list[Item]
+    deviation_mw: float | None
+    cost_impact: float | None  # $/h, found by re-solving with the adopted items fixed
+    outcome: str  # recorded | refused
+    refusal: str | None
+    verified: str | None  # what `fusion verify` says of it: verified | refusal | tampered (None: not checked)
+    effect: str | None  # e.g. its signatures against its authority's threshold
+
+
+class RecommendationsView(BaseModel):
+    recommendations: list[RecommendationSummary]  # newest first
+    chosen: RecommendationSummary | None
+    chosen_status: str | None  # what `fusion verify` says of the chosen one
+    items: list[Item]  # every item of the chosen one
+    lmps: list[Lmp]
+    frontier: list[FrontierPoint]
+    decisions: list[Decision]  # on every recommendation, newest first
+    note: str | None = None
+
+
+def recommendations_view(snapshot: Snapshot, *, recommendation: str | None = None) -> RecommendationsView:
+    listed = [RecommendationSummary(**row) for row in snapshot.rows(
+        "WITH r AS (SELECT recommendation_id, any_value(kind) AS kind, any_value(mechanism) AS mechanism, "
+        "any_value(created_at) AS created_at, any_value(valid_from) AS valid_from, any_value(valid_to) AS valid_to, "
+        "any_value(regions) AS regions, any_value(outcome) AS outcome, any_value(refusal) AS refusal, "
+        "any_value(summary) AS summary, any_value(supersedes) AS supersedes, any_value(signer) AS signer "
+        "FROM recommendations GROUP BY recommendation_id), "
+        "d AS (SELECT recommendation_id, count(*) AS decisions FROM decisions GROUP BY recommendation_id) "
+        "SELECT r.*, coalesce(d.decisions, 0) AS decisions FROM r LEFT JOIN d USING (recommendation_id) "
+        f"ORDER BY created_at DESC, recommendation_id LIMIT {MAX_LISTED}"
+    )]
+    ids = [r.recommendation_id for r in listed]
+    chosen_id = params.choice("recommendation", recommendation, ids, default=ids[0] if ids else None)
+    statuses = _statuses(snapshot)
+    decisions = _decisions(snapshot, statuses)
+    empty = RecommendationsView(
+        recommendations=listed, chosen=None, chosen_status=None, items=[], lmps=[], frontier=[], decisions=decisions,
+        note=None if listed else "no recommendations yet: the mechanisms operator's `fusion recommend` writes them "
+        "(advisory only), and authorities decide on them with `fusion decide`",
+    )
+    if chosen_id is None:
+        return empty
+    items = [Item(**row) for row in snapshot.rows(
+        "SELECT item_type, item_key, value, unit FROM recommendations "
+        f"WHERE recommendation_id = {params.sql_text(chosen_id)} ORDER BY item_type, item_key"
+    )]
+    return empty.model_copy(update={
+        "chosen": next(r for r in listed if r.recommendation_id == chosen_id),
+        "chosen_status": statuses.get(("recommendations", chosen_id), (None, None))[0],
+        "items": items, "lmps": _lmps(items), "frontier": _frontier(items),
+    })
+
+
+def _statuses(snapshot: Snapshot) -> dict[tuple[str, str], tuple[str, str]]:
+    """(table, record id) -> (status, effect), as `fusion verify` checks them."""
+    return {(c.table, c.record_id): (c.status, c.effect) for c in record_checks(snapshot)[1]}
+
+
+def _decisions(snapshot: Snapshot, statuses: dict[tuple[str, str], tuple[str, str]]) -> list[Decision]:
+    rows = snapshot.rows(
+        "SELECT decision_id, recommendation_id, action, authority, signer, decided_at, effective_from, effective_to, "
+        "reason_code, reason, adopted, deviation_mw, cost_impact, outcome, refusal FROM decisions "
+        f"ORDER BY decided_at DESC, decision_id, signer LIMIT {MAX_LISTED}"
+    )
+    decisions = []
+    for row in rows:
+        # `fusion verify` names a decision row by its id and signer (one row per signer)
+        status, effect = statuses.get(("decisions", f"{row['decision_id']}/{row['signer']}"),
+                                      statuses.get(("decisions", row["decision_id"]), (None, None)))
+        adopted = [Item(item_type="adopted", item_key=a["item_key"], value=a["value"], unit=a["unit"])
+                   for a in row.pop("adopted") or []]
+        decisions.append(Decision(**row, adopted=adopted, verified=status, effect=effect))
+    return decisions
+
+
+def _lmps(items: list[Item]) -> list[Lmp]:
+    parts: dict[str, dict[str, float | None]] = {}
+    for item in items:
+        if item.item_type in ("lmp", "lmp_energy", "lmp_congestion"):
+            parts.setdefault(item.item_key, {})[item.item_type] = item.value
+    return [Lmp(bus=bus, lmp=p.get("lmp"), energy=p.get("lmp_energy"), congestion=p.get("lmp_congestion"))
+            for bus, p in sorted(parts.items())]
+
+
+def _frontier(items: list[Item]) -> list[FrontierPoint]:
+    proposed = next((i.value for i in items if i.item_type == "proposed_point"), None)
+    points: dict[str, dict[str, float | None]] = {}
+    for item in items:
+        if item.item_type in ("frontier_cost", "frontier_co2", "frontier_carbon_price"):
+            points.setdefault(item.item_key, {})[item.item_type] = item.value
+    return [
+        FrontierPoint(key=key, cost=p.get("frontier_cost"), co2=p.get("frontier_co2"),
+                      carbon_price=p.get("frontier_carbon_price"),
+                      proposed=proposed is not None and key.isdigit() and int(key) == int(proposed))
+        for key, p in sorted(points.items())
+    ]
+
+
+def lmp_points(view: RecommendationsView) -> list[dict[str, Any]]:
+    """Bars per bus: the energy and congestion parts stacked (the LMP alone where the parts are not given)."""
+    points = []
+    for lmp in view.lmps:
+        if lmp.energy is not None and lmp.congestion is not None:
+            points += [{"key": lmp.bus, "part": "energy", "value": finite(lmp.energy)},
+                       {"key": lmp.bus, "part": "congestion", "value": finite(lmp.congestion)}]
+        else:
+            points.append({"key": lmp.bus, "part": "LMP", "value": finite(lmp.lmp)})
+    return points
+
+
+def frontier_points(view: RecommendationsView) -> list[dict[str, Any]]:
+    return [{"key": p.key, "x": finite(p.cost), "y": finite(p.co2), "order": i,
+             "kind": "proposed" if p.proposed else "frontier"}
+            for i, p in enumerate(view.frontier)]

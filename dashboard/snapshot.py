@@ -1,0 +1,213 @@
+"""The dashboard's one way into the store: for each request, one snapshot read through Fusion's public API
+(`fusion.api.open_store`: the sandboxed, read-only SQL surface of `fusion sql`, under the config's [sql] limits).
+Every query of a page reads the same table versions.
+
+What is derived from whole tables (the store's series, the verify report) is computed once per version of those
+tables and kept. On a large store that takes seconds (a year of 15-minute releases for 250 series: 1-2 s for the
+series, longer to verify), and a live store gains a version at every release, so such a value may be served
+`recent`ly: the value of the previous versions at once, while a background thread computes the current one."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import pyarrow as pa
+
+from dashboard.params import BadParameter
+from fusion.api import FusedStore, open_store
+from fusion.config import Config
+
+T = TypeVar("T")
+log = logging.getLogger("fusion.dashboard")
+
+
+class HeldStores:
+    """Per serving thread, the FusedStore of its last request and the versions it reads: a request that finds the
+    store at the same versions reuses it, and with it the tables its connection has registered already (reading a
+    table's Delta log into an Arrow dataset costs tens of milliseconds; the query itself often less). All are
+    closed when the server stops (`release_all`): a DuckDB connection still open in an idle worker thread when the
+    interpreter exits can abort the process."""
+
+    def __init__(self) -> None:
+        self._stores: dict[int, tuple[tuple[Any, ...], FusedStore]] = {}
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[tuple[Any, ...], FusedStore] | None:
+        with self._lock:
+            return self._stores.get(threading.get_ident())
+
+    def set(self, held: tuple[tuple[Any, ...], FusedStore] | None) -> None:
+        with self._lock:
+            if held is None:
+                self._stores.pop(threading.get_ident(), None)
+            else:
+                self._stores[threading.get_ident()] = held
+
+    def release_all(self) -> None:
+        with self._lock:
+            stores, self._stores = list(self._stores.values()), {}
+        for _, store in stores:
+            store.close()
+
+
+
+class VersionCache:
+    """One app's state: values computed from given table versions, the most recently used `size` kept, and the
+    latest value of each name whatever its versions; and the stores its threads hold. Thread-safe (requests are
+    served from a thread pool)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.stores = HeldStores()
+        self._size = size
+        self._values: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._latest: dict[str, Any] = {}
+        self._refreshing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> tuple[bool, Any]:
+        """(found, value)."""
+        with self._lock:
+            if key in self._values:
+                self._values.move_to_end(key)
+                return True, self._values[key]
+            return False, None
+
+    def put(self, name: str, key: tuple[Any, ...], value: Any) -> None:
+        with self._lock:
+            self._values[key] = value
+            self._latest[name] = value
+            while len(self._values) > self._size:
+                self._values.popitem(last=False)
+
+    def latest(self, name: str) -> tuple[bool, Any]:
+        """(found, the value of `name` computed last, at whatever versions)."""
+        with self._lock:
+            return name in self._latest, self._latest.get(name)
+
+    def start_refresh(self, name: str) -> bool:
+        """Whether the caller should refresh `name` (False: another thread is at it)."""
+        with self._lock:
+            if name in self._refreshing:
+                return False
+            self._refreshing.add(name)
+            return True
+
+    def end_refresh(self, name: str) -> None:
+        with self._lock:
+            self._refreshing.discard(name)
+
+
+
+
+class Snapshot:
+    """One request's read of the store (open it with `with`); not shared between threads."""
+
+    def __init__(self, config: Config, cache: VersionCache) -> None:
+        self.config = config
+        self._cache = cache
+        fresh = open_store(config)
+        key = (str(config.store_path), tuple(sorted(fresh.versions.items(), key=lambda item: item[0])))
+        held = cache.stores.get()
+        if held is not None and held[0] == key:
+            fresh.close()
+            self._store = held[1]
+        else:
+            if held is not None:
+                held[1].close()
+            cache.stores.set((key, fresh))
+            self._store = fresh
+        #: The Delta version of each table read (None: the table does not exist yet and reads as empty).
+        self.versions: dict[str, int | None] = self._store.versions
+
+    @property
+    def store(self) -> FusedStore:
+        """The snapshot's FusedStore, for readers that take one (mechanisms.audit)."""
+        return self._store
+
+    def has(self, table: str) -> bool:
+        """Whether `table` exists (it may still be empty)."""
+        return self.versions.get(table) is not None
+
+    def table(self, sql: str) -> pa.Table:
+        return self._store.sql(sql)
+
+    def rows(self, sql: str) -> list[dict[str, Any]]:
+        return self.table(sql).to_pylist()
+
+    def _key(self, name: str, tables: Sequence[str]) -> tuple[Any, ...]:
+        return (name, str(self.config.store_path), *(self.versions.get(t) for t in tables))
+
+    def cached(self, name: str, tables: Sequence[str], compute: Callable[[Snapshot], T]) -> T:
+        """`compute(self)`, kept for as long as `tables` stay at the versions this snapshot reads."""
+        key = self._key(name, tables)
+        found, value = self._cache.get(key)
+        if found:
+            return value
+        value = compute(self)
+        self._cache.put(name, key, value)
+        return value
+
+    def recent(self, name: str, tables: Sequence[str], compute: Callable[[Snapshot], T]) -> tuple[T, bool]:
+        """(value, whether it is of this snapshot's versions): `cached`, or where only a value of earlier
+        versions is kept, that one at once while a background thread computes the current one."""
+        found, value = self._cache.get(self._key(name, tables))
+        if found:
+            return value, True
+        known, earlier = self._cache.latest(name)
+        if not known:
+            return self.cached(name, tables, compute), True
+        if self._cache.start_refresh(name):
+            threading.Thread(target=_refresh, args=(self.config, self._cache, name, tables, compute), daemon=True,
+                             name=f"fusion-dashboard-{name}").start()
+        return earlier, False
+
+    def close(self, *, failed: bool = False) -> None:
+        """Nothing to release: the store stays with this thread for its next request (HeldStores), unless the
+        request `failed`: a failed query may leave the connection without a table it began to register (a
+        damaged file), so this thread's next request opens the store afresh."""
+        if failed:
+            held = self._cache.stores.get()
+            if held is not None and held[1] is self._store:
+                self._cache.stores.set(None)
+            self._store.close()
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self.close(failed=kind is not None and not issubclass(kind, BadParameter))  # a bad parameter harms nothing
+
+
+def _refresh(config: Config, cache: VersionCache, name: str, tables: Sequence[str],
+             compute: Callable[[Snapshot], Any]) -> None:
+    """Compute `name` at the store's current versions, in its own snapshot (a thread of its own)."""
+    try:
+        with Snapshot(config, cache) as snapshot:
+            snapshot.cached(name, tables, compute)
+    except Exception:  # a background refresh has no request to answer: the next request computes and reports it
+        log.exception("refreshing %s failed", name)
+    finally:
+        held = cache.stores.get()  # this thread ends here
+        if held is not None:
+            cache.stores.set(None)
+            held[1].close()
+        cache.end_refresh(name)
+
+
+def warm(config: Config, cache: VersionCache, work: Sequence[tuple[str, Sequence[str], Callable[[Snapshot], Any]]]
+         ) -> threading.Thread:
+    """Compute what the first requests will ask for (the series, the verify report) in a background thread, so
+    the first page served after start does not wait for it."""
+
+    def run() -> None:
+        for name, tables, compute in work:
+            if cache.start_refresh(name):
+                _refresh(config, cache, name, tables, compute)
+
+    thread = threading.Thread(target=run, daemon=True, name="fusion-dashboard-warm")
+    thread.start()
+    return thread

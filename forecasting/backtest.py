@@ -1,0 +1,201 @@
+"""Rolling-origin backtests over one series: each model forecasts from each origin using only the cells before it,
+and is scored against the releases after it. The earlier half of the origins calibrates the intervals scored on the
+later half; the first model listed is kept unless another's MAE over all origins is clearly lower (`preferred`),
+and the chosen model's factor is learned on all of them.
+
+Pure computation over NumPy arrays (the bench runs it on simulated releases, with the truth beside them);
+forecasting/run.py reads the series from the store and writes the results back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from forecasting.intervals import Intervals, calibration_factor, intervals
+from forecasting.models import History, Prediction, SeriesTooShort, fit_forecast, seasonal_naive_scale
+from fusion.forecasting_config import ModelName
+
+
+@dataclass(frozen=True)
+class OriginForecast:
+    """One model's forecast from one origin: `origin` is the index of the first window forecast (the history is
+    every cell before it, at most `history` of them)."""
+
+    model: ModelName
+    origin: int
+    prediction: Prediction
+    noise_var: float  # the expected noise variance of a future cell, from the history
+    mase_scale: float | None
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    """A model's backtest against later releases: MAE over all origins, MASE (errors over the in-sample seasonal
+    naive MAE), MAE relative to seasonal naive on the same windows, 80/95% coverage of the releases and the mean
+    95% width on the later origins (calibrated), and the calibration factor learned on all origins."""
+
+    model: ModelName
+    mae: float
+    mase: float
+    mae_ratio: float
+    coverage80: float
+    coverage95: float
+    width95: float
+    factor: float
+    windows: int
+
+
+def rolling_origins(n: int, *, horizon: int, step: int, count: int, min_history: int) -> list[int]:
+    """Up to `count` origins, `step` windows apart, the latest leaving `horizon` windows after it in a series of
+    `n`, each with at least `min_history` windows before it; oldest first.
+
+    >>> rolling_origins(100, horizon=10, step=5, count=3, min_history=50)
+    [80, 85, 90]
+    """
+    latest = n - horizon
+    origins = [latest - k * step for k in range(count) if latest - k * step >= min_history]
+    return sorted(origins)
+
+
+def history_at(values: np.ndarray, variances: np.ndarray, period: int | None, origin: int, history: int) -> History:
+    start = max(0, origin - history)
+    return History(values[start:origin], variances[start:origin], period)
+
+
+def backtest(
+    values: np.ndarray,
+    variances: np.ndarray,
+    period: int | None,
+    *,
+    models: Sequence[ModelName],
+    origins: Sequence[int],
+    horizon: int,
+    history: int,
+) -> list[OriginForecast]:
+    """Every model's forecast from every origin (origins whose history is too short are left out)."""
+    out: list[OriginForecast] = []
+    for origin in origins:
+        past = history_at(values, variances, period, origin, history)
+        noise = past.noise_var()
+        scale = seasonal_naive_scale(past)
+        for model in models:
+            try:
+                prediction = fit_forecast(model, past, horizon)
+            except SeriesTooShort:
+                break
+            out.append(OriginForecast(model, origin, prediction, noise, scale))
+    return out
+
+
+def _window(forecast: OriginForecast, series: np.ndarray) -> np.ndarray:
+    """The series over the forecast's windows (NaN past its end)."""
+    h = forecast.prediction.mean.size
+    part = series[forecast.origin : forecast.origin + h]
+    return np.concatenate([part, np.full(h - part.size, np.nan)])
+
+
+def learned_factor(forecasts: Sequence[OriginForecast], values: np.ndarray, variances: np.ndarray) -> float:
+    """The calibration factor of these forecasts (one model's) against the releases that followed them."""
+    if not forecasts:
+        return 1.0
+    errors = np.concatenate([_window(f, values) - f.prediction.mean for f in forecasts])
+    signal = np.concatenate([f.prediction.signal_var for f in forecasts])
+    noise = np.concatenate([_window(f, variances) for f in forecasts])
+    return calibration_factor(errors, signal, noise)
+
+
+def calibrated(
+    forecasts: Sequence[OriginForecast], values: np.ndarray, variances: np.ndarray
+) -> list[tuple[float, Intervals]]:
+    """Each forecast (one model's, oldest origin first) with its calibration factor, learned on the forecasts whose
+    windows had all been released by its origin (1 for those without any), and its intervals scaled by it."""
+    out = []
+    for index, forecast in enumerate(forecasts):
+        earlier = [f for f in forecasts[:index] if f.origin + f.prediction.mean.size <= forecast.origin]
+        factor = learned_factor(earlier, values, variances) if earlier else 1.0
+        out.append((factor, intervals(forecast.prediction.mean, forecast.prediction.signal_var,
+                                      noise_var=forecast.noise_var, factor=factor)))
+    return out
+
+
+def calibration_split(forecasts: Sequence[OriginForecast]) -> tuple[list[OriginForecast], list[OriginForecast]]:
+    """One model's forecasts split by origin: the earlier half (calibration) and the later half (scored)."""
+    ordered = sorted(forecasts, key=lambda f: f.origin)
+    half = len(ordered) // 2
+    return ordered[:half], ordered[half:]
+
+
+def score(forecasts: Sequence[OriginForecast], values: np.ndarray, variances: np.ndarray) -> list[ModelScore]:
+    """Each model's scores against the releases (`values`, noise `variances`) after its origins: MAE and MASE over
+    all origins, coverage and width over the later half, each origin's intervals calibrated on the forecasts
+    released before it (`calibrated`)."""
+    naive = {f.origin: f for f in forecasts if f.model is ModelName.SEASONAL_NAIVE}
+    out = []
+    for model in dict.fromkeys(f.model for f in forecasts):
+        mine = sorted((f for f in forecasts if f.model is model), key=lambda f: f.origin)
+        errors = np.concatenate([np.abs(_window(f, values) - f.prediction.mean) for f in mine])
+        scaled = np.concatenate([np.abs(_window(f, values) - f.prediction.mean) / (f.mase_scale or np.nan)
+                                 for f in mine])
+        naive_errors = np.concatenate([
+            np.abs(_window(naive[f.origin], values) - naive[f.origin].prediction.mean) if f.origin in naive
+            else np.full(f.prediction.mean.size, np.nan) for f in mine
+        ])
+        both = np.isfinite(errors) & np.isfinite(naive_errors)
+        hits80, hits95, widths = [], [], []
+        pairs = list(zip(mine, calibrated(mine, values, variances), strict=True))
+        for f, (_, bands) in pairs[len(pairs) // 2 :]:  # the later half: calibrated on earlier origins
+            target = _window(f, values)
+            seen = np.isfinite(target)
+            hits80.append((target >= bands.release_ci80[0]) & (target <= bands.release_ci80[1]))
+            hits95.append((target >= bands.release_ci95[0]) & (target <= bands.release_ci95[1]))
+            hits80[-1], hits95[-1] = hits80[-1][seen], hits95[-1][seen]
+            widths.append((bands.release_ci95[1] - bands.release_ci95[0])[seen])
+        out.append(ModelScore(
+            model=model,
+            mae=float(np.nanmean(errors)) if np.isfinite(errors).any() else float("nan"),
+            mase=float(np.nanmean(scaled)) if np.isfinite(scaled).any() else float("nan"),
+            mae_ratio=float(errors[both].sum() / naive_errors[both].sum()) if naive_errors[both].sum() > 0
+            else float("nan"),
+            coverage80=_mean(hits80),
+            coverage95=_mean(hits95),
+            width95=_mean(widths),
+            factor=learned_factor(mine, values, variances),
+            windows=int(np.isfinite(errors).sum()),
+        ))
+    return out
+
+
+def _mean(parts: list[np.ndarray]) -> float:
+    joined = np.concatenate(parts) if parts else np.array([])
+    return float(joined.mean()) if joined.size else float("nan")
+
+
+def preferred(mae: dict[ModelName, float], *, default: ModelName, margin: float) -> ModelName:
+    """`default` unless another model's MAE is lower than (1 - margin) times its own; then the lowest.
+
+    >>> preferred({ModelName.UC: 1.0, ModelName.ETS: 0.95}, default=ModelName.UC, margin=0.1)
+    <ModelName.UC: 'uc'>
+    >>> preferred({ModelName.UC: 1.0, ModelName.ETS: 0.85}, default=ModelName.UC, margin=0.1)
+    <ModelName.ETS: 'ets'>
+    """
+    best = min(mae, key=lambda m: mae[m])
+    if default in mae and np.isfinite(mae[default]) and not mae[best] < (1 - margin) * mae[default]:
+        return default
+    return best
+
+
+def choose(scores: Sequence[ModelScore], *, default: ModelName, margin: float) -> ModelScore:
+    """The score of the model `preferred` picks by MAE."""
+    finite = {s.model: s for s in scores if np.isfinite(s.mae)}
+    if not finite:
+        raise SeriesTooShort("no backtest origin could be scored: the series has no releases after its origins")
+    return finite[preferred({m: s.mae for m, s in finite.items()}, default=default, margin=margin)]
+
+
+__all__ = [
+    "ModelScore", "OriginForecast", "backtest", "calibrated", "calibration_split", "choose", "history_at",
+    "learned_factor", "preferred", "rolling_origins", "score",
+]

@@ -1,0 +1,77 @@
+"""A PNG of one series: its releases with their 95% intervals, and its latest forecast with the 80% and 95% bands
+of the true value and the 95% band of the next release. Read through fusion.api; drawn with matplotlib's Agg
+renderer (no display needed), imported only here."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from forecasting.series import quoted
+from fusion.api import open_store
+from fusion.config import Config
+from fusion.errors import FusionError
+
+#: The release columns drawn for each statistic: value, 95% interval.
+_RELEASED = {
+    "mean": ("mean", "mean_ci_low", "mean_ci_high"),
+    "sum": ("sum", "sum_ci_low", "sum_ci_high"),
+    "count": ("count", "count_ci_low", "count_ci_high"),
+}
+
+
+def plot_series(
+    config: Config, metric: str, region: str, path: Path, *, statistic: str = "mean", days: float = 7.0
+) -> Path:
+    """Draw the last `days` of releases of (metric, statistic, region) and its latest forecast to `path`."""
+    if statistic not in _RELEASED:
+        raise FusionError(f"statistic '{statistic}' is not one of {sorted(_RELEASED)}")
+    value, low, high = _RELEASED[statistic]
+    with open_store(config) as store:
+        forecast = store.forecasts(metric, region, statistic=statistic)
+        series = f"metric = {quoted(metric)} AND region = {quoted(region)}"
+        end = store.sql(f"SELECT max(window_end) AS t FROM releases WHERE {series}").column("t")[0].as_py()
+        if end is None:
+            raise FusionError(f"nothing released yet for {metric} in {region}: nothing to plot")
+        since = end - timedelta(days=days)
+        releases = store.sql(
+            f"SELECT window_start, {value} AS value, {low} AS low, {high} AS high FROM releases WHERE {series} "
+            f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}' "
+            "QUALIFY row_number() OVER (PARTITION BY window_start ORDER BY released_at DESC) = 1 ORDER BY window_start"
+        )
+    from matplotlib.figure import Figure  # without pyplot: no global backend or figure state
+
+    fig = Figure(figsize=(11, 4.5), dpi=110)
+    ax = fig.subplots()
+    r = releases.to_pydict()
+    ax.fill_between(r["window_start"], _floats(r["low"]), _floats(r["high"]), color="0.87", step="mid",
+                    label="release 95% interval")
+    ax.plot(r["window_start"], _floats(r["value"]), ".", color="0.2", markersize=3, label=f"released {value}")
+    unit = ""
+    if forecast.num_rows:
+        f = forecast.to_pydict()
+        unit = f["unit"][0]
+        t = f["window_start"]
+        # Opaque, nested bands: each reads as its own colour.
+        ax.fill_between(t, f["release_ci95_low"], f["release_ci95_high"], color="#fdd0a2", label="next release, 95%")
+        ax.fill_between(t, f["ci95_low"], f["ci95_high"], color="#9ecae1", label="true value, 95%")
+        ax.fill_between(t, f["ci80_low"], f["ci80_high"], color="#6baed6", label="true value, 80%")
+        ax.plot(t, f["mean"], color="#08519c", linewidth=1.5,
+                label=f"forecast ({f['model'][0]}, x{f['calibration_factor'][0]:.2f})")
+        ax.axvline(f["origin"][0], color="0.4", linestyle=":", linewidth=1)
+    ax.set_title(f"{metric} ({statistic}) in {region}: releases and forecast")
+    ax.set_ylabel(unit or metric)
+    ax.legend(loc="upper left", fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")  # matplotlib's Agg renderer
+    return path
+
+
+def _floats(values: list[float | None]) -> list[float]:
+    return [float("nan") if v is None else float(v) for v in values]
+
+
+__all__ = ["plot_series"]

@@ -1,0 +1,262 @@
+"""`fusion forecast` and `fusion backtest`: read released series through fusion.api, forecast them, write the
+forecasts and their scores to the store's `forecasts` and `forecast_scores` tables (and nowhere else).
+
+Forecasts are post-processing of differentially private releases: they read only published rows, so they spend
+no privacy budget and need no key, feed or envelope.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+
+from forecasting.backtest import ModelScore, backtest, calibrated, choose, rolling_origins, score
+from forecasting.intervals import intervals
+from forecasting.models import MODELS, SeriesTooShort, fit_forecast, seasonal_naive_scale
+from forecasting.rows import IssuedForecast, Purpose, forecast_rows, score_rows
+from forecasting.selection import Choice, default_choice, recorded_choices
+from forecasting.series import Series, SeriesKey, quoted, read_series
+from fusion.api import FusedStore, open_store, write_derived
+from fusion.config import Config
+from fusion.durations import parse_duration
+from fusion.errors import FusionError
+from fusion.forecasting_config import ForecastingConfig, ModelName, Statistic
+
+
+@dataclass(frozen=True)
+class SeriesOutcome:
+    """What became of one series: its forecast (None if it had none) and why."""
+
+    key: SeriesKey
+    forecast: IssuedForecast | None
+    note: str
+    scores: tuple[ModelScore, ...] = ()  # backtests: every model's
+    chosen: ModelName | None = None  # backtests: the model a forecast of the series now uses
+
+
+@dataclass(frozen=True)
+class ForecastRun:
+    """One `fusion forecast` or `fusion backtest`: what each series got, and the rows written."""
+
+    issued_at: datetime
+    horizon: int  # windows ahead
+    outcomes: list[SeriesOutcome] = field(default_factory=list)
+    forecast_rows: int = 0
+    score_rows: int = 0
+    releases_version: int | None = None
+
+
+def settings(config: Config) -> ForecastingConfig:
+    return config.forecasting or ForecastingConfig()
+
+
+def windows(config: Config, text: str, option: str) -> int:
+    """A duration as a whole number of the federation's windows."""
+    try:
+        length = parse_duration(text)
+    except ValueError as exc:
+        raise FusionError(f"{option}: {exc}") from None
+    if length.total_seconds() <= 0 or length % config.window:
+        raise FusionError(f"{option} {text} is not a positive whole number of federation.window "
+                          f"({config.federation.window})")
+    return int(length / config.window)
+
+
+def period(config: Config) -> int | None:
+    """Windows per day (the daily cycle's period), or None where windows are a day or longer."""
+    cells = timedelta(days=1) / config.window
+    return int(cells) if cells >= 2 and cells == int(cells) else None
+
+
+def _names(config: Config, metrics: Sequence[str] | None, regions: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    known_metrics = [m.name for m in config.metrics]
+    for metric in metrics or ():
+        if metric not in known_metrics:
+            raise FusionError(f"unknown metric '{metric}'; the config declares: {', '.join(known_metrics)}")
+    for region in regions or ():
+        if region not in config.regions:
+            raise FusionError(f"unknown region '{region}'; the config declares: {', '.join(config.regions)}")
+    return list(metrics or known_metrics), list(regions or config.regions)
+
+
+def _series(
+    config: Config,
+    store: FusedStore,
+    metrics: Sequence[str] | None,
+    regions: Sequence[str] | None,
+    statistics: Sequence[Statistic] | None,
+    span: timedelta,
+) -> list[Series]:
+    metric_names, region_names = _names(config, metrics, regions)
+    found = read_series(store, step=config.window, metrics=metric_names, regions=region_names,
+                        statistics=list(statistics or settings(config).statistics), span=span)
+    if not found:
+        raise FusionError(
+            f"no released windows of {', '.join(metric_names)} in {', '.join(region_names)}: release some first "
+            "(`fusion batch`, `fusion schedule`, `fusion stream`); forecasts read only the store's releases"
+        )
+    return found
+
+
+def _pending(store: FusedStore, found: Sequence[Series]) -> pa.Table:
+    """Live forecasts of these series not scored yet, of windows within the series read."""
+    if store.versions.get("forecasts") is None:
+        return pa.table({})
+    metrics = ", ".join(quoted(m) for m in sorted({s.key.metric for s in found}))
+    since = min(s.start for s in found)
+    return store.sql(
+        "SELECT f.* FROM forecasts f ANTI JOIN forecast_scores s USING (forecast_id, window_start) "
+        f"WHERE f.purpose = 'forecast' AND f.metric IN ({metrics}) "
+        f"AND f.window_start >= TIMESTAMPTZ '{since.isoformat()}'"
+    )
+
+
+def _for(table: pa.Table, key: SeriesKey) -> pa.Table:
+    import pyarrow.compute as pc
+
+    if table.num_rows == 0:
+        return table
+    mask = pc.and_(pc.and_(pc.equal(table["metric"], key.metric), pc.equal(table["region"], key.region)),
+                   pc.equal(table["statistic"], str(key.statistic)))
+    return table.filter(mask)
+
+
+def run_forecasts(
+    config: Config,
+    *,
+    metrics: Sequence[str] | None = None,
+    regions: Sequence[str] | None = None,
+    statistics: Sequence[Statistic] | None = None,
+    horizon: str | None = None,
+    now: datetime | None = None,
+) -> ForecastRun:
+    """Score the live forecasts whose windows have been released since, then forecast each series from its latest
+    window with the model and calibration its recorded backtest chose (`forecasting.selection`)."""
+    chosen = settings(config)
+    steps = windows(config, horizon or chosen.horizon, "--horizon" if horizon else "forecasting.horizon")
+    length = windows(config, chosen.history, "forecasting.history")
+    days = period(config)
+    issued_at = now or datetime.now(UTC)
+    with open_store(config) as store:
+        found = _series(config, store, metrics, regions, statistics, span=length * config.window)
+        keys = [s.key for s in found]
+        pending = _pending(store, found)
+        choices = recorded_choices(store, keys, models=chosen.models, origins=chosen.backtest_origins,
+                                   margin=chosen.selection_margin)
+    outcomes, tables, scores = [], [], []
+    for series in found:
+        if pending.num_rows:
+            scores.append(score_rows(_for(pending, series.key), series, issued_at))
+        choice = choices.get(series.key, default_choice(chosen.models))
+        origin = series.values.size
+        past = series.history(origin, length, days)
+        try:
+            prediction = fit_forecast(choice.model, past, steps)
+        except SeriesTooShort as exc:
+            outcomes.append(SeriesOutcome(series.key, None, f"too short: {exc}"))
+            continue
+        issued = IssuedForecast(
+            series=series, purpose=Purpose.FORECAST, model=choice.model, model_version=MODELS[choice.model].version,
+            params={"fitted": prediction.params, "history_windows": int(past.values.size), **choice.basis},
+            origin=origin,
+            bands=intervals(prediction.mean, prediction.signal_var, noise_var=past.noise_var(), factor=choice.factor),
+            factor=choice.factor, mase_scale=seasonal_naive_scale(past),
+            input_release_ids=series.releases_before(origin, length),
+        )
+        tables.append(forecast_rows(issued, issued_at))
+        outcomes.append(SeriesOutcome(series.key, issued, _describe(choice)))
+    if not tables:
+        reasons = "; ".join(f"{o.key}: {o.note}" for o in outcomes)
+        raise FusionError(f"no series could be forecast ({reasons}); release more windows first")
+    written = write_derived(config, "forecasts", pa.concat_tables(tables))
+    scored = write_derived(config, "forecast_scores", pa.concat_tables(scores)) if scores else 0
+    return ForecastRun(issued_at, steps, outcomes, written, scored, found[0].releases_version)
+
+
+def _span(length: timedelta) -> str:
+    """A duration as people say it: '4 days', '30 hours', '45 minutes'."""
+    for unit, size in (("day", timedelta(days=1)), ("hour", timedelta(hours=1))):
+        if length >= size and not length % size:
+            count = length // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{length // timedelta(minutes=1)} minutes"
+
+
+def _describe(choice: Choice) -> str:
+    if not choice.basis.get("calibrated"):
+        return f"{choice.model}: no backtest recorded yet (`fusion backtest`), intervals uncalibrated"
+    return f"{choice.model}: chosen by backtest, intervals x{choice.factor:.2f}"
+
+
+def run_backtests(
+    config: Config,
+    *,
+    metrics: Sequence[str] | None = None,
+    regions: Sequence[str] | None = None,
+    statistics: Sequence[Statistic] | None = None,
+    horizon: str | None = None,
+    origins: int | None = None,
+    now: datetime | None = None,
+) -> ForecastRun:
+    """A rolling-origin backtest of every configured model on each series; every origin's forecasts and their
+    scores are written (purpose 'backtest'), and the model a forecast would now choose is reported."""
+    chosen = settings(config)
+    steps = windows(config, horizon or chosen.horizon, "--horizon" if horizon else "forecasting.horizon")
+    length = windows(config, chosen.history, "forecasting.history")
+    step = windows(config, chosen.backtest_step, "forecasting.backtest_step")
+    least = windows(config, chosen.min_history, "forecasting.min_history")
+    count = origins or chosen.backtest_origins
+    days = period(config)
+    span = (length + (count - 1) * step + steps) * config.window
+    issued_at = now or datetime.now(UTC)
+    with open_store(config) as store:
+        found = _series(config, store, metrics, regions, statistics, span=span)
+    outcomes: list[SeriesOutcome] = []
+    written = scored = 0
+    for series in found:
+        starts = rolling_origins(series.values.size, horizon=steps, step=step, count=count, min_history=least)
+        if len(starts) < 2:
+            needed = _span((least + steps + step) * config.window)
+            outcomes.append(SeriesOutcome(series.key, None, f"too short: a backtest needs {needed} of released "
+                                          f"windows (min_history + horizon + one step); it has "
+                                          f"{_span(series.values.size * config.window)}"))
+            continue
+        made = backtest(series.values, series.variances, days, models=chosen.models, origins=starts,
+                        horizon=steps, history=length)
+        tables: list[pa.Table] = []
+        scores: list[pa.Table] = []
+        for model in chosen.models:
+            mine = [f for f in made if f.model is model]
+            for forecast, (factor, bands) in zip(mine, calibrated(mine, series.values, series.variances),
+                                                 strict=True):
+                issued = IssuedForecast(
+                    series=series, purpose=Purpose.BACKTEST, model=model, model_version=MODELS[model].version,
+                    params={"fitted": forecast.prediction.params, "history_windows": min(forecast.origin, length)},
+                    origin=forecast.origin, bands=bands, factor=factor, mase_scale=forecast.mase_scale,
+                    input_release_ids=series.releases_before(forecast.origin, length),
+                )
+                rows = forecast_rows(issued, issued_at)
+                tables.append(rows)
+                scores.append(score_rows(rows, series, issued_at))
+        # Written series by series: each row carries the releases its forecast read (hundreds, for a stream's
+        # hourly releases), so a whole federation's backtest is not held at once.
+        written += write_derived(config, "forecasts", pa.concat_tables(tables)) if tables else 0
+        scored += write_derived(config, "forecast_scores", pa.concat_tables(scores)) if scores else 0
+        results = score(made, series.values, series.variances)
+        try:
+            best = choose(results, default=chosen.models[0], margin=chosen.selection_margin)
+        except SeriesTooShort as exc:
+            outcomes.append(SeriesOutcome(series.key, None, str(exc), tuple(results)))
+            continue
+        outcomes.append(SeriesOutcome(series.key, None, f"chooses {best.model} (intervals x{best.factor:.2f})",
+                                      tuple(results), best.model))
+    if not any(o.scores for o in outcomes):
+        reasons = "; ".join(f"{o.key}: {o.note}" for o in outcomes)
+        raise FusionError(f"no series could be backtested ({reasons})")
+    return ForecastRun(issued_at, steps, outcomes, written, scored, found[0].releases_version)
+
+
+__all__ = ["ForecastRun", "SeriesOutcome", "period", "run_backtests", "run_forecasts", "settings", "windows"]

@@ -1,0 +1,88 @@
+"""Which model forecasts a series, and its calibration factor, from the backtests recorded in the store.
+
+`fusion backtest` writes each rolling origin's forecasts of every model, scored against the releases. A forecast
+reads them back (through the SQL surface): over the series' latest `backtest_origins` origins, the first of
+`[forecasting] models` is kept unless another's MAE is lower by more than `selection_margin`, and the chosen model's
+factor is learned on all of those origins' errors (forecasting.intervals). Without a
+backtest, the first of `[forecasting] models` forecasts, uncalibrated (factor 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from forecasting.backtest import preferred
+from forecasting.intervals import calibration_factor
+from forecasting.series import SeriesKey, quoted
+from fusion.api import FusedStore
+from fusion.forecasting_config import ModelName, Statistic
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A series' model and calibration factor, and what they were learned on."""
+
+    model: ModelName
+    factor: float
+    basis: dict[str, Any]
+
+
+def default_choice(models: Sequence[ModelName]) -> Choice:
+    return Choice(models[0], 1.0, {"selected_by": "default (no backtest recorded)", "calibrated": False})
+
+
+def recorded_choices(
+    store: FusedStore, keys: Sequence[SeriesKey], *, models: Sequence[ModelName], origins: int, margin: float
+) -> dict[SeriesKey, Choice]:
+    """The choice for each series with scored backtest forecasts of one of `models`."""
+    if not keys or store.versions.get("forecast_scores") is None:
+        return {}
+    metrics = ", ".join(quoted(m) for m in sorted({k.metric for k in keys}))
+    names = ", ".join(quoted(str(m)) for m in models)
+    table = store.sql(
+        "SELECT f.metric, f.statistic, f.region, f.model, f.origin, f.sd, f.calibration_factor, s.error, "
+        "s.noise_sd FROM forecasts f JOIN forecast_scores s USING (forecast_id, window_start) "
+        f"WHERE f.purpose = 'backtest' AND f.metric IN ({metrics}) AND f.model IN ({names}) "
+        # The latest backtest's forecast of each model, origin and window.
+        "QUALIFY row_number() OVER (PARTITION BY f.metric, f.statistic, f.region, f.model, f.origin, f.window_start "
+        "ORDER BY f.issued_at DESC) = 1"
+    )
+    if table.num_rows == 0:
+        return {}
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    rows_of: dict[SeriesKey, list[int]] = {}
+    for index, (m, s, r) in enumerate(zip(columns["metric"], columns["statistic"], columns["region"], strict=True)):
+        rows_of.setdefault(SeriesKey(m, Statistic(s), r), []).append(index)
+    out: dict[SeriesKey, Choice] = {}
+    for key in set(keys) & set(rows_of):
+        mine = np.zeros(table.num_rows, dtype=bool)
+        mine[rows_of[key]] = True
+        latest = np.sort(np.unique(columns["origin"][mine]))[-origins:]
+        rows = mine & np.isin(columns["origin"], latest)
+        error = columns["error"].astype(float)
+        mae = {}
+        for model in models:
+            scored = rows & (columns["model"] == str(model)) & np.isfinite(error)
+            if scored.any():
+                mae[str(model)] = float(np.abs(error[scored]).mean())
+        if not mae:
+            continue
+        best = preferred({ModelName(m): v for m, v in mae.items()}, default=models[0], margin=margin)
+        chosen = rows & (columns["model"] == str(best)) & np.isfinite(error)
+        raw_sd = columns["sd"][chosen].astype(float) / columns["calibration_factor"][chosen].astype(float)
+        factor = calibration_factor(error[chosen], raw_sd**2, columns["noise_sd"][chosen].astype(float) ** 2)
+        out[key] = Choice(best, factor, {
+            "selected_by": f"backtest: MAE against later releases ({models[0]} unless another's is over "
+                           f"{margin:.0%} lower)",
+            "backtest_origins": [str(o) for o in latest],
+            "backtest_mae": mae,
+            "calibrated": True,
+        })
+    return out
+
+
+__all__ = ["Choice", "default_choice", "recorded_choices"]

@@ -1,0 +1,150 @@
+"""Released series read from the store through its public SQL surface (fusion.api), on a regular grid of windows.
+
+A series is one (metric, statistic, region): the mean follows `ratio_mean` with `mean_sd` (the unclipped ratio
+and its delta-method SD), the sum `sum` with `sum_sd`, the count `count` with `count_sd`. A window that was not
+released, or whose mean was withheld (its count's interval includes 0), is missing (NaN), never zero. Where a
+window was released more than once, the latest release counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+
+from forecasting.models import History
+from fusion.api import FusedStore
+from fusion.errors import FusionError
+from fusion.forecasting_config import Statistic
+
+#: The release columns each statistic follows: (value, noise SD).
+COLUMNS = {Statistic.MEAN: ("ratio_mean", "mean_sd"), Statistic.SUM: ("sum", "sum_sd"),
+           Statistic.COUNT: ("count", "count_sd")}
+
+
+@dataclass(frozen=True, order=True)
+class SeriesKey:
+    metric: str
+    statistic: Statistic
+    region: str
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.statistic} {self.region}"
+
+
+@dataclass(frozen=True)
+class Series:
+    """One series on the grid `start + i * step`, i = 0..n-1, through its latest released window: values and
+    noise variances (NaN where missing), the release each window came from (None where none), and the Delta
+    version of `releases` it was read at."""
+
+    key: SeriesKey
+    unit: str
+    start: datetime
+    step: timedelta
+    values: np.ndarray
+    variances: np.ndarray
+    release_ids: list[str | None]
+    releases_version: int
+
+    @property
+    def end(self) -> datetime:
+        """The end of the latest window: a forecast's origin."""
+        return self.start + self.values.size * self.step
+
+    def window(self, index: int) -> datetime:
+        return self.start + index * self.step
+
+    def index(self, moment: datetime) -> int:
+        return int((moment - self.start) // self.step)
+
+    def history(self, origin: int, length: int, period: int | None) -> History:
+        """The cells before `origin` (an index), at most `length` of them."""
+        begin = max(0, origin - length)
+        return History(self.values[begin:origin], self.variances[begin:origin], period)
+
+    def releases_before(self, origin: int, length: int) -> list[str]:
+        """The distinct releases of the cells a history ending at `origin` read, in order."""
+        begin = max(0, origin - length)
+        return list(dict.fromkeys(r for r in self.release_ids[begin:origin] if r is not None))
+
+
+def quoted(text: str) -> str:
+    """A SQL string literal (the sandbox takes one query string, without parameters)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def read_series(
+    store: FusedStore,
+    *,
+    step: timedelta,
+    metrics: Sequence[str],
+    regions: Sequence[str],
+    statistics: Sequence[Statistic],
+    span: timedelta,
+) -> list[Series]:
+    """Every (metric, statistic, region) asked for that has released windows, over the last `span` before the
+    store's latest released window (pinned to the version of `releases` the store reads)."""
+    version = store.versions.get("releases")
+    if version is None:
+        return []
+    where = (f"metric IN ({', '.join(map(quoted, metrics))}) AND region IN ({', '.join(map(quoted, regions))})")
+    latest = store.sql(f"SELECT max(window_end) AS t FROM releases WHERE {where}").column("t")[0].as_py()
+    if latest is None:
+        return []
+    since = latest - span
+    table = store.sql(
+        "SELECT metric, unit, region, window_start, release_id, ratio_mean, mean_sd, sum, sum_sd, count, count_sd "
+        f"FROM releases WHERE {where} AND window_start >= TIMESTAMPTZ '{since.isoformat()}' "
+        "QUALIFY row_number() OVER (PARTITION BY metric, region, window_start ORDER BY released_at DESC, "
+        "release_id DESC) = 1 ORDER BY metric, region, window_start"
+    )
+    out = []
+    for (metric, region), rows in _groups(table):
+        for statistic in statistics:
+            out.append(_on_grid(SeriesKey(metric, statistic, region), rows, step, version))
+    return sorted(out, key=lambda s: s.key)
+
+
+def _groups(table: pa.Table) -> list[tuple[tuple[str, str], pa.Table]]:
+    keys = table.select(["metric", "region"]).group_by(["metric", "region"]).aggregate([]).to_pylist()
+    import pyarrow.compute as pc
+
+    return [
+        ((k["metric"], k["region"]),
+         table.filter(pc.and_(pc.equal(table["metric"], k["metric"]), pc.equal(table["region"], k["region"]))))
+        for k in keys
+    ]
+
+
+def _on_grid(key: SeriesKey, rows: pa.Table, step: timedelta, version: int) -> Series:
+    starts = rows.column("window_start").to_pylist()
+    first, last = starts[0], starts[-1]
+    n = int((last - first) // step) + 1
+    values, variances = np.full(n, np.nan), np.full(n, np.nan)
+    release_ids: list[str | None] = [None] * n
+    value_column, sd_column = COLUMNS[key.statistic]
+    value = rows.column(value_column).to_numpy(zero_copy_only=False).astype(float)
+    sd = rows.column(sd_column).to_numpy(zero_copy_only=False).astype(float)
+    for row, start in enumerate(starts):
+        offset = start - first
+        if offset % step:
+            raise FusionError(
+                f"release {rows.column('release_id')[row]} has a window at {start.isoformat()}, off the "
+                f"{step} grid of federation.window: forecasts need windows of the federation's length"
+            )
+        i = int(offset // step)
+        values[i], variances[i] = value[row], sd[row] ** 2
+        release_ids[i] = str(rows.column("release_id")[row])
+    known = np.isfinite(values) & np.isfinite(variances)
+    values[~known], variances[~known] = np.nan, np.nan  # withheld: NULL mean and sd
+    unit = str(rows.column("unit")[0])
+    if key.statistic is Statistic.COUNT:
+        unit = "readings"
+    return Series(key, unit, first, step, values, variances, release_ids, version)
+
+
+__all__ = ["COLUMNS", "Series", "SeriesKey", "quoted", "read_series"]

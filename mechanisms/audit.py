@@ -1,0 +1,174 @@
+"""Auditing the mechanisms' tables: `fusion verify` checks every recommendation and decision against the registry,
+and `fusion decisions` reports the overrides (FERC Order 844 and CAISO exceptional-dispatch style: counts, reasons,
+MW moved and cost impact, per period and authority). Reads only; imports no solver.
+
+A recommendation is `verified` when its rows still hold the content its digest names and the registered operator
+(current or retired key) signed that digest; a decision when its id is the hash of its content, its signature is
+valid under the key it names, that key is registered for its authority's signer, and the recommendation it
+decides on still has the digest it names. Refused attempts are `refusal`s: audit records, signed by whatever
+key was presented, never effective. Anything else is `tampered`. A decision takes effect once `threshold`
+distinct registered signers of its authority have signed its id.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from fusion.api import FusedStore
+from fusion.config import Config
+from mechanisms.authorities import Parties, load_parties
+from mechanisms.records import RECORDED, Decision, Recommendation
+from mechanisms.tables import read_decisions, recommendation_groups
+
+
+@dataclass(frozen=True)
+class RecordCheck:
+    table: str  # "recommendations" | "decisions"
+    record_id: str
+    status: str  # "verified" | "refusal" | "tampered"
+    effect: str  # a recommendation's kind and outcome; a decision's action and its signatures of the threshold
+    reason: str
+
+
+def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
+    parties = load_parties(config)
+    checks: list[RecordCheck] = []
+    digests: dict[str, str] = {}  # recommendation id -> digest, for those that verify
+    for rid, rows in sorted(recommendation_groups(store).items()):
+        try:
+            recommendation = Recommendation.from_rows(rows)
+        except ValueError as exc:
+            checks.append(RecordCheck("recommendations", rid, "tampered", "?", f"its rows are inconsistent: {exc}"))
+            continue
+        why = recommendation.tampered(parties.operator_keys)
+        if why is None and recommendation.recorded_id != rid:
+            why = "its id is not its digest's"
+        effect = f"{recommendation.kind} ({recommendation.outcome})"
+        if why:
+            checks.append(RecordCheck("recommendations", rid, "tampered", effect, why))
+            continue
+        digests[rid] = recommendation.digest
+        refused = recommendation.outcome != RECORDED
+        checks.append(RecordCheck("recommendations", rid, "refusal" if refused else "verified", effect,
+                                  recommendation.refusal or ""))
+    decisions = read_decisions(store)
+    signers: dict[str, set[str]] = defaultdict(set)
+    verdicts = []
+    for decision in decisions:
+        status, why = _decision_status(decision, parties, digests)
+        if status == "verified":
+            signers[decision.decision_id].add(decision.signer)
+        verdicts.append((decision, status, why))
+    for decision, status, why in verdicts:
+        authority = parties.authorities.get(decision.authority)
+        threshold = authority.threshold if authority else 1
+        count = len(signers[decision.decision_id])
+        effect = (f"{decision.action}: {count} of {threshold} signature(s)"
+                  + (", in effect" if count >= threshold else ", pending") if status == "verified"
+                  else decision.action)
+        checks.append(RecordCheck("decisions", _key(decision), status, effect, why))
+    return checks
+
+
+def _decision_status(decision: Decision, parties: Parties, digests: dict[str, str]) -> tuple[str, str]:
+    if decision.recorded_id and decision.recorded_id != decision.decision_id:
+        return "tampered", "its content no longer hashes to its id (a field changed)"
+    if decision.outcome != RECORDED:
+        if decision.signature and not decision.signature_valid():
+            return "tampered", "a refusal record whose signature does not match it"
+        return "refusal", decision.refusal or ""
+    if not decision.signature_valid():
+        return "tampered", "its signature does not match it (altered, or not signed by the key it names)"
+    authority = parties.authorities.get(decision.authority)
+    signer = authority.signer(decision.signer) if authority else None
+    if signer is None or signer.key.hex() != decision.signer_key:
+        return "tampered", (f"signed by a key not registered for authority {decision.authority}'s signer "
+                            f"{decision.signer}")
+    if digests.get(decision.recommendation_id) != decision.recommendation_sha256:
+        return "tampered", (f"recommendation {decision.recommendation_id} is missing, tampered or has another digest "
+                            "than the one decided on")
+    return "verified", ""
+
+
+def overrides_report(config: Config, store: FusedStore, *, period: str = "month") -> tuple[pa.Table, pa.Table]:
+    """(a summary per period, authority, action, reason code and status: decisions in effect, pending (short of
+    their threshold of verified signatures) and refused attempts, with the MW they moved and their cost impact;
+    every override and rejection in effect). Tampered rows are left out (`fusion verify` names them)."""
+    parties = load_parties(config)
+    checks = {c.record_id: c for c in verify_mechanisms(config, store) if c.table == "decisions"}
+    by_id: dict[str, list[Decision]] = defaultdict(list)
+    summary: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
+
+    def count(key: tuple[str, str, str, str, str], decision: Decision) -> None:
+        row = summary.setdefault(key, {"decisions": 0, "deviation_mw": 0.0, "cost_impact": 0.0})
+        row["decisions"] += 1
+        row["deviation_mw"] += decision.deviation_mw or 0.0
+        row["cost_impact"] += decision.cost_impact or 0.0
+
+    for decision in read_decisions(store):
+        check = checks.get(_key(decision))
+        if check is not None and check.status == "refusal":
+            count((_period(decision.decided_at, period), decision.authority, decision.action,
+                   decision.reason_code or "-", "refused"), decision)
+        elif check is not None and check.status == "verified":
+            by_id[decision.decision_id].append(decision)
+    listing = []
+    for signed in by_id.values():
+        signed.sort(key=_when)
+        first = signed[0]
+        authority = parties.authorities.get(first.authority)
+        threshold = authority.threshold if authority else 1
+        in_effect = len(signed) >= threshold
+        last = signed[threshold - 1] if in_effect else signed[-1]  # the signature that put it in effect
+        count((_period(last.decided_at, period), first.authority, first.action, first.reason_code or "-",
+               "in effect" if in_effect else "pending"), first)
+        if in_effect and first.action != "ratify":
+            listing.append({
+                "decided_at": f"{_when(last):%Y-%m-%d %H:%M}Z", "decision_id": first.decision_id,
+                "authority": first.authority, "action": first.action, "reason_code": first.reason_code,
+                "reason": first.reason,
+                "adopted": ", ".join(f"{a.item_key}={a.value:g} {a.unit}" for a in first.adopted),
+                "deviation_mw": first.deviation_mw, "cost_impact_usd_h": first.cost_impact,
+                "signers": ", ".join(d.signer for d in signed),
+            })
+    rows = [{"period": p, "authority": a, "action": act, "reason_code": code, "status": status, **values}
+            for (p, a, act, code, status), values in sorted(summary.items())]
+    summary_schema = pa.schema([("period", pa.string()), ("authority", pa.string()), ("action", pa.string()),
+                                ("reason_code", pa.string()), ("status", pa.string()), ("decisions", pa.int64()),
+                                ("deviation_mw", pa.float64()), ("cost_impact", pa.float64())])
+    listing_schema = pa.schema([("decided_at", pa.string()), ("decision_id", pa.string()),
+                                ("authority", pa.string()), ("action", pa.string()), ("reason_code", pa.string()),
+                                ("reason", pa.string()), ("adopted", pa.string()), ("deviation_mw", pa.float64()),
+                                ("cost_impact_usd_h", pa.float64()), ("signers", pa.string())])
+    listing.sort(key=lambda r: (r["decided_at"], r["decision_id"]))
+    return (pa.Table.from_pylist(rows, schema=summary_schema),
+            pa.Table.from_pylist(listing, schema=listing_schema))
+
+
+def _key(decision: Decision) -> str:
+    """A decision row's name in the checks: the id its row carries, and its signer."""
+    return f"{decision.recorded_id or decision.decision_id}/{decision.signer}"
+
+
+def _when(decision: Decision) -> datetime:
+    return decision.decided_at or datetime.min.replace(tzinfo=UTC)
+
+
+def _period(moment: datetime | None, period: str) -> str:
+    if moment is None:
+        return "?"
+    moment = moment.astimezone(UTC)
+    if period == "day":
+        return f"{moment:%Y-%m-%d}"
+    if period == "week":
+        year, week, _ = moment.isocalendar()
+        return f"{year}-W{week:02d}"
+    return f"{moment:%Y-%m}"
+
+
+__all__ = ["RecordCheck", "overrides_report", "verify_mechanisms"]

@@ -1,0 +1,256 @@
+"""`fusion decide`: an authority's signer ratifies, overrides or rejects a recommendation.
+
+A decision is refused, recorded as a refusal (signed with the key presented) and raised, when: the authority or
+the key is not registered, the recommendation is outside the authority's scope (regions, kinds), the
+recommendation is tampered (its rows differ from its digest, or its signature is not the operator's), superseded
+by a newer one, or a refused attempt itself; an override or a rejection has no reason code; an override cannot
+be re-solved (an unknown unit, MW outside its range, a network left infeasible). Nothing else is written then.
+
+An override's cost impact is found by re-solving the recommendation's own problem (its network, recorded loads,
+reserve and value of lost load) with the override fixed: CAISO's price-impact analysis of exceptional dispatch.
+The decision's id hashes its content, so k signers of a k-of-n authority sign one id (`--join`): it takes effect
+once k have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from fusion.api import FusedStore, open_store
+from fusion.config import Config
+from fusion.errors import FusionError
+from mechanisms.authorities import Authority, Parties, load_parties, load_private, signer_key_file
+from mechanisms.bids import bids_of
+from mechanisms.opf import Grid, Infeasible, solve_dispatch
+from mechanisms.recommend import fixed_loads_of, network_of
+from mechanisms.records import RECORDED, REFUSED, Action, Adopted, Decision, Kind, ReasonCode, Recommendation, now
+from mechanisms.tables import read_decisions, read_recommendation, write_rows
+from mechanisms.vcg import bid_supply
+
+ROUND = 6
+
+
+class DecisionRefused(FusionError):
+    """A decision that may not be made; it is recorded as a refusal in `decisions`."""
+
+
+@dataclass(frozen=True)
+class DecideRequest:
+    action: Action
+    recommendation_id: str
+    authority: str
+    signer: str
+    key_file: Path | None = None
+    reason_code: ReasonCode | None = None
+    reason: str | None = None
+    set_mw: tuple[tuple[str, float], ...] = ()  # an override's units and MW
+    point: int | None = None  # the frontier point adopted (pareto)
+    effective_from: datetime | None = None
+    effective_to: datetime | None = None
+    join: str | None = None  # a decision of the same authority to co-sign
+
+
+@dataclass(frozen=True)
+class DecisionOutcome:
+    decision: Decision
+    written: bool  # False: this signer had signed this decision already
+    signatures: int  # distinct signers of this decision so far
+    threshold: int
+
+    @property
+    def effective(self) -> bool:
+        return self.decision.outcome == RECORDED and self.signatures >= self.threshold
+
+
+def decide(config: Config, request: DecideRequest) -> DecisionOutcome:
+    key_file = request.key_file or signer_key_file(config, request.authority, request.signer)
+    private, public = load_private(key_file, f"{request.authority}/{request.signer}'s signing key "
+                                             "(`fusion mechanism-keys --authority ID --signer NAME`)")
+    parties = load_parties(config)
+    with open_store(config) as store:
+        try:
+            recommendation = read_recommendation(store, request.recommendation_id)
+        except ValueError as exc:  # rows that no longer form one recommendation
+            raise _refuse(config, _draft_bare(request), private, public, request.signer,
+                          f"recommendation {request.recommendation_id} is tampered: {exc}") from None
+        if recommendation is None:
+            raise FusionError(f"no recommendation {request.recommendation_id} in the store")
+        draft = _draft(store, recommendation, request)
+        why = _why_refused(store, parties, recommendation, draft, request.signer, public)
+        if why is None:
+            try:
+                draft = _with_override(config, recommendation, draft, request)
+            except (Infeasible, FusionError) as exc:
+                why = f"the override cannot be re-solved: {exc}"
+        if why is not None:
+            raise _refuse(config, draft, private, public, request.signer, why)
+        draft = replace(draft, previous_decision_id=_previous(store, draft))
+    signed = draft.signed(private, public, signer=request.signer, decided_at=now())
+    written = write_rows(config, "decisions", signed.rows()) > 0
+    with open_store(config) as store:
+        signers = {d.signer for d in read_decisions(store, recommendation_id=recommendation.recommendation_id)
+                   if d.decision_id == signed.decision_id and d.outcome == RECORDED and d.signature_valid()
+                   and _registered(parties, d)}
+    return DecisionOutcome(signed, written, len(signers), parties.authorities[request.authority].threshold)
+
+
+def _draft_bare(request: DecideRequest) -> Decision:
+    return Decision(request.recommendation_id, "", request.action.value, request.authority, request.effective_from,
+                    request.effective_to, _code(request), request.reason)
+
+
+def _code(request: DecideRequest) -> str | None:
+    return request.reason_code.value if request.reason_code else None
+
+
+def _draft(store: FusedStore, recommendation: Recommendation, request: DecideRequest) -> Decision:
+    """The decision as asked, before checks: its content is what the signers sign."""
+    if request.join:
+        joined = [d for d in read_decisions(store, recommendation_id=recommendation.recommendation_id)
+                  if d.decision_id == request.join and d.outcome == RECORDED]
+        if not joined:
+            raise FusionError(f"--join {request.join}: no recorded decision of that id on recommendation "
+                              f"{recommendation.recommendation_id}")
+        first = joined[0]
+        if first.authority != request.authority or first.action != request.action.value:
+            raise FusionError(f"--join {request.join}: that decision is authority {first.authority}'s "
+                              f"{first.action}, not {request.authority}'s {request.action.value}")
+        return replace(first, signer="", signer_key="", decided_at=None, signature="")
+    if request.action is Action.RATIFY and request.set_mw:
+        raise FusionError("ratify adopts the recommendation as it is; changing MW is an override (with --set and "
+                          "a reason code)")
+    proposed = _proposed_point(recommendation)
+    if request.action is Action.RATIFY and request.point is not None and request.point != proposed:
+        raise FusionError(f"ratify adopts the proposed point {proposed}; adopting point {request.point} is an "
+                          "override (`fusion decide override --point N --reason-code ...`)")
+    adopted: tuple[Adopted, ...] = ()
+    if request.action is Action.RATIFY and proposed is not None:
+        adopted = (Adopted("point", float(proposed), "index"),)
+    if request.action is Action.OVERRIDE:
+        adopted = tuple(Adopted(unit, float(mw), "MW") for unit, mw in request.set_mw)
+        if request.point is not None:
+            adopted = (Adopted("point", float(request.point), "index"), *adopted)
+    return Decision(
+        recommendation_id=recommendation.recommendation_id,
+        recommendation_sha256=recommendation.recorded_digest or recommendation.digest,
+        action=request.action.value, authority=request.authority,
+        effective_from=request.effective_from or recommendation.valid_from,
+        effective_to=request.effective_to or recommendation.valid_to,
+        reason_code=_code(request), reason=request.reason, adopted=adopted,
+    )
+
+
+def _proposed_point(recommendation: Recommendation) -> int | None:
+    if recommendation.kind != Kind.PARETO.value or recommendation.outcome != RECORDED:
+        return None
+    value = recommendation.items_of("proposed_point").get("index")
+    return None if value is None else int(value)
+
+
+def _registered(parties: Parties, decision: Decision) -> bool:
+    authority = parties.authorities.get(decision.authority)
+    signer = authority.signer(decision.signer) if authority else None
+    return signer is not None and signer.key.hex() == decision.signer_key
+
+
+def _why_refused(store: FusedStore, parties: Parties, recommendation: Recommendation, draft: Decision,
+                 signer_id: str, public: bytes) -> str | None:
+    """Why this signer may not make this decision, or None. The checks of the issue's "bad input", in order: the
+    authority and key registered, the scope, the recommendation intact, current and a recommendation at all, and
+    a reason code for an override or a rejection."""
+    name = draft.authority
+    authority: Authority | None = parties.authorities.get(name)
+    if authority is None:
+        return f"authority {name} is not registered under [[authorities]] in the registry"
+    signer = authority.signer(signer_id)
+    if signer is None or signer.key != public:
+        return (f"the key {public.hex()[:16]}... is not registered for authority {name}'s signer {signer_id} "
+                f"(`fusion mechanism-keys --authority {name} --signer {signer_id}` registers one)")
+    scope = authority.out_of_scope(recommendation.kind, recommendation.regions)
+    if scope:
+        return scope
+    tampered = recommendation.tampered(parties.operator_keys)
+    if tampered:
+        return f"recommendation {recommendation.recommendation_id} is tampered: {tampered}"
+    if recommendation.outcome != RECORDED:
+        return f"recommendation {recommendation.recommendation_id} is a refused attempt, not a recommendation"
+    newer = _superseded_by(store, recommendation.recommendation_id)
+    if newer:
+        return (f"recommendation {recommendation.recommendation_id} is superseded by {newer} (newer inputs for the "
+                f"same window): decide on {newer}")
+    if draft.action != Action.RATIFY.value and draft.reason_code is None:
+        article = "an" if draft.action == Action.OVERRIDE.value else "a"
+        return f"{article} {draft.action} needs a reason code (--reason-code: {', '.join(c.value for c in ReasonCode)})"
+    if draft.action == Action.OVERRIDE.value and not draft.adopted:
+        return "an override names what it changes: --set UNIT=MW (dispatch, auction) or --point N (pareto)"
+    return None
+
+
+def _superseded_by(store: FusedStore, recommendation_id: str) -> str | None:
+    table = store.sql("SELECT DISTINCT recommendation_id FROM recommendations WHERE outcome = 'recorded' AND "
+                      f"supersedes = '{recommendation_id}'")
+    ids = sorted(table.column("recommendation_id").to_pylist())
+    return ids[0] if ids else None
+
+
+def _with_override(config: Config, recommendation: Recommendation, draft: Decision,
+                   request: DecideRequest) -> Decision:
+    """An override's deviation (MW moved from the recommendation) and cost impact ($/h, re-solved)."""
+    if draft.action != Action.OVERRIDE.value or request.join:
+        return draft
+    kind = recommendation.kind
+    recommended = recommendation.items_of("dispatch_mw")
+    fixed = {a.item_key: a.value for a in draft.adopted if a.unit == "MW"}
+    if kind == Kind.PARETO.value:
+        if fixed:
+            raise FusionError("a Pareto recommendation is overridden by choosing another frontier point (--point N)")
+        point, proposed = int(request.point or 0), _proposed_point(recommendation)
+        costs = recommendation.items_of("frontier_cost")
+        key, base = f"{point:03d}", f"{proposed:03d}"
+        if key not in costs:
+            raise FusionError(f"--point {point}: the frontier has points 0 to {len(costs) - 1}")
+        if point == proposed:
+            raise FusionError(f"point {point} is the proposed one: that is a ratification")
+        mw = recommendation.items_of("frontier_dispatch_mw")
+        units = sorted({k.split("/", 1)[1] for k in mw})
+        deviation = sum(abs((mw[f"{key}/{u}"] or 0.0) - (mw[f"{base}/{u}"] or 0.0)) for u in units)
+        impact = (costs[key] or 0.0) - (costs[base] or 0.0)
+        return replace(draft, deviation_mw=round(deviation, ROUND), cost_impact=round(impact, ROUND))
+    if request.point is not None:
+        raise FusionError("--point chooses a point of a Pareto frontier; this recommendation is a " + kind)
+    network = network_of(config, recommendation)
+    grid = Grid.from_network(network)
+    loads = fixed_loads_of(recommendation, network)
+    voll = recommendation.parameters.get("voll")
+    if kind == Kind.AUCTION.value:
+        supply = bid_supply(grid, bids_of(recommendation.inputs.get("bids", [])))
+        again = solve_dispatch(grid, loads, supply=supply, voll=voll, fixed=fixed)
+    else:
+        margins = recommendation.items_of("reserve_margin_mw")
+        reserve = np.array([margins.get(b.id) or 0.0 for b in network.buses]) if margins else None
+        again = solve_dispatch(grid, loads, reserve=reserve, voll=voll, fixed=fixed)
+    deviation = sum(abs(mw - (recommended.get(unit) or 0.0)) for unit, mw in fixed.items())
+    impact = again.cost - (recommendation.items_of("objective").get("cost") or 0.0)
+    return replace(draft, deviation_mw=round(deviation, ROUND), cost_impact=round(impact, ROUND))
+
+
+def _previous(store: FusedStore, draft: Decision) -> str | None:
+    """The latest other decision of this authority on this recommendation (what this one follows)."""
+    earlier = [d for d in read_decisions(store, recommendation_id=draft.recommendation_id)
+               if d.authority == draft.authority and d.outcome == RECORDED and d.decision_id != draft.decision_id]
+    earlier.sort(key=lambda d: (d.decided_at or now(), d.decision_id))
+    return earlier[-1].decision_id if earlier else None
+
+
+def _refuse(config: Config, draft: Decision, private: bytes, public: bytes, signer: str, why: str) -> DecisionRefused:
+    """Record a refused decision (signed with the key presented) and return the error to raise."""
+    record = replace(draft, outcome=REFUSED, refusal=why, deviation_mw=None, cost_impact=None)
+    write_rows(config, "decisions", record.signed(private, public, signer=signer, decided_at=now()).rows())
+    return DecisionRefused(f"decision refused (recorded in `decisions`): {why}")
+
+
+__all__ = ["DecideRequest", "DecisionOutcome", "DecisionRefused", "decide"]

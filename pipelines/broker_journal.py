@@ -1,0 +1,85 @@
+"""A durable journal of one institution's broker messages: what makes an acknowledgement safe.
+
+A reader thread appends each batch of messages as one JSON-lines file (written to a hidden temporary, fsynced,
+renamed in, the directory fsynced) and only then acknowledges the batch to the broker. The file is an ordinary
+input of `fusion stream` from that moment on (validated, windowed and spooled like a feed file, read once), so a
+crash before the acknowledgement redelivers messages that may already be journalled: the broker ids of each
+file's messages are listed in a sidecar (`<file>.ids`, written before the file itself is renamed in), and a
+message whose id is listed is acknowledged again but not journalled twice.
+
+A message that is not UTF-8, or larger than the source's limit, is journalled as one line that is not JSON
+(`!broker message ...: why`), so the stream dead-letters it as a malformed record with that description and
+counts it, and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+JOURNAL_SUFFIX = ".jsonl"
+IDS_SUFFIX = ".ids"
+
+
+def message_lines(payload: bytes, *, name: str, max_bytes: int) -> list[str]:
+    """A message's JSON lines; a refused message is one line saying why (it is dead-lettered as malformed)."""
+    if len(payload) > max_bytes:
+        return [f"!broker message {name}: {len(payload)} bytes, over the source's max_message_bytes = {max_bytes}"]
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return [f"!broker message {name}: not UTF-8 ({len(payload)} bytes; {exc.reason} at byte {exc.start})"]
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+
+
+def _fsync_directory(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+class SourceJournal:
+    """The journal directory of one institution's source; remembers the broker ids already journalled."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ids: set[str] = set()
+        numbers = [0]
+        for sidecar in directory.glob(f"*{IDS_SUFFIX}"):
+            journal = sidecar.with_suffix(JOURNAL_SUFFIX)
+            if journal.exists():  # a sidecar without its file: the kill came before the rename, nothing journalled
+                self.ids.update(sidecar.read_text().split())
+                numbers.append(int(journal.stem) + 1)
+        self._next = max(numbers)
+
+    def forget(self, ids: Iterable[str]) -> None:
+        """Drop ids the broker will never redeliver (acknowledged below its ack floor): keeps the set small."""
+        self.ids.difference_update(ids)
+
+    def append(self, messages: Sequence[tuple[str, list[str]]]) -> int:
+        """Journal (id, lines) messages not journalled before, durably; returns how many were new. Acknowledge
+        all of `messages` to the broker only after this returns."""
+        fresh = [(i, lines) for i, lines in dict(messages).items() if i not in self.ids]
+        if not fresh:
+            return 0
+        journal = self.directory / f"{self._next:012d}{JOURNAL_SUFFIX}"
+        _write_durably(journal.with_suffix(IDS_SUFFIX), "\n".join(i for i, _ in fresh).encode())
+        body = "".join(line + "\n" for _, lines in fresh for line in lines)
+        _write_durably(journal, body.encode())
+        _fsync_directory(self.directory)
+        self._next += 1
+        self.ids.update(i for i, _ in fresh)
+        return len(fresh)

@@ -1,0 +1,229 @@
+"""Broker sources of `fusion stream`: a reader thread per declared source journals messages, then acknowledges.
+
+A NATS JetStream source is a durable pull consumer (acknowledge-all) over the institution's subjects; an MQTT
+source subscribes to the institution's topic filters at QoS 1 in a persistent session (clean_session off) and
+acknowledges manually. Either way a batch is acknowledged only after `SourceJournal.append` has made it durable,
+so a kill redelivers, and nothing the broker saw acknowledged is lost. Redeliveries are recognised by the broker
+id (JetStream: the stream sequence; MQTT, which has no stable id: a digest of topic and payload, so an exact
+duplicate is taken once). The journal files are the institution's inputs from there on: the driver validates,
+windows, spools and releases them like feed files.
+
+A broker that is down at start or goes down mid-stream is retried with exponential backoff (0.5 s to 30 s); each
+change of a source's health is logged and shown in the status line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fusion.broker_config import MqttSource, NatsSource
+from fusion.config import Config, FeedConfig, FeedFormat
+from fusion.faults import crash_point
+from pipelines.broker_journal import JOURNAL_SUFFIX, SourceJournal, message_lines
+
+_log = logging.getLogger(__name__)
+MIN_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 30.0
+
+
+class SourceReader(threading.Thread):
+    """One institution's source on a daemon thread: `health` says how it is, `idle` that it has caught up."""
+
+    def __init__(self, institution: str, label: str, journal: SourceJournal, notice: Callable[[str], None]) -> None:
+        super().__init__(name=f"fusion-source-{institution}-{label}", daemon=True)
+        self.institution = institution
+        self.label = label
+        self.journal = journal
+        self.health = "connecting"
+        self.idle = False  # connected, and the last wait for messages came back empty
+        self.messages = 0  # messages journalled by this process (redeliveries of journalled ones aside)
+        self._notice = notice
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def _set_health(self, health: str) -> None:
+        if health != self.health:
+            self.health = health
+            text = f"source {self.institution} {self.label}: {health}"
+            (_log.info if health == "connected" else _log.warning)(text)
+            self._notice(text)
+
+    def _down(self, exc: BaseException, delay: float) -> float:
+        """Report the broker down and wait `delay`; returns the next delay (doubling up to MAX_BACKOFF_S)."""
+        self.idle = False
+        self._set_health(f"down ({type(exc).__name__}: {str(exc) or 'no answer'}), retrying with backoff")
+        self._halt.wait(delay)
+        return min(delay * 2, MAX_BACKOFF_S)
+
+
+class NatsReader(SourceReader):
+    def __init__(self, institution: str, source: NatsSource, journal: SourceJournal, config: Config,
+                 notice: Callable[[str], None]) -> None:
+        super().__init__(institution, f"nats {source.stream}", journal, notice)
+        self.source = source
+        self._config = config
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        import nats
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        source, delay = self.source, MIN_BACKOFF_S
+        durable = source.consumer(self.institution)
+        subjects = list(source.subjects)
+        consumer = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.ALL,  # one acknowledgement per journalled batch
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30,
+            max_ack_pending=-1,
+            **({"filter_subject": subjects[0]} if len(subjects) == 1 else {"filter_subjects": subjects}),
+        )
+        while not self._halt.is_set():
+            client = None
+            try:
+                client = await nats.connect(
+                    source.url,
+                    user=source.user,
+                    password=source.secret(self.institution),
+                    token=source.auth_token(self.institution),
+                    tls=source.tls.context(self._config.resolve) if source.tls else None,
+                    allow_reconnect=False,  # this loop reconnects, with backoff, and says so
+                    connect_timeout=2,
+                    max_reconnect_attempts=0,
+                )
+                stream = client.jetstream()
+                await stream.add_consumer(source.stream, consumer)
+                subscription = await stream.pull_subscribe_bind(durable, source.stream)
+                floor = (await subscription.consumer_info()).ack_floor
+                if floor is not None and floor.stream_seq:  # acknowledged: never redelivered, forget their ids
+                    self.journal.forget([i for i in self.journal.ids if int(i) <= floor.stream_seq])
+                self._set_health("connected")
+                delay = MIN_BACKOFF_S
+                await self._pull(client, subscription)
+            except Exception as exc:  # any broker or network failure: retry (nothing unacknowledged is lost)
+                if self._halt.is_set():
+                    break
+                delay = self._down(exc, delay)
+            finally:
+                if client is not None and not client.is_closed:
+                    await client.close()
+
+    async def _pull(self, client: Any, subscription: Any) -> None:
+        import nats.errors
+
+        while not self._halt.is_set():
+            if not client.is_connected:  # a fetch on a dropped connection only times out: say it is down
+                raise ConnectionError(f"lost the connection to {self.source.url}")
+            try:
+                batch = await subscription.fetch(self.source.batch, timeout=0.5)
+            except nats.errors.TimeoutError:
+                batch = []
+            if not batch:
+                self.idle = True
+                continue
+            self.idle = False
+            entries = []
+            for message in batch:
+                sequence = message.metadata.sequence.stream
+                name = f"{self.source.stream}:{sequence} ({message.subject})"
+                entries.append((str(sequence), message_lines(message.data, name=name,
+                                                             max_bytes=self.source.max_message_bytes)))
+            self.messages += self.journal.append(entries)  # durable before the acknowledgement below
+            crash_point("broker_after_journal")
+            await batch[-1].ack()  # acknowledge-all: every message of the batch
+
+
+class MqttReader(SourceReader):
+    def __init__(self, institution: str, source: MqttSource, journal: SourceJournal, config: Config,
+                 notice: Callable[[str], None]) -> None:
+        super().__init__(institution, f"mqtt {source.host}:{source.port}", journal, notice)
+        self.source = source
+        self._config = config
+
+    def run(self) -> None:
+        import paho.mqtt.client as mqtt
+
+        source, delay = self.source, MIN_BACKOFF_S
+        pending: list[Any] = []
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=source.session(self.institution),
+            clean_session=False,  # a persistent session: QoS 1 messages wait for us while we are away
+            protocol=mqtt.MQTTv311,
+        )
+        client.manual_ack_set(True)  # PUBACK only once journalled
+        if source.user is not None:
+            client.username_pw_set(source.user, source.secret(self.institution))
+        if source.tls is not None:
+            client.tls_set_context(source.tls.context(self._config.resolve))
+        client.on_message = lambda _client, _data, message: pending.append(message)
+        client.on_connect = lambda c, _data, _flags, _code, _props: c.subscribe([(t, 1) for t in source.topics])
+        while not self._halt.is_set():
+            try:
+                client.connect(source.host, source.port, keepalive=15)
+                self._set_health("connected")
+                delay = MIN_BACKOFF_S
+                quiet_since = time.monotonic()
+                while not self._halt.is_set():
+                    code = client.loop(timeout=0.1)
+                    if code != mqtt.MQTT_ERR_SUCCESS:
+                        raise ConnectionError(mqtt.error_string(code))
+                    if not pending:
+                        self.idle = time.monotonic() - quiet_since > 0.5
+                        continue
+                    self.idle, quiet_since = False, time.monotonic()
+                    batch, pending[:] = list(pending), []
+                    entries = []
+                    for message in batch:
+                        digest = hashlib.sha256(message.topic.encode() + b"\0" + message.payload).hexdigest()[:32]
+                        lines = message_lines(message.payload, name=f"{message.topic} {digest[:12]}",
+                                              max_bytes=source.max_message_bytes)
+                        entries.append((digest, lines))
+                    self.messages += self.journal.append(entries)
+                    crash_point("broker_after_journal")
+                    for message in batch:
+                        client.ack(message.mid, message.qos)
+            except (OSError, ConnectionError) as exc:
+                pending.clear()  # not acknowledged: the broker redelivers them in the session
+                delay = self._down(exc, delay)
+        client.disconnect()
+
+
+def journal_dir(config: Config, institution: str, number: int, kind: str) -> Path:
+    """Local, like the stream's state: the journal holds the institution's raw readings."""
+    return Path(config.stream_state_path) / "brokers" / institution / f"{number}-{kind}"
+
+
+def start_readers(config: Config, notice: Callable[[str], None]) -> list[tuple[SourceReader, FeedConfig]]:
+    """A started reader per declared source, each with the feed its journal is read as (JSON lines with the
+    institution's first feed's column mapping and time format)."""
+    readers: list[tuple[SourceReader, FeedConfig]] = []
+    for institution in config.institutions:
+        first = institution.feeds[0]
+        for number, source in enumerate(institution.sources):
+            source.secret(institution.id)  # an unset credential variable is refused here, not retried forever
+            if isinstance(source, NatsSource):
+                source.auth_token(institution.id)
+            journal = SourceJournal(journal_dir(config, institution.id, number, source.kind.value))
+            reader: SourceReader
+            if isinstance(source, NatsSource):
+                reader = NatsReader(institution.id, source, journal, config, notice)
+            else:
+                reader = MqttReader(institution.id, source, journal, config, notice)
+            feed = FeedConfig(name=f"source-{number}", path=str(journal.directory / f"*{JOURNAL_SUFFIX}"),
+                              format=FeedFormat.JSONL, time_format=first.time_format, columns=first.columns)
+            reader.start()
+            readers.append((reader, feed))
+    return readers

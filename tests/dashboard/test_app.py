@@ -1,0 +1,317 @@
+"""The dashboard over HTTP (no browser): every page and its JSON twin, escaping of the store's text, messages
+for bad parameters, read-only routes, security headers, the Host check and the token."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+from pathlib import Path
+
+import markupsafe
+import pytest
+
+from dashboard.guard import CSP
+from dashboard.server import ServeOptions, running
+from fusion.config import load_config
+from tests.dashboard.conftest import AUDIT_RUNS, HOURS, Served, build_store
+from tests.dashboard.rows import FRONTIER, HOSTILE, LMPS, PROPOSED
+
+PAGES = ("releases", "budget", "provenance", "forecasts", "recommendations", "api")
+VIEWS = ("releases", "budget", "provenance", "forecasts", "recommendations")
+
+
+def quoted(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_with_its_title_and_the_security_headers(served: Served, page: str) -> None:
+    status, headers, body = served.get(f"/{page}")
+    assert status == 200, body
+    assert re.search(r"<h1>[^<]+</h1>", body)
+    assert headers["content-security-policy"] == CSP
+    assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
+    assert headers["cache-control"] == "no-store"
+    assert "Traceback" not in body
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_every_view_has_a_json_twin_documented_in_openapi(served: Served, view: str) -> None:
+    status, answer = served.json(f"/api/{view}")
+    assert status == 200 and isinstance(answer, dict)
+    _, spec = served.json("/openapi.json")
+    operation = spec["paths"][f"/api/{view}"]["get"]
+    assert operation["summary"]
+    assert "$ref" in operation["responses"]["200"]["content"]["application/json"]["schema"]
+    _, _, api_page = served.get("/api")
+    assert f"GET /api/{view}" in api_page
+
+
+def test_health_reports_the_tables_versions(served: Served) -> None:
+    status, answer = served.json("/health")
+    assert status == 200 and answer["status"] == "ok" and answer["federation"] == "test-federation"
+    assert answer["tables"]["releases"] is not None and answer["tables"]["runs"] is None
+
+
+def test_releases_give_every_statistic_with_its_sd_and_interval_and_each_release_its_epsilon(served: Served) -> None:
+    _, north = served.json("/api/releases?metric=temp&region=north&days=all")
+    assert north["metric"] == "temp" and north["region"] == "north" and north["unit"] == "degC"
+    assert len(north["cells"]) == HOURS
+    assert [c["estimates"]["count"]["value"] for c in north["cells"]] == [100.0 + h for h in range(HOURS)]
+    for cell in north["cells"]:
+        for statistic in ("count", "sum", "mean"):
+            estimate = cell["estimates"][statistic]
+            assert None not in (estimate["value"], estimate["sd"], estimate["low"], estimate["high"]), statistic
+            assert estimate["low"] <= estimate["value"] <= estimate["high"]
+    assert north["releases"] == [{
+        "release_id": "r-north", "released_at": "2026-01-01T00:00:00Z", "epsilon": 1.0, "delta": 1e-6,
+        "noise": "skellam", "cells": HOURS, "first_window": "2026-01-01T00:00:00Z",
+        "last_window": "2026-01-02T23:00:00Z",
+    }]
+    _, south = served.json("/api/releases?metric=temp&region=south&days=all")
+    assert [c["estimates"]["count"]["value"] for c in south["cells"]] == [500.0 + h for h in range(HOURS)]
+
+
+def test_the_default_range_is_the_series_last_days(served: Served) -> None:
+    _, one_day = served.json("/api/releases?region=north&days=1")
+    assert len(one_day["cells"]) == 24 and one_day["cells"][0]["window_start"] == "2026-01-02T00:00:00Z"
+    _, explicit = served.json("/api/releases?region=north&start=2026-01-01T06:00&end=2026-01-01T09:00")
+    assert [c["window_start"][11:16] for c in explicit["cells"]] == ["06:00", "07:00", "08:00"]
+
+
+def test_the_releases_page_shows_each_cell_with_sd_and_interval(served: Served) -> None:
+    _, _, body = served.get("/releases?region=south&days=all")
+    rows = re.findall(r'<tr class="cell">(.*?)</tr>', body, re.S)
+    assert len(rows) == HOURS
+    for row in rows:
+        assert len(re.findall(r'<span class="sd">± [-\d.,e+]+</span>', row)) == 3  # count, sum, mean
+        assert len(re.findall(r'<span class="ci">\[[-\d.,e+]+, [-\d.,e+]+\]</span>', row)) == 3
+    assert 'data-chart="spec-releases"' in body
+
+
+def test_budget_shows_spent_left_the_rule_and_refusals(served: Served) -> None:
+    _, budget = served.json("/api/budget")
+    period = budget["periods"][0]
+    assert period["epsilon_spent"] == 1.25 and period["epsilon_left"] == 0.75 and period["composition"] == "parallel"
+    assert set(budget["rules"]) == {"parallel", "sequential"}
+    assert [r["reason"] for r in budget["refusals"]] == [HOSTILE]
+
+
+def test_provenance_reports_what_verify_reports(served: Served) -> None:
+    _, view = served.json("/api/provenance")
+    status = {c["release_id"]: c["status"] for c in view["checks"]}
+    assert status == {"r-north": "legacy", "r-south": "legacy", "r-hostile": "tampered"}
+    assert view["counts"] == {"legacy": 2, "tampered": 1}
+    assert {(c["table"], c["status"]) for c in view["record_checks"]} == {("recommendations", "tampered"),
+                                                                          ("decisions", "tampered")}
+
+
+def test_audit_events_filter_by_action_role_and_text_and_text_stays_text(served: Served) -> None:
+    _, refused = served.json("/api/provenance?action=budget_refused")
+    assert [e["event_id"] for e in refused["events"]] == ["hostile-1"]
+    _, by_role = served.json("/api/provenance?role=aggregator")
+    assert [e["event_id"] for e in by_role["events"]] == ["hostile-2"]
+    _, found = served.json("/api/provenance?text=" + quoted("ONERROR=\"document"))
+    assert {e["event_id"] for e in found["events"]} == {"hostile-1", "hostile-2"}
+    for probe in ("' OR 1=1 --", "x'); SELECT * FROM releases; --", "\\'"):
+        status, none = served.json("/api/provenance?text=" + quoted(probe))
+        assert status == 200 and none["matching"] == 0, probe
+    _, by_release = served.json("/api/provenance?release=" + quoted("r-refused"))
+    assert by_release["matching"] == 1
+
+
+def test_audit_events_come_in_pages_newest_first(served: Served) -> None:
+    from dashboard.provenance import PAGE_EVENTS
+
+    _, first = served.json("/api/provenance?action=run")
+    assert (first["matching"], first["pages"], len(first["events"])) == (AUDIT_RUNS, 2, PAGE_EVENTS)
+    assert first["events"][0]["event_id"] == f"run-{AUDIT_RUNS - 1:03d}"
+    _, second = served.json("/api/provenance?action=run&page=2")
+    assert [e["event_id"] for e in second["events"]] == [f"run-{i:03d}" for i in range(AUDIT_RUNS - PAGE_EVENTS)][::-1]
+    _, _, body = served.get("/provenance?action=run")
+    assert 'href="/provenance?action=run&amp;page=2">older &rarr;</a>' in body and "page 1 of 2" in body
+
+
+def test_forecasts_show_the_latest_forecast_its_bands_history_and_scores(served: Served) -> None:
+    _, view = served.json("/api/forecasts")
+    assert (view["metric"], view["region"], view["statistic"], view["model"]) == ("temp", "north", "mean",
+                                                                                   "seasonal_naive")
+    assert len(view["windows"]) == 6 and len(view["released"]) == HOURS
+    first = view["windows"][0]
+    assert first["release_ci95_low"] < first["ci95_low"] < first["mean"] < first["ci95_high"] < first[
+        "release_ci95_high"]
+    [score] = view["scores"]
+    assert score["purpose"] == "backtest" and score["windows"] == 6 and score["coverage95"] == 1.0
+    assert score["mae"] == pytest.approx(sum(abs(0.5 - 0.2 * h) for h in range(6)) / 6)
+
+
+def test_recommendations_show_lmps_the_frontier_and_decisions(served: Served) -> None:
+    _, view = served.json("/api/recommendations")
+    assert view["chosen"]["kind"] == "pareto"
+    assert {lmp["bus"]: (lmp["energy"], lmp["congestion"], lmp["lmp"]) for lmp in view["lmps"]} == {
+        bus: (e, c, e + c) for bus, (e, c) in LMPS.items()}
+    assert [(p["cost"], p["co2"]) for p in view["frontier"]] == FRONTIER
+    assert [p["proposed"] for p in view["frontier"]] == [i == PROPOSED for i in range(len(FRONTIER))]
+    [decision] = view["decisions"]
+    assert (decision["cost_impact"], decision["deviation_mw"], decision["reason"]) == (321.75, 12.5, HOSTILE)
+    assert decision["verified"] == "tampered"  # nobody registered signed it
+
+
+@pytest.mark.parametrize("path", [
+    f"/releases?metric=temp&region={quoted(HOSTILE)}&days=all", "/budget", "/provenance?text=pwned", "/recommendations",
+])
+def test_text_from_the_store_is_escaped(served: Served, path: str) -> None:
+    _, _, body = served.get(path)
+    assert str(markupsafe.escape(HOSTILE)) in body
+    assert "<img src=x" not in body and "<script>document" not in body and "onerror=\"" not in body
+
+
+@pytest.mark.parametrize(("path", "parameter"), [
+    ("/releases?region=atlantis", "region: 'atlantis' is not one of"),
+    ("/releases?metric=nope", "metric: 'nope' is not one of"),
+    ("/releases?days=seven", "days: 'seven' is not a number of days"),
+    ("/releases?start=yesterday", "start: 'yesterday' is not a time"),
+    ("/releases?start=2026-01-02&end=2026-01-01", "end: 2026-01-01 00:00 is not after start"),
+    ("/releases?statistic=max", "statistic: 'max' is not one of"),
+    ("/releases?page=0", "page: '0' is not a page number"),
+    ("/releases?region=north&page=9", "page: 9 is past the table's last page"),
+    ("/provenance?action=delete", "action: 'delete' is not one of"),
+    ("/provenance?text=" + quoted("a\x00b"), "text: control characters are not accepted"),
+    ("/provenance?page=99", "page: 99 is past the last page"),
+    ("/forecasts?region=south", "region: 'south' is not one of"),
+    ("/recommendations?recommendation=nope", "recommendation: 'nope' is not one of"),
+])
+def test_a_bad_parameter_is_answered_with_a_message(served: Served, path: str, parameter: str) -> None:
+    status, headers, body = served.get(path)
+    assert status == 400 and headers["content-security-policy"] == CSP
+    [message] = re.findall(r'<p class="error" role="alert">(.*?)</p>', body, re.S)
+    assert str(markupsafe.escape(parameter)) in message, message
+    assert "Traceback" not in body
+    if path.startswith("/releases?") and "page=" in path:
+        return  # the JSON twin gives the whole range: it has no table pages
+    api_status, answer = served.json("/api" + path)
+    assert api_status == 400 and answer["error"].startswith(parameter)
+
+
+def test_unknown_pages_and_writes_are_refused_with_a_message(served: Served) -> None:
+    status, _, body = served.get("/nowhere")
+    assert status == 404 and "there is no page /nowhere" in body
+    request = urlrequest("POST", served.url + "/releases")
+    assert request == (405, "this dashboard is read-only: GET only")
+
+
+def urlrequest(method: str, url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method, data=b"")) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode()
+        found = re.findall(r'<p class="error" role="alert">(.*?)</p>', body, re.S)
+        return exc.code, found[0] if found else body
+
+
+def test_another_host_is_refused(served: Served) -> None:
+    """A page of another site whose name was rebound to 127.0.0.1 (DNS rebinding) is not answered."""
+    status, _, body = served.get("/releases", headers={"Host": "attacker.example:8050"})
+    assert status == 421 and "attacker.example" in body
+    assert served.get("/health", headers={"Host": "localhost:1234"})[0] == 200
+
+
+def test_static_files_are_served_with_the_policy_and_cached(served: Served) -> None:
+    status, headers, body = served.get("/static/dashboard.js")
+    assert status == 200 and "vegaEmbed" in body
+    assert headers["content-security-policy"] == CSP and headers["cache-control"] == "public, max-age=3600"
+
+
+def test_an_empty_store_shows_nothing_yet_on_every_page(tmp_path: Path) -> None:
+    from tests.conftest import config_text
+
+    path = tmp_path / "federation.toml"
+    path.write_text(config_text(institutions=[("alpha", "parquet")], quorum=1))
+    with running(load_config(path, check_release=False)) as url:
+        served = Served(path, url)
+        expected = {
+            "releases": "nothing released yet", "budget": "no budget spent yet", "forecasts": "no forecasts yet",
+            "recommendations": "no recommendations yet", "provenance": "no key holder signing key is registered",
+        }
+        for page, note in expected.items():
+            status, _, body = served.get(f"/{page}")
+            assert status == 200 and note in body, page
+
+
+def test_a_broken_store_is_an_internal_error_message_not_a_traceback(tmp_path: Path) -> None:
+    path = build_store(tmp_path / "broken")
+    config = load_config(path, check_release=False)
+    for data in Path(config.store_path, "releases").glob("*.parquet"):
+        data.write_bytes(b"not parquet")
+    with running(config) as url:
+        status, _, body = Served(path, url).get("/releases?region=north")
+        assert status == 500 and "internal error: this is probably a bug" in body
+        assert "Traceback" not in body and "File \"" not in body
+        status, _, answer = Served(path, url).get("/api/releases?region=north")
+        assert status == 500 and json.loads(answer) == {
+            "error": "internal error: this is probably a bug; the server's log has the details"}
+        status, _, answer = Served(path, url).get("/health")
+        assert status == 503 and json.loads(answer)["status"] == "unavailable"
+
+
+TOKEN = "s3cret-token-for-the-dashboard"
+
+
+def test_a_token_is_required_of_every_request_but_health(federation: Path) -> None:
+    options = ServeOptions(port=0, token=TOKEN)
+    with running(load_config(federation, check_release=False), options) as url:
+        served = Served(federation, url)
+        status, _, body = served.get("/releases")
+        assert status == 401 and "this dashboard needs its token" in body
+        assert served.get("/api/budget")[0] == 401
+        assert served.get("/api/budget", headers={"Authorization": "Bearer wrong-token-wrong-token"})[0] == 401
+        assert served.get("/api/budget", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        assert served.get("/health")[0] == 200
+        # ?token= once: a cookie, and the token is taken out of the address.
+        opener = _no_redirects()
+        try:
+            opener.open(f"{url}/releases?region=south&token={TOKEN}")
+            raise AssertionError("expected a redirect")
+        except Exception as exc:  # urllib raises HTTPError for the 303 it was told not to follow
+            assert getattr(exc, "code", None) == 303
+            headers = exc.headers  # type: ignore[attr-defined]
+        assert headers["location"] == "/releases?region=south"
+        cookie = headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
+        status, _, _ = served.get("/releases?region=south", headers={"Cookie": cookie.split(";")[0]})
+        assert status == 200
+
+
+def _no_redirects() -> object:
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    return urllib.request.build_opener(NoRedirect)
+
+
+def test_behind_a_proxy_links_and_cookie_carry_the_root_path(federation: Path) -> None:
+    """A reverse proxy serving the dashboard under /fusion strips the prefix and forwards to loopback."""
+    options = ServeOptions(port=0, token=TOKEN, root_path="/fusion")
+    with running(load_config(federation, check_release=False), options) as url:
+        served = Served(federation, url)
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        status, _, body = served.get("/releases", headers=bearer)
+        assert status == 200 and 'href="/fusion/static/dashboard.css"' in body and 'href="/fusion/budget"' in body
+        status, _, answer = served.get("/api/releases?region=atlantis", headers=bearer)
+        assert status == 400 and json.loads(answer)["error"].startswith("region: 'atlantis'")
+        assert served.get("/health")[0] == 200
+        try:
+            _no_redirects().open(f"{url}/budget?token={TOKEN}")  # type: ignore[attr-defined]
+            raise AssertionError("expected a redirect")
+        except Exception as exc:
+            assert getattr(exc, "code", None) == 303
+            headers = exc.headers  # type: ignore[attr-defined]
+        assert headers["location"] == "/fusion/budget" and "Path=/fusion" in headers["set-cookie"]

@@ -1,0 +1,112 @@
+"""`fusion forecast` and `fusion backtest` on the command line (in process, through `main`), the `[forecasting]`
+config block, and the refresh that scheduled and stream releases run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from forecasting.refresh import refresh_forecasts
+from fusion.cli import main
+from fusion.errors import ConfigError
+from tests.forecasting.conftest import Federation, federation, release_table, released
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 2
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_backtest_then_forecast_with_a_plot(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = run(["backtest", "--config", str(fed.path), "--format", "json"], capsys)
+    assert code == 0, out
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["model"] for r in rows] == ["uc", "seasonal_naive", "same_hour_mean"]
+    assert sum(r["note"] == "chosen" for r in rows) == 1
+    assert all(0 <= r["cov95"] <= 1 and r["mae_vs_snaive"] > 0 for r in rows)
+    png = tmp_path / "plot.png"
+    code, out = run(["forecast", "--config", str(fed.path), "--metric", "temp", "--region", "north", "--horizon",
+                     "24h", "--plot", str(png)], capsys)
+    assert code == 0, out
+    text = " ".join(out.split())
+    assert "24 forecast row(s) written to `forecasts`" in text and "no budget spent" in text
+    assert "chosen" in text and f"plot: {png}" in text  # the note: "<model>: chosen by backtest, intervals x..."
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["forecast", "--horizon", "soon"], "'soon' is not a duration"),
+        (["forecast", "--horizon", "30m"], "not a positive whole number of federation.window"),
+        (["forecast", "--metric", "nope"], "unknown metric 'nope'"),
+        (["forecast", "--region", "atlantis"], "unknown region 'atlantis'"),
+        (["forecast", "--plot", "x.png"], "--plot draws one series"),
+        (["backtest", "--origins", "1"], "a backtest needs at least 2"),
+        (["forecast", "--statistic", "median"], "invalid choice"),
+    ],
+)
+def test_mistakes_fail_in_one_clear_line(
+    fed: Federation, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = run([argv[0], "--config", str(fed.path), *argv[1:]], capsys)
+    assert code in (1, 2) and "Traceback" not in out and message in " ".join(out.split()), out
+
+
+def test_a_store_with_too_little_released_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fed = federation(tmp_path)
+    code, out = run(["forecast", "--config", str(fed.path)], capsys)
+    assert code == 1 and "no released windows of temp, load" in out and "release some first" in out
+    hours = np.arange(30)
+    fed.store.insert_new("releases", release_table(hours, released(hours, 1.0, seed=1), np.ones(30)))
+    code, out = run(["backtest", "--config", str(fed.path)], capsys)
+    assert code == 1 and "too short: a backtest needs" in " ".join(out.split())
+
+
+@pytest.mark.parametrize(
+    ("block", "field"),
+    [
+        ('horizon = "90m"', "forecasting.horizon = '90m' is not a whole number of federation.window"),
+        ('models = ["uc", "arima"]', "forecasting.models"),
+        ('models = ["uc", "uc"]', "names one twice"),
+        ('history = "2d"\nmin_history = "3d"', "min_history 3d is longer than history 2d"),
+        ("backtest_origins = 1", "forecasting.backtest_origins"),
+        ('statistics = ["p90"]', "forecasting.statistics"),
+    ],
+)
+def test_a_bad_forecasting_block_fails_at_load_naming_the_field(tmp_path: Path, block: str, field: str) -> None:
+    with pytest.raises(ConfigError, match="invalid federation config") as caught:
+        federation(tmp_path, forecasting=block)
+    assert field in str(caught.value)
+
+
+def test_a_refresh_forecasts_the_series_a_release_holds_only_when_the_config_asks(tmp_path: Path) -> None:
+    """`fusion schedule` and `fusion stream` call refresh_forecasts with what they released: the series in it are
+    forecast again (and earlier forecasts scored); without a [forecasting] block, or with refresh = false,
+    nothing; a failure comes back as the line to show, never as an exception that would fail the release."""
+    hours = np.arange(15 * 24)
+    rows = release_table(hours, released(hours, 1.0, seed=1), np.ones(hours.size))
+    plain = federation(tmp_path / "plain")
+    plain.store.insert_new("releases", rows)
+    assert refresh_forecasts(plain.config, ["r-temp-20260115"]) is None
+    off = federation(tmp_path / "off", forecasting="refresh = false")
+    assert refresh_forecasts(off.config, ["r-temp-20260115"]) is None
+    on = federation(tmp_path / "on", forecasting='horizon = "24h"')
+    on.store.insert_new("releases", rows)
+    note = refresh_forecasts(on.config, ["r-temp-20260115"])
+    assert note == "forecasts refreshed: 1 of 1 series, 24 row(s), 0 earlier window(s) scored"
+    assert on.store.read("forecasts").num_rows == 24
+    assert refresh_forecasts(on.config, ["r-not-in-the-store"]) is None
+    short = federation(tmp_path / "short", forecasting='horizon = "24h"')
+    short.store.insert_new("releases", rows.slice(0, 30))
+    assert (refresh_forecasts(short.config, ["r-temp-20260101", "r-temp-20260102"]) or "").startswith(
+        "forecasts not refreshed: no series could be forecast")

@@ -1,0 +1,130 @@
+"""The models on simulated releases of a known signal with known noise: the signal is recovered, the intervals
+cover at their stated rates when the model fits, missing cells are skipped, a short series is refused."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+
+import forecasting.backtest
+import forecasting.intervals
+import fusion.forecast_queries
+from forecasting.intervals import Z95, calibration_factor, intervals
+from forecasting.models import History, SeriesTooShort, fit_forecast
+from fusion.forecasting_config import ModelName
+
+DAY = 24
+
+
+def simulated(seed: int, n: int, *, level_sd: float = 0.05, ar_sd: float = 0.4,
+              noise: tuple[float, float] = (0.5, 2.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(truth, releases, noise SDs): a random-walk level, an AR(1) term and a two-harmonic daily cycle (the UC
+    model's own structure), released with noise SDs drawn uniformly from `noise` cell by cell."""
+    rng = np.random.default_rng(seed)
+    level = np.cumsum(rng.normal(0.0, level_sd, n))
+    ar = np.zeros(n)
+    shocks = rng.normal(0.0, ar_sd, n)
+    for t in range(1, n):
+        ar[t] = 0.9 * ar[t - 1] + shocks[t]
+    hours = np.arange(n)
+    truth = 10.0 + level + ar + 3.0 * np.sin(2 * np.pi * hours / DAY) + np.cos(4 * np.pi * hours / DAY)
+    sd = rng.uniform(*noise, n)
+    return truth, truth + rng.normal(0.0, 1.0, n) * sd, sd
+
+
+def test_the_uc_model_recovers_a_known_signal_through_noise() -> None:
+    """Two weeks of hourly releases, noise SD 1 to 2 a cell, around a daily cycle on a slowly wandering level:
+    the next two days' forecast is far closer to the true value than the noise is, and than seasonal naive."""
+    truth, releases, sd = simulated(3, 16 * DAY, level_sd=0.02, ar_sd=0.1, noise=(1.0, 2.0))
+    history = History(releases[: 14 * DAY], sd[: 14 * DAY] ** 2, DAY)
+    uc = fit_forecast(ModelName.UC, history, 2 * DAY)
+    naive = fit_forecast(ModelName.SEASONAL_NAIVE, history, 2 * DAY)
+    future = truth[14 * DAY :]
+    noise = np.abs(releases[14 * DAY :] - future).mean()  # about 1.2
+    assert np.abs(uc.mean - future).mean() < 0.4 * noise
+    assert np.abs(uc.mean - future).mean() < 0.4 * np.abs(naive.mean - future).mean()
+    assert np.all(uc.signal_var > 0) and uc.signal_var.max() < 1.0  # below a single cell's noise
+
+
+def test_intervals_cover_the_truth_and_the_next_release_at_their_stated_rates() -> None:
+    """12 seeded series simulated from the model's own structure (fitted, not told its parameters): the 80% and
+    95% intervals of the true value and the 95% interval of the next release cover at about their rates (48
+    correlated windows a series: tolerances of about two standard errors)."""
+    hits80, hits95, release95 = [], [], []
+    for seed in range(12):
+        truth, releases, sd = simulated(seed, 14 * DAY + 48)
+        history = History(releases[: 14 * DAY], sd[: 14 * DAY] ** 2, DAY)
+        prediction = fit_forecast(ModelName.UC, history, 48)
+        bands = intervals(prediction.mean, prediction.signal_var, noise_var=history.noise_var())
+        true, noisy = truth[14 * DAY :], releases[14 * DAY :]
+        hits80.append((true >= bands.ci80[0]) & (true <= bands.ci80[1]))
+        hits95.append((true >= bands.ci95[0]) & (true <= bands.ci95[1]))
+        release95.append((noisy >= bands.release_ci95[0]) & (noisy <= bands.release_ci95[1]))
+    assert 0.72 <= np.mean(hits80) <= 0.88
+    assert 0.90 <= np.mean(hits95) <= 0.99
+    assert 0.90 <= np.mean(release95) <= 0.99
+
+
+def test_missing_and_withheld_cells_are_skipped_not_read_as_zero() -> None:
+    """A fifth of the cells missing (NaN), a whole afternoon among them: the forecast is as good as with every
+    cell, and nowhere near what zeros would make of it."""
+    truth, releases, sd = simulated(5, 14 * DAY + DAY)
+    rng = np.random.default_rng(9)
+    gaps = rng.random(14 * DAY) < 0.2
+    gaps[200:210] = True
+    holed = np.where(gaps, np.nan, releases[: 14 * DAY])
+    full = fit_forecast(ModelName.UC, History(releases[: 14 * DAY], sd[: 14 * DAY] ** 2, DAY), DAY)
+    sparse = fit_forecast(ModelName.UC, History(holed, np.where(gaps, np.nan, sd[: 14 * DAY] ** 2), DAY), DAY)
+    future = truth[14 * DAY :]
+    assert np.all(np.isfinite(sparse.mean))
+    assert np.abs(sparse.mean - future).mean() < 1.5 * np.abs(full.mean - future).mean() + 0.2
+    zeros = fit_forecast(ModelName.UC, History(np.where(gaps, 0.0, releases[: 14 * DAY]), sd[: 14 * DAY] ** 2, DAY),
+                         DAY)
+    assert np.abs(zeros.mean - future).mean() > np.abs(sparse.mean - future).mean()
+    for model in (ModelName.SEASONAL_NAIVE, ModelName.SAME_HOUR_MEAN, ModelName.ETS):  # the baselines too
+        assert np.all(np.isfinite(fit_forecast(model, History(holed, sd[: 14 * DAY] ** 2, DAY), DAY).mean))
+
+
+def test_a_series_too_short_to_fit_is_refused_with_a_clear_message() -> None:
+    values = np.arange(30.0)
+    with pytest.raises(SeriesTooShort, match=r"30 released window\(s\) in the history; a forecast needs at least 48"):
+        fit_forecast(ModelName.UC, History(values, np.ones(30), DAY), DAY)
+    mostly_missing = np.where(np.arange(100) % 3 == 0, 1.0, np.nan)  # 100 windows, 34 released
+    with pytest.raises(SeriesTooShort, match="34 released"):
+        fit_forecast(ModelName.SEASONAL_NAIVE, History(mostly_missing, np.ones(100), DAY), DAY)
+
+
+def test_the_baselines_forecast_what_they_say() -> None:
+    """Seasonal naive repeats the last day (the latest released value of each hour); the same-hour mean averages
+    the last 7 days' values of each hour."""
+    days = np.repeat(np.arange(10.0), DAY) + np.tile(np.arange(DAY) / 100, 10)  # day d, hour h: d + h/100
+    history = History(days, np.full(days.size, 0.01), DAY)
+    naive = fit_forecast(ModelName.SEASONAL_NAIVE, history, 2 * DAY)
+    assert np.allclose(naive.mean, np.tile(9.0 + np.arange(DAY) / 100, 2))
+    mean = fit_forecast(ModelName.SAME_HOUR_MEAN, history, DAY)
+    assert np.allclose(mean.mean, 6.0 + np.arange(DAY) / 100)  # days 3..9
+    holed = days.copy()
+    holed[-DAY + 5] = np.nan  # hour 5 of the last day withheld: the day before stands in
+    assert fit_forecast(ModelName.SEASONAL_NAIVE, History(holed, history.variances, DAY), DAY).mean[5] == 8.05
+
+
+def test_calibration_learns_the_factor_on_the_model_sd_and_keeps_the_noise_known() -> None:
+    """Errors against releases whose model part is 1.5x wider than the model said: the factor is 1.5; scaled by
+    it the 95% release interval covers 95%. Errors of noise alone (the model exact) give the lower bound."""
+    rng = np.random.default_rng(1)
+    signal_var, noise_var = np.full(40_000, 2.0), rng.uniform(0.5, 3.0, 40_000)
+    errors = rng.normal(0.0, np.sqrt(1.5**2 * signal_var + noise_var))
+    factor = calibration_factor(errors, signal_var, noise_var)
+    assert factor == pytest.approx(1.5, rel=0.03)
+    covered = np.abs(errors) <= Z95 * np.sqrt(factor**2 * signal_var + noise_var)
+    assert covered.mean() == pytest.approx(0.95, abs=0.005)
+    assert calibration_factor(rng.normal(0.0, np.sqrt(noise_var)), signal_var, noise_var) < 0.3
+    assert calibration_factor(np.array([np.nan]), np.array([1.0]), np.array([1.0])) == 1.0
+
+
+@pytest.mark.parametrize("module", [forecasting.intervals, forecasting.backtest, fusion.forecast_queries])
+def test_doctests(module: object) -> None:
+    failures, _ = doctest.testmod(module)  # type: ignore[arg-type]
+    assert failures == 0

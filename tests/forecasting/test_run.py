@@ -1,0 +1,186 @@
+"""`fusion forecast` and `fusion backtest` over a real store: what they write, what they read, and the Python API
+that reads the forecasts back."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from forecasting.intervals import Z95
+from forecasting.run import run_backtests, run_forecasts
+from fusion.api import DERIVED_TABLES, open_store, write_derived
+from fusion.errors import FusionError
+from fusion.forecasting_config import ModelName, Statistic
+from schemas.tables import TABLE_SCHEMAS
+from tests.forecasting.conftest import T0, Federation, federation, release_table, released
+
+
+def test_a_forecast_is_written_with_its_intervals_and_what_it_read(fed: Federation) -> None:
+    run = run_forecasts(fed.config)
+    assert run.forecast_rows == 48 and run.score_rows == 0
+    rows = fed.store.read("forecasts")
+    assert rows.num_rows == 48 and set(rows.column("purpose").to_pylist()) == {"forecast"}
+    first = rows.slice(0, 1).to_pylist()[0]
+    assert first["model"] == "uc" and first["calibration_factor"] == 1.0 and first["horizon"] == 1
+    assert first["origin"] == first["window_start"] == T0 + timedelta(days=21)
+    assert first["releases_version"] == fed.store.version("releases")
+    assert first["input_release_ids"] == [f"r-temp-{T0 + timedelta(days=d):%Y%m%d}" for d in range(21)]
+    assert json.loads(first["params"])["selected_by"].startswith("default")
+    mean, sd, noise = (np.array(rows.column(c).to_pylist()) for c in ("mean", "sd", "noise_sd"))
+    assert np.allclose(noise, 1.0)  # the median noise SD of recent cells
+    assert np.allclose(np.array(rows.column("ci95_high").to_pylist()) - mean, Z95 * sd)
+    assert np.allclose(np.array(rows.column("release_sd").to_pylist()) ** 2, sd**2 + noise**2)
+    # Issued again with nothing new released: the same forecast, already there, adds nothing.
+    assert run_forecasts(fed.config).forecast_rows == 0
+
+
+def test_the_backtest_records_each_origin_and_the_choice_a_forecast_then_uses(fed: Federation) -> None:
+    backtest = run_backtests(fed.config)
+    (outcome,) = backtest.outcomes
+    assert {str(s.model) for s in outcome.scores} == {"uc", "seasonal_naive", "same_hour_mean"}
+    # uc (listed first) is kept unless another model's MAE is more than 10% lower (selection_margin).
+    mae = {s.model: s.mae for s in outcome.scores}
+    lowest = min(mae, key=lambda m: mae[m])
+    expected = lowest if mae[lowest] < 0.9 * mae[ModelName.UC] else ModelName.UC
+    assert outcome.chosen is expected and outcome.note.startswith(f"chooses {expected}")
+    best = next(s for s in outcome.scores if s.model is expected)
+    assert backtest.forecast_rows == backtest.score_rows == 3 * 4 * 48
+    with open_store(fed.config) as store:
+        origins = store.sql("SELECT model, count(DISTINCT origin) AS n, arg_min(calibration_factor, origin) AS first "
+                            "FROM forecasts WHERE purpose = 'backtest' GROUP BY model ORDER BY model").to_pylist()
+    assert [(o["n"], o["first"]) for o in origins] == [(4, 1.0)] * 3  # the first origins: nothing to learn from
+    run = run_forecasts(fed.config)
+    issued = run.outcomes[0].forecast
+    assert issued is not None and issued.model is best.model
+    assert issued.factor == pytest.approx(best.factor) and issued.factor != 1.0
+    assert json.loads(fed.store.read("forecasts").filter(
+        pa.compute.equal(fed.store.read("forecasts").column("purpose"), "forecast")
+    ).column("params")[0].as_py())["backtest_mae"].keys() == {"uc", "seasonal_naive", "same_hour_mean"}
+
+
+def test_forecasts_are_scored_once_their_windows_are_released(fed: Federation) -> None:
+    run_forecasts(fed.config)
+    hours = np.arange(21 * 24, 22 * 24)  # the next day is released; three of its cells withheld
+    sds = np.full(hours.size, 1.0)
+    withheld = np.isin(hours % 24, [3, 4, 5])
+    fed.store.insert_new("releases", release_table(hours, released(hours, sds, seed=2), sds, withheld=withheld))
+    second = run_forecasts(fed.config)
+    assert second.score_rows == 24 and second.forecast_rows == 48
+    scores = fed.store.read("forecast_scores").sort_by("window_start").to_pylist()
+    assert [s["horizon"] for s in scores] == list(range(1, 25))
+    assert [s["value"] is None for s in scores] == list(withheld)  # withheld: scored as such, never as zero
+    first = fed.store.read("forecasts").sort_by([("issued_at", "ascending"), ("window_start", "ascending")])
+    for score, forecast in zip(scores, first.to_pylist(), strict=False):
+        if score["value"] is None:
+            assert score["covered95"] is None and score["error"] is None
+            continue
+        assert score["error"] == pytest.approx(score["value"] - forecast["mean"])
+        assert score["z"] == pytest.approx(score["error"] / forecast["release_sd"])
+        assert score["covered95"] == (forecast["release_ci95_low"] <= score["value"] <= forecast["release_ci95_high"])
+    assert np.mean([s["covered95"] for s in scores if s["covered95"] is not None]) > 0.8
+    assert run_forecasts(fed.config).score_rows == 0  # scored once
+
+
+def test_the_api_returns_each_series_latest_forecast_as_arrow_and_pandas(fed: Federation) -> None:
+    run_forecasts(fed.config, horizon="24h")
+    hours = np.arange(21 * 24, 22 * 24)
+    fed.store.insert_new("releases", release_table(hours, released(hours, np.ones(hours.size), seed=2),
+                                                   np.ones(hours.size)))
+    run_forecasts(fed.config, horizon="24h")
+    with open_store(fed.config) as store:
+        latest = store.forecasts("temp", "north")
+        every = store.forecasts(latest=False)
+        frame = store.forecasts_pandas(region="north")
+        none = store.forecasts("temp", "south")
+    assert latest.num_rows == 24 and every.num_rows == 48
+    assert set(latest.column("origin").to_pylist()) == {T0 + timedelta(days=22)}
+    assert latest.schema == TABLE_SCHEMAS["forecasts"]
+    assert len(frame) == 24 and list(frame.columns) == TABLE_SCHEMAS["forecasts"].names
+    assert none.num_rows == 0
+
+
+def test_sum_and_count_series_are_forecast_with_their_own_noise(fed: Federation) -> None:
+    run = run_forecasts(fed.config, statistics=[Statistic.SUM, Statistic.COUNT], horizon="24h")
+    assert sorted(str(o.key.statistic) for o in run.outcomes) == ["count", "sum"]
+    with open_store(fed.config) as store:
+        count = store.forecasts("temp", "north", statistic="count").to_pylist()
+        total = store.forecasts("temp", "north", statistic="sum").to_pylist()
+    assert count[0]["unit"] == "readings" and count[0]["noise_sd"] == pytest.approx(2.0)  # count_sd
+    assert count[0]["mean"] == pytest.approx(100.0, abs=1.0)
+    assert total[0]["unit"] == "degC" and total[0]["noise_sd"] == pytest.approx(20.0)  # sum_sd
+
+
+def test_a_series_too_short_and_an_unknown_name_are_refused_clearly(tmp_path: Path) -> None:
+    short = federation(tmp_path)
+    hours = np.arange(30)
+    short.store.insert_new("releases", release_table(hours, released(hours, 1.0, seed=1), np.ones(30)))
+    with pytest.raises(FusionError, match=r"no series could be forecast \(temp mean north: too short: 30 released "
+                                          r"window\(s\) in the history; a forecast needs at least 48"):
+        run_forecasts(short.config)
+    with pytest.raises(FusionError, match="no series could be backtested"):
+        run_backtests(short.config)
+    with pytest.raises(FusionError, match="unknown metric 'tmp'; the config declares: temp, load"):
+        run_forecasts(short.config, metrics=["tmp"])
+    with pytest.raises(FusionError, match="no released windows of load in north"):
+        run_forecasts(short.config, metrics=["load"], regions=["north"])
+    with pytest.raises(FusionError, match=r"--horizon 90m is not a positive whole number of federation\.window"):
+        run_forecasts(short.config, horizon="90m")
+
+
+@contextmanager
+def opened_paths() -> Iterator[list[str]]:
+    """The paths Python code opens or lists while the block runs (an audit hook; Arrow's and Delta's native
+    reads are the store's own files)."""
+    seen: list[str] = []
+    _RECORDERS.append(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDERS.remove(seen)
+
+
+_RECORDERS: list[list[str]] = []
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if _RECORDERS and event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], str | Path):
+        for recorder in _RECORDERS:
+            recorder.append(str(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def test_a_forecast_reads_only_the_store_and_writes_only_its_two_tables(fed: Federation) -> None:
+    """The federation's keys, exchange and feeds lie beside the store: the backtest and forecast open and list
+    nothing outside the store (Python's file opens, watched by an audit hook; the store's Delta files are read
+    natively), create nothing beside it, and of the store's tables only `forecasts` and `forecast_scores` gain
+    versions, through fusion.api's write_derived (which refuses any other table)."""
+    fed.store.ensure_tables()
+    root = fed.path.parent
+    for private in ("keys/he_secret.ctx", "exchange/he_public.ctx", "feeds/alpha/day.parquet", "registry.toml"):
+        (root / private).parent.mkdir(parents=True, exist_ok=True)
+        (root / private).write_text("not for forecasting")
+    listing = sorted(str(p.relative_to(root)) for p in root.rglob("*") if "store" not in p.parts)
+    before = {name: fed.store.version(name) for name in TABLE_SCHEMAS}
+    with opened_paths() as paths:
+        run_backtests(fed.config)
+        run_forecasts(fed.config)
+    after = {name: fed.store.version(name) for name in TABLE_SCHEMAS}
+    changed = {name for name in TABLE_SCHEMAS if after[name] != before[name]}
+    assert changed == DERIVED_TABLES == {"forecasts", "forecast_scores"}
+    store = Path(fed.config.store_path).resolve()
+    outside = [p for p in paths if Path(p).resolve().is_relative_to(root.resolve())
+               and not Path(p).resolve().is_relative_to(store)]
+    assert outside == []
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if "store" not in p.parts) == listing
+    with pytest.raises(FusionError, match="'releases' is not a derived table"):
+        write_derived(fed.config, "releases", fed.store.read("releases"))

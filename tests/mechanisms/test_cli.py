@@ -1,0 +1,142 @@
+"""The commands: recommend, decide, decisions, mechanism-keys, bid and `fusion verify` over the mechanisms' tables,
+run in-process through `main`; user mistakes answer one line, never a traceback; and `fusion sql` / `fusion
+verify` start without the solver."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from fusion.cli import main
+from fusion.registry import create_key_holder_key
+from tests.mechanisms.conftest import MechFederation
+
+Build = Callable[..., MechFederation]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 2
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_recommend_decide_report_and_verify_from_the_command_line(mech_federation: Build,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    fed = mech_federation()
+    config = str(fed.config_path)
+    create_key_holder_key(fed.config, published=fed.store.release_ids())  # releases verify as legacy
+    code, out = _run(["recommend", "dispatch", "--config", config, "--at", "2026-01-01T01:00"], capsys)
+    assert code == 0, out
+    assert "26.38" in out and "39.94" in out and "line D-E" in out and "Advisory only" in out
+    rid = out.split("recommendation ")[-1].split()[0]
+    code, out = _run(["recommend", "--config", config, "--replay", rid], capsys)
+    assert code == 0 and "reproduces its digest" in out
+    code, out = _run(["decide", "override", "--config", config, "--recommendation", rid, "--authority", "grid-ops",
+                      "--signer", "alice", "--set", "Sundance=50", "--reason-code", "reliability"], capsys)
+    assert code == 0 and "overrides" in out and "cost impact +2.86 $/h" in out and "in effect" in out
+    code, out = _run(["decide", "override", "--config", config, "--recommendation", rid, "--authority", "grid-ops",
+                      "--signer", "alice", "--set", "Sundance=50"], capsys)
+    assert code == 1 and "error: decision refused (recorded in `decisions`): an override needs a reason code" in out
+    code, out = _run(["decisions", "--config", config, "--format", "json"], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    summary = {(r["action"], r["reason_code"], r["status"]): r["decisions"] for r in rows if "status" in r}
+    assert code == 0 and summary == {("override", "reliability", "in effect"): 1, ("override", "-", "refused"): 1}
+    assert [r["adopted"] for r in rows if "adopted" in r] == ["Sundance=50 MW"]
+    code, out = _run(["verify", "--config", config, "--format", "json"], capsys)
+    assert code == 0, out
+    statuses = [json.loads(line)["status"] for line in out.splitlines()]
+    assert statuses.count("verified") == 2 and statuses.count("refusal") == 1 and "legacy" in statuses
+    # A recommendation's row changed in the store: verify fails.
+    rows = fed.store.read("recommendations").slice(0, 1)
+    rows = rows.set_column(rows.schema.get_field_index("item_key"), "item_key", pa.array(["Z"]))
+    fed.store.insert_new("recommendations", rows)
+    code, out = _run(["verify", "--config", config, "--format", "json"], capsys)
+    assert code == 1 and '"status":"tampered"' in out.replace(" ", "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["recommend"], "name a mechanism (dispatch, pareto or auction), or --replay ID"),
+        (["recommend", "dispatch", "--at", "soon"], "--at 'soon' is not an ISO 8601 time"),
+        (["recommend", "pareto", "--loading-caps", "1,x"], "--loading-caps '1,x': comma-separated fractions"),
+        (["recommend", "pareto", "--loading-caps", "1.5", "--at", "2026-01-01T01:00"], "--loading-caps: each a"),
+        (["recommend", "auction", "--at", "2026-01-01T01:00"], "needs --bids FILE"),
+        (["recommend", "--replay", "nope"], "no recommendation nope in the store"),
+        (["decide", "ratify", "--recommendation", "x", "--authority", "grid-ops", "--signer", "zed"],
+         "grid-ops/zed's signing key"),
+        (["decide", "override", "--recommendation", "x", "--authority", "grid-ops", "--signer", "alice", "--set",
+          "Sundance"], "--set 'Sundance': write UNIT=MW"),
+        (["decide", "ratify", "--recommendation", "x", "--authority", "grid-ops", "--signer", "alice"],
+         "no recommendation x in the store"),
+        (["mechanism-keys"], "choose one: --operator, --authority ID --signer NAME, or --bidder ID"),
+        (["mechanism-keys", "--authority", "a"], "--authority needs --signer NAME"),
+        (["mechanism-keys", "--authority", "a", "--signer", "b", "--kinds", "lunch"], "--kinds: unknown kinds"),
+        (["bid", "--bidder", "x", "--bus", "A", "--mw", "1", "--price", "1", "--at", "2026-01-01T01:00", "--bids",
+          "b.toml"], "bidder x's key is missing"),
+    ],
+)
+def test_mistakes_answer_one_clear_line(mech_federation: Build, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                        message: str) -> None:
+    fed = mech_federation(subdir=f"f{abs(hash(tuple(argv))) % 10**8}")
+    command = [argv[0], *([argv[1]] if len(argv) > 1 and not argv[1].startswith("-") else []), "--config",
+               str(fed.config_path)]
+    code, out = _run(command + argv[len(command) - 2 :], capsys)
+    assert code == 1, out
+    assert "Traceback" not in out and message in out, out
+    assert out.strip().startswith("error:") and len(out.strip().splitlines()) <= 3
+
+
+def test_a_config_without_mechanisms_and_a_bad_mechanisms_block_are_refused(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import config_text
+
+    plain = tmp_path / "plain.toml"
+    plain.write_text(config_text(institutions=[("alpha", "parquet"), ("beta", "csv")], quorum=2))
+    code, out = _run(["mechanism-keys", "--config", str(plain), "--operator"], capsys)
+    assert code == 1 and "no [mechanisms] block" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(plain.read_text() + '[mechanisms]\nload_metric = "rain"\nreserve_z = -1\n')
+    code, out = _run(["recommend", "dispatch", "--config", str(bad)], capsys)
+    assert code == 1 and "mechanisms.reserve_z: Input should be greater than or equal to 0" in out
+    bad.write_text(plain.read_text() + '[mechanisms]\nload_metric = "rain"\n')
+    code, out = _run(["recommend", "dispatch", "--config", str(bad)], capsys)
+    assert code == 1 and "mechanisms.load_metric = 'rain' is not a metric of this federation" in out
+
+
+SCRIPT = """
+import sys
+from fusion.cli import main
+code = main(sys.argv[1:])
+print("loaded:", ",".join(m for m in ("scipy.optimize", "mechanisms", "mechanisms.opf", "apache_beam", "torch")
+                          if m in sys.modules), "exit:", code, file=sys.stderr)
+"""
+
+
+def test_sql_and_verify_start_without_the_solver(mech_federation: Build) -> None:
+    fed = mech_federation()
+    from mechanisms.recommend import Request, recommend
+    from mechanisms.records import Kind
+    from tests.mechanisms.conftest import HOUR
+
+    recommend(fed.config, Request(Kind.DISPATCH, at=HOUR))
+    create_key_holder_key(fed.config, published=fed.store.release_ids())
+
+    def loaded(*argv: str) -> str:
+        done = subprocess.run([sys.executable, "-c", SCRIPT, *argv], capture_output=True, text=True, cwd=ROOT,
+                              timeout=120)
+        return done.stderr.strip().splitlines()[-1]
+
+    assert loaded("sql", "--config", str(fed.config_path), "SELECT count(*) FROM recommendations") == (
+        "loaded:  exit: 0")
+    assert loaded("verify", "--config", str(fed.config_path)) == "loaded: mechanisms exit: 0"

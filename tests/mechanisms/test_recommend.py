@@ -1,0 +1,163 @@
+"""Recommendations from the store: loads from releases or forecasts, the reserve stated, idempotence, replay of
+the digest from the recorded store versions, supersession, and the refusals (a load missing for a bus, an
+infeasible network), each recorded as a signed refusal with nothing else written."""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mechanisms.loads import MissingLoad
+from mechanisms.opf import Infeasible
+from mechanisms.recommend import Request, recommend, replay
+from mechanisms.records import Kind
+from tests.mechanisms.conftest import (
+    HOUR,
+    MechFederation,
+    forecast_rows,
+    load_releases,
+    recommendation_ids,
+    versions,
+)
+from tests.mechanisms.test_opf import CASE5_COST, CASE5_LMP
+
+Build = Callable[..., MechFederation]
+
+
+def test_a_dispatch_from_releases_reproduces_case5_and_states_its_reserve(mech_federation: Build) -> None:
+    fed = mech_federation()
+    outcome = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR))
+    rec = outcome.recommendation
+    assert outcome.written and rec.outcome == "recorded"
+    lmp = rec.items_of("lmp")
+    assert [lmp[b] for b in "ABCDE"] == pytest.approx(CASE5_LMP, abs=0.01)
+    assert rec.items_of("objective")["cost"] == pytest.approx(CASE5_COST, abs=0.01)
+    assert rec.items_of("shadow_price")["line D-E"] == pytest.approx(62.32, abs=0.01)
+    assert rec.items_of("load_mw") == {"A": 0.0, "B": 300.0, "C": 300.0, "D": 400.0, "E": 0.0}
+    # Regions independent, a region's buses together: sqrt((30 x 0.25)^2 + (30 x 0.25)^2 + (40 x 0.25)^2).
+    total_sd = math.sqrt(7.5**2 + 7.5**2 + 10.0**2)
+    assert rec.items_of("uncertainty")["load_sd"] == pytest.approx(total_sd, abs=1e-6)
+    assert rec.items_of("uncertainty")["reserve"] == pytest.approx(1.645 * total_sd, abs=1e-6)
+    assert sum(v or 0.0 for v in rec.items_of("reserve_mw").values()) == pytest.approx(1.645 * total_sd, abs=1e-6)
+    assert rec.inputs["load_source"] == "releases"
+    assert rec.inputs["release_ids"] == ["release-east-0", "release-north-0", "release-south-0"]
+    assert rec.inputs["store_versions"] == {"releases": 1, "forecasts": None}
+    assert set(rec.regions) == {"north", "south", "east"} and "Advisory only" in rec.summary
+    stored = fed.store.read("recommendations")
+    assert stored.num_rows == len(rec.items) and not any(stored.column("binding").to_pylist())
+    again = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR))  # same inputs, same answer: nothing new
+    assert not again.written and again.recommendation.recommendation_id == rec.recommendation_id
+    assert fed.store.read("recommendations").num_rows == stored.num_rows
+
+
+def test_forecasts_take_over_and_the_newer_recommendation_supersedes_the_older(mech_federation: Build) -> None:
+    fed = mech_federation()
+    first = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
+    fed.store.insert_new("forecasts", forecast_rows({"north": (9.0, 0.5), "south": (11.0, 0.5), "east": (10.0, 1.0)}))
+    second = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
+    assert second.inputs["load_source"] == "forecasts"
+    assert second.items_of("load_mw") == {"A": 0.0, "B": 270.0, "C": 330.0, "D": 400.0, "E": 0.0}
+    assert second.inputs["forecast_ids"] == ["fc-1-east", "fc-1-north", "fc-1-south"]
+    assert second.supersedes == first.recommendation_id
+    # The first still replays from the versions it recorded (forecasts did not exist then: read as empty).
+    original, again = replay(fed.config, first.recommendation_id)
+    assert again.digest == original.recorded_digest == first.digest
+    original, again = replay(fed.config, second.recommendation_id)
+    assert again.digest == second.digest
+
+
+def test_a_pareto_recommendation_replays_to_its_digest(mech_federation: Build) -> None:
+    fed = mech_federation()
+    rec = recommend(fed.config, Request(Kind.PARETO, at=HOUR, points=9, carbon_price=50.0)).recommendation
+    proposed = int(rec.items_of("proposed_point")["index"] or 0)
+    assert "at 50 $/t" in rec.summary and len(rec.items_of("frontier_cost")) == 9
+    assert rec.items_of("objective")["cost"] == rec.items_of("frontier_cost")[f"{proposed:03d}"]
+    # The store moves on; the replay reads the versions it recorded.
+    fed.store.insert_new("releases", load_releases("north", mean=20.0, hours=range(5, 6)))
+    original, again = replay(fed.config, rec.recommendation_id)
+    assert again.digest == original.recorded_digest
+
+
+def test_a_forecast_missing_for_a_bus_is_refused_and_recorded(mech_federation: Build) -> None:
+    fed = mech_federation()
+    fed.store.insert_new("forecasts", forecast_rows({"north": (9.0, 0.5), "south": (11.0, 0.5)}))
+    before = versions(fed.store)
+    with pytest.raises(MissingLoad, match=r"no forecast of load for region east \(bus D\) at 2026-01-01T01:00Z"):
+        recommend(fed.config, Request(Kind.DISPATCH, at=HOUR))
+    after = versions(fed.store)
+    assert {name for name in after if after[name] != before[name]} == {"recommendations"}
+    table = fed.store.read("recommendations")
+    assert table.num_rows == 1 and table.column("outcome").to_pylist() == ["refused"]
+    assert "bus D" in table.column("refusal")[0].as_py()
+    # A release missing too: no forecasts, no release for the window.
+    with pytest.raises(MissingLoad, match="no release of load for region north"):
+        recommend(fed.config, Request(Kind.DISPATCH, at=HOUR + timedelta(hours=5)))
+
+
+def test_an_infeasible_network_is_refused_naming_the_constraint_and_recorded(mech_federation: Build) -> None:
+    fed = mech_federation()
+    fed.store.insert_new("forecasts", forecast_rows({"north": (40.0, 0.1), "south": (10.0, 0.1),
+                                                     "east": (10.0, 0.1)}))
+    with pytest.raises(Infeasible, match="energy balance: load that cannot be served") as caught:
+        recommend(fed.config, Request(Kind.DISPATCH, at=HOUR))
+    refused = recommendation_ids(fed.store, outcome="refused")
+    assert len(refused) == 1
+    original, again = replay(fed.config, refused[0])  # a refusal replays to the same refusal
+    assert again.digest == original.recorded_digest and again.refusal == str(caught.value)
+
+
+def test_a_dispatch_before_any_data_or_off_the_grid_is_refused(mech_federation: Build) -> None:
+    from fusion.errors import FusionError
+
+    fed = mech_federation(releases=False)
+    with pytest.raises(MissingLoad, match="no release or forecast of load in the store yet"):
+        recommend(fed.config, Request(Kind.DISPATCH))
+    with pytest.raises(FusionError, match="not on the 1:00:00 window grid"):
+        recommend(fed.config, Request(Kind.DISPATCH, at=HOUR + timedelta(minutes=30)))
+
+
+def test_the_mechanisms_write_only_their_own_tables_and_nothing_outside_the_store(mech_federation: Build) -> None:
+    from mechanisms.decisions import DecideRequest, decide
+    from mechanisms.records import Action, ReasonCode
+
+    fed = mech_federation()
+    fed.store.insert_new("forecasts", forecast_rows({"north": (9.0, 0.5), "south": (11.0, 0.5), "east": (10.0, 1.0)}))
+    outside = {p: p.read_bytes() for p in fed.directory.rglob("*") if p.is_file() and "store" not in p.parts}
+    before = versions(fed.store)
+    rec = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
+    recommend(fed.config, Request(Kind.PARETO, at=HOUR, points=3))
+    decide(fed.config, DecideRequest(Action.OVERRIDE, rec.recommendation_id, "grid-ops", "alice",
+                                     reason_code=ReasonCode.RELIABILITY, set_mw=(("Sundance", 50.0),)))
+    after = versions(fed.store)
+    assert {name for name in after if after[name] != before[name]} == {"recommendations", "decisions"}
+    assert {p: p.read_bytes() for p in fed.directory.rglob("*") if p.is_file() and "store" not in p.parts} == outside
+
+
+def test_the_mechanisms_import_only_the_public_read_surface() -> None:
+    """mechanisms/ reads through fusion.api (SQL); the store's writer is imported in one place, for its own two
+    tables; nothing touches feeds, envelopes, the exchange, HE or the federation's keys."""
+    forbidden = {"fusion.exchange", "fusion.keys", "fusion.feeds", "fusion.contribution", "fusion.ledger",
+                 "privacy.he", "privacy.envelope", "privacy.masking", "pipelines"}
+    root = Path(__file__).resolve().parents[2] / "mechanisms"
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden)}, path.name
+        if path.name != "tables.py":
+            assert "fusion.store" not in names, f"{path.name} reaches the store around fusion.api"
+
+
+def test_loads_scale_with_the_statistic_and_sd(mech_federation: Build) -> None:
+    fed = mech_federation()
+    fed.store.insert_new("forecasts", forecast_rows({"north": (5.0, 2.0), "south": (5.0, 0.0), "east": (5.0, 0.0)}))
+    rec = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
+    margin = rec.items_of("reserve_margin_mw")
+    assert margin == {"B": pytest.approx(1.645 * 30 * 2.0)}  # only north is uncertain: all of it at bus B
+    np.testing.assert_allclose([rec.items_of("load_mw")[b] for b in "BCD"], [150.0, 150.0, 200.0])

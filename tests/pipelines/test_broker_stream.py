@@ -1,0 +1,336 @@
+"""`fusion stream` from real brokers (NATS JetStream, MQTT on loopback): journalled, acknowledged, released once.
+
+A test that needs a broker skips, naming it, when it is not reachable; with FUSION_REQUIRE_BROKERS set (CI) it
+fails instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from fusion.broker_config import filters_overlap
+from fusion.config import load_config
+from fusion.errors import ConfigError
+from fusion.faults import CRASH_EXIT_CODE
+from fusion.store import Store
+from fusion.stream_state import load_state
+from pipelines.broker_journal import SourceJournal, message_lines
+from pipelines.stream_driver import StreamDriver
+from tests.conftest import END, START, Federation
+from tests.pipelines.test_stream import at, fusion_stream, stream_federation, window_starts, with_times
+
+NATS = ("NATS JetStream", "127.0.0.1", 4222,
+        "nats-server -js (Debian: nats-server; or docker run -p 4222:4222 nats -js)")
+MQTT = ("Mosquitto (MQTT)", "127.0.0.1", 1883,
+        "mosquitto (Debian: mosquitto; or docker run -p 1883:1883 eclipse-mosquitto)")
+
+
+def need_broker(broker: tuple[str, str, int, str]) -> None:
+    """Skip (or, with FUSION_REQUIRE_BROKERS, fail) saying which broker is missing and how to run one."""
+    name, host, port, how = broker
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError as exc:
+        message = f"{name} is not reachable at {host}:{port} ({exc}): start {how}"
+        if os.environ.get("FUSION_REQUIRE_BROKERS"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def json_lines(table: pa.Table) -> list[str]:
+    return [json.dumps({**row, "event_time": row["event_time"].isoformat()}) for row in table.to_pylist()]
+
+
+def payloads(table: pa.Table, per_message: int = 50) -> list[bytes]:
+    lines = json_lines(table)
+    return ["\n".join(lines[i : i + per_message]).encode() for i in range(0, len(lines), per_message)]
+
+
+def hours(table: pa.Table, first: int, last: int) -> pa.Table:
+    import pyarrow.compute as pc
+
+    times = table.column("event_time")
+    return table.filter(pc.and_(pc.greater_equal(times, at(first)), pc.less(times, at(last))))
+
+
+def with_sources(fed: Federation, blocks: dict[str, str]) -> None:
+    """Declare `[[institutions.sources]]` after each named institution's feed in the federation's config."""
+    text = fed.config_path.read_text()
+    for inst, block in blocks.items():
+        marker = f'path = "feeds/{inst}/'
+        head, _, tail = text.partition(marker)
+        line_end = tail.index("\n", tail.index("format = ")) + 1
+        text = head + marker + tail[:line_end] + block + tail[line_end:]
+    fed.config_path.write_text(text)
+
+
+#: Not UTF-8, not JSON, wrong fields, and over the tests' max_message_bytes: each one dead-lettered and counted.
+BAD = [b"\xff\xfe not utf-8", b"{not json", json.dumps({"wrong": "fields"}).encode(), b"x" * 20_000]
+
+
+# -- fast: the journal and the config ------------------------------------------------------------------------
+
+
+def test_the_journal_takes_each_broker_id_once_and_survives_a_restart(tmp_path: Path) -> None:
+    journal = SourceJournal(tmp_path)
+    assert journal.append([("1", ['{"a": 1}']), ("2", ['{"a": 2}'])]) == 2
+    assert journal.append([("2", ['{"a": 2}']), ("3", ['{"a": 3}'])]) == 1  # 2 redelivered: taken once
+    (tmp_path / "000000000099.ids").write_text("4")  # a sidecar whose file never landed: 4 was not journalled
+    again = SourceJournal(tmp_path)
+    assert again.ids == {"1", "2", "3"}
+    assert again.append([("3", ["x"]), ("4", ['{"a": 4}'])]) == 1
+    text = "".join(p.read_text() for p in sorted(tmp_path.glob("*.jsonl")))
+    assert text.count('{"a": 2}') == 1 and '{"a": 4}' in text
+
+
+def test_a_refused_message_becomes_one_line_that_is_not_json() -> None:
+    assert message_lines(b'{"a": 1}\n\n{"a": 2}\n', name="m", max_bytes=100) == ['{"a": 1}', '{"a": 2}']
+    (big,) = message_lines(b"x" * 101, name="m", max_bytes=100)
+    (binary,) = message_lines(b"\xff", name="m", max_bytes=100)
+    assert big.startswith("!broker message m: 101 bytes") and "not UTF-8" in binary
+
+
+def test_institutions_reading_overlapping_subjects_are_refused(make_federation) -> None:
+    assert filters_overlap(("f", "a", ">"), ("f", "*", "x"))
+    assert not filters_overlap(("f", "a", ">"), ("f", "b", ">"))
+    assert not filters_overlap(("f", "a"), ("f", "a", "x"))
+    fed = make_federation(subdir="overlap")
+    source = '[[institutions.sources]]\nkind = "nats"\nstream = "S"\nsubjects = ["fusion.>"]\n'
+    with_sources(fed, {"alpha": source, "beta": source})
+    with pytest.raises(ConfigError, match="both read"):
+        load_config(fed.config_path)
+
+
+def test_a_password_from_an_unset_environment_variable_is_refused_naming_it(make_federation) -> None:
+    fed = make_federation(subdir="env")
+    source = ('[[institutions.sources]]\nkind = "mqtt"\ntopics = ["alpha/#"]\nuser = "u"\n'
+              'password_env = "FUSION_TEST_UNSET_PASSWORD"\n')
+    with_sources(fed, {"alpha": source})
+    config = load_config(fed.config_path)
+    with pytest.raises(ConfigError, match="FUSION_TEST_UNSET_PASSWORD"):
+        config.institutions[0].sources[0].secret("alpha")
+
+
+# -- against the brokers --------------------------------------------------------------------------------------
+
+
+async def _nats(action: str, stream: str, prefix: str, messages: list[tuple[str, bytes, str | None]]) -> None:
+    import nats
+
+    client = await nats.connect("nats://127.0.0.1:4222")
+    js = client.jetstream()
+    if action == "create":
+        await js.add_stream(name=stream, subjects=[f"{prefix}.>"])
+    elif action == "delete":
+        await js.delete_stream(stream)
+    for subject, data, msg_id in messages:  # a publisher's retry carries the same Nats-Msg-Id: stored once
+        await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
+    await client.close()
+
+
+def nats(action: str, stream: str, prefix: str, messages: Sequence[tuple[str, bytes, str | None]] = ()) -> None:
+    asyncio.run(_nats(action, stream, prefix, list(messages)))
+
+
+@pytest.mark.e2e
+@pytest.mark.brokers
+def test_jetstream_readings_survive_a_kill_and_are_released_exactly_once(make_federation) -> None:
+    """Every institution's readings arrive over JetStream (one durable consumer each), with malformed messages
+    and a publisher's retries; the stream is killed after journalling a batch but before acknowledging it (the
+    broker redelivers it: taken once), restarted, and later readings of a released window are late."""
+    need_broker(NATS)
+    fed = stream_federation(make_federation, subdir="nats")
+    tag = uuid.uuid4().hex[:8]
+    stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
+    with_sources(fed, {
+        inst.id: (f'[[institutions.sources]]\nkind = "nats"\nstream = "{stream}"\n'
+                  f'subjects = ["{prefix}.{inst.id}.>"]\nmax_message_bytes = 16384\n')
+        for inst in fed.config.institutions
+    })
+    config = load_config(fed.config_path)
+    nats("create", stream, prefix)
+    try:
+        early = [(f"{prefix}.{i}.r", p, f"{i}-{n}") for i, t in fed.raw.items()
+                 for n, p in enumerate(payloads(hours(t, 0, 3)))]
+        bad = [(f"{prefix}.alpha.r", data, None) for data in BAD]
+        nats("publish", stream, prefix, early + early[:3] + bad)  # the first three again: a publisher's retry
+        crashed = fusion_stream(fed.config_path, "--drain", "--until", at(3).isoformat(),
+                                crash_at="broker_after_journal")
+        assert crashed.returncode == CRASH_EXIT_CODE, crashed.stdout + crashed.stderr
+        first = StreamDriver(config, until=at(3))
+        first.run(drain=True)
+        late = with_times(fed.raw["beta"], *(START + timedelta(minutes=m) for m in range(5)))
+        rest = [(f"{prefix}.{i}.r", p, None) for i, t in fed.raw.items() for p in payloads(hours(t, 3, 6))]
+        nats("publish", stream, prefix, [*rest, (f"{prefix}.beta.r", "\n".join(json_lines(late)).encode(), None)])
+        second = StreamDriver(config, until=END)
+        second.run(drain=True)
+    finally:
+        nats("delete", stream, prefix)
+    total = sum(t.num_rows for t in fed.raw.values())
+    releases = Store(config.store_path).read("releases")
+    assert sum(releases.column("count").to_pylist()) == total  # every accepted reading counted once
+    assert window_starts(config.store_path) == [at(h) for h in range(6)]  # every window released once
+    assert Store(config.store_path).read("budget").to_pylist()[0]["releases"] == 6
+    state = load_state(Path(config.stream_state_path) / "state.json")
+    assert state.readings == total
+    assert state.windows[START.isoformat()].rejects == {"beta": {"late": 5}}
+    assert state.unwindowed["alpha"] == {"malformed_record": 3, "missing_field": 1}
+
+
+@pytest.mark.e2e
+@pytest.mark.brokers
+def test_mqtt_readings_beside_file_feeds_are_released_and_bad_messages_dead_lettered(make_federation) -> None:
+    """alpha publishes over MQTT (QoS 1, persistent session), beta and gamma land files. A message sent twice, a
+    10 MB payload, bytes that are not UTF-8, and a line that is not JSON: the bad ones are dead-lettered and
+    counted, the duplicate taken once, and the stream goes on."""
+    need_broker(MQTT)
+    import paho.mqtt.client as mqtt
+
+    from tests.pipelines.test_stream import land
+
+    fed = stream_federation(make_federation, subdir="mqtt")
+    tag = uuid.uuid4().hex[:8]
+    session = f"fusion-test-{tag}"
+    with_sources(fed, {"alpha": (f'[[institutions.sources]]\nkind = "mqtt"\ntopics = ["{tag}/alpha/#"]\n'
+                                 f'client_id = "{session}"\nmax_message_bytes = 16384\n')})
+    for hour in range(6):
+        land(fed, hour)
+    for path in (fed.directory / "feeds" / "alpha").iterdir():
+        path.unlink()
+    config = load_config(fed.config_path)
+    subscriber = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=session, clean_session=False)
+    subscriber.connect("127.0.0.1", 1883)  # the persistent session exists before anything is published
+    subscriber.subscribe(f"{tag}/alpha/#", qos=1)
+    subscriber.loop(1)
+    subscriber.disconnect()
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{session}-pub")
+    publisher.connect("127.0.0.1", 1883)
+    publisher.loop_start()
+    good = payloads(fed.raw["alpha"])
+    for data in [*good, good[0], *BAD[:3], b"x" * 10_000_000]:
+        publisher.publish(f"{tag}/alpha/readings", data, qos=1).wait_for_publish(10)
+    publisher.loop_stop()
+    publisher.disconnect()
+    driver = StreamDriver(config, until=END)
+    driver.run(drain=True)
+    total = sum(t.num_rows for t in fed.raw.values())
+    assert sum(Store(config.store_path).read("releases").column("count").to_pylist()) == total
+    assert window_starts(config.store_path) == [at(h) for h in range(6)]
+    assert driver.state.unwindowed == {"alpha": {"malformed_record": 3, "missing_field": 1}}
+    dead = list((fed.directory / "deadletter" / "alpha" / "stream").glob("*malformed*.parquet"))
+    assert dead
+
+
+@pytest.mark.brokers
+def test_a_broker_down_at_start_is_reported_and_retried(make_federation) -> None:
+    """Nothing listens on the source's port: the reader says so (status line, log) and keeps retrying."""
+    fed = make_federation(subdir="down")
+    with socket.socket() as probe:  # a free port on loopback, closed again: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with_sources(fed, {"alpha": f'[[institutions.sources]]\nkind = "mqtt"\nport = {port}\ntopics = ["a/#"]\n'})
+    notices: list[str] = []
+    driver = StreamDriver(load_config(fed.config_path), on_notice=notices.append)
+    deadline = time.monotonic() + 5
+    while not any("down" in s for s in driver.status().sources) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    driver.close()
+    assert any("alpha mqtt" in s and "retrying" in s for s in driver.status().sources), driver.status().sources
+    assert any("down" in n for n in notices)
+
+
+
+class Proxy:
+    """A TCP relay to a real broker that the test can sever (every connection dropped) and restore."""
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._open: list[socket.socket] = []
+        self.accepting = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._server.accept()
+            if not self.accepting:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def sever(self) -> None:
+        self.accepting = False
+        for connection in self._open:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        self._open.clear()
+
+
+def wait_for(predicate: Any, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.brokers
+def test_a_connection_severed_mid_stream_is_reported_retried_and_loses_nothing(make_federation, tmp_path) -> None:
+    """The JetStream reader's connection is cut mid-stream: it says so, retries with backoff, and once the broker
+    is reachable again every message is journalled exactly once (acknowledged ones are not fetched again)."""
+    need_broker(NATS)
+    from pipelines.broker_sources import NatsReader
+
+    fed = make_federation(subdir="sever")
+    tag = uuid.uuid4().hex[:8]
+    stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
+    proxy = Proxy(4222)
+    with_sources(fed, {"alpha": f'[[institutions.sources]]\nkind = "nats"\nurl = "nats://127.0.0.1:{proxy.port}"\n'
+                                f'stream = "{stream}"\nsubjects = ["{prefix}.alpha.>"]\n'})
+    config = load_config(fed.config_path)
+    nats("create", stream, prefix)
+    notices: list[str] = []
+    journal = SourceJournal(tmp_path / "journal")
+    reader = NatsReader("alpha", config.institutions[0].sources[0], journal, config, notices.append)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        nats("publish", stream, prefix, [(f"{prefix}.alpha.r", f'{{"n": {n}}}'.encode(), None) for n in range(5)])
+        wait_for(lambda: reader.messages == 5)
+        proxy.sever()
+        wait_for(lambda: "down" in reader.health)
+        nats("publish", stream, prefix, [(f"{prefix}.alpha.r", f'{{"n": {n}}}'.encode(), None) for n in range(5, 9)])
+        proxy.accepting = True
+        wait_for(lambda: reader.messages == 9)
+    finally:
+        reader.stop()
+        reader.join(5)
+        nats("delete", stream, prefix)
+    lines = "".join(p.read_text() for p in sorted(journal.directory.glob("*.jsonl"))).splitlines()
+    assert sorted(lines) == sorted(f'{{"n": {n}}}' for n in range(9))  # each once, none lost
+    assert any("down" in n and "retrying" in n for n in notices) and notices[-1].endswith("connected")

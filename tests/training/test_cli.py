@@ -1,0 +1,73 @@
+"""`fusion train`: a [[models]] model trained across a real federation's keys, charged to its store's ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fusion.cli import main
+from fusion.config import load_config
+from fusion.store import Store
+from tests.conftest import Federation
+
+MODEL = """
+[[models]]
+name = "tiny"
+rows = "training/{institution}.parquet"
+held_out = "training/held_out.parquet"
+features = ["x0", "x1", "x2"]
+target = "label"
+classes = 2
+start = "2026-01-01T00:00"
+end = "2026-01-01T06:00"
+hidden = [4]
+rounds = 2
+epsilon = 1.0
+"""
+
+
+def _rows(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 2, size=30)
+    features = rng.normal(size=(30, 3)) + label[:, None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"x0": features[:, 0], "x1": features[:, 1], "x2": features[:, 2], "label": label}), path)
+
+
+def test_train_plans_then_trains_and_resumes(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    for k, inst in enumerate(("alpha", "beta", "gamma")):
+        _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    _rows(fed.directory / "training" / "held_out.parquet", 9)
+    argv = ["train", "--config", str(fed.config_path), "--model", "tiny"]
+    assert main([*argv, "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "2 rounds (2 left)" in out and "epsilon 0.0000 ->" in out
+    config = load_config(fed.config_path)
+    assert Store(config.store_path).read("models").num_rows == 0  # --plan trains nothing
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "round 1/2: 3 contributors" in out and "round 2/2" in out and "held-out accuracy" in out
+    models = Store(config.store_path).read("models").sort_by("round").to_pylist()
+    assert [m["round"] for m in models] == [1, 2] and models[-1]["epsilon"] <= 1.0
+    budget = Store(config.store_path).read("budget").to_pylist()
+    assert budget[0]["release_ids"] == [m["release_id"] for m in models]
+    assert main(argv) == 0  # everything committed: nothing runs again
+    assert "(0 left)" in capsys.readouterr().out
+
+
+def test_train_refuses_an_unknown_model_and_missing_rows(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    assert main(["train", "--config", str(fed.config_path), "--model", "other"]) == 1
+    assert "no [[models]] entry named 'other'" in capsys.readouterr().err
+    assert main(["train", "--config", str(fed.config_path), "--model", "tiny"]) == 1
+    assert "alpha.parquet does not" in capsys.readouterr().err.replace("\n", " ")

@@ -1,0 +1,248 @@
+"""A training run against the store: every round is charged to the budget ledger (the same period, cap and
+privacy unit as the releases of the readings it learns from) before its sum is decrypted, and committed to the
+`models` table once the model is updated; a run resumes from its last committed round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from fusion.config import Config, PrivacyUnit
+from fusion.errors import FusionError
+from fusion.keys import load_public_context_bytes, load_secret_context_bytes
+from fusion.ledger import BudgetLedger
+from fusion.plan import Period, parse_time, period_of
+from fusion.registry import (
+    load_aggregator_public_key,
+    load_aggregator_signing_key,
+    load_agreement_key,
+    load_agreement_keys,
+    load_registry,
+    load_signing_key,
+)
+from fusion.store import Store
+from fusion.training_config import ModelConfig
+from privacy.accountant import Composition, ReleaseCharge
+from schemas.tables import MODELS_SCHEMA
+from training.accounting import TrainingBudget
+from training.secure_sum import Federation, Party, RoundId, RoundSum
+from training.trainer import Institution, RoundRecord, TrainingSettings, train
+
+
+@dataclass(frozen=True)
+class LedgerTerms:
+    """Where a run's rounds are charged: the privacy period and its cap and delta, how charges compose there, and
+    the interval [start, end) of the readings the training rows come from."""
+
+    period: Period
+    cap: float
+    delta: float
+    composition: Composition
+    start: datetime
+    end: datetime
+
+    def charge(self, budget: TrainingBudget) -> ReleaseCharge:
+        return ReleaseCharge(mechanism=budget.mechanism, start=self.start, end=self.end, composition=self.composition)
+
+
+@dataclass(frozen=True)
+class TrainingForecast:
+    """What `fusion train --plan` shows before a run: the run's own epsilon and the period's before and after."""
+
+    rounds: int
+    parameters: int
+    variance: float
+    run_epsilon: float
+    period_epsilon_before: float
+    period_epsilon_after: float
+    cap: float
+
+    @property
+    def fits(self) -> bool:
+        return self.period_epsilon_after <= self.cap
+
+
+def forecast(store: Store, budget: TrainingBudget, terms: LedgerTerms, *, remaining: int) -> TrainingForecast:
+    """The spend of the `remaining` rounds of a run, predicted on the ledger as it stands."""
+    before, after = BudgetLedger(store).preview(
+        period=terms.period, charges=[terms.charge(budget)] * max(remaining, 1), cap=terms.cap, delta=terms.delta
+    )
+    return TrainingForecast(
+        rounds=budget.rounds,
+        parameters=budget.sensitivity.dimension,
+        variance=budget.variance,
+        run_epsilon=budget.epsilon,
+        period_epsilon_before=before,
+        period_epsilon_after=after if remaining else before,
+        cap=terms.cap,
+    )
+
+
+def last_committed(store: Store, settings: TrainingSettings) -> RoundRecord | None:
+    """The run's last committed round (None: none yet); refuses a model id committed under other settings."""
+    rows = store.read("models", filter=pc.field("model_id") == settings.model_id)
+    if rows.num_rows == 0:
+        return None
+    digests = set(rows.column("settings_sha256").to_pylist())
+    if digests != {settings.digest()}:
+        raise FusionError(
+            f"model {settings.model_id} was trained under other settings (rounds, C, learning rate, epsilon or "
+            "architecture changed); give the new run another model name"
+        )
+    row = rows.sort_by([("round", "descending")]).slice(0, 1).to_pylist()[0]
+    parameters = np.asarray(row["parameters"], dtype=np.float32)
+    summed = RoundSum(
+        noisy_sum=np.zeros(0, dtype=np.int64),
+        contributors=tuple(row["contributors"]),
+        noise_variance=row["noise_variance"],
+        envelope_digests=dict(d.split(":", 1) for d in row["envelope_digests"]),
+        aggregate_digest=row["aggregate_sha256"],
+        bytes_per_contributor=0,
+    )
+    metrics = {} if row["held_out_accuracy"] is None else {"accuracy": row["held_out_accuracy"]}
+    return RoundRecord(row["round"], parameters, row["count_estimate"], row["epsilon"], summed, metrics)
+
+
+def model_row(settings: TrainingSettings, budget_variance: float, record: RoundRecord, release_id: str) -> pa.Table:
+    parameters = record.parameters.astype(np.float32)
+    doc = {
+        "model_id": settings.model_id,
+        "round": record.round,
+        "settings_sha256": settings.digest(),
+        "parameters": parameters.tolist(),
+        "parameters_sha256": hashlib.sha256(parameters.astype("<f4").tobytes()).hexdigest(),
+        "clip": settings.clip,
+        "scale": settings.scale,
+        "learning_rate": settings.learning_rate,
+        "noise_variance": record.sum.noise_variance,
+        "calibrated_variance": budget_variance,
+        "epsilon": record.epsilon,
+        "delta": settings.delta,
+        "contributors": list(record.sum.contributors),
+        "count_estimate": record.count_estimate,
+        "release_id": release_id,
+        "envelope_digests": [f"{i}:{d}" for i, d in sorted(record.sum.envelope_digests.items())],
+        "aggregate_sha256": record.sum.aggregate_digest,
+        "held_out_accuracy": record.metrics.get("accuracy"),
+        "committed_at": datetime.now(UTC),
+    }
+    return pa.Table.from_pylist([doc], schema=MODELS_SCHEMA)
+
+
+def train_into_store(
+    store: Store,
+    settings: TrainingSettings,
+    federation: Federation,
+    data: Mapping[str, Institution],
+    *,
+    classes: int,
+    terms: LedgerTerms,
+    generators: Mapping[str, np.random.Generator],
+    held_out: Institution | None = None,
+    present: Callable[[int], set[str]] | None = None,
+    progress: Callable[[RoundRecord], None] | None = None,
+) -> RoundRecord | None:
+    """Run (or resume) the rounds not yet committed; returns the last round (None: nothing was left to run)."""
+    start = last_committed(store, settings)
+    if start is not None and start.round >= settings.rounds:
+        return start
+    ledger = BudgetLedger(store)
+    charged = {r for ids in ledger.rows().column("release_ids").to_pylist() for r in ids}
+    variance: list[float] = []
+    names: dict[int, RoundId] = {}
+
+    def round_id(number: int) -> RoundId:
+        """The round's id: a round charged but never committed (a crash in between) is drawn and charged anew."""
+        attempt = 0
+        while RoundId(settings.model_id, number, settings.digest(), attempt).release_id in charged:
+            attempt += 1
+        names[number] = RoundId(settings.model_id, number, settings.digest(), attempt)
+        return names[number]
+
+    def pay(round_id: RoundId, budget: TrainingBudget, aggregate_sha256: str) -> None:
+        variance[:] = [budget.variance]
+        ledger.spend(
+            period=terms.period, release_id=round_id.release_id, aggregate_sha256=aggregate_sha256,
+            charge=terms.charge(budget), cap=terms.cap, delta=terms.delta,
+        )
+
+    def commit(record: RoundRecord) -> None:
+        store.insert_new("models", model_row(settings, variance[0], record, names[record.round].release_id))
+        if progress is not None:
+            progress(record)
+
+    return train(
+        settings, federation, data, classes=classes, generators=generators, start=start, present=present,
+        on_round=commit, pay=pay, held_out=held_out, round_ids=round_id,
+    )
+
+
+def federation_from_config(config: Config) -> Federation:
+    """The federation's registered keys (fusion keys): each institution's X25519 and Ed25519 keys, the
+    aggregator's, and the key holder's HE contexts. In one process: the trainer acts for every party."""
+    agreement = load_agreement_keys(config)
+    signing = load_registry(config)
+    institutions = {
+        i.id: Party(load_agreement_key(config, i.id), agreement[i.id], load_signing_key(config, i.id), signing[i.id])
+        for i in config.institutions
+    }
+    aggregator_key = load_aggregator_signing_key(config)
+    aggregator = Party(b"", b"", aggregator_key, load_aggregator_public_key(config))
+    return Federation(
+        name=config.federation.id,
+        institutions=institutions,
+        aggregator=aggregator,
+        secret_context=load_secret_context_bytes(config),
+        public_context=load_public_context_bytes(config),
+    )
+
+
+def _table(path: Path, what: str) -> pa.Table:
+    if not path.exists():
+        raise FusionError(f"{what}: {path} does not exist; write the training rows there or fix `rows`")
+    if path.suffix == ".csv":
+        return pacsv.read_csv(path)
+    return pq.read_table(path)
+
+
+def institution_rows(model: ModelConfig, path: Path, what: str) -> Institution:
+    """The model's features (float32) and target (int64) from one table, checked."""
+    table = _table(path, what)
+    missing = [c for c in (*model.features, model.target) if c not in table.column_names]
+    if missing:
+        raise FusionError(f"{what}: {path} has no column(s) {missing}; add them or fix models.{model.name}")
+    features = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in model.features])
+    target = table.column(model.target).to_numpy(zero_copy_only=False)
+    if not np.isfinite(features.astype(np.float64)).all():
+        raise FusionError(f"{what}: {path} holds missing or infinite feature values; drop or fill those rows")
+    if ((target < 0) | (target >= model.classes) | (target != np.round(target))).any():
+        raise FusionError(f"{what}: {path}'s '{model.target}' must hold class numbers 0..{model.classes - 1}")
+    return Institution(features.astype(np.float32), target.astype(np.int64))
+
+
+def settings_for(config: Config, model: ModelConfig) -> TrainingSettings:
+    return TrainingSettings(
+        model_id=model.name, hidden=model.hidden, rounds=model.rounds, clip=model.clip,
+        learning_rate=model.learning_rate, final_learning_rate=model.final_learning_rate, epsilon=model.epsilon,
+        delta=config.privacy.delta, scale=model.scale, quorum=config.privacy.quorum,
+        max_colluding=config.privacy.max_colluding,
+    )
+
+
+def terms_for(config: Config, model: ModelConfig) -> LedgerTerms:
+    start, end = parse_time(model.start), parse_time(model.end)
+    if not start < end:
+        raise FusionError(f"models.{model.name}: start {model.start} is not before end {model.end}")
+    composition = Composition.SEQUENTIAL if config.privacy.unit is PrivacyUnit.ENTITY else Composition.PARALLEL
+    return LedgerTerms(period=period_of(config, start, end), cap=config.privacy.cap, delta=config.privacy.delta,
+                       composition=composition, start=start, end=end)

@@ -1,0 +1,176 @@
+"""DP full-batch gradient descent across institutions: each round, every institution present contributes its clipped,
+rounded gradient sum (training/gradients.py) to one secure vector sum (training/secure_sum.py); the noisy sum
+updates the model, theta <- theta - lr * g_hat / n_hat, which every institution then holds (the model is public to
+the federation). The count n_hat is the mean of the rounds' noisy count slots (post-processing, no epsilon).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from privacy.noise_shares import NoiseLayers
+from training.accounting import TrainingBudget, plan_budget
+from training.gradients import contribution_vector, per_example_gradients
+from training.secure_sum import Federation, RoundId, RoundSum, secure_sum
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """A run's hyperparameters and guarantee; `digest` names them in every round's envelopes."""
+
+    model_id: str
+    hidden: tuple[int, ...]
+    rounds: int
+    clip: float
+    learning_rate: float
+    epsilon: float
+    delta: float
+    scale: float = 2.0**12
+    quorum: int = 1
+    max_colluding: int = 0
+    init_seed: int = 0  # the initial weights are public: every institution starts from the same model
+    final_learning_rate: float | None = None  # decay linearly to this by the last round (None: constant)
+
+    def learning_rate_at(self, number: int) -> float:
+        """The step size of round `number` (1-based)."""
+        if self.final_learning_rate is None or self.rounds == 1:
+            return self.learning_rate
+        fraction = (number - 1) / (self.rounds - 1)
+        return self.learning_rate + fraction * (self.final_learning_rate - self.learning_rate)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Institution:
+    """One institution's training rows (features float32 (rows, features), integer class labels (rows,))."""
+
+    features: np.ndarray
+    targets: np.ndarray
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What a committed round leaves: the model after it, and what the round released and cost."""
+
+    round: int
+    parameters: np.ndarray  # flat float32, the model after this round
+    count_estimate: float
+    epsilon: float  # of the run so far
+    sum: RoundSum
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def build_model(features: int, classes: int, hidden: tuple[int, ...], seed: int) -> torch.nn.Module:
+    """An MLP features -> hidden... -> classes with ReLU, initialised from a public seed."""
+    import torch
+
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    width = features
+    for h in hidden:
+        layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+        width = h
+    layers.append(torch.nn.Linear(width, classes))
+    return torch.nn.Sequential(*layers)
+
+
+def flat_parameters(model: torch.nn.Module) -> np.ndarray:
+    import torch
+
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy().copy()
+
+
+def load_parameters(model: torch.nn.Module, flat: np.ndarray) -> None:
+    import torch
+
+    torch.nn.utils.vector_to_parameters(torch.as_tensor(flat, dtype=torch.float32), model.parameters())
+
+
+def accuracy(model: torch.nn.Module, features: np.ndarray, targets: np.ndarray) -> float:
+    import torch
+
+    with torch.no_grad():
+        predicted = model(torch.as_tensor(features, dtype=torch.float32)).argmax(dim=1).numpy()
+    return float((predicted == targets).mean())
+
+
+def budget_for(settings: TrainingSettings, dimension: int) -> TrainingBudget:
+    return plan_budget(
+        epsilon=settings.epsilon, delta=settings.delta, rounds=settings.rounds, clip=settings.clip,
+        scale=settings.scale, dimension=dimension,
+    )
+
+
+def train(
+    settings: TrainingSettings,
+    federation: Federation,
+    data: Mapping[str, Institution],
+    *,
+    classes: int,
+    generators: Mapping[str, np.random.Generator],
+    start: RoundRecord | None = None,
+    present: Callable[[int], set[str]] | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    pay: Callable[[RoundId, TrainingBudget, str], None] | None = None,
+    round_ids: Callable[[int], RoundId] | None = None,
+    held_out: Institution | None = None,
+) -> RoundRecord:
+    """Run the rounds after `start` (a committed round to resume from; None: from round 1 and the public initial
+    model), calling `pay(round, budget, aggregate SHA-256)` before each sum is decrypted (the ledger) and
+    `on_round` once each round is complete (commit it there). `present(round)` names the
+    institutions that contribute to a round (default: all). Returns the last round."""
+    features = next(iter(data.values())).features.shape[1]
+    model = build_model(features, classes, settings.hidden, settings.init_seed)
+    dimension = flat_parameters(model).size
+    budget = budget_for(settings, dimension)
+    layers = NoiseLayers(
+        total_variance=budget.variance, quorum=settings.quorum, institutions=len(federation.institutions),
+        max_colluding=settings.max_colluding,
+    )
+    weight = budget.sensitivity.count_weight
+    counts: dict[tuple[str, ...], list[float]] = {}  # contributors -> their rounds' noisy counts
+    record = start
+    if start is not None:
+        load_parameters(model, start.parameters)
+        counts[start.sum.contributors] = [start.count_estimate] * start.round  # its running mean, so weighted
+    for number in range((start.round if start else 0) + 1, settings.rounds + 1):
+        ids = sorted(present(number) if present else data)
+        vectors = {
+            i: contribution_vector(
+                per_example_gradients(model, data[i].features, data[i].targets),
+                clip=settings.clip, scale=settings.scale, generator=generators[i],
+            )
+            for i in ids
+        }
+        round_id = round_ids(number) if round_ids else RoundId(settings.model_id, number, settings.digest())
+        charge = None if pay is None else functools.partial(pay, round_id, budget)
+        summed, _ = secure_sum(
+            federation, vectors, round_id=round_id, layers=layers, generators=generators, pay=charge
+        )
+        seen = counts.setdefault(summed.contributors, [])
+        seen.append(float(summed.noisy_sum[-1]) / weight)
+        count = max(float(np.mean(seen)), 1.0)
+        gradient = summed.noisy_sum[:-1].astype(np.float64) / settings.scale / count
+        step = settings.learning_rate_at(number) * gradient
+        load_parameters(model, flat_parameters(model) - step.astype(np.float32))
+        metrics = {}
+        if held_out is not None:
+            metrics["accuracy"] = accuracy(model, held_out.features, held_out.targets)
+        record = RoundRecord(number, flat_parameters(model), count, budget.epsilon_after(number), summed, metrics)
+        if on_round is not None:
+            on_round(record)
+    if record is None:
+        raise ValueError("nothing to train: the run has no rounds left")
+    return record
