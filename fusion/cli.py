@@ -28,6 +28,7 @@ from rich.table import Table
 from fusion.config import Config, load_config
 from fusion.errors import FusionError, ReleaseNotReady
 from fusion.shutdown import exit_now
+from schemas.tables import TABLE_SCHEMAS
 
 if TYPE_CHECKING:  # fusion.plan imports Beam and the accountants: commands that run no pipeline never load it
     from fusion.plan import ReleasePlan
@@ -207,8 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     sql = with_config(sub.add_parser("sql", help="query the store (read-only SQL)"))
     sql.add_argument(
         "query",
-        help="one query (SELECT, WITH, FROM, VALUES, PIVOT, SUMMARIZE, ...) over releases, audit, rejects, budget, "
-        "runs",
+        help="one query (SELECT, WITH, FROM, VALUES, PIVOT, SUMMARIZE, ...) over the store's tables: "
+        + ", ".join(TABLE_SCHEMAS),
     )
     from fusion.sql_limits import SqlLimits
 
