@@ -88,7 +88,9 @@ def publish_mqtt(tag: str, payloads: dict[str, list[bytes]]) -> None:
     publisher.disconnect()
 
 
-def run(kind: str, readings: int, institutions: int, hours: int, per_message: int, directory: Path) -> dict[str, object]:
+def run(
+    kind: str, readings: int, institutions: int, hours: int, per_message: int, directory: Path
+) -> dict[str, object]:
     """One run: `kind` is nats, mqtt or files (the directory stream, the same readings as Parquet files)."""
     ids = [f"inst{i}" for i in range(institutions)]
     tag = uuid.uuid4().hex[:8]
@@ -105,7 +107,7 @@ def run(kind: str, readings: int, institutions: int, hours: int, per_message: in
     rng = np.random.default_rng(2026)
     per_file = readings // (institutions * hours)
     tables = {i: pa.concat_tables([hour_of_readings(i, h, per_file, rng) for h in range(hours)]) for i in ids}
-    for institution, table in tables.items():
+    for institution in ids:
         (directory / "incoming" / institution).mkdir(parents=True, exist_ok=True)
     if kind == "files":
         for institution, table in tables.items():

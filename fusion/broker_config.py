@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fusion.durations import parse_duration
 from fusion.errors import ConfigError
 
 #: A message larger than this is dead-lettered (one malformed record naming its size), never parsed.
@@ -70,6 +72,19 @@ class NatsSource(_Credentials):
     token: str | None = None
     token_env: str | None = None
     batch: int = Field(default=2000, gt=0)  # messages per fetch, journalled and acknowledged together
+    # Unacknowledged messages (a reader killed after the fetch) are redelivered after this: a restarted stream takes
+    # them no sooner, so keep the stream's allowed_lateness above it.
+    ack_wait: str = "30s"
+
+    @field_validator("ack_wait")
+    @classmethod
+    def _ack_wait(cls, text: str) -> str:
+        if parse_duration(text) <= timedelta(0):
+            raise ValueError(f"ack_wait {text!r} must be positive (e.g. '30s')")
+        return text
+
+    def ack_wait_s(self) -> float:
+        return parse_duration(self.ack_wait).total_seconds()
 
     @field_validator("subjects")
     @classmethod

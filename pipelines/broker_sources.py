@@ -1,6 +1,6 @@
 """Broker sources of `fusion stream`: a reader thread per declared source journals messages, then acknowledges.
 
-A NATS JetStream source is a durable pull consumer (acknowledge-all) over the institution's subjects; an MQTT
+A NATS JetStream source is a durable pull consumer (explicit acknowledgements) over the institution's subjects; an MQTT
 source subscribes to the institution's topic filters at QoS 1 in a persistent session (clean_session off) and
 acknowledges manually. Either way a batch is acknowledged only after `SourceJournal.append` has made it durable,
 so a kill redelivers, and nothing the broker saw acknowledged is lost. Redeliveries are recognised by the broker
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -84,9 +85,10 @@ class NatsReader(SourceReader):
         subjects = list(source.subjects)
         consumer = ConsumerConfig(
             durable_name=durable,
-            ack_policy=AckPolicy.ALL,  # one acknowledgement per journalled batch
+            # Each message acknowledged on its own: acknowledge-all could cover a message a timed-out fetch dropped.
+            ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30,
+            ack_wait=source.ack_wait_s(),
             max_ack_pending=-1,
             **({"filter_subject": subjects[0]} if len(subjects) == 1 else {"filter_subjects": subjects}),
         )
@@ -121,17 +123,16 @@ class NatsReader(SourceReader):
                     await client.close()
 
     async def _pull(self, client: Any, subscription: Any) -> None:
-        import nats.errors
-
         while not self._halt.is_set():
             if not client.is_connected:  # a fetch on a dropped connection only times out: say it is down
                 raise ConnectionError(f"lost the connection to {self.source.url}")
             try:
-                batch = await subscription.fetch(self.source.batch, timeout=0.5)
-            except nats.errors.TimeoutError:
+                batch = await subscription.fetch(self.source.batch, timeout=1.0)
+            except TimeoutError:  # nats.errors.TimeoutError, or asyncio's from a fetch that gave up half way
                 batch = []
-            if not batch:
-                self.idle = True
+            if not batch:  # caught up once nothing waits, nor waits to be redelivered (fetched by a killed reader)
+                info = await subscription.consumer_info()
+                self.idle = not info.num_pending and not info.num_ack_pending
                 continue
             self.idle = False
             entries = []
@@ -142,7 +143,8 @@ class NatsReader(SourceReader):
                                                              max_bytes=self.source.max_message_bytes)))
             self.messages += self.journal.append(entries)  # durable before the acknowledgement below
             crash_point("broker_after_journal")
-            await batch[-1].ack()  # acknowledge-all: every message of the batch
+            for message in batch:
+                await message.ack()
 
 
 class MqttReader(SourceReader):
@@ -178,6 +180,8 @@ class MqttReader(SourceReader):
                 quiet_since = time.monotonic()
                 while not self._halt.is_set():
                     code = client.loop(timeout=0.1)
+                    while code == mqtt.MQTT_ERR_SUCCESS and len(pending) < 1000 and _readable(client.socket()):
+                        code = client.loop_read()  # loop() reads one packet: take what has arrived, as one batch
                     if code != mqtt.MQTT_ERR_SUCCESS:
                         raise ConnectionError(mqtt.error_string(code))
                     if not pending:
@@ -199,6 +203,10 @@ class MqttReader(SourceReader):
                 pending.clear()  # not acknowledged: the broker redelivers them in the session
                 delay = self._down(exc, delay)
         client.disconnect()
+
+
+def _readable(sock: Any) -> bool:
+    return sock is not None and bool(select.select([sock], [], [], 0)[0])
 
 
 def journal_dir(config: Config, institution: str, number: int, kind: str) -> Path:

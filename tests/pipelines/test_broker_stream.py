@@ -158,7 +158,7 @@ def test_jetstream_readings_survive_a_kill_and_are_released_exactly_once(make_fe
     stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
     with_sources(fed, {
         inst.id: (f'[[institutions.sources]]\nkind = "nats"\nstream = "{stream}"\n'
-                  f'subjects = ["{prefix}.{inst.id}.>"]\nmax_message_bytes = 16384\n')
+                  f'subjects = ["{prefix}.{inst.id}.>"]\nmax_message_bytes = 16384\nack_wait = "2s"\n')
         for inst in fed.config.institutions
     })
     config = load_config(fed.config_path)
@@ -196,7 +196,8 @@ def test_jetstream_readings_survive_a_kill_and_are_released_exactly_once(make_fe
 def test_mqtt_readings_beside_file_feeds_are_released_and_bad_messages_dead_lettered(make_federation) -> None:
     """alpha publishes over MQTT (QoS 1, persistent session), beta and gamma land files. A message sent twice, a
     10 MB payload, bytes that are not UTF-8, and a line that is not JSON: the bad ones are dead-lettered and
-    counted, the duplicate taken once, and the stream goes on."""
+    counted, the duplicate taken once, and the stream goes on. A stream killed after journalling but before its
+    acknowledgement gets the messages again in the session, and takes them once."""
     need_broker(MQTT)
     import paho.mqtt.client as mqtt
 
@@ -225,12 +226,15 @@ def test_mqtt_readings_beside_file_feeds_are_released_and_bad_messages_dead_lett
         publisher.publish(f"{tag}/alpha/readings", data, qos=1).wait_for_publish(10)
     publisher.loop_stop()
     publisher.disconnect()
+    crashed = fusion_stream(fed.config_path, "--drain", "--until", END.isoformat(), crash_at="broker_after_journal")
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stdout + crashed.stderr  # journalled, not acknowledged
     driver = StreamDriver(config, until=END)
     driver.run(drain=True)
     total = sum(t.num_rows for t in fed.raw.values())
     assert sum(Store(config.store_path).read("releases").column("count").to_pylist()) == total
     assert window_starts(config.store_path) == [at(h) for h in range(6)]
     assert driver.state.unwindowed == {"alpha": {"malformed_record": 3, "missing_field": 1}}
+    assert driver.state.readings == total
     dead = list((fed.directory / "deadletter" / "alpha" / "stream").glob("*malformed*.parquet"))
     assert dead
 
