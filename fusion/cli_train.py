@@ -38,6 +38,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.trainer import budget_for, build_model, flat_parameters
 
     config = load_config(args.config)
+    names = [m.name for m in config.models]
+    if len(set(names)) != len(names):
+        raise FusionError(f"models: two [[models]] entries share a name in {args.config}; give each its own")
     models = {m.name: m for m in config.models}
     if args.model not in models:
         raise FusionError(f"--model: no [[models]] entry named '{args.model}' in {args.config} "

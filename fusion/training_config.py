@@ -34,6 +34,7 @@ class ModelConfig(BaseModel):
     clip: float = Field(default=1.0, gt=0)
     learning_rate: float = Field(default=3.0, gt=0)
     final_learning_rate: float | None = Field(default=0.5, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
     epsilon: float = Field(default=1.0, gt=0, le=20)
     scale: float = Field(default=4096.0, ge=1)
 

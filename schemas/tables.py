@@ -322,6 +322,7 @@ MODELS_SCHEMA = pa.schema(
         pa.field("envelope_digests", pa.list_(pa.string()), nullable=False),  # "institution:sha256"
         pa.field("aggregate_sha256", pa.string(), nullable=False),
         pa.field("held_out_accuracy", pa.float64(), nullable=True),
+        pa.field("velocity", pa.list_(pa.float32()), nullable=True),  # the momentum, to resume (NULL: none)
         pa.field("committed_at", _TS, nullable=False),
     ]
 )

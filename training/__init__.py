@@ -1,0 +1,33 @@
+"""Models trained across the institutions as DP full-batch gradient descent, each round one more secure vector sum
+(README, Training). torch is imported only when gradients are computed or a model is built.
+
+- `train_into_store`, `last_committed`, `forecast` (training.run): `fusion train` against the store: the budget
+  ledger charged before each sum is decrypted, each round committed to the `models` table, resume
+- `train`, `TrainingSettings`, `Institution`, `RoundRecord` (training.trainer): the rounds, in memory
+- `plan_budget`, `TrainingBudget`, `TrainingSensitivity` (training.accounting): calibration and epsilon (RDP)
+- `secure_sum`, `Federation`, `RoundId` (training.secure_sum): one round's noised, masked, encrypted, signed sum
+- the module `training.gradients`: per-example gradients, clipping, randomised rounding, the contribution vector
+"""
+
+from __future__ import annotations
+
+from training.accounting import TrainingBudget, TrainingSensitivity, plan_budget
+from training.run import forecast, last_committed, train_into_store
+from training.secure_sum import Federation, RoundId, secure_sum
+from training.trainer import Institution, RoundRecord, TrainingSettings, train
+
+__all__ = [
+    "Federation",
+    "Institution",
+    "RoundId",
+    "RoundRecord",
+    "TrainingBudget",
+    "TrainingSensitivity",
+    "TrainingSettings",
+    "forecast",
+    "last_committed",
+    "plan_budget",
+    "secure_sum",
+    "train",
+    "train_into_store",
+]

@@ -110,7 +110,8 @@ def last_committed(store: Store, settings: TrainingSettings) -> RoundRecord | No
         bytes_per_contributor=0,
     )
     metrics = {} if row["held_out_accuracy"] is None else {"accuracy": row["held_out_accuracy"]}
-    return RoundRecord(row["round"], parameters, row["count_estimate"], row["epsilon"], summed, metrics)
+    velocity = None if row["velocity"] is None else np.asarray(row["velocity"], dtype=np.float32)
+    return RoundRecord(row["round"], parameters, row["count_estimate"], row["epsilon"], summed, metrics, velocity)
 
 
 def model_row(settings: TrainingSettings, budget_variance: float, record: RoundRecord, release_id: str) -> pa.Table:
@@ -134,6 +135,7 @@ def model_row(settings: TrainingSettings, budget_variance: float, record: RoundR
         "envelope_digests": [f"{i}:{d}" for i, d in sorted(record.sum.envelope_digests.items())],
         "aggregate_sha256": record.sum.aggregate_digest,
         "held_out_accuracy": record.metrics.get("accuracy"),
+        "velocity": None if record.velocity is None else record.velocity.astype(np.float32).tolist(),
         "committed_at": datetime.now(UTC),
     }
     return pa.Table.from_pylist([doc], schema=MODELS_SCHEMA)
@@ -233,7 +235,8 @@ def institution_rows(model: ModelConfig, path: Path, what: str) -> Institution:
 def settings_for(config: Config, model: ModelConfig) -> TrainingSettings:
     return TrainingSettings(
         model_id=model.name, hidden=model.hidden, rounds=model.rounds, clip=model.clip,
-        learning_rate=model.learning_rate, final_learning_rate=model.final_learning_rate, epsilon=model.epsilon,
+        learning_rate=model.learning_rate, final_learning_rate=model.final_learning_rate, momentum=model.momentum,
+        epsilon=model.epsilon,
         delta=config.privacy.delta, scale=model.scale, quorum=config.privacy.quorum,
         max_colluding=config.privacy.max_colluding,
     )

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from fusion.errors import ReleaseRefused
 from privacy import he
 from privacy.envelope import EnvelopeHeader, pack_envelope, signature_valid, unpack_envelope
 from privacy.masking import add_mod, centred, generate_agreement_key, pairwise_mask
@@ -28,7 +29,7 @@ from privacy.signing import generate_signing_key
 from privacy.skellam import SkellamNoise
 
 
-class RoundRefused(ValueError):
+class RoundRefused(ReleaseRefused):
     """An envelope of the round failed a check: nothing of it is decrypted."""
 
 

@@ -9,13 +9,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fusion.errors import FusionError
+from fusion.parameters import NOISE_MARGIN_SDS
+from privacy import he
 from privacy.noise_shares import NoiseLayers
+from privacy.skellam import MAX_POISSON_RATE
 from training.accounting import TrainingBudget, plan_budget
 from training.gradients import contribution_vector, per_example_gradients
 from training.secure_sum import Federation, RoundId, RoundSum, secure_sum
@@ -40,6 +45,7 @@ class TrainingSettings:
     max_colluding: int = 0
     init_seed: int = 0  # the initial weights are public: every institution starts from the same model
     final_learning_rate: float | None = None  # decay linearly to this by the last round (None: constant)
+    momentum: float = 0.0  # heavy ball on the noisy gradients (post-processing: it averages their noise down)
 
     def learning_rate_at(self, number: int) -> float:
         """The step size of round `number` (1-based)."""
@@ -70,6 +76,7 @@ class RoundRecord:
     epsilon: float  # of the run so far
     sum: RoundSum
     metrics: dict[str, float] = field(default_factory=dict)
+    velocity: np.ndarray | None = None  # the momentum after this round (None: no momentum)
 
 
 def build_model(features: int, classes: int, hidden: tuple[int, ...], seed: int) -> torch.nn.Module:
@@ -113,6 +120,23 @@ def budget_for(settings: TrainingSettings, dimension: int) -> TrainingBudget:
     )
 
 
+def _check_no_wrap(settings: TrainingSettings, budget: TrainingBudget, layers: NoiseLayers, *, rows: int) -> None:
+    """Refuse a run whose noise Fusion cannot sample exactly (privacy/skellam.py), or whose sums could wrap mod t:
+    every row at the bound in one slot (|r(gamma g_i)| <= gamma C + 1, the count slot w), plus every contributor's
+    noise at NOISE_MARGIN_SDS standard deviations."""
+    per_row = max(settings.scale * settings.clip + 1.0, budget.sensitivity.count_weight)
+    noise = NOISE_MARGIN_SDS * math.sqrt(layers.total(layers.institutions) + layers.sealed * layers.institutions)
+    if layers.sealed / 2.0 > MAX_POISSON_RATE:
+        raise FusionError(
+            f"models.{settings.model_id}: the calibrated noise (variance {layers.sealed:.3e} per institution) is too "
+            "large to sample exactly; lower `scale`"
+        )
+    try:
+        he.check_no_wrap(rows * per_row + noise)
+    except he.WrapRisk as exc:
+        raise FusionError(f"models.{settings.model_id}: {exc.args[0].split(':')[0]}; lower `scale`") from None
+
+
 def train(
     settings: TrainingSettings,
     federation: Federation,
@@ -140,10 +164,14 @@ def train(
         max_colluding=settings.max_colluding,
     )
     weight = budget.sensitivity.count_weight
+    _check_no_wrap(settings, budget, layers, rows=sum(d.targets.size for d in data.values()))
     counts: dict[tuple[str, ...], list[float]] = {}  # contributors -> their rounds' noisy counts
     record = start
+    velocity = np.zeros(dimension)
     if start is not None:
         load_parameters(model, start.parameters)
+        if start.velocity is not None:
+            velocity = start.velocity.astype(np.float64)
         counts[start.sum.contributors] = [start.count_estimate] * start.round  # its running mean, so weighted
     for number in range((start.round if start else 0) + 1, settings.rounds + 1):
         ids = sorted(present(number) if present else data)
@@ -163,12 +191,16 @@ def train(
         seen.append(float(summed.noisy_sum[-1]) / weight)
         count = max(float(np.mean(seen)), 1.0)
         gradient = summed.noisy_sum[:-1].astype(np.float64) / settings.scale / count
-        step = settings.learning_rate_at(number) * gradient
+        velocity = settings.momentum * velocity + gradient
+        step = settings.learning_rate_at(number) * velocity
         load_parameters(model, flat_parameters(model) - step.astype(np.float32))
         metrics = {}
         if held_out is not None:
             metrics["accuracy"] = accuracy(model, held_out.features, held_out.targets)
-        record = RoundRecord(number, flat_parameters(model), count, budget.epsilon_after(number), summed, metrics)
+        record = RoundRecord(
+            number, flat_parameters(model), count, budget.epsilon_after(number), summed, metrics,
+            velocity.astype(np.float32) if settings.momentum else None,
+        )
         if on_round is not None:
             on_round(record)
     if record is None:

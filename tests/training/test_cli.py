@@ -28,6 +28,17 @@ end = "2026-01-01T06:00"
 hidden = [4]
 rounds = 2
 epsilon = 1.0
+
+[[models]]
+name = "greedy"
+rows = "training/{institution}.parquet"
+features = ["x0", "x1", "x2"]
+target = "label"
+classes = 2
+start = "2026-01-01T00:00"
+end = "2026-01-01T06:00"
+rounds = 2
+epsilon = 2.0
 """
 
 
@@ -71,3 +82,16 @@ def test_train_refuses_an_unknown_model_and_missing_rows(
     assert "no [[models]] entry named 'other'" in capsys.readouterr().err
     assert main(["train", "--config", str(fed.config_path), "--model", "tiny"]) == 1
     assert "alpha.parquet does not" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_train_refuses_a_run_over_the_period_cap_before_its_first_round(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    for k, inst in enumerate(("alpha", "beta", "gamma")):
+        _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    assert main(["train", "--config", str(fed.config_path), "--model", "greedy"]) == 1
+    assert "above its cap 1" in capsys.readouterr().err.replace("\n", " ")
+    config = load_config(fed.config_path)
+    assert Store(config.store_path).read("models").num_rows == 0
+    assert Store(config.store_path).read("budget").num_rows == 0

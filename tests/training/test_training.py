@@ -161,7 +161,7 @@ def test_reported_epsilon_matches_an_independent_computation() -> None:
 
 def _settings(rounds: int) -> TrainingSettings:
     return TrainingSettings(model_id="tiny", hidden=(4,), rounds=rounds, clip=1.0, learning_rate=0.5, epsilon=2.0,
-                            delta=1e-5, quorum=2)
+                            delta=1e-5, quorum=2, momentum=0.5)
 
 
 def test_resume_after_a_crash_continues_from_the_last_committed_round(federation: Federation) -> None:
@@ -222,6 +222,8 @@ def test_a_run_spends_the_ledger_commits_models_and_resumes(federation: Federati
     assert models[-1]["contributors"] == IDS and len(models[-1]["envelope_digests"]) == 3
     assert models[-1]["noise_variance"] == pytest.approx(3 * budget.variance / 2)  # h(3) = 2 with quorum 2
     np.testing.assert_array_equal(np.asarray(models[-1]["parameters"], dtype=np.float32), last.parameters)
+    assert last.velocity is not None
+    np.testing.assert_array_equal(np.asarray(models[-1]["velocity"], dtype=np.float32), last.velocity)
     row = BudgetLedger(store).rows().to_pylist()[0]
     assert row["release_ids"][0] == "r-1" and row["release_ids"][1:] == [m["release_id"] for m in models]
     # The ledger's epsilon: the release and three rounds composed (RDP: a round is a norm-bound mechanism).
@@ -259,3 +261,28 @@ def test_a_model_id_reused_under_other_settings_is_refused(federation: Federatio
     train_into_store(store, _settings(1), federation, _data(), classes=3, terms=_terms(), generators=generators)
     with pytest.raises(FusionError, match="other settings"):
         train_into_store(store, _settings(2), federation, _data(), classes=3, terms=_terms(), generators=generators)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(federation: Federation) -> None:
+    def generators() -> dict[str, np.random.Generator]:
+        return {i: seeded_generator(40 + k) for k, i in enumerate(IDS)}
+
+    whole = train(_settings(3), federation, _data(), classes=3, generators=generators())
+    shared = generators()  # the same streams, continued across the crash as an institution's would be
+    committed: list[RoundRecord] = []
+
+    def crash_after_one(record: RoundRecord) -> None:
+        committed.append(record)
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        train(_settings(3), federation, _data(), classes=3, generators=shared, on_round=crash_after_one)
+    resumed = train(_settings(3), federation, _data(), classes=3, generators=shared, start=committed[0])
+    np.testing.assert_allclose(resumed.parameters, whole.parameters, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_whose_noise_cannot_be_sampled_exactly_is_refused(federation: Federation) -> None:
+    settings = TrainingSettings(model_id="huge", hidden=(), rounds=1, clip=1.0, learning_rate=0.5, epsilon=1.0,
+                                delta=1e-5, scale=2.0**40)
+    with pytest.raises(FusionError, match=r"models\.huge: the calibrated noise .* lower `scale`"):
+        train(settings, federation, _data(), classes=3, generators={i: seeded_generator(0) for i in IDS})
