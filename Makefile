@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SHELL  := /bin/bash
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint unit bench clean
+.PHONY: setup demo test lint unit bench clean browser
 
 setup: $(STAMP)
 
@@ -38,7 +38,11 @@ lint: setup
 unit: setup
 	$(BIN)/pytest -q -m "not e2e"
 
-test: setup lint
+# Debian's chromium for the dashboard's browser tests, installed when absent (root or sudo); without it they skip.
+browser:
+	@bash .ci/ensure-chromium || echo "==> no chromium: the dashboard's browser tests will be skipped (apt-get install chromium)"
+
+test: setup lint browser
 	$(BIN)/pytest -q
 
 # Benchmarks: N readings (default 10M); bench-only deps (PipelineDP) go to bench/.deps, not the main venv.
