@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SHELL  := /bin/bash
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint unit bench clean browser
+.PHONY: setup demo test lint unit bench clean docs browser
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ browser:
 test: setup lint browser
 	$(BIN)/pytest -q
 
+# The documentation site: reference pages generated from the code, then MkDocs (strict: a broken link fails) into site/.
+docs: setup
+	$(BIN)/python docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 # Benchmarks: N readings (default 10M); bench-only deps (PipelineDP) go to bench/.deps, not the main venv.
 N ?= 10000000
 BENCH_DEPS := bench/.deps/.installed
@@ -57,4 +62,4 @@ bench: setup $(BENCH_DEPS)
 	$(BIN)/python -m bench.run --rows $(N) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) demo bench/.deps bench/out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo site bench/.deps bench/out .pytest_cache .mypy_cache .ruff_cache

@@ -3,7 +3,7 @@ serve`, or in a thread for tests and benchmarks).
 
 A dashboard listens on loopback unless told otherwise. Any other address needs `allow_remote` and a token of at
 least MIN_TOKEN characters; the usual way to serve it further is a reverse proxy on the same machine that
-terminates TLS and forwards to the loopback address (README, "Dashboard")."""
+terminates TLS and forwards to the loopback address (docs/dashboard.md)."""
 
 from __future__ import annotations
 

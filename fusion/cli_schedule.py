@@ -62,7 +62,7 @@ def cmd_schedule(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
     config = load_config(args.config)
     if not config.schedules:
-        raise FusionError(f"{args.config} has no [[schedules]] section; add one (see the README's Scheduling)")
+        raise FusionError(f"{args.config} has no [[schedules]] section; add one (see docs/guides/scheduling.md)")
     as_of = None
     if args.now is not None:
         if not args.once:

@@ -110,7 +110,7 @@ def operator_key_file(config: Config) -> Path:
 def _mechanisms(config: Config) -> Any:
     if config.mechanisms is None:
         raise FusionError(f"{config.base / 'federation.toml'}: no [mechanisms] block; add one naming the network "
-                          "(see the README's Mechanisms section)")
+                          "(see docs/mechanisms.md)")
     return config.mechanisms
 
 

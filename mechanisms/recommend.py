@@ -65,7 +65,7 @@ class Outcome:
 def mechanisms_config(config: Config) -> MechanismsConfig:
     if config.mechanisms is None:
         raise FusionError("the federation config has no [mechanisms] block; add one naming the network and the load "
-                          "metric (README, Mechanisms)")
+                          "metric (see docs/mechanisms.md)")
     return config.mechanisms
 
 

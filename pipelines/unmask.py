@@ -131,7 +131,7 @@ def read_roster(plan: ReleasePlan) -> Roster | None:
     """The roster the aggregator closed for this release, or None if it has not closed one yet. A roster not
     signed by the federation's registered aggregator is refused: anyone else with write access to the exchange
     (the key holder publishes its public HE context there) could otherwise show institutions rosters of its
-    own making, and hold the consistency round up (README, trust model)."""
+    own making, and hold the consistency round up (docs/concepts/trust-model.md)."""
     path = roster_path(plan.config.exchange_path, plan.key)
     if not exists(path):
         return None

@@ -1,4 +1,4 @@
-"""Arrow schemas of the common-knowledge store's tables: a public contract, documented in the README."""
+"""Arrow schemas of the common-knowledge store's tables: a public contract, documented in docs/reference/store.md."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Models trained across the institutions as DP full-batch gradient descent, each round one more secure vector sum
-(README, Training). torch is imported only when gradients are computed or a model is built.
+(docs/training.md). torch is imported only when gradients are computed or a model is built.
 
 - `train_into_store`, `last_committed`, `forecast` (training.run): `fusion train` against the store: the budget
   ledger charged before each sum is decrypted, each round committed to the `models` table, resume
