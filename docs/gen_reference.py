@@ -14,6 +14,7 @@ import argparse
 import enum
 import inspect
 import io
+import os
 import re
 import sys
 import tokenize
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     """Write the pages into docs/reference/, or into the folder given as the only argument."""
     args = sys.argv[1:] if argv is None else argv
     out = Path(args[0]) if args else OUT
+    os.environ["COLUMNS"] = "100"  # argparse wraps help to the terminal: the committed pages must not depend on it
     sys.path.insert(0, str(ROOT))
     out.mkdir(parents=True, exist_ok=True)
     for name, page in (("cli.md", cli_page), ("config.md", config_page), ("tables.md", tables_page)):

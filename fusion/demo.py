@@ -142,6 +142,7 @@ def _config_text(days: int) -> str:
         'network = "network.toml"',
         'load_metric = "electric_load"',
         "reserve_z = 1.645  # deliverable reserve for the upper 95% of the load forecast",
+        "voll = 5000        # $/MWh: a high-load hour the network cannot serve sheds load at this price, shown",
         "",
     ]
     return "\n".join(lines)

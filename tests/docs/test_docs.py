@@ -76,3 +76,13 @@ def test_links_between_doc_pages_are_relative_markdown_links() -> None:
         for target in LINK.findall(page.read_text()):
             assert not target.startswith("/"), (page, target)
             assert "README.md" not in target, (page, target)
+
+
+def test_the_committed_reference_pages_are_up_to_date(tmp_path: Path) -> None:
+    """The generated reference pages are committed (so they read on GitHub too): after a change to the CLI, the
+    config models or the tables, `make docs` (or `python docs/gen_reference.py`) writes them again."""
+    subprocess.run([sys.executable, str(ROOT / "docs" / "gen_reference.py"), str(tmp_path)], check=True,
+                   capture_output=True, cwd=ROOT)
+    for page in ("cli.md", "config.md", "tables.md"):
+        fresh = (tmp_path / page).read_text()
+        assert (ROOT / "docs" / "reference" / page).read_text() == fresh, f"docs/reference/{page} is stale: make docs"
