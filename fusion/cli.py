@@ -622,6 +622,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"  Skellam noise: variance {plan.total_variance:.6g} that no admissible coalition knows; each institution "
         f"seals {plan.share_variance:.6g} and removes its excess once the roster is known\n"
         f"  each release: epsilon {plan.epsilon:.4f} at delta {plan.delta:g}, against {plan.guarantee}\n"
+        f"  masking: {plan.masking}\n"
         + "".join(
             f"  noise sd with {c.contributors} contributors: {c.to_central:.3f}x the central analytic Gaussian, "
             f"{c.to_floor:.3f}x the floor sqrt(n/(n-1-c)) for shares each contributor knows\n"

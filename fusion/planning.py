@@ -12,6 +12,7 @@ from fusion.parameters import ReleaseParameters, components_per_reading, release
 from fusion.predictions import metric_noise
 from privacy.accountant import Composition, skellam_epsilon
 from privacy.gaussian import analytic_gaussian_sigma
+from privacy.masking_graph import neighbour_count
 from privacy.noise_shares import unknown_shares
 
 
@@ -31,6 +32,19 @@ class PrivacyPlan:
     contributors: int
     max_colluding: int = 0
     noise: tuple[NoiseComparison, ...] = ()  # at the quorum and with every institution contributing
+    institutions: int = 0
+    mask_neighbours: int = 0  # k of the masking graph (privacy/masking_graph.py); institutions - 1: complete
+
+    @property
+    def masking(self) -> str:
+        """The masking graph in words: complete, or each institution's k neighbours and the share threshold."""
+        if self.mask_neighbours >= self.institutions - 1:
+            return f"every institution masks with all {self.mask_neighbours} others (complete graph)"
+        k = self.mask_neighbours
+        return (
+            f"each institution masks with k = {k} neighbours (a release-keyed Harary graph); shares of its secrets "
+            f"go to those {k} and itself, threshold {k // 2 + 1}: up to {k // 2} of them may be absent or silent"
+        )
 
     @property
     def guarantee(self) -> str:
@@ -127,5 +141,7 @@ def privacy_plan(config: Config, *, contributors: int | None = None) -> tuple[Pr
         contributors=n,
         max_colluding=params.max_colluding,
         noise=noise_comparisons(params, epsilon=config.privacy.epsilon, institutions=len(config.institutions)),
+        institutions=len(config.institutions),
+        mask_neighbours=neighbour_count(len(config.institutions), max_colluding=params.max_colluding),
     )
     return plan, pa.Table.from_pylist(rows)

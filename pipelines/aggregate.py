@@ -41,6 +41,7 @@ from fusion.exchange import (
 from fusion.faults import crash_point
 from fusion.plan import ReleasePlan
 from fusion.registry import load_aggregator_signing_key, load_registry
+from pipelines.contribute import masking_graph
 from pipelines.unmask import (
     Roster,
     absent_mask_total,
@@ -49,6 +50,7 @@ from pipelines.unmask import (
     read_roster,
     removable_noise,
     self_mask_total,
+    sparse_roster_problem,
     write_roster,
 )
 from privacy import he
@@ -326,9 +328,12 @@ class SealAggregate(beam.DoFn):
                 )
                 return
             # Close the roster: those present are included, the missing declared absent. The unmask round starts.
-            write_roster(
-                plan, Roster(contributors, tuple(missing), plan.key.release_id, datetime.now(UTC).isoformat())
-            )
+            closing = Roster(contributors, tuple(missing), plan.key.release_id, datetime.now(UTC).isoformat())
+            problem = sparse_roster_problem(masking_graph(plan), closing, max_colluding=plan.params.max_colluding)
+            if problem:  # the institutions would refuse to answer it: no roster is closed
+                yield self._refuse(summary, problem)
+                return
+            write_roster(plan, closing)
             yield self._status({**summary, "status": "awaiting_unmask", "unmask_pending": list(contributors)})
             return
         if contributors != roster.included:
@@ -350,8 +355,10 @@ class SealAggregate(beam.DoFn):
             return
         answered = {a.contributors[0] for a in answers}
         pending = sorted(set(roster.included) - answered)
-        # Every seed and every mask key with an absent institution needs `quorum` shares: any `quorum` answers.
-        if len(answered) < plan.params.quorum:
+        # Every seed and every mask key with an absent institution needs `threshold` shares from its dealer's
+        # closed neighbourhood: on the complete graph the threshold is the quorum, and any `quorum` answers do.
+        graph = masking_graph(plan)
+        if len(answered) < (plan.params.quorum if graph.complete else graph.threshold):
             signers = list(acknowledged(plan, roster))
             yield self._status(
                 {**summary, "status": "awaiting_unmask", "unmask_pending": pending, "acknowledged": signers}

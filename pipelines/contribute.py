@@ -69,8 +69,9 @@ from privacy.bounding import bound_contributions
 from privacy.envelope import EnvelopeHeader, pack_envelope
 from privacy.layout import SUMSQ
 from privacy.masking import add_mod, pairwise_mask
+from privacy.masking_graph import MaskingGraph
 from privacy.noise_shares import SEED_BYTES, chain_seeds, layer_commitment, layer_noise, noise_digest
-from privacy.sharing import commitment, new_seed, self_mask, share_pair_keys, share_seed
+from privacy.sharing import commitment, new_seed, self_mask, share_coordinates, share_pair_keys, share_seed
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
 from schemas.reasons import PUBLISHED_REASONS, RejectReason
 from schemas.validation import readings_as_dead_letters
@@ -289,6 +290,64 @@ class WriteDeadLetters(beam.DoFn):
         yield path
 
 
+def masking_graph(plan: ReleasePlan) -> MaskingGraph:
+    """The release's public masking graph (privacy/masking_graph.py): the same for every party, from the
+    federation's institutions, the release id, the quorum and the collusion bound."""
+    return MaskingGraph.build(
+        (i.id for i in plan.config.institutions),
+        context=plan.key.release_id.encode(),
+        quorum=plan.params.quorum,
+        max_colluding=plan.params.max_colluding,
+    )
+
+
+def double_mask(plan: ReleasePlan, institution_id: str, vector: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """`vector` (int64, the release's slots) double-masked for the release, mod t in the centred range, and the
+    contribution header's fields that let the unmask round take the masks off: pairwise masks with the
+    institution's neighbours in the release's masking graph (they cancel in the sum of all institutions), a self
+    mask, and Shamir shares of its seed and of every mask key, sealed to its closed neighbourhood, so that the
+    envelope alone, and any sum the aggregator could form without the unmask round, is uniform mod t."""
+    context = plan.key.release_id.encode()
+    own_key = load_agreement_key(plan.config, institution_id)
+    everyone = load_agreement_keys(plan.config)
+    # Everyone in small federations, where the graph is complete; k = O(log n) neighbours in large ones.
+    graph = masking_graph(plan)
+    peers = {peer: everyone[peer] for peer in graph.closed(institution_id)}
+    coordinates = None if graph.complete else share_coordinates(everyone)
+    slots, modulus = vector.size, he.PLAIN_MODULUS
+    mask = pairwise_mask(institution_id, own_key, peers, slots=slots, modulus=modulus, context=context)
+    seed = new_seed()
+    mask = (mask + self_mask(seed, slots=slots, modulus=modulus, context=context)) % modulus
+    shares, share_digests = share_seed(
+        seed,
+        own_id=institution_id,
+        own_private=own_key,
+        peers=peers,
+        threshold=graph.threshold,
+        context=context,
+        coordinates=coordinates,
+    )
+    # Its mask keys too, so that the masks with institutions declared absent can be removed from any `threshold`
+    # answers of its neighbourhood (only ever for absent peers: an answer reveals no key between two included).
+    pair_shares, pair_digests, pair_commitments = share_pair_keys(
+        own_id=institution_id,
+        own_private=own_key,
+        peers=peers,
+        threshold=graph.threshold,
+        context=context,
+        coordinates=coordinates,
+    )
+    fields = {
+        "seed_commitment": commitment(seed, context=context),
+        "seed_shares": shares,
+        "share_digests": share_digests,
+        "pair_commitments": pair_commitments,
+        "pair_shares": pair_shares,
+        "pair_share_digests": pair_digests,
+    }
+    return add_mod(vector, mask, modulus), fields
+
+
 class SealContribution(beam.DoFn):
     """(institution id, its total) -> plus its Skellam share -> BFV-encrypted envelope in the exchange; and the
     institution's local run report (counts, files missing or refused whole, a warning). An institution that
@@ -358,28 +417,7 @@ class SealContribution(beam.DoFn):
         if layered is not None:
             vector = vector + layered.noise
         crash_point("before_encrypt")
-        # Double masking: pairwise masks (they cancel in the sum of all institutions) plus a self mask whose
-        # seed is Shamir-shared among the institutions, so the envelope alone, and any sum the aggregator could
-        # form without the unmask round, is uniform mod t.
-        context = plan.key.release_id.encode()
-        own_key = load_agreement_key(plan.config, institution.id)
-        peers = load_agreement_keys(plan.config)
-        mask = pairwise_mask(
-            institution.id, own_key, peers, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS, context=context
-        )
-        seed = new_seed()
-        mask = (mask + self_mask(seed, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS, context=context)) % (
-            he.PLAIN_MODULUS
-        )
-        shares, share_digests = share_seed(
-            seed, own_id=institution.id, own_private=own_key, peers=peers, threshold=plan.params.quorum, context=context
-        )
-        # Its mask keys too, so that the masks with institutions declared absent can be removed from any quorum of
-        # answers (only ever for absent peers: an answer reveals no key between two included institutions).
-        pair_shares, pair_digests, pair_commitments = share_pair_keys(
-            own_id=institution.id, own_private=own_key, peers=peers, threshold=plan.params.quorum, context=context
-        )
-        masked = add_mod(vector, mask, he.PLAIN_MODULUS)
+        masked, mask_fields = double_mask(plan, institution.id, vector)
         public_context = self._public_context
         ciphertexts = he.encrypt_vector(self._he_context, masked, residues=True)
         header = plan.envelope_header(
@@ -388,12 +426,7 @@ class SealContribution(beam.DoFn):
             noise_variance=plan.params.share_variance if plan.params.noise else 0.0,
             context_sha256=hashlib.sha256(public_context).hexdigest(),
             reject_counts={},  # exact counts never leave the institution: they are noisy tallies of the vector
-            seed_commitment=commitment(seed, context=context),
-            seed_shares=shares,
-            share_digests=share_digests,
-            pair_commitments=pair_commitments,
-            pair_shares=pair_shares,
-            pair_share_digests=pair_digests,
+            **mask_fields,
             layer_commitments=layered.commitments if layered else {},
             layer_digests=layered.digests if layered else {},
         )

@@ -11,7 +11,9 @@ The roster names the institutions whose contributions are in the sum (included) 
    - if any institution is absent, its share of the mask key every included institution holds with each absent
      one, so the aggregator can remove the pairwise masks that no longer cancel (never a key between two
      included institutions). Any `quorum` answers therefore complete the release, whoever else drops out
-     during the round.
+     during the round. On a sparse masking graph (privacy/masking_graph.py) an institution holds, and reveals,
+     shares of its closed neighbourhood's secrets only; each secret needs `threshold` of them, and a roster
+     that the assumed colluders could use to cut the graph, or that starves a neighbourhood, is refused.
 Step 1 is Bonawitz et al.'s consistency check. An honest institution signs one roster per release, so two
 different rosters cannot both gather more than (n + c) / 2 signatures (their signers would number more than
 n + c, and only the c colluders sign both): every honest answer is to one roster, and rosters that differ per
@@ -25,6 +27,7 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,10 +59,11 @@ from fusion.registry import (
     load_registry,
     load_signing_key,
 )
-from pipelines.contribute import forget_layer_seed, sealed_layer_seed
+from pipelines.contribute import forget_layer_seed, masking_graph, sealed_layer_seed
 from privacy import he
 from privacy.envelope import EnvelopeError, EnvelopeHeader, envelope_header, pack_envelope, signature_valid
 from privacy.masking import pair_term
+from privacy.masking_graph import MaskingGraph
 from privacy.noise_shares import chain_seeds, layer_commitment, layer_noise, noise_digest
 from privacy.sharing import (
     ShareError,
@@ -191,6 +195,34 @@ def check_roster(plan: ReleasePlan, institution_id: str, roster: Roster) -> None
             f"the roster includes {len(roster.included)} institutions; answering needs signatures of "
             f"{acknowledgements_needed(plan)} on one roster (more than half of the federation and its colluders)"
         )
+    problem = sparse_roster_problem(masking_graph(plan), roster, max_colluding=plan.params.max_colluding)
+    if problem:
+        raise FusionError(problem)
+
+
+def sparse_roster_problem(graph: MaskingGraph, roster: Roster, *, max_colluding: int) -> str | None:
+    """Why a roster cannot be answered on a sparse masking graph, or None. Its masks must be removable (every
+    included institution has `threshold` of its closed neighbourhood included), and no `max_colluding` included
+    institutions may, with the absent ones, split the rest into groups without a mask between them (the
+    aggregator and key holder could then unmask each group's sum). Never a problem on the complete graph."""
+    if graph.complete:
+        return None
+    short = graph.short_of_shares(roster.included)
+    if short:
+        listed = ", ".join(f"{i} ({m})" for i, m in sorted(short.items())[:5])
+        return (
+            f"the roster leaves {len(short)} included institution(s) with fewer than {graph.threshold} of their "
+            f"{graph.degree + 1}-member masking neighbourhood included, so their masks could never be removed: "
+            f"{listed}"
+        )
+    split = graph.colluders_to_split(roster.included)
+    if split is not None and split <= max_colluding:
+        return (
+            f"with these absent institutions, {split} colluding included institution(s) (at most {max_colluding} "
+            "are assumed) could cut the masking graph in two and let the aggregator and key holder unmask a part "
+            "of the sum; the roster is refused"
+        )
+    return None
 
 
 def remember_answer(plan: ReleasePlan, institution_id: str, roster: Roster) -> None:
@@ -348,9 +380,54 @@ def _seal_answer(
     if kept.exists():  # answered before (this roster: it is the only one it answers): the same bytes again
         write_bytes(path, kept.read_bytes())
         return path
-    context = plan.key.release_id.encode()
-    agreement = load_agreement_keys(plan.config)
-    own_key = load_agreement_key(plan.config, institution_id)
+    graph = masking_graph(plan)
+    # Only the contributions of its closed neighbourhood hold shares for it (everyone's on the complete graph).
+    contributions = {
+        peer: _verified_contribution(plan, peer, registry)
+        for peer in roster.included
+        if peer in graph.closed(institution_id)
+    }
+    revealed, revealed_pairs = opened_shares(
+        graph,
+        institution_id,
+        load_agreement_key(plan.config, institution_id),
+        load_agreement_keys(plan.config),
+        contributions,
+        roster,
+        context=plan.key.release_id.encode(),
+    )
+    public_context = read_bytes(public_context_path(plan.config.exchange_path))
+    header = plan.envelope_header(
+        kind="unmask",
+        revealed_layers=_own_layers(plan, institution_id, roster) if reveal_layers else {},
+        contributors=(institution_id,),
+        noise_variance=0.0,
+        context_sha256=hashlib.sha256(public_context).hexdigest(),
+        reject_counts={},
+        absent=roster.absent,
+        included=roster.included,
+        revealed_shares=revealed,
+        revealed_pair_shares=revealed_pairs,
+    )
+    envelope = pack_envelope(header, [], signing_key=load_signing_key(plan.config, institution_id))
+    write_bytes(path, _keep_answer(kept, envelope))
+    forget_layer_seed(plan, plan.config.institution(institution_id))  # answered: the seed is never needed again
+    return path
+
+
+def opened_shares(
+    graph: MaskingGraph,
+    institution_id: str,
+    own_key: bytes,
+    agreement: Mapping[str, bytes],
+    contributions: Mapping[str, EnvelopeHeader],
+    roster: Roster,
+    *,
+    context: bytes,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """What `institution_id` reveals for `roster` from the (verified) `contributions` of its closed neighbourhood:
+    (included dealer -> its share of the dealer's self-mask seed, 'dealer/absent' -> its share of the mask key
+    the dealer holds with an absent neighbour). Never a key between two included institutions."""
     own_x = share_coordinates(agreement)[institution_id]
 
     def opened(dealer: str, sealed: str | None, bound: bytes, what: str) -> str:
@@ -370,31 +447,20 @@ def _seal_answer(
         return encode_share(share)
 
     revealed, revealed_pairs = {}, {}
+    holds = set(graph.closed(institution_id))
     for peer in roster.included:
-        header = _verified_contribution(plan, peer, registry)
+        if peer not in holds:
+            continue
+        header = contributions[peer]
         revealed[peer] = opened(peer, header.seed_shares.get(institution_id), context, "seed")
         for absent in roster.absent:  # only keys with absent institutions: included ones' masks still cancel
+            if not graph.adjacent(peer, absent):
+                continue  # no mask between them
             entry = pair_entry(peer, absent)
             bound = pair_key_context(context, dealer=peer, peer=absent)
             sealed = header.pair_shares.get(pair_entry(absent, institution_id))
             revealed_pairs[entry] = opened(peer, sealed, bound, f"mask-key ({peer}, {absent})")
-    public_context = read_bytes(public_context_path(plan.config.exchange_path))
-    header = plan.envelope_header(
-        kind="unmask",
-        revealed_layers=_own_layers(plan, institution_id, roster) if reveal_layers else {},
-        contributors=(institution_id,),
-        noise_variance=0.0,
-        context_sha256=hashlib.sha256(public_context).hexdigest(),
-        reject_counts={},
-        absent=roster.absent,
-        included=roster.included,
-        revealed_shares=revealed,
-        revealed_pair_shares=revealed_pairs,
-    )
-    envelope = pack_envelope(header, [], signing_key=load_signing_key(plan.config, institution_id))
-    write_bytes(path, _keep_answer(kept, envelope))
-    forget_layer_seed(plan, plan.config.institution(institution_id))  # answered: the seed is never needed again
-    return path
+    return revealed, revealed_pairs
 
 
 def _own_layers(plan: ReleasePlan, institution_id: str, roster: Roster) -> dict[str, str]:
@@ -435,18 +501,24 @@ def _create_once(path: Path, data: bytes) -> bool:
 
 
 def _valid_shares(
-    plan: ReleasePlan, answers: list[EnvelopeHeader], revealed: Any, digests: Any, *, dealer: str, bound: bytes
+    graph: MaskingGraph,
+    answers: Mapping[str, EnvelopeHeader],
+    revealed: Any,
+    digests: Any,
+    *,
+    dealer: str,
+    bound: bytes,
 ) -> dict[int, int]:
-    """x -> y of the shares of one secret of `dealer` that the answers reveal (`revealed(answer)`, None when an
-    answer has none) and whose digest matches the one the dealer signed for the sender (`digests(sender)`); a
-    wrong or malformed share is discarded on its own."""
-    xs = share_coordinates(i.id for i in plan.config.institutions)
+    """x -> y of the shares of one secret of `dealer` that the answers of its closed neighbourhood reveal
+    (`revealed(answer)`, None when an answer has none) and whose digest matches the one the dealer signed for the
+    sender (`digests(sender)`); a wrong or malformed share is discarded on its own."""
+    xs = share_coordinates(graph.ring)
     shares: dict[int, int] = {}
-    for answer in answers:
-        text = revealed(answer)
+    for sender in graph.closed(dealer):
+        answer = answers.get(sender)
+        text = None if answer is None else revealed(answer)
         if text is None:
             continue
-        sender = answer.contributors[0]
         try:
             x, y = decode_share(text)
         except ShareError:
@@ -457,24 +529,43 @@ def _valid_shares(
     return shares
 
 
+def _by_sender(answers: list[EnvelopeHeader]) -> dict[str, EnvelopeHeader]:
+    return {a.contributors[0]: a for a in answers if len(a.contributors) == 1}
+
+
 def self_mask_total(
     plan: ReleasePlan, contributions: dict[str, EnvelopeHeader], answers: list[EnvelopeHeader]
 ) -> np.ndarray:
     """The aggregator's step: the sum (mod t) of every included institution's self mask, from its seed
     reconstructed out of the revealed shares and checked against its commitment. Raises ShareError."""
-    context = plan.key.release_id.encode()
-    total = np.zeros(plan.layout.slots, dtype=np.int64)
+    return self_mask_sum(
+        masking_graph(plan), contributions, answers, slots=plan.layout.slots, context=plan.key.release_id.encode()
+    )
+
+
+def self_mask_sum(
+    graph: MaskingGraph,
+    contributions: Mapping[str, EnvelopeHeader],
+    answers: list[EnvelopeHeader],
+    *,
+    slots: int,
+    context: bytes,
+) -> np.ndarray:
+    """`self_mask_total` on the masking graph `graph`: each seed from `graph.threshold` shares revealed by its
+    dealer's closed neighbourhood (O(n k) shares in all)."""
+    by_sender = _by_sender(answers)
+    total = np.zeros(slots, dtype=np.int64)
     for institution, header in sorted(contributions.items()):
         shares = _valid_shares(
-            plan,
-            answers,
+            graph,
+            by_sender,
             lambda a, i=institution: a.revealed_shares.get(i),
             lambda sender, h=header: h.share_digests.get(sender, ""),
             dealer=institution,
             bound=context,
         )
-        seed = reconstruct(shares, threshold=plan.params.quorum, expected=header.seed_commitment, context=context)
-        mask = self_mask(seed, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS, context=context)
+        seed = reconstruct(shares, threshold=graph.threshold, expected=header.seed_commitment, context=context)
+        mask = self_mask(seed, slots=slots, modulus=he.PLAIN_MODULUS, context=context)
         total = (total + mask) % he.PLAIN_MODULUS
     return total
 
@@ -485,10 +576,33 @@ def absent_mask_total(
     """The aggregator's step when institutions are absent: the sum (mod t) of the pairwise masks each included
     institution added for the absent ones (they no longer cancel), from the mask keys reconstructed out of the
     revealed shares and checked against the commitments their dealers signed. Raises ShareError."""
-    context = plan.key.release_id.encode()
-    total = np.zeros(plan.layout.slots, dtype=np.int64)
+    return absent_mask_sum(
+        masking_graph(plan),
+        contributions,
+        answers,
+        absent,
+        slots=plan.layout.slots,
+        context=plan.key.release_id.encode(),
+    )
+
+
+def absent_mask_sum(
+    graph: MaskingGraph,
+    contributions: Mapping[str, EnvelopeHeader],
+    answers: list[EnvelopeHeader],
+    absent: tuple[str, ...],
+    *,
+    slots: int,
+    context: bytes,
+) -> np.ndarray:
+    """`absent_mask_total` on the masking graph `graph`: only the masks between an included dealer and its
+    absent neighbours, each key from `graph.threshold` shares revealed by the dealer's closed neighbourhood."""
+    by_sender = _by_sender(answers)
+    total = np.zeros(slots, dtype=np.int64)
     for dealer, header in sorted(contributions.items()):
         for peer in absent:
+            if not graph.adjacent(dealer, peer):
+                continue  # no mask between them
             entry = pair_entry(dealer, peer)
             bound = pair_key_context(context, dealer=dealer, peer=peer)
             expected = header.pair_commitments.get(peer)
@@ -498,15 +612,15 @@ def absent_mask_total(
                     "before shared mask keys)"
                 )
             shares = _valid_shares(
-                plan,
-                answers,
+                graph,
+                by_sender,
                 lambda a, e=entry: a.revealed_pair_shares.get(e),
                 lambda sender, h=header, p=peer: h.pair_share_digests.get(pair_entry(p, sender), ""),
                 dealer=dealer,
                 bound=bound,
             )
-            key = reconstruct(shares, threshold=plan.params.quorum, expected=expected, context=bound)
-            term = pair_term(dealer, peer, key, slots=plan.layout.slots, modulus=he.PLAIN_MODULUS)
+            key = reconstruct(shares, threshold=graph.threshold, expected=expected, context=bound)
+            term = pair_term(dealer, peer, key, slots=slots, modulus=he.PLAIN_MODULUS)
             total = (total + term) % he.PLAIN_MODULUS
     return total
 

@@ -5,9 +5,10 @@ Binary layout (all integers big-endian):
 A packed ciphertext is zlib over the ciphertext's bytes regrouped by position in each 8-byte word: BFV
 coefficients are below 2^60, so one byte lane in eight holds only 4 random bits and compresses, bringing an
 envelope to about 31 bytes per slot instead of 32. The header is deflated too: its shares and digests are hex,
-and a contribution's mask-key shares grow with the square of the federation (about 6 KB of JSON at 5
-institutions, 0.7 MB at 50), which deflate halves. Version 2 envelopes (the header as plain JSON) and version 1
-(ciphertexts stored as is, too) are still read; the signature is over the header JSON either way.
+and a contribution's mask-key shares grow with the square of its masking neighbourhood (about 6 KB of JSON at 5
+institutions on the complete graph; k (k + 1) shares, about 58 KB deflated at 500 institutions with k = 18, on
+a sparse one: privacy/masking_graph.py), which deflate halves. Version 2 envelopes (the header as plain JSON)
+and version 1 (ciphertexts stored as is, too) are still read; the signature is over the header JSON either way.
 The header records the SHA-256 of the (unpacked) ciphertexts so a damaged or swapped payload is detected when
 read, and an institution signs the header (Ed25519, `signature` left empty in the signed bytes), which binds the
 payload too.

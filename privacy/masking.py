@@ -8,7 +8,9 @@ is uniformly distributed mod t. Each institution also Shamir-shares its mask key
 (privacy/sharing.py): if institutions drop out, the unmask round reveals the keys the included institutions
 hold with the absent ones (and only those), and the aggregator removes the masks that no longer cancel
 (`pair_term`). Pairwise masks alone do not stop an aggregator and key holder who collude; the self masks of
-privacy/sharing.py do.
+privacy/sharing.py do. "Every pair" is every edge of the release's masking graph (privacy/masking_graph.py):
+all pairs in small federations, each institution's k = O(log n) neighbours in large ones (`peers` is then the
+institution's closed neighbourhood).
 """
 
 from __future__ import annotations

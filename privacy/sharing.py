@@ -14,6 +14,9 @@ institution nothing of its self mask is revealed. An honest institution answers 
 remembers its answer), so it never reveals both kinds for the same institution: a sum with the victim and one
 without it cannot both be unmasked unless `threshold` institutions collude.
 
+On a sparse masking graph (privacy/masking_graph.py) the shares go to the dealer's closed neighbourhood only
+(itself and its k neighbours), at the federation-wide x coordinates, with threshold k/2 + 1.
+
 Shamir sharing is over the prime field GF(2^521 - 1), which holds a 256-bit seed; shares are sealed to their
 recipient with ChaCha20-Poly1305 under a key from X25519 agreement (HKDF, bound to release, sender and
 recipient).
@@ -66,11 +69,21 @@ def split(secret: bytes, *, shares: int, threshold: int) -> list[Share]:
     """Shamir shares (x = 1..shares) of `secret`; any `threshold` of them reconstruct it, fewer reveal nothing."""
     if not 1 <= threshold <= shares:
         raise ValueError(f"threshold {threshold} must be between 1 and the number of shares ({shares})")
+    return split_at(secret, xs=range(1, shares + 1), threshold=threshold)
+
+
+def split_at(secret: bytes, *, xs: Iterable[int], threshold: int) -> list[Share]:
+    """Shamir shares of `secret` at the distinct, nonzero coordinates `xs`; any `threshold` reconstruct it."""
+    points = list(xs)
+    if not 1 <= threshold <= len(points):
+        raise ValueError(f"threshold {threshold} must be between 1 and the number of shares ({len(points)})")
+    if len(set(points)) != len(points) or min(points) < 1:
+        raise ValueError("share coordinates must be distinct and at least 1")
     value = int.from_bytes(secret, "big")
     if value >= PRIME:
         raise ValueError("the secret is too large for the share field")
     coefficients = [value] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
-    return [(x, _evaluate(coefficients, x)) for x in range(1, shares + 1)]
+    return [(x, _evaluate(coefficients, x)) for x in points]
 
 
 def _evaluate(coefficients: Sequence[int], x: int) -> int:
@@ -166,21 +179,36 @@ def share_coordinates(institutions: Iterable[str]) -> dict[str, int]:
 
 
 def share_seed(
-    seed: bytes, *, own_id: str, own_private: bytes, peers: Mapping[str, bytes], threshold: int, context: bytes
+    seed: bytes,
+    *,
+    own_id: str,
+    own_private: bytes,
+    peers: Mapping[str, bytes],
+    threshold: int,
+    context: bytes,
+    coordinates: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Split `seed` among `peers` (id -> X25519 public key, the sender included): (recipient -> share sealed to
-    it, recipient -> digest of its share)."""
+    it, recipient -> digest of its share). `coordinates` gives each recipient's x (default: its rank among
+    `peers`); a sparse masking graph passes the federation-wide ranks, so an institution's x is the same for
+    every dealer."""
     shared = {peer: _agreement(own_private, public) for peer, public in peers.items()}
-    return _share(seed, own_id=own_id, shared=shared, threshold=threshold, context=context)
+    return _share(seed, own_id=own_id, shared=shared, threshold=threshold, context=context, coordinates=coordinates)
 
 
 def _share(
-    secret: bytes, *, own_id: str, shared: Mapping[str, bytes], threshold: int, context: bytes
+    secret: bytes,
+    *,
+    own_id: str,
+    shared: Mapping[str, bytes],
+    threshold: int,
+    context: bytes,
+    coordinates: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """`share_seed` with the X25519 secrets shared with each recipient already agreed (once per peer, however
     many secrets are shared)."""
-    xs = share_coordinates(shared)
-    shares = dict(split(secret, shares=len(xs), threshold=threshold))
+    xs = share_coordinates(shared) if coordinates is None else {peer: coordinates[peer] for peer in shared}
+    shares = dict(split_at(secret, xs=sorted(xs.values()), threshold=threshold))
     sealed, digests = {}, {}
     for peer in sorted(shared):
         share = (xs[peer], shares[xs[peer]])
@@ -215,11 +243,18 @@ def pair_entry(peer: str, recipient: str) -> str:
 
 
 def share_pair_keys(
-    *, own_id: str, own_private: bytes, peers: Mapping[str, bytes], threshold: int, context: bytes
+    *,
+    own_id: str,
+    own_private: bytes,
+    peers: Mapping[str, bytes],
+    threshold: int,
+    context: bytes,
+    coordinates: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """Shamir-share the mask key `own_id` holds with each other institution of `peers` (id -> X25519 public
     key, the sender included) among all of `peers`: (pair_entry(peer, recipient) -> share sealed to the
-    recipient, pair_entry(peer, recipient) -> digest of that share, peer -> commitment to the key)."""
+    recipient, pair_entry(peer, recipient) -> digest of that share, peer -> commitment to the key). On a sparse
+    masking graph `peers` is the sender's closed neighbourhood and `coordinates` the federation-wide x's."""
     sealed: dict[str, str] = {}
     digests: dict[str, str] = {}
     commitments: dict[str, str] = {}
@@ -230,7 +265,9 @@ def share_pair_keys(
         bound = pair_key_context(context, dealer=own_id, peer=peer)
         key = pair_key(own_private, public, context=context)
         commitments[peer] = commitment(key, context=bound)
-        shares, share_digests = _share(key, own_id=own_id, shared=shared, threshold=threshold, context=bound)
+        shares, share_digests = _share(
+            key, own_id=own_id, shared=shared, threshold=threshold, context=bound, coordinates=coordinates
+        )
         for recipient in shares:
             sealed[pair_entry(peer, recipient)] = shares[recipient]
             digests[pair_entry(peer, recipient)] = share_digests[recipient]
