@@ -8,9 +8,11 @@ is read.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,7 +20,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -260,11 +264,106 @@ def _is_utf8(value: bytes) -> bool:
     return True
 
 
+_BLANK_LINE = re.compile(rb"^[ \t\r\x0b\x0c]*$", re.MULTILINE)  # what bytes.strip() empties (the last line too)
+_BLANK_INSIDE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")  # a blank line followed by another line
+#: Bytes of JSON lines parsed at once (cut at a line end): Arrow's JSON reader parses a block in C++.
+JSONL_BLOCK_BYTES = 16 << 20
+
+
 def _read_jsonl(path: str, wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:
+    """A JSONL file in blocks of whole lines; each block parsed at once (Arrow), or line by line where Arrow
+    could read it otherwise than `json.loads` does (then the per-line reader decides, exactly as for any line)."""
     with _open_stream(path) as handle:
-        # utf-8-sig: a byte-order mark before the first record is not part of it.
-        text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="replace")
-        yield from _jsonl_batches(text, wanted, batch_rows)
+        first_line, rest, head = 1, b"", True
+        while True:
+            block = handle.read(JSONL_BLOCK_BYTES)
+            data = rest + block
+            if block:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    rest = data
+                    continue
+                data, rest = data[:cut], data[cut:]
+            if head and data:  # a byte-order mark before the first record is not part of it (utf-8-sig)
+                data, head = data.removeprefix(codecs.BOM_UTF8), False
+            yield from _jsonl_block(data, wanted, batch_rows, first_line)
+            first_line += data.count(b"\n")
+            if not block:
+                return
+
+
+def _jsonl_block(data: bytes, wanted: list[str], batch_rows: int, first_line: int) -> Iterator[RawBatch]:
+    table = _parsed_at_once(data, wanted)
+    if table is None:
+        text = io.StringIO(data.decode("utf-8", errors="replace"), newline=None)  # universal newlines, as a file
+        yield from _jsonl_batches(text, wanted, batch_rows, first_line=first_line)
+        return
+    for offset in range(0, table.num_rows, batch_rows):
+        yield RawBatch(table.slice(offset, batch_rows))
+
+
+def _content_lines(data: bytes) -> int:
+    """How many lines of `data` hold more than whitespace (what `bytes.strip` empties), as `split(b"\\n")` cuts
+    them; fast when no line in the middle is blank."""
+    if _BLANK_INSIDE.search(b"\n" + data) is None:  # no blank line but perhaps the last
+        return data.count(b"\n") + (1 if data.rsplit(b"\n", 1)[-1].strip() else 0)
+    return data.count(b"\n") + 1 - len(_BLANK_LINE.findall(data))
+
+
+def _text_fields(data: bytes, wanted: list[str]) -> list[str]:
+    """The wanted fields whose value in the block's first line is a JSON string (none if it is not an object)."""
+    try:
+        first = json.loads(data[: data.find(b"\n")] if b"\n" in data else data)
+    except ValueError:
+        return []
+    return [c for c in wanted if isinstance(first, dict) and isinstance(first.get(c), str)]
+
+
+def _parsed_at_once(data: bytes, wanted: list[str]) -> pa.Table | None:
+    """The wanted columns of a block of JSON lines as text, parsed by Arrow, as `_jsonl_batches` would read
+    them; None where Arrow might differ: a line that is not exactly one object (malformed to `json.loads`), a
+    repeated key, invalid UTF-8, NaN, a mapped column holding an object or array, or types mixed in a column."""
+    rows = _content_lines(data)
+    if rows == 0:
+        return None
+    options = pajson.ReadOptions(use_threads=False, block_size=len(data) + 1)
+    try:
+        # Mapped columns holding text in the first record are declared text: Arrow would otherwise read a time
+        # into a timestamp (and a later number there is an error: the lines are then read one by one).
+        parse = pajson.ParseOptions(explicit_schema=pa.schema([(c, pa.string()) for c in _text_fields(data, wanted)]))
+        table = pajson.read_json(io.BytesIO(data), read_options=options, parse_options=parse)
+        inferred = [f for f in table.schema if pa.types.is_temporal(f.type)]
+        if inferred:  # text that looks like a time: read it again as the text it is
+            schema = pa.schema([pa.field(f.name, pa.string()) if f in inferred else f for f in table.schema])
+            parse = pajson.ParseOptions(explicit_schema=schema)
+            table = pajson.read_json(io.BytesIO(data), read_options=options, parse_options=parse)
+        if table.num_rows != rows:  # two objects on one line, or one across lines
+            return None
+        columns = {}
+        for name in wanted:
+            if name not in table.column_names:
+                columns[name] = pa.nulls(rows, pa.string())
+                continue
+            column = table.column(name)
+            kind = column.type
+            if not (
+                pa.types.is_string(kind)
+                or pa.types.is_integer(kind)
+                or pa.types.is_floating(kind)
+                or pa.types.is_boolean(kind)
+                or pa.types.is_null(kind)
+            ):
+                return None
+            if pa.types.is_string(kind):
+                column.validate(full=True)  # Arrow's JSON reader passes invalid UTF-8 through; json.loads replaces it
+            text = column.cast(pa.string())
+            if pa.types.is_floating(kind):  # written as Python writes a float (2.0, not 2): the same text
+                whole = pc.match_substring_regex(text, r"^-?[0-9]+$")
+                text = pc.if_else(whole, pc.binary_join_element_wise(text, ".0", ""), text)
+            columns[name] = text
+        return pa.table(columns)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return None
 
 
 def read_jsonl_lines(lines: Iterable[str], feed: FeedConfig, *, batch_rows: int) -> Iterator[RawBatch]:
@@ -280,7 +379,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return record
 
 
-def _jsonl_batches(lines: Iterable[str], wanted: list[str], batch_rows: int) -> Iterator[RawBatch]:
+def _jsonl_batches(
+    lines: Iterable[str], wanted: list[str], batch_rows: int, *, first_line: int = 1
+) -> Iterator[RawBatch]:
     columns: dict[str, list[str | None]] = {c: [] for c in wanted}
     malformed: list[tuple[int, str]] = []
 
@@ -292,7 +393,7 @@ def _jsonl_batches(lines: Iterable[str], wanted: list[str], batch_rows: int) -> 
         malformed.clear()
         return batch
 
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(lines, start=first_line):
         if not line.strip():
             continue
         try:

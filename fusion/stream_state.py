@@ -57,6 +57,9 @@ class WindowState:
     carried: dict[str, dict[str, int]] = field(default_factory=dict)
     # institution -> the spool files its release read (files spooled later hold late readings)
     files: dict[str, list[str]] = field(default_factory=dict)
+    # institution -> rows found in spool files added after the release (`fusion stream --releases-only`), a part of
+    # its `late` count (the streaming job counts readings beyond the allowed lateness itself, in the rest)
+    late_spooled: dict[str, int] = field(default_factory=dict)
 
     def add_rejects(self, institution: str, counts: dict[str, int]) -> None:
         add_counts(self.rejects.setdefault(institution, {}), counts)
@@ -129,6 +132,9 @@ class StreamState:
             w: WindowState(**{**{k: v for k, v in s.items() if k in known}, "status": WindowStatus(s["status"])})
             for w, s in doc["windows"].items()
         }
+        for w, window in windows.items():  # written before the job counted late readings: all of them were spooled
+            if "late_spooled" not in doc["windows"][w] and window.status is WindowStatus.RELEASED:
+                window.late_spooled = {i: c["late"] for i, c in window.rejects.items() if c.get("late")}
         unwindowed = doc.get("unwindowed", doc.get("pending_rejects", {}))
         return cls(
             created_at=doc.get("created_at"),

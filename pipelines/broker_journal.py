@@ -10,6 +10,9 @@ message whose id is listed is acknowledged again but not journalled twice.
 A message that is not UTF-8, or larger than the source's limit, is journalled as one line that is not JSON
 (`!broker message ...: why`), so the stream dead-letters it as a malformed record with that description and
 counts it, and the stream goes on.
+
+Once every window a segment fed has been released, the driver removes the segment (`SourceJournal.remove`); the
+ids of its messages stay listed, so the journal holds only readings that are not released yet.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 JOURNAL_SUFFIX = ".jsonl"
 IDS_SUFFIX = ".ids"
+RELEASED_SUFFIX = ".released"  # the ids of a segment removed once every window it fed was released
 
 
 def message_lines(payload: bytes, *, name: str, max_bytes: int) -> list[str]:
@@ -63,7 +67,27 @@ class SourceJournal:
             if journal.exists():  # a sidecar without its file: the kill came before the rename, nothing journalled
                 self.ids.update(sidecar.read_text().split())
                 numbers.append(int(journal.stem) + 1)
+        for sidecar in directory.glob(f"*{RELEASED_SUFFIX}"):  # removed segments: their numbers are never reused
+            self.ids.update(sidecar.read_text().split())
+            numbers.append(int(sidecar.stem) + 1)
         self._next = max(numbers)
+
+    def segments(self) -> list[Path]:
+        """The journal files present, oldest first."""
+        return sorted(self.directory.glob(f"*{JOURNAL_SUFFIX}"))
+
+    def remove(self, journal: Path) -> None:
+        """Remove a segment whose readings are all released (or counted late): its ids stay on record (a broker
+        redelivering one of its messages is still recognised), its file goes. The newest segment is kept: until
+        the reader journals another batch, its acknowledgement may not have reached the broker."""
+        if journal == max(self.segments(), default=None):
+            return
+        sidecar = journal.with_suffix(IDS_SUFFIX)
+        if sidecar.exists():
+            sidecar.replace(journal.with_suffix(RELEASED_SUFFIX))
+            _fsync_directory(self.directory)
+        journal.unlink(missing_ok=True)
+        _fsync_directory(self.directory)
 
     def forget(self, ids: Iterable[str]) -> None:
         """Drop ids the broker will never redeliver (acknowledged below its ack floor): keeps the set small."""

@@ -45,6 +45,7 @@ class SourceReader(threading.Thread):
         self.health = "connecting"
         self.idle = False  # connected, and the last wait for messages came back empty
         self.messages = 0  # messages journalled by this process (redeliveries of journalled ones aside)
+        self.down_since: float | None = time.monotonic()  # monotonic time since when it has not been connected
         self._notice = notice
         self._halt = threading.Event()
 
@@ -52,6 +53,10 @@ class SourceReader(threading.Thread):
         self._halt.set()
 
     def _set_health(self, health: str) -> None:
+        if health == "connected":
+            self.down_since = None
+        elif self.down_since is None:
+            self.down_since = time.monotonic()
         if health != self.health:
             self.health = health
             text = f"source {self.institution} {self.label}: {health}"
@@ -67,8 +72,14 @@ class SourceReader(threading.Thread):
 
 
 class NatsReader(SourceReader):
-    def __init__(self, institution: str, source: NatsSource, journal: SourceJournal, config: Config,
-                 notice: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        institution: str,
+        source: NatsSource,
+        journal: SourceJournal,
+        config: Config,
+        notice: Callable[[str], None],
+    ) -> None:
         super().__init__(institution, f"nats {source.stream}", journal, notice)
         self.source = source
         self._config = config
@@ -139,8 +150,9 @@ class NatsReader(SourceReader):
             for message in batch:
                 sequence = message.metadata.sequence.stream
                 name = f"{self.source.stream}:{sequence} ({message.subject})"
-                entries.append((str(sequence), message_lines(message.data, name=name,
-                                                             max_bytes=self.source.max_message_bytes)))
+                entries.append(
+                    (str(sequence), message_lines(message.data, name=name, max_bytes=self.source.max_message_bytes))
+                )
             self.messages += self.journal.append(entries)  # durable before the acknowledgement below
             crash_point("broker_after_journal")
             for message in batch:
@@ -148,8 +160,14 @@ class NatsReader(SourceReader):
 
 
 class MqttReader(SourceReader):
-    def __init__(self, institution: str, source: MqttSource, journal: SourceJournal, config: Config,
-                 notice: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        institution: str,
+        source: MqttSource,
+        journal: SourceJournal,
+        config: Config,
+        notice: Callable[[str], None],
+    ) -> None:
         super().__init__(institution, f"mqtt {source.host}:{source.port}", journal, notice)
         self.source = source
         self._config = config
@@ -192,8 +210,9 @@ class MqttReader(SourceReader):
                     entries = []
                     for message in batch:
                         digest = hashlib.sha256(message.topic.encode() + b"\0" + message.payload).hexdigest()[:32]
-                        lines = message_lines(message.payload, name=f"{message.topic} {digest[:12]}",
-                                              max_bytes=source.max_message_bytes)
+                        lines = message_lines(
+                            message.payload, name=f"{message.topic} {digest[:12]}", max_bytes=source.max_message_bytes
+                        )
                         entries.append((digest, lines))
                     self.messages += self.journal.append(entries)
                     crash_point("broker_after_journal")
@@ -230,8 +249,13 @@ def start_readers(config: Config, notice: Callable[[str], None]) -> list[tuple[S
                 reader = NatsReader(institution.id, source, journal, config, notice)
             else:
                 reader = MqttReader(institution.id, source, journal, config, notice)
-            feed = FeedConfig(name=f"source-{number}", path=str(journal.directory / f"*{JOURNAL_SUFFIX}"),
-                              format=FeedFormat.JSONL, time_format=first.time_format, columns=first.columns)
+            feed = FeedConfig(
+                name=f"source-{number}",
+                path=str(journal.directory / f"*{JOURNAL_SUFFIX}"),
+                format=FeedFormat.JSONL,
+                time_format=first.time_format,
+                columns=first.columns,
+            )
             reader.start()
             readers.append((reader, feed))
     return readers

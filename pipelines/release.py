@@ -8,8 +8,10 @@ re-run after a crash reuses that row's time, so it publishes exactly the rows th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -93,6 +95,26 @@ def _rejects_rows(plan: ReleasePlan, totals: np.ndarray, header: EnvelopeHeader,
 
 def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     """Decrypt and commit the release of `plan`'s interval; refuses if the aggregator refused it."""
+    prepared = prepare_release(plan, store)
+    return prepared if isinstance(prepared, ReleaseOutcome) else publish_releases([prepared], store)[0]
+
+
+@dataclass(frozen=True)
+class PreparedRelease:
+    """A release charged, decrypted, decoded and signed, not yet committed (`publish_releases` commits it)."""
+
+    plan: ReleasePlan
+    cells: pa.Table
+    audits: list[dict[str, Any]]
+    rejects: pa.Table
+    rows_sha256: str
+    decoded: Callable[[datetime], pa.Table]  # the cells as released at a given time (a racing pass's record)
+    outcome: ReleaseOutcome  # what publishing it reports
+
+
+def prepare_release(plan: ReleasePlan, store: Store, *, context: Any = None) -> PreparedRelease | ReleaseOutcome:
+    """Charge, decrypt, decode and sign the release of `plan`'s interval (an outcome if it is already released);
+    `context`: the secret HE context, when the caller releases several intervals with one load of it."""
     release_id = plan.key.release_id
     exchange = plan.config.exchange_path
     fid = plan.config.federation.id
@@ -130,7 +152,8 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
     # charge is bound to the ciphertexts (re-summing the same contributions gives the same bytes).
     spend = _spend(plan, store, aggregate_sha256=header.payload_sha256)
     crash_point("after_ledger")
-    context = he.load_secret_context(load_secret_context_bytes(plan.config))
+    if context is None:
+        context = he.load_secret_context(load_secret_context_bytes(plan.config))
     totals = he.decrypt_vector(context, ciphertexts, plan.layout.slots)
     crash_point("after_decrypt")
 
@@ -191,35 +214,52 @@ def release(plan: ReleasePlan, store: Store) -> ReleaseOutcome:
             },
         )
     )
-    # Audit and rejects first, releases last: each insert is keyed, so a re-run after a crash anywhere here
-    # completes the release without duplicating a row, and `has_release` turns true only at the very end.
-    store.insert_new("audit", pa.Table.from_pylist(audits, schema=AUDIT_SCHEMA))
-    store.insert_new("rejects", _rejects_rows(plan, totals, header, now))
-    crash_point("after_audit")  # the signature is recorded; a re-run must publish exactly the rows it signed
-    recorded = _recorded_release(plan, store)
-    if recorded is not None and recorded[1].get("rows_sha256") != signature.rows_sha256:
-        # A racing pass recorded this release first, with its own time: publish the rows it signed.
-        cells = decoded(recorded[0])
-        if rows_digest(cells, cells.column_names) != recorded[1].get("rows_sha256"):
-            raise ReleaseRefused(
-                f"release {release_id}'s audit row records a signature on other rows than this pass decodes "
-                "(a pass under other parameters or keys recorded it first); nothing was published"
-            )
-    inserted = store.insert_new("releases", cells)
-    crash_point("after_commit")
-    if inserted == 0:
-        return ReleaseOutcome(release_id=release_id, status="already_released")
-    for table in ("releases", "audit", "rejects"):  # one file a release each: keep reads of them fast
-        store.compact(table)
-    return ReleaseOutcome(
+    outcome = ReleaseOutcome(
         release_id=release_id,
         status="released",
-        cells=inserted,
         contributors=header.contributors,
         epsilon=plan.params.epsilon,
         period=spend.period,
         period_epsilon_spent=spend.epsilon_after,
     )
+    rejects = _rejects_rows(plan, totals, header, now)
+    return PreparedRelease(plan, cells, audits, rejects, signature.rows_sha256, decoded, outcome)
+
+
+def publish_releases(prepared: Sequence[PreparedRelease], store: Store) -> list[ReleaseOutcome]:
+    """Commit prepared releases together: one commit of `audit`, one of `rejects`, then one of `releases`, so that
+    every one of them becomes queryable at the same moment."""
+    # Audit and rejects first, releases last: each insert is keyed, so a re-run after a crash anywhere here
+    # completes the release without duplicating a row, and `has_release` turns true only at the very end.
+    store.insert_new("audit", pa.Table.from_pylist([a for p in prepared for a in p.audits], schema=AUDIT_SCHEMA))
+    store.insert_new("rejects", pa.concat_tables([p.rejects for p in prepared]))
+    crash_point("after_audit")  # the signature is recorded; a re-run must publish exactly the rows it signed
+    published = []
+    for p in prepared:
+        cells = p.cells
+        recorded = _recorded_release(p.plan, store)
+        if recorded is not None and recorded[1].get("rows_sha256") != p.rows_sha256:
+            # A racing pass recorded this release first, with its own time: publish the rows it signed.
+            cells = p.decoded(recorded[0])
+            if rows_digest(cells, cells.column_names) != recorded[1].get("rows_sha256"):
+                raise ReleaseRefused(
+                    f"release {p.plan.key.release_id}'s audit row records a signature on other rows than this pass "
+                    "decodes (a pass under other parameters or keys recorded it first); nothing was published"
+                )
+        published.append(cells)
+    present = store.release_ids() if len(prepared) > 1 else set()
+    inserted = store.insert_new("releases", pa.concat_tables(published))
+    crash_point("after_commit")
+    if inserted == 0:
+        return [ReleaseOutcome(release_id=p.outcome.release_id, status="already_released") for p in prepared]
+    for table in ("releases", "audit", "rejects"):  # one file a release each: keep reads of them fast
+        store.compact(table)
+    return [
+        ReleaseOutcome(release_id=p.outcome.release_id, status="already_released")
+        if p.outcome.release_id in present
+        else dataclasses.replace(p.outcome, cells=cells.num_rows)
+        for p, cells in zip(prepared, published, strict=True)
+    ]
 
 
 def _registered_signing_key(plan: ReleasePlan) -> bytes:

@@ -117,9 +117,22 @@ def _key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def spool_key(path: str) -> str:
+    """The prefix of the names of the spool files (and dead letters) made from input file `path`."""
+    return _key(path)
+
+
 def validated_outputs(
-    validator: ReadingValidator, reject_windows: RejectWindows, institution: str, feed: FeedConfig, raw: RawBatch,
-    *, key: str, source: str, row_offset: int, dead_letter_dir: str,
+    validator: ReadingValidator,
+    reject_windows: RejectWindows,
+    institution: str,
+    feed: FeedConfig,
+    raw: RawBatch,
+    *,
+    key: str,
+    source: str,
+    row_offset: int,
+    dead_letter_dir: str,
 ) -> Iterator[Any]:
     """One raw batch -> (institution, key, accepted readings); its reject counts (tagged REJECTS: institution,
     {reason: rows} of every reject, {window start: {reason: rows}} of those that belong to a window) and dead
@@ -166,7 +179,11 @@ class StreamValidate(beam.DoFn):
     tagged."""
 
     def __init__(
-        self, config: Config, dead_letter_dirs: dict[str, str], *, now: datetime | None = None,
+        self,
+        config: Config,
+        dead_letter_dirs: dict[str, str],
+        *,
+        now: datetime | None = None,
         start: datetime | None = None,
     ) -> None:
         """`now`: the processing time of this micro-batch (readings stamped later than it plus the config's
@@ -187,9 +204,15 @@ class StreamValidate(beam.DoFn):
         try:
             for number, raw in enumerate(read_feed_file(path, feed, batch_rows=self._config.pipeline.batch_rows)):
                 yield from validated_outputs(
-                    self._validator, self._reject_windows, institution, feed, raw, key=f"{_key(path)}-{number:05d}",
+                    self._validator,
+                    self._reject_windows,
+                    institution,
+                    feed,
+                    raw,
+                    key=f"{_key(path)}-{number:05d}",
                     source=path,
-                    row_offset=offset, dead_letter_dir=self._dead[institution],
+                    row_offset=offset,
+                    dead_letter_dir=self._dead[institution],
                 )
                 offset += raw.table.num_rows
         except (PermissionError, FileNotFoundError, ConnectionError, TimeoutError, BeamIOError):
@@ -326,7 +349,8 @@ def run_micro_batch(
             pipeline
             | "Inputs" >> beam.Create(list(inputs))
             | "Reshuffle" >> beam.Reshuffle()
-            | "Validate" >> beam.ParDo(StreamValidate(config, dead_letter_dirs, now=now, start=start)).with_outputs(
+            | "Validate"
+            >> beam.ParDo(StreamValidate(config, dead_letter_dirs, now=now, start=start)).with_outputs(
                 DEAD, REJECTS, main="ok"
             )
         )
@@ -359,3 +383,39 @@ def run_micro_batch(
         late=[tuple(x) for x in doc["late"]],
         rejects=[(i, dict(c), {w: dict(r) for w, r in windowed.items()}) for i, c, windowed in doc["rejects"]],
     )
+
+
+def run_micro_batch_in_process(
+    config: Config,
+    inputs: Sequence[tuple[str, FeedConfig, str]],
+    *,
+    closed: Container[str],
+    dead_letter_dirs: dict[str, str],
+    now: datetime | None = None,
+    start: datetime | None = None,
+) -> MicroBatch:
+    """`run_micro_batch` without Beam: the same DoFns called in order in this process (pipelines/local.py does
+    the same for a window's release). On the local DirectRunner building and running a pipeline per micro-batch
+    costs more than the work (seconds per step); windows are assigned as `WindowReadings` assigns them."""
+    from pipelines.local import run_dofn  # here: pipelines.local imports the role pipelines
+
+    validate = StreamValidate(config, dead_letter_dirs, now=now, start=start)
+    accepted, tagged = run_dofn(validate, inputs)
+    stamp = StampWindows(config.stream_window)
+    spool = SpoolWindow(config, closed, dead_letter_dirs)
+    size = config.stream_window.total_seconds()
+    result = MicroBatch(rejects=[(i, dict(c), dict(w)) for i, c, w in tagged[REJECTS]])
+    dead = list(tagged[DEAD])
+    spool.setup()
+    for element in accepted:
+        for stamped in stamp.process(element):
+            begin = float(stamped.timestamp)
+            for out in spool.process(stamped.value, window.IntervalWindow(begin, begin + size)):
+                if not isinstance(out, TaggedOutput):
+                    result.spooled.append(out)
+                elif out.tag == LATE:
+                    result.late.append(out.value)
+                else:
+                    dead.append(out.value)
+    run_dofn(WriteDeadLetter(), dead)
+    return result

@@ -1,11 +1,13 @@
 """`fusion stream`: micro-batches of newly arrived feed data, windowed, spooled, and released per window.
 
 Each step: (1) find input files not yet spooled (every feed's glob, `{date}` matching any day, plus standard
-input journalled to files); (2) validate, window and spool them in one bounded Beam pipeline; (3) commit the
-progress (inputs, watermarks, reject counts); (4) close every window of the public grid whose end plus the
-allowed lateness the processing clock has passed, readings or not, and release it through the batch pipeline
-(contribute, aggregate, unmask, release) over its spool. Which windows are released, and when, depends on the
-config, the clock and `--until` only, never on the readings (fusion/stream_state.py). Releases spend from the
+input journalled to files); (2) validate, window and spool them (one bounded Beam pipeline on a named runner;
+on the local DirectRunner the same DoFns in process); (3) commit the progress (inputs, watermarks, reject
+counts); (4) close every window of the public grid whose end plus the allowed lateness the processing clock has
+passed, readings or not, and release all of them in one run (pipelines/stream_release.py: contribute, aggregate,
+unmask, release over each window's spool, each window its own release and charge, committed together). Which
+windows are released, and when, depends on the config, the clock and `--until` only, never on the readings
+(fusion/stream_state.py). Releases spend from the
 ledger like batch ones; a refused window is recorded and the stream goes on. Exact reject counts (validation
 and late) stay in the stream's local state; a window's release carries those of its rows that belong to it as
 noisy slots.
@@ -34,10 +36,9 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from fusion.config import Config, FeedConfig, FeedFormat
-from fusion.errors import FusionError, ReleaseRefused
+from fusion.errors import FusionError
 from fusion.exchange import exists, join, list_files, read_bytes, write_bytes
 from fusion.faults import crash_point
-from fusion.ledger import BudgetExceeded
 from fusion.plan import ReleasePlan, plan_release
 from fusion.store import Store
 from fusion.store_mode import bind_store_mode
@@ -52,15 +53,24 @@ from fusion.stream_state import (
     save_state,
     window_start,
 )
-from pipelines.batch import run_batch
 from pipelines.broker_sources import SourceReader
 from pipelines.contribute import sealed_envelope
-from pipelines.run import beam_options
-from pipelines.stream import SPOOL_WINDOW_FORMAT, run_micro_batch, spool_dir, stdin_feed
+from pipelines.run import beam_options, names_runner
+from pipelines.stream import (
+    SPOOL_WINDOW_FORMAT,
+    run_micro_batch,
+    run_micro_batch_in_process,
+    spool_dir,
+    spool_key,
+    stdin_feed,
+)
+from pipelines.stream_release import release_windows
 from pipelines.stream_sources import MARKERS, REJECT_COUNTS
 from schemas.readings import READING_SCHEMA
 
 _log = logging.getLogger(__name__)
+#: With --drain, a broker source unreachable this long (seconds, across its reconnect attempts) ends the run.
+DRAIN_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -143,10 +153,12 @@ class StreamDriver:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_status: Callable[[StreamStatus], None] = lambda status: None,
         on_notice: Callable[[str], None] = _log.info,  # says how many windows a step is about to release
+        drain_wait_s: float = DRAIN_WAIT_S,  # with --drain, how long a broker source may stay unreachable
     ) -> None:
         self.config = config
         self.releases_only = releases_only
         self.until = until
+        self.drain_wait_s = drain_wait_s
         self._beam_args = list(beam_args)
         self._clock = clock
         self._on_status = on_status
@@ -229,16 +241,26 @@ class StreamDriver:
         if not inputs:
             return 0
         started = time.monotonic()
-        batch = run_micro_batch(
-            self.config,
-            inputs,
-            closed=self.state.closed(),
-            dead_letter_dirs=self._dead,
-            summary_path=join(str(self._root), "micro-batch.json"),
-            options=beam_options(self._beam_args),
-            now=self._clock(),
-            start=self.grid_start,  # earlier readings are out_of_interval: no release will ever hold them
-        )
+        if names_runner(self._beam_args):
+            batch = run_micro_batch(
+                self.config,
+                inputs,
+                closed=self.state.closed(),
+                dead_letter_dirs=self._dead,
+                summary_path=join(str(self._root), "micro-batch.json"),
+                options=beam_options(self._beam_args),
+                now=self._clock(),
+                start=self.grid_start,  # earlier readings are out_of_interval: no release will ever hold them
+            )
+        else:  # the local DirectRunner: the same steps in process, without a pipeline's cost per micro-batch
+            batch = run_micro_batch_in_process(
+                self.config,
+                inputs,
+                closed=self.state.closed(),
+                dead_letter_dirs=self._dead,
+                now=self._clock(),
+                start=self.grid_start,
+            )
         rows = 0
         for institution, start, n, latest in batch.spooled:
             self.state.window(datetime.fromisoformat(start))
@@ -259,9 +281,7 @@ class StreamDriver:
         self._rows_per_s = rows / max(time.monotonic() - started, 1e-9)
         return rows
 
-    def _count_rejects(
-        self, institution: str, counts: dict[str, int], windowed: dict[str, dict[str, int]]
-    ) -> None:
+    def _count_rejects(self, institution: str, counts: dict[str, int], windowed: dict[str, dict[str, int]]) -> None:
         """Add an institution's rejects to the local state: those that belong to a window (`windowed`, by window
         start) to that window, the rest to the institution's unwindowed counts. Exact counts stay here."""
         self.state.rejected += sum(counts.values())
@@ -310,9 +330,10 @@ class StreamDriver:
                 directory = spool_dir(self.config, institution.id, datetime.fromisoformat(start_text))
                 extra = sorted(set(list_files(directory, ".parquet")) - set(window.files.get(institution.id, [])))
                 late = sum(_parquet_rows(path) for path in extra)
-                counted = window.rejects.get(institution.id, {}).get("late", 0)
+                counted = window.late_spooled.get(institution.id, 0)  # the job's own late counts come apart
                 if late != counted:
-                    window.rejects.setdefault(institution.id, {})["late"] = late  # cumulative: set, not add
+                    window.add_rejects(institution.id, {"late": late - counted})
+                    window.late_spooled[institution.id] = late  # cumulative: set, not add
                     self.state.rejected += late - counted
                     changed += 1
         if changed:
@@ -327,8 +348,11 @@ class StreamDriver:
             i.model_copy(
                 update={
                     "feeds": (
-                        FeedConfig(name="spool", path=join(spool_dir(self.config, i.id, start), "*.parquet"),
-                                   format=FeedFormat.PARQUET),
+                        FeedConfig(
+                            name="spool",
+                            path=join(spool_dir(self.config, i.id, start), "*.parquet"),
+                            format=FeedFormat.PARQUET,
+                        ),
                     )
                 }
             )
@@ -341,37 +365,44 @@ class StreamDriver:
             plan = dataclasses.replace(plan, carried_rejects={i: dict(c) for i, c in window.carried.items()})
         return plan
 
-    def _release(self, start: datetime) -> None:
-        window = self.state.windows[start.isoformat()]
-        for institution in self.config.institutions:  # an institution without readings contributes zeros
-            directory = spool_dir(self.config, institution.id, start)
-            if not list_files(directory, ".parquet"):
-                sink = pa.BufferOutputStream()
-                pq.write_table(READING_SCHEMA.empty_table(), sink)
-                write_bytes(join(directory, "empty.parquet"), sink.getvalue().to_pybytes())
-        plan = self.window_plan(start)
-        listed = {i.id: list_files(spool_dir(self.config, i.id, start), ".parquet") for i in self.config.institutions}
-        if not window.files:
-            window.files = listed
-        else:  # a release a crash interrupted: an institution that sealed keeps the files it sealed from; one that
-            for institution in plan.config.institutions:  # did not reads the spool as it is now (late panes too)
-                with contextlib.suppress(FusionError):  # refused: the release below says why
-                    if sealed_envelope(plan, institution) is None:
-                        window.files[institution.id] = listed[institution.id]
-        release_id: str = plan.key.release_id
-        window.release_id = release_id
-        save_state(self._state_file, self.state)  # what the release reads is on record before anything is sealed
-        try:
-            # A window's spool is small: its release runs the role steps in process (pipelines/local.py).
-            run_batch(plan, beam_args=self._beam_args, in_process=True)
-            window.status = WindowStatus.RELEASED
-        except (BudgetExceeded, ReleaseRefused) as exc:
-            window.status, window.reason = WindowStatus.REFUSED, str(exc)
+    def _release(self, starts: list[datetime]) -> None:
+        """Release the windows starting at `starts` in one run (pipelines/stream_release.py): each its own
+        release, charged on its own; all of them queryable at the same moment."""
+        plans = []
+        for start in starts:
+            window = self.state.windows[start.isoformat()]
+            for institution in self.config.institutions:  # an institution without readings contributes zeros
+                directory = spool_dir(self.config, institution.id, start)
+                if not list_files(directory, ".parquet"):
+                    sink = pa.BufferOutputStream()
+                    pq.write_table(READING_SCHEMA.empty_table(), sink)
+                    write_bytes(join(directory, "empty.parquet"), sink.getvalue().to_pybytes())
+            plan = self.window_plan(start)
+            listed = {
+                i.id: list_files(spool_dir(self.config, i.id, start), ".parquet") for i in self.config.institutions
+            }
+            if not window.files:
+                window.files = listed
+            else:  # a release a crash interrupted: an institution that sealed keeps the files it sealed from; one
+                for institution in plan.config.institutions:  # that did not reads the spool as it is now (late panes)
+                    with contextlib.suppress(FusionError):  # refused: the release below says why
+                        if sealed_envelope(plan, institution) is None:
+                            window.files[institution.id] = listed[institution.id]
+            window.release_id = plan.key.release_id
+            plans.append(plan)
+        save_state(self._state_file, self.state)  # what the releases read is on record before anything is sealed
+        outcomes = release_windows(plans)
         now = self._clock()
-        window.released_at = now.isoformat()
-        if window.status is WindowStatus.RELEASED and window.closable_at:
-            latency = (now - datetime.fromisoformat(window.closable_at)).total_seconds()
-            self._last_release = (start.isoformat(), latency)
+        for start, outcome in zip(starts, outcomes, strict=True):
+            window = self.state.windows[start.isoformat()]
+            if outcome.status == "refused":
+                window.status, window.reason = WindowStatus.REFUSED, outcome.reason
+            else:
+                window.status = WindowStatus.RELEASED
+            window.released_at = now.isoformat()
+            if window.status is WindowStatus.RELEASED and window.closable_at:
+                latency = (now - datetime.fromisoformat(window.closable_at)).total_seconds()
+                self._last_release = (start.isoformat(), latency)
         save_state(self._state_file, self.state)
 
     def close_windows(self, *, drain: bool = False) -> list[datetime]:
@@ -401,10 +432,36 @@ class StreamDriver:
         save_state(self._state_file, self.state)  # from here on, readings for these windows are late
         if ready:
             crash_point("stream_after_close")
-        for start in sorted(set(interrupted) | set(ready)):
-            self._release(start)
+        if interrupted or ready:  # every window closable now, and any a crash interrupted: one release run
+            self._release(sorted(set(interrupted) | set(ready)))
+            self._remove_released_journals()
         self._refresh_forecasts(sorted(set(interrupted) | set(ready)))
         return sorted(set(interrupted) | set(ready))
+
+    def _remove_released_journals(self) -> None:
+        """Remove the broker journal segments that are spooled and whose every window is released: none of the
+        spool files of a window still open or being released came from them (spool files are named after their
+        input, `pipelines/stream.py` `_key`)."""
+        if not self._readers:
+            return
+        unreleased = {
+            name.rsplit("/", 1)[-1].split("-", 1)[0]
+            for start, window in self.state.windows.items()
+            if window.status in (WindowStatus.OPEN, WindowStatus.CLOSING)
+            for institution in self.config.institutions
+            for name in list_files(spool_dir(self.config, institution.id, datetime.fromisoformat(start)), ".parquet")
+        }
+        removed = False
+        for reader in self._readers:
+            for segment in reader.journal.segments():
+                path = str(segment)
+                if path in self.state.processed and spool_key(path) not in unreleased:
+                    reader.journal.remove(segment)
+                    if not segment.exists():
+                        del self.state.processed[path]  # never seen again: numbers are not reused
+                        removed = True
+        if removed:
+            save_state(self._state_file, self.state)
 
     def _refresh_forecasts(self, starts: list[datetime]) -> None:
         """Forecast the released series again, once per step ([forecasting] refresh; off without the block)."""
@@ -438,9 +495,7 @@ class StreamDriver:
             changed_inputs=tuple(sorted(self.state.changed)),
             released=sum(1 for w in self.state.windows.values() if w.status is WindowStatus.RELEASED),
             refused=tuple(
-                w.reason or "refused"
-                for _, w in sorted(self.state.windows.items())
-                if w.status is WindowStatus.REFUSED
+                w.reason or "refused" for _, w in sorted(self.state.windows.items()) if w.status is WindowStatus.REFUSED
             ),
             sources=tuple(f"{r.institution} {r.label}: {r.health}" for r in self._readers),
         )
@@ -455,9 +510,16 @@ class StreamDriver:
         """Step until stopped, or with `until` until every window up to it is released; with `drain`, until
         the inputs are exhausted (stdin closed, no new files), then release every window of the grid up to
         `until` (or up to the clock without it)."""
+        try:
+            return self._run(drain=drain, sleep=sleep)
+        finally:
+            self.close()
+
+    def _run(self, *, drain: bool, sleep: Callable[[float], None]) -> StreamStatus:
         while not self.stop_requested:
             caught_up = all(reader.idle for reader in self._readers)  # before the step: its journal is read
             if drain and not caught_up:  # a backlog still on the brokers: take it before any window closes
+                self._check_drainable()
                 self.ingest()
                 self._on_status(self.status())
                 sleep(0.1)
@@ -470,8 +532,21 @@ class StreamDriver:
                 break
             if rows == 0:
                 sleep(self.config.stream_poll.total_seconds())
-        self.close()
         return self.status()
+
+    def _check_drainable(self) -> None:
+        """Draining waits for each broker source to catch up; one that has not been reachable for
+        `drain_wait_s` cannot be drained: stop, saying so, rather than wait for it forever. What the readers
+        journalled so far stays spooled and the windows stay open; nothing unacknowledged is lost."""
+        now = time.monotonic()
+        down = [r for r in self._readers if r.down_since is not None and now - r.down_since > self.drain_wait_s]
+        if down:
+            raise FusionError(
+                f"--drain: {'; '.join(f'source {r.institution} {r.label} is {r.health}' for r in down)}, for more "
+                f"than {self.drain_wait_s:.0f} s: its backlog cannot be drained and no window was released. Start "
+                "the broker (or fix the source's url, credentials or TLS settings) and run `fusion stream --drain` "
+                "again; every message not yet journalled is still on the broker"
+            )
 
     def close(self) -> None:
         """Stop the broker readers (what they journalled is acknowledged; the rest is redelivered)."""

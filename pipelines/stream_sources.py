@@ -7,8 +7,9 @@ per window is combined with the AfterWatermark trigger; when it fires, a pane ma
 ON_TIME marker means every on-time reading of it has been spooled (it shows the job's progress; releases do not
 wait for it). `fusion stream --releases-only` (the key holder's side, any machine that reaches the spool, the
 exchange and the store) releases the public grid of windows by the processing clock, like the local stream, and
-counts readings spooled after a release as late. Readings beyond the allowed lateness are dropped by Beam (the
-runner's `droppedDueToLateness` counter reports them).
+counts readings spooled after a release as late. Readings beyond the allowed lateness (the watermark past their
+window's end plus the lateness) are not spooled: they are dead-lettered and counted as `late` in the job's reject
+counts, which the release side adds to the institution's local state like any other reject (`RouteTooLate`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import apache_beam as beam
+import pyarrow as pa
+from apache_beam import coders
 from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms import userstate
 
 from fusion.config import Config, FeedConfig, FeedFormat, StreamSource
 from fusion.errors import FusionError
@@ -29,7 +33,9 @@ from fusion.feeds import read_jsonl_lines
 from fusion.stream_state import add_counts, window_start
 from pipelines.stream import (
     DEAD,
+    LATE,
     REJECTS,
+    SPOOL_WINDOW_FORMAT,
     RejectWindows,
     SpoolWindow,
     StampWindows,
@@ -39,7 +45,8 @@ from pipelines.stream import (
     stream_rules,
     validated_outputs,
 )
-from schemas.validation import ReadingRules, ReadingValidator
+from schemas.reasons import RejectReason
+from schemas.validation import ReadingRules, ReadingValidator, readings_as_dead_letters
 
 MARKERS = "_panes"
 #: Per institution in the spool: the reject counts of each message (named by its digest, so a redelivered
@@ -67,8 +74,13 @@ class MessagesToReadings(beam.DoFn):
         self._validator = ReadingValidator(self._rules())
         self._reject_windows = RejectWindows(self._validator.rules, self._config.stream_window)
         self._feeds = {
-            i.id: FeedConfig(name="messages", path="-", format=FeedFormat.JSONL, time_format=i.feeds[0].time_format,
-                             columns=i.feeds[0].columns)
+            i.id: FeedConfig(
+                name="messages",
+                path="-",
+                format=FeedFormat.JSONL,
+                time_format=i.feeds[0].time_format,
+                columns=i.feeds[0].columns,
+            )
             for i in self._config.institutions
         }
 
@@ -84,8 +96,14 @@ class MessagesToReadings(beam.DoFn):
         windowed: dict[str, dict[str, int]] = {}
         for number, raw in enumerate(batches):
             for output in validated_outputs(
-                self._validator, self._reject_windows, institution, self._feeds[institution], raw,
-                key=f"m{digest}-{number:05d}", source=f"message {digest}", row_offset=0,
+                self._validator,
+                self._reject_windows,
+                institution,
+                self._feeds[institution],
+                raw,
+                key=f"m{digest}-{number:05d}",
+                source=f"message {digest}",
+                row_offset=0,
                 dead_letter_dir=self._dead[institution],
             ):
                 if isinstance(output, TaggedOutput) and output.tag == REJECTS:
@@ -129,6 +147,82 @@ class WritePaneMarker(beam.DoFn):
         yield path
 
 
+class RouteTooLate(beam.DoFn):
+    """(institution, (institution, key, readings of one window)) -> the slice, or, when the watermark has passed
+    its window's end plus the allowed lateness, a tagged LATE slice (institution, key, readings, window start).
+
+    Beam's windowing drops such readings only at a grouping (its runner counts them, nothing else does), and the
+    spool is written before any grouping: without this step a too-late reading would be spooled, and released if
+    the release side had not released its window yet. Per institution (in the global window) it keeps the windows
+    with readings not yet expired and an event-time timer at the earliest expiry; a fired timer proves the
+    watermark passed that moment, so a reading of a window expiring no later than it is too late. (A reading of a
+    window that never had an on-time reading, arriving before any later window expired, passes; the release side
+    counts it as late if it lands after its window's release.)"""
+
+    PENDING = userstate.BagStateSpec("pending", coders.FloatCoder())  # window starts (s) not yet expired
+    EXPIRED = userstate.ReadModifyWriteStateSpec("expired", coders.FloatCoder())  # watermark known past this
+    EXPIRY = userstate.TimerSpec("expiry", userstate.TimeDomain.WATERMARK)
+
+    def __init__(self, size: timedelta, lateness: timedelta) -> None:
+        self._span = (size + lateness).total_seconds()
+
+    def process(
+        self,
+        element: tuple[str, tuple[str, str, pa.Table]],
+        timestamp: Any = beam.DoFn.TimestampParam,
+        pending: Any = beam.DoFn.StateParam(PENDING),  # noqa: B008 (Beam's way to ask for state)
+        expired: Any = beam.DoFn.StateParam(EXPIRED),  # noqa: B008
+        expiry: Any = beam.DoFn.TimerParam(EXPIRY),  # noqa: B008
+    ) -> Iterator[Any]:
+        _, (institution, key, piece) = element
+        start = float(timestamp.micros) / 1_000_000  # StampWindows stamps a slice with its window's start
+        if start + self._span <= (expired.read() or float("-inf")):
+            yield TaggedOutput(LATE, (institution, key, piece, start))
+            return
+        starts = {*pending.read(), start}
+        pending.clear()
+        for s in sorted(starts):
+            pending.add(s)
+        expiry.set(min(starts) + self._span)
+        yield institution, key, piece
+
+    @userstate.on_timer(EXPIRY)
+    def expire(
+        self,
+        fired: Any = beam.DoFn.TimestampParam,
+        pending: Any = beam.DoFn.StateParam(PENDING),  # noqa: B008 (Beam's way to ask for state)
+        expired: Any = beam.DoFn.StateParam(EXPIRED),  # noqa: B008
+        expiry: Any = beam.DoFn.TimerParam(EXPIRY),  # noqa: B008
+    ) -> Iterator[Any]:
+        moment = float(fired.micros) / 1_000_000
+        expired.write(max(moment, expired.read() or float("-inf")))
+        left = [s for s in pending.read() if s + self._span > moment]
+        pending.clear()
+        for s in sorted(left):
+            pending.add(s)
+        if left:
+            expiry.set(min(left) + self._span)
+        return iter(())
+
+
+class CountTooLate(beam.DoFn):
+    """(institution, key, too-late readings, window start) -> dead letters (DEAD) and the job's reject counts for
+    them: `late` in their window, like the local stream's late readings."""
+
+    def __init__(self, dead_letter_dirs: dict[str, str]) -> None:
+        self._dead = dead_letter_dirs
+
+    def process(self, element: tuple[str, str, pa.Table, float]) -> Iterator[Any]:
+        institution, key, piece, start_s = element
+        start = datetime.fromtimestamp(start_s, UTC)
+        letters = readings_as_dead_letters(piece, RejectReason.LATE, source=f"window {start.isoformat()}")
+        name = f"{key}-late-{start.strftime(SPOOL_WINDOW_FORMAT)}"
+        yield TaggedOutput(DEAD, (join(self._dead[institution], f"{name}.parquet"), letters))
+        n = piece.num_rows
+        late = RejectReason.LATE.value
+        yield institution, name, {"rejects": {late: n}, "windows": {start.isoformat(): {late: n}}}
+
+
 class SpoolUnbounded(beam.PTransform):
     """(institution, payload) messages -> validated, windowed readings in the spool, with pane markers."""
 
@@ -144,9 +238,18 @@ class SpoolUnbounded(beam.PTransform):
         )
         _ = validated[DEAD] | "WriteInvalid" >> beam.ParDo(WriteDeadLetter())
         _ = validated[REJECTS] | "WriteRejectCounts" >> beam.ParDo(WriteRejectCounts(config))
-        spooled = (
+        stamped = (
             validated.ok
             | "Stamp" >> beam.ParDo(StampWindows(config.stream_window))
+            | "ByInstitution" >> beam.Map(lambda piece: (piece[0], piece))
+            | "RouteTooLate"
+            >> beam.ParDo(RouteTooLate(config.stream_window, config.allowed_lateness)).with_outputs(LATE, main="ok")
+        )
+        late = stamped[LATE] | "CountTooLate" >> beam.ParDo(CountTooLate(self._dead)).with_outputs(DEAD, main="ok")
+        _ = late[DEAD] | "WriteTooLate" >> beam.ParDo(WriteDeadLetter())
+        _ = late.ok | "WriteLateCounts" >> beam.ParDo(WriteRejectCounts(config))
+        spooled = (
+            stamped.ok
             | WindowReadings(config.stream_window, config.allowed_lateness)
             | "Spool" >> beam.ParDo(SpoolWindow(config, set(), self._dead)).with_outputs(DEAD, main="ok")
         )

@@ -33,10 +33,18 @@ from pipelines.stream_driver import StreamDriver
 from tests.conftest import END, START, Federation
 from tests.pipelines.test_stream import at, fusion_stream, stream_federation, window_starts, with_times
 
-NATS = ("NATS JetStream", "127.0.0.1", 4222,
-        "nats-server -js (Debian: nats-server; or docker run -p 4222:4222 nats -js)")
-MQTT = ("Mosquitto (MQTT)", "127.0.0.1", 1883,
-        "mosquitto (Debian: mosquitto; or docker run -p 1883:1883 eclipse-mosquitto)")
+NATS = (
+    "NATS JetStream",
+    "127.0.0.1",
+    4222,
+    "nats-server -js (Debian: nats-server; or docker run -p 4222:4222 nats -js)",
+)
+MQTT = (
+    "Mosquitto (MQTT)",
+    "127.0.0.1",
+    1883,
+    "mosquitto (Debian: mosquitto; or docker run -p 1883:1883 eclipse-mosquitto)",
+)
 
 
 def need_broker(broker: tuple[str, str, int, str]) -> None:
@@ -97,6 +105,20 @@ def test_the_journal_takes_each_broker_id_once_and_survives_a_restart(tmp_path: 
     assert text.count('{"a": 2}') == 1 and '{"a": 4}' in text
 
 
+def test_a_removed_segment_keeps_its_ids_and_its_number(tmp_path: Path) -> None:
+    journal = SourceJournal(tmp_path)
+    journal.append([("1", ['{"a": 1}'])])
+    journal.append([("2", ['{"a": 2}'])])
+    first, newest = journal.segments()
+    journal.remove(newest)  # the newest segment stays: its acknowledgement may not have reached the broker
+    journal.remove(first)
+    assert journal.segments() == [newest]
+    again = SourceJournal(tmp_path)
+    assert again.ids == {"1", "2"}
+    assert again.append([("1", ['{"a": 1}']), ("3", ['{"a": 3}'])]) == 1
+    assert [p.name for p in again.segments()] == [newest.name, "000000000002.jsonl"]
+
+
 def test_a_refused_message_becomes_one_line_that_is_not_json() -> None:
     assert message_lines(b'{"a": 1}\n\n{"a": 2}\n', name="m", max_bytes=100) == ['{"a": 1}', '{"a": 2}']
     (big,) = message_lines(b"x" * 101, name="m", max_bytes=100)
@@ -117,8 +139,10 @@ def test_institutions_reading_overlapping_subjects_are_refused(make_federation) 
 
 def test_a_password_from_an_unset_environment_variable_is_refused_naming_it(make_federation) -> None:
     fed = make_federation(subdir="env")
-    source = ('[[institutions.sources]]\nkind = "mqtt"\ntopics = ["alpha/#"]\nuser = "u"\n'
-              'password_env = "FUSION_TEST_UNSET_PASSWORD"\n')
+    source = (
+        '[[institutions.sources]]\nkind = "mqtt"\ntopics = ["alpha/#"]\nuser = "u"\n'
+        'password_env = "FUSION_TEST_UNSET_PASSWORD"\n'
+    )
     with_sources(fed, {"alpha": source})
     config = load_config(fed.config_path)
     with pytest.raises(ConfigError, match="FUSION_TEST_UNSET_PASSWORD"):
@@ -156,20 +180,29 @@ def test_jetstream_readings_survive_a_kill_and_are_released_exactly_once(make_fe
     fed = stream_federation(make_federation, subdir="nats")
     tag = uuid.uuid4().hex[:8]
     stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
-    with_sources(fed, {
-        inst.id: (f'[[institutions.sources]]\nkind = "nats"\nstream = "{stream}"\n'
-                  f'subjects = ["{prefix}.{inst.id}.>"]\nmax_message_bytes = 16384\nack_wait = "2s"\n')
-        for inst in fed.config.institutions
-    })
+    with_sources(
+        fed,
+        {
+            inst.id: (
+                f'[[institutions.sources]]\nkind = "nats"\nstream = "{stream}"\n'
+                f'subjects = ["{prefix}.{inst.id}.>"]\nmax_message_bytes = 16384\nack_wait = "2s"\n'
+            )
+            for inst in fed.config.institutions
+        },
+    )
     config = load_config(fed.config_path)
     nats("create", stream, prefix)
     try:
-        early = [(f"{prefix}.{i}.r", p, f"{i}-{n}") for i, t in fed.raw.items()
-                 for n, p in enumerate(payloads(hours(t, 0, 3)))]
+        early = [
+            (f"{prefix}.{i}.r", p, f"{i}-{n}")
+            for i, t in fed.raw.items()
+            for n, p in enumerate(payloads(hours(t, 0, 3)))
+        ]
         bad = [(f"{prefix}.alpha.r", data, None) for data in BAD]
         nats("publish", stream, prefix, early + early[:3] + bad)  # the first three again: a publisher's retry
-        crashed = fusion_stream(fed.config_path, "--drain", "--until", at(3).isoformat(),
-                                crash_at="broker_after_journal")
+        crashed = fusion_stream(
+            fed.config_path, "--drain", "--until", at(3).isoformat(), crash_at="broker_after_journal"
+        )
         assert crashed.returncode == CRASH_EXIT_CODE, crashed.stdout + crashed.stderr
         first = StreamDriver(config, until=at(3))
         first.run(drain=True)
@@ -189,6 +222,12 @@ def test_jetstream_readings_survive_a_kill_and_are_released_exactly_once(make_fe
     assert state.readings == total
     assert state.windows[START.isoformat()].rejects == {"beta": {"late": 5}}
     assert state.unwindowed["alpha"] == {"malformed_record": 3, "missing_field": 1}
+    # Every window is released: of each source's journal only its newest segment is left, the ids of the removed
+    # ones stay on record (a redelivery is still recognised).
+    journals = Path(config.stream_state_path) / "brokers"
+    assert len(list(journals.rglob("*.jsonl"))) == len(fed.config.institutions)
+    assert list(journals.rglob("*.released"))
+    assert not [p for p in state.processed if "/brokers/" in p and not Path(p).exists()]
 
 
 @pytest.mark.e2e
@@ -206,8 +245,15 @@ def test_mqtt_readings_beside_file_feeds_are_released_and_bad_messages_dead_lett
     fed = stream_federation(make_federation, subdir="mqtt")
     tag = uuid.uuid4().hex[:8]
     session = f"fusion-test-{tag}"
-    with_sources(fed, {"alpha": (f'[[institutions.sources]]\nkind = "mqtt"\ntopics = ["{tag}/alpha/#"]\n'
-                                 f'client_id = "{session}"\nmax_message_bytes = 16384\n')})
+    with_sources(
+        fed,
+        {
+            "alpha": (
+                f'[[institutions.sources]]\nkind = "mqtt"\ntopics = ["{tag}/alpha/#"]\n'
+                f'client_id = "{session}"\nmax_message_bytes = 16384\n'
+            )
+        },
+    )
     for hour in range(6):
         land(fed, hour)
     for path in (fed.directory / "feeds" / "alpha").iterdir():
@@ -256,6 +302,23 @@ def test_a_broker_down_at_start_is_reported_and_retried(make_federation) -> None
     assert any("alpha mqtt" in s and "retrying" in s for s in driver.status().sources), driver.status().sources
     assert any("down" in n for n in notices)
 
+
+@pytest.mark.brokers
+def test_draining_with_a_broker_down_ends_saying_why(make_federation) -> None:
+    """`fusion stream --drain` waits for each source to catch up; one that stays unreachable ends the run with a
+    message naming it, instead of waiting for it forever, and releases nothing."""
+    from fusion.errors import FusionError
+
+    fed = make_federation(subdir="drain-down")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with_sources(fed, {"alpha": f'[[institutions.sources]]\nkind = "mqtt"\nport = {port}\ntopics = ["a/#"]\n'})
+    driver = StreamDriver(load_config(fed.config_path), until=END, drain_wait_s=1.0)
+    with pytest.raises(FusionError, match=r"--drain: source alpha mqtt 127.0.0.1:\d+ is down .* run `fusion stream"):
+        driver.run(drain=True, sleep=lambda s: time.sleep(min(s, 0.2)))
+    assert not [w for w in driver.state.windows.values() if w.release_id]
+    assert not driver._readers[0].is_alive() or driver._readers[0]._halt.is_set()
 
 
 class Proxy:
@@ -315,8 +378,13 @@ def test_a_connection_severed_mid_stream_is_reported_retried_and_loses_nothing(m
     tag = uuid.uuid4().hex[:8]
     stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
     proxy = Proxy(4222)
-    with_sources(fed, {"alpha": f'[[institutions.sources]]\nkind = "nats"\nurl = "nats://127.0.0.1:{proxy.port}"\n'
-                                f'stream = "{stream}"\nsubjects = ["{prefix}.alpha.>"]\n'})
+    with_sources(
+        fed,
+        {
+            "alpha": f'[[institutions.sources]]\nkind = "nats"\nurl = "nats://127.0.0.1:{proxy.port}"\n'
+            f'stream = "{stream}"\nsubjects = ["{prefix}.alpha.>"]\n'
+        },
+    )
     config = load_config(fed.config_path)
     nats("create", stream, prefix)
     notices: list[str] = []

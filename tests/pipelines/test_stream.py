@@ -43,8 +43,9 @@ def table_at(*seconds: int) -> pa.Table:
 
 
 class PaneCounts(beam.DoFn):
-    def process(self, element: tuple[str, int], win: Any = beam.DoFn.WindowParam,
-                pane: Any = beam.DoFn.PaneInfoParam) -> Any:
+    def process(
+        self, element: tuple[str, int], win: Any = beam.DoFn.WindowParam, pane: Any = beam.DoFn.PaneInfoParam
+    ) -> Any:
         yield int(win.start), pane.timing, element[1]
 
 
@@ -95,10 +96,10 @@ def test_stamp_windows_splits_a_batch_by_event_time_window() -> None:
 STREAM_CONFIG = f'\n[stream]\nallowed_lateness = "0s"\npoll = "1s"\nstart = "{START.isoformat()}"\n'
 
 
-def stream_federation(make_federation: Any, subdir: str = "stream", cap: float = 50.0,
-                      noise: bool = False, stream: str = STREAM_CONFIG) -> Federation:
-    fed = make_federation(noise=noise, quorum=2, subdir=subdir, extra_privacy=f"epsilon_cap = {cap}",
-                          extra=stream)
+def stream_federation(
+    make_federation: Any, subdir: str = "stream", cap: float = 50.0, noise: bool = False, stream: str = STREAM_CONFIG
+) -> Federation:
+    fed = make_federation(noise=noise, quorum=2, subdir=subdir, extra_privacy=f"epsilon_cap = {cap}", extra=stream)
     for inst in fed.config.institutions:  # the feeds arrive while the stream runs
         shutil.rmtree(fed.directory / "feeds" / inst.id)
     return fed
@@ -127,8 +128,13 @@ def fusion_stream(config: Path, *extra: str, crash_at: str | None = None) -> sub
     env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     if crash_at:
         env[CRASH_ENV] = crash_at
-    return subprocess.run([sys.executable, "-m", "fusion.cli", "stream", "--config", str(config), *extra],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fusion.cli", "stream", "--config", str(config), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def at(hours: float) -> datetime:
@@ -142,15 +148,22 @@ def window_starts(store_path: str) -> list[datetime]:
 def exact_rejects_in_store(store_path: str) -> list[dict[str, Any]]:
     """Rows of `rejects` holding counts no release carries: late readings, and rows refused before their event
     time was known. The stream keeps these in its local state only."""
-    never_carried = {"late", "malformed_record", "missing_field", "mistyped_field", "unparseable_time",
-                     "out_of_interval"}
+    never_carried = {
+        "late",
+        "malformed_record",
+        "missing_field",
+        "mistyped_field",
+        "unparseable_time",
+        "out_of_interval",
+    }
     return [r for r in Store(store_path).read("rejects").to_pylist() if r["reason"] in never_carried]
 
 
 def with_times(table: pa.Table, *times: datetime) -> pa.Table:
     table = table.slice(0, len(times))
-    return table.set_column(table.schema.get_field_index("event_time"), "event_time",
-                            pa.array(list(times), pa.timestamp("us", tz="UTC")))
+    return table.set_column(
+        table.schema.get_field_index("event_time"), "event_time", pa.array(list(times), pa.timestamp("us", tz="UTC"))
+    )
 
 
 @pytest.mark.e2e
@@ -164,8 +177,11 @@ def test_neighbouring_feeds_release_the_same_windows_and_are_charged_alike(make_
         fed = stream_federation(make_federation, subdir=name, noise=True)
         land(fed, 0)
         if name == "with":
-            write_feed(with_times(hour_of(fed, "alpha", 0), at(2) + timedelta(minutes=10)),
-                       fed.directory / "feeds" / "alpha" / "one.parquet", "parquet")
+            write_feed(
+                with_times(hour_of(fed, "alpha", 0), at(2) + timedelta(minutes=10)),
+                fed.directory / "feeds" / "alpha" / "one.parquet",
+                "parquet",
+            )
         StreamDriver(fed.config, until=at(3), on_notice=notices.append).run(drain=True)
         store = Store(fed.config.store_path)
         runs[name] = (store.read("releases"), store.read("budget").to_pylist())
@@ -228,8 +244,12 @@ def test_sigterm_stops_the_stream_and_readings_before_the_grid_are_out_of_interv
     are long past, so their readings are rejected as out_of_interval, and no window is due yet."""
     fed = stream_federation(make_federation, subdir="sigterm", stream='\n[stream]\npoll = "1s"\n')
     land(fed, 0)
-    process = subprocess.Popen([sys.executable, "-m", "fusion.cli", "stream", "--config", str(fed.config_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fusion.cli", "stream", "--config", str(fed.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         state_file = Path(fed.config.stream_state_path) / "state.json"
         deadline = time.monotonic() + 120
@@ -242,8 +262,9 @@ def test_sigterm_stops_the_stream_and_readings_before_the_grid_are_out_of_interv
     assert process.returncode == 0, out + err
     state = load_state(state_file)
     rows = sum(hour_of(fed, i, 0).num_rows for i in fed.raw)
-    assert state.readings == 0 and state.unwindowed == {i: {"out_of_interval": hour_of(fed, i, 0).num_rows}
-                                                        for i in fed.raw}
+    assert state.readings == 0 and state.unwindowed == {
+        i: {"out_of_interval": hour_of(fed, i, 0).num_rows} for i in fed.raw
+    }
     assert "windows open: 0 | released: 0 | last release: none yet" in out and f"rejects: {rows:,}" in out
     assert datetime.fromisoformat(state.created_at or "") > END
 
@@ -258,7 +279,7 @@ def test_a_grid_start_far_in_the_past_is_refused_naming_the_setting(make_federat
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("crash_at", ["stream_after_spool", "stream_after_close", "after_ledger"])
+@pytest.mark.parametrize("crash_at", ["stream_after_spool", "stream_after_close", "after_ledger", "after_audit"])
 def test_a_killed_stream_restarts_without_losing_or_repeating_anything(make_federation, crash_at):
     fed = stream_federation(make_federation)
     for hour in range(3):
@@ -300,8 +321,9 @@ def test_late_readings_are_counted_and_a_spent_budget_refuses_windows_but_the_st
     # letters; their exact count reaches no shared table.
     inst = fed.config.institutions[0]
     late = with_times(fed.raw[inst.id], *(START + timedelta(minutes=m) for m in range(5)))
-    write_feed(late, fed.directory / "feeds" / inst.id / f"late.{EXT[inst.feeds[0].format.value]}",
-               inst.feeds[0].format.value)
+    write_feed(
+        late, fed.directory / "feeds" / inst.id / f"late.{EXT[inst.feeds[0].format.value]}", inst.feeds[0].format.value
+    )
     driver.step()
     assert driver.state.windows[START.isoformat()].rejects == {inst.id: {"late": 5}}
     assert driver.status().rejected == 5
@@ -356,8 +378,9 @@ def test_a_streaming_job_spools_windows_and_the_release_side_releases_them(make_
         lo, hi = START + hour * HOUR, START + (hour + 1) * HOUR
         for inst in fed.config.institutions:
             table = fed.raw[inst.id]
-            part = table.filter(pc.and_(pc.greater_equal(table.column("event_time"), lo),
-                                        pc.less(table.column("event_time"), hi)))
+            part = table.filter(
+                pc.and_(pc.greater_equal(table.column("event_time"), lo), pc.less(table.column("event_time"), hi))
+            )
             lines = [json.dumps({**r, "event_time": r["event_time"].isoformat()}) for r in part.to_pylist()]
             total += len(lines)
             if hour == 0 and inst.id == fed.config.institutions[0].id:  # a malformed line and an invalid row
@@ -440,8 +463,11 @@ def hour_of(fed: Federation, institution: str, hour: int) -> pa.Table:
 def test_a_reading_stamped_far_ahead_of_the_clock_is_rejected_and_moves_no_window(make_federation):
     fed = stream_federation(make_federation, subdir="future")
     land(fed, 0)
-    write_feed(with_times(hour_of(fed, "alpha", 0), datetime(2030, 1, 1, tzinfo=UTC)),
-               fed.directory / "feeds" / "alpha" / "clock-jump.parquet", "parquet")
+    write_feed(
+        with_times(hour_of(fed, "alpha", 0), datetime(2030, 1, 1, tzinfo=UTC)),
+        fed.directory / "feeds" / "alpha" / "clock-jump.parquet",
+        "parquet",
+    )
     now = START + timedelta(minutes=90)  # the processing clock; the default max_clock_skew is 1h
     driver = StreamDriver(fed.config, clock=lambda: now)
     driver.step()
@@ -458,13 +484,15 @@ def test_reject_windows_counts_rows_with_a_valid_time_by_their_window() -> None:
 
     rules = ReadingRules(plausible={m: v[4] for m, v in METRICS.items()}, regions=REGIONS, start=START, end=END)
     times = [START + timedelta(minutes=m) for m in (5, 50, 65, 130, 140, 150)]
-    raw = pa.table({
-        "entity_id": ["e"] * 6,
-        "region": ["north", "mars", "north", "north", "north", None],
-        "metric": ["load", "load", "rain", "temp", "load", "load"],
-        "event_time": pa.array([*times[:5], None], pa.timestamp("us", tz="UTC")),
-        "value": [1.0, 1.0, 1.0, 99.0, float("nan"), 1.0],
-    })
+    raw = pa.table(
+        {
+            "entity_id": ["e"] * 6,
+            "region": ["north", "mars", "north", "north", "north", None],
+            "metric": ["load", "load", "rain", "temp", "load", "load"],
+            "event_time": pa.array([*times[:5], None], pa.timestamp("us", tz="UTC")),
+            "value": [1.0, 1.0, 1.0, 99.0, float("nan"), 1.0],
+        }
+    )
     columns = {f: f for f in ("entity_id", "region", "metric", "event_time", "value")}
     counts = RejectWindows(rules, HOUR).count(raw, rules=rules, columns=columns, time_format="iso")
     assert counts == {
@@ -484,8 +512,11 @@ def test_rejects_stay_local_and_those_with_a_valid_time_ride_with_their_window(m
     (fed.directory / "feeds" / "gamma" / "bad.jsonl").write_text("{not json\n")
     land(fed, 0)
     implausible = with_times(hour_of(fed, "gamma", 1), at(1) + timedelta(minutes=5))
-    write_feed(implausible.set_column(implausible.schema.get_field_index("value"), "value", pa.array([1e6])),
-               fed.directory / "feeds" / "gamma" / "implausible.jsonl", "jsonl")
+    write_feed(
+        implausible.set_column(implausible.schema.get_field_index("value"), "value", pa.array([1e6])),
+        fed.directory / "feeds" / "gamma" / "implausible.jsonl",
+        "jsonl",
+    )
     driver = StreamDriver(fed.config, clock=lambda: at(2))
     driver.step()
     assert driver.state.unwindowed == {"gamma": {"malformed_record": 1}}
@@ -497,8 +528,11 @@ def test_rejects_stay_local_and_those_with_a_valid_time_ride_with_their_window(m
     assert exact_rejects_in_store(fed.config.store_path) == []
     assert driver.window_plan(at(1)).carried_rejects == {"gamma": {"out_of_range": 1}}
     assert driver.window_plan(START).carried_rejects == {}
-    tallies = {(r["interval_start"], r["institution"]): r["count"] for r in Store(fed.config.store_path)
-               .read("rejects").to_pylist() if r["reason"] == "out_of_range"}
+    tallies = {
+        (r["interval_start"], r["institution"]): r["count"]
+        for r in Store(fed.config.store_path).read("rejects").to_pylist()
+        if r["reason"] == "out_of_range"
+    }
     assert tallies[at(1), "gamma"] == 1 and tallies[START, "gamma"] == 0  # noise off: the tally, exactly
 
 
@@ -576,3 +610,136 @@ def test_windows_overlapping_a_batch_release_are_refused_and_the_stream_goes_on(
     audit = Store(fed.config.store_path).read("audit").to_pylist()
     refused = [a for a in audit if a["action"] == "contribution_refused"]
     assert len(refused) == 2 and all("overlaps" in a["reason"] for a in refused)  # one per refused window
+
+
+@pytest.mark.e2e
+def test_windows_closable_together_are_released_in_one_run_each_charged_on_its_own(make_federation):
+    """Three windows become closable at one moment: one release run releases them, each its own interval (its
+    own release id and ledger charge), and one commit of `releases` makes all of them queryable at once."""
+    fed = stream_federation(make_federation, noise=True)
+    for hour in range(3):
+        land(fed, hour)
+    driver = StreamDriver(fed.config, clock=lambda: at(3))
+    driver.ingest()
+    store = Store(fed.config.store_path)
+    before = store.delta_table("releases").version()
+    assert driver.close_windows() == [at(0), at(1), at(2)]
+    windows = [driver.state.windows[at(h).isoformat()] for h in range(3)]
+    assert [w.status for w in windows] == [WindowStatus.RELEASED] * 3
+    assert len({w.released_at for w in windows}) == 1
+    from fusion.plan import plan_release
+
+    ids = [plan_release(fed.config, at(h), at(h + 1)).key.release_id for h in range(3)]
+    assert [w.release_id for w in windows] == ids and len(set(ids)) == 3
+    writes = [
+        entry
+        for entry in store.delta_table("releases").history()
+        if entry["version"] > before and entry["operation"] == "WRITE"
+    ]
+    assert len(writes) == 1  # (compaction may follow it: it rewrites files, adds no rows)
+    rows = store.read("releases")
+    assert sorted(set(rows.column("release_id").to_pylist())) == sorted(ids)
+    assert sorted(set(rows.column("window_start").to_pylist())) == [at(0), at(1), at(2)]
+    budget = store.read("budget").to_pylist()
+    assert len(budget) == 1 and budget[0]["releases"] == 3 and sorted(budget[0]["release_ids"]) == sorted(ids)
+    spends = [a for a in store.read("audit").to_pylist() if a["action"] == "budget_spend"]
+    assert sorted(a["release_id"] for a in spends) == sorted(ids)
+
+
+def test_a_streaming_job_counts_readings_beyond_the_allowed_lateness_as_late(make_federation):
+    """On a distributed runner Beam drops too-late readings only at a grouping, after the spool: the job routes
+    them to dead letters and its reject counts instead (`late` in their window), so they are neither spooled nor
+    released, and the release side counts them like any other reject, locally."""
+    import json
+
+    from apache_beam.testing.test_stream import TestStream
+
+    from pipelines.stream_sources import SpoolUnbounded
+
+    fed = stream_federation(make_federation, subdir="too-late")
+    first = fed.config.institutions[0].id
+
+    def payload(hour: int, rows: int | None = None) -> bytes:
+        lo, hi = START + hour * HOUR, START + (hour + 1) * HOUR
+        table = fed.raw[first]
+        part = table.filter(
+            pc.and_(pc.greater_equal(table.column("event_time"), lo), pc.less(table.column("event_time"), hi))
+        )
+        part = part if rows is None else part.slice(0, rows)
+        return "\n".join(
+            json.dumps({**r, "event_time": r["event_time"].isoformat()}) for r in part.to_pylist()
+        ).encode()
+
+    on_time = [payload(0), payload(1)]
+    stream = (
+        TestStream()
+        .advance_watermark_to(START.timestamp())
+        .add_elements([TimestampedValue((first, on_time[0]), at(0).timestamp())])
+        .advance_watermark_to(at(1).timestamp())  # hour 0 ends (allowed lateness 0): later readings of it are late
+        .add_elements([TimestampedValue((first, on_time[1]), at(1).timestamp())])
+        .advance_watermark_to(at(2).timestamp() + 1)
+        .add_elements([TimestampedValue((first, payload(0, rows=4)), at(0).timestamp())])
+        .advance_watermark_to_infinity()
+    )
+    # The late message differs from the first one (4 of its rows): it is a new message, not a redelivery.
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    with beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | stream | SpoolUnbounded(fed.config)
+    spool = Path(fed.config.stream_spool_path) / first
+    hour0 = sum(pq.read_table(p).num_rows for p in (spool / at(0).strftime("%Y%m%dT%H%M%SZ")).glob("*.parquet"))
+    assert hour0 == len(on_time[0].splitlines())  # the too-late rows were not spooled
+    counts = [json.loads(p.read_text()) for p in (spool / "_rejects").glob("*.json")]
+    assert counts == [{"rejects": {"late": 4}, "windows": {at(0).isoformat(): {"late": 4}}}]
+    dead = list((fed.directory / "deadletter" / first / "stream").glob("*late*.parquet"))
+    assert sum(pq.read_table(p).num_rows for p in dead) == 4
+
+    driver = StreamDriver(fed.config, releases_only=True, clock=lambda: at(3))
+    driver.run(sleep=lambda s: setattr(driver, "stop_requested", True))
+    driver.step()  # a later scan of the spool (no reading spooled after the release) keeps the count
+    assert driver.state.windows[at(0).isoformat()].rejects == {first: {"late": 4}}
+    assert driver.state.rejected == 4
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == sum(len(p.splitlines()) for p in on_time)
+    assert exact_rejects_in_store(fed.config.store_path) == []
+
+
+def test_a_micro_batch_in_process_does_what_the_beam_pipeline_does(make_federation, tmp_path):
+    """The local stream runs a micro-batch's DoFns in process (no pipeline per step); on a named runner it runs
+    the Beam pipeline: both spool the same files and report the same readings, late ones and rejects."""
+    from pipelines.run import beam_options
+    from pipelines.stream import run_micro_batch, run_micro_batch_in_process
+
+    fed = stream_federation(make_federation, subdir="in-process")
+    for hour in range(2):
+        land(fed, hour)
+    inst = fed.config.institutions[0]
+    bad = with_times(hour_of(fed, inst.id, 0), at(0), at(1) + timedelta(minutes=5))
+    bad = bad.set_column(bad.schema.get_field_index("metric"), "metric", pa.array(["?", "?"]))
+    write_feed(bad, fed.directory / "feeds" / inst.id / "bad.parquet", "parquet")
+    driver = StreamDriver(fed.config, clock=lambda: at(2))
+    inputs = driver._discover()
+    letters = tmp_path / "letters"
+    dead = {i.id: str(letters / i.id) for i in fed.config.institutions}
+    closed = frozenset({at(0).isoformat()})  # hour 0 has closed: its readings are late
+    spool = Path(fed.config.stream_spool_path)
+    results, files = [], []
+    for way in ("beam", "in process"):
+        shutil.rmtree(spool, ignore_errors=True)
+        shutil.rmtree(letters, ignore_errors=True)
+        common = {"closed": closed, "dead_letter_dirs": dead, "now": at(2), "start": START}
+        if way == "beam":
+            batch = run_micro_batch(
+                fed.config, inputs, summary_path=str(letters / "summary.json"), options=beam_options(), **common
+            )
+        else:
+            batch = run_micro_batch_in_process(fed.config, inputs, **common)
+        results.append((sorted(batch.spooled), sorted(batch.late), sorted(map(repr, batch.rejects))))
+        files.append(
+            sorted(str(p.relative_to(spool)) for p in spool.rglob("*.parquet"))
+            + sorted(p.name for p in letters.rglob("*.parquet"))
+        )
+    assert results[0] == results[1] and files[0] == files[1]
+    spooled, late, rejects = results[1]
+    assert {w for _, w, _, _ in spooled} == {at(1).isoformat()} and late
+    assert any("unknown_metric" in r for r in rejects)

@@ -1,0 +1,126 @@
+"""One release run for every stream window closable at one moment: each window stays its own release.
+
+A window is a disjoint interval with its own release id, envelopes, noise, budget charge and signature, exactly
+as if it were released alone (`fusion batch` over that window's spool). What the run shares is the work around
+them: each role step runs over all the windows before the next one starts (contribute, aggregate, unmask,
+aggregate, release), the key holder loads the secret context once, and the decoded cells of every window are
+committed together (one `audit`, one `rejects` and one `releases` commit), so all of them become queryable at
+the same moment, and a burst of windows (a stream catching up, `--drain`) costs one run, not one per window.
+
+A window refused (budget spent, below the quorum, an overlapping interval) is recorded with its reason and the
+others go on. Re-running a run after a crash is safe for the same reasons a batch release is: sealed envelopes
+are reused, the ledger charges a release once, and the commits are keyed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fusion.errors import ReleaseRefused
+from fusion.keys import load_secret_context_bytes
+from fusion.ledger import BudgetExceeded, BudgetLedger
+from fusion.plan import ReleasePlan
+from fusion.store import Store
+from fusion.store_mode import bind_store_mode
+from pipelines.batch import audit_feeds
+from pipelines.release import PreparedRelease, ReleaseOutcome, audit_event, prepare_release, publish_releases
+from pipelines.run import run_aggregate, run_contributions, run_unmask
+from privacy import he
+
+
+@dataclass(frozen=True)
+class WindowOutcome:
+    """What the run did with one window's release."""
+
+    release_id: str
+    status: str  # released | already_released | refused
+    reason: str | None = None  # why it was refused
+
+
+def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
+    """Release the windows of `plans` (disjoint intervals of one federation) in one run, in process; one outcome
+    per plan, in order."""
+    if not plans:
+        return []
+    config = plans[0].config
+    store = Store(config.store_path)
+    store.ensure_tables()
+    bind_store_mode(store, config.privacy.mode)  # before any work: the release step checks it again
+    released = store.release_ids()
+    outcomes: dict[str, WindowOutcome] = {
+        p.key.release_id: WindowOutcome(p.key.release_id, "already_released")
+        for p in plans
+        if p.key.release_id in released
+    }
+
+    def refuse(plan: ReleasePlan, exc: Exception) -> None:
+        outcomes[plan.key.release_id] = WindowOutcome(plan.key.release_id, "refused", str(exc))
+
+    ledger = BudgetLedger(store)
+    pending = []
+    for plan in (p for p in plans if p.key.release_id not in outcomes):
+        try:  # refused before any work if the period's budget cannot take it (the release step decides)
+            ledger.check(
+                period=plan.period,
+                release_id=plan.key.release_id,
+                charge=plan.params.charge(plan.key.start, plan.key.end),
+                cap=plan.config.privacy.cap,
+                delta=plan.params.delta,
+            )
+        except BudgetExceeded as exc:
+            audit_event(plan, store, action="budget_refused", reason=str(exc), detail={"period": plan.period.name})
+            refuse(plan, exc)
+            continue
+        pending.append(plan)
+    # Every institution's contribution to every window: windows are small, so each runs in process.
+    contributed = []
+    for plan in pending:
+        try:
+            reports = run_contributions(plan, plan.config.institutions, in_process=True)
+        except ReleaseRefused as exc:  # an institution will not seal this interval (it overlaps one it sealed)
+            audit_event(plan, store, action="contribution_refused", reason=str(exc), detail={})
+            refuse(plan, exc)
+            continue
+        audit_feeds(plan, store, reports)
+        contributed.append((plan, reports))
+    aggregated = []
+    for plan, reports in contributed:
+        try:
+            status = run_aggregate(plan, in_process=True)
+            if status["status"] == "awaiting_unmask":  # the roster is closed: every included institution answers
+                run_unmask(plan, [i for i in plan.config.institutions if i.id in status["unmask_pending"]])
+                status = run_aggregate(plan, in_process=True)
+            if status["status"] != "aggregated":
+                raise ReleaseRefused(f"aggregation did not complete: {status}")
+        except ReleaseRefused as exc:  # below the quorum: say why the institutions that did not contribute did not
+            withheld = [r["withheld"] for _, r in sorted(reports.items()) if r.get("withheld")]
+            refuse(plan, ReleaseRefused(f"{exc}. Withheld: {' | '.join(withheld)}") if withheld else exc)
+            continue
+        aggregated.append(plan)
+    # The key holder: each window charged, decrypted and signed on its own; all committed together.
+    prepared: list[PreparedRelease] = []
+    if aggregated:
+        context = he.load_secret_context(load_secret_context_bytes(config))
+        for plan in aggregated:
+            try:
+                result = prepare_release(plan, store, context=context)
+            except (BudgetExceeded, ReleaseRefused) as exc:
+                refuse(plan, exc)
+                continue
+            if isinstance(result, ReleaseOutcome):
+                outcomes[plan.key.release_id] = WindowOutcome(result.release_id, result.status)
+            else:
+                prepared.append(result)
+    try:
+        published = publish_releases(prepared, store) if prepared else []
+    except ReleaseRefused:  # one window's record refuses it (a racing pass signed other rows): the others go on
+        published = []
+        for one in prepared:
+            try:
+                published += publish_releases([one], store)
+            except ReleaseRefused as exc:
+                refuse(one.plan, exc)
+    for outcome in published:
+        outcomes[outcome.release_id] = WindowOutcome(outcome.release_id, outcome.status)
+    return [outcomes[p.key.release_id] for p in plans]
