@@ -51,7 +51,9 @@ docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # Benchmarks: N readings (default 10M); bench-only deps (PipelineDP) go to bench/.deps, not the main venv.
+# SCALING: the sizes of the scaling table (1 and 2 workers each; SCALING= skips it).
 N ?= 10000000
+SCALING ?= 1000000,10000000,30000000
 BENCH_DEPS := bench/.deps/.installed
 
 $(BENCH_DEPS): bench/requirements.lock $(STAMP)
@@ -59,7 +61,7 @@ $(BENCH_DEPS): bench/requirements.lock $(STAMP)
 	@touch $(BENCH_DEPS)
 
 bench: setup $(BENCH_DEPS)
-	$(BIN)/python -m bench.run --rows $(N) $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --rows $(N) --scaling=$(SCALING) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo site bench/.deps bench/out .pytest_cache .mypy_cache .ruff_cache

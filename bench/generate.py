@@ -30,6 +30,9 @@ METRICS = {  # name: (unit, lower, upper, resolution, plausible)
 CHUNK_ROWS = 262_144
 FILE_ROWS = 1_048_576
 READINGS_PER_ENTITY = 200
+#: Entity-level bounds of the bench (L0: cells an entity may touch; Linf: its readings a cell).
+ENTITY_MAX_PARTITIONS = 24
+ENTITY_MAX_PER_PARTITION = 4
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,11 @@ def config_text(
     if not noise:
         lines.append("noise = false")
     if entity_level:
-        lines += ['unit = "entity"', "max_partitions = 24", "max_readings_per_partition = 4"]
+        lines += [
+            'unit = "entity"',
+            f"max_partitions = {ENTITY_MAX_PARTITIONS}",
+            f"max_readings_per_partition = {ENTITY_MAX_PER_PARTITION}",
+        ]
     lines += ["[pipeline]", f"shard_rows = {shard_rows}", f"batch_rows = {batch_rows}"]
     for name, (unit, lower, upper, resolution, plausible) in METRICS.items():
         lines += [

@@ -16,7 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.generate import END, METRICS, REGIONS, START, BenchData, config_text
+from bench.generate import (
+    END,
+    ENTITY_MAX_PARTITIONS,
+    ENTITY_MAX_PER_PARTITION,
+    METRICS,
+    REGIONS,
+    START,
+    BenchData,
+    config_text,
+)
 
 
 def peak_rss_mb() -> float:
@@ -55,34 +64,119 @@ def duckdb_reference(data: BenchData, *, threads: int = 2, repeats: int = 3) -> 
     return _time_duckdb(sql, threads=threads, repeats=repeats)
 
 
-def duckdb_checked_reference(data: BenchData, *, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
-    """Plain DuckDB doing the non-private part of Fusion's work: every check validation makes (present fields,
-    known metric and region, time in the interval, finite and plausible value) and exact de-duplication, then the
-    same GROUP BY. Not a target; it shows what the privacy machinery costs beside exact, validated ingestion."""
+def _checked_readings(data: BenchData) -> tuple[str, str]:
+    """(WITH-list entries, source) of the readings that pass every check validation makes (present fields, known
+    metric and region, time in the interval, finite and plausible value), exactly de-duplicated, in plain SQL."""
     plausible = ", ".join(f"('{name}', {spec[4][0]}, {spec[4][1]})" for name, spec in METRICS.items())
     regions = ", ".join(f"'{r}'" for r in REGIONS)
-    sql = f"""
-        WITH limits(metric, low, high) AS (VALUES {plausible})
-        SELECT metric, region, time_bucket(INTERVAL '15 minutes', event_time) AS window_start,
-               count(*) AS count, sum(value) AS sum
-        FROM (
+    ctes = f"""limits(metric, low, high) AS (VALUES {plausible}),
+        checked AS (
             SELECT DISTINCT trim(r.entity_id) AS entity_id, trim(r.region) AS region, trim(r.metric) AS metric,
                    r.event_time, r.value
             FROM read_parquet('{data.glob()}') r JOIN limits l ON trim(r.metric) = l.metric
             WHERE nullif(trim(r.entity_id), '') IS NOT NULL AND trim(r.region) IN ({regions})
               AND r.event_time >= TIMESTAMPTZ '{START.isoformat()}' AND r.event_time < TIMESTAMPTZ '{END.isoformat()}'
               AND isfinite(r.value) AND r.value BETWEEN l.low AND l.high
-        )
+        )"""
+    return ctes, "checked"
+
+
+def duckdb_checked_reference(data: BenchData, *, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
+    """Plain DuckDB doing the non-private part of Fusion's event-level work: every check validation makes and
+    exact de-duplication, then the same GROUP BY. Fusion's event-level throughput is held against it."""
+    ctes, source = _checked_readings(data)
+    sql = f"""
+        WITH {ctes}
+        SELECT metric, region, time_bucket(INTERVAL '15 minutes', event_time) AS window_start,
+               count(*) AS count, sum(value) AS sum
+        FROM {source}
         GROUP BY ALL
     """
     return _time_duckdb(sql, threads=threads, repeats=repeats)
 
 
+def bounded_sql(data: BenchData, *, max_partitions: int, max_per_partition: int) -> str:
+    """The entity-level reference query (see `duckdb_bounded_reference`)."""
+    ctes, source = _checked_readings(data)
+    return f"""
+        WITH {ctes},
+        windowed AS (
+            SELECT entity_id, metric, region, time_bucket(INTERVAL '15 minutes', event_time) AS window_start, value
+            FROM {source}
+        ),
+        cells AS (
+            SELECT *, hash(entity_id, metric, region, window_start, 2026) AS cell_priority, random() AS row_priority
+            FROM windowed
+        ),
+        bounded AS (
+            SELECT metric, region, window_start, value FROM cells
+            WINDOW by_cell AS (PARTITION BY entity_id ORDER BY cell_priority, metric, region, window_start),
+                   by_row AS (PARTITION BY entity_id ORDER BY cell_priority, metric, region, window_start, row_priority)
+            QUALIFY dense_rank() OVER by_cell <= {int(max_partitions)}
+                AND row_number() OVER by_row - rank() OVER by_cell < {int(max_per_partition)}
+        )
+        SELECT metric, region, window_start, count(*) AS count, sum(value) AS sum
+        FROM bounded
+        GROUP BY ALL
+    """
+
+
+def duckdb_bounded_reference(
+    data: BenchData,
+    *,
+    max_partitions: int = ENTITY_MAX_PARTITIONS,
+    max_per_partition: int = ENTITY_MAX_PER_PARTITION,
+    threads: int = 2,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Plain DuckDB doing the non-private part of Fusion's entity-level work: the same checks and de-duplication,
+    then the same L0/Linf bounding with window functions (each entity keeps a random set of at most
+    `max_partitions` cells, and at most `max_per_partition` random readings in each), then the same GROUP BY.
+    Fusion's entity-level throughput is held against it. The windows share one sort per entity (cells by a
+    hashed priority, rows by a random one within their cell): about 1.4x faster here than a second window
+    partitioned by cell, so the reference is the faster of the two plain ways to write it."""
+    sql = bounded_sql(data, max_partitions=max_partitions, max_per_partition=max_per_partition)
+    return _time_duckdb(sql, threads=threads, repeats=repeats)
+
+
+#: Where a release's time goes, by the code that spends it (self time of the functions whose module or name
+#: contains one of the patterns; the first category that matches takes it).
+COST_ITEMS = (
+    ("Skellam noise (ChaCha20 Poisson draws)", ("privacy/skellam.py",)),
+    ("HE: contexts, encryption, sum, decryption", ("tenseal", "privacy/he.py")),
+    ("envelopes: deflate, digests, signatures", ("zlib", "_hashlib", "ed25519", "privacy/envelope", "signing")),
+    ("masks and Shamir shares", ("privacy/sharing.py", "privacy/masking", "privacy/noise_shares.py", "x25519")),
+    ("fsync of kept records", ("posix.fsync",)),
+    ("Delta store: commits and reads", ("deltalake", "fusion/store.py")),
+    ("Beam: building, translating, scheduling", ("apache_beam",)),
+    ("DuckDB: scan and validation", ("duckdb", "validation.py:connect")),
+    ("files: listing, reading, writing, removing", ("posix.", "os>:walk", "shutil", "io.", "pathlib", "exchange.py")),
+)
+
+
+def cost_items(stats: Any) -> dict[str, float]:
+    """Self time per COST_ITEMS category (plus `other`) from a pstats.Stats."""
+    items = {name: 0.0 for name, _ in COST_ITEMS} | {"other": 0.0}
+    for (filename, _line, function), (_calls, _primitive, self_time, _cumulative, _callers) in stats.stats.items():
+        where = f"{filename}:{function}"
+        name = next((n for n, patterns in COST_ITEMS if any(p in where for p in patterns)), "other")
+        items[name] += self_time
+    return items
+
+
 def fusion_batch(
-    data: BenchData, workdir: Path, *, entity_level: bool, noise: bool = True, beam_args: list[str] | None = None
+    data: BenchData,
+    workdir: Path,
+    *,
+    entity_level: bool,
+    noise: bool = True,
+    beam_args: list[str] | None = None,
+    profile: bool = False,
+    in_process: bool = False,
 ) -> dict[str, Any]:
     """Fusion end to end (`run_batch`: contribute, aggregate, unmask, aggregate, release) in a fresh federation
-    over the generated feeds. Keys are created first and not timed."""
+    over the generated feeds. Keys are created first and not timed. `profile`: run under cProfile and report its
+    self time by COST_ITEMS (cProfile slows Python code more than native code: shares, not seconds)."""
     from fusion.config import load_config
     from fusion.keys import create_keys
     from fusion.plan import plan_release
@@ -106,9 +200,23 @@ def fusion_batch(
     def on_stage(stage: str) -> None:
         marks.append((stage, time.perf_counter()))
 
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     began = time.perf_counter()
-    summary = run_batch(plan, beam_args=beam_args or [], on_stage=on_stage)
+    cpu_began = time.process_time()
+    summary = run_batch(plan, beam_args=beam_args or [], on_stage=on_stage, in_process=in_process)
     seconds = time.perf_counter() - began
+    cpu_seconds = time.process_time() - cpu_began
+    items = None
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        items = cost_items(pstats.Stats(profiler))
     ends = [t for _, t in marks[1:]] + [began + seconds]
     for (stage, start), end in zip(marks, ends, strict=True):
         stages[stage] = stages.get(stage, 0.0) + (end - start)
@@ -116,7 +224,9 @@ def fusion_batch(
     envelope_bytes = [p.stat().st_size for p in contributions]
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,  # this process's CPU time (every thread), not its children's
         "stages": stages,
+        **({"profile_self_seconds": items} if items is not None else {}),
         "status": summary.status,
         "cells": summary.cells,
         "slots": plan.layout.slots,
@@ -290,6 +400,8 @@ def main(argv: list[str]) -> None:
         result = duckdb_reference(data)
     elif kind == "duckdb_checked":
         result = duckdb_checked_reference(data)
+    elif kind == "duckdb_bounded":
+        result = duckdb_bounded_reference(data)
     elif kind == "fusion":
         result = fusion_batch(
             data,
@@ -297,6 +409,8 @@ def main(argv: list[str]) -> None:
             entity_level=args.get("entity_level", False),
             noise=args.get("noise", True),
             beam_args=args.get("beam_args"),
+            profile=args.get("profile", False),
+            in_process=args.get("in_process", False),
         )
     elif kind == "readings":
         result = fusion_readings(data, workdir, entity_level=args.get("entity_level", False))

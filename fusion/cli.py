@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         help="contribute even if more of the interval's rows were rejected than the institution's max_reject_rate "
         "(by default it then seals nothing)",
     )
+    batch.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every role step in this process without building a Beam pipeline (the same steps; faster for "
+        "one machine; not with Beam options)",
+    )
     stream = with_config(sub.add_parser("stream", help="stream the feeds: release each window as it closes"))
     stream.add_argument("--stdin", metavar="INSTITUTION", help="also read this institution's JSON lines on stdin")
     stream.add_argument(
@@ -322,6 +328,8 @@ def _print_counts(row_counts: dict[str, dict[str, Any]], *, withheld: bool = Tru
 def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     from pipelines.batch import run_batch
 
+    if args.in_process and beam_args:
+        raise FusionError(f"--in-process builds no Beam pipeline: drop it or the Beam options ({' '.join(beam_args)})")
     plan = _plan(args)
     started = time.monotonic()
     console.print(
@@ -342,7 +350,13 @@ def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             console.log(f"[cyan]{stage}[/cyan]: {stages[stage]}")
             status.update(f"{stage}...")
 
-        summary = run_batch(plan, beam_args=beam_args, on_stage=on_stage, accept_rejects=args.accept_rejects)
+        summary = run_batch(
+            plan,
+            beam_args=beam_args,
+            on_stage=on_stage,
+            accept_rejects=args.accept_rejects,
+            in_process=args.in_process,
+        )
     if summary.status == "already_released":
         console.print(f"Interval already released as {summary.release_id}; nothing done, no budget spent.")
         return 0

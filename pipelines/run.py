@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from fusion.config import InstitutionConfig
 from fusion.errors import ReleaseRefused
@@ -34,6 +34,15 @@ from pipelines.unmask import Answer, acknowledge, seal_unmask
 def names_runner(beam_args: Sequence[str]) -> bool:
     """Whether the pass-through Beam arguments choose a runner (otherwise the local DirectRunner runs)."""
     return any(a.startswith("--runner") for a in beam_args)
+
+
+def spreads_work(beam_args: Sequence[str]) -> bool:
+    """Whether the scan shards should be redistributed among workers: a runner is named, or the DirectRunner is
+    given several workers (in one in-memory worker, the extra shuffle would only cost time)."""
+    if names_runner(beam_args):
+        return True
+    workers = PipelineOptions(list(beam_args)).view_as(DirectOptions).direct_num_workers
+    return workers != 1
 
 
 def beam_options(beam_args: Sequence[str] = ()) -> PipelineOptions:
@@ -121,7 +130,7 @@ def run_contributions(
         elif pending:
             # One pipeline for all of them: only packed vectors (one per scan shard) cross between its stages.
             with beam_scratch(), beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-                spread = names_runner(beam_args)
+                spread = spreads_work(beam_args)
                 _ = pipeline | Contribute(plan, pending, spread=spread, accept_rejects=accept_rejects)
     finally:
         remove_staging(plan, pending)  # what is derived from the readings does not outlive the run

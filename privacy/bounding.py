@@ -69,31 +69,72 @@ def bound_contributions(
     return (pair_rank[pair_of_row] < max_partitions) & (row_rank < max_per_partition)
 
 
+#: An entity with more rows than PREFILTER x L0 has its pairs pre-filtered by priority before the sort (see
+#: `_bound_in_duckdb`): about PREFILTER x L0 of its pairs survive when its rows lie in distinct cells.
+PREFILTER = 2
+
+
 def _bound_in_duckdb(
-    entity: np.ndarray, cell: np.ndarray, max_partitions: int, max_per_partition: int, generator: np.random.Generator
+    entity: np.ndarray,
+    cell: np.ndarray,
+    max_partitions: int,
+    max_per_partition: int,
+    generator: np.random.Generator,
+    *,
+    prefilter: bool = True,
 ) -> np.ndarray:
     """The same choice as the NumPy path, as one window query: cells ranked per entity by their pair priority
     (ties broken by the cell, so distinct cells always get distinct ranks), rows ranked within their cell by a
-    random number each."""
+    random number each.
+
+    `prefilter` sorts only the pairs that can be kept, and keeps exactly the same rows: an entity with n rows
+    (n > PREFILTER x L0) first drops the pairs whose priority lies above 2^64 x PREFILTER x L0 / n. What survives
+    is a prefix of the entity's pairs in priority order, so if at least L0 distinct pairs survive, its L0 first
+    pairs are among them, ranked as among all its pairs, each with all its rows. An entity left with fewer (rare
+    unless its rows crowd into few cells) is ranked again over all of its rows."""
     salt = int(generator.integers(0, 2**63))  # keys the pair priorities: each call orders the cells afresh
     table = pa.table(
         {"e": entity, "c": cell, "r": generator.random(entity.size), "i": np.arange(entity.size, dtype=np.int64)}
     )
+    l0, linf = int(max_partitions), int(max_per_partition)
+    # p: a pseudo-random priority per (entity, cell) pair, the same for all of a pair's rows. One sort per entity
+    # by (p, cell, row priority) serves all three windows: the dense rank of (p, c) is the cell's rank, and
+    # row_number - rank (rank: the pair's first row) the row's rank within its cell.
+    ranks = """dense_rank() OVER (PARTITION BY e ORDER BY p, c) AS pair_rank,
+                row_number() OVER (PARTITION BY e ORDER BY p, c, r)
+                    - rank() OVER (PARTITION BY e ORDER BY p, c) AS row_rank"""
+    if prefilter:
+        cutoff = PREFILTER * l0
+        sql = f"""
+            WITH b AS (SELECT i, e, c, r, hash(e, c, {salt}) AS p FROM fusion_bounding),
+            n AS (SELECT e, count(*) AS n FROM fusion_bounding GROUP BY e),
+            ranked AS MATERIALIZED (
+                SELECT i, e, {ranks}
+                FROM b JOIN n USING (e)
+                WHERE n.n <= {cutoff} OR CAST(b.p AS DOUBLE) < 18446744073709551616.0 * {cutoff} / n.n
+            ),
+            short AS MATERIALIZED (
+                SELECT e FROM n WHERE n.n > {cutoff}
+                EXCEPT
+                SELECT e FROM ranked GROUP BY e HAVING max(pair_rank) >= {l0}
+            ),
+            redone AS (
+                SELECT i, {ranks} FROM b SEMI JOIN short USING (e)
+            )
+            SELECT i FROM ranked ANTI JOIN short USING (e) WHERE pair_rank <= {l0} AND row_rank < {linf}
+            UNION ALL
+            SELECT i FROM redone WHERE pair_rank <= {l0} AND row_rank < {linf}"""
+    else:
+        sql = f"""
+            WITH b AS (SELECT i, e, c, r, hash(e, c, {salt}) AS p FROM fusion_bounding),
+            ranked AS (SELECT i, {ranks} FROM b)
+            SELECT i FROM ranked WHERE pair_rank <= {l0} AND row_rank < {linf}"""
     con = duckdb.connect(":memory:")
     con.execute("SET enable_progress_bar = false")  # it would draw on the user's terminal past 2 s
     try:
         con.execute("SET threads = 2")
         con.register("fusion_bounding", table)
-        # p: a pseudo-random priority per (entity, cell) pair, the same for all of a pair's rows. One sort per
-        # entity by (p, cell, row priority) serves all three windows: the dense rank of (p, c) is the cell's rank,
-        # and row_number - rank (rank: the pair's first row) the row's rank within its cell.
-        kept = con.sql(
-            f"""WITH b AS (SELECT i, e, c, r, hash(e, c, {salt}) AS p FROM fusion_bounding)
-            SELECT i FROM b
-            QUALIFY dense_rank() OVER (PARTITION BY e ORDER BY p, c) <= {int(max_partitions)}
-                AND row_number() OVER (PARTITION BY e ORDER BY p, c, r) - rank() OVER (PARTITION BY e ORDER BY p, c)
-                    < {int(max_per_partition)}"""
-        ).fetchnumpy()["i"]
+        kept = con.sql(sql).fetchnumpy()["i"]
     finally:
         con.close()
     keep = np.zeros(entity.size, dtype=bool)

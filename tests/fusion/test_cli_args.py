@@ -52,3 +52,15 @@ def test_stream_refusals_group_by_kind_and_lags_read_as_durations() -> None:
     assert _reason_kind(overlap) == "institution a already sealed <interval>, which overlaps <interval>"
     assert [_duration(s) for s in (7.4, 65, 3 * 3600 + 120, 29_100_287)] == ["7s", "1m 5s", "3h 2m", "336d 19h"]
     assert _duration(-1805) == "-30m 5s"  # readings ahead of the clock (within max_clock_skew)
+
+
+def test_in_process_batch_refuses_beam_options_naming_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fusion batch --in-process` builds no pipeline, so Beam options would be silently ignored: it refuses."""
+    from tests.conftest import config_text
+
+    config = tmp_path / "federation.toml"
+    config.write_text(config_text(institutions=[("alpha", "parquet"), ("beta", "csv")], quorum=2))
+    code = main(["batch", "--config", str(config), "--start", "2026-01-01T00:00", "--end", "2026-01-02T00:00",
+                 "--in-process", "--direct_num_workers=2"])
+    assert code != 0
+    assert "--in-process builds no Beam pipeline" in capsys.readouterr().err.replace("\n", " ")
