@@ -656,6 +656,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
         + f"  error bars below assume {plan.contributors} contributing institutions"
     )
+    if config.models:  # training runs spend the same ledger: what each would take its period to
+        from training.planning import model_plan_lines
+
+        console.print(
+            "[bold]Training[/bold] (fusion train; nothing is spent)\n" + "\n".join(model_plan_lines(config)),
+            highlight=False,
+        )
     if args.format == "table":  # one row per statistic, one column per metric: "sd (+-95% half-width)"
         from fusion.predictions import noise_table
 

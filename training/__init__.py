@@ -3,9 +3,12 @@
 
 - `train_into_store`, `last_committed`, `forecast` (training.run): `fusion train` against the store: the budget
   ledger charged before each sum is decrypted, each round committed to the `models` table, resume
-- `train`, `TrainingSettings`, `Institution`, `RoundRecord` (training.trainer): the rounds, in memory
+- `train`, `TrainingSettings`, `Institution`, `RoundRecord`, `RoundSummer` (training.trainer): the rounds, in memory
 - `plan_budget`, `TrainingBudget`, `TrainingSensitivity` (training.accounting): calibration and epsilon (RDP)
 - `secure_sum`, `Federation`, `RoundId` (training.secure_sum): one round's noised, masked, encrypted, signed sum
+- the module `training.exchange_round` (imported on use: it loads Beam): a round through the releases' roles,
+  `ExchangeFederation`, and each party's step (`seal_contribution`, `aggregate`, `answer`, `decrypt`)
+- the module `training.feed_rows`: a model's rows from an institution's own feeds (`feed_rows`)
 - the module `training.gradients`: per-example gradients, clipping, randomised rounding, the contribution vector
 """
 
@@ -14,13 +17,14 @@ from __future__ import annotations
 from training.accounting import TrainingBudget, TrainingSensitivity, plan_budget
 from training.run import forecast, last_committed, train_into_store
 from training.secure_sum import Federation, RoundId, secure_sum
-from training.trainer import Institution, RoundRecord, TrainingSettings, train
+from training.trainer import Institution, RoundRecord, RoundSummer, TrainingSettings, train
 
 __all__ = [
     "Federation",
     "Institution",
     "RoundId",
     "RoundRecord",
+    "RoundSummer",
     "TrainingBudget",
     "TrainingSensitivity",
     "TrainingSettings",

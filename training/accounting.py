@@ -80,7 +80,5 @@ def plan_budget(
     if rounds < 1:
         raise ValueError(f"a training run needs at least one round, got {rounds}")
     sensitivity = TrainingSensitivity(clip=clip, scale=scale, dimension=dimension)
-    variance = calibrate_variance(
-        epsilon=epsilon, delta=delta, l1=sensitivity.l1, l2=sensitivity.l2, releases=rounds
-    )
+    variance = calibrate_variance(epsilon=epsilon, delta=delta, l1=sensitivity.l1, l2=sensitivity.l2, releases=rounds)
     return TrainingBudget(sensitivity=sensitivity, rounds=rounds, variance=variance, delta=delta)

@@ -6,6 +6,7 @@ privacy unit as the releases of the readings it learns from) before its sum is d
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,10 +34,10 @@ from fusion.registry import (
 from fusion.store import Store
 from fusion.training_config import ModelConfig
 from privacy.accountant import Composition, ReleaseCharge
-from schemas.tables import MODELS_SCHEMA
+from schemas.tables import AUDIT_SCHEMA, MODELS_SCHEMA
 from training.accounting import TrainingBudget
 from training.secure_sum import Federation, Party, RoundId, RoundSum
-from training.trainer import Institution, RoundRecord, TrainingSettings, train
+from training.trainer import Institution, RoundRecord, RoundSummer, TrainingSettings, train
 
 
 @dataclass(frozen=True)
@@ -141,10 +142,73 @@ def model_row(settings: TrainingSettings, budget_variance: float, record: RoundR
     return pa.Table.from_pylist([doc], schema=MODELS_SCHEMA)
 
 
+def charged_release_ids(store: Store) -> set[str]:
+    """Every release id the budget ledger has charged (releases' and rounds')."""
+    return {r for ids in BudgetLedger(store).rows().column("release_ids").to_pylist() for r in ids}
+
+
+def next_round_id(settings: TrainingSettings, number: int, charged: set[str]) -> RoundId:
+    """Round `number`'s id: its first attempt not yet charged (a round charged but never committed, a crash in
+    between, is drawn and charged anew)."""
+    attempt = 0
+    while RoundId(settings.model_id, number, settings.digest(), attempt).release_id in charged:
+        attempt += 1
+    return RoundId(settings.model_id, number, settings.digest(), attempt)
+
+
+def audit_rows(
+    settings: TrainingSettings, record: RoundRecord, release_id: str, terms: LedgerTerms, period_epsilon: float | None
+) -> pa.Table:
+    """The round's `audit` rows, as a release's: the envelopes the aggregator refused, then the round itself
+    (action `training_round`, by the key holder, with the aggregate's hash and what it cost)."""
+    now = datetime.now(UTC)
+
+    def row(event: str, action: str, role: str, reason: str | None, content: str | None, detail: object) -> dict:
+        return {
+            "event_id": f"{release_id}:{event}",
+            "at": now,
+            "actor_role": role,
+            "actor": settings.model_id,
+            "action": action,
+            "release_id": release_id,
+            "interval_start": terms.start,
+            "interval_end": terms.end,
+            "reason": reason,
+            "content_sha256": content,
+            "detail": json.dumps(detail, sort_keys=True, default=str),
+        }
+
+    rows = [
+        row(f"refused-envelope:{k}", "envelope_refused", "aggregator", r.get("reason"), None, r)
+        for k, r in enumerate(record.sum.refused)
+    ]
+    rows.append(
+        row(
+            "trained",
+            "training_round",
+            "key_holder",
+            None,
+            record.sum.aggregate_digest,
+            {
+                "model": settings.model_id,
+                "round": record.round,
+                "rounds": settings.rounds,
+                "contributors": list(record.sum.contributors),
+                "noise_variance": record.sum.noise_variance,
+                "epsilon": record.epsilon,
+                "delta": settings.delta,
+                "period": terms.period.name,
+                "period_epsilon_spent": period_epsilon,
+            },
+        )
+    )
+    return pa.Table.from_pylist(rows, schema=AUDIT_SCHEMA)
+
+
 def train_into_store(
     store: Store,
     settings: TrainingSettings,
-    federation: Federation,
+    federation: RoundSummer,
     data: Mapping[str, Institution],
     *,
     classes: int,
@@ -159,33 +223,48 @@ def train_into_store(
     if start is not None and start.round >= settings.rounds:
         return start
     ledger = BudgetLedger(store)
-    charged = {r for ids in ledger.rows().column("release_ids").to_pylist() for r in ids}
+    charged = charged_release_ids(store)
     variance: list[float] = []
+    spends: dict[int, float] = {}  # round -> the period's epsilon after its charge
     names: dict[int, RoundId] = {}
 
     def round_id(number: int) -> RoundId:
         """The round's id: a round charged but never committed (a crash in between) is drawn and charged anew."""
-        attempt = 0
-        while RoundId(settings.model_id, number, settings.digest(), attempt).release_id in charged:
-            attempt += 1
-        names[number] = RoundId(settings.model_id, number, settings.digest(), attempt)
+        names[number] = next_round_id(settings, number, charged)
         return names[number]
 
     def pay(round_id: RoundId, budget: TrainingBudget, aggregate_sha256: str) -> None:
         variance[:] = [budget.variance]
-        ledger.spend(
-            period=terms.period, release_id=round_id.release_id, aggregate_sha256=aggregate_sha256,
-            charge=terms.charge(budget), cap=terms.cap, delta=terms.delta,
+        spent = ledger.spend(
+            period=terms.period,
+            release_id=round_id.release_id,
+            aggregate_sha256=aggregate_sha256,
+            charge=terms.charge(budget),
+            cap=terms.cap,
+            delta=terms.delta,
         )
+        spends[round_id.round] = spent.epsilon_after
 
     def commit(record: RoundRecord) -> None:
-        store.insert_new("models", model_row(settings, variance[0], record, names[record.round].release_id))
+        release_id = names[record.round].release_id
+        # Audit first, the model last (both keyed): a re-run after a crash in between completes the round.
+        store.insert_new("audit", audit_rows(settings, record, release_id, terms, spends.get(record.round)))
+        store.insert_new("models", model_row(settings, variance[0], record, release_id))
         if progress is not None:
             progress(record)
 
     return train(
-        settings, federation, data, classes=classes, generators=generators, start=start, present=present,
-        on_round=commit, pay=pay, held_out=held_out, round_ids=round_id,
+        settings,
+        federation,
+        data,
+        classes=classes,
+        generators=generators,
+        start=start,
+        present=present,
+        on_round=commit,
+        pay=pay,
+        held_out=held_out,
+        round_ids=round_id,
     )
 
 
@@ -227,17 +306,24 @@ def institution_rows(model: ModelConfig, path: Path, what: str) -> Institution:
     target = table.column(model.target).to_numpy(zero_copy_only=False)
     if not np.isfinite(features.astype(np.float64)).all():
         raise FusionError(f"{what}: {path} holds missing or infinite feature values; drop or fill those rows")
-    if ((target < 0) | (target >= model.classes) | (target != np.round(target))).any():
-        raise FusionError(f"{what}: {path}'s '{model.target}' must hold class numbers 0..{model.classes - 1}")
+    if ((target < 0) | (target >= model.class_count) | (target != np.round(target))).any():
+        raise FusionError(f"{what}: {path}'s '{model.target}' must hold class numbers 0..{model.class_count - 1}")
     return Institution(features.astype(np.float32), target.astype(np.int64))
 
 
 def settings_for(config: Config, model: ModelConfig) -> TrainingSettings:
     return TrainingSettings(
-        model_id=model.name, hidden=model.hidden, rounds=model.rounds, clip=model.clip,
-        learning_rate=model.learning_rate, final_learning_rate=model.final_learning_rate, momentum=model.momentum,
+        model_id=model.name,
+        hidden=model.hidden,
+        rounds=model.rounds,
+        clip=model.clip,
+        learning_rate=model.learning_rate,
+        final_learning_rate=model.final_learning_rate,
+        momentum=model.momentum,
         epsilon=model.epsilon,
-        delta=config.privacy.delta, scale=model.scale, quorum=config.privacy.quorum,
+        delta=config.privacy.delta,
+        scale=model.scale,
+        quorum=config.privacy.quorum,
         max_colluding=config.privacy.max_colluding,
     )
 
@@ -247,5 +333,11 @@ def terms_for(config: Config, model: ModelConfig) -> LedgerTerms:
     if not start < end:
         raise FusionError(f"models.{model.name}: start {model.start} is not before end {model.end}")
     composition = Composition.SEQUENTIAL if config.privacy.unit is PrivacyUnit.ENTITY else Composition.PARALLEL
-    return LedgerTerms(period=period_of(config, start, end), cap=config.privacy.cap, delta=config.privacy.delta,
-                       composition=composition, start=start, end=end)
+    return LedgerTerms(
+        period=period_of(config, start, end),
+        cap=config.privacy.cap,
+        delta=config.privacy.delta,
+        composition=composition,
+        start=start,
+        end=end,
+    )

@@ -4,10 +4,9 @@ that cancel in the sum (privacy/masking.py), BFV encryption (privacy/he.py) and 
 (privacy/envelope.py); the aggregator checks each signature and adds the ciphertexts, signs the aggregate; the key
 holder checks that signature and decrypts only the noisy sum.
 
-Simplification, stated: the contributors of a round are known before anyone seals (the trainer runs every
-institution in one process), so the masks are agreed among them and a dropped institution simply has no pair
-masks; the exchange-based path (self masks, Shamir-shared keys, noise layers removed after the roster) is the
-releases' (pipelines/), not yet wired to training.
+This is the in-process path (every party's keys in one `Federation`), for tests and benchmarks that run many
+rounds: the contributors are known before anyone seals, so the masks are agreed among them. `fusion train` runs its
+rounds through the exchange and the releases' roles instead (training/exchange_round.py).
 """
 
 from __future__ import annotations
@@ -70,6 +69,18 @@ class Federation:
             public_context=public_context,
         )
 
+    def sum_round(
+        self,
+        vectors: Mapping[str, np.ndarray],
+        *,
+        round_id: RoundId,
+        layers: NoiseLayers,
+        generators: Mapping[str, np.random.Generator],
+        pay: Callable[[str], None] | None = None,
+    ) -> RoundSum:
+        """One round in this process (`secure_sum`): the trainer's `RoundSummer`."""
+        return secure_sum(self, vectors, round_id=round_id, layers=layers, generators=generators, pay=pay)[0]
+
 
 @dataclass(frozen=True)
 class RoundId:
@@ -100,6 +111,7 @@ class RoundSum:
     envelope_digests: dict[str, str]  # contributor -> SHA-256 of its envelope
     aggregate_digest: str
     bytes_per_contributor: int
+    refused: tuple[dict[str, str], ...] = ()  # envelopes the aggregator refused (reason, source), for the audit
 
 
 def layout_digest(round_id: RoundId, slots: int) -> str:
@@ -107,8 +119,16 @@ def layout_digest(round_id: RoundId, slots: int) -> str:
     return hashlib.sha256(f"{round_id.release_id}|{slots}".encode()).hexdigest()
 
 
-def _header(round_id: RoundId, *, kind: str, slots: int, contributors: tuple[str, ...], variance: float,
-            public_context: bytes, federation: str) -> EnvelopeHeader:
+def _header(
+    round_id: RoundId,
+    *,
+    kind: str,
+    slots: int,
+    contributors: tuple[str, ...],
+    variance: float,
+    public_context: bytes,
+    federation: str,
+) -> EnvelopeHeader:
     now = datetime.now(UTC).isoformat()
     return EnvelopeHeader(
         kind=kind,
@@ -143,13 +163,24 @@ def seal_contribution(
     party = federation.institutions[institution]
     peers = {i: federation.institutions[i].agreement_public for i in contributors}
     mask = pairwise_mask(
-        institution, party.agreement_private, peers, slots=vector.size, modulus=he.PLAIN_MODULUS,
+        institution,
+        party.agreement_private,
+        peers,
+        slots=vector.size,
+        modulus=he.PLAIN_MODULUS,
         context=round_id.context,
     )
     context = he.load_public_context(federation.public_context)
     ciphertexts = he.encrypt_vector(context, add_mod(noised, mask, he.PLAIN_MODULUS), residues=True)
-    header = _header(round_id, kind="contribution", slots=vector.size, contributors=(institution,), variance=share,
-                     public_context=federation.public_context, federation=federation.name)
+    header = _header(
+        round_id,
+        kind="contribution",
+        slots=vector.size,
+        contributors=(institution,),
+        variance=share,
+        public_context=federation.public_context,
+        federation=federation.name,
+    )
     return pack_envelope(header, ciphertexts, signing_key=party.signing_private), noised
 
 
@@ -168,8 +199,15 @@ def aggregate(federation: Federation, envelopes: Mapping[str, bytes], *, round_i
         parts.append(ciphertexts)
         variance += header.noise_variance
     summed = he.add_encrypted(context, parts)
-    header = _header(round_id, kind="aggregate", slots=slots, contributors=tuple(sorted(envelopes)),
-                     variance=variance, public_context=federation.public_context, federation=federation.name)
+    header = _header(
+        round_id,
+        kind="aggregate",
+        slots=slots,
+        contributors=tuple(sorted(envelopes)),
+        variance=variance,
+        public_context=federation.public_context,
+        federation=federation.name,
+    )
     return pack_envelope(header, summed, signing_key=federation.aggregator.signing_private)
 
 
@@ -201,8 +239,13 @@ def secure_sum(
     envelopes, noised = {}, {}
     for institution in contributors:
         envelopes[institution], noised[institution] = seal_contribution(
-            federation, institution, vectors[institution], round_id=round_id, contributors=contributors,
-            layers=layers, generator=generators[institution],
+            federation,
+            institution,
+            vectors[institution],
+            round_id=round_id,
+            contributors=contributors,
+            layers=layers,
+            generator=generators[institution],
         )
     aggregate_envelope = aggregate(federation, envelopes, round_id=round_id, slots=slots)
     if pay is not None:

@@ -10,9 +10,9 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from privacy.noise_shares import NoiseLayers
 from privacy.skellam import MAX_POISSON_RATE
 from training.accounting import TrainingBudget, plan_budget
 from training.gradients import contribution_vector, per_example_gradients
-from training.secure_sum import Federation, RoundId, RoundSum, secure_sum
+from training.secure_sum import RoundId, RoundSum
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +56,24 @@ class TrainingSettings:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+class RoundSummer(Protocol):
+    """What runs a round's secure sum: the exchange and the releases' roles (training/exchange_round.py), or one
+    process with every party's keys (training/secure_sum.py, for tests and benchmarks)."""
+
+    @property
+    def institutions(self) -> Collection[str]: ...
+
+    def sum_round(
+        self,
+        vectors: Mapping[str, np.ndarray],
+        *,
+        round_id: RoundId,
+        layers: NoiseLayers,
+        generators: Mapping[str, np.random.Generator],
+        pay: Callable[[str], None] | None = None,
+    ) -> RoundSum: ...
 
 
 @dataclass(frozen=True)
@@ -115,12 +133,16 @@ def accuracy(model: torch.nn.Module, features: np.ndarray, targets: np.ndarray) 
 
 def budget_for(settings: TrainingSettings, dimension: int) -> TrainingBudget:
     return plan_budget(
-        epsilon=settings.epsilon, delta=settings.delta, rounds=settings.rounds, clip=settings.clip,
-        scale=settings.scale, dimension=dimension,
+        epsilon=settings.epsilon,
+        delta=settings.delta,
+        rounds=settings.rounds,
+        clip=settings.clip,
+        scale=settings.scale,
+        dimension=dimension,
     )
 
 
-def _check_no_wrap(settings: TrainingSettings, budget: TrainingBudget, layers: NoiseLayers, *, rows: int) -> None:
+def check_no_wrap(settings: TrainingSettings, budget: TrainingBudget, layers: NoiseLayers, *, rows: int) -> None:
     """Refuse a run whose noise Fusion cannot sample exactly (privacy/skellam.py), or whose sums could wrap mod t:
     every row at the bound in one slot (|r(gamma g_i)| <= gamma C + 1, the count slot w), plus every contributor's
     noise at NOISE_MARGIN_SDS standard deviations."""
@@ -137,9 +159,65 @@ def _check_no_wrap(settings: TrainingSettings, budget: TrainingBudget, layers: N
         raise FusionError(f"models.{settings.model_id}: {exc.args[0].split(':')[0]}; lower `scale`") from None
 
 
+@dataclass
+class Progress:
+    """A run between rounds, rebuilt from its last committed round alike by every party: the model, the noisy
+    counts seen per set of contributors (the count estimate is their running mean) and the momentum."""
+
+    model: torch.nn.Module
+    counts: dict[tuple[str, ...], list[float]]
+    velocity: np.ndarray
+
+    @classmethod
+    def resume(cls, settings: TrainingSettings, *, features: int, classes: int, start: RoundRecord | None) -> Progress:
+        """From `start` (None: the public initial model, before round 1)."""
+        model = build_model(features, classes, settings.hidden, settings.init_seed)
+        progress = cls(model, {}, np.zeros(flat_parameters(model).size))
+        if start is not None:
+            load_parameters(model, start.parameters)
+            if start.velocity is not None:
+                progress.velocity = start.velocity.astype(np.float64)
+            progress.counts[start.sum.contributors] = [start.count_estimate] * start.round  # a running mean: weighted
+        return progress
+
+    def vector(self, settings: TrainingSettings, rows: Institution, generator: np.random.Generator) -> np.ndarray:
+        """An institution's contribution to the next round (training/gradients.py)."""
+        gradients = per_example_gradients(self.model, rows.features, rows.targets)
+        return contribution_vector(gradients, clip=settings.clip, scale=settings.scale, generator=generator)
+
+    def step(
+        self,
+        settings: TrainingSettings,
+        budget: TrainingBudget,
+        number: int,
+        summed: RoundSum,
+        held_out: Institution | None = None,
+    ) -> RoundRecord:
+        """Round `number`'s update from its noisy sum: theta <- theta - lr * (momentum) g_hat / n_hat."""
+        seen = self.counts.setdefault(summed.contributors, [])
+        seen.append(float(summed.noisy_sum[-1]) / budget.sensitivity.count_weight)
+        count = max(float(np.mean(seen)), 1.0)
+        gradient = summed.noisy_sum[:-1].astype(np.float64) / settings.scale / count
+        self.velocity = settings.momentum * self.velocity + gradient
+        step = settings.learning_rate_at(number) * self.velocity
+        load_parameters(self.model, flat_parameters(self.model) - step.astype(np.float32))
+        metrics = {}
+        if held_out is not None:
+            metrics["accuracy"] = accuracy(self.model, held_out.features, held_out.targets)
+        return RoundRecord(
+            number,
+            flat_parameters(self.model),
+            count,
+            budget.epsilon_after(number),
+            summed,
+            metrics,
+            self.velocity.astype(np.float32) if settings.momentum else None,
+        )
+
+
 def train(
     settings: TrainingSettings,
-    federation: Federation,
+    federation: RoundSummer,
     data: Mapping[str, Institution],
     *,
     classes: int,
@@ -156,51 +234,23 @@ def train(
     `on_round` once each round is complete (commit it there). `present(round)` names the
     institutions that contribute to a round (default: all). Returns the last round."""
     features = next(iter(data.values())).features.shape[1]
-    model = build_model(features, classes, settings.hidden, settings.init_seed)
-    dimension = flat_parameters(model).size
-    budget = budget_for(settings, dimension)
+    progress = Progress.resume(settings, features=features, classes=classes, start=start)
+    budget = budget_for(settings, progress.velocity.size)
     layers = NoiseLayers(
-        total_variance=budget.variance, quorum=settings.quorum, institutions=len(federation.institutions),
+        total_variance=budget.variance,
+        quorum=settings.quorum,
+        institutions=len(federation.institutions),
         max_colluding=settings.max_colluding,
     )
-    weight = budget.sensitivity.count_weight
-    _check_no_wrap(settings, budget, layers, rows=sum(d.targets.size for d in data.values()))
-    counts: dict[tuple[str, ...], list[float]] = {}  # contributors -> their rounds' noisy counts
+    check_no_wrap(settings, budget, layers, rows=sum(d.targets.size for d in data.values()))
     record = start
-    velocity = np.zeros(dimension)
-    if start is not None:
-        load_parameters(model, start.parameters)
-        if start.velocity is not None:
-            velocity = start.velocity.astype(np.float64)
-        counts[start.sum.contributors] = [start.count_estimate] * start.round  # its running mean, so weighted
     for number in range((start.round if start else 0) + 1, settings.rounds + 1):
         ids = sorted(present(number) if present else data)
-        vectors = {
-            i: contribution_vector(
-                per_example_gradients(model, data[i].features, data[i].targets),
-                clip=settings.clip, scale=settings.scale, generator=generators[i],
-            )
-            for i in ids
-        }
+        vectors = {i: progress.vector(settings, data[i], generators[i]) for i in ids}
         round_id = round_ids(number) if round_ids else RoundId(settings.model_id, number, settings.digest())
         charge = None if pay is None else functools.partial(pay, round_id, budget)
-        summed, _ = secure_sum(
-            federation, vectors, round_id=round_id, layers=layers, generators=generators, pay=charge
-        )
-        seen = counts.setdefault(summed.contributors, [])
-        seen.append(float(summed.noisy_sum[-1]) / weight)
-        count = max(float(np.mean(seen)), 1.0)
-        gradient = summed.noisy_sum[:-1].astype(np.float64) / settings.scale / count
-        velocity = settings.momentum * velocity + gradient
-        step = settings.learning_rate_at(number) * velocity
-        load_parameters(model, flat_parameters(model) - step.astype(np.float32))
-        metrics = {}
-        if held_out is not None:
-            metrics["accuracy"] = accuracy(model, held_out.features, held_out.targets)
-        record = RoundRecord(
-            number, flat_parameters(model), count, budget.epsilon_after(number), summed, metrics,
-            velocity.astype(np.float32) if settings.momentum else None,
-        )
+        summed = federation.sum_round(vectors, round_id=round_id, layers=layers, generators=generators, pay=charge)
+        record = progress.step(settings, budget, number, summed, held_out)
         if on_round is not None:
             on_round(record)
     if record is None:

@@ -63,6 +63,11 @@ def test_train_plans_then_trains_and_resumes(
     assert "2 rounds (2 left)" in out and "epsilon 0.0000 ->" in out
     config = load_config(fed.config_path)
     assert Store(config.store_path).read("models").num_rows == 0  # --plan trains nothing
+    # `fusion plan` predicts every model's spend too, on the same ledger, before any runs.
+    assert main(["plan", "--config", str(fed.config_path), "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    assert "model tiny: 26 parameters, 2 rounds (2 left)" in out
+    assert "model greedy:" in out and "would pass the cap" in out
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "round 1/2: 3 contributors" in out and "round 2/2" in out and "held-out accuracy" in out
@@ -70,6 +75,11 @@ def test_train_plans_then_trains_and_resumes(
     assert [m["round"] for m in models] == [1, 2] and models[-1]["epsilon"] <= 1.0
     budget = Store(config.store_path).read("budget").to_pylist()
     assert budget[0]["release_ids"] == [m["release_id"] for m in models]
+    # Each round went through the exchange's role path and left an audit row, as a release does.
+    audit = [a for a in Store(config.store_path).read("audit").to_pylist() if a["action"] == "training_round"]
+    assert sorted(a["release_id"] for a in audit) == sorted(m["release_id"] for m in models)
+    assert all(a["actor_role"] == "key_holder" and a["content_sha256"] for a in audit)
+    assert (config.base / "exchange" / "training" / "tiny").is_dir()
     assert main(argv) == 0  # everything committed: nothing runs again
     assert "(0 left)" in capsys.readouterr().out
 
@@ -95,3 +105,34 @@ def test_train_refuses_a_run_over_the_period_cap_before_its_first_round(
     config = load_config(fed.config_path)
     assert Store(config.store_path).read("models").num_rows == 0
     assert Store(config.store_path).read("budget").num_rows == 0
+
+
+FEED_MODEL = """
+[[models]]
+name = "air-temp-next-hour"
+features = ["air_temp"]
+target = "air_temp"
+horizon = "1h"
+target_bins = [1.0, 6.0]
+start = "2026-01-01T00:00"
+end = "2026-01-01T06:00"
+hidden = []
+rounds = 2
+learning_rate = 4.0
+momentum = 0.9
+"""
+
+
+def test_train_learns_from_the_demo_federations_feeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fusion.demo import build_demo
+
+    config_path = build_demo(tmp_path / "demo", days=1)
+    config_path.write_text(config_path.read_text() + FEED_MODEL)
+    assert main(["train", "--config", str(config_path), "--model", "air-temp-next-hour"]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    # The utility measures no air temperature: it takes no part, and every round completes without it.
+    assert "rows from the feeds: gridco 0, metservice 96, cityworks 240, portlogix 180" in out
+    assert "round 1/2: 3 contributors" in out and "round 2/2: 3 contributors" in out
+    models = Store(load_config(config_path).store_path).read("models").sort_by("round").to_pylist()
+    assert [m["contributors"] for m in models] == [["cityworks", "metservice", "portlogix"]] * 2
+    assert len(models[-1]["parameters"]) == (1 + 4 + 2) * 3 + 3

@@ -60,6 +60,13 @@ def test_every_example_is_clipped_to_the_bound() -> None:
     assert (np.linalg.norm(rounded, axis=1) <= bound).all()
 
 
+def test_the_plans_parameter_count_is_the_models() -> None:
+    from training.planning import parameter_count
+
+    for hidden in ((), (4,), (7, 3)):
+        assert parameter_count(5, 3, hidden) == sum(p.numel() for p in build_model(5, 3, hidden, 0).parameters())
+
+
 def test_per_example_gradients_match_one_at_a_time() -> None:
     import torch
 
@@ -86,8 +93,9 @@ def test_noise_variance_is_exact(federation: Federation) -> None:
     layers = NoiseLayers(total_variance=v, quorum=2, institutions=3, max_colluding=0)
     vectors = {i: np.zeros(4001, dtype=np.int64) for i in IDS}
     generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
-    summed, noised = secure_sum(federation, vectors, round_id=RoundId("m", 1, "p"), layers=layers,
-                                generators=generators)
+    summed, noised = secure_sum(
+        federation, vectors, round_id=RoundId("m", 1, "p"), layers=layers, generators=generators
+    )
     # Each of n = 3 contributors adds v / (n - 1 - c) = v / 2; the sum carries 3 v / 2.
     assert summed.noise_variance == 3 * v / 2
     assert layers.share(3) == v / 2
@@ -101,14 +109,16 @@ def test_decrypted_sum_equals_plaintext_sum_bit_for_bit(federation: Federation) 
     data = _data()
     model = build_model(5, 3, (4,), 0)
     vectors = {
-        i: contribution_vector(per_example_gradients(model, d.features, d.targets), clip=1.0, scale=2.0**12,
-                               generator=seeded_generator(k))
+        i: contribution_vector(
+            per_example_gradients(model, d.features, d.targets), clip=1.0, scale=2.0**12, generator=seeded_generator(k)
+        )
         for k, (i, d) in enumerate(data.items())
     }
     layers = NoiseLayers(total_variance=1e9, quorum=3, institutions=3, max_colluding=0)
     generators = {i: seeded_generator(10 + k) for k, i in enumerate(IDS)}
-    summed, noised = secure_sum(federation, vectors, round_id=RoundId("m", 1, "p"), layers=layers,
-                                generators=generators)
+    summed, noised = secure_sum(
+        federation, vectors, round_id=RoundId("m", 1, "p"), layers=layers, generators=generators
+    )
     plain = np.sum([noised[i] for i in IDS], axis=0)
     np.testing.assert_array_equal(summed.noisy_sum, plain)
     assert summed.noisy_sum[-1] != 0 and not np.array_equal(noised["alpha"], vectors["alpha"])
@@ -118,21 +128,30 @@ def test_a_round_with_a_dropped_institution_completes(federation: Federation) ->
     layers = NoiseLayers(total_variance=100.0, quorum=2, institutions=3, max_colluding=0)
     vectors = {i: np.arange(10, dtype=np.int64) for i in ("alpha", "gamma")}
     generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
-    summed, noised = secure_sum(federation, vectors, round_id=RoundId("m", 2, "p"), layers=layers,
-                                generators=generators)
+    summed, noised = secure_sum(
+        federation, vectors, round_id=RoundId("m", 2, "p"), layers=layers, generators=generators
+    )
     assert summed.contributors == ("alpha", "gamma")
     assert summed.noise_variance == 2 * 100.0  # h(2) = 1: each of the two holds all of v
     np.testing.assert_array_equal(summed.noisy_sum, noised["alpha"] + noised["gamma"])
     with pytest.raises(RoundRefused, match="quorum"):
-        secure_sum(federation, {"alpha": vectors["alpha"]}, round_id=RoundId("m", 2, "p"), layers=layers,
-                   generators=generators)
+        secure_sum(
+            federation, {"alpha": vectors["alpha"]}, round_id=RoundId("m", 2, "p"), layers=layers, generators=generators
+        )
 
 
 def test_an_envelope_of_another_round_is_refused(federation: Federation) -> None:
     layers = NoiseLayers(total_variance=100.0, quorum=1, institutions=3, max_colluding=0)
     vector = np.zeros(8, dtype=np.int64)
-    envelope, _ = seal_contribution(federation, "alpha", vector, round_id=RoundId("m", 1, "p"), contributors=("alpha",),
-                                    layers=layers, generator=seeded_generator(0))
+    envelope, _ = seal_contribution(
+        federation,
+        "alpha",
+        vector,
+        round_id=RoundId("m", 1, "p"),
+        contributors=("alpha",),
+        layers=layers,
+        generator=seeded_generator(0),
+    )
     with pytest.raises(RoundRefused, match="another round"):
         aggregate(federation, {"alpha": envelope}, round_id=RoundId("m", 2, "p"), slots=8)
     with pytest.raises(RoundRefused, match="not signed"):
@@ -150,8 +169,7 @@ def test_reported_epsilon_matches_an_independent_computation() -> None:
     d2 = math.hypot(4096.0 + math.sqrt(2410), math.ceil(4096 / 4))
     d1 = math.sqrt(2410) * (4096.0 + math.sqrt(2410)) + math.ceil(4096 / 4)
     rdp = [
-        30 * (a * d2**2 / (2 * v) + min(((2 * a - 1) * d2**2 + 6 * d1) / (4 * v**2), 3 * d1 / (2 * v)))
-        for a in ORDERS
+        30 * (a * d2**2 / (2 * v) + min(((2 * a - 1) * d2**2 + 6 * d1) / (4 * v**2), 3 * d1 / (2 * v))) for a in ORDERS
     ]
     epsilon, _ = get_privacy_spent(orders=list(ORDERS), rdp=rdp, delta=1e-5)
     assert budget.epsilon == pytest.approx(float(epsilon), rel=1e-9)
@@ -160,8 +178,17 @@ def test_reported_epsilon_matches_an_independent_computation() -> None:
 
 
 def _settings(rounds: int) -> TrainingSettings:
-    return TrainingSettings(model_id="tiny", hidden=(4,), rounds=rounds, clip=1.0, learning_rate=0.5, epsilon=2.0,
-                            delta=1e-5, quorum=2, momentum=0.5)
+    return TrainingSettings(
+        model_id="tiny",
+        hidden=(4,),
+        rounds=rounds,
+        clip=1.0,
+        learning_rate=0.5,
+        epsilon=2.0,
+        delta=1e-5,
+        quorum=2,
+        momentum=0.5,
+    )
 
 
 def test_resume_after_a_crash_continues_from_the_last_committed_round(federation: Federation) -> None:
@@ -174,25 +201,45 @@ def test_resume_after_a_crash_continues_from_the_last_committed_round(federation
             raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError, match="crash"):
-        train(_settings(4), federation, data, classes=3, on_round=crash_after_two,
-              generators={i: seeded_generator(k) for k, i in enumerate(IDS)})
+        train(
+            _settings(4),
+            federation,
+            data,
+            classes=3,
+            on_round=crash_after_two,
+            generators={i: seeded_generator(k) for k, i in enumerate(IDS)},
+        )
     assert [r.round for r in committed] == [1, 2]
     resumed: list[RoundRecord] = []
-    last = train(_settings(4), federation, data, classes=3, start=committed[-1], on_round=resumed.append,
-                 generators={i: seeded_generator(9 + k) for k, i in enumerate(IDS)},
-                 present=lambda r: {"alpha", "beta"} if r == 3 else set(IDS))
+    last = train(
+        _settings(4),
+        federation,
+        data,
+        classes=3,
+        start=committed[-1],
+        on_round=resumed.append,
+        generators={i: seeded_generator(9 + k) for k, i in enumerate(IDS)},
+        present=lambda r: {"alpha", "beta"} if r == 3 else set(IDS),
+    )
     assert [r.round for r in resumed] == [3, 4]
     assert resumed[0].sum.contributors == ("alpha", "beta")  # round 3 lost gamma and completed all the same
-    assert last.epsilon == pytest.approx(plan_budget(epsilon=2.0, delta=1e-5, rounds=4, clip=1.0, scale=2.0**12,
-                                                     dimension=last.parameters.size).epsilon)
+    assert last.epsilon == pytest.approx(
+        plan_budget(epsilon=2.0, delta=1e-5, rounds=4, clip=1.0, scale=2.0**12, dimension=last.parameters.size).epsilon
+    )
     assert np.isfinite(last.parameters).all()
 
 
 def _terms() -> LedgerTerms:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     period = Period("2026-01-01", start, start + timedelta(days=1))
-    return LedgerTerms(period=period, cap=5.0, delta=1e-5, composition=Composition.SEQUENTIAL, start=start,
-                       end=start + timedelta(hours=6))
+    return LedgerTerms(
+        period=period,
+        cap=5.0,
+        delta=1e-5,
+        composition=Composition.SEQUENTIAL,
+        start=start,
+        end=start + timedelta(hours=6),
+    )
 
 
 def test_a_run_spends_the_ledger_commits_models_and_resumes(federation: Federation, tmp_path: Path) -> None:
@@ -201,8 +248,14 @@ def test_a_run_spends_the_ledger_commits_models_and_resumes(federation: Federati
     generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
     # A release of the same readings already spent part of the period: training composes with it.
     release = ReleaseCharge(SkellamMechanism(3.16e7, 4, 600), terms.start, terms.end, Composition.SEQUENTIAL)
-    BudgetLedger(store).spend(period=terms.period, release_id="r-1", aggregate_sha256="a" * 64, charge=release,
-                              cap=terms.cap, delta=terms.delta)
+    BudgetLedger(store).spend(
+        period=terms.period,
+        release_id="r-1",
+        aggregate_sha256="a" * 64,
+        charge=release,
+        cap=terms.cap,
+        delta=terms.delta,
+    )
     budget = budget_for(settings, 5 * 4 + 4 + 4 * 3 + 3)
     predicted = forecast(store, budget, terms, remaining=3)
     assert predicted.period_epsilon_before > 0 and predicted.fits
@@ -212,8 +265,9 @@ def test_a_run_spends_the_ledger_commits_models_and_resumes(federation: Federati
             raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError, match="crash"):  # the crash comes once round 2 is committed
-        train_into_store(store, settings, federation, data, classes=3, terms=terms, generators=generators,
-                         progress=crash_after_two)
+        train_into_store(
+            store, settings, federation, data, classes=3, terms=terms, generators=generators, progress=crash_after_two
+        )
     assert sorted(store.read("models").column("round").to_pylist()) == [1, 2]
     last = train_into_store(store, settings, federation, data, classes=3, terms=terms, generators=generators)
     assert last is not None and last.round == 3
@@ -228,11 +282,13 @@ def test_a_run_spends_the_ledger_commits_models_and_resumes(federation: Federati
     assert row["release_ids"][0] == "r-1" and row["release_ids"][1:] == [m["release_id"] for m in models]
     # The ledger's epsilon: the release and three rounds composed (RDP: a round is a norm-bound mechanism).
     curves = mechanism_rdp(release.mechanism) + 3 * skellam_rdp(
-        variance=budget.variance, l1=budget.sensitivity.l1, l2=budget.sensitivity.l2)
+        variance=budget.variance, l1=budget.sensitivity.l1, l2=budget.sensitivity.l2
+    )
     assert row["epsilon_spent"] == pytest.approx(epsilon_from_rdp(curves, delta=terms.delta))
     assert row["epsilon_spent"] == pytest.approx(predicted.period_epsilon_after)
-    assert train_into_store(store, settings, federation, data, classes=3, terms=terms,
-                            generators=generators).round == 3  # nothing left to run
+    assert (
+        train_into_store(store, settings, federation, data, classes=3, terms=terms, generators=generators).round == 3
+    )  # nothing left to run
 
 
 def test_a_round_charged_but_lost_is_drawn_and_charged_anew(federation: Federation, tmp_path: Path) -> None:
@@ -244,10 +300,22 @@ def test_a_round_charged_but_lost_is_drawn_and_charged_anew(federation: Federati
         raise RuntimeError("crash before commit")
 
     with pytest.raises(RuntimeError):
-        train(settings, federation, _data(), classes=3, generators=generators, on_round=crash,
-              pay=lambda rid, budget, digest: BudgetLedger(store).spend(
-                  period=terms.period, release_id=rid.release_id, aggregate_sha256=digest,
-                  charge=terms.charge(budget), cap=terms.cap, delta=terms.delta))
+        train(
+            settings,
+            federation,
+            _data(),
+            classes=3,
+            generators=generators,
+            on_round=crash,
+            pay=lambda rid, budget, digest: BudgetLedger(store).spend(
+                period=terms.period,
+                release_id=rid.release_id,
+                aggregate_sha256=digest,
+                charge=terms.charge(budget),
+                cap=terms.cap,
+                delta=terms.delta,
+            ),
+        )
     last = train_into_store(store, settings, federation, _data(), classes=3, terms=terms, generators=generators)
     assert last is not None and last.round == 1
     row = BudgetLedger(store).rows().to_pylist()[0]
@@ -282,7 +350,8 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(federation: Federati
 
 
 def test_a_run_whose_noise_cannot_be_sampled_exactly_is_refused(federation: Federation) -> None:
-    settings = TrainingSettings(model_id="huge", hidden=(), rounds=1, clip=1.0, learning_rate=0.5, epsilon=1.0,
-                                delta=1e-5, scale=2.0**40)
+    settings = TrainingSettings(
+        model_id="huge", hidden=(), rounds=1, clip=1.0, learning_rate=0.5, epsilon=1.0, delta=1e-5, scale=2.0**40
+    )
     with pytest.raises(FusionError, match=r"models\.huge: the calibrated noise .* lower `scale`"):
         train(settings, federation, _data(), classes=3, generators={i: seeded_generator(0) for i in IDS})

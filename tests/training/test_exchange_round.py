@@ -1,0 +1,175 @@
+"""A training round through the releases' role path (training/exchange_round.py): envelopes in the exchange, the
+aggregator's sum and roster, the unmask round, the key holder's paid-for decryption."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusion.config import load_config
+from fusion.exchange import contribution_path, roster_path
+from privacy.noise_shares import NoiseLayers
+from privacy.skellam import seeded_generator
+from tests.conftest import Federation
+from training.exchange_round import ExchangeFederation, aggregate, answer, decrypt, open_round, seal_contribution
+from training.secure_sum import RoundId, RoundRefused
+
+START, END = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 6, tzinfo=UTC)
+IDS = ("alpha", "beta", "gamma")
+
+
+def _vectors(slots: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {i: rng.integers(-5000, 5000, size=slots) for i in IDS}
+
+
+def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable[..., Federation]) -> None:
+    fed = make_federation(noise=True, entities=2)
+    config = load_config(fed.config_path)
+    federation = ExchangeFederation(config, START, END)
+    round_id = RoundId("m", 1, "p")
+    plan = federation.plan(round_id, slots=9001, variance=400.0)  # two ciphertexts
+    open_round(plan, config.exchange_path)
+    vectors = _vectors(9001)
+    noised: dict[str, np.ndarray] = {}
+    for k, i in enumerate(IDS):
+        _, kept = seal_contribution(plan, i, vectors[i], generator=seeded_generator(k))
+        assert kept is not None and not np.array_equal(kept, vectors[i])
+        noised[i] = kept
+        # Published under the releases' own layout of the exchange, masked: its ciphertexts are not the vector.
+        assert contribution_path(plan.config.exchange_path, plan.key, i).endswith(f"{i}.fenv")
+    assert aggregate(plan)["status"] == "awaiting_unmask"  # the roster closes: the unmask round starts
+    for i in IDS:
+        answer(plan, i)
+    status = aggregate(plan)
+    assert status["status"] == "aggregated" and status["contributors"] == list(IDS)
+    paid: list[str] = []
+    header, total, _ = decrypt(plan, paid.append)
+    assert len(paid) == 1 and paid[0] == header.payload_sha256
+    plain = np.sum([noised[i] for i in IDS], axis=0)
+    np.testing.assert_array_equal(total, plain)  # the decrypted sum is the plaintext sum of the noised vectors
+    # No removable layers: each seals s_q = v / h(quorum 2) = v, and keeps it: exactly that in the header, and
+    # the seeded draws' sample variance within 10% (9,001 slots: its sd is about 1.5%).
+    assert header.noise_variance == 3 * 400.0
+    for i in IDS:
+        assert (noised[i] - vectors[i]).var() == pytest.approx(400.0, rel=0.1)
+    # Sealing again republishes the kept envelope: never a second noisy version of a round.
+    _, fresh = seal_contribution(plan, "alpha", vectors["alpha"], generator=seeded_generator(99))
+    assert fresh is None
+
+
+def test_a_round_with_a_dropped_institution_completes(make_federation: Callable[..., Federation]) -> None:
+    fed = make_federation(noise=True, entities=2)
+    config = load_config(fed.config_path)
+    federation = ExchangeFederation(config, START, END)
+    layers = NoiseLayers(total_variance=100.0, quorum=2, institutions=3, max_colluding=0)
+    vectors = {i: v for i, v in _vectors(50).items() if i != "beta"}  # beta drops out of this round
+    generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
+    summed = federation.sum_round(vectors, round_id=RoundId("m", 2, "p"), layers=layers, generators=generators)
+    assert summed.contributors == ("alpha", "gamma")
+    plan = federation.plan(RoundId("m", 2, "p"), slots=50, variance=100.0)
+    roster = json.loads(Path(roster_path(plan.config.exchange_path, plan.key)).read_text())
+    assert (roster["included"], roster["absent"]) == (["alpha", "gamma"], ["beta"])
+    # Alpha and gamma's masks with beta were removed from shares; the sum is theirs alone, with their noise.
+    noise = summed.noisy_sum - vectors["alpha"] - vectors["gamma"]
+    assert summed.noise_variance == 200.0
+    assert np.abs(noise).max() < 10 * np.sqrt(200.0)
+    with pytest.raises(RoundRefused, match="quorum"):
+        federation.sum_round(
+            {"alpha": vectors["alpha"]}, round_id=RoundId("m", 3, "p"), layers=layers, generators=generators
+        )
+
+
+def test_a_crashed_run_resumes_through_the_exchange(make_federation: Callable[..., Federation]) -> None:
+    from fusion.ledger import BudgetLedger
+    from fusion.plan import Period
+    from fusion.store import Store
+    from privacy.accountant import Composition
+    from training.run import LedgerTerms, train_into_store
+    from training.trainer import Institution, RoundRecord, TrainingSettings
+
+    fed = make_federation(noise=True, entities=2)
+    config = load_config(fed.config_path)
+    store = Store(config.store_path)
+    rng = np.random.default_rng(1)
+    data = {}
+    for i in IDS:
+        targets = rng.integers(0, 2, size=20)
+        data[i] = Institution((rng.normal(size=(20, 3)) + targets[:, None]).astype(np.float32), targets)
+    settings = TrainingSettings(model_id="x", hidden=(), rounds=2, clip=1.0, learning_rate=1.0, epsilon=2.0,
+                                delta=1e-5, quorum=2)  # fmt: skip
+    terms = LedgerTerms(period=Period("2026-01-01", START, START.replace(day=2)), cap=5.0, delta=1e-5,
+                        composition=Composition.PARALLEL, start=START, end=END)  # fmt: skip
+    federation = ExchangeFederation(config, START, END)
+    generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
+
+    def crash(record: RoundRecord) -> None:
+        raise RuntimeError("crash once round 1 is committed")
+
+    with pytest.raises(RuntimeError):
+        train_into_store(store, settings, federation, data, classes=2, terms=terms, generators=generators,
+                         progress=crash)  # fmt: skip
+    # Round 1 was committed before the progress callback crashed; a re-run goes on from it.
+    last = train_into_store(store, settings, federation, data, classes=2, terms=terms, generators=generators)
+    assert last is not None and last.round == 2
+    models = store.read("models").sort_by("round").to_pylist()
+    assert [m["round"] for m in models] == [1, 2]
+    assert BudgetLedger(store).rows().to_pylist()[0]["release_ids"] == [m["release_id"] for m in models]
+
+
+ROLE = """
+import sys
+import numpy as np
+from datetime import UTC, datetime
+from pathlib import Path
+from fusion.config import load_config
+from privacy.skellam import seeded_generator
+from training.exchange_round import ExchangeFederation, aggregate, answer, decrypt, open_round, seal_contribution
+from training.secure_sum import RoundId
+
+config = load_config(sys.argv[1])
+plan = ExchangeFederation(config, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 6, tzinfo=UTC)).plan(
+    RoundId("m", 1, "p"), slots=20, variance=50.0)
+role, who = sys.argv[2], sys.argv[3]
+if role == "institution":
+    open_round(plan, config.exchange_path)
+    _, noised = seal_contribution(plan, who, np.full(20, 1000 + len(who)), generator=seeded_generator(len(who)))
+    np.save(sys.argv[4], noised)
+elif role == "aggregator":
+    print(aggregate(plan)["status"])
+elif role == "answer":
+    print(answer(plan, who) is not None)
+else:
+    np.save(sys.argv[4], decrypt(plan, None)[1])
+"""
+
+
+def test_each_party_runs_its_step_in_its_own_process(
+    make_federation: Callable[..., Federation],
+) -> None:
+    fed = make_federation(noise=True, entities=2)
+    out = fed.directory / "out"
+    out.mkdir()
+
+    def role(*argv: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", ROLE, str(fed.config_path), *argv], capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    for i in ("alpha", "gamma"):  # beta never shows up
+        role("institution", i, str(out / f"{i}.npy"))
+    assert role("aggregator", "-") == "awaiting_unmask"
+    assert [role("answer", i) for i in ("alpha", "gamma")] == ["False", "True"]  # alpha waits for gamma's ack
+    assert role("answer", "alpha") == "True"
+    assert role("aggregator", "-") == "aggregated"
+    role("key_holder", "-", str(out / "sum.npy"))
+    total = np.load(out / "sum.npy")
+    np.testing.assert_array_equal(total, np.load(out / "alpha.npy") + np.load(out / "gamma.npy"))

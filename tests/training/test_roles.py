@@ -1,0 +1,60 @@
+"""`fusion train --role ...`: one party's step of a model's current round at a time, as releases' role commands."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from fusion.cli import main
+from fusion.config import load_config
+from fusion.store import Store
+from tests.conftest import Federation
+from tests.training.test_cli import MODEL, _rows
+
+
+def test_a_round_runs_role_by_role_with_a_dropped_institution(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    for k, inst in enumerate(("alpha", "beta", "gamma")):
+        _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    _rows(fed.directory / "training" / "held_out.parquet", 9)
+    base = ["train", "--config", str(fed.config_path), "--model", "tiny", "--role"]
+
+    def run(*argv: str) -> str:
+        assert main([*base, *argv]) == 0
+        return capsys.readouterr().out.replace("\n", " ")
+
+    assert "alpha sealed round 1" in run("institution", "--institution", "alpha")
+    assert "gamma sealed round 1" in run("institution", "--institution", "gamma")  # beta never shows up
+    assert "awaiting_unmask, contributors alpha, gamma" in run("aggregator")
+    assert "too few" in run("institution", "--institution", "alpha", "--unmask")  # it waits for gamma's signature
+    assert "gamma answered" in run("institution", "--institution", "gamma", "--unmask")
+    assert "alpha answered" in run("institution", "--institution", "alpha", "--unmask")
+    assert "aggregated" in run("aggregator")
+    assert "round 1/2 of model tiny committed: 2 contributors" in run("key-holder")
+    config = load_config(fed.config_path)
+    store = Store(config.store_path)
+    models = store.read("models").to_pylist()
+    assert [(m["round"], m["contributors"]) for m in models] == [(1, ["alpha", "gamma"])]
+    audit = [a for a in store.read("audit").to_pylist() if a["action"] == "training_round"]
+    assert [a["release_id"] for a in audit] == [models[0]["release_id"]]
+    assert store.read("budget").to_pylist()[0]["release_ids"] == [models[0]["release_id"]]
+    # The key holder cannot decrypt round 2 before it is aggregated; a whole run then finishes the model.
+    assert main([*base, "key-holder"]) == 1
+    assert "no aggregate yet" in capsys.readouterr().err
+    assert main(["train", "--config", str(fed.config_path), "--model", "tiny"]) == 0
+    assert "round 2/2: 3 contributors" in capsys.readouterr().out
+    assert sorted(store.read("models").column("round").to_pylist()) == [1, 2]
+
+
+def test_a_role_needs_its_options(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    base = ["train", "--config", str(fed.config_path), "--model", "tiny", "--role"]
+    assert main([*base, "institution"]) == 1
+    assert "--institution ID" in capsys.readouterr().err
+    assert main([*base, "aggregator", "--unmask"]) == 1
+    assert "an institution's options" in capsys.readouterr().err

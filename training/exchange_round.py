@@ -1,0 +1,263 @@
+"""One training round through the releases' role path: each institution seals its vector in a signed envelope in
+the exchange (pairwise and self masks, Shamir-shared seeds and mask keys), the aggregator sums the envelopes and
+closes the roster (pipelines/aggregate.py), each included institution acknowledges and answers it
+(pipelines/unmask.py), the aggregator removes the masks, and the key holder, once the round is paid for, decrypts
+only the noisy sum. An institution that drops out is declared absent and the round completes as a release does.
+
+A round is a `ReleasePlan` of its own: its layout is the model's vector (`RoundLayout`), its interval the readings
+the rows come from, and its exchange a folder of the federation's exchange, `training/<model>/<round id>`, so the
+releases' per-interval folders never meet a round's. Each role function loads only its own party's keys from the
+config, as the releases' commands do, so every step can run in its own process.
+
+Not (yet) as releases: the round's noise has no removable layers (each contributor seals s_q = v / h(quorum) and
+keeps it, so with more than the quorum present the noise is larger than needed, never smaller): the releases keep a
+layer's seed in one record per interval, which a model's rounds over one interval cannot share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusion.config import Config
+from fusion.errors import FusionError, ReleaseRefused
+from fusion.exchange import (
+    ReleaseKey,
+    aggregate_path,
+    contribution_path,
+    exists,
+    join,
+    public_context_path,
+    read_bytes,
+    write_bytes,
+)
+from fusion.keys import load_secret_context_bytes, published_context_digest
+from fusion.parameters import release_parameters
+from fusion.plan import ReleasePlan, period_of
+from fusion.registry import (
+    load_aggregator_public_key,
+    load_signing_key,
+    read_private,
+    write_private,
+)
+from pipelines.contribute import double_mask
+from pipelines.run import run_aggregate
+from pipelines.unmask import acknowledge, read_roster, seal_unmask
+from privacy import he
+from privacy.envelope import EnvelopeHeader, pack_envelope, signature_valid, unpack_envelope
+from privacy.layout import PartitionLayout
+from privacy.masking import centred
+from privacy.noise_shares import NoiseLayers
+from privacy.skellam import SkellamNoise
+from training.secure_sum import RoundId, RoundRefused, RoundSum
+
+
+@dataclass(frozen=True)
+class RoundLayout(PartitionLayout):
+    """A round's public layout: the model's `vector` slots (gradient sums, then the count slot) over one window,
+    the interval of the readings the rows come from. `round_name` (the round's context) makes its digest, and so
+    its release id and exchange folder, its own."""
+
+    vector: int = 1
+    round_name: str = ""
+
+    @property
+    def slots(self) -> int:
+        return self.vector
+
+    def digest(self) -> str:
+        doc = {
+            "training": self.round_name,
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "slots": self.vector,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def round_exchange(config: Config, round_id: RoundId) -> str:
+    """The round's folder in the federation's exchange."""
+    return join(config.exchange_path, "training", round_id.model_id, round_id.release_id)
+
+
+def round_plan(
+    config: Config, round_id: RoundId, *, slots: int, variance: float, start: datetime, end: datetime
+) -> ReleasePlan:
+    """The round as a release plan every party derives alike from public values: the config, the round's id, its
+    vector length and the run's calibrated variance v. No removable noise layers (module docstring)."""
+    exchange = round_exchange(config, round_id)
+    federation = config.federation.model_copy(update={"exchange": exchange})
+    round_config = config.model_copy(update={"federation": federation})
+    layout = RoundLayout(
+        metrics=("training",),
+        regions=(round_id.model_id,),
+        start=start,
+        window=end - start,
+        windows=1,
+        vector=slots,
+        round_name=round_id.context.decode(),
+    )
+    base = release_parameters(config)
+    params = dataclasses.replace(
+        base, encodings=(), total_variance=variance, institutions=base.quorum, cell_caps={}, epsilon=float("nan")
+    )
+    key = ReleaseKey(config.federation.id, layout.start, layout.end, layout.digest(), params.digest())
+    return ReleasePlan(config=round_config, layout=layout, params=params, key=key, period=period_of(config, start, end))
+
+
+def open_round(plan: ReleasePlan, federation_exchange: str) -> None:
+    """Publish the federation's public HE context in the round's folder (what the releases' steps read)."""
+    target = public_context_path(plan.config.exchange_path)
+    if not exists(target):
+        write_bytes(target, read_bytes(public_context_path(federation_exchange)))
+
+
+def _kept_path(plan: ReleasePlan, institution_id: str) -> Path:
+    keys = Path(plan.config.institution_keys_path(plan.config.institution(institution_id)))
+    return keys / "training" / f"{plan.key.release_id}.fenv"
+
+
+def seal_contribution(
+    plan: ReleasePlan, institution_id: str, vector: np.ndarray, *, generator: np.random.Generator
+) -> tuple[bytes, np.ndarray | None]:
+    """The institution's step: `vector` (int64, the round's slots) plus its Skellam share s_q, masked as a release
+    contribution is (`double_mask`: pairwise masks with its masking-graph neighbours, a self mask, both
+    Shamir-shared for the unmask round), BFV-encrypted, signed and published in the round's folder. Returns (the
+    envelope, the noised vector, which never leaves the institution; None when an envelope it sealed before was
+    published again: one noisy version of a round, ever)."""
+    kept = _kept_path(plan, institution_id)
+    path = contribution_path(plan.config.exchange_path, plan.key, institution_id)
+    if kept.exists():
+        envelope = read_private(kept, f"institution {institution_id}'s sealed training envelope")
+        write_bytes(path, envelope)
+        return envelope, None
+    if vector.shape != (plan.layout.slots,):
+        raise FusionError(f"a round's vector has {plan.layout.slots} slots, got shape {vector.shape}")
+    share = plan.params.share_variance
+    noised = vector + SkellamNoise(share, generator=generator).sample(vector.size)
+    # Masked exactly as a release contribution is (pipelines/contribute.py): pairwise masks with the round's
+    # masking-graph neighbours, a self mask, and Shamir shares of both for the unmask round.
+    masked, mask_fields = double_mask(plan, institution_id, noised)
+    public_context = read_bytes(public_context_path(plan.config.exchange_path))
+    ciphertexts = he.encrypt_vector(he.load_public_context(public_context), masked, residues=True)
+    header = plan.envelope_header(
+        kind="contribution",
+        contributors=(institution_id,),
+        noise_variance=share,
+        context_sha256=hashlib.sha256(public_context).hexdigest(),
+        reject_counts={},
+        **mask_fields,
+    )
+    envelope = pack_envelope(header, ciphertexts, signing_key=load_signing_key(plan.config, institution_id))
+    write_private(kept, envelope)  # kept before it is published: a re-run publishes these bytes, never a new draw
+    write_bytes(path, envelope)
+    return envelope, noised
+
+
+def aggregate(plan: ReleasePlan) -> dict[str, Any]:
+    """The aggregator's step (pipelines/aggregate.py, in this process): the first pass closes the roster, those
+    missing declared absent; once the answers are in, the next seals the unmasked sum. Returns its status."""
+    try:
+        return run_aggregate(plan, in_process=True, may_declare_absent=True)
+    except ReleaseRefused as exc:
+        raise RoundRefused(str(exc)) from None
+
+
+def answer(plan: ReleasePlan, institution_id: str) -> str | None:
+    """An included institution's step in the unmask round (pipelines/unmask.py): acknowledge the roster, then
+    answer it once enough have; returns its answer's path (None: too few acknowledgements yet)."""
+    return seal_unmask(plan, institution_id).path
+
+
+def acknowledge_roster(plan: ReleasePlan, institution_id: str) -> None:
+    acknowledge(plan, institution_id)
+
+
+def decrypt(plan: ReleasePlan, pay: Callable[[str], None] | None) -> tuple[EnvelopeHeader, np.ndarray, str]:
+    """The key holder's step: check the aggregate (kind, layout, parameters, the aggregator's signature, the HE
+    context, the quorum), call `pay(payload SHA-256)` (the ledger's charge), then decrypt only the noisy sum.
+    Returns (its header, the sum int64 centred mod t, the envelope's SHA-256)."""
+    path = aggregate_path(plan.config.exchange_path, plan.key)
+    if not exists(path):
+        raise RoundRefused("the round has no aggregate yet: nothing is decrypted")
+    data = read_bytes(path)
+    header, ciphertexts = unpack_envelope(data, max_ciphertexts=he.ciphertexts_for(plan.layout.slots))
+    expected = ("aggregate", plan.key.layout_digest, plan.key.parameters_digest)
+    if (header.kind, header.layout_digest, header.parameters_digest) != expected:
+        raise RoundRefused("the aggregate envelope does not match this round's layout or parameters")
+    if not signature_valid(header, load_aggregator_public_key(plan.config)):
+        raise RoundRefused("the aggregate is not signed by the federation's registered aggregator: not decrypted")
+    if header.context_sha256 != published_context_digest(plan.config):
+        raise RoundRefused("the aggregate was encrypted under another public HE context than the one published")
+    if len(header.contributors) < plan.params.quorum:
+        raise RoundRefused(f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}")
+    if pay is not None:
+        pay(header.payload_sha256)
+    context = he.load_secret_context(load_secret_context_bytes(plan.config))
+    total = centred(he.decrypt_vector(context, ciphertexts, plan.layout.slots), he.PLAIN_MODULUS)
+    return header, total, hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class ExchangeFederation:
+    """A federation whose rounds go through the exchange (training/trainer.py's `RoundSummer`): this process runs
+    each party's role function in turn, each with its own keys from the config; `present` institutions seal."""
+
+    config: Config
+    start: datetime
+    end: datetime
+
+    @property
+    def institutions(self) -> tuple[str, ...]:
+        return tuple(i.id for i in self.config.institutions)
+
+    def plan(self, round_id: RoundId, *, slots: int, variance: float) -> ReleasePlan:
+        return round_plan(self.config, round_id, slots=slots, variance=variance, start=self.start, end=self.end)
+
+    def sum_round(
+        self,
+        vectors: Mapping[str, np.ndarray],
+        *,
+        round_id: RoundId,
+        layers: NoiseLayers,
+        generators: Mapping[str, np.random.Generator],
+        pay: Callable[[str], None] | None = None,
+    ) -> RoundSum:
+        slots = next(iter(vectors.values())).size
+        plan = self.plan(round_id, slots=slots, variance=layers.total_variance)
+        open_round(plan, self.config.exchange_path)
+        envelopes = {i: seal_contribution(plan, i, vectors[i], generator=generators[i])[0] for i in sorted(vectors)}
+        status = aggregate(plan) if read_roster(plan) is None else {"status": "awaiting_unmask"}
+        if status["status"] == "awaiting_unmask":
+            run_unmask_round(plan, sorted(vectors))
+            status = aggregate(plan)
+        if status["status"] != "aggregated":
+            raise RoundRefused(f"the round was not aggregated: {status.get('reason', status['status'])}")
+        header, total, digest = decrypt(plan, pay)
+        return RoundSum(
+            noisy_sum=total,
+            contributors=header.contributors,
+            noise_variance=header.noise_variance,
+            envelope_digests={i: hashlib.sha256(e).hexdigest() for i, e in envelopes.items()},
+            aggregate_digest=digest,
+            bytes_per_contributor=max(len(e) for e in envelopes.values()),
+            refused=tuple(header.refused),
+        )
+
+
+def run_unmask_round(plan: ReleasePlan, institutions: Sequence[str]) -> None:
+    """Every included institution of `institutions` acknowledges the roster, then answers it."""
+    roster = read_roster(plan)
+    included = [i for i in institutions if roster is not None and i in roster.included]
+    for institution in included:
+        acknowledge_roster(plan, institution)
+    for institution in included:
+        answer(plan, institution)

@@ -1,0 +1,52 @@
+"""What `fusion plan` shows of the config's `[[models]]` before any of them trains: each run's epsilon and what its
+remaining rounds would take its privacy period to, on the ledger as it stands (nothing is spent). No torch: the
+parameter count is arithmetic."""
+
+from __future__ import annotations
+
+import itertools
+
+from fusion.config import Config
+from fusion.store import Store
+from fusion.training_config import ModelConfig
+from training.run import TrainingForecast, forecast, last_committed, settings_for, terms_for
+from training.trainer import budget_for
+
+
+def feature_width(config: Config, model: ModelConfig) -> int:
+    """Inputs of the model: its feature columns, or for a model on the feeds its metrics, the region one-hot and
+    the hour of day (sine, cosine) (training/feed_rows.py)."""
+    if model.rows is not None:
+        return len(model.features)
+    return len(model.features) + len(config.regions) + 2
+
+
+def parameter_count(inputs: int, classes: int, hidden: tuple[int, ...]) -> int:
+    """Weights and biases of the MLP inputs -> hidden... -> classes (training/trainer.py build_model)."""
+    widths = (inputs, *hidden, classes)
+    return sum(a * b + b for a, b in itertools.pairwise(widths))
+
+
+def model_forecast(config: Config, store: Store, model: ModelConfig) -> tuple[TrainingForecast, int, str]:
+    """(the forecast of the model's remaining rounds, rounds left, its period's name)."""
+    settings, terms = settings_for(config, model), terms_for(config, model)
+    dimension = parameter_count(feature_width(config, model), model.class_count, model.hidden)
+    done = last_committed(store, settings)
+    remaining = settings.rounds - (done.round if done else 0)
+    budget = budget_for(settings, dimension)
+    return forecast(store, budget, terms, remaining=remaining), remaining, terms.period.name
+
+
+def model_plan_lines(config: Config) -> list[str]:
+    """One line per `[[models]]` entry for `fusion plan`."""
+    store = Store(config.store_path)
+    lines = []
+    for model in config.models:
+        predicted, remaining, period = model_forecast(config, store, model)
+        verdict = "fits" if predicted.fits else "would pass the cap: `fusion train` refuses it"
+        lines.append(
+            f"  model {model.name}: {predicted.parameters:,} parameters, {predicted.rounds} rounds ({remaining} left), "
+            f"run epsilon {predicted.run_epsilon:.4f}; period {period}: epsilon {predicted.period_epsilon_before:.4f} "
+            f"-> {predicted.period_epsilon_after:.4f} of cap {predicted.cap:g} ({verdict})"
+        )
+    return lines

@@ -1,0 +1,201 @@
+"""`fusion train --role ...`: one party's step of a model's current round, as `fusion contribute`, `fusion aggregate`
+and `fusion release` are for releases; each loads only its own keys from the config. The round in progress is what
+every party derives alike from the store's public tables: the round after the last committed one in `models`, its
+first attempt the ledger has not charged (training/run.py).
+
+    institution  --institution ID     its gradients at the current model, sealed in the round's exchange folder
+    aggregator                        sum and close the roster; once the answers are in, remove the masks
+    institution  --institution ID --unmask   acknowledge and answer the roster
+    key-holder                        charge the ledger, decrypt the noisy sum, step the model, commit the round
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from fusion.config import Config
+from fusion.errors import FusionError
+from fusion.exchange import contribution_path, exists, read_bytes
+from fusion.ledger import BudgetLedger
+from fusion.plan import ReleasePlan
+from fusion.store import Store
+from fusion.training_config import ModelConfig
+from privacy.noise_shares import NoiseLayers
+from privacy.skellam import secure_generator, seeded_generator
+from training.accounting import TrainingBudget
+from training.exchange_round import aggregate, answer, decrypt, open_round, round_plan, seal_contribution
+from training.planning import feature_width
+from training.run import (
+    LedgerTerms,
+    audit_rows,
+    charged_release_ids,
+    institution_rows,
+    last_committed,
+    model_row,
+    next_round_id,
+    settings_for,
+    terms_for,
+)
+from training.secure_sum import RoundId, RoundSum
+from training.trainer import Institution, Progress, RoundRecord, TrainingSettings, budget_for, check_no_wrap
+
+
+class Role(StrEnum):
+    INSTITUTION = "institution"
+    AGGREGATOR = "aggregator"
+    KEY_HOLDER = "key-holder"
+
+
+@dataclass(frozen=True)
+class CurrentRound:
+    """The round in progress of a model's run, and what every party needs of it."""
+
+    config: Config
+    settings: TrainingSettings
+    terms: LedgerTerms
+    budget: TrainingBudget
+    width: int
+    classes: int
+    start: RoundRecord | None
+    round_id: RoundId
+
+    @property
+    def plan(self) -> ReleasePlan:
+        return round_plan(
+            self.config, self.round_id, slots=self.budget.sensitivity.dimension + 1, variance=self.budget.variance,
+            start=self.terms.start, end=self.terms.end,
+        )  # fmt: skip
+
+    def progress(self) -> Progress:
+        return Progress.resume(self.settings, features=self.width, classes=self.classes, start=self.start)
+
+
+def current_round(config: Config, model: ModelConfig, store: Store) -> CurrentRound:
+    """The model's round in progress; refuses a run whose rounds are all committed."""
+    settings, terms = settings_for(config, model), terms_for(config, model)
+    width = feature_width(config, model)
+    progress = Progress.resume(settings, features=width, classes=model.class_count, start=None)
+    budget = budget_for(settings, progress.velocity.size)
+    start = last_committed(store, settings)
+    number = (start.round if start else 0) + 1
+    if number > settings.rounds:
+        raise FusionError(f"model {model.name}: all {settings.rounds} rounds are committed; nothing is left to run")
+    round_id = next_round_id(settings, number, charged_release_ids(store))
+    return CurrentRound(config, settings, terms, budget, width, model.class_count, start, round_id)
+
+
+def institution_data(config: Config, model: ModelConfig, institution_id: str) -> Institution:
+    """The institution's own rows for the model: from its feeds, or from its table (`rows`)."""
+    institution = config.institution(institution_id)
+    if model.rows is None:
+        from training.feed_rows import check_feed_model, feed_rows
+
+        check_feed_model(config, model)
+        return feed_rows(config, model, institution)[0]
+    path = config.base / model.rows.format(institution=institution_id)
+    return institution_rows(model, path, f"institution {institution_id}")
+
+
+def _generator(config: Config, institution_id: str, round_id: RoundId) -> np.random.Generator:
+    """A secure generator; in test mode with a seed, a stream of its own per institution and round."""
+    if config.privacy.seed is None:
+        return secure_generator()
+    label = hashlib.sha256(f"{institution_id}/{round_id.release_id}".encode()).digest()
+    return seeded_generator(config.privacy.seed ^ int.from_bytes(label[:8], "big"))
+
+
+def contribute(config: Config, model: ModelConfig, store: Store, institution_id: str) -> str:
+    """The institution's step: its clipped, rounded gradient sum at the current model, noised, masked, sealed."""
+    current = current_round(config, model, store)
+    rows = institution_data(config, model, institution_id)
+    if rows.targets.size == 0:
+        raise FusionError(f"institution {institution_id} holds no rows for model {model.name}: it takes no part")
+    layers = NoiseLayers(
+        total_variance=current.budget.variance, quorum=current.settings.quorum, institutions=len(config.institutions),
+        max_colluding=current.settings.max_colluding,
+    )  # fmt: skip
+    # Its own rows stand for every institution's here (it sees no other's): a bound per institution.
+    check_no_wrap(current.settings, current.budget, layers, rows=rows.targets.size * len(config.institutions))
+    generator = _generator(config, institution_id, current.round_id)
+    vector = current.progress().vector(current.settings, rows, generator)
+    plan = current.plan
+    open_round(plan, config.exchange_path)
+    _, noised = seal_contribution(plan, institution_id, vector, generator=generator)
+    again = " (its envelope sealed before, published again)" if noised is None else ""
+    return f"{institution_id} sealed round {current.round_id.round} of model {model.name}{again}"
+
+
+def answer_roster(config: Config, model: ModelConfig, store: Store, institution_id: str) -> str:
+    """The institution's step in the unmask round."""
+    current = current_round(config, model, store)
+    path = answer(current.plan, institution_id)
+    if path is None:
+        return f"{institution_id} acknowledged round {current.round_id.round}'s roster; too few have yet to answer"
+    return f"{institution_id} answered round {current.round_id.round}'s roster"
+
+
+def aggregate_round(config: Config, model: ModelConfig, store: Store) -> str:
+    """The aggregator's step: close the roster, or seal the unmasked sum."""
+    current = current_round(config, model, store)
+    status = aggregate(current.plan)
+    return f"round {current.round_id.round} of model {model.name}: {status['status']}, contributors " + ", ".join(
+        status.get("contributors", [])
+    )
+
+
+def release_round(config: Config, model: ModelConfig, store: Store) -> RoundRecord:
+    """The key holder's step: charge the ledger, decrypt only the noisy sum, step the model and commit the round
+    (its audit rows first, then its `models` row)."""
+    current = current_round(config, model, store)
+    plan, terms, budget = current.plan, current.terms, current.budget
+    spent: list[float] = []
+
+    def pay(aggregate_sha256: str) -> None:
+        spend = BudgetLedger(store).spend(
+            period=terms.period, release_id=current.round_id.release_id, aggregate_sha256=aggregate_sha256,
+            charge=terms.charge(budget), cap=terms.cap, delta=terms.delta,
+        )  # fmt: skip
+        spent.append(spend.epsilon_after)
+
+    header, total, digest = decrypt(plan, pay)
+    envelopes = {}
+    for institution in header.contributors:
+        path = contribution_path(plan.config.exchange_path, plan.key, institution)
+        if exists(path):
+            envelopes[institution] = hashlib.sha256(read_bytes(path)).hexdigest()
+    summed = RoundSum(
+        noisy_sum=total, contributors=header.contributors, noise_variance=header.noise_variance,
+        envelope_digests=envelopes, aggregate_digest=digest, bytes_per_contributor=0, refused=tuple(header.refused),
+    )  # fmt: skip
+    record = current.progress().step(current.settings, budget, current.round_id.round, summed)
+    release_id = current.round_id.release_id
+    store.insert_new("audit", audit_rows(current.settings, record, release_id, terms, spent[0] if spent else None))
+    store.insert_new("models", model_row(current.settings, budget.variance, record, release_id))
+    return record
+
+
+def run_role(
+    config: Config, model: ModelConfig, store: Store, role: Role, *, institution: str | None, unmask: bool
+) -> str:
+    """One party's step of the model's current round; returns what it did, in a line."""
+    if role is Role.INSTITUTION:
+        if institution is None:
+            raise FusionError("--role institution: name the institution (--institution ID)")
+        return (answer_roster if unmask else contribute)(config, model, store, institution)
+    if institution is not None or unmask:
+        raise FusionError(f"--role {role.value}: --institution and --unmask are an institution's options")
+    if role is Role.AGGREGATOR:
+        return aggregate_round(config, model, store)
+    record = release_round(config, model, store)
+    return (
+        f"round {record.round}/{current_settings_rounds(config, model)} of model {model.name} committed: "
+        f"{len(record.sum.contributors)} contributors, epsilon {record.epsilon:.4f}"
+    )
+
+
+def current_settings_rounds(config: Config, model: ModelConfig) -> int:
+    return settings_for(config, model).rounds
