@@ -180,23 +180,64 @@ class BudgetLedger:
         delta: float,
     ) -> Spend:
         """Charge one release to its period, or raise BudgetExceeded. Idempotent per release."""
+        (outcome,) = self.spend_all(
+            period=period, releases=[(release_id, aggregate_sha256, charge)], cap=cap, delta=delta
+        )
+        if isinstance(outcome, ReleaseRefused):
+            raise outcome
+        return outcome
+
+    def spend_all(
+        self,
+        *,
+        period: Period,
+        releases: Sequence[tuple[str, str, ReleaseCharge]],
+        cap: float,
+        delta: float,
+    ) -> list[Spend | ReleaseRefused]:
+        """Charge several releases, each (release id, aggregate SHA-256, charge), to one period in one commit:
+        exactly as charging them one after another, in order (each its own entry in the period's row, its own
+        Spend; one over the cap, or already charged for another aggregate, is refused and the others go on).
+        One outcome per release, in order: its Spend, or the refusal (BudgetExceeded or ReleaseRefused)."""
+        compositions = {charge.composition for _, _, charge in releases}
+        if len(compositions) != 1:
+            raise InternalError(
+                f"releases of one period charged under {len(compositions)} compositions; this is probably a bug"
+            )
+        (composition,) = compositions
         for _ in range(_ATTEMPTS):
-            current = self._row(period, cap, delta, charge.composition)
-            row = current or _PeriodRow.empty(charge.composition)
-            if release_id in row.release_ids:
-                charged_for = row.aggregates[row.release_ids.index(release_id)]
-                if charged_for != aggregate_sha256:
-                    raise ReleaseRefused(
-                        f"release {release_id} was already charged for another aggregate ({charged_for[:12]}...); "
-                        "decrypting a different one would publish a second noisy view of the same data"
-                    )
-                return Spend(period.name, False, row.epsilon_spent, row.epsilon_spent, cap)
-            after = row.with_release(release_id, aggregate_sha256, charge, delta)
-            _refuse_if_over(period, release_id, row, after, cap)
+            current = self._row(period, cap, delta, composition)
+            row = current or _PeriodRow.empty(composition)
+            after = row
+            outcomes: list[Spend | ReleaseRefused] = []
+            for release_id, aggregate_sha256, charge in releases:
+                if release_id in after.release_ids:
+                    charged_for = after.aggregates[after.release_ids.index(release_id)]
+                    if charged_for != aggregate_sha256:
+                        outcomes.append(
+                            ReleaseRefused(
+                                f"release {release_id} was already charged for another aggregate "
+                                f"({charged_for[:12]}...); decrypting a different one would publish a second noisy "
+                                "view of the same data"
+                            )
+                        )
+                    else:
+                        outcomes.append(Spend(period.name, False, after.epsilon_spent, after.epsilon_spent, cap))
+                    continue
+                charged = after.with_release(release_id, aggregate_sha256, charge, delta)
+                try:
+                    _refuse_if_over(period, release_id, after, charged, cap)
+                except BudgetExceeded as exc:
+                    outcomes.append(exc)
+                    continue
+                outcomes.append(Spend(period.name, True, after.epsilon_spent, charged.epsilon_spent, cap))
+                after = charged
+            if after is row:  # nothing new to charge
+                return outcomes
             new = pa.Table.from_pylist([_row_doc(period, after, cap=cap, delta=delta)], schema=BUDGET_SCHEMA)
             try:
                 if self._swap(new, row.releases, exists=current is not None):
-                    return Spend(period.name, True, row.epsilon_spent, after.epsilon_spent, cap)
+                    return outcomes
             except CommitFailedError:
                 pass  # another writer committed first: read again
             time.sleep(random.uniform(0.01, 0.1))

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,6 +61,7 @@ from fusion.scan import (
     SUM,
     FeedScanner,
     ShardScan,
+    encoding_table,
     list_sources,
     scan_connection,
     scan_shards,
@@ -74,7 +77,7 @@ from privacy.noise_shares import SEED_BYTES, chain_seeds, layer_commitment, laye
 from privacy.sharing import commitment, new_seed, self_mask, share_coordinates, share_pair_keys, share_seed
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
 from schemas.reasons import PUBLISHED_REASONS, RejectReason
-from schemas.validation import readings_as_dead_letters
+from schemas.validation import readings_as_dead_letters, register_rules
 
 DEAD = "dead"
 PARTIAL = "partial"
@@ -111,6 +114,36 @@ def remove_staging(plan: ReleasePlan, institutions: Iterable[InstitutionConfig])
         remove_tree(staging_dir(plan, institution))
 
 
+class _ScanConnections:
+    """Idle scan connections of this process, reused by the next scanning step: opening one costs more than a
+    small interval's scan (a stream releasing a burst of windows scans each institution once a window). A reused
+    connection gets the plan's lookup tables registered again (replacing the last plan's); the scans register
+    and drop their own relations. At most `keep` idle connections are kept; the others are closed."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self._idle: list[duckdb.DuckDBPyConnection] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self, plan: ReleasePlan) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            connection = self._idle.pop() if self._idle else None
+        if connection is None:
+            return scan_connection(plan, threads=SCAN_THREADS)
+        register_rules(connection, plan.rules, plan.layout.metrics, per_metric=encoding_table(plan.params.encodings))
+        return connection
+
+    def give_back(self, connection: duckdb.DuckDBPyConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self._keep:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+
+_scan_connections = _ScanConnections()
+
+
 class _ScanningDoFn(beam.DoFn):
     """A DoFn that scans institutions' files: `sources` holds each one's files, listed once when the pipeline was
     built, so every element of a run reads the same ones; a worker keeps one DuckDB connection for all of them."""
@@ -120,10 +153,10 @@ class _ScanningDoFn(beam.DoFn):
         self._sources = sources
 
     def setup(self) -> None:
-        self._connection = scan_connection(self._plan, threads=SCAN_THREADS)
+        self._connection = _scan_connections.take(self._plan)
 
     def teardown(self) -> None:
-        self._connection.close()
+        _scan_connections.give_back(self._connection)
 
     def _scanner(self, institution_id: str, staged: dict[int, str] | None = None) -> FeedScanner:
         institution = self._plan.config.institution(institution_id)
@@ -348,6 +381,17 @@ def double_mask(plan: ReleasePlan, institution_id: str, vector: np.ndarray) -> t
     return add_mod(vector, mask, modulus), fields
 
 
+_PUBLIC_CONTEXTS: dict[str, Any] = {}  # SHA-256 of a public HE context -> the loaded context, per process
+
+
+def _loaded_public_context(data: bytes) -> Any:
+    """The public HE context serialised as `data`, loaded once per process."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest not in _PUBLIC_CONTEXTS:
+        _PUBLIC_CONTEXTS[digest] = he.load_public_context(data)
+    return _PUBLIC_CONTEXTS[digest]
+
+
 class SealContribution(beam.DoFn):
     """(institution id, its total) -> plus its Skellam share -> BFV-encrypted envelope in the exchange; and the
     institution's local run report (counts, files missing or refused whole, a warning). An institution that
@@ -367,9 +411,10 @@ class SealContribution(beam.DoFn):
         self._accept_rejects = accept_rejects
 
     def setup(self) -> None:
-        # The public HE context (about 1 MB) is read and loaded once per worker, not once per institution.
+        # The public HE context (about 1 MB) is read once per worker and loaded once per process (by its digest):
+        # a run that seals many intervals, such as the stream's burst of windows, does not deserialise it each time.
         self._public_context = read_bytes(public_context_path(self._plan.config.exchange_path))
-        self._he_context = he.load_public_context(self._public_context)
+        self._he_context = _loaded_public_context(self._public_context)
 
     def process(
         self, element: tuple[str, PartialAggregate], files: Mapping[str, dict[str, FileTally]] | None = None
@@ -444,9 +489,7 @@ class SealContribution(beam.DoFn):
         yield header
 
 
-def run_report(
-    counts: dict[str, object], files: Mapping[str, FileTally], missing: Sequence[str]
-) -> dict[str, object]:
+def run_report(counts: dict[str, object], files: Mapping[str, FileTally], missing: Sequence[str]) -> dict[str, object]:
     """An institution's local run report: its row counts, the files refused whole (`files`: path -> tally with
     its fault) and the paths that matched no file (`missing`)."""
     report = dict(counts)
@@ -563,11 +606,19 @@ def _prune(directory: Path) -> None:
     never answered keeps its excess layers in that release: the seed is of no use any more)."""
     cutoff = time.time() - KEEP_SEALED.total_seconds()
     for kept in directory.glob("*.fenv"):
-        if kept.stat().st_mtime < cutoff:
+        if _modified(kept) < cutoff:
             kept.unlink(missing_ok=True)
     for record in directory.glob("*.json"):
-        if record.stat().st_mtime < cutoff:
+        if _modified(record) < cutoff:
             _drop_layer_seed(record)
+
+
+def _modified(path: Path) -> float:
+    """The file's modification time; +inf if it is gone (a pending file another sealing run just removed)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def sealed_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> bytes | None:
@@ -711,8 +762,7 @@ class Contribute(beam.PTransform):
             staged = (
                 pbegin
                 | "FilesToStage" >> beam.Create(work.staging, reshuffle=self._spread)
-                | "Stage"
-                >> beam.ParDo(StageFeed(plan, work.sources)).with_outputs(DEAD, PARTIAL, FILES, main="staged")
+                | "Stage" >> beam.ParDo(StageFeed(plan, work.sources)).with_outputs(DEAD, PARTIAL, FILES, main="staged")
             )
             dead.append(staged[DEAD])
             partials.append(staged[PARTIAL])

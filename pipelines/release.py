@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fusion.errors import FusionError, ReleaseNotReady, ReleaseRefused
-from fusion.estimates import decode_release
+from fusion.estimates import decode_release, release_quantiles
 from fusion.exchange import aggregate_path, exists, read_bytes, refusal_path
 from fusion.faults import crash_point
 from fusion.keys import load_secret_context_bytes, published_context_digest
@@ -114,10 +114,77 @@ class PreparedRelease:
 
 def prepare_release(plan: ReleasePlan, store: Store, *, context: Any = None) -> PreparedRelease | ReleaseOutcome:
     """Charge, decrypt, decode and sign the release of `plan`'s interval (an outcome if it is already released);
-    `context`: the secret HE context, when the caller releases several intervals with one load of it."""
+    `context`: the secret HE context, when the caller holds one already."""
+    (result,) = prepare_releases([plan], store, context=context)
+    if isinstance(result, ReleaseRefused):
+        raise result
+    return result
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """An aggregate envelope checked and ready to be charged and decrypted."""
+
+    plan: ReleasePlan
+    data: bytes
+    header: EnvelopeHeader
+    ciphertexts: list[bytes]
+    signing_key: bytes
+
+
+def prepare_releases(
+    plans: Sequence[ReleasePlan], store: Store, *, context: Any = None
+) -> list[PreparedRelease | ReleaseOutcome | ReleaseRefused]:
+    """prepare_release for several intervals at once, each still charged, decrypted, decoded and signed as its own
+    release; one result per plan, in order (a refusal is returned, not raised, and the others go on).
+
+    What they share: the charges of one period go into one ledger commit (and one audit commit records them),
+    the secret context is loaded once, and the quantiles of all their cells are computed in one call
+    (fusion.estimates.release_quantiles: the same numbers as decoding each alone)."""
+    results: dict[int, PreparedRelease | ReleaseOutcome | ReleaseRefused] = {}
+    opened: dict[int, _Opened] = {}
+    for i, plan in enumerate(plans):
+        try:
+            one = _open_aggregate(plan, store)
+        except ReleaseRefused as exc:
+            results[i] = exc
+            continue
+        if isinstance(one, ReleaseOutcome):
+            results[i] = one
+        else:
+            opened[i] = one
+    # Pay first: the key holder decrypts only an aggregate whose release has been charged to its period. The
+    # charge is bound to the ciphertexts (re-summing the same contributions gives the same bytes).
+    spends = _spend_all([(i, o.plan, o.header.payload_sha256) for i, o in opened.items()], store)
+    for i, spend in spends.items():
+        if isinstance(spend, ReleaseRefused):
+            results[i] = spend
+            del opened[i]
+    if opened:
+        crash_point("after_ledger")
+    if opened and context is None:
+        context = he.load_secret_context(load_secret_context_bytes(plans[0].config))
+    totals = {i: he.decrypt_vector(context, o.ciphertexts, o.plan.layout.slots) for i, o in opened.items()}
+    if opened:
+        crash_point("after_decrypt")
+    quantiles = release_quantiles(
+        [(totals[i], o.plan.layout, o.plan.params, o.header.noise_variance) for i, o in opened.items()]
+    )
+    for (i, one), cell_quantiles in zip(opened.items(), quantiles, strict=True):
+        spend = spends[i]
+        assert isinstance(spend, Spend)
+        try:
+            results[i] = _signed(one, store, totals[i], spend, cell_quantiles)
+        except ReleaseRefused as exc:
+            results[i] = exc
+    return [results[i] for i in range(len(plans))]
+
+
+def _open_aggregate(plan: ReleasePlan, store: Store) -> _Opened | ReleaseOutcome:
+    """The plan's aggregate envelope, checked (layout, parameters, signature, context, quorum), or the outcome of
+    a release already made; raises ReleaseRefused."""
     release_id = plan.key.release_id
     exchange = plan.config.exchange_path
-    fid = plan.config.federation.id
     bind_store_mode(store, plan.config.privacy.mode)  # test-mode cells never sit beside production releases
     if store.has_release(release_id):
         return ReleaseOutcome(release_id=release_id, status="already_released")
@@ -147,15 +214,16 @@ def prepare_release(plan: ReleasePlan, store: Store, *, context: Any = None) -> 
             f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}"
         )
     signing_key = _registered_signing_key(plan)  # before anything is charged: nothing unsigned is published
+    return _Opened(plan, data, header, ciphertexts, signing_key)
 
-    # Pay first: the key holder decrypts only an aggregate whose release has been charged to its period. The
-    # charge is bound to the ciphertexts (re-summing the same contributions gives the same bytes).
-    spend = _spend(plan, store, aggregate_sha256=header.payload_sha256)
-    crash_point("after_ledger")
-    if context is None:
-        context = he.load_secret_context(load_secret_context_bytes(plan.config))
-    totals = he.decrypt_vector(context, ciphertexts, plan.layout.slots)
-    crash_point("after_decrypt")
+
+def _signed(
+    one: _Opened, store: Store, totals: np.ndarray, spend: Spend, quantiles: dict[str, np.ndarray]
+) -> PreparedRelease:
+    """A charged, decrypted release decoded and signed (its audit rows and rejects ready to commit)."""
+    plan, data, header = one.plan, one.data, one.header
+    release_id = plan.key.release_id
+    fid = plan.config.federation.id
 
     def decoded(at: datetime) -> pa.Table:
         return decode_release(
@@ -167,6 +235,7 @@ def prepare_release(plan: ReleasePlan, store: Store, *, context: Any = None) -> 
             contributors=len(header.contributors),
             release_id=release_id,
             released_at=at,
+            quantiles=quantiles,
         )
 
     recorded = _recorded_release(plan, store)  # a pass that crashed before committing the rows recorded one
@@ -177,7 +246,7 @@ def prepare_release(plan: ReleasePlan, store: Store, *, context: Any = None) -> 
         cells,
         release_id=release_id,
         aggregate_sha256=hashlib.sha256(data).hexdigest(),
-        signing_key=signing_key,
+        signing_key=one.signing_key,
         link=_recorded_link(plan, recorded[1]) if recorded else _next_link(plan, store),
     )
     audits = [
@@ -343,39 +412,52 @@ def _check_plausible(plan: ReleasePlan, cells: pa.Table, header: EnvelopeHeader)
         )
 
 
-def _spend(plan: ReleasePlan, store: Store, *, aggregate_sha256: str) -> Spend:
-    """Charge the release to its privacy period before anything is decrypted; audit the spend or refusal."""
-    release_id = plan.key.release_id
+def _spend_all(releases: Sequence[tuple[int, ReleasePlan, str]], store: Store) -> dict[int, Spend | ReleaseRefused]:
+    """Charge each release (key, plan, aggregate SHA-256) to its privacy period before anything is decrypted: one
+    ledger commit per period, then one audit commit recording every spend and refusal. A refusal (over the cap,
+    or a second aggregate for a charged release) is returned for its release alone."""
     ledger = BudgetLedger(store)
-    try:
-        spend = ledger.spend(
-            period=plan.period,
-            release_id=release_id,
-            aggregate_sha256=aggregate_sha256,
-            charge=plan.params.charge(plan.key.start, plan.key.end),
-            cap=plan.config.privacy.cap,
-            delta=plan.params.delta,
+    periods: dict[tuple[Any, ...], list[tuple[int, ReleasePlan, str]]] = {}
+    for key, plan, sha256 in releases:
+        charge = plan.params.charge(plan.key.start, plan.key.end)
+        group = (plan.period, plan.config.privacy.cap, plan.params.delta, charge.composition)
+        periods.setdefault(group, []).append((key, plan, sha256))
+    outcomes: dict[int, Spend | ReleaseRefused] = {}
+    rows = []
+    for (period, cap, delta, _), members in periods.items():
+        spent = ledger.spend_all(
+            period=period,
+            releases=[(p.key.release_id, sha, p.params.charge(p.key.start, p.key.end)) for _, p, sha in members],
+            cap=cap,
+            delta=delta,
         )
-    except ReleaseRefused as exc:  # over the cap, or a second aggregate for a charged release
-        audit_event(plan, store, action="budget_refused", reason=str(exc), detail={"period": plan.period.name})
-        raise
-    # Recorded on every pass (a keyed insert, so once): a crash right after the charge cannot lose it.
-    audit_event(
-        plan,
-        store,
-        action="budget_spend",
-        reason=None,
-        event=f"{release_id}:budget-spend",
-        detail={
-            "period": spend.period,
-            "epsilon_before": spend.epsilon_before,
-            "epsilon_after": spend.epsilon_after,
-            "aggregate_sha256": aggregate_sha256,
-            "cap": spend.cap,
-            "charged_on_this_pass": spend.charged,
-        },
-    )
-    return spend
+        for (key, plan, sha256), spend in zip(members, spent, strict=True):
+            outcomes[key] = spend
+            if isinstance(spend, ReleaseRefused):
+                rows.append(
+                    _event_row(plan, action="budget_refused", reason=str(spend), detail={"period": period.name})
+                )
+                continue
+            # Recorded on every pass (a keyed insert, so once): a crash right after the charge cannot lose it.
+            rows.append(
+                _event_row(
+                    plan,
+                    action="budget_spend",
+                    reason=None,
+                    event=f"{plan.key.release_id}:budget-spend",
+                    detail={
+                        "period": spend.period,
+                        "epsilon_before": spend.epsilon_before,
+                        "epsilon_after": spend.epsilon_after,
+                        "aggregate_sha256": sha256,
+                        "cap": spend.cap,
+                        "charged_on_this_pass": spend.charged,
+                    },
+                )
+            )
+    if rows:
+        store.insert_new("audit", pa.Table.from_pylist(rows, schema=AUDIT_SCHEMA))
+    return outcomes
 
 
 def audit_event(
@@ -388,8 +470,16 @@ def audit_event(
     event: str | None = None,
 ) -> None:
     """One key-holder audit row; without an explicit event id, the id is derived from the content."""
+    row = _event_row(plan, action=action, reason=reason, detail=detail, event=event)
+    store.insert_new("audit", pa.Table.from_pylist([row], schema=AUDIT_SCHEMA))
+
+
+def _event_row(
+    plan: ReleasePlan, *, action: str, reason: str | None, detail: dict[str, Any], event: str | None = None
+) -> dict[str, Any]:
+    """The key-holder audit row audit_event inserts."""
     digest = hashlib.sha256(json.dumps([action, reason, detail], sort_keys=True).encode()).hexdigest()[:12]
-    row = audit_row(
+    return audit_row(
         event_id=event or f"{plan.key.release_id}:{action}:{digest}",
         action=action,
         actor_role="key_holder",
@@ -398,7 +488,6 @@ def audit_event(
         reason=reason,
         detail=detail,
     )
-    store.insert_new("audit", pa.Table.from_pylist([row], schema=AUDIT_SCHEMA))
 
 
 def _refuse(plan: ReleasePlan, store: Store) -> NoReturn:

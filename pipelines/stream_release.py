@@ -3,9 +3,12 @@
 A window is a disjoint interval with its own release id, envelopes, noise, budget charge and signature, exactly
 as if it were released alone (`fusion batch` over that window's spool). What the run shares is the work around
 them: each role step runs over all the windows before the next one starts (contribute, aggregate, unmask,
-aggregate, release), the key holder loads the secret context once, and the decoded cells of every window are
-committed together (one `audit`, one `rejects` and one `releases` commit), so all of them become queryable at
-the same moment, and a burst of windows (a stream catching up, `--drain`) costs one run, not one per window.
+aggregate, release); the institutions' steps reuse one loaded public HE context and pooled scan connections;
+the key holder loads the secret context once, charges every window of a privacy period in one ledger commit
+(each window its own entry; pipelines.release.prepare_releases), and estimates the quantiles of all their
+cells in one call; and the decoded cells of every window are committed together (one `audit`, one `rejects`
+and one `releases` commit), so all of them become queryable at the same moment, and a burst of windows (a
+stream catching up, `--drain`) costs one run, not one per window.
 
 A window refused (budget spent, below the quorum, an overlapping interval) is recorded with its reason and the
 others go on. Re-running a run after a crash is safe for the same reasons a batch release is: sealed envelopes
@@ -18,15 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fusion.errors import ReleaseRefused
-from fusion.keys import load_secret_context_bytes
 from fusion.ledger import BudgetExceeded, BudgetLedger
 from fusion.plan import ReleasePlan
 from fusion.store import Store
 from fusion.store_mode import bind_store_mode
 from pipelines.batch import audit_feeds
-from pipelines.release import PreparedRelease, ReleaseOutcome, audit_event, prepare_release, publish_releases
+from pipelines.release import PreparedRelease, ReleaseOutcome, audit_event, prepare_releases, publish_releases
 from pipelines.run import run_aggregate, run_contributions, run_unmask
-from privacy import he
 
 
 @dataclass(frozen=True)
@@ -100,18 +101,13 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
         aggregated.append(plan)
     # The key holder: each window charged, decrypted and signed on its own; all committed together.
     prepared: list[PreparedRelease] = []
-    if aggregated:
-        context = he.load_secret_context(load_secret_context_bytes(config))
-        for plan in aggregated:
-            try:
-                result = prepare_release(plan, store, context=context)
-            except (BudgetExceeded, ReleaseRefused) as exc:
-                refuse(plan, exc)
-                continue
-            if isinstance(result, ReleaseOutcome):
-                outcomes[plan.key.release_id] = WindowOutcome(result.release_id, result.status)
-            else:
-                prepared.append(result)
+    for plan, release in zip(aggregated, prepare_releases(aggregated, store), strict=True):
+        if isinstance(release, ReleaseRefused):
+            refuse(plan, release)
+        elif isinstance(release, ReleaseOutcome):
+            outcomes[plan.key.release_id] = WindowOutcome(release.release_id, release.status)
+        else:
+            prepared.append(release)
     try:
         published = publish_releases(prepared, store) if prepared else []
     except ReleaseRefused:  # one window's record refuses it (a racing pass signed other rows): the others go on
