@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -103,32 +104,37 @@ def config_text(*, institutions: list[tuple[str, str]], quorum: int, noise: bool
 def make_federation(tmp_path: Path) -> Callable[..., Federation]:
     """Build a federation: `institutions` as (id, format) pairs; keys created; feeds written."""
 
-    def build(*, institutions: list[tuple[str, str]] | None = None, quorum: int = 2, noise: bool = False,
-              seed: int | None = 7, entities: int = 12, mode: str = "test", epsilon: float = 1.0,
-              subdir: str = "", statistics: str = "", extra_privacy: str = "", extra: str = "") -> Federation:
-        from fusion.keys import create_keys
-        from fusion.registry import create_aggregator_key, create_institution_keys
-
-        root = tmp_path / subdir if subdir else tmp_path
-        institutions = institutions or [("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")]
-        rng = np.random.default_rng(2026)
-        raw = {}
-        for inst, fmt in institutions:
-            table = readings(inst, entities=entities, rng=rng)
-            raw[inst] = table
-            ext = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}[fmt]
-            half = table.num_rows // 2  # two files per institution
-            write_feed(table.slice(0, half), root / "feeds" / inst / f"part-0.{ext}", fmt)
-            write_feed(table.slice(half), root / "feeds" / inst / f"part-1.{ext}", fmt)
-        config_path = root / "federation.toml"
-        config_path.write_text(config_text(institutions=institutions, quorum=quorum, noise=noise,
-                                           seed=seed if mode == "test" else None, mode=mode, epsilon=epsilon,
-                                           statistics=statistics, extra_privacy=extra_privacy) + extra)
-        config = load_config(config_path)
-        create_keys(config)
-        create_aggregator_key(config)
-        for inst, _ in institutions:
-            create_institution_keys(config, inst)
-        return Federation(directory=root, config_path=config_path, raw=raw)
+    def build(*, subdir: str = "", **options: Any) -> Federation:
+        return build_federation(tmp_path / subdir if subdir else tmp_path, **options)
 
     return build
+
+
+def build_federation(root: Path, *, institutions: list[tuple[str, str]] | None = None, quorum: int = 2,
+                     noise: bool = False, seed: int | None = 7, entities: int = 12, mode: str = "test",
+                     epsilon: float = 1.0, statistics: str = "", extra_privacy: str = "",
+                     extra: str = "") -> Federation:
+    """`make_federation` in the directory `root` (for fixtures wider than one test)."""
+    from fusion.keys import create_keys
+    from fusion.registry import create_aggregator_key, create_institution_keys
+
+    institutions = institutions or [("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")]
+    rng = np.random.default_rng(2026)
+    raw = {}
+    for inst, fmt in institutions:
+        table = readings(inst, entities=entities, rng=rng)
+        raw[inst] = table
+        ext = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}[fmt]
+        half = table.num_rows // 2  # two files per institution
+        write_feed(table.slice(0, half), root / "feeds" / inst / f"part-0.{ext}", fmt)
+        write_feed(table.slice(half), root / "feeds" / inst / f"part-1.{ext}", fmt)
+    config_path = root / "federation.toml"
+    config_path.write_text(config_text(institutions=institutions, quorum=quorum, noise=noise,
+                                       seed=seed if mode == "test" else None, mode=mode, epsilon=epsilon,
+                                       statistics=statistics, extra_privacy=extra_privacy) + extra)
+    config = load_config(config_path)
+    create_keys(config)
+    create_aggregator_key(config)
+    for inst, _ in institutions:
+        create_institution_keys(config, inst)
+    return Federation(directory=root, config_path=config_path, raw=raw)

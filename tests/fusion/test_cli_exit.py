@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,9 @@ from tests.fusion.test_store import release_rows
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _python(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=60)
+                          timeout=timeout)
 
 
 def test_exit_now_keeps_the_exit_code_runs_atexit_joins_threads_and_flushes_output(tmp_path: Path) -> None:
@@ -48,9 +49,9 @@ def test_exit_now_survives_buffers_an_arrow_thread_releases_late(tmp_path: Path)
         "for _ in range(3):\n    DeltaTable(sys.argv[1]).to_pyarrow_dataset().to_table()\n"
         "exit_now(0)\n"
     )
-    for _ in range(10):
-        done = _python(script, str(tmp_path / "releases"))
-        assert done.returncode == 0, done.stderr
+    with ThreadPoolExecutor(4) as pool:  # independent processes, a few at a time: starting one is the slow part
+        for done in pool.map(lambda _: _python(script, str(tmp_path / "releases"), timeout=240), range(10)):
+            assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize(

@@ -335,10 +335,11 @@ def test_csv_batches(tmp_path: Path) -> None:
     n = 200_000  # about 9 MB
     path = tmp_path / "feed.csv"
     bad = {10, 90_000, 199_000}
+    rows = _rows(n)  # built once: the expected lines below are these rows too
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(HEADER)
-        for i, row in enumerate(_rows(n)):
+        for i, row in enumerate(rows):
             writer.writerow(row)
             if i in bad:
                 writer.writerow([*row, "one", "too", "many"])
@@ -349,7 +350,7 @@ def test_csv_batches(tmp_path: Path) -> None:
     ids = table.column(ENTITY_ID).to_pylist()
     assert ids == [f"e{i:06d}" for i in range(n)]
     malformed = [text for b in batches for _, text in b.malformed]
-    assert sorted(malformed) == sorted(",".join([*_rows(n)[i], "one", "too", "many"]) for i in bad)
+    assert sorted(malformed) == sorted(",".join([*rows[i], "one", "too", "many"]) for i in bad)
     assert sum(b.rows for b in batches) == n + len(bad)
 
 

@@ -236,36 +236,40 @@ def test_periods_follow_the_configured_grid_and_intervals_may_not_straddle_them(
         period_of(config, start, start + timedelta(hours=12))
 
 
-def _spend_in_process(path: str, release_id: str, cap: float, barrier: object, results: object) -> None:
-    ledger = BudgetLedger(Store(path))
-    barrier.wait()  # type: ignore[attr-defined]
-    try:
-        spend(ledger, release_id, cap)
-        results.put((release_id, "spent"))  # type: ignore[attr-defined]
-    except BudgetExceeded:
-        results.put((release_id, "refused"))  # type: ignore[attr-defined]
+def _spend_in_process(paths: list[str], release_id: str, cap: float, barrier: object, results: object) -> None:
+    """One racer for every round: both racers meet at the barrier, then spend on that round's store."""
+    for attempt, path in enumerate(paths):
+        ledger = BudgetLedger(Store(path))
+        barrier.wait()  # type: ignore[attr-defined]
+        try:
+            spend(ledger, release_id, cap)
+            results.put((attempt, release_id, "spent"))  # type: ignore[attr-defined]
+        except BudgetExceeded:
+            results.put((attempt, release_id, "refused"))  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("rounds", [3])
 def test_two_processes_racing_for_the_last_budget_cannot_both_succeed(tmp_path: Path, rounds: int) -> None:
     context = multiprocessing.get_context("spawn")
-    for attempt in range(rounds):
-        path = str(tmp_path / f"store-{attempt}")
-        ledger = BudgetLedger(Store(path))
-        cap = skellam_epsilon([MECHANISM] * 2, delta=DELTA) + 1e-9
-        spend(ledger, "first", cap)  # one release left
-        barrier, results = context.Barrier(2), context.Queue()
-        workers = [
-            context.Process(target=_spend_in_process, args=(path, rid, cap, barrier, results))
-            for rid in ("left", "right")
-        ]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join(120)
-        outcomes = sorted(results.get(timeout=5)[1] for _ in workers)
-        assert outcomes == ["refused", "spent"], outcomes
-        row = ledger.rows().to_pylist()[0]
+    cap = skellam_epsilon([MECHANISM] * 2, delta=DELTA) + 1e-9
+    paths = [str(tmp_path / f"store-{attempt}") for attempt in range(rounds)]
+    for path in paths:  # a fresh store a round, each with one release left
+        spend(BudgetLedger(Store(path)), "first", cap)
+    barrier, results = context.Barrier(2), context.Queue()
+    workers = [  # two processes started once (spawning is the slow part), racing once a round
+        context.Process(target=_spend_in_process, args=(paths, rid, cap, barrier, results)) for rid in ("left", "right")
+    ]
+    for w in workers:
+        w.start()
+    outcomes: dict[int, list[str]] = {attempt: [] for attempt in range(rounds)}
+    for _ in range(rounds * len(workers)):
+        attempt, _, outcome = results.get(timeout=240)
+        outcomes[attempt].append(outcome)
+    for w in workers:
+        w.join(120)
+    for attempt, path in enumerate(paths):
+        assert sorted(outcomes[attempt]) == ["refused", "spent"], (attempt, outcomes)
+        row = BudgetLedger(Store(path)).rows().to_pylist()[0]
         assert row["releases"] == 2 and row["epsilon_spent"] <= cap
 
 

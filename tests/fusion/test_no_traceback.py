@@ -146,6 +146,7 @@ def test_third_party_warnings_never_reach_the_terminal(demo: Path) -> None:
     assert "Optimal order" not in done.stderr + done.stdout
 
 
+@pytest.mark.e2e  # runs `fusion batch`: a whole Beam pipeline
 def test_an_error_inside_a_beam_step_is_one_line_without_beams_log_or_context(demo: Path) -> None:
     """Beam logs an error raised in a pipeline step with its traceback, and appends "[while running ...]" when it
     re-raises it: the user sees Fusion's one line only (here a feed file that cannot be read now)."""

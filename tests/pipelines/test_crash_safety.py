@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -13,7 +14,7 @@ from fusion.plan import plan_release
 from fusion.provenance import verify_releases
 from fusion.registry import load_key_holder_public_keys
 from fusion.store import Store
-from tests.conftest import END, START
+from tests.conftest import END, START, Federation, build_federation
 
 pytestmark = pytest.mark.e2e
 
@@ -28,14 +29,31 @@ def batch(config: str, crash_at: str | None = None) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=300, env=env)
 
 
+Runs = dict[str, tuple[Federation, subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]]
+
+
+@pytest.fixture(scope="module")
+def crashed_then_rerun(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """For each selected step, its own federation, the batch killed at that step and the re-run after it. The
+    federations are independent, so their runs go two at a time (each is its own `fusion batch` process)."""
+    selected = [item.nodeid for item in request.session.items if item.nodeid.startswith(f"{request.node.nodeid}::")]
+    steps = [step for step in STEPS if any(nodeid.endswith(f"[{step}]") for nodeid in selected)]
+
+    def run(step: str) -> tuple[Federation, subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+        fed = build_federation(tmp_path_factory.mktemp(step), noise=True, seed=3)
+        crashed = batch(str(fed.config_path), crash_at=step)
+        return fed, crashed, batch(str(fed.config_path))
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(steps, pool.map(run, steps), strict=True))
+
+
 @pytest.mark.parametrize("step", STEPS)
-def test_a_crash_at_any_step_then_a_rerun_releases_and_spends_exactly_once(make_federation, step: str) -> None:
-    fed = make_federation(noise=True, seed=3)
-    config = str(fed.config_path)
-    crashed = batch(config, crash_at=step)
+def test_a_crash_at_any_step_then_a_rerun_releases_and_spends_exactly_once(crashed_then_rerun: Runs,
+                                                                           step: str) -> None:
+    fed, crashed, rerun = crashed_then_rerun[step]
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stdout + crashed.stderr
 
-    rerun = batch(config)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert ("already released" in rerun.stdout) == (step == "after_commit")
 

@@ -151,6 +151,7 @@ else:
 """
 
 
+@pytest.mark.e2e  # every party a fresh process: a whole round of role commands
 def test_each_party_runs_its_step_in_its_own_process(
     make_federation: Callable[..., Federation],
 ) -> None:
