@@ -796,7 +796,11 @@ def cmd_demo(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         config_path = build_demo(directory, days=args.days).resolve()
     console.print(f"demo federation: {config_path}")
     batch_args = argparse.Namespace(
-        config=str(config_path), start="2026-01-01T00:00", end="2026-01-02T00:00", accept_rejects=False
+        config=str(config_path),
+        start="2026-01-01T00:00",
+        end="2026-01-02T00:00",
+        accept_rejects=False,
+        in_process=False,
     )
     cmd_batch(batch_args, beam_args)
     from fusion.demo_steps import forecast_step, release_history
