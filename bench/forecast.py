@@ -4,8 +4,9 @@ Series (real, shipped offline in pvlib's data directory): dry-bulb temperature a
 records for Greensboro NC (723170) and Sand Point AK (703165), and of the TMY2 record for Miami FL (12839).
 Releases are the true series plus Gaussian noise of SD k x the series' own SD (k = 0.1, 0.3, 1.0); each cell's
 noise variance is known to the models, as a release's `mean_sd` is. Rolling origins a week apart, 672 h of
-history, 48 h ahead: the first half of the origins learns each model's calibration factor (against releases, as
-live) and is not scored; the later half is scored against the truth and against the releases.
+history, 48 h ahead: the first half of the origins only calibrates; the later half is scored against the truth and
+against the releases, each origin's intervals calibrated (against releases, as live) on all the origins before it,
+as `fusion backtest` calibrates them.
 
     .venv/bin/python -m bench.forecast              # prints the table, writes bench/results/forecast.json
     .venv/bin/python -m bench.forecast --origins 8 --levels 0.3   # a quicker run
@@ -26,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forecasting.backtest import backtest, calibration_split, learned_factor, preferred
-from forecasting.intervals import intervals
+from forecasting.backtest import backtest, calibrated, calibration_split, preferred
 from fusion.forecasting_config import ForecastingConfig, ModelName
 
 HISTORY = 672
@@ -70,12 +70,14 @@ def run_series(truth: np.ndarray, level: float, *, origins: int, seed: int, mode
     naive_errors = {}
     for model in models:
         mine = [f for f in forecasts if f.model is model]
-        earlier, later = calibration_split(mine)
-        factor = learned_factor(earlier, released, variances)
+        mine.sort(key=lambda f: f.origin)
+        # As `fusion backtest` does: each origin's intervals calibrated on every earlier origin whose windows had
+        # been released by then (`calibrated`); the earlier half only calibrates, the later half is scored.
+        scored = calibrated(mine, released, variances)[len(mine) // 2 :]
+        calibration = scored[-1][0]  # the latest, learned on all but the last origin
         errors, hits80, hits95, release95 = [], [], [], []
-        for f in later:
+        for f, (_, bands) in zip(mine[len(mine) // 2 :], scored, strict=True):
             window = slice(f.origin, f.origin + HORIZON)
-            bands = intervals(f.prediction.mean, f.prediction.signal_var, noise_var=f.noise_var, factor=factor)
             true, noisy = truth[window], released[window]
             errors.append(np.abs(true - f.prediction.mean))
             hits80.append((true >= bands.ci80[0]) & (true <= bands.ci80[1]))
@@ -87,10 +89,12 @@ def run_series(truth: np.ndarray, level: float, *, origins: int, seed: int, mode
             "coverage80": float(np.concatenate(hits80).mean()),
             "coverage95": float(np.concatenate(hits95).mean()),
             "release_coverage95": float(np.concatenate(release95).mean()),
-            "factor": factor,
+            "factor": calibration.factor,
+            "calibration": calibration.as_dict(),
         }
     for model in models:
         out[str(model)]["mae_ratio"] = naive_errors[model] / naive_errors[ModelName.SEASONAL_NAIVE]
+
     # What a forecast would use: the model with the lowest MAE against the releases on the earlier origins.
     def early_mae(model: ModelName) -> float:
         earlier, _ = calibration_split([f for f in forecasts if f.model is model])
@@ -130,14 +134,20 @@ def main() -> None:
         models.append(ModelName.SEASONAL_NAIVE)
     series = load_series()
     results: dict = {"series": list(series), "origins": args.origins, "levels": {}}
-    print(f"{len(series)} series x {args.origins} origins ({args.origins // 2} calibrate, the rest scored), "
-          f"{HISTORY} h history, {HORIZON} h ahead")
-    header = f"{'k':>4} {'model':>15} {'MAE/snaive':>10} {'cov80 true':>10} {'cov95 true':>10} {'cov95 rel':>9} " \
-             f"{'factor':>6}"
+    print(
+        f"{len(series)} series x {args.origins} origins ({args.origins // 2} calibrate, the rest scored), "
+        f"{HISTORY} h history, {HORIZON} h ahead"
+    )
+    header = (
+        f"{'k':>4} {'model':>15} {'MAE/snaive':>10} {'cov80 true':>10} {'cov95 true':>10} {'cov95 rel':>9} "
+        f"{'factor':>6}"
+    )
     print(header)
     for level in args.levels:
-        per_series = {name: run_series(truth, level, origins=args.origins, seed=i, models=models)
-                      for i, (name, truth) in enumerate(series.items())}
+        per_series = {
+            name: run_series(truth, level, origins=args.origins, seed=i, models=models)
+            for i, (name, truth) in enumerate(series.items())
+        }
         summary = {}
         for model in [*models, "chosen"]:
             rows = [per_series[name][str(model)] for name in series]
@@ -149,8 +159,10 @@ def main() -> None:
                 "factor": float(np.median([r["factor"] for r in rows])),
             }
             s = summary[str(model)]
-            print(f"{level:>4} {model!s:>15} {s['mae_ratio']:>10.3f} {s['coverage80']:>10.3f} "
-                  f"{s['coverage95']:>10.3f} {s['release_coverage95']:>9.3f} {s['factor']:>6.2f}")
+            print(
+                f"{level:>4} {model!s:>15} {s['mae_ratio']:>10.3f} {s['coverage80']:>10.3f} "
+                f"{s['coverage95']:>10.3f} {s['release_coverage95']:>9.3f} {s['factor']:>6.2f}"
+            )
         results["levels"][str(level)] = {"summary": summary, "series": per_series}
     seconds = time_uc(next(iter(series.values())))
     results["uc_fit_forecast_s"] = seconds

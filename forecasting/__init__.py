@@ -7,19 +7,20 @@ fitted or a plot drawn.
 - `refresh_forecasts` (forecasting.refresh): the refresh after scheduled and stream releases
 - `plot_series` (forecasting.plot): a PNG of a series' releases and its latest forecast
 - `fit_forecast`, `History`, `Prediction` (forecasting.models): the models over NumPy arrays
-- `calibration_factor` (forecasting.intervals); the modules `forecasting.intervals` and `forecasting.backtest`
-  hold the interval and backtest functions of the same names
+- `Calibration`, `calibration_factor` (forecasting.intervals); the modules `forecasting.intervals` and
+  `forecasting.backtest` hold the interval and backtest functions of the same names
 """
 
 from __future__ import annotations
 
-from forecasting.intervals import calibration_factor
+from forecasting.intervals import Calibration, calibration_factor
 from forecasting.models import History, Prediction, SeriesTooShort, fit_forecast
 from forecasting.plot import plot_series
 from forecasting.refresh import refresh_forecasts
 from forecasting.run import ForecastRun, run_backtests, run_forecasts
 
 __all__ = [
+    "Calibration",
     "ForecastRun",
     "History",
     "Prediction",

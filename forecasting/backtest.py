@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from forecasting.intervals import Intervals, calibration_factor, intervals
+from forecasting.intervals import Calibration, Intervals, calibration_factor, intervals
 from forecasting.models import History, Prediction, SeriesTooShort, fit_forecast, seasonal_naive_scale
 from fusion.forecasting_config import ModelName
 
@@ -35,7 +35,7 @@ class OriginForecast:
 class ModelScore:
     """A model's backtest against later releases: MAE over all origins, MASE (errors over the in-sample seasonal
     naive MAE), MAE relative to seasonal naive on the same windows, 80/95% coverage of the releases and the mean
-    95% width on the later origins (calibrated), and the calibration factor learned on all origins."""
+    95% width on the later origins (calibrated), and the SD factor of the calibration learned on all origins."""
 
     model: ModelName
     mae: float
@@ -107,17 +107,37 @@ def learned_factor(forecasts: Sequence[OriginForecast], values: np.ndarray, vari
     return calibration_factor(errors, signal, noise)
 
 
+def learned_calibration(forecasts: Sequence[OriginForecast], values: np.ndarray, variances: np.ndarray) -> Calibration:
+    """The calibration (`Calibration.fit`: a scale mixture, or one factor with few errors) of these forecasts (one
+    model's) against the releases that followed them; no calibration (factor 1) without any."""
+    if not forecasts:
+        return Calibration()
+    errors = np.concatenate([_window(f, values) - f.prediction.mean for f in forecasts])
+    signal = np.concatenate([f.prediction.signal_var for f in forecasts])
+    noise = np.concatenate([_window(f, variances) for f in forecasts])
+    return Calibration.fit(errors, signal, noise)
+
+
 def calibrated(
     forecasts: Sequence[OriginForecast], values: np.ndarray, variances: np.ndarray
-) -> list[tuple[float, Intervals]]:
-    """Each forecast (one model's, oldest origin first) with its calibration factor, learned on the forecasts whose
-    windows had all been released by its origin (1 for those without any), and its intervals scaled by it."""
+) -> list[tuple[Calibration, Intervals]]:
+    """Each forecast (one model's, oldest origin first) with its calibration, learned on the forecasts whose
+    windows had all been released by its origin (none for those without any), and its intervals under it."""
     out = []
     for index, forecast in enumerate(forecasts):
         earlier = [f for f in forecasts[:index] if f.origin + f.prediction.mean.size <= forecast.origin]
-        factor = learned_factor(earlier, values, variances) if earlier else 1.0
-        out.append((factor, intervals(forecast.prediction.mean, forecast.prediction.signal_var,
-                                      noise_var=forecast.noise_var, factor=factor)))
+        calibration = learned_calibration(earlier, values, variances)
+        out.append(
+            (
+                calibration,
+                intervals(
+                    forecast.prediction.mean,
+                    forecast.prediction.signal_var,
+                    noise_var=forecast.noise_var,
+                    factor=calibration,
+                ),
+            )
+        )
     return out
 
 
@@ -137,12 +157,17 @@ def score(forecasts: Sequence[OriginForecast], values: np.ndarray, variances: np
     for model in dict.fromkeys(f.model for f in forecasts):
         mine = sorted((f for f in forecasts if f.model is model), key=lambda f: f.origin)
         errors = np.concatenate([np.abs(_window(f, values) - f.prediction.mean) for f in mine])
-        scaled = np.concatenate([np.abs(_window(f, values) - f.prediction.mean) / (f.mase_scale or np.nan)
-                                 for f in mine])
-        naive_errors = np.concatenate([
-            np.abs(_window(naive[f.origin], values) - naive[f.origin].prediction.mean) if f.origin in naive
-            else np.full(f.prediction.mean.size, np.nan) for f in mine
-        ])
+        scaled = np.concatenate(
+            [np.abs(_window(f, values) - f.prediction.mean) / (f.mase_scale or np.nan) for f in mine]
+        )
+        naive_errors = np.concatenate(
+            [
+                np.abs(_window(naive[f.origin], values) - naive[f.origin].prediction.mean)
+                if f.origin in naive
+                else np.full(f.prediction.mean.size, np.nan)
+                for f in mine
+            ]
+        )
         both = np.isfinite(errors) & np.isfinite(naive_errors)
         hits80, hits95, widths = [], [], []
         pairs = list(zip(mine, calibrated(mine, values, variances), strict=True))
@@ -153,18 +178,21 @@ def score(forecasts: Sequence[OriginForecast], values: np.ndarray, variances: np
             hits95.append((target >= bands.release_ci95[0]) & (target <= bands.release_ci95[1]))
             hits80[-1], hits95[-1] = hits80[-1][seen], hits95[-1][seen]
             widths.append((bands.release_ci95[1] - bands.release_ci95[0])[seen])
-        out.append(ModelScore(
-            model=model,
-            mae=float(np.nanmean(errors)) if np.isfinite(errors).any() else float("nan"),
-            mase=float(np.nanmean(scaled)) if np.isfinite(scaled).any() else float("nan"),
-            mae_ratio=float(errors[both].sum() / naive_errors[both].sum()) if naive_errors[both].sum() > 0
-            else float("nan"),
-            coverage80=_mean(hits80),
-            coverage95=_mean(hits95),
-            width95=_mean(widths),
-            factor=learned_factor(mine, values, variances),
-            windows=int(np.isfinite(errors).sum()),
-        ))
+        out.append(
+            ModelScore(
+                model=model,
+                mae=float(np.nanmean(errors)) if np.isfinite(errors).any() else float("nan"),
+                mase=float(np.nanmean(scaled)) if np.isfinite(scaled).any() else float("nan"),
+                mae_ratio=float(errors[both].sum() / naive_errors[both].sum())
+                if naive_errors[both].sum() > 0
+                else float("nan"),
+                coverage80=_mean(hits80),
+                coverage95=_mean(hits95),
+                width95=_mean(widths),
+                factor=learned_calibration(mine, values, variances).factor,
+                windows=int(np.isfinite(errors).sum()),
+            )
+        )
     return out
 
 
@@ -196,6 +224,16 @@ def choose(scores: Sequence[ModelScore], *, default: ModelName, margin: float) -
 
 
 __all__ = [
-    "ModelScore", "OriginForecast", "backtest", "calibrated", "calibration_split", "choose", "history_at",
-    "learned_factor", "preferred", "rolling_origins", "score",
+    "ModelScore",
+    "OriginForecast",
+    "backtest",
+    "calibrated",
+    "calibration_split",
+    "choose",
+    "history_at",
+    "learned_calibration",
+    "learned_factor",
+    "preferred",
+    "rolling_origins",
+    "score",
 ]

@@ -60,8 +60,9 @@ def windows(config: Config, text: str, option: str) -> int:
     except ValueError as exc:
         raise FusionError(f"{option}: {exc}") from None
     if length.total_seconds() <= 0 or length % config.window:
-        raise FusionError(f"{option} {text} is not a positive whole number of federation.window "
-                          f"({config.federation.window})")
+        raise FusionError(
+            f"{option} {text} is not a positive whole number of federation.window ({config.federation.window})"
+        )
     return int(length / config.window)
 
 
@@ -91,8 +92,14 @@ def _series(
     span: timedelta,
 ) -> list[Series]:
     metric_names, region_names = _names(config, metrics, regions)
-    found = read_series(store, step=config.window, metrics=metric_names, regions=region_names,
-                        statistics=list(statistics or settings(config).statistics), span=span)
+    found = read_series(
+        store,
+        step=config.window,
+        metrics=metric_names,
+        regions=region_names,
+        statistics=list(statistics or settings(config).statistics),
+        span=span,
+    )
     if not found:
         raise FusionError(
             f"no released windows of {', '.join(metric_names)} in {', '.join(region_names)}: release some first "
@@ -119,8 +126,10 @@ def _for(table: pa.Table, key: SeriesKey) -> pa.Table:
 
     if table.num_rows == 0:
         return table
-    mask = pc.and_(pc.and_(pc.equal(table["metric"], key.metric), pc.equal(table["region"], key.region)),
-                   pc.equal(table["statistic"], str(key.statistic)))
+    mask = pc.and_(
+        pc.and_(pc.equal(table["metric"], key.metric), pc.equal(table["region"], key.region)),
+        pc.equal(table["statistic"], str(key.statistic)),
+    )
     return table.filter(mask)
 
 
@@ -144,8 +153,9 @@ def run_forecasts(
         found = _series(config, store, metrics, regions, statistics, span=length * config.window)
         keys = [s.key for s in found]
         pending = _pending(store, found)
-        choices = recorded_choices(store, keys, models=chosen.models, origins=chosen.backtest_origins,
-                                   margin=chosen.selection_margin)
+        choices = recorded_choices(
+            store, keys, models=chosen.models, origins=chosen.backtest_origins, margin=chosen.selection_margin
+        )
     outcomes, tables, scores = [], [], []
     for series in found:
         if pending.num_rows:
@@ -159,11 +169,17 @@ def run_forecasts(
             outcomes.append(SeriesOutcome(series.key, None, f"too short: {exc}"))
             continue
         issued = IssuedForecast(
-            series=series, purpose=Purpose.FORECAST, model=choice.model, model_version=MODELS[choice.model].version,
+            series=series,
+            purpose=Purpose.FORECAST,
+            model=choice.model,
+            model_version=MODELS[choice.model].version,
             params={"fitted": prediction.params, "history_windows": int(past.values.size), **choice.basis},
             origin=origin,
-            bands=intervals(prediction.mean, prediction.signal_var, noise_var=past.noise_var(), factor=choice.factor),
-            factor=choice.factor, mase_scale=seasonal_naive_scale(past),
+            bands=intervals(
+                prediction.mean, prediction.signal_var, noise_var=past.noise_var(), factor=choice.calibration
+            ),
+            factor=choice.factor,
+            mase_scale=seasonal_naive_scale(past),
             input_release_ids=series.releases_before(origin, length),
         )
         tables.append(forecast_rows(issued, issued_at))
@@ -220,22 +236,40 @@ def run_backtests(
         starts = rolling_origins(series.values.size, horizon=steps, step=step, count=count, min_history=least)
         if len(starts) < 2:
             needed = _span((least + steps + step) * config.window)
-            outcomes.append(SeriesOutcome(series.key, None, f"too short: a backtest needs {needed} of released "
-                                          f"windows (min_history + horizon + one step); it has "
-                                          f"{_span(series.values.size * config.window)}"))
+            outcomes.append(
+                SeriesOutcome(
+                    series.key,
+                    None,
+                    f"too short: a backtest needs {needed} of released "
+                    f"windows (min_history + horizon + one step); it has "
+                    f"{_span(series.values.size * config.window)}",
+                )
+            )
             continue
-        made = backtest(series.values, series.variances, days, models=chosen.models, origins=starts,
-                        horizon=steps, history=length)
+        made = backtest(
+            series.values, series.variances, days, models=chosen.models, origins=starts, horizon=steps, history=length
+        )
         tables: list[pa.Table] = []
         scores: list[pa.Table] = []
         for model in chosen.models:
             mine = [f for f in made if f.model is model]
-            for forecast, (factor, bands) in zip(mine, calibrated(mine, series.values, series.variances),
-                                                 strict=True):
+            for forecast, (calibration, bands) in zip(
+                mine, calibrated(mine, series.values, series.variances), strict=True
+            ):
                 issued = IssuedForecast(
-                    series=series, purpose=Purpose.BACKTEST, model=model, model_version=MODELS[model].version,
-                    params={"fitted": forecast.prediction.params, "history_windows": min(forecast.origin, length)},
-                    origin=forecast.origin, bands=bands, factor=factor, mase_scale=forecast.mase_scale,
+                    series=series,
+                    purpose=Purpose.BACKTEST,
+                    model=model,
+                    model_version=MODELS[model].version,
+                    params={
+                        "fitted": forecast.prediction.params,
+                        "history_windows": min(forecast.origin, length),
+                        "calibration": calibration.as_dict(),
+                    },
+                    origin=forecast.origin,
+                    bands=bands,
+                    factor=calibration.factor,
+                    mase_scale=forecast.mase_scale,
                     input_release_ids=series.releases_before(forecast.origin, length),
                 )
                 rows = forecast_rows(issued, issued_at)
@@ -251,8 +285,11 @@ def run_backtests(
         except SeriesTooShort as exc:
             outcomes.append(SeriesOutcome(series.key, None, str(exc), tuple(results)))
             continue
-        outcomes.append(SeriesOutcome(series.key, None, f"chooses {best.model} (intervals x{best.factor:.2f})",
-                                      tuple(results), best.model))
+        outcomes.append(
+            SeriesOutcome(
+                series.key, None, f"chooses {best.model} (intervals x{best.factor:.2f})", tuple(results), best.model
+            )
+        )
     if not any(o.scores for o in outcomes):
         reasons = "; ".join(f"{o.key}: {o.note}" for o in outcomes)
         raise FusionError(f"no series could be backtested ({reasons})")

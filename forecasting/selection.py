@@ -3,7 +3,7 @@
 `fusion backtest` writes each rolling origin's forecasts of every model, scored against the releases. A forecast
 reads them back (through the SQL surface): over the series' latest `backtest_origins` origins, the first of
 `[forecasting] models` is kept unless another's MAE is lower by more than `selection_margin`, and the chosen model's
-factor is learned on all of those origins' errors (forecasting.intervals). Without a
+calibration is learned on all of those origins' errors (forecasting.intervals). Without a
 backtest, the first of `[forecasting] models` forecasts, uncalibrated (factor 1).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from forecasting.backtest import preferred
-from forecasting.intervals import calibration_factor
+from forecasting.intervals import Calibration
 from forecasting.series import SeriesKey, quoted
 from fusion.api import FusedStore
 from fusion.forecasting_config import ModelName, Statistic
@@ -24,15 +24,19 @@ from fusion.forecasting_config import ModelName, Statistic
 
 @dataclass(frozen=True)
 class Choice:
-    """A series' model and calibration factor, and what they were learned on."""
+    """A series' model and calibration, and what they were learned on."""
 
     model: ModelName
-    factor: float
+    calibration: Calibration
     basis: dict[str, Any]
+
+    @property
+    def factor(self) -> float:
+        return self.calibration.factor
 
 
 def default_choice(models: Sequence[ModelName]) -> Choice:
-    return Choice(models[0], 1.0, {"selected_by": "default (no backtest recorded)", "calibrated": False})
+    return Choice(models[0], Calibration(), {"selected_by": "default (no backtest recorded)", "calibrated": False})
 
 
 def recorded_choices(
@@ -74,14 +78,19 @@ def recorded_choices(
         best = preferred({ModelName(m): v for m, v in mae.items()}, default=models[0], margin=margin)
         chosen = rows & (columns["model"] == str(best)) & np.isfinite(error)
         raw_sd = columns["sd"][chosen].astype(float) / columns["calibration_factor"][chosen].astype(float)
-        factor = calibration_factor(error[chosen], raw_sd**2, columns["noise_sd"][chosen].astype(float) ** 2)
-        out[key] = Choice(best, factor, {
-            "selected_by": f"backtest: MAE against later releases ({models[0]} unless another's is over "
-                           f"{margin:.0%} lower)",
-            "backtest_origins": [str(o) for o in latest],
-            "backtest_mae": mae,
-            "calibrated": True,
-        })
+        calibration = Calibration.fit(error[chosen], raw_sd**2, columns["noise_sd"][chosen].astype(float) ** 2)
+        out[key] = Choice(
+            best,
+            calibration,
+            {
+                "selected_by": f"backtest: MAE against later releases ({models[0]} unless another's is over "
+                f"{margin:.0%} lower)",
+                "backtest_origins": [str(o) for o in latest],
+                "backtest_mae": mae,
+                "calibrated": True,
+                "calibration": calibration.as_dict(),
+            },
+        )
     return out
 
 

@@ -11,15 +11,16 @@ import pytest
 import forecasting.backtest
 import forecasting.intervals
 import fusion.forecast_queries
-from forecasting.intervals import Z95, calibration_factor, intervals
+from forecasting.intervals import Z80, Z95, Calibration, calibration_factor, intervals
 from forecasting.models import History, SeriesTooShort, fit_forecast
 from fusion.forecasting_config import ModelName
 
 DAY = 24
 
 
-def simulated(seed: int, n: int, *, level_sd: float = 0.05, ar_sd: float = 0.4,
-              noise: tuple[float, float] = (0.5, 2.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def simulated(
+    seed: int, n: int, *, level_sd: float = 0.05, ar_sd: float = 0.4, noise: tuple[float, float] = (0.5, 2.0)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(truth, releases, noise SDs): a random-walk level, an AR(1) term and a two-harmonic daily cycle (the UC
     model's own structure), released with noise SDs drawn uniformly from `noise` cell by cell."""
     rng = np.random.default_rng(seed)
@@ -80,8 +81,9 @@ def test_missing_and_withheld_cells_are_skipped_not_read_as_zero() -> None:
     future = truth[14 * DAY :]
     assert np.all(np.isfinite(sparse.mean))
     assert np.abs(sparse.mean - future).mean() < 1.5 * np.abs(full.mean - future).mean() + 0.2
-    zeros = fit_forecast(ModelName.UC, History(np.where(gaps, 0.0, releases[: 14 * DAY]), sd[: 14 * DAY] ** 2, DAY),
-                         DAY)
+    zeros = fit_forecast(
+        ModelName.UC, History(np.where(gaps, 0.0, releases[: 14 * DAY]), sd[: 14 * DAY] ** 2, DAY), DAY
+    )
     assert np.abs(zeros.mean - future).mean() > np.abs(sparse.mean - future).mean()
     for model in (ModelName.SEASONAL_NAIVE, ModelName.SAME_HOUR_MEAN, ModelName.ETS):  # the baselines too
         assert np.all(np.isfinite(fit_forecast(model, History(holed, sd[: 14 * DAY] ** 2, DAY), DAY).mean))
@@ -122,6 +124,34 @@ def test_calibration_learns_the_factor_on_the_model_sd_and_keeps_the_noise_known
     assert covered.mean() == pytest.approx(0.95, abs=0.005)
     assert calibration_factor(rng.normal(0.0, np.sqrt(noise_var)), signal_var, noise_var) < 0.3
     assert calibration_factor(np.array([np.nan]), np.array([1.0]), np.array([1.0])) == 1.0
+
+
+def test_a_mixture_calibrates_heavy_tailed_errors_at_80_and_95_percent() -> None:
+    """Errors of the true value that are calm 70% of the time (0.6 x the model's SD) and stormy otherwise (2 x),
+    seen only through releases with known noise: one variance-matched factor covers the truth too often at 80%,
+    the fitted mixture covers it at 80% and 95% (learned on one half of the errors, checked on the other)."""
+    rng = np.random.default_rng(4)
+    n = 20_000
+    signal_var, noise_var = rng.uniform(1.0, 4.0, n), rng.uniform(0.2, 1.0, n)
+    truth_errors = rng.normal(0.0, np.sqrt(np.where(rng.random(n) < 0.7, 0.36, 4.0) * signal_var))
+    errors = truth_errors + rng.normal(0.0, np.sqrt(noise_var))
+    learn, check = slice(0, n // 2), slice(n // 2, n)
+    factor = calibration_factor(errors[learn], signal_var[learn], noise_var[learn])
+    gaussian = np.abs(truth_errors[check]) <= Z80 * factor * np.sqrt(signal_var[check])
+    assert gaussian.mean() > 0.84  # one factor: too wide at 80%
+    calibration = Calibration.fit(errors[learn], signal_var[learn], noise_var[learn])
+    assert calibration.weight == pytest.approx(0.7, abs=0.05) and calibration.low < 0.8 < 1.7 < calibration.high
+    bands = intervals(np.zeros(n - n // 2), signal_var[check], noise_var=0.0, factor=calibration)
+    inside80 = (bands.ci80[0] <= truth_errors[check]) & (truth_errors[check] <= bands.ci80[1])
+    inside95 = (bands.ci95[0] <= truth_errors[check]) & (truth_errors[check] <= bands.ci95[1])
+    assert inside80.mean() == pytest.approx(0.80, abs=0.015) and inside95.mean() == pytest.approx(0.95, abs=0.01)
+    # Release intervals add each cell's noise to both components.
+    release = calibration.half_width(0.95, signal_var[check], noise_var[check])
+    assert np.mean(np.abs(errors[check]) <= release) == pytest.approx(0.95, abs=0.01)
+    # Few errors, or Gaussian ones: the plain factor.
+    assert Calibration.fit(errors[:50], signal_var[:50], noise_var[:50]).weight == 1.0
+    plain = rng.normal(0.0, np.sqrt(1.3**2 * signal_var + noise_var))
+    assert Calibration.fit(plain, signal_var, noise_var).factor == pytest.approx(1.3, rel=0.05)
 
 
 @pytest.mark.parametrize("module", [forecasting.intervals, forecasting.backtest, fusion.forecast_queries])

@@ -28,14 +28,19 @@ STREAM = f'[stream]\nallowed_lateness = "0s"\nstart = "{START.isoformat()}"\n'
 
 
 def with_history(make_federation: Callable[..., Federation], extra: str, subdir: str) -> Federation:
-    fed = make_federation(noise=False, quorum=2, subdir=subdir, extra_privacy="epsilon_cap = 50.0",
-                          extra=extra + FORECASTING)
+    fed = make_federation(
+        noise=False, quorum=2, subdir=subdir, extra_privacy="epsilon_cap = 50.0", extra=extra + FORECASTING
+    )
     hours = np.arange(-72, 0)  # the three days before START (the conftest's T0 is START)
     store = Store(fed.config.store_path)
     bind_store_mode(store, fed.config.privacy.mode)  # a test-mode store, as the releases below say
     history = release_table(hours, released(hours, 1.0, seed=4), np.ones(hours.size))
-    store.insert_new("releases", history.set_column(history.schema.get_field_index("noise"), "noise",
-                                                    pa.array(["off (test mode)"] * hours.size)))
+    store.insert_new(
+        "releases",
+        history.set_column(
+            history.schema.get_field_index("noise"), "noise", pa.array(["off (test mode)"] * hours.size)
+        ),
+    )
     return fed
 
 
@@ -44,17 +49,18 @@ def forecast_origins(fed: Federation) -> set[object]:
     return {(r["metric"], r["region"], r["origin"]) for r in rows}
 
 
-def test_a_scheduled_release_refreshes_the_forecasts_of_its_series(make_federation):
+def test_a_scheduled_release_refreshes_the_forecasts_of_its_series(make_federation: Callable[..., Federation]) -> None:
     fed = with_history(make_federation, SCHEDULE, "scheduled")
-    result = run_interval(fed.config, fed.config.schedules[0], Interval(START, START + timedelta(hours=1)),
-                          runner="test")
+    result = run_interval(
+        fed.config, fed.config.schedules[0], Interval(START, START + timedelta(hours=1)), runner="test"
+    )
     assert result.status is RunStatus.RELEASED
     # temp in the north has 73 hours; the other five series of the release only the one.
     assert result.detail.startswith("forecasts refreshed: 1 of 6 series, 6 row(s)"), result.detail
     assert forecast_origins(fed) == {("temp", "north", START + timedelta(hours=1))}
 
 
-def test_a_stream_step_refreshes_the_forecasts_of_what_it_released(make_federation):
+def test_a_stream_step_refreshes_the_forecasts_of_what_it_released(make_federation: Callable[..., Federation]) -> None:
     fed = with_history(make_federation, STREAM, "stream")
     for inst in fed.config.institutions:  # no readings: the stream releases its grid's windows all the same
         shutil.rmtree(fed.directory / "feeds" / inst.id)
