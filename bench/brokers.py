@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.stream import START, config_text, hour_of_readings
-from fusion.config import load_config
-from fusion.keys import create_keys
-from fusion.registry import create_aggregator_key, create_institution_keys
-from fusion.stream_state import WindowStatus
+from fusion.config.federation import load_config
+from fusion.feeds.stream_state import WindowStatus
+from fusion.keys.holder import create_keys
+from fusion.keys.registry import create_aggregator_key, create_institution_keys
 from pipelines.stream_driver import StreamDriver
 
 #: Readings per second the stream should sustain from each source (2 cores, the broker on the same machine).

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.generate import BenchData, config_text
-from fusion.config import Config, load_config
+from fusion.config.federation import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "dashboard.json"

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from forecasting.backtest import backtest, calibrated, calibration_split, preferred
-from fusion.forecasting_config import ForecastingConfig, ModelName
+from fusion.config.forecasting import ForecastingConfig, ModelName
 
 HISTORY = 672
 HORIZON = 48
@@ -43,7 +43,7 @@ def load_series() -> dict[str, np.ndarray]:
     import pvlib
     from pvlib.iotools import read_tmy2
 
-    from fusion.demo_data import load_station
+    from fusion.demo.data import load_station
 
     out: dict[str, np.ndarray] = {}
     for station in ("greensboro", "sandpoint"):

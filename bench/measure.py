@@ -147,7 +147,7 @@ COST_ITEMS = (
     ("envelopes: deflate, digests, signatures", ("zlib", "_hashlib", "ed25519", "privacy/envelope", "signing")),
     ("masks and Shamir shares", ("privacy/sharing.py", "privacy/masking", "privacy/noise_shares.py", "x25519")),
     ("fsync of kept records", ("posix.fsync",)),
-    ("Delta store: commits and reads", ("deltalake", "fusion/store.py")),
+    ("Delta store: commits and reads", ("deltalake", "fusion/store/delta.py")),
     ("Beam: building, translating, scheduling", ("apache_beam",)),
     ("DuckDB: scan and validation", ("duckdb", "validation.py:connect")),
     ("files: listing, reading, writing, removing", ("posix.", "os>:walk", "shutil", "io.", "pathlib", "exchange.py")),
@@ -177,10 +177,10 @@ def fusion_batch(
     """Fusion end to end (`run_batch`: contribute, aggregate, unmask, aggregate, release) in a fresh federation
     over the generated feeds. Keys are created first and not timed. `profile`: run under cProfile and report its
     self time by COST_ITEMS (cProfile slows Python code more than native code: shares, not seconds)."""
-    from fusion.config import load_config
-    from fusion.keys import create_keys
-    from fusion.plan import plan_release
-    from fusion.registry import create_aggregator_key, create_institution_keys
+    from fusion.config.federation import load_config
+    from fusion.keys.holder import create_keys
+    from fusion.keys.registry import create_aggregator_key, create_institution_keys
+    from fusion.release.plan import plan_release
     from pipelines.batch import run_batch
 
     if workdir.exists():
@@ -244,9 +244,9 @@ def fusion_readings(data: BenchData, workdir: Path, *, entity_level: bool, repea
     de-duplication, entity-level bounding, packing), in process, without Beam, sealing, aggregation or release;
     and the scan alone (staging and each shard's scan). Its ratio to the DuckDB floor is the most Fusion's
     end-to-end ratio could reach if every per-release cost were zero."""
-    from fusion.config import load_config
-    from fusion.plan import plan_release
-    from fusion.scan import FeedScanner, ShardScan, scan_connection
+    from fusion.config.federation import load_config
+    from fusion.feeds.scan import FeedScanner, ShardScan, scan_connection
+    from fusion.release.plan import plan_release
     from pipelines.contribute import PARTIAL, ContributeShard, StageFeed, remove_staging, scan_work, staging_prefix
     from pipelines.local import run_dofn
 
@@ -299,8 +299,8 @@ def he_operations(data: BenchData, workdir: Path, *, repeats: int = 3) -> dict[s
     decrypts. (Fusion's pipeline does exactly these calls; timing them here keeps timers out of its code.)"""
     import numpy as np
 
-    from fusion.config import load_config
-    from fusion.plan import plan_release
+    from fusion.config.federation import load_config
+    from fusion.release.plan import plan_release
     from privacy import he
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -352,7 +352,7 @@ def _time_queries(store_dir: Path, plain: Path, query: str, repeats: int) -> dic
     import duckdb
     from deltalake import DeltaTable
 
-    from fusion.sql import SqlSandbox
+    from fusion.store.sql import SqlSandbox
 
     files = [uri.removeprefix("file://") for uri in DeltaTable(str(store_dir / "releases")).file_uris()]
     sandbox = SqlSandbox(store_dir)

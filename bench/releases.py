@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.generate import METRICS, REGIONS, START
-from fusion.store import Store
+from fusion.store.delta import Store
 from schemas.tables import RELEASES_SCHEMA
 
 WINDOWS_PER_DAY = 96

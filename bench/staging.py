@@ -7,7 +7,7 @@ of the first `--resent` fraction of each file's rows to the file itself. Each ca
 
     .venv/bin/python -m bench.staging --readings 2000000 --shard-rows 100000   # writes bench/results/staging.json
 
-With several shards, each file is staged (fusion/scan.py: scanned once, each shard's encoded rows written apart,
+With several shards, each file is staged (fusion/feeds/scan.py: scanned once, each shard's encoded rows written apart,
 the raw rows kept for comparing duplicates); before staging, every shard parsed and validated every file.
 """
 
@@ -27,11 +27,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from bench.generate import END, START, BenchData, config_text, generate
-from fusion.config import load_config
-from fusion.keys import create_keys
-from fusion.plan import plan_release
-from fusion.registry import create_aggregator_key, create_institution_keys
-from fusion.scan import scan_shards
+from fusion.config.federation import load_config
+from fusion.feeds.scan import scan_shards
+from fusion.keys.holder import create_keys
+from fusion.keys.registry import create_aggregator_key, create_institution_keys
+from fusion.release.plan import plan_release
 from pipelines.batch import run_batch
 
 

@@ -28,11 +28,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fusion.config import load_config
-from fusion.keys import create_keys
-from fusion.registry import create_aggregator_key, create_institution_keys
-from fusion.store import Store
-from fusion.stream_state import WindowStatus
+from fusion.config.federation import load_config
+from fusion.feeds.stream_state import WindowStatus
+from fusion.keys.holder import create_keys
+from fusion.keys.registry import create_aggregator_key, create_institution_keys
+from fusion.store.delta import Store
 from pipelines.stream_driver import StreamDriver
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -157,7 +157,7 @@ BURST_TARGET_S = 2.0
 def burst(windows: int, directory: Path) -> dict[str, object]:
     """The demo federation's first day spooled, then `windows` hourly windows closable at one moment (a stream
     catching up, or `--drain`): seconds from that moment to each window being queryable in the store."""
-    from fusion.demo import DEMO_START, build_demo
+    from fusion.demo.federation import DEMO_START, build_demo
 
     config_path = build_demo(directory / "demo", days=1)
     text = config_path.read_text().replace("refresh = true ", "refresh = false")  # forecasts are not the release

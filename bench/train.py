@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from fusion.config import load_config
-from fusion.demo import build_demo
-from fusion.plan import period_of
-from fusion.store import Store
-from fusion.training_config import ModelConfig
+from fusion.config.federation import load_config
+from fusion.config.training import ModelConfig
+from fusion.demo.federation import build_demo
+from fusion.release.plan import period_of
+from fusion.store.delta import Store
 from privacy import he
 from privacy.accountant import Composition
 from privacy.noise_shares import NoiseLayers

@@ -28,7 +28,7 @@ from dashboard import snapshot as snapshot_
 from dashboard.formatting import FILTERS
 from dashboard.guard import LOOPBACK_HOSTS, Guard, app_path, app_root, secured, wants_json
 from dashboard.snapshot import Snapshot, VersionCache
-from fusion.config import Config, load_config
+from fusion.config.federation import Config, load_config
 from fusion.errors import FusionError, SqlLimitExceeded
 
 HERE = Path(__file__).parent

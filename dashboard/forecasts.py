@@ -13,7 +13,7 @@ from dashboard import params
 from dashboard.formatting import finite
 from dashboard.snapshot import Snapshot
 
-#: The statistics forecast (fusion/forecast_queries.py).
+#: The statistics forecast (fusion/store/forecast_queries.py).
 STATISTICS = ("mean", "sum", "count")
 #: The chart's series, in legend order.
 SERIES = ("released", "forecast: true value", "forecast: next release")

@@ -15,12 +15,12 @@ from pydantic import BaseModel
 from dashboard import params
 from dashboard.snapshot import Snapshot
 from fusion import api
-from fusion.config import Config
+from fusion.config.federation import Config
 from fusion.errors import FusionError
 
 #: Audit events per page.
 PAGE_EVENTS = 200
-#: Statuses that mean a release is what was published (fusion.provenance.GOOD).
+#: Statuses that mean a release is what was published (fusion.store.provenance.GOOD).
 GOOD = ("verified", "legacy")
 
 

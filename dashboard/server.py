@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusion.config import Config
+from fusion.config.federation import Config
 from fusion.errors import FusionError
 
 DEFAULT_PORT = 8050
@@ -91,7 +91,7 @@ def read_token(token_file: str | None) -> str | None:
     """The token from `token_file` (owner-only, one line) or else the FUSION_SERVE_TOKEN variable; None if
     neither is given."""
     if token_file:
-        from fusion.registry import read_private
+        from fusion.keys.registry import read_private
 
         return read_private(Path(token_file), "--token-file").decode().strip()
     return os.environ.get(TOKEN_ENV) or None

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from dashboard.params import BadParameter
 from fusion.api import FusedStore, open_store
-from fusion.config import Config
+from fusion.config.federation import Config
 
 T = TypeVar("T")
 log = logging.getLogger("fusion.dashboard")

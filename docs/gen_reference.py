@@ -1,7 +1,7 @@
 """Write the reference pages that come from the code: run by `make docs` before `mkdocs build`.
 
-docs/reference/cli.md     every `fusion` command and option, from the argparse parser (fusion/cli.py)
-docs/reference/config.md  every config section and field, from the pydantic models (fusion/config.py): type,
+docs/reference/cli.md     every `fusion` command and option, from the argparse parser (fusion/cli/core.py)
+docs/reference/config.md  every config section and field, from the pydantic models (fusion/config/federation.py): type,
                           default, constraints, and the field's description or, failing that, its source comment
 docs/reference/tables.md  every store table and column, from the Arrow schemas and their comments (schemas/tables.py)
 
@@ -79,13 +79,13 @@ def _option_row(action: argparse.Action) -> str:
 
 
 def cli_page() -> str:
-    from fusion.cli import _parser
+    from fusion.cli.core import _parser
 
     parser = _parser()
     parser.prog = "fusion"
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {choice.dest: choice.help or "" for choice in subparsers._choices_actions}
-    lines = [HEADER.format(source="the argparse parser in fusion/cli.py"), "# Command line\n"]
+    lines = [HEADER.format(source="the argparse parser in fusion/cli/core.py"), "# Command line\n"]
     lines.append(
         "Every `fusion` command, its options and their defaults, as `fusion <command> --help` prints them. The "
         "commands that run pipelines (`demo`, `batch`, `stream`, `contribute`, `aggregate`, `schedule`, "
@@ -169,9 +169,9 @@ def config_page() -> str:
     from pydantic import BaseModel
     from pydantic_core import PydanticUndefined
 
-    from fusion import config as module
+    from fusion.config import federation as module
 
-    lines = [HEADER.format(source="the pydantic models in fusion/config.py"), "# Config\n"]
+    lines = [HEADER.format(source="the pydantic models in fusion/config/federation.py"), "# Config\n"]
     lines.append(
         "Every section and field of a federation config (TOML), from the models that validate it at load. A "
         "`[section]` holds one table, a `[[section]]` a list of them; a field without a default is required. "
@@ -194,7 +194,7 @@ def config_page() -> str:
             if match and match.group(1) not in field_lines:
                 field_lines[match.group(1)] = number
         lines.append(f"## {path}\n")
-        lines.append(f"Model `{model.__name__}` (line {first_line} of `fusion/config.py`).\n")
+        lines.append(f"Model `{model.__name__}` (line {first_line} of `fusion/config/federation.py`).\n")
         if model.__doc__ and model.__doc__ is not getattr(model.__mro__[1], "__doc__", None):
             lines.append(_cell(inspect.cleandoc(model.__doc__)) + "\n")
         lines.append("| field | type | default | constraints | meaning |\n|---|---|---|---|---|")

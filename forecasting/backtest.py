@@ -16,7 +16,7 @@ import numpy as np
 
 from forecasting.intervals import Calibration, Intervals, calibration_factor, intervals
 from forecasting.models import History, Prediction, SeriesTooShort, fit_forecast, seasonal_naive_scale
-from fusion.forecasting_config import ModelName
+from fusion.config.forecasting import ModelName
 
 
 @dataclass(frozen=True)

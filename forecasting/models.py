@@ -15,8 +15,8 @@ from importlib.metadata import version
 
 import numpy as np
 
+from fusion.config.forecasting import ModelName
 from fusion.errors import FusionError
-from fusion.forecasting_config import ModelName
 
 #: Days the same-hour mean averages over.
 SAME_HOUR_DAYS = 7

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from forecasting.series import quoted
 from fusion.api import open_store
-from fusion.config import Config
+from fusion.config.federation import Config
 from fusion.errors import FusionError
 
 #: The release columns drawn for each statistic: value, 95% interval.

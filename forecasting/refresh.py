@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from forecasting.series import quoted
 from fusion.api import open_store
-from fusion.config import Config
+from fusion.config.federation import Config
 from fusion.errors import FusionError
 
 _log = logging.getLogger(__name__)

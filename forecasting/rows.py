@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from forecasting.intervals import Intervals
 from forecasting.series import Series
-from fusion.forecasting_config import ModelName
+from fusion.config.forecasting import ModelName
 from schemas.tables import FORECAST_SCORES_SCHEMA, FORECASTS_SCHEMA
 
 

@@ -20,10 +20,10 @@ from forecasting.rows import IssuedForecast, Purpose, forecast_rows, score_rows
 from forecasting.selection import Choice, default_choice, recorded_choices
 from forecasting.series import Series, SeriesKey, quoted, read_series
 from fusion.api import FusedStore, open_store, write_derived
-from fusion.config import Config
-from fusion.durations import parse_duration
+from fusion.config.federation import Config
+from fusion.config.forecasting import ForecastingConfig, ModelName, Statistic
 from fusion.errors import FusionError
-from fusion.forecasting_config import ForecastingConfig, ModelName, Statistic
+from fusion.runtime.durations import parse_duration
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from forecasting.backtest import preferred
 from forecasting.intervals import Calibration
 from forecasting.series import SeriesKey, quoted
 from fusion.api import FusedStore
-from fusion.forecasting_config import ModelName, Statistic
+from fusion.config.forecasting import ModelName, Statistic
 
 
 @dataclass(frozen=True)

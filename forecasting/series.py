@@ -17,8 +17,8 @@ import pyarrow as pa
 
 from forecasting.models import History
 from fusion.api import FusedStore
+from fusion.config.forecasting import Statistic
 from fusion.errors import FusionError
-from fusion.forecasting_config import Statistic
 
 #: The release columns each statistic follows: (value, noise SD).
 COLUMNS = {Statistic.MEAN: ("ratio_mean", "mean_sd"), Statistic.SUM: ("sum", "sum_sd"),

@@ -10,11 +10,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from fusion.config import Config, load_config
+from fusion.config.federation import Config, load_config
+from fusion.config.sql_limits import SqlLimits
 from fusion.errors import FusionError
-from fusion.sql import SqlSandbox
-from fusion.sql_limits import SqlLimits
-from fusion.store import Store
+from fusion.store.delta import Store
+from fusion.store.sql import SqlSandbox
 
 
 def _config(config: Config | str | Path, *, check_release: bool = True) -> Config:
@@ -65,7 +65,7 @@ class FusedStore:
         """Rows of `forecasts` (schemas/tables.py), ordered by metric, statistic, region and window: those of one
         metric, region or statistic (None: all); with `latest`, only each series' most recently issued forecast.
         `purpose` "backtest" reads the backtests' forecasts instead."""
-        from fusion.forecast_queries import forecasts_query
+        from fusion.store.forecast_queries import forecasts_query
         from schemas.tables import FORECASTS_SCHEMA
 
         rows = self.sql(forecasts_query(metric=metric, region=region, statistic=statistic, purpose=purpose,
@@ -120,7 +120,7 @@ def forecast(
     """Forecast every released series (or those of `metrics`, `regions` and `statistics`: mean, sum, count) and
     write the forecasts to the store; returns a forecasting.run.ForecastRun."""
     from forecasting.run import run_forecasts
-    from fusion.forecasting_config import Statistic
+    from fusion.config.forecasting import Statistic
 
     return run_forecasts(_config(config, check_release=False), metrics=metrics, regions=regions, horizon=horizon,
                          statistics=[Statistic(s) for s in statistics] if statistics else None)
@@ -136,10 +136,10 @@ def plot_forecast(config: Config | str | Path, metric: str, region: str, path: s
 
 def verify(config: Config | str | Path, *, release_id: str | None = None, seen: int = 0) -> list[Any]:
     """What `fusion verify` reports on the releases: each (or `release_id`) checked against the key holder's
-    registered signing keys, a list of fusion.provenance.ReleaseCheck. Reads the store and the registry only;
+    registered signing keys, a list of fusion.store.provenance.ReleaseCheck. Reads the store and the registry only;
     refused when no key holder signing key is registered (nothing can be verified)."""
-    from fusion.provenance import verify_releases
-    from fusion.registry import load_key_holder_public_keys, load_unsigned_releases
+    from fusion.keys.registry import load_key_holder_public_keys, load_unsigned_releases
+    from fusion.store.provenance import verify_releases
 
     cfg = _config(config, check_release=False)
     keys = load_key_holder_public_keys(cfg)
@@ -154,7 +154,7 @@ def batch(
     config: Config | str | Path, start: str | datetime, end: str | datetime, *, beam_args: Sequence[str] = ()
 ) -> Any:
     """Run every role for [start, end) on this machine; returns a BatchSummary."""
-    from fusion.plan import parse_time, plan_release
+    from fusion.release.plan import parse_time, plan_release
     from pipelines.batch import run_batch
 
     cfg = _config(config)

@@ -20,7 +20,7 @@ class SqlError(FusionError):
 
 
 class SqlLimitExceeded(SqlError):
-    """A SQL query ran past its time limit, or its result past its row or size limit (fusion/sql_limits.py)."""
+    """A SQL query ran past its time limit, or its result past its row or size limit (fusion/config/sql_limits.py)."""
 
 
 class ReleaseRefused(FusionError):

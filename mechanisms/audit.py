@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from fusion.api import FusedStore
-from fusion.config import Config
+from fusion.config.federation import Config
 from mechanisms.authorities import Parties, load_parties
 from mechanisms.records import RECORDED, Decision, Recommendation
 from mechanisms.tables import read_decisions, recommendation_groups

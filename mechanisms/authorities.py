@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fusion.config import Config
+from fusion.config.federation import Config
 from fusion.errors import FusionError
-from fusion.registry import load_mechanism_sections, read_private, write_mechanism_sections, write_private
+from fusion.keys.registry import load_mechanism_sections, read_private, write_mechanism_sections, write_private
 from mechanisms.records import Kind
 from privacy.signing import generate_signing_key, public_key
 
@@ -199,7 +199,7 @@ def create_bidder_key(config: Config, bidder: str, *, directory: str | None = No
 
 
 def _new_key(config: Config, path: Path, *, overwrite: bool) -> bytes:
-    from fusion.config import _overlap
+    from fusion.config.federation import _overlap
 
     for label, other in (("store", config.store_path), ("exchange", config.exchange_path)):
         if _overlap(str(path.parent), other):

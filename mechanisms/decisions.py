@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion.api import FusedStore, open_store
-from fusion.config import Config
+from fusion.config.federation import Config
 from fusion.errors import FusionError
 from mechanisms.authorities import Authority, Parties, load_parties, load_private, signer_key_file
 from mechanisms.bids import bids_of

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from fusion.api import FusedStore
+from fusion.config.mechanisms import LoadStatistic
 from fusion.errors import FusionError
-from fusion.mechanisms_config import LoadStatistic
 from mechanisms.network import Network
 from schemas.tables import TABLE_SCHEMAS
 

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from fusion.api import FusedStore, open_store
-from fusion.config import Config
+from fusion.config.federation import Config
+from fusion.config.mechanisms import LoadStatistic, MechanismsConfig
 from fusion.errors import FusionError
-from fusion.mechanisms_config import LoadStatistic, MechanismsConfig
 from mechanisms.authorities import load_operator_key, load_parties
 from mechanisms.bids import bids_of, read_bids
 from mechanisms.loads import MissingLoad, default_window, read_loads

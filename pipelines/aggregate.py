@@ -24,7 +24,8 @@ import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
 from fusion.errors import FusionError
-from fusion.exchange import (
+from fusion.keys.registry import load_aggregator_signing_key, load_registry
+from fusion.release.exchange import (
     EnvelopePlace,
     aggregate_path,
     aggregation_status_path,
@@ -38,9 +39,8 @@ from fusion.exchange import (
     write_bytes,
     write_json,
 )
-from fusion.faults import crash_point
-from fusion.plan import ReleasePlan
-from fusion.registry import load_aggregator_signing_key, load_registry
+from fusion.release.plan import ReleasePlan
+from fusion.runtime.faults import crash_point
 from pipelines.contribute import masking_graph
 from pipelines.unmask import (
     Roster,

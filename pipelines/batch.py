@@ -12,10 +12,10 @@ from typing import Any
 import pyarrow as pa
 
 from fusion.errors import ReleaseRefused
-from fusion.ledger import BudgetExceeded, BudgetLedger
-from fusion.plan import ReleasePlan
-from fusion.store import Store
-from fusion.store_mode import bind_store_mode
+from fusion.release.plan import ReleasePlan
+from fusion.store.delta import Store
+from fusion.store.ledger import BudgetExceeded, BudgetLedger
+from fusion.store.mode import bind_store_mode
 from pipelines.release import ReleaseOutcome, audit_event, audit_row, release
 from pipelines.run import names_runner, run_aggregate, run_contributions, run_unmask
 from schemas.reasons import FileReason

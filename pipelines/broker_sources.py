@@ -24,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fusion.broker_config import MqttSource, NatsSource
-from fusion.config import Config, FeedConfig, FeedFormat
-from fusion.faults import crash_point
+from fusion.config.brokers import MqttSource, NatsSource
+from fusion.config.federation import Config, FeedConfig, FeedFormat
+from fusion.runtime.faults import crash_point
 from pipelines.broker_journal import JOURNAL_SUFFIX, SourceJournal, message_lines
 
 _log = logging.getLogger(__name__)

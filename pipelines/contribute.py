@@ -3,7 +3,7 @@ duplicates removed, entity-level bounding -> one packed vector -> Skellam share 
 Dead letters stay local.
 
 Elements are scan shards and packed vectors, never single readings, and no readings are shuffled: a scan shard
-is a hash partition of one institution's readings (fusion/scan.py). An institution with one shard is scanned in
+is a hash partition of one institution's readings (fusion/feeds/scan.py). An institution with one shard is scanned in
 one pass; one with several first stages each of its files, scanned once for all of them (parsed, validated and
 encoded, one Arrow file of encoded rows per shard, in the institution's private dead-letter area), and each shard
 reads its own rows; a side input orders the two steps. The logic lives in fusion/ and privacy/.
@@ -33,25 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.pvalue import TaggedOutput
 
-from fusion.config import InstitutionConfig, PrivacyUnit
-from fusion.contribution import PartialAggregate, cell_reading_counts, find_duplicates, pack_encoded
+from fusion.config.federation import InstitutionConfig, PrivacyUnit
 from fusion.errors import FusionError, InternalError, ReleaseRefused
-from fusion.exchange import (
-    ReleaseKey,
-    contribution_path,
-    join,
-    public_context_path,
-    read_bytes,
-    remove_tree,
-    write_bytes,
-    write_json,
-)
-from fusion.faults import crash_point
-from fusion.feed_report import FileTally, RejectLevel, judge_rejects, merge_tallies, worst_files
-from fusion.plan import ReleasePlan
-from fusion.registry import load_agreement_key, load_agreement_keys, load_signing_key, read_private, write_private
-from fusion.rejects import pack_reject_tallies
-from fusion.scan import (
+from fusion.feeds.report import FileTally, RejectLevel, judge_rejects, merge_tallies, worst_files
+from fusion.feeds.scan import (
     BIN,
     CELL,
     ENTITY,
@@ -67,6 +52,21 @@ from fusion.scan import (
     scan_shards,
     staged_sources,
 )
+from fusion.keys.registry import load_agreement_key, load_agreement_keys, load_signing_key, read_private, write_private
+from fusion.release.contribution import PartialAggregate, cell_reading_counts, find_duplicates, pack_encoded
+from fusion.release.exchange import (
+    ReleaseKey,
+    contribution_path,
+    join,
+    public_context_path,
+    read_bytes,
+    remove_tree,
+    write_bytes,
+    write_json,
+)
+from fusion.release.plan import ReleasePlan
+from fusion.release.rejects import pack_reject_tallies
+from fusion.runtime.faults import crash_point
 from privacy import he
 from privacy.bounding import bound_contributions
 from privacy.envelope import EnvelopeHeader, pack_envelope
@@ -103,7 +103,8 @@ def staging_dir(plan: ReleasePlan, institution: InstitutionConfig) -> str:
 
 
 def staging_prefix(plan: ReleasePlan, institution: InstitutionConfig, src: int) -> str:
-    """Where file `src` of the institution is staged (fusion.scan.staged_path and staged_raw_path name its files)."""
+    """Where file `src` of the institution is staged (fusion.feeds.scan.staged_path and staged_raw_path name its
+    files)."""
     return join(staging_dir(plan, institution), f"{src:05d}")
 
 
@@ -166,7 +167,7 @@ class _ScanningDoFn(beam.DoFn):
 
 class StageFeed(_ScanningDoFn):
     """(institution id, src, shards) -> ((institution id, src), staging prefix): one file scanned once for all of
-    the institution's scan shards (fusion.scan.FeedScanner.stage), which then read their own encoded rows. Its
+    the institution's scan shards (fusion.feeds.scan.FeedScanner.stage), which then read their own encoded rows. Its
     rows read and rejects are counted here (a PartialAggregate without a vector, tagged PARTIAL; its tally tagged
     FILES) and its dead letters written from here as they are found (tagged DEAD); the shards count only the
     rows they accept."""
@@ -710,7 +711,7 @@ class ScanWork:
 
 
 def scan_work(plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> ScanWork:
-    """The scan shards of every institution, and the files to stage (fusion.scan.staged_sources)."""
+    """The scan shards of every institution, and the files to stage (fusion.feeds.scan.staged_sources)."""
     sources: dict[str, list[tuple[int, str]]] = {}
     missing: dict[str, list[str]] = {}
     elements: list[tuple[str, int, int]] = []

@@ -14,10 +14,10 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
-from fusion.config import InstitutionConfig
-from fusion.exchange import public_context_path
-from fusion.plan import ReleasePlan
-from fusion.registry import load_registry
+from fusion.config.federation import InstitutionConfig
+from fusion.keys.registry import load_registry
+from fusion.release.exchange import public_context_path
+from fusion.release.plan import ReleasePlan
 from pipelines.aggregate import (
     REFUSED,
     EncryptedSum,

@@ -2,7 +2,7 @@
 
 This is the only code that loads the HE secret key. The commit is idempotent: audit and rejects rows are
 merged on deterministic keys first, the releases last, so a crash at any point can be re-run safely and an
-interval is never released twice. The release's signature (fusion/provenance.py) rides in its audit row; a
+interval is never released twice. The release's signature (fusion/store/provenance.py) rides in its audit row; a
 re-run after a crash reuses that row's time, so it publishes exactly the rows that were signed.
 """
 
@@ -20,24 +20,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fusion.config.parameters import NOISE_MARGIN_SDS
 from fusion.errors import FusionError, ReleaseNotReady, ReleaseRefused
-from fusion.estimates import decode_release, release_quantiles
-from fusion.exchange import aggregate_path, exists, read_bytes, refusal_path
-from fusion.faults import crash_point
-from fusion.keys import load_secret_context_bytes, published_context_digest
-from fusion.ledger import BudgetLedger, Spend
-from fusion.parameters import NOISE_MARGIN_SDS
-from fusion.plan import ReleasePlan
-from fusion.provenance import SIGNATURE_FIELD, ChainLink, ReleaseSignature, next_link, rows_digest, sign_release
-from fusion.registry import (
+from fusion.keys.holder import load_secret_context_bytes, published_context_digest
+from fusion.keys.registry import (
     key_holder_signing_key_file,
     load_aggregator_public_key,
     load_key_holder_public_keys,
     load_key_holder_signing_key,
 )
-from fusion.rejects import decode_reject_tallies
-from fusion.store import Store
-from fusion.store_mode import bind_store_mode
+from fusion.release.estimates import decode_release, release_quantiles
+from fusion.release.exchange import aggregate_path, exists, read_bytes, refusal_path
+from fusion.release.plan import ReleasePlan
+from fusion.release.rejects import decode_reject_tallies
+from fusion.runtime.faults import crash_point
+from fusion.store.delta import Store
+from fusion.store.ledger import BudgetLedger, Spend
+from fusion.store.mode import bind_store_mode
+from fusion.store.provenance import SIGNATURE_FIELD, ChainLink, ReleaseSignature, next_link, rows_digest, sign_release
 from privacy import he
 from privacy.envelope import EnvelopeHeader, signature_valid, unpack_envelope
 from privacy.signing import public_key, verify
@@ -140,7 +140,7 @@ def prepare_releases(
 
     What they share: the charges of one period go into one ledger commit (and one audit commit records them),
     the secret context is loaded once, and the quantiles of all their cells are computed in one call
-    (fusion.estimates.release_quantiles: the same numbers as decoding each alone)."""
+    (fusion.release.estimates.release_quantiles: the same numbers as decoding each alone)."""
     results: dict[int, PreparedRelease | ReleaseOutcome | ReleaseRefused] = {}
     opened: dict[int, _Opened] = {}
     for i, plan in enumerate(plans):

@@ -11,9 +11,11 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
-from fusion.config import InstitutionConfig
+from fusion.config.federation import InstitutionConfig
 from fusion.errors import ReleaseRefused
-from fusion.exchange import (
+from fusion.feeds.scan import list_sources
+from fusion.keys.registry import load_agreement_keys, load_signing_key
+from fusion.release.exchange import (
     aggregation_status_path,
     contribution_path,
     exists,
@@ -23,9 +25,7 @@ from fusion.exchange import (
     write_bytes,
     write_json,
 )
-from fusion.plan import ReleasePlan
-from fusion.registry import load_agreement_keys, load_signing_key
-from fusion.scan import list_sources
+from fusion.release.plan import ReleasePlan
 from pipelines.aggregate import Aggregate
 from pipelines.contribute import Contribute, dead_letter_dir, remove_staging, sealed_envelope
 from pipelines.unmask import Answer, acknowledge, seal_unmask

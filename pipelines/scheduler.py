@@ -8,7 +8,7 @@ each attempt is a conditional claim in `runs` (one runner wins it; the others re
 underneath, a release is idempotent in the store (keyed commits, a compare-and-swap budget ledger), so even a
 runner that outlives its lease cannot release an interval twice. While an attempt runs, a heartbeat renews its
 lease every third of the lease's length: a long run keeps its claim, and a stopped runner's claim expires within
-one lease, or at once when its process is provably gone (same host, process ended: fusion/runner_process.py).
+one lease, or at once when its process is provably gone (same host, process ended: fusion/runtime/runner_process.py).
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fusion.config import Config
-from fusion.durations import floor_to_grid
+from fusion.config.federation import Config
 from fusion.errors import FusionError, ReleaseNotReady, ReleaseRefused
-from fusion.plan import plan_release
-from fusion.runner_process import RunnerProcess
-from fusion.runs import Claim, Outcome, RunLog
-from fusion.schedule import (
+from fusion.release.plan import plan_release
+from fusion.runtime.durations import floor_to_grid
+from fusion.runtime.runner_process import RunnerProcess
+from fusion.runtime.schedule import (
     Action,
     Attempt,
     Interval,
@@ -43,8 +42,9 @@ from fusion.schedule import (
     latest_fire,
     next_fire,
 )
-from fusion.store import Store
-from fusion.store_mode import bind_store_mode
+from fusion.store.delta import Store
+from fusion.store.mode import bind_store_mode
+from fusion.store.runs import Claim, Outcome, RunLog
 from pipelines.batch import run_batch
 
 Clock = Callable[[], datetime]

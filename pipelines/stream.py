@@ -4,7 +4,7 @@ The windowing is Beam's: each Arrow slice of readings is stamped with its event-
 `WindowReadings` (FixedWindows, an AfterWatermark trigger with a late firing per late element, the configured
 allowed lateness), so the same transforms run unbounded on Flink or Dataflow. Locally, `fusion stream` drives
 them on micro-batches of newly arrived files (bounded pipelines on the DirectRunner); which windows are closed
-is kept by the driver (fusion/stream_state.py: a public grid closed by the processing clock), and readings for
+is kept by the driver (fusion/feeds/stream_state.py: a public grid closed by the processing clock), and readings for
 a window that has already closed are routed to the dead letters as `late` and counted, never dropped.
 
 Elements are Arrow tables, never single readings.
@@ -30,12 +30,12 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import trigger, window
 
-from fusion.config import Config, FeedConfig, FeedFormat
+from fusion.config.federation import Config, FeedConfig, FeedFormat
 from fusion.errors import FusionError
-from fusion.exchange import join, read_bytes, write_bytes, write_json
-from fusion.feeds import RawBatch, mapped_columns, read_feed_file
-from fusion.scan import malformed_letters
-from fusion.stream_state import WINDOWED_REASONS
+from fusion.feeds.files import RawBatch, mapped_columns, read_feed_file
+from fusion.feeds.scan import malformed_letters
+from fusion.feeds.stream_state import WINDOWED_REASONS
+from fusion.release.exchange import join, read_bytes, write_bytes, write_json
 from schemas.readings import EVENT_TIME, READING_SCHEMA
 from schemas.reasons import FileReason, RejectReason
 from schemas.validation import (

@@ -7,7 +7,7 @@ counts); (4) close every window of the public grid whose end plus the allowed la
 passed, readings or not, and release all of them in one run (pipelines/stream_release.py: contribute, aggregate,
 unmask, release over each window's spool, each window its own release and charge, committed together). Which
 windows are released, and when, depends on the config, the clock and `--until` only, never on the readings
-(fusion/stream_state.py). Releases spend from the
+(fusion/feeds/stream_state.py). Releases spend from the
 ledger like batch ones; a refused window is recorded and the stream goes on. Exact reject counts (validation
 and late) stay in the stream's local state; a window's release carries those of its rows that belong to it as
 noisy slots.
@@ -35,14 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from fusion.config import Config, FeedConfig, FeedFormat
+from fusion.config.federation import Config, FeedConfig, FeedFormat
 from fusion.errors import FusionError
-from fusion.exchange import exists, join, list_files, read_bytes, write_bytes
-from fusion.faults import crash_point
-from fusion.plan import ReleasePlan, plan_release
-from fusion.store import Store
-from fusion.store_mode import bind_store_mode
-from fusion.stream_state import (
+from fusion.feeds.stream_state import (
     StreamState,
     WindowStatus,
     add_counts,
@@ -53,6 +48,11 @@ from fusion.stream_state import (
     save_state,
     window_start,
 )
+from fusion.release.exchange import exists, join, list_files, read_bytes, write_bytes
+from fusion.release.plan import ReleasePlan, plan_release
+from fusion.runtime.faults import crash_point
+from fusion.store.delta import Store
+from fusion.store.mode import bind_store_mode
 from pipelines.broker_sources import SourceReader
 from pipelines.contribute import sealed_envelope
 from pipelines.run import beam_options, names_runner

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fusion.errors import ReleaseRefused
-from fusion.ledger import BudgetExceeded, BudgetLedger
-from fusion.plan import ReleasePlan
-from fusion.store import Store
-from fusion.store_mode import bind_store_mode
+from fusion.release.plan import ReleasePlan
+from fusion.store.delta import Store
+from fusion.store.ledger import BudgetExceeded, BudgetLedger
+from fusion.store.mode import bind_store_mode
 from pipelines.batch import audit_feeds
 from pipelines.release import PreparedRelease, ReleaseOutcome, audit_event, prepare_releases, publish_releases
 from pipelines.run import run_aggregate, run_contributions, run_unmask

@@ -26,11 +26,11 @@ from apache_beam import coders
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import userstate
 
-from fusion.config import Config, FeedConfig, FeedFormat, StreamSource
+from fusion.config.federation import Config, FeedConfig, FeedFormat, StreamSource
 from fusion.errors import FusionError
-from fusion.exchange import join, write_json
-from fusion.feeds import read_jsonl_lines
-from fusion.stream_state import add_counts, window_start
+from fusion.feeds.files import read_jsonl_lines
+from fusion.feeds.stream_state import add_counts, window_start
+from fusion.release.exchange import join, write_json
 from pipelines.stream import (
     DEAD,
     LATE,

@@ -36,7 +36,15 @@ from typing import Any
 import numpy as np
 
 from fusion.errors import FusionError
-from fusion.exchange import (
+from fusion.keys.registry import (
+    load_aggregator_public_key,
+    load_aggregator_signing_key,
+    load_agreement_key,
+    load_agreement_keys,
+    load_registry,
+    load_signing_key,
+)
+from fusion.release.exchange import (
     ENVELOPE_SUFFIX,
     acknowledgement_path,
     contribution_path,
@@ -50,15 +58,7 @@ from fusion.exchange import (
     write_bytes,
     write_json,
 )
-from fusion.plan import ReleasePlan
-from fusion.registry import (
-    load_aggregator_public_key,
-    load_aggregator_signing_key,
-    load_agreement_key,
-    load_agreement_keys,
-    load_registry,
-    load_signing_key,
-)
+from fusion.release.plan import ReleasePlan
 from pipelines.contribute import forget_layer_seed, masking_graph, sealed_layer_seed
 from privacy import he
 from privacy.envelope import EnvelopeError, EnvelopeHeader, envelope_header, pack_envelope, signature_valid

@@ -8,7 +8,7 @@ _TS = pa.timestamp("us", tz="UTC")
 
 #: One row per released cell (metric x region x window). All statistics are noisy; every one carries its
 #: noise standard deviation and a 95% interval. Columns added after a store was created (mean_sd, ratio_mean)
-#: are nullable, and fusion/store.py adds them to an older table (NULL in its earlier rows).
+#: are nullable, and fusion/store/delta.py adds them to an older table (NULL in its earlier rows).
 RELEASES_SCHEMA = pa.schema(
     [
         pa.field("release_id", pa.string(), nullable=False),
@@ -71,7 +71,7 @@ AUDIT_SCHEMA = pa.schema(
 
 #: Per release, institution and published reason (schemas.reasons.PUBLISHED_REASONS), the NOISY number of rows
 #: rejected: a tally slot of the release's own vector, charged with it, with its noise sd and 95% interval like
-#: every other count (fusion/rejects.py). Exact counts, and the rows themselves, stay with each institution.
+#: every other count (fusion/release/rejects.py). Exact counts, and the rows themselves, stay with each institution.
 REJECTS_SCHEMA = pa.schema(
     [
         pa.field("release_id", pa.string(), nullable=False),
@@ -133,7 +133,7 @@ BUDGET_SCHEMA = pa.schema(
 #: its own `skipped` row (`run_id` + "/" + runner). `rows` is the release's noisy total count (covered by
 #: epsilon): exact row counts never leave the institutions. `host`, `pid` and `process_started` (on Linux
 #: "<boot id>/<pid namespace>/<start ticks>") name the runner's process, so a claim whose process is provably
-#: gone is taken over at once (fusion/runner_process.py); NULL in rows written before they were recorded.
+#: gone is taken over at once (fusion/runtime/runner_process.py); NULL in rows written before they were recorded.
 RUNS_SCHEMA = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),

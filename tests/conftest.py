@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from fusion.config import Config, load_config
+from fusion.config.federation import Config, load_config
 
 logging.getLogger().setLevel(logging.ERROR)
 
@@ -115,8 +115,8 @@ def build_federation(root: Path, *, institutions: list[tuple[str, str]] | None =
                      epsilon: float = 1.0, statistics: str = "", extra_privacy: str = "",
                      extra: str = "") -> Federation:
     """`make_federation` in the directory `root` (for fixtures wider than one test)."""
-    from fusion.keys import create_keys
-    from fusion.registry import create_aggregator_key, create_institution_keys
+    from fusion.keys.holder import create_keys
+    from fusion.keys.registry import create_aggregator_key, create_institution_keys
 
     institutions = institutions or [("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")]
     rng = np.random.default_rng(2026)

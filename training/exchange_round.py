@@ -27,9 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from fusion.config import Config
+from fusion.config.federation import Config
+from fusion.config.parameters import release_parameters
 from fusion.errors import FusionError, ReleaseRefused
-from fusion.exchange import (
+from fusion.keys.holder import load_secret_context_bytes, published_context_digest
+from fusion.keys.registry import (
+    load_aggregator_public_key,
+    load_signing_key,
+    read_private,
+    write_private,
+)
+from fusion.release.exchange import (
     ReleaseKey,
     aggregate_path,
     contribution_path,
@@ -39,15 +47,7 @@ from fusion.exchange import (
     read_bytes,
     write_bytes,
 )
-from fusion.keys import load_secret_context_bytes, published_context_digest
-from fusion.parameters import release_parameters
-from fusion.plan import ReleasePlan, period_of
-from fusion.registry import (
-    load_aggregator_public_key,
-    load_signing_key,
-    read_private,
-    write_private,
-)
+from fusion.release.plan import ReleasePlan, period_of
 from pipelines.contribute import double_mask
 from pipelines.run import run_aggregate
 from pipelines.unmask import acknowledge, read_roster, seal_unmask

@@ -17,12 +17,12 @@ from datetime import datetime
 import numpy as np
 import pyarrow as pa
 
-from fusion.config import Config, InstitutionConfig
-from fusion.durations import parse_duration
+from fusion.config.federation import Config, InstitutionConfig
+from fusion.config.training import ModelConfig
 from fusion.errors import FusionError
-from fusion.feeds import feed_listing, mapped_columns, read_feed_file
-from fusion.plan import parse_time
-from fusion.training_config import ModelConfig
+from fusion.feeds.files import feed_listing, mapped_columns, read_feed_file
+from fusion.release.plan import parse_time
+from fusion.runtime.durations import parse_duration
 from schemas.validation import ROW_COLUMN, ReadingRules, checked_sql, connect, register_rules
 from training.planning import feature_width
 from training.trainer import Institution

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import itertools
 
-from fusion.config import Config
-from fusion.store import Store
-from fusion.training_config import ModelConfig
+from fusion.config.federation import Config
+from fusion.config.training import ModelConfig
+from fusion.store.delta import Store
 from training.run import TrainingForecast, forecast, last_committed, settings_for, terms_for
 from training.trainer import budget_for
 

@@ -17,13 +17,13 @@ from enum import StrEnum
 
 import numpy as np
 
-from fusion.config import Config
+from fusion.config.federation import Config
+from fusion.config.training import ModelConfig
 from fusion.errors import FusionError
-from fusion.exchange import contribution_path, exists, read_bytes
-from fusion.ledger import BudgetLedger
-from fusion.plan import ReleasePlan
-from fusion.store import Store
-from fusion.training_config import ModelConfig
+from fusion.release.exchange import contribution_path, exists, read_bytes
+from fusion.release.plan import ReleasePlan
+from fusion.store.delta import Store
+from fusion.store.ledger import BudgetLedger
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import secure_generator, seeded_generator
 from training.accounting import TrainingBudget

@@ -18,12 +18,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from fusion.config import Config, PrivacyUnit
+from fusion.config.federation import Config, PrivacyUnit
+from fusion.config.training import ModelConfig
 from fusion.errors import FusionError
-from fusion.keys import load_public_context_bytes, load_secret_context_bytes
-from fusion.ledger import BudgetLedger
-from fusion.plan import Period, parse_time, period_of
-from fusion.registry import (
+from fusion.keys.holder import load_public_context_bytes, load_secret_context_bytes
+from fusion.keys.registry import (
     load_aggregator_public_key,
     load_aggregator_signing_key,
     load_agreement_key,
@@ -31,8 +30,9 @@ from fusion.registry import (
     load_registry,
     load_signing_key,
 )
-from fusion.store import Store
-from fusion.training_config import ModelConfig
+from fusion.release.plan import Period, parse_time, period_of
+from fusion.store.delta import Store
+from fusion.store.ledger import BudgetLedger
 from privacy.accountant import Composition, ReleaseCharge
 from schemas.tables import AUDIT_SCHEMA, MODELS_SCHEMA
 from training.accounting import TrainingBudget

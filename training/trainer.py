@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from fusion.config.parameters import NOISE_MARGIN_SDS
 from fusion.errors import FusionError
-from fusion.parameters import NOISE_MARGIN_SDS
 from privacy import he
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import MAX_POISSON_RATE

@@ -12,7 +12,7 @@ import pytest
 
 from bench.generate import METRICS, REGIONS, generate
 from bench.run import DEPS, main, measure_all, summarise
-from fusion.store import Store
+from fusion.store.delta import Store
 
 
 def test_generator_is_deterministic_and_splits_rows_over_institutions(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from fusion.config import load_config
-from fusion.registry import create_key_holder_key
-from fusion.store import Store
+from fusion.config.federation import load_config
+from fusion.keys.registry import create_key_holder_key
+from fusion.store.delta import Store
 from tests.conftest import START, config_text
 from tests.dashboard.rows import add_forecast, add_hostile, add_recommendation, table
 from tests.fusion.test_store import release_rows

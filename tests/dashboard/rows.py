@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from fusion.store import Store
+from fusion.store.delta import Store
 from schemas.tables import TABLE_SCHEMAS
 from tests.fusion.test_store import release_rows
 

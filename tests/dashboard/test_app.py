@@ -13,7 +13,7 @@ import pytest
 
 from dashboard.guard import CSP
 from dashboard.server import ServeOptions, running
-from fusion.config import load_config
+from fusion.config.federation import load_config
 from tests.dashboard.conftest import AUDIT_RUNS, HOURS, Served, build_store
 from tests.dashboard.rows import FRONTIER, HOSTILE, LMPS, PROPOSED
 

@@ -18,7 +18,7 @@ from urllib.parse import quote, urlparse
 
 import pytest
 
-from fusion.config import load_config
+from fusion.config.federation import load_config
 from tests.dashboard.rows import HOSTILE, add_forecast, add_hostile, add_recommendation
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -63,9 +63,9 @@ def browser() -> Iterator[Any]:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
     """(the dashboard's URL, facts about the store): the demo federation with its first two days released."""
     from dashboard.server import running
-    from fusion.demo import DEMO_START, build_demo
-    from fusion.plan import plan_release
-    from fusion.store import Store
+    from fusion.demo.federation import DEMO_START, build_demo
+    from fusion.release.plan import plan_release
+    from fusion.store.delta import Store
     from pipelines.batch import run_batch
 
     config_path = build_demo(tmp_path_factory.mktemp("browser") / "demo", days=2)

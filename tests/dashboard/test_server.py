@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dashboard.server import ServeOptions, bind, is_loopback, read_token
-from fusion.cli import main
+from fusion.cli.core import main
 from fusion.errors import FusionError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +75,7 @@ def test_a_port_in_use_is_refused_in_one_line() -> None:
 
 
 def test_fusion_serve_serves_the_store_until_interrupted(federation: Path) -> None:
-    process = subprocess.Popen([sys.executable, "-c", "from fusion.cli import run; run()", "serve", "--config",
+    process = subprocess.Popen([sys.executable, "-c", "from fusion.cli.core import run; run()", "serve", "--config",
                                 str(federation), "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
     try:
@@ -108,7 +108,7 @@ def test_a_bad_config_fails_in_one_line(kind: str, tmp_path: Path, capsys: pytes
 SERVED_THEN_EXIT = """
 import sys, urllib.request
 from dashboard.server import running
-from fusion.config import load_config
+from fusion.config.federation import load_config
 with running(load_config(sys.argv[1], check_release=False)) as url:
     for page in ("/releases", "/budget", "/provenance"):
         urllib.request.urlopen(url + page).read()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from dashboard.releases import SERIES, series_choices
 from dashboard.snapshot import Snapshot, VersionCache
-from fusion.config import load_config
-from fusion.store import Store
+from fusion.config.federation import load_config
+from fusion.store.delta import Store
 from tests.dashboard.conftest import build_store
 from tests.fusion.test_store import release_rows
 

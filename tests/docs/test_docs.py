@@ -44,8 +44,8 @@ def test_a_broken_link_fails_the_strict_build(built: Path) -> None:
 
 
 def test_the_reference_pages_come_from_the_code(built: Path) -> None:
-    from fusion.cli import _parser
-    from fusion.config import PrivacyConfig
+    from fusion.cli.core import _parser
+    from fusion.config.federation import PrivacyConfig
     from schemas.tables import TABLE_SCHEMAS
 
     reference = built / "docs" / "reference"

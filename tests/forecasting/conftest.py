@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fusion.config import Config, load_config
-from fusion.store import Store
+from fusion.config.federation import Config, load_config
+from fusion.store.delta import Store
 from schemas.tables import RELEASES_SCHEMA
 from tests.conftest import config_text
 

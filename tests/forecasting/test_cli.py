@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from forecasting.refresh import refresh_forecasts
-from fusion.cli import main
+from fusion.cli.core import main
 from fusion.errors import ConfigError
 from tests.forecasting.conftest import Federation, federation, release_table, released
 

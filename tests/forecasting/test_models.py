@@ -10,10 +10,10 @@ import pytest
 
 import forecasting.backtest
 import forecasting.intervals
-import fusion.forecast_queries
+import fusion.store.forecast_queries
 from forecasting.intervals import Z80, Z95, Calibration, calibration_factor, intervals
 from forecasting.models import History, SeriesTooShort, fit_forecast
-from fusion.forecasting_config import ModelName
+from fusion.config.forecasting import ModelName
 
 DAY = 24
 
@@ -154,7 +154,7 @@ def test_a_mixture_calibrates_heavy_tailed_errors_at_80_and_95_percent() -> None
     assert Calibration.fit(plain, signal_var, noise_var).factor == pytest.approx(1.3, rel=0.05)
 
 
-@pytest.mark.parametrize("module", [forecasting.intervals, forecasting.backtest, fusion.forecast_queries])
+@pytest.mark.parametrize("module", [forecasting.intervals, forecasting.backtest, fusion.store.forecast_queries])
 def test_doctests(module: object) -> None:
     failures, _ = doctest.testmod(module)  # type: ignore[arg-type]
     assert failures == 0

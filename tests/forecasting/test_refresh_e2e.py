@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fusion.schedule import Interval, RunStatus
-from fusion.store import Store
-from fusion.store_mode import bind_store_mode
+from fusion.runtime.schedule import Interval, RunStatus
+from fusion.store.delta import Store
+from fusion.store.mode import bind_store_mode
 from pipelines.scheduler import run_interval
 from pipelines.stream_driver import StreamDriver
 from tests.conftest import START, Federation

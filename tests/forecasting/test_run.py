@@ -17,8 +17,8 @@ import pytest
 from forecasting.intervals import Z95
 from forecasting.run import run_backtests, run_forecasts
 from fusion.api import DERIVED_TABLES, open_store, write_derived
+from fusion.config.forecasting import ModelName, Statistic
 from fusion.errors import FusionError
-from fusion.forecasting_config import ModelName, Statistic
 from schemas.tables import TABLE_SCHEMAS
 from tests.forecasting.conftest import T0, Federation, federation, release_table, released
 

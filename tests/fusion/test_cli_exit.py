@@ -21,7 +21,7 @@ def _python(script: str, *args: str, timeout: float = 60) -> subprocess.Complete
 
 def test_exit_now_keeps_the_exit_code_runs_atexit_joins_threads_and_flushes_output(tmp_path: Path) -> None:
     script = (
-        "import atexit, sys, threading, time\nfrom pathlib import Path\nfrom fusion.shutdown import exit_now\n"
+        "import atexit, sys, threading, time\nfrom pathlib import Path\nfrom fusion.runtime.shutdown import exit_now\n"
         "out = Path(sys.argv[1])\n"
         "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
         "def late():\n    time.sleep(0.3)\n    (out / 'thread').write_text('done')\n"
@@ -39,13 +39,13 @@ def test_exit_now_keeps_the_exit_code_runs_atexit_joins_threads_and_flushes_outp
 def test_exit_now_survives_buffers_an_arrow_thread_releases_late(tmp_path: Path) -> None:
     """A scan through deltalake's Python file system handler (what object-store stores use) leaves buffers that
     Arrow's I/O threads release after it returns; a plain exit then aborted in 21 of 40 such scripts (-6)."""
-    from fusion.store import Store
+    from fusion.store.delta import Store
 
     store = Store(tmp_path)
     for version in range(4):
         store.insert_new("releases", release_rows(f"r-{version}", range(version * 24, version * 24 + 24)))
     script = (
-        "import sys\nfrom deltalake import DeltaTable\nfrom fusion.shutdown import exit_now\n"
+        "import sys\nfrom deltalake import DeltaTable\nfrom fusion.runtime.shutdown import exit_now\n"
         "for _ in range(3):\n    DeltaTable(sys.argv[1]).to_pyarrow_dataset().to_table()\n"
         "exit_now(0)\n"
     )
@@ -59,8 +59,9 @@ def test_exit_now_survives_buffers_an_arrow_thread_releases_late(tmp_path: Path)
     [
         (["sql", "--help"], "", 0, "usage: fusion sql"),
         (["no-such-command"], "", 2, "invalid choice"),
-        (["sql"], "fusion.cli.main = lambda: (_ for _ in ()).throw(RuntimeError('boom'))\n", 1, "RuntimeError: boom"),
-        (["sql"], "fusion.cli.main = lambda: (_ for _ in ()).throw(KeyboardInterrupt())\n", 130, ""),
+        (["sql"], "fusion.cli.core.main = lambda: (_ for _ in ()).throw(RuntimeError('boom'))\n", 1,
+         "RuntimeError: boom"),
+        (["sql"], "fusion.cli.core.main = lambda: (_ for _ in ()).throw(KeyboardInterrupt())\n", 130, ""),
     ],
 )
 def test_every_way_out_of_the_fusion_command_goes_through_exit_now(
@@ -68,13 +69,13 @@ def test_every_way_out_of_the_fusion_command_goes_through_exit_now(
 ) -> None:
     import tomllib
 
-    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["fusion"] == "fusion.cli:run"
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["fusion"] == "fusion.cli.core:run"
     script = (
-        "import sys\nimport fusion.cli\nimport fusion.shutdown\n"
-        "real = fusion.shutdown.exit_now\n"
+        "import sys\nimport fusion.cli.core\nimport fusion.runtime.shutdown\n"
+        "real = fusion.runtime.shutdown.exit_now\n"
         "def seen(code):\n    print('exit_now', code, file=sys.stderr)\n    real(code)\n"
-        "fusion.cli.exit_now = seen\n" + patch +
-        f"sys.argv = ['fusion', *{argv!r}]\nfusion.cli.run()\n"
+        "fusion.cli.core.exit_now = seen\n" + patch +
+        f"sys.argv = ['fusion', *{argv!r}]\nfusion.cli.core.run()\n"
     )
     done = _python(script)
     assert done.returncode == code, done.stderr
@@ -84,7 +85,7 @@ def test_every_way_out_of_the_fusion_command_goes_through_exit_now(
 
 def test_exit_now_does_not_hang_on_an_idle_thread_pool() -> None:
     script = (
-        "from concurrent.futures import ThreadPoolExecutor\nfrom fusion.shutdown import exit_now\n"
+        "from concurrent.futures import ThreadPoolExecutor\nfrom fusion.runtime.shutdown import exit_now\n"
         "pool = ThreadPoolExecutor(2)\npool.submit(print, 'ran').result()\nexit_now(0)\n"
     )
     done = _python(script)  # _python's timeout fails the test if the idle workers are never woken

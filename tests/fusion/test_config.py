@@ -10,7 +10,15 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from fusion.config import Config, FeedFormat, PrivacyMode, TimeFormat, load_config, parse_config, parse_duration
+from fusion.config.federation import (
+    Config,
+    FeedFormat,
+    PrivacyMode,
+    TimeFormat,
+    load_config,
+    parse_config,
+    parse_duration,
+)
 from fusion.errors import ConfigError, FusionError
 from tests.conftest import METRICS, REGIONS, config_text
 
@@ -314,7 +322,7 @@ def test_the_secret_key_directory_is_local(tmp_path: Path) -> None:
 
 
 def test_default_cell_caps_are_the_largest_that_cannot_wrap(tmp_path: Path) -> None:
-    from fusion.parameters import release_parameters
+    from fusion.config.parameters import release_parameters
     from privacy.he import MAX_ABS_TOTAL
 
     config = load_config(write(tmp_path, valid_text()))
@@ -362,7 +370,7 @@ def test_production_needs_a_quorum_of_at_least_the_colluders_plus_two(tmp_path: 
 def test_noise_shares_do_not_count_on_colluders(tmp_path: Path) -> None:
     """Each share is v / (quorum - 1 - max_colluding): with a quorum of contributors, the shares that one contributor
     (keeping its own draws) and the colluders do not know still carry v."""
-    from fusion.parameters import release_parameters
+    from fusion.config.parameters import release_parameters
 
     base = valid_text(quorum=3, noise=True, institutions=[("a", "csv"), ("b", "csv"), ("c", "csv")])
     plain = release_parameters(load_config(write(tmp_path, base)))
@@ -373,7 +381,7 @@ def test_noise_shares_do_not_count_on_colluders(tmp_path: Path) -> None:
 
 
 def test_dead_letter_directories_are_compared_in_one_spelling(tmp_path: Path) -> None:
-    from fusion.config import _directory_key
+    from fusion.config.federation import _directory_key
 
     assert _directory_key("/x/./dl/") == _directory_key("file:///x/dl") == "/x/dl"
     assert _directory_key("gs://b/dl/") == _directory_key("gs://b//dl") == _directory_key("gs://b/x/../dl")

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusion.contribution import Duplicates, deduplicate_reference, find_duplicates
-from fusion.plan import ReleasePlan, plan_release
-from fusion.scan import KEY, ROW, SOURCE, FeedScanner
+from fusion.feeds.scan import KEY, ROW, SOURCE, FeedScanner
+from fusion.release.contribution import Duplicates, deduplicate_reference, find_duplicates
+from fusion.release.plan import ReleasePlan, plan_release
 from schemas.readings import READING_SCHEMA
 from tests.conftest import Federation
 

@@ -1,9 +1,9 @@
 """Coverage of every released statistic's 95% interval on real hourly weather, end to end without Beam.
 
 Data (real): the two NREL TMY3 hourly files that ship inside pvlib (Greensboro NC, Sand Point AK; read as
-fusion/demo_data.py reads them): global horizontal irradiance, air temperature, relative humidity and wind speed.
+fusion/demo/data.py reads them): global horizontal irradiance, air temperature, relative humidity and wind speed.
 A cell is one station, metric and day: the day's 24 hourly readings (2 x 4 x 365 = 2,920 cells). They are encoded
-exactly as Fusion encodes them (fusion/contribution.py `aggregate_readings`, the demo's clamp bounds and
+exactly as Fusion encodes them (fusion/release/contribution.py `aggregate_readings`, the demo's clamp bounds and
 resolutions, SUMSQ and 16 histogram bins), every slot gets Skellam noise calibrated to epsilon 4 (test-seeded),
 and `decode_release` decodes them; each statistic is compared with the truth of the cell's clamped readings.
 
@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fusion.contribution import aggregate_readings
-from fusion.demo_data import LIMITS, RESOLUTION, load_station
-from fusion.estimates import decode_release
-from fusion.parameters import ReleaseParameters
+from fusion.config.parameters import ReleaseParameters
+from fusion.demo.data import LIMITS, RESOLUTION, load_station
+from fusion.release.contribution import aggregate_readings
+from fusion.release.estimates import decode_release
 from privacy.accountant import calibrate_variance
 from privacy.encoding import balanced_encodings, event_level_sensitivity
 from privacy.layout import BASE_COMPONENTS, SUMSQ, PartitionLayout, bin_components
@@ -139,7 +139,7 @@ def test_quantile_intervals_cover_their_true_quantiles(decoded: Decoded) -> None
     and on real data the tests do not use (Miami's TMY2 file; the two stations' direct-normal irradiance and dew
     point) 98.9%, 96.7-97.2%, 96.0-96.7%. Never below the 95% claimed, but not within 93-97% with misses balanced:
     p10 cannot be (next test), and the uniform composition prior leaves the misses of medians and of the tail
-    quantiles of compact days on one side (fusion/quantiles.py says which and why)."""
+    quantiles of compact days on one side (fusion/release/quantiles.py says which and why)."""
     for name in ("p10", "median", "p90"):
         covered, above, below = _misses(decoded, name)
         assert covered.size >= 1500

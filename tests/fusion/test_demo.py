@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion.demo import DEMO_MARK, build_demo
+from fusion.demo.federation import DEMO_MARK, build_demo
 from fusion.errors import FusionError
 
 
@@ -57,8 +57,8 @@ def test_the_demo_configs_commented_schedule_runs_its_days_once_and_no_more(tmp_
     data) releases the demo's days not yet released and stops at `end`: no catch-up of every day since."""
     import re
 
-    from fusion.cli import main
-    from fusion.store import Store
+    from fusion.cli.core import main
+    from fusion.store.delta import Store
 
     config = build_demo(tmp_path / "demo", days=2)
     text = config.read_text()

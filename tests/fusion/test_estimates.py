@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 from scipy import stats
 
-from fusion.config import parse_config
-from fusion.estimates import Z95, decode_release
-from fusion.parameters import ReleaseParameters, release_parameters
+from fusion.config.federation import parse_config
+from fusion.config.parameters import ReleaseParameters, release_parameters
+from fusion.release.estimates import Z95, decode_release
 from privacy.layout import Component, PartitionLayout
 from schemas.tables import RELEASES_SCHEMA
 from tests.conftest import METRICS, REGIONS, START, config_text

@@ -1,4 +1,4 @@
-"""Deleting whole directories through Beam FileSystems (fusion/exchange.py): a local tree whose path holds glob
+"""Deleting whole directories through Beam FileSystems (fusion/release/exchange.py): a local tree whose path holds glob
 characters, and the listing path that object stores (which have no directories) go through, run here against
 Beam's real local file system."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion.exchange import ReleaseKey, glob_escape, read_bytes, remove_listed, remove_tree, write_bytes
+from fusion.release.exchange import ReleaseKey, glob_escape, read_bytes, remove_listed, remove_tree, write_bytes
 
 
 def tree(root: Path) -> list[Path]:

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fusion.config import FeedConfig, load_config
+from fusion.config.federation import FeedConfig, load_config
 from fusion.errors import ConfigError, FusionError
-from fusion.feed_report import FileTally, RejectLevel, interval_reject_rate, judge_rejects
-from fusion.feeds import feed_files, feed_listing, read_feed_file
-from fusion.plan import ReleasePlan, plan_release
-from fusion.scan import FeedScanner, ShardScan, staged_path, staged_raw_path
+from fusion.feeds.files import feed_files, feed_listing, read_feed_file
+from fusion.feeds.report import FileTally, RejectLevel, interval_reject_rate, judge_rejects
+from fusion.feeds.scan import FeedScanner, ShardScan, staged_path, staged_raw_path
+from fusion.release.plan import ReleasePlan, plan_release
 from schemas.readings import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE
 from tests.conftest import END, START, config_text, readings, write_feed
 

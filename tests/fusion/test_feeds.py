@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fusion.config import FeedConfig
+from fusion.config.federation import FeedConfig
 from fusion.errors import FusionError
-from fusion.feeds import RawBatch, feed_files, list_feed_files, mapped_columns, read_feed_file
+from fusion.feeds.files import RawBatch, feed_files, list_feed_files, mapped_columns, read_feed_file
 from schemas.readings import ALL_FIELDS, ENTITY_ID, EVENT_TIME, METRIC, REGION, SENSOR_ID, VALUE
 
 HEADER = ["entity_id", "region", "metric", "event_time", "value", "extra"]

@@ -10,8 +10,8 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion import feeds
-from fusion.feeds import RawBatch, _jsonl_batches, _read_jsonl
+from fusion.feeds import files as feeds
+from fusion.feeds.files import RawBatch, _jsonl_batches, _read_jsonl
 
 WANTED = ["entity_id", "value", "event_time"]
 

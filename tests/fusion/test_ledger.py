@@ -15,11 +15,11 @@ import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
 
-from fusion.config import parse_config
+from fusion.config.federation import parse_config
 from fusion.errors import FusionError, ReleaseRefused
-from fusion.ledger import BudgetExceeded, BudgetLedger
-from fusion.plan import Period, period_of
-from fusion.store import Store
+from fusion.release.plan import Period, period_of
+from fusion.store.delta import Store
+from fusion.store.ledger import BudgetExceeded, BudgetLedger
 from privacy.accountant import (
     ORDERS,
     Composition,
@@ -165,7 +165,7 @@ def test_a_period_s_composition_cannot_change_once_budget_is_spent(tmp_path: Pat
 
 
 def test_fusion_budget_names_the_composition_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fusion.cli import main  # here: the racing processes below import this module, and need no CLI
+    from fusion.cli.core import main  # here: the racing processes below import this module, and need no CLI
 
     config_path = tmp_path / "federation.toml"
     config_path.write_text(config_text(institutions=[("a", "csv")], quorum=1))

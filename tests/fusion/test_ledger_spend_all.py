@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from fusion.errors import ReleaseRefused
-from fusion.ledger import BudgetExceeded, BudgetLedger, Spend
-from fusion.store import Store
+from fusion.store.delta import Store
+from fusion.store.ledger import BudgetExceeded, BudgetLedger, Spend
 from privacy.accountant import skellam_epsilon
 from tests.fusion.test_ledger import DAY, DELTA, MECHANISM, PARALLEL, charge, sha, spend
 

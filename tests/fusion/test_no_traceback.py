@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fusion.cli import main
-from fusion.demo import build_demo
+from fusion.cli.core import main
+from fusion.demo.federation import build_demo
 
 COMMANDS_WITH_CONFIG = [
     ["keys"],
@@ -133,7 +133,7 @@ def test_third_party_warnings_never_reach_the_terminal(demo: Path) -> None:
     import sys
 
     script = (
-        "import sys, warnings\nimport fusion.cli as cli\n"
+        "import sys, warnings\nimport fusion.cli.core as cli\n"
         "loaded = cli.load_config\n"
         "def noisy(path):\n"
         "    warnings.warn('Optimal order is the largest alpha. Please consider expanding the range', UserWarning)\n"
@@ -154,12 +154,12 @@ def test_an_error_inside_a_beam_step_is_one_line_without_beams_log_or_context(de
     import sys
 
     script = (
-        "import sys\nimport fusion.scan as scan\n"
+        "import sys\nimport fusion.feeds.scan as scan\n"
         "def denied(self, *args, **kwargs):\n"
         "    raise PermissionError(13, 'Permission denied')\n"
         "    yield\n"
         "scan.FeedScanner._scanned = denied\n"
-        "from fusion.cli import main\n"
+        "from fusion.cli.core import main\n"
         "interval = ['--start', '2026-01-01T00:00', '--end', '2026-01-02T00:00']\n"
         "sys.exit(main(['batch', '--config', sys.argv[1], *interval]))\n"
     )

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from fusion.estimates import decode_release
-from fusion.parameters import ReleaseParameters
-from fusion.predictions import READINGS, metric_noise, noise_table, predicted_noise
+from fusion.config.parameters import ReleaseParameters
+from fusion.release.estimates import decode_release
+from fusion.release.predictions import READINGS, metric_noise, noise_table, predicted_noise
 from privacy.accountant import calibrate_variance
 from privacy.encoding import balanced_encodings, encode_readings, encode_squares, event_level_sensitivity
 from privacy.layout import PartitionLayout

@@ -15,15 +15,15 @@ import pytest
 from deltalake import write_deltalake
 
 from fusion.errors import FusionError
-from fusion.plan import plan_release
-from fusion.provenance import SIGNATURE_FIELD, ChainLink, rows_digest, sign_release, verify_releases
-from fusion.registry import (
+from fusion.keys.registry import (
     create_key_holder_key,
     key_holder_signing_key_file,
     load_key_holder_public_keys,
     write_private,
 )
-from fusion.store import Store
+from fusion.release.plan import plan_release
+from fusion.store.delta import Store
+from fusion.store.provenance import SIGNATURE_FIELD, ChainLink, rows_digest, sign_release, verify_releases
 from pipelines import release as release_module
 from pipelines.batch import run_batch
 from privacy.signing import generate_signing_key, sign
@@ -73,7 +73,7 @@ def test_digests_over_a_whole_table_equal_each_releases_own(tmp_path: Path) -> N
     notes = pa.array(["é", None, "", "ab", "c", None, "ÿÿ", "d", "e"])
     table = cells.append_column("release_id", names).append_column("note", notes)
     padded = pa.concat_tables([table.slice(0, 2), table]).slice(2)  # columns that start past an offset
-    from fusion.provenance import CELL_ORDER, _Canonical
+    from fusion.store.provenance import CELL_ORDER, _Canonical
 
     ordered = padded.sort_by([("release_id", "ascending"), *((c, "ascending") for c in CELL_ORDER)])
     wide = pa.schema([f.with_type(pa.large_string()) if f.type == pa.string() else f for f in ordered.schema])
@@ -99,7 +99,8 @@ def test_verify_finds_each_change_to_a_signed_release(make_federation, tmp_path:
     original = Path(fed.config.store_path)
     assert [(c.status, c.rows) for c in verify_releases(Store(original), keys)] == [("verified", plan.layout.cells)]
 
-    def tampered(change, unsigned: frozenset[str] = frozenset()) -> list[tuple[str, str, str]]:  # type: ignore[no-untyped-def]
+    def tampered(change, unsigned: frozenset[str] = frozenset()) -> list[tuple[str, str,
+                                                                               str]]:  # type: ignore[no-untyped-def]
         copy = tmp_path / f"store-{len(list(tmp_path.iterdir()))}"
         shutil.copytree(original, copy)
         store = Store(copy)
@@ -306,7 +307,8 @@ def test_the_chain_of_signed_releases_shows_a_release_removed_whole(make_federat
         return Store(copy)
 
     def problems(target: Store, **kwargs: object) -> list[tuple[str, str, str]]:
-        return [(c.release_id, c.status, c.reason) for c in verify_releases(target, keys, **kwargs)  # type: ignore[arg-type]
+        return [(c.release_id, c.status, c.reason) for c in verify_releases(target, keys,
+                                                                            **kwargs)  # type: ignore[arg-type]
                 if c.status != "verified"]
 
     first = problems(copy_without(ids[1]))
@@ -370,7 +372,7 @@ def test_the_chain_state_starts_from_the_store_and_then_from_the_key_holders_mem
     from the state, and a release re-run gets the link it had."""
     from datetime import UTC, datetime
 
-    from fusion.provenance import CHAIN_STATE, ReleaseSignature, next_link
+    from fusion.store.provenance import CHAIN_STATE, ReleaseSignature, next_link
 
     store = Store(tmp_path / "store")
     store.ensure_tables()

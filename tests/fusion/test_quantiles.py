@@ -10,7 +10,7 @@ import pytest
 from scipy.integrate import quad
 from scipy.stats import norm
 
-from fusion.quantiles import (
+from fusion.release.quantiles import (
     QUANTILES,
     SUBDIVISIONS,
     histogram_posterior,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fusion.config import parse_config
+from fusion.config.federation import parse_config
 from fusion.errors import FusionError
-from fusion.registry import (
+from fusion.keys.registry import (
     create_institution_keys,
     create_key_holder_key,
     load_key_holder_public_keys,
@@ -70,7 +70,7 @@ def test_a_malformed_registry_is_refused(config) -> None:
 
 
 def test_write_private_replaces_a_file_others_could_read_without_exposing_the_new_secret(tmp_path: Path) -> None:
-    from fusion.registry import write_private
+    from fusion.keys.registry import write_private
 
     path = tmp_path / "keys" / "signing.key"
     path.parent.mkdir()
@@ -85,7 +85,7 @@ def test_write_private_replaces_a_file_others_could_read_without_exposing_the_ne
 
 
 def test_write_private_rotates_a_symlinked_key_where_it_lives_whatever_the_umask(tmp_path: Path) -> None:
-    from fusion.registry import write_private
+    from fusion.keys.registry import write_private
 
     volume = tmp_path / "secrets"
     volume.mkdir()

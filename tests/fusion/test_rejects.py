@@ -1,4 +1,4 @@
-"""Reject counts as noisy tallies of the release (fusion/rejects.py)."""
+"""Reject counts as noisy tallies of the release (fusion/release/rejects.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from fusion.config import parse_config
-from fusion.plan import plan_release
-from fusion.rejects import decode_reject_tallies, pack_reject_tallies, reject_tallies
+from fusion.config.federation import parse_config
+from fusion.release.plan import plan_release
+from fusion.release.rejects import decode_reject_tallies, pack_reject_tallies, reject_tallies
 from privacy.skellam import SkellamNoise, seeded_generator
 from schemas.reasons import PUBLISHED_REASONS, RejectReason
 from tests.conftest import END, START, config_text

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pyarrow as pa
 
-from fusion.estimates import decode_release, release_quantiles
-from fusion.parameters import ReleaseParameters
+from fusion.config.parameters import ReleaseParameters
+from fusion.release.estimates import decode_release, release_quantiles
 from privacy.accountant import calibrate_variance
 from privacy.encoding import balanced_encodings, encode_readings, event_level_sensitivity
 from privacy.layout import PartitionLayout, bin_components

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
 
-from fusion.runner_process import RunnerProcess
-from fusion.runs import Claim, RunLog
-from fusion.schedule import Action, Attempt, Interval, RunStatus, ScheduleConfig, decide
-from fusion.store import Store
+from fusion.runtime.runner_process import RunnerProcess
+from fusion.runtime.schedule import Action, Attempt, Interval, RunStatus, ScheduleConfig, decide
+from fusion.store.delta import Store
+from fusion.store.runs import Claim, RunLog
 from schemas.tables import RUNS_SCHEMA
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -6,9 +6,9 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fusion.runs import Claim, Outcome, RunLog, claim_id
-from fusion.schedule import Interval, RunStatus
-from fusion.store import Store
+from fusion.runtime.schedule import Interval, RunStatus
+from fusion.store.delta import Store
+from fusion.store.runs import Claim, Outcome, RunLog, claim_id
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 H = timedelta(hours=1)

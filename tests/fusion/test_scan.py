@@ -1,4 +1,4 @@
-"""The DuckDB scan (fusion/scan.py) against the NumPy reference: validation by ReadingValidator, encoding by
+"""The DuckDB scan (fusion/feeds/scan.py) against the NumPy reference: validation by ReadingValidator, encoding by
 privacy.encoding, packing by aggregate_readings. Same vectors, value for value, on values chosen to sit on
 rounding edges; scan shards partition the readings; hashed de-duplication finds exactly the exact duplicates."""
 
@@ -17,18 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion.config import InstitutionConfig
-from fusion.contribution import (
-    aggregate_readings,
-    deduplicate_reference,
-    exact_bincount,
-    find_duplicates,
-    pack_encoded,
-    shared_key_rows,
-)
-from fusion.feeds import mapped_columns, read_feed_file
-from fusion.plan import ReleasePlan, plan_release
-from fusion.scan import (
+from fusion.config.federation import InstitutionConfig
+from fusion.feeds.files import mapped_columns, read_feed_file
+from fusion.feeds.scan import (
     BIN,
     CELL,
     ENTITY,
@@ -41,6 +32,15 @@ from fusion.scan import (
     scan_shards,
     staged_sources,
 )
+from fusion.release.contribution import (
+    aggregate_readings,
+    deduplicate_reference,
+    exact_bincount,
+    find_duplicates,
+    pack_encoded,
+    shared_key_rows,
+)
+from fusion.release.plan import ReleasePlan, plan_release
 from privacy.layout import SUMSQ
 from schemas.readings import READING_SCHEMA
 from schemas.validation import ReadingValidator
@@ -450,7 +450,7 @@ def test_staged_files_give_each_shard_what_scanning_them_would(
     }
     want = {src: FeedScanner(plan, inst).readings_at(src, rows) for src, rows in wanted.items()}
     parsed: list[str] = []
-    monkeypatch.setattr("fusion.scan.read_feed_file", lambda *a, **k: parsed.append(a[0]) or iter(()))
+    monkeypatch.setattr("fusion.feeds.scan.read_feed_file", lambda *a, **k: parsed.append(a[0]) or iter(()))
     from_staged = FeedScanner(plan, inst, staged=prefixes)
     for src, rows in wanted.items():
         assert from_staged.readings_at(src, rows).equals(want[src]) and want[src].num_rows == 50
@@ -492,7 +492,7 @@ def test_a_feed_file_gone_after_it_was_listed_stops_the_scan_naming_it(
 ) -> None:
     """Not the file's fault (moved away, permissions, the network): the run stops with a one-line error naming
     the file, and nothing is dead-lettered, since a later run may read it."""
-    from fusion.scan import FeedUnavailable
+    from fusion.feeds.scan import FeedUnavailable
 
     federation = make_federation(institutions=[("alpha", "csv"), ("beta", "parquet")])
     folder = _emptied_feed(federation, "alpha", "csv")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fusion.config import load_config
+from fusion.config.federation import load_config
 from fusion.errors import ConfigError
-from fusion.schedule import (
+from fusion.runtime.schedule import (
     Action,
     Attempt,
     Decision,
@@ -161,7 +161,7 @@ def test_a_live_claim_is_busy_and_an_expired_one_is_retried() -> None:
 
 
 def test_end_bounds_the_catch_up_and_must_be_on_the_grid_after_start() -> None:
-    from fusion.schedule import ScheduleConfig, due_intervals
+    from fusion.runtime.schedule import ScheduleConfig, due_intervals
 
     daily = ScheduleConfig(name="d", cron="5 0 * * *", interval="1d", start=datetime(2026, 1, 1, tzinfo=UTC),
                            end=datetime(2026, 1, 3, tzinfo=UTC))

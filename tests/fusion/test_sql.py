@@ -19,10 +19,10 @@ import pyarrow as pa
 import pytest
 
 from fusion.api import open_store
-from fusion.config import load_config
+from fusion.config.federation import load_config
 from fusion.errors import FusionError, SqlError, SqlRefused
-from fusion.sql import SqlSandbox
-from fusion.store import Store
+from fusion.store.delta import Store
+from fusion.store.sql import SqlSandbox
 from schemas.tables import TABLE_SCHEMAS
 from tests.conftest import config_text
 from tests.fusion.test_store import START, release_rows
@@ -508,7 +508,7 @@ def every_table(config_path: Path) -> dict[str, pa.Table]:
 @pytest.mark.parametrize("fmt", ["table", "csv", "json"])
 def test_every_format_writes_every_column_type_of_every_table(config_path: Path, every_table: dict[str, pa.Table],
                                                               fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from fusion.cli import main
+    from fusion.cli.core import main
 
     for name, stored in every_table.items():
         assert main(["sql", "--config", str(config_path), f"SELECT * FROM {name}", "--format", fmt]) == 0, name
@@ -531,7 +531,7 @@ def test_every_format_writes_every_column_type_of_every_table(config_path: Path,
 
 def test_every_format_writes_the_types_a_query_can_make(config_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from fusion.cli import main
+    from fusion.cli.core import main
 
     query = (
         "SELECT 1.5::DECIMAL(10, 2) AS d, 170141183460469231731687303715884105727::HUGEINT AS h, INTERVAL 1 DAY AS i, "

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pytest
 
 from fusion.api import open_store
-from fusion.cli import main
-from fusion.config import load_config
+from fusion.cli.core import main
+from fusion.config.federation import load_config
+from fusion.config.sql_limits import SqlLimits
 from fusion.errors import ConfigError, SqlError, SqlLimitExceeded, SqlRefused
-from fusion.sql import BATCH_ROWS, SqlSandbox
-from fusion.sql_limits import SqlLimits
-from fusion.store import Store
+from fusion.store.delta import Store
+from fusion.store.sql import BATCH_ROWS, SqlSandbox
 from schemas.tables import TABLE_SCHEMAS
 from tests.conftest import config_text
 from tests.fusion.test_sql import sample_releases, snapshot
@@ -182,7 +182,7 @@ def test_csv_output_streams_without_holding_the_result(config_path: Path) -> Non
         "code = child.wait()\n"
         "print(code, written, lines, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
-    fusion = [sys.executable, "-c", "from fusion.cli import run; run()"]
+    fusion = [sys.executable, "-c", "from fusion.cli.core import run; run()"]
 
     def run_csv(rows: int) -> tuple[int, int]:
         """(bytes written, peak memory in bytes) of `fusion sql --format csv` on `rows` rows of 190 bytes."""
@@ -207,7 +207,7 @@ def test_csv_output_streams_without_holding_the_result(config_path: Path) -> Non
 def test_a_reader_that_stops_reading_ends_the_command_quietly(config_path: Path) -> None:
     """`fusion sql ... | head`: no traceback, the exit status SIGPIPE would give."""
     child = subprocess.Popen(
-        [sys.executable, "-c", "from fusion.cli import run; run()", "sql", "--config", str(config_path),
+        [sys.executable, "-c", "from fusion.cli.core import run; run()", "sql", "--config", str(config_path),
          "SELECT * FROM range(3000000)", "--format", "csv", "--max-rows", "3000000", "--max-size", "1GB"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
     )

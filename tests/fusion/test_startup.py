@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fusion.config import load_config
-from fusion.registry import create_key_holder_key
-from fusion.store import Store
+from fusion.config.federation import load_config
+from fusion.keys.registry import create_key_holder_key
+from fusion.store.delta import Store
 from tests.conftest import config_text
 from tests.fusion.test_store import release_rows
 
@@ -20,7 +20,7 @@ HEAVY = ("apache_beam", "torch", "tenseal", "statsmodels", "matplotlib", "fastap
 #: Runs `fusion` in this interpreter, then prints its exit status and the heavy modules it imported.
 SCRIPT = """
 import sys
-from fusion.cli import main
+from fusion.cli.core import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:

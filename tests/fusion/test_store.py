@@ -15,7 +15,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from fusion.errors import FusionError, InternalError
-from fusion.store import TABLE_KEYS, Store
+from fusion.store.delta import TABLE_KEYS, Store
 from schemas.tables import AUDIT_SCHEMA, RELEASES_SCHEMA, TABLE_SCHEMAS
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -276,15 +276,15 @@ def test_object_store_urls_are_kept_as_urls() -> None:
 def test_a_table_another_process_creates_at_the_same_moment_is_opened(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fusion.store
+    import fusion.store.delta
 
-    real = fusion.store.write_deltalake
+    real = fusion.store.delta.write_deltalake
 
     def lose_the_race(*args: object, **kwargs: object) -> None:
         real(*args, **kwargs)  # the other process's commit lands first ...
         raise CommitFailedError("Protocol changed since last commit")  # ... so this one fails
 
-    monkeypatch.setattr(fusion.store, "write_deltalake", lose_the_race)
+    monkeypatch.setattr(fusion.store.delta, "write_deltalake", lose_the_race)
     assert Store(tmp_path).delta_table("audit").version() == 0
 
 
@@ -300,7 +300,7 @@ def test_a_process_that_scans_the_store_then_exits_exits_cleanly(store: Store) -
     for version in range(4):
         store.insert_new("releases", release_rows(f"r-{version}", range(version * 24, version * 24 + 24)))
     script = (
-        "import sys\nfrom fusion.store import Store\ns = Store(sys.argv[1])\n"
+        "import sys\nfrom fusion.store.delta import Store\ns = Store(sys.argv[1])\n"
         "for _ in range(3):\n    assert s.has_release('r-2')\n    s.read('releases')\n"
     )
     root = Path(__file__).resolve().parents[2]
@@ -315,7 +315,7 @@ def test_a_process_that_scans_the_store_then_exits_exits_cleanly(store: Store) -
 
 
 def test_compact_rewrites_many_small_files_keeping_rows_order_and_time_travel(store: Store) -> None:
-    from fusion.store import COMPACT_FILES
+    from fusion.store.delta import COMPACT_FILES
 
     for hour in range(COMPACT_FILES - 1):
         store.insert_new("releases", release_rows(f"r{hour}", range(hour, hour + 1)))

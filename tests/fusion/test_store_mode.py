@@ -15,14 +15,14 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from fusion.cli import main
-from fusion.config import PrivacyMode, load_config
+from fusion.cli.core import main
+from fusion.config.federation import PrivacyMode, load_config
 from fusion.errors import FusionError
-from fusion.plan import plan_release
-from fusion.provenance import verify_releases
-from fusion.registry import load_key_holder_public_keys
-from fusion.store import Store
-from fusion.store_mode import MODE_PROPERTY, bind_store_mode, recorded_mode, store_mode
+from fusion.keys.registry import load_key_holder_public_keys
+from fusion.release.plan import plan_release
+from fusion.store.delta import Store
+from fusion.store.mode import MODE_PROPERTY, bind_store_mode, recorded_mode, store_mode
+from fusion.store.provenance import verify_releases
 from pipelines.batch import run_batch
 from schemas.tables import RELEASES_SCHEMA
 from tests.conftest import START, Federation

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion.config import load_config
+from fusion.config.federation import load_config
 from fusion.errors import ConfigError
-from fusion.stream_state import (
+from fusion.feeds.stream_state import (
     StreamState,
     WindowState,
     WindowStatus,

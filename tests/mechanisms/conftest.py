@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from fusion.config import Config, load_config
-from fusion.store import Store
+from fusion.config.federation import Config, load_config
+from fusion.store.delta import Store
 from mechanisms.authorities import create_operator_key, create_signer_key
 from mechanisms.network import load_network, network_path
 from schemas.tables import TABLE_SCHEMAS

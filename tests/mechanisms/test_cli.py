@@ -13,8 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fusion.cli import main
-from fusion.registry import create_key_holder_key
+from fusion.cli.core import main
+from fusion.keys.registry import create_key_holder_key
 from tests.mechanisms.conftest import MechFederation
 
 Build = Callable[..., MechFederation]
@@ -116,7 +116,7 @@ def test_a_config_without_mechanisms_and_a_bad_mechanisms_block_are_refused(tmp_
 
 SCRIPT = """
 import sys
-from fusion.cli import main
+from fusion.cli.core import main
 code = main(sys.argv[1:])
 print("loaded:", ",".join(m for m in ("scipy.optimize", "mechanisms", "mechanisms.opf", "apache_beam", "torch")
                           if m in sys.modules), "exit:", code, file=sys.stderr)

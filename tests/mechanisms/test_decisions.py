@@ -94,7 +94,7 @@ def test_each_refusal_is_recorded_and_nothing_else_is_written(mech_federation: B
     if case == "no_reason_code":
         request = DecideRequest(Action.OVERRIDE, rid, "grid-ops", "alice", set_mw=(("Sundance", 50.0),))
     if case == "unregistered_key":  # a key of the right shape that the registry does not list
-        from fusion.registry import write_private
+        from fusion.keys.registry import write_private
         from privacy.signing import generate_signing_key
 
         write_private(tmp_path / "stray.key", generate_signing_key()[0])
@@ -233,7 +233,7 @@ def test_an_authority_signer_key_is_private_and_registered(mech_federation: Buil
     assert "[[authorities.signers]]" in text and 'id = "city-hall"' in text and "[mechanism_operator]" in text
     with pytest.raises(FusionError, match="not regions of this federation"):
         create_signer_key(fed.config, "city-hall", "clerk", regions=["mars"])
-    from fusion.registry import create_institution_keys
+    from fusion.keys.registry import create_institution_keys
     from mechanisms.authorities import load_parties
 
     create_institution_keys(fed.config, "alpha")  # the federation's own keys rewrite the registry: ours stay

@@ -11,15 +11,15 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from fusion.demo import DEMO_BUSES, DEMO_START, build_demo
-from fusion.demo_data import INSTITUTIONS, LOAD_METRIC, STATIONS, load_series, load_station, regional_load
-from fusion.store import Store
+from fusion.demo.data import INSTITUTIONS, LOAD_METRIC, STATIONS, load_series, load_station, regional_load
+from fusion.demo.federation import DEMO_BUSES, DEMO_START, build_demo
+from fusion.store.delta import Store
 from mechanisms.network import load_network
 from tests.mechanisms.conftest import forecast_rows
 
 
 def test_gridcos_feeder_load_follows_the_real_demand_shape() -> None:
-    from fusion.demo_data import sensor_readings
+    from fusion.demo.data import sensor_readings
 
     shape = load_series()
     assert shape.size == 3600 and shape.mean() == pytest.approx(1.0)
@@ -38,8 +38,8 @@ def test_gridcos_feeder_load_follows_the_real_demand_shape() -> None:
 
 def test_the_demo_step_recommends_a_dispatch_from_forecasts_and_ratifies_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fusion.cli_mechanisms import demo_step
-    from fusion.config import load_config
+    from fusion.cli.mechanisms import demo_step
+    from fusion.config.federation import load_config
 
     config_path = build_demo(tmp_path / "demo", days=1)
     config = load_config(config_path, check_release=False)

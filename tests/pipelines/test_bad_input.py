@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fusion.config import Config, InstitutionConfig
-from fusion.exchange import contribution_path, read_bytes
-from fusion.plan import ReleasePlan, plan_release
-from fusion.store import Store
+from fusion.config.federation import Config, InstitutionConfig
+from fusion.release.exchange import contribution_path, read_bytes
+from fusion.release.plan import ReleasePlan, plan_release
+from fusion.store.delta import Store
 from pipelines.batch import run_batch
 from pipelines.run import dead_letter_dir, run_contributions
 from privacy.envelope import unpack_envelope

@@ -14,8 +14,10 @@ import pytest
 from scipy import stats
 
 from fusion.errors import FusionError, ReleaseRefused
-from fusion.estimates import Z95
-from fusion.exchange import (
+from fusion.keys.holder import create_keys, load_secret_context_bytes, secret_key_file
+from fusion.keys.registry import load_signing_key
+from fusion.release.estimates import Z95
+from fusion.release.exchange import (
     aggregation_status_path,
     contribution_path,
     contributions_dir,
@@ -24,12 +26,10 @@ from fusion.exchange import (
     refusal_path,
     write_bytes,
 )
-from fusion.keys import create_keys, load_secret_context_bytes, secret_key_file
-from fusion.ledger import BudgetExceeded
-from fusion.plan import ReleasePlan, plan_release
-from fusion.planning import privacy_plan, releases_that_fit
-from fusion.registry import load_signing_key
-from fusion.store import Store
+from fusion.release.plan import ReleasePlan, plan_release
+from fusion.release.planning import privacy_plan, releases_that_fit
+from fusion.store.delta import Store
+from fusion.store.ledger import BudgetExceeded
 from pipelines.batch import run_batch
 from pipelines.release import release
 from pipelines.run import run_aggregate, run_contributions, run_unmask

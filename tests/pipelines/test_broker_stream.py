@@ -22,12 +22,12 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from fusion.broker_config import filters_overlap
-from fusion.config import load_config
+from fusion.config.brokers import filters_overlap
+from fusion.config.federation import load_config
 from fusion.errors import ConfigError
-from fusion.faults import CRASH_EXIT_CODE
-from fusion.store import Store
-from fusion.stream_state import load_state
+from fusion.feeds.stream_state import load_state
+from fusion.runtime.faults import CRASH_EXIT_CODE
+from fusion.store.delta import Store
 from pipelines.broker_journal import SourceJournal, message_lines
 from pipelines.stream_driver import StreamDriver
 from tests.conftest import END, START, Federation
@@ -389,7 +389,8 @@ def test_a_connection_severed_mid_stream_is_reported_retried_and_loses_nothing(m
     nats("create", stream, prefix)
     notices: list[str] = []
     journal = SourceJournal(tmp_path / "journal")
-    reader = NatsReader("alpha", config.institutions[0].sources[0], journal, config, notices.append)  # type: ignore[arg-type]
+    reader = NatsReader("alpha", config.institutions[0].sources[0], journal, config,
+                        notices.append)  # type: ignore[arg-type]
     reader.start()
     try:
         nats("publish", stream, prefix, [(f"{prefix}.alpha.r", f'{{"n": {n}}}'.encode(), None) for n in range(5)])

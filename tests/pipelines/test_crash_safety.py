@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fusion.faults import CRASH_ENV, CRASH_EXIT_CODE, STEPS
-from fusion.plan import plan_release
-from fusion.provenance import verify_releases
-from fusion.registry import load_key_holder_public_keys
-from fusion.store import Store
+from fusion.keys.registry import load_key_holder_public_keys
+from fusion.release.plan import plan_release
+from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE, STEPS
+from fusion.store.delta import Store
+from fusion.store.provenance import verify_releases
 from tests.conftest import END, START, Federation, build_federation
 
 pytestmark = pytest.mark.e2e

@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fusion.config import load_config, parse_config
-from fusion.contribution import aggregate_readings
-from fusion.estimates import decode_release
-from fusion.parameters import ReleaseParameters, release_parameters
-from fusion.plan import plan_release
-from fusion.store import Store
+from fusion.config.federation import load_config, parse_config
+from fusion.config.parameters import ReleaseParameters, release_parameters
+from fusion.release.contribution import aggregate_readings
+from fusion.release.estimates import decode_release
+from fusion.release.plan import plan_release
+from fusion.store.delta import Store
 from pipelines.batch import run_batch
 from privacy.accountant import epsilon_for
 from privacy.encoding import entity_level_sensitivity

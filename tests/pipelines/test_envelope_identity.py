@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion.config import Config, load_config
-from fusion.exchange import aggregation_status_path, contribution_path, read_bytes
-from fusion.plan import ReleasePlan, plan_release
-from fusion.store import Store
+from fusion.config.federation import Config, load_config
+from fusion.release.exchange import aggregation_status_path, contribution_path, read_bytes
+from fusion.release.plan import ReleasePlan, plan_release
+from fusion.store.delta import Store
 from pipelines.run import run_aggregate, run_contributions
 from pipelines.unmask import Roster, acknowledge, write_roster
 from tests.conftest import END, START, config_text, readings, write_feed
@@ -56,8 +56,8 @@ class Federation:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     """Five institutions with keys, small feeds and noise off (so the released counts are exact)."""
-    from fusion.keys import create_keys
-    from fusion.registry import create_aggregator_key, create_institution_keys
+    from fusion.keys.holder import create_keys
+    from fusion.keys.registry import create_aggregator_key, create_institution_keys
 
     root = tmp_path_factory.mktemp("identity")
     rng = np.random.default_rng(18)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion.config import load_config
-from fusion.exchange import contribution_path
-from fusion.plan import plan_release
-from fusion.store import Store
+from fusion.config.federation import load_config
+from fusion.release.exchange import contribution_path
+from fusion.release.plan import plan_release
+from fusion.store.delta import Store
 from pipelines.run import run_contributions
 from tests.conftest import END, METRICS, REGIONS, START, readings, write_feed
 
@@ -157,8 +157,8 @@ def test_adversarial_envelopes_against_separate_parties(tmp_path: Path) -> None:
     a separate process: each is refused with its reason in `audit`, and the release holds exactly the honest."""
     from dataclasses import replace
 
-    from fusion.exchange import contribution_path, contributions_dir, join, read_bytes, write_bytes
-    from fusion.plan import plan_release
+    from fusion.release.exchange import contribution_path, contributions_dir, join, read_bytes, write_bytes
+    from fusion.release.plan import plan_release
     from privacy.envelope import pack_envelope, unpack_envelope
     from privacy.signing import generate_signing_key
 

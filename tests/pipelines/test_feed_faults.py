@@ -18,11 +18,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from fusion.cli import main
-from fusion.config import load_config
-from fusion.exchange import contribution_path, exists
-from fusion.plan import plan_release
-from fusion.store import Store
+from fusion.cli.core import main
+from fusion.config.federation import load_config
+from fusion.release.exchange import contribution_path, exists
+from fusion.release.plan import plan_release
+from fusion.store.delta import Store
 from pipelines.batch import BatchSummary, run_batch
 from pipelines.run import dead_letter_dir
 from pipelines.stream_driver import StreamDriver
@@ -48,8 +48,8 @@ def build_federation(
 ) -> Federation:
     """A federation like conftest's `make_federation`, in `root` (so a module-scoped fixture can build it): noise
     off, test mode. `dated`: each feed is `feeds/<id>/{date}/*.<ext>`, one folder of readings per day."""
-    from fusion.keys import create_keys
-    from fusion.registry import create_aggregator_key, create_institution_keys
+    from fusion.keys.holder import create_keys
+    from fusion.keys.registry import create_aggregator_key, create_institution_keys
 
     rng = np.random.default_rng(18)
     raw = {}

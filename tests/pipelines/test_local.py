@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from fusion.plan import plan_release
-from fusion.store import Store
+from fusion.release.plan import plan_release
+from fusion.store.delta import Store
 from pipelines.batch import run_batch
 from schemas.readings import DEAD_LETTER_REASON
 from tests.conftest import END, START
@@ -41,7 +41,7 @@ def test_in_process_and_beam_releases_are_identical(make_federation):
 def test_text_feeds_are_parsed_once_however_many_scan_shards(make_federation, monkeypatch, in_process):
     # 3,600 readings an institution and 1,024 a scan shard: several shards each. The CSV and JSON-lines files are
     # parsed once into staged Parquet copies, which every shard scans; the release is the one-shard release.
-    import fusion.scan
+    import fusion.feeds.scan
     from tests.fusion.test_scan import append_malformed
 
     def federation(subdir: str, extra: str = ""):
@@ -52,19 +52,19 @@ def test_text_feeds_are_parsed_once_however_many_scan_shards(make_federation, mo
 
     one, many = federation("one"), federation("many", "[pipeline]\nshard_rows = 1024\n")
     plan = plan_release(many.config, START, END)
-    assert all(fusion.scan.scan_shards(plan, i) > 1 for i in many.config.institutions)
+    assert all(fusion.feeds.scan.scan_shards(plan, i) > 1 for i in many.config.institutions)
     parsed: list[str] = []
-    read_feed_file = fusion.scan.read_feed_file
+    read_feed_file = fusion.feeds.scan.read_feed_file
 
     def counting(path, *args, **kwargs):
         parsed.append(path)
         return read_feed_file(path, *args, **kwargs)
 
-    monkeypatch.setattr(fusion.scan, "read_feed_file", counting)
+    monkeypatch.setattr(fusion.feeds.scan, "read_feed_file", counting)
     assert run_batch(plan, in_process=in_process).status == "released"
     text_files = sorted(str(p) for p in (many.directory / "feeds").rglob("*") if p.suffix in (".csv", ".jsonl"))
     assert sorted(parsed) == text_files  # each exactly once
-    monkeypatch.setattr(fusion.scan, "read_feed_file", read_feed_file)
+    monkeypatch.setattr(fusion.feeds.scan, "read_feed_file", read_feed_file)
     run_batch(plan_release(one.config, START, END), in_process=in_process)
     assert released(many.config.store_path) == released(one.config.store_path)
 
@@ -101,10 +101,10 @@ def test_staged_text_feeds_release_what_one_shard_releases(make_federation, enti
 
     one, several = federation("one"), federation("several", "[pipeline]\nshard_rows = 1024\n")
     plans = [plan_release(f.config, START, END) for f in (one, several)]
-    import fusion.scan
+    import fusion.feeds.scan
 
     # Parquet's rows are counted; text's are estimated from the files' sizes.
-    assert [fusion.scan.scan_shards(plans[1], i) for i in several.config.institutions] == [3, 4, 9]
+    assert [fusion.feeds.scan.scan_shards(plans[1], i) for i in several.config.institutions] == [3, 4, 9]
     summaries = [run_batch(plan, in_process=True) for plan in plans]
     # Bounding draws which readings to keep per shard, so at entity level only how many it leaves out may differ.
     counts = [{i: {k: v for k, v in c.items() if k != "bounded"} for i, c in s.row_counts.items()} for s in summaries]
@@ -137,7 +137,7 @@ def test_every_shard_reads_the_files_listed_when_the_run_was_planned(make_federa
     # A file landing while a run is under way is in none of its shards (the next run reads it): it can never be
     # counted by some shards and not others, nor shift the positions by which staged files are found. The late
     # file here sorts first and copies another file, so reading it anywhere would show as duplicates.
-    from fusion.scan import scan_shards
+    from fusion.feeds.scan import scan_shards
     from pipelines.contribute import PARTIAL, ContributeShard, MergePartials, StageFeed, scan_work
     from pipelines.local import combine, run_dofn
 

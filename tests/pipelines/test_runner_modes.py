@@ -13,8 +13,8 @@ from collections.abc import Callable
 import pyarrow as pa
 import pytest
 
-from fusion.plan import plan_release
-from fusion.store import Store
+from fusion.release.plan import plan_release
+from fusion.store.delta import Store
 from pipelines.batch import run_batch
 from tests.conftest import END, START, Federation
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from fusion.cli import main
-from fusion.config import load_config
-from fusion.faults import CRASH_ENV, CRASH_EXIT_CODE
-from fusion.plan import plan_release
-from fusion.runs import Claim, RunLog
-from fusion.schedule import Action, Interval, RunStatus
-from fusion.store import Store
+from fusion.cli.core import main
+from fusion.config.federation import load_config
+from fusion.release.plan import plan_release
+from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE
+from fusion.runtime.schedule import Action, Interval, RunStatus
+from fusion.store.delta import Store
+from fusion.store.runs import Claim, RunLog
 from pipelines.scheduler import Heartbeat, RunResult, Scheduler, run_interval, utc_now
 from tests.conftest import START, Federation
 

@@ -25,9 +25,9 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from fusion.errors import FusionError
-from fusion.faults import CRASH_ENV, CRASH_EXIT_CODE
-from fusion.store import Store
-from fusion.stream_state import WindowStatus, load_state
+from fusion.feeds.stream_state import WindowStatus, load_state
+from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE
+from fusion.store.delta import Store
 from pipelines.batch import run_batch
 from pipelines.stream import StampWindows, WindowReadings
 from pipelines.stream_driver import StreamDriver
@@ -213,7 +213,7 @@ def test_fusion_stream_releases_each_window_like_the_batch_pipeline(make_federat
     earlier, whatever the readings' times); `fusion stream --until` releases the last and stops by itself; the
     releases equal the batch pipeline's (noise off)."""
     batch = make_federation(noise=False, quorum=2, subdir="batch")
-    from fusion.plan import plan_release
+    from fusion.release.plan import plan_release
 
     run_batch(plan_release(batch.config, START, END))
     fed = stream_federation(make_federation)
@@ -594,7 +594,7 @@ def test_off_a_terminal_the_status_line_is_logged_and_a_restart_shows_the_last_r
 
 
 def test_windows_overlapping_a_batch_release_are_refused_and_the_stream_goes_on(make_federation):
-    from fusion.plan import plan_release
+    from fusion.release.plan import plan_release
 
     fed = stream_federation(make_federation, subdir="overlap")
     for hour in range(4):
@@ -627,7 +627,7 @@ def test_windows_closable_together_are_released_in_one_run_each_charged_on_its_o
     windows = [driver.state.windows[at(h).isoformat()] for h in range(3)]
     assert [w.status for w in windows] == [WindowStatus.RELEASED] * 3
     assert len({w.released_at for w in windows}) == 1
-    from fusion.plan import plan_release
+    from fusion.release.plan import plan_release
 
     ids = [plan_release(fed.config, at(h), at(h + 1)).key.release_id for h in range(3)]
     assert [w.release_id for w in windows] == ids and len(set(ids)) == 3

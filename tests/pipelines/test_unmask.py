@@ -15,7 +15,9 @@ import pytest
 from scipy import stats
 
 from fusion.errors import FusionError, ReleaseRefused
-from fusion.exchange import (
+from fusion.keys.holder import load_secret_context_bytes
+from fusion.keys.registry import load_registry, load_signing_key
+from fusion.release.exchange import (
     aggregate_path,
     contribution_path,
     read_bytes,
@@ -23,10 +25,8 @@ from fusion.exchange import (
     unmask_path,
     write_bytes,
 )
-from fusion.keys import load_secret_context_bytes
-from fusion.plan import ReleasePlan, plan_release
-from fusion.registry import load_registry, load_signing_key
-from fusion.store import Store
+from fusion.release.plan import ReleasePlan, plan_release
+from fusion.store.delta import Store
 from pipelines.release import release
 from pipelines.run import run_aggregate, run_contributions, run_unmask
 from pipelines.unmask import (
@@ -208,7 +208,7 @@ def test_a_crash_while_recording_the_roster_leaves_no_partial_record(make_federa
 
 
 def test_only_valid_signatures_on_the_same_roster_count_as_acknowledgements(make_federation):
-    from fusion.exchange import acknowledgement_path
+    from fusion.release.exchange import acknowledgement_path
     from pipelines.unmask import acknowledged, acknowledgements_needed
 
     fed = make_federation(noise=False, quorum=2)

@@ -10,10 +10,10 @@ from collections.abc import Callable
 import pytest
 
 from fusion.errors import FusionError, ReleaseRefused
-from fusion.exchange import contribution_path, read_bytes, unmask_path
-from fusion.plan import plan_release
-from fusion.planning import privacy_plan
-from fusion.store import Store
+from fusion.release.exchange import contribution_path, read_bytes, unmask_path
+from fusion.release.plan import plan_release
+from fusion.release.planning import privacy_plan
+from fusion.store.delta import Store
 from pipelines.contribute import masking_graph
 from pipelines.release import release
 from pipelines.run import run_aggregate, run_contributions, run_unmask

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from scipy import stats
 from scipy.special import ive, logsumexp
 
-from fusion.config import parse_config
-from fusion.parameters import release_parameters
+from fusion.config.federation import parse_config
+from fusion.config.parameters import release_parameters
 from privacy.accountant import (
     ORDERS,
     calibrate_skellam_variance,

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from fusion.contribution import aggregate_readings, bound_by_entity
+from fusion.release.contribution import aggregate_readings, bound_by_entity
 from privacy.bounding import DUCKDB_FROM_ROWS, bound_contributions
 from privacy.encoding import MetricEncoding, balanced_encodings, entity_level_sensitivity, event_level_sensitivity
 from privacy.layout import BASE_COMPONENTS, SUMSQ, PartitionLayout, bin_components

@@ -13,9 +13,9 @@ import tenseal as ts
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fusion.config import parse_config
+from fusion.config.federation import parse_config
+from fusion.config.parameters import release_parameters
 from fusion.errors import ConfigError
-from fusion.parameters import release_parameters
 from privacy.he import (
     COEFF_MOD_BIT_SIZES,
     MAX_ABS_TOTAL,

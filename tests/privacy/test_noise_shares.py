@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion.config import parse_config
-from fusion.parameters import release_parameters
-from fusion.planning import noise_comparisons
+from fusion.config.federation import parse_config
+from fusion.config.parameters import release_parameters
+from fusion.release.planning import noise_comparisons
 from privacy.accountant import skellam_epsilon
 from privacy.gaussian import analytic_gaussian_sigma, gaussian_delta
 from privacy.noise_shares import (

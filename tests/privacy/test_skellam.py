@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fusion.config import PrivacyMode, parse_config
+from fusion.config.federation import PrivacyMode, parse_config
 from fusion.errors import ConfigError
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
 from tests.conftest import config_text

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fusion.cli import main
-from fusion.config import load_config
-from fusion.store import Store
+from fusion.cli.core import main
+from fusion.config.federation import load_config
+from fusion.store.delta import Store
 from tests.conftest import Federation
 
 MODEL = """
@@ -124,7 +124,7 @@ momentum = 0.9
 
 
 def test_train_learns_from_the_demo_federations_feeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fusion.demo import build_demo
+    from fusion.demo.federation import build_demo
 
     config_path = build_demo(tmp_path / "demo", days=1)
     config_path.write_text(config_path.read_text() + FEED_MODEL)

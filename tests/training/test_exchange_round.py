@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion.config import load_config
-from fusion.exchange import contribution_path, roster_path
+from fusion.config.federation import load_config
+from fusion.release.exchange import contribution_path, roster_path
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import seeded_generator
 from tests.conftest import Federation
@@ -88,9 +88,9 @@ def test_a_round_with_a_dropped_institution_completes(make_federation: Callable[
 
 
 def test_a_crashed_run_resumes_through_the_exchange(make_federation: Callable[..., Federation]) -> None:
-    from fusion.ledger import BudgetLedger
-    from fusion.plan import Period
-    from fusion.store import Store
+    from fusion.release.plan import Period
+    from fusion.store.delta import Store
+    from fusion.store.ledger import BudgetLedger
     from privacy.accountant import Composition
     from training.run import LedgerTerms, train_into_store
     from training.trainer import Institution, RoundRecord, TrainingSettings
@@ -129,7 +129,7 @@ import sys
 import numpy as np
 from datetime import UTC, datetime
 from pathlib import Path
-from fusion.config import load_config
+from fusion.config.federation import load_config
 from privacy.skellam import seeded_generator
 from training.exchange_round import ExchangeFederation, aggregate, answer, decrypt, open_round, seal_contribution
 from training.secure_sum import RoundId

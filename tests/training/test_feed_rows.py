@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from fusion.config import load_config
-from fusion.demo import build_demo
-from fusion.training_config import ModelConfig
+from fusion.config.federation import load_config
+from fusion.config.training import ModelConfig
+from fusion.demo.federation import build_demo
 from training.feed_rows import feed_rows, split_at, step_means
 
 MODEL = {

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from fusion.cli import main
-from fusion.config import load_config
-from fusion.store import Store
+from fusion.cli.core import main
+from fusion.config.federation import load_config
+from fusion.store.delta import Store
 from tests.conftest import Federation
 from tests.training.test_cli import MODEL, _rows
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from fusion.errors import FusionError
-from fusion.ledger import BudgetLedger
-from fusion.plan import Period
-from fusion.store import Store
+from fusion.release.plan import Period
+from fusion.store.delta import Store
+from fusion.store.ledger import BudgetLedger
 from privacy.accountant import ORDERS, Composition, ReleaseCharge, epsilon_from_rdp, mechanism_rdp, skellam_rdp
 from privacy.noise_shares import NoiseLayers
 from privacy.pld import SkellamMechanism

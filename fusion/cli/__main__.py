@@ -1,0 +1,5 @@
+"""`python -m fusion.cli`: the `fusion` command."""
+
+from fusion.cli.core import run
+
+run()

@@ -1,0 +1,165 @@
+"""`fusion train`: train one of the config's `[[models]]` across the institutions (training/), or with --plan show
+what the run would spend first, or with --role run one party's step of the current round (training/roles.py).
+torch loads only here, when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from fusion.cli.core import console
+from fusion.config.federation import load_config
+from fusion.errors import FusionError
+
+if TYPE_CHECKING:
+    from fusion.config.federation import Config
+    from fusion.config.training import ModelConfig
+    from training.trainer import RoundRecord
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    train = sub.add_parser(
+        "train",
+        help="train a [[models]] model across institutions: DP gradient descent, "
+        "each round one encrypted vector sum charged to the budget ledger",
+    )
+    train.add_argument("--config", required=True, help="federation config (TOML)")
+    train.add_argument("--model", required=True, help="the [[models]] entry's name")
+    train.add_argument(
+        "--plan", action="store_true", help="show the run's epsilon and its period's spend; train nothing"
+    )
+    train.add_argument(
+        "--role",
+        choices=["institution", "aggregator", "key-holder"],
+        default=None,
+        help="run one party's step of the current round only, with that party's keys (default: every step of "
+        "every round, on this machine)",
+    )
+    train.add_argument("--institution", default=None, help="with --role institution: which institution")
+    train.add_argument(
+        "--unmask", action="store_true", help="with --role institution: acknowledge and answer the round's roster"
+    )
+
+
+def _model(args: argparse.Namespace) -> tuple[Config, ModelConfig]:
+    """The config and its `[[models]]` entry named by --model, checked."""
+    config = load_config(args.config)
+    names = [m.name for m in config.models]
+    if len(set(names)) != len(names):
+        raise FusionError(f"models: two [[models]] entries share a name in {args.config}; give each its own")
+    models = {m.name: m for m in config.models}
+    if args.model not in models:
+        raise FusionError(
+            f"--model: no [[models]] entry named '{args.model}' in {args.config} (declared: {sorted(models) or 'none'})"
+        )
+    if not config.privacy.noise:
+        raise FusionError("privacy.noise: training needs noise (a model trained without it protects nothing)")
+    return config, models[args.model]
+
+
+def _cmd_role(args: argparse.Namespace) -> int:
+    """One party's step of the model's current round (training/roles.py)."""
+    from fusion.store.delta import Store
+    from training.roles import Role, run_role
+
+    config, model = _model(args)
+    store = Store(config.store_path)
+    done = run_role(config, model, store, Role(args.role), institution=args.institution, unmask=args.unmask)
+    console.print(done, highlight=False)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.role is not None:
+        return _cmd_role(args)
+    from fusion.store.delta import Store
+    from privacy.skellam import secure_generator, seeded_generator
+    from training.exchange_round import ExchangeFederation
+    from training.feed_rows import check_feed_model, feature_count, feed_rows
+    from training.run import (
+        forecast,
+        institution_rows,
+        last_committed,
+        settings_for,
+        terms_for,
+        train_into_store,
+    )
+    from training.trainer import budget_for, build_model, flat_parameters
+
+    config, model = _model(args)
+    store = Store(config.store_path)
+    settings, terms = settings_for(config, model), terms_for(config, model)
+    if model.rows is None:
+        # Each institution's rows from its own feeds; one whose feeds lack a metric of the model takes no part
+        # (absent from every round, as from a release it has no data for).
+        check_feed_model(config, model)
+        built = {i.id: feed_rows(config, model, i)[0] for i in config.institutions}
+        data = {i: rows for i, rows in built.items() if rows.targets.size}
+        width = feature_count(config, model)
+        console.print(
+            f"model {model.name}: rows from the feeds: "
+            + ", ".join(f"{i} {rows.targets.size}" for i, rows in built.items()),
+            highlight=False,
+        )
+        if len(data) < config.privacy.quorum:
+            raise FusionError(
+                f"model {model.name}: {len(data)} institution(s) hold the metrics "
+                f"{sorted({*model.features, model.target})}; a round needs the quorum "
+                f"{config.privacy.quorum}"
+            )
+    else:
+        rows_path = model.rows
+        data = {
+            i.id: institution_rows(model, config.base / rows_path.format(institution=i.id), f"institution {i.id}")
+            for i in config.institutions
+        }
+        width = len(model.features)
+    held_out = None if model.held_out is None else institution_rows(model, config.base / model.held_out, "held_out")
+    dimension = flat_parameters(build_model(width, model.class_count, model.hidden, 0)).size
+    budget = budget_for(settings, dimension)
+    done = last_committed(store, settings)
+    remaining = settings.rounds - (done.round if done else 0)
+    predicted = forecast(store, budget, terms, remaining=remaining)
+    console.print(
+        f"model {model.name}: {dimension:,} parameters, {settings.rounds} rounds ({remaining} left), run epsilon "
+        f"{predicted.run_epsilon:.4f} at delta {settings.delta:g}; period {terms.period.name}: epsilon "
+        f"{predicted.period_epsilon_before:.4f} -> {predicted.period_epsilon_after:.4f} of cap {predicted.cap:g}",
+        highlight=False,
+    )
+    if not predicted.fits:
+        raise FusionError(
+            f"model {model.name} would take period {terms.period.name} to epsilon "
+            f"{predicted.period_epsilon_after:.4f}, above its cap {predicted.cap:g}: lower the model's epsilon or "
+            "train on another period's readings"
+        )
+    if args.plan or remaining == 0:
+        return 0
+    seed = config.privacy.seed
+    generators = {
+        i.id: secure_generator() if seed is None else seeded_generator(seed ^ (k + 1) * 0x9E3779B1)
+        for k, i in enumerate(config.institutions)
+    }
+
+    def progress(record: RoundRecord) -> None:
+        accuracy = f", held-out accuracy {record.metrics['accuracy']:.3f}" if record.metrics else ""
+        console.print(
+            f"round {record.round}/{settings.rounds}: {len(record.sum.contributors)} contributors, epsilon "
+            f"{record.epsilon:.4f}{accuracy}",
+            highlight=False,
+        )
+
+    # Each round through the releases' roles (training/exchange_round.py): every institution seals in the exchange
+    # with its own keys, the aggregator sums and unmasks, the key holder decrypts once the ledger is charged.
+    federation = ExchangeFederation(config, terms.start, terms.end)
+    train_into_store(
+        store,
+        settings,
+        federation,
+        data,
+        classes=model.class_count,
+        terms=terms,
+        generators=generators,
+        held_out=held_out,
+        progress=progress,
+    )
+    return 0

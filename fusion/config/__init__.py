@@ -1,0 +1,1 @@
+"""Fusion: a package of modules grouped by concept (see its docstring)."""

@@ -1,0 +1,172 @@
+"""An institution's broker sources in the config: MQTT topic filters or a NATS JetStream durable consumer.
+
+Declared beside the institution's file feeds (`[[institutions.sources]]`). Each institution reads only its own
+subjects or topics: two institutions whose filters could match the same subject are refused at load. Credentials
+come from the config or from environment variables it names (`password_env`, `token_env`), never from the
+command line.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fusion.errors import ConfigError
+from fusion.runtime.durations import parse_duration
+
+#: A message larger than this is dead-lettered (one malformed record naming its size), never parsed.
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class SourceKind(StrEnum):
+    NATS = "nats"
+    MQTT = "mqtt"
+
+
+class TlsConfig(_Frozen):
+    """TLS to the broker: a CA bundle to trust, and a client certificate and key when the broker asks for one."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def context(self, resolve: Callable[[str], str] | None = None) -> ssl.SSLContext:
+        """An SSL context for these files (paths resolved by `resolve`, e.g. relative to the config)."""
+        where = resolve or (lambda path: path)
+        context = ssl.create_default_context(cafile=where(self.ca) if self.ca else None)
+        if self.cert:
+            context.load_cert_chain(where(self.cert), where(self.key) if self.key else None)
+        return context
+
+
+class _Credentials(_Frozen):
+    user: str | None = None
+    password: str | None = None
+    password_env: str | None = None  # the environment variable holding the password
+    tls: TlsConfig | None = None
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+
+    def secret(self, institution: str) -> str | None:
+        """The password: from the config, else from the environment variable it names."""
+        return _from_env(self.password, self.password_env, institution, "password_env")
+
+
+class NatsSource(_Credentials):
+    """A durable JetStream pull consumer over `subjects` of `stream`; messages are JSON lines."""
+
+    kind: Literal[SourceKind.NATS] = SourceKind.NATS
+    url: str = "nats://127.0.0.1:4222"
+    stream: str = Field(min_length=1)
+    subjects: tuple[str, ...] = Field(min_length=1)
+    durable: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")  # default: fusion-<institution>
+    token: str | None = None
+    token_env: str | None = None
+    batch: int = Field(default=2000, gt=0)  # messages per fetch, journalled and acknowledged together
+    # Unacknowledged messages (a reader killed after the fetch) are redelivered after this: a restarted stream takes
+    # them no sooner, so keep the stream's allowed_lateness above it.
+    ack_wait: str = "30s"
+
+    @field_validator("ack_wait")
+    @classmethod
+    def _ack_wait(cls, text: str) -> str:
+        if parse_duration(text) <= timedelta(0):
+            raise ValueError(f"ack_wait {text!r} must be positive (e.g. '30s')")
+        return text
+
+    def ack_wait_s(self) -> float:
+        return parse_duration(self.ack_wait).total_seconds()
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects(cls, subjects: tuple[str, ...]) -> tuple[str, ...]:
+        for subject in subjects:
+            tokens = subject.split(".")
+            if not subject or any(not t for t in tokens) or ">" in tokens[:-1]:
+                raise ValueError(f"subject {subject!r} is not a NATS subject filter (tokens, '*', '>' last)")
+        return subjects
+
+    def consumer(self, institution: str) -> str:
+        return self.durable or f"fusion-{institution}".replace(".", "_")
+
+    def auth_token(self, institution: str) -> str | None:
+        return _from_env(self.token, self.token_env, institution, "token_env")
+
+    def filters(self) -> list[tuple[str, ...]]:
+        return [tuple(s.split(".")) for s in self.subjects]
+
+
+class MqttSource(_Credentials):
+    """MQTT topic filters read at QoS 1 in a persistent session; messages are JSON lines."""
+
+    kind: Literal[SourceKind.MQTT] = SourceKind.MQTT
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, gt=0, lt=65536)
+    topics: tuple[str, ...] = Field(min_length=1)
+    client_id: str | None = Field(default=None, min_length=1, max_length=64)  # default: fusion-<institution>
+
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, topics: tuple[str, ...]) -> tuple[str, ...]:
+        for topic in topics:
+            levels = topic.split("/")
+            if not topic or "#" in levels[:-1] or any(("+" in x or "#" in x) and len(x) > 1 for x in levels):
+                raise ValueError(f"topic {topic!r} is not an MQTT topic filter ('+' a level, '#' last)")
+        return topics
+
+    def session(self, institution: str) -> str:
+        return self.client_id or f"fusion-{institution}"
+
+    def filters(self) -> list[tuple[str, ...]]:
+        # MQTT's '+' and '#' play NATS's '*' and '>' for the overlap check
+        return [tuple({"+": "*", "#": ">"}.get(x, x) for x in t.split("/")) for t in self.topics]
+
+
+BrokerSource = Annotated[NatsSource | MqttSource, Field(discriminator="kind")]
+
+
+def _from_env(value: str | None, variable: str | None, institution: str, field: str) -> str | None:
+    if value is not None or variable is None:
+        return value
+    found = os.environ.get(variable)
+    if found is None:
+        raise ConfigError(
+            f"institutions.{institution}.sources: {field} names the environment variable {variable}, which is not "
+            "set; export it before `fusion stream` (credentials never go on the command line)"
+        )
+    return found
+
+
+def filters_overlap(first: Sequence[str], second: Sequence[str]) -> bool:
+    """Whether some subject matches both filters (tokens; '*' one token, '>' one or more at the end)."""
+    for i, (a, b) in enumerate(zip(first, second, strict=False)):
+        if a == ">" or b == ">":
+            return len(first) > i and len(second) > i
+        if a != b and "*" not in (a, b):
+            return False
+    return len(first) == len(second)
+
+
+def check_sources(sources: Sequence[tuple[str, NatsSource | MqttSource]]) -> None:
+    """Refuse two institutions whose filters on the same broker could match the same subject or topic."""
+    for n, (first_id, first) in enumerate(sources):
+        for second_id, second in sources[n + 1 :]:
+            if first_id == second_id or first.kind != second.kind:
+                continue
+            for a in first.filters():
+                for b in second.filters():
+                    if filters_overlap(a, b):
+                        raise ValueError(
+                            f"institutions {first_id} and {second_id} both read {'.'.join(a)} / {'.'.join(b)} "
+                            f"({first.kind.value}): each institution reads only its own subjects or topics; "
+                            "give each its own prefix (e.g. fusion.<institution>.>)"
+                        )

@@ -1,0 +1,83 @@
+"""The config's `[forecasting]` block: which models `fusion backtest` compares, how far and from how much history
+`fusion forecast` forecasts, and whether scheduled and stream releases refresh the forecasts. Only the values
+live here (pydantic, no statsmodels): the models are in the top-level `forecasting/` package."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import StrEnum
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fusion.runtime.durations import parse_duration
+
+
+class ModelName(StrEnum):
+    """The forecasting models; `uc` is the noise-aware one, the others are backtest baselines."""
+
+    UC = "uc"  # unobserved components: level + daily harmonics + AR(1), each cell's DP variance known
+    SEASONAL_NAIVE = "seasonal_naive"  # the same window one day earlier
+    SAME_HOUR_MEAN = "same_hour_mean"  # the mean of the same window over the last 7 days
+    ETS = "ets"  # additive exponential smoothing with a daily season (statsmodels ETSModel)
+
+
+class Statistic(StrEnum):
+    """Which column of `releases` a series follows, with its noise SD: mean (ratio_mean, mean_sd), sum (sum,
+    sum_sd) or count (count, count_sd)."""
+
+    MEAN = "mean"
+    SUM = "sum"
+    COUNT = "count"
+
+
+class ForecastingConfig(BaseModel):
+    """`[forecasting]`: models compared by `fusion backtest` (the first is used until a backtest chose one), the
+    horizon and history of a forecast, the backtest's rolling origins, and the refresh after each release."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    models: tuple[ModelName, ...] = Field(default=tuple(ModelName), min_length=1)
+    statistics: tuple[Statistic, ...] = Field(default=(Statistic.MEAN,), min_length=1)
+    horizon: str = "48h"  # how far ahead a forecast reaches
+    history: str = "28d"  # the most history a model is fitted on
+    min_history: str = "2d"  # the least history a backtest origin has before it
+    backtest_origins: int = Field(default=8, ge=2, le=100)  # rolling origins; the earlier half calibrates
+    backtest_step: str = "24h"  # time between two backtest origins
+    # Another model replaces the first of `models` only where its backtest MAE is lower by more than this share:
+    # a backtest of a few origins is noisy, and on the benchmark a plain lowest-MAE choice did worse than none.
+    selection_margin: float = Field(default=0.1, ge=0, lt=1)
+    refresh: bool = True  # `fusion schedule` and `fusion stream` forecast a series again after each release of it
+
+    @field_validator("horizon", "history", "min_history", "backtest_step")
+    @classmethod
+    def _positive(cls, text: str) -> str:
+        if parse_duration(text).total_seconds() <= 0:
+            raise ValueError(f"'{text}' must be a positive duration")
+        return text
+
+    @field_validator("models", "statistics")
+    @classmethod
+    def _distinct(cls, names: tuple[StrEnum, ...]) -> tuple[StrEnum, ...]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"{[str(n) for n in names]} names one twice; list each once")
+        return names
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Self:
+        if parse_duration(self.min_history) > parse_duration(self.history):
+            raise ValueError(f"min_history {self.min_history} is longer than history {self.history}")
+        return self
+
+    def check_window(self, window: timedelta) -> None:
+        """Refuse durations that are not whole numbers of the federation's window (a forecast is per window)."""
+        for name in ("horizon", "history", "min_history", "backtest_step"):
+            value = parse_duration(getattr(self, name))
+            if value % window:
+                raise ValueError(
+                    f"forecasting.{name} = '{getattr(self, name)}' is not a whole number of federation.window "
+                    f"({window}); forecasts are made per window"
+                )
+
+
+__all__ = ["ForecastingConfig", "ModelName", "Statistic"]

@@ -1,0 +1,83 @@
+"""The config's `[[models]]`: models trained across the institutions by `fusion train` (training/). Only the values
+live here (pydantic, no torch).
+
+Each institution's training rows are either a Parquet or CSV table it holds (`rows`, a path with `{institution}` in
+it, relative to the config's directory): the `features` columns and an integer class `target`; or, without `rows`,
+built from its own feeds (training/feed_rows.py): `features` and `target` name metrics, the target `horizon` ahead,
+its class by `target_bins`. The rows are about the readings of [start, end), so every round is charged to that
+interval's privacy period, like its releases.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fusion.runtime.durations import parse_duration
+
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class ModelConfig(BaseModel):
+    """One `[[models]]` entry: its data, architecture (hidden layer widths of an MLP), rounds, clipping norm C,
+    learning rate, and the run's (epsilon, delta) target; delta is the federation's `privacy.delta`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    name: ModelName
+    rows: str | None = None  # e.g. "training/{institution}.parquet"; None: rows from the feeds' metrics
+    held_out: str | None = None  # a table of the same columns the federation may evaluate on (public)
+    features: tuple[str, ...] = Field(min_length=1)  # columns of `rows`, or metrics
+    target: str  # a column of `rows`, or a metric
+    classes: int | None = Field(default=None, ge=2, le=10_000)  # feeds: len(target_bins) + 1
+    horizon: str | None = None  # feeds: how far ahead the target is (and the step features are averaged over)
+    target_bins: tuple[float, ...] | None = None  # feeds: class edges of the target (increasing)
+    change: bool = False  # feeds: classify the target's change over the horizon, not its value
+    start: str  # ISO 8601: the interval of the readings the rows come from
+    end: str
+    hidden: tuple[int, ...] = (32,)
+    rounds: int = Field(default=30, ge=1, le=10_000)
+    clip: float = Field(default=1.0, gt=0)
+    learning_rate: float = Field(default=3.0, gt=0)
+    final_learning_rate: float | None = Field(default=0.5, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    epsilon: float = Field(default=1.0, gt=0, le=20)
+    scale: float = Field(default=4096.0, ge=1)
+
+    @model_validator(mode="after")
+    def _checks(self) -> Self:
+        if self.rows is None:
+            if self.horizon is None or not self.target_bins:
+                raise ValueError(
+                    f"models.{self.name}: without `rows` the model learns from the feeds: set `horizon` "
+                    "(e.g. '1h') and `target_bins` (class edges of the target metric)"
+                )
+            if list(self.target_bins) != sorted(set(self.target_bins)):
+                raise ValueError(f"models.{self.name}.target_bins: the edges must increase")
+            if self.classes not in (None, len(self.target_bins) + 1):
+                raise ValueError(
+                    f"models.{self.name}.classes: {len(self.target_bins)} target_bins make "
+                    f"{len(self.target_bins) + 1} classes; drop `classes` or fix it"
+                )
+            parse_duration(self.horizon)
+        elif "{institution}" not in self.rows:
+            raise ValueError(
+                f"models.{self.name}.rows: write the path with {{institution}} in it, e.g. "
+                "'training/{institution}.parquet'"
+            )
+        elif self.classes is None:
+            raise ValueError(f"models.{self.name}.classes: a model on `rows` names its number of classes")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"models.{self.name}.hidden: layer widths must be at least 1")
+        if self.rows is not None and self.target in self.features:
+            raise ValueError(f"models.{self.name}: the target '{self.target}' is also a feature; remove it there")
+        return self
+
+    @property
+    def class_count(self) -> int:
+        """Classes of the target: `classes`, or len(target_bins) + 1 for a model on the feeds."""
+        if self.classes is not None:
+            return self.classes
+        assert self.target_bins is not None
+        return len(self.target_bins) + 1

@@ -1,0 +1,211 @@
+"""The stream driver's durable progress, and the public grid of windows it releases.
+
+Which windows the stream releases, and when, is a function of public things only: the config (window size,
+allowed lateness, `stream.start`), the moment the state was created, the processing clock and the command line's
+`--until`. A window [s, e) of the grid is released once the clock reaches e + allowed lateness, whether or not any
+reading fell in it (every institution then contributes zeros), exactly as a batch release covers every window of
+its interval. Neither the readings that arrived nor their event times decide a release: two feeds one reading
+apart release the same windows at the same moments and are charged the same budget. Event times still decide
+what is not released: which window a reading is spooled to, and that a reading whose window has closed is late.
+
+The state is one JSON file replaced atomically (write, fsync, rename). The driver commits it after a
+micro-batch's readings are spooled, and before a window's release starts, so a kill at any point either
+replays a micro-batch (its spool files are rewritten under the same names: nothing doubles) or re-runs a
+release (idempotent: sealed envelopes are reused, the store refuses a second release of an interval).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from fusion.runtime.durations import EPOCH, floor_to_grid
+from schemas.reasons import PUBLISHED_REASONS
+
+#: Reasons decided after the event time was parsed and found inside the stream's interval: such a row belongs to
+#: the window of its event time, so its count is carried by that window's release (as noisy tallies of it: the
+#: reasons a release publishes). Rows refused before their time was known (malformed, missing or mistyped fields,
+#: unparseable or out-of-interval times) belong to no window, and late rows to a window already released: their
+#: counts stay local.
+WINDOWED_REASONS: frozenset[str] = frozenset(r.value for r in PUBLISHED_REASONS)
+
+
+class WindowStatus(StrEnum):
+    OPEN = "open"  # readings may still arrive
+    CLOSING = "closing"  # closed to readings (later ones are late); its release is running or must re-run
+    RELEASED = "released"
+    REFUSED = "refused"  # the release was refused (e.g. the period's budget is spent); recorded, not retried
+
+
+@dataclass
+class WindowState:
+    status: WindowStatus = WindowStatus.OPEN
+    closable_at: str | None = None  # when (processing time) it was closed (latency is measured from here)
+    release_id: str | None = None
+    released_at: str | None = None
+    reason: str | None = None
+    # institution -> {reason: rows}: validation rejects attributed to this window by their event time, and late
+    # readings. Exact counts: they stay in the institution's local state, never in a shared place.
+    rejects: dict[str, dict[str, int]] = field(default_factory=dict)
+    # institution -> {reason: rows}: the rejects (of WINDOWED_REASONS) this window's release carries, fixed when
+    # it closed so that a release re-run after a crash carries what the first run sealed
+    carried: dict[str, dict[str, int]] = field(default_factory=dict)
+    # institution -> the spool files its release read (files spooled later hold late readings)
+    files: dict[str, list[str]] = field(default_factory=dict)
+    # institution -> rows found in spool files added after the release (`fusion stream --releases-only`), a part of
+    # its `late` count (the streaming job counts readings beyond the allowed lateness itself, in the rest)
+    late_spooled: dict[str, int] = field(default_factory=dict)
+
+    def add_rejects(self, institution: str, counts: dict[str, int]) -> None:
+        add_counts(self.rejects.setdefault(institution, {}), counts)
+
+    def close(self, now: datetime) -> None:
+        """Closed to readings at processing time `now`: what its release carries is fixed from here on."""
+        self.status = WindowStatus.CLOSING
+        self.closable_at = self.closable_at or now.isoformat()
+        self.carried = {
+            institution: carried
+            for institution, counts in sorted(self.rejects.items())
+            if (carried := {r: n for r, n in sorted(counts.items()) if r in WINDOWED_REASONS and n})
+        }
+
+
+def add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
+    """Add per-reason row counts into `into` (zeros are not recorded)."""
+    for reason, n in counts.items():
+        if n:
+            into[reason] = into.get(reason, 0) + int(n)
+
+
+@dataclass
+class StreamState:
+    """Everything the driver must remember across restarts. Times are ISO 8601 UTC strings."""
+
+    created_at: str | None = None  # processing time the state was created: the grid starts there by default
+    processed: dict[str, int] = field(default_factory=dict)  # input file -> size when it was spooled
+    max_event: dict[str, str] = field(default_factory=dict)  # institution -> latest accepted event time
+    windows: dict[str, WindowState] = field(default_factory=dict)  # window start -> its state
+    stdin_sequence: int = 0  # journal files written from standard input
+    readings: int = 0  # accepted readings spooled, all time
+    rejected: int = 0  # rejected rows (validation and late), all time
+    # institution -> {reason: rows}: rejects that belong to no window (refused before their event time was known,
+    # or outside the grid); counted here, locally, and nowhere else
+    unwindowed: dict[str, dict[str, int]] = field(default_factory=dict)
+    # input file -> its size when it was seen changed after it was spooled (ignored: inputs are immutable once
+    # landed; a replaced or appended file is reported, not read again, which could count its rows twice)
+    changed: dict[str, int] = field(default_factory=dict)
+
+    def window(self, start: datetime) -> WindowState:
+        return self.windows.setdefault(start.isoformat(), WindowState())
+
+    def closed(self) -> frozenset[str]:
+        """Window starts (ISO text) that no longer take readings: a reading of one of them is late."""
+        return frozenset(w for w, s in self.windows.items() if s.status is not WindowStatus.OPEN)
+
+    def advance(self, institution: str, latest: datetime) -> None:
+        current = self.max_event.get(institution)
+        if current is None or latest > datetime.fromisoformat(current):
+            self.max_event[institution] = latest.isoformat()
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "created_at": self.created_at,
+            "processed": self.processed,
+            "max_event": self.max_event,
+            "windows": {w: {**vars(s), "status": s.status.value} for w, s in sorted(self.windows.items())},
+            "stdin_sequence": self.stdin_sequence,
+            "readings": self.readings,
+            "rejected": self.rejected,
+            "unwindowed": self.unwindowed,
+            "changed": self.changed,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> StreamState:
+        known = {f.name for f in fields(WindowState)}  # a state written before a field was dropped still loads
+        windows = {
+            w: WindowState(**{**{k: v for k, v in s.items() if k in known}, "status": WindowStatus(s["status"])})
+            for w, s in doc["windows"].items()
+        }
+        for w, window in windows.items():  # written before the job counted late readings: all of them were spooled
+            if "late_spooled" not in doc["windows"][w] and window.status is WindowStatus.RELEASED:
+                window.late_spooled = {i: c["late"] for i, c in window.rejects.items() if c.get("late")}
+        unwindowed = doc.get("unwindowed", doc.get("pending_rejects", {}))
+        return cls(
+            created_at=doc.get("created_at"),
+            processed=dict(doc["processed"]),
+            max_event=dict(doc["max_event"]),
+            windows=windows,
+            stdin_sequence=int(doc["stdin_sequence"]),
+            readings=int(doc["readings"]),
+            rejected=int(doc["rejected"]),
+            unwindowed={i: dict(c) for i, c in unwindowed.items()},
+            changed=dict(doc.get("changed", {})),
+        )
+
+
+def load_state(path: Path) -> StreamState:
+    return StreamState.from_doc(json.loads(path.read_text())) if path.exists() else StreamState()
+
+
+def save_state(path: Path, state: StreamState) -> None:
+    """Replace the state file atomically and durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    with open(temporary, "w") as handle:
+        json.dump(state.to_doc(), handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)  # the rename itself must reach the disk too
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def window_start(time: datetime, size: timedelta) -> datetime:
+    """The start of the fixed event-time window (aligned to the Unix epoch, like Beam's FixedWindows)."""
+    return floor_to_grid(time, size)
+
+
+def release_bound(*, now: datetime, lateness: timedelta, until: datetime | None, drain: bool) -> datetime:
+    """The latest end a window released now may have. Running: the clock less the allowed lateness (a window's
+    readings are on time until its end plus the lateness), never past `until`. Draining (no reading is still to
+    come): `until` when given, else the clock. Public inputs only."""
+    if drain:
+        return until if until is not None else now
+    return now - lateness if until is None else min(now - lateness, until)
+
+
+def backlog(state: StreamState, *, grid_start: datetime, size: timedelta, bound: datetime) -> int:
+    """How many windows of the grid from `grid_start` that end at or before `bound` are not closed yet (counted
+    without listing them: a grid start far in the past must be refused cheaply)."""
+    total = max(0, (bound - grid_start) // size)
+    closed = sum(
+        1
+        for start, window in state.windows.items()
+        if window.status is not WindowStatus.OPEN
+        and grid_start <= (moment := datetime.fromisoformat(start))
+        and moment + size <= bound
+        and (moment - EPOCH) % size == timedelta(0)
+    )
+    return total - closed
+
+
+def due_windows(state: StreamState, *, grid_start: datetime, size: timedelta, bound: datetime) -> list[datetime]:
+    """The windows of the grid from `grid_start` that end at or before `bound` and are not closed yet, oldest
+    first: every one of them, readings or not."""
+    due = []
+    start = grid_start
+    while start + size <= bound:
+        window = state.windows.get(start.isoformat())
+        if window is None or window.status is WindowStatus.OPEN:
+            due.append(start)
+        start += size
+    return due

@@ -1,0 +1,308 @@
+"""Who may contribute and who speaks for the federation: institutions' signing keys, the aggregator's, the key
+holder's, and the registry of their public halves.
+
+Each institution creates its own Ed25519 key pair (`fusion keys --institution ID`); the private key stays in
+its key directory, owner-readable only, and the public half is entered in the federation's registry (a TOML
+file the operator distributes). The aggregator accepts only envelopes signed by a registered key; the key
+holder decrypts only aggregates the registered aggregator signed, and signs every release it publishes, so
+readers can check the store against the registry (`fusion verify`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fusion.config.federation import Config
+from fusion.errors import FusionError
+from privacy.masking import generate_agreement_key
+from privacy.signing import generate_signing_key
+
+SIGNING_KEY = "signing.key"
+#: The key holder's, a name of its own: a key directory shared by mistake with another role never hands it theirs.
+RELEASE_SIGNING_KEY = "release-signing.key"
+AGREEMENT_KEY = "agreement.key"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create a secret file owner-readable only (0600), in a directory only its owner can enter (0700).
+
+    Written to a new owner-only sibling, then renamed over `path`: replacing a file that was readable by
+    others never exposes the new secret through the old file's mode, and a crash leaves the old key or the
+    new one, never half of one."""
+    path = path.resolve()  # a key symlinked onto a secrets volume is rotated there, not beside the link
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    pending = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)  # whatever the umask
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(pending, path)
+    finally:
+        pending.unlink(missing_ok=True)
+
+
+def read_private(path: Path, what: str) -> bytes:
+    """Read a secret file, refusing one that group or others can access."""
+    if not path.exists():
+        raise FusionError(f"{what} is missing ({path})")
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise FusionError(
+            f"{path} is accessible to group or others (mode {stat.filemode(mode)}); run `chmod 600 {path}`"
+        )
+    return path.read_bytes()
+
+
+def signing_key_file(config: Config, institution_id: str) -> Path:
+    return Path(config.institution_keys_path(config.institution(institution_id))) / SIGNING_KEY
+
+
+@dataclass(frozen=True)
+class _Registry:
+    institutions: dict[str, dict[str, bytes]]  # id -> {signing, agreement} public keys
+    aggregator: bytes | None  # the aggregator's signing public key
+    key_holder: bytes | None  # the key holder's signing public key (it signs releases)
+    retired: tuple[bytes, ...] = ()  # the key holder's earlier signing keys: releases they signed still verify
+    unsigned: tuple[str, ...] = ()  # releases published before the key holder had a key (nothing to verify)
+    # The mechanisms' parties (MECHANISM_SECTIONS, as parsed; mechanisms/authorities.py validates them): kept as
+    # they are when the registry is rewritten.
+    mechanisms: dict[str, Any] = field(default_factory=dict)
+
+
+def _read(config: Config) -> _Registry:
+    path = Path(config.registry_path)
+    if not path.exists():
+        return _Registry({}, None, None)
+    try:
+        doc = tomllib.loads(path.read_text())
+        institutions = {
+            entry["id"]: {
+                "signing": bytes.fromhex(entry["signing_key"]),
+                "agreement": bytes.fromhex(entry["agreement_key"]),
+            }
+            for entry in doc.get("institutions", [])
+        }
+        aggregator = doc.get("aggregator", {}).get("signing_key")
+        key_holder = doc.get("key_holder", {}).get("signing_key")
+        retired = doc.get("key_holder", {}).get("retired_signing_keys", [])
+        unsigned = doc.get("key_holder", {}).get("unsigned_releases", [])
+        if not all(isinstance(r, str) for r in unsigned):
+            raise TypeError("key_holder.unsigned_releases must list release ids")
+        return _Registry(
+            institutions,
+            bytes.fromhex(aggregator) if aggregator else None,
+            bytes.fromhex(key_holder) if key_holder else None,
+            tuple(bytes.fromhex(k) for k in retired),
+            tuple(unsigned),
+            {name: doc[name] for name in MECHANISM_SECTIONS if name in doc},
+        )
+    except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise FusionError(f"the registry {path} is malformed: {exc}") from None
+
+
+def _entries(config: Config) -> dict[str, dict[str, bytes]]:
+    return _read(config).institutions
+
+
+def load_registry(config: Config) -> dict[str, bytes]:
+    """institution id -> raw Ed25519 public key, from the registry file (empty if there is none yet)."""
+    return {institution: keys["signing"] for institution, keys in _entries(config).items()}
+
+
+def load_agreement_keys(config: Config) -> dict[str, bytes]:
+    """institution id -> raw X25519 public key (for pairwise masks) of every configured institution."""
+    entries = _entries(config)
+    missing = sorted(i.id for i in config.institutions if i.id not in entries)
+    if missing:
+        raise FusionError(
+            f"institutions {missing} are not in the registry {config.registry_path}; each runs "
+            "`fusion keys --institution ID` first"
+        )
+    return {i.id: entries[i.id]["agreement"] for i in config.institutions}
+
+
+def _write_registry(config: Config, registry: _Registry) -> None:
+    lines = ["# Fusion federation registry: institutions that may contribute, and their public keys"]
+    lines += ["# (Ed25519 to verify their envelopes, X25519 for pairwise masks), the aggregator's (it signs"]
+    lines += ["# aggregates) and the key holder's (it signs releases)."]
+    if registry.aggregator is not None:
+        lines += ["", "[aggregator]", f'signing_key = "{registry.aggregator.hex()}"']
+    if registry.key_holder is not None:
+        lines += ["", "[key_holder]", f'signing_key = "{registry.key_holder.hex()}"']
+        if registry.retired:
+            lines += [f"retired_signing_keys = [{', '.join(repr(k.hex()) for k in registry.retired)}]"]
+        if registry.unsigned:
+            lines += [f"unsigned_releases = [{', '.join(repr(r) for r in registry.unsigned)}]"]
+    for institution, entry in sorted(registry.institutions.items()):
+        lines += [
+            "",
+            "[[institutions]]",
+            f'id = "{institution}"',
+            f'signing_key = "{entry["signing"].hex()}"',
+            f'agreement_key = "{entry["agreement"].hex()}"',
+        ]
+    lines += _mechanism_lines(registry.mechanisms)
+    path = Path(config.registry_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    temporary.replace(path)
+
+
+#: The registry's sections for the mechanisms (mechanisms/authorities.py): the operator who signs recommendations,
+#: the authorities who decide on them (their signers' keys, scope and threshold) and the bidders of auctions.
+MECHANISM_SECTIONS = ("mechanism_operator", "authorities", "bidders")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(value, list) and not any(isinstance(v, dict) for v in value):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"a registry value of type {type(value).__name__} cannot be written")
+
+
+def _mechanism_lines(sections: dict[str, Any]) -> list[str]:
+    """The mechanism sections as TOML: a table of values, or an array of tables whose entries may hold one level
+    of arrays of tables (an authority's signers)."""
+    lines: list[str] = []
+    for name in MECHANISM_SECTIONS:
+        section = sections.get(name)
+        if isinstance(section, dict):
+            lines += ["", f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in section.items())]
+        for entry in section if isinstance(section, list) else ():
+            lines += ["", f"[[{name}]]"]
+            nested = {k: v for k, v in entry.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+            lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items() if k not in nested]
+            for key, items in nested.items():
+                for item in items:
+                    lines += [f"[[{name}.{key}]]", *(f"{k} = {_toml_value(v)}" for k, v in item.items())]
+    return lines
+
+
+def load_mechanism_sections(config: Config) -> dict[str, Any]:
+    """The registry's mechanism sections as parsed (empty where absent); mechanisms/authorities.py reads them."""
+    return dict(_read(config).mechanisms)
+
+
+def write_mechanism_sections(config: Config, sections: dict[str, Any]) -> None:
+    """Replace the registry's mechanism sections, keeping everything else in it."""
+    unknown = sorted(set(sections) - set(MECHANISM_SECTIONS))
+    if unknown:
+        raise ValueError(f"not mechanism sections of the registry: {unknown}")
+    _write_registry(config, replace(_read(config), mechanisms=dict(sections)))
+
+
+def create_institution_keys(config: Config, institution_id: str, *, overwrite: bool = False) -> Path:
+    """Create an institution's signing and key-agreement keys (mode 0600) and register their public halves."""
+    key_file = signing_key_file(config, institution_id)
+    if key_file.exists() and not overwrite:
+        raise FusionError(f"{key_file} already exists; pass --overwrite to replace it (and re-register)")
+    private, public = generate_signing_key()
+    agreement_private, agreement_public = generate_agreement_key()
+    write_private(key_file, private)
+    write_private(key_file.parent / AGREEMENT_KEY, agreement_private)
+    entry = {"signing": public, "agreement": agreement_public}
+    registry = _read(config)
+    _write_registry(config, replace(registry, institutions={**registry.institutions, institution_id: entry}))
+    return key_file
+
+
+def aggregator_key_file(config: Config) -> Path:
+    return Path(config.aggregator_keys_path) / SIGNING_KEY
+
+
+def _new_signing_key(key_file: Path, *, overwrite: bool) -> bytes:
+    """Create an Ed25519 key at `key_file` (mode 0600), refusing to replace one unless `overwrite`; returns its
+    public half, for the caller to register."""
+    if key_file.exists() and not overwrite:
+        raise FusionError(f"{key_file} already exists; pass --overwrite to replace it (and re-register)")
+    private, public = generate_signing_key()
+    write_private(key_file, private)
+    return public
+
+
+def create_aggregator_key(config: Config, *, overwrite: bool = False) -> Path:
+    """Create the aggregator's signing key (mode 0600) and register its public half."""
+    key_file = aggregator_key_file(config)
+    public = _new_signing_key(key_file, overwrite=overwrite)
+    _write_registry(config, replace(_read(config), aggregator=public))
+    return key_file
+
+
+def load_aggregator_signing_key(config: Config) -> bytes:
+    return read_private(aggregator_key_file(config), "the aggregator's signing key (`fusion keys --aggregator`)")
+
+
+def load_aggregator_public_key(config: Config) -> bytes:
+    """The registered aggregator's Ed25519 public key; the key holder decrypts only aggregates it signed."""
+    aggregator = _read(config).aggregator
+    if aggregator is None:
+        raise FusionError(
+            f"no aggregator is registered in {config.registry_path}; the aggregator runs `fusion keys --aggregator`"
+        )
+    return aggregator
+
+
+def load_signing_key(config: Config, institution_id: str) -> bytes:
+    return read_private(signing_key_file(config, institution_id), f"institution {institution_id}'s signing key")
+
+
+def load_agreement_key(config: Config, institution_id: str) -> bytes:
+    path = signing_key_file(config, institution_id).parent / AGREEMENT_KEY
+    return read_private(path, f"institution {institution_id}'s key-agreement key")
+
+
+def key_holder_signing_key_file(config: Config) -> Path:
+    """The key holder's release-signing key, beside its HE secret key."""
+    return Path(config.keys_path) / RELEASE_SIGNING_KEY
+
+
+def create_key_holder_key(config: Config, *, published: Iterable[str] = (), overwrite: bool = False) -> Path:
+    """Create the key holder's release-signing key (mode 0600) and register its public half. The first key of a
+    federation that already published releases (`published`, their ids) registers them as unsigned, the only
+    releases `fusion verify` accepts without a signature; a replaced key stays registered as retired."""
+    key_file = key_holder_signing_key_file(config)
+    public = _new_signing_key(key_file, overwrite=overwrite)
+    registry = _read(config)
+    retired = registry.retired + ((registry.key_holder,) if registry.key_holder is not None else ())
+    unsigned = registry.unsigned if registry.key_holder is not None else tuple(sorted(set(published)))
+    _write_registry(
+        config, replace(registry, key_holder=public, retired=tuple(dict.fromkeys(retired)), unsigned=unsigned)
+    )
+    return key_file
+
+
+def load_key_holder_signing_key(config: Config) -> bytes:
+    return read_private(
+        key_holder_signing_key_file(config),
+        "the key holder's release-signing key (`fusion keys --release-signing`, once, by the key holder)",
+    )
+
+
+def load_unsigned_releases(config: Config) -> frozenset[str]:
+    """Releases published before the key holder had a signing key, as registered with its first key."""
+    return frozenset(_read(config).unsigned)
+
+
+def load_key_holder_public_keys(config: Config) -> tuple[bytes, ...]:
+    """The key holder's registered Ed25519 public keys, current first, then the retired ones (a rotated key's
+    releases still verify); empty when its key holder has not created one yet."""
+    registry = _read(config)
+    return ((registry.key_holder,) if registry.key_holder is not None else ()) + registry.retired

@@ -1,0 +1,342 @@
+"""The privacy-budget ledger: one row per privacy period in the store's `budget` table.
+
+A spend is a compare-and-swap on that row (a Delta merge whose predicate includes the number of releases the
+writer read), retried on conflict. So two releases racing for the last of a period's budget cannot both
+succeed, and a release that was already charged (a re-run after a crash) is never charged twice. Each charge
+is bound to the SHA-256 of the aggregate envelope it pays for: the key holder decrypts only what was paid
+for, and a second, different aggregate for the same release (a second noisy view) is refused.
+
+The row keeps every release's mechanism and interval, and `epsilon_spent` is the PLD epsilon of the period's
+releases composed as the privacy unit implies (privacy.accountant.period_loss): in parallel at event level (the
+worst instant's releases), sequentially at entity level. The RDP curve and epsilon of the same composition are
+kept beside it as a cross-check that the PLD epsilon never exceeds. Rows written before the ledger kept
+mechanisms (NULL `composition`) go on as they were accounted: their RDP curves add, sequentially; an older table
+gains the new columns with its first spend (the merge evolves its schema).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from deltalake.exceptions import CommitFailedError
+
+from fusion.errors import FusionError, InternalError, ReleaseRefused
+from fusion.release.plan import Period
+from fusion.store.delta import Store
+from privacy.accountant import (
+    ORDERS,
+    Composition,
+    NormBoundMechanism,
+    PeriodLoss,
+    ReleaseCharge,
+    epsilon_from_rdp,
+    mechanism_rdp,
+    period_loss,
+)
+from privacy.pld import SkellamMechanism
+from schemas.tables import BUDGET_SCHEMA
+
+_ATTEMPTS = 50
+
+
+class BudgetExceeded(ReleaseRefused):
+    """The release would take its privacy period past the epsilon cap."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """The outcome of a spend: `charged` is False when this release had already been charged."""
+
+    period: str
+    charged: bool
+    epsilon_before: float
+    epsilon_after: float
+    cap: float
+
+
+@dataclass(frozen=True)
+class _PeriodRow:
+    releases: int
+    release_ids: tuple[str, ...]
+    aggregates: tuple[str, ...]  # SHA-256 of the aggregate envelope each release was charged for
+    composition: Composition | None  # None: an older row, accounted by its RDP curve alone, sequentially
+    charges: tuple[ReleaseCharge, ...]  # one per release (rows with a composition only)
+    rdp: np.ndarray  # the composed RDP curve
+    epsilon_spent: float  # PLD (RDP for an older row)
+    epsilon_rdp: float  # the RDP conversion of `rdp`: the cross-check
+
+    @classmethod
+    def empty(cls, composition: Composition) -> _PeriodRow:
+        return cls(0, (), (), composition, (), np.zeros(ORDERS.size), 0.0, 0.0)
+
+    def with_release(self, release_id: str, aggregate_sha256: str, charge: ReleaseCharge, delta: float) -> _PeriodRow:
+        """This row with one more release charged, its loss recomposed."""
+        if self.composition is None:  # an older row: add the RDP curve, as it was accounted
+            rdp = self.rdp + (0.0 if charge.mechanism is None else mechanism_rdp(charge.mechanism))
+            spent = epsilon_from_rdp(rdp, delta=delta)
+            loss = PeriodLoss(spent, spent, rdp)
+            charges = self.charges
+        else:
+            charges = (*self.charges, charge)
+            loss = period_loss(charges, composition=self.composition, delta=delta)
+            if loss.epsilon > loss.epsilon_rdp:
+                raise InternalError(
+                    f"the PLD epsilon {loss.epsilon} of period releases exceeds their RDP epsilon "
+                    f"{loss.epsilon_rdp}; this is probably a bug"
+                )
+        return replace(
+            self,
+            releases=self.releases + 1,
+            release_ids=(*self.release_ids, release_id),
+            aggregates=(*self.aggregates, aggregate_sha256),
+            charges=charges,
+            rdp=loss.rdp,
+            epsilon_spent=loss.epsilon,
+            epsilon_rdp=loss.epsilon_rdp,
+        )
+
+
+class BudgetLedger:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def rows(self) -> pa.Table:
+        return self.store.read("budget")
+
+    def _row(self, period: Period, cap: float, delta: float, composition: Composition) -> _PeriodRow | None:
+        """The period's row, after checking the ledger's periods are the config's (no overlaps, same cap, delta
+        and composition: a cap only bounds a period at the delta its spending was converted with, so a looser
+        delta mid-period would let the period take more releases than its cap allowed when it was opened; and
+        releases charged in parallel cannot become sequential ones, or back, halfway through a period)."""
+        all_rows = self.rows().to_pylist()
+        for r in all_rows:
+            same = (r["period"], r["period_start"], r["period_end"]) == (period.name, period.start, period.end)
+            overlaps = r["period_start"] < period.end and period.start < r["period_end"]
+            if overlaps and not same:
+                raise FusionError(
+                    f"the budget ledger holds period {r['period']} ({r['period_start']} .. {r['period_end']}), "
+                    f"which overlaps {period.name} but differs from it: the privacy period changed since budget "
+                    "was spent; restore the previous `period` (a ledger keeps one period grid)"
+                )
+            if same and r["epsilon_cap"] != cap:
+                raise FusionError(
+                    f"period {period.name} was opened with epsilon_cap {r['epsilon_cap']}, the config now says "
+                    f"{cap}; a period's cap cannot change once budget is spent in it"
+                )
+            if same and r["delta"] != delta:
+                raise FusionError(
+                    f"period {period.name} was opened with delta {r['delta']}, the config now says {delta}; "
+                    "a period's delta cannot change once budget is spent in it (restore privacy.delta until "
+                    f"{r['period_end']})"
+                )
+            if same and r.get("composition") not in (None, composition.value):
+                raise FusionError(
+                    f"period {period.name} composes its releases in {r['composition']} (its privacy unit), the "
+                    f"config now implies {composition.value}; a period's privacy unit cannot change once budget is "
+                    f"spent in it (restore privacy.unit until {r['period_end']})"
+                )
+        rows = [r for r in all_rows if r["period"] == period.name]
+        if len(rows) > 1:
+            raise InternalError(f"the budget table holds {len(rows)} rows for period {period.name}")
+        if not rows:
+            return None
+        return _parse_row(rows[0])
+
+    def check(self, *, period: Period, release_id: str, charge: ReleaseCharge, cap: float, delta: float) -> None:
+        """Raise BudgetExceeded now if the release could not be charged (a preview; `spend` decides)."""
+        row = self._row(period, cap, delta, charge.composition) or _PeriodRow.empty(charge.composition)
+        if release_id not in row.release_ids:
+            _refuse_if_over(period, release_id, row, row.with_release(release_id, "", charge, delta), cap)
+
+    def preview(
+        self, *, period: Period, charges: Sequence[ReleaseCharge], cap: float, delta: float
+    ) -> tuple[float, float]:
+        """(epsilon spent in the period now, epsilon after `charges` too, none yet made): what a run of several
+        charges, such as a training run's rounds, would spend. Refuses nothing: compare the second with `cap`."""
+        if not charges:
+            raise InternalError("nothing to preview; this is probably a bug")
+        composition = charges[0].composition
+        row = self._row(period, cap, delta, composition) or _PeriodRow.empty(composition)
+        after = row
+        for k, charge in enumerate(charges):
+            after = after.with_release(f"preview-{k}", "", charge, delta)
+        return row.epsilon_spent, after.epsilon_spent
+
+    def spend(
+        self,
+        *,
+        period: Period,
+        release_id: str,
+        aggregate_sha256: str,
+        charge: ReleaseCharge,
+        cap: float,
+        delta: float,
+    ) -> Spend:
+        """Charge one release to its period, or raise BudgetExceeded. Idempotent per release."""
+        (outcome,) = self.spend_all(
+            period=period, releases=[(release_id, aggregate_sha256, charge)], cap=cap, delta=delta
+        )
+        if isinstance(outcome, ReleaseRefused):
+            raise outcome
+        return outcome
+
+    def spend_all(
+        self,
+        *,
+        period: Period,
+        releases: Sequence[tuple[str, str, ReleaseCharge]],
+        cap: float,
+        delta: float,
+    ) -> list[Spend | ReleaseRefused]:
+        """Charge several releases, each (release id, aggregate SHA-256, charge), to one period in one commit:
+        exactly as charging them one after another, in order (each its own entry in the period's row, its own
+        Spend; one over the cap, or already charged for another aggregate, is refused and the others go on).
+        One outcome per release, in order: its Spend, or the refusal (BudgetExceeded or ReleaseRefused)."""
+        compositions = {charge.composition for _, _, charge in releases}
+        if len(compositions) != 1:
+            raise InternalError(
+                f"releases of one period charged under {len(compositions)} compositions; this is probably a bug"
+            )
+        (composition,) = compositions
+        for _ in range(_ATTEMPTS):
+            current = self._row(period, cap, delta, composition)
+            row = current or _PeriodRow.empty(composition)
+            after = row
+            outcomes: list[Spend | ReleaseRefused] = []
+            for release_id, aggregate_sha256, charge in releases:
+                if release_id in after.release_ids:
+                    charged_for = after.aggregates[after.release_ids.index(release_id)]
+                    if charged_for != aggregate_sha256:
+                        outcomes.append(
+                            ReleaseRefused(
+                                f"release {release_id} was already charged for another aggregate "
+                                f"({charged_for[:12]}...); decrypting a different one would publish a second noisy "
+                                "view of the same data"
+                            )
+                        )
+                    else:
+                        outcomes.append(Spend(period.name, False, after.epsilon_spent, after.epsilon_spent, cap))
+                    continue
+                charged = after.with_release(release_id, aggregate_sha256, charge, delta)
+                try:
+                    _refuse_if_over(period, release_id, after, charged, cap)
+                except BudgetExceeded as exc:
+                    outcomes.append(exc)
+                    continue
+                outcomes.append(Spend(period.name, True, after.epsilon_spent, charged.epsilon_spent, cap))
+                after = charged
+            if after is row:  # nothing new to charge
+                return outcomes
+            new = pa.Table.from_pylist([_row_doc(period, after, cap=cap, delta=delta)], schema=BUDGET_SCHEMA)
+            try:
+                if self._swap(new, row.releases, exists=current is not None):
+                    return outcomes
+            except CommitFailedError:
+                pass  # another writer committed first: read again
+            time.sleep(random.uniform(0.01, 0.1))
+        raise FusionError(f"could not update the budget of period {period.name}: too much contention; retry")
+
+    def _swap(self, new: pa.Table, releases: int, *, exists: bool) -> bool:
+        """Write `new` only if the period's row still holds `releases` releases (or is still absent)."""
+        table = self.store.delta_table("budget")
+        # merge_schema: a table from before the ledger kept mechanisms gains those (nullable) columns with the
+        # first new row, rather than dropping them silently.
+        if exists:
+            predicate = f"t.period = s.period AND t.releases = {int(releases)}"
+            merge = table.merge(new, predicate=predicate, source_alias="s", target_alias="t", merge_schema=True)
+            return int(merge.when_matched_update_all().execute()["num_target_rows_updated"]) == 1
+        merge = table.merge(new, predicate="t.period = s.period", source_alias="s", target_alias="t", merge_schema=True)
+        return int(merge.when_not_matched_insert_all().execute()["num_target_rows_inserted"]) == 1
+
+
+def _parse_row(r: dict[str, Any]) -> _PeriodRow:
+    composition = None if r.get("composition") is None else Composition(r["composition"])
+    charges: tuple[ReleaseCharge, ...] = ()
+    if composition is not None:
+        bounds = r.get("norm_bounds") or [None] * len(r["mechanisms"] or ())
+        charges = tuple(
+            ReleaseCharge(
+                mechanism=_mechanism(m, bound),
+                start=m["interval_start"],
+                end=m["interval_end"],
+                composition=composition,
+            )
+            for m, bound in zip(r["mechanisms"] or (), bounds, strict=True)
+        )
+        if len(charges) != r["releases"]:
+            raise InternalError(
+                f"budget period {r['period']} lists {len(charges)} mechanisms for {r['releases']} releases"
+            )
+    return _PeriodRow(
+        releases=r["releases"],
+        release_ids=tuple(r["release_ids"]),
+        aggregates=tuple(r["aggregates"]),
+        composition=composition,
+        charges=charges,
+        rdp=np.asarray(r["rdp"], dtype=float),
+        epsilon_spent=r["epsilon_spent"],
+        epsilon_rdp=r["epsilon_spent"] if r.get("epsilon_rdp") is None else r["epsilon_rdp"],
+    )
+
+
+def _mechanism(m: dict[str, Any], bound: dict[str, Any] | None) -> SkellamMechanism | NormBoundMechanism | None:
+    """One charge's mechanism from its `mechanisms` entry and its `norm_bounds` entry (None: per-slot shape)."""
+    if m["variance"] is None:
+        return None
+    if bound is not None:
+        return NormBoundMechanism(m["variance"], bound["l1"], bound["l2"])
+    return SkellamMechanism(m["variance"], m["coordinates"], m["shift"])
+
+
+def _row_doc(period: Period, row: _PeriodRow, *, cap: float, delta: float) -> dict[str, Any]:
+    mechanisms = norm_bounds = None
+    if row.composition is not None:
+        mechanisms = [
+            {
+                "interval_start": c.start,
+                "interval_end": c.end,
+                "variance": None if c.mechanism is None else c.mechanism.variance,
+                "coordinates": c.mechanism.coordinates if isinstance(c.mechanism, SkellamMechanism) else None,
+                "shift": c.mechanism.shift if isinstance(c.mechanism, SkellamMechanism) else None,
+            }
+            for c in row.charges
+        ]
+        if any(isinstance(c.mechanism, NormBoundMechanism) for c in row.charges):  # training rounds (training/)
+            norm_bounds = [
+                {"l1": c.mechanism.l1, "l2": c.mechanism.l2} if isinstance(c.mechanism, NormBoundMechanism) else None
+                for c in row.charges
+            ]
+    return {
+        "period": period.name,
+        "period_start": period.start,
+        "period_end": period.end,
+        "epsilon_cap": cap,
+        "epsilon_spent": row.epsilon_spent,
+        "delta": delta,
+        "releases": row.releases,
+        "release_ids": list(row.release_ids),
+        "aggregates": list(row.aggregates),
+        "rdp": row.rdp.tolist(),
+        "updated_at": datetime.now(UTC),
+        "composition": None if row.composition is None else row.composition.value,
+        "mechanisms": mechanisms,
+        "epsilon_rdp": row.epsilon_rdp,
+        "norm_bounds": norm_bounds,
+    }
+
+
+def _refuse_if_over(period: Period, release_id: str, before: _PeriodRow, after: _PeriodRow, cap: float) -> None:
+    """Raise BudgetExceeded if charging the release takes the period past the cap."""
+    if after.epsilon_spent > cap:
+        spent = before.epsilon_spent
+        raise BudgetExceeded(
+            f"release {release_id} needs epsilon {after.epsilon_spent - spent:.4f} in period {period.name}, which "
+            f"would reach {after.epsilon_spent:.4f}; the cap is {cap:.4f} and {max(cap - spent, 0.0):.4f} is left"
+        )

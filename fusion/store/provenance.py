@@ -1,0 +1,514 @@
+"""Signed releases: the key holder signs what it publishes; anyone holding the store and the registry checks it.
+
+A release's signature (Ed25519, the key holder's registered key) covers its id, the SHA-256 of the aggregate
+envelope it decrypted (itself signed by the registered aggregator), and a digest of its rows in `releases`
+over the columns published at the time. It is kept in the release's `audit` row (event `<release_id>:released`),
+so the tables' schemas stay as they are. `verify_releases` reads both tables (and the budget ledger's charged
+release ids) and reports each release as verified, legacy (published before the key holder had a key, as
+registered with its first key), tampered (a row changed, added or removed, its signature or audit record
+removed, or a signature no registered key made), missing (charged but not published) or, in a production
+store, a violation (test-mode cells: noise off or seeded, charged nothing to the budget; fusion/store/mode.py).
+
+Each signature also holds the release's place in a chain: its sequence number and the release it follows, both
+from the key holder's own record (`next_link`), not from the store. A whole release removed from `releases`,
+`audit` and the ledger together is then reported `missing`, named by a later signature or as a sequence number
+nobody holds. Not detected: the newest release removed whole, until the next one is signed or unless the reader
+passes the highest number it saw before (`seen`); and a retired key still verifies what it signs (rotation is
+not revocation: a compromised key must be struck from the registry by hand, and the releases it signed then read
+as tampered).
+
+The rows digest is computed column by column on Arrow data (no Python loop over rows), in the
+order of the release's cells (metric, region, window start), so it does not depend on how the store split or
+compacted its files: floats by their IEEE-754 bits (every NaN alike), timestamps as microseconds since the
+epoch, integers as 64-bit, text as UTF-8 with lengths, and each column's nulls.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fusion.config.federation import PrivacyMode
+from fusion.errors import FusionError
+from fusion.store.delta import Store
+from fusion.store.mode import releases_with_test_cells, store_mode
+from privacy.signing import sign, verify
+
+DIGEST_VERSION = "fusion/release-rows/v1"
+_MESSAGE = b"fusion/release/v1\n"
+#: A release's rows are its cells: one per metric, region and window.
+CELL_ORDER = ("metric", "region", "window_start")
+
+
+def rows_digest(rows: pa.Table, columns: Sequence[str]) -> str:
+    """SHA-256 of a release's rows over `columns`, independent of row order and of file layout."""
+    table = rows.sort_by([(c, "ascending") for c in CELL_ORDER])
+    return _Canonical(table).digest(0, table.num_rows, columns)
+
+
+class _Canonical:
+    """A table's columns in canonical form, computed once per column and digested over any run of rows: so
+    `verify_releases` pays for each column once, not once per release."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self._table = table
+        self._columns: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, bytes]] = {}
+
+    def digest(self, start: int, end: int, columns: Sequence[str]) -> str:
+        """The digest of rows [start, end) (already in cell order) over `columns`."""
+        digest = hashlib.sha256(f"{DIGEST_VERSION}|{json.dumps(list(columns))}|{end - start}".encode())
+        for name in columns:
+            valid, values, offsets, text = self._column(name)
+            digest.update(f"|{name}|".encode())
+            digest.update(np.packbits(valid[start:end]).tobytes())
+            digest.update(values[start:end].tobytes())
+            if offsets is not None:  # text: its lengths above, its bytes here
+                digest.update(text[offsets[start] : offsets[end]])
+        return digest.hexdigest()
+
+    def _column(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bytes]:
+        """(validity, fixed-width values: numbers or text lengths, text byte offsets or None, text bytes)."""
+        if name not in self._columns:
+            self._columns[name] = _canonical(self._table.column(name).combine_chunks())
+        return self._columns[name]
+
+
+def _canonical(column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bytes]:
+    valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    kind = column.type
+    if pa.types.is_timestamp(kind):
+        column = column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        kind = column.type
+    if pa.types.is_integer(kind):
+        return valid, np.asarray(column.cast(pa.int64()).fill_null(0).to_numpy(), dtype="<i8"), None, b""
+    if pa.types.is_floating(kind):
+        values = np.asarray(column.cast(pa.float64()).fill_null(0.0).to_numpy(), dtype="<f8")
+        return valid, np.where(np.isnan(values), np.nan, values).astype("<f8"), None, b""
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        text = column.cast(pa.large_string()).fill_null("")
+        lengths = np.asarray(pc.binary_length(text).to_numpy(), dtype="<i8")
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        data = text.buffers()[2]
+        first = int(np.frombuffer(text.buffers()[1], dtype="<i8", count=1, offset=8 * text.offset)[0])
+        raw = b"" if data is None else data.to_pybytes()[first : first + int(offsets[-1])]
+        return valid, lengths, offsets, raw
+    raise TypeError(f"a release column of type {kind} has no canonical form")
+
+
+@dataclass(frozen=True)
+class ReleaseSignature:
+    """What the key holder signs for one release."""
+
+    release_id: str
+    aggregate_sha256: str  # the aggregate envelope it decrypted
+    rows: int
+    rows_sha256: str
+    columns: tuple[str, ...]
+    signature: str = ""  # hex Ed25519 over the message below
+    # The chain (None in signatures made before it): this release's place among the key holder's signed
+    # releases in this store, and the release it follows (empty for the first; a tuple, so a format that names
+    # several can be read by the same code).
+    sequence: int | None = None
+    previous: tuple[str, ...] | None = None
+
+    def _signed(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "release_id": self.release_id,
+            "aggregate_sha256": self.aggregate_sha256,
+            "rows": self.rows,
+            "rows_sha256": self.rows_sha256,
+            "columns": list(self.columns),
+        }
+        if self.sequence is not None:
+            doc["sequence"] = self.sequence
+            doc["previous"] = list(self.previous or ())
+        return doc
+
+    def message(self) -> bytes:
+        return _MESSAGE + json.dumps(self._signed(), sort_keys=True, separators=(",", ":")).encode()
+
+    def to_doc(self) -> dict[str, Any]:
+        return {**self._signed(), "signature": self.signature}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> ReleaseSignature:
+        """The signature a record holds; TypeError (or KeyError) for anything but the exact types it signs."""
+        if not isinstance(doc, dict):
+            raise TypeError("a signature record is an object")
+        columns = doc["columns"]
+        if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+            raise TypeError("columns must be a list of names")
+        for name in ("release_id", "aggregate_sha256", "rows_sha256", "signature"):
+            if not isinstance(doc[name], str):
+                raise TypeError(f"{name} must be text")
+        if isinstance(doc["rows"], bool) or not isinstance(doc["rows"], int) or doc["rows"] < 0:
+            raise TypeError("rows must be a count")
+        sequence, previous = doc.get("sequence"), doc.get("previous")
+        if sequence is not None:
+            if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 1:
+                raise TypeError("sequence must be a positive integer")
+            if not isinstance(previous, list) or not all(isinstance(p, str) for p in previous):
+                raise TypeError("previous must be a list of release ids")
+        return cls(
+            release_id=doc["release_id"],
+            aggregate_sha256=doc["aggregate_sha256"],
+            rows=doc["rows"],
+            rows_sha256=doc["rows_sha256"],
+            columns=tuple(columns),
+            signature=doc["signature"],
+            sequence=sequence,
+            previous=None if sequence is None else tuple(previous),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """Where a new release goes in the chain of signed releases: its sequence number and the release it follows
+    (none for the first)."""
+
+    sequence: int
+    previous: tuple[str, ...]
+
+
+def sign_release(
+    rows: pa.Table, *, release_id: str, aggregate_sha256: str, signing_key: bytes, link: ChainLink | None = None
+) -> ReleaseSignature:
+    """The key holder's signature on a release's rows (all of `rows`' columns), before they are committed, and
+    on its place in the chain (`link`, from `next_link`)."""
+    unsigned = ReleaseSignature(
+        release_id=release_id,
+        aggregate_sha256=aggregate_sha256,
+        rows=rows.num_rows,
+        rows_sha256=rows_digest(rows, rows.column_names),
+        columns=tuple(rows.column_names),
+        sequence=None if link is None else link.sequence,
+        previous=None if link is None else link.previous,
+    )
+    return replace(unsigned, signature=sign(signing_key, unsigned.message()).hex())
+
+
+#: The key holder's memory of the chain, in its keys directory: the last sequence number it gave out, the release
+#: that got it, and the recent links (a pass re-run after a crash signs the same place again).
+CHAIN_STATE = "release-chain.json"
+_CHAIN_LOCK = "release-chain.lock"
+_KEPT_LINKS = 256
+
+
+@contextmanager
+def _chain_lock(directory: Path) -> Iterator[None]:
+    """One key-holder pass at a time gives out sequence numbers (an advisory lock on a file beside the state)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / _CHAIN_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def next_link(store: Store, release_id: str, *, state_dir: Path, public_keys: Sequence[bytes]) -> ChainLink:
+    """The chain link for `release_id`: one past the last sequence number the key holder gave out, following the
+    release that got it. The numbers come from the key holder's own state (`state_dir`/release-chain.json, kept
+    with its keys), not from the store, so a release removed from the store is still named by the next one, and
+    no number is given out twice. Without a state (the first chained release, or a state lost), it starts from
+    the highest sequence an authentic signature in the store holds, or after the newest release signed before
+    the chain."""
+    path = state_dir / CHAIN_STATE
+    store_id = _store_id(store)
+    with _chain_lock(state_dir):
+        state = _read_chain_state(path, store_id) if path.exists() else _chain_state_from_store(store, public_keys)
+        links: dict[str, list[Any]] = state["links"]
+        if release_id in links:
+            sequence, previous = links[release_id]
+            return ChainLink(int(sequence), tuple(previous))
+        link = ChainLink(int(state["sequence"]) + 1, (state["head"],) if state["head"] else ())
+        links[release_id] = [link.sequence, list(link.previous)]
+        kept = dict(sorted(links.items(), key=lambda item: item[1][0])[-_KEPT_LINKS:])
+        doc = {"store": store_id, "sequence": link.sequence, "head": release_id, "links": kept}
+        pending = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(doc, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(pending, path)
+        directory = os.open(state_dir, os.O_RDONLY)
+        try:  # the rename itself survives a power loss: a number is never given out twice
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return link
+
+
+def _store_id(store: Store) -> str:
+    """The store the chain belongs to: the id Delta gave its audit table when it was created (a store recreated
+    at the same place has another)."""
+    return str(store.delta_table("audit").metadata().id)
+
+
+def _read_chain_state(path: Path, store_id: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+        sequence, head, links, owner = doc["sequence"], doc["head"], doc["links"], doc["store"]
+        valid = (
+            isinstance(sequence, int)
+            and sequence >= 0
+            and (head is None or isinstance(head, str))
+            and isinstance(links, dict)
+            and all(
+                isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], list)
+                for v in links.values()
+            )
+        )
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        valid = False
+    if not valid:
+        raise FusionError(
+            f"the key holder's chain state {path} is unreadable; move it away to rebuild it from the store (the "
+            "chain then resumes from the store's highest authentic sequence number)"
+        )
+    if owner != store_id:
+        raise FusionError(
+            f"the key holder's chain state {path} belongs to another store (its audit table was created anew): if "
+            "the store was recreated on purpose, move the state away and the chain starts again from this store; "
+            "otherwise find out who replaced the audit table"
+        )
+    return {"sequence": sequence, "head": head, "links": links}
+
+
+def _chain_state_from_store(store: Store, public_keys: Sequence[bytes]) -> dict[str, Any]:
+    """The chain as the store shows it: its highest sequence number under an authentic signature, or none (the
+    newest release record, signed before the chain or not at all, is then the first link's predecessor)."""
+    audit = store.dataset("audit", string_view=None).to_table(columns=["event_id", "action", "at", "detail"])
+    audit = audit.filter(pc.equal(pc.cast(audit.column("action"), pa.string()), "release"))
+    newest: tuple[Any, str] | None = None
+    chained = []
+    for event, at, detail in zip(
+        audit.column("event_id").to_pylist(), audit.column("at").to_pylist(), audit.column("detail").to_pylist(),
+        strict=True,
+    ):
+        release_id = str(event).removesuffix(":released")
+        if newest is None or (at, release_id) > newest:
+            newest = (at, release_id)
+        claim = _parse_claim(detail)
+        if claim is not None and claim.sequence is not None and claim.release_id == release_id:
+            chained.append(claim)
+    for claim in sorted(chained, key=lambda c: (c.sequence or 0, c.release_id), reverse=True):
+        if _authentic(claim, public_keys):
+            return {"sequence": claim.sequence, "head": claim.release_id, "links": {}}
+    return {"sequence": 0, "head": None if newest is None else newest[1], "links": {}}
+
+
+def _parse_claim(detail: str | None) -> ReleaseSignature | None:
+    """The signature an audit detail holds, or None if it holds none or an unreadable one."""
+    try:
+        doc = json.loads(detail or "{}")
+        return ReleaseSignature.from_doc(doc[SIGNATURE_FIELD]) if isinstance(doc, dict) else None
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        return None
+
+
+def _authentic(claim: ReleaseSignature, public_keys: Sequence[bytes]) -> bool:
+    try:
+        signature = bytes.fromhex(claim.signature)
+    except ValueError:
+        return False
+    return any(verify(key, claim.message(), signature) for key in public_keys)
+
+
+#: The audit detail field holding a release's signature.
+SIGNATURE_FIELD = "signature"
+
+
+@dataclass(frozen=True)
+class ReleaseCheck:
+    release_id: str
+    rows: int  # rows in `releases` now
+    status: str  # "verified" | "legacy" | "tampered" | "missing" | "violation"
+    reason: str
+    sequence: int | None = None  # its place in the chain of signed releases (None: signed before the chain)
+
+
+#: How `verify_releases` names a release audit row without a release id (Fusion writes none such).
+NO_RELEASE_ID = "(no release id)"
+
+#: Statuses that mean the release is what was published.
+GOOD = ("verified", "legacy")
+
+
+def verify_releases(
+    store: Store,
+    public_keys: Sequence[bytes],
+    *,
+    unsigned: frozenset[str] = frozenset(),
+    release_id: str | None = None,
+    seen: int = 0,
+) -> list[ReleaseCheck]:
+    """Check every release in the store (or one) against the key holder's registered public keys. `unsigned`:
+    the releases registered as published before the key holder had a key (`legacy` when they have no
+    signature); any other release without a valid signature is `tampered`. A release the budget ledger charged
+    but that has neither rows nor an audit record is `missing` (a pass that crashed before committing: re-run
+    it; or the release was removed). A release removed whole is `missing` too, found through the chain of
+    signatures; `seen`: the highest sequence number the caller saw before, so the newest releases are covered.
+    In a production store (fusion/store/mode.py) a release holding test-mode cells (noise off or seeded, epsilon
+    inf, charged nothing to the budget) is a `violation`, however well signed."""
+    releases = store.read("releases")
+    releases = releases.sort_by([("release_id", "ascending"), *((c, "ascending") for c in CELL_ORDER)])
+    canonical = _Canonical(releases)
+    ids = releases.column("release_id").to_numpy(zero_copy_only=False)
+    bounds: dict[str, tuple[int, int]] = {}
+    if len(ids):
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        ends = np.r_[starts[1:], len(ids)]
+        bounds = {str(ids[a]): (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
+    audit = store.read("audit")
+    audit = audit.filter(pc.equal(audit.column("action"), "release"))
+    records: dict[str, list[dict[str, Any]]] = {}
+    for row in audit.select(["event_id", "release_id", "detail", "content_sha256"]).to_pylist():
+        records.setdefault(row["release_id"] or NO_RELEASE_ID, []).append(row)  # a NULL id: no record Fusion wrote
+    charged = {r for ids_ in store.read("budget").column("release_ids").to_pylist() for r in ids_ or () if r}
+    known = set(bounds) | set(records) | charged
+    checks, claims = [], {}
+    for rid in sorted(known):
+        start, end = bounds.get(rid, (0, 0))
+
+        def digest(columns: Sequence[str], start: int = start, end: int = end) -> str:
+            return canonical.digest(start, end, columns)
+
+        status, reason, claim = _check(
+            rid, end - start, releases.column_names, digest, records.get(rid, []), public_keys, unsigned, rid in charged
+        )
+        checks.append(ReleaseCheck(rid, end - start, status, reason, None if claim is None else claim.sequence))
+        if claim is not None and claim.sequence is not None:
+            claims[rid] = claim
+    if store_mode(store, releases) is PrivacyMode.PRODUCTION:
+        test_cells = releases_with_test_cells(releases)
+        checks = [
+            replace(c, status="violation", reason=test_cells[c.release_id])
+            if c.release_id in test_cells and c.status in GOOD
+            else c
+            for c in checks
+        ]
+    tampered = any(c.status == "tampered" for c in checks)
+    gaps = _chain_gaps(claims, known | unsigned, seen, tampered=tampered) + [
+        ReleaseCheck(rid, 0, "missing", "registered as published before the key holder had a signing key, but "
+                     "its rows and audit record are gone")
+        for rid in sorted(unsigned - known)
+    ]
+    if release_id is None:
+        return checks + gaps
+    own = [c for c in checks + gaps if c.release_id == release_id] or [
+        ReleaseCheck(release_id, 0, "missing", "no such release")
+    ]
+    return own + ([g for g in gaps if g.release_id.startswith("(")] if seen else [])
+
+
+def _chain_gaps(
+    claims: dict[str, ReleaseSignature], known: set[str], seen: int, *, tampered: bool = False
+) -> list[ReleaseCheck]:
+    """Releases removed whole (rows, audit record and budget charge): named as the predecessor of an authentic
+    signature but found nowhere, or sequence numbers no authentic signature holds or names up to the highest
+    one (or up to `seen`, the highest a reader saw before); runs of such numbers are reported as one range."""
+    gaps = []
+    accounted = set()
+    for rid, claim in sorted(claims.items()):
+        if claim.sequence is None:
+            continue
+        accounted.add(claim.sequence)
+        if claim.previous:
+            accounted.add(claim.sequence - 1)  # the predecessor's number, whatever happened to it
+        for predecessor in claim.previous or ():
+            if predecessor not in known:
+                known = known | {predecessor}
+                gaps.append(ReleaseCheck(
+                    predecessor, 0, "missing",
+                    f"removed: the signature of release {rid} names it as the release it follows, and its rows, "
+                    "audit record and budget charge are gone",
+                    claim.sequence - 1 or None,
+                ))
+    top = max(accounted, default=0)
+    limit = max(top, seen)
+    expected = 1
+    for number in [*sorted(n for n in accounted if 0 < n <= limit), limit + 1]:
+        if number > expected:  # expected .. number - 1: no authentic signature holds or names them
+            last = number - 1
+            label = f"(sequence {expected})" if last == expected else f"(sequences {expected}-{last})"
+            reason = (
+                f"no authentic signature holds or names these sequence numbers (of {top} given out so far): the "
+                "releases that had them were removed whole (rows, audit records and budget charges)"
+                + (", or are among those whose signatures are reported tampered" if tampered else "")
+                if last < top
+                else f"removed: a reader saw sequence number {seen} before; the highest in the store is {top}"
+            )
+            gaps.append(ReleaseCheck(label, 0, "missing", reason, expected))
+        expected = number + 1
+    return gaps
+
+
+def _check(
+    release_id: str,
+    rows: int,
+    published: Sequence[str],
+    digest: Callable[[Sequence[str]], str],
+    records: list[dict[str, Any]],
+    public_keys: Sequence[bytes],
+    unsigned: frozenset[str],
+    charged: bool,
+) -> tuple[str, str, ReleaseSignature | None]:
+    """(status, reason, the signature once it is authentic: its chain links can then be trusted)."""
+    own = [r for r in records if r["event_id"] == f"{release_id}:released"]
+    if len(records) > len(own):
+        return "tampered", "an audit record of its release that Fusion did not write", None
+    if not own:
+        if rows == 0:
+            if charged:
+                return "missing", (
+                    "charged to the budget but not published: a pass that crashed before committing (re-run it), "
+                    "or its rows and audit record were removed"
+                ), None
+            return "missing", "no such release", None
+        if release_id in unsigned:
+            return "legacy", "published before the key holder had a signing key", None
+        return "tampered", "no audit record of its release (removed, or rows added without a release)", None
+    record = own[0]
+    try:
+        doc = json.loads(record["detail"] or "{}")
+        if not isinstance(doc, dict) or SIGNATURE_FIELD not in doc:
+            if release_id in unsigned:
+                return "legacy", "published before the key holder had a signing key", None
+            return "tampered", "its audit record holds no signature (removed)", None
+        claim = ReleaseSignature.from_doc(doc[SIGNATURE_FIELD])
+        signature = bytes.fromhex(claim.signature)
+    except RecursionError:
+        return "tampered", "the signature record is unreadable: nested too deeply", None
+    except (ValueError, KeyError, TypeError) as exc:
+        return "tampered", f"the signature record is unreadable: {exc}", None
+    if claim.release_id != release_id:
+        return "tampered", f"the signature is for release {claim.release_id}", None
+    if not any(verify(key, claim.message(), signature) for key in public_keys):
+        return "tampered", "the signature was not made by the registered key holder", None
+    if record["content_sha256"] != claim.aggregate_sha256:
+        return "tampered", "the audit record names another aggregate envelope than the one signed", claim
+    if rows == 0:
+        return "missing", (
+            "signed but its rows are not committed: a pass that crashed (re-run it), or its rows were removed"
+        ), claim
+    if rows != claim.rows:
+        return "tampered", f"{rows} rows in `releases`, {claim.rows} signed", claim
+    missing = [c for c in claim.columns if c not in published]
+    if missing:
+        return "tampered", f"signed columns missing from `releases`: {missing}", claim
+    if digest(claim.columns) != claim.rows_sha256:
+        return "tampered", "the rows in `releases` differ from the rows signed", claim
+    return "verified", "", claim

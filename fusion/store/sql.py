@@ -1,0 +1,279 @@
+"""Read-only, sandboxed SQL over the store with DuckDB.
+
+The store's tables are registered as Arrow datasets read through the Delta log (scanned lazily, with DuckDB's
+filters and projections pushed into the scan; a table holding string_view files, which Delta merges write, is
+registered with string_view text and scanned whole, see Store.dataset); then DuckDB's file system,
+extensions and configuration are locked. A query can read only those tables: no other file, no COPY,
+ATTACH, INSTALL or LOAD, no SET, no writes. Only one query is accepted: SELECT in any of its forms (WITH,
+FROM-first, VALUES, TABLE, set operations), PIVOT and UNPIVOT, SUMMARIZE, DESCRIBE and SHOW; nothing that writes,
+not even in a WITH clause. Each query runs under `SqlLimits`: a timer interrupts it past its time limit, and its
+result is read batch by batch and stopped past its row or size limit, before it is held whole.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from fusion.config.sql_limits import SqlLimits
+from fusion.errors import SqlError, SqlLimitExceeded, SqlRefused
+from fusion.store.delta import Store
+from schemas.tables import TABLE_SCHEMAS
+
+_SANDBOX_HINT = (
+    "Fusion's SQL is read-only and sandboxed: it reads only the store's tables "
+    f"({', '.join(sorted(TABLE_SCHEMAS))}); files, COPY, ATTACH, INSTALL/LOAD and settings are not available"
+)
+#: Rows per Arrow batch read from DuckDB: the granularity of the result limits and of streamed output.
+BATCH_ROWS = 65_536
+
+#: The words a query may start with (DuckDB files them all as SELECT statements, a PIVOT without IN list as MULTI).
+_QUERY_WORDS = frozenset(
+    {"SELECT", "WITH", "FROM", "VALUES", "TABLE", "PIVOT", "UNPIVOT", "PIVOT_WIDER", "PIVOT_LONGER", "SUMMARIZE",
+     "DESCRIBE", "SHOW"}
+)
+#: Statements a refusal names by two words.
+_TWO_WORDS = frozenset(
+    {("UPDATE", "EXTENSIONS"), ("SET", "VARIABLE"), ("RESET", "VARIABLE"), ("EXPORT", "DATABASE"),
+     ("IMPORT", "DATABASE"), ("START", "TRANSACTION"), ("EXPLAIN", "ANALYZE"), ("FORCE", "INSTALL"),
+     ("FORCE", "CHECKPOINT")}
+)
+#: The first two words of a statement, after comments and opening parentheses (possessive: no backtracking).
+_LEADING = re.compile(r"(?:\s|--[^\n]*+|/\*.*?\*/|\()*+([A-Za-z_]+)(?:\s++([A-Za-z_]+))?", re.DOTALL)
+#: What makes a query read tables it does not name as words: the catalog, or a table function given table names.
+_CATALOG = re.compile(r"(?i)\b(?:show|information_schema|duckdb_\w+|pragma_\w+|sqlite_master|pg_catalog|query_table|"
+                      r"query)\b")
+#: Query nodes (in DuckDB's JSON form of a parsed SELECT) of a statement that writes, in a WITH clause.
+_WRITING_NODES = {"INSERT_QUERY_NODE": "INSERT", "UPDATE_QUERY_NODE": "UPDATE", "DELETE_QUERY_NODE": "DELETE",
+                  "MERGE_INTO_QUERY_NODE": "MERGE INTO"}
+
+
+class SqlSandbox:
+    """One DuckDB connection over a store snapshot; create one per session (not thread-safe)."""
+
+    def __init__(
+        self,
+        store: Store | str | Path,
+        *,
+        limits: SqlLimits | None = None,
+        threads: int | None = None,
+        memory_limit: str | None = None,
+        versions: dict[str, int] | None = None,
+    ) -> None:
+        """`threads` and `memory_limit`, when given, replace those of `limits` (default: SqlLimits())."""
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.limits = (limits or SqlLimits()).replace(threads=threads, memory_limit=memory_limit)
+        unknown = sorted(set(versions or {}) - set(TABLE_SCHEMAS))
+        if unknown:
+            raise SqlError(f"versions name tables the store does not have: {unknown} (it has {sorted(TABLE_SCHEMAS)})")
+        self._con = duckdb.connect(":memory:")
+        # The snapshot this session reads: each table's version now. A table is registered when a query first
+        # names it (a query reading one table opens no other; `SELECT 1` not even Arrow's dataset module), those
+        # given a version here at once, so that a version that does not exist is refused now.
+        self._unregistered: dict[str, int | None] = {}
+        for name in TABLE_SCHEMAS:
+            if name in (versions or {}):
+                self._register(name, (versions or {})[name])
+            else:
+                self._unregistered[name] = self.store.version(name)
+        #: The version of each table this session reads (None: the table did not exist yet; it reads as empty).
+        self.snapshot: dict[str, int | None] = {
+            name: (versions or {}).get(name, self._unregistered.get(name)) for name in TABLE_SCHEMAS
+        }
+        self._con.execute(f"SET threads = {int(self.limits.threads)}")
+        self._con.execute(f"SET memory_limit = '{self.limits.memory_bytes}B'")
+        self._con.execute("SET TimeZone = 'UTC'")
+        # DuckDB draws a progress bar on stdout for a query past 2 s: inside `--format csv` output, a corrupt line.
+        self._con.execute("SET enable_progress_bar = false")
+        self._con.execute("SET temp_directory = ''")  # a query may not spill to (and fill) the disk
+        self._con.execute("SET max_temp_directory_size = '0B'")
+        self._con.execute("SET autoinstall_known_extensions = false")
+        self._con.execute("SET autoload_known_extensions = false")
+        self._con.execute("SET enable_external_access = false")
+        self._con.execute("SET lock_configuration = true")
+
+    def query(self, sql: str) -> pa.Table:
+        """Run one query and return its result as an Arrow table; anything else raises SqlRefused, a query past
+        a limit SqlLimitExceeded."""
+        with self.stream(sql) as reader:
+            return reader.read_all()
+
+    @contextmanager
+    def stream(self, sql: str) -> Iterator[pa.RecordBatchReader]:
+        """Run one query and hand its result over batch by batch, as DuckDB produces it (a large result is
+        never held whole). The limits hold while the block runs: read the batches inside it."""
+        self._check(sql)
+        for name in _tables_named(sql, self._unregistered):
+            version = self._unregistered.pop(name)
+            self._register(name, version, empty=version is None)
+        with _Deadline(self._con, self.limits.timeout_s) as deadline:
+            try:
+                reader = self._con.sql(sql).to_arrow_reader(BATCH_ROWS)
+            except duckdb.Error as exc:
+                raise self._failure(exc, deadline) from None
+            try:
+                yield pa.RecordBatchReader.from_batches(reader.schema, self._limited(reader, deadline))
+            finally:
+                reader.close()  # a result left unread would hold the connection
+
+    def _register(self, name: str, version: int | None, *, empty: bool = False) -> None:
+        """Register a table at `version` (None: the latest), or `empty` (it did not exist when the session
+        opened, and what is written later is not this session's snapshot)."""
+        rows = TABLE_SCHEMAS[name].empty_table() if empty else self.store.dataset(name, version=version,
+                                                                                    string_view=None)
+        self._con.register(name, rows)
+
+    def _limited(self, reader: pa.RecordBatchReader, deadline: _Deadline) -> Iterator[pa.RecordBatch]:
+        limits = self.limits
+        rows = size = 0
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except (OSError, pa.ArrowException, duckdb.Error) as exc:  # DuckDB's errors while it streams
+                raise self._failure(exc, deadline) from None
+            rows += batch.num_rows
+            size += batch.nbytes
+            if rows > limits.max_rows:
+                raise SqlLimitExceeded(
+                    f"the query returns more than {limits.max_rows:,} rows, its limit: aggregate, filter or LIMIT "
+                    "it, or raise the limit (`fusion sql --max-rows`, or max_rows in the config's [sql] block)"
+                )
+            if size > limits.max_bytes:
+                raise SqlLimitExceeded(
+                    f"the query's result is larger than {limits.max_size} ({limits.max_bytes:,} bytes in Arrow "
+                    "form), its limit: select fewer columns or rows, or raise the limit (`fusion sql --max-size`, "
+                    "or max_size in the config's [sql] block)"
+                )
+            yield batch
+
+    def _failure(self, exc: Exception, deadline: _Deadline) -> Exception:
+        """The project error for a DuckDB error."""
+        text = str(exc)
+        if deadline.fired:
+            return SqlLimitExceeded(
+                f"the query ran past its time limit of {self.limits.timeout} and was stopped: narrow it (a WHERE, "
+                "a LIMIT, fewer joins) or raise the limit (`fusion sql --timeout`, or timeout in the config's [sql] "
+                "block)"
+            )
+        if isinstance(exc, duckdb.PermissionException) or text.startswith("Permission Error"):
+            return SqlRefused(f"{text}. {_SANDBOX_HINT}")
+        if "configuration has been locked" in text:
+            return SqlRefused(f"{text}. {_SANDBOX_HINT}")
+        return SqlError(f"SQL error: {text}")
+
+    def _check(self, sql: str) -> None:
+        """Refuses `sql` unless it is exactly one query, naming the statement refused."""
+        try:
+            statements = self._con.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise SqlError(f"SQL error: {exc}") from None
+        if len(statements) != 1:
+            raise SqlRefused(f"expected exactly one SQL statement, got {len(statements)}. {_SANDBOX_HINT}")
+        text = statements[0].query
+        try:
+            kind: duckdb.StatementType | None = statements[0].type
+        except ValueError:  # a statement type this DuckDB client cannot name (UPDATE EXTENSIONS): never a query
+            kind = None
+        if kind is duckdb.StatementType.SELECT:
+            writes = self._writes(text)
+            if writes:
+                raise SqlRefused(f"{writes} statements are refused, in a WITH clause too. {_SANDBOX_HINT}")
+            return
+        # DuckDB runs a PIVOT without an IN list as several statements: first one creating an ENUM type of the
+        # pivoted values, then the query. Its text must then be a query, one that parses as a subquery.
+        if kind is duckdb.StatementType.MULTI and self._is_query(text):
+            return
+        raise SqlRefused(f"{_refused(text, kind)}. {_SANDBOX_HINT}")
+
+    def _is_query(self, text: str) -> bool:
+        """Whether `text` (one statement) parses as a subquery: a query, never a statement that writes."""
+        inner = re.sub(r"[\s;]+$", "", text)
+        try:
+            wrapped = self._con.extract_statements(f"SELECT * FROM (\n{inner}\n)")
+            kinds = [statement.type for statement in wrapped]
+        except (duckdb.Error, ValueError):
+            return False
+        return len(kinds) == 1 and kinds[0] in (duckdb.StatementType.SELECT, duckdb.StatementType.MULTI)
+
+    def _writes(self, text: str) -> str | None:
+        """The statement that writes in a SELECT's WITH clause (`WITH x AS (DELETE ... RETURNING *) ...`), if
+        any. DuckDB would refuse it anyway (the store's tables are views), but the refusal should say why."""
+        try:
+            rows = self._con.execute("SELECT json_serialize_sql(?::VARCHAR)", [text]).fetchall()
+        except duckdb.Error:  # no JSON extension in this build: the binder still refuses the write
+            return None
+        found: list[str] = []
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                if node.get("type") in _WRITING_NODES:
+                    found.append(_WRITING_NODES[node["type"]])
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(json.loads(rows[0][0]))
+        return found[0] if found else None
+
+    def close(self) -> None:
+        self._con.close()
+
+
+def _tables_named(sql: str, tables: dict[str, int | None]) -> list[str]:
+    """Of `tables`, those `sql` may read: each whose name it holds as a word (in any case, quoted or not), or all
+    when it asks the catalog (SHOW TABLES, information_schema, duckdb_tables()) or names a table in a string
+    (query_table, query). Naming one more than it reads costs only its opening."""
+    if _CATALOG.search(sql):
+        return list(tables)
+    return [name for name in tables if re.search(rf"(?i)\b{name}\b", sql)]
+
+
+def _refused(text: str, kind: duckdb.StatementType | None) -> str:
+    """A refusal that names the statement as written: DuckDB files INSTALL under LOAD, RESET and USE under SET,
+    CHECKPOINT under CALL, ANALYZE under VACUUM; where the text starts like a query (a WITH clause before an
+    INSERT), DuckDB's type."""
+    match = _LEADING.match(text)
+    first = (match.group(1) or "").upper() if match else ""
+    second = (match.group(2) or "").upper() if match else ""
+    if first and first not in _QUERY_WORDS:
+        return f"{first} {second if (first, second) in _TWO_WORDS else ''}".strip() + " statements are refused"
+    if kind is not None and kind not in (duckdb.StatementType.SELECT, duckdb.StatementType.MULTI):
+        return f"{kind.name} statements are refused"
+    return "this statement is refused: only a query (SELECT, WITH, FROM, VALUES, PIVOT, ...) is accepted"
+
+
+class _Deadline:
+    """Interrupts a connection's query once `seconds` have passed: a timer thread calls DuckDB's interrupt, which
+    the query's workers check as they go (a recursive CTE or a cross join stops within moments)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, seconds: float) -> None:
+        self.fired = False
+        self._con = con
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        self._con.interrupt()
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+__all__ = ["BATCH_ROWS", "SqlLimits", "SqlSandbox"]
