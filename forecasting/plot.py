@@ -8,9 +8,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from forecasting.series import quoted
-from fusion.api import open_store
 from fusion.config.federation import Config
 from fusion.errors import FusionError
+from fusion.store.access import open_store
 
 #: The release columns drawn for each statistic: value, 95% interval.
 _RELEASED = {

@@ -8,9 +8,9 @@ import logging
 from collections.abc import Sequence
 
 from forecasting.series import quoted
-from fusion.api import open_store
 from fusion.config.federation import Config
 from fusion.errors import FusionError
+from fusion.store.access import open_store
 
 _log = logging.getLogger(__name__)
 

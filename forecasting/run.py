@@ -19,11 +19,11 @@ from forecasting.models import MODELS, SeriesTooShort, fit_forecast, seasonal_na
 from forecasting.rows import IssuedForecast, Purpose, forecast_rows, score_rows
 from forecasting.selection import Choice, default_choice, recorded_choices
 from forecasting.series import Series, SeriesKey, quoted, read_series
-from fusion.api import FusedStore, open_store, write_derived
 from fusion.config.federation import Config
 from fusion.config.forecasting import ForecastingConfig, ModelName, Statistic
 from fusion.errors import FusionError
 from fusion.runtime.durations import parse_duration
+from fusion.store.access import FusedStore, open_store, write_derived
 
 
 @dataclass(frozen=True)

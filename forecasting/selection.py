@@ -18,8 +18,8 @@ import numpy as np
 from forecasting.backtest import preferred
 from forecasting.intervals import Calibration
 from forecasting.series import SeriesKey, quoted
-from fusion.api import FusedStore
 from fusion.config.forecasting import ModelName, Statistic
+from fusion.store.access import FusedStore
 
 
 @dataclass(frozen=True)

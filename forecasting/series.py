@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 
 from forecasting.models import History
-from fusion.api import FusedStore
 from fusion.config.forecasting import Statistic
 from fusion.errors import FusionError
+from fusion.store.access import FusedStore
 
 #: The release columns each statistic follows: (value, noise SD).
 COLUMNS = {Statistic.MEAN: ("ratio_mean", "mean_sd"), Statistic.SUM: ("sum", "sum_sd"),

@@ -1,0 +1,110 @@
+"""Read access to a federation's store through the sandboxed SQL surface (`FusedStore`, `open_store`),
+and the derived tables that modules reading the store may write (`write_derived`). fusion.api
+re-exports them: this is the Python API's read surface, on the store's floor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from fusion.config.federation import Config, load_config
+from fusion.config.sql_limits import SqlLimits
+from fusion.errors import FusionError
+from fusion.store.delta import Store
+from fusion.store.sql import SqlSandbox
+
+
+def _config(config: Config | str | Path, *, check_release: bool = True) -> Config:
+    return config if isinstance(config, Config) else load_config(config, check_release=check_release)
+
+
+class FusedStore:
+    """Read access to a federation's common-knowledge store through the sandboxed SQL surface, each query under
+    `limits` (default: the config's [sql] block)."""
+
+    def __init__(
+        self, config: Config | str | Path, *, versions: dict[str, int] | None = None, limits: SqlLimits | None = None
+    ) -> None:
+        self.config = _config(config, check_release=False)  # reading needs no noise calibration
+        self.store = Store(self.config.store_path)  # read only: a table not created yet reads as empty
+        self._sandbox = SqlSandbox(self.store, versions=versions, limits=limits or self.config.sql)
+
+    @property
+    def versions(self) -> dict[str, int | None]:
+        """The Delta version of each table this store reads (None: a table not created yet, read as empty). Pass
+        the numbers back as `open_store(..., versions=...)` to read the same snapshot again."""
+        return dict(self._sandbox.snapshot)
+
+    def sql(self, query: str) -> pa.Table:
+        """Run one query over the store's tables; returns an Arrow table (SqlLimitExceeded past a limit)."""
+        return self._sandbox.query(query)
+
+    @contextmanager
+    def sql_batches(self, query: str) -> Iterator[pa.RecordBatchReader]:
+        """The same result batch by batch, as DuckDB produces it, for results too large to hold: read it inside
+        the `with` block, where the limits hold."""
+        with self._sandbox.stream(query) as reader:
+            yield reader
+
+    def sql_pandas(self, query: str) -> Any:
+        """The same result as a pandas DataFrame."""
+        return self.sql(query).to_pandas()
+
+    def forecasts(
+        self,
+        metric: str | None = None,
+        region: str | None = None,
+        *,
+        statistic: str | None = "mean",
+        purpose: str = "forecast",
+        latest: bool = True,
+    ) -> pa.Table:
+        """Rows of `forecasts` (schemas/tables.py), ordered by metric, statistic, region and window: those of one
+        metric, region or statistic (None: all); with `latest`, only each series' most recently issued forecast.
+        `purpose` "backtest" reads the backtests' forecasts instead."""
+        from fusion.store.forecast_queries import forecasts_query
+        from schemas.tables import FORECASTS_SCHEMA
+
+        rows = self.sql(forecasts_query(metric=metric, region=region, statistic=statistic, purpose=purpose,
+                                        latest=latest))
+        return rows.cast(FORECASTS_SCHEMA)  # the table's own types (DuckDB names list items differently)
+
+    def forecasts_pandas(self, metric: str | None = None, region: str | None = None, **options: Any) -> Any:
+        """The same as `forecasts`, as a pandas DataFrame."""
+        return self.forecasts(metric, region, **options).to_pandas()
+
+    def close(self) -> None:
+        self._sandbox.close()
+
+    def __enter__(self) -> FusedStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_store(
+    config: Config | str | Path, *, versions: dict[str, int] | None = None, limits: SqlLimits | None = None
+) -> FusedStore:
+    """Open the store of a federation config for SQL (optionally at given Delta versions per table, and under
+    other limits than the config's [sql] block)."""
+    return FusedStore(config, versions=versions, limits=limits)
+
+
+#: The tables that modules reading the store (forecasting/) may write their results to: post-processing of the
+#: releases, which spends no budget. Every other table is written only by Fusion's own roles.
+DERIVED_TABLES = frozenset({"forecasts", "forecast_scores"})
+
+
+def write_derived(config: Config | str | Path, table: str, rows: pa.Table) -> int:
+    """Append rows to a derived table (DERIVED_TABLES) whose key is not there yet; returns how many were added.
+    Refuses any other table."""
+    if table not in DERIVED_TABLES:
+        raise FusionError(f"'{table}' is not a derived table; modules that read the store write only to "
+                          f"{sorted(DERIVED_TABLES)}")
+    cfg = _config(config, check_release=False)
+    return Store(cfg.store_path).insert_new(table, rows)
