@@ -1,1 +1,26 @@
-"""placeholder"""
+"""Beam wiring of Fusion's roles (an institution's contribution, the aggregator, the unmask round, the
+key holder's release), run as one batch, in process, on a schedule or as a stream.
+
+Public API (what the rest of the repository imports), by module:
+- `aggregate`: Aggregate, EncryptedSum, envelope_paths, OnePerInstitution, OpenEnvelope, PublicContext, REFUSED,
+  SealAggregate
+- `batch`: audit_feeds, run_batch
+- `broker_journal`: JOURNAL_SUFFIX, message_lines, SourceJournal
+- `broker_sources`: SourceReader, start_readers
+- `contribute`: Contribute, ContributeShard, DEAD, dead_letter_dir, double_mask, FILES, forget_layer_seed,
+  masking_graph, MergeFileTallies, MergePartials, PARTIAL, remove_staging, scan_work, SealContribution,
+  sealed_envelope, sealed_layer_seed, StageFeed, staging_prefix, WriteDeadLetters
+- `local`: aggregate_locally, contribute_locally, run_dofn
+- `release`: audit_event, audit_row, prepare_releases, PreparedRelease, publish_releases, release, ReleaseOutcome
+- `run`: beam_options, beam_scratch, names_runner, run_aggregate, run_contributions, run_unmask
+- `scheduler`: backfill, check_backfill_end, RunResult, Scheduler, utc_now
+- `stream`: DEAD, LATE, REJECTS, RejectWindows, run_micro_batch, run_micro_batch_in_process, spool_dir, spool_key,
+  SPOOL_WINDOW_FORMAT, SpoolWindow, StampWindows, stdin_feed, stream_rules, validated_outputs, WindowReadings,
+  WriteDeadLetter
+- `stream_driver`: StreamDriver, StreamStatus
+- `stream_release`: release_windows
+- `stream_sources`: MARKERS, REJECT_COUNTS, run_unbounded
+- `unmask`: absent_mask_sum, absent_mask_total, acknowledge, acknowledged, acknowledgements_needed, Answer,
+  opened_shares, read_roster, removable_noise, Roster, seal_unmask, self_mask_sum, self_mask_total,
+  sparse_roster_problem, write_roster
+"""

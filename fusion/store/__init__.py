@@ -1,1 +1,15 @@
-"""Fusion: a package of modules grouped by concept (see its docstring)."""
+"""The common-knowledge store: versioned Delta tables (`delta`), its privacy mode, the budget
+ledger, scheduler runs, signed releases, and read access through sandboxed SQL (`access`,
+re-exported by fusion.api).
+
+Public API (what the rest of the repository imports), by module:
+- `access`: DERIVED_TABLES, FusedStore, open_store, write_derived
+- `delta`: Store
+- `forecast_queries`: forecasts_query
+- `ledger`: BudgetExceeded, BudgetLedger, Spend
+- `mode`: bind_store_mode, releases_with_test_cells, store_mode
+- `provenance`: ChainLink, GOOD, next_link, ReleaseSignature, rows_digest, sign_release, SIGNATURE_FIELD,
+  verify_releases
+- `runs`: Claim, Outcome, RunLog
+- `sql`: SqlSandbox
+"""
