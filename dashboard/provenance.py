@@ -20,7 +20,7 @@ from fusion.errors import FusionError
 
 #: Audit events per page.
 PAGE_EVENTS = 200
-#: Statuses that mean a release is what was published (fusion.store.provenance.GOOD).
+#: Statuses that mean a release is what was published (fusion.store.verification.GOOD).
 GOOD = ("verified", "legacy")
 
 

@@ -194,7 +194,8 @@ def config_page() -> str:
             if match and match.group(1) not in field_lines:
                 field_lines[match.group(1)] = number
         lines.append(f"## {path}\n")
-        lines.append(f"Model `{model.__name__}` (line {first_line} of `fusion/config/federation.py`).\n")
+        where = Path(inspect.getsourcefile(model) or "").resolve().relative_to(ROOT)
+        lines.append(f"Model `{model.__name__}` (line {first_line} of `{where}`).\n")
         if model.__doc__ and model.__doc__ is not getattr(model.__mro__[1], "__doc__", None):
             lines.append(_cell(inspect.cleandoc(model.__doc__)) + "\n")
         lines.append("| field | type | default | constraints | meaning |\n|---|---|---|---|---|")

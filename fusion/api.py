@@ -51,10 +51,10 @@ def plot_forecast(config: Config | str | Path, metric: str, region: str, path: s
 
 def verify(config: Config | str | Path, *, release_id: str | None = None, seen: int = 0) -> list[Any]:
     """What `fusion verify` reports on the releases: each (or `release_id`) checked against the key holder's
-    registered signing keys, a list of fusion.store.provenance.ReleaseCheck. Reads the store and the registry only;
+    registered signing keys, a list of fusion.store.verification.ReleaseCheck. Reads the store and the registry only;
     refused when no key holder signing key is registered (nothing can be verified)."""
     from fusion.keys.registry import load_key_holder_public_keys, load_unsigned_releases
-    from fusion.store.provenance import verify_releases
+    from fusion.store.verification import verify_releases
 
     cfg = _config(config, check_release=False)
     keys = load_key_holder_public_keys(cfg)

@@ -1,18 +1,22 @@
 """`fusion demo`'s later steps: release the rest of the demo's history, one day a release, then backtest and
-forecast the next day from the store, and draw one series."""
+forecast the next day from the store, and draw one series; last, a dispatch recommended on the forecast day's
+peak hour and ratified by the demo's authority (`dispatch_step`)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pyarrow as pa
+from rich.markup import escape
 
-from fusion.cli.core import console, print_arrow
+from fusion.cli.mechanisms import show_recommendation
+from fusion.cli.output import console, print_arrow
 from fusion.config.federation import load_config
 from fusion.demo.federation import DEMO_START
+from fusion.errors import FusionError
 
 #: The series the demo backtests and draws.
 DEMO_SERIES = ("air_temp", "nc-triad-east")
@@ -89,3 +93,59 @@ def forecast_step(config_path: Path, directory: Path) -> Path | None:
 
 
 __all__ = ["DEMO_SERIES", "forecast_step", "release_history"]
+
+
+def dispatch_step(config_path: Path, released: int) -> None:
+    """`fusion demo`'s last step: a dispatch recommendation on case5 for the peak hour of the forecast day (loads
+    from the forecasts of gridco's feeder load, else its releases), its LMPs, and one ratification by the demo's
+    authority."""
+    from fusion.api import open_store
+    from fusion.demo.federation import DEMO_AUTHORITY, DEMO_BUSES, DEMO_START
+    from mechanisms.decisions import DecideRequest, decide
+    from mechanisms.recommend import Request, recommend
+    from mechanisms.records import Action, Kind
+
+    config = load_config(str(config_path), check_release=False)  # the mechanisms read the store: no calibration
+    day = DEMO_START + timedelta(days=released)
+    scale = " + ".join(f"{s:g} * (region = '{r}')::INT" for r, s in DEMO_BUSES.values())
+    with open_store(config) as store:
+        peak = store.sql(
+            f"SELECT window_start, sum(mean * ({scale})) AS mw FROM forecasts WHERE purpose = 'forecast' AND "
+            f"metric = 'electric_load' AND statistic = 'mean' AND window_start >= TIMESTAMPTZ '{day:%Y-%m-%d} "
+            "00:00:00+00' GROUP BY window_start ORDER BY mw DESC, window_start LIMIT 1"
+        ).to_pylist()
+        if not peak:  # no forecast: the last released day's peak, from its releases
+            peak = store.sql(
+                f"SELECT window_start, sum(ratio_mean * ({scale})) AS mw FROM releases WHERE metric = "
+                "'electric_load' GROUP BY window_start ORDER BY window_start DESC LIMIT 24"
+            ).to_pylist()
+            peak = sorted(peak, key=lambda r: -(r["mw"] or 0))[:1]
+    if not peak:
+        console.print("[yellow]no dispatch[/yellow]: no forecast or release of electric_load to take loads from")
+        return
+    at = peak[0]["window_start"].astimezone(UTC)
+    buses = ", ".join(f"{bus} <- {region} (x{s:g})" for bus, (region, s) in DEMO_BUSES.items())
+    console.print(f"\n[bold]Dispatch[/bold] (mechanisms/, advisory) on MATPOWER case5 for {at:%Y-%m-%d %H:%M}Z, "
+                  f"the forecast day's peak hour; buses fed by regions' mean feeder MW: {buses}")
+    try:
+        outcome = recommend(config, Request(Kind.DISPATCH, at=at))
+    except FusionError as exc:  # an advisory step: the demo's releases stand, and it says why there is no dispatch
+        console.print(f"[yellow]no dispatch recommended[/yellow]: {escape(str(exc))}", highlight=False)
+        return
+    show_recommendation(outcome)
+    rid = outcome.recommendation.recommendation_id
+    authority, signer = DEMO_AUTHORITY
+    decided = decide(config, DecideRequest(Action.RATIFY, rid, authority, signer, reason="demo: as recommended"))
+    console.print(f"ratified by {authority} ({signer}, {decided.signatures} of {decided.threshold} signature): "
+                  f"decision {decided.decision.decision_id}; nothing is executed by Fusion either way")
+    from fusion.cli.demo import _fusion_command
+
+    fusion, fusion_config = _fusion_command(), f"--config {config_path}"
+    console.print(
+        f"Try: {fusion} decide override {fusion_config} --recommendation {rid} --authority {authority} --signer "
+        f"{signer} --set Sundance=50 --reason-code reliability\n"
+        f"     {fusion} decisions {fusion_config}\n"
+        f"     {fusion} recommend {fusion_config} --replay {rid}\n"
+        f"     {fusion} recommend pareto {fusion_config} --at {at:%Y-%m-%dT%H:%M}",
+        soft_wrap=True,
+    )

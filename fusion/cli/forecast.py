@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from fusion.cli.core import console, err_console, print_arrow
+from fusion.cli.output import console, err_console, print_arrow
 from fusion.config.federation import load_config
 from fusion.config.forecasting import Statistic
 from fusion.errors import FusionError

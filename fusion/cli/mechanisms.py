@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
-from fusion.cli.core import console, print_arrow
+from fusion.cli.output import console, print_arrow
 from fusion.config.federation import Config, load_config
 from fusion.errors import FusionError
 
@@ -344,64 +344,4 @@ def verify_mechanisms_tables(config: Config, fmt: str) -> bool:
     return not any(c.status == "tampered" for c in checks)
 
 
-
-
-def demo_step(config_path: Path, released: int) -> None:
-    """`fusion demo`'s last step: a dispatch recommendation on case5 for the peak hour of the forecast day (loads
-    from the forecasts of gridco's feeder load, else its releases), its LMPs, and one ratification by the demo's
-    authority."""
-    from datetime import timedelta
-
-    from fusion.api import open_store
-    from fusion.demo.federation import DEMO_AUTHORITY, DEMO_BUSES, DEMO_START
-    from mechanisms.decisions import DecideRequest, decide
-    from mechanisms.recommend import Request, recommend
-    from mechanisms.records import Action, Kind
-
-    config = _config(str(config_path))
-    day = DEMO_START + timedelta(days=released)
-    scale = " + ".join(f"{s:g} * (region = '{r}')::INT" for r, s in DEMO_BUSES.values())
-    with open_store(config) as store:
-        peak = store.sql(
-            f"SELECT window_start, sum(mean * ({scale})) AS mw FROM forecasts WHERE purpose = 'forecast' AND "
-            f"metric = 'electric_load' AND statistic = 'mean' AND window_start >= TIMESTAMPTZ '{day:%Y-%m-%d} "
-            "00:00:00+00' GROUP BY window_start ORDER BY mw DESC, window_start LIMIT 1"
-        ).to_pylist()
-        if not peak:  # no forecast: the last released day's peak, from its releases
-            peak = store.sql(
-                f"SELECT window_start, sum(ratio_mean * ({scale})) AS mw FROM releases WHERE metric = "
-                "'electric_load' GROUP BY window_start ORDER BY window_start DESC LIMIT 24"
-            ).to_pylist()
-            peak = sorted(peak, key=lambda r: -(r["mw"] or 0))[:1]
-    if not peak:
-        console.print("[yellow]no dispatch[/yellow]: no forecast or release of electric_load to take loads from")
-        return
-    at = peak[0]["window_start"].astimezone(UTC)
-    buses = ", ".join(f"{bus} <- {region} (x{s:g})" for bus, (region, s) in DEMO_BUSES.items())
-    console.print(f"\n[bold]Dispatch[/bold] (mechanisms/, advisory) on MATPOWER case5 for {at:%Y-%m-%d %H:%M}Z, "
-                  f"the forecast day's peak hour; buses fed by regions' mean feeder MW: {buses}")
-    try:
-        outcome = recommend(config, Request(Kind.DISPATCH, at=at))
-    except FusionError as exc:  # an advisory step: the demo's releases stand, and it says why there is no dispatch
-        console.print(f"[yellow]no dispatch recommended[/yellow]: {escape(str(exc))}", highlight=False)
-        return
-    show_recommendation(outcome)
-    rid = outcome.recommendation.recommendation_id
-    authority, signer = DEMO_AUTHORITY
-    decided = decide(config, DecideRequest(Action.RATIFY, rid, authority, signer, reason="demo: as recommended"))
-    console.print(f"ratified by {authority} ({signer}, {decided.signatures} of {decided.threshold} signature): "
-                  f"decision {decided.decision.decision_id}; nothing is executed by Fusion either way")
-    from fusion.cli.core import _fusion_command
-
-    fusion, fusion_config = _fusion_command(), f"--config {config_path}"
-    console.print(
-        f"Try: {fusion} decide override {fusion_config} --recommendation {rid} --authority {authority} --signer "
-        f"{signer} --set Sundance=50 --reason-code reliability\n"
-        f"     {fusion} decisions {fusion_config}\n"
-        f"     {fusion} recommend {fusion_config} --replay {rid}\n"
-        f"     {fusion} recommend pareto {fusion_config} --at {at:%Y-%m-%dT%H:%M}",
-        soft_wrap=True,
-    )
-
-
-__all__ = ["COMMANDS", "add_parsers", "demo_step", "run_command", "verify_mechanisms_tables"]
+__all__ = ["COMMANDS", "add_parsers", "run_command", "show_recommendation", "verify_mechanisms_tables"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fusion.cli.core import console, err_console
+from fusion.cli.output import console, err_console
 from fusion.config.federation import load_config
 from fusion.errors import FusionError
 from fusion.runtime.durations import floor_to_grid

@@ -7,7 +7,7 @@ import argparse
 
 from rich.markup import escape
 
-from fusion.cli.core import console
+from fusion.cli.output import console
 from fusion.config.federation import load_config
 
 

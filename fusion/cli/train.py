@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from fusion.cli.core import console
+from fusion.cli.output import console
 from fusion.config.federation import load_config
 from fusion.errors import FusionError
 

@@ -1,198 +1,33 @@
-"""The federation config: a TOML file validated at load into frozen models, with field-level messages."""
+"""The federation config: a TOML file validated at load into frozen models, with field-level messages. Here the
+whole (`Config`, the `[federation]` and `[pipeline]` blocks, `parse_config`, `load_config`); the blocks' models
+live beside it (`institutions`, `privacy`, `stream`, ...) and are re-exported from here."""
 
 from __future__ import annotations
 
-import math
 import posixpath
 import re
 import tomllib
-from datetime import UTC, datetime, timedelta
-from enum import StrEnum
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from fusion.config.brokers import BrokerSource, check_sources
+from fusion.config.base import Frozen, Name
+from fusion.config.brokers import check_sources
 from fusion.config.forecasting import ForecastingConfig
+from fusion.config.institutions import FeedConfig, FeedFormat, InstitutionConfig, TimeFormat
 from fusion.config.mechanisms import MechanismsConfig
+from fusion.config.privacy import MetricConfig, PrivacyConfig, PrivacyMode, PrivacyUnit, StatisticsConfig
 from fusion.config.sql_limits import SqlLimits
+from fusion.config.stream import StreamConfig, StreamSource, duration_or_zero
 from fusion.config.training import ModelConfig
 from fusion.errors import ConfigError
 from fusion.runtime.durations import parse_duration
 from fusion.runtime.schedule import ScheduleConfig, check_schedules
-from schemas.readings import ALL_FIELDS
-
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
 
-class _Frozen(BaseModel):
-    # allow_inf_nan=False: TOML has inf and nan, and an infinite cap or resolution would pass `gt=0`.
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-Name = Annotated[str, Field(pattern=_NAME)]
-
-
-class FeedFormat(StrEnum):
-    PARQUET = "parquet"
-    CSV = "csv"
-    JSONL = "jsonl"
-
-
-class TimeFormat(StrEnum):
-    ISO = "iso"  # ISO 8601 text or a native timestamp column; naive times are UTC
-    EPOCH_S = "epoch_s"
-    EPOCH_MS = "epoch_ms"
-
-
-class PrivacyUnit(StrEnum):
-    READING = "reading"  # event level: one reading
-    ENTITY = "entity"  # one meter, household, vehicle...: contributions bounded per release
-
-
-class PrivacyMode(StrEnum):
-    PRODUCTION = "production"
-    TEST = "test"
-
-
-class FeedConfig(_Frozen):
-    """One of an institution's feeds: files (a path or glob, any Beam FileSystems URL) and a column mapping."""
-
-    name: Name
-    path: str = Field(min_length=1)
-    format: FeedFormat
-    time_format: TimeFormat = TimeFormat.ISO
-    columns: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("columns")
-    @classmethod
-    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(columns) - set(ALL_FIELDS))
-        if unknown:
-            raise ValueError(f"unknown reading field(s) {unknown}; map only {list(ALL_FIELDS)}")
-        return columns
-
-    def column_for(self, field: str) -> str:
-        """The feed's column name that holds a logical reading field (identity unless mapped)."""
-        return self.columns.get(field, field)
-
-
-class InstitutionConfig(_Frozen):
-    id: Name
-    name: str = ""
-    feeds: tuple[FeedConfig, ...] = Field(min_length=1)
-    dead_letter: str | None = None  # defaults to <base>/deadletter/<id>
-    keys: str | None = None  # the institution's private signing key directory; defaults to <base>/institution-keys/<id>
-    # Readings per cell and release; bounds the encrypted totals. Default: the largest that cannot wrap.
-    max_readings_per_cell: int | None = Field(default=None, gt=0)
-    # Share of an interval's rows rejected (rows of other intervals and exact duplicates aside) above which a run
-    # warns, and above which the institution seals nothing unless its operator passes --accept-rejects.
-    warn_reject_rate: float = Field(default=0.1, ge=0, le=1)
-    max_reject_rate: float = Field(default=0.5, ge=0, le=1)
-    sources: tuple[BrokerSource, ...] = ()  # MQTT / NATS JetStream, read by `fusion stream` (fusion/config/brokers.py)
-
-    @model_validator(mode="after")
-    def _reject_rates(self) -> Self:
-        if self.warn_reject_rate > self.max_reject_rate:
-            raise ValueError(
-                f"warn_reject_rate {self.warn_reject_rate} is above max_reject_rate {self.max_reject_rate}; "
-                "the warning comes first"
-            )
-        return self
-
-
-class MetricConfig(_Frozen):
-    """A public metric: clamp bounds and resolution fix its encoding; the plausible range rejects nonsense."""
-
-    name: Name
-    unit: str = Field(min_length=1)
-    lower: float
-    upper: float
-    resolution: float = Field(gt=0)
-    plausible: tuple[float, float]
-
-    @model_validator(mode="after")
-    def _ranges(self) -> Self:
-        if not (math.isfinite(self.lower) and math.isfinite(self.upper) and self.lower < self.upper):
-            raise ValueError(f"need finite lower < upper, got lower={self.lower}, upper={self.upper}")
-        if self.resolution > self.upper - self.lower:
-            raise ValueError(
-                f"resolution {self.resolution} is coarser than the clamp range [{self.lower}, {self.upper}]"
-            )
-        low, high = self.plausible
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"plausible must be a finite [low, high] with low < high, got {self.plausible}")
-        return self
-
-
-class PrivacyConfig(_Frozen):
-    epsilon: float = Field(gt=0, le=20)
-    delta: float = Field(gt=0, lt=0.01)
-    quorum: int = Field(ge=1)
-    # Institutions that might collude with the aggregator, the key holder and one contributor that keeps its own
-    # noise draws. Each institution seals a share v/(quorum - 1 - max_colluding), so the noise such a coalition
-    # does not know is still v with as few as `quorum` contributors, and removes its excess layers once the roster
-    # is known (privacy/noise_shares.py); production needs quorum >= max_colluding + 2; each institution answers
-    # only a roster more than (institutions + max_colluding) / 2 have signed, and reveals noise layers only once
-    # more than (institutions + max_colluding + 1) / 2 have (docs/concepts/trust-model.md, split views).
-    max_colluding: int = Field(default=0, ge=0)
-    unit: PrivacyUnit = PrivacyUnit.READING
-    # Entity level: each entity contributes to at most `max_partitions` cells (L0) per release and at most
-    # `max_readings_per_partition` readings (Linf) per cell; which ones are kept is chosen uniformly at random.
-    max_partitions: int | None = Field(default=None, ge=1)
-    max_readings_per_partition: int | None = Field(default=None, ge=1)
-    # The budget ledger: releases whose intervals fall in one period compose; their total may not pass the cap.
-    period: str = "1d"
-    epsilon_cap: float | None = Field(default=None, gt=0)  # default: epsilon (one release per period)
-    mode: PrivacyMode = PrivacyMode.PRODUCTION
-    noise: bool = True  # test mode only: switch noise off to check exact answers
-    seed: int | None = None  # test mode only: reproducible noise
-
-    @field_validator("period")
-    @classmethod
-    def _period(cls, period: str) -> str:
-        seconds = parse_duration(period).total_seconds()
-        if seconds <= 0 or seconds % 3600:
-            raise ValueError(f"period '{period}' must be a positive number of whole hours (e.g. 1d, 7d, 12h)")
-        return period
-
-    @property
-    def cap(self) -> float:
-        """The epsilon cap per period."""
-        return self.epsilon_cap if self.epsilon_cap is not None else self.epsilon
-
-    @model_validator(mode="after")
-    def _entity_caps(self) -> Self:
-        caps = (self.max_partitions, self.max_readings_per_partition)
-        if self.unit is PrivacyUnit.ENTITY and None in caps:
-            raise ValueError("unit = 'entity' needs max_partitions (L0) and max_readings_per_partition (Linf)")
-        if self.unit is PrivacyUnit.READING and caps != (None, None):
-            raise ValueError("max_partitions and max_readings_per_partition apply only to unit = 'entity'")
-        if self.epsilon > self.cap:
-            raise ValueError(f"epsilon {self.epsilon} per release exceeds the period's epsilon_cap {self.cap}")
-        return self
-
-    @model_validator(mode="after")
-    def _test_only_switches(self) -> Self:
-        if self.mode is PrivacyMode.PRODUCTION:
-            if not self.noise:
-                raise ValueError("noise = false is a test-only switch; production configs must add noise")
-            if self.seed is not None:
-                raise ValueError("seed is test-only; production noise comes from a secure generator")
-        return self
-
-
-class StatisticsConfig(_Frozen):
-    """Optional statistics beyond count, sum and mean. Each is one more vector sum per reading (one more slot
-    per cell and a little more noise); all are post-processed from the same noisy release, at no extra budget."""
-
-    variance: bool = False  # sum of squares -> stddev per cell
-    quantiles: bool = False  # histogram over `histogram_bins` equal-width bins of the clamp range -> p10, median, p90
-    histogram_bins: int = Field(default=16, ge=2, le=256)
-
-
-class PipelineConfig(_Frozen):
+class PipelineConfig(Frozen):
     """Execution knobs; Beam options (e.g. --runner) are passed through on the command line."""
 
     # Readings per scan shard: an institution's readings are hash-partitioned into ceil(rows / shard_rows) shards,
@@ -201,70 +36,7 @@ class PipelineConfig(_Frozen):
     batch_rows: int = Field(default=262_144, ge=1024)  # rows per Arrow batch read from a CSV or JSON lines file
 
 
-def _duration_or_zero(text: str) -> timedelta:
-    return timedelta(0) if text.strip() in ("0", "0s") else parse_duration(text)
-
-
-class StreamSource(StrEnum):
-    FILES = "files"  # the feeds' files (and stdin), micro-batched by `fusion stream` on this machine
-    PUBSUB = "pubsub"  # messages of JSON lines, attribute `institution`; windowed by Beam on a streaming runner
-    KAFKA = "kafka"  # records of JSON lines keyed by institution id; windowed by Beam on a streaming runner
-
-
-class StreamConfig(_Frozen):
-    """`fusion stream`: event-time windows on a public grid, each released once the processing clock passes its
-    end plus the allowed lateness, whether or not any reading fell in it."""
-
-    source: StreamSource = StreamSource.FILES
-    pubsub_subscription: str | None = None  # projects/P/subscriptions/S
-    kafka_bootstrap_servers: str | None = None  # host:port,host:port
-    kafka_topic: str | None = None
-    window: str | None = None  # the release window; default: federation.window (a whole multiple of it)
-    # A window [s, e) is released once the processing clock reaches e + allowed_lateness; its readings arriving
-    # later are counted as late.
-    allowed_lateness: str = "0s"
-    # The grid's first window is the one holding this time (UTC if no offset); default: the window holding the
-    # moment the stream's state was created. Readings before it are out_of_interval.
-    start: datetime | None = None
-    # The most windows one step may release: a grid start far in the past is refused, not worked through.
-    max_backlog: int = Field(default=168, ge=1)
-    # Readings stamped later than the processing clock plus this are rejected (out_of_interval): a sensor clock
-    # running ahead must not carry its institution's watermark past windows whose readings are still coming.
-    max_clock_skew: str = "1h"
-    poll: str = "1s"  # how often to look for new feed files
-    state: str = "stream"  # the driver's progress (a local directory, as private as the feeds)
-    spool: str | None = None  # windowed readings; default <state>/spool; a URL when a streaming job writes it
-
-    @field_validator("allowed_lateness", "poll", "max_clock_skew")
-    @classmethod
-    def _durations(cls, text: str) -> str:
-        _duration_or_zero(text)
-        return text
-
-    @field_validator("window")
-    @classmethod
-    def _window(cls, window: str | None) -> str | None:
-        if window is not None and parse_duration(window).total_seconds() <= 0:
-            raise ValueError(f"window '{window}' must be positive")
-        return window
-
-    @field_validator("start")
-    @classmethod
-    def _utc(cls, start: datetime | None) -> datetime | None:
-        if start is None:
-            return None
-        return start.replace(tzinfo=UTC) if start.tzinfo is None else start.astimezone(UTC)
-
-    @model_validator(mode="after")
-    def _source_settings(self) -> Self:
-        if self.source is StreamSource.PUBSUB and not self.pubsub_subscription:
-            raise ValueError("stream.source = 'pubsub' needs stream.pubsub_subscription")
-        if self.source is StreamSource.KAFKA and not (self.kafka_bootstrap_servers and self.kafka_topic):
-            raise ValueError("stream.source = 'kafka' needs stream.kafka_bootstrap_servers and stream.kafka_topic")
-        return self
-
-
-class FederationConfig(_Frozen):
+class FederationConfig(Frozen):
     id: Name
     window: str = "1h"
     store: str = "store"
@@ -292,7 +64,7 @@ class FederationConfig(_Frozen):
         return window
 
 
-class Config(_Frozen):
+class Config(Frozen):
     """A whole federation. Relative paths resolve against `base` (the config file's directory)."""
 
     federation: FederationConfig
@@ -452,15 +224,15 @@ class Config(_Frozen):
 
     @property
     def allowed_lateness(self) -> timedelta:
-        return _duration_or_zero(self.stream.allowed_lateness)
+        return duration_or_zero(self.stream.allowed_lateness)
 
     @property
     def max_clock_skew(self) -> timedelta:
-        return _duration_or_zero(self.stream.max_clock_skew)
+        return duration_or_zero(self.stream.max_clock_skew)
 
     @property
     def stream_poll(self) -> timedelta:
-        return _duration_or_zero(self.stream.poll)
+        return duration_or_zero(self.stream.poll)
 
     @property
     def stream_state_path(self) -> str:
@@ -638,7 +410,9 @@ __all__ = [
     "MetricConfig",
     "PrivacyConfig",
     "PrivacyMode",
+    "PrivacyUnit",
     "ScheduleConfig",
+    "StreamSource",
     "TimeFormat",
     "load_config",
     "parse_config",

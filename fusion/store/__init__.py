@@ -8,8 +8,8 @@ Public API (what the rest of the repository imports), by module:
 - `forecast_queries`: forecasts_query
 - `ledger`: BudgetExceeded, BudgetLedger, Spend
 - `mode`: bind_store_mode, releases_with_test_cells, store_mode
-- `provenance`: ChainLink, GOOD, next_link, ReleaseSignature, rows_digest, sign_release, SIGNATURE_FIELD,
-  verify_releases
+- `provenance`: ChainLink, next_link, ReleaseSignature, rows_digest, sign_release, SIGNATURE_FIELD
 - `runs`: Claim, Outcome, RunLog
 - `sql`: SqlSandbox
+- `verification`: GOOD, ReleaseCheck, verify_releases
 """

@@ -43,7 +43,7 @@ def test_error_text_is_printed_as_written_not_as_markup(tmp_path: Path, capsys: 
 
 
 def test_stream_refusals_group_by_kind_and_lags_read_as_durations() -> None:
-    from fusion.cli.core import _duration, _reason_kind
+    from fusion.cli.stream import _duration, _reason_kind
 
     one = "release r-0123456789abcdef01234567 needs epsilon 0.3 in period 2026-01-02"
     two = "release r-fedcba9876543210fedcba98 needs epsilon 0.3 in period 2026-01-02"

@@ -34,7 +34,7 @@ def test_role_commands_explain_exit_status_3(name: str) -> None:
 
 
 def test_the_run_summary_shows_readings_left_out_by_entity_bounding(capsys: pytest.CaptureFixture[str]) -> None:
-    from fusion.cli.core import _print_counts
+    from fusion.cli.release import _print_counts
 
     _print_counts({"gridco": {"read": 100, "accepted": 98, "rejected": {"duplicate": 2}, "bounded": 17},
                    "metservice": {"read": 50, "accepted": 50, "rejected": {}}})

@@ -133,16 +133,18 @@ def test_third_party_warnings_never_reach_the_terminal(demo: Path) -> None:
     import sys
 
     script = (
-        "import sys, warnings\nimport fusion.cli.core as cli\n"
-        "loaded = cli.load_config\n"
+        "import sys, warnings\nimport fusion.cli.core as cli\nimport fusion.cli.inspection as inspection\n"
+        "loaded = inspection.load_config\n"
         "def noisy(path):\n"
         "    warnings.warn('Optimal order is the largest alpha. Please consider expanding the range', UserWarning)\n"
+        "    print('config loaded', file=sys.stderr)\n"
         "    return loaded(path)\n"
-        "cli.load_config = noisy\n"
-        "sys.exit(cli.main(['budget', '--config', sys.argv[1]]))\n"
+        "inspection.load_config = noisy\n"
+        "sys.exit(cli.main(['plan', '--config', sys.argv[1]]))\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(demo)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert "config loaded" in done.stderr  # the warning was raised
     assert "Optimal order" not in done.stderr + done.stdout
 
 

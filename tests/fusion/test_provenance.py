@@ -23,7 +23,8 @@ from fusion.keys.registry import (
 )
 from fusion.release.plan import plan_release
 from fusion.store.delta import Store
-from fusion.store.provenance import SIGNATURE_FIELD, ChainLink, rows_digest, sign_release, verify_releases
+from fusion.store.provenance import SIGNATURE_FIELD, ChainLink, rows_digest, sign_release
+from fusion.store.verification import verify_releases
 from pipelines import release as release_module
 from pipelines.batch import run_batch
 from privacy.signing import generate_signing_key, sign

@@ -22,7 +22,7 @@ from fusion.keys.registry import load_key_holder_public_keys
 from fusion.release.plan import plan_release
 from fusion.store.delta import Store
 from fusion.store.mode import MODE_PROPERTY, bind_store_mode, recorded_mode, store_mode
-from fusion.store.provenance import verify_releases
+from fusion.store.verification import verify_releases
 from pipelines.batch import run_batch
 from schemas.tables import RELEASES_SCHEMA
 from tests.conftest import START, Federation

@@ -38,7 +38,7 @@ def test_gridcos_feeder_load_follows_the_real_demand_shape() -> None:
 
 def test_the_demo_step_recommends_a_dispatch_from_forecasts_and_ratifies_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fusion.cli.mechanisms import demo_step
+    from fusion.cli.demo_steps import dispatch_step
     from fusion.config.federation import load_config
 
     config_path = build_demo(tmp_path / "demo", days=1)
@@ -52,7 +52,7 @@ def test_the_demo_step_recommends_a_dispatch_from_forecasts_and_ratifies_it(
         store.insert_new("forecasts", forecast_rows(
             {region: (level, 0.1) for region, _ in DEMO_BUSES.values()}, at=day + timedelta(hours=hour),
             metric=LOAD_METRIC, forecast_id=f"fc-{hour}"))
-    demo_step(config_path, released=1)
+    dispatch_step(config_path, released=1)
     out = capsys.readouterr().out
     assert "case5 for 2026-01-02 21:00Z" in out and "LMPs ($/MWh)" in out
     assert "ratified by grid-operator (duty-officer, 1 of 1 signature)" in out

@@ -13,7 +13,7 @@ from fusion.keys.registry import load_key_holder_public_keys
 from fusion.release.plan import plan_release
 from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE, STEPS
 from fusion.store.delta import Store
-from fusion.store.provenance import verify_releases
+from fusion.store.verification import verify_releases
 from tests.conftest import END, START, Federation, build_federation
 
 pytestmark = pytest.mark.e2e

@@ -127,7 +127,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "releases verified against the key holder's registered signature: 1 of 1" in out
     assert (tmp_path / "demo" / "README.txt").read_text().startswith("Fusion demo federation")
     # The first "Try:" line runs as printed, from any directory, and its table is narrow enough to read.
-    from fusion.cli.core import DEMO_TRY_QUERY
+    from fusion.cli.demo import DEMO_TRY_QUERY
 
     config = str((tmp_path / "demo" / "federation.toml").resolve())
     assert f'sql --config {config} "{DEMO_TRY_QUERY}"' in " ".join(out.split())

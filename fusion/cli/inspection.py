@@ -1,0 +1,221 @@
+"""The commands that read the config and the store and change nothing: `fusion plan` (predicted noise and
+budget), `budget` (spent and left), `verify` (releases against the key holder's signature) and `sql`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+
+from fusion.cli.options import non_negative, with_config
+from fusion.cli.output import console, print_arrow
+from fusion.config.federation import load_config
+from fusion.errors import FusionError
+from schemas.tables import TABLE_SCHEMAS
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    plan = with_config(sub.add_parser("plan", help="predicted noise and budget of a release; spends nothing"))
+    plan.add_argument("--contributors", type=int, default=None, help="institutions assumed to contribute")
+    plan.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+
+    budget = with_config(sub.add_parser("budget", help="privacy budget spent and left per period"))
+    budget.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+
+    check = with_config(
+        sub.add_parser("verify", help="check every release in the store against the key holder's signature")
+    )
+    check.add_argument("--release", help="check this release only")
+    check.add_argument(
+        "--seen",
+        type=non_negative(int),
+        default=0,
+        metavar="SEQUENCE",
+        help="the highest sequence number you saw in an earlier check: releases up to it must still be there",
+    )
+    check.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+
+    sql = with_config(sub.add_parser("sql", help="query the store (read-only SQL)"))
+    sql.add_argument(
+        "query",
+        help="one query (SELECT, WITH, FROM, VALUES, PIVOT, SUMMARIZE, ...) over the store's tables: "
+        + ", ".join(TABLE_SCHEMAS),
+    )
+    from fusion.config.sql_limits import SqlLimits
+
+    defaults = SqlLimits()
+    sql.add_argument(
+        "--timeout", type=_sql_limit("timeout"), metavar="DURATION",
+        help="stop the query once it has run this long, its output written included, e.g. 30s or 5m (default: "
+        f"timeout in the config's [sql] block, else {defaults.timeout})",
+    )
+    sql.add_argument(
+        "--max-rows", type=_sql_limit("max_rows"), metavar="N",
+        help=f"refuse a result of more rows (default: max_rows in [sql], else {defaults.max_rows})",
+    )
+    sql.add_argument(
+        "--max-size", type=_sql_limit("max_size"), metavar="SIZE",
+        help="refuse a result larger than this in Arrow form, e.g. 512MB or 2GiB (default: max_size in [sql], "
+        f"else {defaults.max_size})",
+    )
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+
+
+#: The most rows `fusion sql` shows as a table: no terminal shows more usefully, and a table is held whole.
+TABLE_ROWS_SHOWN = 10_000
+
+
+def _sql_limit(field: str) -> Callable[[str], Any]:
+    """An argparse type: a value of SqlLimits' `field`, checked as the config's [sql] block checks it."""
+
+    def parse(text: str) -> Any:
+        from pydantic import ValidationError
+
+        from fusion.config.sql_limits import SqlLimits
+
+        try:
+            return getattr(SqlLimits.model_validate({field: text}), field)
+        except ValidationError as exc:
+            raise argparse.ArgumentTypeError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+    return parse
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """CSV and JSON stream out batch by batch; a table shows the first TABLE_ROWS_SHOWN rows."""
+    from fusion.api import open_store
+    from fusion.cli.formats import write_csv, write_json_lines
+
+    config = load_config(args.config, check_release=False)  # reads the store only
+    limits = config.sql.replace(timeout=args.timeout, max_rows=args.max_rows, max_size=args.max_size)
+    with open_store(config, limits=limits) as store, store.sql_batches(args.query) as reader:
+        try:
+            if args.format == "csv":
+                write_csv(reader.schema, reader, sys.stdout)
+                return 0
+            if args.format == "json":
+                write_json_lines(reader, sys.stdout)
+                return 0
+        except BrokenPipeError:  # the reader of a pipe stopped reading (`| head`): stop quietly, as SIGPIPE would
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+            return 141
+        batches: list[pa.RecordBatch] = []
+        for batch in reader:
+            batches.append(batch)
+            if sum(b.num_rows for b in batches) > TABLE_ROWS_SHOWN:  # a batch or two: BATCH_ROWS rows each
+                break  # the rest is never read
+        table = pa.Table.from_batches(batches, schema=reader.schema)
+    print_arrow(table.slice(0, TABLE_ROWS_SHOWN))
+    if table.num_rows > TABLE_ROWS_SHOWN:
+        console.print(f"[dim]the result has more rows than the {TABLE_ROWS_SHOWN:,} shown: --format csv or json "
+                      "writes them all[/dim]")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fusion.release.planning import privacy_plan
+
+    config = load_config(args.config)
+    try:
+        plan, metrics = privacy_plan(config, contributors=args.contributors)
+    except ValueError as exc:
+        raise FusionError(f"--contributors: {exc}") from None
+    console.print(
+        f"[bold]Privacy plan[/bold] for {config.federation.id} (nothing is spent)\n"
+        f"  unit: {plan.unit}; {plan.components_per_reading} vector sums per reading\n"
+        f"  sensitivity (integer units): L1 = {plan.l1:.6g}, L2 = {plan.l2:.6g}\n"
+        f"  Skellam noise: variance {plan.total_variance:.6g} that no admissible coalition knows; each institution "
+        f"seals {plan.share_variance:.6g} and removes its excess once the roster is known\n"
+        f"  each release: epsilon {plan.epsilon:.4f} at delta {plan.delta:g}, against {plan.guarantee}\n"
+        f"  masking: {plan.masking}\n"
+        + "".join(
+            f"  noise sd with {c.contributors} contributors: {c.to_central:.3f}x the central analytic Gaussian, "
+            f"{c.to_floor:.3f}x the floor sqrt(n/(n-1-c)) for shares each contributor knows\n"
+            + (
+                "    (above the 1.10x target: at this noise level Skellam needs more variance than a Gaussian for the "
+                "same epsilon; a smaller epsilon or a finer resolution narrows the gap)\n"
+                if c.to_floor > 1.10
+                else ""
+            )
+            for c in plan.noise
+        )
+        + f"  budget: cap {plan.epsilon_cap:g} per {plan.period} period -> "
+        + (
+            "releases of disjoint intervals compose in parallel (event level): composition does not limit them\n"
+            if plan.releases_per_period is None
+            else f"{plan.releases_per_period} release(s) fit (sequential composition, entity level)\n"
+        )
+        + f"  error bars below assume {plan.contributors} contributing institutions"
+    )
+    if config.models:  # training runs spend the same ledger: what each would take its period to
+        from training.planning import model_plan_lines
+
+        console.print(
+            "[bold]Training[/bold] (fusion train; nothing is spent)\n" + "\n".join(model_plan_lines(config)),
+            highlight=False,
+        )
+    if args.format == "table":  # one row per statistic, one column per metric: "sd (+-95% half-width)"
+        from fusion.release.predictions import noise_table
+
+        print_arrow(noise_table(metrics.to_pylist()), "table",
+                    title="predicted noise per cell: sd (+-95% half-width), each metric's unit "
+                          "(fusion/release/predictions.py)")
+    else:
+        print_arrow(metrics, args.format, title="predicted noise per cell")
+    return 0
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    from fusion.api import open_store
+
+    with open_store(args.config) as store:
+        table = store.sql(
+            "SELECT period, period_start, period_end, epsilon_cap, epsilon_spent, "
+            "greatest(epsilon_cap - epsilon_spent, 0) AS epsilon_left, delta, releases, "
+            "coalesce(composition, 'sequential (RDP, older row)') AS composition "
+            "FROM budget ORDER BY period"
+        )
+    if table.num_rows == 0:
+        console.print("no budget spent yet")
+        return 0
+    print_arrow(table, args.format, title="privacy budget per period")
+    if args.format == "table":
+        console.print(
+            "composition: parallel = event level, each reading is in one interval: releases of disjoint intervals "
+            "do not add up, and the period spends what its worst instant's releases compose to (PLD); sequential = "
+            "entity level: all of the period's releases compose (PLD)"
+        )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every release checked is verified (or legacy: registered as published before signing)."""
+    import pyarrow as pa
+
+    from fusion.keys.registry import load_key_holder_public_keys, load_unsigned_releases
+    from fusion.store.delta import Store
+    from fusion.store.verification import GOOD, verify_releases
+
+    config = load_config(args.config, check_release=False)  # reads the store and registry only
+    from fusion.cli.mechanisms import verify_mechanisms_tables
+
+    mechanisms_ok = args.release is not None or verify_mechanisms_tables(config, args.format)
+    keys = load_key_holder_public_keys(config)
+    if not keys:
+        console.print(f"no key holder signing key is registered in {config.registry_path}: nothing can be verified")
+        return 1
+    unsigned = load_unsigned_releases(config)
+    checks = verify_releases(
+        Store(config.store_path), keys, unsigned=unsigned, release_id=args.release, seen=args.seen
+    )
+    if not checks:
+        console.print("no releases in the store yet")
+        return 0 if mechanisms_ok else 1
+    table = pa.Table.from_pylist([vars(c) for c in checks])
+    print_arrow(table, args.format, title="releases checked against the key holder's signature")
+    return 0 if all(c.status in GOOD for c in checks) and mechanisms_ok else 1

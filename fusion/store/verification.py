@@ -1,0 +1,202 @@
+"""Checking the store's releases against the key holder's registered signatures (fusion/store/provenance.py says
+what a signature covers and how releases chain): each release is verified, legacy, tampered, missing or, in a
+production store, a violation; a release removed whole is named by a later signature or by its sequence number."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from fusion.config.federation import PrivacyMode
+from fusion.store.delta import Store
+from fusion.store.mode import releases_with_test_cells, store_mode
+from fusion.store.provenance import CELL_ORDER, SIGNATURE_FIELD, ReleaseSignature, _Canonical
+from privacy.signing import verify
+
+
+@dataclass(frozen=True)
+class ReleaseCheck:
+    release_id: str
+    rows: int  # rows in `releases` now
+    status: str  # "verified" | "legacy" | "tampered" | "missing" | "violation"
+    reason: str
+    sequence: int | None = None  # its place in the chain of signed releases (None: signed before the chain)
+
+
+#: How `verify_releases` names a release audit row without a release id (Fusion writes none such).
+NO_RELEASE_ID = "(no release id)"
+
+#: Statuses that mean the release is what was published.
+GOOD = ("verified", "legacy")
+
+
+def verify_releases(
+    store: Store,
+    public_keys: Sequence[bytes],
+    *,
+    unsigned: frozenset[str] = frozenset(),
+    release_id: str | None = None,
+    seen: int = 0,
+) -> list[ReleaseCheck]:
+    """Check every release in the store (or one) against the key holder's registered public keys. `unsigned`:
+    the releases registered as published before the key holder had a key (`legacy` when they have no
+    signature); any other release without a valid signature is `tampered`. A release the budget ledger charged
+    but that has neither rows nor an audit record is `missing` (a pass that crashed before committing: re-run
+    it; or the release was removed). A release removed whole is `missing` too, found through the chain of
+    signatures; `seen`: the highest sequence number the caller saw before, so the newest releases are covered.
+    In a production store (fusion/store/mode.py) a release holding test-mode cells (noise off or seeded, epsilon
+    inf, charged nothing to the budget) is a `violation`, however well signed."""
+    releases = store.read("releases")
+    releases = releases.sort_by([("release_id", "ascending"), *((c, "ascending") for c in CELL_ORDER)])
+    canonical = _Canonical(releases)
+    ids = releases.column("release_id").to_numpy(zero_copy_only=False)
+    bounds: dict[str, tuple[int, int]] = {}
+    if len(ids):
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        ends = np.r_[starts[1:], len(ids)]
+        bounds = {str(ids[a]): (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
+    audit = store.read("audit")
+    audit = audit.filter(pc.equal(audit.column("action"), "release"))
+    records: dict[str, list[dict[str, Any]]] = {}
+    for row in audit.select(["event_id", "release_id", "detail", "content_sha256"]).to_pylist():
+        records.setdefault(row["release_id"] or NO_RELEASE_ID, []).append(row)  # a NULL id: no record Fusion wrote
+    charged = {r for ids_ in store.read("budget").column("release_ids").to_pylist() for r in ids_ or () if r}
+    known = set(bounds) | set(records) | charged
+    checks, claims = [], {}
+    for rid in sorted(known):
+        start, end = bounds.get(rid, (0, 0))
+
+        def digest(columns: Sequence[str], start: int = start, end: int = end) -> str:
+            return canonical.digest(start, end, columns)
+
+        status, reason, claim = _check(
+            rid, end - start, releases.column_names, digest, records.get(rid, []), public_keys, unsigned, rid in charged
+        )
+        checks.append(ReleaseCheck(rid, end - start, status, reason, None if claim is None else claim.sequence))
+        if claim is not None and claim.sequence is not None:
+            claims[rid] = claim
+    if store_mode(store, releases) is PrivacyMode.PRODUCTION:
+        test_cells = releases_with_test_cells(releases)
+        checks = [
+            replace(c, status="violation", reason=test_cells[c.release_id])
+            if c.release_id in test_cells and c.status in GOOD
+            else c
+            for c in checks
+        ]
+    tampered = any(c.status == "tampered" for c in checks)
+    gaps = _chain_gaps(claims, known | unsigned, seen, tampered=tampered) + [
+        ReleaseCheck(rid, 0, "missing", "registered as published before the key holder had a signing key, but "
+                     "its rows and audit record are gone")
+        for rid in sorted(unsigned - known)
+    ]
+    if release_id is None:
+        return checks + gaps
+    own = [c for c in checks + gaps if c.release_id == release_id] or [
+        ReleaseCheck(release_id, 0, "missing", "no such release")
+    ]
+    return own + ([g for g in gaps if g.release_id.startswith("(")] if seen else [])
+
+
+def _chain_gaps(
+    claims: dict[str, ReleaseSignature], known: set[str], seen: int, *, tampered: bool = False
+) -> list[ReleaseCheck]:
+    """Releases removed whole (rows, audit record and budget charge): named as the predecessor of an authentic
+    signature but found nowhere, or sequence numbers no authentic signature holds or names up to the highest
+    one (or up to `seen`, the highest a reader saw before); runs of such numbers are reported as one range."""
+    gaps = []
+    accounted = set()
+    for rid, claim in sorted(claims.items()):
+        if claim.sequence is None:
+            continue
+        accounted.add(claim.sequence)
+        if claim.previous:
+            accounted.add(claim.sequence - 1)  # the predecessor's number, whatever happened to it
+        for predecessor in claim.previous or ():
+            if predecessor not in known:
+                known = known | {predecessor}
+                gaps.append(ReleaseCheck(
+                    predecessor, 0, "missing",
+                    f"removed: the signature of release {rid} names it as the release it follows, and its rows, "
+                    "audit record and budget charge are gone",
+                    claim.sequence - 1 or None,
+                ))
+    top = max(accounted, default=0)
+    limit = max(top, seen)
+    expected = 1
+    for number in [*sorted(n for n in accounted if 0 < n <= limit), limit + 1]:
+        if number > expected:  # expected .. number - 1: no authentic signature holds or names them
+            last = number - 1
+            label = f"(sequence {expected})" if last == expected else f"(sequences {expected}-{last})"
+            reason = (
+                f"no authentic signature holds or names these sequence numbers (of {top} given out so far): the "
+                "releases that had them were removed whole (rows, audit records and budget charges)"
+                + (", or are among those whose signatures are reported tampered" if tampered else "")
+                if last < top
+                else f"removed: a reader saw sequence number {seen} before; the highest in the store is {top}"
+            )
+            gaps.append(ReleaseCheck(label, 0, "missing", reason, expected))
+        expected = number + 1
+    return gaps
+
+
+def _check(
+    release_id: str,
+    rows: int,
+    published: Sequence[str],
+    digest: Callable[[Sequence[str]], str],
+    records: list[dict[str, Any]],
+    public_keys: Sequence[bytes],
+    unsigned: frozenset[str],
+    charged: bool,
+) -> tuple[str, str, ReleaseSignature | None]:
+    """(status, reason, the signature once it is authentic: its chain links can then be trusted)."""
+    own = [r for r in records if r["event_id"] == f"{release_id}:released"]
+    if len(records) > len(own):
+        return "tampered", "an audit record of its release that Fusion did not write", None
+    if not own:
+        if rows == 0:
+            if charged:
+                return "missing", (
+                    "charged to the budget but not published: a pass that crashed before committing (re-run it), "
+                    "or its rows and audit record were removed"
+                ), None
+            return "missing", "no such release", None
+        if release_id in unsigned:
+            return "legacy", "published before the key holder had a signing key", None
+        return "tampered", "no audit record of its release (removed, or rows added without a release)", None
+    record = own[0]
+    try:
+        doc = json.loads(record["detail"] or "{}")
+        if not isinstance(doc, dict) or SIGNATURE_FIELD not in doc:
+            if release_id in unsigned:
+                return "legacy", "published before the key holder had a signing key", None
+            return "tampered", "its audit record holds no signature (removed)", None
+        claim = ReleaseSignature.from_doc(doc[SIGNATURE_FIELD])
+        signature = bytes.fromhex(claim.signature)
+    except RecursionError:
+        return "tampered", "the signature record is unreadable: nested too deeply", None
+    except (ValueError, KeyError, TypeError) as exc:
+        return "tampered", f"the signature record is unreadable: {exc}", None
+    if claim.release_id != release_id:
+        return "tampered", f"the signature is for release {claim.release_id}", None
+    if not any(verify(key, claim.message(), signature) for key in public_keys):
+        return "tampered", "the signature was not made by the registered key holder", None
+    if record["content_sha256"] != claim.aggregate_sha256:
+        return "tampered", "the audit record names another aggregate envelope than the one signed", claim
+    if rows == 0:
+        return "missing", (
+            "signed but its rows are not committed: a pass that crashed (re-run it), or its rows were removed"
+        ), claim
+    if rows != claim.rows:
+        return "tampered", f"{rows} rows in `releases`, {claim.rows} signed", claim
+    missing = [c for c in claim.columns if c not in published]
+    if missing:
+        return "tampered", f"signed columns missing from `releases`: {missing}", claim
+    if digest(claim.columns) != claim.rows_sha256:
+        return "tampered", "the rows in `releases` differ from the rows signed", claim
+    return "verified", "", claim
