@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 import threading
 import time
@@ -135,6 +136,10 @@ def _server(config: Config, options: ServeOptions, *, warm: bool) -> tuple[uvico
 def serve(config: Config, options: ServeOptions, sock: socket.socket) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM), on an already bound socket."""
     server, stores = _server(config, options, warm=True)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn stops on SIGINT, then raises it again under the handler it found: Python's own, so that the
+        # command ends as an interrupted one (exit 130), even where SIGINT was inherited ignored (a background job).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.run(sockets=[sock])
     finally:
