@@ -8,6 +8,9 @@ decryption decodes to the centred range (-t/2, t/2), so every total must stay be
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,11 +47,29 @@ def generate_keys() -> tuple[bytes, bytes]:
     return context.serialize(save_secret_key=True), context.serialize(save_secret_key=False)
 
 
+#: Public contexts loaded by this process, by the SHA-256 of their bytes (the most recent few): a process that
+#: seals contributions and then sums them (`fusion batch`) loads the federation's public context once, not per role.
+_PUBLIC_CONTEXTS: OrderedDict[bytes, ts.Context] = OrderedDict()
+_PUBLIC_CONTEXTS_KEPT = 4
+_PUBLIC_CONTEXTS_LOCK = threading.Lock()
+
+
 def load_public_context(data: bytes) -> ts.Context:
-    """A context that can encrypt and add but not decrypt; refuses bytes that carry a secret key."""
+    """A context that can encrypt and add but not decrypt; refuses bytes that carry a secret key. Loaded once per
+    process for the same bytes (callers use it to encrypt, add and check ciphertexts, which leave it unchanged)."""
+    digest = hashlib.sha256(data).digest()
+    with _PUBLIC_CONTEXTS_LOCK:
+        cached = _PUBLIC_CONTEXTS.get(digest)
+        if cached is not None:
+            _PUBLIC_CONTEXTS.move_to_end(digest)
+            return cached
     context = ts.context_from(data)
     if context.is_private():
         raise ValueError("expected a public context, but these bytes contain the HE secret key")
+    with _PUBLIC_CONTEXTS_LOCK:
+        _PUBLIC_CONTEXTS[digest] = context
+        while len(_PUBLIC_CONTEXTS) > _PUBLIC_CONTEXTS_KEPT:
+            _PUBLIC_CONTEXTS.popitem(last=False)
     return context
 
 

@@ -31,9 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from randomgen import ChaCha
 
-from privacy.skellam import SkellamNoise
+from privacy.skellam import SkellamNoise, chacha20
 
 SEED_BYTES = 32
 _CHAIN = b"fusion/noise-layer-chain/v1|"
@@ -122,7 +121,7 @@ def layer_noise(seed: bytes, *, variance: float, slots: int, context: bytes) -> 
     if variance <= 0:
         return np.zeros(slots, dtype=np.int64)
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=context, info=_STREAM).derive(seed)
-    generator = np.random.Generator(ChaCha(key=int.from_bytes(key, "big"), rounds=20))
+    generator = np.random.Generator(chacha20(key=int.from_bytes(key, "big")))
     return SkellamNoise(variance, generator=generator).sample(slots)
 
 

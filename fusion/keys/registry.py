@@ -10,10 +10,12 @@ readers can check the store against the registry (`fusion verify`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import secrets
 import stat
+import threading
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -81,12 +83,35 @@ class _Registry:
     mechanisms: dict[str, Any] = field(default_factory=dict)
 
 
+#: The last registry parsed by this process, with the bytes it was parsed from: a release reads the registry a few
+#: dozen times (every envelope checked, every key looked up), and reading the small file again costs far less than
+#: parsing it. Keyed by the bytes themselves, so a rewritten registry, however soon after and by whoever, is
+#: parsed again.
+_PARSED: dict[str, tuple[bytes, _Registry]] = {}
+_PARSED_LOCK = threading.Lock()
+
+
 def _read(config: Config) -> _Registry:
     path = Path(config.registry_path)
-    if not path.exists():
-        return _Registry({}, None, None)
     try:
-        doc = tomllib.loads(path.read_text())
+        text = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return _Registry({}, None, None)
+    key = str(path.absolute())
+    with _PARSED_LOCK:
+        cached = _PARSED.get(key)
+    if cached is not None and cached[0] == text:
+        return cached[1]
+    registry = _parse(path, text.decode())
+    with _PARSED_LOCK:
+        _PARSED.clear()  # one registry per federation: keep the latest only
+        _PARSED[key] = (text, registry)
+    return registry
+
+
+def _parse(path: Path, text: str) -> _Registry:
+    try:
+        doc = tomllib.loads(text)
         institutions = {
             entry["id"]: {
                 "signing": bytes.fromhex(entry["signing_key"]),
@@ -198,7 +223,7 @@ def _mechanism_lines(sections: dict[str, Any]) -> list[str]:
 
 def load_mechanism_sections(config: Config) -> dict[str, Any]:
     """The registry's mechanism sections as parsed (empty where absent); mechanisms/authorities.py reads them."""
-    return dict(_read(config).mechanisms)
+    return copy.deepcopy(_read(config).mechanisms)  # the parsed registry is shared (cached): callers get their own
 
 
 def write_mechanism_sections(config: Config, sections: dict[str, Any]) -> None:

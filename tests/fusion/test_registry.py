@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion.config.federation import parse_config
+from fusion.config.federation import Config, parse_config
 from fusion.errors import FusionError
 from fusion.keys.registry import (
     create_institution_keys,
@@ -124,3 +124,22 @@ def test_releases_published_before_the_first_key_are_registered_as_unsigned_once
     create_key_holder_key(config, published={"r-3"}, overwrite=True)  # a rotation adds nothing unsigned
     assert load_unsigned_releases(config) == {"r-1", "r-2"}
     assert "unsigned_releases = ['r-1', 'r-2']" in Path(config.registry_path).read_text()
+
+
+def test_a_registry_rewritten_in_place_is_read_again_at_once(config: Config) -> None:
+    # Parsed registries are kept per process: an edit of the same size, in place, within the file system's
+    # timestamp granularity, must still be seen by the next read.
+    create_institution_keys(config, "alpha")
+    create_institution_keys(config, "beta")
+    before = load_registry(config)
+    path = Path(config.registry_path)
+    text = path.read_text()
+    swapped = text.replace(before["alpha"].hex(), "00" * 32).replace(before["beta"].hex(), before["alpha"].hex())
+    assert len(swapped) == len(text)
+    with path.open("r+") as handle:  # same file, same size
+        handle.write(swapped)
+    after = load_registry(config)
+    assert after == {"alpha": bytes(32), "beta": before["alpha"]}
+    path.write_text("[[institutions]]\nid = 1\n")
+    with pytest.raises(FusionError, match="malformed"):
+        load_registry(config)

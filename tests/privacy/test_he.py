@@ -241,6 +241,19 @@ def test_public_and_secret_contexts_are_not_interchangeable(keys: tuple[bytes, b
     assert load_secret_context(secret_bytes).has_secret_key()
 
 
+def test_a_public_context_is_loaded_once_per_process_and_a_secret_one_never_kept(keys: tuple[bytes, bytes]) -> None:
+    secret_bytes, public_bytes = keys
+    first = load_public_context(public_bytes)
+    assert load_public_context(bytes(bytearray(public_bytes))) is first  # the same bytes: the same context
+    other_secret, other_public = generate_keys()
+    assert load_public_context(other_public) is not first
+    for _ in range(2):  # refused each time: secret bytes are never kept as a public context
+        with pytest.raises(ValueError, match="secret key"):
+            load_public_context(secret_bytes)
+    encrypted = encrypt_vector(load_public_context(other_public), np.array([5, -7]))
+    assert decrypt_vector(load_secret_context(other_secret), encrypted, 2).tolist() == [5, -7]
+
+
 def test_a_public_context_cannot_decrypt(public: ts.Context, secret: ts.Context) -> None:
     encrypted = encrypt_vector(public, np.array([1, 2, 3]))
     with pytest.raises(ValueError, match="secret_key"):

@@ -12,11 +12,12 @@ import tomllib
 
 import numpy as np
 import pytest
+from randomgen import ChaCha
 from scipy import stats
 
 from fusion.config.federation import PrivacyMode, parse_config
 from fusion.errors import ConfigError
-from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
+from privacy.skellam import SkellamNoise, chacha20, secure_generator, seeded_generator
 from tests.conftest import config_text
 
 N = 200_000
@@ -139,8 +140,9 @@ def test_secure_generators_are_independently_keyed_chacha20() -> None:
         state = generator.bit_generator.state
         assert state["bit_generator"].endswith("ChaCha")
         assert state["state"]["rounds"] == 20
-    assert not np.array_equal(first.bit_generator.state["state"]["keysetup"],
-                              second.bit_generator.state["state"]["keysetup"])
+    assert not np.array_equal(
+        first.bit_generator.state["state"]["keysetup"], second.bit_generator.state["state"]["keysetup"]
+    )
     assert not np.array_equal(first.integers(0, 2**63, size=8), second.integers(0, 2**63, size=8))
     a = SkellamNoise(variance=400.0, generator=secure_generator()).sample(64)
     b = SkellamNoise(variance=400.0, generator=secure_generator()).sample(64)
@@ -211,3 +213,20 @@ def test_a_config_whose_noise_cannot_be_sampled_exactly_is_refused_at_load() -> 
     )
     with pytest.raises(ConfigError, match="too large to sample exactly"):
         parse_config(tomllib.loads(text))
+
+
+def test_both_chacha20_implementations_draw_the_same_stream() -> None:
+    # The generators pick randomgen's SIMD or portable ChaCha core by speed: both must be the same cipher.
+    if not ChaCha(seed=0).use_simd:
+        pytest.skip("randomgen has no SIMD ChaCha core on this CPU")
+    streams = []
+    for simd in (True, False):
+        bit_generator = chacha20(key=2**255 + 2026)
+        bit_generator.use_simd = simd
+        streams.append(np.random.Generator(bit_generator).poisson(1234.5, size=(2, 5000)))
+    np.testing.assert_array_equal(streams[0], streams[1])
+    # One call for both Poisson vectors draws what two calls did.
+    one = SkellamNoise(variance=400.0, generator=seeded_generator(7)).sample(3000)
+    generator = seeded_generator(7)
+    two = generator.poisson(200.0, size=3000) - generator.poisson(200.0, size=3000)
+    np.testing.assert_array_equal(one, two)
