@@ -7,6 +7,7 @@ such as key generation is excluded and reported separately where it matters).
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import shutil
@@ -182,6 +183,8 @@ def fusion_batch(
     from fusion.keys.registry import create_aggregator_key, create_institution_keys
     from fusion.release.plan import plan_release
     from pipelines.batch import run_batch
+
+    gc.freeze()  # as `fusion batch` does once its imports are in (fusion/cli/release.py)
 
     if workdir.exists():
         shutil.rmtree(workdir)

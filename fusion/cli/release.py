@@ -5,6 +5,7 @@ releases window after window."""
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -148,6 +149,9 @@ def _print_counts(row_counts: dict[str, dict[str, Any]], *, withheld: bool = Tru
 def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     from pipelines.batch import run_batch
 
+    # The ~200,000 objects Beam, SciPy and pandas leave at import live as long as the process: kept out of the
+    # collector's full passes, each of which would otherwise walk them all (about 0.1 s of a release's CPU).
+    gc.freeze()
     if args.in_process and beam_args:
         raise FusionError(f"--in-process builds no Beam pipeline: drop it or the Beam options ({' '.join(beam_args)})")
     plan = _plan(args)
