@@ -25,7 +25,7 @@ from fusion.cli.output import err_console
 from fusion.cli.release import cmd_aggregate, cmd_batch, cmd_contribute, cmd_release
 from fusion.cli.stream import cmd_stream
 from fusion.errors import FusionError
-from fusion.runtime.shutdown import exit_now
+from fusion.runtime.shutdown import exit_now, own_process
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -178,6 +178,7 @@ def run() -> NoReturn:
     """The console entry point: run `main`, then leave without interpreter finalization (see `exit_now`),
     whichever way it ends: a return, `--help` or a usage error (SystemExit), Ctrl-C, or an unexpected error
     (its traceback printed, as Python would, and exit status 1)."""
+    own_process()
     try:
         code = main()
     except SystemExit as exc:

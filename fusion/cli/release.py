@@ -19,6 +19,7 @@ from fusion.cli.output import console, err_console
 from fusion.cli.stream import add_parsers as add_stream_parsers
 from fusion.config.federation import load_config
 from fusion.errors import FusionError, ReleaseNotReady
+from fusion.runtime.shutdown import process_owned
 
 if TYPE_CHECKING:  # fusion.release.plan imports Beam and the accountants: commands that run no pipeline never load it
     from fusion.release.plan import ReleasePlan
@@ -149,9 +150,10 @@ def _print_counts(row_counts: dict[str, dict[str, Any]], *, withheld: bool = Tru
 def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     from pipelines.batch import run_batch
 
-    # The ~200,000 objects Beam, SciPy and pandas leave at import live as long as the process: kept out of the
-    # collector's full passes, each of which would otherwise walk them all (about 0.1 s of a release's CPU).
-    gc.freeze()
+    if process_owned():
+        # The ~200,000 objects Beam, SciPy and pandas leave at import live as long as the process: kept out of
+        # the collector's full passes, each of which would otherwise walk them all (about 0.1 s of a release's CPU).
+        gc.freeze()
     if args.in_process and beam_args:
         raise FusionError(f"--in-process builds no Beam pipeline: drop it or the Beam options ({' '.join(beam_args)})")
     plan = _plan(args)

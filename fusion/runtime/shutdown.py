@@ -9,6 +9,20 @@ import sys
 import threading
 from typing import NoReturn
 
+_OWNED = [False]
+
+
+def own_process() -> None:
+    """Mark this process as a command's own (the console entry point): it ends with `exit_now`, so choices for
+    the rest of its life (such as freezing the collector's view of its imports) are the command's to make. Not
+    called where `main` runs inside another program (tests, notebooks)."""
+    _OWNED[0] = True
+
+
+def process_owned() -> bool:
+    """Whether `own_process` was called in this process."""
+    return _OWNED[0]
+
 
 def exit_now(code: int) -> NoReturn:
     """Exit with `code` the way Python would, minus interpreter finalization.
