@@ -142,7 +142,9 @@ class _ScanConnections:
         connection.close()
 
 
-_scan_connections = _ScanConnections()
+#: As many as the stream's release run scans side by side (pipelines.stream_release.WINDOW_WORKERS): fewer would
+#: open and close connections all through a burst.
+_scan_connections = _ScanConnections(keep=4)
 
 
 class _ScanningDoFn(beam.DoFn):
@@ -385,9 +387,8 @@ def double_mask(plan: ReleasePlan, institution_id: str, vector: np.ndarray) -> t
 _PUBLIC_CONTEXTS: dict[str, Any] = {}  # SHA-256 of a public HE context -> the loaded context, per process
 
 
-def _loaded_public_context(data: bytes) -> Any:
-    """The public HE context serialised as `data`, loaded once per process."""
-    digest = hashlib.sha256(data).hexdigest()
+def _loaded_public_context(data: bytes, digest: str) -> Any:
+    """The public HE context serialised as `data` (whose SHA-256 is `digest`), loaded once per process."""
     if digest not in _PUBLIC_CONTEXTS:
         _PUBLIC_CONTEXTS[digest] = he.load_public_context(data)
     return _PUBLIC_CONTEXTS[digest]
@@ -415,7 +416,8 @@ class SealContribution(beam.DoFn):
         # The public HE context (about 1 MB) is read once per worker and loaded once per process (by its digest):
         # a run that seals many intervals, such as the stream's burst of windows, does not deserialise it each time.
         self._public_context = read_bytes(public_context_path(self._plan.config.exchange_path))
-        self._he_context = _loaded_public_context(self._public_context)
+        self._context_sha256 = hashlib.sha256(self._public_context).hexdigest()  # once, not per envelope
+        self._he_context = _loaded_public_context(self._public_context, self._context_sha256)
 
     def process(
         self, element: tuple[str, PartialAggregate], files: Mapping[str, dict[str, FileTally]] | None = None
@@ -464,13 +466,12 @@ class SealContribution(beam.DoFn):
             vector = vector + layered.noise
         crash_point("before_encrypt")
         masked, mask_fields = double_mask(plan, institution.id, vector)
-        public_context = self._public_context
         ciphertexts = he.encrypt_vector(self._he_context, masked, residues=True)
         header = plan.envelope_header(
             kind="contribution",
             contributors=(institution.id,),
             noise_variance=plan.params.share_variance if plan.params.noise else 0.0,
-            context_sha256=hashlib.sha256(public_context).hexdigest(),
+            context_sha256=self._context_sha256,
             reject_counts={},  # exact counts never leave the institution: they are noisy tallies of the vector
             **mask_fields,
             layer_commitments=layered.commitments if layered else {},

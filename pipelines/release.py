@@ -170,11 +170,17 @@ def prepare_releases(
     quantiles = release_quantiles(
         [(totals[i], o.plan.layout, o.plan.params, o.header.noise_variance) for i, o in opened.items()]
     )
+    try:  # a pass that crashed before committing the rows recorded them: read once for every window
+        records = _recorded_releases([o.plan for o in opened.values()], store)
+    except ReleaseRefused:  # one unreadable record: each window on its own, so only that one is refused
+        records = {}
     for (i, one), cell_quantiles in zip(opened.items(), quantiles, strict=True):
         spend = spends[i]
         assert isinstance(spend, Spend)
         try:
-            results[i] = _signed(one, store, totals[i], spend, cell_quantiles)
+            release_id = one.plan.key.release_id
+            recorded = records[release_id] if release_id in records else _recorded_release(one.plan, store)
+            results[i] = _signed(one, store, totals[i], spend, cell_quantiles, recorded)
         except ReleaseRefused as exc:
             results[i] = exc
     return [results[i] for i in range(len(plans))]
@@ -218,9 +224,15 @@ def _open_aggregate(plan: ReleasePlan, store: Store) -> _Opened | ReleaseOutcome
 
 
 def _signed(
-    one: _Opened, store: Store, totals: np.ndarray, spend: Spend, quantiles: dict[str, np.ndarray]
+    one: _Opened,
+    store: Store,
+    totals: np.ndarray,
+    spend: Spend,
+    quantiles: dict[str, np.ndarray],
+    recorded: tuple[datetime, dict[str, Any]] | None,
 ) -> PreparedRelease:
-    """A charged, decrypted release decoded and signed (its audit rows and rejects ready to commit)."""
+    """A charged, decrypted release decoded and signed (its audit rows and rejects ready to commit); `recorded`:
+    the time and signature a pass that crashed before committing the rows recorded (_recorded_release)."""
     plan, data, header = one.plan, one.data, one.header
     release_id = plan.key.release_id
     fid = plan.config.federation.id
@@ -238,7 +250,6 @@ def _signed(
             quantiles=quantiles,
         )
 
-    recorded = _recorded_release(plan, store)  # a pass that crashed before committing the rows recorded one
     now = recorded[0] if recorded else datetime.now(UTC)
     cells = decoded(now)
     _check_plausible(plan, cells, header)
@@ -304,9 +315,10 @@ def publish_releases(prepared: Sequence[PreparedRelease], store: Store) -> list[
     store.insert_new("rejects", pa.concat_tables([p.rejects for p in prepared]))
     crash_point("after_audit")  # the signature is recorded; a re-run must publish exactly the rows it signed
     published = []
+    records = _recorded_releases([p.plan for p in prepared], store)
     for p in prepared:
         cells = p.cells
-        recorded = _recorded_release(p.plan, store)
+        recorded = records[p.plan.key.release_id]
         if recorded is not None and recorded[1].get("rows_sha256") != p.rows_sha256:
             # A racing pass recorded this release first, with its own time: publish the rows it signed.
             cells = p.decoded(recorded[0])
@@ -346,28 +358,46 @@ def _registered_signing_key(plan: ReleasePlan) -> bytes:
 
 def _recorded_release(plan: ReleasePlan, store: Store) -> tuple[datetime, dict[str, Any]] | None:
     """(time, signature) of this release's audit row, if a pass recorded it."""
-    event = f"{plan.key.release_id}:released"
+    return _read_recorded([plan], store)[plan.key.release_id]
+
+
+def _recorded_releases(plans: Sequence[ReleasePlan], store: Store) -> dict[str, tuple[datetime, dict[str, Any]] | None]:
+    """Release id -> _recorded_release of each of `plans`, reading `audit` once for all of them (the windows of a
+    stream's burst). Raises ReleaseRefused for a recorded row without a readable signature."""
+    if len(plans) == 1:
+        return {plans[0].key.release_id: _recorded_release(plans[0], store)}
+    return _read_recorded(plans, store)
+
+
+def _read_recorded(plans: Sequence[ReleasePlan], store: Store) -> dict[str, tuple[datetime, dict[str, Any]] | None]:
+    events = {f"{p.key.release_id}:released": p.key.release_id for p in plans}
+    found: dict[str, tuple[datetime, dict[str, Any]] | None] = dict.fromkeys(events.values())
+    if not events:
+        return found
     dataset = store.dataset("audit")
     columns = ["event_id", "at", "detail"]
-    try:  # pushed down: only this release's row group is read
-        audit = dataset.to_table(columns=columns, filter=pc.field("event_id") == event)
+    wanted = pa.array(list(events), pa.string())
+    try:  # pushed down: only these releases' row groups are read
+        audit = dataset.to_table(columns=columns, filter=pc.field("event_id").isin(wanted))
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):  # string_view files of old stores
         audit = dataset.to_table(columns=columns)
-        audit = audit.filter(pc.equal(pc.cast(audit.column("event_id"), pa.string()), event))
-    if audit.num_rows == 0:
-        return None
-    row = audit.slice(0, 1).to_pylist()[0]
-    try:
-        detail = json.loads(row["detail"] or "{}")
-        signature = detail.get(SIGNATURE_FIELD) if isinstance(detail, dict) else None
-    except (ValueError, RecursionError):
-        signature = None
-    if not isinstance(signature, dict):
-        raise ReleaseRefused(
-            f"release {plan.key.release_id}'s audit row holds no readable signature (the store was written by "
-            "someone else, or by a Fusion version before signed releases); nothing was published"
-        )
-    return row["at"], signature
+        audit = audit.filter(pc.is_in(pc.cast(audit.column("event_id"), pa.string()), value_set=wanted))
+    for row in audit.to_pylist():
+        release_id = events[str(row["event_id"])]
+        if found[release_id] is not None:
+            continue  # the first row recorded (event ids are keyed: there is one)
+        try:
+            detail = json.loads(row["detail"] or "{}")
+            signature = detail.get(SIGNATURE_FIELD) if isinstance(detail, dict) else None
+        except (ValueError, RecursionError):
+            signature = None
+        if not isinstance(signature, dict):
+            raise ReleaseRefused(
+                f"release {release_id}'s audit row holds no readable signature (the store was written by "
+                "someone else, or by a Fusion version before signed releases); nothing was published"
+            )
+        found[release_id] = (row["at"], signature)
+    return found
 
 
 def _next_link(plan: ReleasePlan, store: Store) -> ChainLink:

@@ -2,13 +2,15 @@
 
 A window is a disjoint interval with its own release id, envelopes, noise, budget charge and signature, exactly
 as if it were released alone (`fusion batch` over that window's spool). What the run shares is the work around
-them: each role step runs over all the windows before the next one starts (contribute, aggregate, unmask,
-aggregate, release); the institutions' steps reuse one loaded public HE context and pooled scan connections;
-the key holder loads the secret context once, charges every window of a privacy period in one ledger commit
-(each window its own entry; pipelines.release.prepare_releases), and estimates the quantiles of all their
-cells in one call; and the decoded cells of every window are committed together (one `audit`, one `rejects`
-and one `releases` commit), so all of them become queryable at the same moment, and a burst of windows (a
-stream catching up, `--drain`) costs one run, not one per window.
+them: the windows' institution and aggregator steps (contribute, aggregate, unmask, aggregate) run side by side,
+`WINDOW_WORKERS` windows at a time, each window's in order, so that one window's waits on the disk (every sealed
+envelope, record and unmask answer is synced before it is published) overlap with another's work; they reuse one
+loaded public HE context and pooled scan connections, and what they record in the store is written afterwards,
+in the windows' order. Then the key holder loads the secret context once, charges every window of a privacy
+period in one ledger commit (each window its own entry; pipelines.release.prepare_releases), and estimates the
+quantiles of all their cells in one call; and the decoded cells of every window are committed together (one
+`audit`, one `rejects` and one `releases` commit), so all of them become queryable at the same moment, and a
+burst of windows (a stream catching up, `--drain`) costs one run, not one per window.
 
 A window refused (budget spent, below the quorum, an overlapping interval) is recorded with its reason and the
 others go on. Re-running a run after a crash is safe for the same reasons a batch release is: sealed envelopes
@@ -18,7 +20,9 @@ are reused, the ledger charges a release once, and the commits are keyed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from fusion.errors import ReleaseRefused
 from fusion.release.plan import ReleasePlan
@@ -37,6 +41,43 @@ class WindowOutcome:
     release_id: str
     status: str  # released | already_released | refused
     reason: str | None = None  # why it was refused
+
+
+#: Windows whose institution and aggregator steps run side by side (threads of this process).
+WINDOW_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class _WindowSteps:
+    """What the institution and aggregator steps of one window came to: `reports` None when an institution
+    refused to contribute (`refused` says why); otherwise each institution's run report, and `refused` set when
+    the aggregation did not complete."""
+
+    plan: ReleasePlan
+    reports: dict[str, dict[str, Any]] | None
+    refused: ReleaseRefused | None = None
+
+
+def _contribute_and_aggregate(plan: ReleasePlan) -> _WindowSteps:
+    """Every institution's contribution to the window, then its aggregation (with the unmask round when the
+    roster asks for it), in process: a window is small. Writes nothing to the store."""
+    try:
+        reports = run_contributions(plan, plan.config.institutions, in_process=True)
+    except ReleaseRefused as exc:
+        return _WindowSteps(plan, None, exc)
+    try:
+        status = run_aggregate(plan, in_process=True)
+        if status["status"] == "awaiting_unmask":  # the roster is closed: every included institution answers
+            run_unmask(plan, [i for i in plan.config.institutions if i.id in status["unmask_pending"]])
+            status = run_aggregate(plan, in_process=True)
+        if status["status"] != "aggregated":
+            raise ReleaseRefused(f"aggregation did not complete: {status}")
+    except ReleaseRefused as exc:  # below the quorum: say why the institutions that did not contribute did not
+        withheld = [r["withheld"] for _, r in sorted(reports.items()) if r.get("withheld")]
+        return _WindowSteps(
+            plan, reports, ReleaseRefused(f"{exc}. Withheld: {' | '.join(withheld)}") if withheld else exc
+        )
+    return _WindowSteps(plan, reports)
 
 
 def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
@@ -74,29 +115,25 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
             refuse(plan, exc)
             continue
         pending.append(plan)
-    # Every institution's contribution to every window: windows are small, so each runs in process.
-    contributed = []
-    for plan in pending:
-        try:
-            reports = run_contributions(plan, plan.config.institutions, in_process=True)
-        except ReleaseRefused as exc:  # an institution will not seal this interval (it overlaps one it sealed)
-            audit_event(plan, store, action="contribution_refused", reason=str(exc), detail={})
-            refuse(plan, exc)
-            continue
-        audit_feeds(plan, store, reports)
-        contributed.append((plan, reports))
+    # Every window's institution and aggregator steps (contribute, aggregate, unmask, aggregate), windows side by
+    # side: each window's steps are its own (its own exchange folder, envelopes, roster and records), and waiting
+    # on the disk (each sealed envelope, record and unmask answer is synced before it is published) overlaps with
+    # the other windows' work. What they record in the store is written here, in the windows' order.
+    workers = min(WINDOW_WORKERS, len(pending)) or 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fusion-window") as pool:
+        chains = [pool.submit(_contribute_and_aggregate, plan) for plan in pending]
+        results = [chain.result() for chain in chains]  # re-raises what is not a refusal, in the windows' order
     aggregated = []
-    for plan, reports in contributed:
-        try:
-            status = run_aggregate(plan, in_process=True)
-            if status["status"] == "awaiting_unmask":  # the roster is closed: every included institution answers
-                run_unmask(plan, [i for i in plan.config.institutions if i.id in status["unmask_pending"]])
-                status = run_aggregate(plan, in_process=True)
-            if status["status"] != "aggregated":
-                raise ReleaseRefused(f"aggregation did not complete: {status}")
-        except ReleaseRefused as exc:  # below the quorum: say why the institutions that did not contribute did not
-            withheld = [r["withheld"] for _, r in sorted(reports.items()) if r.get("withheld")]
-            refuse(plan, ReleaseRefused(f"{exc}. Withheld: {' | '.join(withheld)}") if withheld else exc)
+    for result in results:
+        plan = result.plan
+        if result.reports is None:  # an institution will not seal this interval (it overlaps one it sealed)
+            assert result.refused is not None
+            audit_event(plan, store, action="contribution_refused", reason=str(result.refused), detail={})
+            refuse(plan, result.refused)
+            continue
+        audit_feeds(plan, store, result.reports)
+        if result.refused is not None:
+            refuse(plan, result.refused)
             continue
         aggregated.append(plan)
     # The key holder: each window charged, decrypted and signed on its own; all committed together.
