@@ -8,6 +8,11 @@ NumPy's sorts) from `DUCKDB_FROM_ROWS` rows up. Both draw from the same distribu
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import duckdb
 import numpy as np
 import pyarrow as pa
@@ -67,6 +72,47 @@ def bound_contributions(
     pair_rank = _rank_within_groups(keys // width, generator.random(len(keys)))
     row_rank = _rank_within_groups(pair_of_row, generator.random(entity.size))
     return (pair_rank[pair_of_row] < max_partitions) & (row_rank < max_per_partition)
+
+
+class _Connections:
+    """Idle DuckDB connections of this process, reused by the next bounding call: opening one (about 30 ms)
+    costs as much as bounding 200k readings. A call holds its connection alone (one thread at a time); at most
+    `keep` idle ones are kept, all closed before the process forks (a child cannot use, or even close, a DuckDB
+    connection it inherits: its scheduler's threads stayed in the parent)."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self._idle: list[duckdb.DuckDBPyConnection] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def close_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for con in idle:
+            con.close()
+
+    @contextmanager
+    def held(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._lock:
+            con = self._idle.pop() if self._idle else None
+        if con is None:
+            con = duckdb.connect(":memory:")
+            con.execute("SET enable_progress_bar = false")  # it would draw on the user's terminal past 2 s
+            con.execute("SET threads = 2")
+        try:
+            yield con
+        except BaseException:
+            con.close()  # its state is unknown: not reused
+            raise
+        with self._lock:
+            if len(self._idle) < self._keep:
+                self._idle.append(con)
+                return
+        con.close()
+
+
+_connections = _Connections()
+os.register_at_fork(before=_connections.close_idle)
 
 
 #: An entity with more rows than PREFILTER x L0 has its pairs pre-filtered by priority before the sort (see
@@ -129,14 +175,12 @@ def _bound_in_duckdb(
             WITH b AS (SELECT i, e, c, r, hash(e, c, {salt}) AS p FROM fusion_bounding),
             ranked AS (SELECT i, {ranks} FROM b)
             SELECT i FROM ranked WHERE pair_rank <= {l0} AND row_rank < {linf}"""
-    con = duckdb.connect(":memory:")
-    con.execute("SET enable_progress_bar = false")  # it would draw on the user's terminal past 2 s
-    try:
-        con.execute("SET threads = 2")
+    with _connections.held() as con:
         con.register("fusion_bounding", table)
-        kept = con.sql(sql).fetchnumpy()["i"]
-    finally:
-        con.close()
+        try:
+            kept = con.sql(sql).fetchnumpy()["i"]
+        finally:
+            con.unregister("fusion_bounding")
     keep = np.zeros(entity.size, dtype=bool)
     keep[np.asarray(kept, dtype=np.int64)] = True
     return keep
