@@ -92,7 +92,7 @@ def read_token(token_file: str | None) -> str | None:
     """The token from `token_file` (owner-only, one line) or else the FUSION_SERVE_TOKEN variable; None if
     neither is given."""
     if token_file:
-        from fusion.keys.registry import read_private
+        from fusion.api import read_private
 
         return read_private(Path(token_file), "--token-file").decode().strip()
     return os.environ.get(TOKEN_ENV) or None

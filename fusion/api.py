@@ -9,6 +9,10 @@ from typing import Any
 
 from fusion.config.federation import Config
 from fusion.errors import FusionError
+
+# Downstream modules keep their own sections of the federation's registry (a mechanism's authorities and their
+# signing keys) and their own private files through these, never the institutions' keys.
+from fusion.keys.registry import load_mechanism_sections, read_private, write_mechanism_sections, write_private
 from fusion.store.access import DERIVED_TABLES, FusedStore, _config, open_store, write_derived
 from fusion.store.delta import Store
 
@@ -17,10 +21,14 @@ __all__ = [
     "FusedStore",
     "batch",
     "forecast",
+    "load_mechanism_sections",
     "open_store",
     "plot_forecast",
+    "read_private",
     "verify",
     "write_derived",
+    "write_mechanism_sections",
+    "write_private",
 ]
 
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fusion.api import load_mechanism_sections, read_private, write_mechanism_sections, write_private
 from fusion.config.federation import Config
 from fusion.errors import FusionError
-from fusion.keys.registry import load_mechanism_sections, read_private, write_mechanism_sections, write_private
 from mechanisms.records import Kind
 from privacy.signing import generate_signing_key, public_key
 
