@@ -20,7 +20,7 @@ from fusion.keys.registry import create_key_holder_key
 from fusion.store.delta import Store
 from tests.conftest import START, config_text
 from tests.dashboard.rows import add_forecast, add_hostile, add_recommendation, table
-from tests.fusion.test_store import release_rows
+from tests.fusion.store.test_store import release_rows
 
 #: Released hours per region; the regions differ in their counts (north 100 + h, south 500 + h).
 HOURS = 48

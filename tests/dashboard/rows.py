@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from fusion.store.delta import Store
 from schemas.tables import TABLE_SCHEMAS
-from tests.fusion.test_store import release_rows
+from tests.fusion.store.test_store import release_rows
 
 #: Markup, script, an event handler, entities and quotes: shown as text it is harmless; interpreted, it would
 #: run script (the title changes) or add elements (an img with src "x", a stray table cell).

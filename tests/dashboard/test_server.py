@@ -93,7 +93,7 @@ def test_fusion_serve_serves_the_store_until_interrupted(federation: Path) -> No
 
 @pytest.mark.parametrize("kind", ["missing", "not_toml", "wrong_types"])
 def test_a_bad_config_fails_in_one_line(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.fusion.test_no_traceback import BAD_CONFIGS
+    from tests.fusion.cli.test_no_traceback import BAD_CONFIGS
 
     path = tmp_path / "federation.toml"
     content = BAD_CONFIGS[kind]

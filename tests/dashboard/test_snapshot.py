@@ -12,7 +12,7 @@ from dashboard.snapshot import Snapshot, VersionCache
 from fusion.config.federation import load_config
 from fusion.store.delta import Store
 from tests.dashboard.conftest import build_store
-from tests.fusion.test_store import release_rows
+from tests.fusion.store.test_store import release_rows
 
 
 def regions(config: object, cache: VersionCache, **named: str) -> set[str]:

@@ -20,7 +20,7 @@ from mechanisms.authorities import create_operator_key, create_signer_key
 from mechanisms.network import load_network, network_path
 from schemas.tables import TABLE_SCHEMAS
 from tests.conftest import START, config_text
-from tests.fusion.test_store import release_rows
+from tests.fusion.store.test_store import release_rows
 
 #: Bus -> (region, scale): with every region's mean load at 10 kW, the buses carry case5's 300, 300 and 400 MW.
 MAPPING = {"B": ("north", 30.0), "C": ("south", 30.0), "D": ("east", 40.0)}

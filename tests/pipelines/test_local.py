@@ -42,7 +42,7 @@ def test_text_feeds_are_parsed_once_however_many_scan_shards(make_federation, mo
     # 3,600 readings an institution and 1,024 a scan shard: several shards each. The CSV and JSON-lines files are
     # parsed once into staged Parquet copies, which every shard scans; the release is the one-shard release.
     import fusion.feeds.scan
-    from tests.fusion.test_scan import append_malformed
+    from tests.fusion.feeds.test_scan import append_malformed
 
     def federation(subdir: str, extra: str = ""):
         made = make_federation(noise=True, seed=11, subdir=subdir, entities=100, extra=extra)
@@ -87,7 +87,7 @@ def test_text_feeds_are_parsed_once_however_many_scan_shards(make_federation, mo
 def test_staged_text_feeds_release_what_one_shard_releases(make_federation, entity_level):
     # Edge readings (rounding edges, invalid rows, exact duplicates) and an unparseable line in each text feed:
     # several scan shards, with the text files staged, release and count exactly what one shard does.
-    from tests.fusion.test_scan import STATISTICS, append_malformed, write_edge_feeds
+    from tests.fusion.feeds.test_scan import STATISTICS, append_malformed, write_edge_feeds
 
     extra = 'unit = "entity"\nmax_partitions = 4\nmax_readings_per_partition = 2' if entity_level else ""
 

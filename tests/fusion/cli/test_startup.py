@@ -13,9 +13,9 @@ from fusion.config.federation import load_config
 from fusion.keys.registry import create_key_holder_key
 from fusion.store.delta import Store
 from tests.conftest import config_text
-from tests.fusion.test_store import release_rows
+from tests.fusion.store.test_store import release_rows
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HEAVY = ("apache_beam", "torch", "tenseal", "statsmodels", "matplotlib", "fastapi", "uvicorn", "altair", "playwright")
 #: Runs `fusion` in this interpreter, then prints its exit status and the heavy modules it imported.
 SCRIPT = """

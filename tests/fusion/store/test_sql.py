@@ -25,7 +25,7 @@ from fusion.store.delta import Store
 from fusion.store.sql import SqlSandbox
 from schemas.tables import TABLE_SCHEMAS
 from tests.conftest import config_text
-from tests.fusion.test_store import START, release_rows
+from tests.fusion.store.test_store import START, release_rows
 
 ROWS = ["release_id", "metric", "region", "window_start"]
 

@@ -26,7 +26,7 @@ from fusion.store.verification import verify_releases
 from pipelines.batch import run_batch
 from schemas.tables import RELEASES_SCHEMA
 from tests.conftest import START, Federation
-from tests.fusion.test_store import release_rows
+from tests.fusion.store.test_store import release_rows
 
 H = timedelta(hours=1)
 #: Entity level: releases compose in sequence, so the default cap (epsilon) admits one release a day.

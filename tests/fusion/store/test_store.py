@@ -303,7 +303,7 @@ def test_a_process_that_scans_the_store_then_exits_exits_cleanly(store: Store) -
         "import sys\nfrom fusion.store.delta import Store\ns = Store(sys.argv[1])\n"
         "for _ in range(3):\n    assert s.has_release('r-2')\n    s.read('releases')\n"
     )
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
 
     def scan_and_exit(_: int) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-c", script, str(store.path)], capture_output=True, text=True,

@@ -22,7 +22,7 @@ from fusion.config.federation import (
 from fusion.errors import ConfigError, FusionError
 from tests.conftest import METRICS, REGIONS, config_text
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "federation.toml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "federation.toml"
 INSTITUTIONS = [("alpha", "parquet"), ("beta", "csv")]
 FIRST_METRIC, SECOND_METRIC = list(METRICS)[:2]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fusion.test_store import release_rows
+from tests.fusion.store.test_store import release_rows
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _python(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -21,9 +21,9 @@ from fusion.store.delta import Store
 from fusion.store.sql import BATCH_ROWS, SqlSandbox
 from schemas.tables import TABLE_SCHEMAS
 from tests.conftest import config_text
-from tests.fusion.test_sql import sample_releases, snapshot
+from tests.fusion.store.test_sql import sample_releases, snapshot
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RECURSIVE = "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r) SELECT max(i) FROM r"
 CROSS_JOIN = "SELECT count(*) FROM range(100000000) a, range(100000000) b WHERE a.range + b.range < 0"
 

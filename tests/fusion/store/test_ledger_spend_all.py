@@ -12,7 +12,7 @@ from fusion.errors import ReleaseRefused
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetExceeded, BudgetLedger, Spend
 from privacy.accountant import skellam_epsilon
-from tests.fusion.test_ledger import DAY, DELTA, MECHANISM, PARALLEL, charge, sha, spend
+from tests.fusion.store.test_ledger import DAY, DELTA, MECHANISM, PARALLEL, charge, sha, spend
 
 CAP = skellam_epsilon([MECHANISM] * 2, delta=DELTA) + 1e-9  # two releases over the same instant
 # The day, its morning and evening (each instant under two releases), then noon (a third over 11:00-13:00).

@@ -1,0 +1,1 @@
+"""Tests of configuration (fusion/config)."""

@@ -1,0 +1,1 @@
+"""Tests of the demo federation (fusion/demo)."""

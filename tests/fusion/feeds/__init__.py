@@ -1,0 +1,1 @@
+"""Tests of feeds and scanning (fusion/feeds)."""

@@ -1,0 +1,1 @@
+"""Tests of release planning, contributions, estimates and quantiles (fusion/release)."""

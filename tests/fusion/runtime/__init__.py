@@ -1,0 +1,1 @@
+"""Tests of runtime: schedules and runner processes (fusion/runtime)."""

@@ -1,0 +1,1 @@
+"""Tests of the store, ledger, runs, provenance and SQL (fusion/store)."""
