@@ -71,7 +71,8 @@ class NatsSource(_Credentials):
     durable: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")  # default: fusion-<institution>
     token: str | None = None
     token_env: str | None = None
-    batch: int = Field(default=2000, gt=0)  # messages per fetch, journalled and acknowledged together
+    # messages per fetch at most (journalled and acknowledged together); a fetch also stays near 8 MiB of messages
+    batch: int = Field(default=2000, gt=0)
     # Unacknowledged messages (a reader killed after the fetch) are redelivered after this: a restarted stream takes
     # them no sooner, so keep the stream's allowed_lateness above it.
     ack_wait: str = "30s"
