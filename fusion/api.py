@@ -13,10 +13,11 @@ from fusion.errors import FusionError
 # Downstream modules keep their own sections of the federation's registry (a mechanism's authorities and their
 # signing keys) and their own private files through these, never the institutions' keys.
 from fusion.keys.registry import load_mechanism_sections, read_private, write_mechanism_sections, write_private
-from fusion.store.access import DERIVED_TABLES, FusedStore, _config, open_store, write_derived
+from fusion.store.access import DECISION_TABLES, DERIVED_TABLES, FusedStore, _config, open_store, write_derived
 from fusion.store.delta import Store
 
 __all__ = [
+    "DECISION_TABLES",
     "DERIVED_TABLES",
     "FusedStore",
     "batch",

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from fusion.api import FusedStore
+from fusion.api import DECISION_TABLES, FusedStore, write_derived
 from fusion.config.federation import Config
 from fusion.errors import InternalError
 from mechanisms.records import Decision, Recommendation
@@ -20,9 +20,7 @@ def write_rows(config: Config, table: str, rows: pa.Table) -> int:
     """Append rows whose key is not yet in `table` (one commit); returns how many. Only the mechanisms' tables."""
     if table not in OWN_TABLES:
         raise InternalError(f"the mechanisms write only {OWN_TABLES}, not {table}; this is probably a bug")
-    from fusion.store.delta import Store  # the store's writer, for these two tables only
-
-    return Store(config.store_path).insert_new(table, rows)
+    return write_derived(config, table, rows)
 
 
 def _quoted(text: str) -> str:

@@ -3,7 +3,7 @@ ledger, scheduler runs, signed releases, and read access through sandboxed SQL (
 re-exported by fusion.api).
 
 Public API (what the rest of the repository imports), by module:
-- `access`: DERIVED_TABLES, FusedStore, open_store, write_derived
+- `access`: DECISION_TABLES, DERIVED_TABLES, FusedStore, open_store, write_derived
 - `delta`: Store
 - `forecast_queries`: forecasts_query
 - `ledger`: BudgetExceeded, BudgetLedger, Spend

@@ -95,16 +95,18 @@ def open_store(
     return FusedStore(config, versions=versions, limits=limits)
 
 
-#: The tables that modules reading the store (forecasting/) may write their results to: post-processing of the
-#: releases, which spends no budget. Every other table is written only by Fusion's own roles.
+#: The tables that modules reading the store may write their results to: post-processing of the releases, which
+#: spends no budget. forecasting/ writes DERIVED_TABLES, mechanisms/ DECISION_TABLES (its recommendations and the
+#: institutions' signed decisions on them). Every other table is written only by Fusion's own roles.
 DERIVED_TABLES = frozenset({"forecasts", "forecast_scores"})
+DECISION_TABLES = frozenset({"recommendations", "decisions"})
 
 
 def write_derived(config: Config | str | Path, table: str, rows: pa.Table) -> int:
-    """Append rows to a derived table (DERIVED_TABLES) whose key is not there yet; returns how many were added.
-    Refuses any other table."""
-    if table not in DERIVED_TABLES:
+    """Append rows to a table of DERIVED_TABLES or DECISION_TABLES whose key is not there yet; returns how many
+    were added (one commit). Refuses any other table."""
+    if table not in DERIVED_TABLES | DECISION_TABLES:
         raise FusionError(f"'{table}' is not a derived table; modules that read the store write only to "
-                          f"{sorted(DERIVED_TABLES)}")
+                          f"{sorted(DERIVED_TABLES | DECISION_TABLES)}")
     cfg = _config(config, check_release=False)
     return Store(cfg.store_path).insert_new(table, rows)
