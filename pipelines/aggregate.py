@@ -33,6 +33,7 @@ from fusion.release.exchange import (
     delete_if_exists,
     list_files,
     public_context_path,
+    public_context_sha256,
     read_bytes,
     refusal_path,
     unmask_dir,
@@ -76,7 +77,7 @@ class PublicContext:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.sha256 = hashlib.sha256(read_bytes(path)).hexdigest()
+        self.sha256 = public_context_sha256(path)
 
     def _load(self) -> tuple[bytes, Any]:
         key = (self.path, self.sha256)

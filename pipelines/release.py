@@ -143,9 +143,12 @@ def prepare_releases(
     (fusion.release.estimates.release_quantiles: the same numbers as decoding each alone)."""
     results: dict[int, PreparedRelease | ReleaseOutcome | ReleaseRefused] = {}
     opened: dict[int, _Opened] = {}
+    for mode in dict.fromkeys(p.config.privacy.mode for p in plans):  # test-mode cells never beside production
+        bind_store_mode(store, mode)
+    released = store.release_ids() if plans else set()
     for i, plan in enumerate(plans):
         try:
-            one = _open_aggregate(plan, store)
+            one = _open_aggregate(plan, store, released)
         except ReleaseRefused as exc:
             results[i] = exc
             continue
@@ -186,13 +189,12 @@ def prepare_releases(
     return [results[i] for i in range(len(plans))]
 
 
-def _open_aggregate(plan: ReleasePlan, store: Store) -> _Opened | ReleaseOutcome:
+def _open_aggregate(plan: ReleasePlan, store: Store, released: set[str]) -> _Opened | ReleaseOutcome:
     """The plan's aggregate envelope, checked (layout, parameters, signature, context, quorum), or the outcome of
-    a release already made; raises ReleaseRefused."""
+    a release already made (its id in `released`, the store's, read once for every plan); raises ReleaseRefused."""
     release_id = plan.key.release_id
     exchange = plan.config.exchange_path
-    bind_store_mode(store, plan.config.privacy.mode)  # test-mode cells never sit beside production releases
-    if store.has_release(release_id):
+    if release_id in released:
         return ReleaseOutcome(release_id=release_id, status="already_released")
     if not exists(aggregate_path(exchange, plan.key)):
         _refuse(plan, store)

@@ -14,14 +14,20 @@ burst of windows (a stream catching up, `--drain`) costs one run, not one per wi
 
 A window refused (budget spent, below the quorum, an overlapping interval) is recorded with its reason and the
 others go on. Re-running a run after a crash is safe for the same reasons a batch release is: sealed envelopes
-are reused, the ledger charges a release once, and the commits are keyed.
+are reused, the ledger charges a release once, and the commits are keyed. Each run logs (debug level, with
+`extra={"phases": ...}`) the wall seconds of its phases and its window steps' CPU seconds by step, which
+`bench/stream.py --burst` reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from fusion.errors import ReleaseRefused
@@ -46,6 +52,20 @@ class WindowOutcome:
 #: Windows whose institution and aggregator steps run side by side (threads of this process).
 WINDOW_WORKERS = 4
 
+_log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _timed(
+    seconds: defaultdict[str, float], step: str, clock: Callable[[], float] = time.monotonic
+) -> Iterator[None]:
+    """Add the seconds the block takes on `clock` to `seconds[step]`."""
+    start = clock()
+    try:
+        yield
+    finally:
+        seconds[step] += clock() - start
+
 
 @dataclass(frozen=True)
 class _WindowSteps:
@@ -56,28 +76,34 @@ class _WindowSteps:
     plan: ReleasePlan
     reports: dict[str, dict[str, Any]] | None
     refused: ReleaseRefused | None = None
+    cpu_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))  # by step
 
 
 def _contribute_and_aggregate(plan: ReleasePlan) -> _WindowSteps:
     """Every institution's contribution to the window, then its aggregation (with the unmask round when the
     roster asks for it), in process: a window is small. Writes nothing to the store."""
+    cpu: defaultdict[str, float] = defaultdict(float)  # this thread's CPU seconds by step
     try:
-        reports = run_contributions(plan, plan.config.institutions, in_process=True)
+        with _timed(cpu, "contribute", time.thread_time):
+            reports = run_contributions(plan, plan.config.institutions, in_process=True)
     except ReleaseRefused as exc:
-        return _WindowSteps(plan, None, exc)
+        return _WindowSteps(plan, None, exc, cpu)
     try:
-        status = run_aggregate(plan, in_process=True)
-        if status["status"] == "awaiting_unmask":  # the roster is closed: every included institution answers
-            run_unmask(plan, [i for i in plan.config.institutions if i.id in status["unmask_pending"]])
+        with _timed(cpu, "aggregate", time.thread_time):
             status = run_aggregate(plan, in_process=True)
+        if status["status"] == "awaiting_unmask":  # the roster is closed: every included institution answers
+            with _timed(cpu, "unmask", time.thread_time):
+                run_unmask(plan, [i for i in plan.config.institutions if i.id in status["unmask_pending"]])
+            with _timed(cpu, "aggregate", time.thread_time):
+                status = run_aggregate(plan, in_process=True)
         if status["status"] != "aggregated":
             raise ReleaseRefused(f"aggregation did not complete: {status}")
     except ReleaseRefused as exc:  # below the quorum: say why the institutions that did not contribute did not
         withheld = [r["withheld"] for _, r in sorted(reports.items()) if r.get("withheld")]
         return _WindowSteps(
-            plan, reports, ReleaseRefused(f"{exc}. Withheld: {' | '.join(withheld)}") if withheld else exc
+            plan, reports, ReleaseRefused(f"{exc}. Withheld: {' | '.join(withheld)}") if withheld else exc, cpu
         )
-    return _WindowSteps(plan, reports)
+    return _WindowSteps(plan, reports, cpu_seconds=cpu)
 
 
 def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
@@ -85,6 +111,8 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
     per plan, in order."""
     if not plans:
         return []
+    wall: defaultdict[str, float] = defaultdict(float)  # seconds by phase, logged at the end (bench/stream.py)
+    started = time.monotonic()
     config = plans[0].config
     store = Store(config.store_path)
     store.ensure_tables()
@@ -119,8 +147,9 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
     # side: each window's steps are its own (its own exchange folder, envelopes, roster and records), and waiting
     # on the disk (each sealed envelope, record and unmask answer is synced before it is published) overlaps with
     # the other windows' work. What they record in the store is written here, in the windows' order.
+    wall["checks"] = time.monotonic() - started
     workers = min(WINDOW_WORKERS, len(pending)) or 1
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fusion-window") as pool:
+    with _timed(wall, "window_steps"), ThreadPoolExecutor(workers, thread_name_prefix="fusion-window") as pool:
         chains = [pool.submit(_contribute_and_aggregate, plan) for plan in pending]
         results = [chain.result() for chain in chains]  # re-raises what is not a refusal, in the windows' order
     aggregated = []
@@ -138,22 +167,31 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
         aggregated.append(plan)
     # The key holder: each window charged, decrypted and signed on its own; all committed together.
     prepared: list[PreparedRelease] = []
-    for plan, release in zip(aggregated, prepare_releases(aggregated, store), strict=True):
+    with _timed(wall, "key_holder"):
+        releases = prepare_releases(aggregated, store)
+    for plan, release in zip(aggregated, releases, strict=True):
         if isinstance(release, ReleaseRefused):
             refuse(plan, release)
         elif isinstance(release, ReleaseOutcome):
             outcomes[plan.key.release_id] = WindowOutcome(release.release_id, release.status)
         else:
             prepared.append(release)
-    try:
-        published = publish_releases(prepared, store) if prepared else []
-    except ReleaseRefused:  # one window's record refuses it (a racing pass signed other rows): the others go on
-        published = []
-        for one in prepared:
-            try:
-                published += publish_releases([one], store)
-            except ReleaseRefused as exc:
-                refuse(one.plan, exc)
+    with _timed(wall, "publish"):
+        try:
+            published = publish_releases(prepared, store) if prepared else []
+        except ReleaseRefused:  # one window's record refuses it (a racing pass signed other rows): the others go on
+            published = []
+            for one in prepared:
+                try:
+                    published += publish_releases([one], store)
+                except ReleaseRefused as exc:
+                    refuse(one.plan, exc)
     for outcome in published:
         outcomes[outcome.release_id] = WindowOutcome(outcome.release_id, outcome.status)
+    cpu: defaultdict[str, float] = defaultdict(float)
+    for result in results:
+        for step, seconds in result.cpu_seconds.items():
+            cpu[step] += seconds
+    phases = {"wall_s": dict(wall), "window_steps_cpu_s": dict(cpu), "windows": len(plans), "workers": workers}
+    _log.debug("released %d windows in one run: %s", len(plans), phases, extra={"phases": phases})
     return [outcomes[p.key.release_id] for p in plans]

@@ -23,7 +23,6 @@ after being declared absent (privacy/sharing.py explains the masks).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -52,6 +51,7 @@ from fusion.release.exchange import (
     exists,
     list_files,
     public_context_path,
+    public_context_sha256,
     read_bytes,
     roster_path,
     unmask_path,
@@ -61,7 +61,7 @@ from fusion.release.exchange import (
 from fusion.release.plan import ReleasePlan
 from pipelines.contribute import forget_layer_seed, masking_graph, sealed_layer_seed
 from privacy import he
-from privacy.envelope import EnvelopeError, EnvelopeHeader, envelope_header, pack_envelope, signature_valid
+from privacy.envelope import EnvelopeError, EnvelopeHeader, header_signer, pack_envelope
 from privacy.masking import pair_term
 from privacy.masking_graph import MaskingGraph
 from privacy.noise_shares import chain_seeds, layer_commitment, layer_noise, noise_digest
@@ -292,19 +292,17 @@ def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dic
     path = contribution_path(plan.config.exchange_path, plan.key, institution_id)
     if not exists(path):
         raise MisfiledContribution(_misfiled(plan, institution_id, registry, f"is not at {path}"))
-    try:
-        header = envelope_header(read_bytes(path))  # its signature binds the payload, which this party never uses
+    try:  # only the header: its signature binds the payload, which this party never uses
+        header, signer = header_signer(read_bytes(path), registry)
     except EnvelopeError as exc:
         raise FusionError(f"the contribution of {institution_id} listed as included is unreadable: {exc}") from None
-    signer = _signer(header, registry)
     if signer is not None and signer != institution_id:
         raise MisfiledContribution(_misfiled(plan, institution_id, registry, f"at {path} is {signer}'s, signed by it"))
     if (
         header.kind != "contribution"
         or header.contributors != (institution_id,)
         or (header.layout_digest, header.parameters_digest) != (plan.key.layout_digest, plan.key.parameters_digest)
-        or institution_id not in registry
-        or not signature_valid(header, registry[institution_id])
+        or signer != institution_id  # registered, and its valid signature
     ):
         raise FusionError(f"the contribution of {institution_id} listed as included is not valid for this release")
     return header
@@ -315,13 +313,6 @@ class MisfiledContribution(FusionError):
     after the roster was closed, or before, under a Fusion version that did not check envelopes' names)."""
 
 
-def _signer(header: EnvelopeHeader, registry: dict[str, bytes]) -> str | None:
-    """The registered institution whose valid signature a one-institution envelope bears, or None."""
-    if len(header.contributors) != 1 or header.contributors[0] not in registry:
-        return None
-    return header.contributors[0] if signature_valid(header, registry[header.contributors[0]]) else None
-
-
 def _misfiled(plan: ReleasePlan, institution_id: str, registry: dict[str, bytes], what: str) -> str:
     """Why no answer is given while `institution_id`'s contribution is not in its place, where it is instead (if
     it lies in the contributions folder under another name) and how to go on."""
@@ -329,7 +320,7 @@ def _misfiled(plan: ReleasePlan, institution_id: str, registry: dict[str, bytes]
     found = []
     for path in list_files(contributions_dir(plan.config.exchange_path, plan.key), ENVELOPE_SUFFIX):
         with contextlib.suppress(EnvelopeError, FusionError):
-            if path != own and _signer(envelope_header(read_bytes(path)), registry) == institution_id:
+            if path != own and header_signer(read_bytes(path), registry)[1] == institution_id:
                 found.append(path)
     where = f"; {institution_id}'s own lies at {', '.join(found)}" if found else ""
     return (
@@ -396,13 +387,12 @@ def _seal_answer(
         roster,
         context=plan.key.release_id.encode(),
     )
-    public_context = read_bytes(public_context_path(plan.config.exchange_path))
     header = plan.envelope_header(
         kind="unmask",
         revealed_layers=_own_layers(plan, institution_id, roster) if reveal_layers else {},
         contributors=(institution_id,),
         noise_variance=0.0,
-        context_sha256=hashlib.sha256(public_context).hexdigest(),
+        context_sha256=public_context_sha256(public_context_path(plan.config.exchange_path)),
         reject_counts={},
         absent=roster.absent,
         included=roster.included,

@@ -20,7 +20,9 @@ import hashlib
 import json
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -218,19 +220,57 @@ def envelope_header(data: bytes) -> EnvelopeHeader:
 
 def _header(data: bytes) -> tuple[EnvelopeHeader, int, bool]:
     """(the header, the offset just past it, whether the ciphertexts are packed); EnvelopeError if unreadable."""
+    region = _header_region(data)
+    return _parse_region(region), len(region), _VERSIONS[region[: len(MAGIC)]][0]
+
+
+def _header_region(data: bytes) -> bytes:
+    """The envelope's bytes up to the end of its header (magic, length, header); EnvelopeError if truncated."""
     magic = data[: len(MAGIC)]
     if magic not in _VERSIONS:
         raise EnvelopeError("not a Fusion envelope (bad magic)")
-    packed, deflated = _VERSIONS[magic]
     try:
         (head_len,) = struct.unpack_from(">I", data, len(magic))
     except struct.error:
         raise EnvelopeError("envelope is truncated") from None
-    start = len(magic) + 4
-    if start + head_len > len(data):
+    end = len(magic) + 4 + head_len
+    if end > len(data):
         raise EnvelopeError("envelope is truncated")
-    head = data[start : start + head_len]
-    return EnvelopeHeader.from_json(_inflate_header(head) if deflated else head), start + head_len, packed
+    return data[:end]
+
+
+def _parse_region(region: bytes) -> EnvelopeHeader:
+    head = region[len(MAGIC) + 4 :]
+    return EnvelopeHeader.from_json(_inflate_header(head) if _VERSIONS[region[: len(MAGIC)]][1] else head)
+
+
+def header_signer(data: bytes, public_keys: Mapping[str, bytes]) -> tuple[EnvelopeHeader, str | None]:
+    """(the header of envelope `data`, its one contributor if that institution's key in `public_keys` signed
+    it, else None); EnvelopeError if unreadable. Remembered by the header's bytes and the key (the last
+    `_REMEMBERED` of them): in one process, the institutions answering an unmask round, each window of a burst
+    its own, read the same few contributions again and again. The header returned may be one returned before:
+    never change it (it is frozen; its maps are not copied)."""
+    region = _header_region(data)
+    header = _remembered_header(region)
+    if len(header.contributors) != 1 or header.contributors[0] not in public_keys:
+        return header, None
+    signer = header.contributors[0]
+    return header, signer if _remembered_signature(region, public_keys[signer]) else None
+
+
+#: Headers (and verdicts on their signatures) `header_signer` keeps: a burst of windows holds a few dozen
+#: contributions at once; at 500 institutions a header's region is about 60 KB, so this holds a few MB at most.
+_REMEMBERED = 128
+
+
+@lru_cache(maxsize=_REMEMBERED)
+def _remembered_header(region: bytes) -> EnvelopeHeader:
+    return _parse_region(region)
+
+
+@lru_cache(maxsize=_REMEMBERED)
+def _remembered_signature(region: bytes, public_key: bytes) -> bool:
+    return signature_valid(_remembered_header(region), public_key)
 
 
 def _inflate_header(head: bytes) -> bytes:

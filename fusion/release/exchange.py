@@ -105,6 +105,30 @@ def public_context_path(exchange: str) -> str:
     return join(exchange, PUBLIC_CONTEXT)
 
 
+#: path -> ((device, inode, size, modification and change times in ns), its SHA-256): `public_context_sha256`.
+_CONTEXT_DIGESTS: dict[str, tuple[tuple[int, ...], str]] = {}
+
+
+def public_context_sha256(path: str) -> str:
+    """The SHA-256 (hex) of the public HE context at `path`. Every envelope names the context it was made under,
+    and every party's step checks it: a local file's digest is kept while its device, inode, size, modification
+    and change times stay the same (any write to the file, or to its times, changes its change time; a rename
+    over it brings another inode), so a burst of windows reads and hashes the megabytes once, not once per step."""
+    if not _local(path):
+        return hashlib.sha256(read_bytes(path)).hexdigest()
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FusionError(f"expected file not found: {path}") from None
+    stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    kept = _CONTEXT_DIGESTS.get(path)
+    if kept is not None and kept[0] == stamp:
+        return kept[1]
+    digest = hashlib.sha256(read_bytes(path)).hexdigest()
+    _CONTEXT_DIGESTS[path] = (stamp, digest)
+    return digest
+
+
 def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts) if _local(base) else FileSystems.join(base, *parts)
 
@@ -137,8 +161,8 @@ class EnvelopePlace:
 
     @classmethod
     def of(cls, path: str) -> EnvelopePlace:
-        directory, name = FileSystems.split(path)
-        return cls(FileSystems.split(directory)[1], name.removesuffix(ENVELOPE_SUFFIX))
+        directory, name = _split(path)
+        return cls(_split(directory)[1], name.removesuffix(ENVELOPE_SUFFIX))
 
     @property
     def relative(self) -> str:
@@ -260,6 +284,21 @@ def delete_if_exists(path: str) -> None:
         FileSystems.delete([path])
 
 
+def _split(path: str) -> tuple[str, str]:
+    """(directory, last component), as Beam's FileSystems.split, without Beam for a local path."""
+    return os.path.split(os.path.abspath(path)) if _local(path) else FileSystems.split(path)
+
+
 def list_files(directory: str, suffix: str) -> list[str]:
+    """The files directly in `directory` whose names end with `suffix`, sorted; none if it does not exist.
+    A local directory is listed by the OS (as Beam's local file system would, which walks the whole tree and
+    matches `*suffix`: a release's folders are listed a few times per window, by every party)."""
+    if _local(directory):
+        try:
+            with os.scandir(directory) as entries:
+                names = [e.name for e in entries if e.name.endswith(suffix) and e.is_file()]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(os.path.join(directory, name) for name in names)
     pattern = join(directory, f"*{suffix}")
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
