@@ -76,7 +76,19 @@ measured too, with intervals the posterior's central 95% (split integrated, not 
   coverage, misses on the same sides). Most remaining misses are a fraction of a bin (median 0.15-0.4) inside the
   bin that holds the interval's near end. Taking how far the distribution reaches into its first or last bin from
   that bin's count against its neighbour's (instead of uniform) left tail quantiles covering 85-95%, misses on
-  the same sides, or (with extents a half of that and less) covering more.
+  the same sides, or (with extents a half of that and less) covering more;
+- a nonparametric prior over whole histograms (NPMLE, Kiefer-Wolfowitz), fitted per metric: a library of
+  candidates (each cell's post-processed histogram in whole readings, the same with bins under 0.75, 1.5 or 3
+  readings emptied, each also shifted a bin either way; a cell's own candidates left out of its posterior), weights
+  fitted by EM on the exact normal likelihood of every cell's noisy bins and count; a quantile's CDF is the
+  posterior mixture of the candidates' (readings uniform in their bin, from an edge inside it in the support's end
+  bins, a bound's pile share uniform), the interval its central 95%. Over a year of day-cells (730 a metric, seeds
+  2026, 1, 2) medians balance (96.3-97.9%, 52-59% of misses on one side), but p10 covers 97.4-98.7% (54-87% of
+  misses above; irradiance's p10 is the bound, which any honest interval holds) and p90 93.8-97.8% (64-74% below):
+  irradiance's p90 covers 92-94% (direct-normal 91%), misses on both sides, even with the other days' true
+  histograms as the library (a finite library has no near neighbour for a day's spread daylight tail). Moving a
+  reading to a neighbouring bin in the fitted candidates, or sparser candidates, took it to 85-92%, and fitted on
+  100 or 24 cells (a day's release: 24 a metric and region) p90 covers 89-92% or 79-84%.
 
 (Measured on the test's cells and on Miami's TMY2 file and the TMY3 stations' direct-normal irradiance and dew
 point, noise seed 2026.)
