@@ -52,8 +52,29 @@ CELL_ORDER = ("metric", "region", "window_start")
 
 def rows_digest(rows: pa.Table, columns: Sequence[str]) -> str:
     """SHA-256 of a release's rows over `columns`, independent of row order and of file layout."""
-    table = rows.sort_by([(c, "ascending") for c in CELL_ORDER])
+    table = rows if in_cell_order(rows) else rows.sort_by([(c, "ascending") for c in CELL_ORDER])
     return _Canonical(table).digest(0, table.num_rows, columns)
+
+
+def in_cell_order(rows: pa.Table) -> bool:
+    """Whether the rows are already in CELL_ORDER (ascending, no NULLs in its columns): a release's rows are
+    written in that order, and the sort (stable) would then leave them as they are, for 0.02-0.04 s a release."""
+    if rows.num_rows < 2:
+        return True
+    if any(rows.column(c).null_count for c in CELL_ORDER):
+        return False
+    before = after = None  # rows i-1 and i ordered so far: strictly (before), or equal up to this column (after)
+    for name in CELL_ORDER:
+        column = rows.column(name)
+        previous, current = column.slice(0, rows.num_rows - 1), column.slice(1)
+        less, equal = pc.less(previous, current), pc.equal(previous, current)
+        if before is None:
+            before, after = less, equal
+        else:
+            before = pc.or_(before, pc.and_(after, less))
+            after = pc.and_(after, equal)
+    assert before is not None and after is not None
+    return bool(pc.all(pc.or_(before, after)).as_py())
 
 
 class _Canonical:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privacy.bounding import PREFILTER, _bound_in_duckdb
+from privacy.bounding import PREFILTER, _bound_in_duckdb, _ranked_survivors
 from privacy.skellam import seeded_generator
 
 
@@ -50,3 +50,40 @@ def test_an_entity_with_no_surviving_pair_is_ranked_again() -> None:
     np.testing.assert_array_equal(filtered, full)
     kept_per_entity = np.bincount(np.repeat(np.arange(entities), rows_each)[filtered], minlength=entities)
     assert (kept_per_entity == 2).all()
+
+
+@pytest.mark.parametrize("max_per_partition", [1, 2, 4])
+@pytest.mark.parametrize("shared_top_bits", [True, False])
+def test_survivors_are_ranked_as_a_sort_on_every_key_ranks_them(max_per_partition: int, shared_top_bits: bool) -> None:
+    """The NumPy ranking of the pre-filter's survivors sorts on (entity, top 32 bits of the priority) only: ties
+    on that key (a pair's rows, and pairs whose priorities share their top bits, forced here by drawing
+    priorities from a few top-bit values) must keep the rows a full sort on (entity, priority, cell, row
+    priority) keeps."""
+    rng = np.random.default_rng(max_per_partition)
+    rows = 20_000
+    k = rng.integers(1, 300, rows)
+    c = rng.integers(0, 40, rows)
+    # Priorities a function of (entity, cell), as hash(e, c) is, with many sharing their top 32 bits.
+    top = (k * 7 + c * 13) % 5 if shared_top_bits else k * 64 + c
+    low = (k.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (c.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9))
+    p = (top.astype(np.uint64) << np.uint64(32)) | (low & np.uint64(0xFFFFFFFF))
+    r = rng.random(rows)
+    order, pair_rank, row_rank = _ranked_survivors(k, p, c, r, max_per_partition)
+    reference = np.lexsort((r, c, p, k))
+    ks, ps, cs = k[reference], p[reference], c[reference]
+    new_entity = np.concatenate(([True], ks[1:] != ks[:-1]))
+    new_pair = new_entity | np.concatenate(([True], (ps[1:] != ps[:-1]) | (cs[1:] != cs[:-1])))
+    expected_pair = np.empty(rows, dtype=np.int64)
+    expected_row = np.empty(rows, dtype=np.int64)
+    pair = row = 0
+    for position in range(rows):
+        pair = 1 if new_entity[position] else pair + int(new_pair[position])
+        row = 0 if new_pair[position] else row + 1
+        expected_pair[position], expected_row[position] = pair, row
+    # Every row's pair rank must match, and whether its rank in its pair lets it be kept (the order of a pair's
+    # rows among themselves is free while all of them are kept).
+    ranks = {int(i): (int(a), int(b)) for i, a, b in zip(order, pair_rank, row_rank, strict=True)}
+    assert sorted(ranks) == list(range(rows))
+    for i, a, b in zip(reference, expected_pair, expected_row, strict=True):
+        assert ranks[int(i)][0] == a
+        assert (ranks[int(i)][1] < max_per_partition) == (b < max_per_partition)

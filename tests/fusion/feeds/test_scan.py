@@ -231,6 +231,16 @@ def test_shared_key_rows_are_the_rows_whose_key_repeats(keys: list[int]) -> None
 
 
 @settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5)), max_size=80))
+def test_shared_key_rows_compare_whole_keys_not_their_top_bits(parts: list[tuple[int, int]]) -> None:
+    """Keys that share their top 32 bits (what shared_key_rows sorts) but differ below are not shared."""
+    keys = [(top << 40) | (top << 32) | (low * 0x9E3779B9) for top, low in parts]
+    counts = Counter(keys)
+    expected = [i for i, k in enumerate(keys) if counts[k] > 1]
+    assert shared_key_rows(np.array(keys, dtype=np.uint64)).tolist() == expected
+
+
+@settings(max_examples=100, deadline=None)
 @given(
     st.one_of(
         st.lists(st.tuples(st.integers(0, 9), st.integers(-(2**40), 2**40)), max_size=80),  # one float pass
