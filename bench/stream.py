@@ -217,9 +217,10 @@ def burst(windows: int, directory: Path) -> dict[str, object]:
         "latency_s_last_window": max(latencies),
         "release_run_cpu_s": cpu_s,  # the run's CPU time (every thread): its latency on a core of its own
         "window_workers": WINDOW_WORKERS,  # windows whose institution and aggregator steps run side by side
-        # Wall seconds of the run's phases (checks, window_steps: every window's institution and aggregator steps,
-        # key_holder: charge, decrypt, decode, sign; publish: the store commits), and the CPU seconds of the window
-        # steps by step, summed over the windows' threads (without DuckDB's own threads).
+        # Wall seconds of the run's phases (checks, scan: each institution's files of every window in one pass,
+        # window_steps: every window's institution and aggregator steps, key_holder: charge, decrypt, decode,
+        # sign; publish: the store commits), the CPU seconds of the scan and of the window steps by step, summed
+        # over the threads (without DuckDB's own threads), and the (window, institution) scans made together.
         "phases": phases[-1] if phases else {},
         "latency_target_s": BURST_TARGET_S,
         "allowed_lateness_s": 0,

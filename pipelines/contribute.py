@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -21,8 +22,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +49,11 @@ from fusion.feeds.scan import (
     FeedScanner,
     ShardScan,
     encoding_table,
+    estimated_rows,
     list_sources,
     scan_connection,
     scan_shards,
+    scan_windows,
     staged_sources,
 )
 from fusion.keys.registry import load_agreement_key, load_agreement_keys, load_signing_key, read_private, write_private
@@ -149,22 +153,30 @@ _scan_connections = _ScanConnections(keep=4)
 
 class _ScanningDoFn(beam.DoFn):
     """A DoFn that scans institutions' files: `sources` holds each one's files, listed once when the pipeline was
-    built, so every element of a run reads the same ones; a worker keeps one DuckDB connection for all of them."""
+    built, so every element of a run reads the same ones; a worker keeps one DuckDB connection for all of them, taken
+    when it first scans (a contribution whose scan was made ahead takes none)."""
 
     def __init__(self, plan: ReleasePlan, sources: dict[str, list[tuple[int, str]]]) -> None:
         self._plan = plan
         self._sources = sources
 
     def setup(self) -> None:
-        self._connection = _scan_connections.take(self._plan)
+        self._connection: duckdb.DuckDBPyConnection | None = None  # taken when a scan first needs it
 
     def teardown(self) -> None:
-        _scan_connections.give_back(self._connection)
+        if self._connection is not None:
+            _scan_connections.give_back(self._connection)
+            self._connection = None
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        if self._connection is None:
+            self._connection = _scan_connections.take(self._plan)
+        return self._connection
 
     def _scanner(self, institution_id: str, staged: dict[int, str] | None = None) -> FeedScanner:
         institution = self._plan.config.institution(institution_id)
         sources = self._sources[institution_id]
-        return FeedScanner(self._plan, institution, connection=self._connection, sources=sources, staged=staged)
+        return FeedScanner(self._plan, institution, connect=self._connect, sources=sources, staged=staged)
 
 
 class StageFeed(_ScanningDoFn):
@@ -194,12 +206,24 @@ class ContributeShard(_ScanningDoFn):
     and what each file held (institution id, {path: FileTally}) FILES. `staged` maps (institution id, src) to
     the staging prefix of a file already scanned for every shard."""
 
+    def __init__(
+        self,
+        plan: ReleasePlan,
+        sources: dict[str, list[tuple[int, str]]],
+        scanned: Mapping[str, ShardScan] | None = None,
+    ) -> None:
+        """`scanned`: by institution id, the scan of an institution of one scan shard already made for this plan
+        and these `sources` (`scan_together`), taken instead of scanning again (once: a scan is not reused)."""
+        super().__init__(plan, sources)
+        self._scanned = dict(scanned or {})
+
     def process(self, element: tuple[str, int, int], staged: dict[tuple[str, int], str] | None = None) -> Iterator[Any]:
         institution_id, shard, shards = element
         plan, privacy = self._plan, self._plan.config.privacy
         own = {src: prefix for (owner, src), prefix in (staged or {}).items() if owner == institution_id}
         scanner = self._scanner(institution_id, own)
-        scan = scanner.scan(shard, shards)
+        made = self._scanned.pop(institution_id, None) if shards == 1 else None
+        scan = scanner.scan(shard, shards) if made is None else made
         encoded = scan.table(scanner.schema)
         duplicates = find_duplicates(
             encoded.column(KEY), encoded.column(SOURCE), encoded.column(ROW), scanner.readings_at
@@ -550,7 +574,7 @@ def refuse_overlap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
         return
     own = plan.key.interval_name
     for record in directory.glob("*.json"):
-        span = ReleaseKey.parse_interval_name(record.stem)
+        span = _interval_span(record.stem)
         if record.stem == own or span is None:
             continue
         start, end = span
@@ -560,6 +584,13 @@ def refuse_overlap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
                 "noise the same readings twice (the draws could be averaged); release intervals on one grid "
                 "(one schedule interval or the stream's window), or cover the overlap with the release made"
             )
+
+
+@functools.lru_cache(maxsize=65_536)
+def _interval_span(name: str) -> tuple[datetime, datetime] | None:
+    """`ReleaseKey.parse_interval_name`, remembered: every seal checks every interval its institution sealed (a
+    stream's records accumulate, one a window), and a name always means the same interval."""
+    return ReleaseKey.parse_interval_name(name)
 
 
 def record_sealed(
@@ -727,6 +758,67 @@ def scan_work(plan: ReleasePlan, institutions: Iterable[InstitutionConfig]) -> S
         elements += [(institution.id, shard, shards) for shard in range(shards)]
         staging += [(institution.id, src, shards) for src in staged_sources(plan, institution, shards, files)]
     return ScanWork(sources, elements, staging, missing)
+
+
+#: An institution's scan made ahead of its contribution: the files it read (`ScanWork.sources`) and what it found.
+Prescan = tuple[list[tuple[int, str]], ShardScan]
+
+_prescanned: ContextVar[dict[tuple[str, str], Prescan] | None] = ContextVar("fusion_prescanned", default=None)
+
+
+def scan_together(plans: Sequence[ReleasePlan], institution: InstitutionConfig) -> dict[str, Prescan]:
+    """By release id, the institution's scan for each of `plans` (disjoint intervals of one federation, such as a
+    burst of stream windows; each plan's own copy of the institution, whose feeds may differ) made in one DuckDB
+    pass (fusion.feeds.scan.scan_windows), for as many of the plans as one scan shard holds (their readings
+    together at most `pipeline.shard_rows`, as the scans are held until each plan's contribution takes its own;
+    the others scan their own files); empty when they cannot be scanned together. Writes nothing: each plan's
+    contribution then takes its own scan (`prescanned`) and goes on exactly as if it had scanned its files."""
+    chosen, listed = [], []
+    rows = 0
+    for plan in plans:
+        own = plan.config.institution(institution.id)  # its feeds as the plan reads them (a window's spool)
+        files = list_sources(plan, own).sources
+        estimate = estimated_rows(files, own.feeds) if files else 0
+        if files and rows + estimate <= plan.config.pipeline.shard_rows:
+            rows += estimate
+            chosen.append(plan)
+            listed.append(files)
+    if len(chosen) < 2:
+        return {}
+    connection = _scan_connections.take(chosen[0])
+    try:
+        scans = scan_windows(chosen, institution.id, listed, connection)
+    finally:
+        _scan_connections.give_back(connection)
+    if scans is None:
+        return {}
+    return {plan.key.release_id: (files, scan) for plan, files, scan in zip(chosen, listed, scans, strict=True)}
+
+
+@contextlib.contextmanager
+def prescanned(scans: dict[tuple[str, str], Prescan]) -> Iterator[None]:
+    """Within the block (this thread), an in-process contribution (pipelines.local.contribute_locally) to
+    release id r takes institution i's scan out of `scans[(r, i)]` when it lists the same files, instead of
+    scanning them again."""
+    token = _prescanned.set(scans)
+    try:
+        yield
+    finally:
+        _prescanned.reset(token)
+
+
+def prescanned_for(plan: ReleasePlan, work: ScanWork) -> dict[str, ShardScan]:
+    """The scans made ahead (`prescanned`) for the plan's institutions whose files are those of `work`, taken
+    out: each is handed out once (its contribution adds to its tallies)."""
+    scans = _prescanned.get()
+    if not scans:
+        return {}
+    made = {}
+    for institution_id, files in work.sources.items():
+        prescan = scans.pop((plan.key.release_id, institution_id), None)
+        if prescan is not None and prescan[0] == files:
+            made[institution_id] = prescan[1]
+    return made
 
 
 def _flat(pcollections: list[beam.PCollection], label: str) -> beam.PCollection:

@@ -37,6 +37,7 @@ from pipelines.contribute import (
     SealContribution,
     StageFeed,
     WriteDeadLetters,
+    prescanned_for,
     scan_work,
 )
 from pipelines.unmask import read_roster
@@ -79,7 +80,8 @@ def contribute_locally(
     """`Contribute` (pipelines/contribute.py), step by step in this process."""
     work = scan_work(plan, institutions)
     staged, staging_out = run_dofn(StageFeed(plan, work.sources), work.staging)
-    partials, scanned = run_dofn(ContributeShard(plan, work.sources), work.shards, dict(staged))
+    made = prescanned_for(plan, work)  # scanned ahead with other plans' files (a stream's burst of windows)
+    partials, scanned = run_dofn(ContributeShard(plan, work.sources, made), work.shards, dict(staged))
     run_dofn(WriteDeadLetters(plan), staging_out[DEAD] + scanned[DEAD])
     partials += staging_out[PARTIAL]
     totals = [(key, combine(MergePartials(), values)) for key, values in group_by_key(partials)]

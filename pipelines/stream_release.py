@@ -5,9 +5,11 @@ as if it were released alone (`fusion batch` over that window's spool). What the
 them: the windows' institution and aggregator steps (contribute, aggregate, unmask, aggregate) run side by side,
 `WINDOW_WORKERS` windows at a time, each window's in order, so that one window's waits on the disk (every sealed
 envelope, record and unmask answer is synced before it is published) overlap with another's work; they reuse one
-loaded public HE context and pooled scan connections, and what they record in the store is written afterwards,
-in the windows' order. Then the key holder loads the secret context once, charges every window of a privacy
-period in one ledger commit (each window its own entry; pipelines.release.prepare_releases), and estimates the
+loaded public HE context and pooled scan connections, each institution's spooled files of every window are
+scanned first in one DuckDB pass (pipelines.contribute.scan_together: a query's fixed costs outweigh a window's
+rows), each window's contribution taking its own rows from it, and what they record in the store is written
+afterwards, in the windows' order. Then the key holder loads the secret context once, charges every window of a
+privacy period in one ledger commit (each window its own entry; pipelines.release.prepare_releases), and estimates the
 quantiles of all their cells in one call; and the decoded cells of every window are committed together (one
 `audit`, one `rejects` and one `releases` commit), so all of them become queryable at the same moment, and a
 burst of windows (a stream catching up, `--drain`) costs one run, not one per window.
@@ -30,12 +32,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusion.config.federation import InstitutionConfig
 from fusion.errors import ReleaseRefused
 from fusion.release.plan import ReleasePlan
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetExceeded, BudgetLedger
 from fusion.store.mode import bind_store_mode
 from pipelines.batch import audit_feeds
+from pipelines.contribute import Prescan, prescanned, scan_together
 from pipelines.release import PreparedRelease, ReleaseOutcome, audit_event, prepare_releases, publish_releases
 from pipelines.run import run_aggregate, run_contributions, run_unmask
 
@@ -67,6 +71,17 @@ def _timed(
         seconds[step] += clock() - start
 
 
+def _scan_together(
+    plans: Sequence[ReleasePlan], institution: InstitutionConfig, cpu: list[float]
+) -> dict[str, Prescan]:
+    """`scan_together` for one institution of the federation, its CPU seconds added to `cpu`."""
+    start = time.thread_time()
+    try:
+        return scan_together(plans, institution) if len(plans) > 1 else {}
+    finally:
+        cpu.append(time.thread_time() - start)
+
+
 @dataclass(frozen=True)
 class _WindowSteps:
     """What the institution and aggregator steps of one window came to: `reports` None when an institution
@@ -79,12 +94,13 @@ class _WindowSteps:
     cpu_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))  # by step
 
 
-def _contribute_and_aggregate(plan: ReleasePlan) -> _WindowSteps:
-    """Every institution's contribution to the window, then its aggregation (with the unmask round when the
-    roster asks for it), in process: a window is small. Writes nothing to the store."""
+def _contribute_and_aggregate(plan: ReleasePlan, scans: dict[tuple[str, str], Prescan]) -> _WindowSteps:
+    """Every institution's contribution to the window (taking the scans of its files made ahead, `scans`), then
+    its aggregation (with the unmask round when the roster asks for it), in process: a window is small. Writes
+    nothing to the store."""
     cpu: defaultdict[str, float] = defaultdict(float)  # this thread's CPU seconds by step
     try:
-        with _timed(cpu, "contribute", time.thread_time):
+        with _timed(cpu, "contribute", time.thread_time), prescanned(scans):
             reports = run_contributions(plan, plan.config.institutions, in_process=True)
     except ReleaseRefused as exc:
         return _WindowSteps(plan, None, exc, cpu)
@@ -149,9 +165,19 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
     # the other windows' work. What they record in the store is written here, in the windows' order.
     wall["checks"] = time.monotonic() - started
     workers = min(WINDOW_WORKERS, len(pending)) or 1
-    with _timed(wall, "window_steps"), ThreadPoolExecutor(workers, thread_name_prefix="fusion-window") as pool:
-        chains = [pool.submit(_contribute_and_aggregate, plan) for plan in pending]
-        results = [chain.result() for chain in chains]  # re-raises what is not a refusal, in the windows' order
+    scan_cpu: list[float] = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="fusion-window") as pool:
+        # Each institution's files of every window scanned in one pass, institutions side by side (a query's
+        # fixed costs outweigh a window's rows); each window's contribution then takes its own part.
+        with _timed(wall, "scan"):
+            by_institution = list(pool.map(lambda i: _scan_together(pending, i, scan_cpu), config.institutions))
+        scans: dict[str, dict[tuple[str, str], Prescan]] = defaultdict(dict)
+        for institution, made in zip(config.institutions, by_institution, strict=True):
+            for release_id, prescan in made.items():
+                scans[release_id][release_id, institution.id] = prescan
+        with _timed(wall, "window_steps"):
+            chains = [pool.submit(_contribute_and_aggregate, p, scans.pop(p.key.release_id, {})) for p in pending]
+            results = [chain.result() for chain in chains]  # re-raises what is not a refusal, in the windows' order
     aggregated = []
     for result in results:
         plan = result.plan
@@ -189,9 +215,17 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
     for outcome in published:
         outcomes[outcome.release_id] = WindowOutcome(outcome.release_id, outcome.status)
     cpu: defaultdict[str, float] = defaultdict(float)
+    if scan_cpu:
+        cpu["scan"] = sum(scan_cpu)
     for result in results:
         for step, seconds in result.cpu_seconds.items():
             cpu[step] += seconds
-    phases = {"wall_s": dict(wall), "window_steps_cpu_s": dict(cpu), "windows": len(plans), "workers": workers}
+    phases = {
+        "wall_s": dict(wall),
+        "window_steps_cpu_s": dict(cpu),
+        "windows": len(plans),
+        "workers": workers,
+        "scanned_together": sum(len(made) for made in by_institution),  # (window, institution) scans in one pass
+    }
     _log.debug("released %d windows in one run: %s", len(plans), phases, extra={"phases": phases})
     return [outcomes[p.key.release_id] for p in plans]

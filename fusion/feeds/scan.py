@@ -25,7 +25,7 @@ import hashlib
 import secrets
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import ceil
 from typing import Any
@@ -54,7 +54,7 @@ from fusion.release.plan import ReleasePlan
 from privacy.encoding import MetricEncoding
 from privacy.layout import SUMSQ, PartitionLayout
 from schemas.readings import ENTITY_ID, EVENT_TIME, METRIC, READING_SCHEMA, REGION, SENSOR_ID, VALUE
-from schemas.reasons import FileReason, RejectReason
+from schemas.reasons import REASON_PRECEDENCE, FileReason, RejectReason
 from schemas.validation import (
     ROW_COLUMN,
     ReadingRules,
@@ -241,20 +241,42 @@ def encoded_sql(
     them), a 64-bit hash of the whole reading and, at entity level, of its entity. With `shard` None, the rows
     of every shard, each with its shard number (column SHARD)."""
     start_us = int(layout.start.timestamp() * 1_000_000)
+    partition = _partition(entity_level)
+    columns = _encoded_columns(layout, entity_level, row="c.row_id", start_us=str(start_us))
+    if shard is None:
+        columns.append(f"CAST({partition} % {shards} AS INTEGER) AS {SHARD}")
+    where = f"WHERE {partition} % {shards} = {shard}" if shards > 1 and shard is not None else ""
+    return f"""
+        WITH c AS ({checked})
+        SELECT {", ".join(columns)}
+        FROM c
+        {where}
+    """
+
+
+def _partition(entity_level: bool) -> str:
+    """The hash a row's scan shard is taken from: its entity's at entity level, the whole reading's otherwise."""
+    return f"hash({ENTITY_ID})" if entity_level else _KEY_HASH
+
+
+# Validation typed the value with -0.0 made 0.0, so equal readings hash alike.
+_KEY_HASH = f"hash({ENTITY_ID}, {SENSOR_ID}, {REGION}, {METRIC}, {EVENT_TIME}, {VALUE})"
+
+
+def _encoded_columns(layout: PartitionLayout, entity_level: bool, *, row: str, start_us: str) -> list[str]:
+    """The columns `encoded_sql` selects from `c` (a `checked_sql` relation): `row` is the row number's
+    expression, `start_us` the expression of the first cell's start (epoch microseconds)."""
     window_us = int(layout.window.total_seconds() * 1_000_000)
     regions, windows = len(layout.regions), layout.windows
-    # Validation typed the value with -0.0 made 0.0, so equal readings hash alike.
-    key = f"hash({ENTITY_ID}, {SENSOR_ID}, {REGION}, {METRIC}, {EVENT_TIME}, {VALUE})"
-    partition = f"hash({ENTITY_ID})" if entity_level else key
     steps = f"CAST(round_even(least(greatest({VALUE}, m_lower), m_upper) / m_resolution, 0) AS BIGINT)"
     centred = f"(({steps}) - m_centre) * m_scale"
     columns = [
-        f"c.row_id AS {ROW}",
+        f"{row} AS {ROW}",
         "c.reason",
         f"CASE WHEN c.reason IS NULL THEN (c.metric_idx * {regions} + c.region_idx) * {windows} "
         f"+ (epoch_us({EVENT_TIME}) - {start_us}) // {window_us} END AS {CELL}",
         f"CASE WHEN c.reason IS NULL THEN {centred} END AS {SUM}",
-        f"{key} AS {KEY}",
+        f"{_KEY_HASH} AS {KEY}",
     ]
     if layout.has(SUMSQ):
         columns.append(
@@ -268,16 +290,8 @@ def encoded_sql(
             f"// m_span_steps, 0), {layout.bins - 1}) END AS {BIN}"
         )
     if entity_level:
-        columns.append(f"{partition} AS {ENTITY}")
-    if shard is None:
-        columns.append(f"CAST({partition} % {shards} AS INTEGER) AS {SHARD}")
-    where = f"WHERE {partition} % {shards} = {shard}" if shards > 1 and shard is not None else ""
-    return f"""
-        WITH c AS ({checked})
-        SELECT {", ".join(columns)}
-        FROM c
-        {where}
-    """
+        columns.append(f"{_partition(entity_level)} AS {ENTITY}")
+    return columns
 
 
 def encoded_schema(layout: PartitionLayout, entity_level: bool) -> pa.Schema:
@@ -330,7 +344,7 @@ class _Piece:
 
 class FeedScanner:
     """Scans one institution's feed files for a release plan, on a connection from `scan_connection` (its own
-    when none is given)."""
+    when none is given), taken when it is first needed."""
 
     def __init__(
         self,
@@ -338,27 +352,36 @@ class FeedScanner:
         institution: InstitutionConfig,
         *,
         connection: duckdb.DuckDBPyConnection | None = None,
+        connect: Callable[[], duckdb.DuckDBPyConnection] | None = None,
         threads: int = 2,
         sources: list[tuple[int, str]] | None = None,
         staged: Mapping[int, str] | None = None,
     ) -> None:
-        """`sources`: the institution's files (`feed_sources`), listed once by whoever plans the scan so that
-        every shard of a run reads the same files; listed here when None. `staged`: for files already staged
-        (`stage`), their prefix by `src`: a shard reads its Arrow file instead of scanning the file (their rows,
-        rejects and dead letters were counted when they were staged)."""
+        """`connect`: where the connection comes from when `connection` is None (called once, when it is first
+        needed; its own otherwise). `sources`: the institution's files (`feed_sources`), listed once by whoever
+        plans the scan so that every shard of a run reads the same ones; listed here when None. `staged`: for
+        files already staged (`stage`), their prefix by `src`: a shard reads its Arrow file instead of scanning
+        the file (their rows, rejects and dead letters were counted when they were staged)."""
         self.plan = plan
         self.institution = institution
         self.entity_level = plan.config.privacy.unit is PrivacyUnit.ENTITY
         self.sources = feed_sources(plan, institution) if sources is None else list(sources)
         self.schema = encoded_schema(plan.layout, self.entity_level)
         self._rules: ReadingRules = plan.rules
-        self._owned = connection is None
-        self._con = scan_connection(plan, threads=threads) if connection is None else connection
+        self._owned = connection is None and connect is None
+        self._connection = connection
+        self._connect = connect or (lambda: scan_connection(plan, threads=threads))
         self._staged = dict(staged or {})
 
+    @property
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        if self._connection is None:
+            self._connection = self._connect()
+        return self._connection
+
     def close(self) -> None:
-        if self._owned:
-            self._con.close()
+        if self._owned and self._connection is not None:
+            self._connection.close()
 
     def _pieces(self, src: int) -> Iterator[_Piece]:
         """File `src` as the relations it is read through: the whole file for Parquet that DuckDB reads, one
@@ -659,6 +682,27 @@ class FeedScanner:
                 if batch is not None:
                     self._con.unregister("fusion_raw")
 
+    def scanned_rows(self, src: int, rows: pa.Table) -> ShardScan:
+        """What `scan(0, 1)` makes of file `src` (a Parquet file DuckDB reads itself, with every required column)
+        given its encoded rows (`encoded_sql`'s columns, every row of the file in the file's order) from a scan
+        done elsewhere (`scan_windows`): its rows read, its rejects and their dead letters, its tally."""
+        scanned = ShardScan()
+        path = self.sources[src][1]
+        scanned.rows_read = rows.num_rows
+        reason = rows.column("reason")
+        if reason.null_count != rows.num_rows:
+            rejects = rows.filter(pc.is_valid(reason)).select([ROW, "reason"])
+            rows = rows.filter(pc.is_null(reason))
+            scanned.rejected.update(Counter(rejects.column("reason").to_pylist()))
+            piece = next(self._pieces(src))
+            raw = self._raw_rows(piece.relation, None, rejects.column(ROW))
+            letters = dead_letters(raw, rejects.column("reason"), rejects.column(ROW), source=path)
+            scanned.dead_letters.append((f"{self._letter_name(src, 0)}-{0:05d}-invalid", letters))
+        scanned.encoded.append(self._encoded(rows, src))
+        tally = scanned.files.setdefault(path, FileTally())
+        tally.read, tally.rejected = scanned.rows_read, Counter(scanned.rejected)
+        return scanned
+
     def _encoded(self, rows: pa.Table, src: int) -> pa.Table:
         columns = {SOURCE: pa.array(np.full(rows.num_rows, src, dtype=np.int32))}
         for name in self.schema.names[1:]:
@@ -706,6 +750,132 @@ class FeedScanner:
             self._con.unregister("fusion_wanted")
         found = pa.concat_tables(pieces).sort_by("ord")
         return found.select(list(READING_SCHEMA.names)).cast(READING_SCHEMA)
+
+
+#: A scan of several windows numbers each row `file << WINDOW_FILE_SHIFT | row in its file` (files hold < 2^40 rows).
+WINDOW_FILE_SHIFT = 40
+
+
+def scan_windows(
+    plans: Sequence[ReleasePlan],
+    institution_id: str,
+    sources: Sequence[list[tuple[int, str]]],
+    connection: duckdb.DuckDBPyConnection,
+) -> list[ShardScan] | None:
+    """One institution's files of several release plans (disjoint intervals of one layout's shape, such as a
+    stream's windows: `sources[i]` are plan i's files) scanned in one DuckDB pass; per plan what
+    `FeedScanner(plan, ...).scan(0, 1)` returns, the same rows in the same order (each row validated against its
+    own plan's interval, encoded against its own plan's layout), the same rejects, dead letters and file tallies.
+    None when they cannot be scanned together (a plan of another shape, a file DuckDB does not read itself, a
+    file whose schema differs or lacks a column, a damaged file): then each plan's scan decides, as before.
+
+    A query's fixed costs (parsing, binding, opening the files, scheduling threads) outweigh a small window's
+    rows: a stream releasing a burst of windows pays them once per institution, not once per window."""
+    if len(plans) < 2 or len(plans) != len(sources):
+        return None
+    first = plans[0]
+    entity_level = first.config.privacy.unit is PrivacyUnit.ENTITY
+    shape = _shape(first)
+    scanners = [
+        FeedScanner(plan, plan.config.institution(institution_id), connection=connection, sources=list(files))
+        for plan, files in zip(plans, sources, strict=True)
+    ]
+    files: list[tuple[int, int, str]] = []  # (plan, src, local path), in the order of the scan's file_index
+    read: tuple[Any, ...] | None = None  # what every file must share: columns mapped, time format, schema
+    try:
+        for number, (plan, scanner) in enumerate(zip(plans, scanners, strict=True)):
+            if _shape(plan) != shape or (plan.config.privacy.unit is PrivacyUnit.ENTITY) != entity_level:
+                return None
+            for src, (feed_index, path) in enumerate(scanner.sources):
+                feed = scanner.institution.feeds[feed_index]
+                if not _read_by_duckdb(path, feed):
+                    return None
+                schema = pq.read_schema(_local(path))
+                columns = mapped_columns(feed)
+                refuse_duplicate_columns(path, schema.names, columns.values())
+                if absent_columns(feed, schema.names):
+                    return None
+                this = (tuple(columns.items()), feed.time_format, tuple(schema.names), tuple(schema.types))
+                if read is None:
+                    read = this
+                elif this != read:
+                    return None
+                files.append((number, src, _local(path)))
+    except DAMAGE_ERRORS:
+        return None
+    scans = [ShardScan() for _ in plans]
+    if not files:
+        return scans
+    assert read is not None
+    columns = dict(read[0])
+    names, types_ = read[2], read[3]
+    types = {f: types_[names.index(c)] for f, c in columns.items() if c in names}
+    wanted = ", ".join('"' + c.replace('"', '""') + '"' for c in dict.fromkeys(columns.values()) if c in names)
+    listed = ", ".join(_quote(path) for _, _, path in files)
+    relation = (
+        f"(SELECT {wanted + ', ' if wanted else ''}CAST(file_index AS BIGINT) * {1 << WINDOW_FILE_SHIFT} "
+        f"+ file_row_number AS {ROW_COLUMN} FROM read_parquet([{listed}], file_row_number = true, "
+        "hive_partitioning = false))"
+    )
+    # Validated against the span of every interval, then each row against its own: a row outside its interval
+    # whose first reason in that span comes after out_of_interval (or that has none) is out_of_interval, exactly
+    # as its own plan's scan finds it (the reasons are checked in REASON_PRECEDENCE order).
+    span = ReadingRules(
+        plausible=first.rules.plausible,
+        regions=first.rules.regions,
+        start=min(plan.layout.start for plan in plans),
+        end=max(plan.layout.end for plan in plans),
+    )
+    checked = checked_sql(
+        relation, rules=span, columns=columns, types=types, time_format=read[1].value, carry=ENCODING_COLUMNS
+    )
+    order = REASON_PRECEDENCE.index(RejectReason.OUT_OF_INTERVAL)
+    later = ", ".join(_quote(r.value) for r in REASON_PRECEDENCE[order + 1 :])
+    mask = (1 << WINDOW_FILE_SHIFT) - 1
+    encoded = _encoded_columns(first.layout, entity_level, row=f"c.row_id & {mask}", start_us="c.w_start_us")
+    sql = f"""
+        WITH checked AS ({checked}),
+        c AS (
+            SELECT checked.* REPLACE (
+                CASE WHEN (checked.reason IS NULL OR checked.reason IN ({later}))
+                          AND (checked.{EVENT_TIME} < w.w_start OR checked.{EVENT_TIME} >= w.w_end)
+                     THEN {_quote(RejectReason.OUT_OF_INTERVAL.value)} ELSE checked.reason END AS reason
+            ), w.w_start_us
+            FROM checked JOIN fusion_windows w ON checked.row_id >> {WINDOW_FILE_SHIFT} = w.file
+        )
+        SELECT c.row_id >> {WINDOW_FILE_SHIFT} AS w_file, {", ".join(encoded)}
+        FROM c
+        ORDER BY c.row_id
+    """
+    starts = [plans[number].layout.start for number, _, _ in files]
+    ends = [plans[number].layout.end for number, _, _ in files]
+    windows = pa.table(
+        {
+            "file": pa.array(range(len(files)), pa.int64()),
+            "w_start": pa.array(starts, pa.timestamp("us", tz="UTC")),
+            "w_end": pa.array(ends, pa.timestamp("us", tz="UTC")),
+            "w_start_us": pa.array([int(t.timestamp() * 1_000_000) for t in starts], pa.int64()),
+        }
+    )
+    connection.register("fusion_windows", windows)
+    try:
+        table = connection.sql(sql).to_arrow_table()
+    except (*DAMAGE_ERRORS, *TRANSIENT_ERRORS):  # each plan's own scan says which file, and what it does about it
+        return None
+    finally:
+        connection.unregister("fusion_windows")
+    bounds = np.searchsorted(table.column("w_file").to_numpy(), np.arange(len(files) + 1))
+    for index, (number, src, _) in enumerate(files):
+        rows = table.slice(int(bounds[index]), int(bounds[index + 1] - bounds[index]))
+        scans[number].add(scanners[number].scanned_rows(src, rows))
+    return scans
+
+
+def _shape(plan: ReleasePlan) -> tuple[Any, ...]:
+    """What a plan's scan depends on besides its interval and its files."""
+    layout, rules = plan.layout, plan.rules
+    cells = (layout.metrics, layout.regions, layout.window, layout.windows, layout.has(SUMSQ), layout.bins)
+    return (*cells, plan.params.encodings, rules.plausible, rules.regions)
 
 
 def _read_arrow(path: str) -> pa.Table:
