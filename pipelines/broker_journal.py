@@ -17,6 +17,7 @@ ids of its messages stay listed, so the journal holds only readings that are not
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,10 +32,12 @@ def message_lines(payload: bytes, *, name: str, max_bytes: int) -> list[str]:
     if len(payload) > max_bytes:
         return [f"!broker message {name}: {len(payload)} bytes, over the source's max_message_bytes = {max_bytes}"]
     try:
-        text = payload.decode("utf-8")
+        text = payload.decode("utf-8-sig")  # a byte-order mark before the first line is not part of it
     except UnicodeDecodeError as exc:
         return [f"!broker message {name}: not UTF-8 ({len(payload)} bytes; {exc.reason} at byte {exc.start})"]
-    return [line for line in text.splitlines() if line.strip()]
+    # Lines end as in a JSON-lines file (\n, \r\n or \r), not at every character str.splitlines() takes for a
+    # line break: U+2028, U+0085 or a form feed inside a JSON string is part of the reading.
+    return [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -61,15 +64,25 @@ class SourceJournal:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.ids: set[str] = set()
-        numbers = [0]
-        for sidecar in directory.glob(f"*{IDS_SUFFIX}"):
+        self._next = 0
+        self.reload()
+
+    def reload(self) -> None:
+        """Read every journalled id from the sidecars again (those `forget` dropped included): a consumer created
+        again on the broker delivers from the start, and what was forgotten may then come back. Safe beside the
+        driver's `remove`: a sidecar renamed while the `.ids` are read is found among the `.released`."""
+        ids: set[str] = set()
+        numbers = [self._next]
+        for sidecar in self.directory.glob(f"*{IDS_SUFFIX}"):
             journal = sidecar.with_suffix(JOURNAL_SUFFIX)
             if journal.exists():  # a sidecar without its file: the kill came before the rename, nothing journalled
-                self.ids.update(sidecar.read_text().split())
+                with contextlib.suppress(FileNotFoundError):
+                    ids.update(sidecar.read_text().split())
                 numbers.append(int(journal.stem) + 1)
-        for sidecar in directory.glob(f"*{RELEASED_SUFFIX}"):  # removed segments: their numbers are never reused
-            self.ids.update(sidecar.read_text().split())
+        for sidecar in self.directory.glob(f"*{RELEASED_SUFFIX}"):  # removed segments: numbers never reused
+            ids.update(sidecar.read_text().split())
             numbers.append(int(sidecar.stem) + 1)
+        self.ids = ids
         self._next = max(numbers)
 
     def segments(self) -> list[Path]:

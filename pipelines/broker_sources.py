@@ -4,8 +4,9 @@ A NATS JetStream source is a durable pull consumer (explicit acknowledgements) o
 source subscribes to the institution's topic filters at QoS 1 in a persistent session (clean_session off) and
 acknowledges manually. Either way a batch is acknowledged only after `SourceJournal.append` has made it durable,
 so a kill redelivers, and nothing the broker saw acknowledged is lost. Redeliveries are recognised by the broker
-id (JetStream: the stream sequence; MQTT, which has no stable id: a digest of topic and payload, so an exact
-duplicate is taken once). The journal files are the institution's inputs from there on: the driver validates,
+id (JetStream: the stream sequence, with the stream's creation time, since a stream created again under the same
+name numbers from 1 again; MQTT, which has no stable id: a digest of topic and payload, so an exact duplicate is
+taken once). The journal files are the institution's inputs from there on: the driver validates,
 windows, spools and releases them like feed files.
 
 A broker that is down at start or goes down mid-stream is retried with exponential backoff (0.5 s to 30 s); each
@@ -15,6 +16,7 @@ change of a source's health is logged and shown in the status line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import select
@@ -96,6 +98,7 @@ class NatsReader(SourceReader):
         super().__init__(institution, f"nats {source.stream}", journal, notice)
         self.source = source
         self._config = config
+        self._life = "0"  # the stream's creation time: with the sequence, a message's id (see `_main`)
 
     def run(self) -> None:
         asyncio.run(self._main())
@@ -132,9 +135,16 @@ class NatsReader(SourceReader):
                 stream = client.jetstream()
                 await stream.add_consumer(source.stream, consumer)
                 subscription = await stream.pull_subscribe_bind(durable, source.stream)
+                # A stream deleted and created again under its name numbers its messages from 1 again: an id is
+                # the sequence in this life of the stream (its creation time), never taken for an older life's.
+                created = (await stream.stream_info(source.stream)).created
+                self._life = created.strftime("%Y%m%dT%H%M%S%fZ") if created else "0"
                 floor = (await subscription.consumer_info()).ack_floor
-                if floor is not None and floor.stream_seq:  # acknowledged: never redelivered, forget their ids
-                    self.journal.forget([i for i in self.journal.ids if int(i) <= floor.stream_seq])
+                acknowledged = floor.stream_seq if floor is not None and floor.stream_seq else 0
+                # forget the ids never redelivered: acknowledged ones, and an earlier life's (that stream is gone);
+                # the floor is this consumer's: one created again (deleted on the broker) delivers from the start
+                self.journal.reload()
+                self.journal.forget([i for i in self.journal.ids if not _redeliverable(i, self._life, acknowledged)])
                 self._set_health("connected")
                 delay = MIN_BACKOFF_S
                 await self._pull(client, subscription)
@@ -168,7 +178,10 @@ class NatsReader(SourceReader):
                 sequence = message.metadata.sequence.stream
                 name = f"{self.source.stream}:{sequence} ({message.subject})"
                 entries.append(
-                    (str(sequence), message_lines(message.data, name=name, max_bytes=self.source.max_message_bytes))
+                    (
+                        f"{sequence}@{self._life}",
+                        message_lines(message.data, name=name, max_bytes=self.source.max_message_bytes),
+                    )
                 )
             self.messages += self.journal.append(entries)  # durable before the acknowledgement below
             crash_point("broker_after_journal")
@@ -206,21 +219,42 @@ class MqttReader(SourceReader):
         if source.tls is not None:
             client.tls_set_context(source.tls.context(self._config.resolve))
         client.on_message = lambda _client, _data, message: pending.append(message)
-        client.on_connect = lambda c, _data, _flags, _code, _props: c.subscribe([(t, 1) for t in source.topics])
+        # Connected means subscribed: a broker that refuses the session (credentials) or a subscription (its ACL)
+        # is down, not connected, so the status line says why and `--drain` gives up on it after its wait.
+        session: dict[str, Any] = {}
+
+        def on_connect(c: Any, _data: Any, _flags: Any, code: Any, _props: Any) -> None:
+            if code.is_failure:
+                session["refused"] = f"the broker refused the connection: {code}"
+            else:
+                session["subscription"] = c.subscribe([(t, 1) for t in source.topics])[1]
+
+        def on_subscribe(_c: Any, _data: Any, mid: int, codes: Any, _props: Any) -> None:
+            refused = [t for t, code in zip(source.topics, codes, strict=False) if code.is_failure]
+            if mid == session.get("subscription") and refused:
+                session["refused"] = f"the broker refused the subscription to {', '.join(refused)}"
+            elif mid == session.get("subscription"):
+                session["subscribed"] = True
+
+        client.on_connect, client.on_subscribe = on_connect, on_subscribe
         while not self._halt.is_set():
             try:
+                session.clear()
                 client.connect(source.host, source.port, keepalive=15)
-                self._set_health("connected")
-                delay = MIN_BACKOFF_S
                 quiet_since = time.monotonic()
                 while not self._halt.is_set():
                     code = client.loop(timeout=0.1)
                     while code == mqtt.MQTT_ERR_SUCCESS and len(pending) < 1000 and _readable(client.socket()):
                         code = client.loop_read()  # loop() reads one packet: take what has arrived, as one batch
+                    if "refused" in session:
+                        raise ConnectionError(session["refused"])
                     if code != mqtt.MQTT_ERR_SUCCESS:
                         raise ConnectionError(mqtt.error_string(code))
+                    if session.get("subscribed") and self.health != "connected":
+                        self._set_health("connected")
+                        delay, quiet_since = MIN_BACKOFF_S, time.monotonic()
                     if not pending:
-                        self.idle = time.monotonic() - quiet_since > 0.5
+                        self.idle = self.health == "connected" and time.monotonic() - quiet_since > 0.5
                         continue
                     self.idle, quiet_since = False, time.monotonic()
                     batch, pending[:] = list(pending), []
@@ -237,8 +271,17 @@ class MqttReader(SourceReader):
                         client.ack(message.mid, message.qos)
             except (OSError, ConnectionError) as exc:
                 pending.clear()  # not acknowledged: the broker redelivers them in the session
+                with contextlib.suppress(Exception):
+                    client.disconnect()  # a refused session or subscription: close it before trying again
                 delay = self._down(exc, delay)
         client.disconnect()
+
+
+def _redeliverable(message_id: str, life: str, acknowledged: int) -> bool:
+    """Whether the JetStream message of a journalled id (`<sequence>@<stream's creation time>`) may still be
+    redelivered: of the stream's present life, and above the consumer's acknowledgement floor."""
+    sequence, _, of = message_id.partition("@")
+    return of == life and int(sequence) > acknowledged
 
 
 def _readable(sock: Any) -> bool:

@@ -147,27 +147,54 @@ def _from_env(value: str | None, variable: str | None, institution: str, field: 
     return found
 
 
-def filters_overlap(first: Sequence[str], second: Sequence[str]) -> bool:
-    """Whether some subject matches both filters (tokens; '*' one token, '>' one or more at the end)."""
-    for i, (a, b) in enumerate(zip(first, second, strict=False)):
+def filters_overlap(first: Sequence[str], second: Sequence[str], *, mqtt: bool = False) -> bool:
+    """Whether some subject matches both filters (tokens; '*' one token, '>' one or more at the end). With `mqtt`,
+    '>' stands for MQTT's '#', which also matches zero levels: `a/#` matches the topic `a` itself."""
+    for a, b in zip(first, second, strict=False):
         if a == ">" or b == ">":
-            return len(first) > i and len(second) > i
+            return True
         if a != b and "*" not in (a, b):
             return False
-    return len(first) == len(second)
+    if len(first) == len(second):
+        return True
+    longer = first if len(first) > len(second) else second
+    return mqtt and len(longer) == min(len(first), len(second)) + 1 and longer[-1] == ">"
+
+
+def _shown(tokens: Sequence[str], kind: SourceKind) -> str:
+    if kind is SourceKind.MQTT:
+        return "/".join({"*": "+", ">": "#"}.get(x, x) for x in tokens)
+    return ".".join(tokens)
 
 
 def check_sources(sources: Sequence[tuple[str, NatsSource | MqttSource]]) -> None:
-    """Refuse two institutions whose filters on the same broker could match the same subject or topic."""
+    """Refuse two institutions whose filters on the same broker could match the same subject or topic, and two
+    sources that would share one broker session (an MQTT client id on one broker: each connection takes the
+    session from the other, over and over; a JetStream durable consumer on one stream: they split its messages)."""
+    sessions: dict[tuple[str, ...], str] = {}
+    for institution, source in sources:
+        if isinstance(source, MqttSource):
+            key: tuple[str, ...] = ("mqtt", source.host, str(source.port), source.session(institution))
+            what = f"MQTT client id {key[-1]} on {source.host}:{source.port}"
+        else:
+            key = ("nats", source.url, source.stream, source.consumer(institution))
+            what = f"JetStream durable consumer {key[-1]} of stream {source.stream} at {source.url}"
+        field = "client_id" if key[0] == "mqtt" else "durable"
+        if key in sessions:
+            owner = sessions[key]
+            who = f"two sources of {owner}" if owner == institution else f"sources of {owner} and {institution}"
+            raise ValueError(f"{who} share the {what}: give each source its own {field}")
+        sessions[key] = institution
     for n, (first_id, first) in enumerate(sources):
         for second_id, second in sources[n + 1 :]:
             if first_id == second_id or first.kind != second.kind:
                 continue
             for a in first.filters():
                 for b in second.filters():
-                    if filters_overlap(a, b):
+                    if filters_overlap(a, b, mqtt=first.kind is SourceKind.MQTT):
+                        shown = [_shown(f, first.kind) for f in (a, b)]
                         raise ValueError(
-                            f"institutions {first_id} and {second_id} both read {'.'.join(a)} / {'.'.join(b)} "
+                            f"institutions {first_id} and {second_id} both read {shown[0]} / {shown[1]} "
                             f"({first.kind.value}): each institution reads only its own subjects or topics; "
                             "give each its own prefix (e.g. fusion.<institution>.>)"
                         )
