@@ -235,8 +235,17 @@ class OnePerInstitution(beam.DoFn):
             yield refused(path, "replayed")
 
 
+#: Encrypted vectors an EncryptedSum accumulator holds before adding them up: one homomorphic sum over several
+#: vectors loads each ciphertext once and serializes the total once, where adding them pairwise reloads and
+#: reserializes the running total for every vector (about 1 ms a ciphertext); bounded so that an accumulator, and
+#: the element SealAggregate receives, stays a few vectors.
+PENDING_VECTORS = 16
+
+
 class EncryptedSum(beam.CombineFn):
-    """Sums contribution envelopes homomorphically. Accumulator: (headers, summed ciphertexts or None)."""
+    """Collects contribution envelopes for their homomorphic sum. Accumulator and output: (headers, encrypted
+    vectors not yet added up, at most PENDING_VECTORS: beyond, they are added up into one). SealAggregate adds
+    them up once it needs the total, after the roster is closed (`total`): before, only the headers count."""
 
     def __init__(self, public_context: PublicContext) -> None:
         self._public_context = public_context
@@ -244,34 +253,38 @@ class EncryptedSum(beam.CombineFn):
     def _ctx(self) -> Any:
         return self._public_context.context
 
-    def create_accumulator(self) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
-        return [], None
+    def create_accumulator(self) -> tuple[list[EnvelopeHeader], list[list[bytes]]]:
+        return [], []
 
     def add_input(
         self,
-        accumulator: tuple[list[EnvelopeHeader], list[bytes] | None],
+        accumulator: tuple[list[EnvelopeHeader], list[list[bytes]]],
         element: tuple[str, EnvelopeHeader, list[bytes]],
-    ) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
+    ) -> tuple[list[EnvelopeHeader], list[list[bytes]]]:
         _, header, ciphertexts = element
-        return self.merge_accumulators([accumulator, ([header], ciphertexts or None)])
+        return self.merge_accumulators([accumulator, ([header], [ciphertexts] if ciphertexts else [])])
 
     def merge_accumulators(
-        self, accumulators: Iterable[tuple[list[EnvelopeHeader], list[bytes] | None]]
-    ) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
+        self, accumulators: Iterable[tuple[list[EnvelopeHeader], list[list[bytes]]]]
+    ) -> tuple[list[EnvelopeHeader], list[list[bytes]]]:
         headers: list[EnvelopeHeader] = []
         parts: list[list[bytes]] = []
-        for acc_headers, acc_ciphertexts in accumulators:
+        for acc_headers, acc_parts in accumulators:
             headers.extend(acc_headers)
-            if acc_ciphertexts is not None:
-                parts.append(acc_ciphertexts)
-        if not parts:
-            return headers, None
-        return headers, (parts[0] if len(parts) == 1 else he.add_encrypted(self._ctx(), parts))
+            parts.extend(acc_parts)
+        if len(parts) > PENDING_VECTORS:
+            parts = [he.add_encrypted(self._ctx(), parts)]
+        return headers, parts
 
     def extract_output(
-        self, accumulator: tuple[list[EnvelopeHeader], list[bytes] | None]
-    ) -> tuple[list[EnvelopeHeader], list[bytes] | None]:
+        self, accumulator: tuple[list[EnvelopeHeader], list[list[bytes]]]
+    ) -> tuple[list[EnvelopeHeader], list[list[bytes]]]:
         return accumulator
+
+
+def total(context: Any, parts: list[list[bytes]]) -> list[bytes]:
+    """The homomorphic sum of EncryptedSum's vectors."""
+    return parts[0] if len(parts) == 1 else he.add_encrypted(context, parts)
 
 
 class SealAggregate(beam.DoFn):
@@ -287,10 +300,10 @@ class SealAggregate(beam.DoFn):
         self._may_declare = may_declare
 
     def process(
-        self, summed: tuple[list[EnvelopeHeader], list[bytes] | None], refused: list[dict[str, str]]
+        self, summed: tuple[list[EnvelopeHeader], list[list[bytes]]], refused: list[dict[str, str]]
     ) -> Iterator[dict[str, Any]]:
         plan, roster = self._plan, self._roster
-        all_headers, ciphertexts = summed
+        all_headers, parts = summed
         headers = {h.contributors[0]: h for h in all_headers if h.kind == "contribution"}
         answers = [h for h in all_headers if h.kind == "unmask"]
         contributors = tuple(sorted(headers))
@@ -302,7 +315,7 @@ class SealAggregate(beam.DoFn):
             delete_if_exists(refusal_path(plan.config.exchange_path, plan.key))
             yield self._status({**summary, "status": "waiting"})
             return
-        if len(contributors) < plan.params.quorum or ciphertexts is None:
+        if len(contributors) < plan.params.quorum or not parts:
             yield self._refuse(
                 summary,
                 f"quorum not met: {len(contributors)} valid contribution(s), the federation requires "
@@ -398,7 +411,8 @@ class SealAggregate(beam.DoFn):
         layers = removable_noise(plan, headers, answers)
         masks = (masks + layers.noise % he.PLAIN_MODULUS) % he.PLAIN_MODULUS
         unmasking = centred(he.PLAIN_MODULUS - masks, he.PLAIN_MODULUS)
-        ciphertexts = he.add_plain(self._public_context.context, ciphertexts, unmasking)
+        context = self._public_context.context
+        ciphertexts = he.add_plain(context, total(context, parts), unmasking)
         reject_counts: dict[str, dict[str, int]] = {}
         for h in headers.values():
             reject_counts.update(h.reject_counts)

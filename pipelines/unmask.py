@@ -53,6 +53,7 @@ from fusion.release.exchange import (
     public_context_path,
     public_context_sha256,
     read_bytes,
+    read_head,
     roster_path,
     unmask_path,
     write_bytes,
@@ -61,7 +62,14 @@ from fusion.release.exchange import (
 from fusion.release.plan import ReleasePlan
 from pipelines.contribute import forget_layer_seed, masking_graph, sealed_layer_seed
 from privacy import he
-from privacy.envelope import EnvelopeError, EnvelopeHeader, header_signer, pack_envelope
+from privacy.envelope import (
+    HEADER_PREFIX,
+    EnvelopeError,
+    EnvelopeHeader,
+    header_region_size,
+    header_signer,
+    pack_envelope,
+)
 from privacy.masking import pair_term
 from privacy.masking_graph import MaskingGraph
 from privacy.noise_shares import chain_seeds, layer_commitment, layer_noise, noise_digest
@@ -293,7 +301,7 @@ def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dic
     if not exists(path):
         raise MisfiledContribution(_misfiled(plan, institution_id, registry, f"is not at {path}"))
     try:  # only the header: its signature binds the payload, which this party never uses
-        header, signer = header_signer(read_bytes(path), registry)
+        header, signer = header_signer(_header_bytes(path), registry)
     except EnvelopeError as exc:
         raise FusionError(f"the contribution of {institution_id} listed as included is unreadable: {exc}") from None
     if signer is not None and signer != institution_id:
@@ -308,6 +316,12 @@ def _verified_contribution(plan: ReleasePlan, institution_id: str, registry: dic
     return header
 
 
+def _header_bytes(path: str) -> bytes:
+    """An envelope file's bytes up to the end of its header, all that `header_signer` reads: not its megabytes of
+    ciphertexts (each institution answering a roster reads every contribution of its neighbourhood)."""
+    return read_head(path, header_region_size(read_head(path, HEADER_PREFIX)))
+
+
 class MisfiledContribution(FusionError):
     """An included institution's contribution is not in its place in the exchange (renamed or swapped by hand
     after the roster was closed, or before, under a Fusion version that did not check envelopes' names)."""
@@ -320,7 +334,7 @@ def _misfiled(plan: ReleasePlan, institution_id: str, registry: dict[str, bytes]
     found = []
     for path in list_files(contributions_dir(plan.config.exchange_path, plan.key), ENVELOPE_SUFFIX):
         with contextlib.suppress(EnvelopeError, FusionError):
-            if path != own and header_signer(read_bytes(path), registry)[1] == institution_id:
+            if path != own and header_signer(_header_bytes(path), registry)[1] == institution_id:
                 found.append(path)
     where = f"; {institution_id}'s own lies at {', '.join(found)}" if found else ""
     return (

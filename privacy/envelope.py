@@ -4,14 +4,14 @@ Binary layout (all integers big-endian):
     b"FUSIONENV3\\n" | u32 header length | zlib(header JSON, UTF-8) | u32 count | (u64 length | packed ciphertext)*
 A packed ciphertext is zlib over the ciphertext's bytes regrouped by position in each 8-byte word: BFV
 coefficients are below 2^60, so one byte lane in eight holds only 4 random bits and compresses, bringing an
-envelope to about 31 bytes per slot instead of 32. The header is deflated too: its shares and digests are hex,
-and a contribution's mask-key shares grow with the square of its masking neighbourhood (about 6 KB of JSON at 5
-institutions on the complete graph; k (k + 1) shares, about 58 KB deflated at 500 institutions with k = 18, on
-a sparse one: privacy/masking_graph.py), which deflate halves. Version 2 envelopes (the header as plain JSON)
-and version 1 (ciphertexts stored as is, too) are still read; the signature is over the header JSON either way.
-The header records the SHA-256 of the (unpacked) ciphertexts so a damaged or swapped payload is detected when
-read, and an institution signs the header (Ed25519, `signature` left empty in the signed bytes), which binds the
-payload too.
+envelope to about 30 bytes per slot instead of 32 (random segments stored, the others Huffman-coded). The
+header is deflated too: its shares and digests are hex, and a contribution's mask-key shares grow with the
+square of its masking neighbourhood (about 6 KB of JSON at 5 institutions on the complete graph; k (k + 1)
+shares, about 58 KB deflated at 500 institutions with k = 18, on a sparse one: privacy/masking_graph.py), which
+deflate halves. Version 2 envelopes (the header as plain JSON) and version 1 (ciphertexts stored as is, too) are
+still read; the signature is over the header JSON either way. The header records the SHA-256 of the (unpacked)
+ciphertexts so a damaged or swapped payload is detected when read, and an institution signs the header (Ed25519,
+`signature` left empty in the signed bytes), which binds the payload too.
 """
 
 from __future__ import annotations
@@ -189,13 +189,54 @@ def pack_envelope(header: EnvelopeHeader, ciphertexts: list[bytes], *, signing_k
 def pack_ciphertext(data: bytes) -> bytes:
     """zlib over the bytes regrouped by lane (byte k of every 8-byte word together), the tail as is.
 
-    Huffman coding only: the ciphertext bytes are random apart from the lanes holding coefficients' zero high
-    bits, so LZ77's search for repeats finds nothing and only costs time (2.2x slower at level 1, for 0.3% fewer
-    bytes). Any zlib reader inflates the result."""
+    Only the lane bytes that hold coefficients' zero high bits compress (a quarter of them); the rest are random.
+    So the stream is deflated by 4 KiB segments: a segment whose sampled bytes carry more than 7 bits of entropy
+    per byte is written as a stored block (Huffman coding would spend 1.4 ms a ciphertext to save nothing on
+    them), the others are Huffman-coded (LZ77's search for repeats finds nothing in either). The result is an
+    ordinary zlib stream (header, deflate blocks, Adler-32): any zlib reader, and every version of
+    `unpack_ciphertext`, inflates it; earlier versions' packing (Huffman over every segment) is read as before."""
     whole = len(data) - len(data) % _WORD
-    lanes = np.frombuffer(data, dtype=np.uint8, count=whole).reshape(-1, _WORD).T
-    deflater = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
-    return deflater.compress(lanes.tobytes() + data[whole:]) + deflater.flush()
+    regrouped = np.frombuffer(data, dtype=np.uint8, count=whole).reshape(-1, _WORD).T.tobytes() + data[whole:]
+    view = memoryview(regrouped)
+    deflater = zlib.compressobj(1, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)  # raw: header and check added here
+    parts: list[bytes | memoryview] = [_ZLIB_HEADER]
+    for start, end, random in _segment_runs(regrouped):
+        if random:  # stored blocks (BFINAL 0, BTYPE 00, at a byte boundary: LEN, NLEN, the bytes)
+            for at in range(start, end, _STORED_MAX):
+                size = min(_STORED_MAX, end - at)
+                parts += [b"\x00" + struct.pack("<HH", size, size ^ 0xFFFF), view[at : at + size]]
+        else:  # Huffman blocks, flushed to a byte boundary
+            parts += [deflater.compress(view[start:end]), deflater.flush(zlib.Z_SYNC_FLUSH)]
+    parts += [deflater.flush(), struct.pack(">I", zlib.adler32(regrouped))]
+    return b"".join(parts)
+
+
+#: zlib stream header: deflate with a 32 KiB window, "fastest" level; (0x78 * 256 + 0x01) is a multiple of 31.
+_ZLIB_HEADER = b"\x78\x01"
+_STORED_MAX = 0xFFFF
+_SEGMENT = 4096
+_SAMPLE = 512  # bytes sampled per segment: a random one shows about 7.6 bits per byte, a coefficient-top one 4
+
+
+def _segment_runs(data: bytes) -> list[tuple[int, int, bool]]:
+    """(start, end, random) runs of consecutive whole segments judged alike (the tail, if any, is not random)."""
+    count = len(data) // _SEGMENT
+    runs: list[tuple[int, int, bool]] = []
+    if count:
+        samples = np.frombuffer(data, dtype=np.uint8, count=count * _SEGMENT).reshape(count, _SEGMENT)[:, :_SAMPLE]
+        rows = np.arange(count, dtype=np.int64)[:, None] * 256
+        counts = np.bincount((rows + samples).ravel(), minlength=count * 256).reshape(count, 256) / _SAMPLE
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bits = -np.where(counts > 0, counts * np.log2(counts), 0.0).sum(axis=1)
+        for index, random in enumerate((bits > 7.0).tolist()):
+            start = index * _SEGMENT
+            if runs and runs[-1][2] == random:
+                runs[-1] = (runs[-1][0], start + _SEGMENT, random)
+            else:
+                runs.append((start, start + _SEGMENT, random))
+    if len(data) > count * _SEGMENT or not runs:
+        runs.append((count * _SEGMENT, len(data), False))
+    return runs
 
 
 def unpack_ciphertext(packed: bytes) -> bytes:
@@ -224,16 +265,27 @@ def _header(data: bytes) -> tuple[EnvelopeHeader, int, bool]:
     return _parse_region(region), len(region), _VERSIONS[region[: len(MAGIC)]][0]
 
 
-def _header_region(data: bytes) -> bytes:
-    """The envelope's bytes up to the end of its header (magic, length, header); EnvelopeError if truncated."""
-    magic = data[: len(MAGIC)]
+#: An envelope's first bytes: its magic and its header's length.
+HEADER_PREFIX = len(MAGIC) + 4
+
+
+def header_region_size(prefix: bytes) -> int:
+    """How many leading bytes of an envelope hold its header (magic, length, header), from its first
+    HEADER_PREFIX bytes: a party that needs only the header (`header_signer`) reads those, not the ciphertexts.
+    EnvelopeError if the prefix is not an envelope's."""
+    magic = prefix[: len(MAGIC)]
     if magic not in _VERSIONS:
         raise EnvelopeError("not a Fusion envelope (bad magic)")
     try:
-        (head_len,) = struct.unpack_from(">I", data, len(magic))
+        (head_len,) = struct.unpack_from(">I", prefix, len(magic))
     except struct.error:
         raise EnvelopeError("envelope is truncated") from None
-    end = len(magic) + 4 + head_len
+    return len(magic) + 4 + int(head_len)
+
+
+def _header_region(data: bytes) -> bytes:
+    """The envelope's bytes up to the end of its header (magic, length, header); EnvelopeError if truncated."""
+    end = header_region_size(data)
     if end > len(data):
         raise EnvelopeError("envelope is truncated")
     return data[:end]

@@ -42,16 +42,23 @@ def pair_key(own_private: bytes, peer_public: bytes, *, context: bytes) -> bytes
 
 def mask_vector(key: bytes, slots: int, modulus: int) -> np.ndarray:
     """`slots` values uniform in [0, modulus) from the ChaCha20 keystream (rejection sampling on 64-bit words
-    reduced to the modulus's bit length, so there is no modulo bias)."""
+    reduced to the modulus's bit length, so there is no modulo bias): the first `slots` words of the stream that
+    fall below the modulus, in order, however many words each read takes."""
     bits = modulus.bit_length()
     keep = np.uint64((1 << bits) - 1)
-    out = np.empty(0, dtype=np.uint64)
+    kept_share = modulus / (1 << bits)  # the chance a word is kept: above a half (t keeps all but 4 in 10^7)
+    parts: list[np.ndarray] = []
+    have = 0
     # One keystream, read on: every word is fresh (restarting at another block counter would repeat words).
     stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-    while out.size < slots:
-        need = max(slots - out.size, 16) * 2
+    while have < slots:
+        # Enough words for the rest in one read, almost always (a word it reads past the last one kept is unused).
+        need = int((slots - have) / kept_share * 1.001) + 64
         words = np.frombuffer(stream.update(bytes(8 * need)), dtype="<u8") & keep
-        out = np.concatenate([out, words[words < np.uint64(modulus)]])
+        kept = words[words < np.uint64(modulus)]
+        parts.append(kept)
+        have += kept.size
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return out[:slots].astype(np.int64)
 
 

@@ -234,6 +234,18 @@ def read_bytes(path: str) -> bytes:
     return data
 
 
+def read_head(path: str, size: int) -> bytes:
+    """The first `size` bytes of a file (all of it if it is shorter)."""
+    if not exists(path):
+        raise FusionError(f"expected file not found: {path}")
+    if _local(path):
+        with open(path, "rb") as local:
+            return local.read(size)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        data: bytes = handle.read(size)
+    return data
+
+
 def write_json(path: str, doc: object) -> None:
     write_bytes(path, json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
 

@@ -12,6 +12,7 @@ import pytest
 
 from privacy import he
 from privacy.envelope import (
+    HEADER_PREFIX,
     MAGIC,
     MAGIC_V1,
     MAGIC_V2,
@@ -20,6 +21,8 @@ from privacy.envelope import (
     EnvelopeError,
     PayloadMismatch,
     envelope_header,
+    header_region_size,
+    header_signer,
     pack_ciphertext,
     pack_envelope,
     payload_digest,
@@ -60,6 +63,37 @@ def test_ciphertexts_packed_by_earlier_versions_with_lz77_are_still_read(ciphert
     assert len(pack_ciphertext(ct)) < len(ct)
 
 
+def test_ciphertexts_packed_with_huffman_over_every_segment_are_still_read(ciphertexts: list[bytes]) -> None:
+    """Envelopes sealed before random segments were stored (Huffman coding over the whole stream) are read as
+    before; the packing now is an ordinary zlib stream of the same bytes, stored blocks and all, and smaller."""
+    for ct in ciphertexts:
+        whole = len(ct) - len(ct) % 8
+        lanes = np.frombuffer(ct, dtype=np.uint8, count=whole).reshape(-1, 8).T.tobytes() + ct[whole:]
+        deflater = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+        earlier = deflater.compress(lanes) + deflater.flush()
+        assert unpack_ciphertext(earlier) == ct
+        packed = pack_ciphertext(ct)
+        assert zlib.decompress(packed) == lanes
+        assert unpack_ciphertext(packed) == ct
+        assert len(packed) < len(earlier) < len(ct)
+
+
+@pytest.mark.parametrize("size", [4095, 4096, 3 * 4096 + 5, 70_000, 200_001])
+def test_packing_stores_random_segments_and_round_trips(size: int) -> None:
+    # Random bytes (stored blocks, several over 64 KiB), zeros (Huffman), and the two interleaved by segment.
+    rng = np.random.default_rng(size)
+    random, zeros = rng.bytes(size), bytes(size)
+    mixed = b"".join(random[i : i + 4096] + zeros[i : i + 4096] for i in range(0, size, 8192))
+    for data in (random, zeros, mixed):
+        packed = pack_ciphertext(data)
+        assert unpack_ciphertext(packed) == data
+    assert len(pack_ciphertext(random)) < size + 64  # stored: 5 bytes a block, no Huffman tables
+    damaged = bytearray(pack_ciphertext(random))
+    damaged[len(damaged) // 2] ^= 0x01  # inside a stored block: only the Adler-32 check sees it
+    with pytest.raises(PayloadMismatch):
+        unpack_ciphertext(bytes(damaged))
+
+
 def test_the_header_alone_is_the_unpacked_header_and_a_truncated_one_is_refused(ciphertexts: list[bytes]) -> None:
     data = pack_envelope(HEADER, ciphertexts)
     assert envelope_header(data) == unpack_envelope(data)[0]
@@ -69,6 +103,26 @@ def test_the_header_alone_is_the_unpacked_header_and_a_truncated_one_is_refused(
             envelope_header(data[:cut])
     with pytest.raises(EnvelopeError, match="bad magic"):
         envelope_header(b"PNG" + data[3:])
+
+
+def test_the_header_region_alone_is_what_a_header_reader_needs(ciphertexts: list[bytes]) -> None:
+    """A party that only checks headers reads the region `header_region_size` names from the first HEADER_PREFIX
+    bytes: the same header and signer as from the whole file; a cut region or another file is refused."""
+    from privacy.signing import generate_signing_key
+
+    private, public = generate_signing_key()
+    signed = replace(HEADER, contributors=("alpha",))
+    data = pack_envelope(signed, ciphertexts, signing_key=private)
+    size = header_region_size(data[:HEADER_PREFIX])
+    assert size < len(data) // 100
+    assert header_signer(data[:size], {"alpha": public}) == header_signer(data, {"alpha": public})
+    assert header_signer(data[:size], {"alpha": public})[1] == "alpha"
+    with pytest.raises(EnvelopeError, match="truncated"):
+        header_signer(data[: size - 1], {"alpha": public})
+    with pytest.raises(EnvelopeError, match="truncated"):
+        header_region_size(data[: HEADER_PREFIX - 1])
+    with pytest.raises(EnvelopeError, match="bad magic"):
+        header_region_size(b"PAR1" + data[4:HEADER_PREFIX])
 
 
 def test_a_damaged_packed_payload_is_a_payload_mismatch(ciphertexts: list[bytes]) -> None:

@@ -66,6 +66,20 @@ def test_a_single_masked_vector_is_uniform_mod_t() -> None:
     assert stats.chisquare(counts).pvalue > 1e-4
 
 
+@pytest.mark.parametrize("modulus", [T, 2**40 + 1, 3, 2**62 + 3])
+def test_a_mask_is_the_first_words_below_the_modulus_however_the_stream_is_read(modulus: int) -> None:
+    """mask_vector reads as many keystream words as it needs in as few reads as it can; the mask is always the
+    first `slots` words (cut to the modulus's bit length) below the modulus, in stream order."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    key, slots = bytes(range(32)), 20_000
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * 4 * slots))
+    words = np.frombuffer(stream, dtype="<u8") & np.uint64((1 << modulus.bit_length()) - 1)
+    expected = words[words < np.uint64(modulus)][:slots].astype(np.int64)
+    np.testing.assert_array_equal(mask_vector(key, slots, modulus), expected)
+    np.testing.assert_array_equal(mask_vector(key, 7, modulus), expected[:7])
+
+
 def test_mask_words_cover_the_whole_range_without_bias() -> None:
     draws = mask_vector(b"k" * 32, 50_000, T).astype(np.float64) / T
     assert draws.min() >= 0 and draws.max() < 1

@@ -17,6 +17,7 @@ from scipy import stats
 
 from fusion.config.federation import PrivacyMode, parse_config
 from fusion.errors import ConfigError
+from privacy import skellam
 from privacy.skellam import SkellamNoise, chacha20, secure_generator, seeded_generator
 from tests.conftest import config_text
 
@@ -230,3 +231,94 @@ def test_both_chacha20_implementations_draw_the_same_stream() -> None:
     generator = seeded_generator(7)
     two = generator.poisson(200.0, size=3000) - generator.poisson(200.0, size=3000)
     np.testing.assert_array_equal(one, two)
+
+
+# --- bulk Poisson draws from the keystream ------------------------------------------------------------------------
+
+
+def _twin_generators(key: int, words: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """Two ChaCha20 generators with the same key, both `words` 64-bit words into their stream."""
+    pair = []
+    for _ in range(2):
+        bit_generator = chacha20(key=key)
+        bit_generator.random_raw(words)
+        pair.append(np.random.Generator(bit_generator))
+    return pair[0], pair[1]
+
+
+def _assert_same_draws_and_state(
+    ours: np.random.Generator, numpy_s: np.random.Generator, drawn: np.ndarray, expected: np.ndarray
+) -> None:
+    assert drawn.dtype == expected.dtype == np.int64
+    np.testing.assert_array_equal(drawn, expected)
+    a, b = ours.bit_generator.state["state"], numpy_s.bit_generator.state["state"]
+    for name in ("block", "keysetup", "ctr"):
+        np.testing.assert_array_equal(a[name], b[name])
+    # and the stream goes on identically
+    np.testing.assert_array_equal(ours.bit_generator.random_raw(17), numpy_s.bit_generator.random_raw(17))
+
+
+def test_the_bulk_draws_are_in_use_here() -> None:
+    # Otherwise the tests below would only compare NumPy with itself.
+    assert skellam._bulk_matches_numpy()
+    generator = seeded_generator(3)
+    assert skellam._bulk_poisson(generator.bit_generator, 5e6, 10) is not None
+
+
+@pytest.mark.parametrize(
+    "lam", [10.0, 10.000001, 13.7, 29.5, 30.5, 99.9, 640.0, 12345.678, 2.3e6, 7.0e6, 3.3e7, 9.9e8, 1e10]
+)
+def test_bulk_poisson_draws_are_numpys_bit_for_bit(lam: float) -> None:
+    """The same draws as Generator.poisson from the same ChaCha20 generator, and the generator left where NumPy
+    leaves it, from several keys and positions in the stream (even and odd 64-bit words, mid-block)."""
+    rng = np.random.default_rng(int(lam * 1000) % 2**32)
+    for words, size in ((0, 1), (1, 96_050), (7, 20_000), (13, 8_191)):
+        key = int(rng.integers(0, 2**62)) << 190 | int(rng.integers(0, 2**62))
+        ours, numpy_s = _twin_generators(key, words)
+        drawn = skellam.poisson(ours, lam, size)
+        _assert_same_draws_and_state(ours, numpy_s, drawn, numpy_s.poisson(lam, size=size))
+
+
+@pytest.mark.parametrize("lam", [10.3, 14.9, 150.0, 7.7e5, 1e10])
+def test_the_exact_acceptance_test_is_numpys(lam: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every acceptance test that needs log-gamma decided by the C library's log (as if all were close to their
+    boundary): still NumPy's draws, so the rare close ones are decided exactly as NumPy decides them."""
+    monkeypatch.setattr(skellam, "_CLOSE", math.inf)
+    ours, numpy_s = _twin_generators(2**200 + int(lam), 3)
+    drawn = skellam.poisson(ours, lam, 50_000)
+    _assert_same_draws_and_state(ours, numpy_s, drawn, numpy_s.poisson(lam, size=50_000))
+
+
+def test_bulk_draws_fall_back_to_numpy_where_they_do_not_apply() -> None:
+    # Below PTRS's rates, half-way through a 64-bit word, another bit generator, near the 2^32-block counter limit.
+    ours, numpy_s = _twin_generators(99, 2)
+    _assert_same_draws_and_state(ours, numpy_s, skellam.poisson(ours, 9.99, 5000), numpy_s.poisson(9.99, size=5000))
+    ours, numpy_s = _twin_generators(99, 2)
+    for generator in (ours, numpy_s):
+        generator.integers(0, 2**32 - 1, size=1, dtype=np.uint32)  # one 32-bit word
+    assert skellam._bulk_poisson(ours.bit_generator, 5e5, 10) is None
+    _assert_same_draws_and_state(ours, numpy_s, skellam.poisson(ours, 5e5, 5000), numpy_s.poisson(5e5, size=5000))
+    pcg = np.random.Generator(np.random.PCG64(5))
+    np.testing.assert_array_equal(
+        skellam.poisson(pcg, 5e5, 100), np.random.Generator(np.random.PCG64(5)).poisson(5e5, 100)
+    )
+    near = [np.random.Generator(ChaCha(key=5, counter=16 * (2**32 - 2), rounds=20)) for _ in range(2)]
+    assert skellam._bulk_poisson(near[0].bit_generator, 5e5, 10) is None
+    _assert_same_draws_and_state(near[0], near[1], skellam.poisson(near[0], 5e5, 100), near[1].poisson(5e5, size=100))
+
+
+@pytest.mark.parametrize("variance", [400.0, 1.1e7, 3.0, 5e12])
+def test_skellam_draws_are_unchanged(variance: float) -> None:
+    """SkellamNoise draws exactly what it drew with NumPy's sampler: both Poisson vectors in one call (or, above
+    POISSON_RATE_LIMIT, sums of sub-draws), so seeded runs and regenerated noise layers keep their values."""
+    generator = seeded_generator(11)
+    drawn = SkellamNoise(variance, generator=seeded_generator(11)).sample(4000)
+    mu = variance / 2
+    if mu <= skellam.POISSON_RATE_LIMIT:
+        both = generator.poisson(mu, size=(2, 4000))
+        expected = np.subtract(both[0], both[1], dtype=np.int64)
+    else:
+        parts = math.ceil(mu / skellam.POISSON_RATE_LIMIT)
+        halves = [sum(generator.poisson(mu / parts, size=4000) for _ in range(parts)) for _ in range(2)]
+        expected = (halves[0] - halves[1]).astype(np.int64)
+    np.testing.assert_array_equal(drawn, expected)
