@@ -14,8 +14,14 @@ as `fusion backtest` calibrates them.
 Reported per noise level (over series): MAE against the truth relative to seasonal naive's (geometric mean over
 series), coverage of the truth by the calibrated 80% and 95% intervals, coverage of the next release by the
 calibrated 95% release interval, and the median time of one fit + forecast. The row `chosen` is what `fusion
-forecast` does: per series, the first model (uc) unless another's MAE against the releases of the earlier origins
-is more than 10% lower (`[forecasting] selection_margin`).
+forecast` does: per series, the first model (profile) unless another's MAE against the releases of the earlier
+origins is more than 10% lower (`[forecasting] selection_margin`).
+
+The row `oracle` bounds what a profile-and-anomaly model can reach: it is told the true profile (each window's
+mean, on the noise-free series, over the 29 days centred on it, so the future included) and forecasts the
+anomaly about it linearly from the last true anomaly and the last day's mean true anomaly, with coefficients
+fitted per hour ahead on the whole year of the truth (in-sample). Its MAE is over the same scored origins,
+relative to the same seasonal naive (on the releases).
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ STEP = 168
 LEVELS = (0.1, 0.3, 1.0)
 FIRST_ORIGIN = 24 * 45  # mid-February: leaves the year's end for later origins
 MARGIN = ForecastingConfig().selection_margin
+#: The latest earlier origins an origin's intervals are calibrated on, as a forecast's are (`backtest_origins`).
+CALIBRATION_ORIGINS = ForecastingConfig().backtest_origins
+#: Days either side of a window that the oracle's true profile averages over.
+ORACLE_HALF_DAYS = 14
 
 
 def load_series() -> dict[str, np.ndarray]:
@@ -71,9 +81,10 @@ def run_series(truth: np.ndarray, level: float, *, origins: int, seed: int, mode
     for model in models:
         mine = [f for f in forecasts if f.model is model]
         mine.sort(key=lambda f: f.origin)
-        # As `fusion backtest` does: each origin's intervals calibrated on every earlier origin whose windows had
-        # been released by then (`calibrated`); the earlier half only calibrates, the later half is scored.
-        scored = calibrated(mine, released, variances)[len(mine) // 2 :]
+        # As `fusion backtest` and `fusion forecast` do: each origin's intervals calibrated on the latest
+        # `backtest_origins` (8) earlier origins whose windows had been released by then (`calibrated`); the
+        # earlier half only calibrates, the later half is scored.
+        scored = calibrated(mine, released, variances, latest=CALIBRATION_ORIGINS)[len(mine) // 2 :]
         calibration = scored[-1][0]  # the latest, learned on all but the last origin
         errors, hits80, hits95, release95 = [], [], [], []
         for f, (_, bands) in zip(mine[len(mine) // 2 :], scored, strict=True):
@@ -105,19 +116,45 @@ def run_series(truth: np.ndarray, level: float, *, origins: int, seed: int, mode
     return out
 
 
-def time_uc(truth: np.ndarray, repeats: int = 5) -> float:
-    """Median seconds of one fit + 48 h forecast of the UC model on four weeks (672 h) of hourly cells."""
+def oracle_ratio(truth: np.ndarray, level: float, *, origins: int, seed: int) -> float:
+    """The oracle's MAE against the truth over seasonal naive's (on the releases of `seed`), on the scored origins:
+    see the module's docstring."""
+    rng = np.random.default_rng(seed)
+    released = truth + rng.normal(0.0, level * float(truth.std()), truth.size)
+    days = 24
+    shifted = np.array([np.roll(truth, k * days) for k in range(-ORACLE_HALF_DAYS, ORACLE_HALF_DAYS + 1)])
+    profile = shifted.mean(axis=0)
+    edge = ORACLE_HALF_DAYS * days
+    profile[:edge], profile[-edge:] = np.nan, np.nan
+    anomaly = truth - profile
+    day_mean = np.convolve(anomaly, np.ones(days) / days, "full")[: truth.size]  # mean of the last 24 cells
+    fitted_on = np.arange(edge + days, truth.size - edge - HORIZON)
+    starts = np.array([FIRST_ORIGIN + HISTORY + k * STEP for k in range(origins)][origins // 2 :])
+    ahead = np.arange(1, HORIZON + 1)
+    naive = released[starts[:, None] - 1 + ahead - np.ceil(ahead / days).astype(int) * days]
+    forecast = np.empty((starts.size, HORIZON))
+    inputs = np.column_stack([anomaly[fitted_on - 1], day_mean[fitted_on - 1]])
+    latest = np.column_stack([anomaly[starts - 1], day_mean[starts - 1]])
+    for h in ahead:
+        beta, *_ = np.linalg.lstsq(inputs, anomaly[fitted_on + h - 1], rcond=None)
+        forecast[:, h - 1] = profile[starts + h - 1] + latest @ beta
+    true = truth[starts[:, None] + ahead - 1]
+    return float(np.abs(true - forecast).mean() / np.abs(true - naive).mean())
+
+
+def time_fit(model: ModelName, truth: np.ndarray, repeats: int = 5) -> float:
+    """Median seconds of one fit + 48 h forecast of `model` on four weeks (672 h) of hourly cells."""
     from forecasting.models import History, fit_forecast
 
     rng = np.random.default_rng(0)
     sd = 0.3 * float(truth.std())
     values = truth[FIRST_ORIGIN : FIRST_ORIGIN + HISTORY] + rng.normal(0, sd, HISTORY)
     history = History(values, np.full(HISTORY, sd**2), 24)
-    fit_forecast(ModelName.UC, history, HORIZON)  # imports statsmodels
+    fit_forecast(model, history, HORIZON)  # imports statsmodels where the model needs it
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
-        fit_forecast(ModelName.UC, history, HORIZON)
+        fit_forecast(model, history, HORIZON)
         times.append(time.perf_counter() - began)
     return float(np.median(times))
 
@@ -163,10 +200,18 @@ def main() -> None:
                 f"{level:>4} {model!s:>15} {s['mae_ratio']:>10.3f} {s['coverage80']:>10.3f} "
                 f"{s['coverage95']:>10.3f} {s['release_coverage95']:>9.3f} {s['factor']:>6.2f}"
             )
-        results["levels"][str(level)] = {"summary": summary, "series": per_series}
-    seconds = time_uc(next(iter(series.values())))
-    results["uc_fit_forecast_s"] = seconds
-    print(f"UC fit + 48 h forecast on 672 h: {seconds:.2f} s (median of 5)")
+        oracle = {
+            name: oracle_ratio(truth, level, origins=args.origins, seed=i)
+            for i, (name, truth) in enumerate(series.items())
+        }
+        summary["oracle"] = {"mae_ratio": float(np.exp(np.mean(np.log(list(oracle.values())))))}
+        print(f"{level:>4} {'oracle':>15} {summary['oracle']['mae_ratio']:>10.3f}")
+        results["levels"][str(level)] = {"summary": summary, "series": per_series, "oracle": oracle}
+    for model in (ModelName.PROFILE, ModelName.UC):
+        if model in models:
+            seconds = time_fit(model, next(iter(series.values())))
+            results[f"{model}_fit_forecast_s"] = seconds
+            print(f"{model} fit + 48 h forecast on 672 h: {seconds:.3f} s (median of 5)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -119,13 +119,15 @@ def learned_calibration(forecasts: Sequence[OriginForecast], values: np.ndarray,
 
 
 def calibrated(
-    forecasts: Sequence[OriginForecast], values: np.ndarray, variances: np.ndarray
+    forecasts: Sequence[OriginForecast], values: np.ndarray, variances: np.ndarray, *, latest: int | None = None
 ) -> list[tuple[Calibration, Intervals]]:
     """Each forecast (one model's, oldest origin first) with its calibration, learned on the forecasts whose
-    windows had all been released by its origin (none for those without any), and its intervals under it."""
+    windows had all been released by its origin (none for those without any; only the `latest` of them if given,
+    as a forecast learns its calibration on the latest `backtest_origins`), and its intervals under it."""
     out = []
     for index, forecast in enumerate(forecasts):
         earlier = [f for f in forecasts[:index] if f.origin + f.prediction.mean.size <= forecast.origin]
+        earlier = earlier[-latest:] if latest else earlier
         calibration = learned_calibration(earlier, values, variances)
         out.append(
             (

@@ -27,6 +27,9 @@ FACTOR_BOUNDS = (0.2, 10.0)
 MIXTURE_MIN_ERRORS = 96
 #: The least weight of either component of a mixture.
 MIXTURE_MIN_WEIGHT = 0.05
+#: Where the released cells' noise variance is over this many times the model's variance, release errors cannot
+#: tell a narrower model from noise: the calibration is one factor, and it widens the model's SD but never narrows it.
+NOISE_DOMINATED = 3.0
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,9 @@ class Calibration:
         """The mixture that best explains `errors` against releases (maximum likelihood, each component's variance
         scale^2 s + n), for the model's signal variances s and the released cells' noise variances n (NaN entries
         ignored). With fewer than MIXTURE_MIN_ERRORS errors, or where a mixture is no better than one factor, the
-        variance-matched factor (`calibration_factor`).
+        variance-matched factor (`calibration_factor`). Where the noise dominates (its mean variance over
+        NOISE_DOMINATED times the model's), that factor and at least 1: the errors are then mostly the releases' own
+        noise, and a factor below 1 learned from them is mostly chance.
 
         >>> rng = np.random.default_rng(0)
         >>> s, n = np.full(4000, 4.0), np.full(4000, 1.0)
@@ -181,6 +186,8 @@ class Calibration:
         single = cls.scaled(calibration_factor(errors, signal_var, noise_var))
         if e2.size < MIXTURE_MIN_ERRORS or not (s > 0).any():
             return single
+        if float(np.mean(n)) > NOISE_DOMINATED * float(np.mean(s)):
+            return cls.scaled(max(single.factor, 1.0))
         floor = 1e-12 * float(np.mean(e2) or 1.0)
 
         def nll(p: np.ndarray) -> float:
@@ -209,4 +216,13 @@ class Calibration:
         return cls(w, c1, c2)
 
 
-__all__ = ["FACTOR_BOUNDS", "Z80", "Z95", "Calibration", "Intervals", "calibration_factor", "intervals"]
+__all__ = [
+    "FACTOR_BOUNDS",
+    "NOISE_DOMINATED",
+    "Z80",
+    "Z95",
+    "Calibration",
+    "Intervals",
+    "calibration_factor",
+    "intervals",
+]

@@ -14,8 +14,10 @@ from fusion.runtime.durations import parse_duration
 
 
 class ModelName(StrEnum):
-    """The forecasting models; `uc` is the noise-aware one, the others are backtest baselines."""
+    """The forecasting models; `profile` (the default, first) and `uc` are noise-aware, the others are backtest
+    baselines."""
 
+    PROFILE = "profile"  # a slowly varying daily profile (inverse-noise weighted) with day and hour anomalies decaying
     UC = "uc"  # unobserved components: level + daily harmonics + AR(1), each cell's DP variance known
     SEASONAL_NAIVE = "seasonal_naive"  # the same window one day earlier
     SAME_HOUR_MEAN = "same_hour_mean"  # the mean of the same window over the last 7 days
