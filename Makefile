@@ -35,15 +35,19 @@ lint: setup
 	$(BIN)/ruff check fusion privacy schemas pipelines forecasting mechanisms dashboard training tests bench
 	$(BIN)/mypy
 
+# The tests run on two workers (pytest-xdist: 1.8 min for `make unit`, 3.0 min in one process, on 2 quiet cores);
+# PYTEST_WORKERS=0 runs them in this process (pdb, -x).
+PYTEST_WORKERS ?= 2
+
 unit: setup
-	$(BIN)/pytest -q -m "not e2e"
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m "not e2e"
 
 # Debian's chromium for the dashboard's browser tests, installed when absent (root or sudo); without it they skip.
 browser:
 	@bash .ci/ensure-chromium || echo "==> no chromium: the dashboard's browser tests will be skipped (apt-get install chromium)"
 
 test: setup lint browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
 
 # The documentation site: reference pages generated from the code, then MkDocs (strict: a broken link fails) into site/.
 docs: setup
