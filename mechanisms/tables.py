@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from fusion.api import DECISION_TABLES, FusedStore, write_derived
+from fusion.api import FusedStore, write_derived
 from fusion.config.federation import Config
 from fusion.errors import InternalError
 from mechanisms.records import Decision, Recommendation
