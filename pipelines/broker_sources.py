@@ -40,6 +40,11 @@ MAX_BACKOFF_S = 30.0
 FETCH_BYTES = 8 << 20
 #: Messages in the first fetch, before any size is known.
 FIRST_FETCH = 16
+#: An MQTT source counts as caught up (for `--drain`) once no message has come for this long since it subscribed or
+#: since its last batch: MQTT does not say how many messages a session holds, and the broker sends a backlog a few
+#: unacknowledged messages at a time, so on a loaded machine the gap between two of its batches can pass half a
+#: second; closing windows then would make the rest of the backlog late.
+MQTT_CAUGHT_UP_S = 2.0
 
 
 def fetch_size(limit: int, seen_bytes: int, seen_messages: int) -> int:
@@ -254,7 +259,7 @@ class MqttReader(SourceReader):
                         self._set_health("connected")
                         delay, quiet_since = MIN_BACKOFF_S, time.monotonic()
                     if not pending:
-                        self.idle = self.health == "connected" and time.monotonic() - quiet_since > 0.5
+                        self.idle = self.health == "connected" and time.monotonic() - quiet_since > MQTT_CAUGHT_UP_S
                         continue
                     self.idle, quiet_since = False, time.monotonic()
                     batch, pending[:] = list(pending), []
