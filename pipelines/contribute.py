@@ -123,12 +123,20 @@ class _ScanConnections:
     """Idle scan connections of this process, reused by the next scanning step: opening one costs more than a
     small interval's scan (a stream releasing a burst of windows scans each institution once a window). A reused
     connection gets the plan's lookup tables registered again (replacing the last plan's); the scans register
-    and drop their own relations. At most `keep` idle connections are kept; the others are closed."""
+    and drop their own relations. At most `keep` idle connections are kept; the others are closed, and
+    all idle ones before the process forks (a child cannot use, or even close, a DuckDB connection it inherits: its
+    scheduler's threads stayed in the parent)."""
 
     def __init__(self, keep: int = 2) -> None:
         self._idle: list[duckdb.DuckDBPyConnection] = []
         self._keep = keep
         self._lock = threading.Lock()
+
+    def close_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
 
     def take(self, plan: ReleasePlan) -> duckdb.DuckDBPyConnection:
         with self._lock:
@@ -149,6 +157,7 @@ class _ScanConnections:
 #: As many as the stream's release run scans side by side (pipelines.stream_release.WINDOW_WORKERS): fewer would
 #: open and close connections all through a burst.
 _scan_connections = _ScanConnections(keep=4)
+os.register_at_fork(before=_scan_connections.close_idle)
 
 
 class _ScanningDoFn(beam.DoFn):
