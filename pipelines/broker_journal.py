@@ -12,7 +12,10 @@ A message that is not UTF-8, or larger than the source's limit, is journalled as
 counts it, and the stream goes on.
 
 Once every window a segment fed has been released, the driver removes the segment (`SourceJournal.remove`); the
-ids of its messages stay listed, so the journal holds only readings that are not released yet.
+ids of its messages stay listed, so the journal holds only readings that are not released yet. A JetStream reader
+forgets the ids below its consumer's acknowledgement floor; MQTT has no such floor, so an MQTT reader drops the
+ids of segments released more than `MQTT_ID_RETENTION_S` ago (`prune_released`): the broker redelivers a message
+only when its acknowledgement was lost, at the next session, so a week covers any outage a stream would ride out.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pathlib import Path
 JOURNAL_SUFFIX = ".jsonl"
 IDS_SUFFIX = ".ids"
 RELEASED_SUFFIX = ".released"  # the ids of a segment removed once every window it fed was released
+#: How long an MQTT reader keeps the ids of a released segment (see the module's docstring).
+MQTT_ID_RETENTION_S = 7 * 24 * 3600.0
 
 
 def message_lines(payload: bytes, *, name: str, max_bytes: int) -> list[str]:
@@ -97,10 +102,31 @@ class SourceJournal:
             return
         sidecar = journal.with_suffix(IDS_SUFFIX)
         if sidecar.exists():
+            os.utime(sidecar)  # its time is now the release's (`prune_released`), before it is seen as released
             sidecar.replace(journal.with_suffix(RELEASED_SUFFIX))
             _fsync_directory(self.directory)
         journal.unlink(missing_ok=True)
         _fsync_directory(self.directory)
+
+    def prune_released(self, released_before: float) -> int:
+        """Delete the id lists of segments released before `released_before` (a time.time()) and drop their ids
+        from memory; returns how many lists. The newest list is kept whatever its age: segment numbers are never
+        reused, and the next number is found from the lists and files present."""
+        lists = sorted(self.directory.glob(f"*{RELEASED_SUFFIX}"))
+        pruned = 0
+        for sidecar in lists[:-1]:
+            try:
+                if sidecar.stat().st_mtime >= released_before:
+                    continue
+                ids = sidecar.read_text().split()
+                sidecar.unlink()
+            except FileNotFoundError:
+                continue
+            self.ids.difference_update(ids)
+            pruned += 1
+        if pruned:
+            _fsync_directory(self.directory)
+        return pruned
 
     def forget(self, ids: Iterable[str]) -> None:
         """Drop ids the broker will never redeliver (acknowledged below its ack floor): keeps the set small."""

@@ -29,7 +29,7 @@ from typing import Any
 from fusion.config.brokers import MqttSource, NatsSource
 from fusion.config.federation import Config, FeedConfig, FeedFormat
 from fusion.runtime.faults import crash_point
-from pipelines.broker_journal import JOURNAL_SUFFIX, SourceJournal, message_lines
+from pipelines.broker_journal import JOURNAL_SUFFIX, MQTT_ID_RETENTION_S, SourceJournal, message_lines
 
 _log = logging.getLogger(__name__)
 MIN_BACKOFF_S = 0.5
@@ -45,6 +45,8 @@ FIRST_FETCH = 16
 #: unacknowledged messages at a time, so on a loaded machine the gap between two of its batches can pass half a
 #: second; closing windows then would make the rest of the backlog late.
 MQTT_CAUGHT_UP_S = 2.0
+#: How often an MQTT reader drops the ids of segments released more than MQTT_ID_RETENTION_S ago.
+PRUNE_EVERY_S = 600.0
 
 
 def fetch_size(limit: int, seen_bytes: int, seen_messages: int) -> int:
@@ -242,6 +244,7 @@ class MqttReader(SourceReader):
                 session["subscribed"] = True
 
         client.on_connect, client.on_subscribe = on_connect, on_subscribe
+        next_prune = time.monotonic()
         while not self._halt.is_set():
             try:
                 session.clear()
@@ -274,6 +277,9 @@ class MqttReader(SourceReader):
                     crash_point("broker_after_journal")
                     for message in batch:
                         client.ack(message.mid, message.qos)
+                    if time.monotonic() >= next_prune:  # without an ack floor, ids go after their retention
+                        self.journal.prune_released(time.time() - MQTT_ID_RETENTION_S)
+                        next_prune = time.monotonic() + PRUNE_EVERY_S
             except (OSError, ConnectionError) as exc:
                 pending.clear()  # not acknowledged: the broker redelivers them in the session
                 with contextlib.suppress(Exception):
