@@ -7,13 +7,15 @@ Public API (what the rest of the repository imports), by module:
 - `batch`: audit_feeds, run_batch
 - `broker_journal`: JOURNAL_SUFFIX, message_lines, SourceJournal
 - `broker_sources`: SourceReader, start_readers
-- `contribute`: Contribute, ContributeShard, DEAD, dead_letter_dir, double_mask, FILES, forget_layer_seed,
-  masking_graph, MergeFileTallies, MergePartials, PARTIAL, remove_staging, scan_work, SealContribution,
-  sealed_envelope, sealed_layer_seed, StageFeed, staging_prefix, WriteDeadLetters
+- `contribute`: Contribute, ContributeShard, DEAD, dead_letter_dir, double_mask, FILES, masking_graph,
+  MergeFileTallies, MergePartials, PARTIAL, remove_staging, scan_work, SealContribution, StageFeed,
+  staging_prefix, WriteDeadLetters
 - `local`: aggregate_locally, contribute_locally, run_dofn
 - `release`: audit_event, audit_row, prepare_releases, PreparedRelease, publish_releases, release, ReleaseOutcome
 - `run`: beam_options, beam_scratch, names_runner, run_aggregate, run_contributions, run_unmask
 - `scheduler`: backfill, check_backfill_end, RunResult, Scheduler, utc_now
+- `sealing`: forget_layer_seed, KEEP_SEALED, noise_generator, record_sealed, refuse_overlap, sealed_envelope,
+  sealed_layer_seed, seal_noise_layers
 - `stream`: DEAD, LATE, REJECTS, RejectWindows, run_micro_batch, run_micro_batch_in_process, spool_dir, spool_key,
   SPOOL_WINDOW_FORMAT, SpoolWindow, StampWindows, stdin_feed, stream_rules, validated_outputs, WindowReadings,
   WriteDeadLetter

@@ -27,7 +27,8 @@ from fusion.release.exchange import (
 )
 from fusion.release.plan import ReleasePlan
 from pipelines.aggregate import Aggregate
-from pipelines.contribute import Contribute, dead_letter_dir, remove_staging, sealed_envelope
+from pipelines.contribute import Contribute, dead_letter_dir, remove_staging
+from pipelines.sealing import sealed_envelope
 from pipelines.unmask import Answer, acknowledge, seal_unmask
 
 

@@ -54,8 +54,8 @@ from fusion.runtime.faults import crash_point
 from fusion.store.delta import Store
 from fusion.store.mode import bind_store_mode
 from pipelines.broker_sources import SourceReader
-from pipelines.contribute import sealed_envelope
 from pipelines.run import beam_options, names_runner
+from pipelines.sealing import sealed_envelope
 from pipelines.stream import (
     SPOOL_WINDOW_FORMAT,
     run_micro_batch,

@@ -60,7 +60,8 @@ from fusion.release.exchange import (
     write_json,
 )
 from fusion.release.plan import ReleasePlan
-from pipelines.contribute import forget_layer_seed, masking_graph, sealed_layer_seed
+from pipelines.contribute import masking_graph
+from pipelines.sealing import forget_layer_seed, sealed_layer_seed
 from privacy import he
 from privacy.envelope import (
     HEADER_PREFIX,

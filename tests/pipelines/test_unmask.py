@@ -530,25 +530,25 @@ def test_two_overlapping_intervals_racing_to_seal_cannot_both_succeed(make_feder
     import threading
     import time
 
-    import pipelines.contribute as contribute
+    import pipelines.sealing as sealing
 
     fed = make_federation(noise=True, quorum=2)
     alpha = fed.config.institution("alpha")
     plans = [plan_release(fed.config, START, END), plan_release(fed.config, START, START + timedelta(hours=1))]
-    slow = contribute.write_private
+    slow = sealing.write_private
 
     def write_slowly(path, data):  # widens the window between the overlap check and the record
         time.sleep(0.2)
         slow(path, data)
 
-    monkeypatch.setattr(contribute, "write_private", write_slowly)
+    monkeypatch.setattr(sealing, "write_private", write_slowly)
     outcomes: list[str] = []
     start = threading.Barrier(2)
 
     def seal(plan: ReleasePlan) -> None:
         start.wait()
         try:
-            contribute.record_sealed(plan, alpha, plan.key.release_id.encode())
+            sealing.record_sealed(plan, alpha, plan.key.release_id.encode())
             outcomes.append("sealed")
         except FusionError as exc:
             outcomes.append("refused" if "overlaps" in str(exc) else str(exc))

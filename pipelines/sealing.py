@@ -1,0 +1,236 @@
+"""An institution's sealing records: the envelope it sealed for an interval (kept, so a rerun sends the same one
+and no party ever sees two noisy versions of an interval), the refusal of an interval that overlaps one already
+sealed, and its noise drawn as layers, with the seed of the removable layer kept until the unmask round has used
+it (privacy/noise_shares.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from fusion.config.federation import InstitutionConfig
+from fusion.errors import FusionError, ReleaseRefused
+from fusion.keys.registry import read_private, write_private
+from fusion.release.exchange import ReleaseKey
+from fusion.release.plan import ReleasePlan
+from privacy.noise_shares import SEED_BYTES, chain_seeds, layer_commitment, layer_noise, noise_digest
+from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+#: Kept envelopes older than this are pruned (their records, a few bytes each, are kept forever).
+KEEP_SEALED = timedelta(days=7)
+
+
+def _sealed_dir(plan: ReleasePlan, institution: InstitutionConfig) -> Path:
+    return Path(plan.config.institution_keys_path(institution)) / "sealed"
+
+
+def sealed_envelope(plan: ReleasePlan, institution: InstitutionConfig) -> bytes | None:
+    """The envelope this institution already sealed for the plan's interval (None if it has not sealed one).
+
+    An institution seals one envelope per interval, ever: a record of it stays in its key directory (owner-only),
+    and the envelope itself is kept for `KEEP_SEALED`. Whoever deletes it from the exchange gets the same bytes
+    re-published, never a second draw of noise (averaging several would wear the noise away); a second release
+    of the same interval under other parameters is refused, and so is sealing again once the copy is pruned.
+    """
+    record = _sealed_dir(plan, institution) / f"{plan.key.interval_name}.json"
+    if not record.exists():
+        refuse_overlap(plan, institution)
+        return None
+    doc = json.loads(record.read_text())
+    if doc["release_id"] != plan.key.release_id:
+        raise FusionError(
+            f"institution {institution.id} already contributed to {plan.key.interval_name} as release "
+            f"{doc['release_id']}; it does not contribute to the same interval again as {plan.key.release_id} "
+            "(other parameters): repeated contributions of the same readings would let their noise be averaged away"
+        )
+    kept = record.parent / doc["envelope"]
+    if not kept.exists():
+        raise FusionError(
+            f"institution {institution.id} sealed {plan.key.interval_name} before and its kept copy has been pruned "
+            f"(after {KEEP_SEALED.days} days); it does not seal the interval again"
+        )
+    return read_private(kept, f"institution {institution.id}'s sealed envelope")
+
+
+def refuse_overlap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
+    """Refuse to seal the plan's interval if the institution sealed another interval that overlaps it: each of
+    its readings is noised once, ever. (Releases of [00:00, 01:00) and [00:00, 02:00) would each draw fresh
+    noise on the first hour's readings; whoever decrypts both, the ledger's charges notwithstanding, could
+    average the draws.) A federation releases one grid of intervals: a schedule's, or the stream's windows.
+    The refusal is final (ReleaseRefused): the scheduler records it as skipped, the stream as a refused window."""
+    directory = _sealed_dir(plan, institution)
+    if not directory.is_dir():
+        return
+    own = plan.key.interval_name
+    for record in directory.glob("*.json"):
+        span = _interval_span(record.stem)
+        if record.stem == own or span is None:
+            continue
+        start, end = span
+        if start < plan.key.end and plan.key.start < end:
+            raise ReleaseRefused(
+                f"institution {institution.id} already sealed {record.stem}, which overlaps {own}: it does not "
+                "noise the same readings twice (the draws could be averaged); release intervals on one grid "
+                "(one schedule interval or the stream's window), or cover the overlap with the release made"
+            )
+
+
+@functools.lru_cache(maxsize=65_536)
+def _interval_span(name: str) -> tuple[datetime, datetime] | None:
+    """`ReleaseKey.parse_interval_name`, remembered: every seal checks every interval its institution sealed (a
+    stream's records accumulate, one a window), and a name always means the same interval."""
+    return ReleaseKey.parse_interval_name(name)
+
+
+def record_sealed(
+    plan: ReleasePlan, institution: InstitutionConfig, envelope: bytes, *, layer_seed: bytes | None = None
+) -> bytes:
+    """Keep the envelope and record it, before it is published; returns what to publish (if another run of this
+    institution recorded one first, that one). A crash before the record exists leaves only an unpublished
+    copy, so no second noisy version ever leaves the institution. The record (owner-only) also keeps the seed
+    of the envelope's top removable noise layer, which the institution reveals in the unmask round."""
+    directory = _sealed_dir(plan, institution)
+    with _sealing_lock(directory):  # two overlapping intervals racing to seal: one of them is refused
+        refuse_overlap(plan, institution)  # again: an overlapping run may have sealed since this one was planned
+        name = f"{plan.key.interval_name}-{hashlib.sha256(envelope).hexdigest()[:16]}.fenv"
+        write_private(directory / name, envelope)
+        pending = directory / f".{name}.json"
+        doc = {"release_id": plan.key.release_id, "envelope": name}
+        if layer_seed is not None:
+            doc["layer_seed"] = layer_seed.hex()
+        write_private(pending, json.dumps(doc).encode())
+        try:
+            os.link(pending, directory / f"{plan.key.interval_name}.json")  # create-once, complete or not at all
+        except FileExistsError:
+            (directory / name).unlink()
+            return sealed_envelope(plan, institution) or envelope
+        finally:
+            pending.unlink()
+    _prune(directory)
+    return envelope
+
+
+@contextlib.contextmanager
+def _sealing_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the institution's sealed records (its key directory is local to it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    descriptor = os.open(directory / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _prune(directory: Path) -> None:
+    """Delete kept envelopes older than KEEP_SEALED, and the layer seeds of their records (an institution that
+    never answered keeps its excess layers in that release: the seed is of no use any more)."""
+    cutoff = time.time() - KEEP_SEALED.total_seconds()
+    for kept in directory.glob("*.fenv"):
+        if _modified(kept) < cutoff:
+            kept.unlink(missing_ok=True)
+    for record in directory.glob("*.json"):
+        if _modified(record) < cutoff:
+            _drop_layer_seed(record)
+
+
+def _modified(path: Path) -> float:
+    """The file's modification time; +inf if it is gone (a pending file another sealing run just removed)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def sealed_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> bytes | None:
+    """The seed of the top removable noise layer of the envelope this institution sealed for the plan's interval
+    (None: it sealed none for this release, or its envelope has no removable layers)."""
+    record = _sealed_dir(plan, institution) / f"{plan.key.interval_name}.json"
+    if not record.exists():
+        return None
+    doc = json.loads(record.read_text())
+    if doc.get("release_id") != plan.key.release_id or "layer_seed" not in doc:
+        return None
+    return bytes.fromhex(doc["layer_seed"])
+
+
+def forget_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> None:
+    """Drop the layer seed from the institution's record of the plan's interval (once it has answered, or when
+    its record is pruned): whoever later reads its key directory cannot regenerate the layers it kept."""
+    directory = _sealed_dir(plan, institution)
+    with _sealing_lock(directory):
+        _drop_layer_seed(directory / f"{plan.key.interval_name}.json")
+
+
+def _drop_layer_seed(record: Path) -> None:
+    if not record.exists():
+        return
+    doc = json.loads(record.read_text())
+    if doc.pop("layer_seed", None) is None:
+        return
+    pending = record.with_name(f".{record.name}.forget")
+    write_private(pending, json.dumps(doc).encode())
+    os.replace(pending, record)
+
+
+@dataclass(frozen=True)
+class LayeredNoise:
+    """One contribution's noise (int64 slots) with the seed of its top removable layer and, per layer, the
+    commitment to its seed and the digest of its noise (privacy/noise_shares.py)."""
+
+    noise: np.ndarray
+    seed: bytes | None
+    commitments: dict[str, str]
+    digests: dict[str, str]
+
+
+def seal_noise_layers(plan: ReleasePlan, institution_id: str) -> LayeredNoise:
+    """Draw the institution's share of noise as layers: the base layer from a fresh secure generator, the
+    removable ones from seeds on a hash chain (a fresh 256-bit top seed; in test mode with a seed, drawn from
+    the seeded stream so runs repeat)."""
+    layers = plan.params.layers
+    slots = plan.layout.slots
+    base = SkellamNoise(layers.base, generator=noise_generator(plan, institution_id, "noise"))
+    noise = base.sample(slots)
+    if not layers.levels:
+        return LayeredNoise(noise, None, {}, {})
+    if plan.config.privacy.seed is None:
+        top_seed = secrets.token_bytes(SEED_BYTES)
+    else:
+        top_seed = noise_generator(plan, institution_id, "noise-layers").bytes(SEED_BYTES)
+    context = plan.key.release_id.encode()
+    seeds = chain_seeds(top_seed, top=layers.levels[-1], bottom=layers.levels[0])
+    commitments, digests = {}, {}
+    for level in layers.levels:
+        layer = layer_noise(seeds[level], variance=layers.layer(level), slots=slots, context=context)
+        noise += layer
+        commitments[str(level)] = layer_commitment(seeds[level], level=level, context=context)
+        digests[str(level)] = noise_digest(layer, seed=seeds[level], level=level, context=context)
+    return LayeredNoise(noise, top_seed, commitments, digests)
+
+
+def noise_generator(plan: ReleasePlan, institution: str, purpose: str) -> np.random.Generator:
+    """A secure generator; in test mode (the config refuses seeds in production) a distinct seeded stream per
+    institution and purpose."""
+    seed = plan.config.privacy.seed
+    if seed is None:
+        return secure_generator()
+    return seeded_generator(seed ^ int(_short_hash(f"{institution}/{purpose}"), 16))
