@@ -82,10 +82,6 @@ FILES = "files"
 SCAN_THREADS = 2
 
 
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 def dead_letter_dir(plan: ReleasePlan, institution: InstitutionConfig) -> str:
     """The institution's local dead letters for the interval (never shared)."""
     return join(plan.config.dead_letter_path(institution), plan.key.interval_name)
