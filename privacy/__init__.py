@@ -14,7 +14,7 @@ Public API (what the rest of the repository imports), by module:
 - `he`: add_encrypted, add_plain, check_ciphertext, check_no_wrap, ciphertexts_for, decrypt_vector, encrypt_vector,
   generate_keys, load_public_context, load_secret_context, MAX_ABS_TOTAL, PLAIN_MODULUS, WrapRisk
 - `layout`: BASE_COMPONENTS, bin_components, PartitionLayout, SUMSQ
-- `masking`: add_mod, centred, generate_agreement_key, mask_vector, pair_key, pair_term, pairwise_mask
+- `masking`: add_mod, agreement, centred, generate_agreement_key, mask_vector, pair_key, pair_term, pairwise_mask
 - `masking_graph`: dropout_failure_bound, MaskingGraph, neighbour_count
 - `noise_shares`: chain_seeds, layer_commitment, layer_noise, noise_digest, NoiseLayers, SEED_BYTES, unknown_shares
 - `pld`: pld_epsilon, resolves, SkellamMechanism

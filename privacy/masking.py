@@ -16,6 +16,7 @@ institution's closed neighbourhood).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -36,8 +37,17 @@ def generate_agreement_key() -> tuple[bytes, bytes]:
 
 def pair_key(own_private: bytes, peer_public: bytes, *, context: bytes) -> bytes:
     """The 32-byte ChaCha20 key two institutions share for one release (`context` names the release)."""
-    shared = X25519PrivateKey.from_private_bytes(own_private).exchange(X25519PublicKey.from_public_bytes(peer_public))
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=context, info=_INFO).derive(shared)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=context, info=_INFO).derive(
+        agreement(own_private, peer_public)
+    )
+
+
+@lru_cache(maxsize=1024)
+def agreement(own_private: bytes, peer_public: bytes) -> bytes:
+    """The X25519 shared secret of two keys (every key derived from it is bound to its use by HKDF), kept for the
+    process: a party masks, seals and opens shares for every window with the same few peers (in memory only, beside
+    the private keys the process already holds)."""
+    return X25519PrivateKey.from_private_bytes(own_private).exchange(X25519PublicKey.from_public_bytes(peer_public))
 
 
 def mask_vector(key: bytes, slots: int, modulus: int) -> np.ndarray:

@@ -31,11 +31,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privacy.masking import mask_vector, pair_key
+from privacy.masking import agreement, mask_vector, pair_key
 
 PRIME = 2**521 - 1  # a Mersenne prime: the field of the shares
 SEED_BYTES = 32
@@ -130,13 +129,8 @@ def reconstruct(shares: Mapping[int, int], *, threshold: int, expected: str, con
     return seed
 
 
-def _agreement(own_private: bytes, peer_public: bytes) -> bytes:
-    """The X25519 shared secret of two keys (every key derived from it is bound to its use by HKDF)."""
-    return X25519PrivateKey.from_private_bytes(own_private).exchange(X25519PublicKey.from_public_bytes(peer_public))
-
-
 def _share_key(own_private: bytes, peer_public: bytes, *, context: bytes, sender: str, recipient: str) -> bytes:
-    return _derived_share_key(_agreement(own_private, peer_public), context=context, sender=sender, recipient=recipient)
+    return _derived_share_key(agreement(own_private, peer_public), context=context, sender=sender, recipient=recipient)
 
 
 def _derived_share_key(shared: bytes, *, context: bytes, sender: str, recipient: str) -> bytes:
@@ -148,7 +142,7 @@ def seal_share(
     share: Share, own_private: bytes, peer_public: bytes, *, context: bytes, sender: str, recipient: str
 ) -> str:
     """Encrypt a share so only `recipient` (holder of the peer key) can open it; hex of nonce | ciphertext."""
-    return _seal(share, _agreement(own_private, peer_public), context=context, sender=sender, recipient=recipient)
+    return _seal(share, agreement(own_private, peer_public), context=context, sender=sender, recipient=recipient)
 
 
 def _seal(share: Share, shared: bytes, *, context: bytes, sender: str, recipient: str) -> str:
@@ -192,7 +186,7 @@ def share_seed(
     it, recipient -> digest of its share). `coordinates` gives each recipient's x (default: its rank among
     `peers`); a sparse masking graph passes the federation-wide ranks, so an institution's x is the same for
     every dealer."""
-    shared = {peer: _agreement(own_private, public) for peer, public in peers.items()}
+    shared = {peer: agreement(own_private, public) for peer, public in peers.items()}
     return _share(seed, own_id=own_id, shared=shared, threshold=threshold, context=context, coordinates=coordinates)
 
 
@@ -258,7 +252,7 @@ def share_pair_keys(
     sealed: dict[str, str] = {}
     digests: dict[str, str] = {}
     commitments: dict[str, str] = {}
-    shared = {peer: _agreement(own_private, public) for peer, public in peers.items()}
+    shared = {peer: agreement(own_private, public) for peer, public in peers.items()}
     for peer, public in sorted(peers.items()):
         if peer == own_id:
             continue

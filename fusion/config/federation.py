@@ -8,6 +8,7 @@ import posixpath
 import re
 import tomllib
 from datetime import timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Self
 
@@ -96,8 +97,10 @@ class Config(Frozen):
         dead = [_directory_key(self.dead_letter_path(i)) for i in self.institutions]
         for index, institution in enumerate(self.institutions):
             for first in range(index):
-                if dead[index] == dead[first] or dead[index].startswith(dead[first] + "/") or (
-                    dead[first].startswith(dead[index] + "/")
+                if (
+                    dead[index] == dead[first]
+                    or dead[index].startswith(dead[first] + "/")
+                    or (dead[first].startswith(dead[index] + "/"))
                 ):
                     raise ValueError(
                         f"institutions[{index}].dead_letter: {institution.id}'s dead-letter directory "
@@ -250,7 +253,7 @@ class Config(Frozen):
         """Resolve a config path: URLs (scheme://) and absolute paths as given, others against `base`."""
         if "://" in path or Path(path).is_absolute():
             return path
-        return str((self.base / path).resolve())
+        return _resolved(self.base, path)
 
     @property
     def store_path(self) -> str:
@@ -296,6 +299,13 @@ class Config(Frozen):
 
     def dead_letter_path(self, institution: InstitutionConfig) -> str:
         return self.resolve(institution.dead_letter or f"deadletter/{institution.id}")
+
+
+@lru_cache(maxsize=4096)
+def _resolved(base: Path, path: str) -> str:
+    """`base / path`, resolved (symbolic links followed), once per process: every exchange, spool and key path of
+    a release goes through here, hundreds of times a window."""
+    return str((base / path).resolve())
 
 
 def _directory_key(path: str) -> str:
