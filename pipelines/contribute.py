@@ -576,7 +576,7 @@ def scan_together(plans: Sequence[ReleasePlan], institution: InstitutionConfig) 
             rows += estimate
             chosen.append(plan)
             listed.append(files)
-    if len(chosen) < 2:
+    if sum(len(files) for files in listed) < 2:  # one file: its own scan is one query already
         return {}
     connection = _scan_connections.take(chosen[0])
     try:

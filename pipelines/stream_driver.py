@@ -5,9 +5,10 @@ input journalled to files); (2) validate, window and spool them (one bounded Bea
 on the local DirectRunner the same DoFns in process); (3) commit the progress (inputs, watermarks, reject
 counts); (4) close every window of the public grid whose end plus the allowed lateness the processing clock has
 passed, readings or not, and release all of them in one run (pipelines/stream_release.py: contribute, aggregate,
-unmask, release over each window's spool, each window its own release and charge, committed together). Which
-windows are released, and when, depends on the config, the clock and `--until` only, never on the readings
-(fusion/feeds/stream_state.py). Releases spend from the
+unmask, release over the windows' spools, committed together; at event level contiguous due windows are one
+release, at entity level each window is its own, see `StreamDriver._release_groups`). Which windows are
+released, and when, and which are released together, depends on the config, the clock and `--until` only, never
+on the readings (fusion/feeds/stream_state.py). Releases spend from the
 ledger like batch ones; a refused window is recorded and the stream goes on. Exact reject counts (validation
 and late) stay in the stream's local state; a window's release carries those of its rows that belong to it as
 noisy slots.
@@ -18,7 +19,6 @@ Feed files must appear atomically (written elsewhere, then renamed in); names st
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -35,8 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from fusion.config.federation import Config, FeedConfig, FeedFormat
-from fusion.errors import FusionError
+from fusion.config.federation import Config, FeedConfig, FeedFormat, InstitutionConfig
+from fusion.config.privacy import PrivacyUnit
+from fusion.errors import FusionError, ReleaseRefused
 from fusion.feeds.stream_state import (
     StreamState,
     WindowStatus,
@@ -49,13 +50,13 @@ from fusion.feeds.stream_state import (
     window_start,
 )
 from fusion.release.exchange import exists, join, list_files, read_bytes, write_bytes
-from fusion.release.plan import ReleasePlan, plan_release
+from fusion.release.plan import ReleasePlan, period_of, plan_release
 from fusion.runtime.faults import crash_point
 from fusion.store.delta import Store
 from fusion.store.mode import bind_store_mode
 from pipelines.broker_sources import SourceReader
 from pipelines.run import beam_options, names_runner
-from pipelines.sealing import sealed_envelope
+from pipelines.sealing import refuse_overlap, sealed_envelope
 from pipelines.stream import (
     SPOOL_WINDOW_FORMAT,
     run_micro_batch,
@@ -342,67 +343,135 @@ class StreamDriver:
 
     # -- releases -----------------------------------------------------------------------------------------
     def window_plan(self, start: datetime) -> ReleasePlan:
-        """The batch release of one window, reading that window's spool instead of the feeds, and carrying the
-        rejects that belong to the window (fixed when it closed) as noisy slots of the release."""
+        """The release of one window alone (`release_plan` of that window)."""
+        return self.release_plan([start])
+
+    def release_plan(self, starts: Sequence[datetime]) -> ReleasePlan:
+        """The batch release of the contiguous windows starting at `starts` (one interval, its layout holding each
+        window's cells), reading those windows' spools instead of the feeds, and carrying the rejects that belong
+        to them (fixed when each closed) as noisy slots of the release."""
+        several = len(starts) > 1
         institutions = tuple(
             i.model_copy(
                 update={
-                    "feeds": (
+                    "feeds": tuple(
                         FeedConfig(
-                            name="spool",
+                            name=f"spool-{k}" if several else "spool",
                             path=join(spool_dir(self.config, i.id, start), "*.parquet"),
                             format=FeedFormat.PARQUET,
-                        ),
+                        )
+                        for k, start in enumerate(starts)
                     )
                 }
             )
             for i in self.config.institutions
         )
         config = self.config.model_copy(update={"institutions": institutions})
-        plan = plan_release(config, start, start + self.config.stream_window)
-        window = self.state.windows.get(start.isoformat())
-        if window is not None and window.carried:
-            plan = dataclasses.replace(plan, carried_rejects={i: dict(c) for i, c in window.carried.items()})
+        plan = plan_release(config, starts[0], starts[-1] + self.config.stream_window)
+        carried: dict[str, dict[str, int]] = {}
+        for start in starts:
+            window = self.state.windows.get(start.isoformat())
+            for institution, counts in (window.carried if window is not None else {}).items():
+                add_counts(carried.setdefault(institution, {}), counts)
+        if carried:
+            plan = dataclasses.replace(plan, carried_rejects={i: carried[i] for i in sorted(carried)})
         return plan
 
-    def _release(self, starts: list[datetime]) -> None:
-        """Release the windows starting at `starts` in one run (pipelines/stream_release.py): each its own
-        release, charged on its own; all of them queryable at the same moment."""
-        plans = []
+    def _release_groups(self, starts: list[datetime]) -> list[list[datetime]]:
+        """The windows of `starts` grouped into releases. A window whose release a crash interrupted keeps the
+        release recorded for it (its institutions may have sealed that interval). The others: at event level
+        (`privacy.unit = "reading"`), each run of contiguous windows of one privacy period is one release, unless
+        an institution already sealed an interval overlapping it (then each window goes alone, and a window that
+        overlaps is refused on its own); at entity level each window is its own release (contributions are
+        bounded per release, so a grouped release would bound differently from its windows released alone).
+
+        At event level a release of k contiguous windows is the same mechanism on every cell as k releases of one
+        window each: a reading moves one cell, the noise is calibrated per cell, and releases of disjoint
+        intervals compose in parallel, so the ledger charges the group what it charges one window. What it saves
+        is every per-release step (an envelope per institution, an unmask round, a decryption, a signature) but
+        one. Which windows are grouped depends on the clock only (which windows are due together), never on
+        the readings."""
+        size = self.config.stream_window
+        recorded: dict[str, list[datetime]] = {}
+        fresh: list[datetime] = []
         for start in starts:
-            window = self.state.windows[start.isoformat()]
-            for institution in self.config.institutions:  # an institution without readings contributes zeros
-                directory = spool_dir(self.config, institution.id, start)
-                if not list_files(directory, ".parquet"):
-                    sink = pa.BufferOutputStream()
-                    pq.write_table(READING_SCHEMA.empty_table(), sink)
-                    write_bytes(join(directory, "empty.parquet"), sink.getvalue().to_pybytes())
-            plan = self.window_plan(start)
-            listed = {
-                i.id: list_files(spool_dir(self.config, i.id, start), ".parquet") for i in self.config.institutions
-            }
-            if not window.files:
-                window.files = listed
-            else:  # a release a crash interrupted: an institution that sealed keeps the files it sealed from; one
-                for institution in plan.config.institutions:  # that did not reads the spool as it is now (late panes)
-                    with contextlib.suppress(FusionError):  # refused: the release below says why
-                        if sealed_envelope(plan, institution) is None:
-                            window.files[institution.id] = listed[institution.id]
-            window.release_id = plan.key.release_id
+            release_id = self.state.windows[start.isoformat()].release_id
+            if release_id:
+                recorded.setdefault(release_id, []).append(start)
+            else:
+                fresh.append(start)
+        groups = list(recorded.values())
+        if self.config.privacy.unit is not PrivacyUnit.READING:
+            return sorted(groups + [[start] for start in fresh])
+        runs: list[list[datetime]] = []
+        for start in fresh:
+            last = runs[-1][-1] if runs else None
+            if last is not None and start == last + size and self._period(start) == self._period(runs[-1][0]):
+                runs[-1].append(start)
+            else:
+                runs.append([start])
+        for run in runs:
+            if len(run) > 1 and not self._sealable(run):
+                groups.extend([start] for start in run)
+            else:
+                groups.append(run)
+        return sorted(groups)
+
+    def _period(self, start: datetime) -> str:
+        return period_of(self.config, start, start + self.config.stream_window).name
+
+    def _sealable(self, starts: list[datetime]) -> bool:
+        """Whether every institution may seal the interval of `starts` (none sealed an interval overlapping it)."""
+        plan = self.release_plan(starts)
+        try:
+            for institution in plan.config.institutions:
+                refuse_overlap(plan, institution)
+        except ReleaseRefused:
+            return False
+        return True
+
+    def _release(self, starts: list[datetime]) -> None:
+        """Release the windows starting at `starts` in one run (pipelines/stream_release.py), grouped into
+        releases by `_release_groups`; all of them queryable at the same moment."""
+        plans = []
+        groups = self._release_groups(starts)
+        for group in groups:
+            for start in group:
+                for institution in self.config.institutions:  # an institution without readings contributes zeros
+                    directory = spool_dir(self.config, institution.id, start)
+                    if not list_files(directory, ".parquet"):
+                        sink = pa.BufferOutputStream()
+                        pq.write_table(READING_SCHEMA.empty_table(), sink)
+                        write_bytes(join(directory, "empty.parquet"), sink.getvalue().to_pybytes())
+            plan = self.release_plan(group)
+            sealed = {i.id: _sealed_or_refused(plan, i) for i in plan.config.institutions}
+            for start in group:
+                window = self.state.windows[start.isoformat()]
+                listed = {
+                    i.id: list_files(spool_dir(self.config, i.id, start), ".parquet") for i in self.config.institutions
+                }
+                if not window.files:
+                    window.files = listed
+                else:  # a release a crash interrupted: an institution that sealed keeps the files it sealed from;
+                    for institution_id, files in listed.items():  # one that did not reads the spool as it is now
+                        if not sealed[institution_id]:
+                            window.files[institution_id] = files
+                window.release_id = plan.key.release_id
             plans.append(plan)
         save_state(self._state_file, self.state)  # what the releases read is on record before anything is sealed
         outcomes = release_windows(plans)
         now = self._clock()
-        for start, outcome in zip(starts, outcomes, strict=True):
-            window = self.state.windows[start.isoformat()]
-            if outcome.status == "refused":
-                window.status, window.reason = WindowStatus.REFUSED, outcome.reason
-            else:
-                window.status = WindowStatus.RELEASED
-            window.released_at = now.isoformat()
-            if window.status is WindowStatus.RELEASED and window.closable_at:
-                latency = (now - datetime.fromisoformat(window.closable_at)).total_seconds()
-                self._last_release = (start.isoformat(), latency)
+        for group, outcome in zip(groups, outcomes, strict=True):
+            for start in group:
+                window = self.state.windows[start.isoformat()]
+                if outcome.status == "refused":
+                    window.status, window.reason = WindowStatus.REFUSED, outcome.reason
+                else:
+                    window.status = WindowStatus.RELEASED
+                window.released_at = now.isoformat()
+                if window.status is WindowStatus.RELEASED and window.closable_at:
+                    latency = (now - datetime.fromisoformat(window.closable_at)).total_seconds()
+                    self._last_release = (start.isoformat(), latency)
         save_state(self._state_file, self.state)
 
     def close_windows(self, *, drain: bool = False) -> list[datetime]:
@@ -466,7 +535,9 @@ class StreamDriver:
     def _refresh_forecasts(self, starts: list[datetime]) -> None:
         """Forecast the released series again, once per step ([forecasting] refresh; off without the block)."""
         windows = [self.state.windows[start.isoformat()] for start in starts]
-        released = [w.release_id for w in windows if w.status is WindowStatus.RELEASED and w.release_id]
+        released = list(
+            dict.fromkeys(w.release_id for w in windows if w.status is WindowStatus.RELEASED and w.release_id)
+        )
         if released and self.config.forecasting is not None:
             from forecasting.refresh import refresh_forecasts
 
@@ -554,3 +625,12 @@ class StreamDriver:
             reader.stop()
         for reader in self._readers:
             reader.join(timeout=5)
+
+
+def _sealed_or_refused(plan: ReleasePlan, institution: InstitutionConfig) -> bool:
+    """Whether the institution sealed its envelope for the plan already, or will refuse to (the release says why):
+    either way the spool files on record for it stay as they are."""
+    try:
+        return sealed_envelope(plan, institution) is not None
+    except FusionError:
+        return True

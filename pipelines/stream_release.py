@@ -1,20 +1,22 @@
-"""One release run for every stream window closable at one moment: each window stays its own release.
+"""One release run for every stream window closable at one moment.
 
-A window is a disjoint interval with its own release id, envelopes, noise, budget charge and signature, exactly
-as if it were released alone (`fusion batch` over that window's spool). What the run shares is the work around
-them: the windows' institution and aggregator steps (contribute, aggregate, unmask, aggregate) run side by side,
-`WINDOW_WORKERS` windows at a time, each window's in order, so that one window's waits on the disk (every sealed
+The driver (pipelines/stream_driver.py `_release_groups`) hands over one plan per release: at event level a run of
+contiguous due windows is one release of their interval, at entity level each window is its own. A plan is a
+disjoint interval with its own release id, envelopes, noise, budget charge and signature, exactly as if it were
+released alone (`fusion batch` over its windows' spools). What the run shares is the work around them: the
+plans' institution and aggregator steps (contribute, aggregate, unmask, aggregate) run side by side,
+`WINDOW_WORKERS` plans at a time, each plan's in order, so that one plan's waits on the disk (every sealed
 envelope, record and unmask answer is synced before it is published) overlap with another's work; they reuse one
-loaded public HE context and pooled scan connections, each institution's spooled files of every window are
-scanned first in one DuckDB pass (pipelines.contribute.scan_together: a query's fixed costs outweigh a window's
-rows), each window's contribution taking its own rows from it, and what they record in the store is written
-afterwards, in the windows' order. Then the key holder loads the secret context once, charges every window of a
-privacy period in one ledger commit (each window its own entry; pipelines.release.prepare_releases), and estimates the
-quantiles of all their cells in one call; and the decoded cells of every window are committed together (one
-`audit`, one `rejects` and one `releases` commit), so all of them become queryable at the same moment, and a
-burst of windows (a stream catching up, `--drain`) costs one run, not one per window.
+loaded public HE context and pooled scan connections, each institution's spooled files of every plan are scanned
+first in one DuckDB pass (pipelines.contribute.scan_together: a query's fixed costs outweigh a window's rows),
+each plan's contribution taking its own rows from it, and what they record in the store is written afterwards, in
+the plans' order. Then the key holder loads the secret context once, charges every plan of a privacy period in one
+ledger commit (each its own entry; pipelines.release.prepare_releases), and estimates the quantiles of all their
+cells in one call; and the decoded cells of every plan are committed together (one `audit`, one `rejects` and one
+`releases` commit), so all of them become queryable at the same moment, and a burst of windows (a stream
+catching up, `--drain`) costs one run, not one per window.
 
-A window refused (budget spent, below the quorum, an overlapping interval) is recorded with its reason and the
+A release refused (budget spent, below the quorum, an overlapping interval) is recorded with its reason and the
 others go on. Re-running a run after a crash is safe for the same reasons a batch release is: sealed envelopes
 are reused, the ledger charges a release once, and the commits are keyed. Each run logs (debug level, with
 `extra={"phases": ...}`) the wall seconds of its phases and its window steps' CPU seconds by step, which
@@ -77,7 +79,7 @@ def _scan_together(
     """`scan_together` for one institution of the federation, its CPU seconds added to `cpu`."""
     start = time.thread_time()
     try:
-        return scan_together(plans, institution) if len(plans) > 1 else {}
+        return scan_together(plans, institution)
     finally:
         cpu.append(time.thread_time() - start)
 

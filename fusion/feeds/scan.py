@@ -770,8 +770,9 @@ def scan_windows(
     file whose schema differs or lacks a column, a damaged file): then each plan's scan decides, as before.
 
     A query's fixed costs (parsing, binding, opening the files, scheduling threads) outweigh a small window's
-    rows: a stream releasing a burst of windows pays them once per institution, not once per window."""
-    if len(plans) < 2 or len(plans) != len(sources):
+    rows: a stream releasing a burst of windows pays them once per institution, not once per window, and a release
+    of several windows (each its own spooled files) once, not once per file."""
+    if not plans or len(plans) != len(sources):
         return None
     first = plans[0]
     entity_level = first.config.privacy.unit is PrivacyUnit.ENTITY

@@ -46,7 +46,7 @@ class WindowStatus(StrEnum):
 class WindowState:
     status: WindowStatus = WindowStatus.OPEN
     closable_at: str | None = None  # when (processing time) it was closed (latency is measured from here)
-    release_id: str | None = None
+    release_id: str | None = None  # the release holding it (at event level, windows due together share one)
     released_at: str | None = None
     reason: str | None = None
     # institution -> {reason: rows}: validation rejects attributed to this window by their event time, and late

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from fusion.errors import FusionError
 from fusion.feeds.stream_state import WindowStatus, load_state
+from fusion.release.exchange import ReleaseKey
 from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE
 from fusion.store.delta import Store
 from pipelines.batch import run_batch
@@ -145,6 +147,23 @@ def window_starts(store_path: str) -> list[datetime]:
     return sorted(set(Store(store_path).read("releases").column("window_start").to_pylist()))
 
 
+def released_once(store_path: str, windows: int) -> set[str]:
+    """Check that `windows` hourly windows from START were released exactly once each (every window the same
+    cells, in one release) and that every release was charged once; the release ids."""
+    store = Store(store_path)
+    rows = store.read("releases").to_pylist()
+    per_window = Counter(r["window_start"] for r in rows)
+    assert sorted(per_window) == [at(h) for h in range(windows)] and len(set(per_window.values())) == 1
+    owners = {(r["window_start"], r["release_id"]) for r in rows}
+    assert len(owners) == windows  # each window in one release
+    ids = {r["release_id"] for r in rows}
+    budget = store.read("budget").to_pylist()
+    assert sum(b["releases"] for b in budget) == len(ids) and {i for b in budget for i in b["release_ids"]} == ids
+    spends = Counter(a["release_id"] for a in store.read("audit").to_pylist() if a["action"] == "budget_spend")
+    assert spends == Counter(dict.fromkeys(ids, 1))
+    return ids
+
+
 def exact_rejects_in_store(store_path: str) -> list[dict[str, Any]]:
     """Rows of `rejects` holding counts no release carries: late readings, and rows refused before their event
     time was known. The stream keeps these in its local state only."""
@@ -195,7 +214,8 @@ def test_neighbouring_feeds_release_the_same_windows_and_are_charged_alike(make_
         name: [(b["period"], b["releases"], len(b["release_ids"]), b["epsilon_spent"]) for b in budget]
         for name, (_, budget) in runs.items()
     }
-    assert charged["with"] == charged["without"] and charged["with"][0][1] == 3
+    # The three windows are due together: one release covers them (event level), charged once.
+    assert charged["with"] == charged["without"] and charged["with"][0][1] == 1
     assert notices == [f"releasing 3 windows of the grid, {at(0).isoformat()} to {at(3).isoformat()}"] * 2
     # A window without a single reading is released like any other: counts near 0, with the usual noise sd.
     rows = runs["without"][0].to_pylist()
@@ -292,9 +312,7 @@ def test_a_killed_stream_restarts_without_losing_or_repeating_anything(make_fede
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     released = Store(fed.config.store_path).read("releases")
     assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
-    assert window_starts(fed.config.store_path) == [at(h) for h in range(6)]
-    budget = Store(fed.config.store_path).read("budget").to_pylist()
-    assert budget[0]["releases"] == 6  # each window charged once
+    released_once(fed.config.store_path, 6)  # each window released and charged once
     state = load_state(Path(fed.config.stream_state_path) / "state.json")
     assert state.readings == sum(t.num_rows for t in fed.raw.values())
 
@@ -528,12 +546,14 @@ def test_rejects_stay_local_and_those_with_a_valid_time_ride_with_their_window(m
     assert exact_rejects_in_store(fed.config.store_path) == []
     assert driver.window_plan(at(1)).carried_rejects == {"gamma": {"out_of_range": 1}}
     assert driver.window_plan(START).carried_rejects == {}
+    # Both windows were due together: one release carries both windows' rejects, as tallies of its interval.
+    assert driver.release_plan([START, at(1)]).carried_rejects == {"gamma": {"out_of_range": 1}}
     tallies = {
-        (r["interval_start"], r["institution"]): r["count"]
+        (r["interval_start"], r["interval_end"], r["institution"]): r["count"]
         for r in Store(fed.config.store_path).read("rejects").to_pylist()
         if r["reason"] == "out_of_range"
     }
-    assert tallies[at(1), "gamma"] == 1 and tallies[START, "gamma"] == 0  # noise off: the tally, exactly
+    assert tallies[START, at(2), "gamma"] == 1 and tallies[START, at(2), "alpha"] == 0  # noise off: exactly
 
 
 def test_readings_of_a_window_released_before_they_arrived_are_late(make_federation):
@@ -613,9 +633,10 @@ def test_windows_overlapping_a_batch_release_are_refused_and_the_stream_goes_on(
 
 
 @pytest.mark.e2e
-def test_windows_closable_together_are_released_in_one_run_each_charged_on_its_own(make_federation):
-    """Three windows become closable at one moment: one release run releases them, each its own interval (its
-    own release id and ledger charge), and one commit of `releases` makes all of them queryable at once."""
+def test_windows_closable_together_are_released_as_one_release_charged_once(make_federation):
+    """Three windows become closable at one moment: at event level they are one release of their interval (one
+    release id, one envelope per institution, one ledger charge, which parallel composition makes what one
+    window costs), holding every window's cells, and one commit of `releases` makes all of them queryable."""
     fed = stream_federation(make_federation, noise=True)
     for hour in range(3):
         land(fed, hour)
@@ -629,21 +650,29 @@ def test_windows_closable_together_are_released_in_one_run_each_charged_on_its_o
     assert len({w.released_at for w in windows}) == 1
     from fusion.release.plan import plan_release
 
-    ids = [plan_release(fed.config, at(h), at(h + 1)).key.release_id for h in range(3)]
-    assert [w.release_id for w in windows] == ids and len(set(ids)) == 3
+    release_id = plan_release(fed.config, at(0), at(3)).key.release_id
+    assert [w.release_id for w in windows] == [release_id] * 3
     writes = [
         entry
         for entry in store.delta_table("releases").history()
         if entry["version"] > before and entry["operation"] == "WRITE"
     ]
     assert len(writes) == 1  # (compaction may follow it: it rewrites files, adds no rows)
-    rows = store.read("releases")
-    assert sorted(set(rows.column("release_id").to_pylist())) == sorted(ids)
-    assert sorted(set(rows.column("window_start").to_pylist())) == [at(0), at(1), at(2)]
-    budget = store.read("budget").to_pylist()
-    assert len(budget) == 1 and budget[0]["releases"] == 3 and sorted(budget[0]["release_ids"]) == sorted(ids)
-    spends = [a for a in store.read("audit").to_pylist() if a["action"] == "budget_spend"]
-    assert sorted(a["release_id"] for a in spends) == sorted(ids)
+    assert released_once(fed.config.store_path, 3) == {release_id}
+    for institution in fed.config.institutions:  # one envelope per institution for the three windows
+        sealed = Path(fed.config.institution_keys_path(institution)) / "sealed"
+        assert [ReleaseKey.parse_interval_name(p.stem) for p in sealed.glob("*.json")] == [(at(0), at(3))]
+    one = Store(fed.config.store_path).read("budget").to_pylist()[0]["epsilon_spent"]
+    alone = stream_federation(make_federation, subdir="alone", noise=True)  # the same windows, one at a time
+    now = [at(0)]
+    driver = StreamDriver(alone.config, clock=lambda: now[0])
+    for hour in range(3):
+        land(alone, hour)
+        now[0] = at(hour + 1)
+        driver.ingest()
+        assert driver.close_windows() == [at(hour)]
+    assert len(released_once(alone.config.store_path, 3)) == 3
+    assert Store(alone.config.store_path).read("budget").to_pylist()[0]["epsilon_spent"] == pytest.approx(one)
 
 
 def test_a_streaming_job_counts_readings_beyond_the_allowed_lateness_as_late(make_federation):

@@ -1,6 +1,6 @@
 """A burst of stream windows released in one run: a kill in the middle of it, then a re-run, releases and charges
-every window exactly once, from the one envelope each institution sealed for it; and the windows' scans made in one
-pass per institution release what scanning each window on its own releases."""
+every window exactly once, from the one envelope each institution sealed for the burst; and the windows' scans made
+in one pass per institution release what scanning each window on its own releases."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pipelines.run import report_path
 from pipelines.stream_driver import StreamDriver
 from tests.conftest import END
 from tests.pipelines.test_entity_level import ENTITY_LEVEL
-from tests.pipelines.test_stream import STREAM_CONFIG, at, fusion_stream, land, stream_federation, window_starts
+from tests.pipelines.test_stream import STREAM_CONFIG, at, fusion_stream, land, released_once, stream_federation
 
 WINDOWS = 6
 
@@ -51,17 +51,12 @@ def test_a_burst_killed_midway_then_rerun_releases_each_window_exactly_once(
     rerun = fusion_stream(fed.config_path, "--drain", "--until", END.isoformat())
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
 
-    released = store.read("releases")
-    assert window_starts(fed.config.store_path) == [at(h) for h in range(WINDOWS)]
-    assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
-    per_release = Counter(released.column("release_id").to_pylist())
-    assert len(per_release) == WINDOWS and len(set(per_release.values())) == 1  # each window's cells once
-    budget = store.read("budget").to_pylist()
-    assert budget[0]["releases"] == WINDOWS and sorted(budget[0]["release_ids"]) == sorted(per_release)
-    spends = Counter(a["release_id"] for a in store.read("audit").to_pylist() if a["action"] == "budget_spend")
-    assert spends == Counter(dict.fromkeys(per_release, 1))  # each window charged once
-    for institution in fed.config.institutions:  # one envelope per institution and window, sealed once
-        assert len(sealed_records(fed.config, institution)) == WINDOWS
+    assert len(released_once(fed.config.store_path, WINDOWS)) == 1  # one release of the six windows, charged once
+    for institution in fed.config.institutions:  # one envelope per institution for the burst, sealed once
+        assert [ReleaseKey.parse_interval_name(name) for name in sealed_records(fed.config, institution)] == [
+            (at(0), END)
+        ]
+    assert sum(store.read("releases").column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
 
 
 def released(config: Config, table: str) -> list[dict[str, Any]]:
@@ -75,16 +70,75 @@ def scanned_together(records: list[logging.LogRecord]) -> list[int]:
     return [r.phases["scanned_together"] for r in records if hasattr(r, "phases")]
 
 
+def cells(config: Config) -> list[dict[str, Any]]:
+    """Every released cell, without what names its release (its id, the moment it was written)."""
+    rows = Store(config.store_path).read("releases").to_pylist()
+    return sorted(({k: v for k, v in r.items() if k not in {"release_id", "released_at"}} for r in rows), key=repr)
+
+
+def tallies(config: Config) -> Counter[tuple[str, str]]:
+    """Reject tallies by institution and reason, summed over the releases."""
+    out: Counter[tuple[str, str]] = Counter()
+    for r in Store(config.store_path).read("rejects").to_pylist():
+        out[r["institution"], r["reason"]] += r["count"]
+    return out
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("unit", ["event", "entity"])
-def test_a_burst_scanned_in_one_pass_per_institution_releases_what_windows_released_one_by_one_do(
-    make_federation: Any, caplog: pytest.LogCaptureFixture, unit: str
+def test_a_burst_released_as_one_release_holds_what_its_windows_released_one_by_one_hold(
+    make_federation: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The same readings, with noise, seeded (test mode): one federation releases its six windows as one burst,
-    each institution's spooled windows scanned in one DuckDB pass; the other releases each window as it closes,
-    scanned on its own. The releases, reject tallies included, are the same bit for bit, and so are the
-    institutions' counts (rows read, accepted, bounded) of every window."""
-    privacy = f"epsilon_cap = 50.0\n{ENTITY_LEVEL if unit == 'entity' else ''}"
+    """Event level, noise off (test mode): one federation releases six windows that are due together as one
+    release (each institution's spooled files of all six scanned in one DuckDB pass, one envelope each); the other
+    releases each window as it closes. Every cell, reject tallies and the institutions' counts (rows read,
+    accepted) are the same."""
+    feds = [
+        make_federation(quorum=2, subdir=name, extra_privacy="epsilon_cap = 50.0", extra=STREAM_CONFIG)
+        for name in ("burst", "one_by_one")
+    ]
+    for fed in feds:
+        for inst in fed.config.institutions:  # the feeds arrive while the stream runs
+            shutil.rmtree(fed.directory / "feeds" / inst.id)
+    caplog.set_level(logging.DEBUG, logger="pipelines.stream_release")
+    burst, alone = feds
+    for hour in range(WINDOWS):
+        land(burst, hour)
+    driver = StreamDriver(burst.config, clock=lambda: END + timedelta(seconds=1))
+    driver.ingest()
+    assert len(driver.close_windows()) == WINDOWS
+    assert scanned_together(caplog.records) == [len(burst.config.institutions)]  # one pass per institution
+    now = [at(0)]
+    driver = StreamDriver(alone.config, clock=lambda: now[0])
+    for hour in range(WINDOWS):
+        land(alone, hour)
+        now[0] = at(hour + 1) + timedelta(seconds=1)
+        driver.ingest()
+        assert driver.close_windows() == [at(hour)]
+    assert len(released_once(burst.config.store_path, WINDOWS)) == 1
+    assert len(released_once(alone.config.store_path, WINDOWS)) == WINDOWS
+    assert cells(burst.config) == cells(alone.config)
+    assert tallies(burst.config) == tallies(alone.config)
+    group = StreamDriver(burst.config).release_plan([at(h) for h in range(WINDOWS)])
+    for inst in burst.config.institutions:
+        report = json.loads(Path(report_path(group, inst)).read_text())
+        alone_reports = [
+            json.loads(Path(report_path(StreamDriver(alone.config).window_plan(at(h)), inst)).read_text())
+            for h in range(WINDOWS)
+        ]
+        assert report["read"] == sum(r["read"] for r in alone_reports) > 0
+        assert report["accepted"] == sum(r["accepted"] for r in alone_reports)
+
+
+@pytest.mark.e2e
+def test_a_burst_scanned_in_one_pass_per_institution_releases_what_windows_released_one_by_one_do(
+    make_federation: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Entity level (each window its own release: contributions are bounded per release). The same readings,
+    with noise, seeded (test mode): one federation releases its six windows as one burst, each institution's
+    spooled windows scanned in one DuckDB pass; the other releases each window as it closes, scanned on its own.
+    The releases, reject tallies included, are the same bit for bit, and so are the institutions' counts (rows
+    read, accepted, bounded) of every window."""
+    privacy = f"epsilon_cap = 50.0\n{ENTITY_LEVEL}"
     feds = [
         make_federation(noise=True, quorum=2, subdir=name, extra_privacy=privacy, extra=STREAM_CONFIG)
         for name in ("burst", "one_by_one")
@@ -119,8 +173,7 @@ def test_a_burst_scanned_in_one_pass_per_institution_releases_what_windows_relea
     for start in (at(h) for h in range(WINDOWS)):  # each institution's own report of each window
         for inst in burst.config.institutions:
             reports = [
-                json.loads(Path(report_path(StreamDriver(f.config).window_plan(start), inst)).read_text())
-                for f in feds
+                json.loads(Path(report_path(StreamDriver(f.config).window_plan(start), inst)).read_text()) for f in feds
             ]
             assert reports[0] == reports[1]
             assert reports[0]["read"] > 0

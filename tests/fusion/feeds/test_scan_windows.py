@@ -93,7 +93,6 @@ def test_windows_that_cannot_be_scanned_together_are_left_to_their_own_scans(
     sources = window_files(tmp_path / "spool", np.random.default_rng(5))[:2]
     connection = scan_connection(plans[0])
     assert scan_windows(plans, "beta", sources, connection) is None  # a CSV feed: read as batches, not by DuckDB
-    assert scan_windows(plans[:1], "alpha", sources[:1], connection) is None  # one window: nothing to share
     other = tmp_path / "other.parquet"  # a file of another schema (an extra column)
     table = pq.read_table(sources[1][0][1])
     pq.write_table(table.append_column("note", pa.array(["x"] * table.num_rows)), other)
@@ -102,3 +101,26 @@ def test_windows_that_cannot_be_scanned_together_are_left_to_their_own_scans(
     damaged.write_bytes(Path(sources[1][0][1]).read_bytes()[:100])
     assert scan_windows(plans, "alpha", [sources[0], [(0, str(damaged))]], connection) is None
     assert scan_windows(plans, "alpha", sources, connection) is not None
+
+
+@pytest.mark.parametrize("unit", ["event", "entity"])
+def test_a_release_of_several_windows_scans_their_files_in_one_pass_as_its_own_scan_does(
+    make_federation: Callable[..., Federation], tmp_path: Path, unit: str
+) -> None:
+    """One release over every window (a stream's burst at event level): the windows' files, scanned in one pass,
+    give what the release's own scan, file by file, gives."""
+    federation = make_federation(
+        institutions=[("alpha", "parquet"), ("beta", "parquet")],
+        statistics=STATISTICS,
+        extra_privacy=ENTITY_LEVEL if unit == "entity" else "",
+    )
+    config = federation.config
+    plan = plan_release(config, START, START + WINDOWS * HOUR)
+    files = [f for window in window_files(tmp_path / "spool", np.random.default_rng(29)) for f in window]
+    connection = scan_connection(plan)
+    (made,) = scan_windows([plan], "alpha", [files], connection) or [None]
+    assert made is not None
+    scanner = FeedScanner(plan, config.institution("alpha"), connection=connection, sources=files)
+    alone = scanner.scan(0, 1)
+    assert made.table(scanner.schema).equals(alone.table(scanner.schema))
+    assert made.table(scanner.schema).num_rows > 0 and summary(made) == summary(alone)
