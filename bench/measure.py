@@ -183,7 +183,7 @@ def fusion_batch(
     noise: bool = True,
     beam_args: list[str] | None = None,
     profile: bool = False,
-    in_process: bool = False,
+    in_process: bool | None = None,
 ) -> dict[str, Any]:
     """Fusion end to end (`run_batch`: contribute, aggregate, unmask, aggregate, release) in a fresh federation
     over the generated feeds. Keys are created first and not timed. `profile`: run under cProfile and report its
@@ -424,7 +424,7 @@ def main(argv: list[str]) -> None:
             noise=args.get("noise", True),
             beam_args=args.get("beam_args"),
             profile=args.get("profile", False),
-            in_process=args.get("in_process", False),
+            in_process=args.get("in_process"),
         )
     elif kind == "readings":
         result = fusion_readings(data, workdir, entity_level=args.get("entity_level", False))

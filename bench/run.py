@@ -41,7 +41,45 @@ TARGETS = {
     "envelope_bytes_per_component_max": 32.0,
     "peak_memory_mb_max": 1536.0,
     "sql_ratio_max": 1.5,
+    # Streaming (bench/stream.py, bench/brokers.py): readings/s into released windows, and the seconds from a burst
+    # of 24 windows becoming closable to the last of them being queryable (beyond the allowed lateness, 0 here).
+    "stream_readings_per_s_min": 200_000.0,
+    "stream_latency_s_max": 2.0,
 }
+
+#: What `--streaming` runs (each its own process, writing its own JSON under bench/results/).
+STREAM_RUNS = {
+    "directory": ["bench.stream", "--readings", "2000000"],
+    "burst": ["bench.stream", "--burst", "24"],
+    "brokers": ["bench.brokers", "--readings", "1500000", "--per-message", "1000", "--sources", "nats,mqtt"],
+}
+
+
+def measure_streaming(log: Any) -> dict[str, Any]:
+    """The streaming figures: sustained readings/s from a feed directory and from each broker into released
+    windows, and a burst's latency; a run that fails (a broker not running) is recorded with its error."""
+    results: dict[str, Any] = {}
+    files = {"directory": "stream.json", "burst": "stream_burst.json", "brokers": "brokers.json"}
+    for name, command in STREAM_RUNS.items():
+        log(f"streaming: {' '.join(command)} ...")
+        done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            results[name] = {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+            continue
+        results[name] = json.loads((ROOT / "bench" / "results" / files[name]).read_text())
+    summary: dict[str, Any] = {}
+    directory = results.get("directory", {})
+    if "end_to_end_readings_per_s" in directory:
+        summary["directory_readings_per_s"] = directory["end_to_end_readings_per_s"]
+        summary["directory_ingest_readings_per_s"] = directory["ingest_readings_per_s"]
+    for run in results.get("brokers", {}).get("runs", []):
+        summary[f"{run['source']}_readings_per_s"] = run["readings_per_s_into_released_windows"]
+        summary[f"{run['source']}_readings_per_cpu_s"] = run["readings_per_cpu_s"]
+    if "latency_s_last_window" in results.get("burst", {}):
+        summary["burst_windows"] = results["burst"]["windows_closable_together"]
+        summary["burst_latency_s"] = results["burst"]["latency_s_last_window"]
+    summary["errors"] = {name: r["error"] for name, r in results.items() if "error" in r}
+    return summary
 
 
 def _child(module: str, kind: str | None, args: dict[str, Any], *, extra_path: Path | None = None) -> dict[str, Any]:
@@ -67,7 +105,7 @@ def measure_all(
     entity_level: bool = True,
     noise: bool = True,
     beam_args: list[str] | None = None,
-    in_process: bool = False,
+    in_process: bool | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
     """Run every measurement in turn; returns the raw figures and the derived ratios."""
@@ -374,6 +412,27 @@ def table(summary: dict[str, Any]) -> Table:
         row("  sandbox / plain export", f"{ratio:.2f}x", "<= 1.5x", ratio <= TARGETS["sql_ratio_max"])
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["fusion_event_stages_s"].items())
     row("Fusion event-level stages", stages)
+    streaming = summary.get("streaming", {})
+    goal = TARGETS["stream_readings_per_s_min"]
+    for key, label in (
+        ("directory", "Stream from a feed directory, into released windows"),
+        ("nats", "Stream from NATS JetStream, into released windows"),
+        ("mqtt", "Stream from MQTT, into released windows"),
+    ):
+        if f"{key}_readings_per_s" in streaming:
+            rate = streaming[f"{key}_readings_per_s"]
+            row(label, f"{rate:,.0f} readings/s", f">= {goal:,.0f}/s", rate >= goal)
+            if f"{key}_readings_per_cpu_s" in streaming:
+                row(
+                    "  per CPU second of the stream (the broker shares the cores)",
+                    f"{streaming[f'{key}_readings_per_cpu_s']:,.0f}",
+                )
+    if "burst_latency_s" in streaming:
+        latency, most = streaming["burst_latency_s"], TARGETS["stream_latency_s_max"]
+        label = f"Stream: {streaming['burst_windows']} windows closable at once, the last queryable after"
+        row(label, f"{latency:.2f} s", f"<= {most:g} s", latency <= most)
+    for name, error in streaming.get("errors", {}).items():
+        row(f"Stream run '{name}' failed", " ".join(error))
     return out
 
 
@@ -403,10 +462,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--direct_running_mode=multi_processing)",
     )
     parser.add_argument(
-        "--in-process",
+        "--beam",
         action="store_true",
-        help="run Fusion's role steps without building a Beam pipeline (fusion batch --in-process); by default the "
-        "contributions run as a DirectRunner pipeline, as fusion batch runs them",
+        help="run Fusion's contributions as a Beam pipeline on the DirectRunner (fusion batch with a Beam option); "
+        "by default the role steps run in process, as fusion batch runs them without Beam options",
+    )
+    parser.add_argument(
+        "--streaming",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure streaming: readings/s from a feed directory and from NATS JetStream and MQTT (the brokers "
+        "must run on loopback) into released windows, and a burst's latency (bench/stream.py, bench/brokers.py)",
     )
     parser.add_argument(
         "--masking-scale",
@@ -427,7 +493,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fixed_rows=args.fixed_rows,
         entity_level=not args.no_entity,
         beam_args=args.beam_arg,
-        in_process=args.in_process,
+        in_process=False if args.beam else None,
         log=console.print,
     )
     if args.scaling:
@@ -443,6 +509,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             measured=(args.rows, measured["raw"]),
             log=console.print,
         )
+    if args.streaming:
+        measured["summary"]["streaming"] = measure_streaming(console.print)
     if args.masking_scale:
         console.print(f"masking at scale: {args.masking_scale} institutions ...")
         subprocess.run([sys.executable, "-m", "bench.scale", "--sizes", args.masking_scale], cwd=ROOT, check=True)

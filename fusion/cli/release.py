@@ -38,8 +38,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     batch.add_argument(
         "--in-process",
         action="store_true",
-        help="run every role step in this process without building a Beam pipeline (the same steps; faster for "
-        "one machine; not with Beam options)",
+        help="run every role step in this process without building a Beam pipeline (the same steps; the default "
+        "without Beam options; any Beam option, such as --runner=DirectRunner, runs the Beam pipelines)",
     )
     add_stream_parsers(sub)
     contribute = with_interval(with_config(sub.add_parser(
@@ -181,7 +181,7 @@ def cmd_batch(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             beam_args=beam_args,
             on_stage=on_stage,
             accept_rejects=args.accept_rejects,
-            in_process=args.in_process,
+            in_process=True if args.in_process else None,
         )
     if summary.status == "already_released":
         console.print(f"Interval already released as {summary.release_id}; nothing done, no budget spent.")

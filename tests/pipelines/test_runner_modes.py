@@ -1,8 +1,8 @@
 """The seeded end-to-end batch on the runner modes CI proves: the DirectRunner in memory, the DirectRunner with
 worker processes (`--direct_running_mode=multi_processing`), and the PortableRunner with an embedded job server
 (`--job_endpoint=embed`: the job-submission path Flink and Spark use, with the SDK harness in process), beside
-`fusion batch`'s default (the DirectRunner without options) and `--in-process` (every role step in process, no
-pipeline). All must release exactly the same
+`fusion batch`'s default (without Beam options: every role step in process, no pipeline) and the DirectRunner
+named without options. All must release exactly the same
 cells: the noise is seeded (test mode), the masks cancel, and nothing in the pipelines may depend on how a runner
 splits, orders or retries their work."""
 
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.e2e
 #: Beam options of each mode, as `fusion batch` passes them through. A named runner also runs the aggregator's
 #: steps as Beam pipelines (and spreads the scan shards), so the portable mode covers both pipelines.
 MODES: dict[str, list[str] | None] = {
-    "in-process": None,  # run_batch(in_process=True)
-    "default": [],
+    "default": None,  # no Beam options: every role step in process (run_batch's default)
+    "direct-named": ["--runner=DirectRunner"],
     "direct-in-memory": ["--direct_running_mode=in_memory"],
     "direct-multi-processing": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
     "portable-embed": ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
@@ -39,7 +39,7 @@ def released(make_federation: Callable[..., Federation], mode: str, *, entity_le
     fed = make_federation(noise=True, seed=11, subdir=f"{mode}-{int(entity_level)}", extra_privacy=extra)
     plan = plan_release(fed.config, START, END)
     options = MODES[mode]
-    summary = run_batch(plan, beam_args=options or [], in_process=options is None)
+    summary = run_batch(plan, beam_args=options or [])
     assert summary.status == "released"
     assert summary.envelopes == len(fed.config.institutions)
     table = Store(fed.config.store_path).read("releases")
