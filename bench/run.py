@@ -55,18 +55,22 @@ STREAM_RUNS = {
 }
 
 
-def measure_streaming(log: Any) -> dict[str, Any]:
+def measure_streaming(results_dir: Path, log: Any) -> dict[str, Any]:
     """The streaming figures: sustained readings/s from a feed directory and from each broker into released
-    windows, and a burst's latency; a run that fails (a broker not running) is recorded with its error."""
+    windows, and a burst's latency (each run's JSON written into `results_dir`); a run that fails (a broker not
+    running) is recorded with its error."""
     results: dict[str, Any] = {}
     files = {"directory": "stream.json", "burst": "stream_burst.json", "brokers": "brokers.json"}
+    results_dir.mkdir(parents=True, exist_ok=True)
     for name, command in STREAM_RUNS.items():
         log(f"streaming: {' '.join(command)} ...")
-        done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True)
+        out = results_dir / files[name]
+        argv = [sys.executable, "-m", *command, "--out", str(out if name != "burst" else results_dir / "stream.json")]
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             results[name] = {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
             continue
-        results[name] = json.loads((ROOT / "bench" / "results" / files[name]).read_text())
+        results[name] = json.loads(out.read_text())
     summary: dict[str, Any] = {}
     directory = results.get("directory", {})
     if "end_to_end_readings_per_s" in directory:
@@ -510,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log=console.print,
         )
     if args.streaming:
-        measured["summary"]["streaming"] = measure_streaming(console.print)
+        measured["summary"]["streaming"] = measure_streaming(args.results, console.print)
     if args.masking_scale:
         console.print(f"masking at scale: {args.masking_scale} institutions ...")
         subprocess.run([sys.executable, "-m", "bench.scale", "--sizes", args.masking_scale], cwd=ROOT, check=True)

@@ -86,7 +86,7 @@ def test_the_report_is_written_as_json(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(bench.run, "measure_all", lambda *args, **kwargs: fake)
     monkeypatch.setattr(bench.run, "table", lambda summary: "table")
     argv = ["--rows", "10", "--institutions", "1", "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")]
-    report = main(argv)
+    report = main([*argv, "--no-streaming"])
     latest = json.loads((tmp_path / "r" / "latest.json").read_text())
     assert latest["summary"] == fake["summary"] == report["summary"]
     assert len(list((tmp_path / "r").glob("*.json"))) == 2

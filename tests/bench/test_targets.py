@@ -71,6 +71,14 @@ def test_scaling_points_and_the_table_of_targets(tmp_path: Path) -> None:
         "envelope_bytes_per_component": 31.7,
         "peak_memory_mb": {"fusion_event": 600.0},
         "fusion_event_stages_s": {"contribute": 1.0},
+        "streaming": {
+            "directory_readings_per_s": 280_000.0,
+            "nats_readings_per_s": 150_000.0,
+            "nats_readings_per_cpu_s": 240_000.0,
+            "burst_windows": 24,
+            "burst_latency_s": 1.2,
+            "errors": {"brokers": ["ConnectionRefusedError"]},
+        },
     }
     console = Console(width=200, record=True)
     console.print(table(summary))
@@ -79,6 +87,10 @@ def test_scaling_points_and_the_table_of_targets(tmp_path: Path) -> None:
         ("Fusion / DuckDB with the same checks ", "yes"),  # 1.5x >= 1.3x
         ("Fusion / DuckDB with the same checks and bounding", "yes"),
         ("Per-release cost", "NO"),  # 0.9 s > 0.6 s
+        ("Stream from a feed directory", "yes"),  # 280k >= 200k readings/s
+        ("Stream from NATS JetStream", "NO"),
+        ("24 windows closable at once", "yes"),  # 1.2 s <= 2 s
+        ("Stream run 'brokers' failed", "ConnectionRefusedError"),
     ):
         row = next(r for r in text.splitlines() if line in r)
         assert row.rstrip(" │").endswith(met), row
