@@ -186,13 +186,14 @@ def fusion_batch(
     in_process: bool | None = None,
 ) -> dict[str, Any]:
     """Fusion end to end (`run_batch`: contribute, aggregate, unmask, aggregate, release) in a fresh federation
-    over the generated feeds. Keys are created first and not timed. `profile`: run under cProfile and report its
-    self time by COST_ITEMS, on a CPU-time clock (cProfile slows Python code more than native code: shares, not
-    seconds)."""
+    over the generated feeds. Keys and the store's tables are created first and not timed (once per federation).
+    `profile`: run under cProfile and report its self time by COST_ITEMS, on a CPU-time clock (cProfile slows
+    Python code more than native code: shares, not seconds)."""
     from fusion.config.federation import load_config
     from fusion.keys.holder import create_keys
     from fusion.keys.registry import create_aggregator_key, create_institution_keys
     from fusion.release.plan import plan_release
+    from fusion.store.delta import Store
     from pipelines.batch import run_batch
 
     gc.freeze()  # as `fusion batch` does once its imports are in (fusion/cli/release.py)
@@ -207,6 +208,7 @@ def fusion_batch(
     create_aggregator_key(config)
     for institution in config.institutions:
         create_institution_keys(config, institution.id)
+    Store(config.store_path).ensure_tables()  # once per federation, as the keys are: not a release's cost
     plan = plan_release(config, START, END)
     stages: dict[str, float] = {}
     marks: list[tuple[str, float]] = []
