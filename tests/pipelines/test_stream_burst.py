@@ -177,3 +177,27 @@ def test_a_burst_scanned_in_one_pass_per_institution_releases_what_windows_relea
             ]
             assert reports[0] == reports[1]
             assert reports[0]["read"] > 0
+
+
+@pytest.mark.parametrize("unit", ["event", "entity"])
+def test_due_windows_are_grouped_by_contiguity_and_privacy_period_at_event_level_only(
+    make_federation: Any, unit: str
+) -> None:
+    """Which windows share a release: at event level each run of contiguous due windows within one privacy period
+    (here periods of 4 hours, and a gap after the third window); a window a crash interrupted keeps the release
+    recorded for it; at entity level every window alone."""
+    privacy = f'epsilon_cap = 50.0\nperiod = "4h"\n{ENTITY_LEVEL if unit == "entity" else ""}'
+    fed = make_federation(quorum=2, subdir=unit, extra_privacy=privacy, extra=STREAM_CONFIG)
+    driver = StreamDriver(fed.config, clock=lambda: END)
+    hours = [0, 1, 2, 4, 5]  # 3 is not due (released before, say); 4 starts the next period
+    interrupted = at(6)
+    for h in hours:
+        driver.state.window(at(h))  # closed, no release recorded yet
+    driver.state.window(interrupted).release_id = "recorded"
+    groups = driver._release_groups([at(h) for h in hours] + [interrupted])
+    if unit == "event":
+        assert groups == [[at(0), at(1), at(2)], [at(4), at(5)], [interrupted]]
+    else:
+        assert groups == [[at(h)] for h in hours] + [[interrupted]]
+    plan = driver.release_plan([at(0), at(1), at(2)])
+    assert (plan.key.start, plan.key.end) == (at(0), at(3)) and plan.layout.windows == 3
