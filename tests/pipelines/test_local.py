@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
 
@@ -154,3 +155,21 @@ def test_every_shard_reads_the_files_listed_when_the_run_was_planned(make_federa
     total = combine(MergePartials(), [p for _, p in partials + staging[PARTIAL]])
     assert total.reconciles() and not total.rejected
     assert total.rows_read == total.rows_accepted == federation.raw["beta"].num_rows
+
+
+@pytest.mark.parametrize(("beam_args", "in_process"), [([], True), (["--runner=DirectRunner"], False)])
+def test_batch_runs_in_process_unless_beam_options_are_given(
+    make_federation, monkeypatch: pytest.MonkeyPatch, beam_args: list[str], in_process: bool
+) -> None:
+    """`fusion batch` without Beam options runs the contributions in process (no pipeline is built); any Beam
+    option (here the DirectRunner, named) builds the pipeline."""
+    import pipelines.local
+
+    fed = make_federation(subdir="default" if in_process else "named")
+    local, built = [], []
+    contribute = pipelines.local.contribute_locally
+    monkeypatch.setattr(pipelines.local, "contribute_locally", lambda *a, **k: local.append(1) or contribute(*a, **k))
+    run = beam.Pipeline.run
+    monkeypatch.setattr(beam.Pipeline, "run", lambda self, *a, **k: built.append(1) or run(self, *a, **k))
+    assert run_batch(plan_release(fed.config, START, END), beam_args=beam_args).status == "released"
+    assert (bool(local), bool(built)) == (in_process, not in_process)
