@@ -432,3 +432,25 @@ def test_a_new_column_that_is_not_nullable_cannot_be_added_to_existing_rows(tmp_
     monkeypatch.setitem(TABLE_SCHEMAS, "audit", strict)
     with pytest.raises(InternalError, match="non-nullable"):
         Store(tmp_path / "store").delta_table("audit")
+
+
+def test_a_table_kept_open_sees_other_writers_and_a_table_made_again(tmp_path: Path) -> None:
+    """A Store keeps the tables its thread opened and brings them up to date: it sees what another writer (here a
+    second process's way in, a table opened on its own) committed since, and a table deleted and made again at
+    the same path is read afresh, not from the old one's state."""
+    import shutil
+
+    store = Store(tmp_path / "store")
+    store.ensure_tables()
+    store.insert_new("releases", release_rows("r1", range(2)))
+    assert store.read("releases").num_rows == 2
+    other = DeltaTable(store.table_path("releases"))  # another writer's handle, not the Store's
+    write_deltalake(other, release_rows("r2", range(3)).cast(RELEASES_SCHEMA), mode="append")
+    assert sorted(set(store.read("releases").column("release_id").to_pylist())) == ["r1", "r2"]
+    assert store.delta_table("releases").version() == other.version()
+    shutil.rmtree(tmp_path / "store")
+    again = Store(tmp_path / "store")
+    again.ensure_tables()
+    again.insert_new("releases", release_rows("r3", range(1)))
+    assert again.read("releases").column("release_id").to_pylist() == ["r3"]
+    assert store.read("releases").column("release_id").to_pylist() == ["r3"]
