@@ -20,7 +20,7 @@ from fusion.runtime.faults import CRASH_EXIT_CODE
 from fusion.store.delta import Store
 from pipelines.run import report_path
 from pipelines.stream_driver import StreamDriver
-from tests.conftest import END
+from tests.conftest import END, Federation
 from tests.pipelines.test_entity_level import ENTITY_LEVEL
 from tests.pipelines.test_stream import STREAM_CONFIG, at, fusion_stream, land, released_once, stream_federation
 
@@ -84,16 +84,14 @@ def tallies(config: Config) -> Counter[tuple[str, str]]:
     return out
 
 
-@pytest.mark.e2e
-def test_a_burst_released_as_one_release_holds_what_its_windows_released_one_by_one_hold(
-    make_federation: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Event level, noise off (test mode): one federation releases six windows that are due together as one
-    release (each institution's spooled files of all six scanned in one DuckDB pass, one envelope each); the other
-    releases each window as it closes. Every cell, reject tallies and the institutions' counts (rows read,
-    accepted) are the same."""
+def burst_and_one_by_one(
+    make_federation: Any, caplog: pytest.LogCaptureFixture, *, privacy: str, noise: bool
+) -> tuple[Federation, Federation, list[int], list[int]]:
+    """Two federations with the same readings: the first ingests six hours and closes their windows at one moment
+    (a burst), the second closes each window as it lands. Returns both and, for each, the (window, institution)
+    scans its release runs made in one pass per institution."""
     feds = [
-        make_federation(quorum=2, subdir=name, extra_privacy="epsilon_cap = 50.0", extra=STREAM_CONFIG)
+        make_federation(noise=noise, quorum=2, subdir=name, extra_privacy=privacy, extra=STREAM_CONFIG)
         for name in ("burst", "one_by_one")
     ]
     for fed in feds:
@@ -106,7 +104,8 @@ def test_a_burst_released_as_one_release_holds_what_its_windows_released_one_by_
     driver = StreamDriver(burst.config, clock=lambda: END + timedelta(seconds=1))
     driver.ingest()
     assert len(driver.close_windows()) == WINDOWS
-    assert scanned_together(caplog.records) == [len(burst.config.institutions)]  # one pass per institution
+    scanned_burst = scanned_together(caplog.records)
+    caplog.clear()
     now = [at(0)]
     driver = StreamDriver(alone.config, clock=lambda: now[0])
     for hour in range(WINDOWS):
@@ -114,6 +113,21 @@ def test_a_burst_released_as_one_release_holds_what_its_windows_released_one_by_
         now[0] = at(hour + 1) + timedelta(seconds=1)
         driver.ingest()
         assert driver.close_windows() == [at(hour)]
+    return burst, alone, scanned_burst, scanned_together(caplog.records)
+
+
+@pytest.mark.e2e
+def test_a_burst_released_as_one_release_holds_what_its_windows_released_one_by_one_hold(
+    make_federation: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Event level, noise off (test mode): one federation releases six windows that are due together as one
+    release (each institution's spooled files of all six scanned in one DuckDB pass, one envelope each); the other
+    releases each window as it closes. Every cell, reject tallies and the institutions' counts (rows read,
+    accepted) are the same."""
+    burst, alone, scanned_burst, _ = burst_and_one_by_one(
+        make_federation, caplog, privacy="epsilon_cap = 50.0", noise=False
+    )
+    assert scanned_burst == [len(burst.config.institutions)]  # one pass per institution
     assert len(released_once(burst.config.store_path, WINDOWS)) == 1
     assert len(released_once(alone.config.store_path, WINDOWS)) == WINDOWS
     assert cells(burst.config) == cells(alone.config)
@@ -138,34 +152,12 @@ def test_a_burst_scanned_in_one_pass_per_institution_releases_what_windows_relea
     spooled windows scanned in one DuckDB pass; the other releases each window as it closes, scanned on its own.
     The releases, reject tallies included, are the same bit for bit, and so are the institutions' counts (rows
     read, accepted, bounded) of every window."""
-    privacy = f"epsilon_cap = 50.0\n{ENTITY_LEVEL}"
-    feds = [
-        make_federation(noise=True, quorum=2, subdir=name, extra_privacy=privacy, extra=STREAM_CONFIG)
-        for name in ("burst", "one_by_one")
-    ]
-    for fed in feds:
-        for inst in fed.config.institutions:  # the feeds arrive while the stream runs
-            shutil.rmtree(fed.directory / "feeds" / inst.id)
-    caplog.set_level(logging.DEBUG, logger="pipelines.stream_release")
-
-    burst, alone = feds
-    for hour in range(WINDOWS):
-        land(burst, hour)
-    driver = StreamDriver(burst.config, clock=lambda: END + timedelta(seconds=1))
-    driver.ingest()
-    assert len(driver.close_windows()) == WINDOWS
+    burst, alone, scanned_burst, scanned_alone = burst_and_one_by_one(
+        make_federation, caplog, privacy=f"epsilon_cap = 50.0\n{ENTITY_LEVEL}", noise=True
+    )
     institutions = len(burst.config.institutions)
-    assert scanned_together(caplog.records) == [WINDOWS * institutions]  # every window's scans made together
-
-    caplog.clear()
-    now = [at(0)]
-    driver = StreamDriver(alone.config, clock=lambda: now[0])
-    for hour in range(WINDOWS):
-        land(alone, hour)
-        now[0] = at(hour + 1) + timedelta(seconds=1)
-        driver.ingest()
-        assert driver.close_windows() == [at(hour)]
-    assert scanned_together(caplog.records) == [0] * WINDOWS  # each window alone: scanned on its own
+    assert scanned_burst == [WINDOWS * institutions]  # every window's scans made together
+    assert scanned_alone == [0] * WINDOWS  # each window alone: scanned on its own
 
     together, one_by_one = released(burst.config, "releases"), released(alone.config, "releases")
     assert len({r["release_id"] for r in together}) == WINDOWS and together == one_by_one
@@ -173,7 +165,8 @@ def test_a_burst_scanned_in_one_pass_per_institution_releases_what_windows_relea
     for start in (at(h) for h in range(WINDOWS)):  # each institution's own report of each window
         for inst in burst.config.institutions:
             reports = [
-                json.loads(Path(report_path(StreamDriver(f.config).window_plan(start), inst)).read_text()) for f in feds
+                json.loads(Path(report_path(StreamDriver(f.config).window_plan(start), inst)).read_text())
+                for f in (burst, alone)
             ]
             assert reports[0] == reports[1]
             assert reports[0]["read"] > 0
