@@ -79,6 +79,7 @@ def run_contributions(
     *,
     in_process: bool = False,
     accept_rejects: bool = False,
+    workers: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Seal the contributions of `institutions` (one Beam pipeline); returns each one's local run report (row
     counts; `missing` feed paths, `files` refused whole, a `warning`; `withheld`: why it sealed nothing).
@@ -87,6 +88,7 @@ def run_contributions(
     once per interval and kept by the institution (`sealed_envelope`), so no party ever sees two noisy versions
     of one contribution: an envelope deleted from the exchange is re-published as it was. One without any feed
     file for the interval seals nothing, nor does one above its max_reject_rate unless `accept_rejects`.
+    `workers`: in process, how many scan shards or seals run at a time (pipelines.local.contribute_locally).
     """
     exchange = plan.config.exchange_path
     pending = []
@@ -127,7 +129,7 @@ def run_contributions(
         if pending and in_process:
             from pipelines.local import contribute_locally
 
-            contribute_locally(plan, pending, accept_rejects=accept_rejects)
+            contribute_locally(plan, pending, accept_rejects=accept_rejects, workers=workers)
         elif pending:
             # One pipeline for all of them: only packed vectors (one per scan shard) cross between its stages.
             with beam_scratch(), beam.Pipeline(options=beam_options(beam_args)) as pipeline:

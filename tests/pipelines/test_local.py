@@ -173,3 +173,32 @@ def test_batch_runs_in_process_unless_beam_options_are_given(
     monkeypatch.setattr(beam.Pipeline, "run", lambda self, *a, **k: built.append(1) or run(self, *a, **k))
     assert run_batch(plan_release(fed.config, START, END), beam_args=beam_args).status == "released"
     assert (bool(local), bool(built)) == (in_process, not in_process)
+
+
+class _Slow(beam.DoFn):
+    """Sleeps less for later elements (so threads finish out of order) and tags odd ones; counts its setups."""
+
+    setups: list[int] = []
+
+    def setup(self):
+        self.setups.append(id(self))
+
+    def process(self, element):
+        import time
+
+        time.sleep(0.02 * (5 - element))
+        yield element * 10
+        if element % 2:
+            yield beam.pvalue.TaggedOutput("odd", element)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_steps_run_side_by_side_give_their_outputs_in_order(workers):
+    from pipelines.local import run_dofn, run_dofn_each
+
+    _Slow.setups = []
+    main, tagged = run_dofn_each(_Slow, [0, 1, 2, 3, 4], workers=workers)
+    assert (main, dict(tagged)) == (lambda m, t: (m, dict(t)))(*run_dofn(_Slow(), [0, 1, 2, 3, 4]))
+    assert main == [0, 10, 20, 30, 40] and tagged["odd"] == [1, 3]
+    # Side by side, each element has an instance of its own (a DoFn's state is not shared between threads).
+    assert len(set(_Slow.setups[:-1])) == (1 if workers == 1 else 5)
