@@ -15,7 +15,8 @@ Reported per noise level (over series): MAE against the truth relative to season
 series), coverage of the truth by the calibrated 80% and 95% intervals, coverage of the next release by the
 calibrated 95% release interval, and the median time of one fit + forecast. The row `chosen` is what `fusion
 forecast` does: per series, the first model (profile) unless another's MAE against the releases of the earlier
-origins is more than 10% lower (`[forecasting] selection_margin`).
+origins is more than 10% lower (`[forecasting] selection_margin`) and its squared errors are lower origin by origin
+(paired t at most -2, `selection_t`: forecasting.backtest.preferred).
 
 The row `oracle` bounds what a profile-and-anomaly model can reach: it is told the true profile (each window's
 mean, on the noise-free series, over the 29 days centred on it, so the future included) and forecasts the
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forecasting.backtest import backtest, calibrated, calibration_split, preferred
+from forecasting.backtest import backtest, calibrated, calibration_split, origin_errors, preferred
 from fusion.config.forecasting import ForecastingConfig, ModelName
 
 HISTORY = 672
@@ -42,6 +43,7 @@ STEP = 168
 LEVELS = (0.1, 0.3, 1.0)
 FIRST_ORIGIN = 24 * 45  # mid-February: leaves the year's end for later origins
 MARGIN = ForecastingConfig().selection_margin
+SELECTION_T = ForecastingConfig().selection_t
 #: The latest earlier origins an origin's intervals are calibrated on, as a forecast's are (`backtest_origins`).
 CALIBRATION_ORIGINS = ForecastingConfig().backtest_origins
 #: Days either side of a window that the oracle's true profile averages over.
@@ -106,12 +108,10 @@ def run_series(truth: np.ndarray, level: float, *, origins: int, seed: int, mode
     for model in models:
         out[str(model)]["mae_ratio"] = naive_errors[model] / naive_errors[ModelName.SEASONAL_NAIVE]
 
-    # What a forecast would use: the model with the lowest MAE against the releases on the earlier origins.
-    def early_mae(model: ModelName) -> float:
-        earlier, _ = calibration_split([f for f in forecasts if f.model is model])
-        return float(np.mean([np.abs(released[f.origin : f.origin + HORIZON] - f.prediction.mean) for f in earlier]))
-
-    chosen = preferred({m: early_mae(m) for m in models}, default=models[0], margin=MARGIN)
+    # What a forecast would use: the model `preferred` picks from the errors against the releases on the earlier
+    # origins (the first listed unless another is clearly and consistently better).
+    earlier = [f for m in models for f in calibration_split([f for f in forecasts if f.model is m])[0]]
+    chosen = preferred(origin_errors(earlier, released), default=models[0], margin=MARGIN, t_min=SELECTION_T)
     out["chosen"] = {**out[str(chosen)], "model": str(chosen)}
     return out
 

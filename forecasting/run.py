@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 
-from forecasting.backtest import ModelScore, backtest, calibrated, choose, rolling_origins, score
+from forecasting.backtest import ModelScore, backtest, calibrated, choose, origin_errors, rolling_origins, score
 from forecasting.intervals import intervals
 from forecasting.models import MODELS, SeriesTooShort, fit_forecast, seasonal_naive_scale
 from forecasting.rows import IssuedForecast, Purpose, forecast_rows, score_rows
@@ -154,7 +154,12 @@ def run_forecasts(
         keys = [s.key for s in found]
         pending = _pending(store, found)
         choices = recorded_choices(
-            store, keys, models=chosen.models, origins=chosen.backtest_origins, margin=chosen.selection_margin
+            store,
+            keys,
+            models=chosen.models,
+            origins=chosen.backtest_origins,
+            margin=chosen.selection_margin,
+            t_min=chosen.selection_t,
         )
     outcomes, tables, scores = [], [], []
     for series in found:
@@ -281,7 +286,13 @@ def run_backtests(
         scored += write_derived(config, "forecast_scores", pa.concat_tables(scores)) if scores else 0
         results = score(made, series.values, series.variances)
         try:
-            best = choose(results, default=chosen.models[0], margin=chosen.selection_margin)
+            best = choose(
+                results,
+                origin_errors(made, series.values),
+                default=chosen.models[0],
+                margin=chosen.selection_margin,
+                t_min=chosen.selection_t,
+            )
         except SeriesTooShort as exc:
             outcomes.append(SeriesOutcome(series.key, None, str(exc), tuple(results)))
             continue

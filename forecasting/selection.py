@@ -2,7 +2,8 @@
 
 `fusion backtest` writes each rolling origin's forecasts of every model, scored against the releases. A forecast
 reads them back (through the SQL surface): over the series' latest `backtest_origins` origins, the first of
-`[forecasting] models` is kept unless another's MAE is lower by more than `selection_margin`, and the chosen model's
+`[forecasting] models` is kept unless another's MAE is lower by more than `selection_margin` and its squared errors
+are lower origin by origin (a paired test, `selection_t`: forecasting.backtest.preferred), and the chosen model's
 calibration is learned on all of those origins' errors (forecasting.intervals). Without a
 backtest, the first of `[forecasting] models` forecasts, uncalibrated (factor 1).
 """
@@ -40,7 +41,13 @@ def default_choice(models: Sequence[ModelName]) -> Choice:
 
 
 def recorded_choices(
-    store: FusedStore, keys: Sequence[SeriesKey], *, models: Sequence[ModelName], origins: int, margin: float
+    store: FusedStore,
+    keys: Sequence[SeriesKey],
+    *,
+    models: Sequence[ModelName],
+    origins: int,
+    margin: float,
+    t_min: float = 2.0,
 ) -> dict[SeriesKey, Choice]:
     """The choice for each series with scored backtest forecasts of one of `models`."""
     if not keys or store.versions.get("forecast_scores") is None:
@@ -48,8 +55,8 @@ def recorded_choices(
     metrics = ", ".join(quoted(m) for m in sorted({k.metric for k in keys}))
     names = ", ".join(quoted(str(m)) for m in models)
     table = store.sql(
-        "SELECT f.metric, f.statistic, f.region, f.model, f.origin, f.sd, f.calibration_factor, s.error, "
-        "s.noise_sd FROM forecasts f JOIN forecast_scores s USING (forecast_id, window_start) "
+        "SELECT f.metric, f.statistic, f.region, f.model, f.origin, f.window_start, f.sd, f.calibration_factor, "
+        "s.error, s.noise_sd FROM forecasts f JOIN forecast_scores s USING (forecast_id, window_start) "
         f"WHERE f.purpose = 'backtest' AND f.metric IN ({metrics}) AND f.model IN ({names}) "
         # The latest backtest's forecast of each model, origin and window.
         "QUALIFY row_number() OVER (PARTITION BY f.metric, f.statistic, f.region, f.model, f.origin, f.window_start "
@@ -68,14 +75,17 @@ def recorded_choices(
         latest = np.sort(np.unique(columns["origin"][mine]))[-origins:]
         rows = mine & np.isin(columns["origin"], latest)
         error = columns["error"].astype(float)
-        mae = {}
+        ahead = (columns["window_start"][rows] - columns["origin"][rows]) // np.timedelta64(1, "s")
+        step = int(ahead[ahead > 0].min()) if (ahead > 0).any() else 1  # the series' window, in seconds
+        mae, errors = {}, {}
         for model in models:
             scored = rows & (columns["model"] == str(model)) & np.isfinite(error)
             if scored.any():
                 mae[str(model)] = float(np.abs(error[scored]).mean())
+                errors[model] = _by_origin(columns, scored, error, step)
         if not mae:
             continue
-        best = preferred({ModelName(m): v for m, v in mae.items()}, default=models[0], margin=margin)
+        best = preferred(errors, default=models[0], margin=margin, t_min=t_min)
         chosen = rows & (columns["model"] == str(best)) & np.isfinite(error)
         raw_sd = columns["sd"][chosen].astype(float) / columns["calibration_factor"][chosen].astype(float)
         calibration = Calibration.fit(error[chosen], raw_sd**2, columns["noise_sd"][chosen].astype(float) ** 2)
@@ -83,14 +93,27 @@ def recorded_choices(
             best,
             calibration,
             {
-                "selected_by": f"backtest: MAE against later releases ({models[0]} unless another's is over "
-                f"{margin:.0%} lower)",
+                "selected_by": f"backtest: errors against later releases ({models[0]} unless another's MAE is "
+                f"over {margin:.0%} lower and its squared errors lower origin by origin, paired t <= -{t_min:g})",
                 "backtest_origins": [str(o) for o in latest],
                 "backtest_mae": mae,
                 "calibrated": True,
                 "calibration": calibration.as_dict(),
             },
         )
+    return out
+
+
+def _by_origin(columns: dict[str, np.ndarray], rows: np.ndarray, error: np.ndarray, step: int) -> dict[Any, np.ndarray]:
+    """The errors of `rows` (one model's) by origin, each over the origin's windows in order, `step` seconds apart
+    (NaN where the model has none): so that two models' errors at an origin line up window by window."""
+    out = {}
+    for origin in np.unique(columns["origin"][rows]):
+        at = rows & (columns["origin"] == origin)
+        ahead = (columns["window_start"][at] - origin) // np.timedelta64(step, "s")
+        line = np.full(int(ahead.max()) + 1, np.nan)
+        line[ahead.astype(np.int64)] = error[at]
+        out[origin] = line
     return out
 
 

@@ -49,6 +49,10 @@ class ForecastingConfig(BaseModel):
     # Another model replaces the first of `models` only where its backtest MAE is lower by more than this share:
     # a backtest of a few origins is noisy, and on the benchmark a plain lowest-MAE choice did worse than none.
     selection_margin: float = Field(default=0.1, ge=0, lt=1)
+    # ... and where it is also better origin by origin: the mean of its paired differences in squared error against
+    # the releases is below zero by at least this many standard errors (a Diebold-Mariano test; the releases' noise
+    # cancels out of a paired difference). On the benchmark, MAE alone chose models that did worse later.
+    selection_t: float = Field(default=2.0, ge=0)
     refresh: bool = True  # `fusion schedule` and `fusion stream` forecast a series again after each release of it
 
     @field_validator("horizon", "history", "min_history", "backtest_step")

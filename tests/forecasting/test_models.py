@@ -158,3 +158,36 @@ def test_a_mixture_calibrates_heavy_tailed_errors_at_80_and_95_percent() -> None
 def test_doctests(module: object) -> None:
     failures, _ = doctest.testmod(module)  # type: ignore[arg-type]
     assert failures == 0
+
+
+def test_another_model_replaces_the_first_only_where_it_is_better_origin_by_origin() -> None:
+    from forecasting.backtest import paired_t, preferred
+
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0.0, 0.3, (8, 48))  # each origin's releases carry the same noise for every model
+    truth_error = {m: rng.normal(0.0, 1.0, (8, 48)) for m in (ModelName.PROFILE, ModelName.ETS)}
+
+    def errors(scale: np.ndarray) -> dict[ModelName, dict[int, np.ndarray]]:
+        return {
+            ModelName.PROFILE: {o: noise[o] + truth_error[ModelName.PROFILE][o] for o in range(8)},
+            ModelName.ETS: {o: noise[o] + scale[o] * truth_error[ModelName.ETS][o] for o in range(8)},
+        }
+
+    # Better at every origin: chosen, whatever the releases' noise adds to both.
+    steady = errors(np.full(8, 0.2))
+    assert paired_t(steady[ModelName.ETS], steady[ModelName.PROFILE]) < -2
+    assert preferred(steady, default=ModelName.PROFILE, margin=0.1) is ModelName.ETS
+    # Far better at five origins, worse at the other three: a lower MAE over all of them (the rule before), but not
+    # consistently better, so the first model is kept.
+    patchy = errors(np.array([0.0, 0.0, 0.0, 0.0, 0.0, 1.5, 1.5, 1.5]))
+    mae = {m: np.mean(np.abs(np.concatenate(list(e.values())))) for m, e in patchy.items()}
+    assert mae[ModelName.ETS] < 0.9 * mae[ModelName.PROFILE]
+    assert preferred(patchy, default=ModelName.PROFILE, margin=0.1) is ModelName.PROFILE
+    # Two origins are too few to tell.
+    two = {m: {o: e[o] for o in (0, 1)} for m, e in steady.items()}
+    assert np.isnan(paired_t(two[ModelName.ETS], two[ModelName.PROFILE]))
+    assert preferred(two, default=ModelName.PROFILE, margin=0.1) is ModelName.PROFILE
+    # Windows line up by position: a window one model lacks (NaN) leaves the pair out at that origin only.
+    gappy = {m: {o: e[o].copy() for o in e} for m, e in steady.items()}
+    gappy[ModelName.ETS][0][:10] = np.nan
+    assert paired_t(gappy[ModelName.ETS], gappy[ModelName.PROFILE]) < -2
