@@ -194,7 +194,7 @@ def fusion_batch(
     from fusion.keys.registry import create_aggregator_key, create_institution_keys
     from fusion.release.plan import plan_release
     from fusion.store.delta import Store
-    from pipelines.batch import LOCAL_WORKERS, run_batch
+    from pipelines.batch import run_batch
 
     gc.freeze()  # as `fusion batch` does once its imports are in (fusion/cli/release.py)
 
@@ -225,8 +225,8 @@ def fusion_batch(
     began = time.perf_counter()
     cpu_began = time.process_time()
     # Profiled, the steps run one at a time: cProfile sees this thread only, and would file the work of the
-    # contribution threads (pipelines.batch.LOCAL_WORKERS) under "other".
-    workers = 1 if profile else LOCAL_WORKERS
+    # contribution threads (`[pipeline] workers`) under "other".
+    workers = 1 if profile else None
     summary = run_batch(plan, beam_args=beam_args or [], on_stage=on_stage, in_process=in_process, workers=workers)
     seconds = time.perf_counter() - began
     cpu_seconds = time.process_time() - cpu_began

@@ -35,6 +35,9 @@ class PipelineConfig(Frozen):
     # each scanned, de-duplicated, bounded and packed by one worker (peak memory: up to about 250 bytes a reading).
     shard_rows: int = Field(default=4_000_000, ge=1024, le=500_000_000)
     batch_rows: int = Field(default=262_144, ge=1024)  # rows per Arrow batch read from a CSV or JSON lines file
+    # Steps run at a time when `fusion batch` runs the contributions in process (no Beam options): files to stage,
+    # scan shards, institutions' seals. Each running shard holds its rows (see shard_rows): memory grows with it.
+    workers: int = Field(default=2, ge=1, le=64)
 
 
 class FederationConfig(Frozen):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -178,7 +179,7 @@ def test_batch_runs_in_process_unless_beam_options_are_given(
 class _Slow(beam.DoFn):
     """Sleeps less for later elements (so threads finish out of order) and tags odd ones; counts its setups."""
 
-    setups: list[int] = []
+    setups: ClassVar[list[int]] = []
 
     def setup(self):
         self.setups.append(id(self))
@@ -202,3 +203,30 @@ def test_steps_run_side_by_side_give_their_outputs_in_order(workers):
     assert main == [0, 10, 20, 30, 40] and tagged["odd"] == [1, 3]
     # Side by side, each element has an instance of its own (a DoFn's state is not shared between threads).
     assert len(set(_Slow.setups[:-1])) == (1 if workers == 1 else 5)
+
+
+def test_one_worker_and_several_release_the_same(make_federation):
+    # Many scan shards (staged text files, edge readings, rejects, duplicates, malformed lines): `[pipeline] workers`
+    # only says how many steps run at a time; the cells, the rejects and every institution's report are the same.
+    from tests.fusion.feeds.test_scan import STATISTICS, append_malformed, write_edge_feeds
+
+    def federation(subdir: str, workers: int):
+        made = make_federation(noise=True, seed=11, subdir=subdir, statistics=STATISTICS,
+                               extra=f"[pipeline]\nshard_rows = 1024\nworkers = {workers}\n")
+        write_edge_feeds(made)
+        append_malformed(made, "beta", "csv")
+        append_malformed(made, "gamma", "jsonl")
+        return made
+
+    feds = [federation(f"w{w}", w) for w in (1, 3)]
+    for fed in feds:
+        assert run_batch(plan_release(fed.config, START, END)).status == "released"
+    assert released(feds[0].config.store_path) == released(feds[1].config.store_path)
+    rejects = [Store(f.config.store_path).read("rejects").drop_columns(["recorded_at"]).to_pylist() for f in feds]
+    assert sorted(map(str, rejects[0])) == sorted(map(str, rejects[1]))
+    for name in ("alpha", "beta", "gamma"):
+        reports = [json.loads(next((f.directory / "deadletter" / name).rglob("report.json")).read_text()) for f in feds]
+        assert reports[0] == reports[1] and reports[0]["rejected"]
+        letters = [sorted(str(r).replace(str(f.directory), "") for p in (f.directory / "deadletter" / name).rglob(
+            "*.parquet") for r in pq.read_table(p).to_pylist()) for f in feds]
+        assert letters[0] == letters[1]
