@@ -68,8 +68,13 @@ def run_dofn_each(
     time in threads; the outputs in the elements' order, as one instance over them in order would give them."""
     if workers <= 1 or len(elements) <= 1:
         return run_dofn(make(), elements, *side)
-    with ThreadPoolExecutor(min(workers, len(elements)), thread_name_prefix="fusion-contribute") as pool:
+    pool = ThreadPoolExecutor(min(workers, len(elements)), thread_name_prefix="fusion-contribute")
+    try:
         results = list(pool.map(lambda element: run_dofn(make(), [element], *side), elements))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # on the first failure, what has not started does not start
+        raise
+    pool.shutdown(wait=True)
     main: list[Any] = []
     tagged: dict[str, list[Any]] = defaultdict(list)
     for outputs, tags in results:

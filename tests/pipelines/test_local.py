@@ -179,10 +179,10 @@ def test_batch_runs_in_process_unless_beam_options_are_given(
 class _Slow(beam.DoFn):
     """Sleeps less for later elements (so threads finish out of order) and tags odd ones; counts its setups."""
 
-    setups: ClassVar[list[int]] = []
+    setups: ClassVar[list[beam.DoFn]] = []  # the instances themselves: kept alive, their ids stay distinct
 
     def setup(self):
-        self.setups.append(id(self))
+        self.setups.append(self)
 
     def process(self, element):
         import time
@@ -202,7 +202,7 @@ def test_steps_run_side_by_side_give_their_outputs_in_order(workers):
     assert (main, dict(tagged)) == (lambda m, t: (m, dict(t)))(*run_dofn(_Slow(), [0, 1, 2, 3, 4]))
     assert main == [0, 10, 20, 30, 40] and tagged["odd"] == [1, 3]
     # Side by side, each element has an instance of its own (a DoFn's state is not shared between threads).
-    assert len(set(_Slow.setups[:-1])) == (1 if workers == 1 else 5)
+    assert len({id(d) for d in _Slow.setups[:-1]}) == (1 if workers == 1 else 5)
 
 
 def test_one_worker_and_several_release_the_same(make_federation):
@@ -230,3 +230,25 @@ def test_one_worker_and_several_release_the_same(make_federation):
         letters = [sorted(str(r).replace(str(f.directory), "") for p in (f.directory / "deadletter" / name).rglob(
             "*.parquet") for r in pq.read_table(p).to_pylist()) for f in feds]
         assert letters[0] == letters[1]
+
+
+class _Fails(beam.DoFn):
+    started: ClassVar[list[int]] = []
+
+    def process(self, element):
+        import time
+
+        self.started.append(element)
+        if element == 0:
+            raise ValueError("element 0 is bad")
+        time.sleep(0.05)
+        yield element
+
+
+def test_a_failing_step_stops_the_steps_not_yet_started():
+    from pipelines.local import run_dofn_each
+
+    _Fails.started = []
+    with pytest.raises(ValueError, match="element 0 is bad"):
+        run_dofn_each(_Fails, list(range(20)), workers=2)
+    assert 0 in _Fails.started and len(_Fails.started) < 20
