@@ -86,7 +86,8 @@ def test_fusion_serve_serves_the_store_until_interrupted(federation: Path) -> No
         with urllib.request.urlopen(url + "/health", timeout=30) as answer:
             assert answer.status == 200
         process.send_signal(signal.SIGINT)  # Ctrl-C: in-flight requests finish, then exit 130 like any command
-        assert process.wait(timeout=30) == 130
+        code = process.wait(timeout=30)
+        assert code == 130, (code, process.stderr.read() if process.stderr else "")
     finally:
         process.kill()
 
