@@ -51,7 +51,10 @@ class HeldStores:
         with self._lock:
             stores, self._stores = list(self._stores.values()), {}
         for _, store in stores:
-            store.close()
+            try:
+                store.close()  # a query still running in a background thread is interrupted first
+            except Exception as exc:  # the server is stopping: one store that will not close must not stop the rest
+                log.warning("a store could not be closed as the server stopped: %s", exc)
 
 
 

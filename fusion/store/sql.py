@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,10 @@ _CATALOG = re.compile(r"(?i)\b(?:show|information_schema|duckdb_\w+|pragma_\w+|s
 #: Query nodes (in DuckDB's JSON form of a parsed SELECT) of a statement that writes, in a WITH clause.
 _WRITING_NODES = {"INSERT_QUERY_NODE": "INSERT", "UPDATE_QUERY_NODE": "UPDATE", "DELETE_QUERY_NODE": "DELETE",
                   "MERGE_INTO_QUERY_NODE": "MERGE INTO"}
+
+
+#: How long `SqlSandbox.close` waits for a query running in another thread to stop once interrupted.
+CLOSE_WAIT_S = 5.0
 
 
 class SqlSandbox:
@@ -228,7 +233,19 @@ class SqlSandbox:
         return found[0] if found else None
 
     def close(self) -> None:
-        self._con.close()
+        """Close the connection. DuckDB refuses to close one busy with a query in another thread (a dashboard's
+        background work when its server stops): that query is interrupted (it fails in its own thread, as one past
+        its time limit does), and the close retried for up to CLOSE_WAIT_S."""
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while True:
+            try:
+                self._con.close()
+                return
+            except duckdb.Error:
+                if time.monotonic() > deadline:
+                    raise
+                self._con.interrupt()
+                time.sleep(0.01)
 
 
 def _tables_named(sql: str, tables: dict[str, int | None]) -> list[str]:

@@ -325,3 +325,27 @@ def test_limits_are_frozen_and_validated() -> None:
         limits.max_rows = 3  # type: ignore[misc]
     assert isinstance(SqlError("x"), ValueError) and issubclass(SqlLimitExceeded, SqlError)
     assert pa.types.is_int64(pa.scalar(limits.max_bytes).type)
+
+
+def test_closing_a_sandbox_busy_in_another_thread_interrupts_its_query(store: Store) -> None:
+    # A dashboard stopping while its background thread still queries (DuckDB refuses to close a busy connection:
+    # `fusion serve` ended with status 1 instead of 130 on Ctrl-C when that happened).
+    import threading
+
+    sandbox = SqlSandbox(store, limits=SqlLimits(timeout="60s", max_rows=1000, max_size="1MB"))
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sandbox.query(CROSS_JOIN)
+        except BaseException as exc:  # whatever the interrupted query raises, it is recorded
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # the query is running
+    started = time.monotonic()
+    sandbox.close()
+    thread.join(10)
+    assert time.monotonic() - started < 5 and not thread.is_alive()
+    assert len(failures) == 1  # the query stopped, with an error in its own thread
