@@ -58,6 +58,8 @@ docs: setup
 # SCALING: the sizes of the scaling table (1 and 2 workers each; SCALING= skips it).
 N ?= 10000000
 SCALING ?= 1000000,10000000,30000000
+# MASKING: the federation sizes of the many-institutions benchmark (bench/scale.py; MASKING= skips it).
+MASKING ?= 5,20,100,500
 BENCH_DEPS := bench/.deps/.installed
 
 $(BENCH_DEPS): bench/requirements.lock $(STAMP)
@@ -65,7 +67,7 @@ $(BENCH_DEPS): bench/requirements.lock $(STAMP)
 	@touch $(BENCH_DEPS)
 
 bench: setup $(BENCH_DEPS)
-	$(BIN)/python -m bench.run --rows $(N) --scaling=$(SCALING) $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --rows $(N) --scaling=$(SCALING) --masking-scale=$(MASKING) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo site bench/.deps bench/out .pytest_cache .mypy_cache .ruff_cache

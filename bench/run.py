@@ -328,6 +328,13 @@ def summarise(data: BenchData, raw: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def masking_summary(scale: dict[str, Any]) -> dict[str, Any]:
+    """What the table shows of bench/scale.py's results: each federation size's figures, and the targets."""
+    keys = ("institutions", "neighbours", "threshold", "absent", "envelope_overhead_bytes_max",
+            "unmask_answer_bytes_max", "aggregator_s", "aggregator_s_per_institution", "key_holder_s")
+    return {"runs": [{k: run[k] for k in keys} for run in scale["runs"]], "targets": scale["targets"]}
+
+
 def table(summary: dict[str, Any]) -> Table:
     out = Table(title=f"Fusion bench: {summary['rows']:,} readings, {summary['institutions']} institutions")
     for column in ("measure", "value", "target", "met"):
@@ -437,6 +444,22 @@ def table(summary: dict[str, Any]) -> Table:
         row(label, f"{latency:.2f} s", f"<= {most:g} s", latency <= most)
     for name, error in streaming.get("errors", {}).items():
         row(f"Stream run '{name}' failed", " ".join(error))
+    masking = summary.get("masking_scale", {})
+    for run in masking.get("runs", []):
+        row(
+            f"Many institutions: n = {run['institutions']} (masks with {run['neighbours']} neighbours, "
+            f"{run['absent']} absent)",
+            f"{run['envelope_overhead_bytes_max'] / 1024:.1f} KB beyond the ciphertexts; answer "
+            f"{run['unmask_answer_bytes_max'] / 1024:.1f} KB; aggregator {run['aggregator_s']:.2f} s "
+            f"({1000 * run['aggregator_s_per_institution']:.1f} ms an institution); key holder "
+            f"{1000 * run['key_holder_s']:.1f} ms",
+        )
+    labels = {
+        "overhead_bytes_at_500": "  per-party bytes beyond the ciphertexts, n = 500",
+        "aggregator_per_institution_500_over_100": "  aggregator time per institution, n = 500 over n = 100 (linear)",
+    }
+    for name, result in masking.get("targets", {}).items():
+        row(labels.get(name, f"  {name}"), f"{result['value']:,}", result["target"], result["met"])
     return out
 
 
@@ -517,8 +540,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         measured["summary"]["streaming"] = measure_streaming(args.results, console.print)
     if args.masking_scale:
         console.print(f"masking at scale: {args.masking_scale} institutions ...")
-        subprocess.run([sys.executable, "-m", "bench.scale", "--sizes", args.masking_scale], cwd=ROOT, check=True)
-        measured["summary"]["masking_scale"] = json.loads((ROOT / "bench/results/scale.json").read_text())["targets"]
+        args.results.mkdir(parents=True, exist_ok=True)
+        out = args.results / "scale.json"
+        command = [sys.executable, "-m", "bench.scale", "--sizes", args.masking_scale, "--out", str(out)]
+        subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+        measured["summary"]["masking_scale"] = masking_summary(json.loads(out.read_text()))
     report = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
