@@ -30,8 +30,7 @@ import pyarrow.parquet as pq
 from bench.stream import START, config_text, hour_of_readings
 from fusion.config.federation import load_config
 from fusion.feeds.stream_state import WindowStatus
-from fusion.keys.holder import create_keys
-from fusion.keys.registry import create_aggregator_key, create_institution_keys
+from fusion.keys.holder import create_federation_keys
 from pipelines.stream_driver import StreamDriver
 
 #: Readings per second the stream should sustain from each source (2 cores, the broker on the same machine).
@@ -108,10 +107,7 @@ def run(
         text = head + marker + source_block(kind, institution, tag) + tail
     (directory / "federation.toml").write_text(text)
     config = load_config(directory / "federation.toml")
-    create_keys(config)
-    create_aggregator_key(config)
-    for institution in ids:
-        create_institution_keys(config, institution)
+    create_federation_keys(config, ids)
     rng = np.random.default_rng(2026)
     per_file = readings // (institutions * hours)
     tables = {i: pa.concat_tables([hour_of_readings(i, h, per_file, rng) for h in range(hours)]) for i in ids}

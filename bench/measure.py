@@ -190,8 +190,7 @@ def fusion_batch(
     `profile`: run under cProfile and report its self time by COST_ITEMS, on a CPU-time clock (cProfile slows
     Python code more than native code: shares, not seconds)."""
     from fusion.config.federation import load_config
-    from fusion.keys.holder import create_keys
-    from fusion.keys.registry import create_aggregator_key, create_institution_keys
+    from fusion.keys.holder import create_federation_keys
     from fusion.release.plan import plan_release
     from fusion.store.delta import Store
     from pipelines.batch import run_batch
@@ -204,10 +203,7 @@ def fusion_batch(
     config_path = workdir / "federation.toml"
     config_path.write_text(config_text(data, entity_level=entity_level, noise=noise))
     config = load_config(config_path)
-    create_keys(config)
-    create_aggregator_key(config)
-    for institution in config.institutions:
-        create_institution_keys(config, institution.id)
+    create_federation_keys(config)
     Store(config.store_path).ensure_tables()  # once per federation, as the keys are: not a release's cost
     plan = plan_release(config, START, END)
     stages: dict[str, float] = {}

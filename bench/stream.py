@@ -32,8 +32,7 @@ import pyarrow.parquet as pq
 
 from fusion.config.federation import load_config
 from fusion.feeds.stream_state import WindowStatus
-from fusion.keys.holder import create_keys
-from fusion.keys.registry import create_aggregator_key, create_institution_keys
+from fusion.keys.holder import create_federation_keys
 from fusion.store.delta import Store
 from pipelines.stream_driver import StreamDriver
 from pipelines.stream_release import WINDOW_WORKERS
@@ -102,10 +101,7 @@ def run(readings: int, institutions: int, hours: int, directory: Path) -> dict[s
     ids = [f"inst{i}" for i in range(institutions)]
     (directory / "federation.toml").write_text(config_text(ids))
     config = load_config(directory / "federation.toml")
-    create_keys(config)
-    create_aggregator_key(config)
-    for institution in ids:
-        create_institution_keys(config, institution)
+    create_federation_keys(config, ids)
     rng = np.random.default_rng(2026)
     per_file = readings // (institutions * hours)
     staged = directory / "staged"

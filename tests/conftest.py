@@ -115,8 +115,7 @@ def build_federation(root: Path, *, institutions: list[tuple[str, str]] | None =
                      epsilon: float = 1.0, statistics: str = "", extra_privacy: str = "",
                      extra: str = "") -> Federation:
     """`make_federation` in the directory `root` (for fixtures wider than one test)."""
-    from fusion.keys.holder import create_keys
-    from fusion.keys.registry import create_aggregator_key, create_institution_keys
+    from fusion.keys.holder import create_federation_keys
 
     institutions = institutions or [("alpha", "parquet"), ("beta", "csv"), ("gamma", "jsonl")]
     rng = np.random.default_rng(2026)
@@ -133,8 +132,5 @@ def build_federation(root: Path, *, institutions: list[tuple[str, str]] | None =
                                        seed=seed if mode == "test" else None, mode=mode, epsilon=epsilon,
                                        statistics=statistics, extra_privacy=extra_privacy) + extra)
     config = load_config(config_path)
-    create_keys(config)
-    create_aggregator_key(config)
-    for inst, _ in institutions:
-        create_institution_keys(config, inst)
+    create_federation_keys(config, [inst for inst, _ in institutions])
     return Federation(directory=root, config_path=config_path, raw=raw)

@@ -22,8 +22,7 @@ from fusion.demo.data import (
     load_station,
 )
 from fusion.errors import FusionError
-from fusion.keys.holder import create_keys
-from fusion.keys.registry import create_aggregator_key, create_institution_keys
+from fusion.keys.holder import create_federation_keys
 
 DEMO_START = datetime(2026, 1, 1, tzinfo=UTC)
 UNITS = {"ghi": "W/m2", "air_temp": "degC", "humidity": "percent", "wind_speed": "m/s", "electric_load": "MW"}
@@ -231,10 +230,7 @@ def build_demo(directory: Path, *, days: int = 2) -> Path:
         "nc-triad-east (48 x its mean feeder MW), C by nc-triad-west (48 x) and D by ak-sandpoint-harbor (110 x).\n"
     )
     config = load_config(config_path)
-    create_keys(config)
-    create_aggregator_key(config)
-    for spec in INSTITUTIONS:
-        create_institution_keys(config, spec.id)
+    create_federation_keys(config, [spec.id for spec in INSTITUTIONS])
     _mechanisms(config, directory)
     return config_path
 

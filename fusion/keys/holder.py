@@ -4,11 +4,19 @@ published) and its release-signing key (registered)."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 from fusion.config.federation import Config
 from fusion.errors import FusionError
-from fusion.keys.registry import create_key_holder_key, key_holder_signing_key_file, read_private, write_private
+from fusion.keys.registry import (
+    create_aggregator_key,
+    create_institution_keys,
+    create_key_holder_key,
+    key_holder_signing_key_file,
+    read_private,
+    write_private,
+)
 from fusion.release.exchange import SECRET_CONTEXT, public_context_path, read_bytes, write_bytes
 from fusion.store.delta import Store
 from privacy import he
@@ -18,6 +26,15 @@ PUBLIC_DIGEST = "he_public.sha256"
 
 def secret_key_file(config: Config) -> Path:
     return Path(config.keys_path) / SECRET_CONTEXT
+
+
+def create_federation_keys(config: Config, institutions: Iterable[str] | None = None) -> None:
+    """Every role's keys of a federation whose parties all run on this machine (the demo, benchmarks, tests): the
+    key holder's (`create_keys`), the aggregator's, and each institution's (the config's, unless named)."""
+    create_keys(config)
+    create_aggregator_key(config)
+    for institution in [i.id for i in config.institutions] if institutions is None else institutions:
+        create_institution_keys(config, institution)
 
 
 def create_keys(config: Config, *, overwrite: bool = False) -> tuple[Path, str]:

@@ -56,8 +56,7 @@ class Federation:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     """Five institutions with keys, small feeds and noise off (so the released counts are exact)."""
-    from fusion.keys.holder import create_keys
-    from fusion.keys.registry import create_aggregator_key, create_institution_keys
+    from fusion.keys.holder import create_federation_keys
 
     root = tmp_path_factory.mktemp("identity")
     rng = np.random.default_rng(18)
@@ -70,10 +69,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     text = config_text(institutions=[(i, "parquet") for i in INSTITUTIONS], quorum=2, noise=False)
     config_path.write_text(text.replace('window = "1h"', 'window = "1h"\ndeadline = "3650d"'))  # waits, unless --now
     config = load_config(config_path)
-    create_keys(config)
-    create_aggregator_key(config)
-    for inst in INSTITUTIONS:
-        create_institution_keys(config, inst)
+    create_federation_keys(config, INSTITUTIONS)
     yield Federation(config_path, rows)
 
 

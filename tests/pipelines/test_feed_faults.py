@@ -48,8 +48,7 @@ def build_federation(
 ) -> Federation:
     """A federation like conftest's `make_federation`, in `root` (so a module-scoped fixture can build it): noise
     off, test mode. `dated`: each feed is `feeds/<id>/{date}/*.<ext>`, one folder of readings per day."""
-    from fusion.keys.holder import create_keys
-    from fusion.keys.registry import create_aggregator_key, create_institution_keys
+    from fusion.keys.holder import create_federation_keys
 
     rng = np.random.default_rng(18)
     raw = {}
@@ -70,10 +69,7 @@ def build_federation(
     config_path = root / "federation.toml"
     config_path.write_text(text)
     config = load_config(config_path)
-    create_keys(config)
-    create_aggregator_key(config)
-    for inst, _ in institutions:
-        create_institution_keys(config, inst)
+    create_federation_keys(config, [inst for inst, _ in institutions])
     return Federation(directory=root, config_path=config_path, raw=raw)
 
 
