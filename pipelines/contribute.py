@@ -164,6 +164,14 @@ class _ScanningDoFn(beam.DoFn):
             _scan_connections.give_back(self._connection)
             self._connection = None
 
+    def interrupt(self) -> None:
+        """Stop the query this step is running, from another thread (its scan then fails with DuckDB's
+        InterruptException): a run that fails, or is interrupted, while other steps scan does not wait for their
+        scans to end. Harmless on an idle connection (the next query runs as usual)."""
+        connection = getattr(self, "_connection", None)
+        if connection is not None:
+            connection.interrupt()
+
     def _connect(self) -> duckdb.DuckDBPyConnection:
         if self._connection is None:
             self._connection = _scan_connections.take(self._plan)

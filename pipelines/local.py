@@ -68,11 +68,18 @@ def run_dofn_each(
     time in threads; the outputs in the elements' order, as one instance over them in order would give them."""
     if workers <= 1 or len(elements) <= 1:
         return run_dofn(make(), elements, *side)
+    made: list[beam.DoFn] = []
+
+    def one(element: Any) -> tuple[list[Any], dict[str, list[Any]]]:
+        dofn = make()
+        made.append(dofn)
+        return run_dofn(dofn, [element], *side)
+
     pool = ThreadPoolExecutor(min(workers, len(elements)), thread_name_prefix="fusion-contribute")
     try:
-        results = list(pool.map(lambda element: run_dofn(make(), [element], *side), elements))
+        results = list(pool.map(one, elements))
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # on the first failure, what has not started does not start
+        _stop(pool, made)
         raise
     pool.shutdown(wait=True)
     main: list[Any] = []
@@ -137,19 +144,31 @@ def contribute_locally(
             sealed(institution_id, results)()
         return
     pool = ThreadPoolExecutor(workers, thread_name_prefix="fusion-contribute")
+    scanners: dict[tuple[str, int, int], ContributeShard] = {}
     try:
-        scans = {
-            element: pool.submit(run_dofn, ContributeShard(plan, work.sources, made), [element], side)
+        scanners = {
+            element: ContributeShard(plan, work.sources, made)
             for element in sorted(work.shards, key=lambda e: (order.index(e[0]), e[1]))
         }
+        scans = {element: pool.submit(run_dofn, dofn, [element], side) for element, dofn in scanners.items()}
         seals = [
             pool.submit(sealed(i, [scans[element].result() for element in shards_of[i]])) for i in order
         ]
         for future in seals:
             future.result()
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # what has not started does not start
+        _stop(pool, list(scanners.values()))
         raise
+    pool.shutdown(wait=True)
+
+
+def _stop(pool: ThreadPoolExecutor, steps: Sequence[beam.DoFn]) -> None:
+    """After a failure (or Ctrl-C) in one step: the steps not yet started do not start, the scans running are
+    interrupted (DuckDB's interrupt), and the pool's threads are waited for."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for step in steps:
+        if hasattr(step, "interrupt"):
+            step.interrupt()
     pool.shutdown(wait=True)
 
 

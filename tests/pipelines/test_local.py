@@ -252,3 +252,36 @@ def test_a_failing_step_stops_the_steps_not_yet_started():
     with pytest.raises(ValueError, match="element 0 is bad"):
         run_dofn_each(_Fails, list(range(20)), workers=2)
     assert 0 in _Fails.started and len(_Fails.started) < 20
+
+
+class _LongScan(beam.DoFn):
+    """Element 1 'scans' for 20 s unless interrupted; element 0 fails at once."""
+
+    def setup(self):
+        import threading
+
+        self.stop = threading.Event()
+
+    def interrupt(self):
+        self.stop.set()
+
+    def process(self, element):
+        if element == 0:
+            import time
+
+            time.sleep(0.2)  # element 1 is running by now
+            raise ValueError("element 0 is bad")
+        if self.stop.wait(20):
+            raise RuntimeError("interrupted")
+        yield element
+
+
+def test_a_failing_step_interrupts_the_scans_running_beside_it():
+    import time
+
+    from pipelines.local import run_dofn_each
+
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="element 0 is bad"):
+        run_dofn_each(_LongScan, [0, 1], workers=2)
+    assert time.monotonic() - started < 5  # not the 20 s the other scan would have taken
