@@ -143,13 +143,9 @@ def contribute_locally(
             results = [run_dofn(ContributeShard(plan, work.sources, made), shards_of[institution_id], side)]
             sealed(institution_id, results)()
         return
+    scanners = {element: ContributeShard(plan, work.sources, made) for i in order for element in shards_of[i]}
     pool = ThreadPoolExecutor(workers, thread_name_prefix="fusion-contribute")
-    scanners: dict[tuple[str, int, int], ContributeShard] = {}
     try:
-        scanners = {
-            element: ContributeShard(plan, work.sources, made)
-            for element in sorted(work.shards, key=lambda e: (order.index(e[0]), e[1]))
-        }
         scans = {element: pool.submit(run_dofn, dofn, [element], side) for element, dofn in scanners.items()}
         seals = [
             pool.submit(sealed(i, [scans[element].result() for element in shards_of[i]])) for i in order
