@@ -13,7 +13,16 @@ from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 
-from forecasting.backtest import ModelScore, backtest, calibrated, choose, origin_errors, rolling_origins, score
+from forecasting.backtest import (
+    ModelScore,
+    backtest,
+    calibrated,
+    choose,
+    origin_errors,
+    origin_overlap,
+    rolling_origins,
+    score,
+)
 from forecasting.intervals import intervals
 from forecasting.models import MODELS, SeriesTooShort, fit_forecast, seasonal_naive_scale
 from forecasting.rows import IssuedForecast, Purpose, forecast_rows, score_rows
@@ -292,6 +301,7 @@ def run_backtests(
                 default=chosen.models[0],
                 margin=chosen.selection_margin,
                 t_min=chosen.selection_t,
+                overlap=origin_overlap(steps, step),
             )
         except SeriesTooShort as exc:
             outcomes.append(SeriesOutcome(series.key, None, str(exc), tuple(results)))

@@ -3,9 +3,9 @@
 `fusion backtest` writes each rolling origin's forecasts of every model, scored against the releases. A forecast
 reads them back (through the SQL surface): over the series' latest `backtest_origins` origins, the first of
 `[forecasting] models` is kept unless another's MAE is lower by more than `selection_margin` and its squared errors
-are lower origin by origin (a paired test, `selection_t`: forecasting.backtest.preferred), and the chosen model's
-calibration is learned on all of those origins' errors (forecasting.intervals). Without a
-backtest, the first of `[forecasting] models` forecasts, uncalibrated (factor 1).
+are lower origin by origin (a paired test, `selection_t`, allowing for origins whose windows overlap:
+forecasting.backtest.preferred), and the chosen model's calibration is learned on all of those origins' errors
+(forecasting.intervals). Without a backtest, the first of `[forecasting] models` forecasts, uncalibrated (factor 1).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from forecasting.backtest import preferred
+from forecasting.backtest import origin_overlap, preferred
 from forecasting.intervals import Calibration
 from forecasting.series import SeriesKey, quoted
 from fusion.config.forecasting import ModelName, Statistic
@@ -85,7 +85,11 @@ def recorded_choices(
                 errors[model] = _by_origin(columns, scored, error, step)
         if not mae:
             continue
-        best = preferred(errors, default=models[0], margin=margin, t_min=t_min)
+        # Backtest origins closer than a forecast's reach score some of the same windows (`paired_t`'s overlap).
+        spacing = int(np.diff(latest).min() // np.timedelta64(step, "s")) if latest.size > 1 else 1
+        reach = max((e.size for by_origin in errors.values() for e in by_origin.values()), default=1)
+        overlap = origin_overlap(reach, spacing)
+        best = preferred(errors, default=models[0], margin=margin, t_min=t_min, overlap=overlap)
         chosen = rows & (columns["model"] == str(best)) & np.isfinite(error)
         raw_sd = columns["sd"][chosen].astype(float) / columns["calibration_factor"][chosen].astype(float)
         calibration = Calibration.fit(error[chosen], raw_sd**2, columns["noise_sd"][chosen].astype(float) ** 2)

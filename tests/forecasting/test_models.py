@@ -160,6 +160,29 @@ def test_doctests(module: object) -> None:
     assert failures == 0
 
 
+def test_the_paired_test_allows_for_origins_whose_windows_overlap() -> None:
+    """Origins a day apart, 48 windows ahead: neighbours score the same day, so their differences are correlated
+    and a plain paired t finds a difference between equally good models too often (about 11% of backtests at -2,
+    against about 4% where origins share no window). With the overlap allowed for (Diebold-Mariano variance, Harvey,
+    Leybourne and Newbold's factor) it is rarer; with an overlap of 1 it is the plain paired t."""
+    from forecasting.backtest import origin_overlap, paired_t
+
+    assert origin_overlap(48, 24) == 2 and origin_overlap(48, 168) == 1
+    rng = np.random.default_rng(5)
+    plain = allowed = 0
+    draws = 1500
+    for _ in range(draws):
+        days = [rng.normal(0.0, 1.0, (9, 24)) + rng.normal(0.0, 1.0, (9, 1)) for _ in range(2)]
+        first, second = ({o: d[o : o + 2].ravel() for o in range(8)} for d in days)
+        plain += paired_t(first, second) <= -2
+        allowed += paired_t(first, second, overlap=2) <= -2
+    assert plain / draws > 0.08
+    assert allowed / draws < 0.075
+    # An overlap of 1: the plain paired t of the per-origin differences.
+    d = np.array([np.mean(first[o] ** 2) - np.mean(second[o] ** 2) for o in range(8)])
+    assert paired_t(first, second, overlap=1) == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(8)))
+
+
 def test_another_model_replaces_the_first_only_where_it_is_better_origin_by_origin() -> None:
     from forecasting.backtest import paired_t, preferred
 
