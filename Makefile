@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SHELL  := /bin/bash
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint unit bench clean docs browser
+.PHONY: setup demo test lint unit bench bench-forecast clean docs browser
 
 setup: $(STAMP)
 
@@ -68,6 +68,10 @@ $(BENCH_DEPS): bench/requirements.lock $(STAMP)
 
 bench: setup $(BENCH_DEPS)
 	$(BIN)/python -m bench.run --rows $(N) --scaling=$(SCALING) --masking-scale=$(MASKING) $(BENCH_ARGS)
+
+# Forecasting accuracy (issue 19's targets): observed weather, then climate normals (vega_datasets, in bench/.deps).
+bench-forecast: setup $(BENCH_DEPS)
+	$(BIN)/python -m bench.forecast $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo site bench/.deps bench/out .pytest_cache .mypy_cache .ruff_cache

@@ -1,22 +1,31 @@
 """Forecasting benchmark: the models of forecasting/ on real hourly series with DP-like noise of known SD added.
 
-Series (real, shipped offline in pvlib's data directory): dry-bulb temperature and relative humidity of the TMY3
-records for Greensboro NC (723170) and Sand Point AK (703165), and of the TMY2 record for Miami FL (12839).
+Two sets of series, each its own table:
+- observed weather (shipped offline in pvlib's data directory): dry-bulb temperature and relative humidity of the
+  TMY3 records for Greensboro NC (723170) and Sand Point AK (703165), and of the TMY2 record for Miami FL (12839);
+- climate normals: NOAA's hourly normals for Seattle and San Francisco (2010), as vega_datasets ships them (the
+  series the research note behind issue 19's targets used, with Greensboro's temperature). A normal is a smooth
+  average over many years: the daily mean moves by 0.02 of the series' SD from one day to the next, against 0.33-0.68
+  for observed weather, so a forecast there is mostly the daily cycle and the season. Read from bench/.deps
+  (`make bench-forecast` installs it; the table is skipped without it).
 Releases are the true series plus Gaussian noise of SD k x the series' own SD (k = 0.1, 0.3, 1.0); each cell's
-noise variance is known to the models, as a release's `mean_sd` is. Rolling origins a week apart, 672 h of
-history, 48 h ahead: the first half of the origins only calibrates; the later half is scored against the truth and
-against the releases, each origin's intervals calibrated (against releases, as live) on all the origins before it,
-as `fusion backtest` calibrates them.
+noise variance is known to the models, as a release's `mean_sd` is. 672 h of history, 48 h ahead, from 8 scored
+origins a week apart (the later half of `--origins`, from mid-March; `--first-day 184` starts the history in early
+July, so the scored origins run from late September into November). At each scored origin every model, and the
+model chosen, is calibrated and chosen exactly as `fusion forecast` does after `fusion backtest` with the default
+`[forecasting]` settings: from a backtest of `backtest_origins` (8) origins `backtest_step` (24 h) apart, the latest
+ending at the origin (forecasting.backtest.rolling_origins), the first model (profile) unless another's MAE against
+those releases is more than 10% lower (`selection_margin`) and its squared errors lower origin by origin (paired t
+at most -2, `selection_t`: forecasting.backtest.preferred), and the calibration learned on those errors
+(forecasting.backtest.learned_calibration).
 
-    .venv/bin/python -m bench.forecast              # prints the table, writes bench/results/forecast.json
-    .venv/bin/python -m bench.forecast --origins 8 --levels 0.3   # a quicker run
+    make bench-forecast                             # both tables, writes bench/results/forecast.json
+    .venv/bin/python -m bench.forecast --levels 0.3 --no-normals   # a quicker run
+    .venv/bin/python -m bench.forecast --first-day 184 --no-normals --out bench/results/forecast-autumn.json
 
 Reported per noise level (over series): MAE against the truth relative to seasonal naive's (geometric mean over
 series), coverage of the truth by the calibrated 80% and 95% intervals, coverage of the next release by the
-calibrated 95% release interval, and the median time of one fit + forecast. The row `chosen` is what `fusion
-forecast` does: per series, the first model (profile) unless another's MAE against the releases of the earlier
-origins is more than 10% lower (`[forecasting] selection_margin`) and its squared errors are lower origin by origin
-(paired t at most -2, `selection_t`: forecasting.backtest.preferred).
+calibrated 95% release interval, the median calibration SD factor, and the median time of one fit + forecast.
 
 The row `oracle` bounds what a profile-and-anomaly model can reach: it is told the true profile (each window's
 mean, on the noise-free series, over the 29 days centred on it, so the future included) and forecasts the
@@ -30,12 +39,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
-from forecasting.backtest import backtest, calibrated, calibration_split, origin_errors, preferred
+from forecasting.backtest import (
+    backtest,
+    learned_calibration,
+    origin_errors,
+    origin_overlap,
+    preferred,
+    rolling_origins,
+)
+from forecasting.intervals import intervals
 from fusion.config.forecasting import ForecastingConfig, ModelName
+from fusion.runtime.durations import parse_duration
 
 HISTORY = 672
 HORIZON = 48
@@ -44,8 +63,10 @@ LEVELS = (0.1, 0.3, 1.0)
 FIRST_ORIGIN = 24 * 45  # mid-February: leaves the year's end for later origins
 MARGIN = ForecastingConfig().selection_margin
 SELECTION_T = ForecastingConfig().selection_t
-#: The latest earlier origins an origin's intervals are calibrated on, as a forecast's are (`backtest_origins`).
+#: As a forecast learns its model and calibration: from `backtest_origins` backtest origins `backtest_step` apart.
 CALIBRATION_ORIGINS = ForecastingConfig().backtest_origins
+BACKTEST_STEP = parse_duration(ForecastingConfig().backtest_step) // timedelta(hours=1)  # hourly cells
+OVERLAP = origin_overlap(HORIZON, BACKTEST_STEP)
 #: Days either side of a window that the oracle's true profile averages over.
 ORACLE_HALF_DAYS = 14
 
@@ -69,54 +90,63 @@ def load_series() -> dict[str, np.ndarray]:
     return out
 
 
-def run_series(truth: np.ndarray, level: float, *, origins: int, seed: int, models: list[ModelName]) -> dict:
+def run_series(
+    truth: np.ndarray, level: float, *, origins: int, seed: int, models: list[ModelName], first: int = FIRST_ORIGIN
+) -> dict:
+    """Every model's forecasts from the scored origins (the later half of `origins` weekly ones after `first`),
+    each calibrated, and the model chosen, as `fusion forecast` would at that origin with the default `[forecasting]`
+    settings: from a backtest of `backtest_origins` origins `backtest_step` apart, the latest ending at the origin."""
     rng = np.random.default_rng(seed)
     sd = level * float(truth.std())
     released = truth + rng.normal(0.0, sd, truth.size)
     variances = np.full(truth.size, sd**2)
-    starts = [FIRST_ORIGIN + HISTORY + k * STEP for k in range(origins)]
+    scored = [first + HISTORY + k * STEP for k in range(origins)][origins // 2 :]
+    live = {
+        o: rolling_origins(o, horizon=HORIZON, step=BACKTEST_STEP, count=CALIBRATION_ORIGINS, min_history=HISTORY)
+        for o in scored
+    }
+    wanted = sorted({*scored, *(b for starts in live.values() for b in starts)})
     began = time.perf_counter()
-    forecasts = backtest(released, variances, 24, models=models, origins=starts, horizon=HORIZON, history=HISTORY)
+    made = backtest(released, variances, 24, models=models, origins=wanted, horizon=HORIZON, history=HISTORY)
     elapsed = time.perf_counter() - began
-    out: dict = {"fit_s": elapsed / max(len(forecasts), 1)}
-    naive_errors = {}
-    for model in models:
-        mine = [f for f in forecasts if f.model is model]
-        mine.sort(key=lambda f: f.origin)
-        # As `fusion backtest` and `fusion forecast` do: each origin's intervals calibrated on the latest
-        # `backtest_origins` (8) earlier origins whose windows had been released by then (`calibrated`); the
-        # earlier half only calibrates, the later half is scored.
-        scored = calibrated(mine, released, variances, latest=CALIBRATION_ORIGINS)[len(mine) // 2 :]
-        calibration = scored[-1][0]  # the latest, learned on all but the last origin
-        errors, hits80, hits95, release95 = [], [], [], []
-        for f, (_, bands) in zip(mine[len(mine) // 2 :], scored, strict=True):
-            window = slice(f.origin, f.origin + HORIZON)
-            true, noisy = truth[window], released[window]
-            errors.append(np.abs(true - f.prediction.mean))
-            hits80.append((true >= bands.ci80[0]) & (true <= bands.ci80[1]))
-            hits95.append((true >= bands.ci95[0]) & (true <= bands.ci95[1]))
-            release95.append((noisy >= bands.release_ci95[0]) & (noisy <= bands.release_ci95[1]))
-        naive_errors[model] = float(np.concatenate(errors).mean())
-        out[str(model)] = {
-            "mae": naive_errors[model],
-            "coverage80": float(np.concatenate(hits80).mean()),
-            "coverage95": float(np.concatenate(hits95).mean()),
-            "release_coverage95": float(np.concatenate(release95).mean()),
-            "factor": calibration.factor,
-            "calibration": calibration.as_dict(),
+    at = {(f.model, f.origin): f for f in made}
+    out: dict = {"fit_s": elapsed / max(len(made), 1)}
+    totals: dict[str, dict[str, list]] = {}
+    chosen_models = []
+    for o in scored:
+        past = [at[m, b] for m in models for b in live[o] if (m, b) in at]
+        pick = preferred(
+            origin_errors(past, released), default=models[0], margin=MARGIN, t_min=SELECTION_T, overlap=OVERLAP
+        )
+        chosen_models.append(str(pick))
+        window = slice(o, o + HORIZON)
+        true, noisy = truth[window], released[window]
+        for name, model in [*((str(m), m) for m in models), ("chosen", pick)]:
+            f = at[model, o]
+            calibration = learned_calibration([p for p in past if p.model is model], released, variances)
+            bands = intervals(f.prediction.mean, f.prediction.signal_var, noise_var=f.noise_var, factor=calibration)
+            row = totals.setdefault(name, {"errors": [], "80": [], "95": [], "release95": [], "factor": []})
+            row["errors"].append(np.abs(true - f.prediction.mean))
+            row["80"].append((true >= bands.ci80[0]) & (true <= bands.ci80[1]))
+            row["95"].append((true >= bands.ci95[0]) & (true <= bands.ci95[1]))
+            row["release95"].append((noisy >= bands.release_ci95[0]) & (noisy <= bands.release_ci95[1]))
+            row["factor"].append(calibration.factor)
+    naive = float(np.concatenate(totals[str(ModelName.SEASONAL_NAIVE)]["errors"]).mean())
+    for name, row in totals.items():
+        mae = float(np.concatenate(row["errors"]).mean())
+        out[name] = {
+            "mae": mae,
+            "mae_ratio": mae / naive,
+            "coverage80": float(np.concatenate(row["80"]).mean()),
+            "coverage95": float(np.concatenate(row["95"]).mean()),
+            "release_coverage95": float(np.concatenate(row["release95"]).mean()),
+            "factor": float(np.median(row["factor"])),
         }
-    for model in models:
-        out[str(model)]["mae_ratio"] = naive_errors[model] / naive_errors[ModelName.SEASONAL_NAIVE]
-
-    # What a forecast would use: the model `preferred` picks from the errors against the releases on the earlier
-    # origins (the first listed unless another is clearly and consistently better).
-    earlier = [f for m in models for f in calibration_split([f for f in forecasts if f.model is m])[0]]
-    chosen = preferred(origin_errors(earlier, released), default=models[0], margin=MARGIN, t_min=SELECTION_T)
-    out["chosen"] = {**out[str(chosen)], "model": str(chosen)}
+    out["chosen"]["models"] = chosen_models
     return out
 
 
-def oracle_ratio(truth: np.ndarray, level: float, *, origins: int, seed: int) -> float:
+def oracle_ratio(truth: np.ndarray, level: float, *, origins: int, seed: int, first: int = FIRST_ORIGIN) -> float:
     """The oracle's MAE against the truth over seasonal naive's (on the releases of `seed`), on the scored origins:
     see the module's docstring."""
     rng = np.random.default_rng(seed)
@@ -129,7 +159,7 @@ def oracle_ratio(truth: np.ndarray, level: float, *, origins: int, seed: int) ->
     anomaly = truth - profile
     day_mean = np.convolve(anomaly, np.ones(days) / days, "full")[: truth.size]  # mean of the last 24 cells
     fitted_on = np.arange(edge + days, truth.size - edge - HORIZON)
-    starts = np.array([FIRST_ORIGIN + HISTORY + k * STEP for k in range(origins)][origins // 2 :])
+    starts = np.array([first + HISTORY + k * STEP for k in range(origins)][origins // 2 :])
     ahead = np.arange(1, HORIZON + 1)
     naive = released[starts[:, None] - 1 + ahead - np.ceil(ahead / days).astype(int) * days]
     forecast = np.empty((starts.size, HORIZON))
@@ -159,30 +189,56 @@ def time_fit(model: ModelName, truth: np.ndarray, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--origins", type=int, default=16, help="rolling origins per series (half calibrate)")
-    parser.add_argument("--levels", type=float, nargs="+", default=list(LEVELS), help="noise SD / series SD")
-    parser.add_argument("--models", nargs="+", default=[str(m) for m in ModelName], choices=[str(m) for m in ModelName])
-    parser.add_argument("--out", default="bench/results/forecast.json")
-    args = parser.parse_args()
-    models = [ModelName(m) for m in args.models]
-    if ModelName.SEASONAL_NAIVE not in models:
-        models.append(ModelName.SEASONAL_NAIVE)
-    series = load_series()
-    results: dict = {"series": list(series), "origins": args.origins, "levels": {}}
+def load_normals() -> dict[str, np.ndarray] | None:
+    """NOAA's hourly climate normals for Seattle and San Francisco (2010, degrees F), as vega_datasets ships them;
+    None where that package is neither in bench/.deps (`make bench` installs it there) nor on the path. The CSVs
+    are read without importing the package (it is not in the main venv)."""
+    import csv
+    import importlib.util
+
+    data = Path(__file__).parent / ".deps" / "vega_datasets" / "_data"
+    if not data.is_dir():
+        spec = importlib.util.find_spec("vega_datasets")
+        if spec is None or spec.origin is None:
+            return None
+        data = Path(spec.origin).parent / "_data"
+    out: dict[str, np.ndarray] = {}
+    for city in ("seattle", "sf"):
+        with open(data / f"{city}-temps.csv", newline="") as f:
+            out[f"{city} normals"] = np.array([float(row["temp"]) for row in csv.DictReader(f)])
+    return out
+
+
+def day_to_day(truth: np.ndarray) -> float:
+    """The SD of the change of the daily mean from one day to the next, over the series' SD: how much weather (as
+    against the seasons and the daily cycle) the series holds."""
+    days = truth[: truth.size // 24 * 24].reshape(-1, 24).mean(axis=1)
+    return float(np.diff(days).std() / truth.std())
+
+
+def run_set(
+    series: dict[str, np.ndarray], levels: list[float], origins: int, models: list[ModelName], first: int = FIRST_ORIGIN
+) -> dict:
+    """Every model on every series at every noise level; prints a table and returns the results."""
+    results: dict = {
+        "series": list(series),
+        "day_to_day": {name: day_to_day(truth) for name, truth in series.items()},
+        "levels": {},
+    }
     print(
-        f"{len(series)} series x {args.origins} origins ({args.origins // 2} calibrate, the rest scored), "
-        f"{HISTORY} h history, {HORIZON} h ahead"
+        f"{len(series)} series x {origins - origins // 2} scored origins a week apart, each chosen and calibrated "
+        f"on {CALIBRATION_ORIGINS} backtest origins {BACKTEST_STEP} h apart, "
+        f"{HISTORY} h history, {HORIZON} h ahead; day-to-day change of the daily mean over the series' SD: "
+        + ", ".join(f"{name} {value:.3f}" for name, value in results["day_to_day"].items())
     )
     header = (
         f"{'k':>4} {'model':>15} {'MAE/snaive':>10} {'cov80 true':>10} {'cov95 true':>10} {'cov95 rel':>9} "
         f"{'factor':>6}"
     )
     print(header)
-    for level in args.levels:
+    for level in levels:
         per_series = {
-            name: run_series(truth, level, origins=args.origins, seed=i, models=models)
+            name: run_series(truth, level, origins=origins, seed=i, models=models, first=first)
             for i, (name, truth) in enumerate(series.items())
         }
         summary = {}
@@ -201,12 +257,53 @@ def main() -> None:
                 f"{s['coverage95']:>10.3f} {s['release_coverage95']:>9.3f} {s['factor']:>6.2f}"
             )
         oracle = {
-            name: oracle_ratio(truth, level, origins=args.origins, seed=i)
+            name: oracle_ratio(truth, level, origins=origins, seed=i, first=first)
             for i, (name, truth) in enumerate(series.items())
         }
         summary["oracle"] = {"mae_ratio": float(np.exp(np.mean(np.log(list(oracle.values())))))}
         print(f"{level:>4} {'oracle':>15} {summary['oracle']['mae_ratio']:>10.3f}")
         results["levels"][str(level)] = {"summary": summary, "series": per_series, "oracle": oracle}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--origins", type=int, default=16, help="weekly origins after --first-day; the later half is scored"
+    )
+    parser.add_argument("--levels", type=float, nargs="+", default=list(LEVELS), help="noise SD / series SD")
+    parser.add_argument("--models", nargs="+", default=[str(m) for m in ModelName], choices=[str(m) for m in ModelName])
+    parser.add_argument(
+        "--no-normals", action="store_true", help="skip the second table (climate normals, the research note's series)"
+    )
+    parser.add_argument(
+        "--first-day",
+        type=int,
+        default=FIRST_ORIGIN // 24,
+        help="day of the year where the first origin's history begins (45: mid-February; 184: early July)",
+    )
+    parser.add_argument("--out", default="bench/results/forecast.json")
+    args = parser.parse_args()
+    models = [ModelName(m) for m in args.models]
+    if ModelName.SEASONAL_NAIVE not in models:
+        models.append(ModelName.SEASONAL_NAIVE)
+    series = load_series()
+    print("Observed weather (TMY3 / TMY2 records):")
+    first = 24 * args.first_day
+    results: dict = {
+        "origins": args.origins,
+        "first_day": args.first_day,
+        **run_set(series, args.levels, args.origins, models, first),
+    }
+    normals = None if args.no_normals else load_normals()
+    if normals is not None:
+        print("\nClimate normals (NOAA hourly normals for Seattle and San Francisco, vega_datasets):")
+        results["normals"] = run_set(normals, args.levels, args.origins, models, first)
+    elif not args.no_normals:
+        print(
+            "\n(climate normals skipped: vega_datasets is neither in bench/.deps nor on the path; `make bench` "
+            "installs it there)"
+        )
     for model in (ModelName.PROFILE, ModelName.UC):
         if model in models:
             seconds = time_fit(model, next(iter(series.values())))
