@@ -304,9 +304,9 @@ class DailyProfile:
         hour_weight = hour_persistence**ahead * carried
         mean = level + day_weight * (daily[last_day] - level) + shape[(ahead - 1) % period] + hour_weight * latest
         # The variance is that of the whole history. It once followed the spread of the latest 7 days, but a
-        # forecast's calibration already follows its latest 8 days (a backtest of 8 daily origins): adapting
-        # twice to the same recent weather compounded both estimates' noise, and with the calibration a forecast
-        # issues, 95% intervals covered the truth 0.905-0.922 in autumn (0.931-0.934 without; bench.forecast).
+        # forecast's calibration already follows its latest days (a backtest of daily origins): adapting twice to
+        # the same recent weather compounded both estimates' noise, and with the calibration a forecast issues,
+        # 95% intervals covered the truth 0.905-0.922 in autumn (0.931-0.934 without; bench.forecast).
         signal_var = (
             np.maximum(day_signal - day_weight**2 * (day_signal + daily_noise[last_day]), 0.0)
             + np.maximum(anomaly_signal - hour_weight**2 * (anomaly_signal + latest_noise), 0.0)

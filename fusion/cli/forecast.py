@@ -36,7 +36,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--plot", metavar="PNG",
         help="also draw the releases and the forecast of the one series named by --metric and --region to this PNG",
     )
-    backtest.add_argument("--origins", type=int, help="rolling origins (default: [forecasting] backtest_origins, 8)")
+    backtest.add_argument("--origins", type=int, help="rolling origins (default: [forecasting] backtest_origins, 16)")
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ class ForecastingConfig(BaseModel):
     horizon: str = "48h"  # how far ahead a forecast reaches
     history: str = "28d"  # the most history a model is fitted on
     min_history: str = "2d"  # the least history a backtest origin has before it
-    backtest_origins: int = Field(default=8, ge=2, le=100)  # rolling origins; the earlier half calibrates
+    backtest_origins: int = Field(default=16, ge=2, le=100)  # rolling origins: model choice and calibration
     backtest_step: str = "24h"  # time between two backtest origins
     # Another model replaces the first of `models` only where its backtest MAE is lower by more than this share:
     # a backtest of a few origins is noisy, and on the benchmark a plain lowest-MAE choice did worse than none.
