@@ -191,22 +191,30 @@ def oracle_ratio(truth: np.ndarray, level: float, *, origins: int, seed: int, fi
     return float(np.abs(true - forecast).mean() / np.abs(true - naive).mean())
 
 
-def year_round(series: dict[str, np.ndarray], levels: list[float], *, step: int = 24) -> dict[str, dict[str, Any]]:
+def year_round(
+    series: dict[str, np.ndarray], levels: list[float], *, step: int = 24, title: str = "profile"
+) -> dict[str, dict[str, Any]]:
     """The intervals of `profile` (the default model, and the choice at nearly every origin of the tables above)
     from every `step`-th window of the year, each calibrated as `fusion forecast` calibrates (on the backtest
     origins ending at it), with 95% confidence intervals of each coverage by resampling whole origins (a 48 h
     forecast's errors move together, so its windows are not independent). The weekly tables score 48 origins per
     level: their coverages carry a sampling error of about +-0.03, which this table (some 1,950 origins) narrows to
-    +-0.01."""
+    +-0.01. Also by hour of the day (the window's hour, over every origin): the lowest and highest coverage of the
+    24 hours, which a coverage over all hours can hide."""
     out: dict[str, dict[str, Any]] = {}
     first = HISTORY + CALIBRATION_ORIGINS * BACKTEST_STEP + HORIZON
     print(
-        f"\nprofile from every {step}th window of the year (from window {first}), calibrated as above; "
-        "coverage with its 95% confidence interval (origins resampled):"
+        f"\n{title}: profile from every {step}th window of the year (from window {first}), calibrated as above; "
+        "coverage with its 95% confidence interval (origins resampled), and its range over the hours of the day:"
     )
-    print(f"{'k':>4} {'origins':>7} {'cov80 true':>20} {'cov95 true':>20} {'cov95 rel':>20} {'factor':>6}")
+    print(
+        f"{'k':>4} {'origins':>7} {'cov80 true':>20} {'cov95 true':>20} {'cov95 rel':>20} {'factor':>6} "
+        f"{'80% by hour':>12} {'95% by hour':>12}"
+    )
     for level in levels:
         rows = []
+        hourly = np.zeros((2, 24))
+        counted = np.zeros(24)
         for i, truth in enumerate(series.values()):
             rng_noise = np.random.default_rng(i)
             sd = level * float(truth.std())
@@ -225,6 +233,10 @@ def year_round(series: dict[str, np.ndarray], levels: list[float], *, step: int 
                 f = at[o]
                 bands = intervals(f.prediction.mean, f.prediction.signal_var, noise_var=f.noise_var, factor=calibration)
                 true, noisy = truth[o : o + HORIZON], released[o : o + HORIZON]
+                hours = (o + np.arange(HORIZON)) % 24
+                np.add.at(hourly[0], hours, (true >= bands.ci80[0]) & (true <= bands.ci80[1]))
+                np.add.at(hourly[1], hours, (true >= bands.ci95[0]) & (true <= bands.ci95[1]))
+                np.add.at(counted, hours, 1)
                 rows.append(
                     (
                         np.mean((true >= bands.ci80[0]) & (true <= bands.ci80[1])),
@@ -242,9 +254,13 @@ def year_round(series: dict[str, np.ndarray], levels: list[float], *, step: int 
             **{n: float(m) for n, m in zip(names, mean, strict=True)},
             **{f"{n}_ci": [float(a), float(b)] for n, a, b in zip(names, low, high, strict=True)},
             "factor": float(np.median(table[:, 3])),
+            "coverage80_by_hour": [float(c) for c in hourly[0] / counted],
+            "coverage95_by_hour": [float(c) for c in hourly[1] / counted],
         }
+        by_hour = hourly / counted
         cells = " ".join(f"{m:>8.3f} [{a:.3f}, {b:.3f}]" for m, a, b in zip(mean, low, high, strict=True))
-        print(f"{level:>4} {len(table):>7} {cells} {np.median(table[:, 3]):>6.2f}")
+        spans = " ".join(f"{f'{h.min():.2f}-{h.max():.2f}':>12}" for h in by_hour)
+        print(f"{level:>4} {len(table):>7} {cells} {np.median(table[:, 3]):>6.2f} {spans}")
     return out
 
 
@@ -263,6 +279,19 @@ def time_fit(model: ModelName, truth: np.ndarray, repeats: int = 5) -> float:
         fit_forecast(model, history, HORIZON)
         times.append(time.perf_counter() - began)
     return float(np.median(times))
+
+
+def irradiance() -> dict[str, np.ndarray]:
+    """Global horizontal irradiance of the Greensboro and Sand Point TMY3 records (W/m2): zero every night, its
+    spread all in the daytime. Only in the year-round table, where its coverage by hour of the day shows what one
+    variance for every hour does there."""
+    from fusion.demo.data import load_station
+
+    out = {}
+    for station in ("greensboro", "sandpoint"):
+        data = load_station(station)
+        out[f"{station} ghi"] = data["ghi"][np.argsort(data["hour_of_year"])]
+    return out
 
 
 def load_normals() -> dict[str, np.ndarray] | None:
@@ -383,7 +412,8 @@ def main() -> None:
         **run_set(series, args.levels, args.origins, models, first),
     }
     if not args.no_year:
-        results["year_round"] = year_round(series, args.levels)
+        results["year_round"] = year_round(series, args.levels, title="Observed weather")
+        results["year_round_irradiance"] = year_round(irradiance(), args.levels, title="Irradiance (GHI)")
     normals = None if args.no_normals else load_normals()
     if normals is not None:
         print("\nClimate normals (NOAA hourly normals for Seattle and San Francisco, vega_datasets):")
