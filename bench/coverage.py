@@ -117,15 +117,16 @@ def true_quantile(values: np.ndarray, q: float) -> float:
     return float(ordered[max(0, math.ceil(q * ordered.size - 1e-9) - 1)])
 
 
-def run(data: dict[str, dict[str, np.ndarray]], eps: float, seed: int) -> dict[str, np.ndarray]:
-    """One release of a year of day-cells of `data` (region -> metric -> hourly values) at `eps`, decoded: each
-    released column and the truth (`true_<statistic>`) per cell."""
+def run(data: dict[str, dict[str, np.ndarray]], eps: float, seed: int, window_days: int = 1) -> dict[str, np.ndarray]:
+    """One release of a year of cells of `window_days` days (24 hourly readings a day) of `data` (region -> metric
+    -> hourly values) at `eps`, decoded: each released column and the truth (`true_<statistic>`) per cell."""
+    days = DAYS // window_days * window_days
     regions = tuple(data)
     metrics = tuple(next(iter(data.values())))
     encodings = tuple(balanced_encodings([(*LIMITS[m], RES[m]) for m in metrics]))
     components = (*BASE_COMPONENTS, SUMSQ, *bin_components(BINS))
     layout = PartitionLayout.for_interval(
-        metrics, regions, START, START + timedelta(days=DAYS), timedelta(days=1), components
+        metrics, regions, START, START + timedelta(days=days), timedelta(days=window_days), components
     )
     sensitivity = event_level_sensitivity(list(encodings), components=4)
     variance = calibrate_variance(epsilon=eps, delta=1e-6, l1=sensitivity.l1, l2=sensitivity.l2)
@@ -138,11 +139,11 @@ def run(data: dict[str, dict[str, np.ndarray]], eps: float, seed: int) -> dict[s
         delta=1e-6,
         noise=True,
     )
-    hours = np.datetime64("2026-01-01T00:00", "us") + np.arange(DAYS * 24) * np.timedelta64(3600_000_000, "us")
+    hours = np.datetime64("2026-01-01T00:00", "us") + np.arange(days * 24) * np.timedelta64(3600_000_000, "us")
     pieces, tv = [], {}
     for region in regions:
         for m, metric in enumerate(metrics):
-            values = np.round(data[region][metric][: DAYS * 24] / RES[metric]) * RES[metric]
+            values = np.round(data[region][metric][: days * 24] / RES[metric]) * RES[metric]
             pieces.append(
                 pa.table(
                     {
@@ -154,7 +155,7 @@ def run(data: dict[str, dict[str, np.ndarray]], eps: float, seed: int) -> dict[s
                     }
                 )
             )
-            tv[(m, region)] = np.clip(values, *LIMITS[metric]).reshape(DAYS, 24)
+            tv[(m, region)] = np.clip(values, *LIMITS[metric]).reshape(days // window_days, 24 * window_days)
     vector = aggregate_readings(pa.concat_tables(pieces), layout=layout, encodings=encodings)
     noisy = vector + SkellamNoise(variance, generator=seeded_generator(seed)).sample(layout.slots)
     table = decode_release(
@@ -204,6 +205,11 @@ def summary(r: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
             "above": float((t > hi)[rel].sum()),
             "below": float((t < lo)[rel].sum()),
         }
+        if n == "stddev":  # withheld estimates keep their intervals: how those cover
+            only = np.isnan(est) & ~np.isnan(lo)
+            row["interval_only"] = float(only.sum())
+            row["interval_only_coverage"] = float(((lo <= t) & (t <= hi))[only].mean()) if only.any() else math.nan
+            row["released_by_metric"] = {lab: float(np.mean(rel[r["label"] == lab])) for lab in sorted(set(r["label"]))}
         if n == "stddev" and rel.any():
             err = (est - t)[rel]
             labels = r["label"][rel]
@@ -230,12 +236,16 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=4.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[2026, 1, 2])
     parser.add_argument("--baseline", action="store_true", help="the test's own data instead")
+    parser.add_argument("--window-days", type=int, default=1, help="days a cell (24 readings a day)")
     parser.add_argument("--out", default="bench/results/coverage.json")
     args = parser.parse_args()
     sets = {"test": test_data()} if args.baseline else {"miami": miami(), "tmy3": tmy3_extra()}
-    pooled = concat([run(data, args.epsilon, seed) for seed in args.seeds for data in sets.values()])
+    pooled = concat([run(data, args.epsilon, seed, args.window_days) for seed in args.seeds for data in sets.values()])
     result = summary(pooled)
-    print(f"epsilon {args.epsilon:g}, seeds {args.seeds}, {pooled['count'].size} cells ({', '.join(sets)})")
+    print(
+        f"epsilon {args.epsilon:g}, seeds {args.seeds}, {pooled['count'].size} cells of {args.window_days} day(s) "
+        f"({', '.join(sets)})"
+    )
     for n, row in result.items():
         larger = max(row["above"], row["below"]) / max(row["above"] + row["below"], 1)
         line = (
@@ -247,12 +257,27 @@ def main() -> None:
                 f"\n          mean error / its SD {row['bias_over_error_sd']:+.3f} (median by station and metric "
                 f"{row['bias_over_error_sd_median_by_metric']:+.2f}); above the truth in {row['share_above_truth']:.1%}"
             )
+        if "interval_only" in row:
+            shares = ", ".join(f"{lab} {share:.0%}" for lab, share in row["released_by_metric"].items())
+            line += (
+                f"\n          estimate withheld (noise dwarfs the spread) in {row['interval_only']:.0f} cells, whose "
+                f"intervals cover {row['interval_only_coverage']:.2%}; released share: {shares}"
+            )
         if "median_abs_error_bins" in row:
             line += f"  median |error| {row['median_abs_error_bins']:.3f} bins"
         print(line)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
-        json.dumps({"epsilon": args.epsilon, "seeds": args.seeds, "data": list(sets), "statistics": result}, indent=1)
+        json.dumps(
+            {
+                "epsilon": args.epsilon,
+                "seeds": args.seeds,
+                "window_days": args.window_days,
+                "data": list(sets),
+                "statistics": result,
+            },
+            indent=1,
+        )
     )
 
 

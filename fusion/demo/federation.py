@@ -46,7 +46,7 @@ SELECT metric, region,
        count(*)                                      AS hours,
        round(avg(mean), 2)                           AS daily_mean,
        round(avg(mean_ci_high - mean_ci_low) / 2, 2) AS mean_ci_halfwidth,
-       round(avg(stddev), 2)                         AS avg_stddev,
+       count(stddev)                                 AS stddev_shown,
        round(avg(median), 1)                         AS avg_median,
        round(sum(count))                             AS readings_noisy,
        round(max(count_sd), 2)                       AS count_sd

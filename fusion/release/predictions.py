@@ -8,7 +8,8 @@ quantiles' depend on the data, so they are given for stated readings per cell an
   centred_sd / n; a mean at an offset d from the centre adds d^2 count_sd^2 / n^2 to its variance;
 - stddev: n readings centred in the range with SD a quarter of the clamp range (rounding of squares ignored): the
   variance's delta-method SD, the stddev's (its half over the stddev), and the half-width of the interval the
-  decoder reports (the variance's 95% interval, square-rooted);
+  decoder reports (the variance's 95% interval, square-rooted); and the smallest spread (SD of the readings) at
+  which the estimate is released at all (`stddev_shown_from_n{n}`: below it only its interval is);
 - quantiles: simulated, with the decoder's own estimator (fusion/release/quantiles.py), on 64 cells of n readings drawn
   from a normal centred in the range with SD a quarter of it (rounded to the resolution, clamped), every slot
   noised with the given variance; the root-mean-square error of each quantile and the median half-width of its
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from fusion.release.estimates import STDDEV_SIGNAL
 from fusion.release.quantiles import QUANTILES, Z95, histogram_quantiles
 from privacy.encoding import MetricEncoding, bin_index
 
@@ -47,6 +49,7 @@ def metric_noise(
     noise_variance: the total Skellam variance in each slot (integer units); variance / quantiles / bins: the
     layout's optional statistics. Keys: count_sd, count_ci_halfwidth, sum_sd, sum_ci_halfwidth, and per n in
     `readings` mean_sd_n{n}, mean_ci_halfwidth_n{n}, with `variance` stddev_sd_n{n}, stddev_ci_halfwidth_n{n},
+    stddev_shown_from_n{n},
     with `quantiles` {p10,median,p90}_sd_n{n} and {..}_ci_halfwidth_n{n}. See the module docstring for the
     assumptions behind the data-dependent ones.
     """
@@ -73,10 +76,29 @@ def metric_noise(
             high = math.sqrt(spread**2 + Z95 * variance_sd)
             low = math.sqrt(max(spread**2 - Z95 * variance_sd, 0.0))
             row[f"stddev_ci_halfwidth_n{n}"] = (high - low) / 2
+            row[f"stddev_shown_from_n{n}"] = shown_from_spread(encoding, noise_variance=noise_variance, readings=n)
     if quantiles:
         for n in readings:
             row.update(_simulated_quantiles(encoding, noise_sd=sd, bins=bins, readings=n))
     return row
+
+
+def shown_from_spread(encoding: MetricEncoding, *, noise_variance: float, readings: int) -> float:
+    """The smallest SD of readings (centred in the range, the metric's unit) at which a cell of `readings` readings
+    has its stddev estimate released, among many cells like it: the pooled variance V at least STDDEV_SIGNAL times
+    the variance's noise SD at V (decode_release's rule, its pool's own uncertainty ignored). inf where no spread
+    inside the clamp range gets there."""
+    sd = math.sqrt(noise_variance)
+    count_sd, centred_sd = sd / encoding.count_weight, sd * encoding.sum_unit()
+    squares_sd = sd * encoding.count_weight * encoding.sum_unit() ** 2
+    n = readings
+    # V^2 >= K^2 (a^2 + b + (V c)^2), the variance's noise SD at a centred mean (see _variance).
+    floor = (squares_sd / n) ** 2 + 2 * centred_sd**4 / n**4
+    room = 1.0 - (STDDEV_SIGNAL * count_sd / n) ** 2
+    if room <= 0:
+        return math.inf
+    spread = math.sqrt(STDDEV_SIGNAL * math.sqrt(floor / room))
+    return spread if spread <= (encoding.upper - encoding.lower) / 2 else math.inf
 
 
 def predicted_noise(
@@ -90,8 +112,9 @@ def predicted_noise(
 ) -> list[dict[str, float]]:
     """metric_noise for each encoding, in order."""
     return [
-        metric_noise(e, noise_variance=noise_variance, variance=variance, quantiles=quantiles, bins=bins,
-                     readings=readings)
+        metric_noise(
+            e, noise_variance=noise_variance, variance=variance, quantiles=quantiles, bins=bins, readings=readings
+        )
         for e in encodings
     ]
 
@@ -140,25 +163,35 @@ def _simulated_quantiles(encoding: MetricEncoding, *, noise_sd: float, bins: int
 
 def noise_table(rows: Sequence[dict[str, object]]) -> pa.Table:
     """privacy_plan's per-metric rows (metric, unit, then metric_noise's keys) turned for reading: one row per
-    statistic, one column per metric, each cell "sd (+-half-width)" in the metric's unit."""
+    statistic, one column per metric, each cell "sd (+-half-width)" in the metric's unit; after the stddev's rows,
+    the smallest spread at which its estimate is shown (">= s", or "never")."""
     metrics = [str(row["metric"]) for row in rows]
-    statistics: list[str] = []
+    keys: list[str] = []  # "<statistic>_sd[_n<n>]" or "<statistic>_shown_from_n<n>", in the rows' order
     for row in rows:
         for key in row:
-            if key.endswith("_sd") or "_sd_n" in key:
-                name = key.replace("_sd", "", 1)
-                if name not in statistics:
-                    statistics.append(name)
-    columns: dict[str, list[str]] = {"statistic": [s.replace("_n", " n=") for s in statistics]}
+            if (key.endswith("_sd") or "_sd_n" in key or "_shown_from_n" in key) and key not in keys:
+                keys.append(key)
+    shown = [key for key in keys if "_shown_from_n" in key]
+    ordered = [key for key in keys if key not in shown]
+    after = max((i for i, key in enumerate(ordered) if key.startswith("stddev_")), default=len(ordered) - 1)
+    ordered[after + 1 : after + 1] = shown
+
+    def label(key: str) -> str:
+        if "_shown_from_n" in key:
+            base, _, n = key.partition("_shown_from_n")
+            return f"{base} shown from spread n={n}"
+        return key.replace("_sd", "", 1).replace("_n", " n=")
+
+    def cell(row: dict[str, object], key: str) -> str:
+        value = row.get(key)
+        if "_shown_from_n" in key:
+            return "never" if not isinstance(value, float) or math.isinf(value) else f">= {value:.3g}"
+        half = row.get(key.replace("_sd", "_ci_halfwidth", 1))
+        if not isinstance(value, float) or math.isnan(value):
+            return "-"
+        return f"{value:.3g} (+-{half:.3g})" if isinstance(half, float) else f"{value:.3g}"
+
+    columns: dict[str, list[str]] = {"statistic": [label(key) for key in ordered]}
     for metric, row in zip(metrics, rows, strict=True):
-        cells = []
-        for name in statistics:
-            base, _, n = name.partition("_n")
-            suffix = f"_n{n}" if n else ""
-            sd, half = row.get(f"{base}_sd{suffix}"), row.get(f"{base}_ci_halfwidth{suffix}")
-            if not isinstance(sd, float) or math.isnan(sd):
-                cells.append("-")
-            else:
-                cells.append(f"{sd:.3g} (+-{half:.3g})" if isinstance(half, float) else f"{sd:.3g}")
-        columns[f"{metric} ({row['unit']})"] = cells
+        columns[f"{metric} ({row['unit']})"] = [cell(row, key) for key in ordered]
     return pa.table(columns)

@@ -52,24 +52,25 @@ def _true_quantile(values: np.ndarray, q: float) -> float:
     return float(ordered[max(0, math.ceil(q * ordered.size - 1e-9) - 1)])
 
 
-@pytest.fixture(scope="module")
-def decoded() -> Decoded:
+def _decode(*, window_days: int, components: tuple[str, ...], seeds: tuple[int, ...]) -> Decoded:
+    """The stations' hourly readings in cells of `window_days` days, aggregated once and released once per noise
+    seed (each seed its own release), the decoded rows of every release concatenated."""
     stations = {s: load_station(s) for s in STATIONS}
     encodings = tuple(balanced_encodings([(*LIMITS[m], RESOLUTION[m]) for m in METRICS]))
-    components = (*BASE_COMPONENTS, SUMSQ, *bin_components(BINS))
-    layout = PartitionLayout.for_interval(METRICS, STATIONS, START, START + timedelta(days=DAYS), timedelta(days=1),
-                                          components)
+    days = DAYS // window_days * window_days
+    layout = PartitionLayout.for_interval(METRICS, STATIONS, START, START + timedelta(days=days),
+                                          timedelta(days=window_days), components)
     sensitivity = event_level_sensitivity(list(encodings), components=4)  # count, sum, sumsq, one bin
     variance = calibrate_variance(epsilon=EPSILON, delta=1e-6, l1=sensitivity.l1, l2=sensitivity.l2)
     params = ReleaseParameters(encodings=encodings, sensitivity=sensitivity, total_variance=variance, quorum=1,
                                epsilon=EPSILON, delta=1e-6, noise=True)
-    hours = np.datetime64("2026-01-01T00:00", "us") + np.arange(DAYS * 24) * np.timedelta64(3600_000_000, "us")
+    hours = np.datetime64("2026-01-01T00:00", "us") + np.arange(days * 24) * np.timedelta64(3600_000_000, "us")
     pieces, truth_values = [], {}
     for station in STATIONS:
         series = stations[station]
         order = np.argsort(series["hour_of_year"])
         for m, metric in enumerate(METRICS):
-            values = np.round(series[metric][order][: DAYS * 24] / RESOLUTION[metric]) * RESOLUTION[metric]
+            values = np.round(series[metric][order][: days * 24] / RESOLUTION[metric]) * RESOLUTION[metric]
             pieces.append(pa.table({
                 "entity_id": pa.array([station] * values.size),
                 "region": pa.array([station] * values.size),
@@ -77,13 +78,9 @@ def decoded() -> Decoded:
                 "event_time": pa.array(hours, pa.timestamp("us", tz="UTC")),
                 "value": pa.array(values),
             }))
-            truth_values[(m, station)] = np.clip(values, *LIMITS[metric]).reshape(DAYS, 24)
+            truth_values[(m, station)] = np.clip(values, *LIMITS[metric]).reshape(days // window_days,
+                                                                                  24 * window_days)
     vector = aggregate_readings(pa.concat_tables(pieces), layout=layout, encodings=encodings)
-    noisy = vector + SkellamNoise(variance, generator=seeded_generator(2026)).sample(layout.slots)
-    table = decode_release(noisy, layout=layout, params=params, units=("W/m2", "degC", "%", "m/s"),
-                           noise_variance=variance, contributors=1, release_id="coverage", released_at=START)
-    rows = {name: np.array([np.nan if v is None else v for v in table.column(name).to_pylist()], dtype=float)
-            for name in table.column_names if pa.types.is_floating(table.schema.field(name).type)}
     metric_idx, region_idx, window_idx = layout.cell_coordinates()
     cells = [truth_values[(int(m), STATIONS[int(r)])][int(w)] for m, r, w in zip(metric_idx, region_idx, window_idx,
                                                                                strict=True)]
@@ -95,9 +92,32 @@ def decoded() -> Decoded:
         **{name: np.array([_true_quantile(c, q) for c in cells]) for name, q in (("p10", 0.1), ("median", 0.5),
                                                                                   ("p90", 0.9))},
     }
+    releases = []
+    for seed in seeds:
+        noisy = vector + SkellamNoise(variance, generator=seeded_generator(seed)).sample(layout.slots)
+        table = decode_release(noisy, layout=layout, params=params, units=("W/m2", "degC", "%", "m/s"),
+                               noise_variance=variance, contributors=1, release_id="coverage", released_at=START)
+        releases.append({name: np.array([np.nan if v is None else v for v in table.column(name).to_pylist()],
+                                        dtype=float)
+                         for name in table.column_names if pa.types.is_floating(table.schema.field(name).type)})
+    rows = {name: np.concatenate([r[name] for r in releases]) for name in releases[0]}
+    copies = len(seeds)
     lower = np.array([LIMITS[METRICS[m]][0] for m in metric_idx])
     upper = np.array([LIMITS[METRICS[m]][1] for m in metric_idx])
-    return Decoded(rows, truth, metric_idx, lower, upper)
+    return Decoded(rows, {k: np.tile(v, copies) for k, v in truth.items()}, np.tile(metric_idx, copies),
+                   np.tile(lower, copies), np.tile(upper, copies))
+
+
+@pytest.fixture(scope="module")
+def decoded() -> Decoded:
+    """Day cells, every optional statistic, one release (seed 2026)."""
+    return _decode(window_days=1, components=(*BASE_COMPONENTS, SUMSQ, *bin_components(BINS)), seeds=(2026,))
+
+
+@pytest.fixture(scope="module")
+def weekly() -> Decoded:
+    """Week cells (168 readings), count, sum and sum of squares: 26 releases (seeds 0-25) of 2 x 4 x 52 cells."""
+    return _decode(window_days=7, components=(*BASE_COMPONENTS, SUMSQ), seeds=tuple(range(26)))
 
 
 def _misses(d: Decoded, name: str) -> tuple[np.ndarray, int, int]:
@@ -108,14 +128,46 @@ def _misses(d: Decoded, name: str) -> tuple[np.ndarray, int, int]:
     return (low <= truth) & (truth <= high), int((truth > high).sum()), int((truth < low).sum())
 
 
-@pytest.mark.parametrize("name", ["count", "sum", "mean", "stddev"])
-def test_counts_sums_means_and_stddevs_cover_95_percent_on_both_sides(decoded: Decoded, name: str) -> None:
-    """Measured (this seed): count 94.7%, sum 94.6%, mean 94.6%, stddev 95.3% (was 96-99% for the stddev)."""
+@pytest.mark.parametrize("name", ["count", "sum", "mean"])
+def test_counts_sums_and_means_cover_95_percent_on_both_sides(decoded: Decoded, name: str) -> None:
+    """Measured (this seed): count 94.7%, sum 94.6%, mean 94.6%."""
     covered, above, below = _misses(decoded, name)
     assert covered.size >= 2000
     assert 0.93 <= covered.mean() <= 0.97, (name, covered.mean())
-    if name != "stddev":  # the stddev is mostly noise at 24 readings: its misses lean to one side (see README)
-        assert max(above, below) <= 0.65 * (above + below), (name, above, below)
+    assert max(above, below) <= 0.65 * (above + below), (name, above, below)
+
+
+def test_a_day_cells_stddev_is_noise_so_only_its_interval_is_released(decoded: Decoded) -> None:
+    """At 24 readings a cell and epsilon 4 the variance's noise SD is 10-40 times the readings' variance (air
+    temperature: about 800 degC^2 against 1-25), and the estimate, never negative, was above the truth on average
+    (+0.23 of its SD pooled, +0.6 to +0.9 for temperature and wind). It is withheld in every cell; the interval,
+    which holds every spread the sums allow, is still released and covers (measured 95.3%, 16 misses above, 120
+    below: at a spread of 0 it reaches 40-60% of the half range, so what it says is how wide a day's spread cannot
+    be)."""
+    released = ~np.isnan(decoded.rows["stddev"])
+    assert not released.any(), released.sum()
+    interval = ~np.isnan(decoded.rows["stddev_ci_low"]) & ~np.isnan(decoded.rows["stddev_ci_high"])
+    assert interval.sum() >= 2000
+    truth = decoded.truth["stddev"][interval]
+    covered = (decoded.rows["stddev_ci_low"][interval] <= truth) & (truth <= decoded.rows["stddev_ci_high"][interval])
+    assert 0.93 <= covered.mean() <= 0.97, covered.mean()
+
+
+def test_where_the_stddev_is_released_it_is_unbiased_and_its_interval_covers_on_both_sides(weekly: Decoded) -> None:
+    """Week cells (168 readings): irradiance's and humidity's spreads are well above their noise and their estimates
+    are released, temperature's and wind's are not. Over the released cells of 26 noise draws, 95% coverage within
+    93-97%, neither side over 65% of the misses, and the mean error under 0.1 of its SD (issue 17's targets).
+    Measured: 2,704 cells (Greensboro's irradiance and humidity: Sand Point's spreads pool below the threshold),
+    coverage 94.6%, misses 65 above / 81 below, mean error +0.018 of its SD."""
+    covered, above, below = _misses(weekly, "stddev")
+    assert covered.size >= 2000
+    assert 0.93 <= covered.mean() <= 0.97, covered.mean()
+    assert max(above, below) <= 0.65 * (above + below), (above, below)
+    released = ~np.isnan(weekly.rows["stddev"])
+    error = (weekly.rows["stddev"] - weekly.truth["stddev"])[released]
+    assert abs(error.mean()) < 0.1 * error.std(), (error.mean(), error.std())
+    shown = {METRICS[m] for m in np.unique(weekly.metric[released])}
+    assert {"ghi", "humidity"} <= shown and "air_temp" not in shown, shown
 
 
 def test_quantile_estimates_are_within_half_a_bin_where_the_count_is_clear(decoded: Decoded) -> None:

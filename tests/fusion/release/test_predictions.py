@@ -97,5 +97,32 @@ def test_the_printed_table_has_a_row_per_statistic_and_a_column_per_metric() -> 
     table = noise_table(rows)
     assert table.column_names == ["statistic", "temp (degC)", "load (kW)"]
     assert table.column("statistic").to_pylist() == ["count", "sum"] + [f"mean n={n}" for n in READINGS] + [
-        f"stddev n={n}" for n in READINGS]
-    assert all("(+-" in cell for cell in table.column("load (kW)").to_pylist())
+        f"stddev n={n}" for n in READINGS] + [f"stddev shown from spread n={n}" for n in READINGS]
+    assert all("(+-" in cell for cell in table.column("load (kW)").to_pylist()[: -len(READINGS)])
+    assert all(cell.startswith(">= ") or cell == "never" for cell in table.column("load (kW)").to_pylist()[-3:])
+
+
+@pytest.mark.parametrize("above", [0.8, 1.25])
+def test_the_predicted_spread_from_which_a_stddev_is_shown_is_the_decoders(above: float) -> None:
+    """1,000 readings a cell, 200 cells centred in the range with SD `above` times the predicted smallest spread
+    whose estimate is released: withheld in every cell below it, shown in every cell above it."""
+    params = parameters(epsilon=1.0)
+    encoding = ENCODINGS[1]
+    n = 1000
+    spread = metric_noise(encoding, noise_variance=params.total_variance, variance=True, quantiles=False,
+                          bins=16, readings=(n,))[f"stddev_shown_from_n{n}"]
+    assert math.isfinite(spread) and 0 < spread < 250
+    values = np.clip(np.round(np.random.default_rng(8).normal(250.0, above * spread, n)), 0, 500)
+    weight, centred = encode_readings(values, np.ones(n, dtype=np.int64), ENCODINGS)
+    exact = np.array([weight.sum(), centred.sum(), encode_squares(centred, weight).sum()])
+    cells = 200
+    layout = PartitionLayout.for_interval(("temp", "load"), ("r",), START, START + cells * HOUR, HOUR,
+                                          ("count", "sum", "sumsq"))
+    totals = np.zeros(layout.slots, dtype=np.int64)
+    for k, component in enumerate(("count", "sum", "sumsq")):
+        layout.block(totals, component)[cells:] = exact[k]
+    totals += SkellamNoise(params.total_variance, generator=seeded_generator(5)).sample(layout.slots)
+    table = decode_release(totals, layout=layout, params=params, units=("degC", "kW"),
+                           noise_variance=params.total_variance, contributors=1, release_id="r", released_at=START)
+    shown = [v is not None for v in table.column("stddev").to_pylist()[cells:]]
+    assert all(shown) if above > 1 else not any(shown)
