@@ -26,7 +26,9 @@ DEFAULT_DAYS = 7
 
 class Estimate(BaseModel):
     """A released statistic: its noisy value, the noise standard deviation (None where the release has none:
-    stddev and quantiles, or rows released before mean_sd existed) and the 95% interval."""
+    stddev and quantiles, or rows released before mean_sd existed) and the 95% interval. A stddev's value is None
+    with its interval released where its noise dwarfs the spread (fusion/release/estimates.py): the interval is
+    then what the release says of it."""
 
     value: float | None
     sd: float | None
@@ -76,7 +78,7 @@ class ReleasesView(BaseModel):
     days: int | None  # the range as a number of days back from the series' end (None: given by start/end)
     cells: list[ReleasedCell]  # in time order
     releases: list[ReleaseSummary]
-    shown_statistics: list[str]  # statistics with a value in some cell of the range
+    shown_statistics: list[str]  # statistics with a value or an interval in some cell of the range
     note: str | None = None
 
 
@@ -160,13 +162,18 @@ def releases_view(
             "view shows: choose fewer days, or a start and end closer together",
         )
     cells = [_cell(row) for row in table.to_pylist()]
-    shown = [s for s in STATISTICS if any(c.estimates[s].value is not None for c in cells)]
+    shown = [s for s in STATISTICS if any(_released(c.estimates[s]) for c in cells)]
     return empty.model_copy(update={
         "unit": choices[chosen_metric][chosen_region], "series_start": extent["first"], "series_end": extent["last"],
         "start": begin, "end": finish, "days": back, "cells": cells, "releases": _summaries(cells),
         "shown_statistics": shown,
         "note": None if cells else "no cells of this series in the range chosen",
     })
+
+
+def _released(estimate: Estimate) -> bool:
+    """Whether a cell says anything of the statistic: a value, or (a withheld stddev) an interval."""
+    return estimate.value is not None or (estimate.low is not None and estimate.high is not None)
 
 
 def _cell(row: dict[str, Any]) -> ReleasedCell:
@@ -199,11 +206,12 @@ def _summaries(cells: list[ReleasedCell]) -> list[ReleaseSummary]:
 
 
 def chart_points(view: ReleasesView) -> list[dict[str, Any]]:
-    """The chart's rows: the chosen statistic of each cell with its band (epoch ms times)."""
+    """The chart's rows: the chosen statistic of each cell with its band (epoch ms times); a cell whose value is
+    withheld but whose interval is released (a stddev where the noise dwarfs the spread) gives its band alone."""
     rows = []
     for cell in view.cells:
         estimate = cell.estimates[view.statistic]
-        if estimate.value is None:
+        if not _released(estimate):
             continue
         rows.append({"series": view.statistic, "t": int(cell.window_start.timestamp() * 1000),
                      "value": finite(estimate.value), "sd": finite(estimate.sd), "low": finite(estimate.low),

@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 
 from fusion.config.federation import load_config
@@ -54,7 +55,10 @@ def build_store(root: Path) -> Path:
     config_path.write_text(config_text(institutions=[("alpha", "parquet"), ("beta", "csv")], quorum=2))
     config = load_config(config_path, check_release=False)
     store = Store(config.store_path)
-    store.insert_new("releases", release_rows("r-north", range(HOURS), region="north", count=100.0))
+    north = release_rows("r-north", range(HOURS), region="north", count=100.0)
+    for name, bound in (("stddev_ci_low", 0.0), ("stddev_ci_high", 4.5)):  # a withheld stddev: its interval only
+        north = north.set_column(north.schema.get_field_index(name), name, pa.array([bound] * HOURS, pa.float64()))
+    store.insert_new("releases", north)
     store.insert_new("releases", release_rows("r-south", range(HOURS), region="south", count=500.0))
     store.insert_new("budget", table("budget", [{
         "period": "2026-01-01", "period_start": START, "period_end": START + timedelta(days=1), "epsilon_cap": 2.0,

@@ -73,6 +73,23 @@ def test_releases_give_every_statistic_with_its_sd_and_interval_and_each_release
     assert [c["estimates"]["count"]["value"] for c in south["cells"]] == [500.0 + h for h in range(HOURS)]
 
 
+def test_a_withheld_stddev_is_shown_by_its_interval(served: Served) -> None:
+    """North's stddev estimates are withheld (the noise dwarfs the spread) and their intervals released: the
+    statistic is offered, the chart draws its band alone, the table shows the interval; south released neither."""
+    from dashboard.releases import ReleasesView, chart_points
+
+    _, north = served.json("/api/releases?metric=temp&region=north&days=all&statistic=stddev")
+    assert "stddev" in north["shown_statistics"]
+    points = chart_points(ReleasesView(**north))
+    assert len(points) == HOURS
+    assert all(p["value"] is None and (p["low"], p["high"]) == (0.0, 4.5) for p in points)
+    _, south = served.json("/api/releases?metric=temp&region=south&days=all")
+    assert "stddev" not in south["shown_statistics"]
+    _, _, body = served.get("/releases?region=north&days=all&statistic=stddev")
+    row = re.findall(r'<tr class="cell">(.*?)</tr>', body, re.S)[0]
+    assert '<span class="ci">[0, 4.5]</span>' in row
+
+
 def test_the_default_range_is_the_series_last_days(served: Served) -> None:
     _, one_day = served.json("/api/releases?region=north&days=1")
     assert len(one_day["cells"]) == 24 and one_day["cells"][0]["window_start"] == "2026-01-02T00:00:00Z"
