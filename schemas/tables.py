@@ -7,8 +7,9 @@ import pyarrow as pa
 _TS = pa.timestamp("us", tz="UTC")
 
 #: One row per released cell (metric x region x window). All statistics are noisy; every one carries its
-#: noise standard deviation and a 95% interval. Columns added after a store was created (mean_sd, ratio_mean)
-#: are nullable, and fusion/store/delta.py adds them to an older table (NULL in its earlier rows).
+#: noise standard deviation and a 95% interval. Columns added after a store was created (mean_sd, ratio_mean,
+#: variance, variance_sd) are nullable, and fusion/store/delta.py adds them to an older table (NULL in its earlier
+#: rows).
 RELEASES_SCHEMA = pa.schema(
     [
         pa.field("release_id", pa.string(), nullable=False),
@@ -36,6 +37,10 @@ RELEASES_SCHEMA = pa.schema(
         pa.field("stddev", pa.float64(), nullable=True),
         pa.field("stddev_ci_low", pa.float64(), nullable=True),
         pa.field("stddev_ci_high", pa.float64(), nullable=True),
+        # The readings' variance, signed (negative where the noise drew it below zero: never clipped, so averages
+        # over cells are unbiased) and its delta-method SD; released wherever the mean is, with the sum of squares.
+        pa.field("variance", pa.float64(), nullable=True),
+        pa.field("variance_sd", pa.float64(), nullable=True),
         pa.field("p10", pa.float64(), nullable=True),
         pa.field("p10_ci_low", pa.float64(), nullable=True),
         pa.field("p10_ci_high", pa.float64(), nullable=True),

@@ -209,9 +209,9 @@ def decode_release(
     def masked(values: np.ndarray) -> pa.Array:
         return pa.array(values, pa.float64(), mask=~confident | np.isnan(values))
 
-    stddev = stddev_low = stddev_high = np.full(cells, np.nan)
+    stddev = stddev_low = stddev_high = variance = variance_sd = np.full(cells, np.nan)
     if layout.has(SUMSQ):
-        stddev, stddev_low, stddev_high = _stddev(
+        stddev, stddev_low, stddev_high, variance, variance_sd = _stddev(
             squares_slots=layout.block(totals, SUMSQ).astype(float),
             count=safe_count,
             centred=centred,
@@ -253,6 +253,8 @@ def decode_release(
         "stddev": masked(stddev),
         "stddev_ci_low": masked(np.fmin(stddev_low, stddev)),
         "stddev_ci_high": masked(np.fmax(stddev_high, stddev)),
+        "variance": masked(variance),
+        "variance_sd": masked(variance_sd),
         **{name: masked(values) for name, values in quantiles.items()},
         "epsilon": pa.array(np.full(cells, params.epsilon if not params.seeded else math.inf)),
         "delta": pa.array(np.full(cells, params.delta)),
@@ -335,8 +337,8 @@ def _stddev(
     encodings: tuple[MetricEncoding, ...],
     count_confident: np.ndarray,
     region_idx: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(stddev, 95% low, 95% high) per cell from the SUMSQ slots.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(stddev, 95% low, 95% high, variance, variance SD) per cell from the SUMSQ slots.
 
     S2/n - (S1/n)^2 from the slots (corrected to second order for the noise) estimates `raw`, not the readings'
     variance: SUMSQ carries round(q^2 / w) a reading. So the rounding is treated exactly under a normal model of
@@ -354,6 +356,13 @@ def _stddev(
     reads only released slots (post-processing). What it cannot see: cells that differ wildly in spread within a
     metric and region (irradiance by night and by day in hourly windows) pool above the bar on the spread ones,
     and the flat ones are then released too, above their truth on average.
+
+    The signed variance (the `variance` column, wherever the mean is released) is v less the rounding that raw(s)
+    adds to true(s) at the s where raw(s) = v: never clipped, so averages over cells are unbiased where the
+    stddev cannot be. Its SD for weighting (`variance_sd`) is that of a cell with this count and its pool's
+    variance and mean offset, not the cell's own delta-method SD: that one grows with the cell's own noisy mean,
+    and weights from it favoured the cells whose noise drew their variance up (on the test's day cells the error
+    over it averaged +0.15; over the pooled SD +0.04, with an SD of 1.10 where cells differ from their pool).
     """
     scale = weight * sum_unit**2
     variance, variance_sd = _variance(
@@ -378,12 +387,13 @@ def _stddev(
             + ((mean_offset**2 - readings_variance) * count_sd / count) ** 2
         )
 
-    withheld = _noise_dwarfs_spread(
+    withheld, pooled_sd = _noise_dwarfs_spread(
         variance, offset, noise_at=noise_at, metric_idx=metric_idx, region_idx=region_idx, pooled=count_confident
     )
     stddev = np.sqrt(np.clip(corrected, 0.0, None))
     low = np.sqrt(np.clip(variance - Z95 * variance_sd, 0.0, None))
     high = np.sqrt(np.clip(variance + Z95 * variance_sd, 0.0, None))
+    signed = variance.copy()
     for m, encoding in enumerate(encodings):
         of = np.flatnonzero((metric_idx == m) & ~negligible)
         lattice = encoding.resolution / 4
@@ -399,13 +409,18 @@ def _stddev(
             v, v_sd, point = variance[cells], variance_sd[cells], corrected[cells]
             squared = spreads**2  # both curves are close to linear in s^2: interpolate there
             at = (_first_reaching(raw, point, squared) + _last_within(raw, point, squared)) / 2
+            # The signed variance: v less the rounding that raw(s) adds to true(s), at the s where raw(s) = v (s = 0
+            # below the curve: v - raw(0), negative where the noise drew it there).
+            plain = (_first_reaching(raw, v, squared) + _last_within(raw, v, squared)) / 2
+            rounding = _interpolate_rows(raw, squared, plain) - _interpolate_rows(true, squared, plain)
+            signed[cells] = v - rounding
             lo = _first_reaching(raw, v - Z95 * v_sd, squared)
             hi = _last_within(raw, v + Z95 * v_sd, squared)
             for out, s2 in ((stddev, at), (low, lo), (high, hi)):
                 out[cells] = np.sqrt(np.maximum(_interpolate_rows(true, squared, s2), 0.0))
     widest = half_range
     stddev = np.where(withheld, np.nan, np.minimum(stddev, widest))
-    return stddev, np.minimum(low, widest), np.minimum(high, widest)
+    return stddev, np.minimum(low, widest), np.minimum(high, widest), signed, pooled_sd
 
 
 def _noise_dwarfs_spread(
@@ -416,8 +431,9 @@ def _noise_dwarfs_spread(
     metric_idx: np.ndarray,
     region_idx: np.ndarray,
     pooled: np.ndarray,
-) -> np.ndarray:
-    """Per cell, whether its stddev estimate is withheld (see _stddev).
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell, whether its stddev estimate is withheld (see _stddev), and the variance noise SD of a cell with
+    its count and its pool's variance and mean offset (the `variance_sd` column: see _stddev).
 
     A cell's typical variance and mean offset (from the range's centre) are pooled over the other cells of its
     metric and region in the release (of its metric, where the region has fewer than STDDEV_POOL_CELLS), weighted
@@ -453,8 +469,8 @@ def _noise_dwarfs_spread(
     typical = np.where(some, others(variance) / safe_weight, variance)
     typical_offset = np.where(some, others(offset) / safe_weight, offset)
     typical_low = np.where(some, typical - Z95 / np.sqrt(safe_weight), variance - Z95 * spread_sd)
-    signal = typical_low >= STDDEV_SIGNAL * noise_at(np.maximum(typical, 0.0), typical_offset)
-    return withheld & ~signal
+    typical_sd = noise_at(np.maximum(typical, 0.0), typical_offset)
+    return withheld & (typical_low < STDDEV_SIGNAL * typical_sd), typical_sd
 
 
 def _interpolate_rows(curve: np.ndarray, grid: np.ndarray, at: np.ndarray) -> np.ndarray:

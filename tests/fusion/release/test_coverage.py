@@ -170,6 +170,27 @@ def test_where_the_stddev_is_released_it_is_unbiased_and_its_interval_covers_on_
     assert {"ghi", "humidity"} <= shown and "air_temp" not in shown, shown
 
 
+@pytest.mark.parametrize("cells", ["decoded", "weekly"])
+def test_the_signed_variance_averages_to_the_truth_and_its_sd_weights_without_bias(
+    cells: str, request: pytest.FixtureRequest
+) -> None:
+    """`variance` is never clipped, so where the stddev estimate is withheld (day cells) averages of it over cells
+    are still unbiased: per metric, the mean error within 3 of its standard errors (measured: -0.1 to 0.6 on day
+    cells, -0.1 to 1.8 over the 26 week releases). Its `variance_sd` is the noise SD of a cell with its count and
+    its pool's spread and mean, so the error over it averages near 0 (measured +0.047 day cells, +0.022 week
+    cells; over each cell's own delta-method SD +0.15, which weighting would turn into a bias), with an SD near 1
+    (1.10 / 1.03: cells whose mean is far from their pool's have more noise than it says)."""
+    d: Decoded = request.getfixturevalue(cells)
+    released = ~np.isnan(d.rows["variance"])
+    assert released.sum() >= 2000
+    error = (d.rows["variance"] - d.truth["stddev"] ** 2)[released]
+    z = error / d.rows["variance_sd"][released]
+    assert abs(z.mean()) < 0.1 and 0.9 < z.std() < 1.2, (z.mean(), z.std())
+    for m in np.unique(d.metric[released]):
+        own = error[d.metric[released] == m]
+        assert abs(own.mean()) < 3 * own.std() / np.sqrt(own.size), (METRICS[m], own.mean(), own.std())
+
+
 def test_quantile_estimates_are_within_half_a_bin_where_the_count_is_clear(decoded: Decoded) -> None:
     """Where the noisy count is at least 3 count SDs, the median absolute error of p10, median and p90 is at most
     half a bin (was 0.5-0.9 bins, p10 of temperature and humidity five bins and more towards the empty end).

@@ -340,6 +340,8 @@ def test_the_stddev_is_unbiased_where_its_noise_is_small() -> None:
     assert abs(estimate.mean() - truth) < 0.1 * estimate.std(), (estimate.mean(), truth, estimate.std())
     assert 0.93 <= np.mean((low <= truth) & (truth <= high)) <= 0.97
     assert 0.005 < estimate.std() < 0.05  # informative: about 0.017 V
+    variance = np.array(column(table, "variance"), dtype=float)  # the signed variance: its rounding removed too
+    assert abs(variance.mean() - truth**2) < 0.1 * variance.std(), (variance.mean(), truth**2, variance.std())
 
 
 def test_the_stddev_estimate_is_unbiased_from_a_variance_of_one_noise_sd_up() -> None:
@@ -398,8 +400,9 @@ def test_without_noise_the_stddev_is_the_readings_own() -> None:
     cells = [np.round(rng.normal(mean, sd, 200_000), 1) for mean, sd in ((230, 1.0), (230, 3.0), (215, 8.0),
                                                                           (245, 2.0))]
     table, _ = voltage_release(cells, noise=False)
-    for values, estimate in zip(cells, column(table, "stddev"), strict=True):
+    for values, estimate, variance in zip(cells, column(table, "stddev"), column(table, "variance"), strict=True):
         assert estimate == pytest.approx(np.clip(values, 200, 260).std(), rel=2e-3)
+        assert variance == pytest.approx(np.clip(values, 200, 260).var(), rel=4e-3)
 
 
 def test_mean_sd_is_the_ratios_sd_and_ratio_mean_the_unclipped_ratio(layout: PartitionLayout,

@@ -41,6 +41,7 @@ def release_rows(release_id: str, hours: range, *, metric: str = "temp", region:
             "epsilon": [1.0] * n, "delta": [1e-6] * n, "noise": ["skellam"] * n, "released_at": [START] * n,
             **{f"{q}{suffix}": [None] * n for q in ("p10", "median", "p90") for suffix in ("", "_ci_low", "_ci_high")},
             "stddev_ci_low": [None] * n, "stddev_ci_high": [None] * n,
+            "variance": [None] * n, "variance_sd": [None] * n,
         },
         schema=RELEASES_SCHEMA,
     )
@@ -360,8 +361,11 @@ def test_compacting_while_another_writer_inserts_loses_nothing(store: Store) -> 
 
 # --- schema evolution -----------------------------------------------------------------------------------------
 
-#: `releases` as an earlier version of Fusion created it: without the mean's SD and the unclipped ratio.
-OLD_RELEASES_SCHEMA = pa.schema([f for f in RELEASES_SCHEMA if f.name not in ("mean_sd", "ratio_mean")])
+#: `releases` as an earlier version of Fusion created it: without the mean's SD and the unclipped ratio, nor the
+#: signed variance and its SD.
+OLD_RELEASES_SCHEMA = pa.schema(
+    [f for f in RELEASES_SCHEMA if f.name not in ("mean_sd", "ratio_mean", "variance", "variance_sd")]
+)
 
 
 def test_a_releases_table_from_before_mean_sd_gains_the_new_columns_on_the_next_insert(tmp_path: Path) -> None:
@@ -372,6 +376,7 @@ def test_a_releases_table_from_before_mean_sd_gains_the_new_columns_on_the_next_
     write_deltalake(store.table_path("releases"), old_rows.cast(OLD_RELEASES_SCHEMA), mode="append")
     assert store.version("releases") == 0
     assert store.read("releases").column("mean_sd").null_count == 3  # readers need nothing
+    assert store.read("releases").column("variance").null_count == 3
 
     assert store.insert_new("releases", release_rows("new", range(2))) == 2
     table = store.read("releases")
