@@ -228,6 +228,21 @@ def summary(r: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
                 float(np.median(np.abs(est - t)[clear] / width[clear])) if clear.any() else math.nan
             )
         out[n] = row
+    released = ~np.isnan(r["variance"])
+    if released.any():  # the signed variance: unbiased over cells, its SD for weighting
+        error = (r["variance"] - r["true_stddev"] ** 2)[released]
+        z = error / r["variance_sd"][released]
+        labels = r["label"][released]
+        out["variance"] = {
+            "released": float(released.sum()),
+            "error_over_sd_mean": float(z.mean()),
+            "error_over_sd_sd": float(z.std()),
+            "mean_error_over_se_by_metric": {
+                lab: float(e.mean() / (e.std() / math.sqrt(e.size)))
+                for lab in sorted(set(labels))
+                if (e := error[labels == lab]).size > 1 and e.std() > 0
+            },
+        }
     return out
 
 
@@ -247,6 +262,14 @@ def main() -> None:
         f"({', '.join(sets)})"
     )
     for n, row in result.items():
+        if n == "variance":
+            worst = max(row["mean_error_over_se_by_metric"].values(), key=abs)
+            print(
+                f"  variance released {row['released']:6.0f}  error / variance_sd: mean "
+                f"{row['error_over_sd_mean']:+.3f}, SD {row['error_over_sd_sd']:.3f}; mean error by station and "
+                f"metric within {abs(worst):.1f} SE"
+            )
+            continue
         larger = max(row["above"], row["below"]) / max(row["above"] + row["below"], 1)
         line = (
             f"  {n:7s} released {row['released']:6.0f}  coverage {row['coverage']:6.2%}  misses above / below "

@@ -392,6 +392,22 @@ def test_the_other_cells_decide_whether_a_cells_stddev_is_shown_not_its_own_sums
         assert (column(table, "stddev")[0] is not None) == shown
 
 
+def test_the_variance_is_withheld_where_the_count_is_too_noisy_to_divide_by() -> None:
+    """S2/n - (S1/n)^2 divides by the noisy count; the second-order correction holds while the count is many of
+    its noise SDs. 400 cells of 30 readings around 250 V (3.8 count SDs at epsilon 1, the mean 20 V from the range's
+    centre) release their mean but no variance (nor stddev estimate); cells of 200 readings (25 count SDs) release
+    a variance whose average over the cells is within 3 standard errors of the truth."""
+    rng = np.random.default_rng(1)
+    few, many = (np.round(rng.normal(250.0, 3.0, n), 1) for n in (30, 200))
+    table, _ = voltage_release([few] * 400, seed=3)
+    assert all(v is None for v in column(table, "variance")) and all(v is None for v in column(table, "stddev"))
+    assert sum(v is not None for v in column(table, "mean")) > 300
+    table, _ = voltage_release([many] * 400, seed=3)
+    variance = np.array(column(table, "variance"), dtype=float)
+    assert not np.isnan(variance).any()
+    assert abs(variance.mean() - many.var()) < 3 * variance.std() / np.sqrt(variance.size)
+
+
 def test_without_noise_the_stddev_is_the_readings_own() -> None:
     """The rounding of squares predicted for the readings' normal fit: within 2e-3 of the SD for spreads from
     1 V up (200,000 readings: the readings' own rounding errors average to +-1e-3), where subtracting nothing was
