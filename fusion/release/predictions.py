@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from fusion.release.estimates import STDDEV_SIGNAL
+from fusion.release.estimates import STDDEV_SIGNAL, VARIANCE_COUNT_SDS
 from fusion.release.quantiles import QUANTILES, Z95, histogram_quantiles
 from privacy.encoding import MetricEncoding, bin_index
 
@@ -87,11 +87,13 @@ def shown_from_spread(encoding: MetricEncoding, *, noise_variance: float, readin
     """The smallest SD of readings (centred in the range, the metric's unit) at which a cell of `readings` readings
     has its stddev estimate released, among many cells like it: the pooled variance V at least STDDEV_SIGNAL times
     the variance's noise SD at V (decode_release's rule, its pool's own uncertainty ignored). inf where no spread
-    inside the clamp range gets there."""
+    inside the clamp range gets there, or where `readings` is under VARIANCE_COUNT_SDS count noise SDs."""
     sd = math.sqrt(noise_variance)
     count_sd, centred_sd = sd / encoding.count_weight, sd * encoding.sum_unit()
     squares_sd = sd * encoding.count_weight * encoding.sum_unit() ** 2
     n = readings
+    if n < VARIANCE_COUNT_SDS * count_sd:  # too few readings for the count's noise: never shown
+        return math.inf
     # V^2 >= K^2 (a^2 + b + (V c)^2), the variance's noise SD at a centred mean (see _variance).
     floor = (squares_sd / n) ** 2 + 2 * centred_sd**4 / n**4
     room = 1.0 - (STDDEV_SIGNAL * count_sd / n) ** 2

@@ -126,3 +126,18 @@ def test_the_predicted_spread_from_which_a_stddev_is_shown_is_the_decoders(above
                            noise_variance=params.total_variance, contributors=1, release_id="r", released_at=START)
     shown = [v is not None for v in table.column("stddev").to_pylist()[cells:]]
     assert all(shown) if above > 1 else not any(shown)
+
+
+def test_too_few_readings_for_the_counts_noise_never_show_a_stddev() -> None:
+    """Below VARIANCE_COUNT_SDS count noise SDs of readings the decoder withholds the variance and the stddev's
+    estimate whatever the spread: the plan says "never" there."""
+    from fusion.release.estimates import VARIANCE_COUNT_SDS
+
+    params = parameters(epsilon=1.0)
+    encoding = ENCODINGS[1]
+    count_sd = math.sqrt(params.total_variance) / encoding.count_weight
+    few, enough = int(VARIANCE_COUNT_SDS * count_sd) - 1, int(VARIANCE_COUNT_SDS * count_sd) + 50
+    row = metric_noise(encoding, noise_variance=params.total_variance, variance=True, quantiles=False, bins=16,
+                       readings=(few, enough))
+    assert math.isinf(row[f"stddev_shown_from_n{few}"])
+    assert math.isfinite(row[f"stddev_shown_from_n{enough}"])
