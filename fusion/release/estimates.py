@@ -369,6 +369,8 @@ def _stddev(
     variance and mean offset, not the cell's own delta-method SD: that one grows with the cell's own noisy mean,
     and weights from it favoured the cells whose noise drew their variance up (on the test's day cells the error
     over it averaged +0.15; over the pooled SD +0.04, with an SD of 1.10 where cells differ from their pool).
+    Both the variance and the stddev's estimate are withheld where the pool's count is under VARIANCE_COUNT_SDS
+    count noise SDs (the interval stays).
     """
     scale = weight * sum_unit**2
     variance, variance_sd = _variance(
