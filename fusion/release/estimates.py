@@ -477,8 +477,9 @@ def _noise_dwarfs_spread(
     counted = pooled & withheld & (spread_sd > 0)
     weight = np.where(counted, 1.0 / np.where(counted, spread_sd, 1.0) ** 2, 0.0)
 
-    def others(values: np.ndarray) -> np.ndarray:  # the group's weighted sum of `values`, leaving the cell out
-        weighted = weight * np.where(weight > 0, values, 0.0)
+    def others(values: np.ndarray, weights: np.ndarray = weight) -> np.ndarray:
+        """The group's `weights`-weighted sum of `values`, leaving the cell out."""
+        weighted = weights * np.where(weights > 0, values, 0.0)
         return np.bincount(group, weights=weighted)[group] - weighted
 
     total_weight = others(np.ones_like(variance))
@@ -492,10 +493,8 @@ def _noise_dwarfs_spread(
     # The pool's count (the others' plain mean): where it is within VARIANCE_COUNT_SDS count SDs of zero, 1 / n
     # bends too much under the count's noise for the second-order correction.
     each = counted.astype(float)
-    peers = np.bincount(group, weights=each)[group] - each
-    typical_count = np.where(
-        peers > 0, (np.bincount(group, weights=each * count)[group] - each * count) / np.maximum(peers, 1.0), count
-    )
+    peers = others(np.ones_like(count), each)
+    typical_count = np.where(peers > 0, others(count, each) / np.maximum(peers, 1.0), count)
     count_clear = ~withheld | (typical_count >= VARIANCE_COUNT_SDS * count_sd)
     return _Pool(withheld & (typical_low < STDDEV_SIGNAL * typical_sd), typical_sd, count_clear)
 

@@ -7,6 +7,7 @@ import math
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from fusion.config.parameters import ReleaseParameters
@@ -50,6 +51,21 @@ def test_count_sum_and_mean_predictions_are_the_decoded_sds() -> None:
         assert row["mean_sd"] == pytest.approx(p[f"mean_sd_n{READINGS[w]}"], rel=1e-12)
 
 
+def load_cells(values: np.ndarray, cells: int, params: ReleaseParameters, *, seed: int) -> pa.Table:
+    """A release of `cells` hourly windows of temp and load: every load cell holds `values` (its rows are the last
+    `cells`), temp's stay empty; every slot noised with the parameters' variance (test-seeded)."""
+    weight, centred = encode_readings(values, np.ones(values.size, dtype=np.int64), ENCODINGS)
+    exact = np.array([weight.sum(), centred.sum(), encode_squares(centred, weight).sum()])
+    layout = PartitionLayout.for_interval(("temp", "load"), ("r",), START, START + cells * HOUR, HOUR,
+                                          ("count", "sum", "sumsq"))
+    totals = np.zeros(layout.slots, dtype=np.int64)
+    for k, component in enumerate(("count", "sum", "sumsq")):
+        layout.block(totals, component)[cells:] = exact[k]
+    totals += SkellamNoise(params.total_variance, generator=seeded_generator(seed)).sample(layout.slots)
+    return decode_release(totals, layout=layout, params=params, units=("degC", "kW"),
+                          noise_variance=params.total_variance, contributors=1, release_id="r", released_at=START)
+
+
 def test_the_stddev_prediction_matches_its_spread_over_noise_draws() -> None:
     """10,000 readings normal around the centre with SD a quarter of the range (the prediction's assumptions):
     over 400 noise draws the stddev's SD is the predicted one and its reported half-width the predicted one,
@@ -58,17 +74,8 @@ def test_the_stddev_prediction_matches_its_spread_over_noise_draws() -> None:
     encoding = ENCODINGS[1]  # load, [0, 500] kW
     n = 10_000
     values = np.clip(np.round(np.random.default_rng(2).normal(250.0, 125.0, n)), 0, 500)
-    weight, centred = encode_readings(values, np.ones(n, dtype=np.int64), ENCODINGS)
-    exact = np.array([weight.sum(), centred.sum(), encode_squares(centred, weight).sum()])
     draws = 400
-    layout = PartitionLayout.for_interval(("temp", "load"), ("r",), START, START + draws * HOUR, HOUR,
-                                          ("count", "sum", "sumsq"))
-    totals = np.zeros(layout.slots, dtype=np.int64)
-    for k, component in enumerate(("count", "sum", "sumsq")):
-        layout.block(totals, component)[draws:] = exact[k]  # the load cells; temp's stay empty
-    totals += SkellamNoise(params.total_variance, generator=seeded_generator(4)).sample(layout.slots)
-    table = decode_release(totals, layout=layout, params=params, units=("degC", "kW"),
-                           noise_variance=params.total_variance, contributors=1, release_id="r", released_at=START)
+    table = load_cells(values, draws, params, seed=4)
     stddev = np.array(table.column("stddev").to_pylist()[draws:], dtype=float)
     half = (np.array(table.column("stddev_ci_high").to_pylist()[draws:], dtype=float)
             - np.array(table.column("stddev_ci_low").to_pylist()[draws:], dtype=float)) / 2
@@ -113,17 +120,8 @@ def test_the_predicted_spread_from_which_a_stddev_is_shown_is_the_decoders(above
                           bins=16, readings=(n,))[f"stddev_shown_from_n{n}"]
     assert math.isfinite(spread) and 0 < spread < 250
     values = np.clip(np.round(np.random.default_rng(8).normal(250.0, above * spread, n)), 0, 500)
-    weight, centred = encode_readings(values, np.ones(n, dtype=np.int64), ENCODINGS)
-    exact = np.array([weight.sum(), centred.sum(), encode_squares(centred, weight).sum()])
     cells = 200
-    layout = PartitionLayout.for_interval(("temp", "load"), ("r",), START, START + cells * HOUR, HOUR,
-                                          ("count", "sum", "sumsq"))
-    totals = np.zeros(layout.slots, dtype=np.int64)
-    for k, component in enumerate(("count", "sum", "sumsq")):
-        layout.block(totals, component)[cells:] = exact[k]
-    totals += SkellamNoise(params.total_variance, generator=seeded_generator(5)).sample(layout.slots)
-    table = decode_release(totals, layout=layout, params=params, units=("degC", "kW"),
-                           noise_variance=params.total_variance, contributors=1, release_id="r", released_at=START)
+    table = load_cells(values, cells, params, seed=5)
     shown = [v is not None for v in table.column("stddev").to_pylist()[cells:]]
     assert all(shown) if above > 1 else not any(shown)
 
