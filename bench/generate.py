@@ -124,7 +124,7 @@ def config_text(
     noise: bool = True,
     quorum: int = 3,
     batch_rows: int = 262_144,
-    shard_rows: int = 4_000_000,
+    shard_rows: int | None = None,
 ) -> str:
     """A federation config over the generated feeds. Production mode (secure noise) unless `noise` is off,
     which only test mode allows."""
@@ -148,7 +148,9 @@ def config_text(
             f"max_partitions = {ENTITY_MAX_PARTITIONS}",
             f"max_readings_per_partition = {ENTITY_MAX_PER_PARTITION}",
         ]
-    lines += ["[pipeline]", f"shard_rows = {shard_rows}", f"batch_rows = {batch_rows}"]
+    lines += ["[pipeline]", f"batch_rows = {batch_rows}"]
+    if shard_rows is not None:  # unset: the privacy unit's default, as a federation's own config has it
+        lines.append(f"shard_rows = {shard_rows}")
     for name, (unit, lower, upper, resolution, plausible) in METRICS.items():
         lines += [
             "[[metrics]]",

@@ -571,7 +571,7 @@ def scan_together(plans: Sequence[ReleasePlan], institution: InstitutionConfig) 
     """By release id, the institution's scan for each of `plans` (disjoint intervals of one federation, such as a
     burst of stream windows; each plan's own copy of the institution, whose feeds may differ) made in one DuckDB
     pass (fusion.feeds.scan.scan_windows), for as many of the plans as one scan shard holds (their readings
-    together at most `pipeline.shard_rows`, as the scans are held until each plan's contribution takes its own;
+    together at most `pipeline.shard_rows` (its default by unit), as the scans are held until each plan's contribution takes its own;
     the others scan their own files); empty when they cannot be scanned together. Writes nothing: each plan's
     contribution then takes its own scan (`prescanned`) and goes on exactly as if it had scanned its files."""
     chosen, listed = [], []
@@ -580,7 +580,7 @@ def scan_together(plans: Sequence[ReleasePlan], institution: InstitutionConfig) 
         own = plan.config.institution(institution.id)  # its feeds as the plan reads them (a window's spool)
         files = list_sources(plan, own).sources
         estimate = estimated_rows(files, own.feeds) if files else 0
-        if files and rows + estimate <= plan.config.pipeline.shard_rows:
+        if files and rows + estimate <= plan.config.shard_rows:
             rows += estimate
             chosen.append(plan)
             listed.append(files)

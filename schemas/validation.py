@@ -100,22 +100,40 @@ def _has_padding(column: pa.ChunkedArray) -> bool:
     return False
 
 
+def _trimmed(text: str) -> str:
+    """`text` (a DuckDB text expression) as trim() leaves it, calling trim() only on values it may change: those
+    that start or end with an ASCII space, or hold a character outside ASCII (trim() strips the Unicode space
+    separators too, U+00A0, U+3000 and the like; for ASCII text strlen = length). trim() copies each value it is
+    given, and when a column's values are too many to be trimmed once per Parquet dictionary (tens of thousands of
+    meters: DuckDB then runs it on every row) that copy was most of the scan's validation cost: 51 against 23 ms
+    over a million readings of 30,000 entities, 15 against 11 ms over 10,000."""
+    changes = f"{text} LIKE ' %' OR {text} LIKE '% ' OR strlen({text}) <> length({text})"
+    return f"CASE WHEN {changes} THEN trim({text}) ELSE {text} END"
+
+
 def _missing_expr(column: str | None, arrow_type: pa.DataType | None, padded: bool = True) -> str:
     """Absent, null, or (for text) blank: a missing field."""
     if column is None:
         return "TRUE"
     if _is_text(arrow_type):
         ref = _text_ref(column, arrow_type)
-        text = f"trim({ref})" if padded else ref
+        text = _trimmed(ref) if padded else ref
         return f"({_quote(column)} IS NULL OR {text} = '')"
     return f"{_quote(column)} IS NULL"
 
 
-def _text_expr(column: str | None, arrow_type: pa.DataType | None = None, padded: bool = True) -> str:
+def _text_expr(
+    column: str | None, arrow_type: pa.DataType | None = None, padded: bool = True, *, many: bool = False
+) -> str:
+    """A text field, trimmed, blank as NULL. `many`: a field with many distinct values (an entity's or a sensor's
+    id), trimmed through `_trimmed`; a field of a few values (region, metric) is trimmed plainly, as DuckDB then
+    trims each Parquet dictionary's values once."""
     if column is None:
         return "NULL::VARCHAR"
     if _is_text(arrow_type) and not padded:
         return f"NULLIF({_text_ref(column, arrow_type)}, '')"
+    if _is_text(arrow_type) and many:
+        return f"NULLIF({_trimmed(_text_ref(column, arrow_type))}, '')"
     return f"NULLIF(trim(TRY_CAST({_quote(column)} AS VARCHAR)), '')"
 
 
@@ -198,7 +216,8 @@ def checked_sql(
         _missing_expr(present.get(f), types.get(f), pad.get(f, True)) for f in (EVENT_TIME, VALUE)
     )
     text = {
-        f: _text_expr(present.get(f), types.get(f), pad.get(f, True)) for f in (ENTITY_ID, REGION, METRIC, SENSOR_ID)
+        f: _text_expr(present.get(f), types.get(f), pad.get(f, True), many=f in (ENTITY_ID, SENSOR_ID))
+        for f in (ENTITY_ID, REGION, METRIC, SENSOR_ID)
     }
     value = _value_expr(present.get(VALUE), types.get(VALUE))
     when = _time_expr(present.get(EVENT_TIME), types.get(EVENT_TIME), time_format)

@@ -27,13 +27,22 @@ from fusion.errors import ConfigError
 from fusion.runtime.durations import parse_duration
 from fusion.runtime.schedule import ScheduleConfig, check_schedules
 
+#: Readings per scan shard when `pipeline.shard_rows` is unset. A running shard holds its readings while it is
+#: de-duplicated and, at entity level, bounded (about 70 bytes a reading at event level, 140 at entity level, on top
+#: of the process's ~0.3 GiB); an institution with more is split, its files first staged (scanned once, written out
+#: per shard), which cost 15-20% of the throughput at 30M readings. Peaks with the default 2 workers (bench data, 5
+#: institutions): event level 1.3 GiB at 8M readings an institution, entity level 1.35 GiB at 8M in two 4M shards
+#: (2.0 GiB at 6M in one).
+DEFAULT_SHARD_ROWS: dict[PrivacyUnit, int] = {PrivacyUnit.READING: 8_000_000, PrivacyUnit.ENTITY: 4_000_000}
+
 
 class PipelineConfig(Frozen):
     """Execution knobs; Beam options (e.g. --runner) are passed through on the command line."""
 
     # Readings per scan shard: an institution's readings are hash-partitioned into ceil(rows / shard_rows) shards,
-    # each scanned, de-duplicated, bounded and packed by one worker (peak memory: up to about 250 bytes a reading).
-    shard_rows: int = Field(default=4_000_000, ge=1024, le=500_000_000)
+    # each scanned, de-duplicated, bounded and packed by one worker (each running shard holds about 70 bytes a
+    # reading at event level, 140 at entity level). Unset: 8M at event level, 4M at entity level.
+    shard_rows: int | None = Field(default=None, ge=1024, le=500_000_000)
     batch_rows: int = Field(default=262_144, ge=1024)  # rows per Arrow batch read from a CSV or JSON lines file
     # Steps run at a time when `fusion batch` runs the contributions in process (no Beam options): files to stage,
     # scan shards, institutions' seals. Each running shard holds its rows (see shard_rows): memory grows with it.
@@ -218,6 +227,12 @@ class Config(Frozen):
     @property
     def window(self) -> timedelta:
         return parse_duration(self.federation.window)
+
+    @property
+    def shard_rows(self) -> int:
+        """Readings per scan shard: `pipeline.shard_rows`, or the privacy unit's default (DEFAULT_SHARD_ROWS)."""
+        configured = self.pipeline.shard_rows
+        return DEFAULT_SHARD_ROWS[self.privacy.unit] if configured is None else configured
 
     @property
     def deadline(self) -> timedelta:

@@ -184,7 +184,7 @@ def scan_shards(
     """How many scan shards the institution's readings for the interval (its `sources`, listed when None) are
     split into."""
     rows = estimated_rows(feed_sources(plan, institution) if sources is None else sources, institution.feeds)
-    return max(1, ceil(rows / plan.config.pipeline.shard_rows))
+    return max(1, ceil(rows / plan.config.shard_rows))
 
 
 def staged_sources(

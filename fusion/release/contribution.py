@@ -80,8 +80,10 @@ def shared_key_rows(keys: np.ndarray | pa.ChunkedArray) -> np.ndarray:
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]
     if repeated.size == 0:
         return np.zeros(0, dtype=np.int64)
-    # The rows whose top bits may repeat, by a table of the repeated values' leading bits (a superset).
-    bits = min(24, max(8, values.size.bit_length() + 2))
+    # The rows whose top bits may repeat, by a table of the repeated values' leading bits (a superset). The table
+    # has about 256 entries per repeated value (false candidates ~0.4%): sized by the rows instead, its 16 MB of
+    # random lookups missed the cache (6M keys: 0.34 s against 0.26 s; 10% duplicated rows: 1.14 against 1.01 s).
+    bits = min(24, max(8, repeated.size.bit_length() + 8))
     table = np.zeros(1 << bits, dtype=bool)
     table[repeated >> (32 - bits)] = True
     candidates = np.flatnonzero(table[top >> (32 - bits)])

@@ -29,7 +29,7 @@ from schemas.readings import (
     VALUE,
 )
 from schemas.reasons import REASON_PRECEDENCE, RejectReason
-from schemas.validation import ReadingRules, ReadingValidator
+from schemas.validation import ReadingRules, ReadingValidator, _trimmed, connect
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 END = START + timedelta(hours=6)
@@ -298,6 +298,24 @@ def test_a_row_s_verdict_does_not_depend_on_the_rest_of_its_batch(validator: Rea
     trimmed = validator.validate(text_table([row, padded]), columns=IDENTITY)
     assert alone.reasons == trimmed.reasons
     assert alone.accepted.to_pylist() == trimmed.accepted.to_pylist()
+
+
+#: Every Unicode space separator (category Zs: what DuckDB's trim() strips), and characters it keeps.
+SPACES = " \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000"
+EDGES = SPACES + "\t\n\r\u200b\ufeffaZ0-_é漢"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.text(alphabet=EDGES, max_size=6), st.text(max_size=8)), min_size=1,
+                max_size=40))
+def test_the_guarded_trim_gives_what_trim_gives(values: list[str | None]) -> None:
+    # The feed scan trims an entity's or a sensor's id only where trim() may change it (fusion/feeds/scan.py,
+    # `_trimmed`): the same text, NULL included, for every value.
+    con = connect()
+    con.register("t", pa.table({"x": pa.array(values, pa.string())}))
+    got = con.sql(f"SELECT {_trimmed('x')} AS g, trim(x) AS t FROM t").fetchall()
+    assert [g for g, _ in got] == [t for _, t in got]
+    con.close()
 
 
 def test_empty_batch(validator: ReadingValidator) -> None:

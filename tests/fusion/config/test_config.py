@@ -11,9 +11,11 @@ import pydantic
 import pytest
 
 from fusion.config.federation import (
+    DEFAULT_SHARD_ROWS,
     Config,
     FeedFormat,
     PrivacyMode,
+    PrivacyUnit,
     TimeFormat,
     load_config,
     parse_config,
@@ -71,6 +73,17 @@ def test_a_valid_config_loads_into_frozen_typed_models(tmp_path: Path) -> None:
     assert config.institution("beta").id == "beta"
     with pytest.raises(pydantic.ValidationError):
         config.privacy.epsilon = 100.0  # type: ignore[misc]
+
+
+def test_scan_shards_default_by_privacy_unit_unless_configured(tmp_path: Path) -> None:
+    event = load_config(write(tmp_path, valid_text(), "event.toml"))
+    entity = load_config(write(tmp_path, valid_text(
+        extra_privacy='unit = "entity"\nmax_partitions = 4\nmax_readings_per_partition = 2'), "entity.toml"))
+    assert event.pipeline.shard_rows is None and entity.pipeline.shard_rows is None
+    assert event.shard_rows == DEFAULT_SHARD_ROWS[PrivacyUnit.READING] == 8_000_000
+    assert entity.shard_rows == DEFAULT_SHARD_ROWS[PrivacyUnit.ENTITY] == 4_000_000  # bounding holds twice the memory
+    configured = load_config(write(tmp_path, valid_text() + "[pipeline]\nshard_rows = 5000\n", "set.toml"))
+    assert configured.shard_rows == 5000
 
 
 def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
