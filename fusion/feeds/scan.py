@@ -265,7 +265,13 @@ _KEY_HASH = f"hash({ENTITY_ID}, {SENSOR_ID}, {REGION}, {METRIC}, {EVENT_TIME}, {
 
 def _encoded_columns(layout: PartitionLayout, entity_level: bool, *, row: str, start_us: str) -> list[str]:
     """The columns `encoded_sql` selects from `c` (a `checked_sql` relation): `row` is the row number's
-    expression, `start_us` the expression of the first cell's start (epoch microseconds)."""
+    expression, `start_us` the expression of the first cell's start (epoch microseconds).
+
+    The encodings are computed for every row, rejected ones included (whose values every reader drops with the
+    row: only rows whose reason is NULL are packed), and never fail on one: values are clamped before they are
+    cast (NaN and infinities too), and an unknown metric or region, or a missing time or value, gives NULL or a
+    clamped bound. Wrapped in `CASE WHEN c.reason IS NULL`, each column evaluated the whole reason again (DuckDB
+    does not share it between the projection's columns): 29 of the 88 ms a million readings took."""
     window_us = int(layout.window.total_seconds() * 1_000_000)
     regions, windows = len(layout.regions), layout.windows
     steps = f"CAST(round_even(least(greatest({VALUE}, m_lower), m_upper) / m_resolution, 0) AS BIGINT)"
@@ -273,21 +279,21 @@ def _encoded_columns(layout: PartitionLayout, entity_level: bool, *, row: str, s
     columns = [
         f"{row} AS {ROW}",
         "c.reason",
-        f"CASE WHEN c.reason IS NULL THEN (c.metric_idx * {regions} + c.region_idx) * {windows} "
-        f"+ (epoch_us({EVENT_TIME}) - {start_us}) // {window_us} END AS {CELL}",
-        f"CASE WHEN c.reason IS NULL THEN {centred} END AS {SUM}",
+        f"(c.metric_idx * {regions} + c.region_idx) * {windows} "
+        f"+ (epoch_us({EVENT_TIME}) - {start_us}) // {window_us} AS {CELL}",
+        f"{centred} AS {SUM}",
         f"{_KEY_HASH} AS {KEY}",
     ]
     if layout.has(SUMSQ):
         columns.append(
             # Squared in DOUBLE: exact below 2^53, correctly rounded above (as NumPy's float division of q * q).
-            f"CASE WHEN c.reason IS NULL THEN CAST(round_even(CAST(({centred}) AS DOUBLE) "
-            f"* CAST(({centred}) AS DOUBLE) / CAST(m_weight AS DOUBLE), 0) AS BIGINT) END AS {SUMSQ}"
+            f"CAST(round_even(CAST(({centred}) AS DOUBLE) "
+            f"* CAST(({centred}) AS DOUBLE) / CAST(m_weight AS DOUBLE), 0) AS BIGINT) AS {SUMSQ}"
         )
     if layout.bins:
         columns.append(
-            f"CASE WHEN c.reason IS NULL THEN least(greatest((({steps}) - m_low_steps) * {layout.bins} "
-            f"// m_span_steps, 0), {layout.bins - 1}) END AS {BIN}"
+            f"least(greatest((({steps}) - m_low_steps) * {layout.bins} "
+            f"// m_span_steps, 0), {layout.bins - 1}) AS {BIN}"
         )
     if entity_level:
         columns.append(f"{_partition(entity_level)} AS {ENTITY}")
