@@ -571,8 +571,8 @@ def scan_together(plans: Sequence[ReleasePlan], institution: InstitutionConfig) 
     """By release id, the institution's scan for each of `plans` (disjoint intervals of one federation, such as a
     burst of stream windows; each plan's own copy of the institution, whose feeds may differ) made in one DuckDB
     pass (fusion.feeds.scan.scan_windows), for as many of the plans as one scan shard holds (their readings
-    together at most `pipeline.shard_rows` (its default by unit), as the scans are held until each plan's contribution takes its own;
-    the others scan their own files); empty when they cannot be scanned together. Writes nothing: each plan's
+    together at most the config's `shard_rows`, as the scans are held until each plan's contribution takes its
+    own; the others scan their own files); empty when they cannot be scanned together. Writes nothing: each plan's
     contribution then takes its own scan (`prescanned`) and goes on exactly as if it had scanned its files."""
     chosen, listed = [], []
     rows = 0
