@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from fusion.errors import ReleaseRefused
 from fusion.release.plan import ReleasePlan
+from fusion.release.retention import prune_after_release
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetExceeded, BudgetLedger
 from fusion.store.mode import bind_store_mode
@@ -145,6 +146,7 @@ def run_batch(
         raise ReleaseRefused(f"aggregation did not complete: {aggregated}")
     on_stage("release")
     outcome: ReleaseOutcome = release(plan, store)
+    prune_after_release(plan.config, store)
     return BatchSummary(
         release_id=outcome.release_id,
         status=outcome.status,

@@ -37,6 +37,7 @@ from typing import Any
 from fusion.config.federation import InstitutionConfig
 from fusion.errors import ReleaseRefused
 from fusion.release.plan import ReleasePlan
+from fusion.release.retention import prune_after_release
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetExceeded, BudgetLedger
 from fusion.store.mode import bind_store_mode
@@ -216,6 +217,8 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
                     refuse(one.plan, exc)
     for outcome in published:
         outcomes[outcome.release_id] = WindowOutcome(outcome.release_id, outcome.status)
+    if published:
+        prune_after_release(plans[0].config, store)
     cpu: defaultdict[str, float] = defaultdict(float)
     if scan_cpu:
         cpu["scan"] = sum(scan_cpu)

@@ -14,7 +14,7 @@ Public API (what the rest of the repository imports), by module:
 - `mechanisms`: add_parsers, COMMANDS, run_command, show_recommendation, verify_mechanisms_tables
 - `options`: non_negative, with_config, with_interval
 - `output`: console, err_console, print_arrow
-- `release`: add_parsers, cmd_aggregate, cmd_batch, cmd_contribute, cmd_release
+- `release`: add_parsers, cmd_aggregate, cmd_batch, cmd_contribute, cmd_prune_exchange, cmd_release
 - `schedule`: add_parsers, cmd_backfill, cmd_schedule
 - `serve`: add_parsers, cmd_serve
 - `stream`: add_parsers, cmd_stream

@@ -22,7 +22,7 @@ from fusion.cli.demo import cmd_demo
 from fusion.cli.inspection import cmd_budget, cmd_plan, cmd_sql, cmd_verify
 from fusion.cli.keys import cmd_keys
 from fusion.cli.output import err_console
-from fusion.cli.release import cmd_aggregate, cmd_batch, cmd_contribute, cmd_release
+from fusion.cli.release import cmd_aggregate, cmd_batch, cmd_contribute, cmd_prune_exchange, cmd_release
 from fusion.cli.stream import cmd_stream
 from fusion.errors import FusionError
 from fusion.runtime.shutdown import exit_now, own_process
@@ -135,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_aggregate(args, beam_args)
         if args.command == "release":
             return cmd_release(args)
+        if args.command == "prune-exchange":
+            return cmd_prune_exchange(args)
         if args.command == "verify":
             return cmd_verify(args)
         if args.command == "budget":

@@ -8,7 +8,7 @@ import argparse
 import gc
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
@@ -42,6 +42,18 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "without Beam options; any Beam option, such as --runner=DirectRunner, runs the Beam pipelines)",
     )
     add_stream_parsers(sub)
+    prune = with_config(sub.add_parser(
+        "prune-exchange",
+        help="aggregator: remove released intervals' folders from the shared exchange once their release is older "
+        "than federation.exchange_retention (or --older-than)",
+    ))
+    prune.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        help="remove the folders of intervals released longer ago than this (e.g. 30d, 12h, 0s); default: the "
+        "config's federation.exchange_retention",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     contribute = with_interval(with_config(sub.add_parser(
         "contribute",
         help="institution: seal a contribution",
@@ -273,6 +285,37 @@ def cmd_aggregate(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
             console.print(f"[yellow]{escape(str(result['reason']))}[/yellow]")
         return 3
     console.print(f"aggregated {len(result['contributors'])} contribution(s): {', '.join(result['contributors'])}")
+    return 0
+
+
+def cmd_prune_exchange(args: argparse.Namespace) -> int:
+    """Exit 0 when the prune ran (whatever it removed); 1 when no retention is given or the config is bad."""
+    from fusion.release.retention import prune_exchange
+    from fusion.runtime.durations import parse_duration
+
+    config = load_config(args.config)
+    retention = None
+    if args.older_than is not None:
+        text = args.older_than.strip()
+        try:
+            retention = timedelta(0) if text in ("0", "0s") else parse_duration(text)
+        except ValueError as exc:
+            raise FusionError(f"--older-than: {exc}") from None
+    elif config.exchange_retention is None:
+        raise FusionError(
+            "no retention: set federation.exchange_retention in the config (e.g. \"30d\"), or pass --older-than"
+        )
+    report = prune_exchange(config, retention=retention, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    size = f" ({report.removed_bytes / 1e6:,.1f} MB)" if report.removed_bytes is not None else ""
+    console.print(
+        f"{verb} {len(report.removed)} released interval folder(s){size} from {config.exchange_path}; kept "
+        f"{len(report.kept_recent)} released too recently and {len(report.kept_unreleased)} not released",
+        markup=False,
+        highlight=False,
+    )
+    for name in report.removed:
+        console.print(f"  {name}", markup=False, highlight=False)
     return 0
 
 

@@ -60,6 +60,18 @@ class FederationConfig(Frozen):
     # How long after an interval ends the aggregator waits for missing institutions before declaring them
     # absent (which starts the recovery round, so the others are not blocked).
     deadline: str = "15m"
+    # How long the shared exchange keeps a released interval's files (contributions, unmask answers, roster,
+    # aggregate: about 1.5 MB an institution a release) after its release is published; then `fusion batch`,
+    # `fusion stream` and `fusion prune-exchange` remove them. Unset: kept until removed by hand. Nothing a
+    # published release needs is there: `fusion verify` checks the store alone.
+    exchange_retention: str | None = None
+
+    @field_validator("exchange_retention")
+    @classmethod
+    def _exchange_retention(cls, retention: str | None) -> str | None:
+        if retention is not None and retention.strip() not in ("0", "0s"):
+            parse_duration(retention)
+        return retention
 
     @field_validator("deadline")
     @classmethod
@@ -227,6 +239,14 @@ class Config(Frozen):
     @property
     def window(self) -> timedelta:
         return parse_duration(self.federation.window)
+
+    @property
+    def exchange_retention(self) -> timedelta | None:
+        """`federation.exchange_retention` as a duration (None: released intervals' files are kept)."""
+        text = self.federation.exchange_retention
+        if text is None:
+            return None
+        return timedelta(0) if text.strip() in ("0", "0s") else parse_duration(text)
 
     @property
     def shard_rows(self) -> int:

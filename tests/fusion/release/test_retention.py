@@ -1,0 +1,108 @@
+"""The exchange's retention: released intervals' folders leave once their release is old enough, and nothing else
+does (real releases: Beam-free in-process batch, TenSEAL, Delta store)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from fusion.cli.core import main
+from fusion.config.federation import load_config
+from fusion.errors import ConfigError
+from fusion.release.exchange import PUBLIC_CONTEXT, ReleaseKey
+from fusion.release.plan import plan_release
+from fusion.release.retention import interval_folders, prune_exchange
+from pipelines.batch import run_batch
+from tests.conftest import END, START, Federation
+
+pytestmark = pytest.mark.e2e
+
+MIDDLE = START + timedelta(hours=3)
+LATER = (END, END + timedelta(hours=1))  # an interval with a folder in the exchange and no release
+
+
+def _interval(start: datetime, end: datetime) -> str:
+    return ReleaseKey("f", start, end, "", "").interval_name
+
+
+def _released_twice(make_federation: Callable[..., Federation]) -> Federation:
+    fed = make_federation()
+    for start, end in ((START, MIDDLE), (MIDDLE, END)):
+        assert run_batch(plan_release(fed.config, start, end)).status == "released"
+    return fed
+
+
+def _unreleased_folder(fed: Federation) -> Path:
+    folder = Path(fed.config.exchange_path) / _interval(*LATER) / "contributions"
+    folder.mkdir(parents=True)
+    (folder / "alpha.fenv").write_bytes(b"sealed, never aggregated")
+    return folder.parent
+
+
+def test_only_released_intervals_past_the_retention_leave_the_exchange(
+    make_federation: Callable[..., Federation],
+) -> None:
+    fed = _released_twice(make_federation)
+    unreleased = _unreleased_folder(fed)
+    exchange = Path(fed.config.exchange_path)
+    released = [_interval(START, MIDDLE), _interval(MIDDLE, END)]
+    assert interval_folders(str(exchange)) == sorted([*released, unreleased.name])
+
+    recent = prune_exchange(fed.config, retention=timedelta(days=1))
+    assert recent.removed == [] and sorted(recent.kept_recent) == released
+    assert recent.kept_unreleased == [unreleased.name]
+
+    later = datetime.now(UTC) + timedelta(days=2)
+    dry = prune_exchange(fed.config, retention=timedelta(days=1), now=later, dry_run=True)
+    assert dry.removed == released and dry.removed_bytes and dry.removed_bytes > 100_000
+    assert all((exchange / name).is_dir() for name in released)  # a dry run removes nothing
+
+    done = prune_exchange(fed.config, retention=timedelta(days=1), now=later)
+    assert done.removed == released and done.removed_bytes == dry.removed_bytes
+    assert not any((exchange / name).exists() for name in released)
+    assert unreleased.is_dir() and (exchange / PUBLIC_CONTEXT).is_file()  # the rest stays
+    # The releases stay whole: verified against the key holder's signature from the store alone, and a run of a
+    # released interval stops at the store.
+    assert main(["verify", "--config", str(fed.config_path)]) == 0
+    assert run_batch(plan_release(fed.config, START, MIDDLE)).status == "already_released"
+    assert not (exchange / released[0]).exists()
+
+
+def test_a_retention_in_the_config_prunes_after_each_release(make_federation: Callable[..., Federation]) -> None:
+    fed = make_federation()
+    text = fed.config_path.read_text().replace('window = "1h"', 'window = "1h"\nexchange_retention = "0s"', 1)
+    fed.config_path.write_text(text)
+    assert fed.config.exchange_retention == timedelta(0)
+    unreleased = _unreleased_folder(fed)
+    for start, end in ((START, MIDDLE), (MIDDLE, END)):
+        assert run_batch(plan_release(fed.config, start, end)).status == "released"
+        assert not (Path(fed.config.exchange_path) / _interval(start, end)).exists()  # its own, at once
+    assert unreleased.is_dir()
+
+
+def test_the_command_needs_a_retention_and_reports_what_it_removes(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = _released_twice(make_federation)
+    config = str(fed.config_path)
+    assert main(["prune-exchange", "--config", config]) == 1
+    assert "exchange_retention" in capsys.readouterr().err
+    assert main(["prune-exchange", "--config", config, "--older-than", "soon"]) == 1
+    assert "--older-than" in capsys.readouterr().err
+    assert main(["prune-exchange", "--config", config, "--older-than", "0s", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would remove 2 released interval folder(s)" in out and _interval(START, MIDDLE) in out
+    assert len(interval_folders(fed.config.exchange_path)) == 2
+    assert main(["prune-exchange", "--config", config, "--older-than", "0s"]) == 0
+    assert "removed 2" in capsys.readouterr().out and interval_folders(fed.config.exchange_path) == []
+
+
+def test_a_bad_retention_fails_at_load_naming_the_field(make_federation: Callable[..., Federation]) -> None:
+    fed = make_federation()
+    text = fed.config_path.read_text().replace('window = "1h"', 'window = "1h"\nexchange_retention = "a while"')
+    fed.config_path.write_text(text)
+    with pytest.raises(ConfigError, match="federation.exchange_retention"):
+        load_config(fed.config_path)
