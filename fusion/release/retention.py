@@ -122,14 +122,14 @@ def prune_exchange(
 
 def prune_after_release(config: Config, store: Store) -> PruneReport | None:
     """After a release is published (`fusion batch`, `fusion stream`): prune the exchange when the config sets a
-    retention (None when it does not). A prune that fails leaves the release as published and says why in a
-    warning: the folders stay for the next prune (or `fusion prune-exchange`)."""
+    retention (None when it does not). A prune that fails leaves the release as published and says why (logged
+    as an error, which the command line shows): the folders stay for the next prune (or `fusion prune-exchange`)."""
     if config.exchange_retention is None:
         return None
     try:
         report = prune_exchange(config, store=store)
-    except OSError as exc:
-        _log.warning("the exchange was not pruned (%s: %s); the release is published", type(exc).__name__, exc)
+    except (OSError, pa.ArrowException) as exc:  # logged as an error: `fusion` shows its own errors only
+        _log.error("the release is published, but the exchange was not pruned: %s: %s", type(exc).__name__, exc)
         return None
     if report.removed:
         _log.info("removed %d released interval folders from the exchange", len(report.removed))

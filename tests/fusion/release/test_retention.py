@@ -104,5 +104,21 @@ def test_a_bad_retention_fails_at_load_naming_the_field(make_federation: Callabl
     fed = make_federation()
     text = fed.config_path.read_text().replace('window = "1h"', 'window = "1h"\nexchange_retention = "a while"')
     fed.config_path.write_text(text)
-    with pytest.raises(ConfigError, match="federation.exchange_retention"):
+    with pytest.raises(ConfigError, match=r"federation\.exchange_retention"):
         load_config(fed.config_path)
+
+
+def test_a_prune_that_fails_after_a_release_leaves_it_published_and_says_why(
+    make_federation: Callable[..., Federation], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fed = make_federation()
+    text = fed.config_path.read_text().replace('window = "1h"', 'window = "1h"\nexchange_retention = "0s"', 1)
+    fed.config_path.write_text(text)
+
+    def refused(path: str) -> None:
+        raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
+
+    monkeypatch.setattr("fusion.release.retention.remove_tree", refused)
+    assert run_batch(plan_release(fed.config, START, MIDDLE)).status == "released"
+    assert "exchange was not pruned: PermissionError" in caplog.text
+    assert (Path(fed.config.exchange_path) / _interval(START, MIDDLE)).is_dir()  # left for the next prune
