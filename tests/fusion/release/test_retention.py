@@ -15,6 +15,7 @@ from fusion.errors import ConfigError
 from fusion.release.exchange import PUBLIC_CONTEXT, ReleaseKey
 from fusion.release.plan import plan_release
 from fusion.release.retention import interval_folders, prune_exchange
+from fusion.store.delta import Store
 from pipelines.batch import run_batch
 from tests.conftest import END, START, Federation
 
@@ -122,3 +123,19 @@ def test_a_prune_that_fails_after_a_release_leaves_it_published_and_says_why(
     assert run_batch(plan_release(fed.config, START, MIDDLE)).status == "released"
     assert "exchange was not pruned: PermissionError" in caplog.text
     assert (Path(fed.config.exchange_path) / _interval(START, MIDDLE)).is_dir()  # left for the next prune
+
+
+def test_the_stream_prunes_after_its_releases(make_federation: Callable[..., Federation]) -> None:
+    from pipelines.stream_driver import StreamDriver
+    from tests.pipelines.test_stream import land, stream_federation
+
+    fed = stream_federation(make_federation)
+    text = fed.config_path.read_text().replace('window = "1h"', 'window = "1h"\nexchange_retention = "0s"', 1)
+    fed.config_path.write_text(text)
+    for hour in range(6):
+        land(fed, hour)
+    driver = StreamDriver(fed.config, clock=lambda: END)
+    driver.step()
+    released = Store(fed.config.store_path).read("releases").column("window_start").to_pylist()
+    assert len(set(released)) == 6
+    assert interval_folders(fed.config.exchange_path) == []
