@@ -13,11 +13,11 @@ import pyarrow as pa
 
 from fusion.errors import ReleaseRefused
 from fusion.release.plan import ReleasePlan
-from fusion.release.retention import prune_after_release
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetExceeded, BudgetLedger
 from fusion.store.mode import bind_store_mode
 from pipelines.release import ReleaseOutcome, audit_event, audit_row, release
+from pipelines.retention import prune_after_release
 from pipelines.run import names_runner, run_aggregate, run_contributions, run_unmask
 from schemas.reasons import FileReason
 from schemas.tables import AUDIT_SCHEMA

@@ -37,13 +37,13 @@ from typing import Any
 from fusion.config.federation import InstitutionConfig
 from fusion.errors import ReleaseRefused
 from fusion.release.plan import ReleasePlan
-from fusion.release.retention import prune_after_release
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetExceeded, BudgetLedger
 from fusion.store.mode import bind_store_mode
 from pipelines.batch import audit_feeds
 from pipelines.contribute import Prescan, prescanned, scan_together
 from pipelines.release import PreparedRelease, ReleaseOutcome, audit_event, prepare_releases, publish_releases
+from pipelines.retention import prune_after_release
 from pipelines.run import run_aggregate, run_contributions, run_unmask
 
 

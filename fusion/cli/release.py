@@ -290,8 +290,8 @@ def cmd_aggregate(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
 def cmd_prune_exchange(args: argparse.Namespace) -> int:
     """Exit 0 when the prune ran (whatever it removed); 1 when no retention is given or the config is bad."""
-    from fusion.release.retention import prune_exchange
     from fusion.runtime.durations import parse_duration
+    from pipelines.retention import prune_exchange
 
     config = load_config(args.config)
     retention = None

@@ -14,9 +14,9 @@ from fusion.config.federation import load_config
 from fusion.errors import ConfigError
 from fusion.release.exchange import PUBLIC_CONTEXT, ReleaseKey
 from fusion.release.plan import plan_release
-from fusion.release.retention import interval_folders, prune_exchange
 from fusion.store.delta import Store
 from pipelines.batch import run_batch
+from pipelines.retention import interval_folders, prune_exchange
 from tests.conftest import END, START, Federation
 
 pytestmark = pytest.mark.e2e
@@ -119,7 +119,7 @@ def test_a_prune_that_fails_after_a_release_leaves_it_published_and_says_why(
     def refused(path: str) -> None:
         raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
 
-    monkeypatch.setattr("fusion.release.retention.remove_tree", refused)
+    monkeypatch.setattr("pipelines.retention.remove_tree", refused)
     assert run_batch(plan_release(fed.config, START, MIDDLE)).status == "released"
     assert "exchange was not pruned: PermissionError" in caplog.text
     assert (Path(fed.config.exchange_path) / _interval(START, MIDDLE)).is_dir()  # left for the next prune
