@@ -2,12 +2,13 @@
 
 Every release leaves its interval's folder in the exchange (`<exchange>/<interval name>/`: the institutions'
 contribution envelopes, the roster and its acknowledgements, the unmask answers, the aggregate and its status),
-about 1.5 MB an institution a release, and nothing removed them: a year of hourly releases of 20 institutions is
-about 260 GB. Once the release is published nothing reads them again: the store holds the release, its
-signature and its audit trail (`fusion verify` checks the store alone), a later run of the interval stops at the
-store ("already released") before it opens the exchange, and each institution keeps its own sealed record
-(pipelines/sealing.py). `federation.exchange_retention` says how long after its release an interval's folder
-stays (for whoever wants to look at the envelopes); `prune_exchange` removes the folders past it.
+about 1.5 MB an institution a release with the demo's layout, and nothing removed them: a year of hourly
+releases of 20 institutions is about 260 GB. Once the release is published nothing reads them again: the store
+holds the release, its signature and its audit trail (`fusion verify` checks the store alone), a later run of
+the interval stops at the store ("already released") before it opens the exchange, and each institution keeps
+its own sealed record (pipelines/sealing.py). `federation.exchange_retention` says how long after its release
+an interval's folder stays (for whoever wants to look at the envelopes); `prune_exchange` removes the folders
+past it.
 
 Only folders named like an interval whose release the store's audit trail records (a `release` event for exactly
 that interval) are removed, and only once that event is older than the retention. An interval in progress,
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fusion.config.federation import Config
-from fusion.release.exchange import ReleaseKey, _local, join, remove_tree
+from fusion.release.exchange import ReleaseKey, is_local, join, remove_tree
 from fusion.store.delta import Store
 
 _log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def released_at(store: Store) -> dict[tuple[datetime, datetime], datetime]:
 
 def interval_folders(exchange: str) -> list[str]:
     """The names of the exchange's folders named like an interval (`ReleaseKey.interval_name`), sorted."""
-    if _local(exchange):
+    if is_local(exchange):
         try:
             with os.scandir(exchange) as entries:
                 names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
@@ -97,7 +98,7 @@ def prune_exchange(
         raise ValueError(f"a retention cannot be negative ({keep})")
     moment = (now or datetime.now(UTC)).astimezone(UTC)
     exchange = config.exchange_path
-    report = PruneReport(removed_bytes=0 if _local(exchange) else None)
+    report = PruneReport(removed_bytes=0 if is_local(exchange) else None)
     folders = interval_folders(exchange)
     if not folders:
         return report

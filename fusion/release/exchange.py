@@ -45,6 +45,11 @@ _URL = re.compile(r"^\s*[a-zA-Z][-a-zA-Z0-9+.]*://")
 def _local(path: str) -> bool:
     return _URL.match(path) is None
 
+
+def is_local(path: str) -> bool:
+    """Whether `path` is on this machine's file system (no URL scheme), where the OS lists and measures it."""
+    return _local(path)
+
 #: An interval_name: start and end, each to the minute or (when either is not on a whole minute) to the second.
 _INTERVAL_NAME = re.compile(r"^(\d{8}T\d{4}(?:\d{2})?Z)-(\d{8}T\d{4}(?:\d{2})?Z)$")
 
