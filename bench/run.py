@@ -26,6 +26,8 @@ from bench.generate import BenchData, generate
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPS = ROOT / "bench" / ".deps"
+#: Fresh-process runs of the per-release measurement (a release takes well under a second): the median is judged.
+FIXED_RUNS = 3
 
 TARGETS = {
     "fusion_vs_duckdb_event": 0.35,
@@ -160,19 +162,26 @@ def measure_all(
     if fixed_rows:
         small = generate(data.directory.parent / f"data-{fixed_rows}", fixed_rows, institutions=len(data.institutions))
         log(f"fusion: event level end to end on {fixed_rows:,} readings (the costs that do not grow with the data) ...")
-        results["fusion_fixed"] = _child(
-            "bench.measure",
-            "fusion",
-            {
-                "data": str(small.directory),
-                "rows": small.rows,
-                "institutions": list(small.institutions),
-                "workdir": str(workdir / "fusion-fixed"),
-                "noise": noise,
-                "beam_args": beam_args or [],
-                "in_process": in_process,
-            },
-        )
+        # A release takes well under a second, so one run carries the host's noise (0.60-0.70 s in three runs of
+        # one sitting): FIXED_RUNS fresh processes, the median reported and every run kept.
+        runs = [
+            _child(
+                "bench.measure",
+                "fusion",
+                {
+                    "data": str(small.directory),
+                    "rows": small.rows,
+                    "institutions": list(small.institutions),
+                    "workdir": str(workdir / "fusion-fixed"),
+                    "noise": noise,
+                    "beam_args": beam_args or [],
+                    "in_process": in_process,
+                },
+            )
+            for _ in range(FIXED_RUNS)
+        ]
+        results["fusion_fixed"] = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
+        results["fusion_fixed_runs_s"] = [run["seconds"] for run in runs]
         log("fusion: the same, under cProfile, to itemise where the per-release time goes ...")
         results["fusion_fixed_profile"] = _child(
             "bench.measure",
@@ -298,6 +307,7 @@ def summarise(data: BenchData, raw: dict[str, Any]) -> dict[str, Any]:
     if "fusion_fixed" in raw:
         summary["fixed_rows"] = sum(c["read"] for c in raw["fusion_fixed"]["row_counts"].values())
         summary["fixed_seconds"] = raw["fusion_fixed"]["seconds"]
+        summary["fixed_runs_s"] = raw.get("fusion_fixed_runs_s", [raw["fusion_fixed"]["seconds"]])
         summary["fixed_stages_s"] = raw["fusion_fixed"]["stages"]
         summary["fixed_cpu_seconds"] = raw["fusion_fixed"]["cpu_seconds"]
     if "fusion_fixed_profile" in raw:
@@ -377,7 +387,11 @@ def table(summary: dict[str, Any]) -> Table:
     if "fixed_seconds" in summary:
         label = f"Per-release cost: Fusion end to end on {summary['fixed_rows']:,} readings"
         seconds = summary["fixed_seconds"]
-        target("fixed_seconds_max", label, seconds, f"{seconds:.2f} s", at_most=True)
+        runs = summary.get("fixed_runs_s", [seconds])
+        text = f"{seconds:.2f} s"
+        if len(runs) > 1:
+            text += f" (median of {len(runs)}: {min(runs):.2f}-{max(runs):.2f} s)"
+        target("fixed_seconds_max", label, seconds, text, at_most=True)
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in summary["fixed_stages_s"].items())
         row("  its stages", stages)
         row("  its CPU time (this process)", f"{summary['fixed_cpu_seconds']:.2f} s")

@@ -64,6 +64,7 @@ def test_scaling_points_and_the_table_of_targets(tmp_path: Path) -> None:
         assert row.rstrip(" │").endswith(met), row
     assert sum("Fusion / bare DuckDB" in r and r.rstrip(" │").endswith("NO") for r in text.splitlines()) == 2
     assert "Scaling: 2,000 readings, 1 worker" in text and f">= {TARGETS['scaling_min_ratio']:g}x" in text
+    assert "0.90 s (median of 3: 0.80-1.10 s)" in text
 
 
 def test_the_scaling_target_holds_only_when_both_levels_keep_their_throughput() -> None:
@@ -96,6 +97,7 @@ def _summary(points: list[dict[str, Any]]) -> dict[str, Any]:
         "fusion_vs_duckdb_entity": 0.2,
         "fixed_rows": 10_000,
         "fixed_seconds": 0.9,
+        "fixed_runs_s": [0.8, 0.9, 1.1],
         "fixed_stages_s": {"contribute": 0.5},
         "fixed_cpu_seconds": 0.8,
         "fixed_items_share": {"Skellam noise": 0.25, "other": 0.75},
