@@ -8,7 +8,7 @@ import argparse
 import gc
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
@@ -290,15 +290,14 @@ def cmd_aggregate(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
 
 def cmd_prune_exchange(args: argparse.Namespace) -> int:
     """Exit 0 when the prune ran (whatever it removed); 1 when no retention is given or the config is bad."""
-    from fusion.runtime.durations import parse_duration
+    from fusion.config.stream import duration_or_zero
     from pipelines.retention import prune_exchange
 
     config = load_config(args.config)
     retention = None
     if args.older_than is not None:
-        text = args.older_than.strip()
         try:
-            retention = timedelta(0) if text in ("0", "0s") else parse_duration(text)
+            retention = duration_or_zero(args.older_than)
         except ValueError as exc:
             raise FusionError(f"--older-than: {exc}") from None
     elif config.exchange_retention is None:

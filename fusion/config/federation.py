@@ -69,8 +69,8 @@ class FederationConfig(Frozen):
     @field_validator("exchange_retention")
     @classmethod
     def _exchange_retention(cls, retention: str | None) -> str | None:
-        if retention is not None and retention.strip() not in ("0", "0s"):
-            parse_duration(retention)
+        if retention is not None:
+            duration_or_zero(retention)
         return retention
 
     @field_validator("deadline")
@@ -244,9 +244,7 @@ class Config(Frozen):
     def exchange_retention(self) -> timedelta | None:
         """`federation.exchange_retention` as a duration (None: released intervals' files are kept)."""
         text = self.federation.exchange_retention
-        if text is None:
-            return None
-        return timedelta(0) if text.strip() in ("0", "0s") else parse_duration(text)
+        return None if text is None else duration_or_zero(text)
 
     @property
     def shard_rows(self) -> int:
