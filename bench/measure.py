@@ -184,9 +184,12 @@ def fusion_batch(
     beam_args: list[str] | None = None,
     profile: bool = False,
     in_process: bool | None = None,
+    history_days: int = 0,
 ) -> dict[str, Any]:
     """Fusion end to end (`run_batch`: contribute, aggregate, unmask, aggregate, release) in a fresh federation
-    over the generated feeds. Keys and the store's tables are created first and not timed (once per federation).
+    over the generated feeds. Keys and the store's tables are created first and not timed (once per federation);
+    with `history_days`, so is a store history of that many daily releases before the interval (24,000 cells each,
+    bench.releases.add_history): the release then runs on a store in use, as a federation's does.
     `profile`: run under cProfile and report its self time by COST_ITEMS, on a CPU-time clock (cProfile slows
     Python code more than native code: shares, not seconds)."""
     from fusion.config.federation import load_config
@@ -205,6 +208,11 @@ def fusion_batch(
     config = load_config(config_path)
     create_federation_keys(config)
     Store(config.store_path).ensure_tables()  # once per federation, as the keys are: not a release's cost
+    if history_days:
+        from bench.releases import linked_history
+
+        cache = workdir.parent / f"history-{history_days}-{config.privacy.mode.value}"
+        linked_history(Path(config.store_path), days=history_days, cache=cache, mode=config.privacy.mode)
     plan = plan_release(config, START, END)
     stages: dict[str, float] = {}
     marks: list[tuple[str, float]] = []
@@ -425,6 +433,7 @@ def main(argv: list[str]) -> None:
             noise=args.get("noise", True),
             beam_args=args.get("beam_args"),
             profile=args.get("profile", False),
+            history_days=args.get("history_days", 0),
             in_process=args.get("in_process"),
         )
     elif kind == "readings":

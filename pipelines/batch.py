@@ -98,7 +98,7 @@ def run_batch(
     store = Store(plan.config.store_path)
     store.ensure_tables()
     bind_store_mode(store, plan.config.privacy.mode)  # before any work: the release step checks it again
-    if store.has_release(plan.key.release_id):
+    if store.has_release(plan.key.release_id, interval=(plan.key.start, plan.key.end)):
         return BatchSummary(release_id=plan.key.release_id, status="already_released")
     # Refuse before any work if the period's budget cannot take this release (the release step decides).
     try:

@@ -145,7 +145,7 @@ def prepare_releases(
     opened: dict[int, _Opened] = {}
     for mode in dict.fromkeys(p.config.privacy.mode for p in plans):  # test-mode cells never beside production
         bind_store_mode(store, mode)
-    released = store.release_ids() if plans else set()
+    released = store.present_releases((p.key.release_id, p.key.start, p.key.end) for p in plans)
     for i, plan in enumerate(plans):
         try:
             one = _open_aggregate(plan, store, released)
@@ -330,7 +330,11 @@ def publish_releases(prepared: Sequence[PreparedRelease], store: Store) -> list[
                     "decodes (a pass under other parameters or keys recorded it first); nothing was published"
                 )
         published.append(cells)
-    present = store.release_ids() if len(prepared) > 1 else set()
+    present = (
+        store.present_releases((p.plan.key.release_id, p.plan.key.start, p.plan.key.end) for p in prepared)
+        if len(prepared) > 1
+        else set()
+    )
     inserted = store.insert_new("releases", pa.concat_tables(published))
     crash_point("after_commit")
     if inserted == 0:

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from fusion.config.federation import Config
@@ -81,11 +80,10 @@ class RunResult:
     at: datetime | None = None  # WAIT / BUSY: when to look again
 
 
-def _noisy_rows(store: Store, release_id: str) -> int:
+def _noisy_rows(store: Store, release_id: str, interval: Interval) -> int:
     """The release's noisy total reading count: the sum of its cells' noisy counts (post-processing)."""
-    table = store.dataset("releases").to_table(columns=["release_id", "count"])
-    ids = pc.cast(table.column("release_id"), pa.string())
-    return round(pc.sum(table.filter(pc.equal(ids, release_id)).column("count")).as_py() or 0.0)
+    table = store.releases_within([release_id], (interval.start, interval.end), ["count"])
+    return round(pc.sum(table.column("count")).as_py() or 0.0)
 
 
 def run_interval(
@@ -213,7 +211,7 @@ def _attempt(config: Config, store: Store, interval: Interval, *, now: Clock, be
         RunStatus.RELEASED,
         now(),
         release_id=summary.release_id,
-        rows=_noisy_rows(store, summary.release_id),
+        rows=_noisy_rows(store, summary.release_id, interval),
         cells=summary.cells,
         epsilon=summary.epsilon,
     )

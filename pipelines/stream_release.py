@@ -136,7 +136,7 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
     store = Store(config.store_path)
     store.ensure_tables()
     bind_store_mode(store, config.privacy.mode)  # before any work: the release step checks it again
-    released = store.release_ids()
+    released = store.present_releases((p.key.release_id, p.key.start, p.key.end) for p in plans)
     outcomes: dict[str, WindowOutcome] = {
         p.key.release_id: WindowOutcome(p.key.release_id, "already_released")
         for p in plans

@@ -37,7 +37,13 @@ def test_every_measurement_runs_and_noise_free_counts_match_duckdb(tmp_path: Pat
     data = generate(tmp_path / "data", 3000, institutions=3)
     pipelinedp_rows = 300 if (DEPS / "pipeline_dp").exists() else 0
     measured = measure_all(
-        data, tmp_path / "runs", pipelinedp_rows=pipelinedp_rows, sql_days=2, noise=False, log=lambda _: None
+        data,
+        tmp_path / "runs",
+        pipelinedp_rows=pipelinedp_rows,
+        sql_days=2,
+        history_days=2,
+        noise=False,
+        log=lambda _: None,
     )
     summary = measured["summary"]
     for field in (
@@ -64,6 +70,10 @@ def test_every_measurement_runs_and_noise_free_counts_match_duckdb(tmp_path: Pat
     assert summary["envelope_bytes_per_component"] > 0
     assert measured["raw"]["readings_event"]["accepted"] == data.rows  # clean data: every reading counted
     assert summary["fixed_rows"] == 10_000 and measured["raw"]["fusion_fixed"]["status"] == "released"
+    history = measured["raw"]["fusion_fixed_history"]  # the same release, on a store holding two days of releases
+    assert history["status"] == "released" and summary["history_days"] == 2 and summary["fixed_history_ratio"] > 0
+    held = Store(history["store"]).read("releases")
+    assert held.num_rows == 2 * 24_000 + history["cells"]
     if pipelinedp_rows:
         assert summary["pipelinedp_rows"] == pipelinedp_rows
     event = measured["raw"]["fusion_event"]

@@ -168,6 +168,12 @@ def test_a_store_with_merge_written_string_view_files_still_answers(tmp_path: Pa
         ):
             assert rows(sandbox.query(f"SELECT * FROM releases WHERE {where}")) == reference(store, keep)
         assert store.insert_new("releases", sample_releases()) == 0  # keys read from string_view files too
+        day = (START, START + 24 * HOUR)
+        assert store.present_releases([("r1", *day), ("r2", *day), ("r3", *day), ("r9", *day)]) == (
+            {"r1", "r2", "r3"} if extra else {"r1", "r2"}
+        )
+        assert store.has_release("r2", interval=(START + 4 * HOUR, START + 6 * HOUR))
+        assert not store.has_release("r2", interval=(START, START + 4 * HOUR))  # its windows are not in there
     finally:
         sandbox.close()
 

@@ -229,6 +229,49 @@ def test_has_release_when_one_batch_held_two_releases(store: Store) -> None:
     assert not store.has_release("r2")
 
 
+# --- reads that stay small as the store grows -------------------------------------------------------------------
+
+DAY = timedelta(days=1)
+
+
+def test_present_releases_answers_for_each_release_of_its_interval(store: Store) -> None:
+    store.insert_new("releases", release_rows("r1", range(0, 3)))
+    both = pa.concat_tables([release_rows("r2", range(24, 27)), release_rows("r3", range(30, 31))])
+    store.insert_new("releases", both)
+    asked = [("r1", START, START + DAY), ("r2", START + DAY, START + 2 * DAY), ("r4", START, START + 2 * DAY)]
+    assert store.present_releases(asked) == {"r1", "r2"}
+    assert store.present_releases([]) == set()
+    assert store.has_release("r3", interval=(START + DAY, START + 2 * DAY))
+    assert not store.has_release("r", interval=(START, START + 2 * DAY))  # an exact match, not a prefix
+    assert not Store(store.path.parent / "none").has_release("r1", interval=(START, START + DAY))
+
+
+def test_a_release_lookup_or_insert_opens_only_the_files_of_its_interval(store: Store) -> None:
+    """What keeps a release's cost flat as the store fills up (a year of 15-minute releases is 8.8M rows): the
+    files of other intervals are skipped by their statistics, not opened. Shown by removing an old release's data
+    file: reading every row fails, while lookups and inserts of another interval go on."""
+    store.insert_new("releases", release_rows("old", range(0, 3)))
+    (old_file,) = store.delta_table("releases").file_uris()
+    store.insert_new("releases", release_rows("r1", range(48, 51)))
+    Path(old_file.removeprefix("file://")).unlink()
+    with pytest.raises(FileNotFoundError):
+        store.release_ids()
+    assert store.present_releases([("r1", START + 2 * DAY, START + 3 * DAY)]) == {"r1"}
+    assert store.has_release("r2", interval=(START + 3 * DAY, START + 4 * DAY)) is False
+    assert store.insert_new("releases", release_rows("r1", range(48, 52))) == 1  # three of the four are there
+    assert store.insert_new("releases", release_rows("r2", range(72, 74))) == 2
+
+
+def test_insert_new_with_more_key_values_than_are_pushed_down_still_inserts_exactly_the_new_rows(
+    store: Store,
+) -> None:
+    events = [f"e{i:05d}" for i in range(2_500)]
+    assert store.insert_new("audit", audit_rows(*events[::2])) == 1_250
+    assert store.insert_new("audit", audit_rows(*events)) == 1_250
+    assert sorted(keys(store, "audit")) == [(e,) for e in events]
+    assert set(keys(store, "audit").values()) == {1}
+
+
 # --- concurrency ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tables_exist", [True, False], ids=["existing-tables", "racing-to-create"])
