@@ -14,6 +14,7 @@ the RDP epsilon of the same composition (`PeriodLoss`; the ledger and the calibr
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -224,7 +225,8 @@ def period_loss(charges: Sequence[ReleaseCharge], *, composition: Composition, d
         groups = [tuple(range(len(charged)))]
     else:
         groups = instant_groups([(c.start, c.end) for c in charged])
-    curves = np.array([mechanism_rdp(m) for m in mechanisms])  # (releases, orders)
+    curve_of = {m: mechanism_rdp(m) for m in dict.fromkeys(mechanisms)}  # a period's releases share a few shapes
+    curves = np.array([curve_of[m] for m in mechanisms])  # (releases, orders)
     rdp = np.max([curves[list(group)].sum(axis=0) for group in groups], axis=0)
     epsilon_rdp = epsilon_from_rdp(rdp, delta=delta)
     distinct = {tuple(sorted((mechanisms[i] for i in group), key=_order)) for group in groups}
@@ -251,13 +253,26 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def instant_groups(intervals: Sequence[tuple[datetime, datetime]]) -> list[tuple[int, ...]]:
-    """The sets of intervals [start, end) that share an instant, one per distinct set, as indices; every set of
-    intervals containing some instant t is one of them or a subset of one (the intervals containing t all
-    contain the latest of their starts, so the starts are the only instants to look at)."""
-    micros = np.array(
-        [[(s - _EPOCH) // timedelta(microseconds=1), (e - _EPOCH) // timedelta(microseconds=1)] for s, e in intervals],
-        dtype=np.int64,
-    ).reshape(-1, 2)
-    starts, ends = micros[:, 0], micros[:, 1]
-    contains = (starts[None, :] <= starts[:, None]) & (starts[:, None] < ends[None, :])  # (instant, interval)
-    return [tuple(int(i) for i in np.flatnonzero(row)) for row in np.unique(contains, axis=0)]
+    """The sets of intervals [start, end) that share an instant, one per distinct set, as sorted indices, in
+    ascending order; every set of intervals containing some instant t is one of them or a subset of one (the
+    intervals containing t all contain the latest of their starts, so the starts are the only instants to look at).
+
+    A sweep over the starts in order, keeping the intervals open at each (a heap by end): O(n log n) plus the sets'
+    sizes, so a period of a month of 15-minute releases (2,880) is accounted in milliseconds; comparing every start
+    with every interval took 1.2 s there, twice a release (the check, then the charge)."""
+    spans = sorted(
+        ((s - _EPOCH) // timedelta(microseconds=1), (e - _EPOCH) // timedelta(microseconds=1), i)
+        for i, (s, e) in enumerate(intervals)
+    )
+    groups: set[tuple[int, ...]] = set()
+    open_: list[tuple[int, int]] = []  # (end, index) of the intervals started so far, the earliest end first
+    at = 0
+    while at < len(spans):
+        instant = spans[at][0]
+        while at < len(spans) and spans[at][0] == instant:
+            heapq.heappush(open_, (spans[at][1], spans[at][2]))
+            at += 1
+        while open_ and open_[0][0] <= instant:  # ended by this start (each interval is open at its own start)
+            heapq.heappop(open_)
+        groups.add(tuple(sorted(index for _, index in open_)))
+    return sorted(groups)

@@ -9,6 +9,7 @@ import itertools
 import math
 import tomllib
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -21,9 +22,13 @@ from fusion.config.federation import parse_config
 from fusion.config.parameters import release_parameters
 from privacy.accountant import (
     ORDERS,
+    Composition,
+    ReleaseCharge,
     calibrate_skellam_variance,
     calibrate_variance,
     epsilon_for,
+    instant_groups,
+    period_loss,
     skellam_epsilon,
     skellam_rdp,
 )
@@ -508,3 +513,28 @@ def test_release_parameters_with_noise_off() -> None:
     assert not params.noise
     assert params.total_variance == 0.0
     assert params.mechanism is None and not params.rdp.any()
+
+
+def _instant_groups_by_definition(intervals: Sequence[tuple[datetime, datetime]]) -> list[tuple[int, ...]]:
+    """Every start against every interval: the distinct sets of intervals open at some start."""
+    sets = {tuple(j for j, (s, e) in enumerate(intervals) if s <= start < e) for start, _ in intervals}
+    return sorted(sets)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 12)), max_size=30))
+def test_instant_groups_are_the_sets_open_at_each_start(spans: list[tuple[int, int]]) -> None:
+    """Disjoint, touching, overlapping, nested and repeated intervals (hours from a day's start)."""
+    day = datetime(2026, 1, 1, tzinfo=UTC)
+    intervals = [(day + timedelta(hours=a), day + timedelta(hours=a + length)) for a, length in spans]
+    assert instant_groups(intervals) == _instant_groups_by_definition(intervals)
+
+
+def test_a_month_of_disjoint_15_minute_releases_is_one_release_wide_in_parallel() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    windows = [(start + timedelta(minutes=15 * i), start + timedelta(minutes=15 * (i + 1))) for i in range(2_880)]
+    assert instant_groups(windows) == [(i,) for i in range(2_880)]
+    mechanism = SkellamMechanism(calibrate_skellam_variance(epsilon=1.0, delta=1e-6, coordinates=4, shift=1), 4, 1)
+    charges = [ReleaseCharge(mechanism, s, e, Composition.PARALLEL) for s, e in windows]
+    loss = period_loss(charges, composition=Composition.PARALLEL, delta=1e-6)
+    assert loss.epsilon == period_loss(charges[:1], composition=Composition.PARALLEL, delta=1e-6).epsilon <= 1.0
