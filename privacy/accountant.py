@@ -227,9 +227,14 @@ def period_loss(charges: Sequence[ReleaseCharge], *, composition: Composition, d
         groups = instant_groups([(c.start, c.end) for c in charged])
     curve_of = {m: mechanism_rdp(m) for m in dict.fromkeys(mechanisms)}  # a period's releases share a few shapes
     curves = np.array([curve_of[m] for m in mechanisms])  # (releases, orders)
-    rdp = np.max([curves[list(group)].sum(axis=0) for group in groups], axis=0)
+    distinct: set[tuple[Mechanism, ...]]
+    if all(len(group) == 1 for group in groups):  # disjoint intervals: each release alone, the largest one counts
+        rdp = curves.max(axis=0)
+        distinct = {(mechanism,) for mechanism in curve_of}
+    else:
+        rdp = np.max([curves[list(group)].sum(axis=0) for group in groups], axis=0)
+        distinct = {tuple(sorted((mechanisms[i] for i in group), key=_order)) for group in groups}
     epsilon_rdp = epsilon_from_rdp(rdp, delta=delta)
-    distinct = {tuple(sorted((mechanisms[i] for i in group), key=_order)) for group in groups}
     epsilon = max(_group_epsilon(group, delta=delta) for group in distinct)
     return PeriodLoss(epsilon, epsilon_rdp, rdp)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake.exceptions import CommitFailedError
 
 from fusion.errors import FusionError, InternalError, ReleaseRefused
@@ -103,6 +104,13 @@ class _PeriodRow:
         )
 
 
+#: The ledger's files are compacted into one once there are this many. Each period's row is a file of its own
+#: (inserted by a merge, rewritten by each charge), and every charge reads and merges over every file: with daily
+#: periods, a year of them made a charge take 0.6 s (0.07 s at 50 periods). Compacted, a charge rewrites the one
+#: file holding its period's row, with the other periods' rows (small: their lists of charges).
+COMPACT_FILES = 8
+
+
 class BudgetLedger:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -115,7 +123,11 @@ class BudgetLedger:
         and composition: a cap only bounds a period at the delta its spending was converted with, so a looser
         delta mid-period would let the period take more releases than its cap allowed when it was opened; and
         releases charged in parallel cannot become sequential ones, or back, halfway through a period)."""
-        all_rows = self.rows().to_pylist()
+        # Every period's bounds and terms are checked; only this period's row (its lists grow with its releases)
+        # is read in full: reading every row whole made each charge cost more with every release of the ledger.
+        dataset = self.store.dataset("budget")
+        terms = ["period", "period_start", "period_end", "epsilon_cap", "delta", "composition"]
+        all_rows = dataset.to_table(columns=terms).to_pylist()
         for r in all_rows:
             same = (r["period"], r["period_start"], r["period_end"]) == (period.name, period.start, period.end)
             overlaps = r["period_start"] < period.end and period.start < r["period_end"]
@@ -142,11 +154,15 @@ class BudgetLedger:
                     f"config now implies {composition.value}; a period's privacy unit cannot change once budget is "
                     f"spent in it (restore privacy.unit until {r['period_end']})"
                 )
-        rows = [r for r in all_rows if r["period"] == period.name]
+        if not any(r["period"] == period.name for r in all_rows):
+            return None
+        start = pa.scalar(period.start, BUDGET_SCHEMA.field("period_start").type)
+        held = dataset.to_table(filter=pc.field("period_start") == start).cast(BUDGET_SCHEMA)  # no text filter:
+        rows = [r for r in held.to_pylist() if r["period"] == period.name]  # merges write string_view
+        if not rows:  # held under another start (the checks above allow no such row): read every row
+            rows = [r for r in self.rows().to_pylist() if r["period"] == period.name]
         if len(rows) > 1:
             raise InternalError(f"the budget table holds {len(rows)} rows for period {period.name}")
-        if not rows:
-            return None
         return _parse_row(rows[0])
 
     def check(self, *, period: Period, release_id: str, charge: ReleaseCharge, cap: float, delta: float) -> None:
@@ -237,6 +253,7 @@ class BudgetLedger:
             new = pa.Table.from_pylist([_row_doc(period, after, cap=cap, delta=delta)], schema=BUDGET_SCHEMA)
             try:
                 if self._swap(new, row.releases, exists=current is not None):
+                    self.store.compact("budget", min_files=COMPACT_FILES)
                     return outcomes
             except CommitFailedError:
                 pass  # another writer committed first: read again

@@ -330,3 +330,30 @@ def test_a_loosened_delta_cannot_stretch_a_period_s_cap(tmp_path: Path) -> None:
     with pytest.raises(BudgetExceeded):
         spend(ledger, "r3", cap)
     assert ledger.rows().column("releases").to_pylist() == [2]
+
+
+def test_a_ledger_of_many_periods_stays_in_few_files_and_keeps_every_period(tmp_path: Path) -> None:
+    """Each period's row is a file until the ledger is compacted (COMPACT_FILES): a charge reads and merges over
+    every file, so with daily periods a year of files made each charge cost ten times a new ledger's."""
+    from fusion.store.ledger import COMPACT_FILES
+
+    store = Store(tmp_path)
+    ledger = BudgetLedger(store)
+    days = 3 * COMPACT_FILES
+    for day in range(days):
+        start = DAY.start + timedelta(days=day)
+        period = Period(f"day-{day:03d}", start, start + timedelta(days=1))
+        what = ReleaseCharge(mechanism=MECHANISM, start=start, end=period.end, composition=PARALLEL)
+        spent = ledger.spend(period=period, release_id=f"r{day}", aggregate_sha256=sha(f"r{day}"), charge=what,
+                             cap=10.0, delta=DELTA)
+        assert spent.charged and spent.epsilon_after == ONE
+        assert len(store.delta_table("budget").file_uris()) <= COMPACT_FILES
+    rows = {r["period"]: r for r in ledger.rows().to_pylist()}
+    assert sorted(rows) == [f"day-{day:03d}" for day in range(days)]
+    assert all(r["release_ids"] == [f"r{int(p[4:])}"] and r["epsilon_spent"] == ONE for p, r in rows.items())
+    again = ledger.spend(period=Period("day-005", DAY.start + timedelta(days=5), DAY.start + timedelta(days=6)),
+                         release_id="r5", aggregate_sha256=sha("r5"), charge=ReleaseCharge(
+                             mechanism=MECHANISM, start=DAY.start + timedelta(days=5),
+                             end=DAY.start + timedelta(days=6), composition=PARALLEL),
+                         cap=10.0, delta=DELTA)
+    assert not again.charged  # idempotent after compaction: the period's row was found in the compacted file
