@@ -65,6 +65,10 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "models": ("model_id", "round"),
 }
 
+#: Columns whose value follows from a row's key (a release's reject tallies all carry its interval): bounded by the
+#: new rows' values like the keys, they let an insert skip the files of other intervals although no key is a time.
+TABLE_LOCATORS: dict[str, tuple[str, ...]] = {"rejects": ("interval_start",)}
+
 
 #: Each thread's open local tables: path -> (SHA-256 of the log's first commit, table). Opening a table reads its
 #: log (on the demo store about 9 ms for a table holding two weeks of releases: 0.23 s of a release's 27 opens);
@@ -303,7 +307,8 @@ class Store:
         files and row groups of its own interval, so inserting costs the same on a store holding years of
         releases as on a new one."""
         schema = TABLE_SCHEMAS[name]
-        present = self._scan_where(self._arrow_dataset(name, table, schema), keys, *_key_bounds(rows, keys))
+        bounds, text = _key_bounds(rows, [*keys, *TABLE_LOCATORS.get(name, ())])
+        present = self._scan_where(self._arrow_dataset(name, table, schema), keys, bounds, text)
         if present.num_rows == 0:
             return rows
         # Joined on the keys alone: Arrow's join cannot carry list columns (forecasts' input_release_ids).

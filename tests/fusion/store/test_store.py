@@ -16,7 +16,7 @@ from deltalake.exceptions import CommitFailedError
 
 from fusion.errors import FusionError, InternalError
 from fusion.store.delta import TABLE_KEYS, Store
-from schemas.tables import AUDIT_SCHEMA, RELEASES_SCHEMA, TABLE_SCHEMAS
+from schemas.tables import AUDIT_SCHEMA, REJECTS_SCHEMA, RELEASES_SCHEMA, TABLE_SCHEMAS
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -249,8 +249,9 @@ def test_present_releases_answers_for_each_release_of_its_interval(store: Store)
 def test_a_release_lookup_or_insert_opens_only_the_files_of_its_interval(store: Store) -> None:
     """What keeps a release's cost flat as the store fills up (a year of 15-minute releases is 8.8M rows): the
     files of other intervals are skipped by their statistics, not opened. Shown by removing an old release's data
-    file: reading every row fails, while lookups and inserts of another interval go on."""
-    store.insert_new("releases", release_rows("old", range(0, 3)))
+    file: reading every row fails, while lookups and inserts of another interval go on. The old file holds two
+    releases whose ids enclose the new ones (as a compacted file's do): their ids alone cannot skip it."""
+    store.insert_new("releases", pa.concat_tables([release_rows("a-old", range(3)), release_rows("z-old", range(3))]))
     (old_file,) = store.delta_table("releases").file_uris()
     store.insert_new("releases", release_rows("r1", range(48, 51)))
     Path(old_file.removeprefix("file://")).unlink()
@@ -260,6 +261,26 @@ def test_a_release_lookup_or_insert_opens_only_the_files_of_its_interval(store: 
     assert store.has_release("r2", interval=(START + 3 * DAY, START + 4 * DAY)) is False
     assert store.insert_new("releases", release_rows("r1", range(48, 52))) == 1  # three of the four are there
     assert store.insert_new("releases", release_rows("r2", range(72, 74))) == 2
+
+
+def rejects_rows(release_id: str, day: int, reasons: tuple[str, ...] = ("duplicate", "out_of_range")) -> pa.Table:
+    start = START + day * DAY
+    return pa.Table.from_pylist(
+        [{"release_id": release_id, "institution": "inst-a", "interval_start": start, "interval_end": start + DAY,
+          "reason": reason, "count": 1.0, "count_sd": 2.0, "recorded_at": start + DAY} for reason in reasons],
+        schema=REJECTS_SCHEMA,
+    )
+
+
+def test_a_release_s_reject_tallies_are_inserted_without_opening_other_intervals_files(store: Store) -> None:
+    """Their key (release, institution, reason) holds no time, but their interval follows from it. The old file
+    holds two releases whose ids enclose the new ones (as a compacted file's do): their ids alone cannot skip it."""
+    store.insert_new("rejects", pa.concat_tables([rejects_rows("a-old", 0), rejects_rows("z-old", 1)]))
+    (old_file,) = store.delta_table("rejects").file_uris()
+    store.insert_new("rejects", rejects_rows("r1", 2))
+    Path(old_file.removeprefix("file://")).unlink()
+    assert store.insert_new("rejects", rejects_rows("r1", 2, ("duplicate", "unknown_metric"))) == 1
+    assert store.insert_new("rejects", rejects_rows("r2", 3)) == 2
 
 
 def test_insert_new_with_more_key_values_than_are_pushed_down_still_inserts_exactly_the_new_rows(
