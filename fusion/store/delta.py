@@ -111,11 +111,16 @@ _WINDOW_TYPE = TABLE_SCHEMAS["releases"].field("window_start").type
 _PUSHED_VALUES = 1024
 
 
-def _key_bounds(rows: pa.Table, keys: Sequence[str]) -> tuple[list[pc.Expression], list[pc.Expression]]:
-    """(on numbers and times, on text): expressions that every row holding one of `rows`' keys satisfies. Each
-    time or integer key lies between the rows' least and greatest value, each text key among their values (up to
+#: A text column and the values it must hold (pushed down to a scan as a set).
+TextBound = tuple[str, pa.Array]
+
+
+def _key_bounds(rows: pa.Table, keys: Sequence[str]) -> tuple[list[pc.Expression], list[TextBound]]:
+    """(on numbers and times, on text): bounds that every row holding one of `rows`' keys satisfies. Each time or
+    integer key lies between the rows' least and greatest value, each text key among their values (up to
     _PUSHED_VALUES of them). NULLs are left out: a NULL key matches no row in the anti-join."""
-    bounds, text = [], []
+    bounds: list[pc.Expression] = []
+    text: list[TextBound] = []
     for key in keys:
         column, field = rows.column(key), pc.field(key)
         if pa.types.is_temporal(column.type) or pa.types.is_integer(column.type):
@@ -125,7 +130,7 @@ def _key_bounds(rows: pa.Table, keys: Sequence[str]) -> tuple[list[pc.Expression
         elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
             values = pc.unique(column.drop_null())
             if len(values) <= _PUSHED_VALUES:
-                text.append(field.isin(values))
+                text.append((key, values))
     return bounds, text
 
 
@@ -318,20 +323,22 @@ class Store:
 
     @staticmethod
     def _scan_where(
-        dataset: ds.Dataset, columns: list[str], bounds: list[pc.Expression], text: list[pc.Expression]
+        dataset: ds.Dataset, columns: list[str], bounds: list[pc.Expression], text: list[TextBound]
     ) -> pa.Table:
-        """`columns` of the rows satisfying every expression of `bounds` (on numbers and times) and of `text` (on
-        text), pushed down to the scan: Delta's file statistics and Parquet's row-group statistics skip what
-        cannot match. Files holding string_view text (Delta merges of older stores) cannot be filtered on text by
-        pyarrow: there the text expressions are applied after the scan."""
-        pushed = _all_of(bounds + text)
+        """`columns` of the rows satisfying every expression of `bounds` (on numbers and times) and holding one of
+        the values of each `text` bound, pushed down to the scan: Delta's file statistics and Parquet's row-group
+        statistics skip what cannot match. Files holding string_view text (Delta merges of older stores) cannot
+        be filtered on text by pyarrow: there the text bounds are applied after the scan."""
         try:
-            return dataset.to_table(columns=columns, filter=pushed)
+            return dataset.to_table(columns=columns, filter=_all_of(bounds + [pc.field(c).isin(v) for c, v in text]))
         except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
             if not text:
                 raise
-        read = _plain_text(dataset.to_table(columns=columns, filter=_all_of(bounds)))
-        return read.filter(_all_of(text)) if read.num_rows else read
+        wide = [*columns, *(c for c, _ in text if c not in columns)]
+        read = _plain_text(dataset.to_table(columns=wide, filter=_all_of(bounds)))
+        for column, values in text:
+            read = read.filter(pc.is_in(read.column(column), value_set=pc.cast(values, pa.string())))
+        return read.select(columns)
 
     def compact(self, name: str, *, min_files: int = COMPACT_FILES) -> int:
         """Rewrite a table's small files into few once it has `min_files` or more; returns the files removed (0
@@ -485,7 +492,7 @@ class Store:
         interval (see `present_releases`)."""
         window = pc.field("window_start")
         start, end = (pa.scalar(t, _WINDOW_TYPE) for t in interval)
-        ids = pc.field("release_id").isin(pa.array(list(release_ids), pa.string()))
+        ids = ("release_id", pa.array(list(release_ids), pa.string()))
         found = self._scan_where(self.dataset("releases"), list(columns), [(window >= start) & (window < end)], [ids])
         return _plain_text(found)
 

@@ -174,6 +174,8 @@ def test_a_store_with_merge_written_string_view_files_still_answers(tmp_path: Pa
         )
         assert store.has_release("r2", interval=(START + 4 * HOUR, START + 6 * HOUR))
         assert not store.has_release("r2", interval=(START, START + 4 * HOUR))  # its windows are not in there
+        counts = store.releases_within(["r2"], day, ["count"])  # filtered on a column it does not return
+        assert counts.column_names == ["count"] and counts.num_rows == 2
     finally:
         sandbox.close()
 
