@@ -13,9 +13,11 @@ import pyarrow.dataset as ds
 import pytest
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fusion.errors import FusionError, InternalError
-from fusion.store.delta import TABLE_KEYS, Store
+from fusion.store.delta import TABLE_KEYS, Store, _repeats_a_key
 from schemas.tables import AUDIT_SCHEMA, REJECTS_SCHEMA, RELEASES_SCHEMA, TABLE_SCHEMAS
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -181,6 +183,27 @@ def test_a_batch_that_repeats_a_key_is_an_internal_error(store: Store) -> None:
 
 
 # --- reads ----------------------------------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b", "", None]), st.sampled_from([0, 1, None]), st.integers(0, 2)),
+        max_size=12,
+    )
+)
+def test_a_repeated_key_is_found_as_grouping_finds_it(rows: list[tuple[str | None, int | None, int]]) -> None:
+    """NULL is a key value like any other, and keys of several columns of different types."""
+    table = pa.table(
+        {
+            "text": pa.array([r[0] for r in rows], pa.string()),
+            "time": pa.array([None if r[1] is None else START + timedelta(hours=r[1]) for r in rows],
+                             pa.timestamp("us", tz="UTC")),
+            "number": pa.array([r[2] for r in rows], pa.int64()),
+        }
+    )
+    keys = ["text", "time", "number"]
+    assert _repeats_a_key(table, keys) == (table.group_by(keys).aggregate([]).num_rows != table.num_rows)
+
 
 def test_has_release(store: Store) -> None:
     assert not store.has_release("r1")
