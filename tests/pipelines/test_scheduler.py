@@ -83,6 +83,10 @@ def assert_released_once(fed: Federation, hours: int) -> None:
     released = [r for r in runs(fed) if r["status"] == "released"]
     assert sorted(r["release_id"] for r in released) == sorted(ids)
     assert all(r["cells"] == cells and r["rows"] > 0 and r["epsilon"] > 0 for r in released)
+    counts: Counter[str] = Counter()  # each run's rows: its release's noisy reading count, read for its interval
+    for row in store.read("releases").to_pylist():
+        counts[row["release_id"]] += row["count"] or 0.0
+    assert {r["release_id"]: r["rows"] for r in released} == {i: round(n) for i, n in counts.items()}
 
 
 def test_a_scheduler_on_an_accelerated_clock_runs_each_interval_at_its_fire_and_catches_up(
