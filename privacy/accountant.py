@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -269,6 +270,10 @@ def instant_groups(intervals: Sequence[tuple[datetime, datetime]]) -> list[tuple
         ((s - _EPOCH) // timedelta(microseconds=1), (e - _EPOCH) // timedelta(microseconds=1), i)
         for i, (s, e) in enumerate(intervals)
     )
+    if all(start < end for start, end, _ in spans) and all(
+        later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans)
+    ):  # disjoint (a period's releases, in practice): each interval alone at its start
+        return [(i,) for i in range(len(spans))]
     groups: set[tuple[int, ...]] = set()
     open_: list[tuple[int, int]] = []  # (end, index) of the intervals started so far, the earliest end first
     at = 0
