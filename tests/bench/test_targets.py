@@ -58,6 +58,7 @@ def test_scaling_points_and_the_table_of_targets(tmp_path: Path) -> None:
         ("Stream from a feed directory", "yes"),  # 280k >= 200k readings/s
         ("Stream from NATS JetStream", "NO"),
         ("24 windows closable at once", "yes"),  # 1.2 s <= 2 s
+        ("the same on a store holding 365 days", "NO"),  # 1.33x a new store's > 1.25x
         ("Stream run 'brokers' failed", "ConnectionRefusedError"),
     ):
         row = next(r for r in text.splitlines() if line in r)
@@ -100,6 +101,10 @@ def _summary(points: list[dict[str, Any]]) -> dict[str, Any]:
         "fixed_runs_s": [0.8, 0.9, 1.1],
         "fixed_stages_s": {"contribute": 0.5},
         "fixed_cpu_seconds": 0.8,
+        "history_days": 365,
+        "fixed_history_seconds": 1.2,
+        "fixed_history_runs_s": [1.1, 1.2, 1.3],
+        "fixed_history_ratio": 1.2 / 0.9,
         "fixed_items_share": {"Skellam noise": 0.25, "other": 0.75},
         "scaling": points,
         "scan_rows_per_s": 1e6,
