@@ -169,62 +169,33 @@ def measure_all(
     if fixed_rows:
         small = generate(data.directory.parent / f"data-{fixed_rows}", fixed_rows, institutions=len(data.institutions))
         log(f"fusion: event level end to end on {fixed_rows:,} readings (the costs that do not grow with the data) ...")
-        # A release takes well under a second, so one run carries the host's noise (0.60-0.70 s in three runs of
-        # one sitting): FIXED_RUNS fresh processes, the median reported and every run kept.
-        runs = [
-            _child(
-                "bench.measure",
-                "fusion",
-                {
-                    "data": str(small.directory),
-                    "rows": small.rows,
-                    "institutions": list(small.institutions),
-                    "workdir": str(workdir / "fusion-fixed"),
-                    "noise": noise,
-                    "beam_args": beam_args or [],
-                    "in_process": in_process,
-                },
-            )
-            for _ in range(FIXED_RUNS)
-        ]
-        results["fusion_fixed"] = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
-        results["fusion_fixed_runs_s"] = [run["seconds"] for run in runs]
+        small_args = {
+            "data": str(small.directory),
+            "rows": small.rows,
+            "institutions": list(small.institutions),
+            "noise": noise,
+            "beam_args": beam_args or [],
+            "in_process": in_process,
+        }
+
+        def median_of_runs(key: str, args: dict[str, Any]) -> None:
+            """A release takes well under a second, so one run carries the host's noise (0.60-0.70 s in three runs
+            of one sitting): FIXED_RUNS fresh processes, the median reported (results[key]) and every run kept."""
+            runs = [_child("bench.measure", "fusion", {**small_args, **args}) for _ in range(FIXED_RUNS)]
+            results[key] = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
+            results[f"{key}_runs_s"] = [run["seconds"] for run in runs]
+
+        median_of_runs("fusion_fixed", {"workdir": str(workdir / "fusion-fixed")})
         if history_days:
             log(f"fusion: the same on a store already holding {history_days} days of releases ...")
-            runs = [
-                _child(
-                    "bench.measure",
-                    "fusion",
-                    {
-                        "data": str(small.directory),
-                        "rows": small.rows,
-                        "institutions": list(small.institutions),
-                        "workdir": str(workdir / "fusion-fixed-history"),
-                        "noise": noise,
-                        "beam_args": beam_args or [],
-                        "in_process": in_process,
-                        "history_days": history_days,
-                    },
-                )
-                for _ in range(FIXED_RUNS)
-            ]
-            results["fusion_fixed_history"] = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
+            args = {"workdir": str(workdir / "fusion-fixed-history"), "history_days": history_days}
+            median_of_runs("fusion_fixed_history", args)
             results["fusion_fixed_history"]["history_days"] = history_days
-            results["fusion_fixed_history_runs_s"] = [run["seconds"] for run in runs]
         log("fusion: the same, under cProfile, to itemise where the per-release time goes ...")
         results["fusion_fixed_profile"] = _child(
             "bench.measure",
             "fusion",
-            {
-                "data": str(small.directory),
-                "rows": small.rows,
-                "institutions": list(small.institutions),
-                "workdir": str(workdir / "fusion-fixed-profile"),
-                "noise": noise,
-                "beam_args": beam_args or [],
-                "in_process": in_process,
-                "profile": True,
-            },
+            {**small_args, "workdir": str(workdir / "fusion-fixed-profile"), "profile": True},
         )
     log("he: encrypt, sum, decrypt on the same layout ...")
     results["he"] = _child("bench.measure", "he", {**base, "workdir": str(workdir / "he")})
