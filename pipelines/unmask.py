@@ -211,9 +211,10 @@ def check_roster(plan: ReleasePlan, institution_id: str, roster: Roster) -> None
 
 def sparse_roster_problem(graph: MaskingGraph, roster: Roster, *, max_colluding: int) -> str | None:
     """Why a roster cannot be answered on a sparse masking graph, or None. Its masks must be removable (every
-    included institution has `threshold` of its closed neighbourhood included), and no `max_colluding` included
-    institutions may, with the absent ones, split the rest into groups without a mask between them (the
-    aggregator and key holder could then unmask each group's sum). Never a problem on the complete graph."""
+    included institution has `threshold` of its closed neighbourhood included), and no coalition of one included
+    institution and `max_colluding` others (c + 1 in all, the coalition the guarantee names) may, with the absent
+    ones, split the rest into groups without a mask between them (with the aggregator and key holder it could then
+    unmask each group's sum, a group of one included). Never a problem on the complete graph."""
     if graph.complete:
         return None
     short = graph.short_of_shares(roster.included)
@@ -225,11 +226,12 @@ def sparse_roster_problem(graph: MaskingGraph, roster: Roster, *, max_colluding:
             f"{listed}"
         )
     split = graph.colluders_to_split(roster.included)
-    if split is not None and split <= max_colluding:
+    if split is not None and split <= max_colluding + 1:
         return (
-            f"with these absent institutions, {split} colluding included institution(s) (at most {max_colluding} "
-            "are assumed) could cut the masking graph in two and let the aggregator and key holder unmask a part "
-            "of the sum; the roster is refused"
+            f"with these absent institutions, {split} included institution(s) could cut the masking graph in two "
+            f"and let the aggregator and key holder unmask a part of the sum (the guarantee holds against one "
+            f"institution and up to {max_colluding} colluding with it, {max_colluding + 1} in all); the roster is "
+            "refused"
         )
     return None
 

@@ -8,11 +8,13 @@ self-mask seed and of its k mask keys to its closed neighbourhood (itself and it
 The graph is a Harary graph (the circulant C_n(1..k/2)) over a ring order drawn from the release context: public,
 deterministic from the federation's institutions and the release, k-regular, and k-vertex-connected. On a ring a
 set of survivors is connected unless two runs of at least k/2 consecutive positions hold none, which every party
-checks in O(n^2) at most (`colluders_to_split`). Guarantees, with c = max_colluding and t = k/2 + 1:
-- no coalition of at most c institutions holds t shares of anyone's secret (c <= k/2 = t - 1);
-- a roster is answered only if no c included institutions, together with the absent ones, split the included
-  rest into groups without an edge between them: then the unmasked sums of any coalition of the aggregator,
-  the key holder and c institutions are exactly those of the complete graph (the honest included total);
+checks in O(n^2) at most (`colluders_to_split`). The coalition guarded against is the one the privacy guarantee
+names: one institution (which knows its own contribution and noise) and up to c = max_colluding others, with the
+aggregator and the key holder: c + 1 institutions. Guarantees, with t = k/2 + 1 and k >= 2 (c + 1):
+- no coalition of at most c + 1 institutions holds t shares of anyone else's secret (c + 1 <= k/2 = t - 1);
+- a roster is answered only if no c + 1 included institutions, together with the absent ones, split the included
+  rest into groups without an edge between them: then the unmasked sums of any such coalition are exactly those
+  of the complete graph (the honest included total);
 - an included institution's masks are removable while at least t of its closed neighbourhood answer: up to
   k/2 of its k + 1 are tolerated to be absent or silent.
 Small federations (k >= n - 1) use the complete graph, threshold the quorum, exactly as before.
@@ -32,11 +34,12 @@ _RING_INFO = b"fusion/masking-ring/v1|"
 
 
 def neighbour_count(institutions: int, *, max_colluding: int = 0) -> int:
-    """k for a federation of `institutions`: 2 * ceil(log2 n), raised to 2 * max_colluding so that t = k/2 + 1
-    exceeds the collusion bound; n - 1 (the complete graph) once that is no fewer."""
+    """k for a federation of `institutions`: 2 * ceil(log2 n), raised to 2 * (max_colluding + 1) so that t = k/2 + 1
+    exceeds the c + 1 institutions of the coalition (one institution and max_colluding others); n - 1 (the
+    complete graph) once that is no fewer."""
     if institutions < 2:
         return max(institutions - 1, 0)
-    k = max(2 * math.ceil(math.log2(institutions)), 2 * max_colluding, 2)
+    k = max(2 * math.ceil(math.log2(institutions)), 2 * (max_colluding + 1))
     return institutions - 1 if k >= institutions - 1 else k
 
 
@@ -59,15 +62,18 @@ class MaskingGraph:
         max_colluding: int = 0,
         degree: int | None = None,
     ) -> MaskingGraph:
-        """The graph for `institutions` and the release named by `context`. `degree` (even, >= 2 * max_colluding)
+        """The graph for `institutions` and the release named by `context`. `degree` (even, >= 2 * (max_colluding + 1))
         overrides the k of `neighbour_count`; the complete graph keeps the quorum as its threshold."""
         ids = sorted(set(institutions))
         n = len(ids)
         k = neighbour_count(n, max_colluding=max_colluding) if degree is None else min(degree, n - 1)
         if k >= n - 1:
             return cls(tuple(ids), n - 1, quorum)
-        if k % 2 or k < 2 * max_colluding or k < 2:
-            raise ValueError(f"the neighbour count {k} must be even, at least 2 and at least 2 * max_colluding")
+        if k % 2 or k < 2 * (max_colluding + 1):
+            raise ValueError(
+                f"the neighbour count {k} must be even and at least 2 * (max_colluding + 1) = {2 * (max_colluding + 1)}"
+                ": else the threshold k/2 + 1 is within reach of one institution and max_colluding others"
+            )
         # The ring order: institutions sorted by a hash bound to the release, so neighbourhoods change per release.
         ring = sorted(ids, key=lambda i: hashlib.sha256(_RING_INFO + context + b"|" + i.encode()).digest())
         return cls(tuple(ring), k, k // 2 + 1)

@@ -16,8 +16,28 @@ IDS = [f"inst-{i:03d}" for i in range(40)]
 
 def test_neighbour_count_grows_logarithmically_and_covers_the_collusion_bound() -> None:
     assert [neighbour_count(n) for n in (5, 9, 12, 20, 100, 500, 1000)] == [4, 8, 8, 10, 14, 18, 20]
-    assert neighbour_count(100, max_colluding=10) == 20  # t = k/2 + 1 = 11 > 10 colluders
-    assert neighbour_count(12, max_colluding=6) == 11  # 2c >= n - 1: the complete graph
+    # t = k/2 + 1 = 12 exceeds the coalition: one institution and 10 colluding with it, 11 in all
+    assert neighbour_count(100, max_colluding=10) == 22
+    assert neighbour_count(12, max_colluding=5) == 11  # 2 (c + 1) >= n - 1: the complete graph
+
+
+@pytest.mark.parametrize("n", [8, *range(10, 70, 3), 100, 500])
+@pytest.mark.parametrize("colluding", range(0, 9))
+def test_no_coalition_the_guarantee_names_holds_a_threshold_of_anyone_s_shares(n: int, colluding: int) -> None:
+    """The coalition is one institution (which knows its own contribution and noise) and up to max_colluding
+    others: c + 1 institutions. Placed around a victim on the ring (its nearest neighbours, the worst case), they
+    must hold fewer than `threshold` shares of the victim's secrets, which go to its closed neighbourhood only.
+    With k = 2c the threshold was c + 1, and such a coalition rebuilt the victim's seed and mask keys."""
+    ids = [f"inst-{i:03d}" for i in range(n)]
+    graph = MaskingGraph.build(ids, context=b"r", quorum=colluding + 2, max_colluding=colluding)
+    if graph.complete:
+        assert graph.threshold == colluding + 2  # the quorum, at least c + 2 (the config's own check)
+        return
+    assert graph.threshold >= colluding + 2
+    victim = graph.ring[0]
+    nearest = sorted(graph.neighbours(victim), key=lambda i: min(graph.ring.index(i), n - graph.ring.index(i)))
+    coalition = set(nearest[: colluding + 1])
+    assert len(coalition & set(graph.closed(victim))) < graph.threshold
 
 
 def test_a_small_federation_keeps_the_complete_graph_and_the_quorum_as_threshold() -> None:
@@ -46,9 +66,11 @@ def test_the_sparse_graph_is_regular_and_symmetric() -> None:
             assert graph.adjacent(i, j) == (j in graph.neighbours(i)) == (i in graph.neighbours(j))
 
 
-def test_a_degree_below_twice_the_collusion_bound_is_refused() -> None:
-    with pytest.raises(ValueError, match="2 \\* max_colluding"):
-        MaskingGraph.build(IDS, context=b"r", quorum=20, degree=4, max_colluding=3)
+def test_a_degree_below_twice_the_coalition_is_refused() -> None:
+    for degree in (4, 6):  # 6 = 2c: the threshold 4 = c + 1, within reach of the coalition of c + 1
+        with pytest.raises(ValueError, match="2 \\* \\(max_colluding \\+ 1\\) = 8"):
+            MaskingGraph.build(IDS, context=b"r", quorum=20, degree=degree, max_colluding=3)
+    assert MaskingGraph.build(IDS, context=b"r", quorum=20, degree=8, max_colluding=3).threshold == 5
 
 
 def _connected(graph: MaskingGraph, nodes: set[str]) -> bool:
