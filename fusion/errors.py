@@ -4,7 +4,24 @@ from __future__ import annotations
 
 
 class FusionError(ValueError):
-    """A user-facing error: bad config, bad arguments, refused operation. The message says how to fix it."""
+    """A user-facing error: bad config, bad arguments, refused operation. The message says how to fix it.
+
+    `public`: what may be written where every reader of the shared store sees it (the scheduler's `runs` table),
+    when the message itself quotes an institution's data (exact reject counts and rates, a cell's readings),
+    which stay with that institution and its operator: `shared_message` gives it, or the message when None."""
+
+    def __init__(self, *args: object, public: str | None = None) -> None:
+        super().__init__(*args)
+        self.public = public  # kept in __dict__: it survives pickling with the message
+
+
+def shared_message(exc: BaseException) -> str:
+    """What a shared table may record of `exc`: a Fusion error's `public` text (its message when it has none); of
+    any other error only its type, since its message may quote a reading (a value that failed to parse) or a
+    count, and stays in the local log."""
+    if isinstance(exc, FusionError):
+        return exc.public if exc.public is not None else str(exc)
+    return f"{type(exc).__name__} (its message is in this runner's log: it may quote an institution's data)"
 
 
 class ConfigError(FusionError):

@@ -36,6 +36,11 @@ class BatchSummary:
     period_epsilon_spent: float = 0.0
 
 
+def _withheld_reason(report: dict[str, Any]) -> str:
+    """Why an institution sealed nothing, as shared records say it: a reason, no count."""
+    return "rejected rows above max_reject_rate" if "withheld_files" in report else "no feed file"
+
+
 def audit_feeds(plan: ReleasePlan, store: Store, reports: dict[str, dict[str, Any]]) -> None:
     """Record in `audit`, as each institution's events, what its run found wrong with its feeds: a path that
     matched no file (per feed and day), a file refused whole (unreadable, or without a required column), and a
@@ -50,8 +55,9 @@ def audit_feeds(plan: ReleasePlan, store: Store, reports: dict[str, dict[str, An
             for path, file in sorted(report.get("files", {}).items())
         ]
         if report.get("withheld"):
-            reason = "rejected rows above max_reject_rate" if "withheld_files" in report else "no feed file"
-            events.append(("contribution_withheld", reason, {"files": report.get("withheld_files", [])}))
+            events.append(
+                ("contribution_withheld", _withheld_reason(report), {"files": report.get("withheld_files", [])})
+            )
         for action, reason, detail in events:
             detail = {"institution": institution, **detail}
             digest = hashlib.sha256(json.dumps([action, reason, detail], sort_keys=True).encode()).hexdigest()[:12]
@@ -135,7 +141,11 @@ def run_batch(
         withheld = [r["withheld"] for _, r in sorted(reports.items()) if r.get("withheld")]
         if not withheld:
             raise
-        raise ReleaseRefused(f"{exc}. Withheld: {' | '.join(withheld)}") from None
+        # The operator sees each institution's reasons in full; shared records only which, and why in codes.
+        codes = [f"institution {i}: {_withheld_reason(r)}" for i, r in sorted(reports.items()) if r.get("withheld")]
+        raise ReleaseRefused(
+            f"{exc}. Withheld: {' | '.join(withheld)}", public=f"{exc}. Withheld: {' | '.join(codes)}"
+        ) from None
     if aggregated["status"] == "awaiting_unmask":
         # The roster is closed: every included institution answers it (shares of seeds and of mask keys).
         on_stage("unmask")

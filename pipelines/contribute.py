@@ -475,7 +475,9 @@ class SealContribution(beam.DoFn):
         if busiest > cap:  # only a configured cap can bind in practice: derived caps are ~10^12 readings
             raise FusionError(
                 f"institution {institution.id}: a cell holds {busiest} readings, above its cap of {cap} "
-                "(max_readings_per_cell); raise or remove it in the config"
+                "(max_readings_per_cell); raise or remove it in the config",
+                public=f"institution {institution.id}: a cell holds more readings than its cap of {cap} "
+                "(max_readings_per_cell)",
             )
         # The published reasons' counts, each clamped to the cap (a clamped count moves by at most one row per
         # reading, so the sensitivity holds, and no tally can wrap): other reasons stay with the institution, and

@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 import pyarrow.compute as pc
 
 from fusion.config.federation import Config
-from fusion.errors import FusionError, ReleaseNotReady, ReleaseRefused
+from fusion.errors import FusionError, ReleaseNotReady, ReleaseRefused, shared_message
 from fusion.release.plan import plan_release
 from fusion.runtime.durations import floor_to_grid
 from fusion.runtime.runner_process import RunnerProcess
@@ -199,12 +199,15 @@ def _attempt(config: Config, store: Store, interval: Interval, *, now: Clock, be
     """Run the batch release of one claimed interval; every error becomes the attempt's outcome."""
     try:
         summary = run_batch(plan_release(config, interval.start, interval.end), beam_args=beam_args)
+    # `runs` is shared: it records what every reader may see (`shared_message`), the full message goes to the log.
     except ReleaseNotReady as exc:  # no aggregate yet, nor a refusal (a slow exchange): retried with backoff
-        return Outcome(RunStatus.FAILED, now(), error=str(exc))
+        return Outcome(RunStatus.FAILED, now(), error=shared_message(exc))
     except ReleaseRefused as exc:  # budget exhausted, quorum not met: retrying would not change the answer
-        return Outcome(RunStatus.SKIPPED, now(), error=str(exc))
+        _log.warning("interval %s refused: %s", interval, exc)
+        return Outcome(RunStatus.SKIPPED, now(), error=shared_message(exc))
     except Exception as exc:  # recorded and retried with backoff; the store's commits are idempotent
-        return Outcome(RunStatus.FAILED, now(), error=f"{type(exc).__name__}: {exc}")
+        _log.error("interval %s failed: %s: %s", interval, type(exc).__name__, exc)
+        return Outcome(RunStatus.FAILED, now(), error=shared_message(exc))
     if summary.status != "released":
         return Outcome(RunStatus.ALREADY_RELEASED, now(), release_id=summary.release_id)
     return Outcome(

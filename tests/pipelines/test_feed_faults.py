@@ -7,6 +7,7 @@ audited. Each scenario runs its pipeline once (module-scoped fixtures) and its t
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,11 +21,14 @@ import pytest
 
 from fusion.cli.core import main
 from fusion.config.federation import load_config
+from fusion.errors import InternalError, ReleaseRefused, shared_message
 from fusion.release.exchange import contribution_path, exists
 from fusion.release.plan import plan_release
+from fusion.runtime.schedule import Interval, RunStatus
 from fusion.store.delta import Store
 from pipelines.batch import BatchSummary, run_batch
 from pipelines.run import dead_letter_dir
+from pipelines.scheduler import _attempt
 from pipelines.stream_driver import StreamDriver
 from schemas.readings import DEAD_LETTER_REASON, DEAD_LETTER_ROW, DEAD_LETTER_SOURCE
 from tests.conftest import END, START, Federation, config_text, readings, write_feed
@@ -292,6 +296,30 @@ def test_the_operator_sees_why_and_decides_with_accept_rejects(
     assert code == 0, err
     assert "contributed: --accept-rejects" in out and "cells released" in out
     assert released_count(refused) == refused.raw["alpha"].num_rows  # beta's envelope holds no reading
+
+
+def test_shared_records_of_a_refusal_name_institutions_and_reasons_never_counts(tmp_path: Path) -> None:
+    """The refusal's message tells the operator each institution's reject rate and its files' exact counts; the
+    scheduler's `runs` table, which every reader of the store can query, records only who and why (it used to
+    record the whole message, and with it the exact rows the institution read and rejected)."""
+    federation = build_federation(tmp_path, [("alpha", "parquet"), ("beta", "csv")], quorum=2)
+    for path in sorted((federation.directory / "feeds" / "beta").glob("*.csv")):
+        rename_csv_column(path, "value", "reading")
+    with pytest.raises(ReleaseRefused) as refused:
+        run_batch(plan_release(federation.config, START, END))
+    local = str(refused.value)
+    assert "100.0%" in local and "missing_column=" in local  # the operator's own view, in full
+    shared = shared_message(refused.value)
+    assert shared == (
+        "aggregation refused: quorum not met: 1 valid contribution(s), the federation requires 2. Withheld: "
+        "institution beta: rejected rows above max_reject_rate"
+    )
+    assert shared_message(pickle.loads(pickle.dumps(refused.value))) == shared  # across worker processes too
+    outcome = _attempt(federation.config, Store(federation.config.store_path), Interval(START, END),
+                       now=lambda: END + HOUR, beam_args=())
+    assert outcome.status is RunStatus.SKIPPED and outcome.error == shared
+    counts = InternalError("row counts do not reconcile for beta: {'read': 12, 'accepted': 11}")
+    assert shared_message(counts).startswith("InternalError (") and "12" not in shared_message(counts)
 
 
 # -- the stream: the same faults, the same reason codes -----------------------------------------------------------
