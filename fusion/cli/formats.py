@@ -64,7 +64,7 @@ def _csv_column(column: pa.Array) -> pa.Array:
         return column
     if pa.types.is_string_view(column.type):
         return pc.cast(column, pa.string())
-    return pa.array([None if value is None else _csv_text(value) for value in column.to_pylist()], pa.string())
+    return pa.array([None if value is None else _csv_text(value) for value in python_values(column)], pa.string())
 
 
 def _csv_text(value: Any) -> str:
@@ -111,10 +111,21 @@ def write_json_lines(batches: Iterable[pa.RecordBatch], out: TextIO) -> int:
     rows = 0
     for batch in batches:
         names = unique_names(batch.schema.names)
-        columns = [column.to_pylist() for column in batch.columns]
+        columns = [python_values(column) for column in batch.columns]
         out.writelines(json_text(dict(zip(names, values, strict=True))) + "\n" for values in zip(*columns, strict=True))
         rows += batch.num_rows
     return rows
+
+
+def python_values(column: pa.Array) -> list[Any]:
+    """A column's values as Python objects; a date or time Python cannot hold (SQL allows years past 9999 and
+    before 1) makes its column text, as Arrow writes it."""
+    try:
+        return column.to_pylist()
+    except (OverflowError, ValueError):
+        if not pa.types.is_temporal(column.type):
+            raise
+        return pc.cast(column, pa.string()).to_pylist()
 
 
 def unique_names(names: list[str]) -> list[str]:

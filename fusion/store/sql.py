@@ -8,6 +8,14 @@ ATTACH, INSTALL or LOAD, no SET, no writes. Only one query is accepted: SELECT i
 FROM-first, VALUES, TABLE, set operations), PIVOT and UNPIVOT, SUMMARIZE, DESCRIBE and SHOW; nothing that writes,
 not even in a WITH clause. Each query runs under `SqlLimits`: a timer interrupts it past its time limit, and its
 result is read batch by batch and stopped past its row or size limit, before it is held whole.
+
+What the limits cannot stop: DuckDB checks for an interrupt, and counts most memory against its limit, between
+chunks of rows, never inside one function call. The calls that can run or allocate without bound on their own
+(_UNBOUNDED_CALLS: quadratic string distances; _COUNTED_CALLS, lists and strings built from a count, but for
+small literal arguments) are refused; a query can still
+build a huge value step by step (a string doubled in each of thirty WITH clauses), which outruns both limits. The
+sandbox keeps a query to the store's tables; to bound what an untrusted query may cost the machine, run it in a
+process of its own under an OS memory limit (ulimit -v, a container).
 """
 
 from __future__ import annotations
@@ -33,8 +41,10 @@ _SANDBOX_HINT = (
     "Fusion's SQL is read-only and sandboxed: it reads only the store's tables "
     f"({', '.join(sorted(TABLE_SCHEMAS))}); files, COPY, ATTACH, INSTALL/LOAD and settings are not available"
 )
-#: Rows per Arrow batch read from DuckDB: the granularity of the result limits and of streamed output.
-BATCH_ROWS = 65_536
+#: Rows per Arrow batch read from DuckDB: the granularity of the result limits and of streamed output. A batch is
+#: whole before its size is checked, so it is kept to DuckDB's own chunk of 2,048 rows (65,536 rows of 60 KB values
+#: made 3.9 GB before a 256 MB limit could stop them).
+BATCH_ROWS = 2_048
 
 #: The words a query may start with (DuckDB files them all as SELECT statements, a PIVOT without IN list as MULTI).
 _QUERY_WORDS = frozenset(
@@ -55,6 +65,44 @@ _CATALOG = re.compile(r"(?i)\b(?:show|information_schema|duckdb_\w+|pragma_\w+|s
 #: Query nodes (in DuckDB's JSON form of a parsed SELECT) of a statement that writes, in a WITH clause.
 _WRITING_NODES = {"INSERT_QUERY_NODE": "INSERT", "UPDATE_QUERY_NODE": "UPDATE", "DELETE_QUERY_NODE": "DELETE",
                   "MERGE_INTO_QUERY_NODE": "MERGE INTO"}
+#: Scalar functions one call of which can run or allocate without bound: DuckDB checks for an interrupt, and
+#: counts most memory against its limit, between chunks of rows, never inside one call. String distances are
+#: quadratic in their arguments' length (levenshtein of two 120,000-character strings: 18 s past a 1 s limit), and
+#: refused. Calls that build a list or string from a count (list_sort(range(10^7)): 8 s and 1.7 GB past a 1 s and
+#: 64 MB limit) are refused unless every argument is a literal, each number at most COUNT_LIMIT in size. As table
+#: functions (FROM range(...)) range and generate_series produce rows chunk by chunk, and stop like any scan.
+_UNBOUNDED_CALLS = frozenset(
+    {"levenshtein", "editdist3", "damerau_levenshtein", "jaro_similarity", "jaro_winkler_similarity"}
+)
+#: Calls that build a list or string from a count, with the positions of their count arguments (None: every
+#: argument, the value repeated too): lpad(text, count, fill) is as long as its count whatever its text.
+_COUNTED_CALLS: dict[str, tuple[int, ...] | None] = {
+    "range": None, "generate_series": None, "repeat": None, "lpad": (1,), "rpad": (1,), "list_resize": (1,),
+    "array_resize": (1,),
+}
+#: The largest number a literal argument of a _COUNTED_CALLS function may hold.
+COUNT_LIMIT = 1_000_000
+_UNBOUNDED_TEXT = re.compile(rf"(?i)\b({'|'.join(sorted(_UNBOUNDED_CALLS | set(_COUNTED_CALLS)))})\s*\(")
+
+
+def _bounded(name: str, call: dict[str, Any]) -> bool:
+    """Whether a _COUNTED_CALLS call's count arguments (every argument, for some) are literals, each number at
+    most COUNT_LIMIT in size."""
+    arguments = call.get("arguments") or []
+    positions = _COUNTED_CALLS[name]
+    for index in range(len(arguments)) if positions is None else positions:
+        argument = arguments[index] if index < len(arguments) else None
+        expression = argument.get("expression") if isinstance(argument, dict) else None
+        if not isinstance(expression, dict) or expression.get("class") != "CONSTANT":
+            return False
+        literal = expression.get("literal") or {}
+        if literal.get("kind") != "STRING":
+            try:
+                if not abs(float(literal.get("text", "inf"))) <= COUNT_LIMIT:
+                    return False
+            except ValueError:
+                return False
+    return True
 
 
 #: How long `SqlSandbox.close` waits for a query running in another thread to stop once interrupted.
@@ -100,6 +148,10 @@ class SqlSandbox:
         self._con.execute("SET enable_progress_bar = false")
         self._con.execute("SET temp_directory = ''")  # a query may not spill to (and fill) the disk
         self._con.execute("SET max_temp_directory_size = '0B'")
+        # Settings a query may read (duckdb_settings(), current_setting()) would name the user's home and paths.
+        for setting in ("secret_directory", "extension_directory", "home_directory"):
+            self._con.execute(f"SET {setting} = ''")
+        self._con.execute("SET allow_persistent_secrets = false")
         self._con.execute("SET autoinstall_known_extensions = false")
         self._con.execute("SET autoload_known_extensions = false")
         self._con.execute("SET enable_external_access = false")
@@ -190,13 +242,18 @@ class SqlSandbox:
         except ValueError:  # a statement type this DuckDB client cannot name (UPDATE EXTENSIONS): never a query
             kind = None
         if kind is duckdb.StatementType.SELECT:
-            writes = self._writes(text)
+            writes, call = self._inspect(text)
             if writes:
                 raise SqlRefused(f"{writes} statements are refused, in a WITH clause too. {_SANDBOX_HINT}")
+            if call:
+                raise SqlRefused(_unbounded(call))
             return
         # DuckDB runs a PIVOT without an IN list as several statements: first one creating an ENUM type of the
-        # pivoted values, then the query. Its text must then be a query, one that parses as a subquery.
+        # pivoted values, then the query. Its text must then be a query, one that parses as a subquery (DuckDB
+        # cannot serialise it: the functions it calls are looked for in its text, FROM range(...) refused too).
         if kind is duckdb.StatementType.MULTI and self._is_query(text):
+            if match := _UNBOUNDED_TEXT.search(text):
+                raise SqlRefused(_unbounded(match.group(1).lower()))
             return
         raise SqlRefused(f"{_refused(text, kind)}. {_SANDBOX_HINT}")
 
@@ -210,27 +267,40 @@ class SqlSandbox:
             return False
         return len(kinds) == 1 and kinds[0] in (duckdb.StatementType.SELECT, duckdb.StatementType.MULTI)
 
-    def _writes(self, text: str) -> str | None:
-        """The statement that writes in a SELECT's WITH clause (`WITH x AS (DELETE ... RETURNING *) ...`), if
-        any. DuckDB would refuse it anyway (the store's tables are views), but the refusal should say why."""
+    def _inspect(self, text: str) -> tuple[str | None, str | None]:
+        """(the statement that writes in a SELECT's WITH clause, a call of an _UNBOUNDED_CALLS function), each None
+        when there is none. A write (`WITH x AS (DELETE ... RETURNING *) ...`) DuckDB would refuse anyway (the
+        store's tables are views), but the refusal should say why. The parse tree is walked without recursion: a
+        query nested hundreds of levels deep is a refusal, not a Python error."""
         try:
             rows = self._con.execute("SELECT json_serialize_sql(?::VARCHAR)", [text]).fetchall()
         except duckdb.Error:  # no JSON extension in this build: the binder still refuses the write
-            return None
-        found: list[str] = []
-
-        def walk(node: Any) -> None:
+            match = _UNBOUNDED_TEXT.search(text)
+            return None, match.group(1).lower() if match else None
+        try:
+            tree = json.loads(rows[0][0])
+        except RecursionError:
+            raise SqlRefused(f"the query is nested too deeply to be checked: flatten it. {_SANDBOX_HINT}") from None
+        if not isinstance(tree, dict) or tree.get("error"):  # a statement DuckDB does not serialise: by its text
+            match = _UNBOUNDED_TEXT.search(text)
+            return None, match.group(1).lower() if match else None
+        writes: str | None = None
+        call: str | None = None
+        stack: list[tuple[Any, str | None]] = [(tree, None)]
+        while stack:
+            node, key = stack.pop()
             if isinstance(node, dict):
                 if node.get("type") in _WRITING_NODES:
-                    found.append(_WRITING_NODES[node["type"]])
-                for value in node.values():
-                    walk(value)
+                    writes = writes or _WRITING_NODES[node["type"]]
+                name = str(node.get("function_name", "")).lower()
+                # A table function's call is its node's `function`: FROM range(...) is a scan, not a scalar.
+                if node.get("class") == "FUNCTION" and key != "function":
+                    if name in _UNBOUNDED_CALLS or (name in _COUNTED_CALLS and not _bounded(name, node)):
+                        call = call or name
+                stack.extend((value, child) for child, value in node.items())
             elif isinstance(node, list):
-                for value in node:
-                    walk(value)
-
-        walk(json.loads(rows[0][0]))
-        return found[0] if found else None
+                stack.extend((value, key) for value in node)
+        return writes, call
 
     def close(self) -> None:
         """Close the connection. DuckDB refuses to close one busy with a query in another thread (a dashboard's
@@ -255,6 +325,15 @@ def _tables_named(sql: str, tables: dict[str, int | None]) -> list[str]:
     if _CATALOG.search(sql):
         return list(tables)
     return [name for name in tables if re.search(rf"(?i)\b{name}\b", sql)]
+
+
+def _unbounded(call: str) -> str:
+    allowed = f" unless its count is a literal of at most {COUNT_LIMIT:,}" if call in _COUNTED_CALLS else ""
+    return (
+        f"{call}() is refused{allowed}: one call of it can run and allocate without bound, past the query's time "
+        f"and memory limits (which DuckDB checks between chunks of rows). Table functions (FROM range(...)) are "
+        f"available. {_SANDBOX_HINT}"
+    )
 
 
 def _refused(text: str, kind: duckdb.StatementType | None) -> str:

@@ -73,6 +73,56 @@ def test_a_query_within_its_time_limit_is_not_stopped(sandbox: SqlSandbox) -> No
         assert sandbox.query("SELECT count(*) AS n FROM range(100000)").to_pylist() == [{"n": 100000}]
 
 
+@pytest.mark.parametrize(
+    ("query", "call"),
+    [
+        ("SELECT list_sort(range(10000000)) AS l", "range"),  # 8 s and 1.7 GB in one call, past 1 s and 64 MB
+        ("SELECT len(generate_series(1, n)) FROM (SELECT 10 AS n)", "generate_series"),
+        ("SELECT levenshtein(region, region) FROM releases", "levenshtein"),  # quadratic in the length
+        ("SELECT damerau_levenshtein('a', 'b')", "damerau_levenshtein"),
+        ("SELECT length(repeat('xyz', 100000000)) AS n", "repeat"),  # 300 MB in one call
+        ("SELECT repeat(region, 3) FROM releases", "repeat"),  # the repeated value too
+        ("SELECT lpad('a', 1e9, ' ')", "lpad"),
+        ("SELECT rpad(region, count::INT, '-') FROM releases", "rpad"),
+        ("SELECT list_resize([1], 2000000)", "list_resize"),
+        ("PIVOT (SELECT repeat('k', 2) AS k, 1 AS v) ON k USING sum(v)", "repeat"),  # not serialisable: by its text
+    ],
+)
+def test_a_call_that_no_limit_could_stop_is_refused(sandbox: SqlSandbox, query: str, call: str) -> None:
+    """DuckDB checks for an interrupt (and counts most memory) between chunks, never inside one call: a call that
+    can run or allocate without bound on its own is refused before it runs, naming it."""
+    with pytest.raises(SqlRefused, match=rf"^{call}\(\) is refused"):
+        sandbox.query(query)
+
+
+@pytest.mark.parametrize(
+    ("query", "rows"),
+    [
+        ("SELECT count(*) FROM range(100000)", 1),  # table functions produce rows chunk by chunk
+        ("SELECT * FROM generate_series(1, 3)", 3),
+        ("SELECT len(range(1000)) AS n", 1),  # literal counts up to COUNT_LIMIT
+        ("SELECT lpad(region, 12, ' ') FROM releases", 10),  # as long as its count, whatever its text
+        ("SELECT list_resize([1, 2], 5)", 1),
+        ("SELECT 'levenshtein(' AS text", 1),  # a name in a string is no call
+    ],
+)
+def test_bounded_calls_and_table_functions_run(sandbox: SqlSandbox, query: str, rows: int) -> None:
+    assert sandbox.query(query).num_rows == rows
+
+
+def test_a_query_nested_too_deeply_to_check_is_refused_not_a_python_error(sandbox: SqlSandbox) -> None:
+    nested = "SELECT 1 AS x FROM " + "(SELECT 1 AS x FROM " * 400 + "(SELECT 1)" + " t)" * 400
+    with pytest.raises(SqlRefused, match="nested too deeply"):
+        sandbox.query(nested)
+    assert sandbox.query("SELECT 1 AS x FROM " + "(SELECT 1 AS x FROM " * 50 + "(SELECT 1)" + " t)" * 50).num_rows
+
+
+def test_settings_a_query_may_read_name_no_path_of_this_machine(sandbox: SqlSandbox) -> None:
+    settings = sandbox.query("SELECT name, value FROM duckdb_settings()").to_pylist()
+    home = str(Path.home())
+    assert not [s for s in settings if home in str(s["value"]) or "/.duckdb" in str(s["value"])]
+
+
 # --- size -----------------------------------------------------------------------------------------------------
 
 def test_a_result_past_the_row_limit_is_refused_before_it_is_held(sandbox: SqlSandbox) -> None:
@@ -168,6 +218,16 @@ def test_a_table_shows_its_first_rows_only(config_path: Path, capsys: pytest.Cap
     assert main(["sql", "--config", str(config_path), "SELECT * FROM range(20000)"]) == 0
     out = capsys.readouterr().out
     assert "10000 row(s)" in out and "more rows than the 10,000 shown" in out
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "csv"])
+def test_dates_python_cannot_hold_are_printed_as_text(
+    config_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    query = "SELECT DATE '10000-01-01' AS d, TIMESTAMP '10000-01-01 10:00' AS t, DATE '2026-01-02' AS ok"
+    assert main(["sql", "--config", str(config_path), "--format", fmt, query]) == 0
+    out = capsys.readouterr().out
+    assert "10000-01-01" in out and "2026-01-02" in out
 
 
 def test_csv_output_streams_without_holding_the_result(config_path: Path) -> None:
