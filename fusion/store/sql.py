@@ -294,9 +294,9 @@ class SqlSandbox:
                     writes = writes or _WRITING_NODES[node["type"]]
                 name = str(node.get("function_name", "")).lower()
                 # A table function's call is its node's `function`: FROM range(...) is a scan, not a scalar.
-                if node.get("class") == "FUNCTION" and key != "function":
-                    if name in _UNBOUNDED_CALLS or (name in _COUNTED_CALLS and not _bounded(name, node)):
-                        call = call or name
+                unbounded = name in _UNBOUNDED_CALLS or (name in _COUNTED_CALLS and not _bounded(name, node))
+                if node.get("class") == "FUNCTION" and key != "function" and unbounded:
+                    call = call or name
                 stack.extend((value, child) for child, value in node.items())
             elif isinstance(node, list):
                 stack.extend((value, key) for value in node)
