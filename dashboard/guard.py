@@ -68,7 +68,9 @@ class Guard:
         offered = request.query_params.get("token")
         if offered is not None and _same(offered, self._token):
             kept = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-            answer = RedirectResponse(request.url.path + (f"?{urlencode(kept)}" if kept else ""), status_code=303)
+            # Back to this dashboard's own path: "//host/x" would name another site (a protocol-relative URL).
+            local = "/" + request.url.path.lstrip("/")
+            answer = RedirectResponse(local + (f"?{urlencode(kept)}" if kept else ""), status_code=303)
             answer.set_cookie(TOKEN_COOKIE, self._cookie, httponly=True, samesite="strict",
                               secure=request.url.scheme == "https", path=app_root(request) or "/")
             return answer

@@ -54,7 +54,14 @@ def time(name: str, value: str | None) -> datetime | None:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
         raise BadParameter(name, f"{value!r} is not a time; write e.g. 2026-01-05 or 2026-01-05T06:00 (UTC)") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    try:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError:  # an offset that takes the time past year 1 or 9999
+        raise BadParameter(name, f"{value!r} is out of the range of times; write e.g. 2026-01-05 (UTC)") from None
+
+
+#: A whole number as a query gives one: ASCII digits only (str.isdigit also takes '²', which int() refuses).
+_WHOLE = re.compile(r"[0-9]{1,9}")
 
 
 def days(name: str, value: str | None, *, default: int | None, limit: int = 3660) -> int | None:
@@ -63,7 +70,7 @@ def days(name: str, value: str | None, *, default: int | None, limit: int = 3660
         return default
     if value == "all":
         return None
-    if not value.isdigit() or not 1 <= int(value) <= limit:
+    if not _WHOLE.fullmatch(value) or not 1 <= int(value) <= limit:
         raise BadParameter(name, f"{value!r} is not a number of days from 1 to {limit}, or 'all'")
     return int(value)
 
@@ -72,7 +79,7 @@ def page(name: str, value: str | None) -> int:
     """A page number, from 1."""
     if value is None or value == "":
         return 1
-    if not value.isdigit() or int(value) < 1 or int(value) > 1_000_000:
+    if not _WHOLE.fullmatch(value) or int(value) < 1 or int(value) > 1_000_000:
         raise BadParameter(name, f"{value!r} is not a page number (1, 2, ...)")
     return int(value)
 

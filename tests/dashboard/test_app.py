@@ -302,6 +302,12 @@ def test_a_token_is_required_of_every_request_but_health(federation: Path) -> No
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
         status, _, _ = served.get("/releases?region=south", headers={"Cookie": cookie.split(";")[0]})
         assert status == 200
+        try:  # a path starting "//" would make the redirect name another site (a protocol-relative address)
+            opener.open(f"{url}//evil.example/x?token={TOKEN}")
+            raise AssertionError("expected a redirect")
+        except Exception as exc:
+            assert getattr(exc, "code", None) == 303
+            assert exc.headers["location"] == "/evil.example/x"  # type: ignore[attr-defined]
 
 
 def _no_redirects() -> object:

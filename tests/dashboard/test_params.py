@@ -38,6 +38,10 @@ def test_times_are_utc() -> None:
     (lambda: params.text("text", "a" * 201), "text: at most 200 characters, got 201"),
     (lambda: params.text("text", "a\nb"), "text: control characters are not accepted"),
     (lambda: params.time("end", "soon"), "end: 'soon' is not a time"),
+    (lambda: params.time("start", "0001-01-01T00:00+01:00"), "start: '0001-01-01T00:00+01:00' is out of the range"),
+    (lambda: params.time("end", "9999-12-31T23:00-05:00"), "end: '9999-12-31T23:00-05:00' is out of the range"),
+    (lambda: params.days("days", "\u00b2", default=7), "days: '\u00b2' is not a number of days"),
+    (lambda: params.page("page", "\u00b9"), "page: '\u00b9' is not a page number"),
     (lambda: params.days("days", "0", default=7), "days: '0' is not a number of days from 1 to 3660, or 'all'"),
     (lambda: params.page("page", "-1"), "page: '-1' is not a page number"),
 ])
