@@ -16,6 +16,7 @@ goes on without it: accepted under its signer's name instead, it would close a r
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -167,6 +168,10 @@ class OpenEnvelope(beam.DoFn):
         """The checks of a signed envelope against this release's public context and roster."""
         if header.context_sha256 != self._public_context.sha256:
             return "wrong_he_context"
+        if header.kind == "contribution" and not self._sealed_variance(header.noise_variance):
+            # Summed into the aggregate's header, a claim the key holder's error bars and its plausibility check
+            # rest on: negative, it would fail the decode after the charge; NaN, it would disable the check.
+            return "wrong_noise_variance"
         roster = self._roster
         if header.kind == "contribution" and roster is not None and header.contributors[0] in roster.absent:
             return "declared_absent"  # too late: its masks must keep it unreadable now
@@ -180,16 +185,28 @@ class OpenEnvelope(beam.DoFn):
                 return "declared_absent"
         return ""
 
+    def _sealed_variance(self, claimed: float) -> bool:
+        """Whether a contribution's noise variance is the share every institution seals under this plan (with
+        noise off, test mode, none or the share: a training round seals its share whatever the config says)."""
+        share = self._plan.params.share_variance
+        allowed = (share,) if self._plan.params.noise else (0.0, share)
+        return math.isfinite(claimed) and any(math.isclose(claimed, a, rel_tol=1e-9, abs_tol=0.0) for a in allowed)
+
     def _check_ciphertexts(self, header: EnvelopeHeader, ciphertexts: list[bytes]) -> str:
         # An answer is revealed shares alone: the aggregator removes every mask itself.
         expected = 0 if header.kind == "unmask" else he.ciphertexts_for(self._plan.layout.slots)
         if len(ciphertexts) != expected:
             return "wrong_layout"
-        try:
-            for data in ciphertexts:
+        sizes = he.ciphertext_sizes(self._plan.layout.slots) if expected else []
+        for data, size in zip(ciphertexts, sizes, strict=True):
+            try:
                 he.check_ciphertext(self._context, data)
-        except ValueError:
-            return "unreadable_ciphertext"
+            except ValueError:
+                return "unreadable_ciphertext"
+            try:  # one of another size would stop the sum of every envelope, the roster already closed on it
+                he.check_ciphertext(self._context, data, size=size)
+            except ValueError:
+                return "wrong_layout"
         return ""
 
 

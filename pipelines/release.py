@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -221,6 +222,7 @@ def _open_aggregate(plan: ReleasePlan, store: Store, released: set[str]) -> _Ope
         raise ReleaseRefused(
             f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}"
         )
+    _check_noise_variance(plan, header)
     signing_key = _registered_signing_key(plan)  # before anything is charged: nothing unsigned is published
     return _Opened(plan, data, header, ciphertexts, signing_key)
 
@@ -434,6 +436,20 @@ def _recorded_link(plan: ReleasePlan, signature: dict[str, Any]) -> ChainLink | 
             "(the store was written by someone else); nothing was published"
         )
     return None if claim.sequence is None else ChainLink(claim.sequence, claim.previous or ())
+
+
+def _check_noise_variance(plan: ReleasePlan, header: EnvelopeHeader) -> None:
+    """Refuse, before anything is charged, an aggregate whose stated noise variance its contributions could not
+    hold: every error bar, and the plausibility check, rest on it. With noise on it lies between v (what the
+    guarantee keeps, whatever layers came off) and every contributor's sealed share."""
+    variance = header.noise_variance
+    ceiling = len(header.contributors) * plan.params.share_variance
+    low, high = (plan.params.total_variance, ceiling) if plan.params.noise else (0.0, ceiling)
+    if not (math.isfinite(variance) and low * (1 - 1e-9) <= variance <= high * (1 + 1e-9)):
+        raise ReleaseRefused(
+            f"the aggregate states a noise variance of {variance}, outside [{low:.6g}, {high:.6g}] for its "
+            f"{len(header.contributors)} contributors: it is not decrypted, nothing is charged"
+        )
 
 
 def _check_plausible(plan: ReleasePlan, cells: pa.Table, header: EnvelopeHeader) -> None:

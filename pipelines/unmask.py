@@ -659,12 +659,17 @@ def removable_noise(
     for institution, header in sorted(contributions.items()):
         try:
             level_text, seed_hex = (revealed.get(institution) or "").split(":")
-            seeds = chain_seeds(bytes.fromhex(seed_hex), top=int(level_text), bottom=removable[0])
+            level, seed = int(level_text), bytes.fromhex(seed_hex)
         except ValueError:
             kept[institution] = "revealed no noise layer" if revealed.get(institution) is None else "malformed layer"
             continue
-        if int(level_text) != removable[-1]:
-            kept[institution] = f"revealed layer {level_text}, the roster makes {removable[-1]} the top one"
+        if level != removable[-1]:  # checked before the chain is walked: a level of 10^15 would hash for ever
+            kept[institution] = f"revealed layer {level_text[:20]}, the roster makes {removable[-1]} the top one"
+            continue
+        try:
+            seeds = chain_seeds(seed, top=level, bottom=removable[0])
+        except ValueError:
+            kept[institution] = "malformed layer"
             continue
         draws = []
         for level in removable:

@@ -135,12 +135,20 @@ def ciphertexts_for(slots: int) -> int:
     return -(-slots // SLOTS_PER_CIPHERTEXT)
 
 
-def check_ciphertext(context: ts.Context, data: bytes) -> None:
-    """Raise ValueError unless `data` is a BFV vector ciphertext under `context`'s parameters."""
+def check_ciphertext(context: ts.Context, data: bytes, *, size: int | None = None) -> None:
+    """Raise ValueError unless `data` is a BFV vector ciphertext under `context`'s parameters (of `size` slots,
+    when given: one of another size loads, and fails only when the aggregator adds it to the others)."""
     try:
-        ts.bfv_vector_from(context, data)
+        vector = ts.bfv_vector_from(context, data)
     except Exception as exc:  # TenSEAL raises bare ValueErrors/RuntimeErrors from its C++ core
         raise ValueError(f"not a ciphertext of this federation: {exc}") from None
+    if size is not None and vector.size() != size:
+        raise ValueError(f"a ciphertext of {vector.size()} slots where {size} belong")
+
+
+def ciphertext_sizes(slots: int) -> list[int]:
+    """The slots of each ciphertext of a `slots`-slot vector, in order."""
+    return [min(SLOTS_PER_CIPHERTEXT, slots - start) for start in range(0, slots, SLOTS_PER_CIPHERTEXT)]
 
 
 def decrypt_vector(context: ts.Context, ciphertexts: Sequence[bytes], length: int) -> np.ndarray:

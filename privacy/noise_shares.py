@@ -100,10 +100,16 @@ class NoiseLayers:
         return contributors * self.kept(contributors)
 
 
+#: The most layers one seed chain spans (one a federation size above the quorum: far more than any federation).
+MAX_LAYERS = 100_000
+
+
 def chain_seeds(seed: bytes, *, top: int, bottom: int) -> dict[int, bytes]:
     """Seeds of layers top, top-1, ..., bottom from the seed of layer `top` (seed_{m-1} = SHA-256 of seed_m)."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a layer seed is {SEED_BYTES} bytes, got {len(seed)}")
+    if not 0 <= top - bottom <= MAX_LAYERS:
+        raise ValueError(f"layers {bottom}..{top}: at most {MAX_LAYERS} layers are chained")
     seeds = {top: seed}
     for level in range(top, bottom, -1):
         seeds[level - 1] = hashlib.sha256(_CHAIN + seeds[level]).digest()

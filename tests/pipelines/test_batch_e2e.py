@@ -20,6 +20,7 @@ from fusion.release.estimates import Z95
 from fusion.release.exchange import (
     aggregation_status_path,
     contribution_path,
+    public_context_path,
     contributions_dir,
     join,
     read_bytes,
@@ -330,6 +331,59 @@ def test_an_envelope_with_unreadable_ciphertexts_is_refused_not_fatal(make_feder
     result = run_aggregate(plan)
     assert result["contributors"] == ["alpha", "beta"]
     assert [r["reason"] for r in result["refused"]] == ["unreadable_ciphertext"]
+
+
+def test_a_ciphertext_of_another_size_is_refused_before_the_roster_closes_on_it(make_federation):
+    """A valid ciphertext of the federation's context but fewer slots than its place: it loaded, passed, and
+    stopped the sum of every envelope once the roster had closed on it (no release of the interval, ever)."""
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    path = contribution_path(fed.config.exchange_path, plan.key, "gamma")
+    header, ciphertexts = unpack_envelope(read_bytes(path))
+    context = he.load_public_context(read_bytes(public_context_path(fed.config.exchange_path)))
+    short = he.encrypt_vector(context, np.arange(7, dtype=np.int64))
+    write_bytes(path, pack_envelope(header, short + ciphertexts[1:], signing_key=load_signing_key(fed.config, "gamma")))
+    result = run_aggregate(plan)
+    assert result["contributors"] == ["alpha", "beta"]
+    assert [(r["institution"], r["reason"]) for r in result["refused"]] == [("gamma", "wrong_layout")]
+    if result["status"] == "awaiting_unmask":
+        run_unmask(plan, [i for i in fed.config.institutions if i.id in result["unmask_pending"]])
+        assert run_aggregate(plan)["status"] == "aggregated"
+    assert release(plan, Store(fed.config.store_path)).status == "released"
+
+
+@pytest.mark.parametrize("claimed", [-1e15, float("nan"), float("inf"), 0.0, 1e12])
+def test_a_contribution_claiming_another_noise_variance_is_refused(make_federation, claimed):
+    """Each contribution states the variance it sealed, and the aggregate sums them for the key holder's error bars
+    and its plausibility check: negative, the decode failed after the budget was charged; NaN switched the check
+    off; zero or huge, the error bars were wrong. A contribution must state the plan's share."""
+    fed = make_federation(noise=True, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    path = contribution_path(fed.config.exchange_path, plan.key, "gamma")
+    header, ciphertexts = unpack_envelope(read_bytes(path))
+    forged = replace(header, noise_variance=claimed)
+    write_bytes(path, pack_envelope(forged, ciphertexts, signing_key=load_signing_key(fed.config, "gamma")))
+    result = run_aggregate(plan)
+    assert [(r["institution"], r["reason"]) for r in result["refused"]] == [("gamma", "wrong_noise_variance")]
+    assert result["contributors"] == ["alpha", "beta"]
+
+
+def test_the_key_holder_refuses_an_aggregate_stating_an_impossible_noise_variance(make_federation):
+    from pipelines.release import _check_noise_variance
+
+    fed = make_federation(noise=True, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    v, share = plan.params.total_variance, plan.params.share_variance
+    three = ("alpha", "beta", "gamma")
+    header = plan.envelope_header(kind="aggregate", contributors=three, noise_variance=3 * share,
+                                  context_sha256="0" * 64, reject_counts={})
+    _check_noise_variance(plan, header)  # nothing removed
+    _check_noise_variance(plan, replace(header, noise_variance=v))  # the floor
+    for variance in (float("nan"), -1.0, 0.0, v / 2, 3 * share * 1.01):
+        with pytest.raises(ReleaseRefused, match="noise variance"):
+            _check_noise_variance(plan, replace(header, noise_variance=variance))
 
 
 def inverse_cdf(values: list[float], q: float) -> float:

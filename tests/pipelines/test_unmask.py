@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -643,3 +644,27 @@ def test_no_two_rosters_can_both_be_answered_with_layers_revealed_under_one():
             k = (institutions + colluding) // 2 + 1
             k_layers = (institutions + colluding + 1) // 2 + 1
             assert k + k_layers > institutions + colluding + 1
+
+
+def test_a_reveal_of_an_absurd_layer_is_kept_at_once_not_chained(make_federation):
+    """A validly signed answer revealing layer 10^15: the level is checked before the seed chain is walked (it
+    would have hashed 10^15 seeds, memory growing all the way), so the answer only keeps its layers."""
+    fed = make_federation(noise=True, seed=5, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)
+    run_unmask(plan, fed.config.institutions)
+    path = unmask_path(fed.config.exchange_path, plan.key, "beta")
+    header, ciphertexts = unpack_envelope(read_bytes(path))
+    _, seed = header.revealed_layers["beta"].split(":")
+    forged = {"beta": f"{10**15}:{seed}"}
+    write_bytes(
+        path,
+        pack_envelope(replace(header, revealed_layers=forged), ciphertexts,
+                      signing_key=load_signing_key(fed.config, "beta")),
+    )
+    started = time.monotonic()
+    status = run_aggregate(plan)
+    assert time.monotonic() - started < 30
+    assert status["status"] == "aggregated" and set(status["noise_layers_kept"]) == {"beta"}
+    assert "revealed layer 1000000000000000" in status["noise_layers_kept"]["beta"]
