@@ -20,9 +20,9 @@ from fusion.release.estimates import Z95
 from fusion.release.exchange import (
     aggregation_status_path,
     contribution_path,
-    public_context_path,
     contributions_dir,
     join,
+    public_context_path,
     read_bytes,
     refusal_path,
     write_bytes,
