@@ -509,14 +509,16 @@ class SealContribution(beam.DoFn):
         )
         path = contribution_path(plan.config.exchange_path, plan.key, institution.id)
         signing_key = load_signing_key(plan.config, institution.id)
+        # The run report first (local only): once sealed, a rerun skips the institution and never writes it again.
+        write_json(join(dead_letter_dir(plan, institution), "report.json"), report)
         envelope = record_sealed(
             plan,
             institution,
             pack_envelope(header, ciphertexts, signing_key=signing_key),
             layer_seed=layered.seed if layered else None,
         )
+        crash_point("after_seal")
         write_bytes(path, envelope)
-        write_json(join(dead_letter_dir(plan, institution), "report.json"), report)  # local only, never shared
         crash_point("after_encrypt")
         yield header
 

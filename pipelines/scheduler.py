@@ -78,6 +78,7 @@ class RunResult:
     epsilon: float = 0.0
     recorded: bool = True
     at: datetime | None = None  # WAIT / BUSY: when to look again
+    failing: bool = False  # WAIT: its last attempt failed (or its runner stopped), retried after the backoff
 
 
 def _noisy_rows(store: Store, release_id: str, interval: Interval) -> int:
@@ -125,7 +126,9 @@ def run_interval(
         log.record_skip(claim, reason=reason, now=started)
         return RunResult(name, interval, Action.BUSY, RunStatus.SKIPPED, decision.attempt, reason, at=decision.at)
     if decision.action is not Action.RUN:
-        return RunResult(name, interval, decision.action, None, decision.attempt, recorded=False, at=decision.at)
+        failing = decision.action is Action.WAIT  # a wait is a backoff: only after a failure or a runner gone
+        return RunResult(name, interval, decision.action, None, decision.attempt, recorded=False, at=decision.at,
+                         failing=failing)
 
     started = now()
     claim = Claim(name, interval, decision.attempt, runner, started, started + schedule.lease_length, process)

@@ -80,7 +80,9 @@ def cmd_schedule(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"
         console.print(f"{len(results)} interval(s) acted on by {scheduler.runner}: {summary}")
         # Non-zero while an interval is failing or was given up on, so cron monitoring keeps seeing it.
-        return 1 if any(r.status is RunStatus.FAILED or r.action is Action.GIVE_UP for r in results) else 0
+        # A runner that takes over a crashed one's interval records the failure and backs off: failing too.
+        failing = any(r.status is RunStatus.FAILED or r.action is Action.GIVE_UP or r.failing for r in results)
+        return 1 if failing else 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         err_console.print(f"{signal.Signals(signum).name}: stopping after the current attempt (again to abort)")

@@ -4,6 +4,7 @@ live beside it (`institutions`, `privacy`, `stream`, ...) and are re-exported fr
 
 from __future__ import annotations
 
+import math
 import posixpath
 import re
 import tomllib
@@ -412,20 +413,37 @@ def parse_config(data: dict[str, Any], *, base: Path = Path("."), check_release:
         release_parameters(config)  # refuses configs whose encrypted sums could wrap
     except ConfigError:
         raise
-    except ArithmeticError as exc:  # a resolution so fine that the encoding's integers overflow
-        raise ConfigError(
-            f"invalid federation config:\n  metrics[*].resolution: too fine to encode in 64-bit integers ({exc})"
-        ) from None
+    except ArithmeticError as exc:  # a range so wide, or a resolution so fine, that the encoding's integers overflow
+        raise ConfigError(f"invalid federation config:\n  {_overflowing_metric(config)}: {exc}") from None
     except ValueError as exc:  # e.g. no noise level reaches epsilon at this sensitivity
         raise ConfigError(f"invalid federation config:\n  privacy.epsilon / privacy.delta: {exc}") from None
     return config
+
+
+def _overflowing_metric(config: Config) -> str:
+    """The field to blame for an encoding that overflows: the metric whose (upper - lower) / resolution is the
+    largest, named with its values."""
+    from privacy.encoding import units_bound
+
+    def steps(metric: MetricConfig) -> float:
+        try:
+            return float(units_bound(metric.lower, metric.upper, metric.resolution))
+        except (ArithmeticError, ValueError):
+            return math.inf
+
+    worst = max(config.metrics, key=steps)
+    return (
+        f"metrics.{worst.name} (lower = {worst.lower}, upper = {worst.upper}, resolution = {worst.resolution}): "
+        "its range over its resolution is too large to encode in 64-bit integers; narrow the range or coarsen the "
+        "resolution"
+    )
 
 
 def load_config(path: str | Path, *, check_release: bool = True) -> Config:
     """Load and validate a federation config file (see `parse_config` for `check_release`)."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte order mark (Windows editors) is no TOML
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:

@@ -15,6 +15,7 @@ CRASH_EXIT_CODE = 86
 #: Steps in the order a batch release passes them.
 STEPS = (
     "before_encrypt",
+    "after_seal",  # an institution's envelope kept (sealed record) but not yet published
     "after_encrypt",
     "after_sum",
     "after_ledger",

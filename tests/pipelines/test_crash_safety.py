@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from fusion.release.plan import plan_release
 from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE, STEPS
 from fusion.store.delta import Store
 from fusion.store.verification import verify_releases
+from pipelines.run import dead_letter_dir
 from tests.conftest import END, START, Federation, build_federation
 
 pytestmark = pytest.mark.e2e
@@ -73,3 +76,6 @@ def test_a_crash_at_any_step_then_a_rerun_releases_and_spends_exactly_once(crash
     assert [(c.release_id, c.status) for c in checks] == [(plan.key.release_id, "verified")]
     rejects = store.read("rejects")
     assert rejects.num_rows == len(plan.layout.tallies) > 0  # one noisy tally per institution and reason, once
+    for institution in fed.config.institutions:  # each keeps its run report, however its first pass ended
+        report = json.loads((Path(dead_letter_dir(plan, institution)) / "report.json").read_text())
+        assert report["read"] == report["accepted"] + sum(report["rejected"].values()) > 0

@@ -152,6 +152,20 @@ def test_schedule_once_exits_non_zero_while_an_interval_is_failing_or_given_up(
     assert [r["status"] for r in runs(fed)] == ["failed"]
 
 
+def test_schedule_once_exits_non_zero_while_a_failed_interval_waits_out_its_backoff(
+    make_federation: Callable[..., Federation],
+) -> None:
+    """A pass that finds the interval's last attempt failed and its retry not due yet only waits: the interval is
+    still failing, and cron monitoring must keep seeing it."""
+    fed = scheduled(make_federation)
+    keys = Path(fed.config.institution_keys_path(fed.config.institution("alpha")))
+    shutil.move(keys, keys.with_name("away"))
+    once = ["schedule", "--config", str(fed.config_path), "--once", "--runner-id", "r", "--now"]
+    assert main([*once, (START + H + 5 * MINUTE).isoformat()]) == 1  # the attempt failed
+    assert main([*once, (START + H + 5 * MINUTE + timedelta(seconds=20)).isoformat()]) == 1  # backing off
+    assert [r["status"] for r in runs(fed)] == ["failed"]  # the wait records nothing
+
+
 def schedule_once(config: Path, now: datetime, runner: str, crash_at: str | None = None) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     if crash_at:

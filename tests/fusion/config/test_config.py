@@ -217,7 +217,7 @@ BAD: list[tuple[str, Callable[[], str], list[str]]] = [
     ("resolution-coarser-than-the-clamps", lambda: edit(valid_text(), r"^resolution = .*$", "resolution = 1e9"),
      ["metrics[0]", "coarser than the clamp range"]),
     ("resolution-too-fine-to-encode", lambda: edit(valid_text(), r"^resolution = .*$", "resolution = 1e-300"),
-     ["metrics[*].resolution", "too fine"]),
+     ["metrics.temp (lower = -20.0, upper = 40.0, resolution = 1e-300)", "too large to encode"]),
     ("epsilon-unreachable", lambda: valid_text(epsilon=1e-9), ["privacy.epsilon", "no noise level reaches"]),
 ]
 
@@ -253,6 +253,19 @@ def test_invalid_toml_fails_at_load(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not valid TOML") as error:
         load_config(path)
     assert str(path) in str(error.value)
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
+    """Windows editors save UTF-8 with a BOM: it used to fail as 'Invalid statement (at line 1, column 1)'."""
+    path = tmp_path / "federation.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + valid_text().encode())
+    assert load_config(path).privacy.quorum == 2
+
+
+def test_a_range_too_wide_to_encode_names_its_metric_and_fields(tmp_path: Path) -> None:
+    text = edit(valid_text(), r"^upper = 500.0$", "upper = 1e300")
+    with pytest.raises(ConfigError, match=r"metrics\.load \(lower = 0\.0, upper = 1e\+300, resolution = 1\.0\)"):
+        load_config(write(tmp_path, text))
 
 
 def test_a_missing_file_fails_at_load(tmp_path: Path) -> None:
