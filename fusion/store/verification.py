@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from fusion.config.federation import PrivacyMode
 from fusion.store.delta import Store
-from fusion.store.mode import releases_with_test_cells, store_mode
+from fusion.store.mode import inferred_mode, releases_with_test_cells, store_mode
 from fusion.store.provenance import CELL_ORDER, SIGNATURE_FIELD, ReleaseSignature, _Canonical
 from privacy.signing import verify
 
@@ -80,7 +80,9 @@ def verify_releases(
         checks.append(ReleaseCheck(rid, end - start, status, reason, None if claim is None else claim.sequence))
         if claim is not None and claim.sequence is not None:
             claims[rid] = claim
-    if store_mode(store, releases) is PrivacyMode.PRODUCTION:
+    # Production if recorded so, or if any release shows calibrated noise: the recorded mode is a table property
+    # anyone who can write the store could set to "test", which must not hide test cells beside production ones.
+    if PrivacyMode.PRODUCTION in (store_mode(store, releases), inferred_mode(releases)):
         test_cells = releases_with_test_cells(releases)
         checks = [
             replace(c, status="violation", reason=test_cells[c.release_id])

@@ -184,6 +184,11 @@ def test_verify_reports_exact_cells_in_a_production_store_as_a_violation(
     assert checks[first.key.release_id] == ("verified", "")
     status, reason = checks[exact_plan.key.release_id]
     assert status == "violation" and "exact cells (noise off)" in reason and "production store" in reason
+    # The recorded mode is a table property anyone who writes the store could set: set to "test", the calibrated
+    # release still shows a production store, and the exact one beside it is still a violation.
+    DeltaTable(releases).alter.set_table_properties({MODE_PROPERTY: "test"}, raise_if_not_exists=False)
+    assert statuses()[exact_plan.key.release_id][0] == "violation"
+    DeltaTable(releases).alter.set_table_properties({MODE_PROPERTY: "production"}, raise_if_not_exists=False)
     assert main(["verify", "--config", str(fed.config_path), "--format", "json"]) == 1
     assert '"violation"' in capsys.readouterr().out
 
