@@ -50,8 +50,9 @@ def audit_feeds(plan: ReleasePlan, store: Store, reports: dict[str, dict[str, An
         events: list[tuple[str, str, dict[str, Any]]] = [
             ("feed_file_missing", FileReason.MISSING_FILE.value, {"path": path}) for path in report.get("missing", [])
         ]
+        # The fault's text stays in the local report: an unreadable file's error may quote what it holds.
         events += [
-            ("feed_file_refused", file["reason"], {"path": path, "fault": file["fault"]})
+            ("feed_file_refused", file["reason"], {"path": path})
             for path, file in sorted(report.get("files", {}).items())
         ]
         if report.get("withheld"):

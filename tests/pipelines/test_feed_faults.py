@@ -170,6 +170,7 @@ def test_damaged_parquet_files_are_dead_lettered_counted_and_the_rest_released(d
     assert {(r["actor_role"], r["reason"]) for r in refused if r["actor"] == "alpha"} == {
         ("institution", "malformed_record")
     }
+    assert all(set(r["detail"]) == {"institution", "path"} for r in refused)  # the error text stays local
 
 
 def test_a_csv_line_that_is_not_utf8_loses_only_that_line(damaged: Damaged) -> None:
