@@ -8,11 +8,14 @@ is read.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import csv
 import io
 import json
+import lzma
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,11 +27,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+import zstandard
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from fusion.config.federation import FeedConfig, FeedFormat
-from fusion.errors import FusionError
+from fusion.errors import FusionError, InternalError
 from schemas.readings import ALL_FIELDS, REQUIRED_FIELDS
 
 
@@ -118,7 +122,7 @@ def read_feed_file(path: str, feed: FeedConfig, *, batch_rows: int) -> Iterator[
 
 
 class _ReadableStream(io.RawIOBase):
-    """Adapts Beam's file objects (a CompressedFile for .gz/.bz2/... feeds) to a standard binary stream."""
+    """Adapts a Beam file object (of any file system) to a standard binary stream."""
 
     def __init__(self, handle: Any) -> None:
         super().__init__()
@@ -132,10 +136,90 @@ class _ReadableStream(io.RawIOBase):
         buffer[: len(data)] = data
         return len(data)
 
+    def close(self) -> None:
+        if not self.closed:
+            self._handle.close()
+        super().close()
+
+
+#: Bytes of a compressed file read at once.
+COMPRESSED_READ_BYTES = 1 << 20
+
+
+class TruncatedStream(EOFError):
+    """A compressed feed file that ends before its compressed stream does (cut off in a copy or a transfer): what
+    it holds is not the file that was written, so the scan dead-letters it whole (an EOFError is damage)."""
+
+
+def _decompressor(compression: str) -> Any:
+    """A fresh decompressor of one stream (one gzip member, one zstd frame...) of `compression`, as Beam's."""
+    if compression == CompressionTypes.GZIP:
+        return zlib.decompressobj(zlib.MAX_WBITS | 16)
+    if compression == CompressionTypes.DEFLATE:
+        return zlib.decompressobj()
+    if compression == CompressionTypes.BZIP2:
+        return bz2.BZ2Decompressor()
+    if compression == CompressionTypes.LZMA:
+        return lzma.LZMADecompressor()
+    if compression == CompressionTypes.ZSTD:
+        return zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+    raise InternalError(f"no decompressor for {compression}")
+
+
+class _DecompressedStream(io.RawIOBase):
+    """The decompressed bytes of a compressed file (a Beam file object opened uncompressed), one stream after
+    another (concatenated gzip members, as `cat a.gz b.gz`). Unlike Beam's CompressedFile, which ends quietly
+    where the file is cut, a file that ends inside a stream raises TruncatedStream: its last line would be read
+    cut short (5.1 as 5), and the rest of it not at all."""
+
+    def __init__(self, handle: Any, compression: str, path: str) -> None:
+        super().__init__()
+        self._handle, self._compression, self._path = handle, compression, path
+        self._decompressor: Any = None  # None: between streams
+        self._pending, self._at = b"", 0  # decompressed bytes not yet read, and how far they were read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._at == len(self._pending):
+            if not self._refill():
+                return 0
+        size = min(len(buffer), len(self._pending) - self._at)
+        buffer[:size] = memoryview(self._pending)[self._at : self._at + size]
+        self._at += size
+        return size
+
+    def _refill(self) -> bool:
+        """Decompress more of the file into `_pending`; False at the end of the file after a whole stream."""
+        unused = self._decompressor.unused_data if self._decompressor is not None else b""
+        data = unused or self._handle.read(COMPRESSED_READ_BYTES)
+        if self._decompressor is not None and self._decompressor.eof:
+            self._decompressor = None  # the stream is whole: what follows starts the next one
+        if not data:
+            if self._decompressor is not None:
+                raise TruncatedStream(
+                    f"feed file {self._path} ends inside its {self._compression} stream: it is truncated"
+                )
+            return False
+        if self._decompressor is None:
+            self._decompressor = _decompressor(self._compression)
+        self._pending, self._at = self._decompressor.decompress(data), 0
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._handle.close()
+        super().close()
+
 
 def _open_stream(path: str) -> io.BufferedReader:
     """A buffered binary stream of the file's (decompressed) bytes; compression is inferred from the name."""
-    return io.BufferedReader(_ReadableStream(FileSystems.open(path, compression_type=CompressionTypes.AUTO)))
+    handle = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    compression = CompressionTypes.detect_compression_type(path)
+    if compression == CompressionTypes.UNCOMPRESSED:
+        return io.BufferedReader(_ReadableStream(handle))
+    return io.BufferedReader(_DecompressedStream(handle, compression, path))
 
 
 class AmbiguousColumns(FusionError):

@@ -6,8 +6,10 @@ audited. Each scenario runs its pipeline once (module-scoped fixtures) and its t
 
 from __future__ import annotations
 
+import gzip
 import json
 import pickle
+from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.pvalue import TaggedOutput
 
 from fusion.cli.core import main
 from fusion.config.federation import load_config
@@ -29,6 +32,7 @@ from fusion.store.delta import Store
 from pipelines.batch import BatchSummary, run_batch
 from pipelines.run import dead_letter_dir
 from pipelines.scheduler import _attempt
+from pipelines.stream import DEAD, REJECTS, StreamValidate
 from pipelines.stream_driver import StreamDriver
 from schemas.readings import DEAD_LETTER_REASON, DEAD_LETTER_ROW, DEAD_LETTER_SOURCE
 from tests.conftest import END, START, Federation, config_text, readings, write_feed
@@ -358,3 +362,34 @@ def test_the_stream_reads_the_rest_of_a_csv_with_a_bad_line_and_refuses_a_file_w
     [letters] = [pq.read_table(p) for p in dead.glob("*missing-column*.parquet")]
     assert set(letters.column(DEAD_LETTER_REASON).to_pylist()) == {"missing_column"}
 
+
+def _stream_validated(tmp_path: Path, fmt: str, path: Path) -> tuple[int, dict[str, int], list[pa.Table]]:
+    """What the stream's validation step makes of one file of beta's feed: (readings accepted, rejects, dead
+    letters), without a pipeline."""
+    config_path = tmp_path / "federation.toml"
+    config_path.write_text(config_text(institutions=[("beta", fmt)], quorum=1, noise=False, seed=7))
+    config = load_config(config_path)
+    validate = StreamValidate(config, {"beta": str(tmp_path / "dead")})
+    validate.setup()
+    accepted, rejected, letters = 0, Counter[str](), []
+    for output in validate.process(("beta", config.institution("beta").feeds[0], str(path))):
+        if isinstance(output, TaggedOutput) and output.tag == DEAD:
+            letters.append(output.value[1])
+        elif isinstance(output, TaggedOutput) and output.tag == REJECTS:
+            rejected.update(output.value[1])
+        else:
+            accepted += output[2].num_rows
+    return accepted, dict(rejected), letters
+
+
+def test_the_stream_dead_letters_a_truncated_gzip_csv(tmp_path: Path) -> None:
+    """Its lines up to the cut used to be accepted, the one cut short with a wrong value."""
+    path = tmp_path / "feeds" / "beta" / "cut.csv"
+    write_feed(readings("beta", entities=2, rng=np.random.default_rng(3)), path, "csv")
+    packed = gzip.compress(path.read_bytes())
+    path.unlink()
+    cut = path.with_name("cut.csv.gz")
+    cut.write_bytes(packed[: len(packed) - 40])
+    accepted, rejected, [letters] = _stream_validated(tmp_path, "csv", cut)
+    assert accepted == 0 and rejected == {"malformed_record": 1}
+    assert "truncated" in letters.column("_text")[0].as_py()

@@ -3,6 +3,7 @@ missing daily files, damaged Parquet in the scan (one pass and staged), and the 
 
 from __future__ import annotations
 
+import gzip
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -188,3 +189,23 @@ def test_a_damaged_parquet_file_stages_no_rows(damaged_plan, tmp_path: Path) -> 
     assert [name.endswith("-unreadable") for name, _ in letters] == [True]
     assert [pa.ipc.open_file(staged_path(prefix, shard)).read_all().num_rows for shard in (0, 1)] == [0, 0]
     assert not Path(staged_raw_path(prefix)).exists()
+
+
+def test_a_truncated_gzip_csv_is_dead_lettered_whole_and_the_other_files_read(tmp_path: Path) -> None:
+    """Its lines up to the cut used to be accepted, the one cut short with a wrong value."""
+    text = config_text(institutions=[("beta", "csv")], quorum=1, noise=False, seed=7)
+    (tmp_path / "federation.toml").write_text(text.replace('"feeds/beta/*.csv"', '"feeds/beta/*.csv*"'))
+    folder = tmp_path / "feeds" / "beta"
+    good = readings("beta", entities=2, rng=np.random.default_rng(1))
+    write_feed(good, folder / "good.csv", "csv")
+    write_feed(readings("beta-cut", entities=2, rng=np.random.default_rng(2)), folder / "cut.csv", "csv")
+    packed = gzip.compress((folder / "cut.csv").read_bytes())
+    (folder / "cut.csv").unlink()
+    (folder / "cut.csv.gz").write_bytes(packed[: len(packed) - 40])
+    plan = plan_release(load_config(tmp_path / "federation.toml"), START, END)
+    scan = FeedScanner(plan, plan.config.institution("beta")).scan(0, 1)
+    assert scan.unreadable == {str(folder / "cut.csv.gz")}
+    assert scan.table(FeedScanner(plan, plan.config.institution("beta")).schema).num_rows == good.num_rows
+    assert scan.rows_read == good.num_rows + 1 and scan.rejected == Counter(malformed_record=1)
+    [(_, letters)] = scan.dead_letters
+    assert "truncated" in letters.column("_text")[0].as_py()

@@ -129,6 +129,24 @@ def test_gzip_compressed_feed(tmp_path: Path, fmt: str) -> None:
     assert sum(len(b.malformed) for b in batches) == 1
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_truncated_gzip_feed_is_damage_not_a_shorter_file(tmp_path: Path, fmt: str) -> None:
+    """A .gz cut off inside its stream used to read as a normal end of file: the rows after the cut vanished
+    and the last line was read cut short (5.1 as 5)."""
+    if fmt == "csv":
+        text = "entity_id,value\n" + "".join(f"e{i},5.1\n" for i in range(2000))
+    else:
+        text = "".join(json.dumps({ENTITY_ID: f"e{i}", VALUE: "5.1"}) + "\n" for i in range(2000))
+    data = text.encode()
+    path = tmp_path / f"feed.{fmt}.gz"
+    path.write_bytes(gzip.compress(data[:1001]) + gzip.compress(data[1001:]))  # two members (`cat a.gz b.gz`)
+    assert concat(read_all(path, feed(fmt))).column(VALUE).to_pylist() == ["5.1"] * 2000
+    whole = gzip.compress(data)
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(EOFError, match="truncated"):  # EOFError: the scan dead-letters the file whole
+        read_all(path, feed(fmt))
+
+
 def test_csv_header_only(tmp_path: Path) -> None:
     path = tmp_path / "feed.csv"
     path.write_text(",".join(HEADER) + "\n")
