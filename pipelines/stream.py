@@ -45,6 +45,7 @@ from schemas.validation import (
     checked_sql,
     connect,
     dead_letters,
+    duckdb_input,
     readings_as_dead_letters,
     register_rules,
 )
@@ -86,7 +87,7 @@ class RejectWindows:
         types = {f: raw.schema.field(c).type for f, c in columns.items() if c in raw.column_names}
         checked = checked_sql("fusion_raw", rules=rules, columns=columns, types=types, time_format=time_format)
         reasons = ", ".join(f"'{r}'" for r in sorted(WINDOWED_REASONS))
-        self._con.register("fusion_raw", raw.append_column(ROW_COLUMN, pa.array(np.arange(raw.num_rows))))
+        self._con.register("fusion_raw", duckdb_input(raw.append_column(ROW_COLUMN, pa.array(np.arange(raw.num_rows)))))
         try:
             rows = self._con.sql(
                 f"SELECT epoch_us(event_time) // {self._size_us} AS w, reason, count(*) FROM ({checked}) "

@@ -7,6 +7,6 @@ Public API (what the rest of the repository imports), by module:
 - `reasons`: FileReason, PUBLISHED_REASONS, RejectReason
 - `tables`: AUDIT_SCHEMA, BUDGET_SCHEMA, DECISIONS_SCHEMA, FORECAST_SCORES_SCHEMA, FORECASTS_SCHEMA, MODELS_SCHEMA,
   RECOMMENDATIONS_SCHEMA, REJECTS_SCHEMA, RELEASES_SCHEMA, RUNS_SCHEMA, TABLE_SCHEMAS
-- `validation`: checked_sql, connect, dead_letters, ReadingRules, readings_as_dead_letters, ReadingValidator,
-  register_rules, ROW_COLUMN
+- `validation`: checked_sql, connect, dead_letters, duckdb_input, ReadingRules, readings_as_dead_letters,
+  ReadingValidator, register_rules, ROW_COLUMN
 """

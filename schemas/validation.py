@@ -153,7 +153,10 @@ def _time_expr(column: str | None, arrow_type: pa.DataType | None, time_format: 
         return "NULL::TIMESTAMPTZ"
     col = _quote(column)
     if pa.types.is_timestamp(arrow_type) or pa.types.is_date(arrow_type):
-        return f"CAST({col} AS TIMESTAMPTZ)"
+        if pa.types.is_timestamp(arrow_type) and arrow_type.unit == "ns":  # isfinite takes no TIMESTAMPTZ_NS
+            return f"CAST({col} AS TIMESTAMPTZ)"
+        # Infinite: a time beyond DuckDB's range, so given by `duckdb_input` (or written so): not a time.
+        return f"CASE WHEN isfinite({col}) THEN CAST({col} AS TIMESTAMPTZ) END"
     if time_format == "iso":
         if _is_text(arrow_type):
             return f"TRY_CAST(trim({_text_ref(column, arrow_type)}) AS TIMESTAMPTZ)"
@@ -161,6 +164,42 @@ def _time_expr(column: str | None, arrow_type: pa.DataType | None, time_format: 
     divisor = 1.0 if time_format == "epoch_s" else 1000.0
     seconds = f"TRY_CAST({col} AS DOUBLE) / {divisor}"
     return f"CASE WHEN isfinite({seconds}) THEN TRY(to_timestamp({seconds})) END"  # TRY: beyond timestamp range
+
+
+#: DuckDB's TIMESTAMP is microseconds in an int64 whose two extreme values are -infinity and infinity.
+DUCKDB_INFINITY_US = 2**63 - 1
+_UNIT_US = {"s": 1_000_000, "ms": 1_000}
+
+
+def duckdb_input(table: pa.Table) -> pa.Table:
+    """`table` as DuckDB must be given it (registered, never read by DuckDB as it is): a timestamp in seconds or
+    milliseconds beyond DuckDB's range (microseconds in an int64: about years -290,000 to 294,000) as an infinite
+    time, which validation rejects as unparseable_time. (DuckDB otherwise fails the whole query, or, for
+    seconds, invalidates its database.)"""
+    for index, column in enumerate(table.columns):
+        if pa.types.is_timestamp(column.type) and column.type.unit in _UNIT_US:
+            table = table.set_column(index, table.field(index).name, _timestamp_us(column))
+    return table
+
+
+def _fits_duckdb(column: pa.ChunkedArray | pa.Array) -> tuple[pa.ChunkedArray | pa.Array, pa.ChunkedArray | pa.Array]:
+    """A timestamp column in seconds or milliseconds -> (its counts of units since the epoch, whether each fits
+    DuckDB's finite microseconds)."""
+    bound = (DUCKDB_INFINITY_US - 1) // _UNIT_US[column.type.unit]
+    counts = pc.cast(column, pa.int64())
+    return counts, pc.and_(pc.greater_equal(counts, -bound), pc.less_equal(counts, bound))
+
+
+def _timestamp_us(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A timestamp column in seconds or milliseconds -> microseconds (same zone), its times beyond DuckDB's range
+    +-infinity."""
+    microseconds = pa.timestamp("us", tz=column.type.tz)
+    counts, fits = _fits_duckdb(column)
+    if pc.all(pc.fill_null(fits, True)).as_py():
+        return column.cast(microseconds)
+    scaled = pc.multiply(pc.if_else(fits, counts, 0), _UNIT_US[column.type.unit])
+    infinite = pc.if_else(pc.greater(counts, 0), DUCKDB_INFINITY_US, -DUCKDB_INFINITY_US)
+    return pc.cast(pc.if_else(fits, scaled, infinite), microseconds)
 
 
 def register_rules(
@@ -292,7 +331,7 @@ class ReadingValidator:
             "fusion_raw", rules=self.rules, columns=columns, types=types, time_format=time_format, padded=padded
         )
         numbered = raw.append_column(_ROW, pa.array(np.arange(raw.num_rows, dtype=np.int64)))
-        self._con.register("fusion_raw", numbered)
+        self._con.register("fusion_raw", duckdb_input(numbered))
         try:
             checked = self._con.sql(sql).to_arrow_table()
         finally:
@@ -317,6 +356,13 @@ class ReadingValidator:
 def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     if pa.types.is_string(column.type):
         return column
+    if pa.types.is_timestamp(column.type) and column.type.unit in _UNIT_US:
+        # Arrow's text of a time beyond microseconds' range is wrong (10^16 ms as year -8823): such a time is
+        # written as its count of units since the epoch.
+        counts, fits = _fits_duckdb(column)
+        if not pc.all(pc.fill_null(fits, True)).as_py():
+            counted = pc.binary_join_element_wise(pc.cast(counts, pa.string()), f" {column.type.unit} since epoch", "")
+            return pc.if_else(fits, pc.cast(column, pa.string(), safe=False), counted)
     try:
         return pc.cast(column, pa.string(), safe=False)
     except pa.ArrowNotImplementedError:  # nested values: keep their Python text form

@@ -56,11 +56,13 @@ from privacy.layout import SUMSQ, PartitionLayout
 from schemas.readings import ENTITY_ID, EVENT_TIME, METRIC, READING_SCHEMA, REGION, SENSOR_ID, VALUE
 from schemas.reasons import REASON_PRECEDENCE, FileReason, RejectReason
 from schemas.validation import (
+    DUCKDB_INFINITY_US,
     ROW_COLUMN,
     ReadingRules,
     checked_sql,
     connect,
     dead_letters,
+    duckdb_input,
     register_rules,
 )
 
@@ -152,8 +154,42 @@ def _is_local(path: str) -> bool:
 
 
 def _read_by_duckdb(path: str, feed: FeedConfig) -> bool:
-    """Whether DuckDB reads the file itself: local Parquet whose name it cannot mistake for a pattern."""
-    return feed.format is FeedFormat.PARQUET and _is_local(path) and not GLOB_CHARACTERS & set(path)
+    """Whether DuckDB reads the file itself: local Parquet whose name it cannot mistake for a pattern, and whose
+    times fit DuckDB's (see `_times_fit`)."""
+    return (
+        feed.format is FeedFormat.PARQUET
+        and _is_local(path)
+        and not GLOB_CHARACTERS & set(path)
+        and _times_fit(_local(path), feed)
+    )
+
+
+def _times_fit(path: str, feed: FeedConfig) -> bool:
+    """Whether, by its footer's statistics, every millisecond timestamp of the mapped columns of a Parquet file
+    fits DuckDB's microseconds: its read_parquet fails the whole query on one that does not (10^16 ms, year
+    318,857). A file where one may not is read as Arrow batches, where such a time is unparseable_time
+    (`duckdb_input`). Parquet stores seconds as milliseconds; micro- and nanoseconds always fit."""
+    metadata = pq.read_metadata(path)
+    schema = metadata.schema.to_arrow_schema()
+    wanted = set(mapped_columns(feed).values())
+    bound = (DUCKDB_INFINITY_US - 1) // 1_000
+    for index in range(metadata.num_columns):
+        column = metadata.schema.column(index)
+        name = column.path.split(".")[0]
+        if name not in wanted or schema.get_field_index(name) < 0:
+            continue
+        arrow_type = schema.field(name).type
+        if not (pa.types.is_timestamp(arrow_type) and arrow_type.unit in ("s", "ms")):
+            continue
+        for group in range(metadata.num_row_groups):
+            statistics = metadata.row_group(group).column(index).statistics
+            if statistics is None or not statistics.has_min_max:
+                if statistics is not None and statistics.null_count == metadata.row_group(group).num_rows:
+                    continue
+                return False
+            if not -bound <= statistics.min_raw <= statistics.max_raw <= bound:
+                return False
+    return True
 
 
 def _local(path: str) -> str:
@@ -651,7 +687,7 @@ class FeedScanner:
             if batch is not None and batch.num_rows == 0:
                 continue
             if batch is not None:
-                self._con.register("fusion_raw", batch)
+                self._con.register("fusion_raw", duckdb_input(batch))
             try:
                 sql = encoded_sql(
                     self._checked(src, relation, types),
@@ -741,7 +777,7 @@ class FeedScanner:
             for piece in [staged] if staged is not None else self._pieces(src):
                 relation, types, batch = piece.relation, piece.types, piece.batch
                 if batch is not None:
-                    self._con.register("fusion_raw", batch)
+                    self._con.register("fusion_raw", duckdb_input(batch))
                 try:
                     sql = self._checked(src, relation, types)
                     pieces.append(

@@ -393,3 +393,16 @@ def test_the_stream_dead_letters_a_truncated_gzip_csv(tmp_path: Path) -> None:
     accepted, rejected, [letters] = _stream_validated(tmp_path, "csv", cut)
     assert accepted == 0 and rejected == {"malformed_record": 1}
     assert "truncated" in letters.column("_text")[0].as_py()
+
+
+def test_the_stream_finds_a_parquet_time_beyond_duckdbs_range_unparseable(tmp_path: Path) -> None:
+    """One millisecond time of 10^16 (year 318,857) used to crash `fusion stream` at every restart."""
+    table = readings("beta", entities=2, rng=np.random.default_rng(4))
+    millis = pc.cast(table.column("event_time"), pa.int64()).to_numpy() // 1000
+    millis[3] = 10**16
+    path = tmp_path / "feeds" / "beta" / "p.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(table.set_column(3, "event_time", pa.array(millis, pa.timestamp("ms", tz="UTC"))), path)
+    accepted, rejected, [letters] = _stream_validated(tmp_path, "parquet", path)
+    assert accepted == table.num_rows - 1 and rejected == {"unparseable_time": 1}
+    assert letters.column(DEAD_LETTER_ROW).to_pylist() == [3]

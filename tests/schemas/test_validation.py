@@ -590,6 +590,29 @@ def test_epoch_time_out_of_timestamp_range_is_unparseable(
     assert result.accepted.column(ENTITY_ID).to_pylist() == ["ok"]
 
 
+@pytest.mark.parametrize(("unit", "beyond"), [("s", 10**13), ("ms", 10**16), ("ms", -(10**16))])
+def test_a_timestamp_beyond_duckdbs_range_is_unparseable_and_the_batch_goes_on(unit: str, beyond: int) -> None:
+    """Such a time (year 318,857 for 10^16 ms) used to fail the whole batch, and in seconds to invalidate the
+    validator's DuckDB database for every later batch."""
+    validator = ReadingValidator(RULES)  # its own: the fault used to leave it unusable
+    per_second = {"s": 1, "ms": 1000}[unit]
+    raw = pa.table(
+        {
+            ENTITY_ID: ["ok", "bad"],
+            REGION: ["north", "north"],
+            METRIC: ["temp", "temp"],
+            EVENT_TIME: pa.array([T1 * per_second, beyond], pa.timestamp(unit, tz="UTC")),
+            VALUE: [1.5, 2.5],
+        }
+    )
+    columns = {f: f for f in REQUIRED_FIELDS}
+    for _ in range(2):
+        result = validator.validate(raw, columns=columns, source="f")
+        assert result.reasons == {str(R.UNPARSEABLE_TIME): 1}
+        assert result.accepted.column(EVENT_TIME).to_pylist() == [datetime(2026, 1, 1, 1, tzinfo=UTC)]
+        assert result.rejected.column(EVENT_TIME).to_pylist() == [f"{beyond} {unit} since epoch"]
+
+
 # --- column mapping ---------------------------------------------------------------------------------------
 
 

@@ -42,7 +42,7 @@ from fusion.release.contribution import (
 )
 from fusion.release.plan import ReleasePlan, plan_release
 from privacy.layout import SUMSQ
-from schemas.readings import READING_SCHEMA
+from schemas.readings import DEAD_LETTER_ROW, READING_SCHEMA
 from schemas.validation import ReadingValidator
 from tests.conftest import END, METRICS, REGIONS, START, Federation, write_feed
 
@@ -321,6 +321,31 @@ def test_a_parquet_file_with_a_mapped_column_twice_is_dead_lettered_whole_naming
     (path,) = scan.unreadable
     assert path.endswith("p-[1].parquet" if glob_name else "p.parquet")
     assert "column 'value' appears 2 times" in " ".join(str(f) for f in scan.files[path].__dict__.values())
+
+
+@pytest.mark.parametrize("glob_name", [False, True])  # read by DuckDB itself, or as batches
+def test_a_parquet_time_beyond_duckdbs_range_is_unparseable_and_the_rest_scanned(
+    make_federation: Callable[..., Federation], glob_name: bool
+) -> None:
+    """One millisecond time of 10^16 (year 318,857) in a Parquet file used to end the whole release with
+    DuckDB's "Could not convert Timestamp(MS) to Timestamp(US)"."""
+    federation = make_federation(institutions=[("alpha", "parquet"), ("beta", "parquet")])
+    folder = _emptied_feed(federation, "alpha", "parquet")
+    readings = federation.raw["alpha"]
+    millis = pc.cast(readings.column("event_time"), pa.int64()).to_numpy() // 1000
+    millis[3] = 10**16
+    times = pa.array(millis, pa.timestamp("ms", tz="UTC"))
+    pq.write_table(
+        readings.set_column(3, "event_time", times), folder / ("p-[1].parquet" if glob_name else "p.parquet")
+    )
+    plan = plan_release(federation.config, START, END)
+    scanner = FeedScanner(plan, plan.config.institution("alpha"))
+    scan = scanner.scan(0, 1)
+    assert scan.rows_read == readings.num_rows and scan.rejected == Counter(unparseable_time=1)
+    assert scan.table(scanner.schema).num_rows == readings.num_rows - 1 and not scan.unreadable
+    [(_, letters)] = scan.dead_letters
+    assert letters.column("event_time").to_pylist() == ["10000000000000000 ms since epoch"]
+    assert letters.column(DEAD_LETTER_ROW).to_pylist() == [3]
 
 
 def test_minus_zero_and_zero_are_the_same_reading(make_federation: Callable[..., Federation]) -> None:
