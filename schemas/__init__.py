@@ -8,5 +8,5 @@ Public API (what the rest of the repository imports), by module:
 - `tables`: AUDIT_SCHEMA, BUDGET_SCHEMA, DECISIONS_SCHEMA, FORECAST_SCORES_SCHEMA, FORECASTS_SCHEMA, MODELS_SCHEMA,
   RECOMMENDATIONS_SCHEMA, REJECTS_SCHEMA, RELEASES_SCHEMA, RUNS_SCHEMA, TABLE_SCHEMAS
 - `validation`: checked_sql, connect, dead_letters, duckdb_input, ReadingRules, readings_as_dead_letters,
-  ReadingValidator, register_rules, ROW_COLUMN
+  ReadingValidator, register_rules, ROW_COLUMN, take_rows
 """

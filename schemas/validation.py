@@ -172,14 +172,33 @@ _UNIT_US = {"s": 1_000_000, "ms": 1_000}
 
 
 def duckdb_input(table: pa.Table) -> pa.Table:
-    """`table` as DuckDB must be given it (registered, never read by DuckDB as it is): a timestamp in seconds or
-    milliseconds beyond DuckDB's range (microseconds in an int64: about years -290,000 to 294,000) as an infinite
-    time, which validation rejects as unparseable_time. (DuckDB otherwise fails the whole query, or, for
-    seconds, invalidates its database.)"""
+    """`table` as DuckDB must be given it (registered, never read by DuckDB as it is), each column as DuckDB reads
+    the same Parquet column: a timestamp in seconds or milliseconds beyond DuckDB's range (microseconds in an
+    int64: about years -290,000 to 294,000) as an infinite time, which validation rejects as unparseable_time
+    (DuckDB otherwise fails the whole query, or, for seconds, invalidates its database); types its Arrow import
+    refuses ("Unsupported Internal Arrow Type") as the nearest it takes: float16 as float32, a decimal too wide
+    for 128 bits as float64 (validation types every number as DOUBLE), string views as strings."""
     for index, column in enumerate(table.columns):
         if pa.types.is_timestamp(column.type) and column.type.unit in _UNIT_US:
-            table = table.set_column(index, table.field(index).name, _timestamp_us(column))
+            column = _timestamp_us(column)
+        elif pa.types.is_float16(column.type):
+            column = column.cast(pa.float32())
+        elif pa.types.is_decimal256(column.type):
+            column = column.cast(pa.float64(), safe=False)
+        elif pa.types.is_string_view(column.type):
+            column = column.cast(pa.string())
+        else:
+            continue
+        table = table.set_column(index, table.field(index).name, column)
     return table
+
+
+def take_rows(table: pa.Table, rows: pa.Array | pa.ChunkedArray | np.ndarray) -> pa.Table:
+    """The rows of `table` at `rows` (Arrow has no take for string views: they are taken as strings)."""
+    for index, column in enumerate(table.columns):
+        if pa.types.is_string_view(column.type):
+            table = table.set_column(index, table.field(index).name, column.cast(pa.string()))
+    return table.take(rows)
 
 
 def _fits_duckdb(column: pa.ChunkedArray | pa.Array) -> tuple[pa.ChunkedArray | pa.Array, pa.ChunkedArray | pa.Array]:
@@ -344,7 +363,7 @@ class ReadingValidator:
             accepted, bad = checked.filter(ok), checked.filter(pc.invert(ok))
         accepted = accepted.select(list(READING_SCHEMA.names)).cast(READING_SCHEMA)
         rejected = dead_letters(
-            raw.take(bad.column("row_id")),
+            take_rows(raw, bad.column("row_id")),
             bad.column("reason"),
             pc.add(bad.column("row_id"), row_offset),
             source=source,

@@ -64,6 +64,7 @@ from schemas.validation import (
     dead_letters,
     duckdb_input,
     register_rules,
+    take_rows,
 )
 
 #: Estimated bytes per row of a text feed, plain and compressed, to size its shards from its files' sizes (on
@@ -533,7 +534,7 @@ class FeedScanner:
             raise InternalError(f"staged copy {raw_path} lacks rows it was scanned with")
         feed = self.institution.feeds[self.sources[src][0]]
         types = {f: table.schema.field(c).type for f, c in mapped_columns(feed).items() if c in table.column_names}
-        return _Piece("fusion_raw", types, table.take(at))
+        return _Piece("fusion_raw", types, take_rows(table, at))
 
     def _checked(self, src: int, relation: str, types: dict[str, pa.DataType]) -> str:
         feed = self.institution.feeds[self.sources[src][0]]
@@ -755,7 +756,7 @@ class FeedScanner:
         """The raw columns (the feed's own names) of the given rows, in that order."""
         if batch is not None:
             position = pc.subtract(rows, batch.column(ROW_COLUMN)[0])
-            return batch.drop_columns([ROW_COLUMN]).take(position)
+            return take_rows(batch.drop_columns([ROW_COLUMN]), position)
         self._con.register("fusion_wanted", pa.table({"want": rows, "ord": np.arange(len(rows), dtype=np.int64)}))
         try:
             table = self._con.sql(

@@ -406,3 +406,17 @@ def test_the_stream_finds_a_parquet_time_beyond_duckdbs_range_unparseable(tmp_pa
     accepted, rejected, [letters] = _stream_validated(tmp_path, "parquet", path)
     assert accepted == table.num_rows - 1 and rejected == {"unparseable_time": 1}
     assert letters.column(DEAD_LETTER_ROW).to_pylist() == [3]
+
+
+@pytest.mark.parametrize("value_type", [pa.float16(), pa.decimal256(40, 2)], ids=str)
+def test_the_stream_reads_values_in_types_duckdb_cannot_import(tmp_path: Path, value_type: pa.DataType) -> None:
+    """`fusion batch` read these files (DuckDB's read_parquet takes them) but `fusion stream` crashed on them."""
+    table = readings("beta", entities=1, rng=np.random.default_rng(4)).slice(0, 10)
+    values = pa.array([0.5] * 9 + [1e4]).cast(value_type)  # the last out of range
+    path = tmp_path / "feeds" / "beta" / "p.parquet"
+    path.parent.mkdir(parents=True)
+    entities = table.column("entity_id").cast(pa.string_view())
+    pq.write_table(table.set_column(4, "value", values).set_column(0, "entity_id", entities), path)
+    accepted, rejected, [letters] = _stream_validated(tmp_path, "parquet", path)
+    assert accepted == 9 and rejected == {"out_of_range": 1}
+    assert letters.column(DEAD_LETTER_ROW).to_pylist() == [9]

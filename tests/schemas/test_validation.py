@@ -613,6 +613,32 @@ def test_a_timestamp_beyond_duckdbs_range_is_unparseable_and_the_batch_goes_on(u
         assert result.rejected.column(EVENT_TIME).to_pylist() == [f"{beyond} {unit} since epoch"]
 
 
+@pytest.mark.parametrize("value_type", [pa.float16(), pa.decimal256(40, 2), pa.string_view()], ids=str)
+def test_arrow_types_duckdb_cannot_import_are_read_as_their_nearest(value_type: pa.DataType) -> None:
+    """float16, decimal256 and string views (which Parquet feeds may hold) used to fail the batch: DuckDB has no
+    import for them ("Unsupported Internal Arrow Type"), and Arrow no take for views (the dead letters)."""
+    validator = ReadingValidator(RULES)
+    values: list[Any] = [1.5, 99.5]
+    if pa.types.is_decimal(value_type):
+        values = [Decimal("1.5"), Decimal("99.5")]
+    elif pa.types.is_string_view(value_type):
+        values = ["1.5", "99.5"]
+    raw = pa.table(
+        {
+            ENTITY_ID: pa.array(["ok", "high"], pa.string_view()),
+            REGION: ["north", "north"],
+            METRIC: ["temp", "temp"],
+            EVENT_TIME: pa.array(["2026-01-01T01:00:00Z"] * 2, pa.string_view()),
+            VALUE: pa.array(values).cast(value_type),
+        }
+    )
+    result = validator.validate(raw, columns={f: f for f in REQUIRED_FIELDS}, source="f")
+    assert result.accepted.column(VALUE).to_pylist() == [1.5]
+    assert result.reasons == {str(R.OUT_OF_RANGE): 1}
+    assert result.rejected.column(ENTITY_ID).to_pylist() == ["high"]
+    assert result.rejected.column(VALUE).to_pylist()[0] in ("99.5", "99.50")
+
+
 # --- column mapping ---------------------------------------------------------------------------------------
 
 

@@ -348,6 +348,29 @@ def test_a_parquet_time_beyond_duckdbs_range_is_unparseable_and_the_rest_scanned
     assert letters.column(DEAD_LETTER_ROW).to_pylist() == [3]
 
 
+@pytest.mark.parametrize("glob_name", [False, True])  # read by DuckDB itself, or as batches
+@pytest.mark.parametrize("value_type", [pa.float16(), pa.decimal256(40, 2)], ids=str)
+def test_values_in_types_duckdb_cannot_import_are_read_either_way(
+    make_federation: Callable[..., Federation], glob_name: bool, value_type: pa.DataType
+) -> None:
+    """A file read as batches (here: a name DuckDB would take as a glob) used to fail on float16 and decimal256
+    values, which read_parquet reads, and on string views in its dead letters."""
+    federation = make_federation(institutions=[("alpha", "parquet"), ("beta", "parquet")])
+    folder = _emptied_feed(federation, "alpha", "parquet")
+    readings = federation.raw["alpha"].slice(0, 20)
+    values = [0.5] * 19 + [1e4]  # the last out of range
+    fed = readings.set_column(4, "value", pa.array(values).cast(value_type)).set_column(
+        0, "entity_id", readings.column("entity_id").cast(pa.string_view())
+    )
+    pq.write_table(fed, folder / ("p-[1].parquet" if glob_name else "p.parquet"))
+    plan = plan_release(federation.config, START, END)
+    scanner = FeedScanner(plan, plan.config.institution("alpha"))
+    scan = scanner.scan(0, 1)
+    assert scan.rows_read == 20 and scan.rejected == Counter(out_of_range=1) and not scan.unreadable
+    [(_, letters)] = scan.dead_letters
+    assert letters.column("entity_id").to_pylist() == [readings.column("entity_id")[19].as_py()]
+
+
 def test_minus_zero_and_zero_are_the_same_reading(make_federation: Callable[..., Federation]) -> None:
     federation = make_federation(institutions=[("alpha", "csv"), ("beta", "parquet")])
     folder = _emptied_feed(federation, "alpha", "csv")
