@@ -135,15 +135,13 @@ def ciphertexts_for(slots: int) -> int:
     return -(-slots // SLOTS_PER_CIPHERTEXT)
 
 
-def check_ciphertext(context: ts.Context, data: bytes, *, size: int | None = None) -> None:
-    """Raise ValueError unless `data` is a BFV vector ciphertext under `context`'s parameters (of `size` slots,
-    when given: one of another size loads, and fails only when the aggregator adds it to the others)."""
+def check_ciphertext(context: ts.Context, data: bytes) -> int:
+    """The slots of `data`, a BFV vector ciphertext under `context`'s parameters; ValueError if it is not one. (One
+    of another size than its place loads, and fails only when the aggregator adds it to the others.)"""
     try:
-        vector = ts.bfv_vector_from(context, data)
+        return int(ts.bfv_vector_from(context, data).size())
     except Exception as exc:  # TenSEAL raises bare ValueErrors/RuntimeErrors from its C++ core
         raise ValueError(f"not a ciphertext of this federation: {exc}") from None
-    if size is not None and vector.size() != size:
-        raise ValueError(f"a ciphertext of {vector.size()} slots where {size} belong")
 
 
 def ciphertext_sizes(slots: int) -> list[int]:
