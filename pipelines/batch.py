@@ -16,7 +16,7 @@ from fusion.release.plan import ReleasePlan
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetExceeded, BudgetLedger
 from fusion.store.mode import bind_store_mode
-from pipelines.release import ReleaseOutcome, audit_event, audit_row, release
+from pipelines.release import ReleaseOutcome, audit_event, audit_row, charge_record, release
 from pipelines.retention import prune_after_release
 from pipelines.run import names_runner, run_aggregate, run_contributions, run_unmask
 from schemas.reasons import FileReason
@@ -109,7 +109,7 @@ def run_batch(
         return BatchSummary(release_id=plan.key.release_id, status="already_released")
     # Refuse before any work if the period's budget cannot take this release (the release step decides).
     try:
-        BudgetLedger(store).check(
+        BudgetLedger(store, record=charge_record(plan.config, store)).check(
             period=plan.period,
             release_id=plan.key.release_id,
             charge=plan.params.charge(plan.key.start, plan.key.end),

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fusion.config.federation import Config
 from fusion.config.parameters import NOISE_MARGIN_SDS
 from fusion.errors import FusionError, ReleaseNotReady, ReleaseRefused
 from fusion.keys.holder import load_secret_context_bytes, published_context_digest
@@ -35,10 +36,20 @@ from fusion.release.exchange import aggregate_path, exists, read_bytes, refusal_
 from fusion.release.plan import ReleasePlan
 from fusion.release.rejects import decode_reject_tallies
 from fusion.runtime.faults import crash_point
+from fusion.store.charge_record import ChargeRecord
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetLedger, Spend
 from fusion.store.mode import bind_store_mode
-from fusion.store.provenance import SIGNATURE_FIELD, ChainLink, ReleaseSignature, next_link, rows_digest, sign_release
+from fusion.store.provenance import (
+    SIGNATURE_FIELD,
+    ChainLink,
+    ReleaseSignature,
+    next_link,
+    rows_digest,
+    sign_release,
+    store_id,
+)
+from fusion.store.signed_budget import budget_claim
 from privacy import he
 from privacy.envelope import EnvelopeHeader, signature_valid, unpack_envelope
 from privacy.signing import public_key, verify
@@ -263,6 +274,14 @@ def _signed(
         aggregate_sha256=hashlib.sha256(data).hexdigest(),
         signing_key=one.signing_key,
         link=_recorded_link(plan, recorded[1]) if recorded else _next_link(plan, store),
+        budget=budget_claim(
+            period=plan.period,
+            charge=plan.params.charge(plan.key.start, plan.key.end),
+            cap=plan.config.privacy.cap,
+            delta=plan.params.delta,
+            epsilon_after=spend.epsilon_after,
+            charged_for=header.payload_sha256,
+        ),
     )
     audits = [
         audit_row(
@@ -468,7 +487,9 @@ def _spend_all(releases: Sequence[tuple[int, ReleasePlan, str]], store: Store) -
     """Charge each release (key, plan, aggregate SHA-256) to its privacy period before anything is decrypted: one
     ledger commit per period, then one audit commit recording every spend and refusal. A refusal (over the cap,
     or a second aggregate for a charged release) is returned for its release alone."""
-    ledger = BudgetLedger(store)
+    if not releases:
+        return {}
+    ledger = BudgetLedger(store, record=charge_record(releases[0][1].config, store))
     periods: dict[tuple[Any, ...], list[tuple[int, ReleasePlan, str]]] = {}
     for key, plan, sha256 in releases:
         charge = plan.params.charge(plan.key.start, plan.key.end)
@@ -507,9 +528,27 @@ def _spend_all(releases: Sequence[tuple[int, ReleasePlan, str]], store: Store) -
                     },
                 )
             )
+    first = {period.name: members[0][1] for (period, *_), members in periods.items()}
+    for restored in ledger.restored:  # a store row behind the key holder's record, rebuilt from it
+        rows.append(
+            _event_row(
+                first[restored.period],
+                action="budget_restored",
+                reason=(
+                    "the budget table's row of the period was behind the key holder's record of its charges "
+                    "(deleted or rewritten, or a pass crashed between the two writes); rebuilt from the record"
+                ),
+                detail=dataclasses.asdict(restored),
+            )
+        )
     if rows:
         store.insert_new("audit", pa.Table.from_pylist(rows, schema=AUDIT_SCHEMA))
     return outcomes
+
+
+def charge_record(config: Config, store: Store) -> ChargeRecord:
+    """The key holder's own record of what it charged to each period of `store`, kept with its keys."""
+    return ChargeRecord(key_holder_signing_key_file(config).parent, store_id(store))
 
 
 def audit_event(

@@ -42,7 +42,14 @@ from fusion.store.ledger import BudgetExceeded, BudgetLedger
 from fusion.store.mode import bind_store_mode
 from pipelines.batch import audit_feeds
 from pipelines.contribute import Prescan, prescanned, scan_together
-from pipelines.release import PreparedRelease, ReleaseOutcome, audit_event, prepare_releases, publish_releases
+from pipelines.release import (
+    PreparedRelease,
+    ReleaseOutcome,
+    audit_event,
+    charge_record,
+    prepare_releases,
+    publish_releases,
+)
 from pipelines.retention import prune_after_release
 from pipelines.run import run_aggregate, run_contributions, run_unmask
 
@@ -146,7 +153,7 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
     def refuse(plan: ReleasePlan, exc: Exception) -> None:
         outcomes[plan.key.release_id] = WindowOutcome(plan.key.release_id, "refused", str(exc))
 
-    ledger = BudgetLedger(store)
+    ledger = BudgetLedger(store, record=charge_record(config, store))
     pending = []
     for plan in (p for p in plans if p.key.release_id not in outcomes):
         try:  # refused before any work if the period's budget cannot take it (the release step decides)

@@ -18,6 +18,7 @@ STEPS = (
     "after_seal",  # an institution's envelope kept (sealed record) but not yet published
     "after_encrypt",
     "after_sum",
+    "after_charge_record",  # the key holder's own record of the charge written, the store's budget row not yet
     "after_ledger",
     "after_decrypt",
     "after_audit",

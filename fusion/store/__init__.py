@@ -4,12 +4,14 @@ re-exported by fusion.api).
 
 Public API (what the rest of the repository imports), by module:
 - `access`: DECISION_TABLES, DERIVED_TABLES, FusedStore, open_store, write_derived
+- `charge_record`: CHARGE_RECORD_DIR, ChargeRecord (the key holder's own record of its budget rows)
 - `delta`: Store
 - `forecast_queries`: forecasts_query
-- `ledger`: BudgetExceeded, BudgetLedger, Spend
+- `ledger`: BudgetExceeded, BudgetLedger, recorded_charges, RestoredRow, Spend
 - `mode`: bind_store_mode, releases_with_test_cells, store_mode
-- `provenance`: ChainLink, next_link, ReleaseSignature, rows_digest, sign_release, SIGNATURE_FIELD
+- `provenance`: ChainLink, next_link, ReleaseSignature, rows_digest, sign_release, SIGNATURE_FIELD, store_id
 - `runs`: Claim, Outcome, RunLog
+- `signed_budget`: budget_claim, budget_checks, BudgetClaim, parse_budget_claim, PeriodFinding
 - `sql`: SqlSandbox
 - `verification`: GOOD, ReleaseCheck, verify_releases
 """

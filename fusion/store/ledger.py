@@ -12,6 +12,11 @@ worst instant's releases), sequentially at entity level. The RDP curve and epsil
 kept beside it as a cross-check that the PLD epsilon never exceeds. Rows written before the ledger kept
 mechanisms (NULL `composition`) go on as they were accounted: their RDP curves add, sequentially; an older table
 gains the new columns with its first spend (the merge evolves its schema).
+
+The key holder's ledger also keeps its own record of each period's row (fusion/store/charge_record.py), written
+before the store's: a store row behind that record (deleted, its releases or mechanisms rewritten, or a pass that
+crashed between the two writes) is rebuilt from it before anything more is charged, and the rebuild is reported
+(`BudgetLedger.restored`), so a store writer cannot roll a period's spend back.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +36,8 @@ from deltalake.exceptions import CommitFailedError
 
 from fusion.errors import FusionError, InternalError, ReleaseRefused
 from fusion.release.plan import Period
+from fusion.runtime.faults import crash_point
+from fusion.store.charge_record import ChargeRecord
 from fusion.store.delta import Store
 from privacy.accountant import (
     ORDERS,
@@ -111,9 +119,25 @@ class _PeriodRow:
 COMPACT_FILES = 8
 
 
+@dataclass(frozen=True)
+class RestoredRow:
+    """A period's store row found behind the key holder's record and rebuilt from it before a charge."""
+
+    period: str
+    store_release_ids: tuple[str, ...] | None  # None: the store held no row for the period
+    store_epsilon_spent: float | None
+    recorded_release_ids: tuple[str, ...]
+    recorded_epsilon_spent: float
+
+
 class BudgetLedger:
-    def __init__(self, store: Store) -> None:
+    """The budget table's rows; with `record` (the key holder's own record of its charges), also checked against
+    that record on every charge."""
+
+    def __init__(self, store: Store, record: ChargeRecord | None = None) -> None:
         self.store = store
+        self.record = record
+        self.restored: list[RestoredRow] = []  # the store rows this ledger's charges rebuilt from `record`
 
     def rows(self) -> pa.Table:
         return self.store.read("budget")
@@ -137,23 +161,8 @@ class BudgetLedger:
                     f"which overlaps {period.name} but differs from it: the privacy period changed since budget "
                     "was spent; restore the previous `period` (a ledger keeps one period grid)"
                 )
-            if same and r["epsilon_cap"] != cap:
-                raise FusionError(
-                    f"period {period.name} was opened with epsilon_cap {r['epsilon_cap']}, the config now says "
-                    f"{cap}; a period's cap cannot change once budget is spent in it"
-                )
-            if same and r["delta"] != delta:
-                raise FusionError(
-                    f"period {period.name} was opened with delta {r['delta']}, the config now says {delta}; "
-                    "a period's delta cannot change once budget is spent in it (restore privacy.delta until "
-                    f"{r['period_end']})"
-                )
-            if same and r.get("composition") not in (None, composition.value):
-                raise FusionError(
-                    f"period {period.name} composes its releases in {r['composition']} (its privacy unit), the "
-                    f"config now implies {composition.value}; a period's privacy unit cannot change once budget is "
-                    f"spent in it (restore privacy.unit until {r['period_end']})"
-                )
+            if same:
+                _check_terms(r, period, cap=cap, delta=delta, composition=composition)
         if not any(r["period"] == period.name for r in all_rows):
             return None
         start = pa.scalar(period.start, BUDGET_SCHEMA.field("period_start").type)
@@ -167,7 +176,7 @@ class BudgetLedger:
 
     def check(self, *, period: Period, release_id: str, charge: ReleaseCharge, cap: float, delta: float) -> None:
         """Raise BudgetExceeded now if the release could not be charged (a preview; `spend` decides)."""
-        row = self._row(period, cap, delta, charge.composition) or _PeriodRow.empty(charge.composition)
+        row = self._base(period, cap, delta, charge.composition) or _PeriodRow.empty(charge.composition)
         if release_id not in row.release_ids:
             _refuse_if_over(period, release_id, row, row.with_release(release_id, "", charge, delta), cap)
 
@@ -179,7 +188,7 @@ class BudgetLedger:
         if not charges:
             raise InternalError("nothing to preview; this is probably a bug")
         composition = charges[0].composition
-        row = self._row(period, cap, delta, composition) or _PeriodRow.empty(composition)
+        row = self._base(period, cap, delta, composition) or _PeriodRow.empty(composition)
         after = row
         for k, charge in enumerate(charges):
             after = after.with_release(f"preview-{k}", "", charge, delta)
@@ -221,9 +230,38 @@ class BudgetLedger:
                 f"releases of one period charged under {len(compositions)} compositions; this is probably a bug"
             )
         (composition,) = compositions
+        with self.record.lock() if self.record is not None else nullcontext():
+            return self._spend_all(period, releases, cap=cap, delta=delta, composition=composition)
+
+    def _base(self, period: Period, cap: float, delta: float, composition: Composition) -> _PeriodRow | None:
+        """The period's row as a charge would start from it (the store's, or the key holder's record when the
+        store's is behind it)."""
+        held = self._held(period, cap, delta, composition)
+        current = self._row(period, cap, delta, composition)
+        return _reconcile(current, None if held is None else _parse_row(held), delta=delta)[0]
+
+    def _held(self, period: Period, cap: float, delta: float, composition: Composition) -> dict[str, Any] | None:
+        """The key holder's record of the period's row (None: no record kept, or none of this period yet)."""
+        held = None if self.record is None else self.record.read(period.name)
+        if held is not None:
+            _check_terms(held, period, cap=cap, delta=delta, composition=composition)
+        return held
+
+    def _spend_all(
+        self,
+        period: Period,
+        releases: Sequence[tuple[str, str, ReleaseCharge]],
+        *,
+        cap: float,
+        delta: float,
+        composition: Composition,
+    ) -> list[Spend | ReleaseRefused]:
         for _ in range(_ATTEMPTS):
             current = self._row(period, cap, delta, composition)
-            row = current or _PeriodRow.empty(composition)
+            held = self._held(period, cap, delta, composition)
+            recorded = None if held is None else _parse_row(held)
+            base, behind = _reconcile(current, recorded, delta=delta)
+            row = base or _PeriodRow.empty(composition)
             after = row
             outcomes: list[Spend | ReleaseRefused] = []
             for release_id, aggregate_sha256, charge in releases:
@@ -248,16 +286,36 @@ class BudgetLedger:
                     continue
                 outcomes.append(Spend(period.name, True, after.epsilon_spent, charged.epsilon_spent, cap))
                 after = charged
-            if after is row:  # nothing new to charge
+            if after is row and not behind:  # nothing new to charge, nothing to rebuild
                 return outcomes
-            new = pa.Table.from_pylist([_row_doc(period, after, cap=cap, delta=delta)], schema=BUDGET_SCHEMA)
+            doc = _row_doc(period, after, cap=cap, delta=delta)
+            new = pa.Table.from_pylist([doc], schema=BUDGET_SCHEMA)
             if current is None:  # a period opens: compact the others' rows first, so that its own stays a file
                 self.store.compact("budget", min_files=COMPACT_FILES)  # its charges rewrite, not the whole ledger
+            charging = self.record is not None and after is not row
+            if charging:  # the key holder's record first: a crash after it leaves the store behind, rebuilt next time
+                assert self.record is not None
+                self.record.write(period.name, doc)
+                crash_point("after_charge_record")
             try:
-                if self._swap(new, row.releases, exists=current is not None):
+                if self._swap(new, 0 if current is None else current.releases, exists=current is not None):
+                    if behind:
+                        assert recorded is not None
+                        self.restored.append(
+                            RestoredRow(
+                                period=period.name,
+                                store_release_ids=None if current is None else current.release_ids,
+                                store_epsilon_spent=None if current is None else current.epsilon_spent,
+                                recorded_release_ids=recorded.release_ids,
+                                recorded_epsilon_spent=recorded.epsilon_spent,
+                            )
+                        )
                     return outcomes
             except CommitFailedError:
                 pass  # another writer committed first: read again
+            if charging:  # not committed: the record goes back to what the store may still catch up with
+                assert self.record is not None
+                self.record.write(period.name, held)
             time.sleep(random.uniform(0.01, 0.1))
         raise FusionError(f"could not update the budget of period {period.name}: too much contention; retry")
 
@@ -272,6 +330,59 @@ class BudgetLedger:
             return int(merge.when_matched_update_all().execute()["num_target_rows_updated"]) == 1
         merge = table.merge(new, predicate="t.period = s.period", source_alias="s", target_alias="t", merge_schema=True)
         return int(merge.when_not_matched_insert_all().execute()["num_target_rows_inserted"]) == 1
+
+
+def _check_terms(r: dict[str, Any], period: Period, *, cap: float, delta: float, composition: Composition) -> None:
+    """Refuse a config whose cap, delta or composition differ from those the period's row was opened with."""
+    if r["epsilon_cap"] != cap:
+        raise FusionError(
+            f"period {period.name} was opened with epsilon_cap {r['epsilon_cap']}, the config now says "
+            f"{cap}; a period's cap cannot change once budget is spent in it"
+        )
+    if r["delta"] != delta:
+        raise FusionError(
+            f"period {period.name} was opened with delta {r['delta']}, the config now says {delta}; "
+            "a period's delta cannot change once budget is spent in it (restore privacy.delta until "
+            f"{r['period_end']})"
+        )
+    if r.get("composition") not in (None, composition.value):
+        raise FusionError(
+            f"period {period.name} composes its releases in {r['composition']} (its privacy unit), the "
+            f"config now implies {composition.value}; a period's privacy unit cannot change once budget is "
+            f"spent in it (restore privacy.unit until {r['period_end']})"
+        )
+
+
+def _reconcile(
+    current: _PeriodRow | None, recorded: _PeriodRow | None, *, delta: float
+) -> tuple[_PeriodRow | None, bool]:
+    """(the row to charge onto, whether the store's row is behind the key holder's record). The store's row is
+    trusted when it starts with every release the record holds, each for the same aggregate and mechanism;
+    otherwise (deleted, rewritten, or a crash between the two writes) the record's row is, with any release the
+    store's row holds beyond it composed on top (never less spend than either shows)."""
+    if recorded is None:
+        return current, False
+    if current is not None and _extends(current, recorded):
+        return current, False
+    base = recorded
+    if current is not None and current.composition is not None and current.composition == recorded.composition:
+        for release_id, aggregate, charge in zip(current.release_ids, current.aggregates, current.charges, strict=True):
+            if release_id not in base.release_ids:
+                base = base.with_release(release_id, aggregate, charge, delta)
+    return base, True
+
+
+def _extends(current: _PeriodRow, recorded: _PeriodRow) -> bool:
+    """Whether the store's row holds the recorded releases first, as recorded (and no less spend)."""
+    n = recorded.releases
+    return (
+        current.composition == recorded.composition
+        and current.release_ids[:n] == recorded.release_ids
+        and current.aggregates[:n] == recorded.aggregates
+        and current.charges[:n] == recorded.charges
+        and current.epsilon_spent >= recorded.epsilon_spent
+        and bool(np.all(current.rdp >= recorded.rdp))
+    )
 
 
 def _parse_row(r: dict[str, Any]) -> _PeriodRow:
@@ -302,6 +413,18 @@ def _parse_row(r: dict[str, Any]) -> _PeriodRow:
         epsilon_spent=r["epsilon_spent"],
         epsilon_rdp=r["epsilon_spent"] if r.get("epsilon_rdp") is None else r["epsilon_rdp"],
     )
+
+
+def recorded_charges(r: dict[str, Any]) -> dict[str, tuple[str, ReleaseCharge | None]]:
+    """Release id -> (the aggregate SHA-256 it was charged for, its charge; None in a row from before the ledger
+    kept mechanisms) of one `budget` row; InternalError for a row whose lists disagree."""
+    row = _parse_row(r)
+    if len(row.aggregates) != len(row.release_ids):
+        raise InternalError(
+            f"budget period {r['period']} lists {len(row.aggregates)} aggregates for {len(row.release_ids)} releases"
+        )
+    charges: Sequence[ReleaseCharge | None] = row.charges if row.composition is not None else [None] * row.releases
+    return dict(zip(row.release_ids, zip(row.aggregates, charges, strict=False), strict=False))
 
 
 def _mechanism(m: dict[str, Any], bound: dict[str, Any] | None) -> SkellamMechanism | NormBoundMechanism | None:

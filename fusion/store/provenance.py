@@ -18,6 +18,10 @@ passes the highest number it saw before (`seen`); and a retired key still verifi
 not revocation: a compromised key must be struck from the registry by hand, and the releases it signed then read
 as tampered).
 
+From format v2 (message `fusion/release/v2`), a signature also covers the release's budget claim: its period, its
+charge and the period's spend after it (fusion/store/signed_budget.py), so `verify_releases` can recompose each
+period from the signed releases alone. Signatures without a claim keep the v1 message and verify as before.
+
 The rows digest is computed column by column on Arrow data (no Python loop over rows), in the
 order of the release's cells (metric, region, window start), so it does not depend on how the store split or
 compacted its files: floats by their IEEE-754 bits (every NaN alike), timestamps as microseconds since the
@@ -46,6 +50,8 @@ from privacy.signing import sign, verify
 
 DIGEST_VERSION = "fusion/release-rows/v1"
 _MESSAGE = b"fusion/release/v1\n"
+#: Signatures that also cover the release's budget claim (fusion/store/signed_budget.py).
+_MESSAGE_V2 = b"fusion/release/v2\n"
 #: A release's rows are its cells: one per metric, region and window.
 CELL_ORDER = ("metric", "region", "window_start")
 
@@ -141,6 +147,13 @@ class ReleaseSignature:
     # several can be read by the same code).
     sequence: int | None = None
     previous: tuple[str, ...] | None = None
+    # From v2 on: the period it was charged to, its charge and the period's spend after it (signed_budget.py).
+    budget: dict[str, Any] | None = None
+
+    @property
+    def version(self) -> int:
+        """The signed message's format: 1 (no budget claim), 2."""
+        return 1 if self.budget is None else 2
 
     def _signed(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -153,10 +166,13 @@ class ReleaseSignature:
         if self.sequence is not None:
             doc["sequence"] = self.sequence
             doc["previous"] = list(self.previous or ())
+        if self.budget is not None:
+            doc["budget"] = self.budget
         return doc
 
     def message(self) -> bytes:
-        return _MESSAGE + json.dumps(self._signed(), sort_keys=True, separators=(",", ":")).encode()
+        prefix = _MESSAGE if self.version == 1 else _MESSAGE_V2
+        return prefix + json.dumps(self._signed(), sort_keys=True, separators=(",", ":")).encode()
 
     def to_doc(self) -> dict[str, Any]:
         return {**self._signed(), "signature": self.signature}
@@ -180,6 +196,9 @@ class ReleaseSignature:
                 raise TypeError("sequence must be a positive integer")
             if not isinstance(previous, list) or not all(isinstance(p, str) for p in previous):
                 raise TypeError("previous must be a list of release ids")
+        budget = doc.get("budget")
+        if budget is not None and not isinstance(budget, dict):
+            raise TypeError("budget must be an object")
         return cls(
             release_id=doc["release_id"],
             aggregate_sha256=doc["aggregate_sha256"],
@@ -189,6 +208,7 @@ class ReleaseSignature:
             signature=doc["signature"],
             sequence=sequence,
             previous=None if sequence is None else tuple(previous),  # type: ignore[arg-type]
+            budget=budget,
         )
 
 
@@ -202,10 +222,16 @@ class ChainLink:
 
 
 def sign_release(
-    rows: pa.Table, *, release_id: str, aggregate_sha256: str, signing_key: bytes, link: ChainLink | None = None
+    rows: pa.Table,
+    *,
+    release_id: str,
+    aggregate_sha256: str,
+    signing_key: bytes,
+    link: ChainLink | None = None,
+    budget: dict[str, Any] | None = None,
 ) -> ReleaseSignature:
-    """The key holder's signature on a release's rows (all of `rows`' columns), before they are committed, and
-    on its place in the chain (`link`, from `next_link`)."""
+    """The key holder's signature on a release's rows (all of `rows`' columns), before they are committed, on
+    its place in the chain (`link`, from `next_link`) and on its budget claim (`budget`, signed_budget.py)."""
     unsigned = ReleaseSignature(
         release_id=release_id,
         aggregate_sha256=aggregate_sha256,
@@ -214,6 +240,7 @@ def sign_release(
         columns=tuple(rows.column_names),
         sequence=None if link is None else link.sequence,
         previous=None if link is None else link.previous,
+        budget=budget,
     )
     return replace(unsigned, signature=sign(signing_key, unsigned.message()).hex())
 
@@ -245,9 +272,9 @@ def next_link(store: Store, release_id: str, *, state_dir: Path, public_keys: Se
     the highest sequence an authentic signature in the store holds, or after the newest release signed before
     the chain."""
     path = state_dir / CHAIN_STATE
-    store_id = _store_id(store)
+    owner = store_id(store)
     with _chain_lock(state_dir):
-        state = _read_chain_state(path, store_id) if path.exists() else _chain_state_from_store(store, public_keys)
+        state = _read_chain_state(path, owner) if path.exists() else _chain_state_from_store(store, public_keys)
         links: dict[str, list[Any]] = state["links"]
         if release_id in links:
             sequence, previous = links[release_id]
@@ -255,7 +282,7 @@ def next_link(store: Store, release_id: str, *, state_dir: Path, public_keys: Se
         link = ChainLink(int(state["sequence"]) + 1, (state["head"],) if state["head"] else ())
         links[release_id] = [link.sequence, list(link.previous)]
         kept = dict(sorted(links.items(), key=lambda item: item[1][0])[-_KEPT_LINKS:])
-        doc = {"store": store_id, "sequence": link.sequence, "head": release_id, "links": kept}
+        doc = {"store": owner, "sequence": link.sequence, "head": release_id, "links": kept}
         pending = path.with_name(f".{path.name}.{os.getpid()}")
         descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as handle:
@@ -271,7 +298,7 @@ def next_link(store: Store, release_id: str, *, state_dir: Path, public_keys: Se
         return link
 
 
-def _store_id(store: Store) -> str:
+def store_id(store: Store) -> str:
     """The store the chain belongs to: the id Delta gave its audit table when it was created (a store recreated
     at the same place has another)."""
     return str(store.delta_table("audit").metadata().id)

@@ -16,6 +16,7 @@ from fusion.config.federation import PrivacyMode
 from fusion.store.delta import Store
 from fusion.store.mode import inferred_mode, releases_with_test_cells, store_mode
 from fusion.store.provenance import CELL_ORDER, SIGNATURE_FIELD, ReleaseSignature, _Canonical
+from fusion.store.signed_budget import BudgetClaim, PeriodFinding, budget_checks, parse_budget_claim
 from privacy.signing import verify
 
 
@@ -23,7 +24,7 @@ from privacy.signing import verify
 class ReleaseCheck:
     release_id: str
     rows: int  # rows in `releases` now
-    status: str  # "verified" | "legacy" | "tampered" | "missing" | "violation"
+    status: str  # "verified" | "legacy" | "tampered" | "missing" | "violation" | "overspent" | "ledger"
     reason: str
     sequence: int | None = None  # its place in the chain of signed releases (None: signed before the chain)
 
@@ -65,9 +66,10 @@ def verify_releases(
     records: dict[str, list[dict[str, Any]]] = {}
     for row in audit.select(["event_id", "release_id", "detail", "content_sha256"]).to_pylist():
         records.setdefault(row["release_id"] or NO_RELEASE_ID, []).append(row)  # a NULL id: no record Fusion wrote
-    charged = {r for ids_ in store.read("budget").column("release_ids").to_pylist() for r in ids_ or () if r}
+    budget = store.read("budget")
+    charged = {r for ids_ in budget.column("release_ids").to_pylist() for r in ids_ or () if r}
     known = set(bounds) | set(records) | charged
-    checks, claims = [], {}
+    checks, claims, periods = [], {}, {}
     for rid in sorted(known):
         start, end = bounds.get(rid, (0, 0))
 
@@ -80,6 +82,8 @@ def verify_releases(
         checks.append(ReleaseCheck(rid, end - start, status, reason, None if claim is None else claim.sequence))
         if claim is not None and claim.sequence is not None:
             claims[rid] = claim
+        if claim is not None and claim.budget is not None:
+            periods[rid] = claim
     # Production if recorded so, or if any release shows calibrated noise: the recorded mode is a table property
     # anyone who can write the store could set to "test", which must not hide test cells beside production ones.
     if PrivacyMode.PRODUCTION in (store_mode(store, releases), inferred_mode(releases)):
@@ -90,6 +94,8 @@ def verify_releases(
             else c
             for c in checks
         ]
+    findings, period_of = _budget_findings(periods, budget.to_pylist() if periods else [])
+    checks += [ReleaseCheck(f"(period {f.period})", 0, f.status, f.reason) for f in findings]
     tampered = any(c.status == "tampered" for c in checks)
     gaps = _chain_gaps(claims, known | unsigned, seen, tampered=tampered) + [
         ReleaseCheck(rid, 0, "missing", "registered as published before the key holder had a signing key, but "
@@ -101,7 +107,24 @@ def verify_releases(
     own = [c for c in checks + gaps if c.release_id == release_id] or [
         ReleaseCheck(release_id, 0, "missing", "no such release")
     ]
+    if release_id in period_of:  # what is wrong with its period's budget
+        own += [c for c in checks if c.release_id == f"(period {period_of[release_id]})"]
     return own + ([g for g in gaps if g.release_id.startswith("(")] if seen else [])
+
+
+def _budget_findings(
+    claims: dict[str, ReleaseSignature], budget_rows: list[dict[str, Any]]
+) -> tuple[list[PeriodFinding], dict[str, str]]:
+    """(what is wrong with the periods of the authentic signatures holding a budget claim, release id -> its
+    period): each period recomposed from its signed releases alone (fusion/store/signed_budget.py)."""
+    signed: list[tuple[str, BudgetClaim]] = []
+    unreadable = []
+    for rid, claim in sorted(claims.items(), key=lambda item: (item[1].sequence or 0, item[0])):
+        try:
+            signed.append((rid, parse_budget_claim(claim.budget)))
+        except (ValueError, KeyError, TypeError) as exc:
+            unreadable.append(PeriodFinding("?", "ledger", f"release {rid}'s signed budget claim is unreadable: {exc}"))
+    return unreadable + budget_checks(signed, budget_rows), {rid: c.period for rid, c in signed}
 
 
 def _chain_gaps(

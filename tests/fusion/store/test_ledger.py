@@ -18,6 +18,7 @@ from deltalake import write_deltalake
 from fusion.config.federation import parse_config
 from fusion.errors import FusionError, ReleaseRefused
 from fusion.release.plan import Period, period_of
+from fusion.store.charge_record import ChargeRecord
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetExceeded, BudgetLedger
 from privacy.accountant import (
@@ -357,3 +358,107 @@ def test_a_ledger_of_many_periods_stays_in_few_files_and_keeps_every_period(tmp_
                              end=DAY.start + timedelta(days=6), composition=PARALLEL),
                          cap=10.0, delta=DELTA)
     assert not again.charged  # idempotent after compaction: the period's row was found in the compacted file
+
+
+def _recorded_ledger(tmp_path: Path) -> tuple[BudgetLedger, ChargeRecord]:
+    """A key holder's ledger: the store's rows checked against its own record of its charges."""
+    record = ChargeRecord(tmp_path / "keys", "store-1")
+    return BudgetLedger(Store(tmp_path / "store"), record=record), record
+
+
+def test_a_deleted_or_rewritten_budget_row_is_rebuilt_from_the_key_holders_record(tmp_path: Path) -> None:
+    """A store writer rolls the period back: the row deleted, its releases or its mechanisms rewritten. The key
+    holder's record still holds what it charged: the row is rebuilt from it, and the next release is refused."""
+    ledger, record = _recorded_ledger(tmp_path)
+    cap = ONE * 1.1  # room for one release, not two
+    assert spend(ledger, "r1", cap).charged
+    assert record.read(DAY.name)["release_ids"] == ["r1"]  # type: ignore[index]
+    honest = ledger.rows()
+
+    def rewrite(**columns: object) -> None:
+        row = {**honest.to_pylist()[0], **columns}
+        write_deltalake(
+            ledger.store.table_path("budget"), pa.Table.from_pylist([row], schema=BUDGET_SCHEMA), mode="overwrite"
+        )
+
+    weaker = {**honest.to_pylist()[0]["mechanisms"][0], "variance": 3.16e9}
+    for attack in (
+        lambda: ledger.store.delta_table("budget").delete(f"period = '{DAY.name}'"),
+        lambda: rewrite(
+            releases=0, release_ids=[], aggregates=[], mechanisms=[], epsilon_spent=0.0, rdp=[0.0] * ORDERS.size
+        ),
+        lambda: rewrite(mechanisms=[weaker], epsilon_spent=0.01),
+    ):
+        attack()
+        with pytest.raises(BudgetExceeded):
+            spend(ledger, "r2", cap)
+        (row,) = ledger.rows().to_pylist()
+        assert row["release_ids"] == ["r1"] and row["epsilon_spent"] == ONE  # rebuilt from the record
+        assert ledger.restored[-1].recorded_release_ids == ("r1",)
+        # Without the record, the rolled-back row would have let r2 through (what the record prevents).
+    assert len(ledger.restored) == 3
+    unrecorded = BudgetLedger(ledger.store)
+    ledger.store.delta_table("budget").delete(f"period = '{DAY.name}'")
+    assert spend(unrecorded, "r2", cap).charged
+
+
+def test_a_crash_between_the_record_and_the_store_charges_once(tmp_path: Path) -> None:
+    """The record is written (fsynced) before the store's row; a pass that dies in between leaves the store's row
+    behind, and the re-run completes it: the release charged once, never refused for its own charge."""
+    ledger, record = _recorded_ledger(tmp_path)
+    assert spend(ledger, "r1", 10.0).charged
+
+    class Crash(Exception):
+        pass
+
+    def crash(*args: object, **kwargs: object) -> bool:
+        raise Crash
+
+    original = BudgetLedger._swap
+    BudgetLedger._swap = crash  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Crash):
+            spend(ledger, "r2", 10.0)
+    finally:
+        BudgetLedger._swap = original  # type: ignore[method-assign]
+    assert record.read(DAY.name)["release_ids"] == ["r1", "r2"]  # type: ignore[index]
+    assert ledger.rows().to_pylist()[0]["release_ids"] == ["r1"]
+    again = spend(ledger, "r2", 10.0)
+    assert not again.charged  # charged by the pass that crashed: once
+    (row,) = ledger.rows().to_pylist()
+    assert row["release_ids"] == ["r1", "r2"] and row["releases"] == 2
+    assert not spend(ledger, "r2", 10.0).charged and ledger.rows().to_pylist()[0]["releases"] == 2
+
+
+def test_a_lost_commit_race_leaves_the_record_as_the_store_is(tmp_path: Path) -> None:
+    """A charge whose store commit fails (another writer first) is taken back out of the record before retrying,
+    so the record never holds a charge the store refused."""
+    ledger, record = _recorded_ledger(tmp_path)
+    assert spend(ledger, "r1", 10.0).charged
+    original = BudgetLedger._swap
+    calls = []
+
+    def lose_once(self: BudgetLedger, new: pa.Table, releases: int, *, exists: bool) -> bool:
+        calls.append(record.read(DAY.name)["release_ids"])  # type: ignore[index]
+        if len(calls) == 1:
+            return False
+        return original(self, new, releases, exists=exists)
+
+    BudgetLedger._swap = lose_once  # type: ignore[method-assign]
+    try:
+        assert spend(ledger, "r2", 10.0).charged
+    finally:
+        BudgetLedger._swap = original  # type: ignore[method-assign]
+    assert calls == [["r1", "r2"], ["r1", "r2"]]
+    assert record.read(DAY.name)["release_ids"] == ledger.rows().to_pylist()[0]["release_ids"] == ["r1", "r2"]
+
+
+def test_a_store_row_ahead_of_the_record_is_trusted_and_another_stores_record_refused(tmp_path: Path) -> None:
+    ledger, record = _recorded_ledger(tmp_path)
+    assert spend(ledger, "r1", 10.0).charged
+    assert spend(BudgetLedger(ledger.store), "r2", 10.0).charged  # a charge made without the record
+    assert spend(ledger, "r3", 10.0).charged and not ledger.restored
+    assert record.read(DAY.name)["release_ids"] == ["r1", "r2", "r3"]  # type: ignore[index]
+    other = BudgetLedger(ledger.store, record=ChargeRecord(tmp_path / "keys", "store-2"))
+    with pytest.raises(FusionError, match="belongs to another store"):
+        spend(other, "r4", 10.0)

@@ -19,11 +19,12 @@ from fusion.keys.registry import (
     create_key_holder_key,
     key_holder_signing_key_file,
     load_key_holder_public_keys,
+    load_key_holder_signing_key,
     write_private,
 )
 from fusion.release.plan import plan_release
 from fusion.store.delta import Store
-from fusion.store.provenance import SIGNATURE_FIELD, ChainLink, rows_digest, sign_release
+from fusion.store.provenance import SIGNATURE_FIELD, ChainLink, ReleaseSignature, rows_digest, sign_release
 from fusion.store.verification import verify_releases
 from pipelines import release as release_module
 from pipelines.batch import run_batch
@@ -356,11 +357,20 @@ def test_the_chain_of_signed_releases_shows_a_release_removed_whole(make_federat
     assert problems(nested) == [(ids[0], "tampered", "the signature record is unreadable: nested too deeply")]
 
     # ... and so does everyone once the key holder signs the next release: its link comes from the key holder's
-    # memory, not from the store, so it names the release removed and no number is given out twice.
+    # memory, not from the store, so it names the release removed and no number is given out twice. Its charge
+    # comes back too: the key holder rebuilds the period's budget row from its own record of its charges.
     _remove_whole_releases(store, {ids[3]})
     assert run_batch(hours[4], in_process=True).status == "released"
+    audit = store.read("audit")
+    (newest,) = [json.loads(r["detail"])[SIGNATURE_FIELD] for r in audit.to_pylist()
+                 if r["action"] == "release" and r["release_id"] == ids[4]]
+    assert (newest["sequence"], newest["previous"]) == (5, [ids[3]])
+    assert ids[3] in store.read("budget").column("release_ids")[0].as_py()
+    assert "budget_restored" in audit.column("action").to_pylist()
     after = problems(store)
-    assert [p[:2] for p in after] == [(ids[3], "missing")] and f"release {ids[4]}" in after[0][2]
+    assert [p[:2] for p in after] == [(ids[3], "missing")] and "charged to the budget but not published" in after[0][2]
+    gone = problems(copy_without(ids[3]))  # its charge removed again: the next signature still names it
+    assert [p[:2] for p in gone] == [(ids[3], "missing")] and f"release {ids[4]}" in gone[0][2]
     one = verify_releases(store, keys, release_id=ids[2])
     assert [(c.release_id, c.status) for c in one] == [(ids[2], "verified")]
     assert [(c.release_id, c.status) for c in verify_releases(store, keys, release_id=ids[3])] == [
@@ -413,3 +423,46 @@ def test_the_chain_state_starts_from_the_store_and_then_from_the_key_holders_mem
     (state / CHAIN_STATE).write_text("{not json")
     with pytest.raises(FusionError, match=r"chain state .* is unreadable"):
         link("r-d")
+
+
+@pytest.mark.e2e
+def test_releases_signed_before_budget_claims_still_verify(make_federation, tmp_path: Path) -> None:
+    """A release signed in format v1 (no budget claim) verifies as before and is left out of the budget checks;
+    a v2 signature's budget claim is signed: stripped or edited, the release reads as tampered."""
+    fed = make_federation(noise=True, seed=5)
+    plan = plan_release(fed.config, START, END)
+    assert run_batch(plan).status == "released"
+    keys = load_key_holder_public_keys(fed.config)
+    store = Store(fed.config.store_path)
+    audit = store.read("audit")
+    details = audit.column("detail").to_pylist()
+    index = audit.column("action").to_pylist().index("release")
+    doc = json.loads(details[index])
+    signed = doc[SIGNATURE_FIELD]
+    assert signed["budget"]["period"] == plan.period.name and signed["budget"]["composition"] == "parallel"
+    assert ReleaseSignature.from_doc(signed).message().startswith(b"fusion/release/v2\n")
+
+    def with_signature(signature: dict, name: str) -> Store:  # type: ignore[type-arg]
+        copy = tmp_path / name
+        shutil.copytree(fed.config.store_path, copy)
+        edited = list(details)
+        edited[index] = json.dumps({**doc, SIGNATURE_FIELD: signature})
+        _overwrite(
+            Store(copy),
+            "audit",
+            audit.set_column(audit.schema.get_field_index("detail"), "detail", pa.array(edited, pa.string())),
+            AUDIT_SCHEMA,
+        )
+        return Store(copy)
+
+    rid = plan.key.release_id
+    key = load_key_holder_signing_key(fed.config)
+    old = replace(ReleaseSignature.from_doc(signed), budget=None, signature="")
+    assert old.message().startswith(b"fusion/release/v1\n")
+    v1 = replace(old, signature=sign(key, old.message()).hex()).to_doc()
+    assert "budget" not in v1
+    assert [(c.release_id, c.status) for c in verify_releases(with_signature(v1, "v1"), keys)] == [(rid, "verified")]
+    stripped = {k: v for k, v in signed.items() if k != "budget"}
+    assert [c.status for c in verify_releases(with_signature(stripped, "stripped"), keys)] == ["tampered"]
+    raised = {**signed, "budget": {**signed["budget"], "epsilon_cap": 100.0}}
+    assert [c.status for c in verify_releases(with_signature(raised, "raised"), keys)] == ["tampered"]
