@@ -268,6 +268,7 @@ def _signed(
     now = recorded[0] if recorded else datetime.now(UTC)
     cells = decoded(now)
     _check_plausible(plan, cells, header)
+    rejects = _rejects_rows(plan, totals, header, now)
     signature = sign_release(
         cells,
         release_id=release_id,
@@ -282,6 +283,7 @@ def _signed(
             epsilon_after=spend.epsilon_after,
             charged_for=header.payload_sha256,
         ),
+        rejects=rejects,
     )
     audits = [
         audit_row(
@@ -325,7 +327,6 @@ def _signed(
         period=spend.period,
         period_epsilon_spent=spend.epsilon_after,
     )
-    rejects = _rejects_rows(plan, totals, header, now)
     return PreparedRelease(plan, cells, audits, rejects, signature.rows_sha256, decoded, outcome)
 
 

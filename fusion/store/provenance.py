@@ -20,7 +20,8 @@ as tampered).
 
 From format v2 (message `fusion/release/v2`), a signature also covers the release's budget claim: its period, its
 charge and the period's spend after it (fusion/store/signed_budget.py), so `verify_releases` can recompose each
-period from the signed releases alone. Signatures without a claim keep the v1 message and verify as before.
+period from the signed releases alone, and the digest and count of the release's `rejects` rows (its noisy reject
+tallies, over every column but `recorded_at`). Signatures without them keep the v1 message and verify as before.
 
 The rows digest is computed column by column on Arrow data (no Python loop over rows), in the
 order of the release's cells (metric, region, window start), so it does not depend on how the store split or
@@ -54,12 +55,26 @@ _MESSAGE = b"fusion/release/v1\n"
 _MESSAGE_V2 = b"fusion/release/v2\n"
 #: A release's rows are its cells: one per metric, region and window.
 CELL_ORDER = ("metric", "region", "window_start")
+#: A release's `rejects` rows: one per institution and reason.
+REJECT_ORDER = ("institution", "reason")
+#: The `rejects` columns a signature covers: all but `recorded_at` (two passes racing to publish one release may
+#: each record its own time; the store keeps the first pass's rows, perhaps beside the other's audit record).
+REJECT_COLUMNS = (
+    "release_id", "institution", "interval_start", "interval_end", "reason", "count", "count_sd", "count_ci_low",
+    "count_ci_high",
+)  # fmt: skip
 
 
 def rows_digest(rows: pa.Table, columns: Sequence[str]) -> str:
     """SHA-256 of a release's rows over `columns`, independent of row order and of file layout."""
     table = rows if in_cell_order(rows) else rows.sort_by([(c, "ascending") for c in CELL_ORDER])
     return _Canonical(table).digest(0, table.num_rows, columns)
+
+
+def rejects_digest(rows: pa.Table) -> str:
+    """SHA-256 of a release's `rejects` rows over REJECT_COLUMNS, independent of row order and of file layout."""
+    table = rows.sort_by([(c, "ascending") for c in REJECT_ORDER])
+    return _Canonical(table).digest(0, table.num_rows, REJECT_COLUMNS)
 
 
 def in_cell_order(rows: pa.Table) -> bool:
@@ -149,11 +164,13 @@ class ReleaseSignature:
     previous: tuple[str, ...] | None = None
     # From v2 on: the period it was charged to, its charge and the period's spend after it (signed_budget.py).
     budget: dict[str, Any] | None = None
+    # From v2 on: the release's `rejects` rows, {"rows": count, "sha256": rejects_digest} (None: not covered).
+    rejects: dict[str, Any] | None = None
 
     @property
     def version(self) -> int:
-        """The signed message's format: 1 (no budget claim), 2."""
-        return 1 if self.budget is None else 2
+        """The signed message's format: 1 (neither a budget claim nor rejects), 2."""
+        return 1 if self.budget is None and self.rejects is None else 2
 
     def _signed(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -168,6 +185,8 @@ class ReleaseSignature:
             doc["previous"] = list(self.previous or ())
         if self.budget is not None:
             doc["budget"] = self.budget
+        if self.rejects is not None:
+            doc["rejects"] = self.rejects
         return doc
 
     def message(self) -> bytes:
@@ -199,6 +218,11 @@ class ReleaseSignature:
         budget = doc.get("budget")
         if budget is not None and not isinstance(budget, dict):
             raise TypeError("budget must be an object")
+        rejects = doc.get("rejects")
+        if rejects is not None:
+            count, digest = rejects["rows"], rejects["sha256"]
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0 or not isinstance(digest, str):
+                raise TypeError("rejects must hold a row count and a digest")
         return cls(
             release_id=doc["release_id"],
             aggregate_sha256=doc["aggregate_sha256"],
@@ -209,6 +233,7 @@ class ReleaseSignature:
             sequence=sequence,
             previous=None if sequence is None else tuple(previous),  # type: ignore[arg-type]
             budget=budget,
+            rejects=rejects,
         )
 
 
@@ -229,9 +254,11 @@ def sign_release(
     signing_key: bytes,
     link: ChainLink | None = None,
     budget: dict[str, Any] | None = None,
+    rejects: pa.Table | None = None,
 ) -> ReleaseSignature:
     """The key holder's signature on a release's rows (all of `rows`' columns), before they are committed, on
-    its place in the chain (`link`, from `next_link`) and on its budget claim (`budget`, signed_budget.py)."""
+    its place in the chain (`link`, from `next_link`), on its budget claim (`budget`, signed_budget.py) and on its
+    `rejects` rows (`rejects`)."""
     unsigned = ReleaseSignature(
         release_id=release_id,
         aggregate_sha256=aggregate_sha256,
@@ -241,6 +268,7 @@ def sign_release(
         sequence=None if link is None else link.sequence,
         previous=None if link is None else link.previous,
         budget=budget,
+        rejects=None if rejects is None else {"rows": rejects.num_rows, "sha256": rejects_digest(rejects)},
     )
     return replace(unsigned, signature=sign(signing_key, unsigned.message()).hex())
 

@@ -15,7 +15,14 @@ import pyarrow.compute as pc
 from fusion.config.federation import PrivacyMode
 from fusion.store.delta import Store
 from fusion.store.mode import inferred_mode, releases_with_test_cells, store_mode
-from fusion.store.provenance import CELL_ORDER, SIGNATURE_FIELD, ReleaseSignature, _Canonical
+from fusion.store.provenance import (
+    CELL_ORDER,
+    REJECT_COLUMNS,
+    REJECT_ORDER,
+    SIGNATURE_FIELD,
+    ReleaseSignature,
+    _Canonical,
+)
 from fusion.store.signed_budget import BudgetClaim, PeriodFinding, budget_checks, parse_budget_claim
 from privacy.signing import verify
 
@@ -55,12 +62,9 @@ def verify_releases(
     releases = store.read("releases")
     releases = releases.sort_by([("release_id", "ascending"), *((c, "ascending") for c in CELL_ORDER)])
     canonical = _Canonical(releases)
-    ids = releases.column("release_id").to_numpy(zero_copy_only=False)
-    bounds: dict[str, tuple[int, int]] = {}
-    if len(ids):
-        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-        ends = np.r_[starts[1:], len(ids)]
-        bounds = {str(ids[a]): (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
+    bounds = _runs(releases)
+    rejects = store.read("rejects").sort_by([("release_id", "ascending"), *((c, "ascending") for c in REJECT_ORDER)])
+    rejects_canonical, rejects_bounds = _Canonical(rejects), _runs(rejects)
     audit = store.read("audit")
     audit = audit.filter(pc.equal(audit.column("action"), "release"))
     records: dict[str, list[dict[str, Any]]] = {}
@@ -79,6 +83,8 @@ def verify_releases(
         status, reason, claim = _check(
             rid, end - start, releases.column_names, digest, records.get(rid, []), public_keys, unsigned, rid in charged
         )
+        if status == "verified" and claim is not None and claim.rejects is not None:
+            status, reason = _check_rejects(claim.rejects, rejects_bounds.get(rid, (0, 0)), rejects_canonical)
         checks.append(ReleaseCheck(rid, end - start, status, reason, None if claim is None else claim.sequence))
         if claim is not None and claim.sequence is not None:
             claims[rid] = claim
@@ -110,6 +116,26 @@ def verify_releases(
     if release_id in period_of:  # what is wrong with its period's budget
         own += [c for c in checks if c.release_id == f"(period {period_of[release_id]})"]
     return own + ([g for g in gaps if g.release_id.startswith("(")] if seen else [])
+
+
+def _runs(table: Any) -> dict[str, tuple[int, int]]:
+    """Release id -> its rows [start, end) in `table`, sorted by release id."""
+    ids = table.column("release_id").to_numpy(zero_copy_only=False)
+    if not len(ids):
+        return {}
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    return {str(ids[a]): (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
+
+
+def _check_rejects(signed: dict[str, Any], bounds: tuple[int, int], canonical: _Canonical) -> tuple[str, str]:
+    """(status, reason) of a verified release once its `rejects` rows are compared with the tallies it signed."""
+    start, end = bounds
+    if end - start != signed["rows"]:
+        return "tampered", f"{end - start} rows in `rejects`, {signed['rows']} signed"
+    if canonical.digest(start, end, REJECT_COLUMNS) != signed["sha256"]:
+        return "tampered", "the reject tallies in `rejects` differ from those signed"
+    return "verified", ""
 
 
 def _budget_findings(

@@ -29,7 +29,7 @@ from fusion.store.verification import verify_releases
 from pipelines import release as release_module
 from pipelines.batch import run_batch
 from privacy.signing import generate_signing_key, sign
-from schemas.tables import AUDIT_SCHEMA, BUDGET_SCHEMA, RELEASES_SCHEMA
+from schemas.tables import AUDIT_SCHEMA, BUDGET_SCHEMA, REJECTS_SCHEMA, RELEASES_SCHEMA
 from tests.conftest import END, START
 
 
@@ -427,8 +427,9 @@ def test_the_chain_state_starts_from_the_store_and_then_from_the_key_holders_mem
 
 @pytest.mark.e2e
 def test_releases_signed_before_budget_claims_still_verify(make_federation, tmp_path: Path) -> None:
-    """A release signed in format v1 (no budget claim) verifies as before and is left out of the budget checks;
-    a v2 signature's budget claim is signed: stripped or edited, the release reads as tampered."""
+    """A release signed in format v1 (no budget claim, no rejects digest) verifies as before and is left out of
+    the budget and rejects checks; a v2 signature's budget claim is signed: stripped or edited, the release reads
+    as tampered."""
     fed = make_federation(noise=True, seed=5)
     plan = plan_release(fed.config, START, END)
     assert run_batch(plan).status == "released"
@@ -457,12 +458,47 @@ def test_releases_signed_before_budget_claims_still_verify(make_federation, tmp_
 
     rid = plan.key.release_id
     key = load_key_holder_signing_key(fed.config)
-    old = replace(ReleaseSignature.from_doc(signed), budget=None, signature="")
+    old = replace(ReleaseSignature.from_doc(signed), budget=None, rejects=None, signature="")
     assert old.message().startswith(b"fusion/release/v1\n")
     v1 = replace(old, signature=sign(key, old.message()).hex()).to_doc()
-    assert "budget" not in v1
+    assert "budget" not in v1 and "rejects" not in v1
     assert [(c.release_id, c.status) for c in verify_releases(with_signature(v1, "v1"), keys)] == [(rid, "verified")]
     stripped = {k: v for k, v in signed.items() if k != "budget"}
     assert [c.status for c in verify_releases(with_signature(stripped, "stripped"), keys)] == ["tampered"]
     raised = {**signed, "budget": {**signed["budget"], "epsilon_cap": 100.0}}
     assert [c.status for c in verify_releases(with_signature(raised, "raised"), keys)] == ["tampered"]
+
+
+@pytest.mark.e2e
+def test_verify_finds_each_change_to_a_releases_reject_tallies(make_federation, tmp_path: Path) -> None:
+    """The signature covers the release's `rejects` rows (every column but recorded_at): a count rewritten, a row
+    removed or added reads as tampered; their order, and their recording time, are no part of it."""
+    fed = make_federation(noise=True, seed=5)
+    plan = plan_release(fed.config, START, END)
+    assert run_batch(plan).status == "released"
+    keys = load_key_holder_public_keys(fed.config)
+    rid = plan.key.release_id
+    original = Path(fed.config.store_path)
+    rejects = Store(original).read("rejects")
+    audit = Store(original).read("audit").to_pylist()
+    signed = next(json.loads(r["detail"])[SIGNATURE_FIELD] for r in audit if r["action"] == "release")
+    assert signed["rejects"]["rows"] == rejects.num_rows > 0
+
+    def verified_after(table: pa.Table) -> list[tuple[str, str]]:
+        copy = tmp_path / f"store-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(original, copy)
+        _overwrite(Store(copy), "rejects", table, REJECTS_SCHEMA)
+        return [(c.status, c.reason) for c in verify_releases(Store(copy), keys)]
+
+    counts = rejects.column("count").to_numpy().copy()
+    counts[0] += 5000.0
+    rewritten = rejects.set_column(rejects.schema.get_field_index("count"), "count", pa.array(counts))
+    assert verified_after(rewritten) == [("tampered", "the reject tallies in `rejects` differ from those signed")]
+    n = rejects.num_rows
+    assert verified_after(rejects.slice(1)) == [("tampered", f"{n - 1} rows in `rejects`, {n} signed")]
+    assert verified_after(pa.concat_tables([rejects, rejects.slice(0, 1)]))[0][0] == "tampered"
+    assert verified_after(rejects.take(list(range(n))[::-1])) == [("verified", "")]  # order and files are no part
+    later = pc.add(rejects.column("recorded_at").cast(pa.int64()), 1).cast(rejects.schema.field("recorded_at").type)
+    moved = rejects.set_column(rejects.schema.get_field_index("recorded_at"), "recorded_at", later)
+    assert verified_after(moved) == [("verified", "")]  # recorded_at is not covered (racing passes' times differ)
+    assert rid in rejects.column("release_id").to_pylist()
