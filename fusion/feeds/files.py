@@ -398,7 +398,7 @@ def _text_fields(data: bytes, wanted: list[str]) -> list[str]:
     """The wanted fields whose value in the block's first line is a JSON string (none if it is not an object)."""
     try:
         first = json.loads(data[: data.find(b"\n")] if b"\n" in data else data)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested deeper than Python's parser goes: not a reading either
         return []
     return [c for c in wanted if isinstance(first, dict) and isinstance(first.get(c), str)]
 
@@ -484,7 +484,9 @@ def _jsonl_batches(
             record = json.loads(line, object_pairs_hook=_unique_keys)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
-        except ValueError:  # the whole line is kept: the dead letter must let the institution recover the row
+        # RecursionError: a line nested deeper than Python's parser goes ("[[[[..."), a malformed record like any
+        # other (it escaped, and a stream that had journalled it failed on it at every restart).
+        except (ValueError, RecursionError):  # the whole line is kept: the dead letter lets the institution recover it
             malformed.append((number, line.rstrip("\n")))
             continue
         for c in wanted:

@@ -200,6 +200,20 @@ def test_jsonl_reads_text_and_keeps_malformed_lines(tmp_path: Path) -> None:
     assert sum(b.rows for b in batches) == 7
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first-line", "later-line"])
+def test_a_json_line_nested_deeper_than_the_parser_goes_is_malformed_not_an_error(tmp_path: Path, first: bool) -> None:
+    """Python's JSON parser raises RecursionError (not a ValueError) past about 1,000 levels: a 2 KB line of
+    "[" escaped the reader, and a stream that had journalled it failed on it at every restart."""
+    good = json.dumps({ENTITY_ID: "e1", REGION: "north", METRIC: "temp", EVENT_TIME: "2026-01-01T00:00:00Z",
+                       VALUE: 1.5})
+    deep = "[" * 5_000
+    path = tmp_path / "feed.jsonl"
+    path.write_text("\n".join([deep, good] if first else [good, deep, good]) + "\n")
+    batches = read_all(path, feed("jsonl"))
+    assert concat(batches).num_rows == (1 if first else 2)
+    assert [text for b in batches for _, text in b.malformed] == [deep]
+
+
 def test_jsonl_with_column_mapping(tmp_path: Path) -> None:
     path = tmp_path / "feed.jsonl"
     path.write_text(json.dumps({"id": "x", "zone": "north", "kind": "load", "ts": 1, "reading": 2.0}) + "\n")
