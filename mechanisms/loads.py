@@ -127,11 +127,16 @@ def _forecasts(store: FusedStore, metric: str, statistic: LoadStatistic, at: dat
     }
 
 
+#: The two-sided 95% normal quantile the releases' intervals use.
+_Z95 = 1.959963984540054
+
+
 def _released(store: FusedStore, metric: str, statistic: LoadStatistic, at: datetime) -> dict[str, RegionLoad]:
     """The released cell per region of `metric` for the window at `at`; a cell whose mean is withheld (its count's
-    interval includes 0) gives no load."""
-    value, sd = (("coalesce(ratio_mean, mean)", "coalesce(mean_sd, 0)") if statistic is LoadStatistic.MEAN
-                 else ("sum", "sum_sd"))
+    interval includes 0) gives no load. Rows released before `mean_sd` existed take the SD their 95% interval
+    implies (half its width over 1.96), never 0: a load is never treated as exact."""
+    mean_sd = f"coalesce(mean_sd, (mean_ci_high - mean_ci_low) / {2 * _Z95!r})"
+    value, sd = (("coalesce(ratio_mean, mean)", mean_sd) if statistic is LoadStatistic.MEAN else ("sum", "sum_sd"))
     table = store.sql(
         f"SELECT release_id, region, {value} AS value, {sd} AS sd FROM releases "
         f"WHERE metric = {_literal(metric)} AND window_start = {_at(at)} "
@@ -140,7 +145,7 @@ def _released(store: FusedStore, metric: str, statistic: LoadStatistic, at: date
     return {
         row["region"]: RegionLoad(row["region"], float(row["value"]), float(row["sd"]), f"release:{row['release_id']}")
         for row in table.to_pylist()
-        if row["value"] is not None
+        if row["value"] is not None and row["sd"] is not None
     }
 
 

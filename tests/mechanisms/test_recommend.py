@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from mechanisms.loads import MissingLoad
@@ -166,3 +167,20 @@ def test_loads_scale_with_the_statistic_and_sd(mech_federation: Build) -> None:
     margin = rec.items_of("reserve_margin_mw")
     assert margin == {"B": pytest.approx(1.645 * 30 * 2.0)}  # only north is uncertain: all of it at bus B
     np.testing.assert_allclose([rec.items_of("load_mw")[b] for b in "BCD"], [150.0, 150.0, 200.0])
+
+
+def test_a_release_from_before_mean_sd_takes_the_sd_its_interval_implies_never_zero(mech_federation: Build) -> None:
+    """Rows released before the mean's SD was a column hold NULL there but their 95% interval: the load's SD is
+    half its width over 1.96 (0 made the dispatch treat a noisy load as exact, with no reserve)."""
+    fed = mech_federation(releases=False)
+    sd = 0.25
+    for region in ("north", "south", "east"):
+        rows = load_releases(region, sd=sd)
+        for name, value in (("mean_sd", None), ("mean_ci_low", 10.0 - 1.959964 * sd),
+                            ("mean_ci_high", 10.0 + 1.959964 * sd)):
+            index = rows.schema.get_field_index(name)
+            rows = rows.set_column(index, rows.schema.field(index), pa.array([value] * rows.num_rows, pa.float64()))
+        fed.store.insert_new("releases", rows)
+    rec = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
+    total_sd = math.sqrt(7.5**2 + 7.5**2 + 10.0**2)  # as with the SD column: 30, 30 and 40 times 0.25
+    assert rec.items_of("uncertainty")["load_sd"] == pytest.approx(total_sd, rel=1e-5)
