@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 
-from scipy.stats import norm
+from scipy.special import ndtr  # the normal CDF (scipy.stats would load scipy.optimize: fusion verify's startup)
 
 
 def gaussian_delta(*, sigma: float, l2: float, epsilon: float) -> float:
     """The exact delta of the Gaussian mechanism at `epsilon` (Balle & Wang 2018, Theorem 8)."""
     a = l2 / (2.0 * sigma)
     b = epsilon * sigma / l2
-    return float(norm.cdf(a - b) - math.exp(epsilon) * norm.cdf(-a - b))
+    return float(ndtr(a - b) - math.exp(epsilon) * ndtr(-a - b))
 
 
 def analytic_gaussian_sigma(*, epsilon: float, delta: float, l2: float) -> float:

@@ -14,13 +14,13 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusion.errors import InternalError
-from fusion.release.plan import Period
-from fusion.store.ledger import recorded_charges
-from privacy.accountant import Composition, NormBoundMechanism, ReleaseCharge, period_loss
-from privacy.pld import SkellamMechanism
+
+if TYPE_CHECKING:  # the accountant (and dp-accounting, SciPy's stats and optimiser) load only where a claim is read
+    from fusion.release.plan import Period
+    from privacy.accountant import ReleaseCharge
 
 #: Slack for comparing a spend recomposed here with one the ledger computed (the same code on the same charges).
 _TOLERANCE = 1e-9
@@ -31,6 +31,9 @@ def budget_claim(
 ) -> dict[str, Any]:
     """The signed part of a release about its budget (a JSON object); `charged_for`: the digest the ledger bound
     the charge to (the aggregate's payload SHA-256)."""
+    from privacy.accountant import NormBoundMechanism
+    from privacy.pld import SkellamMechanism
+
     mechanism: dict[str, Any] | None = None
     if isinstance(charge.mechanism, SkellamMechanism):
         m = charge.mechanism
@@ -67,6 +70,9 @@ class BudgetClaim:
 
 def parse_budget_claim(doc: Any) -> BudgetClaim:
     """The claim a signature holds; ValueError, TypeError or KeyError for anything malformed."""
+    from privacy.accountant import Composition, NormBoundMechanism, ReleaseCharge
+    from privacy.pld import SkellamMechanism
+
     if not isinstance(doc, dict):
         raise TypeError("a budget claim is an object")
     numbers = [doc["epsilon_cap"], doc["delta"], doc["epsilon_after"]]
@@ -108,6 +114,11 @@ def budget_checks(
 ) -> list[PeriodFinding]:
     """Each period of the signed releases (release id, claim) recomposed from them alone and compared with its cap
     and with its row in the `budget` table."""
+    signed = list(signed)
+    if not signed:  # releases signed before v2 only: nothing to recompose (nor the accountant to load)
+        return []
+    from privacy.accountant import period_loss
+
     by_period: dict[str, list[tuple[str, str, BudgetClaim]]] = {}
     for release_id, claim in signed:
         by_period.setdefault(claim.period, []).append((release_id, claim.charged_for, claim))
@@ -144,6 +155,8 @@ def _row_findings(
     period: str, members: list[tuple[str, str, BudgetClaim]], row: dict[str, Any] | None, recomposed: float
 ) -> list[PeriodFinding]:
     """How the period's `budget` row disagrees with its signed releases."""
+    from fusion.store.ledger import recorded_charges
+
     if row is None:
         ids = [rid for rid, _, _ in members]
         return [
