@@ -5,7 +5,7 @@ Public API (what the rest of the repository imports), by module:
 - `aggregate`: Aggregate, EncryptedSum, envelope_paths, OnePerInstitution, OpenEnvelope, PublicContext, REFUSED,
   SealAggregate
 - `batch`: audit_feeds, run_batch
-- `broker_journal`: JOURNAL_SUFFIX, message_lines, SourceJournal
+- `broker_journal`: AckFloor, JOURNAL_SUFFIX, message_lines, SourceJournal
 - `broker_sources`: SourceReader, start_readers
 - `contribute`: Contribute, ContributeShard, DEAD, dead_letter_dir, double_mask, FILES, masking_graph,
   MergeFileTallies, MergePartials, PARTIAL, remove_staging, scan_work, SealContribution, StageFeed,

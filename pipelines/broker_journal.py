@@ -13,21 +13,28 @@ counts it, and the stream goes on.
 
 Once every window a segment fed has been released, the driver removes the segment (`SourceJournal.remove`); the
 ids of its messages stay listed, so the journal holds only readings that are not released yet. A JetStream reader
-forgets the ids below its consumer's acknowledgement floor; MQTT has no such floor, so an MQTT reader drops the
-ids of segments released more than `MQTT_ID_RETENTION_S` ago (`prune_released`): the broker redelivers a message
-only when its acknowledgement was lost, at the next session, so a week covers any outage a stream would ride out.
+records its consumer's acknowledgement floor (`AckFloor`, kept in the journal's `consumer.floor`, never lowered
+while the stream and subjects stay the same) and drops the lists whose ids it covers (`prune_acknowledged`): the
+reader acknowledges only what it journalled, so every message at or below the floor is journalled, and is
+recognised by the floor alone, also when a consumer created again delivers the stream from its start. MQTT has no
+such floor, so an MQTT reader drops the ids of segments released more than `MQTT_ID_RETENTION_S` ago
+(`prune_released`): the broker redelivers a message only when its acknowledgement was lost, at the next session,
+so a week covers any outage a stream would ride out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 JOURNAL_SUFFIX = ".jsonl"
 IDS_SUFFIX = ".ids"
 RELEASED_SUFFIX = ".released"  # the ids of a segment removed once every window it fed was released
+FLOOR_FILE = "consumer.floor"  # a JetStream journal's AckFloor, as JSON
 #: How long an MQTT reader keeps the ids of a released segment (see the module's docstring).
 MQTT_ID_RETENTION_S = 7 * 24 * 3600.0
 
@@ -43,6 +50,40 @@ def message_lines(payload: bytes, *, name: str, max_bytes: int) -> list[str]:
     # Lines end as in a JSON-lines file (\n, \r\n or \r), not at every character str.splitlines() takes for a
     # line break: U+2028, U+0085 or a form feed inside a JSON string is part of the reading.
     return [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
+
+
+@dataclass(frozen=True)
+class AckFloor:
+    """What a JetStream consumer over `subjects` has acknowledged: every message of the stream's life `life` (its
+    creation time) with a sequence up to `sequence`. Its reader acknowledges a message only once journalled, so each
+    of those messages is in the journal."""
+
+    life: str
+    sequence: int
+    subjects: tuple[str, ...]
+
+    def covers(self, message_id: str) -> bool:
+        """Whether the message of a JetStream id (`<sequence>@<stream's creation time>`) is journalled or can never
+        be delivered again: of this life at or below the floor, or of an older life (that stream is gone)."""
+        sequence, at, life = message_id.partition("@")
+        if not (at and sequence.isdigit()):
+            return False  # not a JetStream id: nothing says it is journalled
+        return life != self.life or int(sequence) <= self.sequence
+
+    def raised_by(self, known: AckFloor | None) -> AckFloor:
+        """This floor, or `known` where that is higher for the same life and subjects: a consumer deleted on the
+        broker and created again starts from 0, but what the old one acknowledged is journalled all the same."""
+        if known is not None and (known.life, known.subjects) == (self.life, self.subjects):
+            return replace(self, sequence=max(self.sequence, known.sequence))
+        return self
+
+
+def _read_floor(path: Path) -> AckFloor | None:
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    return AckFloor(record["life"], int(record["sequence"]), tuple(record["subjects"]))
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -69,13 +110,14 @@ class SourceJournal:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.ids: set[str] = set()
+        self.floor = _read_floor(directory / FLOOR_FILE)  # a JetStream journal's: ids it covers are journalled
         self._next = 0
         self.reload()
 
     def reload(self) -> None:
-        """Read every journalled id from the sidecars again (those `forget` dropped included): a consumer created
-        again on the broker delivers from the start, and what was forgotten may then come back. Safe beside the
-        driver's `remove`: a sidecar renamed while the `.ids` are read is found among the `.released`."""
+        """Read the journalled ids from the sidecars again, but those the floor covers (journalled, or of a stream
+        that is gone): what a JetStream reader keeps in memory is what its consumer may still deliver. Safe beside
+        the driver's `remove`: a sidecar renamed while the `.ids` are read is found among the `.released`."""
         ids: set[str] = set()
         numbers = [self._next]
         for sidecar in self.directory.glob(f"*{IDS_SUFFIX}"):
@@ -85,9 +127,11 @@ class SourceJournal:
                     ids.update(sidecar.read_text().split())
                 numbers.append(int(journal.stem) + 1)
         for sidecar in self.directory.glob(f"*{RELEASED_SUFFIX}"):  # removed segments: numbers never reused
-            ids.update(sidecar.read_text().split())
+            with contextlib.suppress(FileNotFoundError):  # pruned meanwhile by another process's journal
+                ids.update(sidecar.read_text().split())
             numbers.append(int(sidecar.stem) + 1)
-        self.ids = ids
+        floor = self.floor
+        self.ids = ids if floor is None else {i for i in ids if not floor.covers(i)}
         self._next = max(numbers)
 
     def segments(self) -> list[Path]:
@@ -128,14 +172,38 @@ class SourceJournal:
             _fsync_directory(self.directory)
         return pruned
 
-    def forget(self, ids: Iterable[str]) -> None:
-        """Drop ids the broker will never redeliver (acknowledged below its ack floor): keeps the set small."""
-        self.ids.difference_update(ids)
+    def prune_acknowledged(self, floor: AckFloor) -> int:
+        """Record a JetStream consumer's acknowledgement floor (durably, raised by the one on record), read the ids
+        again against it, and delete the id lists of removed segments it wholly covers; returns how many lists.
+        The newest list is kept, as by `prune_released`."""
+        floor = floor.raised_by(self.floor)
+        if floor != self.floor:  # on disk before any list goes: a list's ids are recognised by one or the other
+            record = {"life": floor.life, "sequence": floor.sequence, "subjects": list(floor.subjects)}
+            _write_durably(self.directory / FLOOR_FILE, json.dumps(record).encode())
+            _fsync_directory(self.directory)
+            self.floor = floor
+        pruned = 0
+        for sidecar in sorted(self.directory.glob(f"*{RELEASED_SUFFIX}"))[:-1]:
+            try:
+                if all(floor.covers(i) for i in sidecar.read_text().split()):
+                    sidecar.unlink()
+                    pruned += 1
+            except FileNotFoundError:
+                continue
+        if pruned:
+            _fsync_directory(self.directory)
+        self.reload()
+        return pruned
 
     def append(self, messages: Sequence[tuple[str, list[str]]]) -> int:
         """Journal (id, lines) messages not journalled before, durably; returns how many were new. Acknowledge
         all of `messages` to the broker only after this returns."""
-        fresh = [(i, lines) for i, lines in dict(messages).items() if i not in self.ids]
+        floor = self.floor
+        fresh = [
+            (i, lines)
+            for i, lines in dict(messages).items()
+            if i not in self.ids and not (floor is not None and floor.covers(i))
+        ]
         if not fresh:
             return 0
         journal = self.directory / f"{self._next:012d}{JOURNAL_SUFFIX}"

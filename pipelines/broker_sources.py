@@ -29,7 +29,7 @@ from typing import Any
 from fusion.config.brokers import MqttSource, NatsSource
 from fusion.config.federation import Config, FeedConfig, FeedFormat
 from fusion.runtime.faults import crash_point
-from pipelines.broker_journal import JOURNAL_SUFFIX, MQTT_ID_RETENTION_S, SourceJournal, message_lines
+from pipelines.broker_journal import JOURNAL_SUFFIX, MQTT_ID_RETENTION_S, AckFloor, SourceJournal, message_lines
 
 _log = logging.getLogger(__name__)
 MIN_BACKOFF_S = 0.5
@@ -45,7 +45,8 @@ FIRST_FETCH = 16
 #: unacknowledged messages at a time, so on a loaded machine the gap between two of its batches can pass half a
 #: second; closing windows then would make the rest of the backlog late.
 MQTT_CAUGHT_UP_S = 2.0
-#: How often an MQTT reader drops the ids of segments released more than MQTT_ID_RETENTION_S ago.
+#: How often a connected reader drops the ids of released segments: an MQTT reader those released more than
+#: MQTT_ID_RETENTION_S ago, a JetStream reader those below its consumer's acknowledgement floor (also on connecting).
 PRUNE_EVERY_S = 600.0
 
 
@@ -106,6 +107,7 @@ class NatsReader(SourceReader):
         self.source = source
         self._config = config
         self._life = "0"  # the stream's creation time: with the sequence, a message's id (see `_main`)
+        self._next_prune = 0.0  # monotonic time of the next `_prune` while connected
 
     def run(self) -> None:
         asyncio.run(self._main())
@@ -146,12 +148,9 @@ class NatsReader(SourceReader):
                 # the sequence in this life of the stream (its creation time), never taken for an older life's.
                 created = (await stream.stream_info(source.stream)).created
                 self._life = created.strftime("%Y%m%dT%H%M%S%fZ") if created else "0"
-                floor = (await subscription.consumer_info()).ack_floor
-                acknowledged = floor.stream_seq if floor is not None and floor.stream_seq else 0
-                # forget the ids never redelivered: acknowledged ones, and an earlier life's (that stream is gone);
-                # the floor is this consumer's: one created again (deleted on the broker) delivers from the start
-                self.journal.reload()
-                self.journal.forget([i for i in self.journal.ids if not _redeliverable(i, self._life, acknowledged)])
+                # the ids of a stream's earlier life, and those below the floor, are never journalled again: their
+                # lists go, and only the ids the consumer may still deliver stay in memory
+                await self._prune(subscription)
                 self._set_health("connected")
                 delay = MIN_BACKOFF_S
                 await self._pull(client, subscription)
@@ -163,11 +162,20 @@ class NatsReader(SourceReader):
                 if client is not None and not client.is_closed:
                     await client.close()
 
+    async def _prune(self, subscription: Any) -> None:
+        """Record the consumer's acknowledgement floor in the journal, which drops what the floor covers."""
+        floor = (await subscription.consumer_info()).ack_floor
+        acknowledged = floor.stream_seq if floor is not None and floor.stream_seq else 0
+        self.journal.prune_acknowledged(AckFloor(self._life, acknowledged, tuple(self.source.subjects)))
+        self._next_prune = time.monotonic() + PRUNE_EVERY_S
+
     async def _pull(self, client: Any, subscription: Any) -> None:
         seen_bytes = seen_messages = 0
         while not self._halt.is_set():
             if not client.is_connected:  # a fetch on a dropped connection only times out: say it is down
                 raise ConnectionError(f"lost the connection to {self.source.url}")
+            if time.monotonic() >= self._next_prune:  # what the driver released meanwhile: a stream may run for months
+                await self._prune(subscription)
             try:
                 wanted = fetch_size(self.source.batch, seen_bytes, seen_messages)
                 batch = await subscription.fetch(wanted, timeout=1.0)
@@ -286,13 +294,6 @@ class MqttReader(SourceReader):
                     client.disconnect()  # a refused session or subscription: close it before trying again
                 delay = self._down(exc, delay)
         client.disconnect()
-
-
-def _redeliverable(message_id: str, life: str, acknowledged: int) -> bool:
-    """Whether the JetStream message of a journalled id (`<sequence>@<stream's creation time>`) may still be
-    redelivered: of the stream's present life, and above the consumer's acknowledgement floor."""
-    sequence, _, of = message_id.partition("@")
-    return of == life and int(sequence) > acknowledged
 
 
 def _readable(sock: Any) -> bool:

@@ -298,7 +298,7 @@ def test_a_durable_consumer_deleted_on_the_broker_redelivers_nothing_twice(make_
     """A restarted reader forgets the ids below its consumer's acknowledgement floor (they are never redelivered).
     The consumer then deleted on the broker (`nats consumer rm`, or an expiry), the reader creates it again, which
     delivers the stream from its first message: those ids used to be forgotten, and each message was journalled
-    twice. The ids are read again from the journal at each connection, against the new consumer's floor."""
+    twice. The journal records the floor, and a consumer created again never lowers it: what is below is journalled."""
     need_broker(NATS)
     import nats as nats_client
 

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from fusion.config.brokers import filters_overlap
+from fusion.config.brokers import NatsSource, filters_overlap
 from fusion.config.federation import load_config
 from fusion.errors import ConfigError
 from fusion.feeds.stream_state import load_state
@@ -407,3 +407,74 @@ def test_a_connection_severed_mid_stream_is_reported_retried_and_loses_nothing(m
     lines = "".join(p.read_text() for p in sorted(journal.directory.glob("*.jsonl"))).splitlines()
     assert sorted(lines) == sorted(f'{{"n": {n}}}' for n in range(9))  # each once, none lost
     assert any("down" in n and "retrying" in n for n in notices) and notices[-1].endswith("connected")
+
+
+@pytest.mark.brokers
+def test_jetstream_id_lists_stop_growing_and_a_restart_reads_only_live_ids(
+    make_federation, tmp_path, monkeypatch
+) -> None:
+    """Segments released as a running reader journals: the id lists below the consumer's acknowledgement floor are
+    deleted (they used to stay on disk for ever, and be read back at every start and connection). A restart reads
+    no id back, and a consumer then deleted on the broker redelivers every message: none is journalled again."""
+    need_broker(NATS)
+    import nats as nats_client
+
+    from pipelines import broker_sources
+    from pipelines.broker_sources import NatsReader
+
+    monkeypatch.setattr(broker_sources, "PRUNE_EVERY_S", 0.0)  # prune at each fetch, not every ten minutes
+    tag = uuid.uuid4().hex[:8]
+    stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
+    fed = make_federation(subdir="pruned")
+    config = load_config(fed.config_path)
+    source = NatsSource(stream=stream, subjects=(f"{prefix}.alpha.>",))
+    directory = tmp_path / "journal"
+
+    def reader_of() -> NatsReader:
+        reader = NatsReader("alpha", source, SourceJournal(directory), config, lambda _: None)
+        reader.start()
+        return reader
+
+    def stopped(reader: NatsReader) -> None:
+        reader.stop()
+        reader.join(5)
+
+    def publish(numbers: range) -> None:
+        nats("publish", stream, prefix, [(f"{prefix}.alpha.r", f'{{"n": {n}}}'.encode(), None) for n in numbers])
+
+    async def delete_consumer() -> None:
+        client = await nats_client.connect("nats://127.0.0.1:4222")
+        await client.jetstream().delete_consumer(stream, source.consumer("alpha"))
+        await client.close()
+
+    lines: list[str] = []
+    nats("create", stream, prefix)
+    try:
+        reader = reader_of()
+        try:
+            for r in range(15):  # 15 batches, each released (as the driver does) once journalled
+                publish(range(r * 10, r * 10 + 10))
+                wait_for(lambda: reader.messages == r * 10 + 10)  # noqa: B023
+                *released, _newest = reader.journal.segments()  # the newest stays (see SourceJournal.remove)
+                for segment in released:
+                    lines += segment.read_text().splitlines()
+                    reader.journal.remove(segment)
+            wait_for(lambda: len(list(directory.glob("*.released"))) == 1)  # the newest list only
+            wait_for(lambda: reader.journal.floor is not None and reader.journal.floor.sequence == 150)
+        finally:
+            stopped(reader)
+        assert len(list(directory.glob("*.jsonl"))) == 1
+        assert SourceJournal(directory).ids == set()  # every id is below the floor: none read back
+        restarted = reader_of()
+        try:
+            wait_for(lambda: restarted.idle)
+            asyncio.run(delete_consumer())  # created again by the reader: it delivers the stream from the start
+            publish(range(150, 152))
+            wait_for(lambda: restarted.idle and restarted.messages >= 2)
+        finally:
+            stopped(restarted)
+    finally:
+        nats("delete", stream, prefix)
+    assert restarted.messages == 2  # the 150 redelivered ones are recognised by the floor alone
+    lines += "".join(p.read_text() for p in sorted(directory.glob("*.jsonl"))).splitlines()
+    assert sorted(lines) == sorted(f'{{"n": {n}}}' for n in range(152))  # each once, none lost
