@@ -22,6 +22,7 @@ clamping, integer bins); tests check both agree value for value.
 from __future__ import annotations
 
 import hashlib
+import lzma
 import secrets
 import zlib
 from collections import Counter
@@ -35,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import zstandard
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -134,7 +136,8 @@ def feed_sources(plan: ReleasePlan, institution: InstitutionConfig) -> list[tupl
 #: file is dead-lettered whole, as one malformed record, and the run goes on, if reading the file again on its
 #: own fails too (`FeedScanner._damaged`: DuckDB's errors name no kind, and an OSError may be a full disk's).
 DAMAGE_ERRORS: tuple[type[BaseException], ...] = (
-    pa.ArrowException, OSError, UnicodeError, EOFError, zlib.error, duckdb.Error, AmbiguousColumns
+    pa.ArrowException, OSError, UnicodeError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError, duckdb.Error,
+    AmbiguousColumns
 )
 #: Errors a later run may not meet (permissions, a file moved away, the network): raised, never dead-lettered.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (

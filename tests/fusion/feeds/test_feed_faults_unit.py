@@ -4,6 +4,7 @@ missing daily files, damaged Parquet in the scan (one pass and staged), and the 
 from __future__ import annotations
 
 import gzip
+import lzma
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from fusion.config.federation import FeedConfig, load_config
 from fusion.errors import ConfigError, FusionError
@@ -189,6 +191,27 @@ def test_a_damaged_parquet_file_stages_no_rows(damaged_plan, tmp_path: Path) -> 
     assert [name.endswith("-unreadable") for name, _ in letters] == [True]
     assert [pa.ipc.open_file(staged_path(prefix, shard)).read_all().num_rows for shard in (0, 1)] == [0, 0]
     assert not Path(staged_raw_path(prefix)).exists()
+
+
+@pytest.mark.parametrize("suffix", [".xz", ".zst"])
+def test_a_corrupt_xz_or_zstd_csv_is_dead_lettered_whole_and_the_other_files_read(tmp_path: Path, suffix: str) -> None:
+    """Their decompressors raise errors of their own (LZMAError, ZstdError), which were not damage: the run failed."""
+    text = config_text(institutions=[("beta", "csv")], quorum=1, noise=False, seed=7)
+    (tmp_path / "federation.toml").write_text(text.replace('"feeds/beta/*.csv"', '"feeds/beta/*.csv*"'))
+    folder = tmp_path / "feeds" / "beta"
+    good = readings("beta", entities=2, rng=np.random.default_rng(1))
+    write_feed(good, folder / "good.csv", "csv")
+    write_feed(readings("beta-bad", entities=2, rng=np.random.default_rng(2)), folder / "bad.csv", "csv")
+    raw = (folder / "bad.csv").read_bytes()
+    packed = lzma.compress(raw) if suffix == ".xz" else zstandard.ZstdCompressor().compress(raw)
+    (folder / "bad.csv").unlink()
+    middle = len(packed) // 2
+    (folder / f"bad.csv{suffix}").write_bytes(packed[:middle] + bytes(b ^ 0xFF for b in packed[middle:middle + 64])
+                                              + packed[middle + 64:])
+    plan = plan_release(load_config(tmp_path / "federation.toml"), START, END)
+    scan = FeedScanner(plan, plan.config.institution("beta")).scan(0, 1)
+    assert scan.unreadable == {str(folder / f"bad.csv{suffix}")}
+    assert scan.table(FeedScanner(plan, plan.config.institution("beta")).schema).num_rows == good.num_rows
 
 
 def test_a_truncated_gzip_csv_is_dead_lettered_whole_and_the_other_files_read(tmp_path: Path) -> None:
