@@ -41,7 +41,7 @@ class RecordCheck(BaseModel):
 
     table: str
     record_id: str
-    status: str  # verified | refusal | tampered
+    status: str  # verified | refusal | unattested | invalid | tampered
     effect: str
     reason: str
 

@@ -73,7 +73,7 @@ class Decision(BaseModel):
     cost_impact: float | None  # $/h, found by re-solving with the adopted items fixed
     outcome: str  # recorded | refused
     refusal: str | None
-    verified: str | None  # what `fusion verify` says of it: verified | refusal | tampered (None: not checked)
+    verified: str | None  # `fusion verify`'s status: verified | refusal | unattested | invalid | tampered (None: none)
     effect: str | None  # e.g. its signatures against its authority's threshold
 
 

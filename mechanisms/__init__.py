@@ -3,8 +3,9 @@ read from the common-knowledge store through Fusion's public API and written, si
 authorities ratify, override or reject them in `decisions`. Nothing here executes anything.
 
 Modules: network (network files), opf (the LP, LMPs and their split), pareto, vcg, loads (bus loads from the
-store), records (digests, signatures, rows), recommend, decisions, authorities (the registry's parties), bids,
-audit (`fusion verify`, the overrides report), tables (the only reads and writes). The names below load their
+store), records (digests, signatures, rows), recommend, decisions, rules (what a decision must meet: `decide`
+and `verify` both), authorities (the registry's parties), bids, audit (`fusion verify`, the overrides report),
+tables (the only reads and writes). The names below load their
 module on first use, so `import mechanisms` costs nothing (the solver, scipy, loads with `opf`).
 """
 

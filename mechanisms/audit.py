@@ -3,11 +3,14 @@ and `fusion decisions` reports the overrides (FERC Order 844 and CAISO exception
 MW moved and cost impact, per period and authority). Reads only; imports no solver.
 
 A recommendation is `verified` when its rows still hold the content its digest names and the registered operator
-(current or retired key) signed that digest; a decision when its id is the hash of its content, its signature is
-valid under the key it names, that key is registered for its authority's signer, and the recommendation it
-decides on still has the digest it names. Refused attempts are `refusal`s: audit records, signed by whatever
-key was presented, never effective. Anything else is `tampered`. A decision takes effect once `threshold`
-distinct registered signers of its authority have signed its id.
+(current or retired key) signed that digest. A decision is `tampered` unless its id is the hash of its content,
+its signature is valid under the key it names, that key is registered for its authority's signer, and the
+recommendation it decides on still verifies with the digest it names; it is then `invalid` (never in effect) when
+it breaks a rule `fusion decide` enforces (`mechanisms.rules`: scope, a refused or superseded recommendation,
+reason codes, what it adopts), else `verified`. A decision takes effect once `threshold` distinct registered
+signers of its authority have signed its id. Refused attempts are `refusal`s when signed by a key registered for
+the signer they name, else `unattested` (a refusal anyone could have written: not counted as that signer's).
+`tampered` and `invalid` make `fusion verify` fail.
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ from fusion.api import FusedStore
 from fusion.config.federation import Config
 from mechanisms.authorities import Parties, load_parties
 from mechanisms.records import RECORDED, Decision, Recommendation
-from mechanisms.tables import read_decisions, recommendation_groups
+from mechanisms.rules import signed_by_registered, why_refused
+from mechanisms.tables import read_decisions, recommendation_groups, superseding_of
+
+#: Statuses that make `fusion verify` fail: rows Fusion did not write as they are (`tampered`), or decisions that
+#: `fusion decide` would have refused (`invalid`).
+FAILING = frozenset({"tampered", "invalid"})
 
 
 @dataclass(frozen=True)
 class RecordCheck:
     table: str  # "recommendations" | "decisions"
     record_id: str
-    status: str  # "verified" | "refusal" | "tampered"
+    status: str  # "verified" | "refusal" | "unattested" | "invalid" | "tampered"
     effect: str  # a recommendation's kind and outcome; a decision's action and its signatures of the threshold
     reason: str
 
@@ -38,8 +46,10 @@ class RecordCheck:
 def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
     parties = load_parties(config)
     checks: list[RecordCheck] = []
-    digests: dict[str, str] = {}  # recommendation id -> digest, for those that verify
-    for rid, rows in sorted(recommendation_groups(store).items()):
+    intact: dict[str, Recommendation] = {}  # those that verify, by id
+    groups = recommendation_groups(store)
+    superseding = superseding_of(groups)
+    for rid, rows in sorted(groups.items()):
         try:
             recommendation = Recommendation.from_rows(rows)
         except ValueError as exc:
@@ -52,7 +62,7 @@ def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
         if why:
             checks.append(RecordCheck("recommendations", rid, "tampered", effect, why))
             continue
-        digests[rid] = recommendation.digest
+        intact[rid] = recommendation
         refused = recommendation.outcome != RECORDED
         checks.append(RecordCheck("recommendations", rid, "refusal" if refused else "verified", effect,
                                   recommendation.refusal or ""))
@@ -60,7 +70,7 @@ def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
     signers: dict[str, set[str]] = defaultdict(set)
     verdicts = []
     for decision in decisions:
-        status, why = _decision_status(decision, parties, digests)
+        status, why = _decision_status(decision, parties, intact, superseding.get(decision.recommendation_id, {}))
         if status == "verified":
             signers[decision.decision_id].add(decision.signer)
         verdicts.append((decision, status, why))
@@ -68,37 +78,63 @@ def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
         authority = parties.authorities.get(decision.authority)
         threshold = authority.threshold if authority else 1
         count = len(signers[decision.decision_id])
-        effect = (f"{decision.action}: {count} of {threshold} signature(s)"
-                  + (", in effect" if count >= threshold else ", pending") if status == "verified"
-                  else decision.action)
+        effect = (
+            f"{decision.action}: {count} of {threshold} signature(s)"
+            + (", in effect" if count >= threshold else ", pending")
+            if status == "verified"
+            else f"{decision.action}: never in effect"
+            if status == "invalid"
+            else decision.action
+        )
         checks.append(RecordCheck("decisions", _key(decision), status, effect, why))
     return checks
 
 
-def _decision_status(decision: Decision, parties: Parties, digests: dict[str, str]) -> tuple[str, str]:
+def _decision_status(
+    decision: Decision, parties: Parties, intact: dict[str, Recommendation], superseding: dict[str, datetime]
+) -> tuple[str, str]:
     if decision.recorded_id and decision.recorded_id != decision.decision_id:
         return "tampered", "its content no longer hashes to its id (a field changed)"
     if decision.outcome != RECORDED:
         if decision.signature and not decision.signature_valid():
             return "tampered", "a refusal record whose signature does not match it"
-        return "refusal", decision.refusal or ""
+        if signed_by_registered(parties, decision):
+            return "refusal", decision.refusal or ""
+        return "unattested", (
+            f"a refusal not signed by a key registered for authority {decision.authority}'s signer "
+            f"{decision.signer} (not counted as theirs): {decision.refusal or ''}"
+        )
     if not decision.signature_valid():
         return "tampered", "its signature does not match it (altered, or not signed by the key it names)"
-    authority = parties.authorities.get(decision.authority)
-    signer = authority.signer(decision.signer) if authority else None
-    if signer is None or signer.key.hex() != decision.signer_key:
-        return "tampered", (f"signed by a key not registered for authority {decision.authority}'s signer "
-                            f"{decision.signer}")
-    if digests.get(decision.recommendation_id) != decision.recommendation_sha256:
-        return "tampered", (f"recommendation {decision.recommendation_id} is missing, tampered or has another digest "
-                            "than the one decided on")
+    if not signed_by_registered(parties, decision):
+        return "tampered", (
+            f"signed by a key not registered for authority {decision.authority}'s signer {decision.signer}"
+        )
+    recommendation = intact.get(decision.recommendation_id)
+    if recommendation is None or recommendation.recorded_digest != decision.recommendation_sha256:
+        return "tampered", (
+            f"recommendation {decision.recommendation_id} is missing, tampered or has another digest "
+            "than the one decided on"
+        )
+    why = why_refused(
+        parties,
+        recommendation,
+        decision,
+        signer=decision.signer,
+        key=bytes.fromhex(decision.signer_key),
+        superseding=superseding,
+        at=decision.decided_at,
+    )
+    if why:
+        return "invalid", f"`fusion decide` would have refused it: {why}"
     return "verified", ""
 
 
 def overrides_report(config: Config, store: FusedStore, *, period: str = "month") -> tuple[pa.Table, pa.Table]:
     """(a summary per period, authority, action, reason code and status: decisions in effect, pending (short of
     their threshold of verified signatures) and refused attempts, with the MW they moved and their cost impact;
-    every override and rejection in effect). Tampered rows are left out (`fusion verify` names them)."""
+    every override and rejection in effect). Tampered and invalid decisions, and unattested refusals, are left out
+    (`fusion verify` names them)."""
     parties = load_parties(config)
     checks = {c.record_id: c for c in verify_mechanisms(config, store) if c.table == "decisions"}
     by_id: dict[str, list[Decision]] = defaultdict(list)
@@ -171,4 +207,4 @@ def _period(moment: datetime | None, period: str) -> str:
     return f"{moment:%Y-%m}"
 
 
-__all__ = ["RecordCheck", "overrides_report", "verify_mechanisms"]
+__all__ = ["FAILING", "RecordCheck", "overrides_report", "verify_mechanisms"]

@@ -5,6 +5,7 @@ the key is not registered, the recommendation is outside the authority's scope (
 recommendation is tampered (its rows differ from its digest, or its signature is not the operator's), superseded
 by a newer one, or a refused attempt itself; an override or a rejection has no reason code; an override cannot
 be re-solved (an unknown unit, MW outside its range, a network left infeasible). Nothing else is written then.
+The static checks are `mechanisms.rules.why_refused`, which `fusion verify` applies to every stored decision too.
 
 An override's cost impact is found by re-solving the recommendation's own problem (its network, recorded loads,
 reserve and value of lost load) with the override fixed: CAISO's price-impact analysis of exceptional dispatch.
@@ -23,12 +24,13 @@ import numpy as np
 from fusion.api import FusedStore, open_store
 from fusion.config.federation import Config
 from fusion.errors import FusionError
-from mechanisms.authorities import Authority, Parties, load_parties, load_private, signer_key_file
+from mechanisms.authorities import load_parties, load_private, signer_key_file
 from mechanisms.bids import bids_of
 from mechanisms.opf import Grid, Infeasible, solve_dispatch
 from mechanisms.recommend import fixed_loads_of, network_of
 from mechanisms.records import RECORDED, REFUSED, Action, Adopted, Decision, Kind, ReasonCode, Recommendation, now
-from mechanisms.tables import read_decisions, read_recommendation, write_rows
+from mechanisms.rules import proposed_point, ratified, signed_by_registered, why_refused
+from mechanisms.tables import read_decisions, read_recommendation, read_superseding, write_rows
 from mechanisms.vcg import bid_supply
 
 ROUND = 6
@@ -71,6 +73,7 @@ def decide(config: Config, request: DecideRequest) -> DecisionOutcome:
     private, public = load_private(key_file, f"{request.authority}/{request.signer}'s signing key "
                                              "(`fusion mechanism-keys --authority ID --signer NAME`)")
     parties = load_parties(config)
+    decided_at = now()  # before the checks: a recommendation superseded after this moment does not undo them
     with open_store(config) as store:
         try:
             recommendation = read_recommendation(store, request.recommendation_id)
@@ -80,7 +83,15 @@ def decide(config: Config, request: DecideRequest) -> DecisionOutcome:
         if recommendation is None:
             raise FusionError(f"no recommendation {request.recommendation_id} in the store")
         draft = _draft(store, recommendation, request)
-        why = _why_refused(store, parties, recommendation, draft, request.signer, public)
+        why = why_refused(
+            parties,
+            recommendation,
+            draft,
+            signer=request.signer,
+            key=public,
+            superseding=read_superseding(store, recommendation.recommendation_id),
+            at=decided_at,
+        )
         if why is None:
             try:
                 draft = _with_override(config, recommendation, draft, request)
@@ -89,12 +100,14 @@ def decide(config: Config, request: DecideRequest) -> DecisionOutcome:
         if why is not None:
             raise _refuse(config, draft, private, public, request.signer, why)
         draft = replace(draft, previous_decision_id=_previous(store, draft))
-    signed = draft.signed(private, public, signer=request.signer, decided_at=now())
+    signed = draft.signed(private, public, signer=request.signer, decided_at=decided_at)
     written = write_rows(config, "decisions", signed.rows()) > 0
     with open_store(config) as store:
-        signers = {d.signer for d in read_decisions(store, recommendation_id=recommendation.recommendation_id)
-                   if d.decision_id == signed.decision_id and d.outcome == RECORDED and d.signature_valid()
-                   and _registered(parties, d)}
+        signers = {
+            d.signer
+            for d in read_decisions(store, recommendation_id=recommendation.recommendation_id)
+            if d.decision_id == signed.decision_id and d.outcome == RECORDED and signed_by_registered(parties, d)
+        }
     return DecisionOutcome(signed, written, len(signers), parties.authorities[request.authority].threshold)
 
 
@@ -123,13 +136,11 @@ def _draft(store: FusedStore, recommendation: Recommendation, request: DecideReq
     if request.action is Action.RATIFY and request.set_mw:
         raise FusionError("ratify adopts the recommendation as it is; changing MW is an override (with --set and "
                           "a reason code)")
-    proposed = _proposed_point(recommendation)
+    proposed = proposed_point(recommendation)
     if request.action is Action.RATIFY and request.point is not None and request.point != proposed:
         raise FusionError(f"ratify adopts the proposed point {proposed}; adopting point {request.point} is an "
                           "override (`fusion decide override --point N --reason-code ...`)")
-    adopted: tuple[Adopted, ...] = ()
-    if request.action is Action.RATIFY and proposed is not None:
-        adopted = (Adopted("point", float(proposed), "index"),)
+    adopted = ratified(recommendation) if request.action is Action.RATIFY else ()
     if request.action is Action.OVERRIDE:
         adopted = tuple(Adopted(unit, float(mw), "MW") for unit, mw in request.set_mw)
         if request.point is not None:
@@ -144,59 +155,6 @@ def _draft(store: FusedStore, recommendation: Recommendation, request: DecideReq
     )
 
 
-def _proposed_point(recommendation: Recommendation) -> int | None:
-    if recommendation.kind != Kind.PARETO.value or recommendation.outcome != RECORDED:
-        return None
-    value = recommendation.items_of("proposed_point").get("index")
-    return None if value is None else int(value)
-
-
-def _registered(parties: Parties, decision: Decision) -> bool:
-    authority = parties.authorities.get(decision.authority)
-    signer = authority.signer(decision.signer) if authority else None
-    return signer is not None and signer.key.hex() == decision.signer_key
-
-
-def _why_refused(store: FusedStore, parties: Parties, recommendation: Recommendation, draft: Decision,
-                 signer_id: str, public: bytes) -> str | None:
-    """Why this signer may not make this decision, or None. The checks of the issue's "bad input", in order: the
-    authority and key registered, the scope, the recommendation intact, current and a recommendation at all, and
-    a reason code for an override or a rejection."""
-    name = draft.authority
-    authority: Authority | None = parties.authorities.get(name)
-    if authority is None:
-        return f"authority {name} is not registered under [[authorities]] in the registry"
-    signer = authority.signer(signer_id)
-    if signer is None or signer.key != public:
-        return (f"the key {public.hex()[:16]}... is not registered for authority {name}'s signer {signer_id} "
-                f"(`fusion mechanism-keys --authority {name} --signer {signer_id}` registers one)")
-    scope = authority.out_of_scope(recommendation.kind, recommendation.regions)
-    if scope:
-        return scope
-    tampered = recommendation.tampered(parties.operator_keys)
-    if tampered:
-        return f"recommendation {recommendation.recommendation_id} is tampered: {tampered}"
-    if recommendation.outcome != RECORDED:
-        return f"recommendation {recommendation.recommendation_id} is a refused attempt, not a recommendation"
-    newer = _superseded_by(store, recommendation.recommendation_id)
-    if newer:
-        return (f"recommendation {recommendation.recommendation_id} is superseded by {newer} (newer inputs for the "
-                f"same window): decide on {newer}")
-    if draft.action != Action.RATIFY.value and draft.reason_code is None:
-        article = "an" if draft.action == Action.OVERRIDE.value else "a"
-        return f"{article} {draft.action} needs a reason code (--reason-code: {', '.join(c.value for c in ReasonCode)})"
-    if draft.action == Action.OVERRIDE.value and not draft.adopted:
-        return "an override names what it changes: --set UNIT=MW (dispatch, auction) or --point N (pareto)"
-    return None
-
-
-def _superseded_by(store: FusedStore, recommendation_id: str) -> str | None:
-    table = store.sql("SELECT DISTINCT recommendation_id FROM recommendations WHERE outcome = 'recorded' AND "
-                      f"supersedes = '{recommendation_id}'")
-    ids = sorted(table.column("recommendation_id").to_pylist())
-    return ids[0] if ids else None
-
-
 def _with_override(config: Config, recommendation: Recommendation, draft: Decision,
                    request: DecideRequest) -> Decision:
     """An override's deviation (MW moved from the recommendation) and cost impact ($/h, re-solved)."""
@@ -208,7 +166,7 @@ def _with_override(config: Config, recommendation: Recommendation, draft: Decisi
     if kind == Kind.PARETO.value:
         if fixed:
             raise FusionError("a Pareto recommendation is overridden by choosing another frontier point (--point N)")
-        point, proposed = int(request.point or 0), _proposed_point(recommendation)
+        point, proposed = int(request.point or 0), proposed_point(recommendation)
         costs = recommendation.items_of("frontier_cost")
         key, base = f"{point:03d}", f"{proposed:03d}"
         if key not in costs:

@@ -324,7 +324,8 @@ def cmd_bid(args: argparse.Namespace) -> int:
 
 def verify_mechanisms_tables(config: Config, fmt: str) -> bool:
     """`fusion verify`'s second part: the recommendations and decisions, when the store has any. True when none
-    is tampered. Imports the mechanisms' audit (no solver) only when there is something to check."""
+    fails (tampered, or a decision `fusion decide` would have refused: `mechanisms.audit.FAILING`). Imports the
+    mechanisms' audit (no solver) only when there is something to check."""
     from fusion.store.delta import Store
 
     store = Store(config.store_path)
@@ -333,7 +334,7 @@ def verify_mechanisms_tables(config: Config, fmt: str) -> bool:
     import pyarrow as pa
 
     from fusion.api import open_store
-    from mechanisms.audit import verify_mechanisms
+    from mechanisms.audit import FAILING, verify_mechanisms
 
     with open_store(config) as fused:
         checks = verify_mechanisms(config, fused)
@@ -341,7 +342,7 @@ def verify_mechanisms_tables(config: Config, fmt: str) -> bool:
         return True
     print_arrow(pa.Table.from_pylist([vars(c) for c in checks]), fmt,
                 title="recommendations and decisions checked against the registry's keys")
-    return not any(c.status == "tampered" for c in checks)
+    return not any(c.status in FAILING for c in checks)
 
 
 __all__ = ["COMMANDS", "add_parsers", "run_command", "show_recommendation", "verify_mechanisms_tables"]

@@ -1,0 +1,206 @@
+"""`fusion verify` holds a stored decision to the rules `fusion decide` enforces (`mechanisms.rules`): a registered
+signer who writes a decision row itself gets `invalid`, never in effect, for one `decide` would refuse; refusals
+count as a signer's only when that signer's registered key signed them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import pyarrow as pa
+import pytest
+
+from fusion.api import open_store
+from mechanisms.audit import FAILING, RecordCheck, overrides_report, verify_mechanisms
+from mechanisms.authorities import load_private, signer_key_file
+from mechanisms.decisions import DecideRequest, DecisionRefused, decide
+from mechanisms.loads import MissingLoad
+from mechanisms.recommend import Request, recommend
+from mechanisms.records import Action, Adopted, Decision, Kind, ReasonCode, Recommendation, now
+from mechanisms.tables import read_recommendation
+from tests.mechanisms.conftest import HOUR, MechFederation, forecast_rows
+
+Build = Callable[..., MechFederation]
+
+
+def _checks(fed: MechFederation) -> dict[str, RecordCheck]:
+    with open_store(fed.config) as store:
+        return {c.record_id: c for c in verify_mechanisms(fed.config, store)}
+
+
+def _report(fed: MechFederation) -> list[dict[str, object]]:
+    with open_store(fed.config) as store:
+        return overrides_report(fed.config, store)[0].to_pylist()
+
+
+def _recommend(fed: MechFederation, kind: Kind = Kind.DISPATCH) -> Recommendation:
+    return recommend(fed.config, Request(kind, at=HOUR, points=3)).recommendation
+
+
+def _refused(fed: MechFederation) -> Recommendation:
+    """A refused attempt (no loads for the window), as recorded."""
+    with pytest.raises(MissingLoad):
+        _recommend(fed)
+    with open_store(fed.config) as store:
+        (rid,) = set(store.sql("SELECT recommendation_id FROM recommendations").column(0).to_pylist())
+        found = read_recommendation(store, rid)
+    assert found is not None and found.outcome == "refused"
+    return found
+
+
+def _supersede(fed: MechFederation) -> Recommendation:
+    fed.store.insert_new("forecasts", forecast_rows({"north": (9.0, 0.5), "south": (11.0, 0.5), "east": (10.0, 1.0)}))
+    return _recommend(fed)
+
+
+def _write(fed: MechFederation, decision: Decision, *, at: datetime | None = None) -> Decision:
+    """Sign `decision` with alice's registered key and append its row directly, as no `fusion decide` would."""
+    private, public = load_private(signer_key_file(fed.config, "grid-ops", "alice"), "alice's key")
+    signed = decision.signed(private, public, signer="alice", decided_at=at or now())
+    fed.store.insert_new("decisions", signed.rows())
+    return signed
+
+
+def _decision(
+    rec: Recommendation, action: Action = Action.RATIFY, code: str | None = None, adopted: tuple[Adopted, ...] = ()
+) -> Decision:
+    return Decision(rec.recommendation_id, rec.digest, action.value, "grid-ops", HOUR, HOUR, code, None, adopted)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("out_of_scope_region", "scope does not cover region(s) east, south"),
+        ("out_of_scope_kind", "authority grid-ops decides on pareto recommendations, not dispatch"),
+        ("reject_without_code", "a reject needs a reason code"),
+        ("override_without_code", "an override needs a reason code"),
+        ("unknown_code", "unknown reason code 'whim'"),
+        ("override_adopting_nothing", "an override names what it changes"),
+        ("ratify_adopting_something", "a ratification adopts the recommendation as it is"),
+        ("superseded", "is superseded by"),
+        ("refused_attempt", "is a refused attempt, not a recommendation"),
+    ],
+)
+def test_a_decision_decide_would_refuse_is_invalid_and_never_in_effect(
+    mech_federation: Build, case: str, message: str
+) -> None:
+    fed = mech_federation(
+        regions=["north"] if case == "out_of_scope_region" else None,
+        authority_kinds="pareto" if case == "out_of_scope_kind" else None,
+        releases=case != "refused_attempt",
+    )
+    rec = _refused(fed) if case == "refused_attempt" else _recommend(fed)
+    decision = {
+        "reject_without_code": _decision(rec, Action.REJECT),
+        "override_without_code": _decision(rec, Action.OVERRIDE, adopted=(Adopted("Sundance", 50.0, "MW"),)),
+        "unknown_code": _decision(rec, Action.REJECT, "whim"),
+        "override_adopting_nothing": _decision(rec, Action.OVERRIDE, ReasonCode.POLICY.value),
+        "ratify_adopting_something": _decision(rec, adopted=(Adopted("Sundance", 50.0, "MW"),)),
+    }.get(case, _decision(rec))
+    if case == "superseded":
+        _supersede(fed)
+    written = _write(fed, decision)
+    check = _checks(fed)[f"{written.decision_id}/alice"]
+    assert (check.status, check.effect) == ("invalid", f"{decision.action}: never in effect")
+    assert check.reason.startswith("`fusion decide` would have refused it: ") and message in check.reason
+    assert check.status in FAILING  # `fusion verify` exits 1
+    assert _report(fed) == []  # neither in effect, pending nor refused
+
+
+def test_decide_and_verify_apply_the_same_rules(mech_federation: Build) -> None:
+    """What decide accepts verifies, on each kind and action; what it refuses, written directly, is invalid."""
+    fed = mech_federation(regions=["north"])
+    rec = _recommend(fed)
+    refused = _write(fed, _decision(rec))
+    with pytest.raises(DecisionRefused, match="scope does not cover"):
+        decide(fed.config, DecideRequest(Action.RATIFY, rec.recommendation_id, "grid-ops", "alice"))
+    assert _checks(fed)[f"{refused.decision_id}/alice"].status == "invalid"
+    fed = mech_federation(subdir="all")
+    pareto = _recommend(fed, Kind.PARETO)
+    made = [
+        decide(fed.config, DecideRequest(Action.RATIFY, pareto.recommendation_id, "grid-ops", "alice")),
+        decide(
+            fed.config,
+            DecideRequest(
+                Action.OVERRIDE,
+                pareto.recommendation_id,
+                "grid-ops",
+                "alice",
+                reason_code=ReasonCode.POLICY,
+                point=0 if _proposed(pareto) else 2,
+            ),
+        ),
+        decide(
+            fed.config,
+            DecideRequest(Action.REJECT, pareto.recommendation_id, "grid-ops", "alice", reason_code=ReasonCode.TEST),
+        ),
+    ]
+    checks = _checks(fed)
+    assert [checks[f"{m.decision.decision_id}/alice"].status for m in made] == ["verified"] * 3
+
+
+def _proposed(rec: Recommendation) -> int:
+    return int(rec.items_of("proposed_point")["index"] or 0)
+
+
+def test_supersession_counts_only_before_the_decision(mech_federation: Build) -> None:
+    fed = mech_federation()
+    old = _recommend(fed)
+    before = decide(fed.config, DecideRequest(Action.RATIFY, old.recommendation_id, "grid-ops", "alice")).decision
+    new = _supersede(fed)  # created after the decision: the decision stands
+    checks = _checks(fed)
+    assert checks[f"{before.decision_id}/alice"].status == "verified"
+    assert "in effect" in checks[f"{before.decision_id}/alice"].effect
+    # Dated after the newer recommendation was created: decided on a superseded one.
+    late = _write(
+        fed, _decision(old, Action.REJECT, ReasonCode.OTHER.value), at=(new.created_at or now()) + timedelta(seconds=1)
+    )
+    assert _checks(fed)[f"{late.decision_id}/alice"].status == "invalid"
+
+
+def test_refusals_count_as_a_signer_s_only_when_its_registered_key_signed_them(mech_federation: Build) -> None:
+    fed = mech_federation()
+    rec = _recommend(fed)
+    real = decide(
+        fed.config,
+        DecideRequest(Action.REJECT, rec.recommendation_id, "grid-ops", "alice", reason_code=ReasonCode.DATA_ERROR),
+    ).decision
+    with pytest.raises(DecisionRefused, match="needs a reason code"):  # a real refusal, signed with alice's key
+        decide(
+            fed.config,
+            DecideRequest(Action.OVERRIDE, rec.recommendation_id, "grid-ops", "alice", set_mw=(("Sundance", 50.0),)),
+        )
+    row = real.rows()
+    # The verified rejection rewritten as a refusal (id recomputed, signature cleared), and a refusal made up.
+    flipped = replace(Decision.from_row(row.to_pylist()[0]), outcome="refused", refusal="made up", signature="")
+    flipped_row = flipped.rows().to_pylist()[0] | {"decision_id": flipped.decision_id}
+    fed.store.insert_new("decisions", pa.Table.from_pylist([flipped_row], schema=row.schema))
+    invented = Decision(
+        rec.recommendation_id,
+        rec.digest,
+        "override",
+        "grid-ops",
+        HOUR,
+        HOUR,
+        "emergency",
+        None,
+        outcome="refused",
+        refusal="invented",
+        signer="alice",
+        decided_at=now(),
+    )
+    fed.store.insert_new("decisions", invented.rows())
+    checks = _checks(fed)
+    for forged in (flipped, invented):
+        check = checks[f"{forged.decision_id}/alice"]
+        assert check.status == "unattested" and check.status not in FAILING
+        assert "not signed by a key registered for authority grid-ops's signer alice" in check.reason
+    assert sorted(c.status for c in checks.values() if "/" in c.record_id) == [
+        "refusal",
+        "unattested",
+        "unattested",
+        "verified",
+    ]
+    summary = {(r["action"], r["status"]): r["decisions"] for r in _report(fed)}
+    assert summary == {("override", "refused"): 1, ("reject", "in effect"): 1}  # the unattested ones left out
