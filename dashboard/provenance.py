@@ -161,7 +161,8 @@ def _registry_stamp(config: Config) -> int:
 def verify_job(config: Config) -> tuple[str, tuple[str, ...], Callable[[Snapshot], Verified]]:
     """The verify report as Snapshot.recent computes it: once per version of the tables it reads and of the
     registry (it reads every release's rows: seconds on a large store)."""
-    return f"verify {_registry_stamp(config)}", ("releases", "audit", "budget"), _verify
+    # Every table verify reads: an edit of any of them must not leave a cached verdict standing.
+    return f"verify {_registry_stamp(config)}", ("releases", "audit", "budget", "rejects"), _verify
 
 
 def _verify(shot: Snapshot) -> Verified:

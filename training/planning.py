@@ -34,7 +34,10 @@ def model_forecast(config: Config, store: Store, model: ModelConfig) -> tuple[Tr
     done = last_committed(store, settings)
     remaining = settings.rounds - (done.round if done else 0)
     budget = budget_for(settings, dimension)
-    return forecast(store, budget, terms, remaining=remaining), remaining, terms.period.name
+    from pipelines.release import charge_record  # here: `fusion plan` reads this module without the pipelines
+
+    record = charge_record(config, store)
+    return forecast(store, budget, terms, remaining=remaining, record=record), remaining, terms.period.name
 
 
 def model_plan_lines(config: Config) -> list[str]:

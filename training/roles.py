@@ -24,6 +24,7 @@ from fusion.release.exchange import contribution_path, exists, read_bytes
 from fusion.release.plan import ReleasePlan
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetLedger
+from pipelines.release import charge_record
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import secure_generator, seeded_generator
 from training.accounting import TrainingBudget
@@ -155,7 +156,8 @@ def release_round(config: Config, model: ModelConfig, store: Store) -> RoundReco
     spent: list[float] = []
 
     def pay(aggregate_sha256: str) -> None:
-        spend = BudgetLedger(store).spend(
+        # Against the key holder's own record of the period, as a release is: a round shares the period's cap.
+        spend = BudgetLedger(store, record=charge_record(config, store)).spend(
             period=terms.period, release_id=current.round_id.release_id, aggregate_sha256=aggregate_sha256,
             charge=terms.charge(budget), cap=terms.cap, delta=terms.delta,
         )  # fmt: skip

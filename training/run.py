@@ -31,6 +31,7 @@ from fusion.keys.registry import (
     load_signing_key,
 )
 from fusion.release.plan import Period, parse_time, period_of
+from fusion.store.charge_record import ChargeRecord
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetLedger
 from privacy.accountant import Composition, ReleaseCharge
@@ -73,9 +74,12 @@ class TrainingForecast:
         return self.period_epsilon_after <= self.cap
 
 
-def forecast(store: Store, budget: TrainingBudget, terms: LedgerTerms, *, remaining: int) -> TrainingForecast:
-    """The spend of the `remaining` rounds of a run, predicted on the ledger as it stands."""
-    before, after = BudgetLedger(store).preview(
+def forecast(
+    store: Store, budget: TrainingBudget, terms: LedgerTerms, *, remaining: int, record: ChargeRecord | None = None
+) -> TrainingForecast:
+    """The spend of the `remaining` rounds of a run, predicted on the ledger as it stands (with `record`, the key
+    holder's own record of the period, where the store's row is behind it)."""
+    before, after = BudgetLedger(store, record=record).preview(
         period=terms.period, charges=[terms.charge(budget)] * max(remaining, 1), cap=terms.cap, delta=terms.delta
     )
     return TrainingForecast(
@@ -217,12 +221,15 @@ def train_into_store(
     held_out: Institution | None = None,
     present: Callable[[int], set[str]] | None = None,
     progress: Callable[[RoundRecord], None] | None = None,
+    record: ChargeRecord | None = None,
 ) -> RoundRecord | None:
-    """Run (or resume) the rounds not yet committed; returns the last round (None: nothing was left to run)."""
+    """Run (or resume) the rounds not yet committed; returns the last round (None: nothing was left to run).
+    `record`: the key holder's own record of what it charged (pipelines.release.charge_record), which a round's
+    charge is checked against as a release's is."""
     start = last_committed(store, settings)
     if start is not None and start.round >= settings.rounds:
         return start
-    ledger = BudgetLedger(store)
+    ledger = BudgetLedger(store, record=record)
     charged = charged_release_ids(store)
     variance: list[float] = []
     spends: dict[int, float] = {}  # round -> the period's epsilon after its charge

@@ -73,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.role is not None:
         return _cmd_role(args)
     from fusion.store.delta import Store
+    from pipelines.release import charge_record
     from privacy.skellam import secure_generator, seeded_generator
     from training.exchange_round import ExchangeFederation
     from training.feed_rows import check_feed_model, feature_count, feed_rows
@@ -119,7 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     budget = budget_for(settings, dimension)
     done = last_committed(store, settings)
     remaining = settings.rounds - (done.round if done else 0)
-    predicted = forecast(store, budget, terms, remaining=remaining)
+    record = charge_record(config, store)  # the key holder's own record: rounds share the releases' cap
+    predicted = forecast(store, budget, terms, remaining=remaining, record=record)
     console.print(
         f"model {model.name}: {dimension:,} parameters, {settings.rounds} rounds ({remaining} left), run epsilon "
         f"{predicted.run_epsilon:.4f} at delta {settings.delta:g}; period {terms.period.name}: epsilon "
@@ -161,5 +163,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         generators=generators,
         held_out=held_out,
         progress=progress,
+        record=record,
     )
     return 0

@@ -179,6 +179,8 @@ class BudgetLedger:
         row = self._base(period, cap, delta, charge.composition) or _PeriodRow.empty(charge.composition)
         if release_id not in row.release_ids:
             _refuse_if_over(period, release_id, row, row.with_release(release_id, "", charge, delta), cap)
+        elif (mismatch := _listed_otherwise(row, release_id, charge)) is not None:
+            raise mismatch
 
     def preview(
         self, *, period: Period, charges: Sequence[ReleaseCharge], cap: float, delta: float
@@ -275,6 +277,8 @@ class BudgetLedger:
                                 "view of the same data"
                             )
                         )
+                    elif (mismatch := _listed_otherwise(after, release_id, charge)) is not None:
+                        outcomes.append(mismatch)
                     else:
                         outcomes.append(Spend(period.name, False, after.epsilon_spent, after.epsilon_spent, cap))
                     continue
@@ -370,6 +374,23 @@ def _reconcile(
             if release_id not in base.release_ids:
                 base = base.with_release(release_id, aggregate, charge, delta)
     return base, True
+
+
+def _listed_otherwise(row: _PeriodRow, release_id: str, charge: ReleaseCharge) -> ReleaseRefused | None:
+    """The refusal when the period's row lists the release with another charge than its own (its mechanism,
+    interval or composition): an entry this ledger did not write, which would let the release through as already
+    paid at another price (a free mechanism, or one that composes in parallel). None when it is its own, or the
+    row is an older one that records no charges."""
+    if row.composition is None:
+        return None
+    listed = row.charges[row.release_ids.index(release_id)]
+    if listed == charge:
+        return None
+    return ReleaseRefused(
+        f"release {release_id} is listed in period's budget row with another charge ({listed}) than its own "
+        f"({charge}): the row was not written by this ledger, so nothing is decrypted; `fusion verify` reports the "
+        "row, and the key holder's record of the period rebuilds it"
+    )
 
 
 def _extends(current: _PeriodRow, recorded: _PeriodRow) -> bool:

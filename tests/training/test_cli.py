@@ -13,6 +13,7 @@ import pytest
 from fusion.cli.core import main
 from fusion.config.federation import load_config
 from fusion.store.delta import Store
+from pipelines.release import charge_record
 from tests.conftest import Federation
 
 MODEL = """
@@ -75,6 +76,8 @@ def test_train_plans_then_trains_and_resumes(
     assert [m["round"] for m in models] == [1, 2] and models[-1]["epsilon"] <= 1.0
     budget = Store(config.store_path).read("budget").to_pylist()
     assert budget[0]["release_ids"] == [m["release_id"] for m in models]
+    held = charge_record(config, Store(config.store_path)).read(budget[0]["period"])  # the key holder's own record
+    assert held is not None and held["release_ids"] == budget[0]["release_ids"]
     # Each round went through the exchange's role path and left an audit row, as a release does.
     audit = [a for a in Store(config.store_path).read("audit").to_pylist() if a["action"] == "training_round"]
     assert sorted(a["release_id"] for a in audit) == sorted(m["release_id"] for m in models)

@@ -9,6 +9,7 @@ import pytest
 from fusion.cli.core import main
 from fusion.config.federation import load_config
 from fusion.store.delta import Store
+from pipelines.release import charge_record
 from tests.conftest import Federation
 from tests.training.test_cli import MODEL, _rows
 
@@ -40,7 +41,11 @@ def test_a_round_runs_role_by_role_with_a_dropped_institution(
     assert [(m["round"], m["contributors"]) for m in models] == [(1, ["alpha", "gamma"])]
     audit = [a for a in store.read("audit").to_pylist() if a["action"] == "training_round"]
     assert [a["release_id"] for a in audit] == [models[0]["release_id"]]
-    assert store.read("budget").to_pylist()[0]["release_ids"] == [models[0]["release_id"]]
+    budget = store.read("budget").to_pylist()[0]
+    assert budget["release_ids"] == [models[0]["release_id"]]
+    # Charged against the key holder's own record of the period, as a release is: a deleted row cannot undo it.
+    held = charge_record(config, store).read(budget["period"])
+    assert held is not None and held["release_ids"] == [models[0]["release_id"]]
     # The key holder cannot decrypt round 2 before it is aggregated; a whole run then finishes the model.
     assert main([*base, "key-holder"]) == 1
     assert "no aggregate yet" in capsys.readouterr().err

@@ -402,6 +402,29 @@ def test_a_deleted_or_rewritten_budget_row_is_rebuilt_from_the_key_holders_recor
     assert spend(unrecorded, "r2", cap).charged
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["with-record", "store-only"])
+def test_a_pending_release_listed_at_another_price_is_refused_not_taken_as_paid(tmp_path: Path, recorded: bool) -> None:
+    """A store writer adds the release about to be decrypted to the period's row, for its own aggregate but with a
+    free mechanism: a release already listed used to be taken as paid and published, past the cap. Its listed
+    charge must be its own."""
+    ledger, _ = _recorded_ledger(tmp_path)
+    if not recorded:
+        ledger = BudgetLedger(ledger.store)
+    cap = ONE * 1.1  # room for one release, not two
+    assert spend(ledger, "r1", cap).charged
+    (row,) = ledger.rows().to_pylist()
+    free = {**row["mechanisms"][0], "variance": None}
+    forged = {**row, "releases": 2, "release_ids": ["r1", "r2"], "aggregates": [sha("r1"), sha("r2")],
+              "mechanisms": [row["mechanisms"][0], free]}
+    write_deltalake(ledger.store.table_path("budget"), pa.Table.from_pylist([forged], schema=BUDGET_SCHEMA),
+                    mode="overwrite")
+    with pytest.raises(ReleaseRefused, match="listed in period's budget row with another charge"):
+        spend(ledger, "r2", cap)
+    with pytest.raises(ReleaseRefused, match="another charge"):
+        ledger.check(period=DAY, release_id="r2", charge=charge(), cap=cap, delta=DELTA)
+    assert not spend(ledger, "r1", cap).charged  # its own listing, at its own price: paid
+
+
 def test_a_crash_between_the_record_and_the_store_charges_once(tmp_path: Path) -> None:
     """The record is written (fsynced) before the store's row; a pass that dies in between leaves the store's row
     behind, and the re-run completes it: the release charged once, never refused for its own charge."""
