@@ -83,6 +83,8 @@ class ChargeRecord:
         """Record the period's row (None: forget it), durably: written, fsynced and renamed into place, then the
         directory fsynced, before the caller commits the same row to the store."""
         path = self._path(period)
+        for left in path.parent.glob(f".{path.name}.*"):  # a pass that died mid-write left its copy (under the lock)
+            left.unlink(missing_ok=True)
         if row is None:
             path.unlink(missing_ok=True)
         else:

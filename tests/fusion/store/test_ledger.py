@@ -485,3 +485,13 @@ def test_a_store_row_ahead_of_the_record_is_trusted_and_another_stores_record_re
     other = BudgetLedger(ledger.store, record=ChargeRecord(tmp_path / "keys", "store-2"))
     with pytest.raises(FusionError, match="belongs to another store"):
         spend(other, "r4", 10.0)
+
+
+def test_a_copy_a_dead_pass_left_mid_write_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    ledger, record = _recorded_ledger(tmp_path)
+    assert spend(ledger, "r1", 10.0).charged
+    (path,) = record.directory.glob("*.json")
+    left = path.with_name(f".{path.name}.999999")  # a pass killed between its write and its rename
+    left.write_text("{")
+    assert spend(ledger, "r2", 10.0).charged
+    assert not left.exists() and record.read(DAY.name)["release_ids"] == ["r1", "r2"]  # type: ignore[index]
