@@ -57,10 +57,14 @@ class ChargeRecord:
     def read(self, period: str) -> dict[str, Any] | None:
         """The period's budget row as the key holder last recorded it (the `budget` table's columns), or None."""
         path = self._path(period)
-        if not path.exists():
-            return None
         try:
-            doc = json.loads(path.read_text())
+            text = path.read_text()
+        except FileNotFoundError:  # none, or removed between a look and a read (a charge taken back): none
+            return None
+        except OSError:
+            text = ""
+        try:
+            doc = json.loads(text)
             row = doc["row"]
             valid = isinstance(row, dict) and row.get("period") == period and isinstance(doc["store"], str)
         except (OSError, ValueError, KeyError, TypeError, RecursionError):

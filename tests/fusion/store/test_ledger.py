@@ -495,3 +495,18 @@ def test_a_copy_a_dead_pass_left_mid_write_is_removed_by_the_next_write(tmp_path
     left.write_text("{")
     assert spend(ledger, "r2", 10.0).charged
     assert not left.exists() and record.read(DAY.name)["release_ids"] == ["r1", "r2"]  # type: ignore[index]
+
+
+def test_a_record_removed_as_it_is_read_reads_as_none_not_as_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unlocked preview reads the record while a charge taken back (a lost commit) removes it: gone between a
+    look and a read, it is no record, not 'unreadable: restore it from a backup'."""
+    ledger, record = _recorded_ledger(tmp_path)
+    assert spend(ledger, "r1", 10.0).charged
+
+    def gone(self: Path, *args: object, **kwargs: object) -> str:
+        raise FileNotFoundError(str(self))
+
+    monkeypatch.setattr(Path, "read_text", gone)
+    assert record.read(DAY.name) is None
