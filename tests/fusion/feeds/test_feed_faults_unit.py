@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import lzma
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -193,42 +194,40 @@ def test_a_damaged_parquet_file_stages_no_rows(damaged_plan, tmp_path: Path) -> 
     assert not Path(staged_raw_path(prefix)).exists()
 
 
-@pytest.mark.parametrize("suffix", [".xz", ".zst"])
-def test_a_corrupt_xz_or_zstd_csv_is_dead_lettered_whole_and_the_other_files_read(tmp_path: Path, suffix: str) -> None:
-    """Their decompressors raise errors of their own (LZMAError, ZstdError), which were not damage: the run failed."""
+def _scan_beside_a_good_csv(tmp_path: Path, name: str, damage: Callable[[bytes], bytes]) -> tuple[ShardScan, int]:
+    """(the scan of beta's feed: a good CSV and `name`, another CSV's bytes as `damage` leaves them, its good rows)."""
     text = config_text(institutions=[("beta", "csv")], quorum=1, noise=False, seed=7)
     (tmp_path / "federation.toml").write_text(text.replace('"feeds/beta/*.csv"', '"feeds/beta/*.csv*"'))
     folder = tmp_path / "feeds" / "beta"
     good = readings("beta", entities=2, rng=np.random.default_rng(1))
     write_feed(good, folder / "good.csv", "csv")
     write_feed(readings("beta-bad", entities=2, rng=np.random.default_rng(2)), folder / "bad.csv", "csv")
-    raw = (folder / "bad.csv").read_bytes()
-    packed = lzma.compress(raw) if suffix == ".xz" else zstandard.ZstdCompressor().compress(raw)
+    (folder / name).write_bytes(damage((folder / "bad.csv").read_bytes()))
     (folder / "bad.csv").unlink()
-    middle = len(packed) // 2
-    (folder / f"bad.csv{suffix}").write_bytes(packed[:middle] + bytes(b ^ 0xFF for b in packed[middle:middle + 64])
-                                              + packed[middle + 64:])
     plan = plan_release(load_config(tmp_path / "federation.toml"), START, END)
-    scan = FeedScanner(plan, plan.config.institution("beta")).scan(0, 1)
-    assert scan.unreadable == {str(folder / f"bad.csv{suffix}")}
-    assert scan.table(FeedScanner(plan, plan.config.institution("beta")).schema).num_rows == good.num_rows
+    scanner = FeedScanner(plan, plan.config.institution("beta"))
+    scan = scanner.scan(0, 1)
+    assert scan.table(scanner.schema).num_rows == good.num_rows
+    return scan, good.num_rows
+
+
+@pytest.mark.parametrize("suffix", [".xz", ".zst"])
+def test_a_corrupt_xz_or_zstd_csv_is_dead_lettered_whole_and_the_other_files_read(tmp_path: Path, suffix: str) -> None:
+    """Their decompressors raise errors of their own (LZMAError, ZstdError), which were not damage: the run failed."""
+
+    def corrupt(raw: bytes) -> bytes:
+        packed = lzma.compress(raw) if suffix == ".xz" else zstandard.ZstdCompressor().compress(raw)
+        middle = len(packed) // 2
+        return packed[:middle] + bytes(b ^ 0xFF for b in packed[middle : middle + 64]) + packed[middle + 64 :]
+
+    scan, _ = _scan_beside_a_good_csv(tmp_path, f"bad.csv{suffix}", corrupt)
+    assert scan.unreadable == {str(tmp_path / "feeds" / "beta" / f"bad.csv{suffix}")}
 
 
 def test_a_truncated_gzip_csv_is_dead_lettered_whole_and_the_other_files_read(tmp_path: Path) -> None:
     """Its lines up to the cut used to be accepted, the one cut short with a wrong value."""
-    text = config_text(institutions=[("beta", "csv")], quorum=1, noise=False, seed=7)
-    (tmp_path / "federation.toml").write_text(text.replace('"feeds/beta/*.csv"', '"feeds/beta/*.csv*"'))
-    folder = tmp_path / "feeds" / "beta"
-    good = readings("beta", entities=2, rng=np.random.default_rng(1))
-    write_feed(good, folder / "good.csv", "csv")
-    write_feed(readings("beta-cut", entities=2, rng=np.random.default_rng(2)), folder / "cut.csv", "csv")
-    packed = gzip.compress((folder / "cut.csv").read_bytes())
-    (folder / "cut.csv").unlink()
-    (folder / "cut.csv.gz").write_bytes(packed[: len(packed) - 40])
-    plan = plan_release(load_config(tmp_path / "federation.toml"), START, END)
-    scan = FeedScanner(plan, plan.config.institution("beta")).scan(0, 1)
-    assert scan.unreadable == {str(folder / "cut.csv.gz")}
-    assert scan.table(FeedScanner(plan, plan.config.institution("beta")).schema).num_rows == good.num_rows
-    assert scan.rows_read == good.num_rows + 1 and scan.rejected == Counter(malformed_record=1)
+    scan, good = _scan_beside_a_good_csv(tmp_path, "cut.csv.gz", lambda raw: gzip.compress(raw)[:-40])
+    assert scan.unreadable == {str(tmp_path / "feeds" / "beta" / "cut.csv.gz")}
+    assert scan.rows_read == good + 1 and scan.rejected == Counter(malformed_record=1)
     [(_, letters)] = scan.dead_letters
     assert "truncated" in letters.column("_text")[0].as_py()
