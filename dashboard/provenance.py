@@ -21,7 +21,7 @@ from fusion.errors import FusionError
 #: Audit events per page.
 PAGE_EVENTS = 200
 #: Statuses that mean a release is what was published (fusion.store.verification.GOOD).
-GOOD = ("verified", "legacy")
+GOOD = ("verified", "legacy", "superseded")
 
 
 class ReleaseCheck(BaseModel):
@@ -162,7 +162,7 @@ def verify_job(config: Config) -> tuple[str, tuple[str, ...], Callable[[Snapshot
     """The verify report as Snapshot.recent computes it: once per version of the tables it reads and of the
     registry (it reads every release's rows: seconds on a large store)."""
     # Every table verify reads: an edit of any of them must not leave a cached verdict standing.
-    return f"verify {_registry_stamp(config)}", ("releases", "audit", "budget", "rejects"), _verify
+    return f"verify {_registry_stamp(config)}", ("releases", "audit", "budget", "rejects", "models"), _verify
 
 
 def _verify(shot: Snapshot) -> Verified:
@@ -173,7 +173,7 @@ def _verify(shot: Snapshot) -> Verified:
         return str(exc), []
     published = {row["release_id"]: row for row in shot.rows(
         'SELECT release_id, min("at") AS "at", any_value(content_sha256) AS sha FROM audit '
-        "WHERE action = 'release' GROUP BY release_id")}
+        "WHERE action IN ('release', 'training_round') GROUP BY release_id")}
     checks = [
         ReleaseCheck(release_id=c.release_id, sequence=c.sequence, rows=c.rows, status=c.status, reason=c.reason,
                      released_at=published.get(c.release_id, {}).get("at"),

@@ -234,7 +234,7 @@ def _open_aggregate(plan: ReleasePlan, store: Store, released: set[str]) -> _Ope
             f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}"
         )
     _check_noise_variance(plan, header)
-    signing_key = _registered_signing_key(plan)  # before anything is charged: nothing unsigned is published
+    signing_key = registered_signing_key(plan.config)  # before anything is charged: nothing unsigned is published
     return _Opened(plan, data, header, ciphertexts, signing_key)
 
 
@@ -371,14 +371,14 @@ def publish_releases(prepared: Sequence[PreparedRelease], store: Store) -> list[
     ]
 
 
-def _registered_signing_key(plan: ReleasePlan) -> bytes:
-    """The key holder's release-signing key, refused unless it is the one the registry names (a key recreated
-    by hand would publish releases nobody can verify)."""
-    key = load_key_holder_signing_key(plan.config)
-    registered = load_key_holder_public_keys(plan.config)
+def registered_signing_key(config: Config) -> bytes:
+    """The key holder's release-signing key (releases and training rounds), refused unless it is the one the
+    registry names (a key recreated by hand would publish releases nobody can verify)."""
+    key = load_key_holder_signing_key(config)
+    registered = load_key_holder_public_keys(config)
     if not registered or public_key(key) != registered[0]:
         raise FusionError(
-            f"the key holder's release-signing key is not the one registered in {plan.config.registry_path}; "
+            f"the key holder's release-signing key is not the one registered in {config.registry_path}; "
             "register it (`fusion keys --release-signing --overwrite` creates and registers a new one)"
         )
     return key

@@ -22,9 +22,10 @@ from fusion.config.training import ModelConfig
 from fusion.errors import FusionError
 from fusion.release.exchange import contribution_path, exists, read_bytes
 from fusion.release.plan import ReleasePlan
+from fusion.runtime.faults import crash_point
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetLedger
-from pipelines.release import charge_record
+from pipelines.release import charge_record, registered_signing_key
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import secure_generator, seeded_generator
 from training.accounting import TrainingBudget
@@ -32,11 +33,11 @@ from training.exchange_round import aggregate, answer, decrypt, open_round, roun
 from training.planning import feature_width
 from training.run import (
     LedgerTerms,
-    audit_rows,
+    RoundCharge,
     charged_release_ids,
+    commit_round,
     institution_rows,
     last_committed,
-    model_row,
     next_round_id,
     settings_for,
     terms_for,
@@ -153,7 +154,8 @@ def release_round(config: Config, model: ModelConfig, store: Store) -> RoundReco
     (its audit rows first, then its `models` row)."""
     current = current_round(config, model, store)
     plan, terms, budget = current.plan, current.terms, current.budget
-    spent: list[float] = []
+    signing_key = registered_signing_key(config)  # before the round is charged: every round is signed
+    spent: list[RoundCharge] = []
 
     def pay(aggregate_sha256: str) -> None:
         # Against the key holder's own record of the period, as a release is: a round shares the period's cap.
@@ -161,7 +163,8 @@ def release_round(config: Config, model: ModelConfig, store: Store) -> RoundReco
             period=terms.period, release_id=current.round_id.release_id, aggregate_sha256=aggregate_sha256,
             charge=terms.charge(budget), cap=terms.cap, delta=terms.delta,
         )  # fmt: skip
-        spent.append(spend.epsilon_after)
+        spent.append(RoundCharge(aggregate_sha256, spend.epsilon_after))
+        crash_point("round_after_charge")
 
     header, total, digest = decrypt(plan, pay)
     envelopes = {}
@@ -174,9 +177,10 @@ def release_round(config: Config, model: ModelConfig, store: Store) -> RoundReco
         envelope_digests=envelopes, aggregate_digest=digest, bytes_per_contributor=0, refused=tuple(header.refused),
     )  # fmt: skip
     record = current.progress().step(current.settings, budget, current.round_id.round, summed)
-    release_id = current.round_id.release_id
-    store.insert_new("audit", audit_rows(current.settings, record, release_id, terms, spent[0] if spent else None))
-    store.insert_new("models", model_row(current.settings, budget.variance, record, release_id))
+    commit_round(
+        store, current.settings, record, current.round_id, terms=terms, budget=budget, charged=spent[0],
+        signing_key=signing_key,
+    )  # fmt: skip
     return record
 
 

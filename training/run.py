@@ -31,9 +31,12 @@ from fusion.keys.registry import (
     load_signing_key,
 )
 from fusion.release.plan import Period, parse_time, period_of
+from fusion.runtime.faults import crash_point
 from fusion.store.charge_record import ChargeRecord
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetLedger
+from fusion.store.provenance import SIGNATURE_FIELD, sign_round
+from fusion.store.signed_budget import budget_claim
 from privacy.accountant import Composition, ReleaseCharge
 from schemas.tables import AUDIT_SCHEMA, MODELS_SCHEMA
 from training.accounting import TrainingBudget
@@ -160,11 +163,67 @@ def next_round_id(settings: TrainingSettings, number: int, charged: set[str]) ->
     return RoundId(settings.model_id, number, settings.digest(), attempt)
 
 
+def superseded(round_id: RoundId) -> list[str]:
+    """The ids of the earlier attempts at `round_id`'s round (each charged, then lost in a crash)."""
+    return [
+        RoundId(round_id.model_id, round_id.round, round_id.parameters_digest, attempt).release_id
+        for attempt in range(round_id.attempt)
+    ]
+
+
+@dataclass(frozen=True)
+class RoundCharge:
+    """What the ledger charged for a round: the aggregate it bound the charge to, and the period's spend after."""
+
+    aggregate_sha256: str
+    epsilon_after: float
+
+
+def commit_round(
+    store: Store,
+    settings: TrainingSettings,
+    record: RoundRecord,
+    round_id: RoundId,
+    *,
+    terms: LedgerTerms,
+    budget: TrainingBudget,
+    charged: RoundCharge,
+    signing_key: bytes | None,
+) -> None:
+    """Commit a charged round: its audit rows first, holding the key holder's signature (`sign_round`: the
+    round's `models` row, its budget claim and the attempts it supersedes), then its `models` row, the row
+    signed. `signing_key` None: unsigned (a store nobody verifies, as the benches'); `fusion verify` reads an
+    unsigned round as tampered."""
+    row = model_row(settings, budget.variance, record, round_id.release_id)
+    signature = None
+    if signing_key is not None:
+        claim = budget_claim(
+            period=terms.period, charge=terms.charge(budget), cap=terms.cap, delta=terms.delta,
+            epsilon_after=charged.epsilon_after, charged_for=charged.aggregate_sha256,
+        )  # fmt: skip
+        signature = sign_round(
+            row, release_id=round_id.release_id, aggregate_sha256=record.sum.aggregate_digest,
+            signing_key=signing_key, budget=claim, supersedes=superseded(round_id),
+        ).to_doc()  # fmt: skip
+    # Audit first, the model last (both keyed): a crash in between leaves the round uncommitted, and the run's
+    # next attempt at it (charged anew) supersedes this one.
+    store.insert_new(
+        "audit", audit_rows(settings, record, round_id.release_id, terms, charged.epsilon_after, signature)
+    )
+    crash_point("round_after_audit")
+    store.insert_new("models", row)
+
+
 def audit_rows(
-    settings: TrainingSettings, record: RoundRecord, release_id: str, terms: LedgerTerms, period_epsilon: float | None
+    settings: TrainingSettings,
+    record: RoundRecord,
+    release_id: str,
+    terms: LedgerTerms,
+    period_epsilon: float | None,
+    signature: dict[str, object] | None = None,
 ) -> pa.Table:
     """The round's `audit` rows, as a release's: the envelopes the aggregator refused, then the round itself
-    (action `training_round`, by the key holder, with the aggregate's hash and what it cost)."""
+    (action `training_round`, by the key holder, with the aggregate's hash, what it cost and its signature)."""
     now = datetime.now(UTC)
 
     def row(event: str, action: str, role: str, reason: str | None, content: str | None, detail: object) -> dict:
@@ -203,6 +262,7 @@ def audit_rows(
                 "delta": settings.delta,
                 "period": terms.period.name,
                 "period_epsilon_spent": period_epsilon,
+                **({SIGNATURE_FIELD: signature} if signature is not None else {}),
             },
         )
     )
@@ -222,17 +282,18 @@ def train_into_store(
     present: Callable[[int], set[str]] | None = None,
     progress: Callable[[RoundRecord], None] | None = None,
     record: ChargeRecord | None = None,
+    signing_key: bytes | None = None,
 ) -> RoundRecord | None:
     """Run (or resume) the rounds not yet committed; returns the last round (None: nothing was left to run).
     `record`: the key holder's own record of what it charged (pipelines.release.charge_record), which a round's
-    charge is checked against as a release's is."""
+    charge is checked against as a release's is. `signing_key`: the key holder's registered release-signing key,
+    which signs each round as it is committed (`commit_round`)."""
     start = last_committed(store, settings)
     if start is not None and start.round >= settings.rounds:
         return start
     ledger = BudgetLedger(store, record=record)
     charged = charged_release_ids(store)
-    variance: list[float] = []
-    spends: dict[int, float] = {}  # round -> the period's epsilon after its charge
+    paid: dict[int, tuple[TrainingBudget, RoundCharge]] = {}  # round -> what it was charged, and for what
     names: dict[int, RoundId] = {}
 
     def round_id(number: int) -> RoundId:
@@ -241,7 +302,6 @@ def train_into_store(
         return names[number]
 
     def pay(round_id: RoundId, budget: TrainingBudget, aggregate_sha256: str) -> None:
-        variance[:] = [budget.variance]
         spent = ledger.spend(
             period=terms.period,
             release_id=round_id.release_id,
@@ -250,13 +310,15 @@ def train_into_store(
             cap=terms.cap,
             delta=terms.delta,
         )
-        spends[round_id.round] = spent.epsilon_after
+        paid[round_id.round] = (budget, RoundCharge(aggregate_sha256, spent.epsilon_after))
+        crash_point("round_after_charge")
 
     def commit(record: RoundRecord) -> None:
-        release_id = names[record.round].release_id
-        # Audit first, the model last (both keyed): a re-run after a crash in between completes the round.
-        store.insert_new("audit", audit_rows(settings, record, release_id, terms, spends.get(record.round)))
-        store.insert_new("models", model_row(settings, variance[0], record, release_id))
+        budget, charge = paid[record.round]
+        commit_round(
+            store, settings, record, names[record.round], terms=terms, budget=budget, charged=charge,
+            signing_key=signing_key,
+        )  # fmt: skip
         if progress is not None:
             progress(record)
 

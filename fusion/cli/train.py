@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.role is not None:
         return _cmd_role(args)
     from fusion.store.delta import Store
-    from pipelines.release import charge_record
+    from pipelines.release import charge_record, registered_signing_key
     from privacy.skellam import secure_generator, seeded_generator
     from training.exchange_round import ExchangeFederation
     from training.feed_rows import check_feed_model, feature_count, feed_rows
@@ -136,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if args.plan or remaining == 0:
         return 0
+    signing_key = registered_signing_key(config)  # before any round is charged: every round is signed
     seed = config.privacy.seed
     generators = {
         i.id: secure_generator() if seed is None else seeded_generator(seed ^ (k + 1) * 0x9E3779B1)
@@ -164,5 +165,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         held_out=held_out,
         progress=progress,
         record=record,
+        signing_key=signing_key,
     )
     return 0

@@ -30,9 +30,14 @@ STEPS = (
 STREAM_STEPS = ("stream_after_spool", "stream_after_close", "broker_after_journal")  # the last: before the ack
 
 
+#: Steps of a training round (`fusion train`, `fusion train --role key_holder`): charged but nothing committed; its
+#: signed audit row committed but not its `models` row.
+TRAINING_STEPS = ("round_after_charge", "round_after_audit")
+
+
 def crash_point(step: str) -> None:
     """End the process at once (no cleanup, like a kill) if the environment asks for a crash at `step`."""
-    if step not in STEPS + STREAM_STEPS:
+    if step not in STEPS + STREAM_STEPS + TRAINING_STEPS:
         raise ValueError(f"unknown crash point '{step}'")
     if os.environ.get(CRASH_ENV) == step:
         os._exit(CRASH_EXIT_CODE)

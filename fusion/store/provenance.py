@@ -53,6 +53,11 @@ DIGEST_VERSION = "fusion/release-rows/v1"
 _MESSAGE = b"fusion/release/v1\n"
 #: Signatures that also cover the release's budget claim (fusion/store/signed_budget.py).
 _MESSAGE_V2 = b"fusion/release/v2\n"
+#: A training round's signature: its row in `models` (`record_digest`), its budget claim and the earlier attempts
+#: at the same round it supersedes (charged, then lost in a crash before they were committed).
+_MESSAGE_ROUND = b"fusion/training-round/v1\n"
+#: The table a training round's signed row is in.
+ROUNDS_TABLE = "models"
 #: A release's rows are its cells: one per metric, region and window.
 CELL_ORDER = ("metric", "region", "window_start")
 #: A release's `rejects` rows: one per institution and reason.
@@ -166,11 +171,19 @@ class ReleaseSignature:
     budget: dict[str, Any] | None = None
     # From v2 on: the release's `rejects` rows, {"rows": count, "sha256": rejects_digest} (None: not covered).
     rejects: dict[str, Any] | None = None
+    # Where its rows are: `releases`, or `models` for a training round (`sign_round`: rows digested by
+    # `record_digest`, and the ids of the attempts at the same round that it supersedes).
+    table: str = "releases"
+    supersedes: tuple[str, ...] = ()
 
     @property
     def version(self) -> int:
         """The signed message's format: 1 (neither a budget claim nor rejects), 2."""
         return 1 if self.budget is None and self.rejects is None else 2
+
+    @property
+    def is_round(self) -> bool:
+        return self.table == ROUNDS_TABLE
 
     def _signed(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -187,10 +200,13 @@ class ReleaseSignature:
             doc["budget"] = self.budget
         if self.rejects is not None:
             doc["rejects"] = self.rejects
+        if self.is_round:
+            doc["table"] = self.table
+            doc["supersedes"] = list(self.supersedes)
         return doc
 
     def message(self) -> bytes:
-        prefix = _MESSAGE if self.version == 1 else _MESSAGE_V2
+        prefix = _MESSAGE_ROUND if self.is_round else _MESSAGE if self.version == 1 else _MESSAGE_V2
         return prefix + json.dumps(self._signed(), sort_keys=True, separators=(",", ":")).encode()
 
     def to_doc(self) -> dict[str, Any]:
@@ -223,6 +239,11 @@ class ReleaseSignature:
             count, digest = rejects["rows"], rejects["sha256"]
             if isinstance(count, bool) or not isinstance(count, int) or count < 0 or not isinstance(digest, str):
                 raise TypeError("rejects must hold a row count and a digest")
+        table, supersedes = doc.get("table", "releases"), doc.get("supersedes", [])
+        if table not in ("releases", ROUNDS_TABLE):
+            raise TypeError("table must be releases or models")
+        if not isinstance(supersedes, list) or not all(isinstance(s, str) for s in supersedes):
+            raise TypeError("supersedes must be a list of release ids")
         return cls(
             release_id=doc["release_id"],
             aggregate_sha256=doc["aggregate_sha256"],
@@ -234,6 +255,8 @@ class ReleaseSignature:
             previous=None if sequence is None else tuple(previous),  # type: ignore[arg-type]
             budget=budget,
             rejects=rejects,
+            table=table,
+            supersedes=tuple(supersedes),
         )
 
 
@@ -269,6 +292,41 @@ def sign_release(
         previous=None if link is None else link.previous,
         budget=budget,
         rejects=None if rejects is None else {"rows": rejects.num_rows, "sha256": rejects_digest(rejects)},
+    )
+    return replace(unsigned, signature=sign(signing_key, unsigned.message()).hex())
+
+
+def record_digest(rows: pa.Table, columns: Sequence[str]) -> str:
+    """SHA-256 of a few rows (a training round's row in `models`, lists of parameters included) over `columns`,
+    in the rows' order: each row's values as Arrow gives them to Python, in canonical JSON (floats by their
+    shortest exact repr, times in ISO form with their offset)."""
+    values = rows.select(list(columns)).to_pylist()
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str, allow_nan=True)
+    return hashlib.sha256(f"fusion/record-rows/v1|{json.dumps(list(columns))}|{text}".encode()).hexdigest()
+
+
+def sign_round(
+    row: pa.Table,
+    *,
+    release_id: str,
+    aggregate_sha256: str,
+    signing_key: bytes,
+    budget: dict[str, Any],
+    supersedes: Sequence[str] = (),
+) -> ReleaseSignature:
+    """The key holder's signature on a training round: its row in `models` (all of `row`'s columns), the aggregate
+    it decrypted, its budget claim, and the earlier attempts at the same round that it supersedes. Rounds are not
+    chained (a round lost in a crash is drawn again under another id, which would leave a gap): a round removed
+    whole is found through its charge in the ledger, unless a later attempt supersedes it."""
+    unsigned = ReleaseSignature(
+        release_id=release_id,
+        aggregate_sha256=aggregate_sha256,
+        rows=row.num_rows,
+        rows_sha256=record_digest(row, row.column_names),
+        columns=tuple(row.column_names),
+        budget=budget,
+        table=ROUNDS_TABLE,
+        supersedes=tuple(supersedes),
     )
     return replace(unsigned, signature=sign(signing_key, unsigned.message()).hex())
 

@@ -1,6 +1,7 @@
-"""Checking the store's releases against the key holder's registered signatures (fusion/store/provenance.py says
-what a signature covers and how releases chain): each release is verified, legacy, tampered, missing or, in a
-production store, a violation; a release removed whole is named by a later signature or by its sequence number."""
+"""Checking the store's releases and training rounds against the key holder's registered signatures
+(fusion/store/provenance.py says what a signature covers and how releases chain): each release is verified, legacy,
+tampered, missing or, in a production store, a violation; a release removed whole is named by a later signature or
+by its sequence number; a training round is verified, tampered, missing or superseded."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from fusion.config.federation import PrivacyMode
@@ -19,9 +21,11 @@ from fusion.store.provenance import (
     CELL_ORDER,
     REJECT_COLUMNS,
     REJECT_ORDER,
+    ROUNDS_TABLE,
     SIGNATURE_FIELD,
     ReleaseSignature,
     _Canonical,
+    record_digest,
 )
 from fusion.store.signed_budget import BudgetClaim, PeriodFinding, budget_checks, parse_budget_claim
 from privacy.signing import verify
@@ -31,7 +35,8 @@ from privacy.signing import verify
 class ReleaseCheck:
     release_id: str
     rows: int  # rows in `releases` now
-    status: str  # "verified" | "legacy" | "tampered" | "missing" | "violation" | "overspent" | "ledger"
+    # "verified" | "legacy" | "superseded" | "tampered" | "missing" | "violation" | "overspent" | "ledger"
+    status: str
     reason: str
     sequence: int | None = None  # its place in the chain of signed releases (None: signed before the chain)
 
@@ -39,8 +44,12 @@ class ReleaseCheck:
 #: How `verify_releases` names a release audit row without a release id (Fusion writes none such).
 NO_RELEASE_ID = "(no release id)"
 
-#: Statuses that mean the release is what was published.
-GOOD = ("verified", "legacy")
+#: Statuses that mean the release is what was published ("superseded": a training round's attempt charged, lost in a
+#: crash before it was committed, and named by the signed attempt that replaced it).
+GOOD = ("verified", "legacy", "superseded")
+
+#: How training rounds' ids begin (training/secure_sum.py RoundId; releases' begin with "r-").
+ROUND_PREFIX = "t-"
 
 
 def verify_releases(
@@ -58,7 +67,9 @@ def verify_releases(
     it; or the release was removed). A release removed whole is `missing` too, found through the chain of
     signatures; `seen`: the highest sequence number the caller saw before, so the newest releases are covered.
     In a production store (fusion/store/mode.py) a release holding test-mode cells (noise off or seeded, epsilon
-    inf, charged nothing to the budget) is a `violation`, however well signed."""
+    inf, charged nothing to the budget) is a `violation`, however well signed. Training rounds (ids "t-...") are
+    checked the same way against their rows in `models` (`_verify_rounds`), and their signed budget claims
+    recompose each period with the releases'."""
     releases = store.read("releases")
     releases = releases.sort_by([("release_id", "ascending"), *((c, "ascending") for c in CELL_ORDER)])
     canonical = _Canonical(releases)
@@ -66,14 +77,15 @@ def verify_releases(
     rejects = store.read("rejects").sort_by([("release_id", "ascending"), *((c, "ascending") for c in REJECT_ORDER)])
     rejects_canonical, rejects_bounds = _Canonical(rejects), _runs(rejects)
     audit = store.read("audit")
-    audit = audit.filter(pc.equal(audit.column("action"), "release"))
-    records: dict[str, list[dict[str, Any]]] = {}
-    for row in audit.select(["event_id", "release_id", "detail", "content_sha256"]).to_pylist():
-        records.setdefault(row["release_id"] or NO_RELEASE_ID, []).append(row)  # a NULL id: no record Fusion wrote
+    records = _records(audit, "release")
+    round_records = _records(audit, "training_round")
     budget = store.read("budget")
     charged = {r for ids_ in budget.column("release_ids").to_pylist() for r in ids_ or () if r}
-    known = set(bounds) | set(records) | charged
+    rounds_charged = {r for r in charged if r.startswith(ROUND_PREFIX)}
+    known = set(bounds) | set(records) | (charged - rounds_charged)
     checks, claims, periods = [], {}, {}
+    round_checks, round_claims = _verify_rounds(store, round_records, rounds_charged, public_keys)
+    periods.update({c.release_id: c for c in round_claims if c.budget is not None})
     for rid in sorted(known):
         start, end = bounds.get(rid, (0, 0))
 
@@ -100,10 +112,11 @@ def verify_releases(
             else c
             for c in checks
         ]
+    checks += round_checks
     findings, period_of = _budget_findings(periods, budget.to_pylist() if periods else [])
     checks += [ReleaseCheck(f"(period {f.period})", 0, f.status, f.reason) for f in findings]
     tampered = any(c.status == "tampered" for c in checks)
-    gaps = _chain_gaps(claims, known | unsigned, seen, tampered=tampered) + [
+    gaps = _chain_gaps(claims, known | {c.release_id for c in round_checks} | unsigned, seen, tampered=tampered) + [
         ReleaseCheck(rid, 0, "missing", "registered as published before the key holder had a signing key, but "
                      "its rows and audit record are gone")
         for rid in sorted(unsigned - known)
@@ -116,6 +129,112 @@ def verify_releases(
     if release_id in period_of:  # what is wrong with its period's budget
         own += [c for c in checks if c.release_id == f"(period {period_of[release_id]})"]
     return own + ([g for g in gaps if g.release_id.startswith("(")] if seen else [])
+
+
+def _records(audit: Any, action: str) -> dict[str, list[dict[str, Any]]]:
+    """Release (or round) id -> the `audit` rows of `action` that name it (NO_RELEASE_ID: rows without an id,
+    which Fusion never writes)."""
+    rows = audit.filter(pc.equal(audit.column("action"), action))
+    records: dict[str, list[dict[str, Any]]] = {}
+    for row in rows.select(["event_id", "release_id", "detail", "content_sha256"]).to_pylist():
+        records.setdefault(row["release_id"] or NO_RELEASE_ID, []).append(row)
+    return records
+
+
+def _verify_rounds(
+    store: Store, records: dict[str, list[dict[str, Any]]], charged: set[str], public_keys: Sequence[bytes]
+) -> tuple[list[ReleaseCheck], list[ReleaseSignature]]:
+    """(a check per training round, the authentic signatures among them): each round's `models` row against the
+    signature in its `training_round` audit row (training/run.py commit_round); an attempt charged but never
+    committed is `superseded` once a signed later attempt at the same round names it, `missing` until then."""
+    models = store.read(ROUNDS_TABLE)
+    ids = models.column("release_id").to_pylist()
+    rows_of: dict[str, list[int]] = {}
+    for index, rid in enumerate(ids):
+        rows_of.setdefault(rid or NO_RELEASE_ID, []).append(index)
+    checks, claims = [], []
+    successors: dict[str, str] = {}  # an attempt -> the signed attempt at the same round that supersedes it
+    for rid in sorted(set(records) | set(rows_of) | charged):
+        rows = models.take(pa.array(rows_of.get(rid, []), pa.int64()))
+        status, reason, claim = _check_round(rid, rows, records.get(rid, []), public_keys, rid in charged)
+        checks.append(ReleaseCheck(rid, rows.num_rows, status, reason))
+        if claim is not None:
+            claims.append(claim)
+            if status == "verified":
+                successors.update(dict.fromkeys(claim.supersedes, rid))
+    checks = [
+        replace(c, status="superseded", reason=f"charged, then lost in a crash before it was committed; "
+                f"the round's signed attempt {successors[c.release_id]} replaces it")
+        if c.status == "missing" and c.release_id in successors
+        else c
+        for c in checks
+    ]  # fmt: skip
+    return checks, claims
+
+
+def _check_round(
+    release_id: str, rows: Any, records: list[dict[str, Any]], public_keys: Sequence[bytes], charged: bool
+) -> tuple[str, str, ReleaseSignature | None]:
+    """(status, reason, the signature once it is authentic) of one training round."""
+    own = [r for r in records if r["event_id"] == f"{release_id}:trained"]
+    if len(records) > len(own):
+        return "tampered", "an audit record of its training round that Fusion did not write", None
+    if not own:
+        if rows.num_rows == 0:
+            if charged:
+                return "missing", (
+                    "a training round charged to the budget but never committed: a run that crashed after the "
+                    "charge (resume it: its next attempt at the round supersedes this one), or the round's row and "
+                    "audit record were removed"
+                ), None
+            return "missing", "no such training round", None
+        return "tampered", "no audit record of its training round (removed, or a `models` row added without one)", None
+    claim, fault = _signature(own[0], release_id)
+    if claim is None:
+        return "tampered", fault, None
+    if not claim.is_round:
+        return "tampered", "its signature is not a training round's", None
+    if not _authentic(claim, public_keys):
+        return "tampered", "the signature was not made by the registered key holder", None
+    if own[0]["content_sha256"] != claim.aggregate_sha256:
+        return "tampered", "the audit record names another aggregate envelope than the one signed", claim
+    if rows.num_rows == 0:
+        return "missing", (
+            "signed but its `models` row is not committed: a run that crashed (resume it: its next attempt at the "
+            "round supersedes this one), or its row was removed"
+        ), claim
+    if rows.num_rows != claim.rows:
+        return "tampered", f"{rows.num_rows} rows in `models`, {claim.rows} signed", claim
+    missing = [c for c in claim.columns if c not in rows.column_names]
+    if missing:
+        return "tampered", f"signed columns missing from `models`: {missing}", claim
+    if record_digest(rows, claim.columns) != claim.rows_sha256:
+        return "tampered", "its row in `models` differs from the row signed", claim
+    return "verified", "", claim
+
+
+def _signature(record: dict[str, Any], release_id: str) -> tuple[ReleaseSignature | None, str]:
+    """(the signature an audit record holds, or None and why it holds no usable one)."""
+    try:
+        doc = json.loads(record["detail"] or "{}")
+        if not isinstance(doc, dict) or SIGNATURE_FIELD not in doc:
+            return None, "its audit record holds no signature (removed, or written before Fusion signed it)"
+        claim = ReleaseSignature.from_doc(doc[SIGNATURE_FIELD])
+    except RecursionError:
+        return None, "the signature record is unreadable: nested too deeply"
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, f"the signature record is unreadable: {exc}"
+    if claim.release_id != release_id:
+        return None, f"the signature is for {claim.release_id}"
+    return claim, ""
+
+
+def _authentic(claim: ReleaseSignature, public_keys: Sequence[bytes]) -> bool:
+    try:
+        signature = bytes.fromhex(claim.signature)
+    except ValueError:
+        return False
+    return any(verify(key, claim.message(), signature) for key in public_keys)
 
 
 def _runs(table: Any) -> dict[str, tuple[int, int]]:
@@ -235,6 +354,8 @@ def _check(
         return "tampered", f"the signature record is unreadable: {exc}", None
     if claim.release_id != release_id:
         return "tampered", f"the signature is for release {claim.release_id}", None
+    if claim.is_round:
+        return "tampered", "its signature is a training round's", None
     if not any(verify(key, claim.message(), signature) for key in public_keys):
         return "tampered", "the signature was not made by the registered key holder", None
     if record["content_sha256"] != claim.aggregate_sha256:

@@ -52,6 +52,9 @@ def test_a_round_runs_role_by_role_with_a_dropped_institution(
     assert main(["train", "--config", str(fed.config_path), "--model", "tiny"]) == 0
     assert "round 2/2: 3 contributors" in capsys.readouterr().out
     assert sorted(store.read("models").column("round").to_pylist()) == [1, 2]
+    # The key holder signed the round it committed role by role as `fusion train` signs its own.
+    assert main(["verify", "--config", str(fed.config_path)]) == 0
+    assert capsys.readouterr().out.count("verified") == 2
 
 
 def test_a_role_needs_its_options(

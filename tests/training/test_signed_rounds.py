@@ -1,0 +1,131 @@
+"""Training rounds are signed by the key holder as releases are: `fusion verify` checks each round's `models` row,
+its budget claim recomposes the period with the releases', and an attempt lost in a crash is superseded by the
+signed attempt that replaced it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from deltalake import write_deltalake
+
+from fusion.cli.core import main
+from fusion.keys.registry import load_key_holder_public_keys
+from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE
+from fusion.store.delta import Store
+from fusion.store.provenance import SIGNATURE_FIELD, ReleaseSignature
+from fusion.store.verification import GOOD, verify_releases
+from schemas.tables import AUDIT_SCHEMA, BUDGET_SCHEMA, MODELS_SCHEMA
+from tests.conftest import Federation
+from tests.training.test_cli import MODEL, _rows
+
+
+def _trained(make_federation: Callable[..., Federation], **options: object) -> Federation:
+    fed = make_federation(noise=True, entities=2, extra=MODEL, **options)
+    for k, inst in enumerate(("alpha", "beta", "gamma")):
+        _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    _rows(fed.directory / "training" / "held_out.parquet", 9)
+    return fed
+
+
+def _overwrite(store: Store, name: str, table: pa.Table, schema: pa.Schema) -> None:
+    write_deltalake(store.table_path(name), table.select(schema.names).cast(schema), mode="overwrite")
+
+
+def _statuses(fed: Federation) -> dict[str, tuple[str, str]]:
+    checks = verify_releases(Store(fed.config.store_path), load_key_holder_public_keys(fed.config))
+    return {c.release_id: (c.status, c.reason) for c in checks}
+
+
+def test_verify_checks_every_round_and_finds_each_change(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = _trained(make_federation)
+    assert main(["train", "--config", str(fed.config_path), "--model", "tiny"]) == 0
+    assert main(["verify", "--config", str(fed.config_path)]) == 0  # it said "missing" of every round before
+    assert capsys.readouterr().out.count("verified") == 2
+    store = Store(fed.config.store_path)
+    models, audit, budget = store.read("models"), store.read("audit"), store.read("budget")
+    first, second = sorted(models.column("release_id").to_pylist())
+    trained = [a for a in audit.to_pylist() if a["action"] == "training_round"]
+    claim = ReleaseSignature.from_doc(json.loads(trained[0]["detail"])[SIGNATURE_FIELD])
+    assert claim.is_round and claim.budget is not None and claim.budget["period"] == budget.to_pylist()[0]["period"]
+    assert _statuses(fed) == {first: ("verified", ""), second: ("verified", "")}
+
+    # One parameter of a committed round changed.
+    rows = models.to_pylist()
+    rows[0]["parameters"] = [rows[0]["parameters"][0] + 1e-3, *rows[0]["parameters"][1:]]
+    _overwrite(store, "models", pa.Table.from_pylist(rows, schema=MODELS_SCHEMA), MODELS_SCHEMA)
+    status, reason = _statuses(fed)[rows[0]["release_id"]]
+    assert status == "tampered" and "differs from the row signed" in reason
+    _overwrite(store, "models", models, MODELS_SCHEMA)
+
+    # A round's signature taken out of its audit record.
+    edited = audit.to_pylist()
+    for a in edited:
+        if a["action"] == "training_round" and a["release_id"] == first:
+            detail = json.loads(a["detail"])
+            del detail[SIGNATURE_FIELD]
+            a["detail"] = json.dumps(detail)
+    _overwrite(store, "audit", pa.Table.from_pylist(edited, schema=AUDIT_SCHEMA), AUDIT_SCHEMA)
+    assert _statuses(fed)[first][0] == "tampered"
+
+    # A round removed whole (its row and audit record): its charge in the ledger still names it.
+    _overwrite(store, "audit", audit.filter(pc.not_equal(audit.column("release_id"), first)), AUDIT_SCHEMA)
+    _overwrite(store, "models", models.filter(pc.not_equal(models.column("release_id"), first)), MODELS_SCHEMA)
+    status, reason = _statuses(fed)[first]
+    assert status == "missing" and "never committed" in reason
+    _overwrite(store, "audit", audit, AUDIT_SCHEMA)
+    _overwrite(store, "models", models, MODELS_SCHEMA)
+    assert all(status in GOOD for status, _ in _statuses(fed).values())
+
+    # The period's budget row rolled back: the signed rounds alone recompose what it spent.
+    row = budget.to_pylist()[0]
+    rolled = {**row, "epsilon_spent": 0.0}
+    _overwrite(store, "budget", pa.Table.from_pylist([rolled], schema=BUDGET_SCHEMA), BUDGET_SCHEMA)
+    status, reason = _statuses(fed)[f"(period {row['period']})"]
+    assert status == "ledger" and "less than its signed releases show" in reason
+    assert main(["verify", "--config", str(fed.config_path)]) == 1
+
+
+def _train(config: Path, crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+    if crash_at:
+        env[CRASH_ENV] = crash_at
+    return subprocess.run(
+        [sys.executable, "-m", "fusion.cli", "train", "--config", str(config), "--model", "tiny"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_attempts_lost_in_crashes_are_missing_until_a_signed_attempt_supersedes_them(
+    make_federation: Callable[..., Federation],
+) -> None:
+    fed = _trained(make_federation, extra_privacy="epsilon_cap = 4.0")  # room for the lost attempts' charges
+    lost = _train(fed.config_path, "round_after_charge")  # charged, decrypted, nothing committed
+    assert lost.returncode == CRASH_EXIT_CODE, lost.stderr
+    (charged,) = [c for c in Store(fed.config.store_path).read("budget").column("release_ids").to_pylist()[0]]
+    status, reason = _statuses(fed)[charged]
+    assert status == "missing" and "resume it" in reason
+    half = _train(fed.config_path, "round_after_audit")  # the next attempt's signed audit row, not its model row
+    assert half.returncode == CRASH_EXIT_CODE, half.stderr
+    done = _train(fed.config_path)
+    assert done.returncode == 0, done.stderr
+    statuses = _statuses(fed)
+    models = Store(fed.config.store_path).read("models").to_pylist()
+    committed = {m["release_id"] for m in models}
+    assert len(models) == 2 and {statuses[r][0] for r in committed} == {"verified"}
+    superseded = {r: reason for r, (status, reason) in statuses.items() if status == "superseded"}
+    assert charged in superseded and len(superseded) == 2  # both lost attempts at round 1
+    assert all(reason.split()[-3] in committed for reason in superseded.values())
+    budget = Store(fed.config.store_path).read("budget").to_pylist()[0]
+    assert len(budget["release_ids"]) == 4  # every attempt stays charged
+    assert main(["verify", "--config", str(fed.config_path)]) == 0
