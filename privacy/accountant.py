@@ -93,6 +93,12 @@ def calibrate_variance(*, epsilon: float, delta: float, l1: float, l2: float, re
         raise ValueError(f"need epsilon > 0 and 0 < delta < 1, got epsilon={epsilon}, delta={delta}")
     if not (math.isfinite(l1) and math.isfinite(l2) and l1 > 0 and l2 > 0):
         raise ValueError(f"sensitivities must be positive and finite, got l1={l1}, l2={l2}")
+    floor = rdp_floor(delta)
+    if epsilon <= floor:
+        raise ValueError(
+            f"no noise level reaches epsilon={epsilon} at delta={delta} by the Renyi-DP bound, whose conversion "
+            f"stops at about {floor:.3g} at this delta (its orders end at {ORDERS[-1]:.0f}): raise epsilon or delta"
+        )
     low, high = 1e-6, max(1.0, l2**2)
     while epsilon_for(variance=high, l1=l1, l2=l2, delta=delta, releases=releases) > epsilon:
         low, high = high, high * 4.0
@@ -105,6 +111,12 @@ def calibrate_variance(*, epsilon: float, delta: float, l1: float, l2: float, re
         else:
             high = middle
     return high
+
+
+def rdp_floor(delta: float) -> float:
+    """The least epsilon the RDP conversion can give at `delta`, however much noise: its value for a curve that
+    is zero at every order (about 0.0125 at delta 1e-9, 0.0035 at 1e-5)."""
+    return epsilon_from_rdp(np.full(ORDERS.size, 1e-300), delta=delta)
 
 
 #: Calibration stops when the smallest feasible variance is bracketed to this ratio (0.1%).
@@ -124,13 +136,25 @@ def calibrate_skellam_variance(*, epsilon: float, delta: float, coordinates: int
     if not (coordinates >= 1 and shift >= 1):
         raise ValueError(f"need coordinates >= 1 and shift >= 1, got {coordinates}, {shift}")
     mechanism = SkellamMechanism(1.0, coordinates, shift)
-    high = calibrate_variance(epsilon=epsilon, delta=delta, l1=mechanism.l1, l2=mechanism.l2)
-    if not resolves([mechanism], delta=delta):
-        return high
+    if not resolves([mechanism], delta=delta):  # delta too small for the PLD at any variance: RDP alone
+        return calibrate_variance(epsilon=epsilon, delta=delta, l1=mechanism.l1, l2=mechanism.l2)
 
     def reported(variance: float) -> float:
-        return pld_epsilon([SkellamMechanism(variance, coordinates, shift)], delta=delta)
+        """What the ledger will report: the PLD, or RDP where the noise is too wide for the PLD to enumerate."""
+        return skellam_epsilon([SkellamMechanism(variance, coordinates, shift)], delta=delta)
 
+    if epsilon > rdp_floor(delta):
+        high = calibrate_variance(epsilon=epsilon, delta=delta, l1=mechanism.l1, l2=mechanism.l2)
+    else:  # below what the RDP conversion reaches: a variance the PLD certifies, found by quadrupling
+        high = max(1.0, mechanism.l2**2 * 2.0 * math.log(1.25 / delta) / epsilon**2)  # the classic Gaussian's
+        while reported(high) > epsilon:
+            high *= 4.0
+            if not resolves([SkellamMechanism(high, coordinates, shift)], delta=delta):
+                raise ValueError(
+                    f"no noise level reaches epsilon={epsilon} at delta={delta}: the Renyi-DP bound stops at "
+                    f"about {rdp_floor(delta):.3g} at this delta, and the privacy-loss distribution would need "
+                    "noise wider than it enumerates (privacy.pld.MAX_SUPPORT_RADIUS); raise epsilon or delta"
+                )
     e_high = reported(high)
     if e_high > epsilon:
         raise RuntimeError(

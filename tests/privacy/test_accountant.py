@@ -29,6 +29,7 @@ from privacy.accountant import (
     epsilon_for,
     instant_groups,
     period_loss,
+    rdp_floor,
     skellam_epsilon,
     skellam_rdp,
 )
@@ -471,6 +472,35 @@ def test_noise_too_wide_to_enumerate_is_accounted_with_rdp() -> None:
     assert not resolves([wide], delta=1e-6)
     rdp = epsilon_for(variance=wide.variance, l1=wide.l1, l2=wide.l2, delta=1e-6)
     assert skellam_epsilon([wide], delta=1e-6) == rdp
+
+
+def test_noise_that_must_be_too_wide_for_the_pld_is_calibrated_by_the_rdp_bound_reported_for_it() -> None:
+    """A fine resolution and a small epsilon need noise wider than the PLD enumerates: the release is calibrated by
+    the RDP bound that the ledger then reports for it (it was refused at load, the PLD asked at variance 1)."""
+    epsilon, delta, coordinates, shift = 0.1, 1e-7, 4, 12_000
+    variance = calibrate_skellam_variance(epsilon=epsilon, delta=delta, coordinates=coordinates, shift=shift)
+    mechanism = SkellamMechanism(variance, coordinates, shift)
+    assert not resolves([mechanism], delta=delta)
+    assert skellam_epsilon([mechanism], delta=delta) <= epsilon
+    assert skellam_epsilon([SkellamMechanism(variance / 1.002, coordinates, shift)], delta=delta) > epsilon
+    rdp = calibrate_variance(epsilon=epsilon, delta=delta, l1=mechanism.l1, l2=mechanism.l2)
+    assert variance == pytest.approx(rdp, rel=2e-3)
+
+
+def test_an_epsilon_below_what_the_rdp_conversion_reaches_is_calibrated_by_the_pld() -> None:
+    """The RDP conversion cannot go below a floor at a given delta (its orders end at 1024): about 0.0125 at
+    delta 1e-9. The PLD certifies smaller epsilons; only where it too would need noise wider than it enumerates
+    is the target refused, saying what limits it."""
+    delta = 1e-9
+    assert rdp_floor(delta) == pytest.approx(0.0125, rel=1e-3)
+    variance = calibrate_skellam_variance(epsilon=0.012, delta=delta, coordinates=4, shift=1)
+    mechanism = SkellamMechanism(variance, 4, 1)
+    assert resolves([mechanism], delta=delta) and pld_epsilon([mechanism], delta=delta) <= 0.012
+    assert pld_epsilon([SkellamMechanism(variance / 1.002, 4, 1)], delta=delta) > 0.012
+    with pytest.raises(ValueError, match=r"Renyi-DP bound, whose conversion stops at about 0\.0125"):
+        calibrate_variance(epsilon=0.012, delta=delta, l1=mechanism.l1, l2=mechanism.l2)
+    with pytest.raises(ValueError, match="noise wider than it enumerates"):
+        calibrate_skellam_variance(epsilon=0.001, delta=delta, coordinates=4, shift=12_000)
 
 
 # --- the sensitivity's shape, and release parameters from a config --------------------------------------------------
