@@ -118,7 +118,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from fusion.release.planning import privacy_plan
+    from fusion.release.planning import RELEASES_COUNTED, privacy_plan
 
     config = load_config(args.config)
     try:
@@ -148,7 +148,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         + (
             "releases of disjoint intervals compose in parallel (event level): composition does not limit them\n"
             if plan.releases_per_period is None
-            else f"{plan.releases_per_period} release(s) fit (sequential composition, entity level)\n"
+            else f"{plan.releases_per_period}{' or more' if plan.releases_per_period >= RELEASES_COUNTED else ''} "
+            "release(s) fit (sequential composition, entity level)\n"
         )
         + f"  error bars below assume {plan.contributors} contributing institutions"
     )

@@ -88,18 +88,22 @@ def noise_comparisons(params: ReleaseParameters, *, epsilon: float, institutions
     return tuple(out)
 
 
+#: `releases_that_fit` counts up to this many (a period admitting more says this many).
+RELEASES_COUNTED = 10_000
+
+
 def releases_that_fit(params: ReleaseParameters, cap: float) -> int | None:
     """How many releases of these parameters one period's cap admits, composed as the privacy unit implies (PLD),
-    up to 10,000. None at event level: releases of disjoint intervals compose in parallel (a reading lies in one
-    interval), so composition does not limit how many a period takes; each must fit the cap on its own."""
+    up to RELEASES_COUNTED. None at event level: releases of disjoint intervals compose in parallel (a reading lies
+    in one interval), so composition does not limit how many a period takes; each must fit the cap on its own."""
     if not params.noise:
         return 0
     if params.composition is Composition.PARALLEL:
         return None if _fits(params, 1, cap) else 0
     low, high = 0, 1
-    while high <= 10_000 and _fits(params, high, cap):
+    while high <= RELEASES_COUNTED and _fits(params, high, cap):
         low, high = high, high * 2
-    high = min(high, 10_001)
+    high = min(high, RELEASES_COUNTED + 1)
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if _fits(params, middle, cap) else (low, middle)
