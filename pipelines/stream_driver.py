@@ -42,6 +42,7 @@ from fusion.feeds.stream_state import (
     StreamState,
     WindowStatus,
     add_counts,
+    adopt_grid,
     backlog,
     due_windows,
     load_state,
@@ -167,8 +168,13 @@ class StreamDriver:
         self._root = Path(config.stream_state_path)
         self._state_file = self._root / "state.json"
         self.state: StreamState = load_state(self._state_file)
-        if self.state.created_at is None:  # the grid's default start: fixed once, at the stream's first run
+        created = self.state.created_at is None
+        if created:  # the grid's default start: fixed once, at the stream's first run
             self.state.created_at = clock().isoformat()
+        # Refuses a window length or grid start other than the one the state's windows were cut on (at start, before
+        # any reading is spooled to a window of another grid); records them while it holds no window.
+        grid = adopt_grid(self.state, size=config.stream_window, grid_start=self.grid_start, state_dir=str(self._root))
+        if created or grid:
             save_state(self._state_file, self.state)
         self._store = Store(config.store_path)
         self._store.ensure_tables()

@@ -8,6 +8,9 @@ its interval. Neither the readings that arrived nor their event times decide a r
 apart release the same windows at the same moments and are charged the same budget. Event times still decide
 what is not released: which window a reading is spooled to, and that a reading whose window has closed is late.
 
+The state records the grid its windows were cut on (the window's length and the grid's first window) and refuses
+a config with another while it holds windows (`adopt_grid`): windows are keyed, and spooled, by their start only.
+
 The state is one JSON file replaced atomically (write, fsync, rename). The driver commits it after a
 micro-batch's readings are spooled, and before a window's release starts, so a kill at any point either
 replays a micro-batch (its spool files are rewritten under the same names: nothing doubles) or re-runs a
@@ -21,9 +24,11 @@ import os
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from enum import StrEnum
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from fusion.errors import FusionError
 from fusion.runtime.durations import EPOCH, floor_to_grid
 from schemas.reasons import PUBLISHED_REASONS
 
@@ -87,6 +92,10 @@ class StreamState:
     """Everything the driver must remember across restarts. Times are ISO 8601 UTC strings."""
 
     created_at: str | None = None  # processing time the state was created: the grid starts there by default
+    # The grid the windows were cut on: the window's length (seconds) and the first window's start, recorded when
+    # the state was created (None: written before they were recorded; see `adopt_grid`)
+    window_seconds: int | None = None
+    grid_start: str | None = None
     processed: dict[str, int] = field(default_factory=dict)  # input file -> size when it was spooled
     max_event: dict[str, str] = field(default_factory=dict)  # institution -> latest accepted event time
     windows: dict[str, WindowState] = field(default_factory=dict)  # window start -> its state
@@ -115,6 +124,8 @@ class StreamState:
     def to_doc(self) -> dict[str, Any]:
         return {
             "created_at": self.created_at,
+            "window_seconds": self.window_seconds,
+            "grid_start": self.grid_start,
             "processed": self.processed,
             "max_event": self.max_event,
             "windows": {w: {**vars(s), "status": s.status.value} for w, s in sorted(self.windows.items())},
@@ -138,6 +149,8 @@ class StreamState:
         unwindowed = doc.get("unwindowed", doc.get("pending_rejects", {}))
         return cls(
             created_at=doc.get("created_at"),
+            window_seconds=doc.get("window_seconds"),
+            grid_start=doc.get("grid_start"),
             processed=dict(doc["processed"]),
             max_event=dict(doc["max_event"]),
             windows=windows,
@@ -167,6 +180,85 @@ def save_state(path: Path, state: StreamState) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def adopt_grid(state: StreamState, *, size: timedelta, grid_start: datetime, state_dir: str) -> bool:
+    """Check that the config's grid (windows of `size`, the first at `grid_start`) is the one the state's windows
+    were cut on, and record it if the state holds no window yet; returns whether the record changed (save it).
+
+    Windows are kept, and spooled, by their start only: on another grid a window of the old one is never due (its
+    spooled readings neither released nor counted late) or is taken for a window of the new one (a released 1h
+    window at 00:00 for a released 2h window at 00:00). So while the state holds windows a change is refused,
+    naming `stream.window` or `stream.start`. A state written before the grid was recorded: its window is
+    inferred from the windows on record (`_inferred_window`) and accepted when they are too few to tell; its start
+    is refused only if it would leave an open window before the grid."""
+    recorded = (int(size.total_seconds()), grid_start.isoformat())
+    if state.windows:
+        old_size = timedelta(seconds=state.window_seconds) if state.window_seconds is not None else None
+        _refuse_other_window(state, size, old_size, state_dir)
+        if state.grid_start is not None and datetime.fromisoformat(state.grid_start) != grid_start:
+            _refuse_other_start(grid_start, datetime.fromisoformat(state.grid_start), state_dir)
+        stranded = [
+            moment
+            for start, window in state.windows.items()
+            if window.status is WindowStatus.OPEN and (moment := datetime.fromisoformat(start)) < grid_start
+        ]
+        if stranded:  # only a state from before the grid was recorded gets here: its start is not on record
+            _refuse_other_start(grid_start, min(stranded), state_dir)
+    changed = (state.window_seconds, state.grid_start) != recorded
+    state.window_seconds, state.grid_start = recorded
+    return changed
+
+
+def _refuse_other_window(state: StreamState, size: timedelta, old_size: timedelta | None, state_dir: str) -> None:
+    """Refuse windows of `size` when the state's (`old_size`, or inferred when not recorded) differ."""
+    if old_size is None:
+        old_size = _inferred_window(state, size)
+    if old_size == size:
+        return
+    held = f"windows of {_duration_text(old_size)}" if old_size else "windows off that grid"
+    raise FusionError(
+        f"stream.window is {_duration_text(size)}, but the stream state in {state_dir} holds {held}: windows are "
+        "kept by their start, so on another grid its open windows would never be released (their spooled readings "
+        "neither released nor counted late) and its closed ones would be taken for windows of the new length. "
+        + (f"Set stream.window back to {_duration_text(old_size)}, or finish" if old_size else "Finish")
+        + " this stream first (`fusion stream --drain --until <the end of its last window>`) and start the new "
+        "window in a new state directory (stream.state; and a new stream.spool if it is set), with stream.start at "
+        "or after the end of the old stream's last release"
+    )
+
+
+def _refuse_other_start(grid_start: datetime, held: datetime, state_dir: str) -> None:
+    raise FusionError(
+        f"stream.start puts the grid's first window at {grid_start.isoformat()}, but the stream state in "
+        f"{state_dir} holds windows of a grid from {held.isoformat()}: a window before the new start would never "
+        "be released, and one after the old start may already have rejected readings as out_of_interval. Set "
+        f"stream.start back to a time in the window starting at {held.isoformat()} (or remove it, if the state was "
+        "created without it), or finish this stream first (`fusion stream --drain --until <the end of its last "
+        "window>`) and start the new grid in a new state directory (stream.state; and a new stream.spool if it is "
+        "set)"
+    )
+
+
+def _inferred_window(state: StreamState, size: timedelta) -> timedelta | None:
+    """The window length of a state that did not record it: the smallest gap between two closed windows (the grid
+    closes every window in turn, so two in a row are one window apart). With fewer than two closed windows: `size`
+    if every window on record lies on its grid (too few to tell: accepted), else None (another grid, length
+    unknown)."""
+    closed = sorted(datetime.fromisoformat(w) for w, s in state.windows.items() if s.status is not WindowStatus.OPEN)
+    if len(closed) > 1:
+        return min(later - earlier for earlier, later in pairwise(closed))
+    starts = [datetime.fromisoformat(w) for w in state.windows]
+    return size if all((start - EPOCH) % size == timedelta(0) for start in starts) else None
+
+
+def _duration_text(length: timedelta) -> str:
+    """A window length as a config writes it: '2h', '15m', '1d', '90s'."""
+    seconds = int(length.total_seconds())
+    for unit, unit_seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % unit_seconds == 0:
+            return f"{seconds // unit_seconds}{unit}"
+    return f"{seconds}s"
 
 
 def window_start(time: datetime, size: timedelta) -> datetime:

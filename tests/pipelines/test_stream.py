@@ -25,6 +25,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
+from fusion.config.federation import load_config
 from fusion.errors import FusionError
 from fusion.feeds.stream_state import WindowStatus, load_state
 from fusion.release.exchange import ReleaseKey
@@ -571,6 +572,37 @@ def test_readings_of_a_window_released_before_they_arrived_are_late(make_federat
     released = Store(fed.config.store_path).read("releases").to_pylist()
     assert {r["count"] for r in released if r["window_start"] == at(1)} == {0}  # noise off: exactly nothing
     assert exact_rejects_in_store(fed.config.store_path) == []
+
+
+def test_another_window_or_grid_start_is_refused_while_the_state_holds_windows_of_its_grid(make_federation):
+    """A stream of 1h windows released 00:00 and spooled readings to 01:00 and 02:00. With stream.window = "2h",
+    or stream.start an hour later, the stream refuses to start, naming the setting, and leaves its state as it
+    was: on the new grid the open 1h windows would never be released (the 2h window at 02:00 not taking the
+    readings of 01:00, the grid from 01:00 not holding the window at 00:00...). Back on its own grid the stream
+    goes on and releases every reading it accepted."""
+    fed = stream_federation(make_federation, subdir="regrid")
+    for hour in range(3):
+        land(fed, hour)
+    StreamDriver(fed.config, clock=lambda: at(1) + timedelta(minutes=1)).step()
+    state_file = Path(fed.config.stream_state_path) / "state.json"
+    held = state_file.read_text()
+    original = fed.config_path.read_text()
+    for setting, changed in (
+        ("stream.window", original.replace("[stream]\n", '[stream]\nwindow = "2h"\n')),
+        ("stream.start", original.replace(f'start = "{START.isoformat()}"', f'start = "{at(1).isoformat()}"')),
+    ):
+        fed.config_path.write_text(changed)
+        with pytest.raises(FusionError, match=rf"^{re.escape(setting)} .*holds windows .*new state directory"):
+            StreamDriver(load_config(fed.config_path), clock=lambda: at(4))
+        assert state_file.read_text() == held
+    fed.config_path.write_text(original)
+    driver = StreamDriver(load_config(fed.config_path), until=at(3), clock=lambda: at(3))
+    driver.run(drain=True)
+    assert [w.status for w in driver.state.windows.values()] == [WindowStatus.RELEASED] * 3
+    released = Store(fed.config.store_path).read("releases")
+    assert sum(released.column("count").to_pylist()) == driver.state.readings > 0
+    landed = sum(hour_of(fed, i, h).num_rows for i in fed.raw for h in range(3))
+    assert driver.state.readings + driver.state.rejected == landed  # the rest: stamped too far ahead of 01:01
 
 
 def test_an_input_rewritten_after_it_was_read_is_reported_not_read_twice(make_federation, caplog):

@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusion.config.federation import load_config
-from fusion.errors import ConfigError
+from fusion.errors import ConfigError, FusionError
 from fusion.feeds.stream_state import (
     StreamState,
     WindowState,
     WindowStatus,
+    adopt_grid,
     backlog,
     due_windows,
     release_bound,
@@ -96,6 +97,51 @@ def test_a_state_written_before_the_public_grid_still_loads() -> None:
     assert state.created_at is None and state.unwindowed == {"gamma": {"malformed_record": 1}}
     assert state.windows[START.isoformat()].status is WindowStatus.RELEASED
     assert StreamState.from_doc(state.to_doc()) == state
+
+
+def test_the_grid_is_recorded_and_another_one_refused_while_the_state_holds_windows() -> None:
+    """A new state records its grid; while it holds no window another grid replaces it; once it holds windows
+    another window length or grid start is refused, naming the setting."""
+    state = StreamState()
+    assert adopt_grid(state, size=HOUR, grid_start=START, state_dir="s")
+    assert (state.window_seconds, state.grid_start) == (3600, START.isoformat())
+    assert not adopt_grid(state, size=HOUR, grid_start=START, state_dir="s")  # the same grid: nothing to save
+    assert adopt_grid(state, size=2 * HOUR, grid_start=START + 2 * HOUR, state_dir="s")  # no window yet
+    state = StreamState()
+    adopt_grid(state, size=HOUR, grid_start=START, state_dir="s")
+    state.window(START + HOUR)
+    with pytest.raises(FusionError, match=r"^stream.window is 2h, but the stream state in s holds windows of 1h"):
+        adopt_grid(state, size=2 * HOUR, grid_start=START, state_dir="s")
+    with pytest.raises(FusionError, match=r"^stream.start puts the grid's first window at 2026-01-01T02:00:00\+00"):
+        adopt_grid(state, size=HOUR, grid_start=START + 2 * HOUR, state_dir="s")
+    assert (state.window_seconds, state.grid_start) == (3600, START.isoformat())
+
+
+def test_a_state_that_did_not_record_its_grid_is_checked_against_the_windows_it_holds() -> None:
+    """Written before the grid was recorded: two closed windows in a row give the window's length; a window off the
+    configured grid is refused; too few windows to tell are accepted (and the grid recorded); an open window before
+    the configured start is refused, since it would never be released."""
+
+    def legacy(*windows: tuple[datetime, WindowStatus]) -> StreamState:
+        state = StreamState(created_at=START.isoformat())
+        for start, status in windows:
+            state.window(start).status = status
+        return state
+
+    released = WindowStatus.RELEASED
+    two_in_a_row = legacy((START, released), (START + HOUR, released), (START + 2 * HOUR, WindowStatus.OPEN))
+    with pytest.raises(FusionError, match=r"^stream.window is 2h, but .* holds windows of 1h"):
+        adopt_grid(two_in_a_row, size=2 * HOUR, grid_start=START, state_dir="s")
+    assert adopt_grid(two_in_a_row, size=HOUR, grid_start=START, state_dir="s")
+    assert (two_in_a_row.window_seconds, two_in_a_row.grid_start) == (3600, START.isoformat())
+    off_grid = legacy((START + HOUR, WindowStatus.OPEN))
+    with pytest.raises(FusionError, match=r"^stream.window is 2h, but .* holds windows off that grid"):
+        adopt_grid(off_grid, size=2 * HOUR, grid_start=START, state_dir="s")
+    too_few = legacy((START + 2 * HOUR, WindowStatus.OPEN))
+    assert adopt_grid(too_few, size=2 * HOUR, grid_start=START, state_dir="s")
+    assert too_few.window_seconds == 7200
+    with pytest.raises(FusionError, match=r"^stream.start puts .* holds windows of a grid from 2026-01-01T02:00"):
+        adopt_grid(legacy((START + 2 * HOUR, WindowStatus.OPEN)), size=HOUR, grid_start=START + 3 * HOUR, state_dir="s")
 
 
 def write(tmp_path: Path, stream: str) -> Path:
