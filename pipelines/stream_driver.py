@@ -354,19 +354,21 @@ class StreamDriver:
 
     def release_plan(self, starts: Sequence[datetime]) -> ReleasePlan:
         """The batch release of the contiguous windows starting at `starts` (one interval, its layout holding each
-        window's cells), reading those windows' spools instead of the feeds, and carrying the rejects that belong
-        to them (fixed when each closed) as noisy slots of the release."""
+        window's cells), reading those windows' spool files instead of the feeds, and carrying the rejects that
+        belong to them (fixed when each closed) as noisy slots of the release.
+
+        Each window's feeds are the spool files on record for it (`WindowState.files`, listed when its release
+        began, one feed a file), never the spool as it is when the release reads it: a file a streaming job spools
+        in between holds late readings, counted as late (`_scan_spool`), and is not released. A window whose files
+        are not on record yet (its release has not begun) reads its spool as it is."""
         several = len(starts) > 1
         institutions = tuple(
             i.model_copy(
                 update={
                     "feeds": tuple(
-                        FeedConfig(
-                            name=f"spool-{k}" if several else "spool",
-                            path=join(spool_dir(self.config, i.id, start), "*.parquet"),
-                            format=FeedFormat.PARQUET,
-                        )
+                        FeedConfig(name=f"spool-{k}" if several else "spool", path=path, format=FeedFormat.PARQUET)
                         for k, start in enumerate(starts)
+                        for path in self._spool_files(i.id, start)
                     )
                 }
             )
@@ -382,6 +384,13 @@ class StreamDriver:
         if carried:
             plan = dataclasses.replace(plan, carried_rejects={i: carried[i] for i in sorted(carried)})
         return plan
+
+    def _spool_files(self, institution_id: str, start: datetime) -> list[str]:
+        """The spool files the release of the window at `start` reads for an institution: those on record, or
+        (none on record yet) every Parquet file of its spool directory."""
+        window = self.state.windows.get(start.isoformat())
+        recorded = window.files.get(institution_id) if window is not None else None
+        return recorded if recorded else [join(spool_dir(self.config, institution_id, start), "*.parquet")]
 
     def _release_groups(self, starts: list[datetime]) -> list[list[datetime]]:
         """The windows of `starts` grouped into releases. A window whose release a crash interrupted keeps the
@@ -449,8 +458,10 @@ class StreamDriver:
                         sink = pa.BufferOutputStream()
                         pq.write_table(READING_SCHEMA.empty_table(), sink)
                         write_bytes(join(directory, "empty.parquet"), sink.getvalue().to_pybytes())
-            plan = self.release_plan(group)
-            sealed = {i.id: _sealed_or_refused(plan, i) for i in plan.config.institutions}
+            sealed: dict[str, bool] = {}
+            if any(self.state.windows[start.isoformat()].files for start in group):  # a release a crash interrupted
+                recorded = self.release_plan(group)  # the release id: the same whatever files it reads
+                sealed = {i.id: _sealed_or_refused(recorded, i) for i in recorded.config.institutions}
             for start in group:
                 window = self.state.windows[start.isoformat()]
                 listed = {
@@ -462,7 +473,9 @@ class StreamDriver:
                     for institution_id, files in listed.items():  # one that did not reads the spool as it is now
                         if not sealed[institution_id]:
                             window.files[institution_id] = files
-                window.release_id = plan.key.release_id
+            plan = self.release_plan(group)  # exactly the files now on record: a file spooled later is late
+            for start in group:
+                self.state.windows[start.isoformat()].release_id = plan.key.release_id
             plans.append(plan)
         save_state(self._state_file, self.state)  # what the releases read is on record before anything is sealed
         outcomes = release_windows(plans)

@@ -31,9 +31,11 @@ from fusion.feeds.stream_state import WindowStatus, load_state
 from fusion.release.exchange import ReleaseKey
 from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE
 from fusion.store.delta import Store
+from pipelines import stream_driver
 from pipelines.batch import run_batch
-from pipelines.stream import StampWindows, WindowReadings
+from pipelines.stream import StampWindows, WindowReadings, spool_dir
 from pipelines.stream_driver import StreamDriver
+from pipelines.stream_release import release_windows
 from tests.conftest import END, START, Federation, write_feed
 
 HOUR = timedelta(hours=1)
@@ -763,6 +765,42 @@ def test_a_streaming_job_counts_readings_beyond_the_allowed_lateness_as_late(mak
     released = Store(fed.config.store_path).read("releases")
     assert sum(released.column("count").to_pylist()) == sum(len(p.splitlines()) for p in on_time)
     assert exact_rejects_in_store(fed.config.store_path) == []
+
+
+def test_a_file_spooled_while_its_window_is_released_is_late_and_not_released(make_federation, monkeypatch):
+    """`--releases-only`: the streaming job spools a late pane of hour 0 after the driver put the window's spool
+    files on record and before its release read them. The release reads exactly the files on record, so the
+    pane's readings are counted once, as late, and never released: released + late = spooled."""
+    fed = stream_federation(make_federation, subdir="pane-race")
+    land(fed, 0)
+    StreamDriver(fed.config, clock=lambda: START).step()  # spools hour 0 (the job's part here); nothing is due
+    first = fed.config.institutions[0].id
+    directory = Path(spool_dir(fed.config, first, START))
+
+    def with_a_late_pane(plans: Any) -> Any:  # the job's late pane lands as the release starts
+        pane = pq.read_table(next(directory.glob("*.parquet"))).slice(0, 3)  # a second later: no exact duplicates
+        times = pc.add(pane.column("event_time"), pa.scalar(timedelta(seconds=1), pa.duration("us")))
+        pq.write_table(
+            pane.set_column(pane.schema.get_field_index("event_time"), "event_time", times),
+            directory / "late-pane.parquet",
+        )
+        return release_windows(plans)
+
+    monkeypatch.setattr(stream_driver, "release_windows", with_a_late_pane)
+    driver = StreamDriver(fed.config, releases_only=True, clock=lambda: at(1))
+    driver.step()
+    monkeypatch.undo()
+    driver.step()  # the next scan of the spool finds the pane
+    window = driver.state.windows[START.isoformat()]
+    assert window.status is WindowStatus.RELEASED and "late-pane.parquet" not in str(window.files)
+    assert window.rejects == {first: {"late": 3}} and driver.state.rejected == 3
+    spooled = sum(
+        pq.read_table(path).num_rows
+        for inst in fed.config.institutions
+        for path in Path(spool_dir(fed.config, inst.id, START)).glob("*.parquet")
+    )
+    released = sum(Store(fed.config.store_path).read("releases").column("count").to_pylist())
+    assert released == driver.state.readings == spooled - 3 == sum(hour_of(fed, i, 0).num_rows for i in fed.raw)
 
 
 def test_a_micro_batch_in_process_does_what_the_beam_pipeline_does(make_federation, tmp_path):
