@@ -102,6 +102,7 @@ def run_digits(seed: int, federation: Federation, architecture: str) -> dict[str
         epsilon=1.0,
         delta=1e-5,
         init_seed=seed,
+        unit_rows=True,  # an image is one person's: removing a person removes a row, never changes one
     )
     data, test = split(seed)
     generators = {name: seeded_generator(seed * 100 + k) for k, name in enumerate(INSTITUTIONS)}

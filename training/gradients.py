@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fusion.errors import FusionError
+
 if TYPE_CHECKING:
     import torch
 
@@ -59,7 +61,14 @@ def count_weight(scale: float, clip: float, share: float = 0.25) -> int:
 def contribution_vector(
     gradients: np.ndarray, *, clip: float, scale: float, generator: np.random.Generator
 ) -> np.ndarray:
-    """(parameters + 1,) int64: the sum over examples of r(scale * clip(g)), then the count slot (examples * w)."""
+    """(parameters + 1,) int64: the sum over examples of r(scale * clip(g)), then the count slot (examples * w).
+    A non-finite gradient (features beyond float32, a model that diverged) would round to int64's extremes and move
+    the vector without bound: refused."""
+    if not np.isfinite(gradients).all():
+        raise FusionError(
+            "a training example's gradient is not finite (a feature too large for float32, or a model whose "
+            "parameters diverged: lower the learning rate); nothing is contributed"
+        )
     rounded = random_round(scale * clip_rows(gradients, clip), generator)  # (examples, parameters)
     count = gradients.shape[0] * count_weight(scale, clip)
     return np.concatenate([rounded.sum(axis=0), np.array([count], dtype=np.int64)])

@@ -371,13 +371,24 @@ def institution_rows(model: ModelConfig, path: Path, what: str) -> Institution:
     missing = [c for c in (*model.features, model.target) if c not in table.column_names]
     if missing:
         raise FusionError(f"{what}: {path} has no column(s) {missing}; add them or fix models.{model.name}")
-    features = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in model.features])
-    target = table.column(model.target).to_numpy(zero_copy_only=False)
-    if not np.isfinite(features.astype(np.float64)).all():
-        raise FusionError(f"{what}: {path} holds missing or infinite feature values; drop or fill those rows")
-    if ((target < 0) | (target >= model.class_count) | (target != np.round(target))).any():
+    for name in (*model.features, model.target):
+        kind = table.schema.field(name).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)):
+            raise FusionError(f"{what}: {path}'s column '{name}' is {kind}, not numbers; fix it or models.{model.name}")
+    with np.errstate(over="ignore"):  # as the model reads them: a value beyond float32's range is infinite there
+        features = np.column_stack(
+            [table.column(c).cast(pa.float64()).to_numpy(zero_copy_only=False) for c in model.features]
+        ).astype(np.float32)
+    target = table.column(model.target).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    if not np.isfinite(features).all():
+        raise FusionError(
+            f"{what}: {path} holds missing or infinite feature values (or values beyond float32's range, about "
+            "3.4e38); drop or fill those rows"
+        )
+    classes = np.isfinite(target) & (target >= 0) & (target < model.class_count) & (target == np.round(target))
+    if not classes.all():
         raise FusionError(f"{what}: {path}'s '{model.target}' must hold class numbers 0..{model.class_count - 1}")
-    return Institution(features.astype(np.float32), target.astype(np.int64))
+    return Institution(features, target.astype(np.int64))
 
 
 def settings_for(config: Config, model: ModelConfig) -> TrainingSettings:
@@ -394,6 +405,7 @@ def settings_for(config: Config, model: ModelConfig) -> TrainingSettings:
         scale=model.scale,
         quorum=config.privacy.quorum,
         max_colluding=config.privacy.max_colluding,
+        unit_rows=model.unit_rows,
     )
 
 

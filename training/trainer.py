@@ -46,6 +46,9 @@ class TrainingSettings:
     init_seed: int = 0  # the initial weights are public: every institution starts from the same model
     final_learning_rate: float | None = None  # decay linearly to this by the last round (None: constant)
     momentum: float = 0.0  # heavy ball on the noisy gradients (post-processing: it averages their noise down)
+    # Each row is one privacy unit's data: an example is only ever added or removed, never changed (the smaller
+    # sensitivity: training/accounting.py). In the digest only when set, so runs from before it resume.
+    unit_rows: bool = False
 
     def learning_rate_at(self, number: int) -> float:
         """The step size of round `number` (1-based)."""
@@ -55,7 +58,10 @@ class TrainingSettings:
         return self.learning_rate + fraction * (self.final_learning_rate - self.learning_rate)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        fields = asdict(self)
+        if not self.unit_rows:
+            del fields["unit_rows"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 class RoundSummer(Protocol):
@@ -139,6 +145,7 @@ def budget_for(settings: TrainingSettings, dimension: int) -> TrainingBudget:
         clip=settings.clip,
         scale=settings.scale,
         dimension=dimension,
+        changed_examples=not settings.unit_rows,
     )
 
 

@@ -110,10 +110,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
     else:
         rows_path = model.rows
-        data = {
+        built = {
             i.id: institution_rows(model, config.base / rows_path.format(institution=i.id), f"institution {i.id}")
             for i in config.institutions
         }
+        # An institution whose table holds no rows takes no part (absent from every round, as in feed mode).
+        data = {i: rows for i, rows in built.items() if rows.targets.size}
+        if len(data) < config.privacy.quorum:
+            empty = sorted(set(built) - set(data))
+            raise FusionError(
+                f"model {model.name}: {len(data)} institution(s) hold rows ({', '.join(empty)} hold none); a round "
+                f"needs the quorum {config.privacy.quorum}"
+            )
         width = len(model.features)
     held_out = None if model.held_out is None else institution_rows(model, config.base / model.held_out, "held_out")
     dimension = flat_parameters(build_model(width, model.class_count, model.hidden, 0)).size

@@ -44,9 +44,19 @@ class ModelConfig(BaseModel):
     momentum: float = Field(default=0.0, ge=0, lt=1)
     epsilon: float = Field(default=1.0, gt=0, le=20)
     scale: float = Field(default=4096.0, ge=1)
+    # `rows` only: each row is one privacy unit's data (one reading, or one entity's at entity level), so removing a
+    # unit removes its row, and a round is charged for an example added or removed; false (the default): a row may
+    # combine several units' readings, removing one changes it, and a round is charged for an example changed
+    # (about twice as much sensitivity). Rows from the feeds combine readings: refused there.
+    unit_rows: bool = False
 
     @model_validator(mode="after")
     def _checks(self) -> Self:
+        if self.rows is None and self.unit_rows:
+            raise ValueError(
+                f"models.{self.name}.unit_rows: rows from the feeds average several readings each, so removing one "
+                "changes a row: only a `rows` table can assert one unit per row"
+            )
         if self.rows is None:
             if self.horizon is None or not self.target_bins:
                 raise ValueError(

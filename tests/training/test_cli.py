@@ -97,6 +97,34 @@ def test_train_refuses_an_unknown_model_and_missing_rows(
     assert "alpha.parquet does not" in " ".join(capsys.readouterr().err.split())  # however the console wraps it
 
 
+def test_train_names_a_bad_rows_table_and_leaves_out_an_institution_without_rows(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    rows = fed.directory / "training"
+    for k, inst in enumerate(("alpha", "beta", "gamma", "held_out")):
+        _rows(rows / f"{inst}.parquet", k)
+    argv = ["train", "--config", str(fed.config_path), "--model", "tiny", "--plan"]
+
+    def refused(table: pa.Table, says: str) -> None:
+        pq.write_table(table, rows / "beta.parquet")
+        assert main(argv) == 1
+        assert says in " ".join(capsys.readouterr().err.split())
+
+    good = pq.read_table(rows / "beta.parquet")
+    huge = good.set_column(0, "x0", pa.array([1e39, *good.column("x0").to_pylist()[1:]]))  # infinite as float32
+    refused(huge, "beyond float32's range")
+    refused(good.set_column(1, "x1", pa.array(["x"] * good.num_rows)), "column 'x1' is string, not numbers")
+    refused(good.set_column(3, "label", pa.array(["a"] * good.num_rows)), "column 'label' is string")
+    # No rows at all: that institution takes no part; the other two still make the quorum of 2.
+    pq.write_table(good.slice(0, 0), rows / "beta.parquet")
+    assert main(argv) == 0
+    capsys.readouterr()
+    pq.write_table(good.slice(0, 0), rows / "gamma.parquet")
+    assert main(argv) == 1
+    assert "1 institution(s) hold rows (beta, gamma hold none)" in " ".join(capsys.readouterr().err.split())
+
+
 def test_train_refuses_a_run_over_the_period_cap_before_its_first_round(
     make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
 ) -> None:

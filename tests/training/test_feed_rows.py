@@ -61,3 +61,6 @@ def test_a_feed_model_needs_a_horizon_and_increasing_bins() -> None:
         ModelConfig(**{**MODEL, "target_bins": (6.0, 1.0)})  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="classes"):
         ModelConfig(**{**MODEL, "classes": 5})  # type: ignore[arg-type]
+    # Feed rows average several readings each: removing one changes a row, so none may claim one unit per row.
+    with pytest.raises(ValidationError, match=r"models\.\w[\w-]*\.unit_rows: rows from the feeds average"):
+        ModelConfig(**{**MODEL, "unit_rows": True})  # type: ignore[arg-type]

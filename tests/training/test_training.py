@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -58,6 +61,47 @@ def test_every_example_is_clipped_to_the_bound() -> None:
     rounded = random_round(scale * clipped, seeded_generator(1))
     bound = TrainingSensitivity(clip=0.5, scale=scale, dimension=gradients.shape[1]).gradient_l2
     assert (np.linalg.norm(rounded, axis=1) <= bound).all()
+
+
+def test_a_changed_example_is_charged_as_well_as_an_added_one() -> None:
+    """A row averaging several readings (feed models) changes, not disappears, when one reading is removed: its
+    clipped gradient may turn to the opposite direction, moving the vector by up to 2 (gamma C + sqrt(d)) with the
+    count slot unchanged, about twice the add-or-remove bound the rounds were charged before."""
+    dimension, clip, scale = 24, 1.0, 2.0**12
+    bound = TrainingSensitivity(clip=clip, scale=scale, dimension=dimension)
+    direction = np.ones((1, dimension)) / math.sqrt(dimension)
+    before = contribution_vector(direction * 5.0, clip=clip, scale=scale, generator=seeded_generator(1))
+    after = contribution_vector(-direction * 5.0, clip=clip, scale=scale, generator=seeded_generator(2))
+    moved = after - before
+    assert moved[-1] == 0  # the same number of examples: the count slot does not see the change
+    added = math.hypot(bound.gradient_l2, bound.count_weight)
+    assert np.linalg.norm(moved) > added  # the add-or-remove bound alone did not cover it
+    assert np.linalg.norm(moved) <= bound.l2 == 2.0 * bound.gradient_l2
+    assert np.abs(moved).sum() <= bound.l1
+
+
+def test_rows_declared_one_unit_each_are_charged_for_an_example_added_or_removed() -> None:
+    changed = plan_budget(epsilon=1.0, delta=1e-5, rounds=30, clip=1.0, scale=4096.0, dimension=650)
+    whole = plan_budget(epsilon=1.0, delta=1e-5, rounds=30, clip=1.0, scale=4096.0, dimension=650,
+                        changed_examples=False)  # fmt: skip
+    moved, count = whole.sensitivity.gradient_l2, whole.sensitivity.count_weight
+    assert (whole.sensitivity.l2, changed.sensitivity.l2) == (math.hypot(moved, count), 2 * moved)
+    ratio = (changed.sensitivity.l2 / whole.sensitivity.l2) ** 2  # about 3.8: the variance scales with L2^2
+    assert changed.variance / whole.variance == pytest.approx(ratio, rel=0.02)
+    settings = _settings(3)
+    assert budget_for(replace(settings, unit_rows=True), 650).sensitivity == whole.sensitivity
+    assert budget_for(settings, 650).sensitivity == changed.sensitivity
+    # The default's digest (it names every round) is the one runs from before the option had: they resume.
+    before = {k: v for k, v in asdict(settings).items() if k != "unit_rows"}
+    assert settings.digest() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert replace(settings, unit_rows=True).digest() != settings.digest()
+
+
+def test_a_gradient_that_is_not_finite_is_refused() -> None:
+    gradients = np.zeros((3, 4))
+    gradients[1, 2] = np.inf  # a feature beyond float32, or a model that diverged
+    with pytest.raises(FusionError, match="not finite"):
+        contribution_vector(gradients, clip=1.0, scale=2.0**12, generator=seeded_generator(1))
 
 
 def test_the_plans_parameter_count_is_the_models() -> None:
@@ -164,10 +208,13 @@ def test_reported_epsilon_matches_an_independent_computation() -> None:
     budget = plan_budget(epsilon=1.0, delta=1e-5, rounds=30, clip=1.0, scale=4096.0, dimension=2410)
     assert budget.epsilon <= 1.0
     # Independently: the Skellam RDP bound (Agarwal et al. 2021) written out, composed 30 times, converted by
-    # Opacus's own conversion.
+    # Opacus's own conversion, at the sensitivity of an example changed (two rounded gradients apart), which is
+    # larger than an example added or removed (a rounded gradient and the count slot).
     v = budget.variance
-    d2 = math.hypot(4096.0 + math.sqrt(2410), math.ceil(4096 / 4))
-    d1 = math.sqrt(2410) * (4096.0 + math.sqrt(2410)) + math.ceil(4096 / 4)
+    moved = 4096.0 + math.sqrt(2410)
+    d2 = max(math.hypot(moved, math.ceil(4096 / 4)), 2 * moved)
+    d1 = max(math.sqrt(2410) * moved + math.ceil(4096 / 4), 2 * math.sqrt(2410) * moved)
+    assert (d2, d1) == (2 * moved, 2 * math.sqrt(2410) * moved)
     rdp = [
         30 * (a * d2**2 / (2 * v) + min(((2 * a - 1) * d2**2 + 6 * d1) / (4 * v**2), 3 * d1 / (2 * v))) for a in ORDERS
     ]
