@@ -350,6 +350,10 @@ def _is_utf8(value: bytes) -> bool:
 
 _BLANK_LINE = re.compile(rb"^[ \t\r\x0b\x0c]*$", re.MULTILINE)  # what bytes.strip() empties (the last line too)
 _BLANK_INSIDE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")  # a blank line followed by another line
+# A first line, and a later line (after its "\n"), whose first character after JSON whitespace is not "{". The
+# literal "\n" keeps the search at memchr speed, where "^" with re.MULTILINE is several times slower.
+_NOT_AN_OBJECT_FIRST = re.compile(rb"[ \t]*[^{ \t\n]")
+_NOT_AN_OBJECT_LATER = re.compile(rb"\n[ \t]*[^{ \t\n]")
 #: Bytes of JSON lines parsed at once (cut at a line end): Arrow's JSON reader parses a block in C++.
 JSONL_BLOCK_BYTES = 16 << 20
 
@@ -394,6 +398,15 @@ def _content_lines(data: bytes) -> int:
     return data.count(b"\n") + 1 - len(_BLANK_LINE.findall(data))
 
 
+def _objects_only(data: bytes) -> bool:
+    """Whether every content line of the block starts with "{" (after JSON whitespace). Arrow must not see any other
+    line: `null` first in a block crashes the process (a segfault in its JSON reader), and `null` later is read as a
+    record missing every field where `json.loads` finds a malformed record."""
+    if b"\r" in data:  # Arrow ends a line at "\r" as at "\n"
+        data = data.replace(b"\r", b"\n")
+    return _NOT_AN_OBJECT_FIRST.match(data) is None and _NOT_AN_OBJECT_LATER.search(data) is None
+
+
 def _text_fields(data: bytes, wanted: list[str]) -> list[str]:
     """The wanted fields whose value in the block's first line is a JSON string (none if it is not an object)."""
     try:
@@ -408,7 +421,7 @@ def _parsed_at_once(data: bytes, wanted: list[str]) -> pa.Table | None:
     them; None where Arrow might differ: a line that is not exactly one object (malformed to `json.loads`), a
     repeated key, invalid UTF-8, NaN, a mapped column holding an object or array, or types mixed in a column."""
     rows = _content_lines(data)
-    if rows == 0:
+    if rows == 0 or not _objects_only(data):
         return None
     options = pajson.ReadOptions(use_threads=False, block_size=len(data) + 1)
     try:

@@ -395,6 +395,18 @@ def test_the_stream_dead_letters_a_truncated_gzip_csv(tmp_path: Path) -> None:
     assert "truncated" in letters.column("_text")[0].as_py()
 
 
+def test_the_stream_dead_letters_json_lines_that_are_not_objects_and_reads_the_rest(tmp_path: Path) -> None:
+    """A first line `null` crashed the process (Arrow's JSON reader), at every restart; a later `null` was counted
+    a reading missing its fields. Each is one malformed record."""
+    path = tmp_path / "feeds" / "beta" / "gateway.jsonl"
+    table = readings("beta", entities=2, rng=np.random.default_rng(8), hours=1)
+    write_feed(table, path, "jsonl")
+    path.write_bytes(b"null\n" + path.read_bytes() + b"[]\n42\n")
+    accepted, rejected, [letters] = _stream_validated(tmp_path, "jsonl", path)
+    assert accepted == table.num_rows and rejected == {"malformed_record": 3}
+    assert letters.column("_text").to_pylist() == ["null", "[]", "42"]
+
+
 def test_the_stream_finds_a_parquet_time_beyond_duckdbs_range_unparseable(tmp_path: Path) -> None:
     """One millisecond time of 10^16 (year 318,857) used to crash `fusion stream` at every restart."""
     table = readings("beta", entities=2, rng=np.random.default_rng(4))

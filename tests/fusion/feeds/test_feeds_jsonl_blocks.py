@@ -82,6 +82,21 @@ def test_a_file_larger_than_a_block_keeps_its_line_numbers(tmp_path: Path, monke
     assert malformed == [(24, "{broken")] and len(rows) == 39
 
 
+NOT_OBJECTS = [b"null", b"true", b"42", b'"x"', b"[]"]
+READING = b'{"entity_id": "a", "value": 1.5, "event_time": "2026-01-01T00:00:00Z"}'
+
+
+def test_a_line_that_is_not_an_object_is_malformed_first_or_later(tmp_path: Path) -> None:
+    """`null` first in a block crashed Arrow's JSON reader (the process died); `null` later was a record missing
+    every field. Each is one malformed record, with its line number, and the readings around it are kept."""
+    for line in NOT_OBJECTS:
+        for data, number in ((line + b"\n" + READING + b"\n", 1), (READING + b"\n  " + line + b"\r\n" + READING, 2)):
+            rows, malformed = by_blocks(tmp_path, data)
+            assert (rows, malformed) == per_line(data), data
+            assert [n for n, _ in malformed] == [number] and len(rows) == data.count(b"{"), data
+            assert feeds._parsed_at_once(data, WANTED) is None, data
+
+
 values = st.one_of(
     st.none(),
     st.booleans(),
@@ -97,6 +112,15 @@ records = st.dictionaries(st.sampled_from([*WANTED, "extra"]), values, max_size=
 def test_any_block_of_objects_reads_as_line_by_line(tmp_path_factory, objects) -> None:
     data = "".join(json.dumps(o) + "\n" for o in objects).encode()
     assert by_blocks(tmp_path_factory.mktemp("b"), data) == per_line(data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(records.map(json.dumps), st.sampled_from(NOT_OBJECTS).map(bytes.decode)), max_size=12))
+def test_any_block_of_objects_and_other_values_reads_as_line_by_line(tmp_path_factory, lines) -> None:
+    data = "".join(line + "\n" for line in lines).encode()
+    rows, malformed = by_blocks(tmp_path_factory.mktemp("b"), data)
+    assert (rows, malformed) == per_line(data)
+    assert len(rows) + len(malformed) == len(lines)
 
 
 def test_a_typical_block_is_parsed_at_once_not_line_by_line() -> None:
