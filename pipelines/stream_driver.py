@@ -607,15 +607,17 @@ class StreamDriver:
 
     def _run(self, *, drain: bool, sleep: Callable[[float], None]) -> StreamStatus:
         while not self.stop_requested:
-            caught_up = all(reader.idle for reader in self._readers)  # before the step: its journal is read
-            if drain and not caught_up:  # a backlog still on the brokers: take it before any window closes
+            # Before the step, which reads what was journalled. Standard input is caught up once closed: the
+            # ingest that met its end journalled and read every line before it.
+            caught_up = all(reader.idle for reader in self._readers) and (self._stdin is None or self._stdin.closed)
+            if drain and not caught_up:  # a backlog on the brokers, or stdin open: take it before any window closes
                 self._check_drainable()
                 self.ingest()
                 self._on_status(self.status())
                 sleep(0.1)
                 continue
             rows = self.step()
-            if drain and rows == 0 and caught_up and (self._stdin is None or self._stdin.closed):
+            if drain and rows == 0 and caught_up:
                 self.step(drain=True)
                 break
             if self.finished():

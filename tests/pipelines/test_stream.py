@@ -371,7 +371,6 @@ def test_json_lines_on_stdin_are_journalled_windowed_and_released(make_federatio
     lines = [json.dumps({**row, "event_time": row["event_time"].isoformat()}) for row in fed.raw[alpha.id].to_pylist()]
     lines.append("{not json")  # a malformed line: dead-lettered and counted, never lost
     driver = StreamDriver(fed.config, stdin=(alpha.id, io.StringIO("\n".join(lines) + "\n")), until=END)
-    time.sleep(0.2)  # let the reader thread take the whole pipe
     driver.run(drain=True)
     journal = list((Path(fed.config.stream_state_path) / "stdin" / alpha.id).glob("*.jsonl"))
     assert journal
@@ -379,6 +378,40 @@ def test_json_lines_on_stdin_are_journalled_windowed_and_released(make_federatio
     assert sum(released.column("count").to_pylist()) == sum(t.num_rows for t in fed.raw.values())
     assert driver.state.unwindowed == {alpha.id: {"malformed_record": 1}}
     assert exact_rejects_in_store(fed.config.store_path) == []
+
+
+@pytest.mark.e2e
+def test_draining_waits_for_stdin_to_close_before_releasing_a_window(make_federation):
+    """`producer | fusion stream --stdin alpha --drain --until T` with a producer that writes a moment after the
+    stream starts: every line is read before any window is released. The stream used to release every window up
+    to --until from the files alone and exit, alpha's lines unread."""
+    import json
+    import threading
+
+    fed = stream_federation(make_federation, subdir="stdin-late")
+    for hour in range(2):
+        land(fed, hour)
+    alpha = fed.config.institutions[0]
+    for path in (fed.directory / "feeds" / alpha.id).iterdir():
+        path.unlink()
+    rows = pa.concat_tables([hour_of(fed, alpha.id, hour) for hour in range(2)]).to_pylist()
+    text = "".join(json.dumps({**row, "event_time": row["event_time"].isoformat()}) + "\n" for row in rows)
+    read_end, write_end = os.pipe()
+
+    def produce() -> None:
+        time.sleep(1.5)  # the stream has seen every file by then
+        with os.fdopen(write_end, "w") as pipe:
+            pipe.write(text)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    with os.fdopen(read_end) as stdin:
+        driver = StreamDriver(fed.config, stdin=(alpha.id, stdin), until=at(2))
+        driver.run(drain=True)
+    producer.join()
+    sent = sum(hour_of(fed, inst.id, hour).num_rows for inst in fed.config.institutions for hour in range(2))
+    assert driver.state.readings == sent and driver.state.rejected == 0
+    assert sum(Store(fed.config.store_path).read("releases").column("count").to_pylist()) == sent
 
 
 @pytest.mark.e2e
