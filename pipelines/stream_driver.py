@@ -606,6 +606,8 @@ class StreamDriver:
             self.close()
 
     def _run(self, *, drain: bool, sleep: Callable[[float], None]) -> StreamStatus:
+        if drain:
+            self._check_until_reached()
         while not self.stop_requested:
             # Before the step, which reads what was journalled. Standard input is caught up once closed: the
             # ingest that met its end journalled and read every line before it.
@@ -625,6 +627,20 @@ class StreamDriver:
             if rows == 0:
                 sleep(self.config.stream_poll.total_seconds())
         return self.status()
+
+    def _check_until_reached(self) -> None:
+        """Draining releases every window up to `until` without waiting: refuse an `until` the clock has not
+        reached, whose last windows have not ended (or begun) and would be released without their readings."""
+        now = self._clock()
+        if self.until is not None and self.until > now:
+            reached = window_start(now, self.config.stream_window)
+            raise FusionError(
+                f"--drain --until {self.until.isoformat()}: the clock is at {now.isoformat()}, and draining releases "
+                "every window up to --until at once, so windows that have not ended would be released without "
+                f"readings still to come. Drain up to a time the clock has passed (--until {reached.isoformat()}, "
+                "the end of the last window it has passed), or leave out --drain: the stream then releases each "
+                "window up to --until as the clock passes its end (and the allowed lateness) and stops"
+            )
 
     def _check_drainable(self) -> None:
         """Draining waits for each broker source to catch up; one that has not been reachable for

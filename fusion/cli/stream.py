@@ -21,7 +21,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     stream.add_argument("--stdin", metavar="INSTITUTION", help="also read this institution's JSON lines on stdin")
     stream.add_argument(
         "--drain", action="store_true",
-        help="stop once the inputs are exhausted, releasing every window of the grid up to --until (or up to now)",
+        help="stop once the inputs are exhausted, releasing every window of the grid up to --until (a time the clock "
+        "has passed) or up to now",
     )
     stream.add_argument(
         "--until", metavar="TIME",

@@ -269,9 +269,10 @@ def window_start(time: datetime, size: timedelta) -> datetime:
 def release_bound(*, now: datetime, lateness: timedelta, until: datetime | None, drain: bool) -> datetime:
     """The latest end a window released now may have. Running: the clock less the allowed lateness (a window's
     readings are on time until its end plus the lateness), never past `until`. Draining (no reading is still to
-    come): `until` when given, else the clock. Public inputs only."""
+    come): the clock, or `until` if earlier; never a window the clock has not seen end, whose readings are still
+    to come. Public inputs only."""
     if drain:
-        return until if until is not None else now
+        return now if until is None else min(now, until)
     return now - lateness if until is None else min(now - lateness, until)
 
 

@@ -640,6 +640,21 @@ def test_another_window_or_grid_start_is_refused_while_the_state_holds_windows_o
     assert driver.state.readings + driver.state.rejected == landed  # the rest: stamped too far ahead of 01:01
 
 
+def test_draining_up_to_a_time_the_clock_has_not_reached_is_refused_and_releases_nothing(make_federation):
+    """`--drain --until` releases every window up to --until at once: one the clock has not seen end would be
+    released without the readings still to come (they would then be late). The stream used to release them."""
+    fed = stream_federation(make_federation, subdir="drain-ahead")
+    land(fed, 0)
+    clock = at(1.5)  # hour 0 has ended, hour 1 has not
+    driver = StreamDriver(fed.config, until=at(3), clock=lambda: clock)
+    with pytest.raises(FusionError, match=r"--drain --until .* \(--until 2026-01-01T01:00:00\+00:00,"):
+        driver.run(drain=True)
+    assert driver.state.windows == {} and not Store(fed.config.store_path).read("releases").num_rows
+    driver = StreamDriver(fed.config, until=at(1), clock=lambda: clock)
+    driver.run(drain=True)
+    assert window_starts(fed.config.store_path) == [at(0)]
+
+
 def test_an_input_rewritten_after_it_was_read_is_reported_not_read_twice(make_federation, caplog):
     fed = stream_federation(make_federation, subdir="rewritten")
     land(fed, 0)
