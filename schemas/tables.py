@@ -306,7 +306,8 @@ DECISIONS_SCHEMA = pa.schema(
 #: Models trained across institutions (training/), one row per committed round: the flat float32 parameters after
 #: it (public to the federation), what the round released (its id, the SHA-256 of each contribution envelope and
 #: of the aggregate the ledger charged) and cost: `noise_variance` is the total Skellam variance in the sum,
-#: `calibrated_variance` the part no admissible coalition knows (v), `epsilon` the whole run's so far.
+#: `calibrated_variance` the part no admissible coalition knows (v), `epsilon` the whole run's so far (every charge
+#: its rounds made, an attempt lost in a crash and drawn anew included).
 MODELS_SCHEMA = pa.schema(
     [
         pa.field("model_id", pa.string(), nullable=False),

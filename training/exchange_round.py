@@ -52,7 +52,14 @@ from pipelines.contribute import double_mask
 from pipelines.run import run_aggregate
 from pipelines.unmask import acknowledge, read_roster, seal_unmask
 from privacy import he
-from privacy.envelope import EnvelopeHeader, pack_envelope, signature_valid, unpack_envelope
+from privacy.envelope import (
+    EnvelopeError,
+    EnvelopeHeader,
+    envelope_header,
+    pack_envelope,
+    signature_valid,
+    unpack_envelope,
+)
 from privacy.layout import PartitionLayout
 from privacy.masking import centred
 from privacy.noise_shares import NoiseLayers
@@ -206,6 +213,20 @@ def decrypt(plan: ReleasePlan, pay: Callable[[str], None] | None) -> tuple[Envel
     return header, total, hashlib.sha256(data).hexdigest()
 
 
+def can_resume(plan: ReleasePlan, charged_for: str) -> bool:
+    """Whether a round charged and lost before its commit can still be completed under its own id: its aggregate
+    is still in the exchange and is the one the ledger charged (payload SHA-256 `charged_for`). Its contributions
+    are the institutions' kept envelopes, so every step re-runs alike and the key holder decrypts that same
+    aggregate again, charged once (training/attempts.py)."""
+    path = aggregate_path(plan.config.exchange_path, plan.key)
+    if not exists(path):
+        return False
+    try:
+        return envelope_header(read_bytes(path)).payload_sha256 == charged_for
+    except EnvelopeError:
+        return False
+
+
 @dataclass(frozen=True)
 class ExchangeFederation:
     """A federation whose rounds go through the exchange (training/trainer.py's `RoundSummer`): this process runs
@@ -222,6 +243,9 @@ class ExchangeFederation:
     def plan(self, round_id: RoundId, *, slots: int, variance: float) -> ReleasePlan:
         return round_plan(self.config, round_id, slots=slots, variance=variance, start=self.start, end=self.end)
 
+    def can_resume(self, round_id: RoundId, *, slots: int, variance: float, charged_for: str) -> bool:
+        return can_resume(self.plan(round_id, slots=slots, variance=variance), charged_for)
+
     def sum_round(
         self,
         vectors: Mapping[str, np.ndarray],
@@ -235,12 +259,15 @@ class ExchangeFederation:
         plan = self.plan(round_id, slots=slots, variance=layers.total_variance)
         open_round(plan, self.config.exchange_path)
         envelopes = {i: seal_contribution(plan, i, vectors[i], generator=generators[i])[0] for i in sorted(vectors)}
-        status = aggregate(plan) if read_roster(plan) is None else {"status": "awaiting_unmask"}
-        if status["status"] == "awaiting_unmask":
-            run_unmask_round(plan, sorted(vectors))
-            status = aggregate(plan)
-        if status["status"] != "aggregated":
-            raise RoundRefused(f"the round was not aggregated: {status.get('reason', status['status'])}")
+        # An aggregate already sealed (a round resumed after a crash) is decrypted as it is: sealed again it would
+        # be other bytes, and the ledger and a signature already written may name these.
+        if not exists(aggregate_path(plan.config.exchange_path, plan.key)):
+            status = aggregate(plan) if read_roster(plan) is None else {"status": "awaiting_unmask"}
+            if status["status"] == "awaiting_unmask":
+                run_unmask_round(plan, sorted(vectors))
+                status = aggregate(plan)
+            if status["status"] != "aggregated":
+                raise RoundRefused(f"the round was not aggregated: {status.get('reason', status['status'])}")
         header, total, digest = decrypt(plan, pay)
         return RoundSum(
             noisy_sum=total,

@@ -1,7 +1,9 @@
 """`fusion train --role ...`: one party's step of a model's current round, as `fusion contribute`, `fusion aggregate`
 and `fusion release` are for releases; each loads only its own keys from the config. The round in progress is what
-every party derives alike from the store's public tables: the round after the last committed one in `models`, its
-first attempt the ledger has not charged (training/run.py).
+every party derives alike from the store's public tables and the exchange: the round after the last committed one
+in `models`, under its attempt the ledger charged last if that one was lost before its commit and can still be
+completed (its aggregate in the exchange, the one charged), otherwise its first attempt the ledger has not charged
+(training/attempts.py).
 
     institution  --institution ID     its gradients at the current model, sealed in the round's exchange folder
     aggregator                        sum and close the roster; once the answers are in, remove the masks
@@ -29,16 +31,24 @@ from pipelines.release import charge_record, registered_signing_key
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import secure_generator, seeded_generator
 from training.accounting import TrainingBudget
-from training.exchange_round import aggregate, answer, decrypt, open_round, round_plan, seal_contribution
+from training.attempts import charged_aggregates, run_charges
+from training.exchange_round import (
+    ExchangeFederation,
+    aggregate,
+    answer,
+    decrypt,
+    open_round,
+    round_plan,
+    seal_contribution,
+)
 from training.planning import feature_width
 from training.run import (
     LedgerTerms,
     RoundCharge,
-    charged_release_ids,
     commit_round,
     institution_rows,
     last_committed,
-    next_round_id,
+    round_attempt,
     settings_for,
     terms_for,
 )
@@ -86,7 +96,8 @@ def current_round(config: Config, model: ModelConfig, store: Store) -> CurrentRo
     number = (start.round if start else 0) + 1
     if number > settings.rounds:
         raise FusionError(f"model {model.name}: all {settings.rounds} rounds are committed; nothing is left to run")
-    round_id = next_round_id(settings, number, charged_release_ids(store))
+    federation = ExchangeFederation(config, terms.start, terms.end)
+    round_id = round_attempt(settings, number, charged_aggregates(store), federation, budget)
     return CurrentRound(config, settings, terms, budget, width, model.class_count, start, round_id)
 
 
@@ -176,7 +187,9 @@ def release_round(config: Config, model: ModelConfig, store: Store) -> RoundReco
         noisy_sum=total, contributors=header.contributors, noise_variance=header.noise_variance,
         envelope_digests=envelopes, aggregate_digest=digest, bytes_per_contributor=0, refused=tuple(header.refused),
     )  # fmt: skip
-    record = current.progress().step(current.settings, budget, current.round_id.round, summed)
+    charged = {*charged_aggregates(store), current.round_id.release_id}  # this round's attempt among them
+    charges = run_charges(current.settings, current.round_id.round, charged)
+    record = current.progress().step(current.settings, budget, current.round_id.round, summed, charges=charges)
     commit_round(
         store, current.settings, record, current.round_id, terms=terms, budget=budget, charged=spent[0],
         signing_key=signing_key,

@@ -1,6 +1,7 @@
 """A training run against the store: every round is charged to the budget ledger (the same period, cap and
 privacy unit as the releases of the readings it learns from) before its sum is decrypted, and committed to the
-`models` table once the model is updated; a run resumes from its last committed round.
+`models` table once the model is updated; a run resumes from its last committed round, and a round lost after its
+charge under the same attempt where it can still be completed (training/attempts.py).
 """
 
 from __future__ import annotations
@@ -40,8 +41,16 @@ from fusion.store.signed_budget import budget_claim
 from privacy.accountant import Composition, ReleaseCharge
 from schemas.tables import AUDIT_SCHEMA, MODELS_SCHEMA
 from training.accounting import TrainingBudget
+from training.attempts import (
+    charged_aggregates,
+    check_signed_row,
+    next_round_id,
+    recorded_round,
+    run_charges,
+    superseded,
+)
 from training.secure_sum import Federation, Party, RoundId, RoundSum
-from training.trainer import Institution, RoundRecord, RoundSummer, TrainingSettings, train
+from training.trainer import Institution, RoundRecord, RoundResumer, RoundSummer, TrainingSettings, train
 
 
 @dataclass(frozen=True)
@@ -62,15 +71,18 @@ class LedgerTerms:
 
 @dataclass(frozen=True)
 class TrainingForecast:
-    """What `fusion train --plan` shows before a run: the run's own epsilon and the period's before and after."""
+    """What `fusion train --plan` shows before a run: the run's own epsilon (every charge its rounds made and will
+    make, attempts lost in crashes included) and the period's before and after."""
 
     rounds: int
+    remaining: int  # rounds not yet committed
     parameters: int
     variance: float
     run_epsilon: float
     period_epsilon_before: float
     period_epsilon_after: float
     cap: float
+    lost: int  # attempts charged, lost in crashes and drawn anew: each a charge on top of the run's rounds
 
     @property
     def fits(self) -> bool:
@@ -78,22 +90,76 @@ class TrainingForecast:
 
 
 def forecast(
-    store: Store, budget: TrainingBudget, terms: LedgerTerms, *, remaining: int, record: ChargeRecord | None = None
+    store: Store,
+    budget: TrainingBudget,
+    terms: LedgerTerms,
+    *,
+    remaining: int,
+    record: ChargeRecord | None = None,
+    charged: int | None = None,
+    resuming: bool = False,
 ) -> TrainingForecast:
     """The spend of the `remaining` rounds of a run, predicted on the ledger as it stands (with `record`, the key
-    holder's own record of the period, where the store's row is behind it)."""
+    holder's own record of the period, where the store's row is behind it). `charged`: the charges the run's
+    rounds made so far (`run_charges`; None: one per committed round); `resuming`: the next round resumes an
+    attempt already charged, so it charges nothing more."""
+    new = remaining - int(resuming)
     before, after = BudgetLedger(store, record=record).preview(
-        period=terms.period, charges=[terms.charge(budget)] * max(remaining, 1), cap=terms.cap, delta=terms.delta
+        period=terms.period, charges=[terms.charge(budget)] * max(new, 1), cap=terms.cap, delta=terms.delta
     )
+    done = budget.rounds - remaining
+    made = done if charged is None else max(charged, done)  # every committed round was charged, at the least
     return TrainingForecast(
         rounds=budget.rounds,
+        remaining=remaining,
         parameters=budget.sensitivity.dimension,
         variance=budget.variance,
-        run_epsilon=budget.epsilon,
+        run_epsilon=budget.epsilon_after(made + new),
         period_epsilon_before=before,
-        period_epsilon_after=after if remaining else before,
+        period_epsilon_after=after if new else before,
         cap=terms.cap,
+        lost=made - done - int(resuming),
     )
+
+
+def forecast_run(
+    store: Store,
+    settings: TrainingSettings,
+    budget: TrainingBudget,
+    terms: LedgerTerms,
+    federation: RoundResumer,
+    *,
+    record: ChargeRecord | None = None,
+) -> TrainingForecast:
+    """`forecast` of the run's remaining rounds from the store: its last committed round, the charges its rounds
+    made, and whether its next round resumes an attempt already charged (training/attempts.py)."""
+    done = last_committed(store, settings)
+    number = (done.round if done else 0) + 1
+    charged = charged_aggregates(store)
+    resuming = False
+    if number <= settings.rounds:
+        resuming = round_attempt(settings, number, charged, federation, budget).release_id in charged
+    return forecast(
+        store, budget, terms, remaining=settings.rounds - number + 1, record=record,
+        charged=run_charges(settings, settings.rounds, charged), resuming=resuming,
+    )  # fmt: skip
+
+
+def round_attempt(
+    settings: TrainingSettings,
+    number: int,
+    charged: Mapping[str, str],
+    federation: RoundResumer,
+    budget: TrainingBudget,
+) -> RoundId:
+    """Round `number`'s attempt (`next_round_id`): its last charged one where `federation` can still complete it,
+    otherwise a new draw."""
+
+    def resumable(attempt: RoundId, charged_for: str) -> bool:
+        slots = budget.sensitivity.dimension + 1  # the gradient slots and the count slot
+        return federation.can_resume(attempt, slots=slots, variance=budget.variance, charged_for=charged_for)
+
+    return next_round_id(settings, number, charged, resumable)
 
 
 def last_committed(store: Store, settings: TrainingSettings) -> RoundRecord | None:
@@ -122,7 +188,9 @@ def last_committed(store: Store, settings: TrainingSettings) -> RoundRecord | No
     return RoundRecord(row["round"], parameters, row["count_estimate"], row["epsilon"], summed, metrics, velocity)
 
 
-def model_row(settings: TrainingSettings, budget_variance: float, record: RoundRecord, release_id: str) -> pa.Table:
+def model_row(
+    settings: TrainingSettings, budget_variance: float, record: RoundRecord, release_id: str, committed_at: datetime
+) -> pa.Table:
     parameters = record.parameters.astype(np.float32)
     doc = {
         "model_id": settings.model_id,
@@ -144,31 +212,9 @@ def model_row(settings: TrainingSettings, budget_variance: float, record: RoundR
         "aggregate_sha256": record.sum.aggregate_digest,
         "held_out_accuracy": record.metrics.get("accuracy"),
         "velocity": None if record.velocity is None else record.velocity.astype(np.float32).tolist(),
-        "committed_at": datetime.now(UTC),
+        "committed_at": committed_at,
     }
     return pa.Table.from_pylist([doc], schema=MODELS_SCHEMA)
-
-
-def charged_release_ids(store: Store) -> set[str]:
-    """Every release id the budget ledger has charged (releases' and rounds')."""
-    return {r for ids in BudgetLedger(store).rows().column("release_ids").to_pylist() for r in ids}
-
-
-def next_round_id(settings: TrainingSettings, number: int, charged: set[str]) -> RoundId:
-    """Round `number`'s id: its first attempt not yet charged (a round charged but never committed, a crash in
-    between, is drawn and charged anew)."""
-    attempt = 0
-    while RoundId(settings.model_id, number, settings.digest(), attempt).release_id in charged:
-        attempt += 1
-    return RoundId(settings.model_id, number, settings.digest(), attempt)
-
-
-def superseded(round_id: RoundId) -> list[str]:
-    """The ids of the earlier attempts at `round_id`'s round (each charged, then lost in a crash)."""
-    return [
-        RoundId(round_id.model_id, round_id.round, round_id.parameters_digest, attempt).release_id
-        for attempt in range(round_id.attempt)
-    ]
 
 
 @dataclass(frozen=True)
@@ -193,8 +239,16 @@ def commit_round(
     """Commit a charged round: its audit rows first, holding the key holder's signature (`sign_round`: the
     round's `models` row, its budget claim and the attempts it supersedes), then its `models` row, the row
     signed. `signing_key` None: unsigned (a store nobody verifies, as the benches'); `fusion verify` reads an
-    unsigned round as tampered."""
-    row = model_row(settings, budget.variance, record, round_id.release_id)
+    unsigned round as tampered. An attempt resumed after a crash between the two commits only its `models` row,
+    the one its audit row signed."""
+    recorded = recorded_round(store, round_id.release_id)
+    if recorded is not None:
+        row = model_row(settings, budget.variance, record, round_id.release_id, recorded.at)
+        check_signed_row(row, recorded, round_id, signing_key)
+        store.insert_new("models", row)
+        return
+    now = datetime.now(UTC)  # the audit row's time and the row's: a resumed attempt rebuilds the row signed
+    row = model_row(settings, budget.variance, record, round_id.release_id, now)
     signature = None
     if signing_key is not None:
         claim = budget_claim(
@@ -206,9 +260,9 @@ def commit_round(
             signing_key=signing_key, budget=claim, supersedes=superseded(round_id),
         ).to_doc()  # fmt: skip
     # Audit first, the model last (both keyed): a crash in between leaves the round uncommitted, and the run's
-    # next attempt at it (charged anew) supersedes this one.
+    # next try at it resumes this attempt and commits the row signed here.
     store.insert_new(
-        "audit", audit_rows(settings, record, round_id.release_id, terms, charged.epsilon_after, signature)
+        "audit", audit_rows(settings, record, round_id.release_id, terms, charged.epsilon_after, signature, at=now)
     )
     crash_point("round_after_audit")
     store.insert_new("models", row)
@@ -221,15 +275,16 @@ def audit_rows(
     terms: LedgerTerms,
     period_epsilon: float | None,
     signature: dict[str, object] | None = None,
+    *,
+    at: datetime,
 ) -> pa.Table:
     """The round's `audit` rows, as a release's: the envelopes the aggregator refused, then the round itself
     (action `training_round`, by the key holder, with the aggregate's hash, what it cost and its signature)."""
-    now = datetime.now(UTC)
 
     def row(event: str, action: str, role: str, reason: str | None, content: str | None, detail: object) -> dict:
         return {
             "event_id": f"{release_id}:{event}",
-            "at": now,
+            "at": at,
             "actor_role": role,
             "actor": settings.model_id,
             "action": action,
@@ -292,13 +347,13 @@ def train_into_store(
     if start is not None and start.round >= settings.rounds:
         return start
     ledger = BudgetLedger(store, record=record)
-    charged = charged_release_ids(store)
+    charged = charged_aggregates(store)  # release id -> aggregate charged for; this run's charges join it
     paid: dict[int, tuple[TrainingBudget, RoundCharge]] = {}  # round -> what it was charged, and for what
     names: dict[int, RoundId] = {}
 
-    def round_id(number: int) -> RoundId:
-        """The round's id: a round charged but never committed (a crash in between) is drawn and charged anew."""
-        names[number] = next_round_id(settings, number, charged)
+    def round_id(number: int, budget: TrainingBudget) -> RoundId:
+        """The round's attempt: one charged but lost in a crash is resumed where it can still be completed."""
+        names[number] = round_attempt(settings, number, charged, federation, budget)
         return names[number]
 
     def pay(round_id: RoundId, budget: TrainingBudget, aggregate_sha256: str) -> None:
@@ -309,7 +364,8 @@ def train_into_store(
             charge=terms.charge(budget),
             cap=terms.cap,
             delta=terms.delta,
-        )
+        )  # a resumed attempt's charge is found, not made again: its aggregate is the one charged
+        charged[round_id.release_id] = aggregate_sha256
         paid[round_id.round] = (budget, RoundCharge(aggregate_sha256, spent.epsilon_after))
         crash_point("round_after_charge")
 
@@ -334,6 +390,7 @@ def train_into_store(
         pay=pay,
         held_out=held_out,
         round_ids=round_id,
+        charges=lambda number: run_charges(settings, number, charged),
     )
 
 

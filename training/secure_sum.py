@@ -81,6 +81,11 @@ class Federation:
         """One round in this process (`secure_sum`): the trainer's `RoundSummer`."""
         return secure_sum(self, vectors, round_id=round_id, layers=layers, generators=generators, pay=pay)[0]
 
+    def can_resume(self, round_id: RoundId, *, slots: int, variance: float, charged_for: str) -> bool:
+        """Never: nothing of a round outlives this process (no exchange keeps its envelopes or its aggregate), so a
+        round lost after its charge is drawn anew and charged again."""
+        return False
+
 
 @dataclass(frozen=True)
 class RoundId:
@@ -89,7 +94,7 @@ class RoundId:
     model_id: str
     round: int
     parameters_digest: str
-    attempt: int = 0  # > 0: the round was charged before and its sum lost in a crash; a new draw, charged again
+    attempt: int = 0  # > 0: an earlier attempt was charged, lost in a crash and not resumable; a new draw, charged
 
     @property
     def context(self) -> bytes:

@@ -64,7 +64,16 @@ class TrainingSettings:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-class RoundSummer(Protocol):
+class RoundResumer(Protocol):
+    """What knows whether a round lost after its charge can still be completed (training/attempts.py)."""
+
+    def can_resume(self, round_id: RoundId, *, slots: int, variance: float, charged_for: str) -> bool:
+        """Whether `round_id`, charged for the aggregate `charged_for` (payload SHA-256) and lost before its commit,
+        can still be completed under its own id: no new draw, no new charge."""
+        ...
+
+
+class RoundSummer(RoundResumer, Protocol):
     """What runs a round's secure sum: the exchange and the releases' roles (training/exchange_round.py), or one
     process with every party's keys (training/secure_sum.py, for tests and benchmarks)."""
 
@@ -199,8 +208,12 @@ class Progress:
         number: int,
         summed: RoundSum,
         held_out: Institution | None = None,
+        *,
+        charges: int | None = None,
     ) -> RoundRecord:
-        """Round `number`'s update from its noisy sum: theta <- theta - lr * (momentum) g_hat / n_hat."""
+        """Round `number`'s update from its noisy sum: theta <- theta - lr * (momentum) g_hat / n_hat. `charges`: how
+        many charges rounds 1..`number` made, attempts lost in crashes included (training/attempts.py
+        `run_charges`; default `number`), which the run's epsilon after this round composes."""
         seen = self.counts.setdefault(summed.contributors, [])
         seen.append(float(summed.noisy_sum[-1]) / budget.sensitivity.count_weight)
         count = max(float(np.mean(seen)), 1.0)
@@ -215,7 +228,7 @@ class Progress:
             number,
             flat_parameters(self.model),
             count,
-            budget.epsilon_after(number),
+            budget.epsilon_after(number if charges is None else charges),
             summed,
             metrics,
             self.velocity.astype(np.float32) if settings.momentum else None,
@@ -233,13 +246,17 @@ def train(
     present: Callable[[int], set[str]] | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     pay: Callable[[RoundId, TrainingBudget, str], None] | None = None,
-    round_ids: Callable[[int], RoundId] | None = None,
+    round_ids: Callable[[int, TrainingBudget], RoundId] | None = None,
+    charges: Callable[[int], int] | None = None,
     held_out: Institution | None = None,
 ) -> RoundRecord:
     """Run the rounds after `start` (a committed round to resume from; None: from round 1 and the public initial
     model), calling `pay(round, budget, aggregate SHA-256)` before each sum is decrypted (the ledger) and
     `on_round` once each round is complete (commit it there). `present(round)` names the
-    institutions that contribute to a round (default: all). Returns the last round."""
+    institutions that contribute to a round (default: all). `round_ids(number, budget)` names each round's
+    attempt, and `charges(number)`, once it is paid, how many charges rounds 1..number made (attempts lost in
+    crashes included; default: one a round), which the epsilon of each round's record composes. Returns the last
+    round."""
     features = next(iter(data.values())).features.shape[1]
     progress = Progress.resume(settings, features=features, classes=classes, start=start)
     budget = budget_for(settings, progress.velocity.size)
@@ -254,10 +271,11 @@ def train(
     for number in range((start.round if start else 0) + 1, settings.rounds + 1):
         ids = sorted(present(number) if present else data)
         vectors = {i: progress.vector(settings, data[i], generators[i]) for i in ids}
-        round_id = round_ids(number) if round_ids else RoundId(settings.model_id, number, settings.digest())
+        round_id = round_ids(number, budget) if round_ids else RoundId(settings.model_id, number, settings.digest())
         charge = None if pay is None else functools.partial(pay, round_id, budget)
         summed = federation.sum_round(vectors, round_id=round_id, layers=layers, generators=generators, pay=charge)
-        record = progress.step(settings, budget, number, summed, held_out)
+        spent = None if charges is None else charges(number)
+        record = progress.step(settings, budget, number, summed, held_out, charges=spent)
         if on_round is not None:
             on_round(record)
     if record is None:

@@ -77,14 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from privacy.skellam import secure_generator, seeded_generator
     from training.exchange_round import ExchangeFederation
     from training.feed_rows import check_feed_model, feature_count, feed_rows
-    from training.run import (
-        forecast,
-        institution_rows,
-        last_committed,
-        settings_for,
-        terms_for,
-        train_into_store,
-    )
+    from training.run import forecast_run, institution_rows, settings_for, terms_for, train_into_store
     from training.trainer import budget_for, build_model, flat_parameters
 
     config, model = _model(args)
@@ -126,13 +119,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     held_out = None if model.held_out is None else institution_rows(model, config.base / model.held_out, "held_out")
     dimension = flat_parameters(build_model(width, model.class_count, model.hidden, 0)).size
     budget = budget_for(settings, dimension)
-    done = last_committed(store, settings)
-    remaining = settings.rounds - (done.round if done else 0)
+    # Each round through the releases' roles (training/exchange_round.py): every institution seals in the exchange
+    # with its own keys, the aggregator sums and unmasks, the key holder decrypts once the ledger is charged.
+    federation = ExchangeFederation(config, terms.start, terms.end)
     record = charge_record(config, store)  # the key holder's own record: rounds share the releases' cap
-    predicted = forecast(store, budget, terms, remaining=remaining, record=record)
+    predicted = forecast_run(store, settings, budget, terms, federation, record=record)
+    remaining = predicted.remaining
+    lost = f" (counting {predicted.lost} lost attempt(s) charged again)" if predicted.lost else ""
     console.print(
         f"model {model.name}: {dimension:,} parameters, {settings.rounds} rounds ({remaining} left), run epsilon "
-        f"{predicted.run_epsilon:.4f} at delta {settings.delta:g}; period {terms.period.name}: epsilon "
+        f"{predicted.run_epsilon:.4f}{lost} at delta {settings.delta:g}; period {terms.period.name}: epsilon "
         f"{predicted.period_epsilon_before:.4f} -> {predicted.period_epsilon_after:.4f} of cap {predicted.cap:g}",
         highlight=False,
     )
@@ -159,9 +155,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             highlight=False,
         )
 
-    # Each round through the releases' roles (training/exchange_round.py): every institution seals in the exchange
-    # with its own keys, the aggregator sums and unmasks, the key holder decrypts once the ledger is charged.
-    federation = ExchangeFederation(config, terms.start, terms.end)
     train_into_store(
         store,
         settings,

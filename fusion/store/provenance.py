@@ -316,7 +316,8 @@ def sign_round(
 ) -> ReleaseSignature:
     """The key holder's signature on a training round: its row in `models` (all of `row`'s columns), the aggregate
     it decrypted, its budget claim, and the earlier attempts at the same round that it supersedes. Rounds are not
-    chained (a round lost in a crash is drawn again under another id, which would leave a gap): a round removed
+    chained (a round lost in a crash that cannot be resumed is drawn again under another id, which would leave a
+    gap): a round removed
     whole is found through its charge in the ledger, unless a later attempt supersedes it."""
     unsigned = ReleaseSignature(
         release_id=release_id,

@@ -163,8 +163,8 @@ def _verify_rounds(
             if status == "verified":
                 successors.update(dict.fromkeys(claim.supersedes, rid))
     checks = [
-        replace(c, status="superseded", reason=f"charged, then lost in a crash before it was committed; "
-                f"the round's signed attempt {successors[c.release_id]} replaces it")
+        replace(c, status="superseded", reason=f"charged, then lost in a crash before it was committed and not "
+                f"resumable; the round's signed attempt {successors[c.release_id]} replaces it")
         if c.status == "missing" and c.release_id in successors
         else c
         for c in checks
@@ -184,8 +184,8 @@ def _check_round(
             if charged:
                 return "missing", (
                     "a training round charged to the budget but never committed: a run that crashed after the "
-                    "charge (resume it: its next attempt at the round supersedes this one), or the round's row and "
-                    "audit record were removed"
+                    "charge (resume it: the run completes this attempt, or supersedes it with a new one if its "
+                    "aggregate is gone from the exchange), or the round's row and audit record were removed"
                 ), None
             return "missing", "no such training round", None
         return "tampered", "no audit record of its training round (removed, or a `models` row added without one)", None
@@ -200,8 +200,9 @@ def _check_round(
         return "tampered", "the audit record names another aggregate envelope than the one signed", claim
     if rows.num_rows == 0:
         return "missing", (
-            "signed but its `models` row is not committed: a run that crashed (resume it: its next attempt at the "
-            "round supersedes this one), or its row was removed"
+            "signed but its `models` row is not committed: a run that crashed (resume it: the run commits the row "
+            "signed, or supersedes the attempt with a new one if its aggregate is gone from the exchange), or its "
+            "row was removed"
         ), claim
     if rows.num_rows != claim.rows:
         return "tampered", f"{rows.num_rows} rows in `models`, {claim.rows} signed", claim

@@ -12,6 +12,7 @@ import pytest
 
 from fusion.cli.core import main
 from fusion.config.federation import load_config
+from fusion.keys.holder import secret_key_file
 from fusion.store.delta import Store
 from pipelines.release import charge_record
 from tests.conftest import Federation
@@ -85,6 +86,39 @@ def test_train_plans_then_trains_and_resumes(
     assert (config.base / "exchange" / "training" / "tiny").is_dir()
     assert main(argv) == 0  # everything committed: nothing runs again
     assert "(0 left)" in capsys.readouterr().out
+
+
+def test_a_run_sized_to_its_cap_resumes_a_round_lost_after_its_charge(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = make_federation(noise=True, entities=2, extra=MODEL)  # tiny: epsilon 1 for the run, the period's cap
+    for k, inst in enumerate(("alpha", "beta", "gamma")):
+        _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    _rows(fed.directory / "training" / "held_out.parquet", 9)
+    argv = ["train", "--config", str(fed.config_path), "--model", "tiny"]
+    config = load_config(fed.config_path)
+    store = Store(config.store_path)
+    key = secret_key_file(config)
+    away = key.with_name(f"{key.name}.away")
+    key.rename(away)  # the key holder's HE secret key unreadable: round 1 is charged, then cannot be decrypted
+    assert main(argv) == 1
+    assert "HE secret key is missing" in capsys.readouterr().err
+    (lost,) = store.read("budget").to_pylist()[0]["release_ids"]
+    away.rename(key)
+    # Its aggregate is still in the exchange: the run resumes it, one more charge to come, not two.
+    assert main([*argv, "--plan"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # however the console wraps it
+    assert "2 rounds (2 left), run epsilon 0.9997 at" in out and "epsilon 0.6904 -> 0.9997 of cap 1" in out
+    assert main(argv) == 0  # before: "would take period 2026-01-01 to epsilon 1.2428, above its cap 1"
+    out = " ".join(capsys.readouterr().out.split())
+    assert "round 1/2: 3 contributors, epsilon 0.6904" in out and "round 2/2: 3 contributors, epsilon 0.9997" in out
+    models = store.read("models").sort_by("round").to_pylist()
+    budget = store.read("budget").to_pylist()[0]
+    assert models[0]["release_id"] == lost  # the attempt charged is the attempt committed
+    assert budget["release_ids"] == [m["release_id"] for m in models]  # and it was charged once
+    assert models[-1]["epsilon"] == pytest.approx(budget["epsilon_spent"]) and budget["epsilon_spent"] <= 1.0
+    assert main(["verify", "--config", str(fed.config_path)]) == 0
+    assert "superseded" not in capsys.readouterr().out
 
 
 def test_train_refuses_an_unknown_model_and_missing_rows(

@@ -53,6 +53,9 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     paid: list[str] = []
     header, total, _ = decrypt(plan, paid.append)
     assert len(paid) == 1 and paid[0] == header.payload_sha256
+    # Charged for this aggregate and lost, the round can be resumed under its id; charged for another, it cannot.
+    assert federation.can_resume(round_id, slots=9001, variance=400.0, charged_for=header.payload_sha256)
+    assert not federation.can_resume(round_id, slots=9001, variance=400.0, charged_for="0" * 64)
     plain = np.sum([noised[i] for i in IDS], axis=0)
     np.testing.assert_array_equal(total, plain)  # the decrypted sum is the plaintext sum of the noised vectors
     # No removable layers: each seals s_q = v / h(quorum 2) = v, and keeps it: exactly that in the header, and

@@ -8,6 +8,7 @@ import pytest
 
 from fusion.cli.core import main
 from fusion.config.federation import load_config
+from fusion.keys.holder import secret_key_file
 from fusion.store.delta import Store
 from pipelines.release import charge_record
 from tests.conftest import Federation
@@ -34,11 +35,20 @@ def test_a_round_runs_role_by_role_with_a_dropped_institution(
     assert "gamma answered" in run("institution", "--institution", "gamma", "--unmask")
     assert "alpha answered" in run("institution", "--institution", "alpha", "--unmask")
     assert "aggregated" in run("aggregator")
-    assert "round 1/2 of model tiny committed: 2 contributors" in run("key-holder")
     config = load_config(fed.config_path)
     store = Store(config.store_path)
+    # The key holder's step fails after the charge (its HE secret key unreadable): the round is charged, not lost.
+    key = secret_key_file(config)
+    key.rename(key.with_name("away"))
+    assert main([*base, "key-holder"]) == 1
+    assert "HE secret key is missing" in capsys.readouterr().err
+    (charged,) = store.read("budget").to_pylist()[0]["release_ids"]
+    key.with_name("away").rename(key)
+    # Every party still derives the same attempt (its aggregate is in the exchange): the step again commits it.
+    assert "alpha sealed round 1" in run("institution", "--institution", "alpha")  # its kept envelope, again
+    assert "round 1/2 of model tiny committed: 2 contributors" in run("key-holder")
     models = store.read("models").to_pylist()
-    assert [(m["round"], m["contributors"]) for m in models] == [(1, ["alpha", "gamma"])]
+    assert [(m["round"], m["contributors"], m["release_id"]) for m in models] == [(1, ["alpha", "gamma"], charged)]
     audit = [a for a in store.read("audit").to_pylist() if a["action"] == "training_round"]
     assert [a["release_id"] for a in audit] == [models[0]["release_id"]]
     budget = store.read("budget").to_pylist()[0]

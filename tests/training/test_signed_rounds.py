@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from deltalake import write_deltalake
 
@@ -95,6 +96,35 @@ def test_verify_checks_every_round_and_finds_each_change(
     assert main(["verify", "--config", str(fed.config_path)]) == 1
 
 
+def test_a_round_lost_after_its_signed_audit_row_commits_the_row_signed(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = _trained(make_federation)
+    argv = ["train", "--config", str(fed.config_path), "--model", "tiny"]
+    assert main(argv) == 0
+    store = Store(fed.config.store_path)
+    models = store.read("models").sort_by("round")
+    second = models.column("release_id").to_pylist()[1]
+    # Round 2's `models` row lost, as in a crash after its signed audit row: the round is charged and signed.
+    _overwrite(store, "models", models.slice(0, 1), MODELS_SCHEMA)
+    status, reason = _statuses(fed)[second]
+    assert status == "missing" and "signed but its `models` row is not committed" in reason
+    # The held-out table changed since: the row the run computes now is not the row signed, and none is committed.
+    held_out = fed.directory / "training" / "held_out.parquet"
+    rows = pq.read_table(held_out)
+    pq.write_table(rows.set_column(3, "label", pc.subtract(1, rows.column("label"))), held_out)
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "signs another `models` row than the one this run computes" in " ".join(capsys.readouterr().err.split())
+    assert store.read("models").num_rows == 1
+    pq.write_table(rows, held_out)
+    # Resumed as it was: the same attempt, charged no more, its row the one signed.
+    assert main(argv) == 0
+    assert store.read("models").sort_by("round").equals(models)
+    assert _charged(fed) == models.column("release_id").to_pylist()
+    assert {status for status, _ in _statuses(fed).values()} == {"verified"}
+
+
 def _train(config: Path, crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     if crash_at:
@@ -105,27 +135,42 @@ def _train(config: Path, crash_at: str | None = None) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
+def _charged(fed: Federation) -> list[str]:
+    return Store(fed.config.store_path).read("budget").column("release_ids").to_pylist()[0]
+
+
 @pytest.mark.e2e
-def test_attempts_lost_in_crashes_are_missing_until_a_signed_attempt_supersedes_them(
+def test_a_lost_round_is_resumed_and_one_that_cannot_be_is_superseded(
     make_federation: Callable[..., Federation],
 ) -> None:
-    fed = _trained(make_federation, extra_privacy="epsilon_cap = 4.0")  # room for the lost attempts' charges
-    lost = _train(fed.config_path, "round_after_charge")  # charged, decrypted, nothing committed
+    fed = _trained(make_federation, extra_privacy="epsilon_cap = 4.0")  # room for a superseded attempt's charge
+    lost = _train(fed.config_path, "round_after_charge")  # charged, nothing committed
     assert lost.returncode == CRASH_EXIT_CODE, lost.stderr
-    (charged,) = [c for c in Store(fed.config.store_path).read("budget").column("release_ids").to_pylist()[0]]
-    status, reason = _statuses(fed)[charged]
+    (first,) = _charged(fed)
+    status, reason = _statuses(fed)[first]
     assert status == "missing" and "resume it" in reason
-    half = _train(fed.config_path, "round_after_audit")  # the next attempt's signed audit row, not its model row
+    # Its aggregate gone from the exchange, the attempt cannot be completed: a new one is drawn and charged.
+    (aggregate,) = (Path(fed.config.exchange_path) / "training" / "tiny" / first).rglob("aggregate.fenv")
+    aggregate.unlink()
+    again = _train(fed.config_path, "round_after_charge")
+    assert again.returncode == CRASH_EXIT_CODE, again.stderr
+    first, second = _charged(fed)
+    # That one resumed (its aggregate is in the exchange): signed and recorded, then lost before its `models` row.
+    half = _train(fed.config_path, "round_after_audit")
     assert half.returncode == CRASH_EXIT_CODE, half.stderr
-    done = _train(fed.config_path)
+    assert _charged(fed) == [first, second]  # resumed: charged no more
+    status, reason = _statuses(fed)[second]
+    assert status == "missing" and "signed but its `models` row is not committed" in reason
+    done = _train(fed.config_path)  # commits the row the audit row signed, then round 2
     assert done.returncode == 0, done.stderr
     statuses = _statuses(fed)
-    models = Store(fed.config.store_path).read("models").to_pylist()
-    committed = {m["release_id"] for m in models}
-    assert len(models) == 2 and {statuses[r][0] for r in committed} == {"verified"}
-    superseded = {r: reason for r, (status, reason) in statuses.items() if status == "superseded"}
-    assert charged in superseded and len(superseded) == 2  # both lost attempts at round 1
-    assert all(reason.split()[-3] in committed for reason in superseded.values())
+    models = Store(fed.config.store_path).read("models").sort_by("round").to_pylist()
+    assert models[0]["release_id"] == second and statuses[second][0] == "verified"
+    assert statuses[models[1]["release_id"]][0] == "verified"
+    assert statuses[first][0] == "superseded" and statuses[first][1].endswith(f"{second} replaces it")
+    charged = _charged(fed)
+    assert charged == [first, second, models[1]["release_id"]]  # three charges for two rounds, each once
+    # The epsilon the run reports composes all three, as the ledger does.
     budget = Store(fed.config.store_path).read("budget").to_pylist()[0]
-    assert len(budget["release_ids"]) == 4  # every attempt stays charged
+    assert models[-1]["epsilon"] == pytest.approx(budget["epsilon_spent"]) and models[-1]["epsilon"] > 1.0
     assert main(["verify", "--config", str(fed.config_path)]) == 0

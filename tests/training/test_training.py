@@ -22,7 +22,7 @@ from privacy.pld import SkellamMechanism
 from privacy.skellam import seeded_generator
 from training.accounting import TrainingSensitivity, plan_budget
 from training.gradients import clip_rows, contribution_vector, per_example_gradients, random_round
-from training.run import LedgerTerms, forecast, train_into_store
+from training.run import LedgerTerms, forecast, forecast_run, train_into_store
 from training.secure_sum import Federation, RoundId, RoundRefused, aggregate, seal_contribution, secure_sum
 from training.trainer import Institution, RoundRecord, TrainingSettings, budget_for, build_model, train
 
@@ -338,15 +338,17 @@ def test_a_run_spends_the_ledger_commits_models_and_resumes(federation: Federati
     )  # nothing left to run
 
 
-def test_a_round_charged_but_lost_is_drawn_and_charged_anew(federation: Federation, tmp_path: Path) -> None:
+def test_a_round_lost_after_its_charge_is_drawn_anew_and_its_charge_counted(
+    federation: Federation, tmp_path: Path
+) -> None:
     store = Store(tmp_path / "store")
-    settings, terms = _settings(1), _terms()
+    settings, terms = _settings(3), _terms()
     generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
 
     def crash(record: RoundRecord) -> None:
         raise RuntimeError("crash before commit")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError):  # round 1 charged and decrypted, then lost before its commit
         train(
             settings,
             federation,
@@ -363,11 +365,29 @@ def test_a_round_charged_but_lost_is_drawn_and_charged_anew(federation: Federati
                 delta=terms.delta,
             ),
         )
-    last = train_into_store(store, settings, federation, _data(), classes=3, terms=terms, generators=generators)
-    assert last is not None and last.round == 1
+    budget = budget_for(settings, 5 * 4 + 4 + 4 * 3 + 3)
+    # The plan counts the lost charge: the run's epsilon composes four charges, and the period takes three more.
+    predicted = forecast_run(store, settings, budget, terms, federation)
+    assert (predicted.remaining, predicted.lost) == (3, 1)
+    assert predicted.run_epsilon == pytest.approx(budget.epsilon_after(4)) and predicted.run_epsilon > budget.epsilon
+    reported: list[float] = []
+    last = train_into_store(
+        store, settings, federation, _data(), classes=3, terms=terms, generators=generators,
+        progress=lambda record: reported.append(record.epsilon),
+    )  # fmt: skip
+    assert last is not None and last.round == 3
     row = BudgetLedger(store).rows().to_pylist()[0]
-    assert row["releases"] == 2  # the lost draw stays charged: its sum was decrypted
-    assert store.read("models").column("release_id").to_pylist() == [row["release_ids"][1]]
+    models = store.read("models").sort_by("round").to_pylist()
+    # No exchange keeps the lost round's aggregate in this process: it was drawn anew, and stays charged.
+    assert row["releases"] == 4 and [m["release_id"] for m in models] == row["release_ids"][1:]
+    # Every epsilon the run reports counts the lost charge: never below what the ledger spent on it.
+    expected = [budget.epsilon_after(charges) for charges in (2, 3, 4)]
+    audit = [json.loads(a["detail"]) for a in store.read("audit").to_pylist() if a["action"] == "training_round"]
+    assert [m["epsilon"] for m in models] == pytest.approx(expected)
+    assert [a["epsilon"] for a in sorted(audit, key=lambda a: a["round"])] == pytest.approx(expected)
+    assert reported == pytest.approx(expected) and last.epsilon == pytest.approx(expected[-1])
+    assert last.epsilon == pytest.approx(row["epsilon_spent"]) and last.epsilon == pytest.approx(predicted.run_epsilon)
+    assert row["epsilon_spent"] == pytest.approx(predicted.period_epsilon_after)
 
 
 def test_a_model_id_reused_under_other_settings_is_refused(federation: Federation, tmp_path: Path) -> None:
