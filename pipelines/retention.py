@@ -10,10 +10,12 @@ its own sealed record (pipelines/sealing.py). `federation.exchange_retention` sa
 an interval's folder stays (for whoever wants to look at the envelopes); `prune_exchange` removes the folders
 past it.
 
-Only folders named like an interval whose release the store's audit trail records (a `release` event for exactly
-that interval) are removed, and only once that event is older than the retention. An interval in progress,
-refused, or never released keeps its folder, as does everything else in the exchange (the public HE context,
-files the federation put there itself).
+Only folders named like an interval whose release is published are removed: the store's audit trail records it
+(a `release` event for exactly that interval) and its rows are in `releases` (the audit row is committed first: a
+pass that crashed in between is re-run from the exchange, which must still hold the interval's roster and answers),
+and only once that event is older than the retention. An interval in progress, refused, half committed or never
+released keeps its folder, as does everything else in the exchange (the public HE context, files the federation
+put there itself).
 """
 
 from __future__ import annotations
@@ -45,22 +47,32 @@ class PruneReport:
     kept_unreleased: list[str] = field(default_factory=list)
 
 
-def released_at(store: Store) -> dict[tuple[datetime, datetime], datetime]:
-    """By interval (start, end), when its release was recorded (the earliest `release` audit event)."""
-    columns = ["action", "interval_start", "interval_end", "at"]
+@dataclass(frozen=True)
+class Recorded:
+    """A `release` audit event: when, and the release it records."""
+
+    at: datetime
+    release_id: str | None
+
+
+def released_at(store: Store) -> dict[tuple[datetime, datetime], Recorded]:
+    """By interval (start, end), when its release was recorded (the earliest `release` audit event), and its id.
+    The event is committed before the release's rows: `prune_exchange` checks that those are there too."""
+    columns = ["action", "interval_start", "interval_end", "at", "release_id"]
     dataset = store.dataset("audit", string_view=None)
     try:  # pushed down: only the release events are read
         audit = dataset.to_table(columns=columns, filter=pc.field("action") == "release")
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):  # string_view files of old stores
         audit = dataset.to_table(columns=columns)
         audit = audit.filter(pc.equal(pc.cast(audit.column("action"), pa.string()), "release"))
-    found: dict[tuple[datetime, datetime], datetime] = {}
+    found: dict[tuple[datetime, datetime], Recorded] = {}
     for row in audit.to_pylist():
         if row["interval_start"] is None or row["interval_end"] is None:
             continue
         key = (row["interval_start"].astimezone(UTC), row["interval_end"].astimezone(UTC))
-        at = row["at"].astimezone(UTC)
-        found[key] = min(at, found.get(key, at))
+        recorded = Recorded(row["at"].astimezone(UTC), row["release_id"])
+        if key not in found or recorded.at < found[key].at:
+            found[key] = recorded
     return found
 
 
@@ -102,15 +114,21 @@ def prune_exchange(
     folders = interval_folders(exchange)
     if not folders:
         return report
-    released = released_at(store or Store(config.store_path))
+    store = store or Store(config.store_path)
+    released = released_at(store)
+    intervals = {name: _interval(name) for name in folders}
+    recorded = {name: released.get(intervals[name]) for name in folders}
+    due = {name: r.release_id for name, r in recorded.items() if r and r.release_id and moment - r.at >= keep}
+    # Its rows too: a pass that crashed after committing its audit row publishes them when re-run from the exchange.
+    published = store.present_releases([(release_id, *intervals[name]) for name, release_id in due.items()])
     for name in folders:
-        interval = ReleaseKey.parse_interval_name(name)
-        assert interval is not None
-        at = released.get(interval)
-        if at is None:
+        record = recorded[name]
+        if record is None or not record.release_id:
             report.kept_unreleased.append(name)
-        elif moment - at < keep:
+        elif name not in due:
             report.kept_recent.append(name)
+        elif record.release_id not in published:  # half committed: not released yet
+            report.kept_unreleased.append(name)
         else:
             path = join(exchange, name)
             if report.removed_bytes is not None:
@@ -119,6 +137,12 @@ def prune_exchange(
                 remove_tree(path)
             report.removed.append(name)
     return report
+
+
+def _interval(name: str) -> tuple[datetime, datetime]:
+    interval = ReleaseKey.parse_interval_name(name)
+    assert interval is not None, name  # interval_folders lists only names that parse
+    return interval
 
 
 def prune_after_release(config: Config, store: Store) -> PruneReport | None:
@@ -146,4 +170,4 @@ def _tree_bytes(path: str) -> int:
     return total
 
 
-__all__ = ["PruneReport", "interval_folders", "prune_after_release", "prune_exchange", "released_at"]
+__all__ = ["PruneReport", "Recorded", "interval_folders", "prune_after_release", "prune_exchange", "released_at"]

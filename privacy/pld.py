@@ -149,7 +149,7 @@ def support_radius(variance: float, tail: float = TAIL_MASS) -> int:
     while exponent(high) < target:
         high *= 2.0
     low = high / 2.0
-    while high - low > 0.5:
+    while high - low > max(0.5, high * 1e-12):  # beyond 2^53 floats are further apart than 0.5
         middle = (low + high) / 2.0
         low, high = (middle, high) if exponent(middle) < target else (low, middle)
     return math.ceil(high)  # P(K > N) = P(K >= N + 1) <= P(K >= high)

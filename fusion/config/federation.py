@@ -414,15 +414,20 @@ def parse_config(data: dict[str, Any], *, base: Path = Path("."), check_release:
     except ConfigError:
         raise
     except ArithmeticError as exc:  # a range so wide, or a resolution so fine, that the encoding's integers overflow
-        raise ConfigError(f"invalid federation config:\n  {_overflowing_metric(config)}: {exc}") from None
+        metric = _overflowing_metric(config)
+        if metric is None:  # the encoding fits: the noise's arithmetic failed (an epsilon far too small)
+            raise ConfigError(f"invalid federation config:\n  privacy.epsilon / privacy.delta: {exc}") from None
+        raise ConfigError(f"invalid federation config:\n  {metric}: {exc}") from None
     except ValueError as exc:  # e.g. no noise level reaches epsilon at this sensitivity
-        raise ConfigError(f"invalid federation config:\n  privacy.epsilon / privacy.delta: {exc}") from None
+        metric = _overflowing_metric(config)  # a resolution so fine that no noise covers one reading
+        also = f"\n  {metric}" if metric else ""
+        raise ConfigError(f"invalid federation config:\n  privacy.epsilon / privacy.delta: {exc}{also}") from None
     return config
 
 
-def _overflowing_metric(config: Config) -> str:
+def _overflowing_metric(config: Config) -> str | None:
     """The field to blame for an encoding that overflows: the metric whose (upper - lower) / resolution is the
-    largest, named with its values."""
+    largest, named with its values (None when every metric's encoding fits in 64-bit integers)."""
     from privacy.encoding import units_bound
 
     def steps(metric: MetricConfig) -> float:
@@ -432,6 +437,8 @@ def _overflowing_metric(config: Config) -> str:
             return math.inf
 
     worst = max(config.metrics, key=steps)
+    if steps(worst) < 2.0**53:
+        return None
     return (
         f"metrics.{worst.name} (lower = {worst.lower}, upper = {worst.upper}, resolution = {worst.resolution}): "
         "its range over its resolution is too large to encode in 64-bit integers; narrow the range or coarsen the "

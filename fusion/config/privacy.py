@@ -49,7 +49,8 @@ class MetricConfig(Frozen):
 
 
 class PrivacyConfig(Frozen):
-    epsilon: float = Field(gt=0, le=20)
+    # Below 1e-6 no noise the accountants can certify reaches it (a fine resolution's even less): refused at once.
+    epsilon: float = Field(ge=1e-6, le=20)
     delta: float = Field(gt=0, lt=0.01)
     quorum: int = Field(ge=1)
     # Institutions that might collude with the aggregator, the key holder and one contributor that keeps its own

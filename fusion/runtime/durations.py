@@ -10,13 +10,20 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+#: The longest duration Fusion takes (about a century): grids, periods and deadlines added to today's dates must stay
+#: well inside Python's datetime range (year 9999), which a longer one would overflow deep inside a release.
+MAX_DURATION = timedelta(days=36_600)
+
 
 def parse_duration(text: str) -> timedelta:
-    """Parse '15m', '1h', '1d', '30s' into a timedelta."""
+    """Parse '15m', '1h', '1d', '30s' into a timedelta, at most MAX_DURATION (ValueError otherwise)."""
     match = _DURATION.match(text)
     if not match:
         raise ValueError(f"'{text}' is not a duration; write e.g. '15m', '1h' or '1d'")
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"'{text}' is too long: at most {MAX_DURATION.days} days")
+    return timedelta(seconds=seconds)
 
 
 def floor_to_grid(moment: datetime, length: timedelta) -> datetime:
@@ -24,4 +31,4 @@ def floor_to_grid(moment: datetime, length: timedelta) -> datetime:
     return EPOCH + ((moment.astimezone(UTC) - EPOCH) // length) * length
 
 
-__all__ = ["EPOCH", "floor_to_grid", "parse_duration"]
+__all__ = ["EPOCH", "MAX_DURATION", "floor_to_grid", "parse_duration"]

@@ -15,6 +15,7 @@ from fusion.errors import ConfigError
 from fusion.release.exchange import PUBLIC_CONTEXT, ReleaseKey
 from fusion.release.plan import plan_release
 from fusion.store.delta import Store
+from pipelines import release as release_module
 from pipelines.batch import run_batch
 from pipelines.retention import interval_folders, prune_exchange
 from tests.conftest import END, START, Federation
@@ -70,6 +71,33 @@ def test_only_released_intervals_past_the_retention_leave_the_exchange(
     assert main(["verify", "--config", str(fed.config_path)]) == 0
     assert run_batch(plan_release(fed.config, START, MIDDLE)).status == "already_released"
     assert not (exchange / released[0]).exists()
+
+
+def test_an_interval_whose_release_crashed_after_its_audit_row_keeps_its_folder_until_published(
+    make_federation: Callable[..., Federation], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release's audit row is committed before its rows: a pass that crashed in between is re-run from the
+    exchange (its roster and answers), so the folder must stay, though the audit trail records a release."""
+    fed = make_federation()
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_audit(step: str) -> None:
+        if step == "after_audit":
+            raise Crash(step)
+
+    monkeypatch.setattr(release_module, "crash_point", crash_after_audit)
+    with pytest.raises(Crash):
+        run_batch(plan_release(fed.config, START, MIDDLE))
+    monkeypatch.undo()
+    name = _interval(START, MIDDLE)
+    assert Store(fed.config.store_path).read("releases").num_rows == 0
+    later = datetime.now(UTC) + timedelta(days=2)
+    kept = prune_exchange(fed.config, retention=timedelta(0), now=later)
+    assert kept.removed == [] and kept.kept_unreleased == [name]  # it removed the folder before
+    assert run_batch(plan_release(fed.config, START, MIDDLE)).status == "released"  # re-run from the exchange
+    assert prune_exchange(fed.config, retention=timedelta(0), now=later).removed == [name]
 
 
 def test_a_retention_in_the_config_prunes_after_each_release(make_federation: Callable[..., Federation]) -> None:

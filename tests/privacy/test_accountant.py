@@ -252,6 +252,14 @@ def test_the_support_radius_leaves_at_most_the_stated_tail(mu: float) -> None:
     assert math.exp(logsumexp(log_p[ks > 0.8 * n])) > TAIL_MASS * 1e-6  # and not absurdly far out
 
 
+def test_the_support_radius_of_noise_wider_than_floats_count_by_halves_still_comes_back() -> None:
+    """Beyond 2^53 two floats are further apart than 0.5: the bisection stopped at 0.5 never did (a tiny epsilon
+    then hung config loading)."""
+    for variance in (1e28, 1e30, 1e32):  # nearly normal: the Chernoff radius is about sd sqrt(2 log(1 / tail))
+        gaussian = math.sqrt(variance) * math.sqrt(2 * math.log(1 / TAIL_MASS))
+        assert support_radius(variance) == pytest.approx(gaussian, rel=0.01)
+
+
 # --- PLD against exact hockey-stick divergences -----------------------------------------------------------------
 
 

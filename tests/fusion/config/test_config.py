@@ -142,8 +142,8 @@ BAD: list[tuple[str, Callable[[], str], list[str]]] = [
      ["institutions[1].feeds[0].format", "'parquet', 'csv' or 'jsonl'"]),
     ("time-format", lambda: _add_to_beta_feed('time_format = "unix"')(valid_text()),
      ["institutions[1].feeds[0].time_format", "'iso', 'epoch_s' or 'epoch_ms'"]),
-    ("epsilon-zero", lambda: valid_text(epsilon=0.0), ["privacy.epsilon", "greater than 0"]),
-    ("epsilon-negative", lambda: valid_text(epsilon=-1.0), ["privacy.epsilon", "greater than 0"]),
+    ("epsilon-zero", lambda: valid_text(epsilon=0.0), ["privacy.epsilon", "greater than or equal to 0.000001"]),
+    ("epsilon-negative", lambda: valid_text(epsilon=-1.0), ["privacy.epsilon", "greater than or equal to 0.000001"]),
     ("delta-0.01", lambda: edit(valid_text(), r"^delta = .*$", "delta = 0.01"), ["privacy.delta", "less than 0.01"]),
     ("delta-0.5", lambda: edit(valid_text(), r"^delta = .*$", "delta = 0.5"), ["privacy.delta", "less than 0.01"]),
     ("delta-zero", lambda: edit(valid_text(), r"^delta = .*$", "delta = 0.0"), ["privacy.delta", "greater than 0"]),
@@ -218,7 +218,7 @@ BAD: list[tuple[str, Callable[[], str], list[str]]] = [
      ["metrics[0]", "coarser than the clamp range"]),
     ("resolution-too-fine-to-encode", lambda: edit(valid_text(), r"^resolution = .*$", "resolution = 1e-300"),
      ["metrics.temp (lower = -20.0, upper = 40.0, resolution = 1e-300)", "too large to encode"]),
-    ("epsilon-unreachable", lambda: valid_text(epsilon=1e-9), ["privacy.epsilon", "no noise level reaches"]),
+    ("epsilon-unreachable", lambda: valid_text(epsilon=1e-4), ["privacy.epsilon", "no noise level reaches"]),
 ]
 
 
@@ -317,6 +317,26 @@ def test_parse_duration(text: str, expected: timedelta) -> None:
 def test_parse_duration_rejects_what_it_cannot_read(text: str) -> None:
     with pytest.raises(ValueError, match="is not a duration"):
         parse_duration(text)
+
+
+def test_a_duration_too_long_for_dates_is_refused_naming_the_field(tmp_path: Path) -> None:
+    """A duration beyond about a century would overflow datetime arithmetic in a release (or timedelta itself,
+    an OverflowError that escaped the config's field errors as a traceback)."""
+    with pytest.raises(ValueError, match="is too long: at most 36600 days"):
+        parse_duration("99999999999999d")
+    assert parse_duration("36600d").days == 36_600
+    for field, pattern, value in (
+        ("window", r"^window = .*$", 'window = "99999999999999d"'),
+        ("privacy.period", r"^quorum = (.*)$", r'quorum = \1\nperiod = "3650000d"'),
+    ):
+        with pytest.raises(ConfigError, match=rf"{re.escape(field)}: .*too long"):
+            load_config(write(tmp_path, edit(valid_text(), pattern, value)))
+
+
+def test_an_epsilon_no_noise_can_reach_is_refused_at_once_naming_the_field(tmp_path: Path) -> None:
+    for epsilon in ("1e-300", "1e-12"):  # the second hung config loading
+        with pytest.raises(ConfigError, match=r"privacy.epsilon: Input should be greater than or equal to"):
+            load_config(write(tmp_path, edit(valid_text(), r"^epsilon = .*$", f"epsilon = {epsilon}")))
 
 
 @pytest.mark.parametrize("window", ["1m", "5m", "15m", "90m", "1h", "8h", "1d", "2d"])
