@@ -36,7 +36,7 @@ class ScheduleConfig(BaseModel):
     end: datetime | None = None  # no interval ending after this is run (a campaign, or a demo's data)
     max_attempts: int = Field(default=3, ge=1, le=100)
     backoff: str = "1m"  # wait before the first retry; doubles after every further failure
-    max_backoff: str = "1h"
+    max_backoff: str = "1h"  # the longest wait between retries; at least backoff
     lease: str = "1h"  # how long a stopped runner's claim holds; a running runner renews it every lease/3
 
     @field_validator("cron")
@@ -73,6 +73,17 @@ class ScheduleConfig(BaseModel):
                 )
         if self.start is not None and self.end is not None and self.end <= self.start:
             raise ValueError(f"end {self.end.isoformat()} is not after start {self.start.isoformat()}")
+        return self
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Self:
+        # The wait before a retry starts at `backoff` and doubles up to `max_backoff`: a cap below the first wait
+        # would shorten every wait to the cap, so the first one would not be the one configured.
+        if self.backoff_cap < self.first_backoff:
+            raise ValueError(
+                f"max_backoff {self.max_backoff} is below backoff {self.backoff}; the retry wait starts at backoff "
+                "and doubles up to max_backoff: raise max_backoff or lower backoff"
+            )
         return self
 
     @property

@@ -512,3 +512,13 @@ def test_neighbouring_directories_that_do_not_overlap_load(tmp_path: Path) -> No
         text = change(text)
     config = load_config(write(tmp_path, text + '\n[stream]\nstate = "private/stream"\nspool = "private/spool"\n'))
     assert config.exchange_path.endswith("store-exchange")
+
+
+# --- schedules ------------------------------------------------------------------------------------------------
+
+def test_a_schedule_whose_max_backoff_is_below_its_backoff_fails_at_load(tmp_path: Path) -> None:
+    schedule = '\n[[schedules]]\nname = "hourly"\ncron = "5 * * * *"\nbackoff = "1h"\nmax_backoff = "{cap}"\n'
+    with pytest.raises(ConfigError, match=r"schedules\[0\]: .*max_backoff 1m is below backoff 1h"):
+        load_config(write(tmp_path, valid_text() + schedule.format(cap="1m")))
+    equal = load_config(write(tmp_path, valid_text() + schedule.format(cap="1h")))  # a constant wait: allowed
+    assert equal.schedules[0].backoff_cap == equal.schedules[0].first_backoff == timedelta(hours=1)
