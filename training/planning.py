@@ -4,12 +4,11 @@ parameter count is arithmetic."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from datetime import datetime
 
 from fusion.config.federation import Config
-from fusion.config.training import ModelConfig
+from fusion.config.training import ModelConfig, parameter_count
 from fusion.store.delta import Store
 from training.run import TrainingForecast, forecast_run, settings_for, terms_for
 from training.secure_sum import RoundId
@@ -17,17 +16,8 @@ from training.trainer import budget_for
 
 
 def feature_width(config: Config, model: ModelConfig) -> int:
-    """Inputs of the model: its feature columns, or for a model on the feeds its metrics, the region one-hot and
-    the hour of day (sine, cosine) (training/feed_rows.py)."""
-    if model.rows is not None:
-        return len(model.features)
-    return len(model.features) + len(config.regions) + 2
-
-
-def parameter_count(inputs: int, classes: int, hidden: tuple[int, ...]) -> int:
-    """Weights and biases of the MLP inputs -> hidden... -> classes (training/trainer.py build_model)."""
-    widths = (inputs, *hidden, classes)
-    return sum(a * b + b for a, b in itertools.pairwise(widths))
+    """Inputs of the model (ModelConfig.input_width over the federation's regions)."""
+    return model.input_width(len(config.regions))
 
 
 @dataclass(frozen=True)

@@ -467,9 +467,7 @@ def settings_for(config: Config, model: ModelConfig) -> TrainingSettings:
 
 
 def terms_for(config: Config, model: ModelConfig) -> LedgerTerms:
-    start, end = parse_time(model.start), parse_time(model.end)
-    if not start < end:
-        raise FusionError(f"models.{model.name}: start {model.start} is not before end {model.end}")
+    start, end = parse_time(model.start), parse_time(model.end)  # start < end: checked at load
     composition = Composition.SEQUENTIAL if config.privacy.unit is PrivacyUnit.ENTITY else Composition.PARALLEL
     return LedgerTerms(
         period=period_of(config, start, end),

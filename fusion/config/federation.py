@@ -23,7 +23,7 @@ from fusion.config.mechanisms import MechanismsConfig
 from fusion.config.privacy import MetricConfig, PrivacyConfig, PrivacyMode, PrivacyUnit, StatisticsConfig
 from fusion.config.sql_limits import SqlLimits
 from fusion.config.stream import StreamConfig, StreamSource, duration_or_zero
-from fusion.config.training import ModelConfig
+from fusion.config.training import ModelConfig, check_models
 from fusion.errors import ConfigError
 from fusion.runtime.durations import parse_duration
 from fusion.runtime.schedule import ScheduleConfig, check_schedules
@@ -184,6 +184,7 @@ class Config(Frozen):
                 "no release could ever meet it"
             )
         check_schedules(self.schedules, window=self.window, period=self.period)
+        check_models(self.models, metrics=[m.name for m in self.metrics], regions=len(self.regions))
         if self.forecasting is not None:
             self.forecasting.check_window(self.window)
         if self.mechanisms is not None:

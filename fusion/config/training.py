@@ -10,6 +10,9 @@ interval's privacy period, like its releases.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,6 +20,28 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fusion.runtime.durations import parse_duration
 
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+#: The widest hidden layer a model may have, in units.
+MAX_LAYER_WIDTH = 100_000
+#: The most weights and biases a model may have. Each round every institution seals one slot per parameter (8,192
+#: slots a BFV ciphertext, about 250 kB): a million parameters is 123 ciphertexts, about 31 MB per institution per
+#: round, and the noise grows with the square root of the parameters while the clipped signal does not.
+MAX_PARAMETERS = 1_000_000
+
+
+def parameter_count(inputs: int, classes: int, hidden: Sequence[int]) -> int:
+    """Weights and biases of the MLP inputs -> hidden... -> classes (training/trainer.py build_model)."""
+    widths = (inputs, *hidden, classes)
+    return sum(a * b + b for a, b in itertools.pairwise(widths))
+
+
+def _moment(text: str, field: str) -> datetime:
+    """An ISO 8601 time as fusion/release/plan.py parse_time reads it (naive: UTC), or a ValueError naming `field`."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{field}: '{text}' is not an ISO 8601 time; write e.g. 2026-01-01T00:00") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 class ModelConfig(BaseModel):
@@ -36,7 +61,7 @@ class ModelConfig(BaseModel):
     change: bool = False  # feeds: classify the target's change over the horizon, not its value
     start: str  # ISO 8601: the interval of the readings the rows come from
     end: str
-    hidden: tuple[int, ...] = (32,)
+    hidden: tuple[int, ...] = (32,)  # MLP widths ([]: softmax regression); 1-100,000 units each, 1M parameters in all
     rounds: int = Field(default=30, ge=1, le=10_000)
     clip: float = Field(default=1.0, gt=0)
     learning_rate: float = Field(default=3.0, gt=0)
@@ -52,6 +77,10 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _checks(self) -> Self:
+        start = _moment(self.start, f"models.{self.name}.start")
+        end = _moment(self.end, f"models.{self.name}.end")
+        if not start < end:
+            raise ValueError(f"models.{self.name}: start {self.start} is not before end {self.end}")
         if self.rows is None and self.unit_rows:
             raise ValueError(
                 f"models.{self.name}.unit_rows: rows from the feeds average several readings each, so removing one "
@@ -70,7 +99,8 @@ class ModelConfig(BaseModel):
                     f"models.{self.name}.classes: {len(self.target_bins)} target_bins make "
                     f"{len(self.target_bins) + 1} classes; drop `classes` or fix it"
                 )
-            parse_duration(self.horizon)
+            if parse_duration(self.horizon) <= timedelta(0):
+                raise ValueError(f"models.{self.name}.horizon: '{self.horizon}' must be a positive duration")
         elif "{institution}" not in self.rows:
             raise ValueError(
                 f"models.{self.name}.rows: write the path with {{institution}} in it, e.g. "
@@ -78,11 +108,21 @@ class ModelConfig(BaseModel):
             )
         elif self.classes is None:
             raise ValueError(f"models.{self.name}.classes: a model on `rows` names its number of classes")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"models.{self.name}.hidden: layer widths must be at least 1")
+        if any(not 1 <= h <= MAX_LAYER_WIDTH for h in self.hidden):
+            raise ValueError(
+                f"models.{self.name}.hidden: layer widths must be 1 to {MAX_LAYER_WIDTH:,} units, "
+                f"got {list(self.hidden)}"
+            )
         if self.rows is not None and self.target in self.features:
             raise ValueError(f"models.{self.name}: the target '{self.target}' is also a feature; remove it there")
         return self
+
+    def input_width(self, regions: int) -> int:
+        """Inputs of the model: its feature columns, or for a model on the feeds its metrics, the one-hot of the
+        federation's `regions` and the hour of day (sine, cosine) (training/feed_rows.py)."""
+        if self.rows is not None:
+            return len(self.features)
+        return len(self.features) + regions + 2
 
     @property
     def class_count(self) -> int:
@@ -91,3 +131,27 @@ class ModelConfig(BaseModel):
             return self.classes
         assert self.target_bins is not None
         return len(self.target_bins) + 1
+
+
+def check_models(models: Sequence[ModelConfig], *, metrics: Sequence[str], regions: int) -> None:
+    """Cross-field checks against the federation: one model per name (`fusion train --model` picks by name), a
+    model on the feeds learns from the federation's metrics, and every model stays within MAX_PARAMETERS."""
+    names = [m.name for m in models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"models: duplicate names {duplicates}; `fusion train --model` picks a model by its name")
+    for model in models:
+        if model.rows is None:
+            unknown = [m for m in dict.fromkeys((*model.features, model.target)) if m not in metrics]
+            if unknown:
+                raise ValueError(
+                    f"models.{model.name}.features / target: without `rows` they name metrics of this federation "
+                    f"({', '.join(metrics)}); unknown: {', '.join(unknown)}"
+                )
+        parameters = parameter_count(model.input_width(regions), model.class_count, model.hidden)
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(
+                f"models.{model.name}.hidden: {list(model.hidden)} makes {parameters:,} parameters, above the "
+                f"{MAX_PARAMETERS:,} a model may have (every institution encrypts one slot per parameter each "
+                "round); narrow or drop hidden layers"
+            )

@@ -105,7 +105,7 @@ def test_a_gradient_that_is_not_finite_is_refused() -> None:
 
 
 def test_the_plans_parameter_count_is_the_models() -> None:
-    from training.planning import parameter_count
+    from fusion.config.training import parameter_count
 
     for hidden in ((), (4,), (7, 3)):
         assert parameter_count(5, 3, hidden) == sum(p.numel() for p in build_model(5, 3, hidden, 0).parameters())

@@ -522,3 +522,48 @@ def test_a_schedule_whose_max_backoff_is_below_its_backoff_fails_at_load(tmp_pat
         load_config(write(tmp_path, valid_text() + schedule.format(cap="1m")))
     equal = load_config(write(tmp_path, valid_text() + schedule.format(cap="1h")))  # a constant wait: allowed
     assert equal.schedules[0].backoff_cap == equal.schedules[0].first_backoff == timedelta(hours=1)
+
+
+# --- [[models]] -----------------------------------------------------------------------------------------------
+
+def _model(name: str = "m", **fields: str) -> str:
+    """A `[[models]]` entry on the feeds (temp from load an hour ahead); `fields` replace its TOML values."""
+    values = {"name": f'"{name}"', "features": '["load"]', "target": '"temp"', "horizon": '"1h"',
+              "target_bins": "[1.0]", "start": '"2026-01-01T00:00"', "end": '"2026-01-02T00:00"', **fields}
+    return "\n[[models]]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
+
+
+MODELS: list[tuple[str, str, list[str]]] = [
+    ("duplicate-name", _model() + _model(), ["models: duplicate names ['m']", "--model"]),
+    ("start-not-a-time", _model(start='"not a date"'), ["models[0]", "models.m.start", "'not a date' is not an ISO"]),
+    ("end-not-a-time", _model(end='"2026-13-01"'), ["models.m.end", "ISO 8601"]),
+    ("start-after-end", _model(start='"2026-02-01"'), ["models.m: start 2026-02-01 is not before end"]),
+    ("start-equals-end", _model(end='"2026-01-01T00:00:00+00:00"'), ["models.m: start", "is not before end"]),
+    ("unknown-feature-metric", _model(features='["load", "humidity"]'),
+     ["models.m.features / target", "metrics of this federation (temp, load)", "unknown: humidity"]),
+    ("unknown-target-metric", _model(target='"pressure"'), ["models.m.features / target", "unknown: pressure"]),
+    ("zero-horizon", _model(horizon='"0s"'), ["models.m.horizon", "positive"]),
+    ("layer-too-wide", _model(hidden="[100000000000]"), ["models.m.hidden", "1 to 100,000 units"]),
+    ("too-many-parameters", _model(hidden="[2000, 2000]"),
+     ["models.m.hidden", "[2000, 2000] makes 4,020,002 parameters", "above the 1,000,000"]),
+]
+
+
+@pytest.mark.parametrize(("models", "fragments"), [pytest.param(m, f, id=i) for i, m, f in MODELS])
+def test_a_bad_model_fails_at_load_naming_the_field(tmp_path: Path, models: str, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, valid_text() + models))
+    message = str(error.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_models_within_the_limits_load(tmp_path: Path) -> None:
+    rows = '"training/{institution}.parquet"'
+    text = valid_text() + _model("softmax", hidden="[]") + _model("wide", hidden="[100000]", features='["temp"]') + (
+        _model("on-rows", rows=rows, features='["a", "b"]', target='"label"', classes="2", hidden="[]")
+        .replace('horizon = "1h"\n', "").replace("target_bins = [1.0]\n", "")
+    )
+    config = load_config(write(tmp_path, text))
+    assert [m.hidden for m in config.models] == [(), (100_000,), ()]
+    assert config.models[1].input_width(len(REGIONS)) == 1 + len(REGIONS) + 2  # its metric, regions, hour of day
