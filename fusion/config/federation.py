@@ -119,20 +119,6 @@ class Config(Frozen):
             if duplicates:
                 raise ValueError(f"{label}: duplicate names {duplicates}")
         check_sources([(i.id, source) for i in self.institutions for source in i.sources])
-        dead = [_directory_key(self.dead_letter_path(i)) for i in self.institutions]
-        for index, institution in enumerate(self.institutions):
-            for first in range(index):
-                if (
-                    dead[index] == dead[first]
-                    or dead[index].startswith(dead[first] + "/")
-                    or (dead[first].startswith(dead[index] + "/"))
-                ):
-                    raise ValueError(
-                        f"institutions[{index}].dead_letter: {institution.id}'s dead-letter directory "
-                        f"{self.dead_letter_path(institution)} is, or holds, or lies in institutions[{first}] "
-                        f"({self.institutions[first].id})'s; each institution keeps its rejected rows, run reports "
-                        "and staged files apart"
-                    )
         shared_dirs = {
             label: _directory_key(self.resolve(path))
             for label, path in (("exchange", self.federation.exchange), ("store", self.federation.store))
@@ -193,8 +179,8 @@ class Config(Frozen):
 
     def _private_apart(self) -> None:
         """Refuse directories that overlap where they must not: the exchange and the store (each party reads
-        its own layout there), a private directory and one other parties read, and another party's private
-        directory inside the key holder's."""
+        its own layout there), a private directory and one other parties read, and two parties' private
+        directories (`_parties_apart`)."""
         shared = {"exchange": self.exchange_path, "store": self.store_path}
         if _overlap(shared["exchange"], shared["store"]):
             raise ValueError(
@@ -222,21 +208,37 @@ class Config(Frozen):
                             f"institutions[{index}].feeds[{number}].path ({feed.path}) lies in federation.{label} "
                             f"({other}), which other parties read; an institution's raw readings stay private"
                         )
-        holder = self.keys_path
-        others = [("federation.aggregator_keys", self.aggregator_keys_path)] + [
-            (f"institutions[{index}].{field_name}", path)
-            for index, institution in enumerate(self.institutions)
-            for field_name, path in (
-                ("keys", self.institution_keys_path(institution)),
-                ("dead_letter", self.dead_letter_path(institution)),
-            )
+        self._parties_apart()
+
+    def _parties_apart(self) -> None:
+        """Refuse one party's private directory that is, holds or lies in another party's: key files of one name
+        would collide (the aggregator's and each institution's signing key is `signing.key`; an institution's
+        sealed records are `<keys>/sealed/<interval>.json`, without its id), and one party's files would sit where
+        another keeps its secrets. The parties: the key holder, the aggregator, each institution (its keys and dead
+        letters), the stream's driver (its state and spool, by default inside the state) and the mechanisms'
+        operator."""
+        # (field, directory, the party it is private to)
+        private = [
+            ("federation.keys", self.keys_path, "the key holder (its HE secret key)"),
+            ("federation.aggregator_keys", self.aggregator_keys_path, "the aggregator"),
+            ("stream.state", self.stream_state_path, "the stream's driver"),
+            ("stream.spool", self.stream_spool_path, "the stream's driver"),
         ]
-        for field_name, path in others:
-            if _overlap(path, holder):
-                raise ValueError(
-                    f"{field_name} ({path}) overlaps federation.keys ({holder}), the key holder's private directory "
-                    "(its HE secret key): each party keeps its keys and files apart from the key holder's"
-                )
+        if self.mechanisms is not None:
+            private.append(("mechanisms.keys", self.resolve(self.mechanisms.keys), "the mechanisms' operator"))
+        for index, institution in enumerate(self.institutions):
+            party = f"institutions[{index}] ({institution.id})"
+            private += [
+                (f"institutions[{index}].keys", self.institution_keys_path(institution), party),
+                (f"institutions[{index}].dead_letter", self.dead_letter_path(institution), party),
+            ]
+        for later, (field_name, path, party) in enumerate(private):
+            for other_field, other_path, other_party in private[:later]:
+                if party != other_party and _overlap(path, other_path):
+                    raise ValueError(
+                        f"{field_name} ({path}) is, holds or lies in {other_field} ({other_path}), private to "
+                        f"{other_party}: each party keeps its keys and files in a directory of its own"
+                    )
 
     @property
     def window(self) -> timedelta:

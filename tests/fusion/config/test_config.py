@@ -567,3 +567,61 @@ def test_models_within_the_limits_load(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, text))
     assert [m.hidden for m in config.models] == [(), (100_000,), ()]
     assert config.models[1].input_width(len(REGIONS)) == 1 + len(REGIONS) + 2  # its metric, regions, hour of day
+
+
+# --- one party's private directory apart from every other party's -----------------------------------------------
+
+def _section(text: str) -> Callable[[str], str]:
+    return lambda config: config + f"\n{text}\n"
+
+
+PARTIES: list[tuple[str, Callable[[str], str], list[str]]] = [
+    ("two-institutions-share-keys", _institution_line("beta", 'keys = "institution-keys/alpha"'),
+     ["institutions[1].keys", "institutions[0].keys", "private to institutions[0] (alpha)"]),
+    ("institution-keys-inside-anothers", _institution_line("beta", 'keys = "institution-keys/alpha/beta"'),
+     ["institutions[1].keys", "institutions[0].keys"]),
+    ("institution-keys-are-the-aggregators", _institution_line("alpha", 'keys = "aggregator-keys"'),
+     ["institutions[0].keys", "federation.aggregator_keys", "private to the aggregator"]),
+    ("aggregator-keys-are-an-institutions", _federation_line('aggregator_keys = "institution-keys/beta"'),
+     ["institutions[1].keys", "federation.aggregator_keys"]),
+    ("institution-keys-in-anothers-dead-letters", _institution_line("beta", 'keys = "deadletter/alpha/keys"'),
+     ["institutions[1].keys", "institutions[0].dead_letter"]),
+    ("stream-state-is-the-key-holders-keys", _section('[stream]\nstate = "keys"'),
+     ["stream.state", "federation.keys", "key holder"]),
+    ("stream-spool-inside-the-key-holders-keys", _section('[stream]\nspool = "keys/spool"'),
+     ["stream.spool", "federation.keys", "key holder"]),
+    ("stream-state-holds-the-aggregators-keys",
+     lambda text: _section('[stream]\nstate = "private"')(_federation_line('aggregator_keys = "private/a"')(text)),
+     ["stream.state", "federation.aggregator_keys"]),
+    ("stream-state-inside-a-dead-letter-directory", _section('[stream]\nstate = "deadletter/alpha/stream"'),
+     ["institutions[0].dead_letter", "stream.state"]),
+    ("stream-spool-is-an-institutions-keys", _section('[stream]\nspool = "institution-keys/beta"'),
+     ["institutions[1].keys", "stream.spool"]),
+    ("mechanism-keys-are-the-key-holders", _section('[mechanisms]\nkeys = "keys"'),
+     ["mechanisms.keys", "federation.keys", "key holder"]),
+    ("mechanism-keys-inside-the-aggregators", _section('[mechanisms]\nkeys = "aggregator-keys/operator"'),
+     ["mechanisms.keys", "federation.aggregator_keys"]),
+    ("mechanism-keys-are-an-institutions", _section('[mechanisms]\nkeys = "institution-keys/alpha"'),
+     ["institutions[0].keys", "mechanisms.keys"]),
+]
+
+
+@pytest.mark.parametrize(("change", "fragments"), [pytest.param(c, f, id=i) for i, c, f in PARTIES])
+def test_one_partys_private_directory_may_not_overlap_anothers(
+    tmp_path: Path, change: Callable[[str], str], fragments: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, change(valid_text())))
+    message = str(error.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    assert "a directory of its own" in message and "\n" not in message.split("\n", 1)[1].strip(), message
+
+
+def test_each_partys_private_directories_apart_load(tmp_path: Path) -> None:
+    text = valid_text() + '\n[stream]\nstate = "operator/stream"\nspool = "operator/stream/windows"\n'
+    text += '\n[mechanisms]\nkeys = "operator-keys"\n'  # a neighbour of the stream's directory, not inside it
+    config = load_config(write(tmp_path, _institution_line("alpha", 'keys = "alpha/keys"')(text)))
+    assert config.stream_spool_path.startswith(config.stream_state_path + "/")  # the stream's own: allowed
+    default = load_config(write(tmp_path, valid_text()))
+    assert default.stream_spool_path == default.stream_state_path + "/spool"
