@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from dashboard import params
 from dashboard.formatting import finite
 from dashboard.snapshot import Snapshot
+from fusion.config.forecasting import MAX_HORIZON_WINDOWS
 
 #: The statistics forecast (fusion/store/forecast_queries.py).
 STATISTICS = ("mean", "sum", "count")
@@ -110,8 +111,7 @@ def forecasts_view(snapshot: Snapshot, *, metric: str | None = None, region: str
     )
     if chosen_metric is None or chosen_region is None or chosen_stat is None:
         return view
-    rows = snapshot.store.forecasts(chosen_metric, chosen_region, statistic=chosen_stat, purpose="forecast",
-                                    latest=True).to_pylist()
+    rows = _latest(snapshot, chosen_metric, chosen_region, chosen_stat)
     first = rows[0]
     windows = [ForecastWindow(**{k: r[k] for k in ForecastWindow.model_fields}) for r in rows]
     released = _released(snapshot, chosen_metric, chosen_region, chosen_stat, since=first["origin"]
@@ -122,6 +122,23 @@ def forecasts_view(snapshot: Snapshot, *, metric: str | None = None, region: str
         "calibration_factor": first["calibration_factor"], "windows": windows, "released": released,
         "scores": _scores(snapshot, chosen_metric, chosen_region, chosen_stat),
     })
+
+
+#: The columns of the latest forecast the view shows: its header and each window's bands (not the releases it read).
+SHOWN = ("forecast_id", "unit", "model", "model_version", "issued_at", "origin", "calibration_factor",
+         *ForecastWindow.model_fields)
+
+
+def _latest(snapshot: Snapshot, metric: str, region: str, statistic: str) -> list[dict[str, Any]]:
+    """The series' latest forecast, its first MAX_HORIZON_WINDOWS windows: no forecast reaches further now, and
+    a longer one issued before that bound (the store keeps it) must not stall the page."""
+    series = (f"purpose = 'forecast' AND metric = {params.sql_text(metric)} AND region = {params.sql_text(region)} "
+              f"AND statistic = {params.sql_text(statistic)}")
+    return snapshot.rows(  # the latest issue's windows (its latest origin), found by a top-1 rather than a ranking
+        f"SELECT {', '.join(SHOWN)} FROM forecasts WHERE {series} AND (issued_at, origin) = (SELECT (issued_at, "
+        f"origin) FROM forecasts WHERE {series} ORDER BY issued_at DESC, origin DESC LIMIT 1) "
+        f"ORDER BY window_start LIMIT {MAX_HORIZON_WINDOWS}"
+    )
 
 
 def _released(snapshot: Snapshot, metric: str, region: str, statistic: str, *, since: datetime,

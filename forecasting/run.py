@@ -29,7 +29,14 @@ from forecasting.rows import IssuedForecast, Purpose, forecast_rows, score_rows
 from forecasting.selection import Choice, default_choice, recorded_choices
 from forecasting.series import Series, SeriesKey, quoted, read_series
 from fusion.config.federation import Config
-from fusion.config.forecasting import ForecastingConfig, ModelName, Statistic
+from fusion.config.forecasting import (
+    MAX_HORIZON_WINDOWS,
+    ForecastingConfig,
+    ModelName,
+    Statistic,
+    horizon_beyond_history,
+    too_many_windows,
+)
 from fusion.errors import FusionError
 from fusion.runtime.durations import parse_duration
 from fusion.store.access import FusedStore, open_store, write_derived
@@ -75,6 +82,20 @@ def windows(config: Config, text: str, option: str) -> int:
     return int(length / config.window)
 
 
+def horizon_windows(config: Config, text: str | None, option: str = "horizon") -> int:
+    """A forecast's horizon (None: the configured one) as windows ahead, at most the configured history and at
+    most MAX_HORIZON_WINDOWS; `option` names where it came from in the refusal (`--horizon` on the command line)."""
+    chosen = settings(config)
+    if text is None:
+        text, option = chosen.horizon, "forecasting.horizon"
+    steps = windows(config, text, option)
+    if parse_duration(text) > parse_duration(chosen.history):
+        raise FusionError(horizon_beyond_history(option, text, chosen.history))
+    if steps > MAX_HORIZON_WINDOWS:
+        raise FusionError(too_many_windows(option, text, config.window))
+    return steps
+
+
 def period(config: Config) -> int | None:
     """Windows per day (the daily cycle's period), or None where windows are a day or longer."""
     cells = timedelta(days=1) / config.window
@@ -117,16 +138,28 @@ def _series(
     return found
 
 
+#: The columns of `forecasts` that scoring a forecast's window reads (forecasting.rows.score_rows).
+SCORED_COLUMNS = (
+    "forecast_id", "window_start", "purpose", "model", "metric", "statistic", "region", "origin", "horizon", "mean",
+    "mase_scale", "release_sd", "release_ci80_low", "release_ci80_high", "release_ci95_low", "release_ci95_high",
+)
+
+
 def _pending(store: FusedStore, found: Sequence[Series]) -> pa.Table:
-    """Live forecasts of these series not scored yet, of windows within the series read."""
+    """Live forecasts of these series not scored yet, of windows released by now: within the series read, up to
+    the latest released window (a forecast's later windows wait for their releases), and only the columns scoring
+    reads (a row's list of the releases its forecast read can be long)."""
     if store.versions.get("forecasts") is None:
         return pa.table({})
     metrics = ", ".join(quoted(m) for m in sorted({s.key.metric for s in found}))
     since = min(s.start for s in found)
+    until = max(s.end for s in found)
+    columns = ", ".join(f"f.{name}" for name in SCORED_COLUMNS)
     return store.sql(
-        "SELECT f.* FROM forecasts f ANTI JOIN forecast_scores s USING (forecast_id, window_start) "
+        f"SELECT {columns} FROM forecasts f ANTI JOIN forecast_scores s USING (forecast_id, window_start) "
         f"WHERE f.purpose = 'forecast' AND f.metric IN ({metrics}) "
-        f"AND f.window_start >= TIMESTAMPTZ '{since.isoformat()}'"
+        f"AND f.window_start >= TIMESTAMPTZ '{since.isoformat()}' "
+        f"AND f.window_start < TIMESTAMPTZ '{until.isoformat()}'"
     )
 
 
@@ -154,7 +187,7 @@ def run_forecasts(
     """Score the live forecasts whose windows have been released since, then forecast each series from its latest
     window with the model and calibration its recorded backtest chose (`forecasting.selection`)."""
     chosen = settings(config)
-    steps = windows(config, horizon or chosen.horizon, "--horizon" if horizon else "forecasting.horizon")
+    steps = horizon_windows(config, horizon)
     length = windows(config, chosen.history, "forecasting.history")
     days = period(config)
     issued_at = now or datetime.now(UTC)
@@ -234,7 +267,7 @@ def run_backtests(
     """A rolling-origin backtest of every configured model on each series; every origin's forecasts and their
     scores are written (purpose 'backtest'), and the model a forecast would now choose is reported."""
     chosen = settings(config)
-    steps = windows(config, horizon or chosen.horizon, "--horizon" if horizon else "forecasting.horizon")
+    steps = horizon_windows(config, horizon)
     length = windows(config, chosen.history, "forecasting.history")
     step = windows(config, chosen.backtest_step, "forecasting.backtest_step")
     least = windows(config, chosen.min_history, "forecasting.min_history")
@@ -317,4 +350,13 @@ def run_backtests(
     return ForecastRun(issued_at, steps, outcomes, written, scored, found[0].releases_version)
 
 
-__all__ = ["ForecastRun", "SeriesOutcome", "period", "run_backtests", "run_forecasts", "settings", "windows"]
+__all__ = [
+    "ForecastRun",
+    "SeriesOutcome",
+    "horizon_windows",
+    "period",
+    "run_backtests",
+    "run_forecasts",
+    "settings",
+    "windows",
+]

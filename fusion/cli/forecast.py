@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from fusion.cli.output import console, err_console, print_arrow
 from fusion.config.federation import load_config
-from fusion.config.forecasting import Statistic
+from fusion.config.forecasting import MAX_HORIZON_WINDOWS, Statistic
 from fusion.errors import FusionError
 
 
@@ -30,7 +30,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "--statistic", action="append", choices=["mean", "sum", "count"],
             help="only this statistic (repeat for more; default: [forecasting] statistics, else mean)",
         )
-        command.add_argument("--horizon", help="how far ahead, e.g. 24h or 2d (default: [forecasting] horizon, 48h)")
+        command.add_argument(
+            "--horizon",
+            help=f"how far ahead, e.g. 24h or 2d: at most [forecasting] history and {MAX_HORIZON_WINDOWS:,} windows "
+            "(default: [forecasting] horizon, 48h)",
+        )
         command.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
     forecast.add_argument(
         "--plot", metavar="PNG",
@@ -40,9 +44,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
-    from forecasting.run import run_forecasts
+    from forecasting.run import horizon_windows, run_forecasts
 
     config = load_config(args.config, check_release=False)  # reads the store only
+    horizon_windows(config, args.horizon, "--horizon")
     if args.plot and (len(args.metric or []) != 1 or len(args.region or []) != 1):
         raise FusionError("--plot draws one series: name one --metric and one --region")
     started = time.monotonic()
@@ -83,9 +88,10 @@ def _statistics(args: argparse.Namespace) -> list[Statistic] | None:
 
 
 def cmd_backtest(args: argparse.Namespace) -> int:
-    from forecasting.run import run_backtests
+    from forecasting.run import horizon_windows, run_backtests
 
     config = load_config(args.config, check_release=False)
+    horizon_windows(config, args.horizon, "--horizon")
     if args.origins is not None and args.origins < 2:
         raise FusionError(f"--origins {args.origins}: a backtest needs at least 2 (the earlier half calibrates)")
     started = time.monotonic()

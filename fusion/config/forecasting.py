@@ -12,6 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fusion.runtime.durations import parse_duration
 
+#: The most windows a forecast reaches ahead (48 hours of one-minute windows, a month of 15-minute ones). Each
+#: forecast writes a row per window ahead for every series, and the store is append-only: a forecast of years of
+#: windows would stay in `forecasts` for good, and every later forecast and the dashboard read its rows.
+MAX_HORIZON_WINDOWS = 2880
+
 
 class ModelName(StrEnum):
     """The forecasting models; `profile` (the default, first) and `uc` are noise-aware, the others are backtest
@@ -41,7 +46,7 @@ class ForecastingConfig(BaseModel):
 
     models: tuple[ModelName, ...] = Field(default=tuple(ModelName), min_length=1)
     statistics: tuple[Statistic, ...] = Field(default=(Statistic.MEAN,), min_length=1)
-    horizon: str = "48h"  # how far ahead a forecast reaches
+    horizon: str = "48h"  # how far ahead a forecast reaches: at most history and 2,880 windows
     history: str = "28d"  # the most history a model is fitted on
     min_history: str = "2d"  # the least history a backtest origin has before it
     backtest_origins: int = Field(default=16, ge=2, le=100)  # rolling origins: model choice and calibration
@@ -73,6 +78,8 @@ class ForecastingConfig(BaseModel):
     def _lengths(self) -> Self:
         if parse_duration(self.min_history) > parse_duration(self.history):
             raise ValueError(f"min_history {self.min_history} is longer than history {self.history}")
+        if parse_duration(self.horizon) > parse_duration(self.history):
+            raise ValueError(horizon_beyond_history("forecasting.horizon", self.horizon, self.history))
         return self
 
     def check_window(self, window: timedelta) -> None:
@@ -84,6 +91,31 @@ class ForecastingConfig(BaseModel):
                     f"forecasting.{name} = '{getattr(self, name)}' is not a whole number of federation.window "
                     f"({window}); forecasts are made per window"
                 )
+        if parse_duration(self.horizon) / window > MAX_HORIZON_WINDOWS:
+            raise ValueError(too_many_windows("forecasting.horizon", self.horizon, window))
 
 
-__all__ = ["ForecastingConfig", "ModelName", "Statistic"]
+def horizon_beyond_history(name: str, horizon: str, history: str) -> str:
+    """Why a horizon longer than the history is refused; `name` is where the horizon was given."""
+    return (
+        f"{name} {horizon} is longer than forecasting.history ({history}): a forecast reaches at most as far ahead "
+        "as the history it is fitted on; shorten the horizon or lengthen the history"
+    )
+
+
+def too_many_windows(name: str, horizon: str, window: timedelta) -> str:
+    """Why a horizon of over MAX_HORIZON_WINDOWS windows is refused; `name` is where the horizon was given."""
+    return (
+        f"{name} {horizon} is {parse_duration(horizon) / window:,.0f} windows of {window}, over the most a forecast "
+        f"reaches ({MAX_HORIZON_WINDOWS:,} windows): each is a row per series in the append-only `forecasts` table"
+    )
+
+
+__all__ = [
+    "MAX_HORIZON_WINDOWS",
+    "ForecastingConfig",
+    "ModelName",
+    "Statistic",
+    "horizon_beyond_history",
+    "too_many_windows",
+]

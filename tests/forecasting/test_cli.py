@@ -53,6 +53,8 @@ def test_backtest_then_forecast_with_a_plot(
         (["forecast", "--plot", "x.png"], "--plot draws one series"),
         (["backtest", "--origins", "1"], "a backtest needs at least 2"),
         (["forecast", "--statistic", "median"], "invalid choice"),
+        (["forecast", "--horizon", "100000d"], "--horizon 100000d is longer than forecasting.history (28d)"),
+        (["backtest", "--horizon", "29d"], "--horizon 29d is longer than forecasting.history (28d)"),
     ],
 )
 def test_mistakes_fail_in_one_clear_line(
@@ -60,6 +62,16 @@ def test_mistakes_fail_in_one_clear_line(
 ) -> None:
     code, out = run([argv[0], "--config", str(fed.path), *argv[1:]], capsys)
     assert code in (1, 2) and "Traceback" not in out and message in " ".join(out.split()), out
+
+
+def test_a_horizon_past_the_bound_writes_nothing(fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each window ahead is a row per series in the append-only `forecasts`: a horizon past the history (or past
+    MAX_HORIZON_WINDOWS) is refused before anything is read or written, and a forecast then runs as before."""
+    code, out = run(["forecast", "--config", str(fed.path), "--horizon", "60d"], capsys)
+    assert code == 1 and "--horizon 60d is longer than forecasting.history" in " ".join(out.split()), out
+    assert fed.store.version("forecasts") is None
+    code, out = run(["forecast", "--config", str(fed.path), "--horizon", "28d"], capsys)
+    assert code == 0 and "672 forecast row(s) written" in " ".join(out.split()), out
 
 
 def test_a_store_with_too_little_released_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,6 +93,8 @@ def test_a_store_with_too_little_released_says_so(tmp_path: Path, capsys: pytest
         ('history = "2d"\nmin_history = "3d"', "min_history 3d is longer than history 2d"),
         ("backtest_origins = 1", "forecasting.backtest_origins"),
         ('statistics = ["p90"]', "forecasting.statistics"),
+        ('horizon = "30d"', "forecasting.horizon 30d is longer than forecasting.history (28d)"),
+        ('horizon = "121d"\nhistory = "200d"', "forecasting.horizon 121d is 2,904 windows of 1:00:00, over the most"),
     ],
 )
 def test_a_bad_forecasting_block_fails_at_load_naming_the_field(tmp_path: Path, block: str, field: str) -> None:

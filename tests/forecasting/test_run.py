@@ -133,7 +133,7 @@ def test_a_series_too_short_and_an_unknown_name_are_refused_clearly(tmp_path: Pa
         run_forecasts(short.config, metrics=["tmp"])
     with pytest.raises(FusionError, match="no released windows of load in north"):
         run_forecasts(short.config, metrics=["load"], regions=["north"])
-    with pytest.raises(FusionError, match=r"--horizon 90m is not a positive whole number of federation\.window"):
+    with pytest.raises(FusionError, match=r"^horizon 90m is not a positive whole number of federation\.window"):
         run_forecasts(short.config, horizon="90m")
 
 
@@ -205,3 +205,29 @@ def test_a_model_consistently_better_than_the_first_is_chosen_from_the_store(tmp
     params = json.loads(forecasts.filter(pa.compute.equal(forecasts.column("purpose"), "forecast")).column("params")[0]
                         .as_py())
     assert "paired t <= -2" in params["selected_by"]
+
+
+def test_the_api_refuses_a_horizon_past_the_history_naming_it(fed: Federation) -> None:
+    from fusion.api import forecast
+
+    with pytest.raises(FusionError, match=r"^horizon 60d is longer than forecasting.history \(28d\)"):
+        forecast(fed.path, horizon="60d")
+    assert fed.store.version("forecasts") is None
+
+
+def test_scoring_reads_only_the_released_windows_of_earlier_forecasts(tmp_path: Path) -> None:
+    """A long forecast issued earlier stays in the append-only store; scoring the next forecast reads only its
+    windows released since, not the rest of it nor the releases each row read (under a [sql] max_rows below the
+    earlier forecast's 672 rows, which a forecast reading all of it would exceed)."""
+    made = federation(tmp_path)
+    hours = np.arange(21 * 24)
+    sds = np.full(hours.size, 1.0)
+    made.store.insert_new("releases", release_table(hours, released(hours, sds, seed=1), sds))
+    assert run_forecasts(made.config, metrics=["temp"], horizon="28d").forecast_rows == 672
+    made.path.write_text(made.path.read_text() + "\n[sql]\nmax_rows = 600\n")
+    more = np.arange(21 * 24, 22 * 24)
+    made.store.insert_new("releases", release_table(more, released(more, sds[:24], seed=2), sds[:24]))
+    from fusion.config.federation import load_config
+
+    run = run_forecasts(load_config(made.path), metrics=["temp"])
+    assert run.score_rows == 24 and run.forecast_rows == 48
