@@ -25,6 +25,7 @@ from forecasting.backtest import (
 )
 from forecasting.intervals import intervals
 from forecasting.models import MODELS, SeriesTooShort, fit_forecast, seasonal_naive_scale
+from forecasting.reads import read
 from forecasting.rows import IssuedForecast, Purpose, forecast_rows, score_rows
 from forecasting.selection import Choice, default_choice, recorded_choices
 from forecasting.series import Series, SeriesKey, quoted, read_series
@@ -155,11 +156,14 @@ def _pending(store: FusedStore, found: Sequence[Series]) -> pa.Table:
     since = min(s.start for s in found)
     until = max(s.end for s in found)
     columns = ", ".join(f"f.{name}" for name in SCORED_COLUMNS)
-    return store.sql(
+    return read(
+        store,
         f"SELECT {columns} FROM forecasts f ANTI JOIN forecast_scores s USING (forecast_id, window_start) "
         f"WHERE f.purpose = 'forecast' AND f.metric IN ({metrics}) "
         f"AND f.window_start >= TIMESTAMPTZ '{since.isoformat()}' "
-        f"AND f.window_start < TIMESTAMPTZ '{until.isoformat()}'"
+        f"AND f.window_start < TIMESTAMPTZ '{until.isoformat()}'",
+        what="the forecasts to score",
+        settings="horizon",
     )
 
 

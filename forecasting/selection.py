@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from forecasting.backtest import origin_overlap, preferred
 from forecasting.intervals import Calibration
+from forecasting.reads import in_groups, read, read_budget
 from forecasting.series import SeriesKey, quoted
 from fusion.config.forecasting import ModelName, Statistic
 from fusion.store.access import FusedStore
@@ -52,16 +54,7 @@ def recorded_choices(
     """The choice for each series with scored backtest forecasts of one of `models`."""
     if not keys or store.versions.get("forecast_scores") is None:
         return {}
-    metrics = ", ".join(quoted(m) for m in sorted({k.metric for k in keys}))
-    names = ", ".join(quoted(str(m)) for m in models)
-    table = store.sql(
-        "SELECT f.metric, f.statistic, f.region, f.model, f.origin, f.window_start, f.sd, f.calibration_factor, "
-        "s.error, s.noise_sd FROM forecasts f JOIN forecast_scores s USING (forecast_id, window_start) "
-        f"WHERE f.purpose = 'backtest' AND f.metric IN ({metrics}) AND f.model IN ({names}) "
-        # The latest backtest's forecast of each model, origin and window.
-        "QUALIFY row_number() OVER (PARTITION BY f.metric, f.statistic, f.region, f.model, f.origin, f.window_start "
-        "ORDER BY f.issued_at DESC) = 1"
-    )
+    table = _latest_backtests(store, keys, models=models, origins=origins)
     if table.num_rows == 0:
         return {}
     columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
@@ -70,10 +63,9 @@ def recorded_choices(
         rows_of.setdefault(SeriesKey(m, Statistic(s), r), []).append(index)
     out: dict[SeriesKey, Choice] = {}
     for key in set(keys) & set(rows_of):
-        mine = np.zeros(table.num_rows, dtype=bool)
-        mine[rows_of[key]] = True
-        latest = np.sort(np.unique(columns["origin"][mine]))[-origins:]
-        rows = mine & np.isin(columns["origin"], latest)
+        rows = np.zeros(table.num_rows, dtype=bool)
+        rows[rows_of[key]] = True
+        latest = np.sort(np.unique(columns["origin"][rows]))  # the series' latest `origins` origins, as read
         error = columns["error"].astype(float)
         ahead = (columns["window_start"][rows] - columns["origin"][rows]) // np.timedelta64(1, "s")
         step = int(ahead[ahead > 0].min()) if (ahead > 0).any() else 1  # the series' window, in seconds
@@ -106,6 +98,41 @@ def recorded_choices(
             },
         )
     return out
+
+
+def _latest_backtests(
+    store: FusedStore, keys: Sequence[SeriesKey], *, models: Sequence[ModelName], origins: int
+) -> pa.Table:
+    """The scored backtest forecasts of `models` from each series' latest `origins` origins (the latest backtest's
+    forecast of each model, origin and window), a few series at a time: a store keeps every backtest ever run, and
+    only the latest origins choose and calibrate."""
+    names = ", ".join(quoted(str(m)) for m in models)
+    statistics = ", ".join(quoted(str(s)) for s in sorted({k.statistic for k in keys}))
+    reach = store.sql(  # the longest backtest horizon recorded: a series' rows are at most origins x models x it
+        "SELECT coalesce(max(horizon), 1) AS h FROM forecasts WHERE purpose = 'backtest'"
+    ).column("h")[0].as_py()
+    parts = []
+    for metric in sorted({k.metric for k in keys}):
+        regions = sorted({k.region for k in keys if k.metric == metric})
+        rows_each = origins * len(models) * int(reach) * len({k.statistic for k in keys})
+        for group in in_groups(regions, rows_each=rows_each, budget=read_budget(store)):
+            parts.append(read(
+                store,
+                "SELECT * FROM (SELECT f.metric, f.statistic, f.region, f.model, f.origin, f.window_start, f.sd, "
+                "f.calibration_factor, s.error, s.noise_sd FROM forecasts f JOIN forecast_scores s "
+                f"USING (forecast_id, window_start) WHERE f.purpose = 'backtest' AND f.metric = {quoted(metric)} "
+                f"AND f.region IN ({', '.join(map(quoted, group))}) AND f.statistic IN ({statistics}) "
+                f"AND f.model IN ({names}) "
+                # The latest backtest's forecast of each model, origin and window ...
+                "QUALIFY row_number() OVER (PARTITION BY f.metric, f.statistic, f.region, f.model, f.origin, "
+                "f.window_start ORDER BY f.issued_at DESC) = 1) "
+                # ... from the series' latest `origins` origins.
+                "QUALIFY dense_rank() OVER (PARTITION BY metric, statistic, region ORDER BY origin DESC) "
+                f"<= {int(origins)}",
+                what=f"the backtests of {metric}",
+                settings="horizon of a backtest (or backtest_origins)",
+            ))
+    return pa.concat_tables(parts) if parts else pa.table({})
 
 
 def _by_origin(columns: dict[str, np.ndarray], rows: np.ndarray, error: np.ndarray, step: int) -> dict[Any, np.ndarray]:

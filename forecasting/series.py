@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from forecasting.models import History
+from forecasting.reads import in_groups, read, read_budget
 from fusion.config.forecasting import Statistic
 from fusion.errors import FusionError
 from fusion.store.access import FusedStore
@@ -96,16 +97,25 @@ def read_series(
     if latest is None:
         return []
     since = latest - span
-    table = store.sql(
-        "SELECT metric, unit, region, window_start, release_id, ratio_mean, mean_sd, sum, sum_sd, count, count_sd "
-        f"FROM releases WHERE {where} AND window_start >= TIMESTAMPTZ '{since.isoformat()}' "
-        "QUALIFY row_number() OVER (PARTITION BY metric, region, window_start ORDER BY released_at DESC, "
-        "release_id DESC) = 1 ORDER BY metric, region, window_start"
-    )
+    # A series holds at most one row per window of the span (the latest release of each): read a metric's regions
+    # a group at a time, so that a federation of many series at short windows is read in bounded parts.
     out = []
-    for (metric, region), rows in _groups(table):
-        for statistic in statistics:
-            out.append(_on_grid(SeriesKey(metric, statistic, region), rows, step, version))
+    for metric in metrics:
+        for group in in_groups(regions, rows_each=int(span / step) + 1, budget=read_budget(store)):
+            names = ", ".join(map(quoted, group))
+            table = read(
+                store,
+                "SELECT metric, unit, region, window_start, release_id, ratio_mean, mean_sd, sum, sum_sd, count, "
+                f"count_sd FROM releases WHERE metric = {quoted(metric)} AND region IN ({names}) "
+                f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}' "
+                "QUALIFY row_number() OVER (PARTITION BY metric, region, window_start ORDER BY released_at DESC, "
+                "release_id DESC) = 1 ORDER BY metric, region, window_start",
+                what=f"the released series of {metric}",
+                settings="history (a backtest: also backtest_origins x backtest_step and the horizon)",
+            )
+            for (name, region), rows in _groups(table):
+                for statistic in statistics:
+                    out.append(_on_grid(SeriesKey(name, statistic, region), rows, step, version))
     return sorted(out, key=lambda s: s.key)
 
 

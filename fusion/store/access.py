@@ -39,6 +39,11 @@ class FusedStore:
         the numbers back as `open_store(..., versions=...)` to read the same snapshot again."""
         return dict(self._sandbox.snapshot)
 
+    @property
+    def limits(self) -> SqlLimits:
+        """The limits each query of this store runs under."""
+        return self._sandbox.limits
+
     def sql(self, query: str) -> pa.Table:
         """Run one query over the store's tables; returns an Arrow table (SqlLimitExceeded past a limit)."""
         return self._sandbox.query(query)

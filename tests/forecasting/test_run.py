@@ -231,3 +231,35 @@ def test_scoring_reads_only_the_released_windows_of_earlier_forecasts(tmp_path: 
 
     run = run_forecasts(load_config(made.path), metrics=["temp"])
     assert run.score_rows == 24 and run.forecast_rows == 48
+
+
+def test_forecasting_reads_a_few_series_at_a_time_under_the_sql_row_limit(tmp_path: Path) -> None:
+    """`[sql] max_rows` bounds people's ad-hoc queries, not forecasting's own reads: three regions' releases (504
+    to 528 rows each) and backtests (two backtests' five origins, of which a forecast reads the latest four: 576 rows
+    a region) are read a group of series at a time, each under a limit of 700 rows that all of them together, or all
+    of a region's backtests ever recorded, pass. Where one series alone is past the limit, the refusal names the
+    forecasting setting, never `fusion sql`."""
+    made = federation(tmp_path, forecasting='models = ["profile", "seasonal_naive", "same_hour_mean"]\n'
+                                            "backtest_origins = 4")
+    text = made.path.read_text()
+    made.path.write_text(text + "\n[sql]\nmax_rows = 700\n")
+    from fusion.config.federation import load_config
+
+    config = load_config(made.path)
+    sds = np.ones(24)
+    for day in range(22):
+        hours = np.arange(day * 24, (day + 1) * 24)
+        for region in ("north", "south", "east"):
+            made.store.insert_new("releases", release_table(hours, released(hours, sds, seed=day, region=region), sds,
+                                                            region=region))
+        if day in (20, 21):
+            assert run_backtests(config, metrics=["temp"]).score_rows > 0
+    run = run_forecasts(config, metrics=["temp"])
+    assert run.forecast_rows == 3 * 48
+    basis = json.loads(made.store.read("forecasts").to_pylist()[0]["params"])
+    assert len(basis["backtest_origins"]) == 4 and basis["calibrated"]
+    made.path.write_text(text + "\n[sql]\nmax_rows = 300\n")
+    with pytest.raises(FusionError) as refused:
+        run_forecasts(load_config(made.path), metrics=["temp"])
+    assert "history" in str(refused.value) and "[forecasting]" in str(refused.value)
+    assert "fusion sql" not in str(refused.value)
