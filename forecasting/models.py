@@ -15,7 +15,7 @@ from importlib.metadata import version
 
 import numpy as np
 
-from fusion.config.forecasting import ModelName
+from fusion.config.forecasting import FIT_PERIODS, PERIOD_WITHOUT_CYCLE, ModelName
 from fusion.errors import FusionError
 
 #: Days the same-hour mean averages over.
@@ -334,7 +334,7 @@ MODELS: dict[ModelName, type[DailyProfile | SeasonalNaive | SameHourMean | Expon
 def fit_forecast(model: ModelName, history: History, horizon: int) -> Prediction:
     """Fit `model` to `history` and forecast `horizon` windows; refuses a history with fewer than two days (or,
     without a daily cycle, 48 windows) of released cells."""
-    needed = 2 * (history.period or 24)
+    needed = FIT_PERIODS * (history.period or PERIOD_WITHOUT_CYCLE)
     if history.observed < needed:
         raise SeriesTooShort(
             f"{history.observed} released window(s) in the history; a forecast needs at least {needed} (two days)"

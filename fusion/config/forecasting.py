@@ -16,6 +16,23 @@ from fusion.runtime.durations import parse_duration
 #: forecast writes a row per window ahead for every series, and the store is append-only: a forecast of years of
 #: windows would stay in `forecasts` for good, and every later forecast and the dashboard read its rows.
 MAX_HORIZON_WINDOWS = 2880
+#: A model is fitted on at least this many seasonal periods of released windows (forecasting.models.fit_forecast):
+#: one day of a daily cycle cannot tell the cycle from the day's weather.
+FIT_PERIODS = 2
+#: The period a model takes where windows are a day or longer (no daily cycle): FIT_PERIODS of it are 48 windows.
+PERIOD_WITHOUT_CYCLE = 24
+
+
+def least_history(window: timedelta) -> timedelta:
+    """The least history a model is fitted on: FIT_PERIODS daily cycles (two days) where windows divide a day,
+    else FIT_PERIODS x PERIOD_WITHOUT_CYCLE windows.
+
+    >>> least_history(timedelta(minutes=15)), least_history(timedelta(days=1))
+    (datetime.timedelta(days=2), datetime.timedelta(days=48))
+    """
+    cells = timedelta(days=1) / window
+    cycle = cells >= 2 and cells == int(cells)
+    return FIT_PERIODS * (timedelta(days=1) if cycle else PERIOD_WITHOUT_CYCLE * window)
 
 
 class ModelName(StrEnum):
@@ -47,8 +64,8 @@ class ForecastingConfig(BaseModel):
     models: tuple[ModelName, ...] = Field(default=tuple(ModelName), min_length=1)
     statistics: tuple[Statistic, ...] = Field(default=(Statistic.MEAN,), min_length=1)
     horizon: str = "48h"  # how far ahead a forecast reaches: at most history and 2,880 windows
-    history: str = "28d"  # the most history a model is fitted on
-    min_history: str = "2d"  # the least history a backtest origin has before it
+    history: str = "28d"  # the most history a model is fitted on (at least two days: least_history)
+    min_history: str = "2d"  # the least history a backtest origin has before it (at least two days)
     backtest_origins: int = Field(default=16, ge=2, le=100)  # rolling origins: model choice and calibration
     backtest_step: str = "24h"  # time between two backtest origins
     # Another model replaces the first of `models` only where its backtest MAE is lower by more than this share:
@@ -78,12 +95,11 @@ class ForecastingConfig(BaseModel):
     def _lengths(self) -> Self:
         if parse_duration(self.min_history) > parse_duration(self.history):
             raise ValueError(f"min_history {self.min_history} is longer than history {self.history}")
-        if parse_duration(self.horizon) > parse_duration(self.history):
-            raise ValueError(horizon_beyond_history("forecasting.horizon", self.horizon, self.history))
         return self
 
     def check_window(self, window: timedelta) -> None:
-        """Refuse durations that are not whole numbers of the federation's window (a forecast is per window)."""
+        """Refuse durations that are not whole numbers of the federation's window (a forecast is per window), a
+        history shorter than a model is fitted on, and a horizon past the history or MAX_HORIZON_WINDOWS."""
         for name in ("horizon", "history", "min_history", "backtest_step"):
             value = parse_duration(getattr(self, name))
             if value % window:
@@ -91,8 +107,22 @@ class ForecastingConfig(BaseModel):
                     f"forecasting.{name} = '{getattr(self, name)}' is not a whole number of federation.window "
                     f"({window}); forecasts are made per window"
                 )
+        least = least_history(window)
+        for name in ("history", "min_history"):
+            if parse_duration(getattr(self, name)) < least:
+                raise ValueError(
+                    f"forecasting.{name} {getattr(self, name)} is shorter than the {_days(least)} a model is fitted "
+                    f"on at least ({least // window} windows: {FIT_PERIODS} x its seasonal period); every forecast "
+                    "would be refused as too short"
+                )
+        if parse_duration(self.horizon) > parse_duration(self.history):
+            raise ValueError(horizon_beyond_history("forecasting.horizon", self.horizon, self.history))
         if parse_duration(self.horizon) / window > MAX_HORIZON_WINDOWS:
             raise ValueError(too_many_windows("forecasting.horizon", self.horizon, window))
+
+
+def _days(length: timedelta) -> str:
+    return f"{length.days} days" if not length % timedelta(days=1) else str(length)
 
 
 def horizon_beyond_history(name: str, horizon: str, history: str) -> str:
@@ -112,10 +142,13 @@ def too_many_windows(name: str, horizon: str, window: timedelta) -> str:
 
 
 __all__ = [
+    "FIT_PERIODS",
     "MAX_HORIZON_WINDOWS",
+    "PERIOD_WITHOUT_CYCLE",
     "ForecastingConfig",
     "ModelName",
     "Statistic",
     "horizon_beyond_history",
+    "least_history",
     "too_many_windows",
 ]
