@@ -30,7 +30,7 @@ class OriginForecast:
     model: ModelName
     origin: int
     prediction: Prediction
-    noise_var: float  # the expected noise variance of a future cell, from the history
+    noise_var: np.ndarray  # the expected noise variance of each future cell, from the history (History.noise_ahead)
     mase_scale: float | None
 
 
@@ -82,7 +82,7 @@ def backtest(
     out: list[OriginForecast] = []
     for origin in origins:
         past = history_at(values, variances, period, origin, history)
-        noise = past.noise_var()
+        noise = past.noise_ahead(horizon)
         scale = seasonal_naive_scale(past)
         for model in models:
             try:

@@ -1,7 +1,8 @@
 """Intervals of a forecast, for the true value and for the next noisy release, and their calibration.
 
 A model's variance is of the true value (the signal). The next release adds the noise of a future cell, whose
-variance is known in advance only as the typical noise of recent cells. Calibration rescales the model's own SD
+variance is known in advance only as expected from recent cells: those of the same window of the day, at the latest
+releases' noise level (`History.noise_ahead`). Calibration rescales the model's own SD
 (the noise part is known) from backtest errors against releases (the truth is never seen). Forecast errors are
 heavier-tailed than Gaussian (calm days and fronts), so one factor matched on the errors' variance leaves the 80%
 interval too wide when the 95% is right: a `Calibration` is a two-component scale mixture, the true value's error
@@ -48,11 +49,11 @@ class Intervals:
 
 
 def intervals(
-    mean: np.ndarray, signal_var: np.ndarray, *, noise_var: float, factor: float | Calibration = 1.0
+    mean: np.ndarray, signal_var: np.ndarray, *, noise_var: float | np.ndarray, factor: float | Calibration = 1.0
 ) -> Intervals:
     """The intervals of a forecast whose true-value variance is `signal_var` and whose future cells have noise
-    variance `noise_var`, calibrated by `factor`: a plain factor on the model's SD, or a `Calibration` (whose
-    quantiles give the bounds; `sd` is scaled by its `factor`).
+    variance `noise_var` (one for all, or each window's: `History.noise_ahead`), calibrated by `factor`: a plain
+    factor on the model's SD, or a `Calibration` (whose quantiles give the bounds; `sd` is scaled by its `factor`).
 
     >>> out = intervals(np.array([10.0]), np.array([4.0]), noise_var=5.0)
     >>> float(out.sd[0]), float(out.release_sd[0]), round(float(out.ci95[1][0]), 3)
@@ -62,6 +63,7 @@ def intervals(
     (0.86, 2.3)
     """
     calibration = factor if isinstance(factor, Calibration) else Calibration.scaled(factor)
+    noise_var = np.broadcast_to(np.asarray(noise_var, float), np.shape(mean))
     sd = calibration.factor * np.sqrt(np.maximum(signal_var, 0.0))
     release_sd = np.sqrt(sd**2 + noise_var)
     q80, q95 = (calibration.half_width(p, signal_var) for p in (0.8, 0.95))
@@ -71,7 +73,7 @@ def intervals(
         sd=sd,
         ci80=(mean - q80, mean + q80),
         ci95=(mean - q95, mean + q95),
-        noise_sd=np.full(mean.shape, np.sqrt(noise_var)),
+        noise_sd=np.sqrt(noise_var),
         release_sd=release_sd,
         release_ci80=(mean - r80, mean + r80),
         release_ci95=(mean - r95, mean + r95),

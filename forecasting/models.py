@@ -44,12 +44,49 @@ class History:
         return int(np.isfinite(self.values).sum())
 
     def noise_var(self) -> float:
-        """The typical noise variance of a cell: the median over the last 7 days' observed cells."""
+        """The typical noise variance of a cell: the median over the last 7 days' observed cells (the models'
+        own variances use it; a future cell's expected noise is `noise_ahead`)."""
         recent = self.variances[-(self.period or 24) * SAME_HOUR_DAYS :]
         recent = recent[np.isfinite(recent)]
         if recent.size == 0:
             recent = self.variances[np.isfinite(self.variances)]
         return float(np.median(recent)) if recent.size else 0.0
+
+    def noise_ahead(self, horizon: int) -> np.ndarray:
+        """The noise variance expected of each of the next `horizon` cells, shape (horizon,): the median over the
+        last 7 days of the cells of the same window of the day (a night of few readings is noisier than the day),
+        scaled to the latest day's cells' noise relative to that profile (an epsilon changed since shows at once).
+        Without a daily cycle, the latest 24 cells' median. A window of the day never released takes the typical
+        noise (`noise_var`).
+
+        >>> night = np.tile(np.where(np.arange(24) < 6, 16.0, 0.16), 7)
+        >>> ahead = History(np.zeros(night.size), night, 24).noise_ahead(26)
+        >>> float(ahead[0]), float(ahead[6]), float(ahead[24])
+        (16.0, 0.16, 16.0)
+        >>> cut = np.where(np.arange(night.size) >= 6 * 24, 16 * night, night)  # epsilon cut for the latest day
+        >>> float(History(np.zeros(cut.size), cut, 24).noise_ahead(1)[0])
+        256.0
+        """
+        period = self.period if self.period is not None and self.period > 1 else 1
+        typical = self.noise_var()
+        known = np.where(np.isfinite(self.variances), self.variances, np.nan)
+        n = known.size
+        if period == 1:
+            latest = known[-PERIOD_WITHOUT_CYCLE:]
+            latest = latest[np.isfinite(latest)]
+            return np.full(horizon, float(np.median(latest)) if latest.size else typical)
+        recent = known[-period * SAME_HOUR_DAYS :]
+        phase_of = (np.arange(n - recent.size, n)) % period
+        profile = np.full(period, typical)
+        for phase in range(period):
+            cells = recent[(phase_of == phase) & np.isfinite(recent)]
+            if cells.size:
+                profile[phase] = float(np.median(cells))
+        latest = known[-period:]
+        latest_phase = np.arange(n - latest.size, n) % period
+        usable = np.isfinite(latest) & (profile[latest_phase] > 0)
+        level = float(np.median(latest[usable] / profile[latest_phase][usable])) if usable.any() else 1.0
+        return level * profile[np.arange(n, n + horizon) % period]
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,7 @@ def run_forecasts(
             params={"fitted": prediction.params, "history_windows": int(past.values.size), **choice.basis},
             origin=origin,
             bands=intervals(
-                prediction.mean, prediction.signal_var, noise_var=past.noise_var(), factor=choice.calibration
+                prediction.mean, prediction.signal_var, noise_var=past.noise_ahead(steps), factor=choice.calibration
             ),
             factor=choice.factor,
             mase_scale=seasonal_naive_scale(past),

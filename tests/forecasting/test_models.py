@@ -214,3 +214,44 @@ def test_another_model_replaces_the_first_only_where_it_is_better_origin_by_orig
     gappy = {m: {o: e[o].copy() for o in e} for m, e in steady.items()}
     gappy[ModelName.ETS][0][:10] = np.nan
     assert paired_t(gappy[ModelName.ETS], gappy[ModelName.PROFILE]) < -2
+
+
+
+def test_release_intervals_cover_cells_whose_noise_differs_by_hour_and_after_an_epsilon_cut() -> None:
+    """Seeded: a daily cycle with weather that persists, released with noise SD 4.0 at night (00-05, few readings)
+    and 0.4 by day, or with SD 0.5 until an epsilon cut three days before the origin and 2.0 since. A forecast's
+    release interval expects each window's own noise (`OriginForecast.noise_var`, as a backtest and a forecast
+    issue it), so its 95% interval covers the night's releases and all of them at about 95%, and after the cut
+    too; one noise SD for every window (the latest week's median) covered the night's at 0.71 and after the cut
+    0.77. 30 series x 4 origins x 48 windows, correlated within an origin: tolerances of about two standard errors."""
+    rng = np.random.default_rng(7)
+    n, horizon = 32 * DAY, 48
+    hours = np.arange(n)
+
+    def weather() -> np.ndarray:
+        daily = np.zeros(n // DAY + 1)
+        for day in range(1, daily.size):
+            daily[day] = 0.7 * daily[day - 1] + rng.normal(0.0, 1.5)
+        hourly = np.zeros(n)
+        for t in range(1, n):
+            hourly[t] = 0.8 * hourly[t - 1] + rng.normal(0.0, 0.5)
+        return 10.0 + 5.0 * np.sin(2 * np.pi * (hours % DAY) / DAY) + daily[hours // DAY] + hourly
+
+    night = np.where(hours % DAY < 6, 4.0, 0.4)
+    cut = np.where(hours >= n - horizon - 3 * DAY, 2.0, 0.5)
+    for sd, count in ((night, 4), (cut, 1)):
+        hits, at_night = [], []
+        for _ in range(30 if count > 1 else 60):
+            releases = weather() + rng.normal(0.0, 1.0, n) * sd
+            origins = forecasting.backtest.rolling_origins(n, horizon=horizon, step=DAY, count=count,
+                                                           min_history=2 * DAY)
+            for made in forecasting.backtest.backtest(releases, sd**2, DAY, models=[ModelName.PROFILE],
+                                                      origins=origins, horizon=horizon, history=28 * DAY):
+                bands = intervals(made.prediction.mean, made.prediction.signal_var, noise_var=made.noise_var)
+                window = releases[made.origin : made.origin + horizon]
+                hits.append((window >= bands.release_ci95[0]) & (window <= bands.release_ci95[1]))
+                at_night.append(hours[made.origin : made.origin + horizon] % DAY < 6)
+        inside, dark = np.concatenate(hits), np.concatenate(at_night)
+        assert 0.92 <= inside.mean() <= 0.99, count
+        if count > 1:
+            assert 0.92 <= inside[dark].mean() <= 0.99

@@ -263,3 +263,19 @@ def test_forecasting_reads_a_few_series_at_a_time_under_the_sql_row_limit(tmp_pa
         run_forecasts(load_config(made.path), metrics=["temp"])
     assert "history" in str(refused.value) and "[forecasting]" in str(refused.value)
     assert "fusion sql" not in str(refused.value)
+
+
+def test_a_forecast_expects_each_window_its_own_noise(tmp_path: Path) -> None:
+    """Cells at night (00-05) carry mean_sd 4.0 (few readings), by day 0.4: each forecast window's noise_sd is that
+    of the same hour's recent releases, and its release interval is wide at night and narrow by day."""
+    made = federation(tmp_path)
+    hours = np.arange(21 * 24)
+    sds = np.where(hours % 24 < 6, 4.0, 0.4)
+    made.store.insert_new("releases", release_table(hours, released(hours, sds, seed=1), sds))
+    run_forecasts(made.config, metrics=["temp"])
+    rows = made.store.read("forecasts").to_pylist()
+    night = [r for r in rows if r["window_start"].hour < 6]
+    day = [r for r in rows if r["window_start"].hour >= 6]
+    assert {round(r["noise_sd"], 6) for r in night} == {4.0} and {round(r["noise_sd"], 6) for r in day} == {0.4}
+    assert min(r["release_ci95_high"] - r["release_ci95_low"] for r in night) > 2 * Z95 * 4.0
+    assert max(r["release_ci95_high"] - r["release_ci95_low"] for r in day) < 2 * Z95 * 4.0
