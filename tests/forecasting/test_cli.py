@@ -53,7 +53,8 @@ def test_backtest_then_forecast_with_a_plot(
         (["forecast", "--plot", "x.png"], "--plot draws one series"),
         (["backtest", "--origins", "1"], "a backtest needs at least 2"),
         (["forecast", "--statistic", "median"], "invalid choice"),
-        (["forecast", "--horizon", "100000d"], "--horizon 100000d is longer than forecasting.history (28d)"),
+        (["forecast", "--horizon", "30000d"], "--horizon 30000d is longer than forecasting.history (28d)"),
+        (["forecast", "--horizon", "100000d"], "--horizon: '100000d' is too long: at most 36600 days"),
         (["backtest", "--horizon", "29d"], "--horizon 29d is longer than forecasting.history (28d)"),
     ],
 )
