@@ -51,7 +51,7 @@ from fusion.store.provenance import (
 )
 from fusion.store.signed_budget import budget_claim
 from privacy import he
-from privacy.envelope import EnvelopeHeader, signature_valid, unpack_envelope
+from privacy.envelope import EnvelopeError, EnvelopeHeader, signature_valid, unpack_envelope
 from privacy.signing import public_key, verify
 from schemas.tables import AUDIT_SCHEMA
 
@@ -210,8 +210,16 @@ def _open_aggregate(plan: ReleasePlan, store: Store, released: set[str]) -> _Ope
         return ReleaseOutcome(release_id=release_id, status="already_released")
     if not exists(aggregate_path(exchange, plan.key)):
         _refuse(plan, store)
-    data = read_bytes(aggregate_path(exchange, plan.key))
-    header, ciphertexts = unpack_envelope(data, max_ciphertexts=he.ciphertexts_for(plan.layout.slots))
+    path = aggregate_path(exchange, plan.key)
+    data = read_bytes(path)
+    try:
+        header, ciphertexts = unpack_envelope(data, max_ciphertexts=he.ciphertexts_for(plan.layout.slots))
+    except EnvelopeError as exc:  # damaged in the exchange, or not the aggregator's: nothing to charge or decrypt
+        reason = f"the aggregate envelope {path} is unreadable ({exc}): it is not decrypted, nothing is charged"
+        audit_event(plan, store, action="release_refused", reason=reason, detail={"aggregate": str(path)})
+        raise ReleaseRefused(
+            f"release {release_id} refused: {reason}; re-run `fusion aggregate` to seal the interval's aggregate again"
+        ) from None
     if (header.kind, header.layout_digest, header.parameters_digest) != (
         "aggregate",
         plan.key.layout_digest,

@@ -196,7 +196,12 @@ def decrypt(plan: ReleasePlan, pay: Callable[[str], None] | None) -> tuple[Envel
     if not exists(path):
         raise RoundRefused("the round has no aggregate yet: nothing is decrypted")
     data = read_bytes(path)
-    header, ciphertexts = unpack_envelope(data, max_ciphertexts=he.ciphertexts_for(plan.layout.slots))
+    try:
+        header, ciphertexts = unpack_envelope(data, max_ciphertexts=he.ciphertexts_for(plan.layout.slots))
+    except EnvelopeError as exc:
+        raise RoundRefused(
+            f"the round's aggregate {path} is unreadable ({exc}): nothing is charged or decrypted"
+        ) from None
     expected = ("aggregate", plan.key.layout_digest, plan.key.parameters_digest)
     if (header.kind, header.layout_digest, header.parameters_digest) != expected:
         raise RoundRefused("the aggregate envelope does not match this round's layout or parameters")

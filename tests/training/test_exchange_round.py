@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fusion.config.federation import load_config
-from fusion.release.exchange import contribution_path, roster_path
+from fusion.release.exchange import aggregate_path, contribution_path, roster_path
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import seeded_generator
 from tests.conftest import Federation
@@ -88,6 +88,33 @@ def test_a_round_with_a_dropped_institution_completes(make_federation: Callable[
         federation.sum_round(
             {"alpha": vectors["alpha"]}, round_id=RoundId("m", 3, "p"), layers=layers, generators=generators
         )
+
+
+def test_the_key_holder_refuses_a_damaged_aggregate_before_paying(
+    make_federation: Callable[..., Federation],
+) -> None:
+    """Nothing is charged for a round whose aggregate is damaged: it is refused naming its file (RoundRefused),
+    not a traceback."""
+    fed = make_federation(noise=True, entities=2)
+    config = load_config(fed.config_path)
+    federation = ExchangeFederation(config, START, END)
+    plan = federation.plan(RoundId("m", 4, "p"), slots=50, variance=100.0)
+    open_round(plan, config.exchange_path)
+    for k, (i, vector) in enumerate(_vectors(50).items()):
+        seal_contribution(plan, i, vector, generator=seeded_generator(k))
+    assert aggregate(plan)["status"] == "awaiting_unmask"
+    for i in IDS:
+        answer(plan, i)
+    assert aggregate(plan)["status"] == "aggregated"
+    paid: list[str] = []
+    envelope = Path(aggregate_path(plan.config.exchange_path, plan.key))
+    good = envelope.read_bytes()
+    envelope.write_bytes(good[: len(good) // 2])
+    with pytest.raises(RoundRefused, match="unreadable") as refused:
+        decrypt(plan, paid.append)
+    assert str(envelope) in str(refused.value) and paid == []
+    envelope.write_bytes(good)
+    assert decrypt(plan, paid.append)[0].payload_sha256 == paid[0]
 
 
 def test_a_crashed_run_resumes_through_the_exchange(make_federation: Callable[..., Federation]) -> None:

@@ -1,0 +1,58 @@
+"""The key holder's checks before it charges a release (pipelines/release.py): a damaged aggregate envelope and a
+missing, damaged or foreign HE secret key are refused with a message naming the file, and nothing is charged."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fusion.errors import ReleaseRefused
+from fusion.release.exchange import aggregate_path
+from fusion.release.plan import ReleasePlan, plan_release
+from fusion.store.delta import Store
+from pipelines.release import release
+from pipelines.run import run_aggregate, run_contributions, run_unmask
+from tests.conftest import END, START, Federation
+
+
+def _aggregated(fed: Federation) -> ReleasePlan:
+    """An interval contributed, aggregated and unmasked: ready for the key holder's step."""
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions, in_process=True)
+    status = run_aggregate(plan, in_process=True)
+    if status["status"] == "awaiting_unmask":
+        run_unmask(plan, [i for i in fed.config.institutions if i.id in status["unmask_pending"]])
+        status = run_aggregate(plan, in_process=True)
+    assert status["status"] == "aggregated", status
+    Store(fed.config.store_path).ensure_tables()
+    return plan
+
+
+def _charged(store: Store) -> list[dict[str, object]]:
+    return store.read("budget").to_pylist()
+
+
+def _actions(store: Store) -> list[str]:
+    return [a["action"] for a in store.read("audit").to_pylist()]
+
+
+def test_a_damaged_aggregate_is_refused_audited_and_never_charged(make_federation: Callable[..., Federation]) -> None:
+    fed = make_federation()
+    plan = _aggregated(fed)
+    path = Path(aggregate_path(fed.config.exchange_path, plan.key))
+    good = path.read_bytes()
+    flipped = good[:-100] + bytes([good[-100] ^ 1]) + good[-99:]
+    for damaged in (good[: len(good) // 2], flipped, b"hello"):
+        path.write_bytes(damaged)
+        store = Store(fed.config.store_path)
+        with pytest.raises(ReleaseRefused, match="unreadable") as refused:
+            release(plan, store)
+        assert str(path) in str(refused.value)
+        assert _charged(store) == [] and "budget_spend" not in _actions(store)
+    refusals = [a for a in Store(fed.config.store_path).read("audit").to_pylist() if a["action"] == "release_refused"]
+    assert len(refusals) == 3 and all(json.loads(a["detail"])["aggregate"] == str(path) for a in refusals)
+    assert run_aggregate(plan, in_process=True)["status"] == "aggregated"  # sealed again, as the message says
+    assert release(plan, Store(fed.config.store_path)).status == "released"
