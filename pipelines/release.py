@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from fusion.config.federation import Config
 from fusion.config.parameters import NOISE_MARGIN_SDS
 from fusion.errors import FusionError, ReleaseNotReady, ReleaseRefused
-from fusion.keys.holder import load_secret_context_bytes, published_context_digest
+from fusion.keys.holder import load_checked_secret_context, published_context_digest
 from fusion.keys.registry import (
     key_holder_signing_key_file,
     load_aggregator_public_key,
@@ -168,6 +168,9 @@ def prepare_releases(
             results[i] = one
         else:
             opened[i] = one
+    # The secret key checked before anything is charged: one missing or damaged would spend budget on nothing.
+    if opened and context is None:
+        context = load_checked_secret_context(plans[0].config)
     # Pay first: the key holder decrypts only an aggregate whose release has been charged to its period. The
     # charge is bound to the ciphertexts (re-summing the same contributions gives the same bytes).
     spends = _spend_all([(i, o.plan, o.header.payload_sha256) for i, o in opened.items()], store)
@@ -177,8 +180,6 @@ def prepare_releases(
             del opened[i]
     if opened:
         crash_point("after_ledger")
-    if opened and context is None:
-        context = he.load_secret_context(load_secret_context_bytes(plans[0].config))
     totals = {i: he.decrypt_vector(context, o.ciphertexts, o.plan.layout.slots) for i, o in opened.items()}
     if opened:
         crash_point("after_decrypt")
@@ -384,7 +385,14 @@ def registered_signing_key(config: Config) -> bytes:
     registry names (a key recreated by hand would publish releases nobody can verify)."""
     key = load_key_holder_signing_key(config)
     registered = load_key_holder_public_keys(config)
-    if not registered or public_key(key) != registered[0]:
+    try:
+        own = public_key(key)
+    except ValueError as exc:  # not an Ed25519 private key (truncated, or another file copied over it)
+        raise FusionError(
+            f"the key holder's release-signing key {key_holder_signing_key_file(config)} is unreadable ({exc}); "
+            "restore it from the key holder's backup"
+        ) from None
+    if not registered or own != registered[0]:
         raise FusionError(
             f"the key holder's release-signing key is not the one registered in {config.registry_path}; "
             "register it (`fusion keys --release-signing --overwrite` creates and registers a new one)"

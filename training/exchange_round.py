@@ -30,7 +30,7 @@ import numpy as np
 from fusion.config.federation import Config
 from fusion.config.parameters import release_parameters
 from fusion.errors import FusionError, ReleaseRefused
-from fusion.keys.holder import load_secret_context_bytes, published_context_digest
+from fusion.keys.holder import load_checked_secret_context, published_context_digest
 from fusion.keys.registry import (
     load_aggregator_public_key,
     load_signing_key,
@@ -211,9 +211,9 @@ def decrypt(plan: ReleasePlan, pay: Callable[[str], None] | None) -> tuple[Envel
         raise RoundRefused("the aggregate was encrypted under another public HE context than the one published")
     if len(header.contributors) < plan.params.quorum:
         raise RoundRefused(f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}")
+    context = load_checked_secret_context(plan.config)  # before the charge: a lost key would spend for nothing
     if pay is not None:
         pay(header.payload_sha256)
-    context = he.load_secret_context(load_secret_context_bytes(plan.config))
     total = centred(he.decrypt_vector(context, ciphertexts, plan.layout.slots), he.PLAIN_MODULUS)
     return header, total, hashlib.sha256(data).hexdigest()
 

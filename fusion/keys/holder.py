@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from fusion.config.federation import Config
 from fusion.errors import FusionError
@@ -80,3 +83,37 @@ def load_secret_context_bytes(config: Config) -> bytes:
     if not path.exists():
         raise FusionError(f"the HE secret key is missing ({path}); run `fusion keys` as the key holder")
     return read_private(path, "the HE secret key")
+
+
+#: Encrypted under the published public context and decrypted with the secret one: they agree only if the secret
+#: key is the one whose public half the institutions seal under.
+_PROBE = np.array([271_828, -314_159], dtype=np.int64)
+
+
+def load_checked_secret_context(config: Config) -> Any:
+    """The key holder's secret HE context (a TenSEAL context), checked before anything is charged: the file
+    parses, and it decrypts what the published public context (the one `published_context_digest` names)
+    encrypts. A key holder whose secret key is missing, damaged or another federation's could otherwise spend
+    budget on an aggregate it cannot decrypt. Raises FusionError naming the file and the fix."""
+    path = secret_key_file(config)
+    secret_bytes = load_secret_context_bytes(config)  # missing, or readable by others: its own message
+    try:
+        context = he.load_secret_context(secret_bytes)
+    except (ValueError, RuntimeError, TypeError) as exc:  # TenSEAL: "failed to parse stream", or a public context
+        raise FusionError(
+            f"the HE secret key {path} is unreadable ({exc}); restore the key holder's keys from their backup "
+            "(re-created keys cannot decrypt what was sealed under the published ones)"
+        ) from None
+    public_bytes = load_public_context_bytes(config)
+    if hashlib.sha256(public_bytes).hexdigest() != published_context_digest(config):
+        raise FusionError(
+            f"the public HE context in the exchange ({public_context_path(config.exchange_path)}) is not the one "
+            f"this key holder published; restore it (the key holder's keys and {PUBLIC_DIGEST} go together)"
+        )
+    probe = he.encrypt_vector(he.load_public_context(public_bytes), _PROBE)
+    if not np.array_equal(he.decrypt_vector(context, probe, _PROBE.size), _PROBE):
+        raise FusionError(
+            f"the HE secret key {path} does not belong to the public context this key holder published (keys "
+            "copied from another federation, or re-created without publishing); restore the key holder's keys"
+        )
+    return context

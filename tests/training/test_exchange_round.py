@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from fusion.config.federation import load_config
+from fusion.errors import FusionError
+from fusion.keys.holder import secret_key_file
 from fusion.release.exchange import aggregate_path, contribution_path, roster_path
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import seeded_generator
@@ -90,11 +92,11 @@ def test_a_round_with_a_dropped_institution_completes(make_federation: Callable[
         )
 
 
-def test_the_key_holder_refuses_a_damaged_aggregate_before_paying(
+def test_the_key_holder_refuses_a_damaged_aggregate_or_lost_key_before_paying(
     make_federation: Callable[..., Federation],
 ) -> None:
-    """Nothing is charged for a round whose aggregate is damaged: it is refused naming its file (RoundRefused),
-    not a traceback."""
+    """Nothing is charged for a round whose aggregate is damaged, or whose HE secret key is missing or damaged:
+    each is refused naming its file (RoundRefused, FusionError), not a traceback after the charge."""
     fed = make_federation(noise=True, entities=2)
     config = load_config(fed.config_path)
     federation = ExchangeFederation(config, START, END)
@@ -114,6 +116,13 @@ def test_the_key_holder_refuses_a_damaged_aggregate_before_paying(
         decrypt(plan, paid.append)
     assert str(envelope) in str(refused.value) and paid == []
     envelope.write_bytes(good)
+    secret = secret_key_file(config)
+    kept = secret.read_bytes()
+    secret.write_bytes(b"garbage" * 10)
+    with pytest.raises(FusionError, match="unreadable") as refused:
+        decrypt(plan, paid.append)
+    assert str(secret) in str(refused.value) and paid == []
+    secret.write_bytes(kept)
     assert decrypt(plan, paid.append)[0].payload_sha256 == paid[0]
 
 

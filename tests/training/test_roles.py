@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
 
 from fusion.cli.core import main
 from fusion.config.federation import load_config
-from fusion.keys.holder import secret_key_file
+from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE
 from fusion.store.delta import Store
 from pipelines.release import charge_record
 from tests.conftest import Federation
@@ -37,13 +40,13 @@ def test_a_round_runs_role_by_role_with_a_dropped_institution(
     assert "aggregated" in run("aggregator")
     config = load_config(fed.config_path)
     store = Store(config.store_path)
-    # The key holder's step fails after the charge (its HE secret key unreadable): the round is charged, not lost.
-    key = secret_key_file(config)
-    key.rename(key.with_name("away"))
-    assert main([*base, "key-holder"]) == 1
-    assert "HE secret key is missing" in capsys.readouterr().err
+    # The key holder's process ends right after the charge (a kill): the round is charged, not lost.
+    crashed = subprocess.run(
+        [sys.executable, "-m", "fusion.cli", *base, "key-holder"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, CRASH_ENV: "round_after_charge"},
+    )  # fmt: skip
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr
     (charged,) = store.read("budget").to_pylist()[0]["release_ids"]
-    key.with_name("away").rename(key)
     # Every party still derives the same attempt (its aggregate is in the exchange): the step again commits it.
     assert "alpha sealed round 1" in run("institution", "--institution", "alpha")  # its kept envelope, again
     assert "round 1/2 of model tiny committed: 2 contributors" in run("key-holder")
