@@ -28,6 +28,7 @@ from fusion.errors import FusionError
 from fusion.keys.registry import load_aggregator_signing_key, load_registry
 from fusion.release.exchange import (
     EnvelopePlace,
+    FileTooLarge,
     aggregate_path,
     aggregation_status_path,
     contributions_dir,
@@ -35,6 +36,7 @@ from fusion.release.exchange import (
     list_files,
     public_context_path,
     public_context_sha256,
+    read_bounded,
     read_bytes,
     refusal_path,
     unmask_dir,
@@ -60,6 +62,7 @@ from privacy.envelope import (
     EnvelopeError,
     EnvelopeHeader,
     PayloadMismatch,
+    max_envelope_bytes,
     pack_envelope,
     signature_valid,
     unpack_envelope,
@@ -111,7 +114,12 @@ class OpenEnvelope(beam.DoFn):
 
     def process(self, path: str) -> Iterator[Any]:
         try:
-            header, ciphertexts = unpack_envelope(read_bytes(path), max_ciphertexts=self._ciphertexts)
+            data = read_bounded(path, max_envelope_bytes(self._ciphertexts))
+        except FileTooLarge as exc:  # not read: no envelope of this layout is that large
+            yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": f"unreadable: {exc}"})
+            return
+        try:
+            header, ciphertexts = unpack_envelope(data, max_ciphertexts=self._ciphertexts)
         except PayloadMismatch:
             yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": "tampered"})
             return

@@ -32,7 +32,7 @@ from fusion.keys.registry import (
     load_key_holder_signing_key,
 )
 from fusion.release.estimates import decode_release, release_quantiles
-from fusion.release.exchange import aggregate_path, exists, read_bytes, refusal_path
+from fusion.release.exchange import FileTooLarge, aggregate_path, exists, read_bounded, read_bytes, refusal_path
 from fusion.release.plan import ReleasePlan
 from fusion.release.rejects import decode_reject_tallies
 from fusion.runtime.faults import crash_point
@@ -51,7 +51,7 @@ from fusion.store.provenance import (
 )
 from fusion.store.signed_budget import budget_claim
 from privacy import he
-from privacy.envelope import EnvelopeError, EnvelopeHeader, signature_valid, unpack_envelope
+from privacy.envelope import EnvelopeError, EnvelopeHeader, max_envelope_bytes, signature_valid, unpack_envelope
 from privacy.signing import public_key, verify
 from schemas.tables import AUDIT_SCHEMA
 
@@ -212,10 +212,11 @@ def _open_aggregate(plan: ReleasePlan, store: Store, released: set[str]) -> _Ope
     if not exists(aggregate_path(exchange, plan.key)):
         _refuse(plan, store)
     path = aggregate_path(exchange, plan.key)
-    data = read_bytes(path)
+    ciphertext_count = he.ciphertexts_for(plan.layout.slots)
     try:
-        header, ciphertexts = unpack_envelope(data, max_ciphertexts=he.ciphertexts_for(plan.layout.slots))
-    except EnvelopeError as exc:  # damaged in the exchange, or not the aggregator's: nothing to charge or decrypt
+        data = read_bounded(path, max_envelope_bytes(ciphertext_count))
+        header, ciphertexts = unpack_envelope(data, max_ciphertexts=ciphertext_count)
+    except (EnvelopeError, FileTooLarge) as exc:  # damaged, or not the aggregator's: nothing to charge or decrypt
         reason = f"the aggregate envelope {path} is unreadable ({exc}): it is not decrypted, nothing is charged"
         audit_event(plan, store, action="release_refused", reason=reason, detail={"aggregate": str(path)})
         raise ReleaseRefused(

@@ -19,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from functools import lru_cache
 
 import numpy as np
 
@@ -33,9 +34,22 @@ MAGIC_V2 = b"FUSIONENV2\n"
 MAGIC_V1 = b"FUSIONENV1\n"
 #: Each version's magic -> (ciphertexts packed, header deflated). All are the same length.
 _VERSIONS = {MAGIC: (True, True), MAGIC_V2: (True, False), MAGIC_V1: (False, False)}
-#: No honest header inflates beyond this (one of 200 institutions holds about 12 MB of JSON); more is refused
-#: before it is inflated further.
-MAX_HEADER_BYTES = 64 << 20
+#: No honest header inflates beyond this; more is refused before it is inflated further. A contribution's header
+#: is mostly its mask-key shares, k (k + 1) of them on a masking graph of degree k (privacy/masking_graph.py),
+#: about 300 bytes of JSON each: under 150 KB up to 1,000 institutions on the sparse graph (k = 20), about 12 MB
+#: for one of 200 institutions on the complete graph (k = 199, which only a max_colluding near half the
+#: federation asks for); an aggregate's header lists refused envelopes (about 200 bytes each) and reject counts.
+MAX_HEADER_BYTES = 16 << 20
+#: Nor does one hold more JSON values than this: the count of '{', '[', ',' and ':' in its JSON, which bounds
+#: how many objects parsing it builds, is checked before it is parsed. Honest JSON spends 30 bytes or more on
+#: each (a mask-key share: its 'peer/recipient' key and about 200 hex digits, then its digest; a refusal: three
+#: text fields), so a header within MAX_HEADER_BYTES holds at most about 500,000 (the complete graph of 200:
+#: 160,000). At a few bytes each, as in '[{},{},...]', the 16 MiB allowed would have been 5 million objects, over
+#: 400 MB of memory from a 16 KB file; this many cost at most about 30 MB to parse.
+MAX_HEADER_VALUES = 1 << 19
+#: The most bytes a header takes in an envelope: MAX_HEADER_BYTES of JSON, deflated (deflate adds 5 bytes per
+#: stored 64 KiB block and 6 in all) or stored as is (version 2).
+MAX_STORED_HEADER_BYTES = MAX_HEADER_BYTES + MAX_HEADER_BYTES // 1000 + 64
 _WORD = 8
 #: No serialized ciphertext is larger (one is 262,283 bytes; two 8192-coefficient polynomials over three 60-bit
 #: primes are 393,216 bytes at most); a payload inflating beyond it is refused before more is inflated.
@@ -117,6 +131,11 @@ class EnvelopeHeader:
 
     @classmethod
     def from_json(cls, data: bytes) -> EnvelopeHeader:
+        if len(data) > MAX_HEADER_BYTES:
+            raise EnvelopeError(f"unreadable envelope header: larger than {MAX_HEADER_BYTES} bytes")
+        values = sum(data.count(token) for token in (b"{", b"[", b",", b":"))
+        if values > MAX_HEADER_VALUES:  # counted before parsing: each value would become a Python object
+            raise EnvelopeError(f"unreadable envelope header: {values} JSON values, more than {MAX_HEADER_VALUES}")
         try:
             doc = json.loads(data)
             if not isinstance(doc, dict):
@@ -280,7 +299,15 @@ def header_region_size(prefix: bytes) -> int:
         (head_len,) = struct.unpack_from(">I", prefix, len(magic))
     except struct.error:
         raise EnvelopeError("envelope is truncated") from None
+    if head_len > MAX_STORED_HEADER_BYTES:  # deflate never makes a header much larger than its JSON
+        raise EnvelopeError(f"the header claims {head_len} bytes, more than any header holds")
     return len(magic) + 4 + int(head_len)
+
+
+def max_envelope_bytes(ciphertexts: int) -> int:
+    """The largest file an envelope of at most `ciphertexts` ciphertexts can be: a reader that knows the layout
+    refuses a larger file before reading it. Packed, a ciphertext is at most a few bytes over its size."""
+    return HEADER_PREFIX + MAX_STORED_HEADER_BYTES + 4 + ciphertexts * (8 + MAX_CIPHERTEXT_BYTES + (1 << 12))
 
 
 def _header_region(data: bytes) -> bytes:
@@ -298,31 +325,36 @@ def _parse_region(region: bytes) -> EnvelopeHeader:
 
 def header_signer(data: bytes, public_keys: Mapping[str, bytes]) -> tuple[EnvelopeHeader, str | None]:
     """(the header of envelope `data`, its one contributor if that institution's key in `public_keys` signed
-    it, else None); EnvelopeError if unreadable. Remembered by the header's bytes and the key (the last
-    `_REMEMBERED` of them): in one process, the institutions answering an unmask round, each window of a burst
-    its own, read the same few contributions again and again. The header returned may be one returned before:
-    never change it (it is frozen; its maps are not copied)."""
+    it, else None); EnvelopeError if unreadable. Headers whose signature verified are remembered by their bytes
+    (the last `_REMEMBERED`): in one process, the institutions answering an unmask round, each window of a burst
+    its own, read the same few contributions again and again. Unsigned ones are parsed each time, never kept: a
+    junk file is not worth memory. The header returned may be one returned before: never change it (it is
+    frozen; its maps are not copied)."""
     region = _header_region(data)
-    header = _remembered_header(region)
+    with _VERIFIED_LOCK:
+        remembered = _VERIFIED.get(region)
+        if remembered is not None:
+            _VERIFIED.move_to_end(region)
+    if remembered is not None and public_keys.get(remembered[0].contributors[0]) == remembered[1]:
+        return remembered[0], remembered[0].contributors[0]
+    header = _parse_region(region)
     if len(header.contributors) != 1 or header.contributors[0] not in public_keys:
         return header, None
     signer = header.contributors[0]
-    return header, signer if _remembered_signature(region, public_keys[signer]) else None
+    if not signature_valid(header, public_keys[signer]):
+        return header, None
+    with _VERIFIED_LOCK:
+        _VERIFIED[region] = (header, public_keys[signer])
+        while len(_VERIFIED) > _REMEMBERED:
+            _VERIFIED.popitem(last=False)
+    return header, signer
 
 
-#: Headers (and verdicts on their signatures) `header_signer` keeps: a burst of windows holds a few dozen
-#: contributions at once; at 500 institutions a header's region is about 60 KB, so this holds a few MB at most.
+#: Verified headers `header_signer` keeps, with the key that verified each: a burst of windows holds a few dozen
+#: contributions at once; at 500 institutions a header's region is about 60 KB, so this holds a few MB.
 _REMEMBERED = 128
-
-
-@lru_cache(maxsize=_REMEMBERED)
-def _remembered_header(region: bytes) -> EnvelopeHeader:
-    return _parse_region(region)
-
-
-@lru_cache(maxsize=_REMEMBERED)
-def _remembered_signature(region: bytes, public_key: bytes) -> bool:
-    return signature_valid(_remembered_header(region), public_key)
+_VERIFIED: OrderedDict[bytes, tuple[EnvelopeHeader, bytes]] = OrderedDict()
+_VERIFIED_LOCK = threading.Lock()
 
 
 def _inflate_header(head: bytes) -> bytes:

@@ -6,8 +6,8 @@ Public API (what the rest of the repository imports), by module:
 - `contribution`: cell_reading_counts, find_duplicates, pack_encoded, PartialAggregate
 - `estimates`: decode_release, release_quantiles
 - `exchange`: acknowledgement_path, aggregate_path, aggregation_status_path, contribution_path, contributions_dir,
-  delete_if_exists, ENVELOPE_SUFFIX, EnvelopePlace, exists, join, list_files, public_context_path,
-  public_context_sha256, read_bytes, refusal_path, ReleaseKey, remove_tree, roster_path, SECRET_CONTEXT,
+  delete_if_exists, ENVELOPE_SUFFIX, EnvelopePlace, exists, FileTooLarge, join, list_files, public_context_path,
+  public_context_sha256, read_bounded, read_bytes, refusal_path, ReleaseKey, remove_tree, roster_path, SECRET_CONTEXT,
   unmask_dir, unmask_path, write_bytes, write_json
 - `plan`: parse_time, Period, period_of, plan_release, ReleasePlan
 - `planning`: privacy_plan

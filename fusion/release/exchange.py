@@ -239,6 +239,21 @@ def read_bytes(path: str) -> bytes:
     return data
 
 
+def read_bounded(path: str, limit: int) -> bytes:
+    """A file's bytes, refused (FileTooLarge, which names no path: the caller does) without reading it when it
+    holds more than `limit`: a reader that knows how large a file it expects never loads whatever lies there."""
+    if not exists(path):
+        raise FusionError(f"expected file not found: {path}")
+    size = os.path.getsize(path) if _local(path) else FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    if size > limit:
+        raise FileTooLarge(f"the file holds {size} bytes, more than the {limit} expected")
+    return read_bytes(path)
+
+
+class FileTooLarge(FusionError):
+    """A file in the exchange is larger than any the reader expects there (`read_bounded`)."""
+
+
 def read_head(path: str, size: int) -> bytes:
     """The first `size` bytes of a file (all of it if it is shorter)."""
     if not exists(path):

@@ -41,6 +41,7 @@ from privacy.envelope import (
     MAGIC_V2,
     EnvelopeHeader,
     envelope_header,
+    max_envelope_bytes,
     pack_envelope,
     payload_digest,
     unpack_envelope,
@@ -209,13 +210,18 @@ def test_bad_envelopes_are_refused_with_reasons_and_the_rest_released(make_feder
     for name, changed, count in (("typed.fenv", typed, 0), ("bomb.fenv", {}, 1_000_000)):
         head = json.dumps({**doc, **changed}).encode()
         write_bytes(join(directory, name), MAGIC_V2 + struct.pack(">I", len(head)) + head + struct.pack(">I", count))
+    # A file larger than any envelope of this layout is refused unread (sparse here: it costs no disk).
+    with open(join(directory, "huge.fenv"), "wb") as handle:
+        handle.truncate(max_envelope_bytes(he.ciphertexts_for(plan.layout.slots)) + 1)
     # An envelope from another interval, copied in, is refused as such.
     other = plan_release(fed.config, END, END + (END - START))
     run_contributions(other, fed.config.institutions[:1])
     shutil.copy(contribution_path(fed.config.exchange_path, other.key, "alpha"), join(directory, "alpha-old.fenv"))
     result = run_aggregate(plan)
     reasons = sorted(r["reason"].split(":")[0] for r in result["refused"])
-    assert reasons == ["unreadable"] * 3 + ["wrong_interval"]
+    assert reasons == ["unreadable"] * 4 + ["wrong_interval"]
+    (huge,) = [r["reason"] for r in result["refused"] if r["source"].endswith("huge.fenv")]
+    assert "more than the" in huge
     assert result["contributors"] == ["alpha", "beta", "gamma"]
     result = unmask_and_aggregate(plan)
     outcome = release(plan, Store(fed.config.store_path))

@@ -18,11 +18,14 @@ from privacy.envelope import (
     MAGIC_V2,
     MAX_CIPHERTEXT_BYTES,
     MAX_HEADER_BYTES,
+    MAX_HEADER_VALUES,
+    MAX_STORED_HEADER_BYTES,
     EnvelopeError,
     PayloadMismatch,
     envelope_header,
     header_region_size,
     header_signer,
+    max_envelope_bytes,
     pack_ciphertext,
     pack_envelope,
     payload_digest,
@@ -242,3 +245,45 @@ def test_an_envelope_claiming_more_ciphertexts_than_the_layout_holds_is_refused_
     bomb = _with_header(json.loads(HEADER.to_json()), count=1_000_000)
     with pytest.raises(EnvelopeError, match="more than"):
         unpack_envelope(bomb, max_ciphertexts=2)
+
+
+def test_a_header_with_more_json_values_than_any_honest_one_is_refused_before_parsing() -> None:
+    """'{},{},...' spends three bytes a value: a 16 KB file inflating to 16 MiB of it would be 5 million Python
+    objects. The values are counted before parsing; an honest header holds far fewer (MAX_HEADER_VALUES)."""
+    import json
+
+    doc = json.loads(HEADER.to_json())
+    honest = _deflated(json.dumps({**doc, "refused": [{"source": "x", "reason": "y"}] * 1000}).encode())
+    assert len(envelope_header(honest).refused) == 1000
+    bomb = _deflated(json.dumps({**doc, "refused": [{}] * (MAX_HEADER_VALUES // 2)}).encode(), level=9)
+    assert len(bomb) < 4096
+    for read in (unpack_envelope, envelope_header, lambda data: header_signer(data, {"alpha": bytes(32)})):
+        with pytest.raises(EnvelopeError, match="JSON values"):
+            read(bomb)
+
+
+def test_a_header_larger_than_any_honest_one_is_refused_before_it_is_read() -> None:
+    """20 MiB of JSON (here blanks, as cheap to deflate as any junk) is more than a header of 200 institutions on
+    the complete graph holds; a stored header's length beyond that is refused from the envelope's first bytes."""
+    padded = HEADER.to_json()[:-1] + b" " * (20 << 20) + b"}"
+    with pytest.raises(EnvelopeError, match="inflates beyond"):
+        envelope_header(_deflated(padded, level=9))
+    with pytest.raises(EnvelopeError, match="more than any header holds"):
+        header_region_size(MAGIC_V2 + struct.pack(">I", MAX_STORED_HEADER_BYTES + 1))
+    assert max_envelope_bytes(2) < MAX_STORED_HEADER_BYTES + 3 * MAX_CIPHERTEXT_BYTES
+
+
+def test_header_signer_remembers_only_headers_whose_signature_verified() -> None:
+    """A process reading the same contributions again (an unmask round, a burst of windows) reuses their parsed
+    headers; unsigned or forged ones are parsed again each time and never kept, so junk costs no lasting memory."""
+    from privacy.signing import generate_signing_key
+
+    private, public = generate_signing_key()
+    signed = pack_envelope(HEADER, [], signing_key=private)
+    unsigned = pack_envelope(replace(HEADER, nonce="u" * 32), [])
+    first, signer = header_signer(signed, {"alpha": public})
+    assert signer == "alpha" and header_signer(signed, {"alpha": public})[0] is first
+    junk, signer = header_signer(unsigned, {"alpha": public})
+    assert signer is None and header_signer(unsigned, {"alpha": public})[0] is not junk
+    # A key that did not sign it: the header remembered is not taken as signed by it.
+    assert header_signer(signed, {"alpha": generate_signing_key()[1]})[1] is None
