@@ -25,7 +25,7 @@ import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
 from fusion.errors import FusionError
-from fusion.keys.registry import load_aggregator_signing_key, load_registry
+from fusion.keys.registry import check_he_context, load_aggregator_signing_key, load_registry
 from fusion.release.exchange import (
     EnvelopePlace,
     FileTooLarge,
@@ -493,6 +493,7 @@ class Aggregate(beam.PTransform):
         roster = read_roster(plan)
         paths = envelope_paths(plan, roster)
         public_context = PublicContext(public_context_path(exchange))
+        check_he_context(plan.config, public_context.sha256)
         opened = (
             pbegin
             | "Envelopes" >> beam.Create(paths)

@@ -49,7 +49,7 @@ from fusion.feeds.scan import (
     scan_windows,
     staged_sources,
 )
-from fusion.keys.registry import load_agreement_key, load_agreement_keys, load_signing_key
+from fusion.keys.registry import check_he_context, load_agreement_key, load_agreement_keys, load_signing_key
 from fusion.release.contribution import PartialAggregate, cell_reading_counts, find_duplicates, pack_encoded
 from fusion.release.exchange import (
     contribution_path,
@@ -445,6 +445,7 @@ class SealContribution(beam.DoFn):
         # a run that seals many intervals, such as the stream's burst of windows, does not deserialise it each time.
         self._public_context = read_bytes(public_context_path(self._plan.config.exchange_path))
         self._context_sha256 = hashlib.sha256(self._public_context).hexdigest()  # once, not per envelope
+        check_he_context(self._plan.config, self._context_sha256)  # never seal under a context swapped in
         self._he_context = _loaded_public_context(self._public_context, self._context_sha256)
 
     def process(

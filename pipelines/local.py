@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
 from fusion.config.federation import InstitutionConfig
-from fusion.keys.registry import load_registry
+from fusion.keys.registry import check_he_context, load_registry
 from fusion.release.exchange import public_context_path
 from fusion.release.plan import ReleasePlan
 from pipelines.aggregate import (
@@ -174,6 +174,7 @@ def aggregate_locally(plan: ReleasePlan, *, may_declare_absent: bool = True) -> 
     roster = read_roster(plan)
     paths = envelope_paths(plan, roster)
     public_context = PublicContext(public_context_path(exchange))
+    check_he_context(plan.config, public_context.sha256)
     opened, refused = run_dofn(OpenEnvelope(plan, public_context, load_registry(plan.config), roster), paths)
     unique, duplicates = run_dofn(OnePerInstitution(), group_by_key(opened))
     summed = combine(EncryptedSum(public_context), unique)

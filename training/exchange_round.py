@@ -32,6 +32,7 @@ from fusion.config.parameters import release_parameters
 from fusion.errors import FusionError, ReleaseRefused
 from fusion.keys.holder import load_checked_secret_context, published_context_digest
 from fusion.keys.registry import (
+    check_he_context,
     load_aggregator_public_key,
     load_signing_key,
     read_private,
@@ -154,12 +155,14 @@ def seal_contribution(
     # masking-graph neighbours, a self mask, and Shamir shares of both for the unmask round.
     masked, mask_fields = double_mask(plan, institution_id, noised)
     public_context = read_bytes(public_context_path(plan.config.exchange_path))
+    context_sha256 = hashlib.sha256(public_context).hexdigest()
+    check_he_context(plan.config, context_sha256)
     ciphertexts = he.encrypt_vector(he.load_public_context(public_context), masked, residues=True)
     header = plan.envelope_header(
         kind="contribution",
         contributors=(institution_id,),
         noise_variance=share,
-        context_sha256=hashlib.sha256(public_context).hexdigest(),
+        context_sha256=context_sha256,
         reject_counts={},
         **mask_fields,
     )

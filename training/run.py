@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from fusion.config.federation import Config, PrivacyUnit
 from fusion.config.training import ModelConfig
 from fusion.errors import FusionError
-from fusion.keys.holder import load_public_context_bytes, load_secret_context_bytes
+from fusion.keys.holder import load_registered_public_context_bytes, load_secret_context_bytes
 from fusion.keys.registry import (
     load_aggregator_public_key,
     load_aggregator_signing_key,
@@ -410,7 +410,7 @@ def federation_from_config(config: Config) -> Federation:
         institutions=institutions,
         aggregator=aggregator,
         secret_context=load_secret_context_bytes(config),
-        public_context=load_public_context_bytes(config),
+        public_context=load_registered_public_context_bytes(config),
     )
 
 

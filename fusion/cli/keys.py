@@ -19,6 +19,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="store_true",
         help="key holder: create (or with --overwrite rotate) only the release-signing key, and register it",
     )
+    keys.add_argument(
+        "--register-context",
+        action="store_true",
+        help="key holder: record the published public HE context's SHA-256 in the registry (a registry written "
+        "before it held one), which institutions and the aggregator check the exchange's copy against",
+    )
     keys.add_argument("--overwrite", action="store_true", help="replace existing keys")
 
 
@@ -48,6 +54,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
             f"key holder's release-signing key (mode 0600): {key_file}\nregistered in {config.registry_path} ({note})"
         )
         return 0
+    if args.register_context:
+        from fusion.keys.holder import register_published_context
+
+        digest = register_published_context(config)
+        console.print(f"public HE context (SHA-256 {digest}) registered in {config.registry_path}; share the registry")
+        return 0
     if args.institution:
         from fusion.keys.registry import AGREEMENT_KEY
 
@@ -66,6 +78,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     kept = "kept: releases stay verifiable" if had_signing_key else f"new, registered in {config.registry_path}"
     console.print(
         f"secret context (key holder only, mode 0600): {secret}\npublic context: {public}\n"
+        f"its SHA-256 registered in {config.registry_path} (share the registry)\n"
         f"release-signing key (mode 0600, {kept}): {key_holder_signing_key_file(config)}"
     )
     return 0

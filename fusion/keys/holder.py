@@ -13,14 +13,16 @@ import numpy as np
 from fusion.config.federation import Config
 from fusion.errors import FusionError
 from fusion.keys.registry import (
+    check_he_context,
     create_aggregator_key,
     create_institution_keys,
     create_key_holder_key,
     key_holder_signing_key_file,
     read_private,
+    register_he_context,
     write_private,
 )
-from fusion.release.exchange import SECRET_CONTEXT, public_context_path, read_bytes, write_bytes
+from fusion.release.exchange import SECRET_CONTEXT, exists, public_context_path, read_bytes, write_bytes
 from fusion.store.delta import Store
 from privacy import he
 
@@ -41,33 +43,69 @@ def create_federation_keys(config: Config, institutions: Iterable[str] | None = 
 
 
 def create_keys(config: Config, *, overwrite: bool = False) -> tuple[Path, str]:
-    """Generate BFV keys: the secret context under `keys` (mode 0600), the public one in the exchange; and the
-    release-signing key, if the key holder has none (re-created HE keys keep it: readers go on verifying)."""
+    """Generate BFV keys: the secret context under `keys` (mode 0600), the public one in the exchange, its SHA-256
+    in the registry (what institutions and the aggregator check the exchange's copy against); and the
+    release-signing key, if the key holder has none (re-created HE keys keep it: readers go on verifying).
+
+    Refuses, unless `overwrite`, where keys were published already, even when the secret key is missing: keys
+    re-created then leave every pending interval undecryptable (an institution seals an interval once)."""
     secret_file = secret_key_file(config)
-    if secret_file.exists() and not overwrite:
-        raise FusionError(
-            f"{secret_file} already exists; keys are created once per federation "
-            "(pass --overwrite to replace them; envelopes sealed under the old keys are then refused)"
-        )
+    digest_file = secret_file.parent / PUBLIC_DIGEST
+    public_path = public_context_path(config.exchange_path)
+    if not overwrite:
+        if secret_file.exists():
+            raise FusionError(
+                f"{secret_file} already exists; keys are created once per federation "
+                "(pass --overwrite to replace them; envelopes sealed under the old keys are then refused)"
+            )
+        published = [str(digest_file)] if digest_file.exists() else []
+        if exists(public_path):
+            published.append(public_path)
+        if published:
+            raise FusionError(
+                f"this federation's HE keys were published already ({', '.join(published)}): re-creating HE keys "
+                "abandons every pending interval (envelopes sealed under the old public context can never be "
+                f"decrypted); restore the secret key instead ({secret_file}, from the key holder's backup). Only "
+                "if it is lost for good, pass --overwrite"
+            )
     secret, public = he.generate_keys()
     write_private(secret_file, secret)
-    (secret_file.parent / PUBLIC_DIGEST).write_text(hashlib.sha256(public).hexdigest())
-    public_path = public_context_path(config.exchange_path)
+    digest = hashlib.sha256(public).hexdigest()
+    digest_file.write_text(digest)
     write_bytes(public_path, public)
     if not key_holder_signing_key_file(config).exists():
         create_key_holder_key(config, published=Store(config.store_path).release_ids())
+    register_he_context(config, digest)
     return secret_file, public_path
+
+
+def register_published_context(config: Config) -> str:
+    """Record in the registry the SHA-256 of the public HE context this key holder published (a federation whose
+    registry predates the record), once the exchange's copy is checked to be that context; returns the digest."""
+    digest = published_context_digest(config)
+    public_path = public_context_path(config.exchange_path)
+    if hashlib.sha256(load_public_context_bytes(config)).hexdigest() != digest:
+        raise FusionError(
+            f"the public HE context in the exchange ({public_path}) is not the one this key holder published "
+            f"(SHA-256 {digest}, in {secret_key_file(config).parent / PUBLIC_DIGEST}): someone replaced it. Put "
+            "back the he_public.ctx published with the secret key, then run this again"
+        )
+    register_he_context(config, digest)
+    return digest
 
 
 def published_context_digest(config: Config) -> str:
     """The SHA-256 of the public context this key holder published (recorded at `fusion keys`)."""
     path = secret_key_file(config).parent / PUBLIC_DIGEST
     if not path.exists():
-        raise FusionError(f"{path} is missing; re-create the federation's keys with `fusion keys`")
+        raise FusionError(
+            f"{path} is missing; restore it (and the HE secret key beside it) from the key holder's backup"
+        )
     return path.read_text().strip()
 
 
 def load_public_context_bytes(config: Config) -> bytes:
+    """The exchange's public HE context, as published: unchecked (`register_published_context` checks it)."""
     path = public_context_path(config.exchange_path)
     try:
         return read_bytes(path)
@@ -77,11 +115,22 @@ def load_public_context_bytes(config: Config) -> bytes:
         ) from None
 
 
+def load_registered_public_context_bytes(config: Config) -> bytes:
+    """The exchange's public HE context, refused unless it is the one the key holder registered."""
+    data = load_public_context_bytes(config)
+    check_he_context(config, hashlib.sha256(data).hexdigest())
+    return data
+
+
 def load_secret_context_bytes(config: Config) -> bytes:
     """Only the key holder's release step calls this. Refuses a key file others can read."""
     path = secret_key_file(config)
     if not path.exists():
-        raise FusionError(f"the HE secret key is missing ({path}); run `fusion keys` as the key holder")
+        raise FusionError(
+            f"the HE secret key is missing ({path}); run this as the key holder, with its `keys` directory, or "
+            "restore the key from the key holder's backup (`fusion keys` would not recover it: new keys cannot "
+            "decrypt what was sealed under the published ones)"
+        )
     return read_private(path, "the HE secret key")
 
 

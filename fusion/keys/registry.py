@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import secrets
 import stat
 import threading
@@ -31,6 +32,9 @@ SIGNING_KEY = "signing.key"
 #: The key holder's, a name of its own: a key directory shared by mistake with another role never hands it theirs.
 RELEASE_SIGNING_KEY = "release-signing.key"
 AGREEMENT_KEY = "agreement.key"
+#: The `[key_holder]` field holding the SHA-256 of the federation's public HE context.
+HE_CONTEXT_FIELD = "he_context_sha256"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -78,6 +82,9 @@ class _Registry:
     key_holder: bytes | None  # the key holder's signing public key (it signs releases)
     retired: tuple[bytes, ...] = ()  # the key holder's earlier signing keys: releases they signed still verify
     unsigned: tuple[str, ...] = ()  # releases published before the key holder had a key (nothing to verify)
+    # The SHA-256 (hex) of the public HE context the key holder published: the exchange's copy is checked against
+    # it before anyone encrypts or sums under it (anyone who can write the exchange could swap it for their own).
+    he_context: str | None = None
     # The mechanisms' parties (MECHANISM_SECTIONS, as parsed; mechanisms/authorities.py validates them): kept as
     # they are when the registry is rewritten.
     mechanisms: dict[str, Any] = field(default_factory=dict)
@@ -125,12 +132,16 @@ def _parse(path: Path, text: str) -> _Registry:
         unsigned = doc.get("key_holder", {}).get("unsigned_releases", [])
         if not all(isinstance(r, str) for r in unsigned):
             raise TypeError("key_holder.unsigned_releases must list release ids")
+        he_context = doc.get("key_holder", {}).get(HE_CONTEXT_FIELD)
+        if he_context is not None and not _SHA256_HEX.fullmatch(str(he_context)):
+            raise ValueError(f"key_holder.{HE_CONTEXT_FIELD} must be a SHA-256 in hex (64 characters 0-9a-f)")
         return _Registry(
             institutions,
             bytes.fromhex(aggregator) if aggregator else None,
             bytes.fromhex(key_holder) if key_holder else None,
             tuple(bytes.fromhex(k) for k in retired),
             tuple(unsigned),
+            he_context,
             {name: doc[name] for name in MECHANISM_SECTIONS if name in doc},
         )
     except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -164,12 +175,16 @@ def _write_registry(config: Config, registry: _Registry) -> None:
     lines += ["# aggregates) and the key holder's (it signs releases)."]
     if registry.aggregator is not None:
         lines += ["", "[aggregator]", f'signing_key = "{registry.aggregator.hex()}"']
+    if registry.key_holder is not None or registry.he_context is not None:
+        lines += ["", "[key_holder]"]
     if registry.key_holder is not None:
-        lines += ["", "[key_holder]", f'signing_key = "{registry.key_holder.hex()}"']
+        lines += [f'signing_key = "{registry.key_holder.hex()}"']
         if registry.retired:
             lines += [f"retired_signing_keys = [{', '.join(repr(k.hex()) for k in registry.retired)}]"]
         if registry.unsigned:
             lines += [f"unsigned_releases = [{', '.join(repr(r) for r in registry.unsigned)}]"]
+    if registry.he_context is not None:
+        lines += [f'{HE_CONTEXT_FIELD} = "{registry.he_context}"']
     for institution, entry in sorted(registry.institutions.items()):
         lines += [
             "",
@@ -331,3 +346,29 @@ def load_key_holder_public_keys(config: Config) -> tuple[bytes, ...]:
     releases still verify); empty when its key holder has not created one yet."""
     registry = _read(config)
     return ((registry.key_holder,) if registry.key_holder is not None else ()) + registry.retired
+
+
+def register_he_context(config: Config, digest: str) -> None:
+    """Record the SHA-256 of the public HE context the key holder published, which institutions and the aggregator
+    check the exchange's copy against."""
+    _write_registry(config, replace(_read(config), he_context=digest))
+
+
+def check_he_context(config: Config, digest: str) -> None:
+    """Refuse a public HE context (by its SHA-256) other than the one the key holder registered: whoever can write
+    the exchange could otherwise have every institution encrypt under a context whose secret key it holds."""
+    registered = _read(config).he_context
+    if registered is None:
+        raise FusionError(
+            f"the registry {config.registry_path} records no digest of the federation's public HE context "
+            f"([key_holder] {HE_CONTEXT_FIELD}), so the exchange's copy cannot be trusted: the key holder runs "
+            "`fusion keys --register-context` (a registry written before Fusion checked the context) and shares the "
+            "registry again"
+        )
+    if digest != registered:
+        raise FusionError(
+            f"the public HE context in the exchange ({digest[:12]}...) is not the one the key holder registered in "
+            f"{config.registry_path} ({registered[:12]}...): nothing is encrypted or summed under it. Use the "
+            "registry the key holder wrote last; if it is current, someone replaced the exchange's he_public.ctx: "
+            "the key holder puts back the one it published (`fusion keys --register-context` checks it)"
+        )
