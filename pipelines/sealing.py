@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,13 @@ def _sealed_dir(plan: ReleasePlan, institution: InstitutionConfig) -> Path:
     return Path(plan.config.institution_keys_path(institution)) / "sealed"
 
 
+def _read_record(record: Path, institution: InstitutionConfig) -> dict[str, Any]:
+    """An institution's record of an interval it sealed: a secret like its keys (it may hold the seed that
+    regenerates its removable noise layers), so one that group or others can read is refused."""
+    doc: dict[str, Any] = json.loads(read_private(record, f"institution {institution.id}'s record of {record.stem}"))
+    return doc
+
+
 def sealed_envelope(plan: ReleasePlan, institution: InstitutionConfig) -> bytes | None:
     """The envelope this institution already sealed for the plan's interval (None if it has not sealed one).
 
@@ -53,7 +61,7 @@ def sealed_envelope(plan: ReleasePlan, institution: InstitutionConfig) -> bytes 
     if not record.exists():
         refuse_overlap(plan, institution)
         return None
-    doc = json.loads(record.read_text())
+    doc = _read_record(record, institution)
     if doc["release_id"] != plan.key.release_id:
         raise FusionError(
             f"institution {institution.id} already contributed to {plan.key.interval_name} as release "
@@ -166,7 +174,7 @@ def sealed_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> byte
     record = _sealed_dir(plan, institution) / f"{plan.key.interval_name}.json"
     if not record.exists():
         return None
-    doc = json.loads(record.read_text())
+    doc = _read_record(record, institution)
     if doc.get("release_id") != plan.key.release_id or "layer_seed" not in doc:
         return None
     return bytes.fromhex(doc["layer_seed"])
@@ -183,7 +191,7 @@ def forget_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> None
 def _drop_layer_seed(record: Path) -> None:
     if not record.exists():
         return
-    doc = json.loads(record.read_text())
+    doc = json.loads(read_private(record, "a sealed-envelope record"))
     if doc.pop("layer_seed", None) is None:
         return
     pending = record.with_name(f".{record.name}.forget")
