@@ -11,6 +11,7 @@ readers can check the store against the registry (`fusion verify`).
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import secrets
 import stat
 import threading
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,20 @@ def load_agreement_keys(config: Config) -> dict[str, bytes]:
     return {i.id: entries[i.id]["agreement"] for i in config.institutions}
 
 
+def _update_registry(config: Config, change: Callable[[_Registry], _Registry]) -> None:
+    """Rewrite the registry as `change` makes it from the current one, under an exclusive lock (a `.lock` file
+    beside it): parties registering at the same time, each reading the registry and writing it back with its own
+    entry, would otherwise keep only the last writer's."""
+    path = Path(config.registry_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        _write_registry(config, change(_read(config)))
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 def _write_registry(config: Config, registry: _Registry) -> None:
     lines = ["# Fusion federation registry: institutions that may contribute, and their public keys"]
     lines += ["# (Ed25519 to verify their envelopes, X25519 for pairwise masks), the aggregator's (it signs"]
@@ -195,10 +210,12 @@ def _write_registry(config: Config, registry: _Registry) -> None:
         ]
     lines += _mechanism_lines(registry.mechanisms)
     path = Path(config.registry_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    temporary.replace(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        temporary.write_text("\n".join(lines) + "\n")
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 #: The registry's sections for the mechanisms (mechanisms/authorities.py): the operator who signs recommendations,
@@ -246,7 +263,7 @@ def write_mechanism_sections(config: Config, sections: dict[str, Any]) -> None:
     unknown = sorted(set(sections) - set(MECHANISM_SECTIONS))
     if unknown:
         raise ValueError(f"not mechanism sections of the registry: {unknown}")
-    _write_registry(config, replace(_read(config), mechanisms=dict(sections)))
+    _update_registry(config, lambda registry: replace(registry, mechanisms=dict(sections)))
 
 
 def create_institution_keys(config: Config, institution_id: str, *, overwrite: bool = False) -> Path:
@@ -259,8 +276,9 @@ def create_institution_keys(config: Config, institution_id: str, *, overwrite: b
     write_private(key_file, private)
     write_private(key_file.parent / AGREEMENT_KEY, agreement_private)
     entry = {"signing": public, "agreement": agreement_public}
-    registry = _read(config)
-    _write_registry(config, replace(registry, institutions={**registry.institutions, institution_id: entry}))
+    _update_registry(
+        config, lambda registry: replace(registry, institutions={**registry.institutions, institution_id: entry})
+    )
     return key_file
 
 
@@ -282,7 +300,7 @@ def create_aggregator_key(config: Config, *, overwrite: bool = False) -> Path:
     """Create the aggregator's signing key (mode 0600) and register its public half."""
     key_file = aggregator_key_file(config)
     public = _new_signing_key(key_file, overwrite=overwrite)
-    _write_registry(config, replace(_read(config), aggregator=public))
+    _update_registry(config, lambda registry: replace(registry, aggregator=public))
     return key_file
 
 
@@ -320,12 +338,14 @@ def create_key_holder_key(config: Config, *, published: Iterable[str] = (), over
     releases `fusion verify` accepts without a signature; a replaced key stays registered as retired."""
     key_file = key_holder_signing_key_file(config)
     public = _new_signing_key(key_file, overwrite=overwrite)
-    registry = _read(config)
-    retired = registry.retired + ((registry.key_holder,) if registry.key_holder is not None else ())
-    unsigned = registry.unsigned if registry.key_holder is not None else tuple(sorted(set(published)))
-    _write_registry(
-        config, replace(registry, key_holder=public, retired=tuple(dict.fromkeys(retired)), unsigned=unsigned)
-    )
+    unsigned_if_first = tuple(sorted(set(published)))
+
+    def registered(registry: _Registry) -> _Registry:
+        retired = registry.retired + ((registry.key_holder,) if registry.key_holder is not None else ())
+        unsigned = registry.unsigned if registry.key_holder is not None else unsigned_if_first
+        return replace(registry, key_holder=public, retired=tuple(dict.fromkeys(retired)), unsigned=unsigned)
+
+    _update_registry(config, registered)
     return key_file
 
 
@@ -351,7 +371,7 @@ def load_key_holder_public_keys(config: Config) -> tuple[bytes, ...]:
 def register_he_context(config: Config, digest: str) -> None:
     """Record the SHA-256 of the public HE context the key holder published, which institutions and the aggregator
     check the exchange's copy against."""
-    _write_registry(config, replace(_read(config), he_context=digest))
+    _update_registry(config, lambda registry: replace(registry, he_context=digest))
 
 
 def check_he_context(config: Config, digest: str) -> None:
