@@ -33,6 +33,8 @@ SIGNING_KEY = "signing.key"
 #: The key holder's, a name of its own: a key directory shared by mistake with another role never hands it theirs.
 RELEASE_SIGNING_KEY = "release-signing.key"
 AGREEMENT_KEY = "agreement.key"
+#: The length of every key, private or public, that the registry and the key files hold (Ed25519, X25519).
+KEY_BYTES = 32
 #: The `[key_holder]` field holding the SHA-256 of the federation's public HE context.
 HE_CONTEXT_FIELD = "he_context_sha256"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -70,6 +72,18 @@ def read_private(path: Path, what: str) -> bytes:
             f"{path} is accessible to group or others (mode {stat.filemode(mode)}); run `chmod 600 {path}`"
         )
     return path.read_bytes()
+
+
+def _read_private_key(path: Path, what: str) -> bytes:
+    """A raw 32-byte private key (Ed25519 or X25519) from an owner-only file, refusing a file of another length
+    (truncated, or not a key), which would otherwise fail deep inside a pipeline without naming the file."""
+    key = read_private(path, what)
+    if len(key) != KEY_BYTES:
+        raise FusionError(
+            f"{path} ({what}) holds {len(key)} bytes, not a raw {KEY_BYTES}-byte key; restore the file from a "
+            "backup, or create a new key with `fusion keys ... --overwrite` (which registers it anew)"
+        )
+    return key
 
 
 def signing_key_file(config: Config, institution_id: str) -> Path:
@@ -122,8 +136,8 @@ def _parse(path: Path, text: str) -> _Registry:
         doc = tomllib.loads(text)
         institutions = {
             entry["id"]: {
-                "signing": bytes.fromhex(entry["signing_key"]),
-                "agreement": bytes.fromhex(entry["agreement_key"]),
+                "signing": _public_key(entry["signing_key"], f"institutions[{entry['id']}].signing_key"),
+                "agreement": _public_key(entry["agreement_key"], f"institutions[{entry['id']}].agreement_key"),
             }
             for entry in doc.get("institutions", [])
         }
@@ -138,15 +152,27 @@ def _parse(path: Path, text: str) -> _Registry:
             raise ValueError(f"key_holder.{HE_CONTEXT_FIELD} must be a SHA-256 in hex (64 characters 0-9a-f)")
         return _Registry(
             institutions,
-            bytes.fromhex(aggregator) if aggregator else None,
-            bytes.fromhex(key_holder) if key_holder else None,
-            tuple(bytes.fromhex(k) for k in retired),
+            _public_key(aggregator, "aggregator.signing_key") if aggregator else None,
+            _public_key(key_holder, "key_holder.signing_key") if key_holder else None,
+            tuple(_public_key(k, "key_holder.retired_signing_keys") for k in retired),
             tuple(unsigned),
             he_context,
             {name: doc[name] for name in MECHANISM_SECTIONS if name in doc},
         )
     except (tomllib.TOMLDecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise FusionError(f"the registry {path} is malformed: {exc}") from None
+
+
+def _public_key(text: str, field: str) -> bytes:
+    """A registered Ed25519 or X25519 public key: 32 bytes in hex. A key of another length would pass into the
+    signature checks and mask derivations and fail there, deep in a pipeline, without naming the registry."""
+    try:
+        key = bytes.fromhex(text)
+    except (ValueError, TypeError):
+        raise ValueError(f"{field} is not hex") from None
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"{field} is {len(key)} bytes; a key is {KEY_BYTES} ({2 * KEY_BYTES} hex digits)")
+    return key
 
 
 def _entries(config: Config) -> dict[str, dict[str, bytes]]:
@@ -305,7 +331,7 @@ def create_aggregator_key(config: Config, *, overwrite: bool = False) -> Path:
 
 
 def load_aggregator_signing_key(config: Config) -> bytes:
-    return read_private(aggregator_key_file(config), "the aggregator's signing key (`fusion keys --aggregator`)")
+    return _read_private_key(aggregator_key_file(config), "the aggregator's signing key (`fusion keys --aggregator`)")
 
 
 def load_aggregator_public_key(config: Config) -> bytes:
@@ -319,12 +345,12 @@ def load_aggregator_public_key(config: Config) -> bytes:
 
 
 def load_signing_key(config: Config, institution_id: str) -> bytes:
-    return read_private(signing_key_file(config, institution_id), f"institution {institution_id}'s signing key")
+    return _read_private_key(signing_key_file(config, institution_id), f"institution {institution_id}'s signing key")
 
 
 def load_agreement_key(config: Config, institution_id: str) -> bytes:
     path = signing_key_file(config, institution_id).parent / AGREEMENT_KEY
-    return read_private(path, f"institution {institution_id}'s key-agreement key")
+    return _read_private_key(path, f"institution {institution_id}'s key-agreement key")
 
 
 def key_holder_signing_key_file(config: Config) -> Path:
@@ -350,7 +376,7 @@ def create_key_holder_key(config: Config, *, published: Iterable[str] = (), over
 
 
 def load_key_holder_signing_key(config: Config) -> bytes:
-    return read_private(
+    return _read_private_key(
         key_holder_signing_key_file(config),
         "the key holder's release-signing key (`fusion keys --release-signing`, once, by the key holder)",
     )

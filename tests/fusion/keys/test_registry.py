@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,11 @@ import pytest
 from fusion.config.federation import Config, parse_config
 from fusion.errors import FusionError
 from fusion.keys.registry import (
+    AGREEMENT_KEY,
     create_institution_keys,
     create_key_holder_key,
+    key_holder_signing_key_file,
+    load_agreement_key,
     load_key_holder_public_keys,
     load_key_holder_signing_key,
     load_registry,
@@ -169,3 +173,34 @@ def test_institutions_registering_at_the_same_time_are_all_registered(tmp_path: 
         assert [worker.exitcode for worker in workers] == [0] * len(institutions)
         assert sorted(load_registry(config)) == institutions
         assert not list(Path(config.registry_path).parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("field", ["signing_key", "agreement_key"])
+def test_a_registered_key_of_the_wrong_length_is_refused_naming_the_registry_and_field(config, field) -> None:
+    create_institution_keys(config, "alpha")
+    create_institution_keys(config, "beta")
+    path = Path(config.registry_path)
+    key = load_registry(config)["beta"].hex() if field == "signing_key" else None
+    text = path.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"{field} =") and (key is None or key in ln))
+    path.write_text(text.replace(line, line[:-3] + '"'))  # one byte short: still hex
+    with pytest.raises(FusionError, match=rf"{re.escape(str(path))} is malformed: .*\.{field} is 31 bytes"):
+        load_registry(config)
+
+
+@pytest.mark.parametrize(
+    ("key_file", "load"),
+    [
+        (lambda c: signing_key_file(c, "alpha"), lambda c: load_signing_key(c, "alpha")),
+        (lambda c: signing_key_file(c, "alpha").parent / AGREEMENT_KEY, lambda c: load_agreement_key(c, "alpha")),
+        (key_holder_signing_key_file, load_key_holder_signing_key),
+    ],
+    ids=["signing", "agreement", "release-signing"],
+)
+def test_a_truncated_private_key_is_refused_naming_its_file(config, key_file, load) -> None:
+    create_institution_keys(config, "alpha")
+    create_key_holder_key(config)
+    path = key_file(config)
+    path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(FusionError, match=rf"{re.escape(str(path))} .* holds 10 bytes, not a raw 32-byte key"):
+        load(config)
