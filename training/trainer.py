@@ -47,7 +47,7 @@ class TrainingSettings:
     final_learning_rate: float | None = None  # decay linearly to this by the last round (None: constant)
     momentum: float = 0.0  # heavy ball on the noisy gradients (post-processing: it averages their noise down)
     # Each row is one privacy unit's data: an example is only ever added or removed, never changed (the smaller
-    # sensitivity: training/accounting.py). In the digest only when set, so runs from before it resume.
+    # sensitivity: training/accounting.py).
     unit_rows: bool = False
 
     def learning_rate_at(self, number: int) -> float:
@@ -58,10 +58,10 @@ class TrainingSettings:
         return self.learning_rate + fraction * (self.final_learning_rate - self.learning_rate)
 
     def digest(self) -> str:
-        fields = asdict(self)
-        if not self.unit_rows:
-            del fields["unit_rows"]
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        """Names the run in every round. It covers `unit_rows` always: a run committed before rounds were charged
+        for an example changed (noise calibrated to half the sensitivity) must not resume under the new charge,
+        whose epsilon would assume every round had the new noise."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
 
 class RoundResumer(Protocol):

@@ -170,7 +170,9 @@ class Config(Frozen):
                 "no release could ever meet it"
             )
         check_schedules(self.schedules, window=self.window, period=self.period)
-        check_models(self.models, metrics=[m.name for m in self.metrics], regions=len(self.regions))
+        check_models(
+            self.models, metrics=[m.name for m in self.metrics], regions=len(self.regions), delta=self.privacy.delta
+        )
         if self.forecasting is not None:
             self.forecasting.check_window(self.window)
         if self.mechanisms is not None:

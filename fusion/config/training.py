@@ -133,14 +133,23 @@ class ModelConfig(BaseModel):
         return len(self.target_bins) + 1
 
 
-def check_models(models: Sequence[ModelConfig], *, metrics: Sequence[str], regions: int) -> None:
+def check_models(models: Sequence[ModelConfig], *, metrics: Sequence[str], regions: int, delta: float) -> None:
     """Cross-field checks against the federation: one model per name (`fusion train --model` picks by name), a
-    model on the feeds learns from the federation's metrics, and every model stays within MAX_PARAMETERS."""
+    model on the feeds learns from the federation's metrics, every model stays within MAX_PARAMETERS, and its
+    epsilon is one the RDP accounting of its rounds can reach at the federation's delta."""
+    from privacy.accountant import rdp_floor
+
+    floor = rdp_floor(delta)
     names = [m.name for m in models]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"models: duplicate names {duplicates}; `fusion train --model` picks a model by its name")
     for model in models:
+        if model.epsilon <= floor:
+            raise ValueError(
+                f"models.{model.name}.epsilon: {model.epsilon:g} is below what the Renyi-DP accounting of its rounds "
+                f"reaches at privacy.delta {delta:g} (about {floor:.3g}, however much noise): raise it"
+            )
         if model.rows is None:
             unknown = [m for m in dict.fromkeys((*model.features, model.target)) if m not in metrics]
             if unknown:

@@ -36,7 +36,7 @@ class ScheduleConfig(BaseModel):
     end: datetime | None = None  # no interval ending after this is run (a campaign, or a demo's data)
     max_attempts: int = Field(default=3, ge=1, le=100)
     backoff: str = "1m"  # wait before the first retry; doubles after every further failure
-    max_backoff: str = "1h"  # the longest wait between retries; at least backoff
+    max_backoff: str | None = None  # the longest wait between retries, at least backoff (unset: 1h, or backoff)
     lease: str = "1h"  # how long a stopped runner's claim holds; a running runner renews it every lease/3
 
     @field_validator("cron")
@@ -51,7 +51,9 @@ class ScheduleConfig(BaseModel):
 
     @field_validator("interval", "backoff", "max_backoff", "lease")
     @classmethod
-    def _positive_duration(cls, text: str) -> str:
+    def _positive_duration(cls, text: str | None) -> str | None:
+        if text is None:
+            return None
         if parse_duration(text) <= timedelta(0):
             raise ValueError(f"'{text}' must be a positive duration")
         return text
@@ -96,6 +98,9 @@ class ScheduleConfig(BaseModel):
 
     @property
     def backoff_cap(self) -> timedelta:
+        """`max_backoff`; unset, an hour, or `backoff` when that is longer (a daily schedule's 2h backoff)."""
+        if self.max_backoff is None:
+            return max(timedelta(hours=1), self.first_backoff)
         return parse_duration(self.max_backoff)
 
     @property

@@ -522,6 +522,11 @@ def test_a_schedule_whose_max_backoff_is_below_its_backoff_fails_at_load(tmp_pat
         load_config(write(tmp_path, valid_text() + schedule.format(cap="1m")))
     equal = load_config(write(tmp_path, valid_text() + schedule.format(cap="1h")))  # a constant wait: allowed
     assert equal.schedules[0].backoff_cap == equal.schedules[0].first_backoff == timedelta(hours=1)
+    # Unset, the cap is an hour, or the backoff where that is longer: a daily schedule's 2h backoff loads as before.
+    daily = '\n[[schedules]]\nname = "daily"\ncron = "5 0 * * *"\nbackoff = "{wait}"\n'
+    for wait, cap in (("2h", timedelta(hours=2)), ("10m", timedelta(hours=1))):
+        loaded = load_config(write(tmp_path, valid_text() + daily.format(wait=wait)))
+        assert loaded.schedules[0].backoff_cap == cap
 
 
 # --- [[models]] -----------------------------------------------------------------------------------------------
@@ -544,6 +549,7 @@ MODELS: list[tuple[str, str, list[str]]] = [
     ("unknown-target-metric", _model(target='"pressure"'), ["models.m.features / target", "unknown: pressure"]),
     ("zero-horizon", _model(horizon='"0s"'), ["models.m.horizon", "positive"]),
     ("layer-too-wide", _model(hidden="[100000000000]"), ["models.m.hidden", "1 to 100,000 units"]),
+    ("epsilon-below-rdp-floor", _model(epsilon="0.001"), ["models.m.epsilon", "below what the Renyi-DP"]),
     ("too-many-parameters", _model(hidden="[2000, 2000]"),
      ["models.m.hidden", "[2000, 2000] makes 4,020,002 parameters", "above the 1,000,000"]),
 ]
