@@ -33,6 +33,13 @@ import numpy as np
 _RING_INFO = b"fusion/masking-ring/v1|"
 
 
+#: The most neighbours an institution may mask with: its envelope's header carries k (k + 1) Shamir shares (its
+#: seed and each mask key, to each neighbour) of about 300 bytes, 12 MB at k = 200, and an envelope header holds at
+#: most 16 MiB (privacy/envelope.py MAX_HEADER_BYTES, a bound that keeps junk files cheap to refuse). A
+#: `max_colluding` whose k would pass it is refused at load.
+MAX_NEIGHBOURS = 200
+
+
 def neighbour_count(institutions: int, *, max_colluding: int = 0) -> int:
     """k for a federation of `institutions`: 2 * ceil(log2 n), raised to 2 * (max_colluding + 1) so that t = k/2 + 1
     exceeds the c + 1 institutions of the coalition (one institution and max_colluding others); n - 1 (the

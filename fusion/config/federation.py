@@ -27,6 +27,7 @@ from fusion.config.training import ModelConfig, check_models
 from fusion.errors import ConfigError
 from fusion.runtime.durations import parse_duration
 from fusion.runtime.schedule import ScheduleConfig, check_schedules
+from privacy.masking_graph import MAX_NEIGHBOURS, neighbour_count
 
 #: Readings per scan shard when `pipeline.shard_rows` is unset. A running shard holds its readings while it is
 #: de-duplicated and, at entity level, bounded (about 70 bytes a reading at event level, 140 at entity level, on top
@@ -163,6 +164,14 @@ class Config(Frozen):
                 f"privacy.quorum = {self.privacy.quorum} must be at least privacy.max_colluding + 2 = "
                 f"{self.privacy.max_colluding + 2}: otherwise the colluders and one honest institution could form a "
                 "quorate release that reveals that institution's contribution"
+            )
+        neighbours = neighbour_count(len(self.institutions), max_colluding=self.privacy.max_colluding)
+        if neighbours > MAX_NEIGHBOURS:
+            raise ValueError(
+                f"privacy.max_colluding = {self.privacy.max_colluding}: each of the {len(self.institutions)} "
+                f"institutions would mask with {neighbours} others and put {neighbours * (neighbours + 1):,} Shamir "
+                f"shares in its envelope's header, more than a header holds (k at most {MAX_NEIGHBOURS}: "
+                f"max_colluding at most {MAX_NEIGHBOURS // 2 - 1})"
             )
         if self.privacy.quorum > len(self.institutions):
             raise ValueError(

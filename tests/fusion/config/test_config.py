@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -317,6 +318,20 @@ def test_parse_duration(text: str, expected: timedelta) -> None:
 def test_parse_duration_rejects_what_it_cannot_read(text: str) -> None:
     with pytest.raises(ValueError, match="is not a duration"):
         parse_duration(text)
+
+
+def test_a_collusion_bound_whose_masking_degree_overfills_an_envelope_header_fails_at_load() -> None:
+    """k = 2 (max_colluding + 1) neighbours put k (k + 1) shares in every header: past MAX_NEIGHBOURS every honest
+    envelope would be refused at the aggregator (a header holds at most 16 MiB), so the config is refused first."""
+    ids = [(f"i{k:03d}", "parquet") for k in range(260)]
+    for colluding, refused in ((99, False), (100, True)):
+        text = config_text(institutions=ids, quorum=colluding + 2, mode="production", epsilon=1.0,
+                           extra_privacy=f"max_colluding = {colluding}")  # fmt: skip
+        if refused:
+            with pytest.raises(ConfigError, match=r"privacy.max_colluding = 100: .* mask with 202 others"):
+                parse_config(tomllib.loads(text), check_release=False)
+        else:
+            assert parse_config(tomllib.loads(text), check_release=False).privacy.max_colluding == 99
 
 
 def test_a_duration_too_long_for_dates_is_refused_naming_the_field(tmp_path: Path) -> None:
