@@ -62,7 +62,7 @@ def verify(config: Config | str | Path, *, release_id: str | None = None, seen: 
     """What `fusion verify` reports on the releases: each (or `release_id`) checked against the key holder's
     registered signing keys, a list of fusion.store.verification.ReleaseCheck. Reads the store and the registry only;
     refused when no key holder signing key is registered (nothing can be verified)."""
-    from fusion.keys.registry import load_key_holder_public_keys, load_unsigned_releases
+    from fusion.keys.registry import load_key_holder_public_keys, load_unsigned_releases, load_unsigned_rounds
     from fusion.store.verification import verify_releases
 
     cfg = _config(config, check_release=False)
@@ -70,8 +70,8 @@ def verify(config: Config | str | Path, *, release_id: str | None = None, seen: 
     if not keys:
         raise FusionError(f"no key holder signing key is registered in {cfg.registry_path}: nothing can be verified "
                           "(the key holder's `fusion keys --release-signing` registers one)")
-    return verify_releases(Store(cfg.store_path), keys, unsigned=load_unsigned_releases(cfg), release_id=release_id,
-                           seen=seen)
+    return verify_releases(Store(cfg.store_path), keys, unsigned=load_unsigned_releases(cfg),
+                           unsigned_rounds=load_unsigned_rounds(cfg), release_id=release_id, seen=seen)
 
 
 def batch(

@@ -198,7 +198,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 0 when every release checked is verified (or legacy: registered as published before signing)."""
     import pyarrow as pa
 
-    from fusion.keys.registry import load_key_holder_public_keys, load_unsigned_releases
+    from fusion.keys.registry import load_key_holder_public_keys, load_unsigned_releases, load_unsigned_rounds
     from fusion.store.delta import Store
     from fusion.store.verification import GOOD, verify_releases
 
@@ -210,9 +210,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not keys:
         console.print(f"no key holder signing key is registered in {config.registry_path}: nothing can be verified")
         return 1
-    unsigned = load_unsigned_releases(config)
     checks = verify_releases(
-        Store(config.store_path), keys, unsigned=unsigned, release_id=args.release, seen=args.seen
+        Store(config.store_path),
+        keys,
+        unsigned=load_unsigned_releases(config),
+        unsigned_rounds=load_unsigned_rounds(config),
+        release_id=args.release,
+        seen=args.seen,
     )
     if not checks:
         console.print("no releases in the store yet")

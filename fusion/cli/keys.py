@@ -25,6 +25,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="key holder: record the published public HE context's SHA-256 in the registry (a registry written "
         "before it held one), which institutions and the aggregator check the exchange's copy against",
     )
+    keys.add_argument(
+        "--register-unsigned-rounds",
+        action="store_true",
+        help="key holder, once after upgrading: register the store's training rounds whose audit record holds no "
+        "signature (committed before Fusion signed rounds), which `fusion verify` then reports legacy",
+    )
     keys.add_argument("--overwrite", action="store_true", help="replace existing keys")
 
 
@@ -59,6 +65,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
         digest = register_published_context(config)
         console.print(f"public HE context (SHA-256 {digest}) registered in {config.registry_path}; share the registry")
+        return 0
+    if args.register_unsigned_rounds:
+        from fusion.keys.registry import register_unsigned_rounds
+        from fusion.store.delta import Store
+        from fusion.store.verification import unsigned_rounds
+
+        added = register_unsigned_rounds(config, unsigned_rounds(Store(config.store_path)))
+        console.print(
+            f"{len(added)} training round(s) without a signature registered as unsigned in {config.registry_path}"
+            + (f": {', '.join(added)}" if added else "")
+        )
         return 0
     if args.institution:
         from fusion.keys.registry import AGREEMENT_KEY

@@ -8,6 +8,6 @@ Public API (what the rest of the repository imports), by module:
 - `registry`: AGREEMENT_KEY, check_he_context, create_aggregator_key, create_institution_keys,
   create_key_holder_key, key_holder_signing_key_file, load_aggregator_public_key, load_aggregator_signing_key,
   load_agreement_key, load_agreement_keys, load_key_holder_public_keys, load_key_holder_signing_key,
-  load_mechanism_sections, load_registry, load_signing_key, load_unsigned_releases, read_private,
-  register_he_context, write_mechanism_sections, write_private
+  load_mechanism_sections, load_registry, load_signing_key, load_unsigned_releases, load_unsigned_rounds,
+  read_private, register_he_context, register_unsigned_rounds, write_mechanism_sections, write_private
 """

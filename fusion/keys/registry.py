@@ -97,6 +97,7 @@ class _Registry:
     key_holder: bytes | None  # the key holder's signing public key (it signs releases)
     retired: tuple[bytes, ...] = ()  # the key holder's earlier signing keys: releases they signed still verify
     unsigned: tuple[str, ...] = ()  # releases published before the key holder had a key (nothing to verify)
+    unsigned_rounds: tuple[str, ...] = ()  # training rounds committed before Fusion signed rounds (nothing to verify)
     # The SHA-256 (hex) of the public HE context the key holder published: the exchange's copy is checked against
     # it before anyone encrypts or sums under it (anyone who can write the exchange could swap it for their own).
     he_context: str | None = None
@@ -147,6 +148,9 @@ def _parse(path: Path, text: str) -> _Registry:
         unsigned = doc.get("key_holder", {}).get("unsigned_releases", [])
         if not all(isinstance(r, str) for r in unsigned):
             raise TypeError("key_holder.unsigned_releases must list release ids")
+        unsigned_rounds = doc.get("key_holder", {}).get("unsigned_rounds", [])
+        if not all(isinstance(r, str) for r in unsigned_rounds):
+            raise TypeError("key_holder.unsigned_rounds must list training round ids")
         he_context = doc.get("key_holder", {}).get(HE_CONTEXT_FIELD)
         if he_context is not None and not _SHA256_HEX.fullmatch(str(he_context)):
             raise ValueError(f"key_holder.{HE_CONTEXT_FIELD} must be a SHA-256 in hex (64 characters 0-9a-f)")
@@ -156,6 +160,7 @@ def _parse(path: Path, text: str) -> _Registry:
             _public_key(key_holder, "key_holder.signing_key") if key_holder else None,
             tuple(_public_key(k, "key_holder.retired_signing_keys") for k in retired),
             tuple(unsigned),
+            tuple(unsigned_rounds),
             he_context,
             {name: doc[name] for name in MECHANISM_SECTIONS if name in doc},
         )
@@ -224,6 +229,8 @@ def _write_registry(config: Config, registry: _Registry) -> None:
             lines += [f"retired_signing_keys = [{', '.join(repr(k.hex()) for k in registry.retired)}]"]
         if registry.unsigned:
             lines += [f"unsigned_releases = [{', '.join(repr(r) for r in registry.unsigned)}]"]
+        if registry.unsigned_rounds:
+            lines += [f"unsigned_rounds = [{', '.join(repr(r) for r in registry.unsigned_rounds)}]"]
     if registry.he_context is not None:
         lines += [f'{HE_CONTEXT_FIELD} = "{registry.he_context}"']
     for institution, entry in sorted(registry.institutions.items()):
@@ -385,6 +392,31 @@ def load_key_holder_signing_key(config: Config) -> bytes:
 def load_unsigned_releases(config: Config) -> frozenset[str]:
     """Releases published before the key holder had a signing key, as registered with its first key."""
     return frozenset(_read(config).unsigned)
+
+
+def register_unsigned_rounds(config: Config, rounds: Iterable[str]) -> tuple[str, ...]:
+    """Register training rounds committed by a Fusion from before rounds were signed (`rounds`: the ids of the
+    store's rounds whose audit record holds no signature, fusion.store.verification.unsigned_rounds) as unsigned,
+    which `fusion verify` then reports `legacy`; returns the ids newly registered. Refused before the key holder
+    has a registered signing key: there is nothing to verify against, and no `[key_holder]` to record them in."""
+    if not load_key_holder_public_keys(config):
+        raise FusionError(
+            f"no key holder signing key is registered in {config.registry_path}: the key holder runs "
+            "`fusion keys --release-signing` first"
+        )
+    added: list[str] = []
+
+    def registered(registry: _Registry) -> _Registry:
+        added[:] = sorted(set(rounds) - set(registry.unsigned_rounds))
+        return replace(registry, unsigned_rounds=tuple(sorted({*registry.unsigned_rounds, *added})))
+
+    _update_registry(config, registered)
+    return tuple(added)
+
+
+def load_unsigned_rounds(config: Config) -> frozenset[str]:
+    """Training rounds committed before Fusion signed rounds, as the key holder registered them."""
+    return frozenset(_read(config).unsigned_rounds)
 
 
 def load_key_holder_public_keys(config: Config) -> tuple[bytes, ...]:

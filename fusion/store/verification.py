@@ -1,7 +1,7 @@
 """Checking the store's releases and training rounds against the key holder's registered signatures
 (fusion/store/provenance.py says what a signature covers and how releases chain): each release is verified, legacy,
 tampered, missing or, in a production store, a violation; a release removed whole is named by a later signature or
-by its sequence number; a training round is verified, tampered, missing or superseded."""
+by its sequence number; a training round is verified, legacy, tampered, missing or superseded."""
 
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def verify_releases(
     public_keys: Sequence[bytes],
     *,
     unsigned: frozenset[str] = frozenset(),
+    unsigned_rounds: frozenset[str] = frozenset(),
     release_id: str | None = None,
     seen: int = 0,
 ) -> list[ReleaseCheck]:
@@ -68,7 +69,8 @@ def verify_releases(
     signatures; `seen`: the highest sequence number the caller saw before, so the newest releases are covered.
     In a production store (fusion/store/mode.py) a release holding test-mode cells (noise off or seeded, epsilon
     inf, charged nothing to the budget) is a `violation`, however well signed. Training rounds (ids "t-...") are
-    checked the same way against their rows in `models` (`_verify_rounds`), and their signed budget claims
+    checked the same way against their rows in `models` (`_verify_rounds`; `unsigned_rounds`: those registered as
+    committed before Fusion signed rounds, `legacy` when they have no signature), and their signed budget claims
     recompose each period with the releases'."""
     releases = store.read("releases")
     releases = releases.sort_by([("release_id", "ascending"), *((c, "ascending") for c in CELL_ORDER)])
@@ -84,7 +86,7 @@ def verify_releases(
     rounds_charged = {r for r in charged if r.startswith(ROUND_PREFIX)}
     known = set(bounds) | set(records) | (charged - rounds_charged)
     checks, claims, periods = [], {}, {}
-    round_checks, round_claims = _verify_rounds(store, round_records, rounds_charged, public_keys)
+    round_checks, round_claims = _verify_rounds(store, round_records, rounds_charged, public_keys, unsigned_rounds)
     periods.update({c.release_id: c for c in round_claims if c.budget is not None})
     for rid in sorted(known):
         start, end = bounds.get(rid, (0, 0))
@@ -141,12 +143,31 @@ def _records(audit: Any, action: str) -> dict[str, list[dict[str, Any]]]:
     return records
 
 
+def unsigned_rounds(store: Store) -> list[str]:
+    """The training rounds committed in `models` whose audit record holds no signature: rounds committed by a
+    Fusion from before rounds were signed (or whose signature was removed since), the ones the key holder may
+    register as legacy (`fusion keys --register-unsigned-rounds`)."""
+    committed = {rid for rid in store.read(ROUNDS_TABLE).column("release_id").to_pylist() if rid}
+    records = _records(store.read("audit"), "training_round")
+    return sorted(
+        rid
+        for rid in committed & set(records)
+        if [r["event_id"] for r in records[rid]] == [f"{rid}:trained"] and _holds_no_signature(records[rid][0])
+    )
+
+
 def _verify_rounds(
-    store: Store, records: dict[str, list[dict[str, Any]]], charged: set[str], public_keys: Sequence[bytes]
+    store: Store,
+    records: dict[str, list[dict[str, Any]]],
+    charged: set[str],
+    public_keys: Sequence[bytes],
+    unsigned: frozenset[str],
 ) -> tuple[list[ReleaseCheck], list[ReleaseSignature]]:
     """(a check per training round, the authentic signatures among them): each round's `models` row against the
-    signature in its `training_round` audit row (training/run.py commit_round); an attempt charged but never
-    committed is `superseded` once a signed later attempt at the same round names it, `missing` until then."""
+    signature in its `training_round` audit row (training/run.py commit_round), or, for a round in `unsigned`
+    (registered as committed before Fusion signed rounds), `legacy` while its audit record holds no signature; an
+    attempt charged but never committed is `superseded` once a signed later attempt at the same round names it,
+    `missing` until then."""
     models = store.read(ROUNDS_TABLE)
     ids = models.column("release_id").to_pylist()
     rows_of: dict[str, list[int]] = {}
@@ -154,9 +175,11 @@ def _verify_rounds(
         rows_of.setdefault(rid or NO_RELEASE_ID, []).append(index)
     checks, claims = [], []
     successors: dict[str, str] = {}  # an attempt -> the signed attempt at the same round that supersedes it
-    for rid in sorted(set(records) | set(rows_of) | charged):
+    for rid in sorted(set(records) | set(rows_of) | charged | unsigned):
         rows = models.take(pa.array(rows_of.get(rid, []), pa.int64()))
-        status, reason, claim = _check_round(rid, rows, records.get(rid, []), public_keys, rid in charged)
+        status, reason, claim = _check_round(
+            rid, rows, records.get(rid, []), public_keys, charged=rid in charged, registered_unsigned=rid in unsigned
+        )
         checks.append(ReleaseCheck(rid, rows.num_rows, status, reason))
         if claim is not None:
             claims.append(claim)
@@ -173,12 +196,22 @@ def _verify_rounds(
 
 
 def _check_round(
-    release_id: str, rows: Any, records: list[dict[str, Any]], public_keys: Sequence[bytes], charged: bool
+    release_id: str,
+    rows: Any,
+    records: list[dict[str, Any]],
+    public_keys: Sequence[bytes],
+    *,
+    charged: bool,
+    registered_unsigned: bool,
 ) -> tuple[str, str, ReleaseSignature | None]:
-    """(status, reason, the signature once it is authentic) of one training round."""
+    """(status, reason, the signature once it is authentic) of one training round; `registered_unsigned`: the
+    key holder registered it as committed before Fusion signed rounds."""
     own = [r for r in records if r["event_id"] == f"{release_id}:trained"]
     if len(records) > len(own):
         return "tampered", "an audit record of its training round that Fusion did not write", None
+    if registered_unsigned and rows.num_rows == 0 and (not own or _holds_no_signature(own[0])):
+        gone = "row is gone" if own else "row and audit record are gone"
+        return "missing", f"registered as committed before Fusion signed training rounds, but its `models` {gone}", None
     if not own:
         if rows.num_rows == 0:
             if charged:
@@ -189,6 +222,8 @@ def _check_round(
                 ), None
             return "missing", "no such training round", None
         return "tampered", "no audit record of its training round (removed, or a `models` row added without one)", None
+    if registered_unsigned and _holds_no_signature(own[0]):
+        return "legacy", "committed before Fusion signed training rounds (registered by the key holder)", None
     claim, fault = _signature(own[0], release_id)
     if claim is None:
         return "tampered", fault, None
@@ -212,6 +247,15 @@ def _check_round(
     if record_digest(rows, claim.columns) != claim.rows_sha256:
         return "tampered", "its row in `models` differs from the row signed", claim
     return "verified", "", claim
+
+
+def _holds_no_signature(record: dict[str, Any]) -> bool:
+    """Whether an audit record is readable and holds no signature field (one written before Fusion signed it)."""
+    try:
+        doc = json.loads(record["detail"] or "{}")
+    except (ValueError, RecursionError):
+        return False  # unreadable: not a record Fusion wrote unsigned
+    return isinstance(doc, dict) and SIGNATURE_FIELD not in doc
 
 
 def _signature(record: dict[str, Any], release_id: str) -> tuple[ReleaseSignature | None, str]:

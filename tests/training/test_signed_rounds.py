@@ -1,6 +1,7 @@
 """Training rounds are signed by the key holder as releases are: `fusion verify` checks each round's `models` row,
-its budget claim recomposes the period with the releases', and an attempt lost in a crash is superseded by the
-signed attempt that replaced it."""
+its budget claim recomposes the period with the releases', an attempt lost in a crash is superseded by the signed
+attempt that replaced it, and rounds committed before rounds were signed are legacy once the key holder registers
+them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,15 +19,20 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import write_deltalake
 
+import fusion.api
 from fusion.cli.core import main
-from fusion.keys.registry import load_key_holder_public_keys
+from fusion.keys.registry import load_key_holder_public_keys, load_unsigned_rounds
 from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE
 from fusion.store.delta import Store
 from fusion.store.provenance import SIGNATURE_FIELD, ReleaseSignature
 from fusion.store.verification import GOOD, verify_releases
+from privacy.skellam import seeded_generator
 from schemas.tables import AUDIT_SCHEMA, BUDGET_SCHEMA, MODELS_SCHEMA
 from tests.conftest import Federation
 from tests.training.test_cli import MODEL, _rows
+from tests.training.test_training import IDS, _data, _settings, _terms
+from training.run import train_into_store
+from training.secure_sum import Federation as RoundFederation
 
 
 def _trained(make_federation: Callable[..., Federation], **options: object) -> Federation:
@@ -174,3 +181,54 @@ def test_a_lost_round_is_resumed_and_one_that_cannot_be_is_superseded(
     budget = Store(fed.config.store_path).read("budget").to_pylist()[0]
     assert models[-1]["epsilon"] == pytest.approx(budget["epsilon_spent"]) and models[-1]["epsilon"] > 1.0
     assert main(["verify", "--config", str(fed.config_path)]) == 0
+
+
+def test_rounds_committed_before_rounds_were_signed_are_legacy_once_the_key_holder_registers_them(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = make_federation()
+    store = Store(fed.config.store_path)
+    summer = RoundFederation.generate("test", IDS)
+
+    def train_unsigned(model_id: str) -> None:  # as a Fusion from before rounds were signed committed them
+        generators = {name: seeded_generator(k) for k, name in enumerate(IDS)}
+        settings = replace(_settings(2), model_id=model_id)
+        train_into_store(store, settings, summer, _data(), classes=3, terms=_terms(), generators=generators)
+
+    train_unsigned("tiny")
+    old = sorted(store.read("models").column("release_id").to_pylist())
+    assert {rid: status for rid, (status, _) in _statuses(fed).items()} == dict.fromkeys(old, "tampered")
+    argv = ["verify", "--config", str(fed.config_path)]
+    assert main(argv) == 1
+    capsys.readouterr()
+
+    assert main(["keys", "--config", str(fed.config_path), "--register-unsigned-rounds"]) == 0
+    assert "2 training round(s) without a signature registered" in " ".join(capsys.readouterr().out.split())
+    assert {rid: status for rid, (status, _) in _statuses_registered(fed).items()} == dict.fromkeys(old, "legacy")
+    assert main(argv) == 0
+    assert {c.status for c in fusion.api.verify(fed.config_path)} == {"legacy"}  # the Python API reads them too
+
+    # Only the rounds without a signature at registration are registered: a round committed unsigned since is not.
+    train_unsigned("later")
+    later = set(store.read("models").column("release_id").to_pylist()) - set(old)
+    assert {_statuses_registered(fed)[rid][0] for rid in later} == {"tampered"}
+    assert main(argv) == 1
+
+    # A registered round removed (its `models` row, then its audit record too) is missing, as a release is.
+    models, audit = store.read("models"), store.read("audit")
+    _overwrite(store, "models", models.filter(pc.not_equal(models.column("release_id"), old[0])), MODELS_SCHEMA)
+    status, reason = _statuses_registered(fed)[old[0]]
+    assert status == "missing" and "its `models` row is gone" in reason
+    _overwrite(store, "audit", audit.filter(pc.not_equal(audit.column("release_id"), old[0])), AUDIT_SCHEMA)
+    status, reason = _statuses_registered(fed)[old[0]]
+    assert status == "missing" and "row and audit record are gone" in reason
+    assert _statuses_registered(fed)[old[1]][0] == "legacy"
+
+
+def _statuses_registered(fed: Federation) -> dict[str, tuple[str, str]]:
+    """`_statuses`, with the training rounds the key holder registered as unsigned."""
+    checks = verify_releases(
+        Store(fed.config.store_path), load_key_holder_public_keys(fed.config),
+        unsigned_rounds=load_unsigned_rounds(fed.config),
+    )  # fmt: skip
+    return {c.release_id: (c.status, c.reason) for c in checks}

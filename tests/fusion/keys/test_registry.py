@@ -24,6 +24,8 @@ from fusion.keys.registry import (
     load_registry,
     load_signing_key,
     load_unsigned_releases,
+    load_unsigned_rounds,
+    register_unsigned_rounds,
     signing_key_file,
 )
 from tests.conftest import config_text
@@ -130,6 +132,17 @@ def test_releases_published_before_the_first_key_are_registered_as_unsigned_once
     create_key_holder_key(config, published={"r-3"}, overwrite=True)  # a rotation adds nothing unsigned
     assert load_unsigned_releases(config) == {"r-1", "r-2"}
     assert "unsigned_releases = ['r-1', 'r-2']" in Path(config.registry_path).read_text()
+
+
+def test_unsigned_training_rounds_are_registered_by_the_key_holder_and_kept(config) -> None:
+    with pytest.raises(FusionError, match="fusion keys --release-signing"):
+        register_unsigned_rounds(config, ["t-1"])  # no key holder key yet: nothing to verify against
+    create_key_holder_key(config, published={"r-1"})
+    assert register_unsigned_rounds(config, ["t-2", "t-1"]) == ("t-1", "t-2")
+    assert register_unsigned_rounds(config, ["t-1", "t-3"]) == ("t-3",)  # added to, never replaced
+    create_key_holder_key(config, overwrite=True)  # a rotation keeps them, as the unsigned releases
+    assert load_unsigned_rounds(config) == {"t-1", "t-2", "t-3"} and load_unsigned_releases(config) == {"r-1"}
+    assert "unsigned_rounds = ['t-1', 't-2', 't-3']" in Path(config.registry_path).read_text()
 
 
 def test_a_registry_rewritten_in_place_is_read_again_at_once(config: Config) -> None:
