@@ -24,6 +24,7 @@ from fusion.store.provenance import (
     ROUNDS_TABLE,
     SIGNATURE_FIELD,
     ReleaseSignature,
+    _authentic,
     _Canonical,
     record_digest,
 )
@@ -272,14 +273,6 @@ def _signature(record: dict[str, Any], release_id: str) -> tuple[ReleaseSignatur
     if claim.release_id != release_id:
         return None, f"the signature is for {claim.release_id}"
     return claim, ""
-
-
-def _authentic(claim: ReleaseSignature, public_keys: Sequence[bytes]) -> bool:
-    try:
-        signature = bytes.fromhex(claim.signature)
-    except ValueError:
-        return False
-    return any(verify(key, claim.message(), signature) for key in public_keys)
 
 
 def _runs(table: Any) -> dict[str, tuple[int, int]]:

@@ -16,20 +16,16 @@ from fusion.release.exchange import aggregate_path
 from fusion.release.plan import ReleasePlan, plan_release
 from fusion.store.delta import Store
 from pipelines.release import release
-from pipelines.run import run_aggregate, run_contributions, run_unmask
+from pipelines.run import run_aggregate
 from privacy import he
 from tests.conftest import END, START, Federation
+from tests.pipelines.test_budget_rollback import _aggregated as up_to_the_key_holder
 
 
 def _aggregated(fed: Federation) -> ReleasePlan:
     """An interval contributed, aggregated and unmasked: ready for the key holder's step."""
     plan = plan_release(fed.config, START, END)
-    run_contributions(plan, fed.config.institutions, in_process=True)
-    status = run_aggregate(plan, in_process=True)
-    if status["status"] == "awaiting_unmask":
-        run_unmask(plan, [i for i in fed.config.institutions if i.id in status["unmask_pending"]])
-        status = run_aggregate(plan, in_process=True)
-    assert status["status"] == "aggregated", status
+    up_to_the_key_holder(plan, fed)
     Store(fed.config.store_path).ensure_tables()
     return plan
 

@@ -508,12 +508,18 @@ OVERLAPS: list[tuple[str, Callable[[str], str], list[str]]] = [
 def test_overlapping_directories_are_refused_at_load_naming_both_fields(
     tmp_path: Path, change: Callable[[str], str], fragments: list[str]
 ) -> None:
+    message = _refused_naming(tmp_path, change, fragments)
+    assert "\n" not in message.split("\n", 1)[1].strip(), message  # one line under the header
+
+
+def _refused_naming(tmp_path: Path, change: Callable[[str], str], fragments: list[str]) -> str:
+    """The message of the ConfigError that `change` makes of a valid config, checked to hold every fragment."""
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, change(valid_text())))
     message = str(error.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in:\n{message}"
-    assert "\n" not in message.split("\n", 1)[1].strip(), message  # one line under the header
+    return message
 
 
 def test_neighbouring_directories_that_do_not_overlap_load(tmp_path: Path) -> None:
@@ -631,11 +637,7 @@ PARTIES: list[tuple[str, Callable[[str], str], list[str]]] = [
 def test_one_partys_private_directory_may_not_overlap_anothers(
     tmp_path: Path, change: Callable[[str], str], fragments: list[str]
 ) -> None:
-    with pytest.raises(ConfigError) as error:
-        load_config(write(tmp_path, change(valid_text())))
-    message = str(error.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    message = _refused_naming(tmp_path, change, fragments)
     assert "a directory of its own" in message and "\n" not in message.split("\n", 1)[1].strip(), message
 
 
