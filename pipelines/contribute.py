@@ -41,7 +41,6 @@ from fusion.feeds.scan import (
     SUM,
     FeedScanner,
     ShardScan,
-    encoding_table,
     estimated_rows,
     list_sources,
     scan_connection,
@@ -130,7 +129,7 @@ class _ScanConnections:
             connection = self._idle.pop() if self._idle else None
         if connection is None:
             return scan_connection(plan, threads=SCAN_THREADS)
-        register_rules(connection, plan.rules, plan.layout.metrics, per_metric=encoding_table(plan.params.encodings))
+        register_rules(connection, plan.rules, plan.layout.metrics)
         return connection
 
     def give_back(self, connection: duckdb.DuckDBPyConnection) -> None:

@@ -225,12 +225,9 @@ def register_rules(
     con: duckdb.DuckDBPyConnection,
     rules: ReadingRules,
     metrics: tuple[str, ...],
-    *,
-    per_metric: pa.Table | None = None,
 ) -> None:
-    """The lookup tables `checked_sql` joins: fusion_metrics (name, idx, low, high, and the columns of
-    `per_metric`, one row per metric) in the order of `metrics`, and fusion_regions (name, idx) in the order of
-    `rules.regions`."""
+    """The lookup tables `checked_sql` joins: fusion_metrics (name, idx, low, high; one row per metric) in the
+    order of `metrics`, and fusion_regions (name, idx) in the order of `rules.regions`."""
     table = pa.table(
         {
             "name": list(metrics),
@@ -239,9 +236,6 @@ def register_rules(
             "high": [float(rules.plausible[m][1]) for m in metrics],
         }
     )
-    for name in per_metric.column_names if per_metric is not None else ():
-        assert per_metric is not None
-        table = table.append_column(name, per_metric.column(name))
     con.register("fusion_metrics", table)
     con.register(
         "fusion_regions",
@@ -257,15 +251,13 @@ def checked_sql(
     types: Mapping[str, pa.DataType],
     time_format: str = "iso",
     padded: Mapping[str, bool] | None = None,
-    carry: tuple[str, ...] = (),
 ) -> str:
     """A query over `source` (a relation with the feed's own column names and a `__fusion_row` column) giving
     each row its typed reading fields, `metric_idx` and `region_idx` (indices into the lookup tables of
     `register_rules`) and the first reason that rejects it (NULL when it is accepted), in `RejectReason` order.
 
     `types` holds the Arrow type of each present mapped column (absent columns make every row miss that field);
-    `padded` says which text columns may hold values with leading or trailing spaces (all, when not given);
-    `carry` names columns of fusion_metrics to bring along as `m_<name>` (NULL for unknown metrics)."""
+    `padded` says which text columns may hold values with leading or trailing spaces (all, when not given)."""
     present = {f: c for f, c in columns.items() if f in types}
     pad = {f: True if padded is None else padded.get(f, True) for f in present}
     # The text fields are missing exactly when their typed value (trimmed, blank as NULL) is NULL, which the
@@ -289,7 +281,7 @@ def checked_sql(
                    {text[SENSOR_ID]} AS sensor_id, {value} AS value, {when} AS event_time
             FROM {source}
         )
-        SELECT typed.*, m.idx AS metric_idx, r.idx AS region_idx, {"".join(f"m.{c} AS m_{c}, " for c in carry)}
+        SELECT typed.*, m.idx AS metric_idx, r.idx AS region_idx,
             CASE
                 WHEN raw_missing OR entity_id IS NULL OR region IS NULL OR metric IS NULL
                     THEN '{R.MISSING_FIELD}'

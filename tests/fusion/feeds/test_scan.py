@@ -28,7 +28,9 @@ from fusion.feeds.scan import (
     SOURCE,
     SUM,
     FeedScanner,
+    ScanEncoding,
     ShardScan,
+    encode_scanned,
     scan_shards,
     staged_sources,
 )
@@ -41,6 +43,7 @@ from fusion.release.contribution import (
     shared_key_rows,
 )
 from fusion.release.plan import ReleasePlan, plan_release
+from privacy.encoding import bin_index, encode_readings, encode_squares
 from privacy.layout import SUMSQ
 from schemas.readings import DEAD_LETTER_ROW, READING_SCHEMA
 from schemas.validation import ReadingValidator
@@ -165,6 +168,40 @@ def test_the_scan_packs_the_same_vector_as_the_numpy_reference(
     assert rejects == expected_rejects and read == expected_read
     assert rejects["duplicate"] > 0 and rejects["out_of_interval"] > 0
     np.testing.assert_array_equal(got, expected)
+
+
+def test_encode_scanned_computes_privacy_encodings_column_for_column(edge_federation: Federation) -> None:
+    """The scan's vectorised encoder (one gather of each reading's constants) against privacy.encoding's
+    functions, on values at rounding edges, clamp bounds and beyond, for every metric and every cell corner."""
+    plan = plan_release(edge_federation.config, START, END)
+    layout, encodings = plan.layout, plan.params.encodings
+    rng = np.random.default_rng(7)
+    rows = 20_000
+    metric = rng.integers(0, len(layout.metrics), size=rows)
+    region = rng.integers(0, len(layout.regions), size=rows)
+    window = rng.integers(0, layout.windows, size=rows)
+    window[:4] = [0, layout.windows - 1, 0, layout.windows - 1]
+    start_us = int(layout.start.timestamp() * 1_000_000)
+    window_us = int(layout.window.total_seconds() * 1_000_000)
+    time_us = start_us + window * window_us + rng.integers(0, window_us, size=rows)
+    time_us[:2] = [start_us, start_us + layout.windows * window_us - 1]  # the interval's first and last microsecond
+    lower = np.array([e.lower for e in encodings])[metric]
+    upper = np.array([e.upper for e in encodings])[metric]
+    resolution = np.array([e.resolution for e in encodings])[metric]
+    steps = rng.integers(-400, 900, size=rows)
+    kind = rng.integers(0, 4, size=rows)
+    values = np.select(
+        [kind == 0, kind == 1, kind == 2],
+        [(steps + 0.5) * resolution, np.where(rng.random(rows) < 0.5, lower, upper), lower - 7 * resolution],
+        rng.uniform(lower - 3 * resolution, upper + 3 * resolution),
+    )
+    encoding = ScanEncoding.of(layout, encodings)
+    got = encode_scanned(metric.astype(np.int32), region.astype(np.int32), time_us, values, encoding)
+    weight, centred = encode_readings(values, metric, encodings)
+    np.testing.assert_array_equal(got[CELL], layout.cell_index(metric, region, window))
+    np.testing.assert_array_equal(got[SUM], centred)
+    np.testing.assert_array_equal(got[SUMSQ], encode_squares(centred, weight))
+    np.testing.assert_array_equal(got[BIN], bin_index(values, lower, upper, resolution, layout.bins))
 
 
 def test_scan_shards_partition_the_readings_and_keep_each_entity_in_one(
