@@ -47,9 +47,7 @@ def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
     parties = load_parties(config)
     checks: list[RecordCheck] = []
     intact: dict[str, Recommendation] = {}  # those that verify, by id
-    groups = recommendation_groups(store)
-    superseding = superseding_of(groups)
-    for rid, rows in sorted(groups.items()):
+    for rid, rows in sorted(recommendation_groups(store).items()):
         try:
             recommendation = Recommendation.from_rows(rows)
         except ValueError as exc:
@@ -66,6 +64,7 @@ def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
         refused = recommendation.outcome != RECORDED
         checks.append(RecordCheck("recommendations", rid, "refusal" if refused else "verified", effect,
                                   recommendation.refusal or ""))
+    superseding = superseding_of(intact.values())  # a row that does not verify supersedes nothing
     decisions = read_decisions(store)
     signers: dict[str, set[str]] = defaultdict(set)
     verdicts = []

@@ -89,7 +89,7 @@ def decide(config: Config, request: DecideRequest) -> DecisionOutcome:
             draft,
             signer=request.signer,
             key=public,
-            superseding=read_superseding(store, recommendation.recommendation_id),
+            superseding=read_superseding(store, recommendation.recommendation_id, parties.operator_keys),
             at=decided_at,
         )
         if why is None:

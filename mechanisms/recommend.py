@@ -9,7 +9,6 @@ network, a load missing for a bus) is recorded too, as a signed refusal, and not
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +27,7 @@ from mechanisms.network import Network, load_network, network_path
 from mechanisms.opf import Dispatch, Grid, Infeasible, solve_dispatch
 from mechanisms.pareto import sweep
 from mechanisms.records import RECORDED, REFUSED, Item, Kind, Recommendation, now, timestamp
-from mechanisms.tables import read_recommendation, write_rows
+from mechanisms.tables import read_recommendation, verified_recommendations, write_rows
 from mechanisms.vcg import run_auction
 
 MECHANISM_VERSION = "1"
@@ -90,7 +89,7 @@ def recommend(config: Config, request: Request) -> Outcome:
             refusal = run.refusal(exc)
             _append(config, store, refusal.signed(private, public, supersedes=None, created_at=now()))
             raise
-        supersedes = _head(store, recommendation)
+        supersedes = _head(store, recommendation, load_parties(config).operator_keys)
     signed = recommendation.signed(private, public, supersedes=supersedes, created_at=now())
     with open_store(config) as store:
         written = _append(config, store, signed)
@@ -290,26 +289,24 @@ def _dispatch_summary(d: Dispatch, source: str, reserve: float) -> str:
     )
 
 
-def _head(store: FusedStore, recommendation: Recommendation) -> str | None:
+def _head(store: FusedStore, recommendation: Recommendation, operator_keys: tuple[bytes, ...]) -> str | None:
     """The latest recorded recommendation of the same kind, network and window that nothing supersedes yet: the
-    one a new recommendation replaces."""
-    table = store.sql(
-        "SELECT DISTINCT recommendation_id, created_at, supersedes, parameters FROM recommendations "
-        f"WHERE kind = '{recommendation.kind}' AND outcome = 'recorded' AND valid_from = TIMESTAMPTZ "
-        f"'{recommendation.valid_from:%Y-%m-%d %H:%M:%S}+00'"
-    )
-    rows = [r for r in table.to_pylist() if r["recommendation_id"] != recommendation.recommendation_id
-            and _same_network(r["parameters"], recommendation.parameters)]
-    replaced = {r["supersedes"] for r in rows}
-    heads = sorted((r for r in rows if r["recommendation_id"] not in replaced), key=lambda r: r["created_at"])
-    return heads[-1]["recommendation_id"] if heads else None
-
-
-def _same_network(parameters: str, mine: dict[str, Any]) -> bool:
-    try:
-        return bool(json.loads(parameters).get("network") == mine.get("network"))
-    except ValueError:
-        return False
+    one a new recommendation replaces. Only recommendations that verify count, as heads and as superseding: a row
+    written into the store without the operator's key neither hides a head nor becomes one."""
+    same = [
+        r for r in verified_recommendations(
+            store,
+            f"kind = '{recommendation.kind}' AND outcome = 'recorded' AND valid_from = TIMESTAMPTZ "
+            f"'{recommendation.valid_from:%Y-%m-%d %H:%M:%S}+00'",
+            operator_keys,
+        ).values()
+        if r.recommendation_id != recommendation.recommendation_id
+        and r.parameters.get("network") == recommendation.parameters.get("network")
+    ]
+    replaced = {r.supersedes for r in same}
+    heads = sorted((r for r in same if r.recommendation_id not in replaced),
+                   key=lambda r: (r.created_at or datetime.min.replace(tzinfo=UTC), r.recommendation_id))
+    return heads[-1].recommendation_id if heads else None
 
 
 def _append(config: Config, store: FusedStore, recommendation: Recommendation) -> bool:

@@ -28,8 +28,8 @@ def why_refused(
     at: datetime | None,
 ) -> str | None:
     """Why `signer`, holding `key`, may not make `decision` on `recommendation`, or None. `superseding`: the recorded
-    recommendations that name this one as superseded (id -> created_at); one created before `at` (the decision's
-    time; None: any) makes it superseded."""
+    recommendations that name this one as superseded and verify (id -> created_at); one created before `at` (the
+    decision's time; None: any) makes it superseded."""
     name = decision.authority
     authority = parties.authorities.get(name)
     if authority is None:

@@ -13,7 +13,7 @@ import pyarrow as pa
 from fusion.api import FusedStore, write_derived
 from fusion.config.federation import Config
 from fusion.errors import InternalError
-from mechanisms.records import Decision, Recommendation
+from mechanisms.records import RECORDED, Decision, Recommendation
 
 OWN_TABLES = ("recommendations", "decisions")
 
@@ -36,38 +36,54 @@ def read_recommendation(store: FusedStore, recommendation_id: str) -> Recommenda
     return Recommendation.from_rows(rows.to_pylist())
 
 
-def read_superseding(store: FusedStore, recommendation_id: str) -> dict[str, datetime]:
-    """The recorded recommendations that supersede this one: id -> when each was created."""
+def verified_recommendations(
+    store: FusedStore, where: str, operator_keys: Iterable[bytes]
+) -> dict[str, Recommendation]:
+    """The recommendations with a row matching the SQL condition `where`, read whole, that verify: their rows hold
+    what their digest names and a registered operator key signed them (id -> recommendation). Rows anyone with
+    write access to the store could have added are left out, so they supersede nothing and are no one's head."""
     rows = store.sql(
-        "SELECT DISTINCT recommendation_id, created_at FROM recommendations WHERE outcome = 'recorded' "
-        f"AND supersedes = {_quoted(recommendation_id)}"
-    ).to_pylist()
-    return _earliest((r["recommendation_id"], r["created_at"]) for r in rows)
+        "SELECT * FROM recommendations WHERE recommendation_id IN "
+        f"(SELECT recommendation_id FROM recommendations WHERE {where})"
+    )
+    found = {}
+    for rid, group in _grouped(rows.to_pylist()).items():
+        try:
+            recommendation = Recommendation.from_rows(group)
+        except ValueError:
+            continue
+        if recommendation.recorded_id == rid and recommendation.tampered(operator_keys) is None:
+            found[rid] = recommendation
+    return found
 
 
-def superseding_of(groups: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, datetime]]:
-    """`read_superseding` for every recommendation at once, from `recommendation_groups`: superseded id -> (the
-    recorded recommendations that supersede it: id -> when each was created)."""
-    pairs: dict[str, list[tuple[str, datetime]]] = {}
-    for rid, rows in groups.items():
-        for row in rows:
-            if row["outcome"] == "recorded" and row["supersedes"]:
-                pairs.setdefault(row["supersedes"], []).append((rid, row["created_at"]))
-    return {old: _earliest(found) for old, found in pairs.items()}
+def read_superseding(store: FusedStore, recommendation_id: str, operator_keys: Iterable[bytes]) -> dict[str, datetime]:
+    """The recorded recommendations that supersede this one and verify under `operator_keys`: id -> when each was
+    created (its signature covers both)."""
+    found = verified_recommendations(
+        store, f"outcome = 'recorded' AND supersedes = {_quoted(recommendation_id)}", operator_keys
+    )
+    return superseding_of(found.values()).get(recommendation_id, {})
 
 
-def _earliest(pairs: Iterable[tuple[str, datetime]]) -> dict[str, datetime]:
-    """id -> its earliest time (rows of one recommendation that disagree, a tampered one, count from the first)."""
-    earliest: dict[str, datetime] = {}
-    for rid, moment in pairs:
-        earliest[rid] = min(earliest.get(rid, moment), moment)
-    return earliest
+def superseding_of(recommendations: Iterable[Recommendation]) -> dict[str, dict[str, datetime]]:
+    """Superseded id -> (the recorded recommendations among `recommendations`, verified ones only, that supersede
+    it: id -> when each was created)."""
+    found: dict[str, dict[str, datetime]] = {}
+    for rec in recommendations:
+        if rec.outcome == RECORDED and rec.supersedes and rec.created_at:
+            found.setdefault(rec.supersedes, {})[rec.recommendation_id] = rec.created_at
+    return found
 
 
 def recommendation_groups(store: FusedStore) -> dict[str, list[dict[str, Any]]]:
     """Every recommendation's rows, by id."""
+    return _grouped(store.sql("SELECT * FROM recommendations").to_pylist())
+
+
+def _grouped(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = {}
-    for row in store.sql("SELECT * FROM recommendations").to_pylist():
+    for row in rows:
         groups.setdefault(row["recommendation_id"], []).append(row)
     return groups
 
@@ -84,5 +100,6 @@ __all__ = [
     "read_superseding",
     "recommendation_groups",
     "superseding_of",
+    "verified_recommendations",
     "write_rows",
 ]

@@ -204,3 +204,26 @@ def test_refusals_count_as_a_signer_s_only_when_its_registered_key_signed_them(m
     ]
     summary = {(r["action"], r["status"]): r["decisions"] for r in _report(fed)}
     assert summary == {("override", "refused"): 1, ("reject", "in effect"): 1}  # the unattested ones left out
+
+
+def test_only_a_recommendation_that_verifies_supersedes(mech_federation: Build) -> None:
+    """A row written into the store without the operator's key, naming a recommendation as superseded and dated
+    before a decision on it, leaves that decision in effect and `fusion decide` open, and is no head that a new
+    recommendation replaces."""
+    fed = mech_federation()
+    rec = _recommend(fed)
+    ratified = decide(fed.config, DecideRequest(Action.RATIFY, rec.recommendation_id, "grid-ops", "alice")).decision
+    forged = rec.rows().slice(0, 1).to_pylist()[0] | {
+        "recommendation_id": "f" * 32, "digest": "f" * 64, "supersedes": rec.recommendation_id, "signer": "",
+        "signature": "", "created_at": (rec.created_at or now()) - timedelta(seconds=1),
+    }
+    fed.store.insert_new("recommendations", pa.Table.from_pylist([forged], schema=rec.rows().schema))
+    checks = _checks(fed)
+    assert checks["f" * 32].status == "tampered"
+    check = checks[f"{ratified.decision_id}/alice"]
+    assert (check.status, check.effect) == ("verified", "ratify: 1 of 1 signature(s), in effect")
+    assert [(r["action"], r["status"]) for r in _report(fed)] == [("ratify", "in effect")]
+    rejected = decide(fed.config, DecideRequest(Action.REJECT, rec.recommendation_id, "grid-ops", "alice",
+                                                reason_code=ReasonCode.TEST))
+    assert rejected.effective
+    assert _supersede(fed).supersedes == rec.recommendation_id  # not the forged row
