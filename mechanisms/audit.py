@@ -131,9 +131,9 @@ def _decision_status(
 
 def overrides_report(config: Config, store: FusedStore, *, period: str = "month") -> tuple[pa.Table, pa.Table]:
     """(a summary per period, authority, action, reason code and status: decisions in effect, pending (short of
-    their threshold of verified signatures) and refused attempts, with the MW they moved and their cost impact;
-    every override and rejection in effect). Tampered and invalid decisions, and unattested refusals, are left out
-    (`fusion verify` names them)."""
+    their threshold of distinct signers with verified signatures) and refused attempts, with the MW they moved and
+    their cost impact; every override and rejection in effect). Tampered and invalid decisions, and unattested
+    refusals, are left out (`fusion verify` names them)."""
     parties = load_parties(config)
     checks = {c.record_id: c for c in verify_mechanisms(config, store) if c.table == "decisions"}
     by_id: dict[str, list[Decision]] = defaultdict(list)
@@ -153,8 +153,8 @@ def overrides_report(config: Config, store: FusedStore, *, period: str = "month"
         elif check is not None and check.status == "verified":
             by_id[decision.decision_id].append(decision)
     listing = []
-    for signed in by_id.values():
-        signed.sort(key=_when)
+    for rows in by_id.values():
+        signed = _first_per_signer(rows)
         first = signed[0]
         authority = parties.authorities.get(first.authority)
         threshold = authority.threshold if authority else 1
@@ -183,6 +183,15 @@ def overrides_report(config: Config, store: FusedStore, *, period: str = "month"
     listing.sort(key=lambda r: (r["decided_at"], r["decision_id"]))
     return (pa.Table.from_pylist(rows, schema=summary_schema),
             pa.Table.from_pylist(listing, schema=listing_schema))
+
+
+def _first_per_signer(rows: list[Decision]) -> list[Decision]:
+    """One decision's verified rows, each signer's earliest only, by time: a row copied into the store again is
+    still that one signer's signature, which counts once towards the threshold."""
+    first: dict[str, Decision] = {}
+    for row in sorted(rows, key=_when):
+        first.setdefault(row.signer, row)
+    return list(first.values())
 
 
 def _key(decision: Decision) -> str:

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 
 import pyarrow as pa
 import pytest
+from deltalake import write_deltalake
 
 from fusion.api import open_store
 from mechanisms.audit import FAILING, RecordCheck, overrides_report, verify_mechanisms
@@ -227,3 +228,21 @@ def test_only_a_recommendation_that_verifies_supersedes(mech_federation: Build) 
                                                 reason_code=ReasonCode.TEST))
     assert rejected.effective
     assert _supersede(fed).supersedes == rec.recommendation_id  # not the forged row
+
+
+def test_a_signature_copied_into_the_store_again_counts_once(mech_federation: Build) -> None:
+    """2 of 2: alice's signed override, her row appended to `decisions` once more (no key needed, only write access
+    to the store), is still one signer of two: pending in `fusion verify` and in the overrides report."""
+    fed = mech_federation(signers=("alice", "bob"), threshold=2)
+    rec = _recommend(fed)
+    made = decide(fed.config, DecideRequest(Action.OVERRIDE, rec.recommendation_id, "grid-ops", "alice",
+                                            reason_code=ReasonCode.POLICY, set_mw=(("Sundance", 50.0),)))
+    assert not made.effective
+    write_deltalake(fed.store.table_path("decisions"), fed.store.read("decisions"), mode="append")
+    assert fed.store.read("decisions").num_rows == 2
+    with open_store(fed.config) as store:
+        effects = {c.effect for c in verify_mechanisms(fed.config, store) if c.table == "decisions"}
+        summary, listing = overrides_report(fed.config, store)
+    assert effects == {"override: 1 of 2 signature(s), pending"}
+    assert [(r["status"], r["decisions"]) for r in summary.to_pylist()] == [("pending", 1)]
+    assert listing.num_rows == 0
