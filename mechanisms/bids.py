@@ -1,5 +1,7 @@
 """Signed bids for auctions: each bid is signed by its bidder's Ed25519 key, registered under `[[bidders]]`, and
-names the window it is for (an old bid cannot be replayed into another auction).
+names the window it is for (an old bid cannot be replayed into another auction). Ed25519 signatures are
+deterministic, so a bid copied within a file carries its first copy's signature: it is refused, naming both, and a
+signed bid counts once.
 
 A bids file is TOML, one `[[bids]]` table per bid (`fusion bid` appends one):
 
@@ -52,7 +54,7 @@ def append_bid(path: Path, entry: dict[str, Any]) -> None:
 
 def read_bids(path: Path, *, window: datetime, bidders: dict[str, bytes]) -> list[dict[str, Any]]:
     """The bids of `path` for `window`, each checked against its bidder's registered key. An unregistered bidder,
-    a bad signature or a bid for another window is refused, naming the bid."""
+    a bad signature, a bid for another window or a copy of an earlier bid is refused, naming the bid."""
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -63,6 +65,7 @@ def read_bids(path: Path, *, window: datetime, bidders: dict[str, bytes]) -> lis
     if not isinstance(entries, list) or not entries:
         raise FusionError(f"bids file {path} holds no [[bids]]")
     checked = []
+    seen: dict[tuple[str, bytes], int] = {}  # (bidder, signature) -> the bid's number
     for number, entry in enumerate(entries):
         where = f"{path}: bids[{number}]"
         try:
@@ -83,6 +86,10 @@ def read_bids(path: Path, *, window: datetime, bidders: dict[str, bytes]) -> lis
         if not verify(key, bid_message(bid, window), signature):
             raise FusionError(f"{where}: the signature is not bidder {bid.bidder}'s (altered, or signed by another "
                               "key)")
+        first = seen.setdefault((bid.bidder, signature), number)
+        if first != number:
+            raise FusionError(f"{where} repeats bids[{first}], bidder {bid.bidder}'s signed bid: a signed bid counts "
+                              "once (a bidder offering more at the same bus and price signs one bid for the sum)")
         checked.append({**entry, "mw": bid.mw, "price": bid.price, "co2": bid.co2})
     return checked
 
