@@ -9,6 +9,7 @@ network, a load missing for a bus) is recorded too, as a signed refusal, and not
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -136,6 +137,11 @@ def _on_grid(moment: datetime, window: timedelta) -> None:
 
 
 def _parameters(config: Config, settings: MechanismsConfig, request: Request) -> dict[str, Any]:
+    if request.voll is not None and not (math.isfinite(request.voll) and request.voll > 0):
+        raise FusionError(f"--voll {request.voll:g}: the value of lost load is a finite price above 0 $/MWh (what a "
+                          "MW of unserved load costs)")
+    if request.carbon_price is not None and not (math.isfinite(request.carbon_price) and request.carbon_price >= 0):
+        raise FusionError(f"--carbon-price {request.carbon_price:g}: a finite price of at least 0 $/t")
     params: dict[str, Any] = {
         "network": settings.network, "load_metric": settings.load_metric, "statistic": settings.statistic.value,
         "reserve_z": settings.reserve_z, "voll": request.voll if request.voll is not None else settings.voll,

@@ -39,13 +39,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                            "first forecast window after the load metric's last release, else its last release")
     recommend.add_argument("--points", type=int, default=41, help="pareto: frontier points per loading cap")
     recommend.add_argument("--carbon-price", type=float, metavar="USD_PER_T",
-                           help="pareto: propose the point with the least cost + this price x CO2 (default: the knee)")
+                           help="pareto: propose the point with the least cost + this price (>= 0) x CO2 (default: the "
+                           "knee)")
     recommend.add_argument("--loading-caps", default="1.0", metavar="F,F,...",
                            help="pareto: fractions of the rated lines' limits, one sweep each (a reliability axis)")
     recommend.add_argument("--bids", type=Path, metavar="FILE", help="auction: the signed bids (`fusion bid`)")
     recommend.add_argument("--voll", type=float, metavar="USD_PER_MWH",
-                           help="value of lost load: unserved load allowed at this price (default: [mechanisms] "
-                           "voll, else the network's, else none)")
+                           help="value of lost load (> 0): unserved load allowed at this price (default: "
+                           "[mechanisms] voll, else the network's, else none)")
     recommend.add_argument("--replay", metavar="ID",
                            help="recompute recommendation ID from the store versions it recorded; exit 1 unless "
                            "its digest is reproduced")
