@@ -10,7 +10,8 @@ it breaks a rule `fusion decide` enforces (`mechanisms.rules`: scope, a refused 
 reason codes, what it adopts), else `verified`. A decision takes effect once `threshold` distinct registered
 signers of its authority have signed its id. Refused attempts are `refusal`s when signed by a key registered for
 the signer they name, else `unattested` (a refusal anyone could have written: not counted as that signer's).
-`tampered` and `invalid` make `fusion verify` fail.
+`tampered` and `invalid` make `fusion verify` fail. A row holding a NaN or an infinity, which Fusion never
+writes (no digest or id is computed over one), is `tampered`.
 """
 
 from __future__ import annotations
@@ -74,17 +75,14 @@ def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
             signers[decision.decision_id].add(decision.signer)
         verdicts.append((decision, status, why))
     for decision, status, why in verdicts:
-        authority = parties.authorities.get(decision.authority)
-        threshold = authority.threshold if authority else 1
-        count = len(signers[decision.decision_id])
-        effect = (
-            f"{decision.action}: {count} of {threshold} signature(s)"
-            + (", in effect" if count >= threshold else ", pending")
-            if status == "verified"
-            else f"{decision.action}: never in effect"
-            if status == "invalid"
-            else decision.action
-        )
+        effect = decision.action
+        if status == "verified":
+            authority = parties.authorities.get(decision.authority)
+            threshold = authority.threshold if authority else 1
+            count = len(signers[decision.decision_id])
+            effect += f": {count} of {threshold} signature(s), " + ("in effect" if count >= threshold else "pending")
+        elif status == "invalid":
+            effect += ": never in effect"
         checks.append(RecordCheck("decisions", _key(decision), status, effect, why))
     return checks
 
@@ -92,6 +90,9 @@ def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
 def _decision_status(
     decision: Decision, parties: Parties, intact: dict[str, Recommendation], superseding: dict[str, datetime]
 ) -> tuple[str, str]:
+    strange = decision.non_finite()
+    if strange:
+        return "tampered", f"it holds a non-finite value ({strange}), which Fusion never records"
     if decision.recorded_id and decision.recorded_id != decision.decision_id:
         return "tampered", "its content no longer hashes to its id (a field changed)"
     if decision.outcome != RECORDED:
@@ -153,8 +154,8 @@ def overrides_report(config: Config, store: FusedStore, *, period: str = "month"
         elif check is not None and check.status == "verified":
             by_id[decision.decision_id].append(decision)
     listing = []
-    for rows in by_id.values():
-        signed = _first_per_signer(rows)
+    for verified in by_id.values():
+        signed = _first_per_signer(verified)
         first = signed[0]
         authority = parties.authorities.get(first.authority)
         threshold = authority.threshold if authority else 1

@@ -89,7 +89,7 @@ def decide(config: Config, request: DecideRequest) -> DecisionOutcome:
             draft,
             signer=request.signer,
             key=public,
-            superseding=read_superseding(store, recommendation.recommendation_id, parties.operator_keys),
+            superseding=read_superseding(store, request.recommendation_id, parties.operator_keys),
             at=decided_at,
         )
         if why is None:
@@ -103,11 +103,8 @@ def decide(config: Config, request: DecideRequest) -> DecisionOutcome:
     signed = draft.signed(private, public, signer=request.signer, decided_at=decided_at)
     written = write_rows(config, "decisions", signed.rows()) > 0
     with open_store(config) as store:
-        signers = {
-            d.signer
-            for d in read_decisions(store, recommendation_id=recommendation.recommendation_id)
-            if d.decision_id == signed.decision_id and d.outcome == RECORDED and signed_by_registered(parties, d)
-        }
+        signers = {d.signer for d in _recorded(store, request.recommendation_id)
+                   if d.decision_id == signed.decision_id and signed_by_registered(parties, d)}
     return DecisionOutcome(signed, written, len(signers), parties.authorities[request.authority].threshold)
 
 
@@ -123,11 +120,10 @@ def _code(request: DecideRequest) -> str | None:
 def _draft(store: FusedStore, recommendation: Recommendation, request: DecideRequest) -> Decision:
     """The decision as asked, before checks: its content is what the signers sign."""
     if request.join:
-        joined = [d for d in read_decisions(store, recommendation_id=recommendation.recommendation_id)
-                  if d.decision_id == request.join and d.outcome == RECORDED]
+        joined = [d for d in _recorded(store, request.recommendation_id) if d.decision_id == request.join]
         if not joined:
             raise FusionError(f"--join {request.join}: no recorded decision of that id on recommendation "
-                              f"{recommendation.recommendation_id}")
+                              f"{request.recommendation_id}")
         first = joined[0]
         if first.authority != request.authority or first.action != request.action.value:
             raise FusionError(f"--join {request.join}: that decision is authority {first.authority}'s "
@@ -146,7 +142,7 @@ def _draft(store: FusedStore, recommendation: Recommendation, request: DecideReq
         if request.point is not None:
             adopted = (Adopted("point", float(request.point), "index"), *adopted)
     return Decision(
-        recommendation_id=recommendation.recommendation_id,
+        recommendation_id=request.recommendation_id,
         recommendation_sha256=recommendation.recorded_digest or recommendation.digest,
         action=request.action.value, authority=request.authority,
         effective_from=request.effective_from or recommendation.valid_from,
@@ -198,10 +194,17 @@ def _with_override(config: Config, recommendation: Recommendation, draft: Decisi
 
 def _previous(store: FusedStore, draft: Decision) -> str | None:
     """The latest other decision of this authority on this recommendation (what this one follows)."""
-    earlier = [d for d in read_decisions(store, recommendation_id=draft.recommendation_id)
-               if d.authority == draft.authority and d.outcome == RECORDED and d.decision_id != draft.decision_id]
+    earlier = [d for d in _recorded(store, draft.recommendation_id)
+               if d.authority == draft.authority and d.decision_id != draft.decision_id]
     earlier.sort(key=lambda d: (d.decided_at or now(), d.decision_id))
     return earlier[-1].decision_id if earlier else None
+
+
+def _recorded(store: FusedStore, recommendation_id: str) -> list[Decision]:
+    """The recorded decisions on a recommendation. A row holding a non-finite number is none: Fusion never writes
+    one, and no id can be computed over it (`fusion verify` reports it as tampered)."""
+    return [d for d in read_decisions(store, recommendation_id=recommendation_id)
+            if d.outcome == RECORDED and d.non_finite() is None]
 
 
 def _refuse(config: Config, draft: Decision, private: bytes, public: bytes, signer: str, why: str) -> DecisionRefused:

@@ -191,13 +191,34 @@ class Recommendation:
             recorded_id=first["recommendation_id"], recorded_digest=first["digest"],
         )
 
+    def non_finite(self) -> str | None:
+        """Where a recommendation read back holds NaN or an infinity, or None: Fusion records finite numbers only,
+        and no digest can be computed over another (canonical JSON has none)."""
+        for i in self.items:
+            if i.value is not None and not math.isfinite(i.value):
+                return f"item {i.item_type}/{i.item_key} is {i.value}"
+        return _non_finite_json({"inputs": self.inputs, "parameters": self.parameters})
+
     def tampered(self, operator_keys: Iterable[bytes]) -> str | None:
         """Why a recommendation read back from the store is not what its operator signed, or None."""
+        strange = self.non_finite()
+        if strange:
+            return f"it holds a non-finite value ({strange}), which Fusion never records"
         if self.recorded_digest != self.digest or self.recorded_id != self.recommendation_id:
             return "its rows no longer match the digest they carry (a row changed, added or removed)"
         if not self.signature_valid(operator_keys):
             return "its signature is not the registered mechanisms operator's (altered, or signed by another key)"
         return None
+
+
+def _non_finite_json(fields: dict[str, Any]) -> str | None:
+    """The first of `fields` that canonical JSON cannot hold (a NaN or an infinity in it), or None."""
+    for name, value in fields.items():
+        try:
+            canonical(value)
+        except ValueError:
+            return f"{name} is {value}" if isinstance(value, float) else f"{name} hold a NaN or an infinity"
+    return None
 
 
 def _item_order(item: Item) -> tuple[str, str]:
@@ -265,6 +286,12 @@ class Decision:
         if private_key is None:
             return unsigned
         return replace(unsigned, signature=sign(private_key, unsigned.message()).hex())
+
+    def non_finite(self) -> str | None:
+        """Where a decision read back holds NaN or an infinity, or None: Fusion records finite numbers only, and no
+        id can be computed over another."""
+        return _non_finite_json({"deviation_mw": self.deviation_mw, "cost_impact": self.cost_impact,
+                                 **{f"adopted {a.item_key}": a.value for a in self.adopted}})
 
     def signature_valid(self) -> bool:
         """Whether `signature` is valid under `signer_key` (whether that key is registered is the caller's)."""

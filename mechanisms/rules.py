@@ -43,7 +43,7 @@ def why_refused(
     scope = authority.out_of_scope(recommendation.kind, recommendation.regions)
     if scope:
         return scope
-    rid = recommendation.recommendation_id
+    rid = recommendation.recorded_id or recommendation.recommendation_id  # computed: not over a non-finite value
     tampered = recommendation.tampered(parties.operator_keys)
     if tampered:
         return f"recommendation {rid} is tampered: {tampered}"

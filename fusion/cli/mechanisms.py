@@ -136,11 +136,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             raise FusionError("--replay recomputes a recorded recommendation; give no kind with it")
         original, again = replay(config, args.replay)
         if again.digest == original.recorded_digest:
-            console.print(f"replay of {original.recommendation_id} ({original.kind}, "
+            console.print(f"replay of {original.recorded_id} ({original.kind}, "
                           f"{original.valid_from:%Y-%m-%d %H:%M}Z) reproduces its digest {original.recorded_digest}")
             return 0
         differ = sorted({(i.item_type, i.item_key) for i in set(original.items) ^ set(again.items)})[:10]
-        console.print(f"[red]replay of {original.recommendation_id} does not reproduce its digest[/red]: recorded "
+        console.print(f"[red]replay of {original.recorded_id} does not reproduce its digest[/red]: recorded "
                       f"{original.recorded_digest}, recomputed {again.digest}"
                       + (f"; items that differ: {', '.join(f'{t}/{k}' for t, k in differ)}" if differ else ""),
                       highlight=False)

@@ -246,3 +246,29 @@ def test_a_signature_copied_into_the_store_again_counts_once(mech_federation: Bu
     assert effects == {"override: 1 of 2 signature(s), pending"}
     assert [(r["status"], r["decisions"]) for r in summary.to_pylist()] == [("pending", 1)]
     assert listing.num_rows == 0
+
+
+def test_a_non_finite_value_in_a_stored_row_is_tampered(mech_federation: Build) -> None:
+    """Fusion records finite numbers only (no digest or id is computed over another): a NaN written into either
+    table is `tampered` in `fusion verify`, left out of the report, and `fusion decide` reads on past it or refuses,
+    naming it."""
+    fed = mech_federation()
+    rec = _recommend(fed)
+    made = decide(fed.config, DecideRequest(Action.RATIFY, rec.recommendation_id, "grid-ops", "alice")).decision
+    row = made.rows().to_pylist()[0] | {"signer": "mallory", "cost_impact": float("nan")}
+    fed.store.insert_new("decisions", pa.Table.from_pylist([row], schema=made.rows().schema))
+    checks = _checks(fed)
+    assert (checks[f"{made.decision_id}/mallory"].status, checks[f"{made.decision_id}/mallory"].reason) == (
+        "tampered", "it holds a non-finite value (cost_impact is nan), which Fusion never records")
+    assert checks[f"{made.decision_id}/alice"].status == "verified"
+    assert [(r["action"], r["status"]) for r in _report(fed)] == [("ratify", "in effect")]
+    rejected = decide(fed.config, DecideRequest(Action.REJECT, rec.recommendation_id, "grid-ops", "alice",
+                                                reason_code=ReasonCode.TEST)).decision
+    assert rejected.previous_decision_id == made.decision_id
+    item = rec.rows().slice(0, 1).to_pylist()[0] | {"item_type": "lmp", "item_key": "Z", "value": float("nan")}
+    fed.store.insert_new("recommendations", pa.Table.from_pylist([item], schema=rec.rows().schema))
+    check = _checks(fed)[rec.recommendation_id]
+    assert (check.status, check.reason) == (
+        "tampered", "it holds a non-finite value (item lmp/Z is nan), which Fusion never records")
+    with pytest.raises(DecisionRefused, match=r"is tampered: it holds a non-finite value \(item lmp/Z is nan\)"):
+        decide(fed.config, DecideRequest(Action.RATIFY, rec.recommendation_id, "grid-ops", "alice"))
