@@ -18,6 +18,7 @@ A bids file is TOML, one `[[bids]]` table per bid (`fusion bid` appends one):
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from collections.abc import Sequence
 from datetime import datetime
@@ -30,6 +31,17 @@ from mechanisms.vcg import Bid
 from privacy.signing import sign, verify
 
 BID_MESSAGE = b"fusion/bid/v1\n"
+
+
+def out_of_range(bid: Bid) -> tuple[str, str] | None:
+    """(the field of `bid` out of range, what it must be), or None. A signed bid holds finite numbers only."""
+    if not (math.isfinite(bid.mw) and bid.mw >= 0):
+        return "mw", "MW offered, a finite number of at least 0"
+    if not math.isfinite(bid.price):
+        return "price", "$/MWh asked, a finite number"
+    if not (math.isfinite(bid.co2) and bid.co2 >= 0):
+        return "co2", "t/MWh emitted, a finite number of at least 0"
+    return None
 
 
 def bid_message(bid: Bid, window: datetime) -> bytes:
@@ -76,6 +88,9 @@ def read_bids(path: Path, *, window: datetime, bidders: dict[str, bytes]) -> lis
         except (KeyError, TypeError, ValueError) as exc:
             raise FusionError(f"{where} is malformed ({exc}); each bid has bidder, bus, mw, price, window and "
                               "signature (`fusion bid` writes them)") from None
+        bad = out_of_range(bid)
+        if bad:
+            raise FusionError(f"{where}.{bad[0]} = {getattr(bid, bad[0]):g} ({bid.bidder}): {bad[1]}")
         if stated != timestamp(window):
             raise FusionError(f"{where} ({bid.bidder}) is for the window {stated}, not this auction's "
                               f"{timestamp(window)}: bids are signed for one window")
@@ -98,4 +113,4 @@ def bids_of(entries: Sequence[dict[str, Any]]) -> list[Bid]:
     return [Bid(e["bidder"], e["bus"], e["mw"], e["price"], e.get("co2", 0.0)) for e in entries]
 
 
-__all__ = ["append_bid", "bid_entry", "bid_message", "bids_of", "read_bids"]
+__all__ = ["append_bid", "bid_entry", "bid_message", "bids_of", "out_of_range", "read_bids"]

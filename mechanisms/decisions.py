@@ -15,6 +15,7 @@ once k have.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -54,6 +55,13 @@ class DecideRequest:
     effective_from: datetime | None = None
     effective_to: datetime | None = None
     join: str | None = None  # a decision of the same authority to co-sign
+
+    def __post_init__(self) -> None:
+        """A signed decision holds finite numbers only: a --set MW that is not one is refused before anything is
+        decided (like a --set that is not UNIT=MW), so it is not recorded."""
+        bad = next(((unit, mw) for unit, mw in self.set_mw if not math.isfinite(mw)), None)
+        if bad is not None:
+            raise FusionError(f"--set {bad[0]}={bad[1]}: a unit's MW is a finite number")
 
 
 @dataclass(frozen=True)

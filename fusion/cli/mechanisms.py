@@ -100,9 +100,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     bid.add_argument("--config", required=True, help="federation config (TOML)")
     bid.add_argument("--bidder", required=True, help="the bidder (registered under [[bidders]])")
     bid.add_argument("--bus", required=True, help="the network bus of the offer")
-    bid.add_argument("--mw", type=float, required=True, help="MW offered")
+    bid.add_argument("--mw", type=float, required=True, help="MW offered (>= 0)")
     bid.add_argument("--price", type=float, required=True, help="$/MWh asked")
-    bid.add_argument("--co2", type=float, default=0.0, help="t/MWh emitted")
+    bid.add_argument("--co2", type=float, default=0.0, help="t/MWh emitted (>= 0)")
     bid.add_argument("--at", required=True, help="the auction's window, ISO 8601 (the bid is signed for it)")
     bid.add_argument("--bids", type=Path, required=True, metavar="FILE", help="the bids file to append to")
     bid.add_argument("--key", type=Path, help="the bidder's key file (default bidder-keys/<bidder>.key)")
@@ -307,16 +307,19 @@ def _list(text: str | None) -> list[str] | None:
 
 def cmd_bid(args: argparse.Namespace) -> int:
     from mechanisms.authorities import bidder_key_file, load_parties, load_private
-    from mechanisms.bids import append_bid, bid_entry
+    from mechanisms.bids import append_bid, bid_entry, out_of_range
     from mechanisms.vcg import Bid
 
+    bid = Bid(args.bidder, args.bus, args.mw, args.price, args.co2)
+    bad = out_of_range(bid)
+    if bad:
+        raise FusionError(f"--{bad[0]} {getattr(bid, bad[0]):g}: {bad[1]}")
     config = _config(args.config)
     private, public = load_private(args.key or bidder_key_file(config, args.bidder), f"bidder {args.bidder}'s key")
     if load_parties(config).bidders.get(args.bidder) != public:
         raise FusionError(f"the key is not the one registered for bidder {args.bidder} (`fusion mechanism-keys "
                           f"--bidder {args.bidder}` registers one)")
-    entry: dict[str, Any] = bid_entry(Bid(args.bidder, args.bus, args.mw, args.price, args.co2),
-                                      parse_time(args.at, "--at"), private)
+    entry: dict[str, Any] = bid_entry(bid, parse_time(args.at, "--at"), private)
     append_bid(args.bids, entry)
     console.print(f"bid of {args.bidder} ({args.mw:g} MW at bus {args.bus}, {args.price:g} $/MWh) signed and "
                   f"appended to {args.bids}")

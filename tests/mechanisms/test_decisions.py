@@ -219,6 +219,7 @@ def test_signed_bids_run_a_vcg_auction_and_bad_bids_are_refused(mech_federation:
         (text.replace("price = 10.0", "price = 9.0"), "the signature is not bidder Brighton's"),
         (text + '\n[[bids]]\nbidder = "ghost"\nbus = "A"\nmw = 1.0\nprice = 1.0\nwindow = "'
          + text.split('window = "')[1].split('"')[0] + '"\nsignature = "00"\n', "bidder ghost is not registered"),
+        (text.replace("mw = 40.0", "mw = nan"), r"bids\[0\]\.mw = nan \(Alta\): MW offered, a finite number"),
         # One signed bid copied: Ed25519 is deterministic, so the copy carries the same signature.
         (text + "\n[[bids]]" + text.split("[[bids]]")[-1],
          r"bids\[5\] repeats bids\[4\], bidder Brighton's signed bid"),
