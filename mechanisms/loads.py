@@ -5,7 +5,9 @@ configured load metric for the dispatch window: the latest forecast of it when t
 forecast of the metric for that window, else the released cell (its unclipped `ratio_mean` for the mean, or its
 `sum`). Either way the value's SD travels with it (a forecast's `sd`, a release's noise SD), and the dispatch
 holds a reserve of z x the SD of the total load (regions independent, the buses of one region moving together).
-A bus whose region has no forecast (when others do) or no release is refused, naming the bus and the region.
+A bus whose region has no forecast (when others do) or no release is refused, naming the bus and the region; so is
+one whose value is negative (a release's noise on a small load, unclipped), naming the release or forecast too: a
+negative load would be generation nobody offered, at no cost, and Fusion does not clip it to 0 silently.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from schemas.tables import TABLE_SCHEMAS
 
 
 class MissingLoad(FusionError):
-    """A bus mapped to a region has no forecast or release to take its load from."""
+    """A bus mapped to a region has no forecast or release to take its load from, or only a negative one."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ def read_loads(store: FusedStore | None, network: Network, *, metric: str | None
         load = found.get(bus.region)
         if load is None:
             raise MissingLoad(_missing(bus.id, bus.region, metric, at, source, found))
+        if load.value < 0:
+            raise MissingLoad(_negative(bus.id, load, metric, at))
         mw[i] = bus.scale * load.value if bus.scale is not None else load.value
         sd[i] = (bus.scale or 1.0) * load.sd
         by_region[bus.region] = by_region.get(bus.region, 0.0) + (bus.scale or 1.0) * load.sd
@@ -109,6 +113,13 @@ def _missing(bus: str, region: str, metric: str, at: datetime, source: str, foun
                 f"--region {region}`, or map bus {bus} to a region that has one")
     return (f"no release of {metric} for region {region} (bus {bus}) at {when}: release that window first, "
             "choose another time with --at, or map the bus to a region that has data")
+
+
+def _negative(bus: str, load: RegionLoad, metric: str, at: datetime) -> str:
+    kind, record = load.record.split(":", 1)
+    return (f"the {kind} {record} of {metric} for region {load.region} (bus {bus}) at "
+            f"{at.astimezone(UTC):%Y-%m-%dT%H:%MZ} is {load.value:g}, below 0 (noise on a small value): a bus load is "
+            "at least 0 MW; choose another time with --at, or map the bus to a region with a larger load")
 
 
 def _forecasts(store: FusedStore, metric: str, statistic: LoadStatistic, at: datetime) -> dict[str, RegionLoad]:

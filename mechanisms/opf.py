@@ -175,6 +175,9 @@ def solve_dispatch(
     loads = np.asarray(loads, dtype=float)
     if loads.shape != (grid.buses,) or not np.all(np.isfinite(loads)):
         raise FusionError(f"network {grid.name}: expected {grid.buses} finite bus loads, got {loads.shape}")
+    if np.any(loads < 0):  # a negative load would be generation nobody offered, at no cost
+        negative = ", ".join(f"bus {grid.bus_ids[i]} {loads[i]:g} MW" for i in np.flatnonzero(loads < 0))
+        raise FusionError(f"network {grid.name}: a bus load is at least 0 MW ({negative})")
     margin = None if reserve is None or not np.any(np.asarray(reserve) > 0) else np.asarray(reserve, dtype=float)
     if margin is not None and (margin.shape != loads.shape or np.any(margin < 0) or not np.all(np.isfinite(margin))):
         raise FusionError(f"network {grid.name}: the reserve margin needs {grid.buses} finite MW >= 0, one per bus")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bench.mechanisms import synthetic_network
+from fusion.errors import FusionError
 from mechanisms.network import Network, load_network, network_path, parse_network
 from mechanisms.opf import Grid, Infeasible, solve_dispatch
 from tests.mechanisms import reference
@@ -127,6 +128,13 @@ def test_an_infeasible_case_is_refused_naming_the_constraint(case5: Network, kwa
     with pytest.raises(Infeasible, match="infeasible") as caught:
         solve_dispatch(case5, case5.fixed_loads() * factor, **kwargs)
     assert named in str(caught.value)
+
+
+def test_a_negative_bus_load_is_refused_naming_the_bus(case5: Network) -> None:
+    loads = case5.fixed_loads()
+    loads[1] = -60.0
+    with pytest.raises(FusionError, match=r"network case5: a bus load is at least 0 MW \(bus B -60 MW\)"):
+        solve_dispatch(case5, loads, voll=1000.0)
 
 
 def test_a_line_limit_that_cannot_hold_is_named() -> None:

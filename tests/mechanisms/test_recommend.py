@@ -101,6 +101,21 @@ def test_a_forecast_missing_for_a_bus_is_refused_and_recorded(mech_federation: B
         recommend(fed.config, Request(Kind.DISPATCH, at=HOUR + timedelta(hours=5)))
 
 
+@pytest.mark.parametrize("voll", [None, 1000.0])
+def test_a_negative_load_is_refused_naming_bus_region_and_release_and_recorded(mech_federation: Build,
+                                                                              voll: float | None) -> None:
+    """A released mean below 0 (noise on a small load, unclipped) would be generation nobody offered: refused, with
+    or without a value of lost load, and recorded; never dispatched as a negative load."""
+    fed = mech_federation(releases=False)
+    fed.store.insert_new("releases", pa.concat_tables(
+        [load_releases("north", mean=-2.0), load_releases("south"), load_releases("east")]))
+    with pytest.raises(MissingLoad, match=r"the release release-north-0 of load for region north \(bus B\) at "
+                       r"2026-01-01T01:00Z is -2, below 0"):
+        recommend(fed.config, Request(Kind.DISPATCH, at=HOUR, voll=voll))
+    table = fed.store.read("recommendations")
+    assert set(table.column("outcome").to_pylist()) == {"refused"} and "bus B" in table.column("refusal")[0].as_py()
+
+
 def test_an_infeasible_network_is_refused_naming_the_constraint_and_recorded(mech_federation: Build) -> None:
     fed = mech_federation()
     fed.store.insert_new("forecasts", forecast_rows({"north": (40.0, 0.1), "south": (10.0, 0.1),
