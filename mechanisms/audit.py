@@ -4,10 +4,11 @@ MW moved and cost impact, per period and authority). Reads only; imports no solv
 
 A recommendation is `verified` when its rows still hold the content its digest names and the registered operator
 (current or retired key) signed that digest. A decision is `tampered` unless its id is the hash of its content,
-its signature is valid under the key it names, that key is registered for its authority's signer, and the
-recommendation it decides on still verifies with the digest it names; it is then `invalid` (never in effect) when
-it breaks a rule `fusion decide` enforces (`mechanisms.rules`: scope, a refused or superseded recommendation,
-reason codes, what it adopts), else `verified`. A decision takes effect once `threshold` distinct registered
+its signature is valid under the key it names, that key is registered for its authority's signer (a key retired
+since counts for decisions dated before its retirement), and the recommendation it decides on still verifies with
+the digest it names; it is then `invalid` (never in effect) when it breaks a rule `fusion decide` enforces
+(`mechanisms.rules`: scope, a refused or superseded recommendation, reason codes, what it adopts), else
+`verified`. A decision takes effect once `threshold` distinct registered
 signers of its authority have signed its id. Refused attempts are `refusal`s when signed by a key registered for
 the signer they name, else `unattested` (a refusal anyone could have written: not counted as that signer's).
 `tampered` and `invalid` make `fusion verify` fail. A row holding a NaN or an infinity, which Fusion never

@@ -12,6 +12,10 @@
     [[authorities.signers]]
     id = "alice"
     signing_key = "<hex>"
+    [[authorities.signers]]         # a key of alice's that a newer one replaced (`--overwrite`): it verifies
+    id = "alice"                    # her decisions dated before retired_at, and signs nothing new
+    signing_key = "<hex>"
+    retired_at = "2026-01-02T18:00:00.000000Z"
 
     [[bidders]]                     # may bid in auctions
     id = "brighton"
@@ -25,13 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fusion.api import load_mechanism_sections, read_private, write_mechanism_sections, write_private
 from fusion.config.federation import Config
 from fusion.errors import FusionError
-from mechanisms.records import Kind
+from mechanisms.records import Kind, now, timestamp
 from privacy.signing import generate_signing_key, public_key
 
 OPERATOR_KEY = "operator-signing.key"
@@ -42,6 +47,7 @@ ALL_REGIONS = "*"
 class Signer:
     id: str
     key: bytes
+    retired_at: datetime | None = None  # when a newer key replaced this one; None: the signer's current key
 
 
 @dataclass(frozen=True)
@@ -50,10 +56,20 @@ class Authority:
     regions: frozenset[str] | None  # None: every region
     kinds: frozenset[str]
     threshold: int
-    signers: tuple[Signer, ...]
+    signers: tuple[Signer, ...]  # each signer's current key
+    retired: tuple[Signer, ...] = ()  # keys that newer ones replaced
 
     def signer(self, signer_id: str) -> Signer | None:
         return next((s for s in self.signers if s.id == signer_id), None)
+
+    def holds(self, signer_id: str, key: bytes, at: datetime | None) -> bool:
+        """Whether `key` is registered for `signer_id` at `at` (a decision's time): its current key, or one retired
+        after `at`. So a rotated key's earlier decisions still verify, and it signs nothing dated later."""
+        return any(
+            s.id == signer_id and s.key == key
+            and (s.retired_at is None or (at is not None and at < s.retired_at))
+            for s in (*self.signers, *self.retired)
+        )
 
     def out_of_scope(self, kind: str, regions: Sequence[str]) -> str | None:
         """Why a decision on a recommendation of `kind` covering `regions` is outside this authority's scope."""
@@ -92,15 +108,25 @@ def load_parties(config: Config) -> Parties:
             threshold = entry.get("threshold", 1)
             if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
                 raise ValueError(f"{label}.threshold: a positive whole number of signers")
-            signers = tuple(Signer(s["id"], bytes.fromhex(s["signing_key"])) for s in entry.get("signers", []))
+            signers = [Signer(s["id"], bytes.fromhex(s["signing_key"]), _retired_at(s, f"{label}.signers"))
+                       for s in entry.get("signers", [])]
             authorities[entry["id"]] = Authority(
                 entry["id"], None if ALL_REGIONS in regions else frozenset(regions), frozenset(kinds), threshold,
-                signers,
+                tuple(s for s in signers if s.retired_at is None), tuple(s for s in signers if s.retired_at),
             )
         bidders = {b["id"]: bytes.fromhex(b["signing_key"]) for b in sections.get("bidders", [])}
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise FusionError(f"the registry {where} has a malformed mechanisms entry: {exc}") from None
     return Parties(tuple(keys), authorities, bidders)
+
+
+def _retired_at(entry: dict[str, Any], label: str) -> datetime | None:
+    if "retired_at" not in entry:
+        return None
+    moment = datetime.fromisoformat(str(entry["retired_at"]).replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"{label}: retired_at {entry['retired_at']!r} has no time zone (Fusion writes UTC, ...Z)")
+    return moment
 
 
 def operator_key_file(config: Config) -> Path:
@@ -157,7 +183,8 @@ def create_signer_key(
     overwrite: bool = False,
 ) -> Path:
     """Create a signer's key for `authority` (registering the authority on its first signer) and register it.
-    `regions`, `kinds` and `threshold`, when given, set the authority's scope and rule."""
+    `regions`, `kinds` and `threshold`, when given, set the authority's scope and rule. A key it replaces stays
+    registered as retired from now, so the decisions it signed before still verify."""
     unknown = sorted(set(kinds or ()) - {k.value for k in Kind})
     if unknown:
         raise FusionError(f"--kinds: unknown kinds {unknown}; choose from {', '.join(Kind)}")
@@ -181,8 +208,11 @@ def create_signer_key(
         entry["kinds"] = list(kinds)
     if threshold is not None:
         entry["threshold"] = threshold
-    signers = [s for s in entry.get("signers", []) if s.get("id") != signer]
-    entry["signers"] = [*signers, {"id": signer, "signing_key": public.hex()}]
+    retired_at = timestamp(now())
+    entry["signers"] = [
+        {**s, "retired_at": retired_at} if s.get("id") == signer and "retired_at" not in s else s
+        for s in entry.get("signers", [])
+    ] + [{"id": signer, "signing_key": public.hex()}]
     sections["authorities"] = entries
     write_mechanism_sections(config, sections)
     return path

@@ -34,8 +34,7 @@ def why_refused(
     authority = parties.authorities.get(name)
     if authority is None:
         return f"authority {name} is not registered under [[authorities]] in the registry"
-    registered = authority.signer(signer)
-    if registered is None or registered.key != key:
+    if not authority.holds(signer, key, at):
         return (
             f"the key {key.hex()[:16]}... is not registered for authority {name}'s signer {signer} "
             f"(`fusion mechanism-keys --authority {name} --signer {signer}` registers one)"
@@ -87,10 +86,15 @@ def proposed_point(recommendation: Recommendation) -> int | None:
 
 
 def signed_by_registered(parties: Parties, decision: Decision) -> bool:
-    """Whether a stored decision row carries a valid signature by a key registered for its authority's signer."""
+    """Whether a stored decision row carries a valid signature by a key registered for its authority's signer when
+    it was made (a key retired since counts for what it signed before)."""
     authority = parties.authorities.get(decision.authority)
-    signer = authority.signer(decision.signer) if authority else None
-    return signer is not None and signer.key.hex() == decision.signer_key and decision.signature_valid()
+    try:
+        key = bytes.fromhex(decision.signer_key)
+    except ValueError:
+        return False
+    return (authority is not None and authority.holds(decision.signer, key, decision.decided_at)
+            and decision.signature_valid())
 
 
 __all__ = ["proposed_point", "ratified", "signed_by_registered", "why_refused"]

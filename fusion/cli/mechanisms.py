@@ -94,7 +94,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     keys.add_argument("--bidder", help="a bidder's id: create its key")
     keys.add_argument("--keys", metavar="DIR", help="where to keep an authority's or bidder's private key (default "
                       "authority-keys/ or bidder-keys/ beside the config)")
-    keys.add_argument("--overwrite", action="store_true", help="replace an existing key")
+    keys.add_argument("--overwrite", action="store_true", help="replace an existing key (an operator's or signer's "
+                      "old key stays registered as retired: what it signed before still verifies)")
 
     bid = sub.add_parser("bid", help="a bidder signs a bid and appends it to a bids file")
     bid.add_argument("--config", required=True, help="federation config (TOML)")

@@ -247,3 +247,30 @@ def test_an_authority_signer_key_is_private_and_registered(mech_federation: Buil
     parties = load_parties(fed.config)
     assert set(parties.authorities) == {"grid-ops", "city-hall"} and len(parties.operator_keys) == 1
     assert parties.authorities["city-hall"].regions == {"north"}
+
+
+def test_a_rotated_signer_key_verifies_what_it_signed_before_and_signs_nothing_after(mech_federation: Build,
+                                                                                    tmp_path: Path) -> None:
+    from fusion.keys.registry import write_private
+    from mechanisms.authorities import load_parties
+
+    fed = mech_federation()
+    rid = _dispatch(fed)
+    before = decide(fed.config, DecideRequest(Action.RATIFY, rid, "grid-ops", "alice")).decision
+    old, old_public = load_private(signer_key_file(fed.config, "grid-ops", "alice"), "alice's key")
+    write_private(tmp_path / "old.key", old)
+    create_signer_key(fed.config, "grid-ops", "alice", overwrite=True)  # `fusion mechanism-keys ... --overwrite`
+    assert _checks(fed)[f"{before.decision_id}/alice"] == "verified"
+    assert [r["status"] for r in _report(fed)[0].to_pylist()] == ["in effect"]
+    authority = load_parties(fed.config).authorities["grid-ops"]
+    assert [s.key for s in authority.signers] != [old_public] and [s.key for s in authority.retired] == [old_public]
+    with pytest.raises(DecisionRefused, match="is not registered for authority grid-ops's signer alice"):
+        decide(fed.config, DecideRequest(Action.REJECT, rid, "grid-ops", "alice", key_file=tmp_path / "old.key",
+                                         reason_code=ReasonCode.TEST))
+    # Signed with the retired key and dated after the rotation, written into the store directly: not alice's.
+    late = Decision(rid, before.recommendation_sha256, "reject", "grid-ops", None, None, "test", None).signed(
+        old, old_public, signer="alice", decided_at=_now())
+    fed.store.insert_new("decisions", late.rows())
+    assert _checks(fed)[f"{late.decision_id}/alice"] == "tampered"
+    after = decide(fed.config, DecideRequest(Action.REJECT, rid, "grid-ops", "alice", reason_code=ReasonCode.TEST))
+    assert after.effective and _checks(fed)[f"{after.decision.decision_id}/alice"] == "verified"
