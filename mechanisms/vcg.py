@@ -5,9 +5,9 @@ dispatch of the bids themselves; each bidder is paid the Clarke pivot
 
 where C is the optimal cost with every bid and C(without i) with bidder i's bids removed (N + 1 LPs). Truthful
 bidding is then each bidder's best strategy and no truthful bidder loses money, but VCG is not budget-balanced:
-it pays more than LMP settlement (the LMP at each bid's bus times its MW), and a pivotal bidder, without whom load
-would go unserved, is paid off the value of lost load. So it is reported beside LMP settlement as a diagnostic,
-"the rent of truthful bidding", never as the settlement.
+it pays more than LMP settlement (the LMP at each bid's bus times its MW), and a pivotal bidder, without whom more
+load would go unserved than with every bid, is paid off the value of lost load. So it is reported beside LMP
+settlement as a diagnostic, "the rent of truthful bidding", never as the settlement.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class BidderOutcome:
     bid_cost: float  # $/h: its bids' prices times their MW
     vcg_payment: float  # $/h
     lmp_payment: float  # $/h: the LMP at each bid's bus times its MW
-    pivotal: bool  # without it, load would go unserved
+    pivotal: bool  # without it, more load would go unserved than with every bid
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def run_auction(grid: Grid, loads: np.ndarray, bids: Sequence[Bid], *, voll: flo
             bid_cost=bid_cost,
             vcg_payment=others.cost - (dispatch.cost - bid_cost),
             lmp_payment=float(lmp_at_bid[mine] @ dispatch.mw[mine]),
-            pivotal=bool(others.shed.sum() > 1e-6),
+            pivotal=bool(others.shed.sum() > dispatch.shed.sum() + 1e-6),
         ))
     return Auction(dispatch, tuple(outcomes))
 

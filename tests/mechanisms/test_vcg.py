@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mechanisms.network import Network, load_network, network_path
+from mechanisms.network import Network, load_network, network_path, parse_network
 from mechanisms.opf import Grid
 from mechanisms.vcg import Bid, run_auction
 from tests.mechanisms import reference
@@ -47,6 +47,18 @@ def test_clarke_pivots_equal_independent_re_solves_without_each_bidder(case5: Ne
         without = case5.model_copy(update={"generators": tuple(g for g in case5.generators if g.id != outcome.bidder)})
         others = reference.solve(without, loads).cost
         assert outcome.vcg_payment == pytest.approx(others - (everyone.cost - outcome.bid_cost), abs=1e-6)
+
+
+def test_pivotal_means_more_load_unserved_than_with_every_bid() -> None:
+    """50 MW of load, 20 MW offered: 30 MW goes unserved with every bid. Without x or y 10 MW more does (each is
+    pivotal, paid off the value of lost load); without z, who offers 0 MW, no more does."""
+    one = parse_network({"network": {"name": "one"}, "buses": [{"id": "A", "load_mw": 50.0}]})
+    auction = run_auction(Grid.from_network(one), one.fixed_loads(), [Bid("x", "A", 10.0, 5.0),
+                          Bid("y", "A", 10.0, 6.0), Bid("z", "A", 0.0, 7.0)], voll=VOLL)
+    assert auction.dispatch.shed.sum() == pytest.approx(30.0)
+    assert {o.bidder: o.pivotal for o in auction.outcomes} == {"x": True, "y": True, "z": False}
+    assert {o.bidder: o.vcg_payment for o in auction.outcomes} == pytest.approx({"x": 10_000.0, "y": 10_000.0,
+                                                                                 "z": 0.0})
 
 
 def test_without_a_value_of_lost_load_a_pivotal_bidder_is_refused_by_name(case5: Network) -> None:
