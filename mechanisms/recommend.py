@@ -217,7 +217,7 @@ class _Run:
         elif self.kind is Kind.PARETO:
             frontier = sweep(grid, loads.mw, points=int(self.parameters["points"]),
                              loading_caps=tuple(self.parameters["loading_caps"]),
-                             carbon_price=self.parameters["carbon_price"], reserve=reserve)
+                             carbon_price=self.parameters["carbon_price"], reserve=reserve, voll=voll)
             dispatch = frontier.points[frontier.proposed].dispatch
             items = dispatch_items(dispatch) + uncertainty + [
                 Item.of("proposed_point", "index", frontier.proposed, None)]
@@ -229,7 +229,10 @@ class _Run:
                           Item.of("frontier_loading_cap", key, p.loading_cap, "fraction")]
                 items += [Item.of("frontier_dispatch_mw", f"{key}/{unit}", mw, "MW")
                           for unit, mw in p.dispatch.by_unit().items()]
-            summary = f"{frontier.rationale}. {len(frontier.points)} frontier points. {ADVISORY}"
+            items += [Item.of("skipped_loading_cap", f"{alpha:g}", alpha, "fraction") for alpha, _ in frontier.skipped]
+            skipped = "".join(f" Loading cap {alpha:g} skipped: no dispatch is feasible under it ({why})."
+                              for alpha, why in frontier.skipped)
+            summary = f"{frontier.rationale}. {len(frontier.points)} frontier points.{skipped} {ADVISORY}"
             extra["frontier"] = frontier
         else:
             auction = run_auction(grid, loads.mw, bids_of(self.bids or []), voll=voll)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mechanisms.network import load_network, network_path
-from mechanisms.opf import Grid
+from mechanisms.opf import Grid, Infeasible, solve_dispatch
 from mechanisms.pareto import Frontier, least_emissions, sweep
 from tests.mechanisms import reference
 
@@ -65,3 +65,22 @@ def test_a_loading_cap_adds_a_reliability_axis(frontier: Case) -> None:
     capped = [p for p in f.points if p.loading_cap == 0.8]
     assert all(p.dispatch.max_loading <= 0.8 + 1e-9 for p in capped)
     assert capped[0].cost > f.points[0].cost  # headroom on the lines costs money
+
+
+def test_a_value_of_lost_load_lets_the_frontier_shed_as_a_dispatch_does(frontier: Case) -> None:
+    grid, loads, _ = frontier
+    # Twice case5's load: 470 MW more than its 1,530 MW of capacity.
+    with pytest.raises(Infeasible, match=r"no loading cap of \[1.0\] leaves a feasible dispatch: under 1, network "
+                       r"case5 is infeasible: energy balance: load that cannot be served"):
+        sweep(grid, loads * 2, points=3)
+    f = sweep(grid, loads * 2, points=3, voll=1000.0)
+    shed = solve_dispatch(grid, loads * 2, voll=1000.0).shed.sum()  # 479.35 MW: the lines hold some back too
+    assert shed > 470.0 and [p.dispatch.shed.sum() for p in f.points] == pytest.approx([shed] * 3)
+
+
+def test_a_loading_cap_that_leaves_no_dispatch_is_skipped_with_its_reason(frontier: Case) -> None:
+    grid, loads, _ = frontier
+    f = sweep(grid, loads, points=3, loading_caps=(1.0, 0.05))
+    assert {p.loading_cap for p in f.points} == {1.0}
+    assert [alpha for alpha, _ in f.skipped] == [0.05]
+    assert f.skipped[0][1].startswith("network case5 is infeasible: line A-B: its limit 20 MW would need")

@@ -85,6 +85,24 @@ def test_a_pareto_recommendation_replays_to_its_digest(mech_federation: Build) -
     assert again.digest == original.recorded_digest
 
 
+def test_a_pareto_recommendation_records_a_skipped_loading_cap_and_takes_the_value_of_lost_load(
+    mech_federation: Build,
+) -> None:
+    fed = mech_federation()
+    rec = recommend(fed.config, Request(Kind.PARETO, at=HOUR, points=3, loading_caps=(1.0, 0.05))).recommendation
+    assert rec.items_of("skipped_loading_cap") == {"0.05": 0.05}
+    assert ("Loading cap 0.05 skipped: no dispatch is feasible under it (network case5 is infeasible: line A-B: "
+            in rec.summary)
+    heavy = mech_federation(releases=False, subdir="heavy")  # 2,000 MW of load against 1,530 MW of capacity
+    heavy.store.insert_new("releases", pa.concat_tables(
+        [load_releases(region, mean=20.0) for region in ("north", "south", "east")]))
+    dispatch = recommend(heavy.config, Request(Kind.DISPATCH, at=HOUR, voll=1000.0)).recommendation
+    pareto = recommend(heavy.config, Request(Kind.PARETO, at=HOUR, points=3, voll=1000.0)).recommendation
+    assert pareto.outcome == "recorded"
+    assert sum(v or 0.0 for v in pareto.items_of("shed_mw").values()) == pytest.approx(
+        sum(v or 0.0 for v in dispatch.items_of("shed_mw").values()))
+
+
 def test_a_forecast_missing_for_a_bus_is_refused_and_recorded(mech_federation: Build) -> None:
     fed = mech_federation()
     fed.store.insert_new("forecasts", forecast_rows({"north": (9.0, 0.5), "south": (11.0, 0.5)}))
