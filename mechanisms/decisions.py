@@ -3,9 +3,10 @@
 A decision is refused, recorded as a refusal (signed with the key presented) and raised, when: the authority or
 the key is not registered, the recommendation is outside the authority's scope (regions, kinds), the
 recommendation is tampered (its rows differ from its digest, or its signature is not the operator's), superseded
-by a newer one, or a refused attempt itself; an override or a rejection has no reason code; an override cannot
-be re-solved (an unknown unit, MW outside its range, a network left infeasible). Nothing else is written then.
-The static checks are `mechanisms.rules.why_refused`, which `fusion verify` applies to every stored decision too.
+by a newer one, or a refused attempt itself; an override or a rejection has no reason code; its effect would end
+no later than it starts; an override cannot be re-solved (an unknown unit, MW outside its range, a network left
+infeasible). Nothing else is written then. The static checks are `mechanisms.rules.why_refused`, which `fusion
+verify` applies to every stored decision too.
 
 An override's cost impact is found by re-solving the recommendation's own problem (its network, recorded loads,
 reserve and value of lost load) with the override fixed: CAISO's price-impact analysis of exceptional dispatch.

@@ -4,8 +4,9 @@ verify` reports a stored decision that breaks one as `invalid` (never in effect)
 Static checks only, over the registry and the stored recommendations: the authority and its signer's key
 registered, the recommendation within the authority's scope (kinds, regions), intact and the one decided on, a
 recorded recommendation (not a refused attempt), not superseded when the decision was made, a known action, a
-reason code for an override or a rejection, and what is adopted consistent with the action. Whether an override
-can be re-solved needs the solver: `decide` checks that after these. Imports no solver.
+reason code for an override or a rejection, what is adopted consistent with the action, and an effect that ends
+after it starts. Whether an override can be re-solved needs the solver: `decide` checks that after these. Imports
+no solver.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from mechanisms.authorities import Parties
-from mechanisms.records import RECORDED, Action, Adopted, Decision, Kind, ReasonCode, Recommendation
+from mechanisms.records import RECORDED, Action, Adopted, Decision, Kind, ReasonCode, Recommendation, timestamp
 
 
 def why_refused(
@@ -69,6 +70,10 @@ def why_refused(
         return "a ratification adopts the recommendation as it is (its proposed point, for a frontier)"
     if decision.action == Action.REJECT.value and decision.adopted:
         return "a rejection adopts nothing"
+    start, end = decision.effective_from, decision.effective_to
+    if start is not None and end is not None and start >= end:
+        return (f"its effect would end ({timestamp(end)}, --effective-to) no later than it starts "
+                f"({timestamp(start)}, --effective-from)")
     return None
 
 

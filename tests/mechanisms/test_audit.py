@@ -66,7 +66,8 @@ def _write(fed: MechFederation, decision: Decision, *, at: datetime | None = Non
 def _decision(
     rec: Recommendation, action: Action = Action.RATIFY, code: str | None = None, adopted: tuple[Adopted, ...] = ()
 ) -> Decision:
-    return Decision(rec.recommendation_id, rec.digest, action.value, "grid-ops", HOUR, HOUR, code, None, adopted)
+    return Decision(rec.recommendation_id, rec.digest, action.value, "grid-ops", HOUR, HOUR + timedelta(hours=1), code,
+                    None, adopted)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +82,8 @@ def _decision(
         ("ratify_adopting_something", "a ratification adopts the recommendation as it is"),
         ("superseded", "is superseded by"),
         ("refused_attempt", "is a refused attempt, not a recommendation"),
+        ("effect_ends_before_it_starts", "its effect would end (2026-01-01T01:00:00.000000Z, --effective-to) no later "
+         "than it starts (2026-01-01T02:00:00.000000Z, --effective-from)"),
     ],
 )
 def test_a_decision_decide_would_refuse_is_invalid_and_never_in_effect(
@@ -98,6 +101,8 @@ def test_a_decision_decide_would_refuse_is_invalid_and_never_in_effect(
         "unknown_code": _decision(rec, Action.REJECT, "whim"),
         "override_adopting_nothing": _decision(rec, Action.OVERRIDE, ReasonCode.POLICY.value),
         "ratify_adopting_something": _decision(rec, adopted=(Adopted("Sundance", 50.0, "MW"),)),
+        "effect_ends_before_it_starts": replace(_decision(rec), effective_from=HOUR + timedelta(hours=1),
+                                                effective_to=HOUR),
     }.get(case, _decision(rec))
     if case == "superseded":
         _supersede(fed)

@@ -81,6 +81,8 @@ def test_a_pareto_override_adopts_another_point_and_its_cost_difference(mech_fed
         ("tampered", "is tampered: its rows no longer match the digest"),
         ("superseded", "is superseded by"),
         ("infeasible_override", "the override cannot be re-solved: Sundance cannot be fixed at 500 MW"),
+        ("effect_ends_before_it_starts", "its effect would end (2026-01-01T01:00:00.000000Z, --effective-to) no later "
+         "than it starts (2026-01-01T01:00:00.000000Z, --effective-from)"),
     ],
 )
 def test_each_refusal_is_recorded_and_nothing_else_is_written(mech_federation: Build, tmp_path: Path, case: str,
@@ -110,6 +112,9 @@ def test_each_refusal_is_recorded_and_nothing_else_is_written(mech_federation: B
         fed.store.insert_new("forecasts", forecast_rows({"north": (9.0, 0.5), "south": (11.0, 0.5),
                                                          "east": (10.0, 1.0)}))
         _dispatch(fed)
+    if case == "effect_ends_before_it_starts":  # an empty window: --effective-to defaults to valid_to
+        request = DecideRequest(Action.REJECT, rid, "grid-ops", "alice", reason_code=ReasonCode.TEST,
+                                effective_to=HOUR)
     if case == "infeasible_override":
         request = DecideRequest(Action.OVERRIDE, rid, "grid-ops", "alice", reason_code=ReasonCode.EMERGENCY,
                                 set_mw=(("Sundance", 500.0),))
