@@ -43,6 +43,10 @@ from fusion.errors import FusionError
 
 SHIPPED = Path(__file__).resolve().parent / "networks"
 _ID = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,63}$")]
+#: The largest susceptance (base_mva / reactance, MW per radian) a line may have: HiGHS treats matrix values of 1e15
+#: and more as infinite (the LP then reads as infeasible, for no stated reason), and no real line comes near (a
+#: reactance of 1e-5 per unit on 100 MVA is 1e7).
+MAX_SUSCEPTANCE = 1e12
 
 
 class NetworkError(FusionError):
@@ -124,6 +128,13 @@ class Network(_Frozen):
                     raise ValueError(f"lines[{index}].{end}: unknown bus '{bus}'")
             if line.from_bus == line.to_bus:
                 raise ValueError(f"lines[{index}]: a line from bus '{line.from_bus}' to itself")
+            susceptance = self.network.base_mva / line.reactance
+            if not susceptance <= MAX_SUSCEPTANCE:  # an overflow to inf too
+                raise ValueError(
+                    f"lines[{index}].reactance: {line.reactance:g} per unit gives line {line.name} a susceptance "
+                    f"(base_mva / reactance) of {susceptance:g} MW/rad, above the {MAX_SUSCEPTANCE:g} the solver can "
+                    "hold: give a realistic reactance, or merge the two buses"
+                )
         for index, generator in enumerate(self.generators):
             if generator.bus not in known:
                 raise ValueError(f"generators[{index}].bus: unknown bus '{generator.bus}'")

@@ -50,6 +50,10 @@ def test_a_network_round_trips_through_its_file_and_maps_regions(tmp_path: Path)
         (lambda d: d["buses"][1].pop("scale"), "region and scale go together"),
         (lambda d: d["buses"][0].update({"region": "x", "scale": 1.0}), "give load_mw (a fixed load) or region"),
         (lambda d: d["lines"][0].update({"reactance": 0.0}), "lines[0].reactance: Input should be greater than 0"),
+        (lambda d: d["lines"][0].update({"reactance": 1e-320}), "lines[0].reactance: 9.99989e-321 per unit gives line "
+         "A-B a susceptance (base_mva / reactance) of inf MW/rad, above the 1e+12 the solver can hold"),
+        (lambda d: d["lines"][0].update({"reactance": 1e-13}), "lines[0].reactance: 1e-13 per unit gives line A-B a "
+         "susceptance (base_mva / reactance) of 1e+15 MW/rad"),
         (lambda d: d["buses"].append({"id": "C", "load_mw": 1.0}), "buses ['C'] are not connected to bus 'A'"),
         (lambda d: d["buses"].append({"id": "A"}), "buses: ids ['A'] appear more than once"),
         (lambda d: d["generators"][0].update({"min_mw": 300.0}), "min_mw 300.0 is above capacity_mw 200.0"),
