@@ -12,7 +12,8 @@ result is read batch by batch and stopped past its row or size limit, before it 
 What the limits cannot stop: DuckDB checks for an interrupt, and counts most memory against its limit, between
 chunks of rows, never inside one function call. The calls that can run or allocate without bound on their own
 (_UNBOUNDED_CALLS: quadratic string distances; _COUNTED_CALLS, lists and strings built from a count, but for
-small literal arguments) are refused; a query can still
+small literal arguments) are refused, as are the functions that run a query given as a string (_QUERY_CALLS), which
+would escape these checks and, some, the time limit; a query can still
 build a huge value step by step (a string doubled in each of thirty WITH clauses), which outruns both limits. The
 sandbox keeps a query to the store's tables; to bound what an untrusted query may cost the machine, run it in a
 process of its own under an OS memory limit (ulimit -v, a container).
@@ -20,6 +21,7 @@ process of its own under an OS memory limit (ulimit -v, a container).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
@@ -60,8 +62,8 @@ _TWO_WORDS = frozenset(
 #: The first two words of a statement, after comments and opening parentheses (possessive: no backtracking).
 _LEADING = re.compile(r"(?:\s|--[^\n]*+|/\*.*?\*/|\()*+([A-Za-z_]+)(?:\s++([A-Za-z_]+))?", re.DOTALL)
 #: What makes a query read tables it does not name as words: the catalog, or a table function given table names.
-_CATALOG = re.compile(r"(?i)\b(?:show|information_schema|duckdb_\w+|pragma_\w+|sqlite_master|pg_catalog|query_table|"
-                      r"query)\b")
+_CATALOG = re.compile(r"(?i)\b(?:show|information_schema|duckdb_\w+|pragma_\w+|sqlite_master|pg_catalog|"
+                      r"query_table)\b")
 #: Query nodes (in DuckDB's JSON form of a parsed SELECT) of a statement that writes, in a WITH clause.
 _WRITING_NODES = {"INSERT_QUERY_NODE": "INSERT", "UPDATE_QUERY_NODE": "UPDATE", "DELETE_QUERY_NODE": "DELETE",
                   "MERGE_INTO_QUERY_NODE": "MERGE INTO"}
@@ -74,6 +76,11 @@ _WRITING_NODES = {"INSERT_QUERY_NODE": "INSERT", "UPDATE_QUERY_NODE": "UPDATE", 
 _UNBOUNDED_CALLS = frozenset(
     {"levenshtein", "editdist3", "damerau_levenshtein", "jaro_similarity", "jaro_winkler_similarity"}
 )
+#: Functions that run a query given as text or JSON, or plan one: that query is never checked here (query('...')
+#: would run any call refused here), and json_execute_serialized_sql and json_serialize_plan (which folds the
+#: query's constants) run it on a connection of their own, which the time limit does not interrupt (repeat('a',
+#: 10^9) inside one: 16 s past a 1 s limit). query_table, which reads tables by name, is no such function.
+_QUERY_CALLS = frozenset({"query", "json_execute_serialized_sql", "json_serialize_plan"})
 #: Calls that build a list or string from a count, with the positions of their count arguments (None: every
 #: argument, the value repeated too): lpad(text, count, fill) is as long as its count whatever its text.
 _COUNTED_CALLS: dict[str, tuple[int, ...] | None] = {
@@ -82,7 +89,10 @@ _COUNTED_CALLS: dict[str, tuple[int, ...] | None] = {
 }
 #: The largest number a literal argument of a _COUNTED_CALLS function may hold.
 COUNT_LIMIT = 1_000_000
-_UNBOUNDED_TEXT = re.compile(rf"(?i)\b({'|'.join(sorted(_UNBOUNDED_CALLS | set(_COUNTED_CALLS)))})\s*\(")
+#: The functions refused whatever their arguments.
+_REFUSED_CALLS = _UNBOUNDED_CALLS | _QUERY_CALLS
+#: The functions refused by name where a query is checked by its text (a PIVOT without IN list).
+_REFUSED_BY_TEXT = _REFUSED_CALLS | set(_COUNTED_CALLS)
 
 
 def _bounded(name: str, call: dict[str, Any]) -> bool:
@@ -189,15 +199,21 @@ class SqlSandbox:
         self._con.register(name, rows)
 
     def _limited(self, reader: pa.RecordBatchReader, deadline: _Deadline) -> Iterator[pa.RecordBatch]:
+        """`reader`'s batches, stopped past a limit. Past the time limit, even a result DuckDB finished without
+        error is refused: work its interrupt does not reach (a connection of its own) may have finished it."""
         limits = self.limits
         rows = size = 0
         while True:
             try:
                 batch = reader.read_next_batch()
             except StopIteration:
+                if deadline.fired:
+                    raise self._past_time_limit() from None
                 return
             except (OSError, pa.ArrowException, duckdb.Error) as exc:  # DuckDB's errors while it streams
                 raise self._failure(exc, deadline) from None
+            if deadline.fired:
+                raise self._past_time_limit()
             rows += batch.num_rows
             size += batch.nbytes
             if rows > limits.max_rows:
@@ -217,16 +233,19 @@ class SqlSandbox:
         """The project error for a DuckDB error."""
         text = str(exc)
         if deadline.fired:
-            return SqlLimitExceeded(
-                f"the query ran past its time limit of {self.limits.timeout} and was stopped: narrow it (a WHERE, "
-                "a LIMIT, fewer joins) or raise the limit (`fusion sql --timeout`, or timeout in the config's [sql] "
-                "block)"
-            )
+            return self._past_time_limit()
         if isinstance(exc, duckdb.PermissionException) or text.startswith("Permission Error"):
             return SqlRefused(f"{text}. {_SANDBOX_HINT}")
         if "configuration has been locked" in text:
             return SqlRefused(f"{text}. {_SANDBOX_HINT}")
         return SqlError(f"SQL error: {text}")
+
+    def _past_time_limit(self) -> SqlLimitExceeded:
+        return SqlLimitExceeded(
+            f"the query ran past its time limit of {self.limits.timeout} and was stopped: narrow it (a WHERE, "
+            "a LIMIT, fewer joins) or raise the limit (`fusion sql --timeout`, or timeout in the config's [sql] "
+            "block)"
+        )
 
     def _check(self, sql: str) -> None:
         """Refuses `sql` unless it is exactly one query, naming the statement refused."""
@@ -252,8 +271,8 @@ class SqlSandbox:
         # pivoted values, then the query. Its text must then be a query, one that parses as a subquery (DuckDB
         # cannot serialise it: the functions it calls are looked for in its text, FROM range(...) refused too).
         if kind is duckdb.StatementType.MULTI and self._is_query(text):
-            if match := _UNBOUNDED_TEXT.search(text):
-                raise SqlRefused(_unbounded(match.group(1).lower()))
+            if call := _refused_call_in_text(text):
+                raise SqlRefused(_unbounded(call))
             return
         raise SqlRefused(f"{_refused(text, kind)}. {_SANDBOX_HINT}")
 
@@ -268,22 +287,21 @@ class SqlSandbox:
         return len(kinds) == 1 and kinds[0] in (duckdb.StatementType.SELECT, duckdb.StatementType.MULTI)
 
     def _inspect(self, text: str) -> tuple[str | None, str | None]:
-        """(the statement that writes in a SELECT's WITH clause, a call of an _UNBOUNDED_CALLS function), each None
-        when there is none. A write (`WITH x AS (DELETE ... RETURNING *) ...`) DuckDB would refuse anyway (the
-        store's tables are views), but the refusal should say why. The parse tree is walked without recursion: a
-        query nested hundreds of levels deep is a refusal, not a Python error."""
+        """(the statement that writes in a SELECT's WITH clause, a call refused: of a _REFUSED_CALLS function, or a
+        _COUNTED_CALLS one past its bounds), each None when there is none. A write (`WITH x AS (DELETE ...
+        RETURNING *) ...`) DuckDB would refuse anyway (the store's tables are views), but the refusal should say why.
+        The parse tree is walked without recursion: a query nested hundreds of levels deep is a refusal, not a
+        Python error."""
         try:
             rows = self._con.execute("SELECT json_serialize_sql(?::VARCHAR)", [text]).fetchall()
         except duckdb.Error:  # no JSON extension in this build: the binder still refuses the write
-            match = _UNBOUNDED_TEXT.search(text)
-            return None, match.group(1).lower() if match else None
+            return None, _refused_call_in_text(text)
         try:
             tree = json.loads(rows[0][0])
         except RecursionError:
             raise SqlRefused(f"the query is nested too deeply to be checked: flatten it. {_SANDBOX_HINT}") from None
         if not isinstance(tree, dict) or tree.get("error"):  # a statement DuckDB does not serialise: by its text
-            match = _UNBOUNDED_TEXT.search(text)
-            return None, match.group(1).lower() if match else None
+            return None, _refused_call_in_text(text)
         writes: str | None = None
         call: str | None = None
         stack: list[tuple[Any, str | None]] = [(tree, None)]
@@ -294,8 +312,8 @@ class SqlSandbox:
                     writes = writes or _WRITING_NODES[node["type"]]
                 name = str(node.get("function_name", "")).lower()
                 # A table function's call is its node's `function`: FROM range(...) is a scan, not a scalar.
-                unbounded = name in _UNBOUNDED_CALLS or (name in _COUNTED_CALLS and not _bounded(name, node))
-                if node.get("class") == "FUNCTION" and key != "function" and unbounded:
+                counted = key != "function" and name in _COUNTED_CALLS and not _bounded(name, node)
+                if node.get("class") == "FUNCTION" and (name in _REFUSED_CALLS or counted):
                     call = call or name
                 stack.extend((value, child) for child, value in node.items())
             elif isinstance(node, list):
@@ -321,13 +339,34 @@ class SqlSandbox:
 def _tables_named(sql: str, tables: dict[str, int | None]) -> list[str]:
     """Of `tables`, those `sql` may read: each whose name it holds as a word (in any case, quoted or not), or all
     when it asks the catalog (SHOW TABLES, information_schema, duckdb_tables()) or names a table in a string
-    (query_table, query). Naming one more than it reads costs only its opening."""
+    (query_table). Naming one more than it reads costs only its opening."""
     if _CATALOG.search(sql):
         return list(tables)
     return [name for name in tables if re.search(rf"(?i)\b{name}\b", sql)]
 
 
+def _refused_call_in_text(text: str) -> str | None:
+    """The first function of _REFUSED_BY_TEXT that `text` calls, or None. Found with DuckDB's own tokenizer, as a
+    name (quoted or not) before an opening parenthesis with only comments between, so that neither
+    `"levenshtein"(` nor `levenshtein/**/(` hides a call, and a name inside a string is none."""
+    tokens = duckdb.tokenize(text)
+    ends = [start for start, _ in tokens[1:]] + [len(text)]
+    words = [(text[start:end].strip(), kind) for (start, kind), end in zip(tokens, ends, strict=True)
+             if kind != duckdb.token_type.comment]
+    for (word, kind), (following, _) in itertools.pairwise(words):
+        if kind in (duckdb.token_type.identifier, duckdb.token_type.keyword) and following.startswith("("):
+            name = (word[1:-1].replace('""', '"') if word.startswith('"') else word).lower()
+            if name in _REFUSED_BY_TEXT:
+                return name
+    return None
+
+
 def _unbounded(call: str) -> str:
+    if call in _QUERY_CALLS:
+        return (
+            f"{call}() is refused: the query it is given would run unchecked by the sandbox (on a connection of its "
+            f"own, for some: past the time limit). Write that query itself. {_SANDBOX_HINT}"
+        )
     allowed = f" unless its count is a literal of at most {COUNT_LIMIT:,}" if call in _COUNTED_CALLS else ""
     return (
         f"{call}() is refused{allowed}: one call of it can run and allocate without bound, past the query's time "

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pytest
 
@@ -18,7 +19,7 @@ from fusion.config.federation import load_config
 from fusion.config.sql_limits import SqlLimits
 from fusion.errors import ConfigError, SqlError, SqlLimitExceeded, SqlRefused
 from fusion.store.delta import Store
-from fusion.store.sql import BATCH_ROWS, SqlSandbox
+from fusion.store.sql import BATCH_ROWS, SqlSandbox, _Deadline
 from schemas.tables import TABLE_SCHEMAS
 from tests.conftest import config_text
 from tests.fusion.store.test_sql import sample_releases, snapshot
@@ -86,6 +87,10 @@ def test_a_query_within_its_time_limit_is_not_stopped(sandbox: SqlSandbox) -> No
         ("SELECT rpad(region, count::INT, '-') FROM releases", "rpad"),
         ("SELECT list_resize([1], 2000000)", "list_resize"),
         ("PIVOT (SELECT repeat('k', 2) AS k, 1 AS v) ON k USING sum(v)", "repeat"),  # not serialisable: by its text
+        # ... found by DuckDB's tokenizer: a quoted name, or a comment before the parenthesis, is still a call
+        ("PIVOT (SELECT 'k' AS k, \"Levenshtein\"('a', 'b') AS v) ON k USING sum(v)", "levenshtein"),
+        ("PIVOT (SELECT 'k' AS k, levenshtein/**/('a', 'b') AS v) ON k USING sum(v)", "levenshtein"),
+        ("PIVOT (SELECT 'k' AS k, d AS v FROM query('SELECT 1 AS d')) ON k USING sum(v)", "query"),
     ],
 )
 def test_a_call_that_no_limit_could_stop_is_refused(sandbox: SqlSandbox, query: str, call: str) -> None:
@@ -93,6 +98,35 @@ def test_a_call_that_no_limit_could_stop_is_refused(sandbox: SqlSandbox, query: 
     can run or allocate without bound on its own is refused before it runs, naming it."""
     with pytest.raises(SqlRefused, match=rf"^{call}\(\) is refused"):
         sandbox.query(query)
+
+
+@pytest.mark.parametrize(
+    ("query", "call"),
+    [
+        ("SELECT * FROM query('SELECT levenshtein(repeat(''a'', 100000), repeat(''b'', 100000)) AS d')", "query"),
+        # runs on a connection of its own, which the time limit's interrupt never reaches
+        ("SELECT * FROM json_execute_serialized_sql(json_serialize_sql('SELECT 1 AS n'))",
+         "json_execute_serialized_sql"),
+        ("SELECT json_serialize_plan('SELECT length(repeat(''a'', 100)) AS n') AS plan", "json_serialize_plan"),
+    ],
+)
+def test_a_query_given_as_a_string_is_refused(sandbox: SqlSandbox, query: str, call: str) -> None:
+    """A query inside a string (or JSON) is never checked, and some of these functions run it where the time limit
+    cannot stop it: they are refused, whatever the query they are given."""
+    with pytest.raises(SqlRefused, match=rf"^{call}\(\) is refused: the query it is given would run unchecked"):
+        sandbox.query(query)
+
+
+def test_a_result_finished_past_the_time_limit_is_refused(sandbox: SqlSandbox) -> None:
+    """Work DuckDB's interrupt does not reach can finish without error long after the limit: past the limit, the
+    result is refused however it ended."""
+    batch = pa.record_batch({"n": [1]})
+    with _Deadline(duckdb.connect(), 0.01) as deadline:
+        time.sleep(0.2)  # the timer fired; the query it interrupted ended without error
+        with pytest.raises(SqlLimitExceeded, match="ran past its time limit of 1s"):
+            list(sandbox._limited(pa.RecordBatchReader.from_batches(batch.schema, [batch]), deadline))
+        with pytest.raises(SqlLimitExceeded, match="ran past its time limit"):  # an empty result too
+            list(sandbox._limited(pa.RecordBatchReader.from_batches(batch.schema, []), deadline))
 
 
 @pytest.mark.parametrize(
