@@ -11,17 +11,16 @@ result is read batch by batch and stopped past its row or size limit, before it 
 
 What the limits cannot stop: DuckDB checks for an interrupt, and counts most memory against its limit, between
 chunks of rows, never inside one function call. The calls that can run or allocate without bound on their own
-(_UNBOUNDED_CALLS: quadratic string distances; _COUNTED_CALLS, lists and strings built from a count, but for
-small literal arguments) are refused, as are the functions that run a query given as a string (_QUERY_CALLS), which
-would escape these checks and, some, the time limit; a query can still
-build a huge value step by step (a string doubled in each of thirty WITH clauses), which outruns both limits. The
-sandbox keeps a query to the store's tables; to bound what an untrusted query may cost the machine, run it in a
-process of its own under an OS memory limit (ulimit -v, a container).
+(quadratic string distances; lists and strings built from a count, but for small literal arguments) are refused,
+as are the functions that run a query given as a string, which would escape these checks and, some, the time limit
+(`fusion.store.sql_calls`); a query can still build a huge value step by step (a string doubled in each of thirty
+WITH clauses), which outruns both limits. The sandbox keeps a query to the store's tables; to bound what an
+untrusted query may cost the machine, run it in a process of its own under an OS memory limit (ulimit -v, a
+container).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import threading
@@ -37,6 +36,7 @@ import pyarrow as pa
 from fusion.config.sql_limits import SqlLimits
 from fusion.errors import SqlError, SqlLimitExceeded, SqlRefused
 from fusion.store.delta import Store
+from fusion.store.sql_calls import call_refused, refusal, refused_call_in_text
 from schemas.tables import TABLE_SCHEMAS
 
 _SANDBOX_HINT = (
@@ -67,54 +67,6 @@ _CATALOG = re.compile(r"(?i)\b(?:show|information_schema|duckdb_\w+|pragma_\w+|s
 #: Query nodes (in DuckDB's JSON form of a parsed SELECT) of a statement that writes, in a WITH clause.
 _WRITING_NODES = {"INSERT_QUERY_NODE": "INSERT", "UPDATE_QUERY_NODE": "UPDATE", "DELETE_QUERY_NODE": "DELETE",
                   "MERGE_INTO_QUERY_NODE": "MERGE INTO"}
-#: Scalar functions one call of which can run or allocate without bound: DuckDB checks for an interrupt, and
-#: counts most memory against its limit, between chunks of rows, never inside one call. String distances are
-#: quadratic in their arguments' length (levenshtein of two 120,000-character strings: 18 s past a 1 s limit), and
-#: refused. Calls that build a list or string from a count (list_sort(range(10^7)): 8 s and 1.7 GB past a 1 s and
-#: 64 MB limit) are refused unless every argument is a literal, each number at most COUNT_LIMIT in size. As table
-#: functions (FROM range(...)) range and generate_series produce rows chunk by chunk, and stop like any scan.
-_UNBOUNDED_CALLS = frozenset(
-    {"levenshtein", "editdist3", "damerau_levenshtein", "jaro_similarity", "jaro_winkler_similarity"}
-)
-#: Functions that run a query given as text or JSON, or plan one: that query is never checked here (query('...')
-#: would run any call refused here), and json_execute_serialized_sql and json_serialize_plan (which folds the
-#: query's constants) run it on a connection of their own, which the time limit does not interrupt (repeat('a',
-#: 10^9) inside one: 16 s past a 1 s limit). query_table, which reads tables by name, is no such function.
-_QUERY_CALLS = frozenset({"query", "json_execute_serialized_sql", "json_serialize_plan"})
-#: Calls that build a list or string from a count, with the positions of their count arguments (None: every
-#: argument, the value repeated too): lpad(text, count, fill) is as long as its count whatever its text.
-_COUNTED_CALLS: dict[str, tuple[int, ...] | None] = {
-    "range": None, "generate_series": None, "repeat": None, "lpad": (1,), "rpad": (1,), "list_resize": (1,),
-    "array_resize": (1,),
-}
-#: The largest number a literal argument of a _COUNTED_CALLS function may hold.
-COUNT_LIMIT = 1_000_000
-#: The functions refused whatever their arguments.
-_REFUSED_CALLS = _UNBOUNDED_CALLS | _QUERY_CALLS
-#: The functions refused by name where a query is checked by its text (a PIVOT without IN list).
-_REFUSED_BY_TEXT = _REFUSED_CALLS | set(_COUNTED_CALLS)
-
-
-def _bounded(name: str, call: dict[str, Any]) -> bool:
-    """Whether a _COUNTED_CALLS call's count arguments (every argument, for some) are literals, each number at
-    most COUNT_LIMIT in size."""
-    arguments = call.get("arguments") or []
-    positions = _COUNTED_CALLS[name]
-    for index in range(len(arguments)) if positions is None else positions:
-        argument = arguments[index] if index < len(arguments) else None
-        expression = argument.get("expression") if isinstance(argument, dict) else None
-        if not isinstance(expression, dict) or expression.get("class") != "CONSTANT":
-            return False
-        literal = expression.get("literal") or {}
-        if literal.get("kind") != "STRING":
-            try:
-                if not abs(float(literal.get("text", "inf"))) <= COUNT_LIMIT:
-                    return False
-            except ValueError:
-                return False
-    return True
-
-
 #: How long `SqlSandbox.close` waits for a query running in another thread to stop once interrupted.
 CLOSE_WAIT_S = 5.0
 
@@ -265,14 +217,14 @@ class SqlSandbox:
             if writes:
                 raise SqlRefused(f"{writes} statements are refused, in a WITH clause too. {_SANDBOX_HINT}")
             if call:
-                raise SqlRefused(_unbounded(call))
+                raise SqlRefused(f"{refusal(call)} {_SANDBOX_HINT}")
             return
         # DuckDB runs a PIVOT without an IN list as several statements: first one creating an ENUM type of the
         # pivoted values, then the query. Its text must then be a query, one that parses as a subquery (DuckDB
         # cannot serialise it: the functions it calls are looked for in its text, FROM range(...) refused too).
         if kind is duckdb.StatementType.MULTI and self._is_query(text):
-            if call := _refused_call_in_text(text):
-                raise SqlRefused(_unbounded(call))
+            if call := refused_call_in_text(text):
+                raise SqlRefused(f"{refusal(call)} {_SANDBOX_HINT}")
             return
         raise SqlRefused(f"{_refused(text, kind)}. {_SANDBOX_HINT}")
 
@@ -287,21 +239,21 @@ class SqlSandbox:
         return len(kinds) == 1 and kinds[0] in (duckdb.StatementType.SELECT, duckdb.StatementType.MULTI)
 
     def _inspect(self, text: str) -> tuple[str | None, str | None]:
-        """(the statement that writes in a SELECT's WITH clause, a call refused: of a _REFUSED_CALLS function, or a
-        _COUNTED_CALLS one past its bounds), each None when there is none. A write (`WITH x AS (DELETE ...
+        """(the statement that writes in a SELECT's WITH clause, the function of a call refused, see sql_calls), each
+        None when there is none. A write (`WITH x AS (DELETE ...
         RETURNING *) ...`) DuckDB would refuse anyway (the store's tables are views), but the refusal should say why.
         The parse tree is walked without recursion: a query nested hundreds of levels deep is a refusal, not a
         Python error."""
         try:
             rows = self._con.execute("SELECT json_serialize_sql(?::VARCHAR)", [text]).fetchall()
         except duckdb.Error:  # no JSON extension in this build: the binder still refuses the write
-            return None, _refused_call_in_text(text)
+            return None, refused_call_in_text(text)
         try:
             tree = json.loads(rows[0][0])
         except RecursionError:
             raise SqlRefused(f"the query is nested too deeply to be checked: flatten it. {_SANDBOX_HINT}") from None
         if not isinstance(tree, dict) or tree.get("error"):  # a statement DuckDB does not serialise: by its text
-            return None, _refused_call_in_text(text)
+            return None, refused_call_in_text(text)
         writes: str | None = None
         call: str | None = None
         stack: list[tuple[Any, str | None]] = [(tree, None)]
@@ -311,9 +263,8 @@ class SqlSandbox:
                 if node.get("type") in _WRITING_NODES:
                     writes = writes or _WRITING_NODES[node["type"]]
                 name = str(node.get("function_name", "")).lower()
-                # A table function's call is its node's `function`: FROM range(...) is a scan, not a scalar.
-                counted = key != "function" and name in _COUNTED_CALLS and not _bounded(name, node)
-                if node.get("class") == "FUNCTION" and (name in _REFUSED_CALLS or counted):
+                # A table function's call is its node's `function`.
+                if node.get("class") == "FUNCTION" and call_refused(name, node, table_function=key == "function"):
                     call = call or name
                 stack.extend((value, child) for child, value in node.items())
             elif isinstance(node, list):
@@ -343,36 +294,6 @@ def _tables_named(sql: str, tables: dict[str, int | None]) -> list[str]:
     if _CATALOG.search(sql):
         return list(tables)
     return [name for name in tables if re.search(rf"(?i)\b{name}\b", sql)]
-
-
-def _refused_call_in_text(text: str) -> str | None:
-    """The first function of _REFUSED_BY_TEXT that `text` calls, or None. Found with DuckDB's own tokenizer, as a
-    name (quoted or not) before an opening parenthesis with only comments between, so that neither
-    `"levenshtein"(` nor `levenshtein/**/(` hides a call, and a name inside a string is none."""
-    tokens = duckdb.tokenize(text)
-    ends = [start for start, _ in tokens[1:]] + [len(text)]
-    words = [(text[start:end].strip(), kind) for (start, kind), end in zip(tokens, ends, strict=True)
-             if kind != duckdb.token_type.comment]
-    for (word, kind), (following, _) in itertools.pairwise(words):
-        if kind in (duckdb.token_type.identifier, duckdb.token_type.keyword) and following.startswith("("):
-            name = (word[1:-1].replace('""', '"') if word.startswith('"') else word).lower()
-            if name in _REFUSED_BY_TEXT:
-                return name
-    return None
-
-
-def _unbounded(call: str) -> str:
-    if call in _QUERY_CALLS:
-        return (
-            f"{call}() is refused: the query it is given would run unchecked by the sandbox (on a connection of its "
-            f"own, for some: past the time limit). Write that query itself. {_SANDBOX_HINT}"
-        )
-    allowed = f" unless its count is a literal of at most {COUNT_LIMIT:,}" if call in _COUNTED_CALLS else ""
-    return (
-        f"{call}() is refused{allowed}: one call of it can run and allocate without bound, past the query's time "
-        f"and memory limits (which DuckDB checks between chunks of rows). Table functions (FROM range(...)) are "
-        f"available. {_SANDBOX_HINT}"
-    )
 
 
 def _refused(text: str, kind: duckdb.StatementType | None) -> str:
