@@ -36,7 +36,7 @@ import pyarrow as pa
 from fusion.config.sql_limits import SqlLimits
 from fusion.errors import SqlError, SqlLimitExceeded, SqlRefused
 from fusion.store.delta import Store
-from fusion.store.sql_calls import call_refused, refusal, refused_call_in_text
+from fusion.store.sql_calls import built_bytes, refusal, refused_call_in_text
 from schemas.tables import TABLE_SCHEMAS
 
 _SANDBOX_HINT = (
@@ -45,7 +45,8 @@ _SANDBOX_HINT = (
 )
 #: Rows per Arrow batch read from DuckDB: the granularity of the result limits and of streamed output. A batch is
 #: whole before its size is checked, so it is kept to DuckDB's own chunk of 2,048 rows (65,536 rows of 60 KB values
-#: made 3.9 GB before a 256 MB limit could stop them).
+#: made 3.9 GB before a 256 MB limit could stop them). What one chunk can hold is bounded too: the values a query's
+#: calls build from counts, BATCH_ROWS rows of them on each thread, must fit its memory limit (`_row_budget`).
 BATCH_ROWS = 2_048
 
 #: The words a query may start with (DuckDB files them all as SELECT statements, a PIVOT without IN list as MULTI).
@@ -213,11 +214,13 @@ class SqlSandbox:
         except ValueError:  # a statement type this DuckDB client cannot name (UPDATE EXTENSIONS): never a query
             kind = None
         if kind is duckdb.StatementType.SELECT:
-            writes, call = self._inspect(text)
+            writes, call, built = self._inspect(text)
             if writes:
                 raise SqlRefused(f"{writes} statements are refused, in a WITH clause too. {_SANDBOX_HINT}")
             if call:
                 raise SqlRefused(f"{refusal(call)} {_SANDBOX_HINT}")
+            if sum(built.values()) > self._row_budget:
+                raise SqlRefused(self._past_row_budget(built))
             return
         # DuckDB runs a PIVOT without an IN list as several statements: first one creating an ENUM type of the
         # pivoted values, then the query. Its text must then be a query, one that parses as a subquery (DuckDB
@@ -238,24 +241,25 @@ class SqlSandbox:
             return False
         return len(kinds) == 1 and kinds[0] in (duckdb.StatementType.SELECT, duckdb.StatementType.MULTI)
 
-    def _inspect(self, text: str) -> tuple[str | None, str | None]:
+    def _inspect(self, text: str) -> tuple[str | None, str | None, dict[str, float]]:
         """(the statement that writes in a SELECT's WITH clause, the function of a call refused, see sql_calls), each
-        None when there is none. A write (`WITH x AS (DELETE ...
-        RETURNING *) ...`) DuckDB would refuse anyway (the store's tables are views), but the refusal should say why.
-        The parse tree is walked without recursion: a query nested hundreds of levels deep is a refusal, not a
-        Python error."""
+        None when there is none, and the bytes the calls of each function build from counts in a row. A write
+        (`WITH x AS (DELETE ... RETURNING *) ...`) DuckDB would refuse anyway (the store's tables are views), but the
+        refusal should say why. The parse tree is walked without recursion: a query nested hundreds of levels deep
+        is a refusal, not a Python error."""
         try:
             rows = self._con.execute("SELECT json_serialize_sql(?::VARCHAR)", [text]).fetchall()
         except duckdb.Error:  # no JSON extension in this build: the binder still refuses the write
-            return None, refused_call_in_text(text)
+            return None, refused_call_in_text(text), {}
         try:
             tree = json.loads(rows[0][0])
         except RecursionError:
             raise SqlRefused(f"the query is nested too deeply to be checked: flatten it. {_SANDBOX_HINT}") from None
         if not isinstance(tree, dict) or tree.get("error"):  # a statement DuckDB does not serialise: by its text
-            return None, refused_call_in_text(text)
+            return None, refused_call_in_text(text), {}
         writes: str | None = None
         call: str | None = None
+        built: dict[str, float] = {}
         stack: list[tuple[Any, str | None]] = [(tree, None)]
         while stack:
             node, key = stack.pop()
@@ -263,13 +267,33 @@ class SqlSandbox:
                 if node.get("type") in _WRITING_NODES:
                     writes = writes or _WRITING_NODES[node["type"]]
                 name = str(node.get("function_name", "")).lower()
-                # A table function's call is its node's `function`.
-                if node.get("class") == "FUNCTION" and call_refused(name, node, table_function=key == "function"):
-                    call = call or name
+                if node.get("class") == "FUNCTION":
+                    # A table function's call is its node's `function`.
+                    size = built_bytes(name, node, table_function=key == "function")
+                    if size is None:
+                        call = call or name
+                    elif size:
+                        built[name] = built.get(name, 0.0) + size
                 stack.extend((value, child) for child, value in node.items())
             elif isinstance(node, list):
                 stack.extend((value, key) for value in node)
-        return writes, call
+        return writes, call, built
+
+    @property
+    def _row_budget(self) -> int:
+        """The most bytes a query's calls may build from counts in one row: DuckDB computes a chunk of BATCH_ROWS rows
+        at once on each of its threads, and counts none of these values against its memory limit."""
+        return self.limits.memory_bytes // (BATCH_ROWS * self.limits.threads)
+
+    def _past_row_budget(self, built: dict[str, float]) -> str:
+        calls = ", ".join(f"{name}()" for name in sorted(built))
+        return (
+            f"the values this query builds from counts ({calls}) come to about {sum(built.values()):,.0f} bytes a "
+            f"row, past the {self._row_budget:,} a row its memory limit allows: DuckDB computes {BATCH_ROWS:,} rows "
+            f"at once on each of its {self.limits.threads} thread(s), and counts none of these values against its "
+            f"memory limit of {self.limits.memory_limit}. Build smaller values, or raise memory_limit (or lower "
+            f"threads) in the config's [sql] block. {_SANDBOX_HINT}"
+        )
 
     def close(self) -> None:
         """Close the connection. DuckDB refuses to close one busy with a query in another thread (a dashboard's

@@ -86,6 +86,17 @@ def test_a_query_within_its_time_limit_is_not_stopped(sandbox: SqlSandbox) -> No
         ("SELECT lpad('a', 1e9, ' ')", "lpad"),
         ("SELECT rpad(region, count::INT, '-') FROM releases", "rpad"),
         ("SELECT list_resize([1], 2000000)", "list_resize"),
+        ("SELECT list_resize([1], 3, region) FROM releases", "list_resize"),  # the value it repeats, too
+        ("SELECT len(list_sort(range('10000000'))) AS n", "range"),  # a count written as a string is one too
+        ("SELECT length(repeat('a', '1000000000')) AS n", "repeat"),
+        ("SELECT repeat('a', 'many') AS s", "repeat"),
+        ("SELECT bit_length(bitstring('1', 2000000000)) AS n", "bitstring"),  # 15 s past a 1 s limit
+        ("SELECT len(equi_width_bins(0, 10, count::BIGINT, false)) FROM releases", "equi_width_bins"),
+        ("SELECT length(format('{:>1000000000}', 'x')) AS n", "format"),  # 2.5 s and 600 MB past 1 s and 64 MB
+        ("SELECT length(format('{:>{}}', 'x', 5)) AS n", "format"),  # a width from an argument
+        ("SELECT format(region, 'x') FROM releases", "format"),  # a format string that is no literal
+        ("SELECT length(printf('%*s', 1000000000, 'x')) AS n", "printf"),
+        ("SELECT length(printf('%.1000001f', 1.5)) AS n", "printf"),
         ("PIVOT (SELECT repeat('k', 2) AS k, 1 AS v) ON k USING sum(v)", "repeat"),  # not serialisable: by its text
         # ... found by DuckDB's tokenizer: a quoted name, or a comment before the parenthesis, is still a call
         ("PIVOT (SELECT 'k' AS k, \"Levenshtein\"('a', 'b') AS v) ON k USING sum(v)", "levenshtein"),
@@ -137,11 +148,38 @@ def test_a_result_finished_past_the_time_limit_is_refused(sandbox: SqlSandbox) -
         ("SELECT len(range(1000)) AS n", 1),  # literal counts up to COUNT_LIMIT
         ("SELECT lpad(region, 12, ' ') FROM releases", 10),  # as long as its count, whatever its text
         ("SELECT list_resize([1, 2], 5)", 1),
+        ("SELECT repeat('ab', '3') AS s", 1),
+        ("SELECT bitstring('101', 8) AS b", 1),
+        ("SELECT format('{:>8} {:.3f} {{:>1000000000}}', region, count) FROM releases", 10),  # {{ is no field
+        ("SELECT printf('%-8s|%5.1f|100%% 1000000000', region, count) FROM releases", 10),  # nor %% a conversion
         ("SELECT 'levenshtein(' AS text", 1),  # a name in a string is no call
     ],
 )
 def test_bounded_calls_and_table_functions_run(sandbox: SqlSandbox, query: str, rows: int) -> None:
     assert sandbox.query(query).num_rows == rows
+
+
+def test_the_values_built_from_counts_in_a_chunk_of_rows_fit_the_memory_limit(store: Store) -> None:
+    """DuckDB computes 2,048 rows at once on each thread, and counts no call's value against its memory limit
+    (repeat('x', 10^6) FROM range(2048) made 2 GB under a 64 MB limit): the values a query's calls build from counts
+    must fit the memory limit over such a chunk of rows on each thread."""
+    sandbox = SqlSandbox(store, limits=SqlLimits(memory_limit="64MB", threads=2))  # 64 MB / 4,096 rows
+    try:
+        with pytest.raises(SqlRefused, match=r"\(repeat\(\)\) come to about 1,000,000 bytes a row, past the "
+                                             r"15,625 a row its memory limit allows.* memory limit of 64MB"):
+            sandbox.query("SELECT repeat('x', 1000000) AS s FROM range(2048)")
+        with pytest.raises(SqlRefused, match=r"\(lpad\(\), repeat\(\)\) come to about 16,000 bytes a row"):
+            sandbox.query("SELECT repeat('xy', 4000) AS a, lpad(region, 2000, ' ') AS b FROM releases")  # 4 B/char
+        with pytest.raises(SqlRefused, match=r"\(range\(\)\) come to about 16,008 bytes a row"):  # 8 B a number
+            sandbox.query("SELECT len(range(2000)) AS n")
+        assert sandbox.query("SELECT repeat('x', 15000) AS s FROM range(3)").num_rows == 3
+    finally:
+        sandbox.close()
+    sandbox = SqlSandbox(store, limits=SqlLimits(memory_limit="64MB", threads=1))  # one chunk at a time
+    try:
+        assert sandbox.query("SELECT repeat('x', 30000) AS s FROM range(3)").num_rows == 3
+    finally:
+        sandbox.close()
 
 
 def test_a_query_nested_too_deeply_to_check_is_refused_not_a_python_error(sandbox: SqlSandbox) -> None:
