@@ -4,7 +4,7 @@ re-exports them: this is the Python API's read surface, on the store's floor."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,11 @@ class FusedStore:
     `limits` (default: the config's [sql] block)."""
 
     def __init__(
-        self, config: Config | str | Path, *, versions: dict[str, int] | None = None, limits: SqlLimits | None = None
+        self,
+        config: Config | str | Path,
+        *,
+        versions: Mapping[str, int | None] | None = None,
+        limits: SqlLimits | None = None,
     ) -> None:
         self.config = _config(config, check_release=False)  # reading needs no noise calibration
         self.store = Store(self.config.store_path)  # read only: a table not created yet reads as empty
@@ -36,7 +40,8 @@ class FusedStore:
     @property
     def versions(self) -> dict[str, int | None]:
         """The Delta version of each table this store reads (None: a table not created yet, read as empty). Pass
-        the numbers back as `open_store(..., versions=...)` to read the same snapshot again."""
+        them back as `open_store(..., versions=...)` to read the same snapshot again (a None too: that table is read
+        as empty, whatever was written to it since)."""
         return dict(self._sandbox.snapshot)
 
     @property
@@ -93,10 +98,10 @@ class FusedStore:
 
 
 def open_store(
-    config: Config | str | Path, *, versions: dict[str, int] | None = None, limits: SqlLimits | None = None
+    config: Config | str | Path, *, versions: Mapping[str, int | None] | None = None, limits: SqlLimits | None = None
 ) -> FusedStore:
-    """Open the store of a federation config for SQL (optionally at given Delta versions per table, and under
-    other limits than the config's [sql] block)."""
+    """Open the store of a federation config for SQL (optionally at given Delta versions per table, None for a
+    table read as empty, as `FusedStore.versions` gives them; and under other limits than the config's [sql] block)."""
     return FusedStore(config, versions=versions, limits=limits)
 
 

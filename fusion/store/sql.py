@@ -25,7 +25,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -82,12 +82,14 @@ class SqlSandbox:
         limits: SqlLimits | None = None,
         threads: int | None = None,
         memory_limit: str | None = None,
-        versions: dict[str, int] | None = None,
+        versions: Mapping[str, int | None] | None = None,
     ) -> None:
-        """`threads` and `memory_limit`, when given, replace those of `limits` (default: SqlLimits())."""
+        """`threads` and `memory_limit`, when given, replace those of `limits` (default: SqlLimits()). `versions`
+        gives tables' Delta versions, as `snapshot` holds them: None for a table that did not exist, read as empty."""
         self.store = store if isinstance(store, Store) else Store(store)
         self.limits = (limits or SqlLimits()).replace(threads=threads, memory_limit=memory_limit)
-        unknown = sorted(set(versions or {}) - set(TABLE_SCHEMAS))
+        given = versions or {}
+        unknown = sorted(set(given) - set(TABLE_SCHEMAS))
         if unknown:
             raise SqlError(f"versions name tables the store does not have: {unknown} (it has {sorted(TABLE_SCHEMAS)})")
         self._con = duckdb.connect(":memory:")
@@ -96,13 +98,13 @@ class SqlSandbox:
         # given a version here at once, so that a version that does not exist is refused now.
         self._unregistered: dict[str, int | None] = {}
         for name in TABLE_SCHEMAS:
-            if name in (versions or {}):
-                self._register(name, (versions or {})[name])
-            else:
-                self._unregistered[name] = self.store.version(name)
+            if (version := given.get(name)) is not None:
+                self._register(name, version)
+            else:  # None, given or now: the table did not exist, and reads as empty whatever is written later
+                self._unregistered[name] = None if name in given else self.store.version(name)
         #: The version of each table this session reads (None: the table did not exist yet; it reads as empty).
         self.snapshot: dict[str, int | None] = {
-            name: (versions or {}).get(name, self._unregistered.get(name)) for name in TABLE_SCHEMAS
+            name: given.get(name, self._unregistered.get(name)) for name in TABLE_SCHEMAS
         }
         self._con.execute(f"SET threads = {int(self.limits.threads)}")
         self._con.execute(f"SET memory_limit = '{self.limits.memory_bytes}B'")
