@@ -119,13 +119,38 @@ def write_json_lines(batches: Iterable[pa.RecordBatch], out: TextIO) -> int:
 
 def python_values(column: pa.Array) -> list[Any]:
     """A column's values as Python objects; a date or time Python cannot hold (SQL allows years past 9999 and
-    before 1) makes its column text, as Arrow writes it."""
+    before 1, and infinity) makes its column's dates and times text, as Arrow writes them, at any depth (in lists,
+    structs, maps and unions)."""
     try:
         return column.to_pylist()
     except (OverflowError, ValueError):
-        if not pa.types.is_temporal(column.type):
+        kind = column.type
+        if pa.types.is_union(kind) and kind.mode == "sparse":  # DuckDB's unions: each member as long as the union
+            members = [python_values(column.field(index)) for index in range(kind.num_fields)]
+            codes = [kind.type_codes.index(code) for code in column.type_codes.to_pylist()]
+            return [members[member][row] for row, member in enumerate(codes)]
+        text = _temporal_as_text(kind)
+        if text == kind:
             raise
-        return pc.cast(column, pa.string()).to_pylist()
+        return pc.cast(column, text).to_pylist()
+
+
+def _temporal_as_text(kind: pa.DataType) -> pa.DataType:
+    """`kind` with each date or time type in it, at any depth, made text."""
+    if pa.types.is_temporal(kind):
+        return pa.string()
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(_temporal_as_text(field.type)) for field in kind])
+    if pa.types.is_map(kind):
+        return pa.map_(kind.key_field.with_type(_temporal_as_text(kind.key_type)),
+                       kind.item_field.with_type(_temporal_as_text(kind.item_type)))
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(kind.value_field.with_type(_temporal_as_text(kind.value_type)), kind.list_size)
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_temporal_as_text(kind.value_type)))
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_temporal_as_text(kind.value_type)))
+    return kind
 
 
 def unique_names(names: list[str]) -> list[str]:

@@ -3,6 +3,8 @@ batch by batch, every read-only query form accepted, and refusals that name the 
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
@@ -300,6 +302,29 @@ def test_dates_python_cannot_hold_are_printed_as_text(
     assert main(["sql", "--config", str(config_path), "--format", fmt, query]) == 0
     out = capsys.readouterr().out
     assert "10000-01-01" in out and "2026-01-02" in out
+
+
+NESTED_DATES = {
+    "SELECT [DATE '10000-01-01', DATE '2026-01-02'] AS v": ["10000-01-01", "2026-01-02"],
+    "SELECT {'t': TIMESTAMP '10000-01-01 10:00'} AS v": {"t": "10000-01-01 10:00:00.000000"},
+    "SELECT MAP {'k': [DATE '10000-01-01']} AS v": [["k", ["10000-01-01"]]],
+    "SELECT union_value(d := DATE '10000-01-01') AS v": "10000-01-01",
+    "SELECT ['infinity'::DATE] AS v": ["<value out of range: 2147483647>"],
+}
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "csv"])
+@pytest.mark.parametrize("query", list(NESTED_DATES))
+def test_dates_python_cannot_hold_are_text_inside_lists_structs_maps_and_unions_too(
+    config_path: Path, capsys: pytest.CaptureFixture[str], fmt: str, query: str
+) -> None:
+    assert main(["sql", "--config", str(config_path), "--format", fmt, query]) == 0
+    out = capsys.readouterr().out
+    if fmt == "json":
+        assert json.loads(out) == {"v": NESTED_DATES[query]}
+    else:  # the same dates, in the cell's JSON (csv) or the table's text
+        expected = re.findall(r"\d{4,5}-\d\d-\d\d|out of range", json.dumps(NESTED_DATES[query]))
+        assert expected and all(text in out for text in expected)
 
 
 def test_csv_output_streams_without_holding_the_result(config_path: Path) -> None:
