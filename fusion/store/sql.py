@@ -22,6 +22,7 @@ container).
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -186,7 +187,7 @@ class SqlSandbox:
 
     def _failure(self, exc: Exception, deadline: _Deadline) -> Exception:
         """The project error for a DuckDB error."""
-        text = str(exc)
+        text = _without_home(str(exc))
         if deadline.fired:
             return self._past_time_limit()
         if isinstance(exc, duckdb.PermissionException) or text.startswith("Permission Error"):
@@ -320,6 +321,13 @@ def _tables_named(sql: str, tables: dict[str, int | None]) -> list[str]:
     if _CATALOG.search(sql):
         return list(tables)
     return [name for name in tables if re.search(rf"(?i)\b{name}\b", sql)]
+
+
+def _without_home(text: str) -> str:
+    """`text` with this user's home directory written `~`: DuckDB's refusals name paths under it (its extension
+    directory, for duckdb_extensions()), which the sandbox keeps from a query, as it blanks the settings naming it."""
+    home = os.path.expanduser("~").rstrip("/")
+    return text.replace(home, "~") if home not in ("", "~") else text
 
 
 def _refused(text: str, kind: duckdb.StatementType | None) -> str:

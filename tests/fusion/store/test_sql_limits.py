@@ -197,6 +197,22 @@ def test_settings_a_query_may_read_name_no_path_of_this_machine(sandbox: SqlSand
     assert not [s for s in settings if home in str(s["value"]) or "/.duckdb" in str(s["value"])]
 
 
+@pytest.mark.parametrize("query", ["SELECT * FROM duckdb_extensions()",
+                                   "SELECT * FROM duckdb_extension_repositories()"])
+def test_refusals_name_no_path_under_the_home_directory(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    home = tmp_path / "home-canary"
+    monkeypatch.setenv("HOME", str(home))
+    sandbox = SqlSandbox(store)
+    try:
+        with pytest.raises(SqlRefused, match=r"Cannot access directory \"~/\.duckdb/") as refused:
+            sandbox.query(query)
+    finally:
+        sandbox.close()
+    assert "home-canary" not in str(refused.value)
+
+
 # --- size -----------------------------------------------------------------------------------------------------
 
 def test_a_result_past_the_row_limit_is_refused_before_it_is_held(sandbox: SqlSandbox) -> None:
