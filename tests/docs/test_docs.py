@@ -60,6 +60,15 @@ def test_the_reference_pages_come_from_the_code(built: Path) -> None:
         assert all(f"| `{column.name}` |" in tables for column in schema)
 
 
+def test_the_troubleshooting_sql_section_names_every_table_a_query_can_read() -> None:
+    from schemas.tables import TABLE_SCHEMAS
+
+    page = (ROOT / "docs" / "troubleshooting.md").read_text()
+    section = page.partition("## SQL (`fusion sql` and `store.sql`)")[2].partition("\n## ")[0]
+    tables = section.partition("One read-only query over the store's tables (")[2].partition(")")[0]
+    assert set(re.findall(r"`(\w+)`", tables)) == set(TABLE_SCHEMAS)
+
+
 def test_the_readme_is_a_short_front_door_whose_links_resolve() -> None:
     readme = (ROOT / "README.md").read_text()
     lines = readme.splitlines()
