@@ -10,7 +10,10 @@ taken once). The journal files are the institution's inputs from there on: the d
 windows, spools and releases them like feed files.
 
 A broker that is down at start or goes down mid-stream is retried with exponential backoff (0.5 s to 30 s); each
-change of a source's health is logged and shown in the status line.
+change of a source's health is logged and shown in the status line. A reader journals only its source's subjects
+or topics, whatever the broker delivers: a JetStream consumer's filter is read back from the server (one before 2.10
+ignores `filter_subjects`, so a source over several subjects is refused there), and each message's subject or topic
+is checked; one of another is acknowledged and dropped.
 """
 
 from __future__ import annotations
@@ -142,7 +145,10 @@ class NatsReader(SourceReader):
                     max_reconnect_attempts=0,
                 )
                 stream = client.jetstream()
-                await stream.add_consumer(source.stream, consumer)
+                refuse_unfiltered(source, client.connected_server_version)
+                # The server's record of the consumer, not ours: a server that ignores a field it does not know keeps
+                # a consumer over the whole stream, other institutions' subjects included.
+                check_filter(source, (await stream.add_consumer(source.stream, consumer)).config)
                 subscription = await stream.pull_subscribe_bind(durable, source.stream)
                 # A stream deleted and created again under its name numbers its messages from 1 again: an id is
                 # the sequence in this life of the stream (its creation time), never taken for an older life's.
@@ -190,6 +196,10 @@ class NatsReader(SourceReader):
             seen_bytes += sum(len(message.data) for message in batch)
             entries = []
             for message in batch:
+                if not self.source.reads(message.subject):  # acknowledged below, never journalled
+                    _log.warning("source %s %s: dropped a message of %s, not one of its subjects", self.institution,
+                                 self.label, message.subject)
+                    continue
                 sequence = message.metadata.sequence.stream
                 name = f"{self.source.stream}:{sequence} ({message.subject})"
                 entries.append(
@@ -202,6 +212,31 @@ class NatsReader(SourceReader):
             crash_point("broker_after_journal")
             for message in batch:
                 await message.ack()
+
+
+def refuse_unfiltered(source: NatsSource, version: Any) -> None:
+    """Refuse a consumer over several subjects on a server before 2.10: it ignores `filter_subjects` and would
+    deliver the whole stream (`version`: nats-py's ServerVersion of the connected server)."""
+    if len(source.subjects) > 1 and (version.major, version.minor) < (2, 10):
+        server = f"{version.major}.{version.minor}.{version.patch}"
+        raise ConnectionError(
+            f"nats-server {server} ignores a consumer's filter_subjects (2.10 or later takes several subjects): a "
+            f"consumer over {', '.join(source.subjects)} would read the whole stream {source.stream}, other "
+            "institutions' subjects included. Declare one source per subject (each with its own durable), or one "
+            "subject filter covering them, or upgrade the server"
+        )
+
+
+def check_filter(source: NatsSource, config: Any) -> None:
+    """Refuse a consumer whose filter on the server (`config`, its ConsumerConfig) is not the source's subjects."""
+    found = sorted(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
+    if found != sorted(source.subjects):
+        raise ConnectionError(
+            f"the broker's consumer {config.durable_name} of stream {source.stream} filters "
+            f"{', '.join(found) or 'nothing (the whole stream)'}, not the source's subjects "
+            f"{', '.join(source.subjects)}: nothing is read from it. Delete it (`nats consumer rm {source.stream} "
+            f"{config.durable_name}`): `fusion stream` creates it again"
+        )
 
 
 class MqttReader(SourceReader):
@@ -276,6 +311,10 @@ class MqttReader(SourceReader):
                     batch, pending[:] = list(pending), []
                     entries = []
                     for message in batch:
+                        if not source.reads(message.topic):  # acknowledged below, never journalled
+                            _log.warning("source %s %s: dropped a message of %s, not one of its topics",
+                                         self.institution, self.label, message.topic)
+                            continue
                         digest = hashlib.sha256(message.topic.encode() + b"\0" + message.payload).hexdigest()[:32]
                         lines = message_lines(
                             message.payload, name=f"{message.topic} {digest[:12]}", max_bytes=source.max_message_bytes

@@ -1,9 +1,10 @@
 """An institution's broker sources in the config: MQTT topic filters or a NATS JetStream durable consumer.
 
 Declared beside the institution's file feeds (`[[institutions.sources]]`). Each institution reads only its own
-subjects or topics: two institutions whose filters could match the same subject are refused at load. Credentials
-come from the config or from environment variables it names (`password_env`, `token_env`), never from the
-command line.
+subjects or topics: two institutions whose filters could match the same subject are refused at load, and so is an
+MQTT shared subscription (its filter would escape that check); a reader checks each message's subject or topic
+again (`reads`). Credentials come from the config or from environment variables it names (`password_env`,
+`token_env`), never from the command line.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class NatsSource(_Credentials):
     kind: Literal[SourceKind.NATS] = SourceKind.NATS
     url: str = "nats://127.0.0.1:4222"
     stream: str = Field(min_length=1)
+    # subject filters ('*' a token, '>' last); more than one needs nats-server 2.10 or later
     subjects: tuple[str, ...] = Field(min_length=1)
     durable: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")  # default: fusion-<institution>
     token: str | None = None
@@ -105,6 +107,13 @@ class NatsSource(_Credentials):
     def filters(self) -> list[tuple[str, ...]]:
         return [tuple(s.split(".")) for s in self.subjects]
 
+    def reads(self, subject: str) -> bool:
+        """Whether a message's subject is one of this source's (a consumer's filter is checked on the broker, and
+        again here for each message: nothing of another institution's subjects is journalled)."""
+        name = subject.split(".")
+        return any(_matches(f, name, one="*", rest=">", rest_may_be_empty=False) for f in self.filters())
+
+
 
 class MqttSource(_Credentials):
     """MQTT topic filters read at QoS 1 in a persistent session; messages are JSON lines."""
@@ -112,7 +121,7 @@ class MqttSource(_Credentials):
     kind: Literal[SourceKind.MQTT] = SourceKind.MQTT
     host: str = "127.0.0.1"
     port: int = Field(default=1883, gt=0, lt=65536)
-    topics: tuple[str, ...] = Field(min_length=1)
+    topics: tuple[str, ...] = Field(min_length=1)  # topic filters ('+' a level, '#' last); no shared subscription
     client_id: str | None = Field(default=None, min_length=1, max_length=64)  # default: fusion-<institution>
 
     @field_validator("topics")
@@ -122,6 +131,13 @@ class MqttSource(_Credentials):
             levels = topic.split("/")
             if not topic or "#" in levels[:-1] or any(("+" in x or "#" in x) and len(x) > 1 for x in levels):
                 raise ValueError(f"topic {topic!r} is not an MQTT topic filter ('+' a level, '#' last)")
+            shared = {"$share": 2, "$queue": 1}.get(levels[0])  # the levels before the filter itself
+            if shared:
+                raise ValueError(
+                    f"topic {topic!r} is a shared subscription: the broker hands each of its messages to one client "
+                    "of the group only, and the filter inside it would escape the check that each institution reads "
+                    f"only its own topics; declare the filter itself ({'/'.join(levels[shared:]) or '...'})"
+                )
         return topics
 
     def session(self, institution: str) -> str:
@@ -130,6 +146,23 @@ class MqttSource(_Credentials):
     def filters(self) -> list[tuple[str, ...]]:
         # MQTT's '+' and '#' play NATS's '*' and '>' for the overlap check
         return [tuple({"+": "*", "#": ">"}.get(x, x) for x in t.split("/")) for t in self.topics]
+
+    def reads(self, topic: str) -> bool:
+        """Whether a message's topic matches one of this source's filters ('#' also matches the level above it)."""
+        name = topic.split("/")
+        return any(_matches(t.split("/"), name, one="+", rest="#", rest_may_be_empty=True) for t in self.topics)
+
+
+def _matches(tokens: Sequence[str], name: Sequence[str], *, one: str, rest: str, rest_may_be_empty: bool) -> bool:
+    """Whether the subject or topic `name` (its tokens) matches a filter's `tokens`: `one` matches one token, `rest`
+    (last) the tokens left, at least one unless `rest_may_be_empty`."""
+    for n, token in enumerate(tokens):
+        if token == rest:
+            return len(name) > n or rest_may_be_empty
+        if n >= len(name) or token not in (one, name[n]):
+            return False
+    return len(name) == len(tokens)
+
 
 
 BrokerSource = Annotated[NatsSource | MqttSource, Field(discriminator="kind")]
