@@ -39,6 +39,7 @@ from fusion.config.federation import Config, FeedConfig, FeedFormat, Institution
 from fusion.config.privacy import PrivacyUnit
 from fusion.errors import FusionError, ReleaseRefused
 from fusion.feeds.stream_state import (
+    StateLock,
     StreamState,
     WindowStatus,
     add_counts,
@@ -166,6 +167,16 @@ class StreamDriver:
         self._on_status = on_status
         self._on_notice = on_notice
         self._root = Path(config.stream_state_path)
+        self._lock = StateLock(self._root)  # one process a state: refused while another stream holds it
+        try:
+            self._start(config, stdin=stdin)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _start(self, config: Config, *, stdin: tuple[str, IO[str]] | None) -> None:
+        """Load the state, check the grid and the store, and start the inputs (the broker readers among them)."""
+        clock = self._clock
         self._state_file = self._root / "state.json"
         self.state: StreamState = load_state(self._state_file)
         created = self.state.created_at is None
@@ -188,10 +199,10 @@ class StreamDriver:
             self._stdin = StdinJournal(stream, journal)
             self._feeds.append((institution, stdin_feed(config, institution, journal)))
         self._readers: list[SourceReader] = []
-        if not releases_only and any(i.sources for i in config.institutions):
+        if not self.releases_only and any(i.sources for i in config.institutions):
             from pipelines.broker_sources import start_readers  # lazily: the brokers' clients
 
-            for reader, feed in start_readers(config, on_notice):  # journals messages, acknowledges after
+            for reader, feed in start_readers(config, self._on_notice):  # journals messages, acknowledges after
                 self._readers.append(reader)
                 self._feeds.append((reader.institution, feed))
         # The latest release (window start, seconds from closable to queryable); after a restart, the state's.
@@ -662,6 +673,7 @@ class StreamDriver:
             reader.stop()
         for reader in self._readers:
             reader.join(timeout=5)
+        self._lock.release()
 
 
 def _sealed_or_refused(plan: ReleasePlan, institution: InstitutionConfig) -> bool:

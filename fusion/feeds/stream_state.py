@@ -14,13 +14,16 @@ a config with another while it holds windows (`adopt_grid`): windows are keyed, 
 The state is one JSON file replaced atomically (write, fsync, rename). The driver commits it after a
 micro-batch's readings are spooled, and before a window's release starts, so a kill at any point either
 replays a micro-batch (its spool files are rewritten under the same names: nothing doubles) or re-runs a
-release (idempotent: sealed envelopes are reused, the store refuses a second release of an interval).
+release (idempotent: sealed envelopes are reused, the store refuses a second release of an interval). One process
+at a time holds the state directory (`StateLock`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import threading
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -180,6 +183,51 @@ def save_state(path: Path, state: StreamState) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+#: The state directories this process holds a `StateLock` on: the lock file's descriptor and how many holders.
+_HELD: dict[Path, tuple[int, int]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+class StateLock:
+    """An exclusive lock on a stream's state directory (`flock` of `<directory>/lock`), held while a driver runs.
+    Two processes on one state would each journal, spool, save and release over the other's progress: readings
+    acknowledged to the broker were lost. A second process is refused; drivers of one process share the lock."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory.resolve() / "lock"
+        with _HELD_GUARD:
+            descriptor, holders = _HELD.get(self.path) or (os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), 0)
+            if not holders:
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(descriptor)
+                    raise FusionError(
+                        f"another `fusion stream` (process {holder}) is running on the stream state in {directory}: "
+                        "two streams on one state would each journal, spool and release over the other's progress, "
+                        "losing readings the brokers were told are safe. Stop that one first, or give this stream a "
+                        "state directory of its own (stream.state)"
+                    ) from None
+                os.ftruncate(descriptor, 0)
+                os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+            _HELD[self.path] = (descriptor, holders + 1)
+        self._held = True
+
+    def release(self) -> None:
+        """Let go of the lock (once; the process lets go of the directory with its last holder)."""
+        with _HELD_GUARD:
+            if not self._held:
+                return
+            self._held = False
+            descriptor, holders = _HELD.pop(self.path)
+            if holders > 1:
+                _HELD[self.path] = (descriptor, holders - 1)
+            else:
+                os.close(descriptor)  # closing it releases the flock
 
 
 def adopt_grid(state: StreamState, *, size: timedelta, grid_start: datetime, state_dir: str) -> bool:

@@ -252,6 +252,7 @@ def test_fusion_stream_releases_each_window_like_the_batch_pipeline(make_federat
         driver.step()
         released = sorted(w for w, s in driver.state.windows.items() if s.status is WindowStatus.RELEASED)
         assert released == [at(h).isoformat() for h in range(hour + 1)]
+    driver.close()  # one stream a state at a time
     done = fusion_stream(fed.config_path, "--until", END.isoformat())  # the real clock is past END
     assert done.returncode == 0, done.stdout + done.stderr
     assert "windows open: 0 | released: 6" in done.stdout
@@ -259,6 +260,18 @@ def test_fusion_stream_releases_each_window_like_the_batch_pipeline(make_federat
     assert len(cells(fed.config.store_path)) == 36
     budget = Store(fed.config.store_path).read("budget").to_pylist()
     assert budget[0]["releases"] == 6
+
+
+def test_a_second_stream_on_one_state_is_refused_until_the_first_stops(make_federation):
+    """Two `fusion stream` processes on one state directory each journalled, spooled, saved and released over the
+    other's progress: readings acknowledged to a broker were lost. The second is refused, naming the first."""
+    fed = stream_federation(make_federation, subdir="two")
+    first = StreamDriver(fed.config, clock=lambda: START)
+    second = fusion_stream(fed.config_path, "--until", START.isoformat())
+    assert second.returncode != 0 and f"another `fusion stream` (process {os.getpid()})" in second.stderr
+    first.close()
+    again = fusion_stream(fed.config_path, "--until", START.isoformat())  # nothing is due: it stops at once
+    assert again.returncode == 0, again.stdout + again.stderr
 
 
 @pytest.mark.e2e
