@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import select
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from typing import Any
 
 from fusion.config.brokers import MqttSource, NatsSource
 from fusion.config.federation import Config, FeedConfig, FeedFormat
+from fusion.errors import ConfigError
 from fusion.runtime.faults import crash_point
 from pipelines.broker_journal import JOURNAL_SUFFIX, MQTT_ID_RETENTION_S, AckFloor, SourceJournal, message_lines
 
@@ -103,12 +105,12 @@ class NatsReader(SourceReader):
         institution: str,
         source: NatsSource,
         journal: SourceJournal,
-        config: Config,
+        tls: ssl.SSLContext | None,
         notice: Callable[[str], None],
     ) -> None:
         super().__init__(institution, f"nats {source.stream}", journal, notice)
         self.source = source
-        self._config = config
+        self._tls = tls
         self._life = "0"  # the stream's creation time: with the sequence, a message's id (see `_main`)
         self._next_prune = 0.0  # monotonic time of the next `_prune` while connected
 
@@ -117,6 +119,7 @@ class NatsReader(SourceReader):
 
     async def _main(self) -> None:
         import nats
+        from nats.errors import NoServersError
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         source, delay = self.source, MIN_BACKOFF_S
@@ -131,18 +134,30 @@ class NatsReader(SourceReader):
             max_ack_pending=-1,
             **({"filter_subject": subjects[0]} if len(subjects) == 1 else {"filter_subjects": subjects}),
         )
+        failures: list[Exception] = []  # what nats-py met connecting: its NoServersError says only that it gave up
+
+        async def failed(exc: Exception) -> None:  # in place of nats-py's, which logs each with a traceback
+            failures.append(exc)  # connecting: `_down` says why
+            if self.health == "connected":
+                _log.warning("source %s %s: %s", self.institution, self.label, exc)
+
         while not self._halt.is_set():
             client = None
+            failures.clear()
             try:
                 client = await nats.connect(
                     source.url,
                     user=source.user,
                     password=source.secret(self.institution),
                     token=source.auth_token(self.institution),
-                    tls=source.tls.context(self._config.resolve) if source.tls else None,
+                    tls=self._tls,
                     allow_reconnect=False,  # this loop reconnects, with backoff, and says so
                     connect_timeout=2,
-                    max_reconnect_attempts=0,
+                    # nats-py gives up on a server only after more than this many failed attempts (0: never, so a
+                    # broker down at start left the source `connecting` for ever); then this loop's backoff waits
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0,
+                    error_cb=failed,
                 )
                 stream = client.jetstream()
                 refuse_unfiltered(source, client.connected_server_version)
@@ -163,7 +178,7 @@ class NatsReader(SourceReader):
             except Exception as exc:  # any broker or network failure: retry (nothing unacknowledged is lost)
                 if self._halt.is_set():
                     break
-                delay = self._down(exc, delay)
+                delay = self._down(failures[-1] if isinstance(exc, NoServersError) and failures else exc, delay)
             finally:
                 if client is not None and not client.is_closed:
                     await client.close()
@@ -245,12 +260,12 @@ class MqttReader(SourceReader):
         institution: str,
         source: MqttSource,
         journal: SourceJournal,
-        config: Config,
+        tls: ssl.SSLContext | None,
         notice: Callable[[str], None],
     ) -> None:
         super().__init__(institution, f"mqtt {source.host}:{source.port}", journal, notice)
         self.source = source
-        self._config = config
+        self._tls = tls
 
     def run(self) -> None:
         import paho.mqtt.client as mqtt
@@ -266,8 +281,8 @@ class MqttReader(SourceReader):
         client.manual_ack_set(True)  # PUBACK only once journalled
         if source.user is not None:
             client.username_pw_set(source.user, source.secret(self.institution))
-        if source.tls is not None:
-            client.tls_set_context(source.tls.context(self._config.resolve))
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
         client.on_message = lambda _client, _data, message: pending.append(message)
         # Connected means subscribed: a broker that refuses the session (credentials) or a subscription (its ACL)
         # is down, not connected, so the status line says why and `--drain` gives up on it after its wait.
@@ -327,7 +342,7 @@ class MqttReader(SourceReader):
                     if time.monotonic() >= next_prune:  # without an ack floor, ids go after their retention
                         self.journal.prune_released(time.time() - MQTT_ID_RETENTION_S)
                         next_prune = time.monotonic() + PRUNE_EVERY_S
-            except (OSError, ConnectionError) as exc:
+            except Exception as exc:  # the network, the broker, or paho refusing a setting: down, and retried
                 pending.clear()  # not acknowledged: the broker redelivers them in the session
                 with contextlib.suppress(Exception):
                     client.disconnect()  # a refused session or subscription: close it before trying again
@@ -346,20 +361,22 @@ def journal_dir(config: Config, institution: str, number: int, kind: str) -> Pat
 
 def start_readers(config: Config, notice: Callable[[str], None]) -> list[tuple[SourceReader, FeedConfig]]:
     """A started reader per declared source, each with the feed its journal is read as (JSON lines with the
-    institution's first feed's column mapping and time format)."""
+    institution's first feed's column mapping and time format). Every source's credentials and TLS context are
+    checked before any reader starts: a bad one is refused here, naming it, not retried for ever."""
     readers: list[tuple[SourceReader, FeedConfig]] = []
     for institution in config.institutions:
         first = institution.feeds[0]
         for number, source in enumerate(institution.sources):
-            source.secret(institution.id)  # an unset credential variable is refused here, not retried forever
+            source.secret(institution.id)
             if isinstance(source, NatsSource):
                 source.auth_token(institution.id)
+            tls = tls_context(source, f"institutions.{institution.id}.sources[{number}].tls", config.resolve)
             journal = SourceJournal(journal_dir(config, institution.id, number, source.kind.value))
             reader: SourceReader
             if isinstance(source, NatsSource):
-                reader = NatsReader(institution.id, source, journal, config, notice)
+                reader = NatsReader(institution.id, source, journal, tls, notice)
             else:
-                reader = MqttReader(institution.id, source, journal, config, notice)
+                reader = MqttReader(institution.id, source, journal, tls, notice)
             feed = FeedConfig(
                 name=f"source-{number}",
                 path=str(journal.directory / f"*{JOURNAL_SUFFIX}"),
@@ -367,6 +384,21 @@ def start_readers(config: Config, notice: Callable[[str], None]) -> list[tuple[S
                 time_format=first.time_format,
                 columns=first.columns,
             )
-            reader.start()
             readers.append((reader, feed))
+    for reader, _ in readers:
+        reader.start()
     return readers
+
+
+def tls_context(source: NatsSource | MqttSource, field: str, resolve: Callable[[str], str]) -> ssl.SSLContext | None:
+    """The source's SSL context (None without TLS); a file that cannot be loaded is refused naming `field`."""
+    if source.tls is None:
+        return None
+    try:
+        return source.tls.context(resolve)
+    except OSError as exc:  # a file gone, or an ssl.SSLError: not PEM, a key that does not match its certificate
+        files = ", ".join(f"{name} = {resolve(path)}" for name, path in source.tls.files().items())
+        raise ConfigError(
+            f"{field}: the TLS files do not load ({exc}; {files}): ca a PEM bundle of CA certificates, cert a PEM "
+            "certificate chain, key its PEM private key"
+        ) from None

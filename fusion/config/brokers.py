@@ -3,26 +3,34 @@
 Declared beside the institution's file feeds (`[[institutions.sources]]`). Each institution reads only its own
 subjects or topics: two institutions whose filters could match the same subject are refused at load, and so is an
 MQTT shared subscription (its filter would escape that check); a reader checks each message's subject or topic
-again (`reads`). Credentials come from the config or from environment variables it names (`password_env`,
-`token_env`), never from the command line.
+again (`reads`). Settings a broker or client library would refuse at run time are refused at load, naming the
+field. Credentials come from the config or from environment variables it names (`password_env`, `token_env`),
+never from the command line.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from enum import StrEnum
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Literal, Self
+from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fusion.errors import ConfigError
 from fusion.runtime.durations import parse_duration
 
 #: A message larger than this is dead-lettered (one malformed record naming its size), never parsed.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+#: The URL schemes of a NATS server (nats-py's): plain or TLS, over TCP or websockets.
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+#: What a JetStream stream name may not hold: whitespace, control characters, '.', '*', '>', path separators.
+_NOT_IN_A_NAME = re.compile(r"[\s\x00-\x1f\x7f.*>/\\]")
 
 
 class _Frozen(BaseModel):
@@ -41,6 +49,16 @@ class TlsConfig(_Frozen):
     cert: str | None = None
     key: str | None = None
 
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> Self:
+        if self.key and not self.cert:
+            raise ValueError("key is the private key of a client certificate: set cert (the certificate chain) too")
+        return self
+
+    def files(self) -> dict[str, str]:
+        """The files named, by field (ca, cert, key)."""
+        return {name: path for name, path in (("ca", self.ca), ("cert", self.cert), ("key", self.key)) if path}
+
     def context(self, resolve: Callable[[str], str] | None = None) -> ssl.SSLContext:
         """An SSL context for these files (paths resolved by `resolve`, e.g. relative to the config)."""
         where = resolve or (lambda path: path)
@@ -57,6 +75,13 @@ class _Credentials(_Frozen):
     tls: TlsConfig | None = None
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)
 
+    @model_validator(mode="after")
+    def _password_with_user(self) -> Self:
+        if (self.password is not None or self.password_env is not None) and self.user is None:
+            field = "password" if self.password is not None else "password_env"
+            raise ValueError(f"{field} is set without user: a broker takes a password only with a user name")
+        return self
+
     def secret(self, institution: str) -> str | None:
         """The password: from the config, else from the environment variable it names."""
         return _from_env(self.password, self.password_env, institution, "password_env")
@@ -66,8 +91,8 @@ class NatsSource(_Credentials):
     """A durable JetStream pull consumer over `subjects` of `stream`; messages are JSON lines."""
 
     kind: Literal[SourceKind.NATS] = SourceKind.NATS
-    url: str = "nats://127.0.0.1:4222"
-    stream: str = Field(min_length=1)
+    url: str = "nats://127.0.0.1:4222"  # nats://, tls://, ws:// or wss:// <host>[:<port>]
+    stream: str  # a JetStream stream name: no whitespace, '.', '*', '>', '/' or '\'
     # subject filters ('*' a token, '>' last); more than one needs nats-server 2.10 or later
     subjects: tuple[str, ...] = Field(min_length=1)
     durable: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")  # default: fusion-<institution>
@@ -78,6 +103,31 @@ class NatsSource(_Credentials):
     # Unacknowledged messages (a reader killed after the fetch) are redelivered after this: a restarted stream takes
     # them no sooner, so keep the stream's allowed_lateness above it.
     ack_wait: str = "30s"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        try:
+            parsed = urlparse(url)
+            host, _ = parsed.hostname, parsed.port  # the port raises unless it is a number in range
+        except ValueError as exc:
+            raise ValueError(f"url {url!r} is not a URL ({exc})") from None
+        if parsed.scheme not in NATS_SCHEMES or not host or re.search(r"\s", url):
+            raise ValueError(
+                f"url {url!r} is not a NATS server URL: write <scheme>://<host>[:<port>] with a scheme of "
+                f"{', '.join(NATS_SCHEMES)} (e.g. nats://127.0.0.1:4222)"
+            )
+        return url
+
+    @field_validator("stream")
+    @classmethod
+    def _stream(cls, stream: str) -> str:
+        if not 0 < len(stream) <= 255 or _NOT_IN_A_NAME.search(stream):
+            raise ValueError(
+                f"stream {stream!r} is not a JetStream stream name: 1 to 255 characters, none of them whitespace, "
+                "'.', '*', '>', '/' or '\\'"
+            )
+        return stream
 
     @field_validator("ack_wait")
     @classmethod
@@ -94,8 +144,10 @@ class NatsSource(_Credentials):
     def _subjects(cls, subjects: tuple[str, ...]) -> tuple[str, ...]:
         for subject in subjects:
             tokens = subject.split(".")
-            if not subject or any(not t for t in tokens) or ">" in tokens[:-1]:
-                raise ValueError(f"subject {subject!r} is not a NATS subject filter (tokens, '*', '>' last)")
+            if not subject or any(not t for t in tokens) or ">" in tokens[:-1] or re.search(r"[\s\x00-\x1f]", subject):
+                raise ValueError(
+                    f"subject {subject!r} is not a NATS subject filter (tokens without spaces, '*', '>' last)"
+                )
         return subjects
 
     def consumer(self, institution: str) -> str:
@@ -114,12 +166,11 @@ class NatsSource(_Credentials):
         return any(_matches(f, name, one="*", rest=">", rest_may_be_empty=False) for f in self.filters())
 
 
-
 class MqttSource(_Credentials):
     """MQTT topic filters read at QoS 1 in a persistent session; messages are JSON lines."""
 
     kind: Literal[SourceKind.MQTT] = SourceKind.MQTT
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=1883, gt=0, lt=65536)
     topics: tuple[str, ...] = Field(min_length=1)  # topic filters ('+' a level, '#' last); no shared subscription
     client_id: str | None = Field(default=None, min_length=1, max_length=64)  # default: fusion-<institution>
@@ -131,6 +182,8 @@ class MqttSource(_Credentials):
             levels = topic.split("/")
             if not topic or "#" in levels[:-1] or any(("+" in x or "#" in x) and len(x) > 1 for x in levels):
                 raise ValueError(f"topic {topic!r} is not an MQTT topic filter ('+' a level, '#' last)")
+            if "\0" in topic:
+                raise ValueError(f"topic {topic!r} holds a NUL character, which MQTT does not allow in a topic")
             shared = {"$share": 2, "$queue": 1}.get(levels[0])  # the levels before the filter itself
             if shared:
                 raise ValueError(
@@ -164,8 +217,19 @@ def _matches(tokens: Sequence[str], name: Sequence[str], *, one: str, rest: str,
     return len(name) == len(tokens)
 
 
-
 BrokerSource = Annotated[NatsSource | MqttSource, Field(discriminator="kind")]
+
+
+def check_tls_files(sources: Sequence[tuple[str, int, NatsSource | MqttSource]], resolve: Callable[[str], str]) -> None:
+    """Refuse a TLS file that is not there ((institution, number of its source, source) triples; paths resolved by
+    `resolve`): a typo would otherwise show only as a source that never connects."""
+    for institution, number, source in sources:
+        for name, path in (source.tls.files() if source.tls else {}).items():
+            if not Path(resolve(path)).is_file():
+                raise ValueError(
+                    f"institutions.{institution}.sources[{number}].tls.{name}: {resolve(path)} is not a file (paths "
+                    "are relative to the config file)"
+                )
 
 
 def _from_env(value: str | None, variable: str | None, institution: str, field: str) -> str | None:

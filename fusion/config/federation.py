@@ -16,7 +16,7 @@ from typing import Any, Self
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fusion.config.base import Frozen, Name
-from fusion.config.brokers import check_sources
+from fusion.config.brokers import check_sources, check_tls_files
 from fusion.config.forecasting import ForecastingConfig
 from fusion.config.institutions import FeedConfig, FeedFormat, InstitutionConfig, TimeFormat
 from fusion.config.mechanisms import MechanismsConfig
@@ -120,6 +120,7 @@ class Config(Frozen):
             if duplicates:
                 raise ValueError(f"{label}: duplicate names {duplicates}")
         check_sources([(i.id, source) for i in self.institutions for source in i.sources])
+        check_tls_files([(i.id, n, s) for i in self.institutions for n, s in enumerate(i.sources)], self.resolve)
         shared_dirs = {
             label: _directory_key(self.resolve(path))
             for label, path in (("exchange", self.federation.exchange), ("store", self.federation.store))

@@ -250,7 +250,7 @@ def test_payloads_a_file_would_accept_are_accepted_from_jetstream(make_federatio
 
 
 @pytest.mark.brokers
-def test_a_jetstream_stream_created_again_under_its_name_loses_nothing(make_federation, tmp_path: Path) -> None:
+def test_a_jetstream_stream_created_again_under_its_name_loses_nothing(tmp_path: Path) -> None:
     """A stream deleted and created again numbers its messages from 1 again. Its ids used to be the bare
     sequence, so the new life's first messages were taken for redeliveries of journalled ones: acknowledged and
     dropped. An id now carries the stream's creation time with the sequence."""
@@ -260,12 +260,10 @@ def test_a_jetstream_stream_created_again_under_its_name_loses_nothing(make_fede
 
     tag = uuid.uuid4().hex[:8]
     stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
-    fed = make_federation(subdir="recreated")
-    config = load_config(fed.config_path)
     source = NatsSource(stream=stream, subjects=(f"{prefix}.alpha.>",))
 
     def journalled(expected: int) -> int:
-        reader = NatsReader("alpha", source, SourceJournal(tmp_path / "journal"), config, lambda _: None)
+        reader = NatsReader("alpha", source, SourceJournal(tmp_path / "journal"), None, lambda _: None)
         reader.start()
         try:
             deadline = time.monotonic() + 10
@@ -294,7 +292,7 @@ def test_a_jetstream_stream_created_again_under_its_name_loses_nothing(make_fede
 
 
 @pytest.mark.brokers
-def test_a_durable_consumer_deleted_on_the_broker_redelivers_nothing_twice(make_federation, tmp_path: Path) -> None:
+def test_a_durable_consumer_deleted_on_the_broker_redelivers_nothing_twice(tmp_path: Path) -> None:
     """A restarted reader forgets the ids below its consumer's acknowledgement floor (they are never redelivered).
     The consumer then deleted on the broker (`nats consumer rm`, or an expiry), the reader creates it again, which
     delivers the stream from its first message: those ids used to be forgotten, and each message was journalled
@@ -307,8 +305,6 @@ def test_a_durable_consumer_deleted_on_the_broker_redelivers_nothing_twice(make_
 
     tag = uuid.uuid4().hex[:8]
     stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
-    fed = make_federation(subdir="consumer")
-    config = load_config(fed.config_path)
     source = NatsSource(stream=stream, subjects=(f"{prefix}.alpha.>",))
 
     def caught_up(reader: NatsReader, journalled: int) -> None:
@@ -325,12 +321,12 @@ def test_a_durable_consumer_deleted_on_the_broker_redelivers_nothing_twice(make_
     nats("create", stream, prefix)
     try:
         nats("publish", stream, prefix, [(f"{prefix}.alpha.r", f'{{"n": {n}}}'.encode(), None) for n in range(5)])
-        first = NatsReader("alpha", source, SourceJournal(tmp_path / "journal"), config, lambda _: None)
+        first = NatsReader("alpha", source, SourceJournal(tmp_path / "journal"), None, lambda _: None)
         first.start()
         caught_up(first, 5)  # idle: nothing pending nor waiting for an acknowledgement
         first.stop()
         first.join(5)
-        restarted = NatsReader("alpha", source, SourceJournal(tmp_path / "journal"), config, lambda _: None)
+        restarted = NatsReader("alpha", source, SourceJournal(tmp_path / "journal"), None, lambda _: None)
         restarted.start()
         try:
             caught_up(restarted, 0)  # connected: it forgot the five ids below the floor

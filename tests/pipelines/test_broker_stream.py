@@ -389,7 +389,7 @@ def test_a_connection_severed_mid_stream_is_reported_retried_and_loses_nothing(m
     nats("create", stream, prefix)
     notices: list[str] = []
     journal = SourceJournal(tmp_path / "journal")
-    reader = NatsReader("alpha", config.institutions[0].sources[0], journal, config,
+    reader = NatsReader("alpha", config.institutions[0].sources[0], journal, None,
                         notices.append)  # type: ignore[arg-type]
     reader.start()
     try:
@@ -410,9 +410,7 @@ def test_a_connection_severed_mid_stream_is_reported_retried_and_loses_nothing(m
 
 
 @pytest.mark.brokers
-def test_jetstream_id_lists_stop_growing_and_a_restart_reads_only_live_ids(
-    make_federation, tmp_path, monkeypatch
-) -> None:
+def test_jetstream_id_lists_stop_growing_and_a_restart_reads_only_live_ids(tmp_path, monkeypatch) -> None:
     """Segments released as a running reader journals: the id lists below the consumer's acknowledgement floor are
     deleted (they used to stay on disk for ever, and be read back at every start and connection). A restart reads
     no id back, and a consumer then deleted on the broker redelivers every message: none is journalled again."""
@@ -425,13 +423,11 @@ def test_jetstream_id_lists_stop_growing_and_a_restart_reads_only_live_ids(
     monkeypatch.setattr(broker_sources, "PRUNE_EVERY_S", 0.0)  # prune at each fetch, not every ten minutes
     tag = uuid.uuid4().hex[:8]
     stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
-    fed = make_federation(subdir="pruned")
-    config = load_config(fed.config_path)
     source = NatsSource(stream=stream, subjects=(f"{prefix}.alpha.>",))
     directory = tmp_path / "journal"
 
     def reader_of() -> NatsReader:
-        reader = NatsReader("alpha", source, SourceJournal(directory), config, lambda _: None)
+        reader = NatsReader("alpha", source, SourceJournal(directory), None, lambda _: None)
         reader.start()
         return reader
 
