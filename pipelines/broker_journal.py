@@ -39,9 +39,10 @@ FLOOR_FILE = "consumer.floor"  # a JetStream journal's AckFloor, as JSON
 MQTT_ID_RETENTION_S = 7 * 24 * 3600.0
 
 
-def message_lines(payload: bytes, *, name: str, max_bytes: int) -> list[str]:
-    """A message's JSON lines; a refused message is one line saying why (it is dead-lettered as malformed)."""
-    if len(payload) > max_bytes:
+def message_lines(payload: bytes, *, name: str, max_bytes: int | None) -> list[str]:
+    """A message's JSON lines; a refused message (not UTF-8, or over `max_bytes` when there is a limit) is one line
+    saying why (it is dead-lettered as malformed). The Kafka and Pub/Sub job splits its messages here too."""
+    if max_bytes is not None and len(payload) > max_bytes:
         return [f"!broker message {name}: {len(payload)} bytes, over the source's max_message_bytes = {max_bytes}"]
     try:
         text = payload.decode("utf-8-sig")  # a byte-order mark before the first line is not part of it

@@ -31,6 +31,7 @@ from fusion.errors import FusionError
 from fusion.feeds.files import read_jsonl_lines
 from fusion.feeds.stream_state import add_counts, window_start
 from fusion.release.exchange import join, write_json
+from pipelines.broker_journal import message_lines
 from pipelines.stream import (
     DEAD,
     LATE,
@@ -90,7 +91,9 @@ class MessagesToReadings(beam.DoFn):
             return  # not a member of this federation: nothing of it may reach the spool (counted by the runner)
         self._validator.rules = self._rules()
         digest = hashlib.sha256(institution.encode() + b"\0" + payload).hexdigest()[:16]
-        lines = payload.decode("utf-8", errors="replace").splitlines()
+        # As a broker source's message is, and a JSON-lines file: a byte-order mark dropped, lines ending at \n, \r\n
+        # or \r only (a U+2028 inside a string is part of the value), a message that is not UTF-8 one malformed record
+        lines = message_lines(payload, name=digest, max_bytes=None)  # Kafka and Pub/Sub bound a message's size
         batches = read_jsonl_lines(lines, self._feeds[institution], batch_rows=self._config.pipeline.batch_rows)
         rejected: Counter[str] = Counter()
         windowed: dict[str, dict[str, int]] = {}

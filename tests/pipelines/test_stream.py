@@ -486,6 +486,37 @@ def test_a_streaming_job_spools_windows_and_the_release_side_releases_them(make_
     assert sum(Store(fed.config.store_path).read("releases").column("count").to_pylist()) == total
 
 
+def test_the_streaming_job_splits_a_message_into_lines_as_a_broker_source_does(make_federation):
+    """The Kafka/Pub/Sub job split a message with str.splitlines(): a U+2028 inside an entity id cut its reading
+    into two malformed records, and a byte-order mark made the first line one. It splits a message as a broker
+    source and a JSON-lines file do; a message that is not UTF-8 is one malformed record."""
+    import json
+
+    from apache_beam.pvalue import TaggedOutput
+
+    from pipelines.stream import REJECTS
+    from pipelines.stream_sources import MessagesToReadings
+
+    fed = stream_federation(make_federation, subdir="job-lines")
+    row = {**fed.raw["alpha"].to_pylist()[0], "event_time": START.isoformat()}
+
+    def outcome(payload: bytes) -> tuple[int, dict[str, int]]:
+        step = MessagesToReadings(fed.config, {i.id: str(fed.directory / "dead") for i in fed.config.institutions})
+        step.setup()
+        accepted, rejects = 0, {}
+        for output in step.process(("alpha", payload)):
+            if not isinstance(output, TaggedOutput):
+                accepted += output[2].num_rows
+            elif output.tag == REJECTS:
+                rejects = output.value[2]["rejects"]
+        return accepted, rejects
+
+    assert outcome(json.dumps({**row, "entity_id": "pump\u20281"}, ensure_ascii=False).encode()) == (1, {})
+    assert outcome(b"\xef\xbb\xbf" + json.dumps(row).encode()) == (1, {})
+    not_utf8 = json.dumps({**row, "entity_id": "X"}).encode().replace(b"X", b"\xff")
+    assert outcome(not_utf8) == (0, {"malformed_record": 1})
+
+
 def test_an_unreadable_feed_file_is_one_dead_letter_and_the_stream_goes_on(make_federation):
     """A truncated file used to fail every micro-batch, at every restart, for every institution."""
     fed = stream_federation(make_federation, subdir="unreadable")
