@@ -67,7 +67,7 @@ from pipelines.stream import (
     spool_key,
     stdin_feed,
 )
-from pipelines.stream_release import release_windows
+from pipelines.stream_release import release_rejects, release_windows
 from pipelines.stream_sources import MARKERS, REJECT_COUNTS
 from schemas.readings import READING_SCHEMA
 
@@ -491,7 +491,7 @@ class StreamDriver:
         save_state(self._state_file, self.state)  # what the releases read is on record before anything is sealed
         outcomes = release_windows(plans)
         now = self._clock()
-        for group, outcome in zip(groups, outcomes, strict=True):
+        for group, outcome, plan in zip(groups, outcomes, plans, strict=True):
             for start in group:
                 window = self.state.windows[start.isoformat()]
                 if outcome.status == "refused":
@@ -502,7 +502,18 @@ class StreamDriver:
                 if window.status is WindowStatus.RELEASED and window.closable_at:
                     latency = (now - datetime.fromisoformat(window.closable_at)).total_seconds()
                     self._last_release = (start.isoformat(), latency)
-        save_state(self._state_file, self.state)
+            if outcome.status != "refused":
+                self._count_release_rejects(plan, group)
+        save_state(self._state_file, self.state)  # the windows released and their rejects, at once: counted once
+
+    def _count_release_rejects(self, plan: ReleasePlan, starts: list[datetime]) -> None:
+        """Move the spooled readings a release rejected (exact duplicates) from the accepted readings to the
+        rejects of their windows, so that rows read = accepted + rejected in the state and the status line."""
+        for institution, windows in release_rejects(plan, starts).items():
+            for start, counts in windows.items():
+                self.state.window(start).add_rejects(institution, counts)
+                self.state.readings -= sum(counts.values())
+                self.state.rejected += sum(counts.values())
 
     def close_windows(self, *, drain: bool = False) -> list[datetime]:
         """Close and release every window of the grid that is due now (see `release_bound`), readings or not,

@@ -25,23 +25,29 @@ are reused, the ledger charges a release once, and the commits are keyed. Each r
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
 from fusion.config.federation import InstitutionConfig
 from fusion.errors import ReleaseRefused
+from fusion.release.exchange import exists, list_files, read_bytes
 from fusion.release.plan import ReleasePlan
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetExceeded, BudgetLedger
 from fusion.store.mode import bind_store_mode
 from pipelines.batch import audit_feeds
-from pipelines.contribute import Prescan, prescanned, scan_together
+from pipelines.contribute import Prescan, dead_letter_dir, prescanned, scan_together
 from pipelines.release import (
     PreparedRelease,
     ReleaseOutcome,
@@ -51,7 +57,9 @@ from pipelines.release import (
     publish_releases,
 )
 from pipelines.retention import prune_after_release
-from pipelines.run import run_aggregate, run_contributions, run_unmask
+from pipelines.run import report_path, run_aggregate, run_contributions, run_unmask
+from pipelines.stream import SPOOL_WINDOW_FORMAT
+from schemas.readings import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE
 
 
 @dataclass(frozen=True)
@@ -241,3 +249,31 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
     }
     _log.debug("released %d windows in one run: %s", len(plans), phases, extra={"phases": phases})
     return [outcomes[p.key.release_id] for p in plans]
+
+
+def release_rejects(plan: ReleasePlan, starts: Sequence[datetime]) -> dict[str, dict[datetime, dict[str, int]]]:
+    """institution -> window start -> {reason: rows}: the spooled readings the release of the windows at `starts`
+    rejected (exact duplicates: one reading spooled from two messages or files), from each institution's run
+    report. With several windows, the dead letters' sources (spool files, one directory a window) say whose."""
+    found: dict[str, dict[datetime, dict[str, int]]] = {}
+    for institution in plan.config.institutions:
+        path = report_path(plan, institution)
+        report = json.loads(read_bytes(path)) if exists(path) else {}
+        rejected = {reason: int(n) for reason, n in report.get("rejected", {}).items() if n}
+        if not rejected:
+            continue
+        if len(starts) == 1:
+            found[institution.id] = {starts[0]: rejected}
+            continue
+        placed: Counter[tuple[datetime, str]] = Counter()
+        for letters in list_files(dead_letter_dir(plan, institution), ".parquet"):
+            with FileSystems.open(letters) as handle:
+                table = pq.read_table(handle, columns=[DEAD_LETTER_SOURCE, DEAD_LETTER_REASON])
+            for source, reason in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
+                window = datetime.strptime(source.rstrip("/").split("/")[-2], SPOOL_WINDOW_FORMAT)
+                placed[window.replace(tzinfo=UTC), reason] += 1
+        by_window: dict[datetime, dict[str, int]] = defaultdict(dict)
+        for (window, reason), n in sorted(placed.items()):
+            by_window[window][reason] = n
+        found[institution.id] = dict(by_window)
+    return found

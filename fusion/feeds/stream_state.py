@@ -57,8 +57,9 @@ class WindowState:
     release_id: str | None = None  # the release holding it (at event level, windows due together share one)
     released_at: str | None = None
     reason: str | None = None
-    # institution -> {reason: rows}: validation rejects attributed to this window by their event time, and late
-    # readings. Exact counts: they stay in the institution's local state, never in a shared place.
+    # institution -> {reason: rows}: validation rejects attributed to this window by their event time, late
+    # readings, and the spooled copies its release took as duplicates. Exact counts: they stay in the institution's
+    # local state, never in a shared place.
     rejects: dict[str, dict[str, int]] = field(default_factory=dict)
     # institution -> {reason: rows}: the rejects (of WINDOWED_REASONS) this window's release carries, fixed when
     # it closed so that a release re-run after a crash carries what the first run sealed
@@ -103,8 +104,8 @@ class StreamState:
     max_event: dict[str, str] = field(default_factory=dict)  # institution -> latest accepted event time
     windows: dict[str, WindowState] = field(default_factory=dict)  # window start -> its state
     stdin_sequence: int = 0  # journal files written from standard input
-    readings: int = 0  # accepted readings spooled, all time
-    rejected: int = 0  # rejected rows (validation and late), all time
+    readings: int = 0  # accepted readings spooled (less the copies releases took as duplicates), all time
+    rejected: int = 0  # rejected rows (validation, late, duplicates found by a release), all time
     # institution -> {reason: rows}: rejects that belong to no window (refused before their event time was known,
     # or outside the grid); counted here, locally, and nowhere else
     unwindowed: dict[str, dict[str, int]] = field(default_factory=dict)

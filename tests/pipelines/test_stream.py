@@ -558,6 +558,28 @@ def hour_of(fed: Federation, institution: str, hour: int) -> pa.Table:
     return table.filter(pc.and_(pc.greater_equal(times, lo), pc.less(times, hi)))
 
 
+def test_a_reading_spooled_twice_is_counted_as_a_duplicate_in_its_window(make_federation):
+    """A gateway's retry lands readings of hours 0 and 1 again in a file of their own: each copy is spooled, and
+    the release (one for both windows) takes it once, as an exact duplicate. The state counted the copies as
+    accepted readings; it counts them as duplicates of their windows now: rows read = accepted + rejected."""
+    fed = stream_federation(make_federation, subdir="duplicates")
+    alpha = fed.config.institutions[0]
+    land(fed, 0)
+    land(fed, 1)
+    again = pa.concat_tables([hour_of(fed, alpha.id, 0).slice(0, 2), hour_of(fed, alpha.id, 1).slice(0, 3)])
+    write_feed(again, fed.directory / "feeds" / alpha.id / f"again.{EXT[alpha.feeds[0].format.value]}",
+               alpha.feeds[0].format.value)
+    driver = StreamDriver(fed.config, until=at(2))
+    driver.run(drain=True)
+    read = sum(hour_of(fed, i, h).num_rows for i in fed.raw for h in range(2)) + 5
+    assert (driver.state.readings, driver.state.rejected) == (read - 5, 5)
+    assert [driver.state.windows[at(h).isoformat()].rejects for h in range(2)] == [
+        {alpha.id: {"duplicate": 2}}, {alpha.id: {"duplicate": 3}}
+    ]
+    assert sum(Store(fed.config.store_path).read("releases").column("count").to_pylist()) == read - 5
+    assert load_state(Path(fed.config.stream_state_path) / "state.json").rejected == 5
+
+
 def test_a_reading_stamped_far_ahead_of_the_clock_is_rejected_and_moves_no_window(make_federation):
     fed = stream_federation(make_federation, subdir="future")
     land(fed, 0)
