@@ -49,8 +49,9 @@ def message_lines(payload: bytes, *, name: str, max_bytes: int | None) -> list[s
     except UnicodeDecodeError as exc:
         return [f"!broker message {name}: not UTF-8 ({len(payload)} bytes; {exc.reason} at byte {exc.start})"]
     # Lines end as in a JSON-lines file (\n, \r\n or \r), not at every character str.splitlines() takes for a
-    # line break: U+2028, U+0085 or a form feed inside a JSON string is part of the reading.
-    return [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
+    # line break: U+2028, U+0085 or a form feed inside a JSON string is part of the reading. A line is blank only if
+    # it holds JSON's whitespace alone (space, tab): one of a form feed or a no-break space is a malformed record.
+    return [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip(" \t")]
 
 
 @dataclass(frozen=True)

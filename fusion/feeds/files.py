@@ -354,6 +354,8 @@ _BLANK_INSIDE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")  # a blank line followed by
 # literal "\n" keeps the search at memchr speed, where "^" with re.MULTILINE is several times slower.
 _NOT_AN_OBJECT_FIRST = re.compile(rb"[ \t]*[^{ \t\n]")
 _NOT_AN_OBJECT_LATER = re.compile(rb"\n[ \t]*[^{ \t\n]")
+#: What JSON counts as whitespace: a line holding nothing else is blank.
+_JSON_WHITESPACE = " \t\r\n"
 #: Bytes of JSON lines parsed at once (cut at a line end): Arrow's JSON reader parses a block in C++.
 JSONL_BLOCK_BYTES = 16 << 20
 
@@ -491,7 +493,7 @@ def _jsonl_batches(
         return batch
 
     for number, line in enumerate(lines, start=first_line):
-        if not line.strip():
+        if not line.strip(_JSON_WHITESPACE):  # a line of other white space (a form feed, U+2028) is malformed
             continue
         try:
             record = json.loads(line, object_pairs_hook=_unique_keys)

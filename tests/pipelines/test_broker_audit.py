@@ -201,6 +201,14 @@ def test_a_message_splits_into_lines_as_a_json_lines_file_does() -> None:
     assert message_lines(payload, name="m", max_bytes=1000) == ['{"a": 1}', '{"b": "x\u2028y\x85z"}', '{"c": "\x0c"}']
 
 
+def test_a_message_of_white_space_json_does_not_know_is_one_malformed_record() -> None:
+    """Only JSON's white space makes a message (or a line of it) blank: one of a form feed, a no-break space, U+2028
+    or an information separator vanished uncounted; it is kept, and dead-lettered as a malformed record."""
+    assert [message_lines(blank, name="m", max_bytes=100) for blank in (b"", b" \t\r\n", b"\n\n")] == [[], [], []]
+    for other in ("\x0c", "\u00a0", "\u2028", "\x1c", " \x0c\t"):
+        assert message_lines(other.encode(), name="m", max_bytes=100) == [other]
+
+
 @pytest.mark.e2e
 @pytest.mark.brokers
 def test_payloads_a_file_would_accept_are_accepted_from_jetstream(make_federation) -> None:

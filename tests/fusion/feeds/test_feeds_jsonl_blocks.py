@@ -97,6 +97,15 @@ def test_a_line_that_is_not_an_object_is_malformed_first_or_later(tmp_path: Path
             assert feeds._parsed_at_once(data, WANTED) is None, data
 
 
+def test_a_line_of_white_space_json_does_not_know_is_malformed(tmp_path: Path) -> None:
+    """Only JSON's white space (space, tab, line ends) makes a line blank: one of a form feed, a no-break space,
+    U+2028 or an information separator alone was skipped, uncounted."""
+    data = READING + "\n\x0c\n\u00a0\n\u2028\n\x1c\n \t\n".encode()
+    rows, malformed = by_blocks(tmp_path, data)
+    assert (rows, malformed) == per_line(data)
+    assert [n for n, _ in malformed] == [2, 3, 4, 5] and len(rows) == 1
+
+
 values = st.one_of(
     st.none(),
     st.booleans(),
