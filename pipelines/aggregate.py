@@ -352,7 +352,8 @@ class SealAggregate(beam.DoFn):
                     summary,
                     f"{len(contributors)} valid contribution(s): the unmask round needs "
                     f"{acknowledgements_needed(plan)} included institutions to acknowledge one roster (more than "
-                    "(institutions + max_colluding) / 2)",
+                    "(institutions + max_colluding + 1) / 2; (institutions + max_colluding) / 2 at quorum "
+                    "max_colluding + 2)",
                 )
                 return
             unshared = sorted(i for i, h in headers.items() if not h.pair_commitments)

@@ -4,9 +4,9 @@ The roster names the institutions whose contributions are in the sum (included) 
 (absent). The round has two steps for each included institution:
 1. *acknowledge*: it checks the roster, records it (create-once, in its own key directory: it will never
    acknowledge or answer another roster for this release) and publishes its signature on it;
-2. *answer*, only once more than (n + c) / 2 of the federation's n institutions (c = `max_colluding`) have
-   signed that same roster: one signed envelope (no ciphertexts) holding, opened from the included
-   institutions' signed contributions,
+2. *answer*, only once more than (n + c + 1) / 2 of the federation's n institutions (c = `max_colluding`) have
+   signed that same roster ((n + c) / 2 at quorum c + 2; `acknowledgements_needed`): one signed envelope (no
+   ciphertexts) holding, opened from the included institutions' signed contributions,
    - its share of every included institution's self-mask seed, so the aggregator can remove the self masks; and
    - if any institution is absent, its share of the mask key every included institution holds with each absent
      one, so the aggregator can remove the pairwise masks that no longer cancel (never a key between two
@@ -15,9 +15,10 @@ The roster names the institutions whose contributions are in the sum (included) 
      shares of its closed neighbourhood's secrets only; each secret needs `threshold` of them, and a roster
      that the assumed colluders could use to cut the graph, or that starves a neighbourhood, is refused.
 Step 1 is Bonawitz et al.'s consistency check. An honest institution signs one roster per release, so two
-different rosters cannot both gather more than (n + c) / 2 signatures (their signers would number more than
-n + c, and only the c colluders sign both): every honest answer is to one roster, and rosters that differ per
-institution (a split view) cannot isolate anyone's contribution. Its contribution is refused if it turns up
+different rosters cannot both gather more than (n + c + 1) / 2 signatures (their signers would number more than
+n + c + 1, and only the c colluders and the contributor that keeps its own draws sign both): every honest answer
+is to one roster, and rosters that differ per institution (a split view) cannot isolate anyone's contribution
+with less than the calibrated noise on it. Its contribution is refused if it turns up
 after being declared absent (privacy/sharing.py explains the masks).
 """
 from __future__ import annotations
@@ -73,7 +74,13 @@ from privacy.envelope import (
 )
 from privacy.masking import pair_term
 from privacy.masking_graph import MaskingGraph
-from privacy.noise_shares import chain_seeds, layer_commitment, layer_noise, noise_digest
+from privacy.noise_shares import (
+    chain_seeds,
+    layer_commitment,
+    layer_noise,
+    noise_digest,
+    roster_signatures_needed,
+)
 from privacy.sharing import (
     ShareError,
     decode_share,
@@ -123,12 +130,13 @@ def _acknowledgement_message(roster: Roster, institution_id: str) -> bytes:
 
 
 def acknowledgements_needed(plan: ReleasePlan) -> int:
-    """Signatures on one roster an institution must see before it answers: more than (n + c) / 2. A quorum
-    below c + 2 (test mode only) lets a roster of one honest institution and the colluders isolate it anyway,
-    so the round would protect nothing there: its own signature is enough."""
-    if plan.params.quorum < plan.params.max_colluding + 2:
-        return 1
-    return (len(plan.config.institutions) + plan.params.max_colluding) // 2 + 1
+    """Signatures on one roster an institution must see before it answers: more than (n + c + 1) / 2 whenever
+    its sealed noise share is below the calibrated v (quorum >= c + 3), so that no two rosters can both be answered
+    even when the contributor that keeps its own draws signs both with the c colluders; more than (n + c) / 2 at
+    quorum c + 2; its own signature below that (test mode only). privacy/noise_shares.py says why."""
+    return roster_signatures_needed(
+        len(plan.config.institutions), quorum=plan.params.quorum, max_colluding=plan.params.max_colluding
+    )
 
 
 def layer_signatures_needed(plan: ReleasePlan) -> int:
@@ -202,7 +210,8 @@ def check_roster(plan: ReleasePlan, institution_id: str, roster: Roster) -> None
     if len(roster.included) < acknowledgements_needed(plan):
         raise FusionError(
             f"the roster includes {len(roster.included)} institutions; answering needs signatures of "
-            f"{acknowledgements_needed(plan)} on one roster (more than half of the federation and its colluders)"
+            f"{acknowledgements_needed(plan)} on one roster (more than half of the federation, its colluders and the "
+            "contributor that keeps its own draws)"
         )
     problem = sparse_roster_problem(masking_graph(plan), roster, max_colluding=plan.params.max_colluding)
     if problem:
@@ -350,7 +359,7 @@ def _misfiled(plan: ReleasePlan, institution_id: str, registry: dict[str, bytes]
 
 
 def seal_unmask(plan: ReleasePlan, institution_id: str, roster: Roster | None = None) -> Answer:
-    """Step 2: once more than (n + c) / 2 institutions have signed the roster this institution acknowledged
+    """Step 2: once `acknowledgements_needed` institutions have signed the roster this institution acknowledged
     (`roster`, what `acknowledge` returned), write its answer to it. Without `roster`, acknowledges first."""
     roster = roster or acknowledge(plan, institution_id)
     registry = load_registry(plan.config)

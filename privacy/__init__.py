@@ -16,7 +16,8 @@ Public API (what the rest of the repository imports), by module:
 - `layout`: BASE_COMPONENTS, bin_components, PartitionLayout, SUMSQ
 - `masking`: add_mod, agreement, centred, generate_agreement_key, mask_vector, pair_key, pair_term, pairwise_mask
 - `masking_graph`: dropout_failure_bound, MaskingGraph, neighbour_count
-- `noise_shares`: chain_seeds, layer_commitment, layer_noise, noise_digest, NoiseLayers, SEED_BYTES, unknown_shares
+- `noise_shares`: chain_seeds, layer_commitment, layer_noise, noise_digest, NoiseLayers, roster_signatures_needed,
+  SEED_BYTES, unknown_shares
 - `pld`: pld_epsilon, resolves, SkellamMechanism
 - `sharing`: commitment, decode_share, encode_share, new_seed, open_share, pair_entry, pair_key_context,
   reconstruct, self_mask, share_coordinates, share_digest, share_pair_keys, share_seed, ShareError

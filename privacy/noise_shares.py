@@ -49,6 +49,25 @@ def unknown_shares(contributors: int, max_colluding: int) -> int:
     return max(contributors - 1 - max_colluding, 1)
 
 
+def roster_signatures_needed(institutions: int, *, quorum: int, max_colluding: int) -> int:
+    """Signatures on one roster an institution must see before it answers it (pipelines/unmask.py). Two rosters
+    both answered (a split view) let the coalition isolate one included institution's contribution with only its
+    own sealed share s_q = v / (q - 1 - c) on it, and c + 1 signers may sign both: the c colluders and the
+    contributor that keeps its own draws. Below v (q >= c + 3) only more than (n + c + 1) / 2 signatures make an
+    answered roster unique. At q = c + 2, s_q = v: an isolated contribution keeps the calibrated noise, and more
+    than (n + c) / 2 (unique against the colluders alone) suffices. Below c + 2 (test mode only) a roster of one
+    honest institution and the colluders isolates it anyway: its own signature is enough.
+
+    >>> [roster_signatures_needed(5, quorum=q, max_colluding=0) for q in (1, 2, 3)]
+    [1, 3, 4]
+    """
+    if quorum < max_colluding + 2:
+        return 1
+    if quorum == max_colluding + 2:
+        return (institutions + max_colluding) // 2 + 1
+    return (institutions + max_colluding + 1) // 2 + 1
+
+
 @dataclass(frozen=True)
 class NoiseLayers:
     """The noise shares of one federation: total variance v, quorum q, N institutions, c colluders."""

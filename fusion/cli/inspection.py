@@ -133,6 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"seals {plan.share_variance:.6g} and removes its excess once the roster is known\n"
         f"  each release: epsilon {plan.epsilon:.4f} at delta {plan.delta:g}, against {plan.guarantee}\n"
         f"  masking: {plan.masking}\n"
+        f"  contributors: {plan.fewest_contributors}\n"
         + "".join(
             f"  noise sd with {c.contributors} contributors: {c.to_central:.3f}x the central analytic Gaussian, "
             f"{c.to_floor:.3f}x the floor sqrt(n/(n-1-c)) for shares each contributor knows\n"

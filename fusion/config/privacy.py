@@ -57,8 +57,8 @@ class PrivacyConfig(Frozen):
     # noise draws. Each institution seals a share v/(quorum - 1 - max_colluding), so the noise such a coalition
     # does not know is still v with as few as `quorum` contributors, and removes its excess layers once the roster
     # is known (privacy/noise_shares.py); production needs quorum >= max_colluding + 2; each institution answers
-    # only a roster more than (institutions + max_colluding) / 2 have signed, and reveals noise layers only once
-    # more than (institutions + max_colluding + 1) / 2 have (docs/concepts/trust-model.md, split views).
+    # only a roster more than (institutions + max_colluding + 1) / 2 have signed ((institutions + max_colluding) / 2
+    # at quorum max_colluding + 2, revealing noise layers only at the former; docs/concepts/trust-model.md).
     max_colluding: int = Field(default=0, ge=0)
     unit: PrivacyUnit = PrivacyUnit.READING
     # Entity level: each entity contributes to at most `max_partitions` cells (L0) per release and at most

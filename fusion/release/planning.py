@@ -13,7 +13,7 @@ from fusion.release.predictions import metric_noise
 from privacy.accountant import Composition, skellam_epsilon
 from privacy.gaussian import analytic_gaussian_sigma
 from privacy.masking_graph import neighbour_count
-from privacy.noise_shares import unknown_shares
+from privacy.noise_shares import roster_signatures_needed, unknown_shares
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class PrivacyPlan:
     noise: tuple[NoiseComparison, ...] = ()  # at the quorum and with every institution contributing
     institutions: int = 0
     mask_neighbours: int = 0  # k of the masking graph (privacy/masking_graph.py); institutions - 1: complete
+    quorum: int = 0
+    roster_signatures: int = 0  # signatures on one roster before anyone answers it (pipelines/unmask.py)
 
     @property
     def masking(self) -> str:
@@ -44,6 +46,19 @@ class PrivacyPlan:
         return (
             f"each institution masks with k = {k} neighbours (a release-keyed Harary graph); shares of its secrets "
             f"go to those {k} and itself, threshold {k // 2 + 1}: up to {k // 2} of them may be absent or silent"
+        )
+
+    @property
+    def fewest_contributors(self) -> str:
+        """The fewest contributions a release is made with, in words: the quorum, or more where the unmask round
+        needs more included institutions to sign one roster than the quorum."""
+        if self.roster_signatures <= self.quorum:
+            return f"a release needs the quorum, {self.quorum} contributions"
+        return (
+            f"a release needs {self.roster_signatures} contributions, not the quorum of {self.quorum}: the unmask "
+            f"round needs {self.roster_signatures} included institutions to sign one roster (more than (institutions "
+            "+ max_colluding + 1) / 2 while each sealed noise share is below the calibrated variance, so that no two "
+            "rosters are both answered); with exactly the quorum the aggregator refuses the release"
         )
 
     @property
@@ -147,5 +162,9 @@ def privacy_plan(config: Config, *, contributors: int | None = None) -> tuple[Pr
         noise=noise_comparisons(params, epsilon=config.privacy.epsilon, institutions=len(config.institutions)),
         institutions=len(config.institutions),
         mask_neighbours=neighbour_count(len(config.institutions), max_colluding=params.max_colluding),
+        quorum=params.quorum,
+        roster_signatures=roster_signatures_needed(
+            len(config.institutions), quorum=params.quorum, max_colluding=params.max_colluding
+        ),
     )
     return plan, pa.Table.from_pylist(rows)

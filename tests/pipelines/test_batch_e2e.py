@@ -449,6 +449,17 @@ def test_the_plan_counts_the_releases_a_period_admits(make_federation):
     assert skellam_epsilon([params.mechanism] * (k + 1), delta=params.delta) > 3.0
 
 
+def test_the_plan_says_when_a_release_needs_more_contributions_than_the_quorum(make_federation):
+    """Five institutions, quorum 3, c = 0: each sealed share is v / 2, so the unmask round needs 4 signatures on
+    one roster (no two rosters both answered), and a release with only the quorum is refused: `fusion plan` says so."""
+    five = [("alpha", "csv"), ("beta", "csv"), ("gamma", "csv"), ("delta", "csv"), ("epsilon", "csv")]
+    plan, _ = privacy_plan(make_federation(noise=True, quorum=3, institutions=five, entities=3).config)
+    assert (plan.quorum, plan.roster_signatures) == (3, 4)
+    assert plan.fewest_contributors.startswith("a release needs 4 contributions, not the quorum of 3")
+    plan, _ = privacy_plan(make_federation(noise=True, quorum=4, institutions=five, entities=3, subdir="q4").config)
+    assert plan.fewest_contributors == "a release needs the quorum, 4 contributions"
+
+
 def test_a_release_past_the_period_cap_is_refused_before_any_work(make_federation):
     # Entity level (releases compose sequentially), and the cap defaults to epsilon: one release per day.
     fed = make_federation(noise=True, extra_privacy=ENTITY_LEVEL)

@@ -168,6 +168,48 @@ def test_split_view_rosters_isolate_no_one_because_nobody_answers_without_a_majo
     assert isolated.any() and np.abs(isolated).max() < 2**40, "alpha's own contribution, in the clear"
 
 
+def test_split_view_rosters_double_signed_by_the_contributor_keeping_its_draws_are_not_answered(make_federation):
+    """Five institutions, c = 0, quorum 3: each sealed share is v / 2. Gamma, the contributor that keeps its own
+    draws, signs both of two rosters: {alpha, beta, gamma} (delta, epsilon absent) shown to alpha and beta, and
+    {alpha, gamma, delta, epsilon} (beta absent) shown to delta and epsilon. At more than (n + c) / 2 = 3
+    signatures both were answered, and their answers with gamma's own mask key isolated alpha's contribution
+    with only v / 2 of noise on it (epsilon 1.45 where 1.00 was reported). More than (n + c + 1) / 2 = 4 are
+    needed now, which two rosters cannot both gather: neither is answered."""
+    from fusion.release.exchange import acknowledgement_path, write_json
+    from pipelines.unmask import _acknowledgement_message
+
+    five = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta", "epsilon")]
+    fed = make_federation(noise=True, seed=None, mode="production", quorum=3, institutions=five, entities=3)
+    plan = plan_release(fed.config, START, END)
+    assert plan.params.share_variance == pytest.approx(plan.params.total_variance / 2)
+    run_contributions(plan, fed.config.institutions)
+    key, closed = plan.key.release_id, "2026-01-01T00:00:00+00:00"  # past its deadline: nobody waits for layers
+    first = Roster(release_id=key, included=("alpha", "beta", "gamma"), absent=("delta", "epsilon"), closed_at=closed)
+    second = Roster(
+        release_id=key, included=("alpha", "delta", "epsilon", "gamma"), absent=("beta",), closed_at=closed
+    )
+    outcomes = {}
+    for roster, shown in ((first, ("alpha", "beta")), (second, ("delta", "epsilon"))):
+        write_roster(plan, roster)
+        signature = sign(load_signing_key(fed.config, "gamma"), _acknowledgement_message(roster, "gamma"))
+        write_json(
+            acknowledgement_path(fed.config.exchange_path, plan.key, "gamma"),
+            {"institution": "gamma", "roster": roster.to_doc(), "signature": signature.hex()},
+        )
+        for institution in shown * 2:  # asked again once the other has signed
+            try:
+                answer = run_unmask(plan, [fed.config.institution(institution)])[0]
+            except FusionError as exc:
+                outcomes[institution] = str(exc)
+            else:
+                signed = f"{len(answer.acknowledged)} of {answer.needed}"
+                outcomes[institution] = "answered" if answer.path else signed
+    refused = "the roster includes 3 institutions; answering needs signatures of 4 on one roster"
+    assert all(refused in outcomes[i] for i in ("alpha", "beta")), outcomes  # too small to gather 4
+    assert outcomes["delta"] == outcomes["epsilon"] == "3 of 4", outcomes  # and the larger one stays at 3
+    assert not list((fed.directory / "exchange").rglob("unmask/*.fenv")), "no institution answered"
+
+
 def test_a_roster_naming_an_institution_twice_is_refused_so_no_signature_counts_twice(make_federation):
     """The split view again, each institution's id repeated in the roster it is shown ({alpha, alpha, beta}
     for alpha): counted per entry, its own signature alone reached the 2 needed and everyone answered."""
@@ -233,8 +275,10 @@ def test_only_valid_signatures_on_the_same_roster_count_as_acknowledgements(make
     write_roster(plan, other)
     acknowledge(plan, "beta")  # beta signs another roster: it counts for that one, not for alpha's
     assert acknowledged(plan, roster) == ("alpha",) and acknowledged(plan, other) == ("beta",)
-    # more than (n + c) / 2; a quorum below c + 2 (test mode) protects no one, and needs only its own
-    needed = {(3, 2, 0): 2, (3, 3, 1): 3, (4, 2, 0): 3, (5, 3, 1): 4, (5, 4, 2): 4, (4, 1, 0): 1, (5, 2, 1): 1}
+    # more than (n + c + 1) / 2 once the sealed share is below v (quorum >= c + 3); more than (n + c) / 2 at
+    # quorum c + 2; a quorum below c + 2 (test mode) protects no one, and needs only its own
+    needed = {(3, 2, 0): 2, (3, 3, 1): 3, (4, 2, 0): 3, (5, 3, 1): 4, (5, 4, 2): 4, (4, 1, 0): 1, (5, 2, 1): 1,
+              (5, 3, 0): 4, (4, 3, 0): 3, (6, 4, 1): 5, (7, 5, 0): 5}
     for (n, quorum, c), expected in needed.items():
         config = fed.config.model_copy(update={"institutions": [fed.config.institutions[0]] * n})
         wary = replace(plan, config=config, params=replace(plan.params, quorum=quorum, max_colluding=c))
@@ -608,13 +652,13 @@ def test_excess_noise_layers_are_removed_and_a_bad_or_missing_reveal_only_keeps_
 
 
 def test_answers_before_a_strong_majority_signed_unmask_but_keep_their_noise_layers(make_federation):
-    """Five institutions, quorum 3: three signatures let an institution answer (more than (n + c) / 2), but its
+    """Five institutions, quorum 2: three signatures let an institution answer (more than (n + c) / 2), but its
     excess noise layers come out only once more than (n + c + 1) / 2 have signed, counting the contributor that
     keeps its own draws as a colluder. Otherwise a split view (one roster of all five signed by the victim, one
     more and that contributor; another signed by the rest and that contributor) could show the victim a roster
     larger than the sum it ends up in, and have it remove noise that sum needs."""
     five = [(i, "csv") for i in ("alpha", "beta", "gamma", "delta", "epsilon")]
-    fed = make_federation(noise=True, seed=3, quorum=3, institutions=five, entities=3)
+    fed = make_federation(noise=True, seed=3, quorum=2, institutions=five, entities=3)
     plan = plan_release(fed.config, START, END)
     assert (acknowledgements_needed(plan), layer_signatures_needed(plan)) == (3, 4)
     run_contributions(plan, fed.config.institutions)
