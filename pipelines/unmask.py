@@ -46,6 +46,7 @@ from fusion.keys.registry import (
 )
 from fusion.release.exchange import (
     ENVELOPE_SUFFIX,
+    FileTooLarge,
     acknowledgement_path,
     contribution_path,
     contributions_dir,
@@ -53,7 +54,7 @@ from fusion.release.exchange import (
     list_files,
     public_context_path,
     public_context_sha256,
-    read_bytes,
+    read_bounded,
     read_head,
     roster_path,
     unmask_path,
@@ -157,26 +158,33 @@ def read_roster(plan: ReleasePlan) -> Roster | None:
     if not exists(path):
         return None
     try:
-        doc = json.loads(read_bytes(path))
-        roster = Roster(
-            tuple(sorted(doc["included"])),
-            tuple(sorted(doc["absent"])),
-            str(doc.get("release_id", "")),
-            str(doc.get("closed_at", "")),
-        )
-        signature = bytes.fromhex(doc.get("signature", ""))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise FusionError(f"the roster {path} is malformed: {exc}") from None
-    for side in (roster.included, roster.absent):
-        if len(set(side)) != len(side):  # one signature counted twice would let split views through
-            raise FusionError(f"the roster {path} names an institution twice: {list(side)}")
+        doc = json.loads(read_bounded(path, _roster_bytes(plan)))
+        included, absent = doc["included"], doc["absent"]
+        release_id, closed_at, signed = (doc.get(field, "") for field in ("release_id", "closed_at", "signature"))
+        if not (isinstance(included, list) and isinstance(absent, list)) or not all(
+            isinstance(text, str) for text in (*included, *absent, release_id, closed_at, signed)
+        ):
+            raise TypeError("included and absent must be lists of institution ids, the other fields text")
+        roster = Roster(tuple(sorted(included)), tuple(sorted(absent)), release_id, closed_at)
+        signature = bytes.fromhex(signed)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, FileTooLarge) as exc:
+        raise FusionError(f"the roster {path} is malformed: {str(exc)[:200]}") from None
     if not signature or not verify(load_aggregator_public_key(plan.config), _roster_message(roster), signature):
         raise FusionError(
             f"the roster {path} is not signed by the federation's registered aggregator: it is not answered "
             "(a roster closed by a Fusion version before signed rosters: the aggregator deletes it before any "
             "institution answered, and aggregates again)"
         )
+    for side in (roster.included, roster.absent):
+        if len(set(side)) != len(side):  # one signature counted twice would let split views through
+            raise FusionError(f"the roster {path} names an institution twice: {list(side)}")
     return roster
+
+
+def _roster_bytes(plan: ReleasePlan) -> int:
+    """The most bytes a roster or an acknowledgement of one can hold: its fields, a signature, and each of the
+    federation's ids (at most 64 characters) once, indented; anything larger in their place is not read."""
+    return 8_192 + 128 * len(plan.config.institutions)
 
 
 def write_roster(plan: ReleasePlan, roster: Roster) -> None:
@@ -287,8 +295,8 @@ def acknowledged(plan: ReleasePlan, roster: Roster, registry: dict[str, bytes] |
         if institution not in registry or not exists(path):
             continue
         try:
-            signature = bytes.fromhex(json.loads(read_bytes(path))["signature"])
-        except (ValueError, KeyError, TypeError):
+            signature = bytes.fromhex(json.loads(read_bounded(path, _roster_bytes(plan)))["signature"])
+        except (ValueError, KeyError, TypeError, RecursionError, FileTooLarge):
             continue
         if verify(registry[institution], _acknowledgement_message(roster, institution), signature):
             signers.append(institution)

@@ -349,6 +349,43 @@ def test_a_roster_not_signed_by_the_registered_aggregator_is_not_answered(make_f
     assert run_aggregate(plan)["status"] == "aggregated"
 
 
+def test_junk_rosters_and_acknowledgements_in_the_exchange_are_refused_or_ignored_not_crashed_on(make_federation):
+    """Anyone who can write the exchange can drop junk there. A roster whose ids are JSON objects crashed the
+    aggregator and every unmask step with a TypeError (its duplicate check ran before the signature check, outside
+    the parsing's try), one nested 100,000 deep with a RecursionError; now each is a malformed roster, and one
+    larger than any roster is not read. A junk acknowledgement (nested too deep, or too large) crashed the others'
+    answers with a RecursionError; it counts for nothing."""
+    from fusion.release.exchange import acknowledgement_path
+
+    fed = make_federation(noise=False, quorum=2)
+    plan = plan_release(fed.config, START, END)
+    run_contributions(plan, fed.config.institutions)
+    run_aggregate(plan)
+    path = roster_path(fed.config.exchange_path, plan.key)
+    signed = read_bytes(path)
+    doc = json.loads(signed)
+    for junk, expected in (
+        (json.dumps({**doc, "included": [{}], "absent": []}).encode(), "included and absent must be lists of"),
+        (json.dumps({**doc, "closed_at": 7}).encode(), "included and absent must be lists of"),
+        (b"[" * 100_000, "malformed"),
+        (json.dumps({**doc, "pad": "x" * 1_000_000}).encode(), "more than the"),
+    ):
+        write_bytes(path, junk)
+        with pytest.raises(FusionError, match=expected):
+            run_aggregate(plan)
+        with pytest.raises(FusionError, match=expected):
+            run_unmask(plan, [fed.config.institution("alpha")])
+    write_bytes(path, signed)
+    roster = acknowledge(plan, "alpha")
+    gamma = acknowledgement_path(fed.config.exchange_path, plan.key, "gamma")
+    for junk in (b"[" * 100_000, json.dumps({"signature": "00", "pad": "x" * 1_000_000}).encode()):
+        write_bytes(gamma, junk)
+        assert "gamma" not in acknowledged(plan, roster)
+        assert run_unmask(plan, [fed.config.institution("beta")])[0].path  # alpha's and beta's: 2 of 2 needed
+    run_unmask(plan, fed.config.institutions)
+    assert run_aggregate(plan)["status"] == "aggregated"
+
+
 def test_answering_the_same_roster_again_is_allowed(make_federation):
     fed = make_federation(noise=False, quorum=2)
     plan = plan_release(fed.config, START, END)
