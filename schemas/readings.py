@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import pyarrow as pa
 
 #: Logical reading fields; feeds map their own column names onto these.
@@ -15,6 +17,15 @@ SENSOR_ID = "sensor_id"
 REQUIRED_FIELDS: tuple[str, ...] = (ENTITY_ID, REGION, METRIC, EVENT_TIME, VALUE)
 OPTIONAL_FIELDS: tuple[str, ...] = (SENSOR_ID,)
 ALL_FIELDS: tuple[str, ...] = REQUIRED_FIELDS + OPTIONAL_FIELDS
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def folded_name(name: str) -> str:
+    """A column name as DuckDB (which validates feeds) matches it: ASCII letters in lower case. DuckDB binds names
+    ignoring ASCII case only (`Value` and `value` are one name to it, `Ä` and `ä` two), so of two columns whose
+    folded names are equal it cannot read either by name for certain."""
+    return name.translate(_ASCII_LOWER)
 
 #: A validated reading. Event time is UTC with microsecond resolution.
 READING_SCHEMA = pa.schema(

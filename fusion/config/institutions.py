@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fusion.config.base import Frozen, Name
 from fusion.config.brokers import BrokerSource
-from schemas.readings import ALL_FIELDS
+from schemas.readings import ALL_FIELDS, folded_name
 
 
 class FeedFormat(StrEnum):
@@ -41,6 +41,22 @@ class FeedConfig(Frozen):
         if unknown:
             raise ValueError(f"unknown reading field(s) {unknown}; map only {list(ALL_FIELDS)}")
         return columns
+
+    @model_validator(mode="after")
+    def _columns_apart(self) -> Self:
+        """Refuse two fields mapped to columns whose names differ only in ASCII case (`value` and `Value`): DuckDB,
+        which validates every batch, matches names ignoring that case, so it would read one column for both."""
+        seen: dict[str, tuple[str, str]] = {}
+        for field in ALL_FIELDS:
+            column = self.column_for(field)
+            other = seen.setdefault(folded_name(column), (field, column))
+            if other[1] != column:
+                raise ValueError(
+                    f"columns: {other[0]} is read from column '{other[1]}' and {field} from '{column}', names that "
+                    "differ only in case, which validation (DuckDB) cannot tell apart; map one of them to a column "
+                    "named otherwise"
+                )
+        return self
 
     def column_for(self, field: str) -> str:
         """The feed's column name that holds a logical reading field (identity unless mapped)."""

@@ -48,14 +48,22 @@ from fusion.feeds.files import (
     feed_listing,
     mapped_columns,
     read_feed_file,
-    refuse_duplicate_columns,
 )
 from fusion.feeds.report import FileTally, merge_tallies
 from fusion.release.exchange import delete_if_exists, exists
 from fusion.release.plan import ReleasePlan
 from privacy.encoding import MetricEncoding
 from privacy.layout import SUMSQ, PartitionLayout
-from schemas.readings import ENTITY_ID, EVENT_TIME, METRIC, READING_SCHEMA, REGION, SENSOR_ID, VALUE
+from schemas.readings import (
+    ENTITY_ID,
+    EVENT_TIME,
+    METRIC,
+    READING_SCHEMA,
+    REGION,
+    SENSOR_ID,
+    VALUE,
+    folded_name,
+)
 from schemas.reasons import REASON_PRECEDENCE, FileReason, RejectReason
 from schemas.validation import (
     DUCKDB_INFINITY_US,
@@ -160,23 +168,42 @@ def _is_local(path: str) -> bool:
 
 
 def _read_by_duckdb(path: str, feed: FeedConfig) -> bool:
-    """Whether DuckDB reads the file itself: local Parquet whose name it cannot mistake for a pattern, and whose
-    times fit DuckDB's (see `_times_fit`)."""
+    """Whether DuckDB reads the file itself: local Parquet whose name it cannot mistake for a pattern, whose
+    mapped columns it binds to themselves (see `_binds_exactly`), and whose times fit DuckDB's (see
+    `_times_fit`)."""
+    if not (feed.format is FeedFormat.PARQUET and _is_local(path) and not GLOB_CHARACTERS & set(path)):
+        return False
+    metadata = pq.read_metadata(_local(path))
+    schema = metadata.schema.to_arrow_schema()
+    return _binds_exactly(schema.names, feed) and _times_fit(metadata, schema, feed)
+
+
+#: Columns DuckDB's read_parquet adds of its own (`file_row_number = true`, and `file_index` over a list of files):
+#: a file column of either name clashes with them (an error), or stands in for them (scan_windows' file_index).
+DUCKDB_FILE_COLUMNS = frozenset({"file_row_number", "file_index"})
+
+
+def _binds_exactly(names: Sequence[str], feed: FeedConfig) -> bool:
+    """Whether DuckDB binds each mapped column of a file with these column `names` to that very column. It matches
+    names ignoring ASCII case, renaming the later of `Value` and `value` to value_1: the mapped "value" would read
+    `Value`, and a file holding only `VALUE` would give it `VALUE`. Such a file is read as Arrow batches, which
+    select columns by their exact names (and refuse a mapped column named twice), as is one with a column named like
+    DuckDB's own (DUCKDB_FILE_COLUMNS)."""
+    folded = [folded_name(name) for name in names]
+    mapped = set(mapped_columns(feed).values())
+    mapped_folded = {folded_name(column) for column in mapped}
     return (
-        feed.format is FeedFormat.PARQUET
-        and _is_local(path)
-        and not GLOB_CHARACTERS & set(path)
-        and _times_fit(_local(path), feed)
+        len(set(folded)) == len(folded)
+        and not DUCKDB_FILE_COLUMNS & set(folded)
+        and all(name in mapped for name, key in zip(names, folded, strict=True) if key in mapped_folded)
     )
 
 
-def _times_fit(path: str, feed: FeedConfig) -> bool:
-    """Whether, by its footer's statistics, every millisecond timestamp of the mapped columns of a Parquet file
-    fits DuckDB's microseconds: its read_parquet fails the whole query on one that does not (10^16 ms, year
-    318,857). A file where one may not is read as Arrow batches, where such a time is unparseable_time
-    (`duckdb_input`). Parquet stores seconds as milliseconds; micro- and nanoseconds always fit."""
-    metadata = pq.read_metadata(path)
-    schema = metadata.schema.to_arrow_schema()
+def _times_fit(metadata: pq.FileMetaData, schema: pa.Schema, feed: FeedConfig) -> bool:
+    """Whether, by its footer's statistics (`metadata`, and its `schema` in Arrow), every millisecond timestamp of
+    the mapped columns of a Parquet file fits DuckDB's microseconds: its read_parquet fails the whole query on one
+    that does not (10^16 ms, year 318,857). A file where one may not is read as Arrow batches, where such a time is
+    unparseable_time (`duckdb_input`). Parquet stores seconds as milliseconds; micro- and nanoseconds always fit."""
     wanted = set(mapped_columns(feed).values())
     bound = (DUCKDB_INFINITY_US - 1) // 1_000
     for index in range(metadata.num_columns):
@@ -468,7 +495,6 @@ class FeedScanner:
         if _read_by_duckdb(path, feed):
             local = _local(path)
             schema = pq.read_schema(local)
-            refuse_duplicate_columns(path, schema.names, columns.values())
             types = {f: schema.field(c).type for f, c in columns.items() if c in schema.names}
             # No Hive partitioning: a folder named like region=north must not stand in for the file's own column.
             scan = f"read_parquet({_quote(local)}, file_row_number = true, hive_partitioning = false)"
@@ -878,7 +904,6 @@ def scan_windows(
                     return None
                 schema = pq.read_schema(_local(path))
                 columns = mapped_columns(feed)
-                refuse_duplicate_columns(path, schema.names, columns.values())
                 if absent_columns(feed, schema.names):
                     return None
                 this = (tuple(columns.items()), feed.time_format, tuple(schema.names), tuple(schema.types))

@@ -1,0 +1,97 @@
+"""Parquet files that DuckDB's read_parquet misreads or fails on, scanned as they should be: columns whose names
+differ only in case, a column named like DuckDB's own. Most are scanned both where DuckDB reads the file itself
+and, under a name it would take for a glob, where it is read as Arrow batches."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fusion.config.federation import load_config
+from fusion.feeds.scan import ROW, FeedScanner, ShardScan, scan_connection, scan_windows
+from fusion.release.plan import ReleasePlan, plan_release
+from schemas.readings import VALUE
+from tests.conftest import END, START, config_text
+
+HOUR = timedelta(hours=1)
+#: A file name DuckDB reads itself, and one it would take for a glob (read as Arrow batches).
+NAMES = {"duckdb": "p.parquet", "batches": "p-[1].parquet"}
+
+
+@pytest.fixture
+def plan(tmp_path: Path) -> ReleasePlan:
+    """alpha's Parquet feed, feeds/alpha/*.parquet, empty (keys are not needed to scan)."""
+    text = config_text(institutions=[("alpha", "parquet"), ("beta", "csv")], quorum=2, noise=False, seed=7)
+    (tmp_path / "federation.toml").write_text(text)
+    (tmp_path / "feeds" / "alpha").mkdir(parents=True)
+    return plan_release(load_config(tmp_path / "federation.toml"), START, END)
+
+
+def _readings(rows: int, **columns: pa.Array | list[object]) -> pa.Table:
+    """`rows` valid load readings in the first hour, with `columns` added or replacing theirs."""
+    table = {
+        "entity_id": [f"e{i}" for i in range(rows)],
+        "region": ["north"] * rows,
+        "metric": ["load"] * rows,
+        "event_time": pa.array([START + timedelta(minutes=i) for i in range(rows)], pa.timestamp("us", tz="UTC")),
+        "value": [float(i) for i in range(rows)],
+    }
+    return pa.table({**table, **columns})
+
+
+def _scan(plan: ReleasePlan, table: pa.Table, name: str, **feed: object) -> tuple[FeedScanner, ShardScan]:
+    pq.write_table(table, plan.config.base / "feeds" / "alpha" / name)
+    if feed:
+        institution = plan.config.institution("alpha")
+        feeds = (institution.feeds[0].model_copy(update=feed),)
+        institutions = tuple(
+            i.model_copy(update={"feeds": feeds}) if i.id == "alpha" else i for i in plan.config.institutions
+        )
+        config = plan.config.model_copy(update={"institutions": institutions})
+        plan = plan_release(config, plan.layout.start, plan.layout.end)
+    scanner = FeedScanner(plan, plan.config.institution("alpha"))
+    return scanner, scanner.scan(0, 1)
+
+
+@pytest.mark.parametrize("read_by", NAMES)
+def test_the_mapped_column_is_read_beside_one_whose_name_differs_only_in_case(plan: ReleasePlan, read_by: str) -> None:
+    """DuckDB matches names ignoring case and renamed `value` to value_1 beside `Value`: the mapped "value" read
+    `Value` (watts, where `value` holds kilowatts), accepted or refused on the wrong number."""
+    table = _readings(3).drop_columns(["value"])  # `Value` first: DuckDB binds "value" to the first of the two
+    table = table.append_column("Value", pa.array([120_000.0, 80_000.0, 7.0]))
+    table = table.append_column("value", pa.array([120.0, 80.0, 5000.0]))  # 5000: beyond plausible
+    scanner, scan = _scan(plan, table, NAMES[read_by])
+    assert scan.rows_read == 3 and scan.rejected == Counter(out_of_range=1)
+    encoded = scan.table(scanner.schema)
+    assert scanner.readings_at(0, encoded.column(ROW).to_numpy()).column(VALUE).to_pylist() == [120.0, 80.0]
+    [(_, letters)] = scan.dead_letters
+    assert [float(v) for v in letters.column("value").to_pylist()] == [5000.0]
+    assert "Value" not in letters.column_names
+
+
+def test_a_file_with_a_file_row_number_column_is_scanned(plan: ReleasePlan) -> None:
+    """read_parquet(..., file_row_number = true) refused the file: "a column with this name is also in the file"."""
+    _, scan = _scan(plan, _readings(2, file_row_number=[7, 7]), NAMES["duckdb"])
+    assert scan.rows_read == 2 and not scan.rejected and not scan.unreadable
+
+
+@pytest.mark.parametrize("extra", [{"Value": [9.0]}, {"FILE_INDEX": [5]}], ids=["Value", "FILE_INDEX"])
+def test_windows_whose_files_duckdb_would_misbind_are_left_to_their_own_scans(
+    plan: ReleasePlan, extra: dict[str, list[object]]
+) -> None:
+    """A file's own `file_index` stood in for the position read_parquet gives each of several files (its rows were
+    joined to no window, and lost), as `Value` for "value"."""
+    plans = [plan_release(plan.config, START + h * HOUR, START + (h + 1) * HOUR) for h in range(2)]
+    folder = plan.config.base / "feeds" / "alpha"
+    sources = []
+    for h in range(2):
+        table = _readings(1, **extra)
+        table = table.set_column(3, "event_time", pa.array([START + h * HOUR], table.column(3).type))
+        pq.write_table(table.select([*extra, *table.column_names[:-1]]), folder / f"w{h}.parquet")
+        sources.append([(0, str(folder / f"w{h}.parquet"))])
+    assert scan_windows(plans, "alpha", sources, scan_connection(plans[0])) is None
