@@ -478,6 +478,18 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return record
 
 
+def _field_text(value: Any) -> str | None:
+    """A JSON field's value as the text a batch holds (a string as it is, anything else as JSON). A string that is
+    not Unicode text (a lone surrogate escape, `"\\ud800"`, which `json.loads` takes) raises UnicodeEncodeError, a
+    ValueError: its line is a malformed record, where it used to make the whole file unreadable."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value.encode("utf-8")
+        return value
+    return json.dumps(value)  # ASCII: a surrogate inside is written as its escape
+
+
 def _jsonl_batches(
     lines: Iterable[str], wanted: list[str], batch_rows: int, *, first_line: int = 1
 ) -> Iterator[RawBatch]:
@@ -499,14 +511,14 @@ def _jsonl_batches(
             record = json.loads(line, object_pairs_hook=_unique_keys)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
+            fields = [_field_text(record.get(c)) for c in wanted]
         # RecursionError: a line nested deeper than Python's parser goes ("[[[[..."), a malformed record like any
         # other (it escaped, and a stream that had journalled it failed on it at every restart).
         except (ValueError, RecursionError):  # the whole line is kept: the dead letter lets the institution recover it
             malformed.append((number, line.rstrip("\n")))
             continue
-        for c in wanted:
-            v = record.get(c)
-            columns[c].append(None if v is None else (v if isinstance(v, str) else json.dumps(v)))
+        for c, v in zip(wanted, fields, strict=True):
+            columns[c].append(v)
         if len(columns[wanted[0]]) >= batch_rows:
             yield flush()
     if columns[wanted[0]] or malformed:

@@ -14,7 +14,14 @@ import pytest
 
 from fusion.config.federation import FeedConfig
 from fusion.errors import FusionError
-from fusion.feeds.files import RawBatch, feed_files, list_feed_files, mapped_columns, read_feed_file
+from fusion.feeds.files import (
+    RawBatch,
+    feed_files,
+    list_feed_files,
+    mapped_columns,
+    read_feed_file,
+    read_jsonl_lines,
+)
 from schemas.readings import ALL_FIELDS, ENTITY_ID, EVENT_TIME, METRIC, REGION, SENSOR_ID, VALUE
 
 HEADER = ["entity_id", "region", "metric", "event_time", "value", "extra"]
@@ -222,6 +229,22 @@ def test_jsonl_with_column_mapping(tmp_path: Path) -> None:
     assert table.to_pylist() == [
         {"id": "x", "zone": "north", "kind": "load", "ts": "1", "reading": "2.0", SENSOR_ID: None}
     ]
+
+
+def test_a_json_string_that_is_not_unicode_text_is_one_malformed_line(tmp_path: Path) -> None:
+    """json.loads takes a lone surrogate escape ("\\ud800"), which no UTF-8 text holds: the whole file used to be
+    unreadable (UnicodeEncodeError) for that one line, and a broker message the same."""
+    record = {ENTITY_ID: "e1", REGION: "north", METRIC: "load", EVENT_TIME: "t", VALUE: 1.5}
+    good = json.dumps(record)
+    bad = json.dumps({**record, SENSOR_ID: "s"})[:-1] + ', "extra": "\\udfff"}'  # unmapped: not read, no matter
+    lone = good[:-1] + ', "sensor_id": "s\\ud800"}'
+    paired = good[:-1] + ', "sensor_id": "\\ud83d\\ude00"}'  # a pair is one character
+    path = tmp_path / "feed.jsonl"
+    path.write_text("\n".join([good, lone, bad, paired]) + "\n")
+    lines = path.read_text().splitlines()
+    for batches in (read_all(path, feed("jsonl")), list(read_jsonl_lines(lines, feed("jsonl"), batch_rows=100))):
+        assert concat(batches).column(SENSOR_ID).to_pylist() == [None, "s", "\U0001f600"]
+        assert [line for b in batches for line, _ in b.malformed] == [2]
 
 
 def test_jsonl_only_malformed(tmp_path: Path) -> None:
