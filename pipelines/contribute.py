@@ -133,11 +133,24 @@ class _ScanConnections:
         return connection
 
     def give_back(self, connection: duckdb.DuckDBPyConnection) -> None:
-        with self._lock:
-            if len(self._idle) < self._keep:
-                self._idle.append(connection)
-                return
+        """Keep `connection` for the next scan, or close it: when `keep` are kept already, or when it no longer
+        runs a query (a DuckDB internal error invalidates its database for good, and a scan that met one would
+        hand its fault to every later scan that took the connection)."""
+        if _usable(connection):
+            with self._lock:
+                if len(self._idle) < self._keep:
+                    self._idle.append(connection)
+                    return
         connection.close()
+
+
+def _usable(connection: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the connection still runs a query."""
+    try:
+        connection.execute("SELECT 1").fetchall()
+    except duckdb.Error:
+        return False
+    return True
 
 
 #: As many as the stream's release run scans side by side (pipelines.stream_release.WINDOW_WORKERS): fewer would

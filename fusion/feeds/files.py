@@ -256,10 +256,22 @@ def _read_parquet(path: str, wanted: list[str], feed: FeedConfig, batch_rows: in
         missing = absent_columns(feed, names)
         yielded = False
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=present):
+            _refuse_invalid_columns(batch)
             yielded = True
             yield RawBatch(pa.Table.from_batches([batch]), missing_columns=missing)
         if missing and not yielded:
             yield RawBatch(parquet.schema_arrow.empty_table().select(present), missing_columns=missing)
+
+
+def _refuse_invalid_columns(batch: pa.RecordBatch) -> None:
+    """Raise ArrowInvalid, naming the column, where a batch read from Parquet holds what Arrow's full validation
+    refuses, such as text that is not UTF-8 (written by a writer that does not check it): pyarrow reads it as it
+    is, and DuckDB, given it, fails beyond recovery ("database has been invalidated"). The file is damaged."""
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid as exc:
+            raise pa.ArrowInvalid(f"column '{name}' is invalid ({exc})") from None
 
 
 def _read_csv(path: str, wanted: list[str], feed: FeedConfig, batch_rows: int) -> Iterator[RawBatch]:

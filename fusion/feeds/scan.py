@@ -670,15 +670,9 @@ class FeedScanner:
             return True
         feed_index, path = self.sources[src]
         feed = self.institution.feeds[feed_index]
-        try:
-            if _read_by_duckdb(path, feed):
-                parquet = pq.ParquetFile(_local(path))
-                wanted = [c for c in dict.fromkeys(mapped_columns(feed).values()) if c in parquet.schema_arrow.names]
-                for _ in parquet.iter_batches(columns=wanted):
-                    pass
-            else:
-                for _ in read_feed_file(path, feed, batch_rows=self.plan.config.pipeline.batch_rows):
-                    pass
+        try:  # as batches, validated (pyarrow passes Parquet text that is not UTF-8, which DuckDB refuses)
+            for _ in read_feed_file(path, feed, batch_rows=self.plan.config.pipeline.batch_rows):
+                pass
         except TRANSIENT_ERRORS:
             return False
         except DAMAGE_ERRORS:

@@ -1,6 +1,6 @@
 """Parquet files that DuckDB's read_parquet misreads or fails on, scanned as they should be: columns whose names
-differ only in case, a column named like DuckDB's own. Most are scanned both where DuckDB reads the file itself
-and, under a name it would take for a glob, where it is read as Arrow batches."""
+differ only in case, a column named like DuckDB's own, text that is not UTF-8. Most are scanned both where
+DuckDB reads the file itself and, under a name it would take for a glob, where it is read as Arrow batches."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from fusion.config.federation import load_config
 from fusion.feeds.scan import ROW, FeedScanner, ShardScan, scan_connection, scan_windows
 from fusion.release.plan import ReleasePlan, plan_release
-from schemas.readings import VALUE
+from schemas.readings import DEAD_LETTER_REASON, VALUE
 from tests.conftest import END, START, config_text
 
 HOUR = timedelta(hours=1)
@@ -95,3 +96,25 @@ def test_windows_whose_files_duckdb_would_misbind_are_left_to_their_own_scans(
         pq.write_table(table.select([*extra, *table.column_names[:-1]]), folder / f"w{h}.parquet")
         sources.append([(0, str(folder / f"w{h}.parquet"))])
     assert scan_windows(plans, "alpha", sources, scan_connection(plans[0])) is None
+
+
+@pytest.mark.parametrize("read_by", NAMES)
+def test_a_file_with_text_that_is_not_utf8_is_dead_lettered_whole_and_the_connection_lives_on(
+    plan: ReleasePlan, read_by: str
+) -> None:
+    """DuckDB refused it (InvalidInputException) and the run failed; read as Arrow batches, DuckDB was given it and
+    invalidated its database, for every later scan on the connection too."""
+    folder = plan.config.base / "feeds" / "alpha"
+    offsets = pa.py_buffer(np.array([0, 5, 10, 15], dtype=np.int32).tobytes())
+    region = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"northnorthsou\xffh")])
+    pq.write_table(_readings(3, region=region), folder / NAMES[read_by])
+    pq.write_table(_readings(4), folder / "good.parquet")
+    connection = scan_connection(plan)
+    for _ in range(2):  # the second scan, on the same connection, reads the good file again
+        scanner = FeedScanner(plan, plan.config.institution("alpha"), connection=connection)
+        scan = scanner.scan(0, 1)
+        assert scan.unreadable == {str(folder / NAMES[read_by])}
+        assert scan.table(scanner.schema).num_rows == 4 and scan.rejected == Counter(malformed_record=1)
+        [(_, letters)] = scan.dead_letters
+        assert letters.column(DEAD_LETTER_REASON).to_pylist() == ["malformed_record"]
+        assert "UTF" in letters.column("_text")[0].as_py()
