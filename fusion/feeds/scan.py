@@ -208,10 +208,13 @@ def _times_fit(metadata: pq.FileMetaData, schema: pa.Schema, feed: FeedConfig) -
     bound = (DUCKDB_INFINITY_US - 1) // 1_000
     for index in range(metadata.num_columns):
         column = metadata.schema.column(index)
-        name = column.path.split(".")[0]
-        if name not in wanted or schema.get_field_index(name) < 0:
+        # A top-level column, whose path is its name (a nested one's is longer): names may hold dots, and
+        # `event.time` is one column, not `time` in a column `event`.
+        if column.path != column.name or column.name not in wanted:
             continue
-        arrow_type = schema.field(name).type
+        if schema.get_field_index(column.name) < 0:
+            continue
+        arrow_type = schema.field(column.name).type
         if not (pa.types.is_timestamp(arrow_type) and arrow_type.unit in ("s", "ms")):
             continue
         for group in range(metadata.num_row_groups):

@@ -1,6 +1,7 @@
 """Parquet files that DuckDB's read_parquet misreads or fails on, scanned as they should be: columns whose names
-differ only in case, a column named like DuckDB's own, text that is not UTF-8. Most are scanned both where
-DuckDB reads the file itself and, under a name it would take for a glob, where it is read as Arrow batches."""
+differ only in case, a column named like DuckDB's own, text that is not UTF-8, a dotted time column. Most are
+scanned both where DuckDB reads the file itself and, under a name it would take for a glob, where it is read as
+Arrow batches."""
 
 from __future__ import annotations
 
@@ -118,3 +119,13 @@ def test_a_file_with_text_that_is_not_utf8_is_dead_lettered_whole_and_the_connec
         [(_, letters)] = scan.dead_letters
         assert letters.column(DEAD_LETTER_REASON).to_pylist() == ["malformed_record"]
         assert "UTF" in letters.column("_text")[0].as_py()
+
+
+def test_a_millisecond_time_beyond_duckdbs_range_in_a_dotted_column_is_unparseable(plan: ReleasePlan) -> None:
+    """The footer check split the column's path at its dots (`event.time` as column `event`), so DuckDB read the
+    file and failed the whole release ("Could not convert Timestamp(MS) to Timestamp(US)")."""
+    start_ms = int(START.timestamp() * 1000)
+    times = pa.array([start_ms, start_ms + 60_000, 10**16], pa.int64()).cast(pa.timestamp("ms", tz="UTC"))
+    table = _readings(3).drop_columns(["event_time"]).append_column("event.time", times)
+    _, scan = _scan(plan, table, NAMES["duckdb"], columns={"event_time": "event.time"})
+    assert scan.rows_read == 3 and scan.rejected == Counter(unparseable_time=1) and not scan.unreadable
