@@ -152,11 +152,13 @@ def _time_expr(column: str | None, arrow_type: pa.DataType | None, time_format: 
     if column is None or arrow_type is None:
         return "NULL::TIMESTAMPTZ"
     col = _quote(column)
-    if pa.types.is_timestamp(arrow_type) or pa.types.is_date(arrow_type):
-        if pa.types.is_timestamp(arrow_type) and arrow_type.unit == "ns":  # isfinite takes no TIMESTAMPTZ_NS
-            return f"CAST({col} AS TIMESTAMPTZ)"
+    if pa.types.is_timestamp(arrow_type) and arrow_type.unit == "ns":  # isfinite takes no TIMESTAMPTZ_NS
+        return f"CAST({col} AS TIMESTAMPTZ)"
+    if pa.types.is_timestamp(arrow_type):
         # Infinite: a time beyond DuckDB's range, so given by `duckdb_input` (or written so): not a time.
         return f"CASE WHEN isfinite({col}) THEN CAST({col} AS TIMESTAMPTZ) END"
+    if pa.types.is_date(arrow_type):  # TRY_CAST: a date beyond the timestamp's range (year 294,247) is not a time
+        return f"CASE WHEN isfinite({col}) THEN TRY_CAST({col} AS TIMESTAMPTZ) END"
     if time_format == "iso":
         if _is_text(arrow_type):
             return f"TRY_CAST(trim({_text_ref(column, arrow_type)}) AS TIMESTAMPTZ)"

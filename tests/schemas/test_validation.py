@@ -578,6 +578,17 @@ def test_time_formats(validator: ReadingValidator, time_format: str, times: pa.A
         assert (got[EVENT_TIME] if isinstance(got, dict) else got) == outcome
 
 
+def test_a_date_beyond_the_timestamps_range_is_unparseable_and_the_batch_goes_on(validator: ReadingValidator) -> None:
+    """A DATE column with a date in year 1,001,306 failed the whole batch (DuckDB's cast to a timestamp)."""
+    raw = text_table([good(entity_id="ok"), good(entity_id="far")]).set_column(
+        3, EVENT_TIME, pa.array([20454, 365_000_000], pa.int32()).cast(pa.date32())
+    )
+    result = validator.validate(raw, columns=IDENTITY)
+    assert result.accepted.column(EVENT_TIME).to_pylist() == [START]
+    assert result.reasons == {str(R.UNPARSEABLE_TIME): 1}
+    assert result.rejected.column(ENTITY_ID).to_pylist() == ["far"]
+
+
 @pytest.mark.parametrize(("time_format", "text"), [("epoch_s", "1e18"), ("epoch_ms", "99999999999999999999")])
 def test_epoch_time_out_of_timestamp_range_is_unparseable(
     validator: ReadingValidator, time_format: str, text: str

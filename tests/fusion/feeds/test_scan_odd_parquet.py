@@ -1,7 +1,7 @@
 """Parquet files that DuckDB's read_parquet misreads or fails on, scanned as they should be: columns whose names
-differ only in case, a column named like DuckDB's own, text that is not UTF-8, a dotted time column. Most are
-scanned both where DuckDB reads the file itself and, under a name it would take for a glob, where it is read as
-Arrow batches."""
+differ only in case, a column named like DuckDB's own, text that is not UTF-8, a dotted time column, dates beyond
+the timestamp's range. Most are scanned both where DuckDB reads the file itself and, under a name it would take
+for a glob, where it is read as Arrow batches."""
 
 from __future__ import annotations
 
@@ -129,3 +129,11 @@ def test_a_millisecond_time_beyond_duckdbs_range_in_a_dotted_column_is_unparseab
     table = _readings(3).drop_columns(["event_time"]).append_column("event.time", times)
     _, scan = _scan(plan, table, NAMES["duckdb"], columns={"event_time": "event.time"})
     assert scan.rows_read == 3 and scan.rejected == Counter(unparseable_time=1) and not scan.unreadable
+
+
+@pytest.mark.parametrize("read_by", NAMES)
+def test_a_date_beyond_the_timestamps_range_is_unparseable(plan: ReleasePlan, read_by: str) -> None:
+    """DuckDB's cast of a DATE in year 1,001,306 to a timestamp failed the whole release."""
+    days = pa.array([20454, 20454, 365_000_000], pa.int32()).cast(pa.date32())  # 2026-01-01, twice
+    _, scan = _scan(plan, _readings(3, event_time=days), NAMES[read_by])
+    assert scan.rows_read == 3 and scan.rejected == Counter(unparseable_time=1)
