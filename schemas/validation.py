@@ -149,11 +149,17 @@ def _value_expr(column: str | None, arrow_type: pa.DataType | None) -> str:
 
 
 def _time_expr(column: str | None, arrow_type: pa.DataType | None, time_format: str) -> str:
+    """The time of a row as TIMESTAMPTZ, NULL where it is not a time. A time finer than microseconds (nanoseconds,
+    an epoch number's further digits) is truncated to the microsecond, as DuckDB's ISO parser truncates text: a
+    time 1 ns before a window's end stays in that window."""
     if column is None or arrow_type is None:
         return "NULL::TIMESTAMPTZ"
     col = _quote(column)
-    if pa.types.is_timestamp(arrow_type) and arrow_type.unit == "ns":  # isfinite takes no TIMESTAMPTZ_NS
-        return f"CAST({col} AS TIMESTAMPTZ)"
+    if pa.types.is_timestamp(arrow_type) and arrow_type.unit == "ns":
+        # Floored (a cast to microseconds rounds; DuckDB's // truncates towards zero). An infinite time (int64's
+        # extremes) has no epoch_ns: NULL.
+        ns = f"epoch_ns({col})"
+        return f"make_timestamptz(CASE WHEN {ns} >= 0 THEN {ns} // 1000 ELSE ({ns} + 1) // 1000 - 1 END)"
     if pa.types.is_timestamp(arrow_type):
         # Infinite: a time beyond DuckDB's range, so given by `duckdb_input` (or written so): not a time.
         return f"CASE WHEN isfinite({col}) THEN CAST({col} AS TIMESTAMPTZ) END"
@@ -163,9 +169,45 @@ def _time_expr(column: str | None, arrow_type: pa.DataType | None, time_format: 
         if _is_text(arrow_type):
             return f"TRY_CAST(trim({_text_ref(column, arrow_type)}) AS TIMESTAMPTZ)"
         return "NULL::TIMESTAMPTZ"
-    divisor = 1.0 if time_format == "epoch_s" else 1000.0
-    seconds = f"TRY_CAST({col} AS DOUBLE) / {divisor}"
-    return f"CASE WHEN isfinite({seconds}) THEN TRY(to_timestamp({seconds})) END"  # TRY: beyond timestamp range
+    return _epoch_expr(column, arrow_type, 6 if time_format == "epoch_s" else 3)
+
+
+def _epoch_expr(column: str, arrow_type: pa.DataType, digits: int) -> str:
+    """An epoch time, a count of seconds (`digits` 6: its decimals down to the microsecond) or milliseconds (3), as
+    TIMESTAMPTZ floored to the microsecond; NULL where it is not a number, or beyond the timestamp's range (TRY).
+
+    A count is the decimal it is written as (a float: its shortest text, what a CSV or JSON line gives). One to
+    the microsecond is read as a double and rounded to its microsecond, which is exact (a double near 1.8e9 s is
+    within 0.12 us of it); only one with further digits is floored in DECIMAL arithmetic, ten times slower."""
+    col = _quote(column)
+    per_unit = 10**digits  # microseconds in a second or a millisecond
+
+    def timestamp(micros: str) -> str:
+        return f"TRY(make_timestamptz(CAST({micros} AS BIGINT)))"
+
+    def floored(text: str) -> str:
+        return timestamp(f"floor(TRY_CAST({text} AS DECIMAL(38, 18)) * {per_unit})")
+
+    if pa.types.is_integer(arrow_type):
+        return timestamp(f"TRY_CAST({col} AS BIGINT) * {per_unit}")
+    if pa.types.is_floating(arrow_type):  # to the microsecond when its microsecond, as a double, is the float
+        number = f"CAST({col} AS DOUBLE)"
+        rounded = f"round({number} * {per_unit})"
+        exact = f"{rounded} / {per_unit} = {number}"
+        return f"CASE WHEN {exact} THEN {timestamp(rounded)} ELSE {floored(f'CAST({col} AS VARCHAR)')} END"
+    if pa.types.is_decimal(arrow_type):
+        return floored(col)
+    if not _is_text(arrow_type):
+        return "NULL::TIMESTAMPTZ"  # booleans, nested values...: not a number
+    text = _text_ref(column, arrow_type)
+    dot = f"strpos({text}, '.')"
+    # Plain notation (no exponent: 5e-4 ms is 0.5 us) with at most `digits` decimals: to the microsecond.
+    exact = (
+        f"(CASE WHEN {dot} = 0 THEN 0 ELSE length({text}) - {dot} END) <= {digits} "
+        f"AND strpos({text}, 'e') = 0 AND strpos({text}, 'E') = 0"
+    )
+    rounded = f"round(TRY_CAST({text} AS DOUBLE) * {per_unit})"
+    return f"CASE WHEN {exact} THEN {timestamp(rounded)} ELSE {floored(text)} END"
 
 
 #: DuckDB's TIMESTAMP is microseconds in an int64 whose two extreme values are -infinity and infinity.

@@ -98,10 +98,20 @@ def _as_time(value: Any, time_format: str) -> datetime | None:
         except ValueError:
             return None
         return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    seconds = _as_float(value)
-    if seconds is None or not math.isfinite(seconds):
+    # An epoch count is the decimal it is written as (a float: its shortest text), floored to the microsecond.
+    if isinstance(value, bool) or value is None:
         return None
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds / (1000 if time_format == "epoch_ms" else 1))
+    try:
+        count = Decimal(repr(value) if isinstance(value, float) else str(value).strip())
+    except ArithmeticError:  # decimal.InvalidOperation: not a number
+        return None
+    if not count.is_finite():
+        return None
+    micros = math.floor(count * (1000 if time_format == "epoch_ms" else 1_000_000))
+    try:
+        return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    except OverflowError:
+        return None
 
 
 def reference(row: dict[str, Any], rules: ReadingRules = RULES, time_format: str = "iso") -> str | dict[str, Any]:
@@ -531,6 +541,35 @@ EPOCH_CASES = [
         ],
     ),  # seconds read as milliseconds: January 1970
     (
+        "epoch_s",
+        pa.array(["1767229200.9999999", "1767229200.0000005", "1767229199.9999999", "1767229200.000003"]),
+        [
+            START + timedelta(hours=1, microseconds=999999),
+            START + timedelta(hours=1),
+            START + timedelta(minutes=59, seconds=59, microseconds=999999),
+            START + timedelta(hours=1, microseconds=3),
+        ],
+    ),  # truncated to the microsecond, as ISO text is (rounded, the first went to the next second)
+    (
+        "epoch_s",
+        pa.array([1767229200.9999996, 1767229200.000003], pa.float64()),
+        [START + timedelta(hours=1, microseconds=999999), START + timedelta(hours=1, microseconds=3)],
+    ),  # a float as the decimal it prints as: its binary value, 1767229200.0000030994, would not do
+    (
+        "epoch_ms",
+        pa.array(["1767229200000.0009", "1767229200000.9999", "1767229200001"], pa.string()),
+        [
+            START + timedelta(hours=1),
+            START + timedelta(hours=1, microseconds=999),
+            START + timedelta(hours=1, milliseconds=1),
+        ],
+    ),
+    (
+        "epoch_s",
+        pa.array([True], pa.bool_()),
+        [R.UNPARSEABLE_TIME],
+    ),  # not a number (it was read as 1 s, 1970)
+    (
         "epoch_ms",
         pa.array([datetime(2026, 1, 1, 2, tzinfo=UTC)], pa.timestamp("us", tz="UTC")),
         [START + timedelta(hours=2)],
@@ -576,6 +615,55 @@ def test_time_formats(validator: ReadingValidator, time_format: str, times: pa.A
     for row, outcome in zip(rows, expected, strict=True):
         got = reference(row, time_format=time_format)
         assert (got[EVENT_TIME] if isinstance(got, dict) else got) == outcome
+
+
+def _outcomes(result: Any, rows: int) -> list[Any]:
+    """Per row e0, e1, ...: its accepted time, or the reason it was rejected."""
+    accepted, rejected = result.accepted, result.rejected
+    outcome = dict(zip(accepted.column(ENTITY_ID).to_pylist(), accepted.column(EVENT_TIME).to_pylist(), strict=True))
+    outcome.update(
+        zip(rejected.column(ENTITY_ID).to_pylist(), rejected.column(DEAD_LETTER_REASON).to_pylist(), strict=True)
+    )
+    return [outcome.get(f"e{i}") for i in range(rows)]
+
+
+@pytest.mark.parametrize("kind", ["ns-utc", "ns-naive", "iso-text"])
+def test_nanosecond_times_are_truncated_to_the_microsecond_as_iso_text_is(
+    validator: ReadingValidator, kind: str
+) -> None:
+    """A Parquet time 1 ns before a window's or the interval's end was rounded up into the next window, or out of
+    the interval (one 1 ns before its start into it), where the same time as ISO text was truncated."""
+    s0, hour = int(START.timestamp()) * 10**9, 3600 * 10**9
+    nanos = [s0 - 1, s0 + hour - 1, s0 + 6 * hour - 1, s0 + 1999]
+    times = {
+        "ns-utc": pa.array(nanos, pa.timestamp("ns", tz="UTC")),
+        "ns-naive": pa.array(nanos, pa.timestamp("ns")),
+        "iso-text": pa.array([
+            "2025-12-31T23:59:59.999999999Z", "2026-01-01T00:59:59.999999999Z", "2026-01-01T05:59:59.999999999Z",
+            "2026-01-01T00:00:00.000001999Z",
+        ]),
+    }[kind]
+    raw = text_table([good(entity_id=f"e{i}") for i in range(4)]).set_column(3, EVENT_TIME, times)
+    assert _outcomes(validator.validate(raw, columns=IDENTITY), 4) == [
+        str(R.OUT_OF_INTERVAL),
+        START + timedelta(hours=1) - timedelta(microseconds=1),
+        END - timedelta(microseconds=1),
+        START + timedelta(microseconds=1),
+    ]
+
+
+def test_a_nanosecond_time_before_1970_is_floored_too() -> None:
+    """DuckDB's integer division truncates towards zero: -1 ns is -1 us, not 0."""
+    raw = text_table([good(entity_id=f"e{i}") for i in range(3)]).set_column(
+        3, EVENT_TIME, pa.array([-1, -1000, -1001], pa.timestamp("ns", tz="UTC"))
+    )
+    rules = ReadingRules(plausible=PLAUSIBLE, regions=REGIONS, start=datetime(1969, 1, 1, tzinfo=UTC), end=START)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert _outcomes(ReadingValidator(rules).validate(raw, columns=IDENTITY), 3) == [
+        epoch - timedelta(microseconds=1),
+        epoch - timedelta(microseconds=1),
+        epoch - timedelta(microseconds=2),
+    ]
 
 
 def test_a_date_beyond_the_timestamps_range_is_unparseable_and_the_batch_goes_on(validator: ReadingValidator) -> None:
@@ -868,3 +956,37 @@ def test_property_native_rows_match_reference(validator: ReadingValidator, rows:
 )
 def test_property_epoch_ms_rows_match_reference(validator: ReadingValidator, rows: list[dict[str, Any]]) -> None:
     check_against_reference(validator, rows, text_table(rows), time_format="epoch_ms")
+
+
+def _epoch_text(micros: int, extra: str, time_format: str, exponent: bool) -> str:
+    """`micros` since 1970 and `extra` digits beyond them, as a count of epoch seconds or milliseconds, written
+    plainly or with an exponent."""
+    per_unit = 1_000_000 if time_format == "epoch_s" else 1000
+    whole, fraction = divmod(micros, per_unit)
+    digits = f"{whole}.{fraction:0{len(str(per_unit)) - 1}d}{extra}"
+    return f"{Decimal(digits):E}" if exponent else digits
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    times=st.lists(
+        st.tuples(
+            st.integers(int(START.timestamp()) * 10**6 - 2, int(END.timestamp()) * 10**6 + 2),
+            st.sampled_from(["", "0", "5", "9", "999", "0001", "9999999"]),
+            st.booleans(),
+        ),
+        max_size=30,
+    ),
+    time_format=st.sampled_from(["epoch_s", "epoch_ms"]),
+)
+def test_property_epoch_times_are_floored_to_the_microsecond_as_the_reference_does(
+    validator: ReadingValidator, times: list[tuple[int, str, bool]], time_format: str
+) -> None:
+    """Every epoch count, whatever its digits beyond the microsecond and however written, as text or as a float
+    (which is read as its shortest text): the reference floors the decimal exactly."""
+    texts = [_epoch_text(micros, extra, time_format, exponent) for micros, extra, exponent in times]
+    rows = [good(entity_id=f"e{i}", event_time=text) for i, text in enumerate(texts)]
+    check_against_reference(validator, rows, text_table(rows), time_format=time_format)
+    floats = [{**row, EVENT_TIME: float(row[EVENT_TIME])} for row in rows]
+    raw = text_table(rows).set_column(3, EVENT_TIME, pa.array([r[EVENT_TIME] for r in floats], pa.float64()))
+    check_against_reference(validator, floats, raw, time_format=time_format)
