@@ -287,20 +287,29 @@ def _read_csv(path: str, wanted: list[str], feed: FeedConfig, batch_rows: int) -
     with _open_stream(path) as handle:
         if not handle.peek(1):  # an empty file (no header either) holds no rows; pyarrow would refuse it
             return
-        reader = pacsv.open_csv(
-            handle,
-            read_options=pacsv.ReadOptions(block_size=1 << 22),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=keep_malformed),
-            convert_options=pacsv.ConvertOptions(
-                # Bytes, checked for UTF-8 here: as strings, one undecodable field would fail the whole file.
-                column_types={c: pa.binary() for c in wanted},
-                include_columns=wanted,
-                include_missing_columns=True,
-                null_values=[""],  # only empty fields are missing: "NaN" or "n/a" must reach validation
-                strings_can_be_null=True,
-                quoted_strings_can_be_null=False,
-            ),
-        )
+        try:
+            reader = pacsv.open_csv(
+                handle,
+                read_options=pacsv.ReadOptions(block_size=1 << 22),
+                parse_options=pacsv.ParseOptions(invalid_row_handler=keep_malformed),
+                convert_options=pacsv.ConvertOptions(
+                    # Bytes, checked for UTF-8 here: as strings, one undecodable field would fail the whole file.
+                    column_types={c: pa.binary() for c in wanted},
+                    include_columns=wanted,
+                    include_missing_columns=True,
+                    null_values=[""],  # only empty fields are missing: "NaN" or "n/a" must reach validation
+                    strings_can_be_null=True,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
+        except pa.ArrowInvalid:
+            # pyarrow refuses a header without its line end, or a byte-order mark or blank lines alone ("Empty CSV
+            # file"): no rows either, as with the line end or in an empty file (a header still names its columns).
+            if not _one_line_at_most(path):
+                raise
+            if header and missing:
+                yield RawBatch(pa.schema([(c, pa.string()) for c in wanted]).empty_table(), missing_columns=missing)
+            return
         schema = pa.schema([pa.field(name, pa.string()) for name in reader.schema.names])
         pending: list[pa.RecordBatch] = []
         size = rows = 0  # rows: the file's rows parsed so far, to number a row that is not UTF-8
@@ -318,6 +327,20 @@ def _read_csv(path: str, wanted: list[str], feed: FeedConfig, batch_rows: int) -
                 malformed.clear()
         if pending or malformed or (missing and not yielded):
             yield RawBatch(pa.Table.from_batches(pending, schema=schema), tuple(malformed), missing)
+
+
+#: Bytes of a CSV file read to tell whether it holds one line at most (a header is far shorter).
+HEADER_BYTES = 1 << 20
+
+
+def _one_line_at_most(path: str) -> bool:
+    """Whether a file holds one line that is not blank at most (a byte-order mark aside)."""
+    with _open_stream(path) as handle:
+        data = handle.read(HEADER_BYTES + 1)
+    if len(data) > HEADER_BYTES:
+        return False
+    lines = data.removeprefix(codecs.BOM_UTF8).replace(b"\r", b"\n").split(b"\n")
+    return sum(1 for line in lines if line.strip()) <= 1
 
 
 def _utf8_rows(

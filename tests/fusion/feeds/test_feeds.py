@@ -154,10 +154,25 @@ def test_a_truncated_gzip_feed_is_damage_not_a_shorter_file(tmp_path: Path, fmt:
         read_all(path, feed(fmt))
 
 
-def test_csv_header_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    [",".join(HEADER) + "\n", ",".join(HEADER), "\ufeff" + ",".join(HEADER), "\ufeff", "\n\n", ""],
+    ids=["header", "header-without-line-end", "bom-and-header", "bom-only", "blank-lines", "empty"],
+)
+def test_a_csv_file_of_a_header_at_most_holds_no_rows(tmp_path: Path, text: str) -> None:
+    """pyarrow refuses a header without its line end, or a byte-order mark alone ("Empty CSV file"): such a file
+    was dead-lettered as unreadable, where a header with its line end, or an empty file, holds no rows."""
     path = tmp_path / "feed.csv"
-    path.write_text(",".join(HEADER) + "\n")
-    assert sum(b.rows for b in read_all(path, feed("csv"))) == 0
+    path.write_text(text, encoding="utf-8")
+    assert read_all(path, feed("csv")) == []
+
+
+@pytest.mark.parametrize("line_end", ["\n", ""])
+def test_a_csv_header_lacking_a_column_says_so_with_or_without_its_line_end(tmp_path: Path, line_end: str) -> None:
+    path = tmp_path / "feed.csv"
+    path.write_text(",".join(h for h in HEADER if h != "value") + line_end)
+    [batch] = read_all(path, feed("csv"))
+    assert batch.rows == 0 and batch.missing_columns == ("value",)
 
 
 # --- JSONL ------------------------------------------------------------------------------------------------
