@@ -20,6 +20,27 @@ from fusion.config.federation import Config, load_config
 
 logging.getLogger().setLevel(logging.ERROR)
 
+# Modules holding a test of 30 s or more (separate party processes, crash-and-rerun federations, the bench
+# harness): run first, so that the two workers (`make test`, pytest-xdist's load scheduling) do not end on one of
+# them while the other sits idle. Order within a module, and of the rest, is unchanged.
+SLOW_FIRST = (
+    "tests/pipelines/test_federation_processes.py",
+    "tests/pipelines/test_roles_cli.py",
+    "tests/pipelines/test_crash_safety.py",
+    "tests/training/test_exchange_round.py",
+    "tests/training/test_signed_rounds.py",
+    "tests/bench/test_run.py",
+    "tests/pipelines/test_envelope_identity.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        module = item.nodeid.split("::", 1)[0]
+        return SLOW_FIRST.index(module) if module in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: every worker collects the same order
+
 START = datetime(2026, 1, 1, tzinfo=UTC)
 END = START + timedelta(hours=6)
 REGIONS = ("north", "south", "east")
