@@ -4,12 +4,15 @@ key holder's release), run as one batch, in process, on a schedule or as a strea
 Public API (what the rest of the repository imports), by module:
 - `aggregate`: Aggregate, EncryptedSum, envelope_paths, OnePerInstitution, OpenEnvelope, PublicContext, REFUSED,
   SealAggregate
+- `aggregate_envelope`: AGGREGATE_MISMATCH, AGGREGATE_UNVERIFIABLE, aggregate_header, AggregateProblem,
+  contributions_sum, recompute_problem, total, unmasked_sum
 - `batch`: audit_feeds, run_batch
 - `broker_journal`: AckFloor, JOURNAL_SUFFIX, message_lines, SourceJournal
 - `broker_sources`: SourceReader, start_readers
 - `contribute`: Contribute, ContributeShard, DEAD, dead_letter_dir, double_mask, FILES, masking_graph,
   MergeFileTallies, MergePartials, PARTIAL, remove_staging, scan_work, SealContribution, StageFeed,
   staging_prefix, WriteDeadLetters
+- `envelope_checks`: EnvelopeChecks, misnamed, one_per_institution, Opened, PublicContext
 - `local`: aggregate_locally, contribute_locally, run_dofn
 - `release`: audit_event, audit_row, prepare_releases, PreparedRelease, publish_releases, release, ReleaseOutcome
 - `run`: beam_options, beam_scratch, names_runner, run_aggregate, run_contributions, run_unmask
@@ -23,6 +26,6 @@ Public API (what the rest of the repository imports), by module:
 - `stream_release`: release_windows
 - `stream_sources`: MARKERS, REJECT_COUNTS, run_unbounded
 - `unmask`: absent_mask_sum, absent_mask_total, acknowledge, acknowledged, acknowledgements_needed, Answer,
-  opened_shares, read_roster, removable_noise, Roster, seal_unmask, self_mask_sum, self_mask_total,
-  sparse_roster_problem, write_roster
+  opened_shares, read_roster, removable_noise, RemovedLayers, removed_masks, revealed_layers, Roster, seal_unmask,
+  self_mask_sum, self_mask_total, sparse_roster_problem, write_roster
 """

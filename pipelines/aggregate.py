@@ -4,19 +4,13 @@ The aggregator holds only the public context: it can add ciphertexts but never r
 release: first over the contributions, closing the roster (included / absent) that starts the unmask round;
 then over the contributions and the institutions' answers, removing the self masks and sealing the aggregate,
 which it signs. Every envelope it refuses is listed, with its reason, in the aggregate's header (the key
-holder records them in `audit`).
-
-An envelope is its signer's (verified signature), never its file name's; and it counts only in its signer's own
-place, `contributions/<institution>.fenv` (`unmask/<institution>.fenv` for an answer), because that is where the
-institutions answering the roster read each included contribution. One filed under another institution's name
-(two envelopes swapped by hand, say) is refused as misnamed, naming the file and both institutions, and the round
-goes on without it: accepted under its signer's name instead, it would close a roster nobody can answer.
+holder records them in `audit`). The checks of each envelope (pipelines/envelope_checks.py) and the making of
+the aggregate from the envelopes that pass them (pipelines/aggregate_envelope.py) run without Beam: the key
+holder runs them again to recompute the aggregate before it charges anything.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -24,238 +18,71 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
-from fusion.errors import FusionError
 from fusion.keys.registry import check_he_context, load_aggregator_signing_key, load_registry
 from fusion.release.exchange import (
     EnvelopePlace,
-    FileTooLarge,
     aggregate_path,
     aggregation_status_path,
     contributions_dir,
     delete_if_exists,
     list_files,
     public_context_path,
-    public_context_sha256,
-    read_bounded,
-    read_bytes,
     refusal_path,
     unmask_dir,
     write_bytes,
     write_json,
 )
-from fusion.release.plan import ReleasePlan
+from fusion.release.plan import ReleasePlan, masking_graph
 from fusion.runtime.faults import crash_point
-from pipelines.contribute import masking_graph
+from pipelines.aggregate_envelope import aggregate_header, contributions_sum, unmasked_sum
+from pipelines.envelope_checks import EnvelopeChecks, Opened, PublicContext, one_per_institution
 from pipelines.unmask import (
     Roster,
-    absent_mask_total,
     acknowledged,
     acknowledgements_needed,
     read_roster,
     removable_noise,
-    self_mask_total,
+    removed_masks,
+    revealed_layers,
     sparse_roster_problem,
     write_roster,
 )
 from privacy import he
-from privacy.envelope import (
-    EnvelopeError,
-    EnvelopeHeader,
-    PayloadMismatch,
-    max_envelope_bytes,
-    pack_envelope,
-    signature_valid,
-    unpack_envelope,
-)
-from privacy.masking import centred
+from privacy.envelope import EnvelopeHeader, pack_envelope
 from privacy.sharing import ShareError
 
 REFUSED = "refused"
 
-_LOADED: dict[tuple[str, str], tuple[bytes, Any]] = {}  # (path, digest) -> (bytes, context), per process
-
-
-class PublicContext:
-    """The exchange's public HE context by path and SHA-256: Beam pickles a few bytes instead of megabytes, and
-    each worker process loads (and checks) it once."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sha256 = public_context_sha256(path)
-
-    def _load(self) -> tuple[bytes, Any]:
-        key = (self.path, self.sha256)
-        if key not in _LOADED:
-            data = read_bytes(self.path)
-            if hashlib.sha256(data).hexdigest() != self.sha256:
-                raise FusionError(f"the public HE context {self.path} changed while the aggregator ran")
-            _LOADED[key] = (data, he.load_public_context(data))
-        return _LOADED[key]
-
-    @property
-    def context(self) -> Any:
-        return self._load()[1]
-
 
 class OpenEnvelope(beam.DoFn):
-    """path -> (institution, (path, header, ciphertexts)); envelopes that fail a check are tagged refused."""
+    """path -> (institution, (path, header, ciphertexts)); envelopes that fail a check are tagged refused
+    (pipelines/envelope_checks.py)."""
 
     def __init__(
         self, plan: ReleasePlan, public_context: PublicContext, registry: dict[str, bytes], roster: Roster | None
     ) -> None:
-        self._plan = plan
+        self._checks = EnvelopeChecks(plan, public_context, registry, roster)
         self._public_context = public_context
-        self._registry = registry
-        self._roster = roster
-        self._ciphertexts = he.ciphertexts_for(plan.layout.slots)
 
     def setup(self) -> None:
-        self._context = self._public_context.context
+        _ = self._public_context.context  # loaded (and checked) once per worker, before the first envelope
 
     def process(self, path: str) -> Iterator[Any]:
-        try:
-            data = read_bounded(path, max_envelope_bytes(self._ciphertexts))
-        except FileTooLarge as exc:  # not read: no envelope of this layout is that large
-            yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": f"unreadable: {exc}"})
-            return
-        try:
-            header, ciphertexts = unpack_envelope(data, max_ciphertexts=self._ciphertexts)
-        except PayloadMismatch:
-            yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": "tampered"})
-            return
-        except EnvelopeError as exc:
-            yield TaggedOutput(REFUSED, {"source": path, "institution": "", "reason": f"unreadable: {exc}"})
-            return
-        institution = header.contributors[0] if header.contributors else ""
-        refusal = {"source": path, "institution": institution}
-        reason = self._check_signer(header)
-        place = EnvelopePlace.of(path)
-        if not reason and self._filed_as_another(place, header):
-            # Before the release checks: whatever else is wrong with it, the audit says whose it is and where it lay.
-            refusal["claimed"] = place.named
-            reason = misnamed(place, header.kind, institution)
-        reason = reason or self._check_release(header) or self._check_ciphertexts(header, ciphertexts)
-        if reason:
-            yield TaggedOutput(REFUSED, {**refusal, "reason": reason})
-        else:
-            yield (header.kind, institution), (path, header, ciphertexts)
-
-    def _filed_as_another(self, place: EnvelopePlace, header: EnvelopeHeader) -> bool:
-        """Whether a verified envelope lies in another institution's place, or in the folder of the other kind.
-        (A file named after no institution, e.g. a copy, is judged with its signer's other envelopes.)"""
-        own = EnvelopePlace.own(header.kind, header.contributors[0])
-        registered = {i.id for i in self._plan.config.institutions}
-        return place.folder != own.folder or (place.named != own.named and place.named in registered)
-
-    def _check_signer(self, header: EnvelopeHeader) -> str:
-        """The checks that establish who signed the envelope, and for which release."""
-        plan = self._plan
-        registered = {i.id for i in plan.config.institutions}
-        if header.kind not in ("contribution", "unmask") or len(header.contributors) != 1:
-            return "not_a_contribution"
-        if header.federation != plan.key.federation:
-            return "wrong_federation"
-        if (header.interval_start, header.interval_end) != (
-            plan.layout.start.isoformat(),
-            plan.layout.end.isoformat(),
-        ):
-            return "wrong_interval"
-        if header.layout_digest != plan.key.layout_digest or header.slots != plan.layout.slots:
-            return "wrong_layout"
-        if header.parameters_digest != plan.key.parameters_digest:
-            return "wrong_parameters"
-        if header.contributors[0] not in registered or header.contributors[0] not in self._registry:
-            return "unregistered_institution"
-        if not header.signature:
-            return "unsigned"
-        if not signature_valid(header, self._registry[header.contributors[0]]):
-            return "bad_signature"
-        return ""
-
-    def _check_release(self, header: EnvelopeHeader) -> str:
-        """The checks of a signed envelope against this release's public context and roster."""
-        if header.context_sha256 != self._public_context.sha256:
-            return "wrong_he_context"
-        if header.kind == "contribution" and not self._sealed_variance(header.noise_variance):
-            # Summed into the aggregate's header, a claim the key holder's error bars and its plausibility check
-            # rest on: negative, it would fail the decode after the charge; NaN, it would disable the check.
-            return "wrong_noise_variance"
-        roster = self._roster
-        if header.kind == "contribution" and roster is not None and header.contributors[0] in roster.absent:
-            return "declared_absent"  # too late: its masks must keep it unreadable now
-        if header.kind == "unmask":
-            if roster is None or (tuple(sorted(header.included)), tuple(sorted(header.absent))) != (
-                roster.included,
-                roster.absent,
-            ):
-                return "wrong_roster"
-            if header.contributors[0] not in roster.included:
-                return "declared_absent"
-        return ""
-
-    def _sealed_variance(self, claimed: float) -> bool:
-        """Whether a contribution's noise variance is the share every institution seals under this plan (with
-        noise off, test mode, none or the share: a training round seals its share whatever the config says)."""
-        share = self._plan.params.share_variance
-        allowed = (share,) if self._plan.params.noise else (0.0, share)
-        return math.isfinite(claimed) and any(math.isclose(claimed, a, rel_tol=1e-9, abs_tol=0.0) for a in allowed)
-
-    def _check_ciphertexts(self, header: EnvelopeHeader, ciphertexts: list[bytes]) -> str:
-        # An answer is revealed shares alone: the aggregator removes every mask itself.
-        expected = 0 if header.kind == "unmask" else he.ciphertexts_for(self._plan.layout.slots)
-        if len(ciphertexts) != expected:
-            return "wrong_layout"
-        sizes = he.ciphertext_sizes(self._plan.layout.slots) if expected else []
-        for data, size in zip(ciphertexts, sizes, strict=True):
-            try:
-                slots = he.check_ciphertext(self._context, data)
-            except ValueError:
-                return "unreadable_ciphertext"
-            if slots != size:  # it would stop the sum of every envelope, the roster already closed on it
-                return "wrong_layout"
-        return ""
-
-
-def misnamed(place: EnvelopePlace, kind: str, signer: str) -> str:
-    """The reason an envelope signed by `signer` and filed at `place`, not in its own place, is refused."""
-    return (
-        f"misnamed: signed by {signer}, filed as {place.relative}; it counts only as "
-        f"{EnvelopePlace.own(kind, signer).relative} (put it back there, then run `fusion aggregate` again)"
-    )
+        opened = self._checks.open(path)
+        yield TaggedOutput(REFUSED, opened) if isinstance(opened, dict) else opened
 
 
 class OnePerInstitution(beam.DoFn):
-    """((kind, institution), its signed envelopes) -> the one that counts for it: the one in its own place.
+    """((kind, institution), its signed envelopes) -> the one that counts for it (`one_per_institution`: the one
+    in its own place); the others tagged refused."""
 
-    Copies of it elsewhere (same nonce and payload) are replays, refused, so dropping a copy into the exchange
-    cannot knock an institution out; with none in its own place, none counts (misnamed: the institutions answering
-    the roster would not find it). Two different envelopes signed by one institution are ambiguous: all are
-    refused as duplicates.
-    """
-
-    def process(
-        self, element: tuple[tuple[str, str], Iterable[tuple[str, EnvelopeHeader, list[bytes]]]]
-    ) -> Iterator[Any]:
+    def process(self, element: tuple[tuple[str, str], Iterable[Opened]]) -> Iterator[Any]:
         (kind, institution), envelopes = element
-        own = EnvelopePlace.own(kind, institution)
-        envelopes = sorted(envelopes, key=lambda e: (EnvelopePlace.of(e[0]) != own, e[0]))  # its own place first
-
-        def refused(path: str, reason: str) -> TaggedOutput:
-            place = EnvelopePlace.of(path)
-            claimed = {} if place == own else {"claimed": place.named}
-            return TaggedOutput(REFUSED, {"source": path, "institution": institution, **claimed, "reason": reason})
-
-        if len({(h.nonce, h.payload_sha256) for _, h, _ in envelopes}) > 1:
-            for path, _, _ in envelopes:
-                yield refused(path, "duplicate")
-            return
-        if EnvelopePlace.of(envelopes[0][0]) != own:
-            for path, _, _ in envelopes:
-                yield refused(path, misnamed(EnvelopePlace.of(path), kind, institution))
-            return
-        yield envelopes[0]
-        for path, _, _ in envelopes[1:]:
-            yield refused(path, "replayed")
+        kept, refusals = one_per_institution(kind, institution, envelopes)
+        for refusal in refusals:
+            yield TaggedOutput(REFUSED, refusal)
+        if kept is not None:
+            yield kept
 
 
 #: Encrypted vectors an EncryptedSum accumulator holds before adding them up: one homomorphic sum over several
@@ -303,11 +130,6 @@ class EncryptedSum(beam.CombineFn):
         self, accumulator: tuple[list[EnvelopeHeader], list[list[bytes]]]
     ) -> tuple[list[EnvelopeHeader], list[list[bytes]]]:
         return accumulator
-
-
-def total(context: Any, parts: list[list[bytes]]) -> list[bytes]:
-    """The homomorphic sum of EncryptedSum's vectors."""
-    return parts[0] if len(parts) == 1 else he.add_encrypted(context, parts)
 
 
 class SealAggregate(beam.DoFn):
@@ -403,9 +225,7 @@ class SealAggregate(beam.DoFn):
             )
             return
         try:
-            masks = self_mask_total(plan, headers, answers)
-            if roster.absent:
-                masks = (masks + absent_mask_total(plan, headers, answers, roster.absent)) % he.PLAIN_MODULUS
+            masks = removed_masks(plan, headers, answers, roster.absent)
         except ShareError as exc:
             if pending:  # a wrong or unreadable share was discarded: the answers still to come may supply good ones
                 yield self._status(
@@ -432,23 +252,16 @@ class SealAggregate(beam.DoFn):
                 }
             )
             return
-        layers = removable_noise(plan, headers, answers)
-        masks = (masks + layers.noise % he.PLAIN_MODULUS) % he.PLAIN_MODULUS
-        unmasking = centred(he.PLAIN_MODULUS - masks, he.PLAIN_MODULUS)
-        context = self._public_context.context
-        ciphertexts = he.add_plain(context, total(context, parts), unmasking)
-        reject_counts: dict[str, dict[str, int]] = {}
-        for h in headers.values():
-            reject_counts.update(h.reject_counts)
-        header = plan.envelope_header(
-            kind="aggregate",
-            contributors=contributors,
-            noise_variance=sum(h.noise_variance for h in headers.values()) - layers.variance,
+        layers = removable_noise(plan, headers, revealed_layers(answers))
+        added = contributions_sum(self._public_context, headers, parts)
+        ciphertexts = unmasked_sum(self._public_context.context, added, masks, layers)
+        header = aggregate_header(
+            plan,
             context_sha256=self._public_context.sha256,
-            reject_counts=reject_counts,
+            contributions=headers,
+            roster=roster,
+            layers=layers,
             refused=tuple(refused),
-            absent=roster.absent,
-            included=roster.included,
         )
         signing_key = load_aggregator_signing_key(plan.config)
         write_bytes(

@@ -59,7 +59,7 @@ from fusion.release.exchange import (
     write_bytes,
     write_json,
 )
-from fusion.release.plan import ReleasePlan
+from fusion.release.plan import ReleasePlan, masking_graph
 from fusion.release.rejects import pack_reject_tallies
 from fusion.runtime.faults import crash_point
 from pipelines.sealing import noise_generator, record_sealed, seal_noise_layers
@@ -68,7 +68,6 @@ from privacy.bounding import bound_contributions
 from privacy.envelope import EnvelopeHeader, pack_envelope
 from privacy.layout import SUMSQ
 from privacy.masking import add_mod, pairwise_mask
-from privacy.masking_graph import MaskingGraph
 from privacy.sharing import commitment, new_seed, self_mask, share_coordinates, share_pair_keys, share_seed
 from schemas.reasons import PUBLISHED_REASONS, RejectReason
 from schemas.validation import readings_as_dead_letters, register_rules
@@ -364,17 +363,6 @@ class WriteDeadLetters(beam.DoFn):
         pq.write_table(table, sink)
         write_bytes(path, sink.getvalue().to_pybytes())
         yield path
-
-
-def masking_graph(plan: ReleasePlan) -> MaskingGraph:
-    """The release's public masking graph (privacy/masking_graph.py): the same for every party, from the
-    federation's institutions, the release id, the quorum and the collusion bound."""
-    return MaskingGraph.build(
-        (i.id for i in plan.config.institutions),
-        context=plan.key.release_id.encode(),
-        quorum=plan.params.quorum,
-        max_colluding=plan.params.max_colluding,
-    )
 
 
 def double_mask(plan: ReleasePlan, institution_id: str, vector: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:

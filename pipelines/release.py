@@ -50,6 +50,7 @@ from fusion.store.provenance import (
     store_id,
 )
 from fusion.store.signed_budget import budget_claim
+from pipelines.aggregate_envelope import AGGREGATE_MISMATCH, AggregateProblem, recompute_problem
 from privacy import he
 from privacy.envelope import EnvelopeError, EnvelopeHeader, max_envelope_bytes, signature_valid, unpack_envelope
 from privacy.signing import public_key, verify
@@ -203,8 +204,9 @@ def prepare_releases(
 
 
 def _open_aggregate(plan: ReleasePlan, store: Store, released: set[str]) -> _Opened | ReleaseOutcome:
-    """The plan's aggregate envelope, checked (layout, parameters, signature, context, quorum), or the outcome of
-    a release already made (its id in `released`, the store's, read once for every plan); raises ReleaseRefused."""
+    """The plan's aggregate envelope, checked (layout, parameters, signature, context, quorum, and recomputed from
+    the exchange: pipelines/aggregate_envelope.py), or the outcome of a release already made (its id in
+    `released`, the store's, read once for every plan); raises ReleaseRefused."""
     release_id = plan.key.release_id
     exchange = plan.config.exchange_path
     if release_id in released:
@@ -244,8 +246,36 @@ def _open_aggregate(plan: ReleasePlan, store: Store, released: set[str]) -> _Ope
             f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}"
         )
     _check_noise_variance(plan, header)
+    problem = recompute_problem(plan, header)  # the aggregator's signature says who sealed it, not what it holds
+    if problem is not None:
+        _refuse_unrecomputed(plan, store, path, data, problem)
     signing_key = registered_signing_key(plan.config)  # before anything is charged: nothing unsigned is published
     return _Opened(plan, data, header, ciphertexts, signing_key)
+
+
+def _refuse_unrecomputed(
+    plan: ReleasePlan, store: Store, path: str, data: bytes, problem: AggregateProblem
+) -> NoReturn:
+    """Record in `audit` that the aggregate is not what the exchange's signed envelopes give (or that they are no
+    longer there to tell), and refuse the release: nothing is charged or decrypted."""
+    detail = {"aggregate": str(path), "aggregate_sha256": hashlib.sha256(data).hexdigest(), "found": problem.found}
+    audit_event(plan, store, action="release_refused", reason=problem.reason, detail=detail)
+    if problem.reason == AGGREGATE_MISMATCH:
+        fix = (
+            "the aggregator runs `fusion aggregate` again (an honest one seals the same sum from the same envelopes); "
+            "if the aggregate still differs, the aggregator's operator finds out what sealed it"
+        )
+    else:
+        fix = (
+            "restore the exchange: an institution whose contribution is missing or refused runs `fusion contribute` "
+            "again (it re-publishes its kept envelope), one whose answer is, `fusion contribute --unmask`; then "
+            "`fusion release` again"
+        )
+    raise ReleaseRefused(
+        f"release {plan.key.release_id} refused ({problem.reason}): the aggregate {path} is not what the signed "
+        f"contributions and answers in the exchange give: {problem.found}. It is not decrypted, nothing is charged; "
+        f"{fix}"
+    )
 
 
 def _signed(

@@ -27,8 +27,10 @@ import contextlib
 import json
 import os
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,7 @@ from fusion.release.exchange import (
     write_bytes,
     write_json,
 )
-from fusion.release.plan import ReleasePlan
-from pipelines.contribute import masking_graph
+from fusion.release.plan import ReleasePlan, masking_graph
 from pipelines.sealing import forget_layer_seed, sealed_layer_seed
 from privacy import he
 from privacy.envelope import (
@@ -649,36 +650,58 @@ def absent_mask_sum(
     return total
 
 
+def removed_masks(
+    plan: ReleasePlan, contributions: dict[str, EnvelopeHeader], answers: list[EnvelopeHeader], absent: tuple[str, ...]
+) -> np.ndarray:
+    """The masks the aggregator removes from the sum of `contributions` (included institutions by id), mod t:
+    every self mask, and with institutions `absent` every mask held with them. Raises ShareError."""
+    masks = self_mask_total(plan, contributions, answers)
+    if absent:
+        masks = (masks + absent_mask_total(plan, contributions, answers, absent)) % he.PLAIN_MODULUS
+    return masks
+
+
 @dataclass(frozen=True)
 class RemovedLayers:
-    """The noise layers the aggregator removes: their sum (int64 slots), the variance they took out, and why a
-    contributor's layers stayed (its noise is then larger than needed, never smaller)."""
+    """The noise layers the aggregator removes: their sum (int64 slots), the variance they took out, the reveals
+    they came from ({institution: "layer:seed hex"}, which the aggregate's header records, so that the key holder
+    removes the same ones whatever answers came later), and why a contributor's layers stayed (its noise is then
+    larger than needed, never smaller)."""
 
     noise: np.ndarray
     variance: float
     kept: dict[str, str]
+    revealed: dict[str, str] = field(default_factory=dict)
+
+
+def revealed_layers(answers: list[EnvelopeHeader]) -> dict[str, str]:
+    """{sender: "layer:seed hex"} of the answers that reveal their sender's top removable noise layer."""
+    revealed = {a.contributors[0]: a.revealed_layers.get(a.contributors[0]) for a in answers if a.contributors}
+    return {sender: text for sender, text in revealed.items() if text is not None}
 
 
 def removable_noise(
-    plan: ReleasePlan, contributions: dict[str, EnvelopeHeader], answers: list[EnvelopeHeader]
+    plan: ReleasePlan, contributions: dict[str, EnvelopeHeader], revealed: Mapping[str, str]
 ) -> RemovedLayers:
-    """The aggregator's step: for each included institution that revealed its top removable layer, derive the
-    seeds of layers quorum..n-1, check each against the commitment it signed, draw the layers and check them
-    against their digests. A reveal that fails a check is ignored (its layers stay in the sum)."""
+    """The aggregator's step (and the key holder's, over the reveals the aggregate names): for each included
+    institution whose top removable layer `revealed` holds ({institution: "layer:seed hex"}: `revealed_layers`
+    of the answers), derive the seeds of layers quorum..n-1, check each against the commitment it signed, draw
+    the layers and check them against their digests. A reveal that fails a check is ignored (its layers stay in
+    the sum)."""
     layers = plan.params.layers
     context = plan.key.release_id.encode()
     removable = layers.removable(len(contributions)) if plan.params.noise else ()
     total = np.zeros(plan.layout.slots, dtype=np.int64)
-    removed, kept = 0.0, {}
+    removed, kept, used = 0.0, {}, {}
     if not removable:
         return RemovedLayers(total, 0.0, {})
-    revealed = {a.contributors[0]: a.revealed_layers.get(a.contributors[0]) for a in answers}
     for institution, header in sorted(contributions.items()):
+        text = revealed.get(institution)
         try:
-            level_text, seed_hex = (revealed.get(institution) or "").split(":")
+            level_text, seed_hex = (text or "").split(":")
             level, seed = int(level_text), bytes.fromhex(seed_hex)
         except ValueError:
-            kept[institution] = "revealed no noise layer" if revealed.get(institution) is None else "malformed layer"
+            kept[institution] = "revealed no noise layer" if text is None else "malformed layer"
             continue
         if level != removable[-1]:  # checked before the chain is walked: a level of 10^15 would hash for ever
             kept[institution] = f"revealed layer {level_text[:20]}, the roster makes {removable[-1]} the top one"
@@ -696,10 +719,10 @@ def removable_noise(
             ):
                 kept[institution] = f"layer {level}'s seed does not match its commitment"
                 break
-            noise = layer_noise(seed, variance=layers.layer(level), slots=plan.layout.slots, context=context)
-            if not secrets.compare_digest(
-                noise_digest(noise, seed=seed, level=level, context=context), header.layer_digests.get(str(level), "")
-            ):
+            digest = header.layer_digests.get(str(level), "")
+            noise = _revealed_layer(seed, level=level, variance=layers.layer(level), slots=plan.layout.slots,
+                                    context=context, digest=digest)
+            if noise is None:
                 kept[institution] = (
                     f"layer {level} regenerates differently (the parties' NumPy versions differ: upgrade in lockstep)"
                 )
@@ -709,4 +732,36 @@ def removable_noise(
             for noise in draws:
                 total += noise
             removed += sum(layers.layer(level) for level in removable)
-    return RemovedLayers(total, removed, kept)
+            used[institution] = str(text)
+    return RemovedLayers(total, removed, kept, used)
+
+
+#: Revealed noise layers this process drew and checked, by (seed, level, variance, slots, release, the digest
+#: their contributor signed): the key holder, recomputing an aggregate sealed in this process (`fusion batch`, the
+#: stream), takes them from here instead of drawing them again (drawing is most of `removable_noise`'s time). Only
+#: revealed layers, which no longer protect anything, are kept; at most _LAYERS_KEPT_BYTES of them.
+_LAYERS: OrderedDict[tuple[bytes, int, float, int, bytes, str], np.ndarray] = OrderedDict()
+_LAYERS_KEPT_BYTES = 64 << 20
+_LAYERS_LOCK = threading.Lock()
+
+
+def _revealed_layer(
+    seed: bytes, *, level: int, variance: float, slots: int, context: bytes, digest: str
+) -> np.ndarray | None:
+    """The revealed layer's noise (int64 slots, read-only), drawn from its seed, or None if it does not match the
+    `digest` its contributor signed."""
+    key = (seed, level, variance, slots, context, digest)
+    with _LAYERS_LOCK:
+        kept = _LAYERS.get(key)
+        if kept is not None:
+            _LAYERS.move_to_end(key)
+            return kept
+    noise = layer_noise(seed, variance=variance, slots=slots, context=context)
+    if not secrets.compare_digest(noise_digest(noise, seed=seed, level=level, context=context), digest):
+        return None
+    noise.flags.writeable = False
+    with _LAYERS_LOCK:
+        _LAYERS[key] = noise
+        while sum(a.nbytes for a in _LAYERS.values()) > _LAYERS_KEPT_BYTES:
+            _LAYERS.popitem(last=False)
+    return noise

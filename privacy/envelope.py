@@ -114,7 +114,8 @@ class EnvelopeHeader:
     revealed_pair_shares: dict[str, str] = field(default_factory=dict)
     # Contributions: per removable noise layer (its number as text), the commitment to its seed and the digest
     # of its noise (privacy/noise_shares.py). Unmask envelopes: the sender's own top revealed layer, as
-    # {sender: "layer:seed hex"}, from which the aggregator derives the lower layers and removes them.
+    # {sender: "layer:seed hex"}, from which the aggregator derives the lower layers and removes them. The
+    # aggregate: the reveals whose layers it removed, in the same form (the key holder removes the same ones).
     layer_commitments: dict[str, str] = field(default_factory=dict)
     layer_digests: dict[str, str] = field(default_factory=dict)
     revealed_layers: dict[str, str] = field(default_factory=dict)

@@ -9,7 +9,7 @@ Public API (what the rest of the repository imports), by module:
   delete_if_exists, ENVELOPE_SUFFIX, EnvelopePlace, exists, FileTooLarge, join, list_files, public_context_path,
   public_context_sha256, read_bounded, read_bytes, refusal_path, ReleaseKey, remove_tree, roster_path, SECRET_CONTEXT,
   unmask_dir, unmask_path, write_bytes, write_json
-- `plan`: parse_time, Period, period_of, plan_release, ReleasePlan
+- `plan`: masking_graph, parse_time, Period, period_of, plan_release, ReleasePlan
 - `planning`: privacy_plan
 - `predictions`: metric_noise, noise_table
 - `quantiles`: histogram_quantiles, QUANTILES, Z95

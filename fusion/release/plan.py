@@ -14,6 +14,7 @@ from fusion.release.exchange import ReleaseKey
 from fusion.release.rejects import reject_tallies
 from privacy.envelope import EnvelopeHeader
 from privacy.layout import PartitionLayout
+from privacy.masking_graph import MaskingGraph
 from schemas.validation import ReadingRules
 
 
@@ -123,3 +124,14 @@ def plan_release(config: Config, start: datetime, end: datetime) -> ReleasePlan:
     key = ReleaseKey(config.federation.id, layout.start, layout.end, layout.digest(), params.digest())
     period = period_of(config, layout.start, layout.end)
     return ReleasePlan(config=config, layout=layout, params=params, key=key, period=period)
+
+
+def masking_graph(plan: ReleasePlan) -> MaskingGraph:
+    """The release's public masking graph (privacy/masking_graph.py): the same for every party, from the
+    federation's institutions, the release id, the quorum and the collusion bound."""
+    return MaskingGraph.build(
+        (i.id for i in plan.config.institutions),
+        context=plan.key.release_id.encode(),
+        quorum=plan.params.quorum,
+        max_colluding=plan.params.max_colluding,
+    )
