@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import pyarrow as pa
 
@@ -41,6 +42,8 @@ from fusion.config.forecasting import (
 from fusion.errors import FusionError
 from fusion.runtime.durations import parse_duration
 from fusion.store.access import FusedStore, open_store, write_derived
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,15 @@ def period(config: Config) -> int | None:
     return int(cells) if cells >= 2 and cells == int(cells) else None
 
 
+def _distinct(names: Sequence[T]) -> list[T]:
+    """`names` without repeats, in their order: a name given twice (`--metric ghi --metric ghi`) is one series.
+
+    >>> _distinct(["ghi", "temp", "ghi"])
+    ['ghi', 'temp']
+    """
+    return list(dict.fromkeys(names))
+
+
 def _names(config: Config, metrics: Sequence[str] | None, regions: Sequence[str] | None) -> tuple[list[str], list[str]]:
     known_metrics = [m.name for m in config.metrics]
     for metric in metrics or ():
@@ -111,7 +123,7 @@ def _names(config: Config, metrics: Sequence[str] | None, regions: Sequence[str]
     for region in regions or ():
         if region not in config.regions:
             raise FusionError(f"unknown region '{region}'; the config declares: {', '.join(config.regions)}")
-    return list(metrics or known_metrics), list(regions or config.regions)
+    return _distinct(metrics or known_metrics), _distinct(regions or config.regions)
 
 
 def _series(
@@ -128,7 +140,7 @@ def _series(
         step=config.window,
         metrics=metric_names,
         regions=region_names,
-        statistics=list(statistics or settings(config).statistics),
+        statistics=_distinct(statistics or settings(config).statistics),
         span=span,
     )
     if not found:

@@ -48,7 +48,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, check_release=False)  # reads the store only
     horizon_windows(config, args.horizon, "--horizon")
-    if args.plot and (len(args.metric or []) != 1 or len(args.region or []) != 1):
+    if args.plot and (len(set(args.metric or [])) != 1 or len(set(args.region or [])) != 1):
         raise FusionError("--plot draws one series: name one --metric and one --region")
     started = time.monotonic()
     run = run_forecasts(config, metrics=args.metric, regions=args.region, statistics=_statistics(args),

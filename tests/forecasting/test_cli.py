@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from forecasting.refresh import refresh_forecasts
+from fusion.api import forecast
 from fusion.cli.core import main
 from fusion.errors import ConfigError
 from tests.forecasting.conftest import Federation, federation, release_table, released
@@ -63,6 +64,22 @@ def test_mistakes_fail_in_one_clear_line(
 ) -> None:
     code, out = run([argv[0], "--config", str(fed.path), *argv[1:]], capsys)
     assert code in (1, 2) and "Traceback" not in out and message in " ".join(out.split()), out
+
+
+def test_a_name_given_twice_is_one_series(fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
+    """A metric, region or statistic named twice is forecast (and backtested) once, as if named once: the
+    series' rows were written twice in one commit, an internal error."""
+    twice = ["--metric", "temp", "--metric", "temp", "--region", "north", "--region", "north", "--statistic", "sum",
+             "--statistic", "sum", "--horizon", "24h", "--format", "json"]
+    code, out = run(["forecast", "--config", str(fed.path), *twice], capsys)
+    assert code == 0 and "Traceback" not in out, out
+    assert [(r["metric"], r["statistic"], r["region"]) for r in map(json.loads, out.splitlines())] == [
+        ("temp", "sum", "north")]
+    code, out = run(["backtest", "--config", str(fed.path), *twice, "--origins", "2"], capsys)
+    assert code == 0 and "Traceback" not in out, out
+    assert [r["model"] for r in map(json.loads, out.splitlines())] == ["uc", "seasonal_naive", "same_hour_mean"]
+    run_ = forecast(fed.path, metrics=["temp", "temp"], statistics=["mean", "mean"], horizon="24h")
+    assert [str(o.key) for o in run_.outcomes] == ["temp mean north"] and run_.forecast_rows == 24
 
 
 def test_a_horizon_past_the_bound_writes_nothing(fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
