@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 from enum import StrEnum
-from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fusion.runtime.durations import parse_duration
 
@@ -75,7 +74,9 @@ class ForecastingConfig(BaseModel):
     # the releases is below zero by at least this many standard errors (a Diebold-Mariano test; the releases' noise
     # cancels out of a paired difference). On the benchmark, MAE alone chose models that did worse later.
     selection_t: float = Field(default=2.0, ge=0)
-    refresh: bool = True  # `fusion schedule` and `fusion stream` forecast a series again after each release of it
+    # `fusion schedule` and `fusion stream` forecast a series again after each release of it. A TOML boolean only:
+    # a string ("yes", "false") is refused, never read as one.
+    refresh: bool = Field(default=True, strict=True)
 
     @field_validator("horizon", "history", "min_history", "backtest_step")
     @classmethod
@@ -91,15 +92,10 @@ class ForecastingConfig(BaseModel):
             raise ValueError(f"{[str(n) for n in names]} names one twice; list each once")
         return names
 
-    @model_validator(mode="after")
-    def _lengths(self) -> Self:
-        if parse_duration(self.min_history) > parse_duration(self.history):
-            raise ValueError(f"min_history {self.min_history} is longer than history {self.history}")
-        return self
-
     def check_window(self, window: timedelta) -> None:
         """Refuse durations that are not whole numbers of the federation's window (a forecast is per window), a
-        history shorter than a model is fitted on, and a horizon past the history or MAX_HORIZON_WINDOWS."""
+        history shorter than a model is fitted on, a min_history longer than the history, and a horizon past the
+        history or MAX_HORIZON_WINDOWS."""
         for name in ("horizon", "history", "min_history", "backtest_step"):
             value = parse_duration(getattr(self, name))
             if value % window:
@@ -115,6 +111,11 @@ class ForecastingConfig(BaseModel):
                     f"on at least ({least // window} windows: {FIT_PERIODS} x its seasonal period); every forecast "
                     "would be refused as too short"
                 )
+        # After the least history: a history of one day is refused for being too short for any model, not for
+        # being shorter than the default min_history.
+        if parse_duration(self.min_history) > parse_duration(self.history):
+            raise ValueError(f"forecasting.min_history {self.min_history} is longer than forecasting.history "
+                             f"{self.history}: a backtest origin cannot have more history than a model is fitted on")
         if parse_duration(self.horizon) > parse_duration(self.history):
             raise ValueError(horizon_beyond_history("forecasting.horizon", self.horizon, self.history))
         if parse_duration(self.horizon) / window > MAX_HORIZON_WINDOWS:

@@ -108,7 +108,11 @@ def test_a_store_with_too_little_released_says_so(tmp_path: Path, capsys: pytest
         ('horizon = "90m"', "forecasting.horizon = '90m' is not a whole number of federation.window"),
         ('models = ["uc", "arima"]', "forecasting.models"),
         ('models = ["uc", "uc"]', "names one twice"),
-        ('history = "2d"\nmin_history = "3d"', "min_history 3d is longer than history 2d"),
+        ('history = "2d"\nmin_history = "3d"', "forecasting.min_history 3d is longer than forecasting.history 2d"),
+        # A history too short for any model says so, not that it is shorter than the default min_history (2d).
+        ('history = "24h"\nhorizon = "12h"', "forecasting.history 24h is shorter than the 2 days a model is fitted"),
+        ('refresh = "yes"', "forecasting.refresh: Input should be a valid boolean"),
+        ('refresh = 1', "forecasting.refresh: Input should be a valid boolean"),
         ("backtest_origins = 1", "forecasting.backtest_origins"),
         ('statistics = ["p90"]', "forecasting.statistics"),
         ('history = "24h"\nmin_history = "24h"\nhorizon = "24h"',
