@@ -40,11 +40,14 @@ class IssuedForecast:
 
     @property
     def forecast_id(self) -> str:
-        """Names the forecast by what determines it, so issuing it again (nothing new released) adds nothing."""
+        """Names the forecast by what determines it, so issuing it again (nothing new released) adds nothing: the
+        series, model, origin and horizon, the releases read, and `params` (the history's length in windows, the
+        fitted parameters, the calibration's shape): a forecast fitted on a shorter history of the same releases,
+        or calibrated otherwise, is another forecast."""
         key = self.series.key
         text = json.dumps([self.purpose, str(self.model), self.model_version, key.metric, str(key.statistic),
                            key.region, self.series.window(self.origin).isoformat(), int(self.bands.mean.size),
-                           self.input_release_ids, round(self.factor, 12)])
+                           self.input_release_ids, round(self.factor, 12), self.params], sort_keys=True)
         return "f-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

@@ -42,6 +42,30 @@ def test_a_forecast_is_written_with_its_intervals_and_what_it_read(fed: Federati
     assert run_forecasts(fed.config).forecast_rows == 0
 
 
+def test_a_forecast_fitted_on_another_history_of_the_same_releases_is_another_forecast(tmp_path: Path) -> None:
+    """With weekly releases, histories of 28 and 22 days read the same four releases: the forecast_id left the
+    history out, so the 22-day forecast (other numbers) was taken for the 28-day one already issued and dropped,
+    and the store's latest forecast was not the one the run returned."""
+    long = federation(tmp_path, forecasting='history = "28d"\nhorizon = "24h"')
+    hours = np.arange(35 * 24)
+    sds = np.ones(hours.size)
+    weekly = release_table(hours, released(hours, sds, seed=3), sds)
+    weekly = weekly.set_column(0, "release_id", pa.array([f"r-week{h // (7 * 24)}" for h in hours]))
+    long.store.insert_new("releases", weekly)
+    first = run_forecasts(long.config).outcomes[0].forecast
+    short = federation(tmp_path, forecasting='history = "22d"\nhorizon = "24h"')  # the same store
+    run = run_forecasts(short.config)
+    second = run.outcomes[0].forecast
+    assert first is not None and second is not None
+    assert first.input_release_ids == second.input_release_ids == ["r-week1", "r-week2", "r-week3", "r-week4"]
+    assert (first.params["history_windows"], second.params["history_windows"]) == (28 * 24, 22 * 24)
+    assert second.forecast_id != first.forecast_id and run.forecast_rows == 24
+    with open_store(short.config) as store:
+        latest = store.forecasts("temp", "north").to_pylist()
+    assert {row["forecast_id"] for row in latest} == {second.forecast_id}
+    assert [row["mean"] for row in latest] == pytest.approx(list(second.bands.mean))
+
+
 def test_the_backtest_records_each_origin_and_the_choice_a_forecast_then_uses(fed: Federation) -> None:
     backtest = run_backtests(fed.config)
     (outcome,) = backtest.outcomes
