@@ -8,7 +8,7 @@ no privacy budget and need no key, feed or envelope.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -25,6 +25,7 @@ from forecasting.backtest import (
     score,
 )
 from forecasting.intervals import intervals
+from forecasting.issues import Issue, issued_before, recorded_backtests
 from forecasting.models import MODELS, SeriesTooShort, fit_forecast, seasonal_naive_scale
 from forecasting.reads import read
 from forecasting.rows import IssuedForecast, Purpose, forecast_rows, score_rows
@@ -55,6 +56,8 @@ class SeriesOutcome:
     note: str
     scores: tuple[ModelScore, ...] = ()  # backtests: every model's
     chosen: ModelName | None = None  # backtests: the model a forecast of the series now uses
+    written: bool = True  # forecasts: False where the same forecast is the series' latest in the store already
+    issued_before: datetime | None = None  # forecasts: when the same forecast was first issued, if it was
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,9 @@ def _pending(store: FusedStore, found: Sequence[Series]) -> pa.Table:
         f"SELECT {columns} FROM forecasts f ANTI JOIN forecast_scores s USING (forecast_id, window_start) "
         f"WHERE f.purpose = 'forecast' AND f.metric IN ({metrics}) "
         f"AND f.window_start >= TIMESTAMPTZ '{since.isoformat()}' "
-        f"AND f.window_start < TIMESTAMPTZ '{until.isoformat()}'",
+        f"AND f.window_start < TIMESTAMPTZ '{until.isoformat()}' "
+        # A forecast issued more than once (forecasting.issues) is scored once.
+        "QUALIFY row_number() OVER (PARTITION BY f.forecast_id, f.window_start ORDER BY f.issued_at) = 1",
         what="the forecasts to score",
         settings="horizon",
     )
@@ -219,7 +224,8 @@ def run_forecasts(
             margin=chosen.selection_margin,
             t_min=chosen.selection_t,
         )
-    outcomes, tables, scores = [], [], []
+    outcomes: list[SeriesOutcome] = []
+    scores = []
     for series in found:
         if pending.num_rows:
             scores.append(score_rows(_for(pending, series.key), series, issued_at))
@@ -245,14 +251,36 @@ def run_forecasts(
             mase_scale=seasonal_naive_scale(past),
             input_release_ids=series.releases_before(origin, length),
         )
-        tables.append(forecast_rows(issued, issued_at))
         outcomes.append(SeriesOutcome(series.key, issued, _describe(choice)))
-    if not tables:
+    made = [o.forecast for o in outcomes if o.forecast is not None]
+    if not made:
         reasons = "; ".join(f"{o.key}: {o.note}" for o in outcomes)
         raise FusionError(f"no series could be forecast ({reasons}); release more windows first")
-    written = write_derived(config, "forecasts", pa.concat_tables(tables))
+    with open_store(config) as store:
+        before = issued_before(store, made)
+    outcomes = [_as_issued(o, before) for o in outcomes]
+    tables = [forecast_rows(o.forecast, issued_at) for o in outcomes if o.forecast is not None and o.written]
+    written = write_derived(config, "forecasts", pa.concat_tables(tables)) if tables else 0
     scored = write_derived(config, "forecast_scores", pa.concat_tables(scores)) if scores else 0
     return ForecastRun(issued_at, steps, outcomes, written, scored, found[0].releases_version)
+
+
+def _as_issued(outcome: SeriesOutcome, before: dict[str, Issue]) -> SeriesOutcome:
+    """The outcome of a forecast issued before: not written where it is its series' latest forecast already, else
+    issued again (forecasting.issues)."""
+    issue = None if outcome.forecast is None else before.get(outcome.forecast.forecast_id)
+    if outcome.forecast is None or issue is None:
+        return outcome
+    if issue.latest:
+        return replace(outcome, written=False, issued_before=issue.first,
+                       note=f"{outcome.note}; already issued at {_utc(issue.last)}, the series' latest: not written "
+                       "again")
+    return replace(outcome, issued_before=issue.first,
+                   note=f"{outcome.note}; issued again (first at {_utc(issue.first)}): the series' latest again")
+
+
+def _utc(moment: datetime) -> str:
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z"
 
 
 def _span(length: timedelta) -> str:
@@ -281,89 +309,103 @@ def run_backtests(
     now: datetime | None = None,
 ) -> ForecastRun:
     """A rolling-origin backtest of every configured model on each series; every origin's forecasts and their
-    scores are written (purpose 'backtest'), and the model a forecast would now choose is reported."""
+    scores are written (purpose 'backtest'; those a backtest recorded already are not written again), and the
+    model a forecast would now choose is reported."""
     chosen = settings(config)
-    steps = horizon_windows(config, horizon)
-    length = windows(config, chosen.history, "forecasting.history")
-    step = windows(config, chosen.backtest_step, "forecasting.backtest_step")
-    least = windows(config, chosen.min_history, "forecasting.min_history")
-    count = origins or chosen.backtest_origins
-    days = period(config)
-    span = (length + (count - 1) * step + steps) * config.window
-    issued_at = now or datetime.now(UTC)
-    with open_store(config) as store:
-        found = _series(config, store, metrics, regions, statistics, span=span)
+    plan = _BacktestPlan(
+        steps=horizon_windows(config, horizon),
+        length=windows(config, chosen.history, "forecasting.history"),
+        step=windows(config, chosen.backtest_step, "forecasting.backtest_step"),
+        least=windows(config, chosen.min_history, "forecasting.min_history"),
+        count=origins or chosen.backtest_origins,
+        issued_at=now or datetime.now(UTC),
+    )
+    span = (plan.length + (plan.count - 1) * plan.step + plan.steps) * config.window
     outcomes: list[SeriesOutcome] = []
     written = scored = 0
-    for series in found:
-        starts = rolling_origins(series.values.size, horizon=steps, step=step, count=count, min_history=least)
-        if len(starts) < 2:
-            needed = _span((least + steps + step) * config.window)
-            outcomes.append(
-                SeriesOutcome(
-                    series.key,
-                    None,
-                    f"too short: a backtest needs {needed} of released "
-                    f"windows (min_history + horizon + one step); it has "
-                    f"{_span(series.values.size * config.window)}",
-                )
-            )
-            continue
-        made = backtest(
-            series.values, series.variances, days, models=chosen.models, origins=starts, horizon=steps, history=length
-        )
-        tables: list[pa.Table] = []
-        scores: list[pa.Table] = []
-        for model in chosen.models:
-            mine = [f for f in made if f.model is model]
-            for forecast, (calibration, bands) in zip(
-                mine, calibrated(mine, series.values, series.variances), strict=True
-            ):
-                issued = IssuedForecast(
-                    series=series,
-                    purpose=Purpose.BACKTEST,
-                    model=model,
-                    model_version=MODELS[model].version,
-                    params={
-                        "fitted": forecast.prediction.params,
-                        "history_windows": min(forecast.origin, length),
-                        "calibration": calibration.as_dict(),
-                    },
-                    origin=forecast.origin,
-                    bands=bands,
-                    factor=calibration.factor,
-                    mase_scale=forecast.mase_scale,
-                    input_release_ids=series.releases_before(forecast.origin, length),
-                )
-                rows = forecast_rows(issued, issued_at)
-                tables.append(rows)
-                scores.append(score_rows(rows, series, issued_at))
-        # Written series by series: each row carries the releases its forecast read (hundreds, for a stream's
-        # hourly releases), so a whole federation's backtest is not held at once.
-        written += write_derived(config, "forecasts", pa.concat_tables(tables)) if tables else 0
-        scored += write_derived(config, "forecast_scores", pa.concat_tables(scores)) if scores else 0
-        results = score(made, series.values, series.variances)
-        try:
-            best = choose(
-                results,
-                origin_errors(made, series.values),
-                default=chosen.models[0],
-                margin=chosen.selection_margin,
-                t_min=chosen.selection_t,
-                overlap=origin_overlap(steps, step),
-            )
-        except SeriesTooShort as exc:
-            outcomes.append(SeriesOutcome(series.key, None, str(exc), tuple(results)))
-            continue
-        outcomes.append(
-            SeriesOutcome(
-                series.key, None, f"chooses {best.model} (intervals x{best.factor:.2f})", tuple(results), best.model
-            )
-        )
+    with open_store(config) as store:
+        found = _series(config, store, metrics, regions, statistics, span=span)
+        for series in found:
+            outcome, rows, scores = _backtest_series(config, store, series, plan)
+            outcomes.append(outcome)
+            written += rows
+            scored += scores
     if not any(o.scores for o in outcomes):
         reasons = "; ".join(f"{o.key}: {o.note}" for o in outcomes)
         raise FusionError(f"no series could be backtested ({reasons})")
-    return ForecastRun(issued_at, steps, outcomes, written, scored, found[0].releases_version)
+    return ForecastRun(plan.issued_at, plan.steps, outcomes, written, scored, found[0].releases_version)
+
+
+@dataclass(frozen=True)
+class _BacktestPlan:
+    """A backtest's settings, in windows: horizon, history, step between origins, least history, origins."""
+
+    steps: int
+    length: int
+    step: int
+    least: int
+    count: int
+    issued_at: datetime
+
+
+def _backtest_series(
+    config: Config, store: FusedStore, series: Series, plan: _BacktestPlan
+) -> tuple[SeriesOutcome, int, int]:
+    """One series' backtest, written: (its outcome, forecast rows written, scores written)."""
+    chosen = settings(config)
+    starts = rolling_origins(series.values.size, horizon=plan.steps, step=plan.step, count=plan.count,
+                             min_history=plan.least)
+    if len(starts) < 2:
+        needed = _span((plan.least + plan.steps + plan.step) * config.window)
+        return SeriesOutcome(
+            series.key,
+            None,
+            f"too short: a backtest needs {needed} of released windows (min_history + horizon + one step); it has "
+            f"{_span(series.values.size * config.window)}",
+        ), 0, 0
+    made = backtest(series.values, series.variances, period(config), models=chosen.models, origins=starts,
+                    horizon=plan.steps, history=plan.length)
+    issues: list[IssuedForecast] = []
+    for model in chosen.models:
+        mine = [f for f in made if f.model is model]
+        for forecast, (calibration, bands) in zip(mine, calibrated(mine, series.values, series.variances), strict=True):
+            issues.append(IssuedForecast(
+                series=series,
+                purpose=Purpose.BACKTEST,
+                model=model,
+                model_version=MODELS[model].version,
+                params={
+                    "fitted": forecast.prediction.params,
+                    "history_windows": min(forecast.origin, plan.length),
+                    "calibration": calibration.as_dict(),
+                },
+                origin=forecast.origin,
+                bands=bands,
+                factor=calibration.factor,
+                mase_scale=forecast.mase_scale,
+                input_release_ids=series.releases_before(forecast.origin, plan.length),
+            ))
+    recorded = recorded_backtests(store, issues)  # a backtest run again with nothing new released
+    tables = [forecast_rows(issued, plan.issued_at) for issued in issues if issued.forecast_id not in recorded]
+    scores = [score_rows(rows, series, plan.issued_at) for rows in tables]
+    # Written series by series: each row carries the releases its forecast read (hundreds, for a stream's hourly
+    # releases), so a whole federation's backtest is not held at once.
+    written = write_derived(config, "forecasts", pa.concat_tables(tables)) if tables else 0
+    scored = write_derived(config, "forecast_scores", pa.concat_tables(scores)) if scores else 0
+    results = score(made, series.values, series.variances)
+    try:
+        best = choose(
+            results,
+            origin_errors(made, series.values),
+            default=chosen.models[0],
+            margin=chosen.selection_margin,
+            t_min=chosen.selection_t,
+            overlap=origin_overlap(plan.steps, plan.step),
+        )
+    except SeriesTooShort as exc:
+        return SeriesOutcome(series.key, None, str(exc), tuple(results)), written, scored
+    note = f"chooses {best.model} (intervals x{best.factor:.2f})"
+    return SeriesOutcome(series.key, None, note, tuple(results), best.model), written, scored
 
 
 __all__ = [

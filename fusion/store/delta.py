@@ -58,7 +58,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "rejects": ("release_id", "institution", "reason"),
     "budget": ("period",),
     "runs": ("run_id",),
-    "forecasts": ("forecast_id", "window_start"),
+    "forecasts": ("forecast_id", "window_start", "issued_at"),  # a forecast may be issued again (forecasting.issues)
     "forecast_scores": ("forecast_id", "window_start"),
     "recommendations": ("recommendation_id", "item_type", "item_key"),
     "decisions": ("decision_id", "signer"),

@@ -66,6 +66,36 @@ def test_a_forecast_fitted_on_another_history_of_the_same_releases_is_another_fo
     assert [row["mean"] for row in latest] == pytest.approx(list(second.bands.mean))
 
 
+def test_an_earlier_forecast_issued_again_is_the_latest_again(fed: Federation) -> None:
+    """24h, then 12h, then 24h again, nothing released between: the third run's forecast was issued first, so it
+    was dropped as already there, and the store's latest forecast stayed the 12-hour one the third run replaced.
+    Issued again, its rows are appended under the new issued_at; issued a fourth time it is the latest already."""
+    first, second, third, fourth = (T0 + timedelta(days=22, hours=h) for h in range(4))
+    a = run_forecasts(fed.config, horizon="24h", now=first)
+    b = run_forecasts(fed.config, horizon="12h", now=second)
+    again = run_forecasts(fed.config, horizon="24h", now=third)
+    ids = [run.outcomes[0].forecast.forecast_id for run in (a, b, again)]  # type: ignore[union-attr]
+    assert ids[0] == ids[2] != ids[1]
+    assert again.forecast_rows == 24 and again.outcomes[0].issued_before == first
+    assert "issued again (first at 2026-01-23 00:00:00Z)" in again.outcomes[0].note
+    with open_store(fed.config) as store:
+        latest = store.forecasts("temp", "north")
+        every = store.forecasts(latest=False)
+    assert set(latest.column("forecast_id").to_pylist()) == {ids[0]} and latest.num_rows == 24
+    assert set(latest.column("issued_at").to_pylist()) == {third}
+    assert every.num_rows == 24 + 12 + 24  # every issue kept
+    same = run_forecasts(fed.config, horizon="24h", now=fourth)
+    assert same.forecast_rows == 0 and not same.outcomes[0].written
+    assert "already issued at 2026-01-23 02:00:00Z, the series' latest: not written again" in same.outcomes[0].note
+    hours = np.arange(21 * 24, 22 * 24)  # the windows forecast
+    fed.store.insert_new("releases", release_table(hours, released(hours, np.ones(hours.size), seed=2),
+                                                   np.ones(hours.size)))
+    assert run_forecasts(fed.config, horizon="24h").score_rows == 24 + 12  # each forecast's windows, once
+    assert run_backtests(fed.config, origins=2, horizon="24h").forecast_rows > 0
+    again_backtest = run_backtests(fed.config, origins=2, horizon="24h")
+    assert (again_backtest.forecast_rows, again_backtest.score_rows) == (0, 0)  # recorded once
+
+
 def test_the_backtest_records_each_origin_and_the_choice_a_forecast_then_uses(fed: Federation) -> None:
     backtest = run_backtests(fed.config)
     (outcome,) = backtest.outcomes
