@@ -39,8 +39,9 @@ def refresh_forecasts(config: Config, release_ids: Sequence[str]) -> str | None:
         _log.exception("forecast refresh after %s failed", ", ".join(release_ids))
         return f"forecasts not refreshed ({type(exc).__name__}: {exc}); this is probably a bug"
     forecast = sum(o.forecast is not None for o in run.outcomes)
+    skipped = f", {len(run.skipped_releases)} unverified release(s) left out" if run.skipped_releases else ""
     return (f"forecasts refreshed: {forecast} of {len(run.outcomes)} series, {run.forecast_rows} row(s), "
-            f"{run.score_rows} earlier window(s) scored")
+            f"{run.score_rows} earlier window(s) scored{skipped}")
 
 
 __all__ = ["refresh_forecasts"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -41,6 +41,7 @@ from fusion.config.forecasting import (
     too_many_windows,
 )
 from fusion.errors import FusionError
+from fusion.keys.release_check import unverified_releases
 from fusion.runtime.durations import parse_duration
 from fusion.store.access import FusedStore, open_store, write_derived
 
@@ -70,6 +71,8 @@ class ForecastRun:
     forecast_rows: int = 0
     score_rows: int = 0
     releases_version: int | None = None
+    releases_verified: bool = False  # False: no release-signing key is registered, every release was read
+    skipped_releases: dict[str, str] = field(default_factory=dict)  # releases not verified, left out: their status
 
 
 def settings(config: Config) -> ForecastingConfig:
@@ -136,8 +139,11 @@ def _series(
     regions: Sequence[str] | None,
     statistics: Sequence[Statistic] | None,
     span: timedelta,
-) -> list[Series]:
+) -> tuple[list[Series], dict[str, str] | None]:
+    """(the series read, the releases left out as unverified with their status; None: no release-signing key is
+    registered, every release read). Verified after `store` was opened: every release of its snapshot is checked."""
     metric_names, region_names = _names(config, metrics, regions)
+    unverified = unverified_releases(config)
     found = read_series(
         store,
         step=config.window,
@@ -145,13 +151,37 @@ def _series(
         regions=region_names,
         statistics=_distinct(statistics or settings(config).statistics),
         span=span,
+        unverified=unverified or (),
     )
     if not found:
+        left_out = f" (releases not verified, left out: {_listed(unverified)})" if unverified else ""
         raise FusionError(
-            f"no released windows of {', '.join(metric_names)} in {', '.join(region_names)}: release some first "
-            "(`fusion batch`, `fusion schedule`, `fusion stream`); forecasts read only the store's releases"
+            f"no released windows of {', '.join(metric_names)} in {', '.join(region_names)}{left_out}: release some "
+            "first (`fusion batch`, `fusion schedule`, `fusion stream`); forecasts read only the store's releases"
         )
-    return found
+    return found, unverified
+
+
+def _listed(statuses: dict[str, str], most: int = 5) -> str:
+    """'r-a (tampered), r-b (missing) and 3 more'."""
+    names = [f"{name} ({status})" for name, status in sorted(statuses.items())]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _trust(series: Series, unverified: dict[str, str] | None) -> dict[str, Any]:
+    """What a forecast's params record of the releases it trusted: whether they were verified, and those of its
+    span it left out."""
+    if unverified is None:
+        return {"releases_verified": False}  # no release-signing key registered: nothing can be verified
+    record: dict[str, Any] = {"releases_verified": True, "unverified_releases_skipped": len(series.skipped)}
+    if series.skipped:
+        record["unverified_release_ids"] = list(series.skipped)
+    return record
+
+
+def skipped_releases(found: Sequence[Series], unverified: dict[str, str] | None) -> dict[str, str]:
+    """The unverified releases the series read left out, with their status."""
+    return {name: (unverified or {}).get(name, "unverified") for s in found for name in s.skipped}
 
 
 #: The columns of `forecasts` that scoring a forecast's window reads (forecasting.rows.score_rows).
@@ -213,7 +243,7 @@ def run_forecasts(
     days = period(config)
     issued_at = now or datetime.now(UTC)
     with open_store(config) as store:
-        found = _series(config, store, metrics, regions, statistics, span=length * config.window)
+        found, unverified = _series(config, store, metrics, regions, statistics, span=length * config.window)
         keys = [s.key for s in found]
         pending = _pending(store, found)
         choices = recorded_choices(
@@ -242,7 +272,8 @@ def run_forecasts(
             purpose=Purpose.FORECAST,
             model=choice.model,
             model_version=MODELS[choice.model].version,
-            params={"fitted": prediction.params, "history_windows": int(past.values.size), **choice.basis},
+            params={"fitted": prediction.params, "history_windows": int(past.values.size), **choice.basis,
+                    **_trust(series, unverified)},
             origin=origin,
             bands=intervals(
                 prediction.mean, prediction.signal_var, noise_var=past.noise_ahead(steps), factor=choice.calibration
@@ -262,7 +293,8 @@ def run_forecasts(
     tables = [forecast_rows(o.forecast, issued_at) for o in outcomes if o.forecast is not None and o.written]
     written = write_derived(config, "forecasts", pa.concat_tables(tables)) if tables else 0
     scored = write_derived(config, "forecast_scores", pa.concat_tables(scores)) if scores else 0
-    return ForecastRun(issued_at, steps, outcomes, written, scored, found[0].releases_version)
+    return ForecastRun(issued_at, steps, outcomes, written, scored, found[0].releases_version,
+                       unverified is not None, skipped_releases(found, unverified))
 
 
 def _as_issued(outcome: SeriesOutcome, before: dict[str, Issue]) -> SeriesOutcome:
@@ -324,16 +356,17 @@ def run_backtests(
     outcomes: list[SeriesOutcome] = []
     written = scored = 0
     with open_store(config) as store:
-        found = _series(config, store, metrics, regions, statistics, span=span)
+        found, unverified = _series(config, store, metrics, regions, statistics, span=span)
         for series in found:
-            outcome, rows, scores = _backtest_series(config, store, series, plan)
+            outcome, rows, scores = _backtest_series(config, store, series, plan, unverified)
             outcomes.append(outcome)
             written += rows
             scored += scores
     if not any(o.scores for o in outcomes):
         reasons = "; ".join(f"{o.key}: {o.note}" for o in outcomes)
         raise FusionError(f"no series could be backtested ({reasons})")
-    return ForecastRun(plan.issued_at, plan.steps, outcomes, written, scored, found[0].releases_version)
+    return ForecastRun(plan.issued_at, plan.steps, outcomes, written, scored, found[0].releases_version,
+                       unverified is not None, skipped_releases(found, unverified))
 
 
 @dataclass(frozen=True)
@@ -349,7 +382,7 @@ class _BacktestPlan:
 
 
 def _backtest_series(
-    config: Config, store: FusedStore, series: Series, plan: _BacktestPlan
+    config: Config, store: FusedStore, series: Series, plan: _BacktestPlan, unverified: dict[str, str] | None
 ) -> tuple[SeriesOutcome, int, int]:
     """One series' backtest, written: (its outcome, forecast rows written, scores written)."""
     chosen = settings(config)
@@ -378,6 +411,7 @@ def _backtest_series(
                     "fitted": forecast.prediction.params,
                     "history_windows": min(forecast.origin, plan.length),
                     "calibration": calibration.as_dict(),
+                    **_trust(series, unverified),
                 },
                 origin=forecast.origin,
                 bands=bands,

@@ -3,14 +3,17 @@
 A series is one (metric, statistic, region): the mean follows `ratio_mean` with `mean_sd` (the unclipped ratio
 and its delta-method SD), the sum `sum` with `sum_sd`, the count `count` with `count_sd`. A window that was not
 released, or whose mean was withheld (its count's interval includes 0), is missing (NaN), never zero. Where a
-window was released more than once, the latest release counts.
+window was released more than once, the latest release counts. Releases `fusion verify` does not call verified or
+legacy are left out (`unverified`, where a release-signing key is registered): a window released only by them is
+missing, and each series records those it left out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +53,7 @@ class Series:
     variances: np.ndarray
     release_ids: list[str | None]
     releases_version: int
+    skipped: tuple[str, ...] = ()  # releases of its span left out, not verified (fusion.api.unverified_releases)
 
     @property
     def end(self) -> datetime:
@@ -86,17 +90,21 @@ def read_series(
     regions: Sequence[str],
     statistics: Sequence[Statistic],
     span: timedelta,
+    unverified: Collection[str] = (),
 ) -> list[Series]:
     """Every (metric, statistic, region) asked for that has released windows, over the last `span` before the
-    store's latest released window (pinned to the version of `releases` the store reads)."""
+    store's latest released window (pinned to the version of `releases` the store reads), leaving out the releases
+    named in `unverified`."""
     version = store.versions.get("releases")
     if version is None:
         return []
+    trusted = f" AND release_id NOT IN ({', '.join(map(quoted, sorted(unverified)))})" if unverified else ""
     where = (f"metric IN ({', '.join(map(quoted, metrics))}) AND region IN ({', '.join(map(quoted, regions))})")
-    latest = store.sql(f"SELECT max(window_end) AS t FROM releases WHERE {where}").column("t")[0].as_py()
+    latest = store.sql(f"SELECT max(window_end) AS t FROM releases WHERE {where}{trusted}").column("t")[0].as_py()
     if latest is None:
         return []
     since = latest - span
+    skipped = _skipped(store, where, since, unverified) if unverified else {}
     # A series holds at most one row per window of the span (the latest release of each): read a metric's regions
     # a group at a time, so that a federation of many series at short windows is read in bounded parts.
     out = []
@@ -107,7 +115,7 @@ def read_series(
                 store,
                 "SELECT metric, unit, region, window_start, release_id, ratio_mean, mean_sd, sum, sum_sd, count, "
                 f"count_sd FROM releases WHERE metric = {quoted(metric)} AND region IN ({names}) "
-                f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}' "
+                f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}'{trusted} "
                 "QUALIFY row_number() OVER (PARTITION BY metric, region, window_start ORDER BY released_at DESC, "
                 "release_id DESC) = 1 ORDER BY metric, region, window_start",
                 what=f"the released series of {metric}",
@@ -115,8 +123,19 @@ def read_series(
             )
             for (name, region), rows in _groups(table):
                 for statistic in statistics:
-                    out.append(_on_grid(SeriesKey(name, statistic, region), rows, step, version))
+                    series = _on_grid(SeriesKey(name, statistic, region), rows, step, version)
+                    out.append(replace(series, skipped=skipped.get((name, region), ())))
     return sorted(out, key=lambda s: s.key)
+
+
+def _skipped(store: FusedStore, where: str, since: datetime, unverified: Collection[str]) -> dict[Any, tuple[str, ...]]:
+    """(metric, region) -> the releases of `unverified` holding cells of it since `since`."""
+    rows = store.sql(
+        f"SELECT metric, region, list(DISTINCT release_id ORDER BY release_id) AS ids FROM releases WHERE {where} "
+        f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}' "
+        f"AND release_id IN ({', '.join(map(quoted, sorted(unverified)))}) GROUP BY metric, region"
+    ).to_pylist()
+    return {(row["metric"], row["region"]): tuple(row["ids"]) for row in rows}
 
 
 def _groups(table: pa.Table) -> list[tuple[tuple[str, str], pa.Table]]:

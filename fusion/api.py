@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from fusion.config.federation import Config
-from fusion.errors import FusionError
 
 # Downstream modules keep their own sections of the federation's registry (a mechanism's authorities and their
 # signing keys) and their own private files through these, never the institutions' keys.
 from fusion.keys.registry import load_mechanism_sections, read_private, write_mechanism_sections, write_private
+
+# What `fusion verify` reports, and the releases it does not call verified or legacy (fusion/keys/release_check.py).
+from fusion.keys.release_check import unverified_releases, verify
 from fusion.store.access import DECISION_TABLES, DERIVED_TABLES, FusedStore, _config, open_store, write_derived
-from fusion.store.delta import Store
 
 __all__ = [
     "DECISION_TABLES",
@@ -26,6 +27,7 @@ __all__ = [
     "open_store",
     "plot_forecast",
     "read_private",
+    "unverified_releases",
     "verify",
     "write_derived",
     "write_mechanism_sections",
@@ -56,22 +58,6 @@ def plot_forecast(config: Config | str | Path, metric: str, region: str, path: s
     from forecasting.plot import plot_series
 
     return plot_series(_config(config, check_release=False), metric, region, Path(path), **options)
-
-
-def verify(config: Config | str | Path, *, release_id: str | None = None, seen: int = 0) -> list[Any]:
-    """What `fusion verify` reports on the releases: each (or `release_id`) checked against the key holder's
-    registered signing keys, a list of fusion.store.verification.ReleaseCheck. Reads the store and the registry only;
-    refused when no key holder signing key is registered (nothing can be verified)."""
-    from fusion.keys.registry import load_key_holder_public_keys, load_unsigned_releases, load_unsigned_rounds
-    from fusion.store.verification import verify_releases
-
-    cfg = _config(config, check_release=False)
-    keys = load_key_holder_public_keys(cfg)
-    if not keys:
-        raise FusionError(f"no key holder signing key is registered in {cfg.registry_path}: nothing can be verified "
-                          "(the key holder's `fusion keys --release-signing` registers one)")
-    return verify_releases(Store(cfg.store_path), keys, unsigned=load_unsigned_releases(cfg),
-                           unsigned_rounds=load_unsigned_rounds(cfg), release_id=release_id, seen=seen)
 
 
 def batch(

@@ -40,6 +40,10 @@ class SqlLimitExceeded(SqlError):
     """A SQL query ran past its time limit, or its result past its row or size limit (fusion/config/sql_limits.py)."""
 
 
+class NoReleaseSigningKey(FusionError):
+    """No key holder release-signing key is registered: no release can be verified (`fusion.api.verify`)."""
+
+
 class ReleaseRefused(FusionError):
     """A release cannot go ahead (quorum not met, nothing to release, already released)."""
 

@@ -68,6 +68,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
                     "next_release_ci95": f"[{bands.release_ci95[0][0]:.4g}, {bands.release_ci95[1][0]:.4g}]"}
         rows.append(row)
     print_arrow(pa.Table.from_pylist(rows), args.format, title=f"forecasts, {run.horizon} windows ahead")
+    _report_skipped(run.skipped_releases, args.format)
     if args.format == "table":
         console.print(
             f"{run.forecast_rows} forecast row(s) written to `forecasts`, {run.score_rows} earlier forecast "
@@ -81,6 +82,15 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         path = plot_series(config, args.metric[0], args.region[0], Path(args.plot), statistic=statistic)
         (console if args.format == "table" else err_console).print(f"plot: {path}")  # keep CSV/JSON clean
     return 0
+
+
+def _report_skipped(skipped: dict[str, str], output: str) -> None:
+    """Name the releases left out as not verified (on stderr beside CSV or JSON, which stay clean)."""
+    if skipped:
+        names = ", ".join(f"{name} ({status})" for name, status in sorted(skipped.items()))
+        (console if output == "table" else err_console).print(
+            f"left out {len(skipped)} release(s) that `fusion verify` does not call verified or legacy: {names}"
+        )
 
 
 def _statistics(args: argparse.Namespace) -> list[Statistic] | None:
@@ -112,6 +122,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
             })
     print_arrow(pa.Table.from_pylist(rows), args.format,
                 title=f"backtest, {run.horizon} windows ahead, against later releases")
+    _report_skipped(run.skipped_releases, args.format)
     if args.format == "table":
         console.print(
             "mae, mase (errors / in-sample seasonal naive MAE), mae_vs_snaive: over all origins; cov80/cov95 (of the "

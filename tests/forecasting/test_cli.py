@@ -4,16 +4,20 @@ config block, and the refresh that scheduled and stream releases run."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from forecasting.refresh import refresh_forecasts
 from fusion.api import forecast
 from fusion.cli.core import main
 from fusion.errors import ConfigError
-from tests.forecasting.conftest import Federation, federation, release_table, released
+from fusion.keys.registry import create_key_holder_key
+from tests.forecasting.conftest import Federation, federation, publish_signed, release_table, released
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -80,6 +84,36 @@ def test_a_name_given_twice_is_one_series(fed: Federation, capsys: pytest.Captur
     assert [r["model"] for r in map(json.loads, out.splitlines())] == ["uc", "seasonal_naive", "same_hour_mean"]
     run_ = forecast(fed.path, metrics=["temp", "temp"], statistics=["mean", "mean"], horizon="24h")
     assert [str(o.key) for o in run_.outcomes] == ["temp mean north"] and run_.forecast_rows == 24
+
+
+def test_releases_that_do_not_verify_are_left_out_and_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With a release-signing key registered, a forecast reads only releases `fusion verify` calls verified or
+    legacy: rows appended under an unsigned release id (released later, so "the latest release counts") replaced
+    the signed cells in the forecast, with nothing saying so."""
+    fed = federation(tmp_path, forecasting='horizon = "24h"')
+    hours = np.arange(4 * 24)
+    rows = release_table(hours, released(hours, 1.0, seed=1), np.ones(hours.size))
+    fed.store.insert_new("releases", rows.slice(0, 24))  # published before the key: legacy
+    create_key_holder_key(fed.config, published=["r-temp-20260101"])
+    publish_signed(fed.config, fed.store, rows.slice(24))
+    honest = forecast(fed.path).outcomes[0].forecast
+    assert honest is not None and honest.params["releases_verified"] is True
+    assert honest.params["unverified_releases_skipped"] == 0 and len(honest.input_release_ids) == 4
+    last = rows.slice(3 * 24)
+    forged = last.set_column(0, "release_id", pa.array(["r-forged"] * 24)).set_column(
+        last.schema.get_field_index("ratio_mean"), "ratio_mean", pc.add(last["ratio_mean"], 30.0)).set_column(
+        last.schema.get_field_index("released_at"), "released_at",
+        pc.add(last["released_at"], pa.scalar(timedelta(hours=1), pa.duration("us"))))
+    fed.store.insert_new("releases", forged.cast(rows.schema))
+    run_ = forecast(fed.path)
+    after = run_.outcomes[0].forecast
+    assert after is not None and run_.skipped_releases == {"r-forged": "tampered"}
+    assert list(after.bands.mean) == pytest.approx(list(honest.bands.mean))
+    assert "r-forged" not in after.input_release_ids
+    assert after.params["unverified_releases_skipped"] == 1 and after.params["unverified_release_ids"] == ["r-forged"]
+    code, out = run(["forecast", "--config", str(fed.path), "--format", "csv"], capsys)
+    assert code == 0 and "left out 1 release(s) that `fusion verify` does not call verified or legacy: r-forged " \
+        "(tampered)" in " ".join(out.split()), out
 
 
 def test_a_horizon_past_the_bound_writes_nothing(fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:

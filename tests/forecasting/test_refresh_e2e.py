@@ -18,7 +18,7 @@ from fusion.store.mode import bind_store_mode
 from pipelines.scheduler import run_interval
 from pipelines.stream_driver import StreamDriver
 from tests.conftest import START, Federation
-from tests.forecasting.conftest import release_table, released
+from tests.forecasting.conftest import publish_signed, release_table, released
 
 pytestmark = pytest.mark.e2e
 
@@ -35,12 +35,10 @@ def with_history(make_federation: Callable[..., Federation], extra: str, subdir:
     store = Store(fed.config.store_path)
     bind_store_mode(store, fed.config.privacy.mode)  # a test-mode store, as the releases below say
     history = release_table(hours, released(hours, 1.0, seed=4), np.ones(hours.size))
-    store.insert_new(
-        "releases",
-        history.set_column(
-            history.schema.get_field_index("noise"), "noise", pa.array(["off (test mode)"] * hours.size)
-        ),
+    history = history.set_column(
+        history.schema.get_field_index("noise"), "noise", pa.array(["off (test mode)"] * hours.size)
     )
+    publish_signed(fed.config, store, history)  # signed by the key holder: a forecast reads only verified releases
     return fed
 
 

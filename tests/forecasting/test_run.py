@@ -34,6 +34,7 @@ def test_a_forecast_is_written_with_its_intervals_and_what_it_read(fed: Federati
     assert first["releases_version"] == fed.store.version("releases")
     assert first["input_release_ids"] == [f"r-temp-{T0 + timedelta(days=d):%Y%m%d}" for d in range(21)]
     assert json.loads(first["params"])["selected_by"].startswith("default")
+    assert json.loads(first["params"])["releases_verified"] is False  # no release-signing key: nothing verified
     mean, sd, noise = (np.array(rows.column(c).to_pylist()) for c in ("mean", "sd", "noise_sd"))
     assert np.allclose(noise, 1.0)  # the median noise SD of recent cells
     assert np.allclose(np.array(rows.column("ci95_high").to_pylist()) - mean, Z95 * sd)
@@ -217,12 +218,13 @@ sys.addaudithook(_audit)
 
 def test_a_forecast_reads_only_the_store_and_writes_only_its_two_tables(fed: Federation) -> None:
     """The federation's keys, exchange and feeds lie beside the store: the backtest and forecast open and list
-    nothing outside the store (Python's file opens, watched by an audit hook; the store's Delta files are read
-    natively), create nothing beside it, and of the store's tables only `forecasts` and `forecast_scores` gain
-    versions, through fusion.api's write_derived (which refuses any other table)."""
+    nothing outside the store but the registry (its public release-signing key, to read only verified releases:
+    fusion.api.verify) (Python's file opens, watched by an audit hook; the store's Delta files are read natively),
+    create nothing beside it, and of the store's tables only `forecasts` and `forecast_scores` gain versions,
+    through fusion.api's write_derived (which refuses any other table)."""
     fed.store.ensure_tables()
     root = fed.path.parent
-    for private in ("keys/he_secret.ctx", "exchange/he_public.ctx", "feeds/alpha/day.parquet", "registry.toml"):
+    for private in ("keys/he_secret.ctx", "exchange/he_public.ctx", "feeds/alpha/day.parquet"):
         (root / private).parent.mkdir(parents=True, exist_ok=True)
         (root / private).write_text("not for forecasting")
     listing = sorted(str(p.relative_to(root)) for p in root.rglob("*") if "store" not in p.parts)
@@ -236,7 +238,7 @@ def test_a_forecast_reads_only_the_store_and_writes_only_its_two_tables(fed: Fed
     store = Path(fed.config.store_path).resolve()
     outside = [p for p in paths if Path(p).resolve().is_relative_to(root.resolve())
                and not Path(p).resolve().is_relative_to(store)]
-    assert outside == []
+    assert set(outside) <= {str(root / "registry.toml")}
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if "store" not in p.parts) == listing
     with pytest.raises(FusionError, match="'releases' is not a derived table"):
         write_derived(fed.config, "releases", fed.store.read("releases"))
