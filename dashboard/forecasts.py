@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from dashboard import params
 from dashboard.formatting import finite
 from dashboard.snapshot import Snapshot
-from fusion.config.forecasting import MAX_HORIZON_WINDOWS
+from fusion.config.forecasting import MAX_HORIZON_WINDOWS, SERIES_COLUMNS, Statistic
 
 #: The statistics forecast (fusion/store/forecast_queries.py).
 STATISTICS = ("mean", "sum", "count")
@@ -20,6 +20,8 @@ STATISTICS = ("mean", "sum", "count")
 SERIES = ("released", "forecast: true value", "forecast: next release")
 #: Released history shown before the forecast's origin.
 HISTORY_DAYS = 7
+#: The 95% normal quantile: a released value's band is value -+ Z95 x its noise sd.
+Z95 = 1.959963984540054
 
 
 class ForecastWindow(BaseModel):
@@ -39,6 +41,10 @@ class ForecastWindow(BaseModel):
 
 
 class ReleasedPoint(BaseModel):
+    """A window's latest release of what the series forecasts and is scored against: the mean's unclipped
+    `ratio_mean` with `mean_sd` (not the clipped `mean`), or the sum or count with their sd; low and high are
+    value -+ 1.96 sd."""
+
     window_start: datetime
     value: float
     sd: float | None
@@ -143,12 +149,15 @@ def _latest(snapshot: Snapshot, metric: str, region: str, statistic: str) -> lis
 
 def _released(snapshot: Snapshot, metric: str, region: str, statistic: str, *, since: datetime,
               until: datetime) -> list[ReleasedPoint]:
-    sd = f"{statistic}_sd"
+    """Each window's latest release of the series' column (as forecasting reads it), where it holds a value."""
+    value, sd = SERIES_COLUMNS[Statistic(statistic)]
     rows = snapshot.rows(
-        f"SELECT window_start, {statistic} AS value, {sd} AS sd, {statistic}_ci_low AS low, "
-        f"{statistic}_ci_high AS high FROM releases WHERE metric = {params.sql_text(metric)} "
+        f"SELECT window_start, value, sd, value - {Z95!r} * sd AS low, value + {Z95!r} * sd AS high FROM ("
+        f"SELECT window_start, {value} AS value, {sd} AS sd FROM releases WHERE metric = {params.sql_text(metric)} "
         f"AND region = {params.sql_text(region)} AND window_start >= {params.sql_time(since)} "
-        f"AND window_start < {params.sql_time(until)} AND {statistic} IS NOT NULL ORDER BY window_start"
+        f"AND window_start < {params.sql_time(until)} "
+        "QUALIFY row_number() OVER (PARTITION BY window_start ORDER BY released_at DESC, release_id DESC) = 1) "
+        "WHERE value IS NOT NULL ORDER BY window_start"
     )
     return [ReleasedPoint(**row) for row in rows]
 

@@ -20,13 +20,12 @@ import pyarrow as pa
 
 from forecasting.models import History
 from forecasting.reads import in_groups, read, read_budget
-from fusion.config.forecasting import Statistic
+from fusion.config.forecasting import SERIES_COLUMNS, Statistic
 from fusion.errors import FusionError
 from fusion.store.access import FusedStore
 
 #: The release columns each statistic follows: (value, noise SD).
-COLUMNS = {Statistic.MEAN: ("ratio_mean", "mean_sd"), Statistic.SUM: ("sum", "sum_sd"),
-           Statistic.COUNT: ("count", "count_sd")}
+COLUMNS = SERIES_COLUMNS
 
 
 @dataclass(frozen=True, order=True)

@@ -54,6 +54,13 @@ class Statistic(StrEnum):
     COUNT = "count"
 
 
+#: The release columns each statistic's series follows: (value, noise SD). What is forecast and scored against, and
+#: so what the Forecasts page and `fusion forecast --plot` draw as released (the mean's `ratio_mean` is the
+#: unclipped ratio; the clipped `mean` is not what a forecast of the mean predicts).
+SERIES_COLUMNS = {Statistic.MEAN: ("ratio_mean", "mean_sd"), Statistic.SUM: ("sum", "sum_sd"),
+                  Statistic.COUNT: ("count", "count_sd")}
+
+
 class ForecastingConfig(BaseModel):
     """`[forecasting]`: models compared by `fusion backtest` (the first is used until a backtest chose one), the
     horizon and history of a forecast, the backtest's rolling origins, and the refresh after each release."""
@@ -146,6 +153,7 @@ __all__ = [
     "FIT_PERIODS",
     "MAX_HORIZON_WINDOWS",
     "PERIOD_WITHOUT_CYCLE",
+    "SERIES_COLUMNS",
     "ForecastingConfig",
     "ModelName",
     "Statistic",
