@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import PlainSerializer
 
 DASH = "–"
 
@@ -54,6 +57,26 @@ def when(value: datetime | None) -> str:
         return DASH
     moment = value.astimezone(UTC) if value.tzinfo else value
     return moment.strftime("%Y-%m-%d %H:%M:%S" if moment.second or moment.microsecond else "%Y-%m-%d %H:%M")
+
+
+def json_number(value: float) -> float | str:
+    """`value` for JSON, which has no infinity or NaN: itself, or "Infinity", "-Infinity", "NaN" (a null would read
+    as no value at all).
+
+    >>> json_number(0.5), json_number(float("inf")), json_number(float("-inf")), json_number(float("nan"))
+    (0.5, 'Infinity', '-Infinity', 'NaN')
+    """
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+#: A number that may be infinite (the epsilon of a test-mode release with noise off): in the JSON API a number, or
+#: one of these strings, as the OpenAPI document says.
+Unbounded = Annotated[
+    float,
+    PlainSerializer(json_number, return_type=float | Literal["Infinity", "-Infinity", "NaN"], when_used="json"),
+]
 
 
 def finite(value: float | None) -> float | None:

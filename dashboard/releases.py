@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dashboard import params
-from dashboard.formatting import finite
+from dashboard.formatting import Unbounded, finite
 from dashboard.snapshot import Snapshot
 
 #: The statistics a release may hold, in the order shown; the first three carry a released noise sd.
@@ -44,7 +44,7 @@ class ReleasedCell(BaseModel):
     window_end: datetime
     contributors: int
     estimates: dict[str, Estimate]  # statistic -> estimate, for each of STATISTICS
-    epsilon: float
+    epsilon: Unbounded  # "Infinity" in JSON for a test-mode release with noise off
     delta: float
     noise: str
     released_at: datetime
@@ -55,7 +55,7 @@ class ReleaseSummary(BaseModel):
 
     release_id: str
     released_at: datetime
-    epsilon: float
+    epsilon: Unbounded  # "Infinity" in JSON for a test-mode release with noise off
     delta: float
     noise: str
     cells: int

@@ -9,6 +9,7 @@ import urllib.parse
 from pathlib import Path
 
 import markupsafe
+import pyarrow as pa
 import pytest
 
 from dashboard.guard import CSP
@@ -71,6 +72,32 @@ def test_releases_give_every_statistic_with_its_sd_and_interval_and_each_release
     }]
     _, south = served.json("/api/releases?metric=temp&region=south&days=all")
     assert [c["estimates"]["count"]["value"] for c in south["cells"]] == [500.0 + h for h in range(HOURS)]
+
+
+def test_an_infinite_epsilon_is_written_as_such_in_json_and_in_the_openapi_document(tmp_path: Path) -> None:
+    """A test-mode release with noise off spends epsilon = inf: the JSON API wrote it null (JSON has no
+    infinity), which reads as no epsilon at all, while the OpenAPI document promised a number."""
+    from fusion.store.delta import Store
+    from tests.conftest import config_text
+    from tests.fusion.store.test_store import release_rows
+
+    path = tmp_path / "federation.toml"
+    path.write_text(config_text(institutions=[("alpha", "parquet")], quorum=1))
+    config = load_config(path, check_release=False)
+    rows = release_rows("r-test-mode", range(3))
+    Store(config.store_path).insert_new("releases", rows.set_column(
+        rows.schema.get_field_index("epsilon"), "epsilon", pa.array([float("inf")] * 3)))
+    with running(config) as url:
+        served = Served(path, url)
+        status, view = served.json("/api/releases?metric=temp&region=north&days=all")
+        assert status == 200 and {c["epsilon"] for c in view["cells"]} == {"Infinity"}
+        assert view["releases"][0]["epsilon"] == "Infinity"
+        _, document = served.json("/openapi.json")
+        status, _, page = served.get("/releases?metric=temp&region=north&days=all")
+    assert status == 200 and '<td class="num epsilon">inf</td>' in page
+    for model in ("ReleasedCell", "ReleaseSummary"):
+        assert document["components"]["schemas"][model]["properties"]["epsilon"]["anyOf"] == [
+            {"type": "number"}, {"type": "string", "enum": ["Infinity", "-Infinity", "NaN"]}]
 
 
 def test_a_withheld_stddev_is_shown_by_its_interval(served: Served) -> None:
