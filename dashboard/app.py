@@ -29,7 +29,7 @@ from dashboard.formatting import FILTERS
 from dashboard.guard import LOOPBACK_HOSTS, Guard, app_path, app_root, secured, wants_json
 from dashboard.snapshot import Snapshot, VersionCache
 from fusion.config.federation import Config, load_config
-from fusion.errors import FusionError, SqlLimitExceeded
+from fusion.errors import FusionError, SqlLimitExceeded, StoreUnreadable
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -94,7 +94,8 @@ def create_app(
         title="Fusion dashboard", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
         description="Read-only views of a Fusion federation's common-knowledge store: each page of the dashboard "
         "as JSON. Every statistic is noisy and comes with its noise standard deviation (where one is released) "
-        "and its 95% interval. Values a page cannot use are answered 400 with {\"error\": message}.",
+        "and its 95% interval. Values a page cannot use are answered 400 with {\"error\": message}; a store whose "
+        "files cannot be read, 500 with one.",
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.cache = cache
@@ -117,6 +118,9 @@ def create_app(
     # -- errors: a message, never a traceback ------------------------------------------------------------------
     @app.exception_handler(FusionError)
     async def user_error(request: Request, exc: FusionError) -> Response:
+        if isinstance(exc, StoreUnreadable):  # the store's files, not the request: the message names no path
+            log.error("serving %s: %s", app_path(request), exc)
+            return _error(request, 500, str(exc))
         status = 503 if isinstance(exc, SqlLimitExceeded) else 400
         return _error(request, status, str(exc))
 

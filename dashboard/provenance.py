@@ -20,6 +20,9 @@ from fusion.errors import FusionError
 
 #: Audit events per page.
 PAGE_EVENTS = 200
+#: The verify report is computed again at least this often (seconds), in the background, even where no table
+#: changed version and no data file its size or time: a rewrite in place that kept both would otherwise stand.
+REVERIFY_S = 600.0
 #: Statuses that mean a release is what was published (fusion.store.verification.GOOD).
 GOOD = ("verified", "legacy", "superseded")
 
@@ -75,7 +78,8 @@ Verified = tuple[str | None, list[ReleaseCheck]]
 
 class ProvenanceView(BaseModel):
     verify_error: str | None  # why nothing could be verified (no signing key registered)
-    verify_current: bool  # false: the report of earlier table versions, while the current one is computed
+    verify_current: bool  # false: an earlier report (earlier table versions or files, or older than REVERIFY_S),
+    # shown while the current one is computed
     counts: dict[str, int]  # status -> releases
     checks: list[ReleaseCheck]  # in chain order
     record_error: str | None  # why the recommendations and decisions could not be checked
@@ -120,7 +124,7 @@ def provenance_view(
         f'SELECT * FROM audit{where} ORDER BY "at" DESC, event_id '
         f"LIMIT {PAGE_EVENTS} OFFSET {(number - 1) * PAGE_EVENTS}"
     )]
-    (verify_error, checks), verify_current = snapshot.recent(*verify_job(snapshot.config))
+    (verify_error, checks), verify_current = snapshot.recent(*verify_job(snapshot.config), max_age=REVERIFY_S)
     record_error, records = record_checks(snapshot)
     return ProvenanceView(
         verify_error=verify_error, verify_current=verify_current, counts=dict(Counter(c.status for c in checks)),
@@ -159,8 +163,9 @@ def _registry_stamp(config: Config) -> int:
 
 
 def verify_job(config: Config) -> tuple[str, tuple[str, ...], Callable[[Snapshot], Verified]]:
-    """The verify report as Snapshot.recent computes it: once per version of the tables it reads and of the
-    registry (it reads every release's rows: seconds on a large store)."""
+    """The verify report as Snapshot.recent computes it: once per version of the tables it reads (and state of
+    their data files) and of the registry (it reads every release's rows: seconds on a large store), and again
+    after REVERIFY_S."""
     # Every table verify reads: an edit of any of them must not leave a cached verdict standing.
     return f"verify {_registry_stamp(config)}", ("releases", "audit", "budget", "rejects", "models"), _verify
 

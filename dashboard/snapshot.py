@@ -3,14 +3,19 @@
 Every query of a page reads the same table versions.
 
 What is derived from whole tables (the store's series, the verify report) is computed once per version of those
-tables and kept. On a large store that takes seconds (a year of 15-minute releases for 250 series: 1-2 s for the
+tables and kept: per version and per state of the version's data files (their sizes and modification times,
+`FusedStore.data_files`), so that a file rewritten in place, without a Delta commit, is not served from what was
+computed before. On a large store that takes seconds (a year of 15-minute releases for 250 series: 1-2 s for the
 series, longer to verify), and a live store gains a version at every release, so such a value may be served
-`recent`ly: the value of the previous versions at once, while a background thread computes the current one."""
+`recent`ly: the value of the previous versions at once, while a background thread computes the current one; a
+`recent` value may also be given a `max_age`, past which it is computed again (in the background) whatever the
+versions: the verify report, which a rewrite keeping a file's size and time would otherwise leave standing."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -18,7 +23,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from dashboard.params import BadParameter
-from fusion.api import FusedStore, open_store
+from fusion.api import DataFile, FusedStore, open_store
 from fusion.config.federation import Config
 
 T = TypeVar("T")
@@ -66,22 +71,23 @@ class VersionCache:
     def __init__(self, size: int = 64) -> None:
         self.stores = HeldStores()
         self._size = size
-        self._values: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._values: OrderedDict[tuple[Any, ...], tuple[Any, float]] = OrderedDict()  # key -> (value, computed at)
         self._latest: dict[str, Any] = {}
         self._refreshing: set[str] = set()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[Any, ...]) -> tuple[bool, Any]:
-        """(found, value)."""
+    def get(self, key: tuple[Any, ...]) -> tuple[bool, Any, float]:
+        """(found, value, when it was computed: time.monotonic())."""
         with self._lock:
             if key in self._values:
                 self._values.move_to_end(key)
-                return True, self._values[key]
-            return False, None
+                value, at = self._values[key]
+                return True, value, at
+            return False, None, 0.0
 
     def put(self, name: str, key: tuple[Any, ...], value: Any) -> None:
         with self._lock:
-            self._values[key] = value
+            self._values[key] = (value, time.monotonic())
             self._latest[name] = value
             while len(self._values) > self._size:
                 self._values.popitem(last=False)
@@ -113,7 +119,13 @@ class Snapshot:
         self.config = config
         self._cache = cache
         fresh = open_store(config)
-        key = (str(config.store_path), tuple(sorted(fresh.versions.items(), key=lambda item: item[0])))
+        self._files: dict[str, tuple[DataFile, ...]] = {}
+        # A held store's connection keeps each table it registered, footers read: a file rewritten in place since
+        # must be read afresh, so the held store is reused only while every table's files are as they were.
+        stamps = tuple((table, fresh.data_files(table)) for table, version in sorted(fresh.versions.items())
+                       if version is not None)
+        key = (str(config.store_path), tuple(sorted(fresh.versions.items(), key=lambda item: item[0])), stamps)
+        self._files.update(stamps)
         held = cache.stores.get()
         if held is not None and held[0] == key:
             fresh.close()
@@ -141,31 +153,42 @@ class Snapshot:
     def rows(self, sql: str) -> list[dict[str, Any]]:
         return self.table(sql).to_pylist()
 
-    def _key(self, name: str, tables: Sequence[str]) -> tuple[Any, ...]:
-        return (name, str(self.config.store_path), *(self.versions.get(t) for t in tables))
+    def data_files(self, table: str) -> tuple[DataFile, ...]:
+        """The data files of `table` at this snapshot's version, as found when it was opened."""
+        if table not in self._files:
+            self._files[table] = self._store.data_files(table)
+        return self._files[table]
 
-    def cached(self, name: str, tables: Sequence[str], compute: Callable[[Snapshot], T]) -> T:
-        """`compute(self)`, kept for as long as `tables` stay at the versions this snapshot reads."""
+    def _key(self, name: str, tables: Sequence[str]) -> tuple[Any, ...]:
+        return (name, str(self.config.store_path), *(self.versions.get(t) for t in tables),
+                *(self.data_files(t) for t in tables))
+
+    def cached(self, name: str, tables: Sequence[str], compute: Callable[[Snapshot], T], *,
+               again: bool = False) -> T:
+        """`compute(self)`, kept for as long as `tables` stay at the versions (and their files as they are) this
+        snapshot reads; `again`: computed anew even so."""
         key = self._key(name, tables)
-        found, value = self._cache.get(key)
-        if found:
+        found, value, _ = self._cache.get(key)
+        if found and not again:
             return value
         value = compute(self)
         self._cache.put(name, key, value)
         return value
 
-    def recent(self, name: str, tables: Sequence[str], compute: Callable[[Snapshot], T]) -> tuple[T, bool]:
-        """(value, whether it is of this snapshot's versions): `cached`, or where only a value of earlier
-        versions is kept, that one at once while a background thread computes the current one."""
-        found, value = self._cache.get(self._key(name, tables))
-        if found:
+    def recent(self, name: str, tables: Sequence[str], compute: Callable[[Snapshot], T], *,
+               max_age: float | None = None) -> tuple[T, bool]:
+        """(value, whether it is current: of this snapshot's versions and files, and computed within `max_age`
+        seconds): `cached`, or where only an earlier value is kept (of earlier versions, or older than
+        `max_age`), that one at once while a background thread computes the current one."""
+        found, value, at = self._cache.get(self._key(name, tables))
+        if found and (max_age is None or time.monotonic() - at <= max_age):
             return value, True
-        known, earlier = self._cache.latest(name)
+        known, earlier = (True, value) if found else self._cache.latest(name)
         if not known:
             return self.cached(name, tables, compute), True
         if self._cache.start_refresh(name):
-            threading.Thread(target=_refresh, args=(self.config, self._cache, name, tables, compute), daemon=True,
-                             name=f"fusion-dashboard-{name}").start()
+            threading.Thread(target=_refresh, args=(self.config, self._cache, name, tables, compute, found),
+                             daemon=True, name=f"fusion-dashboard-{name}").start()
         return earlier, False
 
     def close(self, *, failed: bool = False) -> None:
@@ -186,11 +209,12 @@ class Snapshot:
 
 
 def _refresh(config: Config, cache: VersionCache, name: str, tables: Sequence[str],
-             compute: Callable[[Snapshot], Any]) -> None:
-    """Compute `name` at the store's current versions, in its own snapshot (a thread of its own)."""
+             compute: Callable[[Snapshot], Any], again: bool = False) -> None:
+    """Compute `name` at the store's current versions, in its own snapshot (a thread of its own); `again`: even
+    where a value of those versions is kept (it is past its age)."""
     try:
         with Snapshot(config, cache) as snapshot:
-            snapshot.cached(name, tables, compute)
+            snapshot.cached(name, tables, compute, again=again)
     except Exception:  # a background refresh has no request to answer: the next request computes and reports it
         log.exception("refreshing %s failed", name)
     finally:

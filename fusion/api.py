@@ -15,11 +15,20 @@ from fusion.keys.registry import load_mechanism_sections, read_private, write_me
 
 # What `fusion verify` reports, and the releases it does not call verified or legacy (fusion/keys/release_check.py).
 from fusion.keys.release_check import unverified_releases, verify
-from fusion.store.access import DECISION_TABLES, DERIVED_TABLES, FusedStore, _config, open_store, write_derived
+from fusion.store.access import (
+    DECISION_TABLES,
+    DERIVED_TABLES,
+    DataFile,
+    FusedStore,
+    _config,
+    open_store,
+    write_derived,
+)
 
 __all__ = [
     "DECISION_TABLES",
     "DERIVED_TABLES",
+    "DataFile",
     "FusedStore",
     "batch",
     "forecast",

@@ -36,6 +36,11 @@ class SqlError(FusionError):
     """A SQL query failed (syntax, unknown column...)."""
 
 
+class StoreUnreadable(SqlError):
+    """The store's files could not be read: a data file damaged, missing, or rewritten outside Delta. Not the
+    query's fault, nor a bug: `fusion verify` says whether the releases are still what was published."""
+
+
 class SqlLimitExceeded(SqlError):
     """A SQL query ran past its time limit, or its result past its row or size limit (fusion/config/sql_limits.py)."""
 

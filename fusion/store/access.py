@@ -14,7 +14,7 @@ import pyarrow as pa
 from fusion.config.federation import Config, load_config
 from fusion.config.sql_limits import SqlLimits
 from fusion.errors import FusionError
-from fusion.store.delta import Store
+from fusion.store.delta import DataFile, Store
 from fusion.store.sql import SqlSandbox
 
 
@@ -43,6 +43,15 @@ class FusedStore:
         them back as `open_store(..., versions=...)` to read the same snapshot again (a None too: that table is read
         as empty, whatever was written to it since)."""
         return dict(self._sandbox.snapshot)
+
+    def data_files(self, table: str) -> tuple[DataFile, ...]:
+        """The data files of `table` at the version this store reads, each (path, size in bytes, modification time
+        in ns) as found now; none for a table not created yet. A file rewritten in place, without a Delta commit,
+        changes these but not the version: a reader that keeps what it computed per version (the dashboard) keys
+        it on them too."""
+        self.store.table_path(table)  # refuses a table the store does not have
+        version = self.versions.get(table)
+        return () if version is None else self.store.data_files(table, version=version)
 
     @property
     def limits(self) -> SqlLimits:

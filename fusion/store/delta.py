@@ -19,6 +19,7 @@ import hashlib
 import operator
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -33,7 +34,7 @@ import pyarrow.fs as pa_fs
 from deltalake import CommitProperties, DeltaTable, Schema, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError, TableNotFoundError
 
-from fusion.errors import FusionError, InternalError
+from fusion.errors import FusionError, InternalError, StoreUnreadable
 from schemas.tables import TABLE_SCHEMAS
 
 if TYPE_CHECKING:  # imported where used: pyarrow.dataset loads pandas (about 0.15 s), which `fusion sql` may skip
@@ -77,6 +78,30 @@ TABLE_LOCATORS: dict[str, tuple[str, ...]] = {"rejects": ("interval_start",)}
 _open = threading.local()
 #: And each table's last Arrow dataset (`Store._arrow_dataset`).
 os.register_at_fork(after_in_child=lambda: [_open.__dict__.pop(kept, None) for kept in ("tables", "datasets")])
+
+
+#: A data file of a table's snapshot as found now: (path, size in bytes, modification time in ns), size and time -1
+#: where it is missing. A file rewritten in place, without a Delta commit, leaves the table's version as it was,
+#: but not its size and time.
+DataFile = tuple[str, int, int]
+
+
+def _data_files(table: DeltaTable, *, local: bool) -> tuple[DataFile, ...]:
+    """The data files of `table`'s loaded version as found now (an object store's through its file system)."""
+    if not local:
+        dataset = table.to_pyarrow_dataset()
+        return tuple((info.path, info.size if info.size is not None else -1, info.mtime_ns or -1)
+                     for info in dataset.filesystem.get_file_info(list(dataset.files)))
+    found = []
+    for uri in table.file_uris():
+        path = uri.removeprefix("file://")
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            found.append((path, -1, -1))
+        else:
+            found.append((path, stat.st_size, stat.st_mtime_ns))
+    return tuple(found)
 
 
 def _opened(path: str, *, local: bool) -> DeltaTable:
@@ -394,10 +419,14 @@ class Store:
                 if string_view is not None and version is None
                 else [fragment.physical_schema for fragment in dataset.get_fragments()]
             )
-        except FileNotFoundError as exc:  # an old version whose data files a vacuum removed
+        except FileNotFoundError as exc:  # an old version whose data files a vacuum removed (or one deleted by hand)
             if version is None:
                 raise
-            raise FusionError(f"table {name}: the data files of version {version} were removed: {exc}") from None
+            gone = re.search(r"([^/'\s]+\.parquet)", str(exc))
+            raise StoreUnreadable(
+                f"table {name}: the data files of version {version} were removed"
+                + (f" ({gone.group(1)} is gone)" if gone else "")
+            ) from None
         if string_view is None:
             string_view = any(pa.types.is_string_view(field.type) for footer in footers for field in footer)
         if string_view:
@@ -430,18 +459,21 @@ class Store:
 
         The dataset of a local table is kept for its snapshot (this thread's open table, its version, the
         schema): making it turns each file's statistics into expressions (13 ms a call on a year of releases,
-        twelve files), and a release asks for the same snapshot several times before it commits."""
+        twelve files), and a release asks for the same snapshot several times before it commits. It is kept while
+        its data files are as they were (their sizes and times): a dataset holds each file's footer once read, and
+        a file rewritten in place, without a Delta commit, would otherwise be read through its old footer
+        ("Couldn't deserialize thrift") for as long as the version lasts."""
         if self.uri is not None:
             return table.to_pyarrow_dataset(schema=schema)
-        datasets: dict[tuple[str, pa.Schema], tuple[DeltaTable, int, ds.Dataset]]
+        datasets: dict[tuple[str, pa.Schema], tuple[DeltaTable, int, tuple[DataFile, ...], ds.Dataset]]
         datasets = _open.__dict__.setdefault("datasets", {})
-        key, version = (self.table_path(name), schema), table.version()
+        key, version, files = (self.table_path(name), schema), table.version(), _data_files(table, local=True)
         kept = datasets.get(key)
-        if kept is not None and kept[0] is table and kept[1] == version:
-            return kept[2]
+        if kept is not None and kept[0] is table and kept[1] == version and kept[2] == files:
+            return kept[3]
         local = pa_fs.SubTreeFileSystem(str(Path(self.table_path(name)).resolve()), pa_fs.LocalFileSystem())
         dataset = table.to_pyarrow_dataset(schema=schema, filesystem=local)
-        datasets[key] = (table, version, dataset)
+        datasets[key] = (table, version, files, dataset)
         return dataset
 
     def read(self, name: str, *, version: int | None = None, filter: ds.Expression | None = None) -> pa.Table:
@@ -478,6 +510,22 @@ class Store:
     def version(self, name: str) -> int | None:
         table = self._table(name, create=False)
         return None if table is None else table.version()
+
+    def data_files(self, name: str, *, version: int | None = None) -> tuple[DataFile, ...]:
+        """Each data file of a table at `version` (None: the latest) as found now, with its size and modification
+        time (`DataFile`); none for a table not created yet. What a reader that keeps results per table version
+        adds to its key, so that a file rewritten in place is not read as the version's."""
+        path = self.table_path(name)
+        kept = _open.__dict__.get("tables", {}).get(path) if self.uri is None else None
+        if kept is not None and version is not None and kept[1].version() == version:
+            table = kept[1]  # this thread's table, at that version already: no need to read its log again
+        else:
+            table = self._table(name, create=False)
+            if table is None:
+                return ()
+            if version is not None and version != table.version():
+                self._load_version(name, table, version)
+        return _data_files(table, local=self.uri is None)
 
     def release_ids(self) -> set[str]:
         """The ids of every release in `releases` (reads the whole column: `present_releases` asks about a few)."""

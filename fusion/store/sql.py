@@ -35,7 +35,7 @@ import duckdb
 import pyarrow as pa
 
 from fusion.config.sql_limits import SqlLimits
-from fusion.errors import SqlError, SqlLimitExceeded, SqlRefused
+from fusion.errors import SqlError, SqlLimitExceeded, SqlRefused, StoreUnreadable
 from fusion.store.delta import Store
 from fusion.store.sql_calls import built_bytes, refusal, refused_call_in_text
 from schemas.tables import TABLE_SCHEMAS
@@ -150,8 +150,11 @@ class SqlSandbox:
     def _register(self, name: str, version: int | None, *, empty: bool = False) -> None:
         """Register a table at `version` (None: the latest), or `empty` (it did not exist when the session
         opened, and what is written later is not this session's snapshot)."""
-        rows = TABLE_SCHEMAS[name].empty_table() if empty else self.store.dataset(name, version=version,
-                                                                                    string_view=None)
+        try:
+            rows = TABLE_SCHEMAS[name].empty_table() if empty else self.store.dataset(name, version=version,
+                                                                                        string_view=None)
+        except (OSError, pa.ArrowException) as exc:  # a data file's footer missing or damaged
+            raise self._unreadable(name, f"{type(exc).__name__}: {exc}") from None
         self._con.register(name, rows)
 
     def _limited(self, reader: pa.RecordBatchReader, deadline: _Deadline) -> Iterator[pa.RecordBatch]:
@@ -194,7 +197,18 @@ class SqlSandbox:
             return SqlRefused(f"{text}. {_SANDBOX_HINT}")
         if "configuration has been locked" in text:
             return SqlRefused(f"{text}. {_SANDBOX_HINT}")
+        if (read := _READ_FAILED.search(text)) is not None:
+            return self._unreadable(read.group(1), read.group(2))
         return SqlError(f"SQL error: {text}")
+
+    def _unreadable(self, table: str, reason: str) -> StoreUnreadable:
+        """The error for a table whose files could not be read, naming no path (the store's place on disk is not
+        a reader's to know)."""
+        reason = re.sub(r"'?(?:file://)?/[^\s']*'?", "<file>", reason.strip().splitlines()[0] if reason.strip() else "")
+        return StoreUnreadable(
+            f"the store's table {table} cannot be read: a data file is damaged, missing or was rewritten outside "
+            f"Delta ({reason}); `fusion verify` says whether the releases are still what was published"
+        )
 
     def _past_time_limit(self) -> SqlLimitExceeded:
         return SqlLimitExceeded(
@@ -321,6 +335,10 @@ def _tables_named(sql: str, tables: dict[str, int | None]) -> list[str]:
     if _CATALOG.search(sql):
         return list(tables)
     return [name for name in tables if re.search(rf"(?i)\b{name}\b", sql)]
+
+
+#: DuckDB's words for a failed read of a registered table's files: (the table, the reason Arrow gave).
+_READ_FAILED = re.compile(r"reading the stream registered as '(\w+)' failed: (?:IOError|Invalid): ?(.*)", re.DOTALL)
 
 
 def _without_home(text: str) -> str:

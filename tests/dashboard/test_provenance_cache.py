@@ -1,21 +1,29 @@
-"""The provenance page's verify result is cached per version of every table verify reads."""
+"""The provenance page's verify result is cached per version of every table verify reads, and per state of their
+data files; and computed again at least every REVERIFY_S."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from deltalake import write_deltalake
 
-from dashboard.provenance import verify_job
+from dashboard.provenance import REVERIFY_S, verify_job
 from dashboard.snapshot import Snapshot, VersionCache
+from fusion.config.federation import Config, load_config
+from fusion.keys.registry import create_key_holder_key
 from fusion.release.plan import plan_release
 from fusion.store.delta import Store
 from pipelines.batch import run_batch
-from tests.conftest import END, START, Federation
+from tests.conftest import END, START, Federation, config_text, publish_signed
+from tests.fusion.store.test_store import release_rows
 
 
 @pytest.mark.e2e
@@ -44,3 +52,83 @@ def test_an_edit_of_the_reject_tallies_is_not_served_as_verified_from_the_cache(
         with Snapshot(fed.config, cache) as shot:
             (_, after), current = shot.recent(*verify_job(fed.config))
     assert current and [c.status for c in after] == ["tampered"]
+
+
+def signed_store(root: Path) -> tuple[Config, Path]:
+    """A federation whose store holds two releases signed by the key holder (both verified), and the data file
+    holding the second's rows."""
+    root.mkdir(parents=True)
+    path = root / "federation.toml"
+    path.write_text(config_text(institutions=[("alpha", "parquet")], quorum=1))
+    config = load_config(path, check_release=False)
+    create_key_holder_key(config)
+    store = Store(config.store_path)
+    publish_signed(config, store, release_rows("r-a", range(24)))
+    publish_signed(config, store, release_rows("r-b", range(24, 48)))
+    (data,) = [Path(uri) for uri in store.delta_table("releases").file_uris() if "r-b" in pq.read_table(uri)[
+        "release_id"].to_pylist()]
+    return config, data
+
+
+def statuses(config: Config, cache: VersionCache, **options: Any) -> tuple[dict[str, str], bool]:
+    with Snapshot(config, cache) as shot:
+        (_, checks), current = shot.recent(*verify_job(config), **options)
+    return {c.release_id: c.status for c in checks}, current
+
+
+def current_statuses(config: Config, cache: VersionCache) -> dict[str, str]:
+    """The report once the background check of the store as it is now has landed."""
+    deadline = time.monotonic() + 60
+    while True:
+        found, current = statuses(config, cache)
+        if current:
+            return found
+        assert time.monotonic() < deadline, "the verify report was not computed again"
+        time.sleep(0.05)
+
+
+def rewritten(data: Path, mean: float, **options: Any) -> None:
+    """The data file written again in place (no Delta commit), r-b's mean set to `mean`."""
+    rows = pq.read_table(data)
+    changed = pc.if_else(pc.equal(rows["release_id"], "r-b"), mean, rows["mean"])
+    pq.write_table(rows.set_column(rows.schema.get_field_index("mean"), "mean", changed), data, **options)
+
+
+def test_a_data_file_rewritten_in_place_is_verified_again_and_read_afresh(tmp_path: Path) -> None:
+    """A data file of `releases` rewritten without a Delta commit leaves every version as it was: the cached
+    verdict was keyed on versions only, so a running dashboard kept calling the release verified; and the
+    connection a serving thread keeps read the file through its old footer ("Couldn't deserialize thrift"),
+    answered 400 as if the request's parameters were wrong."""
+    config, data = signed_store(tmp_path / "fed")
+    cache = VersionCache()
+    assert statuses(config, cache) == ({"r-a": "verified", "r-b": "verified"}, True)
+    means = "SELECT DISTINCT mean FROM releases WHERE release_id = 'r-b'"
+    with Snapshot(config, cache) as shot:
+        assert shot.rows(means) == [{"mean": 10.0}]
+    rewritten(data, 45.0)
+    with Snapshot(config, cache) as shot:  # this thread's store, opened afresh: the file as it is now
+        assert shot.rows(means) == [{"mean": 45.0}]
+    found, current = statuses(config, cache)
+    assert not current and found["r-b"] == "verified"  # the earlier report, said to be earlier
+    assert current_statuses(config, cache) == {"r-a": "verified", "r-b": "tampered"}
+
+
+def test_the_verify_report_is_computed_again_after_its_age(tmp_path: Path) -> None:
+    """A rewrite that keeps the file's size and modification time leaves every key as it was: past REVERIFY_S
+    the report is computed again all the same (here at once: max_age 0)."""
+    config, data = signed_store(tmp_path / "fed")
+    plain = {"compression": None, "use_dictionary": False, "write_statistics": False}
+    rewritten(data, 10.0, **plain)  # the same rows, written so that a changed mean keeps the file's size
+    cache = VersionCache()
+    assert current_statuses(config, cache) == {"r-a": "verified", "r-b": "verified"}
+    before = data.stat()
+    rewritten(data, 45.0, **plain)
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert data.stat().st_size == before.st_size
+    assert statuses(config, cache) == ({"r-a": "verified", "r-b": "verified"}, True)  # as far as the files tell
+    found, current = statuses(config, cache, max_age=0.0)
+    assert not current and found["r-b"] == "verified"  # past its age: shown as earlier, checked again
+    deadline = time.monotonic() + 60
+    while statuses(config, cache, max_age=REVERIFY_S)[0]["r-b"] != "tampered":
+        assert time.monotonic() < deadline, "the verify report was not computed again"
+        time.sleep(0.05)

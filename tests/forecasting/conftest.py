@@ -61,38 +61,6 @@ def release_table(
     return pa.table(columns, schema=RELEASES_SCHEMA)
 
 
-def publish_signed(config: Config, store: Store, rows: pa.Table) -> None:
-    """Insert `rows` (RELEASES_SCHEMA) as the key holder publishes releases: each release's rows signed with the
-    registered release-signing key (`create_key_holder_key` first), chained after the store's signed releases, and
-    its audit record holding the signature; `fusion verify` then calls them verified."""
-    import json
-
-    import pyarrow.compute as pc
-
-    from fusion.keys.registry import load_key_holder_signing_key
-    from fusion.store.provenance import SIGNATURE_FIELD, ChainLink, ReleaseSignature, sign_release
-    from schemas.tables import AUDIT_SCHEMA
-
-    key = load_key_holder_signing_key(config)
-    chain = [ReleaseSignature.from_doc(json.loads(d)[SIGNATURE_FIELD]) for d in store.read("audit").filter(
-        pc.equal(pc.field("action"), "release")).column("detail").to_pylist()]
-    previous = max(chain, key=lambda c: c.sequence or 0, default=None)
-    sequence, last = (previous.sequence or 0, (previous.release_id,)) if previous else (0, ())
-    for release_id in dict.fromkeys(rows.column("release_id").to_pylist()):
-        mine = rows.filter(pc.equal(rows["release_id"], release_id))
-        sequence += 1
-        signature = sign_release(mine, release_id=release_id, aggregate_sha256="0" * 64, signing_key=key,
-                                 link=ChainLink(sequence, last))
-        last = (release_id,)
-        store.insert_new("audit", pa.Table.from_pylist([{
-            "event_id": f"{release_id}:released", "at": mine["released_at"][0].as_py(), "actor_role": "key_holder",
-            "actor": "key-holder", "action": "release", "release_id": release_id,
-            "interval_start": mine["window_start"][0].as_py(), "interval_end": mine["window_end"][-1].as_py(),
-            "reason": None, "content_sha256": "0" * 64, "detail": json.dumps({SIGNATURE_FIELD: signature.to_doc()}),
-        }], schema=AUDIT_SCHEMA))
-        store.insert_new("releases", mine)
-
-
 @dataclass(frozen=True)
 class Federation:
     path: Path

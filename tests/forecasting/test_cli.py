@@ -17,7 +17,8 @@ from fusion.api import forecast
 from fusion.cli.core import main
 from fusion.errors import ConfigError
 from fusion.keys.registry import create_key_holder_key
-from tests.forecasting.conftest import Federation, federation, publish_signed, release_table, released
+from tests.conftest import publish_signed
+from tests.forecasting.conftest import Federation, federation, release_table, released
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -17,8 +17,8 @@ from fusion.store.delta import Store
 from fusion.store.mode import bind_store_mode
 from pipelines.scheduler import run_interval
 from pipelines.stream_driver import StreamDriver
-from tests.conftest import START, Federation
-from tests.forecasting.conftest import publish_signed, release_table, released
+from tests.conftest import START, Federation, publish_signed
+from tests.forecasting.conftest import release_table, released
 
 pytestmark = pytest.mark.e2e
 
