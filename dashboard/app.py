@@ -77,12 +77,15 @@ def create_app(
     token: str | None = None,
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS,
     warm: bool = False,
+    seen: int = 0,
 ) -> FastAPI:
     """The dashboard over the store of `config`. `token`: required of every request but /health (None: none, for
     a loopback-only dashboard). `allowed_hosts`: the Host header values answered (without port); '*': any.
-    `warm`: compute the store's series and the verify report in the background at once, for the first page."""
+    `warm`: compute the store's series and the verify report in the background at once, for the first page.
+    `seen`: the highest release sequence number seen before (`fusion verify --seen`); the app raises it as it
+    shows newer releases, so that a release removed whole after it was shown is reported missing."""
     cfg = config if isinstance(config, Config) else load_config(config, check_release=False)
-    cache = VersionCache()  # app.state.cache: its threads' stores are closed when the server stops
+    cache = VersionCache(seen=seen)  # app.state.cache: its threads' stores are closed when the server stops
     if warm:
         snapshot_.warm(cfg, cache, [releases_.SERIES, provenance_.verify_job(cfg)])
     env = jinja2.Environment(

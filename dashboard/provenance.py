@@ -125,6 +125,8 @@ def provenance_view(
         f"LIMIT {PAGE_EVENTS} OFFSET {(number - 1) * PAGE_EVENTS}"
     )]
     (verify_error, checks), verify_current = snapshot.recent(*verify_job(snapshot.config), max_age=REVERIFY_S)
+    # The newest release shown: removed whole later, it is reported missing (as `fusion verify --seen` does).
+    snapshot.saw(max((c.sequence or 0 for c in checks if c.status in GOOD), default=0))
     record_error, records = record_checks(snapshot)
     return ProvenanceView(
         verify_error=verify_error, verify_current=verify_current, counts=dict(Counter(c.status for c in checks)),
@@ -173,7 +175,7 @@ def verify_job(config: Config) -> tuple[str, tuple[str, ...], Callable[[Snapshot
 def _verify(shot: Snapshot) -> Verified:
     """(why nothing could be verified, or None; the checks in chain order)."""
     try:
-        found = api.verify(shot.config)
+        found = api.verify(shot.config, seen=shot.seen)
     except FusionError as exc:
         return str(exc), []
     published = {row["release_id"]: row for row in shot.rows(

@@ -119,13 +119,14 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-def _server(config: Config, options: ServeOptions, *, warm: bool) -> tuple[uvicorn.Server, HeldStores]:
+def _server(config: Config, options: ServeOptions, *, warm: bool, seen: int = 0
+            ) -> tuple[uvicorn.Server, HeldStores]:
     """The uvicorn server of a new app, and the stores the app's threads will hold (closed when it stops)."""
     import uvicorn
 
     from dashboard.app import create_app
 
-    app = create_app(config, token=options.token, allowed_hosts=options.hosts, warm=warm)
+    app = create_app(config, token=options.token, allowed_hosts=options.hosts, warm=warm, seen=seen)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, root_path=options.root_path, server_header=False,
         proxy_headers=False, lifespan="off",
@@ -133,9 +134,10 @@ def _server(config: Config, options: ServeOptions, *, warm: bool) -> tuple[uvico
     return server, app.state.cache.stores
 
 
-def serve(config: Config, options: ServeOptions, sock: socket.socket) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM), on an already bound socket."""
-    server, stores = _server(config, options, warm=True)
+def serve(config: Config, options: ServeOptions, sock: socket.socket, *, seen: int = 0) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM), on an already bound socket; `seen`: the highest release
+    sequence number seen before (`create_app`)."""
+    server, stores = _server(config, options, warm=True, seen=seen)
     if threading.current_thread() is threading.main_thread():
         # uvicorn stops on SIGINT, then raises it again under the handler it found: Python's own, so that the
         # command ends as an interrupted one (exit 130), even where SIGINT was inherited ignored (a background job).

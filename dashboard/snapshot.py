@@ -65,11 +65,13 @@ class HeldStores:
 
 class VersionCache:
     """One app's state: values computed from given table versions, the most recently used `size` kept, and the
-    latest value of each name whatever its versions; and the stores its threads hold. Thread-safe (requests are
-    served from a thread pool)."""
+    latest value of each name whatever its versions; the stores its threads hold; and the highest release sequence
+    number it has shown (`seen`: kept for as long as the process serves). Thread-safe (requests are served from a
+    thread pool)."""
 
-    def __init__(self, size: int = 64) -> None:
+    def __init__(self, size: int = 64, *, seen: int = 0) -> None:
         self.stores = HeldStores()
+        self._seen = seen
         self._size = size
         self._values: OrderedDict[tuple[Any, ...], tuple[Any, float]] = OrderedDict()  # key -> (value, computed at)
         self._latest: dict[str, Any] = {}
@@ -96,6 +98,17 @@ class VersionCache:
         """(found, the value of `name` computed last, at whatever versions)."""
         with self._lock:
             return name in self._latest, self._latest.get(name)
+
+    @property
+    def seen(self) -> int:
+        """The highest sequence number of a signed release this app has shown (or was told of at start): the
+        releases up to it must still be there (`fusion verify --seen`)."""
+        with self._lock:
+            return self._seen
+
+    def saw(self, sequence: int) -> None:
+        with self._lock:
+            self._seen = max(self._seen, sequence)
 
     def start_refresh(self, name: str) -> bool:
         """Whether the caller should refresh `name` (False: another thread is at it)."""
@@ -137,6 +150,15 @@ class Snapshot:
             self._store = fresh
         #: The Delta version of each table read (None: the table does not exist yet and reads as empty).
         self.versions: dict[str, int | None] = self._store.versions
+
+    @property
+    def seen(self) -> int:
+        """The highest release sequence number the app has shown (VersionCache.seen)."""
+        return self._cache.seen
+
+    def saw(self, sequence: int) -> None:
+        """Record that a release of this sequence number was shown."""
+        self._cache.saw(sequence)
 
     @property
     def store(self) -> FusedStore:

@@ -7,6 +7,7 @@ import argparse
 
 from rich.markup import escape
 
+from fusion.cli.options import non_negative
 from fusion.cli.output import console
 from fusion.config.federation import load_config
 
@@ -30,6 +31,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                             "proxy passes on")
     serve.add_argument("--root-path", default="",
                        help="the path prefix a reverse proxy serves the dashboard under, e.g. /fusion")
+    serve.add_argument("--seen", type=non_negative(int), default=0, metavar="SEQUENCE",
+                       help="the highest release sequence number seen before (as for `fusion verify --seen`): "
+                            "releases up to it must still be there; the dashboard raises it as it shows newer ones")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -53,5 +57,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
         + "  Ctrl-C stops it",
         soft_wrap=True, highlight=False,
     )
-    serve(config, options, sock)
+    serve(config, options, sock, seen=args.seen)
     return 0

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import write_deltalake
 
-from dashboard.provenance import REVERIFY_S, verify_job
+from dashboard.provenance import REVERIFY_S, provenance_view, verify_job
 from dashboard.snapshot import Snapshot, VersionCache
 from fusion.config.federation import Config, load_config
 from fusion.keys.registry import create_key_holder_key
@@ -132,3 +132,30 @@ def test_the_verify_report_is_computed_again_after_its_age(tmp_path: Path) -> No
     while statuses(config, cache, max_age=REVERIFY_S)[0]["r-b"] != "tampered":
         assert time.monotonic() < deadline, "the verify report was not computed again"
         time.sleep(0.05)
+
+
+def test_a_release_removed_whole_after_it_was_shown_is_reported_missing(tmp_path: Path) -> None:
+    """The newest release removed whole (rows and audit record) leaves the chain's lower links intact: verified
+    with seen = 0, the page showed one release fewer, all verified. It now verifies with the highest sequence number
+    it has shown, as `fusion verify --seen` does; a dashboard started with `--seen` knows it from the start."""
+    config, _ = signed_store(tmp_path / "fed")
+    cache = VersionCache()
+
+    def shown() -> tuple[list[tuple[str, int | None, str]], bool]:
+        with Snapshot(config, cache) as shot:
+            view = provenance_view(shot)
+        return [(c.release_id, c.sequence, c.status) for c in view.checks], view.verify_current
+
+    assert shown() == ([("r-a", 1, "verified"), ("r-b", 2, "verified")], True)
+    assert cache.seen == 2
+    store = Store(config.store_path)
+    for table in ("releases", "audit"):
+        store.delta_table(table).delete("release_id = 'r-b'")
+    deadline = time.monotonic() + 60
+    while not (after := shown())[1]:
+        assert time.monotonic() < deadline, "the verify report was not computed again"
+        time.sleep(0.05)
+    assert after[0] == [("r-a", 1, "verified"), ("(sequence 2)", 2, "missing")]
+    restarted = VersionCache(seen=2)
+    with Snapshot(config, restarted) as shot:
+        assert [c.status for c in provenance_view(shot).checks] == ["verified", "missing"]
