@@ -177,7 +177,7 @@ def _verify(shot: Snapshot) -> Verified:
     try:
         found = api.verify(shot.config, seen=shot.seen)
     except FusionError as exc:
-        return str(exc), []
+        return without_paths(shot.config, exc), []
     published = {row["release_id"]: row for row in shot.rows(
         'SELECT release_id, min("at") AS "at", any_value(content_sha256) AS sha FROM audit '
         "WHERE action IN ('release', 'training_round') GROUP BY release_id")}
@@ -188,6 +188,16 @@ def _verify(shot: Snapshot) -> Verified:
         for c in found
     ]
     return None, sorted(checks, key=_chain_order)
+
+
+def without_paths(config: Config, exc: FusionError) -> str:
+    """Why nothing could be checked, as the page may say it to whoever holds the token: the error's public text
+    (FusionError.public) where it has one, and the federation's directory written <federation> (a registry that
+    cannot be read names its file): where the federation lives on the server is not a reader's to know."""
+    text = exc.public if exc.public is not None else str(exc)
+    for place in sorted({str(config.base.resolve()), str(config.base)} - {"", "."}, key=len, reverse=True):
+        text = text.replace(place, "<federation>")
+    return text
 
 
 def _chain_order(check: ReleaseCheck) -> tuple[Any, ...]:
@@ -207,7 +217,7 @@ def record_checks(snapshot: Snapshot) -> tuple[str | None, list[RecordCheck]]:
         try:
             found = verify_mechanisms(shot.config, shot.store)
         except FusionError as exc:  # a malformed registry entry: shown where the checks would be
-            return str(exc), []
+            return without_paths(shot.config, exc), []
         return None, [RecordCheck(**vars(c)) for c in found]
 
     return snapshot.cached(f"mechanisms {_registry_stamp(snapshot.config)}", ["recommendations", "decisions"], compute)

@@ -285,6 +285,14 @@ def test_an_empty_store_shows_nothing_yet_on_every_page(tmp_path: Path) -> None:
         for page, note in expected.items():
             status, _, body = served.get(f"/{page}")
             assert status == 200 and note in body, page
+            assert str(tmp_path) not in body, page  # where the federation lives is not a reader's to know
+        _, view = served.json("/api/provenance")
+        assert view["verify_error"] == (
+            "no key holder signing key is registered in this federation's registry: nothing can be verified (the "
+            "key holder's `fusion keys --release-signing` registers one)")
+        (tmp_path / "registry.toml").write_text("not toml [")
+        _, view = served.json("/api/provenance")
+        assert view["verify_error"].startswith("the registry <federation>/registry.toml is malformed")
 
 
 def test_a_broken_store_is_a_server_error_with_a_message_not_a_traceback(tmp_path: Path) -> None:
