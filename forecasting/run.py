@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pyarrow as pa
 
@@ -31,6 +31,7 @@ from forecasting.reads import read
 from forecasting.rows import IssuedForecast, Purpose, forecast_rows, score_rows
 from forecasting.selection import Choice, default_choice, recorded_choices
 from forecasting.series import Series, SeriesKey, quoted, read_series
+from forecasting.trust import listed, skipped_releases, trust_record
 from fusion.config.federation import Config
 from fusion.config.forecasting import (
     MAX_HORIZON_WINDOWS,
@@ -154,34 +155,12 @@ def _series(
         unverified=unverified or (),
     )
     if not found:
-        left_out = f" (releases not verified, left out: {_listed(unverified)})" if unverified else ""
+        left_out = f" (releases not verified, left out: {listed(unverified)})" if unverified else ""
         raise FusionError(
             f"no released windows of {', '.join(metric_names)} in {', '.join(region_names)}{left_out}: release some "
             "first (`fusion batch`, `fusion schedule`, `fusion stream`); forecasts read only the store's releases"
         )
     return found, unverified
-
-
-def _listed(statuses: dict[str, str], most: int = 5) -> str:
-    """'r-a (tampered), r-b (missing) and 3 more'."""
-    names = [f"{name} ({status})" for name, status in sorted(statuses.items())]
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def _trust(series: Series, unverified: dict[str, str] | None) -> dict[str, Any]:
-    """What a forecast's params record of the releases it trusted: whether they were verified, and those of its
-    span it left out."""
-    if unverified is None:
-        return {"releases_verified": False}  # no release-signing key registered: nothing can be verified
-    record: dict[str, Any] = {"releases_verified": True, "unverified_releases_skipped": len(series.skipped)}
-    if series.skipped:
-        record["unverified_release_ids"] = list(series.skipped)
-    return record
-
-
-def skipped_releases(found: Sequence[Series], unverified: dict[str, str] | None) -> dict[str, str]:
-    """The unverified releases the series read left out, with their status."""
-    return {name: (unverified or {}).get(name, "unverified") for s in found for name in s.skipped}
 
 
 #: The columns of `forecasts` that scoring a forecast's window reads (forecasting.rows.score_rows).
@@ -273,7 +252,7 @@ def run_forecasts(
             model=choice.model,
             model_version=MODELS[choice.model].version,
             params={"fitted": prediction.params, "history_windows": int(past.values.size), **choice.basis,
-                    **_trust(series, unverified)},
+                    **trust_record(series, unverified)},
             origin=origin,
             bands=intervals(
                 prediction.mean, prediction.signal_var, noise_var=past.noise_ahead(steps), factor=choice.calibration
@@ -411,7 +390,7 @@ def _backtest_series(
                     "fitted": forecast.prediction.params,
                     "history_windows": min(forecast.origin, plan.length),
                     "calibration": calibration.as_dict(),
-                    **_trust(series, unverified),
+                    **trust_record(series, unverified),
                 },
                 origin=forecast.origin,
                 bands=bands,
