@@ -10,6 +10,8 @@
   `ExchangeFederation`, and each party's step (`seal_contribution`, `aggregate`, `answer`, `decrypt`)
 - the module `training.attempts`: which attempt a round runs under (one lost after its charge is resumed where it
   can still be completed) and how many charges a run's rounds made, which its epsilon composes
+- the module `training.kept_updates`: an institution's noisy update per round, kept so that its noise for a round
+  is drawn once whatever attempt the round runs under
 - the module `training.feed_rows`: a model's rows from an institution's own feeds (`feed_rows`)
 - the module `training.gradients`: per-example gradients, clipping, randomised rounding, the contribution vector
 """

@@ -7,7 +7,9 @@ only the noisy sum. An institution that drops out is declared absent and the rou
 A round is a `ReleasePlan` of its own: its layout is the model's vector (`RoundLayout`), its interval the readings
 the rows come from, and its exchange a folder of the federation's exchange, `training/<model>/<round id>`, so the
 releases' per-interval folders never meet a round's. Each role function loads only its own party's keys from the
-config, as the releases' commands do, so every step can run in its own process.
+config, as the releases' commands do, so every step can run in its own process. An institution draws its noise
+for a round once, whatever attempt the round runs under (training/kept_updates.py): a later attempt seals the
+same noisy update, masked anew.
 
 Not (yet) as releases: the round's noise has no removable layers (each contributor seals s_q = v / h(quorum) and
 keeps it, so with more than the quorum present the noise is larger than needed, never smaller): the releases keep a
@@ -22,6 +24,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,7 @@ from privacy.layout import PartitionLayout
 from privacy.masking import centred
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import SkellamNoise
+from training.kept_updates import keep_update, kept_update
 from training.secure_sum import RoundId, RoundRefused, RoundSum
 
 
@@ -133,24 +137,56 @@ def _kept_path(plan: ReleasePlan, institution_id: str) -> Path:
     return keys / "training" / f"{plan.key.release_id}.fenv"
 
 
+class Sealing(StrEnum):
+    """How an institution's envelope of a round attempt came about."""
+
+    DRAWN = "drawn"  # its noise for the round drawn now (the round's first attempt it seals)
+    REMASKED = "remasked"  # its noisy update kept from an earlier attempt of the round, masked anew
+    REPUBLISHED = "republished"  # the envelope it sealed for this very attempt, published again
+
+
+@dataclass(frozen=True)
+class SealedContribution:
+    """An institution's envelope of a round attempt, and the noisy update it encrypts (which never leaves the
+    institution; None where the envelope kept for the attempt was published again)."""
+
+    envelope: bytes
+    noised: np.ndarray | None
+    sealing: Sealing
+
+
 def seal_contribution(
-    plan: ReleasePlan, institution_id: str, vector: np.ndarray, *, generator: np.random.Generator
-) -> tuple[bytes, np.ndarray | None]:
+    plan: ReleasePlan,
+    institution_id: str,
+    vector: np.ndarray,
+    *,
+    round_id: RoundId,
+    generator: np.random.Generator,
+) -> SealedContribution:
     """The institution's step: `vector` (int64, the round's slots) plus its Skellam share s_q, masked as a release
     contribution is (`double_mask`: pairwise masks with its masking-graph neighbours, a self mask, both
-    Shamir-shared for the unmask round), BFV-encrypted, signed and published in the round's folder. Returns (the
-    envelope, the noised vector, which never leaves the institution; None when an envelope it sealed before was
-    published again: one noisy version of a round, ever)."""
+    Shamir-shared for the unmask round), BFV-encrypted, signed and published in the round's folder. The noise of a
+    round is drawn once: the noisy update is kept (training/kept_updates.py) and any later attempt of the round
+    seals that same update with fresh masks (`vector` unused); the envelope of an attempt is kept too, and
+    published again byte for byte."""
     kept = _kept_path(plan, institution_id)
     path = contribution_path(plan.config.exchange_path, plan.key, institution_id)
     if kept.exists():
         envelope = read_private(kept, f"institution {institution_id}'s sealed training envelope")
         write_bytes(path, envelope)
-        return envelope, None
-    if vector.shape != (plan.layout.slots,):
-        raise FusionError(f"a round's vector has {plan.layout.slots} slots, got shape {vector.shape}")
-    share = plan.params.share_variance
-    noised = vector + SkellamNoise(share, generator=generator).sample(vector.size)
+        return SealedContribution(envelope, None, Sealing.REPUBLISHED)
+    noised = kept_update(plan.config, institution_id, round_id)
+    sealing = Sealing.REMASKED
+    if noised is None:
+        if vector.shape != (plan.layout.slots,):
+            raise FusionError(f"a round's vector has {plan.layout.slots} slots, got shape {vector.shape}")
+        drawn = vector + SkellamNoise(plan.params.share_variance, generator=generator).sample(vector.size)
+        noised, sealing = keep_update(plan.config, institution_id, round_id, drawn), Sealing.DRAWN
+    if noised.shape != (plan.layout.slots,):
+        raise FusionError(
+            f"institution {institution_id}'s noisy update of round {round_id.round} of model {round_id.model_id} "
+            f"has {noised.size} slots, the round {plan.layout.slots}: the model changed under the same settings"
+        )
     # Masked exactly as a release contribution is (pipelines/contribute.py): pairwise masks with the round's
     # masking-graph neighbours, a self mask, and Shamir shares of both for the unmask round.
     masked, mask_fields = double_mask(plan, institution_id, noised)
@@ -161,7 +197,7 @@ def seal_contribution(
     header = plan.envelope_header(
         kind="contribution",
         contributors=(institution_id,),
-        noise_variance=share,
+        noise_variance=plan.params.share_variance,
         context_sha256=context_sha256,
         reject_counts={},
         **mask_fields,
@@ -169,7 +205,7 @@ def seal_contribution(
     envelope = pack_envelope(header, ciphertexts, signing_key=load_signing_key(plan.config, institution_id))
     write_private(kept, envelope)  # kept before it is published: a re-run publishes these bytes, never a new draw
     write_bytes(path, envelope)
-    return envelope, noised
+    return SealedContribution(envelope, noised, sealing)
 
 
 def aggregate(plan: ReleasePlan) -> dict[str, Any]:
@@ -266,7 +302,10 @@ class ExchangeFederation:
         slots = next(iter(vectors.values())).size
         plan = self.plan(round_id, slots=slots, variance=layers.total_variance)
         open_round(plan, self.config.exchange_path)
-        envelopes = {i: seal_contribution(plan, i, vectors[i], generator=generators[i])[0] for i in sorted(vectors)}
+        envelopes = {
+            i: seal_contribution(plan, i, vectors[i], round_id=round_id, generator=generators[i]).envelope
+            for i in sorted(vectors)
+        }
         # An aggregate already sealed (a round resumed after a crash) is decrypted as it is: sealed again it would
         # be other bytes, and the ledger and a signature already written may name these.
         if not exists(aggregate_path(plan.config.exchange_path, plan.key)):

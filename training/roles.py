@@ -34,6 +34,7 @@ from training.accounting import TrainingBudget
 from training.attempts import charged_aggregates, run_charges
 from training.exchange_round import (
     ExchangeFederation,
+    Sealing,
     aggregate,
     answer,
     decrypt,
@@ -137,8 +138,12 @@ def contribute(config: Config, model: ModelConfig, store: Store, institution_id:
     vector = current.progress().vector(current.settings, rows, generator)
     plan = current.plan
     open_round(plan, config.exchange_path)
-    _, noised = seal_contribution(plan, institution_id, vector, generator=generator)
-    again = " (its envelope sealed before, published again)" if noised is None else ""
+    sealed = seal_contribution(plan, institution_id, vector, round_id=current.round_id, generator=generator)
+    again = {
+        Sealing.DRAWN: "",
+        Sealing.REMASKED: " (its noisy update kept from an earlier attempt, masked anew)",
+        Sealing.REPUBLISHED: " (its envelope sealed before, published again)",
+    }[sealed.sealing]
     return f"{institution_id} sealed round {current.round_id.round} of model {model.name}{again}"
 
 

@@ -20,7 +20,15 @@ from fusion.release.exchange import aggregate_path, contribution_path, roster_pa
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import seeded_generator
 from tests.conftest import Federation
-from training.exchange_round import ExchangeFederation, aggregate, answer, decrypt, open_round, seal_contribution
+from training.exchange_round import (
+    ExchangeFederation,
+    Sealing,
+    aggregate,
+    answer,
+    decrypt,
+    open_round,
+    seal_contribution,
+)
 from training.secure_sum import RoundId, RoundRefused
 
 START, END = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 6, tzinfo=UTC)
@@ -42,9 +50,10 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     vectors = _vectors(9001)
     noised: dict[str, np.ndarray] = {}
     for k, i in enumerate(IDS):
-        _, kept = seal_contribution(plan, i, vectors[i], generator=seeded_generator(k))
-        assert kept is not None and not np.array_equal(kept, vectors[i])
-        noised[i] = kept
+        sealed = seal_contribution(plan, i, vectors[i], round_id=round_id, generator=seeded_generator(k))
+        assert sealed.sealing is Sealing.DRAWN and sealed.noised is not None
+        assert not np.array_equal(sealed.noised, vectors[i])
+        noised[i] = sealed.noised
         # Published under the releases' own layout of the exchange, masked: its ciphertexts are not the vector.
         assert contribution_path(plan.config.exchange_path, plan.key, i).endswith(f"{i}.fenv")
     assert aggregate(plan)["status"] == "awaiting_unmask"  # the roster closes: the unmask round starts
@@ -66,8 +75,36 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     for i in IDS:
         assert (noised[i] - vectors[i]).var() == pytest.approx(400.0, rel=0.1)
     # Sealing again republishes the kept envelope: never a second noisy version of a round.
-    _, fresh = seal_contribution(plan, "alpha", vectors["alpha"], generator=seeded_generator(99))
-    assert fresh is None
+    again = seal_contribution(plan, "alpha", vectors["alpha"], round_id=round_id, generator=seeded_generator(99))
+    assert again.sealing is Sealing.REPUBLISHED and again.noised is None
+
+    # A new attempt of the same round (the store and the exchange, which the aggregator and the key holder can
+    # write, say the first was lost): each institution seals the noisy update it kept, under fresh masks, whatever
+    # vector and generator it is handed. The sum decrypted is the first attempt's, bit for bit: no second draw of
+    # noise to average with the first.
+    retry = RoundId("m", 1, "p", attempt=1)
+    replan = federation.plan(retry, slots=9001, variance=400.0)
+    open_round(replan, config.exchange_path)
+    for k, i in enumerate(IDS):
+        sealed = seal_contribution(replan, i, vectors[i] + 7, round_id=retry, generator=seeded_generator(50 + k))
+        assert sealed.sealing is Sealing.REMASKED and sealed.noised is not None
+        np.testing.assert_array_equal(sealed.noised, noised[i])
+        assert sealed.envelope != Path(contribution_path(plan.config.exchange_path, plan.key, i)).read_bytes()
+    assert aggregate(replan)["status"] == "awaiting_unmask"
+    for i in IDS:
+        answer(replan, i)
+    assert aggregate(replan)["status"] == "aggregated"
+    np.testing.assert_array_equal(decrypt(replan, None)[1], total)
+    # Its kept update gone, an institution refuses to seal a round it sealed before rather than draw anew.
+    keys = Path(config.institution_keys_path(config.institution("alpha"))) / "training" / "rounds"
+    (update,) = keys.glob("*.npy")
+    update.unlink()
+    third = RoundId("m", 1, "p", attempt=2)
+    with pytest.raises(FusionError, match="does not seal the round again"):
+        seal_contribution(
+            federation.plan(third, slots=9001, variance=400.0), "alpha", vectors["alpha"], round_id=third,
+            generator=seeded_generator(7),
+        )  # fmt: skip
 
 
 def test_a_round_with_a_dropped_institution_completes(make_federation: Callable[..., Federation]) -> None:
@@ -103,7 +140,7 @@ def test_the_key_holder_refuses_a_damaged_aggregate_or_lost_key_before_paying(
     plan = federation.plan(RoundId("m", 4, "p"), slots=50, variance=100.0)
     open_round(plan, config.exchange_path)
     for k, (i, vector) in enumerate(_vectors(50).items()):
-        seal_contribution(plan, i, vector, generator=seeded_generator(k))
+        seal_contribution(plan, i, vector, round_id=RoundId("m", 4, "p"), generator=seeded_generator(k))
     assert aggregate(plan)["status"] == "awaiting_unmask"
     for i in IDS:
         answer(plan, i)
@@ -179,8 +216,10 @@ plan = ExchangeFederation(config, datetime(2026, 1, 1, tzinfo=UTC), datetime(202
 role, who = sys.argv[2], sys.argv[3]
 if role == "institution":
     open_round(plan, config.exchange_path)
-    _, noised = seal_contribution(plan, who, np.full(20, 1000 + len(who)), generator=seeded_generator(len(who)))
-    np.save(sys.argv[4], noised)
+    sealed = seal_contribution(
+        plan, who, np.full(20, 1000 + len(who)), round_id=RoundId("m", 1, "p"), generator=seeded_generator(len(who))
+    )
+    np.save(sys.argv[4], sealed.noised)
 elif role == "aggregator":
     print(aggregate(plan)["status"])
 elif role == "answer":

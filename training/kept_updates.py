@@ -1,0 +1,108 @@
+"""An institution's noisy update per training round, kept in its own key directory: each round's noise is drawn
+once, whatever attempt the round runs under.
+
+A round may run under several attempts (training/attempts.py), each its own release id, masks and envelope. Which
+attempt is current is derived from the store and the exchange, which the aggregator and the key holder can write:
+together they could mark attempt after attempt as lost and collect a fresh noisy copy of the same gradient sum
+from every institution each time, then average the copies and wear the noise away. So an institution draws its
+noise for a round once, keeps the noisy update (owner-only, beside its keys, as it keeps its sealed release
+envelopes: pipelines/sealing.py), and seals that same update, masked anew, for any later attempt of the round. The
+record of the round (a small marker) is kept apart from the update: with the update gone (deleted, or its key
+directory restored from an older backup) the marker still refuses a new draw for a round already sealed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from fusion.config.federation import Config
+from fusion.errors import FusionError
+from fusion.keys.registry import read_private, write_private
+from training.secure_sum import RoundId
+
+
+def round_key(round_id: RoundId) -> str:
+    """Names the round whatever its attempt: the id of its first attempt."""
+    return RoundId(round_id.model_id, round_id.round, round_id.parameters_digest).release_id
+
+
+def _directory(config: Config, institution_id: str) -> Path:
+    return Path(config.institution_keys_path(config.institution(institution_id))) / "training" / "rounds"
+
+
+def _encode(vector: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(vector, dtype="<i8"), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def kept_update(config: Config, institution_id: str, round_id: RoundId) -> np.ndarray | None:
+    """The noisy update (int64 slots) the institution sealed for `round_id`'s round under any attempt (None: it has
+    sealed none); refuses a round it sealed whose kept update is gone or damaged (a new draw would be a second
+    noisy copy of the round)."""
+    directory = _directory(config, institution_id)
+    key = round_key(round_id)
+    marker = directory / f"{key}.json"
+    if not marker.exists():
+        return None
+    what = f"institution {institution_id}'s record of round {round_id.round} of model {round_id.model_id}"
+    try:
+        doc = json.loads(read_private(marker, what))
+        path, digest = directory / doc["update"], doc["sha256"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise FusionError(f"{what} ({marker}) is unreadable; restore it from a backup of the key directory") from None
+    if not path.exists():
+        raise FusionError(
+            f"institution {institution_id} sealed round {round_id.round} of model {round_id.model_id} before "
+            f"(under attempt {doc.get('release_id', '?')}) and its kept noisy update {path} is gone: it does not "
+            "seal the round again (a new draw of noise would be a second noisy copy of the same gradients, and "
+            "copies can be averaged); restore the file from a backup, or train the model anew under another name"
+        )
+    data = read_private(path, f"institution {institution_id}'s noisy update of round {round_id.round}")
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise FusionError(f"{path} is not the noisy update {marker} records; restore it from a backup")
+    try:
+        vector = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError:
+        raise FusionError(f"{path} is unreadable; restore it from a backup") from None
+    return np.asarray(vector, dtype=np.int64)
+
+
+def keep_update(config: Config, institution_id: str, round_id: RoundId, noised: np.ndarray) -> np.ndarray:
+    """Keep `noised` as the institution's noisy update of `round_id`'s round, before anything of it is sealed;
+    returns the update kept (another process of the institution may have kept one first: that one)."""
+    directory = _directory(config, institution_id)
+    key = round_key(round_id)
+    data = _encode(noised)
+    digest = hashlib.sha256(data).hexdigest()
+    name = f"{key}-{digest[:16]}.npy"
+    write_private(directory / name, data)
+    pending = directory / f".{key}.{secrets.token_hex(4)}.json"
+    doc = {
+        "model": round_id.model_id,
+        "round": round_id.round,
+        "settings_sha256": round_id.parameters_digest,
+        "release_id": round_id.release_id,
+        "update": name,
+        "sha256": digest,
+    }
+    write_private(pending, json.dumps(doc).encode())
+    try:
+        os.link(pending, directory / f"{key}.json")  # create-once: the round's update is this one, or the first
+    except FileExistsError:
+        kept = kept_update(config, institution_id, round_id)
+        if kept is None or not np.array_equal(kept, noised):
+            (directory / name).unlink(missing_ok=True)  # not the update kept: it never leaves the institution
+        if kept is None:
+            raise FusionError(f"{directory / key}.json vanished while it was written; seal the round again") from None
+        return kept
+    finally:
+        pending.unlink(missing_ok=True)
+    return np.asarray(noised, dtype=np.int64)
