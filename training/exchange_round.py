@@ -68,7 +68,7 @@ from privacy.layout import PartitionLayout
 from privacy.masking import centred
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import SkellamNoise
-from training.kept_updates import keep_update, kept_update
+from training.kept_updates import check_answered_roster, keep_update, kept_update
 from training.secure_sum import RoundId, RoundRefused, RoundSum
 
 
@@ -217,9 +217,14 @@ def aggregate(plan: ReleasePlan) -> dict[str, Any]:
         raise RoundRefused(str(exc)) from None
 
 
-def answer(plan: ReleasePlan, institution_id: str) -> str | None:
+def answer(plan: ReleasePlan, institution_id: str, *, round_id: RoundId) -> str | None:
     """An included institution's step in the unmask round (pipelines/unmask.py): acknowledge the roster, then
-    answer it once enough have; returns its answer's path (None: too few acknowledgements yet)."""
+    answer it once enough have; returns its answer's path (None: too few acknowledgements yet). A roster that
+    includes other institutions than one it answered for another attempt of the round is refused
+    (training/kept_updates.py `check_answered_roster`)."""
+    roster = read_roster(plan)
+    if roster is not None and institution_id in roster.included:
+        check_answered_roster(plan.config, institution_id, round_id, roster.included)
     return seal_unmask(plan, institution_id).path
 
 
@@ -311,7 +316,7 @@ class ExchangeFederation:
         if not exists(aggregate_path(plan.config.exchange_path, plan.key)):
             status = aggregate(plan) if read_roster(plan) is None else {"status": "awaiting_unmask"}
             if status["status"] == "awaiting_unmask":
-                run_unmask_round(plan, sorted(vectors))
+                run_unmask_round(plan, sorted(vectors), round_id=round_id)
                 status = aggregate(plan)
             if status["status"] != "aggregated":
                 raise RoundRefused(f"the round was not aggregated: {status.get('reason', status['status'])}")
@@ -327,11 +332,11 @@ class ExchangeFederation:
         )
 
 
-def run_unmask_round(plan: ReleasePlan, institutions: Sequence[str]) -> None:
+def run_unmask_round(plan: ReleasePlan, institutions: Sequence[str], *, round_id: RoundId) -> None:
     """Every included institution of `institutions` acknowledges the roster, then answers it."""
     roster = read_roster(plan)
     included = [i for i in institutions if roster is not None and i in roster.included]
     for institution in included:
         acknowledge_roster(plan, institution)
     for institution in included:
-        answer(plan, institution)
+        answer(plan, institution, round_id=round_id)

@@ -8,7 +8,10 @@ from every institution each time, then average the copies and wear the noise awa
 noise for a round once, keeps the noisy update (owner-only, beside its keys, as it keeps its sealed release
 envelopes: pipelines/sealing.py), and seals that same update, masked anew, for any later attempt of the round. The
 record of the round (a small marker) is kept apart from the update: with the update gone (deleted, or its key
-directory restored from an older backup) the marker still refuses a new draw for a round already sealed.
+directory restored from an older backup) the marker still refuses a new draw for a round already sealed. Nor
+does an institution answer the rosters of a round's attempts for different sets of institutions
+(`check_answered_roster`): the difference of two such sums would be one institution's update, with its own noise
+share alone.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import io
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +110,37 @@ def keep_update(config: Config, institution_id: str, round_id: RoundId, noised: 
     finally:
         pending.unlink(missing_ok=True)
     return np.asarray(noised, dtype=np.int64)
+
+
+def check_answered_roster(config: Config, institution_id: str, round_id: RoundId, included: Sequence[str]) -> None:
+    """Refuse to answer a roster of `round_id`'s round that includes other institutions than the first roster the
+    institution answered for the round, under any attempt (recorded, create-once, here). Every attempt of a round
+    sums the same noisy updates; two attempts summing different sets of them would give away the difference: an
+    institution's update alone, with only its own share of the noise."""
+    directory = _directory(config, institution_id)
+    key = round_key(round_id)
+    record = directory / f"{key}-roster.json"
+    wanted = sorted(included)
+    if not record.exists():
+        pending = directory / f".{key}-roster.{secrets.token_hex(4)}.json"
+        write_private(pending, json.dumps({"release_id": round_id.release_id, "included": wanted}).encode())
+        try:
+            os.link(pending, record)
+            return
+        except FileExistsError:
+            pass  # another process of the institution answered first: check against its record
+        finally:
+            pending.unlink(missing_ok=True)
+    what = f"institution {institution_id}'s record of the roster it answered for round {round_id.round}"
+    try:
+        doc = json.loads(read_private(record, what))
+        answered, first = list(doc["included"]), str(doc["release_id"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise FusionError(f"{what} ({record}) is unreadable; restore it from a backup of the key directory") from None
+    if answered != wanted:
+        raise FusionError(
+            f"institution {institution_id} answered round {round_id.round} of model {round_id.model_id} (attempt "
+            f"{first}) for {', '.join(answered)}; it does not answer attempt {round_id.release_id}'s roster of "
+            f"{', '.join(wanted)}: two sums of the same noisy updates over different institutions would give away "
+            "their difference. The round completes once the aggregator closes a roster of the same institutions"
+        )

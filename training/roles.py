@@ -150,7 +150,7 @@ def contribute(config: Config, model: ModelConfig, store: Store, institution_id:
 def answer_roster(config: Config, model: ModelConfig, store: Store, institution_id: str) -> str:
     """The institution's step in the unmask round."""
     current = current_round(config, model, store)
-    path = answer(current.plan, institution_id)
+    path = answer(current.plan, institution_id, round_id=current.round_id)
     if path is None:
         return f"{institution_id} acknowledged round {current.round_id.round}'s roster; too few have yet to answer"
     return f"{institution_id} answered round {current.round_id.round}'s roster"

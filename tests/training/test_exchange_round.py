@@ -58,7 +58,7 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
         assert contribution_path(plan.config.exchange_path, plan.key, i).endswith(f"{i}.fenv")
     assert aggregate(plan)["status"] == "awaiting_unmask"  # the roster closes: the unmask round starts
     for i in IDS:
-        answer(plan, i)
+        answer(plan, i, round_id=round_id)
     status = aggregate(plan)
     assert status["status"] == "aggregated" and status["contributors"] == list(IDS)
     paid: list[str] = []
@@ -92,19 +92,26 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
         assert sealed.envelope != Path(contribution_path(plan.config.exchange_path, plan.key, i)).read_bytes()
     assert aggregate(replan)["status"] == "awaiting_unmask"
     for i in IDS:
-        answer(replan, i)
+        answer(replan, i, round_id=retry)
     assert aggregate(replan)["status"] == "aggregated"
     np.testing.assert_array_equal(decrypt(replan, None)[1], total)
+    # An attempt summing other institutions (alpha left out): beta and gamma do not answer its roster, since the
+    # difference of the two sums would be alpha's noisy update alone.
+    third = RoundId("m", 1, "p", attempt=2)
+    plan3 = federation.plan(third, slots=9001, variance=400.0)
+    open_round(plan3, config.exchange_path)
+    for i in ("beta", "gamma"):
+        seal_contribution(plan3, i, vectors[i], round_id=third, generator=seeded_generator(9))
+    assert aggregate(plan3)["status"] == "awaiting_unmask"
+    for i in ("beta", "gamma"):
+        with pytest.raises(FusionError, match="does not answer attempt"):
+            answer(plan3, i, round_id=third)
     # Its kept update gone, an institution refuses to seal a round it sealed before rather than draw anew.
     keys = Path(config.institution_keys_path(config.institution("alpha"))) / "training" / "rounds"
     (update,) = keys.glob("*.npy")
     update.unlink()
-    third = RoundId("m", 1, "p", attempt=2)
     with pytest.raises(FusionError, match="does not seal the round again"):
-        seal_contribution(
-            federation.plan(third, slots=9001, variance=400.0), "alpha", vectors["alpha"], round_id=third,
-            generator=seeded_generator(7),
-        )  # fmt: skip
+        seal_contribution(plan3, "alpha", vectors["alpha"], round_id=third, generator=seeded_generator(7))
 
 
 def test_a_round_with_a_dropped_institution_completes(make_federation: Callable[..., Federation]) -> None:
@@ -143,7 +150,7 @@ def test_the_key_holder_refuses_a_damaged_aggregate_or_lost_key_before_paying(
         seal_contribution(plan, i, vector, round_id=RoundId("m", 4, "p"), generator=seeded_generator(k))
     assert aggregate(plan)["status"] == "awaiting_unmask"
     for i in IDS:
-        answer(plan, i)
+        answer(plan, i, round_id=RoundId("m", 4, "p"))
     assert aggregate(plan)["status"] == "aggregated"
     paid: list[str] = []
     envelope = Path(aggregate_path(plan.config.exchange_path, plan.key))
@@ -223,7 +230,7 @@ if role == "institution":
 elif role == "aggregator":
     print(aggregate(plan)["status"])
 elif role == "answer":
-    print(answer(plan, who) is not None)
+    print(answer(plan, who, round_id=RoundId("m", 1, "p")) is not None)
 else:
     np.save(sys.argv[4], decrypt(plan, None)[1])
 """
