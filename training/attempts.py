@@ -23,21 +23,10 @@ import pyarrow.compute as pc
 
 from fusion.errors import FusionError
 from fusion.store.delta import Store
-from fusion.store.ledger import BudgetLedger, recorded_charges
 from fusion.store.provenance import SIGNATURE_FIELD, ReleaseSignature, record_digest
 from privacy.signing import public_key, verify
 from training.secure_sum import RoundId
 from training.trainer import TrainingSettings
-
-
-def charged_aggregates(store: Store) -> dict[str, str]:
-    """Release id -> the SHA-256 of the aggregate's payload the budget ledger charged it for (releases' and
-    rounds')."""
-    return {
-        release_id: aggregate
-        for row in BudgetLedger(store).rows().to_pylist()
-        for release_id, (aggregate, _) in recorded_charges(row).items()
-    }
 
 
 def charged_attempts(settings: TrainingSettings, number: int, charged: Collection[str]) -> list[RoundId]:
@@ -57,7 +46,8 @@ def next_round_id(
 ) -> RoundId:
     """Round `number`'s attempt (none of its attempts committed yet): its last charged one when
     `resumable(attempt, aggregate it was charged for)` says it can still be completed (resumed: charged no more),
-    otherwise its first attempt not yet charged (a new draw, charged anew). `charged`: `charged_aggregates`."""
+    otherwise its first attempt not yet charged (a new draw, charged anew). `charged`: release id -> the aggregate
+    it was charged for (training/run.py `charged_rounds`)."""
     attempts = charged_attempts(settings, number, charged)
     if attempts and resumable is not None and resumable(attempts[-1], charged[attempts[-1].release_id]):
         return attempts[-1]

@@ -25,13 +25,14 @@ from fusion.errors import FusionError
 from fusion.release.exchange import contribution_path, exists, read_bytes
 from fusion.release.plan import ReleasePlan
 from fusion.runtime.faults import crash_point
+from fusion.store.charge_record import ChargeRecord
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetLedger
 from pipelines.release import charge_record, registered_signing_key
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import secure_generator, seeded_generator
 from training.accounting import TrainingBudget
-from training.attempts import charged_aggregates, run_charges
+from training.attempts import run_charges
 from training.exchange_round import (
     ExchangeFederation,
     Sealing,
@@ -46,6 +47,7 @@ from training.planning import feature_width
 from training.run import (
     LedgerTerms,
     RoundCharge,
+    charged_rounds,
     commit_round,
     institution_rows,
     last_committed,
@@ -87,8 +89,10 @@ class CurrentRound:
         return Progress.resume(self.settings, features=self.width, classes=self.classes, start=self.start)
 
 
-def current_round(config: Config, model: ModelConfig, store: Store) -> CurrentRound:
-    """The model's round in progress; refuses a run whose rounds are all committed."""
+def current_round(config: Config, model: ModelConfig, store: Store, record: ChargeRecord | None = None) -> CurrentRound:
+    """The model's round in progress; refuses a run whose rounds are all committed. `record`: the key holder's own
+    record of its charges, which it reads the period's charges from where the store's row is behind it (the other
+    parties read the store's row)."""
     settings, terms = settings_for(config, model), terms_for(config, model)
     width = feature_width(config, model)
     progress = Progress.resume(settings, features=width, classes=model.class_count, start=None)
@@ -98,7 +102,7 @@ def current_round(config: Config, model: ModelConfig, store: Store) -> CurrentRo
     if number > settings.rounds:
         raise FusionError(f"model {model.name}: all {settings.rounds} rounds are committed; nothing is left to run")
     federation = ExchangeFederation(config, terms.start, terms.end)
-    round_id = round_attempt(settings, number, charged_aggregates(store), federation, budget)
+    round_id = round_attempt(settings, number, charged_rounds(store, terms, record), federation, budget)
     return CurrentRound(config, settings, terms, budget, width, model.class_count, start, round_id)
 
 
@@ -168,14 +172,15 @@ def aggregate_round(config: Config, model: ModelConfig, store: Store) -> str:
 def release_round(config: Config, model: ModelConfig, store: Store) -> RoundRecord:
     """The key holder's step: charge the ledger, decrypt only the noisy sum, step the model and commit the round
     (its audit rows first, then its `models` row)."""
-    current = current_round(config, model, store)
+    held = charge_record(config, store)  # the key holder's own record: a round shares the period's cap
+    current = current_round(config, model, store, held)
     plan, terms, budget = current.plan, current.terms, current.budget
     signing_key = registered_signing_key(config)  # before the round is charged: every round is signed
     spent: list[RoundCharge] = []
 
     def pay(aggregate_sha256: str) -> None:
-        # Against the key holder's own record of the period, as a release is: a round shares the period's cap.
-        spend = BudgetLedger(store, record=charge_record(config, store)).spend(
+        # Against the key holder's own record of the period, as a release is.
+        spend = BudgetLedger(store, record=held).spend(
             period=terms.period, release_id=current.round_id.release_id, aggregate_sha256=aggregate_sha256,
             charge=terms.charge(budget), cap=terms.cap, delta=terms.delta,
         )  # fmt: skip
@@ -192,8 +197,7 @@ def release_round(config: Config, model: ModelConfig, store: Store) -> RoundReco
         noisy_sum=total, contributors=header.contributors, noise_variance=header.noise_variance,
         envelope_digests=envelopes, aggregate_digest=digest, bytes_per_contributor=0, refused=tuple(header.refused),
     )  # fmt: skip
-    charged = {*charged_aggregates(store), current.round_id.release_id}  # this round's attempt among them
-    charges = run_charges(current.settings, current.round_id.round, charged)
+    charges = run_charges(current.settings, current.round_id.round, charged_rounds(store, terms, held))
     record = current.progress().step(current.settings, budget, current.round_id.round, summed, charges=charges)
     commit_round(
         store, current.settings, record, current.round_id, terms=terms, budget=budget, charged=spent[0],

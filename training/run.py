@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from fusion.config.federation import Config, PrivacyUnit
 from fusion.config.training import ModelConfig
-from fusion.errors import FusionError
+from fusion.errors import FusionError, InternalError
 from fusion.keys.holder import load_registered_public_context_bytes, load_secret_context_bytes
 from fusion.keys.registry import (
     load_aggregator_public_key,
@@ -42,7 +42,6 @@ from privacy.accountant import Composition, ReleaseCharge
 from schemas.tables import AUDIT_SCHEMA, MODELS_SCHEMA
 from training.accounting import TrainingBudget
 from training.attempts import (
-    charged_aggregates,
     check_signed_row,
     next_round_id,
     recorded_round,
@@ -67,6 +66,17 @@ class LedgerTerms:
 
     def charge(self, budget: TrainingBudget) -> ReleaseCharge:
         return ReleaseCharge(mechanism=budget.mechanism, start=self.start, end=self.end, composition=self.composition)
+
+
+def charged_rounds(store: Store, terms: LedgerTerms, record: ChargeRecord | None = None) -> dict[str, str]:
+    """Release id -> the SHA-256 of the aggregate the ledger charged it for, of every release (rounds' and
+    releases') charged to the run's period, as the ledger charges against it: the store's `budget` row, or with
+    `record` the key holder's own record of the period where the store's row is behind it (a crash between the
+    two writes, a row deleted or rolled back). Which attempt a round runs under, and what a run has spent, follow
+    from it (training/attempts.py)."""
+    return BudgetLedger(store, record=record).charged(
+        period=terms.period, cap=terms.cap, delta=terms.delta, composition=terms.composition
+    )
 
 
 @dataclass(frozen=True)
@@ -135,7 +145,7 @@ def forecast_run(
     made, and whether its next round resumes an attempt already charged (training/attempts.py)."""
     done = last_committed(store, settings)
     number = (done.round if done else 0) + 1
-    charged = charged_aggregates(store)
+    charged = charged_rounds(store, terms, record)
     resuming = False
     if number <= settings.rounds:
         resuming = round_attempt(settings, number, charged, federation, budget).release_id in charged
@@ -347,7 +357,7 @@ def train_into_store(
     if start is not None and start.round >= settings.rounds:
         return start
     ledger = BudgetLedger(store, record=record)
-    charged = charged_aggregates(store)  # release id -> aggregate charged for; this run's charges join it
+    charged = charged_rounds(store, terms, record)  # release id -> aggregate charged for; read again after a charge
     paid: dict[int, tuple[TrainingBudget, RoundCharge]] = {}  # round -> what it was charged, and for what
     names: dict[int, RoundId] = {}
 
@@ -365,7 +375,12 @@ def train_into_store(
             cap=terms.cap,
             delta=terms.delta,
         )  # a resumed attempt's charge is found, not made again: its aggregate is the one charged
-        charged[round_id.release_id] = aggregate_sha256
+        # The period's charges as the ledger now holds them (a store row behind the key holder's record was rebuilt
+        # by this charge; another party may have charged meanwhile): the run's epsilon composes what was charged.
+        charged.clear()
+        charged.update(charged_rounds(store, terms, record))
+        if charged.get(round_id.release_id) != aggregate_sha256:
+            raise InternalError(f"round {round_id.release_id} was charged but its charge is not in the ledger")
         paid[round_id.round] = (budget, RoundCharge(aggregate_sha256, spent.epsilon_after))
         crash_point("round_after_charge")
 

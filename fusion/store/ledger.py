@@ -182,6 +182,13 @@ class BudgetLedger:
         elif (mismatch := _listed_otherwise(row, release_id, charge)) is not None:
             raise mismatch
 
+    def charged(self, *, period: Period, cap: float, delta: float, composition: Composition) -> dict[str, str]:
+        """Release id -> the SHA-256 of the aggregate it was charged for, of every release the period's row holds as
+        the next charge would start from it: the store's row, or the key holder's record where the store's row is
+        behind it (deleted, rolled back, or a pass that crashed between the two writes)."""
+        row = self._base(period, cap, delta, composition)
+        return {} if row is None else dict(zip(row.release_ids, row.aggregates, strict=True))
+
     def preview(
         self, *, period: Period, charges: Sequence[ReleaseCharge], cap: float, delta: float
     ) -> tuple[float, float]:

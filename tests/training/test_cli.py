@@ -101,14 +101,19 @@ def test_a_run_sized_to_its_cap_resumes_a_round_lost_after_its_charge(
     argv = ["train", "--config", str(fed.config_path), "--model", "tiny"]
     config = load_config(fed.config_path)
     store = Store(config.store_path)
-    # The process ends right after round 1 is charged (a kill, a power cut): the round is charged, not committed.
+    # The process ends as round 1 is charged (a kill, a power cut), between the key holder's record of the charge
+    # and the store's `budget` row: the round is charged, the store's row behind, nothing committed.
     crashed = subprocess.run(
         [sys.executable, "-m", "fusion.cli", *argv],
-        capture_output=True, text=True, timeout=300, env={**os.environ, CRASH_ENV: "round_after_charge"},
+        capture_output=True, text=True, timeout=300, env={**os.environ, CRASH_ENV: "after_charge_record"},
     )  # fmt: skip
     assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr
-    (lost,) = store.read("budget").to_pylist()[0]["release_ids"]
-    # Its aggregate is still in the exchange: the run resumes it, one more charge to come, not two.
+    assert store.read("budget").num_rows == 0
+    held = charge_record(config, store).read("2026-01-01")
+    assert held is not None
+    (lost,) = held["release_ids"]
+    # Its aggregate is still in the exchange: the run resumes it, one more charge to come, not two (the charges
+    # are read as the ledger charges against them, the key holder's record included).
     assert main([*argv, "--plan"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # however the console wraps it
     assert "2 rounds (2 left), run epsilon 0.9997 at" in out and "epsilon 0.6904 -> 0.9997 of cap 1" in out

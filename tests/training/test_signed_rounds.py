@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -168,6 +169,9 @@ def test_a_lost_round_is_resumed_and_one_that_cannot_be_is_superseded(
     assert _charged(fed) == [first, second]  # resumed: charged no more
     status, reason = _statuses(fed)[second]
     assert status == "missing" and "signed but its `models` row is not committed" in reason
+    # The store's `budget` row lost too (restored from a backup taken before training): the key holder's record
+    # still holds both charges, and the run reads them from there, so it resumes the second attempt, not the first.
+    shutil.rmtree(Store(fed.config.store_path).table_path("budget"))
     done = _train(fed.config_path)  # commits the row the audit row signed, then round 2
     assert done.returncode == 0, done.stderr
     statuses = _statuses(fed)

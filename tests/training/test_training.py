@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from fusion.errors import FusionError
 from fusion.release.plan import Period
+from fusion.store.charge_record import ChargeRecord
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetLedger
 from privacy.accountant import ORDERS, Composition, ReleaseCharge, epsilon_from_rdp, mechanism_rdp, skellam_rdp
@@ -343,6 +345,7 @@ def test_a_round_lost_after_its_charge_is_drawn_anew_and_its_charge_counted(
     federation: Federation, tmp_path: Path
 ) -> None:
     store = Store(tmp_path / "store")
+    record = ChargeRecord(tmp_path / "key-holder", "store-1")  # the key holder's own record of its charges
     settings, terms = _settings(3), _terms()
     generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
 
@@ -357,7 +360,7 @@ def test_a_round_lost_after_its_charge_is_drawn_anew_and_its_charge_counted(
             classes=3,
             generators=generators,
             on_round=crash,
-            pay=lambda rid, budget, digest: BudgetLedger(store).spend(
+            pay=lambda rid, budget, digest: BudgetLedger(store, record=record).spend(
                 period=terms.period,
                 release_id=rid.release_id,
                 aggregate_sha256=digest,
@@ -366,15 +369,20 @@ def test_a_round_lost_after_its_charge_is_drawn_anew_and_its_charge_counted(
                 delta=terms.delta,
             ),
         )
+    # The store's `budget` row is then lost (deleted, restored from an older backup, or a crash between the key
+    # holder's record and the store's commit): the charge is still in the key holder's record, which the ledger
+    # charges against, and the run counts it from there too, not from the store's row alone.
+    shutil.rmtree(store.table_path("budget"))
+    assert store.read("budget").num_rows == 0
     budget = budget_for(settings, 5 * 4 + 4 + 4 * 3 + 3)
     # The plan counts the lost charge: the run's epsilon composes four charges, and the period takes three more.
-    predicted = forecast_run(store, settings, budget, terms, federation)
+    predicted = forecast_run(store, settings, budget, terms, federation, record=record)
     assert (predicted.remaining, predicted.lost) == (3, 1)
     assert predicted.run_epsilon == pytest.approx(budget.epsilon_after(4)) and predicted.run_epsilon > budget.epsilon
     reported: list[float] = []
     last = train_into_store(
-        store, settings, federation, _data(), classes=3, terms=terms, generators=generators,
-        progress=lambda record: reported.append(record.epsilon),
+        store, settings, federation, _data(), classes=3, terms=terms, generators=generators, record=record,
+        progress=lambda committed: reported.append(committed.epsilon),
     )  # fmt: skip
     assert last is not None and last.round == 3
     row = BudgetLedger(store).rows().to_pylist()[0]
