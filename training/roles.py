@@ -9,6 +9,8 @@ completed (its aggregate in the exchange, the one charged), otherwise its first 
     aggregator                        sum and close the roster; once the answers are in, remove the masks
     institution  --institution ID --unmask   acknowledge and answer the roster
     key-holder                        charge the ledger, decrypt the noisy sum, step the model, commit the round
+                                      (refused before the charge where the run's remaining rounds cannot fit the
+                                      period's cap, as `fusion train` refuses such a run)
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ from training.run import (
     LedgerTerms,
     RoundCharge,
     charged_rounds,
+    check_fits,
     commit_round,
+    forecast_run,
     institution_rows,
     last_committed,
     round_attempt,
@@ -187,6 +191,10 @@ def release_round(config: Config, model: ModelConfig, store: Store) -> RoundReco
         spent.append(RoundCharge(aggregate_sha256, spend.epsilon_after))
         crash_point("round_after_charge")
 
+    # As `fusion train` does at each start: a run whose remaining rounds cannot fit the period's cap is refused
+    # before this round is charged (a round it resumes, already charged, costs nothing more).
+    federation = ExchangeFederation(config, terms.start, terms.end)
+    check_fits(model.name, forecast_run(store, current.settings, budget, terms, federation, record=held), terms)
     header, total, digest = decrypt(plan, pay)
     envelopes = {}
     for institution in header.contributors:

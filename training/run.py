@@ -99,6 +99,17 @@ class TrainingForecast:
         return self.period_epsilon_after <= self.cap
 
 
+def check_fits(model_name: str, predicted: TrainingForecast, terms: LedgerTerms) -> None:
+    """Refuse a run whose remaining rounds would take its period past the cap, before any of them is charged: the
+    ledger would refuse a later round, and the budget the earlier ones spent would buy no finished model."""
+    if not predicted.fits:
+        raise FusionError(
+            f"model {model_name} would take period {terms.period.name} to epsilon "
+            f"{predicted.period_epsilon_after:.4f}, above its cap {predicted.cap:g}: lower the model's epsilon or "
+            "train on another period's readings"
+        )
+
+
 def forecast(
     store: Store,
     budget: TrainingBudget,

@@ -77,7 +77,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from privacy.skellam import secure_generator, seeded_generator
     from training.exchange_round import ExchangeFederation
     from training.feed_rows import check_feed_model, feature_count, feed_rows
-    from training.run import forecast_run, institution_rows, settings_for, terms_for, train_into_store
+    from training.run import (
+        check_fits,
+        forecast_run,
+        institution_rows,
+        settings_for,
+        terms_for,
+        train_into_store,
+    )
     from training.trainer import budget_for, build_model, flat_parameters
 
     config, model = _model(args)
@@ -132,12 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{predicted.period_epsilon_before:.4f} -> {predicted.period_epsilon_after:.4f} of cap {predicted.cap:g}",
         highlight=False,
     )
-    if not predicted.fits:
-        raise FusionError(
-            f"model {model.name} would take period {terms.period.name} to epsilon "
-            f"{predicted.period_epsilon_after:.4f}, above its cap {predicted.cap:g}: lower the model's epsilon or "
-            "train on another period's readings"
-        )
+    check_fits(model.name, predicted, terms)
     if args.plan or remaining == 0:
         return 0
     signing_key = registered_signing_key(config)  # before any round is charged: every round is signed

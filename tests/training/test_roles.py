@@ -79,3 +79,26 @@ def test_a_role_needs_its_options(
     assert "--institution ID" in capsys.readouterr().err
     assert main([*base, "aggregator", "--unmask"]) == 1
     assert "an institution's options" in capsys.readouterr().err
+
+
+def test_the_key_holder_refuses_a_run_over_the_period_cap_before_its_first_charge(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Role by role, as `fusion train` does: a run whose rounds cannot all fit the period's cap (greedy: epsilon
+    1.6, cap 1; its first round alone would fit) spends nothing, rather than its first rounds' budget on a model the
+    ledger will not let finish."""
+    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    for k, inst in enumerate(("alpha", "beta", "gamma")):
+        _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    base = ["train", "--config", str(fed.config_path), "--model", "greedy", "--role"]
+    for inst in ("alpha", "beta"):
+        assert main([*base, "institution", "--institution", inst]) == 0
+    assert main([*base, "aggregator"]) == 0
+    for inst in ("alpha", "beta", "alpha"):  # alpha's first try waits for beta's acknowledgement
+        assert main([*base, "institution", "--institution", inst, "--unmask"]) == 0
+    assert main([*base, "aggregator"]) == 0
+    assert "aggregated" in capsys.readouterr().out  # the round is ready to decrypt
+    assert main([*base, "key-holder"]) == 1
+    assert "above its cap 1" in " ".join(capsys.readouterr().err.split())
+    store = Store(load_config(fed.config_path).store_path)
+    assert store.read("budget").num_rows == 0 and store.read("models").num_rows == 0
