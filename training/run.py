@@ -32,6 +32,7 @@ from fusion.keys.registry import (
     load_signing_key,
 )
 from fusion.release.plan import Period, parse_time, period_of
+from fusion.runtime.durations import parse_duration
 from fusion.runtime.faults import crash_point
 from fusion.store.charge_record import ChargeRecord
 from fusion.store.delta import Store
@@ -191,8 +192,8 @@ def last_committed(store: Store, settings: TrainingSettings) -> RoundRecord | No
     digests = set(rows.column("settings_sha256").to_pylist())
     if digests != {settings.digest()}:
         raise FusionError(
-            f"model {settings.model_id} was trained under other settings (rounds, C, learning rate, epsilon or "
-            "architecture changed); give the new run another model name"
+            f"model {settings.model_id} was trained under other settings (rounds, C, learning rate, epsilon, its "
+            "architecture, features, target, rows or interval changed); give the new run another model name"
         )
     row = rows.sort_by([("round", "descending")]).slice(0, 1).to_pylist()[0]
     parameters = np.asarray(row["parameters"], dtype=np.float32)
@@ -489,7 +490,35 @@ def settings_for(config: Config, model: ModelConfig) -> TrainingSettings:
         quorum=config.privacy.quorum,
         max_colluding=config.privacy.max_colluding,
         unit_rows=model.unit_rows,
+        inputs=model.input_width(len(config.regions)),
+        classes=model.class_count,
+        data=rows_description(config, model),
     )
+
+
+def rows_description(config: Config, model: ModelConfig) -> str:
+    """What the model's rows are, as canonical JSON (in the settings digest): its features in order and its target,
+    the interval of the readings, and the `rows` table, or for rows from the feeds the step, the target's bins, the
+    regions of the one-hot and the clamp bounds that scale each metric (training/feed_rows.py)."""
+    doc: dict[str, object] = {
+        "features": list(model.features),
+        "target": model.target,
+        "start": parse_time(model.start).isoformat(),
+        "end": parse_time(model.end).isoformat(),
+    }
+    if model.rows is not None:
+        doc["rows"] = model.rows
+    else:
+        assert model.horizon is not None and model.target_bins is not None  # checked at load
+        used = set(model.features) | {model.target}
+        doc |= {
+            "horizon_s": parse_duration(model.horizon).total_seconds(),
+            "target_bins": list(model.target_bins),
+            "change": model.change,
+            "regions": list(config.regions),
+            "bounds": {m.name: [m.lower, m.upper] for m in config.metrics if m.name in used},
+        }
+    return json.dumps(doc, sort_keys=True)
 
 
 def terms_for(config: Config, model: ModelConfig) -> LedgerTerms:

@@ -49,6 +49,13 @@ class TrainingSettings:
     # Each row is one privacy unit's data: an example is only ever added or removed, never changed (the smaller
     # sensitivity: training/accounting.py).
     unit_rows: bool = False
+    # What the model reads and predicts, so that a run never resumes on other inputs: its input width and classes
+    # (with `hidden`, the architecture), and the description of its rows (training/run.py `settings_for`: the
+    # features in order, the target, the rows table or the feeds' horizon and bins, the interval). Empty: a run
+    # built in code, which names its own.
+    inputs: int = 0
+    classes: int = 0
+    data: str = ""
 
     def learning_rate_at(self, number: int) -> float:
         """The step size of round `number` (1-based)."""
@@ -60,7 +67,9 @@ class TrainingSettings:
     def digest(self) -> str:
         """Names the run in every round. It covers `unit_rows` always: a run committed before rounds were charged
         for an example changed (noise calibrated to half the sensitivity) must not resume under the new charge,
-        whose epsilon would assume every round had the new noise."""
+        whose epsilon would assume every round had the new noise. It covers the model's inputs, classes and rows
+        (`inputs`, `classes`, `data`): a run resumed on other features, or their order, would step a committed
+        model with gradients of other inputs."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
 
@@ -132,9 +141,17 @@ def flat_parameters(model: torch.nn.Module) -> np.ndarray:
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy().copy()
 
 
-def load_parameters(model: torch.nn.Module, flat: np.ndarray) -> None:
+def load_parameters(model: torch.nn.Module, flat: np.ndarray, *, source: str = "the parameters") -> None:
+    """Set the model's weights and biases from `flat` (float32, as `flat_parameters` gives them); refuses a vector
+    of another size (torch would fail on a short one and ignore the surplus of a long one)."""
     import torch
 
+    expected = sum(p.numel() for p in model.parameters())
+    if flat.shape != (expected,):
+        raise FusionError(
+            f"{source} hold {flat.size} values, but the model (its inputs, hidden layers and classes) has {expected} "
+            "weights and biases: they are of another model; train this one under another name"
+        )
     torch.nn.utils.vector_to_parameters(torch.as_tensor(flat, dtype=torch.float32), model.parameters())
 
 
@@ -190,8 +207,13 @@ class Progress:
         model = build_model(features, classes, settings.hidden, settings.init_seed)
         progress = cls(model, {}, np.zeros(flat_parameters(model).size))
         if start is not None:
-            load_parameters(model, start.parameters)
+            source = f"round {start.round} of model {settings.model_id}'s committed parameters"
+            load_parameters(model, start.parameters, source=source)
             if start.velocity is not None:
+                if start.velocity.shape != progress.velocity.shape:
+                    raise FusionError(
+                        f"{source}: its momentum holds {start.velocity.size} values, not {progress.velocity.size}"
+                    )
                 progress.velocity = start.velocity.astype(np.float64)
             progress.counts[start.sum.contributors] = [start.count_estimate] * start.round  # a running mean: weighted
         return progress

@@ -89,6 +89,20 @@ def test_train_plans_then_trains_and_resumes(
     assert (config.base / "exchange" / "training" / "tiny").is_dir()
     assert main(argv) == 0  # everything committed: nothing runs again
     assert "(0 left)" in capsys.readouterr().out
+    # The run's inputs and output name it as its hyperparameters do: under its features reordered or fewer, or
+    # more classes, it is refused, never stepped on with gradients of other inputs.
+    text = fed.config_path.read_text()
+    features = 'features = ["x0", "x1", "x2"]'
+    changes = [
+        (features, 'features = ["x2", "x1", "x0"]'),
+        (features, 'features = ["x0", "x1"]'),
+        ("classes = 2", "classes = 3"),
+    ]
+    for old, new in changes:
+        fed.config_path.write_text(text.replace(old, new, 1))
+        assert main(argv) == 1
+        assert "was trained under other settings" in " ".join(capsys.readouterr().err.split())
+    fed.config_path.write_text(text)
 
 
 def test_a_run_sized_to_its_cap_resumes_a_round_lost_after_its_charge(

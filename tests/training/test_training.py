@@ -26,7 +26,16 @@ from training.accounting import TrainingSensitivity, plan_budget
 from training.gradients import clip_rows, contribution_vector, per_example_gradients, random_round
 from training.run import LedgerTerms, forecast, forecast_run, train_into_store
 from training.secure_sum import Federation, RoundId, RoundRefused, aggregate, seal_contribution, secure_sum
-from training.trainer import Institution, RoundRecord, TrainingSettings, budget_for, build_model, train
+from training.trainer import (
+    Institution,
+    RoundRecord,
+    TrainingSettings,
+    budget_for,
+    build_model,
+    flat_parameters,
+    load_parameters,
+    train,
+)
 
 IDS = ["alpha", "beta", "gamma"]
 
@@ -112,6 +121,16 @@ def test_the_plans_parameter_count_is_the_models() -> None:
 
     for hidden in ((), (4,), (7, 3)):
         assert parameter_count(5, 3, hidden) == sum(p.numel() for p in build_model(5, 3, hidden, 0).parameters())
+
+
+def test_parameters_of_another_size_are_refused() -> None:
+    model = build_model(5, 3, (4,), 0)
+    flat = flat_parameters(model)
+    for other in (flat[:-3], np.concatenate([flat, np.zeros(4, np.float32)])):  # torch ignored a surplus
+        with pytest.raises(FusionError, match=f"hold {other.size} values, but the model .* has {flat.size}"):
+            load_parameters(model, other)
+    load_parameters(model, flat + 1)
+    np.testing.assert_array_equal(flat_parameters(model), flat + 1)
 
 
 def test_per_example_gradients_match_one_at_a_time() -> None:
