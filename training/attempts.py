@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import pyarrow as pa
@@ -26,7 +26,7 @@ from fusion.store.delta import Store
 from fusion.store.provenance import SIGNATURE_FIELD, ReleaseSignature, record_digest
 from privacy.signing import public_key, verify
 from training.secure_sum import RoundId
-from training.trainer import TrainingSettings
+from training.trainer import RoundRecord, TrainingSettings
 
 
 def charged_attempts(settings: TrainingSettings, number: int, charged: Collection[str]) -> list[RoundId]:
@@ -68,13 +68,30 @@ def run_charges(settings: TrainingSettings, through: int, charged: Collection[st
     return sum(len(charged_attempts(settings, number, charged)) for number in range(1, through + 1))
 
 
+#: What a round's `training_round` audit record states of its `models` row, compared with a resumed attempt's row
+#: to name what differs where the signature does not cover it.
+RECORDED_FIELDS = ("parameters_sha256", "held_out_accuracy", "epsilon", "noise_variance", "contributors")
+
+
 @dataclass(frozen=True)
 class RecordedRound:
     """A round's `training_round` audit row, committed by a try at its attempt that crashed before its `models`
-    row: when it was recorded (the row's `committed_at`) and the signature it holds (None: none readable)."""
+    row: when it was recorded (the row's `committed_at`), the signature it holds (None: none readable) and the
+    rest of its detail (the round's held-out accuracy among it, from Fusion versions that record it)."""
 
     at: datetime
     signature: dict[str, object] | None
+    detail: Mapping[str, object]
+
+    def restore_metrics(self, record: RoundRecord) -> RoundRecord:
+        """`record` with the held-out accuracy the audit row recorded, which the signed row holds: a held-out table
+        changed (or `held_out` set or dropped) since then must not keep the attempt from being completed. The
+        signature still decides whether the row is the one signed."""
+        if "held_out_accuracy" not in self.detail:  # recorded before Fusion kept it there: evaluated again
+            return record
+        accuracy = self.detail["held_out_accuracy"]
+        metrics = {"accuracy": float(accuracy)} if isinstance(accuracy, int | float) else {}
+        return replace(record, metrics=metrics)
 
 
 def recorded_round(store: Store, release_id: str) -> RecordedRound | None:
@@ -94,8 +111,9 @@ def recorded_round(store: Store, release_id: str) -> RecordedRound | None:
         detail = json.loads(row["detail"] or "{}")
     except (ValueError, RecursionError):
         detail = None
-    signature = detail.get(SIGNATURE_FIELD) if isinstance(detail, dict) else None
-    return RecordedRound(row["at"], signature if isinstance(signature, dict) else None)
+    detail = detail if isinstance(detail, dict) else {}
+    signature = detail.pop(SIGNATURE_FIELD, None)
+    return RecordedRound(row["at"], signature if isinstance(signature, dict) else None, detail)
 
 
 def check_signed_row(row: pa.Table, recorded: RecordedRound, round_id: RoundId, signing_key: bytes | None) -> None:
@@ -116,10 +134,31 @@ def check_signed_row(row: pa.Table, recorded: RecordedRound, round_id: RoundId, 
     elif not authentic:
         problem = "holds a signature the key holder did not make"
     elif record_digest(row, claim.columns) != claim.rows_sha256:
-        problem = "signs another `models` row than the one this run computes"
+        problem = "signs another `models` row than the one this run computes" + _difference(row, recorded.detail)
     if problem is not None:
         raise FusionError(
             f"round {round_id.round} of model {round_id.model_id}: the audit row of its attempt {round_id.release_id} "
             f"{problem}; nothing was committed (`fusion verify` reports the round; restore the `audit` table if "
             "it was changed)"
         )
+
+
+def _difference(row: pa.Table, detail: Mapping[str, object]) -> str:
+    """What tells the row computed now from the one signed, as far as the audit record states it (its signature
+    covers a digest of the row only)."""
+    computed = row.to_pylist()[0]
+    differ = [f for f in RECORDED_FIELDS if f in detail and detail[f] != computed[f]]
+    if "parameters_sha256" in differ:
+        return (
+            ": its parameters differ from those the round's audit record states (the model it stepped from, the "
+            "aggregate or the settings are not those of the round signed)"
+        )
+    if differ:
+        return f": its {', '.join(differ)} differ from the round's audit record"
+    if "held_out_accuracy" not in detail and computed["held_out_accuracy"] is not None:
+        return (
+            ": the round's audit record (from an earlier Fusion) holds no held-out accuracy to restore, so the row "
+            "signed is the one evaluated on the held-out table of then; if `held_out` or its table changed since, "
+            "restore them to complete the round"
+        )
+    return ""

@@ -207,11 +207,10 @@ def release_round(config: Config, model: ModelConfig, store: Store) -> RoundReco
     )  # fmt: skip
     charges = run_charges(current.settings, current.round_id.round, charged_rounds(store, terms, held))
     record = current.progress().step(current.settings, budget, current.round_id.round, summed, charges=charges)
-    commit_round(
+    return commit_round(
         store, current.settings, record, current.round_id, terms=terms, budget=budget, charged=spent[0],
         signing_key=signing_key,
     )  # fmt: skip
-    return record
 
 
 def run_role(

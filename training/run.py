@@ -219,7 +219,7 @@ def model_row(
         "round": record.round,
         "settings_sha256": settings.digest(),
         "parameters": parameters.tolist(),
-        "parameters_sha256": hashlib.sha256(parameters.astype("<f4").tobytes()).hexdigest(),
+        "parameters_sha256": _parameters_sha256(parameters),
         "clip": settings.clip,
         "scale": settings.scale,
         "learning_rate": settings.learning_rate,
@@ -237,6 +237,10 @@ def model_row(
         "committed_at": committed_at,
     }
     return pa.Table.from_pylist([doc], schema=MODELS_SCHEMA)
+
+
+def _parameters_sha256(parameters: np.ndarray) -> str:
+    return hashlib.sha256(parameters.astype("<f4").tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -257,18 +261,20 @@ def commit_round(
     budget: TrainingBudget,
     charged: RoundCharge,
     signing_key: bytes | None,
-) -> None:
+) -> RoundRecord:
     """Commit a charged round: its audit rows first, holding the key holder's signature (`sign_round`: the
     round's `models` row, its budget claim and the attempts it supersedes), then its `models` row, the row
     signed. `signing_key` None: unsigned (a store nobody verifies, as the benches'); `fusion verify` reads an
     unsigned round as tampered. An attempt resumed after a crash between the two commits only its `models` row,
-    the one its audit row signed."""
+    the one its audit row signed, with the held-out accuracy recorded there (the held-out table may have changed
+    since). Returns the round as committed."""
     recorded = recorded_round(store, round_id.release_id)
     if recorded is not None:
+        record = recorded.restore_metrics(record)
         row = model_row(settings, budget.variance, record, round_id.release_id, recorded.at)
         check_signed_row(row, recorded, round_id, signing_key)
         store.insert_new("models", row)
-        return
+        return record
     now = datetime.now(UTC)  # the audit row's time and the row's: a resumed attempt rebuilds the row signed
     row = model_row(settings, budget.variance, record, round_id.release_id, now)
     signature = None
@@ -288,6 +294,7 @@ def commit_round(
     )
     crash_point("round_after_audit")
     store.insert_new("models", row)
+    return record
 
 
 def audit_rows(
@@ -336,6 +343,10 @@ def audit_rows(
                 "contributors": list(record.sum.contributors),
                 "noise_variance": record.sum.noise_variance,
                 "epsilon": record.epsilon,
+                # What its `models` row holds of the model, so that a resumed attempt commits the row signed, and
+                # names what differs if it cannot (training/attempts.py RecordedRound).
+                "parameters_sha256": _parameters_sha256(record.parameters),
+                "held_out_accuracy": record.metrics.get("accuracy"),
                 "delta": settings.delta,
                 "period": terms.period.name,
                 "period_epsilon_spent": period_epsilon,
@@ -398,12 +409,12 @@ def train_into_store(
 
     def commit(record: RoundRecord) -> None:
         budget, charge = paid[record.round]
-        commit_round(
+        committed = commit_round(
             store, settings, record, names[record.round], terms=terms, budget=budget, charged=charge,
             signing_key=signing_key,
         )  # fmt: skip
         if progress is not None:
-            progress(record)
+            progress(committed)
 
     return train(
         settings,

@@ -117,13 +117,29 @@ def test_a_round_lost_after_its_signed_audit_row_commits_the_row_signed(
     _overwrite(store, "models", models.slice(0, 1), MODELS_SCHEMA)
     status, reason = _statuses(fed)[second]
     assert status == "missing" and "signed but its `models` row is not committed" in reason
-    # The held-out table changed since: the row the run computes now is not the row signed, and none is committed.
+    # The held-out table changed since: the round is completed all the same, with the held-out accuracy its audit
+    # record holds, which the row signed holds (it only evaluates the model: the round's model is the one signed).
     held_out = fed.directory / "training" / "held_out.parquet"
     rows = pq.read_table(held_out)
     pq.write_table(rows.set_column(3, "label", pc.subtract(1, rows.column("label"))), held_out)
     capsys.readouterr()
+    assert main(argv) == 0
+    assert store.read("models").sort_by("round").equals(models)
+    assert {status for status, _ in _statuses(fed).values()} == {"verified"}
+    # Recorded by an earlier Fusion, the audit record holds no accuracy to restore: the row computed now is not the
+    # row signed, none is committed, and the error names the held-out table as the cause.
+    _overwrite(store, "models", models.slice(0, 1), MODELS_SCHEMA)
+    audit = store.read("audit").to_pylist()
+    for a in audit:
+        if a["action"] == "training_round" and a["release_id"] == second:
+            detail = json.loads(a["detail"])
+            del detail["held_out_accuracy"]
+            a["detail"] = json.dumps(detail)
+    _overwrite(store, "audit", pa.Table.from_pylist(audit, schema=AUDIT_SCHEMA), AUDIT_SCHEMA)
     assert main(argv) == 1
-    assert "signs another `models` row than the one this run computes" in " ".join(capsys.readouterr().err.split())
+    error = " ".join(capsys.readouterr().err.split())
+    assert "signs another `models` row than the one this run computes" in error
+    assert "holds no held-out accuracy to restore" in error and "`held_out` or its table changed" in error
     assert store.read("models").num_rows == 1
     pq.write_table(rows, held_out)
     # Resumed as it was: the same attempt, charged no more, its row the one signed.
