@@ -453,11 +453,22 @@ def federation_from_config(config: Config) -> Federation:
 
 
 def _table(path: Path, what: str) -> pa.Table:
+    """The rows table at `path` (CSV by its suffix, otherwise Parquet); one that is missing, not a file, or that
+    Arrow cannot read is refused naming `what` (the institution) and the file."""
     if not path.exists():
         raise FusionError(f"{what}: {path} does not exist; write the training rows there or fix `rows`")
-    if path.suffix == ".csv":
-        return pacsv.read_csv(path)
-    return pq.read_table(path)
+    if not path.is_file():
+        raise FusionError(f"{what}: {path} is not a file; write the training rows there as one table or fix `rows`")
+    try:
+        if path.suffix == ".csv":
+            return pacsv.read_csv(path)
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        kind = "CSV" if path.suffix == ".csv" else "Parquet"
+        raise FusionError(
+            f"{what}: {path} is not a readable {kind} table ({str(exc).splitlines()[0][:200]}); write it again or "
+            "fix `rows`"
+        ) from None
 
 
 def institution_rows(model: ModelConfig, path: Path, what: str) -> Institution:

@@ -11,6 +11,7 @@ interval's privacy period, like its releases.
 from __future__ import annotations
 
 import itertools
+import string
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Self
@@ -42,6 +43,24 @@ def _moment(text: str, field: str) -> datetime:
     except ValueError:
         raise ValueError(f"{field}: '{text}' is not an ISO 8601 time; write e.g. 2026-01-01T00:00") from None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _rows_problem(rows: str) -> str | None:
+    """What is wrong with a `rows` path as a template (None: nothing): it holds `{institution}`, filled in with each
+    institution's id, and no other field; a brace meant literally is doubled (`{{`, `}}`)."""
+    try:
+        fields = [
+            (name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(rows) if name is not None
+        ]
+    except ValueError as exc:
+        return f"'{rows}' has an unmatched brace ({exc}; double a brace meant literally: {{{{ or }}}})"
+    for name, spec, conversion in fields:
+        if name != "institution" or spec or conversion:
+            whole = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            return f"'{rows}' holds {{{whole}}}, but only {{institution}} is filled in (double a brace meant literally)"
+    if not fields:
+        return f"'{rows}' names no institution"
+    return None
 
 
 class ModelConfig(BaseModel):
@@ -101,9 +120,9 @@ class ModelConfig(BaseModel):
                 )
             if parse_duration(self.horizon) <= timedelta(0):
                 raise ValueError(f"models.{self.name}.horizon: '{self.horizon}' must be a positive duration")
-        elif "{institution}" not in self.rows:
+        elif (problem := _rows_problem(self.rows)) is not None:
             raise ValueError(
-                f"models.{self.name}.rows: write the path with {{institution}} in it, e.g. "
+                f"models.{self.name}.rows: {problem}; write the path with {{institution}} in it, e.g. "
                 "'training/{institution}.parquet'"
             )
         elif self.classes is None:

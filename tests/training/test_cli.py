@@ -172,6 +172,16 @@ def test_train_names_a_bad_rows_table_and_leaves_out_an_institution_without_rows
     refused(huge, "beyond float32's range")
     refused(good.set_column(1, "x1", pa.array(["x"] * good.num_rows)), "column 'x1' is string, not numbers")
     refused(good.set_column(3, "label", pa.array(["a"] * good.num_rows)), "column 'label' is string")
+    # A damaged table, or a directory where the table should be: named, not a traceback.
+    (rows / "beta.parquet").write_bytes(b"PAR1 cut short in a copy")
+    assert main(argv) == 1
+    error = " ".join(capsys.readouterr().err.split())
+    assert "institution beta:" in error and "beta.parquet is not a readable Parquet table" in error
+    (rows / "beta.parquet").unlink()
+    (rows / "beta.parquet").mkdir()
+    assert main(argv) == 1
+    assert "beta.parquet is not a file" in " ".join(capsys.readouterr().err.split())
+    (rows / "beta.parquet").rmdir()
     # No rows at all: that institution takes no part; the other two still make the quorum of 2.
     pq.write_table(good.slice(0, 0), rows / "beta.parquet")
     assert main(argv) == 0

@@ -576,6 +576,14 @@ MODELS: list[tuple[str, str, list[str]]] = [
     ("epsilon-below-rdp-floor", _model(epsilon="0.001"), ["models.m.epsilon", "below what the Renyi-DP"]),
     ("too-many-parameters", _model(hidden="[2000, 2000]"),
      ["models.m.hidden", "[2000, 2000] makes 4,020,002 parameters", "above the 1,000,000"]),
+    ("rows-other-field", _model(rows='"training/{institution}-{part}.parquet"', classes="2"),
+     ["models.m.rows", "holds {part}, but only {institution} is filled in"]),
+    ("rows-formatted-field", _model(rows='"training/{institution!r}.parquet"', classes="2"),
+     ["models.m.rows", "holds {institution!r}"]),
+    ("rows-unmatched-brace", _model(rows='"training/{institution}{.parquet"', classes="2"),
+     ["models.m.rows", "has an unmatched brace", "double a brace"]),
+    ("rows-no-institution", _model(rows='"training/all.parquet"', classes="2"),
+     ["models.m.rows", "names no institution", "{institution}"]),
 ]
 
 
