@@ -167,7 +167,7 @@ def demo_rows(config_path: Path, seed: int) -> tuple[dict[str, Institution], dic
     model = ModelConfig(name="demo-air-temp", start="2026-01-01T00:00", end="2026-01-02T00:00", **DEMO_MODEL)
     training, held_out = {}, {}
     for k, institution in enumerate(config.institutions):
-        rows, _ = feed_rows(config, model, institution)
+        rows = feed_rows(config, model, institution).rows
         if rows.targets.size:
             kept = np.random.default_rng([seed, k]).random(rows.targets.size) < 0.75
             training[institution.id] = Institution(rows.features[kept], rows.targets[kept])

@@ -110,16 +110,18 @@ def current_round(config: Config, model: ModelConfig, store: Store, record: Char
     return CurrentRound(config, settings, terms, budget, width, model.class_count, start, round_id)
 
 
-def institution_data(config: Config, model: ModelConfig, institution_id: str) -> Institution:
-    """The institution's own rows for the model: from its feeds, or from its table (`rows`)."""
+def institution_data(config: Config, model: ModelConfig, institution_id: str) -> tuple[Institution, list[str]]:
+    """The institution's own rows for the model: from its feeds, or from its table (`rows`); and a line per feed
+    file it skipped as damaged."""
     institution = config.institution(institution_id)
     if model.rows is None:
         from training.feed_rows import check_feed_model, feed_rows
 
         check_feed_model(config, model)
-        return feed_rows(config, model, institution)[0]
+        read = feed_rows(config, model, institution)
+        return read.rows, read.report(institution_id)
     path = config.base / model.rows.format(institution=institution_id)
-    return institution_rows(model, path, f"institution {institution_id}")
+    return institution_rows(model, path, f"institution {institution_id}"), []
 
 
 def _generator(config: Config, institution_id: str, round_id: RoundId) -> np.random.Generator:
@@ -133,9 +135,12 @@ def _generator(config: Config, institution_id: str, round_id: RoundId) -> np.ran
 def contribute(config: Config, model: ModelConfig, store: Store, institution_id: str) -> str:
     """The institution's step: its clipped, rounded gradient sum at the current model, noised, masked, sealed."""
     current = current_round(config, model, store)
-    rows = institution_data(config, model, institution_id)
+    rows, skipped = institution_data(config, model, institution_id)
     if rows.targets.size == 0:
-        raise FusionError(f"institution {institution_id} holds no rows for model {model.name}: it takes no part")
+        raise FusionError(
+            f"institution {institution_id} holds no rows for model {model.name}: it takes no part"
+            + "".join(f"\n{line}" for line in skipped)
+        )
     layers = NoiseLayers(
         total_variance=current.budget.variance, quorum=current.settings.quorum, institutions=len(config.institutions),
         max_colluding=current.settings.max_colluding,
@@ -152,7 +157,7 @@ def contribute(config: Config, model: ModelConfig, store: Store, institution_id:
         Sealing.REMASKED: " (its noisy update kept from an earlier attempt, masked anew)",
         Sealing.REPUBLISHED: " (its envelope sealed before, published again)",
     }[sealed.sealing]
-    return f"{institution_id} sealed round {current.round_id.round} of model {model.name}{again}"
+    return "\n".join([*skipped, f"{institution_id} sealed round {current.round_id.round} of model {model.name}{again}"])
 
 
 def answer_roster(config: Config, model: ModelConfig, store: Store, institution_id: str) -> str:

@@ -94,7 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Each institution's rows from its own feeds; one whose feeds lack a metric of the model takes no part
         # (absent from every round, as from a release it has no data for).
         check_feed_model(config, model)
-        built = {i.id: feed_rows(config, model, i)[0] for i in config.institutions}
+        read = {i.id: feed_rows(config, model, i) for i in config.institutions}
+        built = {i: feed.rows for i, feed in read.items()}
         data = {i: rows for i, rows in built.items() if rows.targets.size}
         width = feature_count(config, model)
         console.print(
@@ -102,6 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             + ", ".join(f"{i} {rows.targets.size}" for i, rows in built.items()),
             highlight=False,
         )
+        for line in (line for i, feed in read.items() for line in feed.report(i)):  # damaged files, skipped
+            console.print(line, highlight=False)
         if len(data) < config.privacy.quorum:
             raise FusionError(
                 f"model {model.name}: {len(data)} institution(s) hold the metrics "

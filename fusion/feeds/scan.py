@@ -159,6 +159,24 @@ class FeedUnavailable(FusionError):
     naming it; nothing is dead-lettered, since a later run may read it."""
 
 
+def file_damaged(exc: BaseException, path: str, feed: FeedConfig, *, batch_rows: int) -> bool:
+    """Whether `exc`, raised while the feed file at `path` was read, says that the file itself is damaged: reading
+    it again, on its own, fails too (a DuckDB error may be the query's, an OSError a full disk's). A damaged file is
+    dead-lettered whole and none of its readings is used; anything else is raised."""
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return False
+    if isinstance(exc, AmbiguousColumns):  # found in the file's header: no second reading needed
+        return True
+    try:  # as batches, validated (pyarrow passes Parquet text that is not UTF-8, which DuckDB refuses)
+        for _ in read_feed_file(path, feed, batch_rows=batch_rows):
+            pass
+    except TRANSIENT_ERRORS:
+        return False
+    except DAMAGE_ERRORS:
+        return True
+    return False
+
+
 #: Characters DuckDB's read_parquet takes as a glob: a file named with them is read as Arrow batches instead.
 GLOB_CHARACTERS = frozenset("*?[]{}")
 
@@ -667,20 +685,9 @@ class FeedScanner:
     def _damaged(self, src: int, exc: BaseException) -> bool:
         """Whether `exc`, raised while file `src` was scanned, says that the file itself is damaged: reading it
         again, on its own, fails too. (A DuckDB error may be the query's, an OSError a full disk's.)"""
-        if isinstance(exc, TRANSIENT_ERRORS):
-            return False
-        if isinstance(exc, AmbiguousColumns):  # found in the file's header: no second reading needed
-            return True
         feed_index, path = self.sources[src]
         feed = self.institution.feeds[feed_index]
-        try:  # as batches, validated (pyarrow passes Parquet text that is not UTF-8, which DuckDB refuses)
-            for _ in read_feed_file(path, feed, batch_rows=self.plan.config.pipeline.batch_rows):
-                pass
-        except TRANSIENT_ERRORS:
-            return False
-        except DAMAGE_ERRORS:
-            return True
-        return False
+        return file_damaged(exc, path, feed, batch_rows=self.plan.config.pipeline.batch_rows)
 
     def _letter_name(self, src: int, shard: int | None) -> str:
         feed_index, path = self.sources[src]

@@ -30,7 +30,9 @@ def test_rows_come_from_each_institutions_own_readings(tmp_path: Path) -> None:
     model = ModelConfig(**MODEL)  # type: ignore[arg-type]
     assert model.class_count == 3
     met = config.institution("metservice")
-    rows, times = feed_rows(config, model, met)
+    read = feed_rows(config, model, met)
+    rows, times = read.rows, read.times
+    assert read.unreadable == {}
     # 8 stations in each of 4 regions, rows at hours 0, 2 and 4 (each with its next hour as target).
     assert rows.features.shape == (8 * 4 * 3, 1 + 4 + 2)
     start = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
@@ -38,7 +40,7 @@ def test_rows_come_from_each_institutions_own_readings(tmp_path: Path) -> None:
     # The reference: hourly means of one station, straight from its feed's readings.
     means = step_means(
         config, met, ("air_temp",), datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 6, tzinfo=UTC), 3600.0
-    ).to_pylist()
+    ).means.to_pylist()
     station = means[0]["entity_id"]
     series = {m["step"]: m["value"] for m in means if m["entity_id"] == station}
     first = min(series)
@@ -48,10 +50,18 @@ def test_rows_come_from_each_institutions_own_readings(tmp_path: Path) -> None:
     assert rows.targets[0] == expected_class
     assert np.allclose(rows.features[:, 1:5].sum(axis=1), 1.0)  # region one-hot
     # The utility measures no air temperature: it takes no part in this model.
-    none, _ = feed_rows(config, model, config.institution("gridco"))
-    assert none.targets.size == 0
+    assert feed_rows(config, model, config.institution("gridco")).rows.targets.size == 0
     early, late = split_at(rows, times, datetime(2026, 1, 1, 3, tzinfo=UTC))
     assert early.targets.size == 64 and late.targets.size == 32
+    # A damaged feed file is skipped whole and reported, as a release skips it: none of its readings is used.
+    port = config.institution("portlogix")
+    assert feed_rows(config, model, port).rows.targets.size > 0
+    (tmp_path / "demo" / "feeds" / "portlogix" / "2026-01-01.parquet").write_bytes(b"PAR1 cut short in a copy")
+    damaged = feed_rows(config, model, port)
+    assert damaged.rows.targets.size == 0 and [Path(p).name for p in damaged.unreadable] == ["2026-01-01.parquet"]
+    (line,) = damaged.report("portlogix")
+    assert "institution portlogix: feed file" in line and "unreadable (ArrowInvalid" in line
+    assert "none of its readings is used" in line
 
 
 def test_a_feed_model_needs_a_horizon_and_increasing_bins() -> None:
