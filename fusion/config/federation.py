@@ -181,8 +181,9 @@ class Config(Frozen):
             )
         check_schedules(self.schedules, window=self.window, period=self.period)
         check_models(
-            self.models, metrics=[m.name for m in self.metrics], regions=len(self.regions), delta=self.privacy.delta
-        )
+            self.models, metrics=[m.name for m in self.metrics], regions=len(self.regions), delta=self.privacy.delta,
+            period=self.period,
+        )  # fmt: skip
         if self.forecasting is not None:
             self.forecasting.check_window(self.window)
         if self.mechanisms is not None:

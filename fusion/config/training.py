@@ -18,7 +18,7 @@ from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fusion.runtime.durations import parse_duration
+from fusion.runtime.durations import floor_to_grid, parse_duration
 
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
@@ -118,8 +118,18 @@ class ModelConfig(BaseModel):
                     f"models.{self.name}.classes: {len(self.target_bins)} target_bins make "
                     f"{len(self.target_bins) + 1} classes; drop `classes` or fix it"
                 )
-            if parse_duration(self.horizon) <= timedelta(0):
+            try:
+                horizon = parse_duration(self.horizon)
+            except ValueError as exc:
+                raise ValueError(f"models.{self.name}.horizon: {exc}") from None
+            if horizon <= timedelta(0):
                 raise ValueError(f"models.{self.name}.horizon: '{self.horizon}' must be a positive duration")
+            if horizon > end - start:
+                raise ValueError(
+                    f"models.{self.name}.horizon: '{self.horizon}' is longer than the model's interval "
+                    f"[{self.start}, {self.end}): a row's target is one horizon after its features, both read "
+                    "within the interval; shorten the horizon or widen the interval"
+                )
         elif (problem := _rows_problem(self.rows)) is not None:
             raise ValueError(
                 f"models.{self.name}.rows: {problem}; write the path with {{institution}} in it, e.g. "
@@ -152,10 +162,13 @@ class ModelConfig(BaseModel):
         return len(self.target_bins) + 1
 
 
-def check_models(models: Sequence[ModelConfig], *, metrics: Sequence[str], regions: int, delta: float) -> None:
+def check_models(
+    models: Sequence[ModelConfig], *, metrics: Sequence[str], regions: int, delta: float, period: timedelta
+) -> None:
     """Cross-field checks against the federation: one model per name (`fusion train --model` picks by name), a
-    model on the feeds learns from the federation's metrics, every model stays within MAX_PARAMETERS, and its
-    epsilon is one the RDP accounting of its rounds can reach at the federation's delta."""
+    model's interval within one privacy period (`period`: every round is charged to one), a model on the feeds
+    learns from the federation's metrics, every model stays within MAX_PARAMETERS, and its epsilon is one the RDP
+    accounting of its rounds can reach at the federation's delta."""
     if not models:
         return
     from privacy.accountant import rdp_floor  # loads SciPy: only where a config has models
@@ -166,6 +179,14 @@ def check_models(models: Sequence[ModelConfig], *, metrics: Sequence[str], regio
     if duplicates:
         raise ValueError(f"models: duplicate names {duplicates}; `fusion train --model` picks a model by its name")
     for model in models:
+        start, end = _moment(model.start, f"models.{model.name}.start"), _moment(model.end, f"models.{model.name}.end")
+        boundary = floor_to_grid(start, period) + period  # the end of the privacy period `start` is in
+        if end > boundary:
+            raise ValueError(
+                f"models.{model.name}.start / end: [{model.start}, {model.end}) crosses the privacy period boundary "
+                f"at {boundary.isoformat()} (privacy.period): every round is charged to one period; train on "
+                "readings of one period"
+            )
         if model.epsilon <= floor:
             raise ValueError(
                 f"models.{model.name}.epsilon: {model.epsilon:g} is below what the Renyi-DP accounting of its rounds "
