@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -234,8 +235,8 @@ def acknowledge_roster(plan: ReleasePlan, institution_id: str) -> None:
 
 def decrypt(plan: ReleasePlan, pay: Callable[[str], None] | None) -> tuple[EnvelopeHeader, np.ndarray, str]:
     """The key holder's step: check the aggregate (kind, layout, parameters, the aggregator's signature, the HE
-    context, the quorum), call `pay(payload SHA-256)` (the ledger's charge), then decrypt only the noisy sum.
-    Returns (its header, the sum int64 centred mod t, the envelope's SHA-256)."""
+    context, the quorum, its stated noise variance), call `pay(payload SHA-256)` (the ledger's charge), then
+    decrypt only the noisy sum. Returns (its header, the sum int64 centred mod t, the envelope's SHA-256)."""
     path = aggregate_path(plan.config.exchange_path, plan.key)
     if not exists(path):
         raise RoundRefused("the round has no aggregate yet: nothing is decrypted")
@@ -255,11 +256,27 @@ def decrypt(plan: ReleasePlan, pay: Callable[[str], None] | None) -> tuple[Envel
         raise RoundRefused("the aggregate was encrypted under another public HE context than the one published")
     if len(header.contributors) < plan.params.quorum:
         raise RoundRefused(f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}")
+    check_noise_variance(plan, header)
     context = load_checked_secret_context(plan.config)  # before the charge: a lost key would spend for nothing
     if pay is not None:
         pay(header.payload_sha256)
     total = centred(he.decrypt_vector(context, ciphertexts, plan.layout.slots), he.PLAIN_MODULUS)
     return header, total, hashlib.sha256(data).hexdigest()
+
+
+def check_noise_variance(plan: ReleasePlan, header: EnvelopeHeader) -> None:
+    """Refuse, before anything is charged, an aggregate whose stated noise variance its contributions could not
+    hold, as the releases' key holder does (pipelines/release.py): the variance is recorded in the round's `models`
+    row and signed. With noise on it lies between v (what the guarantee keeps) and every contributor's sealed share
+    s_q (no layers come off a round's noise: each contributor's share stays whole)."""
+    variance = header.noise_variance
+    ceiling = len(header.contributors) * plan.params.share_variance
+    low, high = (plan.params.total_variance, ceiling) if plan.params.noise else (0.0, ceiling)
+    if not (math.isfinite(variance) and low * (1 - 1e-9) <= variance <= high * (1 + 1e-9)):
+        raise RoundRefused(
+            f"the round's aggregate states a noise variance of {variance}, outside [{low:.6g}, {high:.6g}] for its "
+            f"{len(header.contributors)} contributors: it is not decrypted, nothing is charged"
+        )
 
 
 def can_resume(plan: ReleasePlan, charged_for: str) -> bool:

@@ -3,6 +3,7 @@ aggregator's sum and roster, the unmask round, the key holder's paid-for decrypt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,7 +17,9 @@ import pytest
 from fusion.config.federation import load_config
 from fusion.errors import FusionError
 from fusion.keys.holder import secret_key_file
+from fusion.keys.registry import load_aggregator_signing_key
 from fusion.release.exchange import aggregate_path, contribution_path, roster_path
+from privacy.envelope import pack_envelope, unpack_envelope
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import seeded_generator
 from tests.conftest import Federation
@@ -159,6 +162,16 @@ def test_the_key_holder_refuses_a_damaged_aggregate_or_lost_key_before_paying(
     with pytest.raises(RoundRefused, match="unreadable") as refused:
         decrypt(plan, paid.append)
     assert str(envelope) in str(refused.value) and paid == []
+    # An aggregate the registered aggregator signed, stating a noise variance its contributions cannot hold (none,
+    # or more than every contributor sealed): refused before the charge, as a release's is.
+    header, ciphertexts = unpack_envelope(good)
+    assert header.noise_variance == 3 * 100.0
+    for stated in (0.0, 99.0, 301.0, float("nan")):
+        forged = dataclasses.replace(header, noise_variance=stated)
+        envelope.write_bytes(pack_envelope(forged, ciphertexts, signing_key=load_aggregator_signing_key(config)))
+        with pytest.raises(RoundRefused, match=r"states a noise variance of .*, outside \[100, 300\]"):
+            decrypt(plan, paid.append)
+        assert paid == []
     envelope.write_bytes(good)
     secret = secret_key_file(config)
     kept = secret.read_bytes()
