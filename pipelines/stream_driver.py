@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -106,8 +107,9 @@ def _parquet_rows(path: str) -> int:
 
 
 class StdinJournal:
-    """Reads JSON lines from a stream on a thread; each step writes what arrived to a journal file, which is
-    then an ordinary input (durable from that moment on). Lines not yet journalled are lost on a kill."""
+    """Reads JSON lines from a stream on a thread; each step, and the driver's close (Ctrl-C, SIGTERM, the end of
+    a run), writes what arrived to a journal file (fsynced), which is then an ordinary input, durable from that
+    moment on. Lines read from the pipe but not yet journalled are lost only on a kill (`kill -9`, a crash)."""
 
     def __init__(self, stream: IO[str], directory: str) -> None:
         self.directory = directory
@@ -138,8 +140,25 @@ class StdinJournal:
             return None
         while exists(join(self.directory, f"{sequence:010d}.jsonl")):
             sequence += 1
-        write_bytes(join(self.directory, f"{sequence:010d}.jsonl"), "".join(lines).encode())
+        _write_durably(Path(self.directory) / f"{sequence:010d}.jsonl", "".join(lines).encode())
         return sequence
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write a local file atomically and durably: a temporary sibling fsynced, renamed in, the directory fsynced.
+    (Its name starts with '.', which discovery ignores, until it is renamed.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 class StreamDriver:
@@ -194,10 +213,14 @@ class StreamDriver:
         self._feeds: list[tuple[str, FeedConfig]] = [(i.id, f) for i in config.institutions for f in i.feeds]
         self._stdin: StdinJournal | None = None
         if stdin is not None:
-            institution, stream = stdin
-            journal = join(config.stream_state_path, "stdin", institution)  # local: the state's privacy
-            self._stdin = StdinJournal(stream, journal)
-            self._feeds.append((institution, stdin_feed(config, institution, journal)))
+            config.institution(stdin[0])  # refuses an unknown institution
+        for institution in config.institutions:  # journalled lines are inputs, with --stdin or without
+            journal = join(config.stream_state_path, "stdin", institution.id)  # local: the state's privacy
+            if stdin is not None and stdin[0] == institution.id:
+                self._stdin = StdinJournal(stdin[1], journal)
+            elif not Path(journal).is_dir():
+                continue
+            self._feeds.append((institution.id, stdin_feed(config, institution.id, journal)))
         self._readers: list[SourceReader] = []
         if not self.releases_only and any(i.sources for i in config.institutions):
             from pipelines.broker_sources import start_readers  # lazily: the brokers' clients
@@ -248,13 +271,17 @@ class StreamDriver:
         _log.warning(message)
         self._on_notice(f"warning: {message}")  # the log's root level is ERROR: this is what reaches the user
 
+    def _journal_stdin(self) -> None:
+        """Write the lines standard input delivered since the last call to a journal file (an input from then on)."""
+        if self._stdin is not None and (used := self._stdin.flush(self.state.stdin_sequence)) is not None:
+            self.state.stdin_sequence = used + 1
+            save_state(self._state_file, self.state)  # the journal file is written: never reuse its number
+
     def ingest(self) -> int:
         """One micro-batch over every new input; returns the rows it read (accepted and rejected)."""
         if self.releases_only:
             return self._scan_spool()
-        if self._stdin is not None and (used := self._stdin.flush(self.state.stdin_sequence)) is not None:
-            self.state.stdin_sequence = used + 1
-            save_state(self._state_file, self.state)  # the journal file is written: never reuse its number
+        self._journal_stdin()
         inputs = self._discover()
         if not inputs:
             return 0
@@ -679,12 +706,16 @@ class StreamDriver:
             )
 
     def close(self) -> None:
-        """Stop the broker readers (what they journalled is acknowledged; the rest is redelivered)."""
-        for reader in self._readers:
-            reader.stop()
-        for reader in self._readers:
-            reader.join(timeout=5)
-        self._lock.release()
+        """Journal the lines read from standard input since the last step (a restart reads them), and stop the
+        broker readers (what they journalled is acknowledged; the rest is redelivered)."""
+        try:
+            self._journal_stdin()
+            for reader in self._readers:
+                reader.stop()
+            for reader in self._readers:
+                reader.join(timeout=5)
+        finally:
+            self._lock.release()
 
 
 def _sealed_or_refused(plan: ReleasePlan, institution: InstitutionConfig) -> bool:

@@ -551,6 +551,44 @@ def test_a_stdin_journal_never_overwrites_a_file_whose_number_was_not_saved(tmp_
     assert sorted(p.read_text() for p in tmp_path.iterdir()) == ['{"a": 1}\n', '{"a": 2}\n']
 
 
+def test_lines_read_from_stdin_are_journalled_when_the_stream_stops(make_federation):
+    """Ctrl-C and SIGTERM end the run once its step is done. The lines the reader had taken from the pipe since
+    the last step were lost then, never journalled; they are journalled as the stream stops, and the restarted
+    stream reads them."""
+    import json
+
+    fed = stream_federation(make_federation, subdir="stdin-stop")
+    alpha = fed.config.institutions[0].id
+    rows = hour_of(fed, alpha, 0).to_pylist()
+    lines = [json.dumps({**row, "event_time": row["event_time"].isoformat()}) + "\n" for row in rows]
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end) as stdin, os.fdopen(write_end, "w") as pipe:
+        driver = StreamDriver(fed.config, stdin=(alpha, stdin), clock=lambda: START)
+        journal = driver._stdin
+        assert journal is not None
+
+        def read_by_the_stream(lines: list[str]) -> None:
+            pipe.write("".join(lines))
+            pipe.flush()
+            deadline = time.monotonic() + 30
+            while journal._lines.qsize() < len(lines) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert journal._lines.qsize() == len(lines)
+
+        read_by_the_stream(lines[:5])
+        driver.ingest()  # a step: journalled, spooled and counted
+        read_by_the_stream(lines[5:])  # read from the pipe, which stays open
+        driver.stop_requested = True  # what the SIGTERM and SIGINT handlers do
+        driver.run()
+    assert driver.state.readings == 5
+    restarted = StreamDriver(fed.config, clock=lambda: START)
+    try:
+        restarted.ingest()
+    finally:
+        restarted.close()
+    assert restarted.state.readings == len(rows) and restarted.state.rejected == 0
+
+
 def hour_of(fed: Federation, institution: str, hour: int) -> pa.Table:
     table = fed.raw[institution]
     times = table.column("event_time")
