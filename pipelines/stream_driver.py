@@ -242,7 +242,10 @@ class StreamDriver:
         return window_start(start, self.config.stream_window)
 
     # -- inputs -------------------------------------------------------------------------------------------
-    def _discover(self) -> list[tuple[str, FeedConfig, str]]:
+    def _discover(self) -> list[tuple[str, FeedConfig, str, int]]:
+        """The inputs not spooled yet: (institution, feed, path, size in bytes when listed), by path. The size
+        listed is the one recorded as processed: a file that grows (or goes) while it is read is then seen as
+        changed (or simply gone) at the next step, never taken for the larger file."""
         found = []
         for institution, feed in self._feeds:
             pattern = self.config.resolve(feed.path).replace("{date}", "*")
@@ -254,7 +257,7 @@ class StreamDriver:
                     if meta.size_in_bytes != self.state.processed[meta.path]:
                         self._report_changed(meta.path, meta.size_in_bytes)
                     continue
-                found.append((institution, feed, meta.path))
+                found.append((institution, feed, meta.path, meta.size_in_bytes))
         return sorted(found, key=lambda x: x[2])
 
     def _report_changed(self, path: str, size: int) -> None:
@@ -282,9 +285,10 @@ class StreamDriver:
         if self.releases_only:
             return self._scan_spool()
         self._journal_stdin()
-        inputs = self._discover()
-        if not inputs:
+        discovered = self._discover()
+        if not discovered:
             return 0
+        inputs = [(institution, feed, path) for institution, feed, path, _ in discovered]
         started = time.monotonic()
         if names_runner(self._beam_args):
             batch = run_micro_batch(
@@ -320,8 +324,8 @@ class StreamDriver:
             rows += sum(counts.values())
             self._count_rejects(institution, counts, windowed)
         crash_point("stream_after_spool")
-        for _, _, path in inputs:
-            self.state.processed[path] = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+        for _, _, path, size in discovered:
+            self.state.processed[path] = size
         save_state(self._state_file, self.state)
         self._rows_per_s = rows / max(time.monotonic() - started, 1e-9)
         return rows

@@ -759,6 +759,48 @@ def test_draining_up_to_a_time_the_clock_has_not_reached_is_refused_and_releases
     assert window_starts(fed.config.store_path) == [at(0)]
 
 
+@pytest.mark.parametrize("meanwhile", ["archived", "appended to"])
+def test_an_input_moved_or_grown_while_it_is_read_is_recorded_at_the_size_listed(make_federation, monkeypatch,
+                                                                                  meanwhile):
+    """The size recorded for an input was taken after the micro-batch had read it: a file archived in between
+    failed the step (an IndexError, its readings spooled but never counted), and rows appended in between were
+    taken for read (never read, never reported). The size listed before the read is recorded: the archived file's
+    readings count, and the file appended to is reported as changed."""
+    import json
+
+    from pipelines import stream as stream_module
+
+    fed = stream_federation(make_federation, subdir=f"meanwhile-{meanwhile.split()[0]}")
+    land(fed, 0)
+    gamma = fed.directory / "feeds" / "gamma" / "hour-00.jsonl"
+    listed = gamma.stat().st_size
+    read = stream_module.read_feed_file
+
+    def read_then_touched(path: str, feed: Any, **kwargs: Any) -> Any:
+        yield from read(path, feed, **kwargs)
+        if path == str(gamma) and meanwhile == "archived":
+            os.replace(gamma, fed.directory / "archived.jsonl")
+        elif path == str(gamma):
+            row = {**hour_of(fed, "gamma", 0).to_pylist()[0], "event_time": START.isoformat()}
+            with open(gamma, "a") as feed_file:
+                feed_file.write(json.dumps(row) + "\n")
+
+    monkeypatch.setattr(stream_module, "read_feed_file", read_then_touched)
+    notices: list[str] = []
+    driver = StreamDriver(fed.config, clock=lambda: START, on_notice=notices.append)
+    try:
+        driver.ingest()
+        monkeypatch.setattr(stream_module, "read_feed_file", read)
+        driver.ingest()
+    finally:
+        driver.close()
+    assert driver.state.readings == sum(hour_of(fed, i, 0).num_rows for i in fed.raw)
+    assert driver.state.processed[str(gamma)] == listed
+    changed = (str(gamma),) if meanwhile == "appended to" else ()
+    assert driver.status().changed_inputs == changed
+    assert len([n for n in notices if "changed after it was read" in n]) == len(changed)
+
+
 def test_an_input_rewritten_after_it_was_read_is_reported_not_read_twice(make_federation, caplog):
     fed = stream_federation(make_federation, subdir="rewritten")
     land(fed, 0)
@@ -969,7 +1011,7 @@ def test_a_micro_batch_in_process_does_what_the_beam_pipeline_does(make_federati
     bad = bad.set_column(bad.schema.get_field_index("metric"), "metric", pa.array(["?", "?"]))
     write_feed(bad, fed.directory / "feeds" / inst.id / "bad.parquet", "parquet")
     driver = StreamDriver(fed.config, clock=lambda: at(2))
-    inputs = driver._discover()
+    inputs = [(institution, feed, path) for institution, feed, path, _ in driver._discover()]
     letters = tmp_path / "letters"
     dead = {i.id: str(letters / i.id) for i in fed.config.institutions}
     closed = frozenset({at(0).isoformat()})  # hour 0 has closed: its readings are late
