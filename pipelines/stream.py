@@ -26,14 +26,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import BeamIOError
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import trigger, window
 
 from fusion.config.federation import Config, FeedConfig, FeedFormat
 from fusion.errors import FusionError
 from fusion.feeds.files import RawBatch, mapped_columns, read_feed_file
-from fusion.feeds.scan import malformed_letters
+from fusion.feeds.scan import TRANSIENT_ERRORS, FeedUnavailable, malformed_letters
 from fusion.feeds.stream_state import WINDOWED_REASONS
 from fusion.release.exchange import join, read_bytes, write_bytes, write_json
 from schemas.readings import EVENT_TIME, READING_SCHEMA
@@ -216,13 +215,24 @@ class StreamValidate(beam.DoFn):
                     dead_letter_dir=self._dead[institution],
                 )
                 offset += raw.table.num_rows
-        except (PermissionError, FileNotFoundError, ConnectionError, TimeoutError, BeamIOError):
-            raise  # transient or fixable: the step fails and the next poll reads the file again
         except (pa.ArrowException, OSError, UnicodeError, EOFError, zlib.error, FusionError) as exc:
+            if cannot_read_now(exc):  # not the file's fault: the step fails and the next poll reads it again
+                raise FeedUnavailable(
+                    f"stream input {path} cannot be read now ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                    "nothing of it is kept, and the stream reads it again at its next step"
+                ) from exc
             # An unreadable file (truncated, corrupt, not the feed's format) must not stop every institution's
             # stream at each restart: what could not be read is one malformed record, dead-lettered with the
             # error, and the file counts as processed. Rows read before the damage stay accepted.
             yield from unreadable_outputs(institution, path, offset, exc, dead_letter_dir=self._dead[institution])
+
+
+def cannot_read_now(exc: BaseException) -> bool:
+    """Whether `exc`, raised while a feed file was read, says that the file cannot be read now rather than that its
+    content is damaged: a missing file, permissions, the network, or any error the operating system reported
+    (an OSError with an errno: EIO from a failing disk, EMFILE, ESTALE on NFS). A parser's complaint about the
+    bytes (Arrow's errors, a broken compressed stream, Parquet's "couldn't deserialize thrift") carries none."""
+    return isinstance(exc, TRANSIENT_ERRORS) or (isinstance(exc, OSError) and exc.errno is not None)
 
 
 def unreadable_outputs(

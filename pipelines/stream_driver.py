@@ -39,6 +39,7 @@ from apache_beam.io.filesystems import FileSystems
 from fusion.config.federation import Config, FeedConfig, FeedFormat, InstitutionConfig
 from fusion.config.privacy import PrivacyUnit
 from fusion.errors import FusionError, ReleaseRefused
+from fusion.feeds.scan import FeedUnavailable
 from fusion.feeds.stream_state import (
     StateLock,
     StreamState,
@@ -93,6 +94,7 @@ class StreamStatus:
     released: int = 0  # windows released, all time
     refused: tuple[str, ...] = ()  # why each refused window was refused (budget, overlap, quorum), oldest first
     sources: tuple[str, ...] = ()  # each broker source's health: "<institution> <broker>: connected" or down
+    unavailable: str | None = None  # why the last step failed on an input that cannot be read now (None: it did not)
 
 
 def _latest_release(state: StreamState) -> tuple[str, float | None] | None:
@@ -231,6 +233,7 @@ class StreamDriver:
         # The latest release (window start, seconds from closable to queryable); after a restart, the state's.
         self._last_release: tuple[str, float | None] | None = _latest_release(self.state)
         self._rows_per_s = 0.0
+        self._unavailable: tuple[float, str] | None = None  # since when (monotonic) steps fail on an input, and why
         self.stop_requested = False
 
     @property
@@ -641,6 +644,7 @@ class StreamDriver:
                 w.reason or "refused" for _, w in sorted(self.state.windows.items()) if w.status is WindowStatus.REFUSED
             ),
             sources=tuple(f"{r.institution} {r.label}: {r.health}" for r in self._readers),
+            unavailable=self._unavailable[1] if self._unavailable is not None else None,
         )
 
     def step(self, *, drain: bool = False) -> int:
@@ -665,13 +669,21 @@ class StreamDriver:
             # Before the step, which reads what was journalled. Standard input is caught up once closed: the
             # ingest that met its end journalled and read every line before it.
             caught_up = all(reader.idle for reader in self._readers) and (self._stdin is None or self._stdin.closed)
-            if drain and not caught_up:  # a backlog on the brokers, or stdin open: take it before any window closes
-                self._check_drainable()
-                self.ingest()
+            try:
+                if drain and not caught_up:  # a backlog on the brokers, or stdin open: take it before any window
+                    self._check_drainable()  # closes
+                    self.ingest()
+                    self._unavailable = None
+                    self._on_status(self.status())
+                    sleep(0.1)
+                    continue
+                rows = self.step()
+            except FeedUnavailable as exc:  # the step failed as a whole (nothing of it kept, no window closed)
+                self._input_unavailable(exc, drain=drain)
                 self._on_status(self.status())
-                sleep(0.1)
+                sleep(self.config.stream_poll.total_seconds())
                 continue
-            rows = self.step()
+            self._unavailable = None
             if drain and rows == 0 and caught_up:
                 self.step(drain=True)
                 break
@@ -680,6 +692,22 @@ class StreamDriver:
             if rows == 0:
                 sleep(self.config.stream_poll.total_seconds())
         return self.status()
+
+    def _input_unavailable(self, exc: FeedUnavailable, *, drain: bool) -> None:
+        """A step failed on an input that cannot be read now (EIO, EMFILE, a permission, the network): say so, once
+        per error, and let the next poll read it again. No window closes meanwhile, so none is released without
+        readings that landed in time. Draining, an input unreadable for `drain_wait_s` ends the run."""
+        now = time.monotonic()
+        since = self._unavailable[0] if self._unavailable is not None else now
+        if self._unavailable is None or self._unavailable[1] != str(exc):
+            _log.warning("%s", exc)
+            self._on_notice(f"warning: {exc}")
+        self._unavailable = (since, str(exc))
+        if drain and now - since > self.drain_wait_s:
+            raise FeedUnavailable(
+                f"--drain: {exc}, for more than {self.drain_wait_s:.0f} s: no window was released. Make the file "
+                "readable (or move it out of the feed) and run `fusion stream --drain` again"
+            ) from exc
 
     def _check_until_reached(self) -> None:
         """Draining releases every window up to `until` without waiting: refuse an `until` the clock has not

@@ -537,6 +537,46 @@ def test_an_unreadable_feed_file_is_one_dead_letter_and_the_stream_goes_on(make_
     assert len(dead) == 1 and "hour-99" in pq.read_table(dead[0]).to_pylist()[0]["_source"]
 
 
+def test_a_feed_file_the_os_cannot_read_now_fails_the_step_and_the_next_poll_reads_it(make_federation, monkeypatch):
+    """An error the operating system raised while a feed file was read (EIO from a failing disk, EMFILE, ESTALE on
+    NFS) dead-lettered the intact file as unreadable, its readings lost for good. The step fails instead, saying
+    so, no window closes, and the next poll reads the file; draining gives up on a file that stays unreadable."""
+    import errno
+
+    from pipelines import stream as stream_module
+
+    fed = stream_federation(make_federation, subdir="eio")
+    land(fed, 0)
+    alpha = fed.directory / "feeds" / "alpha" / "hour-00.parquet"
+    read = stream_module.read_feed_file
+    failures: list[str] = []
+
+    def flaky(path: str, feed: Any, **kwargs: Any) -> Any:
+        if path == str(alpha) and len(failures) < limit:
+            failures.append(path)
+            raise OSError(errno.EIO, "Input/output error", path)
+        yield from read(path, feed, **kwargs)
+
+    monkeypatch.setattr(stream_module, "read_feed_file", flaky)
+    limit = 1_000  # unreadable for good: a drain waits drain_wait_s, then ends saying why; nothing is released
+    driver = StreamDriver(fed.config, until=at(1), drain_wait_s=0)
+    with pytest.raises(FusionError, match=rf"--drain: stream input {alpha} cannot be read now \(OSError: \[Errno 5\]"):
+        driver.run(drain=True, sleep=lambda seconds: None)
+    assert len(failures) == 2 and driver.state.windows == {} and driver.state.readings == 0
+    limit = len(failures) + 1  # the disk recovers after one more failure
+    notices: list[str] = []
+    driver = StreamDriver(fed.config, until=at(1), on_notice=notices.append)
+    driver.run(drain=True, sleep=lambda seconds: None)
+    landed = sum(hour_of(fed, i, 0).num_rows for i in fed.raw)
+    assert (driver.state.readings, driver.state.rejected, driver.state.unwindowed) == (landed, 0, {})
+    assert sum(Store(fed.config.store_path).read("releases").column("count").to_pylist()) == landed
+    assert [n for n in notices if "cannot be read now" in n] == [
+        f"warning: stream input {alpha} cannot be read now (OSError: [Errno 5] Input/output error: '{alpha}'); "
+        "nothing of it is kept, and the stream reads it again at its next step"
+    ]
+    assert driver.status().unavailable is None
+
+
 def test_a_stdin_journal_never_overwrites_a_file_whose_number_was_not_saved(tmp_path: Path) -> None:
     import io
 
