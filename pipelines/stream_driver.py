@@ -248,14 +248,17 @@ class StreamDriver:
     def _discover(self) -> list[tuple[str, FeedConfig, str, int]]:
         """The inputs not spooled yet: (institution, feed, path, size in bytes when listed), by path. The size
         listed is the one recorded as processed: a file that grows (or goes) while it is read is then seen as
-        changed (or simply gone) at the next step, never taken for the larger file."""
+        changed (or simply gone) at the next step, never taken for the larger file. A file two feeds of one
+        institution match is its input once, read as its first feed (in config order) reads it."""
         found = []
+        listed: set[tuple[str, str]] = set()  # (institution, path)
         for institution, feed in self._feeds:
             pattern = self.config.resolve(feed.path).replace("{date}", "*")
             for meta in FileSystems.match([pattern])[0].metadata_list:
                 name = meta.path.rsplit("/", 1)[-1]
-                if name.startswith(".") or ".tmp" in name:
+                if name.startswith(".") or ".tmp" in name or (institution, meta.path) in listed:
                     continue
+                listed.add((institution, meta.path))
                 if meta.path in self.state.processed:
                     if meta.size_in_bytes != self.state.processed[meta.path]:
                         self._report_changed(meta.path, meta.size_in_bytes)

@@ -126,12 +126,16 @@ class SourceListing:
 
 
 def list_sources(plan: ReleasePlan, institution: InstitutionConfig) -> SourceListing:
-    """Every file of every feed of the institution that the interval needs, and what is missing."""
+    """Every file of every feed of the institution that the interval needs, and what is missing. A file that two
+    of its feeds match (overlapping globs) is listed once, with the first of them, and read once, as the stream
+    reads it."""
     sources: list[tuple[int, str]] = []
     missing: list[str] = []
+    listed: set[str] = set()
     for index, feed in enumerate(institution.feeds):
         listing = feed_listing(plan.config.resolve(feed.path), plan.layout.start, plan.layout.end)
-        sources += [(index, path) for path in listing.paths]
+        sources += [(index, path) for path in listing.paths if path not in listed]
+        listed.update(listing.paths)
         missing += listing.missing
     return SourceListing(sources, missing)
 

@@ -577,6 +577,34 @@ def test_a_feed_file_the_os_cannot_read_now_fails_the_step_and_the_next_poll_rea
     assert driver.status().unavailable is None
 
 
+def test_a_file_two_feeds_of_an_institution_match_is_read_once_by_the_stream_and_by_a_batch(make_federation):
+    """Two feeds of alpha whose globs overlap: the stream read the file once per feed and counted its rows twice as
+    accepted readings, though they were spooled once (under one name) and released once; a batch read it twice and
+    counted the second copy as duplicates. Both list the file once, with the first feed that matches it."""
+    from fusion.feeds.scan import list_sources
+    from fusion.release.plan import plan_release
+
+    fed = stream_federation(make_federation, subdir="overlapping-feeds")
+    feed = 'path = "feeds/alpha/*.parquet"\nformat = "parquet"\n'
+    text = fed.config_path.read_text()
+    assert feed in text
+    gateway = '[[institutions.feeds]]\nname = "gateway"\npath = "feeds/alpha/hour-*.parquet"\nformat = "parquet"\n'
+    fed.config_path.write_text(text.replace(feed, feed + gateway))
+    for hour in range(2):
+        land(fed, hour)
+    driver = StreamDriver(fed.config, clock=lambda: at(2))
+    try:
+        driver.ingest()  # no window closes
+    finally:
+        driver.close()
+    landed = sum(hour_of(fed, i, h).num_rows for i in fed.raw for h in range(2))
+    assert (driver.state.readings, driver.state.rejected) == (landed, 0)
+    config = fed.config
+    alpha = config.institution("alpha")
+    files = sorted(str(fed.directory / "feeds" / "alpha" / f"hour-{h:02d}.parquet") for h in range(2))
+    assert list_sources(plan_release(config, START, at(2)), alpha).sources == [(0, path) for path in files]
+
+
 def test_a_stdin_journal_never_overwrites_a_file_whose_number_was_not_saved(tmp_path: Path) -> None:
     import io
 
