@@ -53,7 +53,7 @@ from fusion.feeds.stream_state import (
     save_state,
     window_start,
 )
-from fusion.release.exchange import exists, join, list_files, read_bytes, write_bytes
+from fusion.release.exchange import exists, glob_escape, join, list_files, read_bytes, write_bytes
 from fusion.release.plan import ReleasePlan, period_of, plan_release
 from fusion.runtime.faults import crash_point
 from fusion.store.delta import Store
@@ -232,6 +232,7 @@ class StreamDriver:
                 self._feeds.append((reader.institution, feed))
         # The latest release (window start, seconds from closable to queryable); after a restart, the state's.
         self._last_release: tuple[str, float | None] | None = _latest_release(self.state)
+        self._discard_unsaved()  # what a micro-batch killed before it saved its progress wrote
         self._rows_per_s = 0.0
         self._unavailable: tuple[float, str] | None = None  # since when (monotonic) steps fail on an input, and why
         self.stop_requested = False
@@ -280,6 +281,27 @@ class StreamDriver:
         _log.warning(message)
         self._on_notice(f"warning: {message}")  # the log's root level is ERROR: this is what reaches the user
 
+    def _written_from(self, institution: str, path: str) -> list[str]:
+        """Patterns of the spool files (in any window) and dead letters a micro-batch writes from input `path`:
+        their names start with its spool key."""
+        prefix = f"{spool_key(path)}-*.parquet"
+        spool = join(glob_escape(join(self.config.stream_spool_path, institution)), "*", prefix)
+        return [spool, join(glob_escape(self._dead[institution]), prefix)]
+
+    def _discard_unsaved(self) -> None:
+        """Remove the spool files and dead letters of a micro-batch whose progress was never saved (the process was
+        killed, or the step failed, after it wrote them). Its inputs were not recorded as processed: those still
+        there are read again, under the same names; one moved or renamed meanwhile (archived, landed again under
+        another name) leaves nothing behind, so no window releases readings the state never counted."""
+        if not self.state.spooling:
+            return
+        patterns = [pattern for written in self.state.spooling.values() for pattern in written]
+        found = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
+        if found:
+            FileSystems.delete([glob_escape(path) for path in found])
+        self.state.spooling = {}
+        save_state(self._state_file, self.state)
+
     def _journal_stdin(self) -> None:
         """Write the lines standard input delivered since the last call to a journal file (an input from then on)."""
         if self._stdin is not None and (used := self._stdin.flush(self.state.stdin_sequence)) is not None:
@@ -290,11 +312,14 @@ class StreamDriver:
         """One micro-batch over every new input; returns the rows it read (accepted and rejected)."""
         if self.releases_only:
             return self._scan_spool()
+        self._discard_unsaved()
         self._journal_stdin()
         discovered = self._discover()
         if not discovered:
             return 0
         inputs = [(institution, feed, path) for institution, feed, path, _ in discovered]
+        self.state.spooling = {path: self._written_from(institution, path) for institution, _, path in inputs}
+        save_state(self._state_file, self.state)  # before any spool file is written: a restart removes them
         started = time.monotonic()
         if names_runner(self._beam_args):
             batch = run_micro_batch(
@@ -332,6 +357,7 @@ class StreamDriver:
         crash_point("stream_after_spool")
         for _, _, path, size in discovered:
             self.state.processed[path] = size
+        self.state.spooling = {}
         save_state(self._state_file, self.state)
         self._rows_per_s = rows / max(time.monotonic() - started, 1e-9)
         return rows

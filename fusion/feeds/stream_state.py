@@ -11,11 +11,13 @@ what is not released: which window a reading is spooled to, and that a reading w
 The state records the grid its windows were cut on (the window's length and the grid's first window) and refuses
 a config with another while it holds windows (`adopt_grid`): windows are keyed, and spooled, by their start only.
 
-The state is one JSON file replaced atomically (write, fsync, rename). The driver commits it after a
-micro-batch's readings are spooled, and before a window's release starts, so a kill at any point either
-replays a micro-batch (its spool files are rewritten under the same names: nothing doubles) or re-runs a
-release (idempotent: sealed envelopes are reused, the store refuses a second release of an interval). One process
-at a time holds the state directory (`StateLock`).
+The state is one JSON file replaced atomically (write, fsync, rename). The driver commits it before a
+micro-batch writes anything (the spool files and dead letters it will write, by input), after its readings are
+spooled, and before a window's release starts, so a kill at any point either replays a micro-batch (what it wrote
+is removed first, and its inputs still there are read again: nothing doubles, and an input moved or renamed
+meanwhile leaves no reading that no count holds) or re-runs a release (idempotent: sealed envelopes are reused,
+the store refuses a second release of an interval). One process at a time holds the state directory
+(`StateLock`).
 """
 
 from __future__ import annotations
@@ -112,6 +114,10 @@ class StreamState:
     # input file -> its size when it was seen changed after it was spooled (ignored: inputs are immutable once
     # landed; a replaced or appended file is reported, not read again, which could count its rows twice)
     changed: dict[str, int] = field(default_factory=dict)
+    # input file -> the patterns of the spool files and dead letters a micro-batch is writing from it, recorded
+    # before it writes any and cleared with the save of its progress: what a micro-batch left when it never
+    # saved (a kill, a failed step) is removed before the next one (`StreamDriver._discard_unsaved`)
+    spooling: dict[str, list[str]] = field(default_factory=dict)
 
     def window(self, start: datetime) -> WindowState:
         return self.windows.setdefault(start.isoformat(), WindowState())
@@ -138,6 +144,7 @@ class StreamState:
             "rejected": self.rejected,
             "unwindowed": self.unwindowed,
             "changed": self.changed,
+            "spooling": self.spooling,
         }
 
     @classmethod
@@ -163,6 +170,7 @@ class StreamState:
             rejected=int(doc["rejected"]),
             unwindowed={i: dict(c) for i, c in unwindowed.items()},
             changed=dict(doc.get("changed", {})),
+            spooling={path: list(patterns) for path, patterns in doc.get("spooling", {}).items()},
         )
 
 

@@ -333,6 +333,47 @@ def test_a_killed_stream_restarts_without_losing_or_repeating_anything(make_fede
     assert state.readings == sum(t.num_rows for t in fed.raw.values())
 
 
+class Killed(BaseException):
+    """A kill at a crash point, in process: nothing after it runs, nothing catches it."""
+
+
+@pytest.mark.parametrize("moved", ["archived", "landed again under another name"])
+def test_a_micro_batch_killed_before_it_saved_leaves_no_spool_file_behind_once_its_input_moved(
+    make_federation, monkeypatch, moved
+):
+    """Killed after a micro-batch's spool files were written but before its progress was saved, then the input
+    moved before the restart: its spool files stayed, and the window released readings the state never counted
+    (archived), or counted them as duplicates of the copy read under the new name. The micro-batch records what it
+    writes before writing it, and the restart removes what it wrote: the spool holds the readings counted."""
+
+    def kill_after_spool(step: str) -> None:
+        if step == "stream_after_spool":
+            raise Killed(step)
+
+    fed = stream_federation(make_federation, subdir=f"unsaved-{moved.split()[0]}")
+    land(fed, 0)
+    monkeypatch.setattr(stream_driver, "crash_point", kill_after_spool)
+    driver = StreamDriver(fed.config, clock=lambda: at(1))
+    with pytest.raises(Killed):
+        driver.ingest()
+    driver.close()
+    monkeypatch.undo()
+    gamma = fed.directory / "feeds" / "gamma" / "hour-00.jsonl"
+    if moved == "archived":
+        gamma.rename(fed.directory / gamma.name)
+    else:
+        gamma.rename(gamma.with_name("hour-00-retry.jsonl"))
+    restarted = StreamDriver(fed.config, clock=lambda: at(1))
+    try:
+        restarted.ingest()
+    finally:
+        restarted.close()
+    institutions = [i for i in fed.raw if moved != "archived" or i != "gamma"]
+    read = sum(hour_of(fed, i, 0).num_rows for i in institutions)
+    spooled = sum(pq.read_metadata(p).num_rows for p in Path(fed.config.stream_spool_path).rglob("*.parquet"))
+    assert restarted.state.readings == spooled == read and restarted.state.spooling == {}
+
+
 @pytest.mark.e2e
 def test_late_readings_are_counted_and_a_spent_budget_refuses_windows_but_the_stream_goes_on(make_federation):
     # A cap of one release per day: hours 1.. are refused (recorded), and the stream keeps ingesting. Entity level:
