@@ -34,6 +34,7 @@ from typing import IO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
 from fusion.config.federation import Config, FeedConfig, FeedFormat, InstitutionConfig
@@ -41,6 +42,7 @@ from fusion.config.privacy import PrivacyUnit
 from fusion.errors import FusionError, ReleaseRefused
 from fusion.feeds.scan import FeedUnavailable
 from fusion.feeds.stream_state import (
+    InputStamp,
     StateLock,
     StreamState,
     WindowStatus,
@@ -53,7 +55,7 @@ from fusion.feeds.stream_state import (
     save_state,
     window_start,
 )
-from fusion.release.exchange import exists, glob_escape, join, list_files, read_bytes, write_bytes
+from fusion.release.exchange import exists, glob_escape, is_local, join, list_files, read_bytes, write_bytes
 from fusion.release.plan import ReleasePlan, period_of, plan_release
 from fusion.runtime.faults import crash_point
 from fusion.store.delta import Store
@@ -101,6 +103,18 @@ def _latest_release(state: StreamState) -> tuple[str, float | None] | None:
     """The latest released window on record (its start; latency unknown): what a restarted stream shows."""
     released = [w for w, s in state.windows.items() if s.status is WindowStatus.RELEASED]
     return (datetime.fromisoformat(max(released)).isoformat(), None) if released else None
+
+
+def _stamp(meta: FileMetadata) -> InputStamp | None:
+    """A listed file's stamp: on this machine from the OS (size, mtime in ns, inode), None if it is gone; elsewhere
+    its size and last update as the file system lists them."""
+    if is_local(meta.path):
+        try:
+            status = os.stat(meta.path)
+        except FileNotFoundError:
+            return None
+        return InputStamp(status.st_size, status.st_mtime_ns, status.st_ino)
+    return InputStamp(meta.size_in_bytes, round((meta.last_updated_in_seconds or 0.0) * 1e9))
 
 
 def _parquet_rows(path: str) -> int:
@@ -246,11 +260,11 @@ class StreamDriver:
         return window_start(start, self.config.stream_window)
 
     # -- inputs -------------------------------------------------------------------------------------------
-    def _discover(self) -> list[tuple[str, FeedConfig, str, int]]:
-        """The inputs not spooled yet: (institution, feed, path, size in bytes when listed), by path. The size
-        listed is the one recorded as processed: a file that grows (or goes) while it is read is then seen as
-        changed (or simply gone) at the next step, never taken for the larger file. A file two feeds of one
-        institution match is its input once, read as its first feed (in config order) reads it."""
+    def _discover(self) -> list[tuple[str, FeedConfig, str, InputStamp]]:
+        """The inputs not spooled yet: (institution, feed, path, its stamp when listed), by path. The stamp listed
+        is the one recorded as processed: a file that grows (or goes) while it is read is then seen as changed
+        (or simply gone) at the next step, never taken for the larger file. A file two feeds of one institution
+        match is its input once, read as its first feed (in config order) reads it."""
         found = []
         listed: set[tuple[str, str]] = set()  # (institution, path)
         for institution, feed in self._feeds:
@@ -260,23 +274,33 @@ class StreamDriver:
                 if name.startswith(".") or ".tmp" in name or (institution, meta.path) in listed:
                     continue
                 listed.add((institution, meta.path))
-                if meta.path in self.state.processed:
-                    if meta.size_in_bytes != self.state.processed[meta.path]:
-                        self._report_changed(meta.path, meta.size_in_bytes)
+                stamp = _stamp(meta)
+                if stamp is None:  # gone since it was listed
                     continue
-                found.append((institution, feed, meta.path, meta.size_in_bytes))
+                if meta.path in self.state.processed:
+                    if self.state.processed[meta.path].differs(stamp):
+                        self._report_changed(meta.path, stamp)
+                    continue
+                found.append((institution, feed, meta.path, stamp))
         return sorted(found, key=lambda x: x[2])
 
-    def _report_changed(self, path: str, size: int) -> None:
-        """An input changed after it was spooled: say so, once per size. Its rows are not read again (those
-        already spooled would count twice); a feed adds new files instead of rewriting old ones."""
-        if self.state.changed.get(path) == size:
+    def _report_changed(self, path: str, stamp: InputStamp) -> None:
+        """An input changed after it was spooled (grown, rewritten, or replaced by another file of the same size):
+        say so, once per stamp. Its rows are not read again (those already spooled would count twice); a feed adds
+        new files instead of rewriting or reusing old ones."""
+        if self.state.changed.get(path) == stamp:
             return
-        self.state.changed[path] = size
+        self.state.changed[path] = stamp
         save_state(self._state_file, self.state)
+        read = self.state.processed[path]
+        how = (
+            f"{read.size} -> {stamp.size} bytes"
+            if read.size != stamp.size
+            else f"replaced or rewritten at the same size, {stamp.size} bytes"
+        )
         message = (
-            f"stream input {path} changed after it was read ({self.state.processed[path]} -> {size} bytes); it "
-            "is not read again: land new readings as new files"
+            f"stream input {path} changed after it was read ({how}); it is not read again: land new readings as new "
+            "files, under names not used before"
         )
         _log.warning(message)
         self._on_notice(f"warning: {message}")  # the log's root level is ERROR: this is what reaches the user
@@ -355,8 +379,8 @@ class StreamDriver:
             rows += sum(counts.values())
             self._count_rejects(institution, counts, windowed)
         crash_point("stream_after_spool")
-        for _, _, path, size in discovered:
-            self.state.processed[path] = size
+        for _, _, path, stamp in discovered:
+            self.state.processed[path] = stamp
         self.state.spooling = {}
         save_state(self._state_file, self.state)
         self._rows_per_s = rows / max(time.monotonic() - started, 1e-9)
@@ -402,7 +426,7 @@ class StreamDriver:
                 {reason: int(n) for reason, n in doc["rejects"].items()},
                 {w: {r: int(n) for r, n in c.items()} for w, c in doc.get("windows", {}).items()},
             )
-            self.state.processed[meta.path] = meta.size_in_bytes
+            self.state.processed[meta.path] = InputStamp(meta.size_in_bytes)
             changed += 1
         for start_text, window in self.state.windows.items():
             if window.status is not WindowStatus.RELEASED:

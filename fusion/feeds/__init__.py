@@ -7,6 +7,6 @@ Public API (what the rest of the repository imports), by module:
 - `report`: FileTally, judge_rejects, merge_tallies, RejectLevel, worst_files
 - `scan`: BIN, CELL, encode_scanned, ENTITY, FeedScanner, KEY, list_sources, malformed_letters, ROW,
   scan_connection, scan_shards, ShardScan, SOURCE, staged_sources, SUM
-- `stream_state`: add_counts, adopt_grid, backlog, due_windows, load_state, release_bound, save_state, StateLock,
-  StreamState, window_start, WINDOWED_REASONS, WindowStatus
+- `stream_state`: add_counts, adopt_grid, backlog, due_windows, InputStamp, load_state, release_bound, save_state,
+  StateLock, StreamState, window_start, WINDOWED_REASONS, WindowStatus
 """

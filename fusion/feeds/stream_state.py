@@ -86,6 +86,34 @@ class WindowState:
         }
 
 
+@dataclass(frozen=True)
+class InputStamp:
+    """What tells an input file's content apart without reading it: its size in bytes, and where the file system
+    says them, its modification time (ns) and inode. A file replaced under its name (archived, another landed)
+    changes at least one of them even at the same size; a state written before they were recorded knows the size
+    only, and a stamp is compared on what both stamps know."""
+
+    size: int
+    mtime_ns: int | None = None
+    inode: int | None = None
+
+    def differs(self, other: InputStamp) -> bool:
+        """Whether `other`, taken later of the same path, shows another file or another content."""
+        known = [(a, b) for a, b in ((self.mtime_ns, other.mtime_ns), (self.inode, other.inode)) if None not in (a, b)]
+        return self.size != other.size or any(a != b for a, b in known)
+
+    def to_doc(self) -> int | dict[str, int]:
+        """The size alone when that is all it knows (as states before the other fields were recorded hold it)."""
+        if self.mtime_ns is None and self.inode is None:
+            return self.size
+        known = {"size": self.size, "mtime_ns": self.mtime_ns, "inode": self.inode}
+        return {name: value for name, value in known.items() if value is not None}
+
+    @classmethod
+    def from_doc(cls, doc: int | dict[str, int]) -> InputStamp:
+        return cls(int(doc)) if isinstance(doc, int) else cls(int(doc["size"]), doc.get("mtime_ns"), doc.get("inode"))
+
+
 def add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
     """Add per-reason row counts into `into` (zeros are not recorded)."""
     for reason, n in counts.items():
@@ -102,7 +130,7 @@ class StreamState:
     # the state was created (None: written before they were recorded; see `adopt_grid`)
     window_seconds: int | None = None
     grid_start: str | None = None
-    processed: dict[str, int] = field(default_factory=dict)  # input file -> size when it was spooled
+    processed: dict[str, InputStamp] = field(default_factory=dict)  # input file -> its stamp when it was listed
     max_event: dict[str, str] = field(default_factory=dict)  # institution -> latest accepted event time
     windows: dict[str, WindowState] = field(default_factory=dict)  # window start -> its state
     stdin_sequence: int = 0  # journal files written from standard input
@@ -111,9 +139,9 @@ class StreamState:
     # institution -> {reason: rows}: rejects that belong to no window (refused before their event time was known,
     # or outside the grid); counted here, locally, and nowhere else
     unwindowed: dict[str, dict[str, int]] = field(default_factory=dict)
-    # input file -> its size when it was seen changed after it was spooled (ignored: inputs are immutable once
+    # input file -> its stamp when it was seen changed after it was spooled (ignored: inputs are immutable once
     # landed; a replaced or appended file is reported, not read again, which could count its rows twice)
-    changed: dict[str, int] = field(default_factory=dict)
+    changed: dict[str, InputStamp] = field(default_factory=dict)
     # input file -> the patterns of the spool files and dead letters a micro-batch is writing from it, recorded
     # before it writes any and cleared with the save of its progress: what a micro-batch left when it never
     # saved (a kill, a failed step) is removed before the next one (`StreamDriver._discard_unsaved`)
@@ -136,14 +164,14 @@ class StreamState:
             "created_at": self.created_at,
             "window_seconds": self.window_seconds,
             "grid_start": self.grid_start,
-            "processed": self.processed,
+            "processed": {path: stamp.to_doc() for path, stamp in self.processed.items()},
             "max_event": self.max_event,
             "windows": {w: {**vars(s), "status": s.status.value} for w, s in sorted(self.windows.items())},
             "stdin_sequence": self.stdin_sequence,
             "readings": self.readings,
             "rejected": self.rejected,
             "unwindowed": self.unwindowed,
-            "changed": self.changed,
+            "changed": {path: stamp.to_doc() for path, stamp in self.changed.items()},
             "spooling": self.spooling,
         }
 
@@ -162,14 +190,14 @@ class StreamState:
             created_at=doc.get("created_at"),
             window_seconds=doc.get("window_seconds"),
             grid_start=doc.get("grid_start"),
-            processed=dict(doc["processed"]),
+            processed={path: InputStamp.from_doc(stamp) for path, stamp in doc["processed"].items()},
             max_event=dict(doc["max_event"]),
             windows=windows,
             stdin_sequence=int(doc["stdin_sequence"]),
             readings=int(doc["readings"]),
             rejected=int(doc["rejected"]),
             unwindowed={i: dict(c) for i, c in unwindowed.items()},
-            changed=dict(doc.get("changed", {})),
+            changed={path: InputStamp.from_doc(stamp) for path, stamp in doc.get("changed", {}).items()},
             spooling={path: list(patterns) for path, patterns in doc.get("spooling", {}).items()},
         )
 

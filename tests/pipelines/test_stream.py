@@ -904,7 +904,7 @@ def test_an_input_moved_or_grown_while_it_is_read_is_recorded_at_the_size_listed
     finally:
         driver.close()
     assert driver.state.readings == sum(hour_of(fed, i, 0).num_rows for i in fed.raw)
-    assert driver.state.processed[str(gamma)] == listed
+    assert driver.state.processed[str(gamma)].size == listed
     changed = (str(gamma),) if meanwhile == "appended to" else ()
     assert driver.status().changed_inputs == changed
     assert len([n for n in notices if "changed after it was read" in n]) == len(changed)
@@ -924,9 +924,40 @@ def test_an_input_rewritten_after_it_was_read_is_reported_not_read_twice(make_fe
     assert driver.state.readings == readings
     assert driver.status().changed_inputs == (str(alpha),)
     assert [r.getMessage() for r in caplog.records if "changed after it was read" in r.getMessage()] == [
-        f"stream input {alpha} changed after it was read ({driver.state.processed[str(alpha)]} -> "
-        f"{alpha.stat().st_size} bytes); it is not read again: land new readings as new files"
+        f"stream input {alpha} changed after it was read ({driver.state.processed[str(alpha)].size} -> "
+        f"{alpha.stat().st_size} bytes); it is not read again: land new readings as new files, under names not used "
+        "before"
     ]
+
+
+def test_an_input_replaced_by_another_file_of_the_same_size_is_reported_as_changed(make_federation):
+    """A gateway archived a file it had landed and landed another under the same name, of the same size: the
+    stream compared sizes only and said nothing, the new readings silently never read. It compares the file's
+    modification time and inode too, and reports it as it reports a file that grew."""
+    fed = stream_federation(make_federation, subdir="same-size")
+    land(fed, 0)
+    gamma = fed.directory / "feeds" / "gamma" / "hour-00.jsonl"
+    notices: list[str] = []
+    driver = StreamDriver(fed.config, clock=lambda: START, on_notice=notices.append)
+    try:
+        driver.ingest()
+        lines = gamma.read_bytes().splitlines(keepends=True)
+        other = gamma.with_name(".landing")
+        other.write_bytes(b"".join(lines[1:] + lines[:1]))  # other content, the same size
+        other.rename(gamma)
+        readings = driver.state.readings
+        driver.ingest()
+        driver.ingest()  # said once, not at every poll
+    finally:
+        driver.close()
+    assert driver.state.readings == readings and driver.status().changed_inputs == (str(gamma),)
+    assert [n for n in notices if "changed after it was read" in n] == [
+        f"warning: stream input {gamma} changed after it was read (replaced or rewritten at the same size, "
+        f"{gamma.stat().st_size} bytes); it is not read again: land new readings as new files, under names not "
+        "used before"
+    ]
+    state = load_state(Path(fed.config.stream_state_path) / "state.json")
+    assert state.processed[str(gamma)] == driver.state.processed[str(gamma)] and state.changed == driver.state.changed
 
 
 @pytest.mark.e2e

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fusion.config.federation import load_config
 from fusion.errors import ConfigError, FusionError
 from fusion.feeds.stream_state import (
+    InputStamp,
     StreamState,
     WindowState,
     WindowStatus,
@@ -98,6 +99,23 @@ def test_a_state_written_before_the_public_grid_still_loads() -> None:
     assert state.created_at is None and state.unwindowed == {"gamma": {"malformed_record": 1}}
     assert state.windows[START.isoformat()].status is WindowStatus.RELEASED
     assert StreamState.from_doc(state.to_doc()) == state
+
+
+def test_an_input_recorded_by_its_size_alone_is_compared_on_its_size() -> None:
+    """A state written before inputs were stamped with their modification time and inode records sizes: those
+    still load, compare on the size only, and are written back as they were."""
+    doc = {"processed": {"/feeds/a.jsonl": 120, "/feeds/b.jsonl": {"size": 80, "mtime_ns": 5, "inode": 9}},
+           "changed": {"/feeds/c.jsonl": 7}, "max_event": {}, "stdin_sequence": 0, "readings": 0, "rejected": 0,
+           "windows": {}}
+    state = StreamState.from_doc(doc)
+    assert state.processed == {"/feeds/a.jsonl": InputStamp(120), "/feeds/b.jsonl": InputStamp(80, 5, 9)}
+    assert not state.processed["/feeds/a.jsonl"].differs(InputStamp(120, 1, 2))
+    assert state.processed["/feeds/a.jsonl"].differs(InputStamp(121, 1, 2))
+    assert state.processed["/feeds/b.jsonl"].differs(InputStamp(80, 6, 9))  # replaced: another modification time
+    assert state.processed["/feeds/b.jsonl"].differs(InputStamp(80, 5, 10))  # another file under the name
+    assert not state.processed["/feeds/b.jsonl"].differs(InputStamp(80, 5, 9))
+    written = state.to_doc()
+    assert (written["processed"], written["changed"]) == (doc["processed"], doc["changed"])
 
 
 def test_the_grid_is_recorded_and_another_one_refused_while_the_state_holds_windows() -> None:
