@@ -251,8 +251,13 @@ class Scheduler:
         bind_store_mode(self.log.store, config.privacy.mode)  # refused at start, not attempt by attempt
 
     def stop(self) -> None:
-        """Finish the current attempt, then return from `run`."""
+        """Finish the current attempt, then return from `run` (or `run_due`) without starting another."""
         self.stop_event.set()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether `stop` was called."""
+        return self.stop_event.is_set()
 
     def run_due(self) -> tuple[list[RunResult], datetime]:
         """One pass: every due interval of every schedule. Returns the results and when to look again."""

@@ -20,7 +20,8 @@ from fusion.runtime.durations import floor_to_grid
 from fusion.runtime.schedule import Action, RunStatus, ScheduleConfig
 
 if TYPE_CHECKING:  # the scheduler and fusion.release.plan import Beam: only commands that run pipelines load them
-    from pipelines.scheduler import RunResult
+    from fusion.config.federation import Config
+    from pipelines.scheduler import RunResult, Scheduler
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -74,15 +75,6 @@ def cmd_schedule(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
     scheduler = Scheduler(
         config, runner=args.runner_id, as_of=as_of, beam_args=beam_args, on_result=lambda r: console.log(_describe(r))
     )
-    if args.once:
-        results, _ = scheduler.run_due()
-        counts = Counter(r.status.value if r.status else r.action.value for r in results)
-        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"
-        console.print(f"{len(results)} interval(s) acted on by {scheduler.runner}: {summary}")
-        # Non-zero while an interval is failing or was given up on, so cron monitoring keeps seeing it.
-        # A runner that takes over a crashed one's interval records the failure and backs off: failing too.
-        failing = any(r.status is RunStatus.FAILED or r.action is Action.GIVE_UP or r.failing for r in results)
-        return 1 if failing else 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         err_console.print(f"{signal.Signals(signum).name}: stopping after the current attempt (again to abort)")
@@ -90,8 +82,30 @@ def cmd_schedule(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    # One pass or many: a signal lets the attempt under way finish and record its outcome (a kill would leave its
+    # claim running until its lease ends), then no other interval starts. The handlers before are put back after.
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        return _run_scheduler(scheduler, config, once=args.once)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_scheduler(scheduler: Scheduler, config: Config, *, once: bool) -> int:
+    """One pass (`--once`: exit status 1 while an interval is failing or was given up on), or run until stopped."""
+    if once:
+        results, _ = scheduler.run_due()
+        counts = Counter(r.status.value if r.status else r.action.value for r in results)
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing due"
+        stopped = "; stopped by a signal, the intervals still due run at the next pass" if scheduler.stopped else ""
+        console.print(f"{len(results)} interval(s) acted on by {scheduler.runner}: {summary}{stopped}")
+        # Non-zero while an interval is failing or was given up on, so cron monitoring keeps seeing it.
+        # A runner that takes over a crashed one's interval records the failure and backs off: failing too.
+        failing = any(r.status is RunStatus.FAILED or r.action is Action.GIVE_UP or r.failing for r in results)
+        return 1 if failing else 0
     names = ", ".join(f"{s.name} ({s.cron}, {s.interval})" for s in config.schedules)
     console.print(f"[bold]Scheduler[/bold] {scheduler.runner}: {names}")
     scheduler.run()

@@ -272,6 +272,42 @@ def test_sigterm_stops_a_waiting_scheduler_cleanly(make_federation: Callable[...
     assert Store(fed.config.store_path).read("runs").num_rows == 0
 
 
+class Killed(BaseException):
+    """What SIGTERM's default action does to a process, in process: nothing catches it, nothing after it runs."""
+
+
+def test_sigterm_lets_schedule_once_finish_its_attempt_then_start_no_other(
+    make_federation: Callable[..., Federation], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fusion schedule --once` had no signal handler: a SIGTERM (cron's timeout, a deploy) killed it mid-attempt,
+    leaving its claim `running` until the lease ran out. It stops as the long-running scheduler does: the attempt
+    under way finishes and records its outcome, no other interval starts, and it exits 0."""
+    import pipelines.scheduler as scheduler_module
+
+    fed = scheduled(make_federation)
+    release = scheduler_module.run_batch
+
+    def signalled_meanwhile(*args: object, **kwargs: object) -> object:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the attempt runs
+        return release(*args, **kwargs)  # type: ignore[arg-type]
+
+    def killed(signum: int, frame: object) -> None:
+        raise Killed("SIGTERM was left to its default action")
+
+    monkeypatch.setattr(scheduler_module, "run_batch", signalled_meanwhile)
+    before = signal.signal(signal.SIGTERM, killed)
+    try:
+        now = START + 2 * H + 5 * MINUTE  # [00:00, 01:00) and [01:00, 02:00) are due
+        code = main(["schedule", "--config", str(fed.config_path), "--once", "--now", now.isoformat(), "--runner-id",
+                     "r"])
+        assert signal.getsignal(signal.SIGTERM) is killed  # the handler before is put back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 0
+    assert [(r["interval_start"], r["attempt"], r["status"]) for r in runs(fed)] == [(START, 1, "released")]
+    assert_released_once(fed, 1)
+
+
 def test_a_run_longer_than_its_lease_keeps_its_claim_while_its_heartbeat_renews_it(
     make_federation: Callable[..., Federation], monkeypatch: pytest.MonkeyPatch
 ) -> None:
