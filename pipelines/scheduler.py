@@ -102,8 +102,8 @@ def run_interval(
     log = RunLog(store)
     name = schedule.name
     decided_at = now()
-    decision = decide(schedule, log.attempts(name).get(interval, []), decided_at, manual=manual,
-                      runner_gone=runner_gone)
+    history = log.attempts(name).get(interval, [])
+    decision = decide(schedule, history, decided_at, manual=manual, runner_gone=runner_gone)
     tries = 0
     while decision.expired is not None:
         e = decision.expired
@@ -116,8 +116,8 @@ def run_interval(
             return RunResult(name, interval, Action.WAIT, None, e.attempt, "contended claim", recorded=False,
                              at=now() + timedelta(seconds=1))
         decided_at = now()
-        decision = decide(schedule, log.attempts(name).get(interval, []), decided_at, manual=manual,
-                          runner_gone=runner_gone)
+        history = log.attempts(name).get(interval, [])
+        decision = decide(schedule, history, decided_at, manual=manual, runner_gone=runner_gone)
     process = RunnerProcess.current()
     if decision.action is Action.BUSY:
         started = now()
@@ -139,6 +139,11 @@ def run_interval(
         return RunResult(name, interval, Action.BUSY, RunStatus.SKIPPED, claim.attempt, reason)
     with Heartbeat(log, claim, schedule.lease_length, now=now) as heartbeat:
         outcome = _attempt(config, store, interval, now=now, beam_args=beam_args)
+    # An earlier attempt failed, or ran until its claim was expired above: it may have committed the release.
+    if outcome.status is RunStatus.ALREADY_RELEASED and any(
+        a.status in (RunStatus.FAILED, RunStatus.RUNNING) for a in history
+    ):
+        outcome = _taken_over(config, store, interval, outcome)
     log.finish(heartbeat.claim, outcome)
     detail = outcome.error or ""
     if outcome.status is RunStatus.RELEASED and outcome.release_id:  # [forecasting] refresh (off without the block)
@@ -220,6 +225,26 @@ def _attempt(config: Config, store: Store, interval: Interval, *, now: Clock, be
         rows=_noisy_rows(store, summary.release_id, interval),
         cells=summary.cells,
         epsilon=summary.epsilon,
+    )
+
+
+def _taken_over(config: Config, store: Store, interval: Interval, outcome: Outcome) -> Outcome:
+    """The outcome of an attempt that found its interval released after an earlier attempt of it failed: that
+    attempt committed the release and was killed (or failed) before it recorded `released`, and no row of `runs`
+    says so. This one records it, with the release's counts as the store holds them (its cells and noisy reading
+    count) and the plan's epsilon, as the attempt that released it would have, so that what a released interval
+    triggers (the forecast refresh) runs for it."""
+    assert outcome.release_id is not None  # an already released interval names its release
+    cells = store.releases_within([outcome.release_id], (interval.start, interval.end), ["release_id"]).num_rows
+    if not cells:
+        return outcome
+    return Outcome(
+        RunStatus.RELEASED,
+        outcome.finished,
+        release_id=outcome.release_id,
+        rows=_noisy_rows(store, outcome.release_id, interval),
+        cells=cells,
+        epsilon=plan_release(config, interval.start, interval.end).params.epsilon,
     )
 
 

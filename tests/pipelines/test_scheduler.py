@@ -206,6 +206,33 @@ def test_a_crash_mid_run_is_taken_over_at_once_by_a_runner_on_its_host_and_relea
     assert "its process is gone" in str(runs(fed)[0]["error"])
 
 
+def test_a_release_committed_by_an_attempt_killed_before_it_said_so_is_recorded_released_by_the_next(
+    make_federation: Callable[..., Federation],
+) -> None:
+    """A runner killed after its release's rows were committed and before `runs` said so (`after_commit`): the
+    attempt that took the interval over found the release in the store and recorded `already_released`, so no row
+    of `runs` said `released` (nor its rows, cells and epsilon) and the forecast refresh a released interval
+    triggers never ran. The takeover records `released` with the release's counts, read from the store."""
+    from pipelines.batch import run_batch
+
+    fed = scheduled(make_federation)
+    clock = Clock(START + H + 5 * MINUTE)
+    log = RunLog(Store(fed.config.store_path))
+    log.store.ensure_tables()
+    # What the killed runner left: its claim, still running, and the release it committed.
+    assert log.claim(Claim("hourly", Interval(START, START + H), 1, "killed", clock.at, clock.at + 10 * MINUTE)) is None
+    plan = plan_release(fed.config, START, START + H)
+    run_batch(plan)
+    clock.at += 11 * MINUTE  # its lease has run out: the next runner expires the claim and takes the interval over
+    (taken,), _ = Scheduler(fed.config, runner="survivor", now=clock.now, sleep=clock.sleep).run_due()
+    assert (taken.action, taken.status, taken.cells) == (Action.RUN, RunStatus.RELEASED, plan.layout.cells)
+    assert_released_once(fed, 1)  # one `released` row, with the release's rows, cells and epsilon
+    assert [(r["attempt"], r["runner"], r["status"]) for r in runs(fed)] == [
+        (1, "killed", "failed"),
+        (2, "survivor", "released"),
+    ]
+
+
 def test_concurrent_schedulers_never_release_an_interval_twice(make_federation: Callable[..., Federation]) -> None:
     fed = scheduled(make_federation)
     now = START + 2 * H + 5 * MINUTE  # [00:00, 01:00) and [01:00, 02:00) are due
