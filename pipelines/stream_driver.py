@@ -19,6 +19,7 @@ Feed files must appear atomically (written elsewhere, then renamed in); names st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
+from deltalake.exceptions import DeltaError
 
 from fusion.config.federation import Config, FeedConfig, FeedFormat, InstitutionConfig
 from fusion.config.privacy import PrivacyUnit
@@ -59,6 +61,7 @@ from fusion.release.exchange import exists, glob_escape, is_local, join, list_fi
 from fusion.release.plan import ReleasePlan, period_of, plan_release
 from fusion.runtime.faults import crash_point
 from fusion.store.delta import Store
+from fusion.store.failures import check_writable, store_failure
 from fusion.store.mode import bind_store_mode
 from pipelines.broker_sources import SourceReader
 from pipelines.run import beam_options, names_runner
@@ -204,7 +207,8 @@ class StreamDriver:
         self._root = Path(config.stream_state_path)
         self._lock = StateLock(self._root)  # one process a state: refused while another stream holds it
         try:
-            self._start(config, stdin=stdin)
+            with self._store_failures():
+                self._start(config, stdin=stdin)
         except BaseException:
             self._lock.release()
             raise
@@ -576,6 +580,7 @@ class StreamDriver:
                 self.state.windows[start.isoformat()].release_id = plan.key.release_id
             plans.append(plan)
         save_state(self._state_file, self.state)  # what the releases read is on record before anything is sealed
+        check_writable(self.config.store_path)  # a read-only or full store refused before Delta writes to it
         outcomes = release_windows(plans)
         now = self._clock()
         for group, outcome, plan in zip(groups, outcomes, plans, strict=True):
@@ -711,9 +716,31 @@ class StreamDriver:
         the inputs are exhausted (stdin closed, no new files), then release every window of the grid up to
         `until` (or up to the clock without it)."""
         try:
-            return self._run(drain=drain, sleep=sleep)
+            with self._store_failures():
+                return self._run(drain=drain, sleep=sleep)
         finally:
             self.close()
+
+    @contextlib.contextmanager
+    def _store_failures(self) -> Iterator[None]:
+        """Say in one line that the store cannot be used now (read-only, full, failing), naming it, instead of
+        Delta's traceback; and likewise for a disk error of the stream's other files (its state, spool, dead
+        letters, the institutions' keys, the exchange). The stream then stops where a kill would: windows being
+        released stay closing and are released (and charged) once when it runs again."""
+        try:
+            yield
+        except (OSError, DeltaError) as exc:
+            failure = store_failure(exc, self.config.store_path)
+            if failure is not None:
+                raise failure from exc
+            if not isinstance(exc, OSError) or exc.errno is None:
+                raise
+            where = f" ({os.fsdecode(exc.filename)})" if isinstance(exc.filename, str | bytes) else ""
+            raise FusionError(
+                f"fusion stream could not use its files{where}: {os.strerror(exc.errno)} (os error {exc.errno}). "
+                "It stopped where a kill would: nothing read is lost and nothing is released or charged twice. Free "
+                "space, or make the directory writable, then run it again"
+            ) from exc
 
     def _run(self, *, drain: bool, sleep: Callable[[float], None]) -> StreamStatus:
         if drain:
@@ -794,7 +821,8 @@ class StreamDriver:
         """Journal the lines read from standard input since the last step (a restart reads them), and stop the
         broker readers (what they journalled is acknowledged; the rest is redelivered)."""
         try:
-            self._journal_stdin()
+            with self._store_failures():  # a full disk said in one line here too
+                self._journal_stdin()
             for reader in self._readers:
                 reader.stop()
             for reader in self._readers:

@@ -646,6 +646,48 @@ def test_a_file_two_feeds_of_an_institution_match_is_read_once_by_the_stream_and
     assert list_sources(plan_release(config, START, at(2)), alpha).sources == [(0, path) for path in files]
 
 
+@pytest.mark.parametrize("failing", ["store", "state"])
+def test_a_disk_the_stream_cannot_write_stops_it_with_one_line_naming_what_failed(make_federation, monkeypatch,
+                                                                                   failing):
+    """A read-only or full store ended `fusion stream` with Delta's traceback (and its writer's panic message); a
+    full disk under the stream's own files with an OSError's. One line says which store, or that the stream's
+    files, could not be used and why; the stream stops where a kill would (the windows being released stay
+    closing, released once when it runs again)."""
+    import errno
+
+    from deltalake.exceptions import DeltaError
+    from deltalake.table import TableMerger
+
+    from fusion.store.failures import StoreUnavailable
+
+    fed = stream_federation(make_federation, subdir=f"disk-{failing}")
+    land(fed, 0)
+    store = fed.config.store_path
+    driver = StreamDriver(fed.config, until=at(1))
+    if failing == "store":  # the first write of the release: Delta's own error for a read-only disk
+
+        def read_only(self: TableMerger) -> dict[str, Any]:
+            raise DeltaError(
+                f"Failed to parse parquet: External: Generic LocalFileSystem error: Unable to open file {store}/"
+                "budget/part-00000-c000.snappy.parquet#1: Read-only file system (os error 30)"
+            )
+
+        monkeypatch.setattr(TableMerger, "execute", read_only)
+        expected, said = StoreUnavailable, f"the store {store} cannot be used now: Read-only file system (os error 30)."
+    else:
+
+        def full(*args: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(stream_driver, "save_state", full)
+        expected, said = FusionError, "fusion stream could not use its files: No space left on device (os error 28)."
+    with pytest.raises(expected) as raised:
+        driver.run(drain=True)
+    assert str(raised.value).startswith(said) and "\n" not in str(raised.value)
+    closing = {start: window.status for start, window in driver.state.windows.items()}
+    assert closing == ({START.isoformat(): WindowStatus.CLOSING} if failing == "store" else {})
+
+
 def test_a_stdin_journal_never_overwrites_a_file_whose_number_was_not_saved(tmp_path: Path) -> None:
     import io
 

@@ -1,0 +1,79 @@
+"""The store failing under a command (a read-only or full disk, a failing one): one line naming the store.
+
+Delta Lake reports an operating-system error of its files as a `DeltaError` quoting it ("... Read-only file system
+(os error 30)"), and its Rust writer prints a panic of its own to stderr when a write fails; Python's own file
+calls raise an `OSError` with an errno. Either way the user should read which store failed and why, not a
+traceback: `store_failure` turns such an error into a `StoreUnavailable`, and `check_writable` finds a store that
+cannot take a write before Delta is asked to write to it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+from pathlib import Path
+
+from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError, TableNotFoundError
+
+from fusion.errors import FusionError
+
+#: How Delta Lake's messages quote an operating-system error.
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+class StoreUnavailable(FusionError):
+    """The store cannot be written or read now: its disk is read-only, full or failing. Nothing about the work is
+    wrong: what was not committed is done again by the next run, and the store's keyed commits and ledger keep
+    every release and charge once."""
+
+
+def _message(store: str, code: int) -> str:
+    return (
+        f"the store {store} cannot be used now: {os.strerror(code)} (os error {code}). What was not committed is done "
+        "again by the next run, and nothing is released or charged twice: free space on its disk, or make it "
+        "writable, then run the command again"
+    )
+
+
+def store_failure(exc: BaseException, store: str) -> StoreUnavailable | None:
+    """`exc` as a `StoreUnavailable` naming `store`, when it is an operating-system error of the store's files: a
+    Delta error quoting one, or an OSError with an errno about a file under the store. None for any other error
+    (a commit conflict, a schema mismatch, an error elsewhere), which the caller raises as it was."""
+    if isinstance(exc, CommitFailedError | SchemaMismatchError | TableNotFoundError):
+        return None
+    if isinstance(exc, DeltaError) and (quoted := _OS_ERROR.search(str(exc))):
+        return StoreUnavailable(_message(store, int(quoted.group(1))))
+    if isinstance(exc, OSError) and exc.errno is not None and _under(exc.filename, store):
+        return StoreUnavailable(_message(store, exc.errno))
+    return None
+
+
+def _under(filename: object, store: str) -> bool:
+    if not isinstance(filename, str | bytes | os.PathLike) or "://" in store:
+        return False
+    root = Path(store).resolve()
+    path = Path(os.fsdecode(filename)).resolve()
+    return path == root or root in path.parents
+
+
+def check_writable(store: str) -> None:
+    """Refuse a local store that cannot take a write now (read-only, no space left) before Delta writes to it: a
+    small file is written, synced and removed in its directory. An object store is left to its first write."""
+    if "://" in store:
+        return
+    probe = Path(store) / f".fusion-write-check-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(descriptor, b"\0" * 4096)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise StoreUnavailable(_message(store, exc.errno or errno.EIO)) from exc
+
+
+__all__ = ["StoreUnavailable", "check_writable", "store_failure"]
