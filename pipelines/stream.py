@@ -58,14 +58,20 @@ STREAM_START = datetime(1971, 1, 1, tzinfo=UTC)
 STREAM_END = datetime(9999, 1, 1, tzinfo=UTC)
 
 
+#: The resolution of event times (Arrow and DuckDB microseconds): the rules' end is exclusive, so the latest time
+#: accepted is the end less this.
+TIME_RESOLUTION = timedelta(microseconds=1)
+
+
 def stream_rules(config: Config, *, now: datetime | None = None, start: datetime | None = None) -> ReadingRules:
     """What a stream accepts: times from `start` (the grid's first window; any time Beam can represent when None)
-    up to `now` plus the config's `max_clock_skew` (no bound when `now` is None)."""
+    up to `now` plus the config's `max_clock_skew`, that moment included: only a reading stamped later is rejected
+    (no bound when `now` is None)."""
     return ReadingRules(
         plausible={m.name: m.plausible for m in config.metrics},
         regions=config.regions,
         start=STREAM_START if start is None else max(STREAM_START, start),
-        end=STREAM_END if now is None else min(STREAM_END, now + config.max_clock_skew),
+        end=STREAM_END if now is None else min(STREAM_END, now + config.max_clock_skew + TIME_RESOLUTION),
     )
 
 

@@ -785,6 +785,23 @@ def test_a_reading_stamped_far_ahead_of_the_clock_is_rejected_and_moves_no_windo
     assert {w: s.status for w, s in driver.state.windows.items()} == {START.isoformat(): WindowStatus.RELEASED}
 
 
+def test_a_reading_stamped_exactly_at_the_clock_plus_the_skew_is_accepted_and_one_later_rejected(make_federation):
+    """The docs reject readings stamped *later than* the processing clock plus `max_clock_skew`; the check rejected
+    one stamped at that very moment too."""
+    fed = stream_federation(make_federation, subdir="skew-edge")
+    now = START + timedelta(minutes=30)
+    limit = now + timedelta(hours=1)  # the default max_clock_skew
+    edge = with_times(hour_of(fed, "alpha", 0), limit, limit + timedelta(microseconds=1))
+    write_feed(edge, fed.directory / "feeds" / "alpha" / "edge.parquet", "parquet")
+    driver = StreamDriver(fed.config, clock=lambda: now)
+    try:
+        driver.ingest()
+    finally:
+        driver.close()
+    assert driver.state.readings == 1 and driver.state.unwindowed == {"alpha": {"out_of_interval": 1}}
+    assert driver.state.max_event["alpha"] == limit.isoformat()
+
+
 def test_reject_windows_counts_rows_with_a_valid_time_by_their_window() -> None:
     """Against the obvious count: rows rejected after their time was parsed, grouped by hour."""
     from pipelines.stream import RejectWindows
