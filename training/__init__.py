@@ -8,6 +8,8 @@
 - `secure_sum`, `Federation`, `RoundId` (training.secure_sum): one round's noised, masked, encrypted, signed sum
 - the module `training.exchange_round` (imported on use: it loads Beam): a round through the releases' roles,
   `ExchangeFederation`, and each party's step (`seal_contribution`, `aggregate`, `answer`, `decrypt`)
+- the module `training.recomputed_round`: the key holder's recomputation of a round's aggregate from the exchange
+  (the releases' own, pipelines/aggregate_envelope.py), refused and audited before the charge when it differs
 - the module `training.attempts`: which attempt a round runs under (one lost after its charge is resumed where it
   can still be completed) and how many charges a run's rounds made, which its epsilon composes
 - the module `training.kept_updates`: an institution's noisy update per round, kept so that its noise for a round

@@ -53,6 +53,7 @@ from fusion.release.exchange import (
     write_bytes,
 )
 from fusion.release.plan import ReleasePlan, period_of
+from fusion.store.delta import Store
 from pipelines.contribute import double_mask
 from pipelines.run import run_aggregate
 from pipelines.unmask import acknowledge, read_roster, seal_unmask
@@ -70,6 +71,7 @@ from privacy.masking import centred
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import SkellamNoise
 from training.kept_updates import check_answered_roster, keep_update, kept_update
+from training.recomputed_round import RefusalAudit, check_recomputed
 from training.secure_sum import RoundId, RoundRefused, RoundSum
 
 
@@ -233,10 +235,14 @@ def acknowledge_roster(plan: ReleasePlan, institution_id: str) -> None:
     acknowledge(plan, institution_id)
 
 
-def decrypt(plan: ReleasePlan, pay: Callable[[str], None] | None) -> tuple[EnvelopeHeader, np.ndarray, str]:
+def decrypt(
+    plan: ReleasePlan, pay: Callable[[str], None] | None, *, audit: RefusalAudit | None = None
+) -> tuple[EnvelopeHeader, np.ndarray, str]:
     """The key holder's step: check the aggregate (kind, layout, parameters, the aggregator's signature, the HE
-    context, the quorum, its stated noise variance), call `pay(payload SHA-256)` (the ledger's charge), then
-    decrypt only the noisy sum. Returns (its header, the sum int64 centred mod t, the envelope's SHA-256)."""
+    context, the quorum, its stated noise variance, and that the exchange's signed envelopes give it:
+    training/recomputed_round.py), call `pay(payload SHA-256)` (the ledger's charge), then decrypt only the noisy
+    sum. A refusal on recomputation is recorded in `audit` (None: not recorded). Returns (its header, the sum int64
+    centred mod t, the envelope's SHA-256)."""
     path = aggregate_path(plan.config.exchange_path, plan.key)
     if not exists(path):
         raise RoundRefused("the round has no aggregate yet: nothing is decrypted")
@@ -257,6 +263,7 @@ def decrypt(plan: ReleasePlan, pay: Callable[[str], None] | None) -> tuple[Envel
     if len(header.contributors) < plan.params.quorum:
         raise RoundRefused(f"the aggregate has {len(header.contributors)} contributors; quorum is {plan.params.quorum}")
     check_noise_variance(plan, header)
+    check_recomputed(plan, header, path=path, data=data, audit=audit)  # a signature says who sealed it, not what
     context = load_checked_secret_context(plan.config)  # before the charge: a lost key would spend for nothing
     if pay is not None:
         pay(header.payload_sha256)
@@ -296,11 +303,13 @@ def can_resume(plan: ReleasePlan, charged_for: str) -> bool:
 @dataclass(frozen=True)
 class ExchangeFederation:
     """A federation whose rounds go through the exchange (training/trainer.py's `RoundSummer`): this process runs
-    each party's role function in turn, each with its own keys from the config; `present` institutions seal."""
+    each party's role function in turn, each with its own keys from the config; `present` institutions seal. `store`:
+    where the key holder audits a round it refuses (None: not audited)."""
 
     config: Config
     start: datetime
     end: datetime
+    store: Store | None = None
 
     @property
     def institutions(self) -> tuple[str, ...]:
@@ -337,7 +346,8 @@ class ExchangeFederation:
                 status = aggregate(plan)
             if status["status"] != "aggregated":
                 raise RoundRefused(f"the round was not aggregated: {status.get('reason', status['status'])}")
-        header, total, digest = decrypt(plan, pay)
+        audit = None if self.store is None else RefusalAudit(self.store, round_id)
+        header, total, digest = decrypt(plan, pay, audit=audit)
         return RoundSum(
             noisy_sum=total,
             contributors=header.contributors,

@@ -46,6 +46,7 @@ from training.exchange_round import (
     seal_contribution,
 )
 from training.planning import feature_width
+from training.recomputed_round import RefusalAudit
 from training.run import (
     LedgerTerms,
     RoundCharge,
@@ -200,7 +201,7 @@ def release_round(config: Config, model: ModelConfig, store: Store) -> RoundReco
     # before this round is charged (a round it resumes, already charged, costs nothing more).
     federation = ExchangeFederation(config, terms.start, terms.end)
     check_fits(model.name, forecast_run(store, current.settings, budget, terms, federation, record=held), terms)
-    header, total, digest = decrypt(plan, pay)
+    header, total, digest = decrypt(plan, pay, audit=RefusalAudit(store, current.round_id))
     envelopes = {}
     for institution in header.contributors:
         path = contribution_path(plan.config.exchange_path, plan.key, institution)

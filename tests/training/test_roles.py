@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fusion.cli.core import main
 from fusion.config.federation import load_config
+from fusion.keys.holder import load_checked_secret_context
+from fusion.keys.registry import load_aggregator_signing_key
+from fusion.release.exchange import aggregate_path, contribution_path, public_context_path, read_bytes
 from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE
 from fusion.store.delta import Store
 from pipelines.release import charge_record
+from privacy import he
+from privacy.envelope import pack_envelope, unpack_envelope
 from tests.conftest import Federation
 from tests.training.test_cli import MODEL, _rows
+from training.recomputed_round import ROUND_REFUSED
+from training.roles import current_round
 
 
 def test_a_round_runs_role_by_role_with_a_dropped_institution(
@@ -102,3 +112,72 @@ def test_the_key_holder_refuses_a_run_over_the_period_cap_before_its_first_charg
     assert "above its cap 1" in " ".join(capsys.readouterr().err.split())
     store = Store(load_config(fed.config_path).store_path)
     assert store.read("budget").num_rows == 0 and store.read("models").num_rows == 0
+
+
+def test_the_key_holder_refuses_a_round_aggregate_its_envelopes_do_not_give_before_the_charge(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The registered aggregator re-signs the round's aggregate with an offset in one slot of the vector it adds
+    (the model update moved by 1000 in one gradient sum): the key holder recomputes the aggregate from the signed
+    contributions and answers in the exchange and refuses it (`aggregate_mismatch`) before anything is charged,
+    committed or decrypted, by its role step as by `fusion train`. With a contribution gone from the exchange it
+    cannot recompute it (`aggregate_unverifiable`) until the institution publishes its kept envelope again. The
+    honest round then completes."""
+    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    for k, inst in enumerate(("alpha", "beta")):
+        _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    base = ["train", "--config", str(fed.config_path), "--model", "tiny", "--role"]
+    for inst in ("alpha", "beta"):
+        assert main([*base, "institution", "--institution", inst]) == 0
+    assert main([*base, "aggregator"]) == 0
+    for inst in ("alpha", "beta", "alpha"):  # alpha's first try waits for beta's acknowledgement
+        assert main([*base, "institution", "--institution", inst, "--unmask"]) == 0
+    assert main([*base, "aggregator"]) == 0
+    assert "aggregated" in capsys.readouterr().out
+    config = load_config(fed.config_path)
+    store = Store(config.store_path)
+    current = current_round(config, config.models[0], store)
+    plan, round_id = current.plan, current.round_id
+    exchange = plan.config.exchange_path
+    path = Path(aggregate_path(exchange, plan.key))
+    genuine = path.read_bytes()
+    header, ciphertexts = unpack_envelope(genuine)
+    offset = np.zeros(plan.layout.slots, dtype=np.int64)
+    offset[0] = 1000
+    public = he.load_public_context(read_bytes(public_context_path(exchange)))
+    shifted = he.add_plain(public, ciphertexts, offset)
+    secret = load_checked_secret_context(config)
+    slots = plan.layout.slots
+    moved = he.decrypt_vector(secret, shifted, slots) - he.decrypt_vector(secret, ciphertexts, slots)
+    assert np.flatnonzero(moved).tolist() == [0] and moved[0] == 1000  # a real shift of one gradient sum
+    path.write_bytes(pack_envelope(header, shifted, signing_key=load_aggregator_signing_key(config)))
+
+    def refused(reason: str, found: str) -> None:
+        assert main([*base, "key-holder"]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"({reason})" in err and found in err and "nothing is charged" in err, err
+        assert store.read("budget").num_rows == 0 and store.read("models").num_rows == 0
+        assert charge_record(config, store).read(plan.period.name) is None  # nor in the key holder's own record
+        assert "training_round" not in {a["action"] for a in store.read("audit").to_pylist()}
+
+    refused("aggregate_mismatch", "its ciphertexts are not the sum of its roster's contributions")
+    # `fusion train` resumes the round at its aggregate in the exchange, and refuses it alike.
+    _rows(fed.directory / "training" / "gamma.parquet", 2)
+    _rows(fed.directory / "training" / "held_out.parquet", 9)
+    assert main(["train", "--config", str(fed.config_path), "--model", "tiny"]) == 1
+    assert "(aggregate_mismatch)" in capsys.readouterr().err
+    assert store.read("budget").num_rows == 0 and store.read("models").num_rows == 0
+    path.write_bytes(genuine)
+    alpha = Path(contribution_path(exchange, plan.key, "alpha"))
+    alpha.unlink()
+    refused("aggregate_unverifiable", "the contribution of alpha: no file at")
+    rows = sorted((a for a in store.read("audit").to_pylist() if a["action"] == ROUND_REFUSED), key=lambda a: a["at"])
+    assert [(r["reason"], r["release_id"], r["actor_role"]) for r in rows] == [
+        ("aggregate_mismatch", round_id.release_id, "key_holder"),
+        ("aggregate_unverifiable", round_id.release_id, "key_holder"),
+    ]
+    assert json.loads(rows[0]["detail"])["aggregate"] == str(path)
+    assert main([*base, "institution", "--institution", "alpha"]) == 0  # its kept envelope, published again
+    assert main([*base, "key-holder"]) == 0
+    assert "round 1/2 of model tiny committed: 2 contributors" in capsys.readouterr().out
+    assert store.read("models").column("release_id").to_pylist() == [round_id.release_id]
