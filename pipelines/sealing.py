@@ -1,7 +1,8 @@
 """An institution's sealing records: the envelope it sealed for an interval (kept, so a rerun sends the same one
 and no party ever sees two noisy versions of an interval), the refusal of an interval that overlaps one already
-sealed, and its noise drawn as layers, with the seed of the removable layer kept until the unmask round has used
-it (privacy/noise_shares.py)."""
+sealed, the refusal at entity level of an interval that would take its privacy period past the epsilon cap (by the
+institution's own records of what each interval it sealed costs), and its noise drawn as layers, with the seed of
+the removable layer kept until the unmask round has used it (privacy/noise_shares.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,14 @@ from typing import Any
 import numpy as np
 
 from fusion.config.federation import InstitutionConfig
-from fusion.errors import FusionError, ReleaseRefused
+from fusion.errors import FusionError, InternalError, ReleaseRefused
 from fusion.keys.registry import read_private, write_private
 from fusion.release.exchange import ReleaseKey
-from fusion.release.plan import ReleasePlan
+from fusion.release.plan import ReleasePlan, plan_release
+from fusion.store.ledger import BudgetExceeded
+from privacy.accountant import Composition, ReleaseCharge, period_loss
 from privacy.noise_shares import SEED_BYTES, chain_seeds, layer_commitment, layer_noise, noise_digest
+from privacy.pld import SkellamMechanism
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
 
 
@@ -60,6 +64,7 @@ def sealed_envelope(plan: ReleasePlan, institution: InstitutionConfig) -> bytes 
     record = _sealed_dir(plan, institution) / f"{plan.key.interval_name}.json"
     if not record.exists():
         refuse_overlap(plan, institution)
+        refuse_past_cap(plan, institution)
         return None
     doc = _read_record(record, institution)
     if doc["release_id"] != plan.key.release_id:
@@ -100,6 +105,86 @@ def refuse_overlap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
             )
 
 
+def refuse_past_cap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
+    """At entity level, refuse to seal the plan's interval if it would take its privacy period past the epsilon
+    cap, counting every other interval this institution sealed in the period: their charges, as its records keep
+    them, compose in sequence with the plan's exactly as the key holder's ledger composes a period's releases
+    (privacy.accountant.period_loss). The ledger alone could not hold the cap against a coalition that includes
+    the key holder, which would decrypt further intervals of the period without charging them; each institution
+    holds it for its own readings. An interval sealed and never released counts too (its envelope has left the
+    institution), and re-sealing the plan's own interval (the kept envelope, re-published) is not a new charge.
+    Event level needs no such check: disjoint intervals compose in parallel, and overlapping ones are refused."""
+    own = plan.params.charge(plan.key.start, plan.key.end)
+    if own.composition is not Composition.SEQUENTIAL or own.mechanism is None:
+        return
+    directory = _sealed_dir(plan, institution)
+    sealed: list[ReleaseCharge] = []
+    if directory.is_dir():
+        for record in sorted(directory.glob("*.json")):
+            span = _interval_span(record.stem)
+            if record.stem == plan.key.interval_name or span is None:
+                continue
+            if span[0] < plan.period.end and plan.period.start < span[1]:  # in the period (or reaching into it)
+                sealed.append(_sealed_charge(plan, institution, record, span))
+    cap = plan.config.privacy.cap
+    delta = plan.params.delta
+    after = period_loss([*sealed, own], composition=Composition.SEQUENTIAL, delta=delta).epsilon
+    if after > cap:
+        before = period_loss(sealed, composition=Composition.SEQUENTIAL, delta=delta).epsilon
+        raise BudgetExceeded(
+            f"institution {institution.id} does not seal {plan.key.interval_name}: release {plan.key.release_id} "
+            f"needs epsilon {after - before:.4f} in period {plan.period.name}, which would reach {after:.4f} with "
+            f"the {len(sealed)} interval(s) it sealed in the period; the cap is {cap:.4f} and "
+            f"{max(cap - before, 0.0):.4f} is left (entity level: the period's releases compose in sequence)"
+        )
+
+
+def _charge_doc(charge: ReleaseCharge) -> dict[str, Any]:
+    """A seal record's copy of what its interval costs the period (the ledger's charge for its release)."""
+    mechanism = charge.mechanism
+    if mechanism is not None and not isinstance(mechanism, SkellamMechanism):
+        raise InternalError(f"a contribution sealed under a {type(mechanism).__name__}; this is probably a bug")
+    return {
+        "interval_start": charge.start.isoformat(),
+        "interval_end": charge.end.isoformat(),
+        "variance": None if mechanism is None else float(mechanism.variance),
+        "coordinates": None if mechanism is None else int(mechanism.coordinates),
+        "shift": None if mechanism is None else int(mechanism.shift),
+    }
+
+
+def _sealed_charge(
+    plan: ReleasePlan, institution: InstitutionConfig, record: Path, span: tuple[datetime, datetime]
+) -> ReleaseCharge:
+    """What the interval of an earlier seal record costs the period, composed in sequence. A record written before
+    seals kept their charge is charged at the current parameters only when they are the ones it was sealed under
+    (its release id is the one they give the interval); otherwise nothing bounds what it cost, and the period is
+    refused rather than under-counted."""
+    doc = _read_record(record, institution)
+    kept = doc.get("charge")
+    if kept is not None:
+        mechanism = None
+        if kept["variance"] is not None:
+            mechanism = SkellamMechanism(float(kept["variance"]), int(kept["coordinates"]), int(kept["shift"]))
+        return ReleaseCharge(
+            mechanism=mechanism,
+            start=datetime.fromisoformat(kept["interval_start"]),
+            end=datetime.fromisoformat(kept["interval_end"]),
+            composition=Composition.SEQUENTIAL,
+        )
+    try:
+        earlier = plan_release(plan.config, *span)
+    except FusionError:
+        earlier = None
+    if earlier is None or earlier.key.release_id != doc["release_id"]:
+        raise BudgetExceeded(
+            f"institution {institution.id} does not seal {plan.key.interval_name}: it sealed {record.stem} in period "
+            f"{plan.period.name} before its seal records kept what each interval costs, under other parameters "
+            "than the current ones, so it cannot bound the period's epsilon; it seals again from the next period"
+        )
+    return replace(earlier.params.charge(*span), composition=Composition.SEQUENTIAL)
+
+
 @functools.lru_cache(maxsize=65_536)
 def _interval_span(name: str) -> tuple[datetime, datetime] | None:
     """`ReleaseKey.parse_interval_name`, remembered: every seal checks every interval its institution sealed (a
@@ -117,10 +202,12 @@ def record_sealed(
     directory = _sealed_dir(plan, institution)
     with _sealing_lock(directory):  # two overlapping intervals racing to seal: one of them is refused
         refuse_overlap(plan, institution)  # again: an overlapping run may have sealed since this one was planned
+        refuse_past_cap(plan, institution)  # and another interval of the period may have been sealed since
         name = f"{plan.key.interval_name}-{hashlib.sha256(envelope).hexdigest()[:16]}.fenv"
         write_private(directory / name, envelope)
         pending = directory / f".{name}.json"
-        doc = {"release_id": plan.key.release_id, "envelope": name}
+        charge = plan.params.charge(plan.key.start, plan.key.end)
+        doc: dict[str, Any] = {"release_id": plan.key.release_id, "envelope": name, "charge": _charge_doc(charge)}
         if layer_seed is not None:
             doc["layer_seed"] = layer_seed.hex()
         write_private(pending, json.dumps(doc).encode())

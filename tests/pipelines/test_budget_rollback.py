@@ -53,6 +53,12 @@ def two_releases(make_federation) -> tuple[Federation, ReleasePlan, ReleasePlan]
     first = plan_release(fed.config, START, END)
     assert run_batch(first).status == "released"
     second = plan_release(fed.config, START + timedelta(hours=6), END + timedelta(hours=6))
+    # The institutions refuse to seal the period past its cap by their own seal records (pipelines/sealing.py);
+    # set aside here, as if their key directories were restored from before the first release, so that the
+    # key holder's ledger is what stands between the aggregated second interval and its release.
+    for institution in fed.config.institutions:
+        sealed = fed.directory / "institution-keys" / institution.id / "sealed"
+        sealed.rename(sealed.with_name("sealed-set-aside"))
     _aggregated(second, fed)
     return fed, first, second
 
