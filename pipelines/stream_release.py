@@ -59,6 +59,7 @@ from pipelines.release import (
 from pipelines.retention import prune_after_release
 from pipelines.run import report_path, run_aggregate, run_contributions, run_unmask
 from pipelines.stream import SPOOL_WINDOW_FORMAT
+from privacy.accountant import ReleaseCharge
 from schemas.readings import DEAD_LETTER_REASON, DEAD_LETTER_SOURCE
 
 
@@ -163,15 +164,25 @@ def release_windows(plans: Sequence[ReleasePlan]) -> list[WindowOutcome]:
 
     ledger = BudgetLedger(store, record=charge_record(config, store))
     pending = []
+    burst: dict[str, list[ReleaseCharge]] = defaultdict(list)  # period -> the charges of the burst's windows so far
     for plan in (p for p in plans if p.key.release_id not in outcomes):
+        charge = plan.params.charge(plan.key.start, plan.key.end)
+        cap = plan.config.privacy.cap
         try:  # refused before any work if the period's budget cannot take it (the release step decides)
             ledger.check(
-                period=plan.period,
-                release_id=plan.key.release_id,
-                charge=plan.params.charge(plan.key.start, plan.key.end),
-                cap=plan.config.privacy.cap,
-                delta=plan.params.delta,
+                period=plan.period, release_id=plan.key.release_id, charge=charge, cap=cap, delta=plan.params.delta
             )
+            # With the burst's earlier windows too, in the windows' order: their institutions seal side by side,
+            # and at entity level each refuses to seal its period past the cap (pipelines/sealing.py).
+            _, after = ledger.preview(
+                period=plan.period, charges=[*burst[plan.period.name], charge], cap=cap, delta=plan.params.delta
+            )
+            if after > cap:
+                raise BudgetExceeded(
+                    f"release {plan.key.release_id} needs epsilon in period {plan.period.name} beyond the "
+                    f"windows released before it: they would reach {after:.4f}; the cap is {cap:.4f}"
+                )
+            burst[plan.period.name].append(charge)
         except BudgetExceeded as exc:
             audit_event(plan, store, action="budget_refused", reason=str(exc), detail={"period": plan.period.name})
             refuse(plan, exc)
