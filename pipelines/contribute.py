@@ -458,7 +458,10 @@ class SealContribution(beam.DoFn):
             raise InternalError(f"row counts do not reconcile for {institution.id}: {total.counts()}")
         tallies = (files or {}).get(institution_id, {})
         report = run_report(total.counts(), tallies, self._missing.get(institution_id, []))
-        verdict = judge_rejects(institution, read=total.rows_read, rejected=total.rejected, files=tallies)
+        verdict = judge_rejects(
+            institution, read=total.rows_read, rejected=total.rejected, files=tallies,
+            entity_level=plan.config.privacy.unit is PrivacyUnit.ENTITY,
+        )
         if verdict.level is RejectLevel.STOP and not self._accept_rejects:
             report["withheld"] = (
                 f"{verdict.message}; it seals nothing for {plan.key.interval_name}. Fix the feed, or run again "

@@ -125,7 +125,14 @@ class Config(Frozen):
             label: _directory_key(self.resolve(path))
             for label, path in (("exchange", self.federation.exchange), ("store", self.federation.store))
         }
+        entity_level = self.privacy.unit is PrivacyUnit.ENTITY
         for index, institution in enumerate(self.institutions):
+            stop = institution.stop_rate(entity_level=entity_level)
+            if institution.max_reject_rate is None and institution.warn_reject_rate > stop:
+                raise ValueError(
+                    f"institutions[{index}].warn_reject_rate: warn_reject_rate {institution.warn_reject_rate} is above "
+                    f"max_reject_rate {stop} (its default at {self.privacy.unit.value} level); the warning comes first"
+                )
             for field_name, private in (
                 ("dead_letter", self.dead_letter_path(institution)),
                 ("keys", self.institution_keys_path(institution)),

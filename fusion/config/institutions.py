@@ -63,6 +63,9 @@ class FeedConfig(Frozen):
         return self.columns.get(field, field)
 
 
+DEFAULT_MAX_REJECT_RATE = 0.5  # at reading level, where max_reject_rate is unset
+
+
 class InstitutionConfig(Frozen):
     id: Name
     name: str = ""
@@ -72,14 +75,24 @@ class InstitutionConfig(Frozen):
     # Readings per cell and release; bounds the encrypted totals. Default: the largest that cannot wrap.
     max_readings_per_cell: int | None = Field(default=None, gt=0)
     # Share of an interval's rows rejected (rows of other intervals and exact duplicates aside) above which a run
-    # warns, and above which the institution seals nothing unless its operator passes --accept-rejects.
+    # warns, and above which the institution seals nothing unless its operator passes --accept-rejects. Unset,
+    # max_reject_rate is 0.5 at reading level and 1 (never withhold) at entity level, where rejected rows are not
+    # bounded per entity and one entity's bad rows alone could withhold the contribution, a public fact
+    # (stop_rate).
     warn_reject_rate: float = Field(default=0.1, ge=0, le=1)
-    max_reject_rate: float = Field(default=0.5, ge=0, le=1)
+    max_reject_rate: float | None = Field(default=None, ge=0, le=1)
     sources: tuple[BrokerSource, ...] = ()  # MQTT / NATS JetStream, read by `fusion stream` (fusion/config/brokers.py)
+
+    def stop_rate(self, *, entity_level: bool) -> float:
+        """The reject rate above which the institution seals nothing: max_reject_rate, or its default for the
+        privacy unit (0.5 for a reading, 1 for an entity)."""
+        if self.max_reject_rate is not None:
+            return self.max_reject_rate
+        return 1.0 if entity_level else DEFAULT_MAX_REJECT_RATE
 
     @model_validator(mode="after")
     def _reject_rates(self) -> Self:
-        if self.warn_reject_rate > self.max_reject_rate:
+        if self.max_reject_rate is not None and self.warn_reject_rate > self.max_reject_rate:
             raise ValueError(
                 f"warn_reject_rate {self.warn_reject_rate} is above max_reject_rate {self.max_reject_rate}; "
                 "the warning comes first"

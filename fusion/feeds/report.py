@@ -96,13 +96,19 @@ class RejectVerdict:
 
 
 def judge_rejects(
-    institution: InstitutionConfig, *, read: int, rejected: Mapping[str, int], files: Mapping[str, FileTally]
+    institution: InstitutionConfig,
+    *,
+    read: int,
+    rejected: Mapping[str, int],
+    files: Mapping[str, FileTally],
+    entity_level: bool = False,
 ) -> RejectVerdict:
     """Whether the institution's rejects for the interval are above its thresholds, with a message naming the
-    files that hold most of them and why."""
+    files that hold most of them and why (the stop rate by privacy unit: InstitutionConfig.stop_rate)."""
     rate = interval_reject_rate(read, rejected)
-    if rate > institution.max_reject_rate:
-        level, setting, limit = RejectLevel.STOP, "max_reject_rate", institution.max_reject_rate
+    stop = institution.stop_rate(entity_level=entity_level)
+    if rate > stop:
+        level, setting, limit = RejectLevel.STOP, "max_reject_rate", stop
     elif rate > institution.warn_reject_rate:
         level, setting, limit = RejectLevel.WARN, "warn_reject_rate", institution.warn_reject_rate
     else:

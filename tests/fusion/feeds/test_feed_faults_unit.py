@@ -94,7 +94,8 @@ def test_the_verdict_warns_then_stops_naming_the_files_and_reasons(tmp_path: Pat
     config = load_config(_write_config(tmp_path, 'warn_reject_rate = 0.2\nmax_reject_rate = 0.6'))
     beta = config.institution("beta")
     assert (beta.warn_reject_rate, beta.max_reject_rate) == (0.2, 0.6)
-    assert config.institution("alpha").max_reject_rate == 0.5  # the default
+    alpha = config.institution("alpha")
+    assert alpha.max_reject_rate is None and alpha.stop_rate(entity_level=False) == 0.5  # the default
     files = {
         "f/a.csv": FileTally(10, Counter(missing_field=5, out_of_interval=3)),
         "f/b.csv": FileTally(10, Counter(missing_column=10), "missing_column", "lacks column(s) 'value'"),
@@ -107,6 +108,21 @@ def test_the_verdict_warns_then_stops_naming_the_files_and_reasons(tmp_path: Pat
     assert "warn_reject_rate of 20%" in warn.message and "max_reject_rate of 60%" in stop.message
     assert stop.message.index("f/b.csv") < stop.message.index("f/a.csv") and "f/c.csv" not in stop.message
     assert "missing_column=10; lacks column(s) 'value'" in stop.message and "missing_field=5" in stop.message
+
+
+def test_at_entity_level_an_unset_max_reject_rate_never_withholds(tmp_path: Path) -> None:
+    """One entity's rejected rows are not bounded, so at entity level they alone could take the rate past 0.5 and
+    withhold the institution's contribution, a public fact: unset, the stop rate there is 1 (warn only)."""
+    config = load_config(_write_config(tmp_path, 'warn_reject_rate = 0.2\nmax_reject_rate = 0.6'))
+    alpha, beta = config.institution("alpha"), config.institution("beta")
+    assert alpha.stop_rate(entity_level=True) == 1.0 and beta.stop_rate(entity_level=True) == 0.6  # set: kept
+    files = {"f/a.csv": FileTally(100, Counter(out_of_range=60))}
+    at_entity = judge_rejects(alpha, read=100, rejected={"out_of_range": 60}, files=files, entity_level=True)
+    at_reading = judge_rejects(alpha, read=100, rejected={"out_of_range": 60}, files=files)
+    assert (at_entity.level, at_reading.level) == (RejectLevel.WARN, RejectLevel.STOP)
+    assert judge_rejects(beta, read=100, rejected={"out_of_range": 61}, files=files, entity_level=True).level is (
+        RejectLevel.STOP
+    )
 
 
 def test_a_warning_above_the_stop_is_refused_naming_the_field(tmp_path: Path) -> None:
