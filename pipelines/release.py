@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,7 +32,7 @@ from fusion.keys.registry import (
 )
 from fusion.release.estimates import decode_release, release_quantiles
 from fusion.release.exchange import FileTooLarge, aggregate_path, exists, read_bounded, read_bytes, refusal_path
-from fusion.release.plan import ReleasePlan
+from fusion.release.plan import ReleasePlan, noise_variance_problem
 from fusion.release.rejects import decode_reject_tallies
 from fusion.runtime.faults import crash_point
 from fusion.store.charge_record import ChargeRecord
@@ -507,16 +506,10 @@ def _recorded_link(plan: ReleasePlan, signature: dict[str, Any]) -> ChainLink | 
 
 def _check_noise_variance(plan: ReleasePlan, header: EnvelopeHeader) -> None:
     """Refuse, before anything is charged, an aggregate whose stated noise variance its contributions could not
-    hold: every error bar, and the plausibility check, rest on it. With noise on it lies between v (what the
-    guarantee keeps, whatever layers came off) and every contributor's sealed share."""
-    variance = header.noise_variance
-    ceiling = len(header.contributors) * plan.params.share_variance
-    low, high = (plan.params.total_variance, ceiling) if plan.params.noise else (0.0, ceiling)
-    if not (math.isfinite(variance) and low * (1 - 1e-9) <= variance <= high * (1 + 1e-9)):
-        raise ReleaseRefused(
-            f"the aggregate states a noise variance of {variance}, outside [{low:.6g}, {high:.6g}] for its "
-            f"{len(header.contributors)} contributors: it is not decrypted, nothing is charged"
-        )
+    hold (noise_variance_problem)."""
+    problem = noise_variance_problem(plan, header)
+    if problem is not None:
+        raise ReleaseRefused(f"the aggregate states {problem}")
 
 
 def _check_plausible(plan: ReleasePlan, cells: pa.Table, header: EnvelopeHeader) -> None:

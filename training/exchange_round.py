@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,7 +51,7 @@ from fusion.release.exchange import (
     read_bytes,
     write_bytes,
 )
-from fusion.release.plan import ReleasePlan, period_of
+from fusion.release.plan import ReleasePlan, noise_variance_problem, period_of
 from fusion.store.delta import Store
 from pipelines.contribute import double_mask
 from pipelines.run import run_aggregate
@@ -275,15 +274,10 @@ def check_noise_variance(plan: ReleasePlan, header: EnvelopeHeader) -> None:
     """Refuse, before anything is charged, an aggregate whose stated noise variance its contributions could not
     hold, as the releases' key holder does (pipelines/release.py): the variance is recorded in the round's `models`
     row and signed. With noise on it lies between v (what the guarantee keeps) and every contributor's sealed share
-    s_q (no layers come off a round's noise: each contributor's share stays whole)."""
-    variance = header.noise_variance
-    ceiling = len(header.contributors) * plan.params.share_variance
-    low, high = (plan.params.total_variance, ceiling) if plan.params.noise else (0.0, ceiling)
-    if not (math.isfinite(variance) and low * (1 - 1e-9) <= variance <= high * (1 + 1e-9)):
-        raise RoundRefused(
-            f"the round's aggregate states a noise variance of {variance}, outside [{low:.6g}, {high:.6g}] for its "
-            f"{len(header.contributors)} contributors: it is not decrypted, nothing is charged"
-        )
+    s_q (no layers come off a round's noise: each contributor's share stays whole): noise_variance_problem."""
+    problem = noise_variance_problem(plan, header)
+    if problem is not None:
+        raise RoundRefused(f"the round's aggregate states {problem}")
 
 
 def can_resume(plan: ReleasePlan, charged_for: str) -> bool:

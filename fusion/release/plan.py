@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -134,4 +135,20 @@ def masking_graph(plan: ReleasePlan) -> MaskingGraph:
         context=plan.key.release_id.encode(),
         quorum=plan.params.quorum,
         max_colluding=plan.params.max_colluding,
+    )
+
+
+def noise_variance_problem(plan: ReleasePlan, header: EnvelopeHeader) -> str | None:
+    """Why an aggregate's stated noise variance is one its contributions could not hold (None when it could): with
+    noise on it lies between v (what the guarantee keeps, whatever layers came off) and every contributor's sealed
+    share. The key holder refuses such an aggregate before anything is charged (releases and training rounds): the
+    variance is signed, and every error bar and the plausibility check rest on it."""
+    variance = header.noise_variance
+    ceiling = len(header.contributors) * plan.params.share_variance
+    low, high = (plan.params.total_variance, ceiling) if plan.params.noise else (0.0, ceiling)
+    if math.isfinite(variance) and low * (1 - 1e-9) <= variance <= high * (1 + 1e-9):
+        return None
+    return (
+        f"a noise variance of {variance}, outside [{low:.6g}, {high:.6g}] for its {len(header.contributors)} "
+        "contributors: it is not decrypted, nothing is charged"
     )
