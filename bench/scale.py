@@ -1,6 +1,6 @@
 """Benchmark of double masking as federations grow: n simulated institutions in one process, each sealing a
 contribution on the release's masking graph (privacy/masking_graph.py), a few dropping out, the unmask round, the
-aggregator removing the masks, the key holder decrypting.
+aggregator removing the masks, the key holder checking the aggregate and decrypting.
 
     .venv/bin/python -m bench.scale                      # n = 5, 20, 100, 500; writes bench/results/scale.json
     .venv/bin/python -m bench.scale --sizes 5,20 --absent 0.1
@@ -9,7 +9,8 @@ The layout is tiny (64 slots, one ciphertext) so that the HE work, the same at e
 costs. Reported per n: the graph (k, t), each envelope's bytes beyond its ciphertexts (header, shares, digests,
 signature: what grows with the federation), the same for one envelope on the complete graph (n <= --complete-upto),
 an answer's bytes in the unmask round, the aggregator's time (read and check every envelope, sum, check the
-answers, rebuild and remove the masks) and the key holder's (decrypt). Targets: at most 64 KB beyond the
+answers, rebuild and remove the masks) and the key holder's (the same two passes again, to check the aggregate
+before any charge as pipelines/aggregate_envelope.py does, then decrypt). Targets: at most 64 KB beyond the
 ciphertexts at n = 500; aggregator time linear in n (its time per institution at the largest n at most 1.5x the
 time per institution at 100). Every run checks the decrypted sum against the plaintext sum of the included.
 """
@@ -31,7 +32,7 @@ import numpy as np
 
 from pipelines.unmask import Roster, absent_mask_sum, opened_shares, self_mask_sum, sparse_roster_problem
 from privacy import he
-from privacy.envelope import EnvelopeHeader, pack_envelope, signature_valid, unpack_envelope
+from privacy.envelope import EnvelopeHeader, pack_envelope, payload_digest, signature_valid, unpack_envelope
 from privacy.masking import add_mod, centred, generate_agreement_key, pairwise_mask
 from privacy.masking_graph import MaskingGraph, dropout_failure_bound
 from privacy.sharing import commitment, new_seed, self_mask, share_coordinates, share_pair_keys, share_seed
@@ -114,6 +115,44 @@ def seal(party: Party, graph: MaskingGraph, everyone: dict[str, bytes], public: 
     return envelope, len(empty) - bare_header
 
 
+def _first_pass(
+    sealed: dict[str, tuple[bytes, int]], registry: dict[str, bytes], public: Any
+) -> tuple[dict[str, EnvelopeHeader], list[bytes]]:
+    """Read and check every contribution (its signature against the registry), and sum their ciphertexts."""
+    headers, ciphertexts = {}, []
+    for institution, (envelope, _) in sealed.items():
+        header, cts = unpack_envelope(envelope, max_ciphertexts=1)
+        if not signature_valid(header, registry[institution]):
+            raise RuntimeError(f"{institution}'s signature does not verify")
+        headers[institution] = header
+        ciphertexts.append(cts)
+    return headers, he.add_encrypted(public, ciphertexts)
+
+
+def _second_pass(
+    graph: MaskingGraph,
+    headers: dict[str, EnvelopeHeader],
+    total: list[bytes],
+    answers: dict[str, bytes],
+    registry: dict[str, bytes],
+    roster: Roster,
+    public: Any,
+) -> list[bytes]:
+    """Check the answers, rebuild the masks from their shares and remove them: the aggregate's ciphertexts."""
+    opened = []
+    for institution, envelope in answers.items():
+        header, _ = unpack_envelope(envelope, max_ciphertexts=0)
+        if not signature_valid(header, registry[institution]):
+            raise RuntimeError(f"{institution}'s answer does not verify")
+        opened.append(header)
+    masks = self_mask_sum(graph, headers, opened, slots=SLOTS, context=CONTEXT)
+    masks = (masks + absent_mask_sum(graph, headers, opened, roster.absent, slots=SLOTS, context=CONTEXT)) % (
+        he.PLAIN_MODULUS
+    )
+    aggregate: list[bytes] = he.add_plain(public, total, centred(he.PLAIN_MODULUS - masks, he.PLAIN_MODULUS))
+    return aggregate
+
+
 def run_size(n: int, *, absent_rate: float, complete_upto: int, rng: np.random.Generator) -> dict[str, Any]:
     ids = [f"inst-{i:04d}" for i in range(n)]
     quorum = max(MAX_COLLUDING + 2, n // 2)
@@ -140,14 +179,7 @@ def run_size(n: int, *, absent_rate: float, complete_upto: int, rng: np.random.G
 
     # The aggregator's first pass: read, check and sum every contribution.
     started = time.perf_counter()
-    headers, ciphertexts = {}, []
-    for institution, (envelope, _) in sealed.items():
-        header, cts = unpack_envelope(envelope, max_ciphertexts=1)
-        if not signature_valid(header, registry[institution]):
-            raise RuntimeError(f"{institution}'s signature does not verify")
-        headers[institution] = header
-        ciphertexts.append(cts)
-    total = he.add_encrypted(public, ciphertexts)
+    headers, total = _first_pass(sealed, registry, public)
     first_pass_s = time.perf_counter() - started
 
     # The unmask round: each included institution opens the shares its closed neighbourhood sealed for it.
@@ -172,22 +204,20 @@ def run_size(n: int, *, absent_rate: float, complete_upto: int, rng: np.random.G
 
     # The aggregator's second pass: check the answers, rebuild and remove the masks.
     started = time.perf_counter()
-    opened = []
-    for institution, envelope in answers.items():
-        header, _ = unpack_envelope(envelope, max_ciphertexts=0)
-        if not signature_valid(header, registry[institution]):
-            raise RuntimeError(f"{institution}'s answer does not verify")
-        opened.append(header)
-    masks = self_mask_sum(graph, headers, opened, slots=SLOTS, context=CONTEXT)
-    masks = (masks + absent_mask_sum(graph, headers, opened, roster.absent, slots=SLOTS, context=CONTEXT)) % (
-        he.PLAIN_MODULUS
-    )
-    aggregate = he.add_plain(public, total, centred(he.PLAIN_MODULUS - masks, he.PLAIN_MODULUS))
+    aggregate = _second_pass(graph, headers, total, answers, registry, roster, public)
     second_pass_s = time.perf_counter() - started
 
+    # The key holder: recompute the aggregate from the same envelopes and answers (pipelines/aggregate_envelope.py
+    # does this before any charge: the same two passes), compare, then decrypt.
+    started = time.perf_counter()
+    again_headers, again_total = _first_pass(sealed, registry, public)
+    again = _second_pass(graph, again_headers, again_total, answers, registry, roster, public)
+    if payload_digest(again) != payload_digest(aggregate):
+        raise RuntimeError(f"n = {n}: the key holder's recomputed aggregate differs from the aggregator's")
+    key_holder_check_s = time.perf_counter() - started
     started = time.perf_counter()
     result = he.decrypt_vector(secret, aggregate, SLOTS)
-    key_holder_s = time.perf_counter() - started
+    key_holder_decrypt_s = time.perf_counter() - started
     expected = sum(parties[i].vector for i in roster.included)
     if not np.array_equal(result, expected):
         raise RuntimeError(f"n = {n}: the unmasked sum is wrong")
@@ -220,7 +250,9 @@ def run_size(n: int, *, absent_rate: float, complete_upto: int, rng: np.random.G
         "aggregator_s": aggregator_s,
         "aggregator_s_per_institution": aggregator_s / n,
         "aggregator_unmask_s": second_pass_s,
-        "key_holder_s": key_holder_s,
+        "key_holder_s": key_holder_check_s + key_holder_decrypt_s,
+        "key_holder_recompute_s": key_holder_check_s,
+        "key_holder_decrypt_s": key_holder_decrypt_s,
         "exact": True,
     }
 
