@@ -14,6 +14,7 @@ a scan with the current schema reads a missing column as NULL.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import operator
@@ -22,6 +23,7 @@ import random
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -80,6 +82,40 @@ _open = threading.local()
 os.register_at_fork(after_in_child=lambda: [_open.__dict__.pop(kept, None) for kept in ("tables", "datasets")])
 
 
+class _ThreadCache(dict):
+    """One thread's cache of open tables or datasets (a dict that a weak reference can point to)."""
+
+    __slots__ = ("__weakref__",)
+
+
+#: Every live thread's caches, so that they are emptied at exit while the interpreter still runs. A thread that
+#: ends as the interpreter finalises (a server's idle worker) would otherwise free its cached Arrow datasets then,
+#: and a dataset's deallocation releases the GIL: taking it back during finalisation ends the thread through a C++
+#: frame, and the process aborts after its work is done ("terminate called without an active exception", exit
+#: -6; about one `fusion serve`-like process in twenty here).
+_caches: weakref.WeakValueDictionary[int, _ThreadCache] = weakref.WeakValueDictionary()  # by id
+_caches_lock = threading.Lock()
+
+
+def _thread_cache(name: str) -> dict:
+    """This thread's cache `name` ("tables" or "datasets"), made on first use."""
+    cache = _open.__dict__.get(name)
+    if cache is None:
+        cache = _open.__dict__[name] = _ThreadCache()
+        with _caches_lock:
+            _caches[id(cache)] = cache
+    return cache
+
+
+@atexit.register
+def _empty_thread_caches() -> None:
+    """Drop every thread's cached tables and datasets at exit, from this thread, before finalisation begins."""
+    with _caches_lock:
+        caches = list(_caches.values())
+    for cache in caches:
+        cache.clear()
+
+
 #: A data file of a table's snapshot as found now: (path, size in bytes, modification time in ns), size and time -1
 #: where it is missing. A file rewritten in place, without a Delta commit, leaves the table's version as it was,
 #: but not its size and time.
@@ -110,7 +146,7 @@ def _opened(path: str, *, local: bool) -> DeltaTable:
     its log's first commit is not the one it was opened from (the table was deleted and made again)."""
     if not local:
         return DeltaTable(path)
-    tables: dict[str, tuple[bytes, DeltaTable]] = _open.__dict__.setdefault("tables", {})
+    tables: dict[str, tuple[bytes, DeltaTable]] = _thread_cache("tables")
     try:  # the first commit names the table (its metadata id, a UUID drawn when it was created)
         with open(os.path.join(path, "_delta_log", "0" * 20 + ".json"), "rb") as handle:
             identity: bytes | None = hashlib.sha256(handle.read()).digest()
@@ -466,7 +502,7 @@ class Store:
         if self.uri is not None:
             return table.to_pyarrow_dataset(schema=schema)
         datasets: dict[tuple[str, pa.Schema], tuple[DeltaTable, int, tuple[DataFile, ...], ds.Dataset]]
-        datasets = _open.__dict__.setdefault("datasets", {})
+        datasets = _thread_cache("datasets")
         key, version, files = (self.table_path(name), schema), table.version(), _data_files(table, local=True)
         kept = datasets.get(key)
         if kept is not None and kept[0] is table and kept[1] == version and kept[2] == files:

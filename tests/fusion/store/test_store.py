@@ -546,3 +546,37 @@ def test_a_table_kept_open_sees_other_writers_and_a_table_made_again(tmp_path: P
     again.insert_new("releases", release_rows("r3", range(1)))
     assert again.read("releases").column("release_id").to_pylist() == ["r3"]
     assert store.read("releases").column("release_id").to_pylist() == ["r3"]
+
+
+# --- per-thread caches at exit ----------------------------------------------------------------------------------
+
+
+def test_every_threads_cached_tables_and_datasets_are_dropped_at_exit(store: Store) -> None:
+    """A thread's cached Arrow datasets freed while the interpreter finalises abort the process (a server's idle
+    worker ending at exit): the exit hook drops every live thread's cached tables and datasets first, from the
+    exiting thread."""
+    import weakref
+
+    from fusion.store import delta
+
+    store.insert_new("releases", release_rows("r-1", range(3)))
+    cached, dropped = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def worker() -> None:
+        store.read("releases")  # opens the table and its dataset in this thread's caches
+        seen["datasets"] = [weakref.ref(kept[3]) for kept in delta._thread_cache("datasets").values()]
+        seen["tables"] = len(delta._thread_cache("tables"))
+        cached.set()
+        dropped.wait(10)
+        seen["after"] = (len(delta._thread_cache("datasets")), len(delta._thread_cache("tables")))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert cached.wait(10)
+    assert seen["datasets"] and seen["tables"]
+    delta._empty_thread_caches()  # what atexit runs
+    dropped.set()
+    thread.join(10)
+    assert seen["after"] == (0, 0)
+    assert all(ref() is None for ref in seen["datasets"])  # type: ignore[attr-defined]
