@@ -23,7 +23,6 @@ import random
 import re
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -76,44 +75,54 @@ TABLE_LOCATORS: dict[str, tuple[str, ...]] = {"rejects": ("interval_start",)}
 #: Each thread's open local tables: path -> (SHA-256 of the log's first commit, table). Opening a table reads its
 #: log (on the demo store about 9 ms for a table holding two weeks of releases: 0.23 s of a release's 27 opens);
 #: bringing an open one up to date reads only the commits since (about 0.5 ms). Per thread: a DeltaTable is not
-#: meant to be shared between threads.
-_open = threading.local()
-#: And each table's last Arrow dataset (`Store._arrow_dataset`).
-os.register_at_fork(after_in_child=lambda: [_open.__dict__.pop(kept, None) for kept in ("tables", "datasets")])
-
-
-class _ThreadCache(dict):
-    """One thread's cache of open tables or datasets (a dict that a weak reference can point to)."""
-
-    __slots__ = ("__weakref__",)
-
-
-#: Every live thread's caches, so that they are emptied at exit while the interpreter still runs. A thread that
-#: ends as the interpreter finalises (a server's idle worker) would otherwise free its cached Arrow datasets then,
-#: and a dataset's deallocation releases the GIL: taking it back during finalisation ends the thread through a C++
-#: frame, and the process aborts after its work is done ("terminate called without an active exception", exit
-#: -6; about one `fusion serve`-like process in twenty here).
-_caches: weakref.WeakValueDictionary[int, _ThreadCache] = weakref.WeakValueDictionary()  # by id
+#: meant to be shared between threads. And each table's last Arrow dataset (`Store._arrow_dataset`).
+#:
+#: The caches are this module's, by thread (thread -> {"tables": ..., "datasets": ...}), not thread-locals: a
+#: thread's locals are freed by the thread itself as it ends, and a thread ending as the interpreter finalises (a
+#: server's idle worker, stopped as the server stops) would free its Arrow datasets then. A dataset's deallocation
+#: releases the GIL, and taking it back during finalisation ends the thread through a C++ frame: the process
+#: aborted after its work was done ("terminate called without an active exception", exit -6; about one
+#: `fusion serve`-like process in fifteen here). Here an ended thread's caches are freed by a live thread (the next
+#: to make its own), and every cache is dropped at exit, before finalisation, by the exiting thread.
+_caches: dict[int, tuple[threading.Thread, dict[str, dict]]] = {}
 _caches_lock = threading.Lock()
 
 
 def _thread_cache(name: str) -> dict:
     """This thread's cache `name` ("tables" or "datasets"), made on first use."""
-    cache = _open.__dict__.get(name)
-    if cache is None:
-        cache = _open.__dict__[name] = _ThreadCache()
-        with _caches_lock:
-            _caches[id(cache)] = cache
+    thread = threading.current_thread()
+    kept = _caches.get(thread.ident or 0)
+    if kept is not None and kept[0] is thread:
+        return kept[1].setdefault(name, {})
+    with _caches_lock:
+        ended = [ident for ident, (owner, _) in _caches.items() if owner is not thread and not owner.is_alive()]
+        freed = [_caches.pop(ident) for ident in ended]  # freed below, outside the lock
+        _caches[thread.ident or 0] = (thread, {})
+        cache = _caches[thread.ident or 0][1].setdefault(name, {})
+    del freed
     return cache
+
+
+def _forget_caches_after_fork() -> None:
+    """In a forked child: start with no caches, without freeing the parent's (their threads are not here, and
+    their objects' locks may be held by them)."""
+    global _caches, _caches_lock
+    _forked_away.append(_caches)
+    _caches, _caches_lock = {}, threading.Lock()
+
+
+_forked_away: list[object] = []
+os.register_at_fork(after_in_child=_forget_caches_after_fork)
 
 
 @atexit.register
 def _empty_thread_caches() -> None:
     """Drop every thread's cached tables and datasets at exit, from this thread, before finalisation begins."""
     with _caches_lock:
-        caches = list(_caches.values())
+        caches = [c for _, c in _caches.values()]
     for cache in caches:
-        cache.clear()
+        for kept in list(cache.values()):
+            kept.clear()
 
 
 #: A data file of a table's snapshot as found now: (path, size in bytes, modification time in ns), size and time -1
@@ -552,7 +561,7 @@ class Store:
         time (`DataFile`); none for a table not created yet. What a reader that keeps results per table version
         adds to its key, so that a file rewritten in place is not read as the version's."""
         path = self.table_path(name)
-        kept = _open.__dict__.get("tables", {}).get(path) if self.uri is None else None
+        kept = _thread_cache("tables").get(path) if self.uri is None else None
         if kept is not None and version is not None and kept[1].version() == version:
             table = kept[1]  # this thread's table, at that version already: no need to read its log again
         else:

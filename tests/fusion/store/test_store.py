@@ -580,3 +580,27 @@ def test_every_threads_cached_tables_and_datasets_are_dropped_at_exit(store: Sto
     thread.join(10)
     assert seen["after"] == (0, 0)
     assert all(ref() is None for ref in seen["datasets"])  # type: ignore[attr-defined]
+
+
+def test_an_ended_threads_caches_are_freed_by_a_live_thread_not_by_the_ending_one(store: Store) -> None:
+    """The thread that ends frees nothing of its caches (it may be ending as the interpreter finalises); the next
+    thread to make its own caches frees an ended thread's."""
+    import weakref
+
+    from fusion.store import delta
+
+    store.insert_new("releases", release_rows("r-1", range(3)))
+    refs: list[weakref.ref[object]] = []
+
+    def worker() -> None:
+        store.read("releases")
+        refs.extend(weakref.ref(kept[3]) for kept in delta._thread_cache("datasets").values())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(10)
+    assert refs and all(ref() is not None for ref in refs)  # still held: the ended thread freed nothing
+    later = threading.Thread(target=lambda: delta._thread_cache("tables"))
+    later.start()
+    later.join(10)
+    assert all(ref() is None for ref in refs)
