@@ -14,6 +14,7 @@ import pyarrow as pa
 from fusion.errors import ReleaseRefused
 from fusion.release.plan import ReleasePlan
 from fusion.store.delta import Store
+from fusion.store.failures import check_writable, store_failures
 from fusion.store.ledger import BudgetExceeded, BudgetLedger
 from fusion.store.mode import bind_store_mode
 from pipelines.release import ReleaseOutcome, audit_event, audit_row, charge_record, release
@@ -101,7 +102,28 @@ def run_batch(
     nothing more).
 
     An institution without feed files for the interval, or (unless `accept_rejects`) above its max_reject_rate,
-    seals nothing and is absent: the release goes ahead if the quorum holds, and fails saying why otherwise."""
+    seals nothing and is absent: the release goes ahead if the quorum holds, and fails saying why otherwise.
+
+    A store that cannot be written (read-only, full, not a directory) is refused before anything is sealed, and
+    one that fails later stops the run with a `StoreUnavailable` naming it: what was sealed is released, and
+    charged, once by the next run."""
+    with store_failures(plan.config.store_path):
+        check_writable(plan.config.store_path)
+        return _run_batch(
+            plan, beam_args=beam_args, on_stage=on_stage, in_process=in_process, accept_rejects=accept_rejects,
+            workers=workers,
+        )
+
+
+def _run_batch(
+    plan: ReleasePlan,
+    *,
+    beam_args: Sequence[str],
+    on_stage: Callable[[str], None],
+    in_process: bool | None,
+    accept_rejects: bool,
+    workers: int | None,
+) -> BatchSummary:
     store = Store(plan.config.store_path)
     store.ensure_tables()
     bind_store_mode(store, plan.config.privacy.mode)  # before any work: the release step checks it again
@@ -156,6 +178,7 @@ def run_batch(
     if aggregated["status"] != "aggregated":
         raise ReleaseRefused(f"aggregation did not complete: {aggregated}")
     on_stage("release")
+    check_writable(plan.config.store_path)  # again: the work above may have taken long
     outcome: ReleaseOutcome = release(plan, store)
     prune_after_release(plan.config, store)
     return BatchSummary(

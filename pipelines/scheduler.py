@@ -42,6 +42,7 @@ from fusion.runtime.schedule import (
     next_fire,
 )
 from fusion.store.delta import Store
+from fusion.store.failures import check_writable, store_failures
 from fusion.store.mode import bind_store_mode
 from fusion.store.runs import Claim, Outcome, RunLog
 from pipelines.batch import run_batch
@@ -271,9 +272,11 @@ class Scheduler:
         self.sleep = sleep or self.stop_event.wait
         self.beam_args = tuple(beam_args)
         self.on_result = on_result
-        self.log = RunLog(Store(config.store_path))
-        self.log.store.ensure_tables()
-        bind_store_mode(self.log.store, config.privacy.mode)  # refused at start, not attempt by attempt
+        with store_failures(config.store_path):  # a store that cannot be written: one line naming it
+            check_writable(config.store_path)
+            self.log = RunLog(Store(config.store_path))
+            self.log.store.ensure_tables()
+            bind_store_mode(self.log.store, config.privacy.mode)  # refused at start, not attempt by attempt
 
     def stop(self) -> None:
         """Finish the current attempt, then return from `run` (or `run_due`) without starting another."""
@@ -285,7 +288,14 @@ class Scheduler:
         return self.stop_event.is_set()
 
     def run_due(self) -> tuple[list[RunResult], datetime]:
-        """One pass: every due interval of every schedule. Returns the results and when to look again."""
+        """One pass: every due interval of every schedule. Returns the results and when to look again. A store
+        that cannot be written stops the pass, before it claims anything where it can, with a `StoreUnavailable`
+        naming it; an attempt it stopped midway is taken over as a crashed runner's is."""
+        with store_failures(self.config.store_path):
+            check_writable(self.config.store_path)
+            return self._run_due()
+
+    def _run_due(self) -> tuple[list[RunResult], datetime]:
         results: list[RunResult] = []
         self.log.store.compact("runs")  # a few files an attempt: reading it is every pass's first step
         now = self.now()
@@ -360,15 +370,18 @@ def backfill(
     open would be released without its late readings, and an institution seals each interval once, ever."""
     check_backfill_end(schedule, end, now())
     runner = runner or default_runner_id()
-    store = Store(config.store_path)
-    store.ensure_tables()
-    bind_store_mode(store, config.privacy.mode)
     results = []
-    for interval in grid(schedule, start, end):
-        store.compact("runs")
-        result = run_interval(config, schedule, interval, runner=runner, now=now, manual=True, beam_args=beam_args)
-        results.append(result)
-        on_result(result)
+    with store_failures(config.store_path):  # a store that cannot be written: one line naming it
+        check_writable(config.store_path)
+        store = Store(config.store_path)
+        store.ensure_tables()
+        bind_store_mode(store, config.privacy.mode)
+        for interval in grid(schedule, start, end):
+            store.compact("runs")
+            result = run_interval(config, schedule, interval, runner=runner, now=now, manual=True,
+                                  beam_args=beam_args)
+            results.append(result)
+            on_result(result)
     return results
 
 

@@ -226,6 +226,7 @@ class StreamDriver:
         grid = adopt_grid(self.state, size=config.stream_window, grid_start=self.grid_start, state_dir=str(self._root))
         if created or grid:
             save_state(self._state_file, self.state)
+        check_writable(config.store_path)  # a store path that is a file, or read-only, refused in one line
         self._store = Store(config.store_path)
         self._store.ensure_tables()
         bind_store_mode(self._store, config.privacy.mode)  # refused at start, not at the first window

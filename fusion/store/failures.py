@@ -3,21 +3,24 @@
 Delta Lake reports an operating-system error of its files as a `DeltaError` quoting it ("... Read-only file system
 (os error 30)"), and its Rust writer prints a panic of its own to stderr when a write fails; Python's own file
 calls raise an `OSError` with an errno. Either way the user should read which store failed and why, not a
-traceback: `store_failure` turns such an error into a `StoreUnavailable`, and `check_writable` finds a store that
-cannot take a write before Delta is asked to write to it.
+traceback: `store_failure` turns such an error into a `StoreUnavailable` (`store_failures` around a block of a
+command's work), and `check_writable` finds a store that cannot take a write before Delta is asked to write to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError, TableNotFoundError
 
 from fusion.errors import FusionError
+from schemas.tables import TABLE_SCHEMAS
 
 #: How Delta Lake's messages quote an operating-system error.
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
@@ -58,22 +61,52 @@ def _under(filename: object, store: str) -> bool:
     return path == root or root in path.parents
 
 
+@contextlib.contextmanager
+def store_failures(store: str) -> Iterator[None]:
+    """Within it, an operating-system error of `store`'s files (`store_failure`) is raised as the
+    `StoreUnavailable` naming it; any other error as it was."""
+    try:
+        yield
+    except (OSError, DeltaError) as exc:
+        failure = store_failure(exc, store)
+        if failure is not None:
+            raise failure from exc
+        raise
+
+
 def check_writable(store: str) -> None:
-    """Refuse a local store that cannot take a write now (read-only, no space left) before Delta writes to it: a
-    small file is written, synced and removed in its directory. An object store is left to its first write."""
+    """Refuse a local store that cannot take a write now (read-only, no space left, not a directory) before Delta
+    writes to it: a small file is written, synced and removed in its directory, and an empty one made and removed
+    in each of its tables' directories and logs, where Delta writes (one made read-only fails Delta's writer with
+    a panic of its own). A store not made yet gets its directory, as Delta's first write would make it. An object
+    store is left to its first write."""
     if "://" in store:
         return
-    probe = Path(store) / f".fusion-write-check-{os.getpid()}-{secrets.token_hex(4)}"
+    root = Path(store)
     try:
-        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(descriptor, b"\0" * 4096)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-            probe.unlink(missing_ok=True)
+        if not root.exists():
+            root.mkdir(parents=True, exist_ok=True)
+        _probe(root, size=4096)
+        for name in TABLE_SCHEMAS:
+            for directory in (root / name, root / name / "_delta_log"):
+                if os.path.lexists(directory):  # a file there, where Delta needs a directory, is refused too
+                    _probe(directory, size=0)
     except OSError as exc:
         raise StoreUnavailable(_message(store, exc.errno or errno.EIO)) from exc
 
 
-__all__ = ["StoreUnavailable", "check_writable", "store_failure"]
+def _probe(directory: Path, *, size: int) -> None:
+    """Make a file of `size` bytes in `directory` (synced when not empty, so a full disk says so now), then remove
+    it."""
+    probe = directory / f".fusion-write-check-{os.getpid()}-{secrets.token_hex(4)}"
+    descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if size:
+            os.write(descriptor, b"\0" * size)
+            os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+        probe.unlink(missing_ok=True)
+
+
+__all__ = ["StoreUnavailable", "check_writable", "store_failure", "store_failures"]

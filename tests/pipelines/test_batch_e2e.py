@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import replace
 
 import duckdb
@@ -171,6 +172,38 @@ def test_rerun_of_an_interval_does_not_duplicate(make_federation):
     assert run_batch(plan).status == "already_released"
     assert release(plan, Store(fed.config.store_path)).status == "already_released"
     assert Store(fed.config.store_path).read("releases").num_rows == before
+
+
+def test_a_store_failing_mid_release_stops_the_batch_in_one_line_and_the_next_run_releases_once(
+    make_federation: Callable[..., Federation], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk turns read-only once the institutions have sealed: Delta's error (and its writer's panic) became
+    one line naming the store, and the run stops where a kill would; the next run releases what was sealed, once,
+    charged once."""
+    from deltalake.exceptions import DeltaError
+    from deltalake.table import TableMerger
+
+    from fusion.store.failures import StoreUnavailable
+
+    fed = make_federation(noise=True)
+    plan = plan_release(fed.config, START, END)
+    store = fed.config.store_path
+
+    def read_only(self: TableMerger) -> dict[str, object]:
+        raise DeltaError(f"Generic LocalFileSystem error: Unable to open file {store}/budget/part-0.parquet: "
+                         "Read-only file system (os error 30)")
+
+    monkeypatch.setattr(TableMerger, "execute", read_only)  # the budget ledger's charge, the release's first write
+    with pytest.raises(StoreUnavailable) as raised:
+        run_batch(plan)
+    assert str(raised.value).startswith(f"the store {store} cannot be used now: Read-only file system (os error 30).")
+    assert "\n" not in str(raised.value) and Store(store).read("releases").num_rows == 0
+    monkeypatch.undo()
+    summary = run_batch(plan)
+    assert summary.status == "released" and summary.envelopes == len(fed.config.institutions)
+    (budget,) = Store(store).read("budget").to_pylist()
+    assert budget["release_ids"] == [plan.key.release_id]
+    assert Store(store).read("releases").num_rows == plan.layout.cells
 
 
 def unmask_and_aggregate(plan: ReleasePlan) -> dict:

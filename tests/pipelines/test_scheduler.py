@@ -233,6 +233,59 @@ def test_a_release_committed_by_an_attempt_killed_before_it_said_so_is_recorded_
     ]
 
 
+def test_schedule_once_on_a_store_it_cannot_write_fails_in_one_line_and_claims_nothing(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file where the `runs` table's directory should be (a write refused as root too): Delta's error and a
+    traceback became one line naming the store, before any interval is claimed; once the store is writable again
+    the next pass releases the interval."""
+    fed = scheduled(make_federation)
+    Store(fed.config.store_path).ensure_tables()
+    table = Path(fed.config.store_path) / "runs"
+    table.rename(table.with_name("runs-away"))
+    table.write_text("")
+    once = ["schedule", "--config", str(fed.config_path), "--once", "--runner-id", "r", "--now",
+            (START + H + 5 * MINUTE).isoformat()]
+    assert main(once) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert said.startswith(f"error: the store {fed.config.store_path} cannot be used now: Not a directory"), said
+    table.unlink()
+    table.with_name("runs-away").rename(table)
+    assert runs(fed) == []
+    assert main(once) == 0
+    assert_released_once(fed, 1)
+
+
+def test_a_store_failing_as_an_attempt_is_recorded_stops_the_pass_in_one_line_and_the_next_takes_it_over(
+    make_federation: Callable[..., Federation], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills between an attempt's release and the row that records it: the pass stops with one line
+    naming the store, not Delta's error; the claim left running is taken over once its lease ends, and the
+    interval is recorded released, released and charged once."""
+    from deltalake.exceptions import DeltaError
+
+    from fusion.store.failures import StoreUnavailable
+
+    fed = scheduled(make_federation)
+    store = fed.config.store_path
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise DeltaError(f"Generic LocalFileSystem error: Unable to write {store}/runs/x: No space left on device "
+                         "(os error 28)")
+
+    clock = Clock(START + H + 5 * MINUTE)
+    scheduler = Scheduler(fed.config, runner="r", now=clock.now, sleep=clock.sleep)
+    monkeypatch.setattr(RunLog, "finish", full)
+    with pytest.raises(StoreUnavailable, match=rf"^the store {store} cannot be used now: No space left on device"):
+        scheduler.run_due()
+    monkeypatch.undo()
+    assert [r["status"] for r in runs(fed)] == ["running"]
+    clock.at += 11 * MINUTE  # past the claim's lease
+    scheduler.run_due()
+    assert_released_once(fed, 1)
+    assert [(r["attempt"], r["status"]) for r in runs(fed)] == [(1, "failed"), (2, "released")]
+
+
 def test_concurrent_schedulers_never_release_an_interval_twice(make_federation: Callable[..., Federation]) -> None:
     fed = scheduled(make_federation)
     now = START + 2 * H + 5 * MINUTE  # [00:00, 01:00) and [01:00, 02:00) are due

@@ -114,6 +114,44 @@ def test_bad_arguments_on_a_good_config_fail_in_one_line(
     _one_clear_line(code, output, argv)
 
 
+STORE_COMMANDS = [
+    ["batch", "--start", "2026-01-01T00:00", "--end", "2026-01-02T00:00"],
+    ["schedule", "--once"],
+    ["backfill", "--from", "2026-01-01T00:00", "--to", "2026-01-02T00:00"],
+    ["stream", "--drain", "--until", "2026-01-01T02:00"],
+]
+
+
+@pytest.mark.parametrize("where", ["the store", "the store's parent", "a table's directory"])
+@pytest.mark.parametrize("command", STORE_COMMANDS, ids=lambda c: c[0])
+def test_a_store_that_cannot_be_written_fails_in_one_line_naming_it(
+    where: str, command: list[str], demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file where the store, or one of its tables, needs a directory (it refuses a write as root too, unlike a
+    read-only directory): Delta's error, its writer's panic and a traceback became one line naming the store and
+    the cause, before anything is sealed, claimed or released."""
+    import shutil
+
+    directory = tmp_path / "demo"
+    shutil.copytree(demo.parent, directory)
+    config = directory / "federation.toml"
+    store = {"the store": directory / "a-file", "the store's parent": directory / "a-file" / "store",
+             "a table's directory": directory / "store"}[where]
+    (directory / "a-file").write_text("")
+    if where == "a table's directory":
+        store.mkdir()
+        (store / "budget").write_text("")
+    schedule = '[[schedules]]\nname = "daily"\ncron = "5 0 * * *"\ninterval = "1d"\nstart = 2026-01-01T00:00:00Z\n'
+    config.write_text(config.read_text().replace('store = "store"', f'store = "{store}"') + schedule)
+    argv = [command[0], "--config", str(config), *command[1:]]
+    code, output = _run(argv, capsys)
+    _one_clear_line(code, output, argv)
+    said = " ".join(output.split())
+    assert f"error: the store {store} cannot be used now: Not a directory (os error 20)." in said, said
+    exchange = {path.name for path in (directory / "exchange").iterdir()}
+    assert exchange == {path.name for path in (demo.parent / "exchange").iterdir()}  # nothing sealed
+
+
 def test_demo_into_a_file_or_a_foreign_directory_fails_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

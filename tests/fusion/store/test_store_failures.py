@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from deltalake.exceptions import CommitFailedError, DeltaError
 
-from fusion.store.failures import StoreUnavailable, check_writable, store_failure
+from fusion.store.failures import StoreUnavailable, check_writable, store_failure, store_failures
 
 
 def test_an_operating_system_error_of_the_store_names_the_store_and_the_error(tmp_path: Path) -> None:
@@ -43,3 +43,30 @@ def test_a_store_that_cannot_take_a_write_is_refused_before_delta_writes_to_it(t
     not_a_directory.write_text("")
     with pytest.raises(StoreUnavailable, match=rf"the store {not_a_directory} cannot be used now: Not a directory"):
         check_writable(str(not_a_directory))
+
+
+def test_a_table_directory_delta_cannot_write_into_is_refused_too(tmp_path: Path) -> None:
+    """Delta writes a table's data files in its directory and its commits in `_delta_log`: one of them read-only
+    (here a file where a table's directory should be, which refuses a write as root too) fails Delta's writer with
+    a panic of its own, so it is refused first. A store not made yet gets its directory, parents and all."""
+    store = tmp_path / "new" / "store"
+    check_writable(str(store))
+    assert store.is_dir() and list(store.iterdir()) == []
+    (store / "budget" / "_delta_log").mkdir(parents=True)
+    check_writable(str(store))
+    assert list(store.rglob("*")) == [store / "budget", store / "budget" / "_delta_log"]  # nothing left behind
+    (store / "runs").write_text("")
+    with pytest.raises(StoreUnavailable, match=rf"^the store {store} cannot be used now: Not a directory \(os error"):
+        check_writable(str(store))
+    under_a_file = store / "runs" / "store"
+    with pytest.raises(StoreUnavailable, match=rf"^the store {under_a_file} cannot be used now: Not a directory"):
+        check_writable(str(under_a_file))
+
+
+def test_store_failures_raises_the_stores_operating_system_errors_as_one_line_naming_it(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    full = rf"^the store {store} cannot be used now: No space left on device"
+    with pytest.raises(StoreUnavailable, match=full), store_failures(store):
+        raise DeltaError(f"Generic LocalFileSystem error: Unable to write {store}/runs/x: (os error 28)")
+    with pytest.raises(CommitFailedError), store_failures(store):  # any other error as it was
+        raise CommitFailedError("version already exists")
