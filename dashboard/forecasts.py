@@ -1,6 +1,8 @@
-"""The Forecasts view: one series' recent releases with their 95% intervals, its latest forecast (forecasting/,
-the `forecasts` table) with the 95% bands of the true value and of the next noisy release, and the scores of the
-forecasts and backtests once their windows were released (`forecast_scores`)."""
+"""The Forecasts view: one series' recent releases with their 95% intervals (read as its forecasts read them,
+forecasting.series.released_points: where a release-signing key is registered, only releases `fusion verify` calls
+verified or legacy), its latest forecast (forecasting/, the `forecasts` table) with the 95% bands of the true value
+and of the next noisy release, and the scores of the forecasts and backtests once their windows were released
+(`forecast_scores`)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ from pydantic import BaseModel
 
 from dashboard import params
 from dashboard.formatting import finite
+from dashboard.provenance import unverified
 from dashboard.snapshot import Snapshot
-from fusion.config.forecasting import MAX_HORIZON_WINDOWS, SERIES_COLUMNS, Statistic
+from forecasting.series import SeriesKey, released_points
+from forecasting.trust import left_out, with_status
+from fusion.config.forecasting import MAX_HORIZON_WINDOWS, Statistic
 
 #: The statistics forecast (fusion/store/forecast_queries.py).
 STATISTICS = ("mean", "sum", "count")
@@ -20,8 +25,6 @@ STATISTICS = ("mean", "sum", "count")
 SERIES = ("released", "forecast: true value", "forecast: next release")
 #: Released history shown before the forecast's origin.
 HISTORY_DAYS = 7
-#: The 95% normal quantile: a released value's band is value -+ Z95 x its noise sd.
-Z95 = 1.959963984540054
 
 
 class ForecastWindow(BaseModel):
@@ -83,6 +86,8 @@ class ForecastsView(BaseModel):
     released: list[ReleasedPoint]  # the series' releases from HISTORY_DAYS before the origin
     scores: list[Score]  # this series'
     note: str | None = None
+    skipped_releases: dict[str, str] = {}  # releases of `released`'s span left out as not verified: their status
+    left_out: str | None = None  # what the page says of them, as `fusion forecast` says it
 
 
 def forecast_choices(snapshot: Snapshot) -> dict[str, dict[str, dict[str, str]]]:
@@ -120,13 +125,18 @@ def forecasts_view(snapshot: Snapshot, *, metric: str | None = None, region: str
     rows = _latest(snapshot, chosen_metric, chosen_region, chosen_stat)
     first = rows[0]
     windows = [ForecastWindow(**{k: r[k] for k in ForecastWindow.model_fields}) for r in rows]
-    released = _released(snapshot, chosen_metric, chosen_region, chosen_stat, since=first["origin"]
-                         - timedelta(days=HISTORY_DAYS), until=max(w.window_end for w in windows))
+    untrusted = unverified(snapshot)
+    points, skipped = released_points(snapshot.store, SeriesKey(chosen_metric, Statistic(chosen_stat), chosen_region),
+                                      since=first["origin"] - timedelta(days=HISTORY_DAYS),
+                                      until=max(w.window_end for w in windows), unverified=untrusted or ())
+    skipped_releases = with_status(skipped, untrusted)
     return view.model_copy(update={
         "unit": first["unit"], "forecast_id": first["forecast_id"], "model": first["model"],
         "model_version": first["model_version"], "issued_at": first["issued_at"], "origin": first["origin"],
-        "calibration_factor": first["calibration_factor"], "windows": windows, "released": released,
+        "calibration_factor": first["calibration_factor"], "windows": windows,
+        "released": [ReleasedPoint(**row) for row in points.to_pylist()],
         "scores": _scores(snapshot, chosen_metric, chosen_region, chosen_stat),
+        "skipped_releases": skipped_releases, "left_out": left_out(skipped_releases) if skipped_releases else None,
     })
 
 
@@ -145,21 +155,6 @@ def _latest(snapshot: Snapshot, metric: str, region: str, statistic: str) -> lis
         f"origin) FROM forecasts WHERE {series} ORDER BY issued_at DESC, origin DESC LIMIT 1) "
         f"ORDER BY window_start LIMIT {MAX_HORIZON_WINDOWS}"
     )
-
-
-def _released(snapshot: Snapshot, metric: str, region: str, statistic: str, *, since: datetime,
-              until: datetime) -> list[ReleasedPoint]:
-    """Each window's latest release of the series' column (as forecasting reads it), where it holds a value."""
-    value, sd = SERIES_COLUMNS[Statistic(statistic)]
-    rows = snapshot.rows(
-        f"SELECT window_start, value, sd, value - {Z95!r} * sd AS low, value + {Z95!r} * sd AS high FROM ("
-        f"SELECT window_start, {value} AS value, {sd} AS sd FROM releases WHERE metric = {params.sql_text(metric)} "
-        f"AND region = {params.sql_text(region)} AND window_start >= {params.sql_time(since)} "
-        f"AND window_start < {params.sql_time(until)} "
-        "QUALIFY row_number() OVER (PARTITION BY window_start ORDER BY released_at DESC, release_id DESC) = 1) "
-        "WHERE value IS NOT NULL ORDER BY window_start"
-    )
-    return [ReleasedPoint(**row) for row in rows]
 
 
 def _scores(snapshot: Snapshot, metric: str, region: str, statistic: str) -> list[Score]:

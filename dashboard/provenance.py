@@ -164,12 +164,23 @@ def _registry_stamp(config: Config) -> int:
         return 0
 
 
+#: Every table verify reads: an edit of any of them must not leave a cached verdict standing.
+VERIFIED_TABLES = ("releases", "audit", "budget", "rejects", "models")
+
+
 def verify_job(config: Config) -> tuple[str, tuple[str, ...], Callable[[Snapshot], Verified]]:
     """The verify report as Snapshot.recent computes it: once per version of the tables it reads (and state of
     their data files) and of the registry (it reads every release's rows: seconds on a large store), and again
     after REVERIFY_S."""
-    # Every table verify reads: an edit of any of them must not leave a cached verdict standing.
-    return f"verify {_registry_stamp(config)}", ("releases", "audit", "budget", "rejects", "models"), _verify
+    return f"verify {_registry_stamp(config)}", VERIFIED_TABLES, _verify
+
+
+def unverified(snapshot: Snapshot) -> dict[str, str] | None:
+    """The releases forecasts leave out (fusion.api.unverified_releases), each with its status; None where no
+    release-signing key is registered. Computed once per version of the tables verify reads and of the registry,
+    and never an earlier one served while the current one is computed: what is drawn must be what is trusted."""
+    return snapshot.cached(f"unverified {_registry_stamp(snapshot.config)}", VERIFIED_TABLES,
+                           lambda shot: api.unverified_releases(shot.config))
 
 
 def _verify(shot: Snapshot) -> Verified:

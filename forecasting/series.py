@@ -5,7 +5,8 @@ and its delta-method SD), the sum `sum` with `sum_sd`, the count `count` with `c
 released, or whose mean was withheld (its count's interval includes 0), is missing (NaN), never zero. Where a
 window was released more than once, the latest release counts. Releases `fusion verify` does not call verified or
 legacy are left out (`unverified`, where a release-signing key is registered): a window released only by them is
-missing, and each series records those it left out.
+missing, and each series records those it left out. What is drawn beside a forecast (`fusion forecast --plot`, the
+dashboard's Forecasts page) is read the same way (`released_points`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from forecasting.intervals import Z95
 from forecasting.models import History
 from forecasting.reads import in_groups, read, read_budget
 from fusion.config.forecasting import SERIES_COLUMNS, Statistic
@@ -97,9 +99,9 @@ def read_series(
     version = store.versions.get("releases")
     if version is None:
         return []
-    trusted = f" AND release_id NOT IN ({', '.join(map(quoted, sorted(unverified)))})" if unverified else ""
+    trusted = _trusted(unverified)
     where = (f"metric IN ({', '.join(map(quoted, metrics))}) AND region IN ({', '.join(map(quoted, regions))})")
-    latest = store.sql(f"SELECT max(window_end) AS t FROM releases WHERE {where}{trusted}").column("t")[0].as_py()
+    latest = latest_release_end(store, where, unverified)
     if latest is None:
         return []
     since = latest - span
@@ -114,9 +116,8 @@ def read_series(
                 store,
                 "SELECT metric, unit, region, window_start, release_id, ratio_mean, mean_sd, sum, sum_sd, count, "
                 f"count_sd FROM releases WHERE metric = {quoted(metric)} AND region IN ({names}) "
-                f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}'{trusted} "
-                "QUALIFY row_number() OVER (PARTITION BY metric, region, window_start ORDER BY released_at DESC, "
-                "release_id DESC) = 1 ORDER BY metric, region, window_start",
+                f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}'{trusted} {_LATEST} "
+                "ORDER BY metric, region, window_start",
                 what=f"the released series of {metric}",
                 settings="history (a backtest: also backtest_origins x backtest_step and the horizon)",
             )
@@ -125,6 +126,49 @@ def read_series(
                     series = _on_grid(SeriesKey(name, statistic, region), rows, step, version)
                     out.append(replace(series, skipped=skipped.get((name, region), ())))
     return sorted(out, key=lambda s: s.key)
+
+
+#: Which release of a window a series holds: its latest (by release time, then id).
+_LATEST = ("QUALIFY row_number() OVER (PARTITION BY metric, region, window_start ORDER BY released_at DESC, "
+           "release_id DESC) = 1")
+
+
+def _trusted(unverified: Collection[str]) -> str:
+    """The condition, after a WHERE on `releases`, that leaves out the releases named in `unverified`."""
+    return f" AND release_id NOT IN ({', '.join(map(quoted, sorted(unverified)))})" if unverified else ""
+
+
+def latest_release_end(store: FusedStore, where: str, unverified: Collection[str] = ()) -> datetime | None:
+    """The end of the latest window released under `where` (a condition on `releases`), releases of `unverified`
+    left out; None where there is none."""
+    found = store.sql(f"SELECT max(window_end) AS t FROM releases WHERE {where}{_trusted(unverified)}")
+    latest: datetime | None = found.column("t")[0].as_py()
+    return latest
+
+
+def released_points(
+    store: FusedStore,
+    key: SeriesKey,
+    *,
+    since: datetime,
+    until: datetime | None = None,
+    unverified: Collection[str] = (),
+) -> tuple[pa.Table, tuple[str, ...]]:
+    """One series' releases from `since` (to `until`) as its forecasts read them, for drawing beside them: the
+    same releases left out (`unverified`), the same release of each window (the latest), its column (COLUMNS):
+    window_start, value and sd, low and high (value -+ Z95 sd), a window whose release withheld the value left out.
+    And the releases of `unverified` left out there, as `Series.skipped` names them."""
+    value, sd = COLUMNS[key.statistic]
+    where = f"metric = {quoted(key.metric)} AND region = {quoted(key.region)}"
+    where += f" AND window_start < TIMESTAMPTZ '{until.isoformat()}'" if until is not None else ""
+    points = store.sql(
+        f"SELECT window_start, value, sd, value - {Z95!r} * sd AS low, value + {Z95!r} * sd AS high FROM ("
+        f"SELECT window_start, {value} AS value, {sd} AS sd FROM releases WHERE {where} "
+        f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}'{_trusted(unverified)} {_LATEST}) "
+        "WHERE value IS NOT NULL ORDER BY window_start"
+    )
+    skipped = _skipped(store, where, since, unverified) if unverified else {}
+    return points, skipped.get((key.metric, key.region), ())
 
 
 def _skipped(store: FusedStore, where: str, since: datetime, unverified: Collection[str]) -> dict[Any, tuple[str, ...]]:
@@ -175,4 +219,4 @@ def _on_grid(key: SeriesKey, rows: pa.Table, step: timedelta, version: int) -> S
     return Series(key, unit, first, step, values, variances, release_ids, version)
 
 
-__all__ = ["COLUMNS", "Series", "SeriesKey", "quoted", "read_series"]
+__all__ = ["COLUMNS", "Series", "SeriesKey", "latest_release_end", "quoted", "read_series", "released_points"]

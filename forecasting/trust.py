@@ -4,7 +4,7 @@ forecasting.series leaves out); what a forecast's params and a run's output say 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from forecasting.series import Series
@@ -29,7 +29,19 @@ def trust_record(series: Series, unverified: dict[str, str] | None) -> dict[str,
 
 def skipped_releases(found: Sequence[Series], unverified: dict[str, str] | None) -> dict[str, str]:
     """The unverified releases the series read left out, with their status."""
-    return {name: (unverified or {}).get(name, "unverified") for s in found for name in s.skipped}
+    return with_status([name for s in found for name in s.skipped], unverified)
 
 
-__all__ = ["listed", "skipped_releases", "trust_record"]
+def with_status(names: Iterable[str], unverified: dict[str, str] | None) -> dict[str, str]:
+    """Releases left out (`Series.skipped`, forecasting.series.released_points), each with its status."""
+    return {name: (unverified or {}).get(name, "unverified") for name in names}
+
+
+def left_out(skipped: dict[str, str], most: int | None = None) -> str:
+    """How a run, a plot or a page names the releases it left out: 'left out 2 release(s) that `fusion verify`
+    does not call verified or legacy: r-a (tampered), r-b (missing)', every one named, or at most `most`."""
+    return (f"left out {len(skipped)} release(s) that `fusion verify` does not call verified or legacy: "
+            f"{listed(skipped, len(skipped) if most is None else most)}")
+
+
+__all__ = ["left_out", "listed", "skipped_releases", "trust_record", "with_status"]

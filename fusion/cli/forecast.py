@@ -87,10 +87,9 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 def _report_skipped(skipped: dict[str, str], output: str) -> None:
     """Name the releases left out as not verified (on stderr beside CSV or JSON, which stay clean)."""
     if skipped:
-        names = ", ".join(f"{name} ({status})" for name, status in sorted(skipped.items()))
-        (console if output == "table" else err_console).print(
-            f"left out {len(skipped)} release(s) that `fusion verify` does not call verified or legacy: {names}"
-        )
+        from forecasting.trust import left_out
+
+        (console if output == "table" else err_console).print(left_out(skipped))
 
 
 def _statistics(args: argparse.Namespace) -> list[Statistic] | None:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import html
+import urllib.request
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from dashboard.forecasts import Z95, forecasts_view
+from dashboard.forecasts import forecasts_view
 from dashboard.snapshot import Snapshot, VersionCache
-from forecasting.plot import released
-from fusion.api import open_store
+from forecasting.intervals import Z95
+from forecasting.plot import plotted
 from fusion.config.federation import load_config
-from fusion.config.forecasting import MAX_HORIZON_WINDOWS, Statistic
+from fusion.config.forecasting import MAX_HORIZON_WINDOWS
 from fusion.store.delta import Store
 from tests.conftest import START, config_text
 from tests.dashboard.rows import add_forecast
@@ -59,6 +61,56 @@ def test_the_releases_drawn_are_what_was_forecast_and_scored(tmp_path: Path) -> 
     assert all(p.sd == 0.25 for p in view.released)
     assert view.released[0].low == pytest.approx(-3.0 - Z95 * 0.25)
     assert view.released[0].high == pytest.approx(-3.0 + Z95 * 0.25)
-    with open_store(config) as opened:
-        plotted = released(opened, "temp", "north", Statistic.MEAN, START).to_pylist()
-    assert [(p["value"], p["low"], p["high"]) for p in plotted] == [(p.value, p.low, p.high) for p in view.released]
+    drawn = plotted(config, "temp", "north", days=2).releases.to_pylist()
+    assert [(p["value"], p["low"], p["high"]) for p in drawn] == [(p.value, p.low, p.high) for p in view.released]
+
+
+def test_only_the_releases_forecasts_read_are_drawn_and_those_left_out_are_named(tmp_path: Path) -> None:
+    """Forecasts read only the releases `fusion verify` calls verified or legacy; the page (and its JSON) and
+    `fusion forecast --plot` drew every release beside them: a signed release rewritten after it was signed, and
+    rows released later under an unsigned id, replaced the values forecast. They are left out of what is drawn
+    too, each window drawn from its latest release that verifies (or not at all), and named as forecasts name
+    them."""
+    import json
+
+    import numpy as np
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    from dashboard.server import running
+    from fusion.api import forecast
+    from fusion.keys.registry import create_key_holder_key
+    from tests.conftest import publish_signed
+    from tests.forecasting.conftest import federation, release_table, released
+
+    fed = federation(tmp_path, forecasting='horizon = "24h"')
+    hours = np.arange(4 * 24)
+    rows = release_table(hours, released(hours, 1.0, seed=1), np.ones(hours.size))  # a release a day
+    create_key_holder_key(fed.config)
+    publish_signed(fed.config, fed.store, rows)
+    DeltaTable(fed.store.table_path("releases")).update(  # the third day's release, rewritten after it was signed
+        updates={"ratio_mean": "ratio_mean + 30"}, predicate="release_id = 'r-temp-20260103'")
+    last = rows.slice(3 * 24)
+    unsigned = last.set_column(0, "release_id", pa.array(["r-unsigned"] * 24)).set_column(
+        last.schema.get_field_index("ratio_mean"), "ratio_mean", pc.add(last["ratio_mean"], 30.0)).set_column(
+        last.schema.get_field_index("released_at"), "released_at",
+        pc.add(last["released_at"], pa.scalar(timedelta(hours=1), pa.duration("us"))))
+    fed.store.insert_new("releases", unsigned)
+    run = forecast(fed.path)
+    assert run.skipped_releases == {"r-temp-20260103": "tampered", "r-unsigned": "tampered"}
+    trusted = [(start, value) for start, value, day in zip(
+        rows["window_start"].to_pylist(), rows["ratio_mean"].to_pylist(), rows["release_id"].to_pylist(),
+        strict=True) if day != "r-temp-20260103"]  # the fourth day from its signed release
+    said = ("left out 2 release(s) that `fusion verify` does not call verified or legacy: r-temp-20260103 "
+            "(tampered), r-unsigned (tampered)")
+    with running(fed.config) as url:
+        with urllib.request.urlopen(url + "/api/forecasts", timeout=30) as answer:
+            view = json.loads(answer.read())
+        with urllib.request.urlopen(url + "/forecasts", timeout=30) as answer:
+            page = answer.read().decode()
+    assert [(datetime.fromisoformat(p["window_start"]), p["value"]) for p in view["released"]] == trusted
+    assert view["skipped_releases"] == run.skipped_releases and view["left_out"] == said
+    assert said in html.unescape(page)
+    drawn = plotted(fed.config, "temp", "north", days=4)
+    assert [(p["window_start"], p["value"]) for p in drawn.releases.to_pylist()] == trusted
+    assert drawn.skipped == run.skipped_releases

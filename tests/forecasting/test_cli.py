@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from forecasting.plot import plotted
 from forecasting.refresh import refresh_forecasts
 from fusion.api import forecast
 from fusion.cli.core import main
@@ -115,6 +116,9 @@ def test_releases_that_do_not_verify_are_left_out_and_named(tmp_path: Path, caps
     code, out = run(["forecast", "--config", str(fed.path), "--format", "csv"], capsys)
     assert code == 0 and "left out 1 release(s) that `fusion verify` does not call verified or legacy: r-forged " \
         "(tampered)" in " ".join(out.split()), out
+    shown = plotted(fed.config, "temp", "north", days=4)  # what `--plot` draws: the releases forecast, not r-forged's
+    assert shown.releases["value"].to_pylist() == pytest.approx(rows["ratio_mean"].to_pylist())
+    assert shown.skipped == {"r-forged": "tampered"}
 
 
 def test_a_horizon_past_the_bound_writes_nothing(fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
