@@ -48,6 +48,7 @@ from training.trainer import (
     Institution,
     TrainingSettings,
     accuracy,
+    budget_for,
     build_model,
     flat_parameters,
     load_parameters,
@@ -205,11 +206,12 @@ def run_demo(directory: Path, seed: int) -> dict[str, Any]:
         end=end,
     )
     generators = {i: secure_generator() for i in training}
+    charge = terms.charge(budget_for(settings, flat_parameters(build_model(width, 3, settings.hidden, seed)).size))
     began = time.perf_counter()
     last = train_into_store(
         Store(config.store_path),
         settings,
-        ExchangeFederation(config, start, end),
+        ExchangeFederation(config, start, end, charge=charge),
         training,
         classes=3,
         terms=terms,

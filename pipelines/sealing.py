@@ -1,8 +1,9 @@
 """An institution's sealing records: the envelope it sealed for an interval (kept, so a rerun sends the same one
 and no party ever sees two noisy versions of an interval), the refusal of an interval that overlaps one already
 sealed, the refusal at entity level of an interval that would take its privacy period past the epsilon cap (by the
-institution's own records of what each interval it sealed costs), and its noise drawn as layers, with the seed of
-the removable layer kept until the unmask round has used it (privacy/noise_shares.py)."""
+institution's own records of what each interval it sealed costs; training rounds hold the cap by the same records:
+training/kept_updates.py), and its noise drawn as layers, with the seed of the removable layer kept until the
+unmask round has used it (privacy/noise_shares.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from fusion.config.federation import InstitutionConfig
+from fusion.config.federation import Config, InstitutionConfig
 from fusion.errors import FusionError, InternalError, ReleaseRefused
 from fusion.keys.registry import read_private, write_private
 from fusion.release.exchange import ReleaseKey
-from fusion.release.plan import ReleasePlan, plan_release
+from fusion.release.plan import Period, ReleasePlan, plan_release
 from fusion.store.ledger import BudgetExceeded
-from privacy.accountant import Composition, ReleaseCharge, period_loss
+from privacy.accountant import Composition, NormBoundMechanism, ReleaseCharge, period_loss
 from privacy.noise_shares import SEED_BYTES, chain_seeds, layer_commitment, layer_noise, noise_digest
 from privacy.pld import SkellamMechanism
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
@@ -42,8 +44,15 @@ def _short_hash(text: str) -> str:
 KEEP_SEALED = timedelta(days=7)
 
 
-def _sealed_dir(plan: ReleasePlan, institution: InstitutionConfig) -> Path:
-    return Path(plan.config.institution_keys_path(institution)) / "sealed"
+def _sealed_dir(config: Config, institution: InstitutionConfig) -> Path:
+    return Path(config.institution_keys_path(institution)) / "sealed"
+
+
+def contributions_lock(config: Config, institution: InstitutionConfig) -> AbstractContextManager[None]:
+    """An exclusive lock on the institution's records of what it contributed (its seal records, and its training
+    rounds' records): a contribution is checked against its period's cap and recorded under it, so two
+    contributions racing to seal cannot both pass the cap."""
+    return _sealing_lock(_sealed_dir(config, institution))
 
 
 def _read_record(record: Path, institution: InstitutionConfig) -> dict[str, Any]:
@@ -61,7 +70,7 @@ def sealed_envelope(plan: ReleasePlan, institution: InstitutionConfig) -> bytes 
     re-published, never a second draw of noise (averaging several would wear the noise away); a second release
     of the same interval under other parameters is refused, and so is sealing again once the copy is pruned.
     """
-    record = _sealed_dir(plan, institution) / f"{plan.key.interval_name}.json"
+    record = _sealed_dir(plan.config, institution) / f"{plan.key.interval_name}.json"
     if not record.exists():
         refuse_overlap(plan, institution)
         refuse_past_cap(plan, institution)
@@ -88,7 +97,7 @@ def refuse_overlap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
     noise on the first hour's readings; whoever decrypts both, the ledger's charges notwithstanding, could
     average the draws.) A federation releases one grid of intervals: a schedule's, or the stream's windows.
     The refusal is final (ReleaseRefused): the scheduler records it as skipped, the stream as a refused window."""
-    directory = _sealed_dir(plan, institution)
+    directory = _sealed_dir(plan.config, institution)
     if not directory.is_dir():
         return
     own = plan.key.interval_name
@@ -117,15 +126,7 @@ def refuse_past_cap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
     own = plan.params.charge(plan.key.start, plan.key.end)
     if own.composition is not Composition.SEQUENTIAL or own.mechanism is None:
         return
-    directory = _sealed_dir(plan, institution)
-    sealed: list[ReleaseCharge] = []
-    if directory.is_dir():
-        for record in sorted(directory.glob("*.json")):
-            span = _interval_span(record.stem)
-            if record.stem == plan.key.interval_name or span is None:
-                continue
-            if span[0] < plan.period.end and plan.period.start < span[1]:  # in the period (or reaching into it)
-                sealed.append(_sealed_charge(plan, institution, record, span))
+    sealed = sealed_charges(plan.config, institution, plan.period, besides=plan.key.interval_name)
     cap = plan.config.privacy.cap
     delta = plan.params.delta
     after = period_loss([*sealed, own], composition=Composition.SEQUENTIAL, delta=delta).epsilon
@@ -139,22 +140,59 @@ def refuse_past_cap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
         )
 
 
-def _charge_doc(charge: ReleaseCharge) -> dict[str, Any]:
-    """A seal record's copy of what its interval costs the period (the ledger's charge for its release)."""
+def sealed_charges(
+    config: Config, institution: InstitutionConfig, period: Period, *, besides: str | None = None
+) -> list[ReleaseCharge]:
+    """What the intervals the institution sealed in `period` (or reaching into it) cost it, as its seal records
+    keep their charges (the interval named `besides` left out: the one being sealed again)."""
+    directory = _sealed_dir(config, institution)
+    sealed: list[ReleaseCharge] = []
+    if directory.is_dir():
+        for record in sorted(directory.glob("*.json")):
+            span = _interval_span(record.stem)
+            if record.stem == besides or span is None:
+                continue
+            if span[0] < period.end and period.start < span[1]:
+                sealed.append(_sealed_charge(config, institution, record, span, period))
+    return sealed
+
+
+def charge_doc(charge: ReleaseCharge) -> dict[str, Any]:
+    """A record's copy of what its contribution costs the period (the ledger's charge for it): a release's per-slot
+    Skellam mechanism, or a training round's norm bound (training/accounting.py)."""
     mechanism = charge.mechanism
-    if mechanism is not None and not isinstance(mechanism, SkellamMechanism):
-        raise InternalError(f"a contribution sealed under a {type(mechanism).__name__}; this is probably a bug")
-    return {
+    doc: dict[str, Any] = {
         "interval_start": charge.start.isoformat(),
         "interval_end": charge.end.isoformat(),
         "variance": None if mechanism is None else float(mechanism.variance),
+    }
+    if isinstance(mechanism, NormBoundMechanism):
+        return doc | {"l1": float(mechanism.l1), "l2": float(mechanism.l2)}
+    if mechanism is not None and not isinstance(mechanism, SkellamMechanism):
+        raise InternalError(f"a contribution sealed under a {type(mechanism).__name__}; this is probably a bug")
+    return doc | {
         "coordinates": None if mechanism is None else int(mechanism.coordinates),
         "shift": None if mechanism is None else int(mechanism.shift),
     }
 
 
+def kept_charge(doc: dict[str, Any]) -> ReleaseCharge:
+    """The charge a record keeps (`charge_doc`); how it composes is the period's (its privacy unit's) to say."""
+    mechanism: SkellamMechanism | NormBoundMechanism | None = None
+    if doc["variance"] is not None and "l2" in doc:
+        mechanism = NormBoundMechanism(float(doc["variance"]), float(doc["l1"]), float(doc["l2"]))
+    elif doc["variance"] is not None:
+        mechanism = SkellamMechanism(float(doc["variance"]), int(doc["coordinates"]), int(doc["shift"]))
+    return ReleaseCharge(
+        mechanism=mechanism,
+        start=datetime.fromisoformat(doc["interval_start"]),
+        end=datetime.fromisoformat(doc["interval_end"]),
+        composition=Composition.SEQUENTIAL,
+    )
+
+
 def _sealed_charge(
-    plan: ReleasePlan, institution: InstitutionConfig, record: Path, span: tuple[datetime, datetime]
+    config: Config, institution: InstitutionConfig, record: Path, span: tuple[datetime, datetime], period: Period
 ) -> ReleaseCharge:
     """What the interval of an earlier seal record costs the period, composed in sequence. A record written before
     seals kept their charge is charged at the current parameters only when they are the ones it was sealed under
@@ -163,23 +201,15 @@ def _sealed_charge(
     doc = _read_record(record, institution)
     kept = doc.get("charge")
     if kept is not None:
-        mechanism = None
-        if kept["variance"] is not None:
-            mechanism = SkellamMechanism(float(kept["variance"]), int(kept["coordinates"]), int(kept["shift"]))
-        return ReleaseCharge(
-            mechanism=mechanism,
-            start=datetime.fromisoformat(kept["interval_start"]),
-            end=datetime.fromisoformat(kept["interval_end"]),
-            composition=Composition.SEQUENTIAL,
-        )
+        return kept_charge(kept)
     try:
-        earlier = plan_release(plan.config, *span)
+        earlier = plan_release(config, *span)
     except FusionError:
         earlier = None
     if earlier is None or earlier.key.release_id != doc["release_id"]:
         raise BudgetExceeded(
-            f"institution {institution.id} does not seal {plan.key.interval_name}: it sealed {record.stem} in period "
-            f"{plan.period.name} before its seal records kept what each interval costs, under other parameters "
+            f"institution {institution.id} contributes nothing more to period {period.name}: it sealed {record.stem} "
+            f"in period {period.name} before its seal records kept what each interval costs, under other parameters "
             "than the current ones, so it cannot bound the period's epsilon; it seals again from the next period"
         )
     return replace(earlier.params.charge(*span), composition=Composition.SEQUENTIAL)
@@ -199,7 +229,7 @@ def record_sealed(
     institution recorded one first, that one). A crash before the record exists leaves only an unpublished
     copy, so no second noisy version ever leaves the institution. The record (owner-only) also keeps the seed
     of the envelope's top removable noise layer, which the institution reveals in the unmask round."""
-    directory = _sealed_dir(plan, institution)
+    directory = _sealed_dir(plan.config, institution)
     with _sealing_lock(directory):  # two overlapping intervals racing to seal: one of them is refused
         refuse_overlap(plan, institution)  # again: an overlapping run may have sealed since this one was planned
         refuse_past_cap(plan, institution)  # and another interval of the period may have been sealed since
@@ -207,7 +237,7 @@ def record_sealed(
         write_private(directory / name, envelope)
         pending = directory / f".{name}.json"
         charge = plan.params.charge(plan.key.start, plan.key.end)
-        doc: dict[str, Any] = {"release_id": plan.key.release_id, "envelope": name, "charge": _charge_doc(charge)}
+        doc: dict[str, Any] = {"release_id": plan.key.release_id, "envelope": name, "charge": charge_doc(charge)}
         if layer_seed is not None:
             doc["layer_seed"] = layer_seed.hex()
         write_private(pending, json.dumps(doc).encode())
@@ -258,7 +288,7 @@ def _modified(path: Path) -> float:
 def sealed_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> bytes | None:
     """The seed of the top removable noise layer of the envelope this institution sealed for the plan's interval
     (None: it sealed none for this release, or its envelope has no removable layers)."""
-    record = _sealed_dir(plan, institution) / f"{plan.key.interval_name}.json"
+    record = _sealed_dir(plan.config, institution) / f"{plan.key.interval_name}.json"
     if not record.exists():
         return None
     doc = _read_record(record, institution)
@@ -270,7 +300,7 @@ def sealed_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> byte
 def forget_layer_seed(plan: ReleasePlan, institution: InstitutionConfig) -> None:
     """Drop the layer seed from the institution's record of the plan's interval (once it has answered, or when
     its record is pruned): whoever later reads its key directory cannot regenerate the layers it kept."""
-    directory = _sealed_dir(plan, institution)
+    directory = _sealed_dir(plan.config, institution)
     with _sealing_lock(directory):
         _drop_layer_seed(directory / f"{plan.key.interval_name}.json")
 

@@ -13,7 +13,8 @@
 - the module `training.attempts`: which attempt a round runs under (one lost after its charge is resumed where it
   can still be completed) and how many charges a run's rounds made, which its epsilon composes
 - the module `training.kept_updates`: an institution's noisy update per round, kept so that its noise for a round
-  is drawn once whatever attempt the round runs under
+  is drawn once whatever attempt the round runs under, with the round's charge: no round is drawn past the period's
+  cap by the institution's own records
 - the module `training.feed_rows`: a model's rows from an institution's own feeds (`feed_rows`)
 - the module `training.gradients`: per-example gradients, clipping, randomised rounding, the contribution vector
 """

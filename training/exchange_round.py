@@ -9,7 +9,7 @@ the rows come from, and its exchange a folder of the federation's exchange, `tra
 releases' per-interval folders never meet a round's. Each role function loads only its own party's keys from the
 config, as the releases' commands do, so every step can run in its own process. An institution draws its noise
 for a round once, whatever attempt the round runs under (training/kept_updates.py): a later attempt seals the
-same noisy update, masked anew.
+same noisy update, masked anew; and it draws none for a round that would take its privacy period past its cap.
 
 Not (yet) as releases: the round's noise has no removable layers (each contributor seals s_q = v / h(quorum) and
 keeps it, so with more than the quorum present the noise is larger than needed, never smaller): the releases keep a
@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from fusion.config.federation import Config
 from fusion.config.parameters import release_parameters
-from fusion.errors import FusionError, ReleaseRefused
+from fusion.errors import FusionError, InternalError, ReleaseRefused
 from fusion.keys.holder import load_checked_secret_context, published_context_digest
 from fusion.keys.registry import (
     check_he_context,
@@ -53,10 +54,13 @@ from fusion.release.exchange import (
 )
 from fusion.release.plan import ReleasePlan, noise_variance_problem, period_of
 from fusion.store.delta import Store
+from fusion.store.ledger import BudgetExceeded
 from pipelines.contribute import double_mask
+from pipelines.release import audit_row
 from pipelines.run import run_aggregate
 from pipelines.unmask import acknowledge, read_roster, seal_unmask
 from privacy import he
+from privacy.accountant import ReleaseCharge
 from privacy.envelope import (
     EnvelopeError,
     EnvelopeHeader,
@@ -69,6 +73,7 @@ from privacy.layout import PartitionLayout
 from privacy.masking import centred
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import SkellamNoise
+from schemas.tables import AUDIT_SCHEMA
 from training.kept_updates import check_answered_roster, keep_update, kept_update
 from training.recomputed_round import RefusalAudit, check_recomputed
 from training.secure_sum import RoundId, RoundRefused, RoundSum
@@ -164,13 +169,17 @@ def seal_contribution(
     *,
     round_id: RoundId,
     generator: np.random.Generator,
+    charge: ReleaseCharge,
+    audit: Store | None = None,
 ) -> SealedContribution:
     """The institution's step: `vector` (int64, the round's slots) plus its Skellam share s_q, masked as a release
     contribution is (`double_mask`: pairwise masks with its masking-graph neighbours, a self mask, both
     Shamir-shared for the unmask round), BFV-encrypted, signed and published in the round's folder. The noise of a
     round is drawn once: the noisy update is kept (training/kept_updates.py) and any later attempt of the round
     seals that same update with fresh masks (`vector` unused); the envelope of an attempt is kept too, and
-    published again byte for byte."""
+    published again byte for byte. A round whose `charge` (the ledger's for a round of the run) would take the
+    institution's privacy period past its cap is refused before its noise is drawn (BudgetExceeded), and recorded
+    in `audit`'s `audit` table (`contribution_refused`; None: not recorded)."""
     kept = _kept_path(plan, institution_id)
     path = contribution_path(plan.config.exchange_path, plan.key, institution_id)
     if kept.exists():
@@ -183,7 +192,13 @@ def seal_contribution(
         if vector.shape != (plan.layout.slots,):
             raise FusionError(f"a round's vector has {plan.layout.slots} slots, got shape {vector.shape}")
         drawn = vector + SkellamNoise(plan.params.share_variance, generator=generator).sample(vector.size)
-        noised, sealing = keep_update(plan.config, institution_id, round_id, drawn), Sealing.DRAWN
+        try:
+            noised = keep_update(plan.config, institution_id, round_id, drawn, charge=charge)
+        except BudgetExceeded as exc:
+            if audit is not None:
+                _audit_refusal(audit, plan, round_id, institution_id, str(exc))
+            raise
+        sealing = Sealing.DRAWN
     if noised.shape != (plan.layout.slots,):
         raise FusionError(
             f"institution {institution_id}'s noisy update of round {round_id.round} of model {round_id.model_id} "
@@ -208,6 +223,17 @@ def seal_contribution(
     write_private(kept, envelope)  # kept before it is published: a re-run publishes these bytes, never a new draw
     write_bytes(path, envelope)
     return SealedContribution(envelope, noised, sealing)
+
+
+def _audit_refusal(store: Store, plan: ReleasePlan, round_id: RoundId, institution_id: str, reason: str) -> None:
+    """The institution's `contribution_refused` row for a round it does not seal (keyed by its content)."""
+    detail = {"institution": institution_id, "model": round_id.model_id, "round": round_id.round}
+    digest = hashlib.sha256(json.dumps([reason, detail], sort_keys=True).encode()).hexdigest()[:12]
+    row = audit_row(
+        event_id=f"{round_id.release_id}:contribution_refused:{digest}", action="contribution_refused",
+        actor_role="institution", actor=institution_id, plan=plan, reason=reason, detail=detail,
+    )  # fmt: skip
+    store.insert_new("audit", pa.Table.from_pylist([row | {"release_id": round_id.release_id}], schema=AUDIT_SCHEMA))
 
 
 def aggregate(plan: ReleasePlan) -> dict[str, Any]:
@@ -298,12 +324,15 @@ def can_resume(plan: ReleasePlan, charged_for: str) -> bool:
 class ExchangeFederation:
     """A federation whose rounds go through the exchange (training/trainer.py's `RoundSummer`): this process runs
     each party's role function in turn, each with its own keys from the config; `present` institutions seal. `store`:
-    where the key holder audits a round it refuses (None: not audited)."""
+    where the key holder audits a round it refuses, and an institution a round it does not seal (None: not audited).
+    `charge`: what a round of the run costs a privacy period (the ledger's charge), which each institution holds
+    against its cap before it draws a round's noise; a federation without one only resumes rounds, and seals none."""
 
     config: Config
     start: datetime
     end: datetime
     store: Store | None = None
+    charge: ReleaseCharge | None = None
 
     @property
     def institutions(self) -> tuple[str, ...]:
@@ -324,11 +353,15 @@ class ExchangeFederation:
         generators: Mapping[str, np.random.Generator],
         pay: Callable[[str], None] | None = None,
     ) -> RoundSum:
+        if self.charge is None:
+            raise InternalError("an exchange federation without its rounds' charge sealed a round; this is a bug")
         slots = next(iter(vectors.values())).size
         plan = self.plan(round_id, slots=slots, variance=layers.total_variance)
         open_round(plan, self.config.exchange_path)
         envelopes = {
-            i: seal_contribution(plan, i, vectors[i], round_id=round_id, generator=generators[i]).envelope
+            i: seal_contribution(
+                plan, i, vectors[i], round_id=round_id, generator=generators[i], charge=self.charge, audit=self.store
+            ).envelope
             for i in sorted(vectors)
         }
         # An aggregate already sealed (a round resumed after a crash) is decrypted as it is: sealed again it would

@@ -12,6 +12,13 @@ directory restored from an older backup) the marker still refuses a new draw for
 does an institution answer the rosters of a round's attempts for different sets of institutions
 (`check_answered_roster`): the difference of two such sums would be one institution's update, with its own noise
 share alone.
+
+The record of a round also keeps what the round costs the institution's privacy period (the ledger's charge for
+it), and an institution draws no noise for a round that would take the period past the cap of its own config
+(`refuse_round_past_cap`), counting every round it drew in the period, of any model and under any settings, and every
+interval it sealed there, as the seal records of releases hold the cap (pipelines/sealing.py): the key holder's
+ledger alone cannot hold it against a coalition that includes the key holder, which could run a model's rounds past
+the cap without charging them, or the rounds of a model renamed or retrained over the same readings.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +37,12 @@ import numpy as np
 from fusion.config.federation import Config
 from fusion.errors import FusionError
 from fusion.keys.registry import read_private, write_private
+from fusion.release.plan import period_of
+from fusion.store.ledger import BudgetExceeded
+from pipelines.sealing import charge_doc, contributions_lock, kept_charge, sealed_charges
+from privacy.accountant import ReleaseCharge, period_loss
+from training.planning import round_charge
+from training.run import settings_for
 from training.secure_sum import RoundId
 
 
@@ -79,9 +93,24 @@ def kept_update(config: Config, institution_id: str, round_id: RoundId) -> np.nd
     return np.asarray(vector, dtype=np.int64)
 
 
-def keep_update(config: Config, institution_id: str, round_id: RoundId, noised: np.ndarray) -> np.ndarray:
-    """Keep `noised` as the institution's noisy update of `round_id`'s round, before anything of it is sealed;
-    returns the update kept (another process of the institution may have kept one first: that one)."""
+def keep_update(
+    config: Config, institution_id: str, round_id: RoundId, noised: np.ndarray, *, charge: ReleaseCharge
+) -> np.ndarray:
+    """Keep `noised` as the institution's noisy update of `round_id`'s round, before anything of it is sealed, with
+    the round's `charge` (the ledger's for a round of its run), once the charge fits the period's cap
+    (`refuse_round_past_cap`); returns the update kept (another process of the institution may have kept one first: that
+    one)."""
+    with contributions_lock(config, config.institution(institution_id)):  # a race past the cap: one is refused
+        kept = kept_update(config, institution_id, round_id)
+        if kept is not None:
+            return kept
+        refuse_round_past_cap(config, institution_id, round_id, charge)
+        return _keep(config, institution_id, round_id, noised, charge)
+
+
+def _keep(
+    config: Config, institution_id: str, round_id: RoundId, noised: np.ndarray, charge: ReleaseCharge
+) -> np.ndarray:
     directory = _directory(config, institution_id)
     key = round_key(round_id)
     data = _encode(noised)
@@ -96,6 +125,7 @@ def keep_update(config: Config, institution_id: str, round_id: RoundId, noised: 
         "release_id": round_id.release_id,
         "update": name,
         "sha256": digest,
+        "charge": charge_doc(charge),
     }
     write_private(pending, json.dumps(doc).encode())
     try:
@@ -110,6 +140,81 @@ def keep_update(config: Config, institution_id: str, round_id: RoundId, noised: 
     finally:
         pending.unlink(missing_ok=True)
     return np.asarray(noised, dtype=np.int64)
+
+
+def refuse_round_past_cap(config: Config, institution_id: str, round_id: RoundId, charge: ReleaseCharge) -> None:
+    """Refuse to draw noise for `round_id`'s round if its `charge` would take its privacy period past the cap of the
+    institution's config, counting the other rounds it drew noise for in the period (their records keep their
+    charges) and the intervals it sealed there, composed as the key holder's ledger composes the period
+    (privacy.accountant.period_loss, the composition of the charge: in sequence at entity level, by instant at event
+    level, where a model's rounds share every instant of its readings). A round drawn and never decrypted counts all
+    the same (its update has left the institution, masked)."""
+    period = period_of(config, charge.start, charge.end)
+    key = round_key(round_id)
+    rounds = [
+        c
+        for c in _round_charges(config, institution_id, besides=key, current=(round_id, charge))
+        if c.start < period.end and period.start < c.end
+    ]
+    sealed = sealed_charges(config, config.institution(institution_id), period)
+    cap, delta = config.privacy.cap, config.privacy.delta
+    after = period_loss([*sealed, *rounds, charge], composition=charge.composition, delta=delta).epsilon
+    if after > cap:
+        before = period_loss([*sealed, *rounds], composition=charge.composition, delta=delta).epsilon
+        raise BudgetExceeded(
+            f"institution {institution_id} does not seal round {round_id.round} of model {round_id.model_id}: it "
+            f"needs epsilon {after - before:.4f} in period {period.name}, which would reach {after:.4f} with the "
+            f"{len(rounds)} training round(s) and {len(sealed)} interval(s) it contributed in the period; the cap is "
+            f"{cap:.4f} and {max(cap - before, 0.0):.4f} is left"
+        )
+
+
+#: A round's record in the institution's key directory: `<round key>.json` (its roster's record is another file).
+_ROUND_RECORD = re.compile(r"t-[0-9a-f]{24}")
+
+
+def _round_charges(
+    config: Config, institution_id: str, *, besides: str, current: tuple[RoundId, ReleaseCharge]
+) -> list[ReleaseCharge]:
+    """What the rounds the institution drew noise for cost, as their records keep it (the round `besides` left out).
+    A record kept before records kept their charge is a round of the run being drawn (`current`: its round and
+    charge) or of a model of the config under the settings it names, and is charged as such; otherwise nothing
+    bounds it, and the round is refused rather than the period under-counted."""
+    directory = _directory(config, institution_id)
+    charges = []
+    for marker in sorted(directory.glob("t-*.json")) if directory.is_dir() else []:
+        if marker.stem == besides or not _ROUND_RECORD.fullmatch(marker.stem):
+            continue
+        what = f"institution {institution_id}'s record of round {marker.stem}"
+        try:
+            doc = json.loads(read_private(marker, what))
+            charge = None if doc.get("charge") is None else kept_charge(doc["charge"])
+            named = (str(doc["model"]), int(doc["round"]), str(doc["settings_sha256"]))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise FusionError(
+                f"{what} ({marker}) is unreadable; restore it from a backup of the key directory"
+            ) from None
+        charges.append(charge if charge is not None else _uncharged(config, institution_id, named, current))
+    return charges
+
+
+def _uncharged(
+    config: Config, institution_id: str, named: tuple[str, int, str], current: tuple[RoundId, ReleaseCharge]
+) -> ReleaseCharge:
+    """The charge of a round record that keeps none (model, round, settings digest: `named`)."""
+    model, number, settings = named
+    round_id, charge = current
+    if (model, settings) == (round_id.model_id, round_id.parameters_digest):
+        return charge
+    for entry in config.models:
+        if entry.name == model and settings_for(config, entry).digest() == settings:
+            return round_charge(config, entry)
+    raise BudgetExceeded(
+        f"institution {institution_id} does not seal round {round_id.round} of model {round_id.model_id}: it drew "
+        f"noise for round {number} of model {model} before its round records kept what each round costs, under "
+        "settings its config no longer names, so it cannot bound its period's epsilon; restore that model's entry "
+        "in the config as it was trained"
+    )
 
 
 def check_answered_roster(config: Config, institution_id: str, round_id: RoundId, included: Sequence[str]) -> None:

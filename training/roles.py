@@ -134,7 +134,9 @@ def _generator(config: Config, institution_id: str, round_id: RoundId) -> np.ran
 
 
 def contribute(config: Config, model: ModelConfig, store: Store, institution_id: str) -> str:
-    """The institution's step: its clipped, rounded gradient sum at the current model, noised, masked, sealed."""
+    """The institution's step: its clipped, rounded gradient sum at the current model, noised, masked, sealed;
+    refused (and audited) where the round would take the institution's privacy period past its cap, by its own
+    records of what it contributed (training/kept_updates.py)."""
     current = current_round(config, model, store)
     rows, skipped = institution_data(config, model, institution_id)
     if rows.targets.size == 0:
@@ -152,7 +154,10 @@ def contribute(config: Config, model: ModelConfig, store: Store, institution_id:
     vector = current.progress().vector(current.settings, rows, generator)
     plan = current.plan
     open_round(plan, config.exchange_path)
-    sealed = seal_contribution(plan, institution_id, vector, round_id=current.round_id, generator=generator)
+    sealed = seal_contribution(
+        plan, institution_id, vector, round_id=current.round_id, generator=generator,
+        charge=current.terms.charge(current.budget), audit=store,
+    )  # fmt: skip
     again = {
         Sealing.DRAWN: "",
         Sealing.REMASKED: " (its noisy update kept from an earlier attempt, masked anew)",

@@ -19,6 +19,7 @@ from fusion.errors import FusionError
 from fusion.keys.holder import secret_key_file
 from fusion.keys.registry import load_aggregator_signing_key
 from fusion.release.exchange import aggregate_path, contribution_path, roster_path
+from privacy.accountant import Composition, NormBoundMechanism, ReleaseCharge
 from privacy.envelope import pack_envelope, unpack_envelope
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import seeded_generator
@@ -36,6 +37,8 @@ from training.secure_sum import RoundId, RoundRefused
 
 START, END = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 6, tzinfo=UTC)
 IDS = ("alpha", "beta", "gamma")
+#: What each of these rounds costs an institution's period: next to nothing (their noise is not calibrated).
+CHARGE = ReleaseCharge(NormBoundMechanism(1e12, 1.0, 1.0), START, END, Composition.PARALLEL)
 
 
 def _vectors(slots: int) -> dict[str, np.ndarray]:
@@ -53,7 +56,7 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     vectors = _vectors(9001)
     noised: dict[str, np.ndarray] = {}
     for k, i in enumerate(IDS):
-        sealed = seal_contribution(plan, i, vectors[i], round_id=round_id, generator=seeded_generator(k))
+        sealed = seal_contribution(plan, i, vectors[i], round_id=round_id, generator=seeded_generator(k), charge=CHARGE)
         assert sealed.sealing is Sealing.DRAWN and sealed.noised is not None
         assert not np.array_equal(sealed.noised, vectors[i])
         noised[i] = sealed.noised
@@ -78,7 +81,9 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     for i in IDS:
         assert (noised[i] - vectors[i]).var() == pytest.approx(400.0, rel=0.1)
     # Sealing again republishes the kept envelope: never a second noisy version of a round.
-    again = seal_contribution(plan, "alpha", vectors["alpha"], round_id=round_id, generator=seeded_generator(99))
+    again = seal_contribution(
+        plan, "alpha", vectors["alpha"], round_id=round_id, generator=seeded_generator(99), charge=CHARGE
+    )
     assert again.sealing is Sealing.REPUBLISHED and again.noised is None
 
     # A new attempt of the same round (the store and the exchange, which the aggregator and the key holder can
@@ -89,7 +94,9 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     replan = federation.plan(retry, slots=9001, variance=400.0)
     open_round(replan, config.exchange_path)
     for k, i in enumerate(IDS):
-        sealed = seal_contribution(replan, i, vectors[i] + 7, round_id=retry, generator=seeded_generator(50 + k))
+        sealed = seal_contribution(
+            replan, i, vectors[i] + 7, round_id=retry, generator=seeded_generator(50 + k), charge=CHARGE
+        )
         assert sealed.sealing is Sealing.REMASKED and sealed.noised is not None
         np.testing.assert_array_equal(sealed.noised, noised[i])
         assert sealed.envelope != Path(contribution_path(plan.config.exchange_path, plan.key, i)).read_bytes()
@@ -104,7 +111,7 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     plan3 = federation.plan(third, slots=9001, variance=400.0)
     open_round(plan3, config.exchange_path)
     for i in ("beta", "gamma"):
-        seal_contribution(plan3, i, vectors[i], round_id=third, generator=seeded_generator(9))
+        seal_contribution(plan3, i, vectors[i], round_id=third, generator=seeded_generator(9), charge=CHARGE)
     assert aggregate(plan3)["status"] == "awaiting_unmask"
     for i in ("beta", "gamma"):
         with pytest.raises(FusionError, match="does not answer attempt"):
@@ -114,13 +121,15 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     (update,) = keys.glob("*.npy")
     update.unlink()
     with pytest.raises(FusionError, match="does not seal the round again"):
-        seal_contribution(plan3, "alpha", vectors["alpha"], round_id=third, generator=seeded_generator(7))
+        seal_contribution(
+            plan3, "alpha", vectors["alpha"], round_id=third, generator=seeded_generator(7), charge=CHARGE
+        )
 
 
 def test_a_round_with_a_dropped_institution_completes(make_federation: Callable[..., Federation]) -> None:
     fed = make_federation(noise=True, entities=2)
     config = load_config(fed.config_path)
-    federation = ExchangeFederation(config, START, END)
+    federation = ExchangeFederation(config, START, END, charge=CHARGE)
     layers = NoiseLayers(total_variance=100.0, quorum=2, institutions=3, max_colluding=0)
     vectors = {i: v for i, v in _vectors(50).items() if i != "beta"}  # beta drops out of this round
     generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
@@ -150,7 +159,7 @@ def test_the_key_holder_refuses_a_damaged_aggregate_or_lost_key_before_paying(
     plan = federation.plan(RoundId("m", 4, "p"), slots=50, variance=100.0)
     open_round(plan, config.exchange_path)
     for k, (i, vector) in enumerate(_vectors(50).items()):
-        seal_contribution(plan, i, vector, round_id=RoundId("m", 4, "p"), generator=seeded_generator(k))
+        seal_contribution(plan, i, vector, round_id=RoundId("m", 4, "p"), generator=seeded_generator(k), charge=CHARGE)
     assert aggregate(plan)["status"] == "awaiting_unmask"
     for i in IDS:
         answer(plan, i, round_id=RoundId("m", 4, "p"))
@@ -203,7 +212,7 @@ def test_a_crashed_run_resumes_through_the_exchange(make_federation: Callable[..
                                 delta=1e-5, quorum=2)  # fmt: skip
     terms = LedgerTerms(period=Period("2026-01-01", START, START.replace(day=2)), cap=5.0, delta=1e-5,
                         composition=Composition.PARALLEL, start=START, end=END)  # fmt: skip
-    federation = ExchangeFederation(config, START, END)
+    federation = ExchangeFederation(config, START, END, charge=CHARGE)
     generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
 
     def crash(record: RoundRecord) -> None:
@@ -226,18 +235,21 @@ import numpy as np
 from datetime import UTC, datetime
 from pathlib import Path
 from fusion.config.federation import load_config
+from privacy.accountant import Composition, NormBoundMechanism, ReleaseCharge
 from privacy.skellam import seeded_generator
 from training.exchange_round import ExchangeFederation, aggregate, answer, decrypt, open_round, seal_contribution
 from training.secure_sum import RoundId
 
 config = load_config(sys.argv[1])
-plan = ExchangeFederation(config, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 6, tzinfo=UTC)).plan(
-    RoundId("m", 1, "p"), slots=20, variance=50.0)
+start, end = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 6, tzinfo=UTC)
+plan = ExchangeFederation(config, start, end).plan(RoundId("m", 1, "p"), slots=20, variance=50.0)
+charge = ReleaseCharge(NormBoundMechanism(1e12, 1.0, 1.0), start, end, Composition.PARALLEL)
 role, who = sys.argv[2], sys.argv[3]
 if role == "institution":
     open_round(plan, config.exchange_path)
     sealed = seal_contribution(
-        plan, who, np.full(20, 1000 + len(who)), round_id=RoundId("m", 1, "p"), generator=seeded_generator(len(who))
+        plan, who, np.full(20, 1000 + len(who)), round_id=RoundId("m", 1, "p"), generator=seeded_generator(len(who)),
+        charge=charge,
     )
     np.save(sys.argv[4], sealed.noised)
 elif role == "aggregator":

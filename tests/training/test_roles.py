@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from fusion.cli.core import main
 from fusion.config.federation import load_config
 from fusion.keys.holder import load_checked_secret_context
-from fusion.keys.registry import load_aggregator_signing_key
+from fusion.keys.registry import load_aggregator_signing_key, read_private, write_private
 from fusion.release.exchange import aggregate_path, contribution_path, public_context_path, read_bytes
 from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE
 from fusion.store.delta import Store
@@ -24,6 +26,7 @@ from privacy import he
 from privacy.envelope import pack_envelope, unpack_envelope
 from tests.conftest import Federation
 from tests.training.test_cli import MODEL, _rows
+from training import roles
 from training.recomputed_round import ROUND_REFUSED
 from training.roles import current_round
 
@@ -112,6 +115,66 @@ def test_the_key_holder_refuses_a_run_over_the_period_cap_before_its_first_charg
     assert "above its cap 1" in " ".join(capsys.readouterr().err.split())
     store = Store(load_config(fed.config_path).store_path)
     assert store.read("budget").num_rows == 0 and store.read("models").num_rows == 0
+
+
+def test_each_institution_holds_the_period_cap_for_its_rounds_against_a_key_holder_that_does_not(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key holder's ledger alone cannot hold the cap against a coalition that includes the key holder: here it
+    skips its forecast and charges nothing (code it runs itself), and the aggregator runs the rounds. Each
+    institution holds the cap by its own records: after round 1 of `greedy` (epsilon 1.6 over 3 rounds, the cap 1)
+    it draws no noise for round 2, nor for a round of another model over the same readings, and audits the refusal;
+    a round it sealed before is sealed again from its kept update (the run rewound by deleting `models`): no new
+    charge."""
+    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    for k, inst in enumerate(("alpha", "beta")):
+        _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    base = ["train", "--config", str(fed.config_path), "--model", "greedy", "--role"]
+
+    class Uncharged:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def spend(self, **kwargs: object) -> SimpleNamespace:
+            return SimpleNamespace(epsilon_after=0.0)
+
+    with monkeypatch.context() as rogue:
+        rogue.setattr(roles, "check_fits", lambda *args: None)
+        rogue.setattr(roles, "BudgetLedger", Uncharged)
+        for inst in ("alpha", "beta"):
+            assert main([*base, "institution", "--institution", inst]) == 0
+        assert main([*base, "aggregator"]) == 0
+        for inst in ("alpha", "beta", "alpha"):
+            assert main([*base, "institution", "--institution", inst, "--unmask"]) == 0
+        assert main([*base, "aggregator"]) == 0
+        assert main([*base, "key-holder"]) == 0
+        assert "round 1/3 of model greedy committed" in capsys.readouterr().out
+        config = load_config(fed.config_path)
+        store = Store(config.store_path)
+        assert store.read("budget").num_rows == 0  # nothing charged: the ledger knows of no spend
+        for inst in ("alpha", "beta"):
+            assert main([*base, "institution", "--institution", inst]) == 1
+            err = " ".join(capsys.readouterr().err.split())
+            assert f"institution {inst} does not seal round 2 of model greedy" in err, err
+            assert "with the 1 training round(s) and 0 interval(s)" in err and "the cap is 1.0000" in err, err
+        # A record kept before records kept their charge counts as a round of its model under the config.
+        keys = fed.directory / "institution-keys" / "alpha" / "training" / "rounds"
+        (record,) = (r for r in keys.glob("t-*.json") if "roster" not in r.name)
+        write_private(record, json.dumps({**json.loads(read_private(record, "a record")), "charge": None}).encode())
+        assert main(["train", "--config", str(fed.config_path), "--model", "tiny", "--role", "institution",
+                     "--institution", "alpha"]) == 1  # fmt: skip
+        err = " ".join(capsys.readouterr().err.split())
+        assert "institution alpha does not seal round 1 of model tiny" in err and "1 training round(s)" in err, err
+    assert len(list(keys.glob("*.npy"))) == 1  # round 1's update alone: no other noise was drawn
+    refused = [a for a in store.read("audit").to_pylist() if a["action"] == "contribution_refused"]
+    assert sorted((a["actor_role"], a["actor"]) for a in refused) == [
+        ("institution", "alpha"), ("institution", "alpha"), ("institution", "beta")
+    ]  # fmt: skip
+    assert all("the cap is 1.0000" in (a["reason"] or "") for a in refused)
+    # The coalition rewinds the run: round 1 again is alpha's kept update, no new charge.
+    shutil.rmtree(Path(config.store_path) / "models")
+    assert main([*base, "institution", "--institution", "alpha"]) == 0
+    assert "alpha sealed round 1 of model greedy" in capsys.readouterr().out
 
 
 def test_the_key_holder_refuses_a_round_aggregate_its_envelopes_do_not_give_before_the_charge(
