@@ -18,8 +18,8 @@ Public API (what the rest of the repository imports), by module:
 - `run`: beam_options, beam_scratch, names_runner, run_aggregate, run_contributions, run_unmask
 - `scheduler`: backfill, check_backfill_end, RunResult, Scheduler, utc_now
 - `sealing`: charge_doc, contributions_lock, forget_layer_seed, KEEP_SEALED, kept_charge, noise_generator,
-  record_sealed, refuse_overlap, refuse_past_cap, sealed_charges, sealed_envelope, sealed_layer_seed,
-  seal_noise_layers
+  record_sealed, refuse_overlap, refuse_past_cap, round_charges, round_records, round_records_dir, sealed_charges,
+  sealed_envelope, sealed_layer_seed, seal_noise_layers
 - `stream`: DEAD, LATE, REJECTS, RejectWindows, run_micro_batch, run_micro_batch_in_process, spool_dir, spool_key,
   SPOOL_WINDOW_FORMAT, SpoolWindow, StampWindows, stdin_feed, stream_rules, validated_outputs, WindowReadings,
   WriteDeadLetter

@@ -1,9 +1,9 @@
 """An institution's sealing records: the envelope it sealed for an interval (kept, so a rerun sends the same one
 and no party ever sees two noisy versions of an interval), the refusal of an interval that overlaps one already
-sealed, the refusal at entity level of an interval that would take its privacy period past the epsilon cap (by the
-institution's own records of what each interval it sealed costs; training rounds hold the cap by the same records:
-training/kept_updates.py), and its noise drawn as layers, with the seed of the removable layer kept until the
-unmask round has used it (privacy/noise_shares.py)."""
+sealed, the refusal of an interval that would take its privacy period past the epsilon cap (by the institution's own
+records of what each interval it sealed and each training round it drew costs: training/kept_updates.py holds the
+cap for rounds by the same records), and its noise drawn as layers, with the seed of the removable layer kept until
+the unmask round has used it (privacy/noise_shares.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -115,28 +116,34 @@ def refuse_overlap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
 
 
 def refuse_past_cap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
-    """At entity level, refuse to seal the plan's interval if it would take its privacy period past the epsilon
-    cap, counting every other interval this institution sealed in the period: their charges, as its records keep
-    them, compose in sequence with the plan's exactly as the key holder's ledger composes a period's releases
+    """Refuse to seal the plan's interval if it would take its privacy period past the epsilon cap, counting every
+    other interval this institution sealed in the period and every training round it drew there: their charges,
+    as its records keep them, compose with the plan's exactly as the key holder's ledger composes the period
     (privacy.accountant.period_loss). The ledger alone could not hold the cap against a coalition that includes
     the key holder, which would decrypt further intervals of the period without charging them; each institution
     holds it for its own readings. An interval sealed and never released counts too (its envelope has left the
     institution), and re-sealing the plan's own interval (the kept envelope, re-published) is not a new charge.
-    Event level needs no such check: disjoint intervals compose in parallel, and overlapping ones are refused."""
+    At event level only the training rounds of the period need counting (a round's readings span the model's
+    interval, which overlaps the releases'): disjoint intervals compose in parallel, and overlapping ones are
+    refused."""
     own = plan.params.charge(plan.key.start, plan.key.end)
-    if own.composition is not Composition.SEQUENTIAL or own.mechanism is None:
+    if own.mechanism is None:
+        return
+    rounds = round_charges(plan.config, institution, plan.period)
+    if own.composition is not Composition.SEQUENTIAL and not rounds:
         return
     sealed = sealed_charges(plan.config, institution, plan.period, besides=plan.key.interval_name)
     cap = plan.config.privacy.cap
     delta = plan.params.delta
-    after = period_loss([*sealed, own], composition=Composition.SEQUENTIAL, delta=delta).epsilon
+    after = period_loss([*sealed, *rounds, own], composition=own.composition, delta=delta).epsilon
     if after > cap:
-        before = period_loss(sealed, composition=Composition.SEQUENTIAL, delta=delta).epsilon
+        before = period_loss([*sealed, *rounds], composition=own.composition, delta=delta).epsilon
         raise BudgetExceeded(
             f"institution {institution.id} does not seal {plan.key.interval_name}: release {plan.key.release_id} "
             f"needs epsilon {after - before:.4f} in period {plan.period.name}, which would reach {after:.4f} with "
-            f"the {len(sealed)} interval(s) it sealed in the period; the cap is {cap:.4f} and "
-            f"{max(cap - before, 0.0):.4f} is left (entity level: the period's releases compose in sequence)"
+            f"the {len(sealed)} interval(s) it sealed and the {len(rounds)} training round(s) it drew in the "
+            f"period; the cap is {cap:.4f} and {max(cap - before, 0.0):.4f} is left (the period's releases and "
+            f"rounds compose {'in sequence' if own.composition is Composition.SEQUENTIAL else 'where they overlap'})"
         )
 
 
@@ -155,6 +162,51 @@ def sealed_charges(
             if span[0] < period.end and period.start < span[1]:
                 sealed.append(_sealed_charge(config, institution, record, span, period))
     return sealed
+
+
+#: An institution's record of a training round it drew noise for, `<round key>.json` (training/kept_updates.py; the
+#: record of the roster it answered for the round is another file beside it).
+_ROUND_RECORD = re.compile(r"t-[0-9a-f]{24}")
+
+
+def round_records_dir(config: Config, institution: InstitutionConfig) -> Path:
+    """Where the institution keeps its training rounds' records and noisy updates (training/kept_updates.py)."""
+    return Path(config.institution_keys_path(institution)) / "training" / "rounds"
+
+
+def round_records(config: Config, institution: InstitutionConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(the round's key, its record) for every training round the institution drew noise for."""
+    directory = round_records_dir(config, institution)
+    found = []
+    for record in sorted(directory.glob("t-*.json")) if directory.is_dir() else []:
+        if not _ROUND_RECORD.fullmatch(record.stem):
+            continue
+        what = f"institution {institution.id}'s record of round {record.stem}"
+        try:
+            doc = json.loads(read_private(record, what))
+        except (ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise FusionError(f"{what} ({record}) is unreadable; restore it from a backup of the key directory")
+        found.append((record.stem, doc))
+    return found
+
+
+def round_charges(config: Config, institution: InstitutionConfig, period: Period) -> list[ReleaseCharge]:
+    """What the training rounds the institution drew in `period` (or reaching into it) cost it, as their records
+    keep it. A record from before round records kept their charge names no interval, and is counted by the
+    institution's check of its rounds alone (training/kept_updates.py, which reads its model from the config)."""
+    charges = []
+    for key, doc in round_records(config, institution):
+        if doc.get("charge") is None:
+            continue
+        try:
+            charge = kept_charge(doc["charge"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise FusionError(f"institution {institution.id}'s record of round {key} is unreadable") from None
+        if charge.start < period.end and period.start < charge.end:
+            charges.append(charge)
+    return charges
 
 
 def charge_doc(charge: ReleaseCharge) -> dict[str, Any]:

@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,14 @@ from fusion.errors import FusionError
 from fusion.keys.registry import read_private, write_private
 from fusion.release.plan import period_of
 from fusion.store.ledger import BudgetExceeded
-from pipelines.sealing import charge_doc, contributions_lock, kept_charge, sealed_charges
+from pipelines.sealing import (
+    charge_doc,
+    contributions_lock,
+    kept_charge,
+    round_records,
+    round_records_dir,
+    sealed_charges,
+)
 from privacy.accountant import ReleaseCharge, period_loss
 from training.planning import round_charge
 from training.run import settings_for
@@ -52,7 +58,7 @@ def round_key(round_id: RoundId) -> str:
 
 
 def _directory(config: Config, institution_id: str) -> Path:
-    return Path(config.institution_keys_path(config.institution(institution_id))) / "training" / "rounds"
+    return round_records_dir(config, config.institution(institution_id))
 
 
 def _encode(vector: np.ndarray) -> bytes:
@@ -169,10 +175,6 @@ def refuse_round_past_cap(config: Config, institution_id: str, round_id: RoundId
         )
 
 
-#: A round's record in the institution's key directory: `<round key>.json` (its roster's record is another file).
-_ROUND_RECORD = re.compile(r"t-[0-9a-f]{24}")
-
-
 def _round_charges(
     config: Config, institution_id: str, *, besides: str, current: tuple[RoundId, ReleaseCharge]
 ) -> list[ReleaseCharge]:
@@ -180,20 +182,15 @@ def _round_charges(
     A record kept before records kept their charge is a round of the run being drawn (`current`: its round and
     charge) or of a model of the config under the settings it names, and is charged as such; otherwise nothing
     bounds it, and the round is refused rather than the period under-counted."""
-    directory = _directory(config, institution_id)
     charges = []
-    for marker in sorted(directory.glob("t-*.json")) if directory.is_dir() else []:
-        if marker.stem == besides or not _ROUND_RECORD.fullmatch(marker.stem):
+    for key, doc in round_records(config, config.institution(institution_id)):
+        if key == besides:
             continue
-        what = f"institution {institution_id}'s record of round {marker.stem}"
         try:
-            doc = json.loads(read_private(marker, what))
             charge = None if doc.get("charge") is None else kept_charge(doc["charge"])
             named = (str(doc["model"]), int(doc["round"]), str(doc["settings_sha256"]))
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            raise FusionError(
-                f"{what} ({marker}) is unreadable; restore it from a backup of the key directory"
-            ) from None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise FusionError(f"institution {institution_id}'s record of round {key} is unreadable") from None
         charges.append(charge if charge is not None else _uncharged(config, institution_id, named, current))
     return charges
 

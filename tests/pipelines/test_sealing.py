@@ -1,13 +1,16 @@
-"""An institution's records of the intervals it sealed are secrets, read like its keys; at entity level they also
-hold each interval's charge, by which the institution refuses to seal its privacy period past the cap."""
+"""An institution's records of the intervals it sealed are secrets, read like its keys; they also hold each
+interval's charge, by which (with its training rounds' records) the institution refuses to seal its privacy period
+past the cap."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
 
+from fusion.cli.core import main
 from fusion.errors import FusionError
 from fusion.keys.registry import read_private, write_private
 from fusion.release.plan import ReleasePlan, plan_release
@@ -15,7 +18,8 @@ from fusion.store.ledger import BudgetExceeded
 from pipelines.run import run_contributions
 from pipelines.sealing import forget_layer_seed, record_sealed, sealed_envelope, sealed_layer_seed
 from privacy.accountant import skellam_epsilon
-from tests.conftest import END, START
+from tests.conftest import END, START, Federation
+from tests.training.test_cli import MODEL, _rows
 
 #: Entity level, a cap that takes two releases of epsilon 1 composed in sequence (about 1.45) but not three.
 ENTITY = 'unit = "entity"\nmax_partitions = 3\nmax_readings_per_partition = 2\nepsilon_cap = 1.5'
@@ -96,6 +100,31 @@ def test_a_seal_record_without_its_charge_counts_at_the_current_parameters_or_re
     with pytest.raises(BudgetExceeded, match=rf"sealed {first.key.interval_name} in period 2026-01-01 before its "
                        "seal records kept what each interval costs, under other parameters"):
         sealed_envelope(third, alpha)
+
+
+@pytest.mark.parametrize("unit", ["reading", "entity"])
+def test_an_institution_seals_no_release_its_training_rounds_left_no_room_for(
+    make_federation: Callable[..., Federation], unit: str
+) -> None:
+    """Training rounds and releases of the same readings add up against one cap, and the key holder's ledger alone
+    cannot hold it against a coalition that includes the key holder: each institution counts the rounds it drew
+    (their records keep their charges) with the intervals it sealed. Model `tiny` spent the period's cap (epsilon 1
+    of 1) over [00:00, 06:00): no institution seals an hour inside it, at event level (the rounds' readings overlap
+    the hour's) as at entity level; the next period is untouched."""
+    entity = 'unit = "entity"\nmax_partitions = 3\nmax_readings_per_partition = 2'
+    fed = make_federation(noise=True, entities=2, extra=MODEL, extra_privacy=entity if unit == "entity" else "")
+    for k, name in enumerate(("alpha", "beta", "gamma", "held_out")):
+        _rows(fed.directory / "training" / f"{name}.parquet", k if k < 3 else 9)
+    assert main(["train", "--config", str(fed.config_path), "--model", "tiny"]) == 0
+    hour = plan_release(fed.config, START, START + timedelta(hours=1))
+    composed = "in sequence" if unit == "entity" else "where they overlap"
+    refusal = (rf"with the 0 interval\(s\) it sealed and the 2 training round\(s\) it drew in the period; the cap is "
+               rf"1\.0000 .*compose {composed}")
+    for institution in fed.config.institutions:
+        with pytest.raises(BudgetExceeded, match=refusal):
+            sealed_envelope(hour, institution)
+    later = plan_release(fed.config, START + timedelta(days=1), START + timedelta(days=1, hours=1))
+    assert all(sealed_envelope(later, i) is None for i in fed.config.institutions)  # not refused
 
 
 def test_at_event_level_institutions_seal_every_disjoint_interval_of_the_period(make_federation) -> None:
