@@ -5,14 +5,22 @@ configured load metric for the dispatch window: the latest forecast of it when t
 forecast of the metric for that window, else the released cell (its unclipped `ratio_mean` for the mean, or its
 `sum`). Either way the value's SD travels with it (a forecast's `sd`, a release's noise SD), and the dispatch
 holds a reserve of z x the SD of the total load (regions independent, the buses of one region moving together).
-A bus whose region has no forecast (when others do) or no release is refused, naming the bus and the region; so is
-one whose value is negative (a release's noise on a small load, unclipped), naming the release or forecast too: a
-negative load would be generation nobody offered, at no cost, and Fusion does not clip it to 0 silently.
+A bus whose region has no forecast (when others do) or no release is refused, naming the bus and the region (and
+saying so where only releases that do not verify hold the window); so is one whose value is negative (a release's
+noise on a small load, unclipped), naming the release or forecast too: a negative load would be generation nobody
+offered, at no cost, and Fusion does not clip it to 0 silently.
+
+Where the key holder has a release-signing key registered, loads come only from releases `fusion verify` calls
+verified or legacy, as forecasts do (forecasting.series): the others (`fusion.api.unverified_releases`, taken once
+per recommendation) are left out, a window's latest good release counting, and so is every forecast that read one
+of them (its `input_release_ids`). The recommendation's inputs record that releases were verified and which of the
+window's releases and forecasts were left out.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,7 +35,16 @@ from schemas.tables import TABLE_SCHEMAS
 
 
 class MissingLoad(FusionError):
-    """A bus mapped to a region has no forecast or release to take its load from, or only a negative one."""
+    """A bus mapped to a region has no forecast or release to take its load from, or only a negative one. `inputs`:
+    what the refusal records of the releases and forecasts read (whether releases were verified, those left out)."""
+
+    def __init__(self, message: str, *, inputs: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.inputs = inputs or {}
+
+
+#: The keys of a recommendation's inputs that record the releases' verification (BusLoads.trust).
+TRUST_INPUTS = ("releases_verified", "unverified_releases_skipped", "forecasts_skipped")
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,7 @@ class BusLoads:
     regions: dict[str, RegionLoad] = field(default_factory=dict)
     sd: np.ndarray | None = None  # (B,) MW, each bus's SD (scale x its region's)
     total_sd: float = 0.0  # MW, the SD of the total load (regions independent, a region's buses together)
+    trust: dict[str, Any] = field(default_factory=dict)  # what the inputs record of the releases' verification
 
     def margin(self, z: float) -> np.ndarray:
         """(B,) MW per bus of the high-load scenario the dispatch holds reserve for: z x the total load's SD,
@@ -61,6 +79,7 @@ class BusLoads:
             f"{kind}_ids": sorted({r.record.split(":", 1)[1] for r in self.regions.values()}),
             "region_loads": {r.region: {"value": r.value, "sd": r.sd, "record": r.record}
                              for r in self.regions.values()},
+            **self.trust,
         }
 
 
@@ -73,9 +92,11 @@ def _at(moment: datetime) -> str:
 
 
 def read_loads(store: FusedStore | None, network: Network, *, metric: str | None, statistic: LoadStatistic,
-               at: datetime, skip: frozenset[str] = frozenset()) -> BusLoads:
-    """The loads of `network`'s buses for the window starting `at`. `skip`: tables to treat as empty (a replay of
-    a recommendation made before they existed)."""
+               at: datetime, unverified: Mapping[str, str] | None, skip: frozenset[str] = frozenset()) -> BusLoads:
+    """The loads of `network`'s buses for the window starting `at`. `unverified`: the releases `fusion verify` does
+    not call verified or legacy, with their status (fusion.api.unverified_releases; None where no release-signing
+    key is registered: nothing can be verified, every release is read), left out with every forecast that read one.
+    `skip`: tables to treat as empty (a replay of a recommendation made before they existed)."""
     fixed = network.fixed_loads()
     regions = network.regions()
     if not regions:
@@ -83,34 +104,76 @@ def read_loads(store: FusedStore | None, network: Network, *, metric: str | None
     if store is None or metric is None:
         raise FusionError(f"network {network.name} maps buses to regions {list(regions)}: set "
                           "[mechanisms] load_metric to the metric whose forecasts or releases give their loads")
-    found = _forecasts(store, metric, statistic, at) if "forecasts" not in skip else {}
-    source = "forecasts" if found else "releases"
-    if not found:
-        found = _released(store, metric, statistic, at)
+    bad = dict(unverified or {})
+    forecasts = _forecasts(store, metric, statistic, at, bad) if "forecasts" not in skip else _Found({})
+    source = "forecasts" if forecasts.loads else "releases"
+    found = forecasts if forecasts.loads else _released(store, metric, statistic, at, bad)
+    trust = _trust(unverified, forecasts, found if source == "releases" else None)
     mw = fixed.copy()
     sd = np.zeros(len(mw))
     by_region: dict[str, float] = {}
     for i, bus in enumerate(network.buses):
         if bus.region is None:
             continue
-        load = found.get(bus.region)
+        load = found.loads.get(bus.region)
         if load is None:
-            raise MissingLoad(_missing(bus.id, bus.region, metric, at, source, found))
+            raise MissingLoad(_missing(bus.id, bus.region, metric, at, source, found, bad), inputs=trust)
         if load.value < 0:
-            raise MissingLoad(_negative(bus.id, load, metric, at))
+            raise MissingLoad(_negative(bus.id, load, metric, at), inputs=trust)
         mw[i] = bus.scale * load.value if bus.scale is not None else load.value
         sd[i] = (bus.scale or 1.0) * load.sd
         by_region[bus.region] = by_region.get(bus.region, 0.0) + (bus.scale or 1.0) * load.sd
     total_sd = math.sqrt(sum(sd * sd for sd in by_region.values()))
-    return BusLoads(mw, source, {r: found[r] for r in regions}, sd, total_sd)
+    return BusLoads(mw, source, {r: found.loads[r] for r in regions}, sd, total_sd, trust)
 
 
-def _missing(bus: str, region: str, metric: str, at: datetime, source: str, found: dict[str, RegionLoad]) -> str:
+@dataclass(frozen=True)
+class _Found:
+    """What the forecasts or the releases give for the window: a load per region, and why a region has none."""
+
+    loads: dict[str, RegionLoad]
+    left_out: dict[str, tuple[str, ...]] = field(default_factory=dict)  # region -> its forecasts or releases left out
+    reads: dict[str, frozenset[str]] = field(default_factory=dict)  # region -> the unverified releases they are or read
+
+    @property
+    def unverified(self) -> frozenset[str]:
+        """The unverified releases left out, or read by the forecasts left out."""
+        return frozenset(name for names in self.reads.values() for name in names)
+
+
+def _trust(unverified: Mapping[str, str] | None, forecasts: _Found, releases: _Found | None) -> dict[str, Any]:
+    """What a recommendation's inputs record of the releases' verification: `releases_verified` (false where no
+    release-signing key is registered), the window's releases left out as unverified (`unverified_releases_skipped`,
+    with those the forecasts left out read) and, where there were any, the forecasts left out (`forecasts_skipped`)."""
+    if unverified is None:
+        return {"releases_verified": False}
+    skipped = forecasts.unverified | (releases.unverified if releases is not None else frozenset())
+    record: dict[str, Any] = {"releases_verified": True, "unverified_releases_skipped": sorted(skipped)}
+    if forecasts.left_out:
+        record["forecasts_skipped"] = sorted({f for ids in forecasts.left_out.values() for f in ids})
+    return record
+
+
+def _listed(ids: Iterable[str], statuses: Mapping[str, str], most: int = 5) -> str:
+    """'r-a (tampered), r-b (missing) and 3 more'."""
+    names = [f"{name} ({statuses[name]})" if name in statuses else name for name in sorted(ids)]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _missing(bus: str, region: str, metric: str, at: datetime, source: str, found: _Found,
+             unverified: Mapping[str, str]) -> str:
     when = f"{at.astimezone(UTC):%Y-%m-%dT%H:%MZ}"
+    left_out = found.left_out.get(region, ())
     if source == "forecasts":
-        return (f"no forecast of {metric} for region {region} (bus {bus}) at {when}, though the forecasts table "
-                f"holds forecasts for {', '.join(sorted(found))} then: run `fusion forecast --metric {metric} "
-                f"--region {region}`, or map bus {bus} to a region that has one")
+        read = (f" (its forecasts {_listed(left_out, {})} are left out: they read releases that `fusion verify` "
+                f"does not call verified or legacy, {_listed(found.reads[region], unverified)})" if left_out else "")
+        return (f"no forecast of {metric} for region {region} (bus {bus}) at {when}{read}, though the forecasts "
+                f"table holds forecasts for {', '.join(sorted(found.loads))} then: run `fusion forecast --metric "
+                f"{metric} --region {region}`, or map bus {bus} to a region that has one")
+    if left_out:
+        return (f"no release of {metric} for region {region} (bus {bus}) at {when} that `fusion verify` calls "
+                f"verified or legacy; left out: {_listed(left_out, unverified)}. Check `fusion verify`, choose "
+                "another time with --at, or map the bus to a region that has data")
     return (f"no release of {metric} for region {region} (bus {bus}) at {when}: release that window first, "
             "choose another time with --at, or map the bus to a region that has data")
 
@@ -122,50 +185,90 @@ def _negative(bus: str, load: RegionLoad, metric: str, at: datetime) -> str:
             "at least 0 MW; choose another time with --at, or map the bus to a region with a larger load")
 
 
-def _forecasts(store: FusedStore, metric: str, statistic: LoadStatistic, at: datetime) -> dict[str, RegionLoad]:
-    """The latest forecast per region of `metric` for the window at `at` (empty if the table holds none)."""
+def _ids(names: Iterable[str]) -> str:
+    """A SQL list of string literals."""
+    return "[" + ", ".join(map(_literal, sorted(names))) + "]"
+
+
+def _forecasts(store: FusedStore, metric: str, statistic: LoadStatistic, at: datetime,
+               unverified: Mapping[str, str]) -> _Found:
+    """The latest forecast per region of `metric` for the window at `at` (none if the table holds none), leaving
+    out every forecast that read a release of `unverified` (its `input_release_ids`). forecasting/ reads only
+    releases that verify when it issues a forecast; one issued before a release it read stopped verifying (or
+    before a release-signing key was registered) is left out here."""
     if "forecasts" not in TABLE_SCHEMAS:
-        return {}
+        return _Found({})
+    where = (f"purpose = 'forecast' AND metric = {_literal(metric)} AND statistic = {_literal(statistic.value)} "
+             f"AND window_start = {_at(at)}")
+    bad = _ids(unverified)
     table = store.sql(
-        "SELECT forecast_id, region, mean, sd FROM forecasts "
-        f"WHERE purpose = 'forecast' AND metric = {_literal(metric)} AND statistic = {_literal(statistic.value)} "
-        f"AND window_start = {_at(at)} "
-        "QUALIFY row_number() OVER (PARTITION BY region ORDER BY issued_at DESC, forecast_id DESC) = 1"
+        f"SELECT forecast_id, region, mean, sd FROM forecasts WHERE {where} "
+        + (f"AND NOT list_has_any(input_release_ids, {bad}) " if unverified else "")
+        + "QUALIFY row_number() OVER (PARTITION BY region ORDER BY issued_at DESC, forecast_id DESC) = 1"
     )
-    return {
+    loads = {
         row["region"]: RegionLoad(row["region"], float(row["mean"]), float(row["sd"]), f"forecast:{row['forecast_id']}")
         for row in table.to_pylist()
     }
+    if not unverified:
+        return _Found(loads)
+    tainted = store.sql(
+        f"SELECT DISTINCT region, forecast_id, list_intersect(input_release_ids, {bad}) AS read FROM forecasts "
+        f"WHERE {where} AND list_has_any(input_release_ids, {bad})"
+    ).to_pylist()
+    left_out: dict[str, set[str]] = {}
+    reads: dict[str, set[str]] = {}
+    for row in tainted:
+        left_out.setdefault(row["region"], set()).add(row["forecast_id"])
+        reads.setdefault(row["region"], set()).update(row["read"])
+    return _Found(loads, left_out={r: tuple(sorted(ids)) for r, ids in left_out.items()},
+                  reads={r: frozenset(names) for r, names in reads.items()})
 
 
 #: The two-sided 95% normal quantile the releases' intervals use.
 _Z95 = 1.959963984540054
 
 
-def _released(store: FusedStore, metric: str, statistic: LoadStatistic, at: datetime) -> dict[str, RegionLoad]:
-    """The released cell per region of `metric` for the window at `at`; a cell whose mean is withheld (its count's
-    interval includes 0) gives no load. Rows released before `mean_sd` existed take the SD their 95% interval
+def _released(store: FusedStore, metric: str, statistic: LoadStatistic, at: datetime,
+              unverified: Mapping[str, str]) -> _Found:
+    """The released cell per region of `metric` for the window at `at`, the latest of the releases not in
+    `unverified` (those of the window are named as left out); a cell whose mean is withheld (its count's interval
+    includes 0) gives no load. Rows released before `mean_sd` existed take the SD their 95% interval
     implies (half its width over 1.96), never 0: a load is never treated as exact."""
     mean_sd = f"coalesce(mean_sd, (mean_ci_high - mean_ci_low) / {2 * _Z95!r})"
     value, sd = (("coalesce(ratio_mean, mean)", mean_sd) if statistic is LoadStatistic.MEAN else ("sum", "sum_sd"))
+    where = f"metric = {_literal(metric)} AND window_start = {_at(at)}"
     table = store.sql(
-        f"SELECT release_id, region, {value} AS value, {sd} AS sd FROM releases "
-        f"WHERE metric = {_literal(metric)} AND window_start = {_at(at)} "
-        "QUALIFY row_number() OVER (PARTITION BY region ORDER BY released_at DESC, release_id DESC) = 1"
-    )
-    return {
+        f"SELECT release_id, region, {value} AS value, {sd} AS sd FROM releases WHERE {where} "
+        + (f"AND release_id NOT IN ({', '.join(map(_literal, sorted(unverified)))}) " if unverified else "")
+        + "QUALIFY row_number() OVER (PARTITION BY region ORDER BY released_at DESC, release_id DESC) = 1"
+    ).to_pylist()
+    loads = {
         row["region"]: RegionLoad(row["region"], float(row["value"]), float(row["sd"]), f"release:{row['release_id']}")
-        for row in table.to_pylist()
+        for row in table
         if row["value"] is not None and row["sd"] is not None
     }
+    if not unverified:
+        return _Found(loads)
+    rows = store.sql(
+        f"SELECT DISTINCT region, release_id FROM releases WHERE {where} "
+        f"AND release_id IN ({', '.join(map(_literal, sorted(unverified)))})"
+    ).to_pylist()
+    left_out: dict[str, set[str]] = {}
+    for row in rows:
+        left_out.setdefault(row["region"], set()).add(row["release_id"])
+    return _Found(loads, {r: tuple(sorted(ids)) for r, ids in left_out.items()},
+                  {r: frozenset(ids) for r, ids in left_out.items()})
 
 
-def default_window(store: FusedStore | None, metric: str | None, statistic: LoadStatistic,
-                   window: timedelta) -> datetime:
+def default_window(store: FusedStore | None, metric: str | None, statistic: LoadStatistic, window: timedelta,
+                   unverified: Mapping[str, str] | None) -> datetime:
     """The window a dispatch is for when none is given: the first forecast window after the metric's last release,
-    else its last released window, else (no data needed) the current window."""
+    else its last released window, else (no data needed) the current window. Releases of `unverified` do not count
+    (read_loads leaves them out)."""
     if store is not None and metric is not None:
-        last = store.sql(f"SELECT max(window_start) AS t FROM releases WHERE metric = {_literal(metric)}")
+        trusted = (f" AND release_id NOT IN ({', '.join(map(_literal, sorted(unverified)))})" if unverified else "")
+        last = store.sql(f"SELECT max(window_start) AS t FROM releases WHERE metric = {_literal(metric)}{trusted}")
         released = last.column("t")[0].as_py()
         if "forecasts" in TABLE_SCHEMAS:
             after = f"AND window_start > {_at(released)}" if released is not None else ""
@@ -184,4 +287,4 @@ def default_window(store: FusedStore | None, metric: str | None, statistic: Load
     return epoch + ((start - epoch) // window) * window
 
 
-__all__ = ["BusLoads", "MissingLoad", "RegionLoad", "default_window", "read_loads"]
+__all__ = ["TRUST_INPUTS", "BusLoads", "MissingLoad", "RegionLoad", "default_window", "read_loads"]

@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from fusion.api import FusedStore, open_store
+from fusion.api import FusedStore, open_store, unverified_releases
 from fusion.config.federation import Config
 from fusion.config.mechanisms import LoadStatistic, MechanismsConfig
 from fusion.errors import FusionError
 from mechanisms.authorities import load_operator_key, load_parties
 from mechanisms.bids import bids_of, read_bids
-from mechanisms.loads import MissingLoad, default_window, read_loads
+from mechanisms.loads import TRUST_INPUTS, MissingLoad, default_window, read_loads
 from mechanisms.network import Network, load_network, network_path
 from mechanisms.opf import Dispatch, Grid, Infeasible, solve_dispatch
 from mechanisms.pareto import sweep
@@ -75,7 +75,8 @@ def recommend(config: Config, request: Request) -> Outcome:
     private, public = load_operator_key(config)  # before any work: an unregistered operator signs nothing
     with open_store(config) as store:
         window = config.window
-        valid_from = request.at or default_window(store, settings.load_metric, settings.statistic, window)
+        unverified = _unverified(config, settings.load_metric)
+        valid_from = request.at or default_window(store, settings.load_metric, settings.statistic, window, unverified)
         _on_grid(valid_from, window)
         parameters = _parameters(config, settings, request)
         bids = None
@@ -83,7 +84,7 @@ def recommend(config: Config, request: Request) -> Outcome:
             if request.bids is None:
                 raise FusionError("fusion recommend auction needs --bids FILE (signed bids; `fusion bid` writes them)")
             bids = read_bids(request.bids, window=valid_from, bidders=load_parties(config).bidders)
-        run = _Run(config, request.kind, parameters, valid_from, store.versions, bids)
+        run = _Run(config, request.kind, parameters, valid_from, store.versions, bids, unverified=unverified)
         try:
             recommendation, dispatch, extra = run.compute(store)
         except (Infeasible, MissingLoad) as exc:
@@ -110,14 +111,25 @@ def replay(config: Config, recommendation_id: str) -> tuple[Recommendation, Reco
         )
     pinned = {name: int(v) for name, v in versions.items() if v is not None}
     skip = frozenset(name for name, v in versions.items() if v is None)
+    # Under the rule the recommendation recorded: releases verified (now), or not where nothing could be verified
+    # then. One made before recommendations recorded it leaves out what does not verify, recording nothing.
+    verified = original.inputs.get("releases_verified")
     with open_store(config, versions=pinned) as store:
+        unverified = None if verified is False else _unverified(config, original.parameters.get("load_metric"))
         run = _Run(config, Kind(original.kind), original.parameters, original.valid_from, versions,
-                   original.inputs.get("bids"), skip=skip)
+                   original.inputs.get("bids"), skip=skip, unverified=unverified, record_trust=verified is not None)
         try:
             again, _, _ = run.compute(store)
         except (Infeasible, MissingLoad) as exc:
             again = run.refusal(exc)
     return original, again
+
+
+def _unverified(config: Config, metric: str | None) -> dict[str, str] | None:
+    """The releases `fusion verify` does not call verified or legacy, with their status (None where no
+    release-signing key is registered): checked once per recommendation, after its store is opened, so that every
+    release it reads is checked; not at all where no load metric is read."""
+    return unverified_releases(config) if metric is not None else None
 
 
 def _stored(config: Config, recommendation_id: str) -> Recommendation:
@@ -172,13 +184,14 @@ class _Run:
     was read before it."""
 
     def __init__(self, config: Config, kind: Kind, parameters: dict[str, Any], valid_from: datetime,
-                 versions: dict[str, int | None], bids: list[dict[str, Any]] | None,
-                 skip: frozenset[str] = frozenset()) -> None:
+                 versions: dict[str, int | None], bids: list[dict[str, Any]] | None, *,
+                 unverified: dict[str, str] | None, skip: frozenset[str] = frozenset(),
+                 record_trust: bool = True) -> None:
         self.config, self.kind, self.parameters = config, kind, parameters
         self.valid_from = valid_from.astimezone(UTC)
         self.valid_to = self.valid_from + timedelta(seconds=int(parameters["window_seconds"]))
         self.network = _network(config, parameters)
-        self.skip = skip
+        self.skip, self.unverified, self.record_trust = skip, unverified, record_trust
         self.inputs: dict[str, Any] = {
             "network": {"name": self.network.name, "sha256": self.network.digest()},
             "store_versions": {name: versions.get(name) for name in ("releases", "forecasts") if name in versions},
@@ -195,7 +208,14 @@ class _Run:
             parameters=self.parameters, summary=summary, items=tuple(items), outcome=outcome, refusal=refusal,
         )
 
+    def _read(self, record: dict[str, Any]) -> None:
+        """Add what was read to the inputs (without the releases' verification for a replay of a recommendation
+        made before recommendations recorded it)."""
+        self.inputs |= {k: v for k, v in record.items() if self.record_trust or k not in TRUST_INPUTS}
+
     def refusal(self, exc: Exception) -> Recommendation:
+        if isinstance(exc, MissingLoad):
+            self._read(exc.inputs)
         what = "load" if isinstance(exc, MissingLoad) else "infeasible"
         return self._record(f"refused: {exc}", [Item.of("refusal", what, None, None)], outcome=REFUSED,
                             refusal=str(exc))
@@ -203,12 +223,15 @@ class _Run:
     def compute(self, store: FusedStore) -> tuple[Recommendation, Dispatch, dict[str, Any]]:
         grid = Grid.from_network(self.network)
         loads = read_loads(store, self.network, metric=self.parameters["load_metric"],
-                           statistic=LoadStatistic(self.parameters["statistic"]), at=self.valid_from, skip=self.skip)
-        self.inputs |= loads.inputs()
+                           statistic=LoadStatistic(self.parameters["statistic"]), at=self.valid_from,
+                           unverified=self.unverified, skip=self.skip)
+        self._read(loads.inputs())
         margin = loads.margin(float(self.parameters["reserve_z"]))
         reserve = margin if margin.sum() > 0 else None
         voll = self.parameters["voll"]
-        extra: dict[str, Any] = {"reserve_mw": float(margin.sum()), "loads": loads}
+        extra: dict[str, Any] = {"reserve_mw": float(margin.sum()), "loads": loads, "left_out": {
+            name: (self.unverified or {}).get(name, "unverified")
+            for name in loads.trust.get("unverified_releases_skipped", ())}}
         uncertainty = _reserve_items(self.network, margin, loads.total_sd)
         if self.kind is Kind.DISPATCH:
             dispatch = solve_dispatch(grid, loads.mw, reserve=reserve, voll=voll)

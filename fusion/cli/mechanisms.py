@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
-from fusion.cli.output import console, print_arrow
+from fusion.cli.output import console, err_console, print_arrow
 from fusion.config.federation import Config, load_config
 from fusion.errors import FusionError
 
@@ -163,6 +163,13 @@ def show_recommendation(outcome: Outcome, fmt: str = "table") -> None:
     import pyarrow as pa
 
     rec = outcome.recommendation
+    left_out = outcome.extra.get("left_out")
+    if left_out:  # on stderr beside CSV or JSON, which stay clean
+        names = ", ".join(f"{name} ({status})" for name, status in sorted(left_out.items()))
+        forecasts = rec.inputs.get("forecasts_skipped", [])
+        (console if fmt == "table" else err_console).print(
+            f"left out {len(left_out)} release(s) that `fusion verify` does not call verified or legacy: {names}"
+            + (f", and {len(forecasts)} forecast(s) that read them" if forecasts else ""), highlight=False)
     if fmt != "table":
         print_arrow(rec.rows().select(["recommendation_id", "item_type", "item_key", "value", "unit"]), fmt)
         return

@@ -50,16 +50,19 @@ def load_releases(region: str, *, mean: float = 10.0, sd: float = 0.25, hours: r
 
 
 def forecast_rows(values: dict[str, tuple[float, float]], *, at: datetime = HOUR, metric: str = "load",
-                  forecast_id: str = "fc-1") -> pa.Table:
+                  forecast_id: str = "fc-1", issued_at: datetime | None = None,
+                  input_release_ids: tuple[str, ...] = ()) -> pa.Table:
     """One forecast window per region (region -> (mean, sd)) in the `forecasts` table's schema (whatever else it
-    holds filled with plain values)."""
+    holds filled with plain values), issued 2 hours before the window unless `issued_at` says otherwise."""
     schema = TABLE_SCHEMAS["forecasts"]
     rows = []
     for region, (mean, sd) in values.items():
         given: dict[str, Any] = {"forecast_id": f"{forecast_id}-{region}", "purpose": "forecast", "metric": metric,
                                  "statistic": "mean", "region": region, "window_start": at,
-                                 "window_end": at + timedelta(hours=1), "issued_at": at - timedelta(hours=2),
-                                 "origin": at - timedelta(hours=1), "mean": mean, "sd": sd}
+                                 "window_end": at + timedelta(hours=1),
+                                 "issued_at": issued_at or at - timedelta(hours=2),
+                                 "origin": at - timedelta(hours=1), "mean": mean, "sd": sd,
+                                 "input_release_ids": list(input_release_ids)}
         rows.append({field.name: given.get(field.name, _plain(field.type)) for field in schema})
     return pa.Table.from_pylist(rows, schema=schema)
 

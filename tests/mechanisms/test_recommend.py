@@ -14,10 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from fusion.keys.registry import create_key_holder_key
 from mechanisms.loads import MissingLoad
 from mechanisms.opf import Infeasible
 from mechanisms.recommend import Request, recommend, replay
 from mechanisms.records import Kind
+from tests.conftest import START
 from tests.mechanisms.conftest import (
     HOUR,
     MechFederation,
@@ -49,6 +51,7 @@ def test_a_dispatch_from_releases_reproduces_case5_and_states_its_reserve(mech_f
     assert rec.inputs["load_source"] == "releases"
     assert rec.inputs["release_ids"] == ["release-east-0", "release-north-0", "release-south-0"]
     assert rec.inputs["store_versions"] == {"releases": 1, "forecasts": None}
+    assert rec.inputs["releases_verified"] is False  # no release-signing key registered: nothing can be verified
     assert set(rec.regions) == {"north", "south", "east"} and "Advisory only" in rec.summary
     stored = fed.store.read("recommendations")
     assert stored.num_rows == len(rec.items) and not any(stored.column("binding").to_pylist())
@@ -217,3 +220,116 @@ def test_a_release_from_before_mean_sd_takes_the_sd_its_interval_implies_never_z
     rec = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
     total_sd = math.sqrt(7.5**2 + 7.5**2 + 10.0**2)  # as with the SD column: 30, 30 and 40 times 0.25
     assert rec.items_of("uncertainty")["load_sd"] == pytest.approx(total_sd, rel=1e-5)
+
+
+def _forged(region: str, *, mean: float, hours: range, release_id: str = "release-forged") -> pa.Table:
+    """Cells of `load` for `region` written into the store without the key holder, released after the genuine ones
+    (so the latest release of their windows, were it counted)."""
+    rows = load_releases(region, mean=mean, hours=hours)
+    rows = rows.set_column(rows.schema.get_field_index("release_id"), "release_id", pa.array([release_id] * len(hours)))
+    return rows.set_column(rows.schema.get_field_index("released_at"), "released_at",
+                           pa.array([START + timedelta(hours=6)] * len(hours), rows.schema.field("released_at").type))
+
+
+def _with_release_signing_key(fed: MechFederation) -> None:
+    """The key holder registers its release-signing key; the releases already published are legacy."""
+    create_key_holder_key(fed.config, published=[f"release-{r}-0" for r in ("north", "south", "east")])
+
+
+def test_releases_that_do_not_verify_are_left_out_and_recorded(mech_federation: Build) -> None:
+    """Where a release-signing key is registered, bus loads come only from releases `fusion verify` calls verified
+    or legacy, as forecasts do: a row written into the store without the key holder (north at 9.0, released later)
+    was the dispatch's load, and its recommendation superseded the one built on the signed release."""
+    fed = mech_federation()
+    _with_release_signing_key(fed)
+    honest = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
+    fed.store.insert_new("releases", _forged("north", mean=9.0, hours=range(1, 6)))
+    rec = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
+    assert rec.items_of("load_mw") == honest.items_of("load_mw") == {"A": 0.0, "B": 300.0, "C": 300.0, "D": 400.0,
+                                                                    "E": 0.0}
+    assert rec.inputs["release_ids"] == ["release-east-0", "release-north-0", "release-south-0"]
+    assert honest.inputs["releases_verified"] is True and honest.inputs["unverified_releases_skipped"] == []
+    assert rec.inputs["releases_verified"] is True and rec.inputs["unverified_releases_skipped"] == ["release-forged"]
+    original, again = replay(fed.config, rec.recommendation_id)
+    assert again.digest == original.recorded_digest == rec.digest
+    # The window a dispatch is for by default is the last one a good release holds, not the forged rows' last.
+    assert recommend(fed.config, Request(Kind.DISPATCH)).recommendation.valid_from == START + timedelta(hours=2)
+    # A window only the forged rows hold for north is refused, naming them, and the refusal records them.
+    with pytest.raises(MissingLoad, match=r"no release of load for region north \(bus B\) at 2026-01-01T05:00Z that "
+                       r"`fusion verify` calls verified or legacy; left out: release-forged \(tampered\)"):
+        recommend(fed.config, Request(Kind.DISPATCH, at=START + timedelta(hours=5)))
+    refused = recommendation_ids(fed.store, outcome="refused")
+    original, again = replay(fed.config, refused[0])
+    assert original.inputs["unverified_releases_skipped"] == ["release-forged"]
+    assert again.digest == original.recorded_digest
+
+
+TWO = START + timedelta(hours=2)
+
+
+def test_forecasts_that_read_a_release_that_does_not_verify_are_left_out(mech_federation: Build) -> None:
+    """forecasting/ reads only releases that verify when it issues a forecast; one that read a release `fusion
+    verify` does not call verified or legacy (issued before the key was registered, or before the release stopped
+    verifying) is left out, and the window's latest good forecast counts."""
+    fed = mech_federation()
+    _with_release_signing_key(fed)
+    fed.store.insert_new("releases", _forged("north", mean=9.0, hours=range(0, 1)))
+    genuine = ("release-north-0", "release-south-0", "release-east-0")
+    fed.store.insert_new("forecasts", pa.concat_tables([
+        forecast_rows({"north": (9.0, 0.5), "south": (11.0, 0.5), "east": (10.0, 1.0)}, input_release_ids=genuine),
+        forecast_rows({"north": (20.0, 0.5), "south": (20.0, 0.5), "east": (20.0, 1.0)}, forecast_id="fc-2",
+                      issued_at=HOUR - timedelta(hours=1), input_release_ids=("release-forged", *genuine)),
+    ]))
+    rec = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
+    assert rec.items_of("load_mw") == {"A": 0.0, "B": 270.0, "C": 330.0, "D": 400.0, "E": 0.0}
+    assert rec.inputs["load_source"] == "forecasts"
+    assert rec.inputs["forecast_ids"] == ["fc-1-east", "fc-1-north", "fc-1-south"]
+    assert rec.inputs["forecasts_skipped"] == ["fc-2-east", "fc-2-north", "fc-2-south"]
+    assert rec.inputs["unverified_releases_skipped"] == ["release-forged"]
+    # A region whose every forecast read one is refused, naming them, though the others have a good one.
+    fed.store.insert_new("forecasts", forecast_rows({"north": (9.0, 0.5)}, at=TWO, forecast_id="fc-3",
+                                                    input_release_ids=genuine))
+    fed.store.insert_new("forecasts", forecast_rows({"south": (9.0, 0.5), "east": (9.0, 0.5)},
+                                                    at=TWO, forecast_id="fc-4",
+                                                    input_release_ids=("release-forged",)))
+    with pytest.raises(MissingLoad, match=r"no forecast of load for region south \(bus C\) at 2026-01-01T02:00Z \(its "
+                       r"forecasts fc-4-south are left out: they read releases that `fusion verify` does not call "
+                       r"verified or legacy, release-forged \(tampered\)\)"):
+        recommend(fed.config, Request(Kind.DISPATCH, at=TWO))
+
+
+def test_a_recommendation_recorded_before_releases_were_verified_replays_unless_it_read_an_unverified_one(
+    mech_federation: Build,
+) -> None:
+    """One recorded before recommendations said whether their releases were verified (no releases_verified in its
+    inputs, every release read) replays to its digest where what it read verifies, and not where it read a release
+    that does not."""
+    from fusion.api import open_store
+    from mechanisms.authorities import load_operator_key
+    from mechanisms.recommend import _Run
+    from mechanisms.records import now
+    from mechanisms.tables import write_rows
+
+    fed = mech_federation()
+    _with_release_signing_key(fed)
+    private, public = load_operator_key(fed.config)
+    made = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
+
+    def as_before() -> str:
+        """A dispatch computed and recorded as before releases were verified."""
+        with open_store(fed.config) as store:
+            run = _Run(fed.config, Kind.DISPATCH, made.parameters, HOUR, store.versions, None, unverified=None,
+                       record_trust=False)
+            old = run.compute(store)[0].signed(private, public, supersedes=None, created_at=now())
+        write_rows(fed.config, "recommendations", old.rows())
+        assert "releases_verified" not in old.inputs
+        return old.recommendation_id
+
+    honest = as_before()
+    original, again = replay(fed.config, honest)
+    assert again.digest == original.recorded_digest
+    fed.store.insert_new("releases", _forged("north", mean=9.0, hours=range(1, 2)))
+    forged = as_before()
+    original, again = replay(fed.config, forged)
+    assert original.items_of("load_mw")["B"] == 270.0 and again.items_of("load_mw")["B"] == 300.0
+    assert again.digest != original.recorded_digest
