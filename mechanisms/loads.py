@@ -6,9 +6,10 @@ forecast of the metric for that window, else the released cell (its unclipped `r
 `sum`). Either way the value's SD travels with it (a forecast's `sd`, a release's noise SD), and the dispatch
 holds a reserve of z x the SD of the total load (regions independent, the buses of one region moving together).
 A bus whose region has no forecast (when others do) or no release is refused, naming the bus and the region (and
-saying so where only releases that do not verify hold the window); so is one whose value is negative (a release's
-noise on a small load, unclipped), naming the release or forecast too: a negative load would be generation nobody
-offered, at no cost, and Fusion does not clip it to 0 silently.
+saying so where the region's release withholds its mean, or where only releases that do not verify hold the
+window); so is one whose value is negative (a release's noise on a small load, unclipped), naming the release or
+forecast too: a negative load would be generation nobody offered, at no cost, and Fusion does not clip it to 0
+silently.
 
 Where the key holder has a release-signing key registered, loads come only from releases `fusion verify` calls
 verified or legacy, as forecasts do (forecasting.series): the others (`fusion.api.unverified_releases`, taken once
@@ -117,7 +118,7 @@ def read_loads(store: FusedStore | None, network: Network, *, metric: str | None
             continue
         load = found.loads.get(bus.region)
         if load is None:
-            raise MissingLoad(_missing(bus.id, bus.region, metric, at, source, found, bad), inputs=trust)
+            raise MissingLoad(_missing(bus.id, bus.region, metric, statistic, at, source, found, bad), inputs=trust)
         if load.value < 0:
             raise MissingLoad(_negative(bus.id, load, metric, at), inputs=trust)
         mw[i] = bus.scale * load.value if bus.scale is not None else load.value
@@ -132,6 +133,7 @@ class _Found:
     """What the forecasts or the releases give for the window: a load per region, and why a region has none."""
 
     loads: dict[str, RegionLoad]
+    withheld: dict[str, str] = field(default_factory=dict)  # region -> its latest good release, no value in it
     left_out: dict[str, tuple[str, ...]] = field(default_factory=dict)  # region -> its forecasts or releases left out
     reads: dict[str, frozenset[str]] = field(default_factory=dict)  # region -> the unverified releases they are or read
 
@@ -160,7 +162,7 @@ def _listed(ids: Iterable[str], statuses: Mapping[str, str], most: int = 5) -> s
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def _missing(bus: str, region: str, metric: str, at: datetime, source: str, found: _Found,
+def _missing(bus: str, region: str, metric: str, statistic: LoadStatistic, at: datetime, source: str, found: _Found,
              unverified: Mapping[str, str]) -> str:
     when = f"{at.astimezone(UTC):%Y-%m-%dT%H:%MZ}"
     left_out = found.left_out.get(region, ())
@@ -170,6 +172,14 @@ def _missing(bus: str, region: str, metric: str, at: datetime, source: str, foun
         return (f"no forecast of {metric} for region {region} (bus {bus}) at {when}{read}, though the forecasts "
                 f"table holds forecasts for {', '.join(sorted(found.loads))} then: run `fusion forecast --metric "
                 f"{metric} --region {region}`, or map bus {bus} to a region that has one")
+    also = (f" (releases that `fusion verify` does not call verified or legacy left out: "
+            f"{_listed(left_out, unverified)})" if left_out else "")
+    release = found.withheld.get(region)
+    if release is not None:
+        what = ("withholds its mean (its count's interval includes 0, so no mean is released)"
+                if statistic is LoadStatistic.MEAN else f"holds no {statistic.value} with its SD")
+        return (f"the release {release} of {metric} for region {region} (bus {bus}) at {when} {what}{also}: choose "
+                "another time with --at, or map the bus to a region that has data")
     if left_out:
         return (f"no release of {metric} for region {region} (bus {bus}) at {when} that `fusion verify` calls "
                 f"verified or legacy; left out: {_listed(left_out, unverified)}. Check `fusion verify`, choose "
@@ -233,7 +243,7 @@ def _released(store: FusedStore, metric: str, statistic: LoadStatistic, at: date
               unverified: Mapping[str, str]) -> _Found:
     """The released cell per region of `metric` for the window at `at`, the latest of the releases not in
     `unverified` (those of the window are named as left out); a cell whose mean is withheld (its count's interval
-    includes 0) gives no load. Rows released before `mean_sd` existed take the SD their 95% interval
+    includes 0) gives no load, and says so. Rows released before `mean_sd` existed take the SD their 95% interval
     implies (half its width over 1.96), never 0: a load is never treated as exact."""
     mean_sd = f"coalesce(mean_sd, (mean_ci_high - mean_ci_low) / {2 * _Z95!r})"
     value, sd = (("coalesce(ratio_mean, mean)", mean_sd) if statistic is LoadStatistic.MEAN else ("sum", "sum_sd"))
@@ -248,8 +258,9 @@ def _released(store: FusedStore, metric: str, statistic: LoadStatistic, at: date
         for row in table
         if row["value"] is not None and row["sd"] is not None
     }
+    withheld = {row["region"]: row["release_id"] for row in table if row["value"] is None}
     if not unverified:
-        return _Found(loads)
+        return _Found(loads, withheld)
     rows = store.sql(
         f"SELECT DISTINCT region, release_id FROM releases WHERE {where} "
         f"AND release_id IN ({', '.join(map(_literal, sorted(unverified)))})"
@@ -257,7 +268,7 @@ def _released(store: FusedStore, metric: str, statistic: LoadStatistic, at: date
     left_out: dict[str, set[str]] = {}
     for row in rows:
         left_out.setdefault(row["region"], set()).add(row["release_id"])
-    return _Found(loads, {r: tuple(sorted(ids)) for r, ids in left_out.items()},
+    return _Found(loads, withheld, {r: tuple(sorted(ids)) for r, ids in left_out.items()},
                   {r: frozenset(ids) for r, ids in left_out.items()})
 
 

@@ -19,7 +19,7 @@ from mechanisms.loads import MissingLoad
 from mechanisms.opf import Infeasible
 from mechanisms.recommend import Request, recommend, replay
 from mechanisms.records import Kind
-from tests.conftest import START
+from tests.conftest import START, publish_signed
 from tests.mechanisms.conftest import (
     HOUR,
     MechFederation,
@@ -296,6 +296,33 @@ def test_forecasts_that_read_a_release_that_does_not_verify_are_left_out(mech_fe
                        r"forecasts fc-4-south are left out: they read releases that `fusion verify` does not call "
                        r"verified or legacy, release-forged \(tampered\)\)"):
         recommend(fed.config, Request(Kind.DISPATCH, at=TWO))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_withheld_mean_is_refused_as_withheld_not_as_unreleased(mech_federation: Build, signed: bool) -> None:
+    """A window released with its mean withheld (its count's interval includes 0) is told apart from a window not
+    released: 'release that window first' sent the operator to release it again. (Signed: the key holder's
+    release, which verifies, withholds the mean.)"""
+    fed = mech_federation(releases=False)
+    north = load_releases("north")
+    for name in ("mean", "ratio_mean", "mean_sd", "mean_ci_low", "mean_ci_high"):
+        index = north.schema.get_field_index(name)
+        north = north.set_column(index, north.schema.field(index), pa.nulls(north.num_rows, pa.float64()))
+    rows = pa.concat_tables([north, load_releases("south"), load_releases("east")])
+    if signed:
+        create_key_holder_key(fed.config)
+        publish_signed(fed.config, fed.store, rows)
+    else:
+        fed.store.insert_new("releases", rows)
+    with pytest.raises(MissingLoad) as caught:
+        recommend(fed.config, Request(Kind.DISPATCH, at=HOUR))
+    assert str(caught.value) == (
+        "the release release-north-0 of load for region north (bus B) at 2026-01-01T01:00Z withholds its mean (its "
+        "count's interval includes 0, so no mean is released): choose another time with --at, or map the bus to a "
+        "region that has data")
+    with pytest.raises(MissingLoad, match=r"no release of load for region north \(bus B\) at 2026-01-01T05:00Z: "
+                       "release that window first"):
+        recommend(fed.config, Request(Kind.DISPATCH, at=START + timedelta(hours=5)))
 
 
 def test_a_recommendation_recorded_before_releases_were_verified_replays_unless_it_read_an_unverified_one(
