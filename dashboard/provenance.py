@@ -219,16 +219,33 @@ def _chain_order(check: ReleaseCheck) -> tuple[Any, ...]:
 def record_checks(snapshot: Snapshot) -> tuple[str | None, list[RecordCheck]]:
     """(why they could not be checked, or None; the mechanisms' records checked as `fusion verify` checks them),
     none when the store has no such tables."""
-    if not (snapshot.has("recommendations") or snapshot.has("decisions")):
-        return None, []
+    error, checks, _ = _mechanism_checks(snapshot)
+    return error, checks
 
-    def compute(shot: Snapshot) -> tuple[str | None, list[RecordCheck]]:
-        from mechanisms.audit import verify_mechanisms  # reads only; imports no solver
+
+def decision_checks(snapshot: Snapshot) -> dict[str, tuple[str, str]]:
+    """Each decision row's (status, effect) as `fusion verify` checks it, by the row's identity
+    (`mechanisms.audit.row_identity`: a copy of a row, changed in any field, is another row with a check of its
+    own); none when they could not be checked."""
+    return _mechanism_checks(snapshot)[2]
+
+
+#: (why the records could not be checked, or None; their checks; each decision row's status and effect by identity).
+MechanismChecks = tuple[str | None, list[RecordCheck], dict[str, tuple[str, str]]]
+
+
+def _mechanism_checks(snapshot: Snapshot) -> MechanismChecks:
+    if not (snapshot.has("recommendations") or snapshot.has("decisions")):
+        return None, [], {}
+
+    def compute(shot: Snapshot) -> MechanismChecks:
+        from mechanisms.audit import audit_mechanisms, row_identity  # reads only; imports no solver
 
         try:
-            found = verify_mechanisms(shot.config, shot.store)
+            audit = audit_mechanisms(shot.config, shot.store)
         except FusionError as exc:  # a malformed registry entry: shown where the checks would be
-            return without_paths(shot.config, exc), []
-        return None, [RecordCheck(**vars(c)) for c in found]
+            return without_paths(shot.config, exc), [], {}
+        by_row = {row_identity(decision): (check.status, check.effect) for decision, check in audit.decisions}
+        return None, [RecordCheck(**vars(c)) for c in audit.checks], by_row
 
     return snapshot.cached(f"mechanisms {_registry_stamp(snapshot.config)}", ["recommendations", "decisions"], compute)

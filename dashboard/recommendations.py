@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from dashboard import params
 from dashboard.formatting import finite
-from dashboard.provenance import record_checks
+from dashboard.provenance import decision_checks, record_checks
 from dashboard.snapshot import Snapshot
 
 #: The most recommendations and decisions listed (newest first).
@@ -102,7 +102,7 @@ def recommendations_view(snapshot: Snapshot, *, recommendation: str | None = Non
     ids = [r.recommendation_id for r in listed]
     chosen_id = params.choice("recommendation", recommendation, ids, default=ids[0] if ids else None)
     statuses = _statuses(snapshot)
-    decisions = _decisions(snapshot, statuses)
+    decisions = _decisions(snapshot)
     empty = RecommendationsView(
         recommendations=listed, chosen=None, chosen_status=None, items=[], lmps=[], frontier=[], decisions=decisions,
         note=None if listed else "no recommendations yet: the mechanisms operator's `fusion recommend` writes them "
@@ -122,24 +122,26 @@ def recommendations_view(snapshot: Snapshot, *, recommendation: str | None = Non
 
 
 def _statuses(snapshot: Snapshot) -> dict[tuple[str, str], tuple[str, str]]:
-    """(table, record id) -> (status, effect), as `fusion verify` checks them."""
+    """(table, record id) -> (status, effect), as `fusion verify` checks them (a recommendation's id names all its
+    rows; a decision's record id, its id and signer, is shared by any copy of its row: see `_decisions`)."""
     return {(c.table, c.record_id): (c.status, c.effect) for c in record_checks(snapshot)[1]}
 
 
-def _decisions(snapshot: Snapshot, statuses: dict[tuple[str, str], tuple[str, str]]) -> list[Decision]:
-    rows = snapshot.rows(
-        "SELECT decision_id, recommendation_id, action, authority, signer, decided_at, effective_from, effective_to, "
-        "reason_code, reason, adopted, deviation_mw, cost_impact, outcome, refusal FROM decisions "
-        f"ORDER BY decided_at DESC, decision_id, signer LIMIT {MAX_LISTED}"
-    )
+def _decisions(snapshot: Snapshot) -> list[Decision]:
+    from mechanisms.audit import row_identity  # reads only; imports no solver
+    from mechanisms.records import Decision as StoredDecision
+
+    rows = snapshot.rows(f"SELECT * FROM decisions ORDER BY decided_at DESC, decision_id, signer LIMIT {MAX_LISTED}")
+    checks = decision_checks(snapshot)
     decisions = []
     for row in rows:
-        # `fusion verify` names a decision row by its id and signer (one row per signer)
-        status, effect = statuses.get(("decisions", f"{row['decision_id']}/{row['signer']}"),
-                                      statuses.get(("decisions", row["decision_id"]), (None, None)))
+        # Each row's own check, by all it holds: a copy of a row, changed (a forged reason, say) or not, keeps the
+        # id it carries and its signer, and must not take the check of the row it copies, nor give it its own.
+        status, effect = checks.get(row_identity(StoredDecision.from_row(row)), (None, None))
         adopted = [Item(item_type="adopted", item_key=a["item_key"], value=a["value"], unit=a["unit"])
-                   for a in row.pop("adopted") or []]
-        decisions.append(Decision(**row, adopted=adopted, verified=status, effect=effect))
+                   for a in row["adopted"] or []]
+        shown = {name: row[name] for name in Decision.model_fields if name not in ("adopted", "verified", "effect")}
+        decisions.append(Decision(**shown, adopted=adopted, verified=status, effect=effect))
     return decisions
 
 

@@ -17,6 +17,7 @@ writes (no digest or id is computed over one), is `tampered`.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,27 +46,49 @@ class RecordCheck:
     reason: str
 
 
+@dataclass(frozen=True)
+class Audit:
+    """What `fusion verify` finds in the mechanisms' tables: a check of each recommendation, in order of id, and each
+    decision row with its own check, in the order the table holds them. A row's check is carried with it: a copy of
+    a row, changed or not, shares the id it carries and its signer, never its check."""
+
+    recommendations: list[RecordCheck]
+    decisions: list[tuple[Decision, RecordCheck]]
+
+    @property
+    def checks(self) -> list[RecordCheck]:
+        """The checks as `fusion verify` lists them: the recommendations', then the decisions'."""
+        return self.recommendations + [check for _, check in self.decisions]
+
+
 def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
+    """The checks `fusion verify` lists (`audit_mechanisms`), without the rows they are of."""
+    return audit_mechanisms(config, store).checks
+
+
+def audit_mechanisms(config: Config, store: FusedStore) -> Audit:
+    """Every recommendation and decision in the snapshot `store` reads, checked."""
     parties = load_parties(config)
-    checks: list[RecordCheck] = []
+    recommendations: list[RecordCheck] = []
     intact: dict[str, Recommendation] = {}  # those that verify, by id
     for rid, rows in sorted(recommendation_groups(store).items()):
         try:
             recommendation = Recommendation.from_rows(rows)
         except ValueError as exc:
-            checks.append(RecordCheck("recommendations", rid, "tampered", "?", f"its rows are inconsistent: {exc}"))
+            recommendations.append(RecordCheck("recommendations", rid, "tampered", "?",
+                                               f"its rows are inconsistent: {exc}"))
             continue
         why = recommendation.tampered(parties.operator_keys)
         if why is None and recommendation.recorded_id != rid:
             why = "its id is not its digest's"
         effect = f"{recommendation.kind} ({recommendation.outcome})"
         if why:
-            checks.append(RecordCheck("recommendations", rid, "tampered", effect, why))
+            recommendations.append(RecordCheck("recommendations", rid, "tampered", effect, why))
             continue
         intact[rid] = recommendation
         refused = recommendation.outcome != RECORDED
-        checks.append(RecordCheck("recommendations", rid, "refusal" if refused else "verified", effect,
-                                  recommendation.refusal or ""))
+        recommendations.append(RecordCheck("recommendations", rid, "refusal" if refused else "verified", effect,
+                                           recommendation.refusal or ""))
     superseding = superseding_of(intact.values())  # a row that does not verify supersedes nothing
     decisions = read_decisions(store)
     signers: dict[str, set[str]] = defaultdict(set)
@@ -75,6 +98,7 @@ def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
         if status == "verified":
             signers[decision.decision_id].add(decision.signer)
         verdicts.append((decision, status, why))
+    checked = []
     for decision, status, why in verdicts:
         effect = decision.action
         if status == "verified":
@@ -84,8 +108,8 @@ def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
             effect += f": {count} of {threshold} signature(s), " + ("in effect" if count >= threshold else "pending")
         elif status == "invalid":
             effect += ": never in effect"
-        checks.append(RecordCheck("decisions", _key(decision), status, effect, why))
-    return checks
+        checked.append((decision, RecordCheck("decisions", _key(decision), status, effect, why)))
+    return Audit(recommendations, checked)
 
 
 def _decision_status(
@@ -137,7 +161,6 @@ def overrides_report(config: Config, store: FusedStore, *, period: str = "month"
     their cost impact; every override and rejection in effect). Tampered and invalid decisions, and unattested
     refusals, are left out (`fusion verify` names them)."""
     parties = load_parties(config)
-    checks = {c.record_id: c for c in verify_mechanisms(config, store) if c.table == "decisions"}
     by_id: dict[str, list[Decision]] = defaultdict(list)
     summary: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
 
@@ -147,12 +170,11 @@ def overrides_report(config: Config, store: FusedStore, *, period: str = "month"
         row["deviation_mw"] += decision.deviation_mw or 0.0
         row["cost_impact"] += decision.cost_impact or 0.0
 
-    for decision in read_decisions(store):
-        check = checks.get(_key(decision))
-        if check is not None and check.status == "refusal":
+    for decision, check in audit_mechanisms(config, store).decisions:  # each row with its own check
+        if check.status == "refusal":
             count((_period(decision.decided_at, period), decision.authority, decision.action,
                    decision.reason_code or "-", "refused"), decision)
-        elif check is not None and check.status == "verified":
+        elif check.status == "verified":
             by_id[decision.decision_id].append(decision)
     listing = []
     for verified in by_id.values():
@@ -197,8 +219,21 @@ def _first_per_signer(rows: list[Decision]) -> list[Decision]:
 
 
 def _key(decision: Decision) -> str:
-    """A decision row's name in the checks: the id its row carries, and its signer."""
+    """A decision row's name in the checks: the id its row carries, and its signer. A copy of the row, changed or
+    not, has the same name: a reader that looks a row's check up uses `row_identity`."""
     return f"{decision.recorded_id or decision.decision_id}/{decision.signer}"
+
+
+def row_identity(decision: Decision) -> str:
+    """A decision row's identity, for a reader that looks up its check (`Audit.decisions`): the id it carries, the
+    id its content hashes to, its signer and a digest of all it holds. A copy changed in any field has another; rows
+    with one identity are one row stored more than once, and have one check."""
+    try:
+        recomputed = decision.decision_id
+    except ValueError:  # a NaN or an infinity: no id can be computed (it is tampered)
+        recomputed = "-"
+    digest = hashlib.sha256(repr(decision).encode()).hexdigest()
+    return f"{decision.recorded_id}/{recomputed}/{decision.signer}/{digest}"
 
 
 def _when(decision: Decision) -> datetime:
@@ -217,4 +252,5 @@ def _period(moment: datetime | None, period: str) -> str:
     return f"{moment:%Y-%m}"
 
 
-__all__ = ["FAILING", "RecordCheck", "overrides_report", "verify_mechanisms"]
+__all__ = ["FAILING", "Audit", "RecordCheck", "audit_mechanisms", "overrides_report", "row_identity",
+           "verify_mechanisms"]

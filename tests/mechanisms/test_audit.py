@@ -12,8 +12,10 @@ import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
 
+from dashboard.recommendations import recommendations_view
+from dashboard.snapshot import Snapshot, VersionCache
 from fusion.api import open_store
-from mechanisms.audit import FAILING, RecordCheck, overrides_report, verify_mechanisms
+from mechanisms.audit import FAILING, RecordCheck, audit_mechanisms, overrides_report, verify_mechanisms
 from mechanisms.authorities import load_private, signer_key_file
 from mechanisms.decisions import DecideRequest, DecisionRefused, decide
 from mechanisms.loads import MissingLoad
@@ -251,6 +253,42 @@ def test_a_signature_copied_into_the_store_again_counts_once(mech_federation: Bu
     assert effects == {"override: 1 of 2 signature(s), pending"}
     assert [(r["status"], r["decisions"]) for r in summary.to_pylist()] == [("pending", 1)]
     assert listing.num_rows == 0
+
+
+@pytest.mark.parametrize("forged_first", [True, False])
+def test_a_changed_copy_of_a_decision_row_neither_forges_nor_hides_it(
+    mech_federation: Build, forged_first: bool
+) -> None:
+    """A copy of alice's signed override with another reason and cost impact (the same id and signer: only write
+    access to the store needed) is tampered, and the override stays what she signed, whichever row the table holds
+    first: in the checks, the overrides report and the dashboard. The checks were looked up by id and signer, so the
+    row read last gave its status to both: the forged copy in effect in the report, or the override left out."""
+    fed = mech_federation()
+    rec = _recommend(fed)
+    made = decide(fed.config, DecideRequest(Action.OVERRIDE, rec.recommendation_id, "grid-ops", "alice",
+                                            reason_code=ReasonCode.RELIABILITY, reason="line 3 out",
+                                            set_mw=(("Sundance", 50.0),))).decision
+    genuine = fed.store.read("decisions")
+    forged = pa.Table.from_pylist(
+        [genuine.to_pylist()[0] | {"reason": "FORGED reason", "cost_impact": -99999.0}], schema=genuine.schema
+    )
+    write_deltalake(fed.store.table_path("decisions"),
+                    pa.concat_tables([forged, genuine] if forged_first else [genuine, forged]), mode="overwrite")
+    in_effect = "override: 1 of 1 signature(s), in effect"
+    expected = {("line 3 out", made.cost_impact, "verified", in_effect),
+                ("FORGED reason", -99999.0, "tampered", "override")}
+    with open_store(fed.config) as store:
+        checked = audit_mechanisms(fed.config, store).decisions
+        summary, listing = overrides_report(fed.config, store)
+    assert {(d.reason, d.cost_impact, c.status, c.effect) for d, c in checked} == expected
+    assert [(r["action"], r["status"], r["decisions"], r["cost_impact"]) for r in summary.to_pylist()] == [
+        ("override", "in effect", 1, made.cost_impact)]
+    assert [(r["decision_id"], r["reason"], r["cost_impact_usd_h"]) for r in listing.to_pylist()] == [
+        (made.decision_id, "line 3 out", made.cost_impact)]
+    with Snapshot(fed.config, VersionCache()) as snapshot:
+        shown = recommendations_view(snapshot).decisions
+    assert {(d.reason, d.cost_impact, d.verified, d.effect) for d in shown} == expected
+    assert {d.decision_id for d in shown} == {made.decision_id}  # the id each row carries
 
 
 def test_a_non_finite_value_in_a_stored_row_is_tampered(mech_federation: Build) -> None:
