@@ -30,7 +30,7 @@ from fusion.config.federation import Config
 from mechanisms.authorities import Parties, load_parties
 from mechanisms.records import RECORDED, Decision, Recommendation
 from mechanisms.rules import signed_by_registered, why_refused
-from mechanisms.tables import read_decisions, recommendation_groups, superseding_of
+from mechanisms.tables import audit_store, read_decisions, recommendation_pages, superseding_of
 
 #: Statuses that make `fusion verify` fail: rows Fusion did not write as they are (`tampered`), or decisions that
 #: `fusion decide` would have refused (`invalid`).
@@ -67,30 +67,28 @@ def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
 
 
 def audit_mechanisms(config: Config, store: FusedStore) -> Audit:
-    """Every recommendation and decision in the snapshot `store` reads, checked."""
+    """Every recommendation and decision in the snapshot `store` reads, checked. The tables are read whole, however
+    large, under limits of the audit's own (`mechanisms.tables.audit_store`), `recommendations` a page at a time:
+    what is held is a check per row or recommendation, and the recommendations decided on."""
     parties = load_parties(config)
-    recommendations: list[RecordCheck] = []
-    intact: dict[str, Recommendation] = {}  # those that verify, by id
-    for rid, rows in sorted(recommendation_groups(store).items()):
-        try:
-            recommendation = Recommendation.from_rows(rows)
-        except ValueError as exc:
-            recommendations.append(RecordCheck("recommendations", rid, "tampered", "?",
-                                               f"its rows are inconsistent: {exc}"))
-            continue
-        why = recommendation.tampered(parties.operator_keys)
-        if why is None and recommendation.recorded_id != rid:
-            why = "its id is not its digest's"
-        effect = f"{recommendation.kind} ({recommendation.outcome})"
-        if why:
-            recommendations.append(RecordCheck("recommendations", rid, "tampered", effect, why))
-            continue
-        intact[rid] = recommendation
-        refused = recommendation.outcome != RECORDED
-        recommendations.append(RecordCheck("recommendations", rid, "refusal" if refused else "verified", effect,
-                                           recommendation.refusal or ""))
-    superseding = superseding_of(intact.values())  # a row that does not verify supersedes nothing
-    decisions = read_decisions(store)
+    with audit_store(store) as audited:
+        decisions = read_decisions(audited)
+        decided = {decision.recommendation_id for decision in decisions}
+        recommendations: list[RecordCheck] = []
+        intact: dict[str, Recommendation] = {}  # those decided on that verify, by id
+        # A recommendation decided on -> those that verify superseding it (one that does not verify supersedes nothing).
+        superseding: dict[str, dict[str, datetime]] = {}
+        for page in recommendation_pages(audited):
+            for rid, rows in sorted(page.items()):
+                check, recommendation = _recommendation_check(rid, rows, parties)
+                recommendations.append(check)
+                if recommendation is None:
+                    continue
+                if rid in decided:
+                    intact[rid] = recommendation
+                for superseded, found in superseding_of([recommendation]).items():
+                    if superseded in decided:
+                        superseding.setdefault(superseded, {}).update(found)
     signers: dict[str, set[str]] = defaultdict(set)
     verdicts = []
     for decision in decisions:
@@ -110,6 +108,25 @@ def audit_mechanisms(config: Config, store: FusedStore) -> Audit:
             effect += ": never in effect"
         checked.append((decision, RecordCheck("decisions", _key(decision), status, effect, why)))
     return Audit(recommendations, checked)
+
+
+def _recommendation_check(
+    rid: str, rows: list[dict[str, Any]], parties: Parties
+) -> tuple[RecordCheck, Recommendation | None]:
+    """One recommendation's check, and the recommendation when it verifies (a refusal too)."""
+    try:
+        recommendation = Recommendation.from_rows(rows)
+    except ValueError as exc:
+        return RecordCheck("recommendations", rid, "tampered", "?", f"its rows are inconsistent: {exc}"), None
+    why = recommendation.tampered(parties.operator_keys)
+    if why is None and recommendation.recorded_id != rid:
+        why = "its id is not its digest's"
+    effect = f"{recommendation.kind} ({recommendation.outcome})"
+    if why:
+        return RecordCheck("recommendations", rid, "tampered", effect, why), None
+    refused = recommendation.outcome != RECORDED
+    return RecordCheck("recommendations", rid, "refusal" if refused else "verified", effect,
+                       recommendation.refusal or ""), recommendation
 
 
 def _decision_status(

@@ -4,18 +4,26 @@ forecasts, and never the feeds, envelopes or the federation's keys)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
 
-from fusion.api import FusedStore, write_derived
+from fusion.api import FusedStore, open_store, write_derived
 from fusion.config.federation import Config
 from fusion.errors import InternalError
+from fusion.runtime.durations import parse_duration
 from mechanisms.records import RECORDED, Decision, Recommendation
 
 OWN_TABLES = ("recommendations", "decisions")
+#: The most rows of `recommendations` the audit holds at once (`recommendation_pages`): whole recommendations, as
+#: many as fit (one with more rows is read alone).
+PAGE_ROWS = 5_000
+#: The least time each of the audit's reads is given, whatever the config's [sql] timeout.
+AUDIT_TIMEOUT = "10m"
+#: The audit's reads' bound on rows and bytes: none in effect.
+_UNBOUNDED = 2**62
 
 
 def write_rows(config: Config, table: str, rows: pa.Table) -> int:
@@ -76,9 +84,39 @@ def superseding_of(recommendations: Iterable[Recommendation]) -> dict[str, dict[
     return found
 
 
-def recommendation_groups(store: FusedStore) -> dict[str, list[dict[str, Any]]]:
-    """Every recommendation's rows, by id."""
-    return _grouped(store.sql("SELECT * FROM recommendations").to_pylist())
+def audit_store(store: FusedStore) -> FusedStore:
+    """The snapshot `store` reads of the mechanisms' two tables, for the audit (`fusion verify`, `fusion decisions`,
+    the dashboard): under the config's DuckDB memory and threads, each read given at least AUDIT_TIMEOUT, and no
+    bound on a read's rows or bytes. The config's [sql] bounds are for the queries people run; the audit must read
+    every row, and bounds what it holds itself (`recommendation_pages`). Close it after use."""
+    limits = store.limits
+    timeout = limits.timeout if limits.timeout_s >= parse_duration(AUDIT_TIMEOUT).total_seconds() else AUDIT_TIMEOUT
+    return open_store(store.config, versions={t: store.versions.get(t) for t in OWN_TABLES},
+                      limits=limits.replace(timeout=timeout, max_rows=_UNBOUNDED, max_size=str(_UNBOUNDED)))
+
+
+def recommendation_pages(store: FusedStore) -> Iterator[dict[str, list[dict[str, Any]]]]:
+    """Every recommendation's rows, by id, a page at a time in order of id: whole recommendations of together at most
+    PAGE_ROWS rows (one with more alone), so that only one page is held. `store` is the audit's (`audit_store`): a
+    page, or the count of each recommendation's rows that places them, may pass the config's [sql] bounds."""
+    pages: list[list[str]] = []  # the first and last id of each page
+    held = 0
+    with store.sql_batches(
+        "SELECT recommendation_id, count(*) AS n FROM recommendations GROUP BY recommendation_id "
+        "ORDER BY recommendation_id"
+    ) as reader:
+        for batch in reader:
+            for rid, n in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+                if pages and held + n <= PAGE_ROWS:
+                    pages[-1][1] = rid
+                    held += n
+                else:
+                    pages.append([rid, rid])
+                    held = n
+    for first, last in pages:
+        yield _grouped(store.sql(
+            f"SELECT * FROM recommendations WHERE recommendation_id BETWEEN {_quoted(first)} AND {_quoted(last)}"
+        ).to_pylist())
 
 
 def _grouped(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -89,16 +127,21 @@ def _grouped(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def read_decisions(store: FusedStore, *, recommendation_id: str | None = None) -> list[Decision]:
+    """The decision rows (of one recommendation, or all), in the order the table holds them, read batch by batch."""
     where = f" WHERE recommendation_id = {_quoted(recommendation_id)}" if recommendation_id else ""
-    return [Decision.from_row(r) for r in store.sql(f"SELECT * FROM decisions{where}").to_pylist()]
+    with store.sql_batches(f"SELECT * FROM decisions{where}") as reader:
+        return [Decision.from_row(row) for batch in reader for row in batch.to_pylist()]
 
 
 __all__ = [
+    "AUDIT_TIMEOUT",
     "OWN_TABLES",
+    "PAGE_ROWS",
+    "audit_store",
     "read_decisions",
     "read_recommendation",
     "read_superseding",
-    "recommendation_groups",
+    "recommendation_pages",
     "superseding_of",
     "verified_recommendations",
     "write_rows",

@@ -9,12 +9,17 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from deltalake import write_deltalake
 
+from dashboard.provenance import record_checks
 from dashboard.recommendations import recommendations_view
 from dashboard.snapshot import Snapshot, VersionCache
 from fusion.api import open_store
+from fusion.cli.mechanisms import verify_mechanisms_tables
+from fusion.errors import SqlLimitExceeded
+from mechanisms import tables
 from mechanisms.audit import FAILING, RecordCheck, audit_mechanisms, overrides_report, verify_mechanisms
 from mechanisms.authorities import load_private, signer_key_file
 from mechanisms.decisions import DecideRequest, DecisionRefused, decide
@@ -289,6 +294,46 @@ def test_a_changed_copy_of_a_decision_row_neither_forges_nor_hides_it(
         shown = recommendations_view(snapshot).decisions
     assert {(d.reason, d.cost_impact, d.verified, d.effect) for d in shown} == expected
     assert {d.decision_id for d in shown} == {made.decision_id}  # the id each row carries
+
+
+@pytest.mark.parametrize("page_rows", [1, 40, tables.PAGE_ROWS])
+def test_verify_and_the_report_read_tables_past_the_config_s_sql_limits(
+    mech_federation: Build, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], page_rows: int
+) -> None:
+    """`fusion verify`, `fusion decisions` and the dashboard's provenance page read the mechanisms' tables whole under
+    limits of their own, `recommendations` a page of whole recommendations at a time (each alone, several, all): a
+    store past the config's [sql] bounds, which are for the queries people run, is checked all the same. Those bounds
+    stopped them (by default 1,000,000 rows and 256MB: about two weeks of hourly Pareto recommendations)."""
+    monkeypatch.setattr(tables, "PAGE_ROWS", page_rows)
+    fed = mech_federation()
+    old = _recommend(fed)
+    ratified = decide(fed.config, DecideRequest(Action.RATIFY, old.recommendation_id, "grid-ops", "alice")).decision
+    pareto = _recommend(fed, Kind.PARETO)
+    new = _supersede(fed)
+    late = _write(fed, _decision(old, Action.REJECT, ReasonCode.OTHER.value),
+                  at=(new.created_at or now()) + timedelta(seconds=1))  # on a superseded recommendation: invalid
+    stored = fed.store.read("recommendations")
+    sizes = [pc.sum(pc.equal(stored["recommendation_id"], r.recommendation_id)).as_py() for r in (old, pareto, new)]
+    assert min(sizes) > 10 and sum(sizes) > 40  # each recommendation past the limit below, the pages of 40 several
+    expected = {old.recommendation_id: "verified", pareto.recommendation_id: "verified",
+                new.recommendation_id: "verified", f"{ratified.decision_id}/alice": "verified",
+                f"{late.decision_id}/alice": "invalid"}
+    assert {c.record_id: c.status for c in _checks(fed).values()} == expected
+    with fed.config_path.open("a") as config:
+        config.write('[sql]\nmax_rows = 10\nmax_size = "4KB"\n')
+    with open_store(fed.config) as store:
+        with pytest.raises(SqlLimitExceeded):
+            store.sql("SELECT * FROM recommendations")  # the limits hold for the queries people run
+        checks = verify_mechanisms(fed.config, store)
+        summary, _ = overrides_report(fed.config, store)
+    assert [c.record_id for c in checks[:3]] == sorted(r.recommendation_id for r in (old, pareto, new))
+    assert {c.record_id: c.status for c in checks} == expected
+    assert [(r["action"], r["status"]) for r in summary.to_pylist()] == [("ratify", "in effect")]
+    assert not verify_mechanisms_tables(fed.config, "csv")  # `fusion verify` lists them all, and fails on the invalid
+    assert capsys.readouterr().out.count("\n") == 1 + len(expected)  # a header, then one line each
+    with Snapshot(fed.config, VersionCache()) as snapshot:
+        error, shown = record_checks(snapshot)
+    assert error is None and {c.record_id: c.status for c in shown} == expected
 
 
 def test_a_non_finite_value_in_a_stored_row_is_tampered(mech_federation: Build) -> None:
