@@ -13,8 +13,10 @@ What the limits cannot stop: DuckDB checks for an interrupt, and counts most mem
 chunks of rows, never inside one function call. The calls that can run or allocate without bound on their own
 (quadratic string distances; lists and strings built from a count, but for small literal arguments) are refused,
 as are the functions that run a query given as a string, which would escape these checks and, some, the time limit
-(`fusion.store.sql_calls`); a query can still build a huge value step by step (a string doubled in each of thirty
-WITH clauses), which outruns both limits. The sandbox keeps a query to the store's tables; to bound what an
+(`fusion.store.sql_calls`), and the calls that would repeat a value without bound: a lambda's body counts once for
+each item of its list, a replace may lengthen its text at most a few times (`fusion.store.sql_growth`). A query
+can still build a huge value step by step through columns (a string doubled in each of thirty WITH clauses), which
+outruns both limits. The sandbox keeps a query to the store's tables; to bound what an
 untrusted query may cost the machine, run it in a process of its own under an OS memory limit (ulimit -v, a
 container).
 """
@@ -37,7 +39,8 @@ import pyarrow as pa
 from fusion.config.sql_limits import SqlLimits
 from fusion.errors import SqlError, SqlLimitExceeded, SqlRefused, StoreUnreadable
 from fusion.store.delta import Store
-from fusion.store.sql_calls import built_bytes, refusal, refused_call_in_text
+from fusion.store.sql_calls import QUERY_CALLS, UNBOUNDED_CALLS, refusal, refused_call_in_text
+from fusion.store.sql_growth import check_calls
 from schemas.tables import TABLE_SCHEMAS
 
 _SANDBOX_HINT = (
@@ -231,20 +234,20 @@ class SqlSandbox:
         except ValueError:  # a statement type this DuckDB client cannot name (UPDATE EXTENSIONS): never a query
             kind = None
         if kind is duckdb.StatementType.SELECT:
-            writes, call, built = self._inspect(text)
+            writes, refused, built = self._inspect(text)
             if writes:
                 raise SqlRefused(f"{writes} statements are refused, in a WITH clause too. {_SANDBOX_HINT}")
-            if call:
-                raise SqlRefused(f"{refusal(call)} {_SANDBOX_HINT}")
-            if sum(built.values()) > self._row_budget:
+            if refused:
+                raise SqlRefused(f"{refused} {_SANDBOX_HINT}")
+            if not sum(built.values()) <= self._row_budget:  # nan (a count of 'nan') too
                 raise SqlRefused(self._past_row_budget(built))
             return
         # DuckDB runs a PIVOT without an IN list as several statements: first one creating an ENUM type of the
         # pivoted values, then the query. Its text must then be a query, one that parses as a subquery (DuckDB
         # cannot serialise it: the functions it calls are looked for in its text, FROM range(...) refused too).
         if kind is duckdb.StatementType.MULTI and self._is_query(text):
-            if call := refused_call_in_text(text):
-                raise SqlRefused(f"{refusal(call)} {_SANDBOX_HINT}")
+            if refused := _refused_by_text(text):
+                raise SqlRefused(f"{refused} {_SANDBOX_HINT}")
             return
         raise SqlRefused(f"{_refused(text, kind)}. {_SANDBOX_HINT}")
 
@@ -259,42 +262,32 @@ class SqlSandbox:
         return len(kinds) == 1 and kinds[0] in (duckdb.StatementType.SELECT, duckdb.StatementType.MULTI)
 
     def _inspect(self, text: str) -> tuple[str | None, str | None, dict[str, float]]:
-        """(the statement that writes in a SELECT's WITH clause, the function of a call refused, see sql_calls), each
-        None when there is none, and the bytes the calls of each function build from counts in a row. A write
-        (`WITH x AS (DELETE ... RETURNING *) ...`) DuckDB would refuse anyway (the store's tables are views), but the
-        refusal should say why. The parse tree is walked without recursion: a query nested hundreds of levels deep
-        is a refusal, not a Python error."""
+        """(the statement that writes in a SELECT's WITH clause, why a call in it is refused, see sql_calls), each
+        None when there is none, and the bytes the calls build from counts (and literals they repeat) in a row, by
+        what builds them. A write (`WITH x AS (DELETE ... RETURNING *) ...`) DuckDB would refuse anyway (the store's
+        tables are views), but the refusal should say why. The parse tree is walked without recursion: a query
+        nested hundreds of levels deep is a refusal, not a Python error."""
         try:
             rows = self._con.execute("SELECT json_serialize_sql(?::VARCHAR)", [text]).fetchall()
         except duckdb.Error:  # no JSON extension in this build: the binder still refuses the write
-            return None, refused_call_in_text(text), {}
+            return None, _refused_by_text(text), {}
         try:
             tree = json.loads(rows[0][0])
         except RecursionError:
             raise SqlRefused(f"the query is nested too deeply to be checked: flatten it. {_SANDBOX_HINT}") from None
         if not isinstance(tree, dict) or tree.get("error"):  # a statement DuckDB does not serialise: by its text
-            return None, refused_call_in_text(text), {}
+            return None, _refused_by_text(text), {}
         writes: str | None = None
-        call: str | None = None
-        built: dict[str, float] = {}
-        stack: list[tuple[Any, str | None]] = [(tree, None)]
-        while stack:
-            node, key = stack.pop()
+        stack: list[Any] = [tree]
+        while stack and writes is None:
+            node = stack.pop()
             if isinstance(node, dict):
-                if node.get("type") in _WRITING_NODES:
-                    writes = writes or _WRITING_NODES[node["type"]]
-                name = str(node.get("function_name", "")).lower()
-                if node.get("class") == "FUNCTION":
-                    # A table function's call is its node's `function`.
-                    size = built_bytes(name, node, table_function=key == "function")
-                    if size is None:
-                        call = call or name
-                    elif size:
-                        built[name] = built.get(name, 0.0) + size
-                stack.extend((value, child) for child, value in node.items())
+                writes = _WRITING_NODES.get(str(node.get("type")))
+                stack.extend(node.values())
             elif isinstance(node, list):
-                stack.extend((value, key) for value in node)
-        return writes, call, built
+                stack.extend(node)
+        calls = check_calls(tree)
+        return writes, calls.refused, calls.built
 
     @property
     def _row_budget(self) -> int:
@@ -303,13 +296,13 @@ class SqlSandbox:
         return self.limits.memory_bytes // (BATCH_ROWS * self.limits.threads)
 
     def _past_row_budget(self, built: dict[str, float]) -> str:
-        calls = ", ".join(f"{name}()" for name in sorted(built))
         return (
-            f"the values this query builds from counts ({calls}) come to about {sum(built.values()):,.0f} bytes a "
-            f"row, past the {self._row_budget:,} a row its memory limit allows: DuckDB computes {BATCH_ROWS:,} rows "
-            f"at once on each of its {self.limits.threads} thread(s), and counts none of these values against its "
-            f"memory limit of {self.limits.memory_limit}. Build smaller values, or raise memory_limit (or lower "
-            f"threads) in the config's [sql] block. {_SANDBOX_HINT}"
+            f"the values this query builds from counts ({', '.join(sorted(built))}) come to about "
+            f"{sum(built.values()):,.0f} bytes a row, past the {self._row_budget:,} a row its memory limit allows: "
+            f"DuckDB computes {BATCH_ROWS:,} rows at once on each of its {self.limits.threads} thread(s) (and a "
+            "lambda's body once for each item of its list), and counts none of these values against its memory "
+            f"limit of {self.limits.memory_limit}. Build smaller values, or raise memory_limit (or lower threads) in "
+            f"the config's [sql] block. {_SANDBOX_HINT}"
         )
 
     def close(self) -> None:
@@ -326,6 +319,17 @@ class SqlSandbox:
                     raise
                 self._con.interrupt()
                 time.sleep(0.01)
+
+
+def _refused_by_text(text: str) -> str | None:
+    """Why a query checked by its text only is refused (a function it calls by name, see sql_calls), or None."""
+    call = refused_call_in_text(text)
+    if call is None:
+        return None
+    if call in UNBOUNDED_CALLS | QUERY_CALLS:
+        return refusal(call)
+    return (f"{refusal(call)} This query is checked by its text only, where {call}() is refused whatever its "
+            "arguments: a PIVOT is checked in full with an IN list (PIVOT ... ON k IN ('a', 'b')).")
 
 
 def _tables_named(sql: str, tables: dict[str, int | None]) -> list[str]:

@@ -1,12 +1,15 @@
 """The function calls a query over the store may make. DuckDB checks for an interrupt, and counts most memory
 against its limit, between chunks of rows, never inside one function call: a call that can run or allocate without
-bound on its own is refused before the query runs. `SqlSandbox` asks `built_bytes` of each call in a query's parse
-tree, and `refused_call_in_text` where it has only the query's text (a PIVOT without IN list).
+bound on its own is refused before the query runs. `sql_growth.check_calls` asks `built_bytes` and `growth` of each
+call in a query's parse tree, and `SqlSandbox` asks `refused_call_in_text` where it has only the query's text (a
+PIVOT without IN list).
 
 A value built from a count is bounded twice: each count is a literal of at most COUNT_LIMIT, and `built_bytes`
 estimates its size, which the sandbox bounds for all of a query's calls together: DuckDB computes a chunk of 2,048
 rows at once, and a value 2,048 times over (repeat('x', 10^6) FROM range(2048): 2 GB) is not counted against its
-memory limit either.
+memory limit either. A call that repeats a value (a lambda over a list, replace with a longer replacement) is as
+unbounded: the tables of those calls are here (MAP_CALLS, GROWING_CALLS, SET_GROWING_CALLS, MAX_GROWTH), and
+`sql_growth` bounds how many times they repeat what they build.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ import duckdb
 #: arguments' length (levenshtein of two 120,000-character strings: 18 s past a 1 s limit), and refused. Calls that
 #: build a list or string from a count (list_sort(range(10^7)): 8 s and 1.7 GB past a 1 s and 64 MB limit) are
 #: refused unless their counts are literals, each at most COUNT_LIMIT (COUNTED_CALLS). As table functions (FROM
-#: range(...)) range and generate_series produce rows chunk by chunk, and stop like any scan.
+#: range(...)) range and generate_series produce rows chunk by chunk, and stop like any scan. json_pretty indents
+#: each nesting level on a line of its own (4,000 characters of brackets: 16 MB), and json_serialize_sql writes
+#: hundreds of bytes for each token of its text (2 KB of SQL: 500 KB).
 UNBOUNDED_CALLS = frozenset(
-    {"levenshtein", "editdist3", "damerau_levenshtein", "jaro_similarity", "jaro_winkler_similarity"}
+    {"levenshtein", "editdist3", "damerau_levenshtein", "jaro_similarity", "jaro_winkler_similarity", "json_pretty",
+     "json_serialize_sql"}
 )
 #: Functions that run a query given as text or JSON, or plan one: that query is never checked here (query('...')
 #: would run any call refused here), and json_execute_serialized_sql and json_serialize_plan (which folds the
@@ -61,10 +67,49 @@ COUNTED_CALLS: dict[str, _Counted] = {
 FORMAT_CALLS = frozenset({"format", "printf"})
 #: The largest count a COUNTED_CALLS call, or a width or precision a FORMAT_CALLS call, may hold.
 COUNT_LIMIT = 1_000_000
+#: Calls whose lambda (their second argument) runs once for each item of the list they are given first. A map's
+#: result, and a reduce's accumulator, hold a value for each item; a filter's holds only items of its list, and its
+#: lambda's values (booleans) are built a chunk of items at a time, as a row's are. A list comprehension is maps
+#: around a filter.
+MAP_CALLS = frozenset({"list_transform", "list_apply", "apply", "array_transform", "array_apply"})
+REDUCE_CALLS = frozenset({"list_reduce", "array_reduce", "reduce"})
+FILTER_CALLS = frozenset({"list_filter", "array_filter", "filter"})
+#: Calls whose text can come out longer than it went in, at most this many times (bytes): bin writes 8 digits a
+#: byte, to_json \u0001 for a control character; nested, bin(bin(...)) nine deep made 950 MB of 'abc'.
+GROWING_CALLS: dict[str, float] = {
+    "bin": 8, "to_binary": 8, "hex": 2, "to_hex": 2, "to_base64": 4, "base64": 4, "url_encode": 3,
+    "regexp_escape": 2, "to_json": 8, "json_quote": 8, "array_to_json": 8, "row_to_json": 8,
+}
+#: Calls whose factor of growth their literal arguments set (`growth`): replace by its replacement's length over
+#: its pattern's, regexp_replace by its replacement's (with the 'g' option an empty match is replaced too, at each
+#: of the text's n + 1 places), concat_ws by its separator's (put between the items of a list it is given), and
+#: format and printf by their fields where these name their arguments by position ('{0}{0}', '%1$s%1$s').
+SET_GROWING_CALLS = frozenset({"replace", "regexp_replace", "concat_ws"}) | FORMAT_CALLS
+#: The most times a value whose size is unknown (a column's) may be repeated, or grown by the calls around it: a
+#: lambda's list length where its body names that value from outside it, the product of growing calls' factors.
+#: Over a list of unknown length, also the most bytes of literals a map's body may add to each item.
+MAX_GROWTH = 16
 #: The functions refused whatever their arguments.
 _REFUSED_CALLS = UNBOUNDED_CALLS | QUERY_CALLS
 #: The functions refused by name where a query is checked by its text (a PIVOT without IN list).
-_REFUSED_BY_TEXT = _REFUSED_CALLS | set(COUNTED_CALLS) | FORMAT_CALLS
+_REFUSED_BY_TEXT = _REFUSED_CALLS | set(COUNTED_CALLS) | SET_GROWING_CALLS | MAP_CALLS | REDUCE_CALLS
+#: Calls that keep a list's length (at most), for the length of a lambda's list.
+_SAME_LENGTH = MAP_CALLS | FILTER_CALLS | {
+    "list_sort", "array_sort", "list_reverse_sort", "array_reverse_sort", "list_distinct", "array_distinct",
+    "list_reverse", "array_reverse", "list_slice", "array_slice"}
+#: Nodes whose value is a boolean or a number, whatever the values below them: these are built a chunk of items at
+#: a time, as a row's are, and held in no lambda's result (list_sum(list_transform(range(300), ...)) keeps a number).
+SCALAR_CLASSES = frozenset({"COMPARISON", "CONJUNCTION", "BETWEEN"})
+SCALAR_OPERATORS = frozenset(
+    {"COMPARE_IN", "COMPARE_NOT_IN", "OPERATOR_NOT", "OPERATOR_IS_NULL", "OPERATOR_IS_NOT_NULL"}
+)
+SCALAR_CALLS = frozenset({
+    "~~", "!~~", "~~*", "!~~*", "~~~", "!~~~", "regexp_matches", "regexp_full_match", "contains", "starts_with",
+    "ends_with", "prefix", "suffix", "list_contains", "list_has", "array_contains", "array_has", "list_has_any",
+    "list_has_all", "len", "length", "array_length", "strlen", "octet_length", "bit_length", "list_sum", "array_sum",
+    "list_product", "array_product", "list_avg", "array_avg", "list_count", "array_count"})
+#: A backreference in a regexp_replace replacement (\0 to \9), or an escaped backslash.
+_BACKREFERENCE = re.compile(r"\\([0-9\\])")
 #: A printf conversion's width and precision (`%-08.3f`, `%*d`), or an escaped `%%`.
 _PRINTF_SPEC = re.compile(r"%%|%(?:\d+\$)?[-+ #0']*(\*|\d+)?(?:\.(\*|\d*))?")
 #: A format() replacement field with no field inside it (`{}`, `{0:>8}`, `{:.3f}`), or an escaped brace.
@@ -161,9 +206,28 @@ def refusal(call: str) -> str:
             f"{call}() is refused: the query it is given would run unchecked by the sandbox (on a connection of its "
             "own, for some: past the time limit). Write that query itself."
         )
+    if call in SET_GROWING_CALLS - FORMAT_CALLS:
+        allowed = {
+            "replace": f"its replacement is a literal at most {MAX_GROWTH} times as long as its pattern",
+            "regexp_replace": (f"its replacement is a literal (and its options): with the 'g' option of at most "
+                               f"{MAX_GROWTH - 1} bytes, as an empty match is replaced too; without it, with at most "
+                               f"{MAX_GROWTH - 1} backreferences (\\0 to \\9)"),
+            "concat_ws": (f"its separator is a literal of at most {MAX_GROWTH - 1} bytes (it goes between the items "
+                          "of a list it is given too)"),
+        }[call]
+        return (
+            f"{call}() is refused unless {allowed}: one call of it can make its text that many times longer, without "
+            "bound, past the query's time and memory limits (which DuckDB checks between chunks of rows)."
+        )
+    if call in MAP_CALLS | REDUCE_CALLS:
+        return (
+            f"{call}() is refused unless its call is checked: its lambda's body runs once for each item of its list, "
+            "which can repeat a value without bound, past the query's time and memory limits (which DuckDB checks "
+            "between chunks of rows)."
+        )
     if call in FORMAT_CALLS:
         allowed = (f" unless its format string is a literal whose widths and precisions are numbers of at most "
-                   f"{COUNT_LIMIT:,}")
+                   f"{COUNT_LIMIT:,} (and with at most {MAX_GROWTH} fields where they name arguments by position)")
     elif call in COUNTED_CALLS:
         repeated = " (and the value it repeats a literal)" if COUNTED_CALLS[call].repeated is not None else ""
         allowed = f" unless its count is a literal of at most {COUNT_LIMIT:,}{repeated}"
@@ -176,5 +240,93 @@ def refusal(call: str) -> str:
     )
 
 
-__all__ = ["COUNTED_CALLS", "COUNT_LIMIT", "FORMAT_CALLS", "QUERY_CALLS", "UNBOUNDED_CALLS", "built_bytes", "refusal",
-           "refused_call_in_text"]
+def growth(name: str, call: dict[str, Any]) -> float | None:
+    """How many times longer than its text one call of `name` may make it (GROWING_CALLS, SET_GROWING_CALLS), in
+    bytes; None where its literal arguments do not bound that."""
+    if name in GROWING_CALLS:
+        return GROWING_CALLS[name]
+    if name not in SET_GROWING_CALLS:
+        return 1.0
+    literals = [_literal(argument) for argument in call.get("arguments") or []]
+    if name in FORMAT_CALLS:
+        return float(max(1, _positional_fields(name, literals[0]))) if literals and literals[0] is not None else None
+    if name == "concat_ws":
+        return 1.0 + len(literals[0].encode()) if literals and literals[0] is not None else None
+    if len(literals) < 3 or literals[2] is None:
+        return None
+    replacement = literals[2]
+    if name == "replace":  # an empty pattern replaces nothing; any other is at least one byte
+        pattern = 1 if literals[1] is None else len(literals[1].encode())
+        return 1.0 if pattern == 0 else float(max(1, math.ceil(len(replacement.encode()) / pattern)))
+    options = literals[3] if len(literals) > 3 else ""
+    if options is None or "g" in options:  # each byte of the replacement at each of the n + 1 places it may go
+        return 1.0 + len(replacement.encode())
+    return 1.0 + sum(1 for match in _BACKREFERENCE.finditer(replacement) if match.group(1) != "\\")
+
+
+def _positional_fields(name: str, text: str) -> int:
+    """The fields of a format string where they name arguments by position ('{0}', '%1$s'), each of which may
+    repeat one; 0 where they take the arguments in turn."""
+    if name == "printf":
+        conversions = [match.group(0) for match in _PRINTF_SPEC.finditer(text) if match.group(0) != "%%"]
+        return len(conversions) if any("$" in conversion for conversion in conversions) else 0
+    fields = [match.group(1) for match in _FORMAT_FIELD.finditer(text) if match.group(1) is not None]
+    return len(fields) if any(field.split(":", 1)[0].strip() for field in fields) else 0
+
+
+def list_length(expression: Any) -> float:
+    """The most items a list expression holds: a range or generate_series of literal counts, a list written out
+    ([a, b]), a list_resize to a literal count, or a list mapped, filtered, sorted or concatenated from those;
+    math.inf where unknown (a column's)."""
+    try:
+        length = _length(expression)
+    except RecursionError:
+        return math.inf
+    return length if length >= 0 else math.inf  # a count of 'nan' too
+
+
+def numeric_list(expression: Any) -> bool:
+    """Whether a list expression holds numbers only: a range or generate_series, or a list filtered, sorted or
+    sliced from one (its items are 8 bytes each, however many times a lambda copies them)."""
+    while isinstance(expression, dict):
+        if expression.get("class") == "CAST":
+            expression = expression.get("child")
+            continue
+        name = str(expression.get("function_name", "")).lower() if expression.get("class") == "FUNCTION" else ""
+        if name in ("range", "generate_series"):
+            return True
+        arguments = expression.get("arguments") or []
+        if name not in _SAME_LENGTH - MAP_CALLS or not arguments or not isinstance(arguments[0], dict):
+            return False
+        expression = arguments[0].get("expression")
+    return False
+
+
+def _length(expression: Any) -> float:
+    if not isinstance(expression, dict):
+        return math.inf
+    if expression.get("class") == "CAST":
+        return _length(expression.get("child"))
+    if expression.get("class") != "FUNCTION":
+        return math.inf
+    name = str(expression.get("function_name", "")).lower()
+    arguments = expression.get("arguments") or []
+    if name in ("range", "generate_series"):
+        numbers = [_number(_literal(argument)) for argument in arguments]
+        return _span([number for number in numbers if number is not None]) if None not in numbers else math.inf
+    if name in ("list_value", "list_pack", "array_value"):
+        return float(len(arguments))
+    if name in ("list_resize", "array_resize"):
+        count = _number(_literal(arguments[1])) if len(arguments) > 1 else None
+        return abs(count) if count is not None else math.inf
+    expressions = [argument.get("expression") if isinstance(argument, dict) else None for argument in arguments]
+    if name in _SAME_LENGTH and expressions:
+        return _length(expressions[0])
+    if name in ("list_concat", "array_concat", "list_cat", "array_cat", "||"):
+        return sum(_length(argument) for argument in expressions)
+    return math.inf
+
+
+__all__ = ["COUNTED_CALLS", "COUNT_LIMIT", "FILTER_CALLS", "FORMAT_CALLS", "GROWING_CALLS", "MAP_CALLS", "MAX_GROWTH",
+           "QUERY_CALLS", "REDUCE_CALLS", "SCALAR_CALLS", "SCALAR_CLASSES", "SCALAR_OPERATORS", "SET_GROWING_CALLS",
+           "UNBOUNDED_CALLS", "built_bytes", "growth", "list_length", "numeric_list", "refusal", "refused_call_in_text"]

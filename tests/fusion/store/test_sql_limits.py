@@ -113,6 +113,137 @@ def test_a_call_that_no_limit_could_stop_is_refused(sandbox: SqlSandbox, query: 
         sandbox.query(query)
 
 
+#: A store table's column in a subquery: a value whose size the sandbox cannot know.
+BIG_TEXT = "(SELECT repeat('a', 100000) AS s)"
+BIG_LIST = "(SELECT list(x) AS l FROM range(100000) t(x))"
+
+
+@pytest.mark.parametrize(
+    ("query", "refused"),
+    [
+        # one call repeating a value its arguments set: 1.95 GB and 12.8 s past a 1 s, 256 MB limit
+        ("SELECT length(replace(repeat('a', 30000), 'a', repeat('b', 30000))) AS n",
+         r"replace\(\) is refused unless its replacement is a literal at most 16 times as long as its pattern"),
+        ("SELECT length(regexp_replace(repeat('a', 30000), 'a', repeat('b', 30000), 'g')) AS n",
+         r"regexp_replace\(\) is refused unless its replacement is a literal"),
+        (f"SELECT replace(s, 'a', '{'b' * 17}') FROM {BIG_TEXT}", r"replace\(\) is refused unless"),
+        (f"SELECT regexp_replace(s, '', '{'b' * 16}', 'g') FROM {BIG_TEXT}", r"regexp_replace\(\) is refused unless"),
+        (f"SELECT regexp_replace(s, '.*', '{chr(92) + '0'}' || '', 'g') FROM {BIG_TEXT}",  # no literal replacement
+         r"regexp_replace\(\) is refused unless"),
+        ("SELECT regexp_replace(s, '(.*)', '" + "\\1" * 16 + "') FROM " + BIG_TEXT,  # one match, 16 copies of it
+         r"regexp_replace\(\) is refused unless"),
+        ("SELECT length(concat_ws(repeat('x', 30000), range(30000))) AS n",  # between each item of the list
+         r"concat_ws\(\) is refused unless its separator is a literal of at most 15 bytes"),
+        ("SELECT length(printf('" + "%1$s" * 17 + "', s)) FROM " + BIG_TEXT, r"printf\(\) is refused unless"),
+        # nested, each call within bounds: 'abc' made 950 MB in bin() nine deep
+        ("SELECT length(bin(bin(bin(bin(bin(bin(bin(bin(bin('abc')))))))))) AS n",
+         r"bin\(\) is refused here: with the calls around it, it may make a value 64 times longer, past 16"),
+        (f"SELECT replace(replace(s, 'a', 'bbbb'), 'b', 'cccccc') FROM {BIG_TEXT}", r"replace\(\) is refused here"),
+        ("SELECT length(json_pretty(repeat('[', 2000) || repeat(']', 2000))) AS n",  # 4 KB of brackets: 16 MB
+         r"json_pretty\(\) is refused: one call of it can run and allocate without bound"),
+        # a lambda's body copies a value from outside it into each item: 0.7 GB under a 256 MB limit
+        (f"SELECT len(list_transform(range(7000), lambda i: s)) FROM {BIG_TEXT}",
+         r"list_transform\(\) is refused where its lambda names s, a value from outside it, over a list of up to "
+         r"7,001 items"),
+        (f"SELECT len(flatten(list_transform(l, lambda i: l))) FROM {BIG_LIST}",
+         r"list_transform\(\) is refused where its lambda names l, .* over a list of unknown length"),
+        (f"SELECT [s || x FOR x IN range(100)] FROM {BIG_TEXT}", r"list_apply\(\) is refused where its lambda names s"),
+        (f"SELECT len(list_transform(range(7000), lambda i: t.s)) FROM {BIG_TEXT} t", r"list_transform\(\) is "
+         r"refused where its lambda names t.s"),
+        (f"SELECT len(list_transform(range(7000), lambda i: COLUMNS('s'))) FROM {BIG_TEXT}",  # or #1: not by name
+         r"list_transform\(\) is refused where its lambda names a column, a value from outside it"),
+        # over a list of unknown length, a body may build nothing from counts, and few literals
+        (f"SELECT len(list_transform(l, lambda x: repeat('a', 20000))) FROM {BIG_LIST}",
+         r"repeat\(\) is refused inside list_transform\(\) over a list of unknown length"),
+        (f"SELECT len(list_transform(l, lambda x: '{'a' * 45}')) FROM {BIG_LIST}",
+         r"list_transform\(\) is refused where its lambda, over a list of unknown length, adds 45 bytes of literals "
+         r"to each item, past 16"),
+        # a reduce's accumulator repeated doubles with each item: 2^30 bytes from 30
+        ("SELECT length(list_reduce(list_transform(range(30), lambda x: 'a'), lambda a, x: a || a)) AS n",
+         r"list_reduce\(\) is refused where its lambda repeats its accumulator a"),
+        ("SELECT len(list_reduce(range(22), lambda a, x: flatten(list_transform([1, 2], lambda i: a)), [1])) AS n",
+         r"list_reduce\(\) is refused where its lambda repeats its accumulator a"),
+        ("SELECT length(list_reduce(range(12), lambda a, x: bin(a), 'a')) AS n",
+         r"list_reduce\(\) is refused where its lambda repeats its accumulator a"),
+        ("SELECT length(reduce(range(12), lambda a, x: replace(a, 'a', 'aa'), 'a')) AS n",
+         r"reduce\(\) is refused where its lambda repeats its accumulator a"),
+        # a PIVOT without IN list is checked by its text: these calls by name
+        ("PIVOT (SELECT replace('k', 'k', 'kk') AS k, 1 AS v) ON k USING sum(v)",
+         r"replace\(\) is refused .* checked by its text only, where replace\(\) is refused whatever its arguments"),
+        ("PIVOT (SELECT 'k' AS k, len(list_transform([1], lambda x: x)) AS v) ON k USING sum(v)",
+         r"list_transform\(\) is refused unless its call is checked.* a PIVOT is checked in full with an IN list"),
+    ],
+)
+def test_a_call_that_repeats_a_value_without_bound_is_refused(sandbox: SqlSandbox, query: str, refused: str) -> None:
+    """One call can repeat a value as DuckDB cannot stop it either (its interrupt and memory limit act between
+    chunks of rows): a replace whose replacement its arguments set, calls nested that each grow their text, a
+    lambda's body over the items of its list, a reduce's accumulator. Each is refused before it runs, in one line."""
+    started = time.monotonic()
+    with pytest.raises(SqlRefused, match=rf"^{refused}") as refusal:
+        sandbox.query(query)
+    assert "\n" not in str(refusal.value)
+    assert time.monotonic() - started < 5  # nothing of it ran
+
+
+def test_a_lambda_s_body_counts_once_for_each_item_of_its_list(store: Store) -> None:
+    """list_transform(range(12000), lambda x: range(12000)) made 1.15 GB (37 s past a 5 s limit) where the sandbox
+    counted 96 KB: what a lambda's body builds from counts, and its literals, count once for each item of its list,
+    nested lambdas multiplied."""
+    sandbox = SqlSandbox(store, limits=SqlLimits(timeout="5s", memory_limit="2GB", threads=2))  # 488,281 a row
+    try:
+        with pytest.raises(SqlRefused, match=r"^the values this query builds from counts \(literals, range\(\)\) come "
+                                             r"to about 1,152,348,021 bytes a row, past the 488,281 a row"):
+            sandbox.query("SELECT len(flatten(list_transform(range(12000), lambda x: range(12000)))) AS n")
+        with pytest.raises(SqlRefused, match=r"come to about 72,\d{3},\d{3} bytes a row"):
+            sandbox.query("SELECT sum(len(flatten(list_transform(range(3000), lambda x: range(3000))))) AS n "
+                          "FROM range(40)")
+        with pytest.raises(SqlRefused, match=r"\(literals, range\(\)\) come to about 700,\d{3},\d{3} bytes"):
+            sandbox.query(f"SELECT len(list_transform(range(7000), lambda i: '{'a' * 100000}')) AS n")  # 100 KB an item
+        with pytest.raises(SqlRefused, match=r"\(literals, range\(\), repeat\(\)\) come to about 1,000,\d{3},\d{3}"):
+            sandbox.query("SELECT [repeat('a', 100000) FOR x IN range(10000) IF x % 2 = 0] AS l")
+    finally:
+        sandbox.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("SELECT replace(region, 'o', '0') AS r FROM releases WHERE region = 'north' LIMIT 1", "n0rth"),
+        ("SELECT replace(region, 'n', 'North ') AS r FROM releases WHERE region = 'north' LIMIT 1", "North orth"),
+        ("SELECT regexp_replace(region, '[aeiou]', '<\\0>', 'g') AS r FROM releases WHERE region = 'north' LIMIT 1",
+         "n<o>rth"),
+        ("SELECT regexp_replace(region, '^(\\w)(.*)$', '\\2-\\1') AS r FROM releases WHERE region = 'north' LIMIT 1",
+         "orth-n"),
+        ("SELECT concat_ws(', ', metric, region) AS r FROM releases ORDER BY r LIMIT 1", None),
+        ("SELECT format('{0} ({0})', metric) AS r FROM releases LIMIT 1", None),
+        ("SELECT hex(region) || to_json(region) || url_encode(region) AS r FROM releases LIMIT 1", None),
+        ("SELECT list_transform([1, 2, 3], lambda x: x * 2) AS l", [2, 4, 6]),
+        ("SELECT list_transform(range(4), lambda x: lpad(x::VARCHAR, 3, '0')) AS l", ["000", "001", "002", "003"]),
+        ("SELECT [x * 2 FOR x IN range(10) IF x % 3 = 0] AS l", [0, 6, 12, 18]),
+        ("SELECT list_filter(regions, lambda r: r <> region) AS l FROM (SELECT ['x', region] AS regions, region "
+         "FROM releases LIMIT 1)", ["x"]),
+        ("SELECT [upper(r) || ' region' FOR r IN regions IF r LIKE '%th'] AS l FROM (SELECT list(DISTINCT region "
+         "ORDER BY region) AS regions FROM releases)", ["NORTH region", "SOUTH region"]),
+        ("SELECT list_reduce([1, 5, 3], lambda acc, x: CASE WHEN acc > x THEN acc ELSE x END) AS m", 5),
+        ("SELECT list_reduce(['a', 'b', 'c'], lambda acc, x: acc || ', ' || x) AS m", "a, b, c"),
+        ("SELECT list_transform(range(3), lambda x: list_transform(range(3), lambda y: x * y)) AS l",
+         [[0, 0, 0], [0, 1, 2], [0, 2, 4]]),
+        # lists summed as they are built: 0.2 s for 300 x 300 x 300 (and stopped at the time limit at 1000)
+        ("SELECT list_sum(list_transform(range(100), lambda x: list_sum(list_transform(range(100), lambda y: "
+         "list_sum(list_transform(range(100), lambda z: x + y + z)))))) AS s", 148_500_000),
+    ],
+)
+def test_calls_that_repeat_a_value_a_bounded_number_of_times_run(sandbox: SqlSandbox, query: str,
+                                                                 expected: object) -> None:
+    """Ordinary uses: replace with a short literal, a regexp with backreferences, lambdas over short lists or over a
+    column's list with a few literals, a list comprehension, a reduce naming its accumulator once in its result,
+    lambdas nested over ranges whose lists are summed."""
+    rows = sandbox.query(query).to_pylist()
+    assert rows
+    if expected is not None:
+        assert next(iter(rows[0].values())) == expected
+
+
 @pytest.mark.parametrize(
     ("query", "call"),
     [
