@@ -50,6 +50,9 @@ FIRST_FETCH = 16
 #: unacknowledged messages at a time, so on a loaded machine the gap between two of its batches can pass half a
 #: second; closing windows then would make the rest of the backlog late.
 MQTT_CAUGHT_UP_S = 2.0
+#: An MQTT source whose messages never pause for MQTT_CAUGHT_UP_S counts as caught up once it has been connected this
+#: long: MQTT cannot tell a session's backlog from live traffic, and due windows wait for every source to catch up.
+MQTT_CATCH_UP_LIMIT_S = 60.0
 #: How often a connected reader drops the ids of released segments: an MQTT reader those released more than
 #: MQTT_ID_RETENTION_S ago, a JetStream reader those below its consumer's acknowledgement floor (also on connecting).
 PRUNE_EVERY_S = 600.0
@@ -63,7 +66,9 @@ def fetch_size(limit: int, seen_bytes: int, seen_messages: int) -> int:
 
 
 class SourceReader(threading.Thread):
-    """One institution's source on a daemon thread: `health` says how it is, `idle` that it has caught up."""
+    """One institution's source on a daemon thread: `health` says how it is, `idle` that it has caught up now, and
+    `caught_up` that it has at least once since its latest connection (`connections` counts them): everything the
+    broker held for it when it connected is journalled. Due windows wait for that (pipelines/stream_driver.py)."""
 
     def __init__(self, institution: str, label: str, journal: SourceJournal, notice: Callable[[str], None]) -> None:
         super().__init__(name=f"fusion-source-{institution}-{label}", daemon=True)
@@ -71,17 +76,32 @@ class SourceReader(threading.Thread):
         self.label = label
         self.journal = journal
         self.health = "connecting"
-        self.idle = False  # connected, and the last wait for messages came back empty
+        self._idle = False
+        self.caught_up = False  # idle (or see the subclasses) at least once since the latest connection
+        self.connections = 0  # connections made so far: after each, the reader catches up again
         self.messages = 0  # messages journalled by this process (redeliveries of journalled ones aside)
         self.down_since: float | None = time.monotonic()  # monotonic time since when it has not been connected
         self._notice = notice
         self._halt = threading.Event()
+
+    @property
+    def idle(self) -> bool:
+        """Connected, and the last wait for messages came back empty (JetStream: nothing pending on the broker)."""
+        return self._idle
+
+    @idle.setter
+    def idle(self, idle: bool) -> None:
+        self._idle = idle
+        self.caught_up = self.caught_up or idle  # set after the journal took every batch before it
 
     def stop(self) -> None:
         self._halt.set()
 
     def _set_health(self, health: str) -> None:
         if health == "connected":
+            if self.health != "connected":
+                self.caught_up = False
+                self.connections += 1
             self.down_since = None
         elif self.down_since is None:
             self.down_since = time.monotonic()
@@ -93,7 +113,7 @@ class SourceReader(threading.Thread):
 
     def _down(self, exc: BaseException, delay: float) -> float:
         """Report the broker down and wait `delay`; returns the next delay (doubling up to MAX_BACKOFF_S)."""
-        self.idle = False
+        self.idle = self.caught_up = False
         self._set_health(f"down ({type(exc).__name__}: {str(exc) or 'no answer'}), retrying with backoff")
         self._halt.wait(delay)
         return min(delay * 2, MAX_BACKOFF_S)
@@ -112,6 +132,7 @@ class NatsReader(SourceReader):
         self.source = source
         self._tls = tls
         self._life = "0"  # the stream's creation time: with the sequence, a message's id (see `_main`)
+        self._backlog_end = 0  # the stream's last sequence when the reader connected: caught up once acknowledged
         self._next_prune = 0.0  # monotonic time of the next `_prune` while connected
 
     def run(self) -> None:
@@ -167,7 +188,8 @@ class NatsReader(SourceReader):
                 subscription = await stream.pull_subscribe_bind(durable, source.stream)
                 # A stream deleted and created again under its name numbers its messages from 1 again: an id is
                 # the sequence in this life of the stream (its creation time), never taken for an older life's.
-                created = (await stream.stream_info(source.stream)).created
+                info = await stream.stream_info(source.stream)
+                created, self._backlog_end = info.created, info.state.last_seq
                 self._life = created.strftime("%Y%m%dT%H%M%S%fZ") if created else "0"
                 # the ids of a stream's earlier life, and those below the floor, are never journalled again: their
                 # lists go, and only the ids the consumer may still deliver stay in memory
@@ -227,6 +249,9 @@ class NatsReader(SourceReader):
             crash_point("broker_after_journal")
             for message in batch:
                 await message.ack()
+            if not self.caught_up:  # messages never stop coming (never idle): caught up once the floor passes the
+                floor = (await subscription.consumer_info()).ack_floor  # backlog held at connection, acknowledged
+                self.caught_up = floor is not None and floor.stream_seq >= self._backlog_end
 
 
 def refuse_unfiltered(source: NatsSource, version: Any) -> None:
@@ -302,7 +327,7 @@ class MqttReader(SourceReader):
                 session["subscribed"] = True
 
         client.on_connect, client.on_subscribe = on_connect, on_subscribe
-        next_prune = time.monotonic()
+        next_prune = connected_at = time.monotonic()
         while not self._halt.is_set():
             try:
                 session.clear()
@@ -319,6 +344,9 @@ class MqttReader(SourceReader):
                     if session.get("subscribed") and self.health != "connected":
                         self._set_health("connected")
                         delay, quiet_since = MIN_BACKOFF_S, time.monotonic()
+                        connected_at = quiet_since
+                    if self.health == "connected" and not self.caught_up:
+                        self._catch_up_limit(connected_at)
                     if not pending:
                         self.idle = self.health == "connected" and time.monotonic() - quiet_since > MQTT_CAUGHT_UP_S
                         continue
@@ -348,6 +376,18 @@ class MqttReader(SourceReader):
                     client.disconnect()  # a refused session or subscription: close it before trying again
                 delay = self._down(exc, delay)
         client.disconnect()
+
+    def _catch_up_limit(self, connected_at: float) -> None:
+        """Count as caught up, saying so, once connected for MQTT_CATCH_UP_LIMIT_S without a pause in messages."""
+        if time.monotonic() - connected_at > MQTT_CATCH_UP_LIMIT_S:
+            self.caught_up = True
+            text = (
+                f"source {self.institution} {self.label}: messages did not pause for {MQTT_CAUGHT_UP_S:.0f} s in the "
+                f"{MQTT_CATCH_UP_LIMIT_S:.0f} s since it connected; taken as caught up (MQTT does not say how many "
+                "messages a session holds), so due windows close"
+            )
+            _log.warning(text)
+            self._notice(f"warning: {text}")
 
 
 def _readable(sock: Any) -> bool:

@@ -4,11 +4,14 @@ Each step: (1) find input files not yet spooled (every feed's glob, `{date}` mat
 input journalled to files); (2) validate, window and spool them (one bounded Beam pipeline on a named runner;
 on the local DirectRunner the same DoFns in process); (3) commit the progress (inputs, watermarks, reject
 counts); (4) close every window of the public grid whose end plus the allowed lateness the processing clock has
-passed, readings or not, and release all of them in one run (pipelines/stream_release.py: contribute, aggregate,
+passed, readings or not, once every broker source has read what its broker held for it (see `_held_sources`: a
+restarted stream, or a source back from an outage, first takes the backlog the broker kept, whose readings are on
+time), and release all of them in one run (pipelines/stream_release.py: contribute, aggregate,
 unmask, release over the windows' spools, committed together; at event level contiguous due windows are one
 release, at entity level each window is its own, see `StreamDriver._release_groups`). Which windows are
-released, and when, and which are released together, depends on the config, the clock and `--until` only, never
-on the readings (fusion/feeds/stream_state.py). Releases spend from the
+released, and which are released together, depends on the config, the clock and `--until` only, never on the
+readings (fusion/feeds/stream_state.py); an input that cannot be read now, or a broker source down or catching up,
+only delays them. Releases spend from the
 ledger like batch ones; a refused window is recorded and the stream goes on. Exact reject counts (validation
 and late) stay in the stream's local state; a window's release carries those of its rows that belong to it as
 noisy slots.
@@ -100,6 +103,7 @@ class StreamStatus:
     refused: tuple[str, ...] = ()  # why each refused window was refused (budget, overlap, quorum), oldest first
     sources: tuple[str, ...] = ()  # each broker source's health: "<institution> <broker>: connected" or down
     unavailable: str | None = None  # why the last step failed on an input that cannot be read now (None: it did not)
+    held: tuple[str, ...] = ()  # the broker sources due windows wait for (down, or not caught up since connecting)
 
 
 def _latest_release(state: StreamState) -> tuple[str, float | None] | None:
@@ -243,6 +247,9 @@ class StreamDriver:
                 continue
             self._feeds.append((institution.id, stdin_feed(config, institution.id, journal)))
         self._readers: list[SourceReader] = []
+        # Each reader's connection (its number) since which it has caught up and its journal was read in.
+        self._caught_up: dict[SourceReader, int] = {}
+        self._held: tuple[SourceReader, ...] = ()  # the sources the latest step's due windows waited for
         if not self.releases_only and any(i.sources for i in config.institutions):
             from pipelines.broker_sources import start_readers  # lazily: the brokers' clients
 
@@ -624,6 +631,19 @@ class StreamDriver:
                 "starts at the window holding it), bound the run with --until, or raise stream.max_backlog"
             )
         ready = due_windows(self.state, grid_start=grid_start, size=size, bound=bound) if pending else []
+        held = self._held_sources() if ready else ()
+        if held and held != self._held:
+            when = ready[0].isoformat() + (f" and {len(ready) - 1} more" if len(ready) > 1 else "")
+            sources = "; ".join(_waiting(r) for r in held)
+            text = (
+                f"the windows due ({when}) wait for {sources}: none closes before every broker source has read what "
+                "its broker held for it since it (re)connected, so readings on time are not counted late"
+            )
+            (_log.warning if any(r.down_since is not None for r in self._readers) else _log.info)(text)
+            self._on_notice(text)
+        self._held = held
+        if held:
+            ready = []
         interrupted = [
             datetime.fromisoformat(w) for w, s in self.state.windows.items() if s.status is WindowStatus.CLOSING
         ]
@@ -640,6 +660,15 @@ class StreamDriver:
             self._remove_released_journals()
         self._refresh_forecasts(sorted(set(interrupted) | set(ready)))
         return sorted(set(interrupted) | set(ready))
+
+    def _held_sources(self) -> tuple[SourceReader, ...]:
+        """The broker sources that due windows wait for, as an input that cannot be read now holds them: a source
+        that is down, or has not caught up (read everything its broker held, JetStream's messages a killed reader
+        fetched included once `ack_wait` redelivers them) since it last connected, or whose journal was not read in
+        since. Every window is every institution's, so each source holds every window."""
+        return tuple(
+            r for r in self._readers if r.down_since is not None or self._caught_up.get(r) != r.connections
+        )
 
     def _remove_released_journals(self) -> None:
         """Remove the broker journal segments that are spooled and whose every window is released: none of the
@@ -704,10 +733,16 @@ class StreamDriver:
             ),
             sources=tuple(f"{r.institution} {r.label}: {r.health}" for r in self._readers),
             unavailable=self._unavailable[1] if self._unavailable is not None else None,
+            held=tuple(_waiting(r) for r in self._held),
         )
 
     def step(self, *, drain: bool = False) -> int:
+        # Before the ingest: a reader caught up now has journalled all the broker held, which the ingest reads.
+        marks = [(reader, reader.connections, reader.caught_up) for reader in self._readers]
         rows = self.ingest()
+        for reader, connection, caught_up in marks:
+            if caught_up and reader.connections == connection:  # not reconnected meanwhile
+                self._caught_up[reader] = connection
         self.close_windows(drain=drain)
         self._on_status(self.status())
         return rows
@@ -767,7 +802,8 @@ class StreamDriver:
             self._unavailable = None
             if drain and rows == 0 and caught_up:
                 self.step(drain=True)
-                break
+                if not self._held:  # a source went down since: wait for it (or give up on it) as above
+                    break
             if self.finished():
                 break
             if rows == 0:
@@ -830,6 +866,12 @@ class StreamDriver:
                 reader.join(timeout=5)
         finally:
             self._lock.release()
+
+
+def _waiting(reader: SourceReader) -> str:
+    """A source that due windows wait for, and why."""
+    why = "catching up" if reader.down_since is None else reader.health
+    return f"source {reader.institution} {reader.label} ({why})"
 
 
 def _sealed_or_refused(plan: ReleasePlan, institution: InstitutionConfig) -> bool:

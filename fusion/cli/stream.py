@@ -71,6 +71,8 @@ def cmd_stream(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
         down = [s for s in status.sources if not s.endswith(": connected")]  # broker sources: say only trouble
         changed += f" | [yellow]{'; '.join(down)}[/yellow]" if down else ""
         changed += " | [yellow]an input cannot be read now: retrying[/yellow]" if status.unavailable else ""
+        held = f"due windows wait for {len(status.held)} broker source(s) to catch up"
+        changed += f" | [yellow]{held}[/yellow]" if status.held else ""
         return (
             f"windows open: {status.windows_open} | released: {status.released}{refused} | last release: {last} | "
             f"lag: {lag} | {status.rows_per_s:,.0f} rows/s | readings: {status.readings:,} | "

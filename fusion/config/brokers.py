@@ -100,8 +100,8 @@ class NatsSource(_Credentials):
     token_env: str | None = None
     # messages per fetch at most (journalled and acknowledged together); a fetch also stays near 8 MiB of messages
     batch: int = Field(default=2000, gt=0)
-    # Unacknowledged messages (a reader killed after the fetch) are redelivered after this: a restarted stream takes
-    # them no sooner, so keep the stream's allowed_lateness above it.
+    # Unacknowledged messages (a reader killed or cut off after the fetch) are redelivered after this; due windows wait
+    # for them (pipelines/stream_driver.py), so a long ack_wait delays releases after a crash and makes nothing late.
     ack_wait: str = "30s"
 
     @field_validator("url")

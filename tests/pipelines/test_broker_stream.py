@@ -25,13 +25,21 @@ import pytest
 from fusion.config.brokers import NatsSource, filters_overlap
 from fusion.config.federation import load_config
 from fusion.errors import ConfigError
-from fusion.feeds.stream_state import load_state
+from fusion.feeds.stream_state import WindowStatus, load_state
 from fusion.runtime.faults import CRASH_EXIT_CODE
 from fusion.store.delta import Store
 from pipelines.broker_journal import SourceJournal, message_lines
 from pipelines.stream_driver import StreamDriver
 from tests.conftest import END, START, Federation
-from tests.pipelines.test_stream import at, fusion_stream, released_once, stream_federation, window_starts, with_times
+from tests.pipelines.test_stream import (
+    STREAM_CONFIG,
+    at,
+    fusion_stream,
+    released_once,
+    stream_federation,
+    window_starts,
+    with_times,
+)
 
 NATS = (
     "NATS JetStream",
@@ -397,9 +405,12 @@ def test_a_connection_severed_mid_stream_is_reported_retried_and_loses_nothing(m
         wait_for(lambda: reader.messages == 5)
         proxy.sever()
         wait_for(lambda: "down" in reader.health)
+        assert not reader.caught_up  # due windows wait for it again
         nats("publish", stream, prefix, [(f"{prefix}.alpha.r", f'{{"n": {n}}}'.encode(), None) for n in range(5, 9)])
         proxy.accepting = True
         wait_for(lambda: reader.messages == 9)
+        wait_for(lambda: reader.caught_up)
+        assert reader.connections == 2
     finally:
         reader.stop()
         reader.join(5)
@@ -474,3 +485,239 @@ def test_jetstream_id_lists_stop_growing_and_a_restart_reads_only_live_ids(tmp_p
     assert restarted.messages == 2  # the 150 redelivered ones are recognised by the floor alone
     lines += "".join(p.read_text() for p in sorted(directory.glob("*.jsonl"))).splitlines()
     assert sorted(lines) == sorted(f'{{"n": {n}}}' for n in range(152))  # each once, none lost
+
+
+def mqtt_session(session: str, topic: str) -> None:
+    """Create the persistent session `session` subscribed to `topic` (QoS 1), as a stream that ran before would."""
+    import paho.mqtt.client as mqtt
+
+    subscriber = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=session, clean_session=False)
+    subscriber.connect("127.0.0.1", 1883)
+    subscriber.subscribe(topic, qos=1)
+    subscriber.loop(1)
+    subscriber.disconnect()
+
+
+def mqtt_publish(topic: str, messages: Sequence[bytes]) -> None:
+    import paho.mqtt.client as mqtt
+
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fusion-test-pub-{uuid.uuid4().hex[:8]}")
+    publisher.connect("127.0.0.1", 1883)
+    publisher.loop_start()
+    for data in messages:
+        publisher.publish(topic, data, qos=1).wait_for_publish(10)
+    publisher.loop_stop()
+    publisher.disconnect()
+
+
+@pytest.mark.brokers
+@pytest.mark.parametrize("kind", ["nats", "mqtt"])
+def test_a_restarted_stream_reads_the_brokers_backlog_before_it_releases_due_windows(
+    make_federation: Any, kind: str
+) -> None:
+    """alpha's readings of the window 00:00 wait on the broker while the stream is stopped; it comes back at 01:15,
+    past the window's end and its 10 minutes of lateness. Its first step used to release the window before the
+    reader had fetched anything, and every one of those readings, on time, was counted late (the same readings
+    landed as a file were released). The window now waits for the reader to catch up."""
+    need_broker(NATS if kind == "nats" else MQTT)
+    fed = stream_federation(
+        make_federation, subdir=f"backlog-{kind}", stream=STREAM_CONFIG.replace('"0s"', '"10m"')
+    )
+    tag = uuid.uuid4().hex[:8]
+    stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
+    alpha = hours(fed.raw["alpha"], 0, 1)
+    if kind == "nats":
+        source = f'kind = "nats"\nstream = "{stream}"\nsubjects = ["{prefix}.alpha.>"]\nack_wait = "2s"\n'
+        nats("create", stream, prefix)
+        nats("publish", stream, prefix, [(f"{prefix}.alpha.r", p, None) for p in payloads(alpha, 10)])
+    else:
+        source = f'kind = "mqtt"\ntopics = ["{tag}/alpha/#"]\nclient_id = "fusion-test-{tag}"\n'
+        mqtt_session(f"fusion-test-{tag}", f"{tag}/alpha/#")
+        mqtt_publish(f"{tag}/alpha/readings", payloads(alpha, 10))
+    with_sources(fed, {"alpha": f"[[institutions.sources]]\n{source}"})
+    config = load_config(fed.config_path)
+    notices: list[str] = []
+    driver = StreamDriver(config, clock=lambda: at(1) + timedelta(minutes=15), on_notice=notices.append)
+    deadline = time.monotonic() + 60
+    window = START.isoformat()
+
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, 0.2))
+        released = window in driver.state.windows and driver.state.windows[window].status is WindowStatus.RELEASED
+        driver.stop_requested = released or time.monotonic() > deadline
+
+    try:
+        driver.run(sleep=sleep)
+    finally:
+        if kind == "nats":
+            nats("delete", stream, prefix)
+    state = load_state(Path(config.stream_state_path) / "state.json")
+    assert state.windows[window].status is WindowStatus.RELEASED
+    assert state.windows[window].rejects == {}  # none late
+    assert state.readings == alpha.num_rows
+    assert sum(Store(config.store_path).read("releases").column("count").to_pylist()) == alpha.num_rows
+    if kind == "mqtt":  # caught up after 2 s without a message: the first steps said why the window waited
+        assert any("wait for source alpha mqtt 127.0.0.1:1883 (" in n for n in notices), notices
+
+
+@pytest.mark.brokers
+def test_due_windows_wait_for_what_a_killed_reader_fetched_until_ack_wait_redelivers_it(make_federation: Any) -> None:
+    """A reader killed after its fetch, before journalling: JetStream redelivers those messages only after
+    `ack_wait` (3 s here, longer than the stream's allowed lateness of 0 s). The restarted stream's due window waits
+    for them instead of counting them late, so ack_wait need not stay below allowed_lateness."""
+    need_broker(NATS)
+    import nats as nats_client
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    fed = stream_federation(make_federation, subdir="ack-wait")
+    tag = uuid.uuid4().hex[:8]
+    stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
+    alpha = hours(fed.raw["alpha"], 0, 1)
+    source = f'kind = "nats"\nstream = "{stream}"\nsubjects = ["{prefix}.alpha.>"]\nack_wait = "3s"\n'
+    with_sources(fed, {"alpha": f"[[institutions.sources]]\n{source}"})
+    config = load_config(fed.config_path)
+    nats_source = config.institutions[0].sources[0]
+    assert isinstance(nats_source, NatsSource)
+
+    async def fetch_and_die() -> int:  # what the killed reader did: the consumer's config is the reader's
+        client = await nats_client.connect("nats://127.0.0.1:4222")
+        js = client.jetstream()
+        consumer = ConsumerConfig(
+            durable_name=nats_source.consumer("alpha"),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=nats_source.ack_wait_s(),
+            max_ack_pending=-1,
+            filter_subject=nats_source.subjects[0],
+        )
+        await js.add_consumer(stream, consumer)
+        fetched = await (await js.pull_subscribe_bind(consumer.durable_name, stream)).fetch(100, timeout=2)
+        await client.close()  # never acknowledged
+        return len(fetched)
+
+    nats("create", stream, prefix)
+    try:
+        nats("publish", stream, prefix, [(f"{prefix}.alpha.r", p, None) for p in payloads(alpha, 10)])
+        assert asyncio.run(fetch_and_die()) == 8
+        started = time.monotonic()
+        driver = StreamDriver(config, clock=lambda: at(1) + timedelta(minutes=1))
+        deadline = started + 30
+        window = START.isoformat()
+
+        def sleep(seconds: float) -> None:
+            time.sleep(min(seconds, 0.2))
+            released = window in driver.state.windows and driver.state.windows[window].status is WindowStatus.RELEASED
+            driver.stop_requested = released or time.monotonic() > deadline
+
+        driver.run(sleep=sleep)
+        waited = time.monotonic() - started
+    finally:
+        nats("delete", stream, prefix)
+    state = load_state(Path(config.stream_state_path) / "state.json")
+    assert state.windows[window].status is WindowStatus.RELEASED and state.windows[window].rejects == {}
+    assert state.readings == alpha.num_rows
+    assert waited > 2  # for the redelivery
+
+
+@pytest.mark.brokers
+def test_due_windows_wait_for_a_broker_source_that_is_down(make_federation: Any) -> None:
+    """A source whose broker is down holds the due windows, as a file that cannot be read now does: nothing is
+    released while its backlog may hold readings on time, and the status line and a notice name it."""
+    fed = stream_federation(make_federation, subdir="held-down")  # the grid from START: every window is due at END
+    with socket.socket() as probe:  # a free port on loopback, closed again: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with_sources(fed, {"alpha": f'[[institutions.sources]]\nkind = "mqtt"\nport = {port}\ntopics = ["a/#"]\n'})
+    notices: list[str] = []
+    driver = StreamDriver(load_config(fed.config_path), clock=lambda: END, on_notice=notices.append)
+    try:
+        driver.step()
+        driver.step()
+    finally:
+        driver.close()
+    assert not driver.state.windows  # none closed, none released
+    (held,) = driver.status().held
+    assert held.startswith(f"source alpha mqtt 127.0.0.1:{port} (")
+    assert len([n for n in notices if "wait for source alpha" in n]) == 1, notices  # said once, not at every step
+
+
+@pytest.mark.brokers
+def test_a_jetstream_reader_whose_messages_never_pause_catches_up_by_its_acknowledgement_floor(tmp_path: Path) -> None:
+    """A message every 0.1 s: no fetch comes back empty, so the reader is never idle; it has caught up once the
+    consumer's acknowledgement floor passes what the stream held when the reader connected."""
+    need_broker(NATS)
+    from pipelines.broker_sources import NatsReader
+
+    tag = uuid.uuid4().hex[:8]
+    stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
+    source = NatsSource(stream=stream, subjects=(f"{prefix}.alpha.>",))
+    nats("create", stream, prefix)
+    nats("publish", stream, prefix, [(f"{prefix}.alpha.r", f'{{"n": {n}}}'.encode(), None) for n in range(50)])
+    publishing = threading.Event()
+    publishing.set()
+
+    def publish() -> None:
+        n = 50
+        while publishing.is_set():
+            nats("publish", stream, prefix, [(f"{prefix}.alpha.r", f'{{"n": {n}}}'.encode(), None)])
+            n += 1
+            time.sleep(0.1)
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    reader = NatsReader("alpha", source, SourceJournal(tmp_path / "journal"), None, lambda _: None)
+    was_idle: list[bool] = []
+    reader.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not reader.caught_up:
+            was_idle.append(reader.idle)
+            assert time.monotonic() < deadline, "never caught up"
+            time.sleep(0.01)
+        assert reader.messages >= 50 and reader.connections == 1
+    finally:
+        reader.stop()
+        reader.join(5)
+        publishing.clear()
+        publisher.join(5)
+        nats("delete", stream, prefix)
+    assert not any(was_idle)
+
+
+@pytest.mark.brokers
+def test_an_mqtt_reader_whose_messages_never_pause_is_taken_as_caught_up_after_a_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MQTT does not say how many messages a session holds: a source whose messages never pause for 2 s counts as
+    caught up once connected for MQTT_CATCH_UP_LIMIT_S (saying so), instead of holding due windows for ever."""
+    need_broker(MQTT)
+    from pipelines import broker_sources
+    from pipelines.broker_sources import MqttReader
+
+    monkeypatch.setattr(broker_sources, "MQTT_CATCH_UP_LIMIT_S", 3.0)
+    tag = uuid.uuid4().hex[:8]
+    publishing = threading.Event()
+    publishing.set()
+
+    def publish() -> None:
+        while publishing.is_set():
+            mqtt_publish(f"{tag}/alpha/readings", [b'{"n": 1}'])
+            time.sleep(0.2)
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    notices: list[str] = []
+    source = broker_sources.MqttSource(topics=(f"{tag}/alpha/#",), client_id=f"fusion-test-{tag}")
+    reader = MqttReader("alpha", source, SourceJournal(tmp_path / "journal"), None, notices.append)
+    reader.start()
+    try:
+        wait_for(lambda: reader.health == "connected")
+        connected = time.monotonic()
+        wait_for(lambda: reader.caught_up, 10)
+        assert time.monotonic() - connected > 2.5 and reader.messages > 0 and not reader.idle
+    finally:
+        reader.stop()
+        reader.join(5)
+        publishing.clear()
+        publisher.join(5)
+    assert any("did not pause" in n and "taken as caught up" in n for n in notices), notices
