@@ -72,6 +72,10 @@ _CATALOG = re.compile(r"(?i)\b(?:show|information_schema|duckdb_\w+|pragma_\w+|s
 #: Query nodes (in DuckDB's JSON form of a parsed SELECT) of a statement that writes, in a WITH clause.
 _WRITING_NODES = {"INSERT_QUERY_NODE": "INSERT", "UPDATE_QUERY_NODE": "UPDATE", "DELETE_QUERY_NODE": "DELETE",
                   "MERGE_INTO_QUERY_NODE": "MERGE INTO"}
+#: The longest query text checked, in UTF-8 bytes. The check serialises the query's parse tree before its time limit
+#: starts, and the tree is about 50 times the text (a 1.2 MB `SELECT 1, 1, ...` made 58 MB of JSON in 7 s at a 2.1 GB
+#: peak): a longer text is refused before it is parsed.
+MAX_QUERY_BYTES = 256 * 1024
 #: How long `SqlSandbox.close` waits for a query running in another thread to stop once interrupted.
 CLOSE_WAIT_S = 5.0
 
@@ -222,6 +226,11 @@ class SqlSandbox:
 
     def _check(self, sql: str) -> None:
         """Refuses `sql` unless it is exactly one query, naming the statement refused."""
+        if len(sql) > MAX_QUERY_BYTES // 4 and len(sql.encode()) > MAX_QUERY_BYTES:
+            raise SqlRefused(
+                f"the query's text is {len(sql.encode()):,} bytes, past the {MAX_QUERY_BYTES:,} a query may have: "
+                f"shorten it (a long IN list is shorter as a join or a range). {_SANDBOX_HINT}"
+            )
         try:
             statements = self._con.extract_statements(sql)
         except duckdb.Error as exc:
