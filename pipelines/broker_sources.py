@@ -407,9 +407,9 @@ def start_readers(config: Config, notice: Callable[[str], None]) -> list[tuple[S
     for institution in config.institutions:
         first = institution.feeds[0]
         for number, source in enumerate(institution.sources):
-            source.secret(institution.id)
+            source.secret(institution.id, number)
             if isinstance(source, NatsSource):
-                source.auth_token(institution.id)
+                source.auth_token(institution.id, number)
             tls = tls_context(source, f"institutions.{institution.id}.sources[{number}].tls", config.resolve)
             journal = SourceJournal(journal_dir(config, institution.id, number, source.kind.value))
             reader: SourceReader

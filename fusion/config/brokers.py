@@ -10,6 +10,7 @@ never from the command line.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import ssl
@@ -29,6 +30,8 @@ from fusion.runtime.durations import parse_duration
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 #: The URL schemes of a NATS server (nats-py's): plain or TLS, over TCP or websockets.
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+#: A host name: dot-separated labels of letters, digits, '-' and '_' (a container's service name may hold one).
+_HOST_NAME = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
 #: What a JetStream stream name may not hold: whitespace, control characters, '.', '*', '>', path separators.
 _NOT_IN_A_NAME = re.compile(r"[\s\x00-\x1f\x7f.*>/\\]")
 
@@ -82,9 +85,10 @@ class _Credentials(_Frozen):
             raise ValueError(f"{field} is set without user: a broker takes a password only with a user name")
         return self
 
-    def secret(self, institution: str) -> str | None:
-        """The password: from the config, else from the environment variable it names."""
-        return _from_env(self.password, self.password_env, institution, "password_env")
+    def secret(self, institution: str, number: int | None = None) -> str | None:
+        """The password: from the config, else from the environment variable it names (one not set is refused
+        naming the institution's source, `number` its position when known)."""
+        return _from_env(self.password, self.password_env, _source_field(institution, number), "password_env")
 
 
 class NatsSource(_Credentials):
@@ -96,7 +100,7 @@ class NatsSource(_Credentials):
     # subject filters ('*' a token, '>' last); more than one needs nats-server 2.10 or later
     subjects: tuple[str, ...] = Field(min_length=1)
     durable: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")  # default: fusion-<institution>
-    token: str | None = None
+    token: str | None = None  # or token_env, the variable holding it; a token authenticates instead of a user
     token_env: str | None = None
     # messages per fetch at most (journalled and acknowledged together); a fetch also stays near 8 MiB of messages
     batch: int = Field(default=2000, gt=0)
@@ -117,6 +121,13 @@ class NatsSource(_Credentials):
                 f"url {url!r} is not a NATS server URL: write <scheme>://<host>[:<port>] with a scheme of "
                 f"{', '.join(NATS_SCHEMES)} (e.g. nats://127.0.0.1:4222)"
             )
+        # nats-py ignores a path, a query or a fragment of a nats:// or tls:// URL (a websocket URL keeps its path,
+        # for a server behind a proxy): one there is a typo for another server, not a setting
+        if parsed.query or parsed.fragment or (parsed.scheme in ("nats", "tls") and parsed.path not in ("", "/")):
+            raise ValueError(
+                f"url {url!r} holds more than a server: write <scheme>://<host>[:<port>] with no path, query or "
+                "fragment (only a ws:// or wss:// URL takes a path)"
+            )
         return url
 
     @field_validator("stream")
@@ -136,6 +147,18 @@ class NatsSource(_Credentials):
             raise ValueError(f"ack_wait {text!r} must be positive (e.g. '30s')")
         return text
 
+    @model_validator(mode="after")
+    def _one_way_to_authenticate(self) -> Self:
+        token = "token" if self.token is not None else "token_env" if self.token_env is not None else None
+        if token and self.user is not None:
+            raise ValueError(
+                f"{token} is set with user: a NATS server authenticates a client by a token or by a user and "
+                "password, not both; keep one"
+            )
+        if self.token is not None and self.token_env is not None:
+            raise ValueError("token and token_env are both set: keep one (token_env names the variable holding it)")
+        return self
+
     def ack_wait_s(self) -> float:
         return parse_duration(self.ack_wait).total_seconds()
 
@@ -153,8 +176,9 @@ class NatsSource(_Credentials):
     def consumer(self, institution: str) -> str:
         return self.durable or f"fusion-{institution}".replace(".", "_")
 
-    def auth_token(self, institution: str) -> str | None:
-        return _from_env(self.token, self.token_env, institution, "token_env")
+    def auth_token(self, institution: str, number: int | None = None) -> str | None:
+        """The token: from the config, else from the environment variable it names (see `secret`)."""
+        return _from_env(self.token, self.token_env, _source_field(institution, number), "token_env")
 
     def filters(self) -> list[tuple[str, ...]]:
         return [tuple(s.split(".")) for s in self.subjects]
@@ -170,10 +194,25 @@ class MqttSource(_Credentials):
     """MQTT topic filters read at QoS 1 in a persistent session; messages are JSON lines."""
 
     kind: Literal[SourceKind.MQTT] = SourceKind.MQTT
-    host: str = Field(default="127.0.0.1", min_length=1)
+    host: str = Field(default="127.0.0.1", min_length=1)  # a host name or IP address: no scheme, no port
     port: int = Field(default=1883, gt=0, lt=65536)
     topics: tuple[str, ...] = Field(min_length=1)  # topic filters ('+' a level, '#' last); no shared subscription
     client_id: str | None = Field(default=None, min_length=1, max_length=64)  # default: fusion-<institution>
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, host: str) -> str:
+        if _is_address(host) or (len(host) <= 253 and _HOST_NAME.match(host)):
+            return host
+        hint = ""
+        if "://" in host:
+            hint = " without its scheme (TLS is the source's [institutions.sources.tls] table)"
+        elif re.fullmatch(r"[^:\s]+:\d*", host):
+            hint = " without its port (that is `port`)"
+        raise ValueError(
+            f"host {host!r} is not a host name or IP address: write the broker's name or address alone{hint}, "
+            "e.g. 127.0.0.1 or broker.example.org, and its port in `port`"
+        )
 
     @field_validator("topics")
     @classmethod
@@ -206,6 +245,14 @@ class MqttSource(_Credentials):
         return any(_matches(t.split("/"), name, one="+", rest="#", rest_may_be_empty=True) for t in self.topics)
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _matches(tokens: Sequence[str], name: Sequence[str], *, one: str, rest: str, rest_may_be_empty: bool) -> bool:
     """Whether the subject or topic `name` (its tokens) matches a filter's `tokens`: `one` matches one token, `rest`
     (last) the tokens left, at least one unless `rest_may_be_empty`."""
@@ -232,14 +279,21 @@ def check_tls_files(sources: Sequence[tuple[str, int, NatsSource | MqttSource]],
                 )
 
 
-def _from_env(value: str | None, variable: str | None, institution: str, field: str) -> str | None:
+def _source_field(institution: str, number: int | None) -> str:
+    return f"institutions.{institution}.sources" + ("" if number is None else f"[{number}]")
+
+
+def _from_env(value: str | None, variable: str | None, source: str, field: str) -> str | None:
+    """`value`, else the environment variable `variable`. It is read when `fusion stream` starts its readers (before
+    any of them starts), not at load: every command loads the config, and only the stream needs a broker's
+    credentials (a query, a batch run or the dashboard runs where they are not exported)."""
     if value is not None or variable is None:
         return value
     found = os.environ.get(variable)
     if found is None:
         raise ConfigError(
-            f"institutions.{institution}.sources: {field} names the environment variable {variable}, which is not "
-            "set; export it before `fusion stream` (credentials never go on the command line)"
+            f"{source}: {field} names the environment variable {variable}, which is not set; export it before "
+            "`fusion stream` (credentials never go on the command line)"
         )
     return found
 

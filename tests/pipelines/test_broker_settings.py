@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,15 @@ BAD = [
     ("stream-name", NATS.replace('"S"', '"A.B C"'), ["sources[0].nats.stream", "not a JetStream stream name"]),
     ("subject-space", NATS.replace('"a.>"', '"a b.>"'), ["sources[0].nats.subjects", "without spaces"]),
     ("mqtt-host", MQTT + 'host = ""\n', ["sources[0].mqtt.host"]),
+    # each loaded, then its reader retried for ever (paho takes the host for a name to resolve)
+    ("mqtt-host-url", MQTT + 'host = "mqtt://127.0.0.1:1883"\n', ["sources[0].mqtt.host", "without its scheme"]),
+    ("mqtt-host-port", MQTT + 'host = "127.0.0.1:1883"\n', ["sources[0].mqtt.host", "without its port"]),
+    ("mqtt-host-space", MQTT + 'host = "broker one"\n', ["sources[0].mqtt.host", "not a host name or IP address"]),
+    ("url-path", NATS + 'url = "nats://127.0.0.1:4222/x"\n', ["sources[0].nats.url", "no path, query or fragment"]),
+    ("token-and-user", NATS + 'user = "u"\npassword = "p"\ntoken = "t"\n',
+     ["sources[0].nats", "token is set with user"]),
+    ("token-env-and-user", NATS + 'user = "u"\ntoken_env = "T"\n', ["sources[0].nats", "token_env is set with user"]),
+    ("token-twice", NATS + 'token = "t"\ntoken_env = "T"\n', ["sources[0].nats", "token and token_env"]),
     ("topic-nul", MQTT.replace('"a/#"', '"a/\\u0000"'), ["sources[0].mqtt.topics", "NUL"]),
     ("password-without-user", MQTT + 'password_env = "P"\n', ["sources[0].mqtt", "password_env is set without user"]),
     ("key-without-cert", MQTT + '[institutions.sources.tls]\nkey = "k.pem"\n', ["mqtt.tls", "set cert"]),
@@ -42,6 +52,39 @@ def test_a_bad_source_setting_is_refused_at_load_naming_the_field(make_federatio
         load_config(fed.config_path)
     for fragment in fragments:
         assert fragment in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        MQTT + 'host = "broker.example.org"\n',
+        MQTT + 'host = "::1"\n',
+        MQTT + 'host = "mqtt_broker"\n',  # a container's service name
+        NATS + 'url = "nats://127.0.0.1:4222/"\n',
+        NATS + 'url = "wss://broker.example.org/nats"\n',  # a websocket server behind a proxy, at a path
+        NATS + 'user = "u"\npassword_env = "P"\n',
+        NATS + 'token_env = "T"\n',
+    ],
+)
+def test_good_source_settings_load(make_federation: Any, block: str) -> None:
+    fed = make_federation()
+    with_sources(fed, {"alpha": block})
+    load_config(fed.config_path)
+
+
+def test_an_unset_credential_variable_is_refused_at_start_naming_the_source(
+    make_federation: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read when the stream starts its readers, not at load: every command loads the config, and only the stream
+    needs a broker's credentials."""
+    monkeypatch.delenv("FUSION_TEST_UNSET_TOKEN", raising=False)
+    fed = make_federation()
+    with_sources(fed, {"alpha": MQTT, "beta": NATS.replace("a.>", "b.>") + 'token_env = "FUSION_TEST_UNSET_TOKEN"\n'})
+    config = load_config(fed.config_path)
+    with pytest.raises(ConfigError, match=r"institutions\.beta\.sources\[0\]: token_env names the environment "
+                       r"variable FUSION_TEST_UNSET_TOKEN, which is not set"):
+        StreamDriver(config)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fusion-source-alpha")]  # nor alpha's
 
 
 def test_tls_files_that_do_not_load_are_refused_before_any_reader_starts(make_federation) -> None:
