@@ -33,6 +33,7 @@ from typing import Any
 from fusion.config.brokers import MqttSource, NatsSource
 from fusion.config.federation import Config, FeedConfig, FeedFormat
 from fusion.errors import ConfigError
+from fusion.release.exchange import glob_escape, join
 from fusion.runtime.faults import crash_point
 from pipelines.broker_journal import JOURNAL_SUFFIX, MQTT_ID_RETENTION_S, AckFloor, SourceJournal, message_lines
 
@@ -419,7 +420,7 @@ def start_readers(config: Config, notice: Callable[[str], None]) -> list[tuple[S
                 reader = MqttReader(institution.id, source, journal, tls, notice)
             feed = FeedConfig(
                 name=f"source-{number}",
-                path=str(journal.directory / f"*{JOURNAL_SUFFIX}"),
+                path=join(glob_escape(str(journal.directory)), f"*{JOURNAL_SUFFIX}"),  # a state path may hold [ ]
                 format=FeedFormat.JSONL,
                 time_format=first.time_format,
                 columns=first.columns,

@@ -34,7 +34,7 @@ from fusion.errors import FusionError
 from fusion.feeds.files import RawBatch, mapped_columns, read_feed_file
 from fusion.feeds.scan import TRANSIENT_ERRORS, FeedUnavailable, malformed_letters
 from fusion.feeds.stream_state import WINDOWED_REASONS
-from fusion.release.exchange import join, read_bytes, write_bytes, write_json
+from fusion.release.exchange import glob_escape, join, read_bytes, write_bytes, write_json
 from schemas.readings import EVENT_TIME, READING_SCHEMA
 from schemas.reasons import FileReason, RejectReason
 from schemas.validation import (
@@ -112,7 +112,7 @@ def stdin_feed(config: Config, institution_id: str, journal: str) -> FeedConfig:
     first = config.institution(institution_id).feeds[0]
     return FeedConfig(
         name="stdin",
-        path=join(journal, "*.jsonl"),
+        path=join(glob_escape(journal), "*.jsonl"),  # a pattern: the state's path may hold [ ] * ?
         format=FeedFormat.JSONL,
         time_format=first.time_format,
         columns=first.columns,

@@ -414,7 +414,8 @@ class StreamDriver:
         """Releases-only mode: count the job's rejects and the readings spooled after their window's release
         (late); an ON_TIME pane marker moves its institution's watermark (shown as lag, deciding nothing)."""
         size, lateness = self.config.stream_window, self.config.allowed_lateness
-        pattern = join(self.config.stream_spool_path, "*", "*", MARKERS, "*-ON_TIME.json")
+        spool = glob_escape(self.config.stream_spool_path)  # a pattern: a path may hold [ ] * ?
+        pattern = join(spool, "*", "*", MARKERS, "*-ON_TIME.json")
         changed = 0
         for meta in FileSystems.match([pattern])[0].metadata_list:
             parts = meta.path.rstrip("/").split("/")
@@ -424,9 +425,7 @@ class StreamDriver:
             self.state.advance(institution, start + size + lateness)  # its watermark has passed the end
             changed += int(before != self.state.max_event.get(institution))
         # The job's reject counts, one file per message: each is added once (it is then a processed input).
-        for meta in FileSystems.match([join(self.config.stream_spool_path, "*", REJECT_COUNTS, "*.json")])[
-            0
-        ].metadata_list:
+        for meta in FileSystems.match([join(spool, "*", REJECT_COUNTS, "*.json")])[0].metadata_list:
             if meta.path in self.state.processed:
                 continue
             institution = meta.path.rstrip("/").split("/")[-3]
@@ -497,10 +496,12 @@ class StreamDriver:
 
     def _spool_files(self, institution_id: str, start: datetime) -> list[str]:
         """The spool files the release of the window at `start` reads for an institution: those on record, or
-        (none on record yet) every Parquet file of its spool directory."""
+        (none on record yet) every Parquet file of its spool directory; as feed paths, which are patterns."""
         window = self.state.windows.get(start.isoformat())
         recorded = window.files.get(institution_id) if window is not None else None
-        return recorded if recorded else [join(spool_dir(self.config, institution_id, start), "*.parquet")]
+        if recorded:
+            return [glob_escape(path) for path in recorded]
+        return [join(glob_escape(spool_dir(self.config, institution_id, start)), "*.parquet")]
 
     def _release_groups(self, starts: list[datetime]) -> list[list[datetime]]:
         """The windows of `starts` grouped into releases. A window whose release a crash interrupted keeps the

@@ -294,6 +294,38 @@ def test_mqtt_readings_beside_file_feeds_are_released_and_bad_messages_dead_lett
 
 
 @pytest.mark.brokers
+def test_a_journal_under_a_state_path_holding_glob_characters_is_read(make_federation: Any) -> None:
+    """stream.state in a directory named `st[1]`: the journal's pattern took `[1]` for a class of characters, so
+    every message was journalled and acknowledged and no reading was ever read."""
+    need_broker(NATS)
+    from tests.pipelines.test_stream import STREAM_CONFIG
+
+    fed = stream_federation(make_federation, subdir="nats-brackets", stream=STREAM_CONFIG + 'state = "st[1]"\n')
+    tag = uuid.uuid4().hex[:8]
+    stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
+    with_sources(
+        fed,
+        {
+            inst.id: (
+                f'[[institutions.sources]]\nkind = "nats"\nstream = "{stream}"\nsubjects = ["{prefix}.{inst.id}.>"]\n'
+            )
+            for inst in fed.config.institutions
+        },
+    )
+    config = load_config(fed.config_path)
+    nats("create", stream, prefix)
+    try:
+        nats("publish", stream, prefix, [(f"{prefix}.{i}.r", p, None) for i, t in fed.raw.items() for p in payloads(t)])
+        driver = StreamDriver(config, until=END)
+        driver.run(drain=True)
+    finally:
+        nats("delete", stream, prefix)
+    total = sum(t.num_rows for t in fed.raw.values())
+    assert driver.state.readings == total
+    assert sum(Store(config.store_path).read("releases").column("count").to_pylist()) == total
+
+
+@pytest.mark.brokers
 def test_a_broker_down_at_start_is_reported_and_retried(make_federation) -> None:
     """Nothing listens on the source's port: the reader says so (status line, log) and keeps retrying."""
     fed = make_federation(subdir="down")

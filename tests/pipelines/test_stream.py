@@ -438,6 +438,52 @@ def test_json_lines_on_stdin_are_journalled_windowed_and_released(make_federatio
 
 
 @pytest.mark.e2e
+def test_a_state_path_holding_glob_characters_is_read_as_a_path(make_federation: Any) -> None:
+    """stream.state (and so the spool under it) in a directory named `st[1]`: the stdin journal and the spool are
+    read back through patterns, which took `[1]` for a class of characters and matched nothing (every reading
+    journalled, none read; then every window refused for want of its spool files)."""
+    import io
+    import json
+
+    fed = stream_federation(make_federation, subdir="brackets", stream=STREAM_CONFIG + 'state = "st[1]"\n')
+    for hour in range(2):
+        land(fed, hour)
+    alpha = fed.config.institutions[0]
+    for path in (fed.directory / "feeds" / alpha.id).iterdir():
+        path.unlink()
+    rows = pa.concat_tables([hour_of(fed, alpha.id, hour) for hour in range(2)]).to_pylist()
+    lines = "".join(json.dumps({**row, "event_time": row["event_time"].isoformat()}) + "\n" for row in rows)
+    assert fed.config.stream_state_path.endswith("/st[1]")
+    driver = StreamDriver(fed.config, stdin=(alpha.id, io.StringIO(lines)), until=at(2))
+    driver.run(drain=True)
+    sent = sum(hour_of(fed, inst.id, hour).num_rows for inst in fed.config.institutions for hour in range(2))
+    assert driver.state.readings == sent and driver.state.rejected == 0
+    assert sum(Store(fed.config.store_path).read("releases").column("count").to_pylist()) == sent
+    assert window_starts(fed.config.store_path) == [at(0), at(1)]
+
+
+def test_a_streaming_jobs_spool_under_a_path_holding_glob_characters_is_scanned(make_federation: Any) -> None:
+    """`--releases-only` over a spool in `sp[1]`: the job's reject counts and pane markers are found through
+    patterns, which took `[1]` for a class of characters and found none."""
+    import json
+
+    from pipelines.stream_sources import MARKERS, REJECT_COUNTS
+
+    fed = stream_federation(make_federation, subdir="spool-brackets", stream=STREAM_CONFIG + 'spool = "sp[1]"\n')
+    first = fed.config.institutions[0].id
+    counts = Path(fed.config.stream_spool_path) / first / REJECT_COUNTS
+    counts.mkdir(parents=True)
+    (counts / "message.json").write_text(json.dumps({"rejects": {"malformed_record": 2}, "windows": {}}))
+    marker = Path(spool_dir(fed.config, first, START)) / MARKERS / "000000-ON_TIME.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{}")
+    driver = StreamDriver(fed.config, releases_only=True, clock=lambda: START)
+    driver.step()
+    assert driver.state.unwindowed == {first: {"malformed_record": 2}} and driver.state.rejected == 2
+    assert first in driver.state.max_event  # the marker moved its watermark
+
+
+@pytest.mark.e2e
 def test_draining_waits_for_stdin_to_close_before_releasing_a_window(make_federation):
     """`producer | fusion stream --stdin alpha --drain --until T` with a producer that writes a moment after the
     stream starts: every line is read before any window is released. The stream used to release every window up
