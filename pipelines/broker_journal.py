@@ -19,7 +19,9 @@ reader acknowledges only what it journalled, so every message at or below the fl
 recognised by the floor alone, also when a consumer created again delivers the stream from its start. MQTT has no
 such floor, so an MQTT reader drops the ids of segments released more than `MQTT_ID_RETENTION_S` ago
 (`prune_released`): the broker redelivers a message only when its acknowledgement was lost, at the next session,
-so a week covers any outage a stream would ride out.
+so a week covers any outage a stream would ride out. It also sends a filter's retained messages at each subscription,
+so the journal records the filters the reader's persistent session holds (`subscriptions`), and a reader subscribes
+only the others: a retained message comes again only to a session the broker lost (or to a new client id).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ JOURNAL_SUFFIX = ".jsonl"
 IDS_SUFFIX = ".ids"
 RELEASED_SUFFIX = ".released"  # the ids of a segment removed once every window it fed was released
 FLOOR_FILE = "consumer.floor"  # a JetStream journal's AckFloor, as JSON
+SUBSCRIPTIONS_FILE = "session.topics"  # an MQTT journal's: the topic filters its broker session holds, as JSON
 #: How long an MQTT reader keeps the ids of a released segment (see the module's docstring).
 MQTT_ID_RETENTION_S = 7 * 24 * 3600.0
 
@@ -135,6 +138,18 @@ class SourceJournal:
         floor = self.floor
         self.ids = ids if floor is None else {i for i in ids if not floor.covers(i)}
         self._next = max(numbers)
+
+    def subscriptions(self) -> set[str]:
+        """The topic filters an MQTT reader subscribed in its persistent broker session (none on record: none)."""
+        try:
+            return set(json.loads((self.directory / SUBSCRIPTIONS_FILE).read_text()))
+        except FileNotFoundError:
+            return set()
+
+    def record_subscriptions(self, topics: set[str]) -> None:
+        """Record (durably) the topic filters the broker session holds once it has granted them."""
+        _write_durably(self.directory / SUBSCRIPTIONS_FILE, json.dumps(sorted(topics)).encode())
+        _fsync_directory(self.directory)
 
     def segments(self) -> list[Path]:
         """The journal files present, oldest first."""

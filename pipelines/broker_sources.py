@@ -2,12 +2,13 @@
 
 A NATS JetStream source is a durable pull consumer (explicit acknowledgements) over the institution's subjects; an MQTT
 source subscribes to the institution's topic filters at QoS 1 in a persistent session (clean_session off) and
-acknowledges manually. Either way a batch is acknowledged only after `SourceJournal.append` has made it durable,
-so a kill redelivers, and nothing the broker saw acknowledged is lost. Redeliveries are recognised by the broker
-id (JetStream: the stream sequence, with the stream's creation time, since a stream created again under the same
-name numbers from 1 again; MQTT, which has no stable id: a digest of topic and payload, so an exact duplicate is
-taken once). The journal files are the institution's inputs from there on: the driver validates,
-windows, spools and releases them like feed files.
+acknowledges manually; a filter the session already holds (on record in the journal) is not subscribed again, since
+the broker sends a filter's retained messages at each subscription. Either way a batch is acknowledged only after
+`SourceJournal.append` has made it durable, so a kill redelivers, and nothing the broker saw acknowledged is lost.
+Redeliveries are recognised by the broker id (JetStream: the stream sequence, with the stream's creation time, since
+a stream created again under the same name numbers from 1 again; MQTT, which has no stable id: a digest of topic and
+payload, so an exact duplicate is taken once). The journal files are the institution's inputs from there on: the
+driver validates, windows, spools and releases them like feed files.
 
 A broker that is down at start or goes down mid-stream is retried with exponential backoff (0.5 s to 30 s); each
 change of a source's health is logged and shown in the status line. A reader journals only its source's subjects
@@ -314,17 +315,25 @@ class MqttReader(SourceReader):
         # is down, not connected, so the status line says why and `--drain` gives up on it after its wait.
         session: dict[str, Any] = {}
 
-        def on_connect(c: Any, _data: Any, _flags: Any, code: Any, _props: Any) -> None:
+        # A filter is subscribed only when the session does not hold it yet: subscribing again makes the broker send
+        # each retained message of the filter again, which, once its id was pruned, was journalled a second time.
+        def on_connect(c: Any, _data: Any, flags: Any, code: Any, _props: Any) -> None:
             if code.is_failure:
                 session["refused"] = f"the broker refused the connection: {code}"
+                return
+            session["held"] = self.journal.subscriptions() if flags.session_present else set()
+            session["wanted"] = [t for t in source.topics if t not in session["held"]]
+            if session["wanted"]:
+                session["subscription"] = c.subscribe([(t, 1) for t in session["wanted"]])[1]
             else:
-                session["subscription"] = c.subscribe([(t, 1) for t in source.topics])[1]
+                session["subscribed"] = True
 
         def on_subscribe(_c: Any, _data: Any, mid: int, codes: Any, _props: Any) -> None:
-            refused = [t for t, code in zip(source.topics, codes, strict=False) if code.is_failure]
+            refused = [t for t, code in zip(session.get("wanted", []), codes, strict=False) if code.is_failure]
             if mid == session.get("subscription") and refused:
                 session["refused"] = f"the broker refused the subscription to {', '.join(refused)}"
             elif mid == session.get("subscription"):
+                self.journal.record_subscriptions(session["held"] | set(session["wanted"]))
                 session["subscribed"] = True
 
         client.on_connect, client.on_subscribe = on_connect, on_subscribe

@@ -753,3 +753,85 @@ def test_an_mqtt_reader_whose_messages_never_pause_is_taken_as_caught_up_after_a
         publishing.clear()
         publisher.join(5)
     assert any("did not pause" in n and "taken as caught up" in n for n in notices), notices
+
+
+@pytest.mark.brokers
+def test_a_retained_mqtt_message_is_journalled_once_across_reconnections_and_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker sends a filter's retained message at each subscription. The reader subscribed at every
+    connection of its persistent session, so once the id list of the message's released segment was pruned (after
+    MQTT_ID_RETENTION_S; at once here) a reconnection journalled it again. Now a filter the session holds is not
+    subscribed again; a filter added to the source is, and its retained message is taken."""
+    need_broker(MQTT)
+    import paho.mqtt.client as mqtt
+
+    from fusion.config.brokers import MqttSource
+    from pipelines import broker_sources
+    from pipelines.broker_sources import MqttReader
+
+    monkeypatch.setattr(broker_sources, "PRUNE_EVERY_S", 0.0)
+    monkeypatch.setattr(broker_sources, "MQTT_ID_RETENTION_S", 0.0)
+    tag = uuid.uuid4().hex[:8]
+    session = f"fusion-test-{tag}"
+    proxy = Proxy(1883)
+    directory = tmp_path / "journal"
+    released: list[str] = []
+
+    def reader_of(*topics: str) -> MqttReader:
+        source = MqttSource(port=proxy.port, topics=topics, client_id=session)
+        reader = MqttReader("alpha", source, SourceJournal(directory), None, lambda _: None)
+        reader.start()
+        wait_for(lambda: reader.health == "connected")
+        return reader
+
+    def release(reader: MqttReader) -> None:  # as the driver does once every window a segment fed is released
+        for segment in reader.journal.segments()[:-1]:
+            released.extend(segment.read_text().splitlines())
+            reader.journal.remove(segment)
+
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{session}-pub")
+    publisher.connect("127.0.0.1", 1883)
+    publisher.loop_start()
+
+    def publish(topic: str, data: bytes, retain: bool = False) -> None:
+        publisher.publish(f"{tag}/{topic}", data, qos=1, retain=retain).wait_for_publish(10)
+
+    try:
+        reader = reader_of(f"{tag}/a/#")
+        try:
+            publish("a/status", b'{"retained": "a"}', retain=True)
+            wait_for(lambda: reader.messages == 1)
+            for n in range(3):
+                publish("a/r", f'{{"n": {n}}}'.encode())
+                wait_for(lambda: reader.messages == 2 + n)  # noqa: B023
+                release(reader)  # the ids of released segments go with the next batch (retention 0)
+            proxy.sever()  # the reader reconnects to its session
+            proxy.accepting = True
+            wait_for(lambda: "down" in reader.health or reader.messages > 4)
+            wait_for(lambda: reader.health == "connected", 30)
+            time.sleep(2)
+        finally:
+            reader.stop()
+            reader.join(5)
+        assert reader.messages == 4
+        publish("b/status", b'{"retained": "b"}', retain=True)
+        restarted = reader_of(f"{tag}/a/#", f"{tag}/b/#")  # a filter added: only that one is subscribed
+        try:
+            wait_for(lambda: restarted.messages == 1)
+            time.sleep(2)
+        finally:
+            restarted.stop()
+            restarted.join(5)
+        assert restarted.messages == 1
+        lines = released + [line for p in restarted.journal.segments() for line in p.read_text().splitlines()]
+        assert sorted(lines) == sorted(['{"retained": "a"}', '{"retained": "b"}', *(f'{{"n": {n}}}' for n in range(3))])
+    finally:
+        for topic in ("a/status", "b/status"):  # no retained message left on the broker
+            publish(topic, b"", retain=True)
+        publisher.loop_stop()
+        publisher.disconnect()
+        cleaner = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=session, clean_session=True)
+        cleaner.connect("127.0.0.1", 1883)
+        cleaner.loop(0.5)
+        cleaner.disconnect()
