@@ -37,6 +37,8 @@ JOURNAL_SUFFIX = ".jsonl"
 IDS_SUFFIX = ".ids"
 RELEASED_SUFFIX = ".released"  # the ids of a segment removed once every window it fed was released
 FLOOR_FILE = "consumer.floor"  # a JetStream journal's AckFloor, as JSON
+#: The source a journal belongs to (its broker session, `pipelines.broker_sources.source_identity`), as JSON.
+SOURCE_FILE = "source.json"
 SUBSCRIPTIONS_FILE = "session.topics"  # an MQTT journal's: the topic filters its broker session holds, as JSON
 #: How long an MQTT reader keeps the ids of a released segment (see the module's docstring).
 MQTT_ID_RETENTION_S = 7 * 24 * 3600.0
@@ -89,6 +91,25 @@ def _read_floor(path: Path) -> AckFloor | None:
     except FileNotFoundError:
         return None
     return AckFloor(record["life"], int(record["sequence"]), tuple(record["subjects"]))
+
+
+def read_source(directory: Path) -> dict[str, str] | None:
+    """The identity of the source whose journal `directory` is (None: not on record, a journal named by its
+    source's position in the config, from before journals were named by their source)."""
+    try:
+        return dict(json.loads((directory / SOURCE_FILE).read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def record_source(directory: Path, identity: dict[str, str]) -> None:
+    _write_durably(directory / SOURCE_FILE, json.dumps(identity, sort_keys=True).encode())
+    _fsync_directory(directory)
+
+
+def read_floor(directory: Path) -> AckFloor | None:
+    """A JetStream journal's acknowledgement floor on record (None: none)."""
+    return _read_floor(directory / FLOOR_FILE)
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -8,7 +8,9 @@ the broker sends a filter's retained messages at each subscription. Either way a
 Redeliveries are recognised by the broker id (JetStream: the stream sequence, with the stream's creation time, since
 a stream created again under the same name numbers from 1 again; MQTT, which has no stable id: a digest of topic and
 payload, so an exact duplicate is taken once). The journal files are the institution's inputs from there on: the
-driver validates, windows, spools and releases them like feed files.
+driver validates, windows, spools and releases them like feed files. A journal belongs to its source's broker session
+(`source_identity`, never its position in the config), and one that no declared source claims is still read while it
+holds files the stream has not read (`JournalReader`): the broker has forgotten their messages.
 
 A broker that is down at start or goes down mid-stream is retried with exponential backoff (0.5 s to 30 s); each
 change of a source's health is logged and shown in the status line. A reader journals only its source's subjects
@@ -22,21 +24,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
+import re
 import select
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from fusion.config.brokers import MqttSource, NatsSource
 from fusion.config.federation import Config, FeedConfig, FeedFormat
+from fusion.config.institutions import InstitutionConfig
 from fusion.errors import ConfigError
 from fusion.release.exchange import glob_escape, join
 from fusion.runtime.faults import crash_point
-from pipelines.broker_journal import JOURNAL_SUFFIX, MQTT_ID_RETENTION_S, AckFloor, SourceJournal, message_lines
+from pipelines.broker_journal import (
+    JOURNAL_SUFFIX,
+    MQTT_ID_RETENTION_S,
+    AckFloor,
+    SourceJournal,
+    message_lines,
+    read_floor,
+    read_source,
+    record_source,
+)
 
 _log = logging.getLogger(__name__)
 MIN_BACKOFF_S = 0.5
@@ -404,37 +418,146 @@ def _readable(sock: Any) -> bool:
     return sock is not None and bool(select.select([sock], [], [], 0)[0])
 
 
-def journal_dir(config: Config, institution: str, number: int, kind: str) -> Path:
-    """Local, like the stream's state: the journal holds the institution's raw readings."""
-    return Path(config.stream_state_path) / "brokers" / institution / f"{number}-{kind}"
+#: A journal directory named by its source's position in the config and kind, from before journals were named by
+#: their source (`journal_dirs` adopts one, or reads it as a journal of a source no longer declared).
+_BY_POSITION = re.compile(r"^(\d+)-(nats|mqtt)$")
 
 
-def start_readers(config: Config, notice: Callable[[str], None]) -> list[tuple[SourceReader, FeedConfig]]:
+def source_identity(institution: str, source: NatsSource | MqttSource) -> dict[str, str]:
+    """What a source's journal belongs to: the broker session whose deliveries its ids recognise (a JetStream
+    durable consumer of a stream on a server; an MQTT client id on a broker). Not the subjects or topics: a source
+    whose filters change keeps its session, and its journal with it."""
+    if isinstance(source, NatsSource):
+        return {"kind": "nats", "url": source.url, "stream": source.stream, "durable": source.consumer(institution)}
+    return {"kind": "mqtt", "host": source.host, "port": str(source.port), "client_id": source.session(institution)}
+
+
+def journal_name(identity: dict[str, str]) -> str:
+    """The directory name of a source's journal: its kind and a digest of its identity, never its position in the
+    config (a source added, removed or reordered before it took another's journal, and unread readings with it)."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{identity['kind']}-{digest}"
+
+
+def described(identity: dict[str, str] | None, directory: Path) -> str:
+    """A journal's source in words, for messages."""
+    if identity is None:
+        match = _BY_POSITION.match(directory.name)
+        if match:
+            return f"the {match[2]} source once declared at sources[{match[1]}]"
+        return f"an unknown source ({directory.name})"
+    if identity.get("kind") == "nats":
+        return f"nats stream {identity['stream']} at {identity['url']}, durable {identity['durable']}"
+    return f"mqtt {identity.get('host')}:{identity.get('port')}, client id {identity.get('client_id')}"
+
+
+def journal_dirs(config: Config, institution: InstitutionConfig) -> tuple[list[Path], list[Path]]:
+    """The journal directory of each of an institution's sources (in order), and the journal directories present
+    that no source declared now claims. A source's journal is the one whose recorded identity is the source's; a
+    journal from before identities were recorded (named `<position>-<kind>`) is adopted by the source of that kind
+    at that position, as it was read then, unless its JetStream floor is of other subjects (another source's
+    journal); otherwise a source's journal is a new directory named after its identity."""
+    root = Path(config.stream_state_path) / "brokers" / institution.id
+    present = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    recorded = {p: read_source(p) for p in present}
+    identities = [source_identity(institution.id, source) for source in institution.sources]
+    claimed: dict[int, Path] = {}
+    for number, identity in enumerate(identities):
+        for directory in present:
+            if recorded[directory] == identity:
+                claimed[number] = directory
+    for number, (source, identity) in enumerate(zip(institution.sources, identities, strict=True)):
+        if number in claimed:
+            continue
+        legacy = root / f"{number}-{source.kind.value}"
+        floor = read_floor(legacy) if legacy in recorded else None
+        subjects = sorted(source.subjects) if isinstance(source, NatsSource) else []
+        if legacy in recorded and recorded[legacy] is None and (floor is None or sorted(floor.subjects) == subjects):
+            claimed[number] = legacy
+        else:
+            claimed[number] = root / journal_name(identity)
+    taken = set(claimed.values())
+    return [claimed[n] for n in range(len(identities))], [p for p in present if p not in taken]
+
+
+class JournalReader(SourceReader):
+    """The journal of a source no longer declared (removed, or its broker session changed: another url, stream,
+    durable, host, port or client id) that holds files the stream has not read: the broker acknowledged their
+    messages, so they are read like any journal's and removed once released; nothing is read from a broker."""
+
+    def __init__(self, institution: str, journal: SourceJournal, what: str, notice: Callable[[str], None]) -> None:
+        super().__init__(institution, f"journal of {what}", journal, notice)
+        self.health = "no longer declared, reading what it journalled"
+        self.idle = True
+        self.down_since = None
+
+    def run(self) -> None:
+        return
+
+
+def journal_feed(journal: SourceJournal, name: str, first: FeedConfig) -> FeedConfig:
+    """A journal as a feed: JSON lines with the institution's first feed's column mapping and time format."""
+    return FeedConfig(
+        name=name,
+        path=join(glob_escape(str(journal.directory)), f"*{JOURNAL_SUFFIX}"),  # a state path may hold [ ] * ?
+        format=FeedFormat.JSONL,
+        time_format=first.time_format,
+        columns=first.columns,
+    )
+
+
+def start_readers(
+    config: Config, notice: Callable[[str], None], processed: Collection[str] = ()
+) -> list[tuple[SourceReader, FeedConfig]]:
     """A started reader per declared source, each with the feed its journal is read as (JSON lines with the
     institution's first feed's column mapping and time format). Every source's credentials and TLS context are
-    checked before any reader starts: a bad one is refused here, naming it, not retried for ever."""
+    checked before any reader starts: a bad one is refused here, naming it, not retried for ever. A journal no
+    declared source claims that holds files not `processed` (inputs the stream has read) is read too, by a
+    `JournalReader`: its messages were acknowledged, and the broker has them no more."""
     readers: list[tuple[SourceReader, FeedConfig]] = []
     for institution in config.institutions:
         first = institution.feeds[0]
-        for number, source in enumerate(institution.sources):
+        directories, unclaimed = journal_dirs(config, institution)
+        for number, (source, directory) in enumerate(zip(institution.sources, directories, strict=True)):
             source.secret(institution.id, number)
             if isinstance(source, NatsSource):
                 source.auth_token(institution.id, number)
             tls = tls_context(source, f"institutions.{institution.id}.sources[{number}].tls", config.resolve)
-            journal = SourceJournal(journal_dir(config, institution.id, number, source.kind.value))
+            journal = SourceJournal(directory)
+            identity = source_identity(institution.id, source)
+            if read_source(directory) != identity:
+                record_source(directory, identity)
             reader: SourceReader
             if isinstance(source, NatsSource):
                 reader = NatsReader(institution.id, source, journal, tls, notice)
             else:
                 reader = MqttReader(institution.id, source, journal, tls, notice)
-            feed = FeedConfig(
-                name=f"source-{number}",
-                path=join(glob_escape(str(journal.directory)), f"*{JOURNAL_SUFFIX}"),  # a state path may hold [ ]
-                format=FeedFormat.JSONL,
-                time_format=first.time_format,
-                columns=first.columns,
+            readers.append((reader, journal_feed(journal, f"source-{number}", first)))
+        for directory in unclaimed:
+            journal = SourceJournal(directory)
+            unread = [p for p in journal.segments() if str(p) not in processed]
+            if not unread:  # left as it is: its ids recognise a redelivery should the source be declared again
+                continue
+            what = described(read_source(directory), directory)
+            text = (
+                f"source {institution.id} journal of {what} ({directory}): no source declared now is its source; "
+                f"reading the {len(unread)} file(s) of acknowledged messages it holds that the stream has not read"
             )
-            readers.append((reader, feed))
+            _log.warning(text)
+            notice(text)
+            orphan = JournalReader(institution.id, journal, what, notice)
+            readers.append((orphan, journal_feed(journal, directory.name, first)))
+    known = {institution.id for institution in config.institutions}
+    root = Path(config.stream_state_path) / "brokers"
+    for directory in sorted(root.iterdir()) if root.is_dir() else []:
+        unread = [p for p in directory.glob(f"*/*{JOURNAL_SUFFIX}") if str(p) not in processed]
+        if directory.name not in known and unread:
+            text = (
+                f"broker journals {directory}: {directory.name} is not an institution of the config; the "
+                f"{len(unread)} file(s) of readings they hold that the stream has not read are not read"
+            )
+            _log.warning(text)
+            notice(text)
     for reader, _ in readers:
         reader.start()
     return readers

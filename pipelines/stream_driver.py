@@ -250,10 +250,12 @@ class StreamDriver:
         # Each reader's connection (its number) since which it has caught up and its journal was read in.
         self._caught_up: dict[SourceReader, int] = {}
         self._held: tuple[SourceReader, ...] = ()  # the sources the latest step's due windows waited for
-        if not self.releases_only and any(i.sources for i in config.institutions):
+        # a journal of a source no longer declared is read too, when it holds files not read yet
+        journals = any(i.sources for i in config.institutions) or (self._root / "brokers").is_dir()
+        if not self.releases_only and journals:
             from pipelines.broker_sources import start_readers  # lazily: the brokers' clients
 
-            for reader, feed in start_readers(config, self._on_notice):  # journals messages, acknowledges after
+            for reader, feed in start_readers(config, self._on_notice, self.state.processed):  # journals, then acks
                 self._readers.append(reader)
                 self._feeds.append((reader.institution, feed))
         # The latest release (window start, seconds from closable to queryable); after a restart, the state's.

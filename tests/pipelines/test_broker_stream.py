@@ -128,6 +128,55 @@ def test_a_removed_segment_keeps_its_ids_and_its_number(tmp_path: Path) -> None:
     assert [p.name for p in again.segments()] == [newest.name, "000000000002.jsonl"]
 
 
+def test_a_journal_named_by_position_is_adopted_by_its_source_and_found_again_wherever_it_moves(
+    make_federation: Any,
+) -> None:
+    """A store from before journals were named by their source holds `<position>-<kind>` directories: the source
+    of that kind at that position takes its journal (its files and ids), as it did, and records its identity in it,
+    so a source declared before it later does not take it. One whose JetStream floor is of other subjects is
+    another source's journal: read, while it holds files not read, as a journal no declared source claims."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines.broker_journal import AckFloor
+    from pipelines.broker_sources import JournalReader, start_readers
+
+    with socket.socket() as probe:  # a free port on loopback, closed again: the readers stay down
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fed = make_federation(subdir="by-position")
+    nats_s = f'[[institutions.sources]]\nkind = "nats"\nurl = "nats://127.0.0.1:{port}"\nstream = "S"\n'
+    blocks = nats_s + 'subjects = ["s.>"]\n' + nats_s.replace('"S"', '"T"') + 'durable = "t"\nsubjects = ["t.>"]\n'
+    with_sources(fed, {"alpha": blocks})
+    config = load_config(fed.config_path)
+    root = Path(config.stream_state_path) / "brokers" / "alpha"
+    for name, subjects in (("0-nats", ("s.>",)), ("1-nats", ("u.>",))):  # 1-nats: of a source declared no more
+        journal = SourceJournal(root / name)
+        journal.append([("1@life", [f'{{"journal": "{name}"}}'])])
+        journal.prune_acknowledged(AckFloor("life", 0, subjects))
+
+    def started(config: Any, processed: set[str]) -> list[tuple[Any, Any]]:
+        readers = start_readers(config, lambda _: None, processed)
+        for reader, _ in readers:
+            reader.stop()
+        for reader, _ in readers:
+            reader.join(5)
+        return readers
+
+    (s, _), (t, _), (orphan, feed) = started(config, set())
+    assert s.journal.directory.name == "0-nats" and s.journal.ids == {"1@life"}  # its files and ids
+    assert t.journal.directory.name.startswith("nats-")  # T's own, new
+    assert isinstance(orphan, JournalReader) and orphan.journal.directory.name == "1-nats" and orphan.idle
+    assert "sources[1]" in orphan.label
+    matched = [m.path for m in FileSystems.match([feed.path])[0].metadata_list]
+    assert matched == [str(root / "1-nats" / "000000000000.jsonl")]
+    # An MQTT source declared before both: S and T keep their journals; every file read, 1-nats is left alone.
+    mqtt = f'[[institutions.sources]]\nkind = "mqtt"\nport = {port}\ntopics = ["alpha/#"]\n'
+    fed.config_path.write_text(fed.config_path.read_text().replace(nats_s, mqtt + nats_s, 1))
+    again = started(load_config(fed.config_path), {str(p) for p in root.glob("*/*.jsonl")})
+    assert [r.journal.directory for r, _ in again[1:]] == [s.journal.directory, t.journal.directory]
+    assert len(again) == 3 and again[0][0].journal.directory.name.startswith("mqtt-")
+
+
 def test_a_refused_message_becomes_one_line_that_is_not_json() -> None:
     assert message_lines(b'{"a": 1}\n\n{"a": 2}\n', name="m", max_bytes=100) == ['{"a": 1}', '{"a": 2}']
     (big,) = message_lines(b"x" * 101, name="m", max_bytes=100)
@@ -323,6 +372,51 @@ def test_a_journal_under_a_state_path_holding_glob_characters_is_read(make_feder
     total = sum(t.num_rows for t in fed.raw.values())
     assert driver.state.readings == total
     assert sum(Store(config.store_path).read("releases").column("count").to_pylist()) == total
+
+
+@pytest.mark.brokers
+@pytest.mark.parametrize("change", ["source-added-before", "source-removed", "kind-changed"])
+def test_journalled_readings_not_yet_read_survive_a_change_of_the_sources(make_federation: Any, change: str) -> None:
+    """The stream stops after the reader journalled (and the broker was told) every message, before it read the
+    journal; then alpha's sources change. Journals were named by position and kind, so an MQTT source declared
+    before the JetStream one took position 0 and the JetStream journal's readings were never read (and a source
+    removed, or replaced by one of another kind, left its journal unread): now a journal is named by its source's
+    broker session, and one no declared source claims is read while it holds files not read."""
+    need_broker(NATS)
+    need_broker(MQTT)
+    fed = stream_federation(make_federation, subdir=f"position-{change}")
+    tag = uuid.uuid4().hex[:8]
+    stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
+    block = f'[[institutions.sources]]\nkind = "nats"\nstream = "{stream}"\nsubjects = ["{prefix}.alpha.>"]\n'
+    with_sources(fed, {"alpha": block})
+    declared = fed.config_path.read_text()
+    mqtt = f'[[institutions.sources]]\nkind = "mqtt"\ntopics = ["{tag}/alpha/#"]\nclient_id = "fusion-test-{tag}"\n'
+    changed = {"source-added-before": mqtt + block, "source-removed": "", "kind-changed": mqtt}[change]
+    nats("create", stream, prefix)
+    try:
+        nats("publish", stream, prefix, [(f"{prefix}.alpha.r", p, None) for p in payloads(fed.raw["alpha"])])
+        stopped = StreamDriver(load_config(fed.config_path), until=END)
+        wait_for(lambda: stopped._readers[0].idle, 30)  # journalled and acknowledged, not read
+        stopped.close()
+        fed.config_path.write_text(declared.replace(block, changed))
+        config = load_config(fed.config_path)
+        notices: list[str] = []
+        driver = StreamDriver(config, until=END, on_notice=notices.append)
+        driver.run(drain=True)
+    finally:
+        nats("delete", stream, prefix)
+        if change != "source-removed":
+            import paho.mqtt.client as paho
+
+            cleaner = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"fusion-test-{tag}", clean_session=True)
+            with contextlib.suppress(OSError):
+                cleaner.connect("127.0.0.1", 1883)
+                cleaner.loop(0.5)
+                cleaner.disconnect()
+    assert driver.state.readings == fed.raw["alpha"].num_rows
+    assert sum(Store(config.store_path).read("releases").column("count").to_pylist()) == fed.raw["alpha"].num_rows
+    if change != "source-added-before":  # the old journal is read, saying so
+        assert any("no source declared now is its source" in n and f"stream {stream}" in n for n in notices), notices
 
 
 @pytest.mark.brokers
