@@ -24,13 +24,17 @@ from fusion.keys.registry import (
 )
 from fusion.release.plan import plan_release
 from fusion.store.delta import Store
+from fusion.store.ledger import BudgetLedger
 from fusion.store.provenance import SIGNATURE_FIELD, ChainLink, ReleaseSignature, rows_digest, sign_release
+from fusion.store.signed_budget import BudgetClaim, budget_checks, budget_claim, parse_budget_claim
 from fusion.store.verification import verify_releases
 from pipelines import release as release_module
 from pipelines.batch import run_batch
+from privacy.accountant import Composition, ReleaseCharge
 from privacy.signing import generate_signing_key, sign
 from schemas.tables import AUDIT_SCHEMA, BUDGET_SCHEMA, REJECTS_SCHEMA, RELEASES_SCHEMA
 from tests.conftest import END, START
+from tests.fusion.store.test_ledger import DAY, DELTA, MECHANISM
 
 
 def _cells() -> pa.Table:
@@ -502,3 +506,96 @@ def test_verify_finds_each_change_to_a_releases_reject_tallies(make_federation, 
     moved = rejects.set_column(rejects.schema.get_field_index("recorded_at"), "recorded_at", later)
     assert verified_after(moved) == [("verified", "")]  # recorded_at is not covered (racing passes' times differ)
     assert rid in rejects.column("release_id").to_pylist()
+
+
+def _charged_period(tmp_path: Path, releases: int = 1) -> tuple[list[tuple[str, BudgetClaim]], dict[str, object]]:
+    """`releases` releases of one day charged by the ledger at event level, each with the budget claim the key holder
+    signs with it, and the period's `budget` row as the ledger wrote it."""
+    ledger = BudgetLedger(Store(tmp_path))
+    signed = []
+    for k in range(releases):
+        rid, sha = f"r-{k}", f"{k:064x}"
+        charge = ReleaseCharge(mechanism=MECHANISM, start=DAY.start, end=DAY.end, composition=Composition.PARALLEL)
+        spent = ledger.spend(period=DAY, release_id=rid, aggregate_sha256=sha, charge=charge, cap=2.0, delta=DELTA)
+        doc = budget_claim(
+            period=DAY, charge=charge, cap=2.0, delta=DELTA, epsilon_after=spent.epsilon_after, charged_for=sha
+        )
+        signed.append((rid, parse_budget_claim(json.loads(json.dumps(doc)))))
+    (row,) = ledger.rows().to_pylist()
+    return signed, row
+
+
+def _ledger_reasons(signed: list[tuple[str, BudgetClaim]], rows: list[dict[str, object]]) -> list[str]:
+    findings = budget_checks(signed, rows)
+    assert all(f.status == "ledger" and f.period == DAY.name for f in findings), findings
+    return [f.reason for f in findings]
+
+
+def test_a_budget_row_whose_spend_is_not_a_number_passes_no_check(tmp_path: Path) -> None:
+    """NaN compares false with everything: a spend of NaN (or one past every number) is not 'at least what the
+    signed releases show', and neither is an RDP cross-check of NaN."""
+    signed, row = _charged_period(tmp_path)
+    assert _ledger_reasons(signed, [row]) == []
+    for spent in (float("nan"), float("inf"), -0.0, None):
+        (reason,) = _ledger_reasons(signed, [{**row, "epsilon_spent": spent}])
+        assert "less than its signed releases show" in reason
+    (reason,) = _ledger_reasons(signed, [{**row, "epsilon_rdp": float("nan")}])
+    assert reason.startswith("its budget row records an RDP epsilon of nan")
+    curve = list(row["rdp"])  # type: ignore[call-overload]
+    (reason,) = _ledger_reasons(signed, [{**row, "rdp": [float("nan"), *curve[1:]]}])
+    assert reason == "its budget row's RDP curve is below its signed releases' (at order 2, among others)"
+    (reason,) = _ledger_reasons(signed, [{**row, "epsilon_cap": float("nan")}])
+    assert "epsilon_cap nan in the row, 2.0 signed" in reason
+
+
+def test_a_budget_row_must_name_the_terms_its_releases_were_signed_under(tmp_path: Path) -> None:
+    """The signature covers the period's bounds, cap, delta and composition rule, and the spend and RDP curve its
+    releases compose to: a row naming others (a cap raised, a delta loosened, a period stretched, an RDP curve
+    lowered) disagrees with the signed releases."""
+    signed, row = _charged_period(tmp_path)
+    later = DAY.end + timedelta(days=365)
+    changed = {
+        "epsilon_cap": (100.0, "epsilon_cap 100.0 in the row, 2.0 signed"),
+        "delta": (1e-3, f"delta 0.001 in the row, {DELTA} signed"),
+        "period_start": (DAY.start - timedelta(days=1), "period_start 2025-12-31 00:00:00+00:00 in the row"),
+        "period_end": (later, f"period_end {later} in the row, {DAY.end} signed"),
+        "composition": ("sequential", "composition sequential in the row, parallel signed"),
+    }
+    for field, (value, shown) in changed.items():
+        reasons = _ledger_reasons(signed, [{**row, field: value}])
+        assert reasons[0].startswith("its budget row names other terms than the signed releases ['r-0']"), field
+        assert shown in reasons[0], reasons
+    lowered = [x / 2 for x in row["rdp"]]  # type: ignore[attr-defined]
+    assert _ledger_reasons(signed, [{**row, "rdp": lowered}]) == [
+        "its budget row's RDP curve is below its signed releases' (at order 2, among others)"
+    ]
+    assert _ledger_reasons(signed, [{**row, "rdp": lowered[:-1]}]) == [
+        f"its budget row's RDP curve has {len(lowered) - 1} orders, not {len(lowered)}"
+    ]
+    (reason,) = _ledger_reasons(signed, [{**row, "epsilon_rdp": 0.0}])
+    assert reason.startswith("its budget row records an RDP epsilon of 0.0000, less than its signed releases'")
+    # A row opened before the ledger kept mechanisms names no composition rule (and no mechanisms): it adds its
+    # releases' RDP curves, whatever rule the releases charged to it since were signed with. Its rule taken out
+    # while its mechanisms stay is no such row.
+    assert _ledger_reasons(signed, [{**row, "composition": None, "mechanisms": None}]) == []
+    (reason,) = _ledger_reasons(signed, [{**row, "composition": None}])
+    assert "composition None in the row, parallel signed" in reason
+
+
+def test_a_budget_row_may_hold_more_than_its_signed_releases(tmp_path: Path) -> None:
+    """A release charged, then lost in a crash before it was published, is in the row but signed nowhere: the row's
+    spend and RDP curve are then above the signed releases', which is no disagreement."""
+    signed, row = _charged_period(tmp_path, releases=2)
+    assert row["epsilon_spent"] > signed[0][1].epsilon_after  # type: ignore[operator]
+    assert _ledger_reasons(signed[:1], [row]) == []
+
+
+def test_a_second_budget_row_for_a_period_is_found_whichever_is_read_first(tmp_path: Path) -> None:
+    """The ledger keeps one row per period (opening one inserts it only where none is): a second row, the signed
+    releases' or an empty one, is reported whatever order the rows are read in."""
+    signed, row = _charged_period(tmp_path)
+    empty = {**row, "epsilon_spent": 0.0, "releases": 0, "release_ids": [], "aggregates": [], "mechanisms": []}
+    reason = "the budget table holds 2 rows for the period, where the ledger keeps one (rows added)"
+    assert _ledger_reasons(signed, [empty, row]) == [reason]
+    assert _ledger_reasons(signed, [row, empty]) == [reason]
+    assert _ledger_reasons(signed, [row, row]) == [reason]
