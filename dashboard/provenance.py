@@ -189,8 +189,11 @@ def _verify(shot: Snapshot) -> Verified:
         found = api.verify(shot.config, seen=shot.seen)
     except FusionError as exc:
         return without_paths(shot.config, exc), []
+    # A release's time and aggregate are its one audit record's: where it has several (Fusion writes one; verify
+    # calls it tampered), none is shown, rather than whichever a copy made up (the earliest time, any digest).
     published = {row["release_id"]: row for row in shot.rows(
-        'SELECT release_id, min("at") AS "at", any_value(content_sha256) AS sha FROM audit '
+        'SELECT release_id, CASE WHEN count(*) = 1 THEN min("at") END AS "at", '
+        "CASE WHEN count(*) = 1 THEN min(content_sha256) END AS sha FROM audit "
         "WHERE action IN ('release', 'training_round') GROUP BY release_id")}
     checks = [
         ReleaseCheck(release_id=c.release_id, sequence=c.sequence, rows=c.rows, status=c.status, reason=c.reason,

@@ -210,6 +210,8 @@ def _check_round(
     own = [r for r in records if r["event_id"] == f"{release_id}:trained"]
     if len(records) > len(own):
         return "tampered", "an audit record of its training round that Fusion did not write", None
+    if len(own) > 1:  # Fusion writes one (the audit's event ids are unique): which copy to believe is no question
+        return "tampered", f"{len(own)} audit records of its training round, where Fusion writes one", None
     if registered_unsigned and rows.num_rows == 0 and (not own or _holds_no_signature(own[0])):
         gone = "row is gone" if own else "row and audit record are gone"
         return "missing", f"registered as committed before Fusion signed training rounds, but its `models` {gone}", None
@@ -366,6 +368,8 @@ def _check(
     own = [r for r in records if r["event_id"] == f"{release_id}:released"]
     if len(records) > len(own):
         return "tampered", "an audit record of its release that Fusion did not write", None
+    if len(own) > 1:  # Fusion writes one (the audit's event ids are unique): which copy to believe is no question
+        return "tampered", f"{len(own)} audit records of its release, where Fusion writes one", None
     if not own:
         if rows == 0:
             if charged:

@@ -159,3 +159,25 @@ def test_a_release_removed_whole_after_it_was_shown_is_reported_missing(tmp_path
     restarted = VersionCache(seen=2)
     with Snapshot(config, restarted) as shot:
         assert [c.status for c in provenance_view(shot).checks] == ["verified", "missing"]
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["copy-last", "copy-first"])
+def test_a_copy_of_a_releases_audit_record_shows_it_tampered_and_no_time(tmp_path: Path, first: bool) -> None:
+    """A second `<release>:released` record, a copy of the genuine one (signature and aggregate kept) with another
+    time and actor: verify checked the first record read and called the release verified, and the page showed
+    the earliest time of the two, the copy's."""
+    from datetime import UTC, datetime
+
+    config, _ = signed_store(tmp_path / "fed")
+    store = Store(config.store_path)
+    audit = store.read("audit")
+    (record,) = [r for r in audit.to_pylist() if r["event_id"] == "r-b:released"]
+    forged = {**record, "at": datetime(2020, 1, 1, tzinfo=UTC), "actor": "mallory"}
+    copy = pa.Table.from_pylist([forged], schema=audit.schema)
+    write_deltalake(store.table_path("audit"), pa.concat_tables([copy, audit] if first else [audit, copy]),
+                    mode="overwrite")
+    with Snapshot(config, VersionCache()) as shot:
+        view = provenance_view(shot)
+    shown = {c.release_id: (c.status, c.reason, c.released_at, c.aggregate_sha256) for c in view.checks}
+    assert shown["r-b"] == ("tampered", "2 audit records of its release, where Fusion writes one", None, None)
+    assert shown["r-a"][0] == "verified" and shown["r-a"][2] is not None and shown["r-a"][3] == "0" * 64

@@ -86,6 +86,15 @@ def test_verify_checks_every_round_and_finds_each_change(
     _overwrite(store, "audit", pa.Table.from_pylist(edited, schema=AUDIT_SCHEMA), AUDIT_SCHEMA)
     assert _statuses(fed)[first][0] == "tampered"
 
+    # A second record of a round (a copy of its signed one, at another time), read before or after the genuine one.
+    (record,) = [a for a in audit.to_pylist() if a["event_id"] == f"{first}:trained"]
+    copy = pa.Table.from_pylist([{**record, "at": record["at"].replace(year=2020), "actor": "mallory"}],
+                                schema=audit.schema)
+    for tables in ([audit, copy], [copy, audit]):
+        _overwrite(store, "audit", pa.concat_tables(tables), AUDIT_SCHEMA)
+        assert _statuses(fed)[first] == ("tampered", "2 audit records of its training round, where Fusion writes one")
+    _overwrite(store, "audit", audit, AUDIT_SCHEMA)
+
     # A round removed whole (its row and audit record): its charge in the ledger still names it.
     _overwrite(store, "audit", audit.filter(pc.not_equal(audit.column("release_id"), first)), AUDIT_SCHEMA)
     _overwrite(store, "models", models.filter(pc.not_equal(models.column("release_id"), first)), MODELS_SCHEMA)

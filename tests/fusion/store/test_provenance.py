@@ -168,6 +168,20 @@ def test_verify_finds_each_change_to_a_signed_release(make_federation, tmp_path:
     def remove_the_rows(store: Store, rows: pa.Table, audit: pa.Table) -> None:
         _overwrite(store, "releases", rows.slice(0, 0), RELEASES_SCHEMA)
 
+    def copy_the_audit_record(*, first: bool, signed: bool):  # type: ignore[no-untyped-def]
+        """A second `<release>:released` record: the genuine one's copy, its signature kept (another time, actor
+        and unsigned detail) or taken out; read before the genuine one or after it."""
+
+        def change(store: Store, rows: pa.Table, audit: pa.Table) -> None:
+            (record,) = [r for r in audit.to_pylist() if r["event_id"] == f"{rid}:released"]
+            doc = json.loads(record["detail"])
+            doc = {**doc, "epsilon": 0.001} if signed else {k: v for k, v in doc.items() if k != SIGNATURE_FIELD}
+            copy = {**record, "at": record["at"] - timedelta(days=400), "actor": "mallory", "detail": json.dumps(doc)}
+            copied = pa.Table.from_pylist([copy], schema=audit.schema)
+            _overwrite(store, "audit", pa.concat_tables([copied, audit] if first else [audit, copied]), AUDIT_SCHEMA)
+
+        return change
+
     assert tampered(bump_one_count) == [(rid, "tampered", "the rows in `releases` differ from the rows signed")]
     n = plan.layout.cells
     assert tampered(drop_a_row) == [(rid, "tampered", f"{n - 1} rows in `releases`, {n} signed")]
@@ -182,6 +196,12 @@ def test_verify_finds_each_change_to_a_signed_release(make_federation, tmp_path:
     assert tampered(edit_detail(strip_signature)) == [stripped]
     assert tampered(remove_audit_record, frozenset({rid}))[0][:2] == (rid, "legacy")
     assert tampered(add_an_audit_record)[0][:2] == (rid, "tampered")
+    # Fusion writes one record of a release (the audit's event ids are unique): a second one is no question of
+    # which to believe, whatever order they are read in.
+    twice = [(rid, "tampered", "2 audit records of its release, where Fusion writes one")]
+    for first in (False, True):
+        for signed in (True, False):
+            assert tampered(copy_the_audit_record(first=first, signed=signed)) == twice, (first, signed)
     assert tampered(remove_the_rows)[0][:2] == (rid, "missing")
 
     # A rotated key: releases signed with the old one still verify; the registry keeps it as retired.
