@@ -44,7 +44,7 @@ class RecordCheck(BaseModel):
 
     table: str
     record_id: str
-    status: str  # verified | refusal | unattested | invalid | tampered
+    status: str  # verified | refusal | unattested | unverified_input | invalid | tampered
     effect: str
     reason: str
 
@@ -237,6 +237,11 @@ def decision_checks(snapshot: Snapshot) -> dict[str, tuple[str, str]]:
 MechanismChecks = tuple[str | None, list[RecordCheck], dict[str, tuple[str, str]]]
 
 
+#: Every table the mechanisms' check reads: their own, and what a recommendation read is checked against (the
+#: releases verify reads, and the forecasts a recommendation names).
+CHECKED_TABLES = ("recommendations", "decisions", "forecasts", *VERIFIED_TABLES)
+
+
 def _mechanism_checks(snapshot: Snapshot) -> MechanismChecks:
     if not (snapshot.has("recommendations") or snapshot.has("decisions")):
         return None, [], {}
@@ -245,10 +250,12 @@ def _mechanism_checks(snapshot: Snapshot) -> MechanismChecks:
         from mechanisms.audit import audit_mechanisms, row_identity  # reads only; imports no solver
 
         try:
-            audit = audit_mechanisms(shot.config, shot.store)
+            # The releases verify does not call verified or legacy: those forecasts leave out, computed once per
+            # version of the tables verify reads (`unverified`), and only when a recommendation read any release.
+            audit = audit_mechanisms(shot.config, shot.store, unverified=lambda: unverified(shot))
         except FusionError as exc:  # a malformed registry entry: shown where the checks would be
             return without_paths(shot.config, exc), [], {}
         by_row = {row_identity(decision): (check.status, check.effect) for decision, check in audit.decisions}
         return None, [RecordCheck(**vars(c)) for c in audit.checks], by_row
 
-    return snapshot.cached(f"mechanisms {_registry_stamp(snapshot.config)}", ["recommendations", "decisions"], compute)
+    return snapshot.cached(f"mechanisms {_registry_stamp(snapshot.config)}", CHECKED_TABLES, compute)

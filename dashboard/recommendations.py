@@ -73,7 +73,8 @@ class Decision(BaseModel):
     cost_impact: float | None  # $/h, found by re-solving with the adopted items fixed
     outcome: str  # recorded | refused
     refusal: str | None
-    verified: str | None  # `fusion verify`'s status: verified | refusal | unattested | invalid | tampered (None: none)
+    # `fusion verify`'s status: verified | refusal | unattested | unverified_input | invalid | tampered (None: none)
+    verified: str | None
     effect: str | None  # e.g. its signatures against its authority's threshold
 
 

@@ -5,7 +5,8 @@ authorities ratify, override or reject them in `decisions`. Nothing here execute
 Modules: network (network files), opf (the LP, LMPs and their split), pareto, vcg, loads (bus loads from the
 store), records (digests, signatures, rows), recommend, decisions, rules (what a decision must meet: `decide`
 and `verify` both), authorities (the registry's parties), bids, audit (`fusion verify`, the overrides report),
-tables (the only reads and writes). The names below load their
+inputs (what a recommendation read, against the releases that verify), tables (the only reads and writes). The
+names below load their
 module on first use, so `import mechanisms` costs nothing (the solver, scipy, loads with `opf`).
 """
 

@@ -11,37 +11,45 @@ the digest it names; it is then `invalid` (never in effect) when it breaks a rul
 `verified`. A decision takes effect once `threshold` distinct registered
 signers of its authority have signed its id. Refused attempts are `refusal`s when signed by a key registered for
 the signer they name, else `unattested` (a refusal anyone could have written: not counted as that signer's).
-`tampered` and `invalid` make `fusion verify` fail. A row holding a NaN or an infinity, which Fusion never
-writes (no digest or id is computed over one), is `tampered`.
+A recommendation that verifies but read a release `fusion verify` does not call verified or legacy (itself, or
+through a forecast it read: `mechanisms.inputs`) is `unverified_input`, naming the releases; so is a decision on it
+that would otherwise be `verified` (its signatures count towards its threshold as a verified one's: it is in effect,
+flagged). `tampered`, `invalid` and `unverified_input` make `fusion verify` fail. A row holding a NaN or an
+infinity, which Fusion never writes (no digest or id is computed over one), is `tampered`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
 
-from fusion.api import FusedStore
+from fusion.api import FusedStore, unverified_releases
 from fusion.config.federation import Config
 from mechanisms.authorities import Parties, load_parties
+from mechanisms.inputs import UNVERIFIED_INPUT, ReleaseTrust, UnverifiedRead, unverified_reads
 from mechanisms.records import RECORDED, Decision, Recommendation
 from mechanisms.rules import signed_by_registered, why_refused
 from mechanisms.tables import audit_store, read_decisions, recommendation_pages, superseding_of
 
-#: Statuses that make `fusion verify` fail: rows Fusion did not write as they are (`tampered`), or decisions that
-#: `fusion decide` would have refused (`invalid`).
-FAILING = frozenset({"tampered", "invalid"})
+#: Statuses that make `fusion verify` fail: rows Fusion did not write as they are (`tampered`), decisions that
+#: `fusion decide` would have refused (`invalid`), and recommendations that read a release `fusion verify` does not
+#: call verified or legacy, with the decisions on them (`unverified_input`).
+FAILING = frozenset({"tampered", "invalid", UNVERIFIED_INPUT})
+#: The statuses of a decision whose signature counts towards its authority's threshold.
+SIGNED = frozenset({"verified", UNVERIFIED_INPUT})
 
 
 @dataclass(frozen=True)
 class RecordCheck:
     table: str  # "recommendations" | "decisions"
     record_id: str
-    status: str  # "verified" | "refusal" | "unattested" | "invalid" | "tampered"
+    status: str  # "verified" | "refusal" | "unattested" | "unverified_input" | "invalid" | "tampered"
     effect: str  # a recommendation's kind and outcome; a decision's action and its signatures of the threshold
     reason: str
 
@@ -54,6 +62,9 @@ class Audit:
 
     recommendations: list[RecordCheck]
     decisions: list[tuple[Decision, RecordCheck]]
+    #: The recommendations decided on that read a release `fusion verify` does not call verified or legacy, by id:
+    #: what they read (their decisions are `unverified_input`).
+    unverified_inputs: dict[str, UnverifiedRead] = field(default_factory=dict)
 
     @property
     def checks(self) -> list[RecordCheck]:
@@ -61,31 +72,46 @@ class Audit:
         return self.recommendations + [check for _, check in self.decisions]
 
 
-def verify_mechanisms(config: Config, store: FusedStore) -> list[RecordCheck]:
+#: How the audit takes the releases `fusion verify` does not call verified or legacy, with their status (None where
+#: no release-signing key is registered): `fusion.api.unverified_releases` unless the caller keeps them already.
+Unverified = Callable[[], Mapping[str, str] | None]
+
+
+def verify_mechanisms(config: Config, store: FusedStore, *, unverified: Unverified | None = None) -> list[RecordCheck]:
     """The checks `fusion verify` lists (`audit_mechanisms`), without the rows they are of."""
-    return audit_mechanisms(config, store).checks
+    return audit_mechanisms(config, store, unverified=unverified).checks
 
 
-def audit_mechanisms(config: Config, store: FusedStore) -> Audit:
+def audit_mechanisms(config: Config, store: FusedStore, *, unverified: Unverified | None = None) -> Audit:
     """Every recommendation and decision in the snapshot `store` reads, checked. The tables are read whole, however
     large, under limits of the audit's own (`mechanisms.tables.audit_store`), `recommendations` a page at a time:
-    what is held is a check per row or recommendation, and the recommendations decided on."""
+    what is held is a check per row or recommendation, and the recommendations decided on. `unverified`: how to take
+    the releases `fusion verify` does not call verified or legacy (default: `fusion.api.unverified_releases`), called
+    once, and only when a recommendation names a release or forecast it read."""
     parties = load_parties(config)
+    trust = ReleaseTrust(unverified or (lambda: unverified_releases(config)))
     with audit_store(store) as audited:
         decisions = read_decisions(audited)
         decided = {decision.recommendation_id for decision in decisions}
         recommendations: list[RecordCheck] = []
         intact: dict[str, Recommendation] = {}  # those decided on that verify, by id
+        flagged: dict[str, UnverifiedRead] = {}  # those decided on that read a release that does not verify
         # A recommendation decided on -> those that verify superseding it (one that does not verify supersedes nothing).
         superseding: dict[str, dict[str, datetime]] = {}
         for page in recommendation_pages(audited):
-            for rid, rows in sorted(page.items()):
-                check, recommendation = _recommendation_check(rid, rows, parties)
+            checked = {rid: _recommendation_check(rid, rows, parties) for rid, rows in sorted(page.items())}
+            read = unverified_reads(audited, {rid: rec for rid, (_, rec) in checked.items() if rec is not None}, trust)
+            for rid, (check, recommendation) in checked.items():
+                if rid in read:
+                    check = replace(check, status=UNVERIFIED_INPUT, reason="; ".join(
+                        filter(None, (read[rid].why(), check.reason))))
                 recommendations.append(check)
                 if recommendation is None:
                     continue
                 if rid in decided:
                     intact[rid] = recommendation
+                    if rid in read:
+                        flagged[rid] = read[rid]
                 for superseded, found in superseding_of([recommendation]).items():
                     if superseded in decided:
                         superseding.setdefault(superseded, {}).update(found)
@@ -93,21 +119,24 @@ def audit_mechanisms(config: Config, store: FusedStore) -> Audit:
     verdicts = []
     for decision in decisions:
         status, why = _decision_status(decision, parties, intact, superseding.get(decision.recommendation_id, {}))
-        if status == "verified":
+        if status == "verified" and decision.recommendation_id in flagged:
+            status, why = UNVERIFIED_INPUT, flagged[decision.recommendation_id].why(
+                f"its recommendation {decision.recommendation_id}")
+        if status in SIGNED:
             signers[decision.decision_id].add(decision.signer)
         verdicts.append((decision, status, why))
-    checked = []
+    checked_decisions = []
     for decision, status, why in verdicts:
         effect = decision.action
-        if status == "verified":
+        if status in SIGNED:
             authority = parties.authorities.get(decision.authority)
             threshold = authority.threshold if authority else 1
             count = len(signers[decision.decision_id])
             effect += f": {count} of {threshold} signature(s), " + ("in effect" if count >= threshold else "pending")
         elif status == "invalid":
             effect += ": never in effect"
-        checked.append((decision, RecordCheck("decisions", _key(decision), status, effect, why)))
-    return Audit(recommendations, checked)
+        checked_decisions.append((decision, RecordCheck("decisions", _key(decision), status, effect, why)))
+    return Audit(recommendations, checked_decisions, flagged)
 
 
 def _recommendation_check(
@@ -172,12 +201,21 @@ def _decision_status(
     return "verified", ""
 
 
-def overrides_report(config: Config, store: FusedStore, *, period: str = "month") -> tuple[pa.Table, pa.Table]:
+#: How the overrides report marks decisions on a recommendation that read a release that does not verify.
+ON_UNVERIFIED_INPUT = ", unverified input"
+
+
+def overrides_report(
+    config: Config, store: FusedStore, *, period: str = "month", audit: Audit | None = None
+) -> tuple[pa.Table, pa.Table]:
     """(a summary per period, authority, action, reason code and status: decisions in effect, pending (short of
     their threshold of distinct signers with verified signatures) and refused attempts, with the MW they moved and
     their cost impact; every override and rejection in effect). Tampered and invalid decisions, and unattested
-    refusals, are left out (`fusion verify` names them)."""
+    refusals, are left out (`fusion verify` names them); decisions on a recommendation that read a release `fusion
+    verify` does not call verified or legacy are counted, their status marked (`in effect, unverified input`), and
+    the overrides and rejections among them name those releases. `audit`: the store's, where the caller has it."""
     parties = load_parties(config)
+    audit = audit or audit_mechanisms(config, store)
     by_id: dict[str, list[Decision]] = defaultdict(list)
     summary: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
 
@@ -187,11 +225,11 @@ def overrides_report(config: Config, store: FusedStore, *, period: str = "month"
         row["deviation_mw"] += decision.deviation_mw or 0.0
         row["cost_impact"] += decision.cost_impact or 0.0
 
-    for decision, check in audit_mechanisms(config, store).decisions:  # each row with its own check
+    for decision, check in audit.decisions:  # each row with its own check
         if check.status == "refusal":
             count((_period(decision.decided_at, period), decision.authority, decision.action,
                    decision.reason_code or "-", "refused"), decision)
-        elif check.status == "verified":
+        elif check.status in SIGNED:
             by_id[decision.decision_id].append(decision)
     listing = []
     for verified in by_id.values():
@@ -201,8 +239,9 @@ def overrides_report(config: Config, store: FusedStore, *, period: str = "month"
         threshold = authority.threshold if authority else 1
         in_effect = len(signed) >= threshold
         last = signed[threshold - 1] if in_effect else signed[-1]  # the signature that put it in effect
+        read = audit.unverified_inputs.get(first.recommendation_id)
         count((_period(last.decided_at, period), first.authority, first.action, first.reason_code or "-",
-               "in effect" if in_effect else "pending"), first)
+               ("in effect" if in_effect else "pending") + (ON_UNVERIFIED_INPUT if read else "")), first)
         if in_effect and first.action != "ratify":
             listing.append({
                 "decided_at": f"{_when(last):%Y-%m-%d %H:%M}Z", "decision_id": first.decision_id,
@@ -211,6 +250,7 @@ def overrides_report(config: Config, store: FusedStore, *, period: str = "month"
                 "adopted": ", ".join(f"{a.item_key}={a.value:g} {a.unit}" for a in first.adopted),
                 "deviation_mw": first.deviation_mw, "cost_impact_usd_h": first.cost_impact,
                 "signers": ", ".join(d.signer for d in signed),
+                "unverified_input": ", ".join(read.names()) if read else None,
             })
     rows = [{"period": p, "authority": a, "action": act, "reason_code": code, "status": status, **values}
             for (p, a, act, code, status), values in sorted(summary.items())]
@@ -220,10 +260,23 @@ def overrides_report(config: Config, store: FusedStore, *, period: str = "month"
     listing_schema = pa.schema([("decided_at", pa.string()), ("decision_id", pa.string()),
                                 ("authority", pa.string()), ("action", pa.string()), ("reason_code", pa.string()),
                                 ("reason", pa.string()), ("adopted", pa.string()), ("deviation_mw", pa.float64()),
-                                ("cost_impact_usd_h", pa.float64()), ("signers", pa.string())])
+                                ("cost_impact_usd_h", pa.float64()), ("signers", pa.string()),
+                                ("unverified_input", pa.string())])
     listing.sort(key=lambda r: (r["decided_at"], r["decision_id"]))
     return (pa.Table.from_pylist(rows, schema=summary_schema),
             pa.Table.from_pylist(listing, schema=listing_schema))
+
+
+def unverified_input_decisions(audit: Audit) -> pa.Table:
+    """Each decision row on a recommendation that read a release `fusion verify` does not call verified or legacy
+    (`unverified_input`), ratifications too, with its effect and the releases read: what `fusion decisions` flags."""
+    rows = [{"decision": check.record_id, "authority": decision.authority, "action": decision.action,
+             "recommendation_id": decision.recommendation_id, "effect": check.effect,
+             "unverified_input": ", ".join(audit.unverified_inputs[decision.recommendation_id].names())}
+            for decision, check in audit.decisions if check.status == UNVERIFIED_INPUT]
+    schema = pa.schema([(name, pa.string()) for name in ("decision", "authority", "action", "recommendation_id",
+                                                          "effect", "unverified_input")])
+    return pa.Table.from_pylist(sorted(rows, key=lambda r: r["decision"]), schema=schema)
 
 
 def _first_per_signer(rows: list[Decision]) -> list[Decision]:
@@ -269,5 +322,5 @@ def _period(moment: datetime | None, period: str) -> str:
     return f"{moment:%Y-%m}"
 
 
-__all__ = ["FAILING", "Audit", "RecordCheck", "audit_mechanisms", "overrides_report", "row_identity",
-           "verify_mechanisms"]
+__all__ = ["FAILING", "ON_UNVERIFIED_INPUT", "SIGNED", "UNVERIFIED_INPUT", "Audit", "RecordCheck", "Unverified",
+           "audit_mechanisms", "overrides_report", "row_identity", "unverified_input_decisions", "verify_mechanisms"]

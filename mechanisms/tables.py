@@ -86,9 +86,11 @@ def superseding_of(recommendations: Iterable[Recommendation]) -> dict[str, dict[
 
 def audit_store(store: FusedStore) -> FusedStore:
     """The snapshot `store` reads of the mechanisms' two tables, for the audit (`fusion verify`, `fusion decisions`,
-    the dashboard): under the config's DuckDB memory and threads, each read given at least AUDIT_TIMEOUT, and no
-    bound on a read's rows or bytes. The config's [sql] bounds are for the queries people run; the audit must read
-    every row, and bounds what it holds itself (`recommendation_pages`). Close it after use."""
+    the dashboard), and the releases and forecasts as they are now (what a recommendation read is checked there,
+    `mechanisms.inputs`: never an older version than it read): under the config's DuckDB memory and threads, each
+    read given at least AUDIT_TIMEOUT, and no bound on a read's rows or bytes. The config's [sql] bounds are for the
+    queries people run; the audit must read every row, and bounds what it holds itself (`recommendation_pages`).
+    Close it after use."""
     limits = store.limits
     timeout = limits.timeout if limits.timeout_s >= parse_duration(AUDIT_TIMEOUT).total_seconds() else AUDIT_TIMEOUT
     return open_store(store.config, versions={t: store.versions.get(t) for t in OWN_TABLES},

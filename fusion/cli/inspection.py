@@ -206,11 +206,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     config = load_config(args.config, check_release=False)  # reads the store and registry only
     from fusion.cli.mechanisms import verify_mechanisms_tables
 
-    mechanisms_ok = args.release is not None or verify_mechanisms_tables(config, args.format)
     keys = load_key_holder_public_keys(config)
-    if not keys:
-        console.print(f"no key holder signing key is registered in {config.registry_path}: nothing can be verified")
-        return 1
     checks = verify_releases(
         Store(config.store_path),
         keys,
@@ -218,7 +214,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         unsigned_rounds=load_unsigned_rounds(config),
         release_id=args.release,
         seen=args.seen,
-    )
+    ) if keys else []
+    # What the recommendations read is checked against these same checks (every release's rows are read once).
+    unverified = {c.release_id: c.status for c in checks if c.status not in GOOD} if keys else None
+    mechanisms_ok = args.release is not None or verify_mechanisms_tables(config, args.format,
+                                                                         unverified=lambda: unverified)
+    if not keys:
+        console.print(f"no key holder signing key is registered in {config.registry_path}: nothing can be verified")
+        return 1
     if not checks:
         console.print("no releases in the store yet")
         return 0 if mechanisms_ok else 1

@@ -6,6 +6,7 @@ This module imports nothing heavy: the mechanisms (scipy) are imported by their 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -264,11 +265,13 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
 def cmd_decisions(args: argparse.Namespace) -> int:
     from fusion.api import open_store
-    from mechanisms.audit import overrides_report
+    from mechanisms.audit import audit_mechanisms, overrides_report, unverified_input_decisions
 
     config = _config(args.config)
     with open_store(config) as store:
-        summary, listing = overrides_report(config, store, period=args.period)
+        audit = audit_mechanisms(config, store)
+        summary, listing = overrides_report(config, store, period=args.period, audit=audit)
+    flagged = unverified_input_decisions(audit)
     if summary.num_rows == 0:
         console.print("no decisions yet")
         return 0
@@ -276,6 +279,9 @@ def cmd_decisions(args: argparse.Namespace) -> int:
                 "(cost impact in $/h, re-solved)")
     if listing.num_rows:
         print_arrow(listing, args.format, title="overrides and rejections in effect")
+    if flagged.num_rows:
+        print_arrow(flagged, args.format, title="decisions on recommendations that read releases `fusion verify` "
+                    "does not call verified or legacy (it fails on them)")
     return 0
 
 
@@ -334,9 +340,13 @@ def cmd_bid(args: argparse.Namespace) -> int:
     return 0
 
 
-def verify_mechanisms_tables(config: Config, fmt: str) -> bool:
+def verify_mechanisms_tables(
+    config: Config, fmt: str, *, unverified: Callable[[], Mapping[str, str] | None] | None = None
+) -> bool:
     """`fusion verify`'s second part: the recommendations and decisions, when the store has any. True when none
-    fails (tampered, or a decision `fusion decide` would have refused: `mechanisms.audit.FAILING`). Imports the
+    fails (tampered, a decision `fusion decide` would have refused, or a recommendation that read a release `fusion
+    verify` does not call verified or legacy and the decisions on it: `mechanisms.audit.FAILING`). `unverified`:
+    those releases, where the caller has checked them (default: `fusion.api.unverified_releases`). Imports the
     mechanisms' audit (no solver) only when there is something to check."""
     from fusion.store.delta import Store
 
@@ -349,7 +359,7 @@ def verify_mechanisms_tables(config: Config, fmt: str) -> bool:
     from mechanisms.audit import FAILING, verify_mechanisms
 
     with open_store(config) as fused:
-        checks = verify_mechanisms(config, fused)
+        checks = verify_mechanisms(config, fused, unverified=unverified)
     if not checks:
         return True
     print_arrow(pa.Table.from_pylist([vars(c) for c in checks]), fmt,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,18 +17,24 @@ from deltalake import write_deltalake
 from dashboard.provenance import record_checks
 from dashboard.recommendations import recommendations_view
 from dashboard.snapshot import Snapshot, VersionCache
-from fusion.api import open_store
+from fusion.api import open_store, unverified_releases
+from fusion.cli.core import main as cli_main
 from fusion.cli.mechanisms import verify_mechanisms_tables
 from fusion.errors import SqlLimitExceeded
-from mechanisms import tables
+from fusion.keys import release_check
+from fusion.keys.registry import create_key_holder_key
+from fusion.store import verification
+from fusion.store.verification import verify_releases
+from mechanisms import audit, tables
 from mechanisms.audit import FAILING, RecordCheck, audit_mechanisms, overrides_report, verify_mechanisms
-from mechanisms.authorities import load_private, signer_key_file
+from mechanisms.authorities import load_operator_key, load_private, signer_key_file
 from mechanisms.decisions import DecideRequest, DecisionRefused, decide
 from mechanisms.loads import MissingLoad
 from mechanisms.recommend import Request, recommend
 from mechanisms.records import Action, Adopted, Decision, Kind, ReasonCode, Recommendation, now
 from mechanisms.tables import read_recommendation
-from tests.mechanisms.conftest import HOUR, MechFederation, forecast_rows
+from tests.conftest import START, publish_signed
+from tests.mechanisms.conftest import HOUR, MechFederation, forecast_rows, load_releases
 
 Build = Callable[..., MechFederation]
 
@@ -360,3 +367,188 @@ def test_a_non_finite_value_in_a_stored_row_is_tampered(mech_federation: Build) 
         "tampered", "it holds a non-finite value (item lmp/Z is nan), which Fusion never records")
     with pytest.raises(DecisionRefused, match=r"is tampered: it holds a non-finite value \(item lmp/Z is nan\)"):
         decide(fed.config, DecideRequest(Action.RATIFY, rec.recommendation_id, "grid-ops", "alice"))
+
+
+def _forged_release(region: str, *, mean: float, hours: range) -> pa.Table:
+    """Cells of `load` for `region` appended under a release id the key holder never signed, released after the
+    genuine ones (so the latest release of their windows, wherever every release is read)."""
+    rows = load_releases(region, mean=mean, hours=hours)
+    rows = rows.set_column(rows.schema.get_field_index("release_id"), "release_id",
+                           pa.array(["release-forged"] * len(hours)))
+    return rows.set_column(rows.schema.get_field_index("released_at"), "released_at",
+                           pa.array([START + timedelta(hours=6)] * len(hours), rows.schema.field("released_at").type))
+
+
+GENUINE = ("release-east-0", "release-north-0", "release-south-0")
+
+
+def _with_release_signing_key(fed: MechFederation) -> None:
+    """The key holder registers its release-signing key; the releases already published are legacy."""
+    create_key_holder_key(fed.config, published=GENUINE)
+
+
+@pytest.mark.parametrize("source", ["releases", "forecasts"])
+def test_a_recommendation_that_read_a_release_that_does_not_verify_is_flagged(
+    mech_federation: Build, source: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A recommendation made before a release-signing key was registered read every release: here the latest of
+    north's window, rows appended under an unsigned release id (or a forecast that read them). Once the key is
+    registered, `fusion verify` calls that release tampered: the recommendation, still signed as it was, is
+    `unverified_input`, naming it, and so is the ratification decided on it (in effect, flagged) in `fusion verify`,
+    `fusion decisions` and the dashboard. The recommendation made afterwards leaves the release out and verifies."""
+    fed = mech_federation()
+    fed.store.insert_new("releases", _forged_release("north", mean=9.0, hours=range(1, 3)))
+    if source == "forecasts":
+        fed.store.insert_new("forecasts", forecast_rows(
+            {"north": (9.0, 0.5), "south": (10.0, 0.5), "east": (10.0, 1.0)}, forecast_id="fc-read-forged",
+            input_release_ids=("release-forged", *GENUINE)))
+    old = _recommend(fed)
+    assert old.item("load_mw", "B") == 270.0 and old.inputs["releases_verified"] is False
+    ratified = decide(fed.config, DecideRequest(Action.RATIFY, old.recommendation_id, "grid-ops", "alice")).decision
+    assert _checks(fed)[old.recommendation_id].status == "verified"  # nothing can be verified yet: nothing flagged
+    _with_release_signing_key(fed)
+    if source == "forecasts":  # a forecast of the genuine releases only, issued after
+        fed.store.insert_new("forecasts", forecast_rows(
+            {"north": (10.0, 0.5), "south": (10.0, 0.5), "east": (10.0, 1.0)}, forecast_id="fc-genuine",
+            issued_at=HOUR - timedelta(minutes=30), input_release_ids=GENUINE))
+    new = _recommend(fed)
+    assert new.item("load_mw", "B") == 300.0 and new.supersedes == old.recommendation_id
+    checks = _checks(fed)
+    read = "release-forged (tampered)" + (
+        ", through forecast(s) fc-read-forged-east, fc-read-forged-north, fc-read-forged-south"
+        if source == "forecasts" else "")
+    assert (checks[old.recommendation_id].status, checks[old.recommendation_id].reason) == (
+        "unverified_input", f"it read release(s) that `fusion verify` does not call verified or legacy: {read}")
+    assert (checks[new.recommendation_id].status, checks[new.recommendation_id].reason) == ("verified", "")
+    decision = checks[f"{ratified.decision_id}/alice"]
+    assert (decision.status, decision.effect, decision.reason) == (
+        "unverified_input", "ratify: 1 of 1 signature(s), in effect",
+        f"its recommendation {old.recommendation_id} read release(s) that `fusion verify` does not call verified or "
+        f"legacy: {read}")
+    assert {"unverified_input"} <= FAILING
+    assert not verify_mechanisms_tables(fed.config, "csv")  # `fusion verify` exits 1
+    capsys.readouterr()
+    # `fusion decisions`: counted, flagged in the summary, and listed with the release read.
+    assert [(r["action"], r["status"]) for r in _report(fed)] == [("ratify", "in effect, unverified input")]
+    assert cli_main(["decisions", "--config", str(fed.config_path), "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    assert (f'"{ratified.decision_id}/alice","grid-ops","ratify","{old.recommendation_id}",'
+            '"ratify: 1 of 1 signature(s), in effect","release-forged"') in out
+    # The dashboard shows the same statuses.
+    with Snapshot(fed.config, VersionCache()) as snapshot:
+        error, shown = record_checks(snapshot)
+        view = recommendations_view(snapshot, recommendation=old.recommendation_id)
+    assert error is None and {c.record_id: c.status for c in shown} == {c.record_id: c.status for c in checks.values()}
+    assert view.chosen_status == "unverified_input"
+    assert [(d.decision_id, d.verified) for d in view.decisions] == [(ratified.decision_id, "unverified_input")]
+    # A decision on the recommendation that verifies is not flagged.
+    honest = decide(fed.config, DecideRequest(Action.RATIFY, new.recommendation_id, "grid-ops", "alice")).decision
+    assert _checks(fed)[f"{honest.decision_id}/alice"].status == "verified"
+    assert sorted(str(r["status"]) for r in _report(fed)) == ["in effect", "in effect, unverified input"]
+
+
+def test_a_signed_recommendation_naming_a_forged_release_or_forecast_is_flagged(mech_federation: Build) -> None:
+    """Rows written by the operator's key holder without `fusion recommend`'s check (its key signs them): naming
+    an unsigned release, one the store does not hold, a forecast that read the unsigned one, or a forecast the store
+    does not hold, each is `unverified_input`, naming what it read; the honest recommendation is not. A
+    recommendation that names nothing it read (a network of fixed loads) is checked without asking verify."""
+    fed = mech_federation()
+    _with_release_signing_key(fed)
+    fed.store.insert_new("releases", _forged_release("north", mean=9.0, hours=range(1, 3)))
+    fed.store.insert_new("forecasts", forecast_rows({"north": (9.0, 0.5)}, forecast_id="fc-forged",
+                                                    input_release_ids=("release-forged",)))
+    honest = _recommend(fed)
+    assert honest.inputs["release_ids"] == list(GENUINE)
+    private, public = load_operator_key(fed.config)
+
+    def forged(region_loads: dict[str, str], **inputs: object) -> Recommendation:
+        loads = {region: {**honest.inputs["region_loads"][region], "record": record}
+                 for region, record in region_loads.items()}
+        region_loads_now = honest.inputs["region_loads"] | loads
+        changed = replace(honest, inputs=honest.inputs | inputs | {"region_loads": region_loads_now})
+        signed = changed.signed(private, public, supersedes=None, created_at=now())
+        fed.store.insert_new("recommendations", signed.rows())
+        return signed
+
+    unsigned = forged({"north": "release:release-forged"},
+                      release_ids=["release-east-0", "release-forged", "release-south-0"])
+    absent = forged({"south": "release:release-ghost"})  # named in its region loads only
+    through = forged({"north": "forecast:fc-forged-north"}, load_source="forecasts",
+                     forecast_ids=["fc-forged-north"])
+    unknown = forged({"east": "forecast:fc-ghost-east"}, forecast_ids=["fc-ghost-east"])
+    checks = _checks(fed)
+    assert checks[honest.recommendation_id].status == "verified"
+    prefix = "it read release(s) that `fusion verify` does not call verified or legacy: "
+    assert {rid: (checks[rid].status, checks[rid].reason) for rid in
+            (unsigned.recommendation_id, absent.recommendation_id, through.recommendation_id,
+             unknown.recommendation_id)} == {
+        unsigned.recommendation_id: ("unverified_input", prefix + "release-forged (tampered)"),
+        absent.recommendation_id: ("unverified_input", prefix + "release-ghost (not in the store)"),
+        through.recommendation_id: ("unverified_input",
+                                    prefix + "release-forged (tampered), through forecast(s) fc-forged-north"),
+        unknown.recommendation_id: ("unverified_input", "it read forecast(s) the store does not hold, so what they "
+                                    "read cannot be checked: fc-ghost-east"),
+    }
+
+
+@pytest.mark.parametrize("page_rows", [1, tables.PAGE_ROWS])
+def test_verify_s_releases_are_taken_once_per_audit(
+    mech_federation: Build, monkeypatch: pytest.MonkeyPatch, page_rows: int
+) -> None:
+    """Which releases `fusion verify` does not call verified or legacy is taken once per audit (it reads every
+    release: seconds on a large store), however many pages of recommendations there are, and not at all where no
+    recommendation names a release or forecast it read."""
+    monkeypatch.setattr(tables, "PAGE_ROWS", page_rows)
+    fed = mech_federation()
+    _with_release_signing_key(fed)
+    for kind in (Kind.DISPATCH, Kind.PARETO):
+        _recommend(fed, kind)
+    calls: list[object] = []
+
+    def counted(config: object) -> dict[str, str] | None:
+        calls.append(config)
+        return unverified_releases(fed.config)
+
+    monkeypatch.setattr(audit, "unverified_releases", counted)
+    assert {c.status for c in _checks(fed).values()} == {"verified"}
+    assert len(calls) == 1
+    # `fusion verify` checks what the recommendations read against its own check of the releases: one in all.
+    checked: list[object] = []
+
+    def counted_releases(*args: Any, **kwargs: Any) -> object:
+        checked.append(args)
+        return verify_releases(*args, **kwargs)
+
+    monkeypatch.setattr(verification, "verify_releases", counted_releases)
+    monkeypatch.setattr(release_check, "verify_releases", counted_releases)
+    assert cli_main(["verify", "--config", str(fed.config_path), "--format", "csv"]) == 0
+    assert len(checked) == 1
+    calls.clear()
+    bare = mech_federation(releases=False, subdir="bare")
+    _with_release_signing_key(bare)
+    _refused(bare)  # a refusal that names nothing it read
+    assert {c.status for c in _checks(bare).values()} == {"refusal"}
+    assert calls == []
+
+
+def test_a_recommendation_whose_signed_release_is_then_tampered_is_flagged(mech_federation: Build) -> None:
+    """A recommendation of signed releases verifies; once a row is added to one of them (only write access to the
+    store needed), `fusion verify` calls that release tampered and the recommendation `unverified_input`: in the
+    dashboard too, whose check of the records is kept per version of the releases as well as of their own tables."""
+    fed = mech_federation(releases=False)
+    create_key_holder_key(fed.config)
+    publish_signed(fed.config, fed.store, pa.concat_tables([load_releases(r) for r in ("north", "south", "east")]))
+    rec = _recommend(fed)
+    assert rec.inputs["release_ids"] == list(GENUINE)
+    cache = VersionCache()
+    with Snapshot(fed.config, cache) as snapshot:
+        assert {c.record_id: c.status for c in record_checks(snapshot)[1]} == {rec.recommendation_id: "verified"}
+    extra = load_releases("north", hours=range(5, 6))
+    fed.store.insert_new("releases", extra.set_column(extra.schema.get_field_index("release_id"), "release_id",
+                                                      pa.array(["release-north-0"])))
+    check = _checks(fed)[rec.recommendation_id]
+    assert (check.status, check.reason) == ("unverified_input", "it read release(s) that `fusion verify` does not "
+                                            "call verified or legacy: release-north-0 (tampered)")
+    with Snapshot(fed.config, cache) as snapshot:
+        assert {c.record_id: c.status for c in record_checks(snapshot)[1]} == {
+            rec.recommendation_id: "unverified_input"}
