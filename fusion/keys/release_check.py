@@ -17,7 +17,8 @@ def verify(config: Config | str | Path, *, release_id: str | None = None, seen: 
     """What `fusion verify` reports on the releases: each (or `release_id`) checked against the key holder's
     registered signing keys, a list of fusion.store.verification.ReleaseCheck; `seen`: the highest sequence number
     the caller saw before (a newest release removed whole is then `missing`). Reads the store and the registry only;
-    NoReleaseSigningKey when no key holder signing key is registered (nothing can be verified)."""
+    NoReleaseSigningKey when no key holder signing key is registered (nothing can be verified); StoreUnreadable when
+    a data file of a table it reads is damaged or missing (fusion.store.delta.Store.read)."""
     cfg = config if isinstance(config, Config) else load_config(config, check_release=False)
     keys = load_key_holder_public_keys(cfg)
     if not keys:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import hashlib
 import operator
 import os
@@ -231,6 +232,31 @@ def _plain_text(table: pa.Table) -> pa.Table:
         if pa.types.is_string_view(field.type):
             table = table.set_column(index, field.with_type(pa.string()), pc.cast(table.column(index), pa.string()))
     return table
+
+
+#: An absolute path (or file URL) in an error's text, its file's name kept.
+_PATH = re.compile(r"(?<![^\s'\"])(?:file://)?/(?:[^\s'/]+/)*([^\s'/]+)")
+
+
+def _unreadable(name: str, dataset: ds.Dataset, exc: BaseException) -> StoreUnreadable:
+    """The error for a table whose data files could not be read, naming the file (by its name: where the store
+    lies is not every reader's to know) that Arrow names or, failing that, the first of the snapshot's files that
+    cannot be read on its own (a column of another type than the log's, say), which only a failed read pays for."""
+    lines = str(exc).strip().splitlines()
+    reason = _PATH.sub(r"\1", lines[0] if lines else type(exc).__name__)
+    named = re.search(r"[^\s'/]+\.parquet", reason)
+    culprit = named.group(0) if named else None
+    for fragment in () if culprit else dataset.get_fragments():
+        try:
+            fragment.to_table(schema=dataset.schema).cast(TABLE_SCHEMAS[name])
+        except (OSError, pa.ArrowException):
+            culprit = Path(fragment.path).name
+            reason = f"{culprit}: {reason}"
+            break
+    return StoreUnreadable(
+        f"the store's table {name} cannot be read: a data file is damaged, missing or was rewritten outside Delta "
+        f"({reason}); restore it (or the whole store) from a backup"
+    )
 
 
 class Store:
@@ -523,8 +549,15 @@ class Store:
 
     def read(self, name: str, *, version: int | None = None, filter: ds.Expression | None = None) -> pa.Table:
         """A table's rows (text as string). The filter is applied after reading: pyarrow cannot evaluate
-        filters on the string_view columns that Delta merges write (the ledger's, and older stores')."""
-        table = self.dataset(name, version=version).to_table().cast(TABLE_SCHEMAS[name])
+        filters on the string_view columns that Delta merges write (the ledger's, and older stores').
+        StoreUnreadable when a data file of the snapshot is damaged, missing or was rewritten outside Delta."""
+        dataset = self.dataset(name, version=version)
+        try:
+            table = dataset.to_table().cast(TABLE_SCHEMAS[name])
+        except (OSError, pa.ArrowException) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (None, errno.ENOENT):
+                raise  # the disk or its permissions (EIO, EACCES), not what a file holds
+            raise _unreadable(name, dataset, exc) from None
         return table if filter is None else table.filter(filter)
 
     def table_property(self, name: str, key: str) -> str | None:

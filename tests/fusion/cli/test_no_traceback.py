@@ -152,6 +152,34 @@ def test_a_store_that_cannot_be_written_fails_in_one_line_naming_it(
     assert exchange == {path.name for path in (demo.parent / "exchange").iterdir()}  # nothing sealed
 
 
+@pytest.mark.parametrize("command", [["verify"], ["forecast"], ["sql", "SELECT count(*) FROM releases"]],
+                         ids=lambda c: c[0])
+def test_a_damaged_data_file_of_the_store_fails_in_one_line_naming_the_table_and_file(
+    command: list[str], demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A data file of `releases` cut short outside Delta: `fusion verify` (which reads every release) and
+    `fusion forecast` (which reads only the releases verify calls good) said nothing but Arrow's traceback
+    ("Parquet magic bytes not found"); now one line naming the table and the file, and status 1."""
+    import shutil
+
+    from fusion.store.delta import Store
+    from tests.fusion.store.test_store import release_rows
+
+    directory = tmp_path / "demo"
+    shutil.copytree(demo.parent, directory)
+    Store(directory / "store").insert_new("releases", release_rows("r-damaged", range(3), metric="ghi"))
+    (damaged,) = (directory / "store" / "releases").glob("*.parquet")
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    argv = [command[0], "--config", str(directory / "federation.toml"), *command[1:]]
+    code, output = _run(argv, capsys)
+    _one_clear_line(code, output, argv)
+    said = " ".join(output.split())
+    assert code == 1 and "error: the store's table releases cannot be read: a data file is damaged, missing or " \
+        "was rewritten outside Delta" in said, said
+    assert damaged.name in said or command[0] == "sql", said  # SQL names no file (fusion/store/sql.py)
+    assert str(directory) not in said, said
+
+
 def test_demo_into_a_file_or_a_foreign_directory_fails_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

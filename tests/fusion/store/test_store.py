@@ -9,14 +9,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion.errors import FusionError, InternalError
+from fusion.errors import FusionError, InternalError, StoreUnreadable
 from fusion.store.delta import TABLE_KEYS, Store, _repeats_a_key
 from schemas.tables import AUDIT_SCHEMA, REJECTS_SCHEMA, RELEASES_SCHEMA, TABLE_SCHEMAS
 
@@ -230,6 +232,42 @@ def test_read_time_travel(store: Store) -> None:
     assert store.read("releases").num_rows == 5
     old_r2 = store.read("releases", version=1, filter=ds.field("release_id") == "r2")
     assert old_r2.num_rows == 0
+
+
+def _damage(path: Path, how: str) -> None:
+    """A data file of a table damaged outside Delta: cut short, deleted, or rewritten with `released_at` in
+    nanoseconds one past a microsecond (the log still says microseconds)."""
+    if how == "truncated":
+        with path.open("r+b") as handle:
+            handle.truncate(100)
+    elif how == "deleted":
+        path.unlink()
+    else:
+        table = pq.read_table(path)
+        at = table.schema.get_field_index("released_at")
+        nanos = pc.add(table.column(at).cast(pa.timestamp("ns", tz="UTC")).cast(pa.int64()), 1)
+        table = table.set_column(at, pa.field("released_at", pa.timestamp("ns", tz="UTC")),
+                                 nanos.cast(pa.timestamp("ns", tz="UTC")))
+        pq.write_table(table, path, coerce_timestamps=None, version="2.6")
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted", "nanoseconds"])
+def test_a_damaged_data_file_is_store_unreadable_naming_the_table_and_file_not_the_path(
+    store: Store, tmp_path: Path, how: str
+) -> None:
+    """Arrow's error (no Parquet magic bytes, no such file, a cast that would lose data) is no bug and no
+    traceback: StoreUnreadable, naming the table and the file by its name only."""
+    store.insert_new("releases", release_rows("r1", range(3)))
+    store.insert_new("releases", release_rows("r2", range(3, 5)))
+    damaged = sorted((tmp_path / "store" / "releases").glob("*.parquet"))[-1]
+    _damage(damaged, how)
+    with pytest.raises(StoreUnreadable) as raised:
+        store.read("releases")
+    message = str(raised.value)
+    assert message.startswith("the store's table releases cannot be read: a data file is damaged, missing or was "
+                              "rewritten outside Delta (")
+    assert damaged.name in message and str(tmp_path) not in message and "\n" not in message
+    assert store.read("audit").num_rows == 0  # the other tables read as before
 
 
 def test_read_with_a_timestamp_filter(store: Store) -> None:
