@@ -121,11 +121,12 @@ def create_app(
     # -- errors: a message, never a traceback ------------------------------------------------------------------
     @app.exception_handler(FusionError)
     async def user_error(request: Request, exc: FusionError) -> Response:
+        message = provenance_.without_paths(cfg, exc)  # a registry missing names its file <federation>/...
         if isinstance(exc, StoreUnreadable):  # the store's files, not the request: the message names no path
             log.error("serving %s: %s", app_path(request), exc)
-            return _error(request, 500, str(exc))
+            return _error(request, 500, message)
         status = 503 if isinstance(exc, SqlLimitExceeded) else 400
-        return _error(request, status, str(exc))
+        return _error(request, status, message)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> Response:

@@ -122,6 +122,13 @@ def config_text(*, institutions: list[tuple[str, str]], quorum: int, noise: bool
     return "\n".join(lines) + "\n"
 
 
+def keyless_registry(root: Path) -> None:
+    """A registry holding no key (`root`/registry.toml): a federation whose key holder has no release-signing key,
+    whose readers (forecasts, mechanisms, the dashboard) take every release as it stands. A missing registry is
+    refused instead (fusion.keys.registry.require_registry)."""
+    (root / "registry.toml").write_text("# Fusion federation registry: no keys registered yet\n")
+
+
 def publish_signed(config: Config, store: Store, rows: pa.Table) -> None:
     """Insert `rows` (RELEASES_SCHEMA) as the key holder publishes releases: each release's rows signed with the
     registered release-signing key (`create_key_holder_key` first), chained after the store's signed releases, and

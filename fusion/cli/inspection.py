@@ -13,7 +13,7 @@ import pyarrow as pa
 from fusion.cli.options import non_negative, with_config
 from fusion.cli.output import console, print_arrow
 from fusion.config.federation import load_config
-from fusion.errors import FusionError
+from fusion.errors import FusionError, NoReleaseSigningKey
 from schemas.tables import TABLE_SCHEMAS
 
 
@@ -199,27 +199,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 0 when every release checked is verified (or legacy: registered as published before signing)."""
     import pyarrow as pa
 
-    from fusion.keys.registry import load_key_holder_public_keys, load_unsigned_releases, load_unsigned_rounds
-    from fusion.store.delta import Store
-    from fusion.store.verification import GOOD, verify_releases
+    from fusion.keys.release_check import verify
+    from fusion.store.verification import GOOD, ReleaseCheck
 
     config = load_config(args.config, check_release=False)  # reads the store and registry only
     from fusion.cli.mechanisms import verify_mechanisms_tables
 
-    keys = load_key_holder_public_keys(config)
-    checks = verify_releases(
-        Store(config.store_path),
-        keys,
-        unsigned=load_unsigned_releases(config),
-        unsigned_rounds=load_unsigned_rounds(config),
-        release_id=args.release,
-        seen=args.seen,
-    ) if keys else []
+    try:
+        checks: list[ReleaseCheck] | None = verify(config, release_id=args.release, seen=args.seen)
+    except NoReleaseSigningKey:
+        checks = None
     # What the recommendations read is checked against these same checks (every release's rows are read once).
-    unverified = {c.release_id: c.status for c in checks if c.status not in GOOD} if keys else None
+    unverified = None if checks is None else {c.release_id: c.status for c in checks if c.status not in GOOD}
     mechanisms_ok = args.release is not None or verify_mechanisms_tables(config, args.format,
                                                                          unverified=lambda: unverified)
-    if not keys:
+    if checks is None:
         console.print(f"no key holder signing key is registered in {config.registry_path}: nothing can be verified")
         return 1
     if not checks:

@@ -9,6 +9,7 @@ Public API (what the rest of the repository imports), by module:
   create_key_holder_key, key_holder_signing_key_file, load_aggregator_public_key, load_aggregator_signing_key,
   load_agreement_key, load_agreement_keys, load_key_holder_public_keys, load_key_holder_signing_key,
   load_mechanism_sections, load_registry, load_signing_key, load_unsigned_releases, load_unsigned_rounds,
-  read_private, register_he_context, register_unsigned_rounds, write_mechanism_sections, write_private
+  read_private, register_he_context, register_unsigned_rounds, require_registry, write_mechanism_sections,
+  write_private
 - `release_check`: unverified_releases, verify (the store's releases against the registered release-signing keys)
 """

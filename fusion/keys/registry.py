@@ -419,6 +419,19 @@ def load_unsigned_rounds(config: Config) -> frozenset[str]:
     return frozenset(_read(config).unsigned_rounds)
 
 
+def require_registry(config: Config) -> None:
+    """Refuse a reader that checks the store against the registry where the registry file is missing. Without it
+    no key is registered, which readers take as a federation whose key holder signs nothing (every release read as
+    it stands): a registry left behind when a store was copied, or removed, must not turn the checks off."""
+    path = Path(config.registry_path)
+    if not path.exists():
+        raise FusionError(
+            f"the registry {path} is missing: the store's releases cannot be checked against the keys it registers, "
+            "so none is taken as verified; copy the federation's registry.toml there (the key holder and the "
+            "operator share it) or point federation.registry at it"
+        )
+
+
 def load_key_holder_public_keys(config: Config) -> tuple[bytes, ...]:
     """The key holder's registered Ed25519 public keys, current first, then the retired ones (a rotated key's
     releases still verify); empty when its key holder has not created one yet."""

@@ -3,6 +3,7 @@ for bad parameters, read-only routes, security headers, the Host check and the t
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import urllib.parse
@@ -313,6 +314,22 @@ def test_a_broken_store_is_a_server_error_with_a_message_not_a_traceback(tmp_pat
         assert str(tmp_path) not in answer
         status, _, answer = Served(path, url).get("/health")
         assert status == 503 and json.loads(answer)["status"] == "unavailable"
+
+
+def test_a_registry_gone_missing_is_refused_where_releases_are_checked_naming_no_path(tmp_path: Path) -> None:
+    """A missing registry read as one without keys: Provenance said nothing could be verified and Forecasts drew
+    every release as it stands, a tampered one included. Now both refuse, naming the registry under <federation>."""
+    path = build_store(tmp_path / "fed")
+    (tmp_path / "fed" / "registry.toml").unlink()
+    missing = "the registry <federation>/registry.toml is missing: the store's releases cannot be checked"
+    with running(load_config(path, check_release=False)) as url:
+        served = Served(path, url)
+        _, view = served.json("/api/provenance")
+        assert view["verify_error"].startswith(missing)
+        status, _, body = served.get("/forecasts")
+        assert status == 400 and missing in html.unescape(body) and str(tmp_path) not in body
+        status, answer = served.json("/api/forecasts")
+        assert status == 400 and answer["error"].startswith(missing)
 
 
 TOKEN = "s3cret-token-for-the-dashboard"

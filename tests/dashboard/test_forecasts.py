@@ -17,7 +17,7 @@ from forecasting.plot import plotted
 from fusion.config.federation import load_config
 from fusion.config.forecasting import MAX_HORIZON_WINDOWS
 from fusion.store.delta import Store
-from tests.conftest import START, config_text
+from tests.conftest import START, config_text, keyless_registry
 from tests.dashboard.rows import add_forecast
 from tests.fusion.store.test_store import release_rows
 
@@ -27,6 +27,7 @@ def test_a_forecast_longer_than_the_bound_shows_its_first_windows(tmp_path: Path
     its first MAX_HORIZON_WINDOWS windows only, so the page stays within what a request may read."""
     path = tmp_path / "federation.toml"
     path.write_text(config_text(institutions=[("alpha", "parquet"), ("beta", "csv")], quorum=2))
+    keyless_registry(tmp_path)
     config = load_config(path, check_release=False)
     add_forecast(Store(config.store_path), metric="temp", region="north", origin=START + timedelta(days=2),
                  windows=MAX_HORIZON_WINDOWS + 20)
@@ -43,6 +44,7 @@ def test_the_releases_drawn_are_what_was_forecast_and_scored(tmp_path: Path) -> 
     of a window rather than the latest. `fusion forecast --plot` reads the same points."""
     path = tmp_path / "federation.toml"
     path.write_text(config_text(institutions=[("alpha", "parquet"), ("beta", "csv")], quorum=2))
+    keyless_registry(tmp_path)
     config = load_config(path, check_release=False)
     store = Store(config.store_path)
     rows = release_rows("r-a", range(48))

@@ -13,7 +13,7 @@ import pytest
 from fusion.config.federation import Config, load_config
 from fusion.store.delta import Store
 from schemas.tables import RELEASES_SCHEMA
-from tests.conftest import config_text
+from tests.conftest import config_text, keyless_registry
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -69,8 +69,10 @@ class Federation:
 
 
 def federation(root: Path, *, forecasting: str = "") -> Federation:
-    """A config (no keys: forecasting needs none) whose store will hold the tests' releases."""
+    """A config (no keys: forecasting needs none, only the registry, here holding none) whose store will hold the
+    tests' releases."""
     root.mkdir(parents=True, exist_ok=True)
+    keyless_registry(root)
     path = root / "federation.toml"
     text = config_text(institutions=[("alpha", "parquet"), ("beta", "csv")], quorum=2)
     path.write_text(text + (f"\n[forecasting]\n{forecasting}\n" if forecasting else ""))

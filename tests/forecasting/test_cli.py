@@ -4,6 +4,7 @@ config block, and the refresh that scheduled and stream releases run."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -119,6 +120,35 @@ def test_releases_that_do_not_verify_are_left_out_and_named(tmp_path: Path, caps
     shown = plotted(fed.config, "temp", "north", days=4)  # what `--plot` draws: the releases forecast, not r-forged's
     assert shown.releases["value"].to_pylist() == pytest.approx(rows["ratio_mean"].to_pylist())
     assert shown.skipped == {"r-forged": "tampered"}
+
+
+def test_a_registry_gone_missing_refuses_the_forecast_rather_than_reading_every_release(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing registry read as an empty one (no key registered: every release taken as it stands): with
+    registry.toml removed, a forecast read a release rewritten after it was signed, with no "left out" line, while
+    `fusion verify` said nothing could be verified. Now every reader refuses, naming the file; a registry holding
+    no key still reads every release."""
+    from fusion.api import unverified_releases
+    from fusion.errors import FusionError
+
+    fed = federation(tmp_path, forecasting='horizon = "24h"')
+    hours = np.arange(2 * 24)
+    rows = release_table(hours, released(hours, 1.0, seed=1), np.ones(hours.size))
+    assert unverified_releases(fed.config) is None  # no key registered yet: nothing can be verified
+    create_key_holder_key(fed.config)
+    publish_signed(fed.config, fed.store, rows)
+    fed.store.insert_new("releases", rows.slice(24, 1).set_column(0, "release_id", pa.array(["r-forged"])))
+    assert unverified_releases(fed.config) == {"r-forged": "tampered"}
+    registry = tmp_path / "registry.toml"
+    registry.unlink()
+    missing = f"the registry {registry} is missing: the store's releases cannot be checked"
+    with pytest.raises(FusionError, match=re.escape(missing)):
+        unverified_releases(fed.config)
+    for command in ("forecast", "backtest", "verify"):
+        code, out = run([command, "--config", str(fed.path)], capsys)
+        assert code == 1 and missing in " ".join(out.split()) and "Traceback" not in out, (command, out)
+    assert fed.store.version("forecasts") is None
 
 
 def test_a_horizon_past_the_bound_writes_nothing(fed: Federation, capsys: pytest.CaptureFixture[str]) -> None:
