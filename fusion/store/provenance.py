@@ -13,10 +13,10 @@ fusion/store/mode.py).
 Each signature also holds the release's place in a chain: its sequence number and the release it follows, both
 from the key holder's own record (`next_link`), not from the store. A whole release removed from `releases`,
 `audit` and the ledger together is then reported `missing`, named by a later signature or as a sequence number
-nobody holds. Not detected: the newest release removed whole, until the next one is signed or unless the reader
-passes the highest number it saw before (`seen`); and a retired key still verifies what it signs (rotation is
-not revocation: a compromised key must be struck from the registry by hand, and the releases it signed then read
-as tampered).
+nobody holds. Not detected: the newest releases removed whole (the newest one, or the newest several together: the
+chain then ends earlier), until the next one is signed or unless the reader passes the highest number it saw before
+(`seen`); and a retired key still verifies what it signs (rotation is not revocation: a compromised key must be
+struck from the registry by hand, and the releases it signed then read as tampered).
 
 From format v2 (message `fusion/release/v2`), a signature also covers the release's budget claim: its period, its
 charge and the period's spend after it (fusion/store/signed_budget.py), so `verify_releases` can recompose each

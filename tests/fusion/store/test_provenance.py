@@ -306,8 +306,8 @@ def _relink(store: Store, release_id: str, edit) -> None:  # type: ignore[no-unt
 def test_the_chain_of_signed_releases_shows_a_release_removed_whole(make_federation, tmp_path: Path) -> None:
     """Each signature names its sequence number and the release it follows, both from the key holder's own
     chain state, so a release removed from the releases, audit and budget tables together is seen: by the next
-    signature's link, by a number no signature holds, or (the newest) by a reader who kept the number it saw
-    and by the next release, which still names it."""
+    signature's link, by a number no signature holds, or (the newest, one or several in a row) by a reader who
+    kept the number it saw and by the next release, which still names it."""
     fed = make_federation(noise=True, seed=5, extra_privacy="epsilon_cap = 10.0")
     hours = [plan_release(fed.config, START + timedelta(hours=h), START + timedelta(hours=h + 1)) for h in range(5)]
     ids = [plan.key.release_id for plan in hours]
@@ -349,6 +349,10 @@ def test_the_chain_of_signed_releases_shows_a_release_removed_whole(make_federat
     assert problems(newest) == []
     assert [p[:2] for p in problems(newest, seen=4)] == [("(sequence 4)", "missing")]
     assert [p[:2] for p in problems(newest, seen=10**12)] == [("(sequences 4-1000000000000)", "missing")]
+    # ... and so are the newest several removed together: the chain then ends early and reads whole without it.
+    newest_two = copy_without(ids[2], ids[3])
+    assert problems(newest_two) == []
+    assert [p[:2] for p in problems(newest_two, seen=4)] == [("(sequences 3-4)", "missing")]
     # The links are signed: a forger who removes a release cannot rewrite its successor's link to hide it.
     relinked = copy_without(ids[1])
     _relink(relinked, ids[2], lambda claim: claim.update(previous=[ids[0]], sequence=2))
