@@ -8,7 +8,7 @@ Public API (what the rest of the repository imports), by module:
 - `demo`: add_parsers, cmd_demo, DEMO_TRY_QUERY
 - `demo_steps`: dispatch_step, forecast_step, release_history
 - `forecast`: add_parsers, cmd_backtest, cmd_forecast
-- `formats`: cell_text, write_csv, write_json_lines
+- `formats`: cell_text, visible, write_csv, write_json_lines
 - `inspection`: add_parsers, cmd_budget, cmd_plan, cmd_sql, cmd_verify
 - `keys`: add_parsers, cmd_keys
 - `mechanisms`: add_parsers, COMMANDS, run_command, show_recommendation, verify_mechanisms_tables

@@ -166,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_command(args)
         return cmd_sql(args)
     except FusionError as exc:  # its text is shown as written: `[[schedules]]` is no markup
-        err_console.print(f"[red]error:[/red] {escape(_user_message(exc))}", highlight=False)
+        from fusion.cli.formats import visible  # the text it quotes (a release id, a query) moves no cursor
+
+        err_console.print(f"[red]error:[/red] {escape(visible(_user_message(exc)))}", highlight=False)
         return 1
 
 

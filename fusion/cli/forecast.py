@@ -88,8 +88,10 @@ def _report_skipped(skipped: dict[str, str], output: str) -> None:
     """Name the releases left out as not verified (on stderr beside CSV or JSON, which stay clean)."""
     if skipped:
         from forecasting.trust import left_out
+        from fusion.cli.formats import visible
 
-        (console if output == "table" else err_console).print(left_out(skipped))
+        # The ids are the store's text: shown as written (no markup), escape codes written out
+        (console if output == "table" else err_console).print(visible(left_out(skipped)), markup=False)
 
 
 def _statistics(args: argparse.Namespace) -> list[Statistic] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any, TextIO
@@ -171,7 +172,7 @@ def unique_names(names: list[str]) -> list[str]:
 
 
 def cell_text(value: Any) -> str:
-    """A value as a terminal table shows it: floats to 6 significant digits, nested values as JSON."""
+    """A value as a terminal table shows it: floats to 6 significant digits, nested values as JSON, text `visible`."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -180,7 +181,30 @@ def cell_text(value: Any) -> str:
         return json.dumps(value, default=_json_default)
     if isinstance(value, bytes):
         return value.hex()
-    return str(value)
+    return visible(str(value))
 
 
-__all__ = ["cell_text", "csv_batch", "csv_schema", "json_text", "write_csv", "write_json_lines"]
+#: The Unicode categories `visible` writes as escapes: control characters (C0, DEL, C1), format characters (bidi
+#: overrides and isolates, zero-width characters), surrogates, private-use and unassigned code points, and the line
+#: and paragraph separators. Spaces stay.
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def visible(text: str) -> str:
+    """`text` with every character a terminal would act on or hide rather than show written as its escape (ESC as
+    \\x1b, U+202E as \\u202e), a line break excepted (a table keeps it within its cell): text from the store or a
+    query (a release id, a reason, a column name) must not move the cursor, rewrite lines already printed, or
+    reorder what is shown. CSV and JSON lines write values as they are: they are data, not a screen."""
+    if text.isprintable():  # the common case, checked in C
+        return text
+    return "".join(
+        _escaped(ch) if ch != "\n" and unicodedata.category(ch) in _HIDDEN else ch for ch in text
+    )
+
+
+def _escaped(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+__all__ = ["cell_text", "csv_batch", "csv_schema", "json_text", "visible", "write_csv", "write_json_lines"]

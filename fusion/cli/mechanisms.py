@@ -166,7 +166,9 @@ def show_recommendation(outcome: Outcome, fmt: str = "table") -> None:
     rec = outcome.recommendation
     left_out = outcome.extra.get("left_out")
     if left_out:  # on stderr beside CSV or JSON, which stay clean
-        names = ", ".join(f"{name} ({status})" for name, status in sorted(left_out.items()))
+        from fusion.cli.formats import visible
+
+        names = escape(visible(", ".join(f"{name} ({status})" for name, status in sorted(left_out.items()))))
         forecasts = rec.inputs.get("forecasts_skipped", [])
         (console if fmt == "table" else err_console).print(
             f"left out {len(left_out)} release(s) that `fusion verify` does not call verified or legacy: {names}"

@@ -19,7 +19,7 @@ def print_arrow(table: pa.Table, fmt: str = "table", *, title: str | None = None
     """Print an Arrow table as a readable table, CSV or JSON lines (any column type: fusion/cli/formats.py)."""
     from rich.text import Text
 
-    from fusion.cli.formats import cell_text, python_values, write_csv, write_json_lines
+    from fusion.cli.formats import cell_text, python_values, visible, write_csv, write_json_lines
 
     if fmt == "csv":
         write_csv(table.schema, table.to_batches(), sys.stdout)
@@ -29,7 +29,7 @@ def print_arrow(table: pa.Table, fmt: str = "table", *, title: str | None = None
         return
     out = Table(title=title, show_lines=False)
     for name in table.column_names:
-        out.add_column(Text(name), overflow="fold")  # Text: a name or value is never read as rich markup
+        out.add_column(Text(visible(name)), overflow="fold")  # Text: a name or value is never read as rich markup
     for batch in table.to_batches():
         for values in zip(*(python_values(column) for column in batch.columns), strict=True):
             out.add_row(*(Text(cell_text(value)) for value in values))

@@ -122,6 +122,23 @@ def test_releases_that_do_not_verify_are_left_out_and_named(tmp_path: Path, caps
     assert shown.skipped == {"r-forged": "tampered"}
 
 
+def test_a_release_id_left_out_is_named_with_its_escape_codes_written_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The "left out" line printed a release id from the store raw: escape codes in it reached the terminal (and
+    text in brackets was read as markup). It is written out as the tables write it."""
+    fed = federation(tmp_path, forecasting='horizon = "24h"')
+    hours = np.arange(2 * 24)
+    rows = release_table(hours, released(hours, 1.0, seed=1), np.ones(hours.size))
+    create_key_holder_key(fed.config)
+    publish_signed(fed.config, fed.store, rows)
+    evil = "r-\x1b[2A\x1b[2K[bold]x"
+    fed.store.insert_new("releases", rows.slice(24, 1).set_column(0, "release_id", pa.array([evil])))
+    code, out = run(["forecast", "--config", str(fed.path)], capsys)
+    assert code == 0 and "\x1b" not in out, repr(out)
+    assert "r-\\x1b[2A\\x1b[2K[bold]x (tampered)" in " ".join(out.split()), out
+
+
 def test_a_registry_gone_missing_refuses_the_forecast_rather_than_reading_every_release(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -579,6 +579,41 @@ def test_every_format_writes_the_types_a_query_can_make(config_path: Path,
     assert "[/x]" in outputs["table"] and "[bold" in outputs["table"] and "1 row(s)" in outputs["table"]
 
 
+def test_a_table_shows_control_and_format_characters_as_escapes_and_csv_and_json_keep_them(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Text from the store reached the terminal raw in a table (rich drops a carriage return, not ESC): a release id
+    holding "ESC[2A ESC[2K" moved the cursor up and erased lines `fusion verify` had printed, and U+202E reversed
+    what followed. A table writes each such character as its escape (a line break stays, within its cell), and so
+    does an error line; CSV and JSON lines are data and keep the text as it is."""
+    from fusion.cli.core import main
+    from fusion.cli.formats import visible
+
+    evil = "r-zz\x1b[2A\x1b[2K\r\x1b[1B\x07\x9b31m\u202egpj.exe\u200b"
+    query = ("SELECT chr(27) || '[2A' || chr(27) || '[2K' || chr(13) || chr(27) || '[1B' || chr(7) || chr(155) || "
+             "'31m' || chr(8238) || 'gpj.exe' || chr(8203) AS id, 'two' || chr(10) || 'lines' AS note, "
+             "'caf\u00e9 \u4e2d\u00a0x' AS plain, 1 AS \"c\x1b\"")
+    outputs = {}
+    for fmt in ("table", "csv", "json"):
+        assert main(["sql", "--config", str(config_path), query, "--format", fmt]) == 0, fmt
+        outputs[fmt] = capsys.readouterr().out
+    table = outputs["table"]
+    assert not any(ch in table for ch in "\x1b\r\x07\x9b\u202e\u200b"), repr(table)
+    said = "".join(table.split())  # the table folds long cells across lines
+    assert "\\x1b[2A\\x1b[2K\\x0d\\x1b[1B\\x07\\x9b31m\\u202egpj.exe\\u200b" in said, table
+    assert "┃c\\x1b┃" in said and "caf\u00e9 \u4e2d\u00a0x" in table and "two" in table and "lines" in table
+    assert strict_json(outputs["json"]) == {"id": evil[4:], "note": "two\nlines", "plain": "caf\u00e9 \u4e2d\u00a0x",
+                                            "c\x1b": 1}
+    header, row = list(csv.reader(io.StringIO(outputs["csv"])))
+    assert header == ["id", "note", "plain", "c\x1b"] and row[0] == evil[4:] and row[1] == "two\nlines"
+    # An error quoting the query (here an unknown table's name) shows it the same way.
+    assert main(["sql", "--config", str(config_path), 'SELECT * FROM "t\x1b[2A\x1b[2K"', "--format", "csv"]) == 1
+    captured = capsys.readouterr()
+    assert "\x1b" not in captured.err and "t\\x1b[2A\\x1b[2K" in "".join(captured.err.split()), captured.err
+    assert visible(evil) == "r-zz\\x1b[2A\\x1b[2K\\x0d\\x1b[1B\\x07\\x9b31m\\u202egpj.exe\\u200b"
+    assert visible("tab\there") == "tab\\x09here" and visible("\U000e0001\ud800") == "\\U000e0001\\ud800"
+
+
 def test_no_connection_draws_duckdbs_progress_bar_into_the_output(sandbox: SqlSandbox) -> None:
     """DuckDB draws a progress bar on stdout for a query that runs past 2 s: in `fusion sql --format csv` output
     it was a corrupt line (seen on a loaded machine). Every connection Fusion opens turns it off."""
