@@ -3,7 +3,9 @@
 
 - `train_into_store`, `last_committed`, `forecast` (training.run): `fusion train` against the store: the budget
   ledger charged before each sum is decrypted, each round committed to the `models` table, resume
-- `train`, `TrainingSettings`, `Institution`, `RoundRecord`, `RoundSummer` (training.trainer): the rounds, in memory
+- `train`, `Institution`, `RoundRecord`, `RoundSummer` (training.trainer): the rounds, in memory
+- `TrainingSettings` (training.charging): a run's settings, which with its ledger terms and round charge
+  (`settings_for`, `terms_for`, `round_charge`) follow from the config alone
 - `plan_budget`, `TrainingBudget`, `TrainingSensitivity` (training.accounting): calibration and epsilon (RDP)
 - `secure_sum`, `Federation`, `RoundId` (training.secure_sum): one round's noised, masked, encrypted, signed sum
 - the module `training.exchange_round` (imported on use: it loads Beam): a round through the releases' roles,
@@ -22,9 +24,10 @@
 from __future__ import annotations
 
 from training.accounting import TrainingBudget, TrainingSensitivity, plan_budget
+from training.charging import TrainingSettings
 from training.run import forecast, last_committed, train_into_store
 from training.secure_sum import Federation, RoundId, secure_sum
-from training.trainer import Institution, RoundRecord, RoundSummer, TrainingSettings, train
+from training.trainer import Institution, RoundRecord, RoundSummer, train
 
 __all__ = [
     "Federation",

@@ -25,8 +25,9 @@ from fusion.errors import FusionError
 from fusion.store.delta import Store
 from fusion.store.provenance import SIGNATURE_FIELD, ReleaseSignature, record_digest
 from privacy.signing import public_key, verify
+from training.charging import TrainingSettings
 from training.secure_sum import RoundId
-from training.trainer import RoundRecord, TrainingSettings
+from training.trainer import RoundRecord
 
 
 def charged_attempts(settings: TrainingSettings, number: int, charged: Collection[str]) -> list[RoundId]:

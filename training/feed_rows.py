@@ -29,7 +29,7 @@ from fusion.feeds.scan import DAMAGE_ERRORS, TRANSIENT_ERRORS, FeedUnavailable, 
 from fusion.release.plan import parse_time
 from fusion.runtime.durations import parse_duration
 from schemas.validation import ROW_COLUMN, ReadingRules, checked_sql, connect, register_rules
-from training.planning import feature_width
+from training.charging import feature_width
 from training.trainer import Institution
 
 EMPTY_MEANS = pa.table(

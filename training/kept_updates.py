@@ -47,8 +47,7 @@ from pipelines.sealing import (
     sealed_charges,
 )
 from privacy.accountant import ReleaseCharge, period_loss
-from training.planning import round_charge
-from training.run import settings_for
+from training.charging import round_charge, settings_for
 from training.secure_sum import RoundId
 
 

@@ -10,21 +10,9 @@ from datetime import datetime
 from fusion.config.federation import Config
 from fusion.config.training import ModelConfig, parameter_count
 from fusion.store.delta import Store
-from privacy.accountant import ReleaseCharge
-from training.run import TrainingForecast, forecast_run, settings_for, terms_for
+from training.charging import budget_for, feature_width, settings_for, terms_for
+from training.run import TrainingForecast, forecast_run
 from training.secure_sum import RoundId
-from training.trainer import budget_for
-
-
-def feature_width(config: Config, model: ModelConfig) -> int:
-    """Inputs of the model (ModelConfig.input_width over the federation's regions)."""
-    return model.input_width(len(config.regions))
-
-
-def round_charge(config: Config, model: ModelConfig) -> ReleaseCharge:
-    """What one round of the model costs its privacy period: the ledger's charge for it."""
-    dimension = parameter_count(feature_width(config, model), model.class_count, model.hidden)
-    return terms_for(config, model).charge(budget_for(settings_for(config, model), dimension))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from privacy.noise_shares import NoiseLayers
 from privacy.skellam import secure_generator, seeded_generator
 from training.accounting import TrainingBudget
 from training.attempts import run_charges
+from training.charging import LedgerTerms, TrainingSettings, budget_for, feature_width, settings_for, terms_for
 from training.exchange_round import (
     ExchangeFederation,
     Sealing,
@@ -45,10 +46,8 @@ from training.exchange_round import (
     round_plan,
     seal_contribution,
 )
-from training.planning import feature_width
 from training.recomputed_round import RefusalAudit
 from training.run import (
-    LedgerTerms,
     RoundCharge,
     charged_rounds,
     check_fits,
@@ -57,11 +56,9 @@ from training.run import (
     institution_rows,
     last_committed,
     round_attempt,
-    settings_for,
-    terms_for,
 )
 from training.secure_sum import RoundId, RoundSum
-from training.trainer import Institution, Progress, RoundRecord, TrainingSettings, budget_for, check_no_wrap
+from training.trainer import Institution, Progress, RoundRecord, check_no_wrap
 
 
 class Role(StrEnum):

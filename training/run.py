@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from fusion.config.federation import Config, PrivacyUnit
+from fusion.config.federation import Config
 from fusion.config.training import ModelConfig
 from fusion.errors import FusionError, InternalError
 from fusion.keys.holder import load_registered_public_context_bytes, load_secret_context_bytes
@@ -31,15 +31,12 @@ from fusion.keys.registry import (
     load_registry,
     load_signing_key,
 )
-from fusion.release.plan import Period, parse_time, period_of
-from fusion.runtime.durations import parse_duration
 from fusion.runtime.faults import crash_point
 from fusion.store.charge_record import ChargeRecord
 from fusion.store.delta import Store
 from fusion.store.ledger import BudgetLedger
 from fusion.store.provenance import SIGNATURE_FIELD, sign_round
 from fusion.store.signed_budget import budget_claim
-from privacy.accountant import Composition, ReleaseCharge
 from schemas.tables import AUDIT_SCHEMA, MODELS_SCHEMA
 from training.accounting import TrainingBudget
 from training.attempts import (
@@ -49,24 +46,9 @@ from training.attempts import (
     run_charges,
     superseded,
 )
+from training.charging import LedgerTerms, TrainingSettings
 from training.secure_sum import Federation, Party, RoundId, RoundSum
-from training.trainer import Institution, RoundRecord, RoundResumer, RoundSummer, TrainingSettings, train
-
-
-@dataclass(frozen=True)
-class LedgerTerms:
-    """Where a run's rounds are charged: the privacy period and its cap and delta, how charges compose there, and
-    the interval [start, end) of the readings the training rows come from."""
-
-    period: Period
-    cap: float
-    delta: float
-    composition: Composition
-    start: datetime
-    end: datetime
-
-    def charge(self, budget: TrainingBudget) -> ReleaseCharge:
-        return ReleaseCharge(mechanism=budget.mechanism, start=self.start, end=self.end, composition=self.composition)
+from training.trainer import Institution, RoundRecord, RoundResumer, RoundSummer, train
 
 
 def charged_rounds(store: Store, terms: LedgerTerms, record: ChargeRecord | None = None) -> dict[str, str]:
@@ -495,62 +477,3 @@ def institution_rows(model: ModelConfig, path: Path, what: str) -> Institution:
     if not classes.all():
         raise FusionError(f"{what}: {path}'s '{model.target}' must hold class numbers 0..{model.class_count - 1}")
     return Institution(features, target.astype(np.int64))
-
-
-def settings_for(config: Config, model: ModelConfig) -> TrainingSettings:
-    return TrainingSettings(
-        model_id=model.name,
-        hidden=model.hidden,
-        rounds=model.rounds,
-        clip=model.clip,
-        learning_rate=model.learning_rate,
-        final_learning_rate=model.final_learning_rate,
-        momentum=model.momentum,
-        epsilon=model.epsilon,
-        delta=config.privacy.delta,
-        scale=model.scale,
-        quorum=config.privacy.quorum,
-        max_colluding=config.privacy.max_colluding,
-        unit_rows=model.unit_rows,
-        inputs=model.input_width(len(config.regions)),
-        classes=model.class_count,
-        data=rows_description(config, model),
-    )
-
-
-def rows_description(config: Config, model: ModelConfig) -> str:
-    """What the model's rows are, as canonical JSON (in the settings digest): its features in order and its target,
-    the interval of the readings, and the `rows` table, or for rows from the feeds the step, the target's bins, the
-    regions of the one-hot and the clamp bounds that scale each metric (training/feed_rows.py)."""
-    doc: dict[str, object] = {
-        "features": list(model.features),
-        "target": model.target,
-        "start": parse_time(model.start).isoformat(),
-        "end": parse_time(model.end).isoformat(),
-    }
-    if model.rows is not None:
-        doc["rows"] = model.rows
-    else:
-        assert model.horizon is not None and model.target_bins is not None  # checked at load
-        used = set(model.features) | {model.target}
-        doc |= {
-            "horizon_s": parse_duration(model.horizon).total_seconds(),
-            "target_bins": list(model.target_bins),
-            "change": model.change,
-            "regions": list(config.regions),
-            "bounds": {m.name: [m.lower, m.upper] for m in config.metrics if m.name in used},
-        }
-    return json.dumps(doc, sort_keys=True)
-
-
-def terms_for(config: Config, model: ModelConfig) -> LedgerTerms:
-    start, end = parse_time(model.start), parse_time(model.end)  # start < end: checked at load
-    composition = Composition.SEQUENTIAL if config.privacy.unit is PrivacyUnit.ENTITY else Composition.PARALLEL
-    return LedgerTerms(
-        period=period_of(config, start, end),
-        cap=config.privacy.cap,
-        delta=config.privacy.delta,
-        composition=composition,
-        start=start,
-        end=end,
-    )

@@ -7,11 +7,9 @@ the federation). The count n_hat is the mean of the rounds' noisy count slots (p
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -21,56 +19,13 @@ from fusion.errors import FusionError
 from privacy import he
 from privacy.noise_shares import NoiseLayers
 from privacy.skellam import MAX_POISSON_RATE
-from training.accounting import TrainingBudget, plan_budget
+from training.accounting import TrainingBudget
+from training.charging import TrainingSettings, budget_for
 from training.gradients import contribution_vector, per_example_gradients
 from training.secure_sum import RoundId, RoundSum
 
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """A run's hyperparameters and guarantee; `digest` names them in every round's envelopes."""
-
-    model_id: str
-    hidden: tuple[int, ...]
-    rounds: int
-    clip: float
-    learning_rate: float
-    epsilon: float
-    delta: float
-    scale: float = 2.0**12
-    quorum: int = 1
-    max_colluding: int = 0
-    init_seed: int = 0  # the initial weights are public: every institution starts from the same model
-    final_learning_rate: float | None = None  # decay linearly to this by the last round (None: constant)
-    momentum: float = 0.0  # heavy ball on the noisy gradients (post-processing: it averages their noise down)
-    # Each row is one privacy unit's data: an example is only ever added or removed, never changed (the smaller
-    # sensitivity: training/accounting.py).
-    unit_rows: bool = False
-    # What the model reads and predicts, so that a run never resumes on other inputs: its input width and classes
-    # (with `hidden`, the architecture), and the description of its rows (training/run.py `settings_for`: the
-    # features in order, the target, the rows table or the feeds' horizon and bins, the interval). Empty: a run
-    # built in code, which names its own.
-    inputs: int = 0
-    classes: int = 0
-    data: str = ""
-
-    def learning_rate_at(self, number: int) -> float:
-        """The step size of round `number` (1-based)."""
-        if self.final_learning_rate is None or self.rounds == 1:
-            return self.learning_rate
-        fraction = (number - 1) / (self.rounds - 1)
-        return self.learning_rate + fraction * (self.final_learning_rate - self.learning_rate)
-
-    def digest(self) -> str:
-        """Names the run in every round. It covers `unit_rows` always: a run committed before rounds were charged
-        for an example changed (noise calibrated to half the sensitivity) must not resume under the new charge,
-        whose epsilon would assume every round had the new noise. It covers the model's inputs, classes and rows
-        (`inputs`, `classes`, `data`): a run resumed on other features, or their order, would step a committed
-        model with gradients of other inputs."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
 
 class RoundResumer(Protocol):
@@ -161,18 +116,6 @@ def accuracy(model: torch.nn.Module, features: np.ndarray, targets: np.ndarray) 
     with torch.no_grad():
         predicted = model(torch.as_tensor(features, dtype=torch.float32)).argmax(dim=1).numpy()
     return float((predicted == targets).mean())
-
-
-def budget_for(settings: TrainingSettings, dimension: int) -> TrainingBudget:
-    return plan_budget(
-        epsilon=settings.epsilon,
-        delta=settings.delta,
-        rounds=settings.rounds,
-        clip=settings.clip,
-        scale=settings.scale,
-        dimension=dimension,
-        changed_examples=not settings.unit_rows,
-    )
 
 
 def check_no_wrap(settings: TrainingSettings, budget: TrainingBudget, layers: NoiseLayers, *, rows: int) -> None:

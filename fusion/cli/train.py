@@ -75,17 +75,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fusion.store.delta import Store
     from pipelines.release import charge_record, registered_signing_key
     from privacy.skellam import secure_generator, seeded_generator
+    from training.charging import budget_for, settings_for, terms_for
     from training.exchange_round import ExchangeFederation
     from training.feed_rows import check_feed_model, feature_count, feed_rows
-    from training.run import (
-        check_fits,
-        forecast_run,
-        institution_rows,
-        settings_for,
-        terms_for,
-        train_into_store,
-    )
-    from training.trainer import budget_for, build_model, flat_parameters
+    from training.run import check_fits, forecast_run, institution_rows, train_into_store
+    from training.trainer import build_model, flat_parameters
 
     config, model = _model(args)
     store = Store(config.store_path)
