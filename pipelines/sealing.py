@@ -35,6 +35,7 @@ from privacy.accountant import Composition, NormBoundMechanism, ReleaseCharge, p
 from privacy.noise_shares import SEED_BYTES, chain_seeds, layer_commitment, layer_noise, noise_digest
 from privacy.pld import SkellamMechanism
 from privacy.skellam import SkellamNoise, secure_generator, seeded_generator
+from training.charging import recorded_round_charge
 
 
 def _short_hash(text: str) -> str:
@@ -118,7 +119,8 @@ def refuse_overlap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
 def refuse_past_cap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
     """Refuse to seal the plan's interval if it would take its privacy period past the epsilon cap, counting every
     other interval this institution sealed in the period and every training round it drew there: their charges,
-    as its records keep them, compose with the plan's exactly as the key holder's ledger composes the period
+    as its records keep them (`round_charges`: a round record that keeps none, as a round of its model under the
+    config), compose with the plan's exactly as the key holder's ledger composes the period
     (privacy.accountant.period_loss). The ledger alone could not hold the cap against a coalition that includes
     the key holder, which would decrypt further intervals of the period without charging them; each institution
     holds it for its own readings. An interval sealed and never released counts too (its envelope has left the
@@ -129,7 +131,7 @@ def refuse_past_cap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
     own = plan.params.charge(plan.key.start, plan.key.end)
     if own.mechanism is None:
         return
-    rounds = round_charges(plan.config, institution, plan.period)
+    rounds = round_charges(plan.config, institution, plan.period, refusing=plan.key.interval_name)
     if own.composition is not Composition.SEQUENTIAL and not rounds:
         return
     sealed = sealed_charges(plan.config, institution, plan.period, besides=plan.key.interval_name)
@@ -192,21 +194,66 @@ def round_records(config: Config, institution: InstitutionConfig) -> list[tuple[
     return found
 
 
-def round_charges(config: Config, institution: InstitutionConfig, period: Period) -> list[ReleaseCharge]:
+def round_charges(
+    config: Config,
+    institution: InstitutionConfig,
+    period: Period,
+    *,
+    refusing: str | None = None,
+    besides: str | None = None,
+    drawing: tuple[str, str, ReleaseCharge] | None = None,
+) -> list[ReleaseCharge]:
     """What the training rounds the institution drew in `period` (or reaching into it) cost it, as their records
-    keep it. A record from before round records kept their charge names no interval, and is counted by the
-    institution's check of its rounds alone (training/kept_updates.py, which reads its model from the config)."""
+    keep it (the round keyed `besides` left out: the one being drawn), for the checks of its releases and of its
+    rounds alike (training/kept_updates.py). A record from before round records kept their charge names its model
+    and the digest of its settings, not its charge nor its interval: it is charged as a round of that model under
+    those settings, the run being drawn (`drawing`: its model, settings digest and charge) or a model of the config
+    (training/charging.py `recorded_round_charge`), in the period of the model's interval. A record of a model the
+    config no longer names under those settings bounds nothing, in no period it can tell: the contribution
+    (`refusing`, as a refusal names it; by default anything of the period) is refused rather than its period
+    under-counted."""
+    refusing = refusing or f"anything of period {period.name}"
     charges = []
     for key, doc in round_records(config, institution):
-        if doc.get("charge") is None:
+        if key == besides:
             continue
-        try:
-            charge = kept_charge(doc["charge"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise FusionError(f"institution {institution.id}'s record of round {key} is unreadable") from None
+        if doc.get("charge") is None:
+            charge = _uncharged_round(config, institution, key, doc, refusing=refusing, drawing=drawing)
+        else:
+            try:
+                charge = kept_charge(doc["charge"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise FusionError(f"institution {institution.id}'s record of round {key} is unreadable") from None
         if charge.start < period.end and period.start < charge.end:
             charges.append(charge)
     return charges
+
+
+def _uncharged_round(
+    config: Config,
+    institution: InstitutionConfig,
+    key: str,
+    doc: dict[str, Any],
+    *,
+    refusing: str,
+    drawing: tuple[str, str, ReleaseCharge] | None,
+) -> ReleaseCharge:
+    """The charge of round record `key` (`doc`), which keeps none: it names its model, round and settings digest."""
+    try:
+        model, number, settings = str(doc["model"]), int(doc["round"]), str(doc["settings_sha256"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise FusionError(f"institution {institution.id}'s record of round {key} is unreadable") from None
+    if drawing is not None and (model, settings) == drawing[:2]:
+        return drawing[2]
+    charge = recorded_round_charge(config, model, settings)
+    if charge is None:
+        raise BudgetExceeded(
+            f"institution {institution.id} does not seal {refusing}: it drew noise for round {number} of model "
+            f"{model} (its record {key}) before its round records kept what each round costs, under settings its "
+            "config no longer names, so it cannot bound what that round cost nor tell in which period; restore "
+            "that model's entry in the config as it was trained"
+        )
+    return charge
 
 
 def charge_doc(charge: ReleaseCharge) -> dict[str, Any]:

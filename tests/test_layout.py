@@ -1,10 +1,12 @@
 """The repository's floors: a module imports modules of its own floor and of those beneath, never one above.
 
-The command line on top, the Python API and what sits beside it (the demo, mechanisms/, dashboard/), the Beam
-wiring (pipelines/) and training, forecasting/ (which pipelines refresh after a release, and which reads released
-series through fusion.store.access, the read surface that fusion.api re-exports), then the store and the keys,
-one interval's release and the feeds, the config, and at the bottom Fusion's errors and runtime over privacy/ and
-schemas/, which import nothing of Fusion. Function-level imports count, and so do imports under TYPE_CHECKING.
+The command line on top, the Python API and what sits beside it (the demo, mechanisms/, dashboard/), the Beam wiring
+(pipelines/) and training, forecasting/ (which pipelines refresh after a release, and which reads released series
+through fusion.store.access, the read surface that fusion.api re-exports) beside what a model's rounds cost by the
+config (training.charging, over training.accounting and training.gradients: an institution's seal checks in
+pipelines/ count its training rounds by it), then the store and the keys, one interval's release and the feeds, the
+config, and at the bottom Fusion's errors and runtime over privacy/ and schemas/, which import nothing of Fusion.
+Function-level imports count, and so do imports under TYPE_CHECKING.
 docs/development.md ("Layout and floors") has the same table.
 """
 
@@ -20,7 +22,7 @@ FLOORS = [
     (8, ["fusion.cli"]),
     (7, ["fusion.api", "fusion.demo", "mechanisms", "dashboard"]),
     (6, ["pipelines", "training"]),
-    (5, ["forecasting"]),
+    (5, ["forecasting", "training.charging", "training.accounting", "training.gradients"]),
     (4, ["fusion.store", "fusion.keys"]),
     (3, ["fusion.release", "fusion.feeds"]),
     (2, ["fusion.config"]),

@@ -1,5 +1,7 @@
 """What a model of the config is trained under and what one of its rounds costs, from the config alone: its
-settings (whose digest names the run in every round), the ledger's terms for its rounds and the charge of one.
+settings (whose digest names the run in every round), the ledger's terms for its rounds and the charge of one. The
+seal checks of releases (pipelines/sealing.py) read a round's charge here as training does, which is why this
+module, with training/accounting.py and training/gradients.py beneath it, imports nothing else of training.
 """
 
 from __future__ import annotations
@@ -157,3 +159,14 @@ def round_charge(config: Config, model: ModelConfig) -> ReleaseCharge:
     """What one round of the model costs its privacy period: the ledger's charge for it."""
     dimension = parameter_count(feature_width(config, model), model.class_count, model.hidden)
     return terms_for(config, model).charge(budget_for(settings_for(config, model), dimension))
+
+
+def recorded_round_charge(config: Config, model: str, settings: str) -> ReleaseCharge | None:
+    """What a round of the config's model `model`, drawn under the settings whose digest is `settings`, costs its
+    privacy period (`round_charge`, which names the model's interval): how an institution charges a round record from
+    before round records kept their charge, which names only these. None where the config names no such model under
+    those settings: then nothing bounds what the round cost, nor says in which period."""
+    for entry in config.models:
+        if entry.name == model and settings_for(config, entry).digest() == settings:
+            return round_charge(config, entry)
+    return None

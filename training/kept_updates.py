@@ -41,13 +41,11 @@ from fusion.store.ledger import BudgetExceeded
 from pipelines.sealing import (
     charge_doc,
     contributions_lock,
-    kept_charge,
-    round_records,
+    round_charges,
     round_records_dir,
     sealed_charges,
 )
 from privacy.accountant import ReleaseCharge, period_loss
-from training.charging import round_charge, settings_for
 from training.secure_sum import RoundId
 
 
@@ -155,13 +153,16 @@ def refuse_round_past_cap(config: Config, institution_id: str, round_id: RoundId
     level, where a model's rounds share every instant of its readings). A round drawn and never decrypted counts all
     the same (its update has left the institution, masked)."""
     period = period_of(config, charge.start, charge.end)
-    key = round_key(round_id)
-    rounds = [
-        c
-        for c in _round_charges(config, institution_id, besides=key, current=(round_id, charge))
-        if c.start < period.end and period.start < c.end
-    ]
-    sealed = sealed_charges(config, config.institution(institution_id), period)
+    institution = config.institution(institution_id)
+    rounds = round_charges(
+        config,
+        institution,
+        period,
+        refusing=f"round {round_id.round} of model {round_id.model_id}",
+        besides=round_key(round_id),
+        drawing=(round_id.model_id, round_id.parameters_digest, charge),
+    )
+    sealed = sealed_charges(config, institution, period)
     cap, delta = config.privacy.cap, config.privacy.delta
     after = period_loss([*sealed, *rounds, charge], composition=charge.composition, delta=delta).epsilon
     if after > cap:
@@ -172,45 +173,6 @@ def refuse_round_past_cap(config: Config, institution_id: str, round_id: RoundId
             f"{len(rounds)} training round(s) and {len(sealed)} interval(s) it contributed in the period; the cap is "
             f"{cap:.4f} and {max(cap - before, 0.0):.4f} is left"
         )
-
-
-def _round_charges(
-    config: Config, institution_id: str, *, besides: str, current: tuple[RoundId, ReleaseCharge]
-) -> list[ReleaseCharge]:
-    """What the rounds the institution drew noise for cost, as their records keep it (the round `besides` left out).
-    A record kept before records kept their charge is a round of the run being drawn (`current`: its round and
-    charge) or of a model of the config under the settings it names, and is charged as such; otherwise nothing
-    bounds it, and the round is refused rather than the period under-counted."""
-    charges = []
-    for key, doc in round_records(config, config.institution(institution_id)):
-        if key == besides:
-            continue
-        try:
-            charge = None if doc.get("charge") is None else kept_charge(doc["charge"])
-            named = (str(doc["model"]), int(doc["round"]), str(doc["settings_sha256"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise FusionError(f"institution {institution_id}'s record of round {key} is unreadable") from None
-        charges.append(charge if charge is not None else _uncharged(config, institution_id, named, current))
-    return charges
-
-
-def _uncharged(
-    config: Config, institution_id: str, named: tuple[str, int, str], current: tuple[RoundId, ReleaseCharge]
-) -> ReleaseCharge:
-    """The charge of a round record that keeps none (model, round, settings digest: `named`)."""
-    model, number, settings = named
-    round_id, charge = current
-    if (model, settings) == (round_id.model_id, round_id.parameters_digest):
-        return charge
-    for entry in config.models:
-        if entry.name == model and settings_for(config, entry).digest() == settings:
-            return round_charge(config, entry)
-    raise BudgetExceeded(
-        f"institution {institution_id} does not seal round {round_id.round} of model {round_id.model_id}: it drew "
-        f"noise for round {number} of model {model} before its round records kept what each round costs, under "
-        "settings its config no longer names, so it cannot bound its period's epsilon; restore that model's entry "
-        "in the config as it was trained"
-    )
 
 
 def check_answered_roster(config: Config, institution_id: str, round_id: RoundId, included: Sequence[str]) -> None:

@@ -127,6 +127,41 @@ def test_an_institution_seals_no_release_its_training_rounds_left_no_room_for(
     assert all(sealed_envelope(later, i) is None for i in fed.config.institutions)  # not refused
 
 
+@pytest.mark.parametrize("unit", ["reading", "entity"])
+def test_a_round_record_without_its_charge_counts_as_a_round_of_its_model_or_refuses(
+    make_federation: Callable[..., Federation], unit: str
+) -> None:
+    """Round records written before they kept their charge name their model and its settings digest, not the
+    interval: a release counts each as a round of that model under the config (over the model's interval), as the
+    rounds' own check does, so the hour inside the period `tiny` spent is refused and the next period is not. Once
+    the config no longer names the model under those settings, nothing bounds the round nor says which period it
+    was charged to: every release is refused, naming the record, rather than sealed as if the round never was."""
+    entity = 'unit = "entity"\nmax_partitions = 3\nmax_readings_per_partition = 2'
+    fed = make_federation(noise=True, entities=2, extra=MODEL, extra_privacy=entity if unit == "entity" else "")
+    for k, name in enumerate(("alpha", "beta", "gamma", "held_out")):
+        _rows(fed.directory / "training" / f"{name}.parquet", k if k < 3 else 9)
+    assert main(["train", "--config", str(fed.config_path), "--model", "tiny"]) == 0
+    rounds = fed.directory / "institution-keys" / "alpha" / "training" / "rounds"
+    records = sorted(r for r in rounds.glob("t-*.json") if "roster" not in r.name)
+    assert len(records) == 2
+    for record in records:
+        doc = json.loads(read_private(record, "a round record"))
+        del doc["charge"]
+        write_private(record, json.dumps(doc).encode())
+    alpha = fed.config.institution("alpha")
+    hour = plan_release(fed.config, START, START + timedelta(hours=1))
+    with pytest.raises(BudgetExceeded, match=r"and the 2 training round\(s\) it drew in the period; the cap is 1\.0"):
+        sealed_envelope(hour, alpha)
+    later = plan_release(fed.config, START + timedelta(days=1), START + timedelta(days=1, hours=1))
+    assert sealed_envelope(later, alpha) is None  # the rounds' readings are the first day's: not refused
+    fed.config_path.write_text(fed.config_path.read_text().replace('name = "tiny"', 'name = "tiny-v2"'))
+    later = plan_release(fed.config, START + timedelta(days=1), START + timedelta(days=1, hours=1))
+    with pytest.raises(BudgetExceeded, match=rf"alpha does not seal {later.key.interval_name}: it drew noise for "
+                       rf"round [12] of model tiny \(its record (?:{records[0].stem}|{records[1].stem})\) before"):
+        sealed_envelope(later, alpha)
+    assert sealed_envelope(later, fed.config.institution("beta")) is None  # beta's records keep their charges
+
+
 def test_at_event_level_institutions_seal_every_disjoint_interval_of_the_period(make_federation) -> None:
     """Disjoint intervals compose in parallel at event level: three releases of epsilon 1 fit a cap of 1."""
     fed = make_federation(noise=True)
