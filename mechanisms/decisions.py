@@ -5,8 +5,10 @@ the key is not registered, the recommendation is outside the authority's scope (
 recommendation is tampered (its rows differ from its digest, or its signature is not the operator's), superseded
 by a newer one, or a refused attempt itself; an override or a rejection has no reason code; its effect would end
 no later than it starts; an override cannot be re-solved (an unknown unit, MW outside its range, a network left
-infeasible). Nothing else is written then. The static checks are `mechanisms.rules.why_refused`, which `fusion
-verify` applies to every stored decision too.
+infeasible); a ratification of a recommendation that read a release `fusion verify` does not call verified or legacy
+(`mechanisms.inputs`, checked for that recommendation alone: it would adopt what that release says; an override, or
+a fresh recommendation, is the way). Nothing else is written then. The static checks are
+`mechanisms.rules.why_refused`, which `fusion verify` applies to every stored decision too.
 
 An override's cost impact is found by re-solving the recommendation's own problem (its network, recorded loads,
 reserve and value of lost load) with the override fixed: CAISO's price-impact analysis of exceptional dispatch.
@@ -23,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.api import FusedStore, open_store
+from fusion.api import FusedStore, open_store, unverified_releases
 from fusion.config.federation import Config
 from fusion.errors import FusionError
 from mechanisms.authorities import load_parties, load_private, signer_key_file
 from mechanisms.bids import bids_of
+from mechanisms.inputs import ReleaseTrust, UnverifiedRead, unverified_reads
 from mechanisms.opf import Grid, Infeasible, solve_dispatch
 from mechanisms.recommend import fixed_loads_of, network_of
 from mechanisms.records import RECORDED, REFUSED, Action, Adopted, Decision, Kind, ReasonCode, Recommendation, now
@@ -71,6 +74,9 @@ class DecisionOutcome:
     written: bool  # False: this signer had signed this decision already
     signatures: int  # distinct signers of this decision so far
     threshold: int
+    #: What the recommendation read that `fusion verify` does not call verified or legacy (an override's only: a
+    #: ratification of such a recommendation is refused); None when all it read verifies.
+    unverified_input: UnverifiedRead | None = None
 
     @property
     def effective(self) -> bool:
@@ -101,6 +107,13 @@ def decide(config: Config, request: DecideRequest) -> DecisionOutcome:
             superseding=read_superseding(store, request.recommendation_id, parties.operator_keys),
             at=decided_at,
         )
+        unverified = None
+        if why is None and draft.action in (Action.RATIFY.value, Action.OVERRIDE.value):
+            unverified = _unverified_read(config, store, recommendation)
+            if unverified is not None and draft.action == Action.RATIFY.value:
+                why = (f"{unverified.why(f'recommendation {recommendation.recommendation_id}')}; a ratification "
+                       "would adopt it as it is: override it (with a reason code), or ratify a fresh recommendation "
+                       "(`fusion recommend` leaves such releases out)")
         if why is None:
             try:
                 draft = _with_override(config, recommendation, draft, request)
@@ -114,7 +127,15 @@ def decide(config: Config, request: DecideRequest) -> DecisionOutcome:
     with open_store(config) as store:
         signers = {d.signer for d in _recorded(store, request.recommendation_id)
                    if d.decision_id == signed.decision_id and signed_by_registered(parties, d)}
-    return DecisionOutcome(signed, written, len(signers), parties.authorities[request.authority].threshold)
+    return DecisionOutcome(signed, written, len(signers), parties.authorities[request.authority].threshold,
+                           unverified)
+
+
+def _unverified_read(config: Config, store: FusedStore, recommendation: Recommendation) -> UnverifiedRead | None:
+    """What `recommendation` read that `fusion verify` does not call verified or legacy, as the audit finds it
+    (`mechanisms.inputs`), checked for it alone; None when all it read verifies or nothing can be verified."""
+    rid = recommendation.recommendation_id
+    return unverified_reads(store, {rid: recommendation}, ReleaseTrust(lambda: unverified_releases(config))).get(rid)
 
 
 def _draft_bare(request: DecideRequest) -> Decision:

@@ -262,6 +262,12 @@ def cmd_decide(args: argparse.Namespace) -> int:
     again = "" if outcome.written else " (this signer had signed it already)"
     console.print(f"decision [bold]{d.decision_id}[/bold]: {d.authority} {done} recommendation "
                   f"{d.recommendation_id}{impact}; signed by {d.signer}{again}; {state}", highlight=False)
+    if outcome.unverified_input is not None:  # an override's: a ratification of it is refused
+        from fusion.cli.formats import visible
+
+        read = escape(visible(outcome.unverified_input.why(f"recommendation {d.recommendation_id}")))
+        console.print(f"note: {read} "
+                      "(`fusion verify` flags it and the decisions on it `unverified_input`)", highlight=False)
     return 0
 
 

@@ -447,6 +447,38 @@ def test_a_recommendation_that_read_a_release_that_does_not_verify_is_flagged(
     assert sorted(str(r["status"]) for r in _report(fed)) == ["in effect", "in effect, unverified input"]
 
 
+def test_decide_refuses_to_ratify_a_recommendation_that_read_a_release_that_does_not_verify(
+    mech_federation: Build, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fusion decide ratify` on a recommendation that read a release `fusion verify` does not call verified or
+    legacy is refused in one line naming the release (recorded as a refusal, nothing else written); an override of
+    it is accepted and says what it read; a ratification of the fresh recommendation is decided as before."""
+    fed = mech_federation()
+    fed.store.insert_new("releases", _forged_release("north", mean=9.0, hours=range(1, 3)))
+    old = _recommend(fed)  # made before a release-signing key was registered: it read release-forged
+    _with_release_signing_key(fed)
+    config, rid = str(fed.config_path), old.recommendation_id
+    decide_ = ["decide", "--config", config, "--recommendation", rid, "--authority", "grid-ops", "--signer", "alice"]
+    assert cli_main([decide_[0], "ratify", *decide_[1:]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err  # one message (the console wraps it)
+    assert (f"error: decision refused (recorded in `decisions`): recommendation {rid} read release(s) that `fusion "
+            "verify` does not call verified or legacy: release-forged (tampered); a ratification would adopt it as it "
+            "is: override it (with a reason code), or ratify a fresh recommendation") in " ".join(err.split())
+    with open_store(fed.config) as store:
+        rows = store.sql("SELECT action, outcome FROM decisions").to_pylist()
+    assert rows == [{"action": "ratify", "outcome": "refused"}]
+    assert cli_main([decide_[0], "override", *decide_[1:], "--set", "Sundance=50", "--reason-code", "data_error"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "grid-ops overrides recommendation" in out and "in effect" in out
+    assert (f"note: recommendation {rid} read release(s) that `fusion verify` does not call verified or legacy: "
+            "release-forged (tampered)") in out
+    new = _recommend(fed)
+    honest = decide(fed.config, DecideRequest(Action.RATIFY, new.recommendation_id, "grid-ops", "alice"))
+    assert honest.effective and honest.unverified_input is None
+    assert _checks(fed)[f"{honest.decision.decision_id}/alice"].status == "verified"
+
+
 def test_a_signed_recommendation_naming_a_forged_release_or_forecast_is_flagged(mech_federation: Build) -> None:
     """Rows written by the operator's key holder without `fusion recommend`'s check (its key signs them): naming
     an unsigned release, one the store does not hold, a forecast that read the unsigned one, or a forecast the store
