@@ -6,7 +6,7 @@ Public API (what the rest of the repository imports), by module:
 - `access`: DECISION_TABLES, DERIVED_TABLES, FusedStore, open_store, write_derived
 - `charge_record`: CHARGE_RECORD_DIR, ChargeRecord (the key holder's own record of its budget rows)
 - `delta`: Store
-- `failures`: check_writable, store_failure, store_failures, StoreUnavailable
+- `failures`: check_writable, read_failure, store_failure, store_failures, StoreUnavailable
 - `forecast_queries`: forecasts_query
 - `ledger`: BudgetExceeded, BudgetLedger, recorded_charges, RestoredRow, Spend
 - `mode`: bind_store_mode, releases_with_test_cells, store_mode

@@ -37,6 +37,7 @@ from deltalake import CommitProperties, DeltaTable, Schema, WriterProperties, wr
 from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError, TableNotFoundError
 
 from fusion.errors import FusionError, InternalError, StoreUnreadable
+from fusion.store.failures import read_failure
 from schemas.tables import TABLE_SCHEMAS
 
 if TYPE_CHECKING:  # imported where used: pyarrow.dataset loads pandas (about 0.15 s), which `fusion sql` may skip
@@ -550,14 +551,20 @@ class Store:
     def read(self, name: str, *, version: int | None = None, filter: ds.Expression | None = None) -> pa.Table:
         """A table's rows (text as string). The filter is applied after reading: pyarrow cannot evaluate
         filters on the string_view columns that Delta merges write (the ledger's, and older stores').
-        StoreUnreadable when a data file of the snapshot is damaged, missing or was rewritten outside Delta."""
-        dataset = self.dataset(name, version=version)
+        StoreUnreadable when a data file of the snapshot is damaged, missing or was rewritten outside Delta;
+        StoreUnavailable (fusion.store.failures.read_failure) when the system refuses to read one (EACCES, EIO)."""
         try:
-            table = dataset.to_table().cast(TABLE_SCHEMAS[name])
-        except (OSError, pa.ArrowException) as exc:
-            if isinstance(exc, OSError) and exc.errno not in (None, errno.ENOENT):
-                raise  # the disk or its permissions (EIO, EACCES), not what a file holds
-            raise _unreadable(name, dataset, exc) from None
+            dataset = self.dataset(name, version=version)
+            try:
+                table = dataset.to_table().cast(TABLE_SCHEMAS[name])
+            except (OSError, pa.ArrowException) as exc:
+                if isinstance(exc, OSError) and exc.errno not in (None, errno.ENOENT):
+                    raise
+                raise _unreadable(name, dataset, exc) from None
+        except OSError as exc:  # the disk or its permissions (EACCES, EIO), not what a file holds
+            if exc.errno in (None, errno.ENOENT):
+                raise
+            raise read_failure(self.uri or str(self.path), name, exc) from exc
         return table if filter is None else table.filter(filter)
 
     def table_property(self, name: str, key: str) -> str | None:

@@ -4,7 +4,8 @@ Delta Lake reports an operating-system error of its files as a `DeltaError` quot
 (os error 30)"), and its Rust writer prints a panic of its own to stderr when a write fails; Python's own file
 calls raise an `OSError` with an errno. Either way the user should read which store failed and why, not a
 traceback: `store_failure` turns such an error into a `StoreUnavailable` (`store_failures` around a block of a
-command's work), and `check_writable` finds a store that cannot take a write before Delta is asked to write to it.
+command's work), `read_failure` one that a read of a table's data files meets (permission denied, an I/O error),
+and `check_writable` finds a store that cannot take a write before Delta is asked to write to it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ def store_failure(exc: BaseException, store: str) -> StoreUnavailable | None:
     if isinstance(exc, OSError) and exc.errno is not None and _under(exc.filename, store):
         return StoreUnavailable(_message(store, exc.errno))
     return None
+
+
+def read_failure(store: str, table: str, exc: OSError) -> StoreUnavailable:
+    """An operating-system error other than a missing file (EACCES, EIO) reading `table`'s data files in `store`, as
+    a `StoreUnavailable` naming the store and the cause; its public text leaves out where the store lies."""
+    code = exc.errno or 0
+    cause = f"{os.strerror(code)} (os error {code})"
+    advice = ("check that this user may read its files (their permissions and owner) and that its disk is healthy, "
+              "then run the command again")
+    return StoreUnavailable(f"the store {store} cannot be read now: table {table}: {cause}; {advice}",
+                            public=f"the store's table {table} cannot be read now: {cause}; {advice}")
 
 
 def _under(filename: object, store: str) -> bool:
@@ -109,4 +121,4 @@ def _probe(directory: Path, *, size: int) -> None:
         probe.unlink(missing_ok=True)
 
 
-__all__ = ["StoreUnavailable", "check_writable", "store_failure", "store_failures"]
+__all__ = ["StoreUnavailable", "check_writable", "read_failure", "store_failure", "store_failures"]

@@ -4,7 +4,10 @@ what the entry point would print as a traceback."""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,6 +181,54 @@ def test_a_damaged_data_file_of_the_store_fails_in_one_line_naming_the_table_and
         "was rewritten outside Delta" in said, said
     assert damaged.name in said or command[0] == "sql", said  # SQL names no file (fusion/store/sql.py)
     assert str(directory) not in said, said
+
+
+class _Refused:
+    """A table's dataset whose data files the system refuses to read (`code`: an errno other than ENOENT)."""
+
+    def __init__(self, dataset: Any, code: int) -> None:
+        self._dataset, self._code = dataset, code
+
+    def to_table(self) -> Any:
+        file = self._dataset.files[0] if self._dataset.files else "part-0.parquet"
+        raise OSError(self._code, f"Failed to open local file '{file}'. Detail: [errno {self._code}] "
+                      f"{os.strerror(self._code)}")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dataset, name)
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO], ids=errno.errorcode.get)
+@pytest.mark.parametrize("command", [["verify"], ["forecast"]], ids=lambda c: c[0])
+def test_a_data_file_the_system_refuses_to_read_fails_in_one_line_naming_the_store(
+    command: list[str], code: int, demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A data file of `releases` that cannot be read for a reason other than its absence (permission denied, an I/O
+    error; simulated, since root reads a file whatever its mode): Arrow's OSError was a traceback; now one line
+    naming the store and the cause, with what to check, and status 1."""
+    import shutil
+
+    from fusion.store.delta import Store
+    from tests.fusion.store.test_store import release_rows
+
+    directory = tmp_path / "demo"
+    shutil.copytree(demo.parent, directory)
+    Store(directory / "store").insert_new("releases", release_rows("r-refused", range(3), metric="ghi"))
+    dataset = Store.dataset
+
+    def refused(self: Store, name: str, **kwargs: Any) -> Any:
+        found = dataset(self, name, **kwargs)
+        return _Refused(found, code) if name == "releases" else found
+
+    monkeypatch.setattr(Store, "dataset", refused)
+    argv = [command[0], "--config", str(directory / "federation.toml"), *command[1:]]
+    code_, output = _run(argv, capsys)
+    _one_clear_line(code_, output, argv)
+    said = " ".join(output.split())
+    assert code_ == 1, said
+    assert (f"error: the store {directory / 'store'} cannot be read now: table releases: {os.strerror(code)} "
+            f"(os error {code}); check that this user may read its files") in said, said
 
 
 def test_demo_into_a_file_or_a_foreign_directory_fails_in_one_line(
