@@ -107,7 +107,10 @@ SCALAR_CALLS = frozenset({
     "~~", "!~~", "~~*", "!~~*", "~~~", "!~~~", "regexp_matches", "regexp_full_match", "contains", "starts_with",
     "ends_with", "prefix", "suffix", "list_contains", "list_has", "array_contains", "array_has", "list_has_any",
     "list_has_all", "len", "length", "array_length", "strlen", "octet_length", "bit_length", "list_sum", "array_sum",
-    "list_product", "array_product", "list_avg", "array_avg", "list_count", "array_count"})
+    "list_product", "array_product", "list_avg", "array_avg", "list_count", "array_count",
+    # arithmetic and numeric functions: a number (or a date or time) of fixed size, whatever its operands
+    "+", "-", "*", "/", "//", "%", "^", "**", "abs", "round", "sqrt", "cbrt", "ln", "log", "log2", "log10", "exp",
+    "pow", "power", "floor", "ceil", "ceiling", "sign", "trunc", "even", "factorial", "degrees", "radians"})
 #: A backreference in a regexp_replace replacement (\0 to \9), or an escaped backslash.
 _BACKREFERENCE = re.compile(r"\\([0-9\\])")
 #: A printf conversion's width and precision (`%-08.3f`, `%*d`), or an escaped `%%`.

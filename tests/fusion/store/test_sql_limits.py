@@ -668,3 +668,21 @@ def test_a_query_text_past_its_length_limit_is_refused_before_it_is_parsed(sandb
     assert "\n" not in str(refused.value)
     near = "SELECT " + ", ".join(["1"] * 1000)
     assert sandbox.query(near).num_columns == 1000  # a long but ordinary query still runs
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        # a column from outside a lambda under arithmetic: each item is a number, no copy of anything
+        "SELECT list_transform(string_split(region, ''), lambda c: length(c) * count) AS l FROM releases",
+        "SELECT list_transform(string_split(region, ''), lambda c: round(abs(length(c) - count) / 2, 1)) AS l "
+        "FROM releases",
+        # a numeric accumulator named twice: a number cannot double in size
+        "SELECT list_reduce(list_transform(string_split(region, ''), lambda c: length(c) * 1.0), "
+        "lambda a, b: a + (b - a) / 2) AS m FROM releases",
+    ],
+)
+def test_arithmetic_on_values_from_outside_a_lambda_is_not_a_copy(sandbox: SqlSandbox, query: str) -> None:
+    """Scaling a list by a column, or a running midpoint, were refused as unbounded copies (arithmetic builds a
+    number whatever its operands)."""
+    assert sandbox.query(query).num_rows > 0
