@@ -19,8 +19,8 @@ from forecasting.trust import left_out, listed, with_status
 from fusion.config.federation import Config
 from fusion.config.forecasting import SERIES_COLUMNS, Statistic
 from fusion.errors import FusionError
-from fusion.keys.release_check import unverified_releases
 from fusion.store.access import open_store
+from fusion.trust import unverified_releases
 
 
 @dataclass(frozen=True)

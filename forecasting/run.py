@@ -42,9 +42,9 @@ from fusion.config.forecasting import (
     too_many_windows,
 )
 from fusion.errors import FusionError
-from fusion.keys.release_check import unverified_releases
 from fusion.runtime.durations import parse_duration
 from fusion.store.access import FusedStore, open_store, write_derived
+from fusion.trust import unverified_releases
 
 T = TypeVar("T")
 

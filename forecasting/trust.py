@@ -1,5 +1,5 @@
 """Which releases a forecast trusts: where the key holder has a release-signing key registered, only those `fusion
-verify` calls verified or legacy (fusion.keys.release_check.unverified_releases names the others, which
+verify` calls verified or legacy (fusion.trust.unverified_releases names the others, which
 forecasting.series leaves out); what a forecast's params and a run's output say of the ones left out."""
 
 from __future__ import annotations

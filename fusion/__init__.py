@@ -1,11 +1,12 @@
 """Fusion: privacy-preserving fusion of institutions' sensor feeds into a shared, queryable store.
 
 Subpackages by concept, top floor first (a module imports its floor and those below, never above;
-tests/test_layout.py): cli; api (the Python API), demo; store, keys; release, feeds; config;
-runtime, errors.
+tests/test_layout.py): cli; api (the Python API), demo; trust (what readers may trust: the releases `fusion verify`
+calls verified or legacy); store, keys; release, feeds; config; runtime, errors.
 
 Public API (what the rest of the repository imports), by module:
 - `api`: FusedStore, open_store, verify
+- `trust`: unverified_releases, verify
 - `errors`: ConfigError, FusionError, InternalError, ReleaseNotReady, ReleaseRefused, SqlError, SqlLimitExceeded,
   SqlRefused
 

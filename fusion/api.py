@@ -12,9 +12,6 @@ from fusion.config.federation import Config
 # Downstream modules keep their own sections of the federation's registry (a mechanism's authorities and their
 # signing keys) and their own private files through these, never the institutions' keys.
 from fusion.keys.registry import load_mechanism_sections, read_private, write_mechanism_sections, write_private
-
-# What `fusion verify` reports, and the releases it does not call verified or legacy (fusion/keys/release_check.py).
-from fusion.keys.release_check import unverified_releases, verify
 from fusion.store.access import (
     DECISION_TABLES,
     DERIVED_TABLES,
@@ -24,6 +21,9 @@ from fusion.store.access import (
     open_store,
     write_derived,
 )
+
+# What `fusion verify` reports, and the releases it does not call verified or legacy (fusion/trust.py).
+from fusion.trust import unverified_releases, verify
 
 __all__ = [
     "DECISION_TABLES",

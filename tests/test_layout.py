@@ -22,7 +22,7 @@ FLOORS = [
     (8, ["fusion.cli"]),
     (7, ["fusion.api", "fusion.demo", "mechanisms", "dashboard"]),
     (6, ["pipelines", "training"]),
-    (5, ["forecasting", "training.charging", "training.accounting", "training.gradients"]),
+    (5, ["forecasting", "fusion.trust", "training.charging", "training.accounting", "training.gradients"]),
     (4, ["fusion.store", "fusion.keys"]),
     (3, ["fusion.release", "fusion.feeds"]),
     (2, ["fusion.config"]),

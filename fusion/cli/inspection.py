@@ -199,8 +199,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 0 when every release checked is verified (or legacy: registered as published before signing)."""
     import pyarrow as pa
 
-    from fusion.keys.release_check import verify
     from fusion.store.verification import GOOD, ReleaseCheck
+    from fusion.trust import verify
 
     config = load_config(args.config, check_release=False)  # reads the store and registry only
     from fusion.cli.mechanisms import verify_mechanisms_tables

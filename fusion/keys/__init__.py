@@ -11,5 +11,4 @@ Public API (what the rest of the repository imports), by module:
   load_mechanism_sections, load_registry, load_signing_key, load_unsigned_releases, load_unsigned_rounds,
   read_private, register_he_context, register_unsigned_rounds, require_registry, write_mechanism_sections,
   write_private
-- `release_check`: unverified_releases, verify (the store's releases against the registered release-signing keys)
 """

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import write_deltalake
 
+import fusion.trust as release_check
 from dashboard.provenance import record_checks
 from dashboard.recommendations import recommendations_view
 from dashboard.snapshot import Snapshot, VersionCache
@@ -21,7 +22,6 @@ from fusion.api import open_store, unverified_releases
 from fusion.cli.core import main as cli_main
 from fusion.cli.mechanisms import verify_mechanisms_tables
 from fusion.errors import SqlLimitExceeded
-from fusion.keys import release_check
 from fusion.keys.registry import create_key_holder_key
 from fusion.store import verification
 from fusion.store.verification import verify_releases

@@ -1,6 +1,8 @@
-"""The store's releases checked against the key holder's release-signing keys in the registry: what `fusion verify`
-reports (`fusion.api.verify` re-exports `verify`), and the releases a reader that trusts only signed releases leaves
-out (`unverified_releases`: forecasting/ reads only the others)."""
+"""What a reader of the store may trust: the store's releases checked against the key holder's release-signing keys
+in the registry (public keys only). What `fusion verify` reports (`fusion.api.verify` re-exports `verify`), and the
+releases a reader that trusts only signed releases leaves out (`unverified_releases`: forecasting/, the mechanisms
+and the dashboard read only the others). Readers reach it here, beside the store's read surface
+(fusion.store.access), never through fusion.keys."""
 
 from __future__ import annotations
 
