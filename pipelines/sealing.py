@@ -136,10 +136,8 @@ def refuse_past_cap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
         return
     sealed = sealed_charges(plan.config, institution, plan.period, besides=plan.key.interval_name)
     cap = plan.config.privacy.cap
-    delta = plan.params.delta
-    after = period_loss([*sealed, *rounds, own], composition=own.composition, delta=delta).epsilon
-    if after > cap:
-        before = period_loss([*sealed, *rounds], composition=own.composition, delta=delta).epsilon
+    if past := past_cap([*sealed, *rounds], own, cap=cap, delta=plan.params.delta):
+        before, after = past
         raise BudgetExceeded(
             f"institution {institution.id} does not seal {plan.key.interval_name}: release {plan.key.release_id} "
             f"needs epsilon {after - before:.4f} in period {plan.period.name}, which would reach {after:.4f} with "
@@ -147,6 +145,18 @@ def refuse_past_cap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
             f"period; the cap is {cap:.4f} and {max(cap - before, 0.0):.4f} is left (the period's releases and "
             f"rounds compose {'in sequence' if own.composition is Composition.SEQUENTIAL else 'where they overlap'})"
         )
+
+
+def past_cap(
+    earlier: list[ReleaseCharge], own: ReleaseCharge, *, cap: float, delta: float
+) -> tuple[float, float] | None:
+    """(the period's epsilon before, after) where `own` would take the period holding the `earlier` charges past
+    `cap`, composed as the key holder's ledger composes it (privacy.accountant.period_loss, `own`'s composition);
+    None where it fits. An institution's checks of its seals and of its training rounds both ask this."""
+    after = period_loss([*earlier, own], composition=own.composition, delta=delta).epsilon
+    if after <= cap:
+        return None
+    return period_loss(earlier, composition=own.composition, delta=delta).epsilon, after
 
 
 def sealed_charges(

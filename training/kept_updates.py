@@ -41,11 +41,12 @@ from fusion.store.ledger import BudgetExceeded
 from pipelines.sealing import (
     charge_doc,
     contributions_lock,
+    past_cap,
     round_charges,
     round_records_dir,
     sealed_charges,
 )
-from privacy.accountant import ReleaseCharge, period_loss
+from privacy.accountant import ReleaseCharge
 from training.secure_sum import RoundId
 
 
@@ -163,10 +164,9 @@ def refuse_round_past_cap(config: Config, institution_id: str, round_id: RoundId
         drawing=(round_id.model_id, round_id.parameters_digest, charge),
     )
     sealed = sealed_charges(config, institution, period)
-    cap, delta = config.privacy.cap, config.privacy.delta
-    after = period_loss([*sealed, *rounds, charge], composition=charge.composition, delta=delta).epsilon
-    if after > cap:
-        before = period_loss([*sealed, *rounds], composition=charge.composition, delta=delta).epsilon
+    cap = config.privacy.cap
+    if past := past_cap([*sealed, *rounds], charge, cap=cap, delta=config.privacy.delta):
+        before, after = past
         raise BudgetExceeded(
             f"institution {institution_id} does not seal round {round_id.round} of model {round_id.model_id}: it "
             f"needs epsilon {after - before:.4f} in period {period.name}, which would reach {after:.4f} with the "
