@@ -27,9 +27,11 @@ from dashboard import releases as releases_
 from dashboard import snapshot as snapshot_
 from dashboard.formatting import FILTERS
 from dashboard.guard import LOOPBACK_HOSTS, Guard, app_path, app_root, secured, wants_json
+from dashboard.params import BadParameter
 from dashboard.snapshot import Snapshot, VersionCache
 from fusion.config.federation import Config, load_config
-from fusion.errors import FusionError, SqlLimitExceeded, StoreUnreadable
+from fusion.errors import FusionError, SqlLimitExceeded
+from fusion.store.failures import StoreUnavailable
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -97,8 +99,9 @@ def create_app(
         title="Fusion dashboard", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
         description="Read-only views of a Fusion federation's common-knowledge store: each page of the dashboard "
         "as JSON. Every statistic is noisy and comes with its noise standard deviation (where one is released) "
-        "and its 95% interval. Values a page cannot use are answered 400 with {\"error\": message}; a store whose "
-        "files cannot be read, 500 with one.",
+        "and its 95% interval. Values a page cannot use are answered 400 with {\"error\": message}; what is not "
+        "the request's fault, 5xx with one naming no path: 503 where the store cannot be read now (its disk or "
+        "permissions) or a read ran past its limits, 500 where a data file is damaged or the registry is missing.",
     )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.cache = cache
@@ -120,13 +123,13 @@ def create_app(
 
     # -- errors: a message, never a traceback ------------------------------------------------------------------
     @app.exception_handler(FusionError)
-    async def user_error(request: Request, exc: FusionError) -> Response:
-        message = provenance_.without_paths(cfg, exc)  # a registry missing names its file <federation>/...
-        if isinstance(exc, StoreUnreadable):  # the store's files, not the request: the message names no path
-            log.error("serving %s: %s", app_path(request), exc)
-            return _error(request, 500, message)
-        status = 503 if isinstance(exc, SqlLimitExceeded) else 400
-        return _error(request, status, message)
+    async def fusion_error(request: Request, exc: FusionError) -> Response:
+        if isinstance(exc, BadParameter):  # the request's: a parameter the page cannot use
+            return _error(request, 400, str(exc))
+        # Anything else is the server's, not the request's: the store's files (damaged, or refused by the system),
+        # the registry (missing or malformed), a limit. Logged whole; answered in one line naming no path.
+        log.error("serving %s: %s", app_path(request), exc)
+        return _error(request, _server_status(exc), provenance_.without_paths(cfg, exc))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> Response:
@@ -266,6 +269,13 @@ def create_app(
             return recommendations.recommendations_view(shot, recommendation=recommendation)
 
     return app
+
+
+def _server_status(exc: FusionError) -> int:
+    """The status of an error that is not the request's: 503 where the store cannot be read now (its disk or
+    permissions) or a read ran past its limits, since the same request may be answered later; 500 otherwise (a
+    damaged data file, the registry missing or malformed)."""
+    return 503 if isinstance(exc, StoreUnavailable | SqlLimitExceeded) else 500
 
 
 def _axis(statistic: str, unit: str | None) -> str:

@@ -205,13 +205,18 @@ def _verify(shot: Snapshot) -> Verified:
 
 
 def without_paths(config: Config, exc: FusionError) -> str:
-    """Why nothing could be checked, as the page may say it to whoever holds the token: the error's public text
-    (FusionError.public) where it has one, and the federation's directory written <federation> (a registry that
-    cannot be read names its file): where the federation lives on the server is not a reader's to know."""
+    """An error as a page may say it to whoever holds the token, in one line: its public text (FusionError.public)
+    where it has one, the federation's directory written <federation> (a registry that cannot be read names its
+    file), and the store and the registry written <store> and <registry> where they lie elsewhere (a store that
+    cannot be read now names itself): where the federation lives on the server is not a reader's to know."""
     text = exc.public if exc.public is not None else str(exc)
-    for place in sorted({str(config.base.resolve()), str(config.base)} - {"", "."}, key=len, reverse=True):
+    bases = {str(config.base.resolve()), str(config.base)} - {"", "."}
+    for place, name in ((config.store_path, "<store>"), (config.registry_path, "<registry>")):
+        if not any(place.startswith(base + os.sep) for base in bases):
+            text = text.replace(place, name)
+    for place in sorted(bases, key=len, reverse=True):
         text = text.replace(place, "<federation>")
-    return text
+    return " ".join(text.split())
 
 
 def _chain_order(check: ReleaseCheck) -> tuple[Any, ...]:

@@ -8,6 +8,7 @@ import json
 import re
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import markupsafe
 import pyarrow as pa
@@ -318,7 +319,8 @@ def test_a_broken_store_is_a_server_error_with_a_message_not_a_traceback(tmp_pat
 
 def test_a_registry_gone_missing_is_refused_where_releases_are_checked_naming_no_path(tmp_path: Path) -> None:
     """A missing registry read as one without keys: Provenance said nothing could be verified and Forecasts drew
-    every release as it stands, a tampered one included. Now both refuse, naming the registry under <federation>."""
+    every release as it stands, a tampered one included. Now both refuse, naming the registry under <federation>:
+    Forecasts with a server error (it was answered 400, as if the request were bad), a bad parameter still 400."""
     path = build_store(tmp_path / "fed")
     (tmp_path / "fed" / "registry.toml").unlink()
     missing = "the registry <federation>/registry.toml is missing: the store's releases cannot be checked"
@@ -327,9 +329,67 @@ def test_a_registry_gone_missing_is_refused_where_releases_are_checked_naming_no
         _, view = served.json("/api/provenance")
         assert view["verify_error"].startswith(missing)
         status, _, body = served.get("/forecasts")
-        assert status == 400 and missing in html.unescape(body) and str(tmp_path) not in body
+        assert status == 500 and missing in html.unescape(body) and str(tmp_path) not in body
         status, answer = served.json("/api/forecasts")
-        assert status == 400 and answer["error"].startswith(missing)
+        assert status == 500 and answer["error"].startswith(missing) and "\n" not in answer["error"]
+        status, answer = served.json("/api/forecasts?region=atlantis")
+        assert status == 400 and answer["error"].startswith("region: 'atlantis'")
+
+
+def _refuse_reading(files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Have the system refuse to read `files` (a table's data files): mode 000, where this process is refused such
+    a file; else (root reads a file whatever its mode) the refusal simulated where the store opens them, as
+    tests/fusion/cli/test_no_traceback.py does."""
+    import errno
+
+    from fusion.store.delta import Store
+    from tests.fusion.cli.test_no_traceback import _Refused
+
+    probe = files[0].with_name("probe")
+    probe.write_bytes(b"x")
+    probe.chmod(0)
+    try:
+        probe.read_bytes()
+    except PermissionError:
+        for file in files:
+            file.chmod(0)  # restored by the caller
+        return
+    finally:
+        probe.unlink()
+    dataset = Store.dataset
+    table = files[0].parent.name
+
+    def refused(self: Store, name: str, **kwargs: Any) -> Any:
+        found = dataset(self, name, **kwargs)
+        return _Refused(found, errno.EACCES) if name == table else found
+
+    monkeypatch.setattr(Store, "dataset", refused)
+
+
+def test_a_store_the_system_refuses_to_read_is_unavailable_not_a_bad_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data files the system refuses to read (permission denied, an I/O error: StoreUnavailable) were answered 400,
+    as if the request were bad: now 503, in one line naming no path, logged in full; a bad parameter still 400."""
+    path = build_store(tmp_path / "fed")
+    config = load_config(path, check_release=False)
+    files = sorted(Path(config.store_path, "releases").glob("*.parquet"))
+    _refuse_reading(files, monkeypatch)
+    unavailable = "the store's table releases cannot be read now: Permission denied (os error 13); check that"
+    try:
+        with running(config) as url:
+            served = Served(path, url)
+            status, _, body = served.get("/forecasts")
+            assert status == 503 and unavailable in html.unescape(body), body
+            assert str(tmp_path) not in body and "Traceback" not in body
+            status, answer = served.json("/api/forecasts")
+            assert status == 503 and answer["error"].startswith(unavailable) and "\n" not in answer["error"]
+            assert str(tmp_path) not in answer["error"]
+            status, answer = served.json("/api/forecasts?region=atlantis")
+            assert status == 400 and answer["error"].startswith("region: 'atlantis'")
+    finally:
+        for file in files:
+            file.chmod(0o644)
 
 
 TOKEN = "s3cret-token-for-the-dashboard"
