@@ -5,12 +5,19 @@ A recommendation is only that: nothing in Fusion executes it. Its rows record wh
 forecast or release ids, the network's digest, the bids), its parameters and every number it proposes, so anyone
 holding the store can check it (`fusion verify`) and recompute it (`--replay`). A refused attempt (an infeasible
 network, a load missing for a bus) is recorded too, as a signed refusal, and nothing else is written.
+
+A new recommendation supersedes the one in force for its kind, network and window only where what verifies differs:
+the releases and forecasts it read, their values, its parameters or its answer. A run that differs from the one in
+force only in what rows written into the store without the key holder can change (UNTRUSTED_INPUTS: the tables'
+versions, the releases and forecasts left out as not verified) keeps it in force and writes nothing: such a row must
+not displace a decision already made on it. The run's Outcome names what it left out (`fusion recommend` says so),
+and `fusion verify` reports the rows themselves.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,10 @@ MECHANISM_VERSION = "1"
 MECHANISMS = {Kind.DISPATCH: "dc-opf/highs", Kind.PARETO: "epsilon-constraint/highs",
               Kind.AUCTION: "vcg-clarke/highs"}
 ADVISORY = "Advisory only: nothing is executed unless an authority ratifies or overrides it (`fusion decide`)."
+#: What a recommendation's inputs record that rows written into the store without the key holder can change: the
+#: tables' Delta versions (any commit moves them) and the releases and forecasts left out as not verified. A run that
+#: differs from the recommendation in force in these alone keeps it in force (`same_verified_basis`).
+UNTRUSTED_INPUTS = ("store_versions", "unverified_releases_skipped", "forecasts_skipped")
 
 
 class ReplayMismatch(FusionError):
@@ -57,9 +68,12 @@ class Request:
 @dataclass(frozen=True)
 class Outcome:
     recommendation: Recommendation
-    written: bool  # False: the store held it already (same inputs, same answer)
+    written: bool  # False: the store held it already (same inputs, same answer), or it was `kept`
     dispatch: Dispatch | None = None  # the proposed dispatch, for display
     extra: dict[str, Any] = field(default_factory=dict)
+    #: True: `recommendation` is the one in force, kept: the run read the same verified releases and forecasts and
+    #: gave the same answer, and differed only in UNTRUSTED_INPUTS (what it left out is in extra["left_out"]).
+    kept: bool = False
 
 
 def mechanisms_config(config: Config) -> MechanismsConfig:
@@ -91,7 +105,10 @@ def recommend(config: Config, request: Request) -> Outcome:
             refusal = run.refusal(exc)
             _append(config, store, refusal.signed(private, public, supersedes=None, created_at=now()))
             raise
-        supersedes = _head(store, recommendation, load_parties(config).operator_keys)
+        head = _head(store, recommendation, load_parties(config).operator_keys)
+    if head is not None and same_verified_basis(head, recommendation):
+        return Outcome(head, False, dispatch, extra, kept=True)
+    supersedes = head.recommendation_id if head is not None else None
     signed = recommendation.signed(private, public, supersedes=supersedes, created_at=now())
     with open_store(config) as store:
         written = _append(config, store, signed)
@@ -321,10 +338,22 @@ def _dispatch_summary(d: Dispatch, source: str, reserve: float) -> str:
     )
 
 
-def _head(store: FusedStore, recommendation: Recommendation, operator_keys: tuple[bytes, ...]) -> str | None:
+def same_verified_basis(recorded: Recommendation, again: Recommendation) -> bool:
+    """Whether `again` holds what `recorded` holds but for UNTRUSTED_INPUTS: the same verified releases and forecasts
+    read, with the same values, the same parameters, network and answer (every item, the summary)."""
+
+    def basis(recommendation: Recommendation) -> dict[str, Any]:
+        inputs = {k: v for k, v in recommendation.inputs.items() if k not in UNTRUSTED_INPUTS}
+        return replace(recommendation, inputs=inputs).content()
+
+    return basis(recorded) == basis(again)
+
+
+def _head(store: FusedStore, recommendation: Recommendation,
+          operator_keys: tuple[bytes, ...]) -> Recommendation | None:
     """The latest recorded recommendation of the same kind, network and window that nothing supersedes yet: the
-    one a new recommendation replaces. Only recommendations that verify count, as heads and as superseding: a row
-    written into the store without the operator's key neither hides a head nor becomes one."""
+    one in force, which a new recommendation replaces. Only recommendations that verify count, as heads and as
+    superseding: a row written into the store without the operator's key neither hides a head nor becomes one."""
     same = [
         r for r in verified_recommendations(
             store,
@@ -338,7 +367,7 @@ def _head(store: FusedStore, recommendation: Recommendation, operator_keys: tupl
     replaced = {r.supersedes for r in same}
     heads = sorted((r for r in same if r.recommendation_id not in replaced),
                    key=lambda r: (r.created_at or datetime.min.replace(tzinfo=UTC), r.recommendation_id))
-    return heads[-1].recommendation_id if heads else None
+    return heads[-1] if heads else None
 
 
 def _append(config: Config, store: FusedStore, recommendation: Recommendation) -> bool:
@@ -363,6 +392,6 @@ def network_of(config: Config, recommendation: Recommendation) -> Network:
 
 
 __all__ = [
-    "ADVISORY", "Outcome", "ReplayMismatch", "Request", "dispatch_items", "fixed_loads_of", "network_of",
-    "recommend", "replay",
+    "ADVISORY", "UNTRUSTED_INPUTS", "Outcome", "ReplayMismatch", "Request", "dispatch_items", "fixed_loads_of",
+    "network_of", "recommend", "replay", "same_verified_basis",
 ]

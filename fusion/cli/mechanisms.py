@@ -173,6 +173,11 @@ def show_recommendation(outcome: Outcome, fmt: str = "table") -> None:
         (console if fmt == "table" else err_console).print(
             f"left out {len(left_out)} release(s) that `fusion verify` does not call verified or legacy: {names}"
             + (f", and {len(forecasts)} forecast(s) that read them" if forecasts else ""), highlight=False)
+    if outcome.kept:  # nothing new to decide on: only what does not verify, or the tables' versions, changed
+        (console if fmt == "table" else err_console).print(
+            f"recommendation {rec.recommendation_id} kept in force: this run read the same verified releases and "
+            "forecasts and gives the same answer; only what does not verify, or the store's versions, changed since "
+            "it was made (`fusion verify` reports what does not verify)", highlight=False)
     if fmt != "table":
         print_arrow(rec.rows().select(["recommendation_id", "item_type", "item_key", "value", "unit"]), fmt)
         return
@@ -220,6 +225,7 @@ def show_recommendation(outcome: Outcome, fmt: str = "table") -> None:
             "pivotal": [o.pivotal for o in auction.outcomes],
         }), title="VCG payments beside LMP settlement ($/h)")
     state = "recorded" if outcome.written else "already in the store (same inputs, same answer)"
+    state = "kept in force (above)" if outcome.kept else state
     console.print(f"\n{escape(rec.summary)}", highlight=False)
     console.print(f"recommendation [bold]{rec.recommendation_id}[/bold] ({rec.kind}, valid "
                   f"{rec.valid_from:%Y-%m-%d %H:%M}Z to {rec.valid_to:%H:%M}Z): {state}"

@@ -82,6 +82,27 @@ def test_recommend_names_the_releases_it_left_out_as_not_verified(mech_federatio
     assert loads == {"A": 0.0, "B": 300.0, "C": 300.0, "D": 400.0, "E": 0.0}
 
 
+def test_recommend_run_again_past_a_forged_release_keeps_the_recommendation_in_force(
+    mech_federation: Build, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run again after a release was written into the store without the key holder, `fusion recommend` names it and
+    says that the recommendation in force is kept (on stderr beside CSV), rather than recording a new one."""
+    fed = mech_federation()
+    create_key_holder_key(fed.config, published=fed.store.release_ids())
+    argv = ["recommend", "dispatch", "--config", str(fed.config_path), "--at", "2026-01-01T01:00"]
+    code, out = _run(argv, capsys)
+    assert code == 0 and ": recorded" in out, out
+    rid = out.split("recommendation ")[-1].split()[0]
+    forged = load_releases("north", mean=9.0, hours=range(1, 2))
+    fed.store.insert_new("releases", forged.set_column(0, "release_id", pa.array(["release-forged"])))
+    code, out = _run([*argv, "--format", "csv"], capsys)
+    said = " ".join(out.split())
+    assert code == 0 and "release-forged (tampered)" in said, out
+    assert f"recommendation {rid} kept in force: this run read the same verified releases and forecasts" in said
+    ids = {line.split(",")[0].strip('"') for line in out.splitlines() if line.count(",") == 4}
+    assert ids == {"recommendation_id", rid}  # the rows of the one in force
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

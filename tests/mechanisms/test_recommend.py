@@ -222,6 +222,9 @@ def test_a_release_from_before_mean_sd_takes_the_sd_its_interval_implies_never_z
     assert rec.items_of("uncertainty")["load_sd"] == pytest.approx(total_sd, rel=1e-5)
 
 
+TWO = START + timedelta(hours=2)
+
+
 def _forged(region: str, *, mean: float, hours: range, release_id: str = "release-forged") -> pa.Table:
     """Cells of `load` for `region` written into the store without the key holder, released after the genuine ones
     (so the latest release of their windows, were it counted)."""
@@ -244,7 +247,10 @@ def test_releases_that_do_not_verify_are_left_out_and_recorded(mech_federation: 
     _with_release_signing_key(fed)
     honest = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
     fed.store.insert_new("releases", _forged("north", mean=9.0, hours=range(1, 6)))
-    rec = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
+    kept = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR))  # the same verified inputs: the one in force kept
+    assert kept.kept and kept.recommendation.recommendation_id == honest.recommendation_id
+    assert kept.extra["left_out"] == {"release-forged": "tampered"}
+    rec = recommend(fed.config, Request(Kind.DISPATCH, at=TWO)).recommendation  # a window not recommended before
     assert rec.items_of("load_mw") == honest.items_of("load_mw") == {"A": 0.0, "B": 300.0, "C": 300.0, "D": 400.0,
                                                                     "E": 0.0}
     assert rec.inputs["release_ids"] == ["release-east-0", "release-north-0", "release-south-0"]
@@ -253,7 +259,7 @@ def test_releases_that_do_not_verify_are_left_out_and_recorded(mech_federation: 
     original, again = replay(fed.config, rec.recommendation_id)
     assert again.digest == original.recorded_digest == rec.digest
     # The window a dispatch is for by default is the last one a good release holds, not the forged rows' last.
-    assert recommend(fed.config, Request(Kind.DISPATCH)).recommendation.valid_from == START + timedelta(hours=2)
+    assert recommend(fed.config, Request(Kind.DISPATCH)).recommendation.valid_from == TWO
     # A window only the forged rows hold for north is refused, naming them, and the refusal records them.
     with pytest.raises(MissingLoad, match=r"no release of load for region north \(bus B\) at 2026-01-01T05:00Z that "
                        r"`fusion verify` calls verified or legacy; left out: release-forged \(tampered\)"):
@@ -264,7 +270,42 @@ def test_releases_that_do_not_verify_are_left_out_and_recorded(mech_federation: 
     assert again.digest == original.recorded_digest
 
 
-TWO = START + timedelta(hours=2)
+
+def test_a_row_that_does_not_verify_does_not_displace_a_ratified_recommendation(mech_federation: Build) -> None:
+    """A row written into the store without the key holder changed a re-run's inputs (the releases table's version;
+    the window's releases left out), so `fusion recommend` run again recorded a new recommendation superseding the
+    ratified one, on which no decision could then be made. Now the recommendation in force is kept, nothing written,
+    and the rows left out named; what verifies changing (newer forecasts) still supersedes it."""
+    from mechanisms.decisions import DecideRequest, decide
+    from mechanisms.records import Action, ReasonCode
+    from tests.mechanisms.test_decisions import _checks
+
+    fed = mech_federation()
+    _with_release_signing_key(fed)
+    honest = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
+    ratified = decide(fed.config, DecideRequest(Action.RATIFY, honest.recommendation_id, "grid-ops", "alice"))
+    assert ratified.effective
+    stored = fed.store.read("recommendations").num_rows
+    # Forged rows of another window (only the releases table's version moves), then of this one (left out).
+    for hours, release in ((range(9, 10), "release-elsewhere"), (range(1, 2), "release-forged")):
+        fed.store.insert_new("releases", _forged("north", mean=9.0, hours=hours, release_id=release))
+        again = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR))
+        assert again.kept and not again.written and again.recommendation.recommendation_id == honest.recommendation_id
+        assert again.recommendation.supersedes is None and again.recommendation.digest == honest.digest
+    assert again.extra["left_out"] == {"release-forged": "tampered"}
+    assert fed.store.read("recommendations").num_rows == stored
+    # Still in force: a decision on it is made (not refused as superseded), and both verify.
+    rejected = decide(fed.config, DecideRequest(Action.REJECT, honest.recommendation_id, "grid-ops", "alice",
+                                                reason_code=ReasonCode.DATA_ERROR))
+    assert rejected.effective
+    checks = _checks(fed)
+    assert checks[honest.recommendation_id] == "verified"
+    assert {checks[f"{d.decision.decision_id}/alice"] for d in (ratified, rejected)} == {"verified"}
+    fed.store.insert_new("forecasts", forecast_rows({"north": (9.0, 0.5), "south": (11.0, 0.5), "east": (10.0, 1.0)},
+                                                    input_release_ids=("release-north-0", "release-south-0",
+                                                                       "release-east-0")))
+    newer = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR))
+    assert newer.written and not newer.kept and newer.recommendation.supersedes == honest.recommendation_id
 
 
 def test_forecasts_that_read_a_release_that_does_not_verify_are_left_out(mech_federation: Build) -> None:
