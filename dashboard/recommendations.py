@@ -14,6 +14,7 @@ from dashboard import params
 from dashboard.formatting import finite
 from dashboard.provenance import decision_checks, record_checks
 from dashboard.snapshot import Snapshot
+from fusion.api import FusedStore
 
 #: The most recommendations and decisions listed (newest first).
 MAX_LISTED = 500
@@ -90,7 +91,17 @@ class RecommendationsView(BaseModel):
 
 
 def recommendations_view(snapshot: Snapshot, *, recommendation: str | None = None) -> RecommendationsView:
-    listed = [RecommendationSummary(**row) for row in snapshot.rows(
+    """The page's view. Its reads of the mechanisms' tables are the mechanisms' own (`mechanisms.tables.audit_store`,
+    at the snapshot's versions): a recommendation's every item is read whatever the config's [sql] bounds on the
+    queries people run, as `fusion decide` reads it."""
+    from mechanisms.tables import audit_store  # reads only; imports no solver
+
+    with audit_store(snapshot.store) as store:
+        return _view(snapshot, store, recommendation)
+
+
+def _view(snapshot: Snapshot, store: FusedStore, recommendation: str | None) -> RecommendationsView:
+    listed = [RecommendationSummary(**row) for row in store.sql(
         "WITH r AS (SELECT recommendation_id, any_value(kind) AS kind, any_value(mechanism) AS mechanism, "
         "any_value(created_at) AS created_at, any_value(valid_from) AS valid_from, any_value(valid_to) AS valid_to, "
         "any_value(regions) AS regions, any_value(outcome) AS outcome, any_value(refusal) AS refusal, "
@@ -99,11 +110,11 @@ def recommendations_view(snapshot: Snapshot, *, recommendation: str | None = Non
         "d AS (SELECT recommendation_id, count(*) AS decisions FROM decisions GROUP BY recommendation_id) "
         "SELECT r.*, coalesce(d.decisions, 0) AS decisions FROM r LEFT JOIN d USING (recommendation_id) "
         f"ORDER BY created_at DESC, recommendation_id LIMIT {MAX_LISTED}"
-    )]
+    ).to_pylist()]
     ids = [r.recommendation_id for r in listed]
     chosen_id = params.choice("recommendation", recommendation, ids, default=ids[0] if ids else None)
     statuses = _statuses(snapshot)
-    decisions = _decisions(snapshot)
+    decisions = _decisions(snapshot, store)
     empty = RecommendationsView(
         recommendations=listed, chosen=None, chosen_status=None, items=[], lmps=[], frontier=[], decisions=decisions,
         note=None if listed else "no recommendations yet: the mechanisms operator's `fusion recommend` writes them "
@@ -111,10 +122,10 @@ def recommendations_view(snapshot: Snapshot, *, recommendation: str | None = Non
     )
     if chosen_id is None:
         return empty
-    items = [Item(**row) for row in snapshot.rows(
+    items = [Item(**row) for row in store.sql(
         "SELECT item_type, item_key, value, unit FROM recommendations "
         f"WHERE recommendation_id = {params.sql_text(chosen_id)} ORDER BY item_type, item_key"
-    )]
+    ).to_pylist()]
     return empty.model_copy(update={
         "chosen": next(r for r in listed if r.recommendation_id == chosen_id),
         "chosen_status": statuses.get(("recommendations", chosen_id), (None, None))[0],
@@ -128,11 +139,13 @@ def _statuses(snapshot: Snapshot) -> dict[tuple[str, str], tuple[str, str]]:
     return {(c.table, c.record_id): (c.status, c.effect) for c in record_checks(snapshot)[1]}
 
 
-def _decisions(snapshot: Snapshot) -> list[Decision]:
+def _decisions(snapshot: Snapshot, store: FusedStore) -> list[Decision]:
     from mechanisms.audit import row_identity  # reads only; imports no solver
     from mechanisms.records import Decision as StoredDecision
 
-    rows = snapshot.rows(f"SELECT * FROM decisions ORDER BY decided_at DESC, decision_id, signer LIMIT {MAX_LISTED}")
+    rows = store.sql(
+        f"SELECT * FROM decisions ORDER BY decided_at DESC, decision_id, signer LIMIT {MAX_LISTED}"
+    ).to_pylist()
     checks = decision_checks(snapshot)
     decisions = []
     for row in rows:

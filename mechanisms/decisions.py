@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.api import FusedStore, open_store, unverified_releases
+from fusion.api import FusedStore, unverified_releases
 from fusion.config.federation import Config
 from fusion.errors import FusionError
 from mechanisms.authorities import load_parties, load_private, signer_key_file
@@ -35,7 +35,7 @@ from mechanisms.opf import Grid, Infeasible, solve_dispatch
 from mechanisms.recommend import fixed_loads_of, network_of
 from mechanisms.records import RECORDED, REFUSED, Action, Adopted, Decision, Kind, ReasonCode, Recommendation, now
 from mechanisms.rules import proposed_point, ratified, signed_by_registered, why_refused
-from mechanisms.tables import read_decisions, read_recommendation, read_superseding, write_rows
+from mechanisms.tables import read_decisions, read_recommendation, read_superseding, system_store, write_rows
 from mechanisms.vcg import bid_supply
 
 ROUND = 6
@@ -89,9 +89,11 @@ def decide(config: Config, request: DecideRequest) -> DecisionOutcome:
                                              "(`fusion mechanism-keys --authority ID --signer NAME`)")
     parties = load_parties(config)
     decided_at = now()  # before the checks: a recommendation superseded after this moment does not undo them
-    with open_store(config) as store:
+    with system_store(config) as store:  # whatever the [sql] bounds on people's queries
         try:
             recommendation = read_recommendation(store, request.recommendation_id)
+        except FusionError:  # the store could not be read (a file, the disk): nothing to say of the recommendation
+            raise
         except ValueError as exc:  # rows that no longer form one recommendation
             raise _refuse(config, _draft_bare(request), private, public, request.signer,
                           f"recommendation {request.recommendation_id} is tampered: {exc}") from None
@@ -124,7 +126,7 @@ def decide(config: Config, request: DecideRequest) -> DecisionOutcome:
         draft = replace(draft, previous_decision_id=_previous(store, draft))
     signed = draft.signed(private, public, signer=request.signer, decided_at=decided_at)
     written = write_rows(config, "decisions", signed.rows()) > 0
-    with open_store(config) as store:
+    with system_store(config) as store:
         signers = {d.signer for d in _recorded(store, request.recommendation_id)
                    if d.decision_id == signed.decision_id and signed_by_registered(parties, d)}
     return DecisionOutcome(signed, written, len(signers), parties.authorities[request.authority].threshold,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fusion.api import FusedStore, open_store, unverified_releases
+from fusion.api import FusedStore, unverified_releases
 from fusion.config.federation import Config
 from fusion.config.mechanisms import LoadStatistic, MechanismsConfig
 from fusion.errors import FusionError
@@ -35,7 +35,7 @@ from mechanisms.network import Network, load_network, network_path
 from mechanisms.opf import Dispatch, Grid, Infeasible, solve_dispatch
 from mechanisms.pareto import sweep
 from mechanisms.records import RECORDED, REFUSED, Item, Kind, Recommendation, now, timestamp
-from mechanisms.tables import read_recommendation, verified_recommendations, write_rows
+from mechanisms.tables import read_recommendation, system_store, verified_recommendations, write_rows
 from mechanisms.vcg import run_auction
 
 MECHANISM_VERSION = "1"
@@ -87,7 +87,7 @@ def recommend(config: Config, request: Request) -> Outcome:
     """Compute, sign and append a recommendation; a refusal is signed, appended and raised."""
     settings = mechanisms_config(config)
     private, public = load_operator_key(config)  # before any work: an unregistered operator signs nothing
-    with open_store(config) as store:
+    with system_store(config) as store:
         window = config.window
         unverified = _unverified(config, settings.load_metric)
         valid_from = request.at or default_window(store, settings.load_metric, settings.statistic, window, unverified)
@@ -110,7 +110,7 @@ def recommend(config: Config, request: Request) -> Outcome:
         return Outcome(head, False, dispatch, extra, kept=True)
     supersedes = head.recommendation_id if head is not None else None
     signed = recommendation.signed(private, public, supersedes=supersedes, created_at=now())
-    with open_store(config) as store:
+    with system_store(config) as store:
         written = _append(config, store, signed)
     return Outcome(signed if written else _stored(config, signed.recommendation_id), written, dispatch, extra)
 
@@ -131,7 +131,7 @@ def replay(config: Config, recommendation_id: str) -> tuple[Recommendation, Reco
     # Under the rule the recommendation recorded: releases verified (now), or not where nothing could be verified
     # then. One made before recommendations recorded it leaves out what does not verify, recording nothing.
     verified = original.inputs.get("releases_verified")
-    with open_store(config, versions=pinned) as store:
+    with system_store(config, versions=pinned) as store:
         unverified = None if verified is False else _unverified(config, original.parameters.get("load_metric"))
         run = _Run(config, Kind(original.kind), original.parameters, original.valid_from, versions,
                    original.inputs.get("bids"), skip=skip, unverified=unverified, record_trust=verified is not None)
@@ -150,7 +150,7 @@ def _unverified(config: Config, metric: str | None) -> dict[str, str] | None:
 
 
 def _stored(config: Config, recommendation_id: str) -> Recommendation:
-    with open_store(config) as store:
+    with system_store(config) as store:
         found = read_recommendation(store, recommendation_id)
     if found is None:
         raise FusionError(f"no recommendation {recommendation_id} in the store (`fusion sql --config ... \"SELECT "

@@ -4,7 +4,7 @@ forecasts, and never the feeds, envelopes or the federation's keys)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from fusion.api import FusedStore, open_store, write_derived
 from fusion.config.federation import Config
+from fusion.config.sql_limits import SqlLimits
 from fusion.errors import InternalError
 from fusion.runtime.durations import parse_duration
 from mechanisms.records import RECORDED, Decision, Recommendation
@@ -84,17 +85,29 @@ def superseding_of(recommendations: Iterable[Recommendation]) -> dict[str, dict[
     return found
 
 
+def system_limits(limits: SqlLimits) -> SqlLimits:
+    """`limits` as the mechanisms' own reads take them: DuckDB's memory and threads as they are, each read given at
+    least AUDIT_TIMEOUT, and no bound on a read's rows or bytes. The config's [sql] bounds are for the queries people
+    run (`fusion sql`, the Python API); the mechanisms' reads are bounded by what they ask for (a window's loads, one
+    recommendation's rows and its decisions, a page of recommendations), and a store past those bounds, however
+    large, must still be recommended on, decided on and audited."""
+    timeout = limits.timeout if limits.timeout_s >= parse_duration(AUDIT_TIMEOUT).total_seconds() else AUDIT_TIMEOUT
+    return limits.replace(timeout=timeout, max_rows=_UNBOUNDED, max_size=str(_UNBOUNDED))
+
+
+def system_store(config: Config, *, versions: Mapping[str, int | None] | None = None) -> FusedStore:
+    """The store as `fusion recommend` and `fusion decide` read it (pinned at `versions` where given): under
+    `system_limits` of the config's [sql] block. Close it after use."""
+    return open_store(config, versions=versions, limits=system_limits(config.sql))
+
+
 def audit_store(store: FusedStore) -> FusedStore:
     """The snapshot `store` reads of the mechanisms' two tables, for the audit (`fusion verify`, `fusion decisions`,
     the dashboard), and the releases and forecasts as they are now (what a recommendation read is checked there,
-    `mechanisms.inputs`: never an older version than it read): under the config's DuckDB memory and threads, each
-    read given at least AUDIT_TIMEOUT, and no bound on a read's rows or bytes. The config's [sql] bounds are for the
-    queries people run; the audit must read every row, and bounds what it holds itself (`recommendation_pages`).
-    Close it after use."""
-    limits = store.limits
-    timeout = limits.timeout if limits.timeout_s >= parse_duration(AUDIT_TIMEOUT).total_seconds() else AUDIT_TIMEOUT
+    `mechanisms.inputs`: never an older version than it read), under `system_limits` of `store`'s: the audit must
+    read every row, and bounds what it holds itself (`recommendation_pages`). Close it after use."""
     return open_store(store.config, versions={t: store.versions.get(t) for t in OWN_TABLES},
-                      limits=limits.replace(timeout=timeout, max_rows=_UNBOUNDED, max_size=str(_UNBOUNDED)))
+                      limits=system_limits(store.limits))
 
 
 def recommendation_pages(store: FusedStore) -> Iterator[dict[str, list[dict[str, Any]]]]:
@@ -145,6 +158,8 @@ __all__ = [
     "read_superseding",
     "recommendation_pages",
     "superseding_of",
+    "system_limits",
+    "system_store",
     "verified_recommendations",
     "write_rows",
 ]

@@ -279,3 +279,55 @@ def test_a_rotated_signer_key_verifies_what_it_signed_before_and_signs_nothing_a
     assert _checks(fed)[f"{late.decision_id}/alice"] == "tampered"
     after = decide(fed.config, DecideRequest(Action.REJECT, rid, "grid-ops", "alice", reason_code=ReasonCode.TEST))
     assert after.effective and _checks(fed)[f"{after.decision.decision_id}/alice"] == "verified"
+
+
+def test_recommend_decide_and_the_dashboard_read_past_the_config_s_sql_limits(
+    mech_federation: Build, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The config's [sql] max_rows and max_size bound the queries people run, not the mechanisms' own reads. Under
+    bounds below one recommendation's rows, `fusion decide` recorded a signed refusal calling the recommendation
+    tampered (the limit's error taken for rows that do not form one), `fusion recommend` run again could not read
+    the recommendation in force, and the dashboard's Recommendations page answered 503. Each now reads as the audit
+    does (mechanisms.tables.system_limits)."""
+    from dashboard.recommendations import recommendations_view
+    from dashboard.snapshot import Snapshot, VersionCache
+    from fusion.api import open_store
+    from fusion.cli.core import main
+    from fusion.errors import SqlLimitExceeded
+
+    fed = mech_federation()
+    rec = recommend(fed.config, Request(Kind.PARETO, at=HOUR, points=5)).recommendation
+    assert len(rec.items) > 40
+    with fed.config_path.open("a") as config:
+        config.write('[sql]\nmax_rows = 10\nmax_size = "4KB"\n')
+    with open_store(fed.config) as store, pytest.raises(SqlLimitExceeded):
+        store.sql(f"SELECT * FROM recommendations WHERE recommendation_id = '{rec.recommendation_id}'")
+    code = main(["decide", "ratify", "--config", str(fed.config_path), "--recommendation", rec.recommendation_id,
+                 "--authority", "grid-ops", "--signer", "alice"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and f"grid-ops ratifies recommendation {rec.recommendation_id}" in said and "in effect" in said
+    decisions = fed.store.read("decisions")
+    assert decisions.column("outcome").to_pylist() == ["recorded"]  # and no refusal
+    again = recommend(fed.config, Request(Kind.PARETO, at=HOUR, points=5))
+    assert not again.written and again.recommendation.recommendation_id == rec.recommendation_id
+    with Snapshot(fed.config, VersionCache()) as snapshot:
+        view = recommendations_view(snapshot)
+    assert view.chosen is not None and view.chosen.recommendation_id == rec.recommendation_id
+    assert len(view.items) == len(rec.items) and len(view.frontier) == 5
+    assert [(d.decision_id, d.verified) for d in view.decisions] == [
+        (decisions.column("decision_id")[0].as_py(), "verified")]
+
+
+def test_a_recommendation_the_store_cannot_read_is_no_decision_and_not_called_tampered(mech_federation: Build) -> None:
+    """A read of the store that fails (a damaged data file; a limit, before decisions read past them) was taken for
+    rows that no longer form one recommendation: `fusion decide` recorded a signed refusal calling it tampered. Now
+    the store's error is raised as it is, and nothing is recorded."""
+    from fusion.errors import StoreUnreadable
+
+    fed = mech_federation()
+    rid = _dispatch(fed)
+    for data in Path(fed.config.store_path, "recommendations").glob("*.parquet"):
+        data.write_bytes(b"not parquet")
+    with pytest.raises(StoreUnreadable, match="the store's table recommendations cannot be read"):
+        decide(fed.config, DecideRequest(Action.RATIFY, rid, "grid-ops", "alice"))
+    assert fed.store.version("decisions") is None  # no refusal recorded
