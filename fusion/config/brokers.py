@@ -28,6 +28,8 @@ from fusion.runtime.durations import parse_duration
 
 #: A message larger than this is dead-lettered (one malformed record naming its size), never parsed.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+#: The longest MQTT topic filter, in UTF-8 bytes (MQTT 3.1.1, 1.5.3: a string's length is two bytes).
+MQTT_TOPIC_BYTES = 65535
 #: The URL schemes of a NATS server (nats-py's): plain or TLS, over TCP or websockets.
 NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 #: A host name: dot-separated labels of letters, digits, '-' and '_' (a container's service name may hold one).
@@ -97,7 +99,8 @@ class NatsSource(_Credentials):
     kind: Literal[SourceKind.NATS] = SourceKind.NATS
     url: str = "nats://127.0.0.1:4222"  # nats://, tls://, ws:// or wss:// <host>[:<port>]
     stream: str  # a JetStream stream name: no whitespace, '.', '*', '>', '/' or '\'
-    # subject filters ('*' a token, '>' last); more than one needs nats-server 2.10 or later
+    # subject filters: tokens separated by '.', '*' a whole token, '>' the whole last one; more than one needs
+    # nats-server 2.10 or later
     subjects: tuple[str, ...] = Field(min_length=1)
     durable: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")  # default: fusion-<institution>
     token: str | None = None  # or token_env, the variable holding it; a token authenticates instead of a user
@@ -166,11 +169,9 @@ class NatsSource(_Credentials):
     @classmethod
     def _subjects(cls, subjects: tuple[str, ...]) -> tuple[str, ...]:
         for subject in subjects:
-            tokens = subject.split(".")
-            if not subject or any(not t for t in tokens) or ">" in tokens[:-1] or re.search(r"[\s\x00-\x1f]", subject):
-                raise ValueError(
-                    f"subject {subject!r} is not a NATS subject filter (tokens without spaces, '*', '>' last)"
-                )
+            problem = _subject_problem(subject)
+            if problem:
+                raise ValueError(f"subject {subject!r} is not a NATS subject filter: {problem}")
         return subjects
 
     def consumer(self, institution: str) -> str:
@@ -196,7 +197,8 @@ class MqttSource(_Credentials):
     kind: Literal[SourceKind.MQTT] = SourceKind.MQTT
     host: str = Field(default="127.0.0.1", min_length=1)  # a host name or IP address: no scheme, no port
     port: int = Field(default=1883, gt=0, lt=65536)
-    topics: tuple[str, ...] = Field(min_length=1)  # topic filters ('+' a level, '#' last); no shared subscription
+    # topic filters ('+' a whole level, '#' the whole last one; 65,535 bytes at most); no shared subscription
+    topics: tuple[str, ...] = Field(min_length=1)
     client_id: str | None = Field(default=None, min_length=1, max_length=64)  # default: fusion-<institution>
 
     @field_validator("host")
@@ -223,6 +225,11 @@ class MqttSource(_Credentials):
                 raise ValueError(f"topic {topic!r} is not an MQTT topic filter ('+' a level, '#' last)")
             if "\0" in topic:
                 raise ValueError(f"topic {topic!r} holds a NUL character, which MQTT does not allow in a topic")
+            if len(topic.encode()) > MQTT_TOPIC_BYTES:
+                raise ValueError(
+                    f"topic {topic[:40]!r}... is {len(topic.encode())} bytes in UTF-8: MQTT allows at most "
+                    f"{MQTT_TOPIC_BYTES} (its length is a 16-bit field)"
+                )
             shared = {"$share": 2, "$queue": 1}.get(levels[0])  # the levels before the filter itself
             if shared:
                 raise ValueError(
@@ -243,6 +250,25 @@ class MqttSource(_Credentials):
         """Whether a message's topic matches one of this source's filters ('#' also matches the level above it)."""
         name = topic.split("/")
         return any(_matches(t.split("/"), name, one="+", rest="#", rest_may_be_empty=True) for t in self.topics)
+
+
+def _subject_problem(subject: str) -> str | None:
+    """What makes `subject` no NATS subject filter (None: nothing). The server takes a token such as `b*` or `>x` for
+    a literal one, so a filter meant as a wildcard read nothing."""
+    tokens = subject.split(".")
+    if any(not token for token in tokens):
+        return "an empty token (a '.' at the start or the end, or two together): tokens are separated by one '.'"
+    if re.search(r"[\s\x00-\x1f\x7f]", subject):
+        return "it holds white space or a control character"
+    partial = [t for t in tokens if len(t) > 1 and ("*" in t or ">" in t)]
+    if partial:
+        return (
+            f"the token {partial[0]!r} holds a wildcard: '*' (one token) and '>' (the tokens left) are wildcards only "
+            f"as a whole token, and the server takes {partial[0]!r} for a literal name, so nothing would be read"
+        )
+    if ">" in tokens[:-1]:
+        return "'>' before the last token: it stands for every token after it, so it comes last"
+    return None
 
 
 def _is_address(host: str) -> bool:

@@ -25,7 +25,20 @@ BAD = [
     ("url-port", NATS + 'url = "nats://127.0.0.1:abc"\n', ["sources[0].nats.url", "not a URL"]),
     ("url-text", NATS + 'url = "not a url"\n', ["sources[0].nats.url", "not a NATS server URL"]),
     ("stream-name", NATS.replace('"S"', '"A.B C"'), ["sources[0].nats.stream", "not a JetStream stream name"]),
-    ("subject-space", NATS.replace('"a.>"', '"a b.>"'), ["sources[0].nats.subjects", "without spaces"]),
+    ("subject-space", NATS.replace('"a.>"', '"a b.>"'), ["sources[0].nats.subjects", "white space"]),
+    # a wildcard inside a token is a literal name to the server: the source loaded, connected and read nothing
+    ("subject-partial-star", NATS.replace('"a.>"', '"a.b*"'), ["sources[0].nats.subjects", "'b*' holds a wildcard"]),
+    ("subject-star-first", NATS.replace('"a.>"', '"*a.b"'), ["sources[0].nats.subjects", "'*a' holds a wildcard"]),
+    ("subject-partial-gt", NATS.replace('"a.>"', '"a.b>"'), ["sources[0].nats.subjects", "'b>' holds a wildcard"]),
+    ("subject-gt-not-last", NATS.replace('"a.>"', '"a.>.b"'), ["sources[0].nats.subjects", "'>' before the last"]),
+    ("subject-dots", NATS.replace('"a.>"', '"a..b"'), ["sources[0].nats.subjects", "an empty token"]),
+    ("subject-leading-dot", NATS.replace('"a.>"', '".a"'), ["sources[0].nats.subjects", "an empty token"]),
+    ("subject-trailing-dot", NATS.replace('"a.>"', '"a."'), ["sources[0].nats.subjects", "an empty token"]),
+    ("subject-tab", NATS.replace('"a.>"', '"a.b\\t"'), ["sources[0].nats.subjects", "white space"]),
+    ("subject-second", NATS.replace('"a.>"', '"a.b", "c*.d"'), ["sources[0].nats.subjects", "'c*' holds a wildcard"]),
+    ("topic-too-long", MQTT.replace('"a/#"', f'"a/{"é" * 32767}"'), ["sources[0].mqtt.topics", "65536 bytes"]),
+    ("topic-partial-plus", MQTT.replace('"a/#"', '"a/b+"'), ["sources[0].mqtt.topics", "not an MQTT topic filter"]),
+    ("topic-hash-not-last", MQTT.replace('"a/#"', '"a/#/b"'), ["sources[0].mqtt.topics", "not an MQTT topic filter"]),
     ("mqtt-host", MQTT + 'host = ""\n', ["sources[0].mqtt.host"]),
     # each loaded, then its reader retried for ever (paho takes the host for a name to resolve)
     ("mqtt-host-url", MQTT + 'host = "mqtt://127.0.0.1:1883"\n', ["sources[0].mqtt.host", "without its scheme"]),
@@ -64,6 +77,10 @@ def test_a_bad_source_setting_is_refused_at_load_naming_the_field(make_federatio
         NATS + 'url = "wss://broker.example.org/nats"\n',  # a websocket server behind a proxy, at a path
         NATS + 'user = "u"\npassword_env = "P"\n',
         NATS + 'token_env = "T"\n',
+        NATS.replace('"a.>"', '"a.*.c", "d.*", "*.e.>", ">"'),
+        NATS.replace('"a.>"', '"gridco-1.readings_2.>"'),
+        MQTT.replace('"a/#"', f'"a/{"é" * 32766}"'),  # 65,534 bytes
+        MQTT.replace('"a/#"', '"+/b/+", "#", "/a//b"'),
     ],
 )
 def test_good_source_settings_load(make_federation: Any, block: str) -> None:
