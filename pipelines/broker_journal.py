@@ -16,12 +16,16 @@ ids of its messages stay listed, so the journal holds only readings that are not
 records its consumer's acknowledgement floor (`AckFloor`, kept in the journal's `consumer.floor`, never lowered
 while the stream and subjects stay the same) and drops the lists whose ids it covers (`prune_acknowledged`): the
 reader acknowledges only what it journalled, so every message at or below the floor is journalled, and is
-recognised by the floor alone, also when a consumer created again delivers the stream from its start. MQTT has no
+recognised by the floor alone, also when a consumer created again delivers the stream from its start. When the
+source's subjects change, the floor of the consumer over the old ones stays on record beside the new consumer's
+(`earlier`): a message of the old subjects at or below it is journalled (`journalled_earlier`), so the new consumer,
+which reads its subjects from the stream's start, journals only what the old one did not. MQTT has no
 such floor, so an MQTT reader drops the ids of segments released more than `MQTT_ID_RETENTION_S` ago
 (`prune_released`): the broker redelivers a message only when its acknowledgement was lost, at the next session,
 so a week covers any outage a stream would ride out. It also sends a filter's retained messages at each subscription,
 so the journal records the filters the reader's persistent session holds (`subscriptions`), and a reader subscribes
-only the others: a retained message comes again only to a session the broker lost (or to a new client id).
+only the others (and unsubscribes those the source no longer declares): a retained message comes again only to a
+session the broker lost (or to a new client id).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+from fusion.config.brokers import nats_subject_matches
 
 JOURNAL_SUFFIX = ".jsonl"
 IDS_SUFFIX = ".ids"
@@ -77,6 +84,17 @@ class AckFloor:
             return False  # not a JetStream id: nothing says it is journalled
         return life != self.life or int(sequence) <= self.sequence
 
+    def holds(self, message_id: str, subject: str) -> bool:
+        """Whether the message of a JetStream id on `subject` is journalled by this floor's consumer: of this life, at
+        or below the floor, and of one of its subjects (for the floor of subjects the source read before)."""
+        sequence, at, life = message_id.partition("@")
+        return (
+            bool(at and sequence.isdigit())
+            and life == self.life
+            and int(sequence) <= self.sequence
+            and nats_subject_matches(self.subjects, subject)
+        )
+
     def raised_by(self, known: AckFloor | None) -> AckFloor:
         """This floor, or `known` where that is higher for the same life and subjects: a consumer deleted on the
         broker and created again starts from 0, but what the old one acknowledged is journalled all the same."""
@@ -85,12 +103,21 @@ class AckFloor:
         return self
 
 
-def _read_floor(path: Path) -> AckFloor | None:
+def _floor(record: dict[str, Any]) -> AckFloor:
+    return AckFloor(record["life"], int(record["sequence"]), tuple(record["subjects"]))
+
+
+def _floor_record(floor: AckFloor) -> dict[str, Any]:
+    return {"life": floor.life, "sequence": floor.sequence, "subjects": list(floor.subjects)}
+
+
+def _read_floors(path: Path) -> tuple[AckFloor | None, tuple[AckFloor, ...]]:
+    """The floor on record and the earlier floors of other subjects (a journal from before these has none)."""
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
-        return None
-    return AckFloor(record["life"], int(record["sequence"]), tuple(record["subjects"]))
+        return None, ()
+    return _floor(record), tuple(_floor(r) for r in record.get("earlier", ()))
 
 
 def read_source(directory: Path) -> dict[str, str] | None:
@@ -109,7 +136,7 @@ def record_source(directory: Path, identity: dict[str, str]) -> None:
 
 def read_floor(directory: Path) -> AckFloor | None:
     """A JetStream journal's acknowledgement floor on record (None: none)."""
-    return _read_floor(directory / FLOOR_FILE)
+    return _read_floors(directory / FLOOR_FILE)[0]
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -136,7 +163,9 @@ class SourceJournal:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.ids: set[str] = set()
-        self.floor = _read_floor(directory / FLOOR_FILE)  # a JetStream journal's: ids it covers are journalled
+        # A JetStream journal's: ids the floor covers are journalled, and so are the messages an earlier floor (of
+        # subjects the source read before) holds
+        self.floor, self.earlier = _read_floors(directory / FLOOR_FILE)
         self._next = 0
         self.reload()
 
@@ -210,16 +239,27 @@ class SourceJournal:
             _fsync_directory(self.directory)
         return pruned
 
+    def journalled_earlier(self, message_id: str, subject: str) -> bool:
+        """Whether a consumer over subjects the source read before journalled the message of this id and subject."""
+        return any(floor.holds(message_id, subject) for floor in self.earlier)
+
     def prune_acknowledged(self, floor: AckFloor) -> int:
         """Record a JetStream consumer's acknowledgement floor (durably, raised by the one on record), read the ids
         again against it, and delete the id lists of removed segments it wholly covers; returns how many lists.
-        The newest list is kept, as by `prune_released`."""
+        The newest list is kept, as by `prune_released`. The floor on record of other subjects in the same life of
+        the stream (the source's subjects changed) is kept as an earlier floor; those of an older life go."""
         floor = floor.raised_by(self.floor)
-        if floor != self.floor:  # on disk before any list goes: a list's ids are recognised by one or the other
-            record = {"life": floor.life, "sequence": floor.sequence, "subjects": list(floor.subjects)}
+        earlier = {e.subjects: e for e in self.earlier if e.life == floor.life}
+        known = self.floor
+        if known is not None and known.life == floor.life and known.subjects != floor.subjects:
+            kept = earlier.get(known.subjects)
+            earlier[known.subjects] = known if kept is None or kept.sequence < known.sequence else kept
+        if (floor, tuple(earlier.values())) != (self.floor, self.earlier):
+            # on disk before any list goes: a list's ids are recognised by one or the other
+            record = {**_floor_record(floor), "earlier": [_floor_record(e) for e in earlier.values()]}
             _write_durably(self.directory / FLOOR_FILE, json.dumps(record).encode())
             _fsync_directory(self.directory)
-            self.floor = floor
+            self.floor, self.earlier = floor, tuple(earlier.values())
         pruned = 0
         for sidecar in sorted(self.directory.glob(f"*{RELEASED_SUFFIX}"))[:-1]:
             try:

@@ -3,7 +3,9 @@
 A NATS JetStream source is a durable pull consumer (explicit acknowledgements) over the institution's subjects; an MQTT
 source subscribes to the institution's topic filters at QoS 1 in a persistent session (clean_session off) and
 acknowledges manually; a filter the session already holds (on record in the journal) is not subscribed again, since
-the broker sends a filter's retained messages at each subscription. Either way a batch is acknowledged only after
+the broker sends a filter's retained messages at each subscription, and one it holds that the source no longer
+declares is unsubscribed. A JetStream consumer left filtering other subjects by an earlier config is created again
+over the source's (`NatsReader._follow_subjects`). Either way a batch is acknowledged only after
 `SourceJournal.append` has made it durable, so a kill redelivers, and nothing the broker saw acknowledged is lost.
 Redeliveries are recognised by the broker id (JetStream: the stream sequence, with the stream's creation time, since
 a stream created again under the same name numbers from 1 again; MQTT, which has no stable id: a digest of topic and
@@ -127,6 +129,12 @@ class SourceReader(threading.Thread):
             (_log.info if health == "connected" else _log.warning)(text)
             self._notice(text)
 
+    def _said(self, text: str) -> None:
+        """Log and show a change the reader made to its broker session (the config's subscription changed)."""
+        text = f"source {self.institution} {self.label}: {text}"
+        _log.warning(text)
+        self._notice(text)
+
     def _down(self, exc: BaseException, delay: float) -> float:
         """Report the broker down and wait `delay`; returns the next delay (doubling up to MAX_BACKOFF_S)."""
         self.idle = self.caught_up = False
@@ -198,15 +206,16 @@ class NatsReader(SourceReader):
                 )
                 stream = client.jetstream()
                 refuse_unfiltered(source, client.connected_server_version)
-                # The server's record of the consumer, not ours: a server that ignores a field it does not know keeps
-                # a consumer over the whole stream, other institutions' subjects included.
-                check_filter(source, (await stream.add_consumer(source.stream, consumer)).config)
-                subscription = await stream.pull_subscribe_bind(durable, source.stream)
                 # A stream deleted and created again under its name numbers its messages from 1 again: an id is
                 # the sequence in this life of the stream (its creation time), never taken for an older life's.
                 info = await stream.stream_info(source.stream)
                 created, self._backlog_end = info.created, info.state.last_seq
                 self._life = created.strftime("%Y%m%dT%H%M%S%fZ") if created else "0"
+                await self._follow_subjects(stream, durable)
+                # The server's record of the consumer, not ours: a server that ignores a field it does not know keeps
+                # a consumer over the whole stream, other institutions' subjects included.
+                check_filter(source, (await stream.add_consumer(source.stream, consumer)).config)
+                subscription = await stream.pull_subscribe_bind(durable, source.stream)
                 # the ids of a stream's earlier life, and those below the floor, are never journalled again: their
                 # lists go, and only the ids the consumer may still deliver stay in memory
                 await self._prune(subscription)
@@ -220,6 +229,31 @@ class NatsReader(SourceReader):
             finally:
                 if client is not None and not client.is_closed:
                     await client.close()
+
+    async def _follow_subjects(self, stream: Any, durable: str) -> None:
+        """Delete the durable consumer if its filter is not the source's subjects (they changed in the config), once
+        its acknowledgement floor is on record with its subjects: the server would update the filter in place, and
+        the consumer would go on from its place in the stream, never delivering the messages of a new subject before
+        it. The consumer created in its place reads the subjects from the stream's start; what the old one journalled
+        is recognised by its floor (`SourceJournal.journalled_earlier`) and by the ids above it."""
+        from nats.js.errors import NotFoundError
+
+        try:
+            old = await stream.consumer_info(self.source.stream, durable)
+        except NotFoundError:
+            return
+        subjects = _filtered_subjects(old.config)
+        if sorted(subjects) == sorted(self.source.subjects):
+            return
+        if subjects:  # one over the whole stream (a server that ignored its filter): the floor on record stands
+            acknowledged = old.ack_floor.stream_seq if old.ack_floor is not None and old.ack_floor.stream_seq else 0
+            self.journal.prune_acknowledged(AckFloor(self._life, acknowledged, subjects))
+        await stream.delete_consumer(self.source.stream, durable)
+        before, now = ", ".join(subjects) or "the whole stream", ", ".join(self.source.subjects)
+        self._said(
+            f"the subjects changed from {before} to {now}: deleted the consumer {durable} and created it again over "
+            "them, reading them from the stream's start (what the old one journalled is not journalled again)"
+        )
 
     async def _prune(self, subscription: Any) -> None:
         """Record the consumer's acknowledgement floor in the journal, which drops what the floor covers."""
@@ -254,13 +288,12 @@ class NatsReader(SourceReader):
                                  self.label, message.subject)
                     continue
                 sequence = message.metadata.sequence.stream
+                message_id = f"{sequence}@{self._life}"
+                if self.journal.journalled_earlier(message_id, message.subject):  # before the subjects changed
+                    continue
                 name = f"{self.source.stream}:{sequence} ({message.subject})"
-                entries.append(
-                    (
-                        f"{sequence}@{self._life}",
-                        message_lines(message.data, name=name, max_bytes=self.source.max_message_bytes),
-                    )
-                )
+                lines = message_lines(message.data, name=name, max_bytes=self.source.max_message_bytes)
+                entries.append((message_id, lines))
             self.messages += self.journal.append(entries)  # durable before the acknowledgement below
             crash_point("broker_after_journal")
             for message in batch:
@@ -283,9 +316,14 @@ def refuse_unfiltered(source: NatsSource, version: Any) -> None:
         )
 
 
+def _filtered_subjects(config: Any) -> tuple[str, ...]:
+    """The subjects a consumer's filter on the server reads (`config`, its ConsumerConfig); none: the whole stream."""
+    return tuple(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
+
+
 def check_filter(source: NatsSource, config: Any) -> None:
     """Refuse a consumer whose filter on the server (`config`, its ConsumerConfig) is not the source's subjects."""
-    found = sorted(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
+    found = sorted(_filtered_subjects(config))
     if found != sorted(source.subjects):
         raise ConnectionError(
             f"the broker's consumer {config.durable_name} of stream {source.stream} filters "
@@ -329,28 +367,48 @@ class MqttReader(SourceReader):
         # is down, not connected, so the status line says why and `--drain` gives up on it after its wait.
         session: dict[str, Any] = {}
 
-        # A filter is subscribed only when the session does not hold it yet: subscribing again makes the broker send
-        # each retained message of the filter again, which, once its id was pruned, was journalled a second time.
+        # The session's filters are made the source's topics. A filter is subscribed only when the session does not
+        # hold it yet: subscribing again makes the broker send each retained message of the filter again, which, once
+        # its id was pruned, was journalled a second time. A filter the session holds that the source no longer
+        # declares (its topics changed) is unsubscribed first: the broker went on delivering its messages, each one
+        # dropped, and queueing them while the stream was stopped, until the session's queue was full and the
+        # broker dropped the source's own messages.
         def on_connect(c: Any, _data: Any, flags: Any, code: Any, _props: Any) -> None:
             if code.is_failure:
                 session["refused"] = f"the broker refused the connection: {code}"
                 return
             session["held"] = self.journal.subscriptions() if flags.session_present else set()
             session["wanted"] = [t for t in source.topics if t not in session["held"]]
+            session["stale"] = sorted(session["held"] - set(source.topics))
+            if session["stale"]:
+                session["unsubscription"] = c.unsubscribe(session["stale"])[1]
+            else:
+                subscribe(c)
+
+        def subscribe(c: Any) -> None:
             if session["wanted"]:
                 session["subscription"] = c.subscribe([(t, 1) for t in session["wanted"]])[1]
             else:
                 session["subscribed"] = True
+
+        def on_unsubscribe(c: Any, _data: Any, mid: int, _codes: Any, _props: Any) -> None:
+            if mid == session.get("unsubscription"):  # MQTT 3.1.1 has no refusal of an unsubscription
+                session["held"] -= set(session["stale"])
+                self.journal.record_subscriptions(session["held"])
+                self._said(f"unsubscribed {', '.join(session['stale'])}, no longer among its topics")
+                subscribe(c)
 
         def on_subscribe(_c: Any, _data: Any, mid: int, codes: Any, _props: Any) -> None:
             refused = [t for t, code in zip(session.get("wanted", []), codes, strict=False) if code.is_failure]
             if mid == session.get("subscription") and refused:
                 session["refused"] = f"the broker refused the subscription to {', '.join(refused)}"
             elif mid == session.get("subscription"):
+                if session["held"] or session["stale"]:  # the session held other filters: the topics changed
+                    self._said(f"subscribed {', '.join(session['wanted'])}, new among its topics")
                 self.journal.record_subscriptions(session["held"] | set(session["wanted"]))
                 session["subscribed"] = True
 
-        client.on_connect, client.on_subscribe = on_connect, on_subscribe
+        client.on_connect, client.on_subscribe, client.on_unsubscribe = on_connect, on_subscribe, on_unsubscribe
         next_prune = connected_at = time.monotonic()
         while not self._halt.is_set():
             try:
@@ -426,7 +484,8 @@ _BY_POSITION = re.compile(r"^(\d+)-(nats|mqtt)$")
 def source_identity(institution: str, source: NatsSource | MqttSource) -> dict[str, str]:
     """What a source's journal belongs to: the broker session whose deliveries its ids recognise (a JetStream
     durable consumer of a stream on a server; an MQTT client id on a broker). Not the subjects or topics: a source
-    whose filters change keeps its session, and its journal with it."""
+    whose filters change keeps its session, which redelivers what was journalled but not acknowledged under the old
+    ones, so it keeps its journal too; the reader changes the session's subscription (see the module's docstring)."""
     if isinstance(source, NatsSource):
         return {"kind": "nats", "url": source.url, "stream": source.stream, "durable": source.consumer(institution)}
     return {"kind": "mqtt", "host": source.host, "port": str(source.port), "client_id": source.session(institution)}

@@ -3,7 +3,7 @@ its blocks, and the release parameters derived from it (checked at load).
 
 Public API (what the rest of the repository imports), by module:
 - `base`: Frozen, Name (what every block's models share)
-- `brokers`: BrokerSource, check_sources, MqttSource, NatsSource
+- `brokers`: BrokerSource, check_sources, MqttSource, nats_subject_matches, NatsSource
 - `federation`: Config, load_config, parse_config; re-exports the blocks' models (FeedConfig, FeedFormat,
   InstitutionConfig, PrivacyMode, PrivacyUnit, StreamSource, ...) where the rest of the repository imports them
 - `forecasting`: ForecastingConfig, ModelName, Statistic

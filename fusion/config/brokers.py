@@ -100,7 +100,7 @@ class NatsSource(_Credentials):
     url: str = "nats://127.0.0.1:4222"  # nats://, tls://, ws:// or wss:// <host>[:<port>]
     stream: str  # a JetStream stream name: no whitespace, '.', '*', '>', '/' or '\'
     # subject filters: tokens separated by '.', '*' a whole token, '>' the whole last one; more than one needs
-    # nats-server 2.10 or later
+    # nats-server 2.10 or later. Changed, the durable consumer is created again over them (the stream's start).
     subjects: tuple[str, ...] = Field(min_length=1)
     durable: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")  # default: fusion-<institution>
     token: str | None = None  # or token_env, the variable holding it; a token authenticates instead of a user
@@ -187,8 +187,7 @@ class NatsSource(_Credentials):
     def reads(self, subject: str) -> bool:
         """Whether a message's subject is one of this source's (a consumer's filter is checked on the broker, and
         again here for each message: nothing of another institution's subjects is journalled)."""
-        name = subject.split(".")
-        return any(_matches(f, name, one="*", rest=">", rest_may_be_empty=False) for f in self.filters())
+        return nats_subject_matches(self.subjects, subject)
 
 
 class MqttSource(_Credentials):
@@ -197,7 +196,8 @@ class MqttSource(_Credentials):
     kind: Literal[SourceKind.MQTT] = SourceKind.MQTT
     host: str = Field(default="127.0.0.1", min_length=1)  # a host name or IP address: no scheme, no port
     port: int = Field(default=1883, gt=0, lt=65536)
-    # topic filters ('+' a whole level, '#' the whole last one; 65,535 bytes at most); no shared subscription
+    # topic filters ('+' a whole level, '#' the whole last one; 65,535 bytes at most); no shared subscription.
+    # Changed, the persistent session unsubscribes the old ones and subscribes the new ones (read from then on).
     topics: tuple[str, ...] = Field(min_length=1)
     client_id: str | None = Field(default=None, min_length=1, max_length=64)  # default: fusion-<institution>
 
@@ -277,6 +277,12 @@ def _is_address(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def nats_subject_matches(filters: Sequence[str], subject: str) -> bool:
+    """Whether a NATS subject matches one of the subject filters ('*' one token, '>' the one or more left)."""
+    name = subject.split(".")
+    return any(_matches(f.split("."), name, one="*", rest=">", rest_may_be_empty=False) for f in filters)
 
 
 def _matches(tokens: Sequence[str], name: Sequence[str], *, one: str, rest: str, rest_may_be_empty: bool) -> bool:

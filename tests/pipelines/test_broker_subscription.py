@@ -1,0 +1,175 @@
+"""A broker source whose topics or subjects change between runs: its broker session follows the config.
+
+The journal stays with the broker session (an MQTT client id, a JetStream durable consumer), which redelivers what
+was journalled but not acknowledged whatever the config says now; the reader makes the session's subscription the
+source's. A test that needs a broker skips, naming it, when it is not reachable; with FUSION_REQUIRE_BROKERS set (CI)
+it fails instead.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fusion.config.brokers import MqttSource, NatsSource
+from pipelines.broker_journal import AckFloor, SourceJournal
+from pipelines.broker_sources import MqttReader, NatsReader, SourceReader
+from tests.pipelines.test_broker_stream import NATS, nats, need_broker
+
+#: The private Mosquitto's queue per offline session (Mosquitto's default is 1000): past it, the broker drops.
+QUEUE = 5
+
+
+def journalled(journal: SourceJournal) -> Counter[str]:
+    return Counter("".join(p.read_text() for p in journal.segments()).splitlines())
+
+
+def read_until_idle(reader: SourceReader, seconds: float = 20) -> SourceReader:
+    """Start the reader, wait until it has caught up (idle: nothing came for a while), and stop it."""
+    reader.start()
+    try:
+        deadline = time.monotonic() + seconds
+        while not reader.idle:
+            assert time.monotonic() < deadline, reader.health
+            time.sleep(0.05)
+    finally:
+        reader.stop()
+        reader.join(5)
+    return reader
+
+
+def test_a_floor_of_earlier_subjects_stays_on_record_beside_the_new_one(tmp_path: Path) -> None:
+    """The floor of a consumer over a.> is kept when one over b.> replaces it in the same life of the stream: a
+    message of a.> at or below it is journalled, one of b.> or above it is not; a new life of the stream drops it."""
+    journal = SourceJournal(tmp_path)
+    journal.prune_acknowledged(AckFloor("life", 5, ("a.>",)))
+    journal.prune_acknowledged(AckFloor("life", 0, ("b.>",)))
+    again = SourceJournal(tmp_path)  # on disk, read back
+    assert again.floor == AckFloor("life", 0, ("b.>",)) and again.earlier == (AckFloor("life", 5, ("a.>",)),)
+    assert again.journalled_earlier("5@life", "a.x") and again.journalled_earlier("1@life", "a.x.y")
+    assert not again.journalled_earlier("6@life", "a.x")  # above the floor
+    assert not again.journalled_earlier("3@life", "b.x")  # another subject: never delivered to that consumer
+    assert not again.journalled_earlier("3@other", "a.x")  # another life of the stream
+    again.prune_acknowledged(AckFloor("life", 2, ("a.>",)))  # back to a.>: both kept, a.> with its higher floor
+    assert set(again.earlier) == {AckFloor("life", 5, ("a.>",)), AckFloor("life", 0, ("b.>",))}
+    again.prune_acknowledged(AckFloor("next", 0, ("a.>",)))  # the stream created again
+    assert again.earlier == ()
+
+
+@pytest.fixture
+def small_queue_mosquitto(tmp_path: Path) -> Iterator[int]:
+    """A Mosquitto of the test's own on a free loopback port that queues QUEUE messages per offline session."""
+    if shutil.which("mosquitto") is None:
+        message = "the mosquitto program is not installed (Debian: mosquitto), for a broker with a small queue"
+        if os.environ.get("FUSION_REQUIRE_BROKERS"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages {QUEUE}\n"
+        f"user {getpass.getuser()}\n"  # as root, Mosquitto would switch to its own user
+    )
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert broker.poll() is None and time.monotonic() < deadline, "the private mosquitto did not start"
+                time.sleep(0.05)
+        yield port
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+@pytest.mark.brokers
+def test_an_mqtt_source_whose_topics_changed_leaves_the_old_ones(
+    tmp_path: Path, small_queue_mosquitto: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """alpha's topics change from a/# to b/#. The persistent session kept a/# subscribed: the broker went on
+    delivering its messages (each dropped) and, while the stream was stopped, queueing them, until the session's
+    queue was full and the broker dropped alpha's own readings. The reader now unsubscribes a filter the source no
+    longer declares."""
+    import paho.mqtt.client as mqtt
+
+    port, tag = small_queue_mosquitto, uuid.uuid4().hex[:8]
+    journal = SourceJournal(tmp_path / "journal")
+
+    def reader(topic: str, notice: Callable[[str], None] = lambda _: None) -> MqttReader:
+        source = MqttSource(port=port, topics=(f"{tag}/{topic}",), client_id=f"fusion-test-{tag}")
+        return MqttReader("alpha", source, SourceJournal(journal.directory), None, notice)
+
+    read_until_idle(reader("a/#"))
+    notices: list[str] = []
+    read_until_idle(reader("b/#", notices.append))  # the first run with the new topics
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fusion-test-{tag}-pub")
+    publisher.connect("127.0.0.1", port)
+    publisher.loop_start()
+    # while the stream is stopped: the old topic's traffic goes on (now another institution's, say), then alpha's
+    for level, n in [*(("a", n) for n in range(2 * QUEUE)), *(("b", n) for n in range(3))]:
+        publisher.publish(f"{tag}/{level}/r", f'{{"{level}": {n}}}'.encode(), qos=1).wait_for_publish(5)
+    publisher.loop_stop()
+    publisher.disconnect()
+    with caplog.at_level(logging.WARNING, logger="pipelines.broker_sources"):
+        read_until_idle(reader("b/#"))
+    assert journalled(journal) == Counter(f'{{"b": {n}}}' for n in range(3))  # every reading, once
+    assert not [r for r in caplog.records if "dropped a message" in r.getMessage()]  # a/# is not delivered
+    assert journal.subscriptions() == {f"{tag}/b/#"}
+    assert [n for n in notices if "among its topics" in n] == [
+        f"source alpha mqtt 127.0.0.1:{port}: unsubscribed {tag}/a/#, no longer among its topics",
+        f"source alpha mqtt 127.0.0.1:{port}: subscribed {tag}/b/#, new among its topics",
+    ]
+
+
+@pytest.mark.brokers
+def test_a_jetstream_source_whose_subjects_change_journals_each_message_of_them_once(tmp_path: Path) -> None:
+    """alpha's subjects go from a.x to a.>, then b.>, then back to a.> (one durable consumer, one journal). The
+    server updated the consumer's filter in place: it went on from its place in the stream (a new subject's earlier
+    messages were never read) or, as nats-server 2.9 does when a filter widens, delivered nothing more at all. The
+    consumer is now created again over the new subjects, which it reads from the stream's start, and the floor of
+    the old one recognises what that journalled: each message of the subjects declared at a run is journalled once,
+    none of the others."""
+    need_broker(NATS)
+    tag = uuid.uuid4().hex[:8]
+    stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
+    journal = SourceJournal(tmp_path / "journal")
+
+    def publish(*names: str) -> None:
+        nats("publish", stream, prefix, [(f"{prefix}.{n.split(':')[0]}", f'"{n}"'.encode(), None) for n in names])
+
+    def read(subject: str) -> None:
+        source = NatsSource(stream=stream, subjects=(f"{prefix}.{subject}",), durable=f"fusion-test-{tag}")
+        read_until_idle(NatsReader("alpha", source, SourceJournal(journal.directory), None, lambda _: None))
+
+    nats("create", stream, prefix)
+    try:
+        publish("a.x:1", "a.y:1", "b.x:1")
+        read("a.x")
+        publish("a.x:2", "a.y:2")
+        read("a.>")  # a.y:1 and a.y:2 are a.> too
+        publish("a.x:3", "b.x:2")
+        read("b.>")
+        publish("a.y:3", "b.x:3")
+        read("a.>")  # a.y:3 came while the source read b.>; b.x:3 is not a.> any more
+    finally:
+        nats("delete", stream, prefix)
+    assert journalled(journal) == Counter(
+        f'"{n}"' for n in ("a.x:1", "a.y:1", "a.x:2", "a.y:2", "a.x:3", "b.x:1", "b.x:2", "a.y:3")
+    )
