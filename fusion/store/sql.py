@@ -14,9 +14,10 @@ chunks of rows, never inside one function call. The calls that can run or alloca
 (quadratic string distances; lists and strings built from a count, but for small literal arguments) are refused,
 as are the functions that run a query given as a string, which would escape these checks and, some, the time limit
 (`fusion.store.sql_calls`), and the calls that would repeat a value without bound: a lambda's body counts once for
-each item of its list, a replace may lengthen its text at most a few times (`fusion.store.sql_growth`). A query
-can still build a huge value step by step through columns (a string doubled in each of thirty WITH clauses), which
-outruns both limits. The sandbox keeps a query to the store's tables; to bound what an
+each item of its list, a replace may lengthen its text at most a few times (`fusion.store.sql_growth`; in a PIVOT
+without an IN list, whose ON values name its columns, these calls are refused by name, `fusion.store.sql_pivot`). A
+query can still build a huge value step by step through columns (a string doubled in each of thirty WITH clauses),
+which outruns both limits. The sandbox keeps a query to the store's tables; to bound what an
 untrusted query may cost the machine, run it in a process of its own under an OS memory limit (ulimit -v, a
 container).
 """
@@ -41,6 +42,7 @@ from fusion.errors import SqlError, SqlLimitExceeded, SqlRefused, StoreUnreadabl
 from fusion.store.delta import Store
 from fusion.store.sql_calls import QUERY_CALLS, UNBOUNDED_CALLS, refusal, refused_call_in_text
 from fusion.store.sql_growth import check_calls
+from fusion.store.sql_pivot import pivot_twin, refused_in_pivots, twin_read_as_query
 from schemas.tables import TABLE_SCHEMAS
 
 _SANDBOX_HINT = (
@@ -243,22 +245,41 @@ class SqlSandbox:
         except ValueError:  # a statement type this DuckDB client cannot name (UPDATE EXTENSIONS): never a query
             kind = None
         if kind is duckdb.StatementType.SELECT:
-            writes, refused, built = self._inspect(text)
-            if writes:
-                raise SqlRefused(f"{writes} statements are refused, in a WITH clause too. {_SANDBOX_HINT}")
-            if refused:
-                raise SqlRefused(f"{refused} {_SANDBOX_HINT}")
-            if not sum(built.values()) <= self._row_budget:  # nan (a count of 'nan') too
-                raise SqlRefused(self._past_row_budget(built))
+            self._check_calls(text, self._parse(text))
             return
         # DuckDB runs a PIVOT without an IN list as several statements: first one creating an ENUM type of the
-        # pivoted values, then the query. Its text must then be a query, one that parses as a subquery (DuckDB
-        # cannot serialise it: the functions it calls are looked for in its text, FROM range(...) refused too).
+        # pivoted values, then the query. Its text must then be a query, one that parses as a subquery; its calls
+        # are checked on the parse tree of a twin of it that DuckDB can serialise (sql_pivot), or, where there is
+        # none, by its text.
         if kind is duckdb.StatementType.MULTI and self._is_query(text):
+            twin = pivot_twin(text)
+            tree = self._parse(twin.text) if twin is not None else None
+            self._check_calls(text, tree if twin is not None and twin_read_as_query(tree, twin) else None,
+                              pivoted=True)
+            return
+        raise SqlRefused(f"{_refused(text, kind)}. {_SANDBOX_HINT}")
+
+    def _check_calls(self, text: str, tree: dict[str, Any] | None, *, pivoted: bool = False) -> None:
+        """Refuses a query that writes in a WITH clause, makes a call refused (see sql_calls; in a PIVOT without an
+        IN list, where the query is `pivoted`, see sql_pivot), or builds more from counts in a row than its row
+        budget: checked on its parse tree, or where there is none, by its text."""
+        if tree is None:  # a statement DuckDB does not serialise (or no JSON extension): by its text
             if refused := _refused_by_text(text):
                 raise SqlRefused(f"{refused} {_SANDBOX_HINT}")
             return
-        raise SqlRefused(f"{_refused(text, kind)}. {_SANDBOX_HINT}")
+        writes, refused, built = _inspect(tree)
+        if writes:
+            raise SqlRefused(f"{writes} statements are refused, in a WITH clause too. {_SANDBOX_HINT}")
+        if refused:
+            raise SqlRefused(f"{refused} {_SANDBOX_HINT}")
+        if pivoted and (call := refused_in_pivots(tree)):
+            raise SqlRefused(
+                f"{refusal(call)} In a PIVOT without an IN list (its source, ON, USING and GROUP BY, and the WITH "
+                f"queries its source reads) {call}() is refused whatever its arguments: a PIVOT is checked in full "
+                f"with an IN list (PIVOT ... ON k IN ('a', 'b')). {_SANDBOX_HINT}"
+            )
+        if not sum(built.values()) <= self._row_budget:  # nan (a count of 'nan') too
+            raise SqlRefused(self._past_row_budget(built))
 
     def _is_query(self, text: str) -> bool:
         """Whether `text` (one statement) parses as a subquery: a query, never a statement that writes."""
@@ -270,33 +291,18 @@ class SqlSandbox:
             return False
         return len(kinds) == 1 and kinds[0] in (duckdb.StatementType.SELECT, duckdb.StatementType.MULTI)
 
-    def _inspect(self, text: str) -> tuple[str | None, str | None, dict[str, float]]:
-        """(the statement that writes in a SELECT's WITH clause, why a call in it is refused, see sql_calls), each
-        None when there is none, and the bytes the calls build from counts (and literals they repeat) in a row, by
-        what builds them. A write (`WITH x AS (DELETE ... RETURNING *) ...`) DuckDB would refuse anyway (the store's
-        tables are views), but the refusal should say why. The parse tree is walked without recursion: a query
-        nested hundreds of levels deep is a refusal, not a Python error."""
+    def _parse(self, text: str) -> dict[str, Any] | None:
+        """DuckDB's JSON form of the parsed query, None where DuckDB gives none (a statement it does not serialise,
+        no JSON extension in this build)."""
         try:
             rows = self._con.execute("SELECT json_serialize_sql(?::VARCHAR)", [text]).fetchall()
-        except duckdb.Error:  # no JSON extension in this build: the binder still refuses the write
-            return None, _refused_by_text(text), {}
+        except duckdb.Error:  # no JSON extension in this build: the binder still refuses a write
+            return None
         try:
             tree = json.loads(rows[0][0])
         except RecursionError:
             raise SqlRefused(f"the query is nested too deeply to be checked: flatten it. {_SANDBOX_HINT}") from None
-        if not isinstance(tree, dict) or tree.get("error"):  # a statement DuckDB does not serialise: by its text
-            return None, _refused_by_text(text), {}
-        writes: str | None = None
-        stack: list[Any] = [tree]
-        while stack and writes is None:
-            node = stack.pop()
-            if isinstance(node, dict):
-                writes = _WRITING_NODES.get(str(node.get("type")))
-                stack.extend(node.values())
-            elif isinstance(node, list):
-                stack.extend(node)
-        calls = check_calls(tree)
-        return writes, calls.refused, calls.built
+        return tree if isinstance(tree, dict) and not tree.get("error") else None
 
     @property
     def _row_budget(self) -> int:
@@ -330,6 +336,25 @@ class SqlSandbox:
                 time.sleep(0.01)
 
 
+def _inspect(tree: dict[str, Any]) -> tuple[str | None, str | None, dict[str, float]]:
+    """(the statement that writes in a SELECT's WITH clause, why a call in it is refused, see sql_calls), each None
+    when there is none, and the bytes the calls build from counts (and literals they repeat) in a row, by what builds
+    them. A write (`WITH x AS (DELETE ... RETURNING *) ...`) DuckDB would refuse anyway (the store's tables are
+    views), but the refusal should say why. The parse tree is walked without recursion: a query nested hundreds of
+    levels deep is a refusal, not a Python error."""
+    writes: str | None = None
+    stack: list[Any] = [tree]
+    while stack and writes is None:
+        node = stack.pop()
+        if isinstance(node, dict):
+            writes = _WRITING_NODES.get(str(node.get("type")))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    calls = check_calls(tree)
+    return writes, calls.refused, calls.built
+
+
 def _refused_by_text(text: str) -> str | None:
     """Why a query checked by its text only is refused (a function it calls by name, see sql_calls), or None."""
     call = refused_call_in_text(text)
@@ -338,7 +363,8 @@ def _refused_by_text(text: str) -> str | None:
     if call in UNBOUNDED_CALLS | QUERY_CALLS:
         return refusal(call)
     return (f"{refusal(call)} This query is checked by its text only, where {call}() is refused whatever its "
-            "arguments: a PIVOT is checked in full with an IN list (PIVOT ... ON k IN ('a', 'b')).")
+            "arguments: a PIVOT is checked in full with an IN list (PIVOT ... ON k IN ('a', 'b')), and the rest of "
+            "its query where its source joins no tables (join them in a subquery: PIVOT (SELECT ...) ON k).")
 
 
 def _tables_named(sql: str, tables: dict[str, int | None]) -> list[str]:

@@ -2,7 +2,7 @@
 against its limit, between chunks of rows, never inside one function call: a call that can run or allocate without
 bound on its own is refused before the query runs. `sql_growth.check_calls` asks `built_bytes` and `growth` of each
 call in a query's parse tree, and `SqlSandbox` asks `refused_call_in_text` where it has only the query's text (a
-PIVOT without IN list).
+PIVOT without IN list that `sql_pivot` cannot give one).
 
 A value built from a count is bounded twice: each count is a literal of at most COUNT_LIMIT, and `built_bytes`
 estimates its size, which the sandbox bounds for all of a query's calls together: DuckDB computes a chunk of 2,048
@@ -91,8 +91,9 @@ SET_GROWING_CALLS = frozenset({"replace", "regexp_replace", "concat_ws"}) | FORM
 MAX_GROWTH = 16
 #: The functions refused whatever their arguments.
 _REFUSED_CALLS = UNBOUNDED_CALLS | QUERY_CALLS
-#: The functions refused by name where a query is checked by its text (a PIVOT without IN list).
-_REFUSED_BY_TEXT = _REFUSED_CALLS | set(COUNTED_CALLS) | SET_GROWING_CALLS | MAP_CALLS | REDUCE_CALLS
+#: The functions refused by name, whatever their arguments, in a PIVOT without IN list (`sql_pivot`), and anywhere
+#: in a query checked by its text only.
+REFUSED_BY_NAME = _REFUSED_CALLS | set(COUNTED_CALLS) | SET_GROWING_CALLS | MAP_CALLS | REDUCE_CALLS
 #: Calls that keep a list's length (at most), for the length of a lambda's list.
 _SAME_LENGTH = MAP_CALLS | FILTER_CALLS | {
     "list_sort", "array_sort", "list_reverse_sort", "array_reverse_sort", "list_distinct", "array_distinct",
@@ -197,7 +198,7 @@ def refused_call_in_text(text: str) -> str | None:
     for (word, kind), (following, _) in itertools.pairwise(words):
         if kind in (duckdb.token_type.identifier, duckdb.token_type.keyword) and following.startswith("("):
             name = (word[1:-1].replace('""', '"') if word.startswith('"') else word).lower()
-            if name in _REFUSED_BY_TEXT:
+            if name in REFUSED_BY_NAME:
                 return name
     return None
 
@@ -331,5 +332,6 @@ def _length(expression: Any) -> float:
 
 
 __all__ = ["COUNTED_CALLS", "COUNT_LIMIT", "FILTER_CALLS", "FORMAT_CALLS", "GROWING_CALLS", "MAP_CALLS", "MAX_GROWTH",
-           "QUERY_CALLS", "REDUCE_CALLS", "SCALAR_CALLS", "SCALAR_CLASSES", "SCALAR_OPERATORS", "SET_GROWING_CALLS",
-           "UNBOUNDED_CALLS", "built_bytes", "growth", "list_length", "numeric_list", "refusal", "refused_call_in_text"]
+           "QUERY_CALLS", "REDUCE_CALLS", "REFUSED_BY_NAME", "SCALAR_CALLS", "SCALAR_CLASSES", "SCALAR_OPERATORS",
+           "SET_GROWING_CALLS", "UNBOUNDED_CALLS", "built_bytes", "growth", "list_length", "numeric_list", "refusal",
+           "refused_call_in_text"]

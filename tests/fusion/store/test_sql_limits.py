@@ -167,9 +167,9 @@ BIG_LIST = "(SELECT list(x) AS l FROM range(100000) t(x))"
          r"list_reduce\(\) is refused where its lambda repeats its accumulator a"),
         ("SELECT length(reduce(range(12), lambda a, x: replace(a, 'a', 'aa'), 'a')) AS n",
          r"reduce\(\) is refused where its lambda repeats its accumulator a"),
-        # a PIVOT without IN list is checked by its text: these calls by name
+        # in a PIVOT without IN list (its source, ON, USING, GROUP BY) these calls are refused by name
         ("PIVOT (SELECT replace('k', 'k', 'kk') AS k, 1 AS v) ON k USING sum(v)",
-         r"replace\(\) is refused .* checked by its text only, where replace\(\) is refused whatever its arguments"),
+         r"replace\(\) is refused .* In a PIVOT without an IN list .* replace\(\) is refused whatever its arguments"),
         ("PIVOT (SELECT 'k' AS k, len(list_transform([1], lambda x: x)) AS v) ON k USING sum(v)",
          r"list_transform\(\) is refused unless its call is checked.* a PIVOT is checked in full with an IN list"),
     ],
@@ -536,6 +536,69 @@ def test_pivot_without_an_in_list_is_accepted_and_matches_a_reference(store: Sto
         got = {(row["region"], metric): row[metric] for row in sandbox.query(query).to_pylist()
                for metric in ("temp", "load") if row[metric] is not None}
         assert got == expected, query
+
+
+#: A PIVOT without IN list, whose calls were looked for in the query's whole text.
+PIVOTED = "(PIVOT releases ON metric USING sum(count) GROUP BY region)"
+
+
+def test_the_query_around_a_pivot_without_an_in_list_is_checked_as_any_query(store: Store,
+                                                                               sandbox: SqlSandbox) -> None:
+    """replace, concat_ws, a lambda or a `* REPLACE (...)` anywhere in a query holding such a PIVOT were refused by
+    name; only the PIVOT's own parts are now, and the rest is checked on its parse tree, as any query is."""
+    totals: dict[str, dict[str, float]] = {}
+    for row in store.read("releases").to_pylist():
+        metrics = totals.setdefault(row["region"], {})
+        metrics[row["metric"]] = metrics.get(row["metric"], 0.0) + row["count"]
+    regions = sorted(totals)
+
+    got = sandbox.query(f"SELECT replace(region, 'o', '0') AS r, temp FROM {PIVOTED} ORDER BY region").to_pylist()
+    assert got == [{"r": region.replace("o", "0"), "temp": totals[region].get("temp")} for region in regions]
+
+    got = sandbox.query("WITH keys AS (SELECT concat_ws('|', region, metric) AS k FROM releases) "
+                        f"SELECT region, (SELECT max(k) FROM keys) AS top FROM {PIVOTED} ORDER BY region").to_pylist()
+    top = max(f"{row['region']}|{row['metric']}" for row in store.read("releases").to_pylist())
+    assert got == [{"region": region, "top": top} for region in regions]
+
+    got = sandbox.query("SELECT region, list_transform([temp, load], lambda v: coalesce(v, 0)) AS l "
+                        f"FROM {PIVOTED} ORDER BY region").to_pylist()
+    assert got == [{"region": region, "l": [totals[region].get("temp", 0), totals[region].get("load", 0)]}
+                   for region in regions]
+
+    got = sandbox.query(f"SELECT * REPLACE (upper(region) AS region) FROM {PIVOTED} ORDER BY region").to_pylist()
+    assert [row["region"] for row in got] == [region.upper() for region in regions]
+
+
+@pytest.mark.parametrize(
+    ("query", "refused"),
+    [
+        # the PIVOT's own parts: its ON values name its columns, and derive from these calls whatever their arguments
+        ("PIVOT releases ON replace(metric, 'e', 'ee') USING sum(count)", r"replace\(\) is refused .* In a PIVOT "
+         r"without an IN list \(its source, ON, USING and GROUP BY, and the WITH queries its source reads\)"),
+        ("PIVOT releases ON metric USING max(concat_ws('|', region, unit))", r"concat_ws\(\) is refused .* In a PIVOT"),
+        ("PIVOT (SELECT metric, list_transform([count], lambda c: c) AS l FROM releases) ON metric USING max(l)",
+         r"list_transform\(\) is refused .* In a PIVOT"),
+        ("WITH c AS (SELECT replace(region, 'o', '0') AS k, count FROM releases), d AS (FROM c) "
+         "PIVOT d ON k USING sum(count)", r"replace\(\) is refused .* In a PIVOT"),  # a WITH query its source reads
+        ("WITH c AS (SELECT replace(region, 'o', '0') AS k, count FROM releases) "
+         "PIVOT (FROM query_table('c')) ON k USING sum(count)", r"replace\(\) is refused .* In a PIVOT"),
+        # the rest of the query: checked as any query's
+        (f"SELECT replace(region, 'o', repeat('o', 1000)) AS r FROM {PIVOTED}",
+         r"replace\(\) is refused unless its replacement is a literal"),
+        (f"SELECT levenshtein(region, region) AS d FROM {PIVOTED}", r"levenshtein\(\) is refused"),
+        (f"SELECT length(repeat('ab', 300000)) AS n FROM {PIVOTED}",
+         r"the values this query builds from counts \(repeat\(\)\) come to about 600,\d{3} bytes a row"),
+        # a PIVOT whose source joins tables (an ON of its own), or a query naming the IN list's type: by its text
+        ("SELECT replace(region, 'o', '0') AS r FROM (PIVOT releases a JOIN releases b USING (release_id) ON metric "
+         "USING count(*) GROUP BY region)", r"replace\(\) is refused .* This query is checked by its text only"),
+        (f"SELECT replace(region, 'o', '0') AS fusion_pivot_values FROM {PIVOTED}",
+         r"replace\(\) is refused .* This query is checked by its text only"),
+    ],
+)
+def test_a_pivot_without_an_in_list_still_refuses_what_it_derives_from(sandbox: SqlSandbox, query: str,
+                                                                        refused: str) -> None:
+    with pytest.raises(SqlRefused, match=rf"^{refused}"):
+        sandbox.query(query)
 
 
 @pytest.mark.parametrize(
