@@ -82,7 +82,8 @@ GROWING_CALLS: dict[str, float] = {
 }
 #: Calls whose factor of growth their literal arguments set (`growth`): replace by its replacement's length over
 #: its pattern's, regexp_replace by its replacement's (with the 'g' option an empty match is replaced too, at each
-#: of the text's n + 1 places), concat_ws by its separator's (put between the items of a list it is given), and
+#: of the text's n + 1 places), concat_ws by its separator's (put between the items of a list it is given: a literal,
+#: or a constant text of literals and chr() joined by || or concat(), `_constant_bytes`), and
 #: format and printf by their fields where these name their arguments by position ('{0}{0}', '%1$s%1$s').
 SET_GROWING_CALLS = frozenset({"replace", "regexp_replace", "concat_ws"}) | FORMAT_CALLS
 #: The most times a value whose size is unknown (a column's) may be repeated, or grown by the calls around it: a
@@ -112,6 +113,8 @@ SCALAR_CALLS = frozenset({
     # arithmetic and numeric functions: a number (or a date or time) of fixed size, whatever its operands
     "+", "-", "*", "/", "//", "%", "^", "**", "abs", "round", "sqrt", "cbrt", "ln", "log", "log2", "log10", "exp",
     "pow", "power", "floor", "ceil", "ceiling", "sign", "trunc", "even", "factorial", "degrees", "radians"})
+#: The bytes of a character in UTF-8, by the code points below which it takes them.
+_UTF8_WIDTHS = ((1, 0x80), (2, 0x800), (3, 0x10000))
 #: A backreference in a regexp_replace replacement (\0 to \9), or an escaped backslash.
 _BACKREFERENCE = re.compile(r"\\([0-9\\])")
 #: A printf conversion's width and precision (`%-08.3f`, `%*d`), or an escaped `%%`.
@@ -216,8 +219,9 @@ def refusal(call: str) -> str:
             "regexp_replace": (f"its replacement is a literal (and its options): with the 'g' option of at most "
                                f"{MAX_GROWTH - 1} bytes, as an empty match is replaced too; without it, with at most "
                                f"{MAX_GROWTH - 1} backreferences (\\0 to \\9)"),
-            "concat_ws": (f"its separator is a literal of at most {MAX_GROWTH - 1} bytes (it goes between the items "
-                          "of a list it is given too)"),
+            "concat_ws": (f"its separator is a literal of at most {MAX_GROWTH - 1} bytes, or a constant text of "
+                          "that size made of literals and chr() by || or concat() (chr(9), '|' || ','): it goes "
+                          "between the items of a list it is given too"),
         }[call]
         return (
             f"{call}() is refused unless {allowed}: one call of it can make its text that many times longer, without "
@@ -255,7 +259,9 @@ def growth(name: str, call: dict[str, Any]) -> float | None:
     if name in FORMAT_CALLS:
         return float(max(1, _positional_fields(name, literals[0]))) if literals and literals[0] is not None else None
     if name == "concat_ws":
-        return 1.0 + len(literals[0].encode()) if literals and literals[0] is not None else None
+        first = (call.get("arguments") or [None])[0]
+        separator = _constant_bytes(first.get("expression")) if isinstance(first, dict) else None
+        return 1.0 + separator if separator is not None else None
     if len(literals) < 3 or literals[2] is None:
         return None
     replacement = literals[2]
@@ -266,6 +272,29 @@ def growth(name: str, call: dict[str, Any]) -> float | None:
     if options is None or "g" in options:  # each byte of the replacement at each of the n + 1 places it may go
         return 1.0 + len(replacement.encode())
     return 1.0 + sum(1 for match in _BACKREFERENCE.finditer(replacement) if match.group(1) != "\\")
+
+
+def _constant_bytes(expression: Any) -> float | None:
+    """The most bytes of a constant text: a literal, chr() of a literal (one character, of 1 to 4 bytes), or texts
+    of these joined by || or concat(); None for any other expression (a column, repeat(), a cast)."""
+    size, stack = 0.0, [expression]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            return None
+        arguments = [argument.get("expression") if isinstance(argument, dict) else None
+                     for argument in node.get("arguments") or []]
+        name = str(node.get("function_name", "")).lower() if node.get("class") == "FUNCTION" else None
+        if node.get("class") == "CONSTANT":
+            size += len(str((node.get("literal") or {}).get("text", "")).encode())
+        elif name == "chr" and len(arguments) == 1 and arguments[0] and arguments[0].get("class") == "CONSTANT":
+            code = _number(_literal({"expression": arguments[0]}))  # its character's UTF-8 bytes, or the most
+            size += next((width for width, below in _UTF8_WIDTHS if code is not None and 0 <= code < below), 4)
+        elif name in ("||", "concat"):
+            stack.extend(arguments)
+        else:
+            return None
+    return size
 
 
 def _positional_fields(name: str, text: str) -> int:

@@ -245,6 +245,26 @@ def test_calls_that_repeat_a_value_a_bounded_number_of_times_run(sandbox: SqlSan
 
 
 @pytest.mark.parametrize(
+    ("separator", "between"),
+    [("chr(9)", "\t"), ("'|' || ','", "|,"), ("concat(' ', chr(124), ' ')", " | "), ("chr(9) || chr(9)", "\t\t")],
+)
+def test_concat_ws_takes_a_constant_separator(store: Store, sandbox: SqlSandbox, separator: str, between: str) -> None:
+    """A separator built of literals and chr() was refused as no literal: its size is as bounded as a literal's."""
+    got = sandbox.query(f"SELECT concat_ws({separator}, region, metric) AS r FROM releases").column("r").to_pylist()
+    rows = store.read("releases").to_pylist()
+    assert sorted(got) == sorted(f"{row['region']}{between}{row['metric']}" for row in rows)
+
+
+@pytest.mark.parametrize("separator", ["region", "chr(count::INT)", "chr(9) || region", "repeat('|', 3)",
+                                       "'0123456789' || '012345'"])
+def test_concat_ws_refuses_a_separator_built_from_columns_counts_or_past_15_bytes(sandbox: SqlSandbox,
+                                                                                  separator: str) -> None:
+    with pytest.raises(SqlRefused, match=r"^concat_ws\(\) is refused unless its separator is a literal of at most 15 "
+                                         r"bytes, or a constant text of that size"):
+        sandbox.query(f"SELECT concat_ws({separator}, region, metric) AS r FROM releases")
+
+
+@pytest.mark.parametrize(
     ("query", "call"),
     [
         ("SELECT * FROM query('SELECT levenshtein(repeat(''a'', 100000), repeat(''b'', 100000)) AS d')", "query"),
