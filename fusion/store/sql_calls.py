@@ -61,6 +61,9 @@ COUNTED_CALLS: dict[str, _Counted] = {
     "list_resize": _Counted((1,), unit=16, repeated=2), "array_resize": _Counted((1,), unit=16, repeated=2),
     "bitstring": _Counted((1,), unit=1), "equi_width_bins": _Counted((2,), unit=8),
 }
+#: Calls that pad their text (their first argument) with their fill (their third) to their count of characters, or
+#: cut it there: they add at most count characters of their fill to it, however long it is.
+PADDING_CALLS = frozenset({"lpad", "rpad"})
 #: Calls whose format string (their first argument) sets widths and precisions, each padded with characters of up
 #: to 4 bytes: format('{:>1000000000}', 'x') took 2.5 s and 600 MB past a 1 s and 64 MB limit. The format string
 #: must be a literal, each width and precision in it a number (not an argument's: printf('%*s', n, 'x')).
@@ -148,6 +151,18 @@ def built_bytes(name: str, call: dict[str, Any], *, table_function: bool) -> flo
             return None
         unit = max(unit, len(repeated.encode()))
     return unit * (_span(numbers) if counted.counts is None else math.prod(abs(number) for number in numbers))
+
+
+def padding(name: str, call: dict[str, Any]) -> float | None:
+    """The most bytes a call of lpad or rpad (PADDING_CALLS) adds to its text: its count times the widest character
+    of its fill (4 bytes where the fill is no literal); None for any other call, or a count that is no literal."""
+    literals = [_literal(argument) for argument in call.get("arguments") or []]
+    count = _number(literals[1]) if name in PADDING_CALLS and len(literals) > 1 else None
+    if count is None or math.isnan(count):
+        return None
+    fill = literals[2] if len(literals) > 2 else None
+    widest = 4 if fill is None else max((len(char.encode()) for char in fill), default=0)
+    return math.ceil(abs(count)) * widest
 
 
 def _literal(argument: Any) -> str | None:
@@ -361,6 +376,6 @@ def _length(expression: Any) -> float:
 
 
 __all__ = ["COUNTED_CALLS", "COUNT_LIMIT", "FILTER_CALLS", "FORMAT_CALLS", "GROWING_CALLS", "MAP_CALLS", "MAX_GROWTH",
-           "QUERY_CALLS", "REDUCE_CALLS", "REFUSED_BY_NAME", "SCALAR_CALLS", "SCALAR_CLASSES", "SCALAR_OPERATORS",
-           "SET_GROWING_CALLS", "UNBOUNDED_CALLS", "built_bytes", "growth", "list_length", "numeric_list", "refusal",
-           "refused_call_in_text"]
+           "PADDING_CALLS", "QUERY_CALLS", "REDUCE_CALLS", "REFUSED_BY_NAME", "SCALAR_CALLS", "SCALAR_CLASSES",
+           "SCALAR_OPERATORS", "SET_GROWING_CALLS", "UNBOUNDED_CALLS", "built_bytes", "growth", "list_length",
+           "numeric_list", "padding", "refusal", "refused_call_in_text"]

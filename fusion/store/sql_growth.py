@@ -5,7 +5,8 @@ memory limit act between chunks of rows, see sql_calls).
 A map or reduce lambda (list_transform, list_reduce, a list comprehension) holds its body's value once for each item
 of its list: what the body builds from counts and literals counts that many times against the sandbox's row budget
 (list_transform(range(12000), lambda x: range(12000)): 1.15 GB, 37 s past a 5 s limit), and over a list of unknown
-length (a column's) it may build nothing from counts and add at most MAX_GROWTH bytes of literals to each item. A
+length (a column's) it may build nothing from counts and add at most MAX_GROWTH bytes of literals to each item (the
+padding of lpad and rpad to a literal width counts as literals: lpad(c, 12, ' ') adds 12 bytes to its item). A
 filter's body is a boolean, as is any value below a comparison, and a count (len, list_sum) a number: what these are
 built from is built a chunk of items at a time, as a row's values are, and held in no result (so the row budget
 covers it). A value of unknown size (a column's) may be repeated at most MAX_GROWTH times:
@@ -27,6 +28,7 @@ from fusion.store.sql_calls import (
     FILTER_CALLS,
     MAP_CALLS,
     MAX_GROWTH,
+    PADDING_CALLS,
     REDUCE_CALLS,
     SCALAR_CALLS,
     SCALAR_CLASSES,
@@ -36,6 +38,7 @@ from fusion.store.sql_calls import (
     growth,
     list_length,
     numeric_list,
+    padding,
     refusal,
 )
 
@@ -115,7 +118,7 @@ def check_calls(tree: Any) -> CallCheck:
             continue
         kind = node.get("class")
         if kind == "FUNCTION":
-            check.refused = _check_function(node, key == "function", place, check.built, stack)
+            check.refused = _check_function(node, key == "function", place, check.built, item_literals, stack)
         elif kind == "LAMBDA":  # its place set by its call; its parameters (lhs) are no references
             stack.append((node.get("expr"), "expr", place))
         elif kind in ("COLUMN_REF", "STAR", "POSITIONAL_REFERENCE"):  # a column, COLUMNS(...) or #1: by name or not
@@ -131,7 +134,7 @@ def check_calls(tree: Any) -> CallCheck:
 
 
 def _check_function(node: dict[str, Any], table_function: bool, place: _Place, built: dict[str, float],
-                    stack: list[tuple[Any, str | None, _Place]]) -> str | None:
+                    item_literals: dict[int, float], stack: list[tuple[Any, str | None, _Place]]) -> str | None:
     """Check one call, count what it builds, and queue its arguments, each at its place; why it is refused, or
     None."""
     name = str(node.get("function_name", "")).lower()
@@ -139,13 +142,20 @@ def _check_function(node: dict[str, Any], table_function: bool, place: _Place, b
     if size is None:
         return refusal(name)
     if size and place.items == math.inf:
-        scope = next(scope for scope in reversed(place.scopes) if scope.items == math.inf)
-        return (
-            f"{name}() is refused inside {scope.call}() over a list of unknown length: a lambda's body runs once "
-            f"for each item of its list, and what it builds from counts would have no bound, {_UNSTOPPABLE}. Map a "
-            f"list built from literal counts (range(n)), or {_UNNEST}."
-        )
-    if size:
+        # lpad(x, 12, ' ') over a column's list: at most 12 bytes more in each item, as a literal of 12 bytes would
+        padded = padding(name, node)
+        if padded is not None:
+            refused = _add_to_items(padded, place, item_literals)
+            if refused:
+                return refused
+        else:
+            scope = next(scope for scope in reversed(place.scopes) if scope.items == math.inf)
+            return (
+                f"{name}() is refused inside {scope.call}() over a list of unknown length: a lambda's body runs once "
+                f"for each item of its list, and what it builds from counts would have no bound, {_UNSTOPPABLE}. "
+                f"Map a list built from literal counts (range(n)), or {_UNNEST}."
+            )
+    elif size:
         built[f"{name}()"] = built.get(f"{name}()", 0.0) + size * place.items * place.growth
     factor = 1.0 if table_function else growth(name, node)
     if factor is None or factor > MAX_GROWTH:
@@ -153,6 +163,8 @@ def _check_function(node: dict[str, Any], table_function: bool, place: _Place, b
     arguments = [argument.get("expression") if isinstance(argument, dict) else None
                  for argument in node.get("arguments") or []]
     places = [place.scalar() if name in SCALAR_CALLS else place] * len(arguments)
+    if name in PADDING_CALLS:  # a count, and a fill of which the padding (counted) holds a few characters
+        places[1:] = [place.scalar()] * (len(arguments) - 1)
     if factor > 1:
         grown = replace(place.repeating(factor), growth=place.growth * factor)
         if grown.growth > MAX_GROWTH:
@@ -242,6 +254,12 @@ def _check_literal(node: dict[str, Any], place: _Place, built: dict[str, float],
         if items * place.growth > 1:
             built["literals"] = built.get("literals", 0.0) + size * items * place.growth
         return None
+    return _add_to_items(size, place, item_literals)
+
+
+def _add_to_items(size: float, place: _Place, item_literals: dict[int, float]) -> str | None:
+    """Count `size` bytes of literals (or padding) at a place inside a map over a list of unknown length, as often as
+    the growing calls and lambdas inside that map repeat them: at most MAX_GROWTH bytes may go into each item."""
     index = max(index for index, scope in enumerate(place.scopes) if scope.items == math.inf)
     scope = place.scopes[index]
     item_literals[scope.key] = item_literals.get(scope.key, 0.0) + size * place.growth * math.prod(
@@ -250,8 +268,9 @@ def _check_literal(node: dict[str, Any], place: _Place, built: dict[str, float],
         return None
     return (
         f"{scope.call}() is refused where its lambda, over a list of unknown length, adds "
-        f"{item_literals[scope.key]:,.0f} bytes of literals to each item, past {MAX_GROWTH}: its result would grow "
-        f"without bound, {_UNSTOPPABLE}. Map a list built from literal counts (range(n)), or {_UNNEST}."
+        f"{item_literals[scope.key]:,.0f} bytes of literals to each item, past {MAX_GROWTH} (the padding of lpad() "
+        f"and rpad() counts as literals): its result would grow without bound, {_UNSTOPPABLE}. Map a list built from "
+        f"literal counts (range(n)), or {_UNNEST}."
     )
 
 

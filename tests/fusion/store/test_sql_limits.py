@@ -264,6 +264,40 @@ def test_concat_ws_refuses_a_separator_built_from_columns_counts_or_past_15_byte
         sandbox.query(f"SELECT concat_ws({separator}, region, metric) AS r FROM releases")
 
 
+def test_lpad_and_rpad_to_a_literal_width_map_a_column_s_list(store: Store, sandbox: SqlSandbox) -> None:
+    """Over a list of unknown length (a column's, split) lpad was refused as a value built from a count: it adds at
+    most its width in characters of its fill to each item, which counts as that many bytes of literals would."""
+    regions = sorted({row["region"] for row in store.read("releases").to_pylist()})
+    got = sandbox.query("SELECT DISTINCT region, list_transform(string_split(region, ''), lambda c: lpad(c, 12, ' ')) "
+                        "AS l FROM releases ORDER BY region").to_pylist()
+    assert got == [{"region": region, "l": [char.rjust(12) for char in region]} for region in regions]
+    got = sandbox.query("SELECT DISTINCT region, [rpad(c, 16, '.') FOR c IN string_split(region, '')] AS l "
+                        "FROM releases ORDER BY region").to_pylist()
+    assert got == [{"region": region, "l": [char.ljust(16, ".") for char in region]} for region in regions]
+    got = sandbox.query("SELECT DISTINCT region, metric, list_transform(list_value(region, metric), "
+                        "lambda x: lpad(x, 12, ' ')) AS l FROM releases ORDER BY region, metric").to_pylist()
+    assert got and all(row["l"] == [row["region"].rjust(12), row["metric"].rjust(12)] for row in got)
+
+
+@pytest.mark.parametrize(
+    ("body", "refused"),
+    [
+        ("lpad(c, count::INT, ' ')", r"lpad\(\) is refused unless its count is a literal"),  # a width from the data
+        ("lpad(c, 1000, ' ')", r"list_transform\(\) is refused where its lambda, over a list of unknown length, adds "
+                               r"1,000 bytes of literals to each item, past 16 \(the padding of lpad\(\) and rpad\(\)"),
+        ("rpad(c, 17, '.')", r"list_transform\(\) is refused .* adds 17 bytes of literals to each item, past 16"),
+        ("lpad(c, 9, '·')", r"list_transform\(\) is refused .* adds 18 bytes"),  # 2 bytes a character
+        ("lpad(c, 12, region)", r"list_transform\(\) is refused .* adds 48 bytes"),  # a fill of unknown characters
+        ("hex(lpad(c, 10, ' '))", r"list_transform\(\) is refused .* adds 20 bytes"),  # grown twice
+        ("lpad(c, 10, ' ') || '0123456'", r"list_transform\(\) is refused .* adds 17 bytes"),
+    ],
+)
+def test_lpad_over_a_column_s_list_is_refused_past_16_bytes_an_item(sandbox: SqlSandbox, body: str,
+                                                                    refused: str) -> None:
+    with pytest.raises(SqlRefused, match=rf"^{refused}"):
+        sandbox.query(f"SELECT list_transform(string_split(region, ''), lambda c: {body}) AS l FROM releases")
+
+
 @pytest.mark.parametrize(
     ("query", "call"),
     [
