@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 from fusion.store.sql_calls import (
     FILTER_CALLS,
@@ -44,6 +44,8 @@ from fusion.store.sql_calls import (
 
 #: How a refusal ends: why no limit could stop the call.
 _UNSTOPPABLE = "past the query's time and memory limits (which DuckDB checks between chunks of rows)"
+#: The calls that take a lambda: a map's, a reduce's and a filter's second argument, invoke's first.
+_LAMBDA_CALLS = MAP_CALLS | REDUCE_CALLS | FILTER_CALLS | {"invoke"}
 #: How to write a lambda over a column's list instead.
 _UNNEST = "unnest the list into rows (FROM t, unnest(t.l) AS u(x))"
 
@@ -119,8 +121,10 @@ def check_calls(tree: Any) -> CallCheck:
         kind = node.get("class")
         if kind == "FUNCTION":
             check.refused = _check_function(node, key == "function", place, check.built, item_literals, stack)
-        elif kind == "LAMBDA":  # its place set by its call; its parameters (lhs) are no references
+        elif kind == "LAMBDA" and key == "lambda":  # its place set by its call; its parameters (lhs) are no references
             stack.append((node.get("expr"), "expr", place))
+        elif kind == "LAMBDA":  # DuckDB's JSON operator (j -> '$.a'), parsed as a lambda: both its sides are values
+            stack.extend((value, child, place) for child, value in node.items())
         elif kind in ("COLUMN_REF", "STAR", "POSITIONAL_REFERENCE"):  # a column, COLUMNS(...) or #1: by name or not
             check.refused = _check_reference(node, place, accumulated)
             stack.extend((value, child, place) for child, value in node.items())
@@ -175,14 +179,28 @@ def _check_function(node: dict[str, Any], table_function: bool, place: _Place, b
             )
         for index in _texts(name, len(arguments)):
             places[index] = grown
+    keys = ["expression"] * len(arguments)
     for index, argument in enumerate(arguments):
-        if isinstance(argument, dict) and argument.get("class") == "LAMBDA":
+        if _is_lambda(argument, name, index):
             places[index] = _lambda_place(name, argument, arguments[0] if index else None, place)
+            keys[index] = "lambda"
+            if argument.get("syntax_type") == "SINGLE_ARROW":  # x -> ..., which DuckDB may read as JSON's arrow
+                stack.append((argument.get("lhs"), "lhs", place))
         elif name in MAP_CALLS | REDUCE_CALLS:  # a reduce's accumulator in a map's list: repeated without bound
             places[index] = place.repeating(math.inf)
     stack.extend((value, child, place) for child, value in node.items() if child != "arguments")
-    stack.extend((argument, "expression", at) for argument, at in zip(arguments, places, strict=True))
+    stack.extend(zip(arguments, keys, places, strict=True))
     return None
+
+
+def _is_lambda(argument: Any, call: str, index: int) -> TypeGuard[dict[str, Any]]:
+    """Whether `argument`, at `index` of a call of `call`, is a lambda: DuckDB parses `x -> y` as one anywhere, and
+    reads it as JSON's arrow operator (its left side a value) but where a lambda call takes its lambda. One written
+    `lambda x: y` is taken for a lambda wherever it is (DuckDB refuses it where no lambda is taken)."""
+    if not isinstance(argument, dict) or argument.get("class") != "LAMBDA":
+        return False
+    return argument.get("syntax_type") != "SINGLE_ARROW" or (
+        call in _LAMBDA_CALLS and index == (0 if call == "invoke" else 1))
 
 
 def _texts(name: str, count: int) -> range:
