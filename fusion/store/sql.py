@@ -208,6 +208,12 @@ class SqlSandbox:
             return SqlRefused(f"{text}. {_SANDBOX_HINT}")
         if (read := _READ_FAILED.search(text)) is not None:
             return self._unreadable(read.group(1), read.group(2))
+        if "Deprecated lambda arrow" in text:  # DuckDB's advice, SET lambda_syntax, is no setting a query may change
+            return SqlError(
+                "SQL error: DuckDB no longer takes a lambda written x -> ...: write lambda x: ... instead "
+                "(list_transform(l, lambda x: upper(x)); lambda acc, x: ... for several parameters). "
+                f"{_SANDBOX_HINT}"
+            )
         return SqlError(f"SQL error: {text}")
 
     def _unreadable(self, table: str, reason: str) -> StoreUnreadable:

@@ -279,6 +279,44 @@ def test_concat_ws_refuses_a_separator_built_from_columns_counts_or_past_15_byte
         sandbox.query(f"SELECT concat_ws({separator}, region, metric) AS r FROM releases")
 
 
+def test_a_lambda_over_a_list_of_columns_may_name_a_text_column_from_outside_it(store: Store,
+                                                                               sandbox: SqlSandbox) -> None:
+    """Each of the list's few items holds one copy of region: a result a constant factor of the row's values."""
+    got = sandbox.query("SELECT DISTINCT region, metric, list_transform(list_value(region, metric), "
+                        "lambda x: x || region) AS l FROM releases ORDER BY region, metric").to_pylist()
+    pairs = sorted({(row["region"], row["metric"]) for row in store.read("releases").to_pylist()})
+    assert got == [{"region": region, "metric": metric, "l": [region + region, metric + region]}
+                   for region, metric in pairs]
+
+
+@pytest.mark.parametrize(
+    ("query", "refused"),
+    [
+        # over a list of unknown length: as many copies as items (string_split(s, '') of 100 KB: 10 GB)
+        ("SELECT list_transform(string_split(region, ''), lambda x: x || region) AS l FROM releases",
+         r"list_transform\(\) is refused where its lambda names region, .* over a list of unknown length"),
+        # over more than 16 items, nested too
+        ("SELECT list_transform(list_value(" + ", ".join(["metric"] * 17) + "), lambda x: x || region) AS l "
+         "FROM releases", r"list_transform\(\) is refused where its lambda names region, .* up to 17 items"),
+        ("SELECT list_transform(list_value(region, metric), lambda x: list_transform(list_value(" + ", ".join(
+            ["x"] * 9) + "), lambda y: y || region)) AS l FROM releases",
+         r"list_transform\(\) is refused where its lambda names region"),
+    ],
+)
+def test_a_lambda_copying_a_text_column_without_a_constant_bound_is_refused(sandbox: SqlSandbox, query: str,
+                                                                          refused: str) -> None:
+    with pytest.raises(SqlRefused, match=rf"^{refused}"):
+        sandbox.query(query)
+
+
+def test_a_lambda_written_with_an_arrow_is_answered_with_its_lambda_form(sandbox: SqlSandbox) -> None:
+    """DuckDB refuses x -> ... lambdas and advises a setting no query may change: the error says how to write it."""
+    with pytest.raises(SqlError, match=r"^SQL error: DuckDB no longer takes a lambda written x -> \.\.\.: write "
+                                       r"lambda x: \.\.\. instead") as refused:
+        sandbox.query("SELECT list_transform(list_value(region, metric), x -> x || region) AS l FROM releases")
+    assert "lambda_syntax" not in str(refused.value) and "\n" not in str(refused.value)
+
+
 def test_lpad_and_rpad_to_a_literal_width_map_a_column_s_list(store: Store, sandbox: SqlSandbox) -> None:
     """Over a list of unknown length (a column's, split) lpad was refused as a value built from a count: it adds at
     most its width in characters of its fill to each item, which counts as that many bytes of literals would."""
