@@ -178,7 +178,8 @@ class Progress:
     ) -> RoundRecord:
         """Round `number`'s update from its noisy sum: theta <- theta - lr * (momentum) g_hat / n_hat. `charges`: how
         many charges rounds 1..`number` made, attempts lost in crashes included (training/attempts.py
-        `run_charges`; default `number`), which the run's epsilon after this round composes."""
+        `run_charges`; default `number`), which the run's epsilon after this round composes: never fewer than
+        `number`, since every round up to this one was charged, whatever a ledger read back counts."""
         seen = self.counts.setdefault(summed.contributors, [])
         seen.append(float(summed.noisy_sum[-1]) / budget.sensitivity.count_weight)
         count = max(float(np.mean(seen)), 1.0)
@@ -193,7 +194,7 @@ class Progress:
             number,
             flat_parameters(self.model),
             count,
-            budget.epsilon_after(number if charges is None else charges),
+            budget.epsilon_after(number if charges is None else max(charges, number)),
             summed,
             metrics,
             self.velocity.astype(np.float32) if settings.momentum else None,

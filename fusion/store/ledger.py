@@ -16,7 +16,10 @@ gains the new columns with its first spend (the merge evolves its schema).
 The key holder's ledger also keeps its own record of each period's row (fusion/store/charge_record.py), written
 before the store's: a store row behind that record (deleted, its releases or mechanisms rewritten, or a pass that
 crashed between the two writes) is rebuilt from it before anything more is charged, and the rebuild is reported
-(`BudgetLedger.restored`), so a store writer cannot roll a period's spend back.
+(`BudgetLedger.restored`), so a store writer cannot roll a period's spend back. A release the store's row lists but
+the record does not (listed there by another writer, or charged before the record was kept) is let through as paid
+only once the record holds it too, its charge recomposed as a charge is: the record holds every charge the key holder
+let decrypt, so a row that is rewritten after the release cannot take the charge back.
 """
 
 from __future__ import annotations
@@ -84,6 +87,14 @@ class _PeriodRow:
     @classmethod
     def empty(cls, composition: Composition) -> _PeriodRow:
         return cls(0, (), (), composition, (), np.zeros(ORDERS.size), 0.0, 0.0)
+
+    def recomposed(self, delta: float) -> _PeriodRow:
+        """This row with its loss composed anew from its charges (a row read from the store states its own loss, which
+        another writer may have understated); an older row, which keeps no charges, as it is."""
+        if self.composition is None or not self.charges:
+            return self
+        loss = period_loss(self.charges, composition=self.composition, delta=delta)
+        return replace(self, rdp=loss.rdp, epsilon_spent=loss.epsilon, epsilon_rdp=loss.epsilon_rdp)
 
     def with_release(self, release_id: str, aggregate_sha256: str, charge: ReleaseCharge, delta: float) -> _PeriodRow:
         """This row with one more release charged, its loss recomposed."""
@@ -297,13 +308,23 @@ class BudgetLedger:
                     continue
                 outcomes.append(Spend(period.name, True, after.epsilon_spent, charged.epsilon_spent, cap))
                 after = charged
-            if after is row and not behind:  # nothing new to charge, nothing to rebuild
+            # A release the row lists but the key holder's record does not (listed by another writer of the store,
+            # or charged before the record was kept) is let through as paid: the record takes it in first, as a charge
+            # would, so that no later rewrite of the store's row can take back a charge that let a release decrypt.
+            recorded_ids = () if recorded is None else recorded.release_ids
+            adopted = self.record is not None and any(
+                isinstance(outcome, Spend) and not outcome.charged and release_id not in recorded_ids
+                for outcome, (release_id, _, _) in zip(outcomes, releases, strict=True)
+            )
+            if after is row and not behind and not adopted:  # nothing new to charge, rebuild or record
                 return outcomes
+            if adopted and after is row:  # its loss as this ledger composes its charges, not as the row states it
+                after = row.recomposed(delta)
             doc = _row_doc(period, after, cap=cap, delta=delta)
             new = pa.Table.from_pylist([doc], schema=BUDGET_SCHEMA)
             if current is None:  # a period opens: compact the others' rows first, so that its own stays a file
                 self.store.compact("budget", min_files=COMPACT_FILES)  # its charges rewrite, not the whole ledger
-            charging = self.record is not None and after is not row
+            charging = self.record is not None and (after is not row or adopted)
             if charging:  # the key holder's record first: a crash after it leaves the store behind, rebuilt next time
                 assert self.record is not None
                 self.record.write(period.name, doc)

@@ -298,6 +298,27 @@ def test_resume_after_a_crash_continues_from_the_last_committed_round(federation
     assert np.isfinite(last.parameters).all()
 
 
+def test_a_round_s_epsilon_counts_at_least_its_own_rounds_whatever_the_charges_read_back(
+    federation: Federation,
+) -> None:
+    """The charges a run's rounds made are read back from the ledger (`run_charges`): a ledger that lost a charge
+    (a store row rolled back) reads back fewer than the rounds decrypted, and a model's reported epsilon must not
+    drop with it: every round up to this one was charged."""
+    settings = _settings(3)
+    rounds: list[RoundRecord] = []
+    train(
+        settings,
+        federation,
+        _data(),
+        classes=3,
+        on_round=rounds.append,
+        charges=lambda number: number - 1,  # round 1's charge gone from the ledger read back
+        generators={i: seeded_generator(k) for k, i in enumerate(IDS)},
+    )
+    budget = budget_for(settings, rounds[-1].parameters.size)
+    assert [r.epsilon for r in rounds] == [budget.epsilon_after(n) for n in (1, 2, 3)]
+
+
 def _terms() -> LedgerTerms:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     period = Period("2026-01-01", start, start + timedelta(days=1))

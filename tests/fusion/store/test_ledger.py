@@ -425,6 +425,53 @@ def test_a_pending_release_listed_at_another_price_is_refused_not_taken_as_paid(
     assert not spend(ledger, "r1", cap).charged  # its own listing, at its own price: paid
 
 
+def test_a_release_another_writer_listed_is_recorded_before_it_is_let_through(tmp_path: Path) -> None:
+    """A store writer lists a release about to be decrypted in the period's row, for its own aggregate and charge (both
+    public), understating the row's spend. The key holder finds it paid and decrypts: its own record must take the
+    charge in first, or the writer deletes the row afterwards, the row matches the record again, and the next
+    release is charged from a period that no longer holds the one decrypted."""
+    ledger, record = _recorded_ledger(tmp_path)
+    cap = ONE * 1.1  # room for one release, not two
+    assert spend(BudgetLedger(ledger.store), "r1", cap).charged  # the writer: the store alone
+    (row,) = ledger.rows().to_pylist()
+    understated = {**row, "epsilon_spent": 0.0, "epsilon_rdp": 0.0, "rdp": [0.0] * ORDERS.size}
+    write_deltalake(
+        ledger.store.table_path("budget"), pa.Table.from_pylist([understated], schema=BUDGET_SCHEMA), mode="overwrite"
+    )
+    listed = spend(ledger, "r1", cap)
+    assert not listed.charged  # paid, as listed: decrypted now
+    held = record.read(DAY.name)
+    assert held is not None and held["release_ids"] == ["r1"] and held["aggregates"] == [sha("r1")]
+    assert held["epsilon_spent"] == pytest.approx(ONE)  # composed from its charge, not the row's understated spend
+    assert ledger.rows().to_pylist()[0]["epsilon_spent"] == pytest.approx(ONE)
+    ledger.store.delta_table("budget").delete(f"period = '{DAY.name}'")  # the writer takes the listing back
+    with pytest.raises(BudgetExceeded):
+        spend(ledger, "r2", cap)
+    assert ledger.rows().to_pylist()[0]["release_ids"] == ["r1"]  # rebuilt from the record
+    assert ledger.restored[-1].recorded_release_ids == ("r1",)
+
+
+def test_a_release_listed_in_a_row_behind_the_record_is_recorded_before_it_is_let_through(tmp_path: Path) -> None:
+    """The same through a row behind the record: the writer drops a charged release and lists the next one. The row
+    is rebuilt (the record's releases, the listed one on top) and the listed release let through as paid: the record
+    must then hold it too, or deleting the row again takes it off the key holder's books."""
+    ledger, record = _recorded_ledger(tmp_path)
+    two, three = (skellam_epsilon([MECHANISM] * k, delta=DELTA) for k in (2, 3))
+    cap = (two + three) / 2  # room for two releases, not three
+    assert spend(ledger, "r1", cap).charged
+    writer = BudgetLedger(Store(tmp_path / "other"))  # the writer's row: r2 alone, at its own price
+    assert spend(writer, "r2", cap).charged
+    dropped = pa.Table.from_pylist(writer.rows().to_pylist(), schema=BUDGET_SCHEMA)
+    write_deltalake(ledger.store.table_path("budget"), dropped, mode="overwrite")
+    assert not spend(ledger, "r2", cap).charged  # listed: paid, and decrypted now
+    held = record.read(DAY.name)
+    assert held is not None and held["release_ids"] == ["r1", "r2"]
+    assert held["epsilon_spent"] == pytest.approx(two)
+    ledger.store.delta_table("budget").delete(f"period = '{DAY.name}'")
+    with pytest.raises(BudgetExceeded):
+        spend(ledger, "r3", cap)
+
+
 def test_a_crash_between_the_record_and_the_store_charges_once(tmp_path: Path) -> None:
     """The record is written (fsynced) before the store's row; a pass that dies in between leaves the store's row
     behind, and the re-run completes it: the release charged once, never refused for its own charge."""
