@@ -6,15 +6,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from fusion.cli.options import non_negative, with_config
-from fusion.cli.output import console, print_arrow
-from fusion.config.federation import load_config
+from fusion.cli.output import console, err_console, print_arrow
+from fusion.config.federation import Config, load_config
 from fusion.errors import FusionError, NoReleaseSigningKey
 from schemas.tables import TABLE_SCHEMAS
+
+if TYPE_CHECKING:  # the accountant loads only where a budget is read
+    from fusion.store.ledger import PeriodBudget
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,7 +25,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     plan.add_argument("--contributors", type=int, default=None, help="institutions assumed to contribute")
     plan.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
 
-    budget = with_config(sub.add_parser("budget", help="privacy budget spent and left per period"))
+    budget = with_config(
+        sub.add_parser(
+            "budget",
+            help="privacy budget spent and left per period (where the key holder's record of its charges is "
+            "readable, as its cap checks count it)",
+        )
+    )
     budget.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
 
     check = with_config(
@@ -172,19 +181,62 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_budget(args: argparse.Namespace) -> int:
-    from fusion.api import open_store
+#: What `fusion budget` prints per period.
+BUDGET_COLUMNS = pa.schema(
+    [
+        ("period", pa.string()),
+        ("period_start", pa.timestamp("us", tz="UTC")),
+        ("period_end", pa.timestamp("us", tz="UTC")),
+        ("epsilon_cap", pa.float64()),
+        ("epsilon_spent", pa.float64()),
+        ("epsilon_left", pa.float64()),
+        ("delta", pa.float64()),
+        ("releases", pa.int64()),
+        ("composition", pa.string()),
+        # True: the store's row is behind the key holder's record, and the figures are the record's; None: not
+        # compared (no record of the period, or none readable here).
+        ("store_behind", pa.bool_()),
+    ]
+)
 
-    with open_store(args.config) as store:
-        table = store.sql(
-            "SELECT period, period_start, period_end, epsilon_cap, epsilon_spent, "
-            "greatest(epsilon_cap - epsilon_spent, 0) AS epsilon_left, delta, releases, "
-            "coalesce(composition, 'sequential (RDP, older row)') AS composition "
-            "FROM budget ORDER BY period"
-        )
-    if table.num_rows == 0:
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    """Where the key holder's record of its charges is readable (its keys directory), each period as its ledger
+    counts it, the store's row checked against that record; elsewhere the store's rows as published."""
+    from fusion.api import open_store
+    from fusion.store.charge_record import key_holder_record
+
+    config = load_config(args.config, check_release=False)  # reads the store and the key holder's record only
+    record = key_holder_record(config)
+    recorded = None if record is None else record.rows()  # first: a charge made meanwhile finds the store ahead
+    with open_store(config) as store:
+        rows = store.sql("SELECT * FROM budget ORDER BY period").to_pylist()
+    shown: list[tuple[dict[str, Any], bool | None]] = [(r, None) for r in rows]
+    behind: list[PeriodBudget] = []
+    if recorded is not None:
+        from fusion.store.ledger import reconciled_periods
+
+        periods = reconciled_periods(rows, recorded)
+        shown = [(p.row, p.store_behind) for p in periods]
+        behind = [p for p in periods if p.store_behind]
+    notes = [_budget_source(config, reconciled=recorded is not None), *map(_behind, behind)]
+    out = console if args.format == "table" else err_console  # CSV and JSON stay data alone
+    if not shown:
         console.print("no budget spent yet")
+        out.print(notes[0], highlight=False)
         return 0
+    table = pa.Table.from_pylist(
+        [
+            {
+                **{name: row[name] for name in BUDGET_COLUMNS.names if name in row},
+                "epsilon_left": max(row["epsilon_cap"] - row["epsilon_spent"], 0.0),
+                "composition": row.get("composition") or "sequential (RDP, older row)",
+                "store_behind": store_behind,
+            }
+            for row, store_behind in shown
+        ],
+        schema=BUDGET_COLUMNS,
+    )
     print_arrow(table, args.format, title="privacy budget per period")
     if args.format == "table":
         console.print(
@@ -192,7 +244,41 @@ def cmd_budget(args: argparse.Namespace) -> int:
             "do not add up, and the period spends what its worst instant's releases compose to (PLD); sequential = "
             "entity level: all of the period's releases compose (PLD)"
         )
+    for note in notes:
+        out.print(note, highlight=False)
     return 0
+
+
+def _budget_source(config: Config, *, reconciled: bool) -> str:
+    from fusion.store.charge_record import CHARGE_RECORD_DIR
+
+    if reconciled:
+        return (
+            "spent as the key holder's ledger counts it: the store's budget rows checked against the key holder's own "
+            f"record of its charges ({config.keys_path}/{CHARGE_RECORD_DIR}), as its cap checks do"
+        )
+    return (
+        "spent as the store's budget table publishes it, which anyone who can write to the store can change: only the "
+        "key holder's `fusion budget` (its keys directory in the config) checks it against the key holder's own "
+        "record of its charges, as the cap checks of releases and training rounds do"
+    )
+
+
+def _behind(period: PeriodBudget) -> str:
+    """The line that says a period's store row is behind the key holder's record, and what each holds."""
+    if not period.store_rows:
+        store = "no row"
+    elif len(period.store_rows) > 1:
+        store = f"{len(period.store_rows)} rows"
+    else:
+        (held,) = period.store_rows
+        store = f"epsilon {held['epsilon_spent']:.4f}, {held['releases']} release(s)"
+    return (
+        f"period {period.row['period']}: STORE ROW BEHIND the key holder's record (store: {store}; record: epsilon "
+        f"{period.row['epsilon_spent']:.4f}, {period.row['releases']} release(s)); the row was deleted, rolled back or "
+        "rewritten, or a charge crashed (or is under way) between the two writes: shown as the record counts it, and "
+        "the key holder's next charge in the period rebuilds the row"
+    )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

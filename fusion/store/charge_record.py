@@ -20,9 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusion.errors import FusionError
+
+if TYPE_CHECKING:
+    from fusion.config.federation import Config
 
 #: The directory of period records, in the key holder's keys directory.
 CHARGE_RECORD_DIR = "budget-record"
@@ -56,7 +59,15 @@ class ChargeRecord:
 
     def read(self, period: str) -> dict[str, Any] | None:
         """The period's budget row as the key holder last recorded it (the `budget` table's columns), or None."""
-        path = self._path(period)
+        return self._load(self._path(period), period)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every period's row as the key holder last recorded it (none: nothing charged under this record yet)."""
+        found = (self._load(path, None) for path in sorted(self.directory.glob("*.json")))
+        return [row for row in found if row is not None]
+
+    def _load(self, path: Path, period: str | None) -> dict[str, Any] | None:
+        """The row `path` records: of `period`, or (None) of the period its name is derived from."""
         try:
             text = path.read_text()
         except FileNotFoundError:  # none, or removed between a look and a read (a charge taken back): none
@@ -66,14 +77,19 @@ class ChargeRecord:
         try:
             doc = json.loads(text)
             row = doc["row"]
-            valid = isinstance(row, dict) and row.get("period") == period and isinstance(doc["store"], str)
+            named = row.get("period") if isinstance(row, dict) else None
+            valid = (
+                isinstance(named, str)
+                and (named == period if period is not None else self._path(named) == path)
+                and isinstance(doc["store"], str)
+            )
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             valid = False
         if not valid:
             raise FusionError(
-                f"the key holder's budget record {path} of period {period} is unreadable: restore it from a backup "
-                "(moving it away lets the period be charged from the store's row alone, which anyone who can write "
-                "to the store can roll back)"
+                f"the key holder's budget record {path}{'' if period is None else f' of period {period}'} is "
+                "unreadable: restore it from a backup (moving it away lets the period be charged from the store's "
+                "row alone, which anyone who can write to the store can roll back)"
             )
         if doc["store"] != self.store_id:
             raise FusionError(
@@ -104,6 +120,22 @@ class ChargeRecord:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def key_holder_record(config: Config) -> ChargeRecord | None:
+    """The key holder's record of the config's store where this process can read it (its keys directory,
+    `federation.keys`, holds a record that this process may list); None elsewhere: another party's machine, or a key
+    holder that has charged nothing yet."""
+    directory = Path(config.keys_path) / CHARGE_RECORD_DIR
+    if not (directory.is_dir() and os.access(directory, os.R_OK | os.X_OK)):
+        return None
+    from fusion.store.delta import Store
+    from fusion.store.provenance import store_id
+
+    store = Store(config.store_path)
+    # No audit table: a store other than the one the record was kept for (recreated), which `read` then says; and a
+    # reader creates no table.
+    return ChargeRecord(directory.parent, store_id(store) if store.version("audit") is not None else "")
 
 
 def _to_json(row: dict[str, Any]) -> dict[str, Any]:

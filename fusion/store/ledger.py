@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -362,6 +362,58 @@ class BudgetLedger:
             return int(merge.when_matched_update_all().execute()["num_target_rows_updated"]) == 1
         merge = table.merge(new, predicate="t.period = s.period", source_alias="s", target_alias="t", merge_schema=True)
         return int(merge.when_not_matched_insert_all().execute()["num_target_rows_inserted"]) == 1
+
+
+@dataclass(frozen=True)
+class PeriodBudget:
+    """A period's budget as the key holder's ledger counts it (`fusion budget`, the dashboard's Budget page)."""
+
+    row: dict[str, Any]  # the `budget` columns the period's next charge starts from
+    store_behind: bool | None  # the store's row is behind the key holder's record (None: the record holds no row)
+    store_rows: tuple[dict[str, Any], ...]  # the store's own rows of the period, as published (the ledger keeps one)
+
+
+#: The columns that fix a period's terms: a row under other terms than the record's is not the period's row.
+_TERMS = ("period_start", "period_end", "epsilon_cap", "delta", "composition")
+
+
+def reconciled_periods(
+    store_rows: Iterable[dict[str, Any]], recorded_rows: Iterable[dict[str, Any]]
+) -> list[PeriodBudget]:
+    """Every period of the store's `budget` rows and of the key holder's record of them (`ChargeRecord.rows`), as
+    `BudgetLedger` counts it: a store row holding every recorded release as recorded (and no less spend) as it is;
+    one behind the record (missing, rolled back, rewritten, one of several, under other terms, or a pass that
+    crashed between the two writes) as the record has it, with any release the store's rows list beyond it composed
+    on top (never less spend than either shows). A period the record does not hold is its store rows as they are.
+    Ordered by period."""
+    recorded = {r["period"]: r for r in recorded_rows}
+    published: dict[str, list[dict[str, Any]]] = {}
+    for r in store_rows:
+        published.setdefault(r["period"], []).append(r)
+    periods: list[PeriodBudget] = []
+    for name in sorted(published.keys() | recorded.keys()):
+        rows = tuple(published.get(name, ()))
+        held = recorded.get(name)
+        if held is None:
+            periods.extend(PeriodBudget(r, None, rows) for r in rows)
+            continue
+        base = _parse_row(held)
+        behind = len(rows) != 1 or any(rows[0].get(term) != held.get(term) for term in _TERMS)
+        for r in rows:
+            try:
+                current = _parse_row(r)
+            except (InternalError, ValueError, TypeError, KeyError):  # a row the ledger could not have written
+                behind = True
+                continue
+            reconciled, differs = _reconcile(current, base, delta=held["delta"])
+            assert reconciled is not None  # `base` is always there to fall back on
+            base, behind = reconciled, behind or differs
+        row = _row_doc(
+            Period(name, held["period_start"], held["period_end"]), base, cap=held["epsilon_cap"], delta=held["delta"]
+        )
+        row["updated_at"] = (held if behind else rows[0])["updated_at"]
+        periods.append(PeriodBudget(row, behind, rows))
+    return periods
 
 
 def _check_terms(r: dict[str, Any], period: Period, *, cap: float, delta: float, composition: Composition) -> None:

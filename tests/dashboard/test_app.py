@@ -142,6 +142,36 @@ def test_budget_shows_spent_left_the_rule_and_refusals(served: Served) -> None:
     assert period["epsilon_spent"] == 1.25 and period["epsilon_left"] == 0.75 and period["composition"] == "parallel"
     assert set(budget["rules"]) == {"parallel", "sequential"}
     assert [r["reason"] for r in budget["refusals"]] == [HOSTILE]
+    # No key holder's record is readable here: the figures are the store's row, and the page says so.
+    assert budget["reconciled"] is False and period["store_behind"] is None
+    _, _, page = served.get("/budget")
+    assert "Spent as the store&#39;s budget table publishes them" in page and "store row</th>" not in page
+
+
+def test_budget_is_counted_as_the_key_holder_s_ledger_counts_it_where_its_record_is_readable(tmp_path: Path) -> None:
+    """Run with the key holder's keys directory, the page showed only the store's row, which another writer of the
+    store had deleted: no budget spent, where the key holder's cap check counts two releases."""
+    from privacy.accountant import skellam_epsilon
+    from tests.fusion.cli.test_budget import NEXT, rolled_back
+    from tests.fusion.store.test_ledger import DAY, DELTA, MECHANISM, ONE
+
+    path, _ = rolled_back(tmp_path)
+    with running(load_config(path, check_release=False)) as url:
+        served = Served(path, url)
+        _, budget = served.json("/api/budget")
+        _, _, page = served.get("/budget")
+    assert budget["reconciled"] is True and budget["note"] is None
+    shown = {p["period"]: p for p in budget["periods"]}
+    assert [p["period"] for p in budget["periods"]] == [NEXT.name, DAY.name]  # newest first
+    day, following = shown[DAY.name], shown[NEXT.name]
+    assert day["epsilon_spent"] == pytest.approx(skellam_epsilon([MECHANISM] * 2, delta=DELTA))
+    assert (day["releases"], day["store_behind"], day["store_epsilon_spent"]) == (2, True, None)
+    assert (following["epsilon_spent"], following["store_behind"], following["store_epsilon_spent"]) == (
+        ONE, False, ONE)
+    assert "checked against the key holder&#39;s own record" in page
+    cells = re.findall(r'<td class="store( behind)?">([^<]*)</td>', page)
+    assert cells == [("", "as recorded"), (" behind", "behind the key holder's record (the store's row: missing or "
+                                                    "several; rebuilt at the next charge)")]
 
 
 def test_provenance_reports_what_verify_reports(served: Served) -> None:

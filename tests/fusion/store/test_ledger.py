@@ -20,7 +20,7 @@ from fusion.errors import FusionError, ReleaseRefused
 from fusion.release.plan import Period, period_of
 from fusion.store.charge_record import ChargeRecord
 from fusion.store.delta import Store
-from fusion.store.ledger import BudgetExceeded, BudgetLedger
+from fusion.store.ledger import BudgetExceeded, BudgetLedger, reconciled_periods
 from privacy.accountant import (
     ORDERS,
     Composition,
@@ -470,6 +470,41 @@ def test_a_release_listed_in_a_row_behind_the_record_is_recorded_before_it_is_le
     ledger.store.delta_table("budget").delete(f"period = '{DAY.name}'")
     with pytest.raises(BudgetExceeded):
         spend(ledger, "r3", cap)
+
+
+def test_reconciled_periods_count_each_period_as_the_next_charge_would(tmp_path: Path) -> None:
+    """What `fusion budget` and the dashboard show the key holder: a store row that holds the record's releases
+    as it is (more releases included), one behind the record (rolled back, duplicated, under another cap) as the
+    record has it; a period the record does not hold as the store publishes it."""
+    ledger, record = _recorded_ledger(tmp_path)
+    assert spend(ledger, "r1", 10.0).charged
+    assert spend(BudgetLedger(ledger.store), "r2", 10.0).charged  # a charge made without the record: ahead of it
+    other = Period("2026-01-05", DAY.start + timedelta(days=4), DAY.start + timedelta(days=5))
+    unrecorded = BudgetLedger(ledger.store).spend(
+        period=other, release_id="o1", aggregate_sha256=sha("o1"), charge=charge(), cap=10.0, delta=DELTA
+    )
+    rows = {r["period"]: r for r in ledger.rows().to_pylist()}
+    two = skellam_epsilon([MECHANISM] * 2, delta=DELTA)
+
+    def shown(*store_rows: dict[str, object]) -> list[tuple[str, float, int, bool | None]]:
+        periods = reconciled_periods([*store_rows, rows[other.name]], record.rows())
+        return [(p.row["period"], p.row["epsilon_spent"], p.row["releases"], p.store_behind) for p in periods]
+
+    assert shown(rows[DAY.name]) == [(DAY.name, pytest.approx(two), 2, False),
+                                     (other.name, unrecorded.epsilon_after, 1, None)]
+    rolled = {**rows[DAY.name], "releases": 0, "release_ids": [], "aggregates": [], "mechanisms": [],
+              "epsilon_spent": 0.0, "rdp": [0.0] * ORDERS.size}
+    raised = {**rows[DAY.name], "epsilon_cap": 100.0}
+    for behind in ([], [rolled]):
+        (day, _) = shown(*behind)
+        assert day == (DAY.name, ONE, 1, True)  # the record's: r1 (no row lists r2 any more)
+    for behind in ([rows[DAY.name], rows[DAY.name]], [raised]):
+        (day, _) = shown(*behind)
+        assert day == (DAY.name, pytest.approx(two), 2, True)  # the record's, and what the rows list beyond it
+    (path,) = record.directory.glob("*.json")
+    path.rename(path.with_name("0" * 32 + ".json"))  # a period's record under another period's name
+    with pytest.raises(FusionError, match="is unreadable"):
+        record.rows()
 
 
 def test_a_crash_between_the_record_and_the_store_charges_once(tmp_path: Path) -> None:
