@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from forecasting.intervals import Intervals
-from forecasting.series import Series
+from forecasting.series import Series, SeriesKey
 from fusion.config.forecasting import ModelName
 from schemas.tables import FORECAST_SCORES_SCHEMA, FORECASTS_SCHEMA
 
@@ -44,11 +44,18 @@ class IssuedForecast:
         series, model, origin and horizon, the releases read, and `params` (the history's length in windows, the
         fitted parameters, the calibration's shape): a forecast fitted on a shorter history of the same releases,
         or calibrated otherwise, is another forecast."""
-        key = self.series.key
-        text = json.dumps([self.purpose, str(self.model), self.model_version, key.metric, str(key.statistic),
-                           key.region, self.series.window(self.origin).isoformat(), int(self.bands.mean.size),
-                           self.input_release_ids, round(self.factor, 12), self.params], sort_keys=True)
-        return "f-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+        return forecast_id_of(self.purpose, str(self.model), self.model_version, self.series.key,
+                              self.series.window(self.origin), int(self.bands.mean.size), self.input_release_ids,
+                              self.factor, self.params)
+
+
+def forecast_id_of(purpose: str, model: str, model_version: str, key: SeriesKey, origin: datetime, horizon: int,
+                   input_release_ids: list[str], factor: float, params: dict[str, Any]) -> str:
+    """The forecast_id of a forecast so determined (IssuedForecast.forecast_id); forecasting.replay recomputes it
+    from what a forecast's rows record."""
+    text = json.dumps([purpose, model, model_version, key.metric, str(key.statistic), key.region, origin.isoformat(),
+                       horizon, input_release_ids, round(factor, 12), params], sort_keys=True)
+    return "f-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def forecast_rows(forecast: IssuedForecast, issued_at: datetime) -> pa.Table:
@@ -121,4 +128,4 @@ def score_rows(forecasts: pa.Table, series: Series, scored_at: datetime) -> pa.T
     return pa.table(rows, schema=FORECAST_SCORES_SCHEMA)
 
 
-__all__ = ["IssuedForecast", "Purpose", "forecast_rows", "score_rows"]
+__all__ = ["IssuedForecast", "Purpose", "forecast_id_of", "forecast_rows", "score_rows"]

@@ -116,20 +116,20 @@ def read_series(
                 store,
                 "SELECT metric, unit, region, window_start, release_id, ratio_mean, mean_sd, sum, sum_sd, count, "
                 f"count_sd FROM releases WHERE metric = {quoted(metric)} AND region IN ({names}) "
-                f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}'{trusted} {_LATEST} "
+                f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}'{trusted} {LATEST} "
                 "ORDER BY metric, region, window_start",
                 what=f"the released series of {metric}",
                 settings="history (a backtest: also backtest_origins x backtest_step and the horizon)",
             )
             for (name, region), rows in _groups(table):
                 for statistic in statistics:
-                    series = _on_grid(SeriesKey(name, statistic, region), rows, step, version)
+                    series = on_grid(SeriesKey(name, statistic, region), rows, step, version)
                     out.append(replace(series, skipped=skipped.get((name, region), ())))
     return sorted(out, key=lambda s: s.key)
 
 
 #: Which release of a window a series holds: its latest (by release time, then id).
-_LATEST = ("QUALIFY row_number() OVER (PARTITION BY metric, region, window_start ORDER BY released_at DESC, "
+LATEST = ("QUALIFY row_number() OVER (PARTITION BY metric, region, window_start ORDER BY released_at DESC, "
            "release_id DESC) = 1")
 
 
@@ -164,7 +164,7 @@ def released_points(
     points = store.sql(
         f"SELECT window_start, value, sd, value - {Z95!r} * sd AS low, value + {Z95!r} * sd AS high FROM ("
         f"SELECT window_start, {value} AS value, {sd} AS sd FROM releases WHERE {where} "
-        f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}'{_trusted(unverified)} {_LATEST}) "
+        f"AND window_start >= TIMESTAMPTZ '{since.isoformat()}'{_trusted(unverified)} {LATEST}) "
         "WHERE value IS NOT NULL ORDER BY window_start"
     )
     skipped = _skipped(store, where, since, unverified) if unverified else {}
@@ -192,23 +192,29 @@ def _groups(table: pa.Table) -> list[tuple[tuple[str, str], pa.Table]]:
     ]
 
 
-def _on_grid(key: SeriesKey, rows: pa.Table, step: timedelta, version: int) -> Series:
+def on_grid(key: SeriesKey, rows: pa.Table, step: timedelta, version: int, *, start: datetime | None = None,
+            windows: int | None = None) -> Series:
+    """The series of `rows` (one series' releases, a row per window, in order of window): from its first row to its
+    last, or over the `windows` windows from `start` where given (rows outside them are refused)."""
     starts = rows.column("window_start").to_pylist()
-    first, last = starts[0], starts[-1]
-    n = int((last - first) // step) + 1
+    first = starts[0] if start is None else start
+    n = int((starts[-1] - first) // step) + 1 if windows is None else windows
     values, variances = np.full(n, np.nan), np.full(n, np.nan)
     release_ids: list[str | None] = [None] * n
     value_column, sd_column = COLUMNS[key.statistic]
     value = rows.column(value_column).to_numpy(zero_copy_only=False).astype(float)
     sd = rows.column(sd_column).to_numpy(zero_copy_only=False).astype(float)
-    for row, start in enumerate(starts):
-        offset = start - first
+    for row, moment in enumerate(starts):
+        offset = moment - first
         if offset % step:
             raise FusionError(
-                f"release {rows.column('release_id')[row]} has a window at {start.isoformat()}, off the "
+                f"release {rows.column('release_id')[row]} has a window at {moment.isoformat()}, off the "
                 f"{step} grid of federation.window: forecasts need windows of the federation's length"
             )
         i = int(offset // step)
+        if not 0 <= i < n:
+            raise FusionError(f"release {rows.column('release_id')[row]} has a window at {moment.isoformat()}, "
+                              f"outside the {n} windows from {first.isoformat()} read")
         values[i], variances[i] = value[row], sd[row] ** 2
         release_ids[i] = str(rows.column("release_id")[row])
     known = np.isfinite(values) & np.isfinite(variances)
@@ -219,4 +225,5 @@ def _on_grid(key: SeriesKey, rows: pa.Table, step: timedelta, version: int) -> S
     return Series(key, unit, first, step, values, variances, release_ids, version)
 
 
-__all__ = ["COLUMNS", "Series", "SeriesKey", "latest_release_end", "quoted", "read_series", "released_points"]
+__all__ = ["COLUMNS", "LATEST", "Series", "SeriesKey", "latest_release_end", "on_grid", "quoted", "read_series",
+           "released_points"]
