@@ -14,8 +14,11 @@ silently.
 Where the key holder has a release-signing key registered, loads come only from releases `fusion verify` calls
 verified or legacy, as forecasts do (forecasting.series): the others (`fusion.api.unverified_releases`, taken once
 per recommendation) are left out, a window's latest good release counting, and so is every forecast that read one
-of them (its `input_release_ids`). The recommendation's inputs record that releases were verified and which of the
-window's releases and forecasts were left out.
+of them (its `input_release_ids`). `forecasts` rows are not signed, so a forecast counts only where it replays: it
+is computed again from the releases it names and compared, value by value (forecasting.replay); one that does not
+(a row written into the store with made-up values or id) is left out like a forecast that read an unverified
+release, the region's latest forecast that replays counting. The recommendation's inputs record that releases were
+verified and which of the window's releases and forecasts were left out, and why a forecast did not replay.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class MissingLoad(FusionError):
 
 
 #: The keys of a recommendation's inputs that record the releases' verification (BusLoads.trust).
-TRUST_INPUTS = ("releases_verified", "unverified_releases_skipped", "forecasts_skipped")
+TRUST_INPUTS = ("releases_verified", "unverified_releases_skipped", "forecasts_skipped", "forecasts_not_replayed")
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ def read_loads(store: FusedStore | None, network: Network, *, metric: str | None
         raise FusionError(f"network {network.name} maps buses to regions {list(regions)}: set "
                           "[mechanisms] load_metric to the metric whose forecasts or releases give their loads")
     bad = dict(unverified or {})
-    forecasts = _forecasts(store, metric, statistic, at, bad) if "forecasts" not in skip else _Found({})
+    forecasts = (_forecasts(store, metric, statistic, at, bad, replay=unverified is not None)
+                 if "forecasts" not in skip else _Found({}))
     source = "forecasts" if forecasts.loads else "releases"
     found = forecasts if forecasts.loads else _released(store, metric, statistic, at, bad)
     trust = _trust(unverified, forecasts, found if source == "releases" else None)
@@ -136,6 +140,8 @@ class _Found:
     withheld: dict[str, str] = field(default_factory=dict)  # region -> its latest good release, no value in it
     left_out: dict[str, tuple[str, ...]] = field(default_factory=dict)  # region -> its forecasts or releases left out
     reads: dict[str, frozenset[str]] = field(default_factory=dict)  # region -> the unverified releases they are or read
+    #: region -> its forecasts left out as not replaying (forecasting.replay), each with why
+    not_replayed: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def unverified(self) -> frozenset[str]:
@@ -146,13 +152,17 @@ class _Found:
 def _trust(unverified: Mapping[str, str] | None, forecasts: _Found, releases: _Found | None) -> dict[str, Any]:
     """What a recommendation's inputs record of the releases' verification: `releases_verified` (false where no
     release-signing key is registered), the window's releases left out as unverified (`unverified_releases_skipped`,
-    with those the forecasts left out read) and, where there were any, the forecasts left out (`forecasts_skipped`)."""
+    with those the forecasts left out read) and, where there were any, the forecasts left out for reading one
+    (`forecasts_skipped`) and those left out as not replaying, each with why (`forecasts_not_replayed`)."""
     if unverified is None:
         return {"releases_verified": False}
     skipped = forecasts.unverified | (releases.unverified if releases is not None else frozenset())
     record: dict[str, Any] = {"releases_verified": True, "unverified_releases_skipped": sorted(skipped)}
     if forecasts.left_out:
         record["forecasts_skipped"] = sorted({f for ids in forecasts.left_out.values() for f in ids})
+    if forecasts.not_replayed:
+        record["forecasts_not_replayed"] = dict(sorted(
+            (f, why) for by_id in forecasts.not_replayed.values() for f, why in by_id.items()))
     return record
 
 
@@ -169,6 +179,10 @@ def _missing(bus: str, region: str, metric: str, statistic: LoadStatistic, at: d
     if source == "forecasts":
         read = (f" (its forecasts {_listed(left_out, {})} are left out: they read releases that `fusion verify` "
                 f"does not call verified or legacy, {_listed(found.reads[region], unverified)})" if left_out else "")
+        forged = found.not_replayed.get(region, {})
+        if forged:
+            read += (f" (its forecasts {_listed(forged, {})} are left out: they do not replay from the releases they "
+                     f"name; {_why(forged)})")
         return (f"no forecast of {metric} for region {region} (bus {bus}) at {when}{read}, though the forecasts "
                 f"table holds forecasts for {', '.join(sorted(found.loads))} then: run `fusion forecast --metric "
                 f"{metric} --region {region}`, or map bus {bus} to a region that has one")
@@ -188,6 +202,12 @@ def _missing(bus: str, region: str, metric: str, statistic: LoadStatistic, at: d
             "choose another time with --at, or map the bus to a region that has data")
 
 
+def _why(reasons: Mapping[str, str], most: int = 2) -> str:
+    """'fc-a: its mean at ... differs; fc-b: ...', at most `most` of them."""
+    named = [f"{name}: {why}" for name, why in sorted(reasons.items())]
+    return "; ".join(named[:most]) + (f"; and {len(named) - most} more" if len(named) > most else "")
+
+
 def _negative(bus: str, load: RegionLoad, metric: str, at: datetime) -> str:
     kind, record = load.record.split(":", 1)
     return (f"the {kind} {record} of {metric} for region {load.region} (bus {bus}) at "
@@ -201,27 +221,27 @@ def _ids(names: Iterable[str]) -> str:
 
 
 def _forecasts(store: FusedStore, metric: str, statistic: LoadStatistic, at: datetime,
-               unverified: Mapping[str, str]) -> _Found:
+               unverified: Mapping[str, str], *, replay: bool) -> _Found:
     """The latest forecast per region of `metric` for the window at `at` (none if the table holds none), leaving
-    out every forecast that read a release of `unverified` (its `input_release_ids`). forecasting/ reads only
-    releases that verify when it issues a forecast; one issued before a release it read stopped verifying (or
-    before a release-signing key was registered) is left out here."""
+    out every forecast that read a release of `unverified` (its `input_release_ids`) and, with `replay` (a
+    release-signing key registered), every one that does not replay: `forecasts` rows are not signed, so each is
+    computed again from the verified releases it names (forecasting.replay), the latest first, until one per region
+    replays. forecasting/ reads only releases that verify when it issues a forecast; one issued before a release it
+    read stopped verifying (or before a release-signing key was registered) is left out here."""
     if "forecasts" not in TABLE_SCHEMAS:
         return _Found({})
     where = (f"purpose = 'forecast' AND metric = {_literal(metric)} AND statistic = {_literal(statistic.value)} "
              f"AND window_start = {_at(at)}")
     bad = _ids(unverified)
     table = store.sql(
-        f"SELECT forecast_id, region, mean, sd FROM forecasts WHERE {where} "
+        f"SELECT forecast_id, issued_at, region, mean, sd FROM forecasts WHERE {where} "
         + (f"AND NOT list_has_any(input_release_ids, {bad}) " if unverified else "")
-        + "QUALIFY row_number() OVER (PARTITION BY region ORDER BY issued_at DESC, forecast_id DESC) = 1"
+        + ("ORDER BY region, issued_at DESC, forecast_id DESC" if replay else
+           "QUALIFY row_number() OVER (PARTITION BY region ORDER BY issued_at DESC, forecast_id DESC) = 1")
     )
-    loads = {
-        row["region"]: RegionLoad(row["region"], float(row["mean"]), float(row["sd"]), f"forecast:{row['forecast_id']}")
-        for row in table.to_pylist()
-    }
+    loads, not_replayed = _replayed(store, table.to_pylist(), unverified) if replay else (_loads(table.to_pylist()), {})
     if not unverified:
-        return _Found(loads)
+        return _Found(loads, not_replayed=not_replayed)
     tainted = store.sql(
         f"SELECT DISTINCT region, forecast_id, list_intersect(input_release_ids, {bad}) AS read FROM forecasts "
         f"WHERE {where} AND list_has_any(input_release_ids, {bad})"
@@ -232,7 +252,38 @@ def _forecasts(store: FusedStore, metric: str, statistic: LoadStatistic, at: dat
         left_out.setdefault(row["region"], set()).add(row["forecast_id"])
         reads.setdefault(row["region"], set()).update(row["read"])
     return _Found(loads, left_out={r: tuple(sorted(ids)) for r, ids in left_out.items()},
-                  reads={r: frozenset(names) for r, names in reads.items()})
+                  reads={r: frozenset(names) for r, names in reads.items()}, not_replayed=not_replayed)
+
+
+def _loads(rows: Iterable[dict[str, Any]]) -> dict[str, RegionLoad]:
+    """Each region's load from its forecast row (the first of each region in `rows`)."""
+    loads: dict[str, RegionLoad] = {}
+    for row in rows:
+        loads.setdefault(row["region"], RegionLoad(row["region"], float(row["mean"]), float(row["sd"]),
+                                                   f"forecast:{row['forecast_id']}"))
+    return loads
+
+
+def _replayed(store: FusedStore, rows: list[dict[str, Any]],
+              unverified: Mapping[str, str]) -> tuple[dict[str, RegionLoad], dict[str, dict[str, str]]]:
+    """Each region's load from the first of its forecast rows (latest first) whose forecast replays, and the
+    forecasts passed over as not replaying (region -> forecast_id -> why). Each forecast is computed again once."""
+    from forecasting.replay import ForecastReplay
+
+    loads: dict[str, RegionLoad] = {}
+    not_replayed: dict[str, dict[str, str]] = {}
+    with ForecastReplay(store, unverified=unverified) as replay:
+        for row in rows:
+            region = row["region"]
+            if region in loads:
+                continue
+            why = replay.why_not(row["forecast_id"], row["issued_at"])
+            if why is None:
+                loads[region] = _loads([row])[region]
+            else:
+                issued = f"{row['issued_at'].astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+                not_replayed.setdefault(region, {}).setdefault(row["forecast_id"], f"(issued {issued}) {why}")
+    return loads, not_replayed
 
 
 #: The two-sided 95% normal quantile the releases' intervals use.

@@ -43,9 +43,10 @@ MECHANISMS = {Kind.DISPATCH: "dc-opf/highs", Kind.PARETO: "epsilon-constraint/hi
               Kind.AUCTION: "vcg-clarke/highs"}
 ADVISORY = "Advisory only: nothing is executed unless an authority ratifies or overrides it (`fusion decide`)."
 #: What a recommendation's inputs record that rows written into the store without the key holder can change: the
-#: tables' Delta versions (any commit moves them) and the releases and forecasts left out as not verified. A run that
-#: differs from the recommendation in force in these alone keeps it in force (`same_verified_basis`).
-UNTRUSTED_INPUTS = ("store_versions", "unverified_releases_skipped", "forecasts_skipped")
+#: tables' Delta versions (any commit moves them) and the releases and forecasts left out as not verified or not
+#: replaying (mechanisms.loads). A run that differs from the recommendation in force in these alone keeps it in force
+#: (`same_verified_basis`).
+UNTRUSTED_INPUTS = ("store_versions", "unverified_releases_skipped", "forecasts_skipped", "forecasts_not_replayed")
 
 
 class ReplayMismatch(FusionError):
@@ -248,7 +249,8 @@ class _Run:
         voll = self.parameters["voll"]
         extra: dict[str, Any] = {"reserve_mw": float(margin.sum()), "loads": loads, "left_out": {
             name: (self.unverified or {}).get(name, "unverified")
-            for name in loads.trust.get("unverified_releases_skipped", ())}}
+            for name in loads.trust.get("unverified_releases_skipped", ())},
+            "not_replayed": dict(loads.trust.get("forecasts_not_replayed", {}))}
         uncertainty = _reserve_items(self.network, margin, loads.total_sd)
         if self.kind is Kind.DISPATCH:
             dispatch = solve_dispatch(grid, loads.mw, reserve=reserve, voll=voll)

@@ -173,6 +173,14 @@ def show_recommendation(outcome: Outcome, fmt: str = "table") -> None:
         (console if fmt == "table" else err_console).print(
             f"left out {len(left_out)} release(s) that `fusion verify` does not call verified or legacy: {names}"
             + (f", and {len(forecasts)} forecast(s) that read them" if forecasts else ""), highlight=False)
+    not_replayed = outcome.extra.get("not_replayed")
+    if not_replayed:  # forecasts rows anyone could have written: named, with why, beside the releases left out
+        from fusion.cli.formats import visible
+
+        names = escape(visible("; ".join(f"{name} {why}" for name, why in sorted(not_replayed.items()))))
+        (console if fmt == "table" else err_console).print(
+            f"left out {len(not_replayed)} forecast(s) that do not replay from the releases they name: {names}",
+            highlight=False)
     if outcome.kept:  # nothing new to decide on: only what does not verify, or the tables' versions, changed
         (console if fmt == "table" else err_console).print(
             f"recommendation {rec.recommendation_id} kept in force: this run read the same verified releases and "

@@ -15,7 +15,7 @@ import pytest
 
 from fusion.cli.core import main
 from fusion.keys.registry import create_key_holder_key
-from tests.mechanisms.conftest import MechFederation, load_releases
+from tests.mechanisms.conftest import MechFederation, forecast_federation, load_releases, reissued
 
 Build = Callable[..., MechFederation]
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,6 +101,25 @@ def test_recommend_run_again_past_a_forged_release_keeps_the_recommendation_in_f
     assert f"recommendation {rid} kept in force: this run read the same verified releases and forecasts" in said
     ids = {line.split(",")[0].strip('"') for line in out.splitlines() if line.count(",") == 4}
     assert ids == {"recommendation_id", rid}  # the rows of the one in force
+
+
+def test_recommend_names_a_forecast_that_does_not_replay_and_keeps_the_recommendation_in_force(
+    mech_federation: Build, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run again after a forecast row was written into the store with another mean under a genuine forecast's id,
+    `fusion recommend` names it and why it does not replay, and keeps the recommendation in force."""
+    fed, ids = forecast_federation(mech_federation)
+    argv = ["recommend", "dispatch", "--config", str(fed.config_path), "--at", "2026-01-04T00:00"]
+    code, out = _run(argv, capsys)
+    assert code == 0 and ": recorded" in out, out
+    rid = out.split("recommendation ")[-1].split()[0]
+    fed.store.insert_new("forecasts", reissued(fed, ids["north"], mean=lambda m: [m[0] + 3.0, *m[1:]]))
+    code, out = _run([*argv, "--format", "csv"], capsys)
+    said = " ".join(out.split())
+    assert code == 0, out
+    assert (f"left out 1 forecast(s) that do not replay from the releases they name: {ids['north']} (issued "
+            "2026-01-04T01:00:00Z) its mean at 2026-01-04T00:00Z is ") in said
+    assert f"recommendation {rid} kept in force" in said
 
 
 @pytest.mark.parametrize(

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
+from forecasting.run import run_forecasts
 from fusion.keys.registry import create_key_holder_key
 from mechanisms.loads import MissingLoad
 from mechanisms.opf import Infeasible
@@ -21,12 +24,19 @@ from mechanisms.recommend import Request, recommend, replay
 from mechanisms.records import Kind
 from tests.conftest import START, publish_signed
 from tests.mechanisms.conftest import (
+    FORECAST_AT,
+    FORECAST_DAYS,
     HOUR,
     MechFederation,
+    daily_releases,
+    forecast_federation,
+    forecast_ids,
     forecast_rows,
     load_releases,
     recommendation_ids,
+    reissued,
     versions,
+    with_daily_releases,
 )
 from tests.mechanisms.test_opf import CASE5_COST, CASE5_LMP
 
@@ -275,7 +285,7 @@ def test_a_row_that_does_not_verify_does_not_displace_a_ratified_recommendation(
     """A row written into the store without the key holder changed a re-run's inputs (the releases table's version;
     the window's releases left out), so `fusion recommend` run again recorded a new recommendation superseding the
     ratified one, on which no decision could then be made. Now the recommendation in force is kept, nothing written,
-    and the rows left out named; what verifies changing (newer forecasts) still supersedes it."""
+    and the rows left out named; what verifies changing (a newer signed release) still supersedes it."""
     from mechanisms.decisions import DecideRequest, decide
     from mechanisms.records import Action, ReasonCode
     from tests.mechanisms.test_decisions import _checks
@@ -301,42 +311,130 @@ def test_a_row_that_does_not_verify_does_not_displace_a_ratified_recommendation(
     checks = _checks(fed)
     assert checks[honest.recommendation_id] == "verified"
     assert {checks[f"{d.decision.decision_id}/alice"] for d in (ratified, rejected)} == {"verified"}
-    fed.store.insert_new("forecasts", forecast_rows({"north": (9.0, 0.5), "south": (11.0, 0.5), "east": (10.0, 1.0)},
-                                                    input_release_ids=("release-north-0", "release-south-0",
-                                                                       "release-east-0")))
+    again = load_releases("north", mean=9.5, hours=range(1, 2))
+    for name, value in (("release_id", "release-north-again"), ("released_at", START + timedelta(hours=7))):
+        index = again.schema.get_field_index(name)
+        again = again.set_column(index, name, pa.array([value], again.schema.field(name).type))
+    publish_signed(fed.config, fed.store, again)
     newer = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR))
     assert newer.written and not newer.kept and newer.recommendation.supersedes == honest.recommendation_id
+    assert newer.recommendation.items_of("load_mw")["B"] == 285.0
 
 
 def test_forecasts_that_read_a_release_that_does_not_verify_are_left_out(mech_federation: Build) -> None:
     """forecasting/ reads only releases that verify when it issues a forecast; one that read a release `fusion
     verify` does not call verified or legacy (issued before the key was registered, or before the release stopped
     verifying) is left out, and the window's latest good forecast counts."""
-    fed = mech_federation()
-    _with_release_signing_key(fed)
-    fed.store.insert_new("releases", _forged("north", mean=9.0, hours=range(0, 1)))
-    genuine = ("release-north-0", "release-south-0", "release-east-0")
-    fed.store.insert_new("forecasts", pa.concat_tables([
-        forecast_rows({"north": (9.0, 0.5), "south": (11.0, 0.5), "east": (10.0, 1.0)}, input_release_ids=genuine),
-        forecast_rows({"north": (20.0, 0.5), "south": (20.0, 0.5), "east": (20.0, 1.0)}, forecast_id="fc-2",
-                      issued_at=HOUR - timedelta(hours=1), input_release_ids=("release-forged", *genuine)),
-    ]))
-    rec = recommend(fed.config, Request(Kind.DISPATCH, at=HOUR)).recommendation
-    assert rec.items_of("load_mw") == {"A": 0.0, "B": 270.0, "C": 330.0, "D": 400.0, "E": 0.0}
+    fed = mech_federation(releases=False)
+    genuine = with_daily_releases(fed)
+    issued = FORECAST_AT + timedelta(hours=1)
+    good = forecast_ids(run_forecasts(fed.config, metrics=["load"], horizon="24h", now=issued))
+    north = forecast_ids(run_forecasts(fed.config, metrics=["load"], regions=["north"], horizon="48h",
+                                        now=issued + timedelta(minutes=1)))
+    # Rows written into the store without the key holder, before it registered its key: a forecast read them.
+    fed.store.insert_new("releases", pa.concat_tables([_later(daily_releases(r, FORECAST_DAYS - 1,
+                                                                             release_id="release-forged"))
+                                                       for r in ("north", "south", "east")]))
+    tainted = forecast_ids(run_forecasts(fed.config, metrics=["load"], horizon="48h", now=issued + timedelta(hours=1)))
+    create_key_holder_key(fed.config, published=genuine)
+    rec = recommend(fed.config, Request(Kind.DISPATCH, at=FORECAST_AT)).recommendation
     assert rec.inputs["load_source"] == "forecasts"
-    assert rec.inputs["forecast_ids"] == ["fc-1-east", "fc-1-north", "fc-1-south"]
-    assert rec.inputs["forecasts_skipped"] == ["fc-2-east", "fc-2-north", "fc-2-south"]
+    assert rec.inputs["forecast_ids"] == sorted([north["north"], good["south"], good["east"]])
+    assert rec.inputs["forecasts_skipped"] == sorted(tainted.values())
     assert rec.inputs["unverified_releases_skipped"] == ["release-forged"]
+    assert "forecasts_not_replayed" not in rec.inputs  # the good ones replay
     # A region whose every forecast read one is refused, naming them, though the others have a good one.
-    fed.store.insert_new("forecasts", forecast_rows({"north": (9.0, 0.5)}, at=TWO, forecast_id="fc-3",
-                                                    input_release_ids=genuine))
-    fed.store.insert_new("forecasts", forecast_rows({"south": (9.0, 0.5), "east": (9.0, 0.5)},
-                                                    at=TWO, forecast_id="fc-4",
-                                                    input_release_ids=("release-forged",)))
-    with pytest.raises(MissingLoad, match=r"no forecast of load for region south \(bus C\) at 2026-01-01T02:00Z \(its "
-                       r"forecasts fc-4-south are left out: they read releases that `fusion verify` does not call "
-                       r"verified or legacy, release-forged \(tampered\)\)"):
-        recommend(fed.config, Request(Kind.DISPATCH, at=TWO))
+    with pytest.raises(MissingLoad, match=r"no forecast of load for region south \(bus C\) at 2026-01-05T06:00Z \(its "
+                       rf"forecasts {tainted['south']} are left out: they read releases that `fusion verify` does not "
+                       r"call verified or legacy, release-forged \(\w+\)\)"):
+        recommend(fed.config, Request(Kind.DISPATCH, at=FORECAST_AT + timedelta(hours=30)))
+
+
+def _later(rows: pa.Table, *, plus: float = 1.0) -> pa.Table:
+    """`rows` released a day after the genuine ones (so each window's latest release, where counted), `plus` kW."""
+    for name in ("ratio_mean", "mean"):
+        index = rows.schema.get_field_index(name)
+        rows = rows.set_column(index, name, pc.add(rows.column(name), plus))
+    index = rows.schema.get_field_index("released_at")
+    return rows.set_column(index, "released_at", pc.add(rows.column("released_at"), pa.scalar(timedelta(days=1))))
+
+
+def test_a_forecast_that_replays_gives_the_loads(mech_federation: Build) -> None:
+    """Where a release-signing key is registered, a forecast gives a bus its load only where it replays: computed
+    again from the verified releases it names, it is the same. `fusion forecast`'s own forecasts do."""
+    fed, ids = forecast_federation(mech_federation)
+    rec = recommend(fed.config, Request(Kind.DISPATCH, at=FORECAST_AT)).recommendation
+    assert rec.inputs["load_source"] == "forecasts" and rec.inputs["forecast_ids"] == sorted(ids.values())
+    assert "forecasts_not_replayed" not in rec.inputs and "forecasts_skipped" not in rec.inputs
+    means = {row["region"]: row["mean"] for row in fed.store.read("forecasts").to_pylist()
+             if row["window_start"] == FORECAST_AT}
+    assert rec.items_of("load_mw") == pytest.approx({"A": 0.0, "B": 30 * means["north"], "C": 30 * means["south"],
+                                                     "D": 40 * means["east"], "E": 0.0})
+    original, again = replay(fed.config, rec.recommendation_id)
+    assert again.digest == original.recorded_digest == rec.digest
+
+
+def test_a_forged_forecast_row_is_left_out_and_does_not_displace_a_ratified_recommendation(
+    mech_federation: Build,
+) -> None:
+    """`forecasts` rows are not signed: a row appended under a genuine forecast's id, naming its genuine, verifying
+    releases, with north's mean raised by 3 kW and issued later, was the latest forecast of the window, so it was
+    north's load (90 MW more), and `fusion recommend` run again superseded the ratified recommendation with it. It
+    does not replay now: it is left out, the region's latest forecast that replays counts, the one in force is
+    kept, and a recommendation records it with why."""
+    from mechanisms.decisions import DecideRequest, decide
+    from mechanisms.records import Action
+
+    fed, ids = forecast_federation(mech_federation)
+    honest = recommend(fed.config, Request(Kind.DISPATCH, at=FORECAST_AT)).recommendation
+    assert decide(fed.config, DecideRequest(Action.RATIFY, honest.recommendation_id, "grid-ops", "alice")).effective
+    raised = reissued(fed, ids["north"], mean=lambda means: [means[0] + 3.0, *means[1:]])
+    fed.store.insert_new("forecasts", raised)
+    stored = fed.store.read("recommendations").num_rows
+    again = recommend(fed.config, Request(Kind.DISPATCH, at=FORECAST_AT))
+    assert again.kept and not again.written and again.recommendation.recommendation_id == honest.recommendation_id
+    assert fed.store.read("recommendations").num_rows == stored
+    why = again.extra["loads"].trust["forecasts_not_replayed"]
+    assert list(why) == [ids["north"]]
+    assert re.fullmatch(r"\(issued 2026-01-04T01:00:00Z\) its mean at 2026-01-04T00:00Z is [\d.]+, [\d.]+ computed "
+                        "again", why[ids["north"]])
+    # The next window: the forged issue (the latest) is left out whole, recorded with why.
+    later = recommend(fed.config, Request(Kind.DISPATCH, at=FORECAST_AT + timedelta(hours=1))).recommendation
+    assert later.inputs["forecast_ids"] == sorted(ids.values())
+    assert later.inputs["forecasts_not_replayed"] == why
+    north = _mean(fed, ids["north"], FORECAST_AT + timedelta(hours=1))
+    assert later.items_of("load_mw")["B"] == pytest.approx(30 * north)
+    original, replayed = replay(fed.config, later.recommendation_id)
+    assert replayed.digest == original.recorded_digest
+
+
+def test_a_forecast_row_under_a_made_up_id_is_left_out_and_the_releases_count(mech_federation: Build) -> None:
+    """Rows with a forecast_id of the forger's own, naming genuine releases, for a window already released: they
+    were the forecasts of the window, so they gave its loads instead of its releases. Their id is not the one what
+    they record names: left out, recorded, and the window's releases give its loads, as where no forecast is."""
+    fed, ids = forecast_federation(mech_federation)
+    last = FORECAST_AT - timedelta(hours=1)  # the last window released
+
+    def day_before(moments: list[datetime]) -> list[datetime]:
+        return [t - timedelta(days=1) for t in moments]
+
+    made_up = pa.concat_tables([
+        reissued(fed, forecast_id, forecast_id=f"f-{region:0>24}", window_start=day_before, window_end=day_before,
+               mean=lambda means: [1.1 * v for v in means])
+        for region, forecast_id in ids.items()
+    ])
+    fed.store.insert_new("forecasts", made_up)
+    rec = recommend(fed.config, Request(Kind.DISPATCH, at=last)).recommendation
+    assert rec.inputs["load_source"] == "releases"
+    assert rec.inputs["release_ids"] == ["load-east-d2", "load-north-d2", "load-south-d2"]
+    assert sorted(rec.inputs["forecasts_not_replayed"]) == [f"f-{r:0>24}" for r in ("east", "north", "south")]
+    assert all("its forecast_id is not the one its model, series, origin, horizon, input releases, calibration and "
+               "params name" in why for why in rec.inputs["forecasts_not_replayed"].values())
+
+
+def _mean(fed: MechFederation, forecast_id: str, at: datetime) -> float:
+    rows = fed.store.read("forecasts").to_pylist()
+    return next(r["mean"] for r in rows if r["forecast_id"] == forecast_id and r["window_start"] == at)
 
 
 @pytest.mark.parametrize("signed", [False, True])
