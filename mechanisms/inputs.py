@@ -8,18 +8,27 @@ audit (`mechanisms.audit`) says so with its own status. The releases that do not
 (`fusion.api.unverified_releases`: tampered, missing, a violation...; seconds on a large store) are taken once per
 audit, and only when a recommendation names a release or forecast. A release named that the store does not hold is
 no more verified than a tampered one; a forecast named that the store does not hold cannot be checked, and is named
-too. Where no release-signing key is registered nothing can be verified, and nothing is checked (`fusion recommend`
-reads every release then).
+too. So is a forecast named that does not replay (forecasting.replay: computed again from the releases it names, its
+latest issue that replays differs from its rows, or none replays), or whose value for the recommendation's window is
+not the load the recommendation took from it: `forecasts` rows are not signed, and before `fusion recommend` replayed
+them a row appended with made-up values was a load. Each forecast named (and not already named for reading a release
+that does not verify) is computed again once per check: milliseconds to a second each (docs/forecasting.md). Where
+no release-signing key is registered nothing can be verified, and nothing is checked (`fusion recommend` reads every
+release and forecast then).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from fusion.api import FusedStore
 from mechanisms.records import Recommendation
+
+if TYPE_CHECKING:
+    from forecasting.replay import ForecastReplay
 
 #: The status of a recommendation, and of a decision on one, that read a release `fusion verify` does not call
 #: verified or legacy (`mechanisms.audit`).
@@ -38,10 +47,12 @@ class UnverifiedRead:
     releases: dict[str, str]
     through: tuple[str, ...] = ()  # forecasts that read one of `releases`
     unknown_forecasts: tuple[str, ...] = ()
+    not_replayed: dict[str, str] = field(default_factory=dict)  # forecasts that do not replay, or not to its load: why
 
     def names(self) -> list[str]:
-        """The releases, and the forecasts that cannot be checked: 'r-forged', 'forecast fc-9'."""
-        return sorted(self.releases) + [f"forecast {f}" for f in self.unknown_forecasts]
+        """The releases, and the forecasts that cannot be checked or do not replay: 'r-forged', 'forecast fc-9'."""
+        forecasts = sorted(set(self.unknown_forecasts) | set(self.not_replayed))
+        return sorted(self.releases) + [f"forecast {f}" for f in forecasts]
 
     def why(self, subject: str = "it") -> str:
         """What `subject` read that does not verify, naming it."""
@@ -54,6 +65,9 @@ class UnverifiedRead:
         if self.unknown_forecasts:
             parts.append(f"{subject} read forecast(s) the store does not hold, so what they read cannot be checked: "
                          f"{_listed(self.unknown_forecasts)}")
+        if self.not_replayed:
+            named = "; ".join(f"{f}: {why}" for f, why in sorted(self.not_replayed.items()))
+            parts.append(f"{subject} read forecast(s) that do not replay from the releases they name ({named})")
         return "; ".join(parts)
 
 
@@ -100,8 +114,9 @@ def unverified_reads(
     store: FusedStore, recommendations: Mapping[str, Recommendation], trust: ReleaseTrust
 ) -> dict[str, UnverifiedRead]:
     """Of `recommendations` (id -> recommendation), those that read a release `fusion verify` does not call verified
-    or legacy, or a forecast the store does not hold, with what they read (id -> UnverifiedRead). `store` reads the
-    `releases` and `forecasts` tables; a few queries for all of them together."""
+    or legacy, a forecast the store does not hold or one that does not replay to the load taken from it, with what
+    they read (id -> UnverifiedRead). `store` reads the `releases` and `forecasts` tables; a few queries for all of
+    them together, and each forecast named computed again once."""
     named = {rid: named_inputs(rec) for rid, rec in recommendations.items()}
     named = {rid: n for rid, n in named.items() if n.releases or n.forecasts}
     if not named:
@@ -114,16 +129,47 @@ def unverified_reads(
     releases = {r for n in named.values() for r in n.releases} | {r for rs in read.values() for r in rs}
     held = _held_releases(store, releases - set(unverified))
     bad = dict(unverified) | {r: ABSENT for r in releases - held - set(unverified)}
+    from forecasting.replay import ForecastReplay
+
     found = {}
-    for rid, n in named.items():
-        direct = {r: bad[r] for r in n.releases if r in bad}
-        through = {f: {r: bad[r] for r in read[f] if r in bad} for f in n.forecasts if f in read}
-        through = {f: rs for f, rs in through.items() if rs}
-        unknown = tuple(sorted(f for f in n.forecasts if f not in read))
-        if direct or through or unknown:
-            releases_read = direct | {r: s for rs in through.values() for r, s in rs.items()}
-            found[rid] = UnverifiedRead(releases_read, tuple(sorted(through)), unknown)
+    with ForecastReplay(store, unverified=unverified) as replay:
+        for rid, n in named.items():
+            direct = {r: bad[r] for r in n.releases if r in bad}
+            through = {f: {r: bad[r] for r in read[f] if r in bad} for f in n.forecasts if f in read}
+            through = {f: rs for f, rs in through.items() if rs}
+            unknown = tuple(sorted(f for f in n.forecasts if f not in read))
+            replayable = sorted(f for f in n.forecasts if f in read and f not in through)
+            forged = _not_replayed(replay, recommendations[rid], replayable) if replayable else {}
+            if direct or through or unknown or forged:
+                releases_read = direct | {r: s for rs in through.values() for r, s in rs.items()}
+                found[rid] = UnverifiedRead(releases_read, tuple(sorted(through)), unknown, forged)
     return found
+
+
+def _not_replayed(replay: ForecastReplay, recommendation: Recommendation, forecasts: list[str]) -> dict[str, str]:
+    """Of `forecasts` (named by `recommendation`), those that do not replay for its window, or whose replayed mean
+    and SD there are not the load it took from them, with why."""
+    from forecasting.replay import REPLAY_RTOL
+
+    loads: dict[str, list[tuple[str, float, float]]] = {}
+    region_loads = recommendation.inputs.get("region_loads")
+    for region, load in (region_loads.items() if isinstance(region_loads, dict) else ()):
+        kind, _, name = str(load.get("record", "")).partition(":") if isinstance(load, dict) else ("", "", "")
+        value, spread = (load.get("value"), load.get("sd")) if isinstance(load, dict) else (None, None)
+        if kind == "forecast" and isinstance(value, int | float) and isinstance(spread, int | float):
+            loads.setdefault(name, []).append((region, float(value), float(spread)))
+    why: dict[str, str] = {}
+    for forecast in forecasts:
+        found = replay.window(forecast, recommendation.valid_from)
+        if isinstance(found, str):
+            why[forecast] = found
+            continue
+        mean, sd = found
+        for region, value, taken_sd in loads.get(forecast, ()):
+            if not (math.isclose(value, mean, rel_tol=REPLAY_RTOL) and math.isclose(taken_sd, sd, rel_tol=REPLAY_RTOL)):
+                why[forecast] = (f"the load it took for {region}, {value:.6g} (SD {taken_sd:.6g}), is not the "
+                                 f"forecast's for its window, {mean:.6g} (SD {sd:.6g})")
+    return why
 
 
 def _forecast_reads(store: FusedStore, forecasts: set[str]) -> dict[str, frozenset[str]]:

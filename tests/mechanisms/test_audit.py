@@ -34,7 +34,15 @@ from mechanisms.recommend import Request, recommend
 from mechanisms.records import Action, Adopted, Decision, Kind, ReasonCode, Recommendation, now
 from mechanisms.tables import read_recommendation
 from tests.conftest import START, publish_signed
-from tests.mechanisms.conftest import HOUR, MechFederation, forecast_rows, load_releases
+from tests.mechanisms.conftest import (
+    FORECAST_AT,
+    HOUR,
+    MechFederation,
+    forecast_federation,
+    forecast_rows,
+    load_releases,
+    reissued,
+)
 
 Build = Callable[..., MechFederation]
 
@@ -521,6 +529,54 @@ def test_a_signed_recommendation_naming_a_forged_release_or_forecast_is_flagged(
         unknown.recommendation_id: ("unverified_input", "it read forecast(s) the store does not hold, so what they "
                                     "read cannot be checked: fc-ghost-east"),
     }
+
+
+def test_a_recommendation_that_took_its_load_from_a_forecast_that_does_not_replay_is_flagged(
+    mech_federation: Build,
+) -> None:
+    """Before `fusion recommend` replayed forecasts, a row appended under a genuine forecast's id with north's mean
+    raised by 3 kW (or under an id of the forger's own), naming genuine releases, was taken as north's load, and the
+    recommendation verified in `fusion verify` as signed. It is `unverified_input` now, naming the forecast and why,
+    and so is the ratification decided on it; the recommendation from the forecast as issued verifies."""
+    from mechanisms.recommend import _Run
+    from mechanisms.tables import write_rows
+
+    fed, ids = forecast_federation(mech_federation)
+    honest = recommend(fed.config, Request(Kind.DISPATCH, at=FORECAST_AT)).recommendation
+    private, public = load_operator_key(fed.config)
+
+    def as_before(forged: pa.Table) -> Recommendation:
+        """A dispatch computed and recorded as before forecasts were replayed, after `forged` was appended."""
+        fed.store.insert_new("forecasts", forged)
+        with open_store(fed.config) as store:
+            run = _Run(fed.config, Kind.DISPATCH, honest.parameters, FORECAST_AT, store.versions, None,
+                       unverified=None, record_trust=False)
+            made = run.compute(store)[0].signed(private, public, supersedes=None, created_at=now())
+        write_rows(fed.config, "recommendations", made.rows())
+        return made
+
+    raised = as_before(reissued(fed, ids["north"], mean=lambda means: [means[0] + 3.0, *means[1:]]))
+    north = honest.inputs["region_loads"]["north"]
+    assert raised.inputs["region_loads"]["north"]["value"] == pytest.approx(north["value"] + 3.0)
+    made_up = as_before(reissued(fed, ids["east"], forecast_id="f-" + "0" * 24,
+                                 issued_at=lambda at: [FORECAST_AT + timedelta(hours=2)] * len(at)))
+    assert made_up.inputs["region_loads"]["east"]["record"] == "forecast:f-" + "0" * 24
+    ratified = decide(fed.config, DecideRequest(Action.OVERRIDE, raised.recommendation_id, "grid-ops", "alice",
+                                                reason_code=ReasonCode.RELIABILITY, reason="checked by hand",
+                                                set_mw=(("Sundance", 50.0),))).decision
+    checks = _checks(fed)
+    assert (checks[honest.recommendation_id].status, checks[honest.recommendation_id].reason) == ("verified", "")
+    prefix = "it read forecast(s) that do not replay from the releases they name ("
+    assert checks[raised.recommendation_id].status == "unverified_input"
+    assert checks[raised.recommendation_id].reason == (
+        f"{prefix}{ids['north']}: the load it took for north, {north['value'] + 3.0:.6g} (SD {north['sd']:.6g}), is "
+        f"not the forecast's for its window, {north['value']:.6g} (SD {north['sd']:.6g}))")
+    assert checks[made_up.recommendation_id].status == "unverified_input"
+    assert checks[made_up.recommendation_id].reason.startswith(
+        f"{prefix}f-{'0' * 24}: its forecast_id is not the one its model, series, origin, horizon, input releases, "
+        "calibration and params name")
+    assert checks[f"{ratified.decision_id}/alice"].status == "unverified_input"
+    assert not verify_mechanisms_tables(fed.config, "csv")  # `fusion verify` exits 1
 
 
 @pytest.mark.parametrize("page_rows", [1, tables.PAGE_ROWS])
