@@ -211,7 +211,7 @@ def run_demo(directory: Path, seed: int) -> dict[str, Any]:
     last = train_into_store(
         Store(config.store_path),
         settings,
-        ExchangeFederation(config, start, end, charge=charge),
+        ExchangeFederation(config, start, end, charge=charge, rounds=settings.rounds),
         training,
         classes=3,
         terms=terms,

@@ -148,12 +148,13 @@ def refuse_past_cap(plan: ReleasePlan, institution: InstitutionConfig) -> None:
 
 
 def past_cap(
-    earlier: list[ReleaseCharge], own: ReleaseCharge, *, cap: float, delta: float
+    earlier: list[ReleaseCharge], own: ReleaseCharge, *, cap: float, delta: float, times: int = 1
 ) -> tuple[float, float] | None:
-    """(the period's epsilon before, after) where `own` would take the period holding the `earlier` charges past
-    `cap`, composed as the key holder's ledger composes it (privacy.accountant.period_loss, `own`'s composition);
-    None where it fits. An institution's checks of its seals and of its training rounds both ask this."""
-    after = period_loss([*earlier, own], composition=own.composition, delta=delta).epsilon
+    """(the period's epsilon before, after) where `own`, charged `times` times (a training run's rounds left to
+    draw), would take the period holding the `earlier` charges past `cap`, composed as the key holder's ledger
+    composes it (privacy.accountant.period_loss, `own`'s composition); None where it fits. An institution's checks
+    of its seals and of its training rounds both ask this."""
+    after = period_loss([*earlier, *[own] * times], composition=own.composition, delta=delta).epsilon
     if after <= cap:
         return None
     return period_loss(earlier, composition=own.composition, delta=delta).epsilon, after

@@ -170,6 +170,7 @@ def seal_contribution(
     round_id: RoundId,
     generator: np.random.Generator,
     charge: ReleaseCharge,
+    rounds: int,
     audit: Store | None = None,
 ) -> SealedContribution:
     """The institution's step: `vector` (int64, the round's slots) plus its Skellam share s_q, masked as a release
@@ -177,9 +178,10 @@ def seal_contribution(
     Shamir-shared for the unmask round), BFV-encrypted, signed and published in the round's folder. The noise of a
     round is drawn once: the noisy update is kept (training/kept_updates.py) and any later attempt of the round
     seals that same update with fresh masks (`vector` unused); the envelope of an attempt is kept too, and
-    published again byte for byte. A round whose `charge` (the ledger's for a round of the run) would take the
-    institution's privacy period past its cap is refused before its noise is drawn (BudgetExceeded), and recorded
-    in `audit`'s `audit` table (`contribution_refused`; None: not recorded)."""
+    published again byte for byte. A round whose `charge` (the ledger's for a round of the run), with those of the
+    run's later rounds (`rounds` in all), would take the institution's privacy period past its cap is refused before
+    its noise is drawn (BudgetExceeded), and recorded in `audit`'s `audit` table (`contribution_refused`; None: not
+    recorded)."""
     kept = _kept_path(plan, institution_id)
     path = contribution_path(plan.config.exchange_path, plan.key, institution_id)
     if kept.exists():
@@ -193,7 +195,7 @@ def seal_contribution(
             raise FusionError(f"a round's vector has {plan.layout.slots} slots, got shape {vector.shape}")
         drawn = vector + SkellamNoise(plan.params.share_variance, generator=generator).sample(vector.size)
         try:
-            noised = keep_update(plan.config, institution_id, round_id, drawn, charge=charge)
+            noised = keep_update(plan.config, institution_id, round_id, drawn, charge=charge, rounds=rounds)
         except BudgetExceeded as exc:
             if audit is not None:
                 _audit_refusal(audit, plan, round_id, institution_id, str(exc))
@@ -326,13 +328,15 @@ class ExchangeFederation:
     each party's role function in turn, each with its own keys from the config; `present` institutions seal. `store`:
     where the key holder audits a round it refuses, and an institution a round it does not seal (None: not audited).
     `charge`: what a round of the run costs a privacy period (the ledger's charge), which each institution holds
-    against its cap before it draws a round's noise; a federation without one only resumes rounds, and seals none."""
+    against its cap, for the round and the run's later ones (`rounds`: how many the run has), before it draws a
+    round's noise; a federation without one only resumes rounds, and seals none."""
 
     config: Config
     start: datetime
     end: datetime
     store: Store | None = None
     charge: ReleaseCharge | None = None
+    rounds: int = 0
 
     @property
     def institutions(self) -> tuple[str, ...]:
@@ -353,17 +357,27 @@ class ExchangeFederation:
         generators: Mapping[str, np.random.Generator],
         pay: Callable[[str], None] | None = None,
     ) -> RoundSum:
-        if self.charge is None:
-            raise InternalError("an exchange federation without its rounds' charge sealed a round; this is a bug")
+        if self.charge is None or self.rounds < round_id.round:
+            raise InternalError("an exchange federation without its run's charges sealed a round; this is a bug")
         slots = next(iter(vectors.values())).size
         plan = self.plan(round_id, slots=slots, variance=layers.total_variance)
         open_round(plan, self.config.exchange_path)
-        envelopes = {
-            i: seal_contribution(
-                plan, i, vectors[i], round_id=round_id, generator=generators[i], charge=self.charge, audit=self.store
-            ).envelope
-            for i in sorted(vectors)
-        }
+        charge, rounds, store = self.charge, self.rounds, self.store
+
+        def seal(i: str) -> bytes:
+            sealed = seal_contribution(
+                plan,
+                i,
+                vectors[i],
+                round_id=round_id,
+                generator=generators[i],
+                charge=charge,
+                rounds=rounds,
+                audit=store,
+            )
+            return sealed.envelope
+
+        envelopes = {i: seal(i) for i in sorted(vectors)}
         # An aggregate already sealed (a round resumed after a crash) is decrypted as it is: sealed again it would
         # be other bytes, and the ledger and a signature already written may name these.
         if not exists(aggregate_path(plan.config.exchange_path, plan.key)):

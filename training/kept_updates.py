@@ -14,11 +14,14 @@ does an institution answer the rosters of a round's attempts for different sets 
 share alone.
 
 The record of a round also keeps what the round costs the institution's privacy period (the ledger's charge for
-it), and an institution draws no noise for a round that would take the period past the cap of its own config
-(`refuse_round_past_cap`), counting every round it drew in the period, of any model and under any settings, and every
-interval it sealed there, as the seal records of releases hold the cap (pipelines/sealing.py): the key holder's
-ledger alone cannot hold it against a coalition that includes the key holder, which could run a model's rounds past
-the cap without charging them, or the rounds of a model renamed or retrained over the same readings.
+it), and an institution draws no noise for a round unless the round and every round of its run after it fit the cap
+of its own config (`refuse_run_past_cap`), counting every round it drew in the period, of any model and under any
+settings, and every interval it sealed there, as the seal records of releases hold the cap (pipelines/sealing.py):
+the key holder's ledger alone cannot hold it against a coalition that includes the key holder, which could run a
+model's rounds past the cap without charging them, or the rounds of a model renamed or retrained over the same
+readings. It counts the run's later rounds too because a round it draws is spent for good, by its own records,
+whatever becomes of the run: a round of a run that could not finish (refused later by the key holder, or by itself)
+would spend its period's budget on no model, and keep a later run that fits from it.
 """
 
 from __future__ import annotations
@@ -98,17 +101,23 @@ def kept_update(config: Config, institution_id: str, round_id: RoundId) -> np.nd
 
 
 def keep_update(
-    config: Config, institution_id: str, round_id: RoundId, noised: np.ndarray, *, charge: ReleaseCharge
+    config: Config,
+    institution_id: str,
+    round_id: RoundId,
+    noised: np.ndarray,
+    *,
+    charge: ReleaseCharge,
+    rounds: int,
 ) -> np.ndarray:
     """Keep `noised` as the institution's noisy update of `round_id`'s round, before anything of it is sealed, with
-    the round's `charge` (the ledger's for a round of its run), once the charge fits the period's cap
-    (`refuse_round_past_cap`); returns the update kept (another process of the institution may have kept one first: that
-    one)."""
+    the round's `charge` (the ledger's for a round of its run), once the charges of the round and of the rest of
+    its run (`rounds` rounds in all) fit the period's cap (`refuse_run_past_cap`); returns the update kept (another
+    process of the institution may have kept one first: that one)."""
     with contributions_lock(config, config.institution(institution_id)):  # a race past the cap: one is refused
         kept = kept_update(config, institution_id, round_id)
         if kept is not None:
             return kept
-        refuse_round_past_cap(config, institution_id, round_id, charge)
+        refuse_run_past_cap(config, institution_id, round_id, charge, rounds=rounds)
         return _keep(config, institution_id, round_id, noised, charge)
 
 
@@ -146,16 +155,20 @@ def _keep(
     return np.asarray(noised, dtype=np.int64)
 
 
-def refuse_round_past_cap(config: Config, institution_id: str, round_id: RoundId, charge: ReleaseCharge) -> None:
-    """Refuse to draw noise for `round_id`'s round if its `charge` would take its privacy period past the cap of the
-    institution's config, counting the other rounds it drew noise for in the period (their records keep their
-    charges) and the intervals it sealed there, composed as the key holder's ledger composes the period
-    (privacy.accountant.period_loss, the composition of the charge: in sequence at entity level, by instant at event
-    level, where a model's rounds share every instant of its readings). A round drawn and never decrypted counts all
-    the same (its update has left the institution, masked)."""
+def refuse_run_past_cap(
+    config: Config, institution_id: str, round_id: RoundId, charge: ReleaseCharge, *, rounds: int
+) -> None:
+    """Refuse to draw noise for `round_id`'s round unless it and the rounds of its run after it (up to round
+    `rounds`, each costing `charge`) fit the cap of the institution's config, counting the other rounds it drew noise
+    for in the period (their records keep their charges) and the intervals it sealed there, composed as the key
+    holder's ledger composes the period (privacy.accountant.period_loss, the composition of the charge: in sequence
+    at entity level, by instant at event level, where a model's rounds share every instant of its readings). A round
+    drawn and never decrypted counts all the same (its update has left the institution, masked). Checked at every
+    round it draws, so a run's first round (or the first it draws on resuming) is refused, not a later one, where
+    the whole run cannot fit; a later round only where the period took other contributions meanwhile."""
     period = period_of(config, charge.start, charge.end)
     institution = config.institution(institution_id)
-    rounds = round_charges(
+    drawn = round_charges(
         config,
         institution,
         period,
@@ -164,14 +177,17 @@ def refuse_round_past_cap(config: Config, institution_id: str, round_id: RoundId
         drawing=(round_id.model_id, round_id.parameters_digest, charge),
     )
     sealed = sealed_charges(config, institution, period)
+    left = max(rounds - round_id.round + 1, 1)  # this round and the run's later ones, none drawn yet
     cap = config.privacy.cap
-    if past := past_cap([*sealed, *rounds], charge, cap=cap, delta=config.privacy.delta):
+    if past := past_cap([*sealed, *drawn], charge, cap=cap, delta=config.privacy.delta, times=left):
         before, after = past
+        run = "" if left == 1 else f" with the {left - 1} round(s) of its run after it"
         raise BudgetExceeded(
-            f"institution {institution_id} does not seal round {round_id.round} of model {round_id.model_id}: it "
-            f"needs epsilon {after - before:.4f} in period {period.name}, which would reach {after:.4f} with the "
-            f"{len(rounds)} training round(s) and {len(sealed)} interval(s) it contributed in the period; the cap is "
-            f"{cap:.4f} and {max(cap - before, 0.0):.4f} is left"
+            f"institution {institution_id} does not seal round {round_id.round} of model {round_id.model_id}: the "
+            f"round{run} needs epsilon {after - before:.4f} in period {period.name}, which would reach {after:.4f} "
+            f"with the {len(drawn)} training round(s) and {len(sealed)} interval(s) it contributed in the period; "
+            f"the cap is {cap:.4f} and {max(cap - before, 0.0):.4f} is left (a round it draws is spent for good, so "
+            "it draws none of a run that could not finish)"
         )
 
 

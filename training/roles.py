@@ -132,8 +132,8 @@ def _generator(config: Config, institution_id: str, round_id: RoundId) -> np.ran
 
 def contribute(config: Config, model: ModelConfig, store: Store, institution_id: str) -> str:
     """The institution's step: its clipped, rounded gradient sum at the current model, noised, masked, sealed;
-    refused (and audited) where the round would take the institution's privacy period past its cap, by its own
-    records of what it contributed (training/kept_updates.py)."""
+    refused (and audited) where the round, with the run's rounds after it, would take the institution's privacy
+    period past its cap, by its own records of what it contributed (training/kept_updates.py)."""
     current = current_round(config, model, store)
     rows, skipped = institution_data(config, model, institution_id)
     if rows.targets.size == 0:
@@ -153,7 +153,7 @@ def contribute(config: Config, model: ModelConfig, store: Store, institution_id:
     open_round(plan, config.exchange_path)
     sealed = seal_contribution(
         plan, institution_id, vector, round_id=current.round_id, generator=generator,
-        charge=current.terms.charge(current.budget), audit=store,
+        charge=current.terms.charge(current.budget), rounds=current.settings.rounds, audit=store,
     )  # fmt: skip
     again = {
         Sealing.DRAWN: "",

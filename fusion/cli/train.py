@@ -125,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     budget = budget_for(settings, dimension)
     # Each round through the releases' roles (training/exchange_round.py): every institution seals in the exchange
     # with its own keys, the aggregator sums and unmasks, the key holder decrypts once the ledger is charged.
-    federation = ExchangeFederation(config, terms.start, terms.end, store, terms.charge(budget))
+    federation = ExchangeFederation(config, terms.start, terms.end, store, terms.charge(budget), settings.rounds)
     record = charge_record(config, store)  # the key holder's own record: rounds share the releases' cap
     predicted = forecast_run(store, settings, budget, terms, federation, record=record)
     remaining = predicted.remaining

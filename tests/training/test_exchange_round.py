@@ -39,6 +39,7 @@ START, END = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 6, tzinfo=UT
 IDS = ("alpha", "beta", "gamma")
 #: What each of these rounds costs an institution's period: next to nothing (their noise is not calibrated).
 CHARGE = ReleaseCharge(NormBoundMechanism(1e12, 1.0, 1.0), START, END, Composition.PARALLEL)
+ROUNDS = 4  # the rounds of their run (m), each holding the cap for its later ones too
 
 
 def _vectors(slots: int) -> dict[str, np.ndarray]:
@@ -56,7 +57,9 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     vectors = _vectors(9001)
     noised: dict[str, np.ndarray] = {}
     for k, i in enumerate(IDS):
-        sealed = seal_contribution(plan, i, vectors[i], round_id=round_id, generator=seeded_generator(k), charge=CHARGE)
+        sealed = seal_contribution(
+            plan, i, vectors[i], round_id=round_id, generator=seeded_generator(k), charge=CHARGE, rounds=ROUNDS
+        )
         assert sealed.sealing is Sealing.DRAWN and sealed.noised is not None
         assert not np.array_equal(sealed.noised, vectors[i])
         noised[i] = sealed.noised
@@ -82,7 +85,7 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
         assert (noised[i] - vectors[i]).var() == pytest.approx(400.0, rel=0.1)
     # Sealing again republishes the kept envelope: never a second noisy version of a round.
     again = seal_contribution(
-        plan, "alpha", vectors["alpha"], round_id=round_id, generator=seeded_generator(99), charge=CHARGE
+        plan, "alpha", vectors["alpha"], round_id=round_id, generator=seeded_generator(99), charge=CHARGE, rounds=ROUNDS
     )
     assert again.sealing is Sealing.REPUBLISHED and again.noised is None
 
@@ -95,7 +98,7 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     open_round(replan, config.exchange_path)
     for k, i in enumerate(IDS):
         sealed = seal_contribution(
-            replan, i, vectors[i] + 7, round_id=retry, generator=seeded_generator(50 + k), charge=CHARGE
+            replan, i, vectors[i] + 7, round_id=retry, generator=seeded_generator(50 + k), charge=CHARGE, rounds=ROUNDS
         )
         assert sealed.sealing is Sealing.REMASKED and sealed.noised is not None
         np.testing.assert_array_equal(sealed.noised, noised[i])
@@ -111,7 +114,9 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     plan3 = federation.plan(third, slots=9001, variance=400.0)
     open_round(plan3, config.exchange_path)
     for i in ("beta", "gamma"):
-        seal_contribution(plan3, i, vectors[i], round_id=third, generator=seeded_generator(9), charge=CHARGE)
+        seal_contribution(
+            plan3, i, vectors[i], round_id=third, generator=seeded_generator(9), charge=CHARGE, rounds=ROUNDS
+        )
     assert aggregate(plan3)["status"] == "awaiting_unmask"
     for i in ("beta", "gamma"):
         with pytest.raises(FusionError, match="does not answer attempt"):
@@ -122,14 +127,20 @@ def test_a_round_sums_bit_for_bit_through_the_exchange(make_federation: Callable
     update.unlink()
     with pytest.raises(FusionError, match="does not seal the round again"):
         seal_contribution(
-            plan3, "alpha", vectors["alpha"], round_id=third, generator=seeded_generator(7), charge=CHARGE
+            plan3,
+            "alpha",
+            vectors["alpha"],
+            round_id=third,
+            generator=seeded_generator(7),
+            charge=CHARGE,
+            rounds=ROUNDS,
         )
 
 
 def test_a_round_with_a_dropped_institution_completes(make_federation: Callable[..., Federation]) -> None:
     fed = make_federation(noise=True, entities=2)
     config = load_config(fed.config_path)
-    federation = ExchangeFederation(config, START, END, charge=CHARGE)
+    federation = ExchangeFederation(config, START, END, charge=CHARGE, rounds=ROUNDS)
     layers = NoiseLayers(total_variance=100.0, quorum=2, institutions=3, max_colluding=0)
     vectors = {i: v for i, v in _vectors(50).items() if i != "beta"}  # beta drops out of this round
     generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
@@ -159,7 +170,9 @@ def test_the_key_holder_refuses_a_damaged_aggregate_or_lost_key_before_paying(
     plan = federation.plan(RoundId("m", 4, "p"), slots=50, variance=100.0)
     open_round(plan, config.exchange_path)
     for k, (i, vector) in enumerate(_vectors(50).items()):
-        seal_contribution(plan, i, vector, round_id=RoundId("m", 4, "p"), generator=seeded_generator(k), charge=CHARGE)
+        seal_contribution(
+            plan, i, vector, round_id=RoundId("m", 4, "p"), generator=seeded_generator(k), charge=CHARGE, rounds=ROUNDS
+        )
     assert aggregate(plan)["status"] == "awaiting_unmask"
     for i in IDS:
         answer(plan, i, round_id=RoundId("m", 4, "p"))
@@ -212,7 +225,7 @@ def test_a_crashed_run_resumes_through_the_exchange(make_federation: Callable[..
                                 delta=1e-5, quorum=2)  # fmt: skip
     terms = LedgerTerms(period=Period("2026-01-01", START, START.replace(day=2)), cap=5.0, delta=1e-5,
                         composition=Composition.PARALLEL, start=START, end=END)  # fmt: skip
-    federation = ExchangeFederation(config, START, END, charge=CHARGE)
+    federation = ExchangeFederation(config, START, END, charge=CHARGE, rounds=ROUNDS)
     generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
 
     def crash(record: RoundRecord) -> None:
@@ -249,7 +262,7 @@ if role == "institution":
     open_round(plan, config.exchange_path)
     sealed = seal_contribution(
         plan, who, np.full(20, 1000 + len(who)), round_id=RoundId("m", 1, "p"), generator=seeded_generator(len(who)),
-        charge=charge,
+        charge=charge, rounds=1,
     )
     np.save(sys.argv[4], sealed.noised)
 elif role == "aggregator":

@@ -94,21 +94,55 @@ def test_a_role_needs_its_options(
     assert "an institution's options" in capsys.readouterr().err
 
 
+def test_an_institution_draws_no_round_of_a_run_that_cannot_fit_its_cap(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """greedy (epsilon 1.6 over 3 rounds, the cap 1; its first round alone would fit): each institution refuses its
+    first round, by its own records, before it draws anything, rather than spend a round of its period on a run that
+    cannot finish (the key holder would refuse it before the charge, and the institution's record of the round would
+    stay). A model that fits (tiny: epsilon 1, the cap) then trains in the period."""
+    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    for k, inst in enumerate(("alpha", "beta", "gamma")):
+        _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    _rows(fed.directory / "training" / "held_out.parquet", 9)
+    base = ["train", "--config", str(fed.config_path), "--model", "greedy", "--role"]
+    for inst in ("alpha", "beta", "gamma"):
+        assert main([*base, "institution", "--institution", inst]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert (
+            f"institution {inst} does not seal round 1 of model greedy: the round with the 2 round(s) of its run "
+            "after it needs epsilon 1.5999" in err
+        ), err
+        assert "with the 0 training round(s) and 0 interval(s)" in err and "the cap is 1.0000" in err, err
+        rounds = fed.directory / "institution-keys" / inst / "training" / "rounds"
+        assert not list(rounds.glob("t-*")), "nothing drawn, nothing recorded"
+    store = Store(load_config(fed.config_path).store_path)
+    refused = [a for a in store.read("audit").to_pylist() if a["action"] == "contribution_refused"]
+    assert sorted(a["actor"] for a in refused) == ["alpha", "beta", "gamma"]
+    assert main(["train", "--config", str(fed.config_path), "--model", "tiny"]) == 0  # before: alpha refused round 1
+    assert "round 2/2: 3 contributors, epsilon 0.9997" in capsys.readouterr().out
+    assert store.read("budget").to_pylist()[0]["epsilon_spent"] <= 1.0
+
+
 def test_the_key_holder_refuses_a_run_over_the_period_cap_before_its_first_charge(
     make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Role by role, as `fusion train` does: a run whose rounds cannot all fit the period's cap (greedy: epsilon
     1.6, cap 1; its first round alone would fit) spends nothing, rather than its first rounds' budget on a model the
-    ledger will not let finish."""
+    ledger will not let finish. The institutions' own configs allow the period more (epsilon_cap 2), so they seal
+    its round: the key holder holds its own cap."""
     fed = make_federation(noise=True, entities=2, extra=MODEL)
     for k, inst in enumerate(("alpha", "beta", "gamma")):
         _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    looser = fed.directory / "institution.toml"
+    looser.write_text(fed.config_path.read_text().replace("[privacy]\n", "[privacy]\nepsilon_cap = 2\n", 1))
     base = ["train", "--config", str(fed.config_path), "--model", "greedy", "--role"]
+    own = ["train", "--config", str(looser), "--model", "greedy", "--role"]
     for inst in ("alpha", "beta"):
-        assert main([*base, "institution", "--institution", inst]) == 0
+        assert main([*own, "institution", "--institution", inst]) == 0
     assert main([*base, "aggregator"]) == 0
     for inst in ("alpha", "beta", "alpha"):  # alpha's first try waits for beta's acknowledgement
-        assert main([*base, "institution", "--institution", inst, "--unmask"]) == 0
+        assert main([*own, "institution", "--institution", inst, "--unmask"]) == 0
     assert main([*base, "aggregator"]) == 0
     assert "aggregated" in capsys.readouterr().out  # the round is ready to decrypt
     assert main([*base, "key-holder"]) == 1
@@ -117,19 +151,25 @@ def test_the_key_holder_refuses_a_run_over_the_period_cap_before_its_first_charg
     assert store.read("budget").num_rows == 0 and store.read("models").num_rows == 0
 
 
+TWIN = MODEL.split("[[models]]")[1].replace('name = "tiny"', 'name = "twin"')  # tiny over the same readings
+
+
 def test_each_institution_holds_the_period_cap_for_its_rounds_against_a_key_holder_that_does_not(
     make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The key holder's ledger alone cannot hold the cap against a coalition that includes the key holder: here it
     skips its forecast and charges nothing (code it runs itself), and the aggregator runs the rounds. Each
-    institution holds the cap by its own records: after round 1 of `greedy` (epsilon 1.6 over 3 rounds, the cap 1)
-    it draws no noise for round 2, nor for a round of another model over the same readings, and audits the refusal;
-    a round it sealed before is sealed again from its kept update (the run rewound by deleting `models`): no new
-    charge."""
-    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    institution holds the cap by its own records: it draws no noise for greedy, whose run alone cannot fit (epsilon
+    1.6 over 3 rounds, the cap 1); after round 1 of tiny (epsilon 1, the cap) none for twin, tiny over the same
+    readings under another name, and audits the refusals; a round it sealed before is sealed again from its kept
+    update (the run rewound by deleting `models`): no new charge."""
+    fed = make_federation(noise=True, entities=2, extra=MODEL + "[[models]]" + TWIN)
     for k, inst in enumerate(("alpha", "beta")):
         _rows(fed.directory / "training" / f"{inst}.parquet", k)
-    base = ["train", "--config", str(fed.config_path), "--model", "greedy", "--role"]
+    _rows(fed.directory / "training" / "held_out.parquet", 9)
+
+    def base(model: str) -> list[str]:
+        return ["train", "--config", str(fed.config_path), "--model", model, "--role"]
 
     class Uncharged:
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -142,39 +182,43 @@ def test_each_institution_holds_the_period_cap_for_its_rounds_against_a_key_hold
         rogue.setattr(roles, "check_fits", lambda *args: None)
         rogue.setattr(roles, "BudgetLedger", Uncharged)
         for inst in ("alpha", "beta"):
-            assert main([*base, "institution", "--institution", inst]) == 0
-        assert main([*base, "aggregator"]) == 0
+            assert main([*base("greedy"), "institution", "--institution", inst]) == 1
+            err = " ".join(capsys.readouterr().err.split())
+            assert f"institution {inst} does not seal round 1 of model greedy" in err, err
+        for inst in ("alpha", "beta"):
+            assert main([*base("tiny"), "institution", "--institution", inst]) == 0
+        assert main([*base("tiny"), "aggregator"]) == 0
         for inst in ("alpha", "beta", "alpha"):
-            assert main([*base, "institution", "--institution", inst, "--unmask"]) == 0
-        assert main([*base, "aggregator"]) == 0
-        assert main([*base, "key-holder"]) == 0
-        assert "round 1/3 of model greedy committed" in capsys.readouterr().out
+            assert main([*base("tiny"), "institution", "--institution", inst, "--unmask"]) == 0
+        assert main([*base("tiny"), "aggregator"]) == 0
+        assert main([*base("tiny"), "key-holder"]) == 0
+        assert "round 1/2 of model tiny committed" in capsys.readouterr().out
         config = load_config(fed.config_path)
         store = Store(config.store_path)
         assert store.read("budget").num_rows == 0  # nothing charged: the ledger knows of no spend
         for inst in ("alpha", "beta"):
-            assert main([*base, "institution", "--institution", inst]) == 1
+            assert main([*base("twin"), "institution", "--institution", inst]) == 1
             err = " ".join(capsys.readouterr().err.split())
-            assert f"institution {inst} does not seal round 2 of model greedy" in err, err
+            assert f"institution {inst} does not seal round 1 of model twin" in err, err
             assert "with the 1 training round(s) and 0 interval(s)" in err and "the cap is 1.0000" in err, err
         # A record kept before records kept their charge counts as a round of its model under the config.
         keys = fed.directory / "institution-keys" / "alpha" / "training" / "rounds"
         (record,) = (r for r in keys.glob("t-*.json") if "roster" not in r.name)
         write_private(record, json.dumps({**json.loads(read_private(record, "a record")), "charge": None}).encode())
-        assert main(["train", "--config", str(fed.config_path), "--model", "tiny", "--role", "institution",
-                     "--institution", "alpha"]) == 1  # fmt: skip
+        assert main([*base("twin"), "institution", "--institution", "alpha"]) == 1
         err = " ".join(capsys.readouterr().err.split())
-        assert "institution alpha does not seal round 1 of model tiny" in err and "1 training round(s)" in err, err
-    assert len(list(keys.glob("*.npy"))) == 1  # round 1's update alone: no other noise was drawn
+        assert "institution alpha does not seal round 1 of model twin" in err and "1 training round(s)" in err, err
+    assert len(list(keys.glob("*.npy"))) == 1  # tiny's round 1 update alone: no other noise was drawn
     refused = [a for a in store.read("audit").to_pylist() if a["action"] == "contribution_refused"]
-    assert sorted((a["actor_role"], a["actor"]) for a in refused) == [
-        ("institution", "alpha"), ("institution", "alpha"), ("institution", "beta")
+    assert sorted({(a["actor_role"], a["actor"], json.loads(a["detail"])["model"]) for a in refused}) == [
+        ("institution", "alpha", "greedy"), ("institution", "alpha", "twin"),
+        ("institution", "beta", "greedy"), ("institution", "beta", "twin"),
     ]  # fmt: skip
     assert all("the cap is 1.0000" in (a["reason"] or "") for a in refused)
     # The coalition rewinds the run: round 1 again is alpha's kept update, no new charge.
     shutil.rmtree(Path(config.store_path) / "models")
-    assert main([*base, "institution", "--institution", "alpha"]) == 0
-    assert "alpha sealed round 1 of model greedy" in capsys.readouterr().out
+    assert main([*base("tiny"), "institution", "--institution", "alpha"]) == 0
+    assert "alpha sealed round 1 of model tiny" in capsys.readouterr().out
 
 
 def test_the_key_holder_refuses_a_round_aggregate_its_envelopes_do_not_give_before_the_charge(
