@@ -17,6 +17,8 @@
 - the module `training.kept_updates`: an institution's noisy update per round, kept so that its noise for a round
   is drawn once whatever attempt the round runs under, with the round's charge: no round is drawn past the period's
   cap by the institution's own records
+- the module `training.run_lock`: a `fusion train` run's hold on its model (one run of a model at a time) and its
+  claim on its period's budget, which the other runs in progress count before each of their rounds
 - the module `training.feed_rows`: a model's rows from an institution's own feeds (`feed_rows`)
 - the module `training.gradients`: per-example gradients, clipping, randomised rounding, the contribution vector
 """

@@ -57,6 +57,7 @@ from training.run import (
     last_committed,
     round_attempt,
 )
+from training.run_lock import RunLock, run_lock
 from training.secure_sum import RoundId, RoundSum
 from training.trainer import Institution, Progress, RoundRecord, check_no_wrap
 
@@ -183,26 +184,35 @@ def aggregate_round(config: Config, model: ModelConfig, store: Store) -> str:
 
 def release_round(config: Config, model: ModelConfig, store: Store) -> RoundRecord:
     """The key holder's step: charge the ledger, decrypt only the noisy sum, step the model and commit the round
-    (its audit rows first, then its `models` row)."""
+    (its audit rows first, then its `models` row). It holds the model as `fusion train` does (training/run_lock.py):
+    refused while a run of the model is in progress on this machine."""
     held = charge_record(config, store)  # the key holder's own record: a round shares the period's cap
+    with run_lock(held, model.name) as runs:
+        return _release_round(config, model, store, held, runs)
+
+
+def _release_round(config: Config, model: ModelConfig, store: Store, held: ChargeRecord, runs: RunLock) -> RoundRecord:
     current = current_round(config, model, store, held)
     plan, terms, budget = current.plan, current.terms, current.budget
     signing_key = registered_signing_key(config)  # before the round is charged: every round is signed
+    federation = ExchangeFederation(config, terms.start, terms.end)
     spent: list[RoundCharge] = []
 
     def pay(aggregate_sha256: str) -> None:
-        # Against the key holder's own record of the period, as a release is.
-        spend = BudgetLedger(store, record=held).spend(
-            period=terms.period, release_id=current.round_id.release_id, aggregate_sha256=aggregate_sha256,
-            charge=terms.charge(budget), cap=terms.cap, delta=terms.delta,
-        )  # fmt: skip
+        # As `fusion train` does before each charge: a run whose remaining rounds cannot fit the period's cap, with
+        # what the runs in progress claim on it, is refused before this round is charged (a round it resumes,
+        # already charged, costs nothing more); the check and the charge at once for the runs in progress.
+        with runs.claiming(terms.period, terms.charge(budget)) as claimed:
+            predicted = forecast_run(store, current.settings, budget, terms, federation, record=held, claimed=claimed)
+            check_fits(model.name, predicted, terms)
+            # Against the key holder's own record of the period, as a release is.
+            spend = BudgetLedger(store, record=held).spend(
+                period=terms.period, release_id=current.round_id.release_id, aggregate_sha256=aggregate_sha256,
+                charge=terms.charge(budget), cap=terms.cap, delta=terms.delta,
+            )  # fmt: skip
         spent.append(RoundCharge(aggregate_sha256, spend.epsilon_after))
         crash_point("round_after_charge")
 
-    # As `fusion train` does at each start: a run whose remaining rounds cannot fit the period's cap is refused
-    # before this round is charged (a round it resumes, already charged, costs nothing more).
-    federation = ExchangeFederation(config, terms.start, terms.end)
-    check_fits(model.name, forecast_run(store, current.settings, budget, terms, federation, record=held), terms)
     header, total, digest = decrypt(plan, pay, audit=RefusalAudit(store, current.round_id))
     envelopes = {}
     for institution in header.contributors:

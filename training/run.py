@@ -1,17 +1,21 @@
 """A training run against the store: every round is charged to the budget ledger (the same period, cap and
 privacy unit as the releases of the readings it learns from) before its sum is decrypted, and committed to the
 `models` table once the model is updated; a run resumes from its last committed round, and a round lost after its
-charge under the same attempt where it can still be completed (training/attempts.py).
+charge under the same attempt where it can still be completed (training/attempts.py). The run's remaining rounds
+are checked against the period's cap before each round is drawn and as it is charged, counting what other runs in
+progress claim on the period (training/run_lock.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +41,7 @@ from fusion.store.delta import Store
 from fusion.store.ledger import BudgetLedger
 from fusion.store.provenance import SIGNATURE_FIELD, sign_round
 from fusion.store.signed_budget import budget_claim
+from privacy.accountant import ReleaseCharge
 from schemas.tables import AUDIT_SCHEMA, MODELS_SCHEMA
 from training.accounting import TrainingBudget
 from training.attempts import (
@@ -49,6 +54,9 @@ from training.attempts import (
 from training.charging import LedgerTerms, TrainingSettings
 from training.secure_sum import Federation, Party, RoundId, RoundSum
 from training.trainer import Institution, RoundRecord, RoundResumer, RoundSummer, train
+
+if TYPE_CHECKING:
+    from training.run_lock import RunLock  # it reads the seal records' charges (pipelines/), which read training's
 
 
 def charged_rounds(store: Store, terms: LedgerTerms, record: ChargeRecord | None = None) -> dict[str, str]:
@@ -76,6 +84,8 @@ class TrainingForecast:
     period_epsilon_after: float
     cap: float
     lost: int  # attempts charged, lost in crashes and drawn anew: each a charge on top of the run's rounds
+    to_charge: int = 0  # the charges the remaining rounds will make (a round resumed, already charged, makes none)
+    claimed: int = 0  # the charges other runs in progress claim on the period (training/run_lock.py)
 
     @property
     def fits(self) -> bool:
@@ -86,10 +96,16 @@ def check_fits(model_name: str, predicted: TrainingForecast, terms: LedgerTerms)
     """Refuse a run whose remaining rounds would take its period past the cap, before any of them is charged: the
     ledger would refuse a later round, and the budget the earlier ones spent would buy no finished model."""
     if not predicted.fits:
+        others = (
+            f", counting the {predicted.claimed} round charge(s) other runs in progress claim on it (or wait for them "
+            "to end)"
+            if predicted.claimed
+            else ""
+        )
         raise FusionError(
             f"model {model_name} would take period {terms.period.name} to epsilon "
-            f"{predicted.period_epsilon_after:.4f}, above its cap {predicted.cap:g}: lower the model's epsilon or "
-            "train on another period's readings"
+            f"{predicted.period_epsilon_after:.4f}, above its cap {predicted.cap:g}{others}: lower the model's "
+            "epsilon or train on another period's readings"
         )
 
 
@@ -102,14 +118,16 @@ def forecast(
     record: ChargeRecord | None = None,
     charged: int | None = None,
     resuming: bool = False,
+    claimed: Sequence[ReleaseCharge] = (),
 ) -> TrainingForecast:
     """The spend of the `remaining` rounds of a run, predicted on the ledger as it stands (with `record`, the key
     holder's own record of the period, where the store's row is behind it). `charged`: the charges the run's
     rounds made so far (`run_charges`; None: one per committed round); `resuming`: the next round resumes an
-    attempt already charged, so it charges nothing more."""
+    attempt already charged, so it charges nothing more; `claimed`: the charges other runs in progress will make
+    in the period (training/run_lock.py), counted before this run's."""
     new = remaining - int(resuming)
     before, after = BudgetLedger(store, record=record).preview(
-        period=terms.period, charges=[terms.charge(budget)] * max(new, 1), cap=terms.cap, delta=terms.delta
+        period=terms.period, charges=[*claimed, *[terms.charge(budget)] * max(new, 1)], cap=terms.cap, delta=terms.delta
     )
     done = budget.rounds - remaining
     made = done if charged is None else max(charged, done)  # every committed round was charged, at the least
@@ -123,6 +141,8 @@ def forecast(
         period_epsilon_after=after if new else before,
         cap=terms.cap,
         lost=made - done - int(resuming),
+        to_charge=new,
+        claimed=len(claimed),
     )
 
 
@@ -134,9 +154,11 @@ def forecast_run(
     federation: RoundResumer,
     *,
     record: ChargeRecord | None = None,
+    claimed: Sequence[ReleaseCharge] = (),
 ) -> TrainingForecast:
     """`forecast` of the run's remaining rounds from the store: its last committed round, the charges its rounds
-    made, and whether its next round resumes an attempt already charged (training/attempts.py)."""
+    made, and whether its next round resumes an attempt already charged (training/attempts.py); `claimed`: the
+    charges other runs in progress claim on the period."""
     done = last_committed(store, settings)
     number = (done.round if done else 0) + 1
     charged = charged_rounds(store, terms, record)
@@ -145,7 +167,7 @@ def forecast_run(
         resuming = round_attempt(settings, number, charged, federation, budget).release_id in charged
     return forecast(
         store, budget, terms, remaining=settings.rounds - number + 1, record=record,
-        charged=run_charges(settings, settings.rounds, charged), resuming=resuming,
+        charged=run_charges(settings, settings.rounds, charged), resuming=resuming, claimed=claimed,
     )  # fmt: skip
 
 
@@ -353,11 +375,16 @@ def train_into_store(
     progress: Callable[[RoundRecord], None] | None = None,
     record: ChargeRecord | None = None,
     signing_key: bytes | None = None,
+    runs: RunLock | None = None,
 ) -> RoundRecord | None:
     """Run (or resume) the rounds not yet committed; returns the last round (None: nothing was left to run).
     `record`: the key holder's own record of what it charged (pipelines.release.charge_record), which a round's
     charge is checked against as a release's is. `signing_key`: the key holder's registered release-signing key,
-    which signs each round as it is committed (`commit_round`)."""
+    which signs each round as it is committed (`commit_round`). Before each round is drawn, and again as it is
+    charged, the run's remaining rounds are checked against the period's cap as at its start (`check_fits`): a
+    release or another run may have charged the period since, and a run that can no longer finish stops before it
+    spends another round. `runs`: the run's hold on its model (training/run_lock.py), whose claim on the period
+    the other runs in progress count, and whose check counts theirs; each round is charged under its lock."""
     start = last_committed(store, settings)
     if start is not None and start.round >= settings.rounds:
         return start
@@ -366,20 +393,37 @@ def train_into_store(
     paid: dict[int, tuple[TrainingBudget, RoundCharge]] = {}  # round -> what it was charged, and for what
     names: dict[int, RoundId] = {}
 
+    def held(budget: TrainingBudget) -> AbstractContextManager[list[ReleaseCharge]]:
+        """The other runs' claims on the period, under the lock over the claims (none without `runs`)."""
+        return nullcontext([]) if runs is None else runs.claiming(terms.period, terms.charge(budget))
+
+    def still_fits(budget: TrainingBudget, claimed: list[ReleaseCharge]) -> TrainingForecast:
+        predicted = forecast_run(store, settings, budget, terms, federation, record=record, claimed=claimed)
+        check_fits(settings.model_id, predicted, terms)
+        return predicted
+
     def round_id(number: int, budget: TrainingBudget) -> RoundId:
         """The round's attempt: one charged but lost in a crash is resumed where it can still be completed."""
+        with held(budget) as claimed:
+            predicted = still_fits(budget, claimed)  # before any institution draws the round
+            if runs is not None:
+                runs.claim(terms.period, terms.charge(budget), predicted.to_charge)
         names[number] = round_attempt(settings, number, charged, federation, budget)
         return names[number]
 
     def pay(round_id: RoundId, budget: TrainingBudget, aggregate_sha256: str) -> None:
-        spent = ledger.spend(
-            period=terms.period,
-            release_id=round_id.release_id,
-            aggregate_sha256=aggregate_sha256,
-            charge=terms.charge(budget),
-            cap=terms.cap,
-            delta=terms.delta,
-        )  # a resumed attempt's charge is found, not made again: its aggregate is the one charged
+        with held(budget) as claimed:  # the check and the charge at once, for the runs in progress
+            predicted = still_fits(budget, claimed)
+            spent = ledger.spend(
+                period=terms.period,
+                release_id=round_id.release_id,
+                aggregate_sha256=aggregate_sha256,
+                charge=terms.charge(budget),
+                cap=terms.cap,
+                delta=terms.delta,
+            )  # a resumed attempt's charge is found, not made again: its aggregate is the one charged
+            if runs is not None:
+                runs.claim(terms.period, terms.charge(budget), predicted.to_charge - int(spent.charged))
         # The period's charges as the ledger now holds them (a store row behind the key holder's record was rebuilt
         # by this charge; another party may have charged meanwhile): the run's epsilon composes what was charged.
         charged.clear()

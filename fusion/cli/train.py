@@ -1,10 +1,14 @@
 """`fusion train`: train one of the config's `[[models]]` across the institutions (training/), or with --plan show
 what the run would spend first, or with --role run one party's step of the current round (training/roles.py).
-torch loads only here, when the command runs."""
+A run holds its model, and claims its remaining rounds' charges on its period, until it ends (training/run_lock.py):
+a second run of the model is refused meanwhile, and a run of another model counts the claim. torch loads only here,
+when the command runs."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from fusion.cli.output import console
@@ -14,7 +18,13 @@ from fusion.errors import FusionError
 if TYPE_CHECKING:
     from fusion.config.federation import Config
     from fusion.config.training import ModelConfig
-    from training.trainer import RoundRecord
+    from fusion.store.charge_record import ChargeRecord
+    from fusion.store.delta import Store
+    from training.charging import LedgerTerms, TrainingSettings
+    from training.exchange_round import ExchangeFederation
+    from training.run import TrainingForecast
+    from training.run_lock import RunLock
+    from training.trainer import Institution, RoundRecord
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -73,12 +83,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.role is not None:
         return _cmd_role(args)
     from fusion.store.delta import Store
-    from pipelines.release import charge_record, registered_signing_key
-    from privacy.skellam import secure_generator, seeded_generator
+    from pipelines.release import charge_record
     from training.charging import budget_for, settings_for, terms_for
     from training.exchange_round import ExchangeFederation
     from training.feed_rows import check_feed_model, feature_count, feed_rows
-    from training.run import check_fits, forecast_run, institution_rows, train_into_store
+    from training.run import check_fits, forecast_run, institution_rows
+    from training.run_lock import run_lock
     from training.trainer import build_model, flat_parameters
 
     config, model = _model(args)
@@ -127,18 +137,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     # with its own keys, the aggregator sums and unmasks, the key holder decrypts once the ledger is charged.
     federation = ExchangeFederation(config, terms.start, terms.end, store, terms.charge(budget), settings.rounds)
     record = charge_record(config, store)  # the key holder's own record: rounds share the releases' cap
-    predicted = forecast_run(store, settings, budget, terms, federation, record=record)
-    remaining = predicted.remaining
+    runs = run_lock(record, settings.model_id)
+    with nullcontext() if args.plan else runs:  # one run of a model at a time: a second is refused
+        # The run's remaining rounds against the ledger and the other runs in progress, then claimed at once.
+        with runs.claiming(terms.period, terms.charge(budget)) as claimed:
+            predicted = forecast_run(store, settings, budget, terms, federation, record=record, claimed=claimed)
+            _print_forecast(model.name, dimension, settings.delta, predicted, terms.period.name)
+            check_fits(model.name, predicted, terms)
+            if not args.plan:
+                runs.claim(terms.period, terms.charge(budget), predicted.to_charge)
+        if args.plan or predicted.remaining == 0:
+            return 0
+        _train(config, store, model, settings, terms, federation, data, held_out, record, runs)
+    return 0
+
+
+def _print_forecast(name: str, dimension: int, delta: float, predicted: TrainingForecast, period: str) -> None:
     lost = f" (counting {predicted.lost} lost attempt(s) charged again)" if predicted.lost else ""
+    claimed = (
+        f", counting {predicted.claimed} round charge(s) other runs in progress claim" if predicted.claimed else ""
+    )
     console.print(
-        f"model {model.name}: {dimension:,} parameters, {settings.rounds} rounds ({remaining} left), run epsilon "
-        f"{predicted.run_epsilon:.4f}{lost} at delta {settings.delta:g}; period {terms.period.name}: epsilon "
-        f"{predicted.period_epsilon_before:.4f} -> {predicted.period_epsilon_after:.4f} of cap {predicted.cap:g}",
+        f"model {name}: {dimension:,} parameters, {predicted.rounds} rounds ({predicted.remaining} left), run epsilon "
+        f"{predicted.run_epsilon:.4f}{lost} at delta {delta:g}; period {period}: epsilon "
+        f"{predicted.period_epsilon_before:.4f} -> {predicted.period_epsilon_after:.4f}{claimed} of cap "
+        f"{predicted.cap:g}",
         highlight=False,
     )
-    check_fits(model.name, predicted, terms)
-    if args.plan or remaining == 0:
-        return 0
+
+
+def _train(
+    config: Config,
+    store: Store,
+    model: ModelConfig,
+    settings: TrainingSettings,
+    terms: LedgerTerms,
+    federation: ExchangeFederation,
+    data: Mapping[str, Institution],
+    held_out: Institution | None,
+    record: ChargeRecord,
+    runs: RunLock,
+) -> None:
+    """Every round left of the run, on this machine, each party's step in turn (training/run.py)."""
+    from pipelines.release import registered_signing_key
+    from privacy.skellam import secure_generator, seeded_generator
+    from training.run import train_into_store
+
     signing_key = registered_signing_key(config)  # before any round is charged: every round is signed
     seed = config.privacy.seed
     generators = {
@@ -146,11 +190,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         for k, i in enumerate(config.institutions)
     }
 
-    def progress(record: RoundRecord) -> None:
-        accuracy = f", held-out accuracy {record.metrics['accuracy']:.3f}" if record.metrics else ""
+    def progress(committed: RoundRecord) -> None:
+        accuracy = f", held-out accuracy {committed.metrics['accuracy']:.3f}" if committed.metrics else ""
         console.print(
-            f"round {record.round}/{settings.rounds}: {len(record.sum.contributors)} contributors, epsilon "
-            f"{record.epsilon:.4f}{accuracy}",
+            f"round {committed.round}/{settings.rounds}: {len(committed.sum.contributors)} contributors, epsilon "
+            f"{committed.epsilon:.4f}{accuracy}",
             highlight=False,
         )
 
@@ -166,5 +210,5 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=progress,
         record=record,
         signing_key=signing_key,
+        runs=runs,
     )
-    return 0

@@ -19,6 +19,8 @@ from fusion.runtime.faults import CRASH_ENV, CRASH_EXIT_CODE
 from fusion.store.delta import Store
 from pipelines.release import charge_record
 from tests.conftest import Federation
+from training.charging import round_charge, terms_for
+from training.run_lock import run_lock
 
 MODEL = """
 [[models]]
@@ -202,6 +204,69 @@ def test_train_refuses_a_run_over_the_period_cap_before_its_first_round(
     config = load_config(fed.config_path)
     assert Store(config.store_path).read("models").num_rows == 0
     assert Store(config.store_path).read("budget").num_rows == 0
+
+
+PAIR = "".join(
+    MODEL.split("[[models]]")[1].replace('name = "tiny"', f'name = "{name}"').replace("epsilon = 1.0", "epsilon = 0.8")
+    for name in ("a", "b")
+).replace("\nname", "[[models]]\nname")  # two models over the same readings: each fits the period's cap, not both
+
+
+def test_a_second_run_of_a_model_in_progress_is_refused(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs of one model at once would seal, close and commit the same rounds over each other: while one holds
+    the model (as `fusion train` does for its whole run), a second `fusion train` of it, and the key holder's step
+    of it, are refused before anything is drawn or charged; `--plan` still reads. The run is taken up once the first
+    lets go."""
+    fed = make_federation(noise=True, entities=2, extra=MODEL)
+    for k, inst in enumerate(("alpha", "beta", "gamma")):
+        _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    _rows(fed.directory / "training" / "held_out.parquet", 9)
+    config = load_config(fed.config_path)
+    store = Store(config.store_path)
+    argv = ["train", "--config", str(fed.config_path), "--model", "tiny"]
+    with run_lock(charge_record(config, store), "tiny"):
+        assert main(argv) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"model tiny is being trained by another process ({os.getpid()}) on this store" in err, err
+        assert main([*argv, "--role", "key-holder"]) == 1
+        assert "model tiny is being trained by another process" in " ".join(capsys.readouterr().err.split())
+        assert main([*argv, "--plan"]) == 0
+        assert store.read("budget").num_rows == 0 and store.read("models").num_rows == 0
+        assert not (fed.directory / "institution-keys" / "alpha" / "training").exists()  # nothing drawn
+    assert main(argv) == 0
+    assert "round 2/2: 3 contributors" in capsys.readouterr().out
+
+
+def test_a_run_counts_the_rounds_another_run_in_progress_claims_on_its_period(
+    make_federation: Callable[..., Federation], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Models a and b (epsilon 0.8 each, over the same readings) each fit the period's cap of 1 alone, not together.
+    While a run of a is in progress, holding its model and claiming its remaining rounds' charges as `fusion train`
+    does, a run of b is refused before its first round, rather than both passing the check at their start and one
+    stopping midway with its rounds' budget spent on a model it cannot finish. Once a's run has ended (its claim
+    with it), b trains."""
+    fed = make_federation(noise=True, entities=2, extra=PAIR)
+    for k, inst in enumerate(("alpha", "beta", "gamma")):
+        _rows(fed.directory / "training" / f"{inst}.parquet", k)
+    _rows(fed.directory / "training" / "held_out.parquet", 9)
+    config = load_config(fed.config_path)
+    store = Store(config.store_path)
+    a = next(m for m in config.models if m.name == "a")
+    charge, period = round_charge(config, a), terms_for(config, a).period
+    argv = ["train", "--config", str(fed.config_path), "--model", "b"]
+    with run_lock(charge_record(config, store), "a") as run:
+        with run.claiming(period, charge):
+            run.claim(period, charge, 2)
+        assert main(argv) == 1  # before: both runs passed their start, and a was refused its second round
+        out, err = (" ".join(text.split()) for text in capsys.readouterr())
+        assert "counting 2 round charge(s) other runs in progress claim" in out, out
+        assert "above its cap 1, counting the 2 round charge(s) other runs in progress claim on it" in err, err
+        assert store.read("budget").num_rows == 0 and store.read("models").num_rows == 0
+        assert not (fed.directory / "institution-keys" / "alpha" / "training").exists()  # nothing drawn
+    assert main(argv) == 0
+    assert "round 2/2: 3 contributors, epsilon 0.7997" in capsys.readouterr().out
 
 
 FEED_MODEL = """

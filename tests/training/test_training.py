@@ -439,6 +439,35 @@ def test_a_round_lost_after_its_charge_is_drawn_anew_and_its_charge_counted(
     assert row["epsilon_spent"] == pytest.approx(predicted.period_epsilon_after)
 
 
+def test_a_run_stops_before_a_round_once_its_remaining_rounds_no_longer_fit(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """A charge made to the period while a run is in progress (a release, or a round of another run, between its
+    rounds 1 and 2) leaves room for round 2 but not for round 3: the run stops before round 2 is drawn or charged,
+    as it would have been refused at its start, rather than spend round 2 on a model the ledger will not let
+    finish."""
+    store = Store(tmp_path / "store")
+    settings = _settings(3)
+    budget = budget_for(settings, 5 * 4 + 4 + 4 * 3 + 3)
+    terms = replace(_terms(), cap=(budget.epsilon_after(3) + budget.epsilon_after(4)) / 2)  # three charges fit
+    generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
+    assert forecast(store, budget, terms, remaining=3).fits
+
+    def meanwhile(record: RoundRecord) -> None:
+        BudgetLedger(store).spend(
+            period=terms.period, release_id="r-meanwhile", aggregate_sha256="b" * 64, charge=terms.charge(budget),
+            cap=terms.cap, delta=terms.delta,
+        )  # fmt: skip
+
+    with pytest.raises(FusionError, match=r"would take period 2026-01-01 to epsilon [0-9.]+, above its cap"):
+        train_into_store(
+            store, settings, federation, _data(), classes=3, terms=terms, generators=generators, progress=meanwhile
+        )  # before: round 2 charged, then round 3 refused by the ledger
+    assert store.read("models").column("round").to_pylist() == [1]
+    row = BudgetLedger(store).rows().to_pylist()[0]
+    assert row["releases"] == 2 and row["release_ids"][1] == "r-meanwhile"  # round 1 and the release alone
+
+
 def test_a_model_id_reused_under_other_settings_is_refused(federation: Federation, tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     generators = {i: seeded_generator(k) for k, i in enumerate(IDS)}
