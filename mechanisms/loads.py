@@ -220,11 +220,18 @@ def _ids(names: Iterable[str]) -> str:
     return "[" + ", ".join(map(_literal, sorted(names))) + "]"
 
 
+#: Which of a window's forecasts is its latest: the one from the latest origin (the last window its history holds),
+#: then the one that read the latest releases, then the last issued. A genuine forecast replays whenever it is issued,
+#: so the order of issue alone would let a copy of an old forecast, appended under a later issued_at, displace one
+#: made after more was released.
+_LATEST_FORECAST = "origin DESC, releases_version DESC, issued_at DESC, forecast_id DESC"
+
+
 def _forecasts(store: FusedStore, metric: str, statistic: LoadStatistic, at: datetime,
                unverified: Mapping[str, str], *, replay: bool) -> _Found:
-    """The latest forecast per region of `metric` for the window at `at` (none if the table holds none), leaving
-    out every forecast that read a release of `unverified` (its `input_release_ids`) and, with `replay` (a
-    release-signing key registered), every one that does not replay: `forecasts` rows are not signed, so each is
+    """The latest forecast per region (`_LATEST_FORECAST`) of `metric` for the window at `at` (none if the table
+    holds none), leaving out every forecast that read a release of `unverified` (its `input_release_ids`) and, with
+    `replay` (a release-signing key registered), every one that does not replay: `forecasts` rows are not signed, so each is
     computed again from the verified releases it names (forecasting.replay), the latest first, until one per region
     replays. forecasting/ reads only releases that verify when it issues a forecast; one issued before a release it
     read stopped verifying (or before a release-signing key was registered) is left out here."""
@@ -236,8 +243,8 @@ def _forecasts(store: FusedStore, metric: str, statistic: LoadStatistic, at: dat
     table = store.sql(
         f"SELECT forecast_id, issued_at, region, mean, sd FROM forecasts WHERE {where} "
         + (f"AND NOT list_has_any(input_release_ids, {bad}) " if unverified else "")
-        + ("ORDER BY region, issued_at DESC, forecast_id DESC" if replay else
-           "QUALIFY row_number() OVER (PARTITION BY region ORDER BY issued_at DESC, forecast_id DESC) = 1")
+        + (f"ORDER BY region, {_LATEST_FORECAST}" if replay else
+           f"QUALIFY row_number() OVER (PARTITION BY region ORDER BY {_LATEST_FORECAST}) = 1")
     )
     loads, not_replayed = _replayed(store, table.to_pylist(), unverified) if replay else (_loads(table.to_pylist()), {})
     if not unverified:

@@ -432,6 +432,28 @@ def test_a_forecast_row_under_a_made_up_id_is_left_out_and_the_releases_count(me
                "params name" in why for why in rec.inputs["forecasts_not_replayed"].values())
 
 
+def test_an_older_genuine_forecast_issued_again_does_not_displace_the_one_read_from_later_releases(
+    mech_federation: Build,
+) -> None:
+    """A genuine forecast replays whenever it is issued: its rows copied under a later issued_at were the latest
+    forecast of the window, so a forecast made before a day was released displaced the one that read it. The load
+    is the replaying forecast from the latest origin (then the latest releases read), whenever it was issued."""
+    fed = mech_federation(releases=False)
+    early = [daily_releases(r, d) for r in ("north", "south", "east") for d in range(FORECAST_DAYS - 1)]
+    fed.store.insert_new("releases", pa.concat_tables(early))
+    older = forecast_ids(run_forecasts(fed.config, metrics=["load"], horizon="48h",
+                                       now=FORECAST_AT - timedelta(days=1)))
+    last = [daily_releases(r, FORECAST_DAYS - 1) for r in ("north", "south", "east")]
+    fed.store.insert_new("releases", pa.concat_tables(last))
+    create_key_holder_key(fed.config, published=[t.column("release_id")[0].as_py() for t in early + last])
+    newer = forecast_ids(run_forecasts(fed.config, metrics=["load"], horizon="24h", now=FORECAST_AT))
+    assert _mean(fed, older["north"], FORECAST_AT) != pytest.approx(_mean(fed, newer["north"], FORECAST_AT))
+    fed.store.insert_new("forecasts", reissued(fed, older["north"]))  # genuine rows, issued after the newer one
+    rec = recommend(fed.config, Request(Kind.DISPATCH, at=FORECAST_AT)).recommendation
+    assert rec.inputs["forecast_ids"] == sorted(newer.values())
+    assert rec.items_of("load_mw")["B"] == pytest.approx(30 * _mean(fed, newer["north"], FORECAST_AT))
+
+
 def _mean(fed: MechFederation, forecast_id: str, at: datetime) -> float:
     rows = fed.store.read("forecasts").to_pylist()
     return next(r["mean"] for r in rows if r["forecast_id"] == forecast_id and r["window_start"] == at)
