@@ -231,10 +231,10 @@ def _forecasts(store: FusedStore, metric: str, statistic: LoadStatistic, at: dat
                unverified: Mapping[str, str], *, replay: bool) -> _Found:
     """The latest forecast per region (`_LATEST_FORECAST`) of `metric` for the window at `at` (none if the table
     holds none), leaving out every forecast that read a release of `unverified` (its `input_release_ids`) and, with
-    `replay` (a release-signing key registered), every one that does not replay: `forecasts` rows are not signed, so each is
-    computed again from the verified releases it names (forecasting.replay), the latest first, until one per region
-    replays. forecasting/ reads only releases that verify when it issues a forecast; one issued before a release it
-    read stopped verifying (or before a release-signing key was registered) is left out here."""
+    `replay` (a release-signing key registered), every one that does not replay: `forecasts` rows are not signed, so
+    each is computed again from the verified releases it names (forecasting.replay), the latest first, until one per
+    region replays. forecasting/ reads only releases that verify when it issues a forecast; one issued before a
+    release it read stopped verifying (or before a release-signing key was registered) is left out here."""
     if "forecasts" not in TABLE_SCHEMAS:
         return _Found({})
     where = (f"purpose = 'forecast' AND metric = {_literal(metric)} AND statistic = {_literal(statistic.value)} "
