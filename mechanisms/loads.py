@@ -333,18 +333,15 @@ def _released(store: FusedStore, metric: str, statistic: LoadStatistic, at: date
 def default_window(store: FusedStore | None, metric: str | None, statistic: LoadStatistic, window: timedelta,
                    unverified: Mapping[str, str] | None) -> datetime:
     """The window a dispatch is for when none is given: the first forecast window after the metric's last release,
-    else its last released window, else (no data needed) the current window. Releases of `unverified` do not count
-    (read_loads leaves them out)."""
+    else its last released window, else (no data needed) the current window. Releases of `unverified` do not count,
+    nor forecasts that read one or (with `unverified` given: a release-signing key registered) that do not replay:
+    read_loads leaves them out, so a row appended with a window of its own does not choose the dispatch's window."""
     if store is not None and metric is not None:
         trusted = (f" AND release_id NOT IN ({', '.join(map(_literal, sorted(unverified)))})" if unverified else "")
         last = store.sql(f"SELECT max(window_start) AS t FROM releases WHERE metric = {_literal(metric)}{trusted}")
         released = last.column("t")[0].as_py()
         if "forecasts" in TABLE_SCHEMAS:
-            after = f"AND window_start > {_at(released)}" if released is not None else ""
-            first = store.sql(
-                f"SELECT min(window_start) AS t FROM forecasts WHERE purpose = 'forecast' AND metric = "
-                f"{_literal(metric)} AND statistic = {_literal(statistic.value)} {after}"
-            ).column("t")[0].as_py()
+            first = _first_forecast_window(store, metric, statistic, released, unverified)
             if first is not None:
                 return first.astimezone(UTC)
         if released is not None:
@@ -356,4 +353,49 @@ def default_window(store: FusedStore | None, metric: str | None, statistic: Load
     return epoch + ((start - epoch) // window) * window
 
 
-__all__ = ["TRUST_INPUTS", "BusLoads", "MissingLoad", "RegionLoad", "default_window", "read_loads"]
+def _first_forecast_window(store: FusedStore, metric: str, statistic: LoadStatistic, released: datetime | None,
+                           unverified: Mapping[str, str] | None) -> datetime | None:
+    """The first window after `released` of a forecast of `metric` that read no release of `unverified` and, with
+    `unverified` given, replays (its issues in order of their first window, each computed again once)."""
+    where = (f"purpose = 'forecast' AND metric = {_literal(metric)} AND statistic = {_literal(statistic.value)}"
+             + (f" AND window_start > {_at(released)}" if released is not None else "")
+             + (f" AND NOT list_has_any(input_release_ids, {_ids(unverified)})" if unverified else ""))
+    if unverified is None:
+        first: datetime | None = store.sql(f"SELECT min(window_start) AS t FROM forecasts WHERE {where}"
+                                           ).column("t")[0].as_py()
+        return first
+    from forecasting.replay import ForecastReplay
+
+    issues = store.sql(f"SELECT forecast_id, issued_at, min(window_start) AS first FROM forecasts WHERE {where} "
+                       "GROUP BY forecast_id, issued_at ORDER BY first, issued_at DESC, forecast_id").to_pylist()
+    with ForecastReplay(store, unverified=unverified) as replay:
+        return next((i["first"] for i in issues if replay.why_not(i["forecast_id"], i["issued_at"]) is None), None)
+
+
+def forecast_means(store: FusedStore, metric: str, statistic: LoadStatistic, *, since: datetime,
+                   unverified: Mapping[str, str] | None) -> dict[datetime, dict[str, float]]:
+    """window_start -> region -> the mean of the forecast read_loads takes a region's load from, for each window
+    from `since` that has one: the latest (`_LATEST_FORECAST`) that read no release of `unverified` and, with
+    `unverified` given, replays (each forecast computed again once)."""
+    if "forecasts" not in TABLE_SCHEMAS:
+        return {}
+    rows = store.sql(
+        f"SELECT forecast_id, issued_at, region, window_start, mean FROM forecasts WHERE purpose = 'forecast' "
+        f"AND metric = {_literal(metric)} AND statistic = {_literal(statistic.value)} AND window_start >= {_at(since)}"
+        + (f" AND NOT list_has_any(input_release_ids, {_ids(unverified)})" if unverified else "")
+        + f" ORDER BY window_start, region, {_LATEST_FORECAST}"
+    ).to_pylist()
+    from forecasting.replay import ForecastReplay
+
+    means: dict[datetime, dict[str, float]] = {}
+    with ForecastReplay(store, unverified=unverified) as replay:
+        for row in rows:
+            taken = means.setdefault(row["window_start"], {})
+            if row["region"] in taken:
+                continue
+            if unverified is None or replay.why_not(row["forecast_id"], row["issued_at"]) is None:
+                taken[row["region"]] = float(row["mean"])
+    return {start: by_region for start, by_region in means.items() if by_region}
+
+
+__all__ = ["TRUST_INPUTS", "BusLoads", "MissingLoad", "RegionLoad", "default_window", "forecast_means", "read_loads"]

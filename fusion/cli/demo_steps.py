@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 from rich.markup import escape
@@ -99,21 +100,27 @@ def dispatch_step(config_path: Path, released: int) -> None:
     """`fusion demo`'s last step: a dispatch recommendation on case5 for the peak hour of the forecast day (loads
     from the forecasts of gridco's feeder load, else its releases), its LMPs, and one ratification by the demo's
     authority."""
-    from fusion.api import open_store
+    from fusion.api import open_store, unverified_releases
+    from fusion.config.mechanisms import LoadStatistic
     from fusion.demo.federation import DEMO_AUTHORITY, DEMO_BUSES, DEMO_START
     from mechanisms.decisions import DecideRequest, decide
+    from mechanisms.loads import forecast_means
     from mechanisms.recommend import Request, recommend
     from mechanisms.records import Action, Kind
 
     config = load_config(str(config_path), check_release=False)  # the mechanisms read the store: no calibration
     day = DEMO_START + timedelta(days=released)
     scale = " + ".join(f"{s:g} * (region = '{r}')::INT" for r, s in DEMO_BUSES.values())
+    scales = dict(DEMO_BUSES.values())
     with open_store(config) as store:
-        peak = store.sql(
-            f"SELECT window_start, sum(mean * ({scale})) AS mw FROM forecasts WHERE purpose = 'forecast' AND "
-            f"metric = 'electric_load' AND statistic = 'mean' AND window_start >= TIMESTAMPTZ '{day:%Y-%m-%d} "
-            "00:00:00+00' GROUP BY window_start ORDER BY mw DESC, window_start LIMIT 1"
-        ).to_pylist()
+        # The forecasts `fusion recommend` takes loads from: each region's latest, those that replay where releases
+        # are verified.
+        means = forecast_means(store, "electric_load", LoadStatistic.MEAN, since=day,
+                               unverified=unverified_releases(config))
+        totals = {start: sum(scales.get(r, 0.0) * m for r, m in by_region.items())
+                  for start, by_region in means.items()}
+        peak: list[dict[str, Any]] = [{"window_start": start, "mw": mw}
+                                      for start, mw in sorted(totals.items(), key=lambda t: (-t[1], t[0]))[:1]]
         if not peak:  # no forecast: the last released day's peak, from its releases
             peak = store.sql(
                 f"SELECT window_start, sum(ratio_mean * ({scale})) AS mw FROM releases WHERE metric = "

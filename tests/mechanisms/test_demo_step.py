@@ -4,6 +4,7 @@ recommends a dispatch from forecasts and ratifies it (no pipeline run: releases 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,13 @@ def test_the_demo_step_recommends_a_dispatch_from_forecasts_and_ratifies_it(
         release_table(hours, level, np.full(hours.size, 0.01), metric=LOAD_METRIC, region=region)
         for region in regions]))
     run_forecasts(config, metrics=[LOAD_METRIC], regions=regions, horizon="24h")
+    # A row appended to `forecasts` without `fusion forecast`, east at 50 MW a feeder at 10:00, does not replay:
+    # it does not choose the peak hour, as it gives no load.
+    forged = store.read("forecasts").filter((pc.field("region") == "nc-triad-east") & (pc.field("horizon") == 11))
+    forged = forged.set_column(forged.schema.get_field_index("mean"), "mean", pa.array([50.0]))
+    forged = forged.set_column(forged.schema.get_field_index("issued_at"), "issued_at",
+                               pc.add(forged.column("issued_at"), pa.scalar(timedelta(hours=1))))
+    store.insert_new("forecasts", forged)
     dispatch_step(config_path, released=2)
     out = capsys.readouterr().out
     assert "case5 for 2026-01-03 21:00Z" in out and "LMPs ($/MWh)" in out

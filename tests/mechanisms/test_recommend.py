@@ -521,3 +521,17 @@ def test_a_recommendation_recorded_before_releases_were_verified_replays_unless_
     original, again = replay(fed.config, forged)
     assert original.items_of("load_mw")["B"] == 270.0 and again.items_of("load_mw")["B"] == 300.0
     assert again.digest != original.recorded_digest
+
+
+def test_a_forecast_row_that_does_not_replay_does_not_choose_the_dispatch_window(mech_federation: Build) -> None:
+    """Without --at, a dispatch is for the first forecast window after the last release. A row under a made-up id
+    for a window half an hour after it (off the federation's grid) was that window, so the dispatch found no load
+    there; it does not replay, and the first window of a forecast that does is the dispatch's."""
+    fed, ids = forecast_federation(mech_federation)
+    half = timedelta(minutes=30)
+    fed.store.insert_new("forecasts", reissued(
+        fed, ids["north"], forecast_id="f-" + "9" * 24, window_start=lambda t: [s - half for s in t],
+        window_end=lambda t: [e - half for e in t]))
+    rec = recommend(fed.config, Request(Kind.DISPATCH)).recommendation
+    assert rec.valid_from == FORECAST_AT and rec.inputs["load_source"] == "forecasts"
+    assert rec.inputs["forecast_ids"] == sorted(ids.values())
