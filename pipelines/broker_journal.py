@@ -4,8 +4,9 @@ A reader thread appends each batch of messages as one JSON-lines file (written t
 renamed in, the directory fsynced) and only then acknowledges the batch to the broker. The file is an ordinary
 input of `fusion stream` from that moment on (validated, windowed and spooled like a feed file, read once), so a
 crash before the acknowledgement redelivers messages that may already be journalled: the broker ids of each
-file's messages are listed in a sidecar (`<file>.ids`, written before the file itself is renamed in), and a
-message whose id is listed is acknowledged again but not journalled twice.
+file's messages are listed in a sidecar (`<file>.ids`, written before the file itself is renamed in, one
+`<id> <subject as a JSON string>` a line; a list from before subjects were listed holds the ids alone), and
+a message whose id is listed is acknowledged again but not journalled twice.
 
 A message that is not UTF-8, or larger than the source's limit, is journalled as one line that is not JSON
 (`!broker message ...: why`), so the stream dead-letters it as a malformed record with that description and
@@ -14,13 +15,17 @@ counts it, and the stream goes on.
 Once every window a segment fed has been released, the driver removes the segment (`SourceJournal.remove`); the
 ids of its messages stay listed, so the journal holds only readings that are not released yet. A JetStream reader
 records its consumer's acknowledgement floor (`AckFloor`, kept in the journal's `consumer.floor`, never lowered
-while the stream and subjects stay the same) and drops the lists whose ids it covers (`prune_acknowledged`): the
-reader acknowledges only what it journalled, so every message at or below the floor is journalled, and is
-recognised by the floor alone, also when a consumer created again delivers the stream from its start. When the
-source's subjects change, the floor of the consumer over the old ones stays on record beside the new consumer's
-(`earlier`): a message of the old subjects at or below it is journalled (`journalled_earlier`), so the new consumer,
-which reads its subjects from the stream's start, journals only what the old one did not. MQTT has no
-such floor, so an MQTT reader drops the ids of segments released more than `MQTT_ID_RETENTION_S` ago
+while the stream and subjects stay the same): the reader acknowledges only what it journalled, so every message of
+the consumer's subjects at or below the floor is journalled, and is recognised by the floor alone, also when a
+consumer created again delivers the stream from its start. When the source's subjects change, the floor of the
+consumer over the old ones stays on record beside the new consumer's (`earlier`, for the stream's life): a message
+of the old subjects at or below it is journalled (`journalled_earlier`), so the new consumer, which reads its
+subjects from the stream's start, journals only what the old one did not. A list of ids goes
+(`prune_acknowledged`) once a floor on record holds each of its messages, by sequence and subject: a message the
+consumer over a.> journalled but never acknowledged is below the floor of a consumer over b.> that replaced it,
+which never delivers it, but a consumer over a.> created again later does, and only its id recognises it then.
+
+MQTT has no such floor, so an MQTT reader drops the ids of segments released more than `MQTT_ID_RETENTION_S` ago
 (`prune_released`): the broker redelivers a message only when its acknowledgement was lost, at the next session,
 so a week covers any outage a stream would ride out. It also sends a filter's retained messages at each subscription,
 so the journal records the filters the reader's persistent session holds (`subscriptions`), and a reader subscribes
@@ -33,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -77,8 +82,9 @@ class AckFloor:
     subjects: tuple[str, ...]
 
     def covers(self, message_id: str) -> bool:
-        """Whether the message of a JetStream id (`<sequence>@<stream's creation time>`) is journalled or can never
-        be delivered again: of this life at or below the floor, or of an older life (that stream is gone)."""
+        """Whether the message of a JetStream id (`<sequence>@<stream's creation time>`) that this floor's consumer
+        delivers is journalled or can never be delivered again: of this life at or below the floor, or of an older
+        life (that stream is gone). Blind to subjects: a message of others at or below the floor may not be."""
         sequence, at, life = message_id.partition("@")
         if not (at and sequence.isdigit()):
             return False  # not a JetStream id: nothing says it is journalled
@@ -109,6 +115,16 @@ def _floor(record: dict[str, Any]) -> AckFloor:
 
 def _floor_record(floor: AckFloor) -> dict[str, Any]:
     return {"life": floor.life, "sequence": floor.sequence, "subjects": list(floor.subjects)}
+
+
+def _listed(sidecar: Path) -> list[tuple[str, str | None]]:
+    """The (id, subject or topic) of each message a sidecar lists, in order (None: an id listed alone)."""
+    listed: list[tuple[str, str | None]] = []
+    for line in sidecar.read_text().split("\n"):
+        message_id, space, subject = line.partition(" ")  # an id holds no space
+        if message_id:
+            listed.append((message_id, json.loads(subject) if space else None))
+    return listed
 
 
 def _read_floors(path: Path) -> tuple[AckFloor | None, tuple[AckFloor, ...]]:
@@ -170,24 +186,40 @@ class SourceJournal:
         self.reload()
 
     def reload(self) -> None:
-        """Read the journalled ids from the sidecars again, but those the floor covers (journalled, or of a stream
-        that is gone): what a JetStream reader keeps in memory is what its consumer may still deliver. Safe beside
-        the driver's `remove`: a sidecar renamed while the `.ids` are read is found among the `.released`."""
-        ids: set[str] = set()
+        """Read the journalled ids from the sidecars again, but those the floors on record recognise for good
+        (`recognised`): what a JetStream reader keeps in memory is what a consumer of the source may still deliver
+        unrecognised. Safe beside the driver's `remove`: a sidecar renamed while the `.ids` are read is found among
+        the `.released`."""
+        listed: list[tuple[str, str | None]] = []
         numbers = [self._next]
         for sidecar in self.directory.glob(f"*{IDS_SUFFIX}"):
             journal = sidecar.with_suffix(JOURNAL_SUFFIX)
             if journal.exists():  # a sidecar without its file: the kill came before the rename, nothing journalled
                 with contextlib.suppress(FileNotFoundError):
-                    ids.update(sidecar.read_text().split())
+                    listed += _listed(sidecar)
                 numbers.append(int(journal.stem) + 1)
         for sidecar in self.directory.glob(f"*{RELEASED_SUFFIX}"):  # removed segments: numbers never reused
             with contextlib.suppress(FileNotFoundError):  # pruned meanwhile by another process's journal
-                ids.update(sidecar.read_text().split())
+                listed += _listed(sidecar)
             numbers.append(int(sidecar.stem) + 1)
-        floor = self.floor
-        self.ids = ids if floor is None else {i for i in ids if not floor.covers(i)}
+        self.ids = {i for i, subject in listed if not self.recognised(i, subject)}
         self._next = max(numbers)
+
+    def recognised(self, message_id: str, subject: str | None) -> bool:
+        """Whether the JetStream floors on record recognise a journalled message for as long as its stream lives, so
+        its id need not be kept: one holds it (the current floor or an earlier one, of subjects that take its
+        subject; they stay on record for the stream's life), or it is of an older life (that stream is gone). A
+        consumer over any subjects may come to deliver it from the stream's start: a floor of other subjects,
+        below which its consumer never delivered it, says nothing of it. An id listed without its subject (a list
+        from before subjects were listed) is recognised only at or below every floor of its life."""
+        floor = self.floor
+        if floor is None:
+            return False
+        floors = (floor, *self.earlier)
+        if subject is None:
+            return all(f.covers(message_id) for f in floors)
+        older_life = floor.covers(message_id) and message_id.partition("@")[2] != floor.life
+        return older_life or any(f.holds(message_id, subject) for f in floors)
 
     def subscriptions(self) -> set[str]:
         """The topic filters an MQTT reader subscribed in its persistent broker session (none on record: none)."""
@@ -229,7 +261,7 @@ class SourceJournal:
             try:
                 if sidecar.stat().st_mtime >= released_before:
                     continue
-                ids = sidecar.read_text().split()
+                ids = [i for i, _ in _listed(sidecar)]
                 sidecar.unlink()
             except FileNotFoundError:
                 continue
@@ -245,7 +277,8 @@ class SourceJournal:
 
     def prune_acknowledged(self, floor: AckFloor) -> int:
         """Record a JetStream consumer's acknowledgement floor (durably, raised by the one on record), read the ids
-        again against it, and delete the id lists of removed segments it wholly covers; returns how many lists.
+        again against it, and delete the id lists of removed segments whose every id the floors on record now
+        recognise (`recognised`); returns how many lists.
         The newest list is kept, as by `prune_released`. The floor on record of other subjects in the same life of
         the stream (the source's subjects changed) is kept as an earlier floor; those of an older life go."""
         floor = floor.raised_by(self.floor)
@@ -263,7 +296,7 @@ class SourceJournal:
         pruned = 0
         for sidecar in sorted(self.directory.glob(f"*{RELEASED_SUFFIX}"))[:-1]:
             try:
-                if all(floor.covers(i) for i in sidecar.read_text().split()):
+                if all(self.recognised(i, subject) for i, subject in _listed(sidecar)):
                     sidecar.unlink()
                     pruned += 1
             except FileNotFoundError:
@@ -273,9 +306,10 @@ class SourceJournal:
         self.reload()
         return pruned
 
-    def append(self, messages: Sequence[tuple[str, list[str]]]) -> int:
-        """Journal (id, lines) messages not journalled before, durably; returns how many were new. Acknowledge
-        all of `messages` to the broker only after this returns."""
+    def append(self, messages: Sequence[tuple[str, list[str]]], subjects: Mapping[str, str] | None = None) -> int:
+        """Journal (id, lines) messages not journalled before, durably; returns how many were new. `subjects` gives
+        each id's JetStream subject, listed beside it (a JetStream floor recognises a message of its own subjects
+        only). Acknowledge all of `messages` to the broker only after this returns."""
         floor = self.floor
         fresh = [
             (i, lines)
@@ -285,7 +319,9 @@ class SourceJournal:
         if not fresh:
             return 0
         journal = self.directory / f"{self._next:012d}{JOURNAL_SUFFIX}"
-        _write_durably(journal.with_suffix(IDS_SUFFIX), "\n".join(i for i, _ in fresh).encode())
+        subjects = subjects or {}
+        listed = (f"{i} {json.dumps(subjects[i])}" if i in subjects else i for i, _ in fresh)
+        _write_durably(journal.with_suffix(IDS_SUFFIX), "\n".join(listed).encode())
         body = "".join(line + "\n" for _, lines in fresh for line in lines)
         _write_durably(journal, body.encode())
         _fsync_directory(self.directory)

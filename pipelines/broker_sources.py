@@ -2,17 +2,17 @@
 
 A NATS JetStream source is a durable pull consumer (explicit acknowledgements) over the institution's subjects; an MQTT
 source subscribes to the institution's topic filters at QoS 1 in a persistent session (clean_session off) and
-acknowledges manually; a filter the session already holds (on record in the journal) is not subscribed again, since
-the broker sends a filter's retained messages at each subscription, and one it holds that the source no longer
-declares is unsubscribed. A JetStream consumer left filtering other subjects by an earlier config is created again
-over the source's (`NatsReader._follow_subjects`). Either way a batch is acknowledged only after
-`SourceJournal.append` has made it durable, so a kill redelivers, and nothing the broker saw acknowledged is lost.
-Redeliveries are recognised by the broker id (JetStream: the stream sequence, with the stream's creation time, since
-a stream created again under the same name numbers from 1 again; MQTT, which has no stable id: a digest of topic and
-payload, so an exact duplicate is taken once). The journal files are the institution's inputs from there on: the
-driver validates, windows, spools and releases them like feed files. A journal belongs to its source's broker session
-(`source_identity`, never its position in the config), and one that no declared source claims is still read while it
-holds files the stream has not read (`JournalReader`): the broker has forgotten their messages.
+acknowledges manually; a filter the session already holds (on record in the journal) is not subscribed again, since the
+broker sends a filter's retained messages at each subscription, and one it holds that the source no longer declares is
+unsubscribed. A JetStream consumer left filtering other subjects by an earlier config is created again over the source's
+(`NatsReader._follow_subjects`). Either way a batch is acknowledged only after `SourceJournal.append` has made it
+durable, so a kill redelivers, and nothing the broker saw acknowledged is lost. Redeliveries are recognised by the
+broker id (JetStream: the stream sequence, with the stream's creation time, since a stream created again under the same
+name numbers from 1 again; MQTT, which has no stable id: a digest of topic and payload, so an exact duplicate is taken
+once). The journal files are the institution's inputs from there on: the driver validates, windows, spools and releases
+them like feed files. A journal belongs to its source's broker session (`source_identity`, never its position in the
+config), and one that no declared source claims is still read while it holds files the stream has not read
+(`JournalReader`): the broker has forgotten their messages.
 
 A broker that is down at start or goes down mid-stream is retried with exponential backoff (0.5 s to 30 s); each
 change of a source's health is logged and shown in the status line. A reader journals only its source's subjects
@@ -281,11 +281,15 @@ class NatsReader(SourceReader):
             self.idle = False
             seen_messages += len(batch)
             seen_bytes += sum(len(message.data) for message in batch)
-            entries = []
+            entries, subjects = [], {}
             for message in batch:
                 if not self.source.reads(message.subject):  # acknowledged below, never journalled
-                    _log.warning("source %s %s: dropped a message of %s, not one of its subjects", self.institution,
-                                 self.label, message.subject)
+                    _log.warning(
+                        "source %s %s: dropped a message of %s, not one of its subjects",
+                        self.institution,
+                        self.label,
+                        message.subject,
+                    )
                     continue
                 sequence = message.metadata.sequence.stream
                 message_id = f"{sequence}@{self._life}"
@@ -294,7 +298,8 @@ class NatsReader(SourceReader):
                 name = f"{self.source.stream}:{sequence} ({message.subject})"
                 lines = message_lines(message.data, name=name, max_bytes=self.source.max_message_bytes)
                 entries.append((message_id, lines))
-            self.messages += self.journal.append(entries)  # durable before the acknowledgement below
+                subjects[message_id] = message.subject  # a floor recognises a message of its own subjects only
+            self.messages += self.journal.append(entries, subjects)  # durable before the acknowledgement below
             crash_point("broker_after_journal")
             for message in batch:
                 await message.ack()
@@ -437,8 +442,12 @@ class MqttReader(SourceReader):
                     entries = []
                     for message in batch:
                         if not source.reads(message.topic):  # acknowledged below, never journalled
-                            _log.warning("source %s %s: dropped a message of %s, not one of its topics",
-                                         self.institution, self.label, message.topic)
+                            _log.warning(
+                                "source %s %s: dropped a message of %s, not one of its topics",
+                                self.institution,
+                                self.label,
+                                message.topic,
+                            )
                             continue
                         digest = hashlib.sha256(message.topic.encode() + b"\0" + message.payload).hexdigest()[:32]
                         lines = message_lines(

@@ -197,3 +197,44 @@ def test_every_journalled_message_is_recognised_whatever_is_pruned(tmp_path_fact
         assert all(floor is None or not floor.covers(i) for i in journal.ids)
         assert journal.append([(i, ["again"]) for i in sorted(journalled)]) == 0
     assert "again" not in "".join(p.read_text() for p in directory.glob(f"*{JOURNAL_SUFFIX}"))
+
+
+def test_a_floor_of_other_subjects_never_drops_the_id_of_a_message_it_never_delivered(tmp_path: Path) -> None:
+    """A message of a.x journalled by the consumer over a.> but never acknowledged (the reader killed), then the
+    consumer over b.> in its place: its floor passes the message's sequence, but it never delivered it, and the
+    consumer over a.> created again later does. The list holding its id stays until a floor of a.> holds it."""
+    journal = SourceJournal(tmp_path)
+    journal.prune_acknowledged(floor_at(0, subjects=("a.>",)))
+    assert journal.append([(f"1@{LIFE}", ['"a.x:1"'])], {f"1@{LIFE}": "a.x"}) == 1
+    journal.prune_acknowledged(floor_at(0, subjects=("b.>",)))  # the subjects changed: its floor was 0
+    for n in (2, 3, 4):
+        assert journal.append([(f"{n}@{LIFE}", [f'"b.x:{n}"'])], {f"{n}@{LIFE}": "b.x"}) == 1
+    for segment in journal.segments():
+        journal.remove(segment)
+    assert journal.prune_acknowledged(floor_at(4, subjects=("b.>",))) == 1  # 2's; 1's stays, 3's is the newest
+    assert (tmp_path / f"000000000000{RELEASED_SUFFIX}").read_text() == f'1@{LIFE} "a.x"'
+    again = SourceJournal(tmp_path)
+    again.prune_acknowledged(floor_at(0, subjects=("a.>",)))  # back to a.>: its consumer delivers 1 again
+    assert not again.journalled_earlier(f"1@{LIFE}", "a.x") and f"1@{LIFE}" in again.ids
+    assert again.append([(f"1@{LIFE}", ['"a.x:1"'])], {f"1@{LIFE}": "a.x"}) == 0  # not journalled twice
+    assert again.prune_acknowledged(floor_at(1, subjects=("a.>",))) == 1  # acknowledged now: its list goes
+    assert f"1@{LIFE}" not in SourceJournal(tmp_path).ids
+
+
+def test_an_id_listed_without_its_subject_goes_only_below_every_floor_of_its_life(tmp_path: Path) -> None:
+    """A list written before subjects were listed beside the ids: nothing says which floor's subjects take its
+    messages, so it goes only once each floor of the stream's life is at or above them."""
+    journal = SourceJournal(tmp_path)
+    journal.prune_acknowledged(floor_at(0, subjects=("a.>",)))
+    for n in (1, 2):
+        journal.append([(f"{n}@{LIFE}", ["{}"])])
+    journal.prune_acknowledged(floor_at(0, subjects=("b.>",)))
+    for n in (3, 4):
+        journal.append([(f"{n}@{LIFE}", ["{}"])])
+    for segment in journal.segments():
+        journal.remove(segment)
+    assert journal.prune_acknowledged(floor_at(4, subjects=("b.>",))) == 0  # the floor of a.> is 0
+    assert journal.ids == {f"{n}@{LIFE}" for n in (1, 2, 3, 4)}
+    journal.prune_acknowledged(floor_at(1, subjects=("a.>",)))  # back to a.>, then b.> again
+    assert journal.prune_acknowledged(floor_at(4, subjects=("b.>",))) == 1  # 1's list; 2's is above the a.> floor
+    assert journal.ids == {f"{n}@{LIFE}" for n in (2, 3, 4)}

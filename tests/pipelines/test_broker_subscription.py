@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from fusion.config.brokers import MqttSource, NatsSource
+from pipelines import broker_sources
 from pipelines.broker_journal import AckFloor, SourceJournal
 from pipelines.broker_sources import MqttReader, NatsReader, SourceReader
 from tests.pipelines.test_broker_stream import NATS, nats, need_broker
@@ -36,11 +37,11 @@ def journalled(journal: SourceJournal) -> Counter[str]:
 
 
 def read_until_idle(reader: SourceReader, seconds: float = 20) -> SourceReader:
-    """Start the reader, wait until it has caught up (idle: nothing came for a while), and stop it."""
+    """Start the reader, wait until it has caught up (idle: nothing came for a while) or was killed, and stop it."""
     reader.start()
     try:
         deadline = time.monotonic() + seconds
-        while not reader.idle:
+        while not reader.idle and reader.is_alive():
             assert time.monotonic() < deadline, reader.health
             time.sleep(0.05)
     finally:
@@ -173,3 +174,54 @@ def test_a_jetstream_source_whose_subjects_change_journals_each_message_of_them_
     assert journalled(journal) == Counter(
         f'"{n}"' for n in ("a.x:1", "a.y:1", "a.x:2", "a.y:2", "a.x:3", "b.x:1", "b.x:2", "a.y:3")
     )
+
+
+def killed_at(reader: SourceReader, what: str) -> None:
+    """Stand in for a kill -9 of the reader's process: its thread ends, nothing more is acknowledged or recorded."""
+    reader._halt.set()
+    raise RuntimeError(f"killed {what}")
+
+
+@pytest.mark.brokers
+def test_a_jetstream_message_not_acknowledged_at_a_subject_change_is_journalled_once_when_they_change_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alpha's reader over a.> is killed after journalling a.x:1, before acknowledging it; its subjects then change to
+    b.> for three runs (their segments released, as the driver does), then back to a.>. The floor of the consumer
+    over b.> passed a.x:1's sequence and, blind to subjects, deleted the list holding its id, while the floor of the
+    consumer over a.> on record was below it: the consumer over a.> created again journalled it a second time (a
+    reading counted twice). A list goes only once a floor of subjects that take each of its messages holds them."""
+    need_broker(NATS)
+    tag = uuid.uuid4().hex[:8]
+    stream, prefix = f"FUSION_{tag}", f"fusion{tag}"
+    directory = tmp_path / "journal"
+    lines: list[str] = []  # every line a journal file held (the driver reads each once)
+
+    def run(subject: str, publish: str, *, killed: bool = False) -> None:
+        nats("publish", stream, prefix, [(f"{prefix}.{publish.split(':')[0]}", f'"{publish}"'.encode(), None)])
+        source = NatsSource(stream=stream, subjects=(f"{prefix}.{subject}",), durable=f"fusion-test-{tag}")
+        reader = NatsReader("alpha", source, SourceJournal(directory), None, lambda _: None)
+
+        def crash_point(step: str) -> None:
+            if step == "broker_after_journal":
+                killed_at(reader, "after journalling, before the acknowledgement")
+
+        if killed:
+            monkeypatch.setattr(broker_sources, "crash_point", crash_point)
+        read_until_idle(reader)
+        monkeypatch.undo()
+        journal = SourceJournal(directory)
+        for segment in journal.segments()[:-1]:  # released; the newest stays (see SourceJournal.remove)
+            lines.extend(segment.read_text().splitlines())
+            journal.remove(segment)
+
+    nats("create", stream, prefix)
+    try:
+        run("a.>", "a.x:1", killed=True)
+        for n in (1, 2, 3):
+            run("b.>", f"b.x:{n}")
+        run("a.>", "a.x:2")
+    finally:
+        nats("delete", stream, prefix)
+    lines.extend("".join(p.read_text() for p in SourceJournal(directory).segments()).splitlines())
+    assert Counter(lines) == Counter(f'"{n}"' for n in ("a.x:1", "b.x:1", "b.x:2", "b.x:3", "a.x:2"))
