@@ -4,15 +4,15 @@ A NATS JetStream source is a durable pull consumer (explicit acknowledgements) o
 source subscribes to the institution's topic filters at QoS 1 in a persistent session (clean_session off) and
 acknowledges manually; a filter the session already holds (on record in the journal) is not subscribed again, since the
 broker sends a filter's retained messages at each subscription, and one it holds that the source no longer declares is
-unsubscribed. A JetStream consumer left filtering other subjects by an earlier config is created again over the source's
-(`NatsReader._follow_subjects`). Either way a batch is acknowledged only after `SourceJournal.append` has made it
-durable, so a kill redelivers, and nothing the broker saw acknowledged is lost. Redeliveries are recognised by the
-broker id (JetStream: the stream sequence, with the stream's creation time, since a stream created again under the same
-name numbers from 1 again; MQTT, which has no stable id: a digest of topic and payload, so an exact duplicate is taken
-once). The journal files are the institution's inputs from there on: the driver validates, windows, spools and releases
-them like feed files. A journal belongs to its source's broker session (`source_identity`, never its position in the
-config), and one that no declared source claims is still read while it holds files the stream has not read
-(`JournalReader`): the broker has forgotten their messages.
+unsubscribed once the new ones are granted. A JetStream consumer left filtering other subjects by an earlier config is
+created again over the source's (`NatsReader._follow_subjects`). Either way a batch is acknowledged only after
+`SourceJournal.append` has made it durable, so a kill redelivers, and nothing the broker saw acknowledged is lost.
+Redeliveries are recognised by the broker id (JetStream: the stream sequence, with the stream's creation time, since a
+stream created again under the same name numbers from 1 again; MQTT, which has no stable id: a digest of topic and
+payload, so an exact duplicate is taken once). The journal files are the institution's inputs from there on: the driver
+validates, windows, spools and releases them like feed files. A journal belongs to its source's broker session
+(`source_identity`, never its position in the config), and one that no declared source claims is still read while it
+holds files the stream has not read (`JournalReader`): the broker has forgotten their messages.
 
 A broker that is down at start or goes down mid-stream is retried with exponential backoff (0.5 s to 30 s); each
 change of a source's health is logged and shown in the status line. A reader journals only its source's subjects
@@ -375,9 +375,12 @@ class MqttReader(SourceReader):
         # The session's filters are made the source's topics. A filter is subscribed only when the session does not
         # hold it yet: subscribing again makes the broker send each retained message of the filter again, which, once
         # its id was pruned, was journalled a second time. A filter the session holds that the source no longer
-        # declares (its topics changed) is unsubscribed first: the broker went on delivering its messages, each one
+        # declares (its topics changed) is unsubscribed: the broker went on delivering its messages, each one
         # dropped, and queueing them while the stream was stopped, until the session's queue was full and the
-        # broker dropped the source's own messages.
+        # broker dropped the source's own messages. It is unsubscribed only once the broker has granted the new
+        # filters, and the filters held are on record after each step: in between, a topic both read (a/# narrowed
+        # to a/b) matched no filter of the session, and the broker dropped its readings (all of them, the stream
+        # killed in between).
         def on_connect(c: Any, _data: Any, flags: Any, code: Any, _props: Any) -> None:
             if code.is_failure:
                 session["refused"] = f"the broker refused the connection: {code}"
@@ -385,32 +388,33 @@ class MqttReader(SourceReader):
             session["held"] = self.journal.subscriptions() if flags.session_present else set()
             session["wanted"] = [t for t in source.topics if t not in session["held"]]
             session["stale"] = sorted(session["held"] - set(source.topics))
-            if session["stale"]:
-                session["unsubscription"] = c.unsubscribe(session["stale"])[1]
-            else:
-                subscribe(c)
-
-        def subscribe(c: Any) -> None:
             if session["wanted"]:
                 session["subscription"] = c.subscribe([(t, 1) for t in session["wanted"]])[1]
             else:
+                unsubscribe(c)
+
+        def unsubscribe(c: Any) -> None:
+            if session["stale"]:
+                session["unsubscription"] = c.unsubscribe(session["stale"])[1]
+            else:
                 session["subscribed"] = True
 
-        def on_unsubscribe(c: Any, _data: Any, mid: int, _codes: Any, _props: Any) -> None:
-            if mid == session.get("unsubscription"):  # MQTT 3.1.1 has no refusal of an unsubscription
-                session["held"] -= set(session["stale"])
-                self.journal.record_subscriptions(session["held"])
-                self._said(f"unsubscribed {', '.join(session['stale'])}, no longer among its topics")
-                subscribe(c)
-
-        def on_subscribe(_c: Any, _data: Any, mid: int, codes: Any, _props: Any) -> None:
+        def on_subscribe(c: Any, _data: Any, mid: int, codes: Any, _props: Any) -> None:
             refused = [t for t, code in zip(session.get("wanted", []), codes, strict=False) if code.is_failure]
             if mid == session.get("subscription") and refused:
                 session["refused"] = f"the broker refused the subscription to {', '.join(refused)}"
             elif mid == session.get("subscription"):
-                if session["held"] or session["stale"]:  # the session held other filters: the topics changed
+                if session["held"]:  # the session held other filters: the topics changed
                     self._said(f"subscribed {', '.join(session['wanted'])}, new among its topics")
-                self.journal.record_subscriptions(session["held"] | set(session["wanted"]))
+                session["held"] |= set(session["wanted"])
+                self.journal.record_subscriptions(session["held"])
+                unsubscribe(c)
+
+        def on_unsubscribe(_c: Any, _data: Any, mid: int, _codes: Any, _props: Any) -> None:
+            if mid == session.get("unsubscription"):  # MQTT 3.1.1 has no refusal of an unsubscription
+                session["held"] -= set(session["stale"])
+                self.journal.record_subscriptions(session["held"])
+                self._said(f"unsubscribed {', '.join(session['stale'])}, no longer among its topics")
                 session["subscribed"] = True
 
         client.on_connect, client.on_subscribe, client.on_unsubscribe = on_connect, on_subscribe, on_unsubscribe

@@ -197,7 +197,7 @@ class MqttSource(_Credentials):
     host: str = Field(default="127.0.0.1", min_length=1)  # a host name or IP address: no scheme, no port
     port: int = Field(default=1883, gt=0, lt=65536)
     # topic filters ('+' a whole level, '#' the whole last one; 65,535 bytes at most); no shared subscription.
-    # Changed, the persistent session unsubscribes the old ones and subscribes the new ones (read from then on).
+    # Changed, the persistent session subscribes the new ones (read from then on), then unsubscribes the old ones.
     topics: tuple[str, ...] = Field(min_length=1)
     client_id: str | None = Field(default=None, min_length=1, max_length=64)  # default: fusion-<institution>
 

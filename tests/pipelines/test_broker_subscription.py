@@ -8,6 +8,7 @@ it fails instead.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -26,7 +27,7 @@ from fusion.config.brokers import MqttSource, NatsSource
 from pipelines import broker_sources
 from pipelines.broker_journal import AckFloor, SourceJournal
 from pipelines.broker_sources import MqttReader, NatsReader, SourceReader
-from tests.pipelines.test_broker_stream import NATS, nats, need_broker
+from tests.pipelines.test_broker_stream import MQTT, NATS, mqtt_publish, nats, need_broker
 
 #: The private Mosquitto's queue per offline session (Mosquitto's default is 1000): past it, the broker drops.
 QUEUE = 5
@@ -134,8 +135,8 @@ def test_an_mqtt_source_whose_topics_changed_leaves_the_old_ones(
     assert not [r for r in caplog.records if "dropped a message" in r.getMessage()]  # a/# is not delivered
     assert journal.subscriptions() == {f"{tag}/b/#"}
     assert [n for n in notices if "among its topics" in n] == [
-        f"source alpha mqtt 127.0.0.1:{port}: unsubscribed {tag}/a/#, no longer among its topics",
         f"source alpha mqtt 127.0.0.1:{port}: subscribed {tag}/b/#, new among its topics",
+        f"source alpha mqtt 127.0.0.1:{port}: unsubscribed {tag}/a/#, no longer among its topics",
     ]
 
 
@@ -225,3 +226,52 @@ def test_a_jetstream_message_not_acknowledged_at_a_subject_change_is_journalled_
         nats("delete", stream, prefix)
     lines.extend("".join(p.read_text() for p in SourceJournal(directory).segments()).splitlines())
     assert Counter(lines) == Counter(f'"{n}"' for n in ("a.x:1", "b.x:1", "b.x:2", "b.x:3", "a.x:2"))
+
+
+def forget_mqtt_session(client_id: str) -> None:
+    """End a persistent session on the broker (a connection with a clean session), so no test leaves one behind."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    with contextlib.suppress(OSError):
+        client.connect("127.0.0.1", 1883)
+        client.loop(0.5)
+        client.disconnect()
+
+
+@pytest.mark.brokers
+def test_an_mqtt_source_whose_topics_narrow_holds_a_filter_over_them_throughout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alpha's topics narrow from a/# to a/b, a topic both read. The reader unsubscribed a/# before it subscribed
+    a/b: in between the session held no filter over a/b, and the broker dropped its readings (3 to 9 in a row under
+    a steady publisher); killed there, the session held none at all, and none of 5 readings published while the
+    stream was stopped arrived. The new filter is subscribed first and the old one unsubscribed once the broker has
+    granted it, each step on record: killed in between, the session holds both."""
+    need_broker(MQTT)
+    tag = uuid.uuid4().hex[:8]
+    client_id, directory = f"fusion-test-{tag}", tmp_path / "journal"
+
+    def reader(topic: str) -> MqttReader:
+        source = MqttSource(topics=(f"{tag}/{topic}",), client_id=client_id)
+        return MqttReader("alpha", source, SourceJournal(directory), None, lambda _: None)
+
+    try:
+        read_until_idle(reader("a/#"))
+        changing, record = reader("a/b"), SourceJournal.record_subscriptions
+
+        def recorded_then_killed(journal: SourceJournal, topics: set[str]) -> None:  # the change's first step
+            record(journal, topics)
+            killed_at(changing, "changing the topics")
+
+        monkeypatch.setattr(SourceJournal, "record_subscriptions", recorded_then_killed)
+        read_until_idle(changing)
+        monkeypatch.undo()
+        assert SourceJournal(directory).subscriptions() == {f"{tag}/a/#", f"{tag}/a/b"}
+        mqtt_publish(f"{tag}/a/b", [f'{{"n": {n}}}'.encode() for n in range(5)])  # while the stream is stopped
+        read_until_idle(reader("a/b"))
+    finally:
+        forget_mqtt_session(client_id)
+    journal = SourceJournal(directory)
+    assert journalled(journal) == Counter(f'{{"n": {n}}}' for n in range(5))  # each, once
+    assert journal.subscriptions() == {f"{tag}/a/b"}
