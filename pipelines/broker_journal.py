@@ -5,7 +5,7 @@ renamed in, the directory fsynced) and only then acknowledges the batch to the b
 input of `fusion stream` from that moment on (validated, windowed and spooled like a feed file, read once), so a
 crash before the acknowledgement redelivers messages that may already be journalled: the broker ids of each
 file's messages are listed in a sidecar (`<file>.ids`, written before the file itself is renamed in, one
-`<id> <subject as a JSON string>` a line; a list from before subjects were listed holds the ids alone), and
+`<id> <subject or topic as a JSON string>` a line; a list from before subjects were listed holds the ids alone), and
 a message whose id is listed is acknowledged again but not journalled twice.
 
 A message that is not UTF-8, or larger than the source's limit, is journalled as one line that is not JSON
@@ -29,8 +29,10 @@ MQTT has no such floor, so an MQTT reader drops the ids of segments released mor
 (`prune_released`): the broker redelivers a message only when its acknowledgement was lost, at the next session,
 so a week covers any outage a stream would ride out. It also sends a filter's retained messages at each subscription,
 so the journal records the filters the reader's persistent session holds (`subscriptions`), and a reader subscribes
-only the others (and unsubscribes those the source no longer declares): a retained message comes again only to a
-session the broker lost (or to a new client id).
+only the others (and unsubscribes those the source no longer declares). A filter subscribed anew over a topic the
+reader read before (its topics changed) brings the topic's retained message again, however old: the journal keeps,
+for each topic, the digest of the latest message that arrived retained and of the latest one whose id was dropped
+(`retained.topics`), and a retained delivery of one of them is not journalled again (`retained_before`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ FLOOR_FILE = "consumer.floor"  # a JetStream journal's AckFloor, as JSON
 #: The source a journal belongs to (its broker session, `pipelines.broker_sources.source_identity`), as JSON.
 SOURCE_FILE = "source.json"
 SUBSCRIPTIONS_FILE = "session.topics"  # an MQTT journal's: the topic filters its broker session holds, as JSON
+#: An MQTT journal's, as JSON: for each topic, the digests of the latest message that arrived retained ("retained")
+#: and of the latest message whose id was dropped ("dropped"), either of which the broker may send again as retained.
+RETAINED_FILE = "retained.topics"
 #: How long an MQTT reader keeps the ids of a released segment (see the module's docstring).
 MQTT_ID_RETENTION_S = 7 * 24 * 3600.0
 
@@ -182,6 +187,11 @@ class SourceJournal:
         # A JetStream journal's: ids the floor covers are journalled, and so are the messages an earlier floor (of
         # subjects the source read before) holds
         self.floor, self.earlier = _read_floors(directory / FLOOR_FILE)
+        # An MQTT journal's: topic -> {"retained": digest, "dropped": digest} (see RETAINED_FILE)
+        try:
+            self.retained: dict[str, dict[str, str]] = json.loads((directory / RETAINED_FILE).read_text())
+        except FileNotFoundError:
+            self.retained = {}
         self._next = 0
         self.reload()
 
@@ -233,6 +243,23 @@ class SourceJournal:
         _write_durably(self.directory / SUBSCRIPTIONS_FILE, json.dumps(sorted(topics)).encode())
         _fsync_directory(self.directory)
 
+    def retained_before(self, topic: str, digest: str) -> bool:
+        """Whether an MQTT message that arrived retained (sent at a subscription) is journalled whatever ids were
+        dropped: it arrived retained before, or it is the latest message of its topic whose id was dropped."""
+        return digest in self.retained.get(topic, {}).values()
+
+    def record_retained(self, digests: dict[str, str]) -> None:
+        """Record (durably, where it changes) the digest of the message that arrived retained on each topic, once
+        it is journalled: the broker keeps one retained message a topic, so the latest one is enough."""
+        self._record_topics("retained", digests)
+
+    def _record_topics(self, kind: str, digests: dict[str, str]) -> None:
+        changed = {t: {**self.retained.get(t, {}), kind: d} for t, d in digests.items()}
+        if any(self.retained.get(t) != entry for t, entry in changed.items()):
+            self.retained = {**self.retained, **changed}
+            _write_durably(self.directory / RETAINED_FILE, json.dumps(self.retained, sort_keys=True).encode())
+            _fsync_directory(self.directory)
+
     def segments(self) -> list[Path]:
         """The journal files present, oldest first."""
         return sorted(self.directory.glob(f"*{JOURNAL_SUFFIX}"))
@@ -254,22 +281,22 @@ class SourceJournal:
     def prune_released(self, released_before: float) -> int:
         """Delete the id lists of segments released before `released_before` (a time.time()) and drop their ids
         from memory; returns how many lists. The newest list is kept whatever its age: segment numbers are never
-        reused, and the next number is found from the lists and files present."""
-        lists = sorted(self.directory.glob(f"*{RELEASED_SUFFIX}"))
-        pruned = 0
-        for sidecar in lists[:-1]:
-            try:
-                if sidecar.stat().st_mtime >= released_before:
-                    continue
-                ids = [i for i, _ in _listed(sidecar)]
-                sidecar.unlink()
-            except FileNotFoundError:
-                continue
-            self.ids.difference_update(ids)
-            pruned += 1
-        if pruned:
+        reused, and the next number is found from the lists and files present. The latest message of each topic
+        among them stays on record (`retained_before`) before any list goes: the broker may send it again as the
+        topic's retained message."""
+        old: dict[Path, list[tuple[str, str | None]]] = {}
+        for sidecar in sorted(self.directory.glob(f"*{RELEASED_SUFFIX}"))[:-1]:
+            with contextlib.suppress(FileNotFoundError):
+                if sidecar.stat().st_mtime < released_before:
+                    old[sidecar] = _listed(sidecar)
+        # oldest list first: a later message of a topic takes the place of an earlier one
+        self._record_topics("dropped", {t: i for listed in old.values() for i, t in listed if t is not None})
+        for sidecar, listed in old.items():
+            sidecar.unlink(missing_ok=True)
+            self.ids.difference_update(i for i, _ in listed)
+        if old:
             _fsync_directory(self.directory)
-        return pruned
+        return len(old)
 
     def journalled_earlier(self, message_id: str, subject: str) -> bool:
         """Whether a consumer over subjects the source read before journalled the message of this id and subject."""
@@ -308,8 +335,9 @@ class SourceJournal:
 
     def append(self, messages: Sequence[tuple[str, list[str]]], subjects: Mapping[str, str] | None = None) -> int:
         """Journal (id, lines) messages not journalled before, durably; returns how many were new. `subjects` gives
-        each id's JetStream subject, listed beside it (a JetStream floor recognises a message of its own subjects
-        only). Acknowledge all of `messages` to the broker only after this returns."""
+        each id's JetStream subject or MQTT topic, listed beside it (a JetStream floor recognises a message of its
+        own subjects only; a topic's latest message stays on record once its id is dropped). Acknowledge all of
+        `messages` to the broker only after this returns."""
         floor = self.floor
         fresh = [
             (i, lines)
@@ -320,6 +348,7 @@ class SourceJournal:
             return 0
         journal = self.directory / f"{self._next:012d}{JOURNAL_SUFFIX}"
         subjects = subjects or {}
+        # a topic may hold any character but NUL: as a JSON string, one line
         listed = (f"{i} {json.dumps(subjects[i])}" if i in subjects else i for i, _ in fresh)
         _write_durably(journal.with_suffix(IDS_SUFFIX), "\n".join(listed).encode())
         body = "".join(line + "\n" for _, lines in fresh for line in lines)

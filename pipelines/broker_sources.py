@@ -4,8 +4,9 @@ A NATS JetStream source is a durable pull consumer (explicit acknowledgements) o
 source subscribes to the institution's topic filters at QoS 1 in a persistent session (clean_session off) and
 acknowledges manually; a filter the session already holds (on record in the journal) is not subscribed again, since the
 broker sends a filter's retained messages at each subscription, and one it holds that the source no longer declares is
-unsubscribed once the new ones are granted. A JetStream consumer left filtering other subjects by an earlier config is
-created again over the source's (`NatsReader._follow_subjects`). Either way a batch is acknowledged only after
+unsubscribed once the new ones are granted; a retained message journalled before is not journalled again when a new
+filter brings it (`SourceJournal.retained_before`). A JetStream consumer left filtering other subjects by an earlier
+config is created again over the source's (`NatsReader._follow_subjects`). Either way a batch is acknowledged only after
 `SourceJournal.append` has made it durable, so a kill redelivers, and nothing the broker saw acknowledged is lost.
 Redeliveries are recognised by the broker id (JetStream: the stream sequence, with the stream's creation time, since a
 stream created again under the same name numbers from 1 again; MQTT, which has no stable id: a digest of topic and
@@ -443,7 +444,7 @@ class MqttReader(SourceReader):
                         continue
                     self.idle, quiet_since = False, time.monotonic()
                     batch, pending[:] = list(pending), []
-                    entries = []
+                    entries, topics, retained = [], {}, {}
                     for message in batch:
                         if not source.reads(message.topic):  # acknowledged below, never journalled
                             _log.warning(
@@ -454,11 +455,19 @@ class MqttReader(SourceReader):
                             )
                             continue
                         digest = hashlib.sha256(message.topic.encode() + b"\0" + message.payload).hexdigest()[:32]
+                        if message.retain:  # sent at a subscription (a live one comes without the flag)
+                            retained[message.topic] = digest
+                            if self.journal.retained_before(message.topic, digest):  # its id may be long dropped
+                                continue
                         lines = message_lines(
                             message.payload, name=f"{message.topic} {digest[:12]}", max_bytes=source.max_message_bytes
                         )
                         entries.append((digest, lines))
-                    self.messages += self.journal.append(entries)
+                        topics[digest] = message.topic
+                    self.messages += self.journal.append(entries, topics)
+                    # on record once journalled (a kill before: the broker redelivers it, retained, and its id is
+                    # recognised), never before: one on record but not journalled would never be
+                    self.journal.record_retained(retained)
                     crash_point("broker_after_journal")
                     for message in batch:
                         client.ack(message.mid, message.qos)

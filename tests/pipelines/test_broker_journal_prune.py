@@ -68,6 +68,30 @@ def test_a_segment_written_long_ago_counts_from_its_release(tmp_path: Path) -> N
     assert {f"m0-{i}" for i in range(3)} <= journal.ids
 
 
+def test_the_latest_message_of_each_topic_stays_on_record_once_its_id_is_dropped(tmp_path: Path) -> None:
+    """The broker sends a topic's retained message again at a new subscription, however long ago it was journalled:
+    the latest message of each topic among the dropped lists stays on record (a topic may hold any character), and
+    so does the latest that arrived retained, recorded only where it changes."""
+    journal = SourceJournal(tmp_path)
+    topics = {"t/a": "t/a", "t/b": "t/b\nwith a line break"}
+    for b, newest in enumerate(("t/a", "t/b", "t/a", "t/a")):
+        messages = [(f"{b}-old", ["{}"]), (f"{b}-{newest}", ["{}"])]
+        assert journal.append(messages, {f"{b}-old": topics["t/b"], f"{b}-{newest}": topics[newest]}) == 2
+    for segment in journal.segments():
+        journal.remove(segment)
+    for released in tmp_path.glob(f"*{RELEASED_SUFFIX}"):
+        age(released, WEEK + 60)
+    assert journal.prune_released(time.time() - WEEK) == 2  # lists 0 and 1; 2 is the newest, 3 not released
+    again = SourceJournal(tmp_path)
+    assert again.retained_before("t/a", "0-t/a") and again.retained_before(topics["t/b"], "1-t/b")
+    assert not again.retained_before("t/a", "0-old") and not again.retained_before(topics["t/b"], "0-old")
+    again.record_retained({"t/a": "r"})
+    assert SourceJournal(tmp_path).retained == {
+        "t/a": {"dropped": "0-t/a", "retained": "r"},
+        topics["t/b"]: {"dropped": "1-t/b"},
+    }
+
+
 # -- JetStream: against the consumer's acknowledgement floor ----------------------------------------------------
 
 LIFE, OLDER = "20261207T000000000000Z", "20261101T000000000000Z"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ import pytest
 
 from fusion.config.brokers import MqttSource, NatsSource
 from pipelines import broker_sources
-from pipelines.broker_journal import AckFloor, SourceJournal
+from pipelines.broker_journal import MQTT_ID_RETENTION_S, AckFloor, SourceJournal
 from pipelines.broker_sources import MqttReader, NatsReader, SourceReader
 from tests.pipelines.test_broker_stream import MQTT, NATS, mqtt_publish, nats, need_broker
 
@@ -275,3 +276,67 @@ def test_an_mqtt_source_whose_topics_narrow_holds_a_filter_over_them_throughout(
     journal = SourceJournal(directory)
     assert journalled(journal) == Counter(f'{{"n": {n}}}' for n in range(5))  # each, once
     assert journal.subscriptions() == {f"{tag}/a/b"}
+
+
+def digest(topic: str, payload: bytes) -> str:
+    """An MQTT message's id in the journal (see MqttReader)."""
+    return hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()[:32]
+
+
+def publish_retained(topic: str, data: bytes) -> None:
+    import paho.mqtt.client as mqtt
+
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fusion-test-pub-{uuid.uuid4().hex[:8]}")
+    publisher.connect("127.0.0.1", 1883)
+    publisher.loop_start()
+    publisher.publish(topic, data, qos=1, retain=True).wait_for_publish(10)
+    publisher.loop_stop()
+    publisher.disconnect()
+
+
+@pytest.mark.brokers
+@pytest.mark.parametrize("published", ["before the source subscribed", "while the stream was stopped"])
+def test_a_retained_mqtt_reading_is_journalled_once_when_a_new_filter_takes_its_topic(
+    tmp_path: Path, published: str
+) -> None:
+    """A retained reading R on a/b, journalled long ago (its id list released over a week ago and dropped: the test
+    ages the lists), is sent again when the topics narrow to a/b and when a/# is subscribed anew: the broker sends
+    a filter's retained messages at each subscription: R was journalled a second time. The journal keeps, for each
+    topic, the digest of the latest message that arrived retained (R before the source subscribed) and of the latest
+    one whose id was dropped (R delivered as a live message, without the retain flag), and journals neither again."""
+    need_broker(MQTT)
+    tag = uuid.uuid4().hex[:8]
+    client_id, directory = f"fusion-test-{tag}", tmp_path / "journal"
+    lines: list[str] = []  # every line a journal file held (the driver reads each once)
+
+    def run(topic: str) -> None:
+        live = f"{tag}/{topic.replace('#', 'live')}"
+        mqtt_publish(live, [f'{{"live": "{uuid.uuid4().hex}"}}'.encode()])  # a batch each run
+        source = MqttSource(topics=(f"{tag}/{topic}",), client_id=client_id)
+        read_until_idle(MqttReader("alpha", source, SourceJournal(directory), None, lambda _: None))
+        journal = SourceJournal(directory)
+        for segment in journal.segments()[:-1]:  # released; the newest stays (see SourceJournal.remove)
+            lines.extend(segment.read_text().splitlines())
+            journal.remove(segment)
+        week_ago = time.time() - MQTT_ID_RETENTION_S - 3600
+        for released in directory.glob("*.released"):
+            os.utime(released, (week_ago, week_ago))  # released over a week ago: the reader drops their ids
+        journal.prune_released(time.time() - MQTT_ID_RETENTION_S)  # as a reader does every ten minutes
+
+    retained = b'{"retained": "R"}'
+    try:
+        if published == "before the source subscribed":
+            publish_retained(f"{tag}/a/b", retained)
+        run("a/#")
+        if published == "while the stream was stopped":
+            publish_retained(f"{tag}/a/b", retained)
+        for _ in range(3):
+            run("a/#")
+        assert digest(f"{tag}/a/b", retained) not in SourceJournal(directory).ids  # R's id was dropped
+        run("a/b")  # the broker sends R, retained, at the subscription of a/b
+        run("a/#")  # and again at that of a/#
+    finally:
+        publish_retained(f"{tag}/a/b", b"")  # no retained message left behind
+        forget_mqtt_session(client_id)
+    lines.extend("".join(p.read_text() for p in SourceJournal(directory).segments()).splitlines())
+    assert lines.count(retained.decode()) == 1
