@@ -81,9 +81,10 @@ MAX_QUERY_BYTES = 256 * 1024
 #: The most PIVOT / UNPIVOT words a query's text may hold. DuckDB's parser takes time that grows much faster than the
 #: text with nested PIVOTs, before any time limit starts (300 levels, 8 KB: 0.4 s; 1,000 levels, 26 KB: 9.5 s;
 #: 3,000 levels: 87 s), so a query with more is refused before it is parsed. The word is counted wherever it stands
-#: (a literal or a column named so counts too): a query holding this many is no analyst's.
+#: (a literal or a column named so counts too), in each of its spellings (PIVOT_WIDER and PIVOT_LONGER nest as
+#: slowly: 1,500 levels, 62 KB, took 42 s and 5 GB): a query holding this many is no analyst's.
 MAX_PIVOTS = 32
-_PIVOT_WORD = re.compile(r"(?i)\b(?:un)?pivot\b")
+_PIVOT_WORD = re.compile(r"(?i)\b(?:un)?pivot(?:_wider|_longer)?\b")
 #: How long `SqlSandbox.close` waits for a query running in another thread to stop once interrupted.
 CLOSE_WAIT_S = 5.0
 
@@ -247,9 +248,9 @@ class SqlSandbox:
             )
         if len(_PIVOT_WORD.findall(sql)) > MAX_PIVOTS:
             raise SqlRefused(
-                f"the query names PIVOT or UNPIVOT more than {MAX_PIVOTS} times, which takes the parser far longer "
-                f"than any query's time limit: pivot fewer times (one PIVOT can take several ON columns and USING "
-                f"aggregates). {_SANDBOX_HINT}"
+                f"the query names PIVOT or UNPIVOT (or PIVOT_WIDER, PIVOT_LONGER) more than {MAX_PIVOTS} times, which "
+                f"takes the parser far longer than any query's time limit: pivot fewer times (one PIVOT can take "
+                f"several ON columns and USING aggregates). {_SANDBOX_HINT}"
             )
         try:
             statements = self._con.extract_statements(sql)
