@@ -40,9 +40,15 @@ import pyarrow as pa
 from fusion.config.sql_limits import SqlLimits
 from fusion.errors import SqlError, SqlLimitExceeded, SqlRefused, StoreUnreadable
 from fusion.store.delta import Store
-from fusion.store.sql_calls import QUERY_CALLS, UNBOUNDED_CALLS, refusal, refused_call_in_text
+from fusion.store.sql_calls import (
+    QUERY_CALLS,
+    UNBOUNDED_CALLS,
+    refusal,
+    refused_call_in_text,
+    refused_syntax_in_text,
+)
 from fusion.store.sql_growth import check_calls
-from fusion.store.sql_pivot import pivot_twin, refused_in_pivots, twin_read_as_query
+from fusion.store.sql_pivot import PivotTwin, pivot_twin, refused_in_pivots, twin_read_as_query
 from schemas.tables import TABLE_SCHEMAS
 
 _SANDBOX_HINT = (
@@ -273,14 +279,13 @@ class SqlSandbox:
         if kind is duckdb.StatementType.MULTI and self._is_query(text):
             twin = pivot_twin(text)
             tree = self._parse(twin.text) if twin is not None else None
-            self._check_calls(text, tree if twin is not None and twin_read_as_query(tree, twin) else None,
-                              pivoted=True)
+            self._check_calls(text, tree if twin is not None and twin_read_as_query(tree, twin) else None, twin)
             return
         raise SqlRefused(f"{_refused(text, kind)}. {_SANDBOX_HINT}")
 
-    def _check_calls(self, text: str, tree: dict[str, Any] | None, *, pivoted: bool = False) -> None:
+    def _check_calls(self, text: str, tree: dict[str, Any] | None, twin: PivotTwin | None = None) -> None:
         """Refuses a query that writes in a WITH clause, makes a call refused (see sql_calls; in a PIVOT without an
-        IN list, where the query is `pivoted`, see sql_pivot), or builds more from counts in a row than its row
+        IN list, where `tree` is that of its `twin`, see sql_pivot), or builds more from counts in a row than its row
         budget: checked on its parse tree, or where there is none, by its text."""
         if tree is None:  # a statement DuckDB does not serialise (or no JSON extension): by its text
             if refused := _refused_by_text(text):
@@ -291,7 +296,7 @@ class SqlSandbox:
             raise SqlRefused(f"{writes} statements are refused, in a WITH clause too. {_SANDBOX_HINT}")
         if refused:
             raise SqlRefused(f"{refused} {_SANDBOX_HINT}")
-        if pivoted and (call := refused_in_pivots(tree)):
+        if twin is not None and (call := refused_in_pivots(tree, twin)):
             raise SqlRefused(
                 f"{refusal(call)} In a PIVOT without an IN list (its source, ON, USING and GROUP BY, and the WITH "
                 f"queries its source reads) {call}() is refused whatever its arguments: a PIVOT is checked in full "
@@ -375,7 +380,14 @@ def _inspect(tree: dict[str, Any]) -> tuple[str | None, str | None, dict[str, fl
 
 
 def _refused_by_text(text: str) -> str | None:
-    """Why a query checked by its text only is refused (a function it calls by name, see sql_calls), or None."""
+    """Why a query checked by its text only is refused (a function it calls by name, a lambda or a list
+    comprehension, see sql_calls), or None."""
+    if syntax := refused_syntax_in_text(text):
+        return (f"{syntax} is refused in this query: it is checked by its text only, where what a lambda or a list "
+                "comprehension repeats cannot be bounded (nested, x || x doubles a value at each level, past the "
+                "query's time and memory limits). A PIVOT is checked in full with an IN list (PIVOT ... ON k IN ('a', "
+                "'b')), and the rest of its query where its source joins no tables (join them in a subquery: PIVOT "
+                "(SELECT ...) ON k).")
     call = refused_call_in_text(text)
     if call is None:
         return None

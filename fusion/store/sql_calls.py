@@ -1,8 +1,8 @@
 """The function calls a query over the store may make. DuckDB checks for an interrupt, and counts most memory
 against its limit, between chunks of rows, never inside one function call: a call that can run or allocate without
 bound on its own is refused before the query runs. `sql_growth.check_calls` asks `built_bytes` and `growth` of each
-call in a query's parse tree, and `SqlSandbox` asks `refused_call_in_text` where it has only the query's text (a
-PIVOT without IN list that `sql_pivot` cannot give one).
+call in a query's parse tree, and `SqlSandbox` asks `refused_call_in_text` and `refused_syntax_in_text` where it has
+only the query's text (a PIVOT without IN list that `sql_pivot` cannot give one).
 
 A value built from a count is bounded twice: each count is a literal of at most COUNT_LIMIT, and `built_bytes`
 estimates its size, which the sandbox bounds for all of a query's calls together: DuckDB computes a chunk of 2,048
@@ -98,6 +98,10 @@ _REFUSED_CALLS = UNBOUNDED_CALLS | QUERY_CALLS
 #: The functions refused by name, whatever their arguments, in a PIVOT without IN list (`sql_pivot`), and anywhere
 #: in a query checked by its text only.
 REFUSED_BY_NAME = _REFUSED_CALLS | set(COUNTED_CALLS) | SET_GROWING_CALLS | MAP_CALLS | REDUCE_CALLS
+#: The functions refused by name, whatever their arguments, in a query checked by its text only: those refused in a
+#: PIVOT without IN list, and the calls that grow their text by a factor (bin(bin(...)) nine deep: 950 MB), whose
+#: nesting only a parse tree shows. Lambdas and list comprehensions are refused there too (`refused_syntax_in_text`).
+REFUSED_IN_TEXT = REFUSED_BY_NAME | set(GROWING_CALLS)
 #: Calls that keep a list's length (at most), for the length of a lambda's list.
 _SAME_LENGTH = MAP_CALLS | FILTER_CALLS | {
     "list_sort", "array_sort", "list_reverse_sort", "array_reverse_sort", "list_distinct", "array_distinct",
@@ -206,19 +210,42 @@ def _format_widths(name: str, text: str | None) -> list[int] | None:
 
 
 def refused_call_in_text(text: str) -> str | None:
-    """The first function refused by name that `text` calls, or None. Found with DuckDB's own tokenizer, as a
+    """The first function of REFUSED_IN_TEXT that `text` calls, or None. Found with DuckDB's own tokenizer, as a
     name (quoted or not) before an opening parenthesis with only comments between, so that neither
     `"levenshtein"(` nor `levenshtein/**/(` hides a call, and a name inside a string is none."""
-    tokens = duckdb.tokenize(text)
-    ends = [start for start, _ in tokens[1:]] + [len(text)]
-    words = [(text[start:end].strip(), kind) for (start, kind), end in zip(tokens, ends, strict=True)
-             if kind != duckdb.token_type.comment]
-    for (word, kind), (following, _) in itertools.pairwise(words):
+    for (word, kind), (following, _) in itertools.pairwise(_words(text)):
         if kind in (duckdb.token_type.identifier, duckdb.token_type.keyword) and following.startswith("("):
             name = (word[1:-1].replace('""', '"') if word.startswith('"') else word).lower()
-            if name in REFUSED_BY_NAME:
+            if name in REFUSED_IN_TEXT:
                 return name
     return None
+
+
+def refused_syntax_in_text(text: str) -> str | None:
+    """What `text` writes that repeats a value without naming a function, which only a parse tree could bound: a
+    lambda (`lambda x: x || x`, nested, doubles its value at each level) or a list comprehension (`[s || s for x in
+    l]` copies s into each item of l), at any depth; None where it writes neither."""
+    opened: list[str] = []
+    for word, kind in _words(text):
+        if kind == duckdb.token_type.keyword and word.upper() == "LAMBDA":
+            return "a lambda (lambda x: ...)"
+        if kind == duckdb.token_type.keyword and word.upper() == "FOR" and opened[-1:] == ["["]:
+            return "a list comprehension ([... FOR x IN l])"
+        if kind == duckdb.token_type.operator:
+            for char in word:
+                if char in "([{":
+                    opened.append(char)
+                elif char in ")]}" and opened:
+                    opened.pop()
+    return None
+
+
+def _words(text: str) -> list[tuple[str, duckdb.token_type]]:
+    """`text`'s tokens as DuckDB's tokenizer reads them, comments left out: each one's text and kind."""
+    tokens = duckdb.tokenize(text)
+    ends = [start for start, _ in tokens[1:]] + [len(text)]
+    return [(text[start:end].strip(), kind) for (start, kind), end in zip(tokens, ends, strict=True)
+            if kind != duckdb.token_type.comment]
 
 
 def refusal(call: str) -> str:
@@ -247,6 +274,12 @@ def refusal(call: str) -> str:
             f"{call}() is refused unless its call is checked: its lambda's body runs once for each item of its list, "
             "which can repeat a value without bound, past the query's time and memory limits (which DuckDB checks "
             "between chunks of rows)."
+        )
+    if call in GROWING_CALLS:
+        return (
+            f"{call}() is refused: it makes its text up to {GROWING_CALLS[call]:g} times longer, and calls of it "
+            "nested in each other multiply that without bound, past the query's time and memory limits (which DuckDB "
+            "checks between chunks of rows)."
         )
     if call in FORMAT_CALLS:
         allowed = (f" unless its format string is a literal whose widths and precisions are numbers of at most "
@@ -376,6 +409,6 @@ def _length(expression: Any) -> float:
 
 
 __all__ = ["COUNTED_CALLS", "COUNT_LIMIT", "FILTER_CALLS", "FORMAT_CALLS", "GROWING_CALLS", "MAP_CALLS", "MAX_GROWTH",
-           "PADDING_CALLS", "QUERY_CALLS", "REDUCE_CALLS", "REFUSED_BY_NAME", "SCALAR_CALLS", "SCALAR_CLASSES",
-           "SCALAR_OPERATORS", "SET_GROWING_CALLS", "UNBOUNDED_CALLS", "built_bytes", "growth", "list_length",
-           "numeric_list", "padding", "refusal", "refused_call_in_text"]
+           "PADDING_CALLS", "QUERY_CALLS", "REDUCE_CALLS", "REFUSED_BY_NAME", "REFUSED_IN_TEXT", "SCALAR_CALLS",
+           "SCALAR_CLASSES", "SCALAR_OPERATORS", "SET_GROWING_CALLS", "UNBOUNDED_CALLS", "built_bytes", "growth",
+           "list_length", "numeric_list", "padding", "refusal", "refused_call_in_text", "refused_syntax_in_text"]

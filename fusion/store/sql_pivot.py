@@ -1,18 +1,21 @@
 """A PIVOT without an IN list, checked on its parse tree. DuckDB runs such a query as two statements (first an ENUM
 type of the PIVOT's ON values, then the query pivoting on that type) and serialises neither: the sandbox parses a
-twin of the query instead, the same text with `IN <a type's name>` after each of those ON values, which DuckDB
-serialises like any query. Every call of the query is then checked as any query's (`sql_growth`), and those of the
-PIVOT's own parts (its source, ON, USING and GROUP BY, and the WITH queries its source reads) are refused by name as
-before (`sql_calls.REFUSED_BY_NAME`): a PIVOT is checked in full with an IN list of its own.
+twin of the query instead, the same text with `IN <a type's name>` after each of those ON values (a name made for
+each twin, with a random part, that no query's text can hold: one naming it would pass for a PIVOT's values), which
+DuckDB serialises like any query. Every call of the query is then checked as any query's (`sql_growth`), and those
+of the PIVOT's own parts (its source, ON, USING and GROUP BY, and the WITH queries its source reads) are refused by
+name as before (`sql_calls.REFUSED_BY_NAME`): a PIVOT is checked in full with an IN list of its own.
 
 The twin only adds tokens to the text, and is used only where DuckDB's tokenizer reads it as the text's tokens plus
 those, and where its parse tree holds the type's name as the values of a PIVOT, once for each place it was added, and
 nowhere else: the tree is then the query's. Where the twin cannot be made (a JOIN in the PIVOT's source, an ON value
-DuckDB reads otherwise), the query is checked by its text (`sql_calls.refused_call_in_text`).
+DuckDB reads otherwise, an IN list that is a subquery), the query is checked by its text
+(`sql_calls.refused_call_in_text`, `sql_calls.refused_syntax_in_text`).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -21,7 +24,8 @@ import duckdb
 
 from fusion.store.sql_calls import REFUSED_BY_NAME
 
-#: The ENUM type the twin's IN lists name (never created: the twin is parsed, not run).
+#: The start of the name of the ENUM type a twin's IN lists name (never created: the twin is parsed, not run), whose
+#: end is random, made for each twin.
 VALUES_TYPE = "fusion_pivot_values"
 #: Keywords that end a PIVOT's ON list where no parenthesis is open.
 _ON_ENDS = frozenset({"USING", "GROUP", "ORDER", "LIMIT", "OFFSET", "UNION", "EXCEPT", "INTERSECT"})
@@ -45,16 +49,18 @@ class _Token(NamedTuple):
 
 @dataclass(frozen=True)
 class PivotTwin:
-    """`text`, the query with an IN list (naming VALUES_TYPE) after each of `values` ON values of its PIVOTs that had
-    none."""
+    """`text`, the query with an IN list (naming `values_type`, VALUES_TYPE and a random part) after each of `values`
+    ON values of its PIVOTs that had none."""
 
     text: str
     values: int
+    values_type: str
 
 
 def pivot_twin(text: str) -> PivotTwin | None:
     """The twin of a query holding a PIVOT without an IN list, or None where it cannot be made."""
-    if VALUES_TYPE in text.lower():
+    values_type = f"{VALUES_TYPE}_{secrets.token_hex(8)}"
+    if values_type in text.lower():  # never, but for a query that guessed it
         return None
     read = _tokens(text)
     if read is None:
@@ -67,7 +73,7 @@ def pivot_twin(text: str) -> PivotTwin | None:
             if values is None:
                 return None
             for first, last in values:
-                places += [(tokens[first].start, "("), (tokens[last].end, f") IN {VALUES_TYPE}")]
+                places += [(tokens[first].start, "("), (tokens[last].end, f") IN {values_type}")]
     if not places:
         return None
     twin, done = [], 0
@@ -77,21 +83,21 @@ def pivot_twin(text: str) -> PivotTwin | None:
     twin.append(text[done:])
     twin_text = "".join(twin)
     # the twin's tokens must be the text's and those added, each where it was put (none inside a string or comment)
-    added = [(at, 0, order, word.upper()) for at, words in places for order, word in enumerate(_split(words))]
+    added = [(at, 0, order, word.upper()) for at, words in places for order, word in enumerate(words.split(" "))]
     expected = sorted([(token.start, 1, 0, token.word.upper()) for token in tokens] + added)
     found = _tokens(twin_text)
     if found is None or [token.word.upper() for token in found[0]] != [word for *_, word in expected]:
         return None
-    return PivotTwin(twin_text, len(places) // 2)
+    return PivotTwin(twin_text, len(places) // 2, values_type)
 
 
 def twin_read_as_query(tree: Any, twin: PivotTwin) -> bool:
-    """Whether DuckDB's parse tree of `twin` holds VALUES_TYPE as the values of a PIVOT for each IN list the twin
+    """Whether DuckDB's parse tree of `twin` holds its values type as the values of a PIVOT for each IN list the twin
     added, and nowhere else (no column, no function of that name): only then is it the parse tree of the query."""
     if not isinstance(tree, dict) or len(tree.get("statements") or []) != 1:
         return False
     enums = sum(1 for pivot in _pivots(tree) for column in pivot.get("pivots") or []
-                if isinstance(column, dict) and column.get("pivot_enum") == VALUES_TYPE)
+                if isinstance(column, dict) and column.get("pivot_enum") == twin.values_type)
     named, stack = 0, [tree]
     while stack:
         node = stack.pop()
@@ -99,17 +105,17 @@ def twin_read_as_query(tree: Any, twin: PivotTwin) -> bool:
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-        elif isinstance(node, str) and VALUES_TYPE in node.lower():
+        elif isinstance(node, str) and twin.values_type in node.lower():
             named += 1
     return enums == twin.values == named
 
 
-def refused_in_pivots(tree: Any) -> str | None:
-    """The first call of REFUSED_BY_NAME in the parts of a PIVOT whose values are VALUES_TYPE (its source, ON, USING,
+def refused_in_pivots(tree: Any, twin: PivotTwin) -> str | None:
+    """The first call of REFUSED_BY_NAME in the parts of a PIVOT whose values are `twin`'s type (its source, ON, USING,
     GROUP BY), or in the WITH queries these read (by name, a table's or a string's: query_table('c')), or None."""
     queries = _with_queries(tree)
-    stack: list[Any] = [pivot for pivot in _pivots(tree) if any(
-        isinstance(column, dict) and column.get("pivot_enum") == VALUES_TYPE for column in pivot.get("pivots") or [])]
+    stack: list[Any] = [pivot for pivot in _pivots(tree) if any(isinstance(column, dict) and column.get(
+        "pivot_enum") == twin.values_type for column in pivot.get("pivots") or [])]
     read: set[str] = set()
     while stack:
         node = stack.pop()
@@ -166,11 +172,6 @@ def _level(tokens: list[_Token], following: list[int], start: int) -> Iterator[i
     while index < len(tokens) and tokens[index].depth == depth and tokens[index].word not in _CLOSING:
         yield index
         index = following[index]
-
-
-def _split(words: str) -> list[str]:
-    """The tokens of what the twin adds: `(`, or `)`, IN and the type's name."""
-    return ["("] if words == "(" else [")", "IN", VALUES_TYPE]
 
 
 def _values_without_list(tokens: list[_Token], following: list[int], pivot: int) -> list[tuple[int, int]] | None:

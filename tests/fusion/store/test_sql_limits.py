@@ -698,14 +698,39 @@ def test_the_query_around_a_pivot_without_an_in_list_is_checked_as_any_query(sto
         # a PIVOT whose source joins tables (an ON of its own), or a query naming the IN list's type: by its text
         ("SELECT replace(region, 'o', '0') AS r FROM (PIVOT releases a JOIN releases b USING (release_id) ON metric "
          "USING count(*) GROUP BY region)", r"replace\(\) is refused .* This query is checked by its text only"),
-        (f"SELECT replace(region, 'o', '0') AS fusion_pivot_values FROM {PIVOTED}",
-         r"replace\(\) is refused .* This query is checked by its text only"),
+        ("SELECT bin(bin(region)) AS b FROM (PIVOT releases a JOIN releases b USING (release_id) ON metric "
+         "USING count(*) GROUP BY region)", r"bin\(\) is refused: it makes its text up to 8 times longer, .* This "
+         r"query is checked by its text only"),
+        # what repeats a value without naming a refused function: refused anywhere in a query checked by its text
+        ("SELECT [region || region FOR x IN string_split(region, '')] AS l FROM (PIVOT releases a JOIN releases b "
+         "USING (release_id) ON metric USING count(*) GROUP BY region)",
+         r"a list comprehension \(\[\.\.\. FOR x IN l\]\) is refused in this query: it is checked by its text only"),
+        ("SELECT len([[s || s FOR y IN l] FOR x IN l]) AS n FROM (SELECT 'ab' AS s, ['a'] AS l), (PIVOT releases ON "
+         "metric IN (SELECT DISTINCT metric FROM releases) USING sum(count) GROUP BY region)",
+         r"a list comprehension .* is refused in this query"),
+        ("SELECT invoke(lambda x: x || x, region) AS d FROM (PIVOT releases a JOIN releases b USING (release_id) ON "
+         "metric USING count(*) GROUP BY region)", r"a lambda \(lambda x: \.\.\.\) is refused in this query"),
     ],
 )
 def test_a_pivot_without_an_in_list_still_refuses_what_it_derives_from(sandbox: SqlSandbox, query: str,
                                                                         refused: str) -> None:
     with pytest.raises(SqlRefused, match=rf"^{refused}"):
         sandbox.query(query)
+
+
+@pytest.mark.parametrize(
+    ("alias", "comment"),
+    [("n", "-- fusion_pivot_values"), ("fusion_pivot_values", ""), ("n", "/* fusion_pivot_values_0 */")],
+)
+def test_naming_the_twin_s_values_type_does_not_turn_a_pivot_s_check_to_its_text(sandbox: SqlSandbox, alias: str,
+                                                                                  comment: str) -> None:
+    """The name of the type a PIVOT's twin pivots on is made for each twin: a query naming what it starts with (in a
+    comment, as an alias) is still checked on its parse tree, where a list comprehension copying a value from
+    outside it into each item is refused (checked by its text, it made 1.9 GB under a 256 MB limit)."""
+    bomb = "(SELECT len([s || s for x in string_split(s, '')]) FROM (SELECT max(region) AS s FROM releases))"
+    with pytest.raises(SqlRefused, match=r"^list_apply\(\) is refused where its lambda names s, a value from outside"):
+        sandbox.query(f"SELECT {bomb} AS {alias}, * FROM {PIVOTED} {comment}")
+    assert sandbox.query(f"SELECT region AS {alias} FROM {PIVOTED} {comment}").num_rows == 3
 
 
 @pytest.mark.parametrize(
