@@ -199,9 +199,14 @@ class SqlSandbox:
 
     def _limited(self, reader: pa.RecordBatchReader, deadline: _Deadline) -> Iterator[pa.RecordBatch]:
         """`reader`'s batches, stopped past a limit. Past the time limit, even a result DuckDB finished without
-        error is refused: work its interrupt does not reach (a connection of its own) may have finished it."""
+        error is refused: work its interrupt does not reach (a connection of its own) may have finished it. The
+        result's size counts its schema (column names, which a PIVOT takes from the data: 32 MB of them in one row
+        passed a 1 MB limit) with its batches."""
         limits = self.limits
-        rows = size = 0
+        rows = 0
+        size = reader.schema.serialize().size
+        if size > limits.max_bytes:
+            raise self._past_size_limit(" (its column names alone are larger: PIVOT on shorter values, or name them)")
         while True:
             try:
                 batch = reader.read_next_batch()
@@ -221,12 +226,16 @@ class SqlSandbox:
                     "it, or raise the limit (`fusion sql --max-rows`, or max_rows in the config's [sql] block)"
                 )
             if size > limits.max_bytes:
-                raise SqlLimitExceeded(
-                    f"the query's result is larger than {limits.max_size} ({limits.max_bytes:,} bytes in Arrow "
-                    "form), its limit: select fewer columns or rows, or raise the limit (`fusion sql --max-size`, "
-                    "or max_size in the config's [sql] block)"
-                )
+                raise self._past_size_limit()
             yield batch
+
+    def _past_size_limit(self, why: str = "") -> SqlLimitExceeded:
+        limits = self.limits
+        return SqlLimitExceeded(
+            f"the query's result is larger than {limits.max_size} ({limits.max_bytes:,} bytes in Arrow form), its "
+            f"limit{why}: select fewer columns or rows, or raise the limit (`fusion sql --max-size`, or max_size in "
+            "the config's [sql] block)"
+        )
 
     def _failure(self, exc: Exception, deadline: _Deadline) -> Exception:
         """The project error for a DuckDB error."""
