@@ -64,6 +64,14 @@ COUNTED_CALLS: dict[str, _Counted] = {
 #: Calls that pad their text (their first argument) with their fill (their third) to their count of characters, or
 #: cut it there: they add at most count characters of their fill to it, however long it is.
 PADDING_CALLS = frozenset({"lpad", "rpad"})
+#: DuckDB's own table macros that build lists from a count, each with that count's name and place: histogram_values
+#: and histogram expand to quantile over list_apply(generate_series(1, bin_count), ...) and equi_width_bins(...,
+#: bin_count), calls the parse tree does not show (it holds only the macro's name). bin_count 2 * 10^7 took 11 s and
+#: 4.9 GB past a 1 s and 256 MB limit; equi-height bins take time quadratic in their count (10^5: 0.75 s, 10^6: 57 s).
+COUNTED_MACROS: dict[str, tuple[str, int]] = {"histogram_values": ("bin_count", 2), "histogram": ("bin_count", 2)}
+#: The largest count a COUNTED_MACROS call may hold: far more bins than a histogram is read with (equi-height bins
+#: pick a quantile of the column for each bin: 0.05 s for 10,000 of 10 rows, more over more rows).
+MACRO_COUNT_LIMIT = 1_000
 #: Calls whose format string (their first argument) sets widths and precisions, each padded with characters of up
 #: to 4 bytes: format('{:>1000000000}', 'x') took 2.5 s and 600 MB past a 1 s and 64 MB limit. The format string
 #: must be a literal, each width and precision in it a number (not an argument's: printf('%*s', n, 'x')).
@@ -100,8 +108,9 @@ _REFUSED_CALLS = UNBOUNDED_CALLS | QUERY_CALLS
 REFUSED_BY_NAME = _REFUSED_CALLS | set(COUNTED_CALLS) | SET_GROWING_CALLS | MAP_CALLS | REDUCE_CALLS
 #: The functions refused by name, whatever their arguments, in a query checked by its text only: those refused in a
 #: PIVOT without IN list, and the calls that grow their text by a factor (bin(bin(...)) nine deep: 950 MB), whose
-#: nesting only a parse tree shows. Lambdas and list comprehensions are refused there too (`refused_syntax_in_text`).
-REFUSED_IN_TEXT = REFUSED_BY_NAME | set(GROWING_CALLS)
+#: nesting only a parse tree shows, and the table macros whose counts only a parse tree tells (the histogram
+#: aggregate too). Lambdas and list comprehensions are refused there too (`refused_syntax_in_text`).
+REFUSED_IN_TEXT = REFUSED_BY_NAME | set(GROWING_CALLS) | set(COUNTED_MACROS)
 #: Calls that keep a list's length (at most), for the length of a lambda's list.
 _SAME_LENGTH = MAP_CALLS | FILTER_CALLS | {
     "list_sort", "array_sort", "list_reverse_sort", "array_reverse_sort", "list_distinct", "array_distinct",
@@ -136,6 +145,8 @@ def built_bytes(name: str, call: dict[str, Any], *, table_function: bool) -> flo
     a scan, which stops like any other: it builds no value."""
     if name in _REFUSED_CALLS:
         return None
+    if table_function and name in COUNTED_MACROS:  # built once for the query, but in one call
+        return 0.0 if _macro_count_bounded(name, call) else None
     if table_function or (name not in COUNTED_CALLS and name not in FORMAT_CALLS):
         return 0.0
     literals = [_literal(argument) for argument in call.get("arguments") or []]
@@ -155,6 +166,17 @@ def built_bytes(name: str, call: dict[str, Any], *, table_function: bool) -> flo
             return None
         unit = max(unit, len(repeated.encode()))
     return unit * (_span(numbers) if counted.counts is None else math.prod(abs(number) for number in numbers))
+
+
+def _macro_count_bounded(name: str, call: dict[str, Any]) -> bool:
+    """Whether a COUNTED_MACROS call's count, given by name or at its place (or left to its default), is a literal of
+    at most MACRO_COUNT_LIMIT."""
+    counted, place = COUNTED_MACROS[name]
+    arguments = [argument for argument in call.get("arguments") or [] if isinstance(argument, dict)]
+    given = [argument for index, argument in enumerate(arguments)
+             if argument.get("name") == counted or (index == place and not argument.get("name"))]
+    counts = [_number(_literal(argument)) for argument in given]
+    return all(count is not None and abs(count) <= MACRO_COUNT_LIMIT for count in counts)
 
 
 def padding(name: str, call: dict[str, Any]) -> float | None:
@@ -274,6 +296,12 @@ def refusal(call: str) -> str:
             f"{call}() is refused unless its call is checked: its lambda's body runs once for each item of its list, "
             "which can repeat a value without bound, past the query's time and memory limits (which DuckDB checks "
             "between chunks of rows)."
+        )
+    if call in COUNTED_MACROS:
+        return (
+            f"{call}() is refused unless its {COUNTED_MACROS[call][0]} is a literal of at most {MACRO_COUNT_LIMIT:,}: "
+            "it builds its bins from that count in one call, which can run and allocate without bound, past the "
+            "query's time and memory limits (which DuckDB checks between chunks of rows)."
         )
     if call in GROWING_CALLS:
         return (
@@ -408,7 +436,8 @@ def _length(expression: Any) -> float:
     return math.inf
 
 
-__all__ = ["COUNTED_CALLS", "COUNT_LIMIT", "FILTER_CALLS", "FORMAT_CALLS", "GROWING_CALLS", "MAP_CALLS", "MAX_GROWTH",
-           "PADDING_CALLS", "QUERY_CALLS", "REDUCE_CALLS", "REFUSED_BY_NAME", "REFUSED_IN_TEXT", "SCALAR_CALLS",
-           "SCALAR_CLASSES", "SCALAR_OPERATORS", "SET_GROWING_CALLS", "UNBOUNDED_CALLS", "built_bytes", "growth",
-           "list_length", "numeric_list", "padding", "refusal", "refused_call_in_text", "refused_syntax_in_text"]
+__all__ = ["COUNTED_CALLS", "COUNTED_MACROS", "COUNT_LIMIT", "FILTER_CALLS", "FORMAT_CALLS", "GROWING_CALLS",
+           "MACRO_COUNT_LIMIT", "MAP_CALLS", "MAX_GROWTH", "PADDING_CALLS", "QUERY_CALLS", "REDUCE_CALLS",
+           "REFUSED_BY_NAME", "REFUSED_IN_TEXT", "SCALAR_CALLS", "SCALAR_CLASSES", "SCALAR_OPERATORS",
+           "SET_GROWING_CALLS", "UNBOUNDED_CALLS", "built_bytes", "growth", "list_length", "numeric_list", "padding",
+           "refusal", "refused_call_in_text", "refused_syntax_in_text"]
