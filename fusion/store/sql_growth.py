@@ -12,10 +12,12 @@ built from is built a chunk of items at a time, as a row's values are, and held 
 covers it). A value of unknown size (a column's) may be repeated at most MAX_GROWTH times:
 by the lambdas whose body names it from outside them (list_transform(range(7000), lambda i: s): 0.7 GB under a 256 MB
 limit), and by the calls that grow their text by a factor (GROWING_CALLS, and SET_GROWING_CALLS by their literal
-arguments: replace(s, 'a', repeat('b', 30000)) made 1.95 GB, 12.8 s past a 1 s limit), multiplied along nested calls
-(bin(bin(...)) nine deep: 950 MB). A reduce's accumulator may not be repeated at all: a || a doubles it with each
-item (2^30 bytes from 30 items). Values built step by step through columns (a string doubled in each of thirty WITH
-clauses, or concatenated with itself) remain beyond these checks, as sql.py says.
+arguments: replace(s, 'a', repeat('b', 30000)) made 1.95 GB, 12.8 s past a 1 s limit), and by a map's (or
+invoke's) lambda that names its own parameter several times (lambda x: x || x doubles each item), multiplied along
+nested calls (bin(bin(...)) nine deep: 950 MB; 25 nested maps of x || x: 5.3 GB). A reduce's accumulator may not be
+repeated at all: a || a doubles it with each item (2^30 bytes from 30 items). Values built step by step through
+columns (a string doubled in each of thirty WITH clauses, or concatenated with itself) remain beyond these checks, as
+sql.py says.
 """
 
 from __future__ import annotations
@@ -179,6 +181,10 @@ def _check_function(node: dict[str, Any], table_function: bool, place: _Place, b
             )
         for index in _texts(name, len(arguments)):
             places[index] = grown
+    if name in MAP_CALLS | {"invoke"}:
+        refused = _grow_by_parameters(name, arguments, place, places)
+        if refused:
+            return refused
     keys = ["expression"] * len(arguments)
     for index, argument in enumerate(arguments):
         if _is_lambda(argument, name, index):
@@ -187,10 +193,89 @@ def _check_function(node: dict[str, Any], table_function: bool, place: _Place, b
             if argument.get("syntax_type") == "SINGLE_ARROW":  # x -> ..., which DuckDB may read as JSON's arrow
                 stack.append((argument.get("lhs"), "lhs", place))
         elif name in MAP_CALLS | REDUCE_CALLS:  # a reduce's accumulator in a map's list: repeated without bound
-            places[index] = place.repeating(math.inf)
+            places[index] = places[index].repeating(math.inf)  # its growth by the lambda's parameters kept
     stack.extend((value, child, place) for child, value in node.items() if child != "arguments")
     stack.extend(zip(arguments, keys, places, strict=True))
     return None
+
+
+def _grow_by_parameters(name: str, arguments: list[Any], place: _Place, places: list[_Place]) -> str | None:
+    """A map's (or invoke's) lambda whose body names its parameter k times, outside scalars (x || x, [x, x]), makes
+    each item k times longer: its list (invoke's values) grows by k, multiplied along nested calls as a growing
+    call's text is (25 nested maps of x || x: 2^25 times a column's list, 5.3 GB past a 256 MB limit). Over a list of
+    numbers (a range's), what a body builds is bounded by the lambdas' list lengths, which are counted."""
+    lambda_index = 0 if name == "invoke" else 1
+    lambda_ = arguments[lambda_index] if len(arguments) > lambda_index else None
+    if not _is_lambda(lambda_, name, lambda_index) or (name in MAP_CALLS and numeric_list(arguments[0])):
+        return None
+    factor = _parameter_copies(lambda_)
+    if factor <= 1:
+        return None
+    grown = replace(place, growth=place.growth * factor)
+    if grown.growth > MAX_GROWTH:
+        return (
+            f"{name}() is refused here: its lambda names its parameter {factor:,.0f} times (outside comparisons and "
+            f"arithmetic), making each item that many times longer, and with the calls around it a value "
+            f"{grown.growth:,.0f} times longer, past {MAX_GROWTH}, without bound, {_UNSTOPPABLE}. Name the parameter "
+            "once, or grow the value fewer times."
+        )
+    for index in (range(1, len(arguments)) if name == "invoke" else range(min(1, len(arguments)))):
+        places[index] = grown
+    return None
+
+
+def _parameter_copies(lambda_: dict[str, Any]) -> float:
+    """How many times a lambda's body holds its parameters' values: each time it names one outside a scalar (a
+    comparison, arithmetic, a length), times the growing calls around it, and times the items of a map's lambda
+    around it (math.inf where unknown). Walked without recursion."""
+    parameters = set(_parameters(lambda_))
+    copies = 0.0
+    stack: list[tuple[Any, float]] = [(lambda_.get("expr"), 1.0)]
+    while stack:
+        node, factor = stack.pop()
+        if isinstance(node, list):
+            stack.extend((value, factor) for value in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("class")
+        if kind in SCALAR_CLASSES or (kind == "OPERATOR" and node.get("type") in SCALAR_OPERATORS):
+            continue
+        if kind == "COLUMN_REF":
+            if str((node.get("column_names") or [""])[0]).lower() in parameters:
+                copies += factor
+            continue
+        if kind != "FUNCTION":
+            stack.extend((value, factor) for value in node.values())
+            continue
+        name = str(node.get("function_name", "")).lower()
+        if name in SCALAR_CALLS | FILTER_CALLS:  # a filter's list, named, stays at most as long
+            if name in FILTER_CALLS:
+                stack.extend((argument, factor) for argument in (node.get("arguments") or [])[:1])
+            continue
+        grows = growth(name, node) or 1.0
+        arguments = [argument.get("expression") if isinstance(argument, dict) else None
+                     for argument in node.get("arguments") or []]
+        texts = set(_texts(name, len(arguments))) if grows > 1 else set()
+        inner = 0 if name == "invoke" else 1  # a lambda's values, which grow as many times as it names them
+        given = arguments[inner] if name in MAP_CALLS | {"invoke"} and len(arguments) > inner else None
+        if _is_lambda(given, name, inner):
+            grows, texts = max(1.0, _parameter_copies(given)), set(range(len(arguments))) - {inner}
+        for index, argument in enumerate(arguments):
+            if _is_lambda(argument, name, index):
+                items = list_length(arguments[0]) if name in MAP_CALLS | REDUCE_CALLS and index else 1.0
+                stack.append((argument.get("expr"), factor * max(items, 1.0)))
+            else:
+                stack.append((argument, factor * grows if index in texts else factor))
+    return copies
+
+
+def _parameters(lambda_: dict[str, Any]) -> tuple[str, ...]:
+    """A lambda's parameters' names, in lower case."""
+    left = lambda_.get("lhs") or {}  # one parameter's COLUMN_REF, or row(...) of several
+    references = [left] if left.get("class") != "FUNCTION" else [
+        argument.get("expression") or {} for argument in left.get("arguments") or []]
+    return tuple(str((reference.get("column_names") or [""])[0]).lower() for reference in references)
 
 
 def _is_lambda(argument: Any, call: str, index: int) -> TypeGuard[dict[str, Any]]:
@@ -213,10 +298,7 @@ def _texts(name: str, count: int) -> range:
 
 def _lambda_place(call: str, lambda_: dict[str, Any], items: Any, place: _Place) -> _Place:
     """The place of the body of a lambda given to `call`, whose list is `items`."""
-    left = lambda_.get("lhs") or {}  # one parameter's COLUMN_REF, or row(...) of several
-    references = [left] if left.get("class") != "FUNCTION" else [
-        argument.get("expression") or {} for argument in left.get("arguments") or []]
-    parameters = tuple(str((reference.get("column_names") or [""])[0]).lower() for reference in references)
+    parameters = _parameters(lambda_)
     if call in FILTER_CALLS:  # its body's booleans are built a chunk of items at a time, and not kept
         outer, length = place.repeating(0.0), 1.0
     elif call == "invoke":  # its lambda, called once

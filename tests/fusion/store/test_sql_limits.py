@@ -351,6 +351,44 @@ def test_lpad_over_a_column_s_list_is_refused_past_16_bytes_an_item(sandbox: Sql
         sandbox.query(f"SELECT list_transform(string_split(region, ''), lambda c: {body}) AS l FROM releases")
 
 
+def _nested(levels: int, body: str, around: str = "list_transform({}, lambda x: " + "{})") -> str:
+    expression = "string_split(region, '')"
+    for _ in range(levels):
+        expression = around.format(expression, body)
+    return expression
+
+
+@pytest.mark.parametrize(
+    ("expression", "grown"),
+    [
+        (_nested(25, "x || x"), 32),  # 2^25 times a column's list: 5.3 GB past a 256 MB limit
+        (_nested(3, "[x, x, x]"), 27),
+        (_nested(2, "concat(x, '-', x, '-', x, x, x)"), 25),
+        (_nested(3, "hex(x) || x"), 27),  # twice, then once more
+        ("invoke(lambda x: x || x, " * 25 + "region" + ")" * 25, 32),
+        (_nested(5, "y || y", "list_transform({}, lambda x: list_transform([x, x], lambda y: {}))"), 64),
+    ],
+)
+def test_a_lambda_naming_its_parameter_several_times_grows_its_list(sandbox: SqlSandbox, expression: str,
+                                                                     grown: int) -> None:
+    """lambda x: x || x makes each item twice as long; nested maps (or invokes) of it doubled a column's list at
+    each level, unchecked. The times a body names its parameter now multiply along nested calls as growing calls'
+    factors do, up to 16."""
+    with pytest.raises(SqlRefused, match=rf"^\w+\(\) is refused here: its lambda names its parameter \d+ times .* "
+                                         rf"a value {grown} times longer, past 16"):
+        sandbox.query(f"SELECT {expression} AS v FROM releases")
+
+
+def test_a_lambda_naming_its_parameter_a_bounded_number_of_times_runs(sandbox: SqlSandbox) -> None:
+    got = sandbox.query(f"SELECT {_nested(4, 'x || x')} AS v FROM releases WHERE region = 'east' LIMIT 1")
+    assert got.to_pylist() == [{"v": [c * 16 for c in "east"]}]
+    for query in (  # named in scalars, or over a range's numbers
+            f"SELECT {_nested(8, 'CASE WHEN x = x THEN x END')} AS v FROM releases",
+            "SELECT list_transform(string_split(region, ''), lambda x: length(x) + length(x) * 2) AS v FROM releases",
+            "SELECT list_transform(range(5), lambda i: [i, i, i, i, i, i]) AS v"):
+        assert sandbox.query(query).num_rows >= 1, query
+
+
 @pytest.mark.parametrize(
     "query",
     [
