@@ -33,9 +33,9 @@ def parse_size(text: str | int) -> int:
 
 class SqlLimits(BaseModel):
     """Per query: `timeout` bounds the time to run it and hand its whole result over (a DuckDB interrupt stops
-    it); `max_rows` and `max_size` bound its result (Arrow bytes), checked batch by batch as DuckDB produces it,
-    so a result too large stops before it is held; `memory_limit` and `threads` bound DuckDB's own work (it never
-    spills to disk)."""
+    it); `max_rows` and `max_size` bound its result (Arrow bytes, its schema included), checked batch by batch as
+    DuckDB produces it, so a result too large stops before it is held; `memory_limit` and `threads` bound DuckDB's
+    own work (it never spills to disk)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
