@@ -12,10 +12,9 @@ too. So is a forecast named that does not replay (forecasting.replay: computed a
 latest issue that replays differs from its rows, or none replays), or whose value for the recommendation's window is
 not the load the recommendation took from it: `forecasts` rows are not signed, and before `fusion recommend` replayed
 them a row appended with made-up values was a load. Each forecast named (and not already named for reading a release
-that does not verify) is computed again once per check: milliseconds to a second each, and for one chosen by
-backtest the backtests it chose by, once per series (docs/forecasting.md). Where no release-signing key is
-registered nothing can be verified, and nothing is checked (`fusion recommend` reads every release and forecast
-then).
+that does not verify) is computed again once per check: milliseconds to a second each (docs/forecasting.md). Where
+no release-signing key is registered nothing can be verified, and nothing is checked (`fusion recommend` reads every
+release and forecast then).
 """
 
 from __future__ import annotations
