@@ -6,7 +6,7 @@ issue of a forecast (its rows of one `issued_at`) and
 - checks that they are one forecast: horizons 1 to h, each once, at most MAX_HORIZON_WINDOWS;
 - refuses a model or model version this Fusion does not have, a calibration outside the bounds every calibration is
   kept in (FACTOR_BOUNDS), a history longer than `[forecasting] history`, and input releases that `fusion verify`
-  does not call verified or legacy; and an origin or a shorter history that a run does not choose;
+  does not call verified or legacy;
 - recomputes `forecast_id` from what the rows record (purpose, model and version, series, origin, horizon,
   `input_release_ids`, calibration factor and `params`): an id made up, or a row's record changed under a genuine
   id, does not match;
@@ -23,13 +23,11 @@ not chosen. Every model is deterministic given its history (`profile`, `seasonal
 closed-form; `uc` and `ets` run statsmodels' optimiser from the same start), so a genuine forecast replays to within
 rounding, and the tolerance only allows for another machine's floating point.
 
-The choices a run makes before it fits are made again (forecasting.choices): a forecast's origin is its series'
-latest verified window at `releases_version`, a history shorter than the configured one starts where the series'
-releases do, and a forecast's model and calibration are those its backtests give when each replays and is scored
-again from the releases (`BacktestChoices`). A forecast that replays is one Fusion computes from verified releases
-under the choices a run made from verified backtests. Each forecast is computed again once per `ForecastReplay`
-(per forecast_id and releases_version), however many of its issues are checked, and a series' backtests are read
-once.
+What replay does not check are the choices a run makes before it fits, which the rows record and `forecast_id`
+covers: the model (chosen by backtest), the calibration (learned from backtests, themselves forecasts), the
+history's length (at most the configured one) and the origin. A forecast that replays is one Fusion computes from
+verified releases under those choices. Each forecast is computed again once per `ForecastReplay` (per forecast_id
+and releases_version), however many of its issues are checked.
 """
 
 from __future__ import annotations
@@ -45,11 +43,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from forecasting.choices import BacktestChoices, history_gap
 from forecasting.intervals import FACTOR_BOUNDS, Calibration, intervals
 from forecasting.models import MODELS, Prediction, SeriesTooShort, fit_forecast, seasonal_naive_scale
 from forecasting.reads import read
-from forecasting.rows import IssuedForecast, Purpose, forecast_id_of, forecast_rows
+from forecasting.rows import IssuedForecast, forecast_id_of, forecast_rows
 from forecasting.run import period, settings, windows
 from forecasting.series import COLUMNS, SeriesKey, on_grid, quoted
 from fusion.config.forecasting import MAX_HORIZON_WINDOWS, ModelName, Statistic
@@ -106,15 +103,13 @@ class ForecastReplay:
         self._checked: dict[tuple[str, datetime], str | None] = {}
         self._computed: dict[tuple[str, int], _Computed | str] = {}
         self._snapshots: dict[int, FusedStore] = {}
-        self._choices = BacktestChoices(store, settings(store.config), unverified=self._unverified,
-                                        replays=self.why_not, releases_at=self._releases_at)
 
     def why_not(self, forecast_id: str, issued_at: datetime) -> str | None:
         """None where the issue of `forecast_id` at `issued_at` replays; else why not, a clause ('its mean at
         2026-01-02T01:00Z is 9, 10.02 computed again')."""
         key = (forecast_id, issued_at)
         if key not in self._checked:
-            self._checked[key] = self._check(forecast_id, issued_at, self._rows(forecast_id, issued_at))
+            self._checked[key] = self._check(forecast_id, self._rows(forecast_id, issued_at))
         return self._checked[key]
 
     def window(self, forecast_id: str, window_start: datetime) -> tuple[float, float] | str:
@@ -155,7 +150,7 @@ class ForecastReplay:
             settings="horizon",
         )
 
-    def _check(self, forecast_id: str, issued_at: datetime, rows: pa.Table) -> str | None:
+    def _check(self, forecast_id: str, rows: pa.Table) -> str | None:
         recorded = self._recorded(forecast_id, rows)
         if isinstance(recorded, str):
             return recorded
@@ -169,10 +164,7 @@ class ForecastReplay:
         computed = self._computed[key]
         if isinstance(computed, str):
             return computed
-        differs = _difference(rows, computed, recorded)
-        if differs is not None or recorded.purpose != Purpose.FORECAST:
-            return differs
-        return self._choices.why_not(recorded.key, str(recorded.model), recorded.params, issued_at)
+        return _difference(rows, computed, recorded)
 
     def _recorded(self, forecast_id: str, rows: pa.Table) -> _Recorded | str:
         """What the rows record, or why they cannot be a forecast Fusion issued."""
@@ -224,11 +216,6 @@ class ForecastReplay:
             return store
         config = self._store.config
         step = config.window
-        gap = history_gap(store, recorded.key, purpose=recorded.purpose, origin=recorded.origin,
-                          history=recorded.history, horizon=recorded.horizon, step=step, unverified=self._unverified,
-                          longest=windows(config, settings(config).history, "forecasting.history"))
-        if gap is not None:
-            return gap
         begin = recorded.origin - recorded.history * step
         value, sd = COLUMNS[recorded.key.statistic]
         table = read(

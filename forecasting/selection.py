@@ -55,16 +55,6 @@ def recorded_choices(
     if not keys or store.versions.get("forecast_scores") is None:
         return {}
     table = _latest_backtests(store, keys, models=models, origins=origins)
-    return choices_from(table, keys, models=models, margin=margin, t_min=t_min)
-
-
-def choices_from(
-    table: pa.Table, keys: Sequence[SeriesKey], *, models: Sequence[ModelName], margin: float, t_min: float = 2.0
-) -> dict[SeriesKey, Choice]:
-    """The choice for each of `keys` that `table` holds scored backtest forecasts of: its rows are one per model,
-    origin and window of the series' latest origins (columns metric, statistic, region, model, origin, window_start,
-    sd, calibration_factor, and the score's error and noise_sd). forecasting.replay recomputes a forecast's choice
-    with it from backtests and scores it has checked."""
     if table.num_rows == 0:
         return {}
     columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
@@ -158,4 +148,4 @@ def _by_origin(columns: dict[str, np.ndarray], rows: np.ndarray, error: np.ndarr
     return out
 
 
-__all__ = ["Choice", "choices_from", "default_choice", "recorded_choices"]
+__all__ = ["Choice", "default_choice", "recorded_choices"]
