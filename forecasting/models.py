@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from typing import Any
 
 import numpy as np
 
@@ -92,11 +94,13 @@ class History:
 @dataclass(frozen=True)
 class Prediction:
     """The forecast of the true value for `horizon` windows: `mean` and `signal_var` (variance of the true value
-    about the mean), each of shape (horizon,), and the fitted parameters."""
+    about the mean), each of shape (horizon,), and the fitted parameters; for a model fitted by an optimiser, the
+    log-likelihood of its (standardised) history at them, `loglike` (None for the closed-form models)."""
 
     mean: np.ndarray
     signal_var: np.ndarray
     params: dict[str, float] = field(default_factory=dict)
+    loglike: float | None = None
 
 
 def seasonal_naive_scale(history: History) -> float | None:
@@ -130,6 +134,7 @@ class SeasonalNaive:
 
     name = ModelName.SEASONAL_NAIVE
     version = "1"
+    optimised = False
 
     def fit_forecast(self, history: History, horizon: int) -> Prediction:
         period = history.period or 1
@@ -151,6 +156,7 @@ class SameHourMean:
 
     name = ModelName.SAME_HOUR_MEAN
     version = "1"
+    optimised = False
 
     def fit_forecast(self, history: History, horizon: int) -> Prediction:
         period = history.period or 1
@@ -187,8 +193,9 @@ class ExponentialSmoothing:
 
     name = ModelName.ETS
     version = f"statsmodels-{version('statsmodels')}/1"
+    optimised = True
 
-    def fit_forecast(self, history: History, horizon: int) -> Prediction:
+    def fit_forecast(self, history: History, horizon: int, at: Mapping[str, float] | None = None) -> Prediction:
         import pandas as pd
         from statsmodels.tsa.exponential_smoothing.ets import ETSModel
 
@@ -205,13 +212,13 @@ class ExponentialSmoothing:
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fitted = model.fit(disp=False, maxiter=200)
+            fitted = model.fit(disp=False, maxiter=200) if at is None else model.smooth(_vector(model, at))
             forecast = fitted.get_prediction(start=values.size, end=values.size + horizon - 1)
         mean = np.asarray(forecast.predicted_mean) * scale + centre
         var = np.asarray(forecast.var_pred_mean) * scale**2
         noise = history.noise_var()
         params = {str(k): float(v) for k, v in zip(fitted.param_names, fitted.params, strict=True)}
-        return Prediction(mean, np.maximum(var - noise, var / 10), params)
+        return Prediction(mean, np.maximum(var - noise, var / 10), params, float(fitted.llf))
 
 
 class KnownNoiseUC:
@@ -222,8 +229,9 @@ class KnownNoiseUC:
 
     name = ModelName.UC
     version = f"statsmodels-{version('statsmodels')}/1"
+    optimised = True
 
-    def fit_forecast(self, history: History, horizon: int) -> Prediction:
+    def fit_forecast(self, history: History, horizon: int, at: Mapping[str, float] | None = None) -> Prediction:
         from statsmodels.tsa.statespace.structural import UnobservedComponents
 
         values = history.values
@@ -245,12 +253,20 @@ class KnownNoiseUC:
         model.ssm["obs_cov"] = variance.reshape(1, 1, -1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence notices: the backtest judges the fit
-            fitted = model.fit(disp=False)
+            fitted = model.fit(disp=False) if at is None else model.smooth(_vector(model, at))
             forecast = fitted.get_forecast(horizon, obs_cov=np.zeros((1, 1, horizon)))
         mean = np.asarray(forecast.predicted_mean) * scale + centre
         var = np.maximum(np.asarray(forecast.var_pred_mean) * scale**2, 0.0)
         params = {str(k): float(v) for k, v in zip(model.param_names, fitted.params, strict=True)}
-        return Prediction(mean, var, params)
+        return Prediction(mean, var, params, float(fitted.llf))
+
+
+def _vector(model: Any, at: Mapping[str, float]) -> np.ndarray:
+    """`at` (parameters by name) as `model`'s parameter vector; refuses other names than the model's."""
+    names = [str(n) for n in model.param_names]
+    if sorted(names) != sorted(at):
+        raise ValueError(f"parameters {sorted(at)} are not the model's {sorted(names)}")
+    return np.array([float(at[n]) for n in names])
 
 
 def _weighted_mean(values: np.ndarray, weights: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,6 +306,7 @@ class DailyProfile:
 
     name = ModelName.PROFILE
     version = "1"
+    optimised = False
 
     def fit_forecast(self, history: History, horizon: int) -> Prediction:
         period = history.period if history.period is not None and history.period > 1 else 1
@@ -368,15 +385,24 @@ MODELS: dict[ModelName, type[DailyProfile | SeasonalNaive | SameHourMean | Expon
 }
 
 
-def fit_forecast(model: ModelName, history: History, horizon: int) -> Prediction:
+def fit_forecast(
+    model: ModelName, history: History, horizon: int, at: Mapping[str, float] | None = None
+) -> Prediction:
     """Fit `model` to `history` and forecast `horizon` windows; refuses a history with fewer than two days (or,
-    without a daily cycle, 48 windows) of released cells."""
+    without a daily cycle, 48 windows) of released cells. `at`: for a model fitted by an optimiser (`optimised`),
+    forecast at these parameters instead of fitting (replay evaluates a forecast's recorded parameters so); a
+    closed-form model refuses it."""
     needed = FIT_PERIODS * (history.period or PERIOD_WITHOUT_CYCLE)
     if history.observed < needed:
         raise SeriesTooShort(
             f"{history.observed} released window(s) in the history; a forecast needs at least {needed} (two days)"
         )
-    return MODELS[model]().fit_forecast(history, horizon)
+    fitter = MODELS[model]()
+    if at is None:
+        return fitter.fit_forecast(history, horizon)
+    if not isinstance(fitter, ExponentialSmoothing | KnownNoiseUC):
+        raise ValueError(f"{model} is closed-form: it has no parameters to forecast at")
+    return fitter.fit_forecast(history, horizon, at)
 
 
 __all__ = ["MODELS", "History", "Prediction", "SeriesTooShort", "fit_forecast", "seasonal_naive_scale"]

@@ -13,15 +13,14 @@ issue of a forecast (its rows of one `issued_at`) and
 - reads the history the rows name, through the sandboxed SQL as forecasting reads it: the series' releases at
   `releases_version`, the `history_windows` windows before the origin, each window's latest release among
   `input_release_ids`; the releases that history reads must be exactly those;
-- fits the recorded model to it again and applies the recorded calibration (`params`), and compares the fitted
-  parameters and every value column (mean, sd, the 80/95% bounds, noise_sd, the release_* columns,
-  calibration_factor, mase_scale) within REPLAY_RTOL, every other column exactly.
-
-It refits rather than evaluating the recorded parameters: `params` does not hold all of a fit (`profile`'s daily
-shape is not recorded), and a refit also shows that the recorded parameters of `uc` and `ets` are what the fit gives,
-not chosen. Every model is deterministic given its history (`profile`, `seasonal_naive` and `same_hour_mean` are
-closed-form; `uc` and `ets` run statsmodels' optimiser from the same start), so a genuine forecast replays to within
-rounding, and the tolerance only allows for another machine's floating point.
+- fits the recorded model to it again, applies the recorded calibration (`params`) and compares every value column
+  (mean, sd, the 80/95% bounds, noise_sd, the release_* columns, calibration_factor, mase_scale) within REPLAY_RTOL,
+  every other column exactly. For the closed-form models (`profile`, `seasonal_naive`, `same_hour_mean`) the values
+  and fitted parameters are the refit's: `params` does not hold all of a fit (`profile`'s daily shape is not
+  recorded), and a refit is deterministic. `uc` and `ets` take their parameters from statsmodels' optimiser, which
+  stops elsewhere within its tolerance on another machine's BLAS; their values are computed at the recorded
+  parameters, and those must be the refit's optimum: within OPTIMUM_RTOL of its parameters, the history's
+  log-likelihood at them short of the refit's by at most OPTIMUM_LOGLIKE.
 
 What replay does not check are the choices a run makes before it fits, which the rows record and `forecast_id`
 covers: the model (chosen by backtest), the calibration (learned from backtests, themselves forecasts), the
@@ -62,6 +61,15 @@ VALUE_COLUMNS = (
     "mean", "sd", "ci80_low", "ci80_high", "ci95_low", "ci95_high", "noise_sd", "release_sd", "release_ci80_low",
     "release_ci80_high", "release_ci95_low", "release_ci95_high", "calibration_factor", "mase_scale",
 )
+#: For `uc` and `ets`, whose parameters an optimiser finds: how far the recorded parameters may be from those fitted
+#: again, relative to the larger (or to OPTIMUM_FLOOR, for one near 0; both models fit the series standardised to
+#: mean 0 and variance 1, so their parameters are of order 1 or less), and how far the log-likelihood of the history at
+#: the recorded parameters may fall short of that at the parameters fitted again. Another machine's BLAS kernels
+#: stop the optimiser elsewhere within its convergence tolerance: on the demo's store, parameters up to 2.4e-4 apart
+#: (2.1e-3 of the floor), log-likelihoods within 1e-6.
+OPTIMUM_RTOL = 1e-2
+OPTIMUM_FLOOR = 1e-2
+OPTIMUM_LOGLIKE = 0.05
 _EXACT_COLUMNS = tuple(n for n in FORECASTS_SCHEMA.names if n not in VALUE_COLUMNS and n != "issued_at")
 #: A calibration's scales may sit at FACTOR_BOUNDS after exp(log(bound)): this much past them is rounding.
 _BOUND_SLACK = 1e-9
@@ -86,10 +94,14 @@ class _Recorded:
 
 @dataclass(frozen=True)
 class _Computed:
-    """A forecast computed again: its rows (issued_at aside) and its fitted parameters."""
+    """A forecast computed again: its rows (issued_at aside; for a model fitted by an optimiser, at the recorded
+    parameters), the parameters fitted again, and for such a model the log-likelihood of the history at those and at
+    the recorded parameters."""
 
     rows: pa.Table
     fitted: dict[str, float]
+    loglike: float | None = None
+    recorded_loglike: float | None = None
 
 
 class ForecastReplay:
@@ -241,9 +253,16 @@ class ForecastReplay:
             return _other_inputs(found, recorded.inputs, recorded.releases_version)
         past = series.history(recorded.history, recorded.history, period(config))
         try:
-            prediction: Prediction = fit_forecast(recorded.model, past, recorded.horizon)
+            refit: Prediction = fit_forecast(recorded.model, past, recorded.horizon)
         except SeriesTooShort as exc:
             return f"its history is too short to fit: {exc}"
+        prediction = refit
+        if MODELS[recorded.model].optimised:
+            given = recorded.params["fitted"]
+            if sorted(given) != sorted(refit.params) or not all(_number(v) for v in given.values()):
+                return f"its fitted parameters are {_shown_fit(given)}, {sorted(refit.params)} fitted again"
+            with np.errstate(all="ignore"):
+                prediction = fit_forecast(recorded.model, past, recorded.horizon, at=given)
         issued = IssuedForecast(
             series=series,
             purpose=recorded.purpose,
@@ -257,7 +276,8 @@ class ForecastReplay:
             mase_scale=seasonal_naive_scale(past),
             input_release_ids=found,
         )
-        return _Computed(forecast_rows(issued, issued_at=recorded.origin), prediction.params)  # issued_at: not compared
+        rows = forecast_rows(issued, issued_at=recorded.origin)  # issued_at: not compared
+        return _Computed(rows, refit.params, refit.loglike, prediction.loglike if prediction is not refit else None)
 
     def _releases_at(self, version: int) -> FusedStore | str:
         """The store reading `releases` at `version` (this one where it reads that version already)."""
@@ -316,10 +336,23 @@ def _difference(rows: pa.Table, computed: _Computed, recorded: _Recorded) -> str
     stored_fit = recorded.params["fitted"]
     if sorted(stored_fit) != sorted(computed.fitted):
         return f"its fitted parameters are {sorted(stored_fit)}, {sorted(computed.fitted)} fitted again"
+    optimised = computed.recorded_loglike is not None
     for name, value in computed.fitted.items():
         given = stored_fit[name]
-        if not isinstance(given, int | float) or not _close(float(given), value, abs(value)):
+        if not _number(given):
+            return f"its fitted {name} is {given!r}, {value:.6g} fitted again"
+        near = (
+            abs(float(given) - value) <= OPTIMUM_RTOL * max(abs(float(given)), abs(value), OPTIMUM_FLOOR)
+            if optimised else _close(float(given), value, abs(value))
+        )
+        if not near:
             return f"its fitted {name} is {given}, {value:.6g} fitted again"
+    if optimised:
+        assert computed.loglike is not None and computed.recorded_loglike is not None
+        short = computed.loglike - computed.recorded_loglike
+        if not short <= OPTIMUM_LOGLIKE:  # NaN: not an optimum either
+            return (f"its fitted parameters are not an optimum of its history: their log-likelihood is "
+                    f"{computed.recorded_loglike:.6g}, {computed.loglike:.6g} fitted again")
     expected = computed.rows
     starts = [f"{s.astimezone(UTC):%Y-%m-%dT%H:%MZ}" for s in expected.column("window_start").to_pylist()]
     for name in _EXACT_COLUMNS:
@@ -334,6 +367,14 @@ def _difference(rows: pa.Table, computed: _Computed, recorded: _Recorded) -> str
             if (a is None) != (b is None) or (a is not None and b is not None and not _close(a, b, scale)):
                 return f"its {name} at {start} is {_shown(a)}, {_shown(b)} computed again"
     return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown_fit(fit: Mapping[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {_shown(v)}" for k, v in sorted(fit.items())) + "}"
 
 
 def _close(a: float, b: float, scale: float) -> bool:
@@ -359,4 +400,4 @@ def _span(horizons: list[int]) -> str:
     return f"{min(horizons)} to {max(horizons)}" if horizons else "none"
 
 
-__all__ = ["REPLAY_RTOL", "VALUE_COLUMNS", "ForecastReplay"]
+__all__ = ["OPTIMUM_LOGLIKE", "OPTIMUM_RTOL", "REPLAY_RTOL", "VALUE_COLUMNS", "ForecastReplay"]

@@ -4,6 +4,8 @@ did not read, is not."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from forecasting.replay import REPLAY_RTOL, VALUE_COLUMNS, ForecastReplay
+from forecasting.replay import OPTIMUM_RTOL, REPLAY_RTOL, VALUE_COLUMNS, ForecastReplay
 from forecasting.run import run_backtests, run_forecasts
 from fusion.api import open_store
 from tests.forecasting.conftest import T0, Federation, federation, release_table, released
@@ -131,3 +133,58 @@ def test_a_forecast_that_read_a_release_that_does_not_verify_does_not_replay(qui
     why = _why_not(quick, forecast_id, unverified={"r-temp-20260105": "tampered"})
     assert why == "it read release(s) that `fusion verify` does not call verified or legacy: r-temp-20260105 (tampered)"
     assert _why_not(quick, "f-nothing") == "the store holds no rows of it"
+
+
+@pytest.fixture(params=["uc", "ets"])
+def optimised(request: pytest.FixtureRequest, tmp_path: Path) -> Federation:
+    """As `quick`, forecast by a model whose parameters statsmodels' optimiser finds."""
+    made = federation(tmp_path, forecasting=f'models = ["{request.param}"]')
+    hours = np.arange(21 * 24)
+    sds = np.full(hours.size, 1.0)
+    made.store.insert_new("releases", release_table(hours, released(hours, sds, seed=1), sds))
+    return made
+
+
+def _fitted_elsewhere(fed: Federation, change: Callable[[float, int], float]) -> pa.Table:
+    """The forecast issued at ISSUED as a machine whose optimiser stopped at other parameters (each parameter,
+    numbered in order, changed by `change`) would issue it: every value computed at them, its id theirs, issued at
+    FORGED_AT."""
+    forecast_id = _latest(fed)["forecast_id"][0].as_py()
+    with open_store(fed.config) as store, ForecastReplay(store) as replay:
+        recorded = replay._recorded(forecast_id, replay._rows(forecast_id, ISSUED))
+        assert not isinstance(recorded, str)
+        fitted = {k: change(v, i) for i, (k, v) in enumerate(recorded.params["fitted"].items())}
+        computed = replay._compute(dataclasses.replace(recorded, params={**recorded.params, "fitted": fitted}))
+    assert not isinstance(computed, str)
+    assert json.loads(computed.rows["params"][0].as_py())["fitted"] == fitted
+    return _forged(computed.rows, "issued_at", lambda v: v)
+
+
+def test_an_optimised_fit_that_stopped_elsewhere_within_its_tolerance_replays(optimised: Federation) -> None:
+    """Parameters 1e-4 apart (another machine's BLAS kernels: 2e-4 on the demo's store) and the values they give:
+    the forecast another machine would issue from the same releases replays here."""
+    run_forecasts(optimised.config, horizon="24h", now=ISSUED)
+    rows = _fitted_elsewhere(optimised, lambda v, i: v * (1 + (-1) ** i * 1e-4))
+    assert rows["forecast_id"][0] != _latest(optimised)["forecast_id"][0]
+    optimised.store.insert_new("forecasts", rows)
+    assert _why_not(optimised, rows["forecast_id"][0].as_py(), FORGED_AT) is None
+
+
+def test_an_optimised_fit_at_parameters_the_optimiser_does_not_give_does_not_replay(optimised: Federation) -> None:
+    """Parameters moved 5%, every value computed at them: not the optimum of the releases it names."""
+    run_forecasts(optimised.config, horizon="24h", now=ISSUED)
+    rows = _fitted_elsewhere(optimised, lambda v, i: v * (1 + (-1) ** i * 5 * OPTIMUM_RTOL))
+    optimised.store.insert_new("forecasts", rows)
+    why = _why_not(optimised, rows["forecast_id"][0].as_py(), FORGED_AT)
+    assert why is not None and why.startswith("its fitted ") and why.endswith(" fitted again"), why
+
+
+def test_an_optimised_forecast_with_a_value_changed_does_not_replay(optimised: Federation) -> None:
+    """The tolerance of an optimiser's parameters leaves the values none: each is computed at the recorded ones."""
+    run_forecasts(optimised.config, horizon="24h", now=ISSUED)
+    rows = _latest(optimised)
+    forecast_id = rows["forecast_id"][0].as_py()
+    assert _why_not(optimised, forecast_id) is None
+    optimised.store.insert_new("forecasts", _forged(rows, "mean", lambda v: [v[0] * 1.01, *v[1:]]))
+    why = _why_not(optimised, forecast_id, FORGED_AT)
+    assert why is not None and why.startswith(f"its mean at {ISSUED:%Y-%m-%dT%H:%MZ} is "), why
