@@ -5,8 +5,8 @@ post-processing of releases, though, so it is checked by computing it again, wit
 issue of a forecast (its rows of one `issued_at`) and
 - checks that they are one forecast: horizons 1 to h, each once, at most MAX_HORIZON_WINDOWS;
 - refuses a model or model version this Fusion does not have, a calibration outside the bounds every calibration is
-  kept in (FACTOR_BOUNDS), a history longer than `[forecasting] history`, and input releases that `fusion verify`
-  does not call verified or legacy;
+  kept in (FACTOR_BOUNDS), a history past MAX_HISTORY_WINDOWS (or the configured one where longer), and input
+  releases that `fusion verify` does not call verified or legacy;
 - recomputes `forecast_id` from what the rows record (purpose, model and version, series, origin, horizon,
   `input_release_ids`, calibration factor and `params`): an id made up, or a row's record changed under a genuine
   id, does not match;
@@ -24,9 +24,9 @@ issue of a forecast (its rows of one `issued_at`) and
 
 What replay does not check are the choices a run makes before it fits, which the rows record and `forecast_id`
 covers: the model (chosen by backtest), the calibration (learned from backtests, themselves forecasts), the
-history's length (at most the configured one) and the origin. A forecast that replays is one Fusion computes from
-verified releases under those choices. Each forecast is computed again once per `ForecastReplay` (per forecast_id
-and releases_version), however many of its issues are checked.
+history's length (at most MAX_HISTORY_WINDOWS, or the configured one) and the origin. A forecast that replays is
+one Fusion computes from verified releases under those choices. Each forecast is computed again once per
+`ForecastReplay` (per forecast_id and releases_version), however many of its issues are checked.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ from schemas.tables import FORECASTS_SCHEMA
 #: How far a recomputed value may be from the stored one, relative to it (or to the forecast's scale, for a value
 #: near 0): rounding on another machine's floating point, not a change anyone could use (0.1 W of a 100 MW load).
 REPLAY_RTOL = 1e-6
+#: The longest history (in windows) replay fits again, or the configured `[forecasting] history` where that is longer:
+#: a bound on what one forged row can make replay cost, not a check of the config (which may have changed since).
+MAX_HISTORY_WINDOWS = 10_000
 #: The columns compared within REPLAY_RTOL; every other column of FORECASTS_SCHEMA but `issued_at` exactly.
 VALUE_COLUMNS = (
     "mean", "sd", "ci80_low", "ci80_high", "ci95_low", "ci95_high", "noise_sd", "release_sd", "release_ci80_low",
@@ -202,10 +205,13 @@ class ForecastReplay:
         history = params.get("history_windows") if isinstance(params, dict) else None
         if not isinstance(params, dict) or not isinstance(params.get("fitted"), dict) or type(history) is not int:
             return "its params do not record the fitted parameters and the history's length as a forecast's do"
-        longest = windows(self._store.config, settings(self._store.config).history, "forecasting.history")
+        # Not the configured history: a forecast fitted before `[forecasting] history` was shortened is still what
+        # Fusion computed from the releases it names. The bound is on replay's cost.
+        longest = max(MAX_HISTORY_WINDOWS, windows(self._store.config, settings(self._store.config).history,
+                                                   "forecasting.history"))
         if not 0 < history <= longest:
-            return (f"its history of {history} windows is not within the 1 to {longest} windows of [forecasting] "
-                    "history that a forecast is fitted on")
+            return (f"its history of {history} windows is not within the 1 to {longest} windows a forecast is "
+                    "computed again from")
         calibration = _calibration(params)
         if isinstance(calibration, str):
             return calibration

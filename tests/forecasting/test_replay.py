@@ -84,6 +84,29 @@ def test_a_difference_within_the_tolerance_still_replays(quick: Federation) -> N
     assert _why_not(quick, rows["forecast_id"][0].as_py(), FORGED_AT) is None
 
 
+def test_a_forecast_on_a_history_longer_than_the_config_now_names_still_replays(quick: Federation) -> None:
+    """A forecast fitted on 21 days of history, then `[forecasting] history` shortened to 7 days: the forecast is
+    what Fusion computed from the verified releases it names, so it still replays (it was refused as a history
+    longer than the configured one, so `fusion verify` failed on an honest store after a config edit). A history
+    past MAX_HISTORY_WINDOWS (a bound on replay's cost, not the config's) does not."""
+    from forecasting.replay import MAX_HISTORY_WINDOWS
+    from fusion.config.federation import load_config
+
+    run_forecasts(quick.config, horizon="24h", now=ISSUED)
+    forecast_id = _latest(quick)["forecast_id"][0].as_py()
+    quick.path.write_text(quick.path.read_text().replace(
+        'models = ["profile"]', 'models = ["profile"]\nhistory = "7d"'))
+    shorter = dataclasses.replace(quick, config=load_config(quick.path))
+    assert shorter.config.forecasting.history == "7d"
+    assert _why_not(shorter, forecast_id) is None
+    rows = _forged(_latest(quick), "params", lambda p: [t.replace('"history_windows": 504',
+                                                                  f'"history_windows": {MAX_HISTORY_WINDOWS + 1}')
+                                                        for t in p])
+    quick.store.insert_new("forecasts", rows)
+    why = _why_not(shorter, forecast_id, FORGED_AT)
+    assert why is not None and f"not within the 1 to {MAX_HISTORY_WINDOWS} windows" in why
+
+
 @pytest.mark.parametrize("column", VALUE_COLUMNS)
 def test_a_value_changed_in_any_column_does_not_replay(quick: Federation, column: str) -> None:
     """A copy of a genuine forecast under its own id, naming its own releases, one window's value moved by 0.1%."""
