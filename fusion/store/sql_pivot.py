@@ -194,15 +194,20 @@ def _values_without_list(tokens: list[_Token], following: list[int], pivot: int)
     values: list[tuple[int, int]] = []
     first = end = on + 1  # the current value's first token, and the token after its last
     listed = False  # whether the current value has an IN list
+    cases = 0  # CASE expressions open in the current value: an IN inside one is a condition, not the value's list
     for index in _level(tokens, following, on + 1):
         if tokens[index].keyword(*_ON_ENDS):
             break
-        if tokens[index].word == ",":
+        if tokens[index].word == "," and not cases:
             if end > first and not listed:
                 values.append((first, end - 1))
             first, listed = index + 1, False
+        elif tokens[index].keyword("CASE"):
+            cases += 1
+        elif tokens[index].keyword("END") and cases:
+            cases -= 1
         else:
-            listed = listed or tokens[index].keyword("IN")
+            listed = listed or (not cases and tokens[index].keyword("IN"))
         end = following[index]
     if end > first and not listed:
         values.append((first, end - 1))

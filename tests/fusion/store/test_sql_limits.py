@@ -757,6 +757,12 @@ def test_the_query_around_a_pivot_without_an_in_list_is_checked_as_any_query(sto
     got = sandbox.query(f"SELECT * REPLACE (upper(region) AS region) FROM {PIVOTED} ORDER BY region").to_pylist()
     assert [row["region"] for row in got] == [region.upper() for region in regions]
 
+    # An ON value bucketing with CASE ... IN (...) has no IN list of its own: the query is checked on its tree too
+    # (it was taken for a listed PIVOT, checked by its text, and refused for the replace outside the PIVOT).
+    got = sandbox.query("SELECT replace(region, 'o', '0') AS r, a FROM (PIVOT releases ON CASE WHEN metric IN "
+                        "('temp') THEN 'a' ELSE 'b' END USING sum(count) GROUP BY region) ORDER BY region").to_pylist()
+    assert got == [{"r": region.replace("o", "0"), "a": totals[region].get("temp")} for region in regions]
+
 
 @pytest.mark.parametrize(
     ("query", "refused"),
