@@ -46,8 +46,10 @@ def imported_by(*argv: str) -> tuple[set[str], str]:
     """The heavy modules `fusion argv...` imported, and its exit status."""
     done = subprocess.run([sys.executable, "-c", SCRIPT, *argv], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("imported:"), done.stderr
+    # The script's own line, not the last: at exit nanobind may list DuckDB objects still alive ("leaked ...").
+    lines = [line for line in done.stderr.splitlines() if line.startswith("imported:")]
+    assert len(lines) == 1, done.stderr
+    last = lines[0]
     modules, code = last.removeprefix("imported: ").split(" exit: ")
     return set(filter(None, modules.split(","))), code
 
