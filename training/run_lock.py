@@ -33,6 +33,7 @@ from types import TracebackType
 
 from fusion.errors import FusionError
 from fusion.release.plan import Period
+from fusion.runtime.locks import take_exclusive
 from fusion.store.charge_record import ChargeRecord
 from pipelines.sealing import charge_doc, kept_charge
 from privacy.accountant import ReleaseCharge
@@ -57,18 +58,13 @@ class RunLock:
     def __enter__(self) -> RunLock:
         with self._claims_lock():
             descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(descriptor)
+            holder = take_exclusive(descriptor)
+            if holder is not None:
                 raise FusionError(
                     f"model {self.model_id} is being trained by another process ({holder}) on this store: two runs of "
                     "one model would seal, close and commit the same rounds over each other. Wait for that run to "
                     "end (or stop it), then run again: a run resumes from its last committed round"
-                ) from None
-            os.ftruncate(descriptor, 0)
-            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+                )
             self.claim_path.unlink(missing_ok=True)  # a crashed run's claim: this run claims anew
             self._descriptor = descriptor
         return self

@@ -22,7 +22,6 @@ the store refuses a second release of an interval). One process at a time holds 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import threading
@@ -35,6 +34,7 @@ from typing import Any
 
 from fusion.errors import FusionError
 from fusion.runtime.durations import EPOCH, floor_to_grid
+from fusion.runtime.locks import take_exclusive
 from schemas.reasons import PUBLISHED_REASONS
 
 #: Reasons decided after the event time was parsed and found inside the stream's interval: such a row belongs to
@@ -238,19 +238,14 @@ class StateLock:
         with _HELD_GUARD:
             descriptor, holders = _HELD.get(self.path) or (os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), 0)
             if not holders:
-                try:
-                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
-                    os.close(descriptor)
+                holder = take_exclusive(descriptor)
+                if holder is not None:
                     raise FusionError(
                         f"another `fusion stream` (process {holder}) is running on the stream state in {directory}: "
                         "two streams on one state would each journal, spool and release over the other's progress, "
                         "losing readings the brokers were told are safe. Stop that one first, or give this stream a "
                         "state directory of its own (stream.state)"
-                    ) from None
-                os.ftruncate(descriptor, 0)
-                os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+                    )
             _HELD[self.path] = (descriptor, holders + 1)
         self._held = True
 
